@@ -1,0 +1,207 @@
+"""Settings: a YAML file plus ``CODEHUB_*`` environment variables, validated once at start.
+
+Every setting has one home here. A bad value stops start-up with one line that names the key and the problem
+(``ConfigError``), because a gateway that half-starts with a typo in its config is worse than one that refuses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from yarl import URL
+
+WORKSPACE_ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
+ENV_PREFIX = "CODEHUB_"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(Exception):
+    """A setting is wrong; the message is one line naming the key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listen(_Model):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+
+
+class Timeouts(_Model):
+    """Upstream timeouts in seconds. ``read`` is the longest silence allowed from an upstream mid-response;
+    ``None`` (the default) lets SSE streams and long polls stay open as long as the client does."""
+
+    connect: Seconds = 5.0
+    read: Seconds | None = None
+    websocket_heartbeat: Seconds = 30.0
+    shutdown: Seconds = 10.0
+
+
+class LocalWorkspace(_Model):
+    owner: str
+    collaborators: tuple[str, ...] = ()
+    command: tuple[str, ...]
+    env: dict[str, str] = Field(default_factory=dict)
+    ide_port: Port = 13337
+    address: str | None = None
+
+    @field_validator("command")
+    @classmethod
+    def _command_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("must name a program to run")
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _loopback(cls, value: str | None) -> str | None:
+        if value is not None and not ipaddress.ip_address(value).is_loopback:
+            raise ValueError("must be a loopback address (127.0.0.0/8)")
+        return value
+
+
+class Local(_Model):
+    state_dir: Path = Path(".codehub")
+    workspaces: dict[str, LocalWorkspace] = Field(default_factory=dict)
+
+    @field_validator("workspaces")
+    @classmethod
+    def _ids(cls, value: dict[str, LocalWorkspace]) -> dict[str, LocalWorkspace]:
+        for name in value:
+            if not WORKSPACE_ID.fullmatch(name):
+                raise ValueError(f"workspace id {name!r} must match {WORKSPACE_ID.pattern}")
+        if len(value) > 250:
+            raise ValueError("at most 250 local workspaces (one loopback address each)")
+        return value
+
+
+class Config(_Model):
+    listen: Listen = Listen()
+    hub_url: str = "http://localhost:8080"
+    preview_domain: str = "localhost:8080"
+    trusted_proxies: tuple[str, ...] = ()
+    denied_ports: tuple[Port, ...] = ()
+    timeouts: Timeouts = Timeouts()
+    runtime: Literal["local", "kubernetes"] = "local"
+    local: Local = Local()
+
+    @field_validator("hub_url")
+    @classmethod
+    def _hub_url(cls, value: str) -> str:
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/"):
+            raise ValueError("must be an http(s) URL with a host and no path, like https://hub.example.com")
+        return str(url.origin())
+
+    @field_validator("preview_domain")
+    @classmethod
+    def _preview_domain(cls, value: str) -> str:
+        value = value.lower().rstrip(".")
+        if not re.fullmatch(r"[a-z0-9.-]+(:[0-9]{1,5})?", value) or value.startswith((".", "-")):
+            raise ValueError("must be a host name with an optional port, like preview.example.com")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
+        return value
+
+    @property
+    def scheme(self) -> str:
+        return URL(self.hub_url).scheme
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        node = tree.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config error: {'.'.join(path)}: {key} is not a section")
+        tree = node
+    tree[path[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``CODEHUB_LISTEN__PORT=9000`` becomes ``{"listen": {"port": 9000}}``; values are read as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "CODEHUB_CONFIG":
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        try:
+            value = yaml.safe_load(raw) if raw else raw
+        except yaml.YAMLError:
+            value = raw
+        _set_path(tree, path, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting"
+    return f"config error: {key}: {message}"
+
+
+def demo_settings() -> dict[str, Any]:
+    """The embedded default: one workspace, ``demo``, whose port 8000 serves a small page."""
+    return {
+        "local": {
+            "workspaces": {
+                "demo": {
+                    "owner": "dev",
+                    "command": [sys.executable, "-m", "gateway.demo", "--host", "{host}",
+                                "--ide-port", "{ide_port}", "--home", "{home}"],
+                }
+            }
+        }
+    }
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file (or the embedded demo default when there is none), then apply the environment."""
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get("CODEHUB_CONFIG"):
+        path = Path(environ["CODEHUB_CONFIG"])
+    if path is None:
+        data = demo_settings()
+    else:
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"config error: {where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config error: {path}: the top level must be a mapping of settings")
+    data = _merge(data, env_overrides(environ))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None

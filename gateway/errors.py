@@ -1,0 +1,92 @@
+"""One error tree for everything the gateway refuses or fails to do.
+
+Handlers raise these; a single middleware renders them as an HTML page for browsers or JSON for clients,
+so no handler ever builds an error response itself and no stack trace ever reaches a user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class GatewayError(Exception):
+    """Base of all errors shown to users: an HTTP status, a stable machine code and a readable message."""
+
+    status: int = 500
+    code: str = "internal-error"
+    title: str = "Something went wrong"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        retry: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.headers = dict(headers or {})
+        self.retry = retry
+
+
+class BadRequest(GatewayError):
+    status = 400
+    code = "bad-request"
+    title = "Bad request"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    code = "unauthenticated"
+    title = "Sign-in required"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "forbidden"
+    title = "Not allowed"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "not-found"
+    title = "Not found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    code = "method-not-allowed"
+    title = "Method not allowed"
+
+
+class Conflict(GatewayError):
+    status = 409
+    code = "conflict"
+    title = "Conflict"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "payload-too-large"
+    title = "Request too large"
+
+
+class BadGateway(GatewayError):
+    status = 502
+    code = "upstream-unreachable"
+    title = "Nothing is answering"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    code = "unavailable"
+    title = "Not available yet"
+
+
+class GatewayTimeout(GatewayError):
+    status = 504
+    code = "upstream-timeout"
+    title = "The app took too long"

@@ -1,0 +1,168 @@
+"""The lifecycle contract shared by every runtime.
+
+A workspace's phase is derived from what the runtime observes (processes, directories, pods, volumes,
+snapshots); the transitional phases only say that this gateway has an operation in flight. Readers get
+state from memory (``get``/``list``) so the request path never waits on an API; changes are pushed through
+``events()``, never polled for.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gateway.errors import GatewayError
+
+
+class Phase(enum.StrEnum):
+    RUNNING = "RUNNING"
+    WARM = "WARM"
+    COLD = "COLD"
+    STARTING = "STARTING"
+    STOPPING = "STOPPING"
+    ARCHIVING = "ARCHIVING"
+    RESTORING = "RESTORING"
+    FAILED = "FAILED"
+
+    @property
+    def asleep(self) -> bool:
+        return self in (Phase.WARM, Phase.COLD, Phase.FAILED)
+
+
+class RuntimeError_(GatewayError):
+    """A lifecycle operation failed; the message is safe to show to the workspace's users."""
+
+    status = 503
+    code = "workspace-failed"
+    title = "The workspace could not start"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkspaceSpec:
+    """What a workspace is meant to be: who owns it, who may use it, how its ports are shared."""
+
+    id: str
+    owner: str
+    collaborators: tuple[str, ...] = ()
+    ide_port: int = 13337
+    ports: Mapping[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkspaceState:
+    """A snapshot of one workspace: its spec, its observed phase and where its ports answer when RUNNING."""
+
+    spec: WorkspaceSpec
+    phase: Phase
+    address: str | None = None
+    message: str = ""
+    since: float = field(default_factory=time.time)
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    workspace: str
+    phase: Phase
+    message: str = ""
+    at: float = field(default_factory=time.monotonic)
+
+
+class Subscription:
+    """A subscriber's bounded queue, registered the moment it is created so no event after that is missed."""
+
+    def __init__(self, hub: EventHub, maxsize: int) -> None:
+        self._hub = hub
+        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
+        hub._subscribers.add(self)
+
+    def close(self) -> None:
+        self._hub._subscribers.discard(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self.queue.get()
+
+
+class EventHub:
+    """Fan-out of lifecycle events to any number of subscribers, each with its own bounded queue.
+
+    A subscriber that falls behind loses its oldest events rather than slowing the runtime down; the
+    current state is always available from ``Runtime.get``, so a lost event is only a lost hint.
+    """
+
+    def __init__(self, maxsize: int = 256) -> None:
+        self._subscribers: set[Subscription] = set()
+        self._maxsize = maxsize
+
+    def publish(self, event: Event) -> None:
+        for subscriber in self._subscribers:
+            if subscriber.queue.full():
+                subscriber.queue.get_nowait()
+            subscriber.queue.put_nowait(event)
+
+    def subscribe(self) -> Subscription:
+        return Subscription(self, self._maxsize)
+
+
+class Runtime(abc.ABC):
+    """What the gateway needs from a place where workspaces run."""
+
+    def __init__(self) -> None:
+        self.hub = EventHub()
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Observe the world (and recover interrupted operations) before the first request is served."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release what this gateway owns; the local runtime stops its processes here."""
+
+    @abc.abstractmethod
+    def get(self, workspace: str) -> WorkspaceState | None:
+        """The last observed state, from memory; None for a workspace that does not exist."""
+
+    @abc.abstractmethod
+    def list(self) -> list[WorkspaceState]:
+        """Every known workspace, from memory."""
+
+    @abc.abstractmethod
+    async def status(self, workspace: str) -> WorkspaceState:
+        """Observe again and return the fresh state."""
+
+    @abc.abstractmethod
+    async def wake(self, workspace: str) -> WorkspaceState:
+        """Ensure RUNNING (restoring first when COLD). Idempotent; returns once the compute is up."""
+
+    @abc.abstractmethod
+    async def stop(self, workspace: str) -> WorkspaceState:
+        """RUNNING → WARM: stop the compute, keep the home."""
+
+    @abc.abstractmethod
+    async def archive(self, workspace: str) -> WorkspaceState:
+        """WARM → COLD: keep the home only as an archive or snapshot."""
+
+    @abc.abstractmethod
+    async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
+                     collaborators: tuple[str, ...] | None = None) -> WorkspaceState:
+        """Change how a workspace is shared; persisted by the runtime."""
+
+    def events(self) -> Subscription:
+        """Subscribe to phase changes; use as a context manager so the subscription ends with the reader."""
+        return self.hub.subscribe()

@@ -1,0 +1,59 @@
+"""Prometheus metrics, kept in a registry owned by the app (no process-global collectors)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_WAKE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    """Every metric the gateway exports, created once per app."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "codehub_requests", "Requests answered, by route kind and status class.", ["kind", "code"], registry=r
+        )
+        self.duration = Histogram(
+            "codehub_request_duration_seconds",
+            "Time to answer a request (to the end of the body), by route kind.",
+            ["kind"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "codehub_upstream_connect_errors",
+            "Upstream connections that failed, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.websockets = Gauge("codehub_websockets_open", "WebSocket connections being relayed.", registry=r)
+        self.policy_decisions = Counter(
+            "codehub_policy_decisions", "Access decisions, by result and reason.", ["allow", "reason"], registry=r
+        )
+        self.wakes = Counter(
+            "codehub_wakes", "Workspace wakes, by the phase woken from and result.", ["from_phase", "result"],
+            registry=r,
+        )
+        self.wake_duration = Histogram(
+            "codehub_wake_duration_seconds", "Time from wake request to RUNNING, by the phase woken from.",
+            ["from_phase"], buckets=_WAKE_BUCKETS, registry=r,
+        )
+        self.held_requests = Gauge("codehub_held_requests", "Requests held while their workspace wakes.", registry=r)
+        self.workspaces = Gauge("codehub_workspaces", "Workspaces by phase.", ["phase"], registry=r)
+        self.idle_transitions = Counter(
+            "codehub_idle_transitions", "Idle stops and archives done by the reaper.", ["to_phase"], registry=r
+        )
+
+    def observe_request(self, kind: str, status: int, seconds: float) -> None:
+        self.requests.labels(kind, f"{status // 100}xx").inc()
+        self.duration.labels(kind).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,130 @@
+"""Where a request goes, decided from its Host and path alone: no I/O, no state, table-tested.
+
+Health and metrics answer on any host that is not a preview host, so probes and scrapers can use pod IPs.
+Share URLs are ``{port}-{workspace}.{preview_domain}``; the IDE is ``{hub}/w/{workspace}/``; everything else on the
+hub host belongs to the gateway itself. Hosts are compared exactly (after case folding and default-port
+normalisation), so ``8000-demo.localhost:8080.evil.test`` or ``user@host`` never match a configured domain.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from yarl import URL
+
+from gateway.config import WORKSPACE_ID
+from gateway.errors import BadRequest, NotFound
+
+RESERVED_PREFIX = "/_codehub/"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOST = re.compile(r"(?P<name>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{1,5}))?")
+_ANY_HOST_PATHS = frozenset({"/healthz", "/metrics"})
+_LABEL = re.compile(r"(?P<port>[0-9]{1,5})-(?P<workspace>[a-z0-9-]+)")
+_IDE_PATH = re.compile(r"/w/(?P<workspace>[^/?]*)(?P<rest>/.*)?", re.DOTALL)
+
+
+class Kind(enum.Enum):
+    PREVIEW = "preview"
+    RESERVED = "reserved"
+    IDE = "ide"
+    IDE_SLASH = "ide-slash"
+    HUB = "hub"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The decision: which kind of route, and for workspace routes which workspace, port and upstream path."""
+
+    kind: Kind
+    workspace: str | None = None
+    port: int | None = None
+    path: str = "/"
+
+
+@dataclass(frozen=True, slots=True)
+class Hosts:
+    """The configured public names, normalised once so that routing each request is string comparison."""
+
+    scheme: str
+    hub: str
+    preview_suffix: str
+
+    @classmethod
+    def from_urls(cls, hub_url: str, preview_domain: str) -> Hosts:
+        url = URL(hub_url)
+        scheme = url.scheme
+        hub = _normalise(f"{url.host}:{url.port}" if url.port else str(url.host), scheme)
+        preview = _normalise(preview_domain, scheme)
+        if hub is None or preview is None:
+            raise ValueError("hub_url and preview_domain must be valid host names")
+        return cls(scheme=scheme, hub=hub, preview_suffix=preview)
+
+    def share_url(self, workspace: str, port: int, path: str = "/") -> str:
+        name, _, host_port = self.preview_suffix.partition(":")
+        suffix = name if not host_port or int(host_port) == _DEFAULT_PORTS[self.scheme] else self.preview_suffix
+        return f"{self.scheme}://{port}-{workspace}.{suffix}{path}"
+
+    def hub_url(self, path: str = "/") -> str:
+        name, _, host_port = self.hub.partition(":")
+        host = name if not host_port or int(host_port) == _DEFAULT_PORTS[self.scheme] else self.hub
+        return f"{self.scheme}://{host}{path}"
+
+
+def _normalise(host: str, scheme: str) -> str | None:
+    """Lower-case ``name:port`` with the port always spelt out, or None when it is not a plain host."""
+    host = host.strip().lower()
+    match = _HOST.fullmatch(host)
+    if match is None:
+        return None
+    name = match["name"].rstrip(".")
+    if not name or ".." in name or name.startswith((".", "-")):
+        return None
+    port = int(match["port"]) if match["port"] else _DEFAULT_PORTS[scheme]
+    if not 1 <= port <= 65535:
+        return None
+    return f"{name}:{port}"
+
+
+def route(host: str | None, raw_path: str, hosts: Hosts) -> Target:
+    """Map ``Host`` and the raw (still percent-encoded) path to a target, or raise 400/404."""
+    normalised = _normalise(host or "", hosts.scheme)
+    if normalised is None:
+        raise BadRequest("The Host header is missing or malformed.", code="bad-host")
+    if normalised == hosts.hub:
+        return _hub_route(raw_path)
+    label, dot, rest = normalised.partition(".")
+    if dot and rest == hosts.preview_suffix:
+        return _preview_route(label, raw_path)
+    if raw_path in _ANY_HOST_PATHS:
+        return Target(Kind.HUB, path=raw_path)
+    raise NotFound(f"This gateway serves no site called {host}.", code="unknown-host")
+
+
+def _preview_route(label: str, raw_path: str) -> Target:
+    match = _LABEL.fullmatch(label)
+    if match is None or not WORKSPACE_ID.fullmatch(match["workspace"]):
+        raise BadRequest(
+            "A preview address looks like {port}-{workspace}, for example 3000-myworkspace.", code="bad-preview-host"
+        )
+    digits = match["port"]
+    port = int(digits)
+    if not 1 <= port <= 65535 or digits != str(port):
+        raise BadRequest(f"Port {digits} is not a port number between 1 and 65535.", code="bad-port")
+    kind = Kind.RESERVED if raw_path.startswith(RESERVED_PREFIX) else Kind.PREVIEW
+    return Target(kind, match["workspace"], port, raw_path)
+
+
+def _hub_route(raw_path: str) -> Target:
+    match = _IDE_PATH.fullmatch(raw_path.partition("?")[0])
+    if match is None:
+        return Target(Kind.HUB, path=raw_path)
+    workspace = match["workspace"]
+    if not WORKSPACE_ID.fullmatch(workspace):
+        raise NotFound("There is no workspace with that name.", code="workspace-not-found")
+    query = raw_path.partition("?")[2]
+    if match["rest"] is None:
+        return Target(Kind.IDE_SLASH, workspace, path=f"/w/{workspace}/" + (f"?{query}" if query else ""))
+    rest = raw_path[len(f"/w/{workspace}") :]
+    return Target(Kind.IDE, workspace, path=rest)
