@@ -23,6 +23,7 @@ ENV_PREFIX = "CODEHUB_"
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
+Visibility = Literal["private", "org", "public"]
 
 
 class ConfigError(Exception):
@@ -48,6 +49,21 @@ class Timeouts(_Model):
     shutdown: Seconds = 10.0
 
 
+class Idle(_Model):
+    """Idle timers in seconds: RUNNING → WARM after ``to_warm``, WARM → COLD after ``to_cold`` more."""
+
+    to_warm: Seconds = 30 * 60
+    to_cold: Seconds = 7 * 24 * 3600
+    check_every: Seconds = 30.0
+
+
+class Wake(_Model):
+    """How long a held request waits for a sleeping workspace, by the state it sleeps in."""
+
+    warm_timeout: Seconds = 60.0
+    cold_timeout: Seconds = 300.0
+
+
 class LocalWorkspace(_Model):
     owner: str
     collaborators: tuple[str, ...] = ()
@@ -55,12 +71,20 @@ class LocalWorkspace(_Model):
     env: dict[str, str] = Field(default_factory=dict)
     ide_port: Port = 13337
     address: str | None = None
+    ports: dict[Port, Visibility] = Field(default_factory=dict)
 
     @field_validator("command")
     @classmethod
-    def _command_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _command_template(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value:
             raise ValueError("must name a program to run")
+        for part in value:
+            try:
+                part.format(host="", home="", ide_port=0, workspace="")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(
+                    f"{part!r}: unknown placeholder {exc}; use {{host}}, {{home}}, {{ide_port}} or {{workspace}}"
+                ) from None
         return value
 
     @field_validator("address")
@@ -93,6 +117,9 @@ class Config(_Model):
     trusted_proxies: tuple[str, ...] = ()
     denied_ports: tuple[Port, ...] = ()
     timeouts: Timeouts = Timeouts()
+    idle: Idle = Idle()
+    wake: Wake = Wake()
+    max_ws_message: int = Field(default=64 << 20, gt=0)
     runtime: Literal["local", "kubernetes"] = "local"
     local: Local = Local()
 
@@ -174,6 +201,7 @@ def demo_settings() -> dict[str, Any]:
             "workspaces": {
                 "demo": {
                     "owner": "dev",
+                    "ports": {8000: "public"},
                     "command": [sys.executable, "-m", "gateway.demo", "--host", "{host}",
                                 "--ide-port", "{ide_port}", "--home", "{home}"],
                 }

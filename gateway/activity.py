@@ -1,0 +1,95 @@
+"""Who used which workspace when: proxied requests and open WebSockets keep a workspace awake.
+
+The reaper walks RUNNING → WARM → COLD for workspaces idle past the configured timers. Waiting pages,
+health checks and metrics never call ``touch``, so they never keep anything awake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from gateway.errors import GatewayError
+from gateway.lifecycle import Phase, Runtime
+from gateway.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class IdleTimers:
+    idle_to_warm: float
+    warm_to_cold: float
+    interval: float
+
+
+class Activity:
+    """In-memory last-activity clock and open-connection counts, per workspace."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._open: dict[str, int] = {}
+
+    def touch(self, workspace: str) -> None:
+        self._last[workspace] = self._clock()
+
+    @contextlib.contextmanager
+    def connection(self, workspace: str) -> Iterator[None]:
+        """An open WebSocket counts as activity for as long as it lives, and once more when it ends."""
+        self._open[workspace] = self._open.get(workspace, 0) + 1
+        try:
+            yield
+        finally:
+            self._open[workspace] -= 1
+            if not self._open[workspace]:
+                del self._open[workspace]
+            self.touch(workspace)
+
+    def last(self, workspace: str) -> float | None:
+        return self._last.get(workspace)
+
+    def idle_for(self, workspace: str, since: float) -> float:
+        """Seconds without activity, counting from ``since`` (the phase start) when there was none."""
+        if self._open.get(workspace):
+            return 0.0
+        return self._clock() - max(self._last.get(workspace, since), since)
+
+
+def idle_action(phase: Phase, idle: float, timers: IdleTimers) -> Phase | None:
+    """The reaper's decision for one workspace, as a pure function: the phase to move to, or None."""
+    if phase is Phase.RUNNING and idle >= timers.idle_to_warm:
+        return Phase.WARM
+    if phase in (Phase.WARM, Phase.FAILED) and idle >= timers.warm_to_cold:
+        return Phase.COLD
+    return None
+
+
+async def reap_forever(runtime: Runtime, activity: Activity, timers: IdleTimers, metrics: Metrics,
+                       is_leader: Callable[[], bool] = lambda: True) -> None:
+    """Every ``interval`` seconds, put idle workspaces to sleep (only on the leader replica)."""
+    while True:
+        await asyncio.sleep(timers.interval)
+        if is_leader():
+            await reap_once(runtime, activity, timers, metrics)
+
+
+async def reap_once(runtime: Runtime, activity: Activity, timers: IdleTimers, metrics: Metrics) -> None:
+    for state in runtime.list():
+        action = idle_action(state.phase, activity.idle_for(state.id, state.since), timers)
+        if action is None:
+            continue
+        log.info("workspace %s idle in %s; moving to %s", state.id, state.phase, action)
+        try:
+            if action is Phase.WARM:
+                await runtime.stop(state.id)
+            else:
+                await runtime.archive(state.id)
+        except GatewayError as exc:
+            log.error("idle %s of %s failed: %s", action, state.id, exc.message)
+            continue
+        metrics.idle_transitions.labels(action.value).inc()

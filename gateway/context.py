@@ -1,0 +1,38 @@
+"""The gateway's state, owned by the app: one typed object instead of loose globals."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from gateway.activity import Activity
+from gateway.config import Config
+from gateway.lifecycle import Runtime
+from gateway.metrics import Metrics
+from gateway.routing import Hosts
+from gateway.wake import Waker
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass
+class Gateway:
+    config: Config
+    hosts: Hosts
+    runtime: Runtime
+    metrics: Metrics
+    waker: Waker
+    activity: Activity = field(default_factory=Activity)
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    _session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "the upstream pool opens when the app starts"
+        return self._session
+
+
+GATEWAY = web.AppKey("gateway", Gateway)

@@ -1,0 +1,105 @@
+"""Home directory ⇄ compressed archive, crash-safe, as blocking functions meant for a worker thread.
+
+Ordering is what makes every interruption recoverable from the files alone:
+archive: write ``X.tmp`` → fsync → rename to ``X`` → verify → rename home to ``home.removing`` → delete it;
+restore: extract into ``home.restoring`` → fsync → rename to ``home`` → delete the archive.
+So ``home`` next to an archive is always complete, ``home.removing`` only exists once the archive is verified,
+and ``home.restoring`` is never trusted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+
+class ArchiveError(Exception):
+    """The archive could not be written, verified or restored; nothing was removed."""
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def archive_home(home: Path, archive: Path) -> None:
+    """Write ``home`` to ``archive`` atomically and verify it; then, and only then, remove ``home``."""
+    tmp = archive.with_name(archive.name + ".tmp")
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+
+    def count(member: tarfile.TarInfo) -> tarfile.TarInfo:
+        nonlocal written
+        written += 1
+        return member
+
+    try:
+        with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+            tar.add(home, arcname=".", recursive=True, filter=count)
+        _fsync_path(tmp)
+        os.replace(tmp, archive)
+        _fsync_path(archive.parent)
+        verify_archive(archive, expected_entries=written)
+    except (OSError, tarfile.TarError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise ArchiveError(f"archiving {home.name} failed: {exc}") from exc
+    removing = home.with_name(home.name + ".removing")
+    os.replace(home, removing)
+    shutil.rmtree(removing)
+
+
+def verify_archive(archive: Path, expected_entries: int | None = None) -> int:
+    """Read the whole archive (gzip CRC included); raise unless it is complete."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            entries = 0
+            for member in tar:
+                if member.isfile():
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    while source.read(1 << 20):
+                        pass
+                entries += 1
+    except (OSError, EOFError, tarfile.TarError) as exc:
+        raise ArchiveError(f"archive {archive.name} is damaged: {exc}") from exc
+    if expected_entries is not None and entries != expected_entries:
+        raise ArchiveError(f"archive {archive.name} has {entries} entries, expected {expected_entries}")
+    return entries
+
+
+def restore_home(archive: Path, home: Path) -> None:
+    """Unpack ``archive`` into ``home`` via a temporary directory; delete the archive last."""
+    restoring = home.with_name(home.name + ".restoring")
+    shutil.rmtree(restoring, ignore_errors=True)
+    restoring.mkdir(parents=True)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(restoring, filter="fully_trusted")
+        _fsync_path(restoring)
+    except (OSError, EOFError, tarfile.TarError) as exc:
+        shutil.rmtree(restoring, ignore_errors=True)
+        raise ArchiveError(f"restoring {home.name} failed: {exc}") from exc
+    os.replace(restoring, home)
+    _fsync_path(home.parent)
+    archive.unlink()
+
+
+def recover(home: Path, archive: Path) -> None:
+    """Finish or undo whatever a crash interrupted, judged from the files alone."""
+    tmp = archive.with_name(archive.name + ".tmp")
+    removing = home.with_name(home.name + ".removing")
+    restoring = home.with_name(home.name + ".restoring")
+    tmp.unlink(missing_ok=True)
+    shutil.rmtree(restoring, ignore_errors=True)
+    if removing.exists():
+        if archive.exists():
+            shutil.rmtree(removing)
+        else:
+            os.replace(removing, home)
+    if home.exists() and archive.exists():
+        archive.unlink()

@@ -1,0 +1,297 @@
+"""The embedded runtime: each workspace is a process group on its own loopback address with its own home.
+
+WARM means the process group is stopped and the home kept; COLD means the home lives only in a verified,
+compressed archive. Everything a crash could leave half-done is recovered from the files at start
+(see ``archive``), and workspace processes die with the gateway (parent-death signal plus the process-group
+record), so nothing is left running behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from gateway.config import Local, LocalWorkspace
+from gateway.errors import NotFound
+from gateway.lifecycle.archive import ArchiveError, archive_home, recover, restore_home
+from gateway.lifecycle.base import Event, Phase, Runtime, RuntimeError_, WorkspaceSpec, WorkspaceState
+
+log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: ask the kernel to TERM it when the gateway dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _process_start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]
+
+
+def _kill_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+@dataclass
+class _Slot:
+    """Per-workspace bookkeeping: the one lock that serialises its transitions, and the process if any."""
+
+    spec: WorkspaceSpec
+    config: LocalWorkspace
+    address: str
+    root: Path
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    process: asyncio.subprocess.Process | None = None
+    in_flight: Phase | None = None
+    failure: str = ""
+    state: WorkspaceState | None = None
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home"
+
+    @property
+    def archive(self) -> Path:
+        return self.root.parent.parent / "archives" / f"{self.spec.id}.tar.gz"
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def settings_file(self) -> Path:
+        return self.root / "settings.json"
+
+
+class LocalRuntime(Runtime):
+    def __init__(self, local: Local, *, stop_timeout: float = 10.0) -> None:
+        super().__init__()
+        self._state_dir = local.state_dir.resolve()
+        self._stop_timeout = stop_timeout
+        self._slots: dict[str, _Slot] = {}
+        for index, (name, ws) in enumerate(local.workspaces.items()):
+            spec = WorkspaceSpec(id=name, owner=ws.owner, collaborators=ws.collaborators, ide_port=ws.ide_port,
+                                 ports=dict(ws.ports))
+            address = ws.address or f"127.0.0.{index + 2}"
+            self._slots[name] = _Slot(spec, ws, address, self._state_dir / "workspaces" / name)
+
+    def _slot(self, workspace: str) -> _Slot:
+        slot = self._slots.get(workspace)
+        if slot is None:
+            raise NotFound(f"There is no workspace called {workspace}.", code="workspace-not-found")
+        return slot
+
+    async def start(self) -> None:
+        for slot in self._slots.values():
+            slot.root.mkdir(parents=True, exist_ok=True)
+            slot.archive.parent.mkdir(parents=True, exist_ok=True)
+            self._kill_leftover(slot)
+            await asyncio.to_thread(recover, slot.home, slot.archive)
+            slot.spec = self._with_settings(slot)
+            self._observe(slot)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.stop(name) for name, slot in self._slots.items() if slot.process))
+
+    def get(self, workspace: str) -> WorkspaceState | None:
+        slot = self._slots.get(workspace)
+        return None if slot is None else slot.state
+
+    def list(self) -> list[WorkspaceState]:
+        return [slot.state for slot in self._slots.values() if slot.state is not None]
+
+    async def status(self, workspace: str) -> WorkspaceState:
+        return self._observe(self._slot(workspace))
+
+    async def wake(self, workspace: str) -> WorkspaceState:
+        slot = self._slot(workspace)
+        async with slot.lock:
+            state = self._observe(slot)
+            if state.phase is Phase.RUNNING:
+                return state
+            if state.phase is Phase.COLD:
+                self._begin(slot, Phase.RESTORING, "restoring the home directory from its archive")
+                try:
+                    await asyncio.to_thread(restore_home, slot.archive, slot.home)
+                except ArchiveError as exc:
+                    return self._fail(slot, str(exc))
+            self._begin(slot, Phase.STARTING, "starting the workspace")
+            try:
+                await self._spawn(slot)
+            except (OSError, ValueError) as exc:
+                return self._fail(slot, f"the workspace command could not start: {exc}")
+            return self._end(slot)
+
+    async def stop(self, workspace: str) -> WorkspaceState:
+        slot = self._slot(workspace)
+        async with slot.lock:
+            if slot.process is not None:
+                self._begin(slot, Phase.STOPPING, "stopping the workspace")
+                await self._terminate(slot)
+            slot.failure = ""
+            return self._end(slot)
+
+    async def archive(self, workspace: str) -> WorkspaceState:
+        await self.stop(workspace)
+        slot = self._slot(workspace)
+        async with slot.lock:
+            if self._observe(slot).phase is not Phase.WARM or not slot.home.exists():
+                return self._observe(slot)
+            self._begin(slot, Phase.ARCHIVING, "archiving the home directory")
+            try:
+                await asyncio.to_thread(archive_home, slot.home, slot.archive)
+            except ArchiveError as exc:
+                log.error("archive of %s failed: %s", workspace, exc)
+                slot.in_flight = None
+                raise RuntimeError_(f"Archiving {workspace} failed; its home is untouched.") from exc
+            return self._end(slot)
+
+    async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
+                     collaborators: tuple[str, ...] | None = None) -> WorkspaceState:
+        slot = self._slot(workspace)
+        settings = self._read_settings(slot)
+        if ports is not None:
+            settings["ports"] = {str(port): visibility for port, visibility in ports.items()}
+        if collaborators is not None:
+            settings["collaborators"] = list(collaborators)
+        tmp = slot.settings_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(settings, indent=2))
+        os.replace(tmp, slot.settings_file)
+        slot.spec = self._with_settings(slot)
+        return self._observe(slot)
+
+    def _read_settings(self, slot: _Slot) -> dict[str, object]:
+        try:
+            data = json.loads(slot.settings_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _with_settings(self, slot: _Slot) -> WorkspaceSpec:
+        settings = self._read_settings(slot)
+        spec = WorkspaceSpec(id=slot.spec.id, owner=slot.config.owner, collaborators=slot.config.collaborators,
+                             ide_port=slot.config.ide_port, ports=dict(slot.config.ports))
+        ports = settings.get("ports")
+        if isinstance(ports, dict):
+            spec = replace(spec, ports={**spec.ports, **{int(port): str(v) for port, v in ports.items()}})
+        collaborators = settings.get("collaborators")
+        if isinstance(collaborators, list):
+            spec = replace(spec, collaborators=tuple(str(name) for name in collaborators))
+        return spec
+
+    def _observe(self, slot: _Slot) -> WorkspaceState:
+        """Derive the phase from the process and the files; an in-flight operation names the transition."""
+        if slot.in_flight is not None:
+            phase = slot.in_flight
+        elif slot.process is not None and slot.process.returncode is None:
+            phase = Phase.RUNNING
+        elif slot.home.exists() or not slot.archive.exists():
+            phase = Phase.FAILED if slot.failure else Phase.WARM
+        else:
+            phase = Phase.COLD
+        previous = slot.state
+        if previous is None or previous.phase is not phase or previous.spec is not slot.spec:
+            since = previous.since if previous is not None and previous.phase is phase else time.time()
+            slot.state = WorkspaceState(slot.spec, phase, slot.address if phase is Phase.RUNNING else None,
+                                        slot.failure if phase is Phase.FAILED else "", since)
+        assert slot.state is not None
+        return slot.state
+
+    def _begin(self, slot: _Slot, phase: Phase, message: str) -> None:
+        slot.in_flight = phase
+        self._observe(slot)
+        self.hub.publish(Event(slot.spec.id, phase, message))
+
+    def _end(self, slot: _Slot) -> WorkspaceState:
+        slot.in_flight = None
+        state = self._observe(slot)
+        self.hub.publish(Event(slot.spec.id, state.phase, state.message))
+        return state
+
+    def _fail(self, slot: _Slot, message: str) -> WorkspaceState:
+        log.error("workspace %s failed: %s", slot.spec.id, message)
+        slot.failure = message
+        return self._end(slot)
+
+    def _command(self, slot: _Slot) -> list[str]:
+        values = {"host": slot.address, "home": str(slot.home), "ide_port": slot.spec.ide_port,
+                  "workspace": slot.spec.id}
+        return [part.format(**values) for part in slot.config.command]
+
+    async def _spawn(self, slot: _Slot) -> None:
+        slot.home.mkdir(parents=True, exist_ok=True)
+        env = {key: value for key, value in os.environ.items() if not key.startswith("CODEHUB_")}
+        env.update(slot.config.env)
+        env.update(HOME=str(slot.home), HOST=slot.address, CODEHUB_WORKSPACE=slot.spec.id)
+        output = (slot.root / "output.log").open("ab")
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._command(slot), cwd=slot.home, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=output,
+                stderr=output, start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        finally:
+            output.close()
+        slot.process, slot.failure = process, ""
+        slot.run_file.write_text(json.dumps({"pgid": process.pid, "start": _process_start_time(process.pid)}))
+        asyncio.get_running_loop().create_task(self._watch_exit(slot, process))
+
+    async def _watch_exit(self, slot: _Slot, process: asyncio.subprocess.Process) -> None:
+        code = await process.wait()
+        if slot.process is not process or slot.in_flight is Phase.STOPPING:
+            return
+        _kill_group(process.pid, signal.SIGKILL)
+        slot.process = None
+        slot.run_file.unlink(missing_ok=True)
+        slot.failure = f"the workspace process exited with code {code}" + _last_line(slot.root / "output.log")
+        self._end(slot)
+
+    async def _terminate(self, slot: _Slot) -> None:
+        process = slot.process
+        assert process is not None
+        _kill_group(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), self._stop_timeout)
+        except TimeoutError:
+            log.warning("workspace %s ignored SIGTERM for %.0fs; killing it", slot.spec.id, self._stop_timeout)
+        _kill_group(process.pid, signal.SIGKILL)
+        await process.wait()
+        slot.process = None
+        slot.run_file.unlink(missing_ok=True)
+
+    def _kill_leftover(self, slot: _Slot) -> None:
+        """A gateway that died hard may have left a process group; kill it only if the pid is still ours."""
+        try:
+            record = json.loads(slot.run_file.read_text())
+        except (OSError, ValueError):
+            return
+        pgid = record.get("pgid")
+        if isinstance(pgid, int) and record.get("start") == _process_start_time(pgid):
+            log.warning("killing workspace %s left running by a previous gateway (pgid %d)", slot.spec.id, pgid)
+            _kill_group(pgid, signal.SIGKILL)
+        slot.run_file.unlink(missing_ok=True)
+
+
+def _last_line(log_file: Path) -> str:
+    try:
+        with log_file.open("rb") as handle:
+            handle.seek(max(0, log_file.stat().st_size - 512))
+            lines = handle.read().decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return ""
+    return f": {lines[-1][:200]}" if lines else ""

@@ -1,0 +1,88 @@
+"""HTTP proxying with bodies streamed both ways, never held whole in memory."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.errors import BadGateway, GatewayTimeout
+from gateway.proxy.headers import downstream_response_headers
+from gateway.proxy.upstream import Upstream
+
+log = logging.getLogger(__name__)
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class UpstreamRefused(BadGateway):
+    """Nothing accepted the connection; the wake module uses this to tell a sleeping port from a broken one."""
+
+
+def refused(upstream: Upstream) -> UpstreamRefused:
+    return UpstreamRefused(
+        f"Nothing is listening on port {upstream.port} in workspace {upstream.workspace}. "
+        "Start your dev server there; this page retries by itself.",
+        code="port-not-listening",
+        headers={"Retry-After": "2"},
+        retry=True,
+    )
+
+
+async def proxy_http(
+    request: web.Request, session: aiohttp.ClientSession, upstream: Upstream, path: str,
+    headers: CIMultiDict[str],
+) -> web.StreamResponse:
+    """Send the request upstream and stream the answer back; errors before the answer starts are raised."""
+    body = request.content if request.body_exists else None
+    url = URL(upstream.origin + path, encoded=True)
+    try:
+        async with session.request(
+            request.method, url, headers=headers, data=body, allow_redirects=False, compress=False, chunked=None,
+        ) as answer:
+            response = web.StreamResponse(status=answer.status, reason=answer.reason)
+            response.headers.extend(
+                downstream_response_headers(
+                    answer.headers, public_host=request.headers.get("Host", ""),
+                    public_origin=upstream.public_origin, upstream_origins=upstream.origins,
+                    prefix=upstream.prefix,
+                )
+            )
+            if answer.content_length is not None and "Transfer-Encoding" not in answer.headers:
+                response.content_length = answer.content_length
+            await response.prepare(request)
+            if request.method == "HEAD" or answer.status in _NO_BODY_STATUSES or await _pump(answer, response):
+                await response.write_eof()
+            elif request.transport is not None:
+                request.transport.close()
+            return response
+    except aiohttp.ClientConnectorError as exc:
+        raise refused(upstream) from exc
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise GatewayTimeout(
+            f"Port {upstream.port} in workspace {upstream.workspace} accepted the request but did not answer in time."
+        ) from exc
+    except aiohttp.ClientError as exc:
+        raise BadGateway(
+            f"Port {upstream.port} in workspace {upstream.workspace} broke off the connection: {type(exc).__name__}.",
+            code="upstream-error",
+        ) from exc
+
+
+async def _pump(answer: aiohttp.ClientResponse, response: web.StreamResponse) -> bool:
+    """Copy the body chunk by chunk as it arrives, so SSE and long polls flow event by event.
+
+    Returns False when the upstream broke off mid-body: the status line has gone out, so instead of an
+    error page the caller closes the client connection, which tells the client the body is incomplete.
+    """
+    try:
+        async for chunk in answer.content.iter_any():
+            await response.write(chunk)
+    except (aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError, aiohttp.ClientConnectionError) as exc:
+        if isinstance(exc, ConnectionResetError):
+            raise
+        log.info("upstream body broke off after the response started: %s", exc)
+        return False
+    return True

@@ -1,0 +1,47 @@
+"""The pooled client side of the proxy: one keep-alive connection pool for every upstream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+
+from gateway.config import Timeouts
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One port inside one workspace, as the gateway reaches it, and how it is shown to the public."""
+
+    workspace: str
+    host: str
+    port: int
+    public_origin: str
+    prefix: str = ""
+
+    @property
+    def origin(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def host_header(self) -> str:
+        """Dev servers accept ``localhost`` (Vite refuses foreign hosts), so that is the name they are sent."""
+        return f"localhost:{self.port}"
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        """Spellings of the upstream an app may put in ``Location`` headers."""
+        return (self.origin, f"http://localhost:{self.port}", f"http://127.0.0.1:{self.port}")
+
+
+def make_session(timeouts: Timeouts) -> aiohttp.ClientSession:
+    """Bodies pass through untouched (no decompression), no cookies are kept, connections are reused."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, use_dns_cache=False, enable_cleanup_closed=False)
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=timeouts.read),
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        read_bufsize=1 << 16,
+    )

@@ -1,0 +1,261 @@
+"""Waking sleeping workspaces on the first request, once, however many requests arrive together.
+
+A wake is one task per workspace (runtime ``wake``: restore, start) followed by one task per port (wait until
+it accepts connections). Browsers navigating get a waiting page that follows progress over SSE; every other
+request is held on the shared task, costing no thread and no body buffering (the body is read only once the
+request is proxied), and gets 503 + ``Retry-After`` + JSON if the wake outlasts its timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import statistics
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import GatewayError, ServiceUnavailable
+from gateway.lifecycle import Phase, Runtime, RuntimeError_, WorkspaceState
+from gateway.metrics import Metrics
+from gateway.pages import wants_html
+
+log = logging.getLogger(__name__)
+_PROBE_FAST = 0.01
+_PROBE_SLOW = 0.25
+_PROBE_FAST_FOR = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class WakeLimits:
+    """How long a held request waits for a workspace, by the phase it was woken from."""
+
+    warm_timeout: float = 60.0
+    cold_timeout: float = 300.0
+
+    def for_phase(self, phase: Phase) -> float:
+        return self.cold_timeout if phase in (Phase.COLD, Phase.RESTORING, Phase.ARCHIVING) else self.warm_timeout
+
+
+class WaitingPage(GatewayError):
+    """Not an error: a browser navigation gets the waiting page while its workspace wakes."""
+
+    status = 503
+    code = "workspace-waking"
+    title = "Waking up the workspace"
+    template = "waiting.html"
+
+    def __init__(self, progress: Progress, events_path: str, limits: WakeLimits) -> None:
+        super().__init__(f"Workspace {progress.workspace} is waking up.", headers={"Retry-After": "2"})
+        self.progress = progress
+        self.events_path = events_path
+        self.limits = limits
+
+
+@dataclass
+class Progress:
+    """What a waiting page shows: the steps of this wake and how long similar wakes took."""
+
+    workspace: str
+    port: int
+    from_phase: Phase
+    started: float = field(default_factory=time.monotonic)
+    step: str = "starting"
+    message: str = ""
+    estimate: float | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def update(self, step: str, message: str = "") -> None:
+        """Move to a step and wake every progress stream waiting on this wake."""
+        self.step, self.message = step, message
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    @property
+    def steps(self) -> list[str]:
+        steps = ["starting", "waiting-for-port"]
+        return ["restoring", *steps] if self.from_phase is Phase.COLD else steps
+
+    def as_event(self) -> dict[str, Any]:
+        return {
+            "workspace": self.workspace, "port": self.port, "from": self.from_phase.value, "step": self.step,
+            "steps": self.steps, "message": self.message, "elapsed": round(time.monotonic() - self.started, 2),
+            "estimate": self.estimate,
+        }
+
+
+_STEP_FOR_PHASE = {Phase.RESTORING: "restoring", Phase.STARTING: "starting", Phase.RUNNING: "waiting-for-port"}
+
+
+class Waker:
+    def __init__(self, runtime: Runtime, metrics: Metrics, limits: WakeLimits) -> None:
+        self._runtime = runtime
+        self._metrics = metrics
+        self.limits = limits
+        self._flights: dict[str, asyncio.Task[WorkspaceState]] = {}
+        self._ports: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._progress: dict[tuple[str, int], Progress] = {}
+        self._history: dict[tuple[str, Phase], deque[float]] = {}
+
+    async def close(self) -> None:
+        tasks = [*self._flights.values(), *self._ports.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def busy(self, workspace: str, port: int) -> bool:
+        return (workspace, port) in self._ports
+
+    def bring_up(self, state: WorkspaceState, port: int) -> asyncio.Task[None]:
+        """The shared task that ends when ``port`` of the workspace accepts connections."""
+        key = (state.id, port)
+        task = self._ports.get(key)
+        if task is None:
+            progress = Progress(state.id, port, state.phase, estimate=self.estimate(state.id, state.phase))
+            self._progress[key] = progress
+            task = asyncio.get_running_loop().create_task(self._bring_up(state, port, progress))
+            self._ports[key] = task
+            task.add_done_callback(lambda _: (self._ports.pop(key, None), self._progress.pop(key, None)))
+        return task
+
+    def progress(self, workspace: str, port: int) -> Progress | None:
+        return self._progress.get((workspace, port))
+
+    def estimate(self, workspace: str, phase: Phase) -> float | None:
+        past = self._history.get((workspace, Phase.COLD if phase is Phase.COLD else Phase.WARM))
+        return round(statistics.median(past), 1) if past else None
+
+    async def ensure_awake(self, request: web.Request, state: WorkspaceState, port: int) -> WorkspaceState:
+        """Return a RUNNING state whose port was seen accepting, or raise the waiting page / a 503."""
+        if state.phase is Phase.RUNNING and not self.busy(state.id, port):
+            return state
+        task = self.bring_up(state, port)
+        if wants_html(request) and request.headers.get("Upgrade", "").lower() != "websocket":
+            progress = self._progress[(state.id, port)]
+            raise WaitingPage(progress, events_path(request, state.id, port), self.limits)
+        timeout = self.limits.for_phase(state.phase)
+        self._metrics.held_requests.inc()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            raise ServiceUnavailable(
+                f"Workspace {state.id} did not become ready within {timeout:.0f} s; try again shortly.",
+                code="wake-timeout", headers={"Retry-After": "5"},
+            ) from None
+        finally:
+            self._metrics.held_requests.dec()
+        fresh = self._runtime.get(state.id)
+        assert fresh is not None
+        return fresh
+
+    def _wake(self, workspace: str) -> asyncio.Task[WorkspaceState]:
+        task = self._flights.get(workspace)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._runtime.wake(workspace))
+            self._flights[workspace] = task
+            task.add_done_callback(lambda _: self._flights.pop(workspace, None))
+        return task
+
+    async def _bring_up(self, state: WorkspaceState, port: int, progress: Progress) -> None:
+        from_phase = state.phase if state.phase in (Phase.COLD, Phase.RUNNING) else Phase.WARM
+        started = time.monotonic()
+        result = "failed"
+        try:
+            if state.phase is not Phase.RUNNING:
+                with self._runtime.events() as events:
+                    flight = self._wake(state.id)
+                    follower = asyncio.ensure_future(self._follow(events, state.id, progress))
+                    try:
+                        state = await asyncio.shield(flight)
+                    finally:
+                        follower.cancel()
+                if state.phase is not Phase.RUNNING or state.address is None:
+                    raise RuntimeError_(state.message or f"Workspace {state.id} could not start.")
+            progress.update("waiting-for-port")
+            await self._wait_for_port(state, port, self.limits.for_phase(from_phase))
+            result = "ok"
+            progress.update("ready")
+            if from_phase is not Phase.RUNNING:
+                self._history.setdefault((state.id, from_phase), deque(maxlen=5)).append(time.monotonic() - started)
+        except GatewayError as exc:
+            progress.update("failed", exc.message)
+            raise
+        finally:
+            if from_phase is not Phase.RUNNING:
+                self._metrics.wakes.labels(from_phase.value, result).inc()
+                self._metrics.wake_duration.labels(from_phase.value).observe(time.monotonic() - started)
+
+    async def _follow(self, events: AsyncIterator[Any], workspace: str, progress: Progress) -> None:
+        async for event in events:
+            if event.workspace == workspace and event.phase in _STEP_FOR_PHASE:
+                progress.update(_STEP_FOR_PHASE[event.phase])
+
+    async def _wait_for_port(self, state: WorkspaceState, port: int, limit: float) -> None:
+        """Try to connect until the port accepts; stop early if the workspace dies meanwhile."""
+        assert state.address is not None
+        deadline = time.monotonic() + limit
+        fast_until = time.monotonic() + _PROBE_FAST_FOR
+        while True:
+            with contextlib.suppress(OSError, TimeoutError):
+                _reader, writer = await asyncio.wait_for(asyncio.open_connection(state.address, port), 1.0)
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+                return
+            current = self._runtime.get(state.id)
+            if current is None or current.phase is not Phase.RUNNING:
+                reason = current.message if current is not None and current.message else "it stopped"
+                raise RuntimeError_(f"Workspace {state.id} stopped before port {port} answered: {reason}")
+            now = time.monotonic()
+            if now >= deadline:
+                raise RuntimeError_(
+                    f"Nothing started listening on port {port} in workspace {state.id} within {limit:.0f} s.",
+                    code="port-not-listening",
+                )
+            await asyncio.sleep(_PROBE_FAST if now < fast_until else _PROBE_SLOW)
+
+
+def events_path(request: web.BaseRequest, workspace: str, port: int) -> str:
+    """Where the waiting page listens for progress: a reserved path on the same host."""
+    if request.path.startswith(f"/w/{workspace}/") or request.path == f"/w/{workspace}":
+        return f"/_codehub/wake/{workspace}/events"
+    return "/_codehub/wake/events"
+
+
+async def stream_progress(request: web.Request, waker: Waker, state: WorkspaceState, port: int) -> web.StreamResponse:
+    """Server-Sent Events for a waiting page: each step as it happens, then ``ready`` or ``failed``.
+
+    Opening the stream (re)starts the wake, so a page reloaded after a failure or a restart carries on.
+    """
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+    task = waker.bring_up(state, port)
+    progress = waker.progress(state.id, port)
+    while not task.done():
+        if progress is not None:
+            await response.write(_sse("progress", progress.as_event()))
+            changed = asyncio.ensure_future(progress.changed.wait())
+            await asyncio.wait({task, changed}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+        else:
+            await asyncio.wait({task}, timeout=15)
+    error = task.exception()
+    if error is None:
+        await response.write(_sse("ready", {"workspace": state.id, "port": port}))
+    else:
+        message = error.message if isinstance(error, GatewayError) else "The wake failed."
+        await response.write(_sse("failed", {"workspace": state.id, "port": port, "message": message}))
+    await response.write_eof()
+    return response
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
