@@ -89,6 +89,8 @@ def _normalise(host: str, scheme: str) -> str | None:
 
 def route(host: str | None, raw_path: str, hosts: Hosts) -> Target:
     """Map ``Host`` and the raw (still percent-encoded) path to a target, or raise 400/404."""
+    if not raw_path.startswith("/"):
+        raise BadRequest("Only origin-form request targets (a path) are accepted.", code="bad-request-target")
     normalised = _normalise(host or "", hosts.scheme)
     if normalised is None:
         raise BadRequest("The Host header is missing or malformed.", code="bad-host")

@@ -1,0 +1,68 @@
+"""Fixtures every test can use: a gateway built from settings, and real aiohttp upstreams on loopback.
+
+Workspaces in these tests run a real process through the local runtime (``sleep``); the upstream the test
+controls listens on the workspace's own loopback address, so the gateway's whole path is exercised.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import build_app
+from gateway.config import Config
+
+_addresses = itertools.count(20)
+
+MakeGateway = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+MakeUpstream = Callable[[web.Application, str, int], Awaitable[TestServer]]
+
+
+def next_address() -> str:
+    """A loopback address no other test in this run uses, so ports never collide across tests."""
+    n = next(_addresses)
+    return f"127.0.{n // 250}.{n % 250 + 2}"
+
+
+def workspace(address: str, owner: str = "alice", **extra: Any) -> dict[str, Any]:
+    return {"owner": owner, "command": ["sleep", "3600"], "address": address, **extra}
+
+
+def settings(tmp_path: Path, workspaces: dict[str, Any], **extra: Any) -> Config:
+    data: dict[str, Any] = {"local": {"state_dir": str(tmp_path / "state"), "workspaces": workspaces}}
+    data.update(extra)
+    return Config.model_validate(data)
+
+
+@pytest.fixture
+async def make_gateway(aiohttp_client: Any, tmp_path: Path) -> MakeGateway:
+    async def make(config: Config | None = None, **kwargs: Any) -> TestClient[web.Request, web.Application]:
+        if config is None:
+            config = settings(tmp_path, kwargs.pop("workspaces", {}), **kwargs)
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(
+            build_app(config), server_kwargs={"handler_cancellation": True}
+        )
+        return client
+
+    return make
+
+
+@pytest.fixture
+async def make_upstream() -> AsyncIterator[MakeUpstream]:
+    servers: list[TestServer] = []
+
+    async def make(app: web.Application, host: str, port: int) -> TestServer:
+        server = TestServer(app, host=host, port=port)
+        await server.start_server()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        await server.close()
