@@ -5,26 +5,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
+from gateway import api
 from gateway.accesslog import TARGET
 from gateway.activity import IdleTimers, reap_forever
+from gateway.auth import handlers as auth_handlers
+from gateway.auth.handlers import hub_identity
+from gateway.auth.keys import KeyError_, load_or_create
+from gateway.auth.oidc import OidcClient
+from gateway.auth.sessions import Sessions
+from gateway.auth.store import TokenStore
 from gateway.config import Config
-from gateway.context import GATEWAY, Gateway
+from gateway.context import GATEWAY, AuthState, Gateway
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.lifecycle import Runtime
 from gateway.lifecycle.local import LocalRuntime
 from gateway.metrics import Metrics
 from gateway.pages import error_response, internal_error
 from gateway.pipeline import is_websocket, serve_reserved, serve_workspace
+from gateway.policy import PolicyHolder
 from gateway.proxy.upstream import make_session
 from gateway.routing import Hosts, Kind, route
 from gateway.wake import WakeLimits, Waker, stream_progress
+
+log = logging.getLogger(__name__)
 
 
 @web.middleware
@@ -75,11 +87,20 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=registry.render(), headers={"Content-Type": registry.content_type})
 
 
-@aiohttp_jinja2.template("index.html")
-async def index(request: web.Request) -> dict[str, object]:
+@aiohttp_jinja2.template("home.html")
+async def home(request: web.Request) -> dict[str, object]:
+    """The hub page: the signed-in user's workspaces, ports, visibility and share links."""
     gateway = request.app[GATEWAY]
-    workspaces = sorted(gateway.runtime.list(), key=lambda state: state.id)
-    return {"workspaces": workspaces, "hosts": gateway.hosts}
+    identity = hub_identity(request, gateway)
+    if identity is None:
+        return {"identity": None, "dev": gateway.config.auth.mode == "dev"}
+    states = sorted(gateway.runtime.list(), key=lambda state: state.id)
+    views = [view for view in (api.workspace_view(gateway, state, identity) for state in states) if view["role"]]
+    for view in views:
+        links = [link for link in gateway.auth.store.shares.values() if link.workspace == view["id"]]
+        view["shares"] = [api.share_view(gateway, link) for link in sorted(links, key=lambda link: -link.created)]
+    return {"identity": identity, "workspaces": views, "dev": gateway.config.auth.mode == "dev",
+            "policy": gateway.policy}
 
 
 async def ide_wake_events(request: web.Request) -> web.StreamResponse:
@@ -99,15 +120,24 @@ def make_runtime(config: Config) -> Runtime:
 
 
 def build_app(config: Config, runtime: Runtime | None = None) -> web.Application:
+    """Everything that can fail on bad settings fails here, before the server listens."""
     metrics_ = Metrics()
     runtime = runtime if runtime is not None else make_runtime(config)
-    waker = Waker(runtime, metrics_, WakeLimits(config.wake.warm_timeout, config.wake.cold_timeout))
+    policies = PolicyHolder(config.policy_file)
+    waker = Waker(runtime, metrics_, WakeLimits(policies.current.wake.warm_timeout,
+                                                policies.current.wake.cold_timeout))
+    keys = load_or_create(config.keys_file, create=config.auth.keys_file is None)
+    hosts = Hosts.from_urls(config.hub_url, config.preview_domain)
+    auth = AuthState(keys=keys, sessions=Sessions(lambda: auth.keys, hosts.hub_url(""), ttl=config.auth.session_ttl),
+                     store=TokenStore(config.store_file))
     gateway = Gateway(
         config=config,
-        hosts=Hosts.from_urls(config.hub_url, config.preview_domain),
+        hosts=hosts,
         runtime=runtime,
         metrics=metrics_,
         waker=waker,
+        auth=auth,
+        policies=policies,
         trusted_proxies=tuple(ipaddress.ip_network(net, strict=False) for net in config.trusted_proxies),
     )
     app = web.Application(middlewares=[front_door])
@@ -115,8 +145,10 @@ def build_app(config: Config, runtime: Runtime | None = None) -> web.Application
     aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway", "templates"), autoescape=True)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/", index)
+    app.router.add_get("/", home)
     app.router.add_get("/_codehub/wake/{workspace}/events", ide_wake_events)
+    auth_handlers.add_routes(app)
+    api.add_routes(app)
     app.cleanup_ctx.append(_lifespan)
     return app
 
@@ -124,7 +156,10 @@ def build_app(config: Config, runtime: Runtime | None = None) -> web.Application
 async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
     gateway._session = make_session(gateway.config.timeouts)
+    if gateway.config.auth.oidc is not None:
+        gateway.auth.oidc = OidcClient(gateway.config.auth.oidc, gateway.session)
     await gateway.runtime.start()
+    watcher = asyncio.create_task(_watch_files(gateway))
     idle = gateway.config.idle
     reaper = asyncio.create_task(
         reap_forever(gateway.runtime, gateway.activity, IdleTimers(idle.to_warm, idle.to_cold, idle.check_every),
@@ -133,9 +168,38 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        reaper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reaper
+        for task in (reaper, watcher):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        gateway.auth.store.flush()
         await gateway.waker.close()
         await gateway.runtime.close()
         await gateway.session.close()
+
+
+async def _watch_files(gateway: Gateway, every: float = 2.0) -> None:
+    """Pick up policy edits and key rotation without a restart (a Kubernetes Secret update lands as a file)."""
+    keys_stamp = _stamp(gateway.config.keys_file)
+    while True:
+        await asyncio.sleep(every)
+        gateway.policies.reload_if_changed()
+        stamp = _stamp(gateway.config.keys_file)
+        if stamp != keys_stamp:
+            keys_stamp = stamp
+            try:
+                gateway.auth.keys = load_or_create(gateway.config.keys_file, create=False)
+            except KeyError_ as exc:
+                log.error("signing keys not reloaded, keeping the previous ones: %s", exc)
+                continue
+            gateway.auth.sessions.forget_cached()
+            log.info("signing keys reloaded; current kid %s", gateway.auth.keys.current.kid)
+        gateway.auth.store.flush()
+
+
+def _stamp(path: Path) -> tuple[float, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_mtime, stat.st_size)

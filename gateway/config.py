@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from yarl import URL
 
 WORKSPACE_ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
 ENV_PREFIX = "CODEHUB_"
+NOT_SETTINGS = frozenset({"CODEHUB_CONFIG", "CODEHUB_URL", "CODEHUB_TOKEN", "CODEHUB_WORKSPACE"})
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
@@ -95,6 +96,46 @@ class LocalWorkspace(_Model):
         return value
 
 
+class Oidc(_Model):
+    """The company IdP. The redirect URI to register there is ``{hub_url}/auth/callback``."""
+
+    issuer: str
+    client_id: str
+    client_secret: str | None = None
+    client_secret_file: Path | None = None
+    scopes: tuple[str, ...] = ("openid", "email", "profile", "groups")
+    username_claim: str = "sub"
+    groups_claim: str = "groups"
+    token_auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, value: str) -> str:
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("must be the IdP's issuer URL, like https://sso.example.com/realms/main")
+        return value.rstrip("/")
+
+    def secret(self) -> str:
+        if self.client_secret_file is not None:
+            try:
+                return self.client_secret_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"config error: auth.oidc.client_secret_file: {exc.strerror}") from None
+        return self.client_secret or ""
+
+
+class Auth(_Model):
+    """Sign-in. ``dev`` (pick any user name) is for a laptop only and refuses non-loopback addresses."""
+
+    mode: Literal["dev", "oidc"] = "dev"
+    oidc: Oidc | None = None
+    session_ttl: Seconds = 12 * 3600
+    keys_file: Path | None = None
+    store_file: Path | None = None
+    allow_dev_on_network: bool = False
+
+
 class Local(_Model):
     state_dir: Path = Path(".codehub")
     workspaces: dict[str, LocalWorkspace] = Field(default_factory=dict)
@@ -115,7 +156,8 @@ class Config(_Model):
     hub_url: str = "http://localhost:8080"
     preview_domain: str = "localhost:8080"
     trusted_proxies: tuple[str, ...] = ()
-    denied_ports: tuple[Port, ...] = ()
+    policy_file: Path | None = None
+    auth: Auth = Auth()
     timeouts: Timeouts = Timeouts()
     idle: Idle = Idle()
     wake: Wake = Wake()
@@ -146,9 +188,45 @@ class Config(_Model):
             ipaddress.ip_network(item, strict=False)
         return value
 
+    @model_validator(mode="after")
+    def _auth_is_safe(self) -> Config:
+        if self.auth.mode == "oidc" and self.auth.oidc is None:
+            raise ValueError("auth.mode is oidc but auth.oidc (issuer, client_id, client_secret) is not set")
+        if self.auth.mode == "dev" and not self.auth.allow_dev_on_network and not _is_loopback(self.listen.host):
+            raise ValueError(
+                f"auth.mode is dev (anyone can sign in as anyone) but listen.host {self.listen.host} is not "
+                "loopback; configure auth.oidc, or set auth.allow_dev_on_network: true to force it"
+            )
+        return self
+
+    @property
+    def state_dir(self) -> Path:
+        return self.local.state_dir
+
+    @property
+    def keys_file(self) -> Path:
+        return self.auth.keys_file or self.state_dir / "signing-keys.json"
+
+    @property
+    def store_file(self) -> Path:
+        return self.auth.store_file or self.state_dir / "tokens.json"
+
+    @property
+    def secure(self) -> bool:
+        return self.scheme == "https"
+
     @property
     def scheme(self) -> str:
         return URL(self.hub_url).scheme
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -164,7 +242,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """``CODEHUB_LISTEN__PORT=9000`` becomes ``{"listen": {"port": 9000}}``; values are read as YAML scalars."""
     tree: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == "CODEHUB_CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         try:
@@ -187,7 +265,7 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
 
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    key = ".".join(str(part) for part in first["loc"]) or "settings"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown setting"

@@ -9,13 +9,28 @@ import aiohttp
 from aiohttp import web
 
 from gateway.activity import Activity
+from gateway.auth.keys import KeySet
+from gateway.auth.oidc import OidcClient
+from gateway.auth.sessions import Sessions
+from gateway.auth.store import TokenStore
 from gateway.config import Config
 from gateway.lifecycle import Runtime
 from gateway.metrics import Metrics
+from gateway.policy import Policy, PolicyHolder
 from gateway.routing import Hosts
 from gateway.wake import Waker
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass
+class AuthState:
+    """Sign-in machinery; ``keys`` is swapped in place when the keys file changes (rotation)."""
+
+    keys: KeySet
+    sessions: Sessions
+    store: TokenStore
+    oidc: OidcClient | None = None
 
 
 @dataclass
@@ -25,9 +40,15 @@ class Gateway:
     runtime: Runtime
     metrics: Metrics
     waker: Waker
+    auth: AuthState
+    policies: PolicyHolder
     activity: Activity = field(default_factory=Activity)
     trusted_proxies: tuple[IPNetwork, ...] = ()
     _session: aiohttp.ClientSession | None = None
+
+    @property
+    def policy(self) -> Policy:
+        return self.policies.current
 
     @property
     def session(self) -> aiohttp.ClientSession:

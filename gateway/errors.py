@@ -90,3 +90,17 @@ class GatewayTimeout(GatewayError):
     status = 504
     code = "upstream-timeout"
     title = "The app took too long"
+
+
+class Redirect(GatewayError):
+    """Not a failure: the request must continue elsewhere (sign-in, token removed from the URL)."""
+
+    status = 303
+    code = "redirect"
+    title = "Redirecting"
+
+    def __init__(self, location: str, *, cookies: tuple[str, ...] = (), status: int = 303) -> None:
+        super().__init__(f"Continue at {location}", headers={"Location": location})
+        self.location = location
+        self.cookies = cookies
+        self.status = status

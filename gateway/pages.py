@@ -7,7 +7,7 @@ import logging
 import aiohttp_jinja2
 from aiohttp import web
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, Redirect
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,14 @@ def wants_html(request: web.BaseRequest) -> bool:
 
 def error_response(request: web.Request, error: GatewayError) -> web.StreamResponse:
     headers = {"Cache-Control": "no-store", **error.headers}
+    if isinstance(error, Redirect):
+        response = web.Response(status=error.status, headers=headers)
+        for cookie in error.cookies:
+            response.headers.add("Set-Cookie", cookie)
+        return response
     if wants_html(request):
-        response = aiohttp_jinja2.render_template(
-            "error.html", request, {"error": error}, status=error.status
-        )
+        template = getattr(error, "template", "error.html")
+        response = aiohttp_jinja2.render_template(template, request, {"error": error}, status=error.status)
         response.headers.update(headers)
         return response
     body = {"error": {"code": error.code, "message": error.message, "status": error.status}}

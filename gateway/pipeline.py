@@ -4,18 +4,29 @@ route → authenticate → authorize → ensure awake → proxy → record activ
 from __future__ import annotations
 
 import ipaddress
+import logging
 
 from aiohttp import web
+from multidict import CIMultiDict
 
+from gateway.accesslog import USER
+from gateway.auth.authenticate import Credentials, authenticate, sign_in_redirect
+from gateway.auth.handlers import preview_callback
+from gateway.auth.identity import Identity
 from gateway.context import Gateway
-from gateway.errors import Forbidden, NotFound
-from gateway.lifecycle import WorkspaceState
+from gateway.errors import Forbidden, GatewayError, NotFound
+from gateway.lifecycle import Phase, WorkspaceState
+from gateway.pages import wants_html
+from gateway.policy import Decision, Reason, decide, denial, may_wake
 from gateway.proxy.headers import ClientFacts, upstream_request_headers
 from gateway.proxy.http import proxy_http
 from gateway.proxy.upstream import Upstream
 from gateway.proxy.websocket import relay_websocket
-from gateway.routing import Kind, Target
+from gateway.routing import Kind, Target, normalise_host
 from gateway.wake import stream_progress
+
+log = logging.getLogger("codehub.policy")
+_MEMBERS = (Reason.OWNER, Reason.COLLABORATOR, Reason.ADMIN)
 
 
 def is_websocket(request: web.BaseRequest) -> bool:
@@ -39,32 +50,74 @@ def _workspace(gateway: Gateway, target: Target) -> WorkspaceState:
     return state
 
 
-def _port(gateway: Gateway, target: Target, state: WorkspaceState) -> int:
-    if target.kind is Kind.IDE:
-        return state.spec.ide_port
-    assert target.port is not None
-    if target.port == state.spec.ide_port:
-        raise Forbidden(
-            f"Port {target.port} is the IDE of workspace {state.id}; open it at /w/{state.id}/ on the hub.",
-            code="port-denied",
-        )
-    if target.port in gateway.config.denied_ports:
-        raise Forbidden(f"Port {target.port} may not be shared.", code="port-denied")
-    return target.port
+def _host(request: web.BaseRequest, gateway: Gateway) -> str:
+    host = normalise_host(request.headers.get("Host", ""), gateway.hosts.scheme)
+    assert host is not None, "routing accepted the host"
+    return host
+
+
+def _check(request: web.Request, gateway: Gateway, target: Target, state: WorkspaceState) -> Credentials:
+    """Authenticate and authorize; a refusal becomes a sign-in redirect for browsers, else 401/403."""
+    preview = target.kind is not Kind.IDE
+    host = _host(request, gateway)
+    auth = gateway.auth
+    credentials = authenticate(request, target.path, host, sessions=auth.sessions, store=auth.store,
+                               secure=gateway.config.secure, preview=preview)
+    decision = decide(gateway.policy, state.spec, target.port if preview else None, credentials.identity,
+                      credentials.grant)
+    if decision.allow and state.phase is not Phase.RUNNING:
+        decision = may_wake(gateway.policy, decision)
+    _record(gateway, target, credentials.identity, decision)
+    if credentials.identity is not None:
+        request[USER] = credentials.identity.subject
+    if decision.allow:
+        return credentials
+    if decision.reason is Reason.USER_UNAUTHENTICATED and request.method in ("GET", "HEAD") and wants_html(request):
+        path = credentials.path if preview else request.raw_path
+        public_url = f"{gateway.hosts.scheme}://{request.headers['Host']}{path}"
+        raise sign_in_redirect(public_url, gateway.hosts.hub_url(""), preview=preview, secure=gateway.config.secure)
+    error = denial(decision)
+    if error.status == 401:
+        error.headers["WWW-Authenticate"] = 'Bearer realm="codehub"'
+    raise error
+
+
+def _record(gateway: Gateway, target: Target, identity: Identity | None, decision: Decision) -> None:
+    gateway.metrics.policy_decisions.labels(str(decision.allow).lower(), decision.reason.value).inc()
+    if not decision.allow:
+        log.info("deny %s port %s for %s: %s (%s)", target.workspace, target.port,
+                 identity.subject if identity else "anonymous", decision.reason.value, decision.rule)
+
+
+def _identity_headers(gateway: Gateway, identity: Identity | None, audience: str) -> dict[str, str]:
+    if identity is None:
+        return {}
+    return {
+        "X-Forwarded-User": identity.subject,
+        "X-Forwarded-Email": identity.email,
+        "X-Forwarded-Groups": ",".join(identity.groups),
+        "X-Codehub-Assertion": gateway.auth.sessions.assertion(identity, audience),
+    }
 
 
 async def serve_reserved(request: web.Request, target: Target, gateway: Gateway) -> web.StreamResponse:
     """Paths under ``/_codehub/`` on a preview host belong to the gateway, never to the app."""
+    path = target.path.partition("?")[0]
+    if path == "/_codehub/auth/callback":
+        return await preview_callback(request, gateway, _host(request, gateway))
     state = _workspace(gateway, target)
-    if target.path.partition("?")[0] == "/_codehub/wake/events":
-        port = _port(gateway, target, state)
-        return await stream_progress(request, gateway.waker, state, port)
+    if path == "/_codehub/wake/events":
+        _check(request, gateway, target, state)
+        assert target.port is not None
+        return await stream_progress(request, gateway.waker, state, target.port)
     raise NotFound("There is nothing at this address.", code="no-route")
 
 
 async def serve_workspace(request: web.Request, target: Target, gateway: Gateway) -> web.StreamResponse:
     state = _workspace(gateway, target)
-    port = _port(gateway, target, state)
+    credentials = _check(request, gateway, target, state)
+    port = target.port if target.kind is Kind.PREVIEW else state.spec.ide_port
+    assert port is not None
     state = await gateway.waker.ensure_awake(request, state, port)
     assert state.address is not None
     if target.kind is Kind.IDE:
@@ -74,12 +127,42 @@ async def serve_workspace(request: web.Request, target: Target, gateway: Gateway
     upstream = Upstream(state.id, state.address, port, public_origin, prefix)
     headers = upstream_request_headers(
         request.headers, client_facts(request, gateway), upstream_host=upstream.host_header, prefix=prefix or None,
+        strip_authorization=credentials.consumed_authorization,
+        identity=_identity_headers(gateway, credentials.identity, public_origin),
     )
-    gateway.activity.touch(state.id)
-    if is_websocket(request):
-        with gateway.activity.connection(state.id):
-            return await relay_websocket(
-                request, gateway.session, upstream, target.path, headers, max_message=gateway.config.max_ws_message,
-                heartbeat=gateway.config.timeouts.websocket_heartbeat, metrics=gateway.metrics,
-            )
-    return await proxy_http(request, gateway.session, upstream, target.path, headers)
+    keeps_awake = gateway.policy.wake.visitors_keep_awake or _is_member(gateway, state, credentials.identity)
+    if keeps_awake:
+        gateway.activity.touch(state.id)
+    try:
+        if is_websocket(request):
+            if target.kind is Kind.IDE:
+                _check_websocket_origin(request, gateway)
+            if not keeps_awake:
+                return await _relay(request, gateway, upstream, credentials.path, headers)
+            with gateway.activity.connection(state.id):
+                return await _relay(request, gateway, upstream, credentials.path, headers)
+        return await proxy_http(request, gateway.session, upstream, credentials.path, headers)
+    except GatewayError as exc:
+        if exc.code == "port-not-listening":
+            gateway.metrics.upstream_errors.labels("refused").inc()
+        raise
+
+
+def _is_member(gateway: Gateway, state: WorkspaceState, identity: Identity | None) -> bool:
+    return identity is not None and decide(gateway.policy, state.spec, None, identity).reason in _MEMBERS
+
+
+def _check_websocket_origin(request: web.Request, gateway: Gateway) -> None:
+    """Cross-site WebSocket hijacking: a browser on another site must not drive the IDE with our cookie."""
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.rstrip("/") != gateway.hosts.hub_url(""):
+        raise Forbidden("WebSocket connections to the IDE must come from the hub itself.",
+                        code="cross-site-websocket")
+
+
+async def _relay(request: web.Request, gateway: Gateway, upstream: Upstream, path: str,
+                 headers: CIMultiDict[str]) -> web.StreamResponse:
+    return await relay_websocket(
+        request, gateway.session, upstream, path, headers, max_message=gateway.config.max_ws_message,
+        heartbeat=gateway.config.timeouts.websocket_heartbeat, metrics=gateway.metrics,
+    )

@@ -55,8 +55,8 @@ class Hosts:
     def from_urls(cls, hub_url: str, preview_domain: str) -> Hosts:
         url = URL(hub_url)
         scheme = url.scheme
-        hub = _normalise(f"{url.host}:{url.port}" if url.port else str(url.host), scheme)
-        preview = _normalise(preview_domain, scheme)
+        hub = normalise_host(f"{url.host}:{url.port}" if url.port else str(url.host), scheme)
+        preview = normalise_host(preview_domain, scheme)
         if hub is None or preview is None:
             raise ValueError("hub_url and preview_domain must be valid host names")
         return cls(scheme=scheme, hub=hub, preview_suffix=preview)
@@ -72,7 +72,7 @@ class Hosts:
         return f"{self.scheme}://{host}{path}"
 
 
-def _normalise(host: str, scheme: str) -> str | None:
+def normalise_host(host: str, scheme: str) -> str | None:
     """Lower-case ``name:port`` with the port always spelt out, or None when it is not a plain host."""
     host = host.strip().lower()
     match = _HOST.fullmatch(host)
@@ -91,7 +91,7 @@ def route(host: str | None, raw_path: str, hosts: Hosts) -> Target:
     """Map ``Host`` and the raw (still percent-encoded) path to a target, or raise 400/404."""
     if not raw_path.startswith("/"):
         raise BadRequest("Only origin-form request targets (a path) are accepted.", code="bad-request-target")
-    normalised = _normalise(host or "", hosts.scheme)
+    normalised = normalise_host(host or "", hosts.scheme)
     if normalised is None:
         raise BadRequest("The Host header is missing or malformed.", code="bad-host")
     if normalised == hosts.hub:

@@ -163,6 +163,10 @@ class Runtime(abc.ABC):
                      collaborators: tuple[str, ...] | None = None) -> WorkspaceState:
         """Change how a workspace is shared; persisted by the runtime."""
 
+    def listening_ports(self, workspace: str) -> set[int] | None:
+        """Ports the workspace is listening on, where the runtime can see them cheaply; None if it cannot."""
+        return None
+
     def events(self) -> Subscription:
         """Subscribe to phase changes; use as a context manager so the subscription ends with the reader."""
         return self.hub.subscribe()

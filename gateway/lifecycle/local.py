@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -176,6 +177,12 @@ class LocalRuntime(Runtime):
         slot.spec = self._with_settings(slot)
         return self._observe(slot)
 
+    def listening_ports(self, workspace: str) -> set[int] | None:
+        slot = self._slots.get(workspace)
+        if slot is None or slot.process is None:
+            return set()
+        return listening_ports(slot.address)
+
     def _read_settings(self, slot: _Slot) -> dict[str, object]:
         try:
             data = json.loads(slot.settings_file.read_text())
@@ -295,3 +302,20 @@ def _last_line(log_file: Path) -> str:
     except OSError:
         return ""
     return f": {lines[-1][:200]}" if lines else ""
+
+
+def listening_ports(address: str) -> set[int]:
+    """TCP ports in LISTEN state on exactly ``address``, read from /proc/net/tcp."""
+    wanted = socket.inet_aton(address)[::-1].hex().upper()
+    ports: set[int] = set()
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return ports
+    for line in lines:
+        fields = line.split()
+        local, state = fields[1], fields[3]
+        host, _, port = local.partition(":")
+        if state == "0A" and host == wanted:
+            ports.add(int(port, 16))
+    return ports

@@ -1,0 +1,249 @@
+"""The management API (``/api/v1``, JSON): workspaces, port visibility, share links, lifecycle, API tokens.
+
+Callers authenticate with an API token (``Authorization: Bearer chk_…``) or the hub session cookie; cookie
+callers changing anything must come from the hub's own origin (CSRF). Errors are always JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.auth.handlers import check_same_origin, hub_identity
+from gateway.auth.identity import Identity
+from gateway.auth.store import API_PREFIX
+from gateway.context import GATEWAY, Gateway
+from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from gateway.lifecycle import WorkspaceState
+from gateway.policy import VISIBILITIES, Duration, Reason, decide, visibility
+
+_SAFE = ("GET", "HEAD", "OPTIONS")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PortChange(_Body):
+    visibility: Literal["private", "org", "public"]
+
+
+class NewShare(_Body):
+    port: int | None = Field(default=None, ge=1, le=65535)
+    audience: Literal["anyone", "org", "people"] = "anyone"
+    people: list[str] = Field(default_factory=list)
+    ttl: Duration | None = None
+
+
+class NewToken(_Body):
+    name: str = Field(min_length=1, max_length=64)
+
+
+def caller(request: web.Request) -> Identity:
+    """The API caller: bearer API token, or hub session cookie (CSRF-checked for changes)."""
+    gateway = request.app[GATEWAY]
+    authorization = request.headers.get("Authorization", "")
+    if authorization[:7].lower() == "bearer ":
+        token = authorization[7:].strip()
+        record = gateway.auth.store.find_api_token(token) if token.startswith(API_PREFIX) else None
+        if record is None:
+            raise Unauthorized("This API token is not valid.", code="token-invalid")
+        return Identity(record.subject, record.email, tuple(record.groups), record.name)
+    identity = hub_identity(request, gateway)
+    if identity is None:
+        raise Unauthorized("Sign in, or send an API token as 'Authorization: Bearer …'.", code="user-unauthenticated",
+                           headers={"WWW-Authenticate": 'Bearer realm="codehub"'})
+    if request.method not in _SAFE:
+        check_same_origin(request, gateway)
+    return identity
+
+
+async def _body(request: web.Request, model: type[_Body]) -> Any:
+    try:
+        return model.model_validate(await request.json() if request.can_read_body else {})
+    except ValueError as exc:
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "body"
+            raise BadRequest(f"{field}: {first['msg']}", code="invalid-body") from None
+        raise BadRequest("The body must be JSON.", code="invalid-body") from None
+
+
+def _role(gateway: Gateway, state: WorkspaceState, identity: Identity) -> Reason | None:
+    reason = decide(gateway.policy, state.spec, None, identity).reason
+    if reason in (Reason.OWNER, Reason.COLLABORATOR):
+        return reason
+    return Reason.ADMIN if any(identity.matches(admin) for admin in gateway.policy.admins) else None
+
+
+def _mine(request: web.Request, identity: Identity, *, manage: bool = False) -> WorkspaceState:
+    """The workspace named in the path, if the caller may see it (and manage it, for owner-only changes)."""
+    gateway = request.app[GATEWAY]
+    state = gateway.runtime.get(request.match_info["workspace"])
+    role = _role(gateway, state, identity) if state is not None else None
+    if state is None or role is None:
+        raise NotFound("There is no workspace with that name that you can see.", code="workspace-not-found")
+    if manage and role is Reason.COLLABORATOR:
+        raise Forbidden("Only the workspace's owner can change how it is shared.", code="owner-only")
+    return state
+
+
+def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity) -> dict[str, Any]:
+    listening = gateway.runtime.listening_ports(state.id) or set()
+    ports = sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
+    role = _role(gateway, state, identity)
+    return {
+        "id": state.id, "owner": state.spec.owner, "collaborators": list(state.spec.collaborators),
+        "role": role.value if role else None, "phase": state.phase.value, "message": state.message,
+        "ide_url": gateway.hosts.hub_url(f"/w/{state.id}/"),
+        "ports": [{"port": port, "visibility": visibility(gateway.policy, state.spec, port),
+                   "listening": port in listening, "url": gateway.hosts.share_url(state.id, port)} for port in ports],
+    }
+
+
+async def me(request: web.Request) -> web.Response:
+    identity = caller(request)
+    return web.json_response({"user": identity.subject, "email": identity.email, "groups": list(identity.groups)})
+
+
+async def list_workspaces(request: web.Request) -> web.Response:
+    identity = caller(request)
+    gateway = request.app[GATEWAY]
+    views = [workspace_view(gateway, state, identity) for state in sorted(gateway.runtime.list(), key=lambda s: s.id)
+             if _role(gateway, state, identity) is not None]
+    return web.json_response({"workspaces": views})
+
+
+async def get_workspace(request: web.Request) -> web.Response:
+    identity = caller(request)
+    state = _mine(request, identity)
+    return web.json_response(workspace_view(request.app[GATEWAY], state, identity))
+
+
+async def set_port(request: web.Request) -> web.Response:
+    identity = caller(request)
+    state = _mine(request, identity, manage=True)
+    gateway = request.app[GATEWAY]
+    try:
+        port = int(request.match_info["port"])
+    except ValueError:
+        raise BadRequest("The port must be a number.", code="bad-port") from None
+    if not 1 <= port <= 65535 or port == state.spec.ide_port or port in gateway.policy.ports.denied:
+        raise BadRequest(f"Port {port} cannot be shared.", code="bad-port")
+    change: PortChange = await _body(request, PortChange)
+    ceiling = gateway.policy.ports.max_visibility
+    if VISIBILITIES.index(change.visibility) > VISIBILITIES.index(ceiling):
+        raise Forbidden(f"The policy allows at most '{ceiling}' visibility.", code="visibility-above-ceiling")
+    state = await gateway.runtime.update(state.id, ports={**state.spec.ports, port: change.visibility})
+    return web.json_response(workspace_view(gateway, state, identity))
+
+
+def share_view(gateway: Gateway, link: Any, token: str | None = None) -> dict[str, Any]:
+    view = link.public()
+    view["active"] = link.active(time.time())
+    if token is not None:
+        view["token"] = token
+        port = link.port or "{port}"
+        view["url"] = gateway.hosts.share_url(link.workspace, port) + f"?codehub_share={token}"  # type: ignore[arg-type]
+    return view
+
+
+async def list_shares(request: web.Request) -> web.Response:
+    identity = caller(request)
+    state = _mine(request, identity)
+    gateway = request.app[GATEWAY]
+    links = [link for link in gateway.auth.store.shares.values() if link.workspace == state.id]
+    links.sort(key=lambda link: link.created, reverse=True)
+    return web.json_response({"shares": [share_view(gateway, link) for link in links]})
+
+
+async def create_share(request: web.Request) -> web.Response:
+    identity = caller(request)
+    state = _mine(request, identity, manage=True)
+    gateway = request.app[GATEWAY]
+    new: NewShare = await _body(request, NewShare)
+    rules = gateway.policy.share_links
+    if new.audience not in rules.audiences:
+        raise Forbidden(f"The policy allows share links for: {', '.join(rules.audiences)}.", code="audience-denied")
+    if new.audience == "people" and not new.people:
+        raise BadRequest("people: name at least one user, e-mail or group:NAME.", code="invalid-body")
+    if new.port is not None and (new.port == state.spec.ide_port or new.port in gateway.policy.ports.denied):
+        raise BadRequest(f"Port {new.port} cannot be shared.", code="bad-port")
+    ttl = new.ttl or rules.default_ttl
+    if ttl > rules.max_ttl:
+        raise BadRequest(f"ttl: the policy allows at most {rules.max_ttl:.0f} seconds.", code="ttl-too-long")
+    link, token = gateway.auth.store.create_share(
+        workspace=state.id, port=new.port, audience=new.audience, people=new.people, created_by=identity.subject,
+        ttl=ttl,
+    )
+    return web.json_response(share_view(gateway, link, token), status=201)
+
+
+async def revoke_share(request: web.Request) -> web.Response:
+    identity = caller(request)
+    state = _mine(request, identity, manage=True)
+    gateway = request.app[GATEWAY]
+    link = gateway.auth.store.shares.get(request.match_info["share"])
+    if link is None or link.workspace != state.id:
+        raise NotFound("There is no such share link.", code="share-not-found")
+    gateway.auth.store.revoke_share(link)
+    return web.json_response(share_view(gateway, link))
+
+
+async def lifecycle(request: web.Request) -> web.Response:
+    identity = caller(request)
+    state = _mine(request, identity)
+    runtime = request.app[GATEWAY].runtime
+    action = request.match_info["action"]
+    operations = {"wake": runtime.wake, "stop": runtime.stop, "archive": runtime.archive}
+    state = await operations[action](state.id)
+    return web.json_response(workspace_view(request.app[GATEWAY], state, identity))
+
+
+async def status(request: web.Request) -> web.Response:
+    identity = caller(request)
+    state = await request.app[GATEWAY].runtime.status(_mine(request, identity).id)
+    return web.json_response(workspace_view(request.app[GATEWAY], state, identity))
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    identity = caller(request)
+    tokens = [t.public() for t in request.app[GATEWAY].auth.store.api_tokens.values() if t.subject == identity.subject]
+    return web.json_response({"tokens": tokens})
+
+
+async def create_token(request: web.Request) -> web.Response:
+    identity = caller(request)
+    new: NewToken = await _body(request, NewToken)
+    record, token = request.app[GATEWAY].auth.store.create_api_token(
+        subject=identity.subject, email=identity.email, groups=list(identity.groups), name=new.name)
+    return web.json_response({**record.public(), "token": token}, status=201)
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    identity = caller(request)
+    store = request.app[GATEWAY].auth.store
+    record = store.api_tokens.get(request.match_info["token"])
+    if record is None or record.subject != identity.subject:
+        raise NotFound("There is no such token.", code="token-not-found")
+    store.revoke_api_token(record)
+    return web.json_response({"id": record.id, "revoked": True})
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/api/v1/me", me)
+    r.add_get("/api/v1/workspaces", list_workspaces)
+    r.add_get("/api/v1/workspaces/{workspace}", get_workspace)
+    r.add_get("/api/v1/workspaces/{workspace}/status", status)
+    r.add_post("/api/v1/workspaces/{workspace}/{action:wake|stop|archive}", lifecycle)
+    r.add_put("/api/v1/workspaces/{workspace}/ports/{port}", set_port)
+    r.add_get("/api/v1/workspaces/{workspace}/shares", list_shares)
+    r.add_post("/api/v1/workspaces/{workspace}/shares", create_share)
+    r.add_delete("/api/v1/workspaces/{workspace}/shares/{share}", revoke_share)
+    r.add_get("/api/v1/tokens", list_tokens)
+    r.add_post("/api/v1/tokens", create_token)
+    r.add_delete("/api/v1/tokens/{token}", revoke_token)

@@ -1,0 +1,127 @@
+"""Who is calling, from what the request carries: a share token, a bearer token, or a session cookie.
+
+Pure apart from in-memory lookups; nothing here touches the network. Anything the gateway consumes is
+reported so the proxy strips it (``Authorization`` it understood, share tokens in the URL).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from yarl import URL
+
+from gateway.auth.identity import Identity
+from gateway.auth.sessions import Sessions, cookie_name, set_cookie
+from gateway.auth.store import API_PREFIX, SHARE_PREFIX, ShareLink, TokenStore
+from gateway.errors import Forbidden, Redirect, Unauthorized
+from gateway.policy import Grant
+
+SHARE_PARAM = "codehub_share"
+SESSION = "session"
+SHARE = "share"
+HANDOFF = "handoff"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    identity: Identity | None
+    grant: Grant | None
+    link: ShareLink | None
+    consumed_authorization: bool
+    path: str
+
+
+def split_share_param(raw_path: str) -> tuple[str, str | None]:
+    """Remove ``codehub_share=…`` from a raw path+query, keeping every other byte of the query as sent."""
+    path, mark, query = raw_path.partition("?")
+    if not mark or SHARE_PARAM not in query:
+        return raw_path, None
+    token = None
+    kept = []
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if name == SHARE_PARAM:
+            token = value
+        else:
+            kept.append(part)
+    return (f"{path}?{'&'.join(kept)}" if kept else path), token
+
+
+def safe_next(value: str | None) -> str:
+    """Only same-host absolute paths may be redirect targets: no ``//host``, ``/\\host``, schemes or controls."""
+    if not value or not value.startswith("/") or value.startswith(("//", "/\\")):
+        return "/"
+    if any(ch in value for ch in "\\\r\n\t\x00") or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        return "/"
+    return value
+
+
+def _check_link(link: ShareLink | None, now: float) -> ShareLink:
+    if link is None:
+        raise Unauthorized("This share link is not valid. Ask its owner for a new one.", code="share-invalid")
+    if link.revoked is not None:
+        raise Forbidden("This share link was revoked by its owner.", code="share-revoked")
+    if now >= link.expires:
+        raise Forbidden("This share link has expired. Ask its owner for a new one.", code="share-expired")
+    return link
+
+
+def _grant(link: ShareLink) -> Grant:
+    return Grant(link.id, link.workspace, link.port, link.audience, tuple(link.people))  # type: ignore[arg-type]
+
+
+def authenticate(request: web.BaseRequest, path: str, host: str, *, sessions: Sessions, store: TokenStore,
+                 secure: bool, preview: bool) -> Credentials:
+    now = time.time()
+    identity: Identity | None = None
+    link: ShareLink | None = None
+    consumed = False
+    path, share_token = split_share_param(path)
+    if share_token is not None and preview:
+        link = _check_link(store.find_share(share_token), now)
+        store.use_share(link, now)
+        if request.method in ("GET", "HEAD"):
+            cookie = sessions.sign_state({"share": link.id}, host, link.expires - now)
+            raise Redirect(path, cookies=(set_cookie(cookie_name(SHARE, secure), cookie,
+                                                     max_age=int(link.expires - now), secure=secure),))
+    authorization = request.headers.get("Authorization", "")
+    if authorization[:7].lower() == "bearer ":
+        token = authorization[7:].strip()
+        if token.startswith(SHARE_PREFIX) and preview:
+            link = _check_link(store.find_share(token), now)
+            store.use_share(link, now)
+            consumed = True
+        elif token.startswith(API_PREFIX):
+            record = store.find_api_token(token)
+            if record is None:
+                raise Unauthorized("This API token is not valid.", code="token-invalid")
+            identity = Identity(record.subject, record.email, tuple(record.groups), record.name)
+            consumed = True
+    if identity is None:
+        cookie = request.cookies.get(cookie_name(SESSION, secure))
+        if cookie:
+            identity = sessions.read(cookie, host)
+    if link is None and preview:
+        claims = sessions.read_state(request.cookies.get(cookie_name(SHARE, secure)), host)
+        candidate = store.shares.get(str(claims.get("share"))) if claims else None
+        if candidate is not None and candidate.active(now):
+            link = candidate
+    return Credentials(identity, _grant(link) if link else None, link, consumed, path)
+
+
+def sign_in_redirect(public_url: str, hub_url: str, *, preview: bool, secure: bool) -> Redirect:
+    """Send a browser to sign in, remembering where it was going.
+
+    A preview host cannot see the hub's cookie, so it asks the hub for a hand-off code, bound to a random
+    state kept in a cookie on the preview host: the code only works back in this same browser.
+    """
+    if not preview:
+        url = URL(public_url)
+        return Redirect(str(URL(hub_url).with_path("/auth/login").with_query(next=url.raw_path_qs)), status=302)
+    state = secrets.token_urlsafe(18)
+    location = URL(hub_url).with_path("/auth/handoff").with_query(target=public_url, state=state)
+    return Redirect(str(location), status=302,
+                    cookies=(set_cookie(cookie_name(HANDOFF, secure), state, max_age=300, secure=secure),))

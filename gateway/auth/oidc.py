@@ -1,0 +1,150 @@
+"""A relying party for the company IdP: discovery, authorization code + PKCE, ID-token verification.
+
+ID tokens are accepted only with an asymmetric algorithm from a fixed list that also matches the key's
+type (no ``none``, no HMAC with a public key as secret); ``iss``, ``aud``, ``exp``, ``nbf``, ``iat`` and
+the nonce are checked. An unknown ``kid`` triggers one JWKS refresh, which is how IdP key rotation lands.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import jwt
+from yarl import URL
+
+from gateway.config import Oidc
+from gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
+ALLOWED_ALGORITHMS = {
+    "RS256": "RSA", "RS384": "RSA", "RS512": "RSA", "PS256": "RSA", "PS384": "RSA", "PS512": "RSA",
+    "ES256": "EC", "ES384": "EC", "ES512": "EC", "EdDSA": "OKP",
+}
+_METADATA_TTL = 3600.0
+_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+class IdpUnavailable(GatewayError):
+    status = 502
+    code = "idp-unavailable"
+    title = "Sign-in is unavailable"
+
+
+class SignInFailed(GatewayError):
+    status = 401
+    code = "sign-in-failed"
+    title = "Sign-in failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Pkce:
+    verifier: str
+    challenge: str
+
+    @classmethod
+    def new(cls) -> Pkce:
+        verifier = secrets.token_urlsafe(48)
+        digest = hashlib.sha256(verifier.encode()).digest()
+        return cls(verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode())
+
+
+class OidcClient:
+    def __init__(self, settings: Oidc, session: aiohttp.ClientSession) -> None:
+        self.settings = settings
+        self._session = session
+        self._metadata: dict[str, Any] | None = None
+        self._metadata_at = 0.0
+        self._jwks: dict[str, dict[str, Any]] = {}
+
+    async def _get_json(self, url: str, what: str) -> dict[str, Any]:
+        try:
+            async with self._session.get(url, timeout=_TIMEOUT) as response:
+                if response.status != 200:
+                    raise IdpUnavailable(f"The sign-in service answered {response.status} for its {what}.")
+                data: dict[str, Any] = await response.json(content_type=None)
+                return data
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.warning("IdP %s unreachable: %s", what, exc)
+            raise IdpUnavailable(
+                "The sign-in service cannot be reached right now. Public previews keep working; try again shortly."
+            ) from None
+
+    async def metadata(self) -> dict[str, Any]:
+        if self._metadata is None or time.monotonic() - self._metadata_at > _METADATA_TTL:
+            data = await self._get_json(f"{self.settings.issuer}/.well-known/openid-configuration", "discovery")
+            if data.get("issuer", "").rstrip("/") != self.settings.issuer:
+                raise IdpUnavailable("The sign-in service's discovery document names another issuer.")
+            self._metadata, self._metadata_at = data, time.monotonic()
+        return self._metadata
+
+    async def authorize_url(self, *, redirect_uri: str, state: str, nonce: str, pkce: Pkce) -> str:
+        metadata = await self.metadata()
+        query = {
+            "response_type": "code", "client_id": self.settings.client_id, "redirect_uri": redirect_uri,
+            "scope": " ".join(self.settings.scopes), "state": state, "nonce": nonce,
+            "code_challenge": pkce.challenge, "code_challenge_method": "S256",
+        }
+        return str(URL(metadata["authorization_endpoint"]).update_query(query))
+
+    async def exchange(self, *, code: str, redirect_uri: str, verifier: str) -> dict[str, Any]:
+        metadata = await self.metadata()
+        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+                "code_verifier": verifier}
+        headers = {"Accept": "application/json"}
+        secret = self.settings.secret()
+        if self.settings.token_auth_method == "client_secret_basic":
+            headers["Authorization"] = aiohttp.encode_basic_auth(self.settings.client_id, secret)
+        else:
+            form.update(client_id=self.settings.client_id, client_secret=secret)
+        try:
+            async with self._session.post(metadata["token_endpoint"], data=form, headers=headers,
+                                          timeout=_TIMEOUT) as response:
+                body: dict[str, Any] = await response.json(content_type=None)
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.warning("IdP token endpoint unreachable: %s", exc)
+            raise IdpUnavailable("The sign-in service cannot be reached right now; try again shortly.") from None
+        if status != 200 or "id_token" not in body:
+            log.warning("IdP refused the code: %s %s", status, body.get("error"))
+            raise SignInFailed("The sign-in service refused this sign-in. Start again from the page you wanted.")
+        return body
+
+    async def _key(self, kid: str | None, force: bool) -> dict[str, Any] | None:
+        if force or not self._jwks:
+            metadata = await self.metadata()
+            data = await self._get_json(metadata["jwks_uri"], "signing keys")
+            self._jwks = {str(key.get("kid")): key for key in data.get("keys", [])}
+        if kid is None and len(self._jwks) == 1:
+            return next(iter(self._jwks.values()))
+        return self._jwks.get(str(kid))
+
+    async def verify_id_token(self, token: str, nonce: str) -> dict[str, Any]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise SignInFailed("The sign-in service sent a malformed ID token.") from None
+        algorithm = str(header.get("alg"))
+        if algorithm not in ALLOWED_ALGORITHMS:
+            raise SignInFailed(f"The ID token uses algorithm {algorithm!r}, which is not accepted.")
+        kid = header.get("kid")
+        jwk = await self._key(kid, force=False) or await self._key(kid, force=True)
+        if jwk is None or jwk.get("kty") != ALLOWED_ALGORITHMS[algorithm]:
+            raise SignInFailed("The ID token is signed with a key the sign-in service does not publish.")
+        try:
+            key = jwt.PyJWK(jwk, algorithm=algorithm).key
+            claims: dict[str, Any] = jwt.decode(
+                token, key, algorithms=[algorithm], audience=self.settings.client_id, issuer=self.settings.issuer,
+                leeway=30, options={"require": ["exp", "iat", "iss", "aud", "sub"]},
+            )
+        except (jwt.InvalidTokenError, jwt.PyJWKError) as exc:
+            raise SignInFailed(f"The ID token did not verify: {exc}.") from None
+        if not secrets.compare_digest(str(claims.get("nonce", "")), nonce):
+            raise SignInFailed("The ID token's nonce does not match this sign-in.")
+        return claims

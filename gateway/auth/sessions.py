@@ -1,0 +1,132 @@
+"""Session cookies, hand-off codes and upstream assertions: short JWTs signed with the gateway's keys.
+
+Every token names its audience (the exact host it is for) and its type, so a cookie or code minted for one
+host is refused on any other. Verified session cookies are cached until they expire, so the request path
+pays for a signature check once per cookie, not once per request.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jwt
+
+from gateway.auth.identity import Identity
+from gateway.auth.keys import KeySet
+from gateway.errors import BadRequest
+
+HANDOFF_TTL = 60.0
+ASSERTION_TTL = 120.0
+_CACHE_LIMIT = 50_000
+
+
+def cookie_name(base: str, secure: bool) -> str:
+    """``__Host-`` under HTTPS pins the cookie to exactly this host, path ``/`` and Secure."""
+    return f"__Host-codehub_{base}" if secure else f"codehub_{base}"
+
+
+def set_cookie(name: str, value: str, *, max_age: int, secure: bool, same_site: str = "Lax",
+               partitioned: bool = False) -> str:
+    """A host-only cookie (never ``Domain=``), HttpOnly, path ``/``; Secure under HTTPS."""
+    parts = [f"{name}={value}", "Path=/", f"Max-Age={max_age}", "HttpOnly", f"SameSite={same_site}"]
+    if secure or same_site == "None":
+        parts.append("Secure")
+    if partitioned:
+        parts.append("Partitioned")
+    return "; ".join(parts)
+
+
+class Sessions:
+    def __init__(self, keys: Callable[[], KeySet], issuer: str, *, ttl: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._keys = keys
+        self._issuer = issuer
+        self.ttl = ttl
+        self._clock = clock
+        self._verified: dict[tuple[str, str], tuple[Identity, float]] = {}
+        self._assertions: dict[tuple[Identity, str], tuple[str, float]] = {}
+        self._redeemed: dict[str, float] = {}
+
+    def _sign(self, claims: dict[str, Any], audience: str, ttl: float) -> str:
+        now = int(self._clock())
+        return self._keys().sign({**claims, "iss": self._issuer, "aud": audience, "iat": now, "exp": now + int(ttl)})
+
+    def _verify(self, token: str, audience: str, typ: str) -> dict[str, Any]:
+        claims = self._keys().verify(token, audience=audience, issuer=self._issuer)
+        if claims.get("typ") != typ:
+            raise jwt.InvalidTokenError("wrong token type")
+        return claims
+
+    def issue(self, identity: Identity, audience: str, ttl: float | None = None) -> str:
+        return self._sign({**identity.claims(), "typ": "session"}, audience, ttl or self.ttl)
+
+    def read(self, token: str, audience: str) -> Identity | None:
+        """The identity in a session cookie for ``audience``, or None when it is invalid or expired."""
+        now = self._clock()
+        cached = self._verified.get((token, audience))
+        if cached is not None:
+            if now < cached[1]:
+                return cached[0]
+            del self._verified[(token, audience)]
+        try:
+            claims = self._verify(token, audience, "session")
+        except jwt.InvalidTokenError:
+            return None
+        identity = Identity.from_claims(claims)
+        if len(self._verified) >= _CACHE_LIMIT:
+            self._verified.clear()
+        self._verified[(token, audience)] = (identity, float(claims["exp"]))
+        return identity
+
+    def forget_cached(self) -> None:
+        """After a key change: verify everything again."""
+        self._verified.clear()
+        self._assertions.clear()
+
+    def handoff_code(self, identity: Identity, host: str, state: str) -> str:
+        claims = {**identity.claims(), "typ": "handoff", "state": state, "jti": secrets.token_hex(12)}
+        return self._sign(claims, host, HANDOFF_TTL)
+
+    def redeem_code(self, code: str, host: str, state: str | None) -> Identity:
+        """A hand-off code is good once, on the host it names, in the browser holding its state cookie."""
+        try:
+            claims = self._verify(code, host, "handoff")
+        except jwt.InvalidTokenError:
+            raise BadRequest("This sign-in link is invalid or has expired. Open the page again.",
+                             code="handoff-invalid") from None
+        if not state or not secrets.compare_digest(str(claims.get("state", "")), state):
+            raise BadRequest("This sign-in link was started in another browser or tab. Open the page again.",
+                             code="handoff-state-mismatch")
+        now = self._clock()
+        self._redeemed = {jti: exp for jti, exp in self._redeemed.items() if exp > now}
+        jti = str(claims.get("jti"))
+        if jti in self._redeemed:
+            raise BadRequest("This sign-in link was already used. Open the page again.", code="handoff-replayed")
+        self._redeemed[jti] = float(claims["exp"])
+        return Identity.from_claims(claims)
+
+    def assertion(self, identity: Identity, audience: str) -> str:
+        """The signed identity header upstream apps can verify with the gateway's JWKS (cached while fresh)."""
+        now = self._clock()
+        cached = self._assertions.get((identity, audience))
+        if cached is not None and now < cached[1] - ASSERTION_TTL / 2:
+            return cached[0]
+        token = self._sign({**identity.claims(), "typ": "assertion"}, audience, ASSERTION_TTL)
+        if len(self._assertions) >= _CACHE_LIMIT:
+            self._assertions.clear()
+        self._assertions[(identity, audience)] = (token, now + ASSERTION_TTL)
+        return token
+
+    def sign_state(self, claims: dict[str, Any], audience: str, ttl: float) -> str:
+        return self._sign({**claims, "typ": "state"}, audience, ttl)
+
+    def read_state(self, token: str | None, audience: str) -> dict[str, Any] | None:
+        if not token:
+            return None
+        try:
+            return self._verify(token, audience, "state")
+        except jwt.InvalidTokenError:
+            return None

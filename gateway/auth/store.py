@@ -1,0 +1,141 @@
+"""Share links and API tokens: opaque random tokens, stored only as SHA-256 hashes.
+
+Opaque tokens (not JWTs) keep share URLs short and make revocation immediate: every use is looked up.
+Use counts live in memory and are written with the next change or at shutdown, so a busy link costs no
+disk write per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SHARE_PREFIX = "chs_"
+API_PREFIX = "chk_"
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class ShareLink:
+    id: str
+    token_hash: str
+    workspace: str
+    port: int | None
+    audience: str
+    people: list[str]
+    created_by: str
+    created: float
+    expires: float
+    revoked: float | None = None
+    uses: int = 0
+    last_used: float | None = None
+
+    def active(self, now: float) -> bool:
+        return self.revoked is None and now < self.expires
+
+    def public(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        del data["token_hash"]
+        return data
+
+
+@dataclass
+class ApiToken:
+    id: str
+    token_hash: str
+    subject: str
+    name: str
+    created: float
+    email: str = ""
+    groups: list[str] = dataclasses.field(default_factory=list)
+    last_used: float | None = None
+
+    def public(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        del data["token_hash"]
+        return data
+
+
+class TokenStore:
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+        self.shares: dict[str, ShareLink] = {}
+        self.api_tokens: dict[str, ApiToken] = {}
+        self._dirty = False
+        if path is not None and path.exists():
+            data = json.loads(path.read_text())
+            self.shares = {item["id"]: ShareLink(**item) for item in data.get("shares", [])}
+            self.api_tokens = {item["id"]: ApiToken(**item) for item in data.get("api_tokens", [])}
+        self._share_index = {link.token_hash: link for link in self.shares.values()}
+        self._api_index = {token.token_hash: token for token in self.api_tokens.values()}
+
+    def save(self) -> None:
+        if self._path is None:
+            return
+        data = {"shares": [dataclasses.asdict(link) for link in self.shares.values()],
+                "api_tokens": [dataclasses.asdict(token) for token in self.api_tokens.values()]}
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_name(self._path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle)
+        os.replace(tmp, self._path)
+        self._dirty = False
+
+    def flush(self) -> None:
+        if self._dirty:
+            self.save()
+
+    def create_share(self, *, workspace: str, port: int | None, audience: str, people: list[str], created_by: str,
+                     ttl: float, now: float | None = None) -> tuple[ShareLink, str]:
+        now = time.time() if now is None else now
+        token = SHARE_PREFIX + secrets.token_urlsafe(24)
+        link = ShareLink(id=secrets.token_hex(6), token_hash=token_hash(token), workspace=workspace, port=port,
+                         audience=audience, people=people, created_by=created_by, created=now, expires=now + ttl)
+        self.shares[link.id] = link
+        self._share_index[link.token_hash] = link
+        self.save()
+        return link, token
+
+    def find_share(self, token: str) -> ShareLink | None:
+        return self._share_index.get(token_hash(token)) if token.startswith(SHARE_PREFIX) else None
+
+    def use_share(self, link: ShareLink, now: float | None = None) -> None:
+        link.uses += 1
+        link.last_used = time.time() if now is None else now
+        self._dirty = True
+
+    def revoke_share(self, link: ShareLink, now: float | None = None) -> None:
+        link.revoked = time.time() if now is None else now
+        self.save()
+
+    def create_api_token(self, *, subject: str, email: str, groups: list[str], name: str) -> tuple[ApiToken, str]:
+        token = API_PREFIX + secrets.token_urlsafe(32)
+        record = ApiToken(id=secrets.token_hex(6), token_hash=token_hash(token), subject=subject, name=name,
+                          created=time.time(), email=email, groups=groups)
+        self.api_tokens[record.id] = record
+        self._api_index[record.token_hash] = record
+        self.save()
+        return record, token
+
+    def find_api_token(self, token: str) -> ApiToken | None:
+        record = self._api_index.get(token_hash(token)) if token.startswith(API_PREFIX) else None
+        if record is not None:
+            record.last_used = time.time()
+            self._dirty = True
+        return record
+
+    def revoke_api_token(self, record: ApiToken) -> None:
+        self.api_tokens.pop(record.id, None)
+        self._api_index.pop(record.token_hash, None)
+        self.save()

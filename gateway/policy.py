@@ -1,0 +1,299 @@
+"""Access policy: who may see which port, share how, and wake what. Loading, deciding, explaining.
+
+A decision is ``Decision(allow, reason)`` with the reason from one closed list, computed by a pure function
+of the policy, the workspace and the caller; one function turns it into an HTTP error. Policy files are
+validated with the file, line and key of the first problem, and a reload that fails keeps the last good one.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from gateway.auth.identity import Identity
+from gateway.errors import Forbidden, GatewayError, Unauthorized
+from gateway.lifecycle import WorkspaceSpec
+
+log = logging.getLogger(__name__)
+VISIBILITIES = ("private", "org", "public")
+Visibility = Literal["private", "org", "public"]
+Audience = Literal["anyone", "org", "people"]
+_DURATION = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>s|m|h|d|w)?")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    """``90``, ``"90s"``, ``"15m"``, ``"12h"``, ``"7d"`` → seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION.fullmatch(str(value).strip())
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration like 90s, 15m, 12h or 7d")
+        seconds = float(match["n"]) * _UNITS[match["unit"]]
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Org(_Model):
+    """Who counts as a member of the organisation: any rule that matches admits (none set → nobody)."""
+
+    email_domains: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    claims: dict[str, str] = Field(default_factory=dict)
+    users: tuple[str, ...] = ()
+
+
+class Ports(_Model):
+    default_visibility: Visibility = "private"
+    max_visibility: Visibility = "public"
+    denied: tuple[Annotated[int, Field(ge=1, le=65535)], ...] = ()
+
+
+class ShareLinks(_Model):
+    default_ttl: Duration = 24 * 3600
+    max_ttl: Duration = 7 * 86400
+    audiences: tuple[Audience, ...] = ("anyone", "org", "people")
+
+
+class WakePolicy(_Model):
+    """``who`` may wake a sleeping workspace: ``anyone-with-access`` or only ``owner-and-collaborators``."""
+
+    who: Literal["anyone-with-access", "owner-and-collaborators"] = "anyone-with-access"
+    warm_timeout: Duration = 60
+    cold_timeout: Duration = 300
+    visitors_keep_awake: bool = True
+
+
+class Policy(_Model):
+    org: Org = Org()
+    ports: Ports = Ports()
+    share_links: ShareLinks = ShareLinks()
+    wake: WakePolicy = WakePolicy()
+    admins: tuple[str, ...] = ()
+    frame_ancestors: tuple[str, ...] = ()
+
+
+class PolicyError(Exception):
+    """A policy file is invalid; the message names file, line and reason."""
+
+
+class Reason(enum.StrEnum):
+    OWNER = "owner"
+    COLLABORATOR = "collaborator"
+    ADMIN = "admin"
+    PUBLIC_PORT = "public-port"
+    ORG_MEMBER = "org-member"
+    SHARE_LINK = "share-link"
+    USER_UNAUTHENTICATED = "user-unauthenticated"
+    NOT_ORG_MEMBER = "not-org-member"
+    NOT_SHARED_WITH_USER = "not-shared-with-user"
+    PORT_DENIED = "port-denied"
+    IDE_OWNER_ONLY = "ide-owner-only"
+    SHARE_OTHER_TARGET = "share-other-target"
+    WAKE_NOT_ALLOWED = "wake-not-allowed"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allow: bool
+    reason: Reason
+    rule: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A share link presented with the request (already checked to exist, be unexpired and unrevoked)."""
+
+    id: str
+    workspace: str
+    port: int | None
+    audience: Audience
+    people: tuple[str, ...] = ()
+
+
+def is_org_member(org: Org, identity: Identity, claims: Mapping[str, Any] | None = None) -> bool:
+    domain = identity.email.rpartition("@")[2].lower() if "@" in identity.email else ""
+    if domain and domain in (d.lower().lstrip("@") for d in org.email_domains):
+        return True
+    if any(group in identity.groups for group in org.groups):
+        return True
+    if any(identity.matches(user) for user in org.users):
+        return True
+    return bool(org.claims) and claims is not None and all(str(claims.get(k)) == v for k, v in org.claims.items())
+
+
+def visibility(policy: Policy, spec: WorkspaceSpec, port: int) -> Visibility:
+    """The port's chosen visibility (or the default), capped by the policy's ceiling."""
+    chosen = spec.ports.get(port, policy.ports.default_visibility)
+    ceiling = VISIBILITIES.index(policy.ports.max_visibility)
+    return VISIBILITIES[min(VISIBILITIES.index(chosen), ceiling)]  # type: ignore[return-value]
+
+
+def _member(spec: WorkspaceSpec, identity: Identity) -> Reason | None:
+    if identity.matches(spec.owner):
+        return Reason.OWNER
+    if any(identity.matches(person) for person in spec.collaborators):
+        return Reason.COLLABORATOR
+    return None
+
+
+def decide(policy: Policy, spec: WorkspaceSpec, port: int | None, identity: Identity | None,
+           grant: Grant | None = None) -> Decision:
+    """May ``identity`` (None: anonymous) see ``port`` of the workspace (``None``: its IDE)?"""
+    if port is None:
+        if identity is None:
+            return Decision(False, Reason.USER_UNAUTHENTICATED, "the IDE needs sign-in")
+        member = _member(spec, identity)
+        if member is not None:
+            return Decision(True, member, "owner and collaborators use the IDE")
+        return Decision(False, Reason.IDE_OWNER_ONLY, "the IDE is only for its owner and collaborators")
+    if port in policy.ports.denied or port == spec.ide_port:
+        return Decision(False, Reason.PORT_DENIED, f"ports.denied lists {port}" if port != spec.ide_port
+                        else "the IDE port is only reachable at /w/{workspace}/")
+    if identity is not None:
+        member = _member(spec, identity)
+        if member is not None:
+            return Decision(True, member, f"{member.value} of the workspace")
+        if any(identity.matches(admin) for admin in policy.admins):
+            return Decision(True, Reason.ADMIN, "policy admins")
+    shown = visibility(policy, spec, port)
+    if shown == "public":
+        return Decision(True, Reason.PUBLIC_PORT, f"port {port} is public")
+    org_member = identity is not None and is_org_member(policy.org, identity)
+    if shown == "org" and org_member:
+        return Decision(True, Reason.ORG_MEMBER, f"port {port} is visible to the org")
+    if grant is not None:
+        if grant.workspace != spec.id or (grant.port is not None and grant.port != port):
+            return Decision(False, Reason.SHARE_OTHER_TARGET, "the share link is for another port or workspace")
+        if grant.audience == "anyone":
+            return Decision(True, Reason.SHARE_LINK, "share link for anyone holding it")
+        if identity is None:
+            return Decision(False, Reason.USER_UNAUTHENTICATED, f"the share link is for {grant.audience} members")
+        if grant.audience == "org" and org_member:
+            return Decision(True, Reason.SHARE_LINK, "share link for signed-in org members")
+        if grant.audience == "people" and any(identity.matches(person) for person in grant.people):
+            return Decision(True, Reason.SHARE_LINK, "share link for named people")
+        return Decision(False, Reason.NOT_SHARED_WITH_USER, "the share link names other people")
+    if identity is None:
+        return Decision(False, Reason.USER_UNAUTHENTICATED, f"port {port} is {shown}")
+    if shown == "org":
+        return Decision(False, Reason.NOT_ORG_MEMBER, "the org policy does not admit this user")
+    return Decision(False, Reason.NOT_SHARED_WITH_USER, f"port {port} is private to the owner and collaborators")
+
+
+def may_wake(policy: Policy, access: Decision) -> Decision:
+    if policy.wake.who == "anyone-with-access" or access.reason in (Reason.OWNER, Reason.COLLABORATOR, Reason.ADMIN):
+        return access
+    return Decision(False, Reason.WAKE_NOT_ALLOWED, "only the owner and collaborators may wake this workspace")
+
+
+def denial(decision: Decision) -> GatewayError:
+    """The one mapping from a refusal to an HTTP error."""
+    if decision.reason is Reason.USER_UNAUTHENTICATED:
+        return Unauthorized("Sign in to see this page.", code=decision.reason.value)
+    messages = {
+        Reason.NOT_ORG_MEMBER: "Your account is not admitted by this organisation's policy.",
+        Reason.NOT_SHARED_WITH_USER: "This page has not been shared with you. Ask its owner for access.",
+        Reason.PORT_DENIED: "This port may not be shared.",
+        Reason.IDE_OWNER_ONLY: "Only the workspace's owner and collaborators can open its IDE.",
+        Reason.SHARE_OTHER_TARGET: "This share link is for another port or workspace.",
+        Reason.WAKE_NOT_ALLOWED: "This workspace is asleep and only its owner or collaborators can wake it.",
+    }
+    return Forbidden(messages.get(decision.reason, "Not allowed."), code=decision.reason.value)
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """Follow a validation error's location through the YAML node tree to the deepest line it names."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((key, value) for key, value in node.value if key.value == str(part)), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise PolicyError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}:1: a policy must be a mapping of sections")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(first["loc"])
+        line = _line_of(node, loc)
+        key = ".".join(str(part) for part in loc)
+        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+        raise PolicyError(f"{source}:{line or 1}: {key}: {message}") from None
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_policy(text, str(path))
+
+
+class PolicyHolder:
+    """The policy in force, reloaded when its file changes; a bad file is logged and the old policy kept."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.current = load_policy(path) if path is not None else Policy()
+        self._stamp = self._read_stamp()
+        self.last_error: str | None = None
+
+    def _read_stamp(self) -> tuple[float, int] | None:
+        if self.path is None:
+            return None
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return (stat.st_mtime, stat.st_size)
+
+    def reload_if_changed(self) -> bool:
+        stamp = self._read_stamp()
+        if self.path is None or stamp is None or stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            self.current = load_policy(self.path)
+        except PolicyError as exc:
+            self.last_error = str(exc)
+            log.error("policy not reloaded, keeping the previous one: %s", exc)
+            return False
+        self.last_error = None
+        log.info("policy reloaded from %s", self.path)
+        return True
