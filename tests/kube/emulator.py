@@ -64,12 +64,12 @@ __all__ = [
     'KubeEmulator',
     'KubeEnv',
     'LoopbackIPs',
+    'k8s_status',
     'kube',
     'kube_api',
     'kube_api_factory',
     'kube_emulator',
     'kube_url',
-    'k8s_status',
     'running_emulator',
 ]
 
@@ -109,6 +109,10 @@ DEFAULT_RESOURCES: dict[str, kmock.ResourceInfo] = {
 # The real API answers DELETE of these with a `Status` (kind: Status, status: Success), not the object.
 _DELETE_RETURNS_STATUS = {'secrets', 'configmaps', 'leases', 'events'}
 
+MERGE_PATCH = 'application/merge-patch+json'
+_REASONS = {400: 'BadRequest', 403: 'Forbidden', 404: 'NotFound', 409: 'Conflict', 410: 'Expired',
+            422: 'Invalid', 429: 'TooManyRequests', 500: 'InternalError', 503: 'ServiceUnavailable',
+            504: 'Timeout'}
 _GENERATE_ALPHABET = 'bcdfghjklmnpqrstvwxz2456789'  # as in k8s.io/apimachinery/pkg/util/rand
 
 
@@ -311,6 +315,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()  # registers discovery + the (overridden) _serve_* fallbacks
         for key, info in {**DEFAULT_RESOURCES, **(self.resources_init or {})}.items():
             self.resources[key] = copy.deepcopy(info)
+        self.fallback['get /apis/'] << self._serve_apis  # kubernetes-asyncio's ApisApi asks with the slash
+        self.fallback['get /api/'] << self._serve_api
         self.fallback[self._is_replace] << self._serve_replace
         self.fallback[self._is_delete_collection] << self._serve_delete_collection
 
@@ -453,8 +459,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _invalid(self, resource: kmock.resource, name: str, message: str) -> _Result:
         info = self._declared(resource) or kmock.ResourceInfo()
-        return 422, k8s_status(422, 'Invalid', f'{info.kind or resource.plural} "{name}" is invalid: {message}',
-                               {'name': name, 'group': resource.group, 'kind': info.kind or resource.plural})
+        kind = info.kind or resource.plural
+        return 422, k8s_status(422, 'Invalid', f'{kind} "{name}" is invalid: {message}',
+                               {'name': name, 'group': resource.group, 'kind': kind})
 
     def _conflict(self, resource: kmock.resource, name: str) -> _Result:
         return 409, k8s_status(
@@ -485,7 +492,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             meta.pop('namespace', None)
         if not meta.get('name'):
             if not meta.get('generateName'):
-                return self._invalid(resource, '', 'metadata.name: Required value: name or generateName is required')
+                return self._invalid(resource, '',
+                                     'metadata.name: Required value: name or generateName is required')
             for _ in range(100):
                 name = meta['generateName'] + ''.join(random.choices(_GENERATE_ALPHABET, k=5))
                 if self._current(resource, namespace, name) is None:
@@ -554,10 +562,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 meta.pop(field, None)
         if old_meta.get('deletionTimestamp') and len(meta.get('finalizers') or []) > len(
                 old_meta.get('finalizers') or []):
-            return 422, k8s_status(422, 'Invalid', 'no new finalizers can be added if the object is being deleted')
+            return 422, k8s_status(422, 'Invalid',
+                                   'no new finalizers can be added if the object is being deleted')
         new['apiVersion'], new['kind'] = old.get('apiVersion'), old.get('kind')
-        strip = ('metadata', 'status')
-        if {k: v for k, v in new.items() if k not in strip} != {k: v for k, v in old.items() if k not in strip}:
+        def body_of(obj: Mapping[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in obj.items() if k not in ('metadata', 'status')}
+
+        if body_of(new) != body_of(old):
             meta['generation'] = int(old_meta.get('generation') or 1) + 1
         meta['resourceVersion'] = old_meta.get('resourceVersion')
         if new == old:
@@ -660,7 +671,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         deleted = []
         for obj in listing['items']:
             meta = obj['metadata']
-            code, result = self.op_delete(resource, meta.get('namespace'), meta['name'], options, dry_run=dry_run)
+            code, result = self.op_delete(resource, meta.get('namespace'), meta['name'], options,
+                                          dry_run=dry_run)
             if code < 300 and result.get('kind') != 'Status':
                 deleted.append(result)
         listing['items'] = deleted
@@ -681,30 +693,38 @@ class KubeEmulator(kmock.KubernetesEmulator):
                                             dry_run=self._dry(request)))
 
     async def _serve_fetch(self, request: kmock.Request) -> rendering.Response:
-        assert request.resource is not None and request.name is not None
+        assert request.resource is not None
+        assert request.name is not None
         if request.subresource not in (None, 'status'):
-            return self._respond((404, k8s_status(404, 'NotFound', f'no subresource {request.subresource!r}')))
+            message = f'no subresource {request.subresource!r}'
+            return self._respond((404, k8s_status(404, 'NotFound', message)))
         return self._respond(self.op_get(request.resource, request.namespace, request.name))
 
     async def _serve_list(self, request: kmock.Request) -> rendering.Response:
         assert request.resource is not None
+        if not request.resource.plural:  # e.g. /api/v1/ with a slash (kubernetes-asyncio's discovery)
+            return rendering.Response(status=200, payload=await self._serve_version(request))
+        params = request.params
         return self._respond(self.op_list(request.resource, request.namespace,
-                                          request.params.get('labelSelector'), request.params.get('fieldSelector')))
+                                          params.get('labelSelector'), params.get('fieldSelector')))
 
     async def _serve_replace(self, request: kmock.Request) -> rendering.Response:
-        assert request.resource is not None and request.name is not None
+        assert request.resource is not None
+        assert request.name is not None
         return self._respond(self.op_replace(request.resource, request.namespace, request.name, request.data,
                                              request.subresource, dry_run=self._dry(request)))
 
     async def _serve_update(self, request: kmock.Request) -> rendering.Response:  # PATCH
-        assert request.resource is not None and request.name is not None
+        assert request.resource is not None
+        assert request.name is not None
         return self._respond(self.op_patch(
             request.resource, request.namespace, request.name, request.data,
             request.headers.get('Content-Type', 'application/merge-patch+json'), request.subresource,
             dry_run=self._dry(request)))
 
     async def _serve_delete(self, request: kmock.Request) -> rendering.Response:
-        assert request.resource is not None and request.name is not None
+        assert request.resource is not None
+        assert request.name is not None
         return self._respond(self.op_delete(request.resource, request.namespace, request.name, request.data,
                                             dry_run=self._dry(request)))
 
@@ -722,7 +742,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         try:
             selector_l = parse_label_selector(request.params.get('labelSelector'))
             selector_f = parse_field_selector(request.params.get('fieldSelector'))
-            timeout = float(request.params['timeoutSeconds']) if request.params.get('timeoutSeconds') else None
+            timeout_param = request.params.get('timeoutSeconds')
+            timeout = float(timeout_param) if timeout_param else None
             rv_param = request.params.get('resourceVersion') or ''
             since = int(rv_param) if rv_param not in ('', '0') else None
         except ValueError as e:
@@ -735,13 +756,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
         else:
             initial = []
         self._watchers.add(watcher)
+        self._notify()  # wakes wait_watches()
         stream = self._watch_stream(request, watcher, since, initial, timeout)
         return rendering.Response(status=200, headers={'Content-Type': 'application/json'}, payload=stream)
 
     async def _watch_stream(self, request: kmock.Request, watcher: _Watcher, since: int,
-                            initial: list[dict[str, Any]], timeout: float | None) -> AsyncIterator[Any]:
+                            initial: list[dict[str, Any]], timeout_s: float | None) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = None if timeout_s is None else loop.time() + timeout_s
         raw = request._raw_request
         try:
             yield b''  # send the headers now, even if nothing happens for a while
@@ -777,6 +799,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 raw.transport.abort()  # a connection reset: the client sees a payload/disconnect error
         finally:
             self._watchers.discard(watcher)
+            self._notify()
 
     # -- test controls --
 
@@ -803,18 +826,18 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if res is None or watcher.resource == res:
                 count += 1
                 if error is not None:
-                    reason = {410: 'Expired', 500: 'InternalError', 429: 'TooManyRequests'}.get(error, 'Error')
+                    reason = _REASONS.get(error, 'Error')
                     watcher.stop, watcher.error = 'error', k8s_status(error, reason, message or reason)
                 else:
                     watcher.stop = 'abort' if abort else 'end'
         self._notify()
         return count
 
-    async def wait_watches(self, count: int = 1, *, timeout: float = 5.0) -> None:
+    async def wait_watches(self, count: int = 1, *, timeout: float = 5.0) -> None:  # noqa: ASYNC109
         """Wait until at least `count` watch streams are open (e.g. before writing in a test)."""
         async with asyncio.timeout(timeout):
             while self.watch_count < count:
-                await asyncio.sleep(0.01)
+                await self._changed.wait()
 
     def fail(self, *criteria: Any, status: int = 500, times: int | None = 1, reason: str | None = None,
              message: str = 'injected fault') -> Any:
@@ -828,24 +851,25 @@ class KubeEmulator(kmock.KubernetesEmulator):
         disables itself and the emulator serves normally. Returns the kmock reaction: assert on
         ``len(list(reaction))`` for how many requests it answered.
         """
-        default_reasons = {400: 'BadRequest', 403: 'Forbidden', 404: 'NotFound', 409: 'Conflict',
-                           410: 'Expired', 422: 'Invalid', 429: 'TooManyRequests', 500: 'InternalError',
-                           503: 'ServiceUnavailable', 504: 'Timeout'}
-        body = k8s_status(status, reason or default_reasons.get(status, 'Error'), message)
+        body = k8s_status(status, reason or _REASONS.get(status, 'Error'), message)
         left = [times]
+        reactions: list[Any] = []
 
         def answer(request: kmock.Request) -> Any:
             if left[0] is not None:
                 if left[0] <= 0:
                     return StopIteration  # kmock: "depleted" -> disable this reaction, fall through
                 left[0] -= 1
+                if left[0] <= 0:
+                    reactions[0]._disabled.set()  # so that it does not even record the next request
             if request.action == kmock.action.WATCH:
                 line = json.dumps({'type': 'ERROR', 'object': body}).encode() + b'\n'
                 return rendering.Response(status=200, payload=line)
             return rendering.Response(status=status, payload=body)
 
         view = self[criteria] if criteria else self
-        return view << answer
+        reactions.append(view << answer)
+        return reactions[0]
 
     # -- in-memory API for tests and fake controllers (same semantics, RVs and events as HTTP) --
 
@@ -869,7 +893,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def patch(self, resource: str | kmock.resource, namespace: str | None, name: str,
               patch: Mapping[str, Any] | list[Any], *, subresource: str | None = None) -> dict[str, Any]:
-        content_type = 'application/json-patch+json' if isinstance(patch, list) else 'application/merge-patch+json'
+        content_type = 'application/json-patch+json' if isinstance(patch, list) else MERGE_PATCH
         return self._raise(self.op_patch(_res(resource), namespace, name, patch, content_type, subresource))
 
     def patch_status(self, resource: str | kmock.resource, namespace: str | None, name: str,
@@ -888,7 +912,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             changed = self._changed
             events = self._events_after(position)
             if events is None:
-                raise EmulatorApiError(410, k8s_status(410, 'Expired', f'too old resource version: {position}'))
+                message = f'too old resource version: {position}'
+                raise EmulatorApiError(410, k8s_status(410, 'Expired', message))
             for event in events:
                 position = event.rv
                 if res is None or event.resource == res:
@@ -898,7 +923,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     async def wait_for(self, resource: str | kmock.resource, namespace: str | None, name: str,
                        predicate: Callable[[dict[str, Any]], bool] | None = None, *,
-                       timeout: float = 5.0) -> dict[str, Any]:
+                       timeout: float = 5.0) -> dict[str, Any]:  # noqa: ASYNC109
         """Wait until the object exists (and satisfies `predicate`); return it."""
         async with asyncio.timeout(timeout):
             while True:
@@ -909,7 +934,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 await changed.wait()
 
     async def wait_gone(self, resource: str | kmock.resource, namespace: str | None, name: str, *,
-                        timeout: float = 5.0) -> None:
+                        timeout: float = 5.0) -> None:  # noqa: ASYNC109
         async with asyncio.timeout(timeout):
             while self.get(resource, namespace, name) is not None:
                 await self._changed.wait()
@@ -918,7 +943,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 # --- the kubelet & friends ---------------------------------------------------------------------
 
 class LoopbackIPs:
-    """Pod -> 127.0.0.N (N = first, first+1, ...), stable per namespace/name. Use as FakeKubelet(pod_ip=...)."""
+    """Pod -> 127.0.0.N (N = first, first+1, ...), stable per namespace/name. For FakeKubelet(pod_ip=...)."""
 
     def __init__(self, first: int = 2) -> None:
         self.mapping: dict[tuple[str, str], str] = {}
@@ -934,7 +959,7 @@ class LoopbackIPs:
         return self.mapping[key]
 
 
-PodIP = Callable[[dict[str, Any]], 'str | None | Awaitable[str | None]']
+PodIP = Callable[[dict[str, Any]], 'str | Awaitable[str | None] | None']
 
 
 class FakeKubelet:
@@ -1062,8 +1087,8 @@ class FakeKubelet:
     async def _bind_pvc(self, pvc: dict[str, Any]) -> None:
         spec = pvc.get('spec') or {}
         storage = ((spec.get('resources') or {}).get('requests') or {}).get('storage', '1Gi')
-        self._patch_status(PVC, pvc, {'phase': 'Bound', 'accessModes': spec.get('accessModes') or ['ReadWriteOnce'],
-                                      'capacity': {'storage': storage}})
+        self._patch_status(PVC, pvc, {'phase': 'Bound', 'capacity': {'storage': storage},
+                                      'accessModes': spec.get('accessModes') or ['ReadWriteOnce']})
 
     async def _ready_snapshot(self, snapshot: dict[str, Any]) -> None:
         if self.snapshot_delay:
@@ -1113,7 +1138,7 @@ async def running_emulator(*, check_errors: bool = True, **kwargs: Any) -> Async
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
                     while emulator.watch_count:
-                        await asyncio.sleep(0.01)
+                        await emulator._changed.wait()
             errors = [e for e in emulator.errors if not isinstance(e, kmock.KubernetesError)]
             if check_errors and errors:
                 raise ExceptionGroup('errors inside the Kubernetes emulator', errors)
