@@ -31,9 +31,34 @@ Entry points for tests: :func:`running_emulator` (async context manager), the fi
 conftest, or add ``pytest_plugins = ["tests.kube.emulator"]`` to the root ``tests/conftest.py``),
 :class:`FakeKubelet` and :class:`LoopbackIPs`.
 
-Fault injection uses kmock's DSL (user reactions outrank the emulator's own fallback handlers and,
-when they answer, nothing is written): see :meth:`KubeEmulator.fail` and the module README in the
-final report / test_emulator.py for examples.
+Usage::
+
+    async def test_x(kube: KubeEnv) -> None:          # or kube_api / kube_emulator / kube_url
+        core = client.CoreV1Api(kube.api_client)
+        other_replica = kube.new_api_client()          # own session; closed at teardown
+        async with FakeKubelet(kube.emulator, pod_ip=LoopbackIPs()):
+            ...
+
+    async with running_emulator() as env: ...          # without pytest fixtures
+
+Fault injection (kmock DSL; user reactions outrank the emulator's own fallback handlers, and while
+a fault answers, nothing is written)::
+
+    emu.fail('post', POD, status=500)                  # the next POST of a pod -> 500, then normal
+    emu.fail('put', LEASE, status=409, times=2)        # the next two lease replaces -> 409
+    emu.fail('watch', POD, status=410)                 # the next pod watch -> ERROR event, code 410
+    emu.fail('get', POD, emu.name('p'), times=None)    # for ever (kmock criteria: 'get'/'post'/...,
+                                                       # 'list'/'watch'/'fetch'/'create'/'update',
+                                                       # resources, emu.namespace(), emu.name(), dicts
+                                                       # of params/headers, callables(request))
+    emu['get', LEASE] << 503 << {'kind': 'Status', 'code': 503}   # raw DSL: for ever
+    emu['get', LEASE][:1] << 503   # BEWARE: [:1] = the first matching request *ever*, not the next
+
+Dropping watches: ``emu.drop_watches()`` ends streams cleanly (kubernetes-asyncio's Watch without
+``timeout_seconds`` reconnects from its last RV), ``abort=True`` resets the connection,
+``error=410`` sends an ERROR event first; ``emu.compact()`` makes older RVs answer 410 Gone.
+``emu.wait_watches(n)`` waits until n streams are open (Watch().stream() is lazy: the request starts
+at the first iteration, so pin ``resource_version=`` or wait before writing).
 """
 from __future__ import annotations
 
@@ -177,29 +202,38 @@ def _split_terms(text: str) -> list[str]:
     return [term.strip() for term in terms if term.strip()]
 
 
+def _label_term(op: str, key: str, values: frozenset[str], labels: Mapping[str, Any]) -> bool:
+    match op:
+        case '=' | 'in':
+            return key in labels and labels[key] in values
+        case '!=' | 'notin':  # also true when the label is absent, as in Kubernetes
+            return labels.get(key) not in values
+        case 'exists':
+            return key in labels
+        case _:  # '!exists'
+            return key not in labels
+
+
 def parse_label_selector(text: str | None) -> Selector:
     """Equality-, set- and existence-based label selectors, as `kubectl -l`. Raises ValueError."""
-    checks: list[Selector] = []
+    terms: list[tuple[str, str, frozenset[str]]] = []
     for term in _split_terms(text or ''):
         if m := re.fullmatch(rf'({_KEY})\s*(==|=|!=)\s*({_VAL})', term):
             key, op, val = m.groups()
-            if op == '!=':
-                checks.append(lambda labels, k=key, v=val: labels.get(k) != v)
-            else:
-                checks.append(lambda labels, k=key, v=val: labels.get(k) == v)
+            terms.append(('!=' if op == '!=' else '=', key, frozenset([val])))
         elif m := re.fullmatch(rf'({_KEY})\s+(in|notin)\s*\(([^()]*)\)', term):
             key, op, vals = m.groups()
-            values = {v.strip() for v in vals.split(',') if v.strip()}
-            if op == 'in':
-                checks.append(lambda labels, k=key, vs=values: k in labels and labels[k] in vs)
-            else:
-                checks.append(lambda labels, k=key, vs=values: labels.get(k) not in vs)
+            terms.append((op, key, frozenset(v.strip() for v in vals.split(',') if v.strip())))
         elif m := re.fullmatch(rf'(!?)\s*({_KEY})', term):
             neg, key = m.groups()
-            checks.append(lambda labels, k=key, n=bool(neg): (k in labels) != n)
+            terms.append(('!exists' if neg else 'exists', key, frozenset()))
         else:
             raise ValueError(f'unable to parse requirement: {term!r}')
-    return lambda obj: all(check((obj.get('metadata') or {}).get('labels') or {}) for check in checks)
+
+    def selector(obj: Mapping[str, Any]) -> bool:
+        labels = (obj.get('metadata') or {}).get('labels') or {}
+        return all(_label_term(op, key, values, labels) for op, key, values in terms)
+    return selector
 
 
 def _dig(obj: Mapping[str, Any], path: str) -> str:
@@ -215,17 +249,17 @@ def _dig(obj: Mapping[str, Any], path: str) -> str:
 
 def parse_field_selector(text: str | None) -> Selector:
     """`path=value`, `path==value`, `path!=value` on any dotted path (lenient: the real API whitelists)."""
-    checks: list[Selector] = []
+    terms: list[tuple[str, bool, str]] = []
     for term in _split_terms(text or ''):
         m = re.fullmatch(r'([A-Za-z0-9_.]+)\s*(==|=|!=)\s*(.*)', term)
         if not m:
             raise ValueError(f'invalid field selector: {term!r}')
         path, op, val = m.groups()
-        if op == '!=':
-            checks.append(lambda obj, p=path, v=val: _dig(obj, p) != v)
-        else:
-            checks.append(lambda obj, p=path, v=val: _dig(obj, p) == v)
-    return lambda obj: all(check(obj) for check in checks)
+        terms.append((path, op != '!=', val))
+
+    def selector(obj: Mapping[str, Any]) -> bool:
+        return all((_dig(obj, path) == val) == equal for path, equal, val in terms)
+    return selector
 
 
 # --- patches -----------------------------------------------------------------------------------
@@ -350,7 +384,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 continue
             try:
                 return await payload(request)
-            except kmock.ReactionMismatchError:
+            except rendering.ReactionMismatchError:
                 payload._disabled.set()
             except NotImplementedError:
                 pass
@@ -879,28 +913,32 @@ class KubeEmulator(kmock.KubernetesEmulator):
             raise EmulatorApiError(*result)
         return result[1]
 
-    def get(self, resource: str | kmock.resource, namespace: str | None, name: str) -> dict[str, Any] | None:
+    def get_object(self, resource: str | kmock.resource, namespace: str | None,
+                   name: str) -> dict[str, Any] | None:
         code, body = self.op_get(_res(resource), namespace, name)
         return body if code == 200 else None
 
-    def list(self, resource: str | kmock.resource, namespace: str | None = None, *,
+    def list_objects(self, resource: str | kmock.resource, namespace: str | None = None, *,
              label_selector: str | None = None, field_selector: str | None = None) -> list[dict[str, Any]]:
-        return self._raise(self.op_list(_res(resource), namespace, label_selector, field_selector))['items']
+        items: list[dict[str, Any]] = self._raise(
+            self.op_list(_res(resource), namespace, label_selector, field_selector))['items']
+        return items
 
-    def create(self, resource: str | kmock.resource, body: Mapping[str, Any],
+    def create_object(self, resource: str | kmock.resource, body: Mapping[str, Any],
                namespace: str | None = None) -> dict[str, Any]:
         return self._raise(self.op_create(_res(resource), namespace, body))
 
-    def patch(self, resource: str | kmock.resource, namespace: str | None, name: str,
+    def patch_object(self, resource: str | kmock.resource, namespace: str | None, name: str,
               patch: Mapping[str, Any] | list[Any], *, subresource: str | None = None) -> dict[str, Any]:
         content_type = 'application/json-patch+json' if isinstance(patch, list) else MERGE_PATCH
         return self._raise(self.op_patch(_res(resource), namespace, name, patch, content_type, subresource))
 
     def patch_status(self, resource: str | kmock.resource, namespace: str | None, name: str,
                      status: Mapping[str, Any]) -> dict[str, Any]:
-        return self.patch(resource, namespace, name, {'status': dict(status)}, subresource='status')
+        return self.patch_object(resource, namespace, name, {'status': dict(status)}, subresource='status')
 
-    def delete(self, resource: str | kmock.resource, namespace: str | None, name: str) -> dict[str, Any]:
+    def delete_object(self, resource: str | kmock.resource, namespace: str | None,
+                      name: str) -> dict[str, Any]:
         return self._raise(self.op_delete(_res(resource), namespace, name))
 
     async def events(self, resource: str | kmock.resource | None = None, *,
@@ -928,7 +966,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         async with asyncio.timeout(timeout):
             while True:
                 changed = self._changed
-                obj = self.get(resource, namespace, name)
+                obj = self.get_object(resource, namespace, name)
                 if obj is not None and (predicate is None or predicate(obj)):
                     return obj
                 await changed.wait()
@@ -936,7 +974,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     async def wait_gone(self, resource: str | kmock.resource, namespace: str | None, name: str, *,
                         timeout: float = 5.0) -> None:  # noqa: ASYNC109
         async with asyncio.timeout(timeout):
-            while self.get(resource, namespace, name) is not None:
+            while self.get_object(resource, namespace, name) is not None:
                 await self._changed.wait()
 
 
@@ -1010,7 +1048,7 @@ class FakeKubelet:
         emu = self.emulator
         since = emu.resource_version
         for resource in (POD, PVC, VOLUME_SNAPSHOT):
-            for obj in emu.list(resource):
+            for obj in emu.list_objects(resource):
                 self._consider(resource, obj)
         async for event in emu.events(since=since):
             if event.type != 'DELETED':
@@ -1053,7 +1091,7 @@ class FakeKubelet:
 
     def start_pod(self, namespace: str | None, name: str, ip: str, *, ready: bool = True) -> dict[str, Any]:
         """Make a pod Running with the given IP (and Ready unless ready=False)."""
-        pod = self.emulator.get(POD, namespace, name)
+        pod = self.emulator.get_object(POD, namespace, name)
         if pod is None:
             raise EmulatorApiError(404, k8s_status(404, 'NotFound', f'pods "{name}" not found'))
         now = _now()
@@ -1077,7 +1115,7 @@ class FakeKubelet:
 
     def set_pod_ready(self, namespace: str | None, name: str, ready: bool) -> dict[str, Any]:
         """Flip the Ready/ContainersReady conditions (e.g. to test readiness-gated proxying)."""
-        pod = self.emulator.get(POD, namespace, name)
+        pod = self.emulator.get_object(POD, namespace, name)
         if pod is None:
             raise EmulatorApiError(404, k8s_status(404, 'NotFound', f'pods "{name}" not found'))
         statuses = [dict(cs, ready=ready) for cs in (pod.get('status') or {}).get('containerStatuses') or []]

@@ -279,7 +279,7 @@ async def test_watch_error_410_then_compacted(kube_api: ApiClient, kube_emulator
     stream = watch.Watch().stream(core.list_namespaced_pod, NS)  # retries a 410 once, from its last RV
     async with stream:
         await collect(stream, 1)  # ADDED p1 at RV 1: the client resumes from there
-        kube_emulator.create('v1/secrets', {'metadata': {'name': 's'}}, namespace=NS)  # RV 2
+        kube_emulator.create_object('v1/secrets', {'metadata': {'name': 's'}}, namespace=NS)  # RV 2
         kube_emulator.compact()  # RV 1 is too old now
         kube_emulator.drop_watches(error=410)
         with pytest.raises(ApiException) as err:
@@ -431,14 +431,15 @@ async def test_several_api_clients(kube: KubeEnv) -> None:
 
 
 async def test_in_memory_helpers(kube_emulator: KubeEmulator) -> None:
-    created = kube_emulator.create(WORKSPACE, {'metadata': {'name': 'w'}, 'spec': {'a': 1}}, namespace=NS)
+    created = kube_emulator.create_object(WORKSPACE, {'metadata': {'name': 'w'}, 'spec': {'a': 1}},
+                                          namespace=NS)
     assert created['metadata']['resourceVersion'] == str(kube_emulator.resource_version)
     waiter = asyncio.create_task(kube_emulator.wait_for(WORKSPACE, NS, 'w', lambda o: 'status' in o))
     await asyncio.sleep(0.01)
     kube_emulator.patch_status(WORKSPACE, NS, 'w', {'phase': 'Ready'})
     assert (await waiter)['status'] == {'phase': 'Ready'}
-    assert [o['metadata']['name'] for o in kube_emulator.list(WORKSPACE, NS)] == ['w']
-    kube_emulator.delete(WORKSPACE, NS, 'w')
+    assert [o['metadata']['name'] for o in kube_emulator.list_objects(WORKSPACE, NS)] == ['w']
+    kube_emulator.delete_object(WORKSPACE, NS, 'w')
     await kube_emulator.wait_gone(WORKSPACE, NS, 'w')
 
 
@@ -498,7 +499,7 @@ async def test_fault_500_then_success(kube_api: ApiClient, kube_emulator: KubeEm
     with pytest.raises(ApiException) as err:
         await core.create_namespaced_pod(NS, pod_body('p'))
     assert err.value.status == 500
-    assert kube_emulator.get(POD, NS, 'p') is None  # nothing was written while failing
+    assert kube_emulator.get_object(POD, NS, 'p') is None  # nothing was written while failing
     pod = await core.create_namespaced_pod(NS, pod_body('p'))
     assert pod.metadata.name == 'p'
     assert len(list(fault)) == 1
