@@ -130,7 +130,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         result = await run_wrk(proxy.target, script, conns, duration, proxy.pids())
                         results["http"].append({**dataclasses.asdict(result), "repeat": rep})
                         _say(f"http {proxy.name:10} c={conns:<5} {result.rps:9.0f} req/s p50 {result.p50_ms:7.2f}"
-                             f" ms p99 {result.p99_ms:7.2f} ms errors {result.errors}")
+                             f" ms p99 {result.p99_ms:7.2f} ms errors {result.errors}"
+                             + (f" cpu {1e6 * result.cpu_s / result.requests:.0f} µs/req"
+                                if result.cpu_s is not None and result.requests else ""))
         if "ws" in parts:
             for rep in range(repeats):
                 for proxy in proxies.values():
