@@ -10,11 +10,12 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.errors import BadGateway, GatewayTimeout
-from gateway.proxy.headers import downstream_response_headers
+from gateway.proxy.headers import ResponseRules, downstream_response_headers
 from gateway.proxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
 _NO_BODY_STATUSES = frozenset({204, 304})
+NO_RULES = ResponseRules()
 
 
 class UpstreamRefused(BadGateway):
@@ -33,7 +34,7 @@ def refused(upstream: Upstream) -> UpstreamRefused:
 
 async def proxy_http(
     request: web.Request, session: aiohttp.ClientSession, upstream: Upstream, path: str,
-    headers: CIMultiDict[str],
+    headers: CIMultiDict[str], rules: ResponseRules = NO_RULES,
 ) -> web.StreamResponse:
     """Send the request upstream and stream the answer back; errors before the answer starts are raised."""
     body = request.content if request.body_exists else None
@@ -47,7 +48,8 @@ async def proxy_http(
                 downstream_response_headers(
                     answer.headers, public_host=request.headers.get("Host", ""),
                     public_origin=upstream.public_origin, upstream_origins=upstream.origins,
-                    prefix=upstream.prefix,
+                    prefix=upstream.prefix, replace=rules.replace, drop_cors=rules.drop_cors,
+                    drop_frame_options=rules.drop_frame_options,
                 )
             )
             if answer.content_length is not None and "Transfer-Encoding" not in answer.headers:
