@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gateway.auth.authenticate import SHARE_PARAM
 from gateway.auth.handlers import check_same_origin, hub_identity
 from gateway.auth.identity import Identity
-from gateway.auth.store import API_PREFIX
+from gateway.auth.store import API_PREFIX, ShareLink
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway.lifecycle import WorkspaceState
@@ -143,7 +143,7 @@ async def set_port(request: web.Request) -> web.Response:
     return web.json_response(workspace_view(gateway, state, identity))
 
 
-def share_view(gateway: Gateway, link: Any, token: str | None = None) -> dict[str, Any]:
+def share_view(gateway: Gateway, link: ShareLink, token: str | None = None) -> dict[str, Any]:
     view = link.public()
     view["active"] = link.active(time.time())
     if token is not None:

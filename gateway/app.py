@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway import api, badge
 from gateway.accesslog import TARGET
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 @web.middleware
-async def front_door(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+async def front_door(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Route by Host and path, send the request down its one path, and turn every failure into a response."""
     gateway = request.app[GATEWAY]
     started = time.perf_counter()

@@ -103,9 +103,9 @@ def authenticate(request: web.BaseRequest, path: str, host: str, *, sessions: Se
             identity = Identity(record.subject, record.email, tuple(record.groups), record.name)
             consumed = True
     if identity is None:
-        cookie = request.cookies.get(cookie_name(SESSION, secure))
-        if cookie:
-            identity = sessions.read(cookie, host)
+        session = request.cookies.get(cookie_name(SESSION, secure))
+        if session:
+            identity = sessions.read(session, host)
     if link is None and preview:
         claims = sessions.read_state(request.cookies.get(cookie_name(SHARE, secure)), host)
         candidate = store.shares.get(str(claims.get("share"))) if claims else None

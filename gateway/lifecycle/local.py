@@ -239,10 +239,10 @@ class LocalRuntime(Runtime):
         slot.failure = message
         return self._end(slot)
 
-    def _command(self, slot: _Slot) -> list[str]:
+    def _command(self, slot: _Slot) -> tuple[str, ...]:
         values = {"host": slot.address, "home": str(slot.home), "ide_port": slot.spec.ide_port,
                   "workspace": slot.spec.id}
-        return [part.format(**values) for part in slot.config.command]
+        return tuple(part.format(**values) for part in slot.config.command)
 
     async def _spawn(self, slot: _Slot) -> None:
         slot.home.mkdir(parents=True, exist_ok=True)
