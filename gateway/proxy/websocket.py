@@ -85,6 +85,11 @@ async def relay_websocket(
         metrics.websockets.dec()
         if upward is not None and not upward.done():
             upward.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await upward
+        # The handler is cancelled as soon as the client's connection drops, which can be in the middle of
+        # passing its close on: the upstream still gets the client's code (or "going away"), never a bare 1000.
+        code = _close_code(local.close_code) if local.close_code is not None else WSCloseCode.GOING_AWAY
         with contextlib.suppress(Exception):
-            await remote.close()
+            await remote.close(code=code)
     return local
