@@ -82,4 +82,4 @@ async def serve_workspace(request: web.Request, target: Target, gateway: Gateway
                 request, gateway.session, upstream, target.path, headers, max_message=gateway.config.max_ws_message,
                 heartbeat=gateway.config.timeouts.websocket_heartbeat, metrics=gateway.metrics,
             )
-    return await proxy_http(request, gateway.session, upstream, target.path, headers)
+    return await proxy_http(request, gateway.session, upstream, target.path, headers, metrics=gateway.metrics)

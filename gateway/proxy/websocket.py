@@ -61,7 +61,7 @@ async def relay_websocket(
             max_msg_size=max_message,
         )
     except aiohttp.ClientConnectorError as exc:
-        raise refused(upstream) from exc
+        raise refused(upstream, exc, metrics) from exc
     except aiohttp.WSServerHandshakeError as exc:
         raise BadGateway(
             f"Port {upstream.port} in workspace {upstream.workspace} refused the WebSocket ({exc.status}).",
