@@ -9,10 +9,10 @@ from aiohttp import web
 
 from gateway.context import Gateway
 from gateway.errors import Forbidden, NotFound
-from gateway.lifecycle import WorkspaceState
+from gateway.lifecycle import Phase, WorkspaceState
 from gateway.proxy.headers import ClientFacts, upstream_request_headers
 from gateway.proxy.http import proxy_http
-from gateway.proxy.upstream import Upstream
+from gateway.proxy.upstream import WAKE_CONNECT_GRACE, Upstream
 from gateway.proxy.websocket import relay_websocket
 from gateway.routing import Kind, Target
 from gateway.wake import stream_progress
@@ -65,7 +65,9 @@ async def serve_reserved(request: web.Request, target: Target, gateway: Gateway)
 async def serve_workspace(request: web.Request, target: Target, gateway: Gateway) -> web.StreamResponse:
     state = _workspace(gateway, target)
     port = _port(gateway, target, state)
+    held = state.phase is not Phase.RUNNING or gateway.waker.busy(state.id, port)
     state = await gateway.waker.ensure_awake(request, state, port)
+    grace = WAKE_CONNECT_GRACE if held else 0.0
     assert state.address is not None
     if target.kind is Kind.IDE:
         public_origin, prefix = gateway.hosts.hub_url(""), f"/w/{state.id}"
@@ -80,6 +82,7 @@ async def serve_workspace(request: web.Request, target: Target, gateway: Gateway
         with gateway.activity.connection(state.id):
             return await relay_websocket(
                 request, gateway.session, upstream, target.path, headers, max_message=gateway.config.max_ws_message,
-                heartbeat=gateway.config.timeouts.websocket_heartbeat, metrics=gateway.metrics,
+                heartbeat=gateway.config.timeouts.websocket_heartbeat, metrics=gateway.metrics, connect_grace=grace,
             )
-    return await proxy_http(request, gateway.session, upstream, target.path, headers, metrics=gateway.metrics)
+    return await proxy_http(request, gateway.session, upstream, target.path, headers, metrics=gateway.metrics,
+                            connect_grace=grace)

@@ -13,7 +13,7 @@ from yarl import URL
 from gateway.errors import BadGateway, GatewayTimeout
 from gateway.metrics import Metrics
 from gateway.proxy.headers import downstream_response_headers
-from gateway.proxy.upstream import Upstream
+from gateway.proxy.upstream import ConnectGrace, Upstream
 
 log = logging.getLogger(__name__)
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -41,9 +41,29 @@ def refused(upstream: Upstream, exc: aiohttp.ClientConnectorError, metrics: Metr
 
 async def proxy_http(
     request: web.Request, session: aiohttp.ClientSession, upstream: Upstream, path: str,
-    headers: CIMultiDict[str], *, metrics: Metrics,
+    headers: CIMultiDict[str], *, metrics: Metrics, connect_grace: float = 0.0,
 ) -> web.StreamResponse:
-    """Send the request upstream and stream the answer back; errors before the answer starts are raised."""
+    """Send the request upstream and stream the answer back; errors before the answer starts are raised.
+
+    ``connect_grace``: how long refused connects are retried (see ``ConnectGrace``)."""
+    grace = ConnectGrace(connect_grace)
+    while True:
+        try:
+            return await _exchange(request, session, upstream, path, headers, metrics)
+        except _Refused as refusal:
+            if not await grace.again(refusal.exc):
+                raise refused(upstream, refusal.exc, metrics) from refusal.exc
+
+
+class _Refused(Exception):
+    def __init__(self, exc: aiohttp.ClientConnectorError) -> None:
+        self.exc = exc
+
+
+async def _exchange(
+    request: web.Request, session: aiohttp.ClientSession, upstream: Upstream, path: str,
+    headers: CIMultiDict[str], metrics: Metrics,
+) -> web.StreamResponse:
     body = request.content if request.body_exists else None
     url = URL(upstream.origin + path, encoded=True)
     response: web.StreamResponse | None = None
@@ -72,7 +92,7 @@ async def proxy_http(
             raise  # the client went away mid-body (aiohttp's reset error is also a ClientError): not a 502
         raise _broken_off(upstream, exc) from exc
     except aiohttp.ClientConnectorError as exc:
-        raise refused(upstream, exc, metrics) from exc
+        raise _Refused(exc) from exc
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
             metrics.upstream_errors.labels("timeout").inc()

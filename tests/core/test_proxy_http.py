@@ -7,14 +7,17 @@ import asyncio
 import gzip
 import json
 import socket
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.core.conftest import HUB, MakeProxied, read_until
+from tests.conftest import MakeGateway, next_address, workspace
+from tests.core.conftest import HUB, MakeProxied, free_port, read_until
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND", "MKCOL", "REPORT"]
 
@@ -425,3 +428,15 @@ async def test_a_raw_client_gets_an_orderly_response(proxied: MakeProxied) -> No
         while chunk := await asyncio.to_thread(sock.recv, 65536):
             data += chunk
     assert data.startswith(b"HTTP/1.1 200")
+
+
+async def test_request_held_for_a_wake_survives_a_port_probing_dev_server(make_gateway: MakeGateway) -> None:
+    """Like Vite, the workspace's server answers the wake's readiness probe from a throwaway listener and binds
+    the real one a moment later: the held request must still reach it, not get a 502."""
+    address = next_address()
+    port = free_port(address)
+    command = [sys.executable, str(Path(__file__).with_name("port_prober.py")), "{host}", str(port)]
+    client = await make_gateway(workspaces={"ws1": workspace(address, command=command, ports={port: "public"})})
+    async with asyncio.timeout(30), client.get("/", headers={"Host": f"{port}-ws1.localhost:8080"}) as response:
+        assert response.status == 200, await response.text()
+        assert await response.text() == "served by the real server"
