@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -417,17 +416,6 @@ async def test_client_disconnect_cancels_the_upstream_request(proxied: MakeProxi
     writer.transport.abort()
     await asyncio.wait_for(ended.wait(), 10)
     assert outcome in (["cancelled"], ["connection closed"])
-
-
-async def test_a_raw_client_gets_an_orderly_response(proxied: MakeProxied) -> None:
-    """Sanity for the raw-socket helpers above: a plain request on a plain socket gets one complete answer."""
-    p = await proxied(echo_app())
-    with socket.create_connection((p.client.host, p.client.port), timeout=10) as sock:
-        sock.sendall(f"GET /x HTTP/1.1\r\nHost: {p.host}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := await asyncio.to_thread(sock.recv, 65536):
-            data += chunk
-    assert data.startswith(b"HTTP/1.1 200")
 
 
 async def test_request_held_for_a_wake_survives_a_port_probing_dev_server(make_gateway: MakeGateway) -> None:

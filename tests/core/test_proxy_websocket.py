@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
-from tests.core.conftest import MakeProxied, Proxied
+from tests.core.conftest import MakeProxied
 
 BIG = 16 << 20
 
@@ -42,11 +42,6 @@ def echo_app(seen: dict[str, str] | None = None, *, protocols: tuple[str, ...] =
     app = web.Application()
     app.router.add_get("/ws", echo)
     return app
-
-
-def connect(p: Proxied, path: str = "/ws", **kwargs: object) -> object:
-    return p.client.ws_connect(path, headers={"Host": p.host, "Origin": p.share_origin},
-                               max_msg_size=BIG, **kwargs)  # type: ignore[arg-type]
 
 
 async def test_text_and_binary_echo(proxied: MakeProxied) -> None:
