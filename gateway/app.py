@@ -154,7 +154,8 @@ def build_app(config: Config, runtime: Runtime | None = None) -> web.Application
         policies=policies,
         trusted_proxies=tuple(ipaddress.ip_network(net, strict=False) for net in config.trusted_proxies),
     )
-    app = web.Application(middlewares=[front_door])
+    # Request bodies pass through as sent: the server must not undo a client's Content-Encoding.
+    app = web.Application(middlewares=[front_door], handler_args={"auto_decompress": False})
     app[GATEWAY] = gateway
     aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway", "templates"), autoescape=True)
     app.router.add_get("/healthz", healthz)

@@ -16,13 +16,13 @@ from gateway.auth.authenticate import Credentials, authenticate, sign_in_redirec
 from gateway.auth.handlers import preview_callback, preview_popup
 from gateway.auth.identity import Identity
 from gateway.context import Gateway
-from gateway.errors import Forbidden, GatewayError, NotFound
+from gateway.errors import Forbidden, NotFound
 from gateway.lifecycle import Phase, WorkspaceState
 from gateway.pages import wants_html
 from gateway.policy import Decision, Reason, decide, denial, may_wake
 from gateway.proxy.headers import ClientFacts, ResponseRules, upstream_request_headers
 from gateway.proxy.http import proxy_http
-from gateway.proxy.upstream import Upstream
+from gateway.proxy.upstream import WAKE_CONNECT_GRACE, Upstream
 from gateway.proxy.websocket import relay_websocket
 from gateway.routing import Kind, Target, normalise_host
 from gateway.wake import stream_progress
@@ -168,7 +168,9 @@ async def serve_workspace(request: web.Request, target: Target, gateway: Gateway
         credentials = _check(request, gateway, target, state)
     port = target.port if target.kind is Kind.PREVIEW else state.spec.ide_port
     assert port is not None
+    held = state.phase is not Phase.RUNNING or gateway.waker.busy(state.id, port)
     state = await gateway.waker.ensure_awake(request, state, port)
+    grace = WAKE_CONNECT_GRACE if held else 0.0
     assert state.address is not None
     if target.kind is Kind.IDE:
         public_origin, prefix = gateway.hosts.hub_url(""), f"/w/{state.id}"
@@ -183,20 +185,16 @@ async def serve_workspace(request: web.Request, target: Target, gateway: Gateway
     keeps_awake = gateway.policy.wake.visitors_keep_awake or _is_member(gateway, state, credentials.identity)
     if keeps_awake:
         gateway.activity.touch(state.id)
-    try:
-        if is_websocket(request):
-            if target.kind is Kind.IDE:
-                _check_websocket_origin(request, gateway)
-            if not keeps_awake:
-                return await _relay(request, gateway, upstream, credentials.path, headers)
-            with gateway.activity.connection(state.id):
-                return await _relay(request, gateway, upstream, credentials.path, headers)
-        rules = _response_rules(request, gateway, target, state) if target.kind is Kind.PREVIEW else HUB_RULES
-        return await proxy_http(request, gateway.session, upstream, credentials.path, headers, rules)
-    except GatewayError as exc:
-        if exc.code == "port-not-listening":
-            gateway.metrics.upstream_errors.labels("refused").inc()
-        raise
+    if is_websocket(request):
+        if target.kind is Kind.IDE:
+            _check_websocket_origin(request, gateway)
+        if not keeps_awake:
+            return await _relay(request, gateway, upstream, credentials.path, headers, grace)
+        with gateway.activity.connection(state.id):
+            return await _relay(request, gateway, upstream, credentials.path, headers, grace)
+    rules = _response_rules(request, gateway, target, state) if target.kind is Kind.PREVIEW else HUB_RULES
+    return await proxy_http(request, gateway.session, upstream, credentials.path, headers, metrics=gateway.metrics,
+                            connect_grace=grace, rules=rules)
 
 
 def _is_member(gateway: Gateway, state: WorkspaceState, identity: Identity | None) -> bool:
@@ -212,8 +210,8 @@ def _check_websocket_origin(request: web.Request, gateway: Gateway) -> None:
 
 
 async def _relay(request: web.Request, gateway: Gateway, upstream: Upstream, path: str,
-                 headers: CIMultiDict[str]) -> web.StreamResponse:
+                 headers: CIMultiDict[str], grace: float) -> web.StreamResponse:
     return await relay_websocket(
         request, gateway.session, upstream, path, headers, max_message=gateway.config.max_ws_message,
-        heartbeat=gateway.config.timeouts.websocket_heartbeat, metrics=gateway.metrics,
+        heartbeat=gateway.config.timeouts.websocket_heartbeat, metrics=gateway.metrics, connect_grace=grace,
     )

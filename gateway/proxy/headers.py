@@ -75,10 +75,10 @@ def strip_hop_by_hop(headers: Headers, *, keep_websocket: bool = False) -> CIMul
     named = _named_in_connection(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        lower = name.lower()
-        if name in HOP_BY_HOP or lower in named:
+        lower = name.lower()  # the sets hold lower-case names; ``istr`` does not make membership case-blind
+        if lower in HOP_BY_HOP or lower in named:
             continue
-        if not keep_websocket and name in _WEBSOCKET_HANDSHAKE:
+        if not keep_websocket and lower in _WEBSOCKET_HANDSHAKE:
             continue
         out.add(name, value)
     return out
@@ -116,7 +116,7 @@ def upstream_request_headers(
     cookies = [strip_gateway_cookies(value) for value in out.popall("cookie", ())]
     if any(cookies):
         out["Cookie"] = "; ".join(cookie for cookie in cookies if cookie)
-    trusted_chain = out.get("x-forwarded-for") if client.trusted else None
+    trusted_chain = ", ".join(out.getall("x-forwarded-for", ())) if client.trusted else None
     scheme = (out.get("x-forwarded-proto") if client.trusted else None) or client.scheme
     public_host = (out.get("x-forwarded-host") if client.trusted else None) or client.public_host
     for name in FORWARDING:
