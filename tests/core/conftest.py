@@ -18,12 +18,14 @@ from aiohttp.client import _RequestContextManager
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 
+from gateway.auth.identity import Identity
 from gateway.context import GATEWAY, Gateway
 from tests.conftest import MakeGateway, MakeUpstream, next_address, workspace
 
 PREVIEW_DOMAIN = "localhost:8080"
 HUB = "localhost:8080"
 WORKSPACE = "ws1"
+OWNER = "alice"
 NO_TRACES = ("Traceback", 'File "', "Error:", "site-packages")
 
 
@@ -63,9 +65,16 @@ class Proxied:
 
     def request(self, method: str, path: str, *, host: str | None = None, **kwargs: Any
                 ) -> _RequestContextManager:
-        """A request to the share URL (the Host header picks the workspace port, as a browser's would)."""
+        """A request to the share URL (the Host header picks the workspace port, as a browser's would).
+
+        Requests to the hub (the IDE) carry the owner's session cookie unless the test sets its own cookies:
+        these tests are about proxying, the sign-in tests live in tests/auth.
+        """
         headers = CIMultiDict(kwargs.pop("headers", {}))
         headers["Host"] = host or self.host
+        if headers["Host"] == HUB and "Cookie" not in headers:
+            token = self.gateway.auth.sessions.issue(Identity(OWNER), "localhost:8080")
+            headers["Cookie"] = f"codehub_session={token}"
         return self.client.request(method, path, headers=headers, allow_redirects=False, **kwargs)
 
     async def metrics(self) -> str:

@@ -105,7 +105,7 @@ async def test_silent_upstream_times_out_with_504(proxied: MakeProxied) -> None:
     ],
 )
 async def test_refusals(proxied: MakeProxied, host: str, path: str, status: int, code: str) -> None:
-    p = await proxied(None, denied_ports=[6000])
+    p = await proxied(None, policy={"ports": {"denied": [6000]}})
     ide = p.gateway.runtime.get("ws1")
     assert ide is not None
     host = host.format(ide=ide.spec.ide_port)

@@ -38,7 +38,7 @@ async def test_request_metrics_by_kind_and_status_class(proxied: MakeProxied) ->
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", ok)
-    p = await proxied(app, denied_ports=[6000])
+    p = await proxied(app, policy={"ports": {"denied": [6000]}})
     for _ in range(3):
         async with p.request("GET", "/") as response:
             assert response.status == 200

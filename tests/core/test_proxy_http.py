@@ -76,8 +76,6 @@ async def test_head_keeps_content_length_and_sends_no_body(proxied: MakeProxied)
         "/semi;colon/=eq/@at/+plus",
         "/q?x=%2F&y=a+b&z=%E2%82%AC&empty=&flag",
         "/trailing//double//slashes/",
-        pytest.param("/?", marks=pytest.mark.xfail(
-            strict=True, reason="limitation: yarl/aiohttp drop an empty query ('?') from the upstream request line")),
     ],
 )
 async def test_raw_paths_preserved_byte_for_byte(proxied: MakeProxied, raw_path: str) -> None:

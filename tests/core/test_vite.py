@@ -19,10 +19,12 @@ from tests.core.conftest import free_port
 ROOT = Path(__file__).resolve().parents[2]
 VITE = ROOT / "node_modules" / ".bin" / "vite"
 
-pytestmark = [
-    pytest.mark.timeout(120),
-    pytest.mark.skipif(not VITE.exists(), reason="vite is not installed: run `npm ci` in the repository root"),
-]
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def _vite_installed() -> None:
+    assert VITE.exists(), "vite is not installed: run `bash .ci/install` (npm ci) in the repository root"
 
 INDEX = """<!doctype html>
 <html><head><title>vite behind code-hub</title></head>
