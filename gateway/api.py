@@ -7,14 +7,16 @@ callers changing anything must come from the hub's own origin (CSRF). Errors are
 from __future__ import annotations
 
 import time
+from html import escape
 from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.auth.authenticate import SHARE_PARAM
 from gateway.auth.handlers import check_same_origin, hub_identity
 from gateway.auth.identity import Identity
-from gateway.auth.store import API_PREFIX
+from gateway.auth.store import API_PREFIX, ShareLink
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway.lifecycle import WorkspaceState
@@ -141,13 +143,23 @@ async def set_port(request: web.Request) -> web.Response:
     return web.json_response(workspace_view(gateway, state, identity))
 
 
-def share_view(gateway: Gateway, link: Any, token: str | None = None) -> dict[str, Any]:
+def share_view(gateway: Gateway, link: ShareLink, token: str | None = None) -> dict[str, Any]:
     view = link.public()
     view["active"] = link.active(time.time())
     if token is not None:
         view["token"] = token
-        port = link.port or "{port}"
-        view["url"] = gateway.hosts.share_url(link.workspace, port) + f"?codehub_share={token}"  # type: ignore[arg-type]
+        if link.port is None:
+            view["url"] = f"{gateway.hosts.share_url(link.workspace, '{port}')}?{SHARE_PARAM}={token}"
+        else:
+            url = f"{gateway.hosts.share_url(link.workspace, link.port)}?{SHARE_PARAM}={token}"
+            badge = gateway.hosts.hub_url(f"/badge/{link.workspace}/{link.port}.svg?{SHARE_PARAM}={token}")
+            view["url"] = url
+            view["embed"] = {
+                "iframe": f'<iframe src="{escape(url)}" width="100%" height="600" style="border:0" '
+                          f'title="Preview of {escape(link.workspace)} port {link.port}"></iframe>',
+                "markdown": f"[![preview {link.workspace}:{link.port}]({badge})]({url})",
+                "badge": badge,
+            }
     return view
 
 

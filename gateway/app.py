@@ -13,8 +13,9 @@ from pathlib import Path
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from gateway import api
+from gateway import api, badge
 from gateway.accesslog import TARGET
 from gateway.activity import IdleTimers, reap_forever
 from gateway.auth import handlers as auth_handlers
@@ -25,6 +26,7 @@ from gateway.auth.sessions import Sessions
 from gateway.auth.store import TokenStore
 from gateway.config import Config
 from gateway.context import GATEWAY, AuthState, Gateway
+from gateway.cors import HUB_FRAME_HEADERS, frame_ancestors
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.lifecycle import Runtime
 from gateway.lifecycle.local import LocalRuntime
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 @web.middleware
-async def front_door(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+async def front_door(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Route by Host and path, send the request down its one path, and turn every failure into a response."""
     gateway = request.app[GATEWAY]
     started = time.perf_counter()
@@ -75,7 +77,19 @@ async def front_door(request: web.Request, handler: web.RequestHandler) -> web.S
         if not is_websocket(request):
             status = response.status if response is not None else 499
             gateway.metrics.observe_request(kind, status, time.perf_counter() - started)
+    if not response.prepared:
+        _frame_policy(response, kind, gateway)
     return response
+
+
+def _frame_policy(response: web.StreamResponse, kind: str, gateway: Gateway) -> None:
+    """The gateway's own pages: framable on preview hosts as policy allows (waiting pages inside reviews),
+    never on the hub (clickjacking of sign-in and sharing)."""
+    if kind in (Kind.PREVIEW.value, Kind.RESERVED.value):
+        response.headers.setdefault("Content-Security-Policy", frame_ancestors(gateway.policy))
+    else:
+        for name, value in HUB_FRAME_HEADERS.items():
+            response.headers.setdefault(name, value)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -140,13 +154,15 @@ def build_app(config: Config, runtime: Runtime | None = None) -> web.Application
         policies=policies,
         trusted_proxies=tuple(ipaddress.ip_network(net, strict=False) for net in config.trusted_proxies),
     )
-    app = web.Application(middlewares=[front_door])
+    # Request bodies pass through as sent: the server must not undo a client's Content-Encoding.
+    app = web.Application(middlewares=[front_door], handler_args={"auto_decompress": False})
     app[GATEWAY] = gateway
     aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway", "templates"), autoescape=True)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", home)
     app.router.add_get("/_codehub/wake/{workspace}/events", ide_wake_events)
+    app.router.add_get("/badge/{workspace}/{port}.svg", badge.badge)
     auth_handlers.add_routes(app)
     api.add_routes(app)
     app.cleanup_ctx.append(_lifespan)

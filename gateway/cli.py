@@ -1,17 +1,27 @@
-"""The ``codehub-gateway`` command."""
+"""The ``codehub-gateway`` command: run the gateway, check and explain policies, and talk to a running hub."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from gateway.accesslog import AccessLogger
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import ConfigError, load_config
+from gateway.policy import PolicyError
+
+
+class CliError(Exception):
+    """A command failed in a way the user can fix; printed as one line, exit status 1."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,31 +30,80 @@ def _parser() -> argparse.ArgumentParser:
         description="code-hub gateway: share URLs to ports inside workspaces, with sign-in, policies and wake-up.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     serve = commands.add_parser(
         "serve", help="run the gateway",
         description="Run the gateway. Without --config it runs the embedded default: the local runtime with a "
-        "demo workspace whose port 8000 is at http://8000-demo.localhost:8080/.",
+        "demo workspace whose port 8000 is at http://8000-demo.localhost:8080/ and development sign-in.",
     )
     serve.add_argument("--config", type=Path, help="YAML settings file (default: $CODEHUB_CONFIG, else the demo)")
     serve.add_argument("--host", help="address to listen on (setting listen.host, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (setting listen.port, default 8080)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="log level for the gateway and the access log (default info)")
+
+    policy = commands.add_parser("policy", help="check or explain access policies").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    check = policy.add_parser("check", help="validate policy files; prints file:line: reason for the first problem")
+    check.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    explain = policy.add_parser(
+        "explain", help="print the access decision for a user and a URL, and the rule that made it",
+        description="Decide as the gateway would. Workspaces (owner, collaborators, port visibility) come from "
+        "--config; the policy from --policy or the config's policy_file.")
+    explain.add_argument("--url", required=True, help="share URL or IDE URL, e.g. http://3000-ws1.localhost:8080/")
+    explain.add_argument("--user", help="user name (omit for an anonymous visitor)")
+    explain.add_argument("--email", default="", help="the user's e-mail")
+    explain.add_argument("--groups", default="", help="comma-separated groups")
+    explain.add_argument("--config", type=Path, help="gateway settings (workspaces, hub_url, policy_file)")
+    explain.add_argument("--policy", type=Path, help="policy file (default: the config's policy_file)")
+
+    keys = commands.add_parser("keys", help="manage the signing keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    rotate = keys.add_parser("rotate", help="add a new signing key; old keys keep verifying until sessions expire")
+    rotate.add_argument("--config", type=Path, help="gateway settings (to find auth.keys_file)")
+
+    token = commands.add_parser("token", help="issue API tokens (operators, on the gateway's machine)")
+    token_actions = token.add_subparsers(dest="action", required=True, metavar="ACTION")
+    issue = token_actions.add_parser("issue", help="write a new API token for a user into the token store")
+    issue.add_argument("--user", required=True)
+    issue.add_argument("--email", default="")
+    issue.add_argument("--groups", default="")
+    issue.add_argument("--name", default="cli")
+    issue.add_argument("--config", type=Path, help="gateway settings (to find auth.store_file)")
+
+    def remote(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--hub", default=os.environ.get("CODEHUB_URL", "http://localhost:8080"),
+                         help="hub URL (default $CODEHUB_URL or http://localhost:8080)")
+        sub.add_argument("--token", default=os.environ.get("CODEHUB_TOKEN"),
+                         help="API token (default $CODEHUB_TOKEN)")
+        sub.add_argument("--json", action="store_true", help="print the raw JSON answer")
+        return sub
+
+    workspace = remote("workspace", "show, wake, stop or archive a workspace through a running hub")
+    workspace.add_argument("action", choices=["status", "wake", "stop", "archive"])
+    workspace.add_argument("name")
+    remote("workspaces", "list the workspaces you own or collaborate on, with their ports")
+    port = remote("port", "set who can see a port: private, org or public")
+    port.add_argument("workspace")
+    port.add_argument("port", type=int)
+    port.add_argument("visibility", choices=["private", "org", "public"])
+    share = remote("share", "create, list or revoke share links")
+    share.add_argument("action", choices=["create", "list", "revoke"])
+    share.add_argument("workspace")
+    share.add_argument("id", nargs="?", help="link id (revoke)")
+    share.add_argument("--port", type=int, help="one port (default: every port of the workspace)")
+    share.add_argument("--audience", choices=["anyone", "org", "people"], default="anyone")
+    share.add_argument("--people", default="", help="comma-separated users, e-mails or group:NAME")
+    share.add_argument("--ttl", help="lifetime such as 2h or 7d (default from policy)")
     return parser
-
-
-def _load(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
-    listen = config.listen.model_copy(update={
-        key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None
-    })
-    return Config.model_validate({**config.model_dump(), "listen": listen.model_dump()})
 
 
 def serve(args: argparse.Namespace) -> int:
     from gateway.app import build_app
 
-    config = _load(args)
+    overrides = {"listen": {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}}
+    config = load_config(args.config, overrides=overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     app = build_app(config)
@@ -58,15 +117,182 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def policy_check(args: argparse.Namespace) -> int:
+    from gateway.policy import PolicyError, load_policy
+
+    failed = False
+    for path in args.files:
+        try:
+            load_policy(path)
+        except PolicyError as exc:
+            print(exc, file=sys.stderr)
+            failed = True
+        else:
+            print(f"{path}: ok")
+    return 1 if failed else 0
+
+
+def policy_explain(args: argparse.Namespace) -> int:
+    from yarl import URL
+
+    from gateway.auth.identity import Identity
+    from gateway.errors import GatewayError
+    from gateway.lifecycle.local import configured_spec
+    from gateway.policy import Policy, decide, load_policy, visibility
+    from gateway.routing import Hosts, Kind, route
+
+    config = load_config(args.config)
+    policy_path = args.policy or config.policy_file
+    policy = load_policy(policy_path) if policy_path else Policy()
+    url = URL(args.url)
+    try:
+        target = route(url.raw_authority, url.raw_path_qs or "/", Hosts.from_urls(config.hub_url,
+                                                                               config.preview_domain))
+    except GatewayError as exc:
+        raise CliError(f"{args.url}: {exc.message}") from None
+    if target.kind not in (Kind.PREVIEW, Kind.IDE) or target.workspace is None:
+        raise CliError(f"{args.url} is not a share URL or an IDE URL of this gateway")
+    declared = config.local.workspaces.get(target.workspace)
+    if declared is None:
+        raise CliError(f"workspace {target.workspace} is not in the configuration")
+    spec = configured_spec(target.workspace, declared)
+    identity = None
+    if args.user:
+        groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
+        identity = Identity(args.user, args.email, groups, args.user)
+    port = target.port if target.kind is Kind.PREVIEW else None
+    decision = decide(policy, spec, port, identity)
+    who = identity.subject if identity else "anonymous"
+    where = f"port {port} ({visibility(policy, spec, port)})" if port else "the IDE"
+    verdict = "ALLOW" if decision.allow else "DENY"
+    print(f"{verdict} {who} → {where} of workspace {spec.id}: {decision.reason.value} — {decision.rule}")
+    return 0 if decision.allow else 3
+
+
+def keys_rotate(args: argparse.Namespace) -> int:
+    from gateway.auth.keys import KeyError_, load_or_create, write_keys
+
+    config = load_config(args.config)
+    try:
+        keys = load_or_create(config.keys_file, create=True)
+    except KeyError_ as exc:
+        raise CliError(str(exc)) from None
+    rotated = keys.rotated(keep_for=config.auth.session_ttl)
+    write_keys(config.keys_file, rotated)
+    print(f"{config.keys_file}: new signing key {rotated.current.kid}; {len(rotated.keys) - 1} older key(s) kept")
+    return 0
+
+
+def token_issue(args: argparse.Namespace) -> int:
+    from gateway.auth.store import TokenStore
+
+    config = load_config(args.config)
+    store = TokenStore(config.store_file)
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    record, token = store.create_api_token(subject=args.user, email=args.email, groups=groups, name=args.name)
+    print(token)
+    print(f"token {record.id} for {args.user} written to {config.store_file}", file=sys.stderr)
+    return 0
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    if not args.token:
+        raise CliError("no API token: pass --token or set CODEHUB_TOKEN (create one on the hub page)")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        args.hub.rstrip("/") + path, data=data, method=method,
+        headers={"Authorization": f"Bearer {args.token}", "Accept": "application/json",
+                 **({"Content-Type": "application/json"} if data else {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=330) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        raise CliError(f"{exc.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"cannot reach {args.hub}: {getattr(exc, 'reason', exc)}") from None
+
+
+def _print_workspace(view: dict[str, Any]) -> None:
+    print(f"{view['id']}  {view['phase']}  owner {view['owner']}  IDE {view['ide_url']}")
+    for port in view["ports"]:
+        listening = "listening" if port["listening"] else "not listening"
+        print(f"  port {port['port']:<5} {port['visibility']:<8} {listening:<13} {port['url']}")
+
+
+def remote(args: argparse.Namespace) -> int:
+    if args.command == "workspaces":
+        answer = _call(args, "GET", "/api/v1/workspaces")
+        views = answer["workspaces"]
+    elif args.command == "workspace":
+        method, path = ("GET", "status") if args.action == "status" else ("POST", args.action)
+        answer = _call(args, method, f"/api/v1/workspaces/{args.name}/{path}")
+        views = [answer]
+    elif args.command == "port":
+        answer = _call(args, "PUT", f"/api/v1/workspaces/{args.workspace}/ports/{args.port}",
+                       {"visibility": args.visibility})
+        views = [answer]
+    else:
+        return share(args)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        for view in views:
+            _print_workspace(view)
+    return 0
+
+
+def share(args: argparse.Namespace) -> int:
+    base = f"/api/v1/workspaces/{args.workspace}/shares"
+    if args.action == "create":
+        body: dict[str, Any] = {"audience": args.audience,
+                                "people": [p.strip() for p in args.people.split(",") if p.strip()]}
+        if args.port:
+            body["port"] = args.port
+        if args.ttl:
+            body["ttl"] = args.ttl
+        answer = _call(args, "POST", base, body)
+        print(json.dumps(answer, indent=2) if args.json else answer["url"])
+        return 0
+    if args.action == "revoke":
+        if not args.id:
+            raise CliError("share revoke needs the link id (see 'share list')")
+        answer = _call(args, "DELETE", f"{base}/{args.id}")
+        print(json.dumps(answer, indent=2) if args.json else f"revoked {args.id}")
+        return 0
+    answer = _call(args, "GET", base)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    for link in [] if args.json else answer["shares"]:
+        target = f"port {link['port']}" if link["port"] else "all ports"
+        state = "active" if link["active"] else ("revoked" if link["revoked"] else "expired")
+        print(f"{link['id']}  {target:<10} {link['audience']:<7} {state:<8} uses {link['uses']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    handlers = {
+        ("serve", None): serve, ("policy", "check"): policy_check, ("policy", "explain"): policy_explain,
+        ("keys", "rotate"): keys_rotate, ("token", "issue"): token_issue,
+    }
+    handler = handlers.get((args.command, getattr(args, "action", None) if args.command in (
+        "policy", "keys", "token") else None), remote)
     try:
-        if args.command == "serve":
-            return serve(args)
+        return handler(args)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    return 1
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except CliError as exc:
+        print(f"codehub-gateway: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

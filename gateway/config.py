@@ -265,11 +265,11 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
 
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "settings"
+    key = ".".join(str(part) for part in first["loc"] if part != "[key]")
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown setting"
-    return f"config error: {key}: {message}"
+    return f"config error: {key}: {message}" if key else f"config error: {message}"
 
 
 def demo_settings() -> dict[str, Any]:
@@ -288,8 +288,10 @@ def demo_settings() -> dict[str, Any]:
     }
 
 
-def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read the YAML file (or the embedded demo default when there is none), then apply the environment."""
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read the YAML file (or the embedded demo default when there is none), then the environment, then
+    ``overrides`` (command-line flags)."""
     environ = os.environ if environ is None else environ
     if path is None and environ.get("CODEHUB_CONFIG"):
         path = Path(environ["CODEHUB_CONFIG"])
@@ -306,7 +308,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             raise ConfigError(f"config error: {where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config error: {path}: the top level must be a mapping of settings")
-    data = _merge(data, env_overrides(environ))
+    data = _merge(_merge(data, env_overrides(environ)), overrides or {})
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

@@ -23,6 +23,7 @@ class GatewayError(Exception):
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
         retry: bool = False,
+        cookies: tuple[str, ...] = (),
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -30,6 +31,7 @@ class GatewayError(Exception):
             self.code = code
         self.headers = dict(headers or {})
         self.retry = retry
+        self.cookies = cookies
 
 
 class BadRequest(GatewayError):
@@ -100,7 +102,6 @@ class Redirect(GatewayError):
     title = "Redirecting"
 
     def __init__(self, location: str, *, cookies: tuple[str, ...] = (), status: int = 303) -> None:
-        super().__init__(f"Continue at {location}", headers={"Location": location})
+        super().__init__(f"Continue at {location}", headers={"Location": location}, cookies=cookies)
         self.location = location
-        self.cookies = cookies
         self.status = status

@@ -28,16 +28,16 @@ def error_response(request: web.Request, error: GatewayError) -> web.StreamRespo
     headers = {"Cache-Control": "no-store", **error.headers}
     if isinstance(error, Redirect):
         response = web.Response(status=error.status, headers=headers)
-        for cookie in error.cookies:
-            response.headers.add("Set-Cookie", cookie)
-        return response
-    if wants_html(request):
+    elif wants_html(request):
         template = getattr(error, "template", "error.html")
         response = aiohttp_jinja2.render_template(template, request, {"error": error}, status=error.status)
         response.headers.update(headers)
-        return response
-    body = {"error": {"code": error.code, "message": error.message, "status": error.status}}
-    return web.json_response(body, status=error.status, headers=headers)
+    else:
+        body = {"error": {"code": error.code, "message": error.message, "status": error.status}}
+        response = web.json_response(body, status=error.status, headers=headers)
+    for cookie in error.cookies:
+        response.headers.add("Set-Cookie", cookie)
+    return response
 
 
 def internal_error(request: web.Request, exc: BaseException) -> web.StreamResponse:

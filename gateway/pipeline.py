@@ -5,27 +5,30 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway import cors
 from gateway.accesslog import USER
 from gateway.auth.authenticate import Credentials, authenticate, sign_in_redirect
-from gateway.auth.handlers import preview_callback
+from gateway.auth.handlers import preview_callback, preview_popup
 from gateway.auth.identity import Identity
 from gateway.context import Gateway
-from gateway.errors import Forbidden, GatewayError, NotFound
+from gateway.errors import Forbidden, NotFound
 from gateway.lifecycle import Phase, WorkspaceState
 from gateway.pages import wants_html
 from gateway.policy import Decision, Reason, decide, denial, may_wake
-from gateway.proxy.headers import ClientFacts, upstream_request_headers
+from gateway.proxy.headers import ClientFacts, ResponseRules, upstream_request_headers
 from gateway.proxy.http import proxy_http
-from gateway.proxy.upstream import Upstream
+from gateway.proxy.upstream import WAKE_CONNECT_GRACE, Upstream
 from gateway.proxy.websocket import relay_websocket
 from gateway.routing import Kind, Target, normalise_host
 from gateway.wake import stream_progress
 
 log = logging.getLogger("codehub.policy")
+HUB_RULES = ResponseRules(cors.HUB_FRAME_HEADERS)
 _MEMBERS = (Reason.OWNER, Reason.COLLABORATOR, Reason.ADMIN)
 
 
@@ -75,7 +78,8 @@ def _check(request: web.Request, gateway: Gateway, target: Target, state: Worksp
     if decision.reason is Reason.USER_UNAUTHENTICATED and request.method in ("GET", "HEAD") and wants_html(request):
         path = credentials.path if preview else request.raw_path
         public_url = f"{gateway.hosts.scheme}://{request.headers['Host']}{path}"
-        raise sign_in_redirect(public_url, gateway.hosts.hub_url(""), preview=preview, secure=gateway.config.secure)
+        raise sign_in_redirect(request, public_url, gateway.hosts.hub_url(""), preview=preview,
+                               secure=gateway.config.secure)
     error = denial(decision)
     if error.status == 401:
         error.headers["WWW-Authenticate"] = 'Bearer realm="codehub"'
@@ -104,7 +108,12 @@ async def serve_reserved(request: web.Request, target: Target, gateway: Gateway)
     """Paths under ``/_codehub/`` on a preview host belong to the gateway, never to the app."""
     path = target.path.partition("?")[0]
     if path == "/_codehub/auth/callback":
-        return await preview_callback(request, gateway, _host(request, gateway))
+        assert target.port is not None
+        rule = cors.rule_for(gateway.policy, target.port)
+        cross_site = rule is not None and rule.mode == "replace" and rule.allow_credentials
+        return await preview_callback(request, gateway, _host(request, gateway), cross_site=cross_site)
+    if path == "/_codehub/auth/popup":
+        return await preview_popup(request)
     state = _workspace(gateway, target)
     if path == "/_codehub/wake/events":
         _check(request, gateway, target, state)
@@ -113,12 +122,55 @@ async def serve_reserved(request: web.Request, target: Target, gateway: Gateway)
     raise NotFound("There is nothing at this address.", code="no-route")
 
 
+def _response_rules(request: web.Request, gateway: Gateway, target: Target,
+                    state: WorkspaceState) -> ResponseRules:
+    """Framing policy on every preview response; CORS answers where the port's rule replaces the app's."""
+    policy = gateway.policy
+    replace = {"Content-Security-Policy": cors.frame_ancestors(policy)}
+    rule = cors.rule_for(policy, target.port) if target.port is not None else None
+    drop_cors = rule is not None and rule.mode == "replace"
+    origin = request.headers.get("Origin")
+    if drop_cors and rule is not None and origin and cors.origin_allowed(rule, origin, state.spec, gateway.hosts,
+                                                                         _owner_of(gateway)):
+        replace.update(cors.response_headers(rule, origin))
+    return ResponseRules(replace, drop_cors=drop_cors, drop_frame_options=bool(policy.embedding.frame_ancestors))
+
+
+def _owner_of(gateway: Gateway) -> Callable[[str], str | None]:
+    def owner(workspace: str) -> str | None:
+        state = gateway.runtime.get(workspace)
+        return state.spec.owner if state is not None else None
+
+    return owner
+
+
+def _preflight(request: web.Request, gateway: Gateway, target: Target, state: WorkspaceState) -> web.Response | None:
+    """Answer a CORS preflight from policy, before any credentials are asked for (browsers never send them)."""
+    assert target.port is not None
+    rule = cors.rule_for(gateway.policy, target.port)
+    if rule is None or rule.mode == "passthru":
+        return None
+    origin = request.headers["Origin"]
+    if not cors.origin_allowed(rule, origin, state.spec, gateway.hosts, _owner_of(gateway)):
+        raise Forbidden(f"Cross-origin requests from {origin} are not allowed by policy.", code="cors-origin-denied")
+    headers = cors.preflight_headers(rule, origin, request.headers.get("Access-Control-Request-Headers", ""))
+    return web.Response(status=204, headers=headers)
+
+
 async def serve_workspace(request: web.Request, target: Target, gateway: Gateway) -> web.StreamResponse:
     state = _workspace(gateway, target)
-    credentials = _check(request, gateway, target, state)
+    if target.kind is Kind.PREVIEW and cors.is_preflight(request.method, request.headers):
+        answer = _preflight(request, gateway, target, state)
+        if answer is not None:
+            return answer
+        credentials = Credentials(None, None, None, False, target.path)
+    else:
+        credentials = _check(request, gateway, target, state)
     port = target.port if target.kind is Kind.PREVIEW else state.spec.ide_port
     assert port is not None
+    held = state.phase is not Phase.RUNNING or gateway.waker.busy(state.id, port)
     state = await gateway.waker.ensure_awake(request, state, port)
+    grace = WAKE_CONNECT_GRACE if held else 0.0
     assert state.address is not None
     if target.kind is Kind.IDE:
         public_origin, prefix = gateway.hosts.hub_url(""), f"/w/{state.id}"
@@ -133,19 +185,16 @@ async def serve_workspace(request: web.Request, target: Target, gateway: Gateway
     keeps_awake = gateway.policy.wake.visitors_keep_awake or _is_member(gateway, state, credentials.identity)
     if keeps_awake:
         gateway.activity.touch(state.id)
-    try:
-        if is_websocket(request):
-            if target.kind is Kind.IDE:
-                _check_websocket_origin(request, gateway)
-            if not keeps_awake:
-                return await _relay(request, gateway, upstream, credentials.path, headers)
-            with gateway.activity.connection(state.id):
-                return await _relay(request, gateway, upstream, credentials.path, headers)
-        return await proxy_http(request, gateway.session, upstream, credentials.path, headers)
-    except GatewayError as exc:
-        if exc.code == "port-not-listening":
-            gateway.metrics.upstream_errors.labels("refused").inc()
-        raise
+    if is_websocket(request):
+        if target.kind is Kind.IDE:
+            _check_websocket_origin(request, gateway)
+        if not keeps_awake:
+            return await _relay(request, gateway, upstream, credentials.path, headers, grace)
+        with gateway.activity.connection(state.id):
+            return await _relay(request, gateway, upstream, credentials.path, headers, grace)
+    rules = _response_rules(request, gateway, target, state) if target.kind is Kind.PREVIEW else HUB_RULES
+    return await proxy_http(request, gateway.session, upstream, credentials.path, headers, metrics=gateway.metrics,
+                            connect_grace=grace, rules=rules)
 
 
 def _is_member(gateway: Gateway, state: WorkspaceState, identity: Identity | None) -> bool:
@@ -161,8 +210,8 @@ def _check_websocket_origin(request: web.Request, gateway: Gateway) -> None:
 
 
 async def _relay(request: web.Request, gateway: Gateway, upstream: Upstream, path: str,
-                 headers: CIMultiDict[str]) -> web.StreamResponse:
+                 headers: CIMultiDict[str], grace: float) -> web.StreamResponse:
     return await relay_websocket(
         request, gateway.session, upstream, path, headers, max_message=gateway.config.max_ws_message,
-        heartbeat=gateway.config.timeouts.websocket_heartbeat, metrics=gateway.metrics,
+        heartbeat=gateway.config.timeouts.websocket_heartbeat, metrics=gateway.metrics, connect_grace=grace,
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.auth.identity import Identity
 from gateway.errors import Forbidden, GatewayError, Unauthorized
@@ -81,13 +81,53 @@ class WakePolicy(_Model):
     visitors_keep_awake: bool = True
 
 
+class Embedding(_Model):
+    """Origins allowed to show previews in an iframe (a review tool, say); every other site is refused."""
+
+    frame_ancestors: tuple[str, ...] = ()
+
+    @field_validator("frame_ancestors")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            if not re.fullmatch(r"https?://[a-z0-9.*-]+(:\d{1,5})?", origin.lower()):
+                raise ValueError(f"{origin!r} is not an origin like https://review.example.com")
+        return value
+
+
+class CorsRule(_Model):
+    """CORS for some ports: which origins may call them, answered by the gateway or left to the app.
+
+    ``allow_origins`` holds origins and two keywords: ``same-workspace`` (other ports of the same workspace) and
+    ``same-owner`` (any port of a workspace with the same owner). ``mode: passthru`` leaves every
+    ``Access-Control-*`` header (and preflights) to the app; ``replace`` (default) drops the app's and answers
+    from this rule.
+    """
+
+    ports: tuple[Annotated[int, Field(ge=1, le=65535)], ...] = ()
+    allow_origins: tuple[str, ...] = ()
+    allow_credentials: bool = True
+    allow_methods: tuple[str, ...] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    allow_headers: tuple[str, ...] = ("*",)
+    expose_headers: tuple[str, ...] = ()
+    max_age: int = Field(default=600, ge=0, le=86400)
+    mode: Literal["replace", "passthru"] = "replace"
+
+
 class Policy(_Model):
     org: Org = Org()
     ports: Ports = Ports()
     share_links: ShareLinks = ShareLinks()
     wake: WakePolicy = WakePolicy()
     admins: tuple[str, ...] = ()
-    frame_ancestors: tuple[str, ...] = ()
+    embedding: Embedding = Embedding()
+    cors: tuple[CorsRule, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Policy:
+        if self.share_links.default_ttl > self.share_links.max_ttl:
+            raise ValueError("share_links.default_ttl is longer than share_links.max_ttl")
+        return self
 
 
 class PolicyError(Exception):

@@ -61,7 +61,8 @@ class Hosts:
             raise ValueError("hub_url and preview_domain must be valid host names")
         return cls(scheme=scheme, hub=hub, preview_suffix=preview)
 
-    def share_url(self, workspace: str, port: int, path: str = "/") -> str:
+    def share_url(self, workspace: str, port: int | str, path: str = "/") -> str:
+        """The public URL of a port (``port`` may be the template ``{port}`` for links to every port)."""
         name, _, host_port = self.preview_suffix.partition(":")
         suffix = name if not host_port or int(host_port) == _DEFAULT_PORTS[self.scheme] else self.preview_suffix
         return f"{self.scheme}://{port}-{workspace}.{suffix}{path}"

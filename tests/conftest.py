@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -43,6 +44,11 @@ def settings(tmp_path: Path, workspaces: dict[str, Any], **extra: Any) -> Config
 @pytest.fixture
 async def make_gateway(aiohttp_client: Any, tmp_path: Path) -> MakeGateway:
     async def make(config: Config | None = None, **kwargs: Any) -> TestClient[web.Request, web.Application]:
+        """Settings as keyword arguments; ``policy={...}`` is written to a policy file the gateway loads."""
+        if "policy" in kwargs:
+            policy_file = tmp_path / "policy.yaml"
+            policy_file.write_text(yaml.safe_dump(kwargs.pop("policy")))
+            kwargs["policy_file"] = str(policy_file)
         if config is None:
             config = settings(tmp_path, kwargs.pop("workspaces", {}), **kwargs)
         client: TestClient[web.Request, web.Application] = await aiohttp_client(

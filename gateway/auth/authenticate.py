@@ -14,7 +14,7 @@ from aiohttp import web
 from yarl import URL
 
 from gateway.auth.identity import Identity
-from gateway.auth.sessions import Sessions, cookie_name, set_cookie
+from gateway.auth.sessions import Sessions, cookie_name, is_embedded, set_cookie
 from gateway.auth.store import API_PREFIX, SHARE_PREFIX, ShareLink, TokenStore
 from gateway.errors import Forbidden, Redirect, Unauthorized
 from gateway.policy import Grant
@@ -69,7 +69,7 @@ def _check_link(link: ShareLink | None, now: float) -> ShareLink:
     return link
 
 
-def _grant(link: ShareLink) -> Grant:
+def grant_of(link: ShareLink) -> Grant:
     return Grant(link.id, link.workspace, link.port, link.audience, tuple(link.people))  # type: ignore[arg-type]
 
 
@@ -84,9 +84,11 @@ def authenticate(request: web.BaseRequest, path: str, host: str, *, sessions: Se
         link = _check_link(store.find_share(share_token), now)
         store.use_share(link, now)
         if request.method in ("GET", "HEAD"):
-            cookie = sessions.sign_state({"share": link.id}, host, link.expires - now)
-            raise Redirect(path, cookies=(set_cookie(cookie_name(SHARE, secure), cookie,
-                                                     max_age=int(link.expires - now), secure=secure),))
+            lifetime = int(link.expires - now)
+            value = sessions.sign_state({"share": link.id}, host, lifetime)
+            cookie = set_cookie(cookie_name(SHARE, secure), value, max_age=lifetime, secure=secure,
+                                embedded=is_embedded(request.headers))
+            raise Redirect(path, cookies=(cookie,))
     authorization = request.headers.get("Authorization", "")
     if authorization[:7].lower() == "bearer ":
         token = authorization[7:].strip()
@@ -101,18 +103,30 @@ def authenticate(request: web.BaseRequest, path: str, host: str, *, sessions: Se
             identity = Identity(record.subject, record.email, tuple(record.groups), record.name)
             consumed = True
     if identity is None:
-        cookie = request.cookies.get(cookie_name(SESSION, secure))
-        if cookie:
-            identity = sessions.read(cookie, host)
+        session = request.cookies.get(cookie_name(SESSION, secure))
+        if session:
+            identity = sessions.read(session, host)
     if link is None and preview:
         claims = sessions.read_state(request.cookies.get(cookie_name(SHARE, secure)), host)
         candidate = store.shares.get(str(claims.get("share"))) if claims else None
         if candidate is not None and candidate.active(now):
             link = candidate
-    return Credentials(identity, _grant(link) if link else None, link, consumed, path)
+    return Credentials(identity, grant_of(link) if link else None, link, consumed, path)
 
 
-def sign_in_redirect(public_url: str, hub_url: str, *, preview: bool, secure: bool) -> Redirect:
+class EmbedSignIn(Unauthorized):
+    """Inside an iframe a redirect to the hub would loop (its cookie is third-party there): instead this page
+    offers sign-in in a popup, which hands the code back to the frame."""
+
+    template = "embed_sign_in.html"
+
+    def __init__(self, handoff_url: str, cookie: str) -> None:
+        super().__init__("Sign in to see this preview.", code="user-unauthenticated", cookies=(cookie,))
+        self.handoff_url = handoff_url
+
+
+def sign_in_redirect(request: web.BaseRequest, public_url: str, hub_url: str, *, preview: bool,
+                     secure: bool) -> Unauthorized | Redirect:
     """Send a browser to sign in, remembering where it was going.
 
     A preview host cannot see the hub's cookie, so it asks the hub for a hand-off code, bound to a random
@@ -122,6 +136,10 @@ def sign_in_redirect(public_url: str, hub_url: str, *, preview: bool, secure: bo
         url = URL(public_url)
         return Redirect(str(URL(hub_url).with_path("/auth/login").with_query(next=url.raw_path_qs)), status=302)
     state = secrets.token_urlsafe(18)
-    location = URL(hub_url).with_path("/auth/handoff").with_query(target=public_url, state=state)
-    return Redirect(str(location), status=302,
-                    cookies=(set_cookie(cookie_name(HANDOFF, secure), state, max_age=300, secure=secure),))
+    embedded = is_embedded(request.headers)
+    cookie = set_cookie(cookie_name(HANDOFF, secure), state, max_age=300, secure=secure, embedded=embedded)
+    query = {"target": public_url, "state": state, **({"popup": "1"} if embedded else {})}
+    location = str(URL(hub_url).with_path("/auth/handoff").with_query(query))
+    if embedded:
+        return EmbedSignIn(location, cookie)
+    return Redirect(location, status=302, cookies=(cookie,))

@@ -11,7 +11,7 @@ from yarl import URL
 from gateway.auth.authenticate import HANDOFF, SESSION, safe_next
 from gateway.auth.identity import Identity
 from gateway.auth.oidc import Pkce, SignInFailed
-from gateway.auth.sessions import cookie_name, set_cookie
+from gateway.auth.sessions import cookie_name, is_embedded, set_cookie
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import BadRequest, Forbidden, GatewayError, Redirect
 from gateway.routing import Kind, normalise_host, route
@@ -131,19 +131,33 @@ async def handoff(request: web.Request) -> web.StreamResponse:
     if host is None or kind is not Kind.PREVIEW or target.scheme != gateway.hosts.scheme or not state:
         raise BadRequest("This sign-in request does not point at a preview of this gateway.", code="bad-handoff")
     code = gateway.auth.sessions.handoff_code(identity, host, state)
-    location = target.with_path("/_codehub/auth/callback").with_query(
-        code=code, next=safe_next(target.raw_path_qs)).with_fragment(None)
+    landing = "/_codehub/auth/popup" if request.query.get("popup") else "/_codehub/auth/callback"
+    location = target.with_path(landing).with_query(code=code, next=safe_next(target.raw_path_qs)).with_fragment(None)
     raise Redirect(str(location), status=302)
 
 
-async def preview_callback(request: web.Request, gateway: Gateway, host: str) -> web.StreamResponse:
+async def preview_callback(request: web.Request, gateway: Gateway, host: str, *,
+                           cross_site: bool) -> web.StreamResponse:
     """Preview side: trade the code for a cookie on this host and drop the code from the URL by a redirect."""
     secure = gateway.config.secure
+    embedded = is_embedded(request.headers)
     identity = gateway.auth.sessions.redeem_code(
         request.query.get("code", ""), host, request.cookies.get(cookie_name(HANDOFF, secure))
     )
-    raise Redirect(safe_next(request.query.get("next")), cookies=(
-        _session_cookie(gateway, identity, host), _expired(HANDOFF, secure)))
+    token = gateway.auth.sessions.issue(identity, host)
+    session = set_cookie(cookie_name(SESSION, secure), token, max_age=int(gateway.auth.sessions.ttl), secure=secure,
+                         embedded=embedded, cross_site=cross_site)
+    expired = set_cookie(cookie_name(HANDOFF, secure), "", max_age=0, secure=secure, embedded=embedded)
+    raise Redirect(safe_next(request.query.get("next")), cookies=(session, expired))
+
+
+async def preview_popup(request: web.Request) -> web.StreamResponse:
+    """In the sign-in popup: hand the code to the framed preview that opened it, on this same origin only."""
+    context = {"code": request.query.get("code", ""), "next": safe_next(request.query.get("next"))}
+    response = aiohttp_jinja2.render_template("popup_done.html", request, context)
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
 
 
 async def jwks(request: web.Request) -> web.Response:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jwt
@@ -28,15 +28,26 @@ def cookie_name(base: str, secure: bool) -> str:
     return f"__Host-codehub_{base}" if secure else f"codehub_{base}"
 
 
-def set_cookie(name: str, value: str, *, max_age: int, secure: bool, same_site: str = "Lax",
-               partitioned: bool = False) -> str:
-    """A host-only cookie (never ``Domain=``), HttpOnly, path ``/``; Secure under HTTPS."""
+def set_cookie(name: str, value: str, *, max_age: int, secure: bool, embedded: bool = False,
+               cross_site: bool = False) -> str:
+    """A host-only cookie (never ``Domain=``), HttpOnly, path ``/``; Secure under HTTPS.
+
+    ``embedded`` cookies are set inside an iframe on another site: browsers that block third-party cookies keep
+    them only as ``Partitioned`` (CHIPS) cookies, which need ``SameSite=None; Secure``. ``cross_site`` cookies
+    must ride on credentialed CORS requests from other preview hosts, so they are ``SameSite=None`` too.
+    """
+    same_site = "None" if embedded or cross_site else "Lax"
     parts = [f"{name}={value}", "Path=/", f"Max-Age={max_age}", "HttpOnly", f"SameSite={same_site}"]
     if secure or same_site == "None":
         parts.append("Secure")
-    if partitioned:
+    if embedded:
         parts.append("Partitioned")
     return "; ".join(parts)
+
+
+def is_embedded(headers: Mapping[str, str]) -> bool:
+    """The browser is loading this inside a frame (Fetch Metadata)."""
+    return headers.get("Sec-Fetch-Dest") in ("iframe", "frame")
 
 
 class Sessions:

@@ -80,6 +80,12 @@ class _Slot:
         return self.root / "settings.json"
 
 
+def configured_spec(name: str, ws: LocalWorkspace) -> WorkspaceSpec:
+    """A workspace as the configuration declares it, before any change made through the API."""
+    return WorkspaceSpec(id=name, owner=ws.owner, collaborators=ws.collaborators, ide_port=ws.ide_port,
+                         ports=dict(ws.ports))
+
+
 class LocalRuntime(Runtime):
     def __init__(self, local: Local, *, stop_timeout: float = 10.0) -> None:
         super().__init__()
@@ -87,10 +93,8 @@ class LocalRuntime(Runtime):
         self._stop_timeout = stop_timeout
         self._slots: dict[str, _Slot] = {}
         for index, (name, ws) in enumerate(local.workspaces.items()):
-            spec = WorkspaceSpec(id=name, owner=ws.owner, collaborators=ws.collaborators, ide_port=ws.ide_port,
-                                 ports=dict(ws.ports))
             address = ws.address or f"127.0.0.{index + 2}"
-            self._slots[name] = _Slot(spec, ws, address, self._state_dir / "workspaces" / name)
+            self._slots[name] = _Slot(configured_spec(name, ws), ws, address, self._state_dir / "workspaces" / name)
 
     def _slot(self, workspace: str) -> _Slot:
         slot = self._slots.get(workspace)
@@ -192,8 +196,7 @@ class LocalRuntime(Runtime):
 
     def _with_settings(self, slot: _Slot) -> WorkspaceSpec:
         settings = self._read_settings(slot)
-        spec = WorkspaceSpec(id=slot.spec.id, owner=slot.config.owner, collaborators=slot.config.collaborators,
-                             ide_port=slot.config.ide_port, ports=dict(slot.config.ports))
+        spec = configured_spec(slot.spec.id, slot.config)
         ports = settings.get("ports")
         if isinstance(ports, dict):
             spec = replace(spec, ports={**spec.ports, **{int(port): str(v) for port, v in ports.items()}})
@@ -236,10 +239,10 @@ class LocalRuntime(Runtime):
         slot.failure = message
         return self._end(slot)
 
-    def _command(self, slot: _Slot) -> list[str]:
+    def _command(self, slot: _Slot) -> tuple[str, ...]:
         values = {"host": slot.address, "home": str(slot.home), "ide_port": slot.spec.ide_port,
                   "workspace": slot.spec.id}
-        return [part.format(**values) for part in slot.config.command]
+        return tuple(part.format(**values) for part in slot.config.command)
 
     async def _spawn(self, slot: _Slot) -> None:
         slot.home.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ cookies, credentials, share tokens) is removed before the request leaves for the
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
@@ -54,6 +54,15 @@ class ClientFacts:
     trusted: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ResponseRules:
+    """What the gateway's policies change on an upstream response (framing, CORS)."""
+
+    replace: Mapping[str, str] = field(default_factory=dict)
+    drop_cors: bool = False
+    drop_frame_options: bool = False
+
+
 def _named_in_connection(headers: Headers) -> set[str]:
     names: set[str] = set()
     for value in headers.getall("connection", ()):
@@ -66,10 +75,10 @@ def strip_hop_by_hop(headers: Headers, *, keep_websocket: bool = False) -> CIMul
     named = _named_in_connection(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        lower = name.lower()
-        if name in HOP_BY_HOP or lower in named:
+        lower = name.lower()  # the sets hold lower-case names; ``istr`` does not make membership case-blind
+        if lower in HOP_BY_HOP or lower in named:
             continue
-        if not keep_websocket and name in _WEBSOCKET_HANDSHAKE:
+        if not keep_websocket and lower in _WEBSOCKET_HANDSHAKE:
             continue
         out.add(name, value)
     return out
@@ -107,7 +116,7 @@ def upstream_request_headers(
     cookies = [strip_gateway_cookies(value) for value in out.popall("cookie", ())]
     if any(cookies):
         out["Cookie"] = "; ".join(cookie for cookie in cookies if cookie)
-    trusted_chain = out.get("x-forwarded-for") if client.trusted else None
+    trusted_chain = ", ".join(out.getall("x-forwarded-for", ())) if client.trusted else None
     scheme = (out.get("x-forwarded-proto") if client.trusted else None) or client.scheme
     public_host = (out.get("x-forwarded-host") if client.trusted else None) or client.public_host
     for name in FORWARDING:
@@ -161,13 +170,30 @@ def downstream_response_headers(
     upstream_origins: Iterable[str],
     prefix: str = "",
     keep_websocket: bool = False,
+    replace: Mapping[str, str] | None = None,
+    drop_cors: bool = False,
+    drop_frame_options: bool = False,
 ) -> CIMultiDict[str]:
-    """The headers a client sees from an upstream response, after hygiene and rewriting."""
+    """The headers a client sees from an upstream response, after hygiene and rewriting.
+
+    ``replace`` headers are set by the gateway (framing policy, CORS answers); with ``drop_cors`` every upstream
+    ``Access-Control-*`` header goes first, so answers are replaced, never merged.
+    """
     out = strip_hop_by_hop(headers, keep_websocket=keep_websocket)
+    if drop_cors:
+        for name in [name for name in out if name.lower().startswith("access-control-")]:
+            out.popall(name, None)
+    if drop_frame_options:
+        out.popall("x-frame-options", None)
     if "location" in out:
         out["Location"] = rewrite_location(out["location"], upstream_origins, public_origin, prefix)
     cookies = out.popall("set-cookie", ())
     for cookie in cookies:
         if allowed_set_cookie(cookie, public_host):
             out.add("Set-Cookie", cookie)
+    for name, value in (replace or {}).items():
+        if name.lower() == "content-security-policy":
+            out.add(name, value)
+        else:
+            out[name] = value
     return out

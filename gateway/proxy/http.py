@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import aiohttp
@@ -10,18 +11,26 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.errors import BadGateway, GatewayTimeout
-from gateway.proxy.headers import downstream_response_headers
-from gateway.proxy.upstream import Upstream
+from gateway.metrics import Metrics
+from gateway.proxy.headers import ResponseRules, downstream_response_headers
+from gateway.proxy.upstream import ConnectGrace, Upstream
 
 log = logging.getLogger(__name__)
 _NO_BODY_STATUSES = frozenset({204, 304})
+NO_RULES = ResponseRules()
 
 
 class UpstreamRefused(BadGateway):
     """Nothing accepted the connection; the wake module uses this to tell a sleeping port from a broken one."""
 
 
-def refused(upstream: Upstream) -> UpstreamRefused:
+def connect_failure(exc: aiohttp.ClientConnectorError) -> str:
+    """The ``reason`` label of ``codehub_upstream_connect_errors_total`` for a failed connect."""
+    return "refused" if exc.os_error.errno == errno.ECONNREFUSED else "unreachable"
+
+
+def refused(upstream: Upstream, exc: aiohttp.ClientConnectorError, metrics: Metrics) -> UpstreamRefused:
+    metrics.upstream_errors.labels(connect_failure(exc)).inc()
     return UpstreamRefused(
         f"Nothing is listening on port {upstream.port} in workspace {upstream.workspace}. "
         "Start your dev server there; this page retries by itself.",
@@ -33,11 +42,33 @@ def refused(upstream: Upstream) -> UpstreamRefused:
 
 async def proxy_http(
     request: web.Request, session: aiohttp.ClientSession, upstream: Upstream, path: str,
-    headers: CIMultiDict[str],
+    headers: CIMultiDict[str], *, metrics: Metrics, connect_grace: float = 0.0, rules: ResponseRules = NO_RULES,
 ) -> web.StreamResponse:
-    """Send the request upstream and stream the answer back; errors before the answer starts are raised."""
+    """Send the request upstream and stream the answer back; errors before the answer starts are raised.
+
+    ``connect_grace``: how long refused connects are retried (see ``ConnectGrace``); ``rules``: what policy
+    changes on the response (framing, CORS)."""
+    grace = ConnectGrace(connect_grace)
+    while True:
+        try:
+            return await _exchange(request, session, upstream, path, headers, metrics, rules)
+        except _Refused as refusal:
+            if not await grace.again(refusal.exc):
+                raise refused(upstream, refusal.exc, metrics) from refusal.exc
+
+
+class _Refused(Exception):
+    def __init__(self, exc: aiohttp.ClientConnectorError) -> None:
+        self.exc = exc
+
+
+async def _exchange(
+    request: web.Request, session: aiohttp.ClientSession, upstream: Upstream, path: str,
+    headers: CIMultiDict[str], metrics: Metrics, rules: ResponseRules,
+) -> web.StreamResponse:
     body = request.content if request.body_exists else None
     url = URL(upstream.origin + path, encoded=True)
+    response: web.StreamResponse | None = None
     try:
         async with session.request(
             request.method, url, headers=headers, data=body, allow_redirects=False, compress=False, chunked=None,
@@ -47,7 +78,8 @@ async def proxy_http(
                 downstream_response_headers(
                     answer.headers, public_host=request.headers.get("Host", ""),
                     public_origin=upstream.public_origin, upstream_origins=upstream.origins,
-                    prefix=upstream.prefix,
+                    prefix=upstream.prefix, replace=rules.replace, drop_cors=rules.drop_cors,
+                    drop_frame_options=rules.drop_frame_options,
                 )
             )
             if answer.content_length is not None and "Transfer-Encoding" not in answer.headers:
@@ -58,17 +90,27 @@ async def proxy_http(
             elif request.transport is not None:
                 request.transport.close()
             return response
+    except ConnectionResetError as exc:
+        if response is not None and response.prepared:
+            raise  # the client went away mid-body (aiohttp's reset error is also a ClientError): not a 502
+        raise _broken_off(upstream, exc) from exc
     except aiohttp.ClientConnectorError as exc:
-        raise refused(upstream) from exc
+        raise _Refused(exc) from exc
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            metrics.upstream_errors.labels("timeout").inc()
         raise GatewayTimeout(
             f"Port {upstream.port} in workspace {upstream.workspace} accepted the request but did not answer in time."
         ) from exc
     except aiohttp.ClientError as exc:
-        raise BadGateway(
-            f"Port {upstream.port} in workspace {upstream.workspace} broke off the connection: {type(exc).__name__}.",
-            code="upstream-error",
-        ) from exc
+        raise _broken_off(upstream, exc) from exc
+
+
+def _broken_off(upstream: Upstream, exc: Exception) -> BadGateway:
+    return BadGateway(
+        f"Port {upstream.port} in workspace {upstream.workspace} broke off the connection: {type(exc).__name__}.",
+        code="upstream-error",
+    )
 
 
 async def _pump(answer: aiohttp.ClientResponse, response: web.StreamResponse) -> bool:

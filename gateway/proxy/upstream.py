@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -32,6 +35,30 @@ class Upstream:
     def origins(self) -> tuple[str, ...]:
         """Spellings of the upstream an app may put in ``Location`` headers."""
         return (self.origin, f"http://localhost:{self.port}", f"http://127.0.0.1:{self.port}")
+
+
+WAKE_CONNECT_GRACE = 2.0
+
+
+class ConnectGrace:
+    """Retry refused connects for a short while: used for requests that waited for a wake.
+
+    The wake calls a port ready after one accepted connection, but dev servers may accept one and then refuse:
+    Vite probes its port by listening briefly on the wildcard addresses before binding the real server, so the
+    first real connect can land in the gap. Nothing of the request has been sent when a connect fails, so a retry
+    is always safe.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._deadline = time.monotonic() + seconds
+        self._delay = 0.02
+
+    async def again(self, exc: aiohttp.ClientConnectorError) -> bool:
+        if exc.os_error.errno != errno.ECONNREFUSED or time.monotonic() + self._delay > self._deadline:
+            return False
+        await asyncio.sleep(self._delay)
+        self._delay = min(self._delay * 2, 0.25)
+        return True
 
 
 def make_session(timeouts: Timeouts) -> aiohttp.ClientSession:

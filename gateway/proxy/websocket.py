@@ -14,7 +14,7 @@ from yarl import URL
 from gateway.errors import BadGateway
 from gateway.metrics import Metrics
 from gateway.proxy.http import refused
-from gateway.proxy.upstream import Upstream
+from gateway.proxy.upstream import ConnectGrace, Upstream
 
 _UNSENDABLE_CODES = frozenset({1005, 1006, 1015})
 AnyWebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
@@ -50,18 +50,17 @@ async def _pipe(source: AnyWebSocket, sink: AnyWebSocket) -> None:
     await sink.close(code=_close_code(source.close_code))
 
 
-async def relay_websocket(
-    request: web.Request, session: aiohttp.ClientSession, upstream: Upstream, path: str,
-    headers: CIMultiDict[str], *, max_message: int, heartbeat: float, metrics: Metrics,
-) -> web.WebSocketResponse:
-    url = URL(upstream.origin.replace("http://", "ws://", 1) + path, encoded=True)
+async def _connect(
+    session: aiohttp.ClientSession, url: URL, headers: CIMultiDict[str], protocols: tuple[str, ...],
+    max_message: int, upstream: Upstream,
+) -> aiohttp.ClientWebSocketResponse:
+    """The upstream handshake; a refused connect is raised as is (the caller may retry it)."""
     try:
-        remote = await session.ws_connect(
-            url, headers=headers, protocols=offered_protocols(request), autoping=True, compress=0,
-            max_msg_size=max_message,
+        return await session.ws_connect(
+            url, headers=headers, protocols=protocols, autoping=True, compress=0, max_msg_size=max_message,
         )
-    except aiohttp.ClientConnectorError as exc:
-        raise refused(upstream) from exc
+    except aiohttp.ClientConnectorError:
+        raise
     except aiohttp.WSServerHandshakeError as exc:
         raise BadGateway(
             f"Port {upstream.port} in workspace {upstream.workspace} refused the WebSocket ({exc.status}).",
@@ -70,6 +69,20 @@ async def relay_websocket(
     except aiohttp.ClientError as exc:
         raise BadGateway(f"The WebSocket to port {upstream.port} failed: {type(exc).__name__}.") from exc
 
+
+async def relay_websocket(
+    request: web.Request, session: aiohttp.ClientSession, upstream: Upstream, path: str,
+    headers: CIMultiDict[str], *, max_message: int, heartbeat: float, metrics: Metrics, connect_grace: float = 0.0,
+) -> web.WebSocketResponse:
+    url = URL(upstream.origin.replace("http://", "ws://", 1) + path, encoded=True)
+    grace = ConnectGrace(connect_grace)
+    while True:
+        try:
+            remote = await _connect(session, url, headers, offered_protocols(request), max_message, upstream)
+            break
+        except aiohttp.ClientConnectorError as exc:
+            if not await grace.again(exc):
+                raise refused(upstream, exc, metrics) from exc
     local = web.WebSocketResponse(
         protocols=(remote.protocol,) if remote.protocol else (), autoping=True, compress=False,
         max_msg_size=max_message, heartbeat=heartbeat,
@@ -85,6 +98,11 @@ async def relay_websocket(
         metrics.websockets.dec()
         if upward is not None and not upward.done():
             upward.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await upward
+        # The handler is cancelled as soon as the client's connection drops, which can be in the middle of
+        # passing its close on: the upstream still gets the client's code (or "going away"), never a bare 1000.
+        code = _close_code(local.close_code) if local.close_code is not None else WSCloseCode.GOING_AWAY
         with contextlib.suppress(Exception):
-            await remote.close()
+            await remote.close(code=code)
     return local

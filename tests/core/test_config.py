@@ -1,0 +1,114 @@
+"""Settings: good and bad YAML and environment variables, each bad one a single line naming the key; and the
+``serve`` command refusing a bad file with exit status 2 and that one line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+WS = "local:\n  workspaces:\n    ws1:\n      owner: alice\n      command: [sleep, '1']\n"
+
+
+def load(tmp_path: Path, text: str | None, env: dict[str, str] | None = None) -> Any:
+    path = None
+    if text is not None:
+        path = tmp_path / "gateway.yaml"
+        path.write_text(text)
+    return load_config(path, env or {})
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "check"),
+    [
+        ("", {}, lambda c: c.listen.port == 8080 and c.local.workspaces == {}),
+        (None, {}, lambda c: "demo" in c.local.workspaces),
+        ("listen: {host: 0.0.0.0, port: 9000}\nauth: {allow_dev_on_network: true}\n", {},
+         lambda c: (c.listen.host, c.listen.port) == ("0.0.0.0", 9000)),
+        ("listen: {port: 9000}\n", {"CODEHUB_LISTEN__PORT": "9100"}, lambda c: c.listen.port == 9100),
+        ("", {"CODEHUB_TIMEOUTS__READ": "2.5"}, lambda c: c.timeouts.read == 2.5),
+        ("", {"CODEHUB_TRUSTED_PROXIES": "[127.0.0.0/8, '::1/128']"},
+         lambda c: c.trusted_proxies == ("127.0.0.0/8", "::1/128")),
+        ("", {"CODEHUB_POLICY_FILE": "/etc/codehub/policy.yaml"},
+         lambda c: str(c.policy_file) == "/etc/codehub/policy.yaml"),
+        ("hub_url: https://hub.example.com/\npreview_domain: Preview.Example.com.\n", {},
+         lambda c: (c.hub_url, c.preview_domain, c.scheme) == ("https://hub.example.com", "preview.example.com",
+                                                               "https")),
+        (WS + "      ports: {3000: public, 5173: org}\n      address: 127.0.0.9\n", {},
+         lambda c: c.local.workspaces["ws1"].ports == {3000: "public", 5173: "org"}),
+        (None, {"HOME": "/x", "CODEHUB_CONFIG": ""}, lambda c: "demo" in c.local.workspaces),
+    ],
+)
+def test_good_settings(tmp_path: Path, text: str | None, env: dict[str, str], check: Any) -> None:
+    assert check(load(tmp_path, text, env))
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("listen: {port: 70000}\n", {}, "listen.port: Input should be less than or equal to 65535"),
+        ("lisen: {port: 80}\n", {}, "lisen: unknown setting"),
+        ("listen: {port: 80, hots: x}\n", {}, "listen.hots: unknown setting"),
+        ("listen: [1]\n", {}, "listen: Input should be a valid dictionary"),
+        ("hub_url: ftp://hub\n", {}, "hub_url: must be an http(s) URL"),
+        ("hub_url: https://hub.example.com/path\n", {}, "hub_url: must be an http(s) URL"),
+        ("preview_domain: 'bad domain'\n", {}, "preview_domain: must be a host name"),
+        ("trusted_proxies: [nope]\n", {}, "trusted_proxies: 'nope' does not appear to be an IPv4 or IPv6 network"),
+        ("listen: {host: 0.0.0.0}\n", {}, "auth.mode is dev (anyone can sign in as anyone) but listen.host 0.0.0.0"),
+        ("auth: {mode: oidc}\n", {}, "auth.mode is oidc but auth.oidc (issuer, client_id, client_secret) is not set"),
+        ("timeouts: {read: -1}\n", {}, "timeouts.read: Input should be greater than 0"),
+        ("timeouts: {connect: soon}\n", {}, "timeouts.connect: Input should be a valid number"),
+        ("runtime: docker\n", {}, "runtime: Input should be 'local' or 'kubernetes'"),
+        ("max_ws_message: 0\n", {}, "max_ws_message: Input should be greater than 0"),
+        ("local: {workspaces: {Bad_Id: {owner: a, command: [x]}}}\n", {}, "local.workspaces: workspace id 'Bad_Id'"),
+        (WS.replace("[sleep, '1']", "[]"), {}, "local.workspaces.ws1.command: must name a program to run"),
+        (WS.replace("'1'", "'{port}'"), {}, "local.workspaces.ws1.command: '{port}': unknown placeholder"),
+        (WS + "      address: 10.0.0.1\n", {}, "local.workspaces.ws1.address: must be a loopback address"),
+        (WS + "      address: not-an-ip\n", {}, "local.workspaces.ws1.address: 'not-an-ip' does not appear"),
+        (WS + "      ports: {70000: public}\n", {}, "local.workspaces.ws1.ports.70000: Input should be less than"),
+        (WS + "      ports: {3000: everyone}\n", {}, "local.workspaces.ws1.ports.3000: Input should be 'private'"),
+        (WS.replace("      owner: alice\n", ""), {}, "local.workspaces.ws1.owner: Field required"),
+        ("a: b: c\n", {}, "gateway.yaml:1: not valid YAML (mapping values are not allowed here)"),
+        ("- 1\n", {}, "gateway.yaml: the top level must be a mapping of settings"),
+        ("", {"CODEHUB_LISTEN__PORT": "eighty"}, "listen.port: Input should be a valid integer"),
+        ("", {"CODEHUB_LISTEN": "5"}, "listen: Input should be a valid dictionary"),
+        ("", {"CODEHUB_BOGUS": "1"}, "bogus: unknown setting"),
+        ("", {"CODEHUB_TIMEOUTS__READ": "0"}, "timeouts.read: Input should be greater than 0"),
+        ("", {"CODEHUB_HUB_URL": ""}, "hub_url: must be an http(s) URL"),
+        ("", {"CODEHUB_TRUSTED_PROXIES": "[300.0.0.0/8]"}, "trusted_proxies: '300.0.0.0/8' does not appear"),
+        (None, {"CODEHUB_CONFIG": "/nonexistent/gateway.yaml"},
+         "cannot read /nonexistent/gateway.yaml: No such file or directory"),
+    ],
+)
+def test_bad_settings_are_one_line_naming_the_key(tmp_path: Path, text: str | None, env: dict[str, str],
+                                                  message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, text, env)
+    error = str(caught.value)
+    assert "\n" not in error
+    assert error.startswith("config error: ")
+    assert message in error, error
+
+
+async def test_serve_with_a_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen:\n  port: 70000\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {key: value for key, value in env.items() if not key.startswith("CODEHUB_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(bad), cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        stdout, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert stdout == b""
+    assert stderr.decode().splitlines() == [
+        "config error: listen.port: Input should be less than or equal to 65535"]
