@@ -5,9 +5,12 @@ Query strings are left out on purpose: share tokens and hand-off codes travel th
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
+from typing import TextIO
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -37,4 +40,54 @@ class AccessLogger(AbstractAccessLogger):
             "port": target.port if target else None,
             "user": request.get(USER),
         }
-        self.logger.info(json.dumps(record, separators=(",", ":")))
+        line = json.dumps(record, separators=(",", ":"))
+        # Straight to the handlers: Logger.info would also walk the stack to find the caller, per request.
+        self.logger.handle(logging.LogRecord(self.logger.name, logging.INFO, __file__, 0, line, None, None))
+
+
+class BufferedLineHandler(logging.Handler):
+    """Writes records to a stream in batches, like nginx's ``access_log … buffer= flush=``: at most ``interval``
+    seconds late or ``limit`` characters pending, so a busy gateway pays one write per batch, not per request."""
+
+    def __init__(self, stream: TextIO, *, interval: float = 0.5, limit: int = 64 << 10) -> None:
+        super().__init__()
+        self._stream = stream
+        self._interval = interval
+        self._limit = limit
+        self._lines: list[str] = []
+        self._pending = 0
+        self._due: asyncio.TimerHandle | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._lines.append(line)
+        self._pending += len(line) + 1
+        if self._pending >= self._limit:
+            self.flush()
+        elif self._due is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._due = loop.call_later(self._interval, self.flush)
+
+    def flush(self) -> None:
+        with self.lock if self.lock is not None else contextlib.nullcontext():
+            if self._due is not None:
+                self._due.cancel()
+                self._due = None
+            if not self._lines:
+                return
+            data = "\n".join(self._lines) + "\n"
+            self._lines.clear()
+            self._pending = 0
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -51,9 +53,23 @@ class Metrics:
             "codehub_idle_transitions", "Idle stops and archives done by the reaper.", ["to_phase"], registry=r
         )
 
+        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._decision_children: dict[tuple[bool, str], Any] = {}
+
     def observe_request(self, kind: str, status: int, seconds: float) -> None:
-        self.requests.labels(kind, f"{status // 100}xx").inc()
-        self.duration.labels(kind).observe(seconds)
+        key = (kind, status // 100)
+        children = self._request_children.get(key)
+        if children is None:  # labels() takes a lock and builds tuples: look each child up once
+            children = (self.requests.labels(kind, f"{key[1]}xx"), self.duration.labels(kind))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def decision(self, allow: bool, reason: str) -> None:
+        child = self._decision_children.get((allow, reason))
+        if child is None:
+            child = self._decision_children[(allow, reason)] = self.policy_decisions.labels(str(allow).lower(), reason)
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

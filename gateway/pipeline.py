@@ -39,8 +39,8 @@ def is_websocket(request: web.BaseRequest) -> bool:
 def client_facts(request: web.BaseRequest, gateway: Gateway) -> ClientFacts:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     address = peer[0] if peer else "0.0.0.0"
-    ip = ipaddress.ip_address(address)
-    trusted = any(ip in network for network in gateway.trusted_proxies)
+    trusted = bool(gateway.trusted_proxies) and any(
+        ipaddress.ip_address(address) in network for network in gateway.trusted_proxies)
     return ClientFacts(peer=address, scheme=gateway.hosts.scheme, public_host=request.headers.get("Host", ""),
                        trusted=trusted)
 
@@ -87,7 +87,7 @@ def _check(request: web.Request, gateway: Gateway, target: Target, state: Worksp
 
 
 def _record(gateway: Gateway, target: Target, identity: Identity | None, decision: Decision) -> None:
-    gateway.metrics.policy_decisions.labels(str(decision.allow).lower(), decision.reason.value).inc()
+    gateway.metrics.decision(decision.allow, decision.reason.value)
     if not decision.allow:
         log.info("deny %s port %s for %s: %s (%s)", target.workspace, target.port,
                  identity.subject if identity else "anonymous", decision.reason.value, decision.rule)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 
@@ -18,6 +19,9 @@ from gateway.proxy.upstream import ConnectGrace, Upstream
 log = logging.getLogger(__name__)
 _NO_BODY_STATUSES = frozenset({204, 304})
 NO_RULES = ResponseRules()
+SMALL_BODY = 16 << 10
+"""An answer with a Content-Length up to this size is read whole and sent in one write, head and body together
+(a streamed answer costs a write for the head and one per chunk)."""
 
 
 class UpstreamRefused(BadGateway):
@@ -73,17 +77,27 @@ async def _exchange(
         async with session.request(
             request.method, url, headers=headers, data=body, allow_redirects=False, compress=False, chunked=None,
         ) as answer:
-            response = web.StreamResponse(status=answer.status, reason=answer.reason)
-            response.headers.extend(
-                downstream_response_headers(
-                    answer.headers, public_host=request.headers.get("Host", ""),
-                    public_origin=upstream.public_origin, upstream_origins=upstream.origins,
-                    prefix=upstream.prefix, replace=rules.replace, drop_cors=rules.drop_cors,
-                    drop_frame_options=rules.drop_frame_options,
-                )
+            out_headers = downstream_response_headers(
+                answer.headers, public_host=request.headers.get("Host", ""),
+                public_origin=upstream.public_origin, upstream_origins=upstream.origins,
+                prefix=upstream.prefix, replace=rules.replace, drop_cors=rules.drop_cors,
+                drop_frame_options=rules.drop_frame_options,
             )
-            if answer.content_length is not None and "Transfer-Encoding" not in answer.headers:
-                response.content_length = answer.content_length
+            length = answer.content_length if "Transfer-Encoding" not in answer.headers else None
+            if (length is not None and length <= SMALL_BODY and request.method != "HEAD"
+                    and answer.status not in _NO_BODY_STATUSES):
+                try:
+                    body = await answer.content.readexactly(length)
+                except asyncio.IncompleteReadError as exc:
+                    raise _broken_off(upstream, exc) from exc
+                response = web.Response(status=answer.status, reason=answer.reason, body=body, headers=out_headers)
+                await response.prepare(request)
+                await response.write_eof()
+                return response
+            response = web.StreamResponse(status=answer.status, reason=answer.reason)
+            response.headers.extend(out_headers)
+            if length is not None:
+                response.content_length = length
             await response.prepare(request)
             if request.method == "HEAD" or answer.status in _NO_BODY_STATUSES or await _pump(answer, response):
                 await response.write_eof()
