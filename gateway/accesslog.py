@@ -9,8 +9,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import select
 import time
-from typing import TextIO
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -46,12 +47,14 @@ class AccessLogger(AbstractAccessLogger):
 
 
 class BufferedLineHandler(logging.Handler):
-    """Writes records to a stream in batches, like nginx's ``access_log … buffer= flush=``: at most ``interval``
-    seconds late or ``limit`` characters pending, so a busy gateway pays one write per batch, not per request."""
+    """Writes records to a file descriptor in batches, like nginx's ``access_log … buffer= flush=``: at most
+    ``interval`` seconds late or ``limit`` characters pending, so a busy gateway pays one write per batch, not
+    per request. Each write holds whole lines and at most ``PIPE_BUF`` bytes, so lines from several worker
+    processes sharing one pipe never interleave."""
 
-    def __init__(self, stream: TextIO, *, interval: float = 0.5, limit: int = 64 << 10) -> None:
+    def __init__(self, fd: int, *, interval: float = 0.5, limit: int = 16 << 10) -> None:
         super().__init__()
-        self._stream = stream
+        self._fd = fd
         self._interval = interval
         self._limit = limit
         self._lines: list[str] = []
@@ -83,11 +86,18 @@ class BufferedLineHandler(logging.Handler):
                 self._due = None
             if not self._lines:
                 return
-            data = "\n".join(self._lines) + "\n"
+            lines = [line.encode("utf-8", "replace") + b"\n" for line in self._lines]
             self._lines.clear()
             self._pending = 0
-        try:
-            self._stream.write(data)
-            self._stream.flush()
-        except (OSError, ValueError):
-            pass
+        chunk = b""
+        for line in lines:
+            if chunk and len(chunk) + len(line) > select.PIPE_BUF:
+                self._write(chunk)
+                chunk = b""
+            chunk += line
+        self._write(chunk)
+
+    def _write(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            while data:
+                data = data[os.write(self._fd, data):]

@@ -34,6 +34,7 @@ class Activity:
         self._clock = clock
         self._last: dict[str, float] = {}
         self._open: dict[str, int] = {}
+        self._remote_open: dict[int, dict[str, int]] = {}
 
     def touch(self, workspace: str) -> None:
         self._last[workspace] = self._clock()
@@ -50,12 +51,30 @@ class Activity:
                 del self._open[workspace]
             self.touch(workspace)
 
+    def snapshot(self) -> tuple[dict[str, float], dict[str, int]]:
+        """Copies of the last-activity times and open connections (what a worker reports to its parent)."""
+        return dict(self._last), dict(self._open)
+
+    def merge(self, source: int, last: dict[str, float], open_: dict[str, int]) -> None:
+        """Fold in a worker's report: later times win; its open connections replace its previous report."""
+        for workspace, when in last.items():
+            if when > self._last.get(workspace, 0.0):
+                self._last[workspace] = when
+        if open_:
+            self._remote_open[source] = dict(open_)
+        else:
+            self._remote_open.pop(source, None)
+
+    def forget(self, source: int) -> None:
+        """A worker went away: its connections went with it."""
+        self._remote_open.pop(source, None)
+
     def last(self, workspace: str) -> float | None:
         return self._last.get(workspace)
 
     def idle_for(self, workspace: str, since: float) -> float:
         """Seconds without activity, counting from ``since`` (the phase start) when there was none."""
-        if self._open.get(workspace):
+        if self._open.get(workspace) or any(opened.get(workspace) for opened in self._remote_open.values()):
             return 0.0
         return self._clock() - max(self._last.get(workspace, since), since)
 

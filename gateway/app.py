@@ -133,8 +133,13 @@ def make_runtime(config: Config) -> Runtime:
     return KubernetesRuntime.from_config(config)
 
 
-def build_app(config: Config, runtime: Runtime | None = None) -> web.Application:
-    """Everything that can fail on bad settings fails here, before the server listens."""
+REAPS = web.AppKey("codehub_reaps", bool)
+
+
+def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = True) -> web.Application:
+    """Everything that can fail on bad settings fails here, before the server listens.
+
+    ``reap=False``: another process runs the idle reaper (a ``serve --workers`` worker on the local runtime)."""
     metrics_ = Metrics()
     runtime = runtime if runtime is not None else make_runtime(config)
     policies = PolicyHolder(config.policy_file)
@@ -157,6 +162,7 @@ def build_app(config: Config, runtime: Runtime | None = None) -> web.Application
     # Request bodies pass through as sent: the server must not undo a client's Content-Encoding.
     app = web.Application(middlewares=[front_door], handler_args={"auto_decompress": False})
     app[GATEWAY] = gateway
+    app[REAPS] = reap
     aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway", "templates"), autoescape=True)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -179,7 +185,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     idle = gateway.config.idle
     reaper = asyncio.create_task(
         reap_forever(gateway.runtime, gateway.activity, IdleTimers(idle.to_warm, idle.to_cold, idle.check_every),
-                     gateway.metrics)
+                     gateway.metrics, is_leader=lambda: app[REAPS])
     )
     try:
         yield

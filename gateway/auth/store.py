@@ -7,12 +7,15 @@ disk write per request.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,33 +70,110 @@ class ApiToken:
 
 
 class TokenStore:
+    """The share links and API tokens in one JSON file, safe to share between worker processes.
+
+    Writers take an exclusive ``flock`` on ``<file>.lock``, re-read the file if another process changed it, apply
+    their change and replace the file atomically. Readers look at the file's identity (mtime, size, inode) before
+    every lookup and reload when it changed, so a link revoked or a token created through one worker is seen by
+    every other worker on its next request. Use counts are kept as per-process deltas and added to whatever the
+    file holds when they are written.
+    """
+
     def __init__(self, path: Path | None) -> None:
         self._path = path
-        self.shares: dict[str, ShareLink] = {}
-        self.api_tokens: dict[str, ApiToken] = {}
-        self._dirty = False
-        if path is not None and path.exists():
-            data = json.loads(path.read_text())
-            self.shares = {item["id"]: ShareLink(**item) for item in data.get("shares", [])}
-            self.api_tokens = {item["id"]: ApiToken(**item) for item in data.get("api_tokens", [])}
-        self._share_index = {link.token_hash: link for link in self.shares.values()}
-        self._api_index = {token.token_hash: token for token in self.api_tokens.values()}
+        self._shares: dict[str, ShareLink] = {}
+        self._api_tokens: dict[str, ApiToken] = {}
+        self._share_index: dict[str, ShareLink] = {}
+        self._api_index: dict[str, ApiToken] = {}
+        self._stamp: tuple[int, int, int] | None = None
+        self._share_uses: dict[str, tuple[int, float]] = {}
+        self._token_uses: dict[str, float] = {}
+        self.refresh()
 
-    def save(self) -> None:
+    # --- reading -------------------------------------------------------------------------------------------
+
+    @property
+    def shares(self) -> dict[str, ShareLink]:
+        self.refresh()
+        return self._shares
+
+    @property
+    def api_tokens(self) -> dict[str, ApiToken]:
+        self.refresh()
+        return self._api_tokens
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
         if self._path is None:
+            return None
+        try:
+            stat = self._path.stat()
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    def refresh(self) -> None:
+        """Reload when the file changed since this process last read or wrote it."""
+        stamp = self._file_stamp()
+        if stamp is None or stamp == self._stamp:
             return
-        data = {"shares": [dataclasses.asdict(link) for link in self.shares.values()],
-                "api_tokens": [dataclasses.asdict(token) for token in self.api_tokens.values()]}
+        assert self._path is not None
+        try:
+            data = json.loads(self._path.read_text())
+        except (OSError, ValueError):
+            return  # mid-replace or unreadable: keep what we have, look again next time
+        self._stamp = stamp
+        self._shares = {item["id"]: ShareLink(**item) for item in data.get("shares", [])}
+        self._api_tokens = {item["id"]: ApiToken(**item) for item in data.get("api_tokens", [])}
+        for share_id, (uses, last) in self._share_uses.items():
+            if share_id in self._shares:
+                link = self._shares[share_id]
+                link.uses += uses
+                link.last_used = max(link.last_used or 0.0, last)
+        for token_id, last in self._token_uses.items():
+            if token_id in self._api_tokens:
+                record = self._api_tokens[token_id]
+                record.last_used = max(record.last_used or 0.0, last)
+        self._share_index = {link.token_hash: link for link in self._shares.values()}
+        self._api_index = {token.token_hash: token for token in self._api_tokens.values()}
+
+    # --- writing -------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Exclusive across processes: fresh data in, the file replaced on the way out."""
+        if self._path is None:
+            yield
+            return
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._path.with_name(self._path.name + ".tmp")
+        fd = os.open(self._path.with_name(self._path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.refresh()
+            yield
+            self._write()
+        finally:
+            os.close(fd)
+
+    def _write(self) -> None:
+        assert self._path is not None
+        data = {"shares": [dataclasses.asdict(link) for link in self._shares.values()],
+                "api_tokens": [dataclasses.asdict(token) for token in self._api_tokens.values()]}
+        tmp = self._path.with_name(f"{self._path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle)
         os.replace(tmp, self._path)
-        self._dirty = False
+        self._share_uses.clear()
+        self._token_uses.clear()
+        self._stamp = self._file_stamp()
+
+    def save(self) -> None:
+        with self._writing():
+            pass
 
     def flush(self) -> None:
-        if self._dirty:
+        """Write pending use counts, if any."""
+        if self._share_uses or self._token_uses:
             self.save()
 
     def create_share(self, *, workspace: str, port: int | None, audience: str, people: list[str], created_by: str,
@@ -102,40 +182,52 @@ class TokenStore:
         token = SHARE_PREFIX + secrets.token_urlsafe(24)
         link = ShareLink(id=secrets.token_hex(6), token_hash=token_hash(token), workspace=workspace, port=port,
                          audience=audience, people=people, created_by=created_by, created=now, expires=now + ttl)
-        self.shares[link.id] = link
-        self._share_index[link.token_hash] = link
-        self.save()
+        with self._writing():
+            self._shares[link.id] = link
+            self._share_index[link.token_hash] = link
         return link, token
 
     def find_share(self, token: str) -> ShareLink | None:
-        return self._share_index.get(token_hash(token)) if token.startswith(SHARE_PREFIX) else None
+        if not token.startswith(SHARE_PREFIX):
+            return None
+        self.refresh()
+        return self._share_index.get(token_hash(token))
 
     def use_share(self, link: ShareLink, now: float | None = None) -> None:
+        now = time.time() if now is None else now
         link.uses += 1
-        link.last_used = time.time() if now is None else now
-        self._dirty = True
+        link.last_used = now
+        uses, _ = self._share_uses.get(link.id, (0, now))
+        self._share_uses[link.id] = (uses + 1, now)
 
     def revoke_share(self, link: ShareLink, now: float | None = None) -> None:
-        link.revoked = time.time() if now is None else now
-        self.save()
+        now = time.time() if now is None else now
+        with self._writing():
+            fresh = self._shares.get(link.id)
+            if fresh is not None and fresh.revoked is None:
+                fresh.revoked = now
+        link.revoked = link.revoked or now
 
     def create_api_token(self, *, subject: str, email: str, groups: list[str], name: str) -> tuple[ApiToken, str]:
         token = API_PREFIX + secrets.token_urlsafe(32)
         record = ApiToken(id=secrets.token_hex(6), token_hash=token_hash(token), subject=subject, name=name,
                           created=time.time(), email=email, groups=groups)
-        self.api_tokens[record.id] = record
-        self._api_index[record.token_hash] = record
-        self.save()
+        with self._writing():
+            self._api_tokens[record.id] = record
+            self._api_index[record.token_hash] = record
         return record, token
 
     def find_api_token(self, token: str) -> ApiToken | None:
-        record = self._api_index.get(token_hash(token)) if token.startswith(API_PREFIX) else None
+        if not token.startswith(API_PREFIX):
+            return None
+        self.refresh()
+        record = self._api_index.get(token_hash(token))
         if record is not None:
             record.last_used = time.time()
-            self._dirty = True
+            self._token_uses[record.id] = record.last_used
         return record
 
     def revoke_api_token(self, record: ApiToken) -> None:
-        self.api_tokens.pop(record.id, None)
-        self._api_index.pop(record.token_hash, None)
-        self.save()
+        with self._writing():
+            self._api_tokens.pop(record.id, None)
+            self._api_index.pop(record.token_hash, None)

@@ -87,10 +87,10 @@ async def _exchange(
             if (length is not None and length <= SMALL_BODY and request.method != "HEAD"
                     and answer.status not in _NO_BODY_STATUSES):
                 try:
-                    body = await answer.content.readexactly(length)
+                    whole = await answer.content.readexactly(length)
                 except asyncio.IncompleteReadError as exc:
                     raise _broken_off(upstream, exc) from exc
-                response = web.Response(status=answer.status, reason=answer.reason, body=body, headers=out_headers)
+                response = web.Response(status=answer.status, reason=answer.reason, body=whole, headers=out_headers)
                 await response.prepare(request)
                 await response.write_eof()
                 return response
