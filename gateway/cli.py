@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import urllib.error
@@ -13,9 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
-from gateway.accesslog import AccessLogger
 from gateway.config import ConfigError, load_config
 from gateway.policy import PolicyError
 
@@ -41,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (setting listen.port, default 8080)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="log level for the gateway and the access log (default info)")
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="worker processes sharing the port (SO_REUSEPORT), e.g. one per core (default 1); "
+                       "with --log-level debug each answer names its worker in X-Codehub-Worker")
 
     policy = commands.add_parser("policy", help="check or explain access policies").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -101,20 +100,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def serve(args: argparse.Namespace) -> int:
     from gateway.app import build_app
+    from gateway.serving import configure_logging, run_workers, serve_app
 
     overrides = {"listen": {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}}
     config = load_config(args.config, overrides=overrides)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    app = build_app(config)
+    configure_logging(args.log_level)
+    if args.workers < 1:
+        raise CliError("--workers must be at least 1")
+    app = build_app(config) if args.workers == 1 else None  # bad settings fail here, before the banner
     print(f"code-hub gateway on {config.hub_url} (previews at {config.scheme}://PORT-WORKSPACE."
-          f"{config.preview_domain}/), listening on {config.listen.host}:{config.listen.port}", file=sys.stderr)
-    web.run_app(
-        app, host=config.listen.host, port=config.listen.port, access_log_class=AccessLogger,
-        access_log=logging.getLogger("codehub.access"), handler_cancellation=True,
-        shutdown_timeout=config.timeouts.shutdown, print=None,
-    )
-    return 0
+          f"{config.preview_domain}/), listening on {config.listen.host}:{config.listen.port}"
+          + (f" with {args.workers} worker processes" if args.workers > 1 else ""), file=sys.stderr)
+    if app is not None:
+        serve_app(app, config)
+        return 0
+    return run_workers(config, workers=args.workers, log_level=args.log_level)
 
 
 def policy_check(args: argparse.Namespace) -> int:

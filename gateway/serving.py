@@ -66,12 +66,8 @@ def serve_app(app: web.Application, config: Config, *, reuse_port: bool = False)
     )
 
 
-def run(config: Config, *, workers: int = 1, log_level: str = "info") -> int:
-    if workers <= 1:
-        from gateway.app import build_app
-
-        serve_app(build_app(config), config)
-        return 0
+def run_workers(config: Config, *, workers: int, log_level: str = "info") -> int:
+    """The parent of ``workers`` worker processes; returns when SIGTERM or SIGINT stopped them all."""
     return asyncio.run(_parent(config, workers, log_level))
 
 
