@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,7 +139,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 
 @pytest.fixture
-async def hub_cookie(served: Served) -> AsyncIterator[str]:
+async def hub_cookie(served: Served) -> str:
     status, _body, _pid, cookies = await served.request(
         "POST", served.hub, "/auth/dev", data={"user": "alice", "next": "/"},
         headers={"Origin": f"http://{served.hub}"},
