@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
-from tests.chart.helm import NAMESPACE, REQUIRED, Rendered, lint, merge, render
+from tests.chart.helm import CHART_DIR, NAMESPACE, REQUIRED, Rendered, lint, merge, render
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -136,3 +138,13 @@ def test_strict_validation_catches_a_field_kubernetes_does_not_know() -> None:
     rendered = render({"securityContext": {"readOnlyRootFileSystem": True}})
     with pytest.raises(pytest.fail.Exception, match="readOnlyRootFileSystem"):
         validate_all(rendered)
+
+
+def test_the_readme_example_installs() -> None:
+    readme = (CHART_DIR / "README.md").read_text()
+    (example,) = re.findall(r"```yaml\n(# codehub-values\.yaml\n.*?)```", readme, flags=re.DOTALL)
+    rendered = render(yaml.safe_load(example), with_required=False)
+    assert validate_all(rendered) == set()
+    assert "helm install codehub-gateway ./charts/codehub-gateway -n codehub -f codehub-values.yaml" in readme
+    assert rendered.one("Ingress")["spec"]["ingressClassName"] == "nginx"
+    assert rendered.gateway_config()["kubernetes"]["storage_size"] == "20Gi"
