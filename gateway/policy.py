@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from gateway.auth.identity import Identity
+from gateway.auth.identity import Identity, claim_text
 from gateway.errors import Forbidden, GatewayError, Unauthorized
 from gateway.lifecycle import WorkspaceSpec
 
@@ -47,16 +47,30 @@ def parse_duration(value: Any) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+def _claim_value(value: Any) -> str:
+    text = claim_text(value)
+    if text is None:
+        raise ValueError("a claim rule compares one text, number or true/false value")
+    return text
+
+
+ClaimValue = Annotated[str, BeforeValidator(_claim_value)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Org(_Model):
-    """Who counts as a member of the organisation: any rule that matches admits (none set → nobody)."""
+    """Who counts as a member of the organisation: any rule that matches admits (none set → nobody).
+
+    ``claims`` admits people whose ID token has every listed claim with the listed value (compared as text,
+    ``true``/``false`` and numbers spelt as in JSON).
+    """
 
     email_domains: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
-    claims: dict[str, str] = Field(default_factory=dict)
+    claims: dict[str, ClaimValue] = Field(default_factory=dict)
     users: tuple[str, ...] = ()
 
 
@@ -129,6 +143,7 @@ class Grant:
 
 
 def is_org_member(org: Org, identity: Identity, claims: Mapping[str, Any] | None = None) -> bool:
+    """Does any org rule admit ``identity``? Claim rules read ``claims`` if given, else the identity's own."""
     domain = identity.email.rpartition("@")[2].lower() if "@" in identity.email else ""
     if domain and domain in (d.lower().lstrip("@") for d in org.email_domains):
         return True
@@ -136,7 +151,11 @@ def is_org_member(org: Org, identity: Identity, claims: Mapping[str, Any] | None
         return True
     if any(identity.matches(user) for user in org.users):
         return True
-    return bool(org.claims) and claims is not None and all(str(claims.get(k)) == v for k, v in org.claims.items())
+    if not org.claims:
+        return False
+    if claims is None:
+        return all(identity.claim(name) == value for name, value in org.claims.items())
+    return all(claim_text(claims.get(name)) == value for name, value in org.claims.items())
 
 
 def visibility(policy: Policy, spec: WorkspaceSpec, port: int) -> Visibility:

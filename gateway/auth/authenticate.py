@@ -98,12 +98,12 @@ def authenticate(request: web.BaseRequest, path: str, host: str, *, sessions: Se
             record = store.find_api_token(token)
             if record is None:
                 raise Unauthorized("This API token is not valid.", code="token-invalid")
-            identity = Identity(record.subject, record.email, tuple(record.groups), record.name)
+            identity = record.identity()
             consumed = True
     if identity is None:
-        cookie = request.cookies.get(cookie_name(SESSION, secure))
-        if cookie:
-            identity = sessions.read(cookie, host)
+        session = request.cookies.get(cookie_name(SESSION, secure))
+        if session:
+            identity = sessions.read(session, host)
     if link is None and preview:
         claims = sessions.read_state(request.cookies.get(cookie_name(SHARE, secure)), host)
         candidate = store.shares.get(str(claims.get("share"))) if claims else None

@@ -79,8 +79,8 @@ async def callback(request: web.Request) -> web.StreamResponse:
     tokens = await oidc.exchange(code=request.query.get("code", ""), verifier=str(saved["verifier"]),
                                  redirect_uri=gateway.hosts.hub_url("/auth/callback"))
     claims = await oidc.verify_id_token(tokens["id_token"], str(saved["nonce"]))
-    identity = Identity.from_claims(claims, subject_claim=oidc.settings.username_claim,
-                                    groups_claim=oidc.settings.groups_claim)
+    identity = Identity.from_id_token(claims, subject_claim=oidc.settings.username_claim,
+                                      groups_claim=oidc.settings.groups_claim)
     raise Redirect(safe_next(str(saved.get("next"))), status=303, cookies=(
         _session_cookie(gateway, identity, gateway.hosts.hub), _expired(LOGIN, secure)))
 
