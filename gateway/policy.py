@@ -266,14 +266,33 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     if not isinstance(data, dict):
         raise PolicyError(f"{source}:1: a policy must be a mapping of sections")
     try:
-        return Policy.model_validate(data)
+        policy = Policy.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = tuple(first["loc"])
-        line = _line_of(node, loc)
-        key = ".".join(str(part) for part in loc)
         message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-        raise PolicyError(f"{source}:{line or 1}: {key}: {message}") from None
+        raise PolicyError(_where(source, node, loc, message)) from None
+    for loc, message in _contradictions(policy):
+        raise PolicyError(_where(source, node, loc, message))
+    return policy
+
+
+def _where(source: str, node: yaml.Node | None, loc: tuple[int | str, ...], message: str) -> str:
+    key = ".".join(str(part) for part in loc)
+    return f"{source}:{_line_of(node, loc) or 1}: {key}: {message}"
+
+
+def _contradictions(policy: Policy) -> list[tuple[tuple[str, ...], str]]:
+    """Settings that are each valid but cannot hold together."""
+    found: list[tuple[tuple[str, ...], str]] = []
+    ports, links = policy.ports, policy.share_links
+    if VISIBILITIES.index(ports.default_visibility) > VISIBILITIES.index(ports.max_visibility):
+        found.append((("ports", "default_visibility"),
+                      f"'{ports.default_visibility}' is above ports.max_visibility '{ports.max_visibility}'"))
+    if links.default_ttl > links.max_ttl:
+        found.append((("share_links", "default_ttl"),
+                      f"{links.default_ttl:.0f} s is longer than share_links.max_ttl ({links.max_ttl:.0f} s)"))
+    return found
 
 
 def load_policy(path: Path) -> Policy:
