@@ -121,13 +121,13 @@ async def handoff(request: web.Request) -> web.StreamResponse:
     identity = hub_identity(request, gateway)
     if identity is None:
         raise Redirect(str(URL("/auth/login").with_query(next=request.path_qs)), status=302)
-    target = URL(request.query.get("target", ""))
     state = request.query.get("state", "")
-    host = normalise_host(target.raw_authority, gateway.hosts.scheme) if target.absolute else None
     try:
+        target = URL(request.query.get("target", ""))
+        host = normalise_host(target.raw_authority, gateway.hosts.scheme) if target.absolute else None
         kind = route(target.raw_authority, "/", gateway.hosts).kind if host else None
-    except GatewayError:
-        kind = None
+    except (ValueError, GatewayError):
+        host, kind = None, None
     if host is None or kind is not Kind.PREVIEW or target.scheme != gateway.hosts.scheme or not state:
         raise BadRequest("This sign-in request does not point at a preview of this gateway.", code="bad-handoff")
     code = gateway.auth.sessions.handoff_code(identity, host, state)
