@@ -57,7 +57,8 @@ def attributes(set_cookie: str) -> dict[str, str]:
 
 def assert_same_host(location: str | None, origin: str) -> None:
     assert location is not None
-    assert location.startswith("/") and not location.startswith(("//", "/\\")), location
+    assert location.startswith("/"), location
+    assert not location.startswith(("//", "/\\")), location
     assert not any(ch in location for ch in "\\\r\n\t"), location
     assert urlsplit(urljoin(origin + "/a/b", location)).netloc == urlsplit(origin).netloc
 
@@ -97,7 +98,10 @@ async def test_https_cookies_use_the_host_prefix_and_secure(serve: Serve, make_b
     for set_cookie in raw:
         assert set_cookie.startswith("__Host-codehub_")
         attrs = attributes(set_cookie)
-        assert "secure" in attrs and "httponly" in attrs and attrs["path"] == "/" and "domain" not in attrs
+        assert "secure" in attrs
+        assert "httponly" in attrs
+        assert attrs["path"] == "/"
+        assert "domain" not in attrs
     assert "codehub" not in " ".join(seen_headers(page.json()).get("cookie", []))
     # The plain-HTTP cookie name is not honoured under HTTPS (it could be planted without Secure).
     planted = await make_browser(served)
@@ -254,7 +258,8 @@ async def test_cross_site_websocket_does_not_wake_the_workspace(served: Served, 
         await _ide_socket(browser, served, "http://evil.test")
     assert caught.value.status == 403
     state = served.gateway.runtime.get("ws1")
-    assert state is not None and state.phase is Phase.WARM
+    assert state is not None
+    assert state.phase is Phase.WARM
 
 
 # --- share links -------------------------------------------------------------------------------------------------
@@ -277,7 +282,8 @@ async def test_share_token_in_url_is_swapped_for_a_cookie(served: Served, make_b
     assert first.headers["Location"] == "/page?a=1&b=%2F"
     assert share["token"] not in first.headers["Location"]
     cookie = next(c for c in visitor.jar if c.name == "codehub_share")
-    assert cookie.host == "3000-ws1.localhost" and cookie.host_only
+    assert cookie.host == "3000-ws1.localhost"
+    assert cookie.host_only
     assert "httponly" in attributes(cookie.raw)
     assert share["token"] not in cookie.value, "the cookie names the link, it is not the token itself"
 
@@ -338,7 +344,8 @@ async def test_dead_share_links_get_a_clear_page(served: Served, make_browser: M
     page = await browser.navigate(served.preview("ws1", 3000, f"/?codehub_share={share['token']}"))
     assert page.status == 403
     assert page.content_type == "text/html"
-    assert f"share-{how}" in page.text and how in page.text
+    assert f"share-{how}" in page.text
+    assert how in page.text
     assert "Traceback" not in page.text
     script = await make_browser(served)
     page = await script.fetch("GET", served.preview("ws1", 3000, "/"),
@@ -408,8 +415,10 @@ async def test_cookie_api_calls_from_elsewhere_are_refused(served: Served, make_
         assert page.status == 403, (method, path, page.text)
         assert page.json()["error"]["code"] == "cross-site-request"
     spec = served.gateway.runtime.get("ws1")
-    assert spec is not None and spec.spec.ports[3000] == "private"
-    assert not served.gateway.auth.store.shares and not served.gateway.auth.store.api_tokens
+    assert spec is not None
+    assert spec.spec.ports[3000] == "private"
+    assert not served.gateway.auth.store.shares
+    assert not served.gateway.auth.store.api_tokens
 
 
 async def test_bearer_api_calls_need_no_origin(served: Served, make_browser: MakeBrowser) -> None:
