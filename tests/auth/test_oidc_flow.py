@@ -210,3 +210,51 @@ async def test_idp_error_reply_is_a_clear_page(served: Served, make_browser: Mak
     page = await browser.navigate(served.hub + "/auth/callback?code=x&state=forged")
     assert page.status == 400
     assert "sign-in-state-mismatch" in page.text
+
+
+async def test_ide_sign_in_lands_in_the_ide_and_is_owner_only(
+    serve: Serve, idp: IdP, gateway_port: int, make_browser: MakeBrowser
+) -> None:
+    served = await serve(WORKSPACES, port=gateway_port, listen={"ws1": [13337], "ws2": [13337]},
+                         **oidc_settings(idp, gateway_port))
+    alice = await make_browser(served, login="alice", idp=idp)
+    page = await alice.navigate(served.hub + "/w/ws1/?folder=/home/a%20b")
+    assert page.status == 200, page.text
+    assert page.url == served.hub + "/w/ws1/?folder=/home/a%20b"
+    assert page.json()["path"] == "/?folder=/home/a%20b"
+    # A collaborator named by e-mail: same hub session, no second IdP visit.
+    assert (await alice.navigate(served.hub + "/w/ws2/")).status == 200
+    assert alice.idp_visits == 1
+    # admin-x owns ws2 but is nobody in ws1; ws1's ports being public would not open its IDE either.
+    admin = await make_browser(served, login="admin-x", idp=idp)
+    page = await admin.navigate(served.hub + "/w/ws1/")
+    assert page.status == 403
+    assert "ide-owner-only" in page.text
+
+
+@pytest.mark.parametrize(("audience", "people", "admitted", "refused"), [
+    ("org", [], "bob+qa+ops", "guest-x"),
+    ("people", ["group:ops", "carol@corp.test"], "carol@corp.test", "bob+qa"),
+])
+async def test_share_link_for_signed_in_people_goes_through_sign_in(
+    serve: Serve, idp: IdP, gateway_port: int, tmp_path: Path, make_browser: MakeBrowser, audience: str,
+    people: list[str], admitted: str, refused: str
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("org:\n  groups: [qa]\n")
+    served = await serve(WORKSPACES, port=gateway_port, policy_file=str(policy), **oidc_settings(idp, gateway_port))
+    link, token = served.gateway.auth.store.create_share(workspace="ws1", port=3000, audience=audience,
+                                                         people=people, created_by="alice", ttl=600)
+    member = await make_browser(served, login=admitted, idp=idp)
+    page = await member.navigate(served.preview("ws1", 3000, f"/doc?codehub_share={token}&v=2"))
+    assert page.status == 200, page.text
+    assert page.url == served.preview("ws1", 3000, "/doc?v=2")
+    assert page.json()["path"] == "/doc?v=2"
+    assert member.idp_visits == 1
+    assert not any(token in url for url in member.visited[1:]), "the token must leave the URL at once"
+    assert link.uses == 1
+
+    outsider = await make_browser(served, login=refused, idp=idp)
+    page = await outsider.navigate(served.preview("ws1", 3000, f"/doc?codehub_share={token}"))
+    assert page.status == 403
+    assert "not-shared-with-user" in page.text

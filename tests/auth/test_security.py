@@ -323,9 +323,19 @@ async def test_bearer_share_token_for_scripts(served: Served, make_browser: Make
                                     headers={"Authorization": f"Bearer {share['token']}"})
     assert other_port.status == 403
     assert other_port.json()["error"]["code"] == "share-other-target"
-    bogus = await script.fetch("GET", served.preview("ws1", 3000, "/"), headers={"Authorization": "Bearer chs_nope"})
-    assert bogus.status == 401
-    assert bogus.content_type == "application/json"
+    for token, status in [("chs_nope", 401), ("chk_nope", 401)]:
+        # Scripts get JSON even when they claim to accept HTML: never a sign-in page.
+        bogus = await script.fetch("GET", served.preview("ws1", 3000, "/"),
+                                   headers={"Authorization": f"Bearer {token}", "Accept": "text/html"})
+        assert bogus.status == status
+        assert bogus.content_type == "application/json"
+        assert "Location" not in bogus.headers
+    eve = await signed_in(make_browser, served, "eve")
+    eve_token = (await api(eve, "POST", "/api/v1/tokens", {"name": "x"})).json()["token"]
+    page = await script.fetch("GET", served.preview("ws1", 3000, "/"),
+                              headers={"Authorization": f"Bearer {eve_token}", "Accept": "text/html"})
+    assert page.status == 403
+    assert page.json()["error"]["code"] == "not-shared-with-user"
 
 
 @pytest.mark.parametrize("how", ["revoked", "expired"])
