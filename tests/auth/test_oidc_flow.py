@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jwt
 import pytest
@@ -204,12 +205,24 @@ async def test_idp_key_rotation_lands_on_next_sign_in(
     assert (await first.navigate(served.preview("ws2", 4000, "/"))).status == 200
 
 
-async def test_idp_error_reply_is_a_clear_page(served: Served, make_browser: MakeBrowser) -> None:
-    """A callback with a wrong state (or an IdP error) is refused with a page, never a stack trace."""
-    browser = await make_browser(served)
+async def test_idp_error_reply_is_a_clear_page(served: Served, idp: IdP, make_browser: MakeBrowser) -> None:
+    """A callback with a wrong state, or the IdP saying no, is refused with a page, never a stack trace."""
+    browser = await make_browser(served, idp=idp)
     page = await browser.navigate(served.hub + "/auth/callback?code=x&state=forged")
     assert page.status == 400
     assert "sign-in-state-mismatch" in page.text
+
+    authorize = await browser.navigate_until(served.preview("ws1", 3000, "/"),
+                                             lambda url: url.startswith(idp.issuer))
+    state = parse_qs(urlsplit(authorize).query)["state"][0]
+    said = "<b>user cancelled</b>"
+    page = await browser.navigate(served.hub + "/auth/callback?" + urlencode(
+        {"error": "access_denied", "error_description": said, "state": state}))
+    assert page.status == 401
+    assert "sign-in-failed" in page.text
+    assert "&lt;b&gt;user cancelled&lt;/b&gt;" in page.text
+    assert said not in page.text
+    assert browser.idp_visits == 0
 
 
 async def test_ide_sign_in_lands_in_the_ide_and_is_owner_only(
