@@ -10,10 +10,13 @@ from aiohttp import web
 from gateway.errors import GatewayError, Redirect
 
 log = logging.getLogger(__name__)
+JSON_ONLY = "codehub.json_only"  # request key: this route answers in JSON only (the management API)
 
 
 def wants_html(request: web.BaseRequest) -> bool:
     """Browsers navigating get pages; scripts, fetch/XHR and API clients get JSON."""
+    if request.get(JSON_ONLY):
+        return False
     mode = request.headers.get("Sec-Fetch-Mode")
     if mode is not None:
         return mode == "navigate"
