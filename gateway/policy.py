@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.auth.identity import Identity, claim_text
 from gateway.errors import Forbidden, GatewayError, Unauthorized
@@ -136,12 +136,6 @@ class Policy(_Model):
     admins: tuple[str, ...] = ()
     embedding: Embedding = Embedding()
     cors: tuple[CorsRule, ...] = ()
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Policy:
-        if self.share_links.default_ttl > self.share_links.max_ttl:
-            raise ValueError("share_links.default_ttl is longer than share_links.max_ttl")
-        return self
 
 
 class PolicyError(Exception):
