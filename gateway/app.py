@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway import api
 from gateway.accesslog import TARGET
-from gateway.activity import IdleTimers, reap_forever
+from gateway.activity import Activity, IdleTimers, reap_forever
 from gateway.auth import handlers as auth_handlers
 from gateway.auth.handlers import hub_identity
 from gateway.auth.keys import KeyError_, load_or_create
@@ -138,6 +138,7 @@ def build_app(config: Config, runtime: Runtime | None = None) -> web.Application
         waker=waker,
         auth=auth,
         policies=policies,
+        activity=Activity(shared=runtime),
         trusted_proxies=tuple(ipaddress.ip_network(net, strict=False) for net in config.trusted_proxies),
     )
     app = web.Application(middlewares=[front_door])
@@ -163,7 +164,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     idle = gateway.config.idle
     reaper = asyncio.create_task(
         reap_forever(gateway.runtime, gateway.activity, IdleTimers(idle.to_warm, idle.to_cold, idle.check_every),
-                     gateway.metrics)
+                     gateway.metrics, is_leader=gateway.runtime.is_leader)
     )
     try:
         yield
