@@ -324,6 +324,7 @@ class KubernetesRuntime(Runtime):
         self._resource(workspace)
         slot = self._slot(workspace)
         async with slot.lock:
+            self._require_api()  # even with no pod in the cache: a cache cut off from the API may be stale
             try:
                 pod = pod_name(workspace)
                 if self._cached(POD, pod) is not None:
@@ -340,6 +341,7 @@ class KubernetesRuntime(Runtime):
         await self.stop(workspace)
         slot = self._slot(workspace)
         async with slot.lock:
+            self._require_api()
             pvc = pvc_name(workspace)
             if self._cached(PVC, pvc) is None or self._cached(POD, pod_name(workspace)) is not None:
                 return self._end(workspace)  # already COLD, or woken again meanwhile
