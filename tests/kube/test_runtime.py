@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import kubernetes_validate
 import pytest
 
-from gateway.config import Kubernetes
 from gateway.errors import Conflict, NotFound
 from gateway.lifecycle import Phase, RuntimeError_, WorkspaceSpec
 from gateway.lifecycle.kubernetes import KubernetesRuntime
@@ -19,7 +15,6 @@ from gateway.lifecycle.kubernetes.client import POD as POD_KIND
 from gateway.lifecycle.kubernetes.client import KubeClient
 from gateway.lifecycle.kubernetes.objects import make_pod
 from gateway.lifecycle.kubernetes.objects import parse_workspace as parse
-from tests.conftest import next_address
 from tests.kube.emulator import (
     LEASE,
     POD,
@@ -28,97 +23,11 @@ from tests.kube.emulator import (
     WORKSPACE,
     Event,
     FakeKubelet,
-    KubeEmulator,
     KubeEnv,
 )
+from tests.kube.support import NS, MakeRuntime, PodIPs, kube_settings, names, new_workspace, recording, until
 
 pytestmark = pytest.mark.timeout(60)
-
-NS = "codehub"
-MakeRuntime = Callable[..., Awaitable[KubernetesRuntime]]
-
-
-def kube_settings(url: str, **overrides: Any) -> Kubernetes:
-    values: dict[str, Any] = {
-        "api_url": url, "namespace": NS, "lease_duration": 1.0, "start_timeout": 10, "snapshot_timeout": 10,
-        "sync_timeout": 5, "request_timeout": 5, "watch_timeout": 60, "activity_interval": 0.3,
-    }
-    values.update(overrides)
-    return Kubernetes.model_validate(values)
-
-
-class PodIPs:
-    """Each pod gets a loopback address no other test uses, so upstream servers never collide."""
-
-    def __init__(self) -> None:
-        self.by_pod: dict[str, str] = {}
-
-    def __call__(self, pod: dict[str, Any]) -> str:
-        return self.by_pod.setdefault(pod["metadata"]["name"], next_address())
-
-
-@pytest.fixture
-def pod_ips() -> PodIPs:
-    return PodIPs()
-
-
-@pytest.fixture
-async def kubelet(kube: KubeEnv, pod_ips: PodIPs) -> AsyncIterator[FakeKubelet]:
-    async with FakeKubelet(kube.emulator, pod_ip=pod_ips) as kubelet:
-        yield kubelet
-
-
-@pytest.fixture
-async def make_runtime(kube: KubeEnv) -> AsyncIterator[MakeRuntime]:
-    made: list[KubernetesRuntime] = []
-
-    async def make(identity: str = "gw-a", *, retry_attempts: int = 5, **overrides: Any) -> KubernetesRuntime:
-        runtime = KubernetesRuntime(kube_settings(kube.url, **overrides), identity=identity,
-                                    retry_attempts=retry_attempts)
-        made.append(runtime)
-        await runtime.start()
-        return runtime
-
-    yield make
-    for runtime in made:
-        await runtime.close()
-
-
-async def new_workspace(runtime: KubernetesRuntime, name: str = "w1", **extra: Any) -> None:
-    state = await runtime.create_workspace(WorkspaceSpec(id=name, owner="alice", ports={8000: "public"}), **extra)
-    assert state.phase is Phase.WARM
-
-
-@contextlib.asynccontextmanager
-async def recording(emu: KubeEmulator) -> AsyncIterator[list[Event]]:
-    """Every store event from now on, in order, as the emulator committed them."""
-    events: list[Event] = []
-
-    async def collect() -> None:
-        async for event in emu.events(since=emu.resource_version):
-            events.append(event)
-
-    task = asyncio.create_task(collect())
-    await asyncio.sleep(0)
-    try:
-        yield events
-    finally:
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-def names(emu: KubeEmulator, resource: Any) -> list[str]:
-    return [obj["metadata"]["name"] for obj in emu.list_objects(resource, NS)]
-
-
-async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Test-side polling of conditions that span the emulator and the runtime (the runtime itself never polls)."""
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-
 
 # --- waking, stopping, archiving ------------------------------------------------------------------
 
@@ -320,7 +229,7 @@ async def test_410_gone_lists_again_and_converges(kube: KubeEnv, kubelet: FakeKu
     emu.delete_object(POD, NS, "ws-w1")  # changes while the caches re-list
     emu.create_object(WORKSPACE, {"metadata": {"name": "w2"}, "spec": {"owner": "bob"}}, NS)
     await until(lambda: runtime.get("w1").phase is Phase.WARM and runtime.get("w2") is not None)  # type: ignore[union-attr]
-    assert all(informer.lists == 2 for informer in runtime.informers.values())
+    await until(lambda: all(informer.lists == 2 for informer in runtime.informers.values()))
     fault = emu.fail("watch", POD, status=410)  # a 410 on the next watch of pods only
     emu.drop_watches(POD)
     await until(lambda: len(list(fault)) == 1 and runtime.informers[POD_KIND].lists == 3)
