@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.lifecycle.kubernetes.client import WORKSPACE, KubeClient, KubeError
-from gateway.lifecycle.kubernetes.informer import Informer
 from gateway.lifecycle.kubernetes.objects import parse_time, timestamp
 
 log = logging.getLogger(__name__)
@@ -31,7 +30,8 @@ def last_activity(workspace: dict[str, Any] | None) -> float | None:
 
 
 class ActivitySync:
-    def __init__(self, client: KubeClient, workspaces: Informer, *, interval: float = 60.0,
+    def __init__(self, client: KubeClient, workspaces: Callable[[str], dict[str, Any] | None], *,
+                 interval: float = 60.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.client = client
         self.workspaces = workspaces
@@ -54,7 +54,7 @@ class ActivitySync:
         self._timers[workspace] = loop.call_later(max(0.0, due), self._flush_soon, workspace)
 
     def last(self, workspace: str) -> float | None:
-        return last_activity(self.workspaces.get(workspace))
+        return last_activity(self.workspaces(workspace))
 
     def _flush_soon(self, workspace: str) -> None:
         self._timers.pop(workspace, None)
@@ -74,7 +74,7 @@ class ActivitySync:
             self.record(workspace, at)
 
     async def _write(self, workspace: str, at: float) -> None:
-        current = self.workspaces.get(workspace)
+        current = self.workspaces(workspace)
         for _ in range(3):
             if current is None:
                 return  # the workspace is gone (or not cached yet: it will be woken by a request again)

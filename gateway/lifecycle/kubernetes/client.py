@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
-from kubernetes_asyncio.client import ApiClient
+from kubernetes_asyncio import config as kube_config
+from kubernetes_asyncio.client import ApiClient, Configuration
 
+from gateway.config import Kubernetes
 from gateway.lifecycle.base import RuntimeError_
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,20 @@ def _error(status: int, body: bytes) -> KubeError:
     reason = str(data.get("reason") or "Error")
     message = str(data.get("message") or body[:200].decode("utf-8", "replace"))
     return (Gone if status == 410 else KubeError)(status, reason, message)
+
+
+async def connect(settings: Kubernetes) -> ApiClient:
+    """An ApiClient for ``api_url`` (tests, ``kubectl proxy``), the in-cluster service account, or a kubeconfig."""
+    configuration = Configuration()
+    if settings.api_url is not None:
+        configuration.host = settings.api_url
+    elif settings.in_cluster:
+        kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    else:
+        path = str(settings.kubeconfig) if settings.kubeconfig else None
+        await kube_config.load_kube_config(config_file=path, client_configuration=configuration)
+    configuration.connection_pool_maxsize = 64  # four watches stay open; operations need room beside them
+    return ApiClient(configuration=configuration)
 
 
 class KubeClient:
