@@ -143,6 +143,23 @@ async def test_a_failed_snapshot_keeps_the_volume(kube: KubeEnv, make_runtime: M
     assert runtime.get("w1").phase is Phase.WARM  # type: ignore[union-attr]
 
 
+async def test_a_failed_pod_is_failed_and_wake_replaces_it(kube: KubeEnv, kubelet: FakeKubelet,
+                                                            make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    first = emu.get_object(POD, NS, "ws-w1")
+    assert first is not None
+    emu.patch_status(POD, NS, "ws-w1", {"phase": "Failed", "reason": "Evicted", "message": "low on memory"})
+    await until(lambda: runtime.get("w1").phase is Phase.FAILED)  # type: ignore[union-attr]
+    assert "Evicted" in runtime.get("w1").message  # type: ignore[union-attr]
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+    second = emu.get_object(POD, NS, "ws-w1")
+    assert second is not None
+    assert second["metadata"]["uid"] != first["metadata"]["uid"]
+
+
 async def test_unknown_workspaces(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
     runtime = await make_runtime()
     assert runtime.get("nope") is None
