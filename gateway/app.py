@@ -17,7 +17,7 @@ from aiohttp.typedefs import Handler
 
 from gateway import api, badge
 from gateway.accesslog import TARGET
-from gateway.activity import IdleTimers, reap_forever
+from gateway.activity import Activity, IdleTimers, reap_forever
 from gateway.auth import handlers as auth_handlers
 from gateway.auth.handlers import hub_identity
 from gateway.auth.keys import KeyError_, load_or_create
@@ -152,6 +152,7 @@ def build_app(config: Config, runtime: Runtime | None = None) -> web.Application
         waker=waker,
         auth=auth,
         policies=policies,
+        activity=Activity(shared=runtime),
         trusted_proxies=tuple(ipaddress.ip_network(net, strict=False) for net in config.trusted_proxies),
     )
     # Request bodies pass through as sent: the server must not undo a client's Content-Encoding.
@@ -179,7 +180,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     idle = gateway.config.idle
     reaper = asyncio.create_task(
         reap_forever(gateway.runtime, gateway.activity, IdleTimers(idle.to_warm, idle.to_cold, idle.check_every),
-                     gateway.metrics)
+                     gateway.metrics, is_leader=gateway.runtime.is_leader)
     )
     try:
         yield
