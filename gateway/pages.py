@@ -28,7 +28,7 @@ def error_response(request: web.Request, error: GatewayError) -> web.StreamRespo
     headers = {"Cache-Control": "no-store", **error.headers}
     if wants_html(request):
         response = aiohttp_jinja2.render_template(
-            "error.html", request, {"error": error}, status=error.status
+            error.template, request, {"error": error}, status=error.status
         )
         response.headers.update(headers)
         return response
