@@ -9,6 +9,7 @@ record), so nothing is left running behind it.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import ctypes
 import json
@@ -141,6 +142,8 @@ class LocalRuntime(Runtime):
     async def stop(self, workspace: str) -> WorkspaceState:
         slot = self._slot(workspace)
         async with slot.lock:
+            if slot.process is None and not slot.failure:
+                return self._observe(slot)
             if slot.process is not None:
                 self._begin(slot, Phase.STOPPING, "stopping the workspace")
                 await self._terminate(slot)
@@ -158,7 +161,7 @@ class LocalRuntime(Runtime):
                 await asyncio.to_thread(archive_home, slot.home, slot.archive)
             except ArchiveError as exc:
                 log.error("archive of %s failed: %s", workspace, exc)
-                slot.in_flight = None
+                self._end(slot)
                 raise RuntimeError_(f"Archiving {workspace} failed; its home is untouched.") from exc
             return self._end(slot)
 
@@ -229,7 +232,7 @@ class LocalRuntime(Runtime):
         slot.failure = message
         return self._end(slot)
 
-    def _command(self, slot: _Slot) -> list[str]:
+    def _command(self, slot: _Slot) -> builtins.list[str]:
         values = {"host": slot.address, "home": str(slot.home), "ide_port": slot.spec.ide_port,
                   "workspace": slot.spec.id}
         return [part.format(**values) for part in slot.config.command]
