@@ -208,11 +208,14 @@ class LocalRuntime(Runtime):
             phase = Phase.FAILED if slot.failure else Phase.WARM
         else:
             phase = Phase.COLD
+        # a failed restore leaves the workspace COLD (its archive is all there is), with the reason attached
+        message = slot.failure if phase in (Phase.FAILED, Phase.COLD) else ""
         previous = slot.state
-        if previous is None or previous.phase is not phase or previous.spec is not slot.spec:
+        if (previous is None or previous.phase is not phase or previous.spec is not slot.spec
+                or previous.message != message):
             since = previous.since if previous is not None and previous.phase is phase else time.time()
             slot.state = WorkspaceState(slot.spec, phase, slot.address if phase is Phase.RUNNING else None,
-                                        slot.failure if phase is Phase.FAILED else "", since)
+                                        message, since)
         assert slot.state is not None
         return slot.state
 
