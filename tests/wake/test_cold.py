@@ -166,3 +166,23 @@ async def test_storm_of_500_requests_starts_a_cold_workspace_once(make_gateway: 
     samples = await metric_samples(client)
     assert sample(samples, "codehub_held_requests") == 0
     assert sample(samples, "codehub_wakes_total", from_phase="COLD", result="ok") == 1
+
+
+async def test_damaged_archive_fails_the_wake_and_keeps_the_archive(make_gateway: MakeGateway,
+                                                                    tmp_path: Path) -> None:
+    _make_cold(tmp_path)
+    home, archive = _paths(tmp_path)
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    starts_file = tmp_path / "starts"
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0, starts=starts_file)})
+
+    response = await client.get("/", headers={"Host": preview("ws"), **API})
+
+    assert response.status == 503
+    assert (await response.json())["error"]["message"].startswith("restoring home failed: ")
+    assert archive.read_bytes() == bytes(data)
+    assert not home.exists()
+    assert starts(starts_file) == 0
+    assert gateway_of(client).runtime.get("ws").phase is Phase.COLD  # type: ignore[union-attr]
