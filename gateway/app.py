@@ -101,6 +101,7 @@ def make_runtime(config: Config) -> Runtime:
 def build_app(config: Config, runtime: Runtime | None = None) -> web.Application:
     metrics_ = Metrics()
     runtime = runtime if runtime is not None else make_runtime(config)
+    metrics_.track_workspaces(runtime.list)
     waker = Waker(runtime, metrics_, WakeLimits(config.wake.warm_timeout, config.wake.cold_timeout))
     gateway = Gateway(
         config=config,
