@@ -129,7 +129,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     idle = gateway.config.idle
     reaper = asyncio.create_task(
         reap_forever(gateway.runtime, gateway.activity, IdleTimers(idle.to_warm, idle.to_cold, idle.check_every),
-                     gateway.metrics)
+                     gateway.metrics, busy=gateway.waker.waking)
     )
     try:
         yield

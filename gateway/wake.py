@@ -136,6 +136,10 @@ class Waker:
     def busy(self, workspace: str, port: int) -> bool:
         return (workspace, port) in self._ports
 
+    def waking(self, workspace: str) -> bool:
+        """Whether a wake of the workspace, or a wait for one of its ports, is in flight."""
+        return workspace in self._flights or any(key[0] == workspace for key in self._ports)
+
     def bring_up(self, state: WorkspaceState, port: int) -> asyncio.Task[None]:
         """The shared task that ends when ``port`` of the workspace accepts connections."""
         key = (state.id, port)
