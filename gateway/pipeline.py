@@ -75,11 +75,10 @@ async def serve_workspace(request: web.Request, target: Target, gateway: Gateway
     headers = upstream_request_headers(
         request.headers, client_facts(request, gateway), upstream_host=upstream.host_header, prefix=prefix or None,
     )
-    gateway.activity.touch(state.id)
-    if is_websocket(request):
-        with gateway.activity.connection(state.id):
+    with gateway.activity.connection(state.id):  # in use for as long as a request or WebSocket is open
+        if is_websocket(request):
             return await relay_websocket(
                 request, gateway.session, upstream, target.path, headers, max_message=gateway.config.max_ws_message,
                 heartbeat=gateway.config.timeouts.websocket_heartbeat, metrics=gateway.metrics,
             )
-    return await proxy_http(request, gateway.session, upstream, target.path, headers)
+        return await proxy_http(request, gateway.session, upstream, target.path, headers)
