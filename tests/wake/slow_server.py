@@ -1,9 +1,9 @@
 """A workspace app that takes its time: ``python slow_server.py --host H --port P --delay S``.
 
 It records every start (one line appended to ``$STARTS_FILE`` when set), waits ``--delay`` seconds before it
-binds, then serves: ``GET /`` → a fixed body, ``POST /echo`` → the request body back, ``GET /ws`` → a
-WebSocket echo. ``--child`` also starts a grandchild (``sleep``) in the same process group, so tests can see
-that stopping a workspace stops its whole group.
+binds, then serves: ``GET /`` → a fixed body, ``POST /echo`` → the request body back, ``GET /stream`` → a slow
+stream of lines, ``GET /ws`` → a WebSocket echo. ``--child`` also starts a grandchild (``sleep``) in the
+same process group, so tests can see that stopping a workspace stops its whole group.
 """
 
 from __future__ import annotations
@@ -29,6 +29,19 @@ async def echo(request: web.Request) -> web.Response:
     return web.Response(body=await request.read(), content_type="application/octet-stream")
 
 
+async def stream(request: web.Request) -> web.StreamResponse:
+    """``GET /stream?seconds=S``: one line every 0.1 s for S seconds, like a long poll or an SSE feed."""
+    response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+    await response.prepare(request)
+    end = time.monotonic() + float(request.query.get("seconds", "1"))
+    while time.monotonic() < end:
+        await response.write(b"tick\n")
+        await asyncio.sleep(0.1)
+    await response.write(b"done\n")
+    await response.write_eof()
+    return response
+
+
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse()
     await ws.prepare(request)
@@ -44,6 +57,7 @@ async def main(host: str, port: int, delay: float) -> None:
     app.router.add_get("/", index)
     app.router.add_post("/echo", echo)
     app.router.add_get("/ws", websocket)
+    app.router.add_get("/stream", stream)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, host, port, backlog=2048).start()
