@@ -126,7 +126,7 @@ async def test_health_metrics_waiting_page_and_progress_stream_are_not_activity(
 
     with gateway.runtime.events() as events:
         async with asyncio.timeout(15):
-            while events.queue.empty():  # noqa: ASYNC110 - polling is the point: these must not keep it up
+            while events.queue.empty():  # keep polling: none of these may keep the workspace up
                 assert (await client.get("/healthz", headers={"Host": "localhost:8080"})).status == 200
                 await metric_samples(client)
                 last = (await sse_events(client, preview("ws")))[-1][0]
