@@ -31,8 +31,8 @@ TINY = {"to_warm": 0.5, "to_cold": 1.0, "check_every": 0.1}
 LONGER_THAN_TO_WARM = 4 * TINY["to_warm"]
 
 
-async def _awake(make_gateway: MakeGateway, **workspace: object) -> Client:
-    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0, **workspace)}, idle=TINY)
+async def _awake(make_gateway: MakeGateway) -> Client:
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0)}, idle=TINY)
     response = await client.get("/", headers={"Host": preview("ws"), **API})
     assert response.status == 200
     return client
