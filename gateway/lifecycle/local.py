@@ -287,7 +287,14 @@ class LocalRuntime(Runtime):
         except (OSError, ValueError):
             return
         pgid = record.get("pgid")
-        if isinstance(pgid, int) and record.get("start") == _process_start_time(pgid):
+        if not isinstance(pgid, int):
+            slot.run_file.unlink(missing_ok=True)
+            return
+        leader_start = _process_start_time(pgid)
+        # The leader may have exited (it gets SIGTERM when the gateway dies) while its children live on in
+        # the group; Linux never hands out a pid still in use as a process group id, so a group with a
+        # missing leader is still ours. A live leader must be the very process we started.
+        if leader_start is None or leader_start == record.get("start"):
             log.warning("killing workspace %s left running by a previous gateway (pgid %d)", slot.spec.id, pgid)
             _kill_group(pgid, signal.SIGKILL)
         slot.run_file.unlink(missing_ok=True)
