@@ -213,6 +213,11 @@ def test_restart_after_sigkill_kills_the_orphaned_group(gateways: Callable[..., 
     assert gateway.get("/", gateway.preview_host("ws"))[0] == 200
     pgid = recorded_pgid(gateway.state_dir, "ws")
     gateway.kill_when(lambda: True, "nothing")
+    deadline = time.monotonic() + 10  # the leader leaves on its parent-death SIGTERM; its grandchild stays
+    while Path(f"/proc/{pgid}").exists() and time.monotonic() < deadline:  # exited and reaped
+        time.sleep(0.02)
+    assert not Path(f"/proc/{pgid}").exists()
+    assert group_members(pgid), "the grandchild is still running in the orphaned group"
 
     restarted = gateways({"ws": ws})
 
