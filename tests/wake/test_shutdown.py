@@ -24,7 +24,9 @@ async def test_shutdown_stops_every_process_group(make_gateway: MakeGateway, tmp
     assert (await client.get("/", headers={"Host": preview("a"), **API})).status == 200
     assert (await gateway_of(client).runtime.wake("stubborn")).phase is Phase.RUNNING
     groups = [recorded_pgid(tmp_path / "state", name) for name in ("a", "stubborn")]
-    assert all(len(group_members(pgid)) >= 2 for pgid in groups)
+    async with asyncio.timeout(10):  # the shell may not have forked its sleep yet
+        while not all(len(group_members(pgid)) >= 2 for pgid in groups):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
 
     await client.close()
 
