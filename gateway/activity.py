@@ -83,18 +83,26 @@ def idle_action(phase: Phase, idle: float, timers: IdleTimers) -> Phase | None:
     return None
 
 
+def _never(workspace: str) -> bool:
+    return False
+
+
 async def reap_forever(runtime: Runtime, activity: Activity, timers: IdleTimers, metrics: Metrics,
-                       is_leader: Callable[[], bool] = lambda: True) -> None:
+                       is_leader: Callable[[], bool] = lambda: True, busy: Callable[[str], bool] = _never) -> None:
     """Every ``interval`` seconds, put idle workspaces to sleep (only on the leader replica)."""
     while True:
         await asyncio.sleep(timers.interval)
         activity.touch_open()
         if is_leader():
-            await reap_once(runtime, activity, timers, metrics)
+            await reap_once(runtime, activity, timers, metrics, busy)
 
 
-async def reap_once(runtime: Runtime, activity: Activity, timers: IdleTimers, metrics: Metrics) -> None:
+async def reap_once(runtime: Runtime, activity: Activity, timers: IdleTimers, metrics: Metrics,
+                    busy: Callable[[str], bool] = _never) -> None:
+    """One pass; ``busy`` names workspaces being woken right now (requests are waiting on them)."""
     for state in runtime.list():
+        if busy(state.id):
+            continue
         action = idle_action(state.phase, activity.idle_for(state.id, state.since), timers)
         if action is None:
             continue

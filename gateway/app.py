@@ -138,8 +138,9 @@ def build_app(config: Config, runtime: Runtime | None = None) -> web.Application
     metrics_ = Metrics()
     runtime = runtime if runtime is not None else make_runtime(config)
     policies = PolicyHolder(config.policy_file)
-    waker = Waker(runtime, metrics_, WakeLimits(policies.current.wake.warm_timeout,
-                                                policies.current.wake.cold_timeout))
+    metrics_.track_workspaces(runtime.list)
+    waker = Waker(runtime, metrics_, lambda: WakeLimits(policies.current.wake.warm_timeout,
+                                                        policies.current.wake.cold_timeout))
     keys = load_or_create(config.keys_file, create=config.auth.keys_file is None)
     hosts = Hosts.from_urls(config.hub_url, config.preview_domain)
     auth = AuthState(keys=keys, sessions=Sessions(lambda: auth.keys, hosts.hub_url(""), ttl=config.auth.session_ttl),
@@ -180,7 +181,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     idle = gateway.config.idle
     reaper = asyncio.create_task(
         reap_forever(gateway.runtime, gateway.activity, IdleTimers(idle.to_warm, idle.to_cold, idle.check_every),
-                     gateway.metrics, is_leader=gateway.runtime.is_leader)
+                     gateway.metrics, is_leader=gateway.runtime.is_leader, busy=gateway.waker.waking)
     )
     try:
         yield

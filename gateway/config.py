@@ -58,13 +58,6 @@ class Idle(_Model):
     check_every: Seconds = 30.0
 
 
-class Wake(_Model):
-    """How long a held request waits for a sleeping workspace, by the state it sleeps in."""
-
-    warm_timeout: Seconds = 60.0
-    cold_timeout: Seconds = 300.0
-
-
 class LocalWorkspace(_Model):
     owner: str
     collaborators: tuple[str, ...] = ()
@@ -238,7 +231,6 @@ class Config(_Model):
     auth: Auth = Auth()
     timeouts: Timeouts = Timeouts()
     idle: Idle = Idle()
-    wake: Wake = Wake()
     max_ws_message: int = Field(default=64 << 20, gt=0)
     runtime: Literal["local", "kubernetes"] = "local"
     local: Local = Local()

@@ -32,8 +32,7 @@ def error_response(request: web.Request, error: GatewayError) -> web.StreamRespo
     if isinstance(error, Redirect):
         response = web.Response(status=error.status, headers=headers)
     elif wants_html(request):
-        template = getattr(error, "template", "error.html")
-        response = aiohttp_jinja2.render_template(template, request, {"error": error}, status=error.status)
+        response = aiohttp_jinja2.render_template(error.template, request, {"error": error}, status=error.status)
         response.headers.update(headers)
     else:
         body = {"error": {"code": error.code, "message": error.message, "status": error.status}}

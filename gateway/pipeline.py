@@ -3,6 +3,7 @@ route → authenticate → authorize → ensure awake → proxy → record activ
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -188,16 +189,13 @@ async def serve_workspace(request: web.Request, target: Target, gateway: Gateway
         identity=_identity_headers(gateway, credentials.identity, public_origin),
     )
     keeps_awake = gateway.policy.wake.visitors_keep_awake or _is_member(gateway, state, credentials.identity)
-    if keeps_awake:
-        gateway.activity.touch(state.id)
-    if is_websocket(request):
-        if not keeps_awake:
+    # In use for as long as a request or WebSocket is open (a long poll or SSE feed keeps its workspace awake).
+    with gateway.activity.connection(state.id) if keeps_awake else contextlib.nullcontext():
+        if is_websocket(request):
             return await _relay(request, gateway, upstream, credentials.path, headers, grace)
-        with gateway.activity.connection(state.id):
-            return await _relay(request, gateway, upstream, credentials.path, headers, grace)
-    rules = _response_rules(request, gateway, target, state) if target.kind is Kind.PREVIEW else HUB_RULES
-    return await proxy_http(request, gateway.session, upstream, credentials.path, headers, metrics=gateway.metrics,
-                            connect_grace=grace, rules=rules)
+        rules = _response_rules(request, gateway, target, state) if target.kind is Kind.PREVIEW else HUB_RULES
+        return await proxy_http(request, gateway.session, upstream, credentials.path, headers,
+                                metrics=gateway.metrics, connect_grace=grace, rules=rules)
 
 
 def _is_member(gateway: Gateway, state: WorkspaceState, identity: Identity | None) -> bool:
