@@ -30,14 +30,23 @@ class IdleTimers:
 class Activity:
     """In-memory last-activity clock and open-connection counts, per workspace."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, shared: Runtime | None = None) -> None:
         self._clock = clock
+        self._shared = shared
         self._last: dict[str, float] = {}
         self._open: dict[str, int] = {}
         self._remote_open: dict[int, dict[str, int]] = {}
 
     def touch(self, workspace: str) -> None:
-        self._last[workspace] = self._clock()
+        now = self._clock()
+        self._last[workspace] = now
+        if self._shared is not None:
+            self._shared.record_activity(workspace, now)
+
+    def touch_open(self) -> None:
+        """Open connections are activity for as long as they live: say so again (other replicas reap)."""
+        for workspace in list(self._open):
+            self.touch(workspace)
 
     @contextlib.contextmanager
     def connection(self, workspace: str) -> Iterator[None]:
@@ -70,13 +79,18 @@ class Activity:
         self._remote_open.pop(source, None)
 
     def last(self, workspace: str) -> float | None:
-        return self._last.get(workspace)
+        """The newest activity seen here or, with a shared runtime, recorded by any replica."""
+        mine = self._last.get(workspace)
+        theirs = self._shared.last_activity(workspace) if self._shared is not None else None
+        known = [at for at in (mine, theirs) if at is not None]
+        return max(known) if known else None
 
     def idle_for(self, workspace: str, since: float) -> float:
         """Seconds without activity, counting from ``since`` (the phase start) when there was none."""
         if self._open.get(workspace) or any(opened.get(workspace) for opened in self._remote_open.values()):
             return 0.0
-        return self._clock() - max(self._last.get(workspace, since), since)
+        last = self.last(workspace)
+        return self._clock() - max(last if last is not None else since, since)
 
 
 def idle_action(phase: Phase, idle: float, timers: IdleTimers) -> Phase | None:
@@ -88,17 +102,26 @@ def idle_action(phase: Phase, idle: float, timers: IdleTimers) -> Phase | None:
     return None
 
 
+def _never(workspace: str) -> bool:
+    return False
+
+
 async def reap_forever(runtime: Runtime, activity: Activity, timers: IdleTimers, metrics: Metrics,
-                       is_leader: Callable[[], bool] = lambda: True) -> None:
+                       is_leader: Callable[[], bool] = lambda: True, busy: Callable[[str], bool] = _never) -> None:
     """Every ``interval`` seconds, put idle workspaces to sleep (only on the leader replica)."""
     while True:
         await asyncio.sleep(timers.interval)
+        activity.touch_open()
         if is_leader():
-            await reap_once(runtime, activity, timers, metrics)
+            await reap_once(runtime, activity, timers, metrics, busy)
 
 
-async def reap_once(runtime: Runtime, activity: Activity, timers: IdleTimers, metrics: Metrics) -> None:
+async def reap_once(runtime: Runtime, activity: Activity, timers: IdleTimers, metrics: Metrics,
+                    busy: Callable[[str], bool] = _never) -> None:
+    """One pass; ``busy`` names workspaces being woken right now (requests are waiting on them)."""
     for state in runtime.list():
+        if busy(state.id):
+            continue
         action = idle_action(state.phase, activity.idle_for(state.id, state.since), timers)
         if action is None:
             continue

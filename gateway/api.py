@@ -7,6 +7,7 @@ callers changing anything must come from the hub's own origin (CSRF). Errors are
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from html import escape
 from typing import Any, Literal
 
@@ -20,9 +21,11 @@ from gateway.auth.store import API_PREFIX, ShareLink
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway.lifecycle import WorkspaceState
+from gateway.pages import JSON_ONLY
 from gateway.policy import VISIBILITIES, Duration, Reason, decide, visibility
 
 _SAFE = ("GET", "HEAD", "OPTIONS")
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 class _Body(BaseModel):
@@ -53,7 +56,7 @@ def caller(request: web.Request) -> Identity:
         record = gateway.auth.store.find_api_token(token) if token.startswith(API_PREFIX) else None
         if record is None:
             raise Unauthorized("This API token is not valid.", code="token-invalid")
-        return Identity(record.subject, record.email, tuple(record.groups), record.name)
+        return record.identity()
     identity = hub_identity(request, gateway)
     if identity is None:
         raise Unauthorized("Sign in, or send an API token as 'Authorization: Bearer …'.", code="user-unauthenticated",
@@ -230,8 +233,7 @@ async def list_tokens(request: web.Request) -> web.Response:
 async def create_token(request: web.Request) -> web.Response:
     identity = caller(request)
     new: NewToken = await _body(request, NewToken)
-    record, token = request.app[GATEWAY].auth.store.create_api_token(
-        subject=identity.subject, email=identity.email, groups=list(identity.groups), name=new.name)
+    record, token = request.app[GATEWAY].auth.store.create_api_token(identity, name=new.name)
     return web.json_response({**record.public(), "token": token}, status=201)
 
 
@@ -245,17 +247,30 @@ async def revoke_token(request: web.Request) -> web.Response:
     return web.json_response({"id": record.id, "revoked": True})
 
 
+def _json_only(handler: Handler) -> Handler:
+    """Errors from the API are JSON whatever the caller accepts (the front door renders them)."""
+
+    async def handle(request: web.Request) -> web.Response:
+        request[JSON_ONLY] = True
+        return await handler(request)
+
+    return handle
+
+
 def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/api/v1/me", me)
-    r.add_get("/api/v1/workspaces", list_workspaces)
-    r.add_get("/api/v1/workspaces/{workspace}", get_workspace)
-    r.add_get("/api/v1/workspaces/{workspace}/status", status)
-    r.add_post("/api/v1/workspaces/{workspace}/{action:wake|stop|archive}", lifecycle)
-    r.add_put("/api/v1/workspaces/{workspace}/ports/{port}", set_port)
-    r.add_get("/api/v1/workspaces/{workspace}/shares", list_shares)
-    r.add_post("/api/v1/workspaces/{workspace}/shares", create_share)
-    r.add_delete("/api/v1/workspaces/{workspace}/shares/{share}", revoke_share)
-    r.add_get("/api/v1/tokens", list_tokens)
-    r.add_post("/api/v1/tokens", create_token)
-    r.add_delete("/api/v1/tokens/{token}", revoke_token)
+    routes: list[tuple[str, str, Handler]] = [
+        ("GET", "/api/v1/me", me),
+        ("GET", "/api/v1/workspaces", list_workspaces),
+        ("GET", "/api/v1/workspaces/{workspace}", get_workspace),
+        ("GET", "/api/v1/workspaces/{workspace}/status", status),
+        ("POST", "/api/v1/workspaces/{workspace}/{action:wake|stop|archive}", lifecycle),
+        ("PUT", "/api/v1/workspaces/{workspace}/ports/{port}", set_port),
+        ("GET", "/api/v1/workspaces/{workspace}/shares", list_shares),
+        ("POST", "/api/v1/workspaces/{workspace}/shares", create_share),
+        ("DELETE", "/api/v1/workspaces/{workspace}/shares/{share}", revoke_share),
+        ("GET", "/api/v1/tokens", list_tokens),
+        ("POST", "/api/v1/tokens", create_token),
+        ("DELETE", "/api/v1/tokens/{token}", revoke_token),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, _json_only(handler))

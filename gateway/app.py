@@ -17,7 +17,7 @@ from aiohttp.typedefs import Handler
 
 from gateway import api, badge
 from gateway.accesslog import TARGET
-from gateway.activity import IdleTimers, reap_forever
+from gateway.activity import Activity, IdleTimers, reap_forever
 from gateway.auth import handlers as auth_handlers
 from gateway.auth.handlers import hub_identity
 from gateway.auth.keys import KeyError_, load_or_create
@@ -143,8 +143,9 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     metrics_ = Metrics()
     runtime = runtime if runtime is not None else make_runtime(config)
     policies = PolicyHolder(config.policy_file)
-    waker = Waker(runtime, metrics_, WakeLimits(policies.current.wake.warm_timeout,
-                                                policies.current.wake.cold_timeout))
+    metrics_.track_workspaces(runtime.list)
+    waker = Waker(runtime, metrics_, lambda: WakeLimits(policies.current.wake.warm_timeout,
+                                                        policies.current.wake.cold_timeout))
     keys = load_or_create(config.keys_file, create=config.auth.keys_file is None)
     hosts = Hosts.from_urls(config.hub_url, config.preview_domain)
     auth = AuthState(keys=keys, sessions=Sessions(lambda: auth.keys, hosts.hub_url(""), ttl=config.auth.session_ttl),
@@ -157,6 +158,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
         waker=waker,
         auth=auth,
         policies=policies,
+        activity=Activity(shared=runtime),
         trusted_proxies=tuple(ipaddress.ip_network(net, strict=False) for net in config.trusted_proxies),
     )
     # Request bodies pass through as sent: the server must not undo a client's Content-Encoding.
@@ -185,7 +187,8 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     idle = gateway.config.idle
     reaper = asyncio.create_task(
         reap_forever(gateway.runtime, gateway.activity, IdleTimers(idle.to_warm, idle.to_cold, idle.check_every),
-                     gateway.metrics, is_leader=lambda: app[REAPS])
+                     gateway.metrics, is_leader=lambda: app[REAPS] and gateway.runtime.is_leader(),
+                     busy=gateway.waker.waking)
     )
     try:
         yield

@@ -184,12 +184,13 @@ def keys_rotate(args: argparse.Namespace) -> int:
 
 
 def token_issue(args: argparse.Namespace) -> int:
+    from gateway.auth.identity import Identity
     from gateway.auth.store import TokenStore
 
     config = load_config(args.config)
     store = TokenStore(config.store_file)
-    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
-    record, token = store.create_api_token(subject=args.user, email=args.email, groups=groups, name=args.name)
+    groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
+    record, token = store.create_api_token(Identity(args.user, args.email, groups, args.user), name=args.name)
     print(token)
     print(f"token {record.id} for {args.user} written to {config.store_file}", file=sys.stderr)
     return 0

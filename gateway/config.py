@@ -58,13 +58,6 @@ class Idle(_Model):
     check_every: Seconds = 30.0
 
 
-class Wake(_Model):
-    """How long a held request waits for a sleeping workspace, by the state it sleeps in."""
-
-    warm_timeout: Seconds = 60.0
-    cold_timeout: Seconds = 300.0
-
-
 class LocalWorkspace(_Model):
     owner: str
     collaborators: tuple[str, ...] = ()
@@ -151,6 +144,84 @@ class Local(_Model):
         return value
 
 
+_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|E|Ei)?")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _quantities(value: dict[str, str], key: str) -> dict[str, str]:
+    for name, quantity in value.items():
+        if not _QUANTITY.fullmatch(str(quantity)):
+            raise ValueError(f"{key}.{name}: {quantity!r} is not a Kubernetes quantity like 500m, 2 or 4Gi")
+    return value
+
+
+class KubernetesResources(_Model):
+    """Requests and limits of a workspace pod (a Workspace's own ``spec.resources`` wins)."""
+
+    requests: dict[str, str] = Field(default_factory=lambda: {"cpu": "250m", "memory": "512Mi"})
+    limits: dict[str, str] = Field(default_factory=lambda: {"cpu": "2", "memory": "4Gi"})
+
+    @field_validator("requests", "limits")
+    @classmethod
+    def _valid(cls, value: dict[str, str]) -> dict[str, str]:
+        return _quantities(value, "resources")
+
+
+class Kubernetes(_Model):
+    """The Kubernetes runtime: where workspaces run and how they are built.
+
+    The API is found by ``api_url`` (tests, ``kubectl proxy``), else in-cluster (``in_cluster: true``, the service
+    account), else ``kubeconfig`` (or the default kubeconfig).
+    """
+
+    namespace: str = "codehub"
+    api_url: str | None = None
+    in_cluster: bool = False
+    kubeconfig: Path | None = None
+    image: str = "codercom/code-server:4.99.0"
+    ide_port: Port = 13337
+    storage_class: str | None = None
+    snapshot_class: str | None = None
+    storage_size: str = "10Gi"
+    tmp_size: str = "1Gi"
+    read_only_root: bool = True
+    resources: KubernetesResources = KubernetesResources()
+    keep_snapshots: int = Field(default=2, ge=1)
+    lease_name: str = "codehub-gateway-reaper"
+    lease_duration: Seconds = 15.0
+    identity: str | None = None
+    start_timeout: Seconds = 300.0
+    snapshot_timeout: Seconds = 600.0
+    sync_timeout: Seconds = 30.0
+    request_timeout: Seconds = 10.0
+    watch_timeout: int = Field(default=300, ge=1)
+    activity_interval: Seconds = 60.0
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        if not _DNS_LABEL.fullmatch(value):
+            raise ValueError("must be a Kubernetes namespace name (lower-case letters, digits and '-')")
+        return value
+
+    @field_validator("storage_size", "tmp_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if not _QUANTITY.fullmatch(value):
+            raise ValueError(f"{value!r} is not a Kubernetes quantity like 10Gi")
+        return value
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            url = URL(value)
+            if url.scheme not in ("http", "https") or not url.host:
+                raise ValueError("must be the API server's URL, like https://10.0.0.1:6443")
+            return value.rstrip("/")
+        return value
+
+
 class Config(_Model):
     listen: Listen = Listen()
     hub_url: str = "http://localhost:8080"
@@ -160,10 +231,10 @@ class Config(_Model):
     auth: Auth = Auth()
     timeouts: Timeouts = Timeouts()
     idle: Idle = Idle()
-    wake: Wake = Wake()
     max_ws_message: int = Field(default=64 << 20, gt=0)
     runtime: Literal["local", "kubernetes"] = "local"
     local: Local = Local()
+    kubernetes: Kubernetes = Kubernetes()
 
     @field_validator("hub_url")
     @classmethod

@@ -15,6 +15,7 @@ class GatewayError(Exception):
     status: int = 500
     code: str = "internal-error"
     title: str = "Something went wrong"
+    template: str = "error.html"
 
     def __init__(
         self,

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from gateway.lifecycle import Phase, WorkspaceState
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _WAKE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -48,13 +54,16 @@ class Metrics:
             ["from_phase"], buckets=_WAKE_BUCKETS, registry=r,
         )
         self.held_requests = Gauge("codehub_held_requests", "Requests held while their workspace wakes.", registry=r)
-        self.workspaces = Gauge("codehub_workspaces", "Workspaces by phase.", ["phase"], registry=r)
         self.idle_transitions = Counter(
             "codehub_idle_transitions", "Idle stops and archives done by the reaper.", ["to_phase"], registry=r
         )
 
         self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._decision_children: dict[tuple[bool, str], Any] = {}
+
+    def track_workspaces(self, states: Callable[[], Iterable[WorkspaceState]]) -> None:
+        """Export ``codehub_workspaces{phase}``, counted from the runtime's memory at each scrape."""
+        self.registry.register(_WorkspacesByPhase(states))
 
     def observe_request(self, kind: str, status: int, seconds: float) -> None:
         key = (kind, status // 100)
@@ -73,3 +82,23 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _WorkspacesByPhase(Collector):
+    """Workspaces by phase, read at scrape time, so the numbers can never drift from the runtime's view."""
+
+    def __init__(self, states: Callable[[], Iterable[WorkspaceState]]) -> None:
+        self._states = states
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily("codehub_workspaces", "Workspaces by phase.", labels=["phase"])
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        counts = Tally(state.phase for state in self._states())
+        for phase in Phase:
+            family.add_metric([phase.value], counts[phase])
+        yield family

@@ -10,10 +10,13 @@ from aiohttp import web
 from gateway.errors import GatewayError, Redirect
 
 log = logging.getLogger(__name__)
+JSON_ONLY = "codehub.json_only"  # request key: this route answers in JSON only (the management API)
 
 
 def wants_html(request: web.BaseRequest) -> bool:
     """Browsers navigating get pages; scripts, fetch/XHR and API clients get JSON."""
+    if request.get(JSON_ONLY):
+        return False
     mode = request.headers.get("Sec-Fetch-Mode")
     if mode is not None:
         return mode == "navigate"
@@ -29,8 +32,7 @@ def error_response(request: web.Request, error: GatewayError) -> web.StreamRespo
     if isinstance(error, Redirect):
         response = web.Response(status=error.status, headers=headers)
     elif wants_html(request):
-        template = getattr(error, "template", "error.html")
-        response = aiohttp_jinja2.render_template(template, request, {"error": error}, status=error.status)
+        response = aiohttp_jinja2.render_template(error.template, request, {"error": error}, status=error.status)
         response.headers.update(headers)
     else:
         body = {"error": {"code": error.code, "message": error.message, "status": error.status}}

@@ -3,6 +3,7 @@ route → authenticate → authorize → ensure awake → proxy → record activ
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from multidict import CIMultiDict
 
 from gateway import cors
 from gateway.accesslog import USER
-from gateway.auth.authenticate import Credentials, authenticate, sign_in_redirect
+from gateway.auth.authenticate import Credentials, authenticate, sign_in_redirect, stale_share_refusal
 from gateway.auth.handlers import preview_callback, preview_popup
 from gateway.auth.identity import Identity
 from gateway.context import Gateway
@@ -62,6 +63,8 @@ def _host(request: web.BaseRequest, gateway: Gateway) -> str:
 def _check(request: web.Request, gateway: Gateway, target: Target, state: WorkspaceState) -> Credentials:
     """Authenticate and authorize; a refusal becomes a sign-in redirect for browsers, else 401/403."""
     preview = target.kind is not Kind.IDE
+    if not preview and is_websocket(request):
+        _check_websocket_origin(request, gateway)  # before anything else: a hijack attempt must not even wake it
     host = _host(request, gateway)
     auth = gateway.auth
     credentials = authenticate(request, target.path, host, sessions=auth.sessions, store=auth.store,
@@ -75,6 +78,9 @@ def _check(request: web.Request, gateway: Gateway, target: Target, state: Worksp
         request[USER] = credentials.identity.subject
     if decision.allow:
         return credentials
+    stale = stale_share_refusal(credentials, gateway.config.secure)
+    if stale is not None:
+        raise stale
     if decision.reason is Reason.USER_UNAUTHENTICATED and request.method in ("GET", "HEAD") and wants_html(request):
         path = credentials.path if preview else request.raw_path
         public_url = f"{gateway.hosts.scheme}://{request.headers['Host']}{path}"
@@ -183,18 +189,13 @@ async def serve_workspace(request: web.Request, target: Target, gateway: Gateway
         identity=_identity_headers(gateway, credentials.identity, public_origin),
     )
     keeps_awake = gateway.policy.wake.visitors_keep_awake or _is_member(gateway, state, credentials.identity)
-    if keeps_awake:
-        gateway.activity.touch(state.id)
-    if is_websocket(request):
-        if target.kind is Kind.IDE:
-            _check_websocket_origin(request, gateway)
-        if not keeps_awake:
+    # In use for as long as a request or WebSocket is open (a long poll or SSE feed keeps its workspace awake).
+    with gateway.activity.connection(state.id) if keeps_awake else contextlib.nullcontext():
+        if is_websocket(request):
             return await _relay(request, gateway, upstream, credentials.path, headers, grace)
-        with gateway.activity.connection(state.id):
-            return await _relay(request, gateway, upstream, credentials.path, headers, grace)
-    rules = _response_rules(request, gateway, target, state) if target.kind is Kind.PREVIEW else HUB_RULES
-    return await proxy_http(request, gateway.session, upstream, credentials.path, headers, metrics=gateway.metrics,
-                            connect_grace=grace, rules=rules)
+        rules = _response_rules(request, gateway, target, state) if target.kind is Kind.PREVIEW else HUB_RULES
+        return await proxy_http(request, gateway.session, upstream, credentials.path, headers,
+                                metrics=gateway.metrics, connect_grace=grace, rules=rules)
 
 
 def _is_member(gateway: Gateway, state: WorkspaceState, identity: Identity | None) -> bool:

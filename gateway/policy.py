@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from gateway.auth.identity import Identity
+from gateway.auth.identity import Identity, claim_text
 from gateway.errors import Forbidden, GatewayError, Unauthorized
 from gateway.lifecycle import WorkspaceSpec
 
@@ -47,16 +47,30 @@ def parse_duration(value: Any) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+def _claim_value(value: Any) -> str:
+    text = claim_text(value)
+    if text is None:
+        raise ValueError("a claim rule compares one text, number or true/false value")
+    return text
+
+
+ClaimValue = Annotated[str, BeforeValidator(_claim_value)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Org(_Model):
-    """Who counts as a member of the organisation: any rule that matches admits (none set → nobody)."""
+    """Who counts as a member of the organisation: any rule that matches admits (none set → nobody).
+
+    ``claims`` admits people whose ID token has every listed claim with the listed value (compared as text,
+    ``true``/``false`` and numbers spelt as in JSON).
+    """
 
     email_domains: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
-    claims: dict[str, str] = Field(default_factory=dict)
+    claims: dict[str, ClaimValue] = Field(default_factory=dict)
     users: tuple[str, ...] = ()
 
 
@@ -123,12 +137,6 @@ class Policy(_Model):
     embedding: Embedding = Embedding()
     cors: tuple[CorsRule, ...] = ()
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Policy:
-        if self.share_links.default_ttl > self.share_links.max_ttl:
-            raise ValueError("share_links.default_ttl is longer than share_links.max_ttl")
-        return self
-
 
 class PolicyError(Exception):
     """A policy file is invalid; the message names file, line and reason."""
@@ -169,6 +177,7 @@ class Grant:
 
 
 def is_org_member(org: Org, identity: Identity, claims: Mapping[str, Any] | None = None) -> bool:
+    """Does any org rule admit ``identity``? Claim rules read ``claims`` if given, else the identity's own."""
     domain = identity.email.rpartition("@")[2].lower() if "@" in identity.email else ""
     if domain and domain in (d.lower().lstrip("@") for d in org.email_domains):
         return True
@@ -176,7 +185,11 @@ def is_org_member(org: Org, identity: Identity, claims: Mapping[str, Any] | None
         return True
     if any(identity.matches(user) for user in org.users):
         return True
-    return bool(org.claims) and claims is not None and all(str(claims.get(k)) == v for k, v in org.claims.items())
+    if not org.claims:
+        return False
+    if claims is None:
+        return all(identity.claim(name) == value for name, value in org.claims.items())
+    return all(claim_text(claims.get(name)) == value for name, value in org.claims.items())
 
 
 def visibility(policy: Policy, spec: WorkspaceSpec, port: int) -> Visibility:
@@ -287,14 +300,33 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     if not isinstance(data, dict):
         raise PolicyError(f"{source}:1: a policy must be a mapping of sections")
     try:
-        return Policy.model_validate(data)
+        policy = Policy.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = tuple(first["loc"])
-        line = _line_of(node, loc)
-        key = ".".join(str(part) for part in loc)
         message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-        raise PolicyError(f"{source}:{line or 1}: {key}: {message}") from None
+        raise PolicyError(_where(source, node, loc, message)) from None
+    for loc, message in _contradictions(policy):
+        raise PolicyError(_where(source, node, loc, message))
+    return policy
+
+
+def _where(source: str, node: yaml.Node | None, loc: tuple[int | str, ...], message: str) -> str:
+    key = ".".join(str(part) for part in loc)
+    return f"{source}:{_line_of(node, loc) or 1}: {key}: {message}"
+
+
+def _contradictions(policy: Policy) -> list[tuple[tuple[str, ...], str]]:
+    """Settings that are each valid but cannot hold together."""
+    found: list[tuple[tuple[str, ...], str]] = []
+    ports, links = policy.ports, policy.share_links
+    if VISIBILITIES.index(ports.default_visibility) > VISIBILITIES.index(ports.max_visibility):
+        found.append((("ports", "default_visibility"),
+                      f"'{ports.default_visibility}' is above ports.max_visibility '{ports.max_visibility}'"))
+    if links.default_ttl > links.max_ttl:
+        found.append((("share_links", "default_ttl"),
+                      f"{links.default_ttl:.0f} s is longer than share_links.max_ttl ({links.max_ttl:.0f} s)"))
+    return found
 
 
 def load_policy(path: Path) -> Policy:

@@ -15,14 +15,14 @@ import logging
 import statistics
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from gateway.errors import GatewayError, ServiceUnavailable
-from gateway.lifecycle import Phase, Runtime, RuntimeError_, WorkspaceState
+from gateway.lifecycle import Event, Phase, Runtime, RuntimeError_, WorkspaceState
 from gateway.metrics import Metrics
 from gateway.pages import wants_html
 
@@ -58,34 +58,58 @@ class WaitingPage(GatewayError):
         self.limits = limits
 
 
+def wake_origin(phase: Phase) -> Phase:
+    """The phase a wake counts as starting from (for steps, estimates and metrics): RUNNING, WARM or COLD."""
+    if phase in (Phase.COLD, Phase.ARCHIVING, Phase.RESTORING):
+        return Phase.COLD
+    return Phase.RUNNING if phase is Phase.RUNNING else Phase.WARM
+
+
 @dataclass
 class Progress:
-    """What a waiting page shows: the steps of this wake and how long similar wakes took."""
+    """What a waiting page shows: the steps of this wake and how long similar wakes took.
+
+    Every step reached is kept in ``history`` so a progress stream reports each one, however quickly the
+    next follows.
+    """
 
     workspace: str
     port: int
     from_phase: Phase
     started: float = field(default_factory=time.monotonic)
-    step: str = "starting"
+    step: str = ""
     message: str = ""
     estimate: float | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    history: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.from_phase = wake_origin(self.from_phase)
+        if not self.step:
+            self.step = self.steps[0]
+        self.history.append((self.step, self.message))
 
     def update(self, step: str, message: str = "") -> None:
         """Move to a step and wake every progress stream waiting on this wake."""
         self.step, self.message = step, message
+        if step in self.steps and self.history[-1][0] != step:
+            self.history.append((step, message))
         self.changed.set()
         self.changed = asyncio.Event()
 
     @property
     def steps(self) -> list[str]:
+        if self.from_phase is Phase.RUNNING:
+            return ["waiting-for-port"]
         steps = ["starting", "waiting-for-port"]
         return ["restoring", *steps] if self.from_phase is Phase.COLD else steps
 
-    def as_event(self) -> dict[str, Any]:
+    def as_event(self, index: int | None = None) -> dict[str, Any]:
+        """The current step, or the ``index``-th step reached, as a progress event."""
+        step, message = (self.step, self.message) if index is None else self.history[index]
         return {
-            "workspace": self.workspace, "port": self.port, "from": self.from_phase.value, "step": self.step,
-            "steps": self.steps, "message": self.message, "elapsed": round(time.monotonic() - self.started, 2),
+            "workspace": self.workspace, "port": self.port, "from": self.from_phase.value, "step": step,
+            "steps": self.steps, "message": message, "elapsed": round(time.monotonic() - self.started, 2),
             "estimate": self.estimate,
         }
 
@@ -94,10 +118,10 @@ _STEP_FOR_PHASE = {Phase.RESTORING: "restoring", Phase.STARTING: "starting", Pha
 
 
 class Waker:
-    def __init__(self, runtime: Runtime, metrics: Metrics, limits: WakeLimits) -> None:
+    def __init__(self, runtime: Runtime, metrics: Metrics, limits: Callable[[], WakeLimits]) -> None:
         self._runtime = runtime
         self._metrics = metrics
-        self.limits = limits
+        self._limits = limits
         self._flights: dict[str, asyncio.Task[WorkspaceState]] = {}
         self._ports: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._progress: dict[tuple[str, int], Progress] = {}
@@ -109,8 +133,17 @@ class Waker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    @property
+    def limits(self) -> WakeLimits:
+        """Read from the policy in force at each use, so a policy reload changes the timeouts."""
+        return self._limits()
+
     def busy(self, workspace: str, port: int) -> bool:
         return (workspace, port) in self._ports
+
+    def waking(self, workspace: str) -> bool:
+        """Whether a wake of the workspace, or a wait for one of its ports, is in flight."""
+        return workspace in self._flights or any(key[0] == workspace for key in self._ports)
 
     def bring_up(self, state: WorkspaceState, port: int) -> asyncio.Task[None]:
         """The shared task that ends when ``port`` of the workspace accepts connections."""
@@ -128,7 +161,7 @@ class Waker:
         return self._progress.get((workspace, port))
 
     def estimate(self, workspace: str, phase: Phase) -> float | None:
-        past = self._history.get((workspace, Phase.COLD if phase is Phase.COLD else Phase.WARM))
+        past = self._history.get((workspace, wake_origin(phase)))
         return round(statistics.median(past), 1) if past else None
 
     async def ensure_awake(self, request: web.Request, state: WorkspaceState, port: int) -> WorkspaceState:
@@ -145,7 +178,7 @@ class Waker:
             await asyncio.wait_for(asyncio.shield(task), timeout)
         except TimeoutError:
             raise ServiceUnavailable(
-                f"Workspace {state.id} did not become ready within {timeout:.0f} s; try again shortly.",
+                f"Workspace {state.id} did not become ready within {timeout:g} s; try again shortly.",
                 code="wake-timeout", headers={"Retry-After": "5"},
             ) from None
         finally:
@@ -163,7 +196,7 @@ class Waker:
         return task
 
     async def _bring_up(self, state: WorkspaceState, port: int, progress: Progress) -> None:
-        from_phase = state.phase if state.phase in (Phase.COLD, Phase.RUNNING) else Phase.WARM
+        from_phase = wake_origin(state.phase)
         started = time.monotonic()
         result = "failed"
         try:
@@ -175,6 +208,8 @@ class Waker:
                         state = await asyncio.shield(flight)
                     finally:
                         follower.cancel()
+                    while not events.queue.empty():  # steps published just before the flight ended
+                        _apply(events.queue.get_nowait(), state.id, progress)
                 if state.phase is not Phase.RUNNING or state.address is None:
                     raise RuntimeError_(state.message or f"Workspace {state.id} could not start.")
             progress.update("waiting-for-port")
@@ -191,10 +226,9 @@ class Waker:
                 self._metrics.wakes.labels(from_phase.value, result).inc()
                 self._metrics.wake_duration.labels(from_phase.value).observe(time.monotonic() - started)
 
-    async def _follow(self, events: AsyncIterator[Any], workspace: str, progress: Progress) -> None:
+    async def _follow(self, events: AsyncIterator[Event], workspace: str, progress: Progress) -> None:
         async for event in events:
-            if event.workspace == workspace and event.phase in _STEP_FOR_PHASE:
-                progress.update(_STEP_FOR_PHASE[event.phase])
+            _apply(event, workspace, progress)
 
     async def _wait_for_port(self, state: WorkspaceState, port: int, limit: float) -> None:
         """Try to connect until the port accepts; stop early if the workspace dies meanwhile."""
@@ -215,10 +249,15 @@ class Waker:
             now = time.monotonic()
             if now >= deadline:
                 raise RuntimeError_(
-                    f"Nothing started listening on port {port} in workspace {state.id} within {limit:.0f} s.",
+                    f"Nothing started listening on port {port} in workspace {state.id} within {limit:g} s.",
                     code="port-not-listening",
                 )
             await asyncio.sleep(_PROBE_FAST if now < fast_until else _PROBE_SLOW)
+
+
+def _apply(event: Event, workspace: str, progress: Progress) -> None:
+    if event.workspace == workspace and event.phase in _STEP_FOR_PHASE:
+        progress.update(_STEP_FOR_PHASE[event.phase])
 
 
 def events_path(request: web.BaseRequest, workspace: str, port: int) -> str:
@@ -239,15 +278,21 @@ async def stream_progress(request: web.Request, waker: Waker, state: WorkspaceSt
     await response.prepare(request)
     task = waker.bring_up(state, port)
     progress = waker.progress(state.id, port)
-    while not task.done():
+    sent = 0
+    while True:
+        changed = progress.changed if progress is not None else asyncio.Event()
         if progress is not None:
+            while sent < len(progress.history):
+                await response.write(_sse("progress", progress.as_event(sent)))
+                sent += 1
+        if task.done():
+            break
+        waiter = asyncio.ensure_future(changed.wait())
+        done, _ = await asyncio.wait({task, waiter}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not done and progress is not None:  # nothing new for a while: say how long it has been
             await response.write(_sse("progress", progress.as_event()))
-            changed = asyncio.ensure_future(progress.changed.wait())
-            await asyncio.wait({task, changed}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
-        else:
-            await asyncio.wait({task}, timeout=15)
-    error = task.exception()
+    error = ServiceUnavailable("The gateway is shutting down.") if task.cancelled() else task.exception()
     if error is None:
         await response.write(_sse("ready", {"workspace": state.id, "port": port}))
     else:

@@ -16,7 +16,7 @@ from yarl import URL
 from gateway.auth.identity import Identity
 from gateway.auth.sessions import Sessions, cookie_name, is_embedded, set_cookie
 from gateway.auth.store import API_PREFIX, SHARE_PREFIX, ShareLink, TokenStore
-from gateway.errors import Forbidden, Redirect, Unauthorized
+from gateway.errors import Forbidden, GatewayError, Redirect, Unauthorized
 from gateway.policy import Grant
 
 SHARE_PARAM = "codehub_share"
@@ -32,6 +32,7 @@ class Credentials:
     link: ShareLink | None
     consumed_authorization: bool
     path: str
+    stale_link: ShareLink | None = None  # the share cookie names a link that was revoked or has expired
 
 
 def split_share_param(raw_path: str) -> tuple[str, str | None]:
@@ -59,14 +60,33 @@ def safe_next(value: str | None) -> str:
     return value
 
 
-def _check_link(link: ShareLink | None, now: float) -> ShareLink:
+def share_refusal(link: ShareLink | None, now: float) -> GatewayError | None:
+    """Why a share link cannot be used (unknown, revoked, expired), or None when it can."""
     if link is None:
-        raise Unauthorized("This share link is not valid. Ask its owner for a new one.", code="share-invalid")
+        return Unauthorized("This share link is not valid. Ask its owner for a new one.", code="share-invalid")
     if link.revoked is not None:
-        raise Forbidden("This share link was revoked by its owner.", code="share-revoked")
+        return Forbidden("This share link was revoked by its owner.", code="share-revoked")
     if now >= link.expires:
-        raise Forbidden("This share link has expired. Ask its owner for a new one.", code="share-expired")
+        return Forbidden("This share link has expired. Ask its owner for a new one.", code="share-expired")
+    return None
+
+
+def _check_link(link: ShareLink | None, now: float) -> ShareLink:
+    refusal = share_refusal(link, now)
+    if refusal is not None:
+        raise refusal
+    assert link is not None
     return link
+
+
+def stale_share_refusal(credentials: Credentials, secure: bool) -> GatewayError | None:
+    """A browser whose share cookie names a dead link hears why (and loses the cookie), not a sign-in page."""
+    if credentials.stale_link is None:
+        return None
+    refusal = share_refusal(credentials.stale_link, time.time())
+    if refusal is not None:
+        refusal.cookies = (set_cookie(cookie_name(SHARE, secure), "", max_age=0, secure=secure),)
+    return refusal
 
 
 def grant_of(link: ShareLink) -> Grant:
@@ -100,18 +120,21 @@ def authenticate(request: web.BaseRequest, path: str, host: str, *, sessions: Se
             record = store.find_api_token(token)
             if record is None:
                 raise Unauthorized("This API token is not valid.", code="token-invalid")
-            identity = Identity(record.subject, record.email, tuple(record.groups), record.name)
+            identity = record.identity()
             consumed = True
     if identity is None:
         session = request.cookies.get(cookie_name(SESSION, secure))
         if session:
             identity = sessions.read(session, host)
+    stale = None
     if link is None and preview:
         claims = sessions.read_state(request.cookies.get(cookie_name(SHARE, secure)), host)
         candidate = store.shares.get(str(claims.get("share"))) if claims else None
         if candidate is not None and candidate.active(now):
             link = candidate
-    return Credentials(identity, grant_of(link) if link else None, link, consumed, path)
+        elif candidate is not None:
+            stale = candidate
+    return Credentials(identity, grant_of(link) if link else None, link, consumed, path, stale)
 
 
 class EmbedSignIn(Unauthorized):

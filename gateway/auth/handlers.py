@@ -79,8 +79,8 @@ async def callback(request: web.Request) -> web.StreamResponse:
     tokens = await oidc.exchange(code=request.query.get("code", ""), verifier=str(saved["verifier"]),
                                  redirect_uri=gateway.hosts.hub_url("/auth/callback"))
     claims = await oidc.verify_id_token(tokens["id_token"], str(saved["nonce"]))
-    identity = Identity.from_claims(claims, subject_claim=oidc.settings.username_claim,
-                                    groups_claim=oidc.settings.groups_claim)
+    identity = Identity.from_id_token(claims, subject_claim=oidc.settings.username_claim,
+                                      groups_claim=oidc.settings.groups_claim)
     raise Redirect(safe_next(str(saved.get("next"))), status=303, cookies=(
         _session_cookie(gateway, identity, gateway.hosts.hub), _expired(LOGIN, secure)))
 
@@ -121,13 +121,13 @@ async def handoff(request: web.Request) -> web.StreamResponse:
     identity = hub_identity(request, gateway)
     if identity is None:
         raise Redirect(str(URL("/auth/login").with_query(next=request.path_qs)), status=302)
-    target = URL(request.query.get("target", ""))
     state = request.query.get("state", "")
-    host = normalise_host(target.raw_authority, gateway.hosts.scheme) if target.absolute else None
     try:
+        target = URL(request.query.get("target", ""))
+        host = normalise_host(target.raw_authority, gateway.hosts.scheme) if target.absolute else None
         kind = route(target.raw_authority, "/", gateway.hosts).kind if host else None
-    except GatewayError:
-        kind = None
+    except (ValueError, GatewayError):
+        host, kind = None, None
     if host is None or kind is not Kind.PREVIEW or target.scheme != gateway.hosts.scheme or not state:
         raise BadRequest("This sign-in request does not point at a preview of this gateway.", code="bad-handoff")
     code = gateway.auth.sessions.handoff_code(identity, host, state)

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+# Claims that say something about the token rather than the person, or that have a field of their own.
+_NOT_ATTRIBUTES = frozenset({
+    "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "nonce", "auth_time", "at_hash", "c_hash", "s_hash", "azp",
+    "acr", "amr", "sid", "typ", "state", "email", "groups", "name", "attrs", "cnf", "updated_at",
+})
+# Other claims ride along in the session cookie for org rules on claims; a budget keeps the cookie small.
+ATTRIBUTES_BUDGET = 1024
+
+
+def claim_text(value: Any) -> str | None:
+    """A scalar claim as text, spelt as in JSON (``true``, ``42``); None for lists, objects and null."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        return json.dumps(value)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,6 +31,7 @@ class Identity:
     email: str = ""
     groups: tuple[str, ...] = ()
     name: str = ""
+    attributes: tuple[tuple[str, str], ...] = ()
 
     def matches(self, principal: str) -> bool:
         """Principals in policies and collaborator lists: a user name, an e-mail, or ``group:NAME``."""
@@ -21,18 +40,51 @@ class Identity:
             return principal[6:] in self.groups
         return principal.lower() in (self.subject.lower(), self.email.lower()) and bool(principal)
 
+    def claim(self, name: str) -> str | None:
+        """A scalar claim from the IdP (as text), for org rules on claims."""
+        return dict(self.attributes).get(name)
+
     def claims(self) -> dict[str, Any]:
-        return {"sub": self.subject, "email": self.email, "groups": list(self.groups), "name": self.name}
+        return {"sub": self.subject, "email": self.email, "groups": list(self.groups), "name": self.name,
+                "attrs": dict(self.attributes)}
 
     @classmethod
     def from_claims(cls, claims: Mapping[str, Any], *, subject_claim: str = "sub",
                     groups_claim: str = "groups") -> Identity:
+        """From the gateway's own tokens (``attrs`` carries the IdP's other claims) or raw claims."""
         groups = claims.get(groups_claim) or ()
         if isinstance(groups, str):
             groups = [groups]
+        attrs = claims.get("attrs")
         return cls(
             subject=str(claims.get(subject_claim) or claims.get("sub") or ""),
             email=str(claims.get("email") or ""),
             groups=tuple(str(group) for group in groups),
             name=str(claims.get("name") or claims.get("preferred_username") or ""),
+            attributes=_attributes(attrs if isinstance(attrs, Mapping) else {}),
         )
+
+    @classmethod
+    def from_id_token(cls, claims: Mapping[str, Any], *, subject_claim: str = "sub",
+                      groups_claim: str = "groups") -> Identity:
+        """From a verified ID token. An e-mail the IdP marks unverified is not used: collaborator lists and org
+        rules match e-mails, and anyone can type any address into an account that has not verified it."""
+        identity = cls.from_claims({k: v for k, v in claims.items() if k != "attrs"}, subject_claim=subject_claim,
+                                   groups_claim=groups_claim)
+        email = identity.email if claims.get("email_verified", True) is not False else ""
+        extra = {k: v for k, v in claims.items() if k not in _NOT_ATTRIBUTES and k not in (subject_claim, groups_claim)}
+        return cls(identity.subject, email, identity.groups, identity.name, _attributes(extra))
+
+
+def _attributes(claims: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    out: list[tuple[str, str]] = []
+    used = 0
+    for name in sorted(claims):
+        text = claim_text(claims[name])
+        if text is None:
+            continue
+        used += len(name) + len(text) + 6
+        if used > ATTRIBUTES_BUDGET:
+            break
+        out.append((str(name), text))
+    return tuple(out)

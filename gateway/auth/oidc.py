@@ -14,6 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote_plus, urlencode
 
 import aiohttp
 import jwt
@@ -76,8 +77,8 @@ class OidcClient:
                 "The sign-in service cannot be reached right now. Public previews keep working; try again shortly."
             ) from None
 
-    async def metadata(self) -> dict[str, Any]:
-        if self._metadata is None or time.monotonic() - self._metadata_at > _METADATA_TTL:
+    async def metadata(self, *, refresh: bool = False) -> dict[str, Any]:
+        if refresh or self._metadata is None or time.monotonic() - self._metadata_at > _METADATA_TTL:
             data = await self._get_json(f"{self.settings.issuer}/.well-known/openid-configuration", "discovery")
             if data.get("issuer", "").rstrip("/") != self.settings.issuer:
                 raise IdpUnavailable("The sign-in service's discovery document names another issuer.")
@@ -85,7 +86,9 @@ class OidcClient:
         return self._metadata
 
     async def authorize_url(self, *, redirect_uri: str, state: str, nonce: str, pkce: Pkce) -> str:
-        metadata = await self.metadata()
+        """Where to send a browser to sign in. Discovery is read afresh: if the IdP is down, the browser gets
+        the gateway's clear error page instead of being sent to an address that does not answer."""
+        metadata = await self.metadata(refresh=True)
         query = {
             "response_type": "code", "client_id": self.settings.client_id, "redirect_uri": redirect_uri,
             "scope": " ".join(self.settings.scopes), "state": state, "nonce": nonce,
@@ -97,14 +100,17 @@ class OidcClient:
         metadata = await self.metadata()
         form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
                 "code_verifier": verifier}
-        headers = {"Accept": "application/json"}
+        # The shared upstream session skips the automatic Content-Type, so the form says what it is itself.
+        headers = {"Accept": "application/json", "Content-Type": "application/x-www-form-urlencoded"}
         secret = self.settings.secret()
         if self.settings.token_auth_method == "client_secret_basic":
-            headers["Authorization"] = aiohttp.encode_basic_auth(self.settings.client_id, secret)
+            # RFC 6749 §2.3.1: id and secret are form-encoded before they are joined and base64-encoded.
+            headers["Authorization"] = aiohttp.encode_basic_auth(quote_plus(self.settings.client_id),
+                                                                 quote_plus(secret))
         else:
             form.update(client_id=self.settings.client_id, client_secret=secret)
         try:
-            async with self._session.post(metadata["token_endpoint"], data=form, headers=headers,
+            async with self._session.post(metadata["token_endpoint"], data=urlencode(form), headers=headers,
                                           timeout=_TIMEOUT) as response:
                 body: dict[str, Any] = await response.json(content_type=None)
                 status = response.status
@@ -112,7 +118,7 @@ class OidcClient:
             log.warning("IdP token endpoint unreachable: %s", exc)
             raise IdpUnavailable("The sign-in service cannot be reached right now; try again shortly.") from None
         if status != 200 or "id_token" not in body:
-            log.warning("IdP refused the code: %s %s", status, body.get("error"))
+            log.warning("IdP refused the code: %s %s %s", status, body.get("error"), body.get("error_description"))
             raise SignInFailed("The sign-in service refused this sign-in. Start again from the page you wanted.")
         return body
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.auth.identity import Identity
+
 SHARE_PREFIX = "chs_"
 API_PREFIX = "chk_"
 
@@ -62,10 +64,15 @@ class ApiToken:
     email: str = ""
     groups: list[str] = dataclasses.field(default_factory=list)
     last_used: float | None = None
+    attributes: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def identity(self) -> Identity:
+        """The person the token acts for, as they were when they created it."""
+        return Identity(self.subject, self.email, tuple(self.groups), self.name, tuple(sorted(self.attributes.items())))
 
     def public(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        del data["token_hash"]
+        del data["token_hash"], data["attributes"]
         return data
 
 
@@ -208,10 +215,11 @@ class TokenStore:
                 fresh.revoked = now
         link.revoked = link.revoked or now
 
-    def create_api_token(self, *, subject: str, email: str, groups: list[str], name: str) -> tuple[ApiToken, str]:
+    def create_api_token(self, identity: Identity, *, name: str) -> tuple[ApiToken, str]:
         token = API_PREFIX + secrets.token_urlsafe(32)
-        record = ApiToken(id=secrets.token_hex(6), token_hash=token_hash(token), subject=subject, name=name,
-                          created=time.time(), email=email, groups=groups)
+        record = ApiToken(id=secrets.token_hex(6), token_hash=token_hash(token), subject=identity.subject, name=name,
+                          created=time.time(), email=identity.email, groups=list(identity.groups),
+                          attributes=dict(identity.attributes))
         with self._writing():
             self._api_tokens[record.id] = record
             self._api_index[record.token_hash] = record

@@ -163,6 +163,18 @@ class Runtime(abc.ABC):
                      collaborators: tuple[str, ...] | None = None) -> WorkspaceState:
         """Change how a workspace is shared; persisted by the runtime."""
 
+    def record_activity(self, workspace: str, at: float) -> None:
+        """Note use of a workspace at ``at`` (epoch seconds); a runtime shared by replicas persists it."""
+        return None
+
+    def last_activity(self, workspace: str) -> float | None:
+        """The newest use any replica recorded, where the runtime shares activity; None otherwise."""
+        return None
+
+    def is_leader(self) -> bool:
+        """Whether this replica runs cluster-wide chores (the idle reaper); a lone gateway always does."""
+        return True
+
     def listening_ports(self, workspace: str) -> set[int] | None:
         """Ports the workspace is listening on, where the runtime can see them cheaply; None if it cannot."""
         return None

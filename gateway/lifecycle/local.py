@@ -146,6 +146,8 @@ class LocalRuntime(Runtime):
     async def stop(self, workspace: str) -> WorkspaceState:
         slot = self._slot(workspace)
         async with slot.lock:
+            if slot.process is None and not slot.failure:
+                return self._observe(slot)
             if slot.process is not None:
                 self._begin(slot, Phase.STOPPING, "stopping the workspace")
                 await self._terminate(slot)
@@ -163,7 +165,7 @@ class LocalRuntime(Runtime):
                 await asyncio.to_thread(archive_home, slot.home, slot.archive)
             except ArchiveError as exc:
                 log.error("archive of %s failed: %s", workspace, exc)
-                slot.in_flight = None
+                self._end(slot)
                 raise RuntimeError_(f"Archiving {workspace} failed; its home is untouched.") from exc
             return self._end(slot)
 
@@ -215,11 +217,14 @@ class LocalRuntime(Runtime):
             phase = Phase.FAILED if slot.failure else Phase.WARM
         else:
             phase = Phase.COLD
+        # a failed restore leaves the workspace COLD (its archive is all there is), with the reason attached
+        message = slot.failure if phase in (Phase.FAILED, Phase.COLD) else ""
         previous = slot.state
-        if previous is None or previous.phase is not phase or previous.spec is not slot.spec:
+        if (previous is None or previous.phase is not phase or previous.spec is not slot.spec
+                or previous.message != message):
             since = previous.since if previous is not None and previous.phase is phase else time.time()
             slot.state = WorkspaceState(slot.spec, phase, slot.address if phase is Phase.RUNNING else None,
-                                        slot.failure if phase is Phase.FAILED else "", since)
+                                        message, since)
         assert slot.state is not None
         return slot.state
 
@@ -291,7 +296,14 @@ class LocalRuntime(Runtime):
         except (OSError, ValueError):
             return
         pgid = record.get("pgid")
-        if isinstance(pgid, int) and record.get("start") == _process_start_time(pgid):
+        if not isinstance(pgid, int):
+            slot.run_file.unlink(missing_ok=True)
+            return
+        leader_start = _process_start_time(pgid)
+        # The leader may have exited (it gets SIGTERM when the gateway dies) while its children live on in
+        # the group; Linux never hands out a pid still in use as a process group id, so a group with a
+        # missing leader is still ours. A live leader must be the very process we started.
+        if leader_start is None or leader_start == record.get("start"):
             log.warning("killing workspace %s left running by a previous gateway (pgid %d)", slot.spec.id, pgid)
             _kill_group(pgid, signal.SIGKILL)
         slot.run_file.unlink(missing_ok=True)

@@ -1,0 +1,256 @@
+"""A thin, dict-in dict-out client over kubernetes-asyncio's ``ApiClient``: one table of kinds, single attempts.
+
+Every call here is one HTTP request. "Already there" (409 on create) and "already gone" (404 on delete) are
+answers, not errors; the retry loop for transient failures (:func:`retrying`) lives outside, so the caller
+decides what is worth repeating. Objects stay plain JSON dicts, the same shape for core and custom kinds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+from kubernetes_asyncio import config as kube_config
+from kubernetes_asyncio.client import ApiClient, Configuration
+
+from gateway.config import Kubernetes
+from gateway.lifecycle.base import RuntimeError_
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+JSON = "application/json"
+MERGE_PATCH = "application/merge-patch+json"
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    group: str
+    version: str
+    plural: str
+    kind: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        path = f"{base}/namespaces/{namespace}/{self.plural}"
+        if name is not None:
+            path += f"/{name}"
+        if subresource is not None:
+            path += f"/{subresource}"
+        return path
+
+
+POD = Kind("", "v1", "pods", "Pod")
+PVC = Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
+SNAPSHOT = Kind("snapshot.storage.k8s.io", "v1", "volumesnapshots", "VolumeSnapshot")
+WORKSPACE = Kind("codehub.dev", "v1alpha1", "workspaces", "Workspace")
+LEASE = Kind("coordination.k8s.io", "v1", "leases", "Lease")
+
+TRANSIENT = frozenset({0, 429, 500, 502, 503, 504})
+
+
+class KubeError(Exception):
+    """A non-2xx answer (``status``) or no answer at all (``status`` 0: connection refused, reset, timeout)."""
+
+    def __init__(self, status: int, reason: str, message: str = "") -> None:
+        super().__init__(f"{status} {reason}: {message}" if status else f"{reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def transient(self) -> bool:
+        return self.status in TRANSIENT
+
+
+class Gone(KubeError):
+    """410: the resourceVersion a watch asked for is compacted away; list again."""
+
+
+def unavailable(error: Exception) -> RuntimeError_:
+    """The one error users see when an operation needs the API and cannot reach it."""
+    detail = error.message or error.reason if isinstance(error, KubeError) else str(error) or type(error).__name__
+    return RuntimeError_(f"Kubernetes API unavailable ({detail}); try again shortly.", code="kubernetes-unavailable",
+                         headers={"Retry-After": "5"})
+
+
+def _error(status: int, body: bytes) -> KubeError:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    reason = str(data.get("reason") or "Error")
+    message = str(data.get("message") or body[:200].decode("utf-8", "replace"))
+    return (Gone if status == 410 else KubeError)(status, reason, message)
+
+
+async def connect(settings: Kubernetes) -> ApiClient:
+    """An ApiClient for ``api_url`` (tests, ``kubectl proxy``), the in-cluster service account, or a kubeconfig."""
+    configuration = Configuration()
+    if settings.api_url is not None:
+        configuration.host = settings.api_url
+    elif settings.in_cluster:
+        kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    else:
+        path = str(settings.kubeconfig) if settings.kubeconfig else None
+        await kube_config.load_kube_config(config_file=path, client_configuration=configuration)
+    configuration.connection_pool_maxsize = 64  # four watches stay open; operations need room beside them
+    return ApiClient(configuration=configuration)
+
+
+class KubeClient:
+    """Single-attempt calls in one namespace; every method raises :class:`KubeError` on failure."""
+
+    def __init__(self, api: ApiClient, namespace: str, *, timeout: float = 10.0) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.timeout = timeout
+
+    async def _send(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
+                    body: Any = None, content_type: str = JSON,
+                    limits: aiohttp.ClientTimeout | None = None) -> aiohttp.ClientResponse:
+        try:
+            response: aiohttp.ClientResponse = await self.api.call_api(
+                path, method, query_params=list((query or {}).items()),
+                header_params={"Accept": JSON, "Content-Type": content_type}, body=body,
+                auth_settings=["BearerToken"], _preload_content=False,
+                _request_timeout=limits or aiohttp.ClientTimeout(total=self.timeout),
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise KubeError(0, type(exc).__name__, str(exc)) from exc
+        if response.status >= 300:
+            try:
+                body_bytes = await response.read()
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                body_bytes = b""
+            finally:
+                response.release()
+            raise _error(response.status, body_bytes)
+        return response
+
+    async def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None, body: Any = None,
+                      content_type: str = JSON) -> dict[str, Any]:
+        response = await self._send(method, path, query=query, body=body, content_type=content_type)
+        try:
+            data = await response.json(content_type=None)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise KubeError(0, type(exc).__name__, str(exc)) from exc
+        finally:
+            response.release()
+        if not isinstance(data, dict):
+            raise KubeError(0, "BadResponse", f"{method} {path} answered {type(data).__name__}")
+        return data
+
+    async def create(self, kind: Kind, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The created object, or None when one of that name is already there (409 = done)."""
+        try:
+            return await self.request("POST", kind.path(self.namespace), body=body)
+        except KubeError as exc:
+            if exc.status == 409:
+                return None
+            raise
+
+    async def get(self, kind: Kind, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.request("GET", kind.path(self.namespace, name))
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def delete(self, kind: Kind, name: str) -> bool:
+        """True if this call deleted it, False if it was already gone (404 = done)."""
+        try:
+            await self.request("DELETE", kind.path(self.namespace, name))
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def patch(self, kind: Kind, name: str, patch: Mapping[str, Any], *,
+                    subresource: str | None = None) -> dict[str, Any]:
+        """A JSON merge patch (RFC 7386): maps merge, lists are replaced, ``None`` removes a key."""
+        return await self.request("PATCH", kind.path(self.namespace, name, subresource), body=patch,
+                                  content_type=MERGE_PATCH)
+
+    async def replace(self, kind: Kind, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """PUT; with ``metadata.resourceVersion`` set, a stale write answers 409."""
+        return await self.request("PUT", kind.path(self.namespace, name), body=body)
+
+    async def list(self, kind: Kind, *, label_selector: str | None = None) -> dict[str, Any]:
+        query = {"labelSelector": label_selector} if label_selector else {}
+        return await self.request("GET", kind.path(self.namespace), query=query)
+
+    @contextlib.asynccontextmanager
+    async def watch(self, kind: Kind, resource_version: str, *, label_selector: str | None = None,
+                    timeout_seconds: int = 300) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """A watch stream of ``{"type", "object"}`` events after ``resource_version``; ERROR events raise."""
+        query = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
+                 "timeoutSeconds": str(timeout_seconds)}
+        if label_selector:
+            query["labelSelector"] = label_selector
+        response = await self._send("GET", kind.path(self.namespace), query=query,
+                                    limits=aiohttp.ClientTimeout(sock_connect=self.timeout,
+                                                                 sock_read=timeout_seconds + self.timeout))
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            while True:
+                try:
+                    line = await response.content.readline()
+                except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                    raise KubeError(0, type(exc).__name__, str(exc)) from exc
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError as exc:
+                    raise KubeError(0, "BadWatchEvent", line[:200].decode("utf-8", "replace")) from exc
+                if event.get("type") == "ERROR":
+                    status = event.get("object") or {}
+                    code = int(status.get("code") or 500)
+                    raise (Gone if code == 410 else KubeError)(code, str(status.get("reason") or "Error"),
+                                                               str(status.get("message") or ""))
+                yield event
+
+        try:
+            yield events()
+        finally:
+            response.release()
+            response.close()
+
+
+async def retrying(call: Callable[[], Awaitable[T]], *, attempts: int = 5, first_delay: float = 0.2,
+                   max_delay: float = 5.0) -> T:
+    """Run a single-attempt call again on transient failures (5xx, 429, no answer), with jittered backoff.
+
+    Anything else is the caller's answer to handle. When the attempts run out, the failure becomes the one
+    503 users see: "Kubernetes API unavailable".
+    """
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return await call()
+        except KubeError as exc:
+            if not exc.transient:
+                raise
+            if attempt == attempts:
+                raise unavailable(exc) from exc
+            log.warning("Kubernetes API call failed (attempt %d of %d), retrying: %s", attempt, attempts, exc)
+        await asyncio.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, max_delay)
+    raise AssertionError("unreachable")

@@ -1,0 +1,145 @@
+"""One list+watch cache per kind: the gateway's memory of the cluster.
+
+The loop (as kubespawner's reflector): list, then watch from the list's resourceVersion; a watch that ends is
+resumed from the last resourceVersion seen; 410 Gone (history compacted) means list again; any other failure
+backs off exponentially and tries again, for ever, until cancelled. Cancellation is always re-raised.
+
+While the API cannot be reached the cache keeps serving the last state it saw (``healthy`` turns False), so
+routing keeps working for RUNNING workspaces; operations that need the API check ``healthy`` and fail clearly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+from gateway.lifecycle.kubernetes.client import Gone, Kind, KubeClient, KubeError
+
+log = logging.getLogger(__name__)
+
+# (event type, the object as now known or, for DELETED, as last known)
+OnChange = Callable[[str, dict[str, Any]], None]
+
+
+def _name(obj: dict[str, Any]) -> str:
+    return str(obj["metadata"]["name"])
+
+
+def _rv(obj: dict[str, Any]) -> str | None:
+    value = (obj.get("metadata") or {}).get("resourceVersion")
+    return str(value) if value else None
+
+
+class Informer:
+    """A cache of one kind in one namespace, kept current by list + watch, with a callback per change."""
+
+    def __init__(self, client: KubeClient, kind: Kind, *, on_change: OnChange, label_selector: str | None = None,
+                 watch_timeout: int = 300, first_delay: float = 0.1, max_delay: float = 10.0) -> None:
+        self.client = client
+        self.kind = kind
+        self.label_selector = label_selector
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.resource_version: str | None = None
+        self.synced = asyncio.Event()
+        self.healthy = False
+        self.error = ""
+        self.lists = 0  # how many times the whole kind was listed (1 + re-lists after 410 Gone)
+        self._on_change = on_change
+        self._watch_timeout = watch_timeout
+        self._first_delay = first_delay
+        self._max_delay = max_delay
+        self._task: asyncio.Task[None] | None = None
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        return self.objects.get(name)
+
+    def values(self) -> list[dict[str, Any]]:
+        return list(self.objects.values())
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run(), name=f"informer-{self.kind.plural}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def run(self) -> None:
+        delay = self._first_delay
+        while True:
+            try:
+                if self.resource_version is None:
+                    await self._list()
+                await self._watch()
+                delay = self._first_delay
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Gone as exc:
+                log.info("watch of %s: %s; listing again", self.kind.plural, exc)
+                self.resource_version = None
+            except KubeError as exc:
+                self._unhealthy(exc)
+            except Exception as exc:  # a bug or a surprise from the wire: keep the cache alive, say so loudly
+                log.exception("watch of %s failed unexpectedly", self.kind.plural)
+                self._unhealthy(exc)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self._max_delay)
+
+    def _unhealthy(self, exc: Exception) -> None:
+        if self.healthy:
+            log.warning("lost the watch of %s, serving from cache: %s", self.kind.plural, exc)
+        self.healthy, self.error = False, str(exc)
+
+    async def _list(self) -> None:
+        listing = await self.client.list(self.kind, label_selector=self.label_selector)
+        fresh = {_name(obj): obj for obj in listing.get("items") or []}
+        old, self.objects = self.objects, fresh
+        self.resource_version = str((listing.get("metadata") or {}).get("resourceVersion") or "0")
+        self.lists += 1
+        self.healthy, self.error = True, ""
+        for name, obj in old.items():
+            if name not in fresh:
+                self._notify("DELETED", obj)
+        for name, obj in fresh.items():
+            previous = old.get(name)
+            if previous is None:
+                self._notify("ADDED", obj)
+            elif _rv(previous) != _rv(obj):
+                self._notify("MODIFIED", obj)
+        self.synced.set()
+
+    async def _watch(self) -> None:
+        assert self.resource_version is not None
+        async with self.client.watch(self.kind, self.resource_version, label_selector=self.label_selector,
+                                     timeout_seconds=self._watch_timeout) as events:
+            self.healthy, self.error = True, ""
+            async for event in events:
+                kind, obj = event.get("type"), event.get("object")
+                if not isinstance(obj, dict) or "metadata" not in obj:
+                    continue
+                rv = _rv(obj)
+                if kind == "BOOKMARK":
+                    self.resource_version = rv or self.resource_version
+                    continue
+                if kind == "DELETED":
+                    self.objects.pop(_name(obj), None)
+                elif kind in ("ADDED", "MODIFIED"):
+                    self.objects[_name(obj)] = obj
+                else:
+                    continue
+                self.resource_version = rv or self.resource_version
+                self._notify(str(kind), obj)
+
+    def _notify(self, kind: str, obj: dict[str, Any]) -> None:
+        try:
+            self._on_change(kind, obj)
+        except Exception:  # one bad callback must not stop the cache
+            log.exception("change callback for %s %s failed", self.kind.plural, obj["metadata"].get("name"))

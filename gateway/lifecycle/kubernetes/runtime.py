@@ -1,0 +1,335 @@
+"""The Kubernetes runtime: Workspaces are custom resources, compute is a pod, the home a PVC, COLD a snapshot.
+
+Reads (``get``/``list``) come only from the caches; every change the caches see re-derives the workspace's
+phase (``phases.observe``) and publishes an Event when it moved, so waiting is event-driven, never polled.
+Operations are serialised per workspace on this replica; across replicas they are safe because every create
+is idempotent (409 = already there) and every delete too (404 = already gone), so a storm of wakes from any
+number of gateways makes one pod. The home PVC is deleted only after a snapshot of it is ``readyToUse``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from kubernetes_asyncio.client import ApiClient
+
+from gateway.config import Config, Kubernetes
+from gateway.errors import Conflict
+from gateway.lifecycle.base import Phase, Runtime, RuntimeError_, WorkspaceSpec, WorkspaceState
+from gateway.lifecycle.kubernetes import phases
+from gateway.lifecycle.kubernetes.activity import ActivitySync
+from gateway.lifecycle.kubernetes.client import (
+    POD,
+    PVC,
+    SNAPSHOT,
+    WORKSPACE,
+    Kind,
+    KubeClient,
+    KubeError,
+    connect,
+    retrying,
+)
+from gateway.lifecycle.kubernetes.informer import Informer
+from gateway.lifecycle.kubernetes.leader import LeaderElector
+from gateway.lifecycle.kubernetes.objects import (
+    WorkspaceResource,
+    make_pod,
+    make_pvc,
+    make_snapshot,
+    make_workspace,
+    parse_workspace,
+    pod_name,
+    pvc_name,
+    workspace_status,
+)
+from gateway.lifecycle.kubernetes.view import ClusterView
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+
+
+def default_identity() -> str:
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+class KubernetesRuntime(Runtime):
+    def __init__(self, settings: Kubernetes, *, api: ApiClient | None = None, identity: str | None = None,
+                 retry_attempts: int = 5) -> None:
+        super().__init__()
+        self.settings = settings
+        self.identity = identity or settings.identity or default_identity()
+        self._api = api
+        self._owns_api = api is None
+        self._attempts = retry_attempts
+        self.view = ClusterView(settings, self.hub)
+        self.client: KubeClient | None = None
+        self.leader: LeaderElector | None = None
+        self.activity: ActivitySync | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> KubernetesRuntime:
+        return cls(config.kubernetes)
+
+    # -- lifespan --
+
+    async def start(self) -> None:
+        if self._api is None:
+            self._api = await connect(self.settings)
+        settings = self.settings
+        self.client = KubeClient(self._api, settings.namespace, timeout=settings.request_timeout)
+        self.activity = ActivitySync(self.client, lambda name: self.view.cached(WORKSPACE, name),
+                                     interval=settings.activity_interval)
+        self.leader = LeaderElector(self.client, settings.lease_name, self.identity, duration=settings.lease_duration)
+        try:
+            await self.view.start(self.client)
+        except RuntimeError_:
+            await self.close()
+            raise
+        self.leader.start()
+
+    async def close(self) -> None:
+        if self.leader is not None:
+            await self.leader.stop(release=True)
+        if self.activity is not None:
+            await self.activity.close()
+        await self.view.stop()
+        if self._owns_api and self._api is not None:
+            await self._api.close()
+            self._api = None
+
+    # -- reading from memory --
+
+    @property
+    def informers(self) -> dict[Kind, Informer]:
+        return self.view.informers
+
+    @property
+    def api_healthy(self) -> bool:
+        return self.view.healthy
+
+    def get(self, workspace: str) -> WorkspaceState | None:
+        return self.view.get(workspace)
+
+    def list(self) -> list[WorkspaceState]:
+        return self.view.states()
+
+    async def status(self, workspace: str) -> WorkspaceState:
+        """The caches are pushed every change, so "observe again" is reading them again."""
+        self.view.resource(workspace)
+        state = self.view.refresh(workspace)
+        assert state is not None
+        return state
+
+    def _require_api(self) -> KubeClient:
+        if self.client is None:
+            raise RuntimeError_("The Kubernetes runtime has not started.", code="kubernetes-unavailable")
+        self.view.require_api()
+        return self.client
+
+    # -- doing --
+
+    async def _call(self, call: Callable[[KubeClient], Any]) -> Any:
+        """One API operation with the retry loop around it; a refusal becomes a clear RuntimeError_."""
+        client = self._require_api()
+        try:
+            return await retrying(lambda: call(client), attempts=self._attempts)
+        except KubeError as exc:
+            raise RuntimeError_(f"Kubernetes refused the operation: {exc.message or exc.reason}",
+                                code="kubernetes-refused") from exc
+
+    async def wake(self, workspace: str) -> WorkspaceState:
+        ws = self.view.resource(workspace)
+        slot = self.view.slot(workspace)
+        async with slot.lock:
+            try:
+                return await self._wake(ws)
+            finally:
+                await self._write_status(workspace, self.view.end(workspace))
+
+    async def _wake(self, ws: WorkspaceResource) -> WorkspaceState:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.start_timeout
+        seen = self.view.observe(ws.id)
+        if seen.phase is Phase.RUNNING:
+            return self.view.end(ws.id)
+        self._require_api()
+        pod, pvc = pod_name(ws.id), pvc_name(ws.id)
+        if seen.phase is Phase.FAILED and self.view.cached(POD, pod) is not None:
+            await self._call(lambda c: c.delete(POD, pod))  # a failed pod is replaced, not waited on
+        if phases.deleting(self.view.cached(POD, pod)) or seen.phase is Phase.FAILED:
+            await self.view.gone(ws.id, POD, pod, deadline)
+        if phases.deleting(self.view.cached(PVC, pvc)):
+            await self.view.gone(ws.id, PVC, pvc, deadline)  # an archive elsewhere is finishing: restore after it
+        if self.view.cached(PVC, pvc) is None:
+            snapshots = self.view.snapshots(ws.id)
+            ready = phases.newest_first(snapshots)
+            if ready:
+                self.view.begin(ws.id, Phase.RESTORING)
+                source = str(ready[0]["metadata"]["name"])
+                await self._call(lambda c: c.create(PVC, make_pvc(ws, self.settings, restore_from_snapshot=source)))
+            elif snapshots:
+                raise RuntimeError_(f"Workspace {ws.id} has snapshots but none is ready to restore; its data is "
+                                    "not lost, but it cannot start until one is.", code="snapshot-not-ready")
+            else:
+                await self._call(lambda c: c.create(PVC, make_pvc(ws, self.settings)))
+        self.view.begin(ws.id, Phase.STARTING)
+        await self._call(lambda c: c.create(POD, make_pod(ws, self.settings)))
+
+        def started() -> phases.Observation | None:
+            if self.view.cached(POD, pod) is None and self.view.cached(WORKSPACE, ws.id) is not None:
+                return None  # not in the cache yet (or removed meanwhile: the deadline tells)
+            seen = self.view.observe(ws.id)
+            return seen if seen.phase in (Phase.RUNNING, Phase.FAILED, Phase.STOPPING) else None
+
+        seen = await self.view.wait(ws.id, started, deadline, "the pod becoming ready")
+        if seen.phase is Phase.FAILED:
+            log.error("workspace %s failed to start: %s", ws.id, seen.message)
+        return self.view.end(ws.id)
+
+    async def stop(self, workspace: str) -> WorkspaceState:
+        self.view.resource(workspace)
+        slot = self.view.slot(workspace)
+        async with slot.lock:
+            self._require_api()  # even with no pod in the cache: a cache cut off from the API may be stale
+            try:
+                pod = pod_name(workspace)
+                if self.view.cached(POD, pod) is not None:
+                    self.view.begin(workspace, Phase.STOPPING)
+                    await self._call(lambda c: c.delete(POD, pod))
+                    deadline = asyncio.get_running_loop().time() + self.settings.start_timeout
+                    await self.view.gone(workspace, POD, pod, deadline)
+            finally:
+                state = self.view.end(workspace)
+            await self._write_status(workspace, state)
+            return state
+
+    async def archive(self, workspace: str) -> WorkspaceState:
+        await self.stop(workspace)
+        slot = self.view.slot(workspace)
+        async with slot.lock:
+            self._require_api()
+            pvc = pvc_name(workspace)
+            if self.view.cached(PVC, pvc) is None or self.view.cached(POD, pod_name(workspace)) is not None:
+                return self.view.end(workspace)  # already COLD, or woken again meanwhile
+            try:
+                await self._archive(workspace, pvc)
+            except RuntimeError_ as exc:
+                log.error("archive of %s failed, its volume is kept: %s", workspace, exc.message)
+                raise RuntimeError_(f"Archiving {workspace} failed; its volume is untouched. {exc.message}",
+                                    code=exc.code) from exc
+            finally:
+                state = self.view.end(workspace)
+            await self._write_status(workspace, state)
+            return state
+
+    async def _archive(self, workspace: str, pvc: str) -> None:
+        self.view.begin(workspace, Phase.ARCHIVING)
+        deadline = asyncio.get_running_loop().time() + self.settings.snapshot_timeout
+        body = make_snapshot(workspace, self.settings, datetime.datetime.now(tz=datetime.UTC))
+        name = str(body["metadata"]["name"])
+        await self._call(lambda c: c.create(SNAPSHOT, body))
+
+        def settled() -> Obj | None:
+            snapshot = self.view.cached(SNAPSHOT, name)
+            if snapshot is not None and (phases.snapshot_ready(snapshot) or phases.snapshot_error(snapshot)):
+                return snapshot
+            return None
+
+        snapshot = await self.view.wait(workspace, settled, deadline, f"snapshot {name} becoming ready")
+        if not phases.snapshot_ready(snapshot):
+            raise RuntimeError_(f"snapshot {name} failed: {phases.snapshot_error(snapshot)}", code="snapshot-failed")
+        if self.view.cached(POD, pod_name(workspace)) is not None:
+            log.info("workspace %s was woken while archiving; keeping its volume", workspace)
+            return
+        # Only now, with a ready snapshot of it, may the volume go.
+        await self._call(lambda c: c.delete(PVC, pvc))
+        await self.view.gone(workspace, PVC, pvc, deadline)
+        for old in phases.prunable(self.view.snapshots(workspace), self.settings.keep_snapshots):
+            await self._prune(workspace, old)
+
+    async def _prune(self, workspace: str, snapshot: str) -> None:
+        """Older snapshots go only after a newer one is ready (``phases.prunable`` never names the newest)."""
+        try:
+            await self._call(lambda c: c.delete(SNAPSHOT, snapshot))
+        except RuntimeError_ as exc:
+            log.warning("could not prune snapshot %s of %s: %s", snapshot, workspace, exc.message)
+
+    async def _write_status(self, workspace: str, state: WorkspaceState) -> None:
+        """Tell people reading the Workspace (kubectl, other tools) what this replica last saw.
+
+        Best effort and a single attempt: the phase is always derived from observed objects, never read back.
+        """
+        if self.client is None or not self.api_healthy:
+            return
+        patch = {"status": workspace_status(state.phase.value, pod_ip=state.address, message=state.message,
+                                            at=datetime.datetime.fromtimestamp(state.since, tz=datetime.UTC))}
+        try:
+            await self.client.patch(WORKSPACE, workspace, patch, subresource="status")
+        except KubeError as exc:
+            log.info("could not write the status of %s: %s", workspace, exc)
+
+    # -- the Workspace resources --
+
+    async def create_workspace(self, spec: WorkspaceSpec, *, image: str | None = None, storage: str | None = None,
+                               resources: Mapping[str, Mapping[str, str]] | None = None) -> WorkspaceState:
+        """Create the Workspace resource (idempotent for the same owner); 409 Conflict if someone else owns it."""
+        ws = WorkspaceResource(id=spec.id, owner=spec.owner, collaborators=spec.collaborators, ports=spec.ports,
+                               image=image, ide_port=spec.ide_port if spec.ide_port != self.settings.ide_port else None,
+                               storage=storage, resources=resources)
+        created = await self._call(lambda c: c.create(WORKSPACE, make_workspace(ws)))
+        if created is None:
+            existing = await self._call(lambda c: c.get(WORKSPACE, spec.id))
+            if existing is None or parse_workspace(existing).owner != spec.owner:
+                raise Conflict(f"A workspace called {spec.id} already exists.", code="workspace-exists")
+            created = existing
+        return await self._until_cached(spec.id, created)
+
+    async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
+                     collaborators: tuple[str, ...] | None = None) -> WorkspaceState:
+        current = self.view.resource(workspace)
+        spec: dict[str, Any] = {}
+        if ports is not None:
+            spec["ports"] = {**{str(p): None for p in current.ports if p not in ports},
+                             **{str(p): visibility for p, visibility in ports.items()}}
+        if collaborators is not None:
+            spec["collaborators"] = list(collaborators)
+        if not spec:
+            return await self.status(workspace)
+        patched = await self._call(lambda c: c.patch(WORKSPACE, workspace, {"spec": spec}))
+        return await self._until_cached(workspace, patched)
+
+    async def _until_cached(self, workspace: str, written: Obj) -> WorkspaceState:
+        """Return once the cache holds what we wrote (or something newer), so callers read their own write."""
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
+
+        def caught_up() -> WorkspaceState | None:
+            cached = self.view.cached(WORKSPACE, workspace)
+            if cached is None or cached.get("spec") != written.get("spec"):
+                return None
+            return self.view.get(workspace)
+
+        try:
+            return await self.view.wait(workspace, caught_up, deadline, "the cache catching up")
+        except RuntimeError_:  # the watch lags: answer from what the API said
+            state = self.view.get(workspace)
+            spec = parse_workspace(written).spec(self.settings)
+            return replace(state, spec=spec) if state is not None else WorkspaceState(spec, Phase.WARM)
+
+    # -- activity and leadership --
+
+    def record_activity(self, workspace: str, at: float) -> None:
+        if self.activity is not None:
+            self.activity.record(workspace, at)
+
+    def last_activity(self, workspace: str) -> float | None:
+        return self.activity.last(workspace) if self.activity is not None else None
+
+    def is_leader(self) -> bool:
+        return self.leader is not None and self.leader.is_leader()

@@ -1,0 +1,183 @@
+"""What this replica knows about the cluster: the four caches, and each workspace's state derived from them.
+
+Every change a cache sees re-derives the workspace's state (``phases.observe``, overridden by an operation in
+flight here) and publishes an Event when the phase moved; waiters are woken by the same change, so nothing
+polls. Reads never touch the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from gateway.config import Kubernetes
+from gateway.errors import NotFound
+from gateway.lifecycle.base import Event, EventHub, Phase, RuntimeError_, WorkspaceState
+from gateway.lifecycle.kubernetes import phases
+from gateway.lifecycle.kubernetes.client import POD, PVC, SNAPSHOT, WORKSPACE, Kind, KubeClient, KubeError, unavailable
+from gateway.lifecycle.kubernetes.informer import Informer
+from gateway.lifecycle.kubernetes.objects import (
+    SELECTOR,
+    WORKSPACE_LABEL,
+    WorkspaceResource,
+    parse_workspace,
+    pod_name,
+    pvc_name,
+)
+
+T = TypeVar("T")
+Obj = dict[str, Any]
+
+
+@dataclass
+class Slot:
+    """Per-workspace bookkeeping on this replica: the lock that serialises its operations, the last state."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    in_flight: Phase | None = None
+    state: WorkspaceState | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+class ClusterView:
+    def __init__(self, settings: Kubernetes, hub: EventHub) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.informers: dict[Kind, Informer] = {}
+        self.slots: dict[str, Slot] = {}
+
+    async def start(self, client: KubeClient) -> None:
+        """Fill the caches; RuntimeError_ if the API cannot be listed within ``sync_timeout``."""
+        settings = self.settings
+        for kind, selector in ((WORKSPACE, None), (POD, SELECTOR), (PVC, SELECTOR), (SNAPSHOT, SELECTOR)):
+            self.informers[kind] = Informer(client, kind, label_selector=selector, on_change=self._on_change(kind),
+                                            watch_timeout=settings.watch_timeout)
+        for informer in self.informers.values():
+            informer.start()
+        try:
+            async with asyncio.timeout(settings.sync_timeout):
+                await asyncio.gather(*(informer.synced.wait() for informer in self.informers.values()))
+        except TimeoutError:
+            errors = "; ".join(f"{i.kind.plural}: {i.error}" for i in self.informers.values() if not i.synced.is_set())
+            raise RuntimeError_(f"Kubernetes API not reachable within {settings.sync_timeout:.0f} s ({errors})",
+                                code="kubernetes-unavailable") from None
+
+    async def stop(self) -> None:
+        for informer in self.informers.values():
+            await informer.stop()
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.informers) and all(i.healthy for i in self.informers.values())
+
+    def require_api(self) -> None:
+        """Operations that need the API refuse clearly while any cache is cut off from it."""
+        lost = [i for i in self.informers.values() if not i.healthy]
+        if lost or not self.informers:
+            detail = f"{lost[0].kind.plural}: {lost[0].error}" if lost else "not started"
+            raise unavailable(KubeError(0, "watch lost", detail))
+
+    # -- reading --
+
+    def _on_change(self, kind: Kind) -> Callable[[str, Obj], None]:
+        def changed(_type: str, obj: Obj) -> None:
+            meta = obj.get("metadata") or {}
+            workspace = meta.get("name") if kind is WORKSPACE else (meta.get("labels") or {}).get(WORKSPACE_LABEL)
+            if workspace:
+                self.refresh(str(workspace))
+        return changed
+
+    def slot(self, workspace: str) -> Slot:
+        return self.slots.setdefault(workspace, Slot())
+
+    def cached(self, kind: Kind, name: str) -> Obj | None:
+        informer = self.informers.get(kind)
+        return informer.get(name) if informer is not None else None
+
+    def snapshots(self, workspace: str) -> list[Obj]:
+        informer = self.informers.get(SNAPSHOT)
+        return [s for s in (informer.values() if informer else [])
+                if (s["metadata"].get("labels") or {}).get(WORKSPACE_LABEL) == workspace]
+
+    def resource(self, workspace: str) -> WorkspaceResource:
+        obj = self.cached(WORKSPACE, workspace)
+        if obj is None:
+            raise NotFound(f"There is no workspace called {workspace}.", code="workspace-not-found")
+        return parse_workspace(obj)
+
+    def observe(self, workspace: str) -> phases.Observation:
+        return phases.observe(self.cached(POD, pod_name(workspace)), self.cached(PVC, pvc_name(workspace)),
+                              self.snapshots(workspace))
+
+    def get(self, workspace: str) -> WorkspaceState | None:
+        slot = self.slots.get(workspace)
+        return slot.state if slot is not None else None
+
+    def states(self) -> list[WorkspaceState]:
+        return [slot.state for slot in self.slots.values() if slot.state is not None]
+
+    def refresh(self, workspace: str) -> WorkspaceState | None:
+        """Derive the state from the caches; publish an Event when the phase moved; wake waiters."""
+        slot = self.slot(workspace)
+        obj = self.cached(WORKSPACE, workspace)
+        previous = slot.state
+        if obj is None:
+            slot.state = None
+        else:
+            spec = parse_workspace(obj).spec(self.settings)
+            seen = self.observe(workspace)
+            phase = slot.in_flight or seen.phase
+            address = seen.address if phase is Phase.RUNNING else None
+            message = seen.message if phase is seen.phase else ""
+            if previous is not None and (previous.phase, previous.address, previous.message, previous.spec) == (
+                    phase, address, message, spec):
+                slot.state = previous
+            else:
+                since = previous.since if previous is not None and previous.phase is phase else time.time()
+                slot.state = WorkspaceState(spec, phase, address, message, since)
+            if previous is None or previous.phase is not phase:
+                self.hub.publish(Event(workspace, phase, message))
+        slot.notify()
+        return slot.state
+
+    # -- operations in flight on this replica --
+
+    def begin(self, workspace: str, phase: Phase) -> None:
+        self.slot(workspace).in_flight = phase
+        self.refresh(workspace)
+
+    def end(self, workspace: str) -> WorkspaceState:
+        self.slot(workspace).in_flight = None
+        state = self.refresh(workspace)
+        if state is None:
+            raise NotFound(f"There is no workspace called {workspace}.", code="workspace-not-found")
+        return state
+
+    async def wait(self, workspace: str, check: Callable[[], T | None], deadline: float, what: str) -> T:
+        """Wait, woken by cache changes only, until ``check`` returns something; RuntimeError_ at the deadline."""
+        slot = self.slot(workspace)
+        loop = asyncio.get_running_loop()
+        while True:
+            changed = slot.changed
+            result = check()
+            if result is not None:
+                return result
+            remaining = deadline - loop.time()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                raise RuntimeError_(f"Workspace {workspace}: {what} did not happen in time.",
+                                    code="kubernetes-timeout") from None
+
+    async def gone(self, workspace: str, kind: Kind, name: str, deadline: float) -> None:
+        await self.wait(workspace, lambda: True if self.cached(kind, name) is None else None, deadline,
+                        f"removing {kind.kind} {name}")

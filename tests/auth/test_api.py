@@ -1,0 +1,281 @@
+"""The management API (/api/v1) and the hub page, through a running gateway with dev sign-in."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.auth.browser import Browser, Page
+from tests.auth.conftest import MakeBrowser, Serve, Served
+
+pytestmark = pytest.mark.timeout(60)
+
+HUB = "http://localhost:8080"
+WORKSPACES: dict[str, dict[str, Any]] = {
+    "ws1": {"owner": "alice", "collaborators": ["bob"], "ports": {3000: "private", 3001: "private"}},
+    "ws2": {"owner": "carol", "collaborators": ["group:qa"], "ports": {5000: "public"}},
+    "ws3": {"owner": "dave", "ports": {6000: "private"}},
+}
+STRICT = """
+ports:
+  max_visibility: org
+  denied: [22]
+share_links:
+  default_ttl: 2h
+  max_ttl: 1d
+  audiences: [anyone, people]
+admins: [root]
+"""
+
+
+@pytest.fixture
+async def served(serve: Serve, tmp_path: Path) -> Served:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("admins: [root]\nports:\n  denied: [22]\n")
+    return await serve(WORKSPACES, policy_file=str(policy))
+
+
+@pytest.fixture
+async def strict(serve: Serve, tmp_path: Path) -> Served:
+    policy = tmp_path / "strict.yaml"
+    policy.write_text(STRICT)
+    return await serve(WORKSPACES, policy_file=str(policy))
+
+
+async def user(make_browser: MakeBrowser, served: Served, name: str, groups: str = "") -> Browser:
+    browser = await make_browser(served)
+    assert (await browser.dev_sign_in(served.hub, name, groups)).status == 303
+    return browser
+
+
+async def call(browser: Browser, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+               token: str | None = None) -> Page:
+    headers = {"Accept": "application/json", "Origin": HUB}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    if raw is not None:
+        headers["Content-Type"] = "application/json"
+        return await browser.fetch(method, HUB + path, headers=headers, data=raw)
+    return await browser.fetch(method, HUB + path, headers=headers, json_body=body)
+
+
+def assert_error(page: Page, status: int, code: str) -> None:
+    assert page.status == status, page.text
+    assert page.content_type == "application/json"
+    assert page.json()["error"]["code"] == code
+
+
+async def test_list_shows_only_my_workspaces(served: Served, make_browser: MakeBrowser) -> None:
+    expected = {("alice", ""): {"ws1": "owner"}, ("bob", ""): {"ws1": "collaborator"},
+                ("quinn", "qa"): {"ws2": "collaborator"}, ("eve", "dev"): {}, ("root", ""): {
+                    "ws1": "admin", "ws2": "admin", "ws3": "admin"}}
+    for (name, groups), roles in expected.items():
+        browser = await user(make_browser, served, name, groups)
+        page = await call(browser, "GET", "/api/v1/workspaces")
+        assert page.status == 200
+        assert {ws["id"]: ws["role"] for ws in page.json()["workspaces"]} == roles, name
+    alice = await user(make_browser, served, "alice")
+    ws1 = (await call(alice, "GET", "/api/v1/workspaces/ws1")).json()
+    assert [(p["port"], p["visibility"]) for p in ws1["ports"]] == [(3000, "private"), (3001, "private")]
+    assert ws1["ports"][0]["url"] == "http://3000-ws1.localhost:8080/"
+    assert ws1["ide_url"] == "http://localhost:8080/w/ws1/"
+    assert_error(await call(alice, "GET", "/api/v1/workspaces/ws3"), 404, "workspace-not-found")
+    assert_error(await call(alice, "GET", "/api/v1/workspaces/nope"), 404, "workspace-not-found")
+
+
+async def test_set_port_visibility_is_for_the_owner(served: Served, make_browser: MakeBrowser) -> None:
+    alice = await user(make_browser, served, "alice")
+    anonymous = await make_browser(served)
+    assert (await anonymous.fetch("GET", served.preview("ws1", 3000))).status == 401
+    page = await call(alice, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"visibility": "public"})
+    assert page.status == 200, page.text
+    assert page.json()["ports"][0] == {**page.json()["ports"][0], "port": 3000, "visibility": "public"}
+    assert (await anonymous.fetch("GET", served.preview("ws1", 3000))).status == 200  # takes effect at once
+
+    bob = await user(make_browser, served, "bob")
+    assert_error(await call(bob, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"visibility": "private"}), 403,
+                 "owner-only")
+    eve = await user(make_browser, served, "eve")
+    assert_error(await call(eve, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"visibility": "private"}), 404,
+                 "workspace-not-found")
+    root = await user(make_browser, served, "root")
+    assert (await call(root, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"visibility": "private"})).status == 200
+    assert (await anonymous.fetch("GET", served.preview("ws1", 3000))).status == 401
+
+
+async def test_visibility_above_the_ceiling_is_refused(strict: Served, make_browser: MakeBrowser) -> None:
+    alice = await user(make_browser, strict, "alice")
+    assert_error(await call(alice, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"visibility": "public"}), 403,
+                 "visibility-above-ceiling")
+    assert (await call(alice, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"visibility": "org"})).status == 200
+    # A port configured public is shown (and treated) as the ceiling allows.
+    carol = await user(make_browser, strict, "carol")
+    ws2 = (await call(carol, "GET", "/api/v1/workspaces/ws2")).json()
+    assert ws2["ports"][0]["visibility"] == "org"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "raw", "code"),
+    [
+        ("/api/v1/workspaces/ws1/ports/3000", {"visibility": "everyone"}, None, "invalid-body"),
+        ("/api/v1/workspaces/ws1/ports/3000", {}, None, "invalid-body"),
+        ("/api/v1/workspaces/ws1/ports/3000", {"visibility": "org", "extra": 1}, None, "invalid-body"),
+        ("/api/v1/workspaces/ws1/ports/3000", None, b"{not json", "invalid-body"),
+        ("/api/v1/workspaces/ws1/ports/3000", None, b"[1, 2]", "invalid-body"),
+        ("/api/v1/workspaces/ws1/ports/abc", {"visibility": "org"}, None, "bad-port"),
+        ("/api/v1/workspaces/ws1/ports/70000", {"visibility": "org"}, None, "bad-port"),
+        ("/api/v1/workspaces/ws1/ports/22", {"visibility": "org"}, None, "bad-port"),
+        ("/api/v1/workspaces/ws1/ports/13337", {"visibility": "public"}, None, "bad-port"),
+    ],
+)
+async def test_bad_port_changes_are_400_json(served: Served, make_browser: MakeBrowser, path: str, body: Any,
+                                             raw: bytes | None, code: str) -> None:
+    alice = await user(make_browser, served, "alice")
+    assert_error(await call(alice, "PUT", path, body, raw=raw), 400, code)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"port": 0}, 400, "invalid-body"),
+        ({"port": "x"}, 400, "invalid-body"),
+        ({"audience": "everyone"}, 400, "invalid-body"),
+        ({"ttl": "forever"}, 400, "invalid-body"),
+        ({"ttl": -5}, 400, "invalid-body"),
+        ({"ttl": "8d"}, 400, "ttl-too-long"),
+        ({"audience": "people"}, 400, "invalid-body"),
+        ({"port": 22}, 400, "bad-port"),
+        ({"port": 13337}, 400, "bad-port"),
+        ({"people": "alice"}, 400, "invalid-body"),
+    ],
+)
+async def test_bad_share_requests_are_refused(served: Served, make_browser: MakeBrowser, body: dict[str, Any],
+                                              status: int, code: str) -> None:
+    alice = await user(make_browser, served, "alice")
+    assert_error(await call(alice, "POST", "/api/v1/workspaces/ws1/shares", body), status, code)
+    assert not served.gateway.auth.store.shares
+
+
+async def test_share_links_lifecycle(served: Served, make_browser: MakeBrowser) -> None:
+    alice = await user(make_browser, served, "alice")
+    page = await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000})
+    assert page.status == 201, page.text
+    share = page.json()
+    assert share["token"].startswith("chs_")
+    assert share["url"] == f"http://3000-ws1.localhost:8080/?codehub_share={share['token']}"
+    assert share["expires"] - share["created"] == pytest.approx(24 * 3600)  # policy default
+    assert (share["audience"], share["uses"], share["last_used"], share["active"]) == ("anyone", 0, None, True)
+    longest = await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"ttl": "7d", "audience": "people",
+                                                                          "people": ["bob", "group:qa"]})
+    assert longest.status == 201
+    assert longest.json()["port"] is None
+    assert longest.json()["expires"] - longest.json()["created"] == pytest.approx(7 * 86400)
+
+    script = await make_browser(served)
+    for _ in range(2):
+        assert (await script.fetch("GET", served.preview("ws1", 3000, "/"),
+                                   headers={"Authorization": f"Bearer {share['token']}"})).status == 200
+
+    bob = await user(make_browser, served, "bob")
+    listed = await call(bob, "GET", "/api/v1/workspaces/ws1/shares")
+    assert listed.status == 200
+    links = {link["id"]: link for link in listed.json()["shares"]}
+    assert set(links) == {share["id"], longest.json()["id"]}
+    assert links[share["id"]]["uses"] == 2
+    assert links[share["id"]]["last_used"] >= share["created"]
+    assert "token" not in listed.text  # neither the token nor its hash
+    assert share["token"] not in listed.text
+
+    assert_error(await call(bob, "DELETE", f"/api/v1/workspaces/ws1/shares/{share['id']}"), 403, "owner-only")
+    assert_error(await call(alice, "DELETE", "/api/v1/workspaces/ws1/shares/nope"), 404, "share-not-found")
+    carol = await user(make_browser, served, "carol")
+    assert_error(await call(carol, "DELETE", f"/api/v1/workspaces/ws2/shares/{share['id']}"), 404,
+                 "share-not-found")
+    revoked = await call(alice, "DELETE", f"/api/v1/workspaces/ws1/shares/{share['id']}")
+    assert revoked.status == 200
+    assert revoked.json()["active"] is False
+    assert revoked.json()["revoked"] is not None
+    page = await script.fetch("GET", served.preview("ws1", 3000, "/"),
+                              headers={"Authorization": f"Bearer {share['token']}"})
+    assert_error(page, 403, "share-revoked")
+
+
+async def test_share_policy_default_maximum_and_audiences(strict: Served, make_browser: MakeBrowser) -> None:
+    alice = await user(make_browser, strict, "alice")
+    share = (await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000})).json()
+    assert share["expires"] - share["created"] == pytest.approx(2 * 3600)
+    assert_error(await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"ttl": "25h"}), 400, "ttl-too-long")
+    assert (await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"ttl": "1d"})).status == 201
+    assert_error(await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"audience": "org"}), 403,
+                 "audience-denied")
+    bob = await user(make_browser, strict, "bob")
+    assert_error(await call(bob, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000}), 403, "owner-only")
+
+
+async def test_api_tokens(served: Served, make_browser: MakeBrowser) -> None:
+    alice = await user(make_browser, served, "alice")
+    created = await call(alice, "POST", "/api/v1/tokens", {"name": "ci"})
+    assert created.status == 201
+    record = created.json()
+    assert record["token"].startswith("chk_")
+    assert_error(await call(alice, "POST", "/api/v1/tokens", {"name": ""}), 400, "invalid-body")
+    assert_error(await call(alice, "POST", "/api/v1/tokens", {}), 400, "invalid-body")
+
+    script = await make_browser(served)
+    me = await call(script, "GET", "/api/v1/me", token=record["token"])
+    assert me.json() == {"user": "alice", "email": "alice@example.com", "groups": []}
+    listed = await call(alice, "GET", "/api/v1/tokens")
+    assert [(t["id"], t["name"]) for t in listed.json()["tokens"]] == [(record["id"], "ci")]
+    assert listed.json()["tokens"][0]["last_used"] is not None
+    assert record["token"] not in listed.text
+    assert "token_hash" not in listed.text
+
+    bob = await user(make_browser, served, "bob")
+    assert (await call(bob, "GET", "/api/v1/tokens")).json() == {"tokens": []}
+    assert_error(await call(bob, "DELETE", f"/api/v1/tokens/{record['id']}"), 404, "token-not-found")
+    assert (await call(alice, "DELETE", f"/api/v1/tokens/{record['id']}")).status == 200
+    assert_error(await call(script, "GET", "/api/v1/me", token=record["token"]), 401, "token-invalid")
+
+
+async def test_api_without_credentials_is_401_json(served: Served, make_browser: MakeBrowser) -> None:
+    anonymous = await make_browser(served)
+    for method, path in [("GET", "/api/v1/workspaces"), ("GET", "/api/v1/me"), ("POST", "/api/v1/tokens"),
+                         ("DELETE", "/api/v1/workspaces/ws1/shares/x")]:
+        page = await anonymous.fetch(method, HUB + path, headers={"Accept": "text/html", "Origin": HUB})
+        assert_error(page, 401, "user-unauthenticated")
+        assert page.headers["WWW-Authenticate"].startswith("Bearer")
+    for token in ("chk_nope", "not-a-codehub-token", "chs_share-token-is-not-an-api-token"):
+        assert_error(await call(anonymous, "GET", "/api/v1/me", token=token), 401, "token-invalid")
+
+
+async def test_hub_page(served: Served, make_browser: MakeBrowser) -> None:
+    anonymous = await make_browser(served)
+    page = await anonymous.navigate(HUB + "/")
+    assert page.status == 200
+    assert 'href="/auth/login?next=/"' in page.text
+    assert "ws1" not in page.text
+
+    alice = await user(make_browser, served, "alice")
+    evil = "<img src=x onerror=alert(1)>"
+    share = (await call(alice, "POST", "/api/v1/workspaces/ws1/shares",
+                        {"port": 3000, "audience": "people", "people": [evil]})).json()
+    page = await alice.navigate(HUB + "/")
+    assert page.status == 200
+    assert 'data-ws="ws1"' in page.text
+    assert 'data-ws="ws3"' not in page.text
+    assert 'data-ws="ws2"' not in page.text
+    assert 'class="visibility"' in page.text
+    assert "http://3000-ws1.localhost:8080/" in page.text
+    assert f'data-share="{share["id"]}"' in page.text
+    assert evil not in page.text
+    assert html.escape(evil) in page.text
+    assert share["token"] not in page.text
+
+    bob = await user(make_browser, served, "bob")
+    page = await bob.navigate(HUB + "/")
+    assert 'data-ws="ws1"' in page.text
+    assert 'class="visibility"' not in page.text, "collaborators see visibility but cannot change it"
+    assert "data-share=" not in page.text

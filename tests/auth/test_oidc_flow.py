@@ -1,0 +1,273 @@
+"""Sign-in through a real OpenID Connect provider (oidc-provider), driven like a browser through the gateway."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import jwt
+import pytest
+
+from tests.auth.conftest import MakeBrowser, Serve, Served, oidc_settings, seen_headers
+from tests.peers.idp.fixture import IdP
+
+pytestmark = pytest.mark.timeout(90)
+
+WORKSPACES: dict[str, dict[str, Any]] = {
+    "ws1": {"owner": "alice", "ports": {3000: "private", 3001: "public", 3002: "org"}},
+    "ws2": {"owner": "admin-x", "collaborators": ["alice@example.com"], "ports": {4000: "private"}},
+}
+CLICKED = "/deep/a%20b/?x=1&y=a%2Bb+c&z=%26amp&e=%C3%A9"
+
+
+@pytest.fixture
+async def served(serve: Serve, idp: IdP, gateway_port: int, tmp_path: Path) -> Served:
+    return await serve(WORKSPACES, port=gateway_port, **oidc_settings(idp, gateway_port))
+
+
+async def test_private_preview_signs_in_once_and_lands_on_the_clicked_url(
+    served: Served, idp: IdP, make_browser: MakeBrowser
+) -> None:
+    browser = await make_browser(served, login="alice", idp=idp)
+    page = await browser.navigate(served.preview("ws1", 3000, CLICKED))
+    assert page.status == 200, page.text
+    assert page.url == served.preview("ws1", 3000, CLICKED)
+    assert page.json()["path"] == CLICKED
+    assert browser.idp_visits == 1
+    hub_steps = [url for url in browser.visited if url.startswith(served.hub + "/auth/")]
+    assert any(url.startswith(served.hub + "/auth/handoff") for url in hub_steps)
+    assert any(url.startswith(served.hub + "/auth/callback") for url in hub_steps)
+
+    # Another workspace, another port: the hub session is reused through the hand-off, no IdP login.
+    visited = len(browser.visited)
+    other = await browser.navigate(served.preview("ws2", 4000, "/other?q=1"))
+    assert other.status == 200, other.text
+    assert other.json()["path"] == "/other?q=1"
+    assert browser.idp_visits == 1
+    assert not any("/auth/login" in url for url in browser.visited[visited:])
+
+    # The preview host now has its own session: no redirect at all.
+    visited = len(browser.visited)
+    again = await browser.navigate(served.preview("ws1", 3000, "/again"))
+    assert again.status == 200
+    assert browser.visited[visited:] == [served.preview("ws1", 3000, "/again")]
+
+
+async def test_upstream_learns_who_calls_and_nothing_of_ours(
+    served: Served, idp: IdP, make_browser: MakeBrowser
+) -> None:
+    browser = await make_browser(served, login="alice", idp=idp)
+    url = served.preview("ws1", 3000, "/whoami")
+    browser.add_cookie(url, "theme", "dark")
+    forged = {"X-Forwarded-User": "mallory", "X-Forwarded-Email": "mallory@evil.test",
+              "X-Forwarded-Groups": "admins", "X-Codehub-Assertion": "forged.token.here"}
+    page = await browser.navigate(url, headers=forged)
+    assert page.status == 200, page.text
+    seen = seen_headers(page.json())
+    assert seen["x-forwarded-user"] == ["alice"]
+    assert seen["x-forwarded-email"] == ["alice@example.com"]
+    assert seen["x-forwarded-groups"] == ["dev"]
+    assert seen["cookie"] == ["theme=dark"]
+    assert "authorization" not in seen
+
+    jwks = (await browser.fetch("GET", served.hub + "/.well-known/jwks.json")).json()
+    assertion = seen["x-codehub-assertion"][0]
+    key = jwt.PyJWKSet.from_dict(jwks)[jwt.get_unverified_header(assertion)["kid"]]
+    claims = jwt.decode(assertion, key.key, algorithms=["EdDSA"], audience=served.preview("ws1", 3000, ""),
+                        issuer=served.hub)
+    assert (claims["sub"], claims["email"], claims["groups"]) == ("alice", "alice@example.com", ["dev"])
+    with pytest.raises(jwt.InvalidAudienceError):
+        jwt.decode(assertion, key.key, algorithms=["EdDSA"], audience=served.preview("ws2", 4000, ""),
+                   issuer=served.hub)
+
+    # Anonymous on a public port: forged identity headers are removed, none are added.
+    public = await browser.navigate(served.preview("ws1", 3001, "/"), headers=forged)
+    seen = seen_headers(public.json())
+    assert not {"x-forwarded-user", "x-forwarded-email", "x-forwarded-groups", "x-codehub-assertion"} & set(seen)
+
+
+@pytest.mark.parametrize("path", ["/api/data", "/"])
+async def test_api_client_without_credentials_gets_json_401(served: Served, make_browser: MakeBrowser,
+                                                            path: str) -> None:
+    browser = await make_browser(served)
+    for headers in ({"Accept": "application/json"}, {"Accept": "text/html", "X-Requested-With": "XMLHttpRequest"},
+                    {"Accept": "*/*", "Sec-Fetch-Mode": "cors"}):
+        page = await browser.fetch("GET", served.preview("ws1", 3000, path), headers=headers)
+        assert page.status == 401
+        assert page.content_type == "application/json"
+        assert "Location" not in page.headers
+        assert page.json()["error"]["code"] == "user-unauthenticated"
+        assert page.headers["WWW-Authenticate"].startswith("Bearer")
+    api = await browser.fetch("GET", served.hub + "/api/v1/workspaces", headers={"Accept": "text/html"})
+    assert api.status == 401
+    assert api.content_type == "application/json"
+
+
+async def test_signed_in_but_not_shared_gets_a_403_page_not_another_sign_in(
+    served: Served, idp: IdP, make_browser: MakeBrowser
+) -> None:
+    browser = await make_browser(served, login="guest-x", idp=idp)
+    page = await browser.navigate(served.preview("ws1", 3000, "/"))
+    assert page.status == 403
+    assert page.content_type == "text/html"
+    assert "not been shared with you" in page.text
+    assert browser.idp_visits == 1
+
+
+@pytest.mark.parametrize(
+    ("policy", "admitted", "refused"),
+    [
+        ("org:\n  groups: [qa]\n", "bob+qa+ops", "guest-x"),
+        ("org:\n  email_domains: [corp.test]\n", "carol@corp.test", "carol@corp.test.evil"),
+        ("org:\n  claims:\n    email_verified: true\n    preferred_username: guest-y\n", "guest-y", "guest-x"),
+        ("org:\n  users: [guest-z]\n", "guest-z", "guest-x"),
+    ],
+    ids=["group", "email-domain", "claims", "user"],
+)
+async def test_org_port_admits_by_policy(serve: Serve, idp: IdP, gateway_port: int, tmp_path: Path,
+                                         make_browser: MakeBrowser, policy: str, admitted: str,
+                                         refused: str) -> None:
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(policy)
+    served = await serve(WORKSPACES, port=gateway_port, policy_file=str(policy_file),
+                         **oidc_settings(idp, gateway_port))
+    member = await make_browser(served, login=admitted, idp=idp)
+    page = await member.navigate(served.preview("ws1", 3002, "/"))
+    assert page.status == 200, page.text
+    assert seen_headers(page.json())["x-forwarded-user"] == [admitted]
+    outsider = await make_browser(served, login=refused, idp=idp)
+    page = await outsider.navigate(served.preview("ws1", 3002, "/"))
+    assert page.status == 403, page.text
+    assert "not admitted" in page.text
+
+
+async def test_idp_down_gives_a_clear_page_and_nothing_else_breaks(
+    served: Served, idp: IdP, make_browser: MakeBrowser
+) -> None:
+    signed_in = await make_browser(served, login="alice", idp=idp)
+    assert (await signed_in.navigate(served.preview("ws1", 3000, "/"))).status == 200
+    await idp.stop()
+
+    for browser in (await make_browser(served, idp=idp), await make_browser(served, idp=idp)):
+        page = await browser.navigate(served.preview("ws1", 3000, "/x"))
+        assert page.status == 502, page.text
+        assert page.content_type == "text/html"
+        assert "Sign-in is unavailable" in page.text
+        assert "Traceback" not in page.text
+        assert browser.idp_visits == 0, "the browser was sent to an IdP that is down"
+        public = await browser.navigate(served.preview("ws1", 3001, "/"))
+        assert public.status == 200
+
+    # People already signed in keep working: previews, other previews via the hand-off, the API.
+    assert (await signed_in.navigate(served.preview("ws1", 3000, "/still"))).status == 200
+    assert (await signed_in.navigate(served.preview("ws2", 4000, "/"))).status == 200
+
+    await idp.start()
+    browser = await make_browser(served, login="alice", idp=idp)
+    assert (await browser.navigate(served.preview("ws1", 3000, "/back"))).status == 200
+
+
+async def test_idp_down_before_first_sign_in(served: Served, idp: IdP, make_browser: MakeBrowser) -> None:
+    await idp.stop()
+    browser = await make_browser(served, idp=idp)
+    page = await browser.navigate(served.hub + "/auth/login?next=/")
+    assert page.status == 502
+    assert "Sign-in is unavailable" in page.text
+    assert (await browser.navigate(served.preview("ws1", 3001, "/"))).status == 200
+
+
+async def test_idp_down_at_the_callback(served: Served, idp: IdP, make_browser: MakeBrowser) -> None:
+    browser = await make_browser(served, login="alice", idp=idp)
+    callback = await browser.navigate_until(served.preview("ws1", 3000, "/"),
+                                            lambda url: url.startswith(served.hub + "/auth/callback"))
+    await idp.stop()
+    page = await browser.navigate(callback)
+    assert page.status == 502
+    assert page.content_type == "text/html"
+    assert "Traceback" not in page.text
+
+
+@pytest.mark.parametrize("keep_old", [True, False])
+async def test_idp_key_rotation_lands_on_next_sign_in(
+    served: Served, idp: IdP, make_browser: MakeBrowser, keep_old: bool
+) -> None:
+    first = await make_browser(served, login="alice", idp=idp)
+    assert (await first.navigate(served.preview("ws1", 3000, "/"))).status == 200
+    old_kid = idp.kids[0]
+    new_kid = await idp.rotate_keys(keep_old=keep_old)
+    assert new_kid != old_kid
+    second = await make_browser(served, login="alice", idp=idp)
+    page = await second.navigate(served.preview("ws1", 3000, "/after-rotation"))
+    assert page.status == 200, page.text
+    assert second.idp_visits == 1
+    # The first browser was never logged out by the IdP's rotation.
+    assert (await first.navigate(served.preview("ws2", 4000, "/"))).status == 200
+
+
+async def test_idp_error_reply_is_a_clear_page(served: Served, idp: IdP, make_browser: MakeBrowser) -> None:
+    """A callback with a wrong state, or the IdP saying no, is refused with a page, never a stack trace."""
+    browser = await make_browser(served, idp=idp)
+    page = await browser.navigate(served.hub + "/auth/callback?code=x&state=forged")
+    assert page.status == 400
+    assert "sign-in-state-mismatch" in page.text
+
+    authorize = await browser.navigate_until(served.preview("ws1", 3000, "/"),
+                                             lambda url: url.startswith(idp.issuer))
+    state = parse_qs(urlsplit(authorize).query)["state"][0]
+    said = "<b>user cancelled</b>"
+    page = await browser.navigate(served.hub + "/auth/callback?" + urlencode(
+        {"error": "access_denied", "error_description": said, "state": state}))
+    assert page.status == 401
+    assert "sign-in-failed" in page.text
+    assert "&lt;b&gt;user cancelled&lt;/b&gt;" in page.text
+    assert said not in page.text
+    assert browser.idp_visits == 0
+
+
+async def test_ide_sign_in_lands_in_the_ide_and_is_owner_only(
+    serve: Serve, idp: IdP, gateway_port: int, make_browser: MakeBrowser
+) -> None:
+    served = await serve(WORKSPACES, port=gateway_port, listen={"ws1": [13337], "ws2": [13337]},
+                         **oidc_settings(idp, gateway_port))
+    alice = await make_browser(served, login="alice", idp=idp)
+    page = await alice.navigate(served.hub + "/w/ws1/?folder=/home/a%20b")
+    assert page.status == 200, page.text
+    assert page.url == served.hub + "/w/ws1/?folder=/home/a%20b"
+    assert page.json()["path"] == "/?folder=/home/a%20b"
+    # A collaborator named by e-mail: same hub session, no second IdP visit.
+    assert (await alice.navigate(served.hub + "/w/ws2/")).status == 200
+    assert alice.idp_visits == 1
+    # admin-x owns ws2 but is nobody in ws1; ws1's ports being public would not open its IDE either.
+    admin = await make_browser(served, login="admin-x", idp=idp)
+    page = await admin.navigate(served.hub + "/w/ws1/")
+    assert page.status == 403
+    assert "ide-owner-only" in page.text
+
+
+@pytest.mark.parametrize(("audience", "people", "admitted", "refused"), [
+    ("org", [], "bob+qa+ops", "guest-x"),
+    ("people", ["group:ops", "carol@corp.test"], "carol@corp.test", "bob+qa"),
+])
+async def test_share_link_for_signed_in_people_goes_through_sign_in(
+    serve: Serve, idp: IdP, gateway_port: int, tmp_path: Path, make_browser: MakeBrowser, audience: str,
+    people: list[str], admitted: str, refused: str
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("org:\n  groups: [qa]\n")
+    served = await serve(WORKSPACES, port=gateway_port, policy_file=str(policy), **oidc_settings(idp, gateway_port))
+    link, token = served.gateway.auth.store.create_share(workspace="ws1", port=3000, audience=audience,
+                                                         people=people, created_by="alice", ttl=600)
+    member = await make_browser(served, login=admitted, idp=idp)
+    page = await member.navigate(served.preview("ws1", 3000, f"/doc?codehub_share={token}&v=2"))
+    assert page.status == 200, page.text
+    assert page.url == served.preview("ws1", 3000, "/doc?v=2")
+    assert page.json()["path"] == "/doc?v=2"
+    assert member.idp_visits == 1
+    assert not any(token in url for url in member.visited[1:]), "the token must leave the URL at once"
+    assert link.uses == 1
+
+    outsider = await make_browser(served, login=refused, idp=idp)
+    page = await outsider.navigate(served.preview("ws1", 3000, f"/doc?codehub_share={token}"))
+    assert page.status == 403
+    assert "not-shared-with-user" in page.text

@@ -1,0 +1,486 @@
+"""The security rules of DESIGN.md, each one a test against a running gateway (dev sign-in; no IdP needed)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlencode, urljoin, urlsplit
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from gateway.auth.authenticate import safe_next
+from gateway.config import ConfigError, load_config
+from gateway.lifecycle import Phase
+from tests.auth.browser import Browser, Page
+from tests.auth.conftest import MakeBrowser, Serve, Served, seen_headers
+
+pytestmark = pytest.mark.timeout(60)
+
+HUB = "http://localhost:8080"
+WORKSPACES: dict[str, dict[str, Any]] = {
+    "ws1": {"owner": "alice", "ports": {3000: "private", 3001: "public"}},
+    "ws2": {"owner": "alice", "ports": {4000: "private"}},
+}
+EVIL_NEXT = ["//evil.test", "//evil.test/path", "/\\evil.test", "\\\\evil.test", "\\/evil.test", "https://evil.test",
+             "http:evil.test", "%2F%2Fevil.test", "/%09/evil.test", "/\t/evil.test", "%2F%5Cevil.test",
+             "https:%2F%2Fevil.test", "javascript:alert(1)", " //evil.test", "/\r\nLocation: http://evil.test"]
+
+
+@pytest.fixture
+async def served(serve: Serve) -> Served:
+    return await serve(WORKSPACES, listen={"ws1": [13337]})
+
+
+async def signed_in(make_browser: MakeBrowser, served: Served, user: str = "alice") -> Browser:
+    browser = await make_browser(served)
+    page = await browser.dev_sign_in(served.hub, user)
+    assert page.status == 303, page.text
+    return browser
+
+
+async def api(browser: Browser, method: str, path: str, body: Any = None, *, origin: str | None = HUB,
+              headers: dict[str, str] | None = None) -> Page:
+    sent = {"Accept": "application/json", **({"Origin": origin} if origin else {}), **(headers or {})}
+    return await browser.fetch(method, HUB + path, headers=sent, json_body=body)
+
+
+def attributes(set_cookie: str) -> dict[str, str]:
+    out = {}
+    for part in set_cookie.split(";")[1:]:
+        key, _, value = part.strip().partition("=")
+        out[key.lower()] = value
+    return out
+
+
+def assert_same_host(location: str | None, origin: str) -> None:
+    assert location is not None
+    assert location.startswith("/"), location
+    assert not location.startswith(("//", "/\\")), location
+    assert not any(ch in location for ch in "\\\r\n\t"), location
+    assert urlsplit(urljoin(origin + "/a/b", location)).netloc == urlsplit(origin).netloc
+
+
+# --- cookies -----------------------------------------------------------------------------------------------------
+
+
+async def test_cookies_are_host_only_httponly_samesite(served: Served, make_browser: MakeBrowser) -> None:
+    browser = await signed_in(make_browser, served)
+    page = await browser.navigate(served.preview("ws1", 3000, "/"))
+    assert page.status == 200
+    ours = [cookie for cookie in browser.jar if cookie.name.startswith("codehub_")]
+    assert {(c.name, c.host) for c in ours} >= {("codehub_session", "localhost"),
+                                                ("codehub_session", "3000-ws1.localhost")}
+    for cookie in ours:
+        attrs = attributes(cookie.raw)
+        assert "domain" not in attrs, cookie.raw
+        assert "httponly" in attrs
+        assert attrs["samesite"] in ("Lax", "Strict")
+        assert attrs["path"] == "/"
+        assert "secure" not in attrs  # plain HTTP: a Secure cookie would be dropped by browsers
+    # The preview host's session is not the hub's: it is a different token, for a different audience.
+    assert browser.cookie(served.hub, "codehub_session") != browser.cookie(served.preview("ws1", 3000),
+                                                                           "codehub_session")
+
+
+async def test_https_cookies_use_the_host_prefix_and_secure(serve: Serve, make_browser: MakeBrowser) -> None:
+    served = await serve(WORKSPACES, hub_url="https://hub.test", preview_domain="preview.test")
+    browser = await make_browser(served)
+    page = await browser.fetch("POST", "https://hub.test/auth/dev", headers={"Origin": "https://hub.test"},
+                               data={"user": "alice", "next": "/"})
+    assert page.status == 303
+    page = await browser.navigate("https://3000-ws1.preview.test/x")
+    assert page.status == 200, page.text
+    raw = [cookie.raw for cookie in browser.jar]
+    assert {cookie.name for cookie in browser.jar} >= {"__Host-codehub_session"}
+    for set_cookie in raw:
+        assert set_cookie.startswith("__Host-codehub_")
+        attrs = attributes(set_cookie)
+        assert "secure" in attrs
+        assert "httponly" in attrs
+        assert attrs["path"] == "/"
+        assert "domain" not in attrs
+    assert "codehub" not in " ".join(seen_headers(page.json()).get("cookie", []))
+    # The plain-HTTP cookie name is not honoured under HTTPS (it could be planted without Secure).
+    planted = await make_browser(served)
+    planted.add_cookie("https://3000-ws1.preview.test/", "codehub_session",
+                       browser.cookie("https://3000-ws1.preview.test/", "__Host-codehub_session") or "")
+    assert (await planted.fetch("GET", "https://3000-ws1.preview.test/", headers={"Accept": "*/*"})).status == 401
+
+
+async def test_upstream_cannot_set_cookies_for_the_parent_domain_or_ours(served: Served,
+                                                                         make_browser: MakeBrowser) -> None:
+    browser = await make_browser(served)
+    offered = ["app=1; Path=/", "own=1; Domain=3001-ws1.localhost; Path=/", "wide=1; Domain=localhost",
+               "dotwide=1; Domain=.localhost", "upper=1; Domain=LOCALHOST", "codehub_session=evil; Path=/",
+               "__Host-codehub_session=evil; Path=/; Secure", "codehub_share=x", "codehub_handoff=x",
+               "other=1; Domain=3000-ws1.localhost"]
+    query = urlencode([("set_cookie", value) for value in offered])
+    page = await browser.fetch("GET", served.preview("ws1", 3001, f"/?{query}"))
+    assert page.status == 200
+    names = sorted(value.partition("=")[0] for value in page.set_cookies)
+    assert names == ["app", "own"]
+
+
+# --- redirects ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", EVIL_NEXT)
+def test_safe_next_only_allows_same_host_paths(value: str) -> None:
+    assert_same_host(safe_next(value), HUB)
+
+
+@pytest.mark.parametrize("value", ["/", "/a/b?c=d&e=%2F%2Fx", "/w/ws1/?folder=/home", "/%2F%2Fevil.test"])
+def test_safe_next_keeps_ordinary_paths(value: str) -> None:
+    assert safe_next(value) == value
+
+
+@pytest.mark.parametrize("value", EVIL_NEXT)
+async def test_no_open_redirect_after_dev_sign_in(served: Served, make_browser: MakeBrowser, value: str) -> None:
+    browser = await make_browser(served)
+    login = await browser.fetch("GET", f"{HUB}/auth/login?next={quote(value, safe='/:%')}")
+    assert login.status == 302
+    assert_same_host(parse_qs(urlsplit(login.location or "").query).get("next", ["/"])[0], HUB)
+    page = await browser.dev_sign_in(served.hub, "alice", next_path=value)
+    assert page.status == 303
+    assert_same_host(page.headers.get("Location"), HUB)
+
+
+@pytest.mark.parametrize("value", ["//evil.test", "/\\evil.test", "%2F%2Fevil.test", "/%09/evil.test",
+                                   "https://evil.test"])
+async def test_no_open_redirect_from_the_preview_callback(served: Served, make_browser: MakeBrowser,
+                                                          value: str) -> None:
+    browser = await signed_in(make_browser, served)
+    preview = served.preview("ws1", 3000)
+    callback = await browser.navigate_until(preview, lambda url: "/_codehub/auth/callback" in url)
+    code = parse_qs(urlsplit(callback).query)["code"][0]
+    page = await browser.fetch("GET", served.preview("ws1", 3000, f"/_codehub/auth/callback?code={code}&next=")
+                               + quote(value, safe="/:%\\"))
+    assert page.status == 303
+    assert_same_host(page.headers.get("Location"), preview.rstrip("/"))
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["http://evil.test/", "http://localhost:8080/", "http://localhost:8080/w/ws1/", "https://3000-ws1.localhost:8080/",
+     "http://3000-ws1.localhost:8080.evil.test/", "http://user@evil.test@3000-ws1.localhost:8080/",
+     "//3000-ws1.localhost:8080/", "/relative", "http://3000-ws1.localhost:9999/", "javascript:alert(1)", ""],
+)
+async def test_handoff_only_targets_this_gateways_previews(served: Served, make_browser: MakeBrowser,
+                                                           target: str) -> None:
+    browser = await signed_in(make_browser, served)
+    page = await browser.fetch("GET", f"{HUB}/auth/handoff?" + urlencode({"target": target, "state": "s"}),
+                               headers={"Accept": "text/html"})
+    assert page.status == 400, page.headers.get("Location")
+    assert "Location" not in page.headers
+    assert "bad-handoff" in page.text
+
+
+async def test_handoff_to_a_preview_goes_to_its_callback(served: Served, make_browser: MakeBrowser) -> None:
+    browser = await signed_in(make_browser, served)
+    target = served.preview("ws1", 3000, "/a?b=c")
+    page = await browser.fetch("GET", f"{HUB}/auth/handoff?" + urlencode({"target": target, "state": "s"}))
+    assert page.status == 302
+    location = URL(page.location or "")
+    assert (location.host, location.port, location.path) == ("3000-ws1.localhost", 8080, "/_codehub/auth/callback")
+    assert location.query["next"] == "/a?b=c"
+
+
+# --- the hand-off code -------------------------------------------------------------------------------------------
+
+
+async def test_handoff_code_is_bound_to_host_state_and_single_use(served: Served, make_browser: MakeBrowser) -> None:
+    browser = await signed_in(make_browser, served)
+    callback = await browser.navigate_until(served.preview("ws1", 3000, "/p?q=1"),
+                                            lambda url: "/_codehub/auth/callback" in url)
+    query = urlsplit(callback).query
+    assert urlsplit(callback).netloc == "3000-ws1.localhost:8080"
+
+    # The same code on another preview host (even one this browser holds a state cookie for) is refused.
+    other = served.preview("ws2", 4000, "/_codehub/auth/callback?" + query)
+    await browser.navigate_until(served.preview("ws2", 4000, "/"), lambda url: "/_codehub/auth/callback" in url)
+    refused = await browser.fetch("GET", other, headers={"Accept": "text/html"})
+    assert refused.status == 400
+    assert "handoff-invalid" in refused.text
+    assert "Traceback" not in refused.text
+
+    # Another browser (no state cookie for it) cannot use it.
+    thief = await make_browser(served)
+    stolen = await thief.fetch("GET", callback, headers={"Accept": "application/json"})
+    assert stolen.status == 400
+    assert stolen.json()["error"]["code"] == "handoff-state-mismatch"
+
+    page = await browser.fetch("GET", callback)
+    assert page.status == 303
+    assert page.headers["Location"] == "/p?q=1"
+    replay = await browser.fetch("GET", callback, headers={"Accept": "application/json"})
+    assert replay.status == 400
+    assert replay.json()["error"]["code"] in ("handoff-replayed", "handoff-state-mismatch")
+    landed = await browser.navigate(served.preview("ws1", 3000, "/p?q=1"))
+    assert landed.json()["path"] == "/p?q=1"
+
+
+# --- WebSockets to the IDE ---------------------------------------------------------------------------------------
+
+
+async def _ide_socket(browser: Browser, served: Served, origin: str | None) -> aiohttp.ClientWebSocketResponse:
+    headers = {"Host": "localhost:8080", "Cookie": f"codehub_session={browser.cookie(HUB, 'codehub_session')}"}
+    if origin is not None:
+        headers["Origin"] = origin
+    return await browser.http.ws_connect(URL(served.base + "/w/ws1/socket"), headers=headers)
+
+
+@pytest.mark.parametrize("origin", ["http://evil.test", "http://3000-ws1.localhost:8080", "null",
+                                    "http://localhost:8080.evil.test"])
+async def test_ide_websocket_from_a_foreign_origin_is_refused(served: Served, make_browser: MakeBrowser,
+                                                              origin: str) -> None:
+    browser = await signed_in(make_browser, served)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+        await _ide_socket(browser, served, origin)
+    assert caught.value.status == 403
+
+
+async def test_ide_websocket_from_the_hub_is_relayed(served: Served, make_browser: MakeBrowser) -> None:
+    browser = await signed_in(make_browser, served)
+    for origin in (HUB, None):
+        socket = await _ide_socket(browser, served, origin)
+        await socket.send_str("hi")
+        assert (await socket.receive_str(timeout=5)) == "echo:hi"
+        await socket.close()
+
+
+async def test_cross_site_websocket_does_not_wake_the_workspace(served: Served, make_browser: MakeBrowser) -> None:
+    browser = await signed_in(make_browser, served)
+    await served.gateway.runtime.stop("ws1")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+        await _ide_socket(browser, served, "http://evil.test")
+    assert caught.value.status == 403
+    state = served.gateway.runtime.get("ws1")
+    assert state is not None
+    assert state.phase is Phase.WARM
+
+
+# --- share links -------------------------------------------------------------------------------------------------
+
+
+async def make_share(owner: Browser, **body: Any) -> dict[str, Any]:
+    page = await api(owner, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000, **body})
+    assert page.status == 201, page.text
+    share: dict[str, Any] = page.json()
+    return share
+
+
+async def test_share_token_in_url_is_swapped_for_a_cookie(served: Served, make_browser: MakeBrowser) -> None:
+    owner = await signed_in(make_browser, served)
+    share = await make_share(owner)
+    visitor = await make_browser(served)
+    url = served.preview("ws1", 3000, f"/page?a=1&codehub_share={share['token']}&b=%2F")
+    first = await visitor.fetch("GET", url, headers={"Accept": "text/html"})
+    assert first.status == 303
+    assert first.headers["Location"] == "/page?a=1&b=%2F"
+    assert share["token"] not in first.headers["Location"]
+    cookie = next(c for c in visitor.jar if c.name == "codehub_share")
+    assert cookie.host == "3000-ws1.localhost"
+    assert cookie.host_only
+    assert "httponly" in attributes(cookie.raw)
+    assert share["token"] not in cookie.value, "the cookie names the link, it is not the token itself"
+
+    page = await visitor.navigate(served.preview("ws1", 3000, "/page?a=1&b=%2F"))
+    assert page.status == 200
+    body = page.json()
+    assert body["path"] == "/page?a=1&b=%2F"
+    assert share["token"] not in str(body)
+    assert "codehub" not in " ".join(seen_headers(body).get("cookie", []))
+    # The cookie is good for this port only.
+    assert (await visitor.fetch("GET", served.preview("ws2", 4000, "/"))).status == 401
+
+
+async def test_share_token_in_a_non_get_url_never_reaches_the_upstream(served: Served,
+                                                                       make_browser: MakeBrowser) -> None:
+    owner = await signed_in(make_browser, served)
+    share = await make_share(owner)
+    script = await make_browser(served)
+    page = await script.fetch("POST", served.preview("ws1", 3000, f"/submit?codehub_share={share['token']}&x=1"),
+                              data=b"payload")
+    assert page.status == 200
+    assert page.json()["path"] == "/submit?x=1"
+
+
+async def test_bearer_share_token_for_scripts(served: Served, make_browser: MakeBrowser) -> None:
+    owner = await signed_in(make_browser, served)
+    share = await make_share(owner)
+    script = await make_browser(served)
+    for method in ("GET", "POST"):
+        page = await script.fetch(method, served.preview("ws1", 3000, "/api/data"),
+                                  headers={"Authorization": f"Bearer {share['token']}"})
+        assert page.status == 200, page.text
+        seen = seen_headers(page.json())
+        assert "authorization" not in seen
+        assert share["token"] not in str(page.json())
+    other_port = await script.fetch("GET", served.preview("ws2", 4000, "/"),
+                                    headers={"Authorization": f"Bearer {share['token']}"})
+    assert other_port.status == 403
+    assert other_port.json()["error"]["code"] == "share-other-target"
+    for token, status in [("chs_nope", 401), ("chk_nope", 401)]:
+        # Scripts get JSON even when they claim to accept HTML: never a sign-in page.
+        bogus = await script.fetch("GET", served.preview("ws1", 3000, "/"),
+                                   headers={"Authorization": f"Bearer {token}", "Accept": "text/html"})
+        assert bogus.status == status
+        assert bogus.content_type == "application/json"
+        assert "Location" not in bogus.headers
+    eve = await signed_in(make_browser, served, "eve")
+    eve_token = (await api(eve, "POST", "/api/v1/tokens", {"name": "x"})).json()["token"]
+    page = await script.fetch("GET", served.preview("ws1", 3000, "/"),
+                              headers={"Authorization": f"Bearer {eve_token}", "Accept": "text/html"})
+    assert page.status == 403
+    assert page.json()["error"]["code"] == "not-shared-with-user"
+
+
+@pytest.mark.parametrize("how", ["revoked", "expired"])
+async def test_dead_share_links_get_a_clear_page(served: Served, make_browser: MakeBrowser, how: str) -> None:
+    owner = await signed_in(make_browser, served)
+    share = await make_share(owner)
+    holder = await make_browser(served)
+    assert (await holder.navigate(served.preview("ws1", 3000, f"/?codehub_share={share['token']}"))).status == 200
+
+    if how == "revoked":
+        assert (await api(owner, "DELETE", f"/api/v1/workspaces/ws1/shares/{share['id']}")).status == 200
+    else:
+        served.gateway.auth.store.shares[share["id"]].expires = time.time() - 1
+
+    browser = await make_browser(served)
+    page = await browser.navigate(served.preview("ws1", 3000, f"/?codehub_share={share['token']}"))
+    assert page.status == 403
+    assert page.content_type == "text/html"
+    assert f"share-{how}" in page.text
+    assert how in page.text
+    assert "Traceback" not in page.text
+    script = await make_browser(served)
+    page = await script.fetch("GET", served.preview("ws1", 3000, "/"),
+                              headers={"Authorization": f"Bearer {share['token']}"})
+    assert page.status == 403
+    assert page.json()["error"]["code"] == f"share-{how}"
+    # The browser that already swapped the token for a cookie is refused at once, with the same clear page.
+    page = await holder.navigate(served.preview("ws1", 3000, "/again"))
+    assert page.status == 403
+    assert f"share-{how}" in page.text
+
+
+# --- identity and credentials never leak upstream ----------------------------------------------------------------
+
+
+async def test_consumed_credentials_never_reach_the_upstream(served: Served, make_browser: MakeBrowser) -> None:
+    owner = await signed_in(make_browser, served)
+    token = (await api(owner, "POST", "/api/v1/tokens", {"name": "ci"})).json()["token"]
+    script = await make_browser(served)
+    page = await script.fetch("GET", served.preview("ws1", 3000, "/"),
+                              headers={"Authorization": f"Bearer {token}", "X-Forwarded-User": "root",
+                                       "Cookie": "codehub_session=forged; app=1"})
+    assert page.status == 200, page.text
+    seen = seen_headers(page.json())
+    assert "authorization" not in seen
+    assert seen["cookie"] == ["app=1"]
+    assert seen["x-forwarded-user"] == ["alice"]
+
+    # A credential the gateway did not consume belongs to the app and passes through.
+    browser = await signed_in(make_browser, served)
+    page = await browser.navigate(served.preview("ws1", 3000, "/"), headers={"Authorization": "Basic YXBwOmFwcA=="})
+    assert seen_headers(page.json())["authorization"] == ["Basic YXBwOmFwcA=="]
+
+
+@pytest.mark.parametrize(("host", "path", "status"), [
+    ("3000-nope.localhost:8080", "/", 404), ("localhost:8080", "/w/nope/", 404), ("evil.test", "/", 404),
+    ("localhost:8080", "/auth/nothing", 404),
+])
+async def test_unknown_things_are_denied_with_a_page(served: Served, make_browser: MakeBrowser, host: str,
+                                                     path: str, status: int) -> None:
+    browser = await make_browser(served)
+    browser.domains = (*browser.domains, "evil.test")
+    page = await browser.fetch("GET", f"http://{host}{path}", headers={"Accept": "text/html"})
+    assert page.status == status
+    assert page.content_type == "text/html"
+    assert "Traceback" not in page.text
+
+
+# --- CSRF and dev sign-in ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Origin": "http://evil.test"}, {"Origin": "http://3000-ws1.localhost:8080"}, {"Origin": "null"},
+     {"Origin": "http://localhost:8080.evil.test"}, {}, {"Sec-Fetch-Site": "cross-site"},
+     {"Sec-Fetch-Site": "same-site"}],
+    ids=["foreign", "a-preview", "null", "suffix", "no-origin", "cross-site", "same-site-preview"],
+)
+async def test_cookie_api_calls_from_elsewhere_are_refused(served: Served, make_browser: MakeBrowser,
+                                                           headers: dict[str, str]) -> None:
+    browser = await signed_in(make_browser, served)
+    for method, path, body in [("POST", "/api/v1/tokens", {"name": "x"}),
+                               ("PUT", "/api/v1/workspaces/ws1/ports/3000", {"visibility": "public"}),
+                               ("POST", "/api/v1/workspaces/ws1/shares", {"port": 3000}),
+                               ("POST", "/auth/logout", None)]:
+        page = await api(browser, method, path, body, origin=None, headers=headers)
+        assert page.status == 403, (method, path, page.text)
+        assert page.json()["error"]["code"] == "cross-site-request"
+    spec = served.gateway.runtime.get("ws1")
+    assert spec is not None
+    assert spec.spec.ports[3000] == "private"
+    assert not served.gateway.auth.store.shares
+    assert not served.gateway.auth.store.api_tokens
+
+
+async def test_bearer_api_calls_need_no_origin(served: Served, make_browser: MakeBrowser) -> None:
+    owner = await signed_in(make_browser, served)
+    token = (await api(owner, "POST", "/api/v1/tokens", {"name": "ci"})).json()["token"]
+    script = await make_browser(served)
+    page = await api(script, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"visibility": "org"},
+                     origin="http://evil.test", headers={"Authorization": f"Bearer {token}"})
+    assert page.status == 200, page.text
+
+
+async def test_dev_sign_in_from_another_site_is_refused(served: Served, make_browser: MakeBrowser) -> None:
+    browser = await make_browser(served)
+    page = await browser.fetch("POST", HUB + "/auth/dev", headers={"Origin": "http://evil.test",
+                                                                   "Accept": "application/json"},
+                               data={"user": "mallory"})
+    assert page.status == 403
+    assert not browser.jar
+
+
+@pytest.mark.parametrize(
+    ("host", "env", "ok"),
+    [
+        ("0.0.0.0", {}, False),
+        ("10.1.2.3", {}, False),
+        ("::", {}, False),
+        ("gateway.example.com", {}, False),
+        ("0.0.0.0", {"CODEHUB_AUTH__ALLOW_DEV_ON_NETWORK": "true"}, True),
+        ("127.0.0.1", {}, True),
+        ("127.0.0.5", {}, True),
+        ("::1", {}, True),
+        ("localhost", {}, True),
+        ("0.0.0.0", {"CODEHUB_AUTH__MODE": "oidc", "CODEHUB_AUTH__OIDC__ISSUER": "https://sso.example.com",
+                     "CODEHUB_AUTH__OIDC__CLIENT_ID": "gw"}, True),
+    ],
+)
+def test_dev_sign_in_refuses_a_network_address(tmp_path: Path, host: str, env: dict[str, str], ok: bool) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f'hub_url: http://localhost:8080\nlisten:\n  host: "{host}"\n')
+    if ok:
+        load_config(config, env)
+        return
+    with pytest.raises(ConfigError, match="allow_dev_on_network"):
+        load_config(config, env)
+
+
+async def test_dev_sign_in_is_off_in_oidc_mode(serve: Serve, make_browser: MakeBrowser) -> None:
+    served = await serve(WORKSPACES, auth={"mode": "oidc", "oidc": {"issuer": "http://127.0.0.1:9",
+                                                                    "client_id": "gw"}})
+    browser = await make_browser(served)
+    page = await browser.fetch("POST", HUB + "/auth/dev", headers={"Origin": HUB, "Accept": "application/json"},
+                               data={"user": "alice"})
+    assert page.status == 403
+    assert page.json()["error"]["code"] == "dev-sign-in-off"
+    assert not browser.jar

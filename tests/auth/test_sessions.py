@@ -1,0 +1,134 @@
+"""Session cookies, hand-off codes and assertions: each token is for one host and one purpose, and lives briefly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import jwt
+import pytest
+
+from gateway.auth.identity import Identity
+from gateway.auth.keys import KeySet, SigningKey, write_keys
+from gateway.auth.sessions import HANDOFF_TTL, Sessions
+from gateway.errors import BadRequest
+from tests.auth.conftest import MakeBrowser, Serve
+
+pytestmark = pytest.mark.timeout(60)
+
+ISSUER = "http://localhost:8080"
+HOST = "3000-ws1.localhost:8080"
+OTHER = "3000-ws2.localhost:8080"
+ALICE = Identity("alice", "alice@example.com", ("dev",), "Alice", (("email_verified", "true"),))
+KEYS = KeySet([SigningKey.generate()])
+
+
+def sessions(clock: float = 0.0, keys: KeySet = KEYS) -> Sessions:
+    """Sessions whose clock runs ``clock`` seconds off real time (PyJWT verifies against real time)."""
+    return Sessions(lambda: keys, ISSUER, ttl=3600, clock=lambda: time.time() + clock)
+
+
+def test_session_cookie_round_trip_keeps_the_whole_identity() -> None:
+    s = sessions()
+    assert s.read(s.issue(ALICE, HOST), HOST) == ALICE
+
+
+def test_session_cookie_is_for_its_host_only() -> None:
+    s = sessions()
+    assert s.read(s.issue(ALICE, HOST), OTHER) is None
+
+
+def test_expired_session_cookie_is_refused() -> None:
+    old = sessions(clock=-7200).issue(ALICE, HOST)
+    assert sessions().read(old, HOST) is None
+
+
+def test_other_token_types_are_not_session_cookies() -> None:
+    s = sessions()
+    assert s.read(s.handoff_code(ALICE, HOST, "state"), HOST) is None
+    assert s.read(s.sign_state({"share": "x"}, HOST, 60), HOST) is None
+    # An assertion handed to an app must not work as a cookie, even if an app replays it for its own host.
+    assert s.read(s.assertion(ALICE, HOST), HOST) is None
+
+
+def test_handoff_code_lives_at_most_a_minute() -> None:
+    s = sessions()
+    code = s.handoff_code(ALICE, HOST, "state")
+    claims = jwt.decode(code, options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] <= 60
+    assert HANDOFF_TTL <= 60
+    stale = sessions(clock=-(HANDOFF_TTL + 10)).handoff_code(ALICE, HOST, "state")
+    with pytest.raises(BadRequest) as caught:
+        s.redeem_code(stale, HOST, "state")
+    assert caught.value.code == "handoff-invalid"
+
+
+def test_handoff_code_is_good_once_on_its_host_in_its_browser() -> None:
+    s = sessions()
+    code = s.handoff_code(ALICE, HOST, "state-1")
+    for host, state, error in [(OTHER, "state-1", "handoff-invalid"), (HOST, "state-2", "handoff-state-mismatch"),
+                               (HOST, None, "handoff-state-mismatch"), (HOST, "", "handoff-state-mismatch")]:
+        with pytest.raises(BadRequest) as caught:
+            s.redeem_code(code, host, state)
+        assert caught.value.code == error
+    assert s.redeem_code(code, HOST, "state-1") == ALICE
+    with pytest.raises(BadRequest) as caught:
+        s.redeem_code(code, HOST, "state-1")
+    assert caught.value.code == "handoff-replayed"
+
+
+def test_session_cookie_is_not_a_handoff_code() -> None:
+    s = sessions()
+    with pytest.raises(BadRequest):
+        s.redeem_code(s.issue(ALICE, HOST), HOST, "state")
+
+
+def test_assertion_names_its_audience_and_issuer() -> None:
+    s = sessions()
+    token = s.assertion(ALICE, "http://3000-ws1.localhost:8080")
+    claims = KEYS.verify(token, audience="http://3000-ws1.localhost:8080", issuer=ISSUER)
+    assert (claims["sub"], claims["typ"], claims["email"]) == ("alice", "assertion", "alice@example.com")
+    assert claims["exp"] - claims["iat"] <= 300
+
+
+def test_rotation_logs_nobody_out() -> None:
+    holder = [KeySet([SigningKey.generate()])]
+    s = Sessions(lambda: holder[0], ISSUER, ttl=3600)
+    old = s.issue(ALICE, HOST)
+    holder[0] = holder[0].rotated(keep_for=3600)
+    s.forget_cached()
+    assert s.read(old, HOST) == ALICE
+    new = s.issue(ALICE, HOST)
+    assert jwt.get_unverified_header(new)["kid"] == holder[0].current.kid != jwt.get_unverified_header(old)["kid"]
+
+
+
+async def test_gateway_picks_up_rotated_keys_without_logging_anyone_out(serve: Serve,
+                                                                        make_browser: MakeBrowser) -> None:
+    served = await serve({"ws1": {"owner": "alice", "ports": {3000: "private"}}})
+    browser = await make_browser(served)
+    assert (await browser.dev_sign_in(served.hub, "alice")).status == 303
+    page = await browser.navigate(served.preview("ws1", 3000, "/"))
+    assert page.status == 200
+    hub_cookie = browser.cookie(served.hub, "codehub_session")
+    assert hub_cookie is not None
+    old_kid = jwt.get_unverified_header(hub_cookie)["kid"]
+
+    gateway = served.gateway
+    write_keys(gateway.config.keys_file, gateway.auth.keys.rotated(keep_for=gateway.auth.sessions.ttl))
+    async with asyncio.timeout(10):
+        while gateway.auth.keys.current.kid == old_kid:  # noqa: ASYNC110 (the file watcher polls; so do we)
+            await asyncio.sleep(0.1)
+
+    me = await browser.fetch("GET", served.hub + "/api/v1/me")
+    assert me.status == 200
+    assert me.json()["user"] == "alice"
+    assert (await browser.navigate(served.preview("ws1", 3000, "/still"))).status == 200
+    jwks = (await browser.fetch("GET", served.hub + "/.well-known/jwks.json")).json()
+    assert {key["kid"] for key in jwks["keys"]} >= {old_kid, gateway.auth.keys.current.kid}
+
+    other = await make_browser(served)
+    await other.dev_sign_in(served.hub, "bob")
+    new_cookie = other.cookie(served.hub, "codehub_session")
+    assert new_cookie is not None
+    assert jwt.get_unverified_header(new_cookie)["kid"] == gateway.auth.keys.current.kid != old_kid

@@ -1,0 +1,239 @@
+"""Values: the schema refuses bad input, missing secrets fail with a message that says what to do, and what the
+chart renders is what the gateway itself accepts (settings, policies, Workspace phases, metric names)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import pytest
+import yaml
+
+from gateway.config import Config, load_config
+from gateway.lifecycle.base import Phase
+from gateway.metrics import Metrics
+from gateway.policy import parse_policy
+from tests.chart.helm import CHART_DIR, REQUIRED, chart, merge, render
+
+pytestmark = pytest.mark.timeout(60)
+
+# The `kubernetes:` settings the chart renders: the lifecycle module's names (gateway/lifecycle/kubernetes).
+KUBERNETES_KEYS = {"in_cluster", "namespace", "image", "ide_port", "storage_class", "snapshot_class", "storage_size",
+                   "resources", "lease_name", "lease_duration"}
+
+
+@pytest.mark.parametrize(("values", "complaint"), [
+    ({"replicaCount": "two"}, "/replicaCount': got string, want integer"),
+    ({"replicaCount": 1}, "/replicaCount"),
+    ({"ingress": {"hub": {"host": "https://hub.example.com"}}}, "/ingress/hub/host"),
+    ({"ingress": {"preview": {"domain": "*.preview.example.com"}}}, "/ingress/preview/domain"),
+    ({"workspaces": {"storageSize": "lots"}}, "/workspaces/storageSize"),
+    ({"workspaces": {"resources": {"limits": {"memory": "4 GB"}}}}, "/workspaces/resources/limits/memory"),
+    ({"service": {"port": 70000}}, "/service/port"),
+    ({"auth": {"oidc": {"issuer": "sso.example.com"}}}, "/auth/oidc/issuer"),
+    ({"policies": {"default.json": {}}}, "'default.json' does not match pattern"),
+    ({"replicas": 3}, "additional properties 'replicas' not allowed"),
+])
+def test_schema_rejects_bad_values(values: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=re.escape(complaint)):
+        chart().validate_schema(merge(REQUIRED, values))
+    with pytest.raises(helm.HelmValuesError, match=re.escape(complaint)):
+        render(values)  # an install checks the schema too
+
+
+def test_schema_accepts_the_defaults_and_the_documented_examples() -> None:
+    chart().validate_schema(REQUIRED)
+    chart().validate_schema(merge(REQUIRED, {
+        "replicaCount": 3, "podDisruptionBudget": {"minAvailable": "50%"},
+        "workspaces": {"resources": {"requests": {"cpu": 1, "memory": "1Gi"}}},
+        "policies": {"strict.yaml": "ports:\n  max_visibility: org\n"}, "gateway": {"policyFile": "strict.yaml"},
+    }))
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"auth": {"signingKeys": {"existingSecret": ""}}},
+     "auth.signingKeys.existingSecret is required: create the signing keys Secret first"),
+    ({"auth": {"oidc": {"existingSecret": ""}}}, "the OIDC client secret is required"),
+    ({"auth": {"oidc": {"issuer": ""}}}, "auth.oidc.issuer is required"),
+    ({"gateway": {"policyFile": "missing.yaml"}}, 'gateway.policyFile "missing.yaml" is not a key of policies'),
+    ({"podDisruptionBudget": {"minAvailable": 2}}, "must be less than replicaCount"),
+])
+def test_missing_or_inconsistent_values_fail_with_a_clear_message(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        render(values)
+
+
+def test_missing_signing_keys_message_says_how_to_make_them() -> None:
+    with pytest.raises(helm.HelmRenderError) as error:
+        render({"auth": {"oidc": REQUIRED["auth"]["oidc"]}}, with_required=False)
+    assert "codehub-gateway keys rotate" in str(error.value)
+    assert "kubectl -n <namespace> create secret generic codehub-signing-keys" in str(error.value)
+
+
+def test_rendered_settings_are_accepted_by_the_gateway(tmp_path: Path) -> None:
+    rendered = render({"workspaces": {"storageClass": "fast-ssd", "snapshotClass": "csi-snapclass"},
+                       "gateway": {"trustedProxies": ["10.0.0.0/8"], "extraConfig": {"idle": {"to_warm": 3600}}}})
+    settings = rendered.gateway_config()
+    assert settings["runtime"] == "kubernetes"
+    assert settings["listen"] == {"host": "0.0.0.0", "port": 8080}
+    assert settings["idle"] == {"to_warm": 3600}  # extraConfig deep-merged
+    kubernetes = settings["kubernetes"]
+    assert set(kubernetes) == KUBERNETES_KEYS
+    assert kubernetes | {"resources": None} == {
+        "in_cluster": True, "namespace": "codehub", "image": "codercom/code-server:4.99.0", "ide_port": 13337,
+        "storage_class": "fast-ssd", "snapshot_class": "csi-snapclass", "storage_size": "10Gi",
+        "lease_name": "codehub-gateway-reaper", "lease_duration": 15, "resources": None}
+    assert kubernetes["resources"] == {"requests": {"cpu": "250m", "memory": "512Mi"},
+                                       "limits": {"cpu": "2", "memory": "4Gi"}}
+    if "kubernetes" not in Config.model_fields:
+        # The kubernetes: section arrives with gateway/lifecycle/kubernetes; until then check the rest.
+        del settings["kubernetes"]
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    config = load_config(path, environ={})
+    assert config.hub_url == "https://hub.example.com"
+    assert config.preview_domain == "preview.example.com"
+    assert config.auth.mode == "oidc"
+    assert config.auth.oidc is not None
+    assert str(config.keys_file) == "/etc/codehub/keys/signing-keys.json"
+    assert str(config.store_file) == "/var/lib/codehub/tokens.json"
+
+
+def test_empty_storage_and_snapshot_class_mean_the_cluster_default() -> None:
+    kubernetes = render().gateway_config()["kubernetes"]
+    assert "storage_class" not in kubernetes
+    assert "snapshot_class" not in kubernetes
+
+
+def test_config_change_rolls_the_pods_but_a_policy_change_does_not() -> None:
+    def checksum(values: dict[str, Any]) -> str:
+        annotations = render(values).one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+        return str(annotations["checksum/config"])
+
+    base = checksum({})
+    assert checksum({"workspaces": {"image": "codercom/code-server:4.100.0"}}) != base
+    assert checksum({"policies": {"default.yaml": {"ports": {"max_visibility": "org"}}}}) == base
+
+
+def test_policies_render_into_files_the_gateway_parses() -> None:
+    policies = render({"policies": {"strict.yaml": "# kept as written\nports:\n  max_visibility: org\n"}}).one(
+        "ConfigMap", "-policies")["data"]
+    assert set(policies) == {"default.yaml", "strict.yaml"}
+    default = parse_policy(policies["default.yaml"], "default.yaml")
+    assert default.org.email_domains == ("example.com",)
+    assert default.ports.default_visibility == "private"
+    assert policies["strict.yaml"].startswith("# kept as written")
+    assert parse_policy(policies["strict.yaml"], "strict.yaml").ports.max_visibility == "org"
+
+
+def crd_schema() -> dict[str, Any]:
+    crd = render().one("CustomResourceDefinition")
+    (version,) = crd["spec"]["versions"]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def as_json_schema(node: Any) -> Any:
+    """OpenAPI v3 (structural) → JSON Schema: `nullable` becomes a null type; x-kubernetes-* markers go."""
+    if isinstance(node, list):
+        return [as_json_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: as_json_schema(value) for key, value in node.items()
+           if not key.startswith("x-kubernetes-") and key != "nullable"}
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+def test_workspace_crd_shape() -> None:
+    crd = render().one("CustomResourceDefinition")
+    assert crd["metadata"]["name"] == "workspaces.codehub.dev"
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    spec = crd["spec"]
+    assert (spec["group"], spec["scope"]) == ("codehub.dev", "Namespaced")
+    assert spec["names"]["kind"] == "Workspace"
+    assert spec["names"]["plural"] == "workspaces"
+    (version,) = spec["versions"]
+    assert version["name"] == "v1alpha1"
+    assert version["served"]
+    assert version["storage"]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Phase"] == ".status.phase"
+    assert columns["Owner"] == ".spec.owner"
+    schema = version["schema"]["openAPIV3Schema"]
+    assert set(schema["properties"]["spec"]["properties"]) == {
+        "owner", "collaborators", "image", "idePort", "storage", "resources", "ports"}
+    assert set(schema["properties"]["status"]["properties"]) == {"phase", "podIP", "lastActivity", "conditions"}
+
+
+def test_workspace_crd_phases_are_the_lifecycle_phases() -> None:
+    phases = crd_schema()["properties"]["status"]["properties"]["phase"]["enum"]
+    assert set(phases) == {phase.value for phase in Phase}
+
+
+GOOD_WORKSPACE: dict[str, Any] = {
+    "apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "metadata": {"name": "ws1"},
+    "spec": {"owner": "alice", "collaborators": ["bob", "group:frontend"], "ports": {"3000": "org", "8000": "public"},
+             "image": "codercom/code-server:4.99.0", "idePort": 13337, "storage": "20Gi",
+             "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": 2, "memory": "4Gi"}}},
+    "status": {"phase": "RUNNING", "podIP": "10.1.2.3", "lastActivity": "2026-01-01T10:00:00Z",
+               "conditions": [{"type": "Ready", "status": "True", "reason": "Running", "message": "",
+                               "lastTransitionTime": "2026-01-01T09:59:00Z"}]},
+}
+
+
+def crd_errors(workspace: dict[str, Any]) -> list[jsonschema.ValidationError]:
+    return list(jsonschema.Draft7Validator(as_json_schema(crd_schema())).iter_errors(workspace))
+
+
+@pytest.mark.parametrize(("change", "valid"), [
+    ({}, True),
+    ({"status": {"phase": "COLD", "podIP": None}}, True),
+    ({"spec": {"ports": {"3000": "everyone"}}}, False),
+    ({"spec": {"collaborators": "bob"}}, False),
+    ({"spec": {"idePort": 0}}, False),
+    ({"spec": {"storage": "big"}}, False),
+    ({"spec": {"owner": ""}}, False),
+    ({"status": {"phase": "SLEEPING"}}, False),
+])
+def test_workspace_crd_schema_admits_workspaces_and_refuses_nonsense(change: dict[str, Any], valid: bool) -> None:
+    errors = crd_errors(merge(GOOD_WORKSPACE, change))
+    assert (errors == []) is valid, errors
+
+
+def test_workspace_crd_needs_only_an_owner() -> None:
+    assert crd_errors({"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "metadata": {"name": "ws2"},
+                       "spec": {"owner": "alice"}}) == []
+    assert crd_errors({"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "metadata": {"name": "ws2"},
+                       "spec": {}}) != []
+
+
+def test_dashboard_charts_every_gateway_metric() -> None:
+    rendered = render()
+    config_map = rendered.one("ConfigMap", "-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(config_map["data"]["codehub-gateway.json"])
+    assert dashboard == json.loads((CHART_DIR / "dashboards" / "codehub-gateway.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = set(re.findall(r"\bcodehub_[a-z_]+", " ".join(exprs)))
+    exported = {metric.name for metric in Metrics().registry.collect()}
+    expected = {
+        "codehub_requests_total", "codehub_request_duration_seconds_bucket", "codehub_websockets_open",
+        "codehub_held_requests", "codehub_wakes_total", "codehub_wake_duration_seconds_bucket", "codehub_workspaces",
+        "codehub_policy_decisions_total", "codehub_upstream_connect_errors_total", "codehub_idle_transitions_total",
+    }
+    assert used == expected
+    # Every series the dashboard asks for is one the gateway exports (counters gain _total, histograms _bucket).
+    for name in used:
+        assert re.sub(r"_(total|bucket)$", "", name) in exported, name
+    assert 'histogram_quantile(0.99, sum by (le, kind) (rate(codehub_request_duration_seconds_bucket' in " ".join(exprs)
+    by_title = {panel["title"]: panel for panel in dashboard["panels"]}
+    assert "sum by (kind, code)" in by_title["Requests / s by kind and code"]["targets"][0]["expr"]
+    assert "by (phase)" in by_title["Workspaces by phase"]["targets"][0]["expr"]
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])

@@ -1,0 +1,108 @@
+"""The whole gateway on the Kubernetes runtime: build_app(config) with ``runtime: kubernetes`` against the
+emulated API, a fake kubelet giving the pod a loopback IP, and real aiohttp servers listening there."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.activity import Activity, IdleTimers, reap_once
+from gateway.app import build_app
+from gateway.config import Config
+from gateway.context import GATEWAY
+from gateway.lifecycle import Phase
+from gateway.lifecycle.kubernetes import KubernetesRuntime
+from gateway.metrics import Metrics
+from tests.conftest import MakeUpstream, next_address
+from tests.kube.emulator import POD, WORKSPACE, FakeKubelet, KubeEnv
+from tests.kube.support import NS, MakeRuntime, kube_settings, new_workspace, until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def upstream(name: str) -> web.Application:
+    async def hello(request: web.Request) -> web.Response:
+        return web.json_response({"server": name, "path": request.path, "host": request.headers.get("Host")})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", hello)
+    return app
+
+
+@pytest.fixture
+async def pod_address(kube: KubeEnv) -> AsyncIterator[str]:
+    address = next_address()
+    async with FakeKubelet(kube.emulator, pod_ip=lambda pod: address):
+        yield address
+
+
+def gateway_config(kube: KubeEnv, tmp_path: Path) -> Config:
+    settings = kube_settings(kube.url).model_dump(mode="json")
+    data: dict[str, Any] = {"runtime": "kubernetes", "kubernetes": settings,
+                            "local": {"state_dir": str(tmp_path / "state")}}
+    return Config.model_validate(data)
+
+
+async def test_a_share_url_wakes_the_pod_and_proxies_to_it(
+        kube: KubeEnv, pod_address: str, make_upstream: MakeUpstream, aiohttp_client: Any, tmp_path: Path) -> None:
+    emu = kube.emulator
+    emu.create_object(WORKSPACE, {"metadata": {"name": "w1"},
+                                  "spec": {"owner": "alice", "ports": {"8000": "public"}}}, NS)
+    await make_upstream(upstream("preview"), pod_address, 8000)
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(gateway_config(kube, tmp_path)))
+    runtime = client.app[GATEWAY].runtime
+    assert isinstance(runtime, KubernetesRuntime)
+    state = runtime.get("w1")
+    assert state is not None
+    assert state.phase is Phase.WARM
+    assert emu.list_objects(POD, NS) == []
+
+    response = await client.get("/some/page?x=1", headers={"Host": "8000-w1.localhost:8080",
+                                                           "Accept": "application/json"})
+    assert response.status == 200
+    body = await response.json()
+    assert body["server"] == "preview"
+    assert body["path"] == "/some/page"
+    assert [pod["metadata"]["name"] for pod in emu.list_objects(POD, NS)] == ["ws-w1"]
+    state = runtime.get("w1")
+    assert state is not None
+    assert (state.phase, state.address) == (Phase.RUNNING, pod_address)
+
+    again = await client.get("/", headers={"Host": "8000-w1.localhost:8080"})  # running: straight through
+    assert again.status == 200
+    unknown = await client.get("/", headers={"Host": "8000-nope.localhost:8080", "Accept": "application/json"})
+    assert unknown.status == 404
+
+
+async def test_a_browser_gets_the_waiting_page_while_the_pod_starts(
+        kube: KubeEnv, pod_address: str, aiohttp_client: Any, tmp_path: Path) -> None:
+    kube.emulator.create_object(WORKSPACE, {"metadata": {"name": "w2"},
+                                            "spec": {"owner": "alice", "ports": {"8000": "public"}}}, NS)
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(gateway_config(kube, tmp_path)))
+    response = await client.get("/", headers={"Host": "8000-w2.localhost:8080", "Accept": "text/html"})
+    assert response.status == 503
+    assert response.headers["Retry-After"]
+    await kube.emulator.wait_for(POD, NS, "ws-w2")  # the page's wake carries on behind it
+
+
+async def test_the_reaper_on_the_leader_sees_activity_from_other_replicas(
+        kube: KubeEnv, pod_address: str, make_runtime: MakeRuntime) -> None:
+    leader, other = await make_runtime("gw-a"), await make_runtime("gw-b")
+    await new_workspace(leader)
+    await leader.wake("w1")
+    later = time.time() + 100  # the reaper runs 100 s from now; the workspace started "now"
+    timers = IdleTimers(idle_to_warm=30, warm_to_cold=3600, interval=1)
+    other.record_activity("w1", later - 10)  # a request on the other replica, 10 s before the reaper runs
+    await until(lambda: leader.last_activity("w1") is not None)
+
+    await reap_once(leader, Activity(clock=lambda: later, shared=leader), timers, Metrics())
+    assert leader.get("w1").phase is Phase.RUNNING  # type: ignore[union-attr]
+
+    await reap_once(leader, Activity(clock=lambda: later + 60, shared=leader), timers, Metrics())
+    assert leader.get("w1").phase is Phase.WARM  # type: ignore[union-attr]

@@ -1,0 +1,381 @@
+"""The Kubernetes runtime against the emulated API, the real kubernetes-asyncio client and a fake kubelet."""
+
+from __future__ import annotations
+
+import asyncio
+
+import kubernetes_validate
+import pytest
+
+from gateway.errors import Conflict, NotFound
+from gateway.lifecycle import Phase, RuntimeError_, WorkspaceSpec
+from gateway.lifecycle.kubernetes import KubernetesRuntime
+from gateway.lifecycle.kubernetes.client import LEASE as LEASE_KIND
+from gateway.lifecycle.kubernetes.client import POD as POD_KIND
+from gateway.lifecycle.kubernetes.client import KubeClient
+from gateway.lifecycle.kubernetes.objects import make_pod
+from gateway.lifecycle.kubernetes.objects import parse_workspace as parse
+from tests.kube.emulator import (
+    LEASE,
+    POD,
+    PVC,
+    VOLUME_SNAPSHOT,
+    WORKSPACE,
+    Event,
+    FakeKubelet,
+    KubeEnv,
+)
+from tests.kube.support import NS, MakeRuntime, PodIPs, kube_settings, names, new_workspace, recording, until
+
+pytestmark = pytest.mark.timeout(60)
+
+# --- waking, stopping, archiving ------------------------------------------------------------------
+
+async def test_wake_creates_the_volume_and_the_pod(kube: KubeEnv, kubelet: FakeKubelet, pod_ips: PodIPs,
+                                                   make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    with runtime.events() as events:
+        state = await runtime.wake("w1")
+        seen = [events.queue.get_nowait().phase for _ in range(events.queue.qsize())]
+    assert state.phase is Phase.RUNNING
+    assert state.address == pod_ips.by_pod["ws-w1"]
+    assert runtime.get("w1") == state
+    assert Phase.STARTING in seen
+    assert seen[-1] is Phase.RUNNING
+    emu = kube.emulator
+    assert names(emu, POD) == ["ws-w1"]
+    assert names(emu, PVC) == ["ws-w1-home"]
+    pod = emu.get_object(POD, NS, "ws-w1")
+    assert pod is not None
+    assert pod["metadata"]["labels"]["codehub.dev/workspace"] == "w1"
+    assert await runtime.wake("w1") == state  # idempotent, nothing new
+    assert len(emu.list_objects(POD, NS)) == 1
+    await until(lambda: (emu.get_object(WORKSPACE, NS, "w1") or {}).get("status", {}).get("phase") == "RUNNING")
+
+
+async def test_stop_keeps_the_volume_and_wake_from_warm_reuses_it(kube: KubeEnv, kubelet: FakeKubelet,
+                                                                 make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    pvc_uid = kube.emulator.get_object(PVC, NS, "ws-w1-home")["metadata"]["uid"]  # type: ignore[index]
+    state = await runtime.stop("w1")
+    assert state.phase is Phase.WARM
+    assert state.address is None
+    assert names(kube.emulator, POD) == []
+    assert names(kube.emulator, PVC) == ["ws-w1-home"]
+    assert (await runtime.stop("w1")).phase is Phase.WARM  # stopping a stopped workspace is fine
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+    assert kube.emulator.get_object(PVC, NS, "ws-w1-home")["metadata"]["uid"] == pvc_uid  # type: ignore[index]
+
+
+def _snapshot_ready(event: Event) -> bool:
+    return event.resource == VOLUME_SNAPSHOT and bool((event.object.get("status") or {}).get("readyToUse"))
+
+
+async def test_archive_deletes_the_volume_only_after_its_snapshot_is_ready(
+        kube: KubeEnv, make_runtime: MakeRuntime, pod_ips: PodIPs) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime(keep_snapshots=1)
+    async with FakeKubelet(emu, pod_ip=pod_ips, snapshot_delay=0.3):
+        await new_workspace(runtime)
+        await runtime.wake("w1")
+        async with recording(emu) as events:
+            archiving = asyncio.create_task(runtime.archive("w1"))
+            await until(lambda: bool(names(emu, VOLUME_SNAPSHOT)))
+            assert runtime.get("w1").phase is Phase.ARCHIVING  # type: ignore[union-attr]
+            assert names(emu, PVC) == ["ws-w1-home"]  # the snapshot is not ready yet: the volume stays
+            state = await archiving
+        assert state.phase is Phase.COLD
+        assert names(emu, PVC) == []
+        order = [(e.resource, e.type) for e in events]
+        ready_at = next(i for i, e in enumerate(events) if _snapshot_ready(e))
+        assert order.index((PVC, "DELETED")) > ready_at
+        assert order.index((POD, "DELETED")) < order.index((VOLUME_SNAPSHOT, "ADDED"))
+        [first] = names(emu, VOLUME_SNAPSHOT)
+
+        await asyncio.sleep(1.0)  # snapshot names carry a timestamp in seconds
+        await runtime.wake("w1")
+        async with recording(emu) as events:
+            assert (await runtime.archive("w1")).phase is Phase.COLD
+        [second] = names(emu, VOLUME_SNAPSHOT)
+        assert second != first
+        kinds = [(e.resource, e.type, e.object["metadata"]["name"]) for e in events]
+        new_ready = next(i for i, e in enumerate(events) if _snapshot_ready(e))
+        assert kinds.index((VOLUME_SNAPSHOT, "DELETED", first)) > new_ready  # pruned only after the new one
+
+
+async def test_wake_from_cold_restores_the_volume_from_the_newest_snapshot(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    assert (await runtime.archive("w1")).phase is Phase.COLD
+    assert (await runtime.archive("w1")).phase is Phase.COLD  # nothing left to archive: fine
+    [snapshot] = names(emu, VOLUME_SNAPSHOT)
+    with runtime.events() as events:
+        state = await runtime.wake("w1")
+        seen = [events.queue.get_nowait().phase for _ in range(events.queue.qsize())]
+    assert state.phase is Phase.RUNNING
+    assert seen.index(Phase.RESTORING) < seen.index(Phase.STARTING) < seen.index(Phase.RUNNING)
+    pvc = emu.get_object(PVC, NS, "ws-w1-home")
+    assert pvc is not None
+    assert pvc["spec"]["dataSource"] == {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",
+                                         "name": snapshot}
+    assert names(emu, VOLUME_SNAPSHOT) == [snapshot]  # the snapshot outlives the restore
+
+
+async def test_a_failed_snapshot_keeps_the_volume(kube: KubeEnv, make_runtime: MakeRuntime, pod_ips: PodIPs) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    async with FakeKubelet(emu, pod_ip=pod_ips, ready_snapshots=False):
+        await new_workspace(runtime)
+        await runtime.wake("w1")
+        archiving = asyncio.create_task(runtime.archive("w1"))
+        await until(lambda: bool(names(emu, VOLUME_SNAPSHOT)))
+        emu.patch_status(VOLUME_SNAPSHOT, NS, names(emu, VOLUME_SNAPSHOT)[0],
+                         {"readyToUse": False, "error": {"message": "out of quota"}})
+        with pytest.raises(RuntimeError_, match="out of quota"):
+            await archiving
+    assert names(emu, PVC) == ["ws-w1-home"]
+    assert runtime.get("w1").phase is Phase.WARM  # type: ignore[union-attr]
+
+
+async def test_a_failed_pod_is_failed_and_wake_replaces_it(kube: KubeEnv, kubelet: FakeKubelet,
+                                                            make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    first = emu.get_object(POD, NS, "ws-w1")
+    assert first is not None
+    emu.patch_status(POD, NS, "ws-w1", {"phase": "Failed", "reason": "Evicted", "message": "low on memory"})
+    await until(lambda: runtime.get("w1").phase is Phase.FAILED)  # type: ignore[union-attr]
+    assert "Evicted" in runtime.get("w1").message  # type: ignore[union-attr]
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+    second = emu.get_object(POD, NS, "ws-w1")
+    assert second is not None
+    assert second["metadata"]["uid"] != first["metadata"]["uid"]
+
+
+async def test_unknown_workspaces(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime()
+    assert runtime.get("nope") is None
+    for operation in (runtime.wake, runtime.stop, runtime.archive, runtime.status):
+        with pytest.raises(NotFound):
+            await operation("nope")
+    await new_workspace(runtime)
+    with pytest.raises(Conflict):
+        await runtime.create_workspace(WorkspaceSpec(id="w1", owner="mallory"))
+    assert (await runtime.create_workspace(WorkspaceSpec(id="w1", owner="alice"))).phase is Phase.WARM
+
+
+async def test_update_patches_the_workspace_spec(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    state = await runtime.update("w1", ports={3000: "org"}, collaborators=("bob", "carol"))
+    assert state.spec.ports == {3000: "org"}
+    assert state.spec.collaborators == ("bob", "carol")
+    stored = kube.emulator.get_object(WORKSPACE, NS, "w1")
+    assert stored is not None
+    assert stored["spec"]["ports"] == {"3000": "org"}  # 8000 removed, not merged back
+    assert parse(stored).collaborators == ("bob", "carol")
+    assert runtime.get("w1") == state
+
+
+# --- faults ---------------------------------------------------------------------------------------
+
+async def test_a_500_on_pod_create_is_retried(kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    fault = kube.emulator.fail("post", POD, status=500)
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+    assert len(list(fault)) == 1
+    assert names(kube.emulator, POD) == ["ws-w1"]
+
+
+async def test_a_409_on_create_means_already_there(kube: KubeEnv, kubelet: FakeKubelet,
+                                                  make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    ws = parse(kube.emulator.get_object(WORKSPACE, NS, "w1") or {})
+    kube.emulator.create_object(POD, make_pod(ws, runtime.settings), NS)  # another replica was quicker
+    await until(lambda: runtime.get("w1").phase is Phase.RUNNING)  # type: ignore[union-attr]
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+    assert names(kube.emulator, POD) == ["ws-w1"]
+
+
+async def test_an_api_that_keeps_failing_is_a_clear_503(kube: KubeEnv, kubelet: FakeKubelet,
+                                                       make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime(retry_attempts=2)
+    await new_workspace(runtime)
+    kube.emulator.fail("post", POD, status=503, times=None)
+    with pytest.raises(RuntimeError_) as caught:
+        await runtime.wake("w1")
+    assert caught.value.status == 503
+    assert caught.value.code == "kubernetes-unavailable"
+    assert "Kubernetes API unavailable" in caught.value.message
+
+
+async def test_dropped_watches_resume_without_listing_again(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    emu = kube.emulator
+    await emu.wait_watches(4)
+    for abort in (False, True):
+        emu.drop_watches(abort=abort)
+        name = f"w{2 + abort}"
+        emu.create_object(WORKSPACE, {"metadata": {"name": name}, "spec": {"owner": "bob"}}, NS)
+        await until(lambda name=name: runtime.get(name) is not None)  # type: ignore[misc]
+    assert {state.id for state in runtime.list()} == {"w1", "w2", "w3"}
+    await until(lambda: runtime.api_healthy)  # every kind watches again after its backoff
+    assert all(informer.lists == 1 for informer in runtime.informers.values())
+
+
+async def test_410_gone_lists_again_and_converges(kube: KubeEnv, kubelet: FakeKubelet,
+                                                 make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    emu = kube.emulator
+    await emu.wait_watches(4)
+    emu.compact()
+    emu.drop_watches(error=410)
+    emu.delete_object(POD, NS, "ws-w1")  # changes while the caches re-list
+    emu.create_object(WORKSPACE, {"metadata": {"name": "w2"}, "spec": {"owner": "bob"}}, NS)
+    await until(lambda: runtime.get("w1").phase is Phase.WARM and runtime.get("w2") is not None)  # type: ignore[union-attr]
+    await until(lambda: all(informer.lists == 2 for informer in runtime.informers.values()))
+    fault = emu.fail("watch", POD, status=410)  # a 410 on the next watch of pods only
+    emu.drop_watches(POD)
+    await until(lambda: len(list(fault)) == 1 and runtime.informers[POD_KIND].lists == 3)
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+
+
+async def test_api_lost_serves_from_cache_and_fails_operations_clearly(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime()
+    await new_workspace(runtime, "w1")
+    await new_workspace(runtime, "w2")
+    running = await runtime.wake("w1")
+    down = True
+    kube.emulator.fail(lambda request: down, status=503, times=None)
+    kube.emulator.drop_watches(abort=True)
+    await until(lambda: not runtime.api_healthy)
+    assert runtime.get("w1") == running  # routing keeps working for what runs
+    assert {state.id for state in runtime.list()} == {"w1", "w2"}
+    for operation in (runtime.wake, runtime.stop, runtime.archive):
+        with pytest.raises(RuntimeError_) as caught:
+            await operation("w2")
+        assert caught.value.status == 503
+        assert caught.value.message.startswith("Kubernetes API unavailable")
+    assert runtime.get("w2").phase is Phase.WARM  # type: ignore[union-attr]
+    down = False
+    await until(lambda: runtime.api_healthy, within=15)
+    assert (await runtime.wake("w2")).phase is Phase.RUNNING
+
+
+async def test_start_fails_clearly_without_an_api() -> None:
+    runtime = KubernetesRuntime(kube_settings("http://127.0.0.1:9", sync_timeout=0.5))
+    with pytest.raises(RuntimeError_, match="Kubernetes API not reachable"):
+        await runtime.start()
+    await runtime.close()
+
+
+# --- several replicas -----------------------------------------------------------------------------
+
+async def test_a_storm_of_wakes_from_two_replicas_makes_one_pod(kube: KubeEnv, make_runtime: MakeRuntime,
+                                                               pod_ips: PodIPs) -> None:
+    emu = kube.emulator
+    a, b = await make_runtime("gw-a"), await make_runtime("gw-b")
+    assert a._api is not b._api  # two clients, two connection pools: two gateways
+    await new_workspace(a)
+    await until(lambda: b.get("w1") is not None)
+    async with FakeKubelet(emu, pod_ip=pod_ips, pod_delay=0.2), recording(emu) as events:
+        states = await asyncio.gather(*(runtime.wake("w1") for _ in range(10) for runtime in (a, b)))
+    assert {state.phase for state in states} == {Phase.RUNNING}
+    assert {state.address for state in states} == {pod_ips.by_pod["ws-w1"]}
+    assert [(e.type, e.object["metadata"]["name"]) for e in events if e.resource == POD and e.type == "ADDED"] == [
+        ("ADDED", "ws-w1")]
+    assert [e.type for e in events if e.resource == PVC and e.type == "ADDED"] == ["ADDED"]
+    assert len(list(emu["post", POD])) == 2  # one per replica (each serialises its own), one of them got 409
+
+
+async def test_exactly_one_leader_and_failover(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    a, b = await make_runtime("gw-a"), await make_runtime("gw-b")
+    await until(lambda: a.is_leader() or b.is_leader())
+    for _ in range(20):  # stays exactly one over several renewals
+        assert a.is_leader() != b.is_leader()
+        await asyncio.sleep(0.1)
+    leader, follower = (a, b) if a.is_leader() else (b, a)
+    assert leader.leader is not None
+    await leader.leader.stop(release=False)  # crashes: no release, the follower waits for expiry
+    assert not leader.is_leader()
+    await until(follower.is_leader, within=5)
+    lease = kube.emulator.get_object(LEASE, NS, "codehub-gateway-reaper")
+    assert lease is not None
+    assert lease["spec"]["holderIdentity"] == follower.identity
+    assert lease["spec"]["leaseTransitions"] >= 1
+    await follower.close()  # a clean stop releases the lease at once
+    lease = kube.emulator.get_object(LEASE, NS, "codehub-gateway-reaper")
+    assert lease is not None
+    assert "holderIdentity" not in lease["spec"]
+
+
+async def test_a_409_on_the_lease_loses_that_round(kube: KubeEnv) -> None:
+    from gateway.lifecycle.kubernetes.leader import LeaderElector
+
+    client = KubeClient(kube.new_api_client(), NS)
+    elector = LeaderElector(client, "reaper", "gw-a", duration=5)
+    assert await elector.try_acquire_or_renew()
+    kube.emulator.fail("put", LEASE, status=409)
+    assert not await elector.try_acquire_or_renew()
+    assert not elector.is_leader()
+    assert await elector.try_acquire_or_renew()  # the lease is still ours: renewed next round
+    other = LeaderElector(client, "reaper", "gw-b", duration=5)
+    assert not await other.try_acquire_or_renew()
+    assert (await client.get(LEASE_KIND, "reaper") or {})["spec"]["holderIdentity"] == "gw-a"
+
+
+async def test_activity_is_shared_through_the_workspace_status(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    a, b = await make_runtime("gw-a"), await make_runtime("gw-b")
+    await new_workspace(a)
+    await until(lambda: b.get("w1") is not None)
+    for at in (1_800_000_000.0, 1_800_000_001.0, 1_800_000_002.0):
+        a.record_activity("w1", at)
+    await until(lambda: b.last_activity("w1") == 1_800_000_002.0)
+    assert a.activity is not None
+    assert a.activity.writes == 1  # throttled: one write for the burst
+    b.record_activity("w1", 1_700_000_000.0)  # older: never overwrites a newer time
+    a.record_activity("w1", 1_800_000_100.0)
+    await until(lambda: b.last_activity("w1") == 1_800_000_100.0)
+    await asyncio.sleep(0.5)
+    assert a.last_activity("w1") == 1_800_000_100.0
+    stored = kube.emulator.get_object(WORKSPACE, NS, "w1")
+    assert stored is not None
+    assert stored["status"]["lastActivity"] == "2027-01-15T08:01:40Z"
+
+
+# --- every manifest the runtime sends is valid ----------------------------------------------------
+
+async def test_every_manifest_sent_validates_strictly(kube: KubeEnv, kubelet: FakeKubelet,
+                                                      make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    await runtime.archive("w1")
+    await runtime.wake("w1")
+    await until(runtime.is_leader)
+    await runtime.close()  # releases the lease: one more PUT
+    bodies = [request.data for request in [*kube.emulator["post"], *kube.emulator["put"]]]
+    checked: set[str] = set()
+    for body in bodies:
+        assert isinstance(body, dict)
+        try:
+            kubernetes_validate.validate(body, "1.30", strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            assert body["kind"] in ("Workspace", "VolumeSnapshot")  # custom kinds: no schema to check
+            continue
+        checked.add(body["kind"])
+    assert checked == {"Pod", "PersistentVolumeClaim", "Lease"}
