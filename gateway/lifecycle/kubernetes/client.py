@@ -55,6 +55,8 @@ PVC = Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
 SNAPSHOT = Kind("snapshot.storage.k8s.io", "v1", "volumesnapshots", "VolumeSnapshot")
 WORKSPACE = Kind("codehub.dev", "v1alpha1", "workspaces", "Workspace")
 LEASE = Kind("coordination.k8s.io", "v1", "leases", "Lease")
+SHARE_LINK = Kind("codehub.dev", "v1alpha1", "sharelinks", "ShareLink")
+API_TOKEN = Kind("codehub.dev", "v1alpha1", "apitokens", "ApiToken")
 
 TRANSIENT = frozenset({0, 429, 500, 502, 503, 504})
 
