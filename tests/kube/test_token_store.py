@@ -7,6 +7,7 @@ delivers the change, which the tests wait for with a bounded wait (``until``) an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -14,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway import cli
 from gateway.app import build_app
 from gateway.auth.identity import Identity
 from gateway.auth.store import ApiToken, ShareLink, token_hash
@@ -198,6 +201,23 @@ async def test_api_tokens_are_shared_and_revoked_everywhere(kube: KubeEnv, repli
     await until(lambda: made["id"] not in store(a).api_tokens)
     assert (await api(a, "GET", "/api/v1/tokens", made["token"]))[0] == 401
     assert (await api(a, "GET", "/api/v1/tokens", seed))[0] == 200
+
+
+async def test_the_cli_issues_tokens_into_the_cluster(
+        kube: KubeEnv, replica: MakeReplica, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = await replica("gw-a")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"runtime": "kubernetes", "kubernetes": {"api_url": kube.url, "namespace": NS}}))
+    argv = ["token", "issue", "--user", "ops", "--groups", "admins", "--name", "deploy", "--config", str(config)]
+    assert await asyncio.to_thread(cli.main, argv) == 0  # the CLI runs its own event loop
+    out, err = capsys.readouterr()
+    token = out.strip()
+    assert token.startswith("chk_")
+    assert f"in namespace {NS}" in err
+    await until(lambda: token_hash(token) in {t.token_hash for t in store(a).api_tokens.values()})
+    status, body = await api(a, "GET", "/api/v1/tokens", token)
+    assert status == 200
+    assert [t["name"] for t in body["tokens"]] == ["deploy"]
 
 
 async def test_changes_fail_clearly_while_the_api_refuses(kube: KubeEnv, replica: MakeReplica) -> None:
