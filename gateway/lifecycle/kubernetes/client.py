@@ -108,7 +108,7 @@ async def connect(settings: Kubernetes) -> ApiClient:
     else:
         path = str(settings.kubeconfig) if settings.kubeconfig else None
         await kube_config.load_kube_config(config_file=path, client_configuration=configuration)
-    configuration.connection_pool_maxsize = 64  # four watches stay open; operations need room beside them
+    configuration.connection_pool_maxsize = 64  # six watches stay open (4 runtime, 2 tokens); operations need room
     return ApiClient(configuration=configuration)
 
 
