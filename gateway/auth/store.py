@@ -1,8 +1,10 @@
 """Share links and API tokens: opaque random tokens, stored only as SHA-256 hashes.
 
 Opaque tokens (not JWTs) keep share URLs short and make revocation immediate: every use is looked up.
-Use counts live in memory and are written with the next change or at shutdown, so a busy link costs no
-disk write per request.
+:class:`TokenStore` is what the rest of the gateway sees; lookups are synchronous reads of memory (the request
+path never waits for storage), changes are awaited. Two implementations: :class:`FileTokenStore` here (one JSON
+file, the local runtime) and ``gateway.lifecycle.kubernetes.tokens.KubeTokenStore`` (custom resources shared by
+every replica). Use counts are batched in memory in both, so a busy link costs no write per request.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.auth.identity import Identity
 
@@ -25,6 +28,18 @@ API_PREFIX = "chk_"
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_share_token() -> str:
+    return SHARE_PREFIX + secrets.token_urlsafe(24)
+
+
+def new_api_token() -> str:
+    return API_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_id() -> str:
+    return secrets.token_hex(6)
 
 
 @dataclass
@@ -73,10 +88,50 @@ class ApiToken:
         return data
 
 
-class TokenStore:
+class TokenStore(Protocol):
+    """Where share links and API tokens live. Reads come from memory; writes are awaited and, once they return,
+    apply to every later lookup on this replica (and, for a shared store, on the others soon after)."""
+
+    @property
+    def shares(self) -> Mapping[str, ShareLink]:
+        """Every share link by id (revoked and expired ones included: owners see them listed)."""
+
+    @property
+    def api_tokens(self) -> Mapping[str, ApiToken]:
+        """Every live API token by id."""
+
+    def find_share(self, token: str) -> ShareLink | None: ...
+
+    def use_share(self, link: ShareLink, now: float | None = None) -> None:
+        """Count one use (in memory; written in a batch later)."""
+
+    async def create_share(self, *, workspace: str, port: int | None, audience: str, people: list[str],
+                           created_by: str, ttl: float, now: float | None = None) -> tuple[ShareLink, str]: ...
+
+    async def revoke_share(self, link: ShareLink, now: float | None = None) -> ShareLink: ...
+
+    def find_api_token(self, token: str) -> ApiToken | None:
+        """The token's record, noting its use, or None."""
+
+    async def create_api_token(self, identity: Identity, *, name: str) -> tuple[ApiToken, str]: ...
+
+    async def revoke_api_token(self, record: ApiToken) -> None: ...
+
+    def flush(self) -> None:
+        """Write batched use counts now if this store batches on the caller's clock (the file store)."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None:
+        """Write what is still batched, then let go of resources."""
+
+
+class FileTokenStore:
+    """One JSON file, read at start: right for one process (the local runtime), wrong for several replicas."""
+
     def __init__(self, path: Path | None) -> None:
         self._path = path
-        self.shares: dict[str, ShareLink] = {}
+        self.shares: dict[str, ShareLink] = {}  # a plain dict: tests age links by editing them
         self.api_tokens: dict[str, ApiToken] = {}
         self._dirty = False
         if path is not None and path.exists():
@@ -103,11 +158,17 @@ class TokenStore:
         if self._dirty:
             self.save()
 
-    def create_share(self, *, workspace: str, port: int | None, audience: str, people: list[str], created_by: str,
-                     ttl: float, now: float | None = None) -> tuple[ShareLink, str]:
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self.flush()
+
+    async def create_share(self, *, workspace: str, port: int | None, audience: str, people: list[str],
+                           created_by: str, ttl: float, now: float | None = None) -> tuple[ShareLink, str]:
         now = time.time() if now is None else now
-        token = SHARE_PREFIX + secrets.token_urlsafe(24)
-        link = ShareLink(id=secrets.token_hex(6), token_hash=token_hash(token), workspace=workspace, port=port,
+        token = new_share_token()
+        link = ShareLink(id=new_id(), token_hash=token_hash(token), workspace=workspace, port=port,
                          audience=audience, people=people, created_by=created_by, created=now, expires=now + ttl)
         self.shares[link.id] = link
         self._share_index[link.token_hash] = link
@@ -122,13 +183,18 @@ class TokenStore:
         link.last_used = time.time() if now is None else now
         self._dirty = True
 
-    def revoke_share(self, link: ShareLink, now: float | None = None) -> None:
+    async def revoke_share(self, link: ShareLink, now: float | None = None) -> ShareLink:
         link.revoked = time.time() if now is None else now
         self.save()
+        return link
 
-    def create_api_token(self, identity: Identity, *, name: str) -> tuple[ApiToken, str]:
-        token = API_PREFIX + secrets.token_urlsafe(32)
-        record = ApiToken(id=secrets.token_hex(6), token_hash=token_hash(token), subject=identity.subject, name=name,
+    async def create_api_token(self, identity: Identity, *, name: str) -> tuple[ApiToken, str]:
+        return self.create_api_token_now(identity, name=name)
+
+    def create_api_token_now(self, identity: Identity, *, name: str) -> tuple[ApiToken, str]:
+        """The same, synchronously (the CLI writes the file without an event loop)."""
+        token = new_api_token()
+        record = ApiToken(id=new_id(), token_hash=token_hash(token), subject=identity.subject, name=name,
                           created=time.time(), email=identity.email, groups=list(identity.groups),
                           attributes=dict(identity.attributes))
         self.api_tokens[record.id] = record
@@ -143,7 +209,7 @@ class TokenStore:
             self._dirty = True
         return record
 
-    def revoke_api_token(self, record: ApiToken) -> None:
+    async def revoke_api_token(self, record: ApiToken) -> None:
         self.api_tokens.pop(record.id, None)
         self._api_index.pop(record.token_hash, None)
         self.save()
