@@ -190,7 +190,7 @@ async def create_share(request: web.Request) -> web.Response:
     ttl = new.ttl or rules.default_ttl
     if ttl > rules.max_ttl:
         raise BadRequest(f"ttl: the policy allows at most {rules.max_ttl:.0f} seconds.", code="ttl-too-long")
-    link, token = gateway.auth.store.create_share(
+    link, token = await gateway.auth.store.create_share(
         workspace=state.id, port=new.port, audience=new.audience, people=new.people, created_by=identity.subject,
         ttl=ttl,
     )
@@ -204,7 +204,7 @@ async def revoke_share(request: web.Request) -> web.Response:
     link = gateway.auth.store.shares.get(request.match_info["share"])
     if link is None or link.workspace != state.id:
         raise NotFound("There is no such share link.", code="share-not-found")
-    gateway.auth.store.revoke_share(link)
+    link = await gateway.auth.store.revoke_share(link)
     return web.json_response(share_view(gateway, link))
 
 
@@ -233,7 +233,7 @@ async def list_tokens(request: web.Request) -> web.Response:
 async def create_token(request: web.Request) -> web.Response:
     identity = caller(request)
     new: NewToken = await _body(request, NewToken)
-    record, token = request.app[GATEWAY].auth.store.create_api_token(identity, name=new.name)
+    record, token = await request.app[GATEWAY].auth.store.create_api_token(identity, name=new.name)
     return web.json_response({**record.public(), "token": token}, status=201)
 
 
@@ -243,7 +243,7 @@ async def revoke_token(request: web.Request) -> web.Response:
     record = store.api_tokens.get(request.match_info["token"])
     if record is None or record.subject != identity.subject:
         raise NotFound("There is no such token.", code="token-not-found")
-    store.revoke_api_token(record)
+    await store.revoke_api_token(record)
     return web.json_response({"id": record.id, "revoked": True})
 
 

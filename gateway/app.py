@@ -23,7 +23,7 @@ from gateway.auth.handlers import hub_identity
 from gateway.auth.keys import KeyError_, load_or_create
 from gateway.auth.oidc import OidcClient
 from gateway.auth.sessions import Sessions
-from gateway.auth.store import TokenStore
+from gateway.auth.store import FileTokenStore, TokenStore
 from gateway.config import Config
 from gateway.context import GATEWAY, AuthState, Gateway
 from gateway.cors import HUB_FRAME_HEADERS, frame_ancestors
@@ -136,6 +136,17 @@ def make_runtime(config: Config) -> Runtime:
 REAPS = web.AppKey("codehub_reaps", bool)
 
 
+def make_store(config: Config, runtime: Runtime) -> TokenStore:
+    """Share links and API tokens: custom resources every replica sees on Kubernetes, else one file."""
+    if config.runtime == "kubernetes":
+        from gateway.lifecycle.kubernetes import KubernetesRuntime
+        from gateway.lifecycle.kubernetes.tokens import KubeTokenStore
+
+        if isinstance(runtime, KubernetesRuntime):
+            return KubeTokenStore(runtime.settings, runtime.identity, lambda: runtime.client)
+    return FileTokenStore(config.store_file)
+
+
 def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = True) -> web.Application:
     """Everything that can fail on bad settings fails here, before the server listens.
 
@@ -149,7 +160,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     keys = load_or_create(config.keys_file, create=config.auth.keys_file is None)
     hosts = Hosts.from_urls(config.hub_url, config.preview_domain)
     auth = AuthState(keys=keys, sessions=Sessions(lambda: auth.keys, hosts.hub_url(""), ttl=config.auth.session_ttl),
-                     store=TokenStore(config.store_file))
+                     store=make_store(config, runtime))
     gateway = Gateway(
         config=config,
         hosts=hosts,
@@ -183,6 +194,11 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     if gateway.config.auth.oidc is not None:
         gateway.auth.oidc = OidcClient(gateway.config.auth.oidc, gateway.session)
     await gateway.runtime.start()
+    try:
+        await gateway.auth.store.start()
+    except BaseException:
+        await gateway.runtime.close()
+        raise
     watcher = asyncio.create_task(_watch_files(gateway))
     idle = gateway.config.idle
     reaper = asyncio.create_task(
@@ -197,7 +213,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        gateway.auth.store.flush()
+        await gateway.auth.store.close()
         await gateway.waker.close()
         await gateway.runtime.close()
         await gateway.session.close()

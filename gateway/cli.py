@@ -10,10 +10,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.config import ConfigError, load_config
+from gateway.config import Config, ConfigError, load_config
 from gateway.policy import PolicyError
+
+if TYPE_CHECKING:
+    from gateway.auth.identity import Identity
 
 
 class CliError(Exception):
@@ -63,12 +66,13 @@ def _parser() -> argparse.ArgumentParser:
 
     token = commands.add_parser("token", help="issue API tokens (operators, on the gateway's machine)")
     token_actions = token.add_subparsers(dest="action", required=True, metavar="ACTION")
-    issue = token_actions.add_parser("issue", help="write a new API token for a user into the token store")
+    issue = token_actions.add_parser(
+        "issue", help="issue a new API token for a user (into the token file, or as an ApiToken in the cluster)")
     issue.add_argument("--user", required=True)
     issue.add_argument("--email", default="")
     issue.add_argument("--groups", default="")
     issue.add_argument("--name", default="cli")
-    issue.add_argument("--config", type=Path, help="gateway settings (to find auth.store_file)")
+    issue.add_argument("--config", type=Path, help="gateway settings (auth.store_file, or the cluster)")
 
     def remote(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
@@ -185,15 +189,39 @@ def keys_rotate(args: argparse.Namespace) -> int:
 
 def token_issue(args: argparse.Namespace) -> int:
     from gateway.auth.identity import Identity
-    from gateway.auth.store import TokenStore
 
     config = load_config(args.config)
-    store = TokenStore(config.store_file)
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
-    record, token = store.create_api_token(Identity(args.user, args.email, groups, args.user), name=args.name)
+    identity = Identity(args.user, args.email, groups, args.user)
+    if config.runtime == "kubernetes":  # the replicas share tokens through the API: a file would reach none
+        import asyncio
+
+        record_id, token = asyncio.run(_issue_in_cluster(config, identity, args.name))
+        where = f"ApiToken {record_id} in namespace {config.kubernetes.namespace}"
+    else:
+        from gateway.auth.store import FileTokenStore
+
+        record, token = FileTokenStore(config.store_file).create_api_token_now(identity, name=args.name)
+        where = f"token {record.id} for {args.user} written to {config.store_file}"
     print(token)
-    print(f"token {record.id} for {args.user} written to {config.store_file}", file=sys.stderr)
+    print(where, file=sys.stderr)
     return 0
+
+
+async def _issue_in_cluster(config: Config, identity: Identity, name: str) -> tuple[str, str]:
+    from gateway.lifecycle.base import RuntimeError_
+    from gateway.lifecycle.kubernetes.client import KubeClient, connect
+    from gateway.lifecycle.kubernetes.tokens import create_api_token
+
+    api = await connect(config.kubernetes)
+    try:
+        client = KubeClient(api, config.kubernetes.namespace, timeout=config.kubernetes.request_timeout)
+        record, _, token = await create_api_token(client, identity, name=name)
+    except RuntimeError_ as exc:
+        raise CliError(exc.message) from None
+    finally:
+        await api.close()
+    return record.id, token
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -196,6 +196,7 @@ class Kubernetes(_Model):
     request_timeout: Seconds = 10.0
     watch_timeout: int = Field(default=300, ge=1)
     activity_interval: Seconds = 60.0
+    usage_interval: Seconds = 5.0  # share link / API token use counts: at most one status write per interval
 
     @field_validator("namespace")
     @classmethod

@@ -1,8 +1,10 @@
 """Share links and API tokens: opaque random tokens, stored only as SHA-256 hashes.
 
 Opaque tokens (not JWTs) keep share URLs short and make revocation immediate: every use is looked up.
-Use counts live in memory and are written with the next change or at shutdown, so a busy link costs no
-disk write per request.
+:class:`TokenStore` is what the rest of the gateway sees; lookups are synchronous reads of memory (the request
+path never waits for storage), changes are awaited. Two implementations: :class:`FileTokenStore` here (one JSON
+file, the local runtime) and ``gateway.lifecycle.kubernetes.tokens.KubeTokenStore`` (custom resources shared by
+every replica). Use counts are batched in memory in both, so a busy link costs no write per request.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.auth.identity import Identity
 
@@ -28,6 +30,18 @@ API_PREFIX = "chk_"
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_share_token() -> str:
+    return SHARE_PREFIX + secrets.token_urlsafe(24)
+
+
+def new_api_token() -> str:
+    return API_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_id() -> str:
+    return secrets.token_hex(6)
 
 
 @dataclass
@@ -76,19 +90,57 @@ class ApiToken:
         return data
 
 
-class TokenStore:
-    """The share links and API tokens in one JSON file, safe to share between worker processes.
+class TokenStore(Protocol):
+    """Where share links and API tokens live. Reads come from memory; writes are awaited and, once they return,
+    apply to every later lookup on this replica (and, for a shared store, on the others soon after)."""
+
+    @property
+    def shares(self) -> Mapping[str, ShareLink]:
+        """Every share link by id (revoked and expired ones included: owners see them listed)."""
+
+    @property
+    def api_tokens(self) -> Mapping[str, ApiToken]:
+        """Every live API token by id."""
+
+    def find_share(self, token: str) -> ShareLink | None: ...
+
+    def use_share(self, link: ShareLink, now: float | None = None) -> None:
+        """Count one use (in memory; written in a batch later)."""
+
+    async def create_share(self, *, workspace: str, port: int | None, audience: str, people: list[str],
+                           created_by: str, ttl: float, now: float | None = None) -> tuple[ShareLink, str]: ...
+
+    async def revoke_share(self, link: ShareLink, now: float | None = None) -> ShareLink: ...
+
+    def find_api_token(self, token: str) -> ApiToken | None:
+        """The token's record, noting its use, or None."""
+
+    async def create_api_token(self, identity: Identity, *, name: str) -> tuple[ApiToken, str]: ...
+
+    async def revoke_api_token(self, record: ApiToken) -> None: ...
+
+    def flush(self) -> None:
+        """Write batched use counts now if this store batches on the caller's clock (the file store)."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None:
+        """Write what is still batched, then let go of resources."""
+
+
+class FileTokenStore:
+    """One JSON file: right for the local runtime, also when ``serve --workers`` runs several processes on it.
 
     Writers take an exclusive ``flock`` on ``<file>.lock``, re-read the file if another process changed it, apply
-    their change and replace the file atomically. Readers look at the file's identity (mtime, size, inode) before
-    every lookup and reload when it changed, so a link revoked or a token created through one worker is seen by
-    every other worker on its next request. Use counts are kept as per-process deltas and added to whatever the
-    file holds when they are written.
+    their change and replace the file atomically. Readers look at the file's identity (mtime, size, inode) on
+    every lookup and reload when it changed, so a link revoked or a token created through one worker applies in
+    every other worker on its next request. Use counts are per-process deltas added to what the file holds when
+    they are written.
     """
 
     def __init__(self, path: Path | None) -> None:
         self._path = path
-        self._shares: dict[str, ShareLink] = {}
+        self._shares: dict[str, ShareLink] = {}  # plain dicts: tests age links by editing them
         self._api_tokens: dict[str, ApiToken] = {}
         self._share_index: dict[str, ShareLink] = {}
         self._api_index: dict[str, ApiToken] = {}
@@ -96,8 +148,6 @@ class TokenStore:
         self._share_uses: dict[str, tuple[int, float]] = {}
         self._token_uses: dict[str, float] = {}
         self.refresh()
-
-    # --- reading -------------------------------------------------------------------------------------------
 
     @property
     def shares(self) -> dict[str, ShareLink]:
@@ -127,7 +177,7 @@ class TokenStore:
         try:
             data = json.loads(self._path.read_text())
         except (OSError, ValueError):
-            return  # mid-replace or unreadable: keep what we have, look again next time
+            return  # unreadable for a moment: keep what we have and look again next time
         self._stamp = stamp
         self._shares = {item["id"]: ShareLink(**item) for item in data.get("shares", [])}
         self._api_tokens = {item["id"]: ApiToken(**item) for item in data.get("api_tokens", [])}
@@ -142,8 +192,6 @@ class TokenStore:
                 record.last_used = max(record.last_used or 0.0, last)
         self._share_index = {link.token_hash: link for link in self._shares.values()}
         self._api_index = {token.token_hash: token for token in self._api_tokens.values()}
-
-    # --- writing -------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -179,15 +227,20 @@ class TokenStore:
             pass
 
     def flush(self) -> None:
-        """Write pending use counts, if any."""
         if self._share_uses or self._token_uses:
             self.save()
 
-    def create_share(self, *, workspace: str, port: int | None, audience: str, people: list[str], created_by: str,
-                     ttl: float, now: float | None = None) -> tuple[ShareLink, str]:
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self.flush()
+
+    async def create_share(self, *, workspace: str, port: int | None, audience: str, people: list[str],
+                           created_by: str, ttl: float, now: float | None = None) -> tuple[ShareLink, str]:
         now = time.time() if now is None else now
-        token = SHARE_PREFIX + secrets.token_urlsafe(24)
-        link = ShareLink(id=secrets.token_hex(6), token_hash=token_hash(token), workspace=workspace, port=port,
+        token = new_share_token()
+        link = ShareLink(id=new_id(), token_hash=token_hash(token), workspace=workspace, port=port,
                          audience=audience, people=people, created_by=created_by, created=now, expires=now + ttl)
         with self._writing():
             self._shares[link.id] = link
@@ -207,17 +260,22 @@ class TokenStore:
         uses, _ = self._share_uses.get(link.id, (0, now))
         self._share_uses[link.id] = (uses + 1, now)
 
-    def revoke_share(self, link: ShareLink, now: float | None = None) -> None:
+    async def revoke_share(self, link: ShareLink, now: float | None = None) -> ShareLink:
         now = time.time() if now is None else now
         with self._writing():
             fresh = self._shares.get(link.id)
             if fresh is not None and fresh.revoked is None:
                 fresh.revoked = now
         link.revoked = link.revoked or now
+        return self._shares.get(link.id, link)
 
-    def create_api_token(self, identity: Identity, *, name: str) -> tuple[ApiToken, str]:
-        token = API_PREFIX + secrets.token_urlsafe(32)
-        record = ApiToken(id=secrets.token_hex(6), token_hash=token_hash(token), subject=identity.subject, name=name,
+    async def create_api_token(self, identity: Identity, *, name: str) -> tuple[ApiToken, str]:
+        return self.create_api_token_now(identity, name=name)
+
+    def create_api_token_now(self, identity: Identity, *, name: str) -> tuple[ApiToken, str]:
+        """The same, synchronously (the CLI writes the file without an event loop)."""
+        token = new_api_token()
+        record = ApiToken(id=new_id(), token_hash=token_hash(token), subject=identity.subject, name=name,
                           created=time.time(), email=identity.email, groups=list(identity.groups),
                           attributes=dict(identity.attributes))
         with self._writing():
@@ -235,7 +293,7 @@ class TokenStore:
             self._token_uses[record.id] = record.last_used
         return record
 
-    def revoke_api_token(self, record: ApiToken) -> None:
+    async def revoke_api_token(self, record: ApiToken) -> None:
         with self._writing():
             self._api_tokens.pop(record.id, None)
             self._api_index.pop(record.token_hash, None)

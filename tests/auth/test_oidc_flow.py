@@ -256,7 +256,7 @@ async def test_share_link_for_signed_in_people_goes_through_sign_in(
     policy = tmp_path / "policy.yaml"
     policy.write_text("org:\n  groups: [qa]\n")
     served = await serve(WORKSPACES, port=gateway_port, policy_file=str(policy), **oidc_settings(idp, gateway_port))
-    link, token = served.gateway.auth.store.create_share(workspace="ws1", port=3000, audience=audience,
+    link, token = await served.gateway.auth.store.create_share(workspace="ws1", port=3000, audience=audience,
                                                          people=people, created_by="alice", ttl=600)
     member = await make_browser(served, login=admitted, idp=idp)
     page = await member.navigate(served.preview("ws1", 3000, f"/doc?codehub_share={token}&v=2"))

@@ -91,7 +91,8 @@ def test_default_render_has_each_piece_once() -> None:
     kinds = sorted(m["kind"] for m in rendered.manifests)
     assert kinds == sorted([
         "ConfigMap", "ConfigMap", "ConfigMap",  # settings, policies, dashboard
-        "CustomResourceDefinition", "Deployment", "Ingress", "NetworkPolicy", "PodDisruptionBudget",
+        "CustomResourceDefinition", "CustomResourceDefinition", "CustomResourceDefinition",  # workspaces, links, tokens
+        "Deployment", "Ingress", "NetworkPolicy", "PodDisruptionBudget",
         "Role", "RoleBinding", "Service", "ServiceAccount",
     ])
     assert "Secret" not in rendered.kinds  # signing keys and OIDC secret are existing Secrets by default

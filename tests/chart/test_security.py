@@ -12,7 +12,7 @@ pytestmark = pytest.mark.timeout(60)
 
 GATEWAY_SELECTOR = {"app.kubernetes.io/name": "codehub-gateway", "app.kubernetes.io/instance": "codehub"}
 
-# Exactly what gateway/lifecycle/kubernetes uses: (API group, resource) → verbs.
+# Exactly what gateway/lifecycle/kubernetes uses (runtime and token store): (API group, resource) → verbs.
 EXPECTED_RULES = {
     ("", "pods"): {"get", "list", "watch", "create", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "delete"},
@@ -20,6 +20,10 @@ EXPECTED_RULES = {
     ("codehub.dev", "workspaces"): {"get", "list", "watch", "create", "update", "patch"},
     ("codehub.dev", "workspaces/status"): {"get", "update", "patch"},
     ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+    ("codehub.dev", "sharelinks"): {"list", "watch", "create", "patch"},
+    ("codehub.dev", "apitokens"): {"list", "watch", "create", "delete"},
+    ("codehub.dev", "sharelinks/status"): {"patch"},
+    ("codehub.dev", "apitokens/status"): {"patch"},
 }
 
 

@@ -13,8 +13,11 @@ import jsonschema
 import pytest
 import yaml
 
+from gateway.auth.store import ApiToken, ShareLink
 from gateway.config import Config, load_config
 from gateway.lifecycle.base import Phase
+from gateway.lifecycle.kubernetes.client import SHARE_LINK
+from gateway.lifecycle.kubernetes.objects import make_api_token, make_share_link, usage_patch
 from gateway.metrics import Metrics
 from gateway.policy import parse_policy
 from tests.chart.helm import CHART_DIR, REQUIRED, chart, merge, render
@@ -131,7 +134,7 @@ def test_policies_render_into_files_the_gateway_parses() -> None:
 
 
 def crd_schema() -> dict[str, Any]:
-    crd = render().one("CustomResourceDefinition")
+    crd = render().one("CustomResourceDefinition", "workspaces.codehub.dev")
     (version,) = crd["spec"]["versions"]
     schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
     return schema
@@ -151,7 +154,7 @@ def as_json_schema(node: Any) -> Any:
 
 
 def test_workspace_crd_shape() -> None:
-    crd = render().one("CustomResourceDefinition")
+    crd = render().one("CustomResourceDefinition", "workspaces.codehub.dev")
     assert crd["metadata"]["name"] == "workspaces.codehub.dev"
     assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     spec = crd["spec"]
@@ -214,6 +217,63 @@ def test_workspace_crd_needs_only_an_owner() -> None:
                        "spec": {}}) != []
 
 
+def token_crd(name: str) -> dict[str, Any]:
+    crd: dict[str, Any] = render().one("CustomResourceDefinition", f"{name}.codehub.dev")
+    return crd
+
+
+@pytest.mark.parametrize(("plural", "kind"), [("sharelinks", "ShareLink"), ("apitokens", "ApiToken")])
+def test_token_crds_shape(plural: str, kind: str) -> None:
+    crd = token_crd(plural)
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    spec = crd["spec"]
+    assert (spec["group"], spec["scope"], spec["names"]["kind"], spec["names"]["plural"]) == (
+        SHARE_LINK.group, "Namespaced", kind, plural)
+    (version,) = spec["versions"]
+    assert (version["name"], version["served"], version["storage"]) == (SHARE_LINK.version, True, True)
+    assert version["subresources"] == {"status": {}}
+
+
+def crd_object_errors(plural: str, obj: dict[str, Any]) -> list[jsonschema.ValidationError]:
+    (version,) = token_crd(plural)["spec"]["versions"]
+    schema = as_json_schema(version["schema"]["openAPIV3Schema"])
+    return list(jsonschema.Draft7Validator(schema).iter_errors(obj))
+
+
+LINK = ShareLink(id="abc123def456", token_hash="a" * 64, workspace="ws1", port=3000, audience="people",
+                 people=["bob"], created_by="alice", created=0.0, expires=1_800_000_000.0, revoked=1_700_000_000.0)
+TOKEN = ApiToken(id="0a1b2c3d4e5f", token_hash="b" * 64, subject="alice", name="ci", created=0.0,
+                 email="alice@corp.test", groups=["qa"], attributes={"team": "web"})
+
+
+@pytest.mark.parametrize(("change", "valid"), [
+    ({}, True),
+    ({"status": usage_patch("gw-a", 1_800_000_000.0, 3)["status"]}, True),
+    ({"spec": {"port": None}}, True),  # every port: the key is left out
+    ({"spec": {"audience": "everyone"}}, False),
+    ({"spec": {"tokenHash": "not-a-hash"}}, False),
+    ({"spec": {"port": 70000}}, False),
+    ({"status": {"replicas": {"gw-a": {"uses": -1}}}}, False),
+])
+def test_sharelink_crd_admits_what_the_gateway_writes(change: dict[str, Any], valid: bool) -> None:
+    obj = merge(make_share_link(LINK), change)
+    if obj["spec"].get("port") is None:
+        obj["spec"].pop("port")
+    errors = crd_object_errors("sharelinks", obj)
+    assert (errors == []) is valid, errors
+
+
+@pytest.mark.parametrize(("change", "valid"), [
+    ({}, True),
+    ({"status": usage_patch("gw-a", 1_800_000_000.0)["status"]}, True),
+    ({"spec": {"subject": ""}}, False),
+    ({"spec": {"attributes": {"team": 1}}}, False),
+])
+def test_apitoken_crd_admits_what_the_gateway_writes(change: dict[str, Any], valid: bool) -> None:
+    errors = crd_object_errors("apitokens", merge(make_api_token(TOKEN), change))
+    assert (errors == []) is valid, errors
+
+
 def test_dashboard_charts_every_gateway_metric() -> None:
     rendered = render()
     config_map = rendered.one("ConfigMap", "-dashboard")
@@ -222,7 +282,9 @@ def test_dashboard_charts_every_gateway_metric() -> None:
     assert dashboard == json.loads((CHART_DIR / "dashboards" / "codehub-gateway.json").read_text())
     exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
     used = set(re.findall(r"\bcodehub_[a-z_]+", " ".join(exprs)))
-    exported = {metric.name for metric in Metrics().registry.collect()}
+    metrics = Metrics()
+    metrics.track_workspaces(list)  # what build_app does with the runtime's states
+    exported = {metric.name for metric in metrics.registry.collect()}
     expected = {
         "codehub_requests_total", "codehub_request_duration_seconds_bucket", "codehub_websockets_open",
         "codehub_held_requests", "codehub_wakes_total", "codehub_wake_duration_seconds_bucket", "codehub_workspaces",

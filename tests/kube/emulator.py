@@ -106,6 +106,8 @@ SECRET = kmock.resource('', 'v1', 'secrets')
 LEASE = kmock.resource('coordination.k8s.io', 'v1', 'leases')
 VOLUME_SNAPSHOT = kmock.resource('snapshot.storage.k8s.io', 'v1', 'volumesnapshots')
 WORKSPACE = kmock.resource('codehub.dev', 'v1alpha1', 'workspaces')
+SHARE_LINK = kmock.resource('codehub.dev', 'v1alpha1', 'sharelinks')
+API_TOKEN = kmock.resource('codehub.dev', 'v1alpha1', 'apitokens')
 
 
 def _info(kind: str, singular: str, *, namespaced: bool = True, status: bool = False,
@@ -129,6 +131,8 @@ DEFAULT_RESOURCES: dict[str, kmock.ResourceInfo] = {
     'snapshot.storage.k8s.io/v1/volumesnapshots': _info('VolumeSnapshot', 'volumesnapshot', status=True,
                                                         shortnames={'vs'}),
     'codehub.dev/v1alpha1/workspaces': _info('Workspace', 'workspace', status=True, shortnames={'ws'}),
+    'codehub.dev/v1alpha1/sharelinks': _info('ShareLink', 'sharelink', status=True),
+    'codehub.dev/v1alpha1/apitokens': _info('ApiToken', 'apitoken', status=True),
 }
 
 # The real API answers DELETE of these with a `Status` (kind: Status, status: Success), not the object.

@@ -2,7 +2,8 @@
 
 ``objects`` builds manifests (pure), ``phases`` derives a phase from observed objects (pure), ``client`` makes
 single-attempt API calls, ``informer`` keeps one list+watch cache per kind, ``leader`` elects the replica that
-runs the idle reaper, ``activity`` shares last-activity times between replicas, ``runtime`` ties them together.
+runs the idle reaper, ``activity`` shares last-activity times between replicas, ``runtime`` ties them together;
+``tokens`` keeps share links and API tokens as custom resources (the gateway's TokenStore on Kubernetes).
 """
 
 from gateway.lifecycle.kubernetes.runtime import KubernetesRuntime

@@ -55,6 +55,8 @@ PVC = Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
 SNAPSHOT = Kind("snapshot.storage.k8s.io", "v1", "volumesnapshots", "VolumeSnapshot")
 WORKSPACE = Kind("codehub.dev", "v1alpha1", "workspaces", "Workspace")
 LEASE = Kind("coordination.k8s.io", "v1", "leases", "Lease")
+SHARE_LINK = Kind("codehub.dev", "v1alpha1", "sharelinks", "ShareLink")
+API_TOKEN = Kind("codehub.dev", "v1alpha1", "apitokens", "ApiToken")
 
 TRANSIENT = frozenset({0, 429, 500, 502, 503, 504})
 
@@ -106,7 +108,7 @@ async def connect(settings: Kubernetes) -> ApiClient:
     else:
         path = str(settings.kubeconfig) if settings.kubeconfig else None
         await kube_config.load_kube_config(config_file=path, client_configuration=configuration)
-    configuration.connection_pool_maxsize = 64  # four watches stay open; operations need room beside them
+    configuration.connection_pool_maxsize = 64  # six watches stay open (4 runtime, 2 tokens); operations need room
     return ApiClient(configuration=configuration)
 
 

@@ -1,7 +1,8 @@
 """Manifests as pure functions: data in, Kubernetes objects (plain dicts) out. No I/O here.
 
 Names: Workspace ``{id}``, pod ``ws-{id}``, PVC ``ws-{id}-home``, snapshots ``ws-{id}-home-{UTC timestamp}``
-(a new snapshot never replaces the last good one). Everything the gateway creates carries the labels from
+(a new snapshot never replaces the last good one); ShareLink and ApiToken ``{id}`` (the id the API shows, never
+the token: only its SHA-256 is stored). Everything the gateway creates carries the labels from
 :func:`labels`, which is also what the caches select on.
 """
 
@@ -12,9 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.auth.store import ApiToken, ShareLink
 from gateway.config import Kubernetes
 from gateway.lifecycle.base import WorkspaceSpec
-from gateway.lifecycle.kubernetes.client import LEASE, POD, PVC, SNAPSHOT, WORKSPACE
+from gateway.lifecycle.kubernetes.client import API_TOKEN, LEASE, POD, PVC, SHARE_LINK, SNAPSHOT, WORKSPACE
 
 MANAGED_BY = "codehub-gateway"
 WORKSPACE_LABEL = "codehub.dev/workspace"
@@ -216,6 +218,129 @@ def make_lease(name: str, holder: str | None, duration: float, *, now: datetime.
         spec["holderIdentity"] = holder
         spec["acquireTime"] = micro_time(acquired or now)
     return {"apiVersion": LEASE.api_version, "kind": LEASE.kind, "metadata": metadata, "spec": spec}
+
+
+def make_share_link(link: ShareLink) -> dict[str, Any]:
+    """A ShareLink custom resource; ``spec.revoked`` is set later by a patch, use counts live in ``status``."""
+    spec: dict[str, Any] = {
+        "workspace": link.workspace,
+        "audience": link.audience,
+        "people": list(link.people),
+        "createdBy": link.created_by,
+        "expires": micro_time(_utc(link.expires)),
+        "tokenHash": link.token_hash,
+    }
+    if link.port is not None:
+        spec["port"] = link.port
+    if link.revoked is not None:
+        spec["revoked"] = micro_time(_utc(link.revoked))
+    return {
+        "apiVersion": SHARE_LINK.api_version,
+        "kind": SHARE_LINK.kind,
+        "metadata": {"name": link.id, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY,
+                                                 WORKSPACE_LABEL: link.workspace}},
+        "spec": spec,
+    }
+
+
+def revoke_patch(at: float) -> dict[str, Any]:
+    """Revocation is the owner's intent, so it goes in ``spec`` (status may be dropped by a backup restore)."""
+    return {"spec": {"revoked": micro_time(_utc(at))}}
+
+
+def usage_patch(replica: str, last_used: float, uses: int | None = None) -> dict[str, Any]:
+    """A status merge patch of this replica's own entry: absolute values, so a repeated write changes nothing and
+    replicas never overwrite each other (each owns its key)."""
+    entry: dict[str, Any] = {"lastUsed": micro_time(_utc(last_used))}
+    if uses is not None:
+        entry["uses"] = uses
+    return {"status": {"replicas": {replica: entry}}}
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    uses: int = 0
+    last_used: float | None = None
+
+
+def usage_by_replica(obj: Mapping[str, Any]) -> dict[str, Usage]:
+    """``status.replicas`` read leniently: what each replica has written (uses, last use)."""
+    found: dict[str, Usage] = {}
+    replicas = (obj.get("status") or {}).get("replicas")
+    for replica, entry in (replicas.items() if isinstance(replicas, dict) else ()):
+        if not isinstance(entry, dict):
+            continue
+        uses = entry.get("uses")
+        when = parse_time(entry.get("lastUsed"))
+        found[str(replica)] = Usage(uses if isinstance(uses, int) and uses >= 0 else 0,
+                                    when.timestamp() if when is not None else None)
+    return found
+
+
+def total_usage(usages: Mapping[str, Usage]) -> Usage:
+    """Uses add up across replicas; the newest last use wins."""
+    times = [usage.last_used for usage in usages.values() if usage.last_used is not None]
+    return Usage(sum(usage.uses for usage in usages.values()), max(times) if times else None)
+
+
+def parse_share_link(obj: Mapping[str, Any]) -> ShareLink | None:
+    """A ShareLink resource as the gateway's ShareLink, or None when it is malformed (then it grants nothing)."""
+    spec = obj.get("spec") or {}
+    meta = obj.get("metadata") or {}
+    token_hash, workspace = spec.get("tokenHash"), spec.get("workspace")
+    expires, created = parse_time(spec.get("expires")), parse_time(meta.get("creationTimestamp"))
+    port = spec.get("port")
+    if not (isinstance(token_hash, str) and token_hash and isinstance(workspace, str) and workspace
+            and expires is not None and spec.get("audience") in ("anyone", "org", "people")):
+        return None
+    if port is not None and not (isinstance(port, int) and 0 < port < 65536):
+        return None
+    revoked = parse_time(spec.get("revoked"))
+    usage = total_usage(usage_by_replica(obj))
+    return ShareLink(
+        id=str(meta["name"]), token_hash=token_hash, workspace=workspace, port=port, audience=str(spec["audience"]),
+        people=[str(person) for person in spec.get("people") or ()], created_by=str(spec.get("createdBy") or ""),
+        created=created.timestamp() if created is not None else 0.0, expires=expires.timestamp(),
+        revoked=revoked.timestamp() if revoked is not None else None, uses=usage.uses, last_used=usage.last_used,
+    )
+
+
+def make_api_token(record: ApiToken) -> dict[str, Any]:
+    """An ApiToken custom resource: who the token acts for, as they were when they created it."""
+    return {
+        "apiVersion": API_TOKEN.api_version,
+        "kind": API_TOKEN.kind,
+        "metadata": {"name": record.id, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY}},
+        "spec": {
+            "subject": record.subject,
+            "email": record.email,
+            "groups": list(record.groups),
+            "attributes": dict(record.attributes),
+            "name": record.name,
+            "tokenHash": record.token_hash,
+        },
+    }
+
+
+def parse_api_token(obj: Mapping[str, Any]) -> ApiToken | None:
+    spec = obj.get("spec") or {}
+    meta = obj.get("metadata") or {}
+    token_hash, subject = spec.get("tokenHash"), spec.get("subject")
+    if not (isinstance(token_hash, str) and token_hash and isinstance(subject, str) and subject):
+        return None
+    created = parse_time(meta.get("creationTimestamp"))
+    attributes = spec.get("attributes")
+    return ApiToken(
+        id=str(meta["name"]), token_hash=token_hash, subject=subject, name=str(spec.get("name") or ""),
+        created=created.timestamp() if created is not None else 0.0, email=str(spec.get("email") or ""),
+        groups=[str(group) for group in spec.get("groups") or ()],
+        last_used=total_usage(usage_by_replica(obj)).last_used,
+        attributes={str(k): str(v) for k, v in attributes.items()} if isinstance(attributes, dict) else {},
+    )
+
+
+def _utc(at: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(at, tz=datetime.UTC)
 
 
 def timestamp(at: datetime.datetime) -> str:

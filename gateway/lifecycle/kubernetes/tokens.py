@@ -1,0 +1,351 @@
+"""Share links and API tokens as custom resources: the :class:`TokenStore` every replica shares on Kubernetes.
+
+A ShareLink or ApiToken object per link or token (named by its id; only the token's SHA-256 is stored). Each
+replica keeps one list+watch cache per kind and indexes it by id and by token hash, so a lookup is a dict
+read: the request path never calls the API.
+
+Creating, revoking (``spec.revoked``) and deleting (API tokens) go to the API, with :func:`retrying` around
+the single attempt, and the API's answer is applied to this replica's index before the call returns, so the
+replica that made a change sees it at once. Other replicas see it when their watch delivers it (milliseconds
+normally; while a watch is cut off they keep serving their last view until it is back).
+
+Uses and last use are counted in memory and written at most once per ``interval`` as a status merge patch of
+this replica's own entry, ``status.replicas[identity] = {uses, lastUsed}``, with absolute values: replicas never
+overwrite each other and a repeated write changes nothing, so no resourceVersion guard or retry loop is needed.
+Readers add the entries up (uses) and take the newest (last use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from gateway.auth.identity import Identity
+from gateway.auth.store import (
+    API_PREFIX,
+    SHARE_PREFIX,
+    ApiToken,
+    ShareLink,
+    new_api_token,
+    new_id,
+    new_share_token,
+    token_hash,
+)
+from gateway.config import Kubernetes
+from gateway.errors import NotFound
+from gateway.lifecycle.base import RuntimeError_
+from gateway.lifecycle.kubernetes.client import API_TOKEN, SHARE_LINK, Kind, KubeClient, KubeError, retrying
+from gateway.lifecycle.kubernetes.informer import Informer
+from gateway.lifecycle.kubernetes.objects import (
+    Usage,
+    make_api_token,
+    make_share_link,
+    parse_api_token,
+    parse_share_link,
+    revoke_patch,
+    total_usage,
+    usage_by_replica,
+    usage_patch,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Obj = dict[str, Any]
+
+
+@dataclass
+class _Counted:
+    """This replica's own usage of one link or token: its total, and whether the API has all of it yet."""
+
+    uses: int
+    last_used: float | None
+    version: int = 0
+    written: int = 0
+
+
+async def create_api_token(client: KubeClient, identity: Identity, *, name: str,
+                           attempts: int = 5) -> tuple[ApiToken, Obj, str]:
+    """Create an ApiToken resource (a fresh id on the rare name collision); the record, the object, the token."""
+    for _ in range(3):
+        token = new_api_token()
+        record = ApiToken(id=new_id(), token_hash=token_hash(token), subject=identity.subject, name=name,
+                          created=time.time(), email=identity.email, groups=list(identity.groups),
+                          attributes=dict(identity.attributes))
+        created = await _call(lambda: client.create(API_TOKEN, make_api_token(record)), attempts)  # noqa: B023
+        if created is not None:
+            return parse_api_token(created) or record, created, token
+    raise RuntimeError_("Could not pick an unused token id; try again.", code="kubernetes-refused")
+
+
+async def _call(call: Callable[[], Awaitable[T]], attempts: int) -> T:
+    try:
+        return await retrying(call, attempts=attempts)
+    except KubeError as exc:
+        raise RuntimeError_(f"Kubernetes refused the operation: {exc.message or exc.reason}",
+                            code="kubernetes-refused") from exc
+
+
+class KubeTokenStore:
+    def __init__(self, settings: Kubernetes, identity: str, client: Callable[[], KubeClient | None], *,
+                 interval: float | None = None, retry_attempts: int = 5) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.interval = settings.usage_interval if interval is None else interval
+        self._client_source = client
+        self._attempts = retry_attempts
+        self.client: KubeClient | None = None
+        self.informers: dict[Kind, Informer] = {}
+        self._shares: dict[str, ShareLink] = {}
+        self._share_index: dict[str, ShareLink] = {}  # token hash -> link
+        self._tokens: dict[str, ApiToken] = {}
+        self._token_index: dict[str, ApiToken] = {}
+        # Written here, not yet delivered by the watch: applied over the cache until it is.
+        self._created: dict[tuple[Kind, str], Obj] = {}
+        self._revoked: dict[str, float] = {}
+        self._deleted: set[str] = set()
+        self._counted: dict[tuple[Kind, str], _Counted] = {}
+        self._dirty = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self.writes = 0
+
+    # -- lifespan --
+
+    async def start(self) -> None:
+        """Fill both caches (RuntimeError_ if the API cannot be listed within ``sync_timeout``), start writing."""
+        client = self._client_source()
+        if client is None:
+            raise RuntimeError_("The Kubernetes runtime has not started.", code="kubernetes-unavailable")
+        self.client = client
+        for kind in (SHARE_LINK, API_TOKEN):
+            self.informers[kind] = Informer(client, kind, on_change=self._on_change(kind),
+                                            watch_timeout=self.settings.watch_timeout)
+            self.informers[kind].start()
+        try:
+            async with asyncio.timeout(self.settings.sync_timeout):
+                await asyncio.gather(*(informer.synced.wait() for informer in self.informers.values()))
+        except TimeoutError:
+            errors = "; ".join(f"{i.kind.plural}: {i.error}" for i in self.informers.values() if not i.synced.is_set())
+            await self._stop_informers()
+            raise RuntimeError_(f"Kubernetes API not reachable within {self.settings.sync_timeout:.0f} s ({errors})",
+                                code="kubernetes-unavailable") from None
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_forever(), name="token-usage")
+
+    async def close(self, *, flush_within: float = 2.0) -> None:
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(flush_within):
+                    await self.write_usage()
+        await self._stop_informers()
+
+    async def _stop_informers(self) -> None:
+        for informer in self.informers.values():
+            await informer.stop()
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.informers) and all(i.healthy for i in self.informers.values())
+
+    def flush(self) -> None:
+        """Nothing to do on the caller's clock: usage is written by this store's own task."""
+
+    # -- reading (memory only) --
+
+    @property
+    def shares(self) -> Mapping[str, ShareLink]:
+        return self._shares
+
+    @property
+    def api_tokens(self) -> Mapping[str, ApiToken]:
+        return self._tokens
+
+    def find_share(self, token: str) -> ShareLink | None:
+        return self._share_index.get(token_hash(token)) if token.startswith(SHARE_PREFIX) else None
+
+    def find_api_token(self, token: str) -> ApiToken | None:
+        record = self._token_index.get(token_hash(token)) if token.startswith(API_PREFIX) else None
+        if record is not None:
+            now = time.time()
+            self._count(API_TOKEN, record.id, now, uses=0)
+            record.last_used = now
+        return record
+
+    def use_share(self, link: ShareLink, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self._count(SHARE_LINK, link.id, now, uses=1)
+        obj = self._current(SHARE_LINK, link.id)
+        if obj is None:
+            return
+        usage = self._usage(SHARE_LINK, link.id, obj)
+        for known in (link, self._shares.get(link.id)):
+            if known is not None:
+                known.uses, known.last_used = usage.uses, usage.last_used
+
+    # -- writing (through the API) --
+
+    async def create_share(self, *, workspace: str, port: int | None, audience: str, people: list[str],
+                           created_by: str, ttl: float, now: float | None = None) -> tuple[ShareLink, str]:
+        client = self._require()
+        now = time.time() if now is None else now
+        for _ in range(3):
+            token = new_share_token()
+            link = ShareLink(id=new_id(), token_hash=token_hash(token), workspace=workspace, port=port,
+                             audience=audience, people=list(people), created_by=created_by, created=now,
+                             expires=now + ttl)
+            body = make_share_link(link)
+            created = await _call(lambda: client.create(SHARE_LINK, body), self._attempts)  # noqa: B023
+            if created is not None:
+                self._created[(SHARE_LINK, link.id)] = created
+                self._refresh(SHARE_LINK, link.id)
+                return self._shares.get(link.id, link), token
+        raise RuntimeError_("Could not pick an unused share link id; try again.", code="kubernetes-refused")
+
+    async def revoke_share(self, link: ShareLink, now: float | None = None) -> ShareLink:
+        if link.revoked is not None:
+            return link  # the first revocation stands
+        client = self._require()
+        now = time.time() if now is None else now
+        try:
+            patched = await _call(lambda: client.patch(SHARE_LINK, link.id, revoke_patch(now)), self._attempts)
+        except RuntimeError_ as exc:
+            if isinstance(exc.__cause__, KubeError) and exc.__cause__.status == 404:
+                raise NotFound("There is no such share link.", code="share-not-found") from None
+            raise
+        self._revoked[link.id] = now
+        if (SHARE_LINK, link.id) in self._created:
+            self._created[(SHARE_LINK, link.id)] = patched
+        self._refresh(SHARE_LINK, link.id)
+        current = self._shares.get(link.id)
+        if current is None:
+            link.revoked = now
+            return link
+        return current
+
+    async def create_api_token(self, identity: Identity, *, name: str) -> tuple[ApiToken, str]:
+        client = self._require()
+        record, created, token = await create_api_token(client, identity, name=name, attempts=self._attempts)
+        self._created[(API_TOKEN, record.id)] = created
+        self._refresh(API_TOKEN, record.id)
+        return self._tokens.get(record.id, record), token
+
+    async def revoke_api_token(self, record: ApiToken) -> None:
+        client = self._require()
+        await _call(lambda: client.delete(API_TOKEN, record.id), self._attempts)  # False (404) = already gone
+        self._deleted.add(record.id)
+        self._refresh(API_TOKEN, record.id)
+
+    def _require(self) -> KubeClient:
+        if self.client is None:
+            raise RuntimeError_("The token store has not started.", code="kubernetes-unavailable")
+        return self.client
+
+    # -- the index --
+
+    def _on_change(self, kind: Kind) -> Callable[[str, Obj], None]:
+        def changed(event: str, obj: Obj) -> None:
+            name = str(obj["metadata"]["name"])
+            if event == "DELETED":
+                self._created.pop((kind, name), None)
+                self._counted.pop((kind, name), None)
+                self._revoked.pop(name, None)
+                self._deleted.discard(name)
+            self._refresh(kind, name)
+        return changed
+
+    def _current(self, kind: Kind, name: str) -> Obj | None:
+        informer = self.informers.get(kind)
+        cached = informer.get(name) if informer is not None else None
+        if cached is not None:
+            self._created.pop((kind, name), None)
+            return cached
+        return self._created.get((kind, name))
+
+    def _usage(self, kind: Kind, name: str, obj: Obj) -> Usage:
+        usages = usage_by_replica(obj)
+        mine = self._counted.get((kind, name))
+        if mine is not None:
+            seen = usages.get(self.identity, Usage())
+            times = [t for t in (seen.last_used, mine.last_used) if t is not None]
+            usages[self.identity] = Usage(max(seen.uses, mine.uses), max(times) if times else None)
+        return total_usage(usages)
+
+    def _refresh(self, kind: Kind, name: str) -> None:
+        """Re-derive one entry of the index from the cache and what this replica wrote."""
+        obj = self._current(kind, name)
+        if kind is SHARE_LINK:
+            old_link = self._shares.pop(name, None)
+            if old_link is not None:
+                self._share_index.pop(old_link.token_hash, None)
+            link = parse_share_link(obj) if obj is not None else None
+            if link is None or obj is None:
+                return
+            if link.revoked is not None:
+                self._revoked.pop(name, None)
+            else:
+                link.revoked = self._revoked.get(name)
+            usage = self._usage(kind, name, obj)
+            link.uses, link.last_used = usage.uses, usage.last_used
+            self._shares[name] = link
+            self._share_index[link.token_hash] = link
+        else:
+            old_token = self._tokens.pop(name, None)
+            if old_token is not None:
+                self._token_index.pop(old_token.token_hash, None)
+            record = parse_api_token(obj) if obj is not None and name not in self._deleted else None
+            if record is None or obj is None:
+                return
+            record.last_used = self._usage(kind, name, obj).last_used
+            self._tokens[name] = record
+            self._token_index[record.token_hash] = record
+
+    # -- usage, written in batches --
+
+    def _count(self, kind: Kind, name: str, now: float, *, uses: int) -> None:
+        key = (kind, name)
+        mine = self._counted.get(key)
+        if mine is None:
+            # Continue what this identity wrote before (a restarted process): the entry holds absolute values.
+            obj = self._current(kind, name)
+            seen = usage_by_replica(obj).get(self.identity, Usage()) if obj is not None else Usage()
+            mine = self._counted[key] = _Counted(seen.uses, seen.last_used)
+        mine.uses += uses
+        mine.last_used = max(mine.last_used or now, now)
+        mine.version += 1
+        self._dirty.set()
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(self.interval)  # at most one write per link per interval from this replica
+            await self.write_usage()
+
+    async def write_usage(self) -> None:
+        """Write every entry with uses the API has not seen yet; a failure is retried at the next interval."""
+        self._dirty.clear()
+        client = self.client
+        if client is None:
+            return
+        for (kind, name), mine in list(self._counted.items()):
+            version = mine.version
+            if mine.written == version or mine.last_used is None:
+                continue
+            patch = usage_patch(self.identity, mine.last_used, mine.uses if kind is SHARE_LINK else None)
+            try:
+                await client.patch(kind, name, patch, subresource="status")
+            except KubeError as exc:
+                if exc.status == 404:  # deleted meanwhile: nothing to count on
+                    self._counted.pop((kind, name), None)
+                    continue
+                log.warning("could not record the use of %s %s (will retry): %s", kind.kind, name, exc)
+                self._dirty.set()
+                continue
+            mine.written = version
+            self.writes += 1

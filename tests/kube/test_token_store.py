@@ -1,0 +1,279 @@
+"""Share links and API tokens on Kubernetes: several gateway replicas (build_app with ``runtime: kubernetes``, each
+with its own ApiClient) against one emulated API, sharing nothing else but the signing keys.
+
+"At once" means: on the replica that made the change, before its answer returns; on the others, when their watch
+delivers the change, which the tests wait for with a bounded wait (``until``) and never with a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway import cli
+from gateway.app import build_app
+from gateway.auth.identity import Identity
+from gateway.auth.store import ApiToken, ShareLink, token_hash
+from gateway.config import Config
+from gateway.context import GATEWAY, Gateway
+from gateway.lifecycle.kubernetes.objects import (
+    make_api_token,
+    make_share_link,
+    parse_api_token,
+    parse_share_link,
+    usage_patch,
+)
+from gateway.lifecycle.kubernetes.tokens import KubeTokenStore
+from tests.kube.emulator import API_TOKEN, SHARE_LINK, WORKSPACE, KubeEnv
+from tests.kube.support import NS, kube_settings, until
+
+pytestmark = pytest.mark.timeout(60)
+
+Client = TestClient[web.Request, web.Application]
+HUB = "localhost:8080"
+PREVIEW = "8000-w1.localhost:8080"
+MakeReplica = Callable[[str], Awaitable[Client]]
+
+
+@pytest.fixture
+async def replica(kube: KubeEnv, aiohttp_client: Any, tmp_path: Path) -> MakeReplica:
+    """A gateway replica named ``identity``; all share one signing-keys file (the Secret) and nothing else."""
+    kube.emulator.create_object(WORKSPACE, {"metadata": {"name": "w1"},
+                                            "spec": {"owner": "alice", "ports": {"8000": "private"}}}, NS)
+
+    async def make(identity: str) -> Client:
+        settings = kube_settings(kube.url, identity=identity, usage_interval=0.1).model_dump(mode="json")
+        config = Config.model_validate({"runtime": "kubernetes", "kubernetes": settings,
+                                        "local": {"state_dir": str(tmp_path / "shared")}})
+        client: Client = await aiohttp_client(build_app(config))
+        assert isinstance(client.app[GATEWAY].auth.store, KubeTokenStore)
+        return client
+
+    return make
+
+
+def gateway(client: Client) -> Gateway:
+    return client.app[GATEWAY]
+
+
+def store(client: Client) -> KubeTokenStore:
+    found = client.app[GATEWAY].auth.store
+    assert isinstance(found, KubeTokenStore)
+    return found
+
+
+async def alice_token(client: Client) -> str:
+    _, token = await store(client).create_api_token(Identity("alice", "alice@corp.test", (), "alice"), name="t")
+    return token
+
+
+async def api(client: Client, method: str, path: str, token: str, body: Any = None) -> tuple[int, Any]:
+    response = await client.request(method, path, json=body, headers={
+        "Host": HUB, "Accept": "application/json", "Authorization": f"Bearer {token}"})
+    return response.status, await response.json()
+
+
+async def open_share(client: Client, token: str) -> tuple[int, str]:
+    """A browser following a share URL: 303 (token leaves the URL, cookie set) when the link is good."""
+    response = await client.get(f"/?codehub_share={token}", allow_redirects=False,
+                                headers={"Host": PREVIEW, "Accept": "application/json"})
+    code = "" if response.status == 303 else (await response.json())["error"]["code"]
+    return response.status, code
+
+
+async def test_a_link_made_on_one_replica_opens_on_another_and_a_revocation_reaches_both(
+        kube: KubeEnv, replica: MakeReplica) -> None:
+    a, b = await replica("gw-a"), await replica("gw-b")
+    token = await alice_token(a)
+    status, link = await api(a, "POST", "/api/v1/workspaces/w1/shares", token, {"port": 8000})
+    assert status == 201, link
+    assert await open_share(a, link["token"]) == (303, "")  # the replica that made it: at once
+
+    await until(lambda: link["id"] in store(b).shares)  # the other: once its watch delivers the new object
+    assert await open_share(b, link["token"]) == (303, "")
+
+    stored = kube.emulator.get_object(SHARE_LINK, NS, link["id"])
+    assert stored is not None
+    assert stored["spec"]["tokenHash"] == token_hash(link["token"])
+    assert link["token"] not in json.dumps(stored)  # only the hash is ever written
+
+    await until(lambda: token_hash(token) in {t.token_hash for t in store(b).api_tokens.values()})
+    status, revoked = await api(b, "DELETE", f"/api/v1/workspaces/w1/shares/{link['id']}", token)
+    assert status == 200
+    assert revoked["active"] is False
+    assert await open_share(b, link["token"]) == (403, "share-revoked")  # the revoking replica: at once
+
+    await until(lambda: store(a).shares[link["id"]].revoked is not None, within=5)
+    assert await open_share(a, link["token"]) == (403, "share-revoked")
+    assert await open_share(a, "chs_not-a-link") == (401, "share-invalid")
+    assert "revoked" in (kube.emulator.get_object(SHARE_LINK, NS, link["id"]) or {})["spec"]
+
+
+async def test_use_counts_from_every_replica_add_up_and_the_newest_use_wins(
+        kube: KubeEnv, replica: MakeReplica) -> None:
+    a, b = await replica("gw-a"), await replica("gw-b")
+    token = await alice_token(a)
+    _, link = await api(a, "POST", "/api/v1/workspaces/w1/shares", token, {"port": 8000})
+    await until(lambda: link["id"] in store(b).shares)
+    for _ in range(3):
+        assert (await open_share(a, link["token"]))[0] == 303
+    before_b = time.time()
+    for _ in range(2):
+        assert (await open_share(b, link["token"]))[0] == 303
+
+    def replicas() -> dict[str, Any]:
+        obj = kube.emulator.get_object(SHARE_LINK, NS, link["id"]) or {}
+        return dict((obj.get("status") or {}).get("replicas") or {})
+
+    await until(lambda: {name: entry.get("uses") for name, entry in replicas().items()} == {"gw-a": 3, "gw-b": 2})
+
+    def listed(client: Client) -> ShareLink:
+        return store(client).shares[link["id"]]
+
+    await until(lambda: listed(a).uses == 5 and listed(b).uses == 5)
+    assert (listed(a).last_used or 0) >= before_b
+    assert listed(a).last_used == pytest.approx(listed(b).last_used, abs=1e-5)  # written with microseconds
+    status, body = await api(a, "GET", "/api/v1/workspaces/w1/shares", token)
+    assert status == 200
+    (shown,) = body["shares"]
+    assert shown["uses"] == 5
+    assert shown["last_used"] == listed(a).last_used
+    writes = store(a).writes + store(b).writes
+    assert writes <= 6, "uses are written in batches, not once per request"
+
+
+async def test_a_replaced_replica_keeps_links_tokens_and_counts(kube: KubeEnv, replica: MakeReplica) -> None:
+    a = await replica("gw-a")
+    token = await alice_token(a)
+    _, link = await api(a, "POST", "/api/v1/workspaces/w1/shares", token, {"port": 8000})
+    for _ in range(2):
+        assert (await open_share(a, link["token"]))[0] == 303
+    await a.close()  # shutdown writes the uses it still had in memory
+
+    again = await replica("gw-a")  # the same pod name (a container restart) continues its own count
+    assert await open_share(again, link["token"]) == (303, "")
+    status, body = await api(again, "GET", "/api/v1/workspaces/w1/shares", token)
+    assert status == 200
+    assert body["shares"][0]["uses"] == 3
+    await again.close()
+
+    other = await replica("gw-c")  # a new pod: everything is in the API, nothing in the old pod
+    assert await open_share(other, link["token"]) == (303, "")
+    await until(lambda: store(other).shares[link["id"]].uses == 4)
+    status, tokens = await api(other, "GET", "/api/v1/tokens", token)
+    assert status == 200
+    assert [t["name"] for t in tokens["tokens"]] == ["t"]
+
+
+async def test_api_tokens_are_shared_and_revoked_everywhere(kube: KubeEnv, replica: MakeReplica) -> None:
+    a, b = await replica("gw-a"), await replica("gw-b")
+    seed = await alice_token(a)
+    status, made = await api(a, "POST", "/api/v1/tokens", seed, {"name": "ci"})
+    assert status == 201
+    assert made["token"] not in json.dumps(kube.emulator.list_objects(API_TOKEN, NS))
+    assert (await api(a, "GET", "/api/v1/tokens", made["token"]))[0] == 200
+
+    await until(lambda: made["id"] in store(b).api_tokens)
+    status, listed = await api(b, "GET", "/api/v1/tokens", made["token"])
+    assert status == 200
+    assert {t["name"] for t in listed["tokens"]} == {"t", "ci"}
+
+    def last_used_by(replica_name: str) -> Any:
+        obj = kube.emulator.get_object(API_TOKEN, NS, made["id"]) or {}
+        return ((obj.get("status") or {}).get("replicas") or {}).get(replica_name, {}).get("lastUsed")
+
+    await until(lambda: last_used_by("gw-a") is not None and last_used_by("gw-b") is not None)
+
+    status, _ = await api(b, "DELETE", f"/api/v1/tokens/{made['id']}", seed)
+    assert status == 200
+    status, refused = await api(b, "GET", "/api/v1/tokens", made["token"])  # the revoking replica: at once
+    assert (status, refused["error"]["code"]) == (401, "token-invalid")
+    assert kube.emulator.get_object(API_TOKEN, NS, made["id"]) is None
+    await until(lambda: made["id"] not in store(a).api_tokens)
+    assert (await api(a, "GET", "/api/v1/tokens", made["token"]))[0] == 401
+    assert (await api(a, "GET", "/api/v1/tokens", seed))[0] == 200
+
+
+async def test_the_cli_issues_tokens_into_the_cluster(
+        kube: KubeEnv, replica: MakeReplica, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = await replica("gw-a")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"runtime": "kubernetes", "kubernetes": {"api_url": kube.url, "namespace": NS}}))
+    argv = ["token", "issue", "--user", "ops", "--groups", "admins", "--name", "deploy", "--config", str(config)]
+    assert await asyncio.to_thread(cli.main, argv) == 0  # the CLI runs its own event loop
+    out, err = capsys.readouterr()
+    token = out.strip()
+    assert token.startswith("chk_")
+    assert f"in namespace {NS}" in err
+    await until(lambda: token_hash(token) in {t.token_hash for t in store(a).api_tokens.values()})
+    status, body = await api(a, "GET", "/api/v1/tokens", token)
+    assert status == 200
+    assert [t["name"] for t in body["tokens"]] == ["deploy"]
+
+
+async def test_changes_fail_clearly_while_the_api_refuses(kube: KubeEnv, replica: MakeReplica) -> None:
+    a = await replica("gw-a")
+    token = await alice_token(a)
+    kube.emulator.fail("post", SHARE_LINK, status=403, reason="Forbidden", message="RBAC says no")
+    status, body = await api(a, "POST", "/api/v1/workspaces/w1/shares", token, {"port": 8000})
+    assert (status, body["error"]["code"]) == (503, "kubernetes-refused")
+    assert store(a).shares == {}
+
+
+# -- the resources as pure data --
+
+LINK = ShareLink(id="abc123def456", token_hash="f" * 64, workspace="w1", port=8000, audience="people",
+                 people=["bob", "group:qa"], created_by="alice", created=1_800_000_000.0,
+                 expires=1_800_003_600.5)
+
+
+def test_a_share_link_resource_round_trips() -> None:
+    obj = make_share_link(LINK)
+    assert obj == {
+        "apiVersion": "codehub.dev/v1alpha1", "kind": "ShareLink",
+        "metadata": {"name": "abc123def456", "labels": {"app.kubernetes.io/managed-by": "codehub-gateway",
+                                                        "codehub.dev/workspace": "w1"}},
+        "spec": {"workspace": "w1", "audience": "people", "people": ["bob", "group:qa"], "createdBy": "alice",
+                 "expires": "2027-01-15T09:00:00.500000Z", "tokenHash": "f" * 64, "port": 8000},
+    }
+    obj["metadata"]["creationTimestamp"] = "2027-01-15T08:00:00Z"
+    obj["status"] = {"replicas": {"gw-a": {"uses": 3, "lastUsed": "2027-01-15T08:10:00Z"},
+                                  "gw-b": {"uses": 2, "lastUsed": "2027-01-15T08:20:00Z"},
+                                  "gw-c": "nonsense"}}
+    parsed = parse_share_link(obj)
+    assert parsed == ShareLink(**{**LINK.__dict__, "uses": 5, "last_used": 1_800_001_200.0})
+
+
+@pytest.mark.parametrize("change", [
+    {"tokenHash": ""}, {"workspace": None}, {"expires": "soon"}, {"audience": "everyone"}, {"port": 0},
+    {"port": "8000"},
+])
+def test_a_malformed_share_link_grants_nothing(change: dict[str, Any]) -> None:
+    obj = make_share_link(LINK)
+    obj["spec"].update(change)
+    assert parse_share_link(obj) is None
+
+
+def test_an_api_token_resource_round_trips_and_usage_patches_are_per_replica() -> None:
+    identity = Identity("alice", "alice@corp.test", ("qa",), "ci", (("team", "web"),))  # name: the token's
+    record = ApiToken(id="0a1b2c3d4e5f", token_hash="e" * 64, subject="alice", name="ci", created=0.0,
+                      email="alice@corp.test", groups=["qa"], attributes={"team": "web"})
+    obj = make_api_token(record)
+    assert obj["spec"] == {"subject": "alice", "email": "alice@corp.test", "groups": ["qa"],
+                           "attributes": {"team": "web"}, "name": "ci", "tokenHash": "e" * 64}
+    parsed = parse_api_token(obj)
+    assert parsed == record
+    assert parsed.identity() == identity
+    assert usage_patch("gw-a", 1_800_000_000.0, 7) == {
+        "status": {"replicas": {"gw-a": {"lastUsed": "2027-01-15T08:00:00.000000Z", "uses": 7}}}}
+    assert usage_patch("gw-b", 1_800_000_000.0) == {
+        "status": {"replicas": {"gw-b": {"lastUsed": "2027-01-15T08:00:00.000000Z"}}}}

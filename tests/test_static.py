@@ -1,0 +1,24 @@
+"""The code base stays lint-clean and type-checked (mypy --strict on the package), as the style guide asks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          check=False)
+
+
+def test_ruff_finds_nothing() -> None:
+    result = _run("ruff", "check", "--output-format", "concise", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_strict_finds_nothing_in_the_package() -> None:
+    result = _run("mypy", "gateway")
+    assert result.returncode == 0, result.stdout + result.stderr
