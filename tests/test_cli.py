@@ -19,7 +19,7 @@ from gateway import cli
 from gateway.app import build_app
 from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet
-from gateway.auth.store import TokenStore
+from gateway.auth.store import FileTokenStore
 from gateway.context import GATEWAY
 from tests.conftest import next_address, settings, workspace
 from tests.peers.idp.fixture import free_loopback_port
@@ -112,7 +112,7 @@ def test_token_issue_writes_a_token_the_store_accepts(tmp_path: Path) -> None:
     result = run("token", "issue", "--config", str(config), "--user", "alice", "--groups", "dev,ops")
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()
-    record = TokenStore(tmp_path / "state" / "tokens.json").find_api_token(token)
+    record = FileTokenStore(tmp_path / "state" / "tokens.json").find_api_token(token)
     assert record is not None
     assert (record.subject, record.groups) == ("alice", ["dev", "ops"])
 
@@ -136,8 +136,8 @@ async def hub(tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    _record, token = app[GATEWAY].auth.store.create_api_token(Identity("alice"), name="cli-test")
     try:
+        _record, token = await app[GATEWAY].auth.store.create_api_token(Identity("alice"), name="cli-test")
         yield f"http://localhost:{port}", token
     finally:
         await runner.cleanup()
