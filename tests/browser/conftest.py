@@ -14,9 +14,7 @@ import contextlib
 import itertools
 import json
 import os
-import shutil
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,8 +127,7 @@ class Browser:
 
 @pytest.fixture
 async def browser(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: run .ci/install-browser.sh")
+    require_peer(Path(CHROMIUM), "run .ci/install-browser.sh")
     async with async_playwright() as playwright:
         launcher = Browser(playwright, tmp_path / "chromium")
         try:
@@ -209,8 +206,7 @@ MakeStack = Callable[..., Awaitable[Stack]]
 
 @pytest.fixture
 async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
-    if not (REPO / "node_modules" / "oidc-provider").is_dir():
-        pytest.fail(f"npm peers are missing: run `npm ci` in {REPO}")
+    require_peer(REPO / "node_modules" / "oidc-provider", f"run `npm ci` in {REPO}")
     stacks: list[tuple[Stack, web.AppRunner, contextlib.AsyncExitStack]] = []
 
     async def make(workspaces: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any] | None = None) -> Stack:
@@ -321,18 +317,3 @@ async def other_origin() -> AsyncIterator[OtherOrigin]:
 def require_peer(path: Path, how: str) -> None:
     if not path.exists():
         pytest.fail(f"{path} is missing: {how}")
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what: str, every: float = 0.1) -> None:
-    """Poll ``check`` until it is true, or fail after ``timeout`` seconds naming ``what``."""
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(every)
-
-
-def copy_tree(source: Path, target: Path) -> None:
-    shutil.copytree(source, target, dirs_exist_ok=True)
