@@ -135,7 +135,7 @@ async def browser(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         finally:
             if _failed(request.node):
                 ARTIFACTS.mkdir(parents=True, exist_ok=True)
-                pages = [page for context in launcher.contexts for page in context.pages]
+                pages = [page for context in launcher.contexts for page in context.pages if page.url != "about:blank"]
                 for index, page in enumerate(pages):
                     with contextlib.suppress(Exception):
                         await page.screenshot(path=str(ARTIFACTS / f"{request.node.name}-failed-{index}.png"),
@@ -162,8 +162,8 @@ async def idp_sign_in(page: Page, idp: IdP, login: str) -> None:
     async with page.expect_navigation():
         await page.locator("button[type=submit]").click()
     if page.url.startswith(idp.issuer) and await page.locator("input[name=prompt][value=consent]").count():
-        async with page.expect_navigation():
-            await page.locator("button[type=submit]").click()
+        # No waiting for a load here: a sign-in popup may close itself as soon as the IdP lets it go.
+        await page.locator("button[type=submit]").click()
 
 
 # ---------------------------------------------------------------------------------------------------- gateway
@@ -281,6 +281,9 @@ async def _other_origin(request: web.Request) -> web.StreamResponse:
         src = request.query["src"]
         title = {"review": "Review tool: merge request !42", "evil": "Some other site"}.get(host, host)
         body = _FRAME_PAGE.format(title=title, src=src.replace('"', "&quot;"))
+        return web.Response(text=body, content_type="text/html")
+    if request.path == "/snippet":  # a review comment holding an embed snippet as the API returned it
+        body = f'<!doctype html><h1 id="heading">Review tool: comment with a preview</h1>{request.query["html"]}'
         return web.Response(text=body, content_type="text/html")
     if request.path == "/link":
         href = request.query["href"].replace('"', "&quot;")
