@@ -177,6 +177,8 @@ class Stack:
     idp: IdP
     app: web.Application
     policy_file: Path
+    responses: list[tuple[str, str, str, int]] = field(default_factory=list)
+    """(method, host, path, status) of every response the gateway sent, in order."""
 
     @property
     def gateway(self) -> Gateway:
@@ -229,6 +231,12 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
                       "workspaces": {name: {"address": next_address(), **ws} for name, ws in workspaces.items()}},
         })
         app = build_app(config)
+        responses: list[tuple[str, str, str, int]] = []
+
+        async def record(request: web.Request, response: web.StreamResponse) -> None:
+            responses.append((request.method, request.host, request.path, response.status))
+
+        app.on_response_prepare.append(record)
         runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0)
         await runner.setup()
         try:
@@ -237,7 +245,7 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
             await runner.cleanup()
             await exits.aclose()
             raise
-        stack = Stack(port, idp, app, policy_file)
+        stack = Stack(port, idp, app, policy_file, responses)
         stacks.append((stack, runner, exits))
         return stack
 

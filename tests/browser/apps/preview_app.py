@@ -29,14 +29,15 @@ FRONT = """<!doctype html><html><head><meta charset="utf-8"><title>front end</ti
 <p>Calling <code id="api"></code> with credentials:</p>
 <pre id="result">pending</pre>
 <script>
-window.callApi = async () => {{
+// ``attempt`` names an extra request header: a new name misses the browser's preflight cache.
+window.callApi = async (attempt = "1") => {{
   const api = location.protocol + "//" + location.host.replace(/^\\d+-/, "8000-") + "/api/whoami";
   document.getElementById("api").textContent = api;
   const out = document.getElementById("result");
   try {{
     const response = await fetch(api, {{
       method: "POST", credentials: "include",
-      headers: {{ "Content-Type": "application/json", "X-Requested-By": "front" }},
+      headers: {{ "Content-Type": "application/json", ["X-Attempt-" + attempt]: "yes" }},
       body: JSON.stringify({{ hello: "api" }}),
     }});
     const data = await response.json();
