@@ -36,6 +36,15 @@ async def test_click_private_share_url_signs_in_and_lands_on_it(
     assert ("codehub_session", "localhost") in cookies
     await screenshot(page, "1-sign-in-back-on-clicked-url")
 
+    # The gateway's error pages, as a signed-in user meets them: no such workspace (404), light and dark.
+    response = await page.goto(stack.share_url("nope", 3000, "/"))
+    assert response is not None
+    assert response.status == 404
+    assert await page.locator("h1").text_content() == "Not found"
+    await screenshot(page, "1-error-page-404-light")
+    await page.emulate_media(color_scheme="dark")
+    await screenshot(page, "1-error-page-404-dark")
+
 
 def _quote(url: str) -> str:
     from urllib.parse import quote
