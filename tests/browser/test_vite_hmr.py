@@ -59,9 +59,9 @@ async def test_vite_hmr_through_share_url(browser: Browser, make_stack: MakeStac
     await page.wait_for_url(stack.share_url("ws3", 5173, "/"))  # the token is gone from the URL
     await page.wait_for_function("document.getElementById('msg')?.textContent === 'Hello from Vite, version 1'",
                                  timeout=30_000)
+    await asyncio.wait_for(connected.wait(), 15)  # vite's client said hello over the relayed WebSocket
     hmr = [s for s in sockets if s.url.startswith("ws://5173-ws3.localhost:")]
     assert hmr, [s.url for s in sockets]
-    await asyncio.wait_for(connected.wait(), 10)  # vite's client said hello over the relayed WebSocket
     await page.evaluate("window.__marker = 'same page'")
     loads: list[str] = []
     page.on("load", lambda _: loads.append(page.url))
