@@ -16,6 +16,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from playwright.async_api import Page, Response
 
+from gateway.auth.identity import Identity
 from tests.browser.conftest import Browser, MakeStack, OtherOrigin, Stack, app_command, idp_sign_in, screenshot
 
 
@@ -82,7 +83,7 @@ async def _third_party_cookies_are_blocked(page: Page, other_origin: OtherOrigin
 
 
 async def _other_site_cannot_frame(stack: Stack, new_page: object, other_origin: OtherOrigin, preview: str) -> None:
-    _link, token = stack.gateway.auth.store.create_share(
+    _link, token = await stack.gateway.auth.store.create_share(
         workspace="ws4", port=3000, audience="anyone", people=[], created_by="alice", ttl=3600)
     for name, src in (("private", preview), ("share-link", stack.share_url("ws4", 3000, f"/?codehub_share={token}"))):
         page: Page = await new_page()  # type: ignore[operator]
@@ -99,8 +100,8 @@ async def _other_site_cannot_frame(stack: Stack, new_page: object, other_origin:
 
 async def _share_snippet_renders(stack: Stack, browser: Browser, other_origin: OtherOrigin) -> None:
     """The owner creates a share link through the API; its iframe snippet works for someone never signed in."""
-    _record, api_token = stack.gateway.auth.store.create_api_token(subject="alice", email="alice@example.com",
-                                                                   groups=[], name="e2e")
+    alice = Identity("alice", "alice@example.com", (), "alice")
+    _record, api_token = await stack.gateway.auth.store.create_api_token(alice, name="e2e")
     async with aiohttp.ClientSession() as http, http.post(
         f"http://127.0.0.1:{stack.port}/api/v1/workspaces/ws4/shares",
         json={"port": 3000, "audience": "anyone", "ttl": "1h"},

@@ -36,7 +36,7 @@ async def test_vite_hmr_through_share_url(browser: Browser, make_stack: MakeStac
     (project / "message.js").write_text('export const message = "Hello from Vite, version 1";\n')
     command = [str(VITE), str(project), "--host", "{host}", "--port", "5173", "--strictPort", "--clearScreen", "false"]
     stack = await make_stack({"ws3": {"owner": "alice", "command": command, "ports": {5173: "private"}}})
-    _link, token = stack.gateway.auth.store.create_share(
+    _link, token = await stack.gateway.auth.store.create_share(
         workspace="ws3", port=5173, audience="anyone", people=[], created_by="alice", ttl=3600)
 
     context = await browser.launch(third_party_cookies=False)
