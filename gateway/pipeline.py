@@ -17,7 +17,7 @@ from gateway.auth.authenticate import Credentials, authenticate, sign_in_redirec
 from gateway.auth.handlers import preview_callback, preview_popup
 from gateway.auth.identity import Identity
 from gateway.context import Gateway
-from gateway.errors import Forbidden, NotFound
+from gateway.errors import Forbidden, GatewayError, NotFound, Redirect
 from gateway.lifecycle import Phase, WorkspaceState
 from gateway.pages import wants_html
 from gateway.policy import Decision, Reason, decide, denial, may_wake
@@ -163,12 +163,35 @@ def _preflight(request: web.Request, gateway: Gateway, target: Target, state: Wo
     return web.Response(status=204, headers=headers)
 
 
+def _refusal_cors(request: web.Request, gateway: Gateway, target: Target) -> dict[str, str]:
+    """CORS headers for the gateway's own refusals (401, 403, 503…) to an origin the port's rule admits, so a
+    front end can read why its call failed (e.g. "sign in on the API host") instead of an opaque network error."""
+    origin = request.headers.get("Origin")
+    state = gateway.runtime.get(target.workspace) if target.workspace is not None else None
+    rule = cors.rule_for(gateway.policy, target.port) if target.port is not None else None
+    if not origin or state is None or rule is None or rule.mode != "replace":
+        return {}
+    if not cors.origin_allowed(rule, origin, state.spec, gateway.hosts, _owner_of(gateway)):
+        return {}
+    return cors.response_headers(rule, origin)
+
+
 async def serve_workspace(request: web.Request, target: Target, gateway: Gateway) -> web.StreamResponse:
+    try:
+        return await _serve_workspace(request, target, gateway)
+    except GatewayError as exc:
+        if target.kind is Kind.PREVIEW and not isinstance(exc, Redirect):
+            exc.headers.update(_refusal_cors(request, gateway, target))
+        raise
+
+
+async def _serve_workspace(request: web.Request, target: Target, gateway: Gateway) -> web.StreamResponse:
     state = _workspace(gateway, target)
-    if target.kind is Kind.PREVIEW and cors.is_preflight(request.method, request.headers):
-        answer = _preflight(request, gateway, target, state)
-        if answer is not None:
-            return answer
+    preflight = target.kind is Kind.PREVIEW and cors.is_preflight(request.method, request.headers)
+    if preflight and (answer := _preflight(request, gateway, target, state)) is not None:
+        return answer
+    if preflight and target.port is not None and cors.rule_for(gateway.policy, target.port) is not None:
+        # passthru: the app answers its own preflights, which never carry credentials.
         credentials = Credentials(None, None, None, False, target.path)
     else:
         credentials = _check(request, gateway, target, state)

@@ -1,0 +1,52 @@
+"""Scenario 1: signed out, click a private share URL pasted in chat → real OIDC sign-in in the browser → back on
+exactly the clicked URL (path and query) showing the app, as the signed-in owner.
+
+The workspace is asleep (WARM) when the link is clicked, so the route also passes the waiting page once."""
+
+from __future__ import annotations
+
+from tests.browser.conftest import Browser, MakeStack, OtherOrigin, app_command, idp_sign_in, screenshot
+
+
+async def test_click_private_share_url_signs_in_and_lands_on_it(
+    browser: Browser, make_stack: MakeStack, other_origin: OtherOrigin
+) -> None:
+    stack = await make_stack({"ws1": {"owner": "alice", "command": app_command(3000), "ports": {3000: "private"}}})
+    clicked = stack.share_url("ws1", 3000, "/reports/q3?sort=desc&filter=a%20b#top")
+    context = await browser.launch(third_party_cookies=False)
+    page = await context.new_page()
+
+    await page.goto(other_origin.url("chat", f"/link?href={_quote(clicked)}"))
+    async with page.expect_navigation():
+        await page.locator("#link").click()
+    # Signed out: the preview host sends the browser to the hub, the hub to the IdP's login form.
+    await idp_sign_in(page, stack.idp, "alice")
+
+    await page.wait_for_url(clicked.partition("#")[0] + "*")
+    await page.locator("#app").wait_for()
+    # Path and query survive the round trip byte for byte. The fragment does not: browsers carry it across
+    # redirects but drop it at the IdP's form POST, and no server ever sees it.
+    assert page.url == clicked.partition("#")[0]
+    assert await page.locator("#path").text_content() == "/reports/q3?sort=desc&filter=a%20b"
+    assert await page.locator("#app").text_content() == "App of ws1 on port 3000"
+    assert await page.locator("#user").text_content() == "alice"
+    # The hand-off left nothing in the URL and the session is a host-only cookie on the preview host.
+    cookies = {(c["name"], c["domain"]) for c in await context.cookies()}
+    assert ("codehub_session", "3000-ws1.localhost") in cookies
+    assert ("codehub_session", "localhost") in cookies
+    await screenshot(page, "1-sign-in-back-on-clicked-url")
+
+    # The gateway's error pages, as a signed-in user meets them: no such workspace (404), light and dark.
+    response = await page.goto(stack.share_url("nope", 3000, "/"))
+    assert response is not None
+    assert response.status == 404
+    assert await page.locator("h1").text_content() == "Not found"
+    await screenshot(page, "1-error-page-404-light")
+    await page.emulate_media(color_scheme="dark")
+    await screenshot(page, "1-error-page-404-dark")
+
+
+def _quote(url: str) -> str:
+    from urllib.parse import quote
+
+    return quote(url, safe="")
