@@ -33,7 +33,7 @@ from gateway.lifecycle.local import LocalRuntime
 from gateway.metrics import Metrics
 from gateway.pages import error_response, internal_error
 from gateway.pipeline import is_websocket, serve_reserved, serve_workspace
-from gateway.policy import PolicyHolder
+from gateway.policy import PolicyHolder, decide, denial
 from gateway.proxy.upstream import make_session
 from gateway.routing import Hosts, Kind, route
 from gateway.wake import WakeLimits, Waker, stream_progress
@@ -118,10 +118,14 @@ async def home(request: web.Request) -> dict[str, object]:
 
 
 async def ide_wake_events(request: web.Request) -> web.StreamResponse:
+    """The IDE's waiting page follows its wake here; only those who may open the IDE may watch (or start) it."""
     gateway = request.app[GATEWAY]
     state = gateway.runtime.get(request.match_info["workspace"])
     if state is None:
         raise NotFound("There is no workspace with that name.", code="workspace-not-found")
+    decision = decide(gateway.policy, state.spec, None, hub_identity(request, gateway))
+    if not decision.allow:
+        raise denial(decision)
     return await stream_progress(request, gateway.waker, state, state.spec.ide_port)
 
 

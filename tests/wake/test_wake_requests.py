@@ -238,3 +238,16 @@ async def test_running_workspace_with_nothing_on_the_port_says_so(make_gateway: 
     assert f"Nothing is listening on port {empty_port}" in html
     assert re.search(r'<meta http-equiv="refresh" content="\d+">', html)
     assert page.headers["Retry-After"].isdigit()
+
+
+async def test_ide_wake_events_are_only_for_those_who_may_open_the_ide(make_gateway: MakeGateway) -> None:
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), ide_port=PORT)})
+    anonymous = await client.get("/_codehub/wake/ws/events", headers={"Host": "localhost:8080", **API})
+    stranger_cookie = gateway_of(client).auth.sessions.issue(Identity("mallory"), "localhost:8080")
+    headers = {"Host": "localhost:8080", "Cookie": f"codehub_session={stranger_cookie}", **API}
+    stranger = await client.get("/_codehub/wake/ws/events", headers=headers)
+
+    assert anonymous.status == 401
+    assert stranger.status == 403
+    assert (await stranger.json())["error"]["code"] == "ide-owner-only"
+    assert gateway_of(client).runtime.get("ws").phase is Phase.WARM  # type: ignore[union-attr]
