@@ -10,7 +10,7 @@ from aiohttp import web
 from gateway.errors import GatewayError, Redirect
 
 log = logging.getLogger(__name__)
-JSON_ONLY = "codehub.json_only"  # request key: this route answers in JSON only (the management API)
+JSON_ONLY = web.RequestKey("codehub_json_only", bool)  # this route answers in JSON only (the management API)
 
 
 def wants_html(request: web.BaseRequest) -> bool:

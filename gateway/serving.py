@@ -49,19 +49,9 @@ def configure_logging(level: str) -> None:
         access.propagate = False
 
 
-def new_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed, else asyncio's own loop. uvloop is not a dependency: on the shared 2-core bench
-    machine its gain was inside the noise (CPU per request, best of 5: 350 µs with it, 425 µs without)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def serve_app(app: web.Application, config: Config, *, reuse_port: bool = False) -> None:
     web.run_app(
-        app, loop=new_loop(), host=config.listen.host, port=config.listen.port, access_log_class=AccessLogger,
+        app, host=config.listen.host, port=config.listen.port, access_log_class=AccessLogger,
         access_log=logging.getLogger("codehub.access"), handler_cancellation=True,
         shutdown_timeout=config.timeouts.shutdown, print=None, reuse_port=reuse_port, backlog=BACKLOG,
     )

@@ -7,6 +7,7 @@ controls listens on the workspace's own loopback address, so the gateway's whole
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,14 @@ MakeGateway = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 MakeUpstream = Callable[[web.Application, str, int], Awaitable[TestServer]]
 
 
+_NETWORK = 10 + os.getpid() % 240
+
+
 def next_address() -> str:
-    """A loopback address no other test in this run uses, so ports never collide across tests."""
+    """A loopback address no other test uses, so ports never collide across tests (nor, as the second octet
+    follows the process id, across test runs side by side)."""
     n = next(_addresses)
-    return f"127.0.{n // 250}.{n % 250 + 2}"
+    return f"127.{_NETWORK}.{n // 250}.{n % 250 + 2}"
 
 
 def workspace(address: str, owner: str = "alice", **extra: Any) -> dict[str, Any]:
