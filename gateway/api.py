@@ -6,10 +6,11 @@ callers changing anything must come from the hub's own origin (CSRF). Errors are
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from html import escape
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -18,13 +19,15 @@ from gateway.auth.authenticate import SHARE_PARAM
 from gateway.auth.handlers import check_same_origin, hub_identity
 from gateway.auth.identity import Identity
 from gateway.auth.store import API_PREFIX, ShareLink
+from gateway.config import WORKSPACE_ID
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from gateway.lifecycle import WorkspaceState
+from gateway.lifecycle import WorkspaceSpec, WorkspaceState
 from gateway.pages import JSON_ONLY
 from gateway.policy import VISIBILITIES, Duration, Reason, decide, visibility
 
 _SAFE = ("GET", "HEAD", "OPTIONS")
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
@@ -41,6 +44,17 @@ class NewShare(_Body):
     audience: Literal["anyone", "org", "people"] = "anyone"
     people: list[str] = Field(default_factory=list)
     ttl: Duration | None = None
+
+
+class NewWorkspace(_Body):
+    id: str | None = Field(default=None, pattern=WORKSPACE_ID.pattern)
+    collaborators: list[str] = Field(default_factory=list)
+    ports: dict[Annotated[int, Field(ge=1, le=65535)], Literal["private", "org", "public"]] = Field(
+        default_factory=dict)
+
+
+class Collaborators(_Body):
+    collaborators: list[str]
 
 
 class NewToken(_Body):
@@ -126,6 +140,27 @@ async def get_workspace(request: web.Request) -> web.Response:
     identity = caller(request)
     state = _mine(request, identity)
     return web.json_response(workspace_view(request.app[GATEWAY], state, identity))
+
+
+async def create_workspace(request: web.Request) -> web.Response:
+    """A new workspace owned by the caller; without an id one is generated (not guessable, as DESIGN asks)."""
+    identity = caller(request)
+    gateway = request.app[GATEWAY]
+    new: NewWorkspace = await _body(request, NewWorkspace)
+    workspace_id = new.id or "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
+    spec = WorkspaceSpec(id=workspace_id, owner=identity.subject, collaborators=tuple(new.collaborators),
+                         ports=dict(new.ports))
+    state = await gateway.runtime.create(spec)
+    return web.json_response(workspace_view(gateway, state, identity), status=201)
+
+
+async def set_collaborators(request: web.Request) -> web.Response:
+    identity = caller(request)
+    state = _mine(request, identity, manage=True)
+    gateway = request.app[GATEWAY]
+    change: Collaborators = await _body(request, Collaborators)
+    state = await gateway.runtime.update(state.id, collaborators=tuple(change.collaborators))
+    return web.json_response(workspace_view(gateway, state, identity))
 
 
 async def set_port(request: web.Request) -> web.Response:
@@ -261,6 +296,8 @@ def add_routes(app: web.Application) -> None:
     routes: list[tuple[str, str, Handler]] = [
         ("GET", "/api/v1/me", me),
         ("GET", "/api/v1/workspaces", list_workspaces),
+        ("POST", "/api/v1/workspaces", create_workspace),
+        ("PUT", "/api/v1/workspaces/{workspace}/collaborators", set_collaborators),
         ("GET", "/api/v1/workspaces/{workspace}", get_workspace),
         ("GET", "/api/v1/workspaces/{workspace}/status", status),
         ("POST", "/api/v1/workspaces/{workspace}/{action:wake|stop|archive}", lifecycle),

@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, MethodNotAllowed
 
 
 class Phase(enum.StrEnum):
@@ -174,6 +174,11 @@ class Runtime(abc.ABC):
     def is_leader(self) -> bool:
         """Whether this replica runs cluster-wide chores (the idle reaper); a lone gateway always does."""
         return True
+
+    async def create(self, spec: WorkspaceSpec) -> WorkspaceState:
+        """Create a workspace through the API; runtimes whose workspaces are declared elsewhere refuse."""
+        raise MethodNotAllowed("Workspaces of this gateway are declared in its configuration file, not created "
+                               "through the API.", code="workspaces-are-configured")
 
     def listening_ports(self, workspace: str) -> set[int] | None:
         """Ports the workspace is listening on, where the runtime can see them cheaply; None if it cannot."""

@@ -279,3 +279,15 @@ async def test_hub_page(served: Served, make_browser: MakeBrowser) -> None:
     assert 'data-ws="ws1"' in page.text
     assert 'class="visibility"' not in page.text, "collaborators see visibility but cannot change it"
     assert "data-share=" not in page.text
+
+
+async def test_local_workspaces_are_declared_not_created(served: Served, make_browser: MakeBrowser) -> None:
+    alice = await user(make_browser, served, "alice")
+    page = await call(alice, "POST", "/api/v1/workspaces", {"id": "newone"})
+    assert page.status == 405
+    assert page.json()["error"]["code"] == "workspaces-are-configured"
+    bob = await user(make_browser, served, "bob")
+    assert (await call(bob, "PUT", "/api/v1/workspaces/ws1/collaborators", {"collaborators": []})).status == 403
+    changed = await call(alice, "PUT", "/api/v1/workspaces/ws1/collaborators", {"collaborators": ["carol"]})
+    assert changed.status == 200
+    assert changed.json()["collaborators"] == ["carol"]

@@ -3,6 +3,7 @@ emulated API, a fake kubelet giving the pod a loopback IP, and real aiohttp serv
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.activity import Activity, IdleTimers, reap_once
 from gateway.app import build_app
+from gateway.auth.identity import Identity
 from gateway.config import Config
 from gateway.context import GATEWAY
 from gateway.lifecycle import Phase
@@ -106,3 +108,36 @@ async def test_the_reaper_on_the_leader_sees_activity_from_other_replicas(
 
     await reap_once(leader, Activity(clock=lambda: later + 60, shared=leader), timers, Metrics())
     assert leader.get("w1").phase is Phase.WARM  # type: ignore[union-attr]
+
+
+async def test_the_management_api_creates_and_shares_workspaces(
+        kube: KubeEnv, aiohttp_client: Any, tmp_path: Path) -> None:
+    emu = kube.emulator
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(gateway_config(kube, tmp_path)))
+    gateway = client.app[GATEWAY]
+    _record, token = await gateway.auth.store.create_api_token(Identity("alice"), name="test")
+    bearer = {"Host": "localhost:8080", "Authorization": f"Bearer {token}"}
+
+    named = await client.post("/api/v1/workspaces", json={"id": "demo2", "ports": {"3000": "org"}}, headers=bearer)
+    assert named.status == 201, await named.text()
+    assert (await named.json())["owner"] == "alice"
+    resource = emu.get_object(WORKSPACE, NS, "demo2")
+    assert resource["spec"]["owner"] == "alice"
+    assert resource["spec"]["ports"] == {"3000": "org"}
+
+    generated = await client.post("/api/v1/workspaces", json={}, headers=bearer)
+    assert generated.status == 201
+    new_id = (await generated.json())["id"]
+    assert re.fullmatch(r"[a-z0-9]{12}", new_id)
+    assert emu.get_object(WORKSPACE, NS, new_id)["spec"]["owner"] == "alice"
+
+    shared = await client.put("/api/v1/workspaces/demo2/collaborators", json={"collaborators": ["bob"]},
+                              headers=bearer)
+    assert shared.status == 200
+    assert emu.get_object(WORKSPACE, NS, "demo2")["spec"]["collaborators"] == ["bob"]
+
+    _other, mallory = await gateway.auth.store.create_api_token(Identity("mallory"), name="test")
+    taken = await client.post("/api/v1/workspaces", json={"id": "demo2"},
+                              headers={**bearer, "Authorization": f"Bearer {mallory}"})
+    assert taken.status == 409
+    assert (await taken.json())["error"]["code"] == "workspace-exists"

@@ -291,6 +291,9 @@ class KubernetesRuntime(Runtime):
             created = existing
         return await self._until_cached(spec.id, created)
 
+    async def create(self, spec: WorkspaceSpec) -> WorkspaceState:
+        return await self.create_workspace(spec)
+
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
                      collaborators: tuple[str, ...] | None = None) -> WorkspaceState:
         current = self.view.resource(workspace)
