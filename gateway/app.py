@@ -180,7 +180,8 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     app = web.Application(middlewares=[front_door], handler_args={"auto_decompress": False})
     app[GATEWAY] = gateway
     app[REAPS] = reap
-    aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway", "templates"), autoescape=True)
+    templates = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway", "templates"), autoescape=True)
+    templates.globals["hub_url"] = hosts.hub_url("/")
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", home)
