@@ -34,7 +34,7 @@ from gateway.metrics import Metrics
 from gateway.pages import error_response, internal_error
 from gateway.pipeline import is_websocket, serve_reserved, serve_workspace
 from gateway.policy import PolicyHolder, decide, denial
-from gateway.proxy.upstream import make_session
+from gateway.proxy.upstream import make_pool, make_session
 from gateway.routing import Hosts, Kind, route
 from gateway.wake import WakeLimits, Waker, stream_progress
 
@@ -196,6 +196,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
 async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
     gateway._session = make_session(gateway.config.timeouts)
+    gateway._pool = make_pool(gateway.config.timeouts)
     if gateway.config.auth.oidc is not None:
         gateway.auth.oidc = OidcClient(gateway.config.auth.oidc, gateway.session)
     await gateway.runtime.start()
@@ -222,6 +223,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
         await gateway.waker.close()
         await gateway.runtime.close()
         await gateway.session.close()
+        gateway.pool.close()
 
 
 async def _watch_files(gateway: Gateway, every: float = 2.0) -> None:

@@ -17,6 +17,7 @@ from gateway.config import Config
 from gateway.lifecycle import Runtime
 from gateway.metrics import Metrics
 from gateway.policy import Policy, PolicyHolder
+from gateway.proxy.pool import UpstreamPool
 from gateway.routing import Hosts
 from gateway.wake import Waker
 
@@ -45,6 +46,7 @@ class Gateway:
     activity: Activity = field(default_factory=Activity)
     trusted_proxies: tuple[IPNetwork, ...] = ()
     _session: aiohttp.ClientSession | None = None
+    _pool: UpstreamPool | None = None
 
     @property
     def policy(self) -> Policy:
@@ -54,6 +56,11 @@ class Gateway:
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "the upstream pool opens when the app starts"
         return self._session
+
+    @property
+    def pool(self) -> UpstreamPool:
+        assert self._pool is not None, "the upstream pool opens when the app starts"
+        return self._pool
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

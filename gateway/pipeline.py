@@ -217,7 +217,7 @@ async def _serve_workspace(request: web.Request, target: Target, gateway: Gatewa
         if is_websocket(request):
             return await _relay(request, gateway, upstream, credentials.path, headers, grace)
         rules = _response_rules(request, gateway, target, state) if target.kind is Kind.PREVIEW else HUB_RULES
-        return await proxy_http(request, gateway.session, upstream, credentials.path, headers,
+        return await proxy_http(request, gateway.pool, upstream, credentials.path, headers,
                                 metrics=gateway.metrics, connect_grace=grace, rules=rules)
 
 

@@ -1,4 +1,4 @@
-"""The pooled client side of the proxy: one keep-alive connection pool for every upstream."""
+"""The client side of the proxy: where an upstream is, how connects are retried, the pools that reach it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from gateway.config import Timeouts
+from gateway.proxy.pool import UpstreamPool
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,16 +54,22 @@ class ConnectGrace:
         self._deadline = time.monotonic() + seconds
         self._delay = 0.02
 
-    async def again(self, exc: aiohttp.ClientConnectorError) -> bool:
-        if exc.os_error.errno != errno.ECONNREFUSED or time.monotonic() + self._delay > self._deadline:
+    async def again(self, exc: OSError) -> bool:
+        if exc.errno != errno.ECONNREFUSED or time.monotonic() + self._delay > self._deadline:
             return False
         await asyncio.sleep(self._delay)
         self._delay = min(self._delay * 2, 0.25)
         return True
 
 
+def make_pool(timeouts: Timeouts) -> UpstreamPool:
+    """The keep-alive pool plain HTTP requests are proxied through."""
+    return UpstreamPool(connect_timeout=timeouts.connect, read_timeout=timeouts.read, keepalive=30.0)
+
+
 def make_session(timeouts: Timeouts) -> aiohttp.ClientSession:
-    """Bodies pass through untouched (no decompression), no cookies are kept, connections are reused."""
+    """For WebSockets and the gateway's own calls: bodies pass through untouched (no decompression), no cookies
+    are kept, connections are reused."""
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, use_dns_cache=False, enable_cleanup_closed=False)
     return aiohttp.ClientSession(
         connector=connector,

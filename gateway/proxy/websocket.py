@@ -81,8 +81,8 @@ async def relay_websocket(
             remote = await _connect(session, url, headers, offered_protocols(request), max_message, upstream)
             break
         except aiohttp.ClientConnectorError as exc:
-            if not await grace.again(exc):
-                raise refused(upstream, exc, metrics) from exc
+            if not await grace.again(exc.os_error):
+                raise refused(upstream, exc.os_error, metrics) from exc
     local = web.WebSocketResponse(
         protocols=(remote.protocol,) if remote.protocol else (), autoping=True, compress=False,
         max_msg_size=max_message, heartbeat=heartbeat,
