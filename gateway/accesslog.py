@@ -20,9 +20,18 @@ from gateway.routing import Target
 
 TARGET = web.RequestKey("codehub_target", Target)
 USER = web.RequestKey("codehub_user", str)
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps with options builds an encoder per call
 
 
 class AccessLogger(AbstractAccessLogger):
+    """One per connection (aiohttp's choice). Lines go straight to the access logger's ``BufferedLineHandler``
+    when it has one (``serve`` sets that up): a ``LogRecord`` and the handler chain per request cost more than
+    the line itself."""
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)
+        self._sink = next((handler for handler in logger.handlers if isinstance(handler, BufferedLineHandler)), None)
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_taken: float) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
             return
@@ -41,9 +50,11 @@ class AccessLogger(AbstractAccessLogger):
             "port": target.port if target else None,
             "user": request.get(USER),
         }
-        line = json.dumps(record, separators=(",", ":"))
-        # Straight to the handlers: Logger.info would also walk the stack to find the caller, per request.
-        self.logger.handle(logging.LogRecord(self.logger.name, logging.INFO, __file__, 0, line, None, None))
+        line = _ENCODE(record)
+        if self._sink is not None:
+            self._sink.write_line(line)
+        else:  # straight to the handlers: Logger.info would also walk the stack to find the caller
+            self.logger.handle(logging.LogRecord(self.logger.name, logging.INFO, __file__, 0, line, None, None))
 
 
 class BufferedLineHandler(logging.Handler):
@@ -67,6 +78,9 @@ class BufferedLineHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
+        self.write_line(line)
+
+    def write_line(self, line: str) -> None:
         self._lines.append(line)
         self._pending += len(line) + 1
         if self._pending >= self._limit:

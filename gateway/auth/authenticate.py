@@ -14,7 +14,7 @@ from aiohttp import web
 from yarl import URL
 
 from gateway.auth.identity import Identity
-from gateway.auth.sessions import Sessions, cookie_name, is_embedded, set_cookie
+from gateway.auth.sessions import Sessions, cookie_name, is_embedded, read_cookie, set_cookie
 from gateway.auth.store import API_PREFIX, SHARE_PREFIX, ShareLink, TokenStore
 from gateway.errors import Forbidden, GatewayError, Redirect, Unauthorized
 from gateway.policy import Grant
@@ -123,12 +123,12 @@ def authenticate(request: web.BaseRequest, path: str, host: str, *, sessions: Se
             identity = record.identity()
             consumed = True
     if identity is None:
-        session = request.cookies.get(cookie_name(SESSION, secure))
+        session = read_cookie(request.headers, cookie_name(SESSION, secure))
         if session:
             identity = sessions.read(session, host)
     stale = None
     if link is None and preview:
-        claims = sessions.read_state(request.cookies.get(cookie_name(SHARE, secure)), host)
+        claims = sessions.read_state(read_cookie(request.headers, cookie_name(SHARE, secure)), host)
         candidate = store.shares.get(str(claims.get("share"))) if claims else None
         if candidate is not None and candidate.active(now):
             link = candidate

@@ -11,7 +11,7 @@ from yarl import URL
 from gateway.auth.authenticate import HANDOFF, SESSION, safe_next
 from gateway.auth.identity import Identity
 from gateway.auth.oidc import Pkce, SignInFailed
-from gateway.auth.sessions import cookie_name, is_embedded, set_cookie
+from gateway.auth.sessions import cookie_name, is_embedded, read_cookie, set_cookie
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import BadRequest, Forbidden, GatewayError, Redirect
 from gateway.routing import Kind, normalise_host, route
@@ -21,7 +21,7 @@ _LOGIN_TTL = 600
 
 
 def hub_identity(request: web.BaseRequest, gateway: Gateway) -> Identity | None:
-    token = request.cookies.get(cookie_name(SESSION, gateway.config.secure))
+    token = read_cookie(request.headers, cookie_name(SESSION, gateway.config.secure))
     return gateway.auth.sessions.read(token, gateway.hosts.hub) if token else None
 
 
@@ -67,7 +67,8 @@ async def login(request: web.Request) -> web.StreamResponse:
 async def callback(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     secure = gateway.config.secure
-    saved = gateway.auth.sessions.read_state(request.cookies.get(cookie_name(LOGIN, secure)), gateway.hosts.hub)
+    login = read_cookie(request.headers, cookie_name(LOGIN, secure))
+    saved = gateway.auth.sessions.read_state(login, gateway.hosts.hub)
     if saved is None or not secrets.compare_digest(str(saved.get("state")), request.query.get("state", "")):
         raise BadRequest("This sign-in has expired or was started elsewhere. Open the page you wanted again.",
                          code="sign-in-state-mismatch")
@@ -142,7 +143,7 @@ async def preview_callback(request: web.Request, gateway: Gateway, host: str, *,
     secure = gateway.config.secure
     embedded = is_embedded(request.headers)
     identity = gateway.auth.sessions.redeem_code(
-        request.query.get("code", ""), host, request.cookies.get(cookie_name(HANDOFF, secure))
+        request.query.get("code", ""), host, read_cookie(request.headers, cookie_name(HANDOFF, secure))
     )
     token = gateway.auth.sessions.issue(identity, host)
     session = set_cookie(cookie_name(SESSION, secure), token, max_age=int(gateway.auth.sessions.ttl), secure=secure,

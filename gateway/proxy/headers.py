@@ -10,37 +10,29 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import CIMultiDict, CIMultiDictProxy
 
-HOP_BY_HOP = frozenset(
-    istr(name)
-    for name in (
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    )
-)
-FORWARDING = frozenset(
-    istr(name) for name in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix",
-                            "x-forwarded-port", "x-real-ip", "forwarded")
-)
-IDENTITY = frozenset(
-    istr(name) for name in ("x-forwarded-user", "x-forwarded-email", "x-forwarded-groups",
-                            "x-forwarded-preferred-username", "x-codehub-assertion", "x-auth-request-user",
-                            "x-auth-request-email", "remote-user")
-)
+# Lower-case names: a header's ``name.lower()`` is looked up in these sets (``istr`` would not make that
+# membership case-blind).
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade",
+})
+FORWARDING = frozenset({
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix", "x-forwarded-port",
+    "x-real-ip", "forwarded",
+})
+IDENTITY = frozenset({
+    "x-forwarded-user", "x-forwarded-email", "x-forwarded-groups", "x-forwarded-preferred-username",
+    "x-codehub-assertion", "x-auth-request-user", "x-auth-request-email", "remote-user",
+})
 COOKIE_PREFIXES = ("__Host-codehub", "codehub_")
-_WEBSOCKET_HANDSHAKE = frozenset(
-    istr(name) for name in ("sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-                            "sec-websocket-protocol", "sec-websocket-accept")
-)
+_WEBSOCKET_HANDSHAKE = frozenset({
+    "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol",
+    "sec-websocket-accept",
+})
+_NOT_UPSTREAM = HOP_BY_HOP | _WEBSOCKET_HANDSHAKE | FORWARDING | IDENTITY | {"expect", "host", "content-length"}
+"""Never passed upstream as the client sent them (the gateway sets its own where needed)."""
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 
 
@@ -103,32 +95,44 @@ def upstream_request_headers(
     strip_authorization: bool = False,
     identity: Mapping[str, str] | None = None,
 ) -> CIMultiDict[str]:
-    """The headers an upstream sees: cleaned, with the gateway's forwarding and identity headers set."""
-    out = strip_hop_by_hop(headers)
-    for name in ("expect", "host", "content-length"):
-        out.popall(name, None)
+    """The headers an upstream sees: cleaned, with the gateway's forwarding and identity headers set.
+
+    One pass over the client's headers: this runs for every proxied request."""
+    named = _named_in_connection(headers) if "connection" in headers else ()
+    out: CIMultiDict[str] = CIMultiDict()
+    cookies: list[str] = []
+    chain: list[str] = []
+    scheme = public_host = ""
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in named:
+            continue
+        if lower in _NOT_UPSTREAM:
+            if client.trusted:
+                if lower == "x-forwarded-for":
+                    chain.append(value)
+                elif lower == "x-forwarded-proto":
+                    scheme = scheme or value
+                elif lower == "x-forwarded-host":
+                    public_host = public_host or value
+            continue
+        if lower == "cookie":
+            if kept := strip_gateway_cookies(value):
+                cookies.append(kept)
+        elif lower != "authorization" or not strip_authorization:
+            out.add(name, value)
     if "content-length" in headers and "transfer-encoding" not in headers:
         out["Content-Length"] = headers["content-length"]
-    for name in IDENTITY:
-        out.popall(name, None)
-    if strip_authorization:
-        out.popall("authorization", None)
-    cookies = [strip_gateway_cookies(value) for value in out.popall("cookie", ())]
-    if any(cookies):
-        out["Cookie"] = "; ".join(cookie for cookie in cookies if cookie)
-    trusted_chain = ", ".join(out.getall("x-forwarded-for", ())) if client.trusted else None
-    scheme = (out.get("x-forwarded-proto") if client.trusted else None) or client.scheme
-    public_host = (out.get("x-forwarded-host") if client.trusted else None) or client.public_host
-    for name in FORWARDING:
-        out.popall(name, None)
-    out["X-Forwarded-For"] = f"{trusted_chain}, {client.peer}" if trusted_chain else client.peer
-    out["X-Forwarded-Proto"] = scheme
-    out["X-Forwarded-Host"] = public_host
+    if cookies:
+        out["Cookie"] = "; ".join(cookies)
+    out["X-Forwarded-For"] = f"{', '.join(chain)}, {client.peer}" if chain else client.peer
+    out["X-Forwarded-Proto"] = scheme or client.scheme
+    out["X-Forwarded-Host"] = public_host or client.public_host
     if prefix:
         out["X-Forwarded-Prefix"] = prefix
     out["Host"] = upstream_host
-    for name, value in (identity or {}).items():
-        out[name] = value
+    if identity:
+        out.extend(identity)
     return out
 
 
@@ -177,22 +181,31 @@ def downstream_response_headers(
     """The headers a client sees from an upstream response, after hygiene and rewriting.
 
     ``replace`` headers are set by the gateway (framing policy, CORS answers); with ``drop_cors`` every upstream
-    ``Access-Control-*`` header goes first, so answers are replaced, never merged.
+    ``Access-Control-*`` header goes first, so answers are replaced, never merged. ``Vary`` is the exception: the
+    gateway's ``Vary: Origin`` joins the app's, or caches would mix up the app's variants.
     """
-    out = strip_hop_by_hop(headers, keep_websocket=keep_websocket)
-    if drop_cors:
-        for name in [name for name in out if name.lower().startswith("access-control-")]:
-            out.popall(name, None)
-    if drop_frame_options:
-        out.popall("x-frame-options", None)
-    if "location" in out:
-        out["Location"] = rewrite_location(out["location"], upstream_origins, public_origin, prefix)
-    cookies = out.popall("set-cookie", ())
+    named = _named_in_connection(headers) if "connection" in headers else ()
+    out: CIMultiDict[str] = CIMultiDict()
+    cookies: list[str] = []
+    located = False
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in named or (not keep_websocket and lower in _WEBSOCKET_HANDSHAKE):
+            continue
+        if lower == "set-cookie":
+            if allowed_set_cookie(value, public_host):
+                cookies.append(value)
+        elif lower == "location":
+            if not located:
+                out.add(name, rewrite_location(value, upstream_origins, public_origin, prefix))
+                located = True
+        elif not ((drop_cors and lower.startswith("access-control-"))
+                  or (drop_frame_options and lower == "x-frame-options")):
+            out.add(name, value)
     for cookie in cookies:
-        if allowed_set_cookie(cookie, public_host):
-            out.add("Set-Cookie", cookie)
+        out.add("Set-Cookie", cookie)
     for name, value in (replace or {}).items():
-        if name.lower() == "content-security-policy":
+        if name.lower() in ("content-security-policy", "vary"):
             out.add(name, value)
         else:
             out[name] = value

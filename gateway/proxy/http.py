@@ -12,6 +12,8 @@ from gateway.errors import BadGateway, GatewayTimeout
 from gateway.metrics import Metrics
 from gateway.proxy.headers import ResponseRules, downstream_response_headers
 from gateway.proxy.pool import (
+    REPLAYABLE_METHODS,
+    ClosedUnanswered,
     ConnectFailed,
     ConnectTimeout,
     ReadTimeout,
@@ -58,14 +60,18 @@ async def proxy_http(
     ``connect_grace``: how long refused connects are retried (see ``ConnectGrace``); ``rules``: what policy
     changes on the response (framing, CORS)."""
     grace = ConnectGrace(connect_grace)
+    body = request.content if request.body_exists else None
     while True:
         try:
-            answer, exchange = await pool.request(upstream.host, upstream.port, request.method, path, headers,
-                                                  request.content if request.body_exists else None)
+            answer, exchange = await pool.request(upstream.host, upstream.port, request.method, path, headers, body)
         except ConnectFailed as exc:
             if not await grace.again(exc.os_error):
                 raise refused(upstream, exc.os_error, metrics) from exc
             continue
+        except ClosedUnanswered as exc:
+            if body is None and request.method in REPLAYABLE_METHODS and await grace.wait():
+                continue
+            raise _broken_off(upstream, exc) from exc
         except ConnectTimeout as exc:
             metrics.upstream_errors.labels("timeout").inc()
             raise _timeout(upstream) from exc

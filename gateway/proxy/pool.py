@@ -20,7 +20,7 @@ from aiohttp import StreamReader
 from multidict import CIMultiDict
 
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT", "DELETE"})
-_REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _READ_LIMIT = 1 << 16
 """Body bytes buffered per connection before reading from the upstream pauses (the client is slower)."""
 
@@ -47,6 +47,11 @@ class ReadTimeout(UpstreamError):
 
 class BrokenOff(UpstreamError):
     """The connection closed, or the upstream sent something that is not HTTP, before the answer was whole."""
+
+
+class ClosedUnanswered(BrokenOff):
+    """The connection closed before a single byte of the answer: a dev server going from a throwaway listener to
+    its real one can do that to a connection its old listener had queued."""
 
 
 class Response:
@@ -126,7 +131,8 @@ class _Connection(asyncio.Protocol):
         if not self._done and self._head is not None and self._reads_to_eof():
             self._done = True  # a body delimited by the connection's end
         if not self._done:
-            self._fail(BrokenOff("the upstream closed the connection"))
+            self._fail(BrokenOff("the upstream closed the connection") if self.received
+                       else ClosedUnanswered("the upstream closed the connection without answering"))
         self._wake()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
@@ -302,7 +308,7 @@ class UpstreamPool:
         if chunked:
             headers["Transfer-Encoding"] = "chunked"
         head = encode_head(method, target, headers)
-        replayable = body is None and method in _REPLAYABLE_METHODS
+        replayable = body is None and method in REPLAYABLE_METHODS
         while True:
             conn, reused = self._take(key)
             if conn is None:

@@ -55,7 +55,12 @@ class ConnectGrace:
         self._delay = 0.02
 
     async def again(self, exc: OSError) -> bool:
-        if exc.errno != errno.ECONNREFUSED or time.monotonic() + self._delay > self._deadline:
+        """After a failed connect: wait and say True when it is worth another try."""
+        return exc.errno == errno.ECONNREFUSED and await self.wait()
+
+    async def wait(self) -> bool:
+        """Back off before the next try; False once the grace is spent."""
+        if time.monotonic() + self._delay > self._deadline:
             return False
         await asyncio.sleep(self._delay)
         self._delay = min(self._delay * 2, 0.25)
