@@ -3,13 +3,14 @@ route → authenticate → authorize → ensure awake → proxy → record activ
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
 from collections.abc import Callable
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import cors
 from gateway.accesslog import USER
@@ -21,7 +22,7 @@ from gateway.errors import Forbidden, GatewayError, NotFound, Redirect
 from gateway.lifecycle import Phase, WorkspaceState
 from gateway.pages import wants_html
 from gateway.policy import Decision, Reason, decide, denial, may_wake
-from gateway.proxy.headers import ClientFacts, ResponseRules, upstream_request_headers
+from gateway.proxy.headers import ClientFacts, Headers, ResponseRules, upstream_request_headers
 from gateway.proxy.http import proxy_http
 from gateway.proxy.upstream import WAKE_CONNECT_GRACE, Upstream
 from gateway.proxy.websocket import relay_websocket
@@ -37,13 +38,15 @@ def is_websocket(request: web.BaseRequest) -> bool:
     return request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
 
 
-def client_facts(request: web.BaseRequest, gateway: Gateway) -> ClientFacts:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    address = peer[0] if peer else "0.0.0.0"
+def peer_address(transport: asyncio.BaseTransport | None) -> str:
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return peer[0] if peer else "0.0.0.0"
+
+
+def client_facts(peer: str, headers: Headers, gateway: Gateway) -> ClientFacts:
     trusted = bool(gateway.trusted_proxies) and any(
-        ipaddress.ip_address(address) in network for network in gateway.trusted_proxies)
-    return ClientFacts(peer=address, scheme=gateway.hosts.scheme, public_host=request.headers.get("Host", ""),
-                       trusted=trusted)
+        ipaddress.ip_address(peer) in network for network in gateway.trusted_proxies)
+    return ClientFacts(peer=peer, scheme=gateway.hosts.scheme, public_host=headers.get("Host", ""), trusted=trusted)
 
 
 def _workspace(gateway: Gateway, target: Target) -> WorkspaceState:
@@ -54,10 +57,25 @@ def _workspace(gateway: Gateway, target: Target) -> WorkspaceState:
     return state
 
 
-def _host(request: web.BaseRequest, gateway: Gateway) -> str:
-    host = normalise_host(request.headers.get("Host", ""), gateway.hosts.scheme)
+def _host(headers: Headers, gateway: Gateway) -> str:
+    host = normalise_host(headers.get("Host", ""), gateway.hosts.scheme)
     assert host is not None, "routing accepted the host"
     return host
+
+
+def authorize(gateway: Gateway, target: Target, state: WorkspaceState, method: str,
+              headers: CIMultiDictProxy[str]) -> tuple[Credentials, Decision]:
+    """Who is calling and whether they may (and, when it sleeps, may wake it): the one decision both lanes use.
+    Recording it (``record``) is the caller's, once it acts on it."""
+    preview = target.kind is not Kind.IDE
+    auth = gateway.auth
+    credentials = authenticate(method, headers, target.path, _host(headers, gateway), sessions=auth.sessions,
+                               store=auth.store, secure=gateway.config.secure, preview=preview)
+    decision = decide(gateway.policy, state.spec, target.port if preview else None, credentials.identity,
+                      credentials.grant)
+    if decision.allow and state.phase is not Phase.RUNNING:
+        decision = may_wake(gateway.policy, decision)
+    return credentials, decision
 
 
 def _check(request: web.Request, gateway: Gateway, target: Target, state: WorkspaceState) -> Credentials:
@@ -65,15 +83,8 @@ def _check(request: web.Request, gateway: Gateway, target: Target, state: Worksp
     preview = target.kind is not Kind.IDE
     if not preview and is_websocket(request):
         _check_websocket_origin(request, gateway)  # before anything else: a hijack attempt must not even wake it
-    host = _host(request, gateway)
-    auth = gateway.auth
-    credentials = authenticate(request, target.path, host, sessions=auth.sessions, store=auth.store,
-                               secure=gateway.config.secure, preview=preview)
-    decision = decide(gateway.policy, state.spec, target.port if preview else None, credentials.identity,
-                      credentials.grant)
-    if decision.allow and state.phase is not Phase.RUNNING:
-        decision = may_wake(gateway.policy, decision)
-    _record(gateway, target, credentials.identity, decision)
+    credentials, decision = authorize(gateway, target, state, request.method, request.headers)
+    record(gateway, target, credentials.identity, decision)
     if credentials.identity is not None:
         request[USER] = credentials.identity.subject
     if decision.allow:
@@ -92,7 +103,7 @@ def _check(request: web.Request, gateway: Gateway, target: Target, state: Worksp
     raise error
 
 
-def _record(gateway: Gateway, target: Target, identity: Identity | None, decision: Decision) -> None:
+def record(gateway: Gateway, target: Target, identity: Identity | None, decision: Decision) -> None:
     gateway.metrics.decision(decision.allow, decision.reason.value)
     if not decision.allow:
         log.info("deny %s port %s for %s: %s (%s)", target.workspace, target.port,
@@ -117,7 +128,7 @@ async def serve_reserved(request: web.Request, target: Target, gateway: Gateway)
         assert target.port is not None
         rule = cors.rule_for(gateway.policy, target.port)
         cross_site = rule is not None and rule.mode == "replace" and rule.allow_credentials
-        return await preview_callback(request, gateway, _host(request, gateway), cross_site=cross_site)
+        return await preview_callback(request, gateway, _host(request.headers, gateway), cross_site=cross_site)
     if path == "/_codehub/auth/popup":
         return await preview_popup(request)
     state = _workspace(gateway, target)
@@ -128,14 +139,15 @@ async def serve_reserved(request: web.Request, target: Target, gateway: Gateway)
     raise NotFound("There is nothing at this address.", code="no-route")
 
 
-def _response_rules(request: web.Request, gateway: Gateway, target: Target,
-                    state: WorkspaceState) -> ResponseRules:
+def response_rules(headers: Headers, gateway: Gateway, target: Target, state: WorkspaceState) -> ResponseRules:
     """Framing policy on every preview response; CORS answers where the port's rule replaces the app's."""
+    if target.kind is not Kind.PREVIEW:
+        return HUB_RULES
     policy = gateway.policy
     replace = {"Content-Security-Policy": cors.frame_ancestors(policy)}
     rule = cors.rule_for(policy, target.port) if target.port is not None else None
     drop_cors = rule is not None and rule.mode == "replace"
-    origin = request.headers.get("Origin")
+    origin = headers.get("Origin")
     if drop_cors and rule is not None and origin and cors.origin_allowed(rule, origin, state.spec, gateway.hosts,
                                                                          _owner_of(gateway)):
         replace.update(cors.response_headers(rule, origin))
@@ -195,30 +207,49 @@ async def _serve_workspace(request: web.Request, target: Target, gateway: Gatewa
         credentials = Credentials(None, None, None, False, target.path)
     else:
         credentials = _check(request, gateway, target, state)
-    port = target.port if target.kind is Kind.PREVIEW else state.spec.ide_port
-    assert port is not None
+    port = upstream_port(target, state)
     held = state.phase is not Phase.RUNNING or gateway.waker.busy(state.id, port)
     state = await gateway.waker.ensure_awake(request, state, port)
     grace = WAKE_CONNECT_GRACE if held else 0.0
+    facts = client_facts(peer_address(request.transport), request.headers, gateway)
+    upstream, headers = forward(gateway, target, state, port, credentials, request.headers, facts)
+    # In use for as long as a request or WebSocket is open (a long poll or SSE feed keeps its workspace awake).
+    with in_use(gateway, state, credentials.identity):
+        if is_websocket(request):
+            return await _relay(request, gateway, upstream, credentials.path, headers, grace)
+        return await proxy_http(request, gateway.pool, upstream, credentials.path, headers, metrics=gateway.metrics,
+                                connect_grace=grace, rules=response_rules(request.headers, gateway, target, state))
+
+
+def upstream_port(target: Target, state: WorkspaceState) -> int:
+    port = target.port if target.kind is Kind.PREVIEW else state.spec.ide_port
+    assert port is not None
+    return port
+
+
+def forward(gateway: Gateway, target: Target, state: WorkspaceState, port: int, credentials: Credentials,
+            headers: Headers, facts: ClientFacts) -> tuple[Upstream, CIMultiDict[str]]:
+    """Where an allowed request goes, and the headers it goes with."""
     assert state.address is not None
     if target.kind is Kind.IDE:
         public_origin, prefix = gateway.hosts.hub_url(""), f"/w/{state.id}"
     else:
         public_origin, prefix = gateway.hosts.share_url(state.id, port, ""), ""
     upstream = Upstream(state.id, state.address, port, public_origin, prefix)
-    headers = upstream_request_headers(
-        request.headers, client_facts(request, gateway), upstream_host=upstream.host_header, prefix=prefix or None,
+    sent = upstream_request_headers(
+        headers, facts, upstream_host=upstream.host_header, prefix=prefix or None,
         strip_authorization=credentials.consumed_authorization,
         identity=_identity_headers(gateway, credentials.identity, public_origin),
     )
-    keeps_awake = gateway.policy.wake.visitors_keep_awake or _is_member(gateway, state, credentials.identity)
-    # In use for as long as a request or WebSocket is open (a long poll or SSE feed keeps its workspace awake).
-    with gateway.activity.connection(state.id) if keeps_awake else contextlib.nullcontext():
-        if is_websocket(request):
-            return await _relay(request, gateway, upstream, credentials.path, headers, grace)
-        rules = _response_rules(request, gateway, target, state) if target.kind is Kind.PREVIEW else HUB_RULES
-        return await proxy_http(request, gateway.pool, upstream, credentials.path, headers,
-                                metrics=gateway.metrics, connect_grace=grace, rules=rules)
+    return upstream, sent
+
+
+def in_use(gateway: Gateway, state: WorkspaceState,
+           identity: Identity | None) -> contextlib.AbstractContextManager[None]:
+    """Visitors keep a workspace awake unless the policy says only its members do."""
+    if gateway.policy.wake.visitors_keep_awake or _is_member(gateway, state, identity):
+        return gateway.activity.connection(state.id)
+    return contextlib.nullcontext()
 
 
 def _is_member(gateway: Gateway, state: WorkspaceState, identity: Identity | None) -> bool:

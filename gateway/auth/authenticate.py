@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from aiohttp import web
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from gateway.auth.identity import Identity
@@ -93,8 +94,8 @@ def grant_of(link: ShareLink) -> Grant:
     return Grant(link.id, link.workspace, link.port, link.audience, tuple(link.people))  # type: ignore[arg-type]
 
 
-def authenticate(request: web.BaseRequest, path: str, host: str, *, sessions: Sessions, store: TokenStore,
-                 secure: bool, preview: bool) -> Credentials:
+def authenticate(method: str, headers: CIMultiDictProxy[str], path: str, host: str, *, sessions: Sessions,
+                 store: TokenStore, secure: bool, preview: bool) -> Credentials:
     now = time.time()
     identity: Identity | None = None
     link: ShareLink | None = None
@@ -103,13 +104,13 @@ def authenticate(request: web.BaseRequest, path: str, host: str, *, sessions: Se
     if share_token is not None and preview:
         link = _check_link(store.find_share(share_token), now)
         store.use_share(link, now)
-        if request.method in ("GET", "HEAD"):
+        if method in ("GET", "HEAD"):
             lifetime = int(link.expires - now)
             value = sessions.sign_state({"share": link.id}, host, lifetime)
             cookie = set_cookie(cookie_name(SHARE, secure), value, max_age=lifetime, secure=secure,
-                                embedded=is_embedded(request.headers))
+                                embedded=is_embedded(headers))
             raise Redirect(path, cookies=(cookie,))
-    authorization = request.headers.get("Authorization", "")
+    authorization = headers.get("Authorization", "")
     if authorization[:7].lower() == "bearer ":
         token = authorization[7:].strip()
         if token.startswith(SHARE_PREFIX) and preview:
@@ -123,12 +124,12 @@ def authenticate(request: web.BaseRequest, path: str, host: str, *, sessions: Se
             identity = record.identity()
             consumed = True
     if identity is None:
-        session = read_cookie(request.headers, cookie_name(SESSION, secure))
+        session = read_cookie(headers, cookie_name(SESSION, secure))
         if session:
             identity = sessions.read(session, host)
     stale = None
     if link is None and preview:
-        claims = sessions.read_state(read_cookie(request.headers, cookie_name(SHARE, secure)), host)
+        claims = sessions.read_state(read_cookie(headers, cookie_name(SHARE, secure)), host)
         candidate = store.shares.get(str(claims.get("share"))) if claims else None
         if candidate is not None and candidate.active(now):
             link = candidate
