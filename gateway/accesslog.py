@@ -1,17 +1,18 @@
 """A structured access log: one JSON object per request, on the ``codehub.access`` logger.
 
-Query strings are left out on purpose: share tokens and hand-off codes travel there.
+Paths are logged as sent (still percent-encoded), without the query string: share tokens and hand-off codes
+travel there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import select
 import time
+from json.encoder import encode_basestring_ascii
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -20,41 +21,50 @@ from gateway.routing import Target
 
 TARGET = web.RequestKey("codehub_target", Target)
 USER = web.RequestKey("codehub_user", str)
-_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps with options builds an encoder per call
 
 
-class AccessLogger(AbstractAccessLogger):
-    """One per connection (aiohttp's choice). Lines go straight to the access logger's ``BufferedLineHandler``
-    when it has one (``serve`` sets that up): a ``LogRecord`` and the handler chain per request cost more than
-    the line itself."""
+def _text(value: str | None) -> str:
+    """A JSON string (or null): the line is formatted by hand, as a dict through ``json.dumps`` costs more than the
+    rest of the line together."""
+    return "null" if value is None else encode_basestring_ascii(value)
 
-    def __init__(self, logger: logging.Logger, log_format: str) -> None:
-        super().__init__(logger, log_format)
+
+class AccessLog:
+    """Writes the lines. They go straight to the logger's ``BufferedLineHandler`` when it has one (``serve`` sets
+    that up): a ``LogRecord`` and the handler chain per request cost more than the line itself."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
         self._sink = next((handler for handler in logger.handlers if isinstance(handler, BufferedLineHandler)), None)
 
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time_taken: float) -> None:
-        if not self.logger.isEnabledFor(logging.INFO):
+    def write(self, *, remote: str | None, method: str, host: str, raw_path: str, status: int, length: int,
+              seconds: float, target: Target | None, user: str | None) -> None:
+        if not self._logger.isEnabledFor(logging.INFO):
             return
-        target = request.get(TARGET)
-        record = {
-            "ts": round(time.time(), 3),
-            "remote": request.remote,
-            "method": request.method,
-            "host": request.headers.get("Host", ""),
-            "path": request.path,
-            "status": response.status,
-            "bytes": response.body_length,
-            "ms": round(time_taken * 1000, 2),
-            "kind": target.kind.value if target else None,
-            "workspace": target.workspace if target else None,
-            "port": target.port if target else None,
-            "user": request.get(USER),
-        }
-        line = _ENCODE(record)
+        kind, workspace, port = (target.kind.value, target.workspace, target.port) if target else (None, None, None)
+        line = (
+            f'{{"ts":{time.time():.3f},"remote":{_text(remote)},"method":{_text(method)},"host":{_text(host)},'
+            f'"path":{_text(raw_path.partition("?")[0])},"status":{status},"bytes":{length},"ms":{seconds * 1000:.2f},'
+            f'"kind":{_text(kind)},"workspace":{_text(workspace)},"port":{"null" if port is None else port},'
+            f'"user":{_text(user)}}}'
+        )
         if self._sink is not None:
             self._sink.write_line(line)
         else:  # straight to the handlers: Logger.info would also walk the stack to find the caller
-            self.logger.handle(logging.LogRecord(self.logger.name, logging.INFO, __file__, 0, line, None, None))
+            self._logger.handle(logging.LogRecord(self._logger.name, logging.INFO, __file__, 0, line, None, None))
+
+
+class AccessLogger(AbstractAccessLogger):
+    """aiohttp's hook (one per connection) onto ``AccessLog``."""
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)
+        self._log = AccessLog(logger)
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time_taken: float) -> None:
+        self._log.write(remote=request.remote, method=request.method, host=request.headers.get("Host", ""),
+                        raw_path=request.raw_path, status=response.status, length=response.body_length,
+                        seconds=time_taken, target=request.get(TARGET), user=request.get(USER))
 
 
 class BufferedLineHandler(logging.Handler):

@@ -9,8 +9,10 @@ normalisation), so ``8000-demo.localhost:8080.evil.test`` or ``user@host`` never
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from yarl import URL
 
@@ -33,8 +35,7 @@ class Kind(enum.Enum):
     HUB = "hub"
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(NamedTuple):
     """The decision: which kind of route, and for workspace routes which workspace, port and upstream path."""
 
     kind: Kind
@@ -73,8 +74,11 @@ class Hosts:
         return f"{self.scheme}://{host}{path}"
 
 
+@functools.lru_cache(maxsize=4096)
 def normalise_host(host: str, scheme: str) -> str | None:
-    """Lower-case ``name:port`` with the port always spelt out, or None when it is not a plain host."""
+    """Lower-case ``name:port`` with the port always spelt out, or None when it is not a plain host.
+
+    Cached: a handful of hosts carry nearly all requests, and this runs more than once for each."""
     host = host.strip().lower()
     match = _HOST.fullmatch(host)
     if match is None:

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from gateway.accesslog import AccessLogger, BufferedLineHandler
 from gateway.config import Config
+from gateway.fastlane import GatewayRunner
 
 log = logging.getLogger(__name__)
 BACKLOG = 4096
@@ -51,13 +52,27 @@ def configure_logging(level: str) -> None:
 
 
 def serve_app(app: web.Application, config: Config, *, reuse_port: bool = False) -> None:
-    """On uvloop: measured on the proxy path alone (aiohttp server + upstream pool), 11.7k → 17.9k req/s per
-    core against asyncio's own loop."""
-    web.run_app(
-        app, loop=uvloop.new_event_loop(), host=config.listen.host, port=config.listen.port,
-        access_log_class=AccessLogger, access_log=logging.getLogger("codehub.access"), handler_cancellation=True,
-        shutdown_timeout=config.timeouts.shutdown, print=None, reuse_port=reuse_port, backlog=BACKLOG,
+    """Serve until SIGTERM or SIGINT, on uvloop: measured on the proxy path alone (aiohttp server + upstream pool)
+    it does 17.9k req/s per core where asyncio's own loop does 11.7k."""
+    uvloop.run(_serve(app, config, reuse_port))
+
+
+async def _serve(app: web.Application, config: Config, reuse_port: bool) -> None:
+    runner = GatewayRunner(
+        app, handle_signals=False, access_log_class=AccessLogger, access_log=logging.getLogger("codehub.access"),
+        handler_cancellation=True, shutdown_timeout=config.timeouts.shutdown,
     )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.listen.host, config.listen.port, reuse_port=reuse_port, backlog=BACKLOG)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def run_workers(config: Config, *, workers: int, log_level: str = "info") -> int:

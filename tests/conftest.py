@@ -17,9 +17,11 @@ import uvloop
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 
 from gateway.app import build_app
 from gateway.config import Config
+from gateway.fastlane import GatewayRunner
 
 _addresses = itertools.count(20)
 
@@ -52,6 +54,13 @@ def settings(tmp_path: Path, workspaces: dict[str, Any], **extra: Any) -> Config
     return Config.model_validate(data)
 
 
+class GatewayTestServer(TestServer):
+    """The app behind the ``FrontDoor``, as ``serve`` runs it: plain requests take the fast lane."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return GatewayRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 async def make_gateway(aiohttp_client: Any, tmp_path: Path) -> MakeGateway:
     async def make(config: Config | None = None, **kwargs: Any) -> TestClient[web.Request, web.Application]:
@@ -63,7 +72,7 @@ async def make_gateway(aiohttp_client: Any, tmp_path: Path) -> MakeGateway:
         if config is None:
             config = settings(tmp_path, kwargs.pop("workspaces", {}), **kwargs)
         client: TestClient[web.Request, web.Application] = await aiohttp_client(
-            build_app(config), server_kwargs={"handler_cancellation": True}
+            GatewayTestServer(build_app(config), handler_cancellation=True)
         )
         return client
 

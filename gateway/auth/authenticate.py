@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
@@ -26,8 +26,7 @@ SHARE = "share"
 HANDOFF = "handoff"
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
+class Credentials(NamedTuple):
     identity: Identity | None
     grant: Grant | None
     link: ShareLink | None

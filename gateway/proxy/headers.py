@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -36,8 +37,7 @@ _NOT_UPSTREAM = HOP_BY_HOP | _WEBSOCKET_HANDSHAKE | FORWARDING | IDENTITY | {"ex
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 
 
-@dataclass(frozen=True, slots=True)
-class ClientFacts:
+class ClientFacts(NamedTuple):
     """What the gateway knows about the hop it received the request on."""
 
     peer: str

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import aiohttp
 
@@ -13,8 +13,7 @@ from gateway.config import Timeouts
 from gateway.proxy.pool import UpstreamPool
 
 
-@dataclass(frozen=True, slots=True)
-class Upstream:
+class Upstream(NamedTuple):
     """One port inside one workspace, as the gateway reaches it, and how it is shown to the public."""
 
     workspace: str
