@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -27,11 +26,6 @@ _addresses = itertools.count(20)
 
 MakeGateway = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 MakeUpstream = Callable[[web.Application, str, int], Awaitable[TestServer]]
-
-
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
-    """Tests run on the event loop the gateway ships with (``serving.serve_app``)."""
-    return {"uvloop": uvloop.new_event_loop}
 
 
 _NETWORK = 10 + os.getpid() % 240
