@@ -47,7 +47,7 @@ from gateway.pipeline import (
 from gateway.policy import Decision
 from gateway.proxy.headers import ResponseRules, downstream_response_headers
 from gateway.proxy.http import SMALL_BODY
-from gateway.proxy.pool import Response, UpstreamError
+from gateway.proxy.pool import Response, UpstreamError, encode_head
 from gateway.proxy.upstream import Upstream
 from gateway.routing import Kind, Target, route
 
@@ -310,10 +310,7 @@ class FastLane(asyncio.Protocol):
             out["Transfer-Encoding"] = "chunked"
         if not keep_alive:
             out["Connection"] = "close"
-        lines = [f"HTTP/1.1 {answer.status} {answer.reason}"]
-        lines.extend(f"{name}: {value}" for name, value in out.items())
-        lines.append("\r\n")
-        head = "\r\n".join(lines).encode("utf-8", "surrogateescape")
+        head = encode_head(f"HTTP/1.1 {answer.status} {answer.reason}", out)
         if bodiless:
             self._write(head)
             return 0

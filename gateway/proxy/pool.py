@@ -253,11 +253,10 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
-def encode_head(method: str, target: str, headers: Mapping[str, str] | CIMultiDict[str]) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1"]
-    lines.extend(f"{name}: {value}" for name, value in headers.items())
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+def encode_head(start_line: str, headers: Mapping[str, str] | CIMultiDict[str]) -> bytes:
+    """A request or response head on the wire (both directions of the proxy write theirs with this)."""
+    fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    return f"{start_line}\r\n{fields}\r\n".encode("utf-8", "surrogateescape")
 
 
 class Exchange:
@@ -307,7 +306,7 @@ class UpstreamPool:
         chunked = body is not None and "Content-Length" not in headers
         if chunked:
             headers["Transfer-Encoding"] = "chunked"
-        head = encode_head(method, target, headers)
+        head = encode_head(f"{method} {target} HTTP/1.1", headers)
         replayable = body is None and method in REPLAYABLE_METHODS
         while True:
             conn, reused = self._take(key)
