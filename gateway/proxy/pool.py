@@ -21,6 +21,9 @@ from multidict import CIMultiDict
 
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT", "DELETE"})
 REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+LIMIT_PER_UPSTREAM = 512
+"""Requests in flight to one upstream at a time; more wait their turn. A dev server is one process: ten thousand
+requests released by a wake must not become ten thousand connections (nor exhaust the gateway's file limit)."""
 _READ_LIMIT = 1 << 16
 """Body bytes buffered per connection before reading from the upstream pauses (the client is slower)."""
 
@@ -268,6 +271,7 @@ class Exchange:
         self._key = key
         self._conn = conn
         self._sender = sender
+        self.turn: asyncio.Semaphore | None = None  # held until ``close`` (``LIMIT_PER_UPSTREAM``)
 
     def close(self) -> None:
         sender = self._sender
@@ -282,15 +286,21 @@ class Exchange:
             self._pool.release(self._key, self._conn)
         else:
             self._conn.close()
+        if self.turn is not None:  # after the connection went back, so the next in line can take it
+            self.turn.release()
+            self.turn = None
 
 
 class UpstreamPool:
     """Idle keep-alive connections per (host, port), most recently used first; idle ones close after a while."""
 
-    def __init__(self, *, connect_timeout: float, read_timeout: float | None, keepalive: float = 30.0) -> None:
+    def __init__(self, *, connect_timeout: float, read_timeout: float | None, keepalive: float = 30.0,
+                 limit: int = LIMIT_PER_UPSTREAM) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._keepalive = keepalive
+        self._limit = limit
+        self._turns: dict[tuple[str, int], asyncio.Semaphore] = {}
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -298,9 +308,22 @@ class UpstreamPool:
                       body: StreamReader | None) -> tuple[Response, Exchange]:
         """Send the head (and start streaming the body), return the answer's head once it is in.
 
-        A reused connection the upstream had closed is retried once on a new one when nothing was sent that
-        cannot be sent again."""
+        Waits for a turn when ``limit`` requests to this upstream are in flight; the turn is given back by
+        ``Exchange.close``. A reused connection the upstream had closed is retried once on a new one when
+        nothing was sent that cannot be sent again."""
         key = (host, port)
+        turn = self._turns.get(key) or self._turns.setdefault(key, asyncio.Semaphore(self._limit))
+        await turn.acquire()
+        try:
+            answer, exchange = await self._exchange(key, method, target, headers, body)
+        except BaseException:
+            turn.release()
+            raise
+        exchange.turn = turn
+        return answer, exchange
+
+    async def _exchange(self, key: tuple[str, int], method: str, target: str, headers: CIMultiDict[str],
+                        body: StreamReader | None) -> tuple[Response, Exchange]:
         if body is None and "Content-Length" not in headers and method not in _BODYLESS_METHODS:
             headers["Content-Length"] = "0"
         chunked = body is not None and "Content-Length" not in headers
@@ -311,7 +334,7 @@ class UpstreamPool:
         while True:
             conn, reused = self._take(key)
             if conn is None:
-                conn = await self._connect(host, port)
+                conn = await self._connect(*key)
             conn.begin(head_only=method == "HEAD")
             assert conn.transport is not None
             conn.transport.write(head)
