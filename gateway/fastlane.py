@@ -216,7 +216,11 @@ class FastLane(asyncio.Protocol):
     # --- the lane -----------------------------------------------------------------------------------------
     def _start(self) -> None:
         """A whole request is in: serve it here, or hand it over."""
-        request = self._admit()
+        try:
+            request = self._admit()
+        except Exception:  # a bug here must not cost the request: aiohttp takes it from the start
+            log.exception("fast lane: admitting a request failed; handing it to aiohttp")
+            request = None
         if request is None:
             self._hand_over()
             return
@@ -259,11 +263,11 @@ class FastLane(asyncio.Protocol):
         gateway = self._gateway
         target, state, credentials = request.target, request.state, request.credentials
         started = time.perf_counter()
-        upstream, headers = forward(gateway, target, state, upstream_port(target, state), credentials,
-                                    request.headers, client_facts(self._peer, request.headers, gateway))
         keep_alive = self._keep_alive
         self._wrote = False
         try:
+            upstream, headers = forward(gateway, target, state, upstream_port(target, state), credentials,
+                                        request.headers, client_facts(self._peer, request.headers, gateway))
             with in_use(gateway, state, credentials.identity):
                 try:
                     answer, exchange = await gateway.pool.request(upstream.host, upstream.port, request.method,
@@ -286,6 +290,13 @@ class FastLane(asyncio.Protocol):
         except asyncio.CancelledError:
             gateway.metrics.observe_request(target.kind.value, 499, time.perf_counter() - started)
             raise
+        except Exception:
+            log.exception("fast lane: serving %s %s failed", request.method, request.raw_path.partition("?")[0])
+            if not self._wrote:  # nothing went out: aiohttp serves it (and renders an error if it fails too)
+                self._hand_over_request()
+            elif self._transport is not None:
+                self._transport.close()
+            return
         seconds = time.perf_counter() - started
         gateway.metrics.observe_request(target.kind.value, answer.status, seconds)
         identity = credentials.identity
