@@ -167,3 +167,18 @@ async def test_chunked_and_close_delimited_answers_are_rechunked(proxied: MakePr
     finally:
         writer.close()
     assert front_door(p).inner.connections == []
+
+
+@pytest.mark.parametrize("where", ["authorize", "response_rules"])
+async def test_a_failure_in_the_lane_costs_no_request(proxied: MakeProxied, monkeypatch: pytest.MonkeyPatch,
+                                                      where: str) -> None:
+    """Before anything was written, aiohttp takes the request from the start and serves it."""
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    p = await proxied(echo_app())
+    monkeypatch.setattr(f"gateway.fastlane.{where}", broken)
+    [(head, body)] = await exchange(p, get(p, "/still/served"))
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert json.loads(body)["raw_path"] == "/still/served"
+    assert front_door(p).lanes == set()
