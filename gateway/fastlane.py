@@ -47,7 +47,7 @@ from gateway.pipeline import (
 from gateway.policy import Decision
 from gateway.proxy.headers import ResponseRules, downstream_response_headers
 from gateway.proxy.http import SMALL_BODY
-from gateway.proxy.pool import Response, UpstreamError, encode_head
+from gateway.proxy.pool import Response, UpstreamError, WriteFlow, encode_head
 from gateway.proxy.upstream import Upstream
 from gateway.routing import Kind, Target, route
 
@@ -108,7 +108,7 @@ class _Request:
     decision: Decision
 
 
-class FastLane(asyncio.Protocol):
+class FastLane(WriteFlow):
     """One client connection, until it is handed to aiohttp or closed."""
 
     def __init__(self, front: FrontDoor) -> None:
@@ -126,8 +126,6 @@ class FastLane(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._parked = bytearray()  # what arrived while a request was in flight (a pipelined next request)
         self._reading = True
-        self._drain: asyncio.Future[None] | None = None
-        self._write_paused = False
         self._wrote = False
         self._keep_alive = True
         self._idle_since = time.monotonic()
@@ -151,8 +149,7 @@ class FastLane(asyncio.Protocol):
             self._idle_timer.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client went away: stop the upstream exchange too
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self._release_drain()
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
@@ -176,14 +173,6 @@ class FastLane(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         return False
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
 
     # --- llhttp callbacks ---------------------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -333,7 +322,7 @@ class FastLane(asyncio.Protocol):
         while chunk := await answer.read_chunk():
             self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
             sent += len(chunk)
-            await self._drained()
+            await self.drained(self._transport)
         if chunked:
             self._write(b"0\r\n\r\n")
         return sent
@@ -342,11 +331,6 @@ class FastLane(asyncio.Protocol):
         self._wrote = True
         if self._transport is not None:
             self._transport.write(data)
-
-    async def _drained(self) -> None:
-        if self._write_paused and self._transport is not None:
-            self._drain = self._loop.create_future()
-            await self._drain
 
     def _done(self, keep_alive: bool) -> None:
         """The answer is out: ready for the next request, or closed."""

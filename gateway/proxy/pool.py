@@ -88,7 +88,32 @@ class Response:
         return b"".join(parts)
 
 
-class _Connection(asyncio.Protocol):
+class WriteFlow(asyncio.Protocol):
+    """Write-side backpressure for a protocol: ``drained`` waits while the transport's buffer is over its
+    high-water mark. (The fast lane's client connections use it too.)"""
+
+    _loop: asyncio.AbstractEventLoop
+    _write_paused = False
+    _drain: asyncio.Future[None] | None = None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._release_drain()
+
+    def _release_drain(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    async def drained(self, transport: asyncio.BaseTransport | None) -> None:
+        if self._write_paused and transport is not None and not transport.is_closing():
+            self._drain = self._loop.create_future()
+            await self._drain
+
+
+class _Connection(WriteFlow):
     """One upstream connection: llhttp callbacks fill the current answer, the proxy awaits its pieces."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float | None) -> None:
@@ -105,8 +130,6 @@ class _Connection(asyncio.Protocol):
         self._head_only = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._drain: asyncio.Future[None] | None = None
-        self._write_paused = False
         self.keep_alive = True
         self.received = False
         self.idle_since = 0.0
@@ -137,16 +160,7 @@ class _Connection(asyncio.Protocol):
             self._fail(BrokenOff("the upstream closed the connection") if self.received
                        else ClosedUnanswered("the upstream closed the connection without answering"))
         self._wake()
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self._release_drain()
 
     # --- llhttp callbacks ---------------------------------------------------------------------------------
     def on_status(self, status: bytes) -> None:
@@ -239,11 +253,6 @@ class _Connection(asyncio.Protocol):
         if self._buffered <= _READ_LIMIT // 2 and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
         return chunk
-
-    async def drain(self) -> None:
-        if self._write_paused and self.transport is not None and not self.transport.is_closing():
-            self._drain = self._loop.create_future()
-            await self._drain
 
     @property
     def reusable(self) -> bool:
@@ -416,7 +425,7 @@ async def _send_body(conn: _Connection, body: StreamReader, chunked: bool) -> No
                 transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             else:
                 transport.write(chunk)
-            await conn.drain()
+            await conn.drained(transport)
         if chunked and not transport.is_closing():
             transport.write(b"0\r\n\r\n")
     except Exception as exc:
