@@ -1,0 +1,45 @@
+"""One timer for every relayed WebSocket's heartbeat, instead of a timer (and its rescheduling) per connection.
+
+Each member is ticked every ``period / 2``; the member counts the ticks since its client last sent anything,
+pings after more than ``period`` of silence and gives up when the pong is not back by the next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+
+class Member(Protocol):
+    def tick(self) -> None: ...
+
+
+class Heartbeat:
+    __slots__ = ("_handle", "_loop", "_members", "period")
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self._members: set[Member] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
+
+    def watch(self, member: Member) -> None:
+        self._members.add(member)
+        loop = asyncio.get_running_loop()
+        if self._handle is None or self._loop is not loop:  # first member, or a new loop (tests run several)
+            self._loop = loop
+            self._handle = loop.call_later(self.period / 2, self._tick)
+
+    def forget(self, member: Member) -> None:
+        self._members.discard(member)
+        if not self._members and self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        for member in tuple(self._members):  # a tick may end a relay, which forgets its member
+            member.tick()
+        if self._members and self._loop is not None:
+            self._handle = self._loop.call_later(self.period / 2, self._tick)
+        else:
+            self._handle = None
