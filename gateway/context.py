@@ -17,6 +17,7 @@ from gateway.config import Config
 from gateway.lifecycle import Runtime
 from gateway.metrics import Metrics
 from gateway.policy import Policy, PolicyHolder
+from gateway.proxy.heartbeat import Heartbeat
 from gateway.proxy.pool import UpstreamPool
 from gateway.routing import Hosts
 from gateway.wake import Waker
@@ -47,6 +48,7 @@ class Gateway:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     _session: aiohttp.ClientSession | None = None
     _pool: UpstreamPool | None = None
+    _heartbeat: Heartbeat | None = None
 
     @property
     def policy(self) -> Policy:
@@ -56,6 +58,13 @@ class Gateway:
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "the upstream pool opens when the app starts"
         return self._session
+
+    @property
+    def heartbeat(self) -> Heartbeat:
+        """The one timer that pings idle WebSocket clients, made on first use."""
+        if self._heartbeat is None:
+            self._heartbeat = Heartbeat(self.config.timeouts.websocket_heartbeat)
+        return self._heartbeat
 
     @property
     def pool(self) -> UpstreamPool:

@@ -267,6 +267,6 @@ def _check_websocket_origin(request: web.Request, gateway: Gateway) -> None:
 async def _relay(request: web.Request, gateway: Gateway, upstream: Upstream, path: str,
                  headers: CIMultiDict[str], grace: float) -> web.StreamResponse:
     return await relay_websocket(
-        request, gateway.session, upstream, path, headers, max_message=gateway.config.max_ws_message,
-        heartbeat=gateway.config.timeouts.websocket_heartbeat, metrics=gateway.metrics, connect_grace=grace,
+        request, upstream, path, headers, max_message=gateway.config.max_ws_message, heartbeat=gateway.heartbeat,
+        timeouts=gateway.config.timeouts, metrics=gateway.metrics, connect_grace=grace,
     )

@@ -72,8 +72,8 @@ def make_pool(timeouts: Timeouts) -> UpstreamPool:
 
 
 def make_session(timeouts: Timeouts) -> aiohttp.ClientSession:
-    """For WebSockets and the gateway's own calls: bodies pass through untouched (no decompression), no cookies
-    are kept, connections are reused."""
+    """For the gateway's own calls (OIDC): bodies pass through untouched (no decompression), no cookies are kept,
+    connections are reused."""
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, use_dns_cache=False, enable_cleanup_closed=False)
     return aiohttp.ClientSession(
         connector=connector,

@@ -8,12 +8,17 @@ import base64
 import os
 import re
 import struct
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
-from tests.core.conftest import MakeProxied
+from gateway.app import build_app
+from gateway.context import GATEWAY
+from gateway.fastlane import FrontDoor, GatewayRunner
+from tests.conftest import MakeUpstream, next_address, settings, workspace
+from tests.core.conftest import PREVIEW_DOMAIN, WORKSPACE, MakeProxied, Proxied
 
 BIG = 16 << 20
 
@@ -224,3 +229,187 @@ async def test_upstream_refusing_the_websocket_is_a_502(proxied: MakeProxied) ->
     with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
         await p.client.ws_connect("/ws", headers={"Host": p.host})
     assert caught.value.status == 502
+
+
+# --- the frame relay: limits, ends vanishing, heartbeat, handover from aiohttp ---------------------------------
+
+async def _raw_upgrade(p: Proxied, extra: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client that speaks WebSocket by hand (so it can stay silent, vanish, or send early)."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    writer.write(f"GET /ws HTTP/1.1\r\nHost: {p.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode() + extra)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+async def test_bytes_sent_right_behind_the_upgrade_request_are_relayed(proxied: MakeProxied) -> None:
+    p = await proxied(echo_app())
+    reader, writer = await _raw_upgrade(p, extra=_frame(0x1, b"early", fin=True))
+    try:
+        assert await asyncio.wait_for(_read_frame(reader), 10) == (0x1, True, b"early")
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("sender", ["client", "upstream"])
+async def test_a_message_over_the_limit_closes_both_ends_with_1009(proxied: MakeProxied, sender: str) -> None:
+    seen: dict[str, str] = {}
+    closed = asyncio.Event()
+
+    async def upstream(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=BIG)
+        await ws.prepare(request)
+        async for message in ws:
+            if message.data == "send big":
+                await ws.send_bytes(b"x" * 2048)
+        seen["close_code"] = str(ws.close_code)
+        closed.set()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", upstream)
+    p = await proxied(app, max_ws_message=1024)
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}, max_msg_size=BIG) as ws:
+        await ws.send_bytes(b"y" * 1000)  # under the limit: passes
+        if sender == "client":
+            await ws.send_bytes(b"y" * 2048)
+        else:
+            await ws.send_str("send big")
+        message = await ws.receive(timeout=10)
+        assert message.type is WSMsgType.CLOSE
+        assert message.data == 1009
+    await asyncio.wait_for(closed.wait(), 10)
+    assert seen["close_code"] == "1009"
+
+
+async def test_a_client_that_vanishes_is_going_away_for_the_upstream(proxied: MakeProxied) -> None:
+    seen: dict[str, str] = {}
+    closed = asyncio.Event()
+    p = await proxied(echo_app(seen, closed=closed))
+    reader, writer = await _raw_upgrade(p)
+    writer.write(_frame(0x1, b"hi", fin=True))
+    assert await asyncio.wait_for(_read_frame(reader), 10) == (0x1, True, b"hi")
+    writer.transport.abort()  # no close frame, just gone
+    await asyncio.wait_for(closed.wait(), 10)
+    assert seen["close_code"] == "1001"
+
+
+async def test_an_upstream_that_vanishes_closes_the_client_with_1011(proxied: MakeProxied) -> None:
+    async def vanishing(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive()
+        assert request.transport is not None
+        request.transport.abort()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", vanishing)
+    p = await proxied(app)
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}) as ws:
+        await ws.send_str("bye")
+        message = await ws.receive(timeout=10)
+        assert message.type is WSMsgType.CLOSE
+        assert message.data == 1011
+
+
+async def test_pings_pass_end_to_end(proxied: MakeProxied) -> None:
+    async def pinging(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=False)
+        await ws.prepare(request)
+        await ws.ping(b"from upstream")
+        message = await ws.receive()
+        await ws.send_str(f"{message.type.name} {message.data.decode()}")
+        await ws.close()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", pinging)
+    p = await proxied(app)
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}, autoping=False) as ws:
+        ping = await ws.receive(timeout=10)
+        assert (ping.type, ping.data) == (WSMsgType.PING, b"from upstream")
+        await ws.pong(ping.data)
+        assert (await ws.receive(timeout=10)).data == "PONG from upstream"
+
+
+async def test_heartbeat_drops_a_client_that_does_not_answer(proxied: MakeProxied) -> None:
+    seen: dict[str, str] = {}
+    closed = asyncio.Event()
+    p = await proxied(echo_app(seen, closed=closed), timeouts={"websocket_heartbeat": 0.2})
+    reader, writer = await _raw_upgrade(p)
+    try:
+        opcode, _, _ = await asyncio.wait_for(_read_frame(reader), 10)
+        assert opcode == 0x9  # the gateway's ping, left unanswered
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # and then the connection is dropped
+    finally:
+        writer.close()
+    await asyncio.wait_for(closed.wait(), 10)
+    assert seen["close_code"] == "1001"
+
+
+async def test_heartbeat_keeps_a_client_that_answers(proxied: MakeProxied) -> None:
+    p = await proxied(echo_app(), timeouts={"websocket_heartbeat": 0.2})
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}) as ws:
+        echo = asyncio.ensure_future(ws.receive())  # answers the gateway's pings while it waits
+        await asyncio.sleep(1.0)  # several heartbeats go by
+        await ws.send_str("still here")
+        message = await asyncio.wait_for(echo, 10)
+        assert (message.type, message.data) == (WSMsgType.TEXT, "still here")
+
+
+async def test_a_bad_client_handshake_is_a_400_without_asking_the_upstream(proxied: MakeProxied) -> None:
+    seen: dict[str, str] = {}
+    p = await proxied(echo_app(seen))
+    handshake = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                 "Sec-WebSocket-Key": "short"}
+    async with p.request("GET", "/ws", headers=handshake) as response:
+        assert response.status == 400
+    assert not seen
+
+
+async def test_aiohttp_forgets_a_relayed_connection_once_it_ends(proxied: MakeProxied) -> None:
+    p = await proxied(echo_app())
+    front = p.client.server.runner.server if p.client.server.runner is not None else None
+    assert isinstance(front, FrontDoor)
+    server = front.inner  # WebSocket upgrades are handed from the fast lane to aiohttp's server
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}) as ws:
+        await ws.send_str("x")
+        await ws.receive(timeout=10)
+        assert len(server.connections) == 1
+    async with asyncio.timeout(10):  # the handler returns just after the client saw the close
+        while True:
+            if not server.connections:
+                break
+            await asyncio.sleep(0.01)
+
+
+async def test_shutdown_ends_relayed_websockets_and_the_upstream_hears_going_away(make_upstream: MakeUpstream,
+                                                                                 tmp_path: Path) -> None:
+    seen: dict[str, str] = {}
+    closed = asyncio.Event()
+    address = next_address()
+    upstream = await make_upstream(echo_app(seen, closed=closed), address, 0)
+    assert upstream.port is not None
+    app = build_app(settings(tmp_path, {WORKSPACE: workspace(address, ports={upstream.port: "public"})}))
+    runner = GatewayRunner(app, handler_cancellation=True, shutdown_timeout=0.2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        await app[GATEWAY].runtime.wake(WORKSPACE)
+        port = runner.addresses[0][1]
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+                f"http://127.0.0.1:{port}/ws", headers={"Host": f"{upstream.port}-{WORKSPACE}.{PREVIEW_DOMAIN}"}) as ws:
+            await ws.send_str("x")
+            await ws.receive(timeout=10)
+            await runner.cleanup()
+            # aiohttp closes the client's transport just before cancelling the handler: no close frame fits in
+            message = await ws.receive(timeout=10)
+            assert message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
+    finally:
+        await runner.cleanup()
+    await asyncio.wait_for(closed.wait(), 10)
+    assert seen["close_code"] == "1001"

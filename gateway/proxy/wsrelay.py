@@ -1,0 +1,157 @@
+"""Relaying an accepted WebSocket frame by frame between the client's and the upstream's transports.
+
+Like nginx, the relay copies frames as they arrive instead of decoding messages, so an idle WebSocket costs a
+few small objects: one protocol object per end (with __slots__), the frame scanner of each direction and a
+membership in the shared heartbeat. No task runs per connection: everything happens in transport callbacks.
+
+- Masked frames from the browser go upstream still masked (the upstream expects a client's masks), the
+  upstream's unmasked frames go to the browser as they are; pings and pongs pass end to end.
+- Backpressure: when one end's write buffer is full (``pause_writing``), the other end stops being read until
+  it drained (``resume_writing``), so a fast sender never makes the gateway buffer more than a transport's
+  high-water mark per direction.
+- Closing: close frames pass through, so the close handshake is the two endpoints' own. An end that vanishes
+  without one makes the gateway close the other end for it: 1001 (going away) to the upstream when the client
+  left, 1011 to the client when the upstream broke off. A message over the size limit (1009) or a frame that
+  breaks the protocol (1002) closes both ends with that code.
+- Frames the gateway adds itself (a close, the heartbeat's ping) are only written between two frames of the
+  other direction, never into the middle of a payload that is still passing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from gateway.proxy.heartbeat import Heartbeat
+from gateway.proxy.wsframes import PING, Frames, close_frame, frame
+
+GOING_AWAY = 1001
+INTERNAL_ERROR = 1011
+HEARTBEAT_PAYLOAD = b"codehub-heartbeat"
+"""The payload of the gateway's own pings, so their pongs can be told from the answers to the upstream's."""
+_PING_AT, _GIVE_UP_AT = 3, 4
+"""Heartbeat ticks (``period / 2`` apart) of client silence before a ping, and before giving up on the pong."""
+
+
+class _End(asyncio.Protocol):
+    """One end of the relay: frames arriving from it are scanned and written to the other end."""
+
+    __slots__ = ("_mask", "frames", "gone_code", "peer", "relay", "transport")
+
+    def __init__(self, relay: Relay, transport: asyncio.Transport, frames: Frames, *, gone_code: int,
+                 masks: bool) -> None:
+        self.relay = relay
+        self.transport = transport
+        self.frames = frames
+        self.gone_code = gone_code
+        self._mask = masks
+        self.peer: _End = self
+
+    def data_received(self, data: bytes) -> None:
+        out = self.frames.feed(data)
+        if out and not self.peer.transport.is_closing():
+            self.peer.transport.write(out)
+        if self.frames.error:
+            self.relay.end(self.frames.error)
+
+    def pause_writing(self) -> None:
+        if not self.peer.transport.is_closing():
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.peer.transport.is_closing():
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.lost(self)
+
+    def may_take_a_frame(self) -> bool:
+        """Whether a frame of the gateway's own may be written to this end now: not into a payload still passing
+        to it, and not after a close frame went its way."""
+        towards = self.peer.frames
+        return not self.transport.is_closing() and not towards.mid_frame and not towards.closed
+
+    def send_close(self, code: int) -> None:
+        """Close this end, telling it ``code`` unless it was told already (the other end's close went through)."""
+        if self.may_take_a_frame():
+            self.transport.write(close_frame(code, mask=os.urandom(4) if self._mask else None))
+        self.transport.close()
+
+
+class _ClientEnd(_End):
+    """The browser's end: the one the heartbeat watches, and whose end the protocol that had its transport
+    before the relay (the web server's) must still hear of."""
+
+    __slots__ = ("_previous", "idle")
+
+    def __init__(self, relay: Relay, transport: asyncio.Transport, frames: Frames,
+                 previous: asyncio.BaseProtocol) -> None:
+        super().__init__(relay, transport, frames, gone_code=GOING_AWAY, masks=False)
+        self._previous = previous
+        self.idle = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.idle = 0
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._previous.connection_lost(exc)
+
+    def tick(self) -> None:
+        self.idle += 1
+        if self.idle == _PING_AT:
+            if not self.may_take_a_frame():
+                self.idle -= 1  # e.g. a message to the client is half way through: ping once it has passed
+                return
+            self.transport.write(frame(PING, HEARTBEAT_PAYLOAD))
+        elif self.idle >= _GIVE_UP_AT:
+            self.transport.abort()  # no pong: the client is gone, its buffers will never drain
+
+
+class Relay:
+    """Both ends of one WebSocket; ``done`` resolves once either end is gone (the other is closing)."""
+
+    __slots__ = ("_heartbeat", "client", "done", "upstream")
+
+    def __init__(self, client: asyncio.Transport, upstream: asyncio.Transport, *, max_message: int,
+                 heartbeat: Heartbeat, client_protocol: asyncio.BaseProtocol) -> None:
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._heartbeat = heartbeat
+        self.client = _ClientEnd(self, client, Frames(masked=True, limit=max_message, swallow=HEARTBEAT_PAYLOAD),
+                                 client_protocol)
+        self.upstream = _End(self, upstream, Frames(masked=False, limit=max_message), gone_code=INTERNAL_ERROR,
+                             masks=True)
+        self.client.peer, self.upstream.peer = self.upstream, self.client
+
+    def start(self, client_tail: bytes, upstream_tail: bytes) -> None:
+        """Take both transports over; the tails are what either end sent right after its handshake."""
+        self.upstream.transport.set_protocol(self.upstream)
+        self.client.transport.set_protocol(self.client)
+        for end, tail in ((self.client, client_tail), (self.upstream, upstream_tail)):
+            if tail:
+                end.data_received(tail)
+        self.upstream.transport.resume_reading()
+        self._heartbeat.watch(self.client)
+        for end in (self.client, self.upstream):
+            if end.transport.is_closing():  # closed before the relay took over: its connection_lost went elsewhere
+                self.lost(end)
+
+    def lost(self, end: _End) -> None:
+        """``end`` is gone: the other end is told (unless a close frame already went its way) and closed.
+        Saying it twice does no harm."""
+        if not end.frames.closed:
+            end.peer.send_close(end.gone_code)
+        end.peer.transport.close()
+        self._finish()
+
+    def end(self, code: int) -> None:
+        """Close both ends with ``code``: a broken rule, or the gateway shutting down."""
+        self.client.send_close(code)
+        self.upstream.send_close(code)
+        self._finish()
+
+    def _finish(self) -> None:
+        self._heartbeat.forget(self.client)
+        if not self.done.done():
+            self.done.set_result(None)
