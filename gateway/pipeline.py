@@ -1,5 +1,8 @@
 """The request path for workspace traffic, one way through:
-route → authenticate → authorize → ensure awake → proxy → record activity."""
+route → authenticate → authorize → ensure awake → proxy → record activity.
+
+The decisions (``authorize``, ``forward``, ``response_rules``, ``in_use``) take method and headers, not an aiohttp
+request: ``fastlane`` serves plain requests with these same functions and hands everything else to this path."""
 
 from __future__ import annotations
 
