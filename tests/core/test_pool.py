@@ -8,7 +8,7 @@ import asyncio
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.proxy.pool import UpstreamPool
+from gateway.proxy.pool import Turns, UpstreamPool
 from tests.conftest import MakeUpstream, next_address
 
 
@@ -80,3 +80,27 @@ async def test_a_cancelled_wait_gives_its_turn_back(make_upstream: MakeUpstream)
         again.close()
     finally:
         pool.close()
+
+
+async def test_turns_are_first_come_first_served_and_survive_cancellation() -> None:
+    turns = Turns(1)
+    await turns.take()
+    order: list[int] = []
+
+    async def wait(n: int) -> None:
+        await turns.take()
+        order.append(n)
+
+    waiters = [asyncio.ensure_future(wait(n)) for n in range(4)]
+    await asyncio.sleep(0)
+    waiters[1].cancel()  # still queued: skipped
+    turns.give()  # to waiter 0
+    await asyncio.sleep(0)
+    turns.give()  # waiter 1 is gone: to waiter 2
+    waiters[3].cancel()
+    await asyncio.sleep(0)
+    turns.give()  # waiter 3 is gone, nobody waits: the turn is free again
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert order == [0, 2]
+    async with asyncio.timeout(1):
+        await turns.take()
