@@ -110,6 +110,14 @@ def route(host: str | None, raw_path: str, hosts: Hosts) -> Target:
 
 
 def _preview_route(label: str, raw_path: str) -> Target:
+    workspace, port = _preview_label(label)
+    kind = Kind.RESERVED if raw_path.startswith(RESERVED_PREFIX) else Kind.PREVIEW
+    return Target(kind, workspace, port, raw_path)
+
+
+@functools.lru_cache(maxsize=4096)
+def _preview_label(label: str) -> tuple[str, int]:
+    """``{port}-{workspace}`` read once per label (refusals are not cached: they raise)."""
     match = _LABEL.fullmatch(label)
     if match is None or not WORKSPACE_ID.fullmatch(match["workspace"]):
         raise BadRequest(
@@ -119,8 +127,7 @@ def _preview_route(label: str, raw_path: str) -> Target:
     port = int(digits)
     if not 1 <= port <= 65535 or digits != str(port):
         raise BadRequest(f"Port {digits} is not a port number between 1 and 65535.", code="bad-port")
-    kind = Kind.RESERVED if raw_path.startswith(RESERVED_PREFIX) else Kind.PREVIEW
-    return Target(kind, match["workspace"], port, raw_path)
+    return match["workspace"], port
 
 
 def _hub_route(raw_path: str) -> Target:

@@ -56,10 +56,11 @@ class ResponseRules:
 
 
 def _named_in_connection(headers: Headers) -> set[str]:
+    """Header names listed in ``Connection``, besides the hop-by-hop ones always dropped (``keep-alive``)."""
     names: set[str] = set()
     for value in headers.getall("connection", ()):
-        names.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return names
+        names.update(token.strip().lower() for token in value.split(","))
+    return names - HOP_BY_HOP - {""}
 
 
 def strip_hop_by_hop(headers: Headers, *, keep_websocket: bool = False) -> CIMultiDict[str]:
