@@ -45,8 +45,8 @@ from gateway.pipeline import (
     upstream_port,
 )
 from gateway.policy import Decision
-from gateway.proxy.headers import ResponseRules, downstream_response_headers
-from gateway.proxy.http import SMALL_BODY
+from gateway.proxy.headers import ResponseRules
+from gateway.proxy.http import SMALL_BODY, shape_answer
 from gateway.proxy.pool import Response, UpstreamError, WriteFlow, encode_head
 from gateway.proxy.upstream import Upstream
 from gateway.routing import Kind, Target, route
@@ -60,7 +60,6 @@ MAX_PARKED = 64 << 10
 """Bytes of a pipelined next request kept while one is in flight; past this, reading pauses."""
 KEEPALIVE = 75.0
 """Seconds an idle keep-alive connection stays open (aiohttp's default, so both lanes behave alike)."""
-_NO_BODY_STATUSES = frozenset({204, 304})
 _FAST_METHODS = frozenset({b"GET", b"HEAD"})
 
 
@@ -298,13 +297,8 @@ class FastLane(WriteFlow):
                       keep_alive: bool) -> int:
         """Write the answer; returns the body bytes sent. Raises ``UpstreamError`` before the first write when
         the upstream breaks off while a small answer is being read whole."""
-        out = downstream_response_headers(
-            answer.headers, public_host=request.headers.get("Host", ""), public_origin=upstream.public_origin,
-            upstream_origins=upstream.origins, prefix=upstream.prefix, replace=rules.replace,
-            drop_cors=rules.drop_cors, drop_frame_options=rules.drop_frame_options,
-        )
-        length = answer.content_length if "Transfer-Encoding" not in answer.headers else None
-        bodiless = request.method == "HEAD" or answer.status in _NO_BODY_STATUSES or answer.status < 200
+        out, length, bodiless = shape_answer(answer, request.method, request.headers.get("Host", ""), upstream,
+                                             rules)
         chunked = not bodiless and length is None
         if chunked:
             out["Transfer-Encoding"] = "chunked"

@@ -56,25 +56,11 @@ class ResponseRules:
 
 
 def _named_in_connection(headers: Headers) -> set[str]:
-    """Header names listed in ``Connection``, besides the hop-by-hop ones always dropped (``keep-alive``)."""
+    """Header names listed in ``Connection`` (RFC 9110 §7.6.1), besides the hop-by-hop ones always dropped."""
     names: set[str] = set()
     for value in headers.getall("connection", ()):
         names.update(token.strip().lower() for token in value.split(","))
     return names - HOP_BY_HOP - {""}
-
-
-def strip_hop_by_hop(headers: Headers, *, keep_websocket: bool = False) -> CIMultiDict[str]:
-    """Drop hop-by-hop headers and any header the sender named in ``Connection`` (RFC 9110 §7.6.1)."""
-    named = _named_in_connection(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()  # the sets hold lower-case names; ``istr`` does not make membership case-blind
-        if lower in HOP_BY_HOP or lower in named:
-            continue
-        if not keep_websocket and lower in _WEBSOCKET_HANDSHAKE:
-            continue
-        out.add(name, value)
-    return out
 
 
 def gateway_cookie(name: str) -> bool:
@@ -174,7 +160,6 @@ def downstream_response_headers(
     public_origin: str,
     upstream_origins: Iterable[str],
     prefix: str = "",
-    keep_websocket: bool = False,
     replace: Mapping[str, str] | None = None,
     drop_cors: bool = False,
     drop_frame_options: bool = False,
@@ -191,7 +176,7 @@ def downstream_response_headers(
     located = False
     for name, value in headers.items():
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named or (not keep_websocket and lower in _WEBSOCKET_HANDSHAKE):
+        if lower in HOP_BY_HOP or lower in named or lower in _WEBSOCKET_HANDSHAKE:
             continue
         if lower == "set-cookie":
             if allowed_set_cookie(value, public_host):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from typing import NamedTuple
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -85,16 +86,30 @@ async def proxy_http(
             exchange.close()
 
 
-async def _answer(request: web.Request, upstream: Upstream, answer: Response,
-                  rules: ResponseRules) -> web.StreamResponse:
-    out_headers = downstream_response_headers(
-        answer.headers, public_host=request.headers.get("Host", ""),
-        public_origin=upstream.public_origin, upstream_origins=upstream.origins,
-        prefix=upstream.prefix, replace=rules.replace, drop_cors=rules.drop_cors,
+class Shaped(NamedTuple):
+    """An upstream answer as the client gets it, whichever lane writes it."""
+
+    headers: CIMultiDict[str]
+    length: int | None  # the body's Content-Length, when the upstream gave one (else chunked or to EOF)
+    bodiless: bool
+
+
+def shape_answer(answer: Response, method: str, public_host: str, upstream: Upstream,
+                 rules: ResponseRules) -> Shaped:
+    headers = downstream_response_headers(
+        answer.headers, public_host=public_host, public_origin=upstream.public_origin,
+        upstream_origins=upstream.origins, prefix=upstream.prefix, replace=rules.replace, drop_cors=rules.drop_cors,
         drop_frame_options=rules.drop_frame_options,
     )
     length = answer.content_length if "Transfer-Encoding" not in answer.headers else None
-    bodiless = request.method == "HEAD" or answer.status in _NO_BODY_STATUSES
+    bodiless = method == "HEAD" or answer.status in _NO_BODY_STATUSES or answer.status < 200
+    return Shaped(headers, length, bodiless)
+
+
+async def _answer(request: web.Request, upstream: Upstream, answer: Response,
+                  rules: ResponseRules) -> web.StreamResponse:
+    out_headers, length, bodiless = shape_answer(answer, request.method, request.headers.get("Host", ""),
+                                                 upstream, rules)
     if length is not None and length <= SMALL_BODY and not bodiless:
         try:
             whole = await answer.read_exactly(length)
