@@ -23,9 +23,10 @@ TARGET = web.RequestKey("codehub_target", Target)
 USER = web.RequestKey("codehub_user", str)
 
 
-def _text(value: str | None) -> str:
-    """A JSON string (or null): the line is formatted by hand, as a dict through ``json.dumps`` costs more than the
-    rest of the line together."""
+def log_text(value: str | None) -> str:
+    """A JSON string (or null), ASCII only: what a client controls (paths, hosts, user names) cannot write a
+    terminal escape or a fake second line into a log. The access line is formatted by hand with this, as a dict
+    through ``json.dumps`` costs more than the rest of the line together."""
     return "null" if value is None else encode_basestring_ascii(value)
 
 
@@ -43,10 +44,11 @@ class AccessLog:
             return
         kind, workspace, port = (target.kind.value, target.workspace, target.port) if target else (None, None, None)
         line = (
-            f'{{"ts":{time.time():.3f},"remote":{_text(remote)},"method":{_text(method)},"host":{_text(host)},'
-            f'"path":{_text(raw_path.partition("?")[0])},"status":{status},"bytes":{length},"ms":{seconds * 1000:.2f},'
-            f'"kind":{_text(kind)},"workspace":{_text(workspace)},"port":{"null" if port is None else port},'
-            f'"user":{_text(user)}}}'
+            f'{{"ts":{time.time():.3f},"remote":{log_text(remote)},"method":{log_text(method)},'
+            f'"host":{log_text(host)},"path":{log_text(raw_path.partition("?")[0])},"status":{status},'
+            f'"bytes":{length},"ms":{seconds * 1000:.2f},'
+            f'"kind":{log_text(kind)},"workspace":{log_text(workspace)},"port":{"null" if port is None else port},'
+            f'"user":{log_text(user)}}}'
         )
         if self._sink is not None:
             self._sink.write_line(line)

@@ -117,7 +117,7 @@ def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity) 
     return {
         "id": state.id, "owner": state.spec.owner, "collaborators": list(state.spec.collaborators),
         "role": role.value if role else None, "phase": state.phase.value, "message": state.message,
-        "ide_url": gateway.hosts.hub_url(f"/w/{state.id}/"),
+        "ide_url": gateway.hosts.ide_url(state.id),
         "ports": [{"port": port, "visibility": visibility(gateway.policy, state.spec, port),
                    "listening": port in listening, "url": gateway.hosts.share_url(state.id, port)} for port in ports],
     }

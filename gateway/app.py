@@ -33,10 +33,10 @@ from gateway.lifecycle.local import LocalRuntime
 from gateway.metrics import Metrics
 from gateway.pages import error_response, internal_error
 from gateway.pipeline import is_websocket, serve_reserved, serve_workspace
-from gateway.policy import PolicyHolder, decide, denial
+from gateway.policy import PolicyHolder
 from gateway.proxy.upstream import make_pool, make_session
 from gateway.routing import Hosts, Kind, route
-from gateway.wake import WakeLimits, Waker, stream_progress
+from gateway.wake import WakeLimits, Waker
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,10 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
         kind = target.kind.value
         if target.kind is Kind.HUB:
             response = await handler(request)
-        elif target.kind is Kind.IDE_SLASH:
-            response = web.Response(status=308, headers={"Location": target.path})
+        elif target.kind is Kind.IDE_MOVED:
+            assert target.workspace is not None
+            response = web.Response(status=308, headers={"Location": gateway.hosts.ide_url(target.workspace,
+                                                                                           target.path)})
         elif target.kind is Kind.RESERVED:
             response = await serve_reserved(request, target, gateway)
         else:
@@ -117,18 +119,6 @@ async def home(request: web.Request) -> dict[str, object]:
             "policy": gateway.policy}
 
 
-async def ide_wake_events(request: web.Request) -> web.StreamResponse:
-    """The IDE's waiting page follows its wake here; only those who may open the IDE may watch (or start) it."""
-    gateway = request.app[GATEWAY]
-    state = gateway.runtime.get(request.match_info["workspace"])
-    if state is None:
-        raise NotFound("There is no workspace with that name.", code="workspace-not-found")
-    decision = decide(gateway.policy, state.spec, None, hub_identity(request, gateway))
-    if not decision.allow:
-        raise denial(decision)
-    return await stream_progress(request, gateway.waker, state, state.spec.ide_port)
-
-
 def make_runtime(config: Config) -> Runtime:
     if config.runtime == "local":
         return LocalRuntime(config.local, stop_timeout=config.timeouts.shutdown)
@@ -185,7 +175,6 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", home)
-    app.router.add_get("/_codehub/wake/{workspace}/events", ide_wake_events)
     app.router.add_get("/badge/{workspace}/{port}.svg", badge.badge)
     auth_handlers.add_routes(app)
     api.add_routes(app)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from gateway.errors import GatewayError
@@ -22,6 +23,29 @@ SAME_OWNER = "same-owner"
 
 def is_preflight(method: str, headers: Mapping[str, str]) -> bool:
     return method == "OPTIONS" and "Origin" in headers and "Access-Control-Request-Method" in headers
+
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def needs_same_origin(method: str, headers: Mapping[str, str]) -> bool:
+    """A write or a WebSocket: what a page on another origin must not do with a visitor's cookie."""
+    return method not in _SAFE_METHODS or "Upgrade" in headers
+
+
+def same_origin_or_admitted(headers: CIMultiDictProxy[str], own_origin: str, admits: Callable[[str], bool]) -> bool:
+    """Did this come from ``own_origin``, or an origin the port's CORS rule admits?
+
+    Exactly one ``Origin`` is needed on a WebSocket upgrade (browsers always send it; two are a forgery). A write
+    without one is from a client that is not a browser, unless Fetch Metadata says a browser sent it from
+    elsewhere."""
+    origins = headers.getall("Origin", ())
+    if len(origins) > 1:
+        return False
+    if not origins:
+        return "Upgrade" not in headers and headers.get("Sec-Fetch-Site", "same-origin") == "same-origin"
+    origin = origins[0]
+    return origin == own_origin or (origin != "null" and admits(origin))
 
 
 def rule_for(policy: Policy, port: int) -> CorsRule | None:

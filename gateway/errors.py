@@ -83,6 +83,16 @@ class BadGateway(GatewayError):
     title = "Nothing is answering"
 
 
+class UnsafeHeader(BadGateway):
+    """A head would carry a line break or NUL (from an identity claim, an upstream, anything): it is not sent,
+    as it could end the head early and smuggle a second message onto a pooled connection."""
+
+    code = "unsafe-header"
+
+    def __init__(self) -> None:
+        super().__init__("A header held a line break or NUL character, so this message was not sent.")
+
+
 class ServiceUnavailable(GatewayError):
     status = 503
     code = "unavailable"

@@ -225,8 +225,10 @@ class FastLane(WriteFlow):
         if SHARE_PARAM in raw_path:
             return None
         gateway = self._gateway
+        if len(headers.getall("Host", ())) != 1:
+            return None  # aiohttp answers 400
         try:
-            target = route(headers.get("Host"), raw_path, gateway.hosts)
+            target = route(headers["Host"], raw_path, gateway.hosts)
         except GatewayError:
             return None
         if target.kind not in (Kind.PREVIEW, Kind.IDE) or target.workspace is None:
@@ -278,9 +280,10 @@ class FastLane(WriteFlow):
         except asyncio.CancelledError:
             gateway.metrics.observe_request(target.kind.value, 499, time.perf_counter() - started)
             raise
-        except Exception:
-            log.exception("fast lane: serving %s %s failed", request.method, request.raw_path.partition("?")[0])
-            if not self._wrote:  # nothing went out: aiohttp serves it (and renders an error if it fails too)
+        except Exception as exc:
+            if not isinstance(exc, GatewayError):  # a refusal (a head that may not be written) is no bug of ours
+                log.exception("fast lane: serving %s %s failed", request.method, request.raw_path.partition("?")[0])
+            if not self._wrote:  # nothing went out: aiohttp serves it (and renders the error if it fails too)
                 self._hand_over_request()
             elif self._transport is not None:
                 self._transport.close()

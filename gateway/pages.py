@@ -7,6 +7,7 @@ import logging
 import aiohttp_jinja2
 from aiohttp import web
 
+from gateway.accesslog import log_text
 from gateway.errors import GatewayError, Redirect
 
 log = logging.getLogger(__name__)
@@ -43,5 +44,5 @@ def error_response(request: web.Request, error: GatewayError) -> web.StreamRespo
 
 
 def internal_error(request: web.Request, exc: BaseException) -> web.StreamResponse:
-    log.exception("unhandled error for %s %s", request.method, request.path, exc_info=exc)
+    log.exception("unhandled error for %s %s", log_text(request.method), log_text(request.path), exc_info=exc)
     return error_response(request, GatewayError("The gateway hit an unexpected error; it has been logged."))

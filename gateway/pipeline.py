@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import cors
-from gateway.accesslog import USER
+from gateway.accesslog import USER, log_text
 from gateway.auth.authenticate import Credentials, authenticate, sign_in_redirect, stale_share_refusal
 from gateway.auth.handlers import preview_callback, preview_popup
 from gateway.auth.identity import Identity
@@ -69,23 +69,33 @@ def _host(headers: Headers, gateway: Gateway) -> str:
 def authorize(gateway: Gateway, target: Target, state: WorkspaceState, method: str,
               headers: CIMultiDictProxy[str]) -> tuple[Credentials, Decision]:
     """Who is calling and whether they may (and, when it sleeps, may wake it): the one decision both lanes use.
-    Recording it (``record``) is the caller's, once it acts on it."""
-    preview = target.kind is not Kind.IDE
+    Recording it (``record``) is the caller's, once it acts on it.
+
+    A gateway cookie rides along on requests other previews' pages make (they are all one site), so what a
+    cookie vouches for covers reads only, unless the request comes from this origin or one the port's CORS rule
+    admits: a hostile preview cannot write to, or open a WebSocket to, another as its visitor."""
     auth = gateway.auth
     credentials = authenticate(method, headers, target.path, _host(headers, gateway), sessions=auth.sessions,
-                               store=auth.store, secure=gateway.config.secure, preview=preview)
-    decision = decide(gateway.policy, state.spec, target.port if preview else None, credentials.identity,
-                      credentials.grant)
+                               store=auth.store, secure=gateway.config.secure, preview=target.port is not None)
+    if credentials.by_cookie and cors.needs_same_origin(method, headers) and not cors.same_origin_or_admitted(
+            headers, gateway.hosts.origin(headers["Host"]), _admits(gateway, target, state)):
+        return credentials, Decision(False, Reason.CROSS_ORIGIN, "a cookie does not vouch for other origins")
+    decision = decide(gateway.policy, state.spec, target.port, credentials.identity, credentials.grant)
     if decision.allow and state.phase is not Phase.RUNNING:
         decision = may_wake(gateway.policy, decision)
     return credentials, decision
 
 
+def _admits(gateway: Gateway, target: Target, state: WorkspaceState) -> Callable[[str], bool]:
+    """Whether the port's CORS rule admits an origin (the IDE has none)."""
+    rule = cors.rule_for(gateway.policy, target.port) if target.port is not None else None
+    if rule is None:
+        return lambda origin: False
+    return lambda origin: cors.origin_allowed(rule, origin, state.spec, gateway.hosts, _owner_of(gateway))
+
+
 def _check(request: web.Request, gateway: Gateway, target: Target, state: WorkspaceState) -> Credentials:
     """Authenticate and authorize; a refusal becomes a sign-in redirect for browsers, else 401/403."""
-    preview = target.kind is not Kind.IDE
-    if not preview and is_websocket(request):
-        _check_websocket_origin(request, gateway)  # before anything else: a hijack attempt must not even wake it
     credentials, decision = authorize(gateway, target, state, request.method, request.headers)
     record(gateway, target, credentials.identity, decision)
     if credentials.identity is not None:
@@ -96,10 +106,8 @@ def _check(request: web.Request, gateway: Gateway, target: Target, state: Worksp
     if stale is not None:
         raise stale
     if decision.reason is Reason.USER_UNAUTHENTICATED and request.method in ("GET", "HEAD") and wants_html(request):
-        path = credentials.path if preview else request.raw_path
-        public_url = f"{gateway.hosts.scheme}://{request.headers['Host']}{path}"
-        raise sign_in_redirect(request, public_url, gateway.hosts.hub_url(""), preview=preview,
-                               secure=gateway.config.secure)
+        public_url = gateway.hosts.origin(request.headers["Host"]) + credentials.path
+        raise sign_in_redirect(request, public_url, gateway.hosts.hub_url(""), secure=gateway.config.secure)
     error = denial(decision)
     if error.status == 401:
         error.headers["WWW-Authenticate"] = 'Bearer realm="codehub"'
@@ -110,7 +118,7 @@ def record(gateway: Gateway, target: Target, identity: Identity | None, decision
     gateway.metrics.decision(decision.allow, decision.reason.value)
     if not decision.allow:
         log.info("deny %s port %s for %s: %s (%s)", target.workspace, target.port,
-                 identity.subject if identity else "anonymous", decision.reason.value, decision.rule)
+                 log_text(identity.subject) if identity else "anonymous", decision.reason.value, decision.rule)
 
 
 def _identity_headers(gateway: Gateway, identity: Identity | None, audience: str) -> dict[str, str]:
@@ -128,8 +136,7 @@ async def serve_reserved(request: web.Request, target: Target, gateway: Gateway)
     """Paths under ``/_codehub/`` on a preview host belong to the gateway, never to the app."""
     path = target.path.partition("?")[0]
     if path == "/_codehub/auth/callback":
-        assert target.port is not None
-        rule = cors.rule_for(gateway.policy, target.port)
+        rule = cors.rule_for(gateway.policy, target.port) if target.port is not None else None
         cross_site = rule is not None and rule.mode == "replace" and rule.allow_credentials
         return await preview_callback(request, gateway, _host(request.headers, gateway), cross_site=cross_site)
     if path == "/_codehub/auth/popup":
@@ -137,8 +144,7 @@ async def serve_reserved(request: web.Request, target: Target, gateway: Gateway)
     state = _workspace(gateway, target)
     if path == "/_codehub/wake/events":
         _check(request, gateway, target, state)
-        assert target.port is not None
-        return await stream_progress(request, gateway.waker, state, target.port)
+        return await stream_progress(request, gateway.waker, state, upstream_port(target, state))
     raise NotFound("There is nothing at this address.", code="no-route")
 
 
@@ -225,23 +231,18 @@ async def _serve_workspace(request: web.Request, target: Target, gateway: Gatewa
 
 
 def upstream_port(target: Target, state: WorkspaceState) -> int:
-    port = target.port if target.kind is Kind.PREVIEW else state.spec.ide_port
-    assert port is not None
-    return port
+    """The workspace port a target names; the IDE's host names none and means the IDE port."""
+    return target.port if target.port is not None else state.spec.ide_port
 
 
 def forward(gateway: Gateway, target: Target, state: WorkspaceState, port: int, credentials: Credentials,
             headers: Headers, facts: ClientFacts) -> tuple[Upstream, CIMultiDict[str]]:
     """Where an allowed request goes, and the headers it goes with."""
     assert state.address is not None
-    if target.kind is Kind.IDE:
-        public_origin, prefix = gateway.hosts.hub_url(""), f"/w/{state.id}"
-    else:
-        public_origin, prefix = gateway.hosts.share_url(state.id, port, ""), ""
-    upstream = Upstream(state.id, state.address, port, public_origin, prefix)
+    public_origin = gateway.hosts.origin(headers["Host"])
+    upstream = Upstream(state.id, state.address, port, public_origin)
     sent = upstream_request_headers(
-        headers, facts, upstream_host=upstream.host_header, prefix=prefix or None,
-        strip_authorization=credentials.consumed_authorization,
+        headers, facts, upstream_host=upstream.host_header, strip_authorization=credentials.consumed_authorization,
         identity=_identity_headers(gateway, credentials.identity, public_origin),
     )
     return upstream, sent
@@ -257,14 +258,6 @@ def in_use(gateway: Gateway, state: WorkspaceState,
 
 def _is_member(gateway: Gateway, state: WorkspaceState, identity: Identity | None) -> bool:
     return identity is not None and decide(gateway.policy, state.spec, None, identity).reason in _MEMBERS
-
-
-def _check_websocket_origin(request: web.Request, gateway: Gateway) -> None:
-    """Cross-site WebSocket hijacking: a browser on another site must not drive the IDE with our cookie."""
-    origin = request.headers.get("Origin")
-    if origin is not None and origin.rstrip("/") != gateway.hosts.hub_url(""):
-        raise Forbidden("WebSocket connections to the IDE must come from the hub itself.",
-                        code="cross-site-websocket")
 
 
 async def _relay(request: web.Request, gateway: Gateway, upstream: Upstream, path: str,

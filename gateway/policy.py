@@ -156,6 +156,7 @@ class Reason(enum.StrEnum):
     IDE_OWNER_ONLY = "ide-owner-only"
     SHARE_OTHER_TARGET = "share-other-target"
     WAKE_NOT_ALLOWED = "wake-not-allowed"
+    CROSS_ORIGIN = "cross-origin-request"
 
 
 class Decision(NamedTuple):
@@ -218,7 +219,7 @@ def decide(policy: Policy, spec: WorkspaceSpec, port: int | None, identity: Iden
         return Decision(False, Reason.IDE_OWNER_ONLY, "the IDE is only for its owner and collaborators")
     if port in policy.ports.denied or port == spec.ide_port:
         return Decision(False, Reason.PORT_DENIED, f"ports.denied lists {port}" if port != spec.ide_port
-                        else "the IDE port is only reachable at /w/{workspace}/")
+                        else "the IDE port is only reachable at ide-{workspace}")
     if identity is not None:
         member = _member(spec, identity)
         if member is not None:
@@ -267,6 +268,8 @@ def denial(decision: Decision) -> GatewayError:
         Reason.IDE_OWNER_ONLY: "Only the workspace's owner and collaborators can open its IDE.",
         Reason.SHARE_OTHER_TARGET: "This share link is for another port or workspace.",
         Reason.WAKE_NOT_ALLOWED: "This workspace is asleep and only its owner or collaborators can wake it.",
+        Reason.CROSS_ORIGIN: "This request came from another origin and was refused: a page elsewhere may not "
+                             "write or open a connection here with your sign-in.",
     }
     return Forbidden(messages.get(decision.reason, "Not allowed."), code=decision.reason.value)
 

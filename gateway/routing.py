@@ -1,8 +1,10 @@
 """Where a request goes, decided from its Host and path alone: no I/O, no state, table-tested.
 
 Health and metrics answer on any host that is not a preview host, so probes and scrapers can use pod IPs.
-Share URLs are ``{port}-{workspace}.{preview_domain}``; the IDE is ``{hub}/w/{workspace}/``; everything else on the
-hub host belongs to the gateway itself. Hosts are compared exactly (after case folding and default-port
+Share URLs are ``{port}-{workspace}.{preview_domain}``; the IDE is ``ide-{workspace}.{preview_domain}``, an origin of
+its own like every preview (a port is digits, so the labels never collide). The hub host holds only the gateway's
+own pages: nothing a workspace serves may run there, where it could call the API as its visitor. Its old IDE
+address ``{hub}/w/{workspace}/…`` only redirects. Hosts are compared exactly (after case folding and default-port
 normalisation), so ``8000-demo.localhost:8080.evil.test`` or ``user@host`` never match a configured domain.
 """
 
@@ -23,7 +25,7 @@ RESERVED_PREFIX = "/_codehub/"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST = re.compile(r"(?P<name>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{1,5}))?")
 _ANY_HOST_PATHS = frozenset({"/healthz", "/metrics"})
-_LABEL = re.compile(r"(?P<port>[0-9]{1,5})-(?P<workspace>[a-z0-9-]+)")
+_LABEL = re.compile(r"(?:(?P<port>[0-9]{1,5})|(?P<ide>ide))-(?P<workspace>[a-z0-9-]+)")
 _IDE_PATH = re.compile(r"/w/(?P<workspace>[^/?]*)(?P<rest>/.*)?", re.DOTALL)
 
 
@@ -31,12 +33,13 @@ class Kind(enum.Enum):
     PREVIEW = "preview"
     RESERVED = "reserved"
     IDE = "ide"
-    IDE_SLASH = "ide-slash"
+    IDE_MOVED = "ide-moved"
     HUB = "hub"
 
 
 class Target(NamedTuple):
-    """The decision: which kind of route, and for workspace routes which workspace, port and upstream path."""
+    """The decision: which kind of route, and for workspace routes which workspace, port (None: the IDE) and path
+    (for ``IDE_MOVED``, the path on the IDE's origin)."""
 
     kind: Kind
     workspace: str | None = None
@@ -68,6 +71,17 @@ class Hosts:
         suffix = name if not host_port or int(host_port) == _DEFAULT_PORTS[self.scheme] else self.preview_suffix
         return f"{self.scheme}://{port}-{workspace}.{suffix}{path}"
 
+    def ide_url(self, workspace: str, path: str = "/") -> str:
+        """The IDE's own origin: ``ide-{workspace}`` under the preview domain."""
+        return self.share_url(workspace, "ide", path)
+
+    def origin(self, host: str) -> str:
+        """The browser's ``Origin`` for a request that arrived with this (already routed) ``Host``."""
+        normalised = normalise_host(host, self.scheme)
+        assert normalised is not None, "routing accepted the host"
+        name, _, port = normalised.partition(":")
+        return f"{self.scheme}://{name}" if int(port) == _DEFAULT_PORTS[self.scheme] else f"{self.scheme}://{normalised}"
+
     def hub_url(self, path: str = "/") -> str:
         name, _, host_port = self.hub.partition(":")
         host = name if not host_port or int(host_port) == _DEFAULT_PORTS[self.scheme] else self.hub
@@ -92,6 +106,17 @@ def normalise_host(host: str, scheme: str) -> str | None:
     return f"{name}:{port}"
 
 
+def local_path(value: str | None) -> str:
+    """A redirect target built from a request path or a ``next`` parameter that can only stay on this host.
+
+    Browsers read ``//host``, ``/\\host`` and ``///host`` as another host and drop tabs and newlines before they
+    look, so a leading run of slashes and backslashes becomes one slash and anything with control characters
+    becomes ``/``. Every redirect the gateway derives from what a client sent goes through here."""
+    if not value or value[0] not in "/\\" or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        return "/"
+    return "/" + value.lstrip("/\\")
+
+
 def route(host: str | None, raw_path: str, hosts: Hosts) -> Target:
     """Map ``Host`` and the raw (still percent-encoded) path to a target, or raise 400/404."""
     if not raw_path.startswith("/"):
@@ -111,18 +136,22 @@ def route(host: str | None, raw_path: str, hosts: Hosts) -> Target:
 
 def _preview_route(label: str, raw_path: str) -> Target:
     workspace, port = _preview_label(label)
-    kind = Kind.RESERVED if raw_path.startswith(RESERVED_PREFIX) else Kind.PREVIEW
-    return Target(kind, workspace, port, raw_path)
+    if raw_path.startswith(RESERVED_PREFIX):
+        return Target(Kind.RESERVED, workspace, port, raw_path)
+    return Target(Kind.PREVIEW if port is not None else Kind.IDE, workspace, port, raw_path)
 
 
 @functools.lru_cache(maxsize=4096)
-def _preview_label(label: str) -> tuple[str, int]:
-    """``{port}-{workspace}`` read once per label (refusals are not cached: they raise)."""
+def _preview_label(label: str) -> tuple[str, int | None]:
+    """``{port}-{workspace}`` or ``ide-{workspace}`` (port None), read once per label (refusals are not cached:
+    they raise)."""
     match = _LABEL.fullmatch(label)
     if match is None or not WORKSPACE_ID.fullmatch(match["workspace"]):
         raise BadRequest(
             "A preview address looks like {port}-{workspace}, for example 3000-myworkspace.", code="bad-preview-host"
         )
+    if match["ide"]:
+        return match["workspace"], None
     digits = match["port"]
     port = int(digits)
     if not 1 <= port <= 65535 or digits != str(port):
@@ -137,8 +166,5 @@ def _hub_route(raw_path: str) -> Target:
     workspace = match["workspace"]
     if not WORKSPACE_ID.fullmatch(workspace):
         raise NotFound("There is no workspace with that name.", code="workspace-not-found")
-    query = raw_path.partition("?")[2]
-    if match["rest"] is None:
-        return Target(Kind.IDE_SLASH, workspace, path=f"/w/{workspace}/" + (f"?{query}" if query else ""))
     rest = raw_path[len(f"/w/{workspace}") :]
-    return Target(Kind.IDE, workspace, path=rest)
+    return Target(Kind.IDE_MOVED, workspace, path=rest if rest.startswith("/") else f"/{rest}")

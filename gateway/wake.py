@@ -50,11 +50,12 @@ class WaitingPage(GatewayError):
     code = "workspace-waking"
     title = "Waking up the workspace"
     template = "waiting.html"
+    events_path = "/_codehub/wake/events"
+    """On the page's own host (a preview or the IDE): the gateway's reserved path there streams the progress."""
 
-    def __init__(self, progress: Progress, events_path: str, limits: WakeLimits) -> None:
+    def __init__(self, progress: Progress, limits: WakeLimits) -> None:
         super().__init__(f"Workspace {progress.workspace} is waking up.", headers={"Retry-After": "2"})
         self.progress = progress
-        self.events_path = events_path
         self.limits = limits
 
 
@@ -171,7 +172,7 @@ class Waker:
         task = self.bring_up(state, port)
         if wants_html(request) and request.headers.get("Upgrade", "").lower() != "websocket":
             progress = self._progress[(state.id, port)]
-            raise WaitingPage(progress, events_path(request, state.id, port), self.limits)
+            raise WaitingPage(progress, self.limits)
         timeout = self.limits.for_phase(state.phase)
         self._metrics.held_requests.inc()
         try:
@@ -258,13 +259,6 @@ class Waker:
 def _apply(event: Event, workspace: str, progress: Progress) -> None:
     if event.workspace == workspace and event.phase in _STEP_FOR_PHASE:
         progress.update(_STEP_FOR_PHASE[event.phase])
-
-
-def events_path(request: web.BaseRequest, workspace: str, port: int) -> str:
-    """Where the waiting page listens for progress: a reserved path on the same host."""
-    if request.path.startswith(f"/w/{workspace}/") or request.path == f"/w/{workspace}":
-        return f"/_codehub/wake/{workspace}/events"
-    return "/_codehub/wake/events"
 
 
 async def stream_progress(request: web.Request, waker: Waker, state: WorkspaceState, port: int) -> web.StreamResponse:

@@ -74,8 +74,8 @@ def _config(tmp_path: Path, **extra: Any) -> Path:
          "DENY eve → port 3000 (org) of workspace ws1: not-org-member"),
         ([], "http://3000-ws1.localhost:8080/", 3, "DENY anonymous → port 3000 (org) of workspace ws1: "
                                                    "user-unauthenticated"),
-        (["--user", "bob"], "http://localhost:8080/w/ws1/", 0, "ALLOW bob → the IDE of workspace ws1: collaborator"),
-        (["--user", "carol", "--email", "carol@corp.example"], "http://localhost:8080/w/ws1/", 3,
+        (["--user", "bob"], "http://ide-ws1.localhost:8080/", 0, "ALLOW bob → the IDE of workspace ws1: collaborator"),
+        (["--user", "carol", "--email", "carol@corp.example"], "http://ide-ws1.localhost:8080/", 3,
          "DENY carol → the IDE of workspace ws1: ide-owner-only"),
     ],
 )

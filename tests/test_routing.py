@@ -22,10 +22,17 @@ PROD = Hosts.from_urls("https://hub.example.com", "preview.example.com")
         (LOCAL, "8000-demo.localhost:8080", "/_codehub/wake/events", Target(Kind.RESERVED, "demo", 8000,
                                                                             "/_codehub/wake/events")),
         (LOCAL, "localhost:8080", "/", Target(Kind.HUB, path="/")),
-        (LOCAL, "localhost:8080", "/w/demo", Target(Kind.IDE_SLASH, "demo", path="/w/demo/")),
-        (LOCAL, "localhost:8080", "/w/demo?folder=/x", Target(Kind.IDE_SLASH, "demo", path="/w/demo/?folder=/x")),
-        (LOCAL, "localhost:8080", "/w/demo/", Target(Kind.IDE, "demo", path="/")),
-        (LOCAL, "localhost:8080", "/w/demo/static/a.js?v=1", Target(Kind.IDE, "demo", path="/static/a.js?v=1")),
+        (LOCAL, "localhost:8080", "/w/demo", Target(Kind.IDE_MOVED, "demo", path="/")),
+        (LOCAL, "localhost:8080", "/w/demo?folder=/x", Target(Kind.IDE_MOVED, "demo", path="/?folder=/x")),
+        (LOCAL, "localhost:8080", "/w/demo/", Target(Kind.IDE_MOVED, "demo", path="/")),
+        (LOCAL, "localhost:8080", "/w/demo/static/a.js?v=1", Target(Kind.IDE_MOVED, "demo", path="/static/a.js?v=1")),
+        (LOCAL, "localhost:8080", "/w/demo//evil.test/", Target(Kind.IDE_MOVED, "demo", path="//evil.test/")),
+        (LOCAL, "ide-demo.localhost:8080", "/", Target(Kind.IDE, "demo", path="/")),
+        (LOCAL, "IDE-demo.localhost:8080", "/static/a.js?v=1", Target(Kind.IDE, "demo", path="/static/a.js?v=1")),
+        (LOCAL, "ide-ws-1.localhost:8080", "/_codehub/auth/callback?code=x",
+         Target(Kind.RESERVED, "ws-1", None, "/_codehub/auth/callback?code=x")),
+        (LOCAL, "ide-demo.localhost:8080", "/w/demo/", Target(Kind.IDE, "demo", path="/w/demo/")),
+        (PROD, "ide-ws1.preview.example.com", "/?folder=/home", Target(Kind.IDE, "ws1", path="/?folder=/home")),
         (LOCAL, "localhost:8080", "/wx/demo/", Target(Kind.HUB, path="/wx/demo/")),
         (LOCAL, "10.1.2.3:8080", "/healthz", Target(Kind.HUB, path="/healthz")),
         (LOCAL, "[::1]:8080", "/metrics", Target(Kind.HUB, path="/metrics")),
@@ -56,6 +63,11 @@ def test_routes(hosts: Hosts, host: str, path: str, expected: Target) -> None:
         (LOCAL, "8000demo.localhost:8080", "/", BadRequest, "bad-preview-host"),
         (LOCAL, "8000-.localhost:8080", "/", BadRequest, "bad-preview-host"),
         (LOCAL, "8000-demo-.localhost:8080", "/", BadRequest, "bad-preview-host"),
+        (LOCAL, "ide-.localhost:8080", "/", BadRequest, "bad-preview-host"),
+        (LOCAL, "ide-Demo_.localhost:8080", "/", BadRequest, "bad-host"),
+        (LOCAL, "ide-demo-.localhost:8080", "/", BadRequest, "bad-preview-host"),
+        (LOCAL, "ide8000-demo.localhost:8080", "/", BadRequest, "bad-preview-host"),
+        (LOCAL, "ide-demo.ide-demo.localhost:8080", "/", NotFound, "unknown-host"),
         (LOCAL, "8000-a.b.localhost:8080", "/", NotFound, "unknown-host"),
         (LOCAL, "8000-demo.localhost:8081", "/", NotFound, "unknown-host"),
         (LOCAL, "8000-demo.localhost", "/", NotFound, "unknown-host"),
@@ -89,3 +101,18 @@ def test_share_urls_round_trip(hosts: Hosts, workspace: str, port: int, url: str
     assert hosts.share_url(workspace, port) == url
     host = url.split("/")[2]
     assert route(host, "/", hosts) == Target(Kind.PREVIEW, workspace, port, "/")
+
+
+@pytest.mark.parametrize(
+    ("hosts", "workspace", "url"),
+    [
+        (LOCAL, "demo", "http://ide-demo.localhost:8080/"),
+        (PROD, "ws1", "https://ide-ws1.preview.example.com/"),
+    ],
+)
+def test_ide_urls_round_trip(hosts: Hosts, workspace: str, url: str) -> None:
+    """The IDE has an origin of its own under the preview domain, never the hub's."""
+    assert hosts.ide_url(workspace) == url
+    host = url.split("/")[2]
+    assert route(host, "/", hosts) == Target(Kind.IDE, workspace, None, "/")
+    assert hosts.origin(host) == url.rstrip("/")

@@ -19,6 +19,7 @@ from gateway.auth.sessions import Sessions, cookie_name, is_embedded, read_cooki
 from gateway.auth.store import API_PREFIX, SHARE_PREFIX, ShareLink, TokenStore
 from gateway.errors import Forbidden, GatewayError, Redirect, Unauthorized
 from gateway.policy import Grant
+from gateway.routing import local_path
 
 SHARE_PARAM = "codehub_share"
 SESSION = "session"
@@ -33,6 +34,8 @@ class Credentials(NamedTuple):
     consumed_authorization: bool
     path: str
     stale_link: ShareLink | None = None  # the share cookie names a link that was revoked or has expired
+    by_cookie: bool = False
+    """A gateway cookie vouches for the caller: a browser sends it on requests other origins make, too."""
 
 
 def split_share_param(raw_path: str) -> tuple[str, str | None]:
@@ -49,15 +52,6 @@ def split_share_param(raw_path: str) -> tuple[str, str | None]:
         else:
             kept.append(part)
     return (f"{path}?{'&'.join(kept)}" if kept else path), token
-
-
-def safe_next(value: str | None) -> str:
-    """Only same-host absolute paths may be redirect targets: no ``//host``, ``/\\host``, schemes or controls."""
-    if not value or not value.startswith("/") or value.startswith(("//", "/\\")):
-        return "/"
-    if any(ch in value for ch in "\\\r\n\t\x00") or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        return "/"
-    return value
 
 
 def share_refusal(link: ShareLink | None, now: float) -> GatewayError | None:
@@ -95,6 +89,8 @@ def grant_of(link: ShareLink) -> Grant:
 
 def authenticate(method: str, headers: CIMultiDictProxy[str], path: str, host: str, *, sessions: Sessions,
                  store: TokenStore, secure: bool, preview: bool) -> Credentials:
+    """``preview``: share links apply (a port, not the IDE). A bearer token of the gateway's is consumed here,
+    whether or not it applies, so it never reaches a workspace."""
     now = time.time()
     identity: Identity | None = None
     link: ShareLink | None = None
@@ -108,33 +104,37 @@ def authenticate(method: str, headers: CIMultiDictProxy[str], path: str, host: s
             value = sessions.sign_state({"share": link.id}, host, lifetime)
             cookie = set_cookie(cookie_name(SHARE, secure), value, max_age=lifetime, secure=secure,
                                 embedded=is_embedded(headers))
-            raise Redirect(path, cookies=(cookie,))
+            raise Redirect(local_path(path), cookies=(cookie,))
     authorization = headers.get("Authorization", "")
     if authorization[:7].lower() == "bearer ":
         token = authorization[7:].strip()
-        if token.startswith(SHARE_PREFIX) and preview:
-            link = _check_link(store.find_share(token), now)
-            store.use_share(link, now)
+        if token.startswith(SHARE_PREFIX):
             consumed = True
+            if preview:
+                link = _check_link(store.find_share(token), now)
+                store.use_share(link, now)
         elif token.startswith(API_PREFIX):
             record = store.find_api_token(token)
             if record is None:
                 raise Unauthorized("This API token is not valid.", code="token-invalid")
             identity = record.identity()
             consumed = True
+    by_cookie = False
     if identity is None:
         session = read_cookie(headers, cookie_name(SESSION, secure))
         if session:
             identity = sessions.read(session, host)
+            by_cookie = identity is not None
     stale = None
     if link is None and preview:
         claims = sessions.read_state(read_cookie(headers, cookie_name(SHARE, secure)), host)
         candidate = store.shares.get(str(claims.get("share"))) if claims else None
         if candidate is not None and candidate.active(now):
             link = candidate
+            by_cookie = True
         elif candidate is not None:
             stale = candidate
-    return Credentials(identity, grant_of(link) if link else None, link, consumed, path, stale)
+    return Credentials(identity, grant_of(link) if link else None, link, consumed, path, stale, by_cookie)
 
 
 class EmbedSignIn(Unauthorized):
@@ -148,16 +148,13 @@ class EmbedSignIn(Unauthorized):
         self.handoff_url = handoff_url
 
 
-def sign_in_redirect(request: web.BaseRequest, public_url: str, hub_url: str, *, preview: bool,
+def sign_in_redirect(request: web.BaseRequest, public_url: str, hub_url: str, *,
                      secure: bool) -> Unauthorized | Redirect:
     """Send a browser to sign in, remembering where it was going.
 
-    A preview host cannot see the hub's cookie, so it asks the hub for a hand-off code, bound to a random
-    state kept in a cookie on the preview host: the code only works back in this same browser.
+    A preview or IDE host cannot see the hub's cookie, so it asks the hub for a hand-off code, bound to a random
+    state kept in a cookie on that host: the code only works back in this same browser.
     """
-    if not preview:
-        url = URL(public_url)
-        return Redirect(str(URL(hub_url).with_path("/auth/login").with_query(next=url.raw_path_qs)), status=302)
     state = secrets.token_urlsafe(18)
     embedded = is_embedded(request.headers)
     cookie = set_cookie(cookie_name(HANDOFF, secure), state, max_age=300, secure=secure, embedded=embedded)

@@ -8,13 +8,13 @@ import aiohttp_jinja2
 from aiohttp import web
 from yarl import URL
 
-from gateway.auth.authenticate import HANDOFF, SESSION, safe_next
+from gateway.auth.authenticate import HANDOFF, SESSION
 from gateway.auth.identity import Identity
 from gateway.auth.oidc import Pkce, SignInFailed
 from gateway.auth.sessions import cookie_name, is_embedded, read_cookie, set_cookie
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import BadRequest, Forbidden, GatewayError, Redirect
-from gateway.routing import Kind, normalise_host, route
+from gateway.routing import Kind, local_path, normalise_host, route
 
 LOGIN = "login"
 _LOGIN_TTL = 600
@@ -48,7 +48,7 @@ def _expired(name: str, secure: bool) -> str:
 
 async def login(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
-    next_url = safe_next(request.query.get("next"))
+    next_url = local_path(request.query.get("next"))
     if gateway.config.auth.mode == "dev":
         raise Redirect(str(URL("/auth/dev").with_query(next=next_url)), status=302)
     assert gateway.auth.oidc is not None
@@ -82,7 +82,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
     claims = await oidc.verify_id_token(tokens["id_token"], str(saved["nonce"]))
     identity = Identity.from_id_token(claims, subject_claim=oidc.settings.username_claim,
                                       groups_claim=oidc.settings.groups_claim)
-    raise Redirect(safe_next(str(saved.get("next"))), status=303, cookies=(
+    raise Redirect(local_path(str(saved.get("next"))), status=303, cookies=(
         _session_cookie(gateway, identity, gateway.hosts.hub), _expired(LOGIN, secure)))
 
 
@@ -90,8 +90,8 @@ async def callback(request: web.Request) -> web.StreamResponse:
 async def dev_form(request: web.Request) -> dict[str, object]:
     gateway = request.app[GATEWAY]
     if gateway.config.auth.mode != "dev":
-        raise Redirect(str(URL("/auth/login").with_query(next=safe_next(request.query.get("next")))), status=302)
-    return {"next": safe_next(request.query.get("next")), "identity": hub_identity(request, gateway)}
+        raise Redirect(str(URL("/auth/login").with_query(next=local_path(request.query.get("next")))), status=302)
+    return {"next": local_path(request.query.get("next")), "identity": hub_identity(request, gateway)}
 
 
 async def dev_submit(request: web.Request) -> web.StreamResponse:
@@ -106,7 +106,7 @@ async def dev_submit(request: web.Request) -> web.StreamResponse:
     email = str(form.get("email", "")).strip() or (user if "@" in user else f"{user}@example.com")
     groups = tuple(g.strip() for g in str(form.get("groups", "")).split(",") if g.strip())
     identity = Identity(subject=user, email=email, groups=groups, name=user)
-    raise Redirect(safe_next(str(form.get("next", "/"))), cookies=(
+    raise Redirect(local_path(str(form.get("next", "/"))), cookies=(
         _session_cookie(gateway, identity, gateway.hosts.hub),))
 
 
@@ -129,11 +129,12 @@ async def handoff(request: web.Request) -> web.StreamResponse:
         kind = route(target.raw_authority, "/", gateway.hosts).kind if host else None
     except (ValueError, GatewayError):
         host, kind = None, None
-    if host is None or kind is not Kind.PREVIEW or target.scheme != gateway.hosts.scheme or not state:
-        raise BadRequest("This sign-in request does not point at a preview of this gateway.", code="bad-handoff")
+    if host is None or kind not in (Kind.PREVIEW, Kind.IDE) or target.scheme != gateway.hosts.scheme or not state:
+        raise BadRequest("This sign-in request does not point at a preview or IDE of this gateway.",
+                         code="bad-handoff")
     code = gateway.auth.sessions.handoff_code(identity, host, state)
     landing = "/_codehub/auth/popup" if request.query.get("popup") else "/_codehub/auth/callback"
-    location = target.with_path(landing).with_query(code=code, next=safe_next(target.raw_path_qs)).with_fragment(None)
+    location = target.with_path(landing).with_query(code=code, next=local_path(target.raw_path_qs)).with_fragment(None)
     raise Redirect(str(location), status=302)
 
 
@@ -149,12 +150,12 @@ async def preview_callback(request: web.Request, gateway: Gateway, host: str, *,
     session = set_cookie(cookie_name(SESSION, secure), token, max_age=int(gateway.auth.sessions.ttl), secure=secure,
                          embedded=embedded, cross_site=cross_site)
     expired = set_cookie(cookie_name(HANDOFF, secure), "", max_age=0, secure=secure, embedded=embedded)
-    raise Redirect(safe_next(request.query.get("next")), cookies=(session, expired))
+    raise Redirect(local_path(request.query.get("next")), cookies=(session, expired))
 
 
 async def preview_popup(request: web.Request) -> web.StreamResponse:
     """In the sign-in popup: hand the code to the framed preview that opened it, on this same origin only."""
-    context = {"code": request.query.get("code", ""), "next": safe_next(request.query.get("next"))}
+    context = {"code": request.query.get("code", ""), "next": local_path(request.query.get("next"))}
     response = aiohttp_jinja2.render_template("popup_done.html", request, context)
     response.headers["Cache-Control"] = "no-store"
     response.headers["Referrer-Policy"] = "no-referrer"

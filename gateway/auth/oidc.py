@@ -20,6 +20,7 @@ import aiohttp
 import jwt
 from yarl import URL
 
+from gateway.accesslog import log_text
 from gateway.config import Oidc
 from gateway.errors import GatewayError
 
@@ -118,7 +119,8 @@ class OidcClient:
             log.warning("IdP token endpoint unreachable: %s", exc)
             raise IdpUnavailable("The sign-in service cannot be reached right now; try again shortly.") from None
         if status != 200 or "id_token" not in body:
-            log.warning("IdP refused the code: %s %s %s", status, body.get("error"), body.get("error_description"))
+            log.warning("IdP refused the code: %s %s %s", status, log_text(str(body.get("error"))),
+                        log_text(str(body.get("error_description"))))
             raise SignInFailed("The sign-in service refused this sign-in. Start again from the page you wanted.")
         return body
 

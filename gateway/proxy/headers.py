@@ -20,9 +20,10 @@ HOP_BY_HOP = frozenset({
     "trailers", "transfer-encoding", "upgrade",
 })
 FORWARDING = frozenset({
-    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix", "x-forwarded-port",
-    "x-real-ip", "forwarded",
+    "x-real-ip", "forwarded", "x-original-url", "x-original-uri", "x-original-host", "x-original-method",
+    "x-rewrite-url", "x-client-ip", "true-client-ip", "x-cluster-client-ip", "client-ip",
 })
+"""Besides every ``X-Forwarded-*``: what proxies in front of apps write about the client and the original request."""
 IDENTITY = frozenset({
     "x-forwarded-user", "x-forwarded-email", "x-forwarded-groups", "x-forwarded-preferred-username",
     "x-codehub-assertion", "x-auth-request-user", "x-auth-request-email", "remote-user",
@@ -34,6 +35,9 @@ _WEBSOCKET_HANDSHAKE = frozenset({
 })
 _NOT_UPSTREAM = HOP_BY_HOP | _WEBSOCKET_HANDSHAKE | FORWARDING | IDENTITY | {"expect", "host", "content-length"}
 """Never passed upstream as the client sent them (the gateway sets its own where needed)."""
+_SPECIAL = _NOT_UPSTREAM | {"cookie", "authorization"}
+_NOT_DOWNSTREAM = HOP_BY_HOP | _WEBSOCKET_HANDSHAKE | {"clear-site-data"}
+"""``Clear-Site-Data`` from an app would sign its visitors out of the gateway on that origin."""
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 
 
@@ -73,12 +77,22 @@ def strip_gateway_cookies(cookie_header: str) -> str:
     return ";".join(kept).strip()
 
 
+def _not_upstream(lower: str) -> bool:
+    """Forwarding and identity headers in every spelling: servers that read ``_`` as ``-`` (CGI, WSGI, nginx
+    with underscores on) would take ``X_Forwarded_User`` for the gateway's ``X-Forwarded-User``, and
+    ``Content_Length`` for a second length."""
+    if "_" in lower:
+        lower = lower.replace("_", "-")
+        if lower in _SPECIAL:
+            return True
+    return lower in _NOT_UPSTREAM or lower.startswith("x-forwarded-")
+
+
 def upstream_request_headers(
     headers: Headers,
     client: ClientFacts,
     *,
     upstream_host: str,
-    prefix: str | None = None,
     strip_authorization: bool = False,
     identity: Mapping[str, str] | None = None,
 ) -> CIMultiDict[str]:
@@ -94,7 +108,7 @@ def upstream_request_headers(
         lower = name.lower()
         if lower in named:
             continue
-        if lower in _NOT_UPSTREAM:
+        if _not_upstream(lower):
             if client.trusted:
                 if lower == "x-forwarded-for":
                     chain.append(value)
@@ -115,8 +129,6 @@ def upstream_request_headers(
     out["X-Forwarded-For"] = f"{', '.join(chain)}, {client.peer}" if chain else client.peer
     out["X-Forwarded-Proto"] = scheme or client.scheme
     out["X-Forwarded-Host"] = public_host or client.public_host
-    if prefix:
-        out["X-Forwarded-Prefix"] = prefix
     out["Host"] = upstream_host
     if identity:
         out.extend(identity)
@@ -143,13 +155,11 @@ def allowed_set_cookie(set_cookie: str, public_host: str) -> bool:
     return domain is None or domain == public_host.partition(":")[0].lower()
 
 
-def rewrite_location(location: str, upstream_origins: Iterable[str], public_origin: str, prefix: str = "") -> str:
-    """Point redirects that name the upstream (or an absolute path under a prefix) back at the public URL."""
+def rewrite_location(location: str, upstream_origins: Iterable[str], public_origin: str) -> str:
+    """Point redirects that name the upstream back at the public URL."""
     for origin in upstream_origins:
         if location == origin or location.startswith((origin + "/", origin + "?", origin + "#")):
-            return public_origin + prefix + location[len(origin) :]
-    if prefix and location.startswith("/") and not location.startswith(("//", prefix + "/")) and location != prefix:
-        return prefix + location
+            return public_origin + location[len(origin) :]
     return location
 
 
@@ -159,7 +169,6 @@ def downstream_response_headers(
     public_host: str,
     public_origin: str,
     upstream_origins: Iterable[str],
-    prefix: str = "",
     replace: Mapping[str, str] | None = None,
     drop_cors: bool = False,
     drop_frame_options: bool = False,
@@ -176,14 +185,14 @@ def downstream_response_headers(
     located = False
     for name, value in headers.items():
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named or lower in _WEBSOCKET_HANDSHAKE:
+        if lower in _NOT_DOWNSTREAM or lower in named:
             continue
         if lower == "set-cookie":
             if allowed_set_cookie(value, public_host):
                 cookies.append(value)
         elif lower == "location":
             if not located:
-                out.add(name, rewrite_location(value, upstream_origins, public_origin, prefix))
+                out.add(name, rewrite_location(value, upstream_origins, public_origin))
                 located = True
         elif not ((drop_cors and lower.startswith("access-control-"))
                   or (drop_frame_options and lower == "x-frame-options")):

@@ -9,7 +9,7 @@ from typing import NamedTuple
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.errors import BadGateway, GatewayTimeout
+from gateway.errors import BadGateway, GatewayTimeout, UnsafeHeader
 from gateway.metrics import Metrics
 from gateway.proxy.headers import ResponseRules, downstream_response_headers
 from gateway.proxy.pool import (
@@ -98,7 +98,7 @@ def shape_answer(answer: Response, method: str, public_host: str, upstream: Upst
                  rules: ResponseRules) -> Shaped:
     headers = downstream_response_headers(
         answer.headers, public_host=public_host, public_origin=upstream.public_origin,
-        upstream_origins=upstream.origins, prefix=upstream.prefix, replace=rules.replace, drop_cors=rules.drop_cors,
+        upstream_origins=upstream.origins, replace=rules.replace, drop_cors=rules.drop_cors,
         drop_frame_options=rules.drop_frame_options,
     )
     length = answer.content_length if "Transfer-Encoding" not in answer.headers else None
@@ -118,19 +118,27 @@ async def _answer(request: web.Request, upstream: Upstream, answer: Response,
         except UpstreamError as exc:
             raise _broken_off(upstream, exc) from exc
         small = web.Response(status=answer.status, reason=answer.reason, body=whole, headers=out_headers)
-        await small.prepare(request)
+        await _prepare(small, request)
         await small.write_eof()
         return small
     response = web.StreamResponse(status=answer.status, reason=answer.reason)
     response.headers.extend(out_headers)
     if length is not None:
         response.content_length = length
-    await response.prepare(request)
+    await _prepare(response, request)
     if bodiless or await _pump(answer, response):
         await response.write_eof()
     elif request.transport is not None:
         request.transport.close()
     return response
+
+
+async def _prepare(response: web.StreamResponse, request: web.Request) -> None:
+    """aiohttp's head writer refuses CR, LF and NUL with a ValueError; as in the fast lane, that is a 502."""
+    try:
+        await response.prepare(request)
+    except ValueError as exc:
+        raise UnsafeHeader from exc
 
 
 def _timeout(upstream: Upstream) -> GatewayTimeout:

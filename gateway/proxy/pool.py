@@ -19,6 +19,8 @@ import httptools
 from aiohttp import StreamReader
 from multidict import CIMultiDict
 
+from gateway.errors import UnsafeHeader
+
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT", "DELETE"})
 REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 LIMIT_PER_UPSTREAM = 512
@@ -173,7 +175,8 @@ class _Connection(WriteFlow):
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-        self._head = Response(self, status, self._reason, CIMultiDict(self._headers))
+        reason = self._reason if self._reason.isprintable() else ""  # llhttp lets NUL through here
+        self._head = Response(self, status, reason, CIMultiDict(self._headers))
         self.keep_alive = self._parser.should_keep_alive() and status != 101
         if self._head_only or status == 101:
             self._done = True
@@ -266,9 +269,15 @@ class _Connection(WriteFlow):
 
 
 def encode_head(start_line: str, headers: Mapping[str, str] | CIMultiDict[str]) -> bytes:
-    """A request or response head on the wire (both directions of the proxy write theirs with this)."""
+    """A request or response head on the wire (both directions of the proxy write theirs with this).
+
+    Refuses (``UnsafeHeader``) a CR, LF or NUL anywhere but the line ends it writes itself, whatever put it there:
+    counted on the joined text, which costs no Python code per header."""
     fields = "\r\n".join(map(": ".join, headers.items()))  # no Python code per header: half the time of a loop
     head = f"{start_line}\r\n{fields}\r\n\r\n" if fields else f"{start_line}\r\n\r\n"
+    lines = len(headers) + 2 if fields else 2
+    if head.count("\n") != lines or head.count("\r") != lines or "\x00" in head:
+        raise UnsafeHeader
     return head.encode("utf-8", "surrogateescape")
 
 

@@ -20,7 +20,6 @@ class Upstream(NamedTuple):
     host: str
     port: int
     public_origin: str
-    prefix: str = ""
 
     @property
     def origin(self) -> str:

@@ -19,6 +19,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import BadGateway, BadRequest
+from gateway.proxy.pool import encode_head
 from gateway.proxy.upstream import Upstream
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -64,14 +65,14 @@ def client_offer(headers: Headers) -> Offer:
 def upgrade_request(path: str, headers: CIMultiDict[str], key: str, protocols: tuple[str, ...]) -> bytes:
     """The head sent upstream: the caller's cleaned headers plus our own handshake (never an extension).
 
-    Read from a copy: iterating a multidict's keys caches a string per entry on it, and the caller's
+    Written to a copy: iterating a multidict's keys caches a string per entry on it, and the caller's
     ``headers`` live as long as the WebSocket does."""
-    lines = [f"GET {path} HTTP/1.1", *(f"{name}: {value}" for name, value in CIMultiDict(headers).items()),
-             "Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+    sent = CIMultiDict(headers)
+    sent.extend((("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", key),
+                 ("Sec-WebSocket-Version", "13")))
     if protocols:
-        lines.append(f"Sec-WebSocket-Protocol: {', '.join(protocols)}")
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+        sent["Sec-WebSocket-Protocol"] = ", ".join(protocols)
+    return encode_head(f"GET {path} HTTP/1.1", sent)
 
 
 def new_key() -> str:

@@ -84,6 +84,9 @@ class Served:
     def preview(self, ws: str, port: int, path: str = "/") -> str:
         return self.gateway.hosts.share_url(ws, port, path)
 
+    def ide(self, ws: str, path: str = "/") -> str:
+        return self.gateway.hosts.ide_url(ws, path)
+
 
 Serve = Callable[..., Awaitable[Served]]
 MakeBrowser = Callable[..., Awaitable[Browser]]

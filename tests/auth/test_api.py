@@ -81,7 +81,7 @@ async def test_list_shows_only_my_workspaces(served: Served, make_browser: MakeB
     ws1 = (await call(alice, "GET", "/api/v1/workspaces/ws1")).json()
     assert [(p["port"], p["visibility"]) for p in ws1["ports"]] == [(3000, "private"), (3001, "private")]
     assert ws1["ports"][0]["url"] == "http://3000-ws1.localhost:8080/"
-    assert ws1["ide_url"] == "http://localhost:8080/w/ws1/"
+    assert ws1["ide_url"] == "http://ide-ws1.localhost:8080/"
     assert_error(await call(alice, "GET", "/api/v1/workspaces/ws3"), 404, "workspace-not-found")
     assert_error(await call(alice, "GET", "/api/v1/workspaces/nope"), 404, "workspace-not-found")
 

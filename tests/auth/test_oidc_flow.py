@@ -231,16 +231,18 @@ async def test_ide_sign_in_lands_in_the_ide_and_is_owner_only(
     served = await serve(WORKSPACES, port=gateway_port, listen={"ws1": [13337], "ws2": [13337]},
                          **oidc_settings(idp, gateway_port))
     alice = await make_browser(served, login="alice", idp=idp)
+    # An old bookmark on the hub moves to the IDE's own origin, which signs in through the hub's hand-off.
     page = await alice.navigate(served.hub + "/w/ws1/?folder=/home/a%20b")
     assert page.status == 200, page.text
-    assert page.url == served.hub + "/w/ws1/?folder=/home/a%20b"
+    assert page.url == served.ide("ws1", "/?folder=/home/a%20b")
     assert page.json()["path"] == "/?folder=/home/a%20b"
+    assert any("/_codehub/auth/callback" in url for url in alice.visited)
     # A collaborator named by e-mail: same hub session, no second IdP visit.
-    assert (await alice.navigate(served.hub + "/w/ws2/")).status == 200
+    assert (await alice.navigate(served.ide("ws2"))).status == 200
     assert alice.idp_visits == 1
     # admin-x owns ws2 but is nobody in ws1; ws1's ports being public would not open its IDE either.
     admin = await make_browser(served, login="admin-x", idp=idp)
-    page = await admin.navigate(served.hub + "/w/ws1/")
+    page = await admin.navigate(served.ide("ws1"))
     assert page.status == 403
     assert "ide-owner-only" in page.text
 

@@ -9,11 +9,12 @@ from urllib.parse import parse_qs, quote, urlencode, urljoin, urlsplit
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.auth.authenticate import safe_next
 from gateway.config import ConfigError, load_config
 from gateway.lifecycle import Phase
+from gateway.routing import local_path
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served, seen_headers
 
@@ -127,14 +128,36 @@ async def test_upstream_cannot_set_cookies_for_the_parent_domain_or_ours(served:
 # --- redirects ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", EVIL_NEXT)
-def test_safe_next_only_allows_same_host_paths(value: str) -> None:
-    assert_same_host(safe_next(value), HUB)
+@pytest.mark.parametrize("value", [*EVIL_NEXT, "///evil.test/", "/\\/evil.test", "//\\evil.test", "/\\\\evil.test",
+                                   "\\evil.test", "/\x00/evil.test", "/\x7f/evil.test", "/\n/evil.test", None])
+def test_local_path_only_allows_same_host_paths(value: str | None) -> None:
+    assert_same_host(local_path(value), HUB)
 
 
-@pytest.mark.parametrize("value", ["/", "/a/b?c=d&e=%2F%2Fx", "/w/ws1/?folder=/home", "/%2F%2Fevil.test"])
-def test_safe_next_keeps_ordinary_paths(value: str) -> None:
-    assert safe_next(value) == value
+@pytest.mark.parametrize("value", ["/", "/a/b?c=d&e=%2F%2Fx", "/w/ws1/?folder=/home", "/%2F%2Fevil.test",
+                                   "/a//b", "/caf\u00e9"])
+def test_local_path_keeps_ordinary_paths(value: str) -> None:
+    assert local_path(value) == value
+
+
+@pytest.mark.parametrize(("value", "expected"), [("//evil.test/x?y=1", "/evil.test/x?y=1"),
+                                                 ("/\\evil.test/", "/evil.test/"), ("///evil.test/", "/evil.test/")])
+def test_local_path_keeps_the_path_of_a_host_spelling(value: str, expected: str) -> None:
+    assert local_path(value) == expected
+
+
+@pytest.mark.parametrize("path", ["//evil.test/", "/\\evil.test/", "///evil.test/", "/%2F/evil.test/",
+                                  "//evil.test/a?b=1"])
+async def test_no_open_redirect_after_a_share_link(served: Served, make_browser: MakeBrowser, path: str) -> None:
+    owner = await signed_in(make_browser, served)
+    share = await make_share(owner)
+    visitor = await make_browser(served)
+    mark = "&" if "?" in path else "?"
+    url = URL(served.base + path + f"{mark}codehub_share={share['token']}", encoded=True)
+    async with visitor.http.get(url, headers={"Host": "3000-ws1.localhost:8080", "Accept": "text/html"},
+                                allow_redirects=False) as page:
+        assert page.status == 303
+        assert_same_host(page.headers.get("Location"), served.preview("ws1", 3000).rstrip("/"))
 
 
 @pytest.mark.parametrize("value", EVIL_NEXT)
@@ -165,6 +188,7 @@ async def test_no_open_redirect_from_the_preview_callback(served: Served, make_b
 @pytest.mark.parametrize(
     "target",
     ["http://evil.test/", "http://localhost:8080/", "http://localhost:8080/w/ws1/", "https://3000-ws1.localhost:8080/",
+     "https://ide-ws1.localhost:8080/", "http://ide-ws1.localhost:8080.evil.test/",
      "http://3000-ws1.localhost:8080.evil.test/", "http://user@evil.test@3000-ws1.localhost:8080/",
      "//3000-ws1.localhost:8080/", "/relative", "http://3000-ws1.localhost:9999/", "javascript:alert(1)", ""],
 )
@@ -225,34 +249,45 @@ async def test_handoff_code_is_bound_to_host_state_and_single_use(served: Served
 # --- WebSockets to the IDE ---------------------------------------------------------------------------------------
 
 
-async def _ide_socket(browser: Browser, served: Served, origin: str | None) -> aiohttp.ClientWebSocketResponse:
-    headers = {"Host": "localhost:8080", "Cookie": f"codehub_session={browser.cookie(HUB, 'codehub_session')}"}
-    if origin is not None:
-        headers["Origin"] = origin
-    return await browser.http.ws_connect(URL(served.base + "/w/ws1/socket"), headers=headers)
+async def _ide_socket(browser: Browser, served: Served, *origins: str) -> aiohttp.ClientWebSocketResponse:
+    session = browser.cookie(served.ide("ws1"), "codehub_session")
+    headers = [("Host", "ide-ws1.localhost:8080"), ("Cookie", f"codehub_session={session}"),
+               *(("Origin", origin) for origin in origins)]
+    return await browser.http.ws_connect(URL(served.base + "/socket"), headers=CIMultiDict(headers))
 
 
-@pytest.mark.parametrize("origin", ["http://evil.test", "http://3000-ws1.localhost:8080", "null",
-                                    "http://localhost:8080.evil.test"])
-async def test_ide_websocket_from_a_foreign_origin_is_refused(served: Served, make_browser: MakeBrowser,
-                                                              origin: str) -> None:
+async def signed_in_ide(make_browser: MakeBrowser, served: Served) -> Browser:
     browser = await signed_in(make_browser, served)
+    page = await browser.navigate(served.ide("ws1", "/"))
+    assert page.status == 200, page.text
+    return browser
+
+
+@pytest.mark.parametrize("origins", [("http://evil.test",), ("http://3000-ws1.localhost:8080",), ("null",),
+                                     ("http://localhost:8080",), ("http://ide-ws1.localhost:8080.evil.test",),
+                                     ("http://ide-ws2.localhost:8080",), (),
+                                     ("http://ide-ws1.localhost:8080", "http://ide-ws1.localhost:8080"),
+                                     ("http://ide-ws1.localhost:8080", "http://evil.test")],
+                         ids=["foreign", "a-preview", "null", "the-hub", "suffix", "another-ide", "none", "twice",
+                              "two-different"])
+async def test_ide_websocket_from_anywhere_but_the_ide_is_refused(served: Served, make_browser: MakeBrowser,
+                                                                  origins: tuple[str, ...]) -> None:
+    browser = await signed_in_ide(make_browser, served)
     with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
-        await _ide_socket(browser, served, origin)
+        await _ide_socket(browser, served, *origins)
     assert caught.value.status == 403
 
 
-async def test_ide_websocket_from_the_hub_is_relayed(served: Served, make_browser: MakeBrowser) -> None:
-    browser = await signed_in(make_browser, served)
-    for origin in (HUB, None):
-        socket = await _ide_socket(browser, served, origin)
-        await socket.send_str("hi")
-        assert (await socket.receive_str(timeout=5)) == "echo:hi"
-        await socket.close()
+async def test_ide_websocket_from_the_ide_itself_is_relayed(served: Served, make_browser: MakeBrowser) -> None:
+    browser = await signed_in_ide(make_browser, served)
+    socket = await _ide_socket(browser, served, "http://ide-ws1.localhost:8080")
+    await socket.send_str("hi")
+    assert (await socket.receive_str(timeout=5)) == "echo:hi"
+    await socket.close()
 
 
 async def test_cross_site_websocket_does_not_wake_the_workspace(served: Served, make_browser: MakeBrowser) -> None:
-    browser = await signed_in(make_browser, served)
+    browser = await signed_in_ide(make_browser, served)
     await served.gateway.runtime.stop("ws1")
     with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
         await _ide_socket(browser, served, "http://evil.test")
@@ -391,7 +426,7 @@ async def test_consumed_credentials_never_reach_the_upstream(served: Served, mak
 
 
 @pytest.mark.parametrize(("host", "path", "status"), [
-    ("3000-nope.localhost:8080", "/", 404), ("localhost:8080", "/w/nope/", 404), ("evil.test", "/", 404),
+    ("3000-nope.localhost:8080", "/", 404), ("ide-nope.localhost:8080", "/", 404), ("evil.test", "/", 404),
     ("localhost:8080", "/auth/nothing", 404),
 ])
 async def test_unknown_things_are_denied_with_a_page(served: Served, make_browser: MakeBrowser, host: str,

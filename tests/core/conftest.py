@@ -25,6 +25,7 @@ from tests.conftest import MakeGateway, MakeUpstream, next_address, workspace
 PREVIEW_DOMAIN = "localhost:8080"
 HUB = "localhost:8080"
 WORKSPACE = "ws1"
+IDE = f"ide-{WORKSPACE}.{PREVIEW_DOMAIN}"
 OWNER = "alice"
 NO_TRACES = ("Traceback", 'File "', "Error:", "site-packages")
 
@@ -67,13 +68,13 @@ class Proxied:
                 ) -> _RequestContextManager:
         """A request to the share URL (the Host header picks the workspace port, as a browser's would).
 
-        Requests to the hub (the IDE) carry the owner's session cookie unless the test sets its own cookies:
-        these tests are about proxying, the sign-in tests live in tests/auth.
+        Requests to the IDE carry the owner's session cookie unless the test sets its own cookies: these tests
+        are about proxying, the sign-in tests live in tests/auth.
         """
         headers = CIMultiDict(kwargs.pop("headers", {}))
         headers["Host"] = host or self.host
-        if headers["Host"] == HUB and "Cookie" not in headers:
-            token = self.gateway.auth.sessions.issue(Identity(OWNER), "localhost:8080")
+        if headers["Host"] == IDE and "Cookie" not in headers:
+            token = self.gateway.auth.sessions.issue(Identity(OWNER), IDE)
             headers["Cookie"] = f"codehub_session={token}"
         return self.client.request(method, path, headers=headers, allow_redirects=False, **kwargs)
 

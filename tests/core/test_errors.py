@@ -98,7 +98,7 @@ async def test_silent_upstream_times_out_with_504(proxied: MakeProxied) -> None:
         ("3000-ws1.elsewhere.test", "/", 404, "unknown-host"),
         ("6000-ws1.localhost:8080", "/", 403, "port-denied"),
         ("{ide}-ws1.localhost:8080", "/", 403, "port-denied"),
-        ("localhost:8080", "/w/nope/", 404, "workspace-not-found"),
+        ("ide-nope.localhost:8080", "/", 404, "workspace-not-found"),
         ("localhost:8080", "/w/BAD/", 404, "workspace-not-found"),
         ("localhost:8080", "/no/such/page", 404, "no-route"),
         ("3000-ws1.localhost:8080", "/_codehub/nothing", 404, "no-route"),

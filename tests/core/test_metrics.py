@@ -57,7 +57,7 @@ async def test_request_metrics_by_kind_and_status_class(proxied: MakeProxied) ->
     assert sample(text, "codehub_requests_total", kind="preview", code="2xx") == 3
     assert sample(text, "codehub_requests_total", kind="preview", code="4xx") == 3
     assert sample(text, "codehub_requests_total", kind="unrouted", code="4xx") == 1
-    assert sample(text, "codehub_requests_total", kind="ide-slash", code="3xx") == 1
+    assert sample(text, "codehub_requests_total", kind="ide-moved", code="3xx") == 1
     assert sample(text, "codehub_request_duration_seconds_count", kind="preview") == 6
     assert sample(text, "codehub_request_duration_seconds_bucket", kind="preview", le="+Inf") == 6
     assert "# TYPE codehub_upstream_connect_errors_total counter" in text

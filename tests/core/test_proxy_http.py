@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from tests.conftest import MakeGateway, next_address, workspace
-from tests.core.conftest import HUB, MakeProxied, free_port, read_until
+from tests.core.conftest import HUB, IDE, MakeProxied, free_port, read_until
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND", "MKCOL", "REPORT"]
 
@@ -316,7 +316,7 @@ async def test_absolute_location_to_the_upstream_points_at_the_share_url(proxied
             assert response.headers["Location"] == expected
 
 
-async def test_ide_route_strips_the_prefix_and_prefixes_redirects(proxied: MakeProxied) -> None:
+async def test_the_ide_is_served_on_its_own_origin_and_never_on_the_hub(proxied: MakeProxied) -> None:
     async def handler(request: web.Request) -> web.Response:
         if request.path == "/login":
             raise web.HTTPFound("/welcome")
@@ -329,18 +329,22 @@ async def test_ide_route_strips_the_prefix_and_prefixes_redirects(proxied: MakeP
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
     p = await proxied(app, ide=True)
-    async with p.request("GET", "/w/ws1/static/app.js?v=1", host=HUB) as response:
+    async with p.request("GET", "/static/app.js?v=1", host=IDE) as response:
         assert response.status == 200
-        assert await response.json() == {"raw_path": "/static/app.js?v=1", "prefix": "/w/ws1",
-                                         "host": f"localhost:{p.port}", "forwarded_host": HUB}
-    async with p.request("GET", "/w/ws1/login", host=HUB) as response:
+        assert await response.json() == {"raw_path": "/static/app.js?v=1", "prefix": None,
+                                         "host": f"localhost:{p.port}", "forwarded_host": IDE}
+    async with p.request("GET", "/login", host=IDE) as response:
         assert response.status == 302
-        assert response.headers["Location"] == "/w/ws1/welcome"
-    async with p.request("GET", "/w/ws1/abs", host=HUB) as response:
-        assert response.headers["Location"] == f"http://{HUB}/w/ws1/x?y=1"
-    async with p.request("GET", "/w/ws1?folder=/home", host=HUB) as response:
-        assert response.status == 308
-        assert response.headers["Location"] == "/w/ws1/?folder=/home"
+        assert response.headers["Location"] == "/welcome"
+    async with p.request("GET", "/abs", host=IDE) as response:
+        assert response.headers["Location"] == f"http://{IDE}/x?y=1"
+    # Old links on the hub move to the IDE's origin; nothing of the workspace is served on the hub.
+    for path, location in [("/w/ws1?folder=/home", "/?folder=/home"), ("/w/ws1/", "/"),
+                           ("/w/ws1/static/app.js?v=1", "/static/app.js?v=1"), ("/w/ws1//evil.test/", "//evil.test/")]:
+        async with p.request("GET", path, host=HUB) as response:
+            assert response.status == 308
+            assert response.headers["Location"] == f"http://{IDE}{location}"
+            assert await response.read() == b""
     async with p.request("GET", "/", host=f"{p.port}-ws1.localhost:8080") as response:
         assert response.status == 403  # the IDE port is not a preview
 

@@ -137,16 +137,17 @@ async def test_fetch_from_a_page_is_held_not_paged(make_gateway: MakeGateway) ->
     assert await response.text() == BODY
 
 
-async def test_ide_waiting_page_listens_on_the_hub_events_path(make_gateway: MakeGateway) -> None:
+async def test_ide_waiting_page_listens_on_the_ide_origin(make_gateway: MakeGateway) -> None:
     client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), ide_port=PORT)})
-    owner = gateway_of(client).auth.sessions.issue(Identity("alice"), "localhost:8080")
+    ide = "ide-ws.localhost:8080"
+    owner = gateway_of(client).auth.sessions.issue(Identity("alice"), ide)
     client.session.cookie_jar.update_cookies({"codehub_session": owner})
 
-    page = await client.get("/w/ws/", headers={**browser("ws"), "Host": "localhost:8080"})
+    page = await client.get("/", headers={**browser("ws"), "Host": ide})
 
     assert page.status == 503
-    assert 'new EventSource("/_codehub/wake/ws/events")' in await page.text()
-    events = await sse_events(client, "localhost:8080", "/_codehub/wake/ws/events")
+    assert 'new EventSource("/_codehub/wake/events")' in await page.text()
+    events = await sse_events(client, ide)
     assert events[-1] == ("ready", {"workspace": "ws", "port": PORT})
 
 
@@ -242,10 +243,11 @@ async def test_running_workspace_with_nothing_on_the_port_says_so(make_gateway: 
 
 async def test_ide_wake_events_are_only_for_those_who_may_open_the_ide(make_gateway: MakeGateway) -> None:
     client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), ide_port=PORT)})
-    anonymous = await client.get("/_codehub/wake/ws/events", headers={"Host": "localhost:8080", **API})
-    stranger_cookie = gateway_of(client).auth.sessions.issue(Identity("mallory"), "localhost:8080")
-    headers = {"Host": "localhost:8080", "Cookie": f"codehub_session={stranger_cookie}", **API}
-    stranger = await client.get("/_codehub/wake/ws/events", headers=headers)
+    ide = "ide-ws.localhost:8080"
+    anonymous = await client.get("/_codehub/wake/events", headers={"Host": ide, **API})
+    stranger_cookie = gateway_of(client).auth.sessions.issue(Identity("mallory"), ide)
+    headers = {"Host": ide, "Cookie": f"codehub_session={stranger_cookie}", **API}
+    stranger = await client.get("/_codehub/wake/events", headers=headers)
 
     assert anonymous.status == 401
     assert stranger.status == 403
