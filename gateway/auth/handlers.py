@@ -82,6 +82,9 @@ async def callback(request: web.Request) -> web.StreamResponse:
     claims = await oidc.verify_id_token(tokens["id_token"], str(saved["nonce"]))
     identity = Identity.from_id_token(claims, subject_claim=oidc.settings.username_claim,
                                       groups_claim=oidc.settings.groups_claim)
+    if (field := identity.unprintable()) is not None:
+        raise SignInFailed(f"The sign-in service sent a {field} with control characters, which this gateway does "
+                           "not accept. Ask its administrators to correct the account.")
     raise Redirect(local_path(str(saved.get("next"))), status=303, cookies=(
         _session_cookie(gateway, identity, gateway.hosts.hub), _expired(LOGIN, secure)))
 
@@ -106,6 +109,9 @@ async def dev_submit(request: web.Request) -> web.StreamResponse:
     email = str(form.get("email", "")).strip() or (user if "@" in user else f"{user}@example.com")
     groups = tuple(g.strip() for g in str(form.get("groups", "")).split(",") if g.strip())
     identity = Identity(subject=user, email=email, groups=groups, name=user)
+    if (field := identity.unprintable()) is not None:
+        raise BadRequest(f"The {field} may not contain control characters such as line breaks.",
+                         code="bad-identity")
     raise Redirect(local_path(str(form.get("next", "/"))), cookies=(
         _session_cookie(gateway, identity, gateway.hosts.hub),))
 
@@ -143,9 +149,11 @@ async def preview_callback(request: web.Request, gateway: Gateway, host: str, *,
     """Preview side: trade the code for a cookie on this host and drop the code from the URL by a redirect."""
     secure = gateway.config.secure
     embedded = is_embedded(request.headers)
-    identity = gateway.auth.sessions.redeem_code(
+    identity, once, until = gateway.auth.sessions.read_code(
         request.query.get("code", ""), host, read_cookie(request.headers, cookie_name(HANDOFF, secure))
     )
+    if not await gateway.auth.store.use_once(once, until):
+        raise BadRequest("This sign-in link was already used. Open the page again.", code="handoff-replayed")
     token = gateway.auth.sessions.issue(identity, host)
     session = set_cookie(cookie_name(SESSION, secure), token, max_age=int(gateway.auth.sessions.ttl), secure=secure,
                          embedded=embedded, cross_site=cross_site)

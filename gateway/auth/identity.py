@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,7 @@ _NOT_ATTRIBUTES = frozenset({
     "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "nonce", "auth_time", "at_hash", "c_hash", "s_hash", "azp",
     "acr", "amr", "sid", "typ", "state", "email", "groups", "name", "attrs", "cnf", "updated_at",
 })
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Other claims ride along in the session cookie for org rules on claims; a budget keeps the cookie small.
 ATTRIBUTES_BUDGET = 1024
 
@@ -32,6 +34,16 @@ class Identity:
     groups: tuple[str, ...] = ()
     name: str = ""
     attributes: tuple[tuple[str, str], ...] = ()
+
+    def unprintable(self) -> str | None:
+        """The first claim holding a control character (a line break in a name could end an upstream header),
+        or None. Sign-in refuses such an identity rather than cleaning it: what is cleaned is no longer what
+        the IdP said."""
+        for field, values in (("user name", (self.subject,)), ("e-mail", (self.email,)), ("name", (self.name,)),
+                              ("groups", self.groups)):
+            if any(_CONTROL.search(value) for value in values):
+                return field
+        return None
 
     def matches(self, principal: str) -> bool:
         """Principals in policies and collaborator lists: a user name, an e-mail, or ``group:NAME``."""

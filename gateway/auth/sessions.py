@@ -73,7 +73,6 @@ class Sessions:
         self._clock = clock
         self._verified: dict[tuple[str, str], tuple[Identity, float]] = {}
         self._assertions: dict[tuple[Identity, str], tuple[str, float]] = {}
-        self._redeemed: dict[str, float] = {}
 
     def _sign(self, claims: dict[str, Any], audience: str, ttl: float) -> str:
         now = int(self._clock())
@@ -115,8 +114,9 @@ class Sessions:
         claims = {**identity.claims(), "typ": "handoff", "state": state, "jti": secrets.token_hex(12)}
         return self._sign(claims, host, HANDOFF_TTL)
 
-    def redeem_code(self, code: str, host: str, state: str | None) -> Identity:
-        """A hand-off code is good once, on the host it names, in the browser holding its state cookie."""
+    def read_code(self, code: str, host: str, state: str | None) -> tuple[Identity, str, float]:
+        """A hand-off code's identity, once-key and expiry, if it is for this host and the browser holding its
+        state cookie. That it is used only once is the token store's to enforce: every replica must agree."""
         try:
             claims = self._verify(code, host, "handoff")
         except jwt.InvalidTokenError:
@@ -125,13 +125,7 @@ class Sessions:
         if not state or not secrets.compare_digest(str(claims.get("state", "")), state):
             raise BadRequest("This sign-in link was started in another browser or tab. Open the page again.",
                              code="handoff-state-mismatch")
-        now = self._clock()
-        self._redeemed = {jti: exp for jti, exp in self._redeemed.items() if exp > now}
-        jti = str(claims.get("jti"))
-        if jti in self._redeemed:
-            raise BadRequest("This sign-in link was already used. Open the page again.", code="handoff-replayed")
-        self._redeemed[jti] = float(claims["exp"])
-        return Identity.from_claims(claims)
+        return Identity.from_claims(claims), f"handoff-{claims.get('jti')}", float(claims["exp"])
 
     def assertion(self, identity: Identity, audience: str) -> str:
         """The signed identity header upstream apps can verify with the gateway's JWKS (cached while fresh)."""

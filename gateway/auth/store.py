@@ -119,6 +119,10 @@ class TokenStore(Protocol):
 
     async def revoke_api_token(self, record: ApiToken) -> None: ...
 
+    async def use_once(self, key: str, until: float) -> bool:
+        """True the first time ``key`` is used, False ever after (until ``until``, when it may be forgotten):
+        in every process and replica, for one-time codes that any of them may be shown."""
+
     def flush(self) -> None:
         """Write batched use counts now if this store batches on the caller's clock (the file store)."""
 
@@ -147,6 +151,7 @@ class FileTokenStore:
         self._stamp: tuple[int, int, int] | None = None
         self._share_uses: dict[str, tuple[int, float]] = {}
         self._token_uses: dict[str, float] = {}
+        self._used: dict[str, float] = {}  # one-time keys (hand-off codes) and when they may be forgotten
         self.refresh()
 
     @property
@@ -181,6 +186,7 @@ class FileTokenStore:
         self._stamp = stamp
         self._shares = {item["id"]: ShareLink(**item) for item in data.get("shares", [])}
         self._api_tokens = {item["id"]: ApiToken(**item) for item in data.get("api_tokens", [])}
+        self._used = dict(data.get("used", {}))
         for share_id, (uses, last) in self._share_uses.items():
             if share_id in self._shares:
                 link = self._shares[share_id]
@@ -212,7 +218,8 @@ class FileTokenStore:
     def _write(self) -> None:
         assert self._path is not None
         data = {"shares": [dataclasses.asdict(link) for link in self._shares.values()],
-                "api_tokens": [dataclasses.asdict(token) for token in self._api_tokens.values()]}
+                "api_tokens": [dataclasses.asdict(token) for token in self._api_tokens.values()],
+                "used": self._used}
         tmp = self._path.with_name(f"{self._path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
@@ -246,6 +253,15 @@ class FileTokenStore:
             self._shares[link.id] = link
             self._share_index[link.token_hash] = link
         return link, token
+
+    async def use_once(self, key: str, until: float) -> bool:
+        """Checked and recorded under the file's lock, so two workers shown one code admit it once."""
+        now = time.time()
+        with self._writing():
+            self._used = {used: forget for used, forget in self._used.items() if forget > now}
+            first = key not in self._used
+            self._used[key] = max(until, self._used.get(key, until))
+        return first
 
     def find_share(self, token: str) -> ShareLink | None:
         if not token.startswith(SHARE_PREFIX):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from pathlib import Path
 
 import jwt
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet, SigningKey, write_keys
 from gateway.auth.sessions import HANDOFF_TTL, Sessions
+from gateway.auth.store import FileTokenStore
 from gateway.errors import BadRequest
 from tests.auth.conftest import MakeBrowser, Serve
 
@@ -59,28 +62,44 @@ def test_handoff_code_lives_at_most_a_minute() -> None:
     assert HANDOFF_TTL <= 60
     stale = sessions(clock=-(HANDOFF_TTL + 10)).handoff_code(ALICE, HOST, "state")
     with pytest.raises(BadRequest) as caught:
-        s.redeem_code(stale, HOST, "state")
+        s.read_code(stale, HOST, "state")
     assert caught.value.code == "handoff-invalid"
 
 
-def test_handoff_code_is_good_once_on_its_host_in_its_browser() -> None:
+def test_handoff_code_is_good_on_its_host_in_its_browser_with_a_key_of_its_own() -> None:
     s = sessions()
     code = s.handoff_code(ALICE, HOST, "state-1")
     for host, state, error in [(OTHER, "state-1", "handoff-invalid"), (HOST, "state-2", "handoff-state-mismatch"),
                                (HOST, None, "handoff-state-mismatch"), (HOST, "", "handoff-state-mismatch")]:
         with pytest.raises(BadRequest) as caught:
-            s.redeem_code(code, host, state)
+            s.read_code(code, host, state)
         assert caught.value.code == error
-    assert s.redeem_code(code, HOST, "state-1") == ALICE
-    with pytest.raises(BadRequest) as caught:
-        s.redeem_code(code, HOST, "state-1")
-    assert caught.value.code == "handoff-replayed"
+    identity, once, until = s.read_code(code, HOST, "state-1")
+    assert identity == ALICE
+    assert until - time.time() <= HANDOFF_TTL + 1
+    other_once = s.read_code(s.handoff_code(ALICE, HOST, "state-1"), HOST, "state-1")[1]
+    assert once.startswith("handoff-")
+    assert once != other_once, "each code has its own once-key (the token store enforces the once)"
+
+
+async def test_the_file_store_admits_a_key_once_across_processes(tmp_path: Path) -> None:
+    """Two stores on one file are two ``serve --workers`` workers: a code used at one is refused at the other."""
+    first, second = FileTokenStore(tmp_path / "tokens.json"), FileTokenStore(tmp_path / "tokens.json")
+    until = time.time() + 60
+    assert await first.use_once("handoff-a", until)
+    assert not await second.use_once("handoff-a", until)
+    assert not await first.use_once("handoff-a", until)
+    assert await second.use_once("handoff-b", until)
+    # Forgotten once it has expired (a code past its expiry is refused by its signature anyway).
+    assert await first.use_once("handoff-old", time.time() - 1)
+    assert await second.use_once("handoff-c", until)
+    assert "handoff-old" not in json.loads((tmp_path / "tokens.json").read_text())["used"]
 
 
 def test_session_cookie_is_not_a_handoff_code() -> None:
     s = sessions()
     with pytest.raises(BadRequest):
-        s.redeem_code(s.issue(ALICE, HOST), HOST, "state")
+        s.read_code(s.issue(ALICE, HOST), HOST, "state")
 
 
 def test_assertion_names_its_audience_and_issuer() -> None:

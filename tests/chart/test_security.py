@@ -19,7 +19,7 @@ EXPECTED_RULES = {
     ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list", "watch", "create", "delete"},
     ("codehub.dev", "workspaces"): {"get", "list", "watch", "create", "update", "patch"},
     ("codehub.dev", "workspaces/status"): {"get", "update", "patch"},
-    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+    ("coordination.k8s.io", "leases"): {"get", "list", "create", "update", "delete"},
     ("codehub.dev", "sharelinks"): {"list", "watch", "create", "patch"},
     ("codehub.dev", "apitokens"): {"list", "watch", "create", "delete"},
     ("codehub.dev", "sharelinks/status"): {"patch"},

@@ -32,8 +32,8 @@ from gateway.lifecycle.kubernetes.objects import (
     parse_share_link,
     usage_patch,
 )
-from gateway.lifecycle.kubernetes.tokens import KubeTokenStore
-from tests.kube.emulator import API_TOKEN, SHARE_LINK, WORKSPACE, KubeEnv
+from gateway.lifecycle.kubernetes.tokens import ONCE_LABEL, KubeTokenStore
+from tests.kube.emulator import API_TOKEN, LEASE, SHARE_LINK, WORKSPACE, KubeEnv
 from tests.kube.support import NS, kube_settings, until
 
 pytestmark = pytest.mark.timeout(60)
@@ -277,3 +277,26 @@ def test_an_api_token_resource_round_trips_and_usage_patches_are_per_replica() -
         "status": {"replicas": {"gw-a": {"lastUsed": "2027-01-15T08:00:00.000000Z", "uses": 7}}}}
     assert usage_patch("gw-b", 1_800_000_000.0) == {
         "status": {"replicas": {"gw-b": {"lastUsed": "2027-01-15T08:00:00.000000Z"}}}}
+
+
+async def test_a_hand_off_code_is_admitted_once_across_replicas(kube: KubeEnv, replica: MakeReplica) -> None:
+    """Any replica may be shown a hand-off code; the API server, not a replica's memory, says it was used."""
+    a, b = await replica("gw-a"), await replica("gw-b")
+    code = gateway(a).auth.sessions.handoff_code(Identity("alice"), PREVIEW, "state-1")
+
+    async def callback(client: Client) -> tuple[int, str]:
+        response = await client.get(f"/_codehub/auth/callback?code={code}&next=/", allow_redirects=False,
+                                    headers={"Host": PREVIEW, "Accept": "application/json",
+                                             "Cookie": "codehub_handoff=state-1"})
+        return response.status, "" if response.status == 303 else (await response.json())["error"]["code"]
+
+    assert await callback(b) == (303, "")
+    assert await callback(a) == (400, "handoff-replayed")
+    assert await callback(b) == (400, "handoff-replayed")
+    used = kube.emulator.list_objects(LEASE, NS, label_selector=ONCE_LABEL)
+    assert [item["spec"]["holderIdentity"] for item in used] == ["gw-b"]
+
+    # Past its time (a code is refused by its signature by then) the record is deleted, by whichever replica.
+    assert await store(a).forget_used(time.time()) == 0
+    assert await store(a).forget_used(time.time() + 120) == 1
+    assert not kube.emulator.list_objects(LEASE, NS, label_selector=ONCE_LABEL)

@@ -39,7 +39,15 @@ from gateway.auth.store import (
 from gateway.config import Kubernetes
 from gateway.errors import NotFound
 from gateway.lifecycle.base import RuntimeError_
-from gateway.lifecycle.kubernetes.client import API_TOKEN, SHARE_LINK, Kind, KubeClient, KubeError, retrying
+from gateway.lifecycle.kubernetes.client import (
+    API_TOKEN,
+    LEASE,
+    SHARE_LINK,
+    Kind,
+    KubeClient,
+    KubeError,
+    retrying,
+)
 from gateway.lifecycle.kubernetes.informer import Informer
 from gateway.lifecycle.kubernetes.objects import (
     Usage,
@@ -56,6 +64,17 @@ from gateway.lifecycle.kubernetes.objects import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Obj = dict[str, Any]
+ONCE_LABEL = "codehub.dev/used-once"
+FORGET_AFTER = "codehub.dev/forget-after"
+
+
+def once_lease(key: str, holder: str, until: float) -> Obj:
+    """A one-time key as a Lease named after it: the API server admits the create once (409 after), whichever
+    replica asks, which no per-process memory can promise. Labelled so that stale ones can be found and deleted."""
+    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": f"codehub-{key}", "labels": {ONCE_LABEL: "true"},
+                         "annotations": {FORGET_AFTER: str(int(until) + 1)}},
+            "spec": {"holderIdentity": holder}}
 
 
 @dataclass
@@ -111,6 +130,7 @@ class KubeTokenStore:
         self._counted: dict[tuple[Kind, str], _Counted] = {}
         self._dirty = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._forgetter: asyncio.Task[None] | None = None
         self.writes = 0
 
     # -- lifespan --
@@ -134,8 +154,14 @@ class KubeTokenStore:
             raise RuntimeError_(f"Kubernetes API not reachable within {self.settings.sync_timeout:.0f} s ({errors})",
                                 code="kubernetes-unavailable") from None
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever(), name="token-usage")
+        self._forgetter = asyncio.get_running_loop().create_task(self._forget_forever(), name="forget-used-once")
 
     async def close(self, *, flush_within: float = 2.0) -> None:
+        forgetter, self._forgetter = self._forgetter, None
+        if forgetter is not None:
+            forgetter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await forgetter
         flusher, self._flusher = self._flusher, None
         if flusher is not None:
             flusher.cancel()
@@ -241,6 +267,28 @@ class KubeTokenStore:
         await _call(lambda: client.delete(API_TOKEN, record.id), self._attempts)  # False (404) = already gone
         self._deleted.add(record.id)
         self._refresh(API_TOKEN, record.id)
+
+    async def use_once(self, key: str, until: float) -> bool:
+        client = self._require()
+        created = await _call(lambda: client.create(LEASE, once_lease(key, self.identity, until)), self._attempts)
+        return created is not None
+
+    async def _forget_forever(self, every: float = 60.0) -> None:
+        """Delete one-time keys past their time (any replica's: a replica may have died before it could)."""
+        while True:
+            with contextlib.suppress(KubeError):
+                await self.forget_used(time.time())
+            await asyncio.sleep(every)
+
+    async def forget_used(self, now: float) -> int:
+        client = self._require()
+        listed = await client.list(LEASE, label_selector=f"{ONCE_LABEL}=true")
+        forgotten = 0
+        for item in listed.get("items", []):
+            forget_after = item["metadata"].get("annotations", {}).get(FORGET_AFTER, "0")
+            if float(forget_after) < now and await client.delete(LEASE, item["metadata"]["name"]):
+                forgotten += 1
+        return forgotten
 
     def _require(self) -> KubeClient:
         if self.client is None:
