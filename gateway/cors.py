@@ -56,7 +56,10 @@ def origin_allowed(rule: CorsRule, origin: str, spec: WorkspaceSpec, hosts: Host
                    owner_of: Callable[[str], str | None]) -> bool:
     if origin in rule.allow_origins or "*" in rule.allow_origins:
         return True
-    url = URL(origin)
+    try:
+        url = URL(origin)
+    except ValueError:  # an Origin no browser would send ("http://host:8080.evil.test")
+        return False
     if not url.absolute or url.scheme != hosts.scheme or url.path not in ("", "/"):
         return False
     try:

@@ -114,8 +114,10 @@ async def test_other_requests_are_handed_to_aiohttp_intact(proxied: MakeProxied,
         b"GET /x HTTP/1.1\r\nHost: {host}\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
         b"GET /x HTTP/1.1\r\nHost: {host}\r\nBad Header: yes\r\n\r\n",
         b"GET /" + b"p" * 9000 + b" HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: {host}\r\nHost: {host}\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: {host}\r\nHost: localhost:8080\r\n\r\n",
     ],
-    ids=["long-header", "bad-header-name", "long-url"],
+    ids=["long-header", "bad-header-name", "long-url", "two-hosts", "two-different-hosts"],
 )
 async def test_requests_past_the_limits_get_aiohttps_answer(proxied: MakeProxied, raw: bytes) -> None:
     p = await proxied(echo_app())
