@@ -38,6 +38,7 @@ APP_SCRIPT = Path(__file__).resolve().with_name("apps") / "preview_app.py"
 CODE_SERVER = Path(os.environ.get("CODEHUB_PEERS", "/opt/codehub-peers")) / "bin" / "code-server"
 VITE = REPO / "node_modules" / ".bin" / "vite"
 TIMEOUT_MS = 20_000
+SITE = "codehub.test"
 # Flags from shared/COMPONENTS.md; the resolver rule is one argv element (no shell quotes).
 CHROMIUM_ARGS = [
     "--headless",
@@ -48,7 +49,9 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE *.localhost, EXCLUDE 127.0.0.1",
+    # *.codehub.test: a preview domain whose hosts are one *site* (as under a real domain), on loopback.
+    f"--host-resolver-rules=MAP *.{SITE} 127.0.0.1, MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE *.localhost, "
+    "EXCLUDE 127.0.0.1",
 ]
 _addresses = itertools.count(2)
 
@@ -179,6 +182,9 @@ class Stack:
     policy_file: Path
     responses: list[tuple[str, str, str, int]] = field(default_factory=list)
     """(method, host, path, status) of every response the gateway sent, in order."""
+    domain: str = "localhost"
+    """``localhost``: every preview is a site of its own in Chromium; ``codehub.test``: all are one site (the hub
+    at ``hub.codehub.test``), as under a real preview domain."""
 
     @property
     def gateway(self) -> Gateway:
@@ -186,10 +192,13 @@ class Stack:
 
     @property
     def hub(self) -> str:
-        return f"http://localhost:{self.port}"
+        return hub_url(self.domain, self.port)
 
     def share_url(self, workspace: str, port: int, path: str = "/") -> str:
-        return f"http://{port}-{workspace}.localhost:{self.port}{path}"
+        return f"http://{port}-{workspace}.{self.domain}:{self.port}{path}"
+
+    def ide_url(self, workspace: str, path: str = "/") -> str:
+        return f"http://ide-{workspace}.{self.domain}:{self.port}{path}"
 
     def home(self, workspace: str) -> Path:
         return self.gateway.config.state_dir.resolve() / "workspaces" / workspace / "home"
@@ -206,15 +215,20 @@ class Stack:
 MakeStack = Callable[..., Awaitable[Stack]]
 
 
+def hub_url(domain: str, port: int) -> str:
+    return f"http://{'localhost' if domain == 'localhost' else 'hub.' + domain}:{port}"
+
+
 @pytest.fixture
 async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
     require_peer(REPO / "node_modules" / "oidc-provider", f"run `npm ci` in {REPO}")
     stacks: list[tuple[Stack, web.AppRunner, contextlib.AsyncExitStack]] = []
 
-    async def make(workspaces: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any] | None = None) -> Stack:
+    async def make(workspaces: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any] | None = None, *,
+                   domain: str = "localhost") -> Stack:
         exits = contextlib.AsyncExitStack()
         port = free_loopback_port()
-        hub = f"http://localhost:{port}"
+        hub = hub_url(domain, port)
         root = tmp_path / f"gateway-{port}"
         root.mkdir()
         idp = await exits.enter_async_context(start_idp(root, [f"{hub}/auth/callback"]))
@@ -223,7 +237,7 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
         config = Config.model_validate({
             "listen": {"host": "127.0.0.1", "port": port},
             "hub_url": hub,
-            "preview_domain": f"localhost:{port}",
+            "preview_domain": f"{domain}:{port}",
             "policy_file": str(policy_file),
             "auth": {"mode": "oidc",
                      "oidc": {"issuer": idp.issuer, "client_id": idp.client_id, "client_secret": idp.client_secret}},
@@ -245,7 +259,7 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
             await runner.cleanup()
             await exits.aclose()
             raise
-        stack = Stack(port, idp, app, policy_file, responses)
+        stack = Stack(port, idp, app, policy_file, responses, domain)
         stacks.append((stack, runner, exits))
         return stack
 

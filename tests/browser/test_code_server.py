@@ -1,5 +1,6 @@
-"""Scenario 6: the real code-server workbench loads through ``/w/{workspace}/`` for its signed-in owner, and its
-WebSockets (the remote extension host / file system channel) connect through the gateway and carry frames."""
+"""Scenario 6: the real code-server workbench loads on the IDE's own origin (``ide-{workspace}.{preview}``, reached
+here from an old ``{hub}/w/{workspace}/`` bookmark) for its signed-in owner, and its WebSockets (the remote
+extension host / file system channel) connect through the gateway, pass its origin check, and carry frames."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ COMMAND = [str(CODE_SERVER), "--auth", "none", "--bind-addr", "{host}:{ide_port}
 
 
 @pytest.mark.slow
-async def test_code_server_workbench_through_ide_path(browser: Browser, make_stack: MakeStack) -> None:
+async def test_code_server_workbench_on_the_ide_origin(browser: Browser, make_stack: MakeStack) -> None:
     require_peer(CODE_SERVER, "run .ci/install-code-server.sh")
     stack = await make_stack({"ws6": {"owner": "alice", "command": COMMAND}})
     (stack.home("ws6")).mkdir(parents=True, exist_ok=True)
@@ -31,13 +32,13 @@ async def test_code_server_workbench_through_ide_path(browser: Browser, make_sta
         socket.on("framereceived", lambda _payload: talking.set())
 
     page.on("websocket", on_socket)
-    ide = f"{stack.hub}/w/ws6/"
-    await page.goto(ide)
+    ide = stack.ide_url("ws6")
+    await page.goto(f"{stack.hub}/w/ws6/")
     await idp_sign_in(page, stack.idp, "alice")  # the IDE is only for its owner: sign in on the hub first
     await page.wait_for_url(f"{ide}**")
     await page.locator(".monaco-workbench").wait_for(timeout=90_000)  # after the waiting page
     await asyncio.wait_for(talking.wait(), 60)
-    workbench_sockets = [s for s in sockets if s.url.startswith(f"ws://localhost:{stack.port}/w/ws6/")]
+    workbench_sockets = [s for s in sockets if s.url.startswith(ide.replace("http:", "ws:"))]
     assert workbench_sockets, [s.url for s in sockets]
     assert any(not s.is_closed() for s in workbench_sockets)
     # The file explorer lists the workspace's home, read over the remote connection.

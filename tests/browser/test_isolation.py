@@ -1,0 +1,94 @@
+"""Scenarios 9 and 10: what a hostile page in one origin can make a signed-in visitor's Chromium do to another.
+
+Both run under ``*.codehub.test`` (mapped to loopback), where the hub (``hub.codehub.test``), the IDEs and the
+previews are one *site*, as under a real domain: Chromium sends their ``SameSite=Lax`` cookies along on requests
+between them, which ``*.localhost`` (every host a site of its own) would hide.
+
+9. A workspace owner serves a page on their IDE port. A collaborator who opens the IDE gets it on the IDE's own
+   origin, and from there it can neither mint an API token on the hub nor read the hub's API as them.
+10. Another owner's public preview page, opened by a signed-in visitor, cannot open a WebSocket to (nor write to)
+   the visitor's private app as the visitor; the app's own page and a page the port's CORS rule admits can.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tests.browser.conftest import SITE, Browser, MakeStack, idp_sign_in, screenshot
+
+WS_APP = str(Path(__file__).resolve().with_name("apps") / "ws_app.py")
+
+
+def ws_app(*ports: str) -> list[str]:
+    command = [sys.executable, WS_APP, "--host", "{host}", "--home", "{home}"]
+    for port in ports:
+        command += ["--port", port]
+    return command
+
+
+async def test_a_page_under_a_collaborators_ide_cannot_reach_the_hub_api(browser: Browser,
+                                                                         make_stack: MakeStack) -> None:
+    stack = await make_stack({"ws1": {"owner": "mallory", "collaborators": ["alice"],
+                                      "command": ws_app("{ide_port}")}}, domain=SITE)
+    context = await browser.launch(third_party_cookies=False)
+    page = await context.new_page()
+    # An old bookmark of the IDE on the hub: it moves to the IDE's own origin and signs in through the hub.
+    await page.goto(f"{stack.hub}/w/ws1/")
+    await idp_sign_in(page, stack.idp, "alice")
+    await page.wait_for_url(stack.ide_url("ws1"))
+    await page.locator("#app").wait_for()  # the IDE's page, after the waiting page
+    assert await page.evaluate("location.origin") == stack.ide_url("ws1").rstrip("/")
+
+    minted = await page.evaluate(f"mintToken({stack.hub!r})")
+    assert minted.startswith("rejected"), minted  # the preflight to the hub finds no CORS answer
+    assert (await page.evaluate(f"tryPost({stack.hub + '/api/v1/tokens'!r})")) == "sent"  # opaque, refused there
+    read = await page.evaluate(f"readHub({stack.hub!r})")
+    assert read.startswith("rejected"), read
+    assert not stack.gateway.auth.store.api_tokens, "no token was minted for the collaborator"
+    assert ("POST", f"hub.{SITE}:{stack.port}", "/api/v1/tokens", 403) in stack.responses
+    # The hub itself still works for her: the same request from the hub's own page goes through.
+    hub = await context.new_page()
+    await hub.goto(stack.hub + "/")
+    created = await hub.evaluate("""async () => (await fetch("/api/v1/tokens", {method: "POST",
+        headers: {"Content-Type": "application/json"}, body: JSON.stringify({name: "mine"})})).status""")
+    assert created == 201
+    await screenshot(page, "9-ide-page-cannot-reach-the-hub")
+
+
+async def test_a_preview_cannot_act_as_its_visitor_on_another(browser: Browser, make_stack: MakeStack) -> None:
+    stack = await make_stack(
+        {"vic": {"owner": "alice", "command": ws_app("8000", "5000"), "ports": {8000: "private", 5000: "private"}},
+         "mal": {"owner": "mallory", "command": ws_app("3000"), "ports": {3000: "public"}}},
+        # Not credentialed: such a port's cookie is SameSite=None and Secure, which plain HTTP cannot hold.
+        policy={"cors": [{"ports": [8000], "allow_origins": ["same-workspace"], "allow_credentials": False}]},
+        domain=SITE,
+    )
+    app_socket = stack.share_url("vic", 8000, "/ws").replace("http:", "ws:")
+    writes = stack.home("vic") / "writes.txt"
+    context = await browser.launch(third_party_cookies=False)
+    page = await context.new_page()
+
+    # The app's own page: a same-origin WebSocket and write carry the visitor.
+    await page.goto(stack.share_url("vic", 8000))
+    await idp_sign_in(page, stack.idp, "alice")
+    await page.wait_for_url(stack.share_url("vic", 8000))
+    await page.locator("#app").wait_for()
+    assert await page.evaluate(f"tryWs({app_socket!r})") == "open user:alice"
+    assert await page.evaluate("tryPost('/write')") == "sent"
+    # A page the port's CORS rule admits (another port of the same workspace).
+    await page.goto(stack.share_url("vic", 5000))
+    await page.wait_for_url(stack.share_url("vic", 5000))
+    await page.locator("#app").wait_for()
+    assert await page.evaluate(f"tryWs({app_socket!r})") == "open user:alice"
+
+    # Another owner's public preview, same site: the visitor's cookie for port 8000 rides along, and is refused.
+    await page.goto(stack.share_url("mal", 3000))
+    await page.locator("#app").wait_for()
+    assert await page.evaluate(f"tryWs({app_socket!r})") == "refused"
+    assert await page.evaluate(f"tryPost({stack.share_url('vic', 8000, '/write')!r})") == "sent"
+    host = f"8000-vic.{SITE}:{stack.port}"
+    assert ("GET", host, "/ws", 403) in stack.responses
+    assert ("POST", host, "/write", 403) in stack.responses
+    assert writes.read_text().splitlines() == ["8000 alice"], "only the app's own write arrived"
+    await screenshot(page, "10-cross-preview-websocket-refused")
