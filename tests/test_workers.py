@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from yarl import URL
 
 from gateway.serving import WORKER_HEADER
 from tests.conftest import next_address
@@ -199,6 +200,29 @@ async def test_share_links_and_revocation_apply_in_every_worker(served: Served, 
         status, page, _, _ = await served.request("GET", served.preview(), "/", headers=visitor, worker=wanted)
         assert status == 403, page
         assert page["error"]["code"] == "share-revoked"
+
+
+async def test_a_hand_off_code_works_once_in_total_not_once_per_worker(served: Served, hub_cookie: str) -> None:
+    status, _, _, cookies = await served.request("GET", served.preview(), "/", headers={"Accept": "text/html"})
+    assert status == 302
+    state = next(c for c in cookies if c.startswith("codehub_handoff=")).partition(";")[0]
+    code_url = await _handoff_location(served, hub_cookie, f"http://{served.preview()}/", state.partition("=")[2])
+    first = await served.request("GET", served.preview(), code_url, headers={"Cookie": state})
+    assert first[0] == 303
+    for wanted in (lambda pid: pid != first[2], lambda pid: pid == first[2]):
+        status, body, _, _ = await served.request("GET", served.preview(), code_url, worker=wanted,
+                                                  headers={"Cookie": state, "Accept": "application/json"})
+        assert (status, body["error"]["code"]) == (400, "handoff-replayed")
+
+
+async def _handoff_location(served: Served, hub_cookie: str, target: str, state: str) -> str:
+    headers = {"Host": served.hub, "Cookie": hub_cookie}
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session,
+                session.get(f"http://127.0.0.1:{served.port}/auth/handoff", headers=headers,
+                            params={"target": target, "state": state}, allow_redirects=False) as answer):
+        assert answer.status == 302
+        return URL(answer.headers["Location"]).raw_path_qs
 
 
 async def test_sigterm_to_the_parent_leaves_nothing_running(tmp_path: Path) -> None:

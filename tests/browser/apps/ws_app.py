@@ -80,7 +80,6 @@ def make_app(port: int, home: Path) -> web.Application:
 
 
 async def main(host: str, ports: list[int], home: Path) -> None:
-    home.mkdir(parents=True, exist_ok=True)
     runners = []
     for port in ports:
         runner = web.AppRunner(make_app(port, home), access_log=None)
@@ -96,4 +95,5 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, action="append", required=True)
     parser.add_argument("--home", type=Path, required=True)
     args = parser.parse_args()
+    args.home.mkdir(parents=True, exist_ok=True)
     asyncio.run(main(args.host, args.port, args.home))
