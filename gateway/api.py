@@ -6,8 +6,10 @@ callers changing anything must come from the hub's own origin (CSRF). Errors are
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from html import escape
 from typing import Annotated, Any, Literal
@@ -36,7 +38,10 @@ class _Body(BaseModel):
 
 
 class PortChange(_Body):
-    visibility: Literal["private", "org", "public"]
+    """Either or both: who can see the port, and whether its app receives visitors' identity (with consent)."""
+
+    visibility: Literal["private", "org", "public"] | None = None
+    identity: bool | None = None
 
 
 class NewShare(_Body):
@@ -114,12 +119,15 @@ def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity) 
     listening = gateway.runtime.listening_ports(state.id) or set()
     ports = sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
     role = _role(gateway, state, identity)
+    consented = Counter(c.port for c in gateway.auth.store.consents.values() if c.workspace == state.id and c.share)
     return {
         "id": state.id, "owner": state.spec.owner, "collaborators": list(state.spec.collaborators),
         "role": role.value if role else None, "phase": state.phase.value, "message": state.message,
         "ide_url": gateway.hosts.ide_url(state.id),
         "ports": [{"port": port, "visibility": visibility(gateway.policy, state.spec, port),
-                   "listening": port in listening, "url": gateway.hosts.share_url(state.id, port)} for port in ports],
+                   "listening": port in listening, "url": gateway.hosts.share_url(state.id, port),
+                   "identity": port in state.spec.identity_ports, "consented": consented.get(port, 0)}
+                  for port in ports],
     }
 
 
@@ -174,10 +182,17 @@ async def set_port(request: web.Request) -> web.Response:
     if not 1 <= port <= 65535 or port == state.spec.ide_port or port in gateway.policy.ports.denied:
         raise BadRequest(f"Port {port} cannot be shared.", code="bad-port")
     change: PortChange = await _body(request, PortChange)
+    if change.visibility is None and change.identity is None:
+        raise BadRequest("Say the port's visibility, whether it receives visitors' identity, or both.",
+                         code="bad-request-body")
     ceiling = gateway.policy.ports.max_visibility
-    if VISIBILITIES.index(change.visibility) > VISIBILITIES.index(ceiling):
+    if change.visibility is not None and VISIBILITIES.index(change.visibility) > VISIBILITIES.index(ceiling):
         raise Forbidden(f"The policy allows at most '{ceiling}' visibility.", code="visibility-above-ceiling")
-    state = await gateway.runtime.update(state.id, ports={**state.spec.ports, port: change.visibility})
+    ports = {**state.spec.ports, port: change.visibility} if change.visibility is not None else None
+    identity_ports = None
+    if change.identity is not None:
+        identity_ports = state.spec.identity_ports | {port} if change.identity else state.spec.identity_ports - {port}
+    state = await gateway.runtime.update(state.id, ports=ports, identity_ports=identity_ports)
     return web.json_response(workspace_view(gateway, state, identity))
 
 
@@ -282,6 +297,25 @@ async def revoke_token(request: web.Request) -> web.Response:
     return web.json_response({"id": record.id, "revoked": True})
 
 
+async def list_consents(request: web.Request) -> web.Response:
+    """The apps that know (or were told not to learn) who the caller is."""
+    identity = caller(request)
+    mine = sorted((c for c in request.app[GATEWAY].auth.store.consents.values() if c.subject == identity.subject),
+                  key=lambda c: (c.workspace, c.port))
+    return web.json_response({"consents": [dataclasses.asdict(c) for c in mine]})
+
+
+async def withdraw_consent(request: web.Request) -> web.Response:
+    """Withdrawn: the app learns nothing from the next request on, and the visitor is asked again."""
+    identity = caller(request)
+    store = request.app[GATEWAY].auth.store
+    consent = store.consents.get(request.match_info["consent"])
+    if consent is None or consent.subject != identity.subject:
+        raise NotFound("There is no such answer of yours.", code="consent-not-found")
+    await store.withdraw_consent(consent)
+    return web.json_response({"id": consent.id, "withdrawn": True})
+
+
 def _json_only(handler: Handler) -> Handler:
     """Errors from the API are JSON whatever the caller accepts (the front door renders them)."""
 
@@ -308,6 +342,8 @@ def add_routes(app: web.Application) -> None:
         ("GET", "/api/v1/tokens", list_tokens),
         ("POST", "/api/v1/tokens", create_token),
         ("DELETE", "/api/v1/tokens/{token}", revoke_token),
+        ("GET", "/api/v1/consents", list_consents),
+        ("DELETE", "/api/v1/consents/{consent}", withdraw_consent),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, _json_only(handler))

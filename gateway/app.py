@@ -115,8 +115,10 @@ async def home(request: web.Request) -> dict[str, object]:
     for view in views:
         links = [link for link in gateway.auth.store.shares.values() if link.workspace == view["id"]]
         view["shares"] = [api.share_view(gateway, link) for link in sorted(links, key=lambda link: -link.created)]
+    consents = sorted((c for c in gateway.auth.store.consents.values() if c.subject == identity.subject),
+                      key=lambda c: (c.workspace, c.port))
     return {"identity": identity, "workspaces": views, "dev": gateway.config.auth.mode == "dev",
-            "policy": gateway.policy}
+            "policy": gateway.policy, "consents": consents}
 
 
 def make_runtime(config: Config) -> Runtime:

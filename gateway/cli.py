@@ -87,10 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     workspace.add_argument("action", choices=["status", "wake", "stop", "archive"])
     workspace.add_argument("name")
     remote("workspaces", "list the workspaces you own or collaborate on, with their ports")
-    port = remote("port", "set who can see a port: private, org or public")
+    port = remote("port", "set who can see a port (private, org or public) and whether its app learns who visits")
     port.add_argument("workspace")
     port.add_argument("port", type=int)
-    port.add_argument("visibility", choices=["private", "org", "public"])
+    port.add_argument("visibility", nargs="?", choices=["private", "org", "public"])
+    port.add_argument("--identity", choices=["on", "off"],
+                      help="on: the app receives visitors' identity, each visitor once they agree (default off)")
     share = remote("share", "create, list or revoke share links")
     share.add_argument("action", choices=["create", "list", "revoke"])
     share.add_argument("workspace")
@@ -250,7 +252,8 @@ def _print_workspace(view: dict[str, Any]) -> None:
     print(f"{view['id']}  {view['phase']}  owner {view['owner']}  IDE {view['ide_url']}")
     for port in view["ports"]:
         listening = "listening" if port["listening"] else "not listening"
-        print(f"  port {port['port']:<5} {port['visibility']:<8} {listening:<13} {port['url']}")
+        knows = f"  identity on ({port['consented']} consented)" if port["identity"] else ""
+        print(f"  port {port['port']:<5} {port['visibility']:<8} {listening:<13} {port['url']}{knows}")
 
 
 def remote(args: argparse.Namespace) -> int:
@@ -262,8 +265,9 @@ def remote(args: argparse.Namespace) -> int:
         answer = _call(args, method, f"/api/v1/workspaces/{args.name}/{path}")
         views = [answer]
     elif args.command == "port":
+        change = {"visibility": args.visibility, "identity": {"on": True, "off": False}.get(args.identity)}
         answer = _call(args, "PUT", f"/api/v1/workspaces/{args.workspace}/ports/{args.port}",
-                       {"visibility": args.visibility})
+                       {key: value for key, value in change.items() if value is not None})
         views = [answer]
     else:
         return share(args)

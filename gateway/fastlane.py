@@ -35,6 +35,7 @@ from gateway.context import GATEWAY, Gateway
 from gateway.errors import GatewayError
 from gateway.lifecycle import Phase, WorkspaceState
 from gateway.pipeline import (
+    asks_consent,
     authorize,
     client_facts,
     forward,
@@ -245,8 +246,8 @@ class FastLane(WriteFlow):
             credentials, decision = authorize(gateway, target, state, method, headers)
         except GatewayError:
             return None
-        if not decision.allow:
-            return None
+        if not decision.allow or asks_consent(gateway, target, state, credentials.identity):
+            return None  # a refusal, a sign-in, or a consent page to show: aiohttp's lane
         return _Request(method, raw_path, headers, target, state, credentials, decision)
 
     async def _serve(self, request: _Request) -> None:

@@ -20,8 +20,10 @@ from gateway.accesslog import USER, log_text
 from gateway.auth.authenticate import Credentials, authenticate, sign_in_redirect, stale_share_refusal
 from gateway.auth.handlers import preview_callback, preview_popup
 from gateway.auth.identity import Identity
+from gateway.auth.store import Consent
 from gateway.context import Gateway
-from gateway.errors import Forbidden, GatewayError, NotFound, Redirect
+from gateway.disclosure import CONSENT_PATH, ConsentPage, consent_pending, disclosed, identity_headers
+from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, Redirect
 from gateway.lifecycle import Phase, WorkspaceState
 from gateway.pages import wants_html
 from gateway.policy import Decision, Reason, decide, denial, may_wake
@@ -29,7 +31,7 @@ from gateway.proxy.headers import ClientFacts, Headers, ResponseRules, upstream_
 from gateway.proxy.http import proxy_http
 from gateway.proxy.upstream import WAKE_CONNECT_GRACE, Upstream
 from gateway.proxy.websocket import relay_websocket
-from gateway.routing import Kind, Target, normalise_host
+from gateway.routing import Kind, Target, local_path, normalise_host
 from gateway.wake import stream_progress
 
 log = logging.getLogger("codehub.policy")
@@ -121,15 +123,19 @@ def record(gateway: Gateway, target: Target, identity: Identity | None, decision
                  log_text(identity.subject) if identity else "anonymous", decision.reason.value, decision.rule)
 
 
-def _identity_headers(gateway: Gateway, identity: Identity | None, audience: str) -> dict[str, str]:
+def _disclosed(gateway: Gateway, target: Target, state: WorkspaceState, identity: Identity | None) -> Identity | None:
     if identity is None:
-        return {}
-    return {
-        "X-Forwarded-User": identity.subject,
-        "X-Forwarded-Email": identity.email,
-        "X-Forwarded-Groups": ",".join(identity.groups),
-        "X-Codehub-Assertion": gateway.auth.sessions.assertion(identity, audience),
-    }
+        return None
+    return disclosed(gateway.policy.identity, state.spec, target.port, identity,
+                     member=_is_member(gateway, state, identity), consents=gateway.auth.store.consents)
+
+
+def asks_consent(gateway: Gateway, target: Target, state: WorkspaceState, identity: Identity | None) -> bool:
+    """Whether this caller must first answer the app's consent page (only a navigation is shown it)."""
+    if identity is None or target.port is None or target.port not in state.spec.identity_ports:
+        return False
+    return consent_pending(state.spec, target.port, identity, member=_is_member(gateway, state, identity),
+                   consents=gateway.auth.store.consents)
 
 
 async def serve_reserved(request: web.Request, target: Target, gateway: Gateway) -> web.StreamResponse:
@@ -142,6 +148,8 @@ async def serve_reserved(request: web.Request, target: Target, gateway: Gateway)
     if path == "/_codehub/auth/popup":
         return await preview_popup(request)
     state = _workspace(gateway, target)
+    if path == CONSENT_PATH and request.method == "POST":
+        return await _answer_consent(request, gateway, target, state)
     if path == "/_codehub/wake/events":
         _check(request, gateway, target, state)
         return await stream_progress(request, gateway.waker, state, upstream_port(target, state))
@@ -216,6 +224,11 @@ async def _serve_workspace(request: web.Request, target: Target, gateway: Gatewa
         credentials = Credentials(None, None, None, False, target.path)
     else:
         credentials = _check(request, gateway, target, state)
+        if (target.port is not None and request.method == "GET" and wants_html(request)
+                and not is_websocket(request) and asks_consent(gateway, target, state, credentials.identity)):
+            assert credentials.identity is not None
+            raise ConsentPage(gateway.policy.identity, state.spec, target.port, credentials.identity,
+                              credentials.path)
     port = upstream_port(target, state)
     held = state.phase is not Phase.RUNNING or gateway.waker.busy(state.id, port)
     state = await gateway.waker.ensure_awake(request, state, port)
@@ -241,11 +254,31 @@ def forward(gateway: Gateway, target: Target, state: WorkspaceState, port: int, 
     assert state.address is not None
     public_origin = gateway.hosts.origin(headers["Host"])
     upstream = Upstream(state.id, state.address, port, public_origin)
+    identity = _disclosed(gateway, target, state, credentials.identity)
+    assertion = gateway.auth.sessions.assertion(identity, public_origin) if identity is not None else None
     sent = upstream_request_headers(
         headers, facts, upstream_host=upstream.host_header, strip_authorization=credentials.consumed_authorization,
-        identity=_identity_headers(gateway, credentials.identity, public_origin),
+        identity=identity_headers(identity, assertion),
     )
     return upstream, sent
+
+
+async def _answer_consent(request: web.Request, gateway: Gateway, target: Target,
+                          state: WorkspaceState) -> web.StreamResponse:
+    """The consent page's form: recorded for this person and app, then on to where they were going. The form
+    is a cookie-authenticated write, so only the app's own origin can send it (``authorize``)."""
+    credentials = _check(request, gateway, target, state)
+    identity = credentials.identity
+    if identity is None or target.port is None or target.port not in state.spec.identity_ports:
+        raise NotFound("This app does not ask for your identity.", code="no-consent-asked")
+    form = await request.post()
+    choice = form.get("choice")
+    if choice not in ("share", "decline"):
+        raise BadRequest("Choose Continue or Continue without sharing.", code="bad-consent")
+    await gateway.auth.store.record_consent(Consent.answer(identity.subject, state.id, target.port,
+                                                           share=choice == "share",
+                                                           claims=list(gateway.policy.identity.claims)))
+    raise Redirect(local_path(str(form.get("next", "/"))), status=303)
 
 
 def in_use(gateway: Gateway, state: WorkspaceState,

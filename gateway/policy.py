@@ -128,6 +128,33 @@ class CorsRule(_Model):
     mode: Literal["replace", "passthru"] = "replace"
 
 
+Claim = Literal["user", "email", "name", "groups"]
+
+
+class IdentityRules(_Model):
+    """What apps may ever learn about the people who open them (administrators own this; owners only choose,
+    per port, whether their app receives it, and visitors whether to share it).
+
+    ``claims``: which of the person's claims may leave. ``groups``: when ``claims`` lists groups, which group
+    names may be passed (a name, or a prefix ending in ``*``); groups not listed are never sent.
+    """
+
+    claims: tuple[Claim, ...] = ("user", "email")
+    groups: tuple[str, ...] = ()
+
+    def disclose(self, identity: Identity) -> Identity:
+        """The identity cut down to what may leave: the headers and the signed assertion are both made from it,
+        so they can never say more than each other, or than this."""
+        groups = tuple(group for group in identity.groups if self._group_allowed(group)) \
+            if "groups" in self.claims else ()
+        return Identity(subject=identity.subject if "user" in self.claims else "",
+                        email=identity.email if "email" in self.claims else "",
+                        groups=groups, name=identity.name if "name" in self.claims else "")
+
+    def _group_allowed(self, group: str) -> bool:
+        return any(group == rule or (rule.endswith("*") and group.startswith(rule[:-1])) for rule in self.groups)
+
+
 class Policy(_Model):
     org: Org = Org()
     ports: Ports = Ports()
@@ -136,6 +163,7 @@ class Policy(_Model):
     admins: tuple[str, ...] = ()
     embedding: Embedding = Embedding()
     cors: tuple[CorsRule, ...] = ()
+    identity: IdentityRules = IdentityRules()
 
 
 class PolicyError(Exception):

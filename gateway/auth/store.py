@@ -90,6 +90,30 @@ class ApiToken:
         return data
 
 
+@dataclass
+class Consent:
+    """A visitor's answer on an app's consent page: whether it may receive their identity (``share``), and the
+    claims the page named. One record per person and app (``id`` is derived from them), until withdrawn."""
+
+    id: str
+    subject: str
+    workspace: str
+    port: int
+    share: bool
+    claims: list[str]
+    at: float
+
+    @classmethod
+    def answer(cls, subject: str, workspace: str, port: int, *, share: bool, claims: list[str],
+               now: float | None = None) -> Consent:
+        return cls(consent_id(subject, workspace, port), subject, workspace, port, share, claims,
+                   time.time() if now is None else now)
+
+
+def consent_id(subject: str, workspace: str, port: int) -> str:
+    return hashlib.sha256(f"{subject}\0{workspace}\0{port}".encode()).hexdigest()[:24]
+
+
 class TokenStore(Protocol):
     """Where share links and API tokens live. Reads come from memory; writes are awaited and, once they return,
     apply to every later lookup on this replica (and, for a shared store, on the others soon after)."""
@@ -118,6 +142,15 @@ class TokenStore(Protocol):
     async def create_api_token(self, identity: Identity, *, name: str) -> tuple[ApiToken, str]: ...
 
     async def revoke_api_token(self, record: ApiToken) -> None: ...
+
+    @property
+    def consents(self) -> Mapping[str, Consent]:
+        """Every visitor's answer on every app's consent page, by id."""
+
+    async def record_consent(self, consent: Consent) -> None:
+        """Store (or replace) a visitor's answer for an app."""
+
+    async def withdraw_consent(self, consent: Consent) -> None: ...
 
     async def use_once(self, key: str, until: float) -> bool:
         """True the first time ``key`` is used, False ever after (until ``until``, when it may be forgotten):
@@ -152,6 +185,7 @@ class FileTokenStore:
         self._share_uses: dict[str, tuple[int, float]] = {}
         self._token_uses: dict[str, float] = {}
         self._used: dict[str, float] = {}  # one-time keys (hand-off codes) and when they may be forgotten
+        self._consents: dict[str, Consent] = {}
         self.refresh()
 
     @property
@@ -187,6 +221,7 @@ class FileTokenStore:
         self._shares = {item["id"]: ShareLink(**item) for item in data.get("shares", [])}
         self._api_tokens = {item["id"]: ApiToken(**item) for item in data.get("api_tokens", [])}
         self._used = dict(data.get("used", {}))
+        self._consents = {item["id"]: Consent(**item) for item in data.get("consents", [])}
         for share_id, (uses, last) in self._share_uses.items():
             if share_id in self._shares:
                 link = self._shares[share_id]
@@ -219,7 +254,7 @@ class FileTokenStore:
         assert self._path is not None
         data = {"shares": [dataclasses.asdict(link) for link in self._shares.values()],
                 "api_tokens": [dataclasses.asdict(token) for token in self._api_tokens.values()],
-                "used": self._used}
+                "used": self._used, "consents": [dataclasses.asdict(c) for c in self._consents.values()]}
         tmp = self._path.with_name(f"{self._path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
@@ -253,6 +288,19 @@ class FileTokenStore:
             self._shares[link.id] = link
             self._share_index[link.token_hash] = link
         return link, token
+
+    @property
+    def consents(self) -> dict[str, Consent]:
+        self.refresh()
+        return self._consents
+
+    async def record_consent(self, consent: Consent) -> None:
+        with self._writing():
+            self._consents[consent.id] = consent
+
+    async def withdraw_consent(self, consent: Consent) -> None:
+        with self._writing():
+            self._consents.pop(consent.id, None)
 
     async def use_once(self, key: str, until: float) -> bool:
         """Checked and recorded under the file's lock, so two workers shown one code admit it once."""

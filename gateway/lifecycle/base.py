@@ -50,6 +50,8 @@ class WorkspaceSpec:
     collaborators: tuple[str, ...] = ()
     ide_port: int = 13337
     ports: Mapping[int, str] = field(default_factory=dict)
+    identity_ports: frozenset[int] = frozenset()
+    """Ports whose app receives visitors' identity (with their consent); the owner opts each one in."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +162,8 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
-                     collaborators: tuple[str, ...] | None = None) -> WorkspaceState:
+                     collaborators: tuple[str, ...] | None = None,
+                     identity_ports: frozenset[int] | None = None) -> WorkspaceState:
         """Change how a workspace is shared; persisted by the runtime."""
 
     def record_activity(self, workspace: str, at: float) -> None:

@@ -170,13 +170,16 @@ class LocalRuntime(Runtime):
             return self._end(slot)
 
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
-                     collaborators: tuple[str, ...] | None = None) -> WorkspaceState:
+                     collaborators: tuple[str, ...] | None = None,
+                     identity_ports: frozenset[int] | None = None) -> WorkspaceState:
         slot = self._slot(workspace)
         settings = self._read_settings(slot)
         if ports is not None:
             settings["ports"] = {str(port): visibility for port, visibility in ports.items()}
         if collaborators is not None:
             settings["collaborators"] = list(collaborators)
+        if identity_ports is not None:
+            settings["identity_ports"] = sorted(identity_ports)
         tmp = slot.settings_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(settings, indent=2))
         os.replace(tmp, slot.settings_file)
@@ -205,6 +208,9 @@ class LocalRuntime(Runtime):
         collaborators = settings.get("collaborators")
         if isinstance(collaborators, list):
             spec = replace(spec, collaborators=tuple(str(name) for name in collaborators))
+        identity_ports = settings.get("identity_ports")
+        if isinstance(identity_ports, list):
+            spec = replace(spec, identity_ports=frozenset(int(port) for port in identity_ports))
         return spec
 
     def _observe(self, slot: _Slot) -> WorkspaceState:

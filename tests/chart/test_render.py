@@ -92,6 +92,7 @@ def test_default_render_has_each_piece_once() -> None:
     assert kinds == sorted([
         "ConfigMap", "ConfigMap", "ConfigMap",  # settings, policies, dashboard
         "CustomResourceDefinition", "CustomResourceDefinition", "CustomResourceDefinition",  # workspaces, links, tokens
+        "CustomResourceDefinition",  # consents
         "Deployment", "Ingress", "NetworkPolicy", "PodDisruptionBudget",
         "Role", "RoleBinding", "Service", "ServiceAccount",
     ])

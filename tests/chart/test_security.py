@@ -22,6 +22,7 @@ EXPECTED_RULES = {
     ("coordination.k8s.io", "leases"): {"get", "list", "create", "update", "delete"},
     ("codehub.dev", "sharelinks"): {"list", "watch", "create", "patch"},
     ("codehub.dev", "apitokens"): {"list", "watch", "create", "delete"},
+    ("codehub.dev", "identityconsents"): {"list", "watch", "create", "patch", "delete"},
     ("codehub.dev", "sharelinks/status"): {"patch"},
     ("codehub.dev", "apitokens/status"): {"patch"},
 }

@@ -171,7 +171,7 @@ def test_workspace_crd_shape() -> None:
     assert columns["Owner"] == ".spec.owner"
     schema = version["schema"]["openAPIV3Schema"]
     assert set(schema["properties"]["spec"]["properties"]) == {
-        "owner", "collaborators", "image", "idePort", "storage", "resources", "ports"}
+        "owner", "collaborators", "image", "idePort", "storage", "resources", "ports", "identityPorts"}
     assert set(schema["properties"]["status"]["properties"]) == {"phase", "podIP", "lastActivity", "conditions"}
 
 

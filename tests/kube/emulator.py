@@ -108,6 +108,7 @@ VOLUME_SNAPSHOT = kmock.resource('snapshot.storage.k8s.io', 'v1', 'volumesnapsho
 WORKSPACE = kmock.resource('codehub.dev', 'v1alpha1', 'workspaces')
 SHARE_LINK = kmock.resource('codehub.dev', 'v1alpha1', 'sharelinks')
 API_TOKEN = kmock.resource('codehub.dev', 'v1alpha1', 'apitokens')
+CONSENT = kmock.resource('codehub.dev', 'v1alpha1', 'identityconsents')
 
 
 def _info(kind: str, singular: str, *, namespaced: bool = True, status: bool = False,
@@ -133,6 +134,7 @@ DEFAULT_RESOURCES: dict[str, kmock.ResourceInfo] = {
     'codehub.dev/v1alpha1/workspaces': _info('Workspace', 'workspace', status=True, shortnames={'ws'}),
     'codehub.dev/v1alpha1/sharelinks': _info('ShareLink', 'sharelink', status=True),
     'codehub.dev/v1alpha1/apitokens': _info('ApiToken', 'apitoken', status=True),
+    'codehub.dev/v1alpha1/identityconsents': _info('IdentityConsent', 'identityconsent'),
 }
 
 # The real API answers DELETE of these with a `Status` (kind: Status, status: Success), not the object.

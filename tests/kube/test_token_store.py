@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient
 from gateway import cli
 from gateway.app import build_app
 from gateway.auth.identity import Identity
-from gateway.auth.store import ApiToken, ShareLink, token_hash
+from gateway.auth.store import ApiToken, Consent, ShareLink, token_hash
 from gateway.config import Config
 from gateway.context import GATEWAY, Gateway
 from gateway.lifecycle.kubernetes.objects import (
@@ -33,7 +33,7 @@ from gateway.lifecycle.kubernetes.objects import (
     usage_patch,
 )
 from gateway.lifecycle.kubernetes.tokens import ONCE_LABEL, KubeTokenStore
-from tests.kube.emulator import API_TOKEN, LEASE, SHARE_LINK, WORKSPACE, KubeEnv
+from tests.kube.emulator import API_TOKEN, CONSENT, LEASE, SHARE_LINK, WORKSPACE, KubeEnv
 from tests.kube.support import NS, kube_settings, until
 
 pytestmark = pytest.mark.timeout(60)
@@ -300,3 +300,26 @@ async def test_a_hand_off_code_is_admitted_once_across_replicas(kube: KubeEnv, r
     assert await store(a).forget_used(time.time()) == 0
     assert await store(a).forget_used(time.time() + 120) == 1
     assert not kube.emulator.list_objects(LEASE, NS, label_selector=ONCE_LABEL)
+
+
+async def test_a_consent_given_through_one_replica_applies_in_every_one(kube: KubeEnv, replica: MakeReplica) -> None:
+    a, b = await replica("gw-a"), await replica("gw-b")
+    answer = Consent.answer("bob", "w1", 8000, share=True, claims=["user", "email"])
+    await store(a).record_consent(answer)
+    assert store(a).consents[answer.id] == answer  # at once where it was given
+    await until(lambda: answer.id in store(b).consents)
+    assert store(b).consents[answer.id].share
+    stored = kube.emulator.get_object(CONSENT, NS, answer.id)
+    assert stored is not None
+    assert stored["spec"] == {"subject": "bob", "workspace": "w1", "port": 8000, "share": True,
+                              "claims": ["user", "email"], "answered": stored["spec"]["answered"]}
+
+    # Answered again (declined this time): the same object, replaced.
+    declined = Consent.answer("bob", "w1", 8000, share=False, claims=["user", "email"])
+    await store(b).record_consent(declined)
+    await until(lambda: not store(a).consents[answer.id].share)
+    assert len(kube.emulator.list_objects(CONSENT, NS)) == 1
+
+    await store(a).withdraw_consent(declined)
+    assert answer.id not in store(a).consents
+    await until(lambda: answer.id not in store(b).consents)

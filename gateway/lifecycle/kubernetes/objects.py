@@ -33,6 +33,7 @@ class WorkspaceResource:
     owner: str
     collaborators: tuple[str, ...] = ()
     ports: Mapping[int, str] = field(default_factory=dict)
+    identity_ports: frozenset[int] = frozenset()
     image: str | None = None
     ide_port: int | None = None
     storage: str | None = None
@@ -40,7 +41,8 @@ class WorkspaceResource:
 
     def spec(self, settings: Kubernetes) -> WorkspaceSpec:
         return WorkspaceSpec(id=self.id, owner=self.owner, collaborators=self.collaborators,
-                             ide_port=self.ide_port or settings.ide_port, ports=dict(self.ports))
+                             ide_port=self.ide_port or settings.ide_port, ports=dict(self.ports),
+                             identity_ports=self.identity_ports)
 
 
 def pod_name(workspace: str) -> str:
@@ -154,6 +156,8 @@ def make_workspace(ws: WorkspaceResource) -> dict[str, Any]:
         "collaborators": list(ws.collaborators),
         "ports": {str(port): visibility for port, visibility in sorted(ws.ports.items())},
     }
+    if ws.identity_ports:
+        spec["identityPorts"] = sorted(ws.identity_ports)
     optional = {"image": ws.image, "idePort": ws.ide_port, "storage": ws.storage,
                 "resources": {key: dict(value) for key, value in ws.resources.items()} if ws.resources else None}
     spec.update({key: value for key, value in optional.items() if value is not None})
@@ -196,6 +200,8 @@ def parse_workspace(obj: Mapping[str, Any]) -> WorkspaceResource:
         owner=str(spec.get("owner") or ""),
         collaborators=tuple(str(name) for name in spec.get("collaborators") or ()),
         ports=ports,
+        identity_ports=frozenset(port for port in spec.get("identityPorts") or () if isinstance(port, int)
+                                 and 0 < port < 65536),
         image=spec.get("image") or None,
         ide_port=ide_port if isinstance(ide_port, int) and 0 < ide_port < 65536 else None,
         storage=spec.get("storage") or None,

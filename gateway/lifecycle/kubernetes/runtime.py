@@ -295,7 +295,8 @@ class KubernetesRuntime(Runtime):
         return await self.create_workspace(spec)
 
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
-                     collaborators: tuple[str, ...] | None = None) -> WorkspaceState:
+                     collaborators: tuple[str, ...] | None = None,
+                     identity_ports: frozenset[int] | None = None) -> WorkspaceState:
         current = self.view.resource(workspace)
         spec: dict[str, Any] = {}
         if ports is not None:
@@ -303,6 +304,8 @@ class KubernetesRuntime(Runtime):
                              **{str(p): visibility for p, visibility in ports.items()}}
         if collaborators is not None:
             spec["collaborators"] = list(collaborators)
+        if identity_ports is not None:
+            spec["identityPorts"] = sorted(identity_ports)
         if not spec:
             return await self.status(workspace)
         patched = await self._call(lambda c: c.patch(WORKSPACE, workspace, {"spec": spec}))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,6 +31,7 @@ from gateway.auth.store import (
     API_PREFIX,
     SHARE_PREFIX,
     ApiToken,
+    Consent,
     ShareLink,
     new_api_token,
     new_id,
@@ -41,6 +43,7 @@ from gateway.errors import NotFound
 from gateway.lifecycle.base import RuntimeError_
 from gateway.lifecycle.kubernetes.client import (
     API_TOKEN,
+    CONSENT,
     LEASE,
     SHARE_LINK,
     Kind,
@@ -50,11 +53,14 @@ from gateway.lifecycle.kubernetes.client import (
 )
 from gateway.lifecycle.kubernetes.informer import Informer
 from gateway.lifecycle.kubernetes.objects import (
+    MANAGED_BY,
     Usage,
     make_api_token,
     make_share_link,
+    micro_time,
     parse_api_token,
     parse_share_link,
+    parse_time,
     revoke_patch,
     total_usage,
     usage_by_replica,
@@ -66,6 +72,27 @@ T = TypeVar("T")
 Obj = dict[str, Any]
 ONCE_LABEL = "codehub.dev/used-once"
 FORGET_AFTER = "codehub.dev/forget-after"
+
+
+def make_consent(consent: Consent) -> Obj:
+    return {"apiVersion": CONSENT.api_version, "kind": CONSENT.kind,
+            "metadata": {"name": consent.id, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY}},
+            "spec": {"subject": consent.subject, "workspace": consent.workspace, "port": consent.port,
+                     "share": consent.share, "claims": list(consent.claims),
+                     "answered": micro_time(datetime.datetime.fromtimestamp(consent.at, datetime.UTC))}}
+
+
+def parse_consent(obj: Obj) -> Consent | None:
+    """None when malformed: then it records no answer, and the visitor is asked again."""
+    spec = obj.get("spec") or {}
+    subject, workspace, port, share = spec.get("subject"), spec.get("workspace"), spec.get("port"), spec.get("share")
+    if not (isinstance(subject, str) and isinstance(workspace, str) and isinstance(port, int)
+            and isinstance(share, bool)):
+        return None
+    answered = parse_time(spec.get("answered"))
+    return Consent(str(obj["metadata"]["name"]), subject, workspace, port, share,
+                   [str(claim) for claim in spec.get("claims") or ()],
+                   answered.timestamp() if answered is not None else 0.0)
 
 
 def once_lease(key: str, holder: str, until: float) -> Obj:
@@ -123,6 +150,7 @@ class KubeTokenStore:
         self._share_index: dict[str, ShareLink] = {}  # token hash -> link
         self._tokens: dict[str, ApiToken] = {}
         self._token_index: dict[str, ApiToken] = {}
+        self._consents: dict[str, Consent] = {}
         # Written here, not yet delivered by the watch: applied over the cache until it is.
         self._created: dict[tuple[Kind, str], Obj] = {}
         self._revoked: dict[str, float] = {}
@@ -144,7 +172,10 @@ class KubeTokenStore:
         for kind in (SHARE_LINK, API_TOKEN):
             self.informers[kind] = Informer(client, kind, on_change=self._on_change(kind),
                                             watch_timeout=self.settings.watch_timeout)
-            self.informers[kind].start()
+        self.informers[CONSENT] = Informer(client, CONSENT, on_change=self._consent_changed,
+                                           watch_timeout=self.settings.watch_timeout)
+        for informer in self.informers.values():
+            informer.start()
         try:
             async with asyncio.timeout(self.settings.sync_timeout):
                 await asyncio.gather(*(informer.synced.wait() for informer in self.informers.values()))
@@ -267,6 +298,30 @@ class KubeTokenStore:
         await _call(lambda: client.delete(API_TOKEN, record.id), self._attempts)  # False (404) = already gone
         self._deleted.add(record.id)
         self._refresh(API_TOKEN, record.id)
+
+    @property
+    def consents(self) -> Mapping[str, Consent]:
+        return self._consents
+
+    async def record_consent(self, consent: Consent) -> None:
+        client = self._require()
+        body = make_consent(consent)
+        if await _call(lambda: client.create(CONSENT, body), self._attempts) is None:  # answered before: replace
+            await _call(lambda: client.patch(CONSENT, consent.id, {"spec": body["spec"]}), self._attempts)
+        self._consents[consent.id] = consent  # this replica at once; the others when their watch delivers it
+
+    async def withdraw_consent(self, consent: Consent) -> None:
+        client = self._require()
+        await _call(lambda: client.delete(CONSENT, consent.id), self._attempts)  # False (404) = already gone
+        self._consents.pop(consent.id, None)
+
+    def _consent_changed(self, event: str, obj: Obj) -> None:
+        name = str(obj["metadata"]["name"])
+        consent = parse_consent(obj) if event != "DELETED" else None
+        if consent is None:
+            self._consents.pop(name, None)
+        else:
+            self._consents[name] = consent
 
     async def use_once(self, key: str, until: float) -> bool:
         client = self._require()

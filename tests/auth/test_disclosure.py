@@ -1,0 +1,211 @@
+"""Visitors' identity reaches an app only by policy and consent (README, "Security model": who learns what).
+
+The echo upstream answers with the headers it received, so each test sees exactly what an app learns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+from gateway.auth.identity import Identity
+from gateway.policy import IdentityRules
+from tests.auth.browser import Browser, Page
+from tests.auth.conftest import MakeBrowser, Serve, Served, seen_headers
+
+pytestmark = pytest.mark.timeout(60)
+
+HUB = "http://localhost:8080"
+APP = "http://3001-ws1.localhost:8080"
+WORKSPACES: dict[str, dict[str, Any]] = {
+    "ws1": {"owner": "alice", "collaborators": ["carol"], "ports": {3000: "private", 3001: "public"}},
+}
+IDENTITY_HEADERS = ("x-forwarded-user", "x-forwarded-email", "x-forwarded-groups", "x-codehub-assertion")
+NAVIGATE = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+FETCH = {"Accept": "application/json", "Sec-Fetch-Mode": "cors"}
+
+
+@pytest.mark.parametrize(
+    ("rules", "expected"),
+    [
+        ({}, Identity("bob", "bob@x.test")),
+        ({"claims": ["user"]}, Identity("bob")),
+        ({"claims": ["email", "name"]}, Identity("", "bob@x.test", name="Bob")),
+        ({"claims": ["user", "groups"]}, Identity("bob")),  # groups listed, but no group allowed
+        ({"claims": ["user", "groups"], "groups": ["team-*", "qa"]}, Identity("bob", groups=("team-a", "qa"))),
+        ({"claims": ["groups"], "groups": ["team-a"]}, Identity("", groups=("team-a",))),
+    ],
+)
+def test_policy_decides_what_may_ever_leave(rules: dict[str, Any], expected: Identity) -> None:
+    bob = Identity("bob", "bob@x.test", ("secret-project", "team-a", "hr-investigation", "qa"), "Bob",
+                   (("department", "legal"),))
+    assert IdentityRules.model_validate(rules).disclose(bob) == expected
+
+
+@pytest.fixture
+async def served(serve: Serve, tmp_path: Path) -> Served:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("identity:\n  claims: [user, email, groups]\n  groups: [team-*]\n")
+    return await serve(WORKSPACES, policy_file=str(policy))
+
+
+async def signed_in(make_browser: MakeBrowser, served: Served, user: str, groups: str = "") -> Browser:
+    browser = await make_browser(served)
+    page = await browser.dev_sign_in(served.hub, user, groups=groups)
+    assert page.status == 303
+    return browser
+
+
+async def learned(browser: Browser, served: Served, port: int = 3001, headers: dict[str, str] | None = None
+                  ) -> dict[str, list[str]]:
+    """What the app on ``port`` learned from one fetch by ``browser`` (not a navigation: never a consent page)."""
+    page = await browser.navigate(served.preview("ws1", port, "/x"), headers={**FETCH, **(headers or {})})
+    assert page.status == 200, page.text
+    seen = seen_headers(page.json())
+    return {name: seen[name] for name in IDENTITY_HEADERS if name in seen}
+
+
+def assertion_claims(seen: dict[str, list[str]], audience: str = APP) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(seen["x-codehub-assertion"][0], options={"verify_signature": False},
+                                        audience=audience)
+    return claims
+
+
+def same_in_assertion(seen: dict[str, list[str]]) -> None:
+    """The signed assertion says exactly what the headers say, never more."""
+    claims = assertion_claims(seen)
+    assert claims["sub"] == seen.get("x-forwarded-user", [""])[0]
+    assert claims["email"] == seen.get("x-forwarded-email", [""])[0]
+    assert ",".join(claims["groups"]) == seen.get("x-forwarded-groups", [""])[0]
+    assert claims["name"] == ""
+    assert claims["attrs"] == {}
+
+
+async def opt_in(owner: Browser, port: int = 3001, on: bool = True) -> Page:
+    page = await owner.fetch("PUT", f"{HUB}/api/v1/workspaces/ws1/ports/{port}", json_body={"identity": on},
+                             headers={"Origin": HUB, "Accept": "application/json"})
+    assert page.status == 200, page.text
+    return page
+
+
+async def answer(browser: Browser, choice: str, origin: str = APP) -> Page:
+    return await browser.fetch("POST", served_consent_url(), data={"choice": choice, "next": "/x?y=1"},
+                               headers={"Origin": origin, "Accept": "text/html"})
+
+
+def served_consent_url() -> str:
+    return APP + "/_codehub/consent"
+
+
+async def test_members_are_known_to_every_port_as_far_as_policy_allows(served: Served,
+                                                                        make_browser: MakeBrowser) -> None:
+    alice = await signed_in(make_browser, served, "alice", "secret-project,team-a")
+    assert (await alice.navigate(served.preview("ws1", 3000, "/"))).status == 200  # signs in there
+    seen = await learned(alice, served, 3000)
+    assert seen["x-forwarded-user"] == ["alice"]
+    assert seen["x-forwarded-groups"] == ["team-a"], "a group the policy does not list never leaves"
+    claims = assertion_claims(seen, "http://3000-ws1.localhost:8080")
+    assert claims["groups"] == ["team-a"]
+    assert "secret-project" not in str(seen)
+
+
+async def test_a_port_not_opted_in_learns_nothing_of_visitors(served: Served, make_browser: MakeBrowser) -> None:
+    bob = await signed_in(make_browser, served, "bob", "team-b")
+    session = served.gateway.auth.sessions.issue(Identity("bob", "bob@example.com", ("team-b",)), APP[7:])
+    bob.add_cookie(APP, "codehub_session", session)
+    assert await learned(bob, served) == {}
+    page = await bob.navigate(served.preview("ws1", 3001, "/x"), headers=NAVIGATE)
+    assert page.status == 200
+    assert "identity-consent" not in page.text
+
+
+async def test_visitors_consent_once_per_app_and_can_withdraw(served: Served, make_browser: MakeBrowser) -> None:
+    alice = await signed_in(make_browser, served, "alice")
+    await opt_in(alice)
+    bob = await signed_in(make_browser, served, "bob", "team-b,secret-project")
+    bob.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(
+        Identity("bob", "bob@example.com", ("team-b", "secret-project")), APP[7:]))
+
+    # Before an answer: a navigation gets the page, on the app's origin; nothing reaches the app.
+    page = await bob.navigate(served.preview("ws1", 3001, "/x?y=1"), headers=NAVIGATE)
+    assert page.status == 200
+    assert "Share who you are with this app?" in page.text
+    for shown in ("bob", "bob@example.com", "team-b", "alice", "3001"):
+        assert shown in page.text
+    assert "secret-project" not in page.text
+    assert page.headers["Cache-Control"] == "no-store"
+    # ... and anything else goes through knowing nobody.
+    assert await learned(bob, served) == {}
+
+    # Another origin cannot answer for the visitor.
+    forged = await answer(bob, "share", origin="http://3000-ws1.localhost:8080")
+    assert forged.status == 403
+    assert not served.gateway.auth.store.consents
+
+    shared = await answer(bob, "share")
+    assert shared.status == 303
+    assert shared.headers["Location"] == "/x?y=1"
+    seen = await learned(bob, served)
+    assert seen["x-forwarded-user"] == ["bob"]
+    assert seen["x-forwarded-email"] == ["bob@example.com"]
+    assert seen["x-forwarded-groups"] == ["team-b"]
+    same_in_assertion(seen)
+    view = (await alice.fetch("GET", f"{HUB}/api/v1/workspaces/ws1", headers={"Accept": "application/json"})).json()
+    assert [(p["port"], p["identity"], p["consented"]) for p in view["ports"]] == [(3000, False, 0), (3001, True, 1)]
+
+    # Withdrawn on the hub: the app learns nothing from the next request on, and asks again.
+    mine = (await bob.fetch("GET", f"{HUB}/api/v1/consents", headers={"Accept": "application/json"})).json()
+    [consent] = mine["consents"]
+    assert (consent["workspace"], consent["port"], consent["share"]) == ("ws1", 3001, True)
+    assert consent["claims"] == ["user", "email", "groups"]
+    other = await signed_in(make_browser, served, "carol")
+    refused = await other.fetch("DELETE", f"{HUB}/api/v1/consents/{consent['id']}",
+                                headers={"Origin": HUB, "Accept": "application/json"})
+    assert refused.status == 404, "nobody withdraws another person's answer"
+    withdrawn = await bob.fetch("DELETE", f"{HUB}/api/v1/consents/{consent['id']}",
+                                headers={"Origin": HUB, "Accept": "application/json"})
+    assert withdrawn.status == 200
+    assert await learned(bob, served) == {}
+    again = await bob.navigate(served.preview("ws1", 3001, "/x"), headers=NAVIGATE)
+    assert "Share who you are with this app?" in again.text
+
+    declined = await answer(bob, "decline")
+    assert declined.status == 303
+    assert await learned(bob, served) == {}
+    page = await bob.navigate(served.preview("ws1", 3001, "/x"), headers=NAVIGATE)
+    assert "Share who you are" not in page.text, "a declined visitor is not asked again"
+    assert page.json()["path"] == "/x"
+
+
+async def test_scripts_follow_the_same_rule(served: Served, make_browser: MakeBrowser) -> None:
+    alice = await signed_in(make_browser, served, "alice")
+    await opt_in(alice)
+    bob = await signed_in(make_browser, served, "bob")
+    token = (await bob.fetch("POST", f"{HUB}/api/v1/tokens", json_body={"name": "ci"},
+                             headers={"Origin": HUB, "Accept": "application/json"})).json()["token"]
+    script = await make_browser(served)
+    assert await learned(script, served, headers={"Authorization": f"Bearer {token}", "Accept": "text/html"}) == {}
+    bob.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(Identity("bob", "bob@example.com"),
+                                                                              APP[7:]))
+    assert (await answer(bob, "share")).status == 303
+    seen = await learned(script, served, headers={"Authorization": f"Bearer {token}"})
+    assert seen["x-forwarded-user"] == ["bob"]
+    same_in_assertion(seen)
+
+
+async def test_opting_out_stops_disclosure_at_once(served: Served, make_browser: MakeBrowser) -> None:
+    alice = await signed_in(make_browser, served, "alice")
+    await opt_in(alice)
+    bob = await signed_in(make_browser, served, "bob")
+    bob.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(Identity("bob"), APP[7:]))
+    assert (await answer(bob, "share")).status == 303
+    assert (await learned(bob, served))["x-forwarded-user"] == ["bob"]
+    await opt_in(alice, on=False)
+    assert await learned(bob, served) == {}
+    visitor = await signed_in(make_browser, served, "bob")
+    refused = await visitor.fetch("PUT", f"{HUB}/api/v1/workspaces/ws1/ports/3001", json_body={"identity": True},
+                                  headers={"Origin": HUB, "Accept": "application/json"})
+    assert refused.status == 404, "only the owner opts a port in"
