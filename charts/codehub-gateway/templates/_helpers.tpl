@@ -42,9 +42,25 @@ app.kubernetes.io/part-of: codehub
 {{- end }}
 {{- end }}
 
-{{/* Where workspaces (pods, PVCs, snapshots, Workspace objects, the Lease) live. */}}
+{{/*
+Where workspaces (pods, PVCs, snapshots, Workspace objects, share links, tokens, the Lease) live: never the
+release namespace, where whoever creates pods could mount the gateway's signing keys.
+*/}}
 {{- define "codehub-gateway.workspaceNamespace" -}}
-{{- default .Release.Namespace .Values.workspaces.namespace }}
+{{- $namespace := default (printf "%s-workspaces" .Release.Namespace | trunc 63 | trimSuffix "-") .Values.workspaces.namespace }}
+{{- if eq $namespace .Release.Namespace }}
+{{- fail (printf "workspaces.namespace must not be the release namespace %q: whoever may create pods there may mount the gateway's signing keys. Leave it empty (%s-workspaces) or name another namespace (README.md, \"Upgrading from 0.1\")" .Release.Namespace .Release.Namespace) }}
+{{- end }}
+{{- $namespace }}
+{{- end }}
+
+{{/* The gateway image: by digest when one is given (the tag is then only a label for people). */}}
+{{- define "codehub-gateway.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
 {{- end }}
 
 {{- define "codehub-gateway.hubUrl" -}}
@@ -103,6 +119,7 @@ gateway.extraConfig deep-merged over it. Settings are gateway/config.py's names.
 {{- with $ws.snapshotClass }}{{ $_ := set $kubernetes "snapshot_class" . }}{{ end }}
 {{- $config := dict
   "listen" (dict "host" "0.0.0.0" "port" 8080)
+  "metrics" (dict "host" "0.0.0.0" "port" .Values.metricsPort)
   "hub_url" (include "codehub-gateway.hubUrl" .)
   "preview_domain" (include "codehub-gateway.previewDomain" .)
   "trusted_proxies" .Values.gateway.trustedProxies
