@@ -37,6 +37,7 @@ from gateway.lifecycle.kubernetes.client import (
     retrying,
 )
 from gateway.lifecycle.kubernetes.informer import Informer
+from gateway.lifecycle.kubernetes.informer import not_ready as informers_not_ready
 from gateway.lifecycle.kubernetes.leader import LeaderElector
 from gateway.lifecycle.kubernetes.objects import (
     WorkspaceResource,
@@ -113,6 +114,11 @@ class KubernetesRuntime(Runtime):
     @property
     def api_healthy(self) -> bool:
         return self.view.healthy
+
+    def not_ready(self) -> str | None:
+        if not self.view.informers:
+            return "Kubernetes caches not started"
+        return informers_not_ready(self.view.informers.values(), self.settings.ready_grace)
 
     def get(self, workspace: str) -> WorkspaceState | None:
         return self.view.get(workspace)
