@@ -202,6 +202,7 @@ class Kubernetes(_Model):
     snapshot_timeout: Seconds = 600.0
     sync_timeout: Seconds = 30.0
     ready_grace: Seconds = 30.0  # /readyz fails once a cache has been cut off from the API for this long
+    ide_key_file: Path | None = None  # with it, each IDE requires its HMAC secret (gateway/auth/ide.py)
     request_timeout: Seconds = 10.0
     watch_timeout: int = Field(default=300, ge=1)
     activity_interval: Seconds = 60.0

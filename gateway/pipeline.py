@@ -19,6 +19,7 @@ from gateway import cors
 from gateway.accesslog import USER
 from gateway.auth.authenticate import Credentials, authenticate, sign_in_redirect, stale_share_refusal
 from gateway.auth.handlers import preview_callback, preview_popup
+from gateway.auth.ide import put_ide_cookie, secret_for
 from gateway.auth.identity import Identity
 from gateway.context import Gateway
 from gateway.errors import Forbidden, GatewayError, NotFound, Redirect
@@ -244,6 +245,8 @@ def forward(gateway: Gateway, target: Target, state: WorkspaceState, port: int, 
         strip_authorization=credentials.consumed_authorization,
         identity=_identity_headers(gateway, credentials.identity, public_origin),
     )
+    if target.kind is Kind.IDE:
+        put_ide_cookie(sent, secret_for(gateway.config, state.id))
     return upstream, sent
 
 

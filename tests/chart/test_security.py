@@ -220,11 +220,16 @@ def test_config_secrets_and_policies_are_mounted_where_the_settings_say() -> Non
     assert config["auth"]["oidc"]["client_secret_file"] == "/etc/codehub/oidc/" + oidc["items"][0]["path"]
     assert "client_secret" not in config["auth"]["oidc"]  # never the secret itself in a ConfigMap
 
+    ide = volumes[mounts["/etc/codehub/ide"]["name"]]["secret"]
+    assert ide["secretName"] == "codehub-signing-keys"  # beside the signing keys unless auth.ideKey says otherwise
+    assert config["kubernetes"]["ide_key_file"] == "/etc/codehub/ide/" + ide["items"][0]["path"] == (
+        "/etc/codehub/ide/ide-key")
+
     policies = volumes[mounts["/etc/codehub/policies"]["name"]]["configMap"]["name"]
     assert policies == rendered.one("ConfigMap", "-policies")["metadata"]["name"]
     assert config["policy_file"] == "/etc/codehub/policies/default.yaml"
     # Secrets and policies are directory mounts (not subPath), so rotation and edits reach running pods.
-    for path in ("/etc/codehub/keys", "/etc/codehub/oidc", "/etc/codehub/policies"):
+    for path in ("/etc/codehub/keys", "/etc/codehub/oidc", "/etc/codehub/ide", "/etc/codehub/policies"):
         assert "subPath" not in mounts[path]
         assert mounts[path]["readOnly"] is True
 
@@ -269,3 +274,11 @@ def test_replicas_spread_and_disruption_budget(replicas: int) -> None:
 
 def test_default_replicas_is_at_least_two() -> None:
     assert render().one("Deployment")["spec"]["replicas"] >= 2
+
+
+def test_the_ide_key_may_live_in_a_secret_of_its_own() -> None:
+    rendered = render({"auth": {"ideKey": {"existingSecret": "codehub-ide", "key": "key"}}})
+    volumes = {v["name"]: v for v in rendered.one("Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["ide-key"]["secret"]["secretName"] == "codehub-ide"
+    assert volumes["ide-key"]["secret"]["items"] == [{"key": "key", "path": "key"}]
+    assert rendered.gateway_config()["kubernetes"]["ide_key_file"] == "/etc/codehub/ide/key"

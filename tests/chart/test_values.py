@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(60)
 
 # The `kubernetes:` settings the chart renders: the lifecycle module's names (gateway/lifecycle/kubernetes).
 KUBERNETES_KEYS = {"in_cluster", "namespace", "image", "ide_port", "storage_class", "snapshot_class", "storage_size",
-                   "resources", "lease_name", "lease_duration"}
+                   "resources", "lease_name", "lease_duration", "ide_key_file"}
 
 
 @pytest.mark.parametrize(("values", "complaint"), [
@@ -91,7 +91,8 @@ def test_rendered_settings_are_accepted_by_the_gateway(tmp_path: Path) -> None:
     assert kubernetes | {"resources": None} == {
         "in_cluster": True, "namespace": "codehub-workspaces", "image": "codercom/code-server:4.99.0",
         "ide_port": 13337, "storage_class": "fast-ssd", "snapshot_class": "csi-snapclass", "storage_size": "10Gi",
-        "lease_name": "codehub-gateway-reaper", "lease_duration": 15, "resources": None}
+        "lease_name": "codehub-gateway-reaper", "lease_duration": 15, "resources": None,
+        "ide_key_file": "/etc/codehub/ide/ide-key"}
     assert kubernetes["resources"] == {"requests": {"cpu": "250m", "memory": "512Mi"},
                                        "limits": {"cpu": "2", "memory": "4Gi"}}
     if "kubernetes" not in Config.model_fields:

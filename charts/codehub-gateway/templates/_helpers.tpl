@@ -73,7 +73,7 @@ release namespace, where whoever creates pods could mount the gateway's signing 
 
 {{/* The signing keys Secret: required, because replicas must share one set of keys and Helm cannot make Ed25519 keys. */}}
 {{- define "codehub-gateway.signingKeysSecret" -}}
-{{- required "auth.signingKeys.existingSecret is required: create the signing keys Secret first, e.g. `CODEHUB_AUTH__KEYS_FILE=signing-keys.json codehub-gateway keys rotate && kubectl -n <namespace> create secret generic codehub-signing-keys --from-file=signing-keys.json`, then --set auth.signingKeys.existingSecret=codehub-signing-keys (see the chart's README.md)" .Values.auth.signingKeys.existingSecret }}
+{{- required "auth.signingKeys.existingSecret is required: create the signing keys Secret first, e.g. `CODEHUB_AUTH__KEYS_FILE=signing-keys.json codehub-gateway keys rotate && head -c 48 /dev/urandom | base64 > ide-key && kubectl -n <namespace> create secret generic codehub-signing-keys --from-file=signing-keys.json --from-file=ide-key`, then --set auth.signingKeys.existingSecret=codehub-signing-keys (see the chart's README.md)" .Values.auth.signingKeys.existingSecret }}
 {{- end }}
 
 {{/* The OIDC client secret: an existing Secret, or the one this chart creates from auth.oidc.clientSecret. */}}
@@ -115,6 +115,7 @@ gateway.extraConfig deep-merged over it. Settings are gateway/config.py's names.
   "resources" (dict "requests" $ws.resources.requests "limits" $ws.resources.limits)
   "lease_name" .Values.leaderElection.leaseName
   "lease_duration" .Values.leaderElection.leaseDuration }}
+{{- $_ := set $kubernetes "ide_key_file" (printf "/etc/codehub/ide/%s" .Values.auth.ideKey.key) }}
 {{- with $ws.storageClass }}{{ $_ := set $kubernetes "storage_class" . }}{{ end }}
 {{- with $ws.snapshotClass }}{{ $_ := set $kubernetes "snapshot_class" . }}{{ end }}
 {{- $config := dict
