@@ -34,7 +34,7 @@ def load_key(path: Path) -> bytes:
         key = path.read_bytes().strip()
     except OSError as exc:
         raise ConfigError(f"config error: kubernetes.ide_key_file: cannot read {path}: {exc.strerror}; create it "
-                          "with `head -c 32 /dev/urandom | base64 > ide-key` (README.md)") from None
+                          "with `head -c 48 /dev/urandom | base64 > ide-key` (README.md)") from None
     if len(key) < MIN_KEY_BYTES:
         raise ConfigError(f"config error: kubernetes.ide_key_file: {path} holds {len(key)} bytes, fewer than "
                           f"{MIN_KEY_BYTES}; a guessable key would unlock every IDE")
