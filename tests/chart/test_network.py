@@ -107,6 +107,7 @@ def test_every_pod_the_chart_and_the_runtime_make_is_selected() -> None:
     ({"cloudMetadataServer": True}, [(METADATA, 80, True), (COMPANY, 22, False)]),
     ({"nonPrivateIPs": False}, [(INTERNET, 443, False), (KUBE_DNS, 53, True)]),
     ({"dns": False}, [(KUBE_DNS, 53, False), (INTERNET, 443, True)]),
+    ({"nonPrivateIPs": False, "dns": False}, [(INTERNET, 443, False), (KUBE_DNS, 53, False), (COMPANY, 22, False)]),
     ({"allow": [{"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 443, "protocol": "TCP"}]}]},
      [(INTERNAL_REGISTRY, 443, True), (INTERNAL_REGISTRY, 80, False), (COMPANY, 443, False)]),
 ])
