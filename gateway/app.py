@@ -95,12 +95,32 @@ def _frame_policy(response: web.StreamResponse, kind: str, gateway: Gateway) -> 
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Cheap on purpose; a restart never fixes an unreachable API."""
     return web.json_response({"status": "ok"}, headers={"Cache-Control": "no-store"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 503 while this replica would route from caches it never filled or that went stale, so the
+    Service sends its traffic to replicas that see the cluster."""
+    reason = request.app[GATEWAY].runtime.not_ready()
+    if reason is not None:
+        return web.json_response({"status": "not-ready", "reason": reason}, status=503,
+                                 headers={"Cache-Control": "no-store"})
+    return web.json_response({"status": "ready"}, headers={"Cache-Control": "no-store"})
 
 
 async def metrics(request: web.Request) -> web.Response:
     registry = request.app[GATEWAY].metrics
     return web.Response(body=registry.render(), headers={"Content-Type": registry.content_type})
+
+
+def build_metrics_app(app: web.Application) -> web.Application:
+    """``/metrics`` of the gateway ``app``, for a listener of its own (``metrics.port``) that no ingress routes:
+    the public hosts never show the gateway's internals."""
+    metrics_app = web.Application()
+    metrics_app[GATEWAY] = app[GATEWAY]
+    metrics_app.router.add_get("/metrics", metrics)
+    return metrics_app
 
 
 @aiohttp_jinja2.template("home.html")
@@ -175,7 +195,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     templates = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway", "templates"), autoescape=True)
     templates.globals["hub_url"] = hosts.hub_url("/")
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/", home)
     app.router.add_get("/badge/{workspace}/{port}.svg", badge.badge)
     auth_handlers.add_routes(app)

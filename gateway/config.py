@@ -40,6 +40,14 @@ class Listen(_Model):
     port: Port = 8080
 
 
+class MetricsListen(_Model):
+    """Where ``/metrics`` is served: a port of its own that no ingress routes, so the public hub and preview hosts
+    never expose the gateway's internals (they answer 404 for ``/metrics``). No port: no metrics listener."""
+
+    host: str = "127.0.0.1"
+    port: Port | None = None
+
+
 class Timeouts(_Model):
     """Upstream timeouts in seconds. ``read`` is the longest silence allowed from an upstream mid-response;
     ``None`` (the default) lets SSE streams and long polls stay open as long as the client does."""
@@ -193,6 +201,8 @@ class Kubernetes(_Model):
     start_timeout: Seconds = 300.0
     snapshot_timeout: Seconds = 600.0
     sync_timeout: Seconds = 30.0
+    ready_grace: Seconds = 30.0  # /readyz fails once a cache has been cut off from the API for this long
+    ide_key_file: Path | None = None  # with it, each IDE requires its HMAC secret (gateway/auth/ide.py)
     request_timeout: Seconds = 10.0
     watch_timeout: int = Field(default=300, ge=1)
     activity_interval: Seconds = 60.0
@@ -225,6 +235,7 @@ class Kubernetes(_Model):
 
 class Config(_Model):
     listen: Listen = Listen()
+    metrics: MetricsListen = MetricsListen()
     hub_url: str = "http://localhost:8080"
     preview_domain: str = "localhost:8080"
     trusted_proxies: tuple[str, ...] = ()
@@ -269,6 +280,13 @@ class Config(_Model):
                 f"auth.mode is dev (anyone can sign in as anyone) but listen.host {self.listen.host} is not "
                 "loopback; configure auth.oidc, or set auth.allow_dev_on_network: true to force it"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_port_is_its_own(self) -> Config:
+        if self.metrics.port == self.listen.port:
+            raise ValueError(f"metrics.port {self.metrics.port} is listen.port too; /metrics needs a port of its own "
+                             "that the ingress does not route, like 9090")
         return self
 
     @property

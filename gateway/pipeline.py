@@ -19,6 +19,7 @@ from gateway import cors
 from gateway.accesslog import USER, log_text
 from gateway.auth.authenticate import Credentials, authenticate, sign_in_redirect, stale_share_refusal
 from gateway.auth.handlers import preview_callback, preview_popup
+from gateway.auth.ide import put_ide_cookie, secret_for
 from gateway.auth.identity import Identity
 from gateway.auth.store import Consent
 from gateway.context import Gateway
@@ -260,6 +261,8 @@ def forward(gateway: Gateway, target: Target, state: WorkspaceState, port: int, 
         headers, facts, upstream_host=upstream.host_header, strip_authorization=credentials.consumed_authorization,
         identity=identity_headers(identity, assertion),
     )
+    if target.kind is Kind.IDE:
+        put_ide_cookie(sent, secret_for(gateway.config, state.id))
     return upstream, sent
 
 

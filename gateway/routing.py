@@ -1,10 +1,11 @@
 """Where a request goes, decided from its Host and path alone: no I/O, no state, table-tested.
 
-Health and metrics answer on any host that is not a preview host, so probes and scrapers can use pod IPs.
-Share URLs are ``{port}-{workspace}.{preview_domain}``; the IDE is ``ide-{workspace}.{preview_domain}``, an origin of
-its own like every preview (a port is digits, so the labels never collide). The hub host holds only the gateway's
-own pages: nothing a workspace serves may run there, where it could call the API as its visitor. Its old IDE
-address ``{hub}/w/{workspace}/…`` only redirects. Hosts are compared exactly (after case folding and default-port
+Health and readiness answer on any host that is not a preview host, so probes can use pod IPs (metrics have a
+port of their own). Share URLs are ``{port}-{workspace}.{preview_domain}``; the IDE is
+``ide-{workspace}.{preview_domain}``, an origin of its own like every preview (a port is digits, so the labels never
+collide). The hub host holds only the gateway's own pages: nothing a workspace serves may run there, where it could
+call the API as its visitor. Its old IDE address ``{hub}/w/{workspace}/…`` only redirects. Hosts are compared
+exactly (after case folding and default-port
 normalisation), so ``8000-demo.localhost:8080.evil.test`` or ``user@host`` never match a configured domain.
 """
 
@@ -24,7 +25,7 @@ from gateway.errors import BadRequest, NotFound
 RESERVED_PREFIX = "/_codehub/"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST = re.compile(r"(?P<name>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{1,5}))?")
-_ANY_HOST_PATHS = frozenset({"/healthz", "/metrics"})
+_ANY_HOST_PATHS = frozenset({"/healthz", "/readyz"})
 _LABEL = re.compile(r"(?:(?P<port>[0-9]{1,5})|(?P<ide>ide))-(?P<workspace>[a-z0-9-]+)")
 _IDE_PATH = re.compile(r"/w/(?P<workspace>[^/?]*)(?P<rest>/.*)?", re.DOTALL)
 

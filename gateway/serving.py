@@ -66,15 +66,24 @@ async def _serve(app: web.Application, config: Config, reuse_port: bool) -> None
     # Everything loaded so far lives as long as the process: keep it out of the collector's full passes, which
     # otherwise walk it all (about 40 ms each, several a minute under load).
     gc.freeze()
+    metrics_runner: web.AppRunner | None = None
     try:
         site = web.TCPSite(runner, config.listen.host, config.listen.port, reuse_port=reuse_port, backlog=BACKLOG)
         await site.start()
+        if config.metrics.port is not None:
+            from gateway.app import build_metrics_app
+
+            metrics_runner = web.AppRunner(build_metrics_app(app), handle_signals=False, access_log=None)
+            await metrics_runner.setup()
+            await web.TCPSite(metrics_runner, config.metrics.host, config.metrics.port, reuse_port=reuse_port).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()
 
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
-from gateway.app import build_app
+from gateway.app import build_app, build_metrics_app
 from gateway.config import Config
 from gateway.fastlane import GatewayRunner
 
@@ -86,3 +86,10 @@ async def make_upstream() -> AsyncIterator[MakeUpstream]:
     yield make
     for server in servers:
         await server.close()
+
+
+async def scrape(app: web.Application) -> str:
+    """A scrape of the metrics listener (``metrics.port``) in front of ``app``'s registry."""
+    async with TestClient(TestServer(build_metrics_app(app))) as scraper, scraper.get("/metrics") as response:
+        assert response.status == 200
+        return await response.text()

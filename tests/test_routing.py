@@ -35,7 +35,7 @@ PROD = Hosts.from_urls("https://hub.example.com", "preview.example.com")
         (PROD, "ide-ws1.preview.example.com", "/?folder=/home", Target(Kind.IDE, "ws1", path="/?folder=/home")),
         (LOCAL, "localhost:8080", "/wx/demo/", Target(Kind.HUB, path="/wx/demo/")),
         (LOCAL, "10.1.2.3:8080", "/healthz", Target(Kind.HUB, path="/healthz")),
-        (LOCAL, "[::1]:8080", "/metrics", Target(Kind.HUB, path="/metrics")),
+        (LOCAL, "[::1]:8080", "/readyz", Target(Kind.HUB, path="/readyz")),
         (PROD, "hub.example.com", "/", Target(Kind.HUB, path="/")),
         (PROD, "hub.example.com:443", "/", Target(Kind.HUB, path="/")),
         (PROD, "3000-ws1.preview.example.com", "/", Target(Kind.PREVIEW, "ws1", 3000, "/")),
@@ -70,6 +70,7 @@ def test_routes(hosts: Hosts, host: str, path: str, expected: Target) -> None:
         (LOCAL, "ide-demo.ide-demo.localhost:8080", "/", NotFound, "unknown-host"),
         (LOCAL, "8000-a.b.localhost:8080", "/", NotFound, "unknown-host"),
         (LOCAL, "8000-demo.localhost:8081", "/", NotFound, "unknown-host"),
+        (LOCAL, "10.1.2.3:8080", "/metrics", NotFound, "unknown-host"),  # metrics.port serves them, never this one
         (LOCAL, "8000-demo.localhost", "/", NotFound, "unknown-host"),
         (LOCAL, "8000-demo.localhost:8080.evil.test", "/", BadRequest, "bad-host"),
         (LOCAL, "evil.test", "/", NotFound, "unknown-host"),

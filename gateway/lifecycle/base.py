@@ -174,6 +174,11 @@ class Runtime(abc.ABC):
         """The newest use any replica recorded, where the runtime shares activity; None otherwise."""
         return None
 
+    def not_ready(self) -> str | None:
+        """Why this replica should get no traffic yet (``/readyz`` fails), or None; a runtime that keeps no caches
+        of a shared world is ready once started."""
+        return None
+
     def is_leader(self) -> bool:
         """Whether this replica runs cluster-wide chores (the idle reaper); a lone gateway always does."""
         return True

@@ -14,8 +14,10 @@ import helm_python as helm
 import yaml
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "charts" / "codehub-gateway"
+PREVIOUS_CHART = Path(__file__).resolve().parent / "previous" / "codehub-gateway-0.1.0.tgz"
 RELEASE = "codehub"
 NAMESPACE = "codehub"
+WORKSPACE_NAMESPACE = "codehub-workspaces"
 
 # What an install must always say (the chart refuses to render without it); everything else is a default.
 REQUIRED: dict[str, Any] = {
@@ -44,6 +46,19 @@ def chart() -> helm.Chart:
     return helm.Chart.load(CHART_DIR)
 
 
+def crds() -> list[Manifest]:
+    """The CustomResourceDefinitions in crds/: plain YAML Helm applies on install only (never templated)."""
+    found: list[Manifest] = []
+    for path in sorted((CHART_DIR / "crds").glob("*.yaml")):
+        found.extend(document for document in yaml.safe_load_all(path.read_text()) if document)
+    return found
+
+
+def crd(name: str) -> Manifest:
+    (found,) = [item for item in crds() if item["metadata"]["name"] == name]
+    return found
+
+
 @dataclass(frozen=True)
 class Rendered:
     files: dict[str, str]
@@ -69,10 +84,12 @@ class Rendered:
 
 
 def render(values: Mapping[str, Any] | None = None, *, with_required: bool = True,
-           namespace: str = NAMESPACE) -> Rendered:
-    """Render like ``helm template codehub charts/codehub-gateway -n codehub -f values`` (schema checked too)."""
+           namespace: str = NAMESPACE, of: helm.Chart | None = None, upgrade: bool = False) -> Rendered:
+    """Render like ``helm template codehub charts/codehub-gateway -n codehub -f values`` (schema checked too);
+    ``of`` another chart (the previous version), ``upgrade`` as ``helm upgrade`` would."""
     merged = merge(REQUIRED, values or {}) if with_required else dict(values or {})
-    files = chart().render(merged, name=RELEASE, namespace=namespace, is_install=True)
+    files = (of or chart()).render(merged, name=RELEASE, namespace=namespace, is_install=not upgrade,
+                                   is_upgrade=upgrade)
     manifests: list[Manifest] = []
     for path, text in sorted(files.items()):
         if not path.endswith((".yaml", ".yml")):

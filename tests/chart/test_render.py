@@ -9,13 +9,24 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.chart.helm import CHART_DIR, NAMESPACE, REQUIRED, Rendered, lint, merge, render
+from tests.chart.helm import (
+    CHART_DIR,
+    NAMESPACE,
+    REQUIRED,
+    WORKSPACE_NAMESPACE,
+    Rendered,
+    crds,
+    lint,
+    merge,
+    render,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
 # Kinds kubernetes-validate has no schema for (custom resources). Only these may be skipped, and only these are.
 NO_SCHEMA = frozenset({
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"),  # tests/chart/test_gateway_api.py checks these
     ("codehub.dev/v1alpha1", "Workspace"),
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshot"),
 })
@@ -29,11 +40,18 @@ VARIATIONS: dict[str, dict[str, Any]] = {
                                 "hub": {"host": "code.corp.example.org", "tlsSecretName": "code-tls"},
                                 "preview": {"domain": "apps.corp.example.org", "tlsSecretName": "apps-wildcard-tls"}}},
     "three-replicas": {"replicaCount": 3, "podDisruptionBudget": {"minAvailable": 2}},
-    "workspace-namespace": {"workspaces": {"namespace": "codehub-workspaces", "storageClass": "fast-ssd",
-                                           "snapshotClass": "csi-snapclass"}},
+    "workspace-namespace": {"workspaces": {"namespace": "dev-envs", "createNamespace": False,
+                                           "storageClass": "fast-ssd", "snapshotClass": "csi-snapclass"}},
+    "gateway-api": {"ingress": {"enabled": False},
+                    "gatewayApi": {"enabled": True, "parentRefs": [{"name": "shared", "namespace": "gateways"}]}},
+    "pinned-and-open": {"image": {"digest": "sha256:" + "ab" * 32}, "preStopSleepSeconds": 10,
+                        "networkPolicy": {"workspaceEgress": {
+                            "privateIPs": True, "cloudMetadataServer": True,
+                            "allow": [{"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 443}]}]}}},
     "inline-oidc-secret": {"auth": {"oidc": {"existingSecret": "", "clientSecret": "not-a-real-secret"}}},
     "everything-optional-off": {"ingress": {"enabled": False}, "networkPolicy": {"enabled": False},
-                                "podDisruptionBudget": {"enabled": False}, "crds": {"install": False},
+                                "podDisruptionBudget": {"enabled": False},
+                                "workspaces": {"createNamespace": False},
                                 "metrics": {"dashboard": {"enabled": False}}, "topologySpread": {"enabled": False},
                                 "podAntiAffinity": {"enabled": False}},
     "extras": {"podAnnotations": {"example.com/team": "dev-env"}, "nodeSelector": {"pool": "system"},
@@ -67,8 +85,23 @@ def test_every_manifest_is_valid_kubernetes(name: str) -> None:
     rendered = render(VARIATIONS[name])
     assert rendered.manifests
     skipped = validate_all(rendered)
-    expected = {("monitoring.coreos.com/v1", "ServiceMonitor")} if name == "service-monitor" else set()
+    expected = {"service-monitor": {("monitoring.coreos.com/v1", "ServiceMonitor")},
+                "gateway-api": {("gateway.networking.k8s.io/v1", "HTTPRoute")}}.get(name, set())
     assert skipped == expected
+
+
+def test_crds_are_valid_kubernetes_and_not_templates() -> None:
+    definitions = crds()
+    assert sorted(d["metadata"]["name"] for d in definitions) == [
+        "apitokens.codehub.dev", "identityconsents.codehub.dev", "sharelinks.codehub.dev", "usedkeys.codehub.dev",
+        "workspaces.codehub.dev"]
+    assert validate_all(Rendered(files={}, manifests=definitions)) == set()
+    assert "CustomResourceDefinition" not in render().kinds  # templates never carry them (rollback, 2nd release)
+    assert not list((CHART_DIR / "templates").glob("crd*"))
+    for definition in definitions:
+        # Conversion-ready: one storage version, the conversion strategy said out loud.
+        assert definition["spec"]["conversion"] == {"strategy": "None"}
+        assert [v["name"] for v in definition["spec"]["versions"] if v["storage"]] == ["v1alpha1"]
 
 
 @pytest.mark.parametrize("name", list(VARIATIONS))
@@ -91,15 +124,17 @@ def test_default_render_has_each_piece_once() -> None:
     kinds = sorted(m["kind"] for m in rendered.manifests)
     assert kinds == sorted([
         "ConfigMap", "ConfigMap", "ConfigMap",  # settings, policies, dashboard
-        "CustomResourceDefinition", "CustomResourceDefinition", "CustomResourceDefinition",  # workspaces, links, tokens
-        "CustomResourceDefinition",  # consents
-        "Deployment", "Ingress", "NetworkPolicy", "PodDisruptionBudget",
+        "Deployment", "Ingress", "Namespace", "NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget",
         "Role", "RoleBinding", "Service", "ServiceAccount",
     ])
     assert "Secret" not in rendered.kinds  # signing keys and OIDC secret are existing Secrets by default
+    in_workspace_namespace = {("Role", "codehub-codehub-gateway"), ("RoleBinding", "codehub-codehub-gateway"),
+                              ("NetworkPolicy", "codehub-codehub-gateway-workspaces")}
     for manifest in rendered.manifests:
-        if manifest["kind"] != "CustomResourceDefinition":
-            assert manifest["metadata"]["namespace"] == NAMESPACE
+        key = (manifest["kind"], manifest["metadata"]["name"])
+        if manifest["kind"] != "Namespace":
+            expected = WORKSPACE_NAMESPACE if key in in_workspace_namespace else NAMESPACE
+            assert manifest["metadata"]["namespace"] == expected, key
         assert manifest["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
     notes = rendered.files["codehub-gateway/templates/NOTES.txt"]
     assert "*.preview.example.com" in notes
@@ -109,6 +144,7 @@ def test_default_render_has_each_piece_once() -> None:
 def test_optional_pieces_switch_off() -> None:
     rendered = render(VARIATIONS["everything-optional-off"])
     assert rendered.kinds == {"ConfigMap", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"}
+    assert "HTTPRoute" not in render().kinds  # Gateway API routes only when asked for
     pod = rendered.one("Deployment")["spec"]["template"]["spec"]
     assert "topologySpreadConstraints" not in pod
     assert "affinity" not in pod
@@ -118,8 +154,10 @@ def test_service_monitor_scrapes_metrics() -> None:
     monitor = render(VARIATIONS["service-monitor"]).one("ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
-    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s",
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s",
                                              "scrapeTimeout": "10s"}]
+    ports = {port["name"]: port for port in render().one("Service")["spec"]["ports"]}
+    assert ports["metrics"] == {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}
     assert monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "codehub-gateway",
                                                           "app.kubernetes.io/instance": "codehub"}
     assert "ServiceMonitor" not in render().kinds  # off by default

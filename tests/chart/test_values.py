@@ -21,12 +21,13 @@ from gateway.lifecycle.kubernetes.objects import make_api_token, make_share_link
 from gateway.metrics import Metrics
 from gateway.policy import parse_policy
 from tests.chart.helm import CHART_DIR, REQUIRED, chart, merge, render
+from tests.chart.helm import crd as chart_crd
 
 pytestmark = pytest.mark.timeout(60)
 
 # The `kubernetes:` settings the chart renders: the lifecycle module's names (gateway/lifecycle/kubernetes).
 KUBERNETES_KEYS = {"in_cluster", "namespace", "image", "ide_port", "storage_class", "snapshot_class", "storage_size",
-                   "resources", "lease_name", "lease_duration"}
+                   "resources", "lease_name", "lease_duration", "ide_key_file"}
 
 
 @pytest.mark.parametrize(("values", "complaint"), [
@@ -83,13 +84,15 @@ def test_rendered_settings_are_accepted_by_the_gateway(tmp_path: Path) -> None:
     settings = rendered.gateway_config()
     assert settings["runtime"] == "kubernetes"
     assert settings["listen"] == {"host": "0.0.0.0", "port": 8080}
+    assert settings["metrics"] == {"host": "0.0.0.0", "port": 9090}
     assert settings["idle"] == {"to_warm": 3600}  # extraConfig deep-merged
     kubernetes = settings["kubernetes"]
     assert set(kubernetes) == KUBERNETES_KEYS
     assert kubernetes | {"resources": None} == {
-        "in_cluster": True, "namespace": "codehub", "image": "codercom/code-server:4.99.0", "ide_port": 13337,
-        "storage_class": "fast-ssd", "snapshot_class": "csi-snapclass", "storage_size": "10Gi",
-        "lease_name": "codehub-gateway-reaper", "lease_duration": 15, "resources": None}
+        "in_cluster": True, "namespace": "codehub-workspaces", "image": "codercom/code-server:4.99.0",
+        "ide_port": 13337, "storage_class": "fast-ssd", "snapshot_class": "csi-snapclass", "storage_size": "10Gi",
+        "lease_name": "codehub-gateway-reaper", "lease_duration": 15, "resources": None,
+        "ide_key_file": "/etc/codehub/ide/ide-key"}
     assert kubernetes["resources"] == {"requests": {"cpu": "250m", "memory": "512Mi"},
                                        "limits": {"cpu": "2", "memory": "4Gi"}}
     if "kubernetes" not in Config.model_fields:
@@ -104,6 +107,7 @@ def test_rendered_settings_are_accepted_by_the_gateway(tmp_path: Path) -> None:
     assert config.auth.oidc is not None
     assert str(config.keys_file) == "/etc/codehub/keys/signing-keys.json"
     assert str(config.store_file) == "/var/lib/codehub/tokens.json"
+    assert (config.listen.port, config.metrics.port) == (8080, 9090)
 
 
 def test_empty_storage_and_snapshot_class_mean_the_cluster_default() -> None:
@@ -134,7 +138,7 @@ def test_policies_render_into_files_the_gateway_parses() -> None:
 
 
 def crd_schema() -> dict[str, Any]:
-    crd = render().one("CustomResourceDefinition", "workspaces.codehub.dev")
+    crd = chart_crd("workspaces.codehub.dev")
     (version,) = crd["spec"]["versions"]
     schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
     return schema
@@ -154,9 +158,8 @@ def as_json_schema(node: Any) -> Any:
 
 
 def test_workspace_crd_shape() -> None:
-    crd = render().one("CustomResourceDefinition", "workspaces.codehub.dev")
+    crd = chart_crd("workspaces.codehub.dev")
     assert crd["metadata"]["name"] == "workspaces.codehub.dev"
-    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     spec = crd["spec"]
     assert (spec["group"], spec["scope"]) == ("codehub.dev", "Namespaced")
     assert spec["names"]["kind"] == "Workspace"
@@ -218,14 +221,12 @@ def test_workspace_crd_needs_only_an_owner() -> None:
 
 
 def token_crd(name: str) -> dict[str, Any]:
-    crd: dict[str, Any] = render().one("CustomResourceDefinition", f"{name}.codehub.dev")
-    return crd
+    return chart_crd(f"{name}.codehub.dev")
 
 
 @pytest.mark.parametrize(("plural", "kind"), [("sharelinks", "ShareLink"), ("apitokens", "ApiToken")])
 def test_token_crds_shape(plural: str, kind: str) -> None:
     crd = token_crd(plural)
-    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     spec = crd["spec"]
     assert (spec["group"], spec["scope"], spec["names"]["kind"], spec["names"]["plural"]) == (
         SHARE_LINK.group, "Namespaced", kind, plural)

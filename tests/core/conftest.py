@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 
 from gateway.auth.identity import Identity
 from gateway.context import GATEWAY, Gateway
-from tests.conftest import MakeGateway, MakeUpstream, next_address, workspace
+from tests.conftest import MakeGateway, MakeUpstream, next_address, scrape, workspace
 
 PREVIEW_DOMAIN = "localhost:8080"
 HUB = "localhost:8080"
@@ -79,12 +79,12 @@ class Proxied:
         return self.client.request(method, path, headers=headers, allow_redirects=False, **kwargs)
 
     async def metrics(self) -> str:
-        async with self.client.get("/metrics") as response:
-            assert response.status == 200
-            return await response.text()
+        """A scrape of the metrics listener (``metrics.port``) in front of this gateway's registry."""
+        return await scrape(self.client.app)
 
 
 MakeProxied = Callable[..., Awaitable[Proxied]]
+
 
 
 @pytest.fixture

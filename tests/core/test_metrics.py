@@ -1,12 +1,24 @@
-"""/metrics and /healthz: what operators scrape, fed by real traffic through the gateway."""
+"""/metrics (on its own port), /healthz and /readyz: what operators scrape and probe, fed by real traffic."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import yaml
 from aiohttp import web
 
 from tests.core.conftest import MakeProxied
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -65,8 +77,71 @@ async def test_request_metrics_by_kind_and_status_class(proxied: MakeProxied) ->
     assert "# TYPE codehub_websockets_open gauge" in text
 
 
-async def test_metrics_content_type(proxied: MakeProxied) -> None:
-    p = await proxied(None)
-    async with p.client.get("/metrics") as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/plain; version=")
+async def test_metrics_are_not_on_the_public_hosts(proxied: MakeProxied) -> None:
+    async def app_metrics(request: web.Request) -> web.Response:
+        return web.Response(text="the app's own metrics")
+
+    app = web.Application()
+    app.router.add_get("/metrics", app_metrics)
+    p = await proxied(app)
+    for host in ("localhost:8080", "10.1.2.3:8080"):  # the hub, and any other non-preview host (pod IPs)
+        async with p.client.get("/metrics", headers={"Host": host, "Accept": "application/json"}) as response:
+            assert response.status == 404
+            assert "codehub_" not in await response.text()
+    async with p.request("GET", "/metrics") as response:  # a preview host: the workspace's own path
+        assert (response.status, await response.text()) == (200, "the app's own metrics")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _get(port: int, path: str, host: str) -> tuple[int, str, str]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path, headers={"Host": host, "Accept": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type") or "", response.read().decode()
+    finally:
+        connection.close()
+
+
+def test_serve_answers_metrics_on_its_own_port_only(tmp_path: Path) -> None:
+    port, metrics_port = _free_port(), _free_port()
+    config = {"listen": {"host": "127.0.0.1", "port": port}, "metrics": {"port": metrics_port},
+              "hub_url": f"http://localhost:{port}", "preview_domain": f"localhost:{port}",
+              "local": {"state_dir": str(tmp_path / "state")}}
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CODEHUB_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", "gateway.yaml"],
+                                   cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            with contextlib.suppress(OSError):
+                if _get(port, "/readyz", f"127.0.0.1:{port}")[0] == 200:
+                    break
+            time.sleep(0.05)
+        _get(port, "/", f"localhost:{port}")  # one request for the counters
+        status, content_type, text = _get(metrics_port, "/metrics", f"127.0.0.1:{metrics_port}")
+        assert status == 200
+        assert content_type.startswith("text/plain; version=")
+        assert sample(text, "codehub_requests_total", kind="hub", code="2xx") >= 1
+        assert _get(port, "/metrics", f"localhost:{port}")[0] == 404
+        assert _get(port, "/metrics", f"127.0.0.1:{port}")[0] == 404
+        assert _get(port, "/readyz", f"localhost:{port}")[2] == '{"status": "ready"}'
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)

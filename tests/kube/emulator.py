@@ -109,6 +109,7 @@ WORKSPACE = kmock.resource('codehub.dev', 'v1alpha1', 'workspaces')
 SHARE_LINK = kmock.resource('codehub.dev', 'v1alpha1', 'sharelinks')
 API_TOKEN = kmock.resource('codehub.dev', 'v1alpha1', 'apitokens')
 CONSENT = kmock.resource('codehub.dev', 'v1alpha1', 'identityconsents')
+USED_KEY = kmock.resource('codehub.dev', 'v1alpha1', 'usedkeys')
 
 
 def _info(kind: str, singular: str, *, namespaced: bool = True, status: bool = False,
@@ -135,6 +136,7 @@ DEFAULT_RESOURCES: dict[str, kmock.ResourceInfo] = {
     'codehub.dev/v1alpha1/sharelinks': _info('ShareLink', 'sharelink', status=True),
     'codehub.dev/v1alpha1/apitokens': _info('ApiToken', 'apitoken', status=True),
     'codehub.dev/v1alpha1/identityconsents': _info('IdentityConsent', 'identityconsent'),
+    'codehub.dev/v1alpha1/usedkeys': _info('UsedKey', 'usedkey'),
 }
 
 # The real API answers DELETE of these with a `Status` (kind: Status, status: Success), not the object.

@@ -32,8 +32,8 @@ from gateway.lifecycle.kubernetes.objects import (
     parse_share_link,
     usage_patch,
 )
-from gateway.lifecycle.kubernetes.tokens import ONCE_LABEL, KubeTokenStore
-from tests.kube.emulator import API_TOKEN, CONSENT, LEASE, SHARE_LINK, WORKSPACE, KubeEnv
+from gateway.lifecycle.kubernetes.tokens import KubeTokenStore
+from tests.kube.emulator import API_TOKEN, CONSENT, SHARE_LINK, USED_KEY, WORKSPACE, KubeEnv
 from tests.kube.support import NS, kube_settings, until
 
 pytestmark = pytest.mark.timeout(60)
@@ -293,13 +293,13 @@ async def test_a_hand_off_code_is_admitted_once_across_replicas(kube: KubeEnv, r
     assert await callback(b) == (303, "")
     assert await callback(a) == (400, "handoff-replayed")
     assert await callback(b) == (400, "handoff-replayed")
-    used = kube.emulator.list_objects(LEASE, NS, label_selector=ONCE_LABEL)
-    assert [item["spec"]["holderIdentity"] for item in used] == ["gw-b"]
+    used = kube.emulator.list_objects(USED_KEY, NS)
+    assert [item["spec"]["usedBy"] for item in used] == ["gw-b"]
 
     # Past its time (a code is refused by its signature by then) the record is deleted, by whichever replica.
     assert await store(a).forget_used(time.time()) == 0
     assert await store(a).forget_used(time.time() + 120) == 1
-    assert not kube.emulator.list_objects(LEASE, NS, label_selector=ONCE_LABEL)
+    assert not kube.emulator.list_objects(USED_KEY, NS)
 
 
 async def test_a_consent_given_through_one_replica_applies_in_every_one(kube: KubeEnv, replica: MakeReplica) -> None:

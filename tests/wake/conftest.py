@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.context import GATEWAY, Gateway
+from tests.conftest import scrape
 
 SLOW_SERVER = Path(__file__).with_name("slow_server.py")
 PORT = 8000
@@ -178,11 +179,10 @@ async def sse_events(client: Client, host: str, path: str = "/_codehub/wake/even
 
 
 async def metric_samples(client: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of /metrics keyed by (name, sorted labels)."""
-    response = await client.get("/metrics", headers={"Host": "localhost:8080"})
-    assert response.status == 200
+    """Every sample of /metrics (its own listener, ``metrics.port``) keyed by (name, sorted labels)."""
+    text = await scrape(client.app)
     samples = {}
-    for family in text_string_to_metric_families(await response.text()):
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples

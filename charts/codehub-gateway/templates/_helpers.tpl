@@ -42,9 +42,25 @@ app.kubernetes.io/part-of: codehub
 {{- end }}
 {{- end }}
 
-{{/* Where workspaces (pods, PVCs, snapshots, Workspace objects, the Lease) live. */}}
+{{/*
+Where workspaces (pods, PVCs, snapshots, Workspace objects, share links, tokens, the Lease) live: never the
+release namespace, where whoever creates pods could mount the gateway's signing keys.
+*/}}
 {{- define "codehub-gateway.workspaceNamespace" -}}
-{{- default .Release.Namespace .Values.workspaces.namespace }}
+{{- $namespace := default (printf "%s-workspaces" .Release.Namespace | trunc 63 | trimSuffix "-") .Values.workspaces.namespace }}
+{{- if eq $namespace .Release.Namespace }}
+{{- fail (printf "workspaces.namespace must not be the release namespace %q: whoever may create pods there may mount the gateway's signing keys. Leave it empty (%s-workspaces) or name another namespace (README.md, \"Upgrading from 0.1\")" .Release.Namespace .Release.Namespace) }}
+{{- end }}
+{{- $namespace }}
+{{- end }}
+
+{{/* The gateway image: by digest when one is given (the tag is then only a label for people). */}}
+{{- define "codehub-gateway.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
 {{- end }}
 
 {{- define "codehub-gateway.hubUrl" -}}
@@ -57,7 +73,7 @@ app.kubernetes.io/part-of: codehub
 
 {{/* The signing keys Secret: required, because replicas must share one set of keys and Helm cannot make Ed25519 keys. */}}
 {{- define "codehub-gateway.signingKeysSecret" -}}
-{{- required "auth.signingKeys.existingSecret is required: create the signing keys Secret first, e.g. `CODEHUB_AUTH__KEYS_FILE=signing-keys.json codehub-gateway keys rotate && kubectl -n <namespace> create secret generic codehub-signing-keys --from-file=signing-keys.json`, then --set auth.signingKeys.existingSecret=codehub-signing-keys (see the chart's README.md)" .Values.auth.signingKeys.existingSecret }}
+{{- required "auth.signingKeys.existingSecret is required: create the signing keys Secret first, e.g. `CODEHUB_AUTH__KEYS_FILE=signing-keys.json codehub-gateway keys rotate && head -c 48 /dev/urandom | base64 > ide-key && kubectl -n <namespace> create secret generic codehub-signing-keys --from-file=signing-keys.json --from-file=ide-key`, then --set auth.signingKeys.existingSecret=codehub-signing-keys (see the chart's README.md)" .Values.auth.signingKeys.existingSecret }}
 {{- end }}
 
 {{/* The OIDC client secret: an existing Secret, or the one this chart creates from auth.oidc.clientSecret. */}}
@@ -99,10 +115,12 @@ gateway.extraConfig deep-merged over it. Settings are gateway/config.py's names.
   "resources" (dict "requests" $ws.resources.requests "limits" $ws.resources.limits)
   "lease_name" .Values.leaderElection.leaseName
   "lease_duration" .Values.leaderElection.leaseDuration }}
+{{- $_ := set $kubernetes "ide_key_file" (printf "/etc/codehub/ide/%s" .Values.auth.ideKey.key) }}
 {{- with $ws.storageClass }}{{ $_ := set $kubernetes "storage_class" . }}{{ end }}
 {{- with $ws.snapshotClass }}{{ $_ := set $kubernetes "snapshot_class" . }}{{ end }}
 {{- $config := dict
   "listen" (dict "host" "0.0.0.0" "port" 8080)
+  "metrics" (dict "host" "0.0.0.0" "port" .Values.metricsPort)
   "hub_url" (include "codehub-gateway.hubUrl" .)
   "preview_domain" (include "codehub-gateway.previewDomain" .)
   "trusted_proxies" .Values.gateway.trustedProxies

@@ -58,6 +58,7 @@ LEASE = Kind("coordination.k8s.io", "v1", "leases", "Lease")
 SHARE_LINK = Kind("codehub.dev", "v1alpha1", "sharelinks", "ShareLink")
 API_TOKEN = Kind("codehub.dev", "v1alpha1", "apitokens", "ApiToken")
 CONSENT = Kind("codehub.dev", "v1alpha1", "identityconsents", "IdentityConsent")
+USED_KEY = Kind("codehub.dev", "v1alpha1", "usedkeys", "UsedKey")
 
 TRANSIENT = frozenset({0, 429, 500, 502, 503, 504})
 

@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from gateway.lifecycle.kubernetes.client import Gone, Kind, KubeClient, KubeError
@@ -47,6 +48,7 @@ class Informer:
         self.synced = asyncio.Event()
         self.healthy = False
         self.error = ""
+        self.unhealthy_since: float | None = None  # time.monotonic() when the API was lost, for readiness
         self.lists = 0  # how many times the whole kind was listed (1 + re-lists after 410 Gone)
         self._on_change = on_change
         self._watch_timeout = watch_timeout
@@ -96,6 +98,8 @@ class Informer:
     def _unhealthy(self, exc: Exception) -> None:
         if self.healthy:
             log.warning("lost the watch of %s, serving from cache: %s", self.kind.plural, exc)
+        if self.healthy or self.unhealthy_since is None:
+            self.unhealthy_since = time.monotonic()
         self.healthy, self.error = False, str(exc)
 
     async def _list(self) -> None:
@@ -143,3 +147,16 @@ class Informer:
             self._on_change(kind, obj)
         except Exception:  # one bad callback must not stop the cache
             log.exception("change callback for %s %s failed", self.kind.plural, obj["metadata"].get("name"))
+
+
+def not_ready(informers: Iterable[Informer], grace: float) -> str | None:
+    """Why a replica with these caches should get no traffic: one was never filled, or has been cut off from the
+    API for longer than ``grace`` (a short loss is ridden out from the cache). Names kinds, never addresses."""
+    now = time.monotonic()
+    for informer in informers:
+        if not informer.synced.is_set():
+            return f"{informer.kind.plural}: not synced yet"
+        since = informer.unhealthy_since
+        if not informer.healthy and since is not None and now - since > grace:
+            return f"{informer.kind.plural}: Kubernetes API unreachable for {now - since:.0f} s"
+    return None

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.auth.ide import HASHED_PASSWORD
 from gateway.auth.store import ApiToken, ShareLink
 from gateway.config import Kubernetes
 from gateway.lifecycle.base import WorkspaceSpec
@@ -66,9 +67,12 @@ def labels(workspace: str) -> dict[str, str]:
     }
 
 
-def make_pod(ws: WorkspaceResource, settings: Kubernetes) -> dict[str, Any]:
-    """The code-server pod: hardened, its home on the workspace's PVC, writable /tmp from an emptyDir."""
+def make_pod(ws: WorkspaceResource, settings: Kubernetes, ide_secret: str | None = None) -> dict[str, Any]:
+    """The code-server pod: hardened, its home on the workspace's PVC, writable /tmp from an emptyDir; with an
+    ``ide_secret`` code-server admits only requests carrying it (gateway/auth/ide.py), else anyone who reaches it."""
     port = ws.ide_port or settings.ide_port
+    auth = ["--auth", "password" if ide_secret is not None else "none"]
+    secret = [{"name": HASHED_PASSWORD, "value": ide_secret}] if ide_secret is not None else []
     resources = ws.resources or {"requests": dict(settings.resources.requests),
                                  "limits": dict(settings.resources.limits)}
     return {
@@ -90,9 +94,9 @@ def make_pod(ws: WorkspaceResource, settings: Kubernetes) -> dict[str, Any]:
             "containers": [{
                 "name": "code-server",
                 "image": ws.image or settings.image,
-                "args": ["--auth", "none", "--bind-addr", f"0.0.0.0:{port}", "--disable-telemetry",
-                         "--disable-update-check", HOME],
-                "env": [{"name": "HOME", "value": HOME}, {"name": "CODEHUB_WORKSPACE", "value": ws.id}],
+                "args": [*auth, "--bind-addr", f"0.0.0.0:{port}", "--disable-telemetry", "--disable-update-check",
+                         HOME],
+                "env": [{"name": "HOME", "value": HOME}, {"name": "CODEHUB_WORKSPACE", "value": ws.id}, *secret],
                 "ports": [{"name": "ide", "containerPort": port, "protocol": "TCP"}],
                 "readinessProbe": {
                     "httpGet": {"path": "/healthz", "port": port},

@@ -20,6 +20,7 @@ from typing import Any
 
 from kubernetes_asyncio.client import ApiClient
 
+from gateway.auth.ide import ide_secret, load_key
 from gateway.config import Config, Kubernetes
 from gateway.errors import Conflict
 from gateway.lifecycle.base import Phase, Runtime, RuntimeError_, WorkspaceSpec, WorkspaceState
@@ -37,6 +38,7 @@ from gateway.lifecycle.kubernetes.client import (
     retrying,
 )
 from gateway.lifecycle.kubernetes.informer import Informer
+from gateway.lifecycle.kubernetes.informer import not_ready as informers_not_ready
 from gateway.lifecycle.kubernetes.leader import LeaderElector
 from gateway.lifecycle.kubernetes.objects import (
     WorkspaceResource,
@@ -72,6 +74,7 @@ class KubernetesRuntime(Runtime):
         self.client: KubeClient | None = None
         self.leader: LeaderElector | None = None
         self.activity: ActivitySync | None = None
+        self._ide_key = load_key(settings.ide_key_file) if settings.ide_key_file is not None else None
 
     @classmethod
     def from_config(cls, config: Config) -> KubernetesRuntime:
@@ -114,6 +117,11 @@ class KubernetesRuntime(Runtime):
     def api_healthy(self) -> bool:
         return self.view.healthy
 
+    def not_ready(self) -> str | None:
+        if not self.view.informers:
+            return "Kubernetes caches not started"
+        return informers_not_ready(self.view.informers.values(), self.settings.ready_grace)
+
     def get(self, workspace: str) -> WorkspaceState | None:
         return self.view.get(workspace)
 
@@ -126,6 +134,9 @@ class KubernetesRuntime(Runtime):
         state = self.view.refresh(workspace)
         assert state is not None
         return state
+
+    def _ide_secret(self, workspace: str) -> str | None:
+        return ide_secret(self._ide_key, workspace) if self._ide_key is not None else None
 
     def _require_api(self) -> KubeClient:
         if self.client is None:
@@ -180,7 +191,7 @@ class KubernetesRuntime(Runtime):
             else:
                 await self._call(lambda c: c.create(PVC, make_pvc(ws, self.settings)))
         self.view.begin(ws.id, Phase.STARTING)
-        await self._call(lambda c: c.create(POD, make_pod(ws, self.settings)))
+        await self._call(lambda c: c.create(POD, make_pod(ws, self.settings, self._ide_secret(ws.id))))
 
         def started() -> phases.Observation | None:
             if self.view.cached(POD, pod) is None and self.view.cached(WORKSPACE, ws.id) is not None:

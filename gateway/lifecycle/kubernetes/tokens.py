@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -41,26 +40,21 @@ from gateway.auth.store import (
 from gateway.config import Kubernetes
 from gateway.errors import NotFound
 from gateway.lifecycle.base import RuntimeError_
+from gateway.lifecycle.kubernetes.answers import Consents, UsedKeys, refused_as_error
 from gateway.lifecycle.kubernetes.client import (
     API_TOKEN,
-    CONSENT,
-    LEASE,
     SHARE_LINK,
     Kind,
     KubeClient,
     KubeError,
-    retrying,
 )
 from gateway.lifecycle.kubernetes.informer import Informer
 from gateway.lifecycle.kubernetes.objects import (
-    MANAGED_BY,
     Usage,
     make_api_token,
     make_share_link,
-    micro_time,
     parse_api_token,
     parse_share_link,
-    parse_time,
     revoke_patch,
     total_usage,
     usage_by_replica,
@@ -68,42 +62,8 @@ from gateway.lifecycle.kubernetes.objects import (
 )
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+P = TypeVar("P")
 Obj = dict[str, Any]
-ONCE_LABEL = "codehub.dev/used-once"
-FORGET_AFTER = "codehub.dev/forget-after"
-
-
-def make_consent(consent: Consent) -> Obj:
-    return {"apiVersion": CONSENT.api_version, "kind": CONSENT.kind,
-            "metadata": {"name": consent.id, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY}},
-            "spec": {"subject": consent.subject, "workspace": consent.workspace, "port": consent.port,
-                     "share": consent.share, "claims": list(consent.claims),
-                     "answered": micro_time(datetime.datetime.fromtimestamp(consent.at, datetime.UTC))}}
-
-
-def parse_consent(obj: Obj) -> Consent | None:
-    """None when malformed: then it records no answer, and the visitor is asked again."""
-    spec = obj.get("spec") or {}
-    subject, workspace, port, share = spec.get("subject"), spec.get("workspace"), spec.get("port"), spec.get("share")
-    if not (isinstance(subject, str) and isinstance(workspace, str) and isinstance(port, int)
-            and isinstance(share, bool)):
-        return None
-    answered = parse_time(spec.get("answered"))
-    return Consent(str(obj["metadata"]["name"]), subject, workspace, port, share,
-                   [str(claim) for claim in spec.get("claims") or ()],
-                   answered.timestamp() if answered is not None else 0.0)
-
-
-def once_lease(key: str, holder: str, until: float) -> Obj:
-    """A one-time key as a Lease named after it: the API server admits the create once (409 after), whichever
-    replica asks, which no per-process memory can promise. Labelled so that stale ones can be found and deleted."""
-    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": f"codehub-{key}", "labels": {ONCE_LABEL: "true"},
-                         "annotations": {FORGET_AFTER: str(int(until) + 1)}},
-            "spec": {"holderIdentity": holder}}
-
-
 @dataclass
 class _Counted:
     """This replica's own usage of one link or token: its total, and whether the API has all of it yet."""
@@ -122,18 +82,10 @@ async def create_api_token(client: KubeClient, identity: Identity, *, name: str,
         record = ApiToken(id=new_id(), token_hash=token_hash(token), subject=identity.subject, name=name,
                           created=time.time(), email=identity.email, groups=list(identity.groups),
                           attributes=dict(identity.attributes))
-        created = await _call(lambda: client.create(API_TOKEN, make_api_token(record)), attempts)  # noqa: B023
+        created = await refused_as_error(lambda: client.create(API_TOKEN, make_api_token(record)), attempts)  # noqa: B023
         if created is not None:
             return parse_api_token(created) or record, created, token
     raise RuntimeError_("Could not pick an unused token id; try again.", code="kubernetes-refused")
-
-
-async def _call(call: Callable[[], Awaitable[T]], attempts: int) -> T:
-    try:
-        return await retrying(call, attempts=attempts)
-    except KubeError as exc:
-        raise RuntimeError_(f"Kubernetes refused the operation: {exc.message or exc.reason}",
-                            code="kubernetes-refused") from exc
 
 
 class KubeTokenStore:
@@ -150,7 +102,8 @@ class KubeTokenStore:
         self._share_index: dict[str, ShareLink] = {}  # token hash -> link
         self._tokens: dict[str, ApiToken] = {}
         self._token_index: dict[str, ApiToken] = {}
-        self._consents: dict[str, Consent] = {}
+        self._consents: Consents | None = None
+        self._used: UsedKeys | None = None
         # Written here, not yet delivered by the watch: applied over the cache until it is.
         self._created: dict[tuple[Kind, str], Obj] = {}
         self._revoked: dict[str, float] = {}
@@ -172,8 +125,9 @@ class KubeTokenStore:
         for kind in (SHARE_LINK, API_TOKEN):
             self.informers[kind] = Informer(client, kind, on_change=self._on_change(kind),
                                             watch_timeout=self.settings.watch_timeout)
-        self.informers[CONSENT] = Informer(client, CONSENT, on_change=self._consent_changed,
-                                           watch_timeout=self.settings.watch_timeout)
+        self._consents = Consents(client, attempts=self._attempts, watch_timeout=self.settings.watch_timeout)
+        self.informers[self._consents.informer.kind] = self._consents.informer
+        self._used = UsedKeys(client, self.identity, attempts=self._attempts)
         for informer in self.informers.values():
             informer.start()
         try:
@@ -185,7 +139,7 @@ class KubeTokenStore:
             raise RuntimeError_(f"Kubernetes API not reachable within {self.settings.sync_timeout:.0f} s ({errors})",
                                 code="kubernetes-unavailable") from None
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever(), name="token-usage")
-        self._forgetter = asyncio.get_running_loop().create_task(self._forget_forever(), name="forget-used-once")
+        self._forgetter = asyncio.get_running_loop().create_task(self._used.forget_forever(), name="forget-used-keys")
 
     async def close(self, *, flush_within: float = 2.0) -> None:
         forgetter, self._forgetter = self._forgetter, None
@@ -258,7 +212,7 @@ class KubeTokenStore:
                              audience=audience, people=list(people), created_by=created_by, created=now,
                              expires=now + ttl)
             body = make_share_link(link)
-            created = await _call(lambda: client.create(SHARE_LINK, body), self._attempts)  # noqa: B023
+            created = await refused_as_error(lambda: client.create(SHARE_LINK, body), self._attempts)  # noqa: B023
             if created is not None:
                 self._created[(SHARE_LINK, link.id)] = created
                 self._refresh(SHARE_LINK, link.id)
@@ -271,7 +225,8 @@ class KubeTokenStore:
         client = self._require()
         now = time.time() if now is None else now
         try:
-            patched = await _call(lambda: client.patch(SHARE_LINK, link.id, revoke_patch(now)), self._attempts)
+            patched = await refused_as_error(lambda: client.patch(SHARE_LINK, link.id, revoke_patch(now)),
+                                             self._attempts)
         except RuntimeError_ as exc:
             if isinstance(exc.__cause__, KubeError) and exc.__cause__.status == 404:
                 raise NotFound("There is no such share link.", code="share-not-found") from None
@@ -295,55 +250,30 @@ class KubeTokenStore:
 
     async def revoke_api_token(self, record: ApiToken) -> None:
         client = self._require()
-        await _call(lambda: client.delete(API_TOKEN, record.id), self._attempts)  # False (404) = already gone
+        await refused_as_error(lambda: client.delete(API_TOKEN, record.id), self._attempts)  # 404: already gone
         self._deleted.add(record.id)
         self._refresh(API_TOKEN, record.id)
 
     @property
     def consents(self) -> Mapping[str, Consent]:
-        return self._consents
+        return self._consents.answers if self._consents is not None else {}
 
     async def record_consent(self, consent: Consent) -> None:
-        client = self._require()
-        body = make_consent(consent)
-        if await _call(lambda: client.create(CONSENT, body), self._attempts) is None:  # answered before: replace
-            await _call(lambda: client.patch(CONSENT, consent.id, {"spec": body["spec"]}), self._attempts)
-        self._consents[consent.id] = consent  # this replica at once; the others when their watch delivers it
+        await self._started(self._consents).record(consent)
 
     async def withdraw_consent(self, consent: Consent) -> None:
-        client = self._require()
-        await _call(lambda: client.delete(CONSENT, consent.id), self._attempts)  # False (404) = already gone
-        self._consents.pop(consent.id, None)
-
-    def _consent_changed(self, event: str, obj: Obj) -> None:
-        name = str(obj["metadata"]["name"])
-        consent = parse_consent(obj) if event != "DELETED" else None
-        if consent is None:
-            self._consents.pop(name, None)
-        else:
-            self._consents[name] = consent
+        await self._started(self._consents).withdraw(consent)
 
     async def use_once(self, key: str, until: float) -> bool:
-        client = self._require()
-        created = await _call(lambda: client.create(LEASE, once_lease(key, self.identity, until)), self._attempts)
-        return created is not None
-
-    async def _forget_forever(self, every: float = 60.0) -> None:
-        """Delete one-time keys past their time (any replica's: a replica may have died before it could)."""
-        while True:
-            with contextlib.suppress(KubeError):
-                await self.forget_used(time.time())
-            await asyncio.sleep(every)
+        return await self._started(self._used).use_once(key, until)
 
     async def forget_used(self, now: float) -> int:
-        client = self._require()
-        listed = await client.list(LEASE, label_selector=f"{ONCE_LABEL}=true")
-        forgotten = 0
-        for item in listed.get("items", []):
-            forget_after = item["metadata"].get("annotations", {}).get(FORGET_AFTER, "0")
-            if float(forget_after) < now and await client.delete(LEASE, item["metadata"]["name"]):
-                forgotten += 1
-        return forgotten
+        return await self._started(self._used).forget(now)
+
+    def _started(self, part: P | None) -> P:
+        if part is None:
+            raise RuntimeError_("The token store has not started.", code="kubernetes-unavailable")
+        return part
 
     def _require(self) -> KubeClient:
         if self.client is None:
