@@ -184,7 +184,7 @@ async def set_port(request: web.Request) -> web.Response:
     change: PortChange = await _body(request, PortChange)
     if change.visibility is None and change.identity is None:
         raise BadRequest("Say the port's visibility, whether it receives visitors' identity, or both.",
-                         code="bad-request-body")
+                         code="invalid-body")
     ceiling = gateway.policy.ports.max_visibility
     if change.visibility is not None and VISIBILITIES.index(change.visibility) > VISIBILITIES.index(ceiling):
         raise Forbidden(f"The policy allows at most '{ceiling}' visibility.", code="visibility-above-ceiling")

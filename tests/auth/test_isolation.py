@@ -260,7 +260,7 @@ async def test_an_idp_identity_with_a_line_break_is_refused(serve: Serve, idp: I
 async def test_a_head_with_a_line_break_is_never_written(served: Served, make_browser: MakeBrowser) -> None:
     """A session from before sign-in checked names (or any other source of a line break) cannot smuggle: the
     gateway refuses to write the head, in both lanes."""
-    forged = served.gateway.auth.sessions.issue(Identity("eve", "eve@x.test\r\nX-Forwarded-User: alice"),
+    forged = served.gateway.auth.sessions.issue(Identity("alice", "alice@x.test\r\nX-Forwarded-User: root"),
                                                 "3001-ws1.localhost:8080")
     browser = await make_browser(served)
     browser.add_cookie(served.preview("ws1", 3001), "codehub_session", forged)
