@@ -159,6 +159,13 @@ async def test_api_commands_against_a_running_gateway(hub: tuple[str, str], caps
     code, out, _ = await _cli(capsys, "port", "ws1", "3000", "org", *auth)
     assert code == 0
     assert "port 3000  org" in out
+    assert "identity" not in out
+    code, out, _ = await _cli(capsys, "port", "ws1", "3000", "--identity", "on", *auth)
+    assert code == 0
+    assert "port 3000  org" in out
+    assert out.rstrip().endswith("identity on (0 consented)")
+    code, out, _ = await _cli(capsys, "port", "ws1", "3000", "--identity", "off", *auth)
+    assert "identity" not in out
     code, out, _ = await _cli(capsys, "share", "create", "ws1", "--port", "3000", "--ttl", "2h", *auth)
     assert code == 0
     assert out.strip().startswith(f"http://3000-ws1.{url.removeprefix('http://')}/?codehub_share=chs_")
