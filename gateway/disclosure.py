@@ -11,7 +11,7 @@ Pure functions of data. Who learns what about whom:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from gateway.auth.identity import Identity
 from gateway.auth.store import Consent, consent_id
@@ -28,11 +28,11 @@ def answer_of(consents: Mapping[str, Consent], identity: Identity, spec: Workspa
 
 
 def disclosed(rules: IdentityRules, spec: WorkspaceSpec, port: int | None, identity: Identity | None, *,
-              member: bool, consents: Mapping[str, Consent]) -> Identity | None:
-    """The identity this app may receive for this caller, or None."""
+              member: Callable[[], bool], consents: Mapping[str, Consent]) -> Identity | None:
+    """The identity this app may receive for this caller, or None. ``member`` is asked only when it matters."""
     if identity is None:
         return None
-    if not member:
+    if not member():
         if port is None or port not in spec.identity_ports:
             return None
         answer = answer_of(consents, identity, spec, port)
@@ -41,11 +41,11 @@ def disclosed(rules: IdentityRules, spec: WorkspaceSpec, port: int | None, ident
     return rules.disclose(identity)
 
 
-def consent_pending(spec: WorkspaceSpec, port: int | None, identity: Identity | None, *, member: bool,
-                    consents: Mapping[str, Consent]) -> bool:
+def consent_pending(spec: WorkspaceSpec, port: int | None, identity: Identity | None, *,
+                    member: Callable[[], bool], consents: Mapping[str, Consent]) -> bool:
     """A visitor of an opted-in port who has not answered yet: a browser navigation gets the consent page."""
-    return (identity is not None and not member and port is not None and port in spec.identity_ports
-            and answer_of(consents, identity, spec, port) is None)
+    return (identity is not None and port is not None and port in spec.identity_ports
+            and answer_of(consents, identity, spec, port) is None and not member())
 
 
 def identity_headers(identity: Identity | None, assertion: str | None) -> dict[str, str]:

@@ -125,18 +125,14 @@ def record(gateway: Gateway, target: Target, identity: Identity | None, decision
 
 
 def _disclosed(gateway: Gateway, target: Target, state: WorkspaceState, identity: Identity | None) -> Identity | None:
-    if identity is None:
-        return None
     return disclosed(gateway.policy.identity, state.spec, target.port, identity,
-                     member=_is_member(gateway, state, identity), consents=gateway.auth.store.consents)
+                     member=lambda: _is_member(gateway, state, identity), consents=gateway.auth.store.consents)
 
 
 def asks_consent(gateway: Gateway, target: Target, state: WorkspaceState, identity: Identity | None) -> bool:
     """Whether this caller must first answer the app's consent page (only a navigation is shown it)."""
-    if identity is None or target.port is None or target.port not in state.spec.identity_ports:
-        return False
-    return consent_pending(state.spec, target.port, identity, member=_is_member(gateway, state, identity),
-                   consents=gateway.auth.store.consents)
+    return consent_pending(state.spec, target.port, identity, member=lambda: _is_member(gateway, state, identity),
+                           consents=gateway.auth.store.consents)
 
 
 async def serve_reserved(request: web.Request, target: Target, gateway: Gateway) -> web.StreamResponse:

@@ -209,3 +209,14 @@ async def test_opting_out_stops_disclosure_at_once(served: Served, make_browser:
     refused = await visitor.fetch("PUT", f"{HUB}/api/v1/workspaces/ws1/ports/3001", json_body={"identity": True},
                                   headers={"Origin": HUB, "Accept": "application/json"})
     assert refused.status == 404, "only the owner opts a port in"
+
+
+async def test_members_are_never_asked(served: Served, make_browser: MakeBrowser) -> None:
+    alice = await signed_in(make_browser, served, "alice")
+    await opt_in(alice)
+    for member in ("alice", "carol"):  # the owner and a collaborator
+        browser = await signed_in(make_browser, served, member)
+        browser.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(Identity(member), APP[7:]))
+        page = await browser.navigate(served.preview("ws1", 3001, "/x"), headers=NAVIGATE)
+        assert "Share who you are" not in page.text
+        assert seen_headers(page.json())["x-forwarded-user"] == [member]
