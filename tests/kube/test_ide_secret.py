@@ -147,9 +147,10 @@ async def test_real_code_server_admits_the_gateway_and_nobody_else(
             assert (await direct(base, folder, secret))[0] == 200  # the value the gateway computes opens it
             assert (await direct(base, "/healthz", None))[0] == 200  # the pod's readiness probe needs none
             # Through the gateway, for the owner: the workbench, whatever session cookie the client sends.
-            session = client.app[GATEWAY].auth.sessions.issue(Identity("alice"), "localhost:8080")
+            session = client.app[GATEWAY].auth.sessions.issue(Identity("alice"), "ide-w1.localhost:8080")
             for forged in ("", f"; {IDE_COOKIE}=forged"):
-                response = await client.get(f"/w/w1{folder}", allow_redirects=False, headers={
-                    "Host": "localhost:8080", "Accept": "text/html", "Cookie": f"codehub_session={session}{forged}"})
+                response = await client.get(folder, allow_redirects=False, headers={
+                    "Host": "ide-w1.localhost:8080", "Accept": "text/html",
+                    "Cookie": f"codehub_session={session}{forged}"})
                 assert response.status == 200, (response.status, response.headers.get("Location"))
                 assert "vscode" in (await response.text()).lower()
