@@ -23,12 +23,17 @@ CONSENT_PATH = "/_codehub/consent"
 _CLAIM_WORDS = {"user": "user name", "email": "e-mail address", "name": "name", "groups": "groups"}
 
 
-def answer_of(consents: Mapping[str, Consent], identity: Identity, spec: WorkspaceSpec, port: int) -> Consent | None:
-    return consents.get(consent_id(identity.subject, spec.id, port))
+Consents = Callable[[], Mapping[str, Consent]]
+"""The answers recorded so far, asked for only when a non-member opens an opted-in port (a file-backed store
+looks at its file when asked: not a cost every request should pay)."""
+
+
+def answer_of(consents: Consents, identity: Identity, spec: WorkspaceSpec, port: int) -> Consent | None:
+    return consents().get(consent_id(identity.subject, spec.id, port))
 
 
 def disclosed(rules: IdentityRules, spec: WorkspaceSpec, port: int | None, identity: Identity | None, *,
-              member: Callable[[], bool], consents: Mapping[str, Consent]) -> Identity | None:
+              member: Callable[[], bool], consents: Consents) -> Identity | None:
     """The identity this app may receive for this caller, or None. ``member`` is asked only when it matters."""
     if identity is None:
         return None
@@ -42,7 +47,7 @@ def disclosed(rules: IdentityRules, spec: WorkspaceSpec, port: int | None, ident
 
 
 def consent_pending(spec: WorkspaceSpec, port: int | None, identity: Identity | None, *,
-                    member: Callable[[], bool], consents: Mapping[str, Consent]) -> bool:
+                    member: Callable[[], bool], consents: Consents) -> bool:
     """A visitor of an opted-in port who has not answered yet: a browser navigation gets the consent page."""
     return (identity is not None and port is not None and port in spec.identity_ports
             and answer_of(consents, identity, spec, port) is None and not member())

@@ -27,7 +27,7 @@ from gateway.disclosure import CONSENT_PATH, ConsentPage, consent_pending, discl
 from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, Redirect
 from gateway.lifecycle import Phase, WorkspaceState
 from gateway.pages import wants_html
-from gateway.policy import Decision, Reason, decide, denial, may_wake
+from gateway.policy import Decision, Reason, decide, denial, may_wake, membership
 from gateway.proxy.headers import ClientFacts, Headers, ResponseRules, upstream_request_headers
 from gateway.proxy.http import proxy_http
 from gateway.proxy.upstream import WAKE_CONNECT_GRACE, Upstream
@@ -37,7 +37,6 @@ from gateway.wake import stream_progress
 
 log = logging.getLogger("codehub.policy")
 HUB_RULES = ResponseRules(cors.HUB_FRAME_HEADERS)
-_MEMBERS = (Reason.OWNER, Reason.COLLABORATOR, Reason.ADMIN)
 
 
 def is_websocket(request: web.BaseRequest) -> bool:
@@ -126,13 +125,13 @@ def record(gateway: Gateway, target: Target, identity: Identity | None, decision
 
 def _disclosed(gateway: Gateway, target: Target, state: WorkspaceState, identity: Identity | None) -> Identity | None:
     return disclosed(gateway.policy.identity, state.spec, target.port, identity,
-                     member=lambda: _is_member(gateway, state, identity), consents=gateway.auth.store.consents)
+                     member=lambda: _is_member(state, identity), consents=lambda: gateway.auth.store.consents)
 
 
 def asks_consent(gateway: Gateway, target: Target, state: WorkspaceState, identity: Identity | None) -> bool:
     """Whether this caller must first answer the app's consent page (only a navigation is shown it)."""
-    return consent_pending(state.spec, target.port, identity, member=lambda: _is_member(gateway, state, identity),
-                           consents=gateway.auth.store.consents)
+    return consent_pending(state.spec, target.port, identity, member=lambda: _is_member(state, identity),
+                           consents=lambda: gateway.auth.store.consents)
 
 
 async def serve_reserved(request: web.Request, target: Target, gateway: Gateway) -> web.StreamResponse:
@@ -283,13 +282,13 @@ async def _answer_consent(request: web.Request, gateway: Gateway, target: Target
 def in_use(gateway: Gateway, state: WorkspaceState,
            identity: Identity | None) -> contextlib.AbstractContextManager[None]:
     """Visitors keep a workspace awake unless the policy says only its members do."""
-    if gateway.policy.wake.visitors_keep_awake or _is_member(gateway, state, identity):
+    if gateway.policy.wake.visitors_keep_awake or _is_member(state, identity):
         return gateway.activity.connection(state.id)
     return contextlib.nullcontext()
 
 
-def _is_member(gateway: Gateway, state: WorkspaceState, identity: Identity | None) -> bool:
-    return identity is not None and decide(gateway.policy, state.spec, None, identity).reason in _MEMBERS
+def _is_member(state: WorkspaceState, identity: Identity | None) -> bool:
+    return identity is not None and membership(state.spec, identity) is not None
 
 
 async def _relay(request: web.Request, gateway: Gateway, upstream: Upstream, path: str,

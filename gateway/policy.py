@@ -8,6 +8,7 @@ validated with the file, line and key of the first problem, and a reload that fa
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import re
 from collections.abc import Mapping
@@ -145,6 +146,9 @@ class IdentityRules(_Model):
     def disclose(self, identity: Identity) -> Identity:
         """The identity cut down to what may leave: the headers and the signed assertion are both made from it,
         so they can never say more than each other, or than this."""
+        return _disclosed(self, identity)
+
+    def _cut(self, identity: Identity) -> Identity:
         groups = tuple(group for group in identity.groups if self._group_allowed(group)) \
             if "groups" in self.claims else ()
         return Identity(subject=identity.subject if "user" in self.claims else "",
@@ -153,6 +157,12 @@ class IdentityRules(_Model):
 
     def _group_allowed(self, group: str) -> bool:
         return any(group == rule or (rule.endswith("*") and group.startswith(rule[:-1])) for rule in self.groups)
+
+
+@functools.lru_cache(maxsize=4096)
+def _disclosed(rules: IdentityRules, identity: Identity) -> Identity:
+    """Cached: the same few people make most requests, each of which would cut their identity down again."""
+    return rules._cut(identity)
 
 
 class Policy(_Model):
@@ -227,7 +237,8 @@ def visibility(policy: Policy, spec: WorkspaceSpec, port: int) -> Visibility:
     return VISIBILITIES[min(VISIBILITIES.index(chosen), ceiling)]  # type: ignore[return-value]
 
 
-def _member(spec: WorkspaceSpec, identity: Identity) -> Reason | None:
+def membership(spec: WorkspaceSpec, identity: Identity) -> Reason | None:
+    """Owner or collaborator of the workspace, or None (admins see ports, but are no members)."""
     if identity.matches(spec.owner):
         return Reason.OWNER
     if any(identity.matches(person) for person in spec.collaborators):
@@ -241,7 +252,7 @@ def decide(policy: Policy, spec: WorkspaceSpec, port: int | None, identity: Iden
     if port is None:
         if identity is None:
             return Decision(False, Reason.USER_UNAUTHENTICATED, "the IDE needs sign-in")
-        member = _member(spec, identity)
+        member = membership(spec, identity)
         if member is not None:
             return Decision(True, member, "owner and collaborators use the IDE")
         return Decision(False, Reason.IDE_OWNER_ONLY, "the IDE is only for its owner and collaborators")
@@ -249,7 +260,7 @@ def decide(policy: Policy, spec: WorkspaceSpec, port: int | None, identity: Iden
         return Decision(False, Reason.PORT_DENIED, f"ports.denied lists {port}" if port != spec.ide_port
                         else "the IDE port is only reachable at ide-{workspace}")
     if identity is not None:
-        member = _member(spec, identity)
+        member = membership(spec, identity)
         if member is not None:
             return Decision(True, member, f"{member.value} of the workspace")
         if any(identity.matches(admin) for admin in policy.admins):

@@ -78,10 +78,7 @@ class Hosts:
 
     def origin(self, host: str) -> str:
         """The browser's ``Origin`` for a request that arrived with this (already routed) ``Host``."""
-        normalised = normalise_host(host, self.scheme)
-        assert normalised is not None, "routing accepted the host"
-        name, _, port = normalised.partition(":")
-        return f"{self.scheme}://{name}" if int(port) == _DEFAULT_PORTS[self.scheme] else f"{self.scheme}://{normalised}"
+        return _origin(host, self.scheme)
 
     def hub_url(self, path: str = "/") -> str:
         name, _, host_port = self.hub.partition(":")
@@ -116,6 +113,14 @@ def local_path(value: str | None) -> str:
     if not value or value[0] not in "/\\" or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
         return "/"
     return "/" + value.lstrip("/\\")
+
+
+@functools.lru_cache(maxsize=4096)
+def _origin(host: str, scheme: str) -> str:
+    normalised = normalise_host(host, scheme)
+    assert normalised is not None, "routing accepted the host"
+    name, _, port = normalised.partition(":")
+    return f"{scheme}://{name}" if int(port) == _DEFAULT_PORTS[scheme] else f"{scheme}://{normalised}"
 
 
 def route(host: str | None, raw_path: str, hosts: Hosts) -> Target:

@@ -77,15 +77,12 @@ def strip_gateway_cookies(cookie_header: str) -> str:
     return ";".join(kept).strip()
 
 
-def _not_upstream(lower: str) -> bool:
-    """Forwarding and identity headers in every spelling: servers that read ``_`` as ``-`` (CGI, WSGI, nginx
-    with underscores on) would take ``X_Forwarded_User`` for the gateway's ``X-Forwarded-User``, and
+def _underscored(lower: str) -> bool:
+    """Forwarding and identity headers spelt with ``_``: servers that read ``_`` as ``-`` (CGI, WSGI, nginx with
+    underscores on) would take ``X_Forwarded_User`` for the gateway's ``X-Forwarded-User``, and
     ``Content_Length`` for a second length."""
-    if "_" in lower:
-        lower = lower.replace("_", "-")
-        if lower in _SPECIAL:
-            return True
-    return lower in _NOT_UPSTREAM or lower.startswith("x-forwarded-")
+    dashed = lower.replace("_", "-")
+    return dashed in _SPECIAL or dashed.startswith("x-forwarded-")
 
 
 def upstream_request_headers(
@@ -108,7 +105,7 @@ def upstream_request_headers(
         lower = name.lower()
         if lower in named:
             continue
-        if _not_upstream(lower):
+        if lower in _NOT_UPSTREAM or lower.startswith("x-forwarded-") or ("_" in lower and _underscored(lower)):
             if client.trusted:
                 if lower == "x-forwarded-for":
                     chain.append(value)
