@@ -283,3 +283,26 @@ async def test_names_are_escaped_in_the_policy_log(served: Served, make_browser:
     assert lines
     assert not any("\x1b" in line or "\x07" in line for line in lines), lines
     assert any("eve\\u001b[2J" in line for line in lines), lines
+
+
+# --- found by attacking the fix (issue 11) -----------------------------------------------------------------------
+
+
+async def test_a_passthru_preflight_never_reaches_the_ide_port_or_a_denied_port(serve: Serve, tmp_path: Path,
+                                                                                make_browser: MakeBrowser) -> None:
+    """A passthru rule lets the app answer preflights, which carry no credentials; that must not open ports the
+    policy shuts for everyone: the IDE port on a preview host (its only address is ``ide-{workspace}``) and
+    ``ports.denied``. Anyone on the internet could otherwise send OPTIONS to code-server through a preview host."""
+    policy = tmp_path / "passthru.yaml"
+    policy.write_text("ports:\n  denied: [3002]\ncors:\n  - mode: passthru\n")
+    served = await serve(WORKSPACES, policy_file=str(policy), listen={"ws1": [13337]})
+    anyone = await make_browser(served)
+    preflight = {"Origin": "http://evil.test", "Access-Control-Request-Method": "PUT", "Accept": "application/json"}
+    for port in (13337, 3002):
+        page = await anyone.fetch("OPTIONS", served.preview("ws1", port, "/x"), headers=preflight)
+        assert page.status == 403, (port, page.text)
+        assert page.json()["error"]["code"] == "port-denied"
+    # The app still answers the preflights of its shareable ports itself.
+    page = await anyone.fetch("OPTIONS", served.preview("ws1", 3000, "/x"), headers=preflight)
+    assert page.status == 200, page.text
+    assert page.json()["method"] == "OPTIONS"
