@@ -212,7 +212,12 @@ async def _serve_workspace(request: web.Request, target: Target, gateway: Gatewa
     if preflight and (answer := _preflight(request, gateway, target, state)) is not None:
         return answer
     if preflight and target.port is not None and cors.rule_for(gateway.policy, target.port) is not None:
-        # passthru: the app answers its own preflights, which never carry credentials.
+        # passthru: the app answers its own preflights, which never carry credentials; a port shut for everyone
+        # (the IDE port, ``ports.denied``) stays shut to them too.
+        shut = decide(gateway.policy, state.spec, target.port, None)
+        if shut.reason is Reason.PORT_DENIED:
+            record(gateway, target, None, shut)
+            raise denial(shut)
         credentials = Credentials(None, None, None, False, target.path)
     else:
         credentials = _check(request, gateway, target, state)
