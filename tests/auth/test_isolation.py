@@ -306,3 +306,19 @@ async def test_a_passthru_preflight_never_reaches_the_ide_port_or_a_denied_port(
     page = await anyone.fetch("OPTIONS", served.preview("ws1", 3000, "/x"), headers=preflight)
     assert page.status == 200, page.text
     assert page.json()["method"] == "OPTIONS"
+
+
+async def test_a_second_authorization_header_does_not_carry_a_gateway_token_upstream(served: Served,
+                                                                                     make_browser: MakeBrowser) -> None:
+    """Only the first ``Authorization`` was read, so a gateway token in a second one was neither consumed nor
+    stripped and reached the workspace. The header is a singleton: two are a 400, in both lanes (GET and POST)."""
+    owner = await visitor(make_browser, served, served.preview("ws1", 3000))
+    token = (await owner.fetch("POST", HUB + "/api/v1/tokens", headers={"Origin": HUB, "Accept": "application/json"},
+                               json_body={"name": "ci"})).json()["token"]
+    for method in ("GET", "POST"):
+        page = await owner.fetch(method, served.preview("ws1", 3000, "/x"), headers=CIMultiDict(
+            [("Accept", "application/json"), ("Origin", OWN), ("Authorization", "Basic YTpi"),
+             ("Authorization", f"Bearer {token}")]))
+        assert token not in page.text, method
+        assert page.status == 400, (method, page.text)
+        assert page.json()["error"]["code"] == "bad-authorization"
