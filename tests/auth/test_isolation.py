@@ -20,6 +20,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.auth.identity import Identity
+from gateway.lifecycle import Phase
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served, oidc_settings, seen_headers
 from tests.peers.idp.fixture import IdP
@@ -322,3 +323,20 @@ async def test_a_second_authorization_header_does_not_carry_a_gateway_token_upst
         assert token not in page.text, method
         assert page.status == 400, (method, page.text)
         assert page.json()["error"]["code"] == "bad-authorization"
+
+
+async def test_an_anonymous_passthru_preflight_does_not_wake_a_workspace(serve: Serve, tmp_path: Path,
+                                                                         make_browser: MakeBrowser) -> None:
+    """Who may wake what is a policy decision: a preflight carries no credentials, so it may wake only what an
+    anonymous visitor may (here nothing: the port is private and only members wake the workspace)."""
+    policy = tmp_path / "passthru.yaml"
+    policy.write_text("wake:\n  who: owner-and-collaborators\ncors:\n  - mode: passthru\n")
+    served = await serve(WORKSPACES, policy_file=str(policy))
+    await served.gateway.runtime.stop("ws1")
+    anyone = await make_browser(served)
+    page = await anyone.fetch("OPTIONS", served.preview("ws1", 3000, "/x"), headers={
+        "Origin": "http://evil.test", "Access-Control-Request-Method": "PUT", "Accept": "application/json"})
+    assert page.status == 401, page.text
+    state = served.gateway.runtime.get("ws1")
+    assert state is not None
+    assert state.phase is Phase.WARM
