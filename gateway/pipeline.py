@@ -213,11 +213,14 @@ async def _serve_workspace(request: web.Request, target: Target, gateway: Gatewa
         return answer
     if preflight and target.port is not None and cors.rule_for(gateway.policy, target.port) is not None:
         # passthru: the app answers its own preflights, which never carry credentials; a port shut for everyone
-        # (the IDE port, ``ports.denied``) stays shut to them too.
-        shut = decide(gateway.policy, state.spec, target.port, None)
-        if shut.reason is Reason.PORT_DENIED:
-            record(gateway, target, None, shut)
-            raise denial(shut)
+        # (the IDE port, ``ports.denied``) stays shut to them too, and they wake only what anyone may wake.
+        anonymous = decide(gateway.policy, state.spec, target.port, None)
+        asleep = state.phase is not Phase.RUNNING
+        if asleep and anonymous.allow:
+            anonymous = may_wake(gateway.policy, anonymous)
+        if anonymous.reason is Reason.PORT_DENIED or (asleep and not anonymous.allow):
+            record(gateway, target, None, anonymous)
+            raise denial(anonymous)
         credentials = Credentials(None, None, None, False, target.path)
     else:
         credentials = _check(request, gateway, target, state)
