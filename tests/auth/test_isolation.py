@@ -341,3 +341,24 @@ async def test_an_anonymous_passthru_preflight_does_not_wake_a_workspace(serve: 
     state = served.gateway.runtime.get("ws1")
     assert state is not None
     assert state.phase is Phase.WARM
+
+
+@pytest.mark.parametrize("identity", [Identity("eve\ud800"), Identity("eve", "e\udc0a@x.test"),
+                                      Identity("eve", groups=("ops\udfff",)), Identity("eve", name="\udc0d")],
+                         ids=["name", "email", "group", "display-name"])
+def test_identity_values_with_lone_surrogates_are_refused_at_sign_in(identity: Identity) -> None:
+    """A JSON claim can hold a lone surrogate (``"\\ud800"``); no header can carry it, so sign-in refuses it like a
+    control character instead of every later request failing with a 500."""
+    assert identity.unprintable() is not None
+
+
+async def test_a_head_that_cannot_be_encoded_is_refused_like_a_line_break(served: Served,
+                                                                          make_browser: MakeBrowser) -> None:
+    forged = served.gateway.auth.sessions.issue(Identity("eve", "e\udc0d\udc0a@x.test"), "3001-ws1.localhost:8080")
+    browser = await make_browser(served)
+    browser.add_cookie(served.preview("ws1", 3001), "codehub_session", forged)
+    for method in ("GET", "POST"):  # the fast lane and aiohttp's
+        page = await browser.fetch(method, served.preview("ws1", 3001, "/"), headers={
+            "Accept": "application/json", "Origin": "http://3001-ws1.localhost:8080"})
+        assert page.status == 502, page.text
+        assert page.json()["error"]["code"] == "unsafe-header"
