@@ -362,3 +362,16 @@ async def test_a_head_that_cannot_be_encoded_is_refused_like_a_line_break(served
             "Accept": "application/json", "Origin": "http://3001-ws1.localhost:8080"})
         assert page.status == 502, page.text
         assert page.json()["error"]["code"] == "unsafe-header"
+
+
+async def test_the_ide_origin_serves_no_workspace_port(served: Served, make_browser: MakeBrowser) -> None:
+    """code-server serves any workspace port at ``/proxy/{port}/`` and ``/absproxy/{port}/`` (case-blind) on its own
+    origin: a page a dev server shows (a reviewed branch's HTML, say) would run where the IDE's terminal
+    WebSocket is same-origin. Ports have their own origins; on the IDE's, those paths never reach code-server."""
+    owner = await visitor(make_browser, served, served.ide("ws1"))
+    for path in ("/proxy/3000/", "/PROXY/3000/x", "/absproxy/3000/x?y=1", "/proxy/3000"):
+        page = await owner.fetch("GET", served.ide("ws1", path), headers={"Accept": "application/json"})
+        assert page.status == 404, (path, page.text)
+        assert page.json()["error"]["code"] == "ide-proxy-off"
+        assert "3000-ws1" in page.json()["error"]["message"] or "{port}-ws1" in page.json()["error"]["message"]
+    assert (await owner.fetch("GET", served.ide("ws1", "/proxyish"))).status == 200
