@@ -375,3 +375,16 @@ async def test_the_ide_origin_serves_no_workspace_port(served: Served, make_brow
         assert page.json()["error"]["code"] == "ide-proxy-off"
         assert "3000-ws1" in page.json()["error"]["message"] or "{port}-ws1" in page.json()["error"]["message"]
     assert (await owner.fetch("GET", served.ide("ws1", "/proxyish"))).status == 200
+
+
+async def test_an_idp_group_with_a_comma_is_refused(serve: Serve, idp: IdP, gateway_port: int,
+                                                    make_browser: MakeBrowser) -> None:
+    """``X-Forwarded-Groups`` joins groups with commas, so an IdP group named ``ops,admins`` would reach every app
+    as two groups, ``ops`` and ``admins``. The IdP's groups for this login are ``["ops,admins"]``."""
+    served = await serve(WORKSPACES, port=gateway_port, **oidc_settings(idp, gateway_port))
+    browser = await make_browser(served, login="eve+ops,admins", idp=idp)
+    page = await browser.navigate(served.hub + "/auth/login?next=/")
+    assert page.status == 401, page.text
+    assert "sign-in-failed" in page.text
+    assert "comma" in page.text
+    assert not [cookie for cookie in browser.jar if cookie.name == "codehub_session"]
