@@ -216,7 +216,15 @@ async def _serve_workspace(request: web.Request, target: Target, gateway: Gatewa
     if preflight and (answer := _preflight(request, gateway, target, state)) is not None:
         return answer
     if preflight and target.port is not None and cors.rule_for(gateway.policy, target.port) is not None:
-        # passthru: the app answers its own preflights, which never carry credentials.
+        # passthru: the app answers its own preflights, which never carry credentials; a port shut for everyone
+        # (the IDE port, ``ports.denied``) stays shut to them too, and they wake only what anyone may wake.
+        anonymous = decide(gateway.policy, state.spec, target.port, None)
+        asleep = state.phase is not Phase.RUNNING
+        if asleep and anonymous.allow:
+            anonymous = may_wake(gateway.policy, anonymous)
+        if anonymous.reason is Reason.PORT_DENIED or (asleep and not anonymous.allow):
+            record(gateway, target, None, anonymous)
+            raise denial(anonymous)
         credentials = Credentials(None, None, None, False, target.path)
     else:
         credentials = _check(request, gateway, target, state)

@@ -357,9 +357,9 @@ def _where(source: str, node: yaml.Node | None, loc: tuple[int | str, ...], mess
     return f"{source}:{_line_of(node, loc) or 1}: {key}: {message}"
 
 
-def _contradictions(policy: Policy) -> list[tuple[tuple[str, ...], str]]:
+def _contradictions(policy: Policy) -> list[tuple[tuple[int | str, ...], str]]:
     """Settings that are each valid but cannot hold together."""
-    found: list[tuple[tuple[str, ...], str]] = []
+    found: list[tuple[tuple[int | str, ...], str]] = []
     ports, links = policy.ports, policy.share_links
     if VISIBILITIES.index(ports.default_visibility) > VISIBILITIES.index(ports.max_visibility):
         found.append((("ports", "default_visibility"),
@@ -367,6 +367,11 @@ def _contradictions(policy: Policy) -> list[tuple[tuple[str, ...], str]]:
     if links.default_ttl > links.max_ttl:
         found.append((("share_links", "default_ttl"),
                       f"{links.default_ttl:.0f} s is longer than share_links.max_ttl ({links.max_ttl:.0f} s)"))
+    for index, rule in enumerate(policy.cors):
+        if "*" in rule.allow_origins and rule.allow_credentials:  # browsers refuse this pair for the same reason
+            found.append((("cors", index, "allow_origins"),
+                          "'*' admits every origin: with allow_credentials any site could read and write this port "
+                          "as its visitor. List the origins, or set allow_credentials: false"))
     return found
 
 

@@ -28,6 +28,8 @@ _HOST = re.compile(r"(?P<name>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{1,5
 _ANY_HOST_PATHS = frozenset({"/healthz", "/readyz"})
 _LABEL = re.compile(r"(?:(?P<port>[0-9]{1,5})|(?P<ide>ide))-(?P<workspace>[a-z0-9-]+)")
 _IDE_PATH = re.compile(r"/w/(?P<workspace>[^/?]*)(?P<rest>/.*)?", re.DOTALL)
+_IDE_PORT_PROXY = re.compile(r"/(?:abs)?proxy(?:[/;?]|$)", re.IGNORECASE)
+"""code-server's own port proxy (its router ignores case): it would serve a workspace port on the IDE's origin."""
 
 
 class Kind(enum.Enum):
@@ -134,7 +136,12 @@ def route(host: str | None, raw_path: str, hosts: Hosts) -> Target:
         return _hub_route(raw_path)
     label, dot, rest = normalised.partition(".")
     if dot and rest == hosts.preview_suffix:
-        return _preview_route(label, raw_path)
+        target = _preview_route(label, raw_path)
+        if target.kind is Kind.IDE and _IDE_PORT_PROXY.match(raw_path):
+            assert target.workspace is not None
+            raise NotFound("Workspace ports are not served on the IDE's origin: open a port at its own address, "
+                           f"{hosts.share_url(target.workspace, '{port}')}", code="ide-proxy-off")
+        return target
     if raw_path in _ANY_HOST_PATHS:
         return Target(Kind.HUB, path=raw_path)
     raise NotFound(f"This gateway serves no site called {host}.", code="unknown-host")

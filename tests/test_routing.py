@@ -32,6 +32,8 @@ PROD = Hosts.from_urls("https://hub.example.com", "preview.example.com")
         (LOCAL, "ide-ws-1.localhost:8080", "/_codehub/auth/callback?code=x",
          Target(Kind.RESERVED, "ws-1", None, "/_codehub/auth/callback?code=x")),
         (LOCAL, "ide-demo.localhost:8080", "/w/demo/", Target(Kind.IDE, "demo", path="/w/demo/")),
+        (LOCAL, "ide-demo.localhost:8080", "/proxyish/3000/", Target(Kind.IDE, "demo", path="/proxyish/3000/")),
+        (LOCAL, "8000-demo.localhost:8080", "/proxy/3000/", Target(Kind.PREVIEW, "demo", 8000, "/proxy/3000/")),
         (PROD, "ide-ws1.preview.example.com", "/?folder=/home", Target(Kind.IDE, "ws1", path="/?folder=/home")),
         (LOCAL, "localhost:8080", "/wx/demo/", Target(Kind.HUB, path="/wx/demo/")),
         (LOCAL, "10.1.2.3:8080", "/healthz", Target(Kind.HUB, path="/healthz")),
@@ -68,6 +70,13 @@ def test_routes(hosts: Hosts, host: str, path: str, expected: Target) -> None:
         (LOCAL, "ide-demo-.localhost:8080", "/", BadRequest, "bad-preview-host"),
         (LOCAL, "ide8000-demo.localhost:8080", "/", BadRequest, "bad-preview-host"),
         (LOCAL, "ide-demo.ide-demo.localhost:8080", "/", NotFound, "unknown-host"),
+        # code-server serves every workspace port on its own origin there (case-blind): never on the IDE's.
+        (LOCAL, "ide-demo.localhost:8080", "/proxy/3000/", NotFound, "ide-proxy-off"),
+        (LOCAL, "ide-demo.localhost:8080", "/proxy/3000", NotFound, "ide-proxy-off"),
+        (LOCAL, "ide-demo.localhost:8080", "/PROXY/3000/x", NotFound, "ide-proxy-off"),
+        (LOCAL, "ide-demo.localhost:8080", "/absproxy/3000/x?y", NotFound, "ide-proxy-off"),
+        (LOCAL, "ide-demo.localhost:8080", "/AbsProxy/3000/", NotFound, "ide-proxy-off"),
+        (LOCAL, "ide-demo.localhost:8080", "/proxy;x/3000/", NotFound, "ide-proxy-off"),
         (LOCAL, "8000-a.b.localhost:8080", "/", NotFound, "unknown-host"),
         (LOCAL, "8000-demo.localhost:8081", "/", NotFound, "unknown-host"),
         (LOCAL, "10.1.2.3:8080", "/metrics", NotFound, "unknown-host"),  # metrics.port serves them, never this one

@@ -17,7 +17,7 @@ from yarl import URL
 from gateway.auth.identity import Identity
 from gateway.auth.sessions import Sessions, cookie_name, is_embedded, read_cookie, set_cookie
 from gateway.auth.store import API_PREFIX, SHARE_PREFIX, ShareLink, TokenStore
-from gateway.errors import Forbidden, GatewayError, Redirect, Unauthorized
+from gateway.errors import BadRequest, Forbidden, GatewayError, Redirect, Unauthorized
 from gateway.policy import Grant
 from gateway.routing import local_path
 
@@ -105,7 +105,10 @@ def authenticate(method: str, headers: CIMultiDictProxy[str], path: str, host: s
             cookie = set_cookie(cookie_name(SHARE, secure), value, max_age=lifetime, secure=secure,
                                 embedded=is_embedded(headers))
             raise Redirect(local_path(path), cookies=(cookie,))
-    authorization = headers.get("Authorization", "")
+    authorizations = headers.getall("Authorization", ())
+    if len(authorizations) > 1:  # a gateway token in the second would be neither read nor stripped
+        raise BadRequest("Send one Authorization header, not several.", code="bad-authorization")
+    authorization = authorizations[0] if authorizations else ""
     if authorization[:7].lower() == "bearer ":
         token = authorization[7:].strip()
         if token.startswith(SHARE_PREFIX):

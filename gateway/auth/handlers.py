@@ -85,6 +85,9 @@ async def callback(request: web.Request) -> web.StreamResponse:
     if (field := identity.unprintable()) is not None:
         raise SignInFailed(f"The sign-in service sent a {field} with control characters, which this gateway does "
                            "not accept. Ask its administrators to correct the account.")
+    if any("," in group for group in identity.groups):  # X-Forwarded-Groups joins them with commas
+        raise SignInFailed("The sign-in service sent a group name with a comma, which apps would read as two "
+                           "groups; this gateway does not accept it. Ask its administrators to rename the group.")
     raise Redirect(local_path(str(saved.get("next"))), status=303, cookies=(
         _session_cookie(gateway, identity, gateway.hosts.hub), _expired(LOGIN, secure)))
 

@@ -13,7 +13,8 @@ _NOT_ATTRIBUTES = frozenset({
     "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "nonce", "auth_time", "at_hash", "c_hash", "s_hash", "azp",
     "acr", "amr", "sid", "typ", "state", "email", "groups", "name", "attrs", "cnf", "updated_at",
 })
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Lone surrogates come with JSON (``"\\ud800"``) and cannot be encoded into any header.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 # Other claims ride along in the session cookie for org rules on claims; a budget keeps the cookie small.
 ATTRIBUTES_BUDGET = 1024
 

@@ -278,7 +278,10 @@ def encode_head(start_line: str, headers: Mapping[str, str] | CIMultiDict[str]) 
     lines = len(headers) + 2 if fields else 2
     if head.count("\n") != lines or head.count("\r") != lines or "\x00" in head:
         raise UnsafeHeader
-    return head.encode("utf-8", "surrogateescape")
+    try:
+        return head.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no bytes were decoded to (from JSON claims, say)
+        raise UnsafeHeader from None
 
 
 class Turns:

@@ -22,7 +22,7 @@ from gateway.app import build_app
 from gateway.config import Config
 from gateway.context import GATEWAY, Gateway
 from tests.auth.browser import Browser
-from tests.conftest import MakeUpstream, next_address, settings, workspace
+from tests.conftest import GatewayTestServer, MakeUpstream, next_address, settings, workspace
 from tests.peers.idp import fixture as idp_fixture
 from tests.peers.idp.fixture import IdP, free_loopback_port
 
@@ -104,9 +104,13 @@ def idp_redirect_uris(gateway_port: int) -> list[str]:
 
 
 @pytest.fixture
-async def serve(aiohttp_server: Any, make_upstream: MakeUpstream, tmp_path: Path) -> Serve:
+async def serve(make_upstream: MakeUpstream, tmp_path: Path) -> AsyncIterator[Serve]:
     """Start a gateway for ``workspaces`` ({id: {"owner", "ports": {port: visibility}, ...}}) with echo upstreams
-    on every listed port (plus ``listen``), woken up; extra keyword arguments are settings."""
+    on every listed port (plus ``listen``), woken up; extra keyword arguments are settings.
+
+    It runs behind the ``FrontDoor`` as ``serve`` does, so plain GETs take the fast lane and everything else
+    aiohttp's: a test that sends both exercises both lanes."""
+    servers: list[TestServer] = []
 
     async def start(workspaces: dict[str, dict[str, Any]], *, port: int | None = None,
                     listen: dict[str, list[int]] | None = None, **extra: Any) -> Served:
@@ -119,7 +123,9 @@ async def serve(aiohttp_server: Any, make_upstream: MakeUpstream, tmp_path: Path
             upstream_ports[ws] = set(options.get("ports", {})) | set((listen or {}).get(ws, ()))
         config = settings(tmp_path, spec, **extra)
         app = build_app(config)
-        server: TestServer = await aiohttp_server(app, host="127.0.0.1", port=port or 0)
+        server = GatewayTestServer(app, host="127.0.0.1", port=port or 0)
+        await server.start_server()
+        servers.append(server)
         gateway = app[GATEWAY]
         for ws, ports in upstream_ports.items():
             address = spec[ws]["address"]
@@ -128,7 +134,9 @@ async def serve(aiohttp_server: Any, make_upstream: MakeUpstream, tmp_path: Path
             await gateway.runtime.wake(ws)
         return Served(gateway, server, config)
 
-    return start
+    yield start
+    for server in servers:
+        await server.close()
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.auth.identity import Identity
+from gateway.lifecycle import Phase
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served, oidc_settings, seen_headers
 from tests.peers.idp.fixture import IdP
@@ -283,3 +284,107 @@ async def test_names_are_escaped_in_the_policy_log(served: Served, make_browser:
     assert lines
     assert not any("\x1b" in line or "\x07" in line for line in lines), lines
     assert any("eve\\u001b[2J" in line for line in lines), lines
+
+
+# --- found by attacking the fix (issue 11) -----------------------------------------------------------------------
+
+
+async def test_a_passthru_preflight_never_reaches_the_ide_port_or_a_denied_port(serve: Serve, tmp_path: Path,
+                                                                                make_browser: MakeBrowser) -> None:
+    """A passthru rule lets the app answer preflights, which carry no credentials; that must not open ports the
+    policy shuts for everyone: the IDE port on a preview host (its only address is ``ide-{workspace}``) and
+    ``ports.denied``. Anyone on the internet could otherwise send OPTIONS to code-server through a preview host."""
+    policy = tmp_path / "passthru.yaml"
+    policy.write_text("ports:\n  denied: [3002]\ncors:\n  - mode: passthru\n")
+    served = await serve(WORKSPACES, policy_file=str(policy), listen={"ws1": [13337]})
+    anyone = await make_browser(served)
+    preflight = {"Origin": "http://evil.test", "Access-Control-Request-Method": "PUT", "Accept": "application/json"}
+    for port in (13337, 3002):
+        page = await anyone.fetch("OPTIONS", served.preview("ws1", port, "/x"), headers=preflight)
+        assert page.status == 403, (port, page.text)
+        assert page.json()["error"]["code"] == "port-denied"
+    # The app still answers the preflights of its shareable ports itself.
+    page = await anyone.fetch("OPTIONS", served.preview("ws1", 3000, "/x"), headers=preflight)
+    assert page.status == 200, page.text
+    assert page.json()["method"] == "OPTIONS"
+
+
+async def test_a_second_authorization_header_does_not_carry_a_gateway_token_upstream(served: Served,
+                                                                                     make_browser: MakeBrowser) -> None:
+    """Only the first ``Authorization`` was read, so a gateway token in a second one was neither consumed nor
+    stripped and reached the workspace. The header is a singleton: two are a 400, in both lanes (GET and POST)."""
+    owner = await visitor(make_browser, served, served.preview("ws1", 3000))
+    token = (await owner.fetch("POST", HUB + "/api/v1/tokens", headers={"Origin": HUB, "Accept": "application/json"},
+                               json_body={"name": "ci"})).json()["token"]
+    for method in ("GET", "POST"):
+        page = await owner.fetch(method, served.preview("ws1", 3000, "/x"), headers=CIMultiDict(
+            [("Accept", "application/json"), ("Origin", OWN), ("Authorization", "Basic YTpi"),
+             ("Authorization", f"Bearer {token}")]))
+        assert token not in page.text, method
+        assert page.status == 400, (method, page.text)
+        assert page.json()["error"]["code"] == "bad-authorization"
+
+
+async def test_an_anonymous_passthru_preflight_does_not_wake_a_workspace(serve: Serve, tmp_path: Path,
+                                                                         make_browser: MakeBrowser) -> None:
+    """Who may wake what is a policy decision: a preflight carries no credentials, so it may wake only what an
+    anonymous visitor may (here nothing: the port is private and only members wake the workspace)."""
+    policy = tmp_path / "passthru.yaml"
+    policy.write_text("wake:\n  who: owner-and-collaborators\ncors:\n  - mode: passthru\n")
+    served = await serve(WORKSPACES, policy_file=str(policy))
+    await served.gateway.runtime.stop("ws1")
+    anyone = await make_browser(served)
+    for port, status in ((3000, 401), (3001, 403)):  # private; public, but anonymous visitors do not wake it
+        page = await anyone.fetch("OPTIONS", served.preview("ws1", port, "/x"), headers={
+            "Origin": "http://evil.test", "Access-Control-Request-Method": "PUT", "Accept": "application/json"})
+        assert page.status == status, (port, page.text)
+    state = served.gateway.runtime.get("ws1")
+    assert state is not None
+    assert state.phase is Phase.WARM
+
+
+@pytest.mark.parametrize("identity", [Identity("eve\ud800"), Identity("eve", "e\udc0a@x.test"),
+                                      Identity("eve", groups=("ops\udfff",)), Identity("eve", name="\udc0d")],
+                         ids=["name", "email", "group", "display-name"])
+def test_identity_values_with_lone_surrogates_are_refused_at_sign_in(identity: Identity) -> None:
+    """A JSON claim can hold a lone surrogate (``"\\ud800"``); no header can carry it, so sign-in refuses it like a
+    control character instead of every later request failing with a 500."""
+    assert identity.unprintable() is not None
+
+
+async def test_a_head_that_cannot_be_encoded_is_refused_like_a_line_break(served: Served,
+                                                                          make_browser: MakeBrowser) -> None:
+    forged = served.gateway.auth.sessions.issue(Identity("eve", "e\udc0d\udc0a@x.test"), "3001-ws1.localhost:8080")
+    browser = await make_browser(served)
+    browser.add_cookie(served.preview("ws1", 3001), "codehub_session", forged)
+    for method in ("GET", "POST"):  # the fast lane and aiohttp's
+        page = await browser.fetch(method, served.preview("ws1", 3001, "/"), headers={
+            "Accept": "application/json", "Origin": "http://3001-ws1.localhost:8080"})
+        assert page.status == 502, page.text
+        assert page.json()["error"]["code"] == "unsafe-header"
+
+
+async def test_the_ide_origin_serves_no_workspace_port(served: Served, make_browser: MakeBrowser) -> None:
+    """code-server serves any workspace port at ``/proxy/{port}/`` and ``/absproxy/{port}/`` (case-blind) on its own
+    origin: a page a dev server shows (a reviewed branch's HTML, say) would run where the IDE's terminal
+    WebSocket is same-origin. Ports have their own origins; on the IDE's, those paths never reach code-server."""
+    owner = await visitor(make_browser, served, served.ide("ws1"))
+    for path in ("/proxy/3000/", "/PROXY/3000/x", "/absproxy/3000/x?y=1", "/proxy/3000"):
+        page = await owner.fetch("GET", served.ide("ws1", path), headers={"Accept": "application/json"})
+        assert page.status == 404, (path, page.text)
+        assert page.json()["error"]["code"] == "ide-proxy-off"
+        assert "3000-ws1" in page.json()["error"]["message"] or "{port}-ws1" in page.json()["error"]["message"]
+    assert (await owner.fetch("GET", served.ide("ws1", "/proxyish"))).status == 200
+
+
+async def test_an_idp_group_with_a_comma_is_refused(serve: Serve, idp: IdP, gateway_port: int,
+                                                    make_browser: MakeBrowser) -> None:
+    """``X-Forwarded-Groups`` joins groups with commas, so an IdP group named ``ops,admins`` would reach every app
+    as two groups, ``ops`` and ``admins``. The IdP's groups for this login are ``["ops,admins"]``."""
+    served = await serve(WORKSPACES, port=gateway_port, **oidc_settings(idp, gateway_port))
+    browser = await make_browser(served, login="eve+ops,admins", idp=idp)
+    page = await browser.navigate(served.hub + "/auth/login?next=/")
+    assert page.status == 401, page.text
+    assert "sign-in-failed" in page.text
+    assert "comma" in page.text
+    assert not [cookie for cookie in browser.jar if cookie.name == "codehub_session"]

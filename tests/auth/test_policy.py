@@ -193,6 +193,8 @@ BAD_POLICIES = [
     ("claim rule with a list", "org:\n  claims:\n    roles: [a, b]\n",
      f"{FILE}:3: org.claims.roles: a claim rule compares one text"),
     ("groups not a list", "org:\n  groups: 7\n", f"{FILE}:2: org.groups:"),
+    ("wildcard origin with credentials", "cors:\n  - ports: [3000]\n  - ports: [8000]\n    allow_origins: ['*']\n",
+     f"{FILE}:4: cors.1.allow_origins: '*' admits every origin"),
     ("not a mapping", "- org\n- ports\n", f"{FILE}:1: a policy must be a mapping"),
     ("not YAML", "ports:\n  denied: [22\n", f"{FILE}:3: not valid YAML"),
     ("tab indentation", "ports:\n\tdenied: []\n", f"{FILE}:2: not valid YAML"),
