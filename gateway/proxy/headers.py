@@ -20,8 +20,9 @@ HOP_BY_HOP = frozenset({
     "trailers", "transfer-encoding", "upgrade",
 })
 FORWARDING = frozenset({
-    "x-real-ip", "forwarded", "x-original-url", "x-original-uri", "x-original-host", "x-original-method",
-    "x-rewrite-url", "x-client-ip", "true-client-ip", "x-cluster-client-ip", "client-ip",
+    "x-real-ip", "forwarded", "x-forwarded", "x-original-url", "x-original-uri", "x-original-host",
+    "x-original-method", "x-original-forwarded-for", "x-rewrite-url", "x-client-ip", "true-client-ip",
+    "x-cluster-client-ip", "client-ip",
 })
 """Besides every ``X-Forwarded-*``: what proxies in front of apps write about the client and the original request."""
 IDENTITY = frozenset({

@@ -183,7 +183,8 @@ def test_downstream_response_headers() -> None:
     ["X_Forwarded_User", "x_forwarded_email", "X-Forwarded_Groups", "X_Codehub_Assertion", "X-Forwarded_For",
      "X_Forwarded_Proto", "X-Forwarded-Server", "X-Forwarded-Uri", "X-Forwarded-Prefix", "X-Forwarded-Port",
      "X-Forwarded-Ssl", "X_Forwarded_Anything", "X-Original-URL", "X-Original-Uri", "X-Rewrite-URL", "X-Real-IP",
-     "X_Real_IP", "True-Client-IP", "Forwarded", "Remote_User", "Content_Length", "Transfer_Encoding",
+     "X_Real_IP", "True-Client-IP", "Forwarded", "X-Forwarded", "X-Original-Forwarded-For", "Remote_User",
+     "Content_Length", "Transfer_Encoding",
      "Sec_WebSocket_Key", "X_Auth_Request_User"],
 )
 def test_forwarding_and_identity_headers_are_dropped_in_every_spelling(name: str) -> None:
