@@ -89,9 +89,10 @@ def authorize(gateway: Gateway, target: Target, state: WorkspaceState, method: s
 
 
 def _admits(gateway: Gateway, target: Target, state: WorkspaceState) -> Callable[[str], bool]:
-    """Whether the port's CORS rule admits an origin (the IDE has none)."""
+    """Whether the port's CORS rule admits an origin *with credentials* (the IDE has no rule): a rule that lets
+    other origins call without credentials does not let them use the visitor's cookie."""
     rule = cors.rule_for(gateway.policy, target.port) if target.port is not None else None
-    if rule is None:
+    if rule is None or not rule.allow_credentials:
         return lambda origin: False
     return lambda origin: cors.origin_allowed(rule, origin, state.spec, gateway.hosts, _owner_of(gateway))
 

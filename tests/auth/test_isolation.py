@@ -133,6 +133,20 @@ async def test_a_write_from_its_own_origin_or_an_admitted_one_goes_through(serve
     assert page.status == 200
 
 
+async def test_a_rule_without_credentials_admits_no_cookie(serve: Serve, tmp_path: Path,
+                                                           make_browser: MakeBrowser) -> None:
+    """Other origins may call such a port without credentials; with the visitor's cookie they may not."""
+    policy = tmp_path / "open.yaml"
+    policy.write_text("cors:\n  - ports: [3000]\n    allow_origins: ['*']\n    allow_credentials: false\n")
+    served = await serve(WORKSPACES, policy_file=str(policy))
+    browser = await visitor(make_browser, served, served.preview("ws1", 3000))
+    page = await post(browser, served.preview("ws1", 3000, "/write"), {"Origin": "http://3002-ws1.localhost:8080"})
+    assert page.status == 403
+    assert page.json()["error"]["code"] == "cross-origin-request"
+    assert await refused(browser, served, "3000-ws1.localhost:8080", ("Origin", "http://evil.test")) == 403
+    assert (await post(browser, served.preview("ws1", 3000, "/write"), {"Origin": OWN})).status == 200
+
+
 async def test_credentials_a_page_cannot_make_a_browser_send_are_not_affected(served: Served,
                                                                              make_browser: MakeBrowser) -> None:
     owner = await visitor(make_browser, served)

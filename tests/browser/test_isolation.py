@@ -60,8 +60,9 @@ async def test_a_preview_cannot_act_as_its_visitor_on_another(browser: Browser, 
     stack = await make_stack(
         {"vic": {"owner": "alice", "command": ws_app("8000", "5000"), "ports": {8000: "private", 5000: "private"}},
          "mal": {"owner": "mallory", "command": ws_app("3000"), "ports": {3000: "public"}}},
-        # Not credentialed: such a port's cookie is SameSite=None and Secure, which plain HTTP cannot hold.
-        policy={"cors": [{"ports": [8000], "allow_origins": ["same-workspace"], "allow_credentials": False}]},
+        # passthru: a credentialed `replace` rule makes the port's cookie SameSite=None and Secure, which plain HTTP
+        # cannot hold; admitting same-workspace origins with credentials is the same either way.
+        policy={"cors": [{"ports": [8000], "allow_origins": ["same-workspace"], "mode": "passthru"}]},
         domain=SITE,
     )
     app_socket = stack.share_url("vic", 8000, "/ws").replace("http:", "ws:")
