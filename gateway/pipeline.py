@@ -36,7 +36,8 @@ from gateway.routing import Kind, Target, local_path, normalise_host
 from gateway.wake import stream_progress
 
 log = logging.getLogger("codehub.policy")
-HUB_RULES = ResponseRules(cors.HUB_FRAME_HEADERS)
+IDE_RULES = ResponseRules({"Content-Security-Policy": "frame-ancestors 'self'", "X-Frame-Options": "SAMEORIGIN"})
+"""The IDE frames itself (code-server's webviews, the markdown preview), and nothing else may frame it."""
 
 
 def is_websocket(request: web.BaseRequest) -> bool:
@@ -154,9 +155,9 @@ async def serve_reserved(request: web.Request, target: Target, gateway: Gateway)
 
 
 def response_rules(headers: Headers, gateway: Gateway, target: Target, state: WorkspaceState) -> ResponseRules:
-    """Framing policy on every preview response; CORS answers where the port's rule replaces the app's."""
+    """Framing policy on every preview and IDE response; CORS answers where the port's rule replaces the app's."""
     if target.kind is not Kind.PREVIEW:
-        return HUB_RULES
+        return IDE_RULES
     policy = gateway.policy
     replace = {"Content-Security-Policy": cors.frame_ancestors(policy)}
     rule = cors.rule_for(policy, target.port) if target.port is not None else None

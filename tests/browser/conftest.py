@@ -28,6 +28,7 @@ from playwright.async_api import BrowserContext, ConsoleMessage, Page, Playwrigh
 from gateway.app import build_app
 from gateway.config import Config
 from gateway.context import GATEWAY, Gateway
+from gateway.fastlane import GatewayRunner
 from gateway.policy import parse_policy
 from tests.peers.idp.fixture import IdP, free_loopback_port, start_idp
 
@@ -251,7 +252,7 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
             responses.append((request.method, request.host, request.path, response.status))
 
         app.on_response_prepare.append(record)
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0)
+        runner = GatewayRunner(app, handler_cancellation=True, shutdown_timeout=5.0)  # as `serve`: the fast lane too
         await runner.setup()
         try:
             await web.TCPSite(runner, "127.0.0.1", port).start()

@@ -333,6 +333,9 @@ async def test_the_ide_is_served_on_its_own_origin_and_never_on_the_hub(proxied:
         assert response.status == 200
         assert await response.json() == {"raw_path": "/static/app.js?v=1", "prefix": None,
                                          "host": f"localhost:{p.port}", "forwarded_host": IDE}
+        # The IDE frames itself (code-server's webviews) and nobody else may frame it.
+        assert "frame-ancestors 'self'" in response.headers.getall("Content-Security-Policy")
+        assert response.headers["X-Frame-Options"] == "SAMEORIGIN"
     async with p.request("GET", "/login", host=IDE) as response:
         assert response.status == 302
         assert response.headers["Location"] == "/welcome"
