@@ -19,11 +19,15 @@ import httptools
 from aiohttp import StreamReader
 from multidict import CIMultiDict
 
+from gateway.proxy.pacing import SETTLE_AFTER, Attempt, Outcome, Pacer, Turns
+
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT", "DELETE"})
 REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 LIMIT_PER_UPSTREAM = 512
 """Requests in flight to one upstream at a time; more wait their turn. A dev server is one process: ten thousand
 requests released by a wake must not become ten thousand connections (nor exhaust the gateway's file limit)."""
+_SYN_RETRY = 0.9
+"""A connect that took this long waited for a retransmitted SYN (the first is retried after 1 s): dropped."""
 _READ_LIMIT = 1 << 16
 """Body bytes buffered per connection before reading from the upstream pauses (the client is slower)."""
 
@@ -44,8 +48,16 @@ class ConnectTimeout(UpstreamError):
     pass
 
 
+class QueueTimeout(UpstreamError):
+    """The request waited its whole allowance for a turn or a connection to its upstream: nothing was sent."""
+
+
 class ReadTimeout(UpstreamError):
-    pass
+    """The upstream went silent mid-body for longer than the read timeout."""
+
+
+class HeadTimeout(ReadTimeout):
+    """The upstream took the request but sent no answer within the first-byte timeout."""
 
 
 class BrokenOff(UpstreamError):
@@ -116,9 +128,13 @@ class WriteFlow(asyncio.Protocol):
 class _Connection(WriteFlow):
     """One upstream connection: llhttp callbacks fill the current answer, the proxy awaits its pieces."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, head_timeout: float | None,
+                 read_timeout: float | None) -> None:
         self._loop = loop
+        self._head_timeout = head_timeout
         self._read_timeout = read_timeout
+        self.attempt: Attempt[_Connection] | None = None  # its place in the window until it answers
+        self.sending = False  # a request body is still going out: the first-byte clock has not started
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[str, str]] = []
@@ -143,6 +159,9 @@ class _Connection(WriteFlow):
 
     def data_received(self, data: bytes) -> None:
         self.received = True
+        if self.attempt is not None:
+            self.attempt.end(Outcome.PROVEN)
+            self.attempt = None
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -154,6 +173,9 @@ class _Connection(WriteFlow):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.keep_alive = False
+        if self.attempt is not None:
+            self.attempt.end(Outcome.SETTLED)
+            self.attempt = None
         if not self._done and self._head is not None and self._reads_to_eof():
             self._done = True  # a body delimited by the connection's end
         if not self._done:
@@ -211,12 +233,18 @@ class _Connection(WriteFlow):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def _timed_out(self) -> None:
-        self._fail(ReadTimeout(f"no answer within {self._read_timeout:g} s"))
+    def _timed_out(self, seconds: float) -> None:
+        if self._head is None:
+            self._fail(HeadTimeout(f"no answer within {seconds:g} s"))
+        else:
+            self._fail(ReadTimeout(f"silent for {seconds:g} s in the middle of the answer"))
 
     async def _wait(self) -> None:
+        """Until llhttp or the connection has news; a head is awaited for ``head_timeout`` once the request
+        is out, each piece of body for ``read_timeout``."""
         self._waiter = self._loop.create_future()
-        timer = self._loop.call_later(self._read_timeout, self._timed_out) if self._read_timeout else None
+        seconds = self._read_timeout if self._head is not None else None if self.sending else self._head_timeout
+        timer = self._loop.call_later(seconds, self._timed_out, seconds) if seconds else None
         try:
             await self._waiter
         finally:
@@ -272,40 +300,6 @@ def encode_head(start_line: str, headers: Mapping[str, str] | CIMultiDict[str]) 
     return head.encode("utf-8", "surrogateescape")
 
 
-class Turns:
-    """A fair limit on requests in flight, first come first served, with O(1) take and give (``asyncio.Semaphore``
-    in Python 3.11 walks all its waiters on every acquire: a wake releasing ten thousand requests made that
-    quadratic)."""
-
-    __slots__ = ("_free", "_waiters")
-
-    def __init__(self, limit: int) -> None:
-        self._free = limit
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    async def take(self) -> None:
-        if self._free and not self._waiters:
-            self._free -= 1
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.give()  # handed a turn just as it was cancelled: pass it on
-            raise
-
-    def give(self) -> None:
-        """A turn ends: straight to the first one still waiting, else back to the free ones."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self._free += 1
-
-
 class Exchange:
     """One request on one connection; ``close`` puts the connection back when both messages were whole."""
 
@@ -335,39 +329,64 @@ class Exchange:
             self.turn = None
 
 
-class UpstreamPool:
-    """Idle keep-alive connections per (host, port), most recently used first; idle ones close after a while."""
+class _Upstream:
+    """What the pool keeps per (host, port): the turns of its requests and the pace of its connections."""
 
-    def __init__(self, *, connect_timeout: float, read_timeout: float | None, keepalive: float = 30.0,
-                 limit: int = LIMIT_PER_UPSTREAM) -> None:
+    __slots__ = ("pacer", "turns")
+
+    def __init__(self, limit: int) -> None:
+        self.turns = Turns(limit)
+        self.pacer: Pacer[_Connection] = Pacer()
+
+
+class UpstreamPool:
+    """Keep-alive connections per (host, port), most recently used first, opened at the pace the upstream
+    accepts them (``pacing``); idle ones close after a while.
+
+    Timeouts: ``connect`` per connection attempt, ``first_byte`` from the request being sent to the answer's
+    head, ``read`` for silence in the middle of a body (None: SSE and long polls stay open), ``queue`` for the
+    wait for a turn and a connection."""
+
+    def __init__(self, *, connect_timeout: float, first_byte_timeout: float | None, read_timeout: float | None,
+                 queue_timeout: float, keepalive: float = 30.0, limit: int = LIMIT_PER_UPSTREAM) -> None:
         self._connect_timeout = connect_timeout
+        self._first_byte_timeout = first_byte_timeout
         self._read_timeout = read_timeout
+        self._queue_timeout = queue_timeout
         self._keepalive = keepalive
         self._limit = limit
-        self._turns: dict[tuple[str, int], Turns] = {}
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._upstreams: dict[tuple[str, int], _Upstream] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+
+    def queued(self) -> int:
+        """Requests waiting in the gateway for a turn or a connection to their upstream."""
+        return sum(up.turns.waiting + up.pacer.waiting for up in self._upstreams.values())
 
     async def request(self, host: str, port: int, method: str, target: str, headers: CIMultiDict[str],
                       body: StreamReader | None) -> tuple[Response, Exchange]:
         """Send the head (and start streaming the body), return the answer's head once it is in.
 
         Waits for a turn when ``limit`` requests to this upstream are in flight; the turn is given back by
-        ``Exchange.close``. A reused connection the upstream had closed is retried once on a new one when
-        nothing was sent that cannot be sent again."""
+        ``Exchange.close``. A request that has nothing the upstream answered and that can be sent again goes
+        once more on a fresh connection when its connection broke off or stalled before the first byte (a kept-
+        alive connection the upstream had closed is not counted: that race is normal)."""
         key = (host, port)
-        turn = self._turns.get(key) or self._turns.setdefault(key, Turns(self._limit))
-        await turn.take()
+        upstream = self._upstreams.get(key) or self._upstreams.setdefault(key, _Upstream(self._limit))
         try:
-            answer, exchange = await self._exchange(key, method, target, headers, body)
+            async with asyncio.timeout(self._queue_timeout):
+                await upstream.turns.take()
+        except TimeoutError as exc:
+            raise self._queue_timed_out(key) from exc
+        try:
+            answer, exchange = await self._exchange(key, upstream.pacer, method, target, headers, body)
         except BaseException:
-            turn.give()
+            upstream.turns.give()
             raise
-        exchange.turn = turn
+        exchange.turn = upstream.turns
         return answer, exchange
 
-    async def _exchange(self, key: tuple[str, int], method: str, target: str, headers: CIMultiDict[str],
-                        body: StreamReader | None) -> tuple[Response, Exchange]:
+    async def _exchange(self, key: tuple[str, int], pacer: Pacer[_Connection], method: str, target: str,
+                        headers: CIMultiDict[str], body: StreamReader | None) -> tuple[Response, Exchange]:
         if body is None and "Content-Length" not in headers and method not in _BODYLESS_METHODS:
             headers["Content-Length"] = "0"
         chunked = body is not None and "Content-Length" not in headers
@@ -375,10 +394,15 @@ class UpstreamPool:
             headers["Transfer-Encoding"] = "chunked"
         head = encode_head(f"{method} {target} HTTP/1.1", headers)
         replayable = body is None and method in REPLAYABLE_METHODS
+        retried = fresh = False
         while True:
-            conn, reused = self._take(key)
-            if conn is None:
-                conn = await self._connect(*key)
+            try:
+                conn, reused = await self._connection(key, pacer, fresh)
+            except ConnectTimeout:
+                if retried:  # nothing was sent: any method may try once more
+                    raise
+                retried = fresh = True
+                continue
             conn.begin(head_only=method == "HEAD")
             assert conn.transport is not None
             conn.transport.write(head)
@@ -386,72 +410,106 @@ class UpstreamPool:
             exchange = Exchange(self, key, conn, sender)
             try:
                 return await conn.read_head(), exchange
-            except BrokenOff:
+            except (BrokenOff, HeadTimeout) as exc:
                 exchange.close()
-                if reused and replayable and not conn.received:
-                    continue
-                raise
+                if not replayable or conn.received:
+                    raise
+                if not (reused and isinstance(exc, ClosedUnanswered)):  # the kept-alive race is free
+                    if retried:
+                        raise
+                    retried = True
+                fresh = True
             except BaseException:
                 exchange.close()
                 raise
 
-    def _take(self, key: tuple[str, int]) -> tuple[_Connection | None, bool]:
-        idle = self._idle.get(key)
+    async def _connection(self, key: tuple[str, int], pacer: Pacer[_Connection],
+                          fresh: bool) -> tuple[_Connection, bool]:
+        """A kept-alive connection, else one given back while this request waited, else a new one once the
+        upstream's window has room; whether it was used before."""
+        try:
+            async with asyncio.timeout(self._queue_timeout):
+                conn = await pacer.connection(None if fresh else self._take(pacer), fresh)
+        except TimeoutError as exc:
+            raise self._queue_timed_out(key) from exc
+        if conn is not None:
+            return conn, True
+        return await self._connect(key, pacer.attempt()), False
+
+    def _queue_timed_out(self, key: tuple[str, int]) -> QueueTimeout:
+        return QueueTimeout(f"no connection to {key[0]}:{key[1]} free within {self._queue_timeout:g} s")
+
+    def _take(self, pacer: Pacer[_Connection]) -> _Connection | None:
+        idle = pacer.idle
         deadline = time.monotonic() - self._keepalive
         while idle:
             conn = idle.pop()
             if conn.idle_since > deadline and conn.transport is not None and not conn.transport.is_closing():
-                return conn, True
+                return conn
             conn.close()
-        return None, False
+        return None
 
-    async def _connect(self, host: str, port: int) -> _Connection:
+    async def _connect(self, key: tuple[str, int], attempt: Attempt[_Connection]) -> _Connection:
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(loop, self._read_timeout), host, port)
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop, self._first_byte_timeout, self._read_timeout), *key)
         except TimeoutError as exc:
-            raise ConnectTimeout(f"connect to {host}:{port} took over {self._connect_timeout:g} s") from exc
+            attempt.end(Outcome.LOST)
+            raise ConnectTimeout(f"connect to {key[0]}:{key[1]} took over {self._connect_timeout:g} s") from exc
         except OSError as exc:
+            attempt.end(Outcome.SETTLED)
             raise ConnectFailed(exc) from exc
+        except BaseException:
+            attempt.end(Outcome.SETTLED)
+            raise
+        if time.monotonic() - started >= _SYN_RETRY:
+            attempt.end(Outcome.LOST)  # the first handshake was dropped: the accept queue is full
+        else:
+            conn.attempt = attempt
+            attempt.settle_after(SETTLE_AFTER)
         return conn
 
     def release(self, key: tuple[str, int], conn: _Connection) -> None:
         conn.idle_since = time.monotonic()
-        self._idle.setdefault(key, []).append(conn)
+        pacer = self._upstreams[key].pacer
+        if pacer.offer(conn):
+            return
+        pacer.idle.append(conn)
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(self._keepalive, self._sweep)
 
     def _sweep(self) -> None:
         self._sweeper = None
         deadline = time.monotonic() - self._keepalive
-        for key, idle in list(self._idle.items()):
+        for upstream in self._upstreams.values():
+            idle = upstream.pacer.idle
             kept = [conn for conn in idle if conn.idle_since > deadline and conn.transport is not None
                     and not conn.transport.is_closing()]
             for conn in idle:
                 if conn not in kept:
                     conn.close()
-            if kept:
-                self._idle[key] = kept
-            else:
-                del self._idle[key]
-        if self._idle:
+            idle[:] = kept
+        if any(upstream.pacer.idle for upstream in self._upstreams.values()):
             self._sweeper = asyncio.get_running_loop().call_later(self._keepalive, self._sweep)
 
     def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        for idle in self._idle.values():
-            for conn in idle:
+        for upstream in self._upstreams.values():
+            for conn in upstream.pacer.idle:
                 conn.close()
-        self._idle.clear()
+            upstream.pacer.idle.clear()
 
 
 async def _send_body(conn: _Connection, body: StreamReader, chunked: bool) -> None:
     """Stream the client's body as it arrives, waiting for the upstream to take each piece (backpressure)."""
     transport = conn.transport
     assert transport is not None
+    conn.sending = True
     try:
         while chunk := await body.readany():
             if transport.is_closing():
@@ -467,3 +525,6 @@ async def _send_body(conn: _Connection, body: StreamReader, chunked: bool) -> No
         conn._fail(BrokenOff(f"the client's body broke off: {type(exc).__name__}"))
         conn.close()
         raise
+    finally:
+        conn.sending = False
+        conn._wake()  # a head awaited meanwhile starts its first-byte clock now

@@ -73,7 +73,7 @@ async def test_silent_upstream_times_out_with_504(proxied: MakeProxied) -> None:
     app = web.Application()
     app.router.add_get("/silent", silent)
     app.router.add_get("/stalls", stalls)
-    p = await proxied(app, timeouts={"read": 0.5})
+    p = await proxied(app, timeouts={"first_byte": 0.5, "read": 0.5})
     async with asyncio.timeout(30):
         async with p.request("GET", "/silent", headers=API) as response:
             assert response.status == 504

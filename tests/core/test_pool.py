@@ -8,7 +8,8 @@ import asyncio
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.proxy.pool import Turns, UpstreamPool
+from gateway.proxy.pacing import Turns
+from gateway.proxy.pool import UpstreamPool
 from tests.conftest import MakeUpstream, next_address
 
 
@@ -32,7 +33,7 @@ async def test_requests_past_the_limit_wait_for_a_turn(make_upstream: MakeUpstre
     server = await make_upstream(app, address, 0)
     port = server.port
     assert port is not None
-    pool = UpstreamPool(connect_timeout=5, read_timeout=10, limit=3)
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=30, limit=3)
 
     async def one(n: int) -> str:
         answer, exchange = await pool.request(address, port, "GET", f"/{n}", CIMultiDict(Host="x"), None)
@@ -65,7 +66,7 @@ async def test_a_cancelled_wait_gives_its_turn_back(make_upstream: MakeUpstream)
     address = next_address()
     server = await make_upstream(app, address, 0)
     assert server.port is not None
-    pool = UpstreamPool(connect_timeout=5, read_timeout=10, limit=1)
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=30, limit=1)
     try:
         first = asyncio.ensure_future(pool.request(address, server.port, "GET", "/", CIMultiDict(Host="x"), None))
         await asyncio.sleep(0.1)
