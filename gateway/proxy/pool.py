@@ -406,6 +406,7 @@ class UpstreamPool:
             conn.begin(head_only=method == "HEAD")
             assert conn.transport is not None
             conn.transport.write(head)
+            conn.sending = body is not None
             sender = asyncio.ensure_future(_send_body(conn, body, chunked)) if body is not None else None
             exchange = Exchange(self, key, conn, sender)
             try:
@@ -509,7 +510,6 @@ async def _send_body(conn: _Connection, body: StreamReader, chunked: bool) -> No
     """Stream the client's body as it arrives, waiting for the upstream to take each piece (backpressure)."""
     transport = conn.transport
     assert transport is not None
-    conn.sending = True
     try:
         while chunk := await body.readany():
             if transport.is_closing():
