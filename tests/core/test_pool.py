@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.proxy.pacing import INITIAL_WINDOW, Turns
+from gateway.proxy.pacing import INITIAL_WINDOW, MOST_WINDOW, Outcome, Pacer, Turns
 from gateway.proxy.pool import QueueTimeout, UpstreamError, UpstreamPool
 from tests.conftest import MakeUpstream, next_address
 
@@ -176,7 +176,7 @@ async def test_connects_open_a_few_at_a_time_and_more_as_they_answer() -> None:
 
 class _Upstream:
     """A raw upstream that reads each request head and then does what ``answer`` says for that connection:
-    answer it, close without a word, or say nothing at all."""
+    answer it, close without a word, say nothing at all, or answer once and then say nothing."""
 
     def __init__(self, answer: list[str]) -> None:
         self.plan = answer
@@ -194,6 +194,8 @@ class _Upstream:
                 if what == "silent":
                     await self.never.wait()
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                if what == "once":
+                    what = "silent"
         writer.close()
 
 
@@ -222,6 +224,22 @@ async def test_a_failure_before_the_first_byte_is_retried_once_when_idempotent(
     finally:
         pool.close()
     assert (result, upstream.connections) == (outcome, connections)
+
+
+async def test_the_retry_takes_a_fresh_connection_not_another_kept_alive_one() -> None:
+    upstream = _Upstream(["once", "once", "answer"])  # two kept-alive connections that go quiet, then a good one
+    address = next_address()
+    server = await asyncio.start_server(upstream.serve, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = _pool(first_byte=0.3)
+    try:
+        async with server, asyncio.timeout(10):
+            assert await asyncio.gather(_get(pool, address, port), _get(pool, address, port)) == [b"ok", b"ok"]
+            assert await _get(pool, address, port) == b"ok"
+            upstream.never.set()
+    finally:
+        pool.close()
+    assert upstream.connections == 3
 
 
 async def test_a_long_answer_does_not_hold_a_place_in_the_window(make_upstream: MakeUpstream) -> None:
@@ -273,10 +291,53 @@ async def test_the_wait_for_a_connection_is_bounded(make_upstream: MakeUpstream)
         first = asyncio.ensure_future(_get(pool, address, server.port))
         await asyncio.sleep(0.1)
         async with asyncio.timeout(5):
+            second = asyncio.ensure_future(_get(pool, address, server.port))
+            await asyncio.sleep(0.1)
+            assert pool.queued() == 1
             with pytest.raises(QueueTimeout):
-                await _get(pool, address, server.port)
+                await second
             assert pool.queued() == 0
             release.set()
             assert await first == b"ok"
     finally:
         pool.close()
+
+
+async def test_the_wait_for_a_place_in_the_window_is_bounded() -> None:
+    """An upstream that takes connections but never answers: past the window, requests wait, then give up."""
+    listener = socket.socket()
+    listener.bind((next_address(), 0))
+    listener.listen(64)
+    address, port = listener.getsockname()
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=0.3)
+    connecting = [asyncio.ensure_future(_get(pool, address, port)) for _ in range(INITIAL_WINDOW)]
+    try:
+        await asyncio.sleep(0.1)
+        async with asyncio.timeout(5):
+            with pytest.raises(QueueTimeout):
+                await _get(pool, address, port)
+        assert not any(request.done() for request in connecting)
+    finally:
+        for request in connecting:
+            request.cancel()
+        await asyncio.gather(*connecting, return_exceptions=True)
+        pool.close()
+        listener.close()
+
+
+@pytest.mark.parametrize(("outcomes", "window"), [
+    ([], INITIAL_WINDOW),
+    ([Outcome.PROVEN], INITIAL_WINDOW + 1),
+    ([Outcome.PROVEN] * 20, MOST_WINDOW),
+    ([Outcome.SETTLED] * 3, INITIAL_WINDOW),
+    ([Outcome.LOST], INITIAL_WINDOW // 2),
+    ([Outcome.LOST] * 5, 1),
+    ([Outcome.LOST, Outcome.PROVEN], INITIAL_WINDOW // 2 + 1),
+])
+async def test_the_window_grows_with_answers_and_halves_on_a_dropped_handshake(outcomes: list[Outcome],
+                                                                                window: int) -> None:
+    pacer: Pacer[object] = Pacer()
+    for outcome in outcomes:
+        assert await pacer.connection(None, fresh=False) is None
+        pacer.attempt().end(outcome)
+    assert pacer.window == window
