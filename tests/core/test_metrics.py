@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import socket
 
 from aiohttp import web
 
+from gateway.proxy.pacing import INITIAL_WINDOW
 from tests.core.conftest import MakeProxied
 
 
@@ -70,3 +73,22 @@ async def test_metrics_content_type(proxied: MakeProxied) -> None:
     async with p.client.get("/metrics") as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/plain; version=")
+
+
+async def test_requests_waiting_for_a_connection_are_counted(proxied: MakeProxied) -> None:
+    """An upstream that takes connections and never answers: the requests past its window of connection
+    attempts wait in the gateway, and /metrics shows them."""
+    p = await proxied(None)
+    listener = socket.socket()
+    listener.bind((p.address, p.port))
+    listener.listen(64)
+    requests = [asyncio.ensure_future(p.request("GET", f"/{n}").__aenter__()) for n in range(INITIAL_WINDOW + 1)]
+    try:
+        async with asyncio.timeout(5):
+            while sample(await p.metrics(), "codehub_upstream_queued_requests") != 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    finally:
+        for request in requests:
+            request.cancel()
+        await asyncio.gather(*requests, return_exceptions=True)
+        listener.close()
