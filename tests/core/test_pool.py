@@ -12,7 +12,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.proxy.pacing import INITIAL_WINDOW, MOST_WINDOW, Outcome, Pacer, Turns
-from gateway.proxy.pool import QueueTimeout, UpstreamError, UpstreamPool
+from gateway.proxy.pool import ConnectTimeout, QueueTimeout, UpstreamError, UpstreamPool
 from tests.conftest import MakeUpstream, next_address
 
 
@@ -341,3 +341,51 @@ async def test_the_window_grows_with_answers_and_halves_on_a_dropped_handshake(o
         assert await pacer.connection(None, fresh=False) is None
         pacer.attempt().end(outcome)
     assert pacer.window == window
+
+
+async def test_a_dropped_handshake_halves_the_window() -> None:
+    """A listener whose accept queue (one connection) is full: the pool's handshakes are dropped by the kernel
+    and get through only on its retry a second later, once the listener serves with a larger queue. The window
+    shrinks instead of growing with the answers that follow."""
+    listener = socket.socket()
+    listener.bind((next_address(), 0))
+    listener.listen(0)
+    address, port = listener.getsockname()
+    squatter = socket.create_connection((address, port))  # fills the queue
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    server = await asyncio.start_server(serve, sock=listener, backlog=64, start_serving=False)
+    pool = _pool()
+    try:
+        async with server, asyncio.timeout(10):
+            requests = asyncio.gather(*(_get(pool, address, port) for _ in range(INITIAL_WINDOW)))
+            await asyncio.sleep(0.5)
+            await server.start_serving()  # listen(64): the retried handshakes fit
+            assert await requests == [b"ok"] * INITIAL_WINDOW
+    finally:
+        pool.close()
+        squatter.close()
+    assert pool._upstreams[(address, port)].pacer.window < INITIAL_WINDOW  # what the pool learnt
+
+
+async def test_connect_timeouts_halve_the_window_and_are_tried_once_more() -> None:
+    listener = socket.socket()
+    listener.bind((next_address(), 0))
+    listener.listen(0)
+    address, port = listener.getsockname()
+    squatter = socket.create_connection((address, port))  # the queue is full and stays full
+    pool = UpstreamPool(connect_timeout=0.3, first_byte_timeout=10, read_timeout=10, queue_timeout=30)
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(ConnectTimeout):
+                await _get(pool, address, port)
+    finally:
+        pool.close()
+        squatter.close()
+        listener.close()
+    assert pool._upstreams[(address, port)].pacer.window == INITIAL_WINDOW // 4  # two attempts, two halvings
