@@ -47,9 +47,15 @@ class Turns:
     def waiting(self) -> int:
         return sum(1 for waiter in self._waiters if not waiter.done())
 
-    async def take(self) -> None:
+    def try_take(self) -> bool:
+        """A turn at once if one is free and nobody waits (no timer, no future: the usual case)."""
         if self._free and not self._waiters:
             self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        if self.try_take():
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -86,14 +92,17 @@ class Pacer(Generic[C]):
         self._any: collections.deque[asyncio.Future[C | None]] = collections.deque()
         self._fresh: collections.deque[asyncio.Future[C | None]] = collections.deque()
 
-    async def connection(self, reuse: C | None, fresh: bool) -> C | None:
-        """``reuse`` (a kept-alive connection the pool found), else a connection given back while waiting, else
-        None: the caller opens one, counted in the window until ``Attempt.end``."""
-        if reuse is not None:
-            return reuse
+    def try_open(self) -> bool:
+        """A place in the window at once if there is one and nobody waits: the caller opens a connection,
+        counted until ``Attempt.end``."""
         if self.unproven < self.window and not self._fresh and not self._any:
             self.unproven += 1
-            return None
+            return True
+        return False
+
+    async def connection(self, fresh: bool) -> C | None:
+        """A connection given back while waiting, or None: a place in the window came free first and the caller
+        opens a connection, counted until ``Attempt.end``. (Call when ``try_open`` said no.)"""
         waiter: asyncio.Future[C | None] = asyncio.get_running_loop().create_future()
         (self._fresh if fresh else self._any).append(waiter)
         self.waiting += 1
