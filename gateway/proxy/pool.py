@@ -20,6 +20,7 @@ from gateway.proxy.connection import (
     ConnectFailed,
     Connection,
     ConnectTimeout,
+    HeadClock,
     HeadTimeout,
     QueueTimeout,
     ReadTimeout,
@@ -95,7 +96,7 @@ class UpstreamPool:
     def __init__(self, *, connect_timeout: float, first_byte_timeout: float | None, read_timeout: float | None,
                  queue_timeout: float, keepalive: float = 30.0, limit: int = LIMIT_PER_UPSTREAM) -> None:
         self._connect_timeout = connect_timeout
-        self._first_byte_timeout = first_byte_timeout
+        self._clock = HeadClock(first_byte_timeout)
         self._read_timeout = read_timeout
         self._queue_timeout = queue_timeout
         self._keepalive = keepalive
@@ -152,7 +153,8 @@ class UpstreamPool:
             conn.begin(head_only=method == "HEAD")
             assert conn.transport is not None
             conn.transport.write(head)
-            conn.sending = body is not None
+            if body is None:
+                self._clock.start(conn)
             sender = asyncio.ensure_future(_send_body(conn, body, chunked)) if body is not None else None
             exchange = Exchange(self, key, conn, sender)
             try:
@@ -204,7 +206,7 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: Connection(loop, self._first_byte_timeout, self._read_timeout), *key)
+                    lambda: Connection(loop, self._clock, self._read_timeout), *key)
         except TimeoutError as exc:
             attempt.end(Outcome.LOST)
             raise ConnectTimeout(f"connect to {key[0]}:{key[1]} took over {self._connect_timeout:g} s") from exc
@@ -248,6 +250,7 @@ class UpstreamPool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        self._clock.close()
         for upstream in self._upstreams.values():
             for conn in upstream.pacer.idle:
                 conn.close()
@@ -273,6 +276,4 @@ async def _send_body(conn: Connection, body: StreamReader, chunked: bool) -> Non
         conn.fail(BrokenOff(f"the client's body broke off: {type(exc).__name__}"))
         conn.close()
         raise
-    finally:
-        conn.sending = False
-        conn.wake()  # a head awaited meanwhile starts its first-byte clock now
+    conn.clock.start(conn)  # the whole request is out: the first-byte clock starts now

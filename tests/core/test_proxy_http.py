@@ -206,6 +206,34 @@ async def test_the_first_byte_clock_starts_once_the_body_is_sent(proxied: MakePr
         assert await response.read() == b"piece-0;piece-1;piece-2;piece-3;"
 
 
+async def test_an_answer_that_starts_before_the_body_is_sent_is_not_timed_as_a_head(proxied: MakeProxied) -> None:
+    """The upstream answers at once and reads the body later; the first-byte clock must not start when the body
+    is finally out (the head came long before)."""
+    head_seen = asyncio.Event()
+
+    async def early(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"start;")
+        body = await request.read()
+        await asyncio.sleep(0.8)
+        await response.write(body + b";end")
+        return response
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"a"
+        await asyncio.wait_for(head_seen.wait(), 10)
+        yield b"b"
+
+    app = web.Application()
+    app.router.add_post("/early", early)
+    p = await proxied(app, timeouts={"first_byte": 0.3})
+    async with p.request("POST", "/early", data=body()) as response:
+        assert response.status == 200
+        head_seen.set()
+        assert await response.read() == b"start;ab;end"
+
+
 async def test_a_get_broken_off_before_its_first_byte_is_sent_again_on_a_fresh_connection(
         proxied: MakeProxied) -> None:
     peers: list[object] = []
