@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ws", type=int, help="concurrent WebSockets (default 1000; quick 200)")
     parser.add_argument("--wakes", type=int, help="wake rounds (default 20; quick 5)")
     parser.add_argument("--held", type=int, help="requests held during one wake (default 10000; quick 1000)")
+    parser.add_argument("--held-small", type=int, default=1000,
+                        help="requests held during one wake of a server with a backlog of 5 (default 1000)")
     parser.add_argument("--workers", default="1,2", help="gateway --workers values to measure (default 1,2)")
     parser.add_argument("--only", default="http,ws,wake", help="parts to run: http, ws, wake (default all)")
     parser.add_argument("--proxies", default="gateway,nginx,chp", help="proxies besides direct (default all)")
@@ -109,7 +111,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     layout = Layout(tmp, hold_delay=2.0 if quick else 6.0)
     results: dict[str, Any] = {
         "settings": {"duration_s": duration, "repeats": repeats, "connections": connections, "ws": ws_count,
-                     "wakes": wakes, "held": held, "workers": workers, "wrk_threads": 2},
+                     "wakes": wakes, "held": held, "held_small": args.held_small, "workers": workers,
+                     "wrk_threads": 2},
         "env": _env(), "http": [], "ws": [], "wake": None, "hold": None,
     }
     print(f"bench: temporary folder {tmp}", file=sys.stderr)
@@ -152,13 +155,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 wake = await wake_rounds(sign_in, layout, wakes)
                 _say(f"wake {proxy.name}: held first byte {wake.held_median_ms:.1f} ms after listen (median of "
                      f"{len(wake.held_ms)}), ready event {wake.ready_median_ms:.1f} ms, failed {wake.failed}")
-                hold = await held_burst(sign_in, layout, held)
-                _say(f"hold {proxy.name}: {hold.ok}/{hold.requests} ok, {hold.sent_before_listen} sent before "
-                     f"listen, last answer {hold.last_answer_after_listen_s:.2f} s after listen {hold.statuses}")
                 results.setdefault("wakes", []).append({
                     "target": proxy.name, **dataclasses.asdict(wake), "held_median_ms": wake.held_median_ms,
                     "ready_median_ms": wake.ready_median_ms})
-                results.setdefault("holds", []).append({"target": proxy.name, **dataclasses.asdict(hold)})
+                for count, small in ((held, False), (args.held_small, True)):
+                    hold = await held_burst(sign_in, layout, count, small=small)
+                    _say(f"hold {proxy.name} backlog {hold.backlog}: {hold.ok}/{hold.requests} ok, "
+                         f"{hold.sent_before_listen} sent before listen, last answer "
+                         f"{hold.last_answer_after_listen_s:.2f} s after listen {hold.statuses}")
+                    results.setdefault("holds", []).append({"target": proxy.name, **dataclasses.asdict(hold)})
     finally:
         procs.stop_all()
         if args.keep:

@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CHP = ROOT / "node_modules" / ".bin" / "configurable-http-proxy"
 BODY = (b"<!doctype html><title>bench</title><p>" + b"x" * 150 + b"</p>\n")[:199] + b"\n"
 USER = "bench"
+SMALL_BACKLOG = 5
+LARGE_BACKLOG = 4096
+"""The accept backlog of Python's ``http.server``, the dev server many people start first."""
 
 
 @dataclass
@@ -29,10 +32,12 @@ class Layout:
     up_host: str = "127.0.0.2"
     wake_host: str = "127.0.0.3"
     hold_host: str = "127.0.0.4"
+    small_host: str = "127.0.0.5"
     http_port: int = 0
     ws_port: int = 0
     wake_port: int = 0
     hold_port: int = 0
+    small_port: int = 0
     nginx_port: int = 0
     chp_port: int = 0
     chp_api_port: int = 0
@@ -40,8 +45,8 @@ class Layout:
 
     def __post_init__(self) -> None:
         ports = (("http_port", self.up_host), ("ws_port", self.up_host), ("wake_port", self.wake_host),
-                 ("hold_port", self.hold_host), ("nginx_port", "127.0.0.1"), ("chp_port", "127.0.0.1"),
-                 ("chp_api_port", "127.0.0.1"))
+                 ("hold_port", self.hold_host), ("small_port", self.small_host), ("nginx_port", "127.0.0.1"),
+                 ("chp_port", "127.0.0.1"), ("chp_api_port", "127.0.0.1"))
         for name, host in ports:
             if not getattr(self, name):
                 setattr(self, name, free_port(host))
@@ -59,6 +64,10 @@ class Layout:
     @property
     def hold_stamp(self) -> Path:
         return self.tmp / "hold.stamp"
+
+    @property
+    def small_stamp(self) -> Path:
+        return self.tmp / "small.stamp"
 
 
 @dataclass(frozen=True)
@@ -161,11 +170,11 @@ async def start_chp(procs: Procs, layout: Layout) -> Proc:
 # --- the gateway ----------------------------------------------------------------------------------------------
 
 def gateway_config(layout: Layout, name: str, port: int) -> Path:
-    def slow(host_stamp: Path, port: int, delay: float) -> dict[str, object]:
+    def slow(host_stamp: Path, port: int, delay: float, backlog: int = LARGE_BACKLOG) -> dict[str, object]:
         return {
             "owner": USER,
             "command": [sys.executable, "-m", "bench.slowserver", "--host", "{host}", "--port", str(port),
-                        "--delay", str(delay), "--stamp", str(host_stamp)],
+                        "--delay", str(delay), "--stamp", str(host_stamp), "--backlog", str(backlog)],
             "env": {"PYTHONPATH": str(ROOT)},
             "ports": {port: "private"},
         }
@@ -182,6 +191,8 @@ def gateway_config(layout: Layout, name: str, port: int) -> Path:
                         "ports": {layout.http_port: "private", layout.ws_port: "private"}},
                 "wk": {**slow(layout.wake_stamp, layout.wake_port, 0.2), "address": layout.wake_host},
                 "hold": {**slow(layout.hold_stamp, layout.hold_port, layout.hold_delay), "address": layout.hold_host},
+                "small": {**slow(layout.small_stamp, layout.small_port, layout.hold_delay, backlog=SMALL_BACKLOG),
+                          "address": layout.small_host},
             },
         },
     }

@@ -1,7 +1,9 @@
 """A dev server that takes a while to start: sleeps, then listens and writes the monotonic time of listen().
 
-``python -m bench.slowserver --host H --port P --delay S --stamp FILE``. CLOCK_MONOTONIC is system-wide on
-Linux, so the harness compares this stamp with the times its clients saw on the same machine.
+``python -m bench.slowserver --host H --port P --delay S --stamp FILE [--backlog N]``. CLOCK_MONOTONIC is
+system-wide on Linux, so the harness compares this stamp with the times its clients saw on the same machine.
+``--backlog 5`` listens like Python's ``http.server`` (and Django's ``runserver``, 10): a burst of connects past
+it is dropped by the kernel and retried seconds later.
 """
 
 from __future__ import annotations
@@ -31,17 +33,17 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
-async def main_async(host: str, port: int, delay: float, stamp: Path) -> None:
+async def main_async(host: str, port: int, delay: float, stamp: Path, backlog: int) -> None:
     await asyncio.sleep(delay)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(4096)
+    sock.listen(backlog)
     listened = time.monotonic()
     tmp = stamp.with_name(stamp.name + ".tmp")
     tmp.write_text(repr(listened))
     tmp.replace(stamp)
-    server = await asyncio.start_server(_serve, sock=sock, backlog=4096)
+    server = await asyncio.start_server(_serve, sock=sock, backlog=backlog)
     async with server:
         await server.serve_forever()
 
@@ -52,8 +54,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay", type=float, default=0.2)
     parser.add_argument("--stamp", type=Path, required=True)
+    parser.add_argument("--backlog", type=int, default=4096)
     args = parser.parse_args()
-    asyncio.run(main_async(args.host, args.port, args.delay, args.stamp))
+    asyncio.run(main_async(args.host, args.port, args.delay, args.stamp, args.backlog))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Wake timing: from the moment the upstream port first accepts (the server stamps its listen() time) to the
-first byte reaching a held client, and to the waiting page's ``ready`` event; then a burst of held requests."""
+first byte reaching a held client, and to the waiting page's ``ready`` event; then a burst of held requests, to
+an upstream with a large accept backlog and to one with ``http.server``'s backlog of 5."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from bench.client import fetch, parse, request_bytes
-from bench.servers import Layout, SignIn
+from bench.servers import LARGE_BACKLOG, SMALL_BACKLOG, Layout, SignIn
 
 
 @dataclass
@@ -31,6 +32,7 @@ class WakeResult:
 
 @dataclass
 class HoldResult:
+    backlog: int
     requests: int
     ok: int
     failed: int
@@ -91,12 +93,16 @@ async def wake_rounds(sign_in: SignIn, layout: Layout, rounds: int) -> WakeResul
     return result
 
 
-async def held_burst(sign_in: SignIn, layout: Layout, count: int, connect_concurrency: int = 200) -> HoldResult:
-    """``count`` requests sent to a sleeping workspace whose server listens only after ``layout.hold_delay``."""
-    host = layout.preview(sign_in.port, layout.hold_port, "hold")
+async def held_burst(sign_in: SignIn, layout: Layout, count: int, *, small: bool = False,
+                     connect_concurrency: int = 200) -> HoldResult:
+    """``count`` requests sent to a sleeping workspace whose server listens only after ``layout.hold_delay``;
+    ``small``: the one whose server listens with a backlog of 5."""
+    workspace, port, stamp = ("small", layout.small_port, layout.small_stamp) if small else (
+        "hold", layout.hold_port, layout.hold_stamp)
+    host = layout.preview(sign_in.port, port, workspace)
     cookie = await sign_in.preview(host)
-    await _stopped(sign_in, "hold")
-    layout.hold_stamp.unlink(missing_ok=True)
+    await _stopped(sign_in, workspace)
+    stamp.unlink(missing_ok=True)
     raw = request_bytes("GET", host, "/", {"Cookie": cookie, "Accept": "*/*"})
     gate = asyncio.Semaphore(connect_concurrency)
     sent: list[float] = []
@@ -122,10 +128,11 @@ async def held_burst(sign_in: SignIn, layout: Layout, count: int, connect_concur
         statuses[key] = statuses.get(key, 0) + 1
 
     await asyncio.gather(*(one() for _ in range(count)))
-    listened = float(layout.hold_stamp.read_text()) if layout.hold_stamp.exists() else float("nan")
-    await _stopped(sign_in, "hold")
+    listened = float(stamp.read_text()) if stamp.exists() else float("nan")
+    await _stopped(sign_in, workspace)
     ok = statuses.get("200", 0)
     return HoldResult(
+        backlog=SMALL_BACKLOG if small else LARGE_BACKLOG,
         requests=count, ok=ok, failed=count - ok, sent_before_listen=sum(1 for t in sent if t < listened),
         last_answer_after_listen_s=(max(answered) - listened) if answered else float("nan"), statuses=statuses,
     )

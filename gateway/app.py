@@ -208,6 +208,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
     gateway._session = make_session(gateway.config.timeouts)
     gateway._pool = make_pool(gateway.config.timeouts)
+    gateway.metrics.track_queue(gateway._pool.queued)
     if gateway.config.auth.oidc is not None:
         gateway.auth.oidc = OidcClient(gateway.config.auth.oidc, gateway.session)
     await gateway.runtime.start()

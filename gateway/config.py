@@ -49,11 +49,15 @@ class MetricsListen(_Model):
 
 
 class Timeouts(_Model):
-    """Upstream timeouts in seconds. ``read`` is the longest silence allowed from an upstream mid-response;
-    ``None`` (the default) lets SSE streams and long polls stay open as long as the client does."""
+    """Upstream timeouts in seconds. ``connect``: one connection attempt. ``first_byte``: from a request sent to
+    the head of its answer (a long poll answers within it; ``None`` waits for ever). ``read``: the longest silence
+    in the middle of a body; ``None`` (the default) lets SSE streams and long polls stay open as long as the
+    client does. ``queue``: how long a request may wait in the gateway for a connection to a busy upstream."""
 
     connect: Seconds = 5.0
+    first_byte: Seconds | None = 120.0
     read: Seconds | None = None
+    queue: Seconds = 60.0
     websocket_heartbeat: Seconds = 30.0
     shutdown: Seconds = 10.0
 

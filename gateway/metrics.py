@@ -54,6 +54,11 @@ class Metrics:
             ["from_phase"], buckets=_WAKE_BUCKETS, registry=r,
         )
         self.held_requests = Gauge("codehub_held_requests", "Requests held while their workspace wakes.", registry=r)
+        self.upstream_queued = Gauge(
+            "codehub_upstream_queued_requests",
+            "Requests waiting in the gateway for a turn or a connection to their upstream (paced connects).",
+            registry=r,
+        )
         self.idle_transitions = Counter(
             "codehub_idle_transitions", "Idle stops and archives done by the reaper.", ["to_phase"], registry=r
         )
@@ -64,6 +69,10 @@ class Metrics:
     def track_workspaces(self, states: Callable[[], Iterable[WorkspaceState]]) -> None:
         """Export ``codehub_workspaces{phase}``, counted from the runtime's memory at each scrape."""
         self.registry.register(_WorkspacesByPhase(states))
+
+    def track_queue(self, queued: Callable[[], int]) -> None:
+        """Export ``codehub_upstream_queued_requests``, counted from the upstream pool at each scrape."""
+        self.upstream_queued.set_function(queued)
 
     def observe_request(self, kind: str, status: int, seconds: float) -> None:
         key = (kind, status // 100)

@@ -9,7 +9,7 @@ from typing import NamedTuple
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.errors import BadGateway, GatewayTimeout, UnsafeHeader
+from gateway.errors import BadGateway, GatewayTimeout, ServiceUnavailable, UnsafeHeader
 from gateway.metrics import Metrics
 from gateway.proxy.headers import ResponseRules, downstream_response_headers
 from gateway.proxy.pool import (
@@ -17,6 +17,7 @@ from gateway.proxy.pool import (
     ClosedUnanswered,
     ConnectFailed,
     ConnectTimeout,
+    QueueTimeout,
     ReadTimeout,
     Response,
     UpstreamError,
@@ -75,7 +76,14 @@ async def proxy_http(
             raise _broken_off(upstream, exc) from exc
         except ConnectTimeout as exc:
             metrics.upstream_errors.labels("timeout").inc()
-            raise _timeout(upstream) from exc
+            raise GatewayTimeout(
+                f"Port {upstream.port} in workspace {upstream.workspace} did not take the connection in time."
+            ) from exc
+        except QueueTimeout as exc:
+            raise ServiceUnavailable(
+                f"Port {upstream.port} in workspace {upstream.workspace} is busy: this request waited too long "
+                "for a connection to it. Try again shortly.", code="upstream-busy", headers={"Retry-After": "5"},
+            ) from exc
         except ReadTimeout as exc:
             raise _timeout(upstream) from exc
         except UpstreamError as exc:

@@ -67,7 +67,8 @@ class ConnectGrace:
 
 def make_pool(timeouts: Timeouts) -> UpstreamPool:
     """The keep-alive pool plain HTTP requests are proxied through."""
-    return UpstreamPool(connect_timeout=timeouts.connect, read_timeout=timeouts.read, keepalive=30.0)
+    return UpstreamPool(connect_timeout=timeouts.connect, first_byte_timeout=timeouts.first_byte,
+                        read_timeout=timeouts.read, queue_timeout=timeouts.queue, keepalive=30.0)
 
 
 def make_session(timeouts: Timeouts) -> aiohttp.ClientSession:

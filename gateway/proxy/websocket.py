@@ -30,7 +30,7 @@ from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
 from gateway.config import Timeouts
-from gateway.errors import BadGateway
+from gateway.errors import BadGateway, GatewayTimeout
 from gateway.metrics import Metrics
 from gateway.proxy.heartbeat import Heartbeat
 from gateway.proxy.http import refused
@@ -54,9 +54,11 @@ async def _connect(upstream: Upstream, request: bytes, timeouts: Timeouts, metri
     while True:
         try:
             return await ask_upstream(upstream.host, upstream.port, request, connect_timeout=timeouts.connect,
-                                      read_timeout=timeouts.read)
+                                      read_timeout=timeouts.first_byte)
         except TimeoutError as exc:
-            raise BadGateway(f"The WebSocket to port {upstream.port} failed: {type(exc).__name__}.") from exc
+            raise GatewayTimeout(
+                f"Port {upstream.port} in workspace {upstream.workspace} did not answer the WebSocket in time."
+            ) from exc
         except OSError as exc:
             if isinstance(exc, ConnectionError) and not isinstance(exc, ConnectionRefusedError):
                 # connected, then it broke off (or did not speak HTTP)

@@ -19,7 +19,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import BadGateway, BadRequest
-from gateway.proxy.pool import encode_head
+from gateway.proxy.connection import encode_head
 from gateway.proxy.upstream import Upstream
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"

@@ -71,9 +71,9 @@ async def test_silent_upstream_times_out_with_504(proxied: MakeProxied) -> None:
         return response
 
     app = web.Application()
-    app.router.add_get("/silent", silent)
+    app.router.add_route("*", "/silent", silent)
     app.router.add_get("/stalls", stalls)
-    p = await proxied(app, timeouts={"read": 0.5})
+    p = await proxied(app, timeouts={"first_byte": 0.5, "read": 0.5})
     async with asyncio.timeout(30):
         async with p.request("GET", "/silent", headers=API) as response:
             assert response.status == 504
@@ -82,6 +82,8 @@ async def test_silent_upstream_times_out_with_504(proxied: MakeProxied) -> None:
         async with p.request("GET", "/silent", headers=BROWSER) as response:
             assert response.status == 504
             assert "did not answer in time" in await assert_clean(response)
+        async with p.request("POST", "/silent", data=b"a body", headers=API) as response:  # timed once it is out
+            assert response.status == 504
         async with p.request("GET", "/stalls") as response:  # mid-body silence: the body is cut short
             assert response.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import yaml
 from aiohttp import web
 
+from gateway.proxy.pacing import INITIAL_WINDOW
 from tests.core.conftest import MakeProxied
 
 REPO = Path(__file__).resolve().parents[2]
@@ -145,3 +147,20 @@ def test_serve_answers_metrics_on_its_own_port_only(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+async def test_requests_waiting_for_a_connection_are_counted(proxied: MakeProxied) -> None:
+    """An upstream that takes connections and never answers: the requests past its window of connection
+    attempts wait in the gateway, and /metrics shows them."""
+    p = await proxied(None)
+    listener = socket.socket()
+    listener.bind((p.address, p.port))
+    listener.listen(64)
+    requests = [asyncio.ensure_future(p.request("GET", f"/{n}").__aenter__()) for n in range(INITIAL_WINDOW + 1)]
+    try:
+        async with asyncio.timeout(5):
+            while sample(await p.metrics(), "codehub_upstream_queued_requests") != 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    finally:
+        for request in requests:
+            request.cancel()
+        await asyncio.gather(*requests, return_exceptions=True)
+        listener.close()

@@ -4,11 +4,15 @@ connections, and every one of them is answered."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 
+import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.proxy.pool import Turns, UpstreamPool
+from gateway.proxy.pacing import INITIAL_WINDOW, MOST_WINDOW, Outcome, Pacer, Turns
+from gateway.proxy.pool import ConnectTimeout, QueueTimeout, UpstreamError, UpstreamPool
 from tests.conftest import MakeUpstream, next_address
 
 
@@ -32,7 +36,7 @@ async def test_requests_past_the_limit_wait_for_a_turn(make_upstream: MakeUpstre
     server = await make_upstream(app, address, 0)
     port = server.port
     assert port is not None
-    pool = UpstreamPool(connect_timeout=5, read_timeout=10, limit=3)
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=30, limit=3)
 
     async def one(n: int) -> str:
         answer, exchange = await pool.request(address, port, "GET", f"/{n}", CIMultiDict(Host="x"), None)
@@ -65,7 +69,7 @@ async def test_a_cancelled_wait_gives_its_turn_back(make_upstream: MakeUpstream)
     address = next_address()
     server = await make_upstream(app, address, 0)
     assert server.port is not None
-    pool = UpstreamPool(connect_timeout=5, read_timeout=10, limit=1)
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=30, limit=1)
     try:
         first = asyncio.ensure_future(pool.request(address, server.port, "GET", "/", CIMultiDict(Host="x"), None))
         await asyncio.sleep(0.1)
@@ -104,3 +108,284 @@ async def test_turns_are_first_come_first_served_and_survive_cancellation() -> N
     assert order == [0, 2]
     async with asyncio.timeout(1):
         await turns.take()
+
+
+# --- connection manners ------------------------------------------------------------------------------------
+
+def _pool(first_byte: float = 10.0) -> UpstreamPool:
+    return UpstreamPool(connect_timeout=5, first_byte_timeout=first_byte, read_timeout=10, queue_timeout=30)
+
+
+async def _get(pool: UpstreamPool, address: str, port: int, path: str = "/", method: str = "GET") -> bytes:
+    answer, exchange = await pool.request(address, port, method, path, CIMultiDict(Host="x"), None)
+    try:
+        length = answer.content_length
+        assert length is not None
+        return await answer.read_exactly(length)
+    finally:
+        exchange.close()
+
+
+def _accept_all(listener: socket.socket) -> list[socket.socket]:
+    accepted = []
+    while True:
+        try:
+            accepted.append(listener.accept()[0])
+        except BlockingIOError:
+            return accepted
+
+
+async def test_connects_open_a_few_at_a_time_and_more_as_they_answer() -> None:
+    listener = socket.socket()
+    listener.bind((next_address(), 0))
+    listener.listen(64)
+    listener.setblocking(False)
+    address, port = listener.getsockname()
+    pool = _pool()
+    requests = [asyncio.ensure_future(_get(pool, address, port, f"/{n}")) for n in range(20)]
+    accepted: list[socket.socket] = []
+    try:
+        async with asyncio.timeout(5):
+            while len(accepted) < INITIAL_WINDOW:
+                accepted += _accept_all(listener)
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # nothing answered yet: no more connects (the window settles only after 1 s)
+        accepted += _accept_all(listener)
+        assert len(accepted) == INITIAL_WINDOW
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    path = head.split(b" ")[1]
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+
+        server = await asyncio.start_server(serve, sock=listener)
+        async with server:
+            served = [asyncio.ensure_future(serve(*await asyncio.open_connection(sock=sock))) for sock in accepted]
+            async with asyncio.timeout(10):
+                answers = await asyncio.gather(*requests)
+            for task in served:
+                task.cancel()
+    finally:
+        pool.close()
+        for sock in accepted:
+            sock.close()
+    assert answers == [f"/{n}".encode() for n in range(20)]
+
+
+class _Upstream:
+    """A raw upstream that reads each request head and then does what ``answer`` says for that connection:
+    answer it, close without a word, say nothing at all, or answer once and then say nothing."""
+
+    def __init__(self, answer: list[str]) -> None:
+        self.plan = answer
+        self.connections = 0
+        self.never = asyncio.Event()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        what = self.plan[min(self.connections, len(self.plan) - 1)]
+        self.connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                if what == "close":
+                    break
+                if what == "silent":
+                    await self.never.wait()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                if what == "once":
+                    what = "silent"
+        writer.close()
+
+
+@pytest.mark.parametrize(("plan", "method", "connections", "outcome"), [
+    (["silent"], "GET", 2, "HeadTimeout"),  # stalled before its first byte: once more on a fresh connection
+    (["silent"], "POST", 1, "HeadTimeout"),  # not idempotent: never sent twice
+    (["silent", "answer"], "GET", 2, "ok"),
+    (["close", "answer"], "GET", 2, "ok"),  # broke off before the first byte (a fresh connection)
+    (["close", "answer"], "POST", 1, "ClosedUnanswered"),
+    (["close"], "GET", 2, "ClosedUnanswered"),  # and after the retry, the error
+])
+async def test_a_failure_before_the_first_byte_is_retried_once_when_idempotent(
+        plan: list[str], method: str, connections: int, outcome: str) -> None:
+    upstream = _Upstream(plan)
+    address = next_address()
+    server = await asyncio.start_server(upstream.serve, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = _pool(first_byte=0.3)
+    try:
+        async with server, asyncio.timeout(10):
+            try:
+                result = (await _get(pool, address, port, method=method)).decode()
+            except UpstreamError as exc:
+                result = type(exc).__name__
+            upstream.never.set()
+    finally:
+        pool.close()
+    assert (result, upstream.connections) == (outcome, connections)
+
+
+async def test_the_retry_takes_a_fresh_connection_not_another_kept_alive_one() -> None:
+    upstream = _Upstream(["once", "once", "answer"])  # two kept-alive connections that go quiet, then a good one
+    address = next_address()
+    server = await asyncio.start_server(upstream.serve, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = _pool(first_byte=0.3)
+    try:
+        async with server, asyncio.timeout(10):
+            assert list(await asyncio.gather(_get(pool, address, port), _get(pool, address, port))) == [b"ok"] * 2
+            assert await _get(pool, address, port) == b"ok"
+            upstream.never.set()
+    finally:
+        pool.close()
+    assert upstream.connections == 3
+
+
+async def test_a_long_answer_does_not_hold_a_place_in_the_window(make_upstream: MakeUpstream) -> None:
+    """Long polls on every fresh connection must not keep other requests from connecting for long."""
+    finished: list[str] = []
+
+    async def poll(request: web.Request) -> web.Response:
+        await asyncio.sleep(2.5)
+        return web.Response(text="poll")
+
+    async def quick(request: web.Request) -> web.Response:
+        return web.Response(text="quick")
+
+    app = web.Application()
+    app.router.add_get("/poll", poll)
+    app.router.add_get("/quick", quick)
+    address = next_address()
+    server = await make_upstream(app, address, 0)
+    assert server.port is not None
+    pool = _pool()
+
+    async def one(path: str) -> None:
+        finished.append((await _get(pool, address, server.port or 0, path)).decode())
+
+    try:
+        async with asyncio.timeout(10):
+            polls = [asyncio.ensure_future(one("/poll")) for _ in range(INITIAL_WINDOW)]
+            await asyncio.sleep(0.1)
+            await asyncio.gather(one("/quick"), *polls)
+    finally:
+        pool.close()
+    assert finished[0] == "quick"
+
+
+async def test_the_wait_for_a_connection_is_bounded(make_upstream: MakeUpstream) -> None:
+    release = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", held)
+    address = next_address()
+    server = await make_upstream(app, address, 0)
+    assert server.port is not None
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=0.3, limit=1)
+    try:
+        first = asyncio.ensure_future(_get(pool, address, server.port))
+        await asyncio.sleep(0.1)
+        async with asyncio.timeout(5):
+            second = asyncio.ensure_future(_get(pool, address, server.port))
+            await asyncio.sleep(0.1)
+            assert pool.queued() == 1
+            with pytest.raises(QueueTimeout):
+                await second
+            assert pool.queued() == 0
+            release.set()
+            assert await first == b"ok"
+    finally:
+        pool.close()
+
+
+async def test_the_wait_for_a_place_in_the_window_is_bounded() -> None:
+    """An upstream that takes connections but never answers: past the window, requests wait, then give up."""
+    listener = socket.socket()
+    listener.bind((next_address(), 0))
+    listener.listen(64)
+    address, port = listener.getsockname()
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=0.3)
+    connecting = [asyncio.ensure_future(_get(pool, address, port)) for _ in range(INITIAL_WINDOW)]
+    try:
+        await asyncio.sleep(0.1)
+        async with asyncio.timeout(5):
+            with pytest.raises(QueueTimeout):
+                await _get(pool, address, port)
+        assert not any(request.done() for request in connecting)
+    finally:
+        for request in connecting:
+            request.cancel()
+        await asyncio.gather(*connecting, return_exceptions=True)
+        pool.close()
+        listener.close()
+
+
+@pytest.mark.parametrize(("outcomes", "window"), [
+    ([], INITIAL_WINDOW),
+    ([Outcome.PROVEN], INITIAL_WINDOW + 1),
+    ([Outcome.PROVEN] * 20, MOST_WINDOW),
+    ([Outcome.SETTLED] * 3, INITIAL_WINDOW),
+    ([Outcome.LOST], INITIAL_WINDOW // 2),
+    ([Outcome.LOST] * 5, 1),
+    ([Outcome.LOST, Outcome.PROVEN], INITIAL_WINDOW // 2 + 1),
+])
+async def test_the_window_grows_with_answers_and_halves_on_a_dropped_handshake(outcomes: list[Outcome],
+                                                                                window: int) -> None:
+    pacer: Pacer[object] = Pacer()
+    for outcome in outcomes:
+        assert pacer.try_open()
+        pacer.attempt().end(outcome)
+    assert pacer.window == window
+
+
+async def test_a_dropped_handshake_halves_the_window() -> None:
+    """A listener whose accept queue (one connection) is full: the pool's handshakes are dropped by the kernel
+    and get through only on its retry a second later, once the listener serves with a larger queue. The window
+    shrinks instead of growing with the answers that follow."""
+    listener = socket.socket()
+    listener.bind((next_address(), 0))
+    listener.listen(0)
+    address, port = listener.getsockname()
+    squatter = socket.create_connection((address, port))  # fills the queue
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    server = await asyncio.start_server(serve, sock=listener, backlog=64, start_serving=False)
+    pool = _pool()
+    try:
+        async with server, asyncio.timeout(10):
+            requests = asyncio.gather(*(_get(pool, address, port) for _ in range(INITIAL_WINDOW)))
+            await asyncio.sleep(0.5)
+            await server.start_serving()  # listen(64): the retried handshakes fit
+            assert await requests == [b"ok"] * INITIAL_WINDOW
+    finally:
+        pool.close()
+        squatter.close()
+    assert pool._upstreams[(address, port)].pacer.window < INITIAL_WINDOW  # what the pool learnt
+
+
+async def test_connect_timeouts_halve_the_window_and_are_tried_once_more() -> None:
+    listener = socket.socket()
+    listener.bind((next_address(), 0))
+    listener.listen(0)
+    address, port = listener.getsockname()
+    squatter = socket.create_connection((address, port))  # the queue is full and stays full
+    pool = UpstreamPool(connect_timeout=0.3, first_byte_timeout=10, read_timeout=10, queue_timeout=30)
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(ConnectTimeout):
+                await _get(pool, address, port)
+    finally:
+        pool.close()
+        squatter.close()
+        listener.close()
+    assert pool._upstreams[(address, port)].pacer.window == INITIAL_WINDOW // 4  # two attempts, two halvings

@@ -167,6 +167,93 @@ async def test_server_sent_events_arrive_one_by_one(proxied: MakeProxied) -> Non
         assert await read_until(response, b"\n\n") == b"id: 2\ndata: second\n\n"
 
 
+async def test_a_quiet_event_stream_outlives_the_first_byte_timeout(proxied: MakeProxied) -> None:
+    """The first-byte timeout covers the answer's head; a feed quiet for longer is the body's business (no
+    read timeout by default)."""
+    second = asyncio.Event()
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await asyncio.wait_for(second.wait(), 10)
+        await response.write(b"data: late\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/events", events)
+    p = await proxied(app, timeouts={"first_byte": 0.3})
+    async with p.request("GET", "/events", headers={"Accept": "text/event-stream"}) as response:
+        assert response.status == 200
+        await asyncio.sleep(0.9)
+        second.set()
+        assert await read_until(response, b"\n\n") == b"data: late\n\n"
+
+
+async def test_the_first_byte_clock_starts_once_the_body_is_sent(proxied: MakeProxied) -> None:
+    async def upload(request: web.Request) -> web.Response:
+        return web.Response(body=await request.read())
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        for n in range(4):
+            await asyncio.sleep(0.25)
+            yield b"piece-%d;" % n
+
+    app = web.Application()
+    app.router.add_post("/upload", upload)
+    p = await proxied(app, timeouts={"first_byte": 0.3})
+    async with p.request("POST", "/upload", data=slow_body()) as response:
+        assert response.status == 200
+        assert await response.read() == b"piece-0;piece-1;piece-2;piece-3;"
+
+
+async def test_an_answer_that_starts_before_the_body_is_sent_is_not_timed_as_a_head(proxied: MakeProxied) -> None:
+    """The upstream answers at once and reads the body later; the first-byte clock must not start when the body
+    is finally out (the head came long before)."""
+    head_seen = asyncio.Event()
+
+    async def early(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"start;")
+        body = await request.read()
+        await asyncio.sleep(0.8)
+        await response.write(body + b";end")
+        return response
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"a"
+        await asyncio.wait_for(head_seen.wait(), 10)
+        yield b"b"
+
+    app = web.Application()
+    app.router.add_post("/early", early)
+    p = await proxied(app, timeouts={"first_byte": 0.3})
+    async with p.request("POST", "/early", data=body()) as response:
+        assert response.status == 200
+        head_seen.set()
+        assert await response.read() == b"start;ab;end"
+
+
+async def test_a_get_broken_off_before_its_first_byte_is_sent_again_on_a_fresh_connection(
+        proxied: MakeProxied) -> None:
+    peers: list[object] = []
+
+    async def flaky(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername"))
+        if len(peers) == 1:
+            request.transport.abort()
+        return web.Response(text="second time lucky")
+
+    app = web.Application()
+    app.router.add_get("/", flaky)
+    p = await proxied(app)
+    async with p.request("GET", "/") as response:
+        assert response.status == 200
+        assert await response.text() == "second time lucky"
+    assert len(set(peers)) == 2
+
+
 @pytest.mark.parametrize("status", [204, 304])
 async def test_bodiless_statuses(proxied: MakeProxied, status: int) -> None:
     async def answer(request: web.Request) -> web.Response:

@@ -231,6 +231,24 @@ async def test_upstream_refusing_the_websocket_is_a_502(proxied: MakeProxied) ->
     assert caught.value.status == 502
 
 
+async def test_upstream_silent_after_the_upgrade_request_is_a_504(proxied: MakeProxied) -> None:
+    """The handshake's answer is the upstream's first byte: it is due within ``timeouts.first_byte``."""
+    never = asyncio.Event()
+
+    async def silent(request: web.Request) -> web.Response:
+        await never.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/ws", silent)
+    p = await proxied(app, timeouts={"first_byte": 0.3})
+    async with asyncio.timeout(10):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+            await p.client.ws_connect("/ws", headers={"Host": p.host})
+    assert caught.value.status == 504
+    never.set()
+
+
 # --- the frame relay: limits, ends vanishing, heartbeat, handover from aiohttp ---------------------------------
 
 async def _raw_upgrade(p: Proxied, extra: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
