@@ -112,13 +112,24 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise CliError("--workers must be at least 1")
     app = build_app(config) if args.workers == 1 else None  # bad settings fail here, before the banner
-    print(f"code-hub gateway on {config.hub_url} (previews at {config.scheme}://PORT-WORKSPACE."
-          f"{config.preview_domain}/), listening on {config.listen.host}:{config.listen.port}"
-          + (f" with {args.workers} worker processes" if args.workers > 1 else ""), file=sys.stderr)
+    print(_banner(config, args.workers), file=sys.stderr, flush=True)
     if app is not None:
         serve_app(app, config)
         return 0
     return run_workers(config, workers=args.workers, log_level=args.log_level)
+
+
+def _banner(config: Config, workers: int) -> str:
+    """What to open: the hub, then every configured port of every local workspace (each link works)."""
+    from gateway.routing import Hosts
+
+    hosts = Hosts.from_urls(config.hub_url, config.preview_domain)
+    lines = [f"code-hub gateway listening on {config.listen.host}:{config.listen.port}"
+             + (f" with {workers} worker processes" if workers > 1 else ""), f"  hub: {hosts.hub_url('/')}"]
+    for name, ws in config.local.workspaces.items() if config.runtime == "local" else ():
+        lines += [f"  {name}: {hosts.share_url(name, port)}" for port in sorted(ws.ports)]
+    lines.append(f"  (any port: {config.scheme}://PORT-WORKSPACE.{config.preview_domain}/)")
+    return "\n".join(lines)
 
 
 def policy_check(args: argparse.Namespace) -> int:
@@ -183,7 +194,8 @@ def keys_rotate(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     rotated = keys.rotated(keep_for=config.auth.session_ttl)
     write_keys(config.keys_file, rotated)
-    print(f"{config.keys_file}: new signing key {rotated.current.kid}; {len(rotated.keys) - 1} older key(s) kept")
+    print(f"{config.keys_file}: new signing key {rotated.current.kid}; {len(rotated.keys) - 1} older key(s) kept "
+          f"(the gateway at {config.hub_url})")
     return 0
 
 
@@ -202,7 +214,7 @@ def token_issue(args: argparse.Namespace) -> int:
         from gateway.auth.store import FileTokenStore
 
         record, token = FileTokenStore(config.store_file).create_api_token_now(identity, name=args.name)
-        where = f"token {record.id} for {args.user} written to {config.store_file}"
+        where = f"token {record.id} for {args.user} written to {config.store_file} (the gateway at {config.hub_url})"
     print(token)
     print(where, file=sys.stderr)
     return 0
