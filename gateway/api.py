@@ -24,7 +24,7 @@ from gateway.context import GATEWAY, Gateway
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway.lifecycle import WorkspaceSpec, WorkspaceState
 from gateway.pages import JSON_ONLY
-from gateway.policy import VISIBILITIES, Duration, Reason, decide, visibility
+from gateway.policy import VISIBILITIES, Duration, Reason, decide, describe_duration, visibility
 
 _SAFE = ("GET", "HEAD", "OPTIONS")
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -110,6 +110,12 @@ def _mine(request: web.Request, identity: Identity, *, manage: bool = False) -> 
     return state
 
 
+def _known_ports(gateway: Gateway, state: WorkspaceState) -> list[int]:
+    """Configured and listening ports, without the IDE's."""
+    listening = gateway.runtime.listening_ports(state.id) or set()
+    return sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
+
+
 def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity) -> dict[str, Any]:
     listening = gateway.runtime.listening_ports(state.id) or set()
     ports = sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
@@ -182,12 +188,18 @@ async def set_port(request: web.Request) -> web.Response:
 
 
 def share_view(gateway: Gateway, link: ShareLink, token: str | None = None) -> dict[str, Any]:
+    """A link as the API shows it; with its token (only right after creation) the URLs that open it: one per
+    known port for an all-ports link, as a ``{port}`` template opened as it is names no port."""
     view = link.public()
     view["active"] = link.active(time.time())
     if token is not None:
         view["token"] = token
         if link.port is None:
-            view["url"] = f"{gateway.hosts.share_url(link.workspace, '{port}')}?{SHARE_PARAM}={token}"
+            state = gateway.runtime.get(link.workspace)
+            ports = _known_ports(gateway, state) if state is not None else []
+            view["urls"] = [{"port": port, "url": f"{gateway.hosts.share_url(link.workspace, port)}?{SHARE_PARAM}="
+                                                  f"{token}"} for port in ports]
+            view["url"] = view["urls"][0]["url"] if ports else None
         else:
             url = f"{gateway.hosts.share_url(link.workspace, link.port)}?{SHARE_PARAM}={token}"
             badge = gateway.hosts.hub_url(f"/badge/{link.workspace}/{link.port}.svg?{SHARE_PARAM}={token}")
@@ -224,7 +236,7 @@ async def create_share(request: web.Request) -> web.Response:
         raise BadRequest(f"Port {new.port} cannot be shared.", code="bad-port")
     ttl = new.ttl or rules.default_ttl
     if ttl > rules.max_ttl:
-        raise BadRequest(f"ttl: the policy allows at most {rules.max_ttl:.0f} seconds.", code="ttl-too-long")
+        raise BadRequest(f"ttl: the policy allows at most {describe_duration(rules.max_ttl)}.", code="ttl-too-long")
     link, token = await gateway.auth.store.create_share(
         workspace=state.id, port=new.port, audience=new.audience, people=new.people, created_by=identity.subject,
         ttl=ttl,

@@ -266,7 +266,8 @@ class Config(_Model):
         """Unset hub and preview addresses follow the listen address, so ``serve --port 9000`` links to :9000."""
         if not isinstance(data, dict) or ("hub_url" in data and "preview_domain" in data):
             return data
-        listen = data.get("listen") if isinstance(data.get("listen"), dict) else {}
+        listen = data.get("listen")
+        listen = listen if isinstance(listen, dict) else {}
         host, port = str(listen.get("host", Listen().host)), listen.get("port", Listen().port)
         name = _public_name(host)
         if name is None:

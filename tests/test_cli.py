@@ -44,6 +44,10 @@ def test_help_describes_every_command_and_option() -> None:
     serve = run("serve", "--help")
     for option in ("--config", "--host", "--port", "--log-level"):
         assert option in serve.stdout
+    create = run("share", "create", "--help")
+    for option in ("--port", "--audience", "--people", "--ttl", "--hub", "--token"):
+        assert option in create.stdout
+    assert "--ttl" not in run("share", "list", "--help").stdout
 
 
 def test_serve_on_another_port_prints_urls_that_work(tmp_path: Path) -> None:
@@ -239,8 +243,19 @@ async def test_api_commands_against_a_running_gateway(hub: tuple[str, str], caps
     code, out, _ = await _cli(capsys, "share", "create", "ws1", "--port", "3000", "--ttl", "2h", *auth)
     assert code == 0
     assert out.strip().startswith(f"http://3000-ws1.{url.removeprefix('http://')}/?codehub_share=chs_")
+    code, out, _ = await _cli(capsys, "share", "create", "ws1", "--audience", "people", "--people", "bob", *auth)
+    assert (code, out.strip()) == (0, out.strip().splitlines()[0])
+    assert out.startswith(f"http://3000-ws1.{url.removeprefix('http://')}/?codehub_share=chs_")  # never {port}
+    code, out, _ = await _cli(capsys, "share", "list", "ws1", *auth)
+    lines = out.splitlines()
+    assert "all ports  active   for people: bob" in lines[0]
+    assert "expires in 1 d" in lines[0]
+    assert "port 3000  active   for anyone" in lines[1]
+    assert "expires in 2 h" in lines[1]
+    code, _, err = await _cli(capsys, "share", "create", "ws1", "--ttl", "90d", *auth)
+    assert (code, err.strip()) == (1, "codehub-gateway: 400: ttl: the policy allows at most 7 days.")
     code, out, _ = await _cli(capsys, "share", "list", "ws1", "--json", *auth)
-    link = json.loads(out)["shares"][0]
+    link = json.loads(out)["shares"][1]
     assert (link["port"], link["active"]) == (3000, True)
     code, out, _ = await _cli(capsys, "share", "revoke", "ws1", link["id"], *auth)
     assert (code, out.strip()) == (0, f"revoked {link['id']}")

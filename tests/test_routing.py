@@ -89,3 +89,17 @@ def test_share_urls_round_trip(hosts: Hosts, workspace: str, port: int, url: str
     assert hosts.share_url(workspace, port) == url
     host = url.split("/")[2]
     assert route(host, "/", hosts) == Target(Kind.PREVIEW, workspace, port, "/")
+
+
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        ("08000-demo", "Port 08000 has a leading zero: write it as 8000."),
+        ("0-demo", "Port 0 is not a port number between 1 and 65535."),
+        ("65536-demo", "Port 65536 is not a port number between 1 and 65535."),
+    ],
+)
+def test_bad_port_messages_say_what_is_wrong(label: str, message: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        route(f"{label}.localhost:8080", "/", LOCAL)
+    assert caught.value.message == message

@@ -172,6 +172,11 @@ async def test_share_links_lifecycle(served: Served, make_browser: MakeBrowser) 
                                                                           "people": ["bob", "group:qa"]})
     assert longest.status == 201
     assert longest.json()["port"] is None
+    token = longest.json()["token"]
+    assert longest.json()["urls"] == [{"port": port, "url": f"http://{port}-ws1.localhost:8080/?codehub_share={token}"}
+                                      for port in (3000, 3001)]
+    assert longest.json()["url"] == longest.json()["urls"][0]["url"]
+    assert "{port}" not in longest.text
     assert longest.json()["expires"] - longest.json()["created"] == pytest.approx(7 * 86400)
 
     script = await make_browser(served)
@@ -207,7 +212,9 @@ async def test_share_policy_default_maximum_and_audiences(strict: Served, make_b
     alice = await user(make_browser, strict, "alice")
     share = (await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000})).json()
     assert share["expires"] - share["created"] == pytest.approx(2 * 3600)
-    assert_error(await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"ttl": "25h"}), 400, "ttl-too-long")
+    too_long = await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"ttl": "25h"})
+    assert_error(too_long, 400, "ttl-too-long")
+    assert too_long.json()["error"]["message"] == "ttl: the policy allows at most 1 day."
     assert (await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"ttl": "1d"})).status == 201
     assert_error(await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"audience": "org"}), 403,
                  "audience-denied")
