@@ -31,7 +31,7 @@ from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.lifecycle import Runtime
 from gateway.lifecycle.local import LocalRuntime
 from gateway.metrics import Metrics
-from gateway.pages import error_response, internal_error
+from gateway.pages import error_response, internal_error, phase_words
 from gateway.pipeline import is_websocket, serve_reserved, serve_workspace
 from gateway.policy import PolicyHolder, decide, denial
 from gateway.proxy.upstream import make_pool, make_session
@@ -182,6 +182,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     app[REAPS] = reap
     templates = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway", "templates"), autoescape=True)
     templates.globals["hub_url"] = hosts.hub_url("/")
+    templates.filters["phase_words"] = phase_words
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", home)

@@ -251,3 +251,21 @@ async def test_ide_wake_events_are_only_for_those_who_may_open_the_ide(make_gate
     assert stranger.status == 403
     assert (await stranger.json())["error"]["code"] == "ide-owner-only"
     assert gateway_of(client).runtime.get("ws").phase is Phase.WARM  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("delay", "estimate"), [(0.2, None), (2.2, r"usually ready in about [23] s")])
+async def test_waiting_page_shows_an_estimate_only_when_it_means_something(
+    make_gateway: MakeGateway, delay: float, estimate: str | None
+) -> None:
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=delay)})
+    assert (await client.get("/", headers={"Host": preview("ws"), **API})).status == 200  # one wake measured
+    await gateway_of(client).runtime.stop("ws")
+
+    html = await (await client.get("/", headers=browser("ws"))).text()
+
+    assert "It was sleeping to save resources" in html
+    assert "warm" not in html.lower()
+    if estimate is None:
+        assert "usually ready" not in html
+    else:
+        assert re.search(estimate, html), html
