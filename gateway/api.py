@@ -23,12 +23,12 @@ from gateway.config import WORKSPACE_ID
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway.lifecycle import WorkspaceSpec, WorkspaceState
-from gateway.pages import JSON_ONLY
+from gateway.pages import JSON_ONLY, phase_words
 from gateway.policy import VISIBILITIES, Duration, Reason, decide, describe_duration, visibility
 
 _SAFE = ("GET", "HEAD", "OPTIONS")
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
-Handler = Callable[[web.Request], Awaitable[web.Response]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class _Body(BaseModel):
@@ -118,14 +118,17 @@ def _known_ports(gateway: Gateway, state: WorkspaceState) -> list[int]:
 
 def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity) -> dict[str, Any]:
     listening = gateway.runtime.listening_ports(state.id) or set()
+    labels = gateway.runtime.port_labels(state.id)
     ports = sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
     role = _role(gateway, state, identity)
     return {
         "id": state.id, "owner": state.spec.owner, "collaborators": list(state.spec.collaborators),
-        "role": role.value if role else None, "phase": state.phase.value, "message": state.message,
+        "role": role.value if role else None, "phase": state.phase.value, "phase_words": phase_words(state.phase),
+        "message": state.message, "last_activity": gateway.activity.last(state.id),
         "ide_url": gateway.hosts.hub_url(f"/w/{state.id}/"),
-        "ports": [{"port": port, "visibility": visibility(gateway.policy, state.spec, port),
-                   "listening": port in listening, "url": gateway.hosts.share_url(state.id, port)} for port in ports],
+        "ports": [{"port": port, "label": labels.get(port, ""),
+                   "visibility": visibility(gateway.policy, state.spec, port), "listening": port in listening,
+                   "url": gateway.hosts.share_url(state.id, port)} for port in ports],
     }
 
 
@@ -294,10 +297,10 @@ async def revoke_token(request: web.Request) -> web.Response:
     return web.json_response({"id": record.id, "revoked": True})
 
 
-def _json_only(handler: Handler) -> Handler:
+def json_only(handler: Handler) -> Handler:
     """Errors from the API are JSON whatever the caller accepts (the front door renders them)."""
 
-    async def handle(request: web.Request) -> web.Response:
+    async def handle(request: web.Request) -> web.StreamResponse:
         request[JSON_ONLY] = True
         return await handler(request)
 
@@ -322,4 +325,4 @@ def add_routes(app: web.Application) -> None:
         ("DELETE", "/api/v1/tokens/{token}", revoke_token),
     ]
     for method, path, handler in routes:
-        app.router.add_route(method, path, _json_only(handler))
+        app.router.add_route(method, path, json_only(handler))

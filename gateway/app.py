@@ -15,7 +15,7 @@ import jinja2
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway import api, badge
+from gateway import api, badge, hub
 from gateway.accesslog import TARGET
 from gateway.activity import Activity, IdleTimers, reap_forever
 from gateway.auth import handlers as auth_handlers
@@ -101,22 +101,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=registry.render(), headers={"Content-Type": registry.content_type})
 
 
-@aiohttp_jinja2.template("home.html")
-async def home(request: web.Request) -> dict[str, object]:
-    """The hub page: the signed-in user's workspaces, ports, visibility and share links."""
-    gateway = request.app[GATEWAY]
-    identity = hub_identity(request, gateway)
-    if identity is None:
-        return {"identity": None, "dev": gateway.config.auth.mode == "dev"}
-    states = sorted(gateway.runtime.list(), key=lambda state: state.id)
-    views = [view for view in (api.workspace_view(gateway, state, identity) for state in states) if view["role"]]
-    for view in views:
-        links = [link for link in gateway.auth.store.shares.values() if link.workspace == view["id"]]
-        view["shares"] = [api.share_view(gateway, link) for link in sorted(links, key=lambda link: -link.created)]
-    return {"identity": identity, "workspaces": views, "dev": gateway.config.auth.mode == "dev",
-            "policy": gateway.policy}
-
-
 async def ide_wake_events(request: web.Request) -> web.StreamResponse:
     """The IDE's waiting page follows its wake here; only those who may open the IDE may watch (or start) it."""
     gateway = request.app[GATEWAY]
@@ -183,9 +167,10 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     templates = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway", "templates"), autoescape=True)
     templates.globals["hub_url"] = hosts.hub_url("/")
     templates.filters["phase_words"] = phase_words
+    templates.globals["static"] = lambda name: str(app.router["static"].url_for(filename=name))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/", home)
+    hub.add_routes(app)
     app.router.add_get("/_codehub/wake/{workspace}/events", ide_wake_events)
     app.router.add_get("/badge/{workspace}/{port}.svg", badge.badge)
     auth_handlers.add_routes(app)

@@ -184,6 +184,10 @@ class Runtime(abc.ABC):
         """Ports the workspace is listening on, where the runtime can see them cheaply; None if it cannot."""
         return None
 
+    def port_labels(self, workspace: str) -> dict[int, str]:
+        """Port names the workspace declares (devcontainer.json), where the runtime can read its files."""
+        return {}
+
     def events(self) -> Subscription:
         """Subscribe to phase changes; use as a context manager so the subscription ends with the reader."""
         return self.hub.subscribe()

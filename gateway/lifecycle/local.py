@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gateway.config import Local, LocalWorkspace
+from gateway.devcontainer import LabelFile
 from gateway.errors import NotFound
 from gateway.lifecycle.archive import ArchiveError, archive_home, recover, restore_home
 from gateway.lifecycle.base import Event, Phase, Runtime, RuntimeError_, WorkspaceSpec, WorkspaceState
@@ -62,6 +63,7 @@ class _Slot:
     in_flight: Phase | None = None
     failure: str = ""
     state: WorkspaceState | None = None
+    labels: LabelFile | None = None
 
     @property
     def home(self) -> Path:
@@ -188,6 +190,14 @@ class LocalRuntime(Runtime):
         if slot is None or slot.process is None:
             return set()
         return listening_ports(slot.address)
+
+    def port_labels(self, workspace: str) -> dict[int, str]:
+        slot = self._slots.get(workspace)
+        if slot is None:
+            return {}
+        if slot.labels is None:
+            slot.labels = LabelFile(slot.home)
+        return slot.labels.labels()
 
     def _read_settings(self, slot: _Slot) -> dict[str, object]:
         try:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import html
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.lifecycle import Phase
+from gateway.pages import PHASE_WORDS
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served
 
@@ -259,6 +261,8 @@ async def test_api_without_credentials_is_401_json(served: Served, make_browser:
 
 
 async def test_hub_page(served: Served, make_browser: MakeBrowser) -> None:
+    """The page carries the signed-in person's snapshot as inert JSON (hub.js renders it; tests/browser/test_hub.py
+    checks what Chromium shows)."""
     anonymous = await make_browser(served)
     page = await anonymous.navigate(HUB + "/")
     assert page.status == 200
@@ -266,26 +270,34 @@ async def test_hub_page(served: Served, make_browser: MakeBrowser) -> None:
     assert "ws1" not in page.text
 
     alice = await user(make_browser, served, "alice")
-    evil = "<img src=x onerror=alert(1)>"
+    evil = "</script><img src=x onerror=alert(1)>"
     share = (await call(alice, "POST", "/api/v1/workspaces/ws1/shares",
                         {"port": 3000, "audience": "people", "people": [evil]})).json()
     page = await alice.navigate(HUB + "/")
     assert page.status == 200
-    assert 'data-ws="ws1"' in page.text
-    assert 'data-ws="ws3"' not in page.text
-    assert 'data-ws="ws2"' not in page.text
-    assert 'class="visibility"' in page.text
-    assert "http://3000-ws1.localhost:8080/" in page.text
-    assert f'data-share="{share["id"]}"' in page.text
-    assert evil not in page.text
-    assert html.escape(evil) in page.text
+    data = _hub_data(page.text)
+    assert [ws["id"] for ws in data["workspaces"]] == ["ws1"]
+    ws1 = data["workspaces"][0]
+    assert ws1["role"] == "owner"
+    assert ws1["phase_words"] == PHASE_WORDS[Phase(ws1["phase"])]
+    assert [port["url"] for port in ws1["ports"]] == ["http://3000-ws1.localhost:8080/",
+                                                      "http://3001-ws1.localhost:8080/"]
+    assert [link["id"] for link in ws1["shares"]] == [share["id"]]
+    assert ws1["shares"][0]["people"] == [evil]
+    assert evil not in page.text  # the JSON is escaped for the script element it sits in
     assert share["token"] not in page.text
+    assert data["port_url"] == "http://{port}-{workspace}.localhost:8080/"
 
     bob = await user(make_browser, served, "bob")
     page = await bob.navigate(HUB + "/")
-    assert 'data-ws="ws1"' in page.text
-    assert 'class="visibility"' not in page.text, "collaborators see visibility but cannot change it"
-    assert "data-share=" not in page.text
+    assert [(ws["id"], ws["role"]) for ws in _hub_data(page.text)["workspaces"]] == [("ws1", "collaborator")]
+    assert (await bob.navigate(HUB + "/tokens")).status == 200
+
+
+def _hub_data(text: str) -> Any:
+    start = text.index('<script type="application/json" id="hub-data">') + len(
+        '<script type="application/json" id="hub-data">')
+    return json.loads(text[start:text.index("</script>", start)])
 
 
 async def test_local_workspaces_are_declared_not_created(served: Served, make_browser: MakeBrowser) -> None:
