@@ -115,7 +115,7 @@ async def ide_wake_events(request: web.Request) -> web.StreamResponse:
 
 def make_runtime(config: Config) -> Runtime:
     if config.runtime == "local":
-        return LocalRuntime(config.local, stop_timeout=config.timeouts.shutdown)
+        return LocalRuntime(config.local, stop_timeout=config.timeouts.shutdown, proxy_uri=config.proxy_uri)
     from gateway.lifecycle.kubernetes import KubernetesRuntime
 
     return KubernetesRuntime.from_config(config)

@@ -306,6 +306,13 @@ class Config(_Model):
     def scheme(self) -> str:
         return URL(self.hub_url).scheme
 
+    def proxy_uri(self, workspace: str) -> str:
+        """code-server's ``VSCODE_PROXY_URI`` for a workspace: its share URL with ``{{port}}`` for the port, so the
+        IDE's Ports view and "Open in Browser" lead to the gateway's authenticated previews."""
+        name, _, port = self.preview_domain.partition(":")
+        default = {"http": "80", "https": "443"}[self.scheme]
+        return f"{self.scheme}://{{{{port}}}}-{workspace}.{name if port in ('', default) else self.preview_domain}/"
+
 
 def _public_name(host: str) -> str | None:
     """The name browsers reach a listen address by: ``localhost`` for 127.0.0.1 and the wildcards, a DNS name as

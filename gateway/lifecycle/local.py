@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -89,10 +89,12 @@ def configured_spec(name: str, ws: LocalWorkspace) -> WorkspaceSpec:
 
 
 class LocalRuntime(Runtime):
-    def __init__(self, local: Local, *, stop_timeout: float = 10.0) -> None:
+    def __init__(self, local: Local, *, stop_timeout: float = 10.0,
+                 proxy_uri: Callable[[str], str] | None = None) -> None:
         super().__init__()
         self._state_dir = local.state_dir.resolve()
         self._stop_timeout = stop_timeout
+        self._proxy_uri = proxy_uri
         self._slots: dict[str, _Slot] = {}
         for index, (name, ws) in enumerate(local.workspaces.items()):
             address = ws.address or f"127.0.0.{index + 2}"
@@ -262,6 +264,8 @@ class LocalRuntime(Runtime):
     async def _spawn(self, slot: _Slot) -> None:
         slot.home.mkdir(parents=True, exist_ok=True)
         env = {key: value for key, value in os.environ.items() if not key.startswith("CODEHUB_")}
+        if self._proxy_uri is not None:
+            env["VSCODE_PROXY_URI"] = self._proxy_uri(slot.spec.id)
         env.update(slot.config.env)
         env.update(HOME=str(slot.home), HOST=slot.address, CODEHUB_WORKSPACE=slot.spec.id)
         output = (slot.root / "output.log").open("ab")

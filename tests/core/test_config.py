@@ -159,3 +159,17 @@ def test_relative_paths_in_a_config_file_are_read_from_its_folder(tmp_path: Path
     assert config.keys_file == folder / "state" / "signing-keys.json"
     absolute = load_config(path, {"CODEHUB_LOCAL__STATE_DIR": "/srv/codehub"})
     assert absolute.state_dir == Path("/srv/codehub")
+
+
+@pytest.mark.parametrize(
+    ("hub", "previews", "uri"),
+    [
+        ("http://localhost:8080", "localhost:8080", "http://{{port}}-ws1.localhost:8080/"),
+        ("https://hub.example.com", "preview.example.com", "https://{{port}}-ws1.preview.example.com/"),
+        ("https://hub.example.com", "preview.example.com:443", "https://{{port}}-ws1.preview.example.com/"),
+        ("https://hub.example.com", "preview.example.com:8443", "https://{{port}}-ws1.preview.example.com:8443/"),
+    ],
+)
+def test_code_servers_proxy_uri_is_the_workspaces_share_url(hub: str, previews: str, uri: str) -> None:
+    config = load_config(None, {}, overrides={"hub_url": hub, "preview_domain": previews})
+    assert config.proxy_uri("ws1") == uri

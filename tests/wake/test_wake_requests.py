@@ -269,3 +269,17 @@ async def test_waiting_page_shows_an_estimate_only_when_it_means_something(
         assert "usually ready" not in html
     else:
         assert re.search(estimate, html), html
+
+
+async def test_workspace_processes_get_code_servers_proxy_uri(make_gateway: MakeGateway) -> None:
+    """code-server started in a local workspace finds its ports' share URLs in VSCODE_PROXY_URI."""
+    command = ["sh", "-c", 'printf %s "$VSCODE_PROXY_URI" > proxy-uri.tmp && mv proxy-uri.tmp proxy-uri; exec sleep 60']
+    client = await make_gateway(workspaces={"ws": workspace(next_address(), command=command)})
+    gateway = gateway_of(client)
+    await gateway.runtime.wake("ws")
+    written = gateway.config.state_dir.resolve() / "workspaces" / "ws" / "home" / "proxy-uri"
+    for _ in range(500):  # at most ten seconds
+        if written.exists():
+            break
+        await asyncio.sleep(0.02)
+    assert written.read_text() == "http://{{port}}-ws.localhost:8080/"

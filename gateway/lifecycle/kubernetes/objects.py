@@ -64,8 +64,11 @@ def labels(workspace: str) -> dict[str, str]:
     }
 
 
-def make_pod(ws: WorkspaceResource, settings: Kubernetes) -> dict[str, Any]:
-    """The code-server pod: hardened, its home on the workspace's PVC, writable /tmp from an emptyDir."""
+def make_pod(ws: WorkspaceResource, settings: Kubernetes, proxy_uri: str | None = None) -> dict[str, Any]:
+    """The code-server pod: hardened, its home on the workspace's PVC, writable /tmp from an emptyDir.
+
+    ``proxy_uri`` becomes ``VSCODE_PROXY_URI`` (the workspace's share URL with ``{{port}}``), so ports opened in
+    the IDE point at the gateway's previews."""
     port = ws.ide_port or settings.ide_port
     resources = ws.resources or {"requests": dict(settings.resources.requests),
                                  "limits": dict(settings.resources.limits)}
@@ -90,7 +93,8 @@ def make_pod(ws: WorkspaceResource, settings: Kubernetes) -> dict[str, Any]:
                 "image": ws.image or settings.image,
                 "args": ["--auth", "none", "--bind-addr", f"0.0.0.0:{port}", "--disable-telemetry",
                          "--disable-update-check", HOME],
-                "env": [{"name": "HOME", "value": HOME}, {"name": "CODEHUB_WORKSPACE", "value": ws.id}],
+                "env": [{"name": "HOME", "value": HOME}, {"name": "CODEHUB_WORKSPACE", "value": ws.id},
+                        *([{"name": "VSCODE_PROXY_URI", "value": proxy_uri}] if proxy_uri else [])],
                 "ports": [{"name": "ide", "containerPort": port, "protocol": "TCP"}],
                 "readinessProbe": {
                     "httpGet": {"path": "/healthz", "port": port},

@@ -61,9 +61,10 @@ def default_identity() -> str:
 
 class KubernetesRuntime(Runtime):
     def __init__(self, settings: Kubernetes, *, api: ApiClient | None = None, identity: str | None = None,
-                 retry_attempts: int = 5) -> None:
+                 retry_attempts: int = 5, proxy_uri: Callable[[str], str] | None = None) -> None:
         super().__init__()
         self.settings = settings
+        self._proxy_uri = proxy_uri
         self.identity = identity or settings.identity or default_identity()
         self._api = api
         self._owns_api = api is None
@@ -75,7 +76,7 @@ class KubernetesRuntime(Runtime):
 
     @classmethod
     def from_config(cls, config: Config) -> KubernetesRuntime:
-        return cls(config.kubernetes)
+        return cls(config.kubernetes, proxy_uri=config.proxy_uri)
 
     # -- lifespan --
 
@@ -180,7 +181,8 @@ class KubernetesRuntime(Runtime):
             else:
                 await self._call(lambda c: c.create(PVC, make_pvc(ws, self.settings)))
         self.view.begin(ws.id, Phase.STARTING)
-        await self._call(lambda c: c.create(POD, make_pod(ws, self.settings)))
+        proxy_uri = self._proxy_uri(ws.id) if self._proxy_uri is not None else None
+        await self._call(lambda c: c.create(POD, make_pod(ws, self.settings, proxy_uri)))
 
         def started() -> phases.Observation | None:
             if self.view.cached(POD, pod) is None and self.view.cached(WORKSPACE, ws.id) is not None:
