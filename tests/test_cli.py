@@ -60,7 +60,7 @@ def test_serve_on_another_port_prints_urls_that_work(tmp_path: Path) -> None:
         process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port)], cwd=tmp_path,
                                    env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=output)
     try:
-        urls = _printed_urls(log, process)
+        urls = printed_urls(log, process)
         assert urls["hub"] == f"http://localhost:{port}/"
         assert urls["demo"] == f"http://8000-demo.localhost:{port}/"
         for url, needle in ((urls["hub"], b"Sign in"), (urls["demo"], b"Hello from workspace")):
@@ -73,14 +73,18 @@ def test_serve_on_another_port_prints_urls_that_work(tmp_path: Path) -> None:
         process.wait(timeout=30)
 
 
-def _printed_urls(log: Path, process: subprocess.Popen[bytes]) -> dict[str, str]:
-    """The ``name: URL`` lines ``serve`` prints under its first line, once it printed them."""
+def urls_in(output: str) -> dict[str, str] | None:
+    """The hub and demo ``name: URL`` lines ``serve`` prints under its first line, once it printed them."""
+    urls = dict(line.strip().split(": ", 1) for line in output.splitlines()[1:3] if ": http" in line)
+    return urls if len(urls) == 2 else None
+
+
+def printed_urls(log: Path, process: subprocess.Popen[bytes]) -> dict[str, str]:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         assert process.poll() is None, log.read_text()
-        lines = log.read_text().splitlines()
-        urls = dict(line.strip().split(": ", 1) for line in lines[1:3] if ": http" in line)
-        if len(urls) == 2:
+        urls = urls_in(log.read_text())
+        if urls is not None:
             return urls
         time.sleep(0.05)
     raise AssertionError(f"serve printed no URLs:\n{log.read_text()}")

@@ -8,9 +8,14 @@ about OIDC) and listens on a real loopback port, so Chromium reaches hub and pre
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from gateway.config import Config
 from gateway.context import GATEWAY, Gateway
 from tests.browser.conftest import REPO, Browser, app_command, next_address, require_peer, screenshot
 from tests.peers.idp.fixture import free_loopback_port
+from tests.test_cli import urls_in
 
 pytestmark = pytest.mark.timeout(120)
 AXE = REPO / "node_modules" / "axe-core" / "axe.min.js"
@@ -306,3 +312,39 @@ async def test_signed_out_hub_is_a_sign_in_page_and_its_feed_refuses(browser: Br
     await expect(page.get_by_role("link", name="Sign in (development)")).to_be_visible()
     answer = await page.evaluate("fetch('/api/v1/hub/events').then(r => r.status)")
     assert answer == 401
+
+
+async def test_serve_on_another_port_opens_in_chromium(browser: Browser, tmp_path: Path) -> None:
+    """``serve --port P`` on the embedded default: the hub and the demo preview it prints work in a browser."""
+    port = free_loopback_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CODEHUB_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    log = tmp_path / "serve.log"
+    with log.open("wb") as output:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve", "--port", str(port), cwd=tmp_path, env=env,
+            stdin=subprocess.DEVNULL, stdout=output, stderr=output)
+    try:
+        urls = None
+        for _ in range(400):  # at most twenty seconds
+            assert process.returncode is None, log.read_text()
+            urls = urls_in(log.read_text())
+            if urls is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert urls is not None, log.read_text()
+        context = await browser.launch(third_party_cookies=True)
+        page = await context.new_page()
+        await page.goto(urls["hub"])
+        await page.get_by_role("link", name="Sign in (development)").click()
+        async with page.expect_navigation():
+            await page.get_by_role("button", name="Sign in").click()
+        assert page.url == urls["hub"]
+        await expect(page.locator('section[data-ws="demo"] tr[data-port="8000"] a.url')).to_have_attribute(
+            "href", urls["demo"])
+        await page.goto(urls["demo"])
+        await expect(page.locator("h1")).to_contain_text("Hello from workspace demo", timeout=30_000)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            await process.wait()
