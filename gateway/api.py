@@ -36,7 +36,10 @@ class _Body(BaseModel):
 
 
 class PortChange(_Body):
-    visibility: Literal["private", "org", "public"]
+    """Who can see a port, and whether its dev server speaks HTTPS (self-signed); either or both."""
+
+    visibility: Literal["private", "org", "public"] | None = None
+    protocol: Literal["http", "https"] | None = None
 
 
 class NewShare(_Body):
@@ -128,6 +131,7 @@ def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity) 
         "ide_url": gateway.hosts.hub_url(f"/w/{state.id}/"),
         "ports": [{"port": port, "label": labels.get(port, ""),
                    "visibility": visibility(gateway.policy, state.spec, port), "listening": port in listening,
+                   "protocol": "https" if port in state.spec.https_ports else "http",
                    "url": gateway.hosts.share_url(state.id, port)} for port in ports],
     }
 
@@ -183,10 +187,17 @@ async def set_port(request: web.Request) -> web.Response:
     if not 1 <= port <= 65535 or port == state.spec.ide_port or port in gateway.policy.ports.denied:
         raise BadRequest(f"Port {port} cannot be shared.", code="bad-port")
     change: PortChange = await _body(request, PortChange)
+    if change.visibility is None and change.protocol is None:
+        raise BadRequest("body: set visibility, protocol or both.", code="invalid-body")
     ceiling = gateway.policy.ports.max_visibility
-    if VISIBILITIES.index(change.visibility) > VISIBILITIES.index(ceiling):
+    if change.visibility is not None and VISIBILITIES.index(change.visibility) > VISIBILITIES.index(ceiling):
         raise Forbidden(f"The policy allows at most '{ceiling}' visibility.", code="visibility-above-ceiling")
-    state = await gateway.runtime.update(state.id, ports={**state.spec.ports, port: change.visibility})
+    https = state.spec.https_ports
+    if change.protocol is not None:
+        https = https | {port} if change.protocol == "https" else https - {port}
+    state = await gateway.runtime.update(
+        state.id, ports={**state.spec.ports, port: change.visibility} if change.visibility is not None else None,
+        https_ports=https if change.protocol is not None else None)
     return web.json_response(workspace_view(gateway, state, identity))
 
 

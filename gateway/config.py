@@ -66,6 +66,7 @@ class LocalWorkspace(_Model):
     ide_port: Port = 13337
     address: str | None = None
     ports: dict[Port, Visibility] = Field(default_factory=dict)
+    https_ports: tuple[Port, ...] = ()
 
     @field_validator("command")
     @classmethod

@@ -238,7 +238,7 @@ def forward(gateway: Gateway, target: Target, state: WorkspaceState, port: int, 
         public_origin, prefix = gateway.hosts.hub_url(""), f"/w/{state.id}"
     else:
         public_origin, prefix = gateway.hosts.share_url(state.id, port, ""), ""
-    upstream = Upstream(state.id, state.address, port, public_origin, prefix)
+    upstream = Upstream(state.id, state.address, port, public_origin, prefix, tls=port in state.spec.https_ports)
     sent = upstream_request_headers(
         headers, facts, upstream_host=upstream.host_header, prefix=prefix or None,
         strip_authorization=credentials.consumed_authorization,

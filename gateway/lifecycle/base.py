@@ -50,6 +50,8 @@ class WorkspaceSpec:
     collaborators: tuple[str, ...] = ()
     ide_port: int = 13337
     ports: Mapping[int, str] = field(default_factory=dict)
+    https_ports: frozenset[int] = frozenset()
+    """Ports whose dev server speaks TLS (a self-signed certificate, e.g. ``vite --https``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +162,9 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
-                     collaborators: tuple[str, ...] | None = None) -> WorkspaceState:
-        """Change how a workspace is shared; persisted by the runtime."""
+                     collaborators: tuple[str, ...] | None = None,
+                     https_ports: frozenset[int] | None = None) -> WorkspaceState:
+        """Change how a workspace is shared (and which ports speak TLS); persisted by the runtime."""
 
     def record_activity(self, workspace: str, at: float) -> None:
         """Note use of a workspace at ``at`` (epoch seconds); a runtime shared by replicas persists it."""

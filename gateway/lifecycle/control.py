@@ -84,9 +84,11 @@ class ControlServer:
                 body = await request.json()
                 ports = body.get("ports")
                 collaborators = body.get("collaborators")
+                https_ports = body.get("https_ports")
                 state = await self.runtime.update(
                     workspace, ports={int(k): str(v) for k, v in ports.items()} if ports is not None else None,
                     collaborators=tuple(collaborators) if collaborators is not None else None,
+                    https_ports=frozenset(int(port) for port in https_ports) if https_ports is not None else None,
                 )
             else:
                 state = await getattr(self.runtime, action)(workspace)

@@ -85,7 +85,7 @@ class _Slot:
 def configured_spec(name: str, ws: LocalWorkspace) -> WorkspaceSpec:
     """A workspace as the configuration declares it, before any change made through the API."""
     return WorkspaceSpec(id=name, owner=ws.owner, collaborators=ws.collaborators, ide_port=ws.ide_port,
-                         ports=dict(ws.ports))
+                         ports=dict(ws.ports), https_ports=frozenset(ws.https_ports))
 
 
 class LocalRuntime(Runtime):
@@ -174,13 +174,16 @@ class LocalRuntime(Runtime):
             return self._end(slot)
 
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
-                     collaborators: tuple[str, ...] | None = None) -> WorkspaceState:
+                     collaborators: tuple[str, ...] | None = None,
+                     https_ports: frozenset[int] | None = None) -> WorkspaceState:
         slot = self._slot(workspace)
         settings = self._read_settings(slot)
         if ports is not None:
             settings["ports"] = {str(port): visibility for port, visibility in ports.items()}
         if collaborators is not None:
             settings["collaborators"] = list(collaborators)
+        if https_ports is not None:
+            settings["https_ports"] = sorted(https_ports)
         tmp = slot.settings_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(settings, indent=2))
         os.replace(tmp, slot.settings_file)
@@ -217,6 +220,9 @@ class LocalRuntime(Runtime):
         collaborators = settings.get("collaborators")
         if isinstance(collaborators, list):
             spec = replace(spec, collaborators=tuple(str(name) for name in collaborators))
+        https_ports = settings.get("https_ports")
+        if isinstance(https_ports, list):
+            spec = replace(spec, https_ports=frozenset(int(port) for port in https_ports))
         return spec
 
     def _observe(self, slot: _Slot) -> WorkspaceState:

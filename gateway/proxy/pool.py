@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
+import ssl
 import time
-from collections.abc import Mapping
-from typing import cast
+from collections.abc import Callable, Mapping
+from typing import TypeVar, cast
 
 import httptools
 from aiohttp import StreamReader
@@ -26,6 +27,32 @@ LIMIT_PER_UPSTREAM = 512
 requests released by a wake must not become ten thousand connections (nor exhaust the gateway's file limit)."""
 _READ_LIMIT = 1 << 16
 """Body bytes buffered per connection before reading from the upstream pauses (the client is slower)."""
+Key = tuple[str, int, bool]
+"""An upstream: host, port, and whether it speaks TLS."""
+
+
+def upstream_tls() -> ssl.SSLContext:
+    """TLS to a dev server on the workspace's own loopback address: its certificate is self-signed (``vite
+    --https``) and nothing else can answer on that address, so it is not verified."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+UPSTREAM_TLS = upstream_tls()
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
+
+
+async def open_upstream(factory: Callable[[], _P], host: str, port: int, tls: bool) -> _P:
+    """Connect to an upstream port, over TLS when it is marked HTTPS."""
+    loop = asyncio.get_running_loop()
+    if tls:
+        _, protocol = await loop.create_connection(factory, host, port, ssl=UPSTREAM_TLS, server_hostname="localhost")
+    else:
+        _, protocol = await loop.create_connection(factory, host, port)
+    return protocol
 
 
 class UpstreamError(Exception):
@@ -309,7 +336,7 @@ class Turns:
 class Exchange:
     """One request on one connection; ``close`` puts the connection back when both messages were whole."""
 
-    def __init__(self, pool: UpstreamPool, key: tuple[str, int], conn: _Connection,
+    def __init__(self, pool: UpstreamPool, key: Key, conn: _Connection,
                  sender: asyncio.Task[None] | None) -> None:
         self._pool = pool
         self._key = key
@@ -344,18 +371,18 @@ class UpstreamPool:
         self._read_timeout = read_timeout
         self._keepalive = keepalive
         self._limit = limit
-        self._turns: dict[tuple[str, int], Turns] = {}
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._turns: dict[Key, Turns] = {}
+        self._idle: dict[Key, list[_Connection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def request(self, host: str, port: int, method: str, target: str, headers: CIMultiDict[str],
-                      body: StreamReader | None) -> tuple[Response, Exchange]:
+                      body: StreamReader | None, *, tls: bool = False) -> tuple[Response, Exchange]:
         """Send the head (and start streaming the body), return the answer's head once it is in.
 
         Waits for a turn when ``limit`` requests to this upstream are in flight; the turn is given back by
         ``Exchange.close``. A reused connection the upstream had closed is retried once on a new one when
         nothing was sent that cannot be sent again."""
-        key = (host, port)
+        key = (host, port, tls)
         turn = self._turns.get(key) or self._turns.setdefault(key, Turns(self._limit))
         await turn.take()
         try:
@@ -366,7 +393,7 @@ class UpstreamPool:
         exchange.turn = turn
         return answer, exchange
 
-    async def _exchange(self, key: tuple[str, int], method: str, target: str, headers: CIMultiDict[str],
+    async def _exchange(self, key: Key, method: str, target: str, headers: CIMultiDict[str],
                         body: StreamReader | None) -> tuple[Response, Exchange]:
         if body is None and "Content-Length" not in headers and method not in _BODYLESS_METHODS:
             headers["Content-Length"] = "0"
@@ -395,7 +422,7 @@ class UpstreamPool:
                 exchange.close()
                 raise
 
-    def _take(self, key: tuple[str, int]) -> tuple[_Connection | None, bool]:
+    def _take(self, key: Key) -> tuple[_Connection | None, bool]:
         idle = self._idle.get(key)
         deadline = time.monotonic() - self._keepalive
         while idle:
@@ -405,18 +432,18 @@ class UpstreamPool:
             conn.close()
         return None, False
 
-    async def _connect(self, host: str, port: int) -> _Connection:
+    async def _connect(self, host: str, port: int, tls: bool) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(loop, self._read_timeout), host, port)
+                conn = await open_upstream(lambda: _Connection(loop, self._read_timeout), host, port, tls)
         except TimeoutError as exc:
             raise ConnectTimeout(f"connect to {host}:{port} took over {self._connect_timeout:g} s") from exc
         except OSError as exc:
             raise ConnectFailed(exc) from exc
         return conn
 
-    def release(self, key: tuple[str, int], conn: _Connection) -> None:
+    def release(self, key: Key, conn: _Connection) -> None:
         conn.idle_since = time.monotonic()
         self._idle.setdefault(key, []).append(conn)
         if self._sweeper is None:

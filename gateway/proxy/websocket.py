@@ -54,7 +54,7 @@ async def _connect(upstream: Upstream, request: bytes, timeouts: Timeouts, metri
     while True:
         try:
             return await ask_upstream(upstream.host, upstream.port, request, connect_timeout=timeouts.connect,
-                                      read_timeout=timeouts.read)
+                                      read_timeout=timeouts.read, tls=upstream.tls)
         except TimeoutError as exc:
             raise BadGateway(f"The WebSocket to port {upstream.port} failed: {type(exc).__name__}.") from exc
         except OSError as exc:

@@ -74,7 +74,7 @@
     }
     const portsBody = el("tbody");
     const ports = el("table", { className: "ports", ariaLabel: `Ports of ${id}` },
-      el("thead", {}, el("tr", {}, ...["Port", "Label", "Status", "Who can see it", "Link", ""].map(
+      el("thead", {}, el("tr", {}, ...["Port", "Label", "Status", "Who can see it", "Protocol", "Link", ""].map(
         (name) => el("th", { scope: "col", textContent: name })))), portsBody);
     const openNumber = el("input", { type: "number", min: 1, max: 65535, required: true, id: `open-${id}` });
     const openForm = el("form", { className: "open-port" },
@@ -120,32 +120,45 @@
       if (!qr.hidden) qr.replaceChildren(el("img", { src: `/qr.svg?url=${encodeURIComponent(link.href)}`,
                                                     alt: `QR code of ${link.href}` }));
     });
+    const protocol = el("td");
     if (manages(ws)) {
-      const select = el("select", { id: `vis-${ws.id}-${port.port}` });
+      const select = el("select", { id: `vis-${ws.id}-${port.port}`, ariaLabel: `Who can see port ${port.port}` });
       for (const value of VISIBILITIES) {
         const allowed = VISIBILITIES.indexOf(value) <= VISIBILITIES.indexOf(data.max_visibility);
         select.append(el("option", { value, textContent: value, disabled: !allowed }));
       }
+      const scheme = el("select", { id: `proto-${ws.id}-${port.port}`, ariaLabel: `Protocol of port ${port.port}` },
+        el("option", { value: "http", textContent: "HTTP" }), el("option", { value: "https", textContent: "HTTPS" }));
       const save = el("button", { type: "button", className: "button small", textContent: "Save", disabled: true,
                                   ariaLabel: `Save who can see port ${port.port}` });
-      select.addEventListener("change", () => { save.disabled = select.value === row.dataset.visibility; });
+      const changes = () => {
+        const body = {};
+        if (select.value !== row.dataset.visibility) body.visibility = select.value;
+        if (scheme.value !== row.dataset.protocol) body.protocol = scheme.value;
+        return body;
+      };
+      for (const input of [select, scheme]) {
+        input.addEventListener("change", () => { save.disabled = Object.keys(changes()).length === 0; });
+      }
       save.addEventListener("click", async () => {
-        if (select.value === "public" && !window.confirm(
+        const body = changes();
+        if (body.visibility === "public" && !window.confirm(
           `Make port ${port.port} of ${ws.id} public? Anyone who has its URL can open it, without signing in.`)) return;
         save.disabled = true;
         try {
-          await call("PUT", `/api/v1/workspaces/${ws.id}/ports/${port.port}`, { visibility: select.value });
-          row.dataset.visibility = select.value;
-          toast(`Port ${port.port} is now ${select.value}`);
+          await call("PUT", `/api/v1/workspaces/${ws.id}/ports/${port.port}`, body);
+          row.dataset.visibility = select.value; row.dataset.protocol = scheme.value;
+          toast(body.visibility ? `Port ${port.port} is now ${select.value}`
+            : `Port ${port.port} is reached over ${scheme.value.toUpperCase()}`);
         } catch (error) { toast(error.message); save.disabled = false; }
       });
-      select.setAttribute("aria-label", `Who can see port ${port.port}`);
       who.append(select, " ", save);
-      row._select = select; row._save = save;
+      protocol.append(scheme);
+      Object.assign(row, { _select: select, _scheme: scheme, _save: save });
     }
-    row.append(el("td", { textContent: String(port.port) }), label, status, who,
+    row.append(el("td", { textContent: String(port.port) }), label, status, who, protocol,
       el("td", {}, link, qr), el("td", {}, copyButton, " ", qrButton));
-    Object.assign(row, { _label: label, _status: status, _who: who, _link: link });
+    Object.assign(row, { _label: label, _status: status, _who: who, _protocol: protocol, _link: link });
     return row;
   };
 
@@ -155,11 +168,17 @@
       : "not listening");
     if (row._link.href !== port.url) { row._link.href = port.url; row._link.textContent = port.url; }
     if (row._select) {
-      const dirty = row._select.value !== row.dataset.visibility && row.dataset.visibility !== undefined;
-      row.dataset.visibility = port.visibility;
-      if (!dirty) { row._select.value = port.visibility; row._save.disabled = true; }
+      // a choice not saved yet is kept; the rest follows what the server says
+      const known = row.dataset.visibility !== undefined;
+      const dirtyVisibility = known && row._select.value !== row.dataset.visibility;
+      const dirtyProtocol = known && row._scheme.value !== row.dataset.protocol;
+      row.dataset.visibility = port.visibility; row.dataset.protocol = port.protocol;
+      if (!dirtyVisibility) row._select.value = port.visibility;
+      if (!dirtyProtocol) row._scheme.value = port.protocol;
+      if (!dirtyVisibility && !dirtyProtocol) row._save.disabled = true;
     } else {
       row._who.textContent = port.visibility;
+      row._protocol.textContent = port.protocol.toUpperCase();
     }
   };
 
@@ -285,7 +304,7 @@
       for (const [number, row] of parts.rows) if (!ports.has(number)) { row.remove(); parts.rows.delete(number); }
       const ordered = [...parts.rows.keys()].sort((a, b) => a - b).map((number) => parts.rows.get(number));
       if (ordered.some((row, i) => parts.portsBody.children[i] !== row)) parts.portsBody.replaceChildren(...ordered);
-      if (!ordered.length) parts.portsBody.replaceChildren(el("tr", {}, el("td", { colSpan: 6, className: "muted",
+      if (!ordered.length) parts.portsBody.replaceChildren(el("tr", {}, el("td", { colSpan: 7, className: "muted",
         textContent: "No ports listening yet. Start a dev server in the workspace and it appears here." })));
       if (parts.sharePort) {
         const chosen = parts.sharePort.value;

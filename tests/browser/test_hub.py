@@ -256,6 +256,10 @@ async def test_visibility_changes_only_on_save_and_public_asks_once(browser: Bro
     await page.get_by_role("button", name="Save who can see port 3000").click()
     await expect(page.locator("#toast")).to_have_text("Port 3000 is now org")
     assert len(dialogs) == 2  # only making it public asks
+    await page.get_by_label("Protocol of port 3000", exact=True).select_option("https")
+    await page.get_by_role("button", name="Save who can see port 3000").click()
+    await expect(page.locator("#toast")).to_have_text("Port 3000 is reached over HTTPS")
+    assert hub.gateway.runtime.get("ws1").spec.https_ports == {3000}  # type: ignore[union-attr]
 
 
 async def test_api_tokens_page(browser: Browser, make_hub: MakeHub) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from kubernetes_asyncio.client import ApiClient
 
 from gateway.config import Config, Kubernetes
-from gateway.errors import Conflict
+from gateway.errors import BadRequest, Conflict
 from gateway.lifecycle.base import Phase, Runtime, RuntimeError_, WorkspaceSpec, WorkspaceState
 from gateway.lifecycle.kubernetes import phases
 from gateway.lifecycle.kubernetes.activity import ActivitySync
@@ -297,7 +297,11 @@ class KubernetesRuntime(Runtime):
         return await self.create_workspace(spec)
 
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
-                     collaborators: tuple[str, ...] | None = None) -> WorkspaceState:
+                     collaborators: tuple[str, ...] | None = None,
+                     https_ports: frozenset[int] | None = None) -> WorkspaceState:
+        if https_ports:
+            raise BadRequest("HTTPS ports are available on the local runtime only; a Workspace resource cannot "
+                             "mark them yet.", code="https-ports-unsupported")
         current = self.view.resource(workspace)
         spec: dict[str, Any] = {}
         if ports is not None:
