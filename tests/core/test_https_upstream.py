@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 import re
+import ssl
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -90,3 +92,31 @@ async def test_https_dev_server_behind_a_plain_http_share_url(make_gateway: Make
         async with client.get("/main.js", headers=headers) as response:
             assert response.status == 200
             assert "version 1" in await response.text()
+
+
+async def test_redirects_naming_the_https_upstream_get_the_share_url(make_gateway: MakeGateway,
+                                                                     tmp_path: Path) -> None:
+    key, cert = self_signed(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    address = next_address()
+    port = free_port(address)
+
+    async def login(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"https://localhost:{port}/home?from={request.scheme}")
+
+    app = web.Application()
+    app.router.add_get("/login", login)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, address, port, ssl_context=tls).start()
+        client = await make_gateway(workspaces={"web": workspace(address, ports={port: "public"},
+                                                                 https_ports=[port])})
+        await client.app[GATEWAY].runtime.wake("web")
+        async with client.get("/login", headers={"Host": f"{port}-web.localhost:8080", "Accept": "*/*"},
+                              allow_redirects=False) as response:
+            assert response.status == 302
+            assert response.headers["Location"] == f"http://{port}-web.localhost:8080/home?from=https"
+    finally:
+        await runner.cleanup()
