@@ -40,6 +40,7 @@ class PortChange(_Body):
 
     visibility: Literal["private", "org", "public"] | None = None
     protocol: Literal["http", "https"] | None = None
+    label: str | None = Field(default=None, max_length=80)
 
 
 class NewShare(_Body):
@@ -121,7 +122,7 @@ def _known_ports(gateway: Gateway, state: WorkspaceState) -> list[int]:
 
 def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity) -> dict[str, Any]:
     listening = gateway.runtime.listening_ports(state.id) or set()
-    labels = gateway.runtime.port_labels(state.id)
+    labels = {**gateway.runtime.port_labels(state.id), **state.spec.labels}
     ports = sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
     role = _role(gateway, state, identity)
     return {
@@ -187,17 +188,23 @@ async def set_port(request: web.Request) -> web.Response:
     if not 1 <= port <= 65535 or port == state.spec.ide_port or port in gateway.policy.ports.denied:
         raise BadRequest(f"Port {port} cannot be shared.", code="bad-port")
     change: PortChange = await _body(request, PortChange)
-    if change.visibility is None and change.protocol is None:
-        raise BadRequest("body: set visibility, protocol or both.", code="invalid-body")
+    if change.visibility is None and change.protocol is None and change.label is None:
+        raise BadRequest("body: set visibility, protocol or label.", code="invalid-body")
+    if change.label is not None and any(not ch.isprintable() for ch in change.label):
+        raise BadRequest("label: only printable characters.", code="invalid-body")
     ceiling = gateway.policy.ports.max_visibility
     if change.visibility is not None and VISIBILITIES.index(change.visibility) > VISIBILITIES.index(ceiling):
         raise Forbidden(f"The policy allows at most '{ceiling}' visibility.", code="visibility-above-ceiling")
     https = state.spec.https_ports
     if change.protocol is not None:
         https = https | {port} if change.protocol == "https" else https - {port}
+    labels = None
+    if change.label is not None:  # an empty label clears the hub's name (devcontainer.json's shows again)
+        labels = {p: text for p, text in state.spec.labels.items() if p != port}
+        labels.update({port: change.label.strip()} if change.label.strip() else {})
     state = await gateway.runtime.update(
         state.id, ports={**state.spec.ports, port: change.visibility} if change.visibility is not None else None,
-        https_ports=https if change.protocol is not None else None)
+        https_ports=https if change.protocol is not None else None, labels=labels)
     return web.json_response(workspace_view(gateway, state, identity))
 
 

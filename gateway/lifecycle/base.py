@@ -52,6 +52,8 @@ class WorkspaceSpec:
     ports: Mapping[int, str] = field(default_factory=dict)
     https_ports: frozenset[int] = frozenset()
     """Ports whose dev server speaks TLS (a self-signed certificate, e.g. ``vite --https``)."""
+    labels: Mapping[int, str] = field(default_factory=dict)
+    """Port names set on the hub (they win over the workspace's devcontainer.json)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +165,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
                      collaborators: tuple[str, ...] | None = None,
-                     https_ports: frozenset[int] | None = None) -> WorkspaceState:
-        """Change how a workspace is shared (and which ports speak TLS); persisted by the runtime."""
+                     https_ports: frozenset[int] | None = None,
+                     labels: Mapping[int, str] | None = None) -> WorkspaceState:
+        """Change how a workspace is shared (which ports speak TLS, what they are called); persisted by the
+        runtime."""
 
     def record_activity(self, workspace: str, at: float) -> None:
         """Note use of a workspace at ``at`` (epoch seconds); a runtime shared by replicas persists it."""

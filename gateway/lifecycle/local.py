@@ -175,7 +175,8 @@ class LocalRuntime(Runtime):
 
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
                      collaborators: tuple[str, ...] | None = None,
-                     https_ports: frozenset[int] | None = None) -> WorkspaceState:
+                     https_ports: frozenset[int] | None = None,
+                     labels: Mapping[int, str] | None = None) -> WorkspaceState:
         slot = self._slot(workspace)
         settings = self._read_settings(slot)
         if ports is not None:
@@ -184,6 +185,8 @@ class LocalRuntime(Runtime):
             settings["collaborators"] = list(collaborators)
         if https_ports is not None:
             settings["https_ports"] = sorted(https_ports)
+        if labels is not None:
+            settings["labels"] = {str(port): label for port, label in labels.items()}
         tmp = slot.settings_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(settings, indent=2))
         os.replace(tmp, slot.settings_file)
@@ -223,6 +226,9 @@ class LocalRuntime(Runtime):
         https_ports = settings.get("https_ports")
         if isinstance(https_ports, list):
             spec = replace(spec, https_ports=frozenset(int(port) for port in https_ports))
+        labels = settings.get("labels")
+        if isinstance(labels, dict):
+            spec = replace(spec, labels={int(port): str(label) for port, label in labels.items()})
         return spec
 
     def _observe(self, slot: _Slot) -> WorkspaceState:

@@ -36,7 +36,7 @@ def state_to_wire(state: WorkspaceState, seq: int) -> dict[str, Any]:
     return {
         "seq": seq, "id": spec.id, "owner": spec.owner, "collaborators": list(spec.collaborators),
         "ide_port": spec.ide_port, "ports": {str(port): value for port, value in spec.ports.items()},
-        "https_ports": sorted(spec.https_ports),
+        "https_ports": sorted(spec.https_ports), "labels": {str(port): text for port, text in spec.labels.items()},
         "phase": state.phase.value, "address": state.address, "message": state.message, "since": state.since,
     }
 
@@ -44,7 +44,8 @@ def state_to_wire(state: WorkspaceState, seq: int) -> dict[str, Any]:
 def state_from_wire(data: Mapping[str, Any]) -> WorkspaceState:
     spec = WorkspaceSpec(id=data["id"], owner=data["owner"], collaborators=tuple(data["collaborators"]),
                          ide_port=int(data["ide_port"]), ports={int(k): str(v) for k, v in data["ports"].items()},
-                         https_ports=frozenset(int(port) for port in data.get("https_ports", ())))
+                         https_ports=frozenset(int(port) for port in data.get("https_ports", ())),
+                         labels={int(port): str(text) for port, text in data.get("labels", {}).items()})
     return WorkspaceState(spec, Phase(data["phase"]), data["address"], data["message"], float(data["since"]))
 
 
@@ -123,7 +124,8 @@ class RemoteRuntime(Runtime):
 
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
                      collaborators: tuple[str, ...] | None = None,
-                     https_ports: frozenset[int] | None = None) -> WorkspaceState:
+                     https_ports: frozenset[int] | None = None,
+                     labels: Mapping[int, str] | None = None) -> WorkspaceState:
         body: dict[str, Any] = {}
         if ports is not None:
             body["ports"] = {str(port): value for port, value in ports.items()}
@@ -131,6 +133,8 @@ class RemoteRuntime(Runtime):
             body["collaborators"] = list(collaborators)
         if https_ports is not None:
             body["https_ports"] = sorted(https_ports)
+        if labels is not None:
+            body["labels"] = {str(port): label for port, label in labels.items()}
         return await self._call(workspace, "update", body)
 
     async def send_activity(self, last: Mapping[str, float], open_: Mapping[str, int]) -> None:

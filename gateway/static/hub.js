@@ -129,17 +129,23 @@
       }
       const scheme = el("select", { id: `proto-${ws.id}-${port.port}`, ariaLabel: `Protocol of port ${port.port}` },
         el("option", { value: "http", textContent: "HTTP" }), el("option", { value: "https", textContent: "HTTPS" }));
+      const name = el("input", { id: `label-${ws.id}-${port.port}`, maxLength: 80, size: 14, autocomplete: "off",
+                                 ariaLabel: `Label of port ${port.port}` });
       const save = el("button", { type: "button", className: "button small", textContent: "Save", disabled: true,
-                                  ariaLabel: `Save who can see port ${port.port}` });
+                                  ariaLabel: `Save changes to port ${port.port}` });
       const changes = () => {
         const body = {};
+        if (name.value.trim() !== row.dataset.label) body.label = name.value.trim();
         if (select.value !== row.dataset.visibility) body.visibility = select.value;
         if (scheme.value !== row.dataset.protocol) body.protocol = scheme.value;
         return body;
       };
-      for (const input of [select, scheme]) {
-        input.addEventListener("change", () => { save.disabled = Object.keys(changes()).length === 0; });
+      for (const input of [select, scheme, name]) {
+        for (const type of ["change", "input"]) {
+          input.addEventListener(type, () => { save.disabled = Object.keys(changes()).length === 0; });
+        }
       }
+      name.addEventListener("keydown", (event) => { if (event.key === "Enter" && !save.disabled) save.click(); });
       save.addEventListener("click", async () => {
         const body = changes();
         if (body.visibility === "public" && !window.confirm(
@@ -148,13 +154,16 @@
         try {
           await call("PUT", `/api/v1/workspaces/${ws.id}/ports/${port.port}`, body);
           row.dataset.visibility = select.value; row.dataset.protocol = scheme.value;
+          if ("label" in body) row.dataset.label = body.label;
           toast(body.visibility ? `Port ${port.port} is now ${select.value}`
-            : `Port ${port.port} is reached over ${scheme.value.toUpperCase()}`);
+            : body.protocol ? `Port ${port.port} is reached over ${scheme.value.toUpperCase()}`
+              : body.label ? `Port ${port.port} is now called ${body.label}` : `Port ${port.port} has no label now`);
         } catch (error) { toast(error.message); save.disabled = false; }
       });
       who.append(select, " ", save);
       protocol.append(scheme);
-      Object.assign(row, { _select: select, _scheme: scheme, _save: save });
+      label.append(name);
+      Object.assign(row, { _select: select, _scheme: scheme, _name: name, _save: save });
     }
     row.append(el("td", { textContent: String(port.port) }), label, status, who, protocol,
       el("td", {}, link, qr), el("td", {}, copyButton, " ", qrButton));
@@ -163,7 +172,7 @@
   };
 
   const updatePortRow = (ws, row, port) => {
-    row._label.textContent = port.label || "—";
+    if (!row._name) row._label.textContent = port.label || "—";
     row._status.replaceChildren(port.listening ? el("span", { className: "listening", textContent: "listening" })
       : "not listening");
     if (row._link.href !== port.url) { row._link.href = port.url; row._link.textContent = port.url; }
@@ -172,10 +181,12 @@
       const known = row.dataset.visibility !== undefined;
       const dirtyVisibility = known && row._select.value !== row.dataset.visibility;
       const dirtyProtocol = known && row._scheme.value !== row.dataset.protocol;
-      row.dataset.visibility = port.visibility; row.dataset.protocol = port.protocol;
+      const dirtyLabel = known && row._name.value.trim() !== row.dataset.label;
+      row.dataset.visibility = port.visibility; row.dataset.protocol = port.protocol; row.dataset.label = port.label;
       if (!dirtyVisibility) row._select.value = port.visibility;
       if (!dirtyProtocol) row._scheme.value = port.protocol;
-      if (!dirtyVisibility && !dirtyProtocol) row._save.disabled = true;
+      if (!dirtyLabel) row._name.value = port.label;
+      if (!dirtyVisibility && !dirtyProtocol && !dirtyLabel) row._save.disabled = true;
     } else {
       row._who.textContent = port.visibility;
       row._protocol.textContent = port.protocol.toUpperCase();

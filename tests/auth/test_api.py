@@ -131,6 +131,9 @@ async def test_visibility_above_the_ceiling_is_refused(strict: Served, make_brow
         ("/api/v1/workspaces/ws1/ports/70000", {"visibility": "org"}, None, "bad-port"),
         ("/api/v1/workspaces/ws1/ports/22", {"visibility": "org"}, None, "bad-port"),
         ("/api/v1/workspaces/ws1/ports/13337", {"visibility": "public"}, None, "bad-port"),
+        ("/api/v1/workspaces/ws1/ports/3000", {"label": "two\nlines"}, None, "invalid-body"),
+        ("/api/v1/workspaces/ws1/ports/3000", {"label": "x" * 81}, None, "invalid-body"),
+        ("/api/v1/workspaces/ws1/ports/3000", {"protocol": "gopher"}, None, "invalid-body"),
     ],
 )
 async def test_bad_port_changes_are_400_json(served: Served, make_browser: MakeBrowser, path: str, body: Any,
@@ -298,6 +301,25 @@ def _hub_data(text: str) -> Any:
     start = text.index('<script type="application/json" id="hub-data">') + len(
         '<script type="application/json" id="hub-data">')
     return json.loads(text[start:text.index("</script>", start)])
+
+
+async def test_port_labels_set_on_the_hub_win_and_clear(served: Served, make_browser: MakeBrowser) -> None:
+    alice = await user(make_browser, served, "alice")
+    devcontainer = served.gateway.config.state_dir.resolve() / "workspaces" / "ws1" / "home" / ".devcontainer"
+    devcontainer.mkdir(parents=True)
+    (devcontainer / "devcontainer.json").write_text('{"portsAttributes": {"3000": {"label": "From devcontainer"}}}')
+
+    def label(page: Page) -> str:
+        return str(next(p["label"] for p in page.json()["ports"] if p["port"] == 3000))
+
+    assert label(await call(alice, "GET", "/api/v1/workspaces/ws1")) == "From devcontainer"
+    named = await call(alice, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"label": " Shop front "})
+    assert (named.status, label(named)) == (200, "Shop front")
+    assert next(p for p in named.json()["ports"] if p["port"] == 3000)["visibility"] == "private"  # untouched
+    cleared = await call(alice, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"label": ""})
+    assert label(cleared) == "From devcontainer"
+    bob = await user(make_browser, served, "bob")
+    assert_error(await call(bob, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"label": "mine"}), 403, "owner-only")
 
 
 async def test_local_workspaces_are_declared_not_created(served: Served, make_browser: MakeBrowser) -> None:

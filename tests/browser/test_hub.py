@@ -140,7 +140,7 @@ async def test_ports_panel_follows_dev_servers_live(browser: Browser, make_hub: 
     await expect(section.locator(".phase")).to_have_text("Running")
     with listening(hub.address("ws1"), 4000):
         row = port_row(page, "ws1", 4000)
-        await expect(row).to_contain_text("Web app")
+        await expect(row.get_by_label("Label of port 4000")).to_have_value("Web app")
         await expect(row).to_contain_text("listening")
         await expect(row.locator("a.url")).to_have_attribute("href", f"http://4000-ws1.localhost:{hub.port}/")
         await screenshot(page, "hub-ports-live")
@@ -228,7 +228,7 @@ async def test_visibility_changes_only_on_save_and_public_asks_once(browser: Bro
     hub = await make_hub({"ws1": {"owner": "alice", "command": ["sleep", "3600"], "ports": {3000: "private"}}})
     _, page = await signed_in(browser, hub, "alice")
     select = page.get_by_label("Who can see port 3000", exact=True)
-    save = page.get_by_role("button", name="Save who can see port 3000")
+    save = page.get_by_role("button", name="Save changes to port 3000")
     await select.focus()
     await page.keyboard.press("ArrowDown")
     await page.keyboard.press("ArrowDown")
@@ -253,13 +253,17 @@ async def test_visibility_changes_only_on_save_and_public_asks_once(browser: Bro
     assert len(dialogs) == 2
     assert "public" in dialogs[0]
     await select.select_option("org")
-    await page.get_by_role("button", name="Save who can see port 3000").click()
+    await page.get_by_role("button", name="Save changes to port 3000").click()
     await expect(page.locator("#toast")).to_have_text("Port 3000 is now org")
     assert len(dialogs) == 2  # only making it public asks
     await page.get_by_label("Protocol of port 3000", exact=True).select_option("https")
-    await page.get_by_role("button", name="Save who can see port 3000").click()
+    await page.get_by_role("button", name="Save changes to port 3000").click()
     await expect(page.locator("#toast")).to_have_text("Port 3000 is reached over HTTPS")
     assert hub.gateway.runtime.get("ws1").spec.https_ports == {3000}  # type: ignore[union-attr]
+    await page.get_by_label("Label of port 3000", exact=True).fill("Shop front")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#toast")).to_have_text("Port 3000 is now called Shop front")
+    assert hub.gateway.runtime.get("ws1").spec.labels == {3000: "Shop front"}  # type: ignore[union-attr]
 
 
 async def test_api_tokens_page(browser: Browser, make_hub: MakeHub) -> None:

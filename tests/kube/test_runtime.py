@@ -186,6 +186,9 @@ async def test_update_patches_the_workspace_spec(kube: KubeEnv, make_runtime: Ma
     with pytest.raises(BadRequest) as refused:
         await runtime.update("w1", https_ports=frozenset({5173}))
     assert refused.value.code == "https-ports-unsupported"
+    with pytest.raises(BadRequest) as refused:
+        await runtime.update("w1", labels={3000: "Web"})
+    assert refused.value.code == "labels-unsupported"
 
 
 # --- faults ---------------------------------------------------------------------------------------

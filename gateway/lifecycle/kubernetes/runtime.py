@@ -298,10 +298,14 @@ class KubernetesRuntime(Runtime):
 
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
                      collaborators: tuple[str, ...] | None = None,
-                     https_ports: frozenset[int] | None = None) -> WorkspaceState:
+                     https_ports: frozenset[int] | None = None,
+                     labels: Mapping[int, str] | None = None) -> WorkspaceState:
         if https_ports:
             raise BadRequest("HTTPS ports are available on the local runtime only; a Workspace resource cannot "
                              "mark them yet.", code="https-ports-unsupported")
+        if labels:
+            raise BadRequest("Port labels set on the hub are kept by the local runtime only; name ports in the "
+                             "workspace's .devcontainer/devcontainer.json instead.", code="labels-unsupported")
         current = self.view.resource(workspace)
         spec: dict[str, Any] = {}
         if ports is not None:
