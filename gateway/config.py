@@ -272,8 +272,7 @@ class Config(_Model):
         host, port = str(listen.get("host", Listen().host)), listen.get("port", Listen().port)
         name = _public_name(host)
         if name is None:
-            raise ValueError(f"preview_domain: previews need a host name with subdomains and {host} has none; "
-                             "set hub_url and preview_domain (or listen on 127.0.0.1)")
+            return data  # nothing to follow; _addresses_are_usable says so once auth is known to be safe
         return {"hub_url": f"http://{name}:{port}", "preview_domain": f"{name}:{port}", **data}
 
     @model_validator(mode="after")
@@ -285,6 +284,9 @@ class Config(_Model):
                 f"auth.mode is dev (anyone can sign in as anyone) but listen.host {self.listen.host} is not "
                 "loopback; configure auth.oidc, or set auth.allow_dev_on_network: true to force it"
             )
+        if not {"hub_url", "preview_domain"} & self.model_fields_set and _public_name(self.listen.host) is None:
+            raise ValueError(f"preview_domain: previews need a host name with subdomains and {self.listen.host} "
+                             "has none; set hub_url and preview_domain (or listen on 127.0.0.1)")
         return self
 
     @property
