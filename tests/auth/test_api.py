@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -320,6 +321,32 @@ async def test_port_labels_set_on_the_hub_win_and_clear(served: Served, make_bro
     assert label(cleared) == "From devcontainer"
     bob = await user(make_browser, served, "bob")
     assert_error(await call(bob, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"label": "mine"}), 403, "owner-only")
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "code"),
+    [
+        ("http://3000-ws1.localhost:8080/", 200, None),
+        ("http://3000-ws1.localhost:8080/path?codehub_share=chs_x", 200, None),
+        ("https://evil.example/", 400, "bad-qr-url"),
+        ("http://localhost:8080/", 400, "bad-qr-url"),  # the hub itself is no share URL
+        ("https://3000-ws1.localhost:8080/", 400, "bad-qr-url"),  # not this gateway's scheme
+        ("", 400, "bad-qr-url"),
+    ],
+)
+async def test_qr_codes_only_for_share_urls(served: Served, make_browser: MakeBrowser, url: str, status: int,
+                                            code: str | None) -> None:
+    anonymous = await make_browser(served)
+    assert_error(await anonymous.fetch("GET", f"{HUB}/qr.svg?url=x", headers={"Accept": "application/json"}), 401,
+                 "user-unauthenticated")
+    alice = await user(make_browser, served, "alice")
+    page = await alice.fetch("GET", f"{HUB}/qr.svg?url={quote(url, safe='')}", headers={"Accept": "application/json"})
+    if code is None:
+        assert page.status == 200
+        assert page.content_type == "image/svg+xml"
+        assert page.text.lstrip().startswith(("<?xml", "<svg"))
+    else:
+        assert_error(page, status, code)
 
 
 async def test_local_workspaces_are_declared_not_created(served: Served, make_browser: MakeBrowser) -> None:
