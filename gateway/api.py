@@ -25,12 +25,12 @@ from gateway.config import WORKSPACE_ID
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway.lifecycle import WorkspaceSpec, WorkspaceState
-from gateway.pages import JSON_ONLY
-from gateway.policy import VISIBILITIES, Duration, Reason, decide, visibility
+from gateway.pages import JSON_ONLY, phase_words
+from gateway.policy import VISIBILITIES, Duration, Reason, decide, describe_duration, visibility
 
 _SAFE = ("GET", "HEAD", "OPTIONS")
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
-Handler = Callable[[web.Request], Awaitable[web.Response]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class _Body(BaseModel):
@@ -38,9 +38,12 @@ class _Body(BaseModel):
 
 
 class PortChange(_Body):
-    """Either or both: who can see the port, and whether its app receives visitors' identity (with consent)."""
+    """Any of: who can see the port, whether its dev server speaks HTTPS (self-signed), its name, and whether its
+    app receives visitors' identity (with their consent)."""
 
     visibility: Literal["private", "org", "public"] | None = None
+    protocol: Literal["http", "https"] | None = None
+    label: str | None = Field(default=None, max_length=80)
     identity: bool | None = None
 
 
@@ -115,17 +118,27 @@ def _mine(request: web.Request, identity: Identity, *, manage: bool = False) -> 
     return state
 
 
+def _known_ports(gateway: Gateway, state: WorkspaceState) -> list[int]:
+    """Configured and listening ports, without the IDE's."""
+    listening = gateway.runtime.listening_ports(state.id) or set()
+    return sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
+
+
 def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity) -> dict[str, Any]:
     listening = gateway.runtime.listening_ports(state.id) or set()
+    labels = {**gateway.runtime.port_labels(state.id), **state.spec.labels}
     ports = sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
     role = _role(gateway, state, identity)
     consented = Counter(c.port for c in gateway.auth.store.consents.values() if c.workspace == state.id and c.share)
     return {
         "id": state.id, "owner": state.spec.owner, "collaborators": list(state.spec.collaborators),
-        "role": role.value if role else None, "phase": state.phase.value, "message": state.message,
+        "role": role.value if role else None, "phase": state.phase.value, "phase_words": phase_words(state.phase),
+        "message": state.message, "last_activity": gateway.activity.last(state.id),
         "ide_url": gateway.hosts.ide_url(state.id),
-        "ports": [{"port": port, "visibility": visibility(gateway.policy, state.spec, port),
-                   "listening": port in listening, "url": gateway.hosts.share_url(state.id, port),
+        "ports": [{"port": port, "label": labels.get(port, ""),
+                   "visibility": visibility(gateway.policy, state.spec, port), "listening": port in listening,
+                   "protocol": "https" if port in state.spec.https_ports else "http",
+                   "url": gateway.hosts.share_url(state.id, port),
                    "identity": port in state.spec.identity_ports, "consented": consented.get(port, 0)}
                   for port in ports],
     }
@@ -182,27 +195,42 @@ async def set_port(request: web.Request) -> web.Response:
     if not 1 <= port <= 65535 or port == state.spec.ide_port or port in gateway.policy.ports.denied:
         raise BadRequest(f"Port {port} cannot be shared.", code="bad-port")
     change: PortChange = await _body(request, PortChange)
-    if change.visibility is None and change.identity is None:
-        raise BadRequest("Say the port's visibility, whether it receives visitors' identity, or both.",
-                         code="invalid-body")
+    if change.visibility is None and change.protocol is None and change.label is None and change.identity is None:
+        raise BadRequest("body: set visibility, protocol, label or identity.", code="invalid-body")
+    if change.label is not None and any(not ch.isprintable() for ch in change.label):
+        raise BadRequest("label: only printable characters.", code="invalid-body")
     ceiling = gateway.policy.ports.max_visibility
     if change.visibility is not None and VISIBILITIES.index(change.visibility) > VISIBILITIES.index(ceiling):
         raise Forbidden(f"The policy allows at most '{ceiling}' visibility.", code="visibility-above-ceiling")
-    ports = {**state.spec.ports, port: change.visibility} if change.visibility is not None else None
+    https = state.spec.https_ports
+    if change.protocol is not None:
+        https = https | {port} if change.protocol == "https" else https - {port}
+    labels = None
+    if change.label is not None:  # an empty label clears the hub's name (devcontainer.json's shows again)
+        labels = {p: text for p, text in state.spec.labels.items() if p != port}
+        labels.update({port: change.label.strip()} if change.label.strip() else {})
     identity_ports = None
     if change.identity is not None:
         identity_ports = state.spec.identity_ports | {port} if change.identity else state.spec.identity_ports - {port}
-    state = await gateway.runtime.update(state.id, ports=ports, identity_ports=identity_ports)
+    state = await gateway.runtime.update(
+        state.id, ports={**state.spec.ports, port: change.visibility} if change.visibility is not None else None,
+        https_ports=https if change.protocol is not None else None, labels=labels, identity_ports=identity_ports)
     return web.json_response(workspace_view(gateway, state, identity))
 
 
 def share_view(gateway: Gateway, link: ShareLink, token: str | None = None) -> dict[str, Any]:
+    """A link as the API shows it; with its token (only right after creation) the URLs that open it: one per
+    known port for an all-ports link, as a ``{port}`` template opened as it is names no port."""
     view = link.public()
     view["active"] = link.active(time.time())
     if token is not None:
         view["token"] = token
         if link.port is None:
-            view["url"] = f"{gateway.hosts.share_url(link.workspace, '{port}')}?{SHARE_PARAM}={token}"
+            state = gateway.runtime.get(link.workspace)
+            ports = _known_ports(gateway, state) if state is not None else []
+            view["urls"] = [{"port": port, "url": f"{gateway.hosts.share_url(link.workspace, port)}?{SHARE_PARAM}="
+                                                  f"{token}"} for port in ports]
+            view["url"] = view["urls"][0]["url"] if ports else None
         else:
             url = f"{gateway.hosts.share_url(link.workspace, link.port)}?{SHARE_PARAM}={token}"
             badge = gateway.hosts.hub_url(f"/badge/{link.workspace}/{link.port}.svg?{SHARE_PARAM}={token}")
@@ -239,7 +267,7 @@ async def create_share(request: web.Request) -> web.Response:
         raise BadRequest(f"Port {new.port} cannot be shared.", code="bad-port")
     ttl = new.ttl or rules.default_ttl
     if ttl > rules.max_ttl:
-        raise BadRequest(f"ttl: the policy allows at most {rules.max_ttl:.0f} seconds.", code="ttl-too-long")
+        raise BadRequest(f"ttl: the policy allows at most {describe_duration(rules.max_ttl)}.", code="ttl-too-long")
     link, token = await gateway.auth.store.create_share(
         workspace=state.id, port=new.port, audience=new.audience, people=new.people, created_by=identity.subject,
         ttl=ttl,
@@ -316,10 +344,10 @@ async def withdraw_consent(request: web.Request) -> web.Response:
     return web.json_response({"id": consent.id, "withdrawn": True})
 
 
-def _json_only(handler: Handler) -> Handler:
+def json_only(handler: Handler) -> Handler:
     """Errors from the API are JSON whatever the caller accepts (the front door renders them)."""
 
-    async def handle(request: web.Request) -> web.Response:
+    async def handle(request: web.Request) -> web.StreamResponse:
         request[JSON_ONLY] = True
         return await handler(request)
 
@@ -346,4 +374,4 @@ def add_routes(app: web.Application) -> None:
         ("DELETE", "/api/v1/consents/{consent}", withdraw_consent),
     ]
     for method, path, handler in routes:
-        app.router.add_route(method, path, _json_only(handler))
+        app.router.add_route(method, path, json_only(handler))

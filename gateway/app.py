@@ -15,11 +15,10 @@ import jinja2
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway import api, badge
+from gateway import api, badge, hub
 from gateway.accesslog import TARGET
 from gateway.activity import Activity, IdleTimers, reap_forever
 from gateway.auth import handlers as auth_handlers
-from gateway.auth.handlers import hub_identity
 from gateway.auth.keys import KeyError_, load_or_create
 from gateway.auth.oidc import OidcClient
 from gateway.auth.sessions import Sessions
@@ -31,7 +30,7 @@ from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.lifecycle import Runtime
 from gateway.lifecycle.local import LocalRuntime
 from gateway.metrics import Metrics
-from gateway.pages import error_response, internal_error
+from gateway.pages import error_response, internal_error, phase_words
 from gateway.pipeline import is_websocket, serve_reserved, serve_workspace
 from gateway.policy import PolicyHolder
 from gateway.proxy.upstream import make_pool, make_session
@@ -123,27 +122,9 @@ def build_metrics_app(app: web.Application) -> web.Application:
     return metrics_app
 
 
-@aiohttp_jinja2.template("home.html")
-async def home(request: web.Request) -> dict[str, object]:
-    """The hub page: the signed-in user's workspaces, ports, visibility and share links."""
-    gateway = request.app[GATEWAY]
-    identity = hub_identity(request, gateway)
-    if identity is None:
-        return {"identity": None, "dev": gateway.config.auth.mode == "dev"}
-    states = sorted(gateway.runtime.list(), key=lambda state: state.id)
-    views = [view for view in (api.workspace_view(gateway, state, identity) for state in states) if view["role"]]
-    for view in views:
-        links = [link for link in gateway.auth.store.shares.values() if link.workspace == view["id"]]
-        view["shares"] = [api.share_view(gateway, link) for link in sorted(links, key=lambda link: -link.created)]
-    consents = sorted((c for c in gateway.auth.store.consents.values() if c.subject == identity.subject),
-                      key=lambda c: (c.workspace, c.port))
-    return {"identity": identity, "workspaces": views, "dev": gateway.config.auth.mode == "dev",
-            "policy": gateway.policy, "consents": consents}
-
-
 def make_runtime(config: Config) -> Runtime:
     if config.runtime == "local":
-        return LocalRuntime(config.local, stop_timeout=config.timeouts.shutdown)
+        return LocalRuntime(config.local, stop_timeout=config.timeouts.shutdown, proxy_uri=config.proxy_uri)
     from gateway.lifecycle.kubernetes import KubernetesRuntime
 
     return KubernetesRuntime.from_config(config)
@@ -194,9 +175,11 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     app[REAPS] = reap
     templates = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway", "templates"), autoescape=True)
     templates.globals["hub_url"] = hosts.hub_url("/")
+    templates.filters["phase_words"] = phase_words
+    templates.globals["static"] = lambda name: str(app.router["static"].url_for(filename=name))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/", home)
+    hub.add_routes(app)
     app.router.add_get("/badge/{workspace}/{port}.svg", badge.badge)
     auth_handlers.add_routes(app)
     api.add_routes(app)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -74,8 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--name", default="cli")
     issue.add_argument("--config", type=Path, help="gateway settings (auth.store_file, or the cluster)")
 
-    def remote(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
+    def remote(group: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = group.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--hub", default=os.environ.get("CODEHUB_URL", "http://localhost:8080"),
                          help="hub URL (default $CODEHUB_URL or http://localhost:8080)")
         sub.add_argument("--token", default=os.environ.get("CODEHUB_TOKEN"),
@@ -83,24 +84,30 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="print the raw JSON answer")
         return sub
 
-    workspace = remote("workspace", "show, wake, stop or archive a workspace through a running hub")
+    workspace = remote(commands, "workspace", "show, wake, stop or archive a workspace through a running hub")
     workspace.add_argument("action", choices=["status", "wake", "stop", "archive"])
     workspace.add_argument("name")
-    remote("workspaces", "list the workspaces you own or collaborate on, with their ports")
-    port = remote("port", "set who can see a port (private, org or public) and whether its app learns who visits")
+    remote(commands, "workspaces", "list the workspaces you own or collaborate on, with their ports")
+    port = remote(commands, "port",
+                  "set who can see a port (private, org or public) and whether its app learns who visits")
     port.add_argument("workspace")
     port.add_argument("port", type=int)
     port.add_argument("visibility", nargs="?", choices=["private", "org", "public"])
     port.add_argument("--identity", choices=["on", "off"],
                       help="on: the app receives visitors' identity, each visitor once they agree (default off)")
-    share = remote("share", "create, list or revoke share links")
-    share.add_argument("action", choices=["create", "list", "revoke"])
-    share.add_argument("workspace")
-    share.add_argument("id", nargs="?", help="link id (revoke)")
-    share.add_argument("--port", type=int, help="one port (default: every port of the workspace)")
-    share.add_argument("--audience", choices=["anyone", "org", "people"], default="anyone")
-    share.add_argument("--people", default="", help="comma-separated users, e-mails or group:NAME")
-    share.add_argument("--ttl", help="lifetime such as 2h or 7d (default from policy)")
+    shares = commands.add_parser("share", help="create, list or revoke share links").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    create = remote(shares, "create", "create a share link and print its URL (one per port for every port)")
+    create.add_argument("workspace")
+    create.add_argument("--port", type=int, help="one port (default: every port of the workspace)")
+    create.add_argument("--audience", choices=["anyone", "org", "people"], default="anyone",
+                        help="who may open it: anyone with the link, signed-in org members, or --people")
+    create.add_argument("--people", default="", help="comma-separated users, e-mails or group:NAME")
+    create.add_argument("--ttl", help="lifetime such as 2h, 7d or 90d (default and maximum from the policy)")
+    remote(shares, "list", "list a workspace's share links: audience, expiry, uses").add_argument("workspace")
+    revoke = remote(shares, "revoke", "revoke a share link (ids from 'share list')")
+    revoke.add_argument("workspace")
+    revoke.add_argument("id", help="link id")
     return parser
 
 
@@ -114,13 +121,24 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise CliError("--workers must be at least 1")
     app = build_app(config) if args.workers == 1 else None  # bad settings fail here, before the banner
-    print(f"code-hub gateway on {config.hub_url} (previews at {config.scheme}://PORT-WORKSPACE."
-          f"{config.preview_domain}/), listening on {config.listen.host}:{config.listen.port}"
-          + (f" with {args.workers} worker processes" if args.workers > 1 else ""), file=sys.stderr)
+    print(_banner(config, args.workers), file=sys.stderr, flush=True)
     if app is not None:
         serve_app(app, config)
         return 0
     return run_workers(config, workers=args.workers, log_level=args.log_level)
+
+
+def _banner(config: Config, workers: int) -> str:
+    """What to open: the hub, then every configured port of every local workspace (each link works)."""
+    from gateway.routing import Hosts
+
+    hosts = Hosts.from_urls(config.hub_url, config.preview_domain)
+    lines = [f"code-hub gateway listening on {config.listen.host}:{config.listen.port}"
+             + (f" with {workers} worker processes" if workers > 1 else ""), f"  hub: {hosts.hub_url('/')}"]
+    for name, ws in config.local.workspaces.items() if config.runtime == "local" else ():
+        lines += [f"  {name}: {hosts.share_url(name, port)}" for port in sorted(ws.ports)]
+    lines.append(f"  (any port: {config.scheme}://PORT-WORKSPACE.{config.preview_domain}/)")
+    return "\n".join(lines)
 
 
 def policy_check(args: argparse.Namespace) -> int:
@@ -185,7 +203,8 @@ def keys_rotate(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     rotated = keys.rotated(keep_for=config.auth.session_ttl)
     write_keys(config.keys_file, rotated)
-    print(f"{config.keys_file}: new signing key {rotated.current.kid}; {len(rotated.keys) - 1} older key(s) kept")
+    print(f"{config.keys_file}: new signing key {rotated.current.kid}; {len(rotated.keys) - 1} older key(s) kept "
+          f"(the gateway at {config.hub_url})")
     return 0
 
 
@@ -204,7 +223,7 @@ def token_issue(args: argparse.Namespace) -> int:
         from gateway.auth.store import FileTokenStore
 
         record, token = FileTokenStore(config.store_file).create_api_token_now(identity, name=args.name)
-        where = f"token {record.id} for {args.user} written to {config.store_file}"
+        where = f"token {record.id} for {args.user} written to {config.store_file} (the gateway at {config.hub_url})"
     print(token)
     print(where, file=sys.stderr)
     return 0
@@ -289,22 +308,46 @@ def share(args: argparse.Namespace) -> int:
         if args.ttl:
             body["ttl"] = args.ttl
         answer = _call(args, "POST", base, body)
-        print(json.dumps(answer, indent=2) if args.json else answer["url"])
+        if args.json:
+            print(json.dumps(answer, indent=2))
+        elif "urls" in answer:
+            print("\n".join(item["url"] for item in answer["urls"]) or
+                  f"link {answer['id']}: {args.workspace} has no ports yet; add ?codehub_share={answer['token']} "
+                  "to the URL of any of its ports")
+        else:
+            print(answer["url"])
         return 0
     if args.action == "revoke":
-        if not args.id:
-            raise CliError("share revoke needs the link id (see 'share list')")
         answer = _call(args, "DELETE", f"{base}/{args.id}")
         print(json.dumps(answer, indent=2) if args.json else f"revoked {args.id}")
         return 0
     answer = _call(args, "GET", base)
     if args.json:
         print(json.dumps(answer, indent=2))
+    now = time.time()
     for link in [] if args.json else answer["shares"]:
         target = f"port {link['port']}" if link["port"] else "all ports"
         state = "active" if link["active"] else ("revoked" if link["revoked"] else "expired")
-        print(f"{link['id']}  {target:<10} {link['audience']:<7} {state:<8} uses {link['uses']}")
+        audience = link["audience"] + (f": {', '.join(link['people'])}" if link["audience"] == "people" else "")
+        expiry = (f"expires {relative_time(link['expires'], now)}" if link["active"]
+                  else f"{state} {relative_time(link['revoked'] or link['expires'], now)}")
+        print(f"{link['id']}  {target:<10} {state:<8} for {audience:<20} {expiry:<20} uses {link['uses']}")
     return 0
+
+
+def relative_time(at: float, now: float) -> str:
+    """``in 3 h`` / ``2 d ago``: what a person reads an expiry as."""
+    delta = at - now
+    size = abs(delta) if abs(delta) < 60 else round(abs(delta) / 60) * 60  # a day made a second ago: "1 d"
+    for unit, seconds in (("d", 86400), ("h", 3600), ("min", 60)):
+        if size >= seconds:
+            amount = f"{size / seconds:.0f} {unit}"
+            break
+    else:
+        amount = "less than a minute" if size >= 1 else "now"
+    if amount == "now":
+        return amount
+    return f"in {amount}" if delta > 0 else f"{amount} ago"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

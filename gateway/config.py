@@ -78,6 +78,7 @@ class LocalWorkspace(_Model):
     ide_port: Port = 13337
     address: str | None = None
     ports: dict[Port, Visibility] = Field(default_factory=dict)
+    https_ports: tuple[Port, ...] = ()
 
     @field_validator("command")
     @classmethod
@@ -275,6 +276,20 @@ class Config(_Model):
             ipaddress.ip_network(item, strict=False)
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _addresses_follow_listen(cls, data: Any) -> Any:
+        """Unset hub and preview addresses follow the listen address, so ``serve --port 9000`` links to :9000."""
+        if not isinstance(data, dict) or ("hub_url" in data and "preview_domain" in data):
+            return data
+        listen = data.get("listen")
+        listen = listen if isinstance(listen, dict) else {}
+        host, port = str(listen.get("host", Listen().host)), listen.get("port", Listen().port)
+        name = _public_name(host)
+        if name is None:
+            return data  # nothing to follow; _addresses_are_usable says so once auth is known to be safe
+        return {"hub_url": f"http://{name}:{port}", "preview_domain": f"{name}:{port}", **data}
+
     @model_validator(mode="after")
     def _auth_is_safe(self) -> Config:
         if self.auth.mode == "oidc" and self.auth.oidc is None:
@@ -284,6 +299,9 @@ class Config(_Model):
                 f"auth.mode is dev (anyone can sign in as anyone) but listen.host {self.listen.host} is not "
                 "loopback; configure auth.oidc, or set auth.allow_dev_on_network: true to force it"
             )
+        if not {"hub_url", "preview_domain"} & self.model_fields_set and _public_name(self.listen.host) is None:
+            raise ValueError(f"preview_domain: previews need a host name with subdomains and {self.listen.host} "
+                             "has none; set hub_url and preview_domain (or listen on 127.0.0.1)")
         return self
 
     @model_validator(mode="after")
@@ -312,6 +330,25 @@ class Config(_Model):
     @property
     def scheme(self) -> str:
         return URL(self.hub_url).scheme
+
+    def proxy_uri(self, workspace: str) -> str:
+        """code-server's ``VSCODE_PROXY_URI`` for a workspace: its share URL with ``{{port}}`` for the port, so the
+        IDE's Ports view and "Open in Browser" lead to the gateway's authenticated previews."""
+        name, _, port = self.preview_domain.partition(":")
+        default = {"http": "80", "https": "443"}[self.scheme]
+        return f"{self.scheme}://{{{{port}}}}-{workspace}.{name if port in ('', default) else self.preview_domain}/"
+
+
+def _public_name(host: str) -> str | None:
+    """The name browsers reach a listen address by: ``localhost`` for 127.0.0.1 and the wildcards, a DNS name as
+    it is; None for other IP addresses (``*.{ip}`` names do not exist, so previews could not work)."""
+    if host in ("localhost", "127.0.0.1", "::1", "0.0.0.0", "::"):
+        return "localhost"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower()
+    return None
 
 
 def _is_loopback(host: str) -> bool:
@@ -366,6 +403,27 @@ def _describe(error: ValidationError) -> str:
     return f"config error: {key}: {message}" if key else f"config error: {message}"
 
 
+_FILE_PATHS = (("local", "state_dir"), ("policy_file",), ("auth", "keys_file"), ("auth", "store_file"),
+               ("auth", "oidc", "client_secret_file"), ("kubernetes", "kubeconfig"))
+
+
+def _anchor_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Relative paths in a file are read from the file's folder, so a CLI command run from anywhere finds the
+    same state (signing keys, token file) as the gateway that was started with that file."""
+    data = dict(data)
+    for keys in _FILE_PATHS:
+        node = data
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                break
+            node[key] = node = dict(node[key])
+        else:
+            value = node.get(keys[-1])
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                node[keys[-1]] = str(folder / value)
+    return data
+
+
 def demo_settings() -> dict[str, Any]:
     """The embedded default: one workspace, ``demo``, whose port 8000 serves a small page."""
     return {
@@ -402,6 +460,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             raise ConfigError(f"config error: {where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config error: {path}: the top level must be a mapping of settings")
+        data = _anchor_paths(data, path.resolve().parent)
     data = _merge(_merge(data, env_overrides(environ)), overrides or {})
     try:
         return Config.model_validate(data)

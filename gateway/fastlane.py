@@ -262,7 +262,7 @@ class FastLane(WriteFlow):
             with in_use(gateway, state, credentials.identity):
                 try:
                     answer, exchange = await gateway.pool.request(upstream.host, upstream.port, request.method,
-                                                                  credentials.path, headers, None)
+                                                                  credentials.path, headers, None, tls=upstream.tls)
                 except UpstreamError:
                     self._hand_over_request()  # nothing answered: aiohttp sends it again and renders what failed
                     return

@@ -9,9 +9,27 @@ from aiohttp import web
 
 from gateway.accesslog import log_text
 from gateway.errors import GatewayError, Redirect
+from gateway.lifecycle import Phase
 
 log = logging.getLogger(__name__)
 JSON_ONLY = web.RequestKey("codehub_json_only", bool)  # this route answers in JSON only (the management API)
+
+
+PHASE_WORDS: dict[Phase, str] = {
+    Phase.RUNNING: "Running",
+    Phase.WARM: "Sleeping (wakes in seconds)",
+    Phase.COLD: "Archived (wakes in about a minute)",
+    Phase.STARTING: "Starting",
+    Phase.STOPPING: "Going to sleep",
+    Phase.ARCHIVING: "Archiving",
+    Phase.RESTORING: "Restoring from its archive",
+    Phase.FAILED: "Failed to start",
+}
+"""What people read for a phase: WARM and COLD are the gateway's words, not a newcomer's."""
+
+
+def phase_words(phase: Phase | str) -> str:
+    return PHASE_WORDS[Phase(phase)]
 
 
 def wants_html(request: web.BaseRequest) -> bool:

@@ -259,7 +259,7 @@ def forward(gateway: Gateway, target: Target, state: WorkspaceState, port: int, 
     """Where an allowed request goes, and the headers it goes with."""
     assert state.address is not None
     public_origin = gateway.hosts.origin(headers["Host"])
-    upstream = Upstream(state.id, state.address, port, public_origin)
+    upstream = Upstream(state.id, state.address, port, public_origin, tls=port in state.spec.https_ports)
     identity = _disclosed(gateway, target, state, credentials.identity)
     assertion = gateway.auth.sessions.assertion(identity, public_origin) if identity is not None else None
     sent = upstream_request_headers(

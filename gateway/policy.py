@@ -48,6 +48,15 @@ def parse_duration(value: Any) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+def describe_duration(seconds: float) -> str:
+    """``604800`` → ``7 days``: people asked for ``90d`` should be answered in days, not seconds."""
+    for name, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {name}{'s' if count != 1 else ''}"
+    return f"{seconds:.0f} seconds"
+
+
 def _claim_value(value: Any) -> str:
     text = claim_text(value)
     if text is None:

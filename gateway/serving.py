@@ -139,7 +139,7 @@ async def _control_plane(config: Config, socket_path: Path) -> AsyncIterator[Any
     from gateway.lifecycle.local import LocalRuntime
     from gateway.metrics import Metrics
 
-    runtime = LocalRuntime(config.local, stop_timeout=config.timeouts.shutdown)
+    runtime = LocalRuntime(config.local, stop_timeout=config.timeouts.shutdown, proxy_uri=config.proxy_uri)
     await runtime.start()
     activity = Activity()
     server = ControlServer(runtime, activity)

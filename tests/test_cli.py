@@ -4,9 +4,13 @@ against a gateway listening on a real loopback port."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,8 @@ from gateway.context import GATEWAY
 from tests.conftest import next_address, settings, workspace
 from tests.peers.idp.fixture import free_loopback_port
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60,
@@ -38,6 +44,66 @@ def test_help_describes_every_command_and_option() -> None:
     serve = run("serve", "--help")
     for option in ("--config", "--host", "--port", "--log-level"):
         assert option in serve.stdout
+    create = run("share", "create", "--help")
+    for option in ("--port", "--audience", "--people", "--ttl", "--hub", "--token"):
+        assert option in create.stdout
+    assert "--ttl" not in run("share", "list", "--help").stdout
+
+
+def test_serve_on_another_port_prints_urls_that_work(tmp_path: Path) -> None:
+    """The embedded default on ``--port P``: the hub and the demo preview it prints answer on P."""
+    port = free_loopback_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CODEHUB_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    log = tmp_path / "serve.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port)], cwd=tmp_path,
+                                   env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=output)
+    try:
+        urls = printed_urls(log, process)
+        assert urls["hub"] == f"http://localhost:{port}/"
+        assert urls["demo"] == f"http://8000-demo.localhost:{port}/"
+        for url, needle in ((urls["hub"], b"Sign in"), (urls["demo"], b"Hello from workspace")):
+            host = url.removeprefix("http://").rstrip("/")
+            status, body = _get_when_listening(port, host)
+            assert status == 200, body[:300]
+            assert needle in body
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def urls_in(output: str) -> dict[str, str] | None:
+    """The hub and demo ``name: URL`` lines ``serve`` prints under its first line, once it printed them."""
+    urls = dict(line.strip().split(": ", 1) for line in output.splitlines()[1:3] if ": http" in line)
+    return urls if len(urls) == 2 else None
+
+
+def printed_urls(log: Path, process: subprocess.Popen[bytes]) -> dict[str, str]:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        urls = urls_in(log.read_text())
+        if urls is not None:
+            return urls
+        time.sleep(0.05)
+    raise AssertionError(f"serve printed no URLs:\n{log.read_text()}")
+
+
+def _get_when_listening(port: int, host: str) -> tuple[int, bytes]:
+    deadline = time.monotonic() + 20
+    while True:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            connection.request("GET", "/", headers={"Host": host, "Accept": "*/*"})
+            response = connection.getresponse()
+            return response.status, response.read()
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+        finally:
+            connection.close()
 
 
 def test_policy_check_names_file_and_line(tmp_path: Path) -> None:
@@ -117,6 +183,25 @@ def test_token_issue_writes_a_token_the_store_accepts(tmp_path: Path) -> None:
     assert (record.subject, record.groups) == ("alice", ["dev", "ops"])
 
 
+def test_token_issue_from_another_folder_uses_the_gateways_state(tmp_path: Path) -> None:
+    """A relative ``state_dir`` is the config file's, wherever the command runs, and the command says which."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    config = folder / "gateway.yaml"
+    config.write_text("hub_url: http://localhost:9100\npreview_domain: localhost:9100\nlocal: {state_dir: state}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, "-m", "gateway", "token", "issue", "--config", str(config), "--user",
+                             "alice"], capture_output=True, text=True, timeout=60, cwd=elsewhere, check=False,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    store = folder / "state" / "tokens.json"
+    assert FileTokenStore(store).find_api_token(result.stdout.strip()) is not None
+    assert not (elsewhere / ".codehub").exists()
+    assert not (elsewhere / "state").exists()
+    assert f"written to {store} (the gateway at http://localhost:9100)" in result.stderr
+
+
 def test_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("timeouts: {connect: soon}\n")
@@ -169,8 +254,19 @@ async def test_api_commands_against_a_running_gateway(hub: tuple[str, str], caps
     code, out, _ = await _cli(capsys, "share", "create", "ws1", "--port", "3000", "--ttl", "2h", *auth)
     assert code == 0
     assert out.strip().startswith(f"http://3000-ws1.{url.removeprefix('http://')}/?codehub_share=chs_")
+    code, out, _ = await _cli(capsys, "share", "create", "ws1", "--audience", "people", "--people", "bob", *auth)
+    assert (code, out.strip()) == (0, out.strip().splitlines()[0])
+    assert out.startswith(f"http://3000-ws1.{url.removeprefix('http://')}/?codehub_share=chs_")  # never {port}
+    code, out, _ = await _cli(capsys, "share", "list", "ws1", *auth)
+    lines = out.splitlines()
+    assert "all ports  active   for people: bob" in lines[0]
+    assert "expires in 1 d" in lines[0]
+    assert "port 3000  active   for anyone" in lines[1]
+    assert "expires in 2 h" in lines[1]
+    code, _, err = await _cli(capsys, "share", "create", "ws1", "--ttl", "90d", *auth)
+    assert (code, err.strip()) == (1, "codehub-gateway: 400: ttl: the policy allows at most 7 days.")
     code, out, _ = await _cli(capsys, "share", "list", "ws1", "--json", *auth)
-    link = json.loads(out)["shares"][0]
+    link = json.loads(out)["shares"][1]
     assert (link["port"], link["active"]) == (3000, True)
     code, out, _ = await _cli(capsys, "share", "revoke", "ws1", link["id"], *auth)
     assert (code, out.strip()) == (0, f"revoked {link['id']}")

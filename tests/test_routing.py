@@ -126,3 +126,17 @@ def test_ide_urls_round_trip(hosts: Hosts, workspace: str, url: str) -> None:
     host = url.split("/")[2]
     assert route(host, "/", hosts) == Target(Kind.IDE, workspace, None, "/")
     assert hosts.origin(host) == url.rstrip("/")
+
+
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        ("08000-demo", "Port 08000 has a leading zero: write it as 8000."),
+        ("0-demo", "Port 0 is not a port number between 1 and 65535."),
+        ("65536-demo", "Port 65536 is not a port number between 1 and 65535."),
+    ],
+)
+def test_bad_port_messages_say_what_is_wrong(label: str, message: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        route(f"{label}.localhost:8080", "/", LOCAL)
+    assert caught.value.message == message

@@ -52,6 +52,10 @@ class WorkspaceSpec:
     ports: Mapping[int, str] = field(default_factory=dict)
     identity_ports: frozenset[int] = frozenset()
     """Ports whose app receives visitors' identity (with their consent); the owner opts each one in."""
+    https_ports: frozenset[int] = frozenset()
+    """Ports whose dev server speaks TLS (a self-signed certificate, e.g. ``vite --https``)."""
+    labels: Mapping[int, str] = field(default_factory=dict)
+    """Port names set on the hub (they win over the workspace's devcontainer.json)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +167,11 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
                      collaborators: tuple[str, ...] | None = None,
-                     identity_ports: frozenset[int] | None = None) -> WorkspaceState:
-        """Change how a workspace is shared; persisted by the runtime."""
+                     identity_ports: frozenset[int] | None = None,
+                     https_ports: frozenset[int] | None = None,
+                     labels: Mapping[int, str] | None = None) -> WorkspaceState:
+        """Change how a workspace is shared (which ports speak TLS, what they are called); persisted by the
+        runtime."""
 
     def record_activity(self, workspace: str, at: float) -> None:
         """Note use of a workspace at ``at`` (epoch seconds); a runtime shared by replicas persists it."""
@@ -191,6 +198,10 @@ class Runtime(abc.ABC):
     def listening_ports(self, workspace: str) -> set[int] | None:
         """Ports the workspace is listening on, where the runtime can see them cheaply; None if it cannot."""
         return None
+
+    def port_labels(self, workspace: str) -> dict[int, str]:
+        """Port names the workspace declares (devcontainer.json), where the runtime can read its files."""
+        return {}
 
     def events(self) -> Subscription:
         """Subscribe to phase changes; use as a context manager so the subscription ends with the reader."""

@@ -85,10 +85,14 @@ class ControlServer:
                 ports = body.get("ports")
                 collaborators = body.get("collaborators")
                 identity_ports = body.get("identity_ports")
+                https_ports = body.get("https_ports")
+                labels = body.get("labels")
                 state = await self.runtime.update(
                     workspace, ports={int(k): str(v) for k, v in ports.items()} if ports is not None else None,
                     collaborators=tuple(collaborators) if collaborators is not None else None,
                     identity_ports=frozenset(map(int, identity_ports)) if identity_ports is not None else None,
+                    https_ports=frozenset(int(port) for port in https_ports) if https_ports is not None else None,
+                    labels={int(k): str(v) for k, v in labels.items()} if labels is not None else None,
                 )
             else:
                 state = await getattr(self.runtime, action)(workspace)

@@ -17,11 +17,12 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gateway.config import Local, LocalWorkspace
+from gateway.devcontainer import LabelFile
 from gateway.errors import NotFound
 from gateway.lifecycle.archive import ArchiveError, archive_home, recover, restore_home
 from gateway.lifecycle.base import Event, Phase, Runtime, RuntimeError_, WorkspaceSpec, WorkspaceState
@@ -62,6 +63,7 @@ class _Slot:
     in_flight: Phase | None = None
     failure: str = ""
     state: WorkspaceState | None = None
+    labels: LabelFile | None = None
 
     @property
     def home(self) -> Path:
@@ -83,14 +85,16 @@ class _Slot:
 def configured_spec(name: str, ws: LocalWorkspace) -> WorkspaceSpec:
     """A workspace as the configuration declares it, before any change made through the API."""
     return WorkspaceSpec(id=name, owner=ws.owner, collaborators=ws.collaborators, ide_port=ws.ide_port,
-                         ports=dict(ws.ports))
+                         ports=dict(ws.ports), https_ports=frozenset(ws.https_ports))
 
 
 class LocalRuntime(Runtime):
-    def __init__(self, local: Local, *, stop_timeout: float = 10.0) -> None:
+    def __init__(self, local: Local, *, stop_timeout: float = 10.0,
+                 proxy_uri: Callable[[str], str] | None = None) -> None:
         super().__init__()
         self._state_dir = local.state_dir.resolve()
         self._stop_timeout = stop_timeout
+        self._proxy_uri = proxy_uri
         self._slots: dict[str, _Slot] = {}
         for index, (name, ws) in enumerate(local.workspaces.items()):
             address = ws.address or f"127.0.0.{index + 2}"
@@ -171,7 +175,9 @@ class LocalRuntime(Runtime):
 
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
                      collaborators: tuple[str, ...] | None = None,
-                     identity_ports: frozenset[int] | None = None) -> WorkspaceState:
+                     identity_ports: frozenset[int] | None = None,
+                     https_ports: frozenset[int] | None = None,
+                     labels: Mapping[int, str] | None = None) -> WorkspaceState:
         slot = self._slot(workspace)
         settings = self._read_settings(slot)
         if ports is not None:
@@ -180,6 +186,10 @@ class LocalRuntime(Runtime):
             settings["collaborators"] = list(collaborators)
         if identity_ports is not None:
             settings["identity_ports"] = sorted(identity_ports)
+        if https_ports is not None:
+            settings["https_ports"] = sorted(https_ports)
+        if labels is not None:
+            settings["labels"] = {str(port): label for port, label in labels.items()}
         tmp = slot.settings_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(settings, indent=2))
         os.replace(tmp, slot.settings_file)
@@ -191,6 +201,14 @@ class LocalRuntime(Runtime):
         if slot is None or slot.process is None:
             return set()
         return listening_ports(slot.address)
+
+    def port_labels(self, workspace: str) -> dict[int, str]:
+        slot = self._slots.get(workspace)
+        if slot is None:
+            return {}
+        if slot.labels is None:
+            slot.labels = LabelFile(slot.home)
+        return slot.labels.labels()
 
     def _read_settings(self, slot: _Slot) -> dict[str, object]:
         try:
@@ -211,6 +229,12 @@ class LocalRuntime(Runtime):
         identity_ports = settings.get("identity_ports")
         if isinstance(identity_ports, list):
             spec = replace(spec, identity_ports=frozenset(int(port) for port in identity_ports))
+        https_ports = settings.get("https_ports")
+        if isinstance(https_ports, list):
+            spec = replace(spec, https_ports=frozenset(int(port) for port in https_ports))
+        labels = settings.get("labels")
+        if isinstance(labels, dict):
+            spec = replace(spec, labels={int(port): str(label) for port, label in labels.items()})
         return spec
 
     def _observe(self, slot: _Slot) -> WorkspaceState:
@@ -258,6 +282,8 @@ class LocalRuntime(Runtime):
     async def _spawn(self, slot: _Slot) -> None:
         slot.home.mkdir(parents=True, exist_ok=True)
         env = {key: value for key, value in os.environ.items() if not key.startswith("CODEHUB_")}
+        if self._proxy_uri is not None:
+            env["VSCODE_PROXY_URI"] = self._proxy_uri(slot.spec.id)
         env.update(slot.config.env)
         env.update(HOME=str(slot.home), HOST=slot.address, CODEHUB_WORKSPACE=slot.spec.id)
         output = (slot.root / "output.log").open("ab")

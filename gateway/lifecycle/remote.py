@@ -37,6 +37,7 @@ def state_to_wire(state: WorkspaceState, seq: int) -> dict[str, Any]:
         "seq": seq, "id": spec.id, "owner": spec.owner, "collaborators": list(spec.collaborators),
         "ide_port": spec.ide_port, "ports": {str(port): value for port, value in spec.ports.items()},
         "identity_ports": sorted(spec.identity_ports),
+        "https_ports": sorted(spec.https_ports), "labels": {str(port): text for port, text in spec.labels.items()},
         "phase": state.phase.value, "address": state.address, "message": state.message, "since": state.since,
     }
 
@@ -44,7 +45,9 @@ def state_to_wire(state: WorkspaceState, seq: int) -> dict[str, Any]:
 def state_from_wire(data: Mapping[str, Any]) -> WorkspaceState:
     spec = WorkspaceSpec(id=data["id"], owner=data["owner"], collaborators=tuple(data["collaborators"]),
                          ide_port=int(data["ide_port"]), ports={int(k): str(v) for k, v in data["ports"].items()},
-                         identity_ports=frozenset(int(port) for port in data["identity_ports"]))
+                         identity_ports=frozenset(int(port) for port in data["identity_ports"]),
+                         https_ports=frozenset(int(port) for port in data.get("https_ports", ())),
+                         labels={int(port): str(text) for port, text in data.get("labels", {}).items()})
     return WorkspaceState(spec, Phase(data["phase"]), data["address"], data["message"], float(data["since"]))
 
 
@@ -123,7 +126,9 @@ class RemoteRuntime(Runtime):
 
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
                      collaborators: tuple[str, ...] | None = None,
-                     identity_ports: frozenset[int] | None = None) -> WorkspaceState:
+                     identity_ports: frozenset[int] | None = None,
+                     https_ports: frozenset[int] | None = None,
+                     labels: Mapping[int, str] | None = None) -> WorkspaceState:
         body: dict[str, Any] = {}
         if ports is not None:
             body["ports"] = {str(port): value for port, value in ports.items()}
@@ -131,6 +136,10 @@ class RemoteRuntime(Runtime):
             body["collaborators"] = list(collaborators)
         if identity_ports is not None:
             body["identity_ports"] = sorted(identity_ports)
+        if https_ports is not None:
+            body["https_ports"] = sorted(https_ports)
+        if labels is not None:
+            body["labels"] = {str(port): label for port, label in labels.items()}
         return await self._call(workspace, "update", body)
 
     async def send_activity(self, last: Mapping[str, float], open_: Mapping[str, int]) -> None:

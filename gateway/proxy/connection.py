@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
-from collections.abc import Mapping
-from typing import cast
+import ssl
+from collections.abc import Callable, Mapping
+from typing import TypeVar, cast
 
 import httptools
 from multidict import CIMultiDict
@@ -327,6 +328,34 @@ class Connection(WriteFlow):
         self.keep_alive = False
         if self.transport is not None:
             self.transport.close()
+
+
+Key = tuple[str, int, bool]
+"""An upstream: host, port, and whether it speaks TLS."""
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
+
+
+def upstream_tls() -> ssl.SSLContext:
+    """TLS to a dev server on the workspace's own loopback address: its certificate is self-signed (``vite
+    --https``) and nothing else can answer on that address, so it is not verified."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+UPSTREAM_TLS = upstream_tls()
+
+
+async def open_upstream(factory: Callable[[], _P], host: str, port: int, tls: bool) -> _P:
+    """Connect to an upstream port, over TLS when it is marked HTTPS."""
+    loop = asyncio.get_running_loop()
+    if tls:
+        _, protocol = await loop.create_connection(factory, host, port, ssl=UPSTREAM_TLS, server_hostname="localhost")
+    else:
+        _, protocol = await loop.create_connection(factory, host, port)
+    return protocol
 
 
 def encode_head(start_line: str, headers: Mapping[str, str] | CIMultiDict[str]) -> bytes:

@@ -65,7 +65,8 @@ async def proxy_http(
     body = request.content if request.body_exists else None
     while True:
         try:
-            answer, exchange = await pool.request(upstream.host, upstream.port, request.method, path, headers, body)
+            answer, exchange = await pool.request(upstream.host, upstream.port, request.method, path, headers, body,
+                                                  tls=upstream.tls)
         except ConnectFailed as exc:
             if not await grace.again(exc.os_error):
                 raise refused(upstream, exc.os_error, metrics) from exc

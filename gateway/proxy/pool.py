@@ -22,12 +22,14 @@ from gateway.proxy.connection import (
     ConnectTimeout,
     HeadClock,
     HeadTimeout,
+    Key,
     QueueTimeout,
     ReadTimeout,
     Response,
     UpstreamError,
     WriteFlow,
     encode_head,
+    open_upstream,
 )
 from gateway.proxy.pacing import SETTLE_AFTER, Attempt, Outcome, Pacer, Turns
 
@@ -49,7 +51,7 @@ _SYN_RETRY = 0.9
 class Exchange:
     """One request on one connection; ``close`` puts the connection back when both messages were whole."""
 
-    def __init__(self, pool: UpstreamPool, key: tuple[str, int], conn: Connection,
+    def __init__(self, pool: UpstreamPool, key: Key, conn: Connection,
                  sender: asyncio.Task[None] | None) -> None:
         self._pool = pool
         self._key = key
@@ -101,7 +103,7 @@ class UpstreamPool:
         self._queue_timeout = queue_timeout
         self._keepalive = keepalive
         self._limit = limit
-        self._upstreams: dict[tuple[str, int], _Upstream] = {}
+        self._upstreams: dict[Key, _Upstream] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     def queued(self) -> int:
@@ -109,14 +111,14 @@ class UpstreamPool:
         return sum(up.turns.waiting + up.pacer.waiting for up in self._upstreams.values())
 
     async def request(self, host: str, port: int, method: str, target: str, headers: CIMultiDict[str],
-                      body: StreamReader | None) -> tuple[Response, Exchange]:
+                      body: StreamReader | None, *, tls: bool = False) -> tuple[Response, Exchange]:
         """Send the head (and start streaming the body), return the answer's head once it is in.
 
         Waits for a turn when ``limit`` requests to this upstream are in flight; the turn is given back by
         ``Exchange.close``. A request that has nothing the upstream answered and that can be sent again goes
         once more on a fresh connection when its connection broke off or stalled before the first byte (a kept-
         alive connection the upstream had closed is not counted: that race is normal)."""
-        key = (host, port)
+        key = (host, port, tls)
         upstream = self._upstreams.get(key) or self._upstreams.setdefault(key, _Upstream(self._limit))
         if not upstream.turns.try_take():
             try:
@@ -132,7 +134,7 @@ class UpstreamPool:
         exchange.turn = upstream.turns
         return answer, exchange
 
-    async def _exchange(self, key: tuple[str, int], pacer: Pacer[Connection], method: str, target: str,
+    async def _exchange(self, key: Key, pacer: Pacer[Connection], method: str, target: str,
                         headers: CIMultiDict[str], body: StreamReader | None) -> tuple[Response, Exchange]:
         if body is None and "Content-Length" not in headers and method not in _BODYLESS_METHODS:
             headers["Content-Length"] = "0"
@@ -172,7 +174,7 @@ class UpstreamPool:
                 exchange.close()
                 raise
 
-    async def _connection(self, key: tuple[str, int], pacer: Pacer[Connection],
+    async def _connection(self, key: Key, pacer: Pacer[Connection],
                           fresh: bool) -> tuple[Connection, bool]:
         """A kept-alive connection, else one given back while this request waited, else a new one once the
         upstream's window has room; whether it was used before."""
@@ -187,7 +189,7 @@ class UpstreamPool:
             return conn, True
         return await self._connect(key, pacer.attempt()), False
 
-    def _queue_timed_out(self, key: tuple[str, int]) -> QueueTimeout:
+    def _queue_timed_out(self, key: Key) -> QueueTimeout:
         return QueueTimeout(f"no connection to {key[0]}:{key[1]} free within {self._queue_timeout:g} s")
 
     def _take(self, pacer: Pacer[Connection]) -> Connection | None:
@@ -200,13 +202,12 @@ class UpstreamPool:
             conn.close()
         return None
 
-    async def _connect(self, key: tuple[str, int], attempt: Attempt[Connection]) -> Connection:
+    async def _connect(self, key: Key, attempt: Attempt[Connection]) -> Connection:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: Connection(loop, self._clock, self._read_timeout), *key)
+                conn = await open_upstream(lambda: Connection(loop, self._clock, self._read_timeout), *key)
         except TimeoutError as exc:
             attempt.end(Outcome.LOST)
             raise ConnectTimeout(f"connect to {key[0]}:{key[1]} took over {self._connect_timeout:g} s") from exc
@@ -223,7 +224,7 @@ class UpstreamPool:
             attempt.settle_after(SETTLE_AFTER)
         return conn
 
-    def release(self, key: tuple[str, int], conn: Connection) -> None:
+    def release(self, key: Key, conn: Connection) -> None:
         conn.idle_since = time.monotonic()
         pacer = self._upstreams[key].pacer
         if pacer.offer(conn):

@@ -20,10 +20,15 @@ class Upstream(NamedTuple):
     host: str
     port: int
     public_origin: str
+    tls: bool = False
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     @property
     def origin(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     @property
     def host_header(self) -> str:
@@ -33,7 +38,7 @@ class Upstream(NamedTuple):
     @property
     def origins(self) -> tuple[str, ...]:
         """Spellings of the upstream an app may put in ``Location`` headers."""
-        return (self.origin, f"http://localhost:{self.port}", f"http://127.0.0.1:{self.port}")
+        return (self.origin, f"{self.scheme}://localhost:{self.port}", f"{self.scheme}://127.0.0.1:{self.port}")
 
 
 WAKE_CONNECT_GRACE = 2.0

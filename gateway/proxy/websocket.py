@@ -54,7 +54,7 @@ async def _connect(upstream: Upstream, request: bytes, timeouts: Timeouts, metri
     while True:
         try:
             return await ask_upstream(upstream.host, upstream.port, request, connect_timeout=timeouts.connect,
-                                      read_timeout=timeouts.first_byte)
+                                      read_timeout=timeouts.first_byte, tls=upstream.tls)
         except TimeoutError as exc:
             raise GatewayTimeout(
                 f"Port {upstream.port} in workspace {upstream.workspace} did not answer the WebSocket in time."

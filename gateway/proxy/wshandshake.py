@@ -19,7 +19,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import BadGateway, BadRequest
-from gateway.proxy.connection import encode_head
+from gateway.proxy.connection import encode_head, open_upstream
 from gateway.proxy.upstream import Upstream
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -159,14 +159,14 @@ class _Reader(asyncio.Protocol):
 
 
 async def ask_upstream(host: str, port: int, request: bytes, *, connect_timeout: float,
-                       read_timeout: float | None) -> tuple[asyncio.Transport, Answer]:
+                       read_timeout: float | None, tls: bool = False) -> tuple[asyncio.Transport, Answer]:
     """Connect and send the upgrade request; the transport comes back with reading paused.
 
     A failed connect raises its ``OSError`` (nothing was sent: the caller may retry); a connect that takes too
     long, or an answer that does not come in time, raises ``TimeoutError``."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(connect_timeout):
-        _, reader = await loop.create_connection(lambda: _Reader(loop), host, port)
+        reader = await open_upstream(lambda: _Reader(loop), host, port, tls)
     assert reader.transport is not None
     transport = reader.transport
     try:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import html
+import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
+from gateway.lifecycle import Phase
+from gateway.pages import PHASE_WORDS
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served
 
@@ -129,6 +132,9 @@ async def test_visibility_above_the_ceiling_is_refused(strict: Served, make_brow
         ("/api/v1/workspaces/ws1/ports/70000", {"visibility": "org"}, None, "bad-port"),
         ("/api/v1/workspaces/ws1/ports/22", {"visibility": "org"}, None, "bad-port"),
         ("/api/v1/workspaces/ws1/ports/13337", {"visibility": "public"}, None, "bad-port"),
+        ("/api/v1/workspaces/ws1/ports/3000", {"label": "two\nlines"}, None, "invalid-body"),
+        ("/api/v1/workspaces/ws1/ports/3000", {"label": "x" * 81}, None, "invalid-body"),
+        ("/api/v1/workspaces/ws1/ports/3000", {"protocol": "gopher"}, None, "invalid-body"),
     ],
 )
 async def test_bad_port_changes_are_400_json(served: Served, make_browser: MakeBrowser, path: str, body: Any,
@@ -172,6 +178,11 @@ async def test_share_links_lifecycle(served: Served, make_browser: MakeBrowser) 
                                                                           "people": ["bob", "group:qa"]})
     assert longest.status == 201
     assert longest.json()["port"] is None
+    token = longest.json()["token"]
+    assert longest.json()["urls"] == [{"port": port, "url": f"http://{port}-ws1.localhost:8080/?codehub_share={token}"}
+                                      for port in (3000, 3001)]
+    assert longest.json()["url"] == longest.json()["urls"][0]["url"]
+    assert "{port}" not in longest.text
     assert longest.json()["expires"] - longest.json()["created"] == pytest.approx(7 * 86400)
 
     script = await make_browser(served)
@@ -207,7 +218,9 @@ async def test_share_policy_default_maximum_and_audiences(strict: Served, make_b
     alice = await user(make_browser, strict, "alice")
     share = (await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000})).json()
     assert share["expires"] - share["created"] == pytest.approx(2 * 3600)
-    assert_error(await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"ttl": "25h"}), 400, "ttl-too-long")
+    too_long = await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"ttl": "25h"})
+    assert_error(too_long, 400, "ttl-too-long")
+    assert too_long.json()["error"]["message"] == "ttl: the policy allows at most 1 day."
     assert (await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"ttl": "1d"})).status == 201
     assert_error(await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"audience": "org"}), 403,
                  "audience-denied")
@@ -252,6 +265,8 @@ async def test_api_without_credentials_is_401_json(served: Served, make_browser:
 
 
 async def test_hub_page(served: Served, make_browser: MakeBrowser) -> None:
+    """The page carries the signed-in person's snapshot as inert JSON (hub.js renders it; tests/browser/test_hub.py
+    checks what Chromium shows)."""
     anonymous = await make_browser(served)
     page = await anonymous.navigate(HUB + "/")
     assert page.status == 200
@@ -259,26 +274,79 @@ async def test_hub_page(served: Served, make_browser: MakeBrowser) -> None:
     assert "ws1" not in page.text
 
     alice = await user(make_browser, served, "alice")
-    evil = "<img src=x onerror=alert(1)>"
+    evil = "</script><img src=x onerror=alert(1)>"
     share = (await call(alice, "POST", "/api/v1/workspaces/ws1/shares",
                         {"port": 3000, "audience": "people", "people": [evil]})).json()
     page = await alice.navigate(HUB + "/")
     assert page.status == 200
-    assert 'data-ws="ws1"' in page.text
-    assert 'data-ws="ws3"' not in page.text
-    assert 'data-ws="ws2"' not in page.text
-    assert 'class="visibility"' in page.text
-    assert "http://3000-ws1.localhost:8080/" in page.text
-    assert f'data-share="{share["id"]}"' in page.text
-    assert evil not in page.text
-    assert html.escape(evil) in page.text
+    data = _hub_data(page.text)
+    assert [ws["id"] for ws in data["workspaces"]] == ["ws1"]
+    ws1 = data["workspaces"][0]
+    assert ws1["role"] == "owner"
+    assert ws1["phase_words"] == PHASE_WORDS[Phase(ws1["phase"])]
+    assert [port["url"] for port in ws1["ports"]] == ["http://3000-ws1.localhost:8080/",
+                                                      "http://3001-ws1.localhost:8080/"]
+    assert [link["id"] for link in ws1["shares"]] == [share["id"]]
+    assert ws1["shares"][0]["people"] == [evil]
+    assert evil not in page.text  # the JSON is escaped for the script element it sits in
     assert share["token"] not in page.text
+    assert data["port_url"] == "http://{port}-{workspace}.localhost:8080/"
 
     bob = await user(make_browser, served, "bob")
     page = await bob.navigate(HUB + "/")
-    assert 'data-ws="ws1"' in page.text
-    assert 'class="visibility"' not in page.text, "collaborators see visibility but cannot change it"
-    assert "data-share=" not in page.text
+    assert [(ws["id"], ws["role"]) for ws in _hub_data(page.text)["workspaces"]] == [("ws1", "collaborator")]
+    assert (await bob.navigate(HUB + "/tokens")).status == 200
+
+
+def _hub_data(text: str) -> Any:
+    start = text.index('<script type="application/json" id="hub-data">') + len(
+        '<script type="application/json" id="hub-data">')
+    return json.loads(text[start:text.index("</script>", start)])
+
+
+async def test_port_labels_set_on_the_hub_win_and_clear(served: Served, make_browser: MakeBrowser) -> None:
+    alice = await user(make_browser, served, "alice")
+    devcontainer = served.gateway.config.state_dir.resolve() / "workspaces" / "ws1" / "home" / ".devcontainer"
+    devcontainer.mkdir(parents=True)
+    (devcontainer / "devcontainer.json").write_text('{"portsAttributes": {"3000": {"label": "From devcontainer"}}}')
+
+    def label(page: Page) -> str:
+        return str(next(p["label"] for p in page.json()["ports"] if p["port"] == 3000))
+
+    assert label(await call(alice, "GET", "/api/v1/workspaces/ws1")) == "From devcontainer"
+    named = await call(alice, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"label": " Shop front "})
+    assert (named.status, label(named)) == (200, "Shop front")
+    assert next(p for p in named.json()["ports"] if p["port"] == 3000)["visibility"] == "private"  # untouched
+    cleared = await call(alice, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"label": ""})
+    assert label(cleared) == "From devcontainer"
+    bob = await user(make_browser, served, "bob")
+    assert_error(await call(bob, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"label": "mine"}), 403, "owner-only")
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "code"),
+    [
+        ("http://3000-ws1.localhost:8080/", 200, None),
+        ("http://3000-ws1.localhost:8080/path?codehub_share=chs_x", 200, None),
+        ("https://evil.example/", 400, "bad-qr-url"),
+        ("http://localhost:8080/", 400, "bad-qr-url"),  # the hub itself is no share URL
+        ("https://3000-ws1.localhost:8080/", 400, "bad-qr-url"),  # not this gateway's scheme
+        ("", 400, "bad-qr-url"),
+    ],
+)
+async def test_qr_codes_only_for_share_urls(served: Served, make_browser: MakeBrowser, url: str, status: int,
+                                            code: str | None) -> None:
+    anonymous = await make_browser(served)
+    assert_error(await anonymous.fetch("GET", f"{HUB}/qr.svg?url=x", headers={"Accept": "application/json"}), 401,
+                 "user-unauthenticated")
+    alice = await user(make_browser, served, "alice")
+    page = await alice.fetch("GET", f"{HUB}/qr.svg?url={quote(url, safe='')}", headers={"Accept": "application/json"})
+    if code is None:
+        assert page.status == 200
+        assert page.content_type == "image/svg+xml"
+        assert page.text.lstrip().startswith(("<?xml", "<svg"))
+    else:
+        assert_error(page, status, code)
 
 
 async def test_local_workspaces_are_declared_not_created(served: Served, make_browser: MakeBrowser) -> None:

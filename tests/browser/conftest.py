@@ -58,8 +58,10 @@ _addresses = itertools.count(2)
 
 
 def next_address() -> str:
-    """Workspace loopback addresses of their own (127.0.7.x), apart from those the other tests use."""
-    return f"127.0.7.{next(_addresses) % 250 + 2}"
+    """Workspace loopback addresses of their own (127.7.P.x), apart from those the other tests use (127.10-249.…);
+    the third octet follows the process id, so two test runs side by side never share an address (and so never
+    reach each other's code-server on the same port)."""
+    return f"127.7.{os.getpid() % 250}.{next(_addresses) % 250 + 2}"
 
 
 def app_command(*ports: int, delay: float = 0.0) -> list[str]:

@@ -117,3 +117,64 @@ async def test_serve_with_a_bad_config_exits_2_with_one_line(tmp_path: Path) -> 
     assert stdout == b""
     assert stderr.decode().splitlines() == [
         "config error: listen.port: Input should be less than or equal to 65535"]
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "hub", "previews"),
+    [
+        (None, {"listen": {"port": 9000}}, "http://localhost:9000", "localhost:9000"),
+        (None, {"listen": {"host": "localhost", "port": 9001}}, "http://localhost:9001", "localhost:9001"),
+        (None, {}, "http://localhost:8080", "localhost:8080"),
+        ("listen: {port: 9002}\n", {}, "http://localhost:9002", "localhost:9002"),
+        ("listen: {host: dev.example.internal, port: 9003}\nauth: {allow_dev_on_network: true}\n", {},
+         "http://dev.example.internal:9003", "dev.example.internal:9003"),
+        ("hub_url: https://hub.example.com\npreview_domain: preview.example.com\nlisten: {port: 9004}\n", {},
+         "https://hub.example.com", "preview.example.com"),
+        ("hub_url: http://localhost:7000\n", {"listen": {"port": 9005}}, "http://localhost:7000", "localhost:9005"),
+    ],
+)
+def test_hub_and_previews_follow_the_listen_address_unless_set(
+    tmp_path: Path, text: str | None, overrides: dict[str, Any], hub: str, previews: str
+) -> None:
+    path = None
+    if text is not None:
+        path = tmp_path / "gateway.yaml"
+        path.write_text(text)
+    config = load_config(path, {}, overrides=overrides)
+    assert (config.hub_url, config.preview_domain) == (hub, previews)
+
+
+def test_a_loopback_address_other_than_localhost_needs_a_preview_domain(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {}, overrides={"listen": {"host": "127.0.0.5"}})
+    assert str(caught.value) == ("config error: preview_domain: previews need a host name with subdomains and "
+                                 "127.0.0.5 has none; set hub_url and preview_domain (or listen on 127.0.0.1)")
+
+
+def test_relative_paths_in_a_config_file_are_read_from_its_folder(tmp_path: Path, monkeypatch: Any) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    path = folder / "gateway.yaml"
+    path.write_text("local: {state_dir: state}\npolicy_file: policy.yaml\nauth: {store_file: tokens.json}\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path, {})
+    assert config.state_dir == folder / "state"
+    assert config.policy_file == folder / "policy.yaml"
+    assert config.store_file == folder / "tokens.json"
+    assert config.keys_file == folder / "state" / "signing-keys.json"
+    absolute = load_config(path, {"CODEHUB_LOCAL__STATE_DIR": "/srv/codehub"})
+    assert absolute.state_dir == Path("/srv/codehub")
+
+
+@pytest.mark.parametrize(
+    ("hub", "previews", "uri"),
+    [
+        ("http://localhost:8080", "localhost:8080", "http://{{port}}-ws1.localhost:8080/"),
+        ("https://hub.example.com", "preview.example.com", "https://{{port}}-ws1.preview.example.com/"),
+        ("https://hub.example.com", "preview.example.com:443", "https://{{port}}-ws1.preview.example.com/"),
+        ("https://hub.example.com", "preview.example.com:8443", "https://{{port}}-ws1.preview.example.com:8443/"),
+    ],
+)
+def test_code_servers_proxy_uri_is_the_workspaces_share_url(hub: str, previews: str, uri: str) -> None:
+    config = load_config(None, {}, overrides={"hub_url": hub, "preview_domain": previews})
+    assert config.proxy_uri("ws1") == uri

@@ -85,6 +85,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
     upstream_port, listen_port = free_port(address), free_port("127.0.0.1")
     config = {
         "listen": {"host": "127.0.0.1", "port": listen_port},
+        "hub_url": "http://localhost:8080", "preview_domain": "localhost:8080",  # the Host this test sends
         "local": {"state_dir": str(tmp_path / "state"), "workspaces": {"mem": {
             "owner": "alice", "address": address, "ports": {upstream_port: "public"},
             "command": [sys.executable, str(Path(__file__).with_name("stream_upstream.py")),

@@ -370,7 +370,7 @@ async def test_a_dropped_handshake_halves_the_window() -> None:
     finally:
         pool.close()
         squatter.close()
-    assert pool._upstreams[(address, port)].pacer.window < INITIAL_WINDOW  # what the pool learnt
+    assert pool._upstreams[(address, port, False)].pacer.window < INITIAL_WINDOW  # what the pool learnt
 
 
 async def test_connect_timeouts_halve_the_window_and_are_tried_once_more() -> None:
@@ -388,4 +388,4 @@ async def test_connect_timeouts_halve_the_window_and_are_tried_once_more() -> No
         pool.close()
         squatter.close()
         listener.close()
-    assert pool._upstreams[(address, port)].pacer.window == INITIAL_WINDOW // 4  # two attempts, two halvings
+    assert pool._upstreams[(address, port, False)].pacer.window == INITIAL_WINDOW // 4  # two attempts, two halvings

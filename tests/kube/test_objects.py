@@ -9,7 +9,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from gateway.config import Kubernetes, KubernetesResources
+from gateway.config import Config, Kubernetes, KubernetesResources
 from gateway.lifecycle.base import Phase
 from gateway.lifecycle.kubernetes import phases
 from gateway.lifecycle.kubernetes.objects import (
@@ -87,6 +87,15 @@ def test_make_pod_uses_the_workspace_overrides() -> None:
     assert container["args"][3] == "0.0.0.0:8443"
     assert container["readinessProbe"]["httpGet"]["port"] == 8443
     assert container["resources"] == {"requests": {"cpu": "1"}, "limits": {"cpu": "1"}}
+
+
+def test_make_pod_points_code_server_at_the_share_urls() -> None:
+    """code-server's Ports view and "Open in Browser" use VSCODE_PROXY_URI: the workspace's own share URL."""
+    config = Config(hub_url="https://hub.example.com", preview_domain="preview.example.com:443")
+    pod = make_pod(WS, SETTINGS, proxy_uri=config.proxy_uri(WS.id))
+    env = pod["spec"]["containers"][0]["env"]
+    assert {"name": "VSCODE_PROXY_URI", "value": "https://{{port}}-abc.preview.example.com/"} in env
+    validate(pod)
 
 
 def test_make_pvc() -> None:

@@ -7,7 +7,7 @@ import asyncio
 import kubernetes_validate
 import pytest
 
-from gateway.errors import Conflict, NotFound
+from gateway.errors import BadRequest, Conflict, NotFound
 from gateway.lifecycle import Phase, RuntimeError_, WorkspaceSpec
 from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.lifecycle.kubernetes.client import LEASE as LEASE_KIND
@@ -183,6 +183,12 @@ async def test_update_patches_the_workspace_spec(kube: KubeEnv, make_runtime: Ma
     assert stored["spec"]["ports"] == {"3000": "org"}  # 8000 removed, not merged back
     assert parse(stored).collaborators == ("bob", "carol")
     assert runtime.get("w1") == state
+    with pytest.raises(BadRequest) as refused:
+        await runtime.update("w1", https_ports=frozenset({5173}))
+    assert refused.value.code == "https-ports-unsupported"
+    with pytest.raises(BadRequest) as refused:
+        await runtime.update("w1", labels={3000: "Web"})
+    assert refused.value.code == "labels-unsupported"
 
 
 # --- faults ---------------------------------------------------------------------------------------

@@ -253,3 +253,35 @@ async def test_ide_wake_events_are_only_for_those_who_may_open_the_ide(make_gate
     assert stranger.status == 403
     assert (await stranger.json())["error"]["code"] == "ide-owner-only"
     assert gateway_of(client).runtime.get("ws").phase is Phase.WARM  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("delay", "estimate"), [(0.2, None), (2.2, r"usually ready in about [23] s")])
+async def test_waiting_page_shows_an_estimate_only_when_it_means_something(
+    make_gateway: MakeGateway, delay: float, estimate: str | None
+) -> None:
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=delay)})
+    assert (await client.get("/", headers={"Host": preview("ws"), **API})).status == 200  # one wake measured
+    await gateway_of(client).runtime.stop("ws")
+
+    html = await (await client.get("/", headers=browser("ws"))).text()
+
+    assert "It was sleeping to save resources" in html
+    assert "warm" not in html.lower()
+    if estimate is None:
+        assert "usually ready" not in html
+    else:
+        assert re.search(estimate, html), html
+
+
+async def test_workspace_processes_get_code_servers_proxy_uri(make_gateway: MakeGateway) -> None:
+    """code-server started in a local workspace finds its ports' share URLs in VSCODE_PROXY_URI."""
+    command = ["sh", "-c", 'printf %s "$VSCODE_PROXY_URI" > proxy-uri.tmp && mv proxy-uri.tmp proxy-uri; exec sleep 60']
+    client = await make_gateway(workspaces={"ws": workspace(next_address(), command=command)})
+    gateway = gateway_of(client)
+    await gateway.runtime.wake("ws")
+    written = gateway.config.state_dir.resolve() / "workspaces" / "ws" / "home" / "proxy-uri"
+    for _ in range(500):  # at most ten seconds
+        if written.exists():
+            break
+        await asyncio.sleep(0.02)
+    assert written.read_text() == "http://{{port}}-ws.localhost:8080/"

@@ -67,9 +67,13 @@ def labels(workspace: str) -> dict[str, str]:
     }
 
 
-def make_pod(ws: WorkspaceResource, settings: Kubernetes, ide_secret: str | None = None) -> dict[str, Any]:
+def make_pod(ws: WorkspaceResource, settings: Kubernetes, ide_secret: str | None = None,
+             proxy_uri: str | None = None) -> dict[str, Any]:
     """The code-server pod: hardened, its home on the workspace's PVC, writable /tmp from an emptyDir; with an
-    ``ide_secret`` code-server admits only requests carrying it (gateway/auth/ide.py), else anyone who reaches it."""
+    ``ide_secret`` code-server admits only requests carrying it (gateway/auth/ide.py), else anyone who reaches it.
+
+    ``proxy_uri`` becomes ``VSCODE_PROXY_URI`` (the workspace's share URL with ``{{port}}``), so ports opened in
+    the IDE point at the gateway's previews."""
     port = ws.ide_port or settings.ide_port
     auth = ["--auth", "password" if ide_secret is not None else "none"]
     secret = [{"name": HASHED_PASSWORD, "value": ide_secret}] if ide_secret is not None else []
@@ -96,7 +100,8 @@ def make_pod(ws: WorkspaceResource, settings: Kubernetes, ide_secret: str | None
                 "image": ws.image or settings.image,
                 "args": [*auth, "--bind-addr", f"0.0.0.0:{port}", "--disable-telemetry", "--disable-update-check",
                          HOME],
-                "env": [{"name": "HOME", "value": HOME}, {"name": "CODEHUB_WORKSPACE", "value": ws.id}, *secret],
+                "env": [{"name": "HOME", "value": HOME}, {"name": "CODEHUB_WORKSPACE", "value": ws.id}, *secret,
+                        *([{"name": "VSCODE_PROXY_URI", "value": proxy_uri}] if proxy_uri else [])],
                 "ports": [{"name": "ide", "containerPort": port, "protocol": "TCP"}],
                 "readinessProbe": {
                     "httpGet": {"path": "/healthz", "port": port},

@@ -22,7 +22,7 @@ from kubernetes_asyncio.client import ApiClient
 
 from gateway.auth.ide import ide_secret, load_key
 from gateway.config import Config, Kubernetes
-from gateway.errors import Conflict
+from gateway.errors import BadRequest, Conflict
 from gateway.lifecycle.base import Phase, Runtime, RuntimeError_, WorkspaceSpec, WorkspaceState
 from gateway.lifecycle.kubernetes import phases
 from gateway.lifecycle.kubernetes.activity import ActivitySync
@@ -63,9 +63,10 @@ def default_identity() -> str:
 
 class KubernetesRuntime(Runtime):
     def __init__(self, settings: Kubernetes, *, api: ApiClient | None = None, identity: str | None = None,
-                 retry_attempts: int = 5) -> None:
+                 retry_attempts: int = 5, proxy_uri: Callable[[str], str] | None = None) -> None:
         super().__init__()
         self.settings = settings
+        self._proxy_uri = proxy_uri
         self.identity = identity or settings.identity or default_identity()
         self._api = api
         self._owns_api = api is None
@@ -78,7 +79,7 @@ class KubernetesRuntime(Runtime):
 
     @classmethod
     def from_config(cls, config: Config) -> KubernetesRuntime:
-        return cls(config.kubernetes)
+        return cls(config.kubernetes, proxy_uri=config.proxy_uri)
 
     # -- lifespan --
 
@@ -191,7 +192,8 @@ class KubernetesRuntime(Runtime):
             else:
                 await self._call(lambda c: c.create(PVC, make_pvc(ws, self.settings)))
         self.view.begin(ws.id, Phase.STARTING)
-        await self._call(lambda c: c.create(POD, make_pod(ws, self.settings, self._ide_secret(ws.id))))
+        proxy_uri = self._proxy_uri(ws.id) if self._proxy_uri is not None else None
+        await self._call(lambda c: c.create(POD, make_pod(ws, self.settings, self._ide_secret(ws.id), proxy_uri)))
 
         def started() -> phases.Observation | None:
             if self.view.cached(POD, pod) is None and self.view.cached(WORKSPACE, ws.id) is not None:
@@ -307,7 +309,15 @@ class KubernetesRuntime(Runtime):
 
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
                      collaborators: tuple[str, ...] | None = None,
-                     identity_ports: frozenset[int] | None = None) -> WorkspaceState:
+                     identity_ports: frozenset[int] | None = None,
+                     https_ports: frozenset[int] | None = None,
+                     labels: Mapping[int, str] | None = None) -> WorkspaceState:
+        if https_ports:
+            raise BadRequest("HTTPS ports are available on the local runtime only; a Workspace resource cannot "
+                             "mark them yet.", code="https-ports-unsupported")
+        if labels:
+            raise BadRequest("Port labels set on the hub are kept by the local runtime only; name ports in the "
+                             "workspace's .devcontainer/devcontainer.json instead.", code="labels-unsupported")
         current = self.view.resource(workspace)
         spec: dict[str, Any] = {}
         if ports is not None:
