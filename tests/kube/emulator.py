@@ -29,7 +29,7 @@ What this subclass adds or replaces (the kmock DSL for user reactions keeps work
 Entry points for tests: :func:`running_emulator` (async context manager), the fixtures
 ``kube``, ``kube_emulator``, ``kube_url``, ``kube_api``, ``kube_api_factory`` (import them into a
 conftest, or add ``pytest_plugins = ["tests.kube.emulator"]`` to the root ``tests/conftest.py``),
-:class:`FakeKubelet` and :class:`LoopbackIPs`.
+:class:`tests.kube.kubelet.FakeKubelet` and :class:`tests.kube.kubelet.LoopbackIPs`.
 
 Usage::
 
@@ -67,12 +67,11 @@ import bisect
 import contextlib
 import copy
 import datetime
-import inspect
 import json
 import random
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -82,13 +81,13 @@ import pytest_asyncio
 from kmock._internal import rendering  # Response(status=..., payload=...): not re-exported by kmock 0.8
 from kubernetes_asyncio.client import ApiClient, Configuration
 
+from tests.kube.controllers import ADMISSION_FINALIZERS, FOREGROUND, Controllers
+
 __all__ = [
     'DEFAULT_RESOURCES',
     'EmulatorApiError',
-    'FakeKubelet',
     'KubeEmulator',
     'KubeEnv',
-    'LoopbackIPs',
     'k8s_status',
     'kube',
     'kube_api',
@@ -352,9 +351,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _floor: int = attrs.field(default=0, init=False)  # events with rv <= floor are compacted away
     _changed: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _watchers: set[_Watcher] = attrs.field(factory=set, init=False)
+    controllers: Controllers = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()  # registers discovery + the (overridden) _serve_* fallbacks
+        self.controllers = Controllers(self)
         for key, info in {**DEFAULT_RESOURCES, **(self.resources_init or {})}.items():
             self.resources[key] = copy.deepcopy(info)
         self.fallback['get /apis/'] << self._serve_apis  # kubernetes-asyncio's ApisApi asks with the slash
@@ -474,6 +475,23 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._changed.set()
         self._changed = asyncio.Event()
 
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set (and replaced) on the next change of the store or of the open watches."""
+        return self._changed
+
+    def live_objects(self) -> list[tuple[kmock.resource, dict[str, Any]]]:
+        """Every object that exists now (terminating ones included), for the cluster's controllers."""
+        return [(res, copy.deepcopy(obj.raw)) for (res, _, _), obj in self._objects.items() if not obj.deleted]
+
+    def remove(self, resource: kmock.resource, obj: Mapping[str, Any]) -> None:
+        """The end of a graceful deletion: the object goes if it is still that one, terminating, unfinalized."""
+        meta = obj['metadata']
+        current = self._current(resource, meta.get('namespace'), meta['name'])
+        if (current is not None and current['metadata'].get('uid') == meta.get('uid')
+                and current['metadata'].get('deletionTimestamp') and not current['metadata'].get('finalizers')):
+            self._commit(resource, 'DELETED', current, current)
+
     def compact(self) -> int:
         """Forget the event history (as etcd compaction): watches from older RVs will get 410 Gone."""
         self._floor = self._rv
@@ -550,6 +568,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
         for field in ('resourceVersion', 'deletionTimestamp', 'deletionGracePeriodSeconds'):
             meta.pop(field, None)
+        if resource in ADMISSION_FINALIZERS:
+            meta['finalizers'] = [*(meta.get('finalizers') or []), *ADMISSION_FINALIZERS[resource]]
         if 'status' in info.subresources:  # status is not settable on create; the "controllers" set it
             obj.pop('status', None)
             if resource in (POD, PVC):
@@ -618,7 +638,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if dry_run:
             return 200, new
         stored = self._commit(resource, 'MODIFIED', new, old)
-        if meta.get('deletionTimestamp') and not meta.get('finalizers'):
+        if meta.get('deletionTimestamp') and old_meta.get('finalizers') and not meta.get('finalizers'):
             self._commit(resource, 'DELETED', stored, stored)
         return 200, stored
 
@@ -691,12 +711,19 @@ class KubeEmulator(kmock.KubernetesEmulator):
             return self._conflict(resource, name)
         if dry_run:
             return 200, old
-        if old['metadata'].get('finalizers'):
+        policy = options.get('propagationPolicy') if isinstance(options, Mapping) else None
+        finalizers = list(old['metadata'].get('finalizers') or [])
+        if policy == 'Foreground' and FOREGROUND not in finalizers:
+            finalizers.append(FOREGROUND)
+        if finalizers or resource == POD:  # pods always terminate gracefully (the kubelet removes them)
             if old['metadata'].get('deletionTimestamp'):
                 return 202, old
             new = copy.deepcopy(old)
-            new['metadata'].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0)
-            return 202, self._commit(resource, 'MODIFIED', new, old)
+            grace = ((old.get('spec') or {}).get('terminationGracePeriodSeconds', 30) if resource == POD else 0)
+            new['metadata'].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=grace)
+            if finalizers:
+                new['metadata']['finalizers'] = finalizers
+            return 202 if resource != POD else 200, self._commit(resource, 'MODIFIED', new, old)
         gone = self._commit(resource, 'DELETED', old, old)
         if resource.plural in _DELETE_RETURNS_STATUS:
             return 200, {'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Success',
@@ -986,164 +1013,6 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 await self._changed.wait()
 
 
-# --- the kubelet & friends ---------------------------------------------------------------------
-
-class LoopbackIPs:
-    """Pod -> 127.0.0.N (N = first, first+1, ...), stable per namespace/name. For FakeKubelet(pod_ip=...)."""
-
-    def __init__(self, first: int = 2) -> None:
-        self.mapping: dict[tuple[str, str], str] = {}
-        self._next = first
-
-    def __call__(self, pod: Mapping[str, Any]) -> str:
-        key = (pod['metadata'].get('namespace') or '', pod['metadata']['name'])
-        if key not in self.mapping:
-            if self._next > 254:
-                raise RuntimeError('out of loopback addresses')
-            self.mapping[key] = f'127.0.0.{self._next}'
-            self._next += 1
-        return self.mapping[key]
-
-
-PodIP = Callable[[dict[str, Any]], 'str | Awaitable[str | None] | None']
-
-
-class FakeKubelet:
-    """
-    Plays the kubelet, the PV binder and the snapshot controller on the emulator's in-memory store.
-
-    * New pods (phase Pending) -> ``Running``, conditions Ready/ContainersReady/Initialized/PodScheduled
-      True, ``podIP`` from ``pod_ip(pod)`` (sync or async; returning None leaves the pod Pending; start
-      it later with :meth:`start_pod`). Optional ``pod_delay`` seconds before that.
-    * New PVCs -> ``status.phase: Bound`` (+ capacity from the request).
-    * New VolumeSnapshots -> ``status.readyToUse: true`` after ``snapshot_delay`` seconds.
-
-    Use ``async with FakeKubelet(emu, pod_ip=LoopbackIPs()) as kubelet:`` or ``start()``/``stop()``.
-    """
-
-    def __init__(self, emulator: KubeEmulator, pod_ip: PodIP | None = None, *, pod_delay: float = 0.0,
-                 snapshot_delay: float = 0.0, bind_pvcs: bool = True, ready_snapshots: bool = True) -> None:
-        self.emulator = emulator
-        self.pod_ip: PodIP = pod_ip or LoopbackIPs()
-        self.pod_delay = pod_delay
-        self.snapshot_delay = snapshot_delay
-        self.bind_pvcs = bind_pvcs
-        self.ready_snapshots = ready_snapshots
-        self._task: asyncio.Task[None] | None = None
-        self._pending: set[asyncio.Task[None]] = set()
-        self._seen: set[str] = set()  # uids already handled
-
-    async def __aenter__(self) -> FakeKubelet:
-        self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name='fake-kubelet')
-
-    async def stop(self) -> None:
-        tasks = [t for t in [self._task, *self._pending] if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._task = None
-        self._pending.clear()
-
-    async def _run(self) -> None:
-        emu = self.emulator
-        since = emu.resource_version
-        for resource in (POD, PVC, VOLUME_SNAPSHOT):
-            for obj in emu.list_objects(resource):
-                self._consider(resource, obj)
-        async for event in emu.events(since=since):
-            if event.type != 'DELETED':
-                self._consider(event.resource, event.object)
-
-    def _consider(self, resource: kmock.resource, obj: dict[str, Any]) -> None:
-        meta = obj.get('metadata') or {}
-        uid = meta.get('uid') or f"{meta.get('namespace')}/{meta.get('name')}"
-        if uid in self._seen or meta.get('deletionTimestamp'):
-            return
-        status = obj.get('status') or {}
-        if resource == POD and status.get('phase', 'Pending') == 'Pending':
-            self._spawn(self._start_pod(obj, self.pod_delay))
-        elif resource == PVC and self.bind_pvcs and status.get('phase', 'Pending') == 'Pending':
-            self._spawn(self._bind_pvc(obj))
-        elif resource == VOLUME_SNAPSHOT and self.ready_snapshots and not status.get('readyToUse'):
-            self._spawn(self._ready_snapshot(obj))
-        else:
-            return
-        self._seen.add(uid)
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    def _patch_status(self, resource: kmock.resource, obj: Mapping[str, Any], status: dict[str, Any]) -> None:
-        meta = obj['metadata']
-        with contextlib.suppress(EmulatorApiError):  # deleted meanwhile: nothing to do
-            self.emulator.patch_status(resource, meta.get('namespace'), meta['name'], status)
-
-    async def _start_pod(self, pod: dict[str, Any], delay: float) -> None:
-        if delay:
-            await asyncio.sleep(delay)
-        ip = self.pod_ip(pod)
-        if inspect.isawaitable(ip):
-            ip = await ip
-        if ip is not None:
-            self.start_pod(pod['metadata'].get('namespace'), pod['metadata']['name'], ip)
-
-    def start_pod(self, namespace: str | None, name: str, ip: str, *, ready: bool = True) -> dict[str, Any]:
-        """Make a pod Running with the given IP (and Ready unless ready=False)."""
-        pod = self.emulator.get_object(POD, namespace, name)
-        if pod is None:
-            raise EmulatorApiError(404, k8s_status(404, 'NotFound', f'pods "{name}" not found'))
-        now = _now()
-        containers = (pod.get('spec') or {}).get('containers') or []
-        status = {
-            'phase': 'Running', 'podIP': ip, 'podIPs': [{'ip': ip}], 'hostIP': '127.0.0.1', 'startTime': now,
-            'conditions': self._conditions(ready, now),
-            'containerStatuses': [{
-                'name': c.get('name', f'c{i}'), 'image': c.get('image', ''), 'imageID': '', 'ready': ready,
-                'started': True, 'restartCount': 0, 'state': {'running': {'startedAt': now}},
-            } for i, c in enumerate(containers)],
-        }
-        return self.emulator.patch_status(POD, namespace, name, status)
-
-    @staticmethod
-    def _conditions(ready: bool, now: str) -> list[dict[str, Any]]:
-        flag = 'True' if ready else 'False'
-        return [{'type': t, 'status': s, 'lastProbeTime': None, 'lastTransitionTime': now}
-                for t, s in [('PodScheduled', 'True'), ('Initialized', 'True'),
-                             ('ContainersReady', flag), ('Ready', flag)]]
-
-    def set_pod_ready(self, namespace: str | None, name: str, ready: bool) -> dict[str, Any]:
-        """Flip the Ready/ContainersReady conditions (e.g. to test readiness-gated proxying)."""
-        pod = self.emulator.get_object(POD, namespace, name)
-        if pod is None:
-            raise EmulatorApiError(404, k8s_status(404, 'NotFound', f'pods "{name}" not found'))
-        statuses = [dict(cs, ready=ready) for cs in (pod.get('status') or {}).get('containerStatuses') or []]
-        return self.emulator.patch_status(POD, namespace, name, {
-            'conditions': self._conditions(ready, _now()), 'containerStatuses': statuses})
-
-    async def _bind_pvc(self, pvc: dict[str, Any]) -> None:
-        spec = pvc.get('spec') or {}
-        storage = ((spec.get('resources') or {}).get('requests') or {}).get('storage', '1Gi')
-        self._patch_status(PVC, pvc, {'phase': 'Bound', 'capacity': {'storage': storage},
-                                      'accessModes': spec.get('accessModes') or ['ReadWriteOnce']})
-
-    async def _ready_snapshot(self, snapshot: dict[str, Any]) -> None:
-        if self.snapshot_delay:
-            await asyncio.sleep(self.snapshot_delay)
-        self._patch_status(VOLUME_SNAPSHOT, snapshot, {
-            'readyToUse': True, 'creationTime': _now(), 'restoreSize': '1Gi',
-            'boundVolumeSnapshotContentName': f"snapcontent-{snapshot['metadata'].get('uid', 'x')}"})
-
-
 # --- running it ---------------------------------------------------------------------------------
 
 @attrs.define
@@ -1175,9 +1044,11 @@ async def running_emulator(*, check_errors: bool = True, **kwargs: Any) -> Async
         env = KubeEnv(emulator=emulator, url=str(server.url).rstrip('/'),
                       api_client=ApiClient(configuration=Configuration(host=str(server.url).rstrip('/'))))
         env._clients.append(env.api_client)
+        emulator.controllers.start()
         try:
             yield env
         finally:
+            await emulator.controllers.stop()
             for client in env._clients:
                 await client.close()
             emulator.drop_watches()  # or the server shutdown waits for the open streams

@@ -22,9 +22,9 @@ from tests.kube.emulator import (
     VOLUME_SNAPSHOT,
     WORKSPACE,
     Event,
-    FakeKubelet,
     KubeEnv,
 )
+from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import NS, MakeRuntime, PodIPs, kube_settings, names, new_workspace, recording, until
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,0 +1,115 @@
+"""The emulator's control plane: garbage collection, graceful termination, protection finalizers."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client import ApiClient
+
+from tests.kube.controllers import FOREGROUND, PVC_PROTECTION, SNAPSHOT_PROTECTION
+from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, WORKSPACE, KubeEmulator
+
+pytestmark = pytest.mark.timeout(30)
+NS = 'ns1'
+
+
+def owned_by(owner: dict[str, Any]) -> dict[str, Any]:
+    meta = owner['metadata']
+    return {'ownerReferences': [{'apiVersion': owner['apiVersion'], 'kind': owner['kind'], 'name': meta['name'],
+                                 'uid': meta['uid'], 'controller': True, 'blockOwnerDeletion': True}]}
+
+
+def pod(name: str, claim: str | None = None, **meta: Any) -> dict[str, Any]:
+    volumes = [{'name': 'home', 'persistentVolumeClaim': {'claimName': claim}}] if claim else []
+    return {'metadata': dict(meta, name=name),
+            'spec': {'containers': [{'name': 'c', 'image': 'i'}], 'volumes': volumes,
+                     'terminationGracePeriodSeconds': 30}}
+
+
+async def test_dependents_are_collected_with_their_owner(kube_emulator: KubeEmulator) -> None:
+    emu = kube_emulator
+    owner = emu.create_object(WORKSPACE, {'metadata': {'name': 'w'}, 'spec': {'owner': 'a'}}, NS)
+    other = emu.create_object(WORKSPACE, {'metadata': {'name': 'x'}, 'spec': {'owner': 'a'}}, NS)
+    emu.create_object(POD, pod('ws-w', **owned_by(owner)), NS)
+    emu.create_object(PVC, {'metadata': {'name': 'ws-w-home', **owned_by(owner)}, 'spec': {}}, NS)
+    emu.create_object(VOLUME_SNAPSHOT, {'metadata': {'name': 's', **owned_by(owner)}, 'spec': {}}, NS)
+    emu.create_object(PVC, {'metadata': {'name': 'ws-x-home', **owned_by(other)}, 'spec': {}}, NS)
+    emu.delete_object(WORKSPACE, NS, 'w')
+    for resource, name in ((POD, 'ws-w'), (PVC, 'ws-w-home'), (VOLUME_SNAPSHOT, 's')):
+        await emu.wait_gone(resource, NS, name)
+    assert sorted(emu.controllers.collected) == ['persistentvolumeclaims/ws-w-home', 'pods/ws-w',
+                                                 'volumesnapshots/s']
+    assert emu.get_object(PVC, NS, 'ws-x-home') is not None  # another owner's dependents stay
+
+
+async def test_a_paused_collector_leaves_dependents_until_it_runs(kube_emulator: KubeEmulator) -> None:
+    emu = kube_emulator
+    emu.controllers.paused_gc = True
+    owner = emu.create_object(WORKSPACE, {'metadata': {'name': 'w'}, 'spec': {'owner': 'a'}}, NS)
+    emu.create_object(PVC, {'metadata': {'name': 'ws-w-home', **owned_by(owner)}, 'spec': {}}, NS)
+    emu.delete_object(WORKSPACE, NS, 'w')
+    await asyncio.sleep(0.1)
+    assert emu.get_object(PVC, NS, 'ws-w-home') is not None
+    emu.controllers.paused_gc = False
+    emu.controllers.reconcile()
+    await emu.wait_gone(PVC, NS, 'ws-w-home')
+
+
+async def test_foreground_deletion_keeps_the_owner_until_its_dependents_are_gone(
+        kube_api: ApiClient, kube_emulator: KubeEmulator) -> None:
+    emu = kube_emulator
+    emu.controllers.pod_termination = 0.3
+    owner = emu.create_object(WORKSPACE, {'metadata': {'name': 'w'}, 'spec': {'owner': 'a'}}, NS)
+    emu.create_object(POD, pod('ws-w', **owned_by(owner)), NS)
+    await client.CustomObjectsApi(kube_api).delete_namespaced_custom_object(
+        'codehub.dev', 'v1alpha1', NS, 'workspaces', 'w', body=client.V1DeleteOptions(propagation_policy='Foreground'))
+    marked = emu.get_object(WORKSPACE, NS, 'w')
+    assert marked is not None
+    assert marked['metadata']['finalizers'] == [FOREGROUND]
+    await emu.wait_for(POD, NS, 'ws-w', lambda p: bool(p['metadata'].get('deletionTimestamp')))
+    assert emu.get_object(WORKSPACE, NS, 'w') is not None  # the pod is still terminating
+    await emu.wait_gone(WORKSPACE, NS, 'w')
+    assert emu.get_object(POD, NS, 'ws-w') is None
+
+
+async def test_pods_terminate_gracefully(kube_api: ApiClient, kube_emulator: KubeEmulator) -> None:
+    emu = kube_emulator
+    emu.controllers.pod_termination = 0.3
+    emu.create_object(POD, pod('p'), NS)
+    answer = await client.CoreV1Api(kube_api).delete_namespaced_pod('p', NS)
+    assert answer.metadata.deletion_timestamp is not None
+    assert answer.metadata.deletion_grace_period_seconds == 30
+    await asyncio.sleep(0.1)
+    assert emu.get_object(POD, NS, 'p') is not None
+    emu.patch_status(POD, NS, 'p', {'phase': 'Running'})  # the kubelet still reports while it stops
+    assert emu.get_object(POD, NS, 'p') is not None
+    await emu.wait_gone(POD, NS, 'p', timeout=2)
+
+
+async def test_pvc_protection_holds_a_claim_while_a_pod_uses_it(kube_emulator: KubeEmulator) -> None:
+    emu = kube_emulator
+    claim = emu.create_object(PVC, {'metadata': {'name': 'home'}, 'spec': {}}, NS)
+    assert claim['metadata']['finalizers'] == [PVC_PROTECTION]
+    emu.create_object(POD, pod('p', claim='home'), NS)
+    emu.delete_object(PVC, NS, 'home')
+    await asyncio.sleep(0.1)
+    held = emu.get_object(PVC, NS, 'home')
+    assert held is not None
+    assert held['metadata']['deletionTimestamp']
+    emu.delete_object(POD, NS, 'p')
+    await emu.wait_gone(PVC, NS, 'home')
+
+
+async def test_a_snapshot_is_held_while_a_claim_restores_from_it(kube_emulator: KubeEmulator) -> None:
+    emu = kube_emulator
+    snap = emu.create_object(VOLUME_SNAPSHOT, {'metadata': {'name': 's'}, 'spec': {}}, NS)
+    assert snap['metadata']['finalizers'] == [SNAPSHOT_PROTECTION]
+    emu.create_object(PVC, {'metadata': {'name': 'home'},
+                            'spec': {'dataSource': {'kind': 'VolumeSnapshot', 'name': 's'}}}, NS)
+    emu.delete_object(VOLUME_SNAPSHOT, NS, 's')
+    await asyncio.sleep(0.1)
+    assert emu.get_object(VOLUME_SNAPSHOT, NS, 's') is not None
+    emu.patch_status(PVC, NS, 'home', {'phase': 'Bound'})
+    await emu.wait_gone(VOLUME_SNAPSHOT, NS, 's')
