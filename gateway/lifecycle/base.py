@@ -180,6 +180,11 @@ class Runtime(abc.ABC):
         raise MethodNotAllowed("Workspaces of this gateway are declared in its configuration file, not created "
                                "through the API.", code="workspaces-are-configured")
 
+    async def delete(self, workspace: str) -> None:
+        """Delete a workspace and everything it owns; runtimes whose workspaces are declared elsewhere refuse."""
+        raise MethodNotAllowed("Workspaces of this gateway are declared in its configuration file, not deleted "
+                               "through the API.", code="workspaces-are-configured")
+
     def listening_ports(self, workspace: str) -> set[int] | None:
         """Ports the workspace is listening on, where the runtime can see them cheaply; None if it cannot."""
         return None

@@ -14,6 +14,7 @@ from gateway.lifecycle.base import Phase
 from gateway.lifecycle.kubernetes import phases
 from gateway.lifecycle.kubernetes.objects import (
     WorkspaceResource,
+    belongs,
     make_lease,
     make_pod,
     make_pvc,
@@ -111,13 +112,13 @@ def test_make_pvc_restores_from_a_snapshot_with_the_default_storage_class() -> N
 
 
 def test_make_snapshot() -> None:
-    assert make_snapshot("abc", SETTINGS, AT) == {
+    assert make_snapshot(WS, SETTINGS, AT) == {
         "apiVersion": "snapshot.storage.k8s.io/v1",
         "kind": "VolumeSnapshot",
         "metadata": {"name": "ws-abc-home-20260304050607", "labels": LABELS},
         "spec": {"source": {"persistentVolumeClaimName": "ws-abc-home"}, "volumeSnapshotClassName": "csi-snap"},
     }
-    later = make_snapshot("abc", Kubernetes(), AT + datetime.timedelta(seconds=1))
+    later = make_snapshot(WS, Kubernetes(), AT + datetime.timedelta(seconds=1))
     assert later["metadata"]["name"] == "ws-abc-home-20260304050608"  # never the same name as the last one
     assert "volumeSnapshotClassName" not in later["spec"]
 
@@ -188,7 +189,7 @@ def test_strict_validation_catches_mistakes() -> None:
         validate(broken)
 
 
-@pytest.mark.parametrize("manifest", [make_snapshot("abc", SETTINGS, AT), make_workspace(WS)])
+@pytest.mark.parametrize("manifest", [make_snapshot(WS, SETTINGS, AT), make_workspace(WS)])
 def test_custom_kinds_have_no_schema(manifest: dict[str, Any]) -> None:
     with pytest.raises(kubernetes_validate.SchemaNotFoundError):
         validate(manifest)
@@ -258,3 +259,16 @@ def test_newest_first_and_pruning_never_touch_the_newest_ready() -> None:
     assert phases.prunable(snapshots, keep=1) == ["b", "a"]
     assert phases.prunable(snapshots, keep=0) == ["b", "a"]  # the newest ready one stays whatever keep says
     assert phases.prunable([snap("x", ready=False)], keep=1) == []
+
+
+def test_what_a_workspace_makes_points_at_it_by_uid() -> None:
+    ws = WorkspaceResource(id="abc", owner="alice", uid="u-1")
+    reference = {"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "name": "abc", "uid": "u-1",
+                 "controller": True, "blockOwnerDeletion": True}
+    for manifest in (make_pod(ws, SETTINGS), make_pvc(ws, SETTINGS), make_snapshot(ws, SETTINGS, AT)):
+        assert manifest["metadata"]["ownerReferences"] == [reference]
+        assert belongs(manifest, "u-1")
+        assert not belongs(manifest, "u-2")  # a namesake's
+    assert "ownerReferences" not in make_pod(WS, SETTINGS)["metadata"]
+    assert belongs(make_pod(WS, SETTINGS), "u-2")  # made before owners were set: adopted
+    assert parse_workspace({"metadata": {"name": "abc", "uid": "u-1"}, "spec": {"owner": "alice"}}) == ws

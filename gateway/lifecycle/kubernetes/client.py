@@ -172,12 +172,21 @@ class KubeClient:
                 return None
             raise
 
-    async def delete(self, kind: Kind, name: str) -> bool:
-        """True if this call deleted it, False if it was already gone (404 = done)."""
+    async def delete(self, kind: Kind, name: str, *, uid: str | None = None, foreground: bool = False) -> bool:
+        """True if this call deleted it, False if it was already gone (404 = done).
+
+        With ``uid``, only that very object (409 if the name now belongs to another: also "not ours, done");
+        with ``foreground``, the object stays until the garbage collector has deleted everything it owns.
+        """
+        options: dict[str, Any] = {}
+        if uid is not None:
+            options["preconditions"] = {"uid": uid}
+        if foreground:
+            options["propagationPolicy"] = "Foreground"
         try:
-            await self.request("DELETE", kind.path(self.namespace, name))
+            await self.request("DELETE", kind.path(self.namespace, name), body=options or None)
         except KubeError as exc:
-            if exc.status == 404:
+            if exc.status == 404 or (exc.status == 409 and uid is not None):
                 return False
             raise
         return True

@@ -3,7 +3,9 @@
 Names: Workspace ``{id}``, pod ``ws-{id}``, PVC ``ws-{id}-home``, snapshots ``ws-{id}-home-{UTC timestamp}``
 (a new snapshot never replaces the last good one); ShareLink and ApiToken ``{id}`` (the id the API shows, never
 the token: only its SHA-256 is stored). Everything the gateway creates carries the labels from
-:func:`labels`, which is also what the caches select on.
+:func:`labels`, which is also what the caches select on. A workspace's pod, PVC, snapshots and share links also
+carry an ``ownerReference`` to its Workspace (by UID), so the cluster's garbage collector deletes them with it
+and a new Workspace of an old name is never mistaken for their owner.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class WorkspaceResource:
     ide_port: int | None = None
     storage: str | None = None
     resources: Mapping[str, Mapping[str, str]] | None = None
+    uid: str = ""  # the Workspace object's metadata.uid: what its pods, volumes and snapshots point at
 
     def spec(self, settings: Kubernetes) -> WorkspaceSpec:
         return WorkspaceSpec(id=self.id, owner=self.owner, collaborators=self.collaborators,
@@ -64,6 +67,29 @@ def labels(workspace: str) -> dict[str, str]:
     }
 
 
+def owner_reference(workspace: str, uid: str) -> dict[str, Any]:
+    """Points at the Workspace by UID: a Workspace deleted and created again under its name owns nothing old."""
+    return {"apiVersion": WORKSPACE.api_version, "kind": WORKSPACE.kind, "name": workspace, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(name: str, ws: WorkspaceResource) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": labels(ws.id)}
+    if ws.uid:
+        meta["ownerReferences"] = [owner_reference(ws.id, ws.uid)]
+    return meta
+
+
+def owners(obj: Mapping[str, Any]) -> set[str]:
+    return {str(ref.get("uid")) for ref in (obj.get("metadata") or {}).get("ownerReferences") or []}
+
+
+def belongs(obj: Mapping[str, Any], uid: str) -> bool:
+    """Whether an object is the Workspace's: it points at that UID, or (made before owners were set) at none."""
+    found = owners(obj)
+    return not found or not uid or uid in found
+
+
 def make_pod(ws: WorkspaceResource, settings: Kubernetes) -> dict[str, Any]:
     """The code-server pod: hardened, its home on the workspace's PVC, writable /tmp from an emptyDir."""
     port = ws.ide_port or settings.ide_port
@@ -72,7 +98,7 @@ def make_pod(ws: WorkspaceResource, settings: Kubernetes) -> dict[str, Any]:
     return {
         "apiVersion": POD.api_version,
         "kind": POD.kind,
-        "metadata": {"name": pod_name(ws.id), "labels": labels(ws.id)},
+        "metadata": _metadata(pod_name(ws.id), ws),
         "spec": {
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
@@ -130,19 +156,19 @@ def make_pvc(ws: WorkspaceResource, settings: Kubernetes, restore_from_snapshot:
     return {
         "apiVersion": PVC.api_version,
         "kind": PVC.kind,
-        "metadata": {"name": pvc_name(ws.id), "labels": labels(ws.id)},
+        "metadata": _metadata(pvc_name(ws.id), ws),
         "spec": spec,
     }
 
 
-def make_snapshot(workspace: str, settings: Kubernetes, at: datetime.datetime) -> dict[str, Any]:
-    spec: dict[str, Any] = {"source": {"persistentVolumeClaimName": pvc_name(workspace)}}
+def make_snapshot(ws: WorkspaceResource, settings: Kubernetes, at: datetime.datetime) -> dict[str, Any]:
+    spec: dict[str, Any] = {"source": {"persistentVolumeClaimName": pvc_name(ws.id)}}
     if settings.snapshot_class is not None:
         spec["volumeSnapshotClassName"] = settings.snapshot_class
     return {
         "apiVersion": SNAPSHOT.api_version,
         "kind": SNAPSHOT.kind,
-        "metadata": {"name": snapshot_name(workspace, at), "labels": labels(workspace)},
+        "metadata": _metadata(snapshot_name(ws.id, at), ws),
         "spec": spec,
     }
 
@@ -200,6 +226,7 @@ def parse_workspace(obj: Mapping[str, Any]) -> WorkspaceResource:
         ide_port=ide_port if isinstance(ide_port, int) and 0 < ide_port < 65536 else None,
         storage=spec.get("storage") or None,
         resources=resources if isinstance(resources, dict) and resources else None,
+        uid=str((obj.get("metadata") or {}).get("uid") or ""),
     )
 
 

@@ -5,11 +5,14 @@ phase (``phases.observe``) and publishes an Event when it moved, so waiting is e
 Operations are serialised per workspace on this replica; across replicas they are safe because every create
 is idempotent (409 = already there) and every delete too (404 = already gone), so a storm of wakes from any
 number of gateways makes one pod. The home PVC is deleted only after a snapshot of it is ``readyToUse``.
+Everything made for a workspace points at its Workspace by UID (ownerReferences): deleting the Workspace deletes
+it all, and a pod or PVC still named for a deleted namesake is removed, never reused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import os
@@ -40,6 +43,7 @@ from gateway.lifecycle.kubernetes.informer import Informer
 from gateway.lifecycle.kubernetes.leader import LeaderElector
 from gateway.lifecycle.kubernetes.objects import (
     WorkspaceResource,
+    belongs,
     make_pod,
     make_pvc,
     make_snapshot,
@@ -161,13 +165,15 @@ class KubernetesRuntime(Runtime):
             return self.view.end(ws.id)
         self._require_api()
         pod, pvc = pod_name(ws.id), pvc_name(ws.id)
-        if seen.phase is Phase.FAILED and self.view.cached(POD, pod) is not None:
+        for kind, name in ((POD, pod), (PVC, pvc)):
+            await self._remove_foreign(ws, kind, name, deadline)
+        if seen.phase is Phase.FAILED and self.view.owned(POD, pod, ws.id) is not None:
             await self._call(lambda c: c.delete(POD, pod))  # a failed pod is replaced, not waited on
-        if phases.deleting(self.view.cached(POD, pod)) or seen.phase is Phase.FAILED:
+        if phases.deleting(self.view.owned(POD, pod, ws.id)) or seen.phase is Phase.FAILED:
             await self.view.gone(ws.id, POD, pod, deadline)
-        if phases.deleting(self.view.cached(PVC, pvc)):
+        if phases.deleting(self.view.owned(PVC, pvc, ws.id)):
             await self.view.gone(ws.id, PVC, pvc, deadline)  # an archive elsewhere is finishing: restore after it
-        if self.view.cached(PVC, pvc) is None:
+        if self.view.owned(PVC, pvc, ws.id) is None:
             snapshots = self.view.snapshots(ws.id)
             ready = phases.newest_first(snapshots)
             if ready:
@@ -183,7 +189,7 @@ class KubernetesRuntime(Runtime):
         await self._call(lambda c: c.create(POD, make_pod(ws, self.settings)))
 
         def started() -> phases.Observation | None:
-            if self.view.cached(POD, pod) is None and self.view.cached(WORKSPACE, ws.id) is not None:
+            if self.view.owned(POD, pod, ws.id) is None and self.view.cached(WORKSPACE, ws.id) is not None:
                 return None  # not in the cache yet (or removed meanwhile: the deadline tells)
             seen = self.view.observe(ws.id)
             return seen if seen.phase in (Phase.RUNNING, Phase.FAILED, Phase.STOPPING) else None
@@ -193,6 +199,17 @@ class KubernetesRuntime(Runtime):
             log.error("workspace %s failed to start: %s", ws.id, seen.message)
         return self.view.end(ws.id)
 
+    async def _remove_foreign(self, ws: WorkspaceResource, kind: Kind, name: str, deadline: float) -> None:
+        """A pod or PVC under our name but owned by a deleted namesake goes first (GC may not have got to it)."""
+        found = self.view.cached(kind, name)
+        if found is None or belongs(found, ws.uid):
+            return
+        log.warning("%s %s belongs to a deleted workspace of the same name; removing it", kind.kind, name)
+        uid = str(found["metadata"].get("uid") or "")
+        await self._call(lambda c: c.delete(kind, name, uid=uid))
+        await self.view.wait(ws.id, lambda: True if (self.view.cached(kind, name) or {}).get("metadata", {}).get(
+            "uid") != uid else None, deadline, f"removing the old {kind.kind} {name}")
+
     async def stop(self, workspace: str) -> WorkspaceState:
         self.view.resource(workspace)
         slot = self.view.slot(workspace)
@@ -200,7 +217,7 @@ class KubernetesRuntime(Runtime):
             self._require_api()  # even with no pod in the cache: a cache cut off from the API may be stale
             try:
                 pod = pod_name(workspace)
-                if self.view.cached(POD, pod) is not None:
+                if self.view.owned(POD, pod, workspace) is not None:
                     self.view.begin(workspace, Phase.STOPPING)
                     await self._call(lambda c: c.delete(POD, pod))
                     deadline = asyncio.get_running_loop().time() + self.settings.start_timeout
@@ -216,7 +233,8 @@ class KubernetesRuntime(Runtime):
         async with slot.lock:
             self._require_api()
             pvc = pvc_name(workspace)
-            if self.view.cached(PVC, pvc) is None or self.view.cached(POD, pod_name(workspace)) is not None:
+            if (self.view.owned(PVC, pvc, workspace) is None
+                    or self.view.owned(POD, pod_name(workspace), workspace) is not None):
                 return self.view.end(workspace)  # already COLD, or woken again meanwhile
             try:
                 await self._archive(workspace, pvc)
@@ -232,7 +250,7 @@ class KubernetesRuntime(Runtime):
     async def _archive(self, workspace: str, pvc: str) -> None:
         self.view.begin(workspace, Phase.ARCHIVING)
         deadline = asyncio.get_running_loop().time() + self.settings.snapshot_timeout
-        body = make_snapshot(workspace, self.settings, datetime.datetime.now(tz=datetime.UTC))
+        body = make_snapshot(self.view.resource(workspace), self.settings, datetime.datetime.now(tz=datetime.UTC))
         name = str(body["metadata"]["name"])
         await self._call(lambda c: c.create(SNAPSHOT, body))
 
@@ -245,7 +263,7 @@ class KubernetesRuntime(Runtime):
         snapshot = await self.view.wait(workspace, settled, deadline, f"snapshot {name} becoming ready")
         if not phases.snapshot_ready(snapshot):
             raise RuntimeError_(f"snapshot {name} failed: {phases.snapshot_error(snapshot)}", code="snapshot-failed")
-        if self.view.cached(POD, pod_name(workspace)) is not None:
+        if self.view.owned(POD, pod_name(workspace), workspace) is not None:
             log.info("workspace %s was woken while archiving; keeping its volume", workspace)
             return
         # Only now, with a ready snapshot of it, may the volume go.
@@ -286,6 +304,9 @@ class KubernetesRuntime(Runtime):
         created = await self._call(lambda c: c.create(WORKSPACE, make_workspace(ws)))
         if created is None:
             existing = await self._call(lambda c: c.get(WORKSPACE, spec.id))
+            if existing is not None and phases.deleting(existing):
+                raise Conflict(f"A workspace called {spec.id} is still being deleted; try again shortly.",
+                               code="workspace-exists")
             if existing is None or parse_workspace(existing).owner != spec.owner:
                 raise Conflict(f"A workspace called {spec.id} already exists.", code="workspace-exists")
             created = existing
@@ -293,6 +314,20 @@ class KubernetesRuntime(Runtime):
 
     async def create(self, spec: WorkspaceSpec) -> WorkspaceState:
         return await self.create_workspace(spec)
+
+    async def delete(self, workspace: str) -> None:
+        """Delete the Workspace and, through the garbage collector, everything it owns: pod, home, snapshots.
+
+        Foreground propagation keeps the Workspace (terminating) until they are gone, so its name cannot be
+        taken again while its old home still exists; this returns once the API has accepted the deletion.
+        """
+        self.view.resource(workspace)
+        uid = self.view.uid(workspace)
+        await self._call(lambda c: c.delete(WORKSPACE, workspace, uid=uid or None, foreground=True))
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
+        with contextlib.suppress(RuntimeError_):  # the watch lags: the deletion stands all the same
+            await self.view.wait(workspace, lambda: True if self.view.workspace(workspace) is None else None,
+                                 deadline, "the cache seeing the deletion")
 
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
                      collaborators: tuple[str, ...] | None = None) -> WorkspaceState:

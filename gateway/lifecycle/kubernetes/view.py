@@ -23,6 +23,7 @@ from gateway.lifecycle.kubernetes.objects import (
     SELECTOR,
     WORKSPACE_LABEL,
     WorkspaceResource,
+    belongs,
     parse_workspace,
     pod_name,
     pvc_name,
@@ -101,20 +102,35 @@ class ClusterView:
         informer = self.informers.get(kind)
         return informer.get(name) if informer is not None else None
 
+    def uid(self, workspace: str) -> str:
+        obj = self.cached(WORKSPACE, workspace)
+        return str((obj.get("metadata") or {}).get("uid") or "") if obj is not None else ""
+
+    def owned(self, kind: Kind, name: str, workspace: str) -> Obj | None:
+        """The cached object if it is this Workspace's; one left by a deleted namesake is not (GC takes it)."""
+        obj = self.cached(kind, name)
+        return obj if obj is not None and belongs(obj, self.uid(workspace)) else None
+
     def snapshots(self, workspace: str) -> list[Obj]:
         informer = self.informers.get(SNAPSHOT)
+        uid = self.uid(workspace)
         return [s for s in (informer.values() if informer else [])
-                if (s["metadata"].get("labels") or {}).get(WORKSPACE_LABEL) == workspace]
+                if (s["metadata"].get("labels") or {}).get(WORKSPACE_LABEL) == workspace and belongs(s, uid)]
+
+    def workspace(self, workspace: str) -> Obj | None:
+        """The Workspace object, unless it is being deleted (then it is gone for routing, links and wakes)."""
+        obj = self.cached(WORKSPACE, workspace)
+        return None if phases.deleting(obj) else obj
 
     def resource(self, workspace: str) -> WorkspaceResource:
-        obj = self.cached(WORKSPACE, workspace)
+        obj = self.workspace(workspace)
         if obj is None:
             raise NotFound(f"There is no workspace called {workspace}.", code="workspace-not-found")
         return parse_workspace(obj)
 
     def observe(self, workspace: str) -> phases.Observation:
-        return phases.observe(self.cached(POD, pod_name(workspace)), self.cached(PVC, pvc_name(workspace)),
-                              self.snapshots(workspace))
+        return phases.observe(self.owned(POD, pod_name(workspace), workspace),
+                              self.owned(PVC, pvc_name(workspace), workspace), self.snapshots(workspace))
 
     def get(self, workspace: str) -> WorkspaceState | None:
         slot = self.slots.get(workspace)
@@ -126,7 +142,7 @@ class ClusterView:
     def refresh(self, workspace: str) -> WorkspaceState | None:
         """Derive the state from the caches; publish an Event when the phase moved; wake waiters."""
         slot = self.slot(workspace)
-        obj = self.cached(WORKSPACE, workspace)
+        obj = self.workspace(workspace)
         previous = slot.state
         if obj is None:
             slot.state = None
