@@ -10,8 +10,8 @@ from typing import Any
 import kmock
 
 from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, EmulatorApiError, KubeEmulator, _now, k8s_status
+from tests.kube.scenarios import UNBOUND, PickScenario, Scenario, bind, never_ready, play, record_event
 
-# --- the kubelet & friends ---------------------------------------------------------------------
 
 class LoopbackIPs:
     """Pod -> 127.0.0.N (N = first, first+1, ...), stable per namespace/name. For FakeKubelet(pod_ip=...)."""
@@ -37,18 +37,22 @@ class FakeKubelet:
     """
     Plays the kubelet, the PV binder and the snapshot controller on the emulator's in-memory store.
 
-    * New pods (phase Pending) -> ``Running``, conditions Ready/ContainersReady/Initialized/PodScheduled
+    * New pods (phase Pending) wait until the PVCs they mount are Bound (``FailedScheduling`` meanwhile), then
+      go as their :class:`Scenario` says (``scenario``: one for every pod, or a function of the pod), with the
+      Events a cluster emits, to ``Running``, conditions Ready/ContainersReady/Initialized/PodScheduled
       True, ``podIP`` from ``pod_ip(pod)`` (sync or async; returning None leaves the pod Pending; start
       it later with :meth:`start_pod`). Optional ``pod_delay`` seconds before that.
-    * New PVCs -> ``status.phase: Bound`` (+ capacity from the request).
+    * New PVCs -> ``status.phase: Bound`` (+ capacity from the request), per the scenario's binding.
     * New VolumeSnapshots -> ``status.readyToUse: true`` after ``snapshot_delay`` seconds.
 
     Use ``async with FakeKubelet(emu, pod_ip=LoopbackIPs()) as kubelet:`` or ``start()``/``stop()``.
     """
 
     def __init__(self, emulator: KubeEmulator, pod_ip: PodIP | None = None, *, pod_delay: float = 0.0,
-                 snapshot_delay: float = 0.0, bind_pvcs: bool = True, ready_snapshots: bool = True) -> None:
+                 snapshot_delay: float = 0.0, bind_pvcs: bool = True, ready_snapshots: bool = True,
+                 scenario: Scenario | PickScenario | None = None) -> None:
         self.emulator = emulator
+        self.scenario = scenario or Scenario()
         self.pod_ip: PodIP = pod_ip or LoopbackIPs()
         self.pod_delay = pod_delay
         self.snapshot_delay = snapshot_delay
@@ -113,14 +117,62 @@ class FakeKubelet:
         with contextlib.suppress(EmulatorApiError):  # deleted meanwhile: nothing to do
             self.emulator.patch_status(resource, meta.get('namespace'), meta['name'], status)
 
+    def _scenario(self, obj: dict[str, Any]) -> Scenario:
+        return self.scenario if isinstance(self.scenario, Scenario) else self.scenario(obj)
+
+    def _alive(self, pod: dict[str, Any]) -> bool:
+        meta = pod['metadata']
+        now = self.emulator.get_object(POD, meta.get('namespace'), meta['name'])
+        return (now is not None and now['metadata'].get('uid') == meta.get('uid')
+                and not now['metadata'].get('deletionTimestamp'))
+
+    def _patcher(self, pod: dict[str, Any]) -> Callable[[dict[str, Any]], bool]:
+        def patch(status: dict[str, Any]) -> bool:
+            if not self._alive(pod):
+                return False
+            self._patch_status(POD, pod, status)
+            return True
+        return patch
+
+    async def _volumes_bound(self, pod: dict[str, Any]) -> bool:
+        """The scheduler waits for the pod's claims to bind; False if the pod goes first."""
+        emu, meta = self.emulator, pod['metadata']
+        claims = [v['persistentVolumeClaim']['claimName'] for v in (pod.get('spec') or {}).get('volumes') or []
+                  if v.get('persistentVolumeClaim')]
+        told = False
+        while self._alive(pod):
+            changed = emu.changed
+            pvcs = [emu.get_object(PVC, meta.get('namespace'), claim) for claim in claims]
+            if all(pvc is not None and (pvc.get('status') or {}).get('phase') == 'Bound' for pvc in pvcs):
+                return True
+            if not told:
+                told = True
+                record_event(emu, pod, 'Warning', 'FailedScheduling', UNBOUND, 'default-scheduler')
+            await changed.wait()
+        return False
+
     async def _start_pod(self, pod: dict[str, Any], delay: float) -> None:
         if delay:
             await asyncio.sleep(delay)
+        scenario = self._scenario(pod)
+        if not await self._volumes_bound(pod) or not await play(self.emulator, pod, scenario, self._patcher(pod)):
+            return
         ip = self.pod_ip(pod)
         if inspect.isawaitable(ip):
             ip = await ip
-        if ip is not None:
-            self.start_pod(pod['metadata'].get('namespace'), pod['metadata']['name'], ip)
+        if ip is None or not self._alive(pod):
+            return
+        namespace, name = pod['metadata'].get('namespace'), pod['metadata']['name']
+        if scenario.ready_after is None:
+            self.start_pod(namespace, name, ip, ready=False)
+            await never_ready(self.emulator, pod, ip, scenario, lambda: self._alive(pod))
+        elif scenario.ready_after > 0:
+            self.start_pod(namespace, name, ip, ready=False)
+            await asyncio.sleep(scenario.ready_after)
+            if self._alive(pod):
+                self.set_pod_ready(namespace, name, True)
+        else:
+            self.start_pod(namespace, name, ip)
 
     def start_pod(self, namespace: str | None, name: str, ip: str, *, ready: bool = True) -> dict[str, Any]:
         """Make a pod Running with the given IP (and Ready unless ready=False)."""
@@ -156,6 +208,8 @@ class FakeKubelet:
             'conditions': self._conditions(ready, _now()), 'containerStatuses': statuses})
 
     async def _bind_pvc(self, pvc: dict[str, Any]) -> None:
+        if not await bind(self.emulator, pvc, self._scenario(pvc)):
+            return
         spec = pvc.get('spec') or {}
         storage = ((spec.get('resources') or {}).get('requests') or {}).get('storage', '1Gi')
         self._patch_status(PVC, pvc, {'phase': 'Bound', 'capacity': {'storage': storage},

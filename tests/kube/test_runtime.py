@@ -13,7 +13,7 @@ from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.lifecycle.kubernetes.client import LEASE as LEASE_KIND
 from gateway.lifecycle.kubernetes.client import POD as POD_KIND
 from gateway.lifecycle.kubernetes.client import KubeClient
-from gateway.lifecycle.kubernetes.objects import make_pod
+from gateway.lifecycle.kubernetes.objects import make_pod, make_pvc
 from gateway.lifecycle.kubernetes.objects import parse_workspace as parse
 from tests.kube.emulator import (
     LEASE,
@@ -201,7 +201,8 @@ async def test_a_409_on_create_means_already_there(kube: KubeEnv, kubelet: FakeK
     runtime = await make_runtime()
     await new_workspace(runtime)
     ws = parse(kube.emulator.get_object(WORKSPACE, NS, "w1") or {})
-    kube.emulator.create_object(POD, make_pod(ws, runtime.settings), NS)  # another replica was quicker
+    kube.emulator.create_object(PVC, make_pvc(ws, runtime.settings), NS)  # another replica was quicker
+    kube.emulator.create_object(POD, make_pod(ws, runtime.settings), NS)
     await until(lambda: runtime.get("w1").phase is Phase.RUNNING)  # type: ignore[union-attr]
     assert (await runtime.wake("w1")).phase is Phase.RUNNING
     assert names(kube.emulator, POD) == ["ws-w1"]
