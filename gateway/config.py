@@ -191,6 +191,10 @@ class Kubernetes(_Model):
     lease_duration: Seconds = 15.0
     identity: str | None = None
     start_timeout: Seconds = 300.0
+    # A start that cannot succeed ends before start_timeout, with the cluster's reason (starting.judge):
+    unschedulable_grace: Seconds = 120.0  # no node fits the pod this long
+    bind_timeout: Seconds = 180.0  # the home PVC still Pending (not provisioned, or restoring) this long
+    image_pull_grace: Seconds = 90.0  # ErrImagePull / ImagePullBackOff this long (one failed pull may be transient)
     snapshot_timeout: Seconds = 600.0
     sync_timeout: Seconds = 30.0
     request_timeout: Seconds = 10.0

@@ -16,6 +16,7 @@ GATEWAY_SELECTOR = {"app.kubernetes.io/name": "codehub-gateway", "app.kubernetes
 EXPECTED_RULES = {
     ("", "pods"): {"get", "list", "watch", "create", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "delete"},
+    ("", "events"): {"get", "list", "watch"},
     ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list", "watch", "create", "delete"},
     ("codehub.dev", "workspaces"): {"get", "list", "watch", "create", "update", "patch", "delete"},
     ("codehub.dev", "workspaces/finalizers"): {"update"},

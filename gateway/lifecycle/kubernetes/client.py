@@ -57,6 +57,7 @@ WORKSPACE = Kind("codehub.dev", "v1alpha1", "workspaces", "Workspace")
 LEASE = Kind("coordination.k8s.io", "v1", "leases", "Lease")
 SHARE_LINK = Kind("codehub.dev", "v1alpha1", "sharelinks", "ShareLink")
 API_TOKEN = Kind("codehub.dev", "v1alpha1", "apitokens", "ApiToken")
+EVENT = Kind("", "v1", "events", "Event")
 
 TRANSIENT = frozenset({0, 429, 500, 502, 503, 504})
 
@@ -201,18 +202,18 @@ class KubeClient:
         """PUT; with ``metadata.resourceVersion`` set, a stale write answers 409."""
         return await self.request("PUT", kind.path(self.namespace, name), body=body)
 
-    async def list(self, kind: Kind, *, label_selector: str | None = None) -> dict[str, Any]:
-        query = {"labelSelector": label_selector} if label_selector else {}
+    async def list(self, kind: Kind, *, label_selector: str | None = None,
+                   field_selector: str | None = None) -> dict[str, Any]:
+        query = _selectors(label_selector, field_selector)
         return await self.request("GET", kind.path(self.namespace), query=query)
 
     @contextlib.asynccontextmanager
     async def watch(self, kind: Kind, resource_version: str, *, label_selector: str | None = None,
+                    field_selector: str | None = None,
                     timeout_seconds: int = 300) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         """A watch stream of ``{"type", "object"}`` events after ``resource_version``; ERROR events raise."""
         query = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
-                 "timeoutSeconds": str(timeout_seconds)}
-        if label_selector:
-            query["labelSelector"] = label_selector
+                 "timeoutSeconds": str(timeout_seconds), **_selectors(label_selector, field_selector)}
         response = await self._send("GET", kind.path(self.namespace), query=query,
                                     limits=aiohttp.ClientTimeout(sock_connect=self.timeout,
                                                                  sock_read=timeout_seconds + self.timeout))
@@ -243,6 +244,11 @@ class KubeClient:
         finally:
             response.release()
             response.close()
+
+
+def _selectors(labels: str | None, fields: str | None) -> dict[str, str]:
+    query = {"labelSelector": labels, "fieldSelector": fields}
+    return {key: value for key, value in query.items() if value}
 
 
 async def retrying(call: Callable[[], Awaitable[T]], *, attempts: int = 5, first_delay: float = 0.2,

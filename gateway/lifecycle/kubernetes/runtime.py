@@ -17,6 +17,7 @@ import datetime
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -48,11 +49,13 @@ from gateway.lifecycle.kubernetes.objects import (
     make_pvc,
     make_snapshot,
     make_workspace,
+    parse_time,
     parse_workspace,
     pod_name,
     pvc_name,
     workspace_status,
 )
+from gateway.lifecycle.kubernetes.starting import EventFeed, Graces, Judge, describe
 from gateway.lifecycle.kubernetes.view import ClusterView
 
 log = logging.getLogger(__name__)
@@ -163,10 +166,24 @@ class KubernetesRuntime(Runtime):
         seen = self.view.observe(ws.id)
         if seen.phase is Phase.RUNNING:
             return self.view.end(ws.id)
-        self._require_api()
+        client = self._require_api()
         pod, pvc = pod_name(ws.id), pvc_name(ws.id)
         for kind, name in ((POD, pod), (PVC, pvc)):
             await self._remove_foreign(ws, kind, name, deadline)
+        settings = self.settings
+        judge = Judge(Graces(settings.unschedulable_grace, settings.bind_timeout, settings.image_pull_grace))
+        began = time.time()
+        feed = EventFeed(client, [pod, pvc], lambda event: self._explain(ws.id, event, judge, began),
+                         watch_timeout=settings.watch_timeout)
+        feed.start()
+        try:
+            return await self._start(ws, seen, judge, deadline)
+        finally:
+            await feed.stop()
+
+    async def _start(self, ws: WorkspaceResource, seen: phases.Observation, judge: Judge,
+                     deadline: float) -> WorkspaceState:
+        pod, pvc = pod_name(ws.id), pvc_name(ws.id)
         if seen.phase is Phase.FAILED and self.view.owned(POD, pod, ws.id) is not None:
             await self._call(lambda c: c.delete(POD, pod))  # a failed pod is replaced, not waited on
         if phases.deleting(self.view.owned(POD, pod, ws.id)) or seen.phase is Phase.FAILED:
@@ -187,17 +204,57 @@ class KubernetesRuntime(Runtime):
                 await self._call(lambda c: c.create(PVC, make_pvc(ws, self.settings)))
         self.view.begin(ws.id, Phase.STARTING)
         await self._call(lambda c: c.create(POD, make_pod(ws, self.settings)))
+        loop = asyncio.get_running_loop()
+        look_again: list[float | None] = [None]
 
         def started() -> phases.Observation | None:
-            if self.view.owned(POD, pod, ws.id) is None and self.view.cached(WORKSPACE, ws.id) is not None:
-                return None  # not in the cache yet (or removed meanwhile: the deadline tells)
+            found = self.view.owned(POD, pod, ws.id)
+            if self.view.workspace(ws.id) is None:
+                return phases.Observation(Phase.STOPPING)  # deleted meanwhile: end() says so
+            if found is None:
+                return None  # not in the cache yet
             seen = self.view.observe(ws.id)
-            return seen if seen.phase in (Phase.RUNNING, Phase.FAILED, Phase.STOPPING) else None
+            if seen.phase in (Phase.RUNNING, Phase.STOPPING):
+                return seen
+            failure, look_again[0] = judge(found, self.view.owned(PVC, pvc, ws.id), loop.time())
+            return phases.Observation(Phase.FAILED, message=failure) if failure is not None else None
 
-        seen = await self.view.wait(ws.id, started, deadline, "the pod becoming ready")
+        try:
+            seen = await self.view.wait(ws.id, started, deadline, "the pod becoming ready",
+                                        recheck=lambda: look_again[0])
+        except RuntimeError_ as exc:
+            if exc.code != "kubernetes-timeout":
+                raise
+            last = judge.warnings.get(pod)
+            seen = phases.Observation(Phase.FAILED, message=f"it did not become ready within "
+                                      f"{self.settings.start_timeout:g} s" + (f" ({last})" if last else ""))
         if seen.phase is Phase.FAILED:
             log.error("workspace %s failed to start: %s", ws.id, seen.message)
+            self.view.explain(ws.id, seen.message)
+            with contextlib.suppress(RuntimeError_):  # a failed pod is not left behind (nor its quota used)
+                await self._call(lambda c: c.delete(POD, pod))
+            raise RuntimeError_(f"Workspace {ws.id} could not start: {seen.message}", code="workspace-start-failed")
         return self.view.end(ws.id)
+
+    def _explain(self, workspace: str, event: Mapping[str, Any], judge: Judge, began: float) -> None:
+        """One Event about this wake's pod or PVC as a progress line; an older namesake's are left out."""
+        involved = event.get("involvedObject") or {}
+        kind = {"Pod": POD, "PersistentVolumeClaim": PVC}.get(str(involved.get("kind")))
+        name = str(involved.get("name") or "")
+        if kind is None:
+            return
+        current = self.view.owned(kind, name, workspace)
+        if current is not None:
+            if current["metadata"].get("uid") != involved.get("uid"):
+                return
+        else:
+            when = parse_time(event.get("lastTimestamp") or event.get("eventTime"))
+            if when is None or when.timestamp() < began - 1:
+                return
+        text = describe(event)
+        if event.get("type") == "Warning":
+            judge.warnings[name] = str(event.get("message") or text)
+        self.view.explain(workspace, text)
 
     async def _remove_foreign(self, ws: WorkspaceResource, kind: Kind, name: str, deadline: float) -> None:
         """A pod or PVC under our name but owned by a deleted namesake goes first (GC may not have got to it)."""

@@ -8,6 +8,7 @@ polls. Reads never touch the API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -176,8 +177,18 @@ class ClusterView:
             raise NotFound(f"There is no workspace called {workspace}.", code="workspace-not-found")
         return state
 
-    async def wait(self, workspace: str, check: Callable[[], T | None], deadline: float, what: str) -> T:
-        """Wait, woken by cache changes only, until ``check`` returns something; RuntimeError_ at the deadline."""
+    def explain(self, workspace: str, message: str) -> None:
+        """A progress line for whoever waits on the workspace (the waiting page), in its current phase."""
+        state = self.get(workspace)
+        if state is not None:
+            self.hub.publish(Event(workspace, state.phase, message))
+
+    async def wait(self, workspace: str, check: Callable[[], T | None], deadline: float, what: str, *,
+                   recheck: Callable[[], float | None] | None = None) -> T:
+        """Wait, woken by cache changes, until ``check`` returns something; RuntimeError_ at the deadline.
+
+        ``recheck`` names a (loop) time to look again without a change: when a grace ``check`` counts runs out.
+        """
         slot = self.slot(workspace)
         loop = asyncio.get_running_loop()
         while True:
@@ -185,11 +196,14 @@ class ClusterView:
             result = check()
             if result is not None:
                 return result
+            again = recheck() if recheck is not None else None
             remaining = deadline - loop.time()
             try:
                 if remaining <= 0:
                     raise TimeoutError
-                await asyncio.wait_for(changed.wait(), remaining)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), max(0.0, min(remaining, again - loop.time()))
+                                           if again is not None else remaining)
             except TimeoutError:
                 raise RuntimeError_(f"Workspace {workspace}: {what} did not happen in time.",
                                     code="kubernetes-timeout") from None
