@@ -25,9 +25,9 @@ from typing import Any
 from kubernetes_asyncio.client import ApiClient
 
 from gateway.config import Config, Kubernetes
-from gateway.errors import Conflict
+from gateway.errors import Conflict, NotFound
 from gateway.lifecycle.base import Phase, Runtime, RuntimeError_, WorkspaceSpec, WorkspaceState
-from gateway.lifecycle.kubernetes import phases
+from gateway.lifecycle.kubernetes import intent, phases
 from gateway.lifecycle.kubernetes.activity import ActivitySync
 from gateway.lifecycle.kubernetes.client import (
     POD,
@@ -170,6 +170,7 @@ class KubernetesRuntime(Runtime):
         pod, pvc = pod_name(ws.id), pvc_name(ws.id)
         for kind, name in ((POD, pod), (PVC, pvc)):
             await self._remove_foreign(ws, kind, name, deadline)
+        await self._claim_home(ws, deadline)
         settings = self.settings
         judge = Judge(Graces(settings.unschedulable_grace, settings.bind_timeout, settings.image_pull_grace))
         began = time.time()
@@ -256,6 +257,21 @@ class KubernetesRuntime(Runtime):
             judge.warnings[name] = str(event.get("message") or text)
         self.view.explain(workspace, text)
 
+    async def _claim_home(self, ws: WorkspaceResource, deadline: float) -> None:
+        """Mark the home in use (guarded by resourceVersion) before a pod is made for it: an archive that has not
+        committed yet will keep the volume; one that has is finished here first, then the home is restored."""
+        client = self._require_api()
+        pvc = pvc_name(ws.id)
+        while True:
+            written, found = await intent.swap(client, ws.id, lambda v: intent.KEEP if intent.kind_of(v) == "deleting"
+                                               and self.view.owned(PVC, pvc, ws.id) is not None
+                                               else intent.token("awake", self.identity))
+            if written:
+                return
+            log.info("%s: its volume is being deleted after a snapshot (%s); restoring after that", ws.id, found)
+            await self._call(lambda c: c.delete(PVC, pvc))  # idempotent; finishes a crashed archiver's work
+            await self.view.gone(ws.id, PVC, pvc, deadline)
+
     async def _remove_foreign(self, ws: WorkspaceResource, kind: Kind, name: str, deadline: float) -> None:
         """A pod or PVC under our name but owned by a deleted namesake goes first (GC may not have got to it)."""
         found = self.view.cached(kind, name)
@@ -305,6 +321,32 @@ class KubernetesRuntime(Runtime):
             return state
 
     async def _archive(self, workspace: str, pvc: str) -> None:
+        client = self._require_api()
+        mine = intent.token("archiving", self.identity)
+        stale = self.settings.snapshot_timeout + self.settings.request_timeout  # a crashed archiver's claim
+        written, found = await intent.swap(client, workspace, lambda v: intent.KEEP if intent.kind_of(v) in (
+            "archiving", "deleting") and intent.age(v) < stale else mine)
+        if not written:
+            log.info("%s is being archived elsewhere (%s)", workspace, found)
+            return
+        try:
+            committed = await self._snapshot_then_commit(workspace, mine)
+        except RuntimeError_:
+            with contextlib.suppress(RuntimeError_, NotFound):  # let the next archive try at once
+                await intent.swap(client, workspace, lambda v: None if v == mine else intent.KEEP)
+            raise
+        if committed is None:
+            return
+        # Only now, with a ready snapshot of it and no wake since, may the volume go.
+        deadline = asyncio.get_running_loop().time() + self.settings.snapshot_timeout
+        await self._call(lambda c: c.delete(PVC, pvc))
+        await self.view.gone(workspace, PVC, pvc, deadline)
+        for old in phases.prunable(self.view.snapshots(workspace), self.settings.keep_snapshots):
+            await self._prune(workspace, old)
+        await intent.swap(client, workspace, lambda v: None if v == committed else intent.KEEP)
+
+    async def _snapshot_then_commit(self, workspace: str, mine: str) -> str | None:
+        """Take a ready snapshot, then turn our ``archiving`` into ``deleting``; None when a wake came between."""
         self.view.begin(workspace, Phase.ARCHIVING)
         deadline = asyncio.get_running_loop().time() + self.settings.snapshot_timeout
         body = make_snapshot(self.view.resource(workspace), self.settings, datetime.datetime.now(tz=datetime.UTC))
@@ -320,14 +362,13 @@ class KubernetesRuntime(Runtime):
         snapshot = await self.view.wait(workspace, settled, deadline, f"snapshot {name} becoming ready")
         if not phases.snapshot_ready(snapshot):
             raise RuntimeError_(f"snapshot {name} failed: {phases.snapshot_error(snapshot)}", code="snapshot-failed")
-        if self.view.owned(POD, pod_name(workspace), workspace) is not None:
-            log.info("workspace %s was woken while archiving; keeping its volume", workspace)
-            return
-        # Only now, with a ready snapshot of it, may the volume go.
-        await self._call(lambda c: c.delete(PVC, pvc))
-        await self.view.gone(workspace, PVC, pvc, deadline)
-        for old in phases.prunable(self.view.snapshots(workspace), self.settings.keep_snapshots):
-            await self._prune(workspace, old)
+        commit = "deleting/" + mine.split("/", 1)[1]
+        written, found = await intent.swap(self._require_api(), workspace,
+                                           lambda v: commit if v == mine else intent.KEEP)
+        if not written:
+            log.info("workspace %s was woken while archiving (%s); keeping its volume", workspace, found)
+            return None
+        return commit
 
     async def _prune(self, workspace: str, snapshot: str) -> None:
         """Older snapshots go only after a newer one is ready (``phases.prunable`` never names the newest)."""
