@@ -63,6 +63,7 @@ at the first iteration, so pin ``resource_version=`` or wait before writing).
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
 import contextlib
 import copy
@@ -345,6 +346,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     resources_init: Mapping[str, kmock.ResourceInfo] | None = attrs.field(default=None, alias='resources')
     max_history: int = 10_000  # watch events kept for watch-from-RV; older RVs answer 410
+    bookmark_interval: float = 1.0  # seconds between BOOKMARK events on a quiet watch that asked for them
 
     _rv: int = attrs.field(default=0, init=False)
     _log: list[Event] = attrs.field(factory=list, init=False)
@@ -774,8 +776,33 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if not request.resource.plural:  # e.g. /api/v1/ with a slash (kubernetes-asyncio's discovery)
             return rendering.Response(status=200, payload=await self._serve_version(request))
         params = request.params
-        return self._respond(self.op_list(request.resource, request.namespace,
-                                          params.get('labelSelector'), params.get('fieldSelector')))
+        code, listing = self.op_list(request.resource, request.namespace,
+                                     params.get('labelSelector'), params.get('fieldSelector'))
+        if code == 200 and (params.get('limit') or params.get('continue')):
+            code, listing = self._page(listing, params.get('limit'), params.get('continue'))
+        return self._respond((code, listing))
+
+    def _page(self, listing: dict[str, Any], limit: str | None, token: str | None) -> _Result:
+        """``limit``/``continue`` as the real API: a continue token names the list's RV and the last name served;
+        once that RV is compacted away the token answers 410 Expired (the client lists again from the start)."""
+        try:
+            size = int(limit) if limit else None
+            rv, after = (json.loads(base64.urlsafe_b64decode(token)) if token else (None, ''))
+        except (ValueError, TypeError):
+            return self._bad_request('invalid limit or continue parameter')
+        if rv is not None and int(rv) < self._floor:
+            return 410, k8s_status(410, 'Expired', 'The provided continue parameter is too old to display a'
+                                   ' consistent list result. You can start a new list without the continue parameter.')
+        items = [obj for obj in listing['items'] if obj['metadata']['name'] > after]
+        page, rest = (items[:size], items[size:]) if size else (items, [])
+        listing['items'] = page
+        if rv is not None:
+            listing['metadata']['resourceVersion'] = str(rv)
+        if rest:
+            listing['metadata']['continue'] = base64.urlsafe_b64encode(json.dumps(
+                [int(listing['metadata']['resourceVersion']), page[-1]['metadata']['name']]).encode()).decode()
+            listing['metadata']['remainingItemCount'] = len(rest)
+        return 200, listing
 
     async def _serve_replace(self, request: kmock.Request) -> rendering.Response:
         assert request.resource is not None
@@ -839,6 +866,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             for obj in initial:
                 yield {'type': 'ADDED', 'object': obj}
             position = since
+            bookmarks = str(request.params.get('allowWatchBookmarks', '')).lower() == 'true'
+            quiet_since = loop.time()
             while watcher.stop is None:
                 changed = self._changed
                 events = self._events_after(position)
@@ -850,6 +879,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     position = event.rv
                     translated = watcher.translate(event)
                     if translated is not None:
+                        quiet_since = loop.time()
                         yield translated
                     if watcher.stop is not None:
                         break
@@ -858,6 +888,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     return  # timeoutSeconds: the server ends the stream normally
+                if bookmarks and loop.time() - quiet_since >= self.bookmark_interval:
+                    quiet_since = loop.time()
+                    yield {'type': 'BOOKMARK', 'object': {
+                        'kind': self._declared(watcher.resource).kind if self._declared(watcher.resource) else '',
+                        'apiVersion': _api_version(watcher.resource),
+                        'metadata': {'resourceVersion': str(position)}}}
                 if raw is not None and (raw.transport is None or raw.transport.is_closing()):
                     return  # the client went away
                 with contextlib.suppress(TimeoutError):
@@ -909,7 +945,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 await self._changed.wait()
 
     def fail(self, *criteria: Any, status: int = 500, times: int | None = 1, reason: str | None = None,
-             message: str = 'injected fault') -> Any:
+             message: str = 'injected fault', retry_after: int | None = None) -> Any:
         """
         Inject a fault for the *next* `times` requests matching kmock criteria (None: for ever).
 
@@ -934,7 +970,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if request.action == kmock.action.WATCH:
                 line = json.dumps({'type': 'ERROR', 'object': body}).encode() + b'\n'
                 return rendering.Response(status=200, payload=line)
-            return rendering.Response(status=status, payload=body)
+            headers = {'Retry-After': str(retry_after)} if retry_after is not None else {}
+            return rendering.Response(status=status, payload=body, headers=headers)
 
         view = self[criteria] if criteria else self
         reactions.append(view << answer)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -113,3 +114,45 @@ async def test_a_snapshot_is_held_while_a_claim_restores_from_it(kube_emulator: 
     assert emu.get_object(VOLUME_SNAPSHOT, NS, 's') is not None
     emu.patch_status(PVC, NS, 'home', {'phase': 'Bound'})
     await emu.wait_gone(VOLUME_SNAPSHOT, NS, 's')
+
+
+# --- API manners: pages, Retry-After, bookmarks ---------------------------------------------------
+
+async def test_lists_paginate_with_limit_and_continue(kube_api: ApiClient, kube_emulator: KubeEmulator) -> None:
+    core = client.CoreV1Api(kube_api)
+    for index in range(5):
+        kube_emulator.create_object(PVC, {'metadata': {'name': f'c{index}'}, 'spec': {}}, NS)
+    first = await core.list_namespaced_persistent_volume_claim(NS, limit=2)
+    assert [p.metadata.name for p in first.items] == ['c0', 'c1']
+    assert first.metadata.remaining_item_count == 3
+    kube_emulator.create_object(PVC, {'metadata': {'name': 'c9'}, 'spec': {}}, NS)
+    second = await core.list_namespaced_persistent_volume_claim(NS, limit=2, _continue=first.metadata._continue)
+    assert [p.metadata.name for p in second.items] == ['c2', 'c3']
+    assert second.metadata.resource_version == first.metadata.resource_version  # one consistent list
+    kube_emulator.compact()
+    with pytest.raises(client.ApiException) as expired:
+        await core.list_namespaced_persistent_volume_claim(NS, limit=2, _continue=second.metadata._continue)
+    assert expired.value.status == 410
+
+
+async def test_429_carries_retry_after(kube_api: ApiClient, kube_emulator: KubeEmulator) -> None:
+    kube_emulator.fail('list', PVC, status=429, retry_after=3)
+    with pytest.raises(client.ApiException) as refused:
+        await client.CoreV1Api(kube_api).list_namespaced_persistent_volume_claim(NS)
+    assert refused.value.status == 429
+    assert refused.value.headers['Retry-After'] == '3'
+
+
+async def test_a_quiet_watch_gets_bookmarks(kube_api: ApiClient, kube_emulator: KubeEmulator) -> None:
+    kube_emulator.bookmark_interval = 0.2
+    core = client.CoreV1Api(kube_api)
+    listing = await core.list_namespaced_pod(NS)
+    kube_emulator.create_object(PVC, {'metadata': {'name': 'elsewhere'}, 'spec': {}}, NS)  # not a pod
+    response = await core.list_namespaced_pod(NS, watch=True, allow_watch_bookmarks=True, timeout_seconds=5,
+                                              resource_version=listing.metadata.resource_version,
+                                              _preload_content=False)
+    line = await asyncio.wait_for(response.content.readline(), 3)
+    response.close()
+    event = json.loads(line)
+    assert event['type'] == 'BOOKMARK'
+    assert int(event['object']['metadata']['resourceVersion']) == kube_emulator.resource_version
