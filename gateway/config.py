@@ -200,6 +200,11 @@ class Kubernetes(_Model):
     request_timeout: Seconds = 10.0
     watch_timeout: int = Field(default=300, ge=1)
     activity_interval: Seconds = 60.0
+    # What the gateway asks of the API server (per replica): a token bucket and a bound on requests in flight.
+    api_qps: float = Field(default=20.0, gt=0)
+    api_burst: int = Field(default=40, ge=1)
+    api_concurrency: int = Field(default=16, ge=1)
+    list_page_size: int = Field(default=500, ge=1)  # lists are fetched in pages (limit/continue)
     usage_interval: Seconds = 5.0  # share link / API token use counts: at most one status write per interval
 
     @field_validator("namespace")

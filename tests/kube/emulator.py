@@ -951,6 +951,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
         E.g. ``emu.fail('post', POD, status=500)``, ``emu.fail('put', LEASE, status=409)``,
         ``emu.fail('watch', POD, status=410)``. Nothing is written while the fault answers.
+        ``emu.fail('watch', POD, status=200)`` is a watch that ends at once, cleanly and empty.
         Watch requests get HTTP 200 + an ``ERROR`` event (as the real API does mid-stream);
         other requests get the HTTP status with a ``Status`` body. When depleted, the reaction
         disables itself and the emulator serves normally. Returns the kmock reaction: assert on
@@ -969,7 +970,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     reactions[0]._disabled.set()  # so that it does not even record the next request
             if request.action == kmock.action.WATCH:
                 line = json.dumps({'type': 'ERROR', 'object': body}).encode() + b'\n'
-                return rendering.Response(status=200, payload=line)
+                return rendering.Response(status=200, payload=line if status != 200 else b'\n')
             headers = {'Retry-After': str(retry_after)} if retry_after is not None else {}
             return rendering.Response(status=status, payload=body, headers=headers)
 

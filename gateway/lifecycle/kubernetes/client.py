@@ -22,6 +22,7 @@ from kubernetes_asyncio.client import ApiClient, Configuration
 
 from gateway.config import Kubernetes
 from gateway.lifecycle.base import RuntimeError_
+from gateway.lifecycle.kubernetes.throttle import Throttle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,16 +61,18 @@ API_TOKEN = Kind("codehub.dev", "v1alpha1", "apitokens", "ApiToken")
 EVENT = Kind("", "v1", "events", "Event")
 
 TRANSIENT = frozenset({0, 429, 500, 502, 503, 504})
+MAX_RETRY_AFTER = 30.0
 
 
 class KubeError(Exception):
     """A non-2xx answer (``status``) or no answer at all (``status`` 0: connection refused, reset, timeout)."""
 
-    def __init__(self, status: int, reason: str, message: str = "") -> None:
+    def __init__(self, status: int, reason: str, message: str = "", *, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {reason}: {message}" if status else f"{reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.retry_after = retry_after  # seconds the server asked us to wait (429, 503), if it said
 
     @property
     def transient(self) -> bool:
@@ -87,7 +90,14 @@ def unavailable(error: Exception) -> RuntimeError_:
                          headers={"Retry-After": "5"})
 
 
-def _error(status: int, body: bytes) -> KubeError:
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None  # an HTTP date: rare from an API server; the backoff applies instead
+
+
+def _error(status: int, body: bytes, retry_after: float | None = None) -> KubeError:
     try:
         data = json.loads(body)
     except ValueError:
@@ -96,7 +106,7 @@ def _error(status: int, body: bytes) -> KubeError:
         data = {}
     reason = str(data.get("reason") or "Error")
     message = str(data.get("message") or body[:200].decode("utf-8", "replace"))
-    return (Gone if status == 410 else KubeError)(status, reason, message)
+    return (Gone if status == 410 else KubeError)(status, reason, message, retry_after=retry_after)
 
 
 async def connect(settings: Kubernetes) -> ApiClient:
@@ -116,10 +126,13 @@ async def connect(settings: Kubernetes) -> ApiClient:
 class KubeClient:
     """Single-attempt calls in one namespace; every method raises :class:`KubeError` on failure."""
 
-    def __init__(self, api: ApiClient, namespace: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, api: ApiClient, namespace: str, *, timeout: float = 10.0, throttle: Throttle | None = None,
+                 page_size: int = 500) -> None:
         self.api = api
         self.namespace = namespace
         self.timeout = timeout
+        self.throttle = throttle
+        self.page_size = page_size
 
     async def _send(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
                     body: Any = None, content_type: str = JSON,
@@ -140,18 +153,19 @@ class KubeClient:
                 body_bytes = b""
             finally:
                 response.release()
-            raise _error(response.status, body_bytes)
+            raise _error(response.status, body_bytes, _seconds(response.headers.get("Retry-After")))
         return response
 
     async def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None, body: Any = None,
                       content_type: str = JSON) -> dict[str, Any]:
-        response = await self._send(method, path, query=query, body=body, content_type=content_type)
-        try:
-            data = await response.json(content_type=None)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            raise KubeError(0, type(exc).__name__, str(exc)) from exc
-        finally:
-            response.release()
+        async with self.throttle.request() if self.throttle is not None else contextlib.nullcontext():
+            response = await self._send(method, path, query=query, body=body, content_type=content_type)
+            try:
+                data = await response.json(content_type=None)
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                raise KubeError(0, type(exc).__name__, str(exc)) from exc
+            finally:
+                response.release()
         if not isinstance(data, dict):
             raise KubeError(0, "BadResponse", f"{method} {path} answered {type(data).__name__}")
         return data
@@ -204,8 +218,27 @@ class KubeClient:
 
     async def list(self, kind: Kind, *, label_selector: str | None = None,
                    field_selector: str | None = None) -> dict[str, Any]:
+        """Every item, fetched in pages of ``page_size`` (``limit``/``continue``), as one list at one version.
+
+        A continue token that expired (410: the list's version was compacted meanwhile) starts the list again.
+        """
         query = _selectors(label_selector, field_selector)
-        return await self.request("GET", kind.path(self.namespace), query=query)
+        for _ in range(3):
+            items: list[Any] = []
+            token = ""
+            try:
+                while True:
+                    ask = {**query, "limit": str(self.page_size), **({"continue": token} if token else {})}
+                    page = await self.request("GET", kind.path(self.namespace), query=ask)
+                    items.extend(page.get("items") or [])
+                    token = str((page.get("metadata") or {}).get("continue") or "")
+                    if not token:
+                        return {**page, "items": items}
+            except Gone:
+                if not token:
+                    raise
+                log.info("list of %s expired between pages; listing again", kind.plural)
+        raise KubeError(410, "Expired", f"the list of {kind.plural} kept expiring between pages")
 
     @contextlib.asynccontextmanager
     async def watch(self, kind: Kind, resource_version: str, *, label_selector: str | None = None,
@@ -214,6 +247,8 @@ class KubeClient:
         """A watch stream of ``{"type", "object"}`` events after ``resource_version``; ERROR events raise."""
         query = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
                  "timeoutSeconds": str(timeout_seconds), **_selectors(label_selector, field_selector)}
+        if self.throttle is not None:
+            await self.throttle.token()
         response = await self._send("GET", kind.path(self.namespace), query=query,
                                     limits=aiohttp.ClientTimeout(sock_connect=self.timeout,
                                                                  sock_read=timeout_seconds + self.timeout))
@@ -252,7 +287,7 @@ def _selectors(labels: str | None, fields: str | None) -> dict[str, str]:
 
 
 async def retrying(call: Callable[[], Awaitable[T]], *, attempts: int = 5, first_delay: float = 0.2,
-                   max_delay: float = 5.0) -> T:
+                   max_delay: float = 5.0, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> T:
     """Run a single-attempt call again on transient failures (5xx, 429, no answer), with jittered backoff.
 
     Anything else is the caller's answer to handle. When the attempts run out, the failure becomes the one
@@ -268,6 +303,9 @@ async def retrying(call: Callable[[], Awaitable[T]], *, attempts: int = 5, first
             if attempt == attempts:
                 raise unavailable(exc) from exc
             log.warning("Kubernetes API call failed (attempt %d of %d), retrying: %s", attempt, attempts, exc)
-        await asyncio.sleep(delay * (0.5 + random.random()))
+            pause = delay * (0.5 + random.random())
+            if exc.retry_after is not None:  # the server said when (429, 503): not sooner, within reason
+                pause = max(pause, min(exc.retry_after, MAX_RETRY_AFTER))
+        await sleep(pause)
         delay = min(delay * 2, max_delay)
     raise AssertionError("unreachable")

@@ -56,6 +56,7 @@ from gateway.lifecycle.kubernetes.objects import (
     workspace_status,
 )
 from gateway.lifecycle.kubernetes.starting import EventFeed, Graces, Judge, describe
+from gateway.lifecycle.kubernetes.throttle import Throttle
 from gateway.lifecycle.kubernetes.view import ClusterView
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,9 @@ class KubernetesRuntime(Runtime):
         if self._api is None:
             self._api = await connect(self.settings)
         settings = self.settings
-        self.client = KubeClient(self._api, settings.namespace, timeout=settings.request_timeout)
+        self.client = KubeClient(self._api, settings.namespace, timeout=settings.request_timeout,
+                                 throttle=Throttle(settings.api_qps, settings.api_burst, settings.api_concurrency),
+                                 page_size=settings.list_page_size)
         self.activity = ActivitySync(self.client, lambda name: self.view.cached(WORKSPACE, name),
                                      interval=settings.activity_interval)
         self.leader = LeaderElector(self.client, settings.lease_name, self.identity, duration=settings.lease_duration)
@@ -429,17 +432,31 @@ class KubernetesRuntime(Runtime):
 
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
                      collaborators: tuple[str, ...] | None = None) -> WorkspaceState:
-        current = self.view.resource(workspace)
-        spec: dict[str, Any] = {}
-        if ports is not None:
-            spec["ports"] = {**{str(p): None for p in current.ports if p not in ports},
-                             **{str(p): visibility for p, visibility in ports.items()}}
-        if collaborators is not None:
-            spec["collaborators"] = list(collaborators)
-        if not spec:
+        """Change the spec as read at one resourceVersion; a 409 (someone wrote since) reads again and redoes it."""
+        self.view.resource(workspace)
+        if ports is None and collaborators is None:
             return await self.status(workspace)
-        patched = await self._call(lambda c: c.patch(WORKSPACE, workspace, {"spec": spec}))
-        return await self._until_cached(workspace, patched)
+        obj = self.view.workspace(workspace)
+        for _ in range(5):
+            if obj is None:
+                raise NotFound(f"There is no workspace called {workspace}.", code="workspace-not-found")
+            current = parse_workspace(obj)
+            spec: dict[str, Any] = {}
+            if ports is not None:
+                spec["ports"] = {**{str(p): None for p in current.ports if p not in ports},
+                                 **{str(p): visibility for p, visibility in ports.items()}}
+            if collaborators is not None:
+                spec["collaborators"] = list(collaborators)
+            patch = {"metadata": {"resourceVersion": obj["metadata"].get("resourceVersion")}, "spec": spec}
+            try:
+                patched = await self._call(lambda c: c.patch(WORKSPACE, workspace, patch))  # noqa: B023
+            except RuntimeError_ as exc:
+                if not (isinstance(exc.__cause__, KubeError) and exc.__cause__.status == 409):
+                    raise
+                obj = await self._call(lambda c: c.get(WORKSPACE, workspace))
+                continue
+            return await self._until_cached(workspace, patched)
+        raise Conflict(f"Workspace {workspace} kept changing; try again.", code="workspace-changed")
 
     async def _until_cached(self, workspace: str, written: Obj) -> WorkspaceState:
         """Return once the cache holds what we wrote (or something newer), so callers read their own write."""
