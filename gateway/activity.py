@@ -123,7 +123,7 @@ async def reap_once(runtime: Runtime, activity: Activity, timers: IdleTimers, me
         if busy(state.id):
             continue
         action = idle_action(state.phase, activity.idle_for(state.id, state.since), timers)
-        if action is None:
+        if action is None or (action is Phase.COLD and not runtime.features().get("cold", True)):
             continue
         log.info("workspace %s idle in %s; moving to %s", state.id, state.phase, action)
         try:

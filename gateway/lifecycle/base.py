@@ -171,6 +171,10 @@ class Runtime(abc.ABC):
         """The newest use any replica recorded, where the runtime shares activity; None otherwise."""
         return None
 
+    def features(self) -> dict[str, bool]:
+        """Optional abilities and whether this runtime has them here (``cold``: it can archive)."""
+        return {}
+
     def is_leader(self) -> bool:
         """Whether this replica runs cluster-wide chores (the idle reaper); a lone gateway always does."""
         return True

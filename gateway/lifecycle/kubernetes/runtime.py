@@ -137,11 +137,15 @@ class KubernetesRuntime(Runtime):
         assert state is not None
         return state
 
-    def _require_api(self) -> KubeClient:
+    def _require_api(self, *kinds: Kind) -> KubeClient:
+        """The client, if the caches this operation decides from (default: Workspaces, pods, PVCs) are live."""
         if self.client is None:
             raise RuntimeError_("The Kubernetes runtime has not started.", code="kubernetes-unavailable")
-        self.view.require_api()
+        self.view.require_api(kinds or (WORKSPACE, POD, PVC))
         return self.client
+
+    def features(self) -> dict[str, bool]:
+        return {"cold": self.view.snapshots_enabled}
 
     # -- doing --
 
@@ -195,6 +199,8 @@ class KubernetesRuntime(Runtime):
         if phases.deleting(self.view.owned(PVC, pvc, ws.id)):
             await self.view.gone(ws.id, PVC, pvc, deadline)  # an archive elsewhere is finishing: restore after it
         if self.view.owned(PVC, pvc, ws.id) is None:
+            if self.view.snapshots_enabled:  # whether to restore is decided from the snapshot cache: it must be live
+                self._require_api(WORKSPACE, POD, PVC, SNAPSHOT)
             snapshots = self.view.snapshots(ws.id)
             ready = phases.newest_first(snapshots)
             if ready:
@@ -304,10 +310,15 @@ class KubernetesRuntime(Runtime):
             return state
 
     async def archive(self, workspace: str) -> WorkspaceState:
+        if not self.view.snapshots_enabled:
+            self.view.resource(workspace)
+            raise Conflict("COLD is disabled on this cluster (the VolumeSnapshot API is not installed); the "
+                           "workspace can only sleep WARM.", code="cold-disabled")
+        self._require_api(WORKSPACE, POD, PVC, SNAPSHOT)
         await self.stop(workspace)
         slot = self.view.slot(workspace)
         async with slot.lock:
-            self._require_api()
+            self._require_api(WORKSPACE, POD, PVC, SNAPSHOT)
             pvc = pvc_name(workspace)
             if (self.view.owned(PVC, pvc, workspace) is None
                     or self.view.owned(POD, pod_name(workspace), workspace) is not None):

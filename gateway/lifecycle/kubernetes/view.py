@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -30,6 +31,7 @@ from gateway.lifecycle.kubernetes.objects import (
     pvc_name,
 )
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Obj = dict[str, Any]
 
@@ -54,11 +56,16 @@ class ClusterView:
         self.hub = hub
         self.informers: dict[Kind, Informer] = {}
         self.slots: dict[str, Slot] = {}
+        self.snapshots_enabled = True
 
     async def start(self, client: KubeClient) -> None:
         """Fill the caches; RuntimeError_ if the API cannot be listed within ``sync_timeout``."""
         settings = self.settings
-        for kind, selector in ((WORKSPACE, None), (POD, SELECTOR), (PVC, SELECTOR), (SNAPSHOT, SELECTOR)):
+        kinds = [(WORKSPACE, None), (POD, SELECTOR), (PVC, SELECTOR)]
+        self.snapshots_enabled = await self._snapshot_api(client)
+        if self.snapshots_enabled:
+            kinds.append((SNAPSHOT, SELECTOR))
+        for kind, selector in kinds:
             self.informers[kind] = Informer(client, kind, label_selector=selector, on_change=self._on_change(kind),
                                             watch_timeout=settings.watch_timeout)
         for informer in self.informers.values():
@@ -71,6 +78,19 @@ class ClusterView:
             raise RuntimeError_(f"Kubernetes API not reachable within {settings.sync_timeout:.0f} s ({errors})",
                                 code="kubernetes-unavailable") from None
 
+    async def _snapshot_api(self, client: KubeClient) -> bool:
+        """Whether the cluster serves VolumeSnapshots (the CSI snapshot CRDs are optional, and so is COLD)."""
+        try:
+            await client.request("GET", SNAPSHOT.path(self.settings.namespace), query={"limit": "1"})
+        except KubeError as exc:
+            if exc.status != 404:
+                return True  # the API is unwell, not missing the kind: the informer retries and reports it
+            log.warning("The VolumeSnapshot API (%s/%s) is not installed: COLD is disabled, idle workspaces "
+                        "sleep WARM (pod stopped, home kept). Install the CSI snapshot CRDs and restart to "
+                        "enable it.", SNAPSHOT.group, SNAPSHOT.version)
+            return False
+        return True
+
     async def stop(self) -> None:
         for informer in self.informers.values():
             await informer.stop()
@@ -79,9 +99,10 @@ class ClusterView:
     def healthy(self) -> bool:
         return bool(self.informers) and all(i.healthy for i in self.informers.values())
 
-    def require_api(self) -> None:
-        """Operations that need the API refuse clearly while any cache is cut off from it."""
-        lost = [i for i in self.informers.values() if not i.healthy]
+    def require_api(self, kinds: Iterable[Kind] = (WORKSPACE, POD, PVC)) -> None:
+        """An operation refuses clearly while a cache it decides from is cut off from the API; the others
+        may be unwell (a lost snapshot watch does not stop wakes from WARM)."""
+        lost = [self.informers[kind] for kind in kinds if kind in self.informers and not self.informers[kind].healthy]
         if lost or not self.informers:
             detail = f"{lost[0].kind.plural}: {lost[0].error}" if lost else "not started"
             raise unavailable(KubeError(0, "watch lost", detail))
