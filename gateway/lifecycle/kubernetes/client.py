@@ -119,7 +119,8 @@ async def connect(settings: Kubernetes) -> ApiClient:
     else:
         path = str(settings.kubeconfig) if settings.kubeconfig else None
         await kube_config.load_kube_config(config_file=path, client_configuration=configuration)
-    configuration.connection_pool_maxsize = 64  # six watches stay open (4 runtime, 2 tokens); operations need room
+    # Six watches stay open (4 runtime, 2 tokens), two per explained wake (at most 32), and operations need room.
+    configuration.connection_pool_maxsize = 64
     return ApiClient(configuration=configuration)
 
 

@@ -61,6 +61,7 @@ from gateway.lifecycle.kubernetes.view import ClusterView
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
+MAX_FEEDS = 16
 
 
 def default_identity() -> str:
@@ -80,6 +81,7 @@ class KubernetesRuntime(Runtime):
         self.client: KubeClient | None = None
         self.leader: LeaderElector | None = None
         self.activity: ActivitySync | None = None
+        self._feeds = 0  # wakes following their Events right now
 
     @classmethod
     def from_config(cls, config: Config) -> KubernetesRuntime:
@@ -181,13 +183,18 @@ class KubernetesRuntime(Runtime):
         settings = self.settings
         judge = Judge(Graces(settings.unschedulable_grace, settings.bind_timeout, settings.image_pull_grace))
         began = time.time()
-        feed = EventFeed(client, [pod, pvc], lambda event: self._explain(ws.id, event, judge, began),
-                         watch_timeout=settings.watch_timeout)
-        feed.start()
+        feed = None
+        if self._feeds < MAX_FEEDS:  # two watches each: a wake storm does not open a thousand
+            feed = EventFeed(client, [pod, pvc], lambda event: self._explain(ws.id, event, judge, began),
+                             watch_timeout=settings.watch_timeout)
+            feed.start()
+            self._feeds += 1
         try:
             return await self._start(ws, seen, judge, deadline)
         finally:
-            await feed.stop()
+            if feed is not None:
+                self._feeds -= 1
+                await feed.stop()
 
     async def _start(self, ws: WorkspaceResource, seen: phases.Observation, judge: Judge,
                      deadline: float) -> WorkspaceState:
