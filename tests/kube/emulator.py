@@ -72,7 +72,7 @@ import json
 import random
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -83,6 +83,7 @@ from kmock._internal import rendering  # Response(status=..., payload=...): not 
 from kubernetes_asyncio.client import ApiClient, Configuration
 
 from tests.kube.controllers import ADMISSION_FINALIZERS, FOREGROUND, Controllers
+from tests.kube.schemas import Schema, chart_schemas, check
 
 __all__ = [
     'DEFAULT_RESOURCES',
@@ -347,6 +348,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
     resources_init: Mapping[str, kmock.ResourceInfo] | None = attrs.field(default=None, alias='resources')
     max_history: int = 10_000  # watch events kept for watch-from-RV; older RVs answer 410
     bookmark_interval: float = 1.0  # seconds between BOOKMARK events on a quiet watch that asked for them
+    schemas: Mapping[str, Schema] | None = None  # CRD schemas by "group/version/plural" (see tests.kube.schemas)
+    pruned: list[str] = attrs.field(factory=list, init=False)  # unknown fields dropped, as "plural/name: path"
+    _strict: bool = attrs.field(default=False, init=False)
 
     _rv: int = attrs.field(default=0, init=False)
     _log: list[Event] = attrs.field(factory=list, init=False)
@@ -505,6 +509,31 @@ class KubeEmulator(kmock.KubernetesEmulator):
             return None  # too old
         return self._log[bisect.bisect_right(self._log, rv, key=lambda e: e.rv):]
 
+    # -- CRD schemas --
+
+    def _admit(self, resource: kmock.resource, obj: dict[str, Any]) -> tuple[dict[str, Any], _Result | None]:
+        """Validate a custom object against its CRD schema and prune unknown fields, as the API server does."""
+        schema = (self.schemas or {}).get(f'{resource.group}/{resource.version}/{resource.plural}')
+        if schema is None:
+            return obj, None
+        kept, errors, pruned = check(schema, obj)
+        name = str((obj.get('metadata') or {}).get('name') or '')
+        if errors:
+            return obj, self._invalid(resource, name, ', '.join(errors))
+        if pruned and self._strict:
+            return obj, self._bad_request(f'strict decoding error: unknown field "{pruned[0]}"')
+        self.pruned.extend(f'{resource.plural}/{name}: {path}' for path in pruned)
+        return kept, None
+
+    @contextlib.contextmanager
+    def _strictness(self, request: kmock.Request) -> Iterator[None]:
+        """``fieldValidation=Strict`` for the (synchronous) operation run inside."""
+        self._strict = request.params.get('fieldValidation') == 'Strict'
+        try:
+            yield
+        finally:
+            self._strict = False
+
     # -- errors --
 
     def _not_found(self, resource: kmock.resource, name: str) -> _Result:
@@ -576,6 +605,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
             obj.pop('status', None)
             if resource in (POD, PVC):
                 obj['status'] = {'phase': 'Pending'}
+        obj, invalid = self._admit(resource, obj)
+        if invalid is not None:
+            return invalid
         if dry_run:
             return 201, obj
         return 201, self._commit(resource, 'ADDED', obj, None)
@@ -629,6 +661,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
             return 422, k8s_status(422, 'Invalid',
                                    'no new finalizers can be added if the object is being deleted')
         new['apiVersion'], new['kind'] = old.get('apiVersion'), old.get('kind')
+        new, invalid = self._admit(resource, new)
+        if invalid is not None:
+            return invalid
+        meta = new['metadata']
         def body_of(obj: Mapping[str, Any]) -> dict[str, Any]:
             return {k: v for k, v in obj.items() if k not in ('metadata', 'status')}
 
@@ -760,8 +796,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         assert request.resource is not None
         if request.subresource:
             return self._respond((404, k8s_status(404, 'NotFound', 'subresources are not supported on POST')))
-        return self._respond(self.op_create(request.resource, request.namespace, request.data,
-                                            dry_run=self._dry(request)))
+        with self._strictness(request):
+            return self._respond(self.op_create(request.resource, request.namespace, request.data,
+                                                dry_run=self._dry(request)))
 
     async def _serve_fetch(self, request: kmock.Request) -> rendering.Response:
         assert request.resource is not None
@@ -807,16 +844,18 @@ class KubeEmulator(kmock.KubernetesEmulator):
     async def _serve_replace(self, request: kmock.Request) -> rendering.Response:
         assert request.resource is not None
         assert request.name is not None
-        return self._respond(self.op_replace(request.resource, request.namespace, request.name, request.data,
-                                             request.subresource, dry_run=self._dry(request)))
+        with self._strictness(request):
+            return self._respond(self.op_replace(request.resource, request.namespace, request.name, request.data,
+                                                 request.subresource, dry_run=self._dry(request)))
 
     async def _serve_update(self, request: kmock.Request) -> rendering.Response:  # PATCH
         assert request.resource is not None
         assert request.name is not None
-        return self._respond(self.op_patch(
-            request.resource, request.namespace, request.name, request.data,
-            request.headers.get('Content-Type', 'application/merge-patch+json'), request.subresource,
-            dry_run=self._dry(request)))
+        with self._strictness(request):
+            return self._respond(self.op_patch(
+                request.resource, request.namespace, request.name, request.data,
+                request.headers.get('Content-Type', 'application/merge-patch+json'), request.subresource,
+                dry_run=self._dry(request)))
 
     async def _serve_delete(self, request: kmock.Request) -> rendering.Response:
         assert request.resource is not None
@@ -1095,14 +1134,17 @@ async def running_emulator(*, check_errors: bool = True, **kwargs: Any) -> Async
                     while emulator.watch_count:
                         await emulator._changed.wait()
             errors = [e for e in emulator.errors if not isinstance(e, kmock.KubernetesError)]
+            if emulator.pruned:  # a real API server would have lost these fields without a word
+                errors.append(AssertionError(f'unknown fields pruned by the CRD schemas: {emulator.pruned}'))
             if check_errors and errors:
                 raise ExceptionGroup('errors inside the Kubernetes emulator', errors)
 
 
 @pytest_asyncio.fixture()
 async def kube() -> AsyncIterator[KubeEnv]:
-    """The running emulator with everything: .emulator, .url, .api_client, .new_api_client()."""
-    async with running_emulator() as env:
+    """The running emulator with everything (the chart's CRD schemas included): .emulator, .url, .api_client,
+    .new_api_client()."""
+    async with running_emulator(schemas=chart_schemas()) as env:
         yield env
 
 

@@ -10,7 +10,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client import ApiClient
 
 from tests.kube.controllers import FOREGROUND, PVC_PROTECTION, SNAPSHOT_PROTECTION
-from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, WORKSPACE, KubeEmulator
+from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, WORKSPACE, EmulatorApiError, KubeEmulator
 
 pytestmark = pytest.mark.timeout(30)
 NS = 'ns1'
@@ -140,6 +140,7 @@ async def test_429_carries_retry_after(kube_api: ApiClient, kube_emulator: KubeE
     with pytest.raises(client.ApiException) as refused:
         await client.CoreV1Api(kube_api).list_namespaced_persistent_volume_claim(NS)
     assert refused.value.status == 429
+    assert refused.value.headers is not None
     assert refused.value.headers['Retry-After'] == '3'
 
 
@@ -148,7 +149,7 @@ async def test_a_quiet_watch_gets_bookmarks(kube_api: ApiClient, kube_emulator: 
     core = client.CoreV1Api(kube_api)
     listing = await core.list_namespaced_pod(NS)
     kube_emulator.create_object(PVC, {'metadata': {'name': 'elsewhere'}, 'spec': {}}, NS)  # not a pod
-    response = await core.list_namespaced_pod(NS, watch=True, allow_watch_bookmarks=True, timeout_seconds=5,
+    response: Any = await core.list_namespaced_pod(NS, watch=True, allow_watch_bookmarks=True, timeout_seconds=5,
                                               resource_version=listing.metadata.resource_version,
                                               _preload_content=False)
     line = await asyncio.wait_for(response.content.readline(), 3)
@@ -156,3 +157,36 @@ async def test_a_quiet_watch_gets_bookmarks(kube_api: ApiClient, kube_emulator: 
     event = json.loads(line)
     assert event['type'] == 'BOOKMARK'
     assert int(event['object']['metadata']['resourceVersion']) == kube_emulator.resource_version
+
+
+# --- the chart's CRD schemas ----------------------------------------------------------------------
+
+async def test_custom_objects_are_validated_and_pruned_by_the_charts_schemas(
+        kube_api: ApiClient, kube_emulator: KubeEmulator) -> None:
+    custom = client.CustomObjectsApi(kube_api)
+    with pytest.raises(client.ApiException) as invalid:
+        await custom.create_namespaced_custom_object('codehub.dev', 'v1alpha1', NS, 'workspaces', {
+            'metadata': {'name': 'bad'}, 'spec': {'owner': 'a', 'idePort': 0, 'ports': {'80': 'everyone'}}})
+    assert invalid.value.status == 422
+    assert 'spec.idePort' in str(invalid.value.body)
+    assert "'everyone'" in str(invalid.value.body)
+    with pytest.raises(client.ApiException) as missing:
+        await custom.create_namespaced_custom_object('codehub.dev', 'v1alpha1', NS, 'workspaces',
+                                                     {'metadata': {'name': 'bad'}, 'spec': {}})
+    assert missing.value.status == 422
+    assert 'spec.owner: Required value' in str(missing.value.body)
+
+    created = await custom.create_namespaced_custom_object('codehub.dev', 'v1alpha1', NS, 'workspaces', {
+        'metadata': {'name': 'w'}, 'spec': {'owner': 'a', 'colour': 'red'}})
+    assert created['spec'] == {'owner': 'a'}  # silently dropped, as a real API server does by default
+    assert kube_emulator.pruned == ['workspaces/w: spec.colour']
+    kube_emulator.pruned.clear()  # (left there, it fails the test at teardown)
+    with pytest.raises(client.ApiException) as strict:
+        await custom.create_namespaced_custom_object('codehub.dev', 'v1alpha1', NS, 'workspaces', {
+            'metadata': {'name': 'x'}, 'spec': {'owner': 'a', 'colour': 'red'}}, field_validation='Strict')
+    assert strict.value.status == 400
+    assert json.loads(strict.value.body or b'{}')['message'] == 'strict decoding error: unknown field "spec.colour"'
+    with pytest.raises(EmulatorApiError) as status:
+        kube_emulator.patch_status(WORKSPACE, NS, 'w', {'phase': 'Sleeping'})
+    assert status.value.status == 422
+    assert 'status.phase: Unsupported value' in status.value.body['message']

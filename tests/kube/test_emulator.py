@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+import pytest_asyncio
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client import ApiClient, ApiException
 
@@ -22,6 +24,13 @@ from tests.kube.emulator import (
 from tests.kube.kubelet import FakeKubelet, LoopbackIPs
 
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest_asyncio.fixture()
+async def kube() -> AsyncIterator[KubeEnv]:
+    """The generic emulator without CRD schemas: these tests use custom kinds as free-form objects."""
+    async with running_emulator() as env:
+        yield env
 
 NS = 'ns1'
 WS = ('codehub.dev', 'v1alpha1')
