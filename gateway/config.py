@@ -187,6 +187,13 @@ class Kubernetes(_Model):
     read_only_root: bool = True
     resources: KubernetesResources = KubernetesResources()
     keep_snapshots: int = Field(default=2, ge=1)
+    # Where and how workspace pods are scheduled (passed to the pod spec as they are).
+    image_digest: str | None = None  # sha256:…: run exactly this build of ``image`` (not the tag's latest)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = None
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    priority_class: str | None = None
     lease_name: str = "codehub-gateway-reaper"
     lease_duration: Seconds = 15.0
     identity: str | None = None
@@ -219,6 +226,13 @@ class Kubernetes(_Model):
     def _size(cls, value: str) -> str:
         if not _QUANTITY.fullmatch(value):
             raise ValueError(f"{value!r} is not a Kubernetes quantity like 10Gi")
+        return value
+
+    @field_validator("image_digest")
+    @classmethod
+    def _digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+            raise ValueError(f"{value!r} is not an image digest like sha256:<64 hex digits>")
         return value
 
     @field_validator("api_url")

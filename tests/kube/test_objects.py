@@ -54,7 +54,7 @@ def test_make_pod() -> None:
             "terminationGracePeriodSeconds": 30,
             "securityContext": {
                 "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                "seccompProfile": {"type": "RuntimeDefault"},
+                "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"},
             },
             "containers": [{
                 "name": "code-server",
@@ -78,6 +78,28 @@ def test_make_pod() -> None:
             ],
         },
     }
+
+
+def test_make_pod_places_the_pod_as_configured() -> None:
+    settings = Kubernetes(
+        image="registry.example.com:5000/ide/code-server:4.99.0", image_digest="sha256:" + "ab" * 32,
+        node_selector={"pool": "workspaces"}, priority_class="workspaces", image_pull_secrets=["regcred"],
+        tolerations=[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
+        resources={"requests": {"cpu": "1"}, "limits": {"cpu": "2", "nvidia.com/gpu": "1"}})
+    spec = make_pod(WS, settings)["spec"]
+    assert spec["containers"][0]["image"] == "registry.example.com:5000/ide/code-server@sha256:" + "ab" * 32
+    assert spec["nodeSelector"] == {"pool": "workspaces"}
+    assert spec["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert spec["affinity"] == settings.affinity
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert spec["priorityClassName"] == "workspaces"
+    assert spec["containers"][0]["resources"]["limits"] == {"cpu": "2", "nvidia.com/gpu": "1"}
+    kubernetes_validate.validate(make_pod(WS, settings), K8S_VERSION, strict=True)
+    assert "nodeSelector" not in make_pod(WS, SETTINGS)["spec"]  # nothing set, nothing sent
+    with pytest.raises(ValueError, match="not an image digest"):
+        Kubernetes(image_digest="latest")
 
 
 def test_make_pod_uses_the_workspace_overrides() -> None:

@@ -95,7 +95,7 @@ def make_pod(ws: WorkspaceResource, settings: Kubernetes) -> dict[str, Any]:
     port = ws.ide_port or settings.ide_port
     resources = ws.resources or {"requests": dict(settings.resources.requests),
                                  "limits": dict(settings.resources.limits)}
-    return {
+    pod: dict[str, Any] = {
         "apiVersion": POD.api_version,
         "kind": POD.kind,
         "metadata": _metadata(pod_name(ws.id), ws),
@@ -109,11 +109,12 @@ def make_pod(ws: WorkspaceResource, settings: Kubernetes) -> dict[str, Any]:
                 "runAsUser": UID,
                 "runAsGroup": UID,
                 "fsGroup": UID,
+                "fsGroupChangePolicy": "OnRootMismatch",  # not a chown of the whole home at every start
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
             "containers": [{
                 "name": "code-server",
-                "image": ws.image or settings.image,
+                "image": ws.image or image(settings),
                 "args": ["--auth", "none", "--bind-addr", f"0.0.0.0:{port}", "--disable-telemetry",
                          "--disable-update-check", HOME],
                 "env": [{"name": "HOME", "value": HOME}, {"name": "CODEHUB_WORKSPACE", "value": ws.id}],
@@ -141,6 +142,24 @@ def make_pod(ws: WorkspaceResource, settings: Kubernetes) -> dict[str, Any]:
             ],
         },
     }
+    placement = {"nodeSelector": dict(settings.node_selector) or None,
+                 "tolerations": [dict(t) for t in settings.tolerations] or None,
+                 "affinity": dict(settings.affinity) if settings.affinity else None,
+                 "imagePullSecrets": [{"name": name} for name in settings.image_pull_secrets] or None,
+                 "priorityClassName": settings.priority_class}
+    pod["spec"].update({key: value for key, value in placement.items() if value is not None})
+    return pod
+
+
+def image(settings: Kubernetes) -> str:
+    """The default image, pinned to ``image_digest`` when one is given (``repo@sha256:…``, the tag dropped)."""
+    if settings.image_digest is None:
+        return settings.image
+    repository = settings.image.split("@", 1)[0]
+    name = repository.rsplit("/", 1)[-1]
+    if ":" in name:
+        repository = repository[: len(repository) - len(name)] + name.split(":", 1)[0]
+    return f"{repository}@{settings.image_digest}"
 
 
 def make_pvc(ws: WorkspaceResource, settings: Kubernetes, restore_from_snapshot: str | None = None) -> dict[str, Any]:
