@@ -147,7 +147,8 @@ def make_store(config: Config, runtime: Runtime) -> TokenStore:
         from gateway.lifecycle.kubernetes.tokens import KubeTokenStore
 
         if isinstance(runtime, KubernetesRuntime):
-            return KubeTokenStore(runtime.settings, runtime.identity, lambda: runtime.client)
+            return KubeTokenStore(runtime.settings, runtime.identity, lambda: runtime.client,
+                                  is_leader=runtime.is_leader)
     return FileTokenStore(config.store_file)
 
 

@@ -212,6 +212,8 @@ class Kubernetes(_Model):
     api_burst: int = Field(default=40, ge=1)
     api_concurrency: int = Field(default=16, ge=1)
     list_page_size: int = Field(default=500, ge=1)  # lists are fetched in pages (limit/continue)
+    share_retention: Seconds = 86400.0  # expired share links stay listed this long, then the leader deletes them
+    share_prune_interval: Seconds = 300.0
     usage_interval: Seconds = 5.0  # share link / API token use counts: at most one status write per interval
 
     @field_validator("namespace")

@@ -22,7 +22,7 @@ EXPECTED_RULES = {
     ("codehub.dev", "workspaces/finalizers"): {"update"},
     ("codehub.dev", "workspaces/status"): {"get", "update", "patch"},
     ("coordination.k8s.io", "leases"): {"get", "create", "update"},
-    ("codehub.dev", "sharelinks"): {"list", "watch", "create", "patch"},
+    ("codehub.dev", "sharelinks"): {"list", "watch", "create", "patch", "delete"},
     ("codehub.dev", "apitokens"): {"list", "watch", "create", "delete"},
     ("codehub.dev", "sharelinks/status"): {"patch"},
     ("codehub.dev", "apitokens/status"): {"patch"},

@@ -266,8 +266,11 @@ def make_lease(name: str, holder: str | None, duration: float, *, now: datetime.
     return {"apiVersion": LEASE.api_version, "kind": LEASE.kind, "metadata": metadata, "spec": spec}
 
 
-def make_share_link(link: ShareLink) -> dict[str, Any]:
-    """A ShareLink custom resource; ``spec.revoked`` is set later by a patch, use counts live in ``status``."""
+def make_share_link(link: ShareLink, workspace_uid: str = "") -> dict[str, Any]:
+    """A ShareLink custom resource; ``spec.revoked`` is set later by a patch, use counts live in ``status``.
+
+    It belongs to its Workspace (``workspace_uid``): deleting the workspace deletes its links.
+    """
     spec: dict[str, Any] = {
         "workspace": link.workspace,
         "audience": link.audience,
@@ -280,13 +283,11 @@ def make_share_link(link: ShareLink) -> dict[str, Any]:
         spec["port"] = link.port
     if link.revoked is not None:
         spec["revoked"] = micro_time(_utc(link.revoked))
-    return {
-        "apiVersion": SHARE_LINK.api_version,
-        "kind": SHARE_LINK.kind,
-        "metadata": {"name": link.id, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY,
-                                                 WORKSPACE_LABEL: link.workspace}},
-        "spec": spec,
-    }
+    metadata: dict[str, Any] = {"name": link.id, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY,
+                                                            WORKSPACE_LABEL: link.workspace}}
+    if workspace_uid:
+        metadata["ownerReferences"] = [owner_reference(link.workspace, workspace_uid)]
+    return {"apiVersion": SHARE_LINK.api_version, "kind": SHARE_LINK.kind, "metadata": metadata, "spec": spec}
 
 
 def revoke_patch(at: float) -> dict[str, Any]:

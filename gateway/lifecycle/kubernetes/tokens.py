@@ -39,7 +39,15 @@ from gateway.auth.store import (
 from gateway.config import Kubernetes
 from gateway.errors import NotFound
 from gateway.lifecycle.base import RuntimeError_
-from gateway.lifecycle.kubernetes.client import API_TOKEN, SHARE_LINK, Kind, KubeClient, KubeError, retrying
+from gateway.lifecycle.kubernetes.client import (
+    API_TOKEN,
+    SHARE_LINK,
+    WORKSPACE,
+    Kind,
+    KubeClient,
+    KubeError,
+    retrying,
+)
 from gateway.lifecycle.kubernetes.informer import Informer
 from gateway.lifecycle.kubernetes.objects import (
     Usage,
@@ -92,8 +100,10 @@ async def _call(call: Callable[[], Awaitable[T]], attempts: int) -> T:
 
 class KubeTokenStore:
     def __init__(self, settings: Kubernetes, identity: str, client: Callable[[], KubeClient | None], *,
-                 interval: float | None = None, retry_attempts: int = 5) -> None:
+                 interval: float | None = None, retry_attempts: int = 5,
+                 is_leader: Callable[[], bool] = lambda: False) -> None:
         self.settings = settings
+        self.is_leader = is_leader
         self.identity = identity
         self.interval = settings.usage_interval if interval is None else interval
         self._client_source = client
@@ -111,6 +121,7 @@ class KubeTokenStore:
         self._counted: dict[tuple[Kind, str], _Counted] = {}
         self._dirty = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._pruner: asyncio.Task[None] | None = None
         self.writes = 0
 
     # -- lifespan --
@@ -134,8 +145,14 @@ class KubeTokenStore:
             raise RuntimeError_(f"Kubernetes API not reachable within {self.settings.sync_timeout:.0f} s ({errors})",
                                 code="kubernetes-unavailable") from None
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever(), name="token-usage")
+        self._pruner = asyncio.get_running_loop().create_task(self._prune_forever(), name="share-pruning")
 
     async def close(self, *, flush_within: float = 2.0) -> None:
+        pruner, self._pruner = self._pruner, None
+        if pruner is not None:
+            pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruner
         flusher, self._flusher = self._flusher, None
         if flusher is not None:
             flusher.cancel()
@@ -195,12 +212,14 @@ class KubeTokenStore:
                            created_by: str, ttl: float, now: float | None = None) -> tuple[ShareLink, str]:
         client = self._require()
         now = time.time() if now is None else now
+        owner = await _call(lambda: client.get(WORKSPACE, workspace), self._attempts)
+        uid = str(((owner or {}).get("metadata") or {}).get("uid") or "")  # the link goes with the workspace
         for _ in range(3):
             token = new_share_token()
             link = ShareLink(id=new_id(), token_hash=token_hash(token), workspace=workspace, port=port,
                              audience=audience, people=list(people), created_by=created_by, created=now,
                              expires=now + ttl)
-            body = make_share_link(link)
+            body = make_share_link(link, uid)
             created = await _call(lambda: client.create(SHARE_LINK, body), self._attempts)  # noqa: B023
             if created is not None:
                 self._created[(SHARE_LINK, link.id)] = created
@@ -320,6 +339,24 @@ class KubeTokenStore:
         mine.last_used = max(mine.last_used or now, now)
         mine.version += 1
         self._dirty.set()
+
+    async def delete_expired(self, now: float | None = None) -> int:
+        """The leader's chore: delete links expired longer than ``share_retention`` ago; how many went."""
+        client = self._require()
+        cutoff = (time.time() if now is None else now) - self.settings.share_retention
+        deleted = 0
+        for link in [link for link in self._shares.values() if link.expires < cutoff]:
+            try:
+                deleted += await _call(lambda: client.delete(SHARE_LINK, link.id), self._attempts)  # noqa: B023
+            except RuntimeError_ as exc:
+                log.warning("could not delete the expired share link %s: %s", link.id, exc.message)
+        return deleted
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.share_prune_interval)
+            if self.is_leader() and self.healthy:
+                await self.delete_expired()
 
     async def _flush_forever(self) -> None:
         while True:
