@@ -498,11 +498,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 and current['metadata'].get('deletionTimestamp') and not current['metadata'].get('finalizers')):
             self._commit(resource, 'DELETED', current, current)
 
-    def compact(self) -> int:
-        """Forget the event history (as etcd compaction): watches from older RVs will get 410 Gone."""
-        self._floor = self._rv
-        self._log.clear()
-        return self._rv
+    def compact(self, upto: int | None = None) -> int:
+        """Forget the event history up to RV ``upto`` (default: all of it), as etcd compaction does: watches
+        and continue tokens from older RVs get 410 Gone."""
+        self._floor = self._rv if upto is None else upto
+        self._log = [event for event in self._log if event.rv > self._floor]
+        return self._floor
 
     def _events_after(self, rv: int) -> list[Event] | None:
         if rv < self._floor:
