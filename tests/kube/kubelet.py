@@ -139,15 +139,18 @@ class FakeKubelet:
         emu, meta = self.emulator, pod['metadata']
         claims = [v['persistentVolumeClaim']['claimName'] for v in (pod.get('spec') or {}).get('volumes') or []
                   if v.get('persistentVolumeClaim')]
-        told = False
+        told = ''
         while self._alive(pod):
             changed = emu.changed
             pvcs = [emu.get_object(PVC, meta.get('namespace'), claim) for claim in claims]
-            if all(pvc is not None and (pvc.get('status') or {}).get('phase') == 'Bound' for pvc in pvcs):
+            usable = [pvc is not None and not pvc['metadata'].get('deletionTimestamp') for pvc in pvcs]
+            if all(usable) and all((pvc or {}).get('status', {}).get('phase') == 'Bound' for pvc in pvcs):
                 return True
-            if not told:
-                told = True
-                record_event(emu, pod, 'Warning', 'FailedScheduling', UNBOUND, 'default-scheduler')
+            why = UNBOUND if all(usable) else (f'0/3 nodes are available: persistentvolumeclaim '
+                                              f'"{claims[usable.index(False)]}" is being deleted.')
+            if told != why:
+                told = why
+                record_event(emu, pod, 'Warning', 'FailedScheduling', why, 'default-scheduler')
             await changed.wait()
         return False
 

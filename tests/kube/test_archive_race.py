@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from gateway.lifecycle import Phase
 from gateway.lifecycle.kubernetes.client import POD as POD_KIND
 from gateway.lifecycle.kubernetes.intent import INTENT
-from tests.kube.emulator import PVC, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv
+from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import NS, MakeRuntime, PodIPs, names, new_workspace, until
 
@@ -40,6 +41,9 @@ async def test_a_wake_elsewhere_during_the_snapshot_aborts_the_archive_and_keeps
         assert (await waker.wake("w1")).phase is Phase.RUNNING
         assert (intent(kube) or "").startswith("awake/gw-b/")
         await archiving
+        claims = [r for r in emu["patch", WORKSPACE] if r.subresource is None and INTENT in json.dumps(r.data)]
+        assert len(claims) >= 2  # the archive's claim and the wake's (and any redone after a 409)
+        assert all(r.data["metadata"].get("resourceVersion") for r in claims)  # each a compare-and-swap
         await asyncio.sleep(0.2)
         pvc = emu.get_object(PVC, NS, "ws-w1-home")
         assert pvc is not None
@@ -88,3 +92,26 @@ async def test_an_archive_does_not_start_over_another_in_progress(
     await runtime.archive("w1")
     assert names(emu, VOLUME_SNAPSHOT) == []  # the other replica's archive is not doubled
     assert names(emu, PVC) == ["ws-w1-home"]
+
+
+async def test_a_wake_waits_for_a_terminating_home_and_makes_a_new_one(
+        kube: KubeEnv, make_runtime: MakeRuntime, kubelet: FakeKubelet) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    await runtime.stop("w1")
+    old = emu.get_object(PVC, NS, "ws-w1-home")
+    assert old is not None
+    emu.patch_object(PVC, NS, "ws-w1-home", {"metadata": {"finalizers": [*old["metadata"]["finalizers"],
+                                                                         "test.example/hold"]}})
+    emu.delete_object(PVC, NS, "ws-w1-home")  # kubectl delete pvc: terminating, held by a finalizer
+    await until(lambda: runtime.get("w1") is not None and runtime.get("w1").phase is Phase.ARCHIVING)  # type: ignore[union-attr]
+    waking = asyncio.create_task(runtime.wake("w1"))
+    await asyncio.sleep(0.3)
+    assert names(emu, POD) == []  # no pod is put on a volume that is going away
+    emu.patch_object(PVC, NS, "ws-w1-home", {"metadata": {"finalizers": None}})
+    assert (await waking).phase is Phase.RUNNING
+    new = emu.get_object(PVC, NS, "ws-w1-home")
+    assert new is not None
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
