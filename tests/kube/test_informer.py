@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.lifecycle import Phase
 from gateway.lifecycle.kubernetes.client import POD as POD_KIND
 from gateway.lifecycle.kubernetes.client import WORKSPACE as WORKSPACE_KIND
 from gateway.lifecycle.kubernetes.client import KubeClient
 from gateway.lifecycle.kubernetes.leader import LeaderElector
-from tests.kube.emulator import WORKSPACE, KubeEnv
-from tests.kube.support import NS, MakeRuntime, until
+from tests.kube.emulator import POD, WORKSPACE, KubeEnv
+from tests.kube.kubelet import FakeKubelet
+from tests.kube.support import NS, MakeRuntime, new_workspace, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -80,3 +82,19 @@ async def test_a_follower_waits_a_full_term_of_no_renewal_before_taking_over(kub
     clock.now += 0.2
     assert await follower.try_acquire_or_renew()  # unchanged for a whole term by its own clock: expired
     assert follower.is_leader()
+
+
+async def test_an_object_deleted_while_a_cache_was_away_is_seen_gone_after_the_re_list(
+        kube: KubeEnv, make_runtime: MakeRuntime, kubelet: FakeKubelet) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    pods = runtime.informers[POD_KIND]
+    await pods.stop()  # cut off (as a long network partition)
+    emu.delete_object(POD, NS, "ws-w1")
+    await emu.wait_gone(POD, NS, "ws-w1")
+    emu.compact()  # what it missed is no longer in the history: only a re-list can tell
+    pods.start()
+    await until(lambda: pods.lists == 2)
+    await until(lambda: runtime.get("w1").phase is Phase.WARM)  # type: ignore[union-attr]
