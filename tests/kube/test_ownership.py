@@ -82,6 +82,10 @@ async def test_a_name_is_not_reused_while_its_workspace_is_being_deleted(
     await new_workspace(runtime)
     await runtime.wake("w1")
     await runtime.delete("w1")
+    assert kube.emulator.get_object(WORKSPACE, NS, "w1") is not None  # terminating: its pod and home remain
+    assert runtime.get("w1") is None  # but it is gone for routing, links and wakes
+    with pytest.raises(NotFound):
+        await runtime.wake("w1")
     with pytest.raises(Conflict, match="still being deleted"):
         await runtime.create_workspace(WorkspaceSpec(id="w1", owner="alice"))
     emu.controllers.paused_gc = False
