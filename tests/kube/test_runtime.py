@@ -117,9 +117,12 @@ async def test_wake_from_cold_restores_the_volume_from_the_newest_snapshot(
     [snapshot] = names(emu, VOLUME_SNAPSHOT)
     with runtime.events() as events:
         state = await runtime.wake("w1")
-        seen = [events.queue.get_nowait().phase for _ in range(events.queue.qsize())]
+        published = [events.queue.get_nowait() for _ in range(events.queue.qsize())]
+    seen = [event.phase for event in published]
     assert state.phase is Phase.RUNNING
     assert seen.index(Phase.RESTORING) < seen.index(Phase.STARTING) < seen.index(Phase.RUNNING)
+    assert (Phase.RESTORING, f"Restoring the home volume from snapshot {snapshot}") in [
+        (event.phase, event.message) for event in published]  # a line on the waiting page
     pvc = emu.get_object(PVC, NS, "ws-w1-home")
     assert pvc is not None
     assert pvc["spec"]["dataSource"] == {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",

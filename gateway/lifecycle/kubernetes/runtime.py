@@ -213,6 +213,7 @@ class KubernetesRuntime(Runtime):
             if ready:
                 self.view.begin(ws.id, Phase.RESTORING)
                 source = str(ready[0]["metadata"]["name"])
+                self.view.explain(ws.id, f"Restoring the home volume from snapshot {source}")
                 await self._call(lambda c: c.create(PVC, make_pvc(ws, self.settings, restore_from_snapshot=source)))
             elif snapshots:
                 raise RuntimeError_(f"Workspace {ws.id} has snapshots but none is ready to restore; its data is "
