@@ -930,9 +930,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     return  # timeoutSeconds: the server ends the stream normally
                 if bookmarks and loop.time() - quiet_since >= self.bookmark_interval:
                     quiet_since = loop.time()
+                    info = self._declared(watcher.resource)
                     yield {'type': 'BOOKMARK', 'object': {
-                        'kind': self._declared(watcher.resource).kind if self._declared(watcher.resource) else '',
-                        'apiVersion': _api_version(watcher.resource),
+                        'kind': info.kind if info is not None else '', 'apiVersion': _api_version(watcher.resource),
                         'metadata': {'resourceVersion': str(position)}}}
                 if raw is not None and (raw.transport is None or raw.transport.is_closing()):
                     return  # the client went away

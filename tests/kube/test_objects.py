@@ -87,7 +87,7 @@ def test_make_pod_places_the_pod_as_configured() -> None:
         tolerations=[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
         affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
             {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
-        resources={"requests": {"cpu": "1"}, "limits": {"cpu": "2", "nvidia.com/gpu": "1"}})
+        resources=KubernetesResources(requests={"cpu": "1"}, limits={"cpu": "2", "nvidia.com/gpu": "1"}))
     spec = make_pod(WS, settings)["spec"]
     assert spec["containers"][0]["image"] == "registry.example.com:5000/ide/code-server@sha256:" + "ab" * 32
     assert spec["nodeSelector"] == {"pool": "workspaces"}
