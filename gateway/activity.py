@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -109,29 +110,87 @@ def _never(workspace: str) -> bool:
 async def reap_forever(runtime: Runtime, activity: Activity, timers: IdleTimers, metrics: Metrics,
                        is_leader: Callable[[], bool] = lambda: True, busy: Callable[[str], bool] = _never) -> None:
     """Every ``interval`` seconds, put idle workspaces to sleep (only on the leader replica)."""
-    while True:
-        await asyncio.sleep(timers.interval)
-        activity.touch_open()
-        if is_leader():
-            await reap_once(runtime, activity, timers, metrics, busy)
+    reaper = Reaper(runtime, activity, timers, metrics, is_leader=is_leader, busy=busy)
+    try:
+        while True:
+            await asyncio.sleep(timers.interval)
+            activity.touch_open()
+            if is_leader():
+                reaper.sweep()
+    finally:
+        await reaper.close()
 
 
 async def reap_once(runtime: Runtime, activity: Activity, timers: IdleTimers, metrics: Metrics,
                     busy: Callable[[str], bool] = _never) -> None:
-    """One pass; ``busy`` names workspaces being woken right now (requests are waiting on them)."""
-    for state in runtime.list():
-        if busy(state.id):
-            continue
-        action = idle_action(state.phase, activity.idle_for(state.id, state.since), timers)
-        if action is None:
-            continue
-        log.info("workspace %s idle in %s; moving to %s", state.id, state.phase, action)
-        try:
-            if action is Phase.WARM:
-                await runtime.stop(state.id)
-            else:
-                await runtime.archive(state.id)
-        except GatewayError as exc:
-            log.error("idle %s of %s failed: %s", action, state.id, exc.message)
-            continue
-        metrics.idle_transitions.labels(action.value).inc()
+    """One pass, waiting for every transition it started; ``busy`` names workspaces being woken right now."""
+    reaper = Reaper(runtime, activity, timers, metrics, busy=busy)
+    await asyncio.gather(*reaper.sweep())
+
+
+class Reaper:
+    """Idle transitions as tasks: at most ``concurrency`` at a time, each after checking leadership again.
+
+    A pass only starts what is due and returns, so one slow snapshot never holds the others back; a workspace
+    with a transition in flight is skipped by later passes until it ends.
+    """
+
+    def __init__(self, runtime: Runtime, activity: Activity, timers: IdleTimers, metrics: Metrics, *,
+                 is_leader: Callable[[], bool] = lambda: True, busy: Callable[[str], bool] = _never,
+                 concurrency: int = 8) -> None:
+        self.runtime = runtime
+        self.activity = activity
+        self.timers = timers
+        self.metrics = metrics
+        self.is_leader = is_leader
+        self.busy = busy
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(concurrency)
+
+    def _due(self, workspace: str) -> Phase | None:
+        state = self.runtime.get(workspace)
+        if state is None or self.busy(workspace):
+            return None
+        action = idle_action(state.phase, self.activity.idle_for(workspace, state.since), self.timers)
+        if action is Phase.COLD and not self.runtime.features().get("cold", True):
+            return None  # this runtime cannot archive here (it said so once, at start)
+        return action
+
+    def sweep(self) -> list[asyncio.Task[None]]:
+        """Start the transitions that are due now; the tasks started."""
+        started = []
+        for state in self.runtime.list():
+            if not self.is_leader():
+                break
+            if state.id in self.tasks or self._due(state.id) is None:
+                continue
+            task = asyncio.get_running_loop().create_task(self._move(state.id), name=f"reap-{state.id}")
+            self.tasks[state.id] = task
+            task.add_done_callback(functools.partial(self._done, state.id))
+            started.append(task)
+        return started
+
+    def _done(self, workspace: str, _task: asyncio.Task[None]) -> None:
+        self.tasks.pop(workspace, None)
+
+    async def _move(self, workspace: str) -> None:
+        async with self._slots:
+            action = self._due(workspace)  # again: it may have been woken, or leadership lost, meanwhile
+            if action is None or not self.is_leader():
+                return
+            log.info("workspace %s idle; moving to %s", workspace, action)
+            try:
+                if action is Phase.WARM:
+                    await self.runtime.stop(workspace)
+                else:
+                    await self.runtime.archive(workspace)
+            except GatewayError as exc:
+                log.error("idle %s of %s failed: %s", action, workspace, exc.message)
+                return
+            self.metrics.idle_transitions.labels(action.value).inc()
+
+    async def close(self) -> None:
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

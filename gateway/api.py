@@ -175,6 +175,14 @@ async def create_workspace(request: web.Request) -> web.Response:
     return web.json_response(workspace_view(gateway, state, identity), status=201)
 
 
+async def delete_workspace(request: web.Request) -> web.Response:
+    """Owner only: the workspace goes with its pod, home and snapshots; links to it stop working."""
+    identity = caller(request)
+    state = _mine(request, identity, manage=True)
+    await request.app[GATEWAY].runtime.delete(state.id)
+    return web.json_response({"id": state.id, "deleted": True})
+
+
 async def set_collaborators(request: web.Request) -> web.Response:
     identity = caller(request)
     state = _mine(request, identity, manage=True)
@@ -361,6 +369,7 @@ def add_routes(app: web.Application) -> None:
         ("POST", "/api/v1/workspaces", create_workspace),
         ("PUT", "/api/v1/workspaces/{workspace}/collaborators", set_collaborators),
         ("GET", "/api/v1/workspaces/{workspace}", get_workspace),
+        ("DELETE", "/api/v1/workspaces/{workspace}", delete_workspace),
         ("GET", "/api/v1/workspaces/{workspace}/status", status),
         ("POST", "/api/v1/workspaces/{workspace}/{action:wake|stop|archive}", lifecycle),
         ("PUT", "/api/v1/workspaces/{workspace}/ports/{port}", set_port),

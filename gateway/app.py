@@ -140,7 +140,8 @@ def make_store(config: Config, runtime: Runtime) -> TokenStore:
         from gateway.lifecycle.kubernetes.tokens import KubeTokenStore
 
         if isinstance(runtime, KubernetesRuntime):
-            return KubeTokenStore(runtime.settings, runtime.identity, lambda: runtime.client)
+            return KubeTokenStore(runtime.settings, runtime.identity, lambda: runtime.client,
+                                  is_leader=runtime.is_leader)
     return FileTokenStore(config.store_file)
 
 
@@ -152,6 +153,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     runtime = runtime if runtime is not None else make_runtime(config)
     policies = PolicyHolder(config.policy_file)
     metrics_.track_workspaces(runtime.list)
+    metrics_.track_features(runtime.features)
     waker = Waker(runtime, metrics_, lambda: WakeLimits(policies.current.wake.warm_timeout,
                                                         policies.current.wake.cold_timeout))
     keys = load_or_create(config.keys_file, create=config.auth.keys_file is None)

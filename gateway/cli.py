@@ -84,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="print the raw JSON answer")
         return sub
 
-    workspace = remote(commands, "workspace", "show, wake, stop or archive a workspace through a running hub")
-    workspace.add_argument("action", choices=["status", "wake", "stop", "archive"])
+    workspace = remote(commands, "workspace", "show, wake, stop, archive or delete a workspace through a running hub")
+    workspace.add_argument("action", choices=["status", "wake", "stop", "archive", "delete"])
     workspace.add_argument("name")
     remote(commands, "workspaces", "list the workspaces you own or collaborate on, with their ports")
     port = remote(commands, "port",
@@ -279,6 +279,12 @@ def remote(args: argparse.Namespace) -> int:
     if args.command == "workspaces":
         answer = _call(args, "GET", "/api/v1/workspaces")
         views = answer["workspaces"]
+    elif args.command == "workspace" and args.action == "delete":
+        answer = _call(args, "DELETE", f"/api/v1/workspaces/{args.name}")
+        if not args.json:
+            print(f"{answer['id']} deleted, with its pod, home volume and snapshots")
+            return 0
+        views = []
     elif args.command == "workspace":
         method, path = ("GET", "status") if args.action == "status" else ("POST", args.action)
         answer = _call(args, method, f"/api/v1/workspaces/{args.name}/{path}")

@@ -200,10 +200,21 @@ class Kubernetes(_Model):
     read_only_root: bool = True
     resources: KubernetesResources = KubernetesResources()
     keep_snapshots: int = Field(default=2, ge=1)
+    # Where and how workspace pods are scheduled (passed to the pod spec as they are).
+    image_digest: str | None = None  # sha256:…: run exactly this build of ``image`` (not the tag's latest)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = None
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    priority_class: str | None = None
     lease_name: str = "codehub-gateway-reaper"
     lease_duration: Seconds = 15.0
     identity: str | None = None
     start_timeout: Seconds = 300.0
+    # A start that cannot succeed ends before start_timeout, with the cluster's reason (starting.judge):
+    unschedulable_grace: Seconds = 120.0  # no node fits the pod this long
+    bind_timeout: Seconds = 180.0  # the home PVC still Pending (not provisioned, or restoring) this long
+    image_pull_grace: Seconds = 90.0  # ErrImagePull / ImagePullBackOff this long (one failed pull may be transient)
     snapshot_timeout: Seconds = 600.0
     sync_timeout: Seconds = 30.0
     ready_grace: Seconds = 30.0  # /readyz fails once a cache has been cut off from the API for this long
@@ -211,6 +222,13 @@ class Kubernetes(_Model):
     request_timeout: Seconds = 10.0
     watch_timeout: int = Field(default=300, ge=1)
     activity_interval: Seconds = 60.0
+    # What the gateway asks of the API server (per replica): a token bucket and a bound on requests in flight.
+    api_qps: float = Field(default=20.0, gt=0)
+    api_burst: int = Field(default=40, ge=1)
+    api_concurrency: int = Field(default=16, ge=1)
+    list_page_size: int = Field(default=500, ge=1)  # lists are fetched in pages (limit/continue)
+    share_retention: Seconds = 86400.0  # expired share links stay listed this long, then the leader deletes them
+    share_prune_interval: Seconds = 300.0
     usage_interval: Seconds = 5.0  # share link / API token use counts: at most one status write per interval
 
     @field_validator("namespace")
@@ -225,6 +243,13 @@ class Kubernetes(_Model):
     def _size(cls, value: str) -> str:
         if not _QUANTITY.fullmatch(value):
             raise ValueError(f"{value!r} is not a Kubernetes quantity like 10Gi")
+        return value
+
+    @field_validator("image_digest")
+    @classmethod
+    def _digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+            raise ValueError(f"{value!r} is not an image digest like sha256:<64 hex digits>")
         return value
 
     @field_validator("api_url")

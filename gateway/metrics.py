@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -66,6 +66,11 @@ class Metrics:
         self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._decision_children: dict[tuple[bool, str], Any] = {}
 
+    def track_features(self, features: Callable[[], Mapping[str, bool]]) -> None:
+        """Export ``codehub_runtime_feature{feature}`` (1 or 0): optional abilities, e.g. ``cold`` on a cluster
+        without the VolumeSnapshot API."""
+        self.registry.register(_Features(features))
+
     def track_workspaces(self, states: Callable[[], Iterable[WorkspaceState]]) -> None:
         """Export ``codehub_workspaces{phase}``, counted from the runtime's memory at each scrape."""
         self.registry.register(_WorkspacesByPhase(states))
@@ -110,4 +115,22 @@ class _WorkspacesByPhase(Collector):
         counts = Tally(state.phase for state in self._states())
         for phase in Phase:
             family.add_metric([phase.value], counts[phase])
+        yield family
+
+
+class _Features(Collector):
+    def __init__(self, features: Callable[[], Mapping[str, bool]]) -> None:
+        self._features = features
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily("codehub_runtime_feature", "Optional runtime abilities (1 = available).",
+                                 labels=["feature"])
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for name, enabled in sorted(self._features().items()):
+            family.add_metric([name], 1.0 if enabled else 0.0)
         yield family

@@ -91,9 +91,9 @@ class Progress:
         self.history.append((self.step, self.message))
 
     def update(self, step: str, message: str = "") -> None:
-        """Move to a step and wake every progress stream waiting on this wake."""
+        """Move to a step (or say more about it: the runtime's explanations) and wake every progress stream."""
         self.step, self.message = step, message
-        if step in self.steps and self.history[-1][0] != step:
+        if step in self.steps and self.history[-1] != (step, message):
             self.history.append((step, message))
         self.changed.set()
         self.changed = asyncio.Event()
@@ -257,8 +257,9 @@ class Waker:
 
 
 def _apply(event: Event, workspace: str, progress: Progress) -> None:
+    """A phase moves the page to its step; a message (why it is slow: "Pulling image …") is shown with it."""
     if event.workspace == workspace and event.phase in _STEP_FOR_PHASE:
-        progress.update(_STEP_FOR_PHASE[event.phase])
+        progress.update(_STEP_FOR_PHASE[event.phase], event.message)
 
 
 async def stream_progress(request: web.Request, waker: Waker, state: WorkspaceState, port: int) -> web.StreamResponse:

@@ -284,6 +284,10 @@ async def test_api_commands_report_errors_in_one_line(hub: tuple[str, str], caps
     code, _, err = await _cli(capsys, "workspace", "status", "nope", "--hub", url, "--token", token)
     assert code == 1
     assert err.strip() == "codehub-gateway: 404: There is no workspace with that name that you can see."
+    code, _, err = await _cli(capsys, "workspace", "delete", "ws1", "--hub", url, "--token", token)
+    assert code == 1  # the local runtime's workspaces are declared in its settings (the cluster's can be deleted)
+    assert err.strip() == ("codehub-gateway: 405: Workspaces of this gateway are declared in its configuration file, "
+                           "not deleted through the API.")
     code, _, err = await _cli(capsys, "workspaces", "--hub", url, "--token", "chk_wrong")
     assert (code, err.strip()) == (1, "codehub-gateway: 401: This API token is not valid.")
     code, _, err = await _cli(capsys, "workspaces", "--hub", url)

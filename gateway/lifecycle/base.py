@@ -186,6 +186,10 @@ class Runtime(abc.ABC):
         of a shared world is ready once started."""
         return None
 
+    def features(self) -> dict[str, bool]:
+        """Optional abilities and whether this runtime has them here (``cold``: it can archive)."""
+        return {}
+
     def is_leader(self) -> bool:
         """Whether this replica runs cluster-wide chores (the idle reaper); a lone gateway always does."""
         return True
@@ -193,6 +197,11 @@ class Runtime(abc.ABC):
     async def create(self, spec: WorkspaceSpec) -> WorkspaceState:
         """Create a workspace through the API; runtimes whose workspaces are declared elsewhere refuse."""
         raise MethodNotAllowed("Workspaces of this gateway are declared in its configuration file, not created "
+                               "through the API.", code="workspaces-are-configured")
+
+    async def delete(self, workspace: str) -> None:
+        """Delete a workspace and everything it owns; runtimes whose workspaces are declared elsewhere refuse."""
+        raise MethodNotAllowed("Workspaces of this gateway are declared in its configuration file, not deleted "
                                "through the API.", code="workspaces-are-configured")
 
     def listening_ports(self, workspace: str) -> set[int] | None:

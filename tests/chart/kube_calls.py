@@ -83,6 +83,10 @@ def used_rules() -> Rules:
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Informer":
                 for kind in _kinds_of(node.args[1], module):
                     grant(kind, kind.plural, INFORMER_VERBS)
+            if isinstance(node, ast.Constant) and node.value == "blockOwnerDeletion":
+                # an ownerReference that blocks its owner's deletion is admitted only to who may update the
+                # owner's finalizers (the API server's OwnerReferencesPermissionEnforcement); owners are Workspaces
+                grant(KINDS["WORKSPACE"], "workspaces/finalizers", ("update",))
     return rules
 
 

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from gateway.lifecycle.kubernetes import KubernetesRuntime
-from tests.kube.emulator import FakeKubelet, KubeEnv, kube, kube_api, kube_api_factory, kube_emulator, kube_url
+from tests.kube.emulator import KubeEnv, kube, kube_api, kube_api_factory, kube_emulator, kube_url
+from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import MakeRuntime, PodIPs, kube_settings
 
 __all__ = ["kube", "kube_api", "kube_api_factory", "kube_emulator", "kube_url", "kubelet", "make_runtime",

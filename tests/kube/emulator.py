@@ -29,7 +29,7 @@ What this subclass adds or replaces (the kmock DSL for user reactions keeps work
 Entry points for tests: :func:`running_emulator` (async context manager), the fixtures
 ``kube``, ``kube_emulator``, ``kube_url``, ``kube_api``, ``kube_api_factory`` (import them into a
 conftest, or add ``pytest_plugins = ["tests.kube.emulator"]`` to the root ``tests/conftest.py``),
-:class:`FakeKubelet` and :class:`LoopbackIPs`.
+:class:`tests.kube.kubelet.FakeKubelet` and :class:`tests.kube.kubelet.LoopbackIPs`.
 
 Usage::
 
@@ -63,16 +63,16 @@ at the first iteration, so pin ``resource_version=`` or wait before writing).
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
 import contextlib
 import copy
 import datetime
-import inspect
 import json
 import random
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -82,13 +82,14 @@ import pytest_asyncio
 from kmock._internal import rendering  # Response(status=..., payload=...): not re-exported by kmock 0.8
 from kubernetes_asyncio.client import ApiClient, Configuration
 
+from tests.kube.controllers import ADMISSION_FINALIZERS, FOREGROUND, Controllers
+from tests.kube.schemas import Schema, chart_schemas, check
+
 __all__ = [
     'DEFAULT_RESOURCES',
     'EmulatorApiError',
-    'FakeKubelet',
     'KubeEmulator',
     'KubeEnv',
-    'LoopbackIPs',
     'k8s_status',
     'kube',
     'kube_api',
@@ -350,15 +351,21 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     resources_init: Mapping[str, kmock.ResourceInfo] | None = attrs.field(default=None, alias='resources')
     max_history: int = 10_000  # watch events kept for watch-from-RV; older RVs answer 410
+    bookmark_interval: float = 1.0  # seconds between BOOKMARK events on a quiet watch that asked for them
+    schemas: Mapping[str, Schema] | None = None  # CRD schemas by "group/version/plural" (see tests.kube.schemas)
+    pruned: list[str] = attrs.field(factory=list, init=False)  # unknown fields dropped, as "plural/name: path"
+    _strict: bool = attrs.field(default=False, init=False)
 
     _rv: int = attrs.field(default=0, init=False)
     _log: list[Event] = attrs.field(factory=list, init=False)
     _floor: int = attrs.field(default=0, init=False)  # events with rv <= floor are compacted away
     _changed: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _watchers: set[_Watcher] = attrs.field(factory=set, init=False)
+    controllers: Controllers = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()  # registers discovery + the (overridden) _serve_* fallbacks
+        self.controllers = Controllers(self)
         for key, info in {**DEFAULT_RESOURCES, **(self.resources_init or {})}.items():
             self.resources[key] = copy.deepcopy(info)
         self.fallback['get /apis/'] << self._serve_apis  # kubernetes-asyncio's ApisApi asks with the slash
@@ -478,16 +485,59 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def compact(self) -> int:
-        """Forget the event history (as etcd compaction): watches from older RVs will get 410 Gone."""
-        self._floor = self._rv
-        self._log.clear()
-        return self._rv
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set (and replaced) on the next change of the store or of the open watches."""
+        return self._changed
+
+    def live_objects(self) -> list[tuple[kmock.resource, dict[str, Any]]]:
+        """Every object that exists now (terminating ones included), for the cluster's controllers."""
+        return [(res, copy.deepcopy(obj.raw)) for (res, _, _), obj in self._objects.items() if not obj.deleted]
+
+    def remove(self, resource: kmock.resource, obj: Mapping[str, Any]) -> None:
+        """The end of a graceful deletion: the object goes if it is still that one, terminating, unfinalized."""
+        meta = obj['metadata']
+        current = self._current(resource, meta.get('namespace'), meta['name'])
+        if (current is not None and current['metadata'].get('uid') == meta.get('uid')
+                and current['metadata'].get('deletionTimestamp') and not current['metadata'].get('finalizers')):
+            self._commit(resource, 'DELETED', current, current)
+
+    def compact(self, upto: int | None = None) -> int:
+        """Forget the event history up to RV ``upto`` (default: all of it), as etcd compaction does: watches
+        and continue tokens from older RVs get 410 Gone."""
+        self._floor = self._rv if upto is None else upto
+        self._log = [event for event in self._log if event.rv > self._floor]
+        return self._floor
 
     def _events_after(self, rv: int) -> list[Event] | None:
         if rv < self._floor:
             return None  # too old
         return self._log[bisect.bisect_right(self._log, rv, key=lambda e: e.rv):]
+
+    # -- CRD schemas --
+
+    def _admit(self, resource: kmock.resource, obj: dict[str, Any]) -> tuple[dict[str, Any], _Result | None]:
+        """Validate a custom object against its CRD schema and prune unknown fields, as the API server does."""
+        schema = (self.schemas or {}).get(f'{resource.group}/{resource.version}/{resource.plural}')
+        if schema is None:
+            return obj, None
+        kept, errors, pruned = check(schema, obj)
+        name = str((obj.get('metadata') or {}).get('name') or '')
+        if errors:
+            return obj, self._invalid(resource, name, ', '.join(errors))
+        if pruned and self._strict:
+            return obj, self._bad_request(f'strict decoding error: unknown field "{pruned[0]}"')
+        self.pruned.extend(f'{resource.plural}/{name}: {path}' for path in pruned)
+        return kept, None
+
+    @contextlib.contextmanager
+    def _strictness(self, request: kmock.Request) -> Iterator[None]:
+        """``fieldValidation=Strict`` for the (synchronous) operation run inside."""
+        self._strict = request.params.get('fieldValidation') == 'Strict'
+        try:
+            yield
+        finally:
+            self._strict = False
 
     # -- errors --
 
@@ -554,10 +604,15 @@ class KubeEmulator(kmock.KubernetesEmulator):
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
         for field in ('resourceVersion', 'deletionTimestamp', 'deletionGracePeriodSeconds'):
             meta.pop(field, None)
+        if resource in ADMISSION_FINALIZERS:
+            meta['finalizers'] = [*(meta.get('finalizers') or []), *ADMISSION_FINALIZERS[resource]]
         if 'status' in info.subresources:  # status is not settable on create; the "controllers" set it
             obj.pop('status', None)
             if resource in (POD, PVC):
                 obj['status'] = {'phase': 'Pending'}
+        obj, invalid = self._admit(resource, obj)
+        if invalid is not None:
+            return invalid
         if dry_run:
             return 201, obj
         return 201, self._commit(resource, 'ADDED', obj, None)
@@ -611,6 +666,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
             return 422, k8s_status(422, 'Invalid',
                                    'no new finalizers can be added if the object is being deleted')
         new['apiVersion'], new['kind'] = old.get('apiVersion'), old.get('kind')
+        new, invalid = self._admit(resource, new)
+        if invalid is not None:
+            return invalid
+        meta = new['metadata']
         def body_of(obj: Mapping[str, Any]) -> dict[str, Any]:
             return {k: v for k, v in obj.items() if k not in ('metadata', 'status')}
 
@@ -622,7 +681,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if dry_run:
             return 200, new
         stored = self._commit(resource, 'MODIFIED', new, old)
-        if meta.get('deletionTimestamp') and not meta.get('finalizers'):
+        if meta.get('deletionTimestamp') and old_meta.get('finalizers') and not meta.get('finalizers'):
             self._commit(resource, 'DELETED', stored, stored)
         return 200, stored
 
@@ -695,12 +754,19 @@ class KubeEmulator(kmock.KubernetesEmulator):
             return self._conflict(resource, name)
         if dry_run:
             return 200, old
-        if old['metadata'].get('finalizers'):
+        policy = options.get('propagationPolicy') if isinstance(options, Mapping) else None
+        finalizers = list(old['metadata'].get('finalizers') or [])
+        if policy == 'Foreground' and FOREGROUND not in finalizers:
+            finalizers.append(FOREGROUND)
+        if finalizers or resource == POD:  # pods always terminate gracefully (the kubelet removes them)
             if old['metadata'].get('deletionTimestamp'):
                 return 202, old
             new = copy.deepcopy(old)
-            new['metadata'].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0)
-            return 202, self._commit(resource, 'MODIFIED', new, old)
+            grace = ((old.get('spec') or {}).get('terminationGracePeriodSeconds', 30) if resource == POD else 0)
+            new['metadata'].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=grace)
+            if finalizers:
+                new['metadata']['finalizers'] = finalizers
+            return 202 if resource != POD else 200, self._commit(resource, 'MODIFIED', new, old)
         gone = self._commit(resource, 'DELETED', old, old)
         if resource.plural in _DELETE_RETURNS_STATUS:
             return 200, {'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Success',
@@ -735,8 +801,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         assert request.resource is not None
         if request.subresource:
             return self._respond((404, k8s_status(404, 'NotFound', 'subresources are not supported on POST')))
-        return self._respond(self.op_create(request.resource, request.namespace, request.data,
-                                            dry_run=self._dry(request)))
+        with self._strictness(request):
+            return self._respond(self.op_create(request.resource, request.namespace, request.data,
+                                                dry_run=self._dry(request)))
 
     async def _serve_fetch(self, request: kmock.Request) -> rendering.Response:
         assert request.resource is not None
@@ -751,22 +818,49 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if not request.resource.plural:  # e.g. /api/v1/ with a slash (kubernetes-asyncio's discovery)
             return rendering.Response(status=200, payload=await self._serve_version(request))
         params = request.params
-        return self._respond(self.op_list(request.resource, request.namespace,
-                                          params.get('labelSelector'), params.get('fieldSelector')))
+        code, listing = self.op_list(request.resource, request.namespace,
+                                     params.get('labelSelector'), params.get('fieldSelector'))
+        if code == 200 and (params.get('limit') or params.get('continue')):
+            code, listing = self._page(listing, params.get('limit'), params.get('continue'))
+        return self._respond((code, listing))
+
+    def _page(self, listing: dict[str, Any], limit: str | None, token: str | None) -> _Result:
+        """``limit``/``continue`` as the real API: a continue token names the list's RV and the last name served;
+        once that RV is compacted away the token answers 410 Expired (the client lists again from the start)."""
+        try:
+            size = int(limit) if limit else None
+            rv, after = (json.loads(base64.urlsafe_b64decode(token)) if token else (None, ''))
+        except (ValueError, TypeError):
+            return self._bad_request('invalid limit or continue parameter')
+        if rv is not None and int(rv) < self._floor:
+            return 410, k8s_status(410, 'Expired', 'The provided continue parameter is too old to display a'
+                                   ' consistent list result. You can start a new list without the continue parameter.')
+        items = [obj for obj in listing['items'] if obj['metadata']['name'] > after]
+        page, rest = (items[:size], items[size:]) if size else (items, [])
+        listing['items'] = page
+        if rv is not None:
+            listing['metadata']['resourceVersion'] = str(rv)
+        if rest:
+            listing['metadata']['continue'] = base64.urlsafe_b64encode(json.dumps(
+                [int(listing['metadata']['resourceVersion']), page[-1]['metadata']['name']]).encode()).decode()
+            listing['metadata']['remainingItemCount'] = len(rest)
+        return 200, listing
 
     async def _serve_replace(self, request: kmock.Request) -> rendering.Response:
         assert request.resource is not None
         assert request.name is not None
-        return self._respond(self.op_replace(request.resource, request.namespace, request.name, request.data,
-                                             request.subresource, dry_run=self._dry(request)))
+        with self._strictness(request):
+            return self._respond(self.op_replace(request.resource, request.namespace, request.name, request.data,
+                                                 request.subresource, dry_run=self._dry(request)))
 
     async def _serve_update(self, request: kmock.Request) -> rendering.Response:  # PATCH
         assert request.resource is not None
         assert request.name is not None
-        return self._respond(self.op_patch(
-            request.resource, request.namespace, request.name, request.data,
-            request.headers.get('Content-Type', 'application/merge-patch+json'), request.subresource,
-            dry_run=self._dry(request)))
+        with self._strictness(request):
+            return self._respond(self.op_patch(
+                request.resource, request.namespace, request.name, request.data,
+                request.headers.get('Content-Type', 'application/merge-patch+json'), request.subresource,
+                dry_run=self._dry(request)))
 
     async def _serve_delete(self, request: kmock.Request) -> rendering.Response:
         assert request.resource is not None
@@ -816,6 +910,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             for obj in initial:
                 yield {'type': 'ADDED', 'object': obj}
             position = since
+            bookmarks = str(request.params.get('allowWatchBookmarks', '')).lower() == 'true'
+            quiet_since = loop.time()
             while watcher.stop is None:
                 changed = self._changed
                 events = self._events_after(position)
@@ -827,6 +923,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     position = event.rv
                     translated = watcher.translate(event)
                     if translated is not None:
+                        quiet_since = loop.time()
                         yield translated
                     if watcher.stop is not None:
                         break
@@ -835,6 +932,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     return  # timeoutSeconds: the server ends the stream normally
+                if bookmarks and loop.time() - quiet_since >= self.bookmark_interval:
+                    quiet_since = loop.time()
+                    info = self._declared(watcher.resource)
+                    yield {'type': 'BOOKMARK', 'object': {
+                        'kind': info.kind if info is not None else '', 'apiVersion': _api_version(watcher.resource),
+                        'metadata': {'resourceVersion': str(position)}}}
                 if raw is not None and (raw.transport is None or raw.transport.is_closing()):
                     return  # the client went away
                 with contextlib.suppress(TimeoutError):
@@ -886,12 +989,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 await self._changed.wait()
 
     def fail(self, *criteria: Any, status: int = 500, times: int | None = 1, reason: str | None = None,
-             message: str = 'injected fault') -> Any:
+             message: str = 'injected fault', retry_after: int | None = None) -> Any:
         """
         Inject a fault for the *next* `times` requests matching kmock criteria (None: for ever).
 
         E.g. ``emu.fail('post', POD, status=500)``, ``emu.fail('put', LEASE, status=409)``,
         ``emu.fail('watch', POD, status=410)``. Nothing is written while the fault answers.
+        ``emu.fail('watch', POD, status=200)`` is a watch that ends at once, cleanly and empty.
         Watch requests get HTTP 200 + an ``ERROR`` event (as the real API does mid-stream);
         other requests get the HTTP status with a ``Status`` body. When depleted, the reaction
         disables itself and the emulator serves normally. Returns the kmock reaction: assert on
@@ -910,8 +1014,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     reactions[0]._disabled.set()  # so that it does not even record the next request
             if request.action == kmock.action.WATCH:
                 line = json.dumps({'type': 'ERROR', 'object': body}).encode() + b'\n'
-                return rendering.Response(status=200, payload=line)
-            return rendering.Response(status=status, payload=body)
+                return rendering.Response(status=200, payload=line if status != 200 else b'\n')
+            headers = {'Retry-After': str(retry_after)} if retry_after is not None else {}
+            return rendering.Response(status=status, payload=body, headers=headers)
 
         view = self[criteria] if criteria else self
         reactions.append(view << answer)
@@ -990,164 +1095,6 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 await self._changed.wait()
 
 
-# --- the kubelet & friends ---------------------------------------------------------------------
-
-class LoopbackIPs:
-    """Pod -> 127.0.0.N (N = first, first+1, ...), stable per namespace/name. For FakeKubelet(pod_ip=...)."""
-
-    def __init__(self, first: int = 2) -> None:
-        self.mapping: dict[tuple[str, str], str] = {}
-        self._next = first
-
-    def __call__(self, pod: Mapping[str, Any]) -> str:
-        key = (pod['metadata'].get('namespace') or '', pod['metadata']['name'])
-        if key not in self.mapping:
-            if self._next > 254:
-                raise RuntimeError('out of loopback addresses')
-            self.mapping[key] = f'127.0.0.{self._next}'
-            self._next += 1
-        return self.mapping[key]
-
-
-PodIP = Callable[[dict[str, Any]], 'str | Awaitable[str | None] | None']
-
-
-class FakeKubelet:
-    """
-    Plays the kubelet, the PV binder and the snapshot controller on the emulator's in-memory store.
-
-    * New pods (phase Pending) -> ``Running``, conditions Ready/ContainersReady/Initialized/PodScheduled
-      True, ``podIP`` from ``pod_ip(pod)`` (sync or async; returning None leaves the pod Pending; start
-      it later with :meth:`start_pod`). Optional ``pod_delay`` seconds before that.
-    * New PVCs -> ``status.phase: Bound`` (+ capacity from the request).
-    * New VolumeSnapshots -> ``status.readyToUse: true`` after ``snapshot_delay`` seconds.
-
-    Use ``async with FakeKubelet(emu, pod_ip=LoopbackIPs()) as kubelet:`` or ``start()``/``stop()``.
-    """
-
-    def __init__(self, emulator: KubeEmulator, pod_ip: PodIP | None = None, *, pod_delay: float = 0.0,
-                 snapshot_delay: float = 0.0, bind_pvcs: bool = True, ready_snapshots: bool = True) -> None:
-        self.emulator = emulator
-        self.pod_ip: PodIP = pod_ip or LoopbackIPs()
-        self.pod_delay = pod_delay
-        self.snapshot_delay = snapshot_delay
-        self.bind_pvcs = bind_pvcs
-        self.ready_snapshots = ready_snapshots
-        self._task: asyncio.Task[None] | None = None
-        self._pending: set[asyncio.Task[None]] = set()
-        self._seen: set[str] = set()  # uids already handled
-
-    async def __aenter__(self) -> FakeKubelet:
-        self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name='fake-kubelet')
-
-    async def stop(self) -> None:
-        tasks = [t for t in [self._task, *self._pending] if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._task = None
-        self._pending.clear()
-
-    async def _run(self) -> None:
-        emu = self.emulator
-        since = emu.resource_version
-        for resource in (POD, PVC, VOLUME_SNAPSHOT):
-            for obj in emu.list_objects(resource):
-                self._consider(resource, obj)
-        async for event in emu.events(since=since):
-            if event.type != 'DELETED':
-                self._consider(event.resource, event.object)
-
-    def _consider(self, resource: kmock.resource, obj: dict[str, Any]) -> None:
-        meta = obj.get('metadata') or {}
-        uid = meta.get('uid') or f"{meta.get('namespace')}/{meta.get('name')}"
-        if uid in self._seen or meta.get('deletionTimestamp'):
-            return
-        status = obj.get('status') or {}
-        if resource == POD and status.get('phase', 'Pending') == 'Pending':
-            self._spawn(self._start_pod(obj, self.pod_delay))
-        elif resource == PVC and self.bind_pvcs and status.get('phase', 'Pending') == 'Pending':
-            self._spawn(self._bind_pvc(obj))
-        elif resource == VOLUME_SNAPSHOT and self.ready_snapshots and not status.get('readyToUse'):
-            self._spawn(self._ready_snapshot(obj))
-        else:
-            return
-        self._seen.add(uid)
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    def _patch_status(self, resource: kmock.resource, obj: Mapping[str, Any], status: dict[str, Any]) -> None:
-        meta = obj['metadata']
-        with contextlib.suppress(EmulatorApiError):  # deleted meanwhile: nothing to do
-            self.emulator.patch_status(resource, meta.get('namespace'), meta['name'], status)
-
-    async def _start_pod(self, pod: dict[str, Any], delay: float) -> None:
-        if delay:
-            await asyncio.sleep(delay)
-        ip = self.pod_ip(pod)
-        if inspect.isawaitable(ip):
-            ip = await ip
-        if ip is not None:
-            self.start_pod(pod['metadata'].get('namespace'), pod['metadata']['name'], ip)
-
-    def start_pod(self, namespace: str | None, name: str, ip: str, *, ready: bool = True) -> dict[str, Any]:
-        """Make a pod Running with the given IP (and Ready unless ready=False)."""
-        pod = self.emulator.get_object(POD, namespace, name)
-        if pod is None:
-            raise EmulatorApiError(404, k8s_status(404, 'NotFound', f'pods "{name}" not found'))
-        now = _now()
-        containers = (pod.get('spec') or {}).get('containers') or []
-        status = {
-            'phase': 'Running', 'podIP': ip, 'podIPs': [{'ip': ip}], 'hostIP': '127.0.0.1', 'startTime': now,
-            'conditions': self._conditions(ready, now),
-            'containerStatuses': [{
-                'name': c.get('name', f'c{i}'), 'image': c.get('image', ''), 'imageID': '', 'ready': ready,
-                'started': True, 'restartCount': 0, 'state': {'running': {'startedAt': now}},
-            } for i, c in enumerate(containers)],
-        }
-        return self.emulator.patch_status(POD, namespace, name, status)
-
-    @staticmethod
-    def _conditions(ready: bool, now: str) -> list[dict[str, Any]]:
-        flag = 'True' if ready else 'False'
-        return [{'type': t, 'status': s, 'lastProbeTime': None, 'lastTransitionTime': now}
-                for t, s in [('PodScheduled', 'True'), ('Initialized', 'True'),
-                             ('ContainersReady', flag), ('Ready', flag)]]
-
-    def set_pod_ready(self, namespace: str | None, name: str, ready: bool) -> dict[str, Any]:
-        """Flip the Ready/ContainersReady conditions (e.g. to test readiness-gated proxying)."""
-        pod = self.emulator.get_object(POD, namespace, name)
-        if pod is None:
-            raise EmulatorApiError(404, k8s_status(404, 'NotFound', f'pods "{name}" not found'))
-        statuses = [dict(cs, ready=ready) for cs in (pod.get('status') or {}).get('containerStatuses') or []]
-        return self.emulator.patch_status(POD, namespace, name, {
-            'conditions': self._conditions(ready, _now()), 'containerStatuses': statuses})
-
-    async def _bind_pvc(self, pvc: dict[str, Any]) -> None:
-        spec = pvc.get('spec') or {}
-        storage = ((spec.get('resources') or {}).get('requests') or {}).get('storage', '1Gi')
-        self._patch_status(PVC, pvc, {'phase': 'Bound', 'capacity': {'storage': storage},
-                                      'accessModes': spec.get('accessModes') or ['ReadWriteOnce']})
-
-    async def _ready_snapshot(self, snapshot: dict[str, Any]) -> None:
-        if self.snapshot_delay:
-            await asyncio.sleep(self.snapshot_delay)
-        self._patch_status(VOLUME_SNAPSHOT, snapshot, {
-            'readyToUse': True, 'creationTime': _now(), 'restoreSize': '1Gi',
-            'boundVolumeSnapshotContentName': f"snapcontent-{snapshot['metadata'].get('uid', 'x')}"})
-
-
 # --- running it ---------------------------------------------------------------------------------
 
 @attrs.define
@@ -1179,9 +1126,11 @@ async def running_emulator(*, check_errors: bool = True, **kwargs: Any) -> Async
         env = KubeEnv(emulator=emulator, url=str(server.url).rstrip('/'),
                       api_client=ApiClient(configuration=Configuration(host=str(server.url).rstrip('/'))))
         env._clients.append(env.api_client)
+        emulator.controllers.start()
         try:
             yield env
         finally:
+            await emulator.controllers.stop()
             for client in env._clients:
                 await client.close()
             emulator.drop_watches()  # or the server shutdown waits for the open streams
@@ -1190,14 +1139,17 @@ async def running_emulator(*, check_errors: bool = True, **kwargs: Any) -> Async
                     while emulator.watch_count:
                         await emulator._changed.wait()
             errors = [e for e in emulator.errors if not isinstance(e, kmock.KubernetesError)]
+            if emulator.pruned:  # a real API server would have lost these fields without a word
+                errors.append(AssertionError(f'unknown fields pruned by the CRD schemas: {emulator.pruned}'))
             if check_errors and errors:
                 raise ExceptionGroup('errors inside the Kubernetes emulator', errors)
 
 
 @pytest_asyncio.fixture()
 async def kube() -> AsyncIterator[KubeEnv]:
-    """The running emulator with everything: .emulator, .url, .api_client, .new_api_client()."""
-    async with running_emulator() as env:
+    """The running emulator with everything (the chart's CRD schemas included): .emulator, .url, .api_client,
+    .new_api_client()."""
+    async with running_emulator(schemas=chart_schemas()) as env:
         yield env
 
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+import pytest_asyncio
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client import ApiClient, ApiException
 
@@ -15,14 +17,20 @@ from tests.kube.emulator import (
     PVC,
     VOLUME_SNAPSHOT,
     WORKSPACE,
-    FakeKubelet,
     KubeEmulator,
     KubeEnv,
-    LoopbackIPs,
     running_emulator,
 )
+from tests.kube.kubelet import FakeKubelet, LoopbackIPs
 
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest_asyncio.fixture()
+async def kube() -> AsyncIterator[KubeEnv]:
+    """The generic emulator without CRD schemas: these tests use custom kinds as free-form objects."""
+    async with running_emulator() as env:
+        yield env
 
 NS = 'ns1'
 WS = ('codehub.dev', 'v1alpha1')
@@ -168,14 +176,18 @@ async def test_watch_true_streams_added_modified_deleted(
         await core.create_namespaced_pod(NS, pod_body('new'))
         await core.patch_namespaced_pod('new', NS, {'metadata': {'labels': {'x': 'y'}}})
         deleted = await core.delete_namespaced_pod('existing', NS)
-        events = await collect(stream, 3)
-    assert names(events) == [('ADDED', 'new'), ('MODIFIED', 'new'), ('DELETED', 'existing')]
+        events = await collect(stream, 4)
+    # A pod terminates gracefully: first marked (deletionTimestamp), then removed by the kubelet.
+    assert names(events) == [('ADDED', 'new'), ('MODIFIED', 'new'), ('MODIFIED', 'existing'), ('DELETED', 'existing')]
     assert events[1]['object'].metadata.labels == {'x': 'y'}
     rvs = [int(e['raw_object']['metadata']['resourceVersion']) for e in first + events]
     assert rvs == sorted(rvs)
-    # DELETED carries the last state, with the deletion's own resourceVersion.
-    assert events[2]['object'].metadata.uid == deleted.metadata.uid
     assert events[2]['raw_object']['metadata']['resourceVersion'] == deleted.metadata.resource_version
+    assert deleted.metadata.deletion_timestamp is not None
+    assert deleted.metadata.deletion_grace_period_seconds == 30
+    # DELETED carries the last state, with the deletion's own resourceVersion.
+    assert events[3]['object'].metadata.uid == deleted.metadata.uid
+    assert int(events[3]['raw_object']['metadata']['resourceVersion']) > int(deleted.metadata.resource_version)
 
 
 async def test_watch_custom_objects_and_leases(kube_api: ApiClient) -> None:
@@ -203,8 +215,9 @@ async def test_watch_from_resource_version(kube_api: ApiClient) -> None:
     stream = watch.Watch().stream(core.list_namespaced_pod, NS, timeout_seconds=10,
                                   resource_version=listing.metadata.resource_version)
     async with stream:
-        events = await collect(stream, 2)
-    assert names(events) == [('ADDED', 'p2'), ('DELETED', 'p1')]  # no synthetic ADDED p1: replayed history
+        events = await collect(stream, 3)
+    # No synthetic ADDED p1: replayed history (the pod's graceful deletion is two events).
+    assert names(events) == [('ADDED', 'p2'), ('MODIFIED', 'p1'), ('DELETED', 'p1')]
 
 
 async def test_watch_too_old_resource_version_is_410(

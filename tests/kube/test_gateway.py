@@ -22,7 +22,8 @@ from gateway.lifecycle import Phase
 from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.metrics import Metrics
 from tests.conftest import MakeUpstream, next_address
-from tests.kube.emulator import POD, WORKSPACE, FakeKubelet, KubeEnv
+from tests.kube.emulator import POD, WORKSPACE, KubeEnv
+from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import NS, MakeRuntime, kube_settings, new_workspace, until
 
 pytestmark = pytest.mark.timeout(60)

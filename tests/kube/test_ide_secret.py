@@ -26,7 +26,8 @@ from gateway.config import Config, ConfigError, Kubernetes
 from gateway.context import GATEWAY
 from gateway.lifecycle.kubernetes.objects import HOME, WorkspaceResource, make_pod
 from tests.conftest import next_address
-from tests.kube.emulator import POD, WORKSPACE, FakeKubelet, KubeEnv
+from tests.kube.emulator import POD, WORKSPACE, KubeEnv
+from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import NS, kube_settings
 
 pytestmark = pytest.mark.timeout(120)

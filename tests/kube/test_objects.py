@@ -14,6 +14,7 @@ from gateway.lifecycle.base import Phase
 from gateway.lifecycle.kubernetes import phases
 from gateway.lifecycle.kubernetes.objects import (
     WorkspaceResource,
+    belongs,
     make_lease,
     make_pod,
     make_pvc,
@@ -53,7 +54,7 @@ def test_make_pod() -> None:
             "terminationGracePeriodSeconds": 30,
             "securityContext": {
                 "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                "seccompProfile": {"type": "RuntimeDefault"},
+                "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"},
             },
             "containers": [{
                 "name": "code-server",
@@ -77,6 +78,28 @@ def test_make_pod() -> None:
             ],
         },
     }
+
+
+def test_make_pod_places_the_pod_as_configured() -> None:
+    settings = Kubernetes(
+        image="registry.example.com:5000/ide/code-server:4.99.0", image_digest="sha256:" + "ab" * 32,
+        node_selector={"pool": "workspaces"}, priority_class="workspaces", image_pull_secrets=["regcred"],
+        tolerations=[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
+        resources=KubernetesResources(requests={"cpu": "1"}, limits={"cpu": "2", "nvidia.com/gpu": "1"}))
+    spec = make_pod(WS, settings)["spec"]
+    assert spec["containers"][0]["image"] == "registry.example.com:5000/ide/code-server@sha256:" + "ab" * 32
+    assert spec["nodeSelector"] == {"pool": "workspaces"}
+    assert spec["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert spec["affinity"] == settings.affinity
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert spec["priorityClassName"] == "workspaces"
+    assert spec["containers"][0]["resources"]["limits"] == {"cpu": "2", "nvidia.com/gpu": "1"}
+    kubernetes_validate.validate(make_pod(WS, settings), K8S_VERSION, strict=True)
+    assert "nodeSelector" not in make_pod(WS, SETTINGS)["spec"]  # nothing set, nothing sent
+    with pytest.raises(ValueError, match="not an image digest"):
+        Kubernetes(image_digest="latest")
 
 
 def test_make_pod_uses_the_workspace_overrides() -> None:
@@ -120,13 +143,13 @@ def test_make_pvc_restores_from_a_snapshot_with_the_default_storage_class() -> N
 
 
 def test_make_snapshot() -> None:
-    assert make_snapshot("abc", SETTINGS, AT) == {
+    assert make_snapshot(WS, SETTINGS, AT) == {
         "apiVersion": "snapshot.storage.k8s.io/v1",
         "kind": "VolumeSnapshot",
         "metadata": {"name": "ws-abc-home-20260304050607", "labels": LABELS},
         "spec": {"source": {"persistentVolumeClaimName": "ws-abc-home"}, "volumeSnapshotClassName": "csi-snap"},
     }
-    later = make_snapshot("abc", Kubernetes(), AT + datetime.timedelta(seconds=1))
+    later = make_snapshot(WS, Kubernetes(), AT + datetime.timedelta(seconds=1))
     assert later["metadata"]["name"] == "ws-abc-home-20260304050608"  # never the same name as the last one
     assert "volumeSnapshotClassName" not in later["spec"]
 
@@ -197,7 +220,7 @@ def test_strict_validation_catches_mistakes() -> None:
         validate(broken)
 
 
-@pytest.mark.parametrize("manifest", [make_snapshot("abc", SETTINGS, AT), make_workspace(WS)])
+@pytest.mark.parametrize("manifest", [make_snapshot(WS, SETTINGS, AT), make_workspace(WS)])
 def test_custom_kinds_have_no_schema(manifest: dict[str, Any]) -> None:
     with pytest.raises(kubernetes_validate.SchemaNotFoundError):
         validate(manifest)
@@ -237,7 +260,8 @@ def snap(name: str, *, ready: bool = True, created: str = "2026-01-01T00:00:00Z"
     (pod(deleting=True, ready=True, ip="10.1.1.1"), PVC, [], phases.Observation(Phase.STOPPING,
                                                                                  message="stopping the workspace")),
     (pod(phase="Failed"), PVC, [], None),
-    (pod(waiting="ImagePullBackOff"), PVC, [], None),
+    (pod(waiting="CrashLoopBackOff"), PVC, [], None),
+    (pod(waiting="ImagePullBackOff"), PVC, [], phases.Observation(Phase.STARTING, message="starting the workspace")),
     (None, PVC, [], phases.Observation(Phase.WARM)),
     (None, PVC, [snap("s1")], phases.Observation(Phase.WARM)),
     (None, PVC, [snap("s1", ready=False)], phases.Observation(Phase.ARCHIVING,
@@ -267,3 +291,16 @@ def test_newest_first_and_pruning_never_touch_the_newest_ready() -> None:
     assert phases.prunable(snapshots, keep=1) == ["b", "a"]
     assert phases.prunable(snapshots, keep=0) == ["b", "a"]  # the newest ready one stays whatever keep says
     assert phases.prunable([snap("x", ready=False)], keep=1) == []
+
+
+def test_what_a_workspace_makes_points_at_it_by_uid() -> None:
+    ws = WorkspaceResource(id="abc", owner="alice", uid="u-1")
+    reference = {"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "name": "abc", "uid": "u-1",
+                 "controller": True, "blockOwnerDeletion": True}
+    for manifest in (make_pod(ws, SETTINGS), make_pvc(ws, SETTINGS), make_snapshot(ws, SETTINGS, AT)):
+        assert manifest["metadata"]["ownerReferences"] == [reference]
+        assert belongs(manifest, "u-1")
+        assert not belongs(manifest, "u-2")  # a namesake's
+    assert "ownerReferences" not in make_pod(WS, SETTINGS)["metadata"]
+    assert belongs(make_pod(WS, SETTINGS), "u-2")  # made before owners were set: adopted
+    assert parse_workspace({"metadata": {"name": "abc", "uid": "u-1"}, "spec": {"owner": "alice"}}) == ws

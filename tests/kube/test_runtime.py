@@ -13,7 +13,7 @@ from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.lifecycle.kubernetes.client import LEASE as LEASE_KIND
 from gateway.lifecycle.kubernetes.client import POD as POD_KIND
 from gateway.lifecycle.kubernetes.client import KubeClient
-from gateway.lifecycle.kubernetes.objects import make_pod
+from gateway.lifecycle.kubernetes.objects import make_pod, make_pvc
 from gateway.lifecycle.kubernetes.objects import parse_workspace as parse
 from tests.kube.emulator import (
     LEASE,
@@ -22,9 +22,9 @@ from tests.kube.emulator import (
     VOLUME_SNAPSHOT,
     WORKSPACE,
     Event,
-    FakeKubelet,
     KubeEnv,
 )
+from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import NS, MakeRuntime, PodIPs, kube_settings, names, new_workspace, recording, until
 
 pytestmark = pytest.mark.timeout(60)
@@ -117,9 +117,12 @@ async def test_wake_from_cold_restores_the_volume_from_the_newest_snapshot(
     [snapshot] = names(emu, VOLUME_SNAPSHOT)
     with runtime.events() as events:
         state = await runtime.wake("w1")
-        seen = [events.queue.get_nowait().phase for _ in range(events.queue.qsize())]
+        published = [events.queue.get_nowait() for _ in range(events.queue.qsize())]
+    seen = [event.phase for event in published]
     assert state.phase is Phase.RUNNING
     assert seen.index(Phase.RESTORING) < seen.index(Phase.STARTING) < seen.index(Phase.RUNNING)
+    assert (Phase.RESTORING, f"Restoring the home volume from snapshot {snapshot}") in [
+        (event.phase, event.message) for event in published]  # a line on the waiting page
     pvc = emu.get_object(PVC, NS, "ws-w1-home")
     assert pvc is not None
     assert pvc["spec"]["dataSource"] == {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",
@@ -207,7 +210,8 @@ async def test_a_409_on_create_means_already_there(kube: KubeEnv, kubelet: FakeK
     runtime = await make_runtime()
     await new_workspace(runtime)
     ws = parse(kube.emulator.get_object(WORKSPACE, NS, "w1") or {})
-    kube.emulator.create_object(POD, make_pod(ws, runtime.settings), NS)  # another replica was quicker
+    kube.emulator.create_object(PVC, make_pvc(ws, runtime.settings), NS)  # another replica was quicker
+    kube.emulator.create_object(POD, make_pod(ws, runtime.settings), NS)
     await until(lambda: runtime.get("w1").phase is Phase.RUNNING)  # type: ignore[union-attr]
     assert (await runtime.wake("w1")).phase is Phase.RUNNING
     assert names(kube.emulator, POD) == ["ws-w1"]

@@ -25,6 +25,7 @@ from gateway.auth.identity import Identity
 from gateway.auth.store import ApiToken, Consent, ShareLink, token_hash
 from gateway.config import Config
 from gateway.context import GATEWAY, Gateway
+from gateway.lifecycle.kubernetes.client import KubeClient
 from gateway.lifecycle.kubernetes.objects import (
     make_api_token,
     make_share_link,
@@ -323,3 +324,54 @@ async def test_a_consent_given_through_one_replica_applies_in_every_one(kube: Ku
     await store(a).withdraw_consent(declined)
     assert answer.id not in store(a).consents
     await until(lambda: answer.id not in store(b).consents)
+
+
+async def test_links_go_with_their_workspace(kube: KubeEnv, replica: MakeReplica) -> None:
+    a = await replica("gw-a")
+    token = await alice_token(a)
+    status, link = await api(a, "POST", "/api/v1/workspaces/w1/shares", token, {"port": 8000})
+    assert status == 201
+    stored = kube.emulator.get_object(SHARE_LINK, NS, link["id"])
+    workspace = kube.emulator.get_object(WORKSPACE, NS, "w1")
+    assert stored is not None
+    assert workspace is not None
+    assert [ref["uid"] for ref in stored["metadata"]["ownerReferences"]] == [workspace["metadata"]["uid"]]
+
+    status, _ = await api(a, "DELETE", "/api/v1/workspaces/w1", token)
+    assert status == 200
+    await kube.emulator.wait_gone(SHARE_LINK, NS, link["id"])
+    await kube.emulator.wait_gone(WORKSPACE, NS, "w1")
+    await until(lambda: link["id"] not in store(a).shares)
+    assert (await open_share(a, link["token"]))[0] in (401, 404)  # nothing left to open
+
+
+async def test_the_leader_deletes_expired_links(kube: KubeEnv, aiohttp_client: Any, tmp_path: Path) -> None:
+    kube.emulator.create_object(WORKSPACE, {"metadata": {"name": "w1"}, "spec": {"owner": "alice"}}, NS)
+    settings = kube_settings(kube.url, identity="gw-a", share_retention=0.2,
+                             share_prune_interval=0.1).model_dump(mode="json")
+    config = Config.model_validate({"runtime": "kubernetes", "kubernetes": settings,
+                                    "local": {"state_dir": str(tmp_path / "shared")}})
+    client: Client = await aiohttp_client(build_app(config))
+    links = store(client)
+    await until(lambda: gateway(client).runtime.is_leader())
+    short, _ = await links.create_share(workspace="w1", port=8000, audience="anyone", people=[],
+                                        created_by="alice", ttl=0.1)
+    long, _ = await links.create_share(workspace="w1", port=8000, audience="anyone", people=[],
+                                       created_by="alice", ttl=3600)
+    await kube.emulator.wait_gone(SHARE_LINK, NS, short.id)
+    assert kube.emulator.get_object(SHARE_LINK, NS, long.id) is not None
+
+
+async def test_a_replica_that_does_not_lead_deletes_nothing(kube: KubeEnv) -> None:
+    kube.emulator.create_object(WORKSPACE, {"metadata": {"name": "w1"}, "spec": {"owner": "alice"}}, NS)
+    client = KubeClient(kube.new_api_client(), NS)
+    links = KubeTokenStore(kube_settings(kube.url, share_retention=0.1, share_prune_interval=0.1), "gw-b",
+                           lambda: client)
+    await links.start()
+    try:
+        link, _ = await links.create_share(workspace="w1", port=8000, audience="anyone", people=[],
+                                           created_by="alice", ttl=0.05)
+        await asyncio.sleep(0.6)
+        assert kube.emulator.get_object(SHARE_LINK, NS, link.id) is not None
+    finally:
+        await links.close()

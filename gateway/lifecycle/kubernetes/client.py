@@ -22,6 +22,7 @@ from kubernetes_asyncio.client import ApiClient, Configuration
 
 from gateway.config import Kubernetes
 from gateway.lifecycle.base import RuntimeError_
+from gateway.lifecycle.kubernetes.throttle import Throttle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,18 +60,21 @@ SHARE_LINK = Kind("codehub.dev", "v1alpha1", "sharelinks", "ShareLink")
 API_TOKEN = Kind("codehub.dev", "v1alpha1", "apitokens", "ApiToken")
 CONSENT = Kind("codehub.dev", "v1alpha1", "identityconsents", "IdentityConsent")
 USED_KEY = Kind("codehub.dev", "v1alpha1", "usedkeys", "UsedKey")
+EVENT = Kind("", "v1", "events", "Event")
 
 TRANSIENT = frozenset({0, 429, 500, 502, 503, 504})
+MAX_RETRY_AFTER = 30.0
 
 
 class KubeError(Exception):
     """A non-2xx answer (``status``) or no answer at all (``status`` 0: connection refused, reset, timeout)."""
 
-    def __init__(self, status: int, reason: str, message: str = "") -> None:
+    def __init__(self, status: int, reason: str, message: str = "", *, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {reason}: {message}" if status else f"{reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.retry_after = retry_after  # seconds the server asked us to wait (429, 503), if it said
 
     @property
     def transient(self) -> bool:
@@ -88,7 +92,14 @@ def unavailable(error: Exception) -> RuntimeError_:
                          headers={"Retry-After": "5"})
 
 
-def _error(status: int, body: bytes) -> KubeError:
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None  # an HTTP date: rare from an API server; the backoff applies instead
+
+
+def _error(status: int, body: bytes, retry_after: float | None = None) -> KubeError:
     try:
         data = json.loads(body)
     except ValueError:
@@ -97,7 +108,7 @@ def _error(status: int, body: bytes) -> KubeError:
         data = {}
     reason = str(data.get("reason") or "Error")
     message = str(data.get("message") or body[:200].decode("utf-8", "replace"))
-    return (Gone if status == 410 else KubeError)(status, reason, message)
+    return (Gone if status == 410 else KubeError)(status, reason, message, retry_after=retry_after)
 
 
 async def connect(settings: Kubernetes) -> ApiClient:
@@ -110,17 +121,21 @@ async def connect(settings: Kubernetes) -> ApiClient:
     else:
         path = str(settings.kubeconfig) if settings.kubeconfig else None
         await kube_config.load_kube_config(config_file=path, client_configuration=configuration)
-    configuration.connection_pool_maxsize = 64  # six watches stay open (4 runtime, 2 tokens); operations need room
+    # Six watches stay open (4 runtime, 2 tokens), two per explained wake (at most 32), and operations need room.
+    configuration.connection_pool_maxsize = 64
     return ApiClient(configuration=configuration)
 
 
 class KubeClient:
     """Single-attempt calls in one namespace; every method raises :class:`KubeError` on failure."""
 
-    def __init__(self, api: ApiClient, namespace: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, api: ApiClient, namespace: str, *, timeout: float = 10.0, throttle: Throttle | None = None,
+                 page_size: int = 500) -> None:
         self.api = api
         self.namespace = namespace
         self.timeout = timeout
+        self.throttle = throttle
+        self.page_size = page_size
 
     async def _send(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
                     body: Any = None, content_type: str = JSON,
@@ -141,18 +156,19 @@ class KubeClient:
                 body_bytes = b""
             finally:
                 response.release()
-            raise _error(response.status, body_bytes)
+            raise _error(response.status, body_bytes, _seconds(response.headers.get("Retry-After")))
         return response
 
     async def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None, body: Any = None,
                       content_type: str = JSON) -> dict[str, Any]:
-        response = await self._send(method, path, query=query, body=body, content_type=content_type)
-        try:
-            data = await response.json(content_type=None)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            raise KubeError(0, type(exc).__name__, str(exc)) from exc
-        finally:
-            response.release()
+        async with self.throttle.request() if self.throttle is not None else contextlib.nullcontext():
+            response = await self._send(method, path, query=query, body=body, content_type=content_type)
+            try:
+                data = await response.json(content_type=None)
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                raise KubeError(0, type(exc).__name__, str(exc)) from exc
+            finally:
+                response.release()
         if not isinstance(data, dict):
             raise KubeError(0, "BadResponse", f"{method} {path} answered {type(data).__name__}")
         return data
@@ -174,12 +190,21 @@ class KubeClient:
                 return None
             raise
 
-    async def delete(self, kind: Kind, name: str) -> bool:
-        """True if this call deleted it, False if it was already gone (404 = done)."""
+    async def delete(self, kind: Kind, name: str, *, uid: str | None = None, foreground: bool = False) -> bool:
+        """True if this call deleted it, False if it was already gone (404 = done).
+
+        With ``uid``, only that very object (409 if the name now belongs to another: also "not ours, done");
+        with ``foreground``, the object stays until the garbage collector has deleted everything it owns.
+        """
+        options: dict[str, Any] = {}
+        if uid is not None:
+            options["preconditions"] = {"uid": uid}
+        if foreground:
+            options["propagationPolicy"] = "Foreground"
         try:
-            await self.request("DELETE", kind.path(self.namespace, name))
+            await self.request("DELETE", kind.path(self.namespace, name), body=options or None)
         except KubeError as exc:
-            if exc.status == 404:
+            if exc.status == 404 or (exc.status == 409 and uid is not None):
                 return False
             raise
         return True
@@ -194,18 +219,39 @@ class KubeClient:
         """PUT; with ``metadata.resourceVersion`` set, a stale write answers 409."""
         return await self.request("PUT", kind.path(self.namespace, name), body=body)
 
-    async def list(self, kind: Kind, *, label_selector: str | None = None) -> dict[str, Any]:
-        query = {"labelSelector": label_selector} if label_selector else {}
-        return await self.request("GET", kind.path(self.namespace), query=query)
+    async def list(self, kind: Kind, *, label_selector: str | None = None,
+                   field_selector: str | None = None) -> dict[str, Any]:
+        """Every item, fetched in pages of ``page_size`` (``limit``/``continue``), as one list at one version.
+
+        A continue token that expired (410: the list's version was compacted meanwhile) starts the list again.
+        """
+        query = _selectors(label_selector, field_selector)
+        for _ in range(3):
+            items: list[Any] = []
+            token = ""
+            try:
+                while True:
+                    ask = {**query, "limit": str(self.page_size), **({"continue": token} if token else {})}
+                    page = await self.request("GET", kind.path(self.namespace), query=ask)
+                    items.extend(page.get("items") or [])
+                    token = str((page.get("metadata") or {}).get("continue") or "")
+                    if not token:
+                        return {**page, "items": items}
+            except Gone:
+                if not token:
+                    raise
+                log.info("list of %s expired between pages; listing again", kind.plural)
+        raise KubeError(410, "Expired", f"the list of {kind.plural} kept expiring between pages")
 
     @contextlib.asynccontextmanager
     async def watch(self, kind: Kind, resource_version: str, *, label_selector: str | None = None,
+                    field_selector: str | None = None,
                     timeout_seconds: int = 300) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         """A watch stream of ``{"type", "object"}`` events after ``resource_version``; ERROR events raise."""
         query = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
-                 "timeoutSeconds": str(timeout_seconds)}
-        if label_selector:
-            query["labelSelector"] = label_selector
+                 "timeoutSeconds": str(timeout_seconds), **_selectors(label_selector, field_selector)}
+        if self.throttle is not None:
+            await self.throttle.token()
         response = await self._send("GET", kind.path(self.namespace), query=query,
                                     limits=aiohttp.ClientTimeout(sock_connect=self.timeout,
                                                                  sock_read=timeout_seconds + self.timeout))
@@ -238,8 +284,13 @@ class KubeClient:
             response.close()
 
 
+def _selectors(labels: str | None, fields: str | None) -> dict[str, str]:
+    query = {"labelSelector": labels, "fieldSelector": fields}
+    return {key: value for key, value in query.items() if value}
+
+
 async def retrying(call: Callable[[], Awaitable[T]], *, attempts: int = 5, first_delay: float = 0.2,
-                   max_delay: float = 5.0) -> T:
+                   max_delay: float = 5.0, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> T:
     """Run a single-attempt call again on transient failures (5xx, 429, no answer), with jittered backoff.
 
     Anything else is the caller's answer to handle. When the attempts run out, the failure becomes the one
@@ -255,6 +306,9 @@ async def retrying(call: Callable[[], Awaitable[T]], *, attempts: int = 5, first
             if attempt == attempts:
                 raise unavailable(exc) from exc
             log.warning("Kubernetes API call failed (attempt %d of %d), retrying: %s", attempt, attempts, exc)
-        await asyncio.sleep(delay * (0.5 + random.random()))
+            pause = delay * (0.5 + random.random())
+            if exc.retry_after is not None:  # the server said when (429, 503): not sooner, within reason
+                pause = max(pause, min(exc.retry_after, MAX_RETRY_AFTER))
+        await sleep(pause)
         delay = min(delay * 2, max_delay)
     raise AssertionError("unreachable")

@@ -1,8 +1,10 @@
 """One list+watch cache per kind: the gateway's memory of the cluster.
 
-The loop (as kubespawner's reflector): list, then watch from the list's resourceVersion; a watch that ends is
-resumed from the last resourceVersion seen; 410 Gone (history compacted) means list again; any other failure
-backs off exponentially and tries again, for ever, until cancelled. Cancellation is always re-raised.
+The loop (as kubespawner's reflector): list (in pages), then watch from the list's resourceVersion; a watch
+that ends is resumed from the last resourceVersion seen — at once, unless it ended at once and empty: then with
+backoff and jitter, as for errors. BOOKMARK events move the version on, so a quiet kind resumes without a
+re-list. 410 Gone (history compacted) means list again; any other failure backs off exponentially and tries
+again, for ever, until cancelled. Cancellation is always re-raised.
 
 While the API cannot be reached the cache keeps serving the last state it saw (``healthy`` turns False), so
 routing keeps working for RUNNING workspaces; operations that need the API check ``healthy`` and fail clearly.
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 # (event type, the object as now known or, for DELETED, as last known)
 OnChange = Callable[[str, dict[str, Any]], None]
+QUICK_END = 1.0  # a watch that ends sooner than this, empty, is reopened only after a backoff
 
 
 def _name(obj: dict[str, Any]) -> str:
@@ -79,9 +82,11 @@ class Informer:
             try:
                 if self.resource_version is None:
                     await self._list()
-                await self._watch()
-                delay = self._first_delay
-                continue
+                began = asyncio.get_running_loop().time()
+                if await self._watch() or asyncio.get_running_loop().time() - began >= QUICK_END:
+                    delay = self._first_delay
+                    continue
+                # Ended at once with nothing in it (an API server shedding watches): back off, do not spin.
             except asyncio.CancelledError:
                 raise
             except Gone as exc:
@@ -120,12 +125,15 @@ class Informer:
                 self._notify("MODIFIED", obj)
         self.synced.set()
 
-    async def _watch(self) -> None:
+    async def _watch(self) -> int:
+        """Follow one watch stream until it ends; how many events (bookmarks included) it carried."""
         assert self.resource_version is not None
+        count = 0
         async with self.client.watch(self.kind, self.resource_version, label_selector=self.label_selector,
                                      timeout_seconds=self._watch_timeout) as events:
             self.healthy, self.error = True, ""
             async for event in events:
+                count += 1
                 kind, obj = event.get("type"), event.get("object")
                 if not isinstance(obj, dict) or "metadata" not in obj:
                     continue
@@ -141,6 +149,7 @@ class Informer:
                     continue
                 self.resource_version = rv or self.resource_version
                 self._notify(str(kind), obj)
+        return count
 
     def _notify(self, kind: str, obj: dict[str, Any]) -> None:
         try:

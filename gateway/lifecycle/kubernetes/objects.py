@@ -3,7 +3,9 @@
 Names: Workspace ``{id}``, pod ``ws-{id}``, PVC ``ws-{id}-home``, snapshots ``ws-{id}-home-{UTC timestamp}``
 (a new snapshot never replaces the last good one); ShareLink and ApiToken ``{id}`` (the id the API shows, never
 the token: only its SHA-256 is stored). Everything the gateway creates carries the labels from
-:func:`labels`, which is also what the caches select on.
+:func:`labels`, which is also what the caches select on. A workspace's pod, PVC, snapshots and share links also
+carry an ``ownerReference`` to its Workspace (by UID), so the cluster's garbage collector deletes them with it
+and a new Workspace of an old name is never mistaken for their owner.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class WorkspaceResource:
     ide_port: int | None = None
     storage: str | None = None
     resources: Mapping[str, Mapping[str, str]] | None = None
+    uid: str = ""  # the Workspace object's metadata.uid: what its pods, volumes and snapshots point at
 
     def spec(self, settings: Kubernetes) -> WorkspaceSpec:
         return WorkspaceSpec(id=self.id, owner=self.owner, collaborators=self.collaborators,
@@ -67,6 +70,29 @@ def labels(workspace: str) -> dict[str, str]:
     }
 
 
+def owner_reference(workspace: str, uid: str) -> dict[str, Any]:
+    """Points at the Workspace by UID: a Workspace deleted and created again under its name owns nothing old."""
+    return {"apiVersion": WORKSPACE.api_version, "kind": WORKSPACE.kind, "name": workspace, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(name: str, ws: WorkspaceResource) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": labels(ws.id)}
+    if ws.uid:
+        meta["ownerReferences"] = [owner_reference(ws.id, ws.uid)]
+    return meta
+
+
+def owners(obj: Mapping[str, Any]) -> set[str]:
+    return {str(ref.get("uid")) for ref in (obj.get("metadata") or {}).get("ownerReferences") or []}
+
+
+def belongs(obj: Mapping[str, Any], uid: str) -> bool:
+    """Whether an object is the Workspace's: it points at that UID, or (made before owners were set) at none."""
+    found = owners(obj)
+    return not found or not uid or uid in found
+
+
 def make_pod(ws: WorkspaceResource, settings: Kubernetes, ide_secret: str | None = None,
              proxy_uri: str | None = None) -> dict[str, Any]:
     """The code-server pod: hardened, its home on the workspace's PVC, writable /tmp from an emptyDir; with an
@@ -79,10 +105,10 @@ def make_pod(ws: WorkspaceResource, settings: Kubernetes, ide_secret: str | None
     secret = [{"name": HASHED_PASSWORD, "value": ide_secret}] if ide_secret is not None else []
     resources = ws.resources or {"requests": dict(settings.resources.requests),
                                  "limits": dict(settings.resources.limits)}
-    return {
+    pod: dict[str, Any] = {
         "apiVersion": POD.api_version,
         "kind": POD.kind,
-        "metadata": {"name": pod_name(ws.id), "labels": labels(ws.id)},
+        "metadata": _metadata(pod_name(ws.id), ws),
         "spec": {
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
@@ -93,11 +119,12 @@ def make_pod(ws: WorkspaceResource, settings: Kubernetes, ide_secret: str | None
                 "runAsUser": UID,
                 "runAsGroup": UID,
                 "fsGroup": UID,
+                "fsGroupChangePolicy": "OnRootMismatch",  # not a chown of the whole home at every start
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
             "containers": [{
                 "name": "code-server",
-                "image": ws.image or settings.image,
+                "image": ws.image or image(settings),
                 "args": [*auth, "--bind-addr", f"0.0.0.0:{port}", "--disable-telemetry", "--disable-update-check",
                          HOME],
                 "env": [{"name": "HOME", "value": HOME}, {"name": "CODEHUB_WORKSPACE", "value": ws.id}, *secret,
@@ -126,6 +153,24 @@ def make_pod(ws: WorkspaceResource, settings: Kubernetes, ide_secret: str | None
             ],
         },
     }
+    placement = {"nodeSelector": dict(settings.node_selector) or None,
+                 "tolerations": [dict(t) for t in settings.tolerations] or None,
+                 "affinity": dict(settings.affinity) if settings.affinity else None,
+                 "imagePullSecrets": [{"name": name} for name in settings.image_pull_secrets] or None,
+                 "priorityClassName": settings.priority_class}
+    pod["spec"].update({key: value for key, value in placement.items() if value is not None})
+    return pod
+
+
+def image(settings: Kubernetes) -> str:
+    """The default image, pinned to ``image_digest`` when one is given (``repo@sha256:…``, the tag dropped)."""
+    if settings.image_digest is None:
+        return settings.image
+    repository = settings.image.split("@", 1)[0]
+    name = repository.rsplit("/", 1)[-1]
+    if ":" in name:
+        repository = repository[: len(repository) - len(name)] + name.split(":", 1)[0]
+    return f"{repository}@{settings.image_digest}"
 
 
 def make_pvc(ws: WorkspaceResource, settings: Kubernetes, restore_from_snapshot: str | None = None) -> dict[str, Any]:
@@ -141,19 +186,19 @@ def make_pvc(ws: WorkspaceResource, settings: Kubernetes, restore_from_snapshot:
     return {
         "apiVersion": PVC.api_version,
         "kind": PVC.kind,
-        "metadata": {"name": pvc_name(ws.id), "labels": labels(ws.id)},
+        "metadata": _metadata(pvc_name(ws.id), ws),
         "spec": spec,
     }
 
 
-def make_snapshot(workspace: str, settings: Kubernetes, at: datetime.datetime) -> dict[str, Any]:
-    spec: dict[str, Any] = {"source": {"persistentVolumeClaimName": pvc_name(workspace)}}
+def make_snapshot(ws: WorkspaceResource, settings: Kubernetes, at: datetime.datetime) -> dict[str, Any]:
+    spec: dict[str, Any] = {"source": {"persistentVolumeClaimName": pvc_name(ws.id)}}
     if settings.snapshot_class is not None:
         spec["volumeSnapshotClassName"] = settings.snapshot_class
     return {
         "apiVersion": SNAPSHOT.api_version,
         "kind": SNAPSHOT.kind,
-        "metadata": {"name": snapshot_name(workspace, at), "labels": labels(workspace)},
+        "metadata": _metadata(snapshot_name(ws.id, at), ws),
         "spec": spec,
     }
 
@@ -215,6 +260,7 @@ def parse_workspace(obj: Mapping[str, Any]) -> WorkspaceResource:
         ide_port=ide_port if isinstance(ide_port, int) and 0 < ide_port < 65536 else None,
         storage=spec.get("storage") or None,
         resources=resources if isinstance(resources, dict) and resources else None,
+        uid=str((obj.get("metadata") or {}).get("uid") or ""),
     )
 
 
@@ -235,8 +281,11 @@ def make_lease(name: str, holder: str | None, duration: float, *, now: datetime.
     return {"apiVersion": LEASE.api_version, "kind": LEASE.kind, "metadata": metadata, "spec": spec}
 
 
-def make_share_link(link: ShareLink) -> dict[str, Any]:
-    """A ShareLink custom resource; ``spec.revoked`` is set later by a patch, use counts live in ``status``."""
+def make_share_link(link: ShareLink, workspace_uid: str = "") -> dict[str, Any]:
+    """A ShareLink custom resource; ``spec.revoked`` is set later by a patch, use counts live in ``status``.
+
+    It belongs to its Workspace (``workspace_uid``): deleting the workspace deletes its links.
+    """
     spec: dict[str, Any] = {
         "workspace": link.workspace,
         "audience": link.audience,
@@ -249,13 +298,11 @@ def make_share_link(link: ShareLink) -> dict[str, Any]:
         spec["port"] = link.port
     if link.revoked is not None:
         spec["revoked"] = micro_time(_utc(link.revoked))
-    return {
-        "apiVersion": SHARE_LINK.api_version,
-        "kind": SHARE_LINK.kind,
-        "metadata": {"name": link.id, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY,
-                                                 WORKSPACE_LABEL: link.workspace}},
-        "spec": spec,
-    }
+    metadata: dict[str, Any] = {"name": link.id, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY,
+                                                            WORKSPACE_LABEL: link.workspace}}
+    if workspace_uid:
+        metadata["ownerReferences"] = [owner_reference(link.workspace, workspace_uid)]
+    return {"apiVersion": SHARE_LINK.api_version, "kind": SHARE_LINK.kind, "metadata": metadata, "spec": spec}
 
 
 def revoke_patch(at: float) -> dict[str, Any]:

@@ -5,7 +5,7 @@ The table, first match wins:
 | observed                                            | phase     |
 |-----------------------------------------------------|-----------|
 | pod being deleted                                   | STOPPING  |
-| pod failed, or a container stuck (image, crash loop) | FAILED    |
+| pod failed, or a container stuck (crash loop, bad image name) | FAILED |
 | pod Ready with an IP                                | RUNNING   |
 | pod (not ready yet)                                 | STARTING  |
 | PVC being deleted                                   | ARCHIVING |
@@ -26,8 +26,10 @@ from typing import Any
 
 from gateway.lifecycle.base import Phase
 
-STUCK = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CrashLoopBackOff",
-                   "CreateContainerConfigError", "CreateContainerError", "RunContainerError"})
+# Waiting reasons that never clear by themselves. ErrImagePull / ImagePullBackOff are not among them: a registry
+# hiccup is retried by the kubelet, so a wake gives those a grace (``starting.judge``) before it gives up.
+STUCK = frozenset({"InvalidImageName", "CrashLoopBackOff", "CreateContainerConfigError", "CreateContainerError",
+                   "RunContainerError"})
 
 Obj = Mapping[str, Any]
 

@@ -5,15 +5,19 @@ phase (``phases.observe``) and publishes an Event when it moved, so waiting is e
 Operations are serialised per workspace on this replica; across replicas they are safe because every create
 is idempotent (409 = already there) and every delete too (404 = already gone), so a storm of wakes from any
 number of gateways makes one pod. The home PVC is deleted only after a snapshot of it is ``readyToUse``.
+Everything made for a workspace points at its Workspace by UID (ownerReferences): deleting the Workspace deletes
+it all, and a pod or PVC still named for a deleted namesake is removed, never reused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -22,9 +26,9 @@ from kubernetes_asyncio.client import ApiClient
 
 from gateway.auth.ide import ide_secret, load_key
 from gateway.config import Config, Kubernetes
-from gateway.errors import BadRequest, Conflict
+from gateway.errors import BadRequest, Conflict, NotFound
 from gateway.lifecycle.base import Phase, Runtime, RuntimeError_, WorkspaceSpec, WorkspaceState
-from gateway.lifecycle.kubernetes import phases
+from gateway.lifecycle.kubernetes import intent, phases
 from gateway.lifecycle.kubernetes.activity import ActivitySync
 from gateway.lifecycle.kubernetes.client import (
     POD,
@@ -42,19 +46,24 @@ from gateway.lifecycle.kubernetes.informer import not_ready as informers_not_rea
 from gateway.lifecycle.kubernetes.leader import LeaderElector
 from gateway.lifecycle.kubernetes.objects import (
     WorkspaceResource,
+    belongs,
     make_pod,
     make_pvc,
     make_snapshot,
     make_workspace,
+    parse_time,
     parse_workspace,
     pod_name,
     pvc_name,
     workspace_status,
 )
+from gateway.lifecycle.kubernetes.starting import EventFeed, Graces, Judge, describe
+from gateway.lifecycle.kubernetes.throttle import Throttle
 from gateway.lifecycle.kubernetes.view import ClusterView
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
+MAX_FEEDS = 16
 
 
 def default_identity() -> str:
@@ -76,6 +85,7 @@ class KubernetesRuntime(Runtime):
         self.leader: LeaderElector | None = None
         self.activity: ActivitySync | None = None
         self._ide_key = load_key(settings.ide_key_file) if settings.ide_key_file is not None else None
+        self._feeds = 0  # wakes following their Events right now
 
     @classmethod
     def from_config(cls, config: Config) -> KubernetesRuntime:
@@ -87,7 +97,9 @@ class KubernetesRuntime(Runtime):
         if self._api is None:
             self._api = await connect(self.settings)
         settings = self.settings
-        self.client = KubeClient(self._api, settings.namespace, timeout=settings.request_timeout)
+        self.client = KubeClient(self._api, settings.namespace, timeout=settings.request_timeout,
+                                 throttle=Throttle(settings.api_qps, settings.api_burst, settings.api_concurrency),
+                                 page_size=settings.list_page_size)
         self.activity = ActivitySync(self.client, lambda name: self.view.cached(WORKSPACE, name),
                                      interval=settings.activity_interval)
         self.leader = LeaderElector(self.client, settings.lease_name, self.identity, duration=settings.lease_duration)
@@ -139,11 +151,15 @@ class KubernetesRuntime(Runtime):
     def _ide_secret(self, workspace: str) -> str | None:
         return ide_secret(self._ide_key, workspace) if self._ide_key is not None else None
 
-    def _require_api(self) -> KubeClient:
+    def _require_api(self, *kinds: Kind) -> KubeClient:
+        """The client, if the caches this operation decides from (default: Workspaces, pods, PVCs) are live."""
         if self.client is None:
             raise RuntimeError_("The Kubernetes runtime has not started.", code="kubernetes-unavailable")
-        self.view.require_api()
+        self.view.require_api(kinds or (WORKSPACE, POD, PVC))
         return self.client
+
+    def features(self) -> dict[str, bool]:
+        return {"cold": self.view.snapshots_enabled}
 
     # -- doing --
 
@@ -171,20 +187,45 @@ class KubernetesRuntime(Runtime):
         seen = self.view.observe(ws.id)
         if seen.phase is Phase.RUNNING:
             return self.view.end(ws.id)
-        self._require_api()
+        client = self._require_api()
         pod, pvc = pod_name(ws.id), pvc_name(ws.id)
-        if seen.phase is Phase.FAILED and self.view.cached(POD, pod) is not None:
+        for kind, name in ((POD, pod), (PVC, pvc)):
+            await self._remove_foreign(ws, kind, name, deadline)
+        await self._claim_home(ws, deadline)
+        settings = self.settings
+        judge = Judge(Graces(settings.unschedulable_grace, settings.bind_timeout, settings.image_pull_grace))
+        began = time.time()
+        feed = None
+        if self._feeds < MAX_FEEDS:  # two watches each: a wake storm does not open a thousand
+            feed = EventFeed(client, [pod, pvc], lambda event: self._explain(ws.id, event, judge, began),
+                             watch_timeout=settings.watch_timeout)
+            feed.start()
+            self._feeds += 1
+        try:
+            return await self._start(ws, seen, judge, deadline)
+        finally:
+            if feed is not None:
+                self._feeds -= 1
+                await feed.stop()
+
+    async def _start(self, ws: WorkspaceResource, seen: phases.Observation, judge: Judge,
+                     deadline: float) -> WorkspaceState:
+        pod, pvc = pod_name(ws.id), pvc_name(ws.id)
+        if seen.phase is Phase.FAILED and self.view.owned(POD, pod, ws.id) is not None:
             await self._call(lambda c: c.delete(POD, pod))  # a failed pod is replaced, not waited on
-        if phases.deleting(self.view.cached(POD, pod)) or seen.phase is Phase.FAILED:
+        if phases.deleting(self.view.owned(POD, pod, ws.id)) or seen.phase is Phase.FAILED:
             await self.view.gone(ws.id, POD, pod, deadline)
-        if phases.deleting(self.view.cached(PVC, pvc)):
+        if phases.deleting(self.view.owned(PVC, pvc, ws.id)):
             await self.view.gone(ws.id, PVC, pvc, deadline)  # an archive elsewhere is finishing: restore after it
-        if self.view.cached(PVC, pvc) is None:
+        if self.view.owned(PVC, pvc, ws.id) is None:
+            if self.view.snapshots_enabled:  # whether to restore is decided from the snapshot cache: it must be live
+                self._require_api(WORKSPACE, POD, PVC, SNAPSHOT)
             snapshots = self.view.snapshots(ws.id)
             ready = phases.newest_first(snapshots)
             if ready:
                 self.view.begin(ws.id, Phase.RESTORING)
                 source = str(ready[0]["metadata"]["name"])
+                self.view.explain(ws.id, f"Restoring the home volume from snapshot {source}")
                 await self._call(lambda c: c.create(PVC, make_pvc(ws, self.settings, restore_from_snapshot=source)))
             elif snapshots:
                 raise RuntimeError_(f"Workspace {ws.id} has snapshots but none is ready to restore; its data is "
@@ -194,17 +235,83 @@ class KubernetesRuntime(Runtime):
         self.view.begin(ws.id, Phase.STARTING)
         proxy_uri = self._proxy_uri(ws.id) if self._proxy_uri is not None else None
         await self._call(lambda c: c.create(POD, make_pod(ws, self.settings, self._ide_secret(ws.id), proxy_uri)))
+        loop = asyncio.get_running_loop()
+        look_again: list[float | None] = [None]
 
         def started() -> phases.Observation | None:
-            if self.view.cached(POD, pod) is None and self.view.cached(WORKSPACE, ws.id) is not None:
-                return None  # not in the cache yet (or removed meanwhile: the deadline tells)
+            found = self.view.owned(POD, pod, ws.id)
+            if self.view.workspace(ws.id) is None:
+                return phases.Observation(Phase.STOPPING)  # deleted meanwhile: end() says so
+            if found is None:
+                return None  # not in the cache yet
             seen = self.view.observe(ws.id)
-            return seen if seen.phase in (Phase.RUNNING, Phase.FAILED, Phase.STOPPING) else None
+            if seen.phase in (Phase.RUNNING, Phase.STOPPING):
+                return seen
+            failure, look_again[0] = judge(found, self.view.owned(PVC, pvc, ws.id), loop.time())
+            return phases.Observation(Phase.FAILED, message=failure) if failure is not None else None
 
-        seen = await self.view.wait(ws.id, started, deadline, "the pod becoming ready")
+        try:
+            seen = await self.view.wait(ws.id, started, deadline, "the pod becoming ready",
+                                        recheck=lambda: look_again[0])
+        except RuntimeError_ as exc:
+            if exc.code != "kubernetes-timeout":
+                raise
+            last = judge.warnings.get(pod)
+            seen = phases.Observation(Phase.FAILED, message=f"it did not become ready within "
+                                      f"{self.settings.start_timeout:g} s" + (f" ({last})" if last else ""))
         if seen.phase is Phase.FAILED:
             log.error("workspace %s failed to start: %s", ws.id, seen.message)
+            self.view.explain(ws.id, seen.message)
+            with contextlib.suppress(RuntimeError_):  # a failed pod is not left behind (nor its quota used)
+                await self._call(lambda c: c.delete(POD, pod))
+            raise RuntimeError_(f"Workspace {ws.id} could not start: {seen.message}", code="workspace-start-failed")
         return self.view.end(ws.id)
+
+    def _explain(self, workspace: str, event: Mapping[str, Any], judge: Judge, began: float) -> None:
+        """One Event about this wake's pod or PVC as a progress line; an older namesake's are left out."""
+        involved = event.get("involvedObject") or {}
+        kind = {"Pod": POD, "PersistentVolumeClaim": PVC}.get(str(involved.get("kind")))
+        name = str(involved.get("name") or "")
+        if kind is None:
+            return
+        current = self.view.owned(kind, name, workspace)
+        if current is not None:
+            if current["metadata"].get("uid") != involved.get("uid"):
+                return
+        else:
+            when = parse_time(event.get("lastTimestamp") or event.get("eventTime"))
+            if when is None or when.timestamp() < began - 1:
+                return
+        text = describe(event)
+        if event.get("type") == "Warning":
+            judge.warnings[name] = str(event.get("message") or text)
+        self.view.explain(workspace, text)
+
+    async def _claim_home(self, ws: WorkspaceResource, deadline: float) -> None:
+        """Mark the home in use (guarded by resourceVersion) before a pod is made for it: an archive that has not
+        committed yet will keep the volume; one that has is finished here first, then the home is restored."""
+        client = self._require_api()
+        pvc = pvc_name(ws.id)
+        while True:
+            written, found = await intent.swap(client, ws.id, lambda v: intent.KEEP if intent.kind_of(v) == "deleting"
+                                               and self.view.owned(PVC, pvc, ws.id) is not None
+                                               else intent.token("awake", self.identity))
+            if written:
+                return
+            log.info("%s: its volume is being deleted after a snapshot (%s); restoring after that", ws.id, found)
+            await self._call(lambda c: c.delete(PVC, pvc))  # idempotent; finishes a crashed archiver's work
+            await self.view.gone(ws.id, PVC, pvc, deadline)
+
+    async def _remove_foreign(self, ws: WorkspaceResource, kind: Kind, name: str, deadline: float) -> None:
+        """A pod or PVC under our name but owned by a deleted namesake goes first (GC may not have got to it)."""
+        found = self.view.cached(kind, name)
+        if found is None or belongs(found, ws.uid):
+            return
+        log.warning("%s %s belongs to a deleted workspace of the same name; removing it", kind.kind, name)
+        uid = str(found["metadata"].get("uid") or "")
+        await self._call(lambda c: c.delete(kind, name, uid=uid))
+        await self.view.wait(ws.id, lambda: True if (self.view.cached(kind, name) or {}).get("metadata", {}).get(
+            "uid") != uid else None, deadline, f"removing the old {kind.kind} {name}")
 
     async def stop(self, workspace: str) -> WorkspaceState:
         self.view.resource(workspace)
@@ -213,7 +320,7 @@ class KubernetesRuntime(Runtime):
             self._require_api()  # even with no pod in the cache: a cache cut off from the API may be stale
             try:
                 pod = pod_name(workspace)
-                if self.view.cached(POD, pod) is not None:
+                if self.view.owned(POD, pod, workspace) is not None:
                     self.view.begin(workspace, Phase.STOPPING)
                     await self._call(lambda c: c.delete(POD, pod))
                     deadline = asyncio.get_running_loop().time() + self.settings.start_timeout
@@ -224,12 +331,18 @@ class KubernetesRuntime(Runtime):
             return state
 
     async def archive(self, workspace: str) -> WorkspaceState:
+        if not self.view.snapshots_enabled:
+            self.view.resource(workspace)
+            raise Conflict("COLD is disabled on this cluster (the VolumeSnapshot API is not installed); the "
+                           "workspace can only sleep WARM.", code="cold-disabled")
+        self._require_api(WORKSPACE, POD, PVC, SNAPSHOT)
         await self.stop(workspace)
         slot = self.view.slot(workspace)
         async with slot.lock:
-            self._require_api()
+            self._require_api(WORKSPACE, POD, PVC, SNAPSHOT)
             pvc = pvc_name(workspace)
-            if self.view.cached(PVC, pvc) is None or self.view.cached(POD, pod_name(workspace)) is not None:
+            if (self.view.owned(PVC, pvc, workspace) is None
+                    or self.view.owned(POD, pod_name(workspace), workspace) is not None):
                 return self.view.end(workspace)  # already COLD, or woken again meanwhile
             try:
                 await self._archive(workspace, pvc)
@@ -243,9 +356,35 @@ class KubernetesRuntime(Runtime):
             return state
 
     async def _archive(self, workspace: str, pvc: str) -> None:
+        client = self._require_api()
+        mine = intent.token("archiving", self.identity)
+        stale = self.settings.snapshot_timeout + self.settings.request_timeout  # a crashed archiver's claim
+        written, found = await intent.swap(client, workspace, lambda v: intent.KEEP if intent.kind_of(v) in (
+            "archiving", "deleting") and intent.age(v) < stale else mine)
+        if not written:
+            log.info("%s is being archived elsewhere (%s)", workspace, found)
+            return
+        try:
+            committed = await self._snapshot_then_commit(workspace, mine)
+        except RuntimeError_:
+            with contextlib.suppress(RuntimeError_, NotFound):  # let the next archive try at once
+                await intent.swap(client, workspace, lambda v: None if v == mine else intent.KEEP)
+            raise
+        if committed is None:
+            return
+        # Only now, with a ready snapshot of it and no wake since, may the volume go.
+        deadline = asyncio.get_running_loop().time() + self.settings.snapshot_timeout
+        await self._call(lambda c: c.delete(PVC, pvc))
+        await self.view.gone(workspace, PVC, pvc, deadline)
+        for old in phases.prunable(self.view.snapshots(workspace), self.settings.keep_snapshots):
+            await self._prune(workspace, old)
+        await intent.swap(client, workspace, lambda v: None if v == committed else intent.KEEP)
+
+    async def _snapshot_then_commit(self, workspace: str, mine: str) -> str | None:
+        """Take a ready snapshot, then turn our ``archiving`` into ``deleting``; None when a wake came between."""
         self.view.begin(workspace, Phase.ARCHIVING)
         deadline = asyncio.get_running_loop().time() + self.settings.snapshot_timeout
-        body = make_snapshot(workspace, self.settings, datetime.datetime.now(tz=datetime.UTC))
+        body = make_snapshot(self.view.resource(workspace), self.settings, datetime.datetime.now(tz=datetime.UTC))
         name = str(body["metadata"]["name"])
         await self._call(lambda c: c.create(SNAPSHOT, body))
 
@@ -258,14 +397,13 @@ class KubernetesRuntime(Runtime):
         snapshot = await self.view.wait(workspace, settled, deadline, f"snapshot {name} becoming ready")
         if not phases.snapshot_ready(snapshot):
             raise RuntimeError_(f"snapshot {name} failed: {phases.snapshot_error(snapshot)}", code="snapshot-failed")
-        if self.view.cached(POD, pod_name(workspace)) is not None:
-            log.info("workspace %s was woken while archiving; keeping its volume", workspace)
-            return
-        # Only now, with a ready snapshot of it, may the volume go.
-        await self._call(lambda c: c.delete(PVC, pvc))
-        await self.view.gone(workspace, PVC, pvc, deadline)
-        for old in phases.prunable(self.view.snapshots(workspace), self.settings.keep_snapshots):
-            await self._prune(workspace, old)
+        commit = "deleting/" + mine.split("/", 1)[1]
+        written, found = await intent.swap(self._require_api(), workspace,
+                                           lambda v: commit if v == mine else intent.KEEP)
+        if not written:
+            log.info("workspace %s was woken while archiving (%s); keeping its volume", workspace, found)
+            return None
+        return commit
 
     async def _prune(self, workspace: str, snapshot: str) -> None:
         """Older snapshots go only after a newer one is ready (``phases.prunable`` never names the newest)."""
@@ -299,6 +437,9 @@ class KubernetesRuntime(Runtime):
         created = await self._call(lambda c: c.create(WORKSPACE, make_workspace(ws)))
         if created is None:
             existing = await self._call(lambda c: c.get(WORKSPACE, spec.id))
+            if existing is not None and phases.deleting(existing):
+                raise Conflict(f"A workspace called {spec.id} is still being deleted; try again shortly.",
+                               code="workspace-exists")
             if existing is None or parse_workspace(existing).owner != spec.owner:
                 raise Conflict(f"A workspace called {spec.id} already exists.", code="workspace-exists")
             created = existing
@@ -307,30 +448,58 @@ class KubernetesRuntime(Runtime):
     async def create(self, spec: WorkspaceSpec) -> WorkspaceState:
         return await self.create_workspace(spec)
 
+    async def delete(self, workspace: str) -> None:
+        """Delete the Workspace and, through the garbage collector, everything it owns: pod, home, snapshots.
+
+        Foreground propagation keeps the Workspace (terminating) until they are gone, so its name cannot be
+        taken again while its old home still exists; this returns once the API has accepted the deletion.
+        """
+        self.view.resource(workspace)
+        uid = self.view.uid(workspace)
+        await self._call(lambda c: c.delete(WORKSPACE, workspace, uid=uid or None, foreground=True))
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
+        with contextlib.suppress(RuntimeError_):  # the watch lags: the deletion stands all the same
+            await self.view.wait(workspace, lambda: True if self.view.workspace(workspace) is None else None,
+                                 deadline, "the cache seeing the deletion")
+
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
                      collaborators: tuple[str, ...] | None = None,
                      identity_ports: frozenset[int] | None = None,
                      https_ports: frozenset[int] | None = None,
                      labels: Mapping[int, str] | None = None) -> WorkspaceState:
+        """Change the spec as read at one resourceVersion; a 409 (someone wrote since) reads again and redoes it."""
         if https_ports:
             raise BadRequest("HTTPS ports are available on the local runtime only; a Workspace resource cannot "
                              "mark them yet.", code="https-ports-unsupported")
         if labels:
             raise BadRequest("Port labels set on the hub are kept by the local runtime only; name ports in the "
                              "workspace's .devcontainer/devcontainer.json instead.", code="labels-unsupported")
-        current = self.view.resource(workspace)
-        spec: dict[str, Any] = {}
-        if ports is not None:
-            spec["ports"] = {**{str(p): None for p in current.ports if p not in ports},
-                             **{str(p): visibility for p, visibility in ports.items()}}
-        if collaborators is not None:
-            spec["collaborators"] = list(collaborators)
-        if identity_ports is not None:
-            spec["identityPorts"] = sorted(identity_ports)
-        if not spec:
+        self.view.resource(workspace)
+        if ports is None and collaborators is None and identity_ports is None:
             return await self.status(workspace)
-        patched = await self._call(lambda c: c.patch(WORKSPACE, workspace, {"spec": spec}))
-        return await self._until_cached(workspace, patched)
+        obj = self.view.workspace(workspace)
+        for _ in range(5):
+            if obj is None:
+                raise NotFound(f"There is no workspace called {workspace}.", code="workspace-not-found")
+            current = parse_workspace(obj)
+            spec: dict[str, Any] = {}
+            if ports is not None:
+                spec["ports"] = {**{str(p): None for p in current.ports if p not in ports},
+                                 **{str(p): visibility for p, visibility in ports.items()}}
+            if collaborators is not None:
+                spec["collaborators"] = list(collaborators)
+            if identity_ports is not None:
+                spec["identityPorts"] = sorted(identity_ports)
+            patch = {"metadata": {"resourceVersion": obj["metadata"].get("resourceVersion")}, "spec": spec}
+            try:
+                patched = await self._call(lambda c: c.patch(WORKSPACE, workspace, patch))  # noqa: B023
+            except RuntimeError_ as exc:
+                if not (isinstance(exc.__cause__, KubeError) and exc.__cause__.status == 409):
+                    raise
+                obj = await self._call(lambda c: c.get(WORKSPACE, workspace))
+                continue
+            return await self._until_cached(workspace, patched)
+        raise Conflict(f"Workspace {workspace} kept changing; try again.", code="workspace-changed")
 
     async def _until_cached(self, workspace: str, written: Obj) -> WorkspaceState:
         """Return once the cache holds what we wrote (or something newer), so callers read their own write."""

@@ -44,6 +44,7 @@ from gateway.lifecycle.kubernetes.answers import Consents, UsedKeys, refused_as_
 from gateway.lifecycle.kubernetes.client import (
     API_TOKEN,
     SHARE_LINK,
+    WORKSPACE,
     Kind,
     KubeClient,
     KubeError,
@@ -90,8 +91,10 @@ async def create_api_token(client: KubeClient, identity: Identity, *, name: str,
 
 class KubeTokenStore:
     def __init__(self, settings: Kubernetes, identity: str, client: Callable[[], KubeClient | None], *,
-                 interval: float | None = None, retry_attempts: int = 5) -> None:
+                 interval: float | None = None, retry_attempts: int = 5,
+                 is_leader: Callable[[], bool] = lambda: False) -> None:
         self.settings = settings
+        self.is_leader = is_leader
         self.identity = identity
         self.interval = settings.usage_interval if interval is None else interval
         self._client_source = client
@@ -112,6 +115,7 @@ class KubeTokenStore:
         self._dirty = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._forgetter: asyncio.Task[None] | None = None
+        self._pruner: asyncio.Task[None] | None = None
         self.writes = 0
 
     # -- lifespan --
@@ -140,13 +144,16 @@ class KubeTokenStore:
                                 code="kubernetes-unavailable") from None
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever(), name="token-usage")
         self._forgetter = asyncio.get_running_loop().create_task(self._used.forget_forever(), name="forget-used-keys")
+        self._pruner = asyncio.get_running_loop().create_task(self._prune_forever(), name="share-pruning")
 
     async def close(self, *, flush_within: float = 2.0) -> None:
-        forgetter, self._forgetter = self._forgetter, None
-        if forgetter is not None:
-            forgetter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await forgetter
+        chores = (self._forgetter, self._pruner)
+        self._forgetter = self._pruner = None
+        for chore in chores:
+            if chore is not None:
+                chore.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await chore
         flusher, self._flusher = self._flusher, None
         if flusher is not None:
             flusher.cancel()
@@ -206,12 +213,14 @@ class KubeTokenStore:
                            created_by: str, ttl: float, now: float | None = None) -> tuple[ShareLink, str]:
         client = self._require()
         now = time.time() if now is None else now
+        owner = await refused_as_error(lambda: client.get(WORKSPACE, workspace), self._attempts)
+        uid = str(((owner or {}).get("metadata") or {}).get("uid") or "")  # the link goes with the workspace
         for _ in range(3):
             token = new_share_token()
             link = ShareLink(id=new_id(), token_hash=token_hash(token), workspace=workspace, port=port,
                              audience=audience, people=list(people), created_by=created_by, created=now,
                              expires=now + ttl)
-            body = make_share_link(link)
+            body = make_share_link(link, uid)
             created = await refused_as_error(lambda: client.create(SHARE_LINK, body), self._attempts)  # noqa: B023
             if created is not None:
                 self._created[(SHARE_LINK, link.id)] = created
@@ -353,6 +362,24 @@ class KubeTokenStore:
         mine.last_used = max(mine.last_used or now, now)
         mine.version += 1
         self._dirty.set()
+
+    async def delete_expired(self, now: float | None = None) -> int:
+        """The leader's chore: delete links expired longer than ``share_retention`` ago; how many went."""
+        client = self._require()
+        cutoff = (time.time() if now is None else now) - self.settings.share_retention
+        deleted = 0
+        for link in [link for link in self._shares.values() if link.expires < cutoff]:
+            try:
+                deleted += await refused_as_error(lambda: client.delete(SHARE_LINK, link.id), self._attempts)  # noqa: B023
+            except RuntimeError_ as exc:
+                log.warning("could not delete the expired share link %s: %s", link.id, exc.message)
+        return deleted
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.share_prune_interval)
+            if self.is_leader() and self.healthy:
+                await self.delete_expired()
 
     async def _flush_forever(self) -> None:
         while True:

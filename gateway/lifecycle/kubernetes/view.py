@@ -8,8 +8,10 @@ polls. Reads never touch the API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -23,11 +25,13 @@ from gateway.lifecycle.kubernetes.objects import (
     SELECTOR,
     WORKSPACE_LABEL,
     WorkspaceResource,
+    belongs,
     parse_workspace,
     pod_name,
     pvc_name,
 )
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Obj = dict[str, Any]
 
@@ -52,11 +56,16 @@ class ClusterView:
         self.hub = hub
         self.informers: dict[Kind, Informer] = {}
         self.slots: dict[str, Slot] = {}
+        self.snapshots_enabled = True
 
     async def start(self, client: KubeClient) -> None:
         """Fill the caches; RuntimeError_ if the API cannot be listed within ``sync_timeout``."""
         settings = self.settings
-        for kind, selector in ((WORKSPACE, None), (POD, SELECTOR), (PVC, SELECTOR), (SNAPSHOT, SELECTOR)):
+        kinds = [(WORKSPACE, None), (POD, SELECTOR), (PVC, SELECTOR)]
+        self.snapshots_enabled = await self._snapshot_api(client)
+        if self.snapshots_enabled:
+            kinds.append((SNAPSHOT, SELECTOR))
+        for kind, selector in kinds:
             self.informers[kind] = Informer(client, kind, label_selector=selector, on_change=self._on_change(kind),
                                             watch_timeout=settings.watch_timeout)
         for informer in self.informers.values():
@@ -69,6 +78,19 @@ class ClusterView:
             raise RuntimeError_(f"Kubernetes API not reachable within {settings.sync_timeout:.0f} s ({errors})",
                                 code="kubernetes-unavailable") from None
 
+    async def _snapshot_api(self, client: KubeClient) -> bool:
+        """Whether the cluster serves VolumeSnapshots (the CSI snapshot CRDs are optional, and so is COLD)."""
+        try:
+            await client.request("GET", SNAPSHOT.path(self.settings.namespace), query={"limit": "1"})
+        except KubeError as exc:
+            if exc.status != 404:
+                return True  # the API is unwell, not missing the kind: the informer retries and reports it
+            log.warning("The VolumeSnapshot API (%s/%s) is not installed: COLD is disabled, idle workspaces "
+                        "sleep WARM (pod stopped, home kept). Install the CSI snapshot CRDs and restart to "
+                        "enable it.", SNAPSHOT.group, SNAPSHOT.version)
+            return False
+        return True
+
     async def stop(self) -> None:
         for informer in self.informers.values():
             await informer.stop()
@@ -77,9 +99,10 @@ class ClusterView:
     def healthy(self) -> bool:
         return bool(self.informers) and all(i.healthy for i in self.informers.values())
 
-    def require_api(self) -> None:
-        """Operations that need the API refuse clearly while any cache is cut off from it."""
-        lost = [i for i in self.informers.values() if not i.healthy]
+    def require_api(self, kinds: Iterable[Kind] = (WORKSPACE, POD, PVC)) -> None:
+        """An operation refuses clearly while a cache it decides from is cut off from the API; the others
+        may be unwell (a lost snapshot watch does not stop wakes from WARM)."""
+        lost = [self.informers[kind] for kind in kinds if kind in self.informers and not self.informers[kind].healthy]
         if lost or not self.informers:
             detail = f"{lost[0].kind.plural}: {lost[0].error}" if lost else "not started"
             raise unavailable(KubeError(0, "watch lost", detail))
@@ -101,20 +124,35 @@ class ClusterView:
         informer = self.informers.get(kind)
         return informer.get(name) if informer is not None else None
 
+    def uid(self, workspace: str) -> str:
+        obj = self.cached(WORKSPACE, workspace)
+        return str((obj.get("metadata") or {}).get("uid") or "") if obj is not None else ""
+
+    def owned(self, kind: Kind, name: str, workspace: str) -> Obj | None:
+        """The cached object if it is this Workspace's; one left by a deleted namesake is not (GC takes it)."""
+        obj = self.cached(kind, name)
+        return obj if obj is not None and belongs(obj, self.uid(workspace)) else None
+
     def snapshots(self, workspace: str) -> list[Obj]:
         informer = self.informers.get(SNAPSHOT)
+        uid = self.uid(workspace)
         return [s for s in (informer.values() if informer else [])
-                if (s["metadata"].get("labels") or {}).get(WORKSPACE_LABEL) == workspace]
+                if (s["metadata"].get("labels") or {}).get(WORKSPACE_LABEL) == workspace and belongs(s, uid)]
+
+    def workspace(self, workspace: str) -> Obj | None:
+        """The Workspace object, unless it is being deleted (then it is gone for routing, links and wakes)."""
+        obj = self.cached(WORKSPACE, workspace)
+        return None if phases.deleting(obj) else obj
 
     def resource(self, workspace: str) -> WorkspaceResource:
-        obj = self.cached(WORKSPACE, workspace)
+        obj = self.workspace(workspace)
         if obj is None:
             raise NotFound(f"There is no workspace called {workspace}.", code="workspace-not-found")
         return parse_workspace(obj)
 
     def observe(self, workspace: str) -> phases.Observation:
-        return phases.observe(self.cached(POD, pod_name(workspace)), self.cached(PVC, pvc_name(workspace)),
-                              self.snapshots(workspace))
+        return phases.observe(self.owned(POD, pod_name(workspace), workspace),
+                              self.owned(PVC, pvc_name(workspace), workspace), self.snapshots(workspace))
 
     def get(self, workspace: str) -> WorkspaceState | None:
         slot = self.slots.get(workspace)
@@ -126,7 +164,7 @@ class ClusterView:
     def refresh(self, workspace: str) -> WorkspaceState | None:
         """Derive the state from the caches; publish an Event when the phase moved; wake waiters."""
         slot = self.slot(workspace)
-        obj = self.cached(WORKSPACE, workspace)
+        obj = self.workspace(workspace)
         previous = slot.state
         if obj is None:
             slot.state = None
@@ -160,8 +198,18 @@ class ClusterView:
             raise NotFound(f"There is no workspace called {workspace}.", code="workspace-not-found")
         return state
 
-    async def wait(self, workspace: str, check: Callable[[], T | None], deadline: float, what: str) -> T:
-        """Wait, woken by cache changes only, until ``check`` returns something; RuntimeError_ at the deadline."""
+    def explain(self, workspace: str, message: str) -> None:
+        """A progress line for whoever waits on the workspace (the waiting page), in its current phase."""
+        state = self.get(workspace)
+        if state is not None:
+            self.hub.publish(Event(workspace, state.phase, message))
+
+    async def wait(self, workspace: str, check: Callable[[], T | None], deadline: float, what: str, *,
+                   recheck: Callable[[], float | None] | None = None) -> T:
+        """Wait, woken by cache changes, until ``check`` returns something; RuntimeError_ at the deadline.
+
+        ``recheck`` names a (loop) time to look again without a change: when a grace ``check`` counts runs out.
+        """
         slot = self.slot(workspace)
         loop = asyncio.get_running_loop()
         while True:
@@ -169,11 +217,14 @@ class ClusterView:
             result = check()
             if result is not None:
                 return result
+            again = recheck() if recheck is not None else None
             remaining = deadline - loop.time()
             try:
                 if remaining <= 0:
                     raise TimeoutError
-                await asyncio.wait_for(changed.wait(), remaining)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), max(0.0, min(remaining, again - loop.time()))
+                                           if again is not None else remaining)
             except TimeoutError:
                 raise RuntimeError_(f"Workspace {workspace}: {what} did not happen in time.",
                                     code="kubernetes-timeout") from None

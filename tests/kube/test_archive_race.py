@@ -1,0 +1,117 @@
+"""Archive on one replica, wake on another: the API server orders them, and no home is lost either way."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from gateway.lifecycle import Phase
+from gateway.lifecycle.kubernetes.client import POD as POD_KIND
+from gateway.lifecycle.kubernetes.intent import INTENT
+from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv
+from tests.kube.kubelet import FakeKubelet
+from tests.kube.support import NS, MakeRuntime, PodIPs, names, new_workspace, until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def intent(kube: KubeEnv) -> str | None:
+    obj = kube.emulator.get_object(WORKSPACE, NS, "w1") or {}
+    value = (obj.get("metadata", {}).get("annotations") or {}).get(INTENT)
+    return str(value) if value is not None else None
+
+
+async def test_a_wake_elsewhere_during_the_snapshot_aborts_the_archive_and_keeps_the_home(
+        kube: KubeEnv, make_runtime: MakeRuntime, pod_ips: PodIPs) -> None:
+    emu = kube.emulator
+    archiver, waker = await make_runtime("gw-a"), await make_runtime("gw-b")
+    async with FakeKubelet(emu, pod_ip=pod_ips, snapshot_delay=0.6):
+        await new_workspace(archiver)
+        await archiver.wake("w1")
+        await archiver.stop("w1")
+        home = emu.get_object(PVC, NS, "ws-w1-home")["metadata"]["uid"]  # type: ignore[index]
+        await archiver.informers[POD_KIND].stop()  # its cache will not see the other replica's pod in time
+        archiving = asyncio.create_task(archiver.archive("w1"))
+        await until(lambda: bool(names(emu, VOLUME_SNAPSHOT)))
+        assert (intent(kube) or "").startswith("archiving/gw-a/")
+        await until(lambda: waker.get("w1") is not None and waker.get("w1").phase is Phase.ARCHIVING)  # type: ignore[union-attr]
+        assert (await waker.wake("w1")).phase is Phase.RUNNING
+        assert (intent(kube) or "").startswith("awake/gw-b/")
+        await archiving
+        claims = [r for r in emu["patch", WORKSPACE] if r.subresource is None and INTENT in json.dumps(r.data)]
+        assert len(claims) >= 2  # the archive's claim and the wake's (and any redone after a 409)
+        assert all(r.data["metadata"].get("resourceVersion") for r in claims)  # each a compare-and-swap
+        await asyncio.sleep(0.2)
+        pvc = emu.get_object(PVC, NS, "ws-w1-home")
+        assert pvc is not None
+        assert pvc["metadata"]["uid"] == home
+        assert not pvc["metadata"].get("deletionTimestamp")  # the running pod's home was never deleted
+        assert (intent(kube) or "").startswith("awake/gw-b/")
+
+
+async def test_a_wake_after_the_archive_committed_waits_and_restores(
+        kube: KubeEnv, make_runtime: MakeRuntime, kubelet: FakeKubelet) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    await runtime.stop("w1")
+    ws = emu.get_object(WORKSPACE, NS, "w1")
+    assert ws is not None
+    owner = [{"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "name": "w1",
+              "uid": ws["metadata"]["uid"], "controller": True}]
+    emu.create_object(VOLUME_SNAPSHOT, {"metadata": {"name": "ws-w1-home-20260101000000", "ownerReferences": owner,
+                                                     "labels": {"app.kubernetes.io/managed-by": "codehub-gateway",
+                                                                "codehub.dev/workspace": "w1"}},
+                                        "spec": {"source": {"persistentVolumeClaimName": "ws-w1-home"}}}, NS)
+    await emu.wait_for(VOLUME_SNAPSHOT, NS, "ws-w1-home-20260101000000",
+                       lambda s: bool(s.get("status", {}).get("readyToUse")))
+    # Another replica committed to deleting the volume, then died before it did.
+    emu.patch_object(WORKSPACE, NS, "w1", {"metadata": {"annotations": {INTENT: "deleting/gw-z/1"}}})
+    old = emu.get_object(PVC, NS, "ws-w1-home")["metadata"]["uid"]  # type: ignore[index]
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+    pvc = emu.get_object(PVC, NS, "ws-w1-home")
+    assert pvc is not None
+    assert pvc["metadata"]["uid"] != old
+    assert pvc["spec"]["dataSource"]["name"] == "ws-w1-home-20260101000000"
+    assert (intent(kube) or "").startswith("awake/gw-a/")
+
+
+async def test_an_archive_does_not_start_over_another_in_progress(
+        kube: KubeEnv, make_runtime: MakeRuntime, kubelet: FakeKubelet) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    await runtime.stop("w1")
+    emu.patch_object(WORKSPACE, NS, "w1", {"metadata": {"annotations": {
+        INTENT: f"archiving/gw-z/{time.time():.6f}"}}})
+    await runtime.archive("w1")
+    assert names(emu, VOLUME_SNAPSHOT) == []  # the other replica's archive is not doubled
+    assert names(emu, PVC) == ["ws-w1-home"]
+
+
+async def test_a_wake_waits_for_a_terminating_home_and_makes_a_new_one(
+        kube: KubeEnv, make_runtime: MakeRuntime, kubelet: FakeKubelet) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    await runtime.stop("w1")
+    old = emu.get_object(PVC, NS, "ws-w1-home")
+    assert old is not None
+    emu.patch_object(PVC, NS, "ws-w1-home", {"metadata": {"finalizers": [*old["metadata"]["finalizers"],
+                                                                         "test.example/hold"]}})
+    emu.delete_object(PVC, NS, "ws-w1-home")  # kubectl delete pvc: terminating, held by a finalizer
+    await until(lambda: runtime.get("w1") is not None and runtime.get("w1").phase is Phase.ARCHIVING)  # type: ignore[union-attr]
+    waking = asyncio.create_task(runtime.wake("w1"))
+    await asyncio.sleep(0.3)
+    assert names(emu, POD) == []  # no pod is put on a volume that is going away
+    emu.patch_object(PVC, NS, "ws-w1-home", {"metadata": {"finalizers": None}})
+    assert (await waking).phase is Phase.RUNNING
+    new = emu.get_object(PVC, NS, "ws-w1-home")
+    assert new is not None
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]

@@ -1,0 +1,78 @@
+"""Optional pieces stay optional: no VolumeSnapshot API means no COLD, and one lost cache stops only what needs it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.activity import Activity, IdleTimers, reap_once
+from gateway.app import build_app
+from gateway.context import GATEWAY
+from gateway.errors import Conflict
+from gateway.lifecycle import Phase, RuntimeError_
+from gateway.metrics import Metrics
+from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, KubeEnv
+from tests.kube.kubelet import FakeKubelet
+from tests.kube.support import MakeRuntime, names, new_workspace, until
+from tests.kube.test_gateway import gateway_config
+
+pytestmark = pytest.mark.timeout(60)
+SNAPSHOTS = "snapshot.storage.k8s.io/v1/volumesnapshots"
+
+
+async def test_without_the_snapshot_api_the_gateway_starts_and_only_cold_is_off(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime, caplog: pytest.LogCaptureFixture) -> None:
+    del kube.emulator.resources[SNAPSHOTS]
+    with caplog.at_level(logging.WARNING):
+        runtime = await make_runtime()
+    warnings = [r.getMessage() for r in caplog.records if "VolumeSnapshot API" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "COLD is disabled" in warnings[0]
+    assert runtime.features() == {"cold": False}
+    assert runtime.api_healthy
+    await new_workspace(runtime)
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+    assert (await runtime.stop("w1")).phase is Phase.WARM
+    with pytest.raises(Conflict) as refused:
+        await runtime.archive("w1")
+    assert refused.value.code == "cold-disabled"
+    assert names(kube.emulator, PVC) == ["ws-w1-home"]
+    timers = IdleTimers(idle_to_warm=1, warm_to_cold=1, interval=1)
+    state = runtime.get("w1")
+    assert state is not None
+    metrics = Metrics()
+    caplog.clear()
+    await reap_once(runtime, Activity(clock=lambda: state.since + 100), timers, metrics)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]  # no archive attempted
+    assert names(kube.emulator, PVC) == ["ws-w1-home"]
+
+
+async def test_the_metric_says_cold_is_off(kube: KubeEnv, aiohttp_client: Any, tmp_path: Path) -> None:
+    del kube.emulator.resources[SNAPSHOTS]
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(gateway_config(kube, tmp_path)))
+    assert client.app[GATEWAY].runtime.features() == {"cold": False}
+    scraped = client.app[GATEWAY].metrics.render().decode()
+    assert 'codehub_runtime_feature{feature="cold"} 0.0' in scraped
+
+
+async def test_a_lost_snapshot_watch_stops_archives_not_wakes(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    await runtime.stop("w1")
+    emu.fail("watch", VOLUME_SNAPSHOT, status=500, times=None)
+    emu.fail("list", VOLUME_SNAPSHOT, status=500, times=None)
+    emu.drop_watches(VOLUME_SNAPSHOT)
+    await until(lambda: not runtime.api_healthy)
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING  # WARM: the home is there, no snapshot needed
+    with pytest.raises(RuntimeError_) as refused:
+        await runtime.archive("w1")
+    assert refused.value.code == "kubernetes-unavailable"
+    assert names(emu, POD) == ["ws-w1"]  # refused before anything was stopped

@@ -1,0 +1,153 @@
+"""A start that cannot succeed ends in time with the cluster's reason, explained step by step, and is cleaned up."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.app import build_app
+from gateway.config import Config
+from gateway.lifecycle import Phase, RuntimeError_
+from gateway.lifecycle.kubernetes import KubernetesRuntime
+from gateway.lifecycle.kubernetes.starting import Graces, Judge
+from tests.kube.emulator import POD, WORKSPACE, KubeEnv
+from tests.kube.kubelet import FakeKubelet, LoopbackIPs
+from tests.kube.scenarios import INSUFFICIENT_MEMORY, UNBOUND, Scenario
+from tests.kube.support import NS, MakeRuntime, kube_settings, names, new_workspace, until
+
+pytestmark = pytest.mark.timeout(60)
+QUICK = {"unschedulable_grace": 0.4, "bind_timeout": 0.4, "image_pull_grace": 0.6, "start_timeout": 8}
+
+
+async def failed_wake(runtime: KubernetesRuntime) -> tuple[str, list[str]]:
+    """Wake, expect a clear failure; return its message and every progress line published meanwhile."""
+    with runtime.events() as events:
+        with pytest.raises(RuntimeError_) as failure:
+            await runtime.wake("w1")
+        lines = [events.queue.get_nowait().message for _ in range(events.queue.qsize())]
+    assert failure.value.code == "workspace-start-failed"
+    return failure.value.message, lines
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[list[FakeKubelet]]:
+    kubelets: list[FakeKubelet] = []
+    yield kubelets
+    for kubelet in kubelets:
+        await kubelet.stop()
+
+
+async def runtime_with(kube: KubeEnv, make_runtime: MakeRuntime, started: list[FakeKubelet], scenario: Scenario,
+                       **settings: Any) -> KubernetesRuntime:
+    kubelet = FakeKubelet(kube.emulator, pod_ip=LoopbackIPs(first=40), scenario=scenario)
+    kubelet.start()
+    started.append(kubelet)
+    runtime = await make_runtime(**{**QUICK, **settings})
+    await new_workspace(runtime)
+    return runtime
+
+
+async def test_unschedulable_ends_with_the_schedulers_words(
+        kube: KubeEnv, make_runtime: MakeRuntime, started: list[FakeKubelet]) -> None:
+    runtime = await runtime_with(kube, make_runtime, started, Scenario(unschedulable=INSUFFICIENT_MEMORY))
+    message, lines = await failed_wake(runtime)
+    assert f"Scheduling — {INSUFFICIENT_MEMORY}" in message
+    assert f"Scheduling — {INSUFFICIENT_MEMORY}" in lines  # streamed while it waited
+    await kube.emulator.wait_gone(POD, NS, "ws-w1")  # the failed pod is cleaned up
+
+
+async def test_a_home_that_never_binds_ends_with_the_provisioners_words(
+        kube: KubeEnv, make_runtime: MakeRuntime, started: list[FakeKubelet]) -> None:
+    runtime = await runtime_with(kube, make_runtime, started, Scenario(bind_failure='storageclass "fast" not found'))
+    message, lines = await failed_wake(runtime)
+    assert "the home volume was not provisioned" in message
+    assert 'storageclass "fast" not found' in message
+    assert f"Scheduling — {UNBOUND}" in lines
+    await kube.emulator.wait_gone(POD, NS, "ws-w1")
+
+
+async def test_a_slow_binding_within_its_grace_starts(
+        kube: KubeEnv, make_runtime: MakeRuntime, started: list[FakeKubelet]) -> None:
+    runtime = await runtime_with(kube, make_runtime, started, Scenario(bind_delay=0.3), bind_timeout=2)
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+
+
+async def test_image_pull_back_off_past_its_grace_fails(
+        kube: KubeEnv, make_runtime: MakeRuntime, started: list[FakeKubelet]) -> None:
+    runtime = await runtime_with(kube, make_runtime, started, Scenario(pull_failures=-1, step=0.1))
+    message, lines = await failed_wake(runtime)
+    assert 'Image pull failed — Failed to pull image "codercom/code-server' in message
+    assert any(line.startswith("Pulling image — ") for line in lines)
+    assert any(line.startswith("Back-off — Back-off pulling image") for line in lines)
+    await kube.emulator.wait_gone(POD, NS, "ws-w1")
+
+
+async def test_one_transient_image_pull_error_does_not_fail_the_wake(
+        kube: KubeEnv, make_runtime: MakeRuntime, started: list[FakeKubelet]) -> None:
+    runtime = await runtime_with(kube, make_runtime, started, Scenario(pull_failures=1, step=0.15),
+                                 image_pull_grace=1.5)
+    with runtime.events() as events:
+        assert (await runtime.wake("w1")).phase is Phase.RUNNING
+        lines = [events.queue.get_nowait().message for _ in range(events.queue.qsize())]
+    assert any(line.startswith("Failed — Failed to pull image") for line in lines)
+
+
+async def test_crash_loop_back_off_fails_at_once(
+        kube: KubeEnv, make_runtime: MakeRuntime, started: list[FakeKubelet]) -> None:
+    runtime = await runtime_with(kube, make_runtime, started, Scenario(crash_loop=True, step=0.2),
+                                 start_timeout=30)
+    message, _lines = await failed_wake(runtime)
+    assert "CrashLoopBackOff" in message  # the kubelet's reason, not the start timeout's
+    await kube.emulator.wait_gone(POD, NS, "ws-w1")
+
+
+async def test_readiness_never_reached_ends_at_the_start_timeout_with_the_probes_words(
+        kube: KubeEnv, make_runtime: MakeRuntime, started: list[FakeKubelet]) -> None:
+    runtime = await runtime_with(kube, make_runtime, started, Scenario(ready_after=None), start_timeout=1.5)
+    message, _lines = await failed_wake(runtime)
+    assert "did not become ready within 1.5 s" in message
+    assert "Readiness probe failed" in message
+    await kube.emulator.wait_gone(POD, NS, "ws-w1")
+
+
+async def test_readiness_after_a_while_is_waited_for(
+        kube: KubeEnv, make_runtime: MakeRuntime, started: list[FakeKubelet]) -> None:
+    runtime = await runtime_with(kube, make_runtime, started, Scenario(ready_after=0.8))
+    with runtime.events() as events:
+        state = await runtime.wake("w1")
+        lines = [events.queue.get_nowait().message for _ in range(events.queue.qsize())]
+    assert state.phase is Phase.RUNNING
+    assert "Container started — Started container code-server" in lines
+
+
+async def test_an_api_client_gets_the_reason_as_json(
+        kube: KubeEnv, aiohttp_client: Any, tmp_path: Path) -> None:
+    async with FakeKubelet(kube.emulator, scenario=Scenario(unschedulable=INSUFFICIENT_MEMORY)):
+        kube.emulator.create_object(WORKSPACE, {"metadata": {"name": "w1"},
+                                                "spec": {"owner": "alice", "ports": {"8000": "public"}}}, NS)
+        settings = kube_settings(kube.url, **QUICK).model_dump(mode="json")
+        config = Config.model_validate({"runtime": "kubernetes", "kubernetes": settings,
+                                        "local": {"state_dir": str(tmp_path / "state")}})
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(config))
+        response = await client.get("/", headers={"Host": "8000-w1.localhost:8080", "Accept": "application/json"})
+        assert response.status == 503
+        error = (await response.json())["error"]
+        assert INSUFFICIENT_MEMORY in error["message"]
+        await until(lambda: names(kube.emulator, POD) == [])
+
+
+def test_a_grace_counts_only_while_the_condition_lasts() -> None:
+    judge = Judge(Graces(unschedulable=10, bind=10, image_pull=1.0))
+    pulling = {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending", "containerStatuses": [
+        {"state": {"waiting": {"reason": "ErrImagePull", "message": "registry hiccup"}}}]}}
+    pulled = {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending"}}
+    bound = {"metadata": {"name": "ws-w1-home"}, "status": {"phase": "Bound"}}
+    assert judge(pulling, bound, now=100.0) == (None, 101.0)
+    assert judge(pulled, bound, now=100.8) == (None, None)  # cleared: the clock stops
+    assert judge(pulling, bound, now=101.5) == (None, 102.5)  # a new occurrence starts it again
+    assert judge(pulling, bound, now=102.5) == ("Image pull failed — registry hiccup", None)

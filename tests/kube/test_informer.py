@@ -1,0 +1,100 @@
+"""Caches that keep their place: resourceVersions from events and bookmarks; lease terms by the elector's clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.lifecycle import Phase
+from gateway.lifecycle.kubernetes.client import POD as POD_KIND
+from gateway.lifecycle.kubernetes.client import WORKSPACE as WORKSPACE_KIND
+from gateway.lifecycle.kubernetes.client import KubeClient
+from gateway.lifecycle.kubernetes.leader import LeaderElector
+from tests.kube.emulator import POD, WORKSPACE, KubeEnv
+from tests.kube.kubelet import FakeKubelet
+from tests.kube.support import NS, MakeRuntime, new_workspace, until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def workspace(name: str) -> dict[str, object]:
+    return {"metadata": {"name": name}, "spec": {"owner": "bob"}}
+
+
+async def test_a_cache_resumes_from_its_last_event_after_compaction(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    emu.bookmark_interval = 60  # no bookmarks: only the events themselves move the caches on
+    emu.create_object(WORKSPACE, workspace("w0"), NS)  # (a list at version 0 would mean "any version")
+    runtime = await make_runtime()
+    await emu.wait_watches(4)
+    emu.create_object(WORKSPACE, workspace("w1"), NS)
+    last = emu.create_object(WORKSPACE, workspace("w2"), NS)
+    await until(lambda: runtime.get("w2") is not None)
+    emu.compact(upto=int(last["metadata"]["resourceVersion"]))  # only a cache at w2's version can resume
+    emu.drop_watches(WORKSPACE)
+    emu.create_object(WORKSPACE, workspace("w3"), NS)
+    await until(lambda: runtime.get("w3") is not None)
+    assert runtime.informers[WORKSPACE_KIND].lists == 1  # resumed, not listed again
+
+
+async def test_quiet_caches_follow_bookmarks_and_resume_after_compaction(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    emu.bookmark_interval = 0.2
+    runtime = await make_runtime()
+    await emu.wait_watches(4)
+    emu.create_object(WORKSPACE, workspace("w1"), NS)  # no pod changes: the pod cache only gets bookmarks
+    await until(lambda: runtime.informers[POD_KIND].resource_version == str(emu.resource_version))
+    emu.compact()
+    emu.drop_watches()
+    emu.create_object(WORKSPACE, workspace("w2"), NS)
+    await until(lambda: runtime.get("w2") is not None and runtime.api_healthy)
+    assert {kind.plural: informer.lists for kind, informer in runtime.informers.items()} == {
+        "workspaces": 1, "pods": 1, "persistentvolumeclaims": 1, "volumesnapshots": 1}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_leader_stops_leading_when_its_term_ends_unrenewed(kube: KubeEnv) -> None:
+    clock = Clock()
+    client = KubeClient(kube.new_api_client(), NS)
+    leader = LeaderElector(client, "reaper", "gw-a", duration=10, clock=clock)
+    assert await leader.try_acquire_or_renew()
+    clock.now += 7.9
+    assert leader.is_leader()
+    clock.now += 0.2  # 0.8 of the lease: another replica may take over once the full term has passed
+    assert not leader.is_leader()
+
+
+async def test_a_follower_waits_a_full_term_of_no_renewal_before_taking_over(kube: KubeEnv) -> None:
+    clock = Clock()
+    client = KubeClient(kube.new_api_client(), NS)
+    assert await LeaderElector(client, "reaper", "gw-a", duration=10, clock=clock).try_acquire_or_renew()
+    follower = LeaderElector(client, "reaper", "gw-b", duration=10, clock=clock)
+    assert not await follower.try_acquire_or_renew()  # first sight of gw-a's record starts its clock
+    clock.now += 9.9
+    assert not await follower.try_acquire_or_renew()
+    clock.now += 0.2
+    assert await follower.try_acquire_or_renew()  # unchanged for a whole term by its own clock: expired
+    assert follower.is_leader()
+
+
+async def test_an_object_deleted_while_a_cache_was_away_is_seen_gone_after_the_re_list(
+        kube: KubeEnv, make_runtime: MakeRuntime, kubelet: FakeKubelet) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    pods = runtime.informers[POD_KIND]
+    await pods.stop()  # cut off (as a long network partition)
+    emu.delete_object(POD, NS, "ws-w1")
+    await emu.wait_gone(POD, NS, "ws-w1")
+    emu.compact()  # what it missed is no longer in the history: only a re-list can tell
+    pods.start()
+    await until(lambda: pods.lists == 2)
+    await until(lambda: runtime.get("w1").phase is Phase.WARM)  # type: ignore[union-attr]

@@ -1,0 +1,115 @@
+"""A workspace owns its pod, home and snapshots: they go with it, and a namesake never inherits them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.app import build_app
+from gateway.auth.identity import Identity
+from gateway.context import GATEWAY
+from gateway.errors import Conflict, NotFound
+from gateway.lifecycle import Phase, WorkspaceSpec
+from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv
+from tests.kube.kubelet import FakeKubelet
+from tests.kube.support import NS, MakeRuntime, names, new_workspace, until
+from tests.kube.test_gateway import gateway_config
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def owner_uids(obj: dict[str, Any] | None) -> list[str]:
+    assert obj is not None
+    return [ref["uid"] for ref in obj["metadata"].get("ownerReferences") or []]
+
+
+async def test_deleting_a_workspace_deletes_its_pod_home_and_snapshots(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    await runtime.archive("w1")
+    await runtime.wake("w1")  # restored: a pod, a PVC and a snapshot now exist
+    uid = emu.get_object(WORKSPACE, NS, "w1")["metadata"]["uid"]  # type: ignore[index]
+    (snapshot,) = emu.list_objects(VOLUME_SNAPSHOT, NS)
+    for obj in (emu.get_object(POD, NS, "ws-w1"), emu.get_object(PVC, NS, "ws-w1-home"), snapshot):
+        assert owner_uids(obj) == [uid]
+        assert obj["metadata"]["ownerReferences"][0] | {"uid": ""} == {  # type: ignore[index]
+            "apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "name": "w1", "uid": "",
+            "controller": True, "blockOwnerDeletion": True}
+
+    await runtime.delete("w1")
+    assert runtime.get("w1") is None  # terminating: gone for routing and wakes at once
+    with pytest.raises(NotFound):
+        await runtime.wake("w1")
+    await emu.wait_gone(WORKSPACE, NS, "w1")  # foreground: the Workspace goes last
+    assert names(emu, POD) == names(emu, PVC) == names(emu, VOLUME_SNAPSHOT) == []
+
+
+async def test_a_new_workspace_of_an_old_name_inherits_nothing(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    emu.controllers.paused_gc = True  # a busy garbage collector: the old pod and home are still there
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    old_pvc = emu.get_object(PVC, NS, "ws-w1-home")["metadata"]["uid"]  # type: ignore[index]
+    emu.delete_object(WORKSPACE, NS, "w1")  # kubectl delete workspace w1
+    await until(lambda: runtime.get("w1") is None)
+
+    state = await runtime.create_workspace(WorkspaceSpec(id="w1", owner="mallory", ports={8000: "public"}))
+    assert state.phase is Phase.WARM  # not RUNNING on the old pod
+    uid = emu.get_object(WORKSPACE, NS, "w1")["metadata"]["uid"]  # type: ignore[index]
+    state = await runtime.wake("w1")
+    assert state.phase is Phase.RUNNING
+    pvc = emu.get_object(PVC, NS, "ws-w1-home")
+    assert pvc is not None
+    assert pvc["metadata"]["uid"] != old_pvc  # a fresh, empty home
+    assert owner_uids(pvc) == [uid]
+    assert owner_uids(emu.get_object(POD, NS, "ws-w1")) == [uid]
+
+
+async def test_a_name_is_not_reused_while_its_workspace_is_being_deleted(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    emu.controllers.paused_gc = True
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    await runtime.delete("w1")
+    assert kube.emulator.get_object(WORKSPACE, NS, "w1") is not None  # terminating: its pod and home remain
+    assert runtime.get("w1") is None  # but it is gone for routing, links and wakes
+    with pytest.raises(NotFound):
+        await runtime.wake("w1")
+    with pytest.raises(Conflict, match="still being deleted"):
+        await runtime.create_workspace(WorkspaceSpec(id="w1", owner="alice"))
+    emu.controllers.paused_gc = False
+    emu.controllers.reconcile()
+    await emu.wait_gone(WORKSPACE, NS, "w1")
+
+
+async def test_the_api_and_its_owner_delete_a_workspace(kube: KubeEnv, aiohttp_client: Any, tmp_path: Path) -> None:
+    emu = kube.emulator
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(gateway_config(kube, tmp_path)))
+    gateway = client.app[GATEWAY]
+    _a, alice = await gateway.auth.store.create_api_token(Identity("alice"), name="test")
+    _b, bob = await gateway.auth.store.create_api_token(Identity("bob"), name="test")
+    created = await client.post("/api/v1/workspaces", json={"id": "gone1", "collaborators": ["bob"]},
+                                headers={"Host": "localhost:8080", "Authorization": f"Bearer {alice}"})
+    assert created.status == 201
+    refused = await client.delete("/api/v1/workspaces/gone1",
+                                  headers={"Host": "localhost:8080", "Authorization": f"Bearer {bob}"})
+    assert refused.status == 403
+    deleted = await client.delete("/api/v1/workspaces/gone1",
+                                  headers={"Host": "localhost:8080", "Authorization": f"Bearer {alice}"})
+    assert deleted.status == 200
+    assert await deleted.json() == {"id": "gone1", "deleted": True}
+    await emu.wait_gone(WORKSPACE, NS, "gone1")
+    again = await client.get("/api/v1/workspaces/gone1",
+                             headers={"Host": "localhost:8080", "Authorization": f"Bearer {alice}"})
+    assert again.status == 404
