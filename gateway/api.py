@@ -333,12 +333,15 @@ async def revoke_token(request: web.Request) -> web.Response:
     return web.json_response({"id": record.id, "revoked": True})
 
 
-async def list_consents(request: web.Request) -> web.Response:
-    """The apps that know (or were told not to learn) who the caller is."""
-    identity = caller(request)
-    mine = sorted((c for c in request.app[GATEWAY].auth.store.consents.values() if c.subject == identity.subject),
+def consents_of(gateway: Gateway, identity: Identity) -> list[dict[str, Any]]:
+    """The apps that know (or were told not to learn) who this person is."""
+    mine = sorted((c for c in gateway.auth.store.consents.values() if c.subject == identity.subject),
                   key=lambda c: (c.workspace, c.port))
-    return web.json_response({"consents": [dataclasses.asdict(c) for c in mine]})
+    return [dataclasses.asdict(c) for c in mine]
+
+
+async def list_consents(request: web.Request) -> web.Response:
+    return web.json_response({"consents": consents_of(request.app[GATEWAY], caller(request))})
 
 
 async def withdraw_consent(request: web.Request) -> web.Response:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import io
 import json
 import time
@@ -43,9 +42,7 @@ def snapshot(gateway: Gateway, identity: Identity) -> dict[str, Any]:
         links = [link for link in gateway.auth.store.shares.values() if link.workspace == state.id]
         view["shares"] = [api.share_view(gateway, link) for link in sorted(links, key=lambda link: -link.created)]
         views.append(view)
-    mine = sorted((c for c in gateway.auth.store.consents.values() if c.subject == identity.subject),
-                  key=lambda c: (c.workspace, c.port))
-    return {"workspaces": views, "consents": [dataclasses.asdict(c) for c in mine]}
+    return {"workspaces": views, "consents": api.consents_of(gateway, identity)}
 
 
 def _page_settings(gateway: Gateway) -> dict[str, Any]:
@@ -100,8 +97,9 @@ async def events(request: web.Request) -> web.StreamResponse:
             elif time.monotonic() - quiet_since > KEEPALIVE:
                 await response.write(b": still here\n\n")
                 quiet_since = time.monotonic()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changes.queue.get(), LOOK_EVERY)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: a cancel is never lost to a ready item
+                async with asyncio.timeout(LOOK_EVERY):
+                    await changes.queue.get()
     return response
 
 

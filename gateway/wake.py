@@ -237,8 +237,12 @@ class Waker:
         deadline = time.monotonic() + limit
         fast_until = time.monotonic() + _PROBE_FAST_FOR
         while True:
+            # asyncio.timeout, not wait_for: in Python 3.11 a wait_for cancelled as the connect fails raises the
+            # OSError instead of CancelledError, which the suppress below then ate (a closing gateway waited out
+            # the whole wake timeout)
             with contextlib.suppress(OSError, TimeoutError):
-                _reader, writer = await asyncio.wait_for(asyncio.open_connection(state.address, port), 1.0)
+                async with asyncio.timeout(1.0):
+                    _reader, writer = await asyncio.open_connection(state.address, port)
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
