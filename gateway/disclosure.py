@@ -1,7 +1,7 @@
 """What an app learns about the person who opens it, decided from policy, the owner's choice and consent.
 
 Pure functions of data. Who learns what about whom:
-- the workspace's owner and collaborators (and admins) are known to every app of the workspace;
+- the workspace's owner and collaborators are known to every app of the workspace (admins are not members);
 - anyone else is known only to a port its owner opted in (``identity_ports``), and only once they answered
   "Continue" on that app's consent page; before they answer, a browser navigation gets the page and anything else
   (fetch, a WebSocket, a script's bearer token) goes through with no identity at all;
@@ -33,11 +33,11 @@ def answer_of(consents: Consents, identity: Identity, spec: WorkspaceSpec, port:
 
 
 def disclosed(rules: IdentityRules, spec: WorkspaceSpec, port: int | None, identity: Identity | None, *,
-              member: Callable[[], bool], consents: Consents) -> Identity | None:
-    """The identity this app may receive for this caller, or None. ``member`` is asked only when it matters."""
+              member: bool, consents: Consents) -> Identity | None:
+    """The identity this app may receive for this caller, or None."""
     if identity is None:
         return None
-    if not member():
+    if not member:
         if port is None or port not in spec.identity_ports:
             return None
         answer = answer_of(consents, identity, spec, port)
@@ -47,10 +47,10 @@ def disclosed(rules: IdentityRules, spec: WorkspaceSpec, port: int | None, ident
 
 
 def consent_pending(spec: WorkspaceSpec, port: int | None, identity: Identity | None, *,
-                    member: Callable[[], bool], consents: Consents) -> bool:
+                    member: bool, consents: Consents) -> bool:
     """A visitor of an opted-in port who has not answered yet: a browser navigation gets the consent page."""
     return (identity is not None and port is not None and port in spec.identity_ports
-            and answer_of(consents, identity, spec, port) is None and not member())
+            and not member and answer_of(consents, identity, spec, port) is None)
 
 
 def identity_headers(identity: Identity | None, assertion: str | None) -> dict[str, str]:

@@ -127,12 +127,12 @@ def record(gateway: Gateway, target: Target, identity: Identity | None, decision
 
 def _disclosed(gateway: Gateway, target: Target, state: WorkspaceState, identity: Identity | None) -> Identity | None:
     return disclosed(gateway.policy.identity, state.spec, target.port, identity,
-                     member=lambda: _is_member(state, identity), consents=lambda: gateway.auth.store.consents)
+                     member=_is_member(state, identity), consents=lambda: gateway.auth.store.consents)
 
 
 def asks_consent(gateway: Gateway, target: Target, state: WorkspaceState, identity: Identity | None) -> bool:
     """Whether this caller must first answer the app's consent page (only a navigation is shown it)."""
-    return consent_pending(state.spec, target.port, identity, member=lambda: _is_member(state, identity),
+    return consent_pending(state.spec, target.port, identity, member=_is_member(state, identity),
                            consents=lambda: gateway.auth.store.consents)
 
 

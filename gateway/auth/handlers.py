@@ -82,12 +82,9 @@ async def callback(request: web.Request) -> web.StreamResponse:
     claims = await oidc.verify_id_token(tokens["id_token"], str(saved["nonce"]))
     identity = Identity.from_id_token(claims, subject_claim=oidc.settings.username_claim,
                                       groups_claim=oidc.settings.groups_claim)
-    if (field := identity.unprintable()) is not None:
-        raise SignInFailed(f"The sign-in service sent a {field} with control characters, which this gateway does "
-                           "not accept. Ask its administrators to correct the account.")
-    if any("," in group for group in identity.groups):  # X-Forwarded-Groups joins them with commas
-        raise SignInFailed("The sign-in service sent a group name with a comma, which apps would read as two "
-                           "groups; this gateway does not accept it. Ask its administrators to rename the group.")
+    if (problem := identity.unsendable()) is not None:
+        raise SignInFailed(f"The sign-in service sent {problem}, which this gateway does not accept. Ask its "
+                           "administrators to correct the account.")
     raise Redirect(local_path(str(saved.get("next"))), status=303, cookies=(
         _session_cookie(gateway, identity, gateway.hosts.hub), _expired(LOGIN, secure)))
 
@@ -112,9 +109,8 @@ async def dev_submit(request: web.Request) -> web.StreamResponse:
     email = str(form.get("email", "")).strip() or (user if "@" in user else f"{user}@example.com")
     groups = tuple(g.strip() for g in str(form.get("groups", "")).split(",") if g.strip())
     identity = Identity(subject=user, email=email, groups=groups, name=user)
-    if (field := identity.unprintable()) is not None:
-        raise BadRequest(f"The {field} may not contain control characters such as line breaks.",
-                         code="bad-identity")
+    if (problem := identity.unsendable()) is not None:
+        raise BadRequest(f"This sign-in has {problem}; pick other values.", code="bad-identity")
     raise Redirect(local_path(str(form.get("next", "/"))), cookies=(
         _session_cookie(gateway, identity, gateway.hosts.hub),))
 

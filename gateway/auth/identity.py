@@ -36,14 +36,16 @@ class Identity:
     name: str = ""
     attributes: tuple[tuple[str, str], ...] = ()
 
-    def unprintable(self) -> str | None:
-        """The first claim holding a control character (a line break in a name could end an upstream header),
-        or None. Sign-in refuses such an identity rather than cleaning it: what is cleaned is no longer what
-        the IdP said."""
+    def unsendable(self) -> str | None:
+        """Why this identity cannot be passed to apps in headers, or None: a control character (a line break could
+        end an upstream header) or a group name with a comma (``X-Forwarded-Groups`` joins them with commas).
+        Sign-in refuses such an identity rather than cleaning it: what is cleaned is no longer what the IdP said."""
         for field, values in (("user name", (self.subject,)), ("e-mail", (self.email,)), ("name", (self.name,)),
-                              ("groups", self.groups)):
+                              ("group name", self.groups)):
             if any(_CONTROL.search(value) for value in values):
-                return field
+                return f"a {field} with control characters"
+        if any("," in group for group in self.groups):
+            return "a group name with a comma, which apps would read as two groups"
         return None
 
     def matches(self, principal: str) -> bool:

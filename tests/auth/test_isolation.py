@@ -363,7 +363,7 @@ async def test_an_anonymous_passthru_preflight_does_not_wake_a_workspace(serve: 
 def test_identity_values_with_lone_surrogates_are_refused_at_sign_in(identity: Identity) -> None:
     """A JSON claim can hold a lone surrogate (``"\\ud800"``); no header can carry it, so sign-in refuses it like a
     control character instead of every later request failing with a 500."""
-    assert identity.unprintable() is not None
+    assert identity.unsendable() is not None
 
 
 async def test_a_head_that_cannot_be_encoded_is_refused_like_a_line_break(served: Served,
