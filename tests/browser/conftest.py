@@ -39,6 +39,8 @@ APP_SCRIPT = Path(__file__).resolve().with_name("apps") / "preview_app.py"
 CODE_SERVER = Path(os.environ.get("CODEHUB_PEERS", "/opt/codehub-peers")) / "bin" / "code-server"
 VITE = REPO / "node_modules" / ".bin" / "vite"
 TIMEOUT_MS = 20_000
+# Starting Chromium is not what any scenario tests; on a loaded 2-core CI machine it has taken over 20 s.
+LAUNCH_TIMEOUT_MS = 90_000
 SITE = "codehub.test"
 # Flags from shared/COMPONENTS.md; the resolver rule is one argv element (no shell quotes).
 CHROMIUM_ARGS = [
@@ -113,7 +115,7 @@ class Browser:
         context = await self.playwright.chromium.launch_persistent_context(
             str(profile), executable_path=CHROMIUM, headless=True, args=args,
             env={**os.environ, "HOME": str(home)}, viewport={"width": 1100, "height": 760},
-            timeout=TIMEOUT_MS,
+            timeout=LAUNCH_TIMEOUT_MS,
         )
         context.set_default_timeout(TIMEOUT_MS)
         context.set_default_navigation_timeout(TIMEOUT_MS)
