@@ -9,6 +9,8 @@ connection when both ends allow it. (``ClientSession`` still serves WebSockets a
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 
 from aiohttp import StreamReader
@@ -44,8 +46,10 @@ REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 LIMIT_PER_UPSTREAM = 512
 """Requests in flight to one upstream at a time; more wait their turn. A dev server is one process: ten thousand
 requests released by a wake must not become ten thousand connections (nor exhaust the gateway's file limit)."""
-_SYN_RETRY = 0.9
-"""A connect that took this long waited for a retransmitted SYN (the first is retried after 1 s): dropped."""
+_TCP_INFO_LENGTH = 104
+_TOTAL_RETRANS = struct.Struct("=I")
+"""``tcpi_total_retrans`` of Linux's ``struct tcp_info``, at byte 100: segments this socket sent again, the
+SYN included."""
 
 
 class Exchange:
@@ -204,7 +208,6 @@ class UpstreamPool:
 
     async def _connect(self, key: Key, attempt: Attempt[Connection]) -> Connection:
         loop = asyncio.get_running_loop()
-        started = time.monotonic()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 conn = await open_upstream(lambda: Connection(loop, self._clock, self._read_timeout), *key)
@@ -217,7 +220,7 @@ class UpstreamPool:
         except BaseException:
             attempt.end(Outcome.SETTLED)
             raise
-        if time.monotonic() - started >= _SYN_RETRY:
+        if _handshake_resent(conn):
             attempt.end(Outcome.LOST)  # the first handshake was dropped: the accept queue is full
         else:
             conn.attempt = attempt
@@ -256,6 +259,16 @@ class UpstreamPool:
             for conn in upstream.pacer.idle:
                 conn.close()
             upstream.pacer.idle.clear()
+
+
+def _handshake_resent(conn: Connection) -> bool:
+    """Whether the kernel had to send this connection's SYN again: the listener's accept queue was full and
+    dropped the first. Asked of the socket, not told by how long the connect took: a gateway whose event loop is
+    busy (a wake just released thousands of held requests) sees even an instant connect complete seconds late."""
+    assert conn.transport is not None
+    sock = conn.transport.get_extra_info("socket")
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LENGTH)
+    return bool(_TOTAL_RETRANS.unpack_from(info, 100)[0])
 
 
 async def _send_body(conn: Connection, body: StreamReader, chunked: bool) -> None:
