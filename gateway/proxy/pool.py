@@ -33,7 +33,7 @@ from gateway.proxy.connection import (
     encode_head,
     open_upstream,
 )
-from gateway.proxy.pacing import SETTLE_AFTER, Attempt, Outcome, Pacer, Turns
+from gateway.proxy.pacing import SETTLE_AFTER, Attempt, Deadlines, Outcome, Pacer, Turns
 
 __all__ = [  # the connection's names too: both lanes take what they need of the upstream side from here
     "REPLAYABLE_METHODS", "BrokenOff", "ClosedUnanswered", "ConnectFailed", "ConnectTimeout", "Exchange",
@@ -86,9 +86,9 @@ class _Upstream:
 
     __slots__ = ("pacer", "turns")
 
-    def __init__(self, limit: int) -> None:
-        self.turns = Turns(limit)
-        self.pacer: Pacer[Connection] = Pacer()
+    def __init__(self, limit: int, deadlines: Deadlines) -> None:
+        self.turns = Turns(limit, deadlines)
+        self.pacer: Pacer[Connection] = Pacer(deadlines=deadlines)
 
 
 class UpstreamPool:
@@ -104,7 +104,7 @@ class UpstreamPool:
         self._connect_timeout = connect_timeout
         self._clock = HeadClock(first_byte_timeout)
         self._read_timeout = read_timeout
-        self._queue_timeout = queue_timeout
+        self._deadlines = Deadlines(queue_timeout)
         self._keepalive = keepalive
         self._limit = limit
         self._upstreams: dict[Key, _Upstream] = {}
@@ -123,15 +123,16 @@ class UpstreamPool:
         once more on a fresh connection when its connection broke off or stalled before the first byte (a kept-
         alive connection the upstream had closed is not counted: that race is normal)."""
         key = (host, port, tls)
-        upstream = self._upstreams.get(key) or self._upstreams.setdefault(key, _Upstream(self._limit))
+        upstream = self._upstreams.get(key) or self._upstreams.setdefault(key, _Upstream(self._limit, self._deadlines))
+        deadline = None
         if not upstream.turns.try_take():
+            deadline = self._deadlines.deadline()  # one allowance for both waits, a turn and a connection
             try:
-                async with asyncio.timeout(self._queue_timeout):
-                    await upstream.turns.take()
+                await upstream.turns.take(deadline)
             except TimeoutError as exc:
                 raise self._queue_timed_out(key) from exc
         try:
-            answer, exchange = await self._exchange(key, upstream.pacer, method, target, headers, body)
+            answer, exchange = await self._exchange(key, upstream.pacer, method, target, headers, body, deadline)
         except BaseException:
             upstream.turns.give()
             raise
@@ -139,7 +140,8 @@ class UpstreamPool:
         return answer, exchange
 
     async def _exchange(self, key: Key, pacer: Pacer[Connection], method: str, target: str,
-                        headers: CIMultiDict[str], body: StreamReader | None) -> tuple[Response, Exchange]:
+                        headers: CIMultiDict[str], body: StreamReader | None,
+                        deadline: float | None) -> tuple[Response, Exchange]:
         if body is None and "Content-Length" not in headers and method not in _BODYLESS_METHODS:
             headers["Content-Length"] = "0"
         chunked = body is not None and "Content-Length" not in headers
@@ -150,11 +152,12 @@ class UpstreamPool:
         retried = fresh = False
         while True:
             try:
-                conn, reused = await self._connection(key, pacer, fresh)
+                conn, reused = await self._connection(key, pacer, fresh, deadline)
             except ConnectTimeout:
                 if retried:  # nothing was sent: any method may try once more
                     raise
                 retried = fresh = True
+                deadline = None
                 continue
             conn.begin(head_only=method == "HEAD")
             assert conn.transport is not None
@@ -174,19 +177,20 @@ class UpstreamPool:
                         raise
                     retried = True
                 fresh = True
+                deadline = None  # a new wait, with an allowance of its own
             except BaseException:
                 exchange.close()
                 raise
 
-    async def _connection(self, key: Key, pacer: Pacer[Connection],
-                          fresh: bool) -> tuple[Connection, bool]:
+    async def _connection(self, key: Key, pacer: Pacer[Connection], fresh: bool,
+                          deadline: float | None) -> tuple[Connection, bool]:
         """A kept-alive connection, else one given back while this request waited, else a new one once the
-        upstream's window has room; whether it was used before."""
+        upstream's window has room; whether it was used before. The wait ends at ``deadline`` (that of the wait
+        for a turn, if there was one)."""
         conn = None if fresh else self._take(pacer)
         if conn is None and not pacer.try_open():
             try:
-                async with asyncio.timeout(self._queue_timeout):
-                    conn = await pacer.connection(fresh)
+                conn = await pacer.connection(fresh, self._deadlines.deadline() if deadline is None else deadline)
             except TimeoutError as exc:
                 raise self._queue_timed_out(key) from exc
         if conn is not None:
@@ -194,7 +198,7 @@ class UpstreamPool:
         return await self._connect(key, pacer.attempt()), False
 
     def _queue_timed_out(self, key: Key) -> QueueTimeout:
-        return QueueTimeout(f"no connection to {key[0]}:{key[1]} free within {self._queue_timeout:g} s")
+        return QueueTimeout(f"no connection to {key[0]}:{key[1]} free within {self._deadlines.seconds:g} s")
 
     def _take(self, pacer: Pacer[Connection]) -> Connection | None:
         idle = pacer.idle
@@ -255,6 +259,7 @@ class UpstreamPool:
             self._sweeper.cancel()
             self._sweeper = None
         self._clock.close()
+        self._deadlines.close()
         for upstream in self._upstreams.values():
             for conn in upstream.pacer.idle:
                 conn.close()
