@@ -151,8 +151,11 @@ class UpstreamPool:
         replayable = body is None and method in REPLAYABLE_METHODS
         retried = fresh = False
         while True:
+            conn = None if fresh else self._take(pacer)  # the usual case, without a coroutine of its own
+            reused = conn is not None
             try:
-                conn, reused = await self._connection(key, pacer, fresh, deadline)
+                if conn is None:
+                    conn, reused = await self._connection(key, pacer, fresh, deadline)
             except ConnectTimeout:
                 if retried:  # nothing was sent: any method may try once more
                     raise
@@ -184,11 +187,11 @@ class UpstreamPool:
 
     async def _connection(self, key: Key, pacer: Pacer[Connection], fresh: bool,
                           deadline: float | None) -> tuple[Connection, bool]:
-        """A kept-alive connection, else one given back while this request waited, else a new one once the
+        """No kept-alive connection was free: one given back while this request waited, else a new one once the
         upstream's window has room; whether it was used before. The wait ends at ``deadline`` (that of the wait
         for a turn, if there was one)."""
-        conn = None if fresh else self._take(pacer)
-        if conn is None and not pacer.try_open():
+        conn = None
+        if not pacer.try_open():
             try:
                 conn = await pacer.connection(fresh, self._deadlines.deadline() if deadline is None else deadline)
             except TimeoutError as exc:
