@@ -22,8 +22,9 @@ from gateway.auth.sessions import Sessions
 from gateway.auth.store import FileTokenStore, TokenStore
 from gateway.config import Config
 from gateway.edge.cors import HUB_FRAME_HEADERS, frame_ancestors
+from gateway.edge.plan import Forward, Hold
 from gateway.edge.policy import PolicyHolder
-from gateway.edge.routing import Hosts, Kind, route
+from gateway.edge.routing import Hosts, Kind
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.lifecycle import Runtime
 from gateway.lifecycle.idle import Activity, IdleTimers, reap_forever
@@ -32,7 +33,7 @@ from gateway.lifecycle.wake import WakeLimits, Waker
 from gateway.metrics import Metrics
 from gateway.proxy.upstream import make_pool, make_session
 from gateway.server.context import GATEWAY, AuthState, Gateway
-from gateway.server.lane import is_websocket, serve_reserved, serve_workspace
+from gateway.server.lane import execute, plan_for
 from gateway.web import api, auth_routes, badge, hub
 from gateway.web.pages import error_response, internal_error, phase_words
 
@@ -41,25 +42,20 @@ log = logging.getLogger(__name__)
 
 @web.middleware
 async def front_door(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Route by Host and path, send the request down its one path, and turn every failure into a response."""
+    """Each request gets its plan (made here, or by the fast lane before it handed the request over), is served
+    by it, and every failure becomes a response."""
     gateway = request.app[GATEWAY]
     started = time.perf_counter()
     kind = "unrouted"
     response: web.StreamResponse | None = None
+    websocket = False
     try:
-        target = route(request.headers.get("Host"), request.raw_path, gateway.hosts)
-        request[TARGET] = target
-        kind = target.kind.value
-        if target.kind is Kind.HUB:
-            response = await handler(request)
-        elif target.kind is Kind.IDE_MOVED:
-            assert target.workspace is not None
-            response = web.Response(status=308, headers={"Location": gateway.hosts.ide_url(target.workspace,
-                                                                                           target.path)})
-        elif target.kind is Kind.RESERVED:
-            response = await serve_reserved(request, target, gateway)
-        else:
-            response = await serve_workspace(request, target, gateway)
+        plan = plan_for(request, gateway)
+        if plan.target is not None:
+            request[TARGET] = plan.target
+            kind = plan.target.kind.value
+        websocket = isinstance(plan, Forward | Hold) and (plan.forward if isinstance(plan, Hold) else plan).websocket
+        response = await execute(request, plan, gateway, handler)
     except GatewayError as exc:
         response = error_response(request, exc)
     except web.HTTPNotFound:
@@ -74,7 +70,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
     except Exception as exc:
         response = internal_error(request, exc)
     finally:
-        if not is_websocket(request):
+        if not websocket:
             status = response.status if response is not None else 499
             gateway.metrics.observe_request(kind, status, time.perf_counter() - started)
     if not response.prepared:

@@ -6,7 +6,7 @@ import errno
 import logging
 from typing import NamedTuple
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from multidict import CIMultiDict
 
 from gateway.errors import BadGateway, GatewayTimeout, ServiceUnavailable, UnsafeHeader
@@ -17,6 +17,7 @@ from gateway.proxy.pool import (
     ClosedUnanswered,
     ConnectFailed,
     ConnectTimeout,
+    Exchange,
     QueueTimeout,
     ReadTimeout,
     Response,
@@ -53,28 +54,22 @@ def refused(upstream: Upstream, exc: OSError, metrics: Metrics) -> UpstreamRefus
     )
 
 
-async def proxy_http(
-    request: web.Request, pool: UpstreamPool, upstream: Upstream, path: str,
-    headers: CIMultiDict[str], *, metrics: Metrics, connect_grace: float = 0.0, rules: ResponseRules = NO_RULES,
-) -> web.StreamResponse:
-    """Send the request upstream and stream the answer back; errors before the answer starts are raised.
+async def send(pool: UpstreamPool, upstream: Upstream, method: str, path: str, headers: CIMultiDict[str],
+               body: StreamReader | None, *, metrics: Metrics, connect_grace: float = 0.0) -> tuple[Response, Exchange]:
+    """Send a request upstream and return the answer's head: both lanes send through here, so a failure before
+    the answer is the same error in either, and is never followed by the request being sent a second time.
 
-    ``connect_grace``: how long refused connects are retried (see ``ConnectGrace``); ``rules``: what policy
-    changes on the response (framing, CORS)."""
+    ``connect_grace``: how long refused connects are retried (see ``ConnectGrace``)."""
     grace = ConnectGrace(connect_grace)
-    body = request.content if request.body_exists else None
     while True:
         try:
-            answer, exchange = await pool.request(upstream.host, upstream.port, request.method, path, headers, body,
-                                                  tls=upstream.tls)
+            return await pool.request(upstream.host, upstream.port, method, path, headers, body, tls=upstream.tls)
         except ConnectFailed as exc:
             if not await grace.again(exc.os_error):
                 raise refused(upstream, exc.os_error, metrics) from exc
-            continue
         except ClosedUnanswered as exc:
-            if body is None and request.method in REPLAYABLE_METHODS and await grace.wait():
-                continue
-            raise _broken_off(upstream, exc) from exc
+            if not (body is None and method in REPLAYABLE_METHODS and await grace.wait()):
+                raise broken_off(upstream, exc) from exc
         except ConnectTimeout as exc:
             metrics.upstream_errors.labels("timeout").inc()
             raise GatewayTimeout(
@@ -86,13 +81,25 @@ async def proxy_http(
                 "for a connection to it. Try again shortly.", code="upstream-busy", headers={"Retry-After": "5"},
             ) from exc
         except ReadTimeout as exc:
-            raise _timeout(upstream) from exc
+            raise timed_out(upstream) from exc
         except UpstreamError as exc:
-            raise _broken_off(upstream, exc) from exc
-        try:
-            return await _answer(request, upstream, answer, rules)
-        finally:
-            exchange.close()
+            raise broken_off(upstream, exc) from exc
+
+
+async def proxy_http(
+    request: web.Request, pool: UpstreamPool, upstream: Upstream, path: str,
+    headers: CIMultiDict[str], *, metrics: Metrics, connect_grace: float = 0.0, rules: ResponseRules = NO_RULES,
+) -> web.StreamResponse:
+    """Send the request upstream and stream the answer back; errors before the answer starts are raised.
+
+    ``rules``: what policy changes on the response (framing, CORS)."""
+    body = request.content if request.body_exists else None
+    answer, exchange = await send(pool, upstream, request.method, path, headers, body, metrics=metrics,
+                                  connect_grace=connect_grace)
+    try:
+        return await _answer(request, upstream, answer, rules)
+    finally:
+        exchange.close()
 
 
 class Shaped(NamedTuple):
@@ -123,9 +130,9 @@ async def _answer(request: web.Request, upstream: Upstream, answer: Response,
         try:
             whole = await answer.read_exactly(length)
         except ReadTimeout as exc:
-            raise _timeout(upstream) from exc
+            raise timed_out(upstream) from exc
         except UpstreamError as exc:
-            raise _broken_off(upstream, exc) from exc
+            raise broken_off(upstream, exc) from exc
         small = web.Response(status=answer.status, reason=answer.reason, body=whole, headers=out_headers)
         await _prepare(small, request)
         await small.write_eof()
@@ -150,13 +157,13 @@ async def _prepare(response: web.StreamResponse, request: web.Request) -> None:
         raise UnsafeHeader from exc
 
 
-def _timeout(upstream: Upstream) -> GatewayTimeout:
+def timed_out(upstream: Upstream) -> GatewayTimeout:
     return GatewayTimeout(
         f"Port {upstream.port} in workspace {upstream.workspace} accepted the request but did not answer in time."
     )
 
 
-def _broken_off(upstream: Upstream, exc: Exception) -> BadGateway:
+def broken_off(upstream: Upstream, exc: Exception) -> BadGateway:
     return BadGateway(
         f"Port {upstream.port} in workspace {upstream.workspace} broke off the connection: {type(exc).__name__}.",
         code="upstream-error",

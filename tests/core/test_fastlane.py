@@ -171,16 +171,39 @@ async def test_chunked_and_close_delimited_answers_are_rechunked(proxied: MakePr
     assert front_door(p).inner.connections == []
 
 
-@pytest.mark.parametrize("where", ["authorize", "response_rules"])
-async def test_a_failure_in_the_lane_costs_no_request(proxied: MakeProxied, monkeypatch: pytest.MonkeyPatch,
-                                                      where: str) -> None:
-    """Before anything was written, aiohttp takes the request from the start and serves it."""
+async def test_a_failure_to_plan_in_the_lane_costs_no_request(proxied: MakeProxied,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in planning, before anything was sent: aiohttp takes the request from the start and serves it."""
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug")
 
     p = await proxied(echo_app())
-    monkeypatch.setattr(f"gateway.server.fastlane.{where}", broken)
+    monkeypatch.setattr("gateway.server.fastlane.plan", broken)
     [(head, body)] = await exchange(p, get(p, "/still/served"))
     assert head.startswith(b"HTTP/1.1 200"), head
     assert json.loads(body)["raw_path"] == "/still/served"
+    assert front_door(p).lanes == set()
+
+
+async def test_a_failure_after_sending_is_an_error_not_a_second_request(proxied: MakeProxied,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the request went upstream it is never sent again: a bug in writing its answer is a 500 that aiohttp
+    renders (the plan handed over says so), and the upstream saw the request once."""
+    seen: list[str] = []
+
+    async def count(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.Response(text="once")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", count)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    p = await proxied(app)
+    monkeypatch.setattr("gateway.server.fastlane.shape_answer", broken)
+    [(head, _body)] = await exchange(p, get(p, "/once"))
+    assert head.startswith(b"HTTP/1.1 500"), head
+    assert seen == ["/once"]
     assert front_door(p).lanes == set()

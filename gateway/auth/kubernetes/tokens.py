@@ -189,12 +189,11 @@ class KubeTokenStore:
         return self._share_index.get(token_hash(token)) if token.startswith(SHARE_PREFIX) else None
 
     def find_api_token(self, token: str) -> ApiToken | None:
-        record = self._token_index.get(token_hash(token)) if token.startswith(API_PREFIX) else None
-        if record is not None:
-            now = time.time()
-            self._count(API_TOKEN, record.id, now, uses=0)
-            record.last_used = now
-        return record
+        return self._token_index.get(token_hash(token)) if token.startswith(API_PREFIX) else None
+
+    def use_api_token(self, record: ApiToken, now: float) -> None:
+        self._count(API_TOKEN, record.id, now, uses=0)
+        record.last_used = now
 
     def use_share(self, link: ShareLink, now: float | None = None) -> None:
         now = time.time() if now is None else now
