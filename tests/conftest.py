@@ -49,7 +49,7 @@ def settings(tmp_path: Path, workspaces: dict[str, Any], **extra: Any) -> Config
 
 
 class GatewayTestServer(TestServer):
-    """The app behind the ``FrontDoor``, as ``serve`` runs it: plain requests take the fast lane."""
+    """The app behind the ``FastLaneServer``, as ``serve`` runs it: plain requests take the fast lane."""
 
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
         return GatewayRunner(self.app, **kwargs)

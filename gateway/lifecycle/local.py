@@ -24,7 +24,7 @@ from pathlib import Path
 from gateway.config import Local, LocalWorkspace
 from gateway.errors import NotFound
 from gateway.lifecycle.archive import ArchiveError, archive_home, recover, restore_home
-from gateway.lifecycle.base import Event, Phase, Runtime, RuntimeError_, WorkspaceSpec, WorkspaceState
+from gateway.lifecycle.base import Event, LifecycleError, Phase, Runtime, WorkspaceSpec, WorkspaceState
 from gateway.lifecycle.devcontainer import LabelFile
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class LocalRuntime(Runtime):
             except ArchiveError as exc:
                 log.error("archive of %s failed: %s", workspace, exc)
                 self._end(slot)
-                raise RuntimeError_(f"Archiving {workspace} failed; its home is untouched.") from exc
+                raise LifecycleError(f"Archiving {workspace} failed; its home is untouched.") from exc
             return self._end(slot)
 
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,

@@ -21,7 +21,7 @@ from typing import Any
 
 from gateway.edge.routing import WAKE_EVENTS_PATH
 from gateway.errors import GatewayError, ServiceUnavailable
-from gateway.lifecycle import Event, Phase, Runtime, RuntimeError_, WorkspaceState
+from gateway.lifecycle import Event, LifecycleError, Phase, Runtime, WorkspaceState
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ class Waker:
                     while not events.queue.empty():  # steps published just before the flight ended
                         _apply(events.queue.get_nowait(), state.id, progress)
                 if state.phase is not Phase.RUNNING or state.address is None:
-                    raise RuntimeError_(state.message or f"Workspace {state.id} could not start.")
+                    raise LifecycleError(state.message or f"Workspace {state.id} could not start.")
             progress.update("waiting-for-port")
             await self._wait_for_port(state, port, self.limits.for_phase(from_phase))
             result = "ok"
@@ -248,10 +248,10 @@ class Waker:
             current = self._runtime.get(state.id)
             if current is None or current.phase is not Phase.RUNNING:
                 reason = current.message if current is not None and current.message else "it stopped"
-                raise RuntimeError_(f"Workspace {state.id} stopped before port {port} answered: {reason}")
+                raise LifecycleError(f"Workspace {state.id} stopped before port {port} answered: {reason}")
             now = time.monotonic()
             if now >= deadline:
-                raise RuntimeError_(
+                raise LifecycleError(
                     f"Nothing started listening on port {port} in workspace {state.id} within {limit:g} s.",
                     code="port-not-listening",
                 )

@@ -16,10 +16,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.accesslog import TARGET
-from gateway.auth.keys import KeyError_, load_or_create
+from gateway.auth.keys import KeyFileError, load_or_create
 from gateway.auth.oidc import OidcClient
 from gateway.auth.sessions import Sessions
-from gateway.auth.store import FileTokenStore, TokenStore
 from gateway.config import Config
 from gateway.edge.cors import HUB_FRAME_HEADERS, frame_ancestors
 from gateway.edge.plan import Forward, Hold
@@ -27,13 +26,13 @@ from gateway.edge.policy import PolicyHolder
 from gateway.edge.routing import Hosts, Kind
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.lifecycle import Runtime
-from gateway.lifecycle.idle import Activity, IdleTimers, reap_forever
-from gateway.lifecycle.local import LocalRuntime
+from gateway.lifecycle.idle import Activity
 from gateway.lifecycle.wake import WakeLimits, Waker
 from gateway.metrics import Metrics
 from gateway.proxy.upstream import make_pool, make_session
 from gateway.server.context import GATEWAY, AuthState, Gateway
 from gateway.server.lane import execute, plan_for
+from gateway.server.wiring import make_runtime, make_store, start_reaper
 from gateway.web import api, auth_routes, badge, hub
 from gateway.web.pages import error_response, internal_error, phase_words
 
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 @web.middleware
-async def front_door(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def by_plan(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Each request gets its plan (made here, or by the fast lane before it handed the request over), is served
     by it, and every failure becomes a response."""
     gateway = request.app[GATEWAY]
@@ -117,27 +116,7 @@ def build_metrics_app(app: web.Application) -> web.Application:
     return metrics_app
 
 
-def make_runtime(config: Config) -> Runtime:
-    if config.runtime == "local":
-        return LocalRuntime(config.local, stop_timeout=config.timeouts.shutdown, proxy_uri=config.proxy_uri)
-    from gateway.lifecycle.kubernetes import KubernetesRuntime
-
-    return KubernetesRuntime.from_config(config)
-
-
 REAPS = web.AppKey("codehub_reaps", bool)
-
-
-def make_store(config: Config, runtime: Runtime) -> TokenStore:
-    """Share links and API tokens: custom resources every replica sees on Kubernetes, else one file."""
-    if config.runtime == "kubernetes":
-        from gateway.auth.kubernetes.tokens import KubeTokenStore
-        from gateway.lifecycle.kubernetes import KubernetesRuntime
-
-        if isinstance(runtime, KubernetesRuntime):
-            return KubeTokenStore(runtime.settings, runtime.identity, lambda: runtime.client,
-                                  is_leader=runtime.is_leader)
-    return FileTokenStore(config.store_file)
 
 
 def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = True) -> web.Application:
@@ -167,7 +146,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
         trusted_proxies=tuple(ipaddress.ip_network(net, strict=False) for net in config.trusted_proxies),
     )
     # Request bodies pass through as sent: the server must not undo a client's Content-Encoding.
-    app = web.Application(middlewares=[front_door], handler_args={"auto_decompress": False})
+    app = web.Application(middlewares=[by_plan], handler_args={"auto_decompress": False})
     app[GATEWAY] = gateway
     app[REAPS] = reap
     templates = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway.web", "templates"), autoescape=True)
@@ -198,12 +177,8 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
         await gateway.runtime.close()
         raise
     watcher = asyncio.create_task(_watch_files(gateway))
-    idle = gateway.config.idle
-    reaper = asyncio.create_task(
-        reap_forever(gateway.runtime, gateway.activity, IdleTimers(idle.to_warm, idle.to_cold, idle.check_every),
-                     gateway.metrics, is_leader=lambda: app[REAPS] and gateway.runtime.is_leader(),
-                     busy=gateway.waker.waking)
-    )
+    reaper = start_reaper(gateway.config, gateway.runtime, gateway.activity, gateway.metrics,
+                          busy=gateway.waker.waking, is_leader=lambda: app[REAPS] and gateway.runtime.is_leader())
     try:
         yield
     finally:
@@ -229,7 +204,7 @@ async def _watch_files(gateway: Gateway, every: float = 2.0) -> None:
             keys_stamp = stamp
             try:
                 gateway.auth.keys = load_or_create(gateway.config.keys_file, create=False)
-            except KeyError_ as exc:
+            except KeyFileError as exc:
                 log.error("signing keys not reloaded, keeping the previous ones: %s", exc)
                 continue
             gateway.auth.sessions.forget_cached()

@@ -41,7 +41,7 @@ KEEPALIVE = 75.0
 """Seconds an idle keep-alive connection stays open (aiohttp's default, so both lanes behave alike)."""
 
 
-class FrontDoor(web.Server):
+class FastLaneServer(web.Server):
     """aiohttp's server with connections that start in the fast lane; ``inner`` serves what is handed over."""
 
     def __init__(self, inner: web.Server, gateway: Gateway) -> None:
@@ -65,17 +65,17 @@ class FrontDoor(web.Server):
 
 
 class GatewayRunner(web.AppRunner):
-    """``AppRunner`` whose server is the ``FrontDoor``: ``serve`` and the tests both run the gateway with it."""
+    """``AppRunner`` whose server is the ``FastLaneServer``: ``serve`` and the tests both run the gateway with it."""
 
     async def _make_server(self) -> web.Server:
         inner = await super()._make_server()
-        return FrontDoor(inner, self.app[GATEWAY])
+        return FastLaneServer(inner, self.app[GATEWAY])
 
 
 class FastLane(WriteFlow):
     """One client connection's I/O, until it is handed to aiohttp or closed; ``h1.Connection`` says what to do."""
 
-    def __init__(self, front: FrontDoor) -> None:
+    def __init__(self, front: FastLaneServer) -> None:
         self._front = front
         self._gateway = front.gateway
         self._loop = asyncio.get_running_loop()

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from gateway.auth.store import Consent
-from gateway.lifecycle.base import RuntimeError_
+from gateway.lifecycle.base import LifecycleError
 from gateway.lifecycle.kubernetes.client import CONSENT, USED_KEY, KubeClient, KubeError, retrying
 from gateway.lifecycle.kubernetes.informer import Informer
 from gateway.lifecycle.kubernetes.objects import MANAGED_BY, micro_time, parse_time
@@ -32,7 +32,7 @@ async def refused_as_error(call: Callable[[], Awaitable[T]], attempts: int) -> T
     try:
         return await retrying(call, attempts=attempts)
     except KubeError as exc:
-        raise RuntimeError_(f"Kubernetes refused the operation: {exc.message or exc.reason}",
+        raise LifecycleError(f"Kubernetes refused the operation: {exc.message or exc.reason}",
                             code="kubernetes-refused") from exc
 
 

@@ -40,14 +40,14 @@ from gateway.auth.store import (
 )
 from gateway.config import Kubernetes
 from gateway.errors import NotFound
-from gateway.lifecycle.base import RuntimeError_
+from gateway.lifecycle.base import LifecycleError
 from gateway.lifecycle.kubernetes.client import (
     API_TOKEN,
     SHARE_LINK,
     WORKSPACE,
-    Kind,
     KubeClient,
     KubeError,
+    Resource,
 )
 from gateway.lifecycle.kubernetes.informer import Informer
 from gateway.lifecycle.kubernetes.objects import (
@@ -86,7 +86,7 @@ async def create_api_token(client: KubeClient, identity: Identity, *, name: str,
         created = await refused_as_error(lambda: client.create(API_TOKEN, make_api_token(record)), attempts)  # noqa: B023
         if created is not None:
             return parse_api_token(created) or record, created, token
-    raise RuntimeError_("Could not pick an unused token id; try again.", code="kubernetes-refused")
+    raise LifecycleError("Could not pick an unused token id; try again.", code="kubernetes-refused")
 
 
 class KubeTokenStore:
@@ -100,7 +100,7 @@ class KubeTokenStore:
         self._client_source = client
         self._attempts = retry_attempts
         self.client: KubeClient | None = None
-        self.informers: dict[Kind, Informer] = {}
+        self.informers: dict[Resource, Informer] = {}
         self._shares: dict[str, ShareLink] = {}
         self._share_index: dict[str, ShareLink] = {}  # token hash -> link
         self._tokens: dict[str, ApiToken] = {}
@@ -108,10 +108,10 @@ class KubeTokenStore:
         self._consents: Consents | None = None
         self._used: UsedKeys | None = None
         # Written here, not yet delivered by the watch: applied over the cache until it is.
-        self._created: dict[tuple[Kind, str], Obj] = {}
+        self._created: dict[tuple[Resource, str], Obj] = {}
         self._revoked: dict[str, float] = {}
         self._deleted: set[str] = set()
-        self._counted: dict[tuple[Kind, str], _Counted] = {}
+        self._counted: dict[tuple[Resource, str], _Counted] = {}
         self._dirty = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._forgetter: asyncio.Task[None] | None = None
@@ -121,10 +121,10 @@ class KubeTokenStore:
     # -- lifespan --
 
     async def start(self) -> None:
-        """Fill both caches (RuntimeError_ if the API cannot be listed within ``sync_timeout``), start writing."""
+        """Fill both caches (LifecycleError if the API cannot be listed within ``sync_timeout``), start writing."""
         client = self._client_source()
         if client is None:
-            raise RuntimeError_("The Kubernetes runtime has not started.", code="kubernetes-unavailable")
+            raise LifecycleError("The Kubernetes runtime has not started.", code="kubernetes-unavailable")
         self.client = client
         for kind in (SHARE_LINK, API_TOKEN):
             self.informers[kind] = Informer(client, kind, on_change=self._on_change(kind),
@@ -140,7 +140,7 @@ class KubeTokenStore:
         except TimeoutError:
             errors = "; ".join(f"{i.kind.plural}: {i.error}" for i in self.informers.values() if not i.synced.is_set())
             await self._stop_informers()
-            raise RuntimeError_(f"Kubernetes API not reachable within {self.settings.sync_timeout:.0f} s ({errors})",
+            raise LifecycleError(f"Kubernetes API not reachable within {self.settings.sync_timeout:.0f} s ({errors})",
                                 code="kubernetes-unavailable") from None
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever(), name="token-usage")
         self._forgetter = asyncio.get_running_loop().create_task(self._used.forget_forever(), name="forget-used-keys")
@@ -225,7 +225,7 @@ class KubeTokenStore:
                 self._created[(SHARE_LINK, link.id)] = created
                 self._refresh(SHARE_LINK, link.id)
                 return self._shares.get(link.id, link), token
-        raise RuntimeError_("Could not pick an unused share link id; try again.", code="kubernetes-refused")
+        raise LifecycleError("Could not pick an unused share link id; try again.", code="kubernetes-refused")
 
     async def revoke_share(self, link: ShareLink, now: float | None = None) -> ShareLink:
         if link.revoked is not None:
@@ -235,7 +235,7 @@ class KubeTokenStore:
         try:
             patched = await refused_as_error(lambda: client.patch(SHARE_LINK, link.id, revoke_patch(now)),
                                              self._attempts)
-        except RuntimeError_ as exc:
+        except LifecycleError as exc:
             if isinstance(exc.__cause__, KubeError) and exc.__cause__.status == 404:
                 raise NotFound("There is no such share link.", code="share-not-found") from None
             raise
@@ -280,17 +280,17 @@ class KubeTokenStore:
 
     def _started(self, part: P | None) -> P:
         if part is None:
-            raise RuntimeError_("The token store has not started.", code="kubernetes-unavailable")
+            raise LifecycleError("The token store has not started.", code="kubernetes-unavailable")
         return part
 
     def _require(self) -> KubeClient:
         if self.client is None:
-            raise RuntimeError_("The token store has not started.", code="kubernetes-unavailable")
+            raise LifecycleError("The token store has not started.", code="kubernetes-unavailable")
         return self.client
 
     # -- the index --
 
-    def _on_change(self, kind: Kind) -> Callable[[str, Obj], None]:
+    def _on_change(self, kind: Resource) -> Callable[[str, Obj], None]:
         def changed(event: str, obj: Obj) -> None:
             name = str(obj["metadata"]["name"])
             if event == "DELETED":
@@ -301,7 +301,7 @@ class KubeTokenStore:
             self._refresh(kind, name)
         return changed
 
-    def _current(self, kind: Kind, name: str) -> Obj | None:
+    def _current(self, kind: Resource, name: str) -> Obj | None:
         informer = self.informers.get(kind)
         cached = informer.get(name) if informer is not None else None
         if cached is not None:
@@ -309,7 +309,7 @@ class KubeTokenStore:
             return cached
         return self._created.get((kind, name))
 
-    def _usage(self, kind: Kind, name: str, obj: Obj) -> Usage:
+    def _usage(self, kind: Resource, name: str, obj: Obj) -> Usage:
         usages = usage_by_replica(obj)
         mine = self._counted.get((kind, name))
         if mine is not None:
@@ -318,7 +318,7 @@ class KubeTokenStore:
             usages[self.identity] = Usage(max(seen.uses, mine.uses), max(times) if times else None)
         return total_usage(usages)
 
-    def _refresh(self, kind: Kind, name: str) -> None:
+    def _refresh(self, kind: Resource, name: str) -> None:
         """Re-derive one entry of the index from the cache and what this replica wrote."""
         obj = self._current(kind, name)
         if kind is SHARE_LINK:
@@ -349,7 +349,7 @@ class KubeTokenStore:
 
     # -- usage, written in batches --
 
-    def _count(self, kind: Kind, name: str, now: float, *, uses: int) -> None:
+    def _count(self, kind: Resource, name: str, now: float, *, uses: int) -> None:
         key = (kind, name)
         mine = self._counted.get(key)
         if mine is None:
@@ -370,7 +370,7 @@ class KubeTokenStore:
         for link in [link for link in self._shares.values() if link.expires < cutoff]:
             try:
                 deleted += await refused_as_error(lambda: client.delete(SHARE_LINK, link.id), self._attempts)  # noqa: B023
-            except RuntimeError_ as exc:
+            except LifecycleError as exc:
                 log.warning("could not delete the expired share link %s: %s", link.id, exc.message)
         return deleted
 

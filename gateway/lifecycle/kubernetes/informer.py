@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from gateway.lifecycle.kubernetes.client import Gone, Kind, KubeClient, KubeError
+from gateway.lifecycle.kubernetes.client import Gone, KubeClient, KubeError, Resource
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def _rv(obj: dict[str, Any]) -> str | None:
 class Informer:
     """A cache of one kind in one namespace, kept current by list + watch, with a callback per change."""
 
-    def __init__(self, client: KubeClient, kind: Kind, *, on_change: OnChange, label_selector: str | None = None,
+    def __init__(self, client: KubeClient, kind: Resource, *, on_change: OnChange, label_selector: str | None = None,
                  watch_timeout: int = 300, first_delay: float = 0.1, max_delay: float = 10.0) -> None:
         self.client = client
         self.kind = kind

@@ -17,9 +17,18 @@ from typing import Any, TypeVar
 
 from gateway.config import Kubernetes
 from gateway.errors import NotFound
-from gateway.lifecycle.base import Event, EventHub, Phase, RuntimeError_, WorkspaceState
+from gateway.lifecycle.base import Event, EventHub, LifecycleError, Phase, WorkspaceState
 from gateway.lifecycle.kubernetes import phases
-from gateway.lifecycle.kubernetes.client import POD, PVC, SNAPSHOT, WORKSPACE, Kind, KubeClient, KubeError, unavailable
+from gateway.lifecycle.kubernetes.client import (
+    POD,
+    PVC,
+    SNAPSHOT,
+    WORKSPACE,
+    KubeClient,
+    KubeError,
+    Resource,
+    unavailable,
+)
 from gateway.lifecycle.kubernetes.informer import Informer
 from gateway.lifecycle.kubernetes.objects import (
     SELECTOR,
@@ -54,12 +63,12 @@ class ClusterView:
     def __init__(self, settings: Kubernetes, hub: EventHub) -> None:
         self.settings = settings
         self.hub = hub
-        self.informers: dict[Kind, Informer] = {}
+        self.informers: dict[Resource, Informer] = {}
         self.slots: dict[str, Slot] = {}
         self.snapshots_enabled = True
 
     async def start(self, client: KubeClient) -> None:
-        """Fill the caches; RuntimeError_ if the API cannot be listed within ``sync_timeout``."""
+        """Fill the caches; LifecycleError if the API cannot be listed within ``sync_timeout``."""
         settings = self.settings
         kinds = [(WORKSPACE, None), (POD, SELECTOR), (PVC, SELECTOR)]
         self.snapshots_enabled = await self._snapshot_api(client)
@@ -75,7 +84,7 @@ class ClusterView:
                 await asyncio.gather(*(informer.synced.wait() for informer in self.informers.values()))
         except TimeoutError:
             errors = "; ".join(f"{i.kind.plural}: {i.error}" for i in self.informers.values() if not i.synced.is_set())
-            raise RuntimeError_(f"Kubernetes API not reachable within {settings.sync_timeout:.0f} s ({errors})",
+            raise LifecycleError(f"Kubernetes API not reachable within {settings.sync_timeout:.0f} s ({errors})",
                                 code="kubernetes-unavailable") from None
 
     async def _snapshot_api(self, client: KubeClient) -> bool:
@@ -99,7 +108,7 @@ class ClusterView:
     def healthy(self) -> bool:
         return bool(self.informers) and all(i.healthy for i in self.informers.values())
 
-    def require_api(self, kinds: Iterable[Kind] = (WORKSPACE, POD, PVC)) -> None:
+    def require_api(self, kinds: Iterable[Resource] = (WORKSPACE, POD, PVC)) -> None:
         """An operation refuses clearly while a cache it decides from is cut off from the API; the others
         may be unwell (a lost snapshot watch does not stop wakes from WARM)."""
         lost = [self.informers[kind] for kind in kinds if kind in self.informers and not self.informers[kind].healthy]
@@ -109,7 +118,7 @@ class ClusterView:
 
     # -- reading --
 
-    def _on_change(self, kind: Kind) -> Callable[[str, Obj], None]:
+    def _on_change(self, kind: Resource) -> Callable[[str, Obj], None]:
         def changed(_type: str, obj: Obj) -> None:
             meta = obj.get("metadata") or {}
             workspace = meta.get("name") if kind is WORKSPACE else (meta.get("labels") or {}).get(WORKSPACE_LABEL)
@@ -120,7 +129,7 @@ class ClusterView:
     def slot(self, workspace: str) -> Slot:
         return self.slots.setdefault(workspace, Slot())
 
-    def cached(self, kind: Kind, name: str) -> Obj | None:
+    def cached(self, kind: Resource, name: str) -> Obj | None:
         informer = self.informers.get(kind)
         return informer.get(name) if informer is not None else None
 
@@ -128,7 +137,7 @@ class ClusterView:
         obj = self.cached(WORKSPACE, workspace)
         return str((obj.get("metadata") or {}).get("uid") or "") if obj is not None else ""
 
-    def owned(self, kind: Kind, name: str, workspace: str) -> Obj | None:
+    def owned(self, kind: Resource, name: str, workspace: str) -> Obj | None:
         """The cached object if it is this Workspace's; one left by a deleted namesake is not (GC takes it)."""
         obj = self.cached(kind, name)
         return obj if obj is not None and belongs(obj, self.uid(workspace)) else None
@@ -206,7 +215,7 @@ class ClusterView:
 
     async def wait(self, workspace: str, check: Callable[[], T | None], deadline: float, what: str, *,
                    recheck: Callable[[], float | None] | None = None) -> T:
-        """Wait, woken by cache changes, until ``check`` returns something; RuntimeError_ at the deadline.
+        """Wait, woken by cache changes, until ``check`` returns something; LifecycleError at the deadline.
 
         ``recheck`` names a (loop) time to look again without a change: when a grace ``check`` counts runs out.
         """
@@ -226,9 +235,9 @@ class ClusterView:
                     await asyncio.wait_for(changed.wait(), max(0.0, min(remaining, again - loop.time()))
                                            if again is not None else remaining)
             except TimeoutError:
-                raise RuntimeError_(f"Workspace {workspace}: {what} did not happen in time.",
+                raise LifecycleError(f"Workspace {workspace}: {what} did not happen in time.",
                                     code="kubernetes-timeout") from None
 
-    async def gone(self, workspace: str, kind: Kind, name: str, deadline: float) -> None:
+    async def gone(self, workspace: str, kind: Resource, name: str, deadline: float) -> None:
         await self.wait(workspace, lambda: True if self.cached(kind, name) is None else None, deadline,
                         f"removing {kind.kind} {name}")

@@ -1,0 +1,47 @@
+"""What both process shapes build the same way: the runtime, the token store and the idle reaper.
+
+``serve`` in one process (the app's lifespan) and the ``--workers`` parent (which owns the local runtime for its
+workers) both wire these here, so the two cannot drift apart again (they had: the parent's reaper lacked the
+"a workspace being woken is not put to sleep" guard).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from gateway.auth.store import FileTokenStore, TokenStore
+from gateway.config import Config
+from gateway.lifecycle import Runtime
+from gateway.lifecycle.idle import Activity, IdleTimers, reap_forever
+from gateway.lifecycle.local import LocalRuntime
+from gateway.metrics import Metrics
+
+
+def make_runtime(config: Config) -> Runtime:
+    if config.runtime == "local":
+        return LocalRuntime(config.local, stop_timeout=config.timeouts.shutdown, proxy_uri=config.proxy_uri)
+    from gateway.lifecycle.kubernetes import KubernetesRuntime
+
+    return KubernetesRuntime.from_config(config)
+
+
+def make_store(config: Config, runtime: Runtime) -> TokenStore:
+    """Share links and API tokens: custom resources every replica sees on Kubernetes, else one file."""
+    if config.runtime == "kubernetes":
+        from gateway.auth.kubernetes.tokens import KubeTokenStore
+        from gateway.lifecycle.kubernetes import KubernetesRuntime
+
+        if isinstance(runtime, KubernetesRuntime):
+            return KubeTokenStore(runtime.settings, runtime.identity, lambda: runtime.client,
+                                  is_leader=runtime.is_leader)
+    return FileTokenStore(config.store_file)
+
+
+def start_reaper(config: Config, runtime: Runtime, activity: Activity, metrics: Metrics, *,
+                 busy: Callable[[str], bool], is_leader: Callable[[], bool] = lambda: True) -> asyncio.Task[None]:
+    """The idle reaper: puts idle workspaces to sleep, never one that is being woken (``busy``)."""
+    idle = config.idle
+    return asyncio.create_task(reap_forever(runtime, activity, IdleTimers(idle.to_warm, idle.to_cold,
+                                                                          idle.check_every),
+                                            metrics, is_leader=is_leader, busy=busy))
