@@ -8,7 +8,7 @@ as it would have without this lane. While a request is being served, what arrive
 request); once the answer is out, ``done`` hands those bytes over too, so pipelining is aiohttp's.
 
 Nothing here raises on input: for any bytes the answer is ``NEED_DATA``, a ``Request`` or a ``HandOver``
-(``tests/core/test_h1.py`` checks this with tables and with hypothesis).
+(``tests/proxy/test_h1.py`` checks this with tables and with hypothesis).
 """
 
 from __future__ import annotations

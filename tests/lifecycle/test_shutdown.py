@@ -10,7 +10,7 @@ import pytest
 
 from gateway.lifecycle import Phase
 from tests.conftest import MakeGateway, next_address, workspace
-from tests.wake.conftest import API, gateway_of, group_members, preview, recorded_pgid, slow_workspace, wait_gone
+from tests.lifecycle.conftest import API, gateway_of, group_members, preview, recorded_pgid, slow_workspace, wait_gone
 
 pytestmark = pytest.mark.timeout(60)
 

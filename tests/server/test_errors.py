@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import ClientResponse, web
 
-from tests.core.conftest import NO_TRACES, MakeProxied
+from tests.server.conftest import NO_TRACES, MakeProxied
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
 NAVIGATION = {"Sec-Fetch-Mode": "navigate", "Accept": "*/*"}

@@ -13,8 +13,8 @@ from aiohttp import web
 
 from gateway.auth.store import API_PREFIX
 from gateway.server.fastlane import FastLaneServer
-from tests.core.conftest import MakeProxied, Proxied
-from tests.core.test_proxy_http import echo_app
+from tests.server.conftest import MakeProxied, Proxied
+from tests.server.test_proxy_http import echo_app
 
 
 def fast_lane_server(p: Proxied) -> FastLaneServer:

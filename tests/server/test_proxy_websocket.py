@@ -18,7 +18,7 @@ from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
 from gateway.server.fastlane import FastLaneServer, GatewayRunner
 from tests.conftest import MakeUpstream, next_address, settings, workspace
-from tests.core.conftest import PREVIEW_DOMAIN, WORKSPACE, MakeProxied, Proxied
+from tests.server.conftest import PREVIEW_DOMAIN, WORKSPACE, MakeProxied, Proxied
 
 BIG = 16 << 20
 

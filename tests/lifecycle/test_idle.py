@@ -13,7 +13,7 @@ from aiohttp import WSMsgType
 
 from gateway.lifecycle import Event, Phase, Subscription
 from tests.conftest import MakeGateway, next_address
-from tests.wake.conftest import (
+from tests.lifecycle.conftest import (
     API,
     BODY,
     Client,
