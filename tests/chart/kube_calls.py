@@ -1,7 +1,8 @@
 """The Kubernetes API calls gateway/lifecycle/kubernetes and gateway/auth/kubernetes make, read from their source:
 the RBAC the chart must grant.
 
-Every call goes through ``KubeClient`` (one method per verb) or through an ``Informer`` (list + watch of a kind).
+Every call goes through ``KubeClient`` (one method per verb) or through an ``Informer`` (list + watch of a kind),
+made directly or for a kind ``register``-ed in ``Informers``.
 A call names its kind by one of the ``Resource`` constants of ``client.py``; when it passes a variable instead, the
 kinds it may be are the constants that module names (tokens.py counts uses of share links and API tokens through
 one ``kind`` variable). A ``subresource=`` keyword makes the resource ``plural/subresource``.
@@ -85,6 +86,9 @@ def used_rules() -> Rules:
         for node in ast.walk(module):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Informer":
                 for kind in _kinds_of(node.args[1], module):
+                    grant(kind, kind.plural, INFORMER_VERBS)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "register":
+                for kind in _kinds_of(node.args[0], module):
                     grant(kind, kind.plural, INFORMER_VERBS)
             if isinstance(node, ast.Constant) and node.value == "blockOwnerDeletion":
                 # an ownerReference that blocks its owner's deletion is admitted only to who may update the

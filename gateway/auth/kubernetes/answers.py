@@ -73,7 +73,7 @@ class Consents:
         self.client = client
         self._attempts = attempts
         self.answers: dict[str, Consent] = {}
-        self.informer = Informer(client, CONSENT, on_change=self._changed, watch_timeout=watch_timeout)
+        self.informer = Informer(client, CONSENT, listeners=[self._changed], watch_timeout=watch_timeout)
 
     async def record(self, consent: Consent) -> None:
         body = make_consent(consent)

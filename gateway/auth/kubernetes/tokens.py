@@ -127,7 +127,7 @@ class KubeTokenStore:
             raise LifecycleError("The Kubernetes runtime has not started.", code="kubernetes-unavailable")
         self.client = client
         for kind in (SHARE_LINK, API_TOKEN):
-            self.informers[kind] = Informer(client, kind, on_change=self._on_change(kind),
+            self.informers[kind] = Informer(client, kind, listeners=[self._on_change(kind)],
                                             watch_timeout=self.settings.watch_timeout)
         self._consents = Consents(client, attempts=self._attempts, watch_timeout=self.settings.watch_timeout)
         self.informers[self._consents.informer.kind] = self._consents.informer

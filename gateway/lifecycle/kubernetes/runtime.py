@@ -41,8 +41,7 @@ from gateway.lifecycle.kubernetes.client import (
     connect,
     retrying,
 )
-from gateway.lifecycle.kubernetes.informer import Informer
-from gateway.lifecycle.kubernetes.informer import not_ready as informers_not_ready
+from gateway.lifecycle.kubernetes.informer import Informers
 from gateway.lifecycle.kubernetes.leader import LeaderElector
 from gateway.lifecycle.kubernetes.objects import (
     WorkspaceResource,
@@ -80,7 +79,8 @@ class KubernetesRuntime(Runtime):
         self._api = api
         self._owns_api = api is None
         self._attempts = retry_attempts
-        self.view = ClusterView(settings, self.hub)
+        self.informers = Informers(watch_timeout=settings.watch_timeout)  # the view's kinds and the token store's
+        self.view = ClusterView(settings, self.hub, self.informers)
         self.client: KubeClient | None = None
         self.leader: LeaderElector | None = None
         self.activity: ActivitySync | None = None
@@ -104,7 +104,8 @@ class KubernetesRuntime(Runtime):
                                      interval=settings.activity_interval)
         self.leader = LeaderElector(self.client, settings.lease_name, self.identity, duration=settings.lease_duration)
         try:
-            await self.view.start(self.client)
+            await self.view.watch_snapshots(self.client)
+            await self.informers.start(self.client, sync_timeout=settings.sync_timeout)
         except LifecycleError:
             await self.close()
             raise
@@ -115,7 +116,7 @@ class KubernetesRuntime(Runtime):
             await self.leader.stop(release=True)
         if self.activity is not None:
             await self.activity.close()
-        await self.view.stop()
+        await self.informers.stop()
         if self._owns_api and self._api is not None:
             await self._api.close()
             self._api = None
@@ -123,17 +124,12 @@ class KubernetesRuntime(Runtime):
     # -- reading from memory --
 
     @property
-    def informers(self) -> dict[Resource, Informer]:
-        return self.view.informers
-
-    @property
     def api_healthy(self) -> bool:
         return self.view.healthy
 
     def not_ready(self) -> str | None:
-        if not self.view.informers:
-            return "Kubernetes caches not started"
-        return informers_not_ready(self.view.informers.values(), self.settings.ready_grace)
+        """Every cache counts, the token store's too: a replica that cannot see share links is as stale."""
+        return self.informers.not_ready(self.settings.ready_grace)
 
     def get(self, workspace: str) -> WorkspaceState | None:
         return self.view.get(workspace)

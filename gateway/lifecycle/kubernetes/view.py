@@ -29,7 +29,7 @@ from gateway.lifecycle.kubernetes.client import (
     Resource,
     unavailable,
 )
-from gateway.lifecycle.kubernetes.informer import Informer
+from gateway.lifecycle.kubernetes.informer import Informers
 from gateway.lifecycle.kubernetes.objects import (
     SELECTOR,
     WORKSPACE_LABEL,
@@ -60,35 +60,30 @@ class Slot:
 
 
 class ClusterView:
-    def __init__(self, settings: Kubernetes, hub: EventHub) -> None:
+    """Registers its kinds in the runtime's ``informers``; the runtime starts and stops them."""
+
+    def __init__(self, settings: Kubernetes, hub: EventHub, informers: Informers) -> None:
         self.settings = settings
         self.hub = hub
-        self.informers: dict[Resource, Informer] = {}
+        self.informers = informers
+        self.kinds: list[Resource] = []
         self.slots: dict[str, Slot] = {}
         self.snapshots_enabled = True
+        for kind, selector in ((WORKSPACE, None), (POD, SELECTOR), (PVC, SELECTOR)):
+            self._register(kind, selector)
 
-    async def start(self, client: KubeClient) -> None:
-        """Fill the caches; LifecycleError if the API cannot be listed within ``sync_timeout``."""
-        settings = self.settings
-        kinds = [(WORKSPACE, None), (POD, SELECTOR), (PVC, SELECTOR)]
+    def _register(self, kind: Resource, selector: str | None) -> None:
+        self.informers.register(kind, self._on_change(kind), label_selector=selector)
+        self.kinds.append(kind)
+
+    async def watch_snapshots(self, client: KubeClient) -> None:
+        """Cache VolumeSnapshots too if the cluster serves them (the CSI snapshot CRDs are optional, and so is
+        COLD); once, before the informers start."""
         self.snapshots_enabled = await self._snapshot_api(client)
         if self.snapshots_enabled:
-            kinds.append((SNAPSHOT, SELECTOR))
-        for kind, selector in kinds:
-            self.informers[kind] = Informer(client, kind, label_selector=selector, on_change=self._on_change(kind),
-                                            watch_timeout=settings.watch_timeout)
-        for informer in self.informers.values():
-            informer.start()
-        try:
-            async with asyncio.timeout(settings.sync_timeout):
-                await asyncio.gather(*(informer.synced.wait() for informer in self.informers.values()))
-        except TimeoutError:
-            errors = "; ".join(f"{i.kind.plural}: {i.error}" for i in self.informers.values() if not i.synced.is_set())
-            raise LifecycleError(f"Kubernetes API not reachable within {settings.sync_timeout:.0f} s ({errors})",
-                                code="kubernetes-unavailable") from None
+            self._register(SNAPSHOT, SELECTOR)
 
     async def _snapshot_api(self, client: KubeClient) -> bool:
-        """Whether the cluster serves VolumeSnapshots (the CSI snapshot CRDs are optional, and so is COLD)."""
         try:
             await client.request("GET", SNAPSHOT.path(self.settings.namespace), query={"limit": "1"})
         except KubeError as exc:
@@ -100,13 +95,10 @@ class ClusterView:
             return False
         return True
 
-    async def stop(self) -> None:
-        for informer in self.informers.values():
-            await informer.stop()
-
     @property
     def healthy(self) -> bool:
-        return bool(self.informers) and all(i.healthy for i in self.informers.values())
+        """Whether this view's own caches watch (the token store's kinds in the same registry do not count)."""
+        return self.informers.healthy(self.kinds)
 
     def require_api(self, kinds: Iterable[Resource] = (WORKSPACE, POD, PVC)) -> None:
         """An operation refuses clearly while a cache it decides from is cut off from the API; the others
