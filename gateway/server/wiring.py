@@ -27,13 +27,14 @@ def make_runtime(config: Config) -> Runtime:
 
 
 def make_store(config: Config, runtime: Runtime) -> TokenStore:
-    """Share links and API tokens: custom resources every replica sees on Kubernetes, else one file."""
+    """Share links and API tokens: custom resources every replica sees on Kubernetes, else one file. The
+    Kubernetes store caches them in the runtime's informers, so it is made before the runtime starts."""
     if config.runtime == "kubernetes":
         from gateway.auth.kubernetes.tokens import KubeTokenStore
         from gateway.lifecycle.kubernetes import KubernetesRuntime
 
         if isinstance(runtime, KubernetesRuntime):
-            return KubeTokenStore(runtime.settings, runtime.identity, lambda: runtime.client,
+            return KubeTokenStore(runtime.settings, runtime.identity, lambda: runtime.client, runtime.informers,
                                   is_leader=runtime.is_leader)
     return FileTokenStore(config.store_file)
 

@@ -1,8 +1,8 @@
 """The Kubernetes API calls gateway/lifecycle/kubernetes and gateway/auth/kubernetes make, read from their source:
 the RBAC the chart must grant.
 
-Every call goes through ``KubeClient`` (one method per verb) or through an ``Informer`` (list + watch of a kind),
-made directly or for a kind ``register``-ed in ``Informers``.
+Every call goes through ``KubeClient`` (one method per verb) or through the runtime's ``Informers`` (list + watch
+of every kind ``register``-ed there).
 A call names its kind by one of the ``Resource`` constants of ``client.py``; when it passes a variable instead, the
 kinds it may be are the constants that module names (tokens.py counts uses of share links and API tokens through
 one ``kind`` variable). A ``subresource=`` keyword makes the resource ``plural/subresource``.
@@ -84,9 +84,8 @@ def used_rules() -> Rules:
                 resource = f"{kind.plural}/{subresource}" if subresource else kind.plural
                 grant(kind, resource, (VERBS[call.func.attr],))  # type: ignore[attr-defined]
         for node in ast.walk(module):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Informer":
-                for kind in _kinds_of(node.args[1], module):
-                    grant(kind, kind.plural, INFORMER_VERBS)
+            assert not (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Informer"), (
+                f"{path.name} line {node.lineno}: an Informer outside the registry - register its kind instead")
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "register":
                 for kind in _kinds_of(node.args[0], module):
                     grant(kind, kind.plural, INFORMER_VERBS)

@@ -1,26 +1,55 @@
-"""One registry of list+watch caches per replica (``Informers``): kinds are registered, then watched once each,
-started, reported on and stopped together."""
+"""One registry of list+watch caches per replica (``Informers``): the runtime's view and the token store register
+their kinds in the runtime's registry, which watches each kind once and starts, reports on and stops them all."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.auth.kubernetes.tokens import KubeTokenStore
 from gateway.lifecycle import LifecycleError
+from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.lifecycle.kubernetes.client import POD as POD_KIND
 from gateway.lifecycle.kubernetes.client import SHARE_LINK as SHARE_LINK_KIND
 from gateway.lifecycle.kubernetes.client import WORKSPACE as WORKSPACE_KIND
 from gateway.lifecycle.kubernetes.client import KubeClient
 from gateway.lifecycle.kubernetes.informer import Informers
+from gateway.server.wiring import make_runtime, make_store
 from tests.kube.emulator import SHARE_LINK, WORKSPACE, KubeEnv
 from tests.kube.support import NS, until
+from tests.kube.test_gateway import gateway_config
 
 pytestmark = pytest.mark.timeout(60)
+
+EVERY_KIND = {"workspaces", "pods", "persistentvolumeclaims", "volumesnapshots",  # the runtime's view
+              "sharelinks", "apitokens", "identityconsents"}  # the token store's
 
 
 def ignore(_event: str, _obj: dict[str, Any]) -> None:
     """A listener for tests about registering, not about changes."""
+
+
+async def test_the_token_store_caches_in_the_runtimes_registry_and_closing_the_runtime_ends_every_watch(
+        kube: KubeEnv, tmp_path: Path) -> None:
+    emu = kube.emulator
+    config = gateway_config(kube, tmp_path)
+    runtime = make_runtime(config)  # as both process shapes wire them
+    store = make_store(config, runtime)
+    assert isinstance(runtime, KubernetesRuntime)
+    assert isinstance(store, KubeTokenStore)
+    await runtime.start()
+    await store.start()
+    try:
+        assert store.informers is runtime.informers
+        assert {kind.plural for kind in runtime.informers} == EVERY_KIND
+        await emu.wait_watches(len(EVERY_KIND))
+        assert emu.watch_count == len(EVERY_KIND)  # one watch per kind, however many read it
+    finally:
+        await runtime.close()  # the store's watches too: they are the runtime's
+        await until(lambda: emu.watch_count == 0)
+        await store.close()
 
 
 async def test_listeners_of_one_kind_share_its_watch_and_a_failing_one_starves_no_other(kube: KubeEnv) -> None:

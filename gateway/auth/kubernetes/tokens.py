@@ -1,8 +1,9 @@
 """Share links and API tokens as custom resources: the :class:`TokenStore` every replica shares on Kubernetes.
 
-A ShareLink or ApiToken object per link or token (named by its id; only the token's SHA-256 is stored). Each
-replica keeps one list+watch cache per kind and indexes it by id and by token hash, so a lookup is a dict
-read: the request path never calls the API.
+A ShareLink or ApiToken object per link or token (named by its id; only the token's SHA-256 is stored). The
+store registers both kinds (and consent answers) in the runtime's informers, which list+watch them with the
+runtime's own kinds, and indexes them by id and by token hash, so a lookup is a dict read: the request path never
+calls the API.
 
 Creating, revoking (``spec.revoked``) and deleting (API tokens) go to the API, with :func:`retrying` around
 the single attempt, and the API's answer is applied to this replica's index before the call returns, so the
@@ -49,7 +50,7 @@ from gateway.lifecycle.kubernetes.client import (
     KubeError,
     Resource,
 )
-from gateway.lifecycle.kubernetes.informer import Informer
+from gateway.lifecycle.kubernetes.informer import Informers
 from gateway.lifecycle.kubernetes.objects import (
     Usage,
     make_api_token,
@@ -90,8 +91,11 @@ async def create_api_token(client: KubeClient, identity: Identity, *, name: str,
 
 
 class KubeTokenStore:
-    def __init__(self, settings: Kubernetes, identity: str, client: Callable[[], KubeClient | None], *,
-                 interval: float | None = None, retry_attempts: int = 5,
+    """Registers its kinds in ``informers`` when made, so it must be made before they start (the runtime's
+    ``start``); the runtime's ``client`` is there once it has."""
+
+    def __init__(self, settings: Kubernetes, identity: str, client: Callable[[], KubeClient | None],
+                 informers: Informers, *, interval: float | None = None, retry_attempts: int = 5,
                  is_leader: Callable[[], bool] = lambda: False) -> None:
         self.settings = settings
         self.is_leader = is_leader
@@ -100,12 +104,11 @@ class KubeTokenStore:
         self._client_source = client
         self._attempts = retry_attempts
         self.client: KubeClient | None = None
-        self.informers: dict[Resource, Informer] = {}
+        self.informers = informers
         self._shares: dict[str, ShareLink] = {}
         self._share_index: dict[str, ShareLink] = {}  # token hash -> link
         self._tokens: dict[str, ApiToken] = {}
         self._token_index: dict[str, ApiToken] = {}
-        self._consents: Consents | None = None
         self._used: UsedKeys | None = None
         # Written here, not yet delivered by the watch: applied over the cache until it is.
         self._created: dict[tuple[Resource, str], Obj] = {}
@@ -117,31 +120,20 @@ class KubeTokenStore:
         self._forgetter: asyncio.Task[None] | None = None
         self._pruner: asyncio.Task[None] | None = None
         self.writes = 0
+        informers.register(SHARE_LINK, self._on_change(SHARE_LINK))
+        informers.register(API_TOKEN, self._on_change(API_TOKEN))
+        self._consents = Consents(informers, attempts=self._attempts)
+        self.kinds = (SHARE_LINK, API_TOKEN, Consents.kind)
 
     # -- lifespan --
 
     async def start(self) -> None:
-        """Fill both caches (LifecycleError if the API cannot be listed within ``sync_timeout``), start writing."""
+        """Start writing; the caches were filled by the runtime's start, which this follows."""
         client = self._client_source()
         if client is None:
             raise LifecycleError("The Kubernetes runtime has not started.", code="kubernetes-unavailable")
         self.client = client
-        for kind in (SHARE_LINK, API_TOKEN):
-            self.informers[kind] = Informer(client, kind, listeners=[self._on_change(kind)],
-                                            watch_timeout=self.settings.watch_timeout)
-        self._consents = Consents(client, attempts=self._attempts, watch_timeout=self.settings.watch_timeout)
-        self.informers[self._consents.informer.kind] = self._consents.informer
         self._used = UsedKeys(client, self.identity, attempts=self._attempts)
-        for informer in self.informers.values():
-            informer.start()
-        try:
-            async with asyncio.timeout(self.settings.sync_timeout):
-                await asyncio.gather(*(informer.synced.wait() for informer in self.informers.values()))
-        except TimeoutError:
-            errors = "; ".join(f"{i.kind.plural}: {i.error}" for i in self.informers.values() if not i.synced.is_set())
-            await self._stop_informers()
-            raise LifecycleError(f"Kubernetes API not reachable within {self.settings.sync_timeout:.0f} s ({errors})",
-                                code="kubernetes-unavailable") from None
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever(), name="token-usage")
         self._forgetter = asyncio.get_running_loop().create_task(self._used.forget_forever(), name="forget-used-keys")
         self._pruner = asyncio.get_running_loop().create_task(self._prune_forever(), name="share-pruning")
@@ -162,15 +154,10 @@ class KubeTokenStore:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(flush_within):
                     await self.write_usage()
-        await self._stop_informers()
-
-    async def _stop_informers(self) -> None:
-        for informer in self.informers.values():
-            await informer.stop()
 
     @property
     def healthy(self) -> bool:
-        return bool(self.informers) and all(i.healthy for i in self.informers.values())
+        return self.informers.healthy(self.kinds)
 
     def flush(self) -> None:
         """Nothing to do on the caller's clock: usage is written by this store's own task."""
@@ -264,13 +251,13 @@ class KubeTokenStore:
 
     @property
     def consents(self) -> Mapping[str, Consent]:
-        return self._consents.answers if self._consents is not None else {}
+        return self._consents.answers
 
     async def record_consent(self, consent: Consent) -> None:
-        await self._started(self._consents).record(consent)
+        await self._consents.record(self._require(), consent)
 
     async def withdraw_consent(self, consent: Consent) -> None:
-        await self._started(self._consents).withdraw(consent)
+        await self._consents.withdraw(self._require(), consent)
 
     async def use_once(self, key: str, until: float) -> bool:
         return await self._started(self._used).use_once(key, until)
