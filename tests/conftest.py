@@ -21,6 +21,7 @@ from aiohttp.web_runner import BaseRunner
 from gateway.config import Config
 from gateway.server.app import build_app, build_metrics_app
 from gateway.server.fastlane import GatewayRunner
+from tests.memory_runtime import MemoryRuntime
 
 _addresses = itertools.count(20)
 
@@ -58,15 +59,18 @@ class GatewayTestServer(TestServer):
 @pytest.fixture
 async def make_gateway(aiohttp_client: Any, tmp_path: Path) -> MakeGateway:
     async def make(config: Config | None = None, **kwargs: Any) -> TestClient[web.Request, web.Application]:
-        """Settings as keyword arguments; ``policy={...}`` is written to a policy file the gateway loads."""
+        """Settings as keyword arguments; ``policy={...}`` is written to a policy file the gateway loads;
+        ``in_memory=True`` keeps the workspaces in a ``MemoryRuntime`` (no processes)."""
         if "policy" in kwargs:
             policy_file = tmp_path / "policy.yaml"
             policy_file.write_text(yaml.safe_dump(kwargs.pop("policy")))
             kwargs["policy_file"] = str(policy_file)
+        in_memory = kwargs.pop("in_memory", False)
         if config is None:
             config = settings(tmp_path, kwargs.pop("workspaces", {}), **kwargs)
+        runtime = MemoryRuntime(config) if in_memory else None
         client: TestClient[web.Request, web.Application] = await aiohttp_client(
-            GatewayTestServer(build_app(config), handler_cancellation=True)
+            GatewayTestServer(build_app(config, runtime), handler_cancellation=True)
         )
         return client
 
