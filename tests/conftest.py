@@ -44,8 +44,8 @@ def workspace(address: str, owner: str = "alice", **extra: Any) -> dict[str, Any
 
 
 def settings(tmp_path: Path, workspaces: dict[str, Any], **extra: Any) -> Config:
-    data: dict[str, Any] = {"local": {"state_dir": str(tmp_path / "state"), "workspaces": workspaces}}
-    data.update(extra)
+    local = {"state_dir": str(tmp_path / "state"), "workspaces": workspaces, **extra.pop("local", {})}
+    data: dict[str, Any] = {"local": local, **extra}
     return Config.model_validate(data)
 
 

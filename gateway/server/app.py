@@ -29,10 +29,9 @@ from gateway.lifecycle import Runtime
 from gateway.lifecycle.idle import Activity
 from gateway.lifecycle.wake import WakeLimits, Waker
 from gateway.metrics import Metrics
-from gateway.proxy.upstream import make_pool, make_session
 from gateway.server.context import GATEWAY, AuthState, Gateway
 from gateway.server.lane import execute, plan_for
-from gateway.server.wiring import make_runtime, make_store, start_reaper
+from gateway.server.wiring import make_pool, make_runtime, make_session, make_store, start_reaper
 from gateway.web import api, auth_routes, badge, hub
 from gateway.web.pages import error_response, internal_error, phase_words
 
