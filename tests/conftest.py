@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -60,17 +61,18 @@ class GatewayTestServer(TestServer):
 async def make_gateway(aiohttp_client: Any, tmp_path: Path) -> MakeGateway:
     async def make(config: Config | None = None, **kwargs: Any) -> TestClient[web.Request, web.Application]:
         """Settings as keyword arguments; ``policy={...}`` is written to a policy file the gateway loads;
-        ``in_memory=True`` keeps the workspaces in a ``MemoryRuntime`` (no processes)."""
+        ``in_memory=True`` keeps the workspaces in a ``MemoryRuntime`` (no processes); ``clock`` measures idleness."""
         if "policy" in kwargs:
             policy_file = tmp_path / "policy.yaml"
             policy_file.write_text(yaml.safe_dump(kwargs.pop("policy")))
             kwargs["policy_file"] = str(policy_file)
         in_memory = kwargs.pop("in_memory", False)
+        clock = kwargs.pop("clock", time.time)
         if config is None:
             config = settings(tmp_path, kwargs.pop("workspaces", {}), **kwargs)
         runtime = MemoryRuntime(config) if in_memory else None
         client: TestClient[web.Request, web.Application] = await aiohttp_client(
-            GatewayTestServer(build_app(config, runtime), handler_cancellation=True)
+            GatewayTestServer(build_app(config, runtime, clock=clock), handler_cancellation=True)
         )
         return client
 

@@ -8,7 +8,6 @@ workers) both wire these here, so the two cannot drift apart again (they had: th
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import aiohttp
@@ -16,7 +15,7 @@ import aiohttp
 from gateway.auth.store import FileTokenStore, TokenStore
 from gateway.config import Config, Timeouts
 from gateway.lifecycle import Runtime
-from gateway.lifecycle.idle import Activity, IdleTimers, reap_forever
+from gateway.lifecycle.idle import Activity, IdleTimers, Reaper
 from gateway.lifecycle.local import LocalRuntime
 from gateway.metrics import Metrics
 from gateway.proxy.pool import UpstreamPool
@@ -42,13 +41,13 @@ def make_store(config: Config, runtime: Runtime) -> TokenStore:
     return FileTokenStore(config.store_file)
 
 
-def start_reaper(config: Config, runtime: Runtime, activity: Activity, metrics: Metrics, *,
-                 busy: Callable[[str], bool], is_leader: Callable[[], bool] = lambda: True) -> asyncio.Task[None]:
-    """The idle reaper: puts idle workspaces to sleep, never one that is being woken (``busy``)."""
+def make_reaper(config: Config, runtime: Runtime, activity: Activity, metrics: Metrics, *,
+                busy: Callable[[str], bool], is_leader: Callable[[], bool] = lambda: True) -> Reaper:
+    """The idle reaper: puts idle workspaces to sleep, never one that is being woken (``busy``); run it with
+    ``reap_forever``."""
     idle = config.idle
-    return asyncio.create_task(reap_forever(runtime, activity, IdleTimers(idle.to_warm, idle.to_cold,
-                                                                          idle.check_every),
-                                            metrics, is_leader=is_leader, busy=busy))
+    return Reaper(runtime, activity, IdleTimers(idle.to_warm, idle.to_cold, idle.check_every), metrics,
+                  is_leader=is_leader, busy=busy)
 
 
 def make_pool(timeouts: Timeouts) -> UpstreamPool:
