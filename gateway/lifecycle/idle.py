@@ -107,15 +107,13 @@ def _never(workspace: str) -> bool:
     return False
 
 
-async def reap_forever(runtime: Runtime, activity: Activity, timers: IdleTimers, metrics: Metrics,
-                       is_leader: Callable[[], bool] = lambda: True, busy: Callable[[str], bool] = _never) -> None:
-    """Every ``interval`` seconds, put idle workspaces to sleep (only on the leader replica)."""
-    reaper = Reaper(runtime, activity, timers, metrics, is_leader=is_leader, busy=busy)
+async def reap_forever(reaper: Reaper) -> None:
+    """Every ``check_every`` seconds, put idle workspaces to sleep (only on the leader replica)."""
     try:
         while True:
-            await asyncio.sleep(timers.check_every)
-            activity.touch_open()
-            if is_leader():
+            await asyncio.sleep(reaper.timers.check_every)
+            reaper.activity.touch_open()
+            if reaper.is_leader():
                 reaper.sweep()
     finally:
         await reaper.close()

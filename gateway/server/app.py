@@ -7,7 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp_jinja2
@@ -26,13 +26,12 @@ from gateway.edge.policy import PolicyHolder
 from gateway.edge.routing import Hosts, Kind
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.lifecycle import Runtime
-from gateway.lifecycle.idle import Activity
+from gateway.lifecycle.idle import Activity, reap_forever
 from gateway.lifecycle.wake import WakeLimits, Waker
 from gateway.metrics import Metrics
-from gateway.proxy.upstream import make_pool, make_session
 from gateway.server.context import GATEWAY, AuthState, Gateway
 from gateway.server.lane import execute, plan_for
-from gateway.server.wiring import make_runtime, make_store, start_reaper
+from gateway.server.wiring import make_pool, make_reaper, make_runtime, make_session, make_store
 from gateway.web import api, auth_routes, badge, hub
 from gateway.web.pages import error_response, internal_error, phase_words
 
@@ -116,13 +115,12 @@ def build_metrics_app(app: web.Application) -> web.Application:
     return metrics_app
 
 
-REAPS = web.AppKey("codehub_reaps", bool)
-
-
-def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = True) -> web.Application:
+def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = True,
+              clock: Callable[[], float] = time.time) -> web.Application:
     """Everything that can fail on bad settings fails here, before the server listens.
 
-    ``reap=False``: another process runs the idle reaper (a ``serve --workers`` worker on the local runtime)."""
+    ``reap=False``: another process runs the idle reaper (a ``serve --workers`` worker on the local runtime).
+    ``clock``: what idleness is measured by (tests move it on instead of waiting)."""
     metrics_ = Metrics()
     runtime = runtime if runtime is not None else make_runtime(config)
     policies = PolicyHolder(config.policy_file)
@@ -134,6 +132,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     hosts = Hosts.from_urls(config.hub_url, config.preview_domain)
     auth = AuthState(keys=keys, sessions=Sessions(lambda: auth.keys, hosts.hub_url(""), ttl=config.auth.session_ttl),
                      store=make_store(config, runtime))
+    activity = Activity(clock, shared=runtime)
     gateway = Gateway(
         config=config,
         hosts=hosts,
@@ -142,13 +141,14 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
         waker=waker,
         auth=auth,
         policies=policies,
-        activity=Activity(shared=runtime),
+        reaper=make_reaper(config, runtime, activity, metrics_, busy=waker.waking,
+                           is_leader=lambda: reap and runtime.is_leader()),
+        activity=activity,
         trusted_proxies=tuple(ipaddress.ip_network(net, strict=False) for net in config.trusted_proxies),
     )
     # Request bodies pass through as sent: the server must not undo a client's Content-Encoding.
     app = web.Application(middlewares=[by_plan], handler_args={"auto_decompress": False})
     app[GATEWAY] = gateway
-    app[REAPS] = reap
     templates = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway.web", "templates"), autoescape=True)
     templates.globals["hub_url"] = hosts.hub_url("/")
     templates.filters["phase_words"] = phase_words
@@ -177,8 +177,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
         await gateway.runtime.close()
         raise
     watcher = asyncio.create_task(_watch_files(gateway))
-    reaper = start_reaper(gateway.config, gateway.runtime, gateway.activity, gateway.metrics,
-                          busy=gateway.waker.waking, is_leader=lambda: app[REAPS] and gateway.runtime.is_leader())
+    reaper = asyncio.create_task(reap_forever(gateway.reaper))
     try:
         yield
     finally:

@@ -23,7 +23,7 @@ from gateway.edge.plan import Plan
 from gateway.edge.policy import Policy, PolicyHolder
 from gateway.edge.routing import Hosts
 from gateway.lifecycle import Runtime, WorkspaceState
-from gateway.lifecycle.idle import Activity
+from gateway.lifecycle.idle import Activity, Reaper
 from gateway.lifecycle.wake import Waker
 from gateway.metrics import Metrics
 from gateway.proxy.heartbeat import Heartbeat
@@ -51,6 +51,8 @@ class Gateway:
     waker: Waker
     auth: AuthState
     policies: PolicyHolder
+    reaper: Reaper
+    """The idle reaper as wired for this process (``serve`` runs it on its interval; tests run single passes)."""
     activity: Activity = field(default_factory=Activity)
     trusted_proxies: tuple[IPNetwork, ...] = ()
     _session: aiohttp.ClientSession | None = None

@@ -28,10 +28,10 @@ from gateway.accesslog import AccessLog
 from gateway.edge.plan import Facts, Forward, Plan, Refuse, plan
 from gateway.errors import GatewayError
 from gateway.proxy import h1
-from gateway.proxy.pool import ReadTimeout, Response, UpstreamError, WriteFlow, encode_head
+from gateway.proxy.pool import Response, UpstreamError, WriteFlow, encode_head
 from gateway.proxy.upstream import Upstream
 from gateway.server.context import GATEWAY, Gateway
-from gateway.server.forward import SMALL_BODY, broken_off, send, shape_answer, timed_out
+from gateway.server.forward import SMALL_BODY, read_small, send, shape_answer
 from gateway.server.lane import carry_out, in_use, peer_address, upstream_of
 
 log = logging.getLogger(__name__)
@@ -205,13 +205,7 @@ class FastLane(WriteFlow):
             self._write(head)
             return 0
         if length is not None and length <= SMALL_BODY:
-            try:
-                body = await answer.read_exactly(length)
-            except ReadTimeout as exc:
-                raise timed_out(upstream) from exc
-            except UpstreamError as exc:
-                raise broken_off(upstream, exc) from exc
-            self._write(head + body)
+            self._write(head + await read_small(answer, length, upstream))
             return length
         self._write(head)
         sent = 0

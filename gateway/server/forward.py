@@ -122,17 +122,22 @@ def shape_answer(answer: Response, method: str, public_host: str, upstream: Upst
     return Shaped(headers, length, bodiless)
 
 
+async def read_small(answer: Response, length: int, upstream: Upstream) -> bytes:
+    """A small body read whole before anything is written, so that a failure is still an error answer."""
+    try:
+        return await answer.read_exactly(length)
+    except ReadTimeout as exc:
+        raise timed_out(upstream) from exc
+    except UpstreamError as exc:
+        raise broken_off(upstream, exc) from exc
+
+
 async def _answer(request: web.Request, upstream: Upstream, answer: Response,
                   rules: ResponseRules) -> web.StreamResponse:
     out_headers, length, bodiless = shape_answer(answer, request.method, request.headers.get("Host", ""),
                                                  upstream, rules)
     if length is not None and length <= SMALL_BODY and not bodiless:
-        try:
-            whole = await answer.read_exactly(length)
-        except ReadTimeout as exc:
-            raise timed_out(upstream) from exc
-        except UpstreamError as exc:
-            raise broken_off(upstream, exc) from exc
+        whole = await read_small(answer, length, upstream)
         small = web.Response(status=answer.status, reason=answer.reason, body=whole, headers=out_headers)
         await _prepare(small, request)
         await small.write_eof()

@@ -134,10 +134,10 @@ async def _parent(config: Config, workers: int, log_level: str) -> int:
 @contextlib.asynccontextmanager
 async def _control_plane(config: Config, socket_path: Path) -> AsyncIterator[Any]:
     """The local runtime, its idle reaper and the control API the workers use."""
-    from gateway.lifecycle.idle import Activity
+    from gateway.lifecycle.idle import Activity, reap_forever
     from gateway.metrics import Metrics
     from gateway.server.control import ControlServer
-    from gateway.server.wiring import make_runtime, start_reaper
+    from gateway.server.wiring import make_reaper, make_runtime
 
     runtime = make_runtime(config)
     await runtime.start()
@@ -150,7 +150,8 @@ async def _control_plane(config: Config, socket_path: Path) -> AsyncIterator[Any
     await site.start()
     os.chmod(socket_path, 0o600)
     tasks = [asyncio.create_task(server.fan_out()),
-             start_reaper(config, runtime, activity, Metrics(), busy=server.waking)]
+             asyncio.create_task(reap_forever(make_reaper(config, runtime, activity, Metrics(),
+                                                          busy=server.waking)))]
     try:
         yield activity
     finally:

@@ -19,7 +19,7 @@ async def test_shutdown_stops_every_process_group(make_gateway: MakeGateway, tmp
     stubborn = workspace(next_address(), command=["sh", "-c", "trap '' TERM; sleep 3600 & wait"])
     client = await make_gateway(
         workspaces={"a": slow_workspace(next_address(), delay=0, child=True), "stubborn": stubborn},
-        timeouts={"shutdown": 1},
+        local={"stop_timeout": 1},
     )
     assert (await client.get("/", headers={"Host": preview("a"), **API})).status == 200
     assert (await gateway_of(client).runtime.wake("stubborn")).phase is Phase.RUNNING
