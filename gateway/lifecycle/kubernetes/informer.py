@@ -192,10 +192,6 @@ class Informers(Mapping[Resource, Informer]):
                              f"not {label_selector!r}")
         registration.listeners.append(on_change)
 
-    @property
-    def registered(self) -> frozenset[Resource]:
-        return frozenset(self._registered)
-
     async def start(self, client: KubeClient, *, sync_timeout: float) -> None:
         """Fill every cache; LifecycleError, with every watch stopped again, if the API cannot be listed within
         ``sync_timeout``."""
@@ -219,10 +215,10 @@ class Informers(Mapping[Resource, Informer]):
         for informer in running.values():
             await informer.stop()
 
-    def healthy(self, kinds: Iterable[Resource] | None = None) -> bool:
-        """Whether the caches of ``kinds`` (default: all registered) are running and watching."""
-        wanted = self._registered if kinds is None else kinds
-        return bool(self._running) and all(kind in self._running and self._running[kind].healthy for kind in wanted)
+    def healthy(self, kinds: Iterable[Resource]) -> bool:
+        """Whether the caches of ``kinds`` are running and watching: each reader asks about its own kinds, so a
+        lost share-link watch does not stop wakes."""
+        return bool(self._running) and all(kind in self._running and self._running[kind].healthy for kind in kinds)
 
     def not_ready(self, grace: float) -> str | None:
         """Why a replica with these caches should get no traffic: they were never started, one was never filled,
