@@ -31,10 +31,16 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.accesslog import AccessLog
 from gateway.auth.authenticate import SHARE_PARAM, Credentials
-from gateway.context import GATEWAY, Gateway
+from gateway.edge.policy import Decision
+from gateway.edge.routing import Kind, Target, route
 from gateway.errors import GatewayError
 from gateway.lifecycle import Phase, WorkspaceState
-from gateway.pipeline import (
+from gateway.proxy.headers import ResponseRules
+from gateway.proxy.pool import Response, UpstreamError, WriteFlow, encode_head
+from gateway.proxy.upstream import Upstream
+from gateway.server.context import GATEWAY, Gateway
+from gateway.server.forward import SMALL_BODY, shape_answer
+from gateway.server.lane import (
     asks_consent,
     authorize,
     client_facts,
@@ -45,12 +51,6 @@ from gateway.pipeline import (
     response_rules,
     upstream_port,
 )
-from gateway.policy import Decision
-from gateway.proxy.headers import ResponseRules
-from gateway.proxy.http import SMALL_BODY, shape_answer
-from gateway.proxy.pool import Response, UpstreamError, WriteFlow, encode_head
-from gateway.proxy.upstream import Upstream
-from gateway.routing import Kind, Target, route
 
 log = logging.getLogger(__name__)
 MAX_HEAD = 16 << 10
