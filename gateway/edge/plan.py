@@ -243,6 +243,9 @@ class _Request:
         """The host as sessions, share cookies and hand-off codes are bound to it."""
         self.rule: CorsRule | None = cors.rule_for(world.policy, target.port) if target.port is not None else None
         self.effects: list[Effect] = []
+        self.found = False
+        """Whether ``state`` is known yet (the refusals before it carry no CORS headers)."""
+        self.state: WorkspaceState
 
     # --- the shape of it -------------------------------------------------------------------------------------
     def plan(self) -> Plan:
@@ -258,7 +261,7 @@ class _Request:
         if state is None:
             return self._refuse(NotFound(f"There is no workspace called {target.workspace}.",
                                          code="workspace-not-found"))
-        self.state = state
+        self.state, self.found = state, True
         if target.kind is Kind.RESERVED:
             return self._reserved(path)
         if target.kind is Kind.PREVIEW and cors.is_preflight(facts.method, facts.headers) and self.rule is not None:
@@ -463,7 +466,7 @@ class _Request:
         return cors.response_headers(rule, origin)
 
     def _refuse(self, error: GatewayError, identity: Identity | None = None) -> Refuse:
-        if hasattr(self, "state"):
+        if self.found:
             error.headers.update(self._error_cors())
         return Refuse(error=error, target=self.target, effects=tuple(self.effects),
                       user=identity.subject if identity is not None else None)
