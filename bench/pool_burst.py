@@ -23,20 +23,20 @@ from multidict import CIMultiDict
 from gateway.proxy.pool import UpstreamPool
 
 
-def make_pool(connect_timeout: float) -> UpstreamPool:
+def make_pool(connect_timeout: float, queue_timeout: float) -> UpstreamPool:
     """The pool with the gateway's default timeouts, whichever version of it is on the path (the one before
     issue 18 had no first-byte or queue timeout)."""
     settings: dict[str, Any] = {"connect_timeout": connect_timeout, "read_timeout": None}
     if "queue_timeout" in inspect.signature(UpstreamPool).parameters:
-        settings.update(first_byte_timeout=120.0, queue_timeout=60.0)
+        settings.update(first_byte_timeout=120.0, queue_timeout=queue_timeout)
     return UpstreamPool(**settings)
 
 
 async def burst(host: str, port: int, requests: int, concurrency: int | None = None,
-                connect_timeout: float = 5.0) -> dict[str, float]:
+                connect_timeout: float = 5.0, queue_timeout: float = 60.0) -> dict[str, float]:
     """All ``requests`` at once (a wake's burst), or ``concurrency`` at a time over kept-alive connections (the
     steady state of the HTTP scenario)."""
-    pool = make_pool(connect_timeout)
+    pool = make_pool(connect_timeout, queue_timeout)
 
     async def one() -> None:
         answer, exchange = await pool.request(host, port, "GET", "/", CIMultiDict(Host="localhost"), None)
@@ -72,8 +72,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, help="requests in flight at a time (default: all at once)")
     parser.add_argument("--connect-timeout", type=float, default=5.0,
                         help="s (default 5, the gateway's; under valgrind everything takes ~50 times longer)")
+    parser.add_argument("--queue-timeout", type=float, default=60.0, help="s (default 60, the gateway's)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(burst(args.host, args.port, args.requests, args.concurrency, args.connect_timeout))))
+    print(json.dumps(asyncio.run(burst(args.host, args.port, args.requests, args.concurrency, args.connect_timeout,
+                                       args.queue_timeout))))
 
 
 if __name__ == "__main__":
