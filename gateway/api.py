@@ -6,6 +6,8 @@ callers changing anything must come from the hub's own origin (CSRF). Errors are
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import secrets
 import time
@@ -29,6 +31,10 @@ from gateway.pages import JSON_ONLY, phase_words
 from gateway.policy import VISIBILITIES, Duration, Reason, decide, describe_duration, visibility
 
 _SAFE = ("GET", "HEAD", "OPTIONS")
+PAGE_SIZE = 100
+"""Workspaces per page of ``GET /api/v1/workspaces`` when the caller names no ``limit``: an admin may see
+thousands, and one answer with every port of each would take seconds and megabytes."""
+MOST_PER_PAGE = 500
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -149,12 +155,47 @@ async def me(request: web.Request) -> web.Response:
     return web.json_response({"user": identity.subject, "email": identity.email, "groups": list(identity.groups)})
 
 
+def _page(request: web.Request) -> tuple[int, str | None]:
+    """``?limit=`` (1–500, default 100) and ``?cursor=`` (the ``next_cursor`` of the page before: opaque to
+    callers, the last id that page showed), checked."""
+    raw_limit = request.query.get("limit", str(PAGE_SIZE))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MOST_PER_PAGE:
+        raise BadRequest(f"limit: a number from 1 to {MOST_PER_PAGE}.", code="bad-limit")
+    cursor = request.query.get("cursor")
+    if cursor is None:
+        return int(raw_limit), None
+    try:
+        after = base64.urlsafe_b64decode(cursor.encode("ascii") + b"==").decode("ascii")
+    except (UnicodeError, ValueError, binascii.Error):
+        after = ""
+    if not WORKSPACE_ID.fullmatch(after):
+        raise BadRequest("cursor: not one this API gave out (use next_cursor as it is).", code="bad-cursor")
+    return int(raw_limit), after
+
+
+def _cursor(workspace: str) -> str:
+    return base64.urlsafe_b64encode(workspace.encode()).decode().rstrip("=")
+
+
 async def list_workspaces(request: web.Request) -> web.Response:
+    """One page, in id order; ``next_cursor`` (null on the last page) asks for the next. Pages are cut by id, not
+    by position, so a workspace created or deleted between two calls never shifts another into or out of view."""
     identity = caller(request)
+    limit, after = _page(request)
     gateway = request.app[GATEWAY]
-    views = [workspace_view(gateway, state, identity) for state in sorted(gateway.runtime.list(), key=lambda s: s.id)
-             if _role(gateway, state, identity) is not None]
-    return web.json_response({"workspaces": views})
+    visible = sorted((state for state in gateway.runtime.list() if after is None or state.id > after),
+                     key=lambda s: s.id)
+    page: list[WorkspaceState] = []
+    more = False
+    for state in visible:
+        if _role(gateway, state, identity) is None:
+            continue
+        if len(page) == limit:
+            more = True
+            break
+        page.append(state)
+    return web.json_response({"workspaces": [workspace_view(gateway, state, identity) for state in page],
+                              "next_cursor": _cursor(page[-1].id) if more else None})
 
 
 async def get_workspace(request: web.Request) -> web.Response:
