@@ -236,7 +236,8 @@ async def _serve_workspace(request: web.Request, target: Target, gateway: Gatewa
             raise ConsentPage(gateway.policy.identity, state.spec, target.port, credentials.identity,
                               credentials.path)
     port = upstream_port(target, state)
-    held = state.phase is not Phase.RUNNING or gateway.waker.busy(state.id, port)
+    held = (state.phase is not Phase.RUNNING or gateway.waker.busy(state.id, port)
+            or gateway.waker.settling(state.id, port))
     state = await gateway.waker.ensure_awake(request, state, port)
     grace = WAKE_CONNECT_GRACE if held else 0.0
     facts = client_facts(peer_address(request.transport), request.headers, gateway)
