@@ -142,6 +142,10 @@ class Auth(_Model):
     allow_dev_on_network: bool = False
 
 
+MOST_LOCAL_WORKSPACES = 64_768
+"""One loopback address each, 253 per 127.0.N.0/24 (``.2`` to ``.254``) over 127.0.0.0/16."""
+
+
 class Local(_Model):
     state_dir: Path = Path(".codehub")
     workspaces: dict[str, LocalWorkspace] = Field(default_factory=dict)
@@ -152,8 +156,8 @@ class Local(_Model):
         for name in value:
             if not WORKSPACE_ID.fullmatch(name):
                 raise ValueError(f"workspace id {name!r} must match {WORKSPACE_ID.pattern}")
-        if len(value) > 250:
-            raise ValueError("at most 250 local workspaces (one loopback address each)")
+        if len(value) > MOST_LOCAL_WORKSPACES:
+            raise ValueError(f"at most {MOST_LOCAL_WORKSPACES} local workspaces (one loopback address each)")
         return value
 
 
