@@ -105,7 +105,7 @@ async def _body(request: web.Request, model: type[_Body]) -> Any:
         raise BadRequest("The body must be JSON.", code="invalid-body") from None
 
 
-def _role(gateway: Gateway, state: WorkspaceState, identity: Identity) -> Reason | None:
+def role(gateway: Gateway, state: WorkspaceState, identity: Identity) -> Reason | None:
     reason = decide(gateway.policy, state.spec, None, identity).reason
     if reason in (Reason.OWNER, Reason.COLLABORATOR):
         return reason
@@ -116,10 +116,10 @@ def _mine(request: web.Request, identity: Identity, *, manage: bool = False) -> 
     """The workspace named in the path, if the caller may see it (and manage it, for owner-only changes)."""
     gateway = request.app[GATEWAY]
     state = gateway.runtime.get(request.match_info["workspace"])
-    role = _role(gateway, state, identity) if state is not None else None
-    if state is None or role is None:
+    their_role = role(gateway, state, identity) if state is not None else None
+    if state is None or their_role is None:
         raise NotFound("There is no workspace with that name that you can see.", code="workspace-not-found")
-    if manage and role is Reason.COLLABORATOR:
+    if manage and their_role is Reason.COLLABORATOR:
         raise Forbidden("Only the workspace's owner can change how it is shared.", code="owner-only")
     return state
 
@@ -134,11 +134,12 @@ def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity) 
     listening = gateway.runtime.listening_ports(state.id) or set()
     labels = {**gateway.runtime.port_labels(state.id), **state.spec.labels}
     ports = sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
-    role = _role(gateway, state, identity)
+    their_role = role(gateway, state, identity)
     consented = Counter(c.port for c in gateway.auth.store.consents.values() if c.workspace == state.id and c.share)
     return {
         "id": state.id, "owner": state.spec.owner, "collaborators": list(state.spec.collaborators),
-        "role": role.value if role else None, "phase": state.phase.value, "phase_words": phase_words(state.phase),
+        "role": their_role.value if their_role else None, "phase": state.phase.value,
+        "phase_words": phase_words(state.phase),
         "message": state.message, "last_activity": gateway.activity.last(state.id),
         "ide_url": gateway.hosts.ide_url(state.id),
         "ports": [{"port": port, "label": labels.get(port, ""),
@@ -188,7 +189,7 @@ async def list_workspaces(request: web.Request) -> web.Response:
     page: list[WorkspaceState] = []
     more = False
     for state in visible:
-        if _role(gateway, state, identity) is None:
+        if role(gateway, state, identity) is None:
             continue
         if len(page) == limit:
             more = True

@@ -22,6 +22,7 @@ from aiohttp import web
 from gateway import api
 from gateway.auth.handlers import hub_identity
 from gateway.auth.identity import Identity
+from gateway.auth.store import ShareLink
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import BadRequest, GatewayError, Unauthorized
 from gateway.routing import Kind, route
@@ -35,11 +36,15 @@ KEEPALIVE = 15.0
 def snapshot(gateway: Gateway, identity: Identity) -> dict[str, Any]:
     """Everything the hub page shows for one person, as the API would answer it."""
     views = []
-    for state in sorted(gateway.runtime.list(), key=lambda state: state.id):
+    mine = sorted((state for state in gateway.runtime.list() if api.role(gateway, state, identity) is not None),
+                  key=lambda state: state.id)
+    shares: dict[str, list[ShareLink]] = {state.id: [] for state in mine}
+    for link in gateway.auth.store.shares.values():  # one pass over every link, not one per workspace
+        if link.workspace in shares:
+            shares[link.workspace].append(link)
+    for state in mine:
         view = api.workspace_view(gateway, state, identity)
-        if not view["role"]:
-            continue
-        links = [link for link in gateway.auth.store.shares.values() if link.workspace == state.id]
+        links = shares[state.id]
         view["shares"] = [api.share_view(gateway, link) for link in sorted(links, key=lambda link: -link.created)]
         views.append(view)
     return {"workspaces": views, "consents": api.consents_of(gateway, identity)}
