@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="requests held during one wake of a server with a backlog of 5 (default 1000)")
     parser.add_argument("--rounds", type=int,
                         help="browser rounds: page loads and HMR (default 7; quick 3), wakes to screen (half)")
+    parser.add_argument("--scale-workspaces", type=int, default=10_000, help="workspaces in the scale part")
+    parser.add_argument("--scale-links", type=int, default=100_000,
+                        help="share links, and as many API tokens, in the scale part")
     parser.add_argument("--workers", default="1,2", help="gateway --workers values to measure (default 1,2)")
     parser.add_argument("--only", default=",".join(PARTS), help=f"parts to run: {', '.join(PARTS)} (default all)")
     parser.add_argument("--proxies", default="gateway,nginx,chp", help="proxies besides direct (default all)")
@@ -181,6 +184,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if proxy.sign_in is not None:
                     results.setdefault("screen", []).append(
                         await wakes_to_screen(layout, proxy.sign_in, name, max(1, rounds // 2), say=_say))
+        if "scale" in parts and "gateway" in wanted:
+            from bench.scale import scale
+
+            results["scale"] = await scale(procs, layout, workspaces=args.scale_workspaces, links=args.scale_links,
+                                           repeats=repeats, duration=duration, say=_say)
     finally:
         procs.stop_all()
         if args.keep:
