@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale-workspaces", type=int, default=10_000, help="workspaces in the scale part")
     parser.add_argument("--scale-links", type=int, default=100_000,
                         help="share links, and as many API tokens, in the scale part")
+    parser.add_argument("--scale-ws", type=int, help="idle relayed WebSockets on one worker (default 10000, capped "
+                        "at 9900 by the file limit; quick 2000)")
     parser.add_argument("--workers", default="1,2", help="gateway --workers values to measure (default 1,2)")
     parser.add_argument("--only", default=",".join(PARTS), help=f"parts to run: {', '.join(PARTS)} (default all)")
     parser.add_argument("--proxies", default="gateway,nginx,chp", help="proxies besides direct (default all)")
@@ -188,7 +190,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             from bench.scale import scale
 
             results["scale"] = await scale(procs, layout, workspaces=args.scale_workspaces, links=args.scale_links,
-                                           repeats=repeats, duration=duration, say=_say)
+                                           repeats=repeats, duration=duration,
+                                           ws=args.scale_ws or (2000 if quick else 10_000), say=_say)
     finally:
         procs.stop_all()
         if args.keep:

@@ -28,10 +28,14 @@ from bench.client import fetch
 from bench.http_load import run_wrk, write_script
 from bench.procs import Proc, Procs, free_port, rss_bytes, wait_for_port
 from bench.servers import ROOT, Layout, SignIn, gateway_config, gateway_target
+from bench.ws_load import run_ws
 
 MANY = "many"
 """The user who owns 1,000 workspaces."""
 MANY_OWNS = 1000
+MOST_WEBSOCKETS = 9_900
+"""Relayed WebSockets one gateway process can hold here: two descriptors each (client and upstream) under the
+machine's hard limit of 20,000 open files per process (``ulimit -Hn``), with room for the rest."""
 
 
 def _workspaces(count: int) -> dict[str, dict[str, Any]]:
@@ -44,11 +48,12 @@ def _workspaces(count: int) -> dict[str, dict[str, Any]]:
 def _store(links: int, tokens: int, workspaces: list[str]) -> dict[str, Any]:
     """A tokens file as ``FileTokenStore`` writes it: share links spread over the workspaces, API tokens."""
     now = time.time()
-    shares = [{"id": f"{index:012x}", "token_hash": hashlib.sha256(os.urandom(16)).hexdigest(),
+    shares: list[dict[str, Any]] = [{"id": f"{index:012x}", "token_hash": hashlib.sha256(os.urandom(16)).hexdigest(),
                "workspace": workspaces[index % len(workspaces)], "port": 3000, "audience": "anyone", "people": [],
                "created_by": MANY, "created": now, "expires": now + 86400, "revoked": None, "uses": 0,
                "last_used": None} for index in range(links)]
-    api_tokens = [{"id": f"t{index:011x}", "token_hash": hashlib.sha256(os.urandom(16)).hexdigest(),
+    api_tokens: list[dict[str, Any]] = [
+                  {"id": f"t{index:011x}", "token_hash": hashlib.sha256(os.urandom(16)).hexdigest(),
                    "subject": f"user{index % 1000}", "name": f"token {index}", "created": now, "email": "",
                    "groups": [], "last_used": None, "attributes": {}} for index in range(tokens)]
     return {"shares": shares, "api_tokens": api_tokens, "used": {}, "consents": []}
@@ -133,8 +138,24 @@ async def _many_user(shape: Shape, times: int) -> dict[str, float]:
     return {"api_first_page_ms": first, "api_every_page_ms": every, "hub_snapshot_ms": snapshot, "hub_page_ms": hub}
 
 
+async def websockets(procs: Procs, layout: Layout, count: int, say: Any = print) -> dict[str, Any]:
+    """``count`` idle relayed WebSockets on one fresh gateway process: KB each, echo p99."""
+    wanted = count
+    count = min(count, MOST_WEBSOCKETS)
+    shape = Shape("websockets", 10, 0)
+    await _start(procs, layout, shape)
+    assert shape.sign_in is not None
+    assert shape.proc is not None
+    target = await gateway_target("scale-websockets", layout, shape.sign_in)
+    result = await run_ws(target, count, [shape.proc.pid])
+    procs.stop(shape.proc)
+    say(f"scale websockets: {result.opened}/{count} open, {result.kb_per_connection or 0:.1f} KB each, echo p50 "
+        f"{result.echo_p50_ms:.2f} p99 {result.echo_p99_ms:.2f} ms, {result.failed} failed")
+    return {**dataclasses.asdict(result), "asked": wanted}
+
+
 async def scale(procs: Procs, layout: Layout, *, workspaces: int, links: int, repeats: int, duration: float,
-                say: Any = print) -> dict[str, Any]:
+                ws: int, say: Any = print) -> dict[str, Any]:
     shapes = [Shape("small", 10, 0), Shape("workspaces", workspaces, 0), Shape("everything", workspaces, links)]
     targets = {}
     for shape in shapes:
@@ -170,4 +191,6 @@ async def scale(procs: Procs, layout: Layout, *, workspaces: int, links: int, re
     out["cpu_x_small"] = {name: row["cpu_us"] / small["cpu_us"] for name, row in out["shapes"].items()}
     say(f"scale: {out['kb_per_workspace']:.1f} KB per workspace, CPU per request ×small "
         + ", ".join(f"{name} {ratio:.2f}" for name, ratio in out["cpu_x_small"].items()))
+    if ws:
+        out["websockets"] = await websockets(procs, layout, ws, say)
     return out
