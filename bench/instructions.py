@@ -24,6 +24,7 @@ from typing import Any
 
 from bench.http_load import run_wrk, write_script
 from bench.procs import Procs, free_port, wait_for_port
+from bench.scale import store as scale_store
 from bench.servers import ROOT, Layout, SignIn, gateway_config, gateway_target, start_upstream_nginx
 
 _TOTALS = re.compile(r"^(?:totals|summary):\s+(\d+)", re.MULTILINE)
@@ -51,7 +52,8 @@ def _argv(config: Path, uvloop: bool) -> list[str]:
     return [sys.executable, "-m", module, "serve", "--config", str(config)]
 
 
-async def measure(tree: Path, *, uvloop: bool, seconds: float, connections: int, strace: bool) -> dict[str, Any]:
+async def measure(tree: Path, *, uvloop: bool, seconds: float, connections: int, strace: bool,
+                  links: int = 0) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="codehub-instr-"))
     procs = Procs(logs=tmp)
     layout = Layout(tmp)
@@ -60,6 +62,10 @@ async def measure(tree: Path, *, uvloop: bool, seconds: float, connections: int,
         await wait_for_port(layout.up_host, layout.http_port, upstream)
         port = free_port("127.0.0.1")
         config = gateway_config(layout, "gateway", port)
+        if links:  # the store of bench.scale: share links and as many API tokens
+            state = tmp / "gateway-state"
+            state.mkdir(parents=True, exist_ok=True)
+            (state / "tokens.json").write_text(json.dumps(scale_store(links, links, ["ws1", "wk", "hold"])))
         out = tmp / "callgrind.out"
         argv = _argv(config, uvloop)
         if not strace:
@@ -101,9 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the counted load")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--strace", action="store_true", help="count syscalls per request instead")
+    parser.add_argument("--links", type=int, default=0, help="share links, and as many API tokens, in the store")
     args = parser.parse_args(argv)
     result = asyncio.run(measure(args.tree.resolve(), uvloop=args.uvloop, seconds=args.seconds,
-                                 connections=args.connections, strace=args.strace))
+                                 connections=args.connections, strace=args.strace, links=args.links))
     table = result.pop("table", None)
     print(json.dumps(result))
     if table:

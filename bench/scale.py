@@ -45,7 +45,7 @@ def _workspaces(count: int) -> dict[str, dict[str, Any]]:
             for index in range(count)}
 
 
-def _store(links: int, tokens: int, workspaces: list[str]) -> dict[str, Any]:
+def store(links: int, tokens: int, workspaces: list[str]) -> dict[str, Any]:
     """A tokens file as ``FileTokenStore`` writes it: share links spread over the workspaces, API tokens."""
     now = time.time()
     shares: list[dict[str, Any]] = [{"id": f"{index:012x}", "token_hash": hashlib.sha256(os.urandom(16)).hexdigest(),
@@ -82,7 +82,7 @@ async def _start(procs: Procs, layout: Layout, shape: Shape) -> None:
     state = layout.tmp / f"scale-{shape.name}-state"
     state.mkdir(parents=True, exist_ok=True)
     if shape.links:
-        (state / "tokens.json").write_text(json.dumps(_store(shape.links, shape.links, sorted(extra))))
+        (state / "tokens.json").write_text(json.dumps(store(shape.links, shape.links, sorted(extra))))
     path.write_text(yaml.safe_dump(settings))
     started = time.monotonic()
     shape.proc = procs.start(f"scale-{shape.name}", [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
