@@ -71,7 +71,7 @@ async def measure(tree: Path, *, uvloop: bool, seconds: float, connections: int,
         if not strace:
             argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no", *argv]
         gateway = procs.start("gateway", argv, env={"PYTHONPATH": f"{tree}:{ROOT}"})
-        await wait_for_port("127.0.0.1", port, gateway, within=300)
+        await wait_for_port("127.0.0.1", port, gateway, within=1800)  # a big store loads slowly under callgrind
         target = await gateway_target("gateway", layout, SignIn(layout, port))
         script = write_script(tmp, target)
         await run_wrk(target, script, connections, seconds / 4, [], request_timeout=30)  # warm-up
