@@ -151,8 +151,9 @@ def _issue17_targets(http: dict[str, Any], ws: dict[str, Any], results: dict[str
             kb_ws = sockets["kb_per_connection"]
             rows.append({"target": f"{sockets['asked']:,} idle relayed WebSockets on one worker at ≤ "
                                    f"{TARGET_KB_PER_WS_AT_SCALE:g} KB each",
-                         "value": f"{sockets['opened']:,} open (file limit), {kb_ws or 0:.1f} KB, echo p99 "
-                                  f"{sockets['echo_p99_ms']:.1f} ms",
+                         "value": f"{sockets['opened']:,} open"
+                                  + (" (the file limit)" if sockets["connections"] < sockets["asked"] else "")
+                                  + f", {kb_ws or 0:.1f} KB, echo p99 {sockets['echo_p99_ms']:.1f} ms",
                          "met": sockets["opened"] >= sockets["asked"] and kb_ws is not None
                          and kb_ws <= TARGET_KB_PER_WS_AT_SCALE and sockets["failed"] == 0})
     return rows
