@@ -53,9 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="requests held during one wake of a server with a backlog of 5 (default 1000)")
     parser.add_argument("--rounds", type=int,
                         help="browser rounds: page loads and HMR (default 7; quick 3), wakes to screen (half)")
-    parser.add_argument("--scale-workspaces", type=int, default=10_000, help="workspaces in the scale part")
-    parser.add_argument("--scale-links", type=int, default=100_000,
-                        help="share links, and as many API tokens, in the scale part")
+    parser.add_argument("--scale-workspaces", type=int, help="workspaces in the scale part (default 10000; quick 2000)")
+    parser.add_argument("--scale-links", type=int,
+                        help="share links, and as many API tokens, in the scale part (default 100000; quick 20000)")
     parser.add_argument("--scale-ws", type=int, help="idle relayed WebSockets on one worker (default 10000, capped "
                         "at 9900 by the file limit; quick 2000)")
     parser.add_argument("--workers", default="1,2", help="gateway --workers values to measure (default 1,2)")
@@ -189,7 +189,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if "scale" in parts and "gateway" in wanted:
             from bench.scale import scale
 
-            results["scale"] = await scale(procs, layout, workspaces=args.scale_workspaces, links=args.scale_links,
+            workspaces = args.scale_workspaces or (2000 if quick else 10_000)
+            results["scale"] = await scale(procs, layout, workspaces=workspaces,
+                                           links=args.scale_links or (20_000 if quick else 100_000),
                                            repeats=repeats, duration=duration,
                                            ws=args.scale_ws or (2000 if quick else 10_000), say=_say)
     finally:
