@@ -273,8 +273,8 @@ class _Request:
         credentials = self._check()
         if isinstance(credentials, (Refuse, Redirect)):
             return credentials
-        if (target.port is not None and facts.method == "GET" and wants_page(facts.method, facts.headers)
-                and not is_websocket(facts.method, facts.headers) and self._asks_consent(credentials.identity)):
+        if (target.port is not None and self._asks_consent(credentials.identity) and facts.method == "GET"
+                and wants_page(facts.method, facts.headers) and not is_websocket(facts.method, facts.headers)):
             assert credentials.identity is not None
             return self._refuse(ConsentPage(self.world.policy.identity, state.spec, target.port,
                                             credentials.identity, credentials.path), credentials.identity)

@@ -60,14 +60,16 @@ async def send(pool: UpstreamPool, upstream: Upstream, method: str, path: str, h
     the answer is the same error in either, and is never followed by the request being sent a second time.
 
     ``connect_grace``: how long refused connects are retried (see ``ConnectGrace``)."""
-    grace = ConnectGrace(connect_grace)
+    grace: ConnectGrace | None = None  # made on the first failure: most requests never need it
     while True:
         try:
             return await pool.request(upstream.host, upstream.port, method, path, headers, body, tls=upstream.tls)
         except ConnectFailed as exc:
+            grace = grace or ConnectGrace(connect_grace)
             if not await grace.again(exc.os_error):
                 raise refused(upstream, exc.os_error, metrics) from exc
         except ClosedUnanswered as exc:
+            grace = grace or ConnectGrace(connect_grace)
             if not (body is None and method in REPLAYABLE_METHODS and await grace.wait()):
                 raise broken_off(upstream, exc) from exc
         except ConnectTimeout as exc:
