@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway import api, badge, hub
-from gateway.accesslog import TARGET
+from gateway.accesslog import REFUSED, TARGET
 from gateway.activity import Activity, IdleTimers, reap_forever
 from gateway.auth import handlers as auth_handlers
 from gateway.auth.keys import KeyError_, load_or_create
@@ -34,6 +34,7 @@ from gateway.pages import error_response, internal_error, phase_words
 from gateway.pipeline import is_websocket, serve_reserved, serve_workspace
 from gateway.policy import PolicyHolder
 from gateway.proxy.upstream import make_pool, make_session
+from gateway.refusals import Reason, counted
 from gateway.routing import Hosts, Kind, route
 from gateway.wake import WakeLimits, Waker
 
@@ -70,6 +71,9 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
             request, MethodNotAllowed(f"{request.method} is not allowed here.", headers={"Allow": ",".join(
                 sorted(exc.allowed_methods))})
         )
+    except web.HTTPRequestEntityTooLarge:  # a body read for the gateway itself, past limits.body
+        request[REFUSED] = Reason.BODY_TOO_LARGE.value
+        response = error_response(request, counted(gateway.metrics, Reason.BODY_TOO_LARGE))
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:
@@ -172,7 +176,9 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
         trusted_proxies=tuple(ipaddress.ip_network(net, strict=False) for net in config.trusted_proxies),
     )
     # Request bodies pass through as sent: the server must not undo a client's Content-Encoding.
-    app = web.Application(middlewares=[front_door], handler_args={"auto_decompress": False})
+    # Bodies the gateway reads itself (hub, API, sign-in forms) are bounded; bodies for previews stream through.
+    app = web.Application(middlewares=[front_door], handler_args={"auto_decompress": False},
+                          client_max_size=config.limits.body)
     app[GATEWAY] = gateway
     app[REAPS] = reap
     templates = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway", "templates"), autoescape=True)

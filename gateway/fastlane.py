@@ -13,6 +13,10 @@ is handed to aiohttp before anything was sent: the connection's protocol becomes
 and it gets the request's bytes exactly as they arrived, so it sees what it would have seen without this lane.
 An upstream that fails before answering is handed over the same way (only GET and HEAD come here, and those may
 be sent again): the error page is aiohttp's to render.
+
+The lane also keeps the client's side of the limits (``refusals``): a head must be whole within
+``limits.head_timeout`` (else 408, here or after the hand-over), an idle connection closes after
+``limits.keepalive``, and past ``limits.connections`` a new connection is answered 503 and closed.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import httptools
 from aiohttp import web
@@ -50,17 +54,14 @@ from gateway.proxy.headers import ResponseRules
 from gateway.proxy.http import SMALL_BODY, shape_answer
 from gateway.proxy.pool import Response, UpstreamError, WriteFlow, encode_head
 from gateway.proxy.upstream import Upstream
+from gateway.refusals import GatewayHandler, Overloaded, Reason, Refusals, connection_limit, handler_settings
 from gateway.routing import Kind, Target, route
 
 log = logging.getLogger(__name__)
 MAX_HEAD = 16 << 10
-"""A request head longer than this goes to aiohttp, whose limits (8190 bytes a line) decide."""
-MAX_FIELD = 8190
-MAX_HEADERS = 100
+"""A request head longer than this goes to aiohttp, whose limits (``limits.header_size`` and so on) decide."""
 MAX_PARKED = 64 << 10
 """Bytes of a pipelined next request kept while one is in flight; past this, reading pauses."""
-KEEPALIVE = 75.0
-"""Seconds an idle keep-alive connection stays open (aiohttp's default, so both lanes behave alike)."""
 _FAST_METHODS = frozenset({b"GET", b"HEAD"})
 
 
@@ -72,11 +73,30 @@ class FrontDoor(web.Server):
                          handler_cancellation=inner.handler_cancellation)
         self.inner = inner
         self.gateway = gateway
+        self.limits = gateway.config.limits
         self.access = AccessLog(logging.getLogger("codehub.access"))
+        self.refusals = Refusals(gateway.metrics, self.access)
         self.lanes: set[FastLane] = set()
+        self.open = 0
+        """Client connections of this worker, either lane (counted when accepted: one ``accept`` burst can take
+        thousands before any of them is set up)."""
+        self.most = connection_limit(self.limits.connections)
+        self._lingering: set[Overloaded] = set()
 
-    def __call__(self) -> FastLane:  # type: ignore[override]
+    def __call__(self) -> FastLane | Overloaded:  # type: ignore[override]
+        if self.open >= self.most:
+            return Overloaded(self.refusals, self._lingering)
+        self.open += 1
         return FastLane(self)
+
+    def release(self) -> None:
+        """A client connection ended."""
+        self.open -= 1
+
+    def handler(self) -> GatewayHandler:
+        """aiohttp's side of a connection handed over, with the settings aiohttp gave its own handlers."""
+        return GatewayHandler(self.inner, self.refusals, self.release, loop=self._loop,
+                              head_timeout=self.limits.head_timeout, **self.inner._kwargs)
 
     def pre_shutdown(self) -> None:
         for lane in list(self.lanes):
@@ -88,7 +108,11 @@ class FrontDoor(web.Server):
 
 
 class GatewayRunner(web.AppRunner):
-    """``AppRunner`` whose server is the ``FrontDoor``: ``serve`` and the tests both run the gateway with it."""
+    """``AppRunner`` whose server is the ``FrontDoor``: ``serve`` and the tests both run the gateway with it, with
+    aiohttp's limits and access log set from the gateway's settings."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **(handler_settings(app[GATEWAY].config.limits) | kwargs))
 
     async def _make_server(self) -> web.Server:
         inner = await super()._make_server()
@@ -128,8 +152,10 @@ class FastLane(WriteFlow):
         self._reading = True
         self._wrote = False
         self._keep_alive = True
-        self._idle_since = time.monotonic()
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = self._loop.time()
+        self._head_since = 0.0  # when the first bytes of the request being read arrived
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._peer = "0.0.0.0"
 
     # --- asyncio.Protocol ---------------------------------------------------------------------------------
@@ -141,12 +167,13 @@ class FastLane(WriteFlow):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._front.lanes.add(self)
-        self._idle_timer = self._loop.call_later(KEEPALIVE, self._idle_check)
+        self._arm(self._idle_since + self._front.limits.keepalive)  # a connection that never sends: as if idle
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._front.lanes.discard(self)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        self._front.release()
+        if self._timer is not None:
+            self._timer.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client went away: stop the upstream exchange too
         self._release_drain()
@@ -159,8 +186,9 @@ class FastLane(WriteFlow):
                 self._transport.pause_reading()
                 self._reading = False
             return
+        if not self._raw:
+            self._head_since = self._loop.time()
         self._raw += data
-        self._idle_since = time.monotonic()
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # upgrades (WebSockets) are aiohttp's
@@ -170,6 +198,8 @@ class FastLane(WriteFlow):
             self._hand_over()
         elif self._complete == 1:
             self._start()
+        else:  # a head arriving in pieces: it has until head_timeout
+            self._arm(self._head_since + self._front.limits.head_timeout)
 
     def eof_received(self) -> bool:
         return False
@@ -180,12 +210,13 @@ class FastLane(WriteFlow):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > MAX_FIELD:
-            self._unfit = True
+        if len(self._url) > self._front.limits.request_line:
+            self._unfit = True  # aiohttp refuses it (414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) + len(value) > MAX_FIELD or len(self._headers) >= MAX_HEADERS:
-            self._unfit = True
+        limits = self._front.limits
+        if len(name) + len(value) > limits.header_size or len(self._headers) >= limits.header_count:
+            self._unfit = True  # aiohttp refuses it (431)
             return
         self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
@@ -342,7 +373,7 @@ class FastLane(WriteFlow):
         self._url.clear()
         self._headers = []
         self._begun = self._complete = 0
-        self._idle_since = time.monotonic()
+        self._idle_since = self._loop.time()
         if self._parked:  # pipelined: aiohttp serves the rest of this connection
             self._hand_over()
 
@@ -356,27 +387,51 @@ class FastLane(WriteFlow):
         if transport is None:
             return
         self._front.lanes.discard(self)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         self._transport = None
-        handler = self._front.inner()
+        handler = self._front.handler()
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if not self._reading:
             transport.resume_reading()
+        if self._complete == 0:  # the head is not whole yet: its deadline goes along
+            handler.expect_head(self._head_since + self._front.limits.head_timeout)
         pending = bytes(self._raw + self._parked)
         if pending:
             handler.data_received(pending)
 
-    def _idle_check(self) -> None:
-        self._idle_timer = None
-        if self._transport is None:
+    def _arm(self, at: float) -> None:
+        """Check the connection's deadlines at ``at`` (loop time), unless a check comes sooner already: one timer
+        per connection, moved only when a head arrives in pieces, not once per request."""
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._check)
+
+    def _check(self) -> None:
+        """The head being read must be whole within ``head_timeout``, an idle connection closes after
+        ``keepalive``; a request in flight is checked again a keep-alive period later."""
+        self._timer = None
+        transport = self._transport
+        if transport is None:
             return
-        idle_for = time.monotonic() - self._idle_since
-        if self._task is None and idle_for >= KEEPALIVE:
-            self._transport.close()
-            return
-        self._idle_timer = self._loop.call_later(max(KEEPALIVE - idle_for, 1.0), self._idle_check)
+        limits = self._front.limits
+        now = self._loop.time()
+        if self._task is not None:
+            self._arm(now + limits.keepalive)
+        elif self._raw:
+            if now >= self._head_since + limits.head_timeout:
+                self._front.refusals.answer(transport, Reason.HEAD_TIMEOUT, seconds=now - self._head_since)
+                transport.close()
+            else:
+                self._arm(self._head_since + limits.head_timeout)
+        elif now >= self._idle_since + limits.keepalive:
+            transport.close()
+        else:
+            self._arm(self._idle_since + limits.keepalive)
 
     # --- shutdown -----------------------------------------------------------------------------------------
     def close_if_idle(self) -> None:

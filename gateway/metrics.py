@@ -41,6 +41,19 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.upstream_faults = Counter(
+            "codehub_upstream_errors",
+            "Upstream exchanges that failed after the connection was made, by fault (reset, closed, garbage, "
+            "head-too-large, no-answer, stalled).",
+            ["fault"],
+            registry=r,
+        )
+        self.bad_requests = Counter(
+            "codehub_bad_requests",
+            "Client requests refused before any handler saw them (malformed, over a limit, too slow), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.websockets = Gauge("codehub_websockets_open", "WebSocket connections being relayed.", registry=r)
         self.policy_decisions = Counter(
             "codehub_policy_decisions", "Access decisions, by result and reason.", ["allow", "reason"], registry=r

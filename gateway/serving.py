@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.accesslog import AccessLogger, BufferedLineHandler
+from gateway.accesslog import BufferedLineHandler
 from gateway.config import Config
 from gateway.fastlane import GatewayRunner
 
@@ -58,10 +58,8 @@ def serve_app(app: web.Application, config: Config, *, reuse_port: bool = False)
 
 
 async def _serve(app: web.Application, config: Config, reuse_port: bool) -> None:
-    runner = GatewayRunner(
-        app, handle_signals=False, access_log_class=AccessLogger, access_log=logging.getLogger("codehub.access"),
-        handler_cancellation=True, shutdown_timeout=config.timeouts.shutdown,
-    )
+    runner = GatewayRunner(app, handle_signals=False, handler_cancellation=True,
+                           shutdown_timeout=config.timeouts.shutdown)
     await runner.setup()
     # Everything loaded so far lives as long as the process: keep it out of the collector's full passes, which
     # otherwise walk it all (about 40 ms each, several a minute under load).

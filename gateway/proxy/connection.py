@@ -57,6 +57,15 @@ class BrokenOff(UpstreamError):
     """The connection closed, or the upstream sent something that is not HTTP, before the answer was whole."""
 
 
+class ClientBodyFailed(UpstreamError):
+    """The client's body could not be read to its end (``error``): the exchange is abandoned, no fault of the
+    upstream's."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"the client's body broke off: {type(error).__name__}")
+        self.error = error
+
+
 class ClosedUnanswered(BrokenOff):
     """The connection closed before a single byte of the answer: a dev server going from a throwaway listener to
     its real one can do that to a connection its old listener had queued."""

@@ -16,6 +16,7 @@ from multidict import CIMultiDict
 
 from gateway.proxy.connection import (
     BrokenOff,
+    ClientBodyFailed,
     ClosedUnanswered,
     ConnectFailed,
     Connection,
@@ -34,7 +35,8 @@ from gateway.proxy.connection import (
 from gateway.proxy.pacing import SETTLE_AFTER, Attempt, Outcome, Pacer, Turns
 
 __all__ = [  # the connection's names too: both lanes take what they need of the upstream side from here
-    "REPLAYABLE_METHODS", "BrokenOff", "ClosedUnanswered", "ConnectFailed", "ConnectTimeout", "Exchange",
+    "REPLAYABLE_METHODS", "BrokenOff", "ClientBodyFailed", "ClosedUnanswered", "ConnectFailed", "ConnectTimeout",
+    "Exchange",
     "HeadTimeout", "QueueTimeout", "ReadTimeout", "Response", "UpstreamError", "UpstreamPool", "WriteFlow",
     "encode_head",
 ]
@@ -274,7 +276,7 @@ async def _send_body(conn: Connection, body: StreamReader, chunked: bool) -> Non
         if chunked and not transport.is_closing():
             transport.write(b"0\r\n\r\n")
     except Exception as exc:
-        conn.fail(BrokenOff(f"the client's body broke off: {type(exc).__name__}"))
+        conn.fail(ClientBodyFailed(exc))
         conn.close()
         raise
     conn.clock.start(conn)  # the whole request is out: the first-byte clock starts now
