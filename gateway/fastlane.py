@@ -38,6 +38,7 @@ from gateway.auth.authenticate import SHARE_PARAM, Credentials
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import GatewayError
 from gateway.lifecycle import Phase, WorkspaceState
+from gateway.listener import connection_limit
 from gateway.pipeline import (
     asks_consent,
     authorize,
@@ -54,7 +55,7 @@ from gateway.proxy.headers import ResponseRules
 from gateway.proxy.http import SMALL_BODY, shape_answer
 from gateway.proxy.pool import Response, UpstreamError, WriteFlow, encode_head
 from gateway.proxy.upstream import Upstream
-from gateway.refusals import GatewayHandler, Overloaded, Reason, Refusals, connection_limit, handler_settings
+from gateway.refusals import GatewayHandler, Overloaded, Reason, Refusals, handler_settings
 from gateway.routing import Kind, Target, route
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ import asyncio
 import enum
 import json
 import logging
-import resource
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -48,8 +47,6 @@ bytes resets it, which can destroy the answer before the client has read it."""
 MOST_LINGERING = 64
 """Refused connections lingering at once; past this they are closed right after their answer (a flood must not
 turn the linger into a way to hold file descriptors)."""
-FD_RESERVE = 64
-"""File descriptors kept for everything that is not a client connection (listeners, logs, the API, state files)."""
 
 
 class Reason(enum.Enum):
@@ -122,15 +119,6 @@ def counted(metrics: Metrics, reason: Reason) -> GatewayError:
     """Count a refusal; its error, to answer with."""
     metrics.bad_requests.labels(reason.value).inc()
     return refusal(reason)
-
-
-def connection_limit(configured: int | None) -> int:
-    """Client connections one worker takes: as configured, else half the open-file limit less a reserve (a
-    proxied connection holds a second descriptor upstream)."""
-    if configured is not None:
-        return configured
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(16, (soft - MOST_LINGERING - FD_RESERVE) // 2)
 
 
 class Refusals:

@@ -9,19 +9,31 @@ Raw bytes go over a real socket to a real gateway; logs are captured from every 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 
 from gateway.auth.identity import Identity
 from gateway.refusals import Reason, refusal
-from tests.core.conftest import MakeProxied, Proxied
+from tests.conftest import next_address
+from tests.core.conftest import MakeProxied, Proxied, free_port
 from tests.core.test_proxy_http import echo_app
 
+REPO = Path(__file__).resolve().parents[2]
 HUB = "localhost:8080"
 
 
@@ -387,3 +399,83 @@ async def test_a_partial_head_handed_to_aiohttps_lane_keeps_its_deadline(
         writer.close()
     assert_refused(answer, 408, "head-timeout")
     quiet_refusal(caplog, 408, "head-timeout")
+
+
+# --- out of file descriptors ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def low_fd_gateway(tmp_path: Path) -> Iterator[tuple[int, Path, str]]:
+    """A ``serve`` process whose open-file limit is 512 (the connection limit follows it: (512 - 192) / 2 = 160),
+    with one public workspace port answering on its own address."""
+    address = next_address()
+    upstream_port = free_port(address)
+    port = free_port("127.0.0.1")
+    config = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "local": {"state_dir": str(tmp_path / "state"), "workspaces": {"ws1": {
+            "owner": "alice", "address": address, "ports": {upstream_port: "public"},
+            "command": [sys.executable, "-m", "http.server", "--bind", address, str(upstream_port)],
+        }}},
+    }
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config))
+    log = (tmp_path / "gateway.log").open("wb")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CODEHUB_")}
+    env["PYTHONPATH"] = str(REPO)
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
+
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(tmp_path / "gateway.yaml")],
+                               env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               preexec_fn=low_limit)
+    try:
+        yield port, tmp_path / "gateway.log", f"{upstream_port}-ws1.localhost:{port}"
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+def get(port: int, host: str) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        return int(sock.makefile("rb").readline().split()[1])
+
+
+def test_a_flood_of_connections_never_runs_the_worker_out_of_file_descriptors(
+        low_fd_gateway: tuple[int, Path, str]) -> None:
+    """Twice as many connections as the worker has descriptors: those within the limit are served, the others are
+    answered 503 (or, past the refused ones it lets linger, closed), and nothing is logged louder than that."""
+    port, log, preview = low_fd_gateway
+    deadline = time.monotonic() + 30
+    while True:  # up, and its workspace woken
+        try:
+            if get(port, preview) == 200:
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    flood = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(1000)]
+    answers = []
+    try:
+        for sock in flood:
+            with contextlib.suppress(OSError):
+                sock.sendall(f"GET / HTTP/1.1\r\nHost: {preview}\r\n\r\n".encode())
+        for sock in flood:
+            try:
+                answers.append(int(sock.makefile("rb").readline().split()[1]))
+            except (OSError, IndexError, ValueError):
+                answers.append(0)  # closed without an answer
+    finally:
+        for sock in flood:
+            sock.close()
+    assert set(answers) <= {200, 503, 0}, answers
+    assert answers.count(200) >= 150, answers
+    assert answers.count(503) >= 64, answers
+    time.sleep(0.5)
+    assert get(port, preview) == 200  # serving as before
+    text = log.read_text()
+    for loud in ("Traceback", " ERROR ", " WARNING "):
+        assert loud not in text, text
+    assert '"reason":"too-many-connections"' in text
