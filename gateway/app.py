@@ -198,7 +198,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
 async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
     gateway._session = make_session(gateway.config.timeouts)
-    gateway._pool = make_pool(gateway.config.timeouts)
+    gateway._pool = make_pool(gateway.config.timeouts, gateway.metrics.upstream_fault)
     gateway.metrics.track_queue(gateway._pool.queued)
     if gateway.config.auth.oidc is not None:
         gateway.auth.oidc = OidcClient(gateway.config.auth.oidc, gateway.session)

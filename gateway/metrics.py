@@ -101,6 +101,9 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
+    def upstream_fault(self, fault: str) -> None:
+        self.upstream_faults.labels(fault).inc()
+
     def decision(self, allow: bool, reason: str) -> None:
         child = self._decision_children.get((allow, reason))
         if child is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from aiohttp import StreamReader
 from multidict import CIMultiDict
@@ -91,14 +92,17 @@ class _Upstream:
 
 class UpstreamPool:
     """Keep-alive connections per (host, port), most recently used first, opened at the pace the upstream
-    accepts them (``pacing``); idle ones close after a while.
+    accepts them (``pacing``); idle ones close after a while. ``on_fault`` hears what each failed exchange's
+    upstream did wrong (``UpstreamError.fault``).
 
     Timeouts: ``connect`` per connection attempt, ``first_byte`` from the request being sent to the answer's
     head, ``read`` for silence in the middle of a body (None: SSE and long polls stay open), ``queue`` for the
     wait for a turn and a connection."""
 
     def __init__(self, *, connect_timeout: float, first_byte_timeout: float | None, read_timeout: float | None,
-                 queue_timeout: float, keepalive: float = 30.0, limit: int = LIMIT_PER_UPSTREAM) -> None:
+                 queue_timeout: float, keepalive: float = 30.0, limit: int = LIMIT_PER_UPSTREAM,
+                 on_fault: Callable[[str], None] = lambda fault: None) -> None:
+        self._on_fault = on_fault
         self._connect_timeout = connect_timeout
         self._clock = HeadClock(first_byte_timeout)
         self._read_timeout = read_timeout
@@ -165,9 +169,12 @@ class UpstreamPool:
                 return await conn.read_head(), exchange
             except (BrokenOff, HeadTimeout) as exc:
                 exchange.close()
+                race = reused and isinstance(exc, ClosedUnanswered)  # the upstream had closed a kept-alive one
                 if not replayable or conn.received:
+                    if race:  # not sent again, so the race cost this request: the upstream's fault after all
+                        self._on_fault(exc.fault or "closed")
                     raise
-                if not (reused and isinstance(exc, ClosedUnanswered)):  # the kept-alive race is free
+                if not race:  # the race is free
                     if retried:
                         raise
                     retried = True
@@ -209,7 +216,8 @@ class UpstreamPool:
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                conn = await open_upstream(lambda: Connection(loop, self._clock, self._read_timeout), *key)
+                conn = await open_upstream(lambda: Connection(loop, self._clock, self._read_timeout, self._on_fault),
+                                           *key)
         except TimeoutError as exc:
             attempt.end(Outcome.LOST)
             raise ConnectTimeout(f"connect to {key[0]}:{key[1]} took over {self._connect_timeout:g} s") from exc

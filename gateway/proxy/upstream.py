@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import aiohttp
@@ -70,10 +71,10 @@ class ConnectGrace:
         return True
 
 
-def make_pool(timeouts: Timeouts) -> UpstreamPool:
+def make_pool(timeouts: Timeouts, on_fault: Callable[[str], None]) -> UpstreamPool:
     """The keep-alive pool plain HTTP requests are proxied through."""
     return UpstreamPool(connect_timeout=timeouts.connect, first_byte_timeout=timeouts.first_byte,
-                        read_timeout=timeouts.read, queue_timeout=timeouts.queue, keepalive=30.0)
+                        read_timeout=timeouts.read, queue_timeout=timeouts.queue, keepalive=30.0, on_fault=on_fault)
 
 
 def make_session(timeouts: Timeouts) -> aiohttp.ClientSession:
