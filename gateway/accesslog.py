@@ -17,7 +17,7 @@ from json.encoder import encode_basestring_ascii
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from gateway.routing import Target
+from gateway.edge.routing import Target
 
 TARGET = web.RequestKey("codehub_target", Target)
 USER = web.RequestKey("codehub_user", str)
@@ -45,7 +45,7 @@ class AccessLog:
     def write(self, *, remote: str | None, method: str | None, host: str | None, raw_path: str | None,
               status: int, length: int, seconds: float, target: Target | None, user: str | None,
               reason: str | None = None) -> None:
-        """``reason``: why the gateway refused the request (``refusals``). Method, host and path are None for a
+        """``reason``: why the gateway refused the request (``server.refusals``). Method, host and path are None for a
         request whose head could not be read."""
         if not self._logger.isEnabledFor(logging.INFO):
             return

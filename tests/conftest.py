@@ -18,9 +18,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
-from gateway.app import build_app, build_metrics_app
 from gateway.config import Config
-from gateway.fastlane import GatewayRunner
+from gateway.server.app import build_app, build_metrics_app
+from gateway.server.fastlane import GatewayRunner
 
 _addresses = itertools.count(20)
 

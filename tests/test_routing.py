@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.edge.routing import Hosts, Kind, Target, route
 from gateway.errors import BadRequest, GatewayError, NotFound
-from gateway.routing import Hosts, Kind, Target, route
 
 LOCAL = Hosts.from_urls("http://localhost:8080", "localhost:8080")
 PROD = Hosts.from_urls("https://hub.example.com", "preview.example.com")

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from yarl import URL
 
-from gateway.serving import WORKER_HEADER
+from gateway.server.serving import WORKER_HEADER
 from tests.conftest import next_address
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,8 @@ def _listening_sockets(port: int) -> int:
 
 
 def _workers(parent: int) -> set[str]:
-    return {str(pid) for pid in _children(parent) if b"gateway.serving" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+    return {str(pid) for pid in _children(parent)
+            if b"gateway.server.serving" in Path(f"/proc/{pid}/cmdline").read_bytes()}
 
 
 def _alive(pid: int) -> bool:

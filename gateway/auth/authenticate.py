@@ -17,9 +17,9 @@ from yarl import URL
 from gateway.auth.identity import Identity
 from gateway.auth.sessions import Sessions, cookie_name, is_embedded, read_cookie, set_cookie
 from gateway.auth.store import API_PREFIX, SHARE_PREFIX, ShareLink, TokenStore
+from gateway.edge.policy import Grant
+from gateway.edge.routing import local_path
 from gateway.errors import BadRequest, Forbidden, GatewayError, Redirect, Unauthorized
-from gateway.policy import Grant
-from gateway.routing import local_path
 
 SHARE_PARAM = "codehub_share"
 SESSION = "session"

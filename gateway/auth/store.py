@@ -3,7 +3,7 @@
 Opaque tokens (not JWTs) keep share URLs short and make revocation immediate: every use is looked up.
 :class:`TokenStore` is what the rest of the gateway sees; lookups are synchronous reads of memory (the request
 path never waits for storage), changes are awaited. Two implementations: :class:`FileTokenStore` here (one JSON
-file, the local runtime) and ``gateway.lifecycle.kubernetes.tokens.KubeTokenStore`` (custom resources shared by
+file, the local runtime) and ``gateway.auth.kubernetes.tokens.KubeTokenStore`` (custom resources shared by
 every replica). Use counts are batched in memory in both, so a busy link costs no write per request.
 """
 

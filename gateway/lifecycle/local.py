@@ -22,10 +22,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gateway.config import Local, LocalWorkspace
-from gateway.devcontainer import LabelFile
 from gateway.errors import NotFound
 from gateway.lifecycle.archive import ArchiveError, archive_home, recover, restore_home
 from gateway.lifecycle.base import Event, Phase, Runtime, RuntimeError_, WorkspaceSpec, WorkspaceState
+from gateway.lifecycle.devcontainer import LabelFile
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1

@@ -18,9 +18,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.app import build_app
 from gateway.config import Config
-from gateway.context import GATEWAY, Gateway
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY, Gateway
 from tests.auth.browser import Browser
 from tests.conftest import GatewayTestServer, MakeUpstream, next_address, settings, workspace
 from tests.peers.idp import fixture as idp_fixture

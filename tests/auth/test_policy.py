@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.auth.identity import Identity
-from gateway.lifecycle import WorkspaceSpec
-from gateway.policy import (
+from gateway.edge.policy import (
     Decision,
     Grant,
     Org,
@@ -25,6 +24,7 @@ from gateway.policy import (
     may_wake,
     parse_policy,
 )
+from gateway.lifecycle import WorkspaceSpec
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = WorkspaceSpec(

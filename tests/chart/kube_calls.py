@@ -1,4 +1,5 @@
-"""The Kubernetes API calls gateway/lifecycle/kubernetes makes, read from its source: the RBAC the chart must grant.
+"""The Kubernetes API calls gateway/lifecycle/kubernetes and gateway/auth/kubernetes make, read from their source:
+the RBAC the chart must grant.
 
 Every call goes through ``KubeClient`` (one method per verb) or through an ``Informer`` (list + watch of a kind).
 A call names its kind by one of the ``Kind`` constants of ``client.py``; when it passes a variable instead, the
@@ -11,10 +12,12 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from gateway.auth import kubernetes as auth_kubernetes
 from gateway.lifecycle.kubernetes import client
 from gateway.lifecycle.kubernetes.client import Kind
 
 PACKAGE = Path(client.__file__).resolve().parent
+PACKAGES = (PACKAGE, Path(auth_kubernetes.__file__).resolve().parent)
 VERBS = {"create": "create", "get": "get", "delete": "delete", "patch": "patch", "replace": "update",
          "list": "list", "watch": "watch"}
 INFORMER_VERBS = ("list", "watch")
@@ -70,7 +73,7 @@ def used_rules() -> Rules:
     def grant(kind: Kind, resource: str, verbs: tuple[str, ...]) -> None:
         rules.setdefault((kind.group, resource), set()).update(verbs)
 
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(path for package in PACKAGES for path in package.glob("*.py")):
         module = ast.parse(path.read_text(), filename=str(path))
         if path.name in ("client.py", "informer.py"):
             continue  # the verbs themselves, and the informer's list + watch of whatever kind it is given

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 
 from gateway.auth.identity import Identity
-from gateway.context import GATEWAY, Gateway
+from gateway.server.context import GATEWAY, Gateway
 from tests.conftest import MakeGateway, MakeUpstream, next_address, scrape, workspace
 
 PREVIEW_DOMAIN = "localhost:8080"

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from gateway.accesslog import TARGET, USER, AccessLogger, BufferedLineHandler
-from gateway.routing import Kind, Target
+from gateway.edge.routing import Kind, Target
 
 
 @pytest.fixture

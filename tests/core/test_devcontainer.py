@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.devcontainer import LabelFile, parse_labels
+from gateway.lifecycle.devcontainer import LabelFile, parse_labels
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from gateway.auth.store import API_PREFIX
-from gateway.fastlane import FrontDoor
+from gateway.server.fastlane import FrontDoor
 from tests.core.conftest import MakeProxied, Proxied
 from tests.core.test_proxy_http import echo_app
 
@@ -179,7 +179,7 @@ async def test_a_failure_in_the_lane_costs_no_request(proxied: MakeProxied, monk
         raise RuntimeError("a bug")
 
     p = await proxied(echo_app())
-    monkeypatch.setattr(f"gateway.fastlane.{where}", broken)
+    monkeypatch.setattr(f"gateway.server.fastlane.{where}", broken)
     [(head, body)] = await exchange(p, get(p, "/still/served"))
     assert head.startswith(b"HTTP/1.1 200"), head
     assert json.loads(body)["raw_path"] == "/still/served"

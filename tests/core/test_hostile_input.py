@@ -28,7 +28,7 @@ import yaml
 from aiohttp import web
 
 from gateway.auth.identity import Identity
-from gateway.refusals import Reason, refusal
+from gateway.server.refusals import Reason, refusal
 from tests.conftest import next_address
 from tests.core.conftest import MakeProxied, Proxied, free_port
 from tests.core.test_proxy_http import echo_app
@@ -211,7 +211,7 @@ async def test_the_gateways_own_bug_is_logged_once_with_its_traceback(
     async def broken(*args: object) -> web.StreamResponse:
         raise RuntimeError("a bug of ours")
 
-    monkeypatch.setattr("gateway.app.serve_workspace", broken)
+    monkeypatch.setattr("gateway.server.app.serve_workspace", broken)
     answer, _, writer = await exchange(p, b"POST /x HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n", "fresh",
                                        caplog)
     writer.close()

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.auth.identity import Identity
-from gateway.context import GATEWAY
+from gateway.server.context import GATEWAY
 from tests.conftest import MakeGateway, next_address, workspace
 from tests.core.conftest import free_port
 from tests.core.test_vite import INDEX, MAIN, VITE, next_json

@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
-from gateway.app import build_app
-from gateway.context import GATEWAY
-from gateway.fastlane import FrontDoor, GatewayRunner
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY
+from gateway.server.fastlane import FrontDoor, GatewayRunner
 from tests.conftest import MakeUpstream, next_address, settings, workspace
 from tests.core.conftest import PREVIEW_DOMAIN, WORKSPACE, MakeProxied, Proxied
 

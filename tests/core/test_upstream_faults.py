@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gateway.context import GATEWAY
+from gateway.server.context import GATEWAY
 from tests.conftest import MakeGateway, next_address, scrape, workspace
 from tests.core.conftest import WORKSPACE
 from tests.core.test_hostile_input import Answer

@@ -10,12 +10,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.activity import Activity, IdleTimers, reap_once
-from gateway.app import build_app
-from gateway.context import GATEWAY
 from gateway.errors import Conflict
 from gateway.lifecycle import Phase, RuntimeError_
+from gateway.lifecycle.idle import Activity, IdleTimers, reap_once
 from gateway.metrics import Metrics
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY
 from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, KubeEnv
 from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import MakeRuntime, names, new_workspace, until

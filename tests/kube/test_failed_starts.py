@@ -10,11 +10,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.app import build_app
 from gateway.config import Config
 from gateway.lifecycle import Phase, RuntimeError_
 from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.lifecycle.kubernetes.starting import Graces, Judge
+from gateway.server.app import build_app
 from tests.kube.emulator import POD, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet, LoopbackIPs
 from tests.kube.scenarios import INSUFFICIENT_MEMORY, UNBOUND, Scenario

@@ -13,14 +13,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.activity import Activity, IdleTimers, reap_once
-from gateway.app import build_app
 from gateway.auth.identity import Identity
 from gateway.config import Config
-from gateway.context import GATEWAY
 from gateway.lifecycle import Phase
+from gateway.lifecycle.idle import Activity, IdleTimers, reap_once
 from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.metrics import Metrics
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY
 from tests.conftest import MakeUpstream, next_address
 from tests.kube.emulator import POD, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet

@@ -11,10 +11,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.app import build_app
 from gateway.config import Config
-from gateway.context import GATEWAY
 from gateway.lifecycle.kubernetes import KubernetesRuntime
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY
 from tests.kube.emulator import KubeEnv
 from tests.kube.support import MakeRuntime, kube_settings, until
 

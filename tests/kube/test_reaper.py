@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from gateway.activity import Activity, IdleTimers, Reaper
 from gateway.lifecycle import Phase
+from gateway.lifecycle.idle import Activity, IdleTimers, Reaper
 from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.metrics import Metrics
 from tests.kube.emulator import KubeEnv

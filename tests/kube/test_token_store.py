@@ -20,11 +20,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway import cli
-from gateway.app import build_app
 from gateway.auth.identity import Identity
+from gateway.auth.kubernetes.tokens import KubeTokenStore
 from gateway.auth.store import ApiToken, Consent, ShareLink, token_hash
 from gateway.config import Config
-from gateway.context import GATEWAY, Gateway
 from gateway.lifecycle.kubernetes.client import KubeClient
 from gateway.lifecycle.kubernetes.objects import (
     make_api_token,
@@ -33,7 +32,8 @@ from gateway.lifecycle.kubernetes.objects import (
     parse_share_link,
     usage_patch,
 )
-from gateway.lifecycle.kubernetes.tokens import KubeTokenStore
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY, Gateway
 from tests.kube.emulator import API_TOKEN, CONSENT, SHARE_LINK, USED_KEY, WORKSPACE, KubeEnv
 from tests.kube.support import NS, kube_settings, until
 

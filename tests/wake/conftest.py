@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.context import GATEWAY, Gateway
+from gateway.server.context import GATEWAY, Gateway
 from tests.conftest import scrape
 
 SLOW_SERVER = Path(__file__).with_name("slow_server.py")

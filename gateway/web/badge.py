@@ -14,9 +14,9 @@ from aiohttp import web
 
 from gateway.auth.authenticate import SHARE_PARAM, grant_of
 from gateway.auth.store import ShareLink
-from gateway.context import GATEWAY
+from gateway.edge.policy import decide
 from gateway.lifecycle import Phase
-from gateway.policy import decide
+from gateway.server.context import GATEWAY
 
 _COLOURS = {
     Phase.RUNNING: ("running", "#2e9d5b"), Phase.WARM: ("warm", "#d99a1e"), Phase.COLD: ("cold", "#3b7dd8"),

@@ -15,25 +15,25 @@ from collections.abc import Callable
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import cors
 from gateway.accesslog import USER, log_text
 from gateway.auth.authenticate import Credentials, authenticate, sign_in_redirect, stale_share_refusal
-from gateway.auth.handlers import preview_callback, preview_popup
 from gateway.auth.ide import put_ide_cookie, secret_for
 from gateway.auth.identity import Identity
 from gateway.auth.store import Consent
-from gateway.context import Gateway
-from gateway.disclosure import CONSENT_PATH, ConsentPage, consent_pending, disclosed, identity_headers
+from gateway.edge import cors
+from gateway.edge.disclosure import CONSENT_PATH, ConsentPage, consent_pending, disclosed, identity_headers
+from gateway.edge.policy import Decision, Reason, decide, denial, may_wake, membership
+from gateway.edge.routing import Kind, Target, local_path, normalise_host
 from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, Redirect
 from gateway.lifecycle import Phase, WorkspaceState
-from gateway.pages import wants_html
-from gateway.policy import Decision, Reason, decide, denial, may_wake, membership
+from gateway.lifecycle.wake import stream_progress
 from gateway.proxy.headers import ClientFacts, Headers, ResponseRules, upstream_request_headers
-from gateway.proxy.http import proxy_http
 from gateway.proxy.upstream import WAKE_CONNECT_GRACE, Upstream
-from gateway.proxy.websocket import relay_websocket
-from gateway.routing import Kind, Target, local_path, normalise_host
-from gateway.wake import stream_progress
+from gateway.server.context import Gateway
+from gateway.server.forward import proxy_http
+from gateway.server.websocket import relay_websocket
+from gateway.web.auth_routes import preview_callback, preview_popup
+from gateway.web.pages import wants_html
 
 log = logging.getLogger("codehub.policy")
 IDE_RULES = ResponseRules({"Content-Security-Policy": "frame-ancestors 'self'", "X-Frame-Options": "SAMEORIGIN"})

@@ -18,7 +18,7 @@ import resource
 import socket
 from typing import Any
 
-from gateway.refusals import MOST_LINGERING
+from gateway.server.refusals import MOST_LINGERING
 
 log = logging.getLogger(__name__)
 BACKLOG = 4096

@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping
 
 from gateway.auth.identity import Identity
 from gateway.auth.store import Consent, consent_id
+from gateway.edge.policy import IdentityRules
 from gateway.errors import GatewayError
 from gateway.lifecycle import WorkspaceSpec
-from gateway.policy import IdentityRules
 
 CONSENT_PATH = "/_codehub/consent"
 _CLAIM_WORDS = {"user": "user name", "email": "e-mail address", "name": "name", "groups": "groups"}

@@ -30,8 +30,8 @@ from aiohttp import web
 
 from gateway.accesslog import BufferedLineHandler
 from gateway.config import Config
-from gateway.fastlane import GatewayRunner
-from gateway.listener import ACCEPT_BATCH, QuietAccept, deepen, listening_sockets
+from gateway.server.fastlane import GatewayRunner
+from gateway.server.listener import ACCEPT_BATCH, QuietAccept, deepen, listening_sockets
 
 log = logging.getLogger(__name__)
 WORKER_HEADER = "X-Codehub-Worker"
@@ -72,7 +72,7 @@ async def _serve(app: web.Application, config: Config, reuse_port: bool) -> None
             await web.SockSite(runner, sock, backlog=ACCEPT_BATCH).start()
         deepen(sockets)
         if config.metrics.port is not None:
-            from gateway.app import build_metrics_app
+            from gateway.server.app import build_metrics_app
 
             metrics_runner = web.AppRunner(build_metrics_app(app), handle_signals=False, access_log=None)
             await metrics_runner.setup()
@@ -134,10 +134,10 @@ async def _parent(config: Config, workers: int, log_level: str) -> int:
 @contextlib.asynccontextmanager
 async def _control_plane(config: Config, socket_path: Path) -> AsyncIterator[Any]:
     """The local runtime, its idle reaper and the control API the workers use."""
-    from gateway.activity import Activity, IdleTimers, reap_forever
-    from gateway.lifecycle.control import ControlServer
+    from gateway.lifecycle.idle import Activity, IdleTimers, reap_forever
     from gateway.lifecycle.local import LocalRuntime
     from gateway.metrics import Metrics
+    from gateway.server.control import ControlServer
 
     runtime = LocalRuntime(config.local, stop_timeout=config.timeouts.shutdown, proxy_uri=config.proxy_uri)
     await runtime.start()
@@ -191,7 +191,7 @@ class _Workers:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.serving", stdin=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent,
+            sys.executable, "-m", "gateway.server.serving", stdin=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent,
         )
         assert process.stdin is not None
         process.stdin.write(self._options)
@@ -237,9 +237,9 @@ def worker_main() -> None:
     options = json.loads(sys.stdin.buffer.read())
     configure_logging(options["log_level"])
     config = Config.model_validate(options["config"])
-    from gateway.app import build_app
-    from gateway.context import GATEWAY
     from gateway.lifecycle.remote import RemoteRuntime, forward_activity
+    from gateway.server.app import build_app
+    from gateway.server.context import GATEWAY
 
     remote = RemoteRuntime(Path(options["control"])) if options["control"] else None
     app = build_app(config, runtime=remote, reap=remote is None)

@@ -8,19 +8,19 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from gateway.activity import Activity
 from gateway.auth.keys import KeySet
 from gateway.auth.oidc import OidcClient
 from gateway.auth.sessions import Sessions
 from gateway.auth.store import TokenStore
 from gateway.config import Config
+from gateway.edge.policy import Policy, PolicyHolder
+from gateway.edge.routing import Hosts
 from gateway.lifecycle import Runtime
+from gateway.lifecycle.idle import Activity
+from gateway.lifecycle.wake import Waker
 from gateway.metrics import Metrics
-from gateway.policy import Policy, PolicyHolder
 from gateway.proxy.heartbeat import Heartbeat
 from gateway.proxy.pool import UpstreamPool
-from gateway.routing import Hosts
-from gateway.wake import Waker
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -15,28 +15,27 @@ import jinja2
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway import api, badge, hub
 from gateway.accesslog import REFUSED, TARGET
-from gateway.activity import Activity, IdleTimers, reap_forever
-from gateway.auth import handlers as auth_handlers
 from gateway.auth.keys import KeyError_, load_or_create
 from gateway.auth.oidc import OidcClient
 from gateway.auth.sessions import Sessions
 from gateway.auth.store import FileTokenStore, TokenStore
 from gateway.config import Config
-from gateway.context import GATEWAY, AuthState, Gateway
-from gateway.cors import HUB_FRAME_HEADERS, frame_ancestors
+from gateway.edge.cors import HUB_FRAME_HEADERS, frame_ancestors
+from gateway.edge.policy import PolicyHolder
+from gateway.edge.routing import Hosts, Kind, route
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.lifecycle import Runtime
+from gateway.lifecycle.idle import Activity, IdleTimers, reap_forever
 from gateway.lifecycle.local import LocalRuntime
+from gateway.lifecycle.wake import WakeLimits, Waker
 from gateway.metrics import Metrics
-from gateway.pages import error_response, internal_error, phase_words
-from gateway.pipeline import is_websocket, serve_reserved, serve_workspace
-from gateway.policy import PolicyHolder
 from gateway.proxy.upstream import make_pool, make_session
-from gateway.refusals import Reason, counted
-from gateway.routing import Hosts, Kind, route
-from gateway.wake import WakeLimits, Waker
+from gateway.server.context import GATEWAY, AuthState, Gateway
+from gateway.server.lane import is_websocket, serve_reserved, serve_workspace
+from gateway.server.refusals import Reason, counted
+from gateway.web import api, auth_routes, badge, hub
+from gateway.web.pages import error_response, internal_error, phase_words
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +139,8 @@ REAPS = web.AppKey("codehub_reaps", bool)
 def make_store(config: Config, runtime: Runtime) -> TokenStore:
     """Share links and API tokens: custom resources every replica sees on Kubernetes, else one file."""
     if config.runtime == "kubernetes":
+        from gateway.auth.kubernetes.tokens import KubeTokenStore
         from gateway.lifecycle.kubernetes import KubernetesRuntime
-        from gateway.lifecycle.kubernetes.tokens import KubeTokenStore
 
         if isinstance(runtime, KubernetesRuntime):
             return KubeTokenStore(runtime.settings, runtime.identity, lambda: runtime.client,
@@ -181,7 +180,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
                           client_max_size=config.limits.body)
     app[GATEWAY] = gateway
     app[REAPS] = reap
-    templates = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway", "templates"), autoescape=True)
+    templates = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway.web", "templates"), autoescape=True)
     templates.globals["hub_url"] = hosts.hub_url("/")
     templates.filters["phase_words"] = phase_words
     templates.globals["static"] = lambda name: str(app.router["static"].url_for(filename=name))
@@ -189,7 +188,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     app.router.add_get("/readyz", readyz)
     hub.add_routes(app)
     app.router.add_get("/badge/{workspace}/{port}.svg", badge.badge)
-    auth_handlers.add_routes(app)
+    auth_routes.add_routes(app)
     api.add_routes(app)
     app.cleanup_ctx.append(_lifespan)
     return app

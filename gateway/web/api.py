@@ -18,15 +18,15 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.auth.authenticate import SHARE_PARAM
-from gateway.auth.handlers import check_same_origin, hub_identity
 from gateway.auth.identity import Identity
 from gateway.auth.store import API_PREFIX, ShareLink
 from gateway.config import WORKSPACE_ID
-from gateway.context import GATEWAY, Gateway
+from gateway.edge.policy import VISIBILITIES, Duration, Reason, decide, describe_duration, visibility
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway.lifecycle import WorkspaceSpec, WorkspaceState
-from gateway.pages import JSON_ONLY, phase_words
-from gateway.policy import VISIBILITIES, Duration, Reason, decide, describe_duration, visibility
+from gateway.server.context import GATEWAY, Gateway
+from gateway.web.auth_routes import check_same_origin, hub_identity
+from gateway.web.pages import JSON_ONLY, phase_words
 
 _SAFE = ("GET", "HEAD", "OPTIONS")
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"

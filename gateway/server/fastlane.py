@@ -14,7 +14,7 @@ and it gets the request's bytes exactly as they arrived, so it sees what it woul
 An upstream that fails before answering is handed over the same way (only GET and HEAD come here, and those may
 be sent again): the error page is aiohttp's to render.
 
-The lane also keeps the client's side of the limits (``refusals``): a head must be whole within
+The lane also keeps the client's side of the limits (``server.refusals``): a head must be whole within
 ``limits.head_timeout`` (else 408, here or after the hand-over), an idle connection closes after
 ``limits.keepalive``, and past ``limits.connections`` a new connection is answered 503 and closed.
 """
@@ -35,11 +35,16 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.accesslog import AccessLog
 from gateway.auth.authenticate import SHARE_PARAM, Credentials
-from gateway.context import GATEWAY, Gateway
+from gateway.edge.policy import Decision
+from gateway.edge.routing import Kind, Target, route
 from gateway.errors import GatewayError
 from gateway.lifecycle import Phase, WorkspaceState
-from gateway.listener import connection_limit
-from gateway.pipeline import (
+from gateway.proxy.headers import ResponseRules
+from gateway.proxy.pool import Response, UpstreamError, WriteFlow, encode_head
+from gateway.proxy.upstream import Upstream
+from gateway.server.context import GATEWAY, Gateway
+from gateway.server.forward import SMALL_BODY, shape_answer
+from gateway.server.lane import (
     asks_consent,
     authorize,
     client_facts,
@@ -50,13 +55,8 @@ from gateway.pipeline import (
     response_rules,
     upstream_port,
 )
-from gateway.policy import Decision
-from gateway.proxy.headers import ResponseRules
-from gateway.proxy.http import SMALL_BODY, shape_answer
-from gateway.proxy.pool import Response, UpstreamError, WriteFlow, encode_head
-from gateway.proxy.upstream import Upstream
-from gateway.refusals import GatewayHandler, Overloaded, Reason, Refusals, handler_settings
-from gateway.routing import Kind, Target, route
+from gateway.server.listener import connection_limit
+from gateway.server.refusals import GatewayHandler, Overloaded, Reason, Refusals, handler_settings
 
 log = logging.getLogger(__name__)
 MAX_HEAD = 16 << 10

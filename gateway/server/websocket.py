@@ -33,7 +33,6 @@ from gateway.config import Timeouts
 from gateway.errors import BadGateway, GatewayTimeout
 from gateway.metrics import Metrics
 from gateway.proxy.heartbeat import Heartbeat
-from gateway.proxy.http import refused
 from gateway.proxy.upstream import ConnectGrace, Upstream
 from gateway.proxy.wshandshake import (
     Answer,
@@ -45,6 +44,7 @@ from gateway.proxy.wshandshake import (
     upgrade_request,
 )
 from gateway.proxy.wsrelay import GOING_AWAY, Relay
+from gateway.server.forward import refused
 
 
 async def _connect(upstream: Upstream, request: bytes, timeouts: Timeouts, metrics: Metrics,

@@ -19,12 +19,12 @@ import aiohttp_jinja2
 import segno
 from aiohttp import web
 
-from gateway import api
-from gateway.auth.handlers import hub_identity
 from gateway.auth.identity import Identity
-from gateway.context import GATEWAY, Gateway
+from gateway.edge.routing import Kind, route
 from gateway.errors import BadRequest, GatewayError, Unauthorized
-from gateway.routing import Kind, route
+from gateway.server.context import GATEWAY, Gateway
+from gateway.web import api
+from gateway.web.auth_routes import hub_identity
 
 STATIC = Path(__file__).with_name("static")
 LOOK_EVERY = 0.5

@@ -24,7 +24,7 @@ from aiohttp import web
 from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.lifecycle import Event, Phase, Runtime, RuntimeError_, WorkspaceState
 from gateway.metrics import Metrics
-from gateway.pages import wants_html
+from gateway.web.pages import wants_html
 
 log = logging.getLogger(__name__)
 _PROBE_FAST = 0.01

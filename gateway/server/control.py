@@ -16,9 +16,9 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.activity import Activity
 from gateway.errors import GatewayError, NotFound
 from gateway.lifecycle.base import Runtime, WorkspaceState
+from gateway.lifecycle.idle import Activity
 from gateway.lifecycle.remote import error_to_wire, state_to_wire
 
 log = logging.getLogger(__name__)

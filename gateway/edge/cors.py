@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from gateway.edge.policy import CorsRule, Policy
+from gateway.edge.routing import Hosts, Kind, route
 from gateway.errors import GatewayError
 from gateway.lifecycle import WorkspaceSpec
-from gateway.policy import CorsRule, Policy
-from gateway.routing import Hosts, Kind, route
 
 SAME_WORKSPACE = "same-workspace"
 SAME_OWNER = "same-owner"

@@ -12,9 +12,9 @@ from gateway.auth.authenticate import HANDOFF, SESSION
 from gateway.auth.identity import Identity
 from gateway.auth.oidc import Pkce, SignInFailed
 from gateway.auth.sessions import cookie_name, is_embedded, read_cookie, set_cookie
-from gateway.context import GATEWAY, Gateway
+from gateway.edge.routing import Kind, local_path, normalise_host, route
 from gateway.errors import BadRequest, Forbidden, GatewayError, Redirect
-from gateway.routing import Kind, local_path, normalise_host, route
+from gateway.server.context import GATEWAY, Gateway
 
 LOGIN = "login"
 _LOGIN_TTL = 600

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from gateway.auth.identity import Identity
+from gateway.auth.kubernetes.answers import Consents, UsedKeys, refused_as_error
 from gateway.auth.store import (
     API_PREFIX,
     SHARE_PREFIX,
@@ -40,7 +41,6 @@ from gateway.auth.store import (
 from gateway.config import Kubernetes
 from gateway.errors import NotFound
 from gateway.lifecycle.base import RuntimeError_
-from gateway.lifecycle.kubernetes.answers import Consents, UsedKeys, refused_as_error
 from gateway.lifecycle.kubernetes.client import (
     API_TOKEN,
     SHARE_LINK,
