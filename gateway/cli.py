@@ -194,12 +194,12 @@ def policy_explain(args: argparse.Namespace) -> int:
 
 
 def keys_rotate(args: argparse.Namespace) -> int:
-    from gateway.auth.keys import KeyError_, load_or_create, write_keys
+    from gateway.auth.keys import KeyFileError, load_or_create, write_keys
 
     config = load_config(args.config)
     try:
         keys = load_or_create(config.keys_file, create=True)
-    except KeyError_ as exc:
+    except KeyFileError as exc:
         raise CliError(str(exc)) from None
     rotated = keys.rotated(keep_for=config.auth.session_ttl)
     write_keys(config.keys_file, rotated)
@@ -231,14 +231,14 @@ def token_issue(args: argparse.Namespace) -> int:
 
 async def _issue_in_cluster(config: Config, identity: Identity, name: str) -> tuple[str, str]:
     from gateway.auth.kubernetes.tokens import create_api_token
-    from gateway.lifecycle.base import RuntimeError_
+    from gateway.lifecycle.base import LifecycleError
     from gateway.lifecycle.kubernetes.client import KubeClient, connect
 
     api = await connect(config.kubernetes)
     try:
         client = KubeClient(api, config.kubernetes.namespace, timeout=config.kubernetes.request_timeout)
         record, _, token = await create_api_token(client, identity, name=name)
-    except RuntimeError_ as exc:
+    except LifecycleError as exc:
         raise CliError(exc.message) from None
     finally:
         await api.close()

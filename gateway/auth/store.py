@@ -137,7 +137,10 @@ class TokenStore(Protocol):
     async def revoke_share(self, link: ShareLink, now: float | None = None) -> ShareLink: ...
 
     def find_api_token(self, token: str) -> ApiToken | None:
-        """The token's record, noting its use, or None."""
+        """The token's record, or None (a lookup: its use is noted by ``use_api_token``)."""
+
+    def use_api_token(self, record: ApiToken, now: float) -> None:
+        """Note that the token was used (in memory; written in a batch later)."""
 
     async def create_api_token(self, identity: Identity, *, name: str) -> tuple[ApiToken, str]: ...
 
@@ -351,11 +354,11 @@ class FileTokenStore:
         if not token.startswith(API_PREFIX):
             return None
         self.refresh()
-        record = self._api_index.get(token_hash(token))
-        if record is not None:
-            record.last_used = time.time()
-            self._token_uses[record.id] = record.last_used
-        return record
+        return self._api_index.get(token_hash(token))
+
+    def use_api_token(self, record: ApiToken, now: float) -> None:
+        record.last_used = now
+        self._token_uses[record.id] = now
 
     async def revoke_api_token(self, record: ApiToken) -> None:
         with self._writing():

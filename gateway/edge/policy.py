@@ -255,6 +255,15 @@ def membership(spec: WorkspaceSpec, identity: Identity) -> Reason | None:
     return None
 
 
+def role(policy: Policy, spec: WorkspaceSpec, identity: Identity) -> Reason | None:
+    """Owner, collaborator, policy admin (who sees every port but is no member), or None: the one answer the
+    decisions, the hub and the API all use."""
+    member = membership(spec, identity)
+    if member is not None:
+        return member
+    return Reason.ADMIN if any(identity.matches(admin) for admin in policy.admins) else None
+
+
 def decide(policy: Policy, spec: WorkspaceSpec, port: int | None, identity: Identity | None,
            grant: Grant | None = None) -> Decision:
     """May ``identity`` (None: anonymous) see ``port`` of the workspace (``None``: its IDE)?"""
@@ -268,12 +277,9 @@ def decide(policy: Policy, spec: WorkspaceSpec, port: int | None, identity: Iden
     if port in policy.ports.denied or port == spec.ide_port:
         return Decision(False, Reason.PORT_DENIED, f"ports.denied lists {port}" if port != spec.ide_port
                         else "the IDE port is only reachable at ide-{workspace}")
-    if identity is not None:
-        member = membership(spec, identity)
-        if member is not None:
-            return Decision(True, member, f"{member.value} of the workspace")
-        if any(identity.matches(admin) for admin in policy.admins):
-            return Decision(True, Reason.ADMIN, "policy admins")
+    who = role(policy, spec, identity) if identity is not None else None
+    if who is not None:
+        return Decision(True, who, "policy admins" if who is Reason.ADMIN else f"{who.value} of the workspace")
     shown = visibility(policy, spec, port)
     if shown == "public":
         return Decision(True, Reason.PUBLIC_PORT, f"port {port} is public")

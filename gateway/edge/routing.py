@@ -23,6 +23,8 @@ from gateway.config import WORKSPACE_ID
 from gateway.errors import BadRequest, NotFound
 
 RESERVED_PREFIX = "/_codehub/"
+WAKE_EVENTS_PATH = "/_codehub/wake/events"
+"""On a preview's or the IDE's own host: the progress of its wake, for the waiting page (Server-Sent Events)."""
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST = re.compile(r"(?P<name>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{1,5}))?")
 _ANY_HOST_PATHS = frozenset({"/healthz", "/readyz"})

@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class IdleTimers:
-    idle_to_warm: float
-    warm_to_cold: float
-    interval: float
+    to_warm: float
+    to_cold: float
+    check_every: float
 
 
 class Activity:
@@ -96,9 +96,9 @@ class Activity:
 
 def idle_action(phase: Phase, idle: float, timers: IdleTimers) -> Phase | None:
     """The reaper's decision for one workspace, as a pure function: the phase to move to, or None."""
-    if phase is Phase.RUNNING and idle >= timers.idle_to_warm:
+    if phase is Phase.RUNNING and idle >= timers.to_warm:
         return Phase.WARM
-    if phase in (Phase.WARM, Phase.FAILED) and idle >= timers.warm_to_cold:
+    if phase in (Phase.WARM, Phase.FAILED) and idle >= timers.to_cold:
         return Phase.COLD
     return None
 
@@ -107,15 +107,13 @@ def _never(workspace: str) -> bool:
     return False
 
 
-async def reap_forever(runtime: Runtime, activity: Activity, timers: IdleTimers, metrics: Metrics,
-                       is_leader: Callable[[], bool] = lambda: True, busy: Callable[[str], bool] = _never) -> None:
-    """Every ``interval`` seconds, put idle workspaces to sleep (only on the leader replica)."""
-    reaper = Reaper(runtime, activity, timers, metrics, is_leader=is_leader, busy=busy)
+async def reap_forever(reaper: Reaper) -> None:
+    """Every ``check_every`` seconds, put idle workspaces to sleep (only on the leader replica)."""
     try:
         while True:
-            await asyncio.sleep(timers.interval)
-            activity.touch_open()
-            if is_leader():
+            await asyncio.sleep(reaper.timers.check_every)
+            reaper.activity.touch_open()
+            if reaper.is_leader():
                 reaper.sweep()
     finally:
         await reaper.close()

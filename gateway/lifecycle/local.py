@@ -24,11 +24,15 @@ from pathlib import Path
 from gateway.config import Local, LocalWorkspace
 from gateway.errors import NotFound
 from gateway.lifecycle.archive import ArchiveError, archive_home, recover, restore_home
-from gateway.lifecycle.base import Event, Phase, Runtime, RuntimeError_, WorkspaceSpec, WorkspaceState
+from gateway.lifecycle.base import Event, LifecycleError, Phase, Runtime, WorkspaceSpec, WorkspaceState
+from gateway.lifecycle.code_server import seed_settings, settings_file
 from gateway.lifecycle.devcontainer import LabelFile
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
+_OWN_FOLDERS = frozenset({"XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"})
+"""Where programs keep a person's files; the gateway's would make every workspace (code-server's data folder, its
+config.yaml) share the gateway user's, so a workspace gets its HOME's defaults unless its ``env`` names one."""
 
 
 def _die_with_parent() -> None:
@@ -170,7 +174,7 @@ class LocalRuntime(Runtime):
             except ArchiveError as exc:
                 log.error("archive of %s failed: %s", workspace, exc)
                 self._end(slot)
-                raise RuntimeError_(f"Archiving {workspace} failed; its home is untouched.") from exc
+                raise LifecycleError(f"Archiving {workspace} failed; its home is untouched.") from exc
             return self._end(slot)
 
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
@@ -281,15 +285,20 @@ class LocalRuntime(Runtime):
 
     async def _spawn(self, slot: _Slot) -> None:
         slot.home.mkdir(parents=True, exist_ok=True)
-        env = {key: value for key, value in os.environ.items() if not key.startswith("CODEHUB_")}
+        env = {key: value for key, value in os.environ.items()
+               if not key.startswith("CODEHUB_") and key not in _OWN_FOLDERS}
         if self._proxy_uri is not None:
             env["VSCODE_PROXY_URI"] = self._proxy_uri(slot.spec.id)
         env.update(slot.config.env)
         env.update(HOME=str(slot.home), HOST=slot.address, CODEHUB_WORKSPACE=slot.spec.id)
+        command = self._command(slot)
+        ide_settings = settings_file(command, slot.home, env)
+        if ide_settings is not None:
+            seed_settings(ide_settings)
         output = (slot.root / "output.log").open("ab")
         try:
             process = await asyncio.create_subprocess_exec(
-                *self._command(slot), cwd=slot.home, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=output,
+                *command, cwd=slot.home, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=output,
                 stderr=output, start_new_session=True, preexec_fn=_die_with_parent,
             )
         finally:

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 
 from gateway.errors import GatewayError
-from gateway.lifecycle.base import Event, Phase, Runtime, RuntimeError_, WorkspaceSpec, WorkspaceState
+from gateway.lifecycle.base import Event, LifecycleError, Phase, Runtime, WorkspaceSpec, WorkspaceState
 from gateway.lifecycle.local import listening_ports
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class RemoteError(GatewayError):
         super().__init__(str(data.get("message", "The workspace runtime failed.")), code=str(data.get("code")),
                          headers=data.get("headers") or {}, retry=bool(data.get("retry")))
         self.status = int(data.get("status", 503))
-        self.title = str(data.get("title", RuntimeError_.title))
+        self.title = str(data.get("title", LifecycleError.title))
 
 
 # --- the client --------------------------------------------------------------------------------------------

@@ -19,12 +19,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
-
+from gateway.edge.routing import WAKE_EVENTS_PATH
 from gateway.errors import GatewayError, ServiceUnavailable
-from gateway.lifecycle import Event, Phase, Runtime, RuntimeError_, WorkspaceState
+from gateway.lifecycle import Event, LifecycleError, Phase, Runtime, WorkspaceState
 from gateway.metrics import Metrics
-from gateway.web.pages import wants_html
 
 log = logging.getLogger(__name__)
 _PROBE_FAST = 0.01
@@ -43,14 +41,14 @@ class WakeLimits:
         return self.cold_timeout if phase in (Phase.COLD, Phase.RESTORING, Phase.ARCHIVING) else self.warm_timeout
 
 
-class WaitingPage(GatewayError):
+class WakingPage(GatewayError):
     """Not an error: a browser navigation gets the waiting page while its workspace wakes."""
 
     status = 503
     code = "workspace-waking"
     title = "Waking up the workspace"
     template = "waiting.html"
-    events_path = "/_codehub/wake/events"
+    events_path = WAKE_EVENTS_PATH
     """On the page's own host (a preview or the IDE): the gateway's reserved path there streams the progress."""
 
     def __init__(self, progress: Progress, limits: WakeLimits) -> None:
@@ -165,14 +163,14 @@ class Waker:
         past = self._history.get((workspace, wake_origin(phase)))
         return round(statistics.median(past), 1) if past else None
 
-    async def ensure_awake(self, request: web.Request, state: WorkspaceState, port: int) -> WorkspaceState:
-        """Return a RUNNING state whose port was seen accepting, or raise the waiting page / a 503."""
-        if state.phase is Phase.RUNNING and not self.busy(state.id, port):
-            return state
+    def waiting_page(self, state: WorkspaceState, port: int) -> WakingPage:
+        """Start (or join) the wake; the page that follows it, for a browser navigating there meanwhile."""
+        self.bring_up(state, port)
+        return WakingPage(self._progress[(state.id, port)], self.limits)
+
+    async def hold(self, state: WorkspaceState, port: int) -> WorkspaceState:
+        """Start (or join) the wake and wait for it: a RUNNING state whose port was seen accepting, or a 503."""
         task = self.bring_up(state, port)
-        if wants_html(request) and request.headers.get("Upgrade", "").lower() != "websocket":
-            progress = self._progress[(state.id, port)]
-            raise WaitingPage(progress, self.limits)
         timeout = self.limits.for_phase(state.phase)
         self._metrics.held_requests.inc()
         try:
@@ -212,7 +210,7 @@ class Waker:
                     while not events.queue.empty():  # steps published just before the flight ended
                         _apply(events.queue.get_nowait(), state.id, progress)
                 if state.phase is not Phase.RUNNING or state.address is None:
-                    raise RuntimeError_(state.message or f"Workspace {state.id} could not start.")
+                    raise LifecycleError(state.message or f"Workspace {state.id} could not start.")
             progress.update("waiting-for-port")
             await self._wait_for_port(state, port, self.limits.for_phase(from_phase))
             result = "ok"
@@ -250,10 +248,10 @@ class Waker:
             current = self._runtime.get(state.id)
             if current is None or current.phase is not Phase.RUNNING:
                 reason = current.message if current is not None and current.message else "it stopped"
-                raise RuntimeError_(f"Workspace {state.id} stopped before port {port} answered: {reason}")
+                raise LifecycleError(f"Workspace {state.id} stopped before port {port} answered: {reason}")
             now = time.monotonic()
             if now >= deadline:
-                raise RuntimeError_(
+                raise LifecycleError(
                     f"Nothing started listening on port {port} in workspace {state.id} within {limit:g} s.",
                     code="port-not-listening",
                 )
@@ -266,15 +264,11 @@ def _apply(event: Event, workspace: str, progress: Progress) -> None:
         progress.update(_STEP_FOR_PHASE[event.phase], event.message)
 
 
-async def stream_progress(request: web.Request, waker: Waker, state: WorkspaceState, port: int) -> web.StreamResponse:
+async def progress_events(waker: Waker, state: WorkspaceState, port: int) -> AsyncIterator[bytes]:
     """Server-Sent Events for a waiting page: each step as it happens, then ``ready`` or ``failed``.
 
-    Opening the stream (re)starts the wake, so a page reloaded after a failure or a restart carries on.
+    Following it (re)starts the wake, so a page reloaded after a failure or a restart carries on.
     """
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-    )
-    await response.prepare(request)
     task = waker.bring_up(state, port)
     progress = waker.progress(state.id, port)
     sent = 0
@@ -282,7 +276,7 @@ async def stream_progress(request: web.Request, waker: Waker, state: WorkspaceSt
         changed = progress.changed if progress is not None else asyncio.Event()
         if progress is not None:
             while sent < len(progress.history):
-                await response.write(_sse("progress", progress.as_event(sent)))
+                yield _sse("progress", progress.as_event(sent))
                 sent += 1
         if task.done():
             break
@@ -290,15 +284,13 @@ async def stream_progress(request: web.Request, waker: Waker, state: WorkspaceSt
         done, _ = await asyncio.wait({task, waiter}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         if not done and progress is not None:  # nothing new for a while: say how long it has been
-            await response.write(_sse("progress", progress.as_event()))
+            yield _sse("progress", progress.as_event())
     error = ServiceUnavailable("The gateway is shutting down.") if task.cancelled() else task.exception()
     if error is None:
-        await response.write(_sse("ready", {"workspace": state.id, "port": port}))
+        yield _sse("ready", {"workspace": state.id, "port": port})
     else:
         message = error.message if isinstance(error, GatewayError) else "The wake failed."
-        await response.write(_sse("failed", {"workspace": state.id, "port": port, "message": message}))
-    await response.write_eof()
-    return response
+        yield _sse("failed", {"workspace": state.id, "port": port, "message": message})
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:

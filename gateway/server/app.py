@@ -7,7 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp_jinja2
@@ -16,24 +16,23 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.accesslog import REFUSED, TARGET
-from gateway.auth.keys import KeyError_, load_or_create
+from gateway.auth.keys import KeyFileError, load_or_create
 from gateway.auth.oidc import OidcClient
 from gateway.auth.sessions import Sessions
-from gateway.auth.store import FileTokenStore, TokenStore
 from gateway.config import Config
 from gateway.edge.cors import HUB_FRAME_HEADERS, frame_ancestors
+from gateway.edge.plan import Forward, Hold
 from gateway.edge.policy import PolicyHolder
-from gateway.edge.routing import Hosts, Kind, route
+from gateway.edge.routing import Hosts, Kind
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.lifecycle import Runtime
-from gateway.lifecycle.idle import Activity, IdleTimers, reap_forever
-from gateway.lifecycle.local import LocalRuntime
+from gateway.lifecycle.idle import Activity, reap_forever
 from gateway.lifecycle.wake import WakeLimits, Waker
 from gateway.metrics import Metrics
-from gateway.proxy.upstream import make_pool, make_session
 from gateway.server.context import GATEWAY, AuthState, Gateway
-from gateway.server.lane import is_websocket, serve_reserved, serve_workspace
+from gateway.server.lane import execute, plan_for
 from gateway.server.refusals import Reason, counted
+from gateway.server.wiring import make_pool, make_reaper, make_runtime, make_session, make_store
 from gateway.web import api, auth_routes, badge, hub
 from gateway.web.pages import error_response, internal_error, phase_words
 
@@ -41,26 +40,21 @@ log = logging.getLogger(__name__)
 
 
 @web.middleware
-async def front_door(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Route by Host and path, send the request down its one path, and turn every failure into a response."""
+async def by_plan(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Each request gets its plan (made here, or by the fast lane before it handed the request over), is served
+    by it, and every failure becomes a response."""
     gateway = request.app[GATEWAY]
     started = time.perf_counter()
     kind = "unrouted"
     response: web.StreamResponse | None = None
+    websocket = False
     try:
-        target = route(request.headers.get("Host"), request.raw_path, gateway.hosts)
-        request[TARGET] = target
-        kind = target.kind.value
-        if target.kind is Kind.HUB:
-            response = await handler(request)
-        elif target.kind is Kind.IDE_MOVED:
-            assert target.workspace is not None
-            response = web.Response(status=308, headers={"Location": gateway.hosts.ide_url(target.workspace,
-                                                                                           target.path)})
-        elif target.kind is Kind.RESERVED:
-            response = await serve_reserved(request, target, gateway)
-        else:
-            response = await serve_workspace(request, target, gateway)
+        plan = plan_for(request, gateway)
+        if plan.target is not None:
+            request[TARGET] = plan.target
+            kind = plan.target.kind.value
+        websocket = isinstance(plan, Forward | Hold) and (plan.forward if isinstance(plan, Hold) else plan).websocket
+        response = await execute(request, plan, gateway, handler)
     except GatewayError as exc:
         response = error_response(request, exc)
     except web.HTTPNotFound:
@@ -78,7 +72,7 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
     except Exception as exc:
         response = internal_error(request, exc)
     finally:
-        if not is_websocket(request):
+        if not websocket:
             status = response.status if response is not None else 499
             gateway.metrics.observe_request(kind, status, time.perf_counter() - started)
     if not response.prepared:
@@ -125,33 +119,12 @@ def build_metrics_app(app: web.Application) -> web.Application:
     return metrics_app
 
 
-def make_runtime(config: Config) -> Runtime:
-    if config.runtime == "local":
-        return LocalRuntime(config.local, stop_timeout=config.timeouts.shutdown, proxy_uri=config.proxy_uri)
-    from gateway.lifecycle.kubernetes import KubernetesRuntime
-
-    return KubernetesRuntime.from_config(config)
-
-
-REAPS = web.AppKey("codehub_reaps", bool)
-
-
-def make_store(config: Config, runtime: Runtime) -> TokenStore:
-    """Share links and API tokens: custom resources every replica sees on Kubernetes, else one file."""
-    if config.runtime == "kubernetes":
-        from gateway.auth.kubernetes.tokens import KubeTokenStore
-        from gateway.lifecycle.kubernetes import KubernetesRuntime
-
-        if isinstance(runtime, KubernetesRuntime):
-            return KubeTokenStore(runtime.settings, runtime.identity, lambda: runtime.client,
-                                  is_leader=runtime.is_leader)
-    return FileTokenStore(config.store_file)
-
-
-def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = True) -> web.Application:
+def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = True,
+              clock: Callable[[], float] = time.time) -> web.Application:
     """Everything that can fail on bad settings fails here, before the server listens.
 
-    ``reap=False``: another process runs the idle reaper (a ``serve --workers`` worker on the local runtime)."""
+    ``reap=False``: another process runs the idle reaper (a ``serve --workers`` worker on the local runtime).
+    ``clock``: what idleness is measured by (tests move it on instead of waiting)."""
     metrics_ = Metrics()
     runtime = runtime if runtime is not None else make_runtime(config)
     policies = PolicyHolder(config.policy_file)
@@ -163,6 +136,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     hosts = Hosts.from_urls(config.hub_url, config.preview_domain)
     auth = AuthState(keys=keys, sessions=Sessions(lambda: auth.keys, hosts.hub_url(""), ttl=config.auth.session_ttl),
                      store=make_store(config, runtime))
+    activity = Activity(clock, shared=runtime)
     gateway = Gateway(
         config=config,
         hosts=hosts,
@@ -171,15 +145,16 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
         waker=waker,
         auth=auth,
         policies=policies,
-        activity=Activity(shared=runtime),
+        reaper=make_reaper(config, runtime, activity, metrics_, busy=waker.waking,
+                           is_leader=lambda: reap and runtime.is_leader()),
+        activity=activity,
         trusted_proxies=tuple(ipaddress.ip_network(net, strict=False) for net in config.trusted_proxies),
     )
     # Request bodies pass through as sent: the server must not undo a client's Content-Encoding.
     # Bodies the gateway reads itself (hub, API, sign-in forms) are bounded; bodies for previews stream through.
-    app = web.Application(middlewares=[front_door], handler_args={"auto_decompress": False},
+    app = web.Application(middlewares=[by_plan], handler_args={"auto_decompress": False},
                           client_max_size=config.limits.body)
     app[GATEWAY] = gateway
-    app[REAPS] = reap
     templates = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway.web", "templates"), autoescape=True)
     templates.globals["hub_url"] = hosts.hub_url("/")
     templates.filters["phase_words"] = phase_words
@@ -208,12 +183,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
         await gateway.runtime.close()
         raise
     watcher = asyncio.create_task(_watch_files(gateway))
-    idle = gateway.config.idle
-    reaper = asyncio.create_task(
-        reap_forever(gateway.runtime, gateway.activity, IdleTimers(idle.to_warm, idle.to_cold, idle.check_every),
-                     gateway.metrics, is_leader=lambda: app[REAPS] and gateway.runtime.is_leader(),
-                     busy=gateway.waker.waking)
-    )
+    reaper = asyncio.create_task(reap_forever(gateway.reaper))
     try:
         yield
     finally:
@@ -239,7 +209,7 @@ async def _watch_files(gateway: Gateway, every: float = 2.0) -> None:
             keys_stamp = stamp
             try:
                 gateway.auth.keys = load_or_create(gateway.config.keys_file, create=False)
-            except KeyError_ as exc:
+            except KeyFileError as exc:
                 log.error("signing keys not reloaded, keeping the previous ones: %s", exc)
                 continue
             gateway.auth.sessions.forget_cached()

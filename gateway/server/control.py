@@ -9,6 +9,7 @@ directory with mode 0600.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import logging
@@ -31,6 +32,11 @@ class ControlServer:
         self.activity = activity
         self._seq = itertools.count(1)
         self._streams: set[asyncio.Queue[bytes | None]] = set()
+        self._waking: collections.Counter[str] = collections.Counter()
+
+    def waking(self, workspace: str) -> bool:
+        """A worker asked for this workspace's wake and it has not finished: the idle reaper leaves it alone."""
+        return self._waking[workspace] > 0
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -94,6 +100,13 @@ class ControlServer:
                     https_ports=frozenset(int(port) for port in https_ports) if https_ports is not None else None,
                     labels={int(k): str(v) for k, v in labels.items()} if labels is not None else None,
                 )
+            elif action == "wake":
+                self._waking[workspace] += 1
+                try:
+                    state = await self.runtime.wake(workspace)
+                finally:
+                    self._waking[workspace] -= 1
+                self.activity.touch(workspace)  # the worker now sends it what waited: not idle yet
             else:
                 state = await getattr(self.runtime, action)(workspace)
         except GatewayError as exc:

@@ -6,7 +6,7 @@ import errno
 import logging
 from typing import NamedTuple
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from multidict import CIMultiDict
 
 from gateway.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable, UnsafeHeader
@@ -18,6 +18,7 @@ from gateway.proxy.pool import (
     ClosedUnanswered,
     ConnectFailed,
     ConnectTimeout,
+    Exchange,
     QueueTimeout,
     ReadTimeout,
     Response,
@@ -54,28 +55,22 @@ def refused(upstream: Upstream, exc: OSError, metrics: Metrics) -> UpstreamRefus
     )
 
 
-async def proxy_http(
-    request: web.Request, pool: UpstreamPool, upstream: Upstream, path: str,
-    headers: CIMultiDict[str], *, metrics: Metrics, connect_grace: float = 0.0, rules: ResponseRules = NO_RULES,
-) -> web.StreamResponse:
-    """Send the request upstream and stream the answer back; errors before the answer starts are raised.
+async def send(pool: UpstreamPool, upstream: Upstream, method: str, path: str, headers: CIMultiDict[str],
+               body: StreamReader | None, *, metrics: Metrics, connect_grace: float = 0.0) -> tuple[Response, Exchange]:
+    """Send a request upstream and return the answer's head: both lanes send through here, so a failure before
+    the answer is the same error in either, and is never followed by the request being sent a second time.
 
-    ``connect_grace``: how long refused connects are retried (see ``ConnectGrace``); ``rules``: what policy
-    changes on the response (framing, CORS)."""
+    ``connect_grace``: how long refused connects are retried (see ``ConnectGrace``)."""
     grace = ConnectGrace(connect_grace)
-    body = request.content if request.body_exists else None
     while True:
         try:
-            answer, exchange = await pool.request(upstream.host, upstream.port, request.method, path, headers, body,
-                                                  tls=upstream.tls)
+            return await pool.request(upstream.host, upstream.port, method, path, headers, body, tls=upstream.tls)
         except ConnectFailed as exc:
             if not await grace.again(exc.os_error):
                 raise refused(upstream, exc.os_error, metrics) from exc
-            continue
         except ClosedUnanswered as exc:
-            if body is None and request.method in REPLAYABLE_METHODS and await grace.wait():
-                continue
-            raise _broken_off(upstream, exc) from exc
+            if not (body is None and method in REPLAYABLE_METHODS and await grace.wait()):
+                raise broken_off(upstream, exc) from exc
         except ConnectTimeout as exc:
             metrics.upstream_errors.labels("timeout").inc()
             raise GatewayTimeout(
@@ -87,17 +82,29 @@ async def proxy_http(
                 "for a connection to it. Try again shortly.", code="upstream-busy", headers={"Retry-After": "5"},
             ) from exc
         except ReadTimeout as exc:
-            raise _timeout(upstream) from exc
+            raise timed_out(upstream) from exc
         except ClientBodyFailed as exc:
             if isinstance(exc.error, GatewayError):  # refused as it arrived (a malformed chunk): the client's 400
                 raise exc.error from None
-            raise _broken_off(upstream, exc) from exc
+            raise broken_off(upstream, exc) from exc
         except UpstreamError as exc:
-            raise _broken_off(upstream, exc) from exc
-        try:
-            return await _answer(request, upstream, answer, rules)
-        finally:
-            exchange.close()
+            raise broken_off(upstream, exc) from exc
+
+
+async def proxy_http(
+    request: web.Request, pool: UpstreamPool, upstream: Upstream, path: str,
+    headers: CIMultiDict[str], *, metrics: Metrics, connect_grace: float = 0.0, rules: ResponseRules = NO_RULES,
+) -> web.StreamResponse:
+    """Send the request upstream and stream the answer back; errors before the answer starts are raised.
+
+    ``rules``: what policy changes on the response (framing, CORS)."""
+    body = request.content if request.body_exists else None
+    answer, exchange = await send(pool, upstream, request.method, path, headers, body, metrics=metrics,
+                                  connect_grace=connect_grace)
+    try:
+        return await _answer(request, upstream, answer, rules)
+    finally:
+        exchange.close()
 
 
 class Shaped(NamedTuple):
@@ -120,17 +127,22 @@ def shape_answer(answer: Response, method: str, public_host: str, upstream: Upst
     return Shaped(headers, length, bodiless)
 
 
+async def read_small(answer: Response, length: int, upstream: Upstream) -> bytes:
+    """A small body read whole before anything is written, so that a failure is still an error answer."""
+    try:
+        return await answer.read_exactly(length)
+    except ReadTimeout as exc:
+        raise timed_out(upstream) from exc
+    except UpstreamError as exc:
+        raise broken_off(upstream, exc) from exc
+
+
 async def _answer(request: web.Request, upstream: Upstream, answer: Response,
                   rules: ResponseRules) -> web.StreamResponse:
     out_headers, length, bodiless = shape_answer(answer, request.method, request.headers.get("Host", ""),
                                                  upstream, rules)
     if length is not None and length <= SMALL_BODY and not bodiless:
-        try:
-            whole = await answer.read_exactly(length)
-        except ReadTimeout as exc:
-            raise _timeout(upstream) from exc
-        except UpstreamError as exc:
-            raise _broken_off(upstream, exc) from exc
+        whole = await read_small(answer, length, upstream)
         small = web.Response(status=answer.status, reason=answer.reason, body=whole, headers=out_headers)
         await _prepare(small, request)
         await small.write_eof()
@@ -155,13 +167,13 @@ async def _prepare(response: web.StreamResponse, request: web.Request) -> None:
         raise UnsafeHeader from exc
 
 
-def _timeout(upstream: Upstream) -> GatewayTimeout:
+def timed_out(upstream: Upstream) -> GatewayTimeout:
     return GatewayTimeout(
         f"Port {upstream.port} in workspace {upstream.workspace} accepted the request but did not answer in time."
     )
 
 
-def _broken_off(upstream: Upstream, exc: Exception) -> BadGateway:
+def broken_off(upstream: Upstream, exc: Exception) -> BadGateway:
     return BadGateway(
         f"Port {upstream.port} in workspace {upstream.workspace} broke off the connection: {type(exc).__name__}.",
         code="upstream-error",

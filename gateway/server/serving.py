@@ -134,12 +134,12 @@ async def _parent(config: Config, workers: int, log_level: str) -> int:
 @contextlib.asynccontextmanager
 async def _control_plane(config: Config, socket_path: Path) -> AsyncIterator[Any]:
     """The local runtime, its idle reaper and the control API the workers use."""
-    from gateway.lifecycle.idle import Activity, IdleTimers, reap_forever
-    from gateway.lifecycle.local import LocalRuntime
+    from gateway.lifecycle.idle import Activity, reap_forever
     from gateway.metrics import Metrics
     from gateway.server.control import ControlServer
+    from gateway.server.wiring import make_reaper, make_runtime
 
-    runtime = LocalRuntime(config.local, stop_timeout=config.timeouts.shutdown, proxy_uri=config.proxy_uri)
+    runtime = make_runtime(config)
     await runtime.start()
     activity = Activity()
     server = ControlServer(runtime, activity)
@@ -149,10 +149,9 @@ async def _control_plane(config: Config, socket_path: Path) -> AsyncIterator[Any
     site = web.UnixSite(runner, str(socket_path))
     await site.start()
     os.chmod(socket_path, 0o600)
-    idle = config.idle
     tasks = [asyncio.create_task(server.fan_out()),
-             asyncio.create_task(reap_forever(runtime, activity, IdleTimers(idle.to_warm, idle.to_cold,
-                                                                            idle.check_every), Metrics()))]
+             asyncio.create_task(reap_forever(make_reaper(config, runtime, activity, Metrics(),
+                                                          busy=server.waking)))]
     try:
         yield activity
     finally:

@@ -21,7 +21,8 @@ from gateway.auth.authenticate import SHARE_PARAM
 from gateway.auth.identity import Identity
 from gateway.auth.store import API_PREFIX, ShareLink
 from gateway.config import WORKSPACE_ID
-from gateway.edge.policy import VISIBILITIES, Duration, Reason, decide, describe_duration, visibility
+from gateway.edge.policy import VISIBILITIES, Duration, Reason, describe_duration, visibility
+from gateway.edge.policy import role as role_of
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway.lifecycle import WorkspaceSpec, WorkspaceState
 from gateway.server.context import GATEWAY, Gateway
@@ -78,6 +79,7 @@ def caller(request: web.Request) -> Identity:
         record = gateway.auth.store.find_api_token(token) if token.startswith(API_PREFIX) else None
         if record is None:
             raise Unauthorized("This API token is not valid.", code="token-invalid")
+        gateway.auth.store.use_api_token(record, time.time())
         return record.identity()
     identity = hub_identity(request, gateway)
     if identity is None:
@@ -99,18 +101,11 @@ async def _body(request: web.Request, model: type[_Body]) -> Any:
         raise BadRequest("The body must be JSON.", code="invalid-body") from None
 
 
-def _role(gateway: Gateway, state: WorkspaceState, identity: Identity) -> Reason | None:
-    reason = decide(gateway.policy, state.spec, None, identity).reason
-    if reason in (Reason.OWNER, Reason.COLLABORATOR):
-        return reason
-    return Reason.ADMIN if any(identity.matches(admin) for admin in gateway.policy.admins) else None
-
-
 def _mine(request: web.Request, identity: Identity, *, manage: bool = False) -> WorkspaceState:
     """The workspace named in the path, if the caller may see it (and manage it, for owner-only changes)."""
     gateway = request.app[GATEWAY]
     state = gateway.runtime.get(request.match_info["workspace"])
-    role = _role(gateway, state, identity) if state is not None else None
+    role = role_of(gateway.policy, state.spec, identity) if state is not None else None
     if state is None or role is None:
         raise NotFound("There is no workspace with that name that you can see.", code="workspace-not-found")
     if manage and role is Reason.COLLABORATOR:
@@ -128,7 +123,7 @@ def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity) 
     listening = gateway.runtime.listening_ports(state.id) or set()
     labels = {**gateway.runtime.port_labels(state.id), **state.spec.labels}
     ports = sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
-    role = _role(gateway, state, identity)
+    role = role_of(gateway.policy, state.spec, identity)
     consented = Counter(c.port for c in gateway.auth.store.consents.values() if c.workspace == state.id and c.share)
     return {
         "id": state.id, "owner": state.spec.owner, "collaborators": list(state.spec.collaborators),
@@ -153,7 +148,7 @@ async def list_workspaces(request: web.Request) -> web.Response:
     identity = caller(request)
     gateway = request.app[GATEWAY]
     views = [workspace_view(gateway, state, identity) for state in sorted(gateway.runtime.list(), key=lambda s: s.id)
-             if _role(gateway, state, identity) is not None]
+             if role_of(gateway.policy, state.spec, identity) is not None]
     return web.json_response({"workspaces": views})
 
 

@@ -108,7 +108,7 @@ async def serve(make_upstream: MakeUpstream, tmp_path: Path) -> AsyncIterator[Se
     """Start a gateway for ``workspaces`` ({id: {"owner", "ports": {port: visibility}, ...}}) with echo upstreams
     on every listed port (plus ``listen``), woken up; extra keyword arguments are settings.
 
-    It runs behind the ``FrontDoor`` as ``serve`` does, so plain GETs take the fast lane and everything else
+    It runs behind the ``FastLaneServer`` as ``serve`` does, so plain GETs take the fast lane and everything else
     aiohttp's: a test that sends both exercises both lanes."""
     servers: list[TestServer] = []
 

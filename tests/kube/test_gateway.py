@@ -100,7 +100,7 @@ async def test_the_reaper_on_the_leader_sees_activity_from_other_replicas(
     await new_workspace(leader)
     await leader.wake("w1")
     later = time.time() + 100  # the reaper runs 100 s from now; the workspace started "now"
-    timers = IdleTimers(idle_to_warm=30, warm_to_cold=3600, interval=1)
+    timers = IdleTimers(to_warm=30, to_cold=3600, check_every=1)
     other.record_activity("w1", later - 10)  # a request on the other replica, 10 s before the reaper runs
     await until(lambda: leader.last_activity("w1") is not None)
 

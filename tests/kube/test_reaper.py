@@ -16,7 +16,7 @@ from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import MakeRuntime, PodIPs, new_workspace, until
 
 pytestmark = pytest.mark.timeout(60)
-TIMERS = IdleTimers(idle_to_warm=1, warm_to_cold=1, interval=1)
+TIMERS = IdleTimers(to_warm=1, to_cold=1, check_every=1)
 
 
 def phase(runtime: KubernetesRuntime, workspace: str) -> Phase | None:

@@ -1,8 +1,8 @@
 """What every replica must agree on besides links and tokens: visitors' consent answers and used one-time keys.
 
 - **Consent answers** (``IdentityConsent``, one per person and app, named by a hash of them): cached by list+watch
-  like the token store's kinds, so a request reads memory; answering creates the object or, when the person had
-  answered before, replaces its spec; withdrawing deletes it.
+  in the runtime's informers like the token store's kinds, so a request reads memory; answering creates the
+  object or, when the person had answered before, replaces its spec; withdrawing deletes it.
 - **Used one-time keys** (``UsedKey``, named after the key): a hand-off code is admitted once in total because
   the API server creates an object of a name once (409 after), whichever replica asks; no replica's memory could
   promise that. Each replica deletes those past their time now and then (any replica's: one may have died first).
@@ -18,9 +18,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from gateway.auth.store import Consent
-from gateway.lifecycle.base import RuntimeError_
+from gateway.lifecycle.base import LifecycleError
 from gateway.lifecycle.kubernetes.client import CONSENT, USED_KEY, KubeClient, KubeError, retrying
-from gateway.lifecycle.kubernetes.informer import Informer
+from gateway.lifecycle.kubernetes.informer import Informers
 from gateway.lifecycle.kubernetes.objects import MANAGED_BY, micro_time, parse_time
 
 T = TypeVar("T")
@@ -32,7 +32,7 @@ async def refused_as_error(call: Callable[[], Awaitable[T]], attempts: int) -> T
     try:
         return await retrying(call, attempts=attempts)
     except KubeError as exc:
-        raise RuntimeError_(f"Kubernetes refused the operation: {exc.message or exc.reason}",
+        raise LifecycleError(f"Kubernetes refused the operation: {exc.message or exc.reason}",
                             code="kubernetes-refused") from exc
 
 
@@ -69,21 +69,20 @@ def make_used_key(key: str, holder: str, until: float) -> Obj:
 class Consents:
     """This replica's view of every consent answer, and the writes that change them."""
 
-    def __init__(self, client: KubeClient, *, attempts: int, watch_timeout: int) -> None:
-        self.client = client
+    kind = CONSENT
+
+    def __init__(self, informers: Informers, *, attempts: int) -> None:
         self._attempts = attempts
         self.answers: dict[str, Consent] = {}
-        self.informer = Informer(client, CONSENT, on_change=self._changed, watch_timeout=watch_timeout)
+        informers.register(CONSENT, self._changed)
 
-    async def record(self, consent: Consent) -> None:
+    async def record(self, client: KubeClient, consent: Consent) -> None:
         body = make_consent(consent)
-        client = self.client
         if await refused_as_error(lambda: client.create(CONSENT, body), self._attempts) is None:
             await refused_as_error(lambda: client.patch(CONSENT, consent.id, {"spec": body["spec"]}), self._attempts)
         self.answers[consent.id] = consent  # this replica at once; the others when their watch delivers it
 
-    async def withdraw(self, consent: Consent) -> None:
-        client = self.client
+    async def withdraw(self, client: KubeClient, consent: Consent) -> None:
         await refused_as_error(lambda: client.delete(CONSENT, consent.id), self._attempts)  # 404: already gone
         self.answers.pop(consent.id, None)
 

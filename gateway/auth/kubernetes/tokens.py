@@ -1,8 +1,9 @@
 """Share links and API tokens as custom resources: the :class:`TokenStore` every replica shares on Kubernetes.
 
-A ShareLink or ApiToken object per link or token (named by its id; only the token's SHA-256 is stored). Each
-replica keeps one list+watch cache per kind and indexes it by id and by token hash, so a lookup is a dict
-read: the request path never calls the API.
+A ShareLink or ApiToken object per link or token (named by its id; only the token's SHA-256 is stored). The
+store registers both kinds (and consent answers) in the runtime's informers, which list+watch them with the
+runtime's own kinds, and indexes them by id and by token hash, so a lookup is a dict read: the request path never
+calls the API.
 
 Creating, revoking (``spec.revoked``) and deleting (API tokens) go to the API, with :func:`retrying` around
 the single attempt, and the API's answer is applied to this replica's index before the call returns, so the
@@ -40,16 +41,16 @@ from gateway.auth.store import (
 )
 from gateway.config import Kubernetes
 from gateway.errors import NotFound
-from gateway.lifecycle.base import RuntimeError_
+from gateway.lifecycle.base import LifecycleError
 from gateway.lifecycle.kubernetes.client import (
     API_TOKEN,
     SHARE_LINK,
     WORKSPACE,
-    Kind,
     KubeClient,
     KubeError,
+    Resource,
 )
-from gateway.lifecycle.kubernetes.informer import Informer
+from gateway.lifecycle.kubernetes.informer import Informers
 from gateway.lifecycle.kubernetes.objects import (
     Usage,
     make_api_token,
@@ -86,12 +87,15 @@ async def create_api_token(client: KubeClient, identity: Identity, *, name: str,
         created = await refused_as_error(lambda: client.create(API_TOKEN, make_api_token(record)), attempts)  # noqa: B023
         if created is not None:
             return parse_api_token(created) or record, created, token
-    raise RuntimeError_("Could not pick an unused token id; try again.", code="kubernetes-refused")
+    raise LifecycleError("Could not pick an unused token id; try again.", code="kubernetes-refused")
 
 
 class KubeTokenStore:
-    def __init__(self, settings: Kubernetes, identity: str, client: Callable[[], KubeClient | None], *,
-                 interval: float | None = None, retry_attempts: int = 5,
+    """Registers its kinds in ``informers`` when made, so it must be made before they start (the runtime's
+    ``start``); the runtime's ``client`` is there once it has."""
+
+    def __init__(self, settings: Kubernetes, identity: str, client: Callable[[], KubeClient | None],
+                 informers: Informers, *, interval: float | None = None, retry_attempts: int = 5,
                  is_leader: Callable[[], bool] = lambda: False) -> None:
         self.settings = settings
         self.is_leader = is_leader
@@ -100,48 +104,36 @@ class KubeTokenStore:
         self._client_source = client
         self._attempts = retry_attempts
         self.client: KubeClient | None = None
-        self.informers: dict[Kind, Informer] = {}
+        self.informers = informers
         self._shares: dict[str, ShareLink] = {}
         self._share_index: dict[str, ShareLink] = {}  # token hash -> link
         self._tokens: dict[str, ApiToken] = {}
         self._token_index: dict[str, ApiToken] = {}
-        self._consents: Consents | None = None
         self._used: UsedKeys | None = None
         # Written here, not yet delivered by the watch: applied over the cache until it is.
-        self._created: dict[tuple[Kind, str], Obj] = {}
+        self._created: dict[tuple[Resource, str], Obj] = {}
         self._revoked: dict[str, float] = {}
         self._deleted: set[str] = set()
-        self._counted: dict[tuple[Kind, str], _Counted] = {}
+        self._counted: dict[tuple[Resource, str], _Counted] = {}
         self._dirty = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._forgetter: asyncio.Task[None] | None = None
         self._pruner: asyncio.Task[None] | None = None
         self.writes = 0
+        informers.register(SHARE_LINK, self._on_change(SHARE_LINK))
+        informers.register(API_TOKEN, self._on_change(API_TOKEN))
+        self._consents = Consents(informers, attempts=self._attempts)
+        self.kinds = (SHARE_LINK, API_TOKEN, Consents.kind)
 
     # -- lifespan --
 
     async def start(self) -> None:
-        """Fill both caches (RuntimeError_ if the API cannot be listed within ``sync_timeout``), start writing."""
+        """Start writing; the caches were filled by the runtime's start, which this follows."""
         client = self._client_source()
         if client is None:
-            raise RuntimeError_("The Kubernetes runtime has not started.", code="kubernetes-unavailable")
+            raise LifecycleError("The Kubernetes runtime has not started.", code="kubernetes-unavailable")
         self.client = client
-        for kind in (SHARE_LINK, API_TOKEN):
-            self.informers[kind] = Informer(client, kind, on_change=self._on_change(kind),
-                                            watch_timeout=self.settings.watch_timeout)
-        self._consents = Consents(client, attempts=self._attempts, watch_timeout=self.settings.watch_timeout)
-        self.informers[self._consents.informer.kind] = self._consents.informer
         self._used = UsedKeys(client, self.identity, attempts=self._attempts)
-        for informer in self.informers.values():
-            informer.start()
-        try:
-            async with asyncio.timeout(self.settings.sync_timeout):
-                await asyncio.gather(*(informer.synced.wait() for informer in self.informers.values()))
-        except TimeoutError:
-            errors = "; ".join(f"{i.kind.plural}: {i.error}" for i in self.informers.values() if not i.synced.is_set())
-            await self._stop_informers()
-            raise RuntimeError_(f"Kubernetes API not reachable within {self.settings.sync_timeout:.0f} s ({errors})",
-                                code="kubernetes-unavailable") from None
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever(), name="token-usage")
         self._forgetter = asyncio.get_running_loop().create_task(self._used.forget_forever(), name="forget-used-keys")
         self._pruner = asyncio.get_running_loop().create_task(self._prune_forever(), name="share-pruning")
@@ -162,15 +154,10 @@ class KubeTokenStore:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(flush_within):
                     await self.write_usage()
-        await self._stop_informers()
-
-    async def _stop_informers(self) -> None:
-        for informer in self.informers.values():
-            await informer.stop()
 
     @property
     def healthy(self) -> bool:
-        return bool(self.informers) and all(i.healthy for i in self.informers.values())
+        return self.informers.healthy(self.kinds)
 
     def flush(self) -> None:
         """Nothing to do on the caller's clock: usage is written by this store's own task."""
@@ -189,12 +176,11 @@ class KubeTokenStore:
         return self._share_index.get(token_hash(token)) if token.startswith(SHARE_PREFIX) else None
 
     def find_api_token(self, token: str) -> ApiToken | None:
-        record = self._token_index.get(token_hash(token)) if token.startswith(API_PREFIX) else None
-        if record is not None:
-            now = time.time()
-            self._count(API_TOKEN, record.id, now, uses=0)
-            record.last_used = now
-        return record
+        return self._token_index.get(token_hash(token)) if token.startswith(API_PREFIX) else None
+
+    def use_api_token(self, record: ApiToken, now: float) -> None:
+        self._count(API_TOKEN, record.id, now, uses=0)
+        record.last_used = now
 
     def use_share(self, link: ShareLink, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -226,7 +212,7 @@ class KubeTokenStore:
                 self._created[(SHARE_LINK, link.id)] = created
                 self._refresh(SHARE_LINK, link.id)
                 return self._shares.get(link.id, link), token
-        raise RuntimeError_("Could not pick an unused share link id; try again.", code="kubernetes-refused")
+        raise LifecycleError("Could not pick an unused share link id; try again.", code="kubernetes-refused")
 
     async def revoke_share(self, link: ShareLink, now: float | None = None) -> ShareLink:
         if link.revoked is not None:
@@ -236,7 +222,7 @@ class KubeTokenStore:
         try:
             patched = await refused_as_error(lambda: client.patch(SHARE_LINK, link.id, revoke_patch(now)),
                                              self._attempts)
-        except RuntimeError_ as exc:
+        except LifecycleError as exc:
             if isinstance(exc.__cause__, KubeError) and exc.__cause__.status == 404:
                 raise NotFound("There is no such share link.", code="share-not-found") from None
             raise
@@ -265,13 +251,13 @@ class KubeTokenStore:
 
     @property
     def consents(self) -> Mapping[str, Consent]:
-        return self._consents.answers if self._consents is not None else {}
+        return self._consents.answers
 
     async def record_consent(self, consent: Consent) -> None:
-        await self._started(self._consents).record(consent)
+        await self._consents.record(self._require(), consent)
 
     async def withdraw_consent(self, consent: Consent) -> None:
-        await self._started(self._consents).withdraw(consent)
+        await self._consents.withdraw(self._require(), consent)
 
     async def use_once(self, key: str, until: float) -> bool:
         return await self._started(self._used).use_once(key, until)
@@ -281,17 +267,17 @@ class KubeTokenStore:
 
     def _started(self, part: P | None) -> P:
         if part is None:
-            raise RuntimeError_("The token store has not started.", code="kubernetes-unavailable")
+            raise LifecycleError("The token store has not started.", code="kubernetes-unavailable")
         return part
 
     def _require(self) -> KubeClient:
         if self.client is None:
-            raise RuntimeError_("The token store has not started.", code="kubernetes-unavailable")
+            raise LifecycleError("The token store has not started.", code="kubernetes-unavailable")
         return self.client
 
     # -- the index --
 
-    def _on_change(self, kind: Kind) -> Callable[[str, Obj], None]:
+    def _on_change(self, kind: Resource) -> Callable[[str, Obj], None]:
         def changed(event: str, obj: Obj) -> None:
             name = str(obj["metadata"]["name"])
             if event == "DELETED":
@@ -302,7 +288,7 @@ class KubeTokenStore:
             self._refresh(kind, name)
         return changed
 
-    def _current(self, kind: Kind, name: str) -> Obj | None:
+    def _current(self, kind: Resource, name: str) -> Obj | None:
         informer = self.informers.get(kind)
         cached = informer.get(name) if informer is not None else None
         if cached is not None:
@@ -310,7 +296,7 @@ class KubeTokenStore:
             return cached
         return self._created.get((kind, name))
 
-    def _usage(self, kind: Kind, name: str, obj: Obj) -> Usage:
+    def _usage(self, kind: Resource, name: str, obj: Obj) -> Usage:
         usages = usage_by_replica(obj)
         mine = self._counted.get((kind, name))
         if mine is not None:
@@ -319,7 +305,7 @@ class KubeTokenStore:
             usages[self.identity] = Usage(max(seen.uses, mine.uses), max(times) if times else None)
         return total_usage(usages)
 
-    def _refresh(self, kind: Kind, name: str) -> None:
+    def _refresh(self, kind: Resource, name: str) -> None:
         """Re-derive one entry of the index from the cache and what this replica wrote."""
         obj = self._current(kind, name)
         if kind is SHARE_LINK:
@@ -350,7 +336,7 @@ class KubeTokenStore:
 
     # -- usage, written in batches --
 
-    def _count(self, kind: Kind, name: str, now: float, *, uses: int) -> None:
+    def _count(self, kind: Resource, name: str, now: float, *, uses: int) -> None:
         key = (kind, name)
         mine = self._counted.get(key)
         if mine is None:
@@ -371,7 +357,7 @@ class KubeTokenStore:
         for link in [link for link in self._shares.values() if link.expires < cutoff]:
             try:
                 deleted += await refused_as_error(lambda: client.delete(SHARE_LINK, link.id), self._attempts)  # noqa: B023
-            except RuntimeError_ as exc:
+            except LifecycleError as exc:
                 log.warning("could not delete the expired share link %s: %s", link.id, exc.message)
         return deleted
 

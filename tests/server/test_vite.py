@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import MakeGateway, next_address, workspace
-from tests.core.conftest import free_port
+from tests.server.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 VITE = ROOT / "node_modules" / ".bin" / "vite"

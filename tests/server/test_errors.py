@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import ClientResponse, web
 
-from tests.core.conftest import NO_TRACES, MakeProxied
+from tests.server.conftest import NO_TRACES, MakeProxied
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
 NAVIGATION = {"Sec-Fetch-Mode": "navigate", "Accept": "*/*"}
@@ -88,6 +88,27 @@ async def test_silent_upstream_times_out_with_504(proxied: MakeProxied) -> None:
             assert response.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await response.read()
+
+
+async def test_a_silent_upstream_is_not_asked_again_by_the_other_lane(proxied: MakeProxied) -> None:
+    """The fast lane's request to a silent upstream times out once: the pool's one retry of an idempotent request
+    that got no first byte (issue 18) makes two attempts, and the hand-over to aiohttp carries the 504 instead
+    of the request (it used to send it again: four attempts, twice the wait)."""
+    never = asyncio.Event()
+    seen: list[str] = []
+
+    async def silent(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        await never.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/silent", silent)
+    p = await proxied(app, timeouts={"first_byte": 0.3, "read": 0.3})
+    async with asyncio.timeout(30), p.request("GET", "/silent", headers=API) as response:
+        assert response.status == 504
+        assert (await response.json())["error"]["code"] == "upstream-timeout"
+    assert seen == ["/silent", "/silent"]
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import MakeGateway, next_address
-from tests.wake.conftest import PORT, Client, gateway_of, metric_samples, preview, sample
-from tests.wake.slow_accept import BODY as SLOW_ACCEPT_BODY
+from tests.lifecycle.conftest import PORT, Client, gateway_of, metric_samples, preview, sample
+from tests.lifecycle.slow_accept import BODY as SLOW_ACCEPT_BODY
 
 pytestmark = pytest.mark.timeout(120)
 SLOW_ACCEPT = Path(__file__).with_name("slow_accept.py")

@@ -24,7 +24,7 @@ from yarl import URL
 from gateway.server.serving import WORKER_HEADER
 from tests.conftest import next_address
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(120)
 
 

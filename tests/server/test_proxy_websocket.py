@@ -16,9 +16,9 @@ from aiohttp import WSMsgType, web
 
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
-from gateway.server.fastlane import FrontDoor, GatewayRunner
+from gateway.server.fastlane import FastLaneServer, GatewayRunner
 from tests.conftest import MakeUpstream, next_address, settings, workspace
-from tests.core.conftest import PREVIEW_DOMAIN, WORKSPACE, MakeProxied, Proxied
+from tests.server.conftest import PREVIEW_DOMAIN, WORKSPACE, MakeProxied, Proxied
 
 BIG = 16 << 20
 
@@ -391,7 +391,7 @@ async def test_a_bad_client_handshake_is_a_400_without_asking_the_upstream(proxi
 async def test_aiohttp_forgets_a_relayed_connection_once_it_ends(proxied: MakeProxied) -> None:
     p = await proxied(echo_app())
     front = p.client.server.runner.server if p.client.server.runner is not None else None
-    assert isinstance(front, FrontDoor)
+    assert isinstance(front, FastLaneServer)
     server = front.inner  # WebSocket upgrades are handed from the fast lane to aiohttp's server
     async with p.client.ws_connect("/ws", headers={"Host": p.host}) as ws:
         await ws.send_str("x")

@@ -1,7 +1,7 @@
 """The fast lane: plain requests are served on it; everything else is handed to aiohttp with its bytes intact.
 
 Which side served a connection is visible on the server: handed-over connections are aiohttp's
-(``FrontDoor.inner.connections``), the others stay fast lanes (``FrontDoor.lanes``)."""
+(``FastLaneServer.inner.connections``), the others stay fast lanes (``FastLaneServer.lanes``)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import pytest
 from aiohttp import web
 
 from gateway.auth.store import API_PREFIX
-from gateway.server.fastlane import FrontDoor
-from tests.core.conftest import MakeProxied, Proxied
-from tests.core.test_proxy_http import echo_app
+from gateway.server.fastlane import FastLaneServer
+from tests.server.conftest import MakeProxied, Proxied
+from tests.server.test_proxy_http import echo_app
 
 
-def front_door(p: Proxied) -> FrontDoor:
+def fast_lane_server(p: Proxied) -> FastLaneServer:
     runner = p.client.server.runner
     assert runner is not None
-    assert isinstance(runner.server, FrontDoor)
+    assert isinstance(runner.server, FastLaneServer)
     return runner.server
 
 
@@ -60,8 +60,8 @@ async def test_plain_gets_stay_on_the_lane_across_keep_alive(proxied: MakeProxie
             length = int(next(line for line in head.split(b"\r\n") if line.startswith(b"Content-Length"))
                          .split(b":")[1])
             assert json.loads(await reader.readexactly(length))["raw_path"] == path
-        assert len(front_door(p).lanes) == 1
-        assert front_door(p).inner.connections == []
+        assert len(fast_lane_server(p).lanes) == 1
+        assert fast_lane_server(p).inner.connections == []
     finally:
         writer.close()
 
@@ -71,7 +71,7 @@ async def test_a_head_split_over_many_writes_is_assembled(proxied: MakeProxied) 
     [(head, body)] = await exchange(p, get(p, "/slowly/typed", "X-One: 1"), pieces=7)
     assert head.startswith(b"HTTP/1.1 200")
     assert json.loads(body)["raw_path"] == "/slowly/typed"
-    assert front_door(p).inner.connections == []
+    assert fast_lane_server(p).inner.connections == []
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,7 @@ async def test_other_requests_are_handed_to_aiohttp_intact(proxied: MakeProxied,
     p = await proxied(echo_app())
     raw = request_bytes.replace(b"{host}", p.host.encode())
     answers = await exchange(p, raw, answers=2 if why == "pipelining" else 1)
-    assert front_door(p).lanes == set(), why
+    assert fast_lane_server(p).lanes == set(), why
     head, body = answers[0]
     if why == "the hub":
         assert head.startswith(b"HTTP/1.1 404"), head
@@ -128,7 +128,7 @@ async def test_requests_past_the_limits_get_aiohttps_answer(proxied: MakeProxied
     finally:
         writer.close()
     assert status_line.split()[1] in (b"400", b"414", b"431"), status_line
-    assert front_door(p).lanes == set()
+    assert fast_lane_server(p).lanes == set()
 
 
 async def test_a_refused_port_is_handed_over_for_the_error_page(proxied: MakeProxied) -> None:
@@ -168,19 +168,61 @@ async def test_chunked_and_close_delimited_answers_are_rechunked(proxied: MakePr
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
     finally:
         writer.close()
-    assert front_door(p).inner.connections == []
+    assert fast_lane_server(p).inner.connections == []
 
 
-@pytest.mark.parametrize("where", ["authorize", "response_rules"])
-async def test_a_failure_in_the_lane_costs_no_request(proxied: MakeProxied, monkeypatch: pytest.MonkeyPatch,
-                                                      where: str) -> None:
-    """Before anything was written, aiohttp takes the request from the start and serves it."""
+async def test_a_failure_to_plan_in_the_lane_costs_no_request(proxied: MakeProxied,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in planning, before anything was sent: aiohttp takes the request from the start and serves it."""
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug")
 
     p = await proxied(echo_app())
-    monkeypatch.setattr(f"gateway.server.fastlane.{where}", broken)
+    monkeypatch.setattr("gateway.server.fastlane.plan", broken)
     [(head, body)] = await exchange(p, get(p, "/still/served"))
     assert head.startswith(b"HTTP/1.1 200"), head
     assert json.loads(body)["raw_path"] == "/still/served"
-    assert front_door(p).lanes == set()
+    assert fast_lane_server(p).lanes == set()
+
+
+async def test_a_failure_after_sending_is_an_error_not_a_second_request(proxied: MakeProxied,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the request went upstream it is never sent again: a bug in writing its answer is a 500 that aiohttp
+    renders (the plan handed over says so), and the upstream saw the request once."""
+    seen: list[str] = []
+
+    async def count(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.Response(text="once")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", count)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    p = await proxied(app)
+    monkeypatch.setattr("gateway.server.fastlane.shape_answer", broken)
+    [(head, _body)] = await exchange(p, get(p, "/once"))
+    assert head.startswith(b"HTTP/1.1 500"), head
+    assert seen == ["/once"]
+    assert fast_lane_server(p).lanes == set()
+
+
+async def test_a_hand_over_carries_the_plan(proxied: MakeProxied, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request the fast lane planned but does not serve (here a refusal) is not planned again by aiohttp: it
+    acts on the plan that came with the connection. With aiohttp's own planning broken, the answer is still the
+    fast lane's decision — and a request the fast lane never planned (a body) shows the planning is aiohttp's."""
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("planned twice")
+
+    p = await proxied(echo_app())
+    monkeypatch.setattr("gateway.server.lane.plan", broken)
+    [(head, body)] = await exchange(p, get(p, "/x", f"Authorization: Bearer {API_PREFIX}not-a-token",
+                                           "Accept: application/json"))
+    assert head.startswith(b"HTTP/1.1 401"), head
+    assert json.loads(body)["error"]["code"] == "token-invalid"
+    assert fast_lane_server(p).lanes == set()
+    post = f"POST /x HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 2\r\nAccept: application/json\r\n\r\nab".encode()
+    [(head, _body)] = await exchange(p, post)
+    assert head.startswith(b"HTTP/1.1 500"), head

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from tests.conftest import next_address
-from tests.core.conftest import free_port
-from tests.core.stream_upstream import CHUNK, PATTERN
+from tests.server.conftest import free_port
+from tests.server.stream_upstream import CHUNK, PATTERN
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 1 << 30

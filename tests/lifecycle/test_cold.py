@@ -16,7 +16,7 @@ from gateway.lifecycle import Phase
 from gateway.lifecycle.archive import archive_home
 from gateway.lifecycle.local import LocalRuntime
 from tests.conftest import MakeGateway, next_address, settings, workspace
-from tests.wake.conftest import (
+from tests.lifecycle.conftest import (
     API,
     BODY,
     browser,

@@ -18,7 +18,7 @@ import yaml
 from aiohttp import web
 
 from gateway.proxy.pacing import INITIAL_WINDOW
-from tests.core.conftest import MakeProxied
+from tests.server.conftest import MakeProxied
 
 REPO = Path(__file__).resolve().parents[2]
 

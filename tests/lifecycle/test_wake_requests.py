@@ -19,7 +19,7 @@ from aiohttp import WSMsgType
 from gateway.auth.identity import Identity
 from gateway.lifecycle import Phase
 from tests.conftest import MakeGateway, next_address, workspace
-from tests.wake.conftest import API, BODY, PORT, browser, gateway_of, preview, slow_workspace, sse_events
+from tests.lifecycle.conftest import API, BODY, PORT, browser, gateway_of, preview, slow_workspace, sse_events
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.lifecycle import Phase
 from tests.conftest import MakeGateway, next_address, workspace
-from tests.wake.conftest import API, gateway_of, group_members, preview, recorded_pgid, slow_workspace, wait_gone
+from tests.lifecycle.conftest import API, gateway_of, group_members, preview, recorded_pgid, slow_workspace, wait_gone
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -19,7 +19,7 @@ async def test_shutdown_stops_every_process_group(make_gateway: MakeGateway, tmp
     stubborn = workspace(next_address(), command=["sh", "-c", "trap '' TERM; sleep 3600 & wait"])
     client = await make_gateway(
         workspaces={"a": slow_workspace(next_address(), delay=0, child=True), "stubborn": stubborn},
-        timeouts={"shutdown": 1},
+        local={"stop_timeout": 1},
     )
     assert (await client.get("/", headers={"Host": preview("a"), **API})).status == 200
     assert (await gateway_of(client).runtime.wake("stubborn")).phase is Phase.RUNNING

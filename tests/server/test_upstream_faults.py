@@ -22,8 +22,8 @@ import pytest
 
 from gateway.server.context import GATEWAY
 from tests.conftest import MakeGateway, next_address, scrape, workspace
-from tests.core.conftest import WORKSPACE
-from tests.core.test_hostile_input import Answer
+from tests.server.conftest import WORKSPACE
+from tests.server.test_hostile_input import Answer
 
 BIG = 100_000
 """A body longer than the gateway reads whole (``SMALL_BODY``): it is streamed, so a fault after its first piece
@@ -266,7 +266,7 @@ async def faulty(make_gateway: MakeGateway) -> AsyncIterator[Faulty]:
     address = next_address()
     upstream = Misbehaving()
     port = await upstream.start(address)
-    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})},
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
                                 timeouts={"first_byte": 0.5, "read": 0.5})
     await client.app[GATEWAY].runtime.wake(WORKSPACE)
     assert client.port is not None

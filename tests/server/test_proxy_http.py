@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from tests.conftest import MakeGateway, next_address, workspace
-from tests.core.conftest import HUB, IDE, MakeProxied, free_port, read_until
+from tests.server.conftest import HUB, IDE, MakeProxied, free_port, read_until
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND", "MKCOL", "REPORT"]
 

@@ -25,7 +25,7 @@ import yaml
 
 from gateway.lifecycle.archive import archive_home
 from tests.conftest import next_address
-from tests.wake.conftest import BODY, PORT, fill_home, group_members, recorded_pgid, slow_workspace, snapshot
+from tests.lifecycle.conftest import BODY, PORT, fill_home, group_members, recorded_pgid, slow_workspace, snapshot
 
 pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parents[2]

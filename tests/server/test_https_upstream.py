@@ -20,8 +20,8 @@ from cryptography.x509.oid import NameOID
 from gateway.auth.identity import Identity
 from gateway.server.context import GATEWAY
 from tests.conftest import MakeGateway, next_address, workspace
-from tests.core.conftest import free_port
-from tests.core.test_vite import INDEX, MAIN, VITE, next_json
+from tests.server.conftest import free_port
+from tests.server.test_vite import INDEX, MAIN, VITE, next_json
 
 pytestmark = pytest.mark.timeout(120)
 CONFIG = """import fs from "node:fs";

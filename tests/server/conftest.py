@@ -1,7 +1,7 @@
 """Fixtures for the core proxy tests: a real upstream on a workspace's loopback address behind a real gateway.
 
-The workspace runs ``sleep`` through the local runtime and is woken before the test starts, so every request goes
-the whole way: front door → routing → wake check → proxy → the upstream the test defined.
+The workspace is kept by a ``MemoryRuntime`` (no process: these tests are about proxying) and woken before the
+test starts, so every request goes the whole way: plan → lane → upstream pool → the upstream the test defined.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ async def proxied(make_gateway: MakeGateway, make_upstream: MakeUpstream) -> Mak
         port = upstream.port if upstream is not None else free_port(address)
         assert port is not None
         extra: dict[str, Any] = {"ide_port": port} if ide else {"ports": {port: "public"}}
-        client = await make_gateway(workspaces={WORKSPACE: workspace(address, **extra)}, **config)
+        client = await make_gateway(workspaces={WORKSPACE: workspace(address, **extra)}, in_memory=True, **config)
         await client.app[GATEWAY].runtime.wake(WORKSPACE)
         return Proxied(client, address, port, upstream=upstream)
 

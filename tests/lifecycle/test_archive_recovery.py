@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.lifecycle.archive import ArchiveError, archive_home, recover, restore_home, verify_archive
-from tests.wake.conftest import fill_home, snapshot
+from tests.lifecycle.conftest import fill_home, snapshot
 
 Snapshot = dict[str, tuple[object, ...]]
 

@@ -30,8 +30,8 @@ from aiohttp import web
 from gateway.auth.identity import Identity
 from gateway.server.refusals import Reason, refusal
 from tests.conftest import next_address
-from tests.core.conftest import MakeProxied, Proxied, free_port
-from tests.core.test_proxy_http import echo_app
+from tests.server.conftest import MakeProxied, Proxied, free_port
+from tests.server.test_proxy_http import echo_app
 
 REPO = Path(__file__).resolve().parents[2]
 HUB = "localhost:8080"
@@ -211,7 +211,7 @@ async def test_the_gateways_own_bug_is_logged_once_with_its_traceback(
     async def broken(*args: object) -> web.StreamResponse:
         raise RuntimeError("a bug of ours")
 
-    monkeypatch.setattr("gateway.server.app.serve_workspace", broken)
+    monkeypatch.setattr("gateway.server.app.execute", broken)
     answer, _, writer = await exchange(p, b"POST /x HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n", "fresh",
                                        caplog)
     writer.close()
