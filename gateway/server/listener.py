@@ -27,15 +27,17 @@ connect at once."""
 ACCEPT_BATCH = 64
 """Connections asyncio accepts per loop turn (it takes its listen backlog argument for this count)."""
 FD_RESERVE = 64
-"""File descriptors kept for everything that is not a client connection (listeners, logs, the API, state files)."""
+"""File descriptors kept for everything that is not a client connection or its upstream (listeners, logs, the
+Kubernetes API, state files)."""
 QUIET_FOR = 10.0
 _OUT_OF_FILES = "socket.accept() out of system resource"
 
 
 def connection_limit(configured: int | None) -> int:
-    """Client connections one worker takes: as configured, else what the open-file limit leaves, halved (a proxied
-    connection holds a second descriptor upstream), after an accept batch, the refused connections still
-    lingering and the reserve."""
+    """Client connections one worker takes: as configured, else what the open-file limit leaves after an accept
+    batch, the refused connections still lingering and a reserve, halved: a proxied connection may hold a second
+    descriptor upstream (a WebSocket always does; a request to a dev server that closes its connections opens a
+    fresh one each time)."""
     if configured is not None:
         return configured
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
