@@ -107,6 +107,13 @@ class ClosedUnanswered(BrokenOff):
     its real one can do that to a connection its old listener had queued."""
 
 
+class ResetUnanswered(ClosedUnanswered):
+    """Closed with a reset before a single byte of the answer (what a closing listener does to the connections
+    still in its queue)."""
+
+    fault = "reset"
+
+
 class Response:
     """The head of an upstream answer; the body is read through ``read_exactly`` or ``read_chunk``."""
 
@@ -268,12 +275,13 @@ class Connection(WriteFlow):
         if not self._done and self._head is not None and self._reads_to_eof():
             self._done = True  # a body delimited by the connection's end
         if not self._done:
-            if isinstance(exc, ConnectionError):
-                self.fail(Reset(f"the upstream reset the connection: {exc}"))
-            elif self.received:
-                self.fail(BrokenOff("the upstream closed the connection"))
+            reset = isinstance(exc, ConnectionError)
+            if self.received:
+                self.fail(Reset(f"the upstream reset the connection: {exc}") if reset
+                          else BrokenOff("the upstream closed the connection"))
             else:
-                self.fail(ClosedUnanswered("the upstream closed the connection without answering"))
+                self.fail(ResetUnanswered(f"the upstream reset the connection without answering: {exc}") if reset
+                          else ClosedUnanswered("the upstream closed the connection without answering"))
         self.wake()
         self._release_drain()
 
