@@ -244,6 +244,9 @@ def gateway_config(layout: Layout, name: str, port: int) -> Path:
             },
         },
     }
+    # 10,000 requests held through one wake are 10,000 client connections on one worker, more than half its
+    # 20,000 files (the default limit, for connections that each hold an upstream one too): held ones hold none.
+    settings["limits"] = {"connections": 12_000}
     path = layout.tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(settings))
     return path

@@ -21,6 +21,10 @@ from gateway.edge.routing import Target
 
 TARGET = web.RequestKey("codehub_target", Target)
 USER = web.RequestKey("codehub_user", str)
+REFUSED = web.RequestKey("codehub_refused", str)
+"""Why the gateway refused this request before serving it (``refusals.Reason``), written as ``reason``."""
+UNREAD = web.RequestKey("codehub_unread", str)
+"""Why the head of this request was refused unread: aiohttp's stand-in request knows nothing of it."""
 
 
 def log_text(value: str | None) -> str:
@@ -38,17 +42,22 @@ class AccessLog:
         self._logger = logger
         self._sink = next((handler for handler in logger.handlers if isinstance(handler, BufferedLineHandler)), None)
 
-    def write(self, *, remote: str | None, method: str, host: str, raw_path: str, status: int, length: int,
-              seconds: float, target: Target | None, user: str | None) -> None:
+    def write(self, *, remote: str | None, method: str | None, host: str | None, raw_path: str | None,
+              status: int, length: int, seconds: float, target: Target | None, user: str | None,
+              reason: str | None = None) -> None:
+        """``reason``: why the gateway refused the request (``server.refusals``). Method, host and path are None for a
+        request whose head could not be read."""
         if not self._logger.isEnabledFor(logging.INFO):
             return
         kind, workspace, port = (target.kind.value, target.workspace, target.port) if target else (None, None, None)
+        path = None if raw_path is None else raw_path.partition("?")[0]
+        why = "" if reason is None else f',"reason":{log_text(reason)}'
         line = (
             f'{{"ts":{time.time():.3f},"remote":{log_text(remote)},"method":{log_text(method)},'
-            f'"host":{log_text(host)},"path":{log_text(raw_path.partition("?")[0])},"status":{status},'
+            f'"host":{log_text(host)},"path":{log_text(path)},"status":{status},'
             f'"bytes":{length},"ms":{seconds * 1000:.2f},'
             f'"kind":{log_text(kind)},"workspace":{log_text(workspace)},"port":{"null" if port is None else port},'
-            f'"user":{log_text(user)}}}'
+            f'"user":{log_text(user)}{why}}}'
         )
         if self._sink is not None:
             self._sink.write_line(line)
@@ -64,9 +73,15 @@ class AccessLogger(AbstractAccessLogger):
         self._log = AccessLog(logger)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_taken: float) -> None:
+        unread = request.get(UNREAD)
+        if unread is not None:
+            self._log.write(remote=request.remote, method=None, host=None, raw_path=None, status=response.status,
+                            length=response.body_length, seconds=time_taken, target=None, user=None, reason=unread)
+            return
         self._log.write(remote=request.remote, method=request.method, host=request.headers.get("Host", ""),
                         raw_path=request.raw_path, status=response.status, length=response.body_length,
-                        seconds=time_taken, target=request.get(TARGET), user=request.get(USER))
+                        seconds=time_taken, target=request.get(TARGET), user=request.get(USER),
+                        reason=request.get(REFUSED))
 
 
 class BufferedLineHandler(logging.Handler):

@@ -64,6 +64,25 @@ class Timeouts(_Model):
     shutdown: Seconds = 10.0
 
 
+class Limits(_Model):
+    """What one client may ask of the gateway; past each limit it gets a clear status, never a hang or a crash.
+
+    ``request_line`` and ``header_size`` (bytes) and ``header_count`` bound a request head (414, 431); ``body``
+    bounds a request body the gateway reads itself (hub, API, sign-in forms: 413), while bodies for previews stream
+    through unlimited. ``connections`` is per worker process (past it a new connection gets 503 and is closed);
+    ``None`` sets it from the open-file limit, so the gateway refuses connections before ``accept`` runs out of
+    file descriptors. ``keepalive`` (s) closes a client connection idle between requests; ``head_timeout`` (s)
+    is how long a client may take to send a whole head (a slowloris dribbling one gets 408)."""
+
+    request_line: int = Field(default=8190, ge=256)
+    header_size: int = Field(default=8190, ge=256)
+    header_count: int = Field(default=100, ge=8)
+    body: int = Field(default=1 << 20, ge=1024)
+    connections: int | None = Field(default=None, ge=1)
+    keepalive: Seconds = 75.0
+    head_timeout: Seconds = 20.0
+
+
 class Idle(_Model):
     """Idle timers in seconds: RUNNING → WARM after ``to_warm``, WARM → COLD after ``to_cold`` more."""
 
@@ -282,6 +301,7 @@ class Config(_Model):
     policy_file: Path | None = None
     auth: Auth = Auth()
     timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
     idle: Idle = Idle()
     max_ws_message: int = Field(default=64 << 20, gt=0)
     runtime: Literal["local", "kubernetes"] = "local"

@@ -34,6 +34,10 @@ class GatewayError(Exception):
         self.retry = retry
         self.cookies = cookies
 
+    def document(self) -> dict[str, dict[str, str | int]]:
+        """The JSON body every client that is not a browser gets: ``{"error": {"code", "message", "status"}}``."""
+        return {"error": {"code": self.code, "message": self.message, "status": self.status}}
+
 
 class BadRequest(GatewayError):
     status = 400
@@ -71,10 +75,28 @@ class Conflict(GatewayError):
     title = "Conflict"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    code = "request-timeout"
+    title = "Request too slow"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload-too-large"
     title = "Request too large"
+
+
+class URITooLong(GatewayError):
+    status = 414
+    code = "url-too-long"
+    title = "Address too long"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    code = "headers-too-large"
+    title = "Request headers too large"
 
 
 class BadGateway(GatewayError):

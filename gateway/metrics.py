@@ -41,6 +41,19 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.upstream_faults = Counter(
+            "codehub_upstream_errors",
+            "Upstream exchanges that failed after the connection was made, by fault (reset, closed, garbage, "
+            "head-too-large, no-answer, stalled).",
+            ["fault"],
+            registry=r,
+        )
+        self.bad_requests = Counter(
+            "codehub_bad_requests",
+            "Client requests refused before any handler saw them (malformed, over a limit, too slow), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.websockets = Gauge("codehub_websockets_open", "WebSocket connections being relayed.", registry=r)
         self.policy_decisions = Counter(
             "codehub_policy_decisions", "Access decisions, by result and reason.", ["allow", "reason"], registry=r
@@ -87,6 +100,9 @@ class Metrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def upstream_fault(self, fault: str) -> None:
+        self.upstream_faults.labels(fault).inc()
 
     def decision(self, allow: bool, reason: str) -> None:
         child = self._decision_children.get((allow, reason))

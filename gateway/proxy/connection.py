@@ -4,6 +4,11 @@ pool, the answer is parsed by llhttp as it arrives and read by the proxy piece b
 Timers: the answer's head is awaited for the first-byte timeout once the request (and its body) is out (one
 ``HeadClock`` per pool); then each piece of body for the read timeout. Its first byte back also proves the
 connection to the pool's pacing.
+
+What an upstream may do wrong ends the exchange with an ``UpstreamError`` whose ``fault`` names it, reported once
+per exchange (``on_fault``): a reset, a close before the answer was whole, something that is not HTTP, a head
+past ``MAX_HEAD`` (never buffered further), silence. Bytes after a whole answer (a second answer nobody asked
+for, say) are never read as the answer to the next request: the connection is dropped instead of reused.
 """
 
 from __future__ import annotations
@@ -23,10 +28,15 @@ from gateway.proxy.pacing import Attempt, Outcome
 
 _READ_LIMIT = 1 << 16
 """Body bytes buffered per connection before reading from the upstream pauses (the client is slower)."""
+MAX_HEAD = 1 << 16
+"""Bytes of an answer's head (interim answers' included) the gateway reads before refusing it (502)."""
 
 
 class UpstreamError(Exception):
-    """The exchange with the upstream failed; subclasses say how."""
+    """The exchange with the upstream failed; subclasses say how. ``fault``: what the upstream did, the label of
+    ``codehub_upstream_errors_total`` (None: not the upstream's doing, or counted elsewhere)."""
+
+    fault: str | None = None
 
 
 class ConnectFailed(UpstreamError):
@@ -48,18 +58,60 @@ class QueueTimeout(UpstreamError):
 class ReadTimeout(UpstreamError):
     """The upstream went silent mid-body for longer than the read timeout."""
 
+    fault = "stalled"
+
 
 class HeadTimeout(ReadTimeout):
-    """The upstream took the request but sent no answer within the first-byte timeout."""
+    """The upstream took the request but sent no (whole) answer head within the first-byte timeout."""
+
+    fault = "no-answer"
 
 
 class BrokenOff(UpstreamError):
-    """The connection closed, or the upstream sent something that is not HTTP, before the answer was whole."""
+    """The connection ended, or the upstream sent something that is not HTTP, before the answer was whole."""
+
+    fault: str | None = "closed"
+
+
+class Reset(BrokenOff):
+    fault = "reset"
+
+
+class Garbage(BrokenOff):
+    """Not HTTP, or more than the answer to the request (bytes after it, a second answer)."""
+
+    fault = "garbage"
+
+
+class HeadTooLarge(BrokenOff):
+    fault = "head-too-large"
+
+
+class Abandoned(BrokenOff):
+    """The gateway closed the connection itself (the client left, or the connection cannot be reused)."""
+
+    fault = None
+
+
+class ClientBodyFailed(UpstreamError):
+    """The client's body could not be read to its end (``error``): the exchange is abandoned, no fault of the
+    upstream's."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"the client's body broke off: {type(error).__name__}")
+        self.error = error
 
 
 class ClosedUnanswered(BrokenOff):
     """The connection closed before a single byte of the answer: a dev server going from a throwaway listener to
     its real one can do that to a connection its old listener had queued."""
+
+
+class ResetUnanswered(ClosedUnanswered):
+    """Closed with a reset before a single byte of the answer (what a closing listener does to the connections
+    still in its queue)."""
+
+    fault = "reset"
 
 
 class Response:
@@ -159,10 +211,12 @@ class HeadClock:
 class Connection(WriteFlow):
     """One upstream connection: llhttp callbacks fill the current answer, the proxy awaits its pieces."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, clock: HeadClock, read_timeout: float | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, clock: HeadClock, read_timeout: float | None,
+                 on_fault: Callable[[str], None]) -> None:
         self._loop = loop
         self.clock = clock
         self._read_timeout = read_timeout
+        self._on_fault = on_fault
         self.attempt: Attempt[Connection] | None = None  # its place in the window until it answers
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
@@ -173,6 +227,8 @@ class Connection(WriteFlow):
         self._buffered = 0
         self._done = False
         self._head_only = False
+        self._head_bytes = 0
+        self._answered = False  # a whole answer came on this connection before (so it is a kept-alive one)
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self.keep_alive = True
@@ -191,11 +247,21 @@ class Connection(WriteFlow):
         if self.attempt is not None:
             self.attempt.end(Outcome.PROVEN)
             self.attempt = None
+        if self._done:  # the answer is whole and no request is out: nothing may come now
+            self.fail(Garbage("bytes after the answer"))
+            self.close()
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.fail(BrokenOff(f"invalid HTTP from the upstream: {exc}"))
+            self.fail(Garbage(f"invalid HTTP from the upstream: {exc}"))
             self.close()
+            return
+        if self._head is None:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self.fail(HeadTooLarge(f"an answer head of over {MAX_HEAD} bytes"))
+                self.close()
 
     def eof_received(self) -> bool:
         return False
@@ -209,12 +275,23 @@ class Connection(WriteFlow):
         if not self._done and self._head is not None and self._reads_to_eof():
             self._done = True  # a body delimited by the connection's end
         if not self._done:
-            self.fail(BrokenOff("the upstream closed the connection") if self.received
-                       else ClosedUnanswered("the upstream closed the connection without answering"))
+            reset = isinstance(exc, ConnectionError)
+            if self.received:
+                self.fail(Reset(f"the upstream reset the connection: {exc}") if reset
+                          else BrokenOff("the upstream closed the connection"))
+            else:
+                self.fail(ResetUnanswered(f"the upstream reset the connection without answering: {exc}") if reset
+                          else ClosedUnanswered("the upstream closed the connection without answering"))
         self.wake()
         self._release_drain()
 
     # --- llhttp callbacks ---------------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._done:  # a second answer behind a whole one, in the same read: stop before any of it is taken
+            error = Garbage("a second answer to one request")
+            self.fail(error)
+            raise error
+
     def on_status(self, status: bytes) -> None:
         self._reason = status.decode("utf-8", "surrogateescape")
 
@@ -246,6 +323,7 @@ class Connection(WriteFlow):
             self._reason = ""
             return
         self._done = True
+        self._answered = True
         self.keep_alive = self.keep_alive and self._parser.should_keep_alive()
         self.wake()
 
@@ -256,9 +334,13 @@ class Connection(WriteFlow):
         return "Content-Length" not in headers and "chunked" not in headers.get("Transfer-Encoding", "").lower()
 
     def fail(self, error: UpstreamError) -> None:
-        """The exchange is over with ``error`` (the first one counts); whoever reads next gets it."""
+        """The exchange is over with ``error`` (the first one counts, and is reported as the upstream's fault
+        unless it is a kept-alive connection the upstream had closed: a race that the pool retries for free, and
+        reports itself when it does not); whoever reads next gets it."""
         if self._error is None:
             self._error = error
+            if error.fault is not None and not (isinstance(error, ClosedUnanswered) and self._answered):
+                self._on_fault(error.fault)
         self.keep_alive = False
         self.wake()
 
@@ -296,6 +378,7 @@ class Connection(WriteFlow):
         self._headers = []
         self._reason = ""
         self._head = None
+        self._head_bytes = 0
         self._done = False
         self.received = False
 
@@ -325,7 +408,7 @@ class Connection(WriteFlow):
                 and self.transport is not None and not self.transport.is_closing())
 
     def close(self) -> None:
-        self.keep_alive = False
+        self.fail(Abandoned("closed by the gateway"))  # whatever ends the connection now is not the upstream's doing
         if self.transport is not None:
             self.transport.close()
 

@@ -20,7 +20,8 @@ from typing import Final
 import httptools
 
 MAX_HEAD = 16 << 10
-"""A request head longer than this goes to aiohttp, whose limits (8190 bytes a line) decide."""
+"""A request head longer than this goes to aiohttp, whose limits (``limits.header_size`` and so on) decide."""
+MAX_LINE = 8190
 MAX_FIELD = 8190
 MAX_HEADERS = 100
 _FAST_METHODS = frozenset({b"GET", b"HEAD"})
@@ -71,8 +72,11 @@ class State(enum.Enum):
 class Connection:
     """One client connection, until it is handed over or closed."""
 
-    def __init__(self, *, max_head: int = MAX_HEAD, max_field: int = MAX_FIELD, max_headers: int = MAX_HEADERS):
-        self.max_head, self.max_field, self.max_headers = max_head, max_field, max_headers
+    def __init__(self, *, max_head: int = MAX_HEAD, max_line: int = MAX_LINE, max_field: int = MAX_FIELD,
+                 max_headers: int = MAX_HEADERS):
+        """Past ``max_line`` (the target), ``max_field`` (a header) or ``max_headers``, a head is handed over for
+        aiohttp to refuse (with the same limits)."""
+        self.max_head, self.max_line, self.max_field, self.max_headers = max_head, max_line, max_field, max_headers
         self.state = State.READING
         self._parser = httptools.HttpRequestParser(self)
         self._raw = bytearray()
@@ -86,6 +90,11 @@ class Connection:
         self._complete = 0
         self._unfit = False
         self._keep_alive = True
+
+    @property
+    def reading_head(self) -> bool:
+        """Some of a request head is in, not all of it (its deadline is the caller's to keep)."""
+        return self.state is State.READING and bool(self._raw)
 
     @property
     def parked(self) -> int:
@@ -138,7 +147,7 @@ class Connection:
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self.max_field:
+        if len(self._url) > self.max_line:
             self._unfit = True
 
     def on_header(self, name: bytes, value: bytes) -> None:

@@ -12,12 +12,14 @@ import asyncio
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 from aiohttp import StreamReader
 from multidict import CIMultiDict
 
 from gateway.proxy.connection import (
     BrokenOff,
+    ClientBodyFailed,
     ClosedUnanswered,
     ConnectFailed,
     Connection,
@@ -36,7 +38,8 @@ from gateway.proxy.connection import (
 from gateway.proxy.pacing import SETTLE_AFTER, Attempt, Deadlines, Outcome, Pacer, Turns
 
 __all__ = [  # the connection's names too: both lanes take what they need of the upstream side from here
-    "REPLAYABLE_METHODS", "BrokenOff", "ClosedUnanswered", "ConnectFailed", "ConnectTimeout", "Exchange",
+    "REPLAYABLE_METHODS", "BrokenOff", "ClientBodyFailed", "ClosedUnanswered", "ConnectFailed", "ConnectTimeout",
+    "Exchange",
     "HeadTimeout", "QueueTimeout", "ReadTimeout", "Response", "UpstreamError", "UpstreamPool", "WriteFlow",
     "encode_head",
 ]
@@ -93,14 +96,17 @@ class _Upstream:
 
 class UpstreamPool:
     """Keep-alive connections per (host, port), most recently used first, opened at the pace the upstream
-    accepts them (``pacing``); idle ones close after a while.
+    accepts them (``pacing``); idle ones close after a while. ``on_fault`` hears what each failed exchange's
+    upstream did wrong (``UpstreamError.fault``).
 
     Timeouts: ``connect`` per connection attempt, ``first_byte`` from the request being sent to the answer's
     head, ``read`` for silence in the middle of a body (None: SSE and long polls stay open), ``queue`` for the
     wait for a turn and a connection."""
 
     def __init__(self, *, connect_timeout: float, first_byte_timeout: float | None, read_timeout: float | None,
-                 queue_timeout: float, keepalive: float = 30.0, limit: int = LIMIT_PER_UPSTREAM) -> None:
+                 queue_timeout: float, keepalive: float = 30.0, limit: int = LIMIT_PER_UPSTREAM,
+                 on_fault: Callable[[str], None] = lambda fault: None) -> None:
+        self._on_fault = on_fault
         self._connect_timeout = connect_timeout
         self._clock = HeadClock(first_byte_timeout)
         self._read_timeout = read_timeout
@@ -173,9 +179,12 @@ class UpstreamPool:
                 return await conn.read_head(), exchange
             except (BrokenOff, HeadTimeout) as exc:
                 exchange.close()
+                race = reused and isinstance(exc, ClosedUnanswered)  # the upstream had closed a kept-alive one
                 if not replayable or conn.received:
+                    if race:  # not sent again, so the race cost this request: the upstream's fault after all
+                        self._on_fault(exc.fault or "closed")
                     raise
-                if not (reused and isinstance(exc, ClosedUnanswered)):  # the kept-alive race is free
+                if not race:  # the race is free
                     if retried:
                         raise
                     retried = True
@@ -217,7 +226,8 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                conn = await open_upstream(lambda: Connection(loop, self._clock, self._read_timeout), *key)
+                conn = await open_upstream(lambda: Connection(loop, self._clock, self._read_timeout, self._on_fault),
+                                           *key)
         except TimeoutError as exc:
             attempt.end(Outcome.LOST)
             raise ConnectTimeout(f"connect to {key[0]}:{key[1]} took over {self._connect_timeout:g} s") from exc
@@ -295,7 +305,7 @@ async def _send_body(conn: Connection, body: StreamReader, chunked: bool) -> Non
         if chunked and not transport.is_closing():
             transport.write(b"0\r\n\r\n")
     except Exception as exc:
-        conn.fail(BrokenOff(f"the client's body broke off: {type(exc).__name__}"))
+        conn.fail(ClientBodyFailed(exc))
         conn.close()
         raise
     conn.clock.start(conn)  # the whole request is out: the first-byte clock starts now

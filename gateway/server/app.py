@@ -15,7 +15,7 @@ import jinja2
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.accesslog import TARGET
+from gateway.accesslog import REFUSED, TARGET
 from gateway.auth.keys import KeyFileError, load_or_create
 from gateway.auth.oidc import OidcClient
 from gateway.auth.sessions import Sessions
@@ -31,6 +31,7 @@ from gateway.lifecycle.wake import WakeLimits, Waker
 from gateway.metrics import Metrics
 from gateway.server.context import GATEWAY, AuthState, Gateway
 from gateway.server.lane import execute, plan_for
+from gateway.server.refusals import Reason, counted
 from gateway.server.wiring import make_pool, make_reaper, make_runtime, make_session, make_store
 from gateway.web import api, auth_routes, badge, hub
 from gateway.web.pages import error_response, internal_error, phase_words
@@ -63,6 +64,9 @@ async def by_plan(request: web.Request, handler: Handler) -> web.StreamResponse:
             request, MethodNotAllowed(f"{request.method} is not allowed here.", headers={"Allow": ",".join(
                 sorted(exc.allowed_methods))})
         )
+    except web.HTTPRequestEntityTooLarge:  # a body read for the gateway itself, past limits.body
+        request[REFUSED] = Reason.BODY_TOO_LARGE.value
+        response = error_response(request, counted(gateway.metrics, Reason.BODY_TOO_LARGE))
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:
@@ -147,7 +151,9 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
         trusted_proxies=tuple(ipaddress.ip_network(net, strict=False) for net in config.trusted_proxies),
     )
     # Request bodies pass through as sent: the server must not undo a client's Content-Encoding.
-    app = web.Application(middlewares=[by_plan], handler_args={"auto_decompress": False})
+    # Bodies the gateway reads itself (hub, API, sign-in forms) are bounded; bodies for previews stream through.
+    app = web.Application(middlewares=[by_plan], handler_args={"auto_decompress": False},
+                          client_max_size=config.limits.body)
     app[GATEWAY] = gateway
     templates = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway.web", "templates"), autoescape=True)
     templates.globals["hub_url"] = hosts.hub_url("/")
@@ -166,7 +172,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
 async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
     gateway._session = make_session(gateway.config.timeouts)
-    gateway._pool = make_pool(gateway.config.timeouts)
+    gateway._pool = make_pool(gateway.config.timeouts, gateway.metrics.upstream_fault)
     gateway.metrics.track_queue(gateway._pool.queued)
     if gateway.config.auth.oidc is not None:
         gateway.auth.oidc = OidcClient(gateway.config.auth.oidc, gateway.session)

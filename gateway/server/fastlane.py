@@ -10,6 +10,11 @@ Every other request is handed to aiohttp before anything was sent: the connectio
 ``RequestHandler`` and it gets the request's bytes exactly as they arrived. When this lane made a plan, the plan
 goes along (``Gateway.handed``), so nothing is decided twice — including an upstream that failed before
 answering: aiohttp renders the error the plan now carries, and never sends the request again.
+
+The lane also keeps the client's side of the limits (``server.refusals``): a head must be whole within
+``limits.head_timeout`` of its first byte (else 408, here or after the hand-over: the deadline goes along), an
+idle connection closes after ``limits.keepalive``, and past ``limits.connections`` a new connection is answered
+503 and closed.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import contextlib
 import logging
 import socket
 import time
-from typing import cast
+from typing import Any, cast
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -33,12 +38,12 @@ from gateway.proxy.upstream import Upstream
 from gateway.server.context import GATEWAY, Gateway
 from gateway.server.forward import SMALL_BODY, read_small, send, shape_answer
 from gateway.server.lane import carry_out, in_use, peer_address, upstream_of
+from gateway.server.listener import connection_limit
+from gateway.server.refusals import GatewayHandler, Overloaded, Reason, Refusals, handler_settings
 
 log = logging.getLogger(__name__)
 MAX_PARKED = 64 << 10
 """Bytes of a pipelined next request kept while one is in flight; past this, reading pauses."""
-KEEPALIVE = 75.0
-"""Seconds an idle keep-alive connection stays open (aiohttp's default, so both lanes behave alike)."""
 
 
 class FastLaneServer(web.Server):
@@ -49,11 +54,30 @@ class FastLaneServer(web.Server):
                          handler_cancellation=inner.handler_cancellation)
         self.inner = inner
         self.gateway = gateway
+        self.limits = gateway.config.limits
         self.access = AccessLog(logging.getLogger("codehub.access"))
+        self.refusals = Refusals(gateway.metrics, self.access)
         self.lanes: set[FastLane] = set()
+        self.open = 0
+        """Client connections of this worker, either lane (counted when accepted: one ``accept`` burst can take
+        many before any of them is set up)."""
+        self.most = connection_limit(self.limits.connections)
+        self._lingering: set[Overloaded] = set()
 
-    def __call__(self) -> FastLane:  # type: ignore[override]
+    def __call__(self) -> FastLane | Overloaded:  # type: ignore[override]
+        if self.open >= self.most:
+            return Overloaded(self.refusals, self._lingering)
+        self.open += 1
         return FastLane(self)
+
+    def release(self) -> None:
+        """A client connection ended."""
+        self.open -= 1
+
+    def handler(self) -> GatewayHandler:
+        """aiohttp's side of a connection handed over, with the settings aiohttp gave its own handlers."""
+        return GatewayHandler(self.inner, self.refusals, self.release, loop=self._loop,
+                              head_timeout=self.limits.head_timeout, **self.inner._kwargs)
 
     def pre_shutdown(self) -> None:
         for lane in list(self.lanes):
@@ -65,7 +89,11 @@ class FastLaneServer(web.Server):
 
 
 class GatewayRunner(web.AppRunner):
-    """``AppRunner`` whose server is the ``FastLaneServer``: ``serve`` and the tests both run the gateway with it."""
+    """``AppRunner`` whose server is the ``FastLaneServer``: ``serve`` and the tests both run the gateway with it,
+    with aiohttp's limits and access log set from the gateway's settings."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **(handler_settings(app[GATEWAY].config.limits) | kwargs))
 
     async def _make_server(self) -> web.Server:
         inner = await super()._make_server()
@@ -80,12 +108,16 @@ class FastLane(WriteFlow):
         self._gateway = front.gateway
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._connection = h1.Connection()
+        limits = front.limits
+        self._connection = h1.Connection(max_line=limits.request_line, max_field=limits.header_size,
+                                         max_headers=limits.header_count)
         self._task: asyncio.Task[None] | None = None
         self._reading = True
         self._wrote = False
-        self._idle_since = time.monotonic()
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = self._loop.time()
+        self._head_since = self._idle_since  # when the first bytes of the head being read arrived
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._peer = "0.0.0.0"
 
     # --- asyncio.Protocol ---------------------------------------------------------------------------------
@@ -97,24 +129,28 @@ class FastLane(WriteFlow):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._front.lanes.add(self)
-        self._idle_timer = self._loop.call_later(KEEPALIVE, self._idle_check)
+        self._arm(self._idle_since + self._front.limits.keepalive)  # a connection that never sends: as if idle
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._front.lanes.discard(self)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        self._front.release()
+        if self._timer is not None:
+            self._timer.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client went away: stop the upstream exchange too
         self._release_drain()
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
-        self._idle_since = time.monotonic()
+        if not self._connection.reading_head:
+            self._head_since = self._loop.time()
         event = self._connection.receive(data)
         if self._connection.parked > MAX_PARKED and self._transport is not None and self._reading:
             self._transport.pause_reading()
             self._reading = False
         self._act(event)
+        if self._connection.reading_head:  # a head arriving in pieces: it has until head_timeout
+            self._arm(self._head_since + self._front.limits.head_timeout)
 
     def eof_received(self) -> bool:
         return False
@@ -186,6 +222,7 @@ class FastLane(WriteFlow):
                                  raw_path=request.target, status=answer.status, length=sent, seconds=seconds,
                                  target=forward.target, user=forward.user)
         self._task = None
+        self._idle_since = self._head_since = self._loop.time()
         if self._transport is not None:
             self._act(self._connection.done(keep_alive))
 
@@ -229,28 +266,52 @@ class FastLane(WriteFlow):
         if transport is None:
             return
         self._front.lanes.discard(self)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         self._transport = None
         if made is not None:
             self._gateway.handed[transport] = made
-        handler = self._front.inner()
+        handler = self._front.handler()
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if not self._reading:
             transport.resume_reading()
+        # The head's deadline goes along; aiohttp's side drops it as soon as it has read a whole head.
+        handler.expect_head(self._head_since + self._front.limits.head_timeout)
         if data:
             handler.data_received(data)
 
-    def _idle_check(self) -> None:
-        self._idle_timer = None
-        if self._transport is None:
+    def _arm(self, at: float) -> None:
+        """Check the connection's deadlines at ``at`` (loop time), unless a check comes sooner already: one timer
+        per connection, moved only when a head arrives in pieces, not once per request."""
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._check)
+
+    def _check(self) -> None:
+        """The head being read must be whole within ``head_timeout``, an idle connection closes after
+        ``keepalive``; a request in flight is checked again a keep-alive period later."""
+        self._timer = None
+        transport = self._transport
+        if transport is None:
             return
-        idle_for = time.monotonic() - self._idle_since
-        if self._task is None and idle_for >= KEEPALIVE:
-            self._transport.close()
-            return
-        self._idle_timer = self._loop.call_later(max(KEEPALIVE - idle_for, 1.0), self._idle_check)
+        limits = self._front.limits
+        now = self._loop.time()
+        if self._task is not None:
+            self._arm(now + limits.keepalive)
+        elif self._connection.reading_head:
+            if now >= self._head_since + limits.head_timeout:
+                self._front.refusals.answer(transport, Reason.HEAD_TIMEOUT, seconds=now - self._head_since)
+                transport.close()
+            else:
+                self._arm(self._head_since + limits.head_timeout)
+        elif now >= self._idle_since + limits.keepalive:
+            transport.close()
+        else:
+            self._arm(self._idle_since + limits.keepalive)
 
     # --- shutdown -----------------------------------------------------------------------------------------
     def close_if_idle(self) -> None:

@@ -9,11 +9,12 @@ from typing import NamedTuple
 from aiohttp import StreamReader, web
 from multidict import CIMultiDict
 
-from gateway.errors import BadGateway, GatewayTimeout, ServiceUnavailable, UnsafeHeader
+from gateway.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable, UnsafeHeader
 from gateway.metrics import Metrics
 from gateway.proxy.headers import ResponseRules, downstream_response_headers
 from gateway.proxy.pool import (
     REPLAYABLE_METHODS,
+    ClientBodyFailed,
     ClosedUnanswered,
     ConnectFailed,
     ConnectTimeout,
@@ -84,6 +85,10 @@ async def send(pool: UpstreamPool, upstream: Upstream, method: str, path: str, h
             ) from exc
         except ReadTimeout as exc:
             raise timed_out(upstream) from exc
+        except ClientBodyFailed as exc:
+            if isinstance(exc.error, GatewayError):  # refused as it arrived (a malformed chunk): the client's 400
+                raise exc.error from None
+            raise broken_off(upstream, exc) from exc
         except UpstreamError as exc:
             raise broken_off(upstream, exc) from exc
 

@@ -28,13 +28,12 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.accesslog import AccessLogger, BufferedLineHandler
+from gateway.accesslog import BufferedLineHandler
 from gateway.config import Config
 from gateway.server.fastlane import GatewayRunner
+from gateway.server.listener import ACCEPT_BATCH, QuietAccept, deepen, listening_sockets
 
 log = logging.getLogger(__name__)
-BACKLOG = 4096
-"""Listen backlog: aiohttp's default (128) drops SYNs when a thousand clients connect at once."""
 WORKER_HEADER = "X-Codehub-Worker"
 _PR_SET_PDEATHSIG = 1
 _RESTART_AFTER = 1.0
@@ -58,18 +57,20 @@ def serve_app(app: web.Application, config: Config, *, reuse_port: bool = False)
 
 
 async def _serve(app: web.Application, config: Config, reuse_port: bool) -> None:
-    runner = GatewayRunner(
-        app, handle_signals=False, access_log_class=AccessLogger, access_log=logging.getLogger("codehub.access"),
-        handler_cancellation=True, shutdown_timeout=config.timeouts.shutdown,
-    )
+    runner = GatewayRunner(app, handle_signals=False, handler_cancellation=True,
+                           shutdown_timeout=config.timeouts.shutdown)
     await runner.setup()
     # Everything loaded so far lives as long as the process: keep it out of the collector's full passes, which
     # otherwise walk it all (about 40 ms each, several a minute under load).
     gc.freeze()
     metrics_runner: web.AppRunner | None = None
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(QuietAccept())
     try:
-        site = web.TCPSite(runner, config.listen.host, config.listen.port, reuse_port=reuse_port, backlog=BACKLOG)
-        await site.start()
+        sockets = listening_sockets(config.listen.host, config.listen.port, reuse_port=reuse_port)
+        for sock in sockets:
+            await web.SockSite(runner, sock, backlog=ACCEPT_BATCH).start()
+        deepen(sockets)
         if config.metrics.port is not None:
             from gateway.server.app import build_metrics_app
 
@@ -77,7 +78,6 @@ async def _serve(app: web.Application, config: Config, reuse_port: bool) -> None
             await metrics_runner.setup()
             await web.TCPSite(metrics_runner, config.metrics.host, config.metrics.port, reuse_port=reuse_port).start()
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()

@@ -51,10 +51,10 @@ def make_reaper(config: Config, runtime: Runtime, activity: Activity, metrics: M
                   is_leader=is_leader, busy=busy)
 
 
-def make_pool(timeouts: Timeouts) -> UpstreamPool:
-    """The keep-alive pool plain HTTP requests are proxied through."""
+def make_pool(timeouts: Timeouts, on_fault: Callable[[str], None]) -> UpstreamPool:
+    """The keep-alive pool plain HTTP requests are proxied through; ``on_fault`` counts what upstreams do wrong."""
     return UpstreamPool(connect_timeout=timeouts.connect, first_byte_timeout=timeouts.first_byte,
-                        read_timeout=timeouts.read, queue_timeout=timeouts.queue, keepalive=30.0)
+                        read_timeout=timeouts.read, queue_timeout=timeouts.queue, keepalive=30.0, on_fault=on_fault)
 
 
 def make_session(timeouts: Timeouts) -> aiohttp.ClientSession:

@@ -54,8 +54,7 @@ def error_response(request: web.Request, error: GatewayError) -> web.StreamRespo
         response = aiohttp_jinja2.render_template(error.template, request, {"error": error}, status=error.status)
         response.headers.update(headers)
     else:
-        body = {"error": {"code": error.code, "message": error.message, "status": error.status}}
-        response = web.json_response(body, status=error.status, headers=headers)
+        response = web.json_response(error.document(), status=error.status, headers=headers)
     for cookie in error.cookies:
         response.headers.add("Set-Cookie", cookie)
     return response

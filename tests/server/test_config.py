@@ -48,6 +48,11 @@ def load(tmp_path: Path, text: str | None, env: dict[str, str] | None = None) ->
         (WS + "      ports: {3000: public, 5173: org}\n      address: 127.0.0.9\n", {},
          lambda c: c.local.workspaces["ws1"].ports == {3000: "public", 5173: "org"}),
         (None, {"HOME": "/x", "CODEHUB_CONFIG": ""}, lambda c: "demo" in c.local.workspaces),
+        ("", {}, lambda c: (c.limits.header_size, c.limits.body, c.limits.connections, c.limits.keepalive)
+         == (8190, 1 << 20, None, 75.0)),
+        ("limits: {connections: 500, request_line: 4096, header_count: 50}\n", {"CODEHUB_LIMITS__HEAD_TIMEOUT": "3"},
+         lambda c: (c.limits.connections, c.limits.request_line, c.limits.header_count, c.limits.head_timeout)
+         == (500, 4096, 50, 3.0)),
     ],
 )
 def test_good_settings(tmp_path: Path, text: str | None, env: dict[str, str], check: Any) -> None:
@@ -73,6 +78,10 @@ def test_good_settings(tmp_path: Path, text: str | None, env: dict[str, str], ch
         ("timeouts: {queue: null}\n", {}, "timeouts.queue: Input should be a valid number"),
         ("runtime: docker\n", {}, "runtime: Input should be 'local' or 'kubernetes'"),
         ("max_ws_message: 0\n", {}, "max_ws_message: Input should be greater than 0"),
+        ("limits: {header_size: 10}\n", {}, "limits.header_size: Input should be greater than or equal to 256"),
+        ("limits: {connections: 0}\n", {}, "limits.connections: Input should be greater than or equal to 1"),
+        ("", {"CODEHUB_LIMITS__KEEPALIVE": "0"}, "limits.keepalive: Input should be greater than 0"),
+        ("limits: {conections: 5}\n", {}, "limits.conections: unknown setting"),
         ("local: {workspaces: {Bad_Id: {owner: a, command: [x]}}}\n", {}, "local.workspaces: workspace id 'Bad_Id'"),
         (WS.replace("[sleep, '1']", "[]"), {}, "local.workspaces.ws1.command: must name a program to run"),
         (WS.replace("'1'", "'{port}'"), {}, "local.workspaces.ws1.command: '{port}': unknown placeholder"),

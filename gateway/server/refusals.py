@@ -1,0 +1,263 @@
+"""Requests refused before any handler sees them: malformed, over a limit, too slow, or one connection too many.
+
+Anyone can send these, a few hundred bytes at a time, so each one costs the same small, quiet answer in both
+lanes: its status (400, 408, 413, 414, 431 or 503) with a JSON error that names the reason and never echoes what
+was sent, one access-log line with that reason, one count in ``codehub_bad_requests_total{reason}``, and no other
+log record, let alone a traceback. The answer is JSON for everyone: a head that could not be read cannot be
+trusted to say that a browser sent it. Exceptions that are the gateway's own bugs are not refusals: they still
+reach aiohttp's ``log_exception``, once, with their traceback.
+
+aiohttp's ``RequestHandler`` logs every parse error as an ERROR with a traceback (``handle_error``): the handler
+here answers those itself. It also adds what aiohttp lacks: a deadline for a request head (aiohttp would wait for
+a dribbled head until the keep-alive timeout), and a malformed chunk in the middle of a body ends that request
+with a 400 (aiohttp would leave it waiting for the rest of a body that can no longer come).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError, InvalidHeader, InvalidURLError, LineTooLong
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+
+from gateway.accesslog import REFUSED, UNREAD, AccessLog, AccessLogger
+from gateway.config import Limits
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceUnavailable,
+    URITooLong,
+)
+from gateway.metrics import Metrics
+from gateway.proxy.pool import encode_head
+
+LINGER = 2.0
+"""Seconds a refused connection stays open, reading and dropping, after its answer: closing a socket with unread
+bytes resets it, which can destroy the answer before the client has read it."""
+MOST_LINGERING = 64
+"""Refused connections lingering at once; past this they are closed right after their answer (a flood must not
+turn the linger into a way to hold file descriptors)."""
+
+
+class Reason(enum.Enum):
+    """Why a request was refused: a closed list, the ``reason`` label of ``codehub_bad_requests_total``."""
+
+    REQUEST_LINE = "bad-request-line"  # method, target or version unreadable (TLS or HTTP/2 on this port too)
+    HEADER = "bad-header"  # forbidden bytes in a name or value, a folded line, a bare LF, no Host
+    DUPLICATE_HEADER = "duplicate-header"  # a header that may appear once, twice (Host…)
+    FRAMING = "bad-framing"  # two Content-Lengths, one with Transfer-Encoding, a bad one: the smuggling shapes
+    CHUNK = "bad-chunk"  # a malformed chunk of a chunked body
+    URL_TOO_LONG = "url-too-long"
+    HEADERS_TOO_LARGE = "headers-too-large"
+    BODY_TOO_LARGE = "body-too-large"
+    HEAD_TIMEOUT = "head-timeout"
+    TOO_MANY_CONNECTIONS = "too-many-connections"
+    MALFORMED = "malformed"  # anything else the parser refused
+
+
+_ANSWERS: dict[Reason, tuple[type[GatewayError], str]] = {
+    Reason.REQUEST_LINE: (BadRequest, "The request line is not valid HTTP/1.1."),
+    Reason.HEADER: (BadRequest, "A request header is malformed."),
+    Reason.DUPLICATE_HEADER: (BadRequest, "A header that may appear only once was sent more than once."),
+    Reason.FRAMING: (BadRequest, "The request's length is ambiguous (Content-Length, Transfer-Encoding)."),
+    Reason.CHUNK: (BadRequest, "The chunked request body is malformed."),
+    Reason.URL_TOO_LONG: (URITooLong, "The address is longer than this gateway accepts."),
+    Reason.HEADERS_TOO_LARGE: (HeadersTooLarge, "The request headers are larger than this gateway accepts: too "
+                                                "many, or one too long (large cookies?)."),
+    Reason.BODY_TOO_LARGE: (PayloadTooLarge, "The request body is larger than this gateway accepts here."),
+    Reason.HEAD_TIMEOUT: (RequestTimeout, "The request took too long to arrive."),
+    Reason.TOO_MANY_CONNECTIONS: (ServiceUnavailable, "The gateway has too many open connections; try again "
+                                                      "shortly."),
+    Reason.MALFORMED: (BadRequest, "The request is not valid HTTP/1.1."),
+}
+
+_PARSER_SAYS: tuple[tuple[str, Reason], ...] = (
+    ("too many headers", Reason.HEADERS_TOO_LARGE),
+    ("content-length", Reason.FRAMING),
+    ("transfer-encoding", Reason.FRAMING),
+    ("chunk", Reason.CHUNK),
+    ("duplicate", Reason.DUPLICATE_HEADER),
+    ("header", Reason.HEADER),
+    ("pri/upgrade", Reason.REQUEST_LINE),  # the HTTP/2 preface
+)
+"""What aiohttp's parser says (lower case, first match wins) and the reason it means; its exception types tell
+only the request line and header bytes apart."""
+
+
+def classify(exc: HttpProcessingError) -> Reason:
+    """The reason for one of aiohttp's parse errors (table-tested with raw bytes against the real parser)."""
+    if isinstance(exc, LineTooLong):
+        # aiohttp's C parser reports an overlong request target with the bytearray it was assembling it in, and
+        # an overlong header name or value with bytes.
+        return Reason.URL_TOO_LONG if isinstance(exc.args[0], bytearray) else Reason.HEADERS_TOO_LARGE
+    if isinstance(exc, BadStatusLine | InvalidURLError):  # a bad method (BadHttpMethod), target or version
+        return Reason.REQUEST_LINE
+    if isinstance(exc, InvalidHeader):
+        return Reason.HEADER
+    said = exc.message.lower()
+    return next((reason for words, reason in _PARSER_SAYS if words in said), Reason.MALFORMED)
+
+
+def refusal(reason: Reason) -> GatewayError:
+    """The error of the one tree that answers ``reason``; its code is the reason."""
+    kind, message = _ANSWERS[reason]
+    headers = {"Retry-After": "1"} if reason is Reason.TOO_MANY_CONNECTIONS else None
+    return kind(message, code=reason.value, headers=headers)
+
+
+def counted(metrics: Metrics, reason: Reason) -> GatewayError:
+    """Count a refusal; its error, to answer with."""
+    metrics.bad_requests.labels(reason.value).inc()
+    return refusal(reason)
+
+
+class Refusals:
+    """Counts, logs and writes refusals: the one place both lanes refuse through."""
+
+    def __init__(self, metrics: Metrics, access: AccessLog) -> None:
+        self._metrics = metrics
+        self._access = access
+
+    def note(self, reason: Reason) -> GatewayError:
+        """Count a refusal; its error, for the caller to answer with."""
+        return counted(self._metrics, reason)
+
+    def answer(self, transport: asyncio.Transport, reason: Reason, *, seconds: float = 0.0) -> None:
+        """Count, answer and log a refusal on a connection that no request object stands for (the head never
+        arrived, or the connection itself is one too many). The caller closes the connection."""
+        error = self.note(reason)
+        body = json.dumps(error.document()).encode()
+        head = encode_head(f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}", {
+            "Content-Type": "application/json; charset=utf-8", "Content-Length": str(len(body)),
+            "Cache-Control": "no-store", "Connection": "close", **error.headers,
+        })
+        transport.write(head + body)
+        peer = transport.get_extra_info("peername")
+        self._access.write(remote=peer[0] if peer else None, method=None, host=None, raw_path=None,
+                           status=error.status, length=len(body), seconds=seconds, target=None, user=None,
+                           reason=reason.value)
+
+
+def handler_settings(limits: Limits) -> dict[str, Any]:
+    """aiohttp's server settings that follow the gateway's limits, and its JSON access log."""
+    return {"keepalive_timeout": limits.keepalive, "max_line_size": limits.request_line,
+            "max_field_size": limits.header_size, "max_headers": limits.header_count,
+            "access_log_class": AccessLogger, "access_log": logging.getLogger("codehub.access")}
+
+
+class GatewayHandler(RequestHandler):
+    """aiohttp's handler for one connection, quiet about what clients send and strict about how long a head may
+    take. ``release`` is called once when the connection ends (the per-worker connection count)."""
+
+    def __init__(self, manager: web.Server, refusals: Refusals, release: Callable[[], None], *,
+                 head_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._refusals = refusals
+        self._release: Callable[[], None] | None = release
+        self._head_timeout = head_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_head_timer()
+        if self._release is not None:
+            self._release()
+            self._release = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        idle = self._waiter is not None and not self._waiter.done()  # these bytes begin or continue a head
+        in_progress = self._current_request
+        queued = len(self._messages)
+        super().data_received(data)
+        if self._messages:
+            self._stop_head_timer()
+            if in_progress is not None and len(self._messages) > queued:
+                self._refuse_body(in_progress)
+        elif idle and self._head_timer is None and data:
+            self.expect_head(self._loop.time() + self._head_timeout)
+
+    def expect_head(self, deadline: float) -> None:
+        """A request head has begun: it must be whole by ``deadline`` (loop time), or the client gets 408."""
+        self._stop_head_timer()
+        self._head_timer = self._loop.call_at(deadline, self._head_late)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        waiting = self._waiter is not None and not self._waiter.done()
+        if self.transport is None or self._messages or not waiting:
+            return
+        self._refusals.answer(self.transport, Reason.HEAD_TIMEOUT, seconds=self._head_timeout)
+        self.force_close()
+
+    def _refuse_body(self, request: web.BaseRequest) -> None:
+        """The parser failed in the middle of the body of ``request`` (a malformed chunk): that request fails with
+        a 400 where its body is read, and the connection ends after its answer, as the rest of its bytes have no
+        known framing. aiohttp queued the failure as a next request; with the connection ending it is never
+        served, so it is neither answered nor counted twice."""
+        failure = self._messages[-1][0]
+        if not isinstance(failure, _ErrInfo) or not isinstance(failure.exc, HttpProcessingError):
+            return
+        error = self._refusals.note(classify(failure.exc))
+        request[REFUSED] = error.code
+        self._lingering_time = 0.0  # nothing more of this body can be read: close instead of draining it
+        self.close()
+        request.content.set_exception(error)
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """A head aiohttp could not parse is a refusal (answered and counted, not logged); anything else is
+        aiohttp's, which logs it with its traceback."""
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        error = self._refusals.note(classify(exc))
+        request[UNREAD] = error.code
+        response = web.json_response(error.document(), status=error.status,
+                                     headers={"Cache-Control": "no-store", **error.headers})
+        response.force_close()
+        return response
+
+
+class Overloaded(asyncio.Protocol):
+    """A connection past the worker's limit: answered 503 at once, then closed. What the client sent before it
+    could know is read and dropped for a moment (``LINGER``) so that closing does not reset the answer away."""
+
+    def __init__(self, refusals: Refusals, lingering: set[Overloaded]) -> None:
+        self._refusals = refusals
+        self._lingering = lingering
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._refusals.answer(transport, Reason.TOO_MANY_CONNECTIONS)
+        if len(self._lingering) >= MOST_LINGERING or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._lingering.add(self)
+        self._timer = asyncio.get_running_loop().call_later(LINGER, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        """Dropped: the connection was refused before its request was read."""
+
+    def eof_received(self) -> bool:
+        return False  # the client has its answer and is done: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lingering.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()

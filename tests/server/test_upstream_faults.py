@@ -1,0 +1,403 @@
+"""Upstream faults: an app that resets mid-response, half-closes, answers garbage or an oversized head, stalls
+mid-body, accepts and never answers, or answers twice. Each gets a clean 502/504 (or, when the answer had
+started, a cut-off stream) for that request only; the pooled connection is never reused poisoned (the next request
+through the same pool gets its own answer); no file descriptor is left behind; and
+``codehub_upstream_errors_total{fault}`` says which fault it was. In both lanes: a GET takes the fast lane, a POST
+aiohttp's.
+
+The upstream is a raw asyncio socket server that misbehaves on cue: the request's path names the fault."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+
+from gateway.server.context import GATEWAY
+from tests.conftest import MakeGateway, next_address, scrape, workspace
+from tests.server.conftest import WORKSPACE
+from tests.server.test_hostile_input import Answer
+
+BIG = 100_000
+"""A body longer than the gateway reads whole (``SMALL_BODY``): it is streamed, so a fault after its first piece
+reaches the client as a cut-off stream."""
+SENT = 20_000
+
+
+class Misbehaving:
+    """An HTTP/1.1 upstream on a raw socket: ``/ok`` is answered properly (kept alive), ``/fault/NAME`` misbehaves
+    as ``NAME`` says. Every connection it accepted is closed by the time the gateway closed its end."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.paths: list[str] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str) -> int:
+        self.server = await asyncio.start_server(self._connection, host, 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ")[1].decode()
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                if length:
+                    await reader.readexactly(int(length[1]))
+                self.paths.append(path)
+                if not await FAULTS.get(path.removeprefix("/fault/"), answer_ok)(path, reader, writer):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+
+Fault = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
+"""Answers (or does not) one request; whether to read another on the connection."""
+
+
+def ok_answer(path: str) -> bytes:
+    body = f"ok {path}".encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+
+
+async def until_closed(reader: asyncio.StreamReader) -> None:
+    """Wait for the gateway to close its end (it gives up on this connection)."""
+    while await reader.read(65536):
+        pass
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset (linger zero)."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def answer_ok(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    writer.write(ok_answer(path))
+    await writer.drain()
+    return True
+
+
+async def started_then(writer: asyncio.StreamWriter, *, chunked: bool = False) -> None:
+    """The head of a long answer and its first piece, as a stream the gateway has begun to relay."""
+    if chunked:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n" % (SENT, b"s" * SENT))
+    else:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (BIG, b"s" * SENT))
+    await writer.drain()
+    await asyncio.sleep(0.2)
+
+
+async def reset_before_answer(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    reset(writer)
+    return False
+
+
+async def half_close_before_answer(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    writer.write_eof()
+    await until_closed(reader)
+    return False
+
+
+async def garbage(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\nnot HTTP at all\r\n")
+    await until_closed(reader)
+    return False
+
+
+async def oversized_head(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    writer.write(b"HTTP/1.1 200 OK\r\n")
+    for i in range(4096):  # 16 MiB of headers, and no end to them
+        writer.write(b"X-Pad-%d: %b\r\n" % (i, b"p" * 4096))
+        await writer.drain()
+    await until_closed(reader)
+    return False
+
+
+async def stall_mid_head(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    writer.write(b"HTTP/1.1 200 OK\r\nX-Half: a")
+    await until_closed(reader)
+    return False
+
+
+async def never_answer(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    await until_closed(reader)
+    return False
+
+
+async def reset_mid_body(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    await started_then(writer)
+    reset(writer)
+    return False
+
+
+async def half_close_mid_body(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    await started_then(writer)
+    writer.write_eof()
+    await until_closed(reader)
+    return False
+
+
+async def bad_chunk_mid_body(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    await started_then(writer, chunked=True)
+    writer.write(b"zz\r\nnot a chunk\r\n")
+    await until_closed(reader)
+    return False
+
+
+async def stall_mid_body(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    await started_then(writer)
+    await until_closed(reader)
+    return False
+
+
+async def two_answers(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """A second answer nobody asked for, right behind the first: on a reused connection it would answer the next
+    request, someone else's perhaps."""
+    writer.write(ok_answer(path) + b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\npoisoned")
+    await writer.drain()
+    return True
+
+
+async def trailing_bytes(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    writer.write(ok_answer(path) + b"HTTP/1.1 20")
+    await writer.drain()
+    return True
+
+
+async def body_after_head_answer(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """A body sent, a moment later, after the answer to a HEAD (which has none)."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.write(b"poisoned")
+    await writer.drain()
+    return True
+
+
+FAULTS: dict[str, Fault] = {
+    "reset-before-answer": reset_before_answer, "half-close-before-answer": half_close_before_answer,
+    "garbage": garbage, "oversized-head": oversized_head, "stall-mid-head": stall_mid_head,
+    "never-answer": never_answer, "reset-mid-body": reset_mid_body, "half-close-mid-body": half_close_mid_body,
+    "bad-chunk-mid-body": bad_chunk_mid_body, "stall-mid-body": stall_mid_body, "two-answers": two_answers,
+    "trailing-bytes": trailing_bytes, "body-after-head-answer": body_after_head_answer,
+    "slow-body": stall_mid_body,
+}
+
+
+@dataclass
+class Faulty:
+    host: str
+    client_host: str
+    client_port: int
+    upstream: Misbehaving
+    metrics: Callable[[], Awaitable[str]]
+
+    async def send(self, method: str, path: str, version: str = "1.1") -> tuple[Answer | None, bytes, bool]:
+        """One request on a connection of its own: its answer (None if none came), the body bytes that did
+        come, and whether the body was cut short (the gateway closed the connection before its end)."""
+        reader, writer = await asyncio.open_connection(self.client_host, self.client_port)
+        body = "hi" if method == "POST" else ""
+        writer.write(f"{method} {path} HTTP/{version}\r\nHost: {self.host}\r\nAccept: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        try:
+            async with asyncio.timeout(20):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                if method == "HEAD":
+                    received, whole = b"", True
+                elif length:
+                    received, whole = await read_body(reader, int(length[1]))
+                else:
+                    received, whole = await read_chunks(reader)
+            return Answer(int(head.split(b" ")[1]), head, received, False), received, not whole
+        except asyncio.IncompleteReadError:
+            return None, b"", True
+        finally:
+            writer.close()
+
+
+async def read_body(reader: asyncio.StreamReader, length: int) -> tuple[bytes, bool]:
+    received = b""
+    with contextlib.suppress(ConnectionError):
+        while len(received) < length and (piece := await reader.read(65536)):
+            received += piece
+    return received, len(received) == length
+
+
+async def read_chunks(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
+    """A chunked body: what came, and whether its last chunk did."""
+    received = b""
+    try:
+        while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+            received += (await reader.readexactly(size + 2))[:-2]
+        await reader.readexactly(2)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return received, False
+    return received, True
+
+
+@pytest.fixture
+async def faulty(make_gateway: MakeGateway) -> AsyncIterator[Faulty]:
+    address = next_address()
+    upstream = Misbehaving()
+    port = await upstream.start(address)
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
+                                timeouts={"first_byte": 0.5, "read": 0.5})
+    await client.app[GATEWAY].runtime.wake(WORKSPACE)
+    assert client.port is not None
+    yield Faulty(f"{port}-{WORKSPACE}.localhost:8080", client.host, client.port, upstream,
+                 lambda: scrape(client.app))
+    await upstream.close()
+
+
+def open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def settled() -> int:
+    """The process's open files once they stop changing (the connections of the last exchange are closed)."""
+    count = open_files()
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if open_files() == count:
+            break
+        count = open_files()
+    return count
+
+
+async def back_to(count: int) -> int:
+    """The process's open files once every connection of the exchange is closed (bounded wait)."""
+    for _ in range(100):
+        if open_files() <= count:
+            break
+        await asyncio.sleep(0.05)
+    return open_files()
+
+
+BEFORE_ANSWER = [("reset-before-answer", 502, "reset"), ("half-close-before-answer", 502, "closed"),
+                 ("garbage", 502, "garbage"), ("oversized-head", 502, "head-too-large"),
+                 ("stall-mid-head", 504, "no-answer"), ("never-answer", 504, "no-answer")]
+MID_BODY = [("reset-mid-body", "reset"), ("half-close-mid-body", "closed"), ("bad-chunk-mid-body", "garbage"),
+            ("stall-mid-body", "stalled")]
+LANES = {"fast-lane": "GET", "aiohttp-lane": "POST"}
+
+
+def faults_counted(metrics: str) -> dict[str, float]:
+    return {m[1]: float(m[2]) for m in re.finditer(r'codehub_upstream_errors_total\{fault="([^"]+)"\} (\S+)',
+                                                    metrics)}
+
+
+async def warm(f: Faulty, method: str) -> int:
+    """One good exchange, so the pool holds a kept-alive connection; the open files after it."""
+    answer, body, _ = await f.send(method, "/ok")
+    assert answer is not None
+    assert body == b"ok /ok"
+    return await settled()
+
+
+async def assert_pool_healthy(f: Faulty, method: str, files: int) -> None:
+    """The next request through the same pool gets its own answer, and nothing is left open."""
+    answer, body, _ = await f.send(method, "/ok")
+    assert answer is not None
+    assert (answer.status, body) == (200, b"ok /ok")
+    assert await back_to(files) <= files
+
+
+@pytest.mark.parametrize("lane", list(LANES))
+@pytest.mark.parametrize(("fault", "status", "label"), BEFORE_ANSWER, ids=[c[0] for c in BEFORE_ANSWER])
+async def test_a_fault_before_the_answer_is_a_clean_502_or_504(faulty: Faulty, lane: str, fault: str,
+                                                                status: int, label: str) -> None:
+    method = LANES[lane]
+    files = await warm(faulty, method)
+    answer, body, _ = await faulty.send(method, f"/fault/{fault}")
+    assert answer is not None
+    assert answer.status == status, answer.head
+    assert b'"code": "upstream-' in body
+    await assert_pool_healthy(faulty, method, files)
+    counted = faults_counted(await faulty.metrics())
+    assert set(counted) == {label}, counted
+
+
+@pytest.mark.parametrize("lane", list(LANES))
+@pytest.mark.parametrize(("fault", "label"), MID_BODY, ids=[c[0] for c in MID_BODY])
+async def test_a_fault_after_the_answer_started_cuts_the_stream(faulty: Faulty, lane: str, fault: str,
+                                                                label: str) -> None:
+    method = LANES[lane]
+    files = await warm(faulty, method)
+    answer, body, cut = await faulty.send(method, f"/fault/{fault}")
+    assert answer is not None
+    assert answer.status == 200
+    assert SENT <= len(body) < BIG
+    assert cut  # the connection ended before the body did: the client knows it is incomplete
+    await assert_pool_healthy(faulty, method, files)
+    counted = faults_counted(await faulty.metrics())
+    assert set(counted) == {label}, counted
+
+
+@pytest.mark.parametrize("lane", list(LANES))
+@pytest.mark.parametrize("fault", ["two-answers", "trailing-bytes"])
+async def test_bytes_after_an_answer_never_reach_the_next_request(faulty: Faulty, lane: str, fault: str) -> None:
+    """Response smuggling: whatever an upstream sends past its answer is not read as the answer to the next
+    request on that connection; the connection is dropped instead of going back to the pool."""
+    method = LANES[lane]
+    files = await warm(faulty, method)
+    answer, body, _ = await faulty.send(method, f"/fault/{fault}")
+    assert answer is not None
+    assert (answer.status, body) == (200, f"ok /fault/{fault}".encode())
+    for _ in range(3):
+        await assert_pool_healthy(faulty, method, files)
+    counted = faults_counted(await faulty.metrics())
+    assert set(counted) == {"garbage"}, counted
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"], ids=["fast-lane", "aiohttp-lane"])
+async def test_a_body_after_an_answer_to_head_is_not_the_next_answer(faulty: Faulty, version: str) -> None:
+    files = await warm(faulty, "GET")
+    answer, _, _ = await faulty.send("HEAD", "/fault/body-after-head-answer", version)
+    assert answer is not None
+    assert answer.status == 200
+    await asyncio.sleep(0.4)  # the body the upstream should not have sent has come
+    for _ in range(3):
+        await assert_pool_healthy(faulty, "GET", files)
+    counted = faults_counted(await faulty.metrics())
+    assert set(counted) == {"garbage"}, counted
+
+
+@pytest.mark.parametrize("lane", list(LANES))
+async def test_a_client_that_leaves_mid_answer_is_no_fault_of_the_upstream(faulty: Faulty, lane: str) -> None:
+    method = LANES[lane]
+    files = await warm(faulty, method)
+    reader, writer = await asyncio.open_connection(faulty.client_host, faulty.client_port)
+    writer.write(f"{method} /fault/slow-body HTTP/1.1\r\nHost: {faulty.host}\r\nContent-Length: 0\r\n\r\n"
+                 .encode())
+    async with asyncio.timeout(10):
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(SENT)
+    writer.close()  # gone, with the answer half read
+    await assert_pool_healthy(faulty, method, files)
+    assert faults_counted(await faulty.metrics()) == {}
