@@ -194,6 +194,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     gateway._session = make_session(gateway.config.timeouts)
     gateway._pool = make_pool(gateway.config.timeouts)
     gateway.metrics.track_queue(gateway._pool.queued)
+    gateway.metrics.track_pool(gateway._pool.connections)
     if gateway.config.auth.oidc is not None:
         gateway.auth.oidc = OidcClient(gateway.config.auth.oidc, gateway.session)
     await gateway.runtime.start()

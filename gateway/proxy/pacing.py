@@ -37,15 +37,19 @@ class Turns:
     in Python 3.11 walks all its waiters on every acquire: a wake releasing ten thousand requests made that
     quadratic)."""
 
-    __slots__ = ("_free", "_waiters")
+    __slots__ = ("_free", "_limit", "_waiters")
 
     def __init__(self, limit: int) -> None:
-        self._free = limit
+        self._free = self._limit = limit
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
     def waiting(self) -> int:
         return sum(1 for waiter in self._waiters if not waiter.done())
+
+    @property
+    def taken(self) -> int:
+        return self._limit - self._free
 
     def try_take(self) -> bool:
         """A turn at once if one is free and nobody waits (no timer, no future: the usual case)."""
