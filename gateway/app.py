@@ -34,6 +34,7 @@ from gateway.pages import error_response, internal_error, phase_words
 from gateway.pipeline import is_websocket, serve_reserved, serve_workspace
 from gateway.policy import PolicyHolder
 from gateway.proxy.upstream import make_pool, make_session
+from gateway.proxy.wsrelay import GOING_AWAY
 from gateway.routing import Hosts, Kind, route
 from gateway.wake import WakeLimits, Waker
 
@@ -185,8 +186,18 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     app.router.add_get("/badge/{workspace}/{port}.svg", badge.badge)
     auth_handlers.add_routes(app)
     api.add_routes(app)
+    app.on_shutdown.append(_drain)
     app.cleanup_ctx.append(_lifespan)
     return app
+
+
+async def _drain(app: web.Application) -> None:
+    """SIGTERM, once the listener is closed and idle connections are gone (aiohttp's order): what would only wait
+    out the drain leaves now — held requests get 503 + Retry-After, WebSockets 1001 — so that requests in
+    flight are all that ``timeouts.shutdown`` is spent on."""
+    gateway = app[GATEWAY]
+    gateway.waker.drain()
+    gateway.heartbeat.end_all(GOING_AWAY)
 
 
 async def _lifespan(app: web.Application) -> AsyncIterator[None]:
