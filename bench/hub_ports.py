@@ -23,10 +23,10 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from gateway.app import build_app
 from gateway.auth.identity import Identity
 from gateway.config import Config
-from gateway.context import GATEWAY
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY
 
 ADDRESS = "127.0.9.2"
 PORT = 4321

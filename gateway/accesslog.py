@@ -17,7 +17,7 @@ from json.encoder import encode_basestring_ascii
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from gateway.routing import Target
+from gateway.edge.routing import Target
 
 TARGET = web.RequestKey("codehub_target", Target)
 USER = web.RequestKey("codehub_user", str)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import Config, ConfigError, load_config
-from gateway.policy import PolicyError
+from gateway.edge.policy import PolicyError
 
 if TYPE_CHECKING:
     from gateway.auth.identity import Identity
@@ -112,8 +112,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from gateway.app import build_app
-    from gateway.serving import configure_logging, run_workers, serve_app
+    from gateway.server.app import build_app
+    from gateway.server.serving import configure_logging, run_workers, serve_app
 
     overrides = {"listen": {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}}
     config = load_config(args.config, overrides=overrides)
@@ -130,7 +130,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def _banner(config: Config, workers: int) -> str:
     """What to open: the hub, then every configured port of every local workspace (each link works)."""
-    from gateway.routing import Hosts
+    from gateway.edge.routing import Hosts
 
     hosts = Hosts.from_urls(config.hub_url, config.preview_domain)
     lines = [f"code-hub gateway listening on {config.listen.host}:{config.listen.port}"
@@ -142,7 +142,7 @@ def _banner(config: Config, workers: int) -> str:
 
 
 def policy_check(args: argparse.Namespace) -> int:
-    from gateway.policy import PolicyError, load_policy
+    from gateway.edge.policy import PolicyError, load_policy
 
     failed = False
     for path in args.files:
@@ -160,10 +160,10 @@ def policy_explain(args: argparse.Namespace) -> int:
     from yarl import URL
 
     from gateway.auth.identity import Identity
+    from gateway.edge.policy import Policy, decide, load_policy, visibility
+    from gateway.edge.routing import Hosts, Kind, route
     from gateway.errors import GatewayError
     from gateway.lifecycle.local import configured_spec
-    from gateway.policy import Policy, decide, load_policy, visibility
-    from gateway.routing import Hosts, Kind, route
 
     config = load_config(args.config)
     policy_path = args.policy or config.policy_file
@@ -194,12 +194,12 @@ def policy_explain(args: argparse.Namespace) -> int:
 
 
 def keys_rotate(args: argparse.Namespace) -> int:
-    from gateway.auth.keys import KeyError_, load_or_create, write_keys
+    from gateway.auth.keys import KeyFileError, load_or_create, write_keys
 
     config = load_config(args.config)
     try:
         keys = load_or_create(config.keys_file, create=True)
-    except KeyError_ as exc:
+    except KeyFileError as exc:
         raise CliError(str(exc)) from None
     rotated = keys.rotated(keep_for=config.auth.session_ttl)
     write_keys(config.keys_file, rotated)
@@ -230,15 +230,15 @@ def token_issue(args: argparse.Namespace) -> int:
 
 
 async def _issue_in_cluster(config: Config, identity: Identity, name: str) -> tuple[str, str]:
-    from gateway.lifecycle.base import RuntimeError_
+    from gateway.auth.kubernetes.tokens import create_api_token
+    from gateway.lifecycle.base import LifecycleError
     from gateway.lifecycle.kubernetes.client import KubeClient, connect
-    from gateway.lifecycle.kubernetes.tokens import create_api_token
 
     api = await connect(config.kubernetes)
     try:
         client = KubeClient(api, config.kubernetes.namespace, timeout=config.kubernetes.request_timeout)
         record, _, token = await create_api_token(client, identity, name=name)
-    except RuntimeError_ as exc:
+    except LifecycleError as exc:
         raise CliError(exc.message) from None
     finally:
         await api.close()

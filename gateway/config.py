@@ -52,7 +52,9 @@ class Timeouts(_Model):
     """Upstream timeouts in seconds. ``connect``: one connection attempt. ``first_byte``: from a request sent to
     the head of its answer (a long poll answers within it; ``None`` waits for ever). ``read``: the longest silence
     in the middle of a body; ``None`` (the default) lets SSE streams and long polls stay open as long as the
-    client does. ``queue``: how long a request may wait in the gateway for a connection to a busy upstream."""
+    client does. ``queue``: how long a request may wait in the gateway for a connection to a busy upstream.
+    ``shutdown``: how long requests in flight may take to finish once the gateway is told to stop (both lanes, every
+    worker); a workspace process's own grace is ``local.stop_timeout``."""
 
     connect: Seconds = 5.0
     first_byte: Seconds | None = 120.0
@@ -144,6 +146,8 @@ class Auth(_Model):
 
 class Local(_Model):
     state_dir: Path = Path(".codehub")
+    stop_timeout: Seconds = 10.0
+    """Seconds a workspace process gets between SIGTERM and SIGKILL."""
     workspaces: dict[str, LocalWorkspace] = Field(default_factory=dict)
 
     @field_validator("workspaces")

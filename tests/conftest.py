@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
-from gateway.app import build_app, build_metrics_app
 from gateway.config import Config
-from gateway.fastlane import GatewayRunner
+from gateway.server.app import build_app, build_metrics_app
+from gateway.server.fastlane import GatewayRunner
+from tests.memory_runtime import MemoryRuntime
 
 _addresses = itertools.count(20)
 
@@ -43,13 +45,13 @@ def workspace(address: str, owner: str = "alice", **extra: Any) -> dict[str, Any
 
 
 def settings(tmp_path: Path, workspaces: dict[str, Any], **extra: Any) -> Config:
-    data: dict[str, Any] = {"local": {"state_dir": str(tmp_path / "state"), "workspaces": workspaces}}
-    data.update(extra)
+    local = {"state_dir": str(tmp_path / "state"), "workspaces": workspaces, **extra.pop("local", {})}
+    data: dict[str, Any] = {"local": local, **extra}
     return Config.model_validate(data)
 
 
 class GatewayTestServer(TestServer):
-    """The app behind the ``FrontDoor``, as ``serve`` runs it: plain requests take the fast lane."""
+    """The app behind the ``FastLaneServer``, as ``serve`` runs it: plain requests take the fast lane."""
 
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
         return GatewayRunner(self.app, **kwargs)
@@ -58,15 +60,19 @@ class GatewayTestServer(TestServer):
 @pytest.fixture
 async def make_gateway(aiohttp_client: Any, tmp_path: Path) -> MakeGateway:
     async def make(config: Config | None = None, **kwargs: Any) -> TestClient[web.Request, web.Application]:
-        """Settings as keyword arguments; ``policy={...}`` is written to a policy file the gateway loads."""
+        """Settings as keyword arguments; ``policy={...}`` is written to a policy file the gateway loads;
+        ``in_memory=True`` keeps the workspaces in a ``MemoryRuntime`` (no processes); ``clock`` measures idleness."""
         if "policy" in kwargs:
             policy_file = tmp_path / "policy.yaml"
             policy_file.write_text(yaml.safe_dump(kwargs.pop("policy")))
             kwargs["policy_file"] = str(policy_file)
+        in_memory = kwargs.pop("in_memory", False)
+        clock = kwargs.pop("clock", time.time)
         if config is None:
             config = settings(tmp_path, kwargs.pop("workspaces", {}), **kwargs)
+        runtime = MemoryRuntime(config) if in_memory else None
         client: TestClient[web.Request, web.Application] = await aiohttp_client(
-            GatewayTestServer(build_app(config), handler_cancellation=True)
+            GatewayTestServer(build_app(config, runtime, clock=clock), handler_cancellation=True)
         )
         return client
 

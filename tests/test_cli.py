@@ -20,11 +20,11 @@ import yaml
 from aiohttp import web
 
 from gateway import cli
-from gateway.app import build_app
 from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet
 from gateway.auth.store import FileTokenStore
-from gateway.context import GATEWAY
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY
 from tests.conftest import next_address, settings, workspace
 from tests.peers.idp.fixture import free_loopback_port
 

@@ -22,3 +22,13 @@ def test_ruff_finds_nothing() -> None:
 def test_mypy_strict_finds_nothing_in_the_package() -> None:
     result = _run("mypy", "gateway")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_layout_contract_holds() -> None:
+    """shared/DESIGN.md "Layout", as import-linter contracts in pyproject.toml: edge/ is pure (no aiohttp), proxy/
+    takes numbers (no Config), and auth/, lifecycle/ and proxy/ never reach for server/, web/ or aiohttp's server
+    API."""
+    result = subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--no-cache"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Contracts: 4 kept, 0 broken." in result.stdout, result.stdout

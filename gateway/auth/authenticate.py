@@ -1,25 +1,24 @@
 """Who is calling, from what the request carries: a share token, a bearer token, or a session cookie.
 
-Pure apart from in-memory lookups; nothing here touches the network. Anything the gateway consumes is
-reported so the proxy strips it (``Authorization`` it understood, share tokens in the URL).
+Pure apart from in-memory lookups: nothing here touches the network or records anything. Anything the gateway
+consumes is reported so the proxy strips it (``Authorization`` it understood, share tokens in the URL).
 """
 
 from __future__ import annotations
 
 import secrets
-import time
+from collections.abc import Mapping
 from typing import NamedTuple
 
-from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
 from gateway.auth.identity import Identity
 from gateway.auth.sessions import Sessions, cookie_name, is_embedded, read_cookie, set_cookie
-from gateway.auth.store import API_PREFIX, SHARE_PREFIX, ShareLink, TokenStore
+from gateway.auth.store import API_PREFIX, SHARE_PREFIX, ApiToken, ShareLink, TokenStore
+from gateway.edge.policy import Grant
+from gateway.edge.routing import local_path
 from gateway.errors import BadRequest, Forbidden, GatewayError, Redirect, Unauthorized
-from gateway.policy import Grant
-from gateway.routing import local_path
 
 SHARE_PARAM = "codehub_share"
 SESSION = "session"
@@ -36,6 +35,12 @@ class Credentials(NamedTuple):
     stale_link: ShareLink | None = None  # the share cookie names a link that was revoked or has expired
     by_cookie: bool = False
     """A gateway cookie vouches for the caller: a browser sends it on requests other origins make, too."""
+    presented: ShareLink | None = None
+    """A share link in the URL or a bearer token: it counts a use, once the request is acted on."""
+    in_url: bool = False
+    """The share token came in the URL (``path`` is the URL without it)."""
+    api_token: ApiToken | None = None
+    """The API token the caller presented: its use is noted once the request is acted on."""
 
 
 def split_share_param(raw_path: str) -> tuple[str, str | None]:
@@ -73,11 +78,11 @@ def _check_link(link: ShareLink | None, now: float) -> ShareLink:
     return link
 
 
-def stale_share_refusal(credentials: Credentials, secure: bool) -> GatewayError | None:
+def stale_share_refusal(credentials: Credentials, secure: bool, now: float) -> GatewayError | None:
     """A browser whose share cookie names a dead link hears why (and loses the cookie), not a sign-in page."""
     if credentials.stale_link is None:
         return None
-    refusal = share_refusal(credentials.stale_link, time.time())
+    refusal = share_refusal(credentials.stale_link, now)
     if refusal is not None:
         refusal.cookies = (set_cookie(cookie_name(SHARE, secure), "", max_age=0, secure=secure),)
     return refusal
@@ -88,23 +93,22 @@ def grant_of(link: ShareLink) -> Grant:
 
 
 def authenticate(method: str, headers: CIMultiDictProxy[str], path: str, host: str, *, sessions: Sessions,
-                 store: TokenStore, secure: bool, preview: bool) -> Credentials:
-    """``preview``: share links apply (a port, not the IDE). A bearer token of the gateway's is consumed here,
-    whether or not it applies, so it never reaches a workspace."""
-    now = time.time()
+                 store: TokenStore, secure: bool, preview: bool, now: float) -> Credentials:
+    """Who is calling; raises the refusal when a token presented is not valid.
+
+    ``preview``: share links apply (a port, not the IDE). A bearer token of the gateway's is consumed here,
+    whether or not it applies, so it never reaches a workspace. Nothing is recorded: a share link presented is
+    reported (``presented``) for whoever acts on the request to count."""
     identity: Identity | None = None
     link: ShareLink | None = None
+    presented: ShareLink | None = None
+    api_token: ApiToken | None = None
     consumed = False
     path, share_token = split_share_param(path)
     if share_token is not None and preview:
-        link = _check_link(store.find_share(share_token), now)
-        store.use_share(link, now)
+        link = presented = _check_link(store.find_share(share_token), now)
         if method in ("GET", "HEAD"):
-            lifetime = int(link.expires - now)
-            value = sessions.sign_state({"share": link.id}, host, lifetime)
-            cookie = set_cookie(cookie_name(SHARE, secure), value, max_age=lifetime, secure=secure,
-                                embedded=is_embedded(headers))
-            raise Redirect(local_path(path), cookies=(cookie,))
+            return Credentials(None, grant_of(link), link, False, path, presented=link, in_url=True)
     authorizations = headers.getall("Authorization", ())
     if len(authorizations) > 1:  # a gateway token in the second would be neither read nor stripped
         raise BadRequest("Send one Authorization header, not several.", code="bad-authorization")
@@ -114,10 +118,9 @@ def authenticate(method: str, headers: CIMultiDictProxy[str], path: str, host: s
         if token.startswith(SHARE_PREFIX):
             consumed = True
             if preview:
-                link = _check_link(store.find_share(token), now)
-                store.use_share(link, now)
+                link = presented = _check_link(store.find_share(token), now)
         elif token.startswith(API_PREFIX):
-            record = store.find_api_token(token)
+            record = api_token = store.find_api_token(token)
             if record is None:
                 raise Unauthorized("This API token is not valid.", code="token-invalid")
             identity = record.identity()
@@ -137,7 +140,21 @@ def authenticate(method: str, headers: CIMultiDictProxy[str], path: str, host: s
             by_cookie = True
         elif candidate is not None:
             stale = candidate
-    return Credentials(identity, grant_of(link) if link else None, link, consumed, path, stale, by_cookie)
+    return Credentials(identity, grant_of(link) if link else None, link, consumed, path, stale, by_cookie, presented,
+                       api_token=api_token)
+
+
+def share_cookie_redirect(credentials: Credentials, host: str, headers: CIMultiDictProxy[str], *,
+                          sessions: Sessions, secure: bool, now: float) -> Redirect:
+    """A share token in a navigation's URL becomes a cookie on this host, and the URL loses it (no leak through
+    Referer or the app's logs)."""
+    link = credentials.link
+    assert link is not None
+    lifetime = int(link.expires - now)
+    value = sessions.sign_state({"share": link.id}, host, lifetime)
+    cookie = set_cookie(cookie_name(SHARE, secure), value, max_age=lifetime, secure=secure,
+                        embedded=is_embedded(headers))
+    return Redirect(local_path(credentials.path), cookies=(cookie,))
 
 
 class EmbedSignIn(Unauthorized):
@@ -151,7 +168,7 @@ class EmbedSignIn(Unauthorized):
         self.handoff_url = handoff_url
 
 
-def sign_in_redirect(request: web.BaseRequest, public_url: str, hub_url: str, *,
+def sign_in_redirect(headers: Mapping[str, str], public_url: str, hub_url: str, *,
                      secure: bool) -> Unauthorized | Redirect:
     """Send a browser to sign in, remembering where it was going.
 
@@ -159,7 +176,7 @@ def sign_in_redirect(request: web.BaseRequest, public_url: str, hub_url: str, *,
     state kept in a cookie on that host: the code only works back in this same browser.
     """
     state = secrets.token_urlsafe(18)
-    embedded = is_embedded(request.headers)
+    embedded = is_embedded(headers)
     cookie = set_cookie(cookie_name(HANDOFF, secure), state, max_age=300, secure=secure, embedded=embedded)
     query = {"target": public_url, "state": state, **({"popup": "1"} if embedded else {})}
     location = str(URL(hub_url).with_path("/auth/handoff").with_query(query))

@@ -31,7 +31,7 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-class KeyError_(Exception):
+class KeyFileError(Exception):
     """The keys file is missing, unreadable or malformed."""
 
 
@@ -59,7 +59,7 @@ class SigningKey:
     @classmethod
     def from_jwk(cls, jwk: Mapping[str, Any]) -> SigningKey:
         if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519" or not jwk.get("kid") or not jwk.get("d"):
-            raise KeyError_("each key must be an Ed25519 private JWK with a kid")
+            raise KeyFileError("each key must be an Ed25519 private JWK with a kid")
         return cls(kid=str(jwk["kid"]), private=Ed25519PrivateKey.from_private_bytes(_unb64(str(jwk["d"]))),
                    created=float(jwk.get("created", 0)))
 
@@ -69,7 +69,7 @@ class KeySet:
 
     def __init__(self, keys: list[SigningKey]) -> None:
         if not keys:
-            raise KeyError_("a key set needs at least one key")
+            raise KeyFileError("a key set needs at least one key")
         self.keys = tuple(keys)
         self._by_kid = {key.kid: key.public for key in keys}
 
@@ -104,7 +104,7 @@ class KeySet:
             data = json.loads(text)
             return cls([SigningKey.from_jwk(jwk) for jwk in data["keys"]])
         except (ValueError, KeyError, TypeError) as exc:
-            raise KeyError_(f"not a valid keys file: {exc}") from None
+            raise KeyFileError(f"not a valid keys file: {exc}") from None
 
     def rotated(self, keep_for: float, now: float | None = None) -> KeySet:
         """A new current key; older keys stay while tokens they signed may still be alive."""
@@ -131,9 +131,9 @@ def load_or_create(path: Path, *, create: bool) -> KeySet:
         return KeySet.from_json(path.read_text())
     except FileNotFoundError:
         if not create:
-            raise KeyError_(f"keys file {path} does not exist") from None
+            raise KeyFileError(f"keys file {path} does not exist") from None
     except OSError as exc:
-        raise KeyError_(f"cannot read keys file {path}: {exc.strerror}") from None
+        raise KeyFileError(f"cannot read keys file {path}: {exc.strerror}") from None
     keys = KeySet([SigningKey.generate()])
     write_keys(path, keys)
     return keys

@@ -3,7 +3,7 @@
 Opaque tokens (not JWTs) keep share URLs short and make revocation immediate: every use is looked up.
 :class:`TokenStore` is what the rest of the gateway sees; lookups are synchronous reads of memory (the request
 path never waits for storage), changes are awaited. Two implementations: :class:`FileTokenStore` here (one JSON
-file, the local runtime) and ``gateway.lifecycle.kubernetes.tokens.KubeTokenStore`` (custom resources shared by
+file, the local runtime) and ``gateway.auth.kubernetes.tokens.KubeTokenStore`` (custom resources shared by
 every replica). Use counts are batched in memory in both, so a busy link costs no write per request.
 """
 
@@ -137,7 +137,10 @@ class TokenStore(Protocol):
     async def revoke_share(self, link: ShareLink, now: float | None = None) -> ShareLink: ...
 
     def find_api_token(self, token: str) -> ApiToken | None:
-        """The token's record, noting its use, or None."""
+        """The token's record, or None (a lookup: its use is noted by ``use_api_token``)."""
+
+    def use_api_token(self, record: ApiToken, now: float) -> None:
+        """Note that the token was used (in memory; written in a batch later)."""
 
     async def create_api_token(self, identity: Identity, *, name: str) -> tuple[ApiToken, str]: ...
 
@@ -351,11 +354,11 @@ class FileTokenStore:
         if not token.startswith(API_PREFIX):
             return None
         self.refresh()
-        record = self._api_index.get(token_hash(token))
-        if record is not None:
-            record.last_used = time.time()
-            self._token_uses[record.id] = record.last_used
-        return record
+        return self._api_index.get(token_hash(token))
+
+    def use_api_token(self, record: ApiToken, now: float) -> None:
+        record.last_used = now
+        self._token_uses[record.id] = now
 
     async def revoke_api_token(self, record: ApiToken) -> None:
         with self._writing():

@@ -3,12 +3,12 @@
 from gateway.lifecycle.base import (
     Event,
     EventHub,
+    LifecycleError,
     Phase,
     Runtime,
-    RuntimeError_,
     Subscription,
     WorkspaceSpec,
     WorkspaceState,
 )
 
-__all__ = ["Event", "EventHub", "Phase", "Runtime", "RuntimeError_", "Subscription", "WorkspaceSpec", "WorkspaceState"]
+__all__ = ["Event", "EventHub", "LifecycleError", "Phase", "Runtime", "Subscription", "WorkspaceSpec", "WorkspaceState"]

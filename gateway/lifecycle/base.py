@@ -33,7 +33,7 @@ class Phase(enum.StrEnum):
         return self in (Phase.WARM, Phase.COLD, Phase.FAILED)
 
 
-class RuntimeError_(GatewayError):
+class LifecycleError(GatewayError):
     """A lifecycle operation failed; the message is safe to show to the workspace's users."""
 
     status = 503

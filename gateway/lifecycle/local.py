@@ -22,13 +22,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gateway.config import Local, LocalWorkspace
-from gateway.devcontainer import LabelFile
 from gateway.errors import NotFound
 from gateway.lifecycle.archive import ArchiveError, archive_home, recover, restore_home
-from gateway.lifecycle.base import Event, Phase, Runtime, RuntimeError_, WorkspaceSpec, WorkspaceState
+from gateway.lifecycle.base import Event, LifecycleError, Phase, Runtime, WorkspaceSpec, WorkspaceState
+from gateway.lifecycle.code_server import seed_settings, settings_file
+from gateway.lifecycle.devcontainer import LabelFile
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
+_OWN_FOLDERS = frozenset({"XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"})
+"""Where programs keep a person's files; the gateway's would make every workspace (code-server's data folder, its
+config.yaml) share the gateway user's, so a workspace gets its HOME's defaults unless its ``env`` names one."""
 
 
 def _die_with_parent() -> None:
@@ -173,7 +177,7 @@ class LocalRuntime(Runtime):
                 log.error("archive of %s failed, its home is kept and it stays WARM: %s", workspace, exc)
                 slot.archive_failure = f"The last archive failed, the home is kept: {exc}"
                 self._end(slot)  # WARM again, since now: the reaper tries again after another idle.to_cold
-                raise RuntimeError_(f"Archiving {workspace} failed, its home is kept: {exc}") from exc
+                raise LifecycleError(f"Archiving {workspace} failed, its home is kept: {exc}") from exc
             slot.archive_failure = ""
             return self._end(slot)
 
@@ -287,15 +291,20 @@ class LocalRuntime(Runtime):
 
     async def _spawn(self, slot: _Slot) -> None:
         slot.home.mkdir(parents=True, exist_ok=True)
-        env = {key: value for key, value in os.environ.items() if not key.startswith("CODEHUB_")}
+        env = {key: value for key, value in os.environ.items()
+               if not key.startswith("CODEHUB_") and key not in _OWN_FOLDERS}
         if self._proxy_uri is not None:
             env["VSCODE_PROXY_URI"] = self._proxy_uri(slot.spec.id)
         env.update(slot.config.env)
         env.update(HOME=str(slot.home), HOST=slot.address, CODEHUB_WORKSPACE=slot.spec.id)
+        command = self._command(slot)
+        ide_settings = settings_file(command, slot.home, env)
+        if ide_settings is not None:
+            seed_settings(ide_settings)
         output = (slot.root / "output.log").open("ab")
         try:
             process = await asyncio.create_subprocess_exec(
-                *self._command(slot), cwd=slot.home, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=output,
+                *command, cwd=slot.home, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=output,
                 stderr=output, start_new_session=True, preexec_fn=_die_with_parent,
             )
         finally:

@@ -1,7 +1,7 @@
 """A worker's view of a runtime that lives in another process (the ``serve --workers`` parent).
 
 The parent owns the local runtime (processes belong to one place) and serves a small control API on a Unix
-socket (``gateway.lifecycle.control``). A worker keeps an in-memory copy of every workspace's state, fed by the
+socket (``gateway.server.control``). A worker keeps an in-memory copy of every workspace's state, fed by the
 parent's event stream, so ``get``/``list`` never leave the process; operations are forwarded. Every state the
 parent sends carries a sequence number, so a reply and the stream can arrive in any order and the copy only
 ever moves forward. The worker stops itself when the stream ends: a worker never outlives its parent.
@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 
 from gateway.errors import GatewayError
-from gateway.lifecycle.base import Event, Phase, Runtime, RuntimeError_, WorkspaceSpec, WorkspaceState
+from gateway.lifecycle.base import Event, LifecycleError, Phase, Runtime, WorkspaceSpec, WorkspaceState
 from gateway.lifecycle.local import listening_ports
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class RemoteError(GatewayError):
         super().__init__(str(data.get("message", "The workspace runtime failed.")), code=str(data.get("code")),
                          headers=data.get("headers") or {}, retry=bool(data.get("retry")))
         self.status = int(data.get("status", 503))
-        self.title = str(data.get("title", RuntimeError_.title))
+        self.title = str(data.get("title", LifecycleError.title))
 
 
 # --- the client --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The client side of the proxy: where an upstream is, how connects are retried, the pools that reach it."""
+"""The client side of the proxy: where an upstream is, and how refused connects are retried."""
 
 from __future__ import annotations
 
@@ -6,11 +6,6 @@ import asyncio
 import errno
 import time
 from typing import NamedTuple
-
-import aiohttp
-
-from gateway.config import Timeouts
-from gateway.proxy.pool import UpstreamPool
 
 
 class Upstream(NamedTuple):
@@ -68,23 +63,3 @@ class ConnectGrace:
         await asyncio.sleep(self._delay)
         self._delay = min(self._delay * 2, 0.25)
         return True
-
-
-def make_pool(timeouts: Timeouts) -> UpstreamPool:
-    """The keep-alive pool plain HTTP requests are proxied through."""
-    return UpstreamPool(connect_timeout=timeouts.connect, first_byte_timeout=timeouts.first_byte,
-                        read_timeout=timeouts.read, queue_timeout=timeouts.queue, keepalive=30.0)
-
-
-def make_session(timeouts: Timeouts) -> aiohttp.ClientSession:
-    """For the gateway's own calls (OIDC): bodies pass through untouched (no decompression), no cookies are kept,
-    connections are reused."""
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, use_dns_cache=False, enable_cleanup_closed=False)
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=timeouts.read),
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-        read_bufsize=1 << 16,
-    )

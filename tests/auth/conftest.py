@@ -18,9 +18,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.app import build_app
 from gateway.config import Config
-from gateway.context import GATEWAY, Gateway
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY, Gateway
 from tests.auth.browser import Browser
 from tests.conftest import GatewayTestServer, MakeUpstream, next_address, settings, workspace
 from tests.peers.idp import fixture as idp_fixture
@@ -108,7 +108,7 @@ async def serve(make_upstream: MakeUpstream, tmp_path: Path) -> AsyncIterator[Se
     """Start a gateway for ``workspaces`` ({id: {"owner", "ports": {port: visibility}, ...}}) with echo upstreams
     on every listed port (plus ``listen``), woken up; extra keyword arguments are settings.
 
-    It runs behind the ``FrontDoor`` as ``serve`` does, so plain GETs take the fast lane and everything else
+    It runs behind the ``FastLaneServer`` as ``serve`` does, so plain GETs take the fast lane and everything else
     aiohttp's: a test that sends both exercises both lanes."""
     servers: list[TestServer] = []
 

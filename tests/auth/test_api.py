@@ -10,7 +10,7 @@ from urllib.parse import quote
 import pytest
 
 from gateway.lifecycle import Phase
-from gateway.pages import PHASE_WORDS
+from gateway.web.pages import PHASE_WORDS
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served
 

@@ -12,7 +12,7 @@ import jwt
 import pytest
 
 from gateway.auth.identity import Identity
-from gateway.policy import IdentityRules
+from gateway.edge.policy import IdentityRules
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served, seen_headers
 

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.auth.keys import KeyError_, KeySet, SigningKey, load_or_create, write_keys
+from gateway.auth.keys import KeyFileError, KeySet, SigningKey, load_or_create, write_keys
 
 ISSUER = "http://localhost:8080"
 AUDIENCE = "3000-ws1.localhost:8080"
@@ -129,10 +129,10 @@ def test_keys_file_round_trip_is_private(tmp_path: Path) -> None:
 def test_bad_keys_file_is_refused(tmp_path: Path, text: str) -> None:
     path = tmp_path / "keys.json"
     path.write_text(text)
-    with pytest.raises(KeyError_):
+    with pytest.raises(KeyFileError):
         load_or_create(path, create=False)
 
 
 def test_missing_keys_file_is_refused_unless_created(tmp_path: Path) -> None:
-    with pytest.raises(KeyError_, match="does not exist"):
+    with pytest.raises(KeyFileError, match="does not exist"):
         load_or_create(tmp_path / "absent.json", create=False)

@@ -13,8 +13,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import ConfigError, load_config
+from gateway.edge.routing import local_path
 from gateway.lifecycle import Phase
-from gateway.routing import local_path
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served, seen_headers
 

@@ -25,11 +25,11 @@ import yaml
 from aiohttp import web
 from playwright.async_api import BrowserContext, ConsoleMessage, Page, Playwright, async_playwright
 
-from gateway.app import build_app
 from gateway.config import Config
-from gateway.context import GATEWAY, Gateway
-from gateway.fastlane import GatewayRunner
-from gateway.policy import parse_policy
+from gateway.edge.policy import parse_policy
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY, Gateway
+from gateway.server.fastlane import GatewayRunner
 from tests.peers.idp.fixture import IdP, free_loopback_port, start_idp
 
 REPO = Path(__file__).resolve().parents[2]

@@ -25,9 +25,9 @@ import yaml
 from aiohttp import web
 from playwright.async_api import BrowserContext, Page, expect
 
-from gateway.app import build_app
 from gateway.config import Config
-from gateway.context import GATEWAY, Gateway
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY, Gateway
 from tests.browser.conftest import REPO, Browser, app_command, next_address, require_peer, screenshot
 from tests.peers.idp.fixture import free_loopback_port
 from tests.test_cli import urls_in

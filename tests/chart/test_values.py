@@ -15,11 +15,11 @@ import yaml
 
 from gateway.auth.store import ApiToken, ShareLink
 from gateway.config import Config, load_config
+from gateway.edge.policy import parse_policy
 from gateway.lifecycle.base import Phase
 from gateway.lifecycle.kubernetes.client import SHARE_LINK
 from gateway.lifecycle.kubernetes.objects import make_api_token, make_share_link, usage_patch
 from gateway.metrics import Metrics
-from gateway.policy import parse_policy
 from tests.chart.helm import CHART_DIR, REQUIRED, chart, merge, render
 from tests.chart.helm import crd as chart_crd
 

@@ -10,12 +10,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.activity import Activity, IdleTimers, reap_once
-from gateway.app import build_app
-from gateway.context import GATEWAY
 from gateway.errors import Conflict
-from gateway.lifecycle import Phase, RuntimeError_
+from gateway.lifecycle import LifecycleError, Phase
+from gateway.lifecycle.idle import Activity, IdleTimers, reap_once
 from gateway.metrics import Metrics
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY
 from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, KubeEnv
 from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import MakeRuntime, names, new_workspace, until
@@ -42,7 +42,7 @@ async def test_without_the_snapshot_api_the_gateway_starts_and_only_cold_is_off(
         await runtime.archive("w1")
     assert refused.value.code == "cold-disabled"
     assert names(kube.emulator, PVC) == ["ws-w1-home"]
-    timers = IdleTimers(idle_to_warm=1, warm_to_cold=1, interval=1)
+    timers = IdleTimers(to_warm=1, to_cold=1, check_every=1)
     state = runtime.get("w1")
     assert state is not None
     metrics = Metrics()
@@ -72,7 +72,7 @@ async def test_a_lost_snapshot_watch_stops_archives_not_wakes(
     emu.drop_watches(VOLUME_SNAPSHOT)
     await until(lambda: not runtime.api_healthy)
     assert (await runtime.wake("w1")).phase is Phase.RUNNING  # WARM: the home is there, no snapshot needed
-    with pytest.raises(RuntimeError_) as refused:
+    with pytest.raises(LifecycleError) as refused:
         await runtime.archive("w1")
     assert refused.value.code == "kubernetes-unavailable"
     assert names(emu, POD) == ["ws-w1"]  # refused before anything was stopped

@@ -10,11 +10,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.app import build_app
 from gateway.config import Config
-from gateway.lifecycle import Phase, RuntimeError_
+from gateway.lifecycle import LifecycleError, Phase
 from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.lifecycle.kubernetes.starting import Graces, Judge
+from gateway.server.app import build_app
 from tests.kube.emulator import POD, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet, LoopbackIPs
 from tests.kube.scenarios import INSUFFICIENT_MEMORY, UNBOUND, Scenario
@@ -27,7 +27,7 @@ QUICK = {"unschedulable_grace": 0.4, "bind_timeout": 0.4, "image_pull_grace": 0.
 async def failed_wake(runtime: KubernetesRuntime) -> tuple[str, list[str]]:
     """Wake, expect a clear failure; return its message and every progress line published meanwhile."""
     with runtime.events() as events:
-        with pytest.raises(RuntimeError_) as failure:
+        with pytest.raises(LifecycleError) as failure:
             await runtime.wake("w1")
         lines = [events.queue.get_nowait().message for _ in range(events.queue.qsize())]
     assert failure.value.code == "workspace-start-failed"

@@ -13,14 +13,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.activity import Activity, IdleTimers, reap_once
-from gateway.app import build_app
 from gateway.auth.identity import Identity
 from gateway.config import Config
-from gateway.context import GATEWAY
 from gateway.lifecycle import Phase
+from gateway.lifecycle.idle import Activity, IdleTimers, reap_once
 from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.metrics import Metrics
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY
 from tests.conftest import MakeUpstream, next_address
 from tests.kube.emulator import POD, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet
@@ -100,7 +100,7 @@ async def test_the_reaper_on_the_leader_sees_activity_from_other_replicas(
     await new_workspace(leader)
     await leader.wake("w1")
     later = time.time() + 100  # the reaper runs 100 s from now; the workspace started "now"
-    timers = IdleTimers(idle_to_warm=30, warm_to_cold=3600, interval=1)
+    timers = IdleTimers(to_warm=30, to_cold=3600, check_every=1)
     other.record_activity("w1", later - 10)  # a request on the other replica, 10 s before the reaper runs
     await until(lambda: leader.last_activity("w1") is not None)
 

@@ -19,12 +19,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 
-from gateway.app import build_app
 from gateway.auth.ide import IDE_COOKIE, ide_secret, load_key, put_ide_cookie
 from gateway.auth.identity import Identity
 from gateway.config import Config, ConfigError, Kubernetes
-from gateway.context import GATEWAY
 from gateway.lifecycle.kubernetes.objects import HOME, WorkspaceResource, make_pod
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY
 from tests.conftest import next_address
 from tests.kube.emulator import POD, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet

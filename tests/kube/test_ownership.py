@@ -9,11 +9,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.app import build_app
 from gateway.auth.identity import Identity
-from gateway.context import GATEWAY
 from gateway.errors import Conflict, NotFound
 from gateway.lifecycle import Phase, WorkspaceSpec
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY
 from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import NS, MakeRuntime, names, new_workspace, until

@@ -11,11 +11,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.app import build_app
+from gateway.auth.kubernetes.tokens import KubeTokenStore
 from gateway.config import Config
-from gateway.context import GATEWAY
 from gateway.lifecycle.kubernetes import KubernetesRuntime
-from tests.kube.emulator import KubeEnv
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY
+from tests.kube.emulator import SHARE_LINK, KubeEnv
 from tests.kube.support import MakeRuntime, kube_settings, until
 
 pytestmark = pytest.mark.timeout(60)
@@ -72,6 +73,34 @@ async def test_readyz_and_healthz_through_the_gateway(kube: KubeEnv, aiohttp_cli
     assert response.headers["Cache-Control"] == "no-store"
     response = await client.get("/healthz", headers={"Host": "10.1.2.3:8080"})
     assert (response.status, await response.json()) == (200, {"status": "ok"})
+    down[0] = False
+    await until(lambda: runtime.not_ready() is None, within=20)
+    assert (await client.get("/readyz", headers={"Host": "10.1.2.3:8080"})).status == 200
+
+
+async def test_a_lost_token_store_watch_makes_the_replica_not_ready_but_stops_no_wake(kube: KubeEnv,
+                                                                                    aiohttp_client: Any,
+                                                                                    tmp_path: Path) -> None:
+    """Share links, API tokens and consent answers are cached in the runtime's registry: readiness covers them,
+    while operations that decide from the runtime's own caches go on."""
+    settings = kube_settings(kube.url, ready_grace=0.01).model_dump(mode="json")
+    config = Config.model_validate({"runtime": "kubernetes", "kubernetes": settings,
+                                    "local": {"state_dir": str(tmp_path / "state")}})
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(config))
+    gateway = client.app[GATEWAY]
+    runtime, store = gateway.runtime, gateway.auth.store
+    assert isinstance(runtime, KubernetesRuntime)
+    assert isinstance(store, KubeTokenStore)
+    down = [True]
+    kube.emulator.fail("watch", SHARE_LINK, lambda request: down[0], status=503, times=None)
+    kube.emulator.fail("list", SHARE_LINK, lambda request: down[0], status=503, times=None)
+    kube.emulator.drop_watches(SHARE_LINK, abort=True)
+    await until(lambda: runtime.not_ready() is not None)
+    response = await client.get("/readyz", headers={"Host": "10.1.2.3:8080"})
+    assert response.status == 503
+    assert (await response.json())["reason"].startswith("sharelinks: Kubernetes API unreachable for")
+    assert runtime.api_healthy  # the runtime's own caches watch: wakes and stops go on
+    assert not store.healthy
     down[0] = False
     await until(lambda: runtime.not_ready() is None, within=20)
     assert (await client.get("/readyz", headers={"Host": "10.1.2.3:8080"})).status == 200

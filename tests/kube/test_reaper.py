@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from gateway.activity import Activity, IdleTimers, Reaper
 from gateway.lifecycle import Phase
+from gateway.lifecycle.idle import Activity, IdleTimers, Reaper
 from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.metrics import Metrics
 from tests.kube.emulator import KubeEnv
@@ -16,7 +16,7 @@ from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import MakeRuntime, PodIPs, new_workspace, until
 
 pytestmark = pytest.mark.timeout(60)
-TIMERS = IdleTimers(idle_to_warm=1, warm_to_cold=1, interval=1)
+TIMERS = IdleTimers(to_warm=1, to_cold=1, check_every=1)
 
 
 def phase(runtime: KubernetesRuntime, workspace: str) -> Phase | None:

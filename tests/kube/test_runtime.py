@@ -8,7 +8,7 @@ import kubernetes_validate
 import pytest
 
 from gateway.errors import BadRequest, Conflict, NotFound
-from gateway.lifecycle import Phase, RuntimeError_, WorkspaceSpec
+from gateway.lifecycle import LifecycleError, Phase, WorkspaceSpec
 from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.lifecycle.kubernetes.client import LEASE as LEASE_KIND
 from gateway.lifecycle.kubernetes.client import POD as POD_KIND
@@ -140,7 +140,7 @@ async def test_a_failed_snapshot_keeps_the_volume(kube: KubeEnv, make_runtime: M
         await until(lambda: bool(names(emu, VOLUME_SNAPSHOT)))
         emu.patch_status(VOLUME_SNAPSHOT, NS, names(emu, VOLUME_SNAPSHOT)[0],
                          {"readyToUse": False, "error": {"message": "out of quota"}})
-        with pytest.raises(RuntimeError_, match="out of quota"):
+        with pytest.raises(LifecycleError, match="out of quota"):
             await archiving
     assert names(emu, PVC) == ["ws-w1-home"]
     assert runtime.get("w1").phase is Phase.WARM  # type: ignore[union-attr]
@@ -222,7 +222,7 @@ async def test_an_api_that_keeps_failing_is_a_clear_503(kube: KubeEnv, kubelet: 
     runtime = await make_runtime(retry_attempts=2)
     await new_workspace(runtime)
     kube.emulator.fail("post", POD, status=503, times=None)
-    with pytest.raises(RuntimeError_) as caught:
+    with pytest.raises(LifecycleError) as caught:
         await runtime.wake("w1")
     assert caught.value.status == 503
     assert caught.value.code == "kubernetes-unavailable"
@@ -276,7 +276,7 @@ async def test_api_lost_serves_from_cache_and_fails_operations_clearly(
     assert runtime.get("w1") == running  # routing keeps working for what runs
     assert {state.id for state in runtime.list()} == {"w1", "w2"}
     for operation in (runtime.wake, runtime.stop, runtime.archive):
-        with pytest.raises(RuntimeError_) as caught:
+        with pytest.raises(LifecycleError) as caught:
             await operation("w2")
         assert caught.value.status == 503
         assert caught.value.message.startswith("Kubernetes API unavailable")
@@ -288,7 +288,7 @@ async def test_api_lost_serves_from_cache_and_fails_operations_clearly(
 
 async def test_start_fails_clearly_without_an_api() -> None:
     runtime = KubernetesRuntime(kube_settings("http://127.0.0.1:9", sync_timeout=0.5))
-    with pytest.raises(RuntimeError_, match="Kubernetes API not reachable"):
+    with pytest.raises(LifecycleError, match="Kubernetes API not reachable"):
         await runtime.start()
     await runtime.close()
 

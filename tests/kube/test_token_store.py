@@ -20,12 +20,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway import cli
-from gateway.app import build_app
 from gateway.auth.identity import Identity
+from gateway.auth.kubernetes.tokens import KubeTokenStore
 from gateway.auth.store import ApiToken, Consent, ShareLink, token_hash
 from gateway.config import Config
-from gateway.context import GATEWAY, Gateway
 from gateway.lifecycle.kubernetes.client import KubeClient
+from gateway.lifecycle.kubernetes.informer import Informers
 from gateway.lifecycle.kubernetes.objects import (
     make_api_token,
     make_share_link,
@@ -33,7 +33,8 @@ from gateway.lifecycle.kubernetes.objects import (
     parse_share_link,
     usage_patch,
 )
-from gateway.lifecycle.kubernetes.tokens import KubeTokenStore
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY, Gateway
 from tests.kube.emulator import API_TOKEN, CONSENT, SHARE_LINK, USED_KEY, WORKSPACE, KubeEnv
 from tests.kube.support import NS, kube_settings, until
 
@@ -365,8 +366,10 @@ async def test_the_leader_deletes_expired_links(kube: KubeEnv, aiohttp_client: A
 async def test_a_replica_that_does_not_lead_deletes_nothing(kube: KubeEnv) -> None:
     kube.emulator.create_object(WORKSPACE, {"metadata": {"name": "w1"}, "spec": {"owner": "alice"}}, NS)
     client = KubeClient(kube.new_api_client(), NS)
+    informers = Informers()
     links = KubeTokenStore(kube_settings(kube.url, share_retention=0.1, share_prune_interval=0.1), "gw-b",
-                           lambda: client)
+                           lambda: client, informers)
+    await informers.start(client, sync_timeout=5)
     await links.start()
     try:
         link, _ = await links.create_share(workspace="w1", port=8000, audience="anyone", people=[],
@@ -375,3 +378,4 @@ async def test_a_replica_that_does_not_lead_deletes_nothing(kube: KubeEnv) -> No
         assert kube.emulator.get_object(SHARE_LINK, NS, link.id) is not None
     finally:
         await links.close()
+        await informers.stop()

@@ -21,7 +21,7 @@ from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client import ApiClient, Configuration
 
 from gateway.config import Kubernetes
-from gateway.lifecycle.base import RuntimeError_
+from gateway.lifecycle.base import LifecycleError
 from gateway.lifecycle.kubernetes.throttle import Throttle
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ MERGE_PATCH = "application/merge-patch+json"
 
 
 @dataclass(frozen=True, slots=True)
-class Kind:
+class Resource:
     group: str
     version: str
     plural: str
@@ -51,16 +51,16 @@ class Kind:
         return path
 
 
-POD = Kind("", "v1", "pods", "Pod")
-PVC = Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
-SNAPSHOT = Kind("snapshot.storage.k8s.io", "v1", "volumesnapshots", "VolumeSnapshot")
-WORKSPACE = Kind("codehub.dev", "v1alpha1", "workspaces", "Workspace")
-LEASE = Kind("coordination.k8s.io", "v1", "leases", "Lease")
-SHARE_LINK = Kind("codehub.dev", "v1alpha1", "sharelinks", "ShareLink")
-API_TOKEN = Kind("codehub.dev", "v1alpha1", "apitokens", "ApiToken")
-CONSENT = Kind("codehub.dev", "v1alpha1", "identityconsents", "IdentityConsent")
-USED_KEY = Kind("codehub.dev", "v1alpha1", "usedkeys", "UsedKey")
-EVENT = Kind("", "v1", "events", "Event")
+POD = Resource("", "v1", "pods", "Pod")
+PVC = Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
+SNAPSHOT = Resource("snapshot.storage.k8s.io", "v1", "volumesnapshots", "VolumeSnapshot")
+WORKSPACE = Resource("codehub.dev", "v1alpha1", "workspaces", "Workspace")
+LEASE = Resource("coordination.k8s.io", "v1", "leases", "Lease")
+SHARE_LINK = Resource("codehub.dev", "v1alpha1", "sharelinks", "ShareLink")
+API_TOKEN = Resource("codehub.dev", "v1alpha1", "apitokens", "ApiToken")
+CONSENT = Resource("codehub.dev", "v1alpha1", "identityconsents", "IdentityConsent")
+USED_KEY = Resource("codehub.dev", "v1alpha1", "usedkeys", "UsedKey")
+EVENT = Resource("", "v1", "events", "Event")
 
 TRANSIENT = frozenset({0, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 30.0
@@ -85,10 +85,10 @@ class Gone(KubeError):
     """410: the resourceVersion a watch asked for is compacted away; list again."""
 
 
-def unavailable(error: Exception) -> RuntimeError_:
+def unavailable(error: Exception) -> LifecycleError:
     """The one error users see when an operation needs the API and cannot reach it."""
     detail = error.message or error.reason if isinstance(error, KubeError) else str(error) or type(error).__name__
-    return RuntimeError_(f"Kubernetes API unavailable ({detail}); try again shortly.", code="kubernetes-unavailable",
+    return LifecycleError(f"Kubernetes API unavailable ({detail}); try again shortly.", code="kubernetes-unavailable",
                          headers={"Retry-After": "5"})
 
 
@@ -173,7 +173,7 @@ class KubeClient:
             raise KubeError(0, "BadResponse", f"{method} {path} answered {type(data).__name__}")
         return data
 
-    async def create(self, kind: Kind, body: Mapping[str, Any]) -> dict[str, Any] | None:
+    async def create(self, kind: Resource, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """The created object, or None when one of that name is already there (409 = done)."""
         try:
             return await self.request("POST", kind.path(self.namespace), body=body)
@@ -182,7 +182,7 @@ class KubeClient:
                 return None
             raise
 
-    async def get(self, kind: Kind, name: str) -> dict[str, Any] | None:
+    async def get(self, kind: Resource, name: str) -> dict[str, Any] | None:
         try:
             return await self.request("GET", kind.path(self.namespace, name))
         except KubeError as exc:
@@ -190,7 +190,7 @@ class KubeClient:
                 return None
             raise
 
-    async def delete(self, kind: Kind, name: str, *, uid: str | None = None, foreground: bool = False) -> bool:
+    async def delete(self, kind: Resource, name: str, *, uid: str | None = None, foreground: bool = False) -> bool:
         """True if this call deleted it, False if it was already gone (404 = done).
 
         With ``uid``, only that very object (409 if the name now belongs to another: also "not ours, done");
@@ -209,17 +209,17 @@ class KubeClient:
             raise
         return True
 
-    async def patch(self, kind: Kind, name: str, patch: Mapping[str, Any], *,
+    async def patch(self, kind: Resource, name: str, patch: Mapping[str, Any], *,
                     subresource: str | None = None) -> dict[str, Any]:
         """A JSON merge patch (RFC 7386): maps merge, lists are replaced, ``None`` removes a key."""
         return await self.request("PATCH", kind.path(self.namespace, name, subresource), body=patch,
                                   content_type=MERGE_PATCH)
 
-    async def replace(self, kind: Kind, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    async def replace(self, kind: Resource, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """PUT; with ``metadata.resourceVersion`` set, a stale write answers 409."""
         return await self.request("PUT", kind.path(self.namespace, name), body=body)
 
-    async def list(self, kind: Kind, *, label_selector: str | None = None,
+    async def list(self, kind: Resource, *, label_selector: str | None = None,
                    field_selector: str | None = None) -> dict[str, Any]:
         """Every item, fetched in pages of ``page_size`` (``limit``/``continue``), as one list at one version.
 
@@ -244,7 +244,7 @@ class KubeClient:
         raise KubeError(410, "Expired", f"the list of {kind.plural} kept expiring between pages")
 
     @contextlib.asynccontextmanager
-    async def watch(self, kind: Kind, resource_version: str, *, label_selector: str | None = None,
+    async def watch(self, kind: Resource, resource_version: str, *, label_selector: str | None = None,
                     field_selector: str | None = None,
                     timeout_seconds: int = 300) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         """A watch stream of ``{"type", "object"}`` events after ``resource_version``; ERROR events raise."""

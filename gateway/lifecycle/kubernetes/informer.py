@@ -8,6 +8,10 @@ again, for ever, until cancelled. Cancellation is always re-raised.
 
 While the API cannot be reached the cache keeps serving the last state it saw (``healthy`` turns False), so
 routing keeps working for RUNNING workspaces; operations that need the API check ``healthy`` and fail clearly.
+
+:class:`Informers` is the replica's one registry of them: the runtime's view and the token store register the
+kinds they read (several listeners may share a kind, and so one watch), and the runtime starts, reports and stops
+them all at once, so readiness covers every cache the request path reads and closing leaves no watch open.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.lifecycle.kubernetes.client import Gone, Kind, KubeClient, KubeError
+from gateway.lifecycle.base import LifecycleError
+from gateway.lifecycle.kubernetes.client import Gone, KubeClient, KubeError, Resource
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +45,10 @@ def _rv(obj: dict[str, Any]) -> str | None:
 
 
 class Informer:
-    """A cache of one kind in one namespace, kept current by list + watch, with a callback per change."""
+    """A cache of one kind in one namespace, kept current by list + watch, telling its listeners every change."""
 
-    def __init__(self, client: KubeClient, kind: Kind, *, on_change: OnChange, label_selector: str | None = None,
+    def __init__(self, client: KubeClient, kind: Resource, *, listeners: Sequence[OnChange],
+                 label_selector: str | None = None,
                  watch_timeout: int = 300, first_delay: float = 0.1, max_delay: float = 10.0) -> None:
         self.client = client
         self.kind = kind
@@ -53,7 +60,7 @@ class Informer:
         self.error = ""
         self.unhealthy_since: float | None = None  # time.monotonic() when the API was lost, for readiness
         self.lists = 0  # how many times the whole kind was listed (1 + re-lists after 410 Gone)
-        self._on_change = on_change
+        self._listeners = tuple(listeners)
         self._watch_timeout = watch_timeout
         self._first_delay = first_delay
         self._max_delay = max_delay
@@ -152,20 +159,87 @@ class Informer:
         return count
 
     def _notify(self, kind: str, obj: dict[str, Any]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(kind, obj)
+            except Exception:  # one bad listener must neither stop the cache nor keep the change from the others
+                log.exception("change callback for %s %s failed", self.kind.plural, obj["metadata"].get("name"))
+
+
+@dataclass
+class _Registration:
+    label_selector: str | None
+    listeners: list[OnChange] = field(default_factory=list)
+
+
+class Informers(Mapping[Resource, Informer]):
+    """Every cache of this replica: kinds are registered first, then all are started, reported on and stopped as
+    one. As a mapping it holds the running caches by kind (empty until started)."""
+
+    def __init__(self, *, watch_timeout: int = 300) -> None:
+        self._watch_timeout = watch_timeout
+        self._registered: dict[Resource, _Registration] = {}
+        self._running: dict[Resource, Informer] = {}
+
+    def register(self, kind: Resource, on_change: OnChange, *, label_selector: str | None = None) -> None:
+        """Ask for ``kind`` to be cached and ``on_change`` told of its changes. A kind registered again shares
+        the one watch, so it must select the same objects."""
+        if self._running:
+            raise RuntimeError(f"{kind.plural}: register before the informers start; they are running")
+        registration = self._registered.setdefault(kind, _Registration(label_selector))
+        if registration.label_selector != label_selector:
+            raise ValueError(f"{kind.plural} is watched with the selector {registration.label_selector!r}, "
+                             f"not {label_selector!r}")
+        registration.listeners.append(on_change)
+
+    async def start(self, client: KubeClient, *, sync_timeout: float) -> None:
+        """Fill every cache; LifecycleError, with every watch stopped again, if the API cannot be listed within
+        ``sync_timeout``."""
+        for kind, registration in self._registered.items():
+            self._running[kind] = Informer(client, kind, listeners=registration.listeners,
+                                           label_selector=registration.label_selector,
+                                           watch_timeout=self._watch_timeout)
+        for informer in self._running.values():
+            informer.start()
         try:
-            self._on_change(kind, obj)
-        except Exception:  # one bad callback must not stop the cache
-            log.exception("change callback for %s %s failed", self.kind.plural, obj["metadata"].get("name"))
+            async with asyncio.timeout(sync_timeout):
+                await asyncio.gather(*(informer.synced.wait() for informer in self._running.values()))
+        except TimeoutError:
+            errors = "; ".join(f"{i.kind.plural}: {i.error}" for i in self._running.values() if not i.synced.is_set())
+            await self.stop()
+            raise LifecycleError(f"Kubernetes API not reachable within {sync_timeout:.0f} s ({errors})",
+                                code="kubernetes-unavailable") from None
 
+    async def stop(self) -> None:
+        running, self._running = self._running, {}
+        for informer in running.values():
+            await informer.stop()
 
-def not_ready(informers: Iterable[Informer], grace: float) -> str | None:
-    """Why a replica with these caches should get no traffic: one was never filled, or has been cut off from the
-    API for longer than ``grace`` (a short loss is ridden out from the cache). Names kinds, never addresses."""
-    now = time.monotonic()
-    for informer in informers:
-        if not informer.synced.is_set():
-            return f"{informer.kind.plural}: not synced yet"
-        since = informer.unhealthy_since
-        if not informer.healthy and since is not None and now - since > grace:
-            return f"{informer.kind.plural}: Kubernetes API unreachable for {now - since:.0f} s"
-    return None
+    def healthy(self, kinds: Iterable[Resource]) -> bool:
+        """Whether the caches of ``kinds`` are running and watching: each reader asks about its own kinds, so a
+        lost share-link watch does not stop wakes."""
+        return bool(self._running) and all(kind in self._running and self._running[kind].healthy for kind in kinds)
+
+    def not_ready(self, grace: float) -> str | None:
+        """Why a replica with these caches should get no traffic: they were never started, one was never filled,
+        or one has been cut off from the API for longer than ``grace`` (a short loss is ridden out from the cache).
+        Names kinds, never addresses."""
+        if not self._running:
+            return "Kubernetes caches not started"
+        now = time.monotonic()
+        for informer in self._running.values():
+            if not informer.synced.is_set():
+                return f"{informer.kind.plural}: not synced yet"
+            since = informer.unhealthy_since
+            if not informer.healthy and since is not None and now - since > grace:
+                return f"{informer.kind.plural}: Kubernetes API unreachable for {now - since:.0f} s"
+        return None
+
+    def __getitem__(self, kind: Resource) -> Informer:
+        return self._running[kind]
+
+    def __iter__(self) -> Iterator[Resource]:
+        return iter(self._running)
+
+    def __len__(self) -> int:
+        return len(self._running)

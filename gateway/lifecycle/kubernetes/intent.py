@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from gateway.errors import NotFound
-from gateway.lifecycle.base import RuntimeError_
+from gateway.lifecycle.base import LifecycleError
 from gateway.lifecycle.kubernetes.client import WORKSPACE, KubeClient, KubeError, retrying
 
 INTENT = "codehub.dev/lifecycle"
@@ -64,7 +64,7 @@ async def swap(client: KubeClient, workspace: str, decide: Callable[[str | None]
         except KubeError as exc:
             if exc.status == 409:
                 continue
-            raise RuntimeError_(f"Kubernetes refused the operation: {exc.message or exc.reason}",
+            raise LifecycleError(f"Kubernetes refused the operation: {exc.message or exc.reason}",
                                 code="kubernetes-refused") from exc
         return True, wanted
-    raise RuntimeError_(f"Workspace {workspace} kept changing; try again.", code="kubernetes-conflict")
+    raise LifecycleError(f"Workspace {workspace} kept changing; try again.", code="kubernetes-conflict")

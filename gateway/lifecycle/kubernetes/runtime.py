@@ -27,7 +27,7 @@ from kubernetes_asyncio.client import ApiClient
 from gateway.auth.ide import ide_secret, load_key
 from gateway.config import Config, Kubernetes
 from gateway.errors import BadRequest, Conflict, NotFound
-from gateway.lifecycle.base import Phase, Runtime, RuntimeError_, WorkspaceSpec, WorkspaceState
+from gateway.lifecycle.base import LifecycleError, Phase, Runtime, WorkspaceSpec, WorkspaceState
 from gateway.lifecycle.kubernetes import intent, phases
 from gateway.lifecycle.kubernetes.activity import ActivitySync
 from gateway.lifecycle.kubernetes.client import (
@@ -35,14 +35,13 @@ from gateway.lifecycle.kubernetes.client import (
     PVC,
     SNAPSHOT,
     WORKSPACE,
-    Kind,
     KubeClient,
     KubeError,
+    Resource,
     connect,
     retrying,
 )
-from gateway.lifecycle.kubernetes.informer import Informer
-from gateway.lifecycle.kubernetes.informer import not_ready as informers_not_ready
+from gateway.lifecycle.kubernetes.informer import Informers
 from gateway.lifecycle.kubernetes.leader import LeaderElector
 from gateway.lifecycle.kubernetes.objects import (
     WorkspaceResource,
@@ -80,7 +79,8 @@ class KubernetesRuntime(Runtime):
         self._api = api
         self._owns_api = api is None
         self._attempts = retry_attempts
-        self.view = ClusterView(settings, self.hub)
+        self.informers = Informers(watch_timeout=settings.watch_timeout)  # the view's kinds and the token store's
+        self.view = ClusterView(settings, self.hub, self.informers)
         self.client: KubeClient | None = None
         self.leader: LeaderElector | None = None
         self.activity: ActivitySync | None = None
@@ -104,8 +104,9 @@ class KubernetesRuntime(Runtime):
                                      interval=settings.activity_interval)
         self.leader = LeaderElector(self.client, settings.lease_name, self.identity, duration=settings.lease_duration)
         try:
-            await self.view.start(self.client)
-        except RuntimeError_:
+            await self.view.watch_snapshots(self.client)
+            await self.informers.start(self.client, sync_timeout=settings.sync_timeout)
+        except LifecycleError:
             await self.close()
             raise
         self.leader.start()
@@ -115,7 +116,7 @@ class KubernetesRuntime(Runtime):
             await self.leader.stop(release=True)
         if self.activity is not None:
             await self.activity.close()
-        await self.view.stop()
+        await self.informers.stop()
         if self._owns_api and self._api is not None:
             await self._api.close()
             self._api = None
@@ -123,17 +124,12 @@ class KubernetesRuntime(Runtime):
     # -- reading from memory --
 
     @property
-    def informers(self) -> dict[Kind, Informer]:
-        return self.view.informers
-
-    @property
     def api_healthy(self) -> bool:
         return self.view.healthy
 
     def not_ready(self) -> str | None:
-        if not self.view.informers:
-            return "Kubernetes caches not started"
-        return informers_not_ready(self.view.informers.values(), self.settings.ready_grace)
+        """Every cache counts, the token store's too: a replica that cannot see share links is as stale."""
+        return self.informers.not_ready(self.settings.ready_grace)
 
     def get(self, workspace: str) -> WorkspaceState | None:
         return self.view.get(workspace)
@@ -151,10 +147,10 @@ class KubernetesRuntime(Runtime):
     def _ide_secret(self, workspace: str) -> str | None:
         return ide_secret(self._ide_key, workspace) if self._ide_key is not None else None
 
-    def _require_api(self, *kinds: Kind) -> KubeClient:
+    def _require_api(self, *kinds: Resource) -> KubeClient:
         """The client, if the caches this operation decides from (default: Workspaces, pods, PVCs) are live."""
         if self.client is None:
-            raise RuntimeError_("The Kubernetes runtime has not started.", code="kubernetes-unavailable")
+            raise LifecycleError("The Kubernetes runtime has not started.", code="kubernetes-unavailable")
         self.view.require_api(kinds or (WORKSPACE, POD, PVC))
         return self.client
 
@@ -164,12 +160,12 @@ class KubernetesRuntime(Runtime):
     # -- doing --
 
     async def _call(self, call: Callable[[KubeClient], Any]) -> Any:
-        """One API operation with the retry loop around it; a refusal becomes a clear RuntimeError_."""
+        """One API operation with the retry loop around it; a refusal becomes a clear LifecycleError."""
         client = self._require_api()
         try:
             return await retrying(lambda: call(client), attempts=self._attempts)
         except KubeError as exc:
-            raise RuntimeError_(f"Kubernetes refused the operation: {exc.message or exc.reason}",
+            raise LifecycleError(f"Kubernetes refused the operation: {exc.message or exc.reason}",
                                 code="kubernetes-refused") from exc
 
     async def wake(self, workspace: str) -> WorkspaceState:
@@ -228,7 +224,7 @@ class KubernetesRuntime(Runtime):
                 self.view.explain(ws.id, f"Restoring the home volume from snapshot {source}")
                 await self._call(lambda c: c.create(PVC, make_pvc(ws, self.settings, restore_from_snapshot=source)))
             elif snapshots:
-                raise RuntimeError_(f"Workspace {ws.id} has snapshots but none is ready to restore; its data is "
+                raise LifecycleError(f"Workspace {ws.id} has snapshots but none is ready to restore; its data is "
                                     "not lost, but it cannot start until one is.", code="snapshot-not-ready")
             else:
                 await self._call(lambda c: c.create(PVC, make_pvc(ws, self.settings)))
@@ -253,7 +249,7 @@ class KubernetesRuntime(Runtime):
         try:
             seen = await self.view.wait(ws.id, started, deadline, "the pod becoming ready",
                                         recheck=lambda: look_again[0])
-        except RuntimeError_ as exc:
+        except LifecycleError as exc:
             if exc.code != "kubernetes-timeout":
                 raise
             last = judge.warnings.get(pod)
@@ -262,9 +258,9 @@ class KubernetesRuntime(Runtime):
         if seen.phase is Phase.FAILED:
             log.error("workspace %s failed to start: %s", ws.id, seen.message)
             self.view.explain(ws.id, seen.message)
-            with contextlib.suppress(RuntimeError_):  # a failed pod is not left behind (nor its quota used)
+            with contextlib.suppress(LifecycleError):  # a failed pod is not left behind (nor its quota used)
                 await self._call(lambda c: c.delete(POD, pod))
-            raise RuntimeError_(f"Workspace {ws.id} could not start: {seen.message}", code="workspace-start-failed")
+            raise LifecycleError(f"Workspace {ws.id} could not start: {seen.message}", code="workspace-start-failed")
         return self.view.end(ws.id)
 
     def _explain(self, workspace: str, event: Mapping[str, Any], judge: Judge, began: float) -> None:
@@ -302,7 +298,7 @@ class KubernetesRuntime(Runtime):
             await self._call(lambda c: c.delete(PVC, pvc))  # idempotent; finishes a crashed archiver's work
             await self.view.gone(ws.id, PVC, pvc, deadline)
 
-    async def _remove_foreign(self, ws: WorkspaceResource, kind: Kind, name: str, deadline: float) -> None:
+    async def _remove_foreign(self, ws: WorkspaceResource, kind: Resource, name: str, deadline: float) -> None:
         """A pod or PVC under our name but owned by a deleted namesake goes first (GC may not have got to it)."""
         found = self.view.cached(kind, name)
         if found is None or belongs(found, ws.uid):
@@ -346,9 +342,9 @@ class KubernetesRuntime(Runtime):
                 return self.view.end(workspace)  # already COLD, or woken again meanwhile
             try:
                 await self._archive(workspace, pvc)
-            except RuntimeError_ as exc:
+            except LifecycleError as exc:
                 log.error("archive of %s failed, its volume is kept: %s", workspace, exc.message)
-                raise RuntimeError_(f"Archiving {workspace} failed; its volume is untouched. {exc.message}",
+                raise LifecycleError(f"Archiving {workspace} failed; its volume is untouched. {exc.message}",
                                     code=exc.code) from exc
             finally:
                 state = self.view.end(workspace)
@@ -366,8 +362,8 @@ class KubernetesRuntime(Runtime):
             return
         try:
             committed = await self._snapshot_then_commit(workspace, mine)
-        except RuntimeError_:
-            with contextlib.suppress(RuntimeError_, NotFound):  # let the next archive try at once
+        except LifecycleError:
+            with contextlib.suppress(LifecycleError, NotFound):  # let the next archive try at once
                 await intent.swap(client, workspace, lambda v: None if v == mine else intent.KEEP)
             raise
         if committed is None:
@@ -396,7 +392,7 @@ class KubernetesRuntime(Runtime):
 
         snapshot = await self.view.wait(workspace, settled, deadline, f"snapshot {name} becoming ready")
         if not phases.snapshot_ready(snapshot):
-            raise RuntimeError_(f"snapshot {name} failed: {phases.snapshot_error(snapshot)}", code="snapshot-failed")
+            raise LifecycleError(f"snapshot {name} failed: {phases.snapshot_error(snapshot)}", code="snapshot-failed")
         commit = "deleting/" + mine.split("/", 1)[1]
         written, found = await intent.swap(self._require_api(), workspace,
                                            lambda v: commit if v == mine else intent.KEEP)
@@ -409,7 +405,7 @@ class KubernetesRuntime(Runtime):
         """Older snapshots go only after a newer one is ready (``phases.prunable`` never names the newest)."""
         try:
             await self._call(lambda c: c.delete(SNAPSHOT, snapshot))
-        except RuntimeError_ as exc:
+        except LifecycleError as exc:
             log.warning("could not prune snapshot %s of %s: %s", snapshot, workspace, exc.message)
 
     async def _write_status(self, workspace: str, state: WorkspaceState) -> None:
@@ -458,7 +454,7 @@ class KubernetesRuntime(Runtime):
         uid = self.view.uid(workspace)
         await self._call(lambda c: c.delete(WORKSPACE, workspace, uid=uid or None, foreground=True))
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
-        with contextlib.suppress(RuntimeError_):  # the watch lags: the deletion stands all the same
+        with contextlib.suppress(LifecycleError):  # the watch lags: the deletion stands all the same
             await self.view.wait(workspace, lambda: True if self.view.workspace(workspace) is None else None,
                                  deadline, "the cache seeing the deletion")
 
@@ -493,7 +489,7 @@ class KubernetesRuntime(Runtime):
             patch = {"metadata": {"resourceVersion": obj["metadata"].get("resourceVersion")}, "spec": spec}
             try:
                 patched = await self._call(lambda c: c.patch(WORKSPACE, workspace, patch))  # noqa: B023
-            except RuntimeError_ as exc:
+            except LifecycleError as exc:
                 if not (isinstance(exc.__cause__, KubeError) and exc.__cause__.status == 409):
                     raise
                 obj = await self._call(lambda c: c.get(WORKSPACE, workspace))
@@ -513,7 +509,7 @@ class KubernetesRuntime(Runtime):
 
         try:
             return await self.view.wait(workspace, caught_up, deadline, "the cache catching up")
-        except RuntimeError_:  # the watch lags: answer from what the API said
+        except LifecycleError:  # the watch lags: answer from what the API said
             state = self.view.get(workspace)
             spec = parse_workspace(written).spec(self.settings)
             return replace(state, spec=spec) if state is not None else WorkspaceState(spec, Phase.WARM)

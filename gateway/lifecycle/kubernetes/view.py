@@ -17,10 +17,19 @@ from typing import Any, TypeVar
 
 from gateway.config import Kubernetes
 from gateway.errors import NotFound
-from gateway.lifecycle.base import Event, EventHub, Phase, RuntimeError_, WorkspaceState
+from gateway.lifecycle.base import Event, EventHub, LifecycleError, Phase, WorkspaceState
 from gateway.lifecycle.kubernetes import phases
-from gateway.lifecycle.kubernetes.client import POD, PVC, SNAPSHOT, WORKSPACE, Kind, KubeClient, KubeError, unavailable
-from gateway.lifecycle.kubernetes.informer import Informer
+from gateway.lifecycle.kubernetes.client import (
+    POD,
+    PVC,
+    SNAPSHOT,
+    WORKSPACE,
+    KubeClient,
+    KubeError,
+    Resource,
+    unavailable,
+)
+from gateway.lifecycle.kubernetes.informer import Informers
 from gateway.lifecycle.kubernetes.objects import (
     SELECTOR,
     WORKSPACE_LABEL,
@@ -51,35 +60,30 @@ class Slot:
 
 
 class ClusterView:
-    def __init__(self, settings: Kubernetes, hub: EventHub) -> None:
+    """Registers its kinds in the runtime's ``informers``; the runtime starts and stops them."""
+
+    def __init__(self, settings: Kubernetes, hub: EventHub, informers: Informers) -> None:
         self.settings = settings
         self.hub = hub
-        self.informers: dict[Kind, Informer] = {}
+        self.informers = informers
+        self.kinds: list[Resource] = []
         self.slots: dict[str, Slot] = {}
         self.snapshots_enabled = True
+        for kind, selector in ((WORKSPACE, None), (POD, SELECTOR), (PVC, SELECTOR)):
+            self._register(kind, selector)
 
-    async def start(self, client: KubeClient) -> None:
-        """Fill the caches; RuntimeError_ if the API cannot be listed within ``sync_timeout``."""
-        settings = self.settings
-        kinds = [(WORKSPACE, None), (POD, SELECTOR), (PVC, SELECTOR)]
+    def _register(self, kind: Resource, selector: str | None) -> None:
+        self.informers.register(kind, self._on_change(kind), label_selector=selector)
+        self.kinds.append(kind)
+
+    async def watch_snapshots(self, client: KubeClient) -> None:
+        """Cache VolumeSnapshots too if the cluster serves them (the CSI snapshot CRDs are optional, and so is
+        COLD); once, before the informers start."""
         self.snapshots_enabled = await self._snapshot_api(client)
         if self.snapshots_enabled:
-            kinds.append((SNAPSHOT, SELECTOR))
-        for kind, selector in kinds:
-            self.informers[kind] = Informer(client, kind, label_selector=selector, on_change=self._on_change(kind),
-                                            watch_timeout=settings.watch_timeout)
-        for informer in self.informers.values():
-            informer.start()
-        try:
-            async with asyncio.timeout(settings.sync_timeout):
-                await asyncio.gather(*(informer.synced.wait() for informer in self.informers.values()))
-        except TimeoutError:
-            errors = "; ".join(f"{i.kind.plural}: {i.error}" for i in self.informers.values() if not i.synced.is_set())
-            raise RuntimeError_(f"Kubernetes API not reachable within {settings.sync_timeout:.0f} s ({errors})",
-                                code="kubernetes-unavailable") from None
+            self._register(SNAPSHOT, SELECTOR)
 
     async def _snapshot_api(self, client: KubeClient) -> bool:
-        """Whether the cluster serves VolumeSnapshots (the CSI snapshot CRDs are optional, and so is COLD)."""
         try:
             await client.request("GET", SNAPSHOT.path(self.settings.namespace), query={"limit": "1"})
         except KubeError as exc:
@@ -91,15 +95,12 @@ class ClusterView:
             return False
         return True
 
-    async def stop(self) -> None:
-        for informer in self.informers.values():
-            await informer.stop()
-
     @property
     def healthy(self) -> bool:
-        return bool(self.informers) and all(i.healthy for i in self.informers.values())
+        """Whether this view's own caches watch (the token store's kinds in the same registry do not count)."""
+        return self.informers.healthy(self.kinds)
 
-    def require_api(self, kinds: Iterable[Kind] = (WORKSPACE, POD, PVC)) -> None:
+    def require_api(self, kinds: Iterable[Resource] = (WORKSPACE, POD, PVC)) -> None:
         """An operation refuses clearly while a cache it decides from is cut off from the API; the others
         may be unwell (a lost snapshot watch does not stop wakes from WARM)."""
         lost = [self.informers[kind] for kind in kinds if kind in self.informers and not self.informers[kind].healthy]
@@ -109,7 +110,7 @@ class ClusterView:
 
     # -- reading --
 
-    def _on_change(self, kind: Kind) -> Callable[[str, Obj], None]:
+    def _on_change(self, kind: Resource) -> Callable[[str, Obj], None]:
         def changed(_type: str, obj: Obj) -> None:
             meta = obj.get("metadata") or {}
             workspace = meta.get("name") if kind is WORKSPACE else (meta.get("labels") or {}).get(WORKSPACE_LABEL)
@@ -120,7 +121,7 @@ class ClusterView:
     def slot(self, workspace: str) -> Slot:
         return self.slots.setdefault(workspace, Slot())
 
-    def cached(self, kind: Kind, name: str) -> Obj | None:
+    def cached(self, kind: Resource, name: str) -> Obj | None:
         informer = self.informers.get(kind)
         return informer.get(name) if informer is not None else None
 
@@ -128,7 +129,7 @@ class ClusterView:
         obj = self.cached(WORKSPACE, workspace)
         return str((obj.get("metadata") or {}).get("uid") or "") if obj is not None else ""
 
-    def owned(self, kind: Kind, name: str, workspace: str) -> Obj | None:
+    def owned(self, kind: Resource, name: str, workspace: str) -> Obj | None:
         """The cached object if it is this Workspace's; one left by a deleted namesake is not (GC takes it)."""
         obj = self.cached(kind, name)
         return obj if obj is not None and belongs(obj, self.uid(workspace)) else None
@@ -206,7 +207,7 @@ class ClusterView:
 
     async def wait(self, workspace: str, check: Callable[[], T | None], deadline: float, what: str, *,
                    recheck: Callable[[], float | None] | None = None) -> T:
-        """Wait, woken by cache changes, until ``check`` returns something; RuntimeError_ at the deadline.
+        """Wait, woken by cache changes, until ``check`` returns something; LifecycleError at the deadline.
 
         ``recheck`` names a (loop) time to look again without a change: when a grace ``check`` counts runs out.
         """
@@ -226,9 +227,9 @@ class ClusterView:
                     await asyncio.wait_for(changed.wait(), max(0.0, min(remaining, again - loop.time()))
                                            if again is not None else remaining)
             except TimeoutError:
-                raise RuntimeError_(f"Workspace {workspace}: {what} did not happen in time.",
+                raise LifecycleError(f"Workspace {workspace}: {what} did not happen in time.",
                                     code="kubernetes-timeout") from None
 
-    async def gone(self, workspace: str, kind: Kind, name: str, deadline: float) -> None:
+    async def gone(self, workspace: str, kind: Resource, name: str, deadline: float) -> None:
         await self.wait(workspace, lambda: True if self.cached(kind, name) is None else None, deadline,
                         f"removing {kind.kind} {name}")

@@ -1,0 +1,122 @@
+"""What every replica must agree on besides links and tokens: visitors' consent answers and used one-time keys.
+
+- **Consent answers** (``IdentityConsent``, one per person and app, named by a hash of them): cached by list+watch
+  in the runtime's informers like the token store's kinds, so a request reads memory; answering creates the
+  object or, when the person had answered before, replaces its spec; withdrawing deletes it.
+- **Used one-time keys** (``UsedKey``, named after the key): a hand-off code is admitted once in total because
+  the API server creates an object of a name once (409 after), whichever replica asks; no replica's memory could
+  promise that. Each replica deletes those past their time now and then (any replica's: one may have died first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+from gateway.auth.store import Consent
+from gateway.lifecycle.base import LifecycleError
+from gateway.lifecycle.kubernetes.client import CONSENT, USED_KEY, KubeClient, KubeError, retrying
+from gateway.lifecycle.kubernetes.informer import Informers
+from gateway.lifecycle.kubernetes.objects import MANAGED_BY, micro_time, parse_time
+
+T = TypeVar("T")
+Obj = dict[str, Any]
+
+
+async def refused_as_error(call: Callable[[], Awaitable[T]], attempts: int) -> T:
+    """One API call, retried while the failure is transient; a refusal becomes the gateway's error."""
+    try:
+        return await retrying(call, attempts=attempts)
+    except KubeError as exc:
+        raise LifecycleError(f"Kubernetes refused the operation: {exc.message or exc.reason}",
+                            code="kubernetes-refused") from exc
+
+
+def _at(epoch: float) -> str:
+    return micro_time(datetime.datetime.fromtimestamp(epoch, datetime.UTC))
+
+
+def make_consent(consent: Consent) -> Obj:
+    return {"apiVersion": CONSENT.api_version, "kind": CONSENT.kind,
+            "metadata": {"name": consent.id, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY}},
+            "spec": {"subject": consent.subject, "workspace": consent.workspace, "port": consent.port,
+                     "share": consent.share, "claims": list(consent.claims), "answered": _at(consent.at)}}
+
+
+def parse_consent(obj: Mapping[str, Any]) -> Consent | None:
+    """None when malformed: then it records no answer, and the visitor is asked again."""
+    spec = obj.get("spec") or {}
+    subject, workspace, port, share = spec.get("subject"), spec.get("workspace"), spec.get("port"), spec.get("share")
+    if not (isinstance(subject, str) and isinstance(workspace, str) and isinstance(port, int)
+            and isinstance(share, bool)):
+        return None
+    answered = parse_time(spec.get("answered"))
+    return Consent(str(obj["metadata"]["name"]), subject, workspace, port, share,
+                   [str(claim) for claim in spec.get("claims") or ()],
+                   answered.timestamp() if answered is not None else 0.0)
+
+
+def make_used_key(key: str, holder: str, until: float) -> Obj:
+    return {"apiVersion": USED_KEY.api_version, "kind": USED_KEY.kind,
+            "metadata": {"name": key, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY}},
+            "spec": {"usedBy": holder, "forgetAfter": _at(until + 1)}}
+
+
+class Consents:
+    """This replica's view of every consent answer, and the writes that change them."""
+
+    kind = CONSENT
+
+    def __init__(self, informers: Informers, *, attempts: int) -> None:
+        self._attempts = attempts
+        self.answers: dict[str, Consent] = {}
+        informers.register(CONSENT, self._changed)
+
+    async def record(self, client: KubeClient, consent: Consent) -> None:
+        body = make_consent(consent)
+        if await refused_as_error(lambda: client.create(CONSENT, body), self._attempts) is None:
+            await refused_as_error(lambda: client.patch(CONSENT, consent.id, {"spec": body["spec"]}), self._attempts)
+        self.answers[consent.id] = consent  # this replica at once; the others when their watch delivers it
+
+    async def withdraw(self, client: KubeClient, consent: Consent) -> None:
+        await refused_as_error(lambda: client.delete(CONSENT, consent.id), self._attempts)  # 404: already gone
+        self.answers.pop(consent.id, None)
+
+    def _changed(self, event: str, obj: Obj) -> None:
+        name = str(obj["metadata"]["name"])
+        consent = parse_consent(obj) if event != "DELETED" else None
+        if consent is None:
+            self.answers.pop(name, None)
+        else:
+            self.answers[name] = consent
+
+
+class UsedKeys:
+    def __init__(self, client: KubeClient, holder: str, *, attempts: int) -> None:
+        self.client = client
+        self._holder = holder
+        self._attempts = attempts
+
+    async def use_once(self, key: str, until: float) -> bool:
+        client, body = self.client, make_used_key(key, self._holder, until)
+        return await refused_as_error(lambda: client.create(USED_KEY, body), self._attempts) is not None
+
+    async def forget(self, now: float) -> int:
+        """Delete the keys past their time; how many this call deleted."""
+        forgotten = 0
+        for item in (await self.client.list(USED_KEY)).get("items", []):
+            after = parse_time((item.get("spec") or {}).get("forgetAfter"))
+            if (after is None or after.timestamp() < now) and await self.client.delete(USED_KEY,
+                                                                                        item["metadata"]["name"]):
+                forgotten += 1
+        return forgotten
+
+    async def forget_forever(self, every: float = 60.0) -> None:
+        while True:
+            with contextlib.suppress(KubeError):
+                await self.forget(time.time())
+            await asyncio.sleep(every)

@@ -1,0 +1,101 @@
+"""CORS and framing for previews, as pure functions of the policy and the request's origin.
+
+Preflights are answered by the gateway (no credentials needed, as browsers never send them on preflights) unless
+the port's rule says ``passthru``. Upstream ``Access-Control-*`` headers are either left alone (passthru) or
+replaced, never merged, so the browser never sees two contradicting answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from gateway.edge.policy import CorsRule, Policy
+from gateway.edge.routing import Hosts, Kind, route
+from gateway.errors import GatewayError
+from gateway.lifecycle import WorkspaceSpec
+
+SAME_WORKSPACE = "same-workspace"
+SAME_OWNER = "same-owner"
+
+
+def is_preflight(method: str, headers: Mapping[str, str]) -> bool:
+    return method == "OPTIONS" and "Origin" in headers and "Access-Control-Request-Method" in headers
+
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def needs_same_origin(method: str, headers: Mapping[str, str]) -> bool:
+    """A write or a WebSocket: what a page on another origin must not do with a visitor's cookie."""
+    return method not in _SAFE_METHODS or "Upgrade" in headers
+
+
+def same_origin_or_admitted(headers: CIMultiDictProxy[str], own_origin: str, admits: Callable[[str], bool]) -> bool:
+    """Did this come from ``own_origin``, or an origin the port's CORS rule admits?
+
+    Exactly one ``Origin`` is needed on a WebSocket upgrade (browsers always send it; two are a forgery). A write
+    without one is from a client that is not a browser, unless Fetch Metadata says a browser sent it from
+    elsewhere."""
+    origins = headers.getall("Origin", ())
+    if len(origins) > 1:
+        return False
+    if not origins:
+        return "Upgrade" not in headers and headers.get("Sec-Fetch-Site", "same-origin") == "same-origin"
+    origin = origins[0]
+    return origin == own_origin or (origin != "null" and admits(origin))
+
+
+def rule_for(policy: Policy, port: int) -> CorsRule | None:
+    return next((rule for rule in policy.cors if not rule.ports or port in rule.ports), None)
+
+
+def origin_allowed(rule: CorsRule, origin: str, spec: WorkspaceSpec, hosts: Hosts,
+                   owner_of: Callable[[str], str | None]) -> bool:
+    if origin in rule.allow_origins or "*" in rule.allow_origins:
+        return True
+    try:
+        url = URL(origin)
+    except ValueError:  # an Origin no browser would send ("http://host:8080.evil.test")
+        return False
+    if not url.absolute or url.scheme != hosts.scheme or url.path not in ("", "/"):
+        return False
+    try:
+        target = route(url.raw_authority, "/", hosts)
+    except GatewayError:
+        return False
+    if target.kind is not Kind.PREVIEW or target.workspace is None:
+        return False
+    if SAME_WORKSPACE in rule.allow_origins and target.workspace == spec.id:
+        return True
+    return SAME_OWNER in rule.allow_origins and owner_of(target.workspace) == spec.owner
+
+
+def response_headers(rule: CorsRule, origin: str) -> dict[str, str]:
+    headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    if rule.allow_credentials:
+        headers["Access-Control-Allow-Credentials"] = "true"
+    if rule.expose_headers:
+        headers["Access-Control-Expose-Headers"] = ", ".join(rule.expose_headers)
+    return headers
+
+
+def preflight_headers(rule: CorsRule, origin: str, requested_headers: str) -> dict[str, str]:
+    headers = response_headers(rule, origin)
+    headers["Access-Control-Allow-Methods"] = ", ".join(rule.allow_methods)
+    if requested_headers:
+        allowed = requested_headers if "*" in rule.allow_headers else ", ".join(rule.allow_headers)
+        headers["Access-Control-Allow-Headers"] = allowed
+    headers["Access-Control-Max-Age"] = str(rule.max_age)
+    headers["Vary"] = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
+    return headers
+
+
+def frame_ancestors(policy: Policy) -> str:
+    """The ``Content-Security-Policy`` value for preview responses and the gateway's pages on preview hosts."""
+    return " ".join(("frame-ancestors", "'self'", *policy.embedding.frame_ancestors))
+
+
+HUB_FRAME_HEADERS = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY"}

@@ -1,0 +1,83 @@
+"""What an app learns about the person who opens it, decided from policy, the owner's choice and consent.
+
+Pure functions of data. Who learns what about whom:
+- the workspace's owner and collaborators are known to every app of the workspace (admins are not members);
+- anyone else is known only to a port its owner opted in (``identity_ports``), and only once they answered
+  "Continue" on that app's consent page; before they answer, a browser navigation gets the page and anything else
+  (fetch, a WebSocket, a script's bearer token) goes through with no identity at all;
+- what is known is never more than the policy's ``identity`` rules let leave, and the headers and the signed
+  assertion are made from the same cut-down identity, so neither says more than the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from gateway.auth.identity import Identity
+from gateway.auth.store import Consent, consent_id
+from gateway.edge.policy import IdentityRules
+from gateway.errors import GatewayError
+from gateway.lifecycle import WorkspaceSpec
+
+CONSENT_PATH = "/_codehub/consent"
+_CLAIM_WORDS = {"user": "user name", "email": "e-mail address", "name": "name", "groups": "groups"}
+
+
+Consents = Callable[[], Mapping[str, Consent]]
+"""The answers recorded so far, asked for only when a non-member opens an opted-in port (a file-backed store
+looks at its file when asked: not a cost every request should pay)."""
+
+
+def answer_of(consents: Consents, identity: Identity, spec: WorkspaceSpec, port: int) -> Consent | None:
+    return consents().get(consent_id(identity.subject, spec.id, port))
+
+
+def disclosed(rules: IdentityRules, spec: WorkspaceSpec, port: int | None, identity: Identity | None, *,
+              member: bool, consents: Consents) -> Identity | None:
+    """The identity this app may receive for this caller, or None."""
+    if identity is None:
+        return None
+    if not member:
+        if port is None or port not in spec.identity_ports:
+            return None
+        answer = answer_of(consents, identity, spec, port)
+        if answer is None or not answer.share:
+            return None
+    return rules.disclose(identity)
+
+
+def consent_pending(spec: WorkspaceSpec, port: int | None, identity: Identity | None, *,
+                    member: bool, consents: Consents) -> bool:
+    """A visitor of an opted-in port who has not answered yet: a browser navigation gets the consent page."""
+    return (identity is not None and port is not None and port in spec.identity_ports
+            and not member and answer_of(consents, identity, spec, port) is None)
+
+
+def identity_headers(identity: Identity | None, assertion: str | None) -> dict[str, str]:
+    """Upstream headers for a disclosed identity: a claim the policy withheld is absent, not empty."""
+    if identity is None:
+        return {}
+    headers = {"X-Forwarded-User": identity.subject, "X-Forwarded-Email": identity.email,
+               "X-Forwarded-Groups": ",".join(identity.groups)}
+    out = {name: value for name, value in headers.items() if value}
+    if assertion is not None:
+        out["X-Codehub-Assertion"] = assertion
+    return out
+
+
+class ConsentPage(GatewayError):
+    """Not an error: the first visit of an opted-in app asks the visitor what it may learn about them."""
+
+    status = 200
+    code = "identity-consent"
+    title = "Share who you are with this app?"
+    template = "consent.html"
+    action = CONSENT_PATH
+
+    def __init__(self, rules: IdentityRules, spec: WorkspaceSpec, port: int, identity: Identity, next_path: str):
+        super().__init__(f"The app on port {port} of workspace {spec.id} (owned by {spec.owner}) asks to receive "
+                         "your identity.", headers={"Cache-Control": "no-store"})
+        self.workspace, self.port, self.owner, self.next_path = spec.id, port, spec.owner, next_path
+        shown = rules.disclose(identity)
+        values = {"user": shown.subject, "email": shown.email, "name": shown.name, "groups": ", ".join(shown.groups)}
+        self.claims = [(_CLAIM_WORDS[claim], values[claim]) for claim in rules.claims if values[claim]]

@@ -1,0 +1,473 @@
+"""The one decision per request: its facts and a read-only view of the world in, a plan and its effects out.
+
+Both lanes execute plans and neither decides anything itself: the fast lane serves a ``Forward`` of a bodiless
+GET or HEAD, aiohttp's lane any plan, and a hand-over from one to the other carries the plan. Host, route,
+credentials, the CORS rule and membership are each worked out once, here. Nothing here does I/O: what must
+happen once the plan is acted on (count a share link's use, record the decision) is returned as ``effects`` for
+the lane that acts on it, so a plan can be made, inspected and thrown away (tests do) without a trace.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.auth.authenticate import (
+    Credentials,
+    authenticate,
+    share_cookie_redirect,
+    sign_in_redirect,
+    stale_share_refusal,
+)
+from gateway.auth.ide import put_ide_cookie
+from gateway.auth.identity import Identity
+from gateway.auth.sessions import Sessions
+from gateway.auth.store import ApiToken, ShareLink, TokenStore
+from gateway.edge import cors
+from gateway.edge.disclosure import CONSENT_PATH, ConsentPage, answer_of, identity_headers
+from gateway.edge.policy import CorsRule, Decision, Policy, Reason, decide, denial, may_wake, membership
+from gateway.edge.routing import WAKE_EVENTS_PATH, Hosts, Kind, Target, normalise_host, route
+from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound
+from gateway.errors import Redirect as RedirectError
+from gateway.lifecycle.base import Phase, WorkspaceState
+from gateway.proxy.headers import ClientFacts, ResponseRules, upstream_request_headers
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IDE_RULES = ResponseRules({"Content-Security-Policy": "frame-ancestors 'self'", "X-Frame-Options": "SAMEORIGIN"})
+"""The IDE frames itself (code-server's webviews, the markdown preview), and nothing else may frame it."""
+
+
+class World(Protocol):
+    """What a decision may look at; every lookup is in memory (the runtime's and the store's caches)."""
+
+    @property
+    def hosts(self) -> Hosts: ...
+    @property
+    def policy(self) -> Policy: ...
+    @property
+    def secure(self) -> bool: ...
+    @property
+    def trusted_proxies(self) -> tuple[IPNetwork, ...]: ...
+    @property
+    def sessions(self) -> Sessions: ...
+    @property
+    def store(self) -> TokenStore: ...
+    def workspace(self, name: str) -> WorkspaceState | None: ...
+    def waking(self, workspace: str, port: int) -> bool: ...
+    def ide_secret(self, workspace: str) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the request says, whichever lane read it."""
+
+    method: str
+    target: str
+    """The request target as sent: path and query, still percent-encoded."""
+    headers: CIMultiDictProxy[str]
+    peer: str
+    now: float
+
+
+# ---------------------------------------------------------------------------------------------------- effects
+@dataclass(frozen=True, slots=True)
+class UseShare:
+    """A share link was presented: it counts one use."""
+
+    link: ShareLink
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class UseToken:
+    """An API token was presented: its last use is noted."""
+
+    token: ApiToken
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RecordDecision:
+    """The policy's answer, for metrics and (refusals) the policy log."""
+
+    target: Target
+    identity: Identity | None
+    decision: Decision
+
+
+Effect = UseShare | UseToken | RecordDecision
+
+
+# ---------------------------------------------------------------------------------------------------- plans
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Plan:
+    effects: tuple[Effect, ...] = ()
+    user: str | None = None
+    """The caller's subject, for the access log."""
+    target: Target | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Forward(_Plan):
+    """Send the request to a port of a RUNNING workspace and stream the answer back."""
+
+    workspace: str
+    address: str | None
+    """Where the workspace runs; a ``Hold`` learns it once the workspace is awake."""
+    port: int
+    tls: bool
+    public_origin: str
+    path: str
+    """The target as the app sees it (a share token in the query removed)."""
+    headers: CIMultiDict[str]
+    """The request headers as they go upstream (hygiene applied, identity as disclosed)."""
+    rules: ResponseRules
+    websocket: bool
+    keeps_awake: bool
+    """Visitors keep a workspace awake unless the policy says only its members do."""
+    on_error: dict[str, str] = field(default_factory=dict)
+    """Headers for the gateway's own error answers to this request (CORS, so a front end can read why)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hold(_Plan):
+    """The workspace (or this port of it) is waking: wait for it, then ``forward`` — to the address it wakes on."""
+
+    forward: Forward
+    state: WorkspaceState
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaitingPage(_Plan):
+    """A browser navigating to a waking workspace gets a page that follows the wake, instead of being held."""
+
+    state: WorkspaceState
+    port: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Preflight(_Plan):
+    """A CORS preflight the port's rule answers (204 with these headers)."""
+
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refuse(_Plan):
+    """The gateway answers itself: a refusal, a sign-in page, a consent page (all ``GatewayError``s)."""
+
+    error: GatewayError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Redirect(_Plan):
+    """Elsewhere, on the same host or the hub (a share token dropped from the URL, a sign-in, the IDE moved)."""
+
+    error: RedirectError
+
+
+class Page(enum.Enum):
+    HUB = "hub"
+    """The hub origin's own pages and API: aiohttp's router."""
+    AUTH_CALLBACK = "auth-callback"
+    AUTH_POPUP = "auth-popup"
+    CONSENT_ANSWER = "consent-answer"
+    WAKE_EVENTS = "wake-events"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayPage(_Plan):
+    """One of the gateway's own handlers serves it (what it needs to know is decided here)."""
+
+    page: Page
+    identity: Identity | None = None
+    state: WorkspaceState | None = None
+    port: int | None = None
+    host: str = ""
+    """``AUTH_CALLBACK``: the host its session cookie is bound to."""
+    cross_site: bool = False
+    """``AUTH_CALLBACK``: the port lets other sites call it with credentials, so its cookie must be SameSite=None."""
+
+
+Plan = Forward | Hold | WaitingPage | Preflight | Refuse | Redirect | GatewayPage
+
+
+# ---------------------------------------------------------------------------------------------------- the decision
+def wants_page(method: str, headers: CIMultiDictProxy[str]) -> bool:
+    """Browsers navigating get pages; scripts, fetch/XHR and API clients get JSON."""
+    mode = headers.get("Sec-Fetch-Mode")
+    if mode is not None:
+        return mode == "navigate"
+    if method not in ("GET", "HEAD") or "Authorization" in headers:
+        return False
+    if headers.get("X-Requested-With"):
+        return False
+    return "text/html" in headers.get("Accept", "")
+
+
+def is_websocket(method: str, headers: CIMultiDictProxy[str]) -> bool:
+    return method == "GET" and headers.get("Upgrade", "").lower() == "websocket"
+
+
+def plan(facts: Facts, world: World) -> Plan:
+    """The request's plan. Never raises for anything a client can send: a refusal is a plan too."""
+    hosts = facts.headers.getall("Host", ())
+    if len(hosts) != 1:
+        return Refuse(error=BadRequest("Send exactly one Host header.", code="bad-host"))
+    try:
+        target = route(hosts[0], facts.target, world.hosts)
+    except GatewayError as exc:
+        return Refuse(error=exc)
+    if target.kind is Kind.HUB:
+        return GatewayPage(page=Page.HUB, target=target)
+    assert target.workspace is not None
+    if target.kind is Kind.IDE_MOVED:
+        return Redirect(error=RedirectError(world.hosts.ide_url(target.workspace, target.path), status=308),
+                        target=target)
+    return _Request(facts, world, target, hosts[0]).plan()
+
+
+class _Request:
+    """One request to a workspace's host, while its plan is made: each fact worked out at most once."""
+
+    def __init__(self, facts: Facts, world: World, target: Target, host: str) -> None:
+        self.facts, self.world, self.target, self.host = facts, world, target, host
+        self.origin = world.hosts.origin(host)
+        audience = normalise_host(host, world.hosts.scheme)
+        assert audience is not None, "routing accepted the host"
+        self.audience = audience
+        """The host as sessions, share cookies and hand-off codes are bound to it."""
+        self.rule: CorsRule | None = cors.rule_for(world.policy, target.port) if target.port is not None else None
+        self.effects: list[Effect] = []
+        self.found = False
+        """Whether ``state`` is known yet (the refusals before it carry no CORS headers)."""
+        self.state: WorkspaceState
+
+    # --- the shape of it -------------------------------------------------------------------------------------
+    def plan(self) -> Plan:
+        target, facts = self.target, self.facts
+        path = target.path.partition("?")[0]
+        if target.kind is Kind.RESERVED and path == "/_codehub/auth/callback":
+            cross_site = self.rule is not None and self.rule.mode == "replace" and self.rule.allow_credentials
+            return GatewayPage(page=Page.AUTH_CALLBACK, target=target, host=self.audience, cross_site=cross_site)
+        if target.kind is Kind.RESERVED and path == "/_codehub/auth/popup":
+            return GatewayPage(page=Page.AUTH_POPUP, target=target)
+        assert target.workspace is not None
+        state = self.world.workspace(target.workspace)
+        if state is None:
+            return self._refuse(NotFound(f"There is no workspace called {target.workspace}.",
+                                         code="workspace-not-found"))
+        self.state, self.found = state, True
+        if target.kind is Kind.RESERVED:
+            return self._reserved(path)
+        if target.kind is Kind.PREVIEW and cors.is_preflight(facts.method, facts.headers) and self.rule is not None:
+            return self._preflight()
+        credentials = self._check()
+        if isinstance(credentials, (Refuse, Redirect)):
+            return credentials
+        if (target.port is not None and facts.method == "GET" and wants_page(facts.method, facts.headers)
+                and not is_websocket(facts.method, facts.headers) and self._asks_consent(credentials.identity)):
+            assert credentials.identity is not None
+            return self._refuse(ConsentPage(self.world.policy.identity, state.spec, target.port,
+                                            credentials.identity, credentials.path), credentials.identity)
+        return self._forward(credentials)
+
+    def _reserved(self, path: str) -> Plan:
+        target, state = self.target, self.state
+        if path == CONSENT_PATH and self.facts.method == "POST":
+            credentials = self._check()
+            if isinstance(credentials, (Refuse, Redirect)):
+                return credentials
+            identity = credentials.identity
+            if identity is None or target.port is None or target.port not in state.spec.identity_ports:
+                return self._refuse(NotFound("This app does not ask for your identity.", code="no-consent-asked"))
+            return GatewayPage(page=Page.CONSENT_ANSWER, target=target, identity=identity, state=state,
+                               port=target.port, effects=tuple(self.effects), user=identity.subject)
+        if path == WAKE_EVENTS_PATH:
+            credentials = self._check()
+            if isinstance(credentials, (Refuse, Redirect)):
+                return credentials
+            identity = credentials.identity
+            return GatewayPage(page=Page.WAKE_EVENTS, target=target, state=state, port=self._port(),
+                               effects=tuple(self.effects), user=identity.subject if identity else None)
+        return self._refuse(NotFound("There is nothing at this address.", code="no-route"))
+
+    # --- who, and may they ---------------------------------------------------------------------------------
+    def _check(self) -> Credentials | Refuse | Redirect:
+        """Authenticate and authorize; a refusal becomes a sign-in for browsers, else 401/403.
+
+        A gateway cookie rides along on requests other previews' pages make (they are all one site), so what a
+        cookie vouches for covers reads only, unless the request comes from this origin or one the port's CORS
+        rule admits: a hostile preview cannot write to, or open a WebSocket to, another as its visitor."""
+        facts, world, target, state = self.facts, self.world, self.target, self.state
+        try:
+            credentials = authenticate(facts.method, facts.headers, target.path, self.audience,
+                                       sessions=world.sessions, store=world.store, secure=world.secure,
+                                       preview=target.port is not None, now=facts.now)
+        except GatewayError as exc:
+            return self._refuse(exc)
+        if credentials.presented is not None:
+            self.effects.append(UseShare(credentials.presented, facts.now))
+        if credentials.api_token is not None:
+            self.effects.append(UseToken(credentials.api_token, facts.now))
+        if credentials.in_url:  # the token becomes a cookie, and leaves the URL
+            redirect = share_cookie_redirect(credentials, self.audience, facts.headers,
+                                             sessions=world.sessions, secure=world.secure, now=facts.now)
+            return Redirect(error=redirect, target=target, effects=tuple(self.effects))
+        identity = credentials.identity
+        if credentials.by_cookie and cors.needs_same_origin(facts.method, facts.headers) and not \
+                cors.same_origin_or_admitted(facts.headers, self.origin, self._admits_with_credentials):
+            decision = Decision(False, Reason.CROSS_ORIGIN, "a cookie does not vouch for other origins")
+        else:
+            decision = decide(world.policy, state.spec, target.port, identity, credentials.grant)
+            if decision.allow and state.phase is not Phase.RUNNING:
+                decision = may_wake(world.policy, decision)
+        self.effects.append(RecordDecision(target, identity, decision))
+        if decision.allow:
+            return credentials
+        stale = stale_share_refusal(credentials, world.secure, facts.now)
+        if stale is not None:
+            return self._refuse(stale, identity)
+        if (decision.reason is Reason.USER_UNAUTHENTICATED and facts.method in ("GET", "HEAD")
+                and wants_page(facts.method, facts.headers)):
+            sign_in = sign_in_redirect(facts.headers, self.origin + credentials.path, world.hosts.hub_url(""),
+                                       secure=world.secure)
+            if isinstance(sign_in, RedirectError):
+                return Redirect(error=sign_in, target=target, effects=tuple(self.effects))
+            return self._refuse(sign_in, identity)
+        error = denial(decision)
+        if error.status == 401:
+            error.headers["WWW-Authenticate"] = 'Bearer realm="codehub"'
+        return self._refuse(error, identity)
+
+    def _admits_with_credentials(self, origin: str) -> bool:
+        """Whether the port's CORS rule admits an origin *with credentials* (the IDE has no rule): a rule that
+        lets other origins call without credentials does not let them use the visitor's cookie."""
+        rule = self.rule
+        return rule is not None and rule.allow_credentials and self._origin_allowed(rule, origin)
+
+    def _origin_allowed(self, rule: CorsRule, origin: str) -> bool:
+        return cors.origin_allowed(rule, origin, self.state.spec, self.world.hosts, self._owner_of)
+
+    def _owner_of(self, workspace: str) -> str | None:
+        state = self.world.workspace(workspace)
+        return state.spec.owner if state is not None else None
+
+    def _is_member(self, identity: Identity | None) -> bool:
+        return identity is not None and membership(self.state.spec, identity) is not None
+
+    def _asks_consent(self, identity: Identity | None) -> bool:
+        """A visitor of an opted-in port who has not answered yet: a browser navigation gets the consent page."""
+        port = self.target.port
+        return (identity is not None and port is not None and port in self.state.spec.identity_ports
+                and not self._is_member(identity)
+                and answer_of(lambda: self.world.store.consents, identity, self.state.spec, port) is None)
+
+    def _disclosed(self, identity: Identity | None) -> Identity | None:
+        """The identity this app may receive for this caller, or None."""
+        if identity is None:
+            return None
+        port = self.target.port
+        if not self._is_member(identity):
+            if port is None or port not in self.state.spec.identity_ports:
+                return None
+            answer = answer_of(lambda: self.world.store.consents, identity, self.state.spec, port)
+            if answer is None or not answer.share:
+                return None
+        return self.world.policy.identity.disclose(identity)
+
+    # --- answers -------------------------------------------------------------------------------------------
+    def _preflight(self) -> Plan:
+        """A CORS preflight is answered from policy, before any credentials are asked for (browsers never send
+        them); under ``passthru`` the app answers its own, but a port shut for everyone (the IDE port,
+        ``ports.denied``) stays shut to them too, and they wake only what anyone may wake."""
+        rule, facts, world, state, target = self.rule, self.facts, self.world, self.state, self.target
+        assert rule is not None
+        assert target.port is not None
+        if rule.mode != "passthru":
+            origin = facts.headers["Origin"]
+            if not self._origin_allowed(rule, origin):
+                return self._refuse(Forbidden(f"Cross-origin requests from {origin} are not allowed by policy.",
+                                              code="cors-origin-denied"))
+            return Preflight(headers=cors.preflight_headers(rule, origin,
+                                                            facts.headers.get("Access-Control-Request-Headers", "")),
+                             target=target)
+        anonymous = decide(world.policy, state.spec, target.port, None)
+        asleep = state.phase is not Phase.RUNNING
+        if asleep and anonymous.allow:
+            anonymous = may_wake(world.policy, anonymous)
+        if anonymous.reason is Reason.PORT_DENIED or (asleep and not anonymous.allow):
+            self.effects.append(RecordDecision(target, None, anonymous))
+            return self._refuse(denial(anonymous))
+        return self._forward(Credentials(None, None, None, False, target.path))
+
+    def _forward(self, credentials: Credentials) -> Plan:
+        facts, world, target, state = self.facts, self.world, self.target, self.state
+        port = self._port()
+        identity = credentials.identity
+        asleep = state.phase is not Phase.RUNNING or world.waking(state.id, port)
+        websocket = is_websocket(facts.method, facts.headers)
+        user = identity.subject if identity is not None else None
+        if asleep and wants_page(facts.method, facts.headers) and not websocket:
+            return WaitingPage(state=state, port=port, target=target, user=user,
+                               effects=tuple(self.effects))
+        disclosed = self._disclosed(identity)
+        assertion = world.sessions.assertion(disclosed, self.origin) if disclosed is not None else None
+        trusted = bool(world.trusted_proxies) and any(
+            ipaddress.ip_address(facts.peer) in network for network in world.trusted_proxies)
+        client = ClientFacts(peer=facts.peer, scheme=world.hosts.scheme, public_host=self.host, trusted=trusted)
+        headers = upstream_request_headers(
+            facts.headers, client, upstream_host=f"localhost:{port}",
+            strip_authorization=credentials.consumed_authorization,
+            identity=identity_headers(disclosed, assertion),
+        )
+        if target.kind is Kind.IDE:
+            put_ide_cookie(headers, world.ide_secret(state.id))
+        forward = Forward(
+            workspace=state.id, address=state.address, port=port, tls=port in state.spec.https_ports,
+            public_origin=self.origin, path=credentials.path, headers=headers, rules=self._response_rules(),
+            websocket=websocket,
+            keeps_awake=world.policy.wake.visitors_keep_awake or self._is_member(identity),
+            on_error=self._error_cors(), target=target, user=user, effects=tuple(self.effects),
+        )
+        if asleep:
+            return Hold(forward=forward, state=state, target=target, user=user, effects=forward.effects)
+        return forward
+
+    def _port(self) -> int:
+        """The workspace port a target names; the IDE's host names none and means the IDE port."""
+        return self.target.port if self.target.port is not None else self.state.spec.ide_port
+
+    def _response_rules(self) -> ResponseRules:
+        """Framing policy on every preview and IDE response; CORS answers where the port's rule replaces the
+        app's."""
+        if self.target.kind is not Kind.PREVIEW:
+            return IDE_RULES
+        policy, rule = self.world.policy, self.rule
+        replace = {"Content-Security-Policy": cors.frame_ancestors(policy)}
+        drop_cors = rule is not None and rule.mode == "replace"
+        origin = self.facts.headers.get("Origin")
+        if drop_cors and rule is not None and origin and self._origin_allowed(rule, origin):
+            replace.update(cors.response_headers(rule, origin))
+        return ResponseRules(replace, drop_cors=drop_cors, drop_frame_options=bool(policy.embedding.frame_ancestors))
+
+    def _error_cors(self) -> dict[str, str]:
+        """CORS headers for the gateway's own refusals (401, 403, 503…) to an origin the port's rule admits, so a
+        front end can read why its call failed (e.g. "sign in on the API host") instead of an opaque network
+        error."""
+        origin, rule = self.facts.headers.get("Origin"), self.rule
+        if (self.target.kind is not Kind.PREVIEW or not origin or rule is None or rule.mode != "replace"
+                or not self._origin_allowed(rule, origin)):
+            return {}
+        return cors.response_headers(rule, origin)
+
+    def _refuse(self, error: GatewayError, identity: Identity | None = None) -> Refuse:
+        if self.found:
+            error.headers.update(self._error_cors())
+        return Refuse(error=error, target=self.target, effects=tuple(self.effects),
+                      user=identity.subject if identity is not None else None)
+

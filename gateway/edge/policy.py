@@ -1,0 +1,432 @@
+"""Access policy: who may see which port, share how, and wake what. Loading, deciding, explaining.
+
+A decision is ``Decision(allow, reason)`` with the reason from one closed list, computed by a pure function
+of the policy, the workspace and the caller; one function turns it into an HTTP error. Policy files are
+validated with the file, line and key of the first problem, and a reload that fails keeps the last good one.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.auth.identity import Identity, claim_text
+from gateway.errors import Forbidden, GatewayError, Unauthorized
+from gateway.lifecycle import WorkspaceSpec
+
+log = logging.getLogger(__name__)
+VISIBILITIES = ("private", "org", "public")
+Visibility = Literal["private", "org", "public"]
+Audience = Literal["anyone", "org", "people"]
+_DURATION = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>s|m|h|d|w)?")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    """``90``, ``"90s"``, ``"15m"``, ``"12h"``, ``"7d"`` → seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION.fullmatch(str(value).strip())
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration like 90s, 15m, 12h or 7d")
+        seconds = float(match["n"]) * _UNITS[match["unit"]]
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def describe_duration(seconds: float) -> str:
+    """``604800`` → ``7 days``: people asked for ``90d`` should be answered in days, not seconds."""
+    for name, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {name}{'s' if count != 1 else ''}"
+    return f"{seconds:.0f} seconds"
+
+
+def _claim_value(value: Any) -> str:
+    text = claim_text(value)
+    if text is None:
+        raise ValueError("a claim rule compares one text, number or true/false value")
+    return text
+
+
+ClaimValue = Annotated[str, BeforeValidator(_claim_value)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Org(_Model):
+    """Who counts as a member of the organisation: any rule that matches admits (none set → nobody).
+
+    ``claims`` admits people whose ID token has every listed claim with the listed value (compared as text,
+    ``true``/``false`` and numbers spelt as in JSON).
+    """
+
+    email_domains: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    claims: dict[str, ClaimValue] = Field(default_factory=dict)
+    users: tuple[str, ...] = ()
+
+
+class Ports(_Model):
+    default_visibility: Visibility = "private"
+    max_visibility: Visibility = "public"
+    denied: tuple[Annotated[int, Field(ge=1, le=65535)], ...] = ()
+
+
+class ShareLinks(_Model):
+    default_ttl: Duration = 24 * 3600
+    max_ttl: Duration = 7 * 86400
+    audiences: tuple[Audience, ...] = ("anyone", "org", "people")
+
+
+class WakePolicy(_Model):
+    """``who`` may wake a sleeping workspace: ``anyone-with-access`` or only ``owner-and-collaborators``."""
+
+    who: Literal["anyone-with-access", "owner-and-collaborators"] = "anyone-with-access"
+    warm_timeout: Duration = 60
+    cold_timeout: Duration = 300
+    visitors_keep_awake: bool = True
+
+
+class Embedding(_Model):
+    """Origins allowed to show previews in an iframe (a review tool, say); every other site is refused."""
+
+    frame_ancestors: tuple[str, ...] = ()
+
+    @field_validator("frame_ancestors")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            if not re.fullmatch(r"https?://[a-z0-9.*-]+(:\d{1,5})?", origin.lower()):
+                raise ValueError(f"{origin!r} is not an origin like https://review.example.com")
+        return value
+
+
+class CorsRule(_Model):
+    """CORS for some ports: which origins may call them, answered by the gateway or left to the app.
+
+    ``allow_origins`` holds origins and two keywords: ``same-workspace`` (other ports of the same workspace) and
+    ``same-owner`` (any port of a workspace with the same owner). ``mode: passthru`` leaves every
+    ``Access-Control-*`` header (and preflights) to the app; ``replace`` (default) drops the app's and answers
+    from this rule.
+    """
+
+    ports: tuple[Annotated[int, Field(ge=1, le=65535)], ...] = ()
+    allow_origins: tuple[str, ...] = ()
+    allow_credentials: bool = True
+    allow_methods: tuple[str, ...] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    allow_headers: tuple[str, ...] = ("*",)
+    expose_headers: tuple[str, ...] = ()
+    max_age: int = Field(default=600, ge=0, le=86400)
+    mode: Literal["replace", "passthru"] = "replace"
+
+
+Claim = Literal["user", "email", "name", "groups"]
+
+
+class IdentityRules(_Model):
+    """What apps may ever learn about the people who open them (administrators own this; owners only choose,
+    per port, whether their app receives it, and visitors whether to share it).
+
+    ``claims``: which of the person's claims may leave. ``groups``: when ``claims`` lists groups, which group
+    names may be passed (a name, or a prefix ending in ``*``); groups not listed are never sent.
+    """
+
+    claims: tuple[Claim, ...] = ("user", "email")
+    groups: tuple[str, ...] = ()
+
+    def disclose(self, identity: Identity) -> Identity:
+        """The identity cut down to what may leave: the headers and the signed assertion are both made from it,
+        so they can never say more than each other, or than this."""
+        return _disclosed(self, identity)
+
+    def _cut(self, identity: Identity) -> Identity:
+        groups = tuple(group for group in identity.groups if self._group_allowed(group)) \
+            if "groups" in self.claims else ()
+        return Identity(subject=identity.subject if "user" in self.claims else "",
+                        email=identity.email if "email" in self.claims else "",
+                        groups=groups, name=identity.name if "name" in self.claims else "")
+
+    def _group_allowed(self, group: str) -> bool:
+        return any(group == rule or (rule.endswith("*") and group.startswith(rule[:-1])) for rule in self.groups)
+
+
+@functools.lru_cache(maxsize=4096)
+def _disclosed(rules: IdentityRules, identity: Identity) -> Identity:
+    """Cached: the same few people make most requests, each of which would cut their identity down again."""
+    return rules._cut(identity)
+
+
+class Policy(_Model):
+    org: Org = Org()
+    ports: Ports = Ports()
+    share_links: ShareLinks = ShareLinks()
+    wake: WakePolicy = WakePolicy()
+    admins: tuple[str, ...] = ()
+    embedding: Embedding = Embedding()
+    cors: tuple[CorsRule, ...] = ()
+    identity: IdentityRules = IdentityRules()
+
+
+class PolicyError(Exception):
+    """A policy file is invalid; the message names file, line and reason."""
+
+
+class Reason(enum.StrEnum):
+    OWNER = "owner"
+    COLLABORATOR = "collaborator"
+    ADMIN = "admin"
+    PUBLIC_PORT = "public-port"
+    ORG_MEMBER = "org-member"
+    SHARE_LINK = "share-link"
+    USER_UNAUTHENTICATED = "user-unauthenticated"
+    NOT_ORG_MEMBER = "not-org-member"
+    NOT_SHARED_WITH_USER = "not-shared-with-user"
+    PORT_DENIED = "port-denied"
+    IDE_OWNER_ONLY = "ide-owner-only"
+    SHARE_OTHER_TARGET = "share-other-target"
+    WAKE_NOT_ALLOWED = "wake-not-allowed"
+    CROSS_ORIGIN = "cross-origin-request"
+
+
+class Decision(NamedTuple):
+    allow: bool
+    reason: Reason
+    rule: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A share link presented with the request (already checked to exist, be unexpired and unrevoked)."""
+
+    id: str
+    workspace: str
+    port: int | None
+    audience: Audience
+    people: tuple[str, ...] = ()
+
+
+def is_org_member(org: Org, identity: Identity, claims: Mapping[str, Any] | None = None) -> bool:
+    """Does any org rule admit ``identity``? Claim rules read ``claims`` if given, else the identity's own."""
+    domain = identity.email.rpartition("@")[2].lower() if "@" in identity.email else ""
+    if domain and domain in (d.lower().lstrip("@") for d in org.email_domains):
+        return True
+    if any(group in identity.groups for group in org.groups):
+        return True
+    if any(identity.matches(user) for user in org.users):
+        return True
+    if not org.claims:
+        return False
+    if claims is None:
+        return all(identity.claim(name) == value for name, value in org.claims.items())
+    return all(claim_text(claims.get(name)) == value for name, value in org.claims.items())
+
+
+def visibility(policy: Policy, spec: WorkspaceSpec, port: int) -> Visibility:
+    """The port's chosen visibility (or the default), capped by the policy's ceiling."""
+    chosen = spec.ports.get(port, policy.ports.default_visibility)
+    ceiling = VISIBILITIES.index(policy.ports.max_visibility)
+    return VISIBILITIES[min(VISIBILITIES.index(chosen), ceiling)]  # type: ignore[return-value]
+
+
+def membership(spec: WorkspaceSpec, identity: Identity) -> Reason | None:
+    """Owner or collaborator of the workspace, or None (admins see ports, but are no members)."""
+    if identity.matches(spec.owner):
+        return Reason.OWNER
+    if any(identity.matches(person) for person in spec.collaborators):
+        return Reason.COLLABORATOR
+    return None
+
+
+def role(policy: Policy, spec: WorkspaceSpec, identity: Identity) -> Reason | None:
+    """Owner, collaborator, policy admin (who sees every port but is no member), or None: the one answer the
+    decisions, the hub and the API all use."""
+    member = membership(spec, identity)
+    if member is not None:
+        return member
+    return Reason.ADMIN if any(identity.matches(admin) for admin in policy.admins) else None
+
+
+def decide(policy: Policy, spec: WorkspaceSpec, port: int | None, identity: Identity | None,
+           grant: Grant | None = None) -> Decision:
+    """May ``identity`` (None: anonymous) see ``port`` of the workspace (``None``: its IDE)?"""
+    if port is None:
+        if identity is None:
+            return Decision(False, Reason.USER_UNAUTHENTICATED, "the IDE needs sign-in")
+        member = membership(spec, identity)
+        if member is not None:
+            return Decision(True, member, "owner and collaborators use the IDE")
+        return Decision(False, Reason.IDE_OWNER_ONLY, "the IDE is only for its owner and collaborators")
+    if port in policy.ports.denied or port == spec.ide_port:
+        return Decision(False, Reason.PORT_DENIED, f"ports.denied lists {port}" if port != spec.ide_port
+                        else "the IDE port is only reachable at ide-{workspace}")
+    who = role(policy, spec, identity) if identity is not None else None
+    if who is not None:
+        return Decision(True, who, "policy admins" if who is Reason.ADMIN else f"{who.value} of the workspace")
+    shown = visibility(policy, spec, port)
+    if shown == "public":
+        return Decision(True, Reason.PUBLIC_PORT, f"port {port} is public")
+    org_member = identity is not None and is_org_member(policy.org, identity)
+    if shown == "org" and org_member:
+        return Decision(True, Reason.ORG_MEMBER, f"port {port} is visible to the org")
+    if grant is not None:
+        if grant.workspace != spec.id or (grant.port is not None and grant.port != port):
+            return Decision(False, Reason.SHARE_OTHER_TARGET, "the share link is for another port or workspace")
+        if grant.audience == "anyone":
+            return Decision(True, Reason.SHARE_LINK, "share link for anyone holding it")
+        if identity is None:
+            return Decision(False, Reason.USER_UNAUTHENTICATED, f"the share link is for {grant.audience} members")
+        if grant.audience == "org" and org_member:
+            return Decision(True, Reason.SHARE_LINK, "share link for signed-in org members")
+        if grant.audience == "people" and any(identity.matches(person) for person in grant.people):
+            return Decision(True, Reason.SHARE_LINK, "share link for named people")
+        return Decision(False, Reason.NOT_SHARED_WITH_USER, "the share link names other people")
+    if identity is None:
+        return Decision(False, Reason.USER_UNAUTHENTICATED, f"port {port} is {shown}")
+    if shown == "org":
+        return Decision(False, Reason.NOT_ORG_MEMBER, "the org policy does not admit this user")
+    return Decision(False, Reason.NOT_SHARED_WITH_USER, f"port {port} is private to the owner and collaborators")
+
+
+def may_wake(policy: Policy, access: Decision) -> Decision:
+    if policy.wake.who == "anyone-with-access" or access.reason in (Reason.OWNER, Reason.COLLABORATOR, Reason.ADMIN):
+        return access
+    return Decision(False, Reason.WAKE_NOT_ALLOWED, "only the owner and collaborators may wake this workspace")
+
+
+def denial(decision: Decision) -> GatewayError:
+    """The one mapping from a refusal to an HTTP error."""
+    if decision.reason is Reason.USER_UNAUTHENTICATED:
+        return Unauthorized("Sign in to see this page.", code=decision.reason.value)
+    messages = {
+        Reason.NOT_ORG_MEMBER: "Your account is not admitted by this organisation's policy.",
+        Reason.NOT_SHARED_WITH_USER: "This page has not been shared with you. Ask its owner for access.",
+        Reason.PORT_DENIED: "This port may not be shared.",
+        Reason.IDE_OWNER_ONLY: "Only the workspace's owner and collaborators can open its IDE.",
+        Reason.SHARE_OTHER_TARGET: "This share link is for another port or workspace.",
+        Reason.WAKE_NOT_ALLOWED: "This workspace is asleep and only its owner or collaborators can wake it.",
+        Reason.CROSS_ORIGIN: "This request came from another origin and was refused: a page elsewhere may not "
+                             "write or open a connection here with your sign-in.",
+    }
+    return Forbidden(messages.get(decision.reason, "Not allowed."), code=decision.reason.value)
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """Follow a validation error's location through the YAML node tree to the deepest line it names."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((key, value) for key, value in node.value if key.value == str(part)), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise PolicyError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}:1: a policy must be a mapping of sections")
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(first["loc"])
+        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+        raise PolicyError(_where(source, node, loc, message)) from None
+    for loc, message in _contradictions(policy):
+        raise PolicyError(_where(source, node, loc, message))
+    return policy
+
+
+def _where(source: str, node: yaml.Node | None, loc: tuple[int | str, ...], message: str) -> str:
+    key = ".".join(str(part) for part in loc)
+    return f"{source}:{_line_of(node, loc) or 1}: {key}: {message}"
+
+
+def _contradictions(policy: Policy) -> list[tuple[tuple[int | str, ...], str]]:
+    """Settings that are each valid but cannot hold together."""
+    found: list[tuple[tuple[int | str, ...], str]] = []
+    ports, links = policy.ports, policy.share_links
+    if VISIBILITIES.index(ports.default_visibility) > VISIBILITIES.index(ports.max_visibility):
+        found.append((("ports", "default_visibility"),
+                      f"'{ports.default_visibility}' is above ports.max_visibility '{ports.max_visibility}'"))
+    if links.default_ttl > links.max_ttl:
+        found.append((("share_links", "default_ttl"),
+                      f"{links.default_ttl:.0f} s is longer than share_links.max_ttl ({links.max_ttl:.0f} s)"))
+    for index, rule in enumerate(policy.cors):
+        if "*" in rule.allow_origins and rule.allow_credentials:  # browsers refuse this pair for the same reason
+            found.append((("cors", index, "allow_origins"),
+                          "'*' admits every origin: with allow_credentials any site could read and write this port "
+                          "as its visitor. List the origins, or set allow_credentials: false"))
+    return found
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_policy(text, str(path))
+
+
+class PolicyHolder:
+    """The policy in force, reloaded when its file changes; a bad file is logged and the old policy kept."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.current = load_policy(path) if path is not None else Policy()
+        self._stamp = self._read_stamp()
+        self.last_error: str | None = None
+
+    def _read_stamp(self) -> tuple[float, int] | None:
+        if self.path is None:
+            return None
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return (stat.st_mtime, stat.st_size)
+
+    def reload_if_changed(self) -> bool:
+        stamp = self._read_stamp()
+        if self.path is None or stamp is None or stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            self.current = load_policy(self.path)
+        except PolicyError as exc:
+            self.last_error = str(exc)
+            log.error("policy not reloaded, keeping the previous one: %s", exc)
+            return False
+        self.last_error = None
+        log.info("policy reloaded from %s", self.path)
+        return True

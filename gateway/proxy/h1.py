@@ -1,0 +1,165 @@
+"""The fast lane's client connection as a sans-IO state machine: bytes in, events out, no sockets.
+
+Like h11's ``Connection`` (without its generality): ``receive`` takes whatever the socket read and says what
+happened. Only the plain case comes out as a ``Request`` — a complete HTTP/1.1 GET or HEAD without a body, an
+upgrade or an ``Expect``, with a head of sane size. Everything else, malformed or merely unusual, is a
+``HandOver`` of every byte read so far: aiohttp's server reads it from the start and answers it (or refuses it)
+as it would have without this lane. While a request is being served, what arrives is kept (a pipelined next
+request); once the answer is out, ``done`` hands those bytes over too, so pipelining is aiohttp's.
+
+Nothing here raises on input: for any bytes the answer is ``NEED_DATA``, a ``Request`` or a ``HandOver``
+(``tests/proxy/test_h1.py`` checks this with tables and with hypothesis).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final
+
+import httptools
+
+MAX_HEAD = 16 << 10
+"""A request head longer than this goes to aiohttp, whose limits (8190 bytes a line) decide."""
+MAX_FIELD = 8190
+MAX_HEADERS = 100
+_FAST_METHODS = frozenset({b"GET", b"HEAD"})
+_BODY_HEADERS = frozenset({"transfer-encoding", "expect"})
+
+
+class _NeedData(enum.Enum):
+    NEED_DATA = "need-data"
+
+
+class _Close(enum.Enum):
+    CLOSE = "close"
+
+
+NEED_DATA: Final = _NeedData.NEED_DATA
+"""Nothing to do until more bytes arrive (or, while serving, until ``done``)."""
+CLOSE: Final = _Close.CLOSE
+"""The connection is finished: close it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A whole plain request, ready to be served."""
+
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...]
+    keep_alive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HandOver:
+    """aiohttp serves the connection from here, starting with ``data`` (every byte not yet answered)."""
+
+    data: bytes
+
+
+Event = _NeedData | Request | HandOver | _Close
+
+
+class State(enum.Enum):
+    READING = "reading"
+    SERVING = "serving"
+    HANDED = "handed"
+    CLOSED = "closed"
+
+
+class Connection:
+    """One client connection, until it is handed over or closed."""
+
+    def __init__(self, *, max_head: int = MAX_HEAD, max_field: int = MAX_FIELD, max_headers: int = MAX_HEADERS):
+        self.max_head, self.max_field, self.max_headers = max_head, max_field, max_headers
+        self.state = State.READING
+        self._parser = httptools.HttpRequestParser(self)
+        self._raw = bytearray()
+        self._parked = bytearray()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = bytearray()
+        self._headers: list[tuple[str, str]] = []
+        self._begun = 0
+        self._complete = 0
+        self._unfit = False
+        self._keep_alive = True
+
+    @property
+    def parked(self) -> int:
+        """Bytes kept while a request is served (the caller stops reading past a limit of its own)."""
+        return len(self._parked)
+
+    def receive(self, data: bytes) -> Event:
+        if self.state is State.SERVING:
+            self._parked += data
+            return NEED_DATA
+        if self.state is not State.READING:
+            return CLOSE
+        self._raw += data
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # upgrades (WebSockets) are aiohttp's
+            return self.hand_over()
+        if self._unfit or self._begun > 1 or (self._complete == 0 and len(self._raw) > self.max_head):
+            return self.hand_over()
+        if self._complete == 1:
+            self.state = State.SERVING
+            return Request(self._parser.get_method().decode(), self._url.decode("utf-8", "surrogateescape"),
+                           tuple(self._headers), self._keep_alive)
+        return NEED_DATA
+
+    def done(self, keep_alive: bool) -> Event:
+        """The answer to the request being served is out."""
+        assert self.state is State.SERVING, self.state
+        if not keep_alive:
+            self.state = State.CLOSED
+            return CLOSE
+        self.state = State.READING
+        self._raw.clear()
+        self._reset()
+        if self._parked:  # pipelined: aiohttp serves the rest of this connection
+            return self.hand_over()
+        return NEED_DATA
+
+    def hand_over(self) -> HandOver:
+        """Give up the connection: the bytes of the request being read or served, and any after it."""
+        self.state = State.HANDED
+        data = bytes(self._raw + self._parked)
+        self._raw.clear()
+        self._parked.clear()
+        return HandOver(data)
+
+    # --- llhttp callbacks ---------------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._begun += 1
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.max_field:
+            self._unfit = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > self.max_field or len(self._headers) >= self.max_headers:
+            self._unfit = True
+            return
+        text = name.decode("utf-8", "surrogateescape")
+        lower = text.lower()
+        if lower in _BODY_HEADERS or (lower == "content-length" and value != b"0"):
+            self._unfit = True
+        self._headers.append((text, value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        self._keep_alive = parser.should_keep_alive()  # llhttp forgets it once the message is complete
+        if (parser.get_method() not in _FAST_METHODS or parser.get_http_version() != "1.1"
+                or parser.should_upgrade()):
+            self._unfit = True
+
+    def on_body(self, body: bytes) -> None:
+        self._unfit = True
+
+    def on_message_complete(self) -> None:
+        self._complete += 1

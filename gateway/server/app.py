@@ -1,0 +1,231 @@
+"""The aiohttp application: the front door that routes every request, the hub's own pages, the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.accesslog import TARGET
+from gateway.auth.keys import KeyFileError, load_or_create
+from gateway.auth.oidc import OidcClient
+from gateway.auth.sessions import Sessions
+from gateway.config import Config
+from gateway.edge.cors import HUB_FRAME_HEADERS, frame_ancestors
+from gateway.edge.plan import Forward, Hold
+from gateway.edge.policy import PolicyHolder
+from gateway.edge.routing import Hosts, Kind
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound
+from gateway.lifecycle import Runtime
+from gateway.lifecycle.idle import Activity, reap_forever
+from gateway.lifecycle.wake import WakeLimits, Waker
+from gateway.metrics import Metrics
+from gateway.proxy.wsrelay import GOING_AWAY
+from gateway.server.context import GATEWAY, AuthState, Gateway
+from gateway.server.lane import execute, plan_for
+from gateway.server.wiring import make_pool, make_reaper, make_runtime, make_session, make_store
+from gateway.web import api, auth_routes, badge, hub
+from gateway.web.pages import error_response, internal_error, phase_words
+
+log = logging.getLogger(__name__)
+
+
+@web.middleware
+async def by_plan(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Each request gets its plan (made here, or by the fast lane before it handed the request over), is served
+    by it, and every failure becomes a response."""
+    gateway = request.app[GATEWAY]
+    started = time.perf_counter()
+    kind = "unrouted"
+    response: web.StreamResponse | None = None
+    websocket = False
+    try:
+        plan = plan_for(request, gateway)
+        if plan.target is not None:
+            request[TARGET] = plan.target
+            kind = plan.target.kind.value
+        websocket = isinstance(plan, Forward | Hold) and (plan.forward if isinstance(plan, Hold) else plan).websocket
+        response = await execute(request, plan, gateway, handler)
+    except GatewayError as exc:
+        response = error_response(request, exc)
+    except web.HTTPNotFound:
+        response = error_response(request, NotFound("There is nothing at this address.", code="no-route"))
+    except web.HTTPMethodNotAllowed as exc:
+        response = error_response(
+            request, MethodNotAllowed(f"{request.method} is not allowed here.", headers={"Allow": ",".join(
+                sorted(exc.allowed_methods))})
+        )
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:
+        response = internal_error(request, exc)
+    finally:
+        if not websocket:
+            status = response.status if response is not None else 499
+            gateway.metrics.observe_request(kind, status, time.perf_counter() - started)
+    if not response.prepared:
+        _frame_policy(response, kind, gateway)
+    return response
+
+
+def _frame_policy(response: web.StreamResponse, kind: str, gateway: Gateway) -> None:
+    """The gateway's own pages: framable on preview hosts as policy allows (waiting pages inside reviews),
+    never on the hub (clickjacking of sign-in and sharing)."""
+    if kind in (Kind.PREVIEW.value, Kind.RESERVED.value):
+        response.headers.setdefault("Content-Security-Policy", frame_ancestors(gateway.policy))
+    else:
+        for name, value in HUB_FRAME_HEADERS.items():
+            response.headers.setdefault(name, value)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Cheap on purpose; a restart never fixes an unreachable API."""
+    return web.json_response({"status": "ok"}, headers={"Cache-Control": "no-store"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 503 while this replica would route from caches it never filled or that went stale, so the
+    Service sends its traffic to replicas that see the cluster."""
+    reason = request.app[GATEWAY].runtime.not_ready()
+    if reason is not None:
+        return web.json_response({"status": "not-ready", "reason": reason}, status=503,
+                                 headers={"Cache-Control": "no-store"})
+    return web.json_response({"status": "ready"}, headers={"Cache-Control": "no-store"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[GATEWAY].metrics
+    return web.Response(body=registry.render(), headers={"Content-Type": registry.content_type})
+
+
+def build_metrics_app(app: web.Application) -> web.Application:
+    """``/metrics`` of the gateway ``app``, for a listener of its own (``metrics.port``) that no ingress routes:
+    the public hosts never show the gateway's internals."""
+    metrics_app = web.Application()
+    metrics_app[GATEWAY] = app[GATEWAY]
+    metrics_app.router.add_get("/metrics", metrics)
+    return metrics_app
+
+
+def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = True,
+              clock: Callable[[], float] = time.time) -> web.Application:
+    """Everything that can fail on bad settings fails here, before the server listens.
+
+    ``reap=False``: another process runs the idle reaper (a ``serve --workers`` worker on the local runtime).
+    ``clock``: what idleness is measured by (tests move it on instead of waiting)."""
+    metrics_ = Metrics()
+    runtime = runtime if runtime is not None else make_runtime(config)
+    policies = PolicyHolder(config.policy_file)
+    metrics_.track_workspaces(runtime.list)
+    metrics_.track_features(runtime.features)
+    waker = Waker(runtime, metrics_, lambda: WakeLimits(policies.current.wake.warm_timeout,
+                                                        policies.current.wake.cold_timeout))
+    keys = load_or_create(config.keys_file, create=config.auth.keys_file is None)
+    hosts = Hosts.from_urls(config.hub_url, config.preview_domain)
+    auth = AuthState(keys=keys, sessions=Sessions(lambda: auth.keys, hosts.hub_url(""), ttl=config.auth.session_ttl),
+                     store=make_store(config, runtime))
+    activity = Activity(clock, shared=runtime)
+    gateway = Gateway(
+        config=config,
+        hosts=hosts,
+        runtime=runtime,
+        metrics=metrics_,
+        waker=waker,
+        auth=auth,
+        policies=policies,
+        reaper=make_reaper(config, runtime, activity, metrics_, busy=waker.waking,
+                           is_leader=lambda: reap and runtime.is_leader()),
+        activity=activity,
+        trusted_proxies=tuple(ipaddress.ip_network(net, strict=False) for net in config.trusted_proxies),
+    )
+    # Request bodies pass through as sent: the server must not undo a client's Content-Encoding.
+    app = web.Application(middlewares=[by_plan], handler_args={"auto_decompress": False})
+    app[GATEWAY] = gateway
+    templates = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway.web", "templates"), autoescape=True)
+    templates.globals["hub_url"] = hosts.hub_url("/")
+    templates.filters["phase_words"] = phase_words
+    templates.globals["static"] = lambda name: str(app.router["static"].url_for(filename=name))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    hub.add_routes(app)
+    app.router.add_get("/badge/{workspace}/{port}.svg", badge.badge)
+    auth_routes.add_routes(app)
+    api.add_routes(app)
+    app.on_shutdown.append(_drain)
+    app.cleanup_ctx.append(_lifespan)
+    return app
+
+
+async def _drain(app: web.Application) -> None:
+    """SIGTERM, once the listener is closed and idle connections are gone (aiohttp's order): what would only wait
+    out the drain leaves now — held requests get 503 + Retry-After, WebSockets 1001 — so that requests in
+    flight are all that ``timeouts.shutdown`` is spent on."""
+    gateway = app[GATEWAY]
+    gateway.waker.drain()
+    gateway.heartbeat.end_all(GOING_AWAY)
+
+
+async def _lifespan(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[GATEWAY]
+    gateway._session = make_session(gateway.config.timeouts)
+    gateway._pool = make_pool(gateway.config.timeouts)
+    gateway.metrics.track_queue(gateway._pool.queued)
+    gateway.metrics.track_pool(gateway._pool.connections)
+    if gateway.config.auth.oidc is not None:
+        gateway.auth.oidc = OidcClient(gateway.config.auth.oidc, gateway.session)
+    await gateway.runtime.start()
+    try:
+        await gateway.auth.store.start()
+    except BaseException:
+        await gateway.runtime.close()
+        raise
+    watcher = asyncio.create_task(_watch_files(gateway))
+    reaper = asyncio.create_task(reap_forever(gateway.reaper))
+    try:
+        yield
+    finally:
+        for task in (reaper, watcher):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await gateway.auth.store.close()
+        await gateway.waker.close()
+        await gateway.runtime.close()
+        await gateway.session.close()
+        gateway.pool.close()
+
+
+async def _watch_files(gateway: Gateway, every: float = 2.0) -> None:
+    """Pick up policy edits and key rotation without a restart (a Kubernetes Secret update lands as a file)."""
+    keys_stamp = _stamp(gateway.config.keys_file)
+    while True:
+        await asyncio.sleep(every)
+        gateway.policies.reload_if_changed()
+        stamp = _stamp(gateway.config.keys_file)
+        if stamp != keys_stamp:
+            keys_stamp = stamp
+            try:
+                gateway.auth.keys = load_or_create(gateway.config.keys_file, create=False)
+            except KeyFileError as exc:
+                log.error("signing keys not reloaded, keeping the previous ones: %s", exc)
+                continue
+            gateway.auth.sessions.forget_cached()
+            log.info("signing keys reloaded; current kid %s", gateway.auth.keys.current.kid)
+        gateway.auth.store.flush()
+
+
+def _stamp(path: Path) -> tuple[float, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_mtime, stat.st_size)

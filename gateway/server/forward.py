@@ -1,0 +1,192 @@
+"""HTTP proxying with bodies streamed both ways, never held whole in memory."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import NamedTuple
+
+from aiohttp import StreamReader, web
+from multidict import CIMultiDict
+
+from gateway.errors import BadGateway, GatewayTimeout, ServiceUnavailable, UnsafeHeader
+from gateway.metrics import Metrics
+from gateway.proxy.headers import ResponseRules, downstream_response_headers
+from gateway.proxy.pool import (
+    REPLAYABLE_METHODS,
+    ClosedUnanswered,
+    ConnectFailed,
+    ConnectTimeout,
+    Exchange,
+    QueueTimeout,
+    ReadTimeout,
+    Response,
+    UpstreamError,
+    UpstreamPool,
+)
+from gateway.proxy.upstream import ConnectGrace, Upstream
+
+log = logging.getLogger(__name__)
+_NO_BODY_STATUSES = frozenset({204, 304})
+NO_RULES = ResponseRules()
+SMALL_BODY = 16 << 10
+"""An answer with a Content-Length up to this size is read whole and sent in one write, head and body together
+(a streamed answer costs a write for the head and one per chunk)."""
+
+
+class UpstreamRefused(BadGateway):
+    """Nothing accepted the connection; the wake module uses this to tell a sleeping port from a broken one."""
+
+
+def connect_failure(exc: OSError) -> str:
+    """The ``reason`` label of ``codehub_upstream_connect_errors_total`` for a failed connect."""
+    return "refused" if exc.errno == errno.ECONNREFUSED else "unreachable"
+
+
+def refused(upstream: Upstream, exc: OSError, metrics: Metrics) -> UpstreamRefused:
+    metrics.upstream_errors.labels(connect_failure(exc)).inc()
+    return UpstreamRefused(
+        f"Nothing is listening on port {upstream.port} in workspace {upstream.workspace}. "
+        "Start your dev server there; this page retries by itself.",
+        code="port-not-listening",
+        headers={"Retry-After": "2"},
+        retry=True,
+    )
+
+
+async def send(pool: UpstreamPool, upstream: Upstream, method: str, path: str, headers: CIMultiDict[str],
+               body: StreamReader | None, *, metrics: Metrics, connect_grace: float = 0.0) -> tuple[Response, Exchange]:
+    """Send a request upstream and return the answer's head: both lanes send through here, so a failure before
+    the answer is the same error in either, and is never followed by the request being sent a second time.
+
+    ``connect_grace``: how long refused connects are retried (see ``ConnectGrace``)."""
+    grace = ConnectGrace(connect_grace)
+    while True:
+        try:
+            return await pool.request(upstream.host, upstream.port, method, path, headers, body, tls=upstream.tls)
+        except ConnectFailed as exc:
+            if not await grace.again(exc.os_error):
+                raise refused(upstream, exc.os_error, metrics) from exc
+        except ClosedUnanswered as exc:
+            if not (body is None and method in REPLAYABLE_METHODS and await grace.wait()):
+                raise broken_off(upstream, exc) from exc
+        except ConnectTimeout as exc:
+            metrics.upstream_errors.labels("timeout").inc()
+            raise GatewayTimeout(
+                f"Port {upstream.port} in workspace {upstream.workspace} did not take the connection in time."
+            ) from exc
+        except QueueTimeout as exc:
+            raise ServiceUnavailable(
+                f"Port {upstream.port} in workspace {upstream.workspace} is busy: this request waited too long "
+                "for a connection to it. Try again shortly.", code="upstream-busy", headers={"Retry-After": "5"},
+            ) from exc
+        except ReadTimeout as exc:
+            raise timed_out(upstream) from exc
+        except UpstreamError as exc:
+            raise broken_off(upstream, exc) from exc
+
+
+async def proxy_http(
+    request: web.Request, pool: UpstreamPool, upstream: Upstream, path: str,
+    headers: CIMultiDict[str], *, metrics: Metrics, connect_grace: float = 0.0, rules: ResponseRules = NO_RULES,
+) -> web.StreamResponse:
+    """Send the request upstream and stream the answer back; errors before the answer starts are raised.
+
+    ``rules``: what policy changes on the response (framing, CORS)."""
+    body = request.content if request.body_exists else None
+    answer, exchange = await send(pool, upstream, request.method, path, headers, body, metrics=metrics,
+                                  connect_grace=connect_grace)
+    try:
+        return await _answer(request, upstream, answer, rules)
+    finally:
+        exchange.close()
+
+
+class Shaped(NamedTuple):
+    """An upstream answer as the client gets it, whichever lane writes it."""
+
+    headers: CIMultiDict[str]
+    length: int | None  # the body's Content-Length, when the upstream gave one (else chunked or to EOF)
+    bodiless: bool
+
+
+def shape_answer(answer: Response, method: str, public_host: str, upstream: Upstream,
+                 rules: ResponseRules) -> Shaped:
+    headers = downstream_response_headers(
+        answer.headers, public_host=public_host, public_origin=upstream.public_origin,
+        upstream_origins=upstream.origins, replace=rules.replace, drop_cors=rules.drop_cors,
+        drop_frame_options=rules.drop_frame_options,
+    )
+    length = answer.content_length if "Transfer-Encoding" not in answer.headers else None
+    bodiless = method == "HEAD" or answer.status in _NO_BODY_STATUSES or answer.status < 200
+    return Shaped(headers, length, bodiless)
+
+
+async def read_small(answer: Response, length: int, upstream: Upstream) -> bytes:
+    """A small body read whole before anything is written, so that a failure is still an error answer."""
+    try:
+        return await answer.read_exactly(length)
+    except ReadTimeout as exc:
+        raise timed_out(upstream) from exc
+    except UpstreamError as exc:
+        raise broken_off(upstream, exc) from exc
+
+
+async def _answer(request: web.Request, upstream: Upstream, answer: Response,
+                  rules: ResponseRules) -> web.StreamResponse:
+    out_headers, length, bodiless = shape_answer(answer, request.method, request.headers.get("Host", ""),
+                                                 upstream, rules)
+    if length is not None and length <= SMALL_BODY and not bodiless:
+        whole = await read_small(answer, length, upstream)
+        small = web.Response(status=answer.status, reason=answer.reason, body=whole, headers=out_headers)
+        await _prepare(small, request)
+        await small.write_eof()
+        return small
+    response = web.StreamResponse(status=answer.status, reason=answer.reason)
+    response.headers.extend(out_headers)
+    if length is not None:
+        response.content_length = length
+    await _prepare(response, request)
+    if bodiless or await _pump(answer, response):
+        await response.write_eof()
+    elif request.transport is not None:
+        request.transport.close()
+    return response
+
+
+async def _prepare(response: web.StreamResponse, request: web.Request) -> None:
+    """aiohttp's head writer refuses CR, LF and NUL with a ValueError; as in the fast lane, that is a 502."""
+    try:
+        await response.prepare(request)
+    except ValueError as exc:
+        raise UnsafeHeader from exc
+
+
+def timed_out(upstream: Upstream) -> GatewayTimeout:
+    return GatewayTimeout(
+        f"Port {upstream.port} in workspace {upstream.workspace} accepted the request but did not answer in time."
+    )
+
+
+def broken_off(upstream: Upstream, exc: Exception) -> BadGateway:
+    return BadGateway(
+        f"Port {upstream.port} in workspace {upstream.workspace} broke off the connection: {type(exc).__name__}.",
+        code="upstream-error",
+    )
+
+
+async def _pump(answer: Response, response: web.StreamResponse) -> bool:
+    """Copy the body chunk by chunk as it arrives, so SSE and long polls flow event by event.
+
+    Returns False when the upstream broke off mid-body: the status line has gone out, so instead of an
+    error page the caller closes the client connection, which tells the client the body is incomplete.
+    """
+    while True:
+        try:
+            chunk = await answer.read_chunk()
+        except UpstreamError as exc:
+            log.info("upstream body broke off after the response started: %s", exc)
+            return False
+        if not chunk:
+            return True
+        await response.write(chunk)

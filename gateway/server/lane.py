@@ -1,0 +1,163 @@
+"""aiohttp's lane: executes any plan (``gateway.edge.plan``), for requests the fast lane does not serve.
+
+Nothing is decided here. A request arrives with the plan the fast lane made before handing it over, or gets one
+made now; this module carries out the plan's effects and does what it says: proxy (with a body, or a WebSocket),
+hold until a wake is done, show a page, refuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.accesslog import USER, log_text
+from gateway.auth.store import Consent
+from gateway.edge.plan import (
+    Effect,
+    Facts,
+    Forward,
+    GatewayPage,
+    Hold,
+    Page,
+    Plan,
+    Preflight,
+    RecordDecision,
+    Redirect,
+    Refuse,
+    UseShare,
+    UseToken,
+    WaitingPage,
+    plan,
+)
+from gateway.edge.routing import local_path
+from gateway.errors import BadRequest, GatewayError
+from gateway.errors import Redirect as RedirectError
+from gateway.lifecycle.wake import progress_events
+from gateway.proxy.upstream import WAKE_CONNECT_GRACE, Upstream
+from gateway.server.context import Gateway
+from gateway.server.forward import proxy_http
+from gateway.server.websocket import relay_websocket
+from gateway.web.auth_routes import preview_callback, preview_popup
+
+log = logging.getLogger("codehub.policy")
+
+
+def peer_address(transport: asyncio.BaseTransport | None) -> str:
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return peer[0] if peer else "0.0.0.0"
+
+
+def plan_for(request: web.BaseRequest, gateway: Gateway) -> Plan:
+    """The plan the fast lane handed over with this connection's first request, else a new one."""
+    transport = request.transport
+    handed = gateway.handed.pop(transport, None) if transport is not None else None
+    if handed is not None:
+        return handed
+    facts = Facts(request.method, request.raw_path, request.headers, peer_address(transport), time.time())
+    return plan(facts, gateway)
+
+
+def carry_out(effects: Iterable[Effect], gateway: Gateway) -> None:
+    """What a plan asks for once it is acted on, by whichever lane acts on it."""
+    for effect in effects:
+        if isinstance(effect, UseShare):
+            gateway.auth.store.use_share(effect.link, effect.at)
+        elif isinstance(effect, UseToken):
+            gateway.auth.store.use_api_token(effect.token, effect.at)
+        elif isinstance(effect, RecordDecision):
+            decision, target, identity = effect.decision, effect.target, effect.identity
+            gateway.metrics.decision(decision.allow, decision.reason.value)
+            if not decision.allow:
+                log.info("deny %s port %s for %s: %s (%s)", target.workspace, target.port,
+                         log_text(identity.subject) if identity else "anonymous", decision.reason.value,
+                         decision.rule)
+
+
+async def execute(request: web.Request, plan_: Plan, gateway: Gateway, hub: Handler) -> web.StreamResponse:
+    """Do what the plan says; a ``GatewayError`` raised on the way is the caller's to render."""
+    carry_out(plan_.effects, gateway)
+    if plan_.user is not None:
+        request[USER] = plan_.user
+    if isinstance(plan_, (Refuse, Redirect)):
+        raise plan_.error
+    if isinstance(plan_, Preflight):
+        return web.Response(status=204, headers=plan_.headers)
+    if isinstance(plan_, GatewayPage):
+        return await _gateway_page(request, plan_, gateway, hub)
+    if isinstance(plan_, WaitingPage):
+        raise gateway.waker.waiting_page(plan_.state, plan_.port)
+    forward = plan_.forward if isinstance(plan_, Hold) else plan_
+    try:
+        if isinstance(plan_, Hold):
+            state = await gateway.waker.hold(plan_.state, forward.port)
+            forward = dataclasses.replace(forward, address=state.address)
+        return await _forward(request, forward, gateway, WAKE_CONNECT_GRACE if isinstance(plan_, Hold) else 0.0)
+    except GatewayError as exc:
+        exc.headers.update(forward.on_error)
+        raise
+
+
+def in_use(gateway: Gateway, forward: Forward) -> contextlib.AbstractContextManager[None]:
+    """In use for as long as a request or WebSocket is open (a long poll or SSE feed keeps its workspace awake)."""
+    return gateway.activity.connection(forward.workspace) if forward.keeps_awake else contextlib.nullcontext()
+
+
+def upstream_of(forward: Forward) -> Upstream:
+    assert forward.address is not None
+    return Upstream(forward.workspace, forward.address, forward.port, forward.public_origin, tls=forward.tls)
+
+
+async def _forward(request: web.Request, forward: Forward, gateway: Gateway, grace: float) -> web.StreamResponse:
+    upstream = upstream_of(forward)
+    with in_use(gateway, forward):
+        if forward.websocket:
+            return await relay_websocket(
+                request, upstream, forward.path, forward.headers, max_message=gateway.config.max_ws_message,
+                heartbeat=gateway.heartbeat, timeouts=gateway.config.timeouts, metrics=gateway.metrics,
+                connect_grace=grace,
+            )
+        return await proxy_http(request, gateway.pool, upstream, forward.path, forward.headers,
+                                metrics=gateway.metrics, connect_grace=grace, rules=forward.rules)
+
+
+async def _gateway_page(request: web.Request, page: GatewayPage, gateway: Gateway, hub: Handler) -> web.StreamResponse:
+    if page.page is Page.HUB:
+        return await hub(request)
+    if page.page is Page.AUTH_CALLBACK:
+        return await preview_callback(request, gateway, page.host, cross_site=page.cross_site)
+    if page.page is Page.AUTH_POPUP:
+        return await preview_popup(request)
+    assert page.state is not None
+    assert page.port is not None
+    if page.page is Page.WAKE_EVENTS:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        async for event in progress_events(gateway.waker, page.state, page.port):
+            await response.write(event)
+        await response.write_eof()
+        return response
+    return await _answer_consent(request, page, gateway)
+
+
+async def _answer_consent(request: web.Request, page: GatewayPage, gateway: Gateway) -> web.StreamResponse:
+    """The consent page's form: recorded for this person and app, then on to where they were going. The form
+    is a cookie-authenticated write, so only the app's own origin can send it (the plan checked)."""
+    assert page.identity is not None
+    assert page.state is not None
+    assert page.port is not None
+    form = await request.post()
+    choice = form.get("choice")
+    if choice not in ("share", "decline"):
+        raise BadRequest("Choose Continue or Continue without sharing.", code="bad-consent")
+    await gateway.auth.store.record_consent(Consent.answer(page.identity.subject, page.state.id, page.port,
+                                                           share=choice == "share",
+                                                           claims=list(gateway.policy.identity.claims)))
+    raise RedirectError(local_path(str(form.get("next", "/"))), status=303)

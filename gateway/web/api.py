@@ -1,0 +1,384 @@
+"""The management API (``/api/v1``, JSON): workspaces, port visibility, share links, lifecycle, API tokens.
+
+Callers authenticate with an API token (``Authorization: Bearer chk_…``) or the hub session cookie; cookie
+callers changing anything must come from the hub's own origin (CSRF). Errors are always JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from html import escape
+from typing import Annotated, Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.auth.authenticate import SHARE_PARAM
+from gateway.auth.identity import Identity
+from gateway.auth.store import API_PREFIX, ShareLink
+from gateway.config import WORKSPACE_ID
+from gateway.edge.policy import VISIBILITIES, Duration, Reason, describe_duration, visibility
+from gateway.edge.policy import role as role_of
+from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from gateway.lifecycle import WorkspaceSpec, WorkspaceState
+from gateway.server.context import GATEWAY, Gateway
+from gateway.web.auth_routes import check_same_origin, hub_identity
+from gateway.web.pages import JSON_ONLY, phase_words
+
+_SAFE = ("GET", "HEAD", "OPTIONS")
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PortChange(_Body):
+    """Any of: who can see the port, whether its dev server speaks HTTPS (self-signed), its name, and whether its
+    app receives visitors' identity (with their consent)."""
+
+    visibility: Literal["private", "org", "public"] | None = None
+    protocol: Literal["http", "https"] | None = None
+    label: str | None = Field(default=None, max_length=80)
+    identity: bool | None = None
+
+
+class NewShare(_Body):
+    port: int | None = Field(default=None, ge=1, le=65535)
+    audience: Literal["anyone", "org", "people"] = "anyone"
+    people: list[str] = Field(default_factory=list)
+    ttl: Duration | None = None
+
+
+class NewWorkspace(_Body):
+    id: str | None = Field(default=None, pattern=WORKSPACE_ID.pattern)
+    collaborators: list[str] = Field(default_factory=list)
+    ports: dict[Annotated[int, Field(ge=1, le=65535)], Literal["private", "org", "public"]] = Field(
+        default_factory=dict)
+
+
+class Collaborators(_Body):
+    collaborators: list[str]
+
+
+class NewToken(_Body):
+    name: str = Field(min_length=1, max_length=64)
+
+
+def caller(request: web.Request) -> Identity:
+    """The API caller: bearer API token, or hub session cookie (CSRF-checked for changes)."""
+    gateway = request.app[GATEWAY]
+    authorization = request.headers.get("Authorization", "")
+    if authorization[:7].lower() == "bearer ":
+        token = authorization[7:].strip()
+        record = gateway.auth.store.find_api_token(token) if token.startswith(API_PREFIX) else None
+        if record is None:
+            raise Unauthorized("This API token is not valid.", code="token-invalid")
+        gateway.auth.store.use_api_token(record, time.time())
+        return record.identity()
+    identity = hub_identity(request, gateway)
+    if identity is None:
+        raise Unauthorized("Sign in, or send an API token as 'Authorization: Bearer …'.", code="user-unauthenticated",
+                           headers={"WWW-Authenticate": 'Bearer realm="codehub"'})
+    if request.method not in _SAFE:
+        check_same_origin(request, gateway)
+    return identity
+
+
+async def _body(request: web.Request, model: type[_Body]) -> Any:
+    try:
+        return model.model_validate(await request.json() if request.can_read_body else {})
+    except ValueError as exc:
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "body"
+            raise BadRequest(f"{field}: {first['msg']}", code="invalid-body") from None
+        raise BadRequest("The body must be JSON.", code="invalid-body") from None
+
+
+def _mine(request: web.Request, identity: Identity, *, manage: bool = False) -> WorkspaceState:
+    """The workspace named in the path, if the caller may see it (and manage it, for owner-only changes)."""
+    gateway = request.app[GATEWAY]
+    state = gateway.runtime.get(request.match_info["workspace"])
+    role = role_of(gateway.policy, state.spec, identity) if state is not None else None
+    if state is None or role is None:
+        raise NotFound("There is no workspace with that name that you can see.", code="workspace-not-found")
+    if manage and role is Reason.COLLABORATOR:
+        raise Forbidden("Only the workspace's owner can change how it is shared.", code="owner-only")
+    return state
+
+
+def _known_ports(gateway: Gateway, state: WorkspaceState) -> list[int]:
+    """Configured and listening ports, without the IDE's."""
+    listening = gateway.runtime.listening_ports(state.id) or set()
+    return sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
+
+
+def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity) -> dict[str, Any]:
+    listening = gateway.runtime.listening_ports(state.id) or set()
+    labels = {**gateway.runtime.port_labels(state.id), **state.spec.labels}
+    ports = sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
+    role = role_of(gateway.policy, state.spec, identity)
+    consented = Counter(c.port for c in gateway.auth.store.consents.values() if c.workspace == state.id and c.share)
+    return {
+        "id": state.id, "owner": state.spec.owner, "collaborators": list(state.spec.collaborators),
+        "role": role.value if role else None, "phase": state.phase.value, "phase_words": phase_words(state.phase),
+        "message": state.message, "last_activity": gateway.activity.last(state.id),
+        "ide_url": gateway.hosts.ide_url(state.id),
+        "ports": [{"port": port, "label": labels.get(port, ""),
+                   "visibility": visibility(gateway.policy, state.spec, port), "listening": port in listening,
+                   "protocol": "https" if port in state.spec.https_ports else "http",
+                   "url": gateway.hosts.share_url(state.id, port),
+                   "identity": port in state.spec.identity_ports, "consented": consented.get(port, 0)}
+                  for port in ports],
+    }
+
+
+async def me(request: web.Request) -> web.Response:
+    identity = caller(request)
+    return web.json_response({"user": identity.subject, "email": identity.email, "groups": list(identity.groups)})
+
+
+async def list_workspaces(request: web.Request) -> web.Response:
+    identity = caller(request)
+    gateway = request.app[GATEWAY]
+    views = [workspace_view(gateway, state, identity) for state in sorted(gateway.runtime.list(), key=lambda s: s.id)
+             if role_of(gateway.policy, state.spec, identity) is not None]
+    return web.json_response({"workspaces": views})
+
+
+async def get_workspace(request: web.Request) -> web.Response:
+    identity = caller(request)
+    state = _mine(request, identity)
+    return web.json_response(workspace_view(request.app[GATEWAY], state, identity))
+
+
+async def create_workspace(request: web.Request) -> web.Response:
+    """A new workspace owned by the caller; without an id one is generated (not guessable, as DESIGN asks)."""
+    identity = caller(request)
+    gateway = request.app[GATEWAY]
+    new: NewWorkspace = await _body(request, NewWorkspace)
+    workspace_id = new.id or "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
+    spec = WorkspaceSpec(id=workspace_id, owner=identity.subject, collaborators=tuple(new.collaborators),
+                         ports=dict(new.ports))
+    state = await gateway.runtime.create(spec)
+    return web.json_response(workspace_view(gateway, state, identity), status=201)
+
+
+async def delete_workspace(request: web.Request) -> web.Response:
+    """Owner only: the workspace goes with its pod, home and snapshots; links to it stop working."""
+    identity = caller(request)
+    state = _mine(request, identity, manage=True)
+    await request.app[GATEWAY].runtime.delete(state.id)
+    return web.json_response({"id": state.id, "deleted": True})
+
+
+async def set_collaborators(request: web.Request) -> web.Response:
+    identity = caller(request)
+    state = _mine(request, identity, manage=True)
+    gateway = request.app[GATEWAY]
+    change: Collaborators = await _body(request, Collaborators)
+    state = await gateway.runtime.update(state.id, collaborators=tuple(change.collaborators))
+    return web.json_response(workspace_view(gateway, state, identity))
+
+
+async def set_port(request: web.Request) -> web.Response:
+    identity = caller(request)
+    state = _mine(request, identity, manage=True)
+    gateway = request.app[GATEWAY]
+    try:
+        port = int(request.match_info["port"])
+    except ValueError:
+        raise BadRequest("The port must be a number.", code="bad-port") from None
+    if not 1 <= port <= 65535 or port == state.spec.ide_port or port in gateway.policy.ports.denied:
+        raise BadRequest(f"Port {port} cannot be shared.", code="bad-port")
+    change: PortChange = await _body(request, PortChange)
+    if change.visibility is None and change.protocol is None and change.label is None and change.identity is None:
+        raise BadRequest("body: set visibility, protocol, label or identity.", code="invalid-body")
+    if change.label is not None and any(not ch.isprintable() for ch in change.label):
+        raise BadRequest("label: only printable characters.", code="invalid-body")
+    ceiling = gateway.policy.ports.max_visibility
+    if change.visibility is not None and VISIBILITIES.index(change.visibility) > VISIBILITIES.index(ceiling):
+        raise Forbidden(f"The policy allows at most '{ceiling}' visibility.", code="visibility-above-ceiling")
+    https = state.spec.https_ports
+    if change.protocol is not None:
+        https = https | {port} if change.protocol == "https" else https - {port}
+    labels = None
+    if change.label is not None:  # an empty label clears the hub's name (devcontainer.json's shows again)
+        labels = {p: text for p, text in state.spec.labels.items() if p != port}
+        labels.update({port: change.label.strip()} if change.label.strip() else {})
+    identity_ports = None
+    if change.identity is not None:
+        identity_ports = state.spec.identity_ports | {port} if change.identity else state.spec.identity_ports - {port}
+    state = await gateway.runtime.update(
+        state.id, ports={**state.spec.ports, port: change.visibility} if change.visibility is not None else None,
+        https_ports=https if change.protocol is not None else None, labels=labels, identity_ports=identity_ports)
+    return web.json_response(workspace_view(gateway, state, identity))
+
+
+def share_view(gateway: Gateway, link: ShareLink, token: str | None = None) -> dict[str, Any]:
+    """A link as the API shows it; with its token (only right after creation) the URLs that open it: one per
+    known port for an all-ports link, as a ``{port}`` template opened as it is names no port."""
+    view = link.public()
+    view["active"] = link.active(time.time())
+    if token is not None:
+        view["token"] = token
+        if link.port is None:
+            state = gateway.runtime.get(link.workspace)
+            ports = _known_ports(gateway, state) if state is not None else []
+            view["urls"] = [{"port": port, "url": f"{gateway.hosts.share_url(link.workspace, port)}?{SHARE_PARAM}="
+                                                  f"{token}"} for port in ports]
+            view["url"] = view["urls"][0]["url"] if ports else None
+        else:
+            url = f"{gateway.hosts.share_url(link.workspace, link.port)}?{SHARE_PARAM}={token}"
+            badge = gateway.hosts.hub_url(f"/badge/{link.workspace}/{link.port}.svg?{SHARE_PARAM}={token}")
+            view["url"] = url
+            view["embed"] = {
+                "iframe": f'<iframe src="{escape(url)}" width="100%" height="600" style="border:0" '
+                          f'title="Preview of {escape(link.workspace)} port {link.port}"></iframe>',
+                "markdown": f"[![preview {link.workspace}:{link.port}]({badge})]({url})",
+                "badge": badge,
+            }
+    return view
+
+
+async def list_shares(request: web.Request) -> web.Response:
+    identity = caller(request)
+    state = _mine(request, identity)
+    gateway = request.app[GATEWAY]
+    links = [link for link in gateway.auth.store.shares.values() if link.workspace == state.id]
+    links.sort(key=lambda link: link.created, reverse=True)
+    return web.json_response({"shares": [share_view(gateway, link) for link in links]})
+
+
+async def create_share(request: web.Request) -> web.Response:
+    identity = caller(request)
+    state = _mine(request, identity, manage=True)
+    gateway = request.app[GATEWAY]
+    new: NewShare = await _body(request, NewShare)
+    rules = gateway.policy.share_links
+    if new.audience not in rules.audiences:
+        raise Forbidden(f"The policy allows share links for: {', '.join(rules.audiences)}.", code="audience-denied")
+    if new.audience == "people" and not new.people:
+        raise BadRequest("people: name at least one user, e-mail or group:NAME.", code="invalid-body")
+    if new.port is not None and (new.port == state.spec.ide_port or new.port in gateway.policy.ports.denied):
+        raise BadRequest(f"Port {new.port} cannot be shared.", code="bad-port")
+    ttl = new.ttl or rules.default_ttl
+    if ttl > rules.max_ttl:
+        raise BadRequest(f"ttl: the policy allows at most {describe_duration(rules.max_ttl)}.", code="ttl-too-long")
+    link, token = await gateway.auth.store.create_share(
+        workspace=state.id, port=new.port, audience=new.audience, people=new.people, created_by=identity.subject,
+        ttl=ttl,
+    )
+    return web.json_response(share_view(gateway, link, token), status=201)
+
+
+async def revoke_share(request: web.Request) -> web.Response:
+    identity = caller(request)
+    state = _mine(request, identity, manage=True)
+    gateway = request.app[GATEWAY]
+    link = gateway.auth.store.shares.get(request.match_info["share"])
+    if link is None or link.workspace != state.id:
+        raise NotFound("There is no such share link.", code="share-not-found")
+    link = await gateway.auth.store.revoke_share(link)
+    return web.json_response(share_view(gateway, link))
+
+
+async def lifecycle(request: web.Request) -> web.Response:
+    identity = caller(request)
+    state = _mine(request, identity)
+    runtime = request.app[GATEWAY].runtime
+    action = request.match_info["action"]
+    operations = {"wake": runtime.wake, "stop": runtime.stop, "archive": runtime.archive}
+    state = await operations[action](state.id)
+    return web.json_response(workspace_view(request.app[GATEWAY], state, identity))
+
+
+async def status(request: web.Request) -> web.Response:
+    identity = caller(request)
+    state = await request.app[GATEWAY].runtime.status(_mine(request, identity).id)
+    return web.json_response(workspace_view(request.app[GATEWAY], state, identity))
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    identity = caller(request)
+    tokens = [t.public() for t in request.app[GATEWAY].auth.store.api_tokens.values() if t.subject == identity.subject]
+    return web.json_response({"tokens": tokens})
+
+
+async def create_token(request: web.Request) -> web.Response:
+    identity = caller(request)
+    new: NewToken = await _body(request, NewToken)
+    record, token = await request.app[GATEWAY].auth.store.create_api_token(identity, name=new.name)
+    return web.json_response({**record.public(), "token": token}, status=201)
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    identity = caller(request)
+    store = request.app[GATEWAY].auth.store
+    record = store.api_tokens.get(request.match_info["token"])
+    if record is None or record.subject != identity.subject:
+        raise NotFound("There is no such token.", code="token-not-found")
+    await store.revoke_api_token(record)
+    return web.json_response({"id": record.id, "revoked": True})
+
+
+def consents_of(gateway: Gateway, identity: Identity) -> list[dict[str, Any]]:
+    """The apps that know (or were told not to learn) who this person is."""
+    mine = sorted((c for c in gateway.auth.store.consents.values() if c.subject == identity.subject),
+                  key=lambda c: (c.workspace, c.port))
+    return [dataclasses.asdict(c) for c in mine]
+
+
+async def list_consents(request: web.Request) -> web.Response:
+    return web.json_response({"consents": consents_of(request.app[GATEWAY], caller(request))})
+
+
+async def withdraw_consent(request: web.Request) -> web.Response:
+    """Withdrawn: the app learns nothing from the next request on, and the visitor is asked again."""
+    identity = caller(request)
+    store = request.app[GATEWAY].auth.store
+    consent = store.consents.get(request.match_info["consent"])
+    if consent is None or consent.subject != identity.subject:
+        raise NotFound("There is no such answer of yours.", code="consent-not-found")
+    await store.withdraw_consent(consent)
+    return web.json_response({"id": consent.id, "withdrawn": True})
+
+
+def json_only(handler: Handler) -> Handler:
+    """Errors from the API are JSON whatever the caller accepts (the front door renders them)."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        request[JSON_ONLY] = True
+        return await handler(request)
+
+    return handle
+
+
+def add_routes(app: web.Application) -> None:
+    routes: list[tuple[str, str, Handler]] = [
+        ("GET", "/api/v1/me", me),
+        ("GET", "/api/v1/workspaces", list_workspaces),
+        ("POST", "/api/v1/workspaces", create_workspace),
+        ("PUT", "/api/v1/workspaces/{workspace}/collaborators", set_collaborators),
+        ("GET", "/api/v1/workspaces/{workspace}", get_workspace),
+        ("DELETE", "/api/v1/workspaces/{workspace}", delete_workspace),
+        ("GET", "/api/v1/workspaces/{workspace}/status", status),
+        ("POST", "/api/v1/workspaces/{workspace}/{action:wake|stop|archive}", lifecycle),
+        ("PUT", "/api/v1/workspaces/{workspace}/ports/{port}", set_port),
+        ("GET", "/api/v1/workspaces/{workspace}/shares", list_shares),
+        ("POST", "/api/v1/workspaces/{workspace}/shares", create_share),
+        ("DELETE", "/api/v1/workspaces/{workspace}/shares/{share}", revoke_share),
+        ("GET", "/api/v1/tokens", list_tokens),
+        ("POST", "/api/v1/tokens", create_token),
+        ("DELETE", "/api/v1/tokens/{token}", revoke_token),
+        ("GET", "/api/v1/consents", list_consents),
+        ("DELETE", "/api/v1/consents/{consent}", withdraw_consent),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, json_only(handler))

@@ -1,0 +1,183 @@
+"""The hub's sign-in routes and the preview side of the hand-off. Thin shells: decisions live elsewhere."""
+
+from __future__ import annotations
+
+import secrets
+
+import aiohttp_jinja2
+from aiohttp import web
+from yarl import URL
+
+from gateway.auth.authenticate import HANDOFF, SESSION
+from gateway.auth.identity import Identity
+from gateway.auth.oidc import Pkce, SignInFailed
+from gateway.auth.sessions import cookie_name, is_embedded, read_cookie, set_cookie
+from gateway.edge.routing import Kind, local_path, normalise_host, route
+from gateway.errors import BadRequest, Forbidden, GatewayError, Redirect
+from gateway.server.context import GATEWAY, Gateway
+
+LOGIN = "login"
+_LOGIN_TTL = 600
+
+
+def hub_identity(request: web.BaseRequest, gateway: Gateway) -> Identity | None:
+    token = read_cookie(request.headers, cookie_name(SESSION, gateway.config.secure))
+    return gateway.auth.sessions.read(token, gateway.hosts.hub) if token else None
+
+
+def check_same_origin(request: web.BaseRequest, gateway: Gateway) -> None:
+    """Cookie-authenticated changes must come from the hub's own pages (CSRF defence beside SameSite)."""
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        if origin.rstrip("/") != gateway.hosts.hub_url(""):
+            raise Forbidden("This request came from another site and was refused.", code="cross-site-request")
+        return
+    if request.headers.get("Sec-Fetch-Site") not in ("same-origin", None) or "Sec-Fetch-Site" not in request.headers:
+        raise Forbidden("This request did not say where it came from and was refused.", code="cross-site-request")
+
+
+def _session_cookie(gateway: Gateway, identity: Identity, audience: str) -> str:
+    token = gateway.auth.sessions.issue(identity, audience)
+    secure = gateway.config.secure
+    return set_cookie(cookie_name(SESSION, secure), token, max_age=int(gateway.auth.sessions.ttl), secure=secure)
+
+
+def _expired(name: str, secure: bool) -> str:
+    return set_cookie(cookie_name(name, secure), "", max_age=0, secure=secure)
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    next_url = local_path(request.query.get("next"))
+    if gateway.config.auth.mode == "dev":
+        raise Redirect(str(URL("/auth/dev").with_query(next=next_url)), status=302)
+    assert gateway.auth.oidc is not None
+    pkce, state, nonce = Pkce.new(), secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+    location = await gateway.auth.oidc.authorize_url(
+        redirect_uri=gateway.hosts.hub_url("/auth/callback"), state=state, nonce=nonce, pkce=pkce
+    )
+    cookie = gateway.auth.sessions.sign_state(
+        {"state": state, "nonce": nonce, "verifier": pkce.verifier, "next": next_url}, gateway.hosts.hub, _LOGIN_TTL
+    )
+    secure = gateway.config.secure
+    raise Redirect(location, status=302,
+                   cookies=(set_cookie(cookie_name(LOGIN, secure), cookie, max_age=_LOGIN_TTL, secure=secure),))
+
+
+async def callback(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    secure = gateway.config.secure
+    login = read_cookie(request.headers, cookie_name(LOGIN, secure))
+    saved = gateway.auth.sessions.read_state(login, gateway.hosts.hub)
+    if saved is None or not secrets.compare_digest(str(saved.get("state")), request.query.get("state", "")):
+        raise BadRequest("This sign-in has expired or was started elsewhere. Open the page you wanted again.",
+                         code="sign-in-state-mismatch")
+    if "error" in request.query:
+        said = request.query.get("error_description") or request.query["error"]
+        raise SignInFailed(f"The sign-in service said: {said}.")
+    oidc = gateway.auth.oidc
+    assert oidc is not None
+    tokens = await oidc.exchange(code=request.query.get("code", ""), verifier=str(saved["verifier"]),
+                                 redirect_uri=gateway.hosts.hub_url("/auth/callback"))
+    claims = await oidc.verify_id_token(tokens["id_token"], str(saved["nonce"]))
+    identity = Identity.from_id_token(claims, subject_claim=oidc.settings.username_claim,
+                                      groups_claim=oidc.settings.groups_claim)
+    if (problem := identity.unsendable()) is not None:
+        raise SignInFailed(f"The sign-in service sent {problem}, which this gateway does not accept. Ask its "
+                           "administrators to correct the account.")
+    raise Redirect(local_path(str(saved.get("next"))), status=303, cookies=(
+        _session_cookie(gateway, identity, gateway.hosts.hub), _expired(LOGIN, secure)))
+
+
+@aiohttp_jinja2.template("dev_login.html")
+async def dev_form(request: web.Request) -> dict[str, object]:
+    gateway = request.app[GATEWAY]
+    if gateway.config.auth.mode != "dev":
+        raise Redirect(str(URL("/auth/login").with_query(next=local_path(request.query.get("next")))), status=302)
+    return {"next": local_path(request.query.get("next")), "identity": hub_identity(request, gateway)}
+
+
+async def dev_submit(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    if gateway.config.auth.mode != "dev":
+        raise Forbidden("Development sign-in is switched off.", code="dev-sign-in-off")
+    check_same_origin(request, gateway)
+    form = await request.post()
+    user = str(form.get("user", "")).strip()
+    if not user or len(user) > 64 or any(ch.isspace() for ch in user):
+        raise BadRequest("Pick a user name without spaces (at most 64 characters).", code="bad-user-name")
+    email = str(form.get("email", "")).strip() or (user if "@" in user else f"{user}@example.com")
+    groups = tuple(g.strip() for g in str(form.get("groups", "")).split(",") if g.strip())
+    identity = Identity(subject=user, email=email, groups=groups, name=user)
+    if (problem := identity.unsendable()) is not None:
+        raise BadRequest(f"This sign-in has {problem}; pick other values.", code="bad-identity")
+    raise Redirect(local_path(str(form.get("next", "/"))), cookies=(
+        _session_cookie(gateway, identity, gateway.hosts.hub),))
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    check_same_origin(request, gateway)
+    raise Redirect("/", cookies=(_expired(SESSION, gateway.config.secure),))
+
+
+async def handoff(request: web.Request) -> web.StreamResponse:
+    """Hub side: a signed-in browser gets a one-minute code for the preview host it came from."""
+    gateway = request.app[GATEWAY]
+    identity = hub_identity(request, gateway)
+    if identity is None:
+        raise Redirect(str(URL("/auth/login").with_query(next=request.path_qs)), status=302)
+    state = request.query.get("state", "")
+    try:
+        target = URL(request.query.get("target", ""))
+        host = normalise_host(target.raw_authority, gateway.hosts.scheme) if target.absolute else None
+        kind = route(target.raw_authority, "/", gateway.hosts).kind if host else None
+    except (ValueError, GatewayError):
+        host, kind = None, None
+    if host is None or kind not in (Kind.PREVIEW, Kind.IDE) or target.scheme != gateway.hosts.scheme or not state:
+        raise BadRequest("This sign-in request does not point at a preview or IDE of this gateway.",
+                         code="bad-handoff")
+    code = gateway.auth.sessions.handoff_code(identity, host, state)
+    landing = "/_codehub/auth/popup" if request.query.get("popup") else "/_codehub/auth/callback"
+    location = target.with_path(landing).with_query(code=code, next=local_path(target.raw_path_qs)).with_fragment(None)
+    raise Redirect(str(location), status=302)
+
+
+async def preview_callback(request: web.Request, gateway: Gateway, host: str, *,
+                           cross_site: bool) -> web.StreamResponse:
+    """Preview side: trade the code for a cookie on this host and drop the code from the URL by a redirect."""
+    secure = gateway.config.secure
+    embedded = is_embedded(request.headers)
+    identity, once, until = gateway.auth.sessions.read_code(
+        request.query.get("code", ""), host, read_cookie(request.headers, cookie_name(HANDOFF, secure))
+    )
+    if not await gateway.auth.store.use_once(once, until):
+        raise BadRequest("This sign-in link was already used. Open the page again.", code="handoff-replayed")
+    token = gateway.auth.sessions.issue(identity, host)
+    session = set_cookie(cookie_name(SESSION, secure), token, max_age=int(gateway.auth.sessions.ttl), secure=secure,
+                         embedded=embedded, cross_site=cross_site)
+    expired = set_cookie(cookie_name(HANDOFF, secure), "", max_age=0, secure=secure, embedded=embedded)
+    raise Redirect(local_path(request.query.get("next")), cookies=(session, expired))
+
+
+async def preview_popup(request: web.Request) -> web.StreamResponse:
+    """In the sign-in popup: hand the code to the framed preview that opened it, on this same origin only."""
+    context = {"code": request.query.get("code", ""), "next": local_path(request.query.get("next"))}
+    response = aiohttp_jinja2.render_template("popup_done.html", request, context)
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+async def jwks(request: web.Request) -> web.Response:
+    return web.json_response(request.app[GATEWAY].auth.keys.jwks(), headers={"Cache-Control": "max-age=300"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/auth/login", login)
+    app.router.add_get("/auth/callback", callback)
+    app.router.add_get("/auth/dev", dev_form)
+    app.router.add_post("/auth/dev", dev_submit)
+    app.router.add_post("/auth/logout", logout)
+    app.router.add_get("/auth/handoff", handoff)
+    app.router.add_get("/.well-known/jwks.json", jwks)

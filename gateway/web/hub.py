@@ -1,0 +1,132 @@
+"""The hub's own pages and their live feed: workspaces with their ports, controls and share links; API tokens.
+
+The page renders from the same views the API returns, then follows ``/api/v1/hub/events`` (Server-Sent Events): a
+new snapshot whenever a workspace changes phase, a dev server starts or stops listening, a label or a share link
+changes, so a port opened in a terminal shows up without a reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp_jinja2
+import segno
+from aiohttp import web
+
+from gateway.auth.identity import Identity
+from gateway.edge.routing import Kind, route
+from gateway.errors import BadRequest, GatewayError, Unauthorized
+from gateway.server.context import GATEWAY, Gateway
+from gateway.web import api
+from gateway.web.auth_routes import hub_identity
+
+STATIC = Path(__file__).with_name("static")
+LOOK_EVERY = 0.5
+"""Seconds between looks at what is not pushed (listening ports are read from /proc, share links from the store)."""
+KEEPALIVE = 15.0
+
+
+def snapshot(gateway: Gateway, identity: Identity) -> dict[str, Any]:
+    """Everything the hub page shows for one person, as the API would answer it."""
+    views = []
+    for state in sorted(gateway.runtime.list(), key=lambda state: state.id):
+        view = api.workspace_view(gateway, state, identity)
+        if not view["role"]:
+            continue
+        links = [link for link in gateway.auth.store.shares.values() if link.workspace == state.id]
+        view["shares"] = [api.share_view(gateway, link) for link in sorted(links, key=lambda link: -link.created)]
+        views.append(view)
+    return {"workspaces": views, "consents": api.consents_of(gateway, identity)}
+
+
+def _page_settings(gateway: Gateway) -> dict[str, Any]:
+    rules = gateway.policy.share_links
+    return {"audiences": list(rules.audiences), "max_visibility": gateway.policy.ports.max_visibility,
+            "port_url": gateway.hosts.share_url("{workspace}", "{port}")}
+
+
+@aiohttp_jinja2.template("home.html")
+async def home(request: web.Request) -> dict[str, object]:
+    """The hub page: the signed-in user's workspaces, live."""
+    gateway = request.app[GATEWAY]
+    identity = hub_identity(request, gateway)
+    dev = gateway.config.auth.mode == "dev"
+    if identity is None:
+        return {"identity": None, "dev": dev}
+    return {"identity": identity, "dev": dev, "data": {**snapshot(gateway, identity), **_page_settings(gateway)}}
+
+
+@aiohttp_jinja2.template("tokens.html")
+async def tokens_page(request: web.Request) -> dict[str, object]:
+    """API tokens for scripts and the CLI: create (shown once), list, revoke."""
+    gateway = request.app[GATEWAY]
+    identity = hub_identity(request, gateway)
+    if identity is None:
+        return {"identity": None, "dev": gateway.config.auth.mode == "dev"}
+    tokens = [t.public() for t in gateway.auth.store.api_tokens.values() if t.subject == identity.subject]
+    return {"identity": identity, "tokens": sorted(tokens, key=lambda t: -t["created"]),
+            "hub": gateway.hosts.hub_url("")}
+
+
+async def snapshot_now(request: web.Request) -> web.Response:
+    """The same snapshot at once, for the page right after a change it made."""
+    return web.json_response(snapshot(request.app[GATEWAY], api.caller(request)), headers={"Cache-Control": "no-store"})
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """The hub page's feed: ``snapshot`` events, each sent only when it differs from the one before."""
+    identity = api.caller(request)
+    gateway = request.app[GATEWAY]
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    last = ""
+    quiet_since = time.monotonic()
+    with gateway.runtime.events() as changes, contextlib.suppress(ConnectionResetError):
+        while True:
+            data = json.dumps(snapshot(gateway, identity), sort_keys=True)
+            if data != last:
+                await response.write(f"event: snapshot\ndata: {data}\n\n".encode())
+                last, quiet_since = data, time.monotonic()
+            elif time.monotonic() - quiet_since > KEEPALIVE:
+                await response.write(b": still here\n\n")
+                quiet_since = time.monotonic()
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: a cancel is never lost to a ready item
+                async with asyncio.timeout(LOOK_EVERY):
+                    await changes.queue.get()
+    return response
+
+
+async def qr_code(request: web.Request) -> web.Response:
+    """A QR code (SVG) of one of this gateway's share URLs, to open a preview on a phone."""
+    gateway = request.app[GATEWAY]
+    if hub_identity(request, gateway) is None:
+        raise Unauthorized("Sign in to make QR codes.", code="user-unauthenticated")
+    url = request.query.get("url", "")
+    scheme, _, rest = url.partition("://")
+    host, _, path = rest.partition("/")
+    try:
+        target = route(host, "/" + path, gateway.hosts)
+    except GatewayError:
+        target = None
+    if scheme != gateway.hosts.scheme or target is None or target.kind is not Kind.PREVIEW or len(url) > 1000:
+        raise BadRequest("QR codes are made only for this gateway's share URLs.", code="bad-qr-url")
+    buffer = io.BytesIO()
+    segno.make(url, error="m").save(buffer, kind="svg", scale=4, dark="#000", light="#fff", border=2)
+    return web.Response(body=buffer.getvalue(), content_type="image/svg+xml",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", home)
+    app.router.add_get("/tokens", tokens_page)
+    app.router.add_get("/qr.svg", qr_code)
+    app.router.add_get("/api/v1/hub/snapshot", api.json_only(snapshot_now))
+    app.router.add_get("/api/v1/hub/events", api.json_only(events))
+    app.router.add_static("/static/", STATIC, name="static", append_version=True)

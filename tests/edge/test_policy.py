@@ -1,0 +1,301 @@
+"""Policy decisions as a pure function (tables of callers, ports and grants), policy files and their reload."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gateway.auth.identity import Identity
+from gateway.edge.policy import (
+    Decision,
+    Grant,
+    Org,
+    Policy,
+    PolicyError,
+    PolicyHolder,
+    Ports,
+    Reason,
+    WakePolicy,
+    decide,
+    denial,
+    load_policy,
+    may_wake,
+    parse_policy,
+)
+from gateway.lifecycle import WorkspaceSpec
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = WorkspaceSpec(
+    id="ws1", owner="alice", collaborators=("bob", "carol@example.com", "group:qa"), ide_port=13337,
+    ports={3000: "private", 4000: "org", 5000: "public"},
+)
+POLICY = Policy(
+    org=Org(email_domains=("corp.test",), groups=("staff",), users=("heidi",), claims={"hd": "corp.test"}),
+    ports=Ports(denied=(22,)),
+    admins=("root", "group:sre"),
+)
+
+ALICE = Identity("alice", "alice@example.com", ("dev",))
+BOB = Identity("bob", "bob@example.com")
+CAROL = Identity("carol2", "Carol@Example.COM")
+DAVE = Identity("dave", "dave@example.com", ("qa",))
+ROOT = Identity("root", "root@example.com")
+SRE = Identity("sam", "sam@example.com", ("sre",))
+FRANK = Identity("frank", "frank@corp.test")
+FRANK_UPPER = Identity("frank", "Frank@CORP.test")
+LOOKALIKE = Identity("fred", "fred@evilcorp.test")
+SUFFIXED = Identity("fred", "fred@corp.test.evil")
+SUBDOMAIN = Identity("fred", "fred@sub.corp.test")
+GRACE = Identity("grace", "grace@elsewhere.test", ("staff",))
+HEIDI = Identity("heidi", "heidi@elsewhere.test")
+HOSTED = Identity("ivan", "ivan@gmail.test", attributes=(("hd", "corp.test"),))
+OTHER_HOSTED = Identity("ivan", "ivan@gmail.test", attributes=(("hd", "other.test"),))
+EVE = Identity("eve", "eve@evil.test", ("dev",))
+OPS = Identity("olga", "olga@evil.test", ("ops",))
+
+ANYONE = Grant("s1", "ws1", 3000, "anyone")
+ANYONE_ALL_PORTS = Grant("s2", "ws1", None, "anyone")
+ANYONE_4000 = Grant("s3", "ws1", 4000, "anyone")
+ANYONE_WS2 = Grant("s4", "ws2", None, "anyone")
+ORG = Grant("s5", "ws1", 3000, "org")
+PEOPLE = Grant("s6", "ws1", 3000, "people", ("eve@evil.test", "group:ops", "Mallory"))
+
+R = Reason
+CASES = [
+    # name, policy, port, identity, grant, allow, reason
+    ("owner private", POLICY, 3000, ALICE, None, True, R.OWNER),
+    ("owner unlisted port", POLICY, 8080, ALICE, None, True, R.OWNER),
+    ("owner denied port", POLICY, 22, ALICE, None, False, R.PORT_DENIED),
+    ("IDE port is not a preview", POLICY, 13337, ALICE, None, False, R.PORT_DENIED),
+    ("collaborator by name", POLICY, 3000, BOB, None, True, R.COLLABORATOR),
+    ("collaborator by email, any case", POLICY, 3000, CAROL, None, True, R.COLLABORATOR),
+    ("collaborator by group", POLICY, 3000, DAVE, None, True, R.COLLABORATOR),
+    ("admin by name", POLICY, 3000, ROOT, None, True, R.ADMIN),
+    ("admin by group", POLICY, 3000, SRE, None, True, R.ADMIN),
+    ("admin not on denied port", POLICY, 22, ROOT, None, False, R.PORT_DENIED),
+    ("outsider private", POLICY, 3000, EVE, None, False, R.NOT_SHARED_WITH_USER),
+    ("anonymous private", POLICY, 3000, None, None, False, R.USER_UNAUTHENTICATED),
+    ("anonymous unlisted (default private)", POLICY, 8080, None, None, False, R.USER_UNAUTHENTICATED),
+    ("anonymous public", POLICY, 5000, None, None, True, R.PUBLIC_PORT),
+    ("outsider public", POLICY, 5000, EVE, None, True, R.PUBLIC_PORT),
+    ("anonymous public but denied", Policy(ports=Ports(denied=(5000,))), 5000, None, None, False, R.PORT_DENIED),
+    ("anonymous org", POLICY, 4000, None, None, False, R.USER_UNAUTHENTICATED),
+    ("org by email domain", POLICY, 4000, FRANK, None, True, R.ORG_MEMBER),
+    ("org by email domain, any case", POLICY, 4000, FRANK_UPPER, None, True, R.ORG_MEMBER),
+    ("org domain look-alike", POLICY, 4000, LOOKALIKE, None, False, R.NOT_ORG_MEMBER),
+    ("org domain with a suffix", POLICY, 4000, SUFFIXED, None, False, R.NOT_ORG_MEMBER),
+    ("org subdomain is another domain", POLICY, 4000, SUBDOMAIN, None, False, R.NOT_ORG_MEMBER),
+    ("org by group", POLICY, 4000, GRACE, None, True, R.ORG_MEMBER),
+    ("org by user", POLICY, 4000, HEIDI, None, True, R.ORG_MEMBER),
+    ("org by claim", POLICY, 4000, HOSTED, None, True, R.ORG_MEMBER),
+    ("org claim with another value", POLICY, 4000, OTHER_HOSTED, None, False, R.NOT_ORG_MEMBER),
+    ("org with no rules admits nobody", Policy(), 4000, FRANK, None, False, R.NOT_ORG_MEMBER),
+    ("org member on a private port", POLICY, 3000, FRANK, None, False, R.NOT_SHARED_WITH_USER),
+    ("default visibility org", Policy(org=POLICY.org, ports=Ports(default_visibility="org")), 8080, FRANK, None,
+     True, R.ORG_MEMBER),
+    ("ceiling org caps public: anonymous", Policy(ports=Ports(max_visibility="org")), 5000, None, None, False,
+     R.USER_UNAUTHENTICATED),
+    ("ceiling org caps public: org member", Policy(org=POLICY.org, ports=Ports(max_visibility="org")), 5000, FRANK,
+     None, True, R.ORG_MEMBER),
+    ("ceiling private caps org", Policy(org=POLICY.org, ports=Ports(max_visibility="private")), 4000, FRANK, None,
+     False, R.NOT_SHARED_WITH_USER),
+    ("ceiling private: owner still sees", Policy(ports=Ports(max_visibility="private")), 5000, ALICE, None, True,
+     R.OWNER),
+    ("IDE: owner", POLICY, None, ALICE, None, True, R.OWNER),
+    ("IDE: collaborator", POLICY, None, DAVE, None, True, R.COLLABORATOR),
+    ("IDE: admin is not the owner", POLICY, None, ROOT, None, False, R.IDE_OWNER_ONLY),
+    ("IDE: org member", POLICY, None, FRANK, None, False, R.IDE_OWNER_ONLY),
+    ("IDE: anonymous", POLICY, None, None, None, False, R.USER_UNAUTHENTICATED),
+    ("IDE: anyone-link opens no IDE", POLICY, None, None, ANYONE_ALL_PORTS, False, R.USER_UNAUTHENTICATED),
+    ("IDE: anyone-link, signed in", POLICY, None, EVE, ANYONE_ALL_PORTS, False, R.IDE_OWNER_ONLY),
+    ("grant anyone, anonymous", POLICY, 3000, None, ANYONE, True, R.SHARE_LINK),
+    ("grant anyone, outsider", POLICY, 3000, EVE, ANYONE, True, R.SHARE_LINK),
+    ("grant for all ports", POLICY, 8080, None, ANYONE_ALL_PORTS, True, R.SHARE_LINK),
+    ("grant for another port", POLICY, 3000, None, ANYONE_4000, False, R.SHARE_OTHER_TARGET),
+    ("grant for another workspace", POLICY, 3000, None, ANYONE_WS2, False, R.SHARE_OTHER_TARGET),
+    ("grant does not open a denied port", POLICY, 22, None, ANYONE_ALL_PORTS, False, R.PORT_DENIED),
+    ("grant org, anonymous", POLICY, 3000, None, ORG, False, R.USER_UNAUTHENTICATED),
+    ("grant org, org member", POLICY, 3000, FRANK, ORG, True, R.SHARE_LINK),
+    ("grant org, outsider", POLICY, 3000, Identity("x", "x@else.test"), ORG, False, R.NOT_SHARED_WITH_USER),
+    ("grant people, by email", POLICY, 3000, EVE, PEOPLE, True, R.SHARE_LINK),
+    ("grant people, by group", POLICY, 3000, OPS, PEOPLE, True, R.SHARE_LINK),
+    ("grant people, by name any case", POLICY, 3000, Identity("mallory"), PEOPLE, True, R.SHARE_LINK),
+    ("grant people, someone else", POLICY, 3000, FRANK, PEOPLE, False, R.NOT_SHARED_WITH_USER),
+    ("grant people, anonymous", POLICY, 3000, None, PEOPLE, False, R.USER_UNAUTHENTICATED),
+    ("grant people, empty identity", POLICY, 3000, Identity(""), Grant("s7", "ws1", 3000, "people", ("",)), False,
+     R.NOT_SHARED_WITH_USER),
+]
+
+
+@pytest.mark.parametrize(("policy", "port", "identity", "grant", "allow", "reason"),
+                         [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_decide(policy: Policy, port: int | None, identity: Identity | None, grant: Grant | None, allow: bool,
+                reason: Reason) -> None:
+    decision = decide(policy, SPEC, port, identity, grant)
+    assert (decision.allow, decision.reason) == (allow, reason)
+    assert decision.rule, "every decision names the rule that made it"
+
+
+def test_every_refusal_maps_to_its_status() -> None:
+    for reason in Reason:
+        error = denial(Decision(False, reason))
+        assert error.status == (401 if reason is Reason.USER_UNAUTHENTICATED else 403)
+        assert error.code == reason.value
+        assert error.message
+
+
+WAKE_OWNERS = Policy(wake=WakePolicy(who="owner-and-collaborators"))
+
+
+@pytest.mark.parametrize(
+    ("policy", "access", "allow", "reason"),
+    [
+        (Policy(), Decision(True, Reason.PUBLIC_PORT), True, Reason.PUBLIC_PORT),
+        (Policy(), Decision(True, Reason.SHARE_LINK), True, Reason.SHARE_LINK),
+        (Policy(), Decision(False, Reason.NOT_ORG_MEMBER), False, Reason.NOT_ORG_MEMBER),
+        (WAKE_OWNERS, Decision(True, Reason.OWNER), True, Reason.OWNER),
+        (WAKE_OWNERS, Decision(True, Reason.COLLABORATOR), True, Reason.COLLABORATOR),
+        (WAKE_OWNERS, Decision(True, Reason.ADMIN), True, Reason.ADMIN),
+        (WAKE_OWNERS, Decision(True, Reason.PUBLIC_PORT), False, Reason.WAKE_NOT_ALLOWED),
+        (WAKE_OWNERS, Decision(True, Reason.ORG_MEMBER), False, Reason.WAKE_NOT_ALLOWED),
+        (WAKE_OWNERS, Decision(True, Reason.SHARE_LINK), False, Reason.WAKE_NOT_ALLOWED),
+        (WAKE_OWNERS, Decision(False, Reason.USER_UNAUTHENTICATED), False, Reason.WAKE_NOT_ALLOWED),
+    ],
+)
+def test_may_wake(policy: Policy, access: Decision, allow: bool, reason: Reason) -> None:
+    decision = may_wake(policy, access)
+    assert (decision.allow, decision.reason) == (allow, reason)
+
+
+FILE = "policies/team.yaml"
+BAD_POLICIES = [
+    # name, yaml, wantErr (substring)
+    ("unknown section", "org: {}\nportz: {}\n", f"{FILE}:2: portz: unknown key"),
+    ("unknown nested key", "ports:\n  default_visibility: org\n  visiblity: public\n",
+     f"{FILE}:3: ports.visiblity: unknown key"),
+    ("bad visibility", "ports:\n  default_visibility: secret\n",
+     f"{FILE}:2: ports.default_visibility: Input should be 'private', 'org' or 'public'"),
+    ("bad ceiling", "\n\nports:\n  max_visibility: everyone\n", f"{FILE}:4: ports.max_visibility:"),
+    ("denied port out of range", "ports:\n  denied:\n    - 22\n    - 70000\n",
+     f"{FILE}:4: ports.denied.1: Input should be less than or equal to 65535"),
+    ("duration not a duration", "share_links:\n  max_ttl: forever\n",
+     f"{FILE}:2: share_links.max_ttl: 'forever' is not a duration"),
+    ("duration not positive", "share_links:\n  default_ttl: 0s\n",
+     f"{FILE}:2: share_links.default_ttl: a duration must be positive"),
+    ("bad audience", "share_links:\n  audiences: [anyone, everybody]\n", f"{FILE}:2: share_links.audiences.1:"),
+    ("default ttl above max", "share_links:\n  default_ttl: 30d\n  max_ttl: 7d\n",
+     f"{FILE}:2: share_links.default_ttl: 2592000 s is longer than share_links.max_ttl"),
+    ("default visibility above ceiling", "ports:\n  max_visibility: org\n  default_visibility: public\n",
+     f"{FILE}:3: ports.default_visibility: 'public' is above ports.max_visibility 'org'"),
+    ("bad wake rule", "wake:\n  who: everybody\n", f"{FILE}:2: wake.who:"),
+    ("claim rule with a list", "org:\n  claims:\n    roles: [a, b]\n",
+     f"{FILE}:3: org.claims.roles: a claim rule compares one text"),
+    ("groups not a list", "org:\n  groups: 7\n", f"{FILE}:2: org.groups:"),
+    ("wildcard origin with credentials", "cors:\n  - ports: [3000]\n  - ports: [8000]\n    allow_origins: ['*']\n",
+     f"{FILE}:4: cors.1.allow_origins: '*' admits every origin"),
+    ("not a mapping", "- org\n- ports\n", f"{FILE}:1: a policy must be a mapping"),
+    ("not YAML", "ports:\n  denied: [22\n", f"{FILE}:3: not valid YAML"),
+    ("tab indentation", "ports:\n\tdenied: []\n", f"{FILE}:2: not valid YAML"),
+]
+
+
+@pytest.mark.parametrize(("text", "want_err"), [case[1:] for case in BAD_POLICIES],
+                         ids=[case[0] for case in BAD_POLICIES])
+def test_bad_policy_is_rejected_with_file_and_line(text: str, want_err: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text, FILE)
+    assert want_err in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", Policy()),
+        ("share_links:\n  default_ttl: 90\n", Policy.model_validate({"share_links": {"default_ttl": 90}})),
+        ("org:\n  claims:\n    email_verified: true\n    level: 3\n",
+         Policy(org=Org(claims={"email_verified": "true", "level": "3"}))),
+    ],
+)
+def test_good_policies_parse(text: str, expected: Policy) -> None:
+    assert parse_policy(text, FILE) == expected
+
+
+def test_duration_units() -> None:
+    policy = parse_policy("share_links:\n  default_ttl: 90s\n  max_ttl: 2w\nwake:\n  warm_timeout: 1.5m\n")
+    assert (policy.share_links.default_ttl, policy.share_links.max_ttl) == (90, 14 * 86400)
+    assert policy.wake.warm_timeout == 90
+
+
+def test_shipped_default_policy_is_the_built_in_default() -> None:
+    assert load_policy(REPO / "policies" / "default.yaml") == Policy()
+
+
+def test_shipped_default_policy_documents_every_key() -> None:
+    text = (REPO / "policies" / "default.yaml").read_text()
+
+    def keys(model: type[object], prefix: str = "") -> list[str]:
+        out = []
+        for name, field in model.model_fields.items():  # type: ignore[attr-defined]
+            out.append(prefix + name)
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                out.extend(keys(annotation, prefix + name + "."))
+        return out
+
+    for key in keys(Policy):
+        assert f"{key.rpartition('.')[2]}:" in text, f"policies/default.yaml does not document {key}"
+
+
+@pytest.mark.parametrize("name", ["strict.yaml", "open-org.yaml"])
+def test_shipped_examples_load(name: str) -> None:
+    policy = load_policy(REPO / "policies" / "examples" / name)
+    assert policy != Policy()
+
+
+def test_strict_example_means_what_it_says() -> None:
+    strict = load_policy(REPO / "policies" / "examples" / "strict.yaml")
+    public = WorkspaceSpec(id="ws1", owner="alice", ports={5000: "public", 5432: "public"})
+    assert decide(strict, public, 5000, None) == Decision(False, Reason.USER_UNAUTHENTICATED, "port 5000 is org")
+    assert decide(strict, public, 5432, ALICE).reason is Reason.PORT_DENIED
+    open_org = load_policy(REPO / "policies" / "examples" / "open-org.yaml")
+    assert decide(open_org, public, 8080, Identity("x", "x@corp.example")).reason is Reason.ORG_MEMBER
+
+
+def _write(path: Path, text: str, stamp: int) -> None:
+    path.write_text(text)
+    os.utime(path, (stamp, stamp))
+
+
+def test_reload_keeps_the_last_good_policy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "policy.yaml"
+    _write(path, "ports:\n  denied: [22]\n", 1_000)
+    holder = PolicyHolder(path)
+    assert holder.current.ports.denied == (22,)
+    assert holder.reload_if_changed() is False  # unchanged
+
+    _write(path, "ports:\n  denied: [22, 5432]\n  max_visibility: org\n  default_visibility: public\n", 2_000)
+    assert holder.reload_if_changed() is False
+    assert holder.current.ports.denied == (22,)
+    assert holder.last_error is not None
+    assert f"{path}:4: ports.default_visibility" in holder.last_error
+    assert "keeping the previous one" in caplog.text
+
+    _write(path, "ports:\n  denied: [22, 5432]\n", 3_000)
+    assert holder.reload_if_changed() is True
+    assert list(holder.current.ports.denied) == [22, 5432]
+    assert holder.last_error is None
+
+    path.unlink()
+    assert holder.reload_if_changed() is False
+    assert list(holder.current.ports.denied) == [22, 5432]
+
+
+def test_bad_policy_stops_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("ports:\n  denied: [ssh]\n")
+    with pytest.raises(PolicyError, match=rf"{path}:2: ports.denied.0:"):
+        PolicyHolder(path)
+    with pytest.raises(PolicyError, match="cannot read"):
+        PolicyHolder(tmp_path / "missing.yaml")

@@ -1,0 +1,192 @@
+"""Helpers for the wake tests: a slow workspace app, home snapshots, process groups, SSE and metrics readers.
+
+Workspaces here run ``slow_server.py`` through the local runtime: a real process that binds its port only
+after a delay, so every wake path (held, waiting page, SSE, WebSocket) meets a port that is not there yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import stat
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.server.context import GATEWAY, Gateway
+from tests.conftest import scrape
+
+SLOW_SERVER = Path(__file__).with_name("slow_server.py")
+PORT = 8000
+BODY = "hello from the slow server"
+
+Client = TestClient[web.Request, web.Application]
+
+
+def slow_workspace(address: str, *, delay: float = 1.5, starts: Path | None = None, child: bool = False,
+                   **extra: Any) -> dict[str, Any]:
+    """A workspace whose port 8000 opens ``delay`` seconds after each start; starts are logged to ``starts``.
+
+    Port 8000 is public: these tests are about waking, the access rules have their own tests in tests/auth.
+    """
+    command = [sys.executable, str(SLOW_SERVER), "--host", "{host}", "--port", str(PORT), "--delay", str(delay)]
+    if child:
+        command.append("--child")
+    env = {"STARTS_FILE": str(starts)} if starts is not None else {}
+    return {"owner": "alice", "command": command, "address": address, "env": env, "ports": {PORT: "public"}, **extra}
+
+
+def preview(workspace: str, port: int = PORT) -> str:
+    return f"{port}-{workspace}.localhost:8080"
+
+
+API = {"Accept": "application/json"}
+
+
+def browser(workspace: str, port: int = PORT) -> dict[str, str]:
+    return {"Host": preview(workspace, port), "Accept": "text/html,application/xhtml+xml", "Sec-Fetch-Mode": "navigate"}
+
+
+def gateway_of(client: Client) -> Gateway:
+    return client.app[GATEWAY]
+
+
+def starts(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+# --- homes -------------------------------------------------------------------------------------------------
+
+def fill_home(home: Path, *, big: int = 3 << 20, small_files: int = 20) -> None:
+    """A home with every kind of entry a restore must bring back exactly."""
+    home.mkdir(parents=True)
+    (home / "README.md").write_text("# project\n")
+    script = home / "bin" / "run.sh"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    secret = home / "secret.txt"
+    secret.write_text("only me")
+    secret.chmod(0o640)
+    private = home / "private"
+    private.mkdir()
+    private.chmod(0o700)
+    (private / "key").write_bytes(b"\x00\x01binary\xff")
+    (home / "empty-dir" / "nested-empty").mkdir(parents=True)
+    (home / "empty-file").touch()
+    (home / "link-relative").symlink_to("README.md")
+    (home / "bin" / "link-up").symlink_to("../secret.txt")
+    (home / "link-absolute").symlink_to("/etc/hostname")
+    (home / "link-dangling").symlink_to("does/not/exist")
+    (home / "link-dir").symlink_to("private")
+    (home / "unicode-ñ-名前.txt").write_text("ünïcödé")
+    (home / ".hidden").write_text("dotfile")
+    many = home / "many"
+    many.mkdir()
+    for i in range(small_files):
+        (many / f"f{i:05d}.txt").write_text(f"file {i}\n" * (i % 7))
+    with (home / "large.bin").open("wb") as handle:
+        remaining = big
+        while remaining > 0:
+            chunk = os.urandom(min(remaining, 1 << 20))
+            handle.write(chunk)
+            remaining -= len(chunk)
+
+
+def snapshot(home: Path) -> dict[str, tuple[Any, ...]]:
+    """Everything a restore must preserve: kind, mode, content (hash), link target, file mtime (seconds)."""
+    entries: dict[str, tuple[Any, ...]] = {}
+    for path in sorted([home, *home.rglob("*")]):
+        info = path.lstat()
+        name = str(path.relative_to(home))
+        mode = stat.S_IMODE(info.st_mode)
+        if stat.S_ISLNK(info.st_mode):
+            entries[name] = ("link", os.readlink(path))
+        elif stat.S_ISDIR(info.st_mode):
+            entries[name] = ("dir", oct(mode))
+        else:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            entries[name] = ("file", oct(mode), info.st_size, digest, int(info.st_mtime))
+    return entries
+
+
+# --- processes ---------------------------------------------------------------------------------------------
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in a process group, read from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def recorded_pgid(state_dir: Path, workspace: str) -> int:
+    record = json.loads((state_dir / "workspaces" / workspace / "run.json").read_text())
+    pgid = record["pgid"]
+    assert isinstance(pgid, int)
+    return pgid
+
+
+async def wait_gone(pgid: int, within: float = 10.0) -> None:
+    """Wait (bounded) until no live process is left in the group; /proc offers nothing to wait on."""
+    async with asyncio.timeout(within):
+        while group_members(pgid):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+# --- SSE and metrics ---------------------------------------------------------------------------------------
+
+async def read_sse(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Parse a text/event-stream body into (event, data) pairs until the server closes it."""
+    event, data = "message", ""
+    async for raw in response.content:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if data:
+                yield event, json.loads(data)
+            event, data = "message", ""
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data += line[5:].strip()
+
+
+async def sse_events(client: Client, host: str, path: str = "/_codehub/wake/events",
+                     within: float = 30.0) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    async with asyncio.timeout(within), client.get(path, headers={"Host": host}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert response.headers["Cache-Control"] == "no-store"
+        async for item in read_sse(response):
+            events.append(item)
+    return events
+
+
+async def metric_samples(client: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics (its own listener, ``metrics.port``) keyed by (name, sorted labels)."""
+    text = await scrape(client.app)
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def sample(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)

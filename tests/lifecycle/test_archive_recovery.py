@@ -1,0 +1,163 @@
+"""``recover()`` for every state a crash can leave between the steps documented in ``lifecycle/archive.py``.
+
+archive: write ``X.tmp`` → rename to ``X`` → verify → rename home to ``home.removing`` → delete it;
+restore: extract into ``home.restoring`` → rename to ``home`` → delete the archive.
+After recovery the workspace is exactly WARM (home) or exactly COLD (archive), and its data is all there.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from gateway.lifecycle.archive import ArchiveError, archive_home, recover, restore_home, verify_archive
+from tests.lifecycle.conftest import fill_home, snapshot
+
+Snapshot = dict[str, tuple[object, ...]]
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> tuple[Path, Path]:
+    home = tmp_path / "workspaces" / "ws" / "home"
+    archive = tmp_path / "archives" / "ws.tar.gz"
+    archive.parent.mkdir(parents=True)
+    return home, archive
+
+
+def _home(home: Path) -> Snapshot:
+    fill_home(home, big=1 << 20, small_files=50)
+    return snapshot(home)
+
+
+def _cold(home: Path, archive: Path) -> Snapshot:
+    before = _home(home)
+    archive_home(home, archive)
+    return before
+
+
+def _partial_copy(archive: Path, into: Path) -> None:
+    """What an interrupted extract or delete leaves: some of the tree, not all of it."""
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(into, filter="fully_trusted")
+    shutil.rmtree(into / "many")
+    (into / "large.bin").write_bytes(b"cut short")
+
+
+def _leftovers(home: Path, archive: Path) -> list[str]:
+    names = [p.name for p in home.parent.iterdir() if p.name.startswith("home.")]
+    return names + [p.name for p in archive.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def _assert_warm(home: Path, archive: Path, before: Snapshot) -> None:
+    assert not archive.exists()
+    assert snapshot(home) == before
+    assert _leftovers(home, archive) == []
+
+
+def _assert_cold(home: Path, archive: Path, before: Snapshot) -> None:
+    assert not home.exists()
+    assert _leftovers(home, archive) == []
+    verify_archive(archive)
+    restore_home(archive, home)
+    assert snapshot(home) == before
+
+
+def test_tmp_archive_being_written(paths: tuple[Path, Path]) -> None:
+    home, archive = paths
+    before = _home(home)
+    archive.with_name(archive.name + ".tmp").write_bytes(b"\x1f\x8b\x08\x00 only the start of a gzip stream")
+
+    recover(home, archive)
+
+    _assert_warm(home, archive, before)
+
+
+def test_home_next_to_an_archive_being_verified(paths: tuple[Path, Path]) -> None:
+    home, archive = paths
+    before = _home(home)
+    with tarfile.open(archive, "w:gz") as tar:  # renamed into place, not yet verified (or damaged)
+        tar.add(home / "README.md", arcname="README.md")
+
+    recover(home, archive)
+
+    _assert_warm(home, archive, before)
+
+
+def test_home_restored_but_archive_not_yet_deleted(paths: tuple[Path, Path]) -> None:
+    home, archive = paths
+    before = _cold(home, archive)
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(home, filter="fully_trusted")
+
+    recover(home, archive)
+
+    _assert_warm(home, archive, before)
+
+
+def test_home_being_removed_after_a_verified_archive(paths: tuple[Path, Path]) -> None:
+    home, archive = paths
+    before = _cold(home, archive)
+    _partial_copy(archive, home.with_name("home.removing"))
+
+    recover(home, archive)
+
+    _assert_cold(home, archive, before)
+
+
+def test_home_being_restored(paths: tuple[Path, Path]) -> None:
+    home, archive = paths
+    before = _cold(home, archive)
+    _partial_copy(archive, home.with_name("home.restoring"))
+
+    recover(home, archive)
+
+    _assert_cold(home, archive, before)
+
+
+def test_home_being_removed_without_an_archive_is_put_back(paths: tuple[Path, Path]) -> None:
+    home, archive = paths
+    before = _home(home)
+    home.rename(home.with_name("home.removing"))
+
+    recover(home, archive)
+
+    _assert_warm(home, archive, before)
+
+
+@pytest.mark.parametrize("state", ["warm", "cold", "new"])
+def test_settled_states_are_left_alone(paths: tuple[Path, Path], state: str) -> None:
+    home, archive = paths
+    before = _cold(home, archive) if state == "cold" else _home(home) if state == "warm" else {}
+    archived = archive.read_bytes() if state == "cold" else None
+
+    recover(home, archive)
+    recover(home, archive)
+
+    if state == "cold":
+        assert archive.read_bytes() == archived
+        _assert_cold(home, archive, before)
+    elif state == "warm":
+        _assert_warm(home, archive, before)
+    else:
+        assert not home.exists()
+        assert not archive.exists()
+
+
+def test_damaged_archive_is_refused_and_nothing_is_restored(paths: tuple[Path, Path]) -> None:
+    home, archive = paths
+    _cold(home, archive)
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside large.bin's data: only the gzip CRC at the very end can tell
+    archive.write_bytes(bytes(data))
+
+    with pytest.raises(ArchiveError):
+        verify_archive(archive)
+    with pytest.raises(ArchiveError):
+        restore_home(archive, home)
+
+    assert not home.exists()
+    assert not home.with_name("home.restoring").exists()
+    assert archive.exists()

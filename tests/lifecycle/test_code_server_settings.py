@@ -1,0 +1,192 @@
+"""What a local workspace's code-server is given before it starts: its own data and config folders (never the
+gateway's ``XDG_*`` ones), and a port-detection setting that suits workspaces sharing the host's network.
+
+A fake ``code-server`` (a shell script of that name) records, the moment it starts, the settings file it would
+read and the ``XDG_*`` variables it got, so each test sees exactly what the real one would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway.lifecycle import Phase
+from gateway.lifecycle.code_server import settings_file
+from gateway.lifecycle.local import LocalRuntime
+from tests.conftest import next_address, settings, workspace
+
+SEEDED = {"remote.autoForwardPortsSource": "output"}
+RECORDER = """#!/bin/sh
+# Record what code-server would find at its start, then idle like a server.
+{ env | grep '^XDG_' | sort; } > started.env.tmp
+if [ -f "$SETTINGS" ]; then cat "$SETTINGS"; else printf absent; fi > started.settings.tmp
+mv started.env.tmp started.env && mv started.settings.tmp started.settings
+exec sleep 60
+"""
+
+
+def fake_code_server(tmp_path: Path) -> Path:
+    program = tmp_path / "bin" / "code-server"
+    program.parent.mkdir(parents=True, exist_ok=True)
+    program.write_text(RECORDER)
+    program.chmod(0o755)
+    return program
+
+
+async def started(home: Path) -> tuple[str | None, str]:
+    """The settings file's text the fake code-server found at its start (None: no file) and its XDG_* lines."""
+    for _ in range(500):  # at most ten seconds
+        if (home / "started.settings").exists():
+            text = (home / "started.settings").read_text()
+            return None if text == "absent" else text, (home / "started.env").read_text()
+        await asyncio.sleep(0.02)
+    raise AssertionError("the workspace command never started")
+
+
+async def start(tmp_path: Path, command: list[str], *, env: dict[str, str] | None = None,
+                settings_file: str | None = None) -> tuple[LocalRuntime, Path]:
+    """Wake one workspace running ``command``; ``settings_file`` (relative to its home) is where the fake
+    code-server looks."""
+    config = settings(tmp_path, {"ws": workspace(next_address(), command=command, env={
+        **(env or {}), **({"SETTINGS": settings_file} if settings_file else {})})})
+    runtime = LocalRuntime(config.local)
+    await runtime.start()
+    await runtime.wake("ws")
+    return runtime, config.local.state_dir.resolve() / "workspaces" / "ws" / "home"
+
+
+@pytest.mark.parametrize(
+    ("command", "env", "expected"),
+    [
+        (["/opt/bin/code-server", "--user-data-dir", "/data/a", "--user-data-dir", "b"], {}, "/h/b"),
+        (["code-server", "--user-data-dir=/data/a"], {"XDG_DATA_HOME": "/x"}, "/data/a"),
+        (["code-server", "--user-data-dir"], {}, "/h/.local/share/code-server"),  # no value: code-server's default
+        (["code-server", "/h"], {"XDG_DATA_HOME": "/x"}, "/x/code-server"),
+        (["sh", "-c", "code-server --user-data-dir /data/a"], {}, None),
+        (["code-server-wrapper", "--user-data-dir", "/data/a"], {}, None),
+    ],
+)
+def test_settings_file_of_a_command_line(command: list[str], env: dict[str, str], expected: str | None) -> None:
+    found = settings_file(command, Path("/h"), env)
+    assert found == (None if expected is None else Path(expected) / "User" / "settings.json")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "seen_at"),
+    [
+        (["--user-data-dir", "{home}/.cs"], ".cs/User/settings.json"),
+        (["--user-data-dir=data"], "data/User/settings.json"),  # relative to the home, where it starts
+        ([], ".local/share/code-server/User/settings.json"),  # code-server's default under HOME
+    ],
+)
+async def test_code_server_starts_with_port_detection_from_terminal_output(
+    tmp_path: Path, arguments: list[str], seen_at: str
+) -> None:
+    program = fake_code_server(tmp_path)
+    runtime, home = await start(tmp_path, [str(program), "--auth", "none", *arguments, "{home}"],
+                                settings_file=seen_at)
+    try:
+        found, _env = await started(home)
+    finally:
+        await runtime.close()
+    assert found is not None
+    assert json.loads(found) == SEEDED
+
+
+async def test_code_server_data_folder_follows_the_workspace_env(tmp_path: Path) -> None:
+    program = fake_code_server(tmp_path)
+    runtime, home = await start(tmp_path, [str(program), "{home}"], env={"XDG_DATA_HOME": "xdg-data"},
+                                settings_file="xdg-data/code-server/User/settings.json")
+    try:
+        found, env = await started(home)
+    finally:
+        await runtime.close()
+    assert found is not None
+    assert json.loads(found) == SEEDED
+    assert env == "XDG_DATA_HOME=xdg-data\n"
+
+
+async def test_seeded_keys_join_the_owners_settings(tmp_path: Path) -> None:
+    program = fake_code_server(tmp_path)
+    home = tmp_path / "state" / "workspaces" / "ws" / "home"
+    (home / ".cs" / "User").mkdir(parents=True)
+    (home / ".cs" / "User" / "settings.json").write_text('{"editor.fontSize": 15}')
+    runtime, home = await start(tmp_path, [str(program), "--user-data-dir", "{home}/.cs", "{home}"],
+                                settings_file=".cs/User/settings.json")
+    try:
+        found, _env = await started(home)
+    finally:
+        await runtime.close()
+    assert found is not None
+    assert json.loads(found) == {"editor.fontSize": 15, **SEEDED}
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        '{"remote.autoForwardPortsSource": "process"}',  # the owner chose
+        # code-server reads JSON with comments; rewriting such a file would lose them
+        '{\n  // bigger\n  "editor.fontSize": 15,\n}\n',
+        "[]\n",  # not settings at all: code-server will say so, the workspace still starts
+    ],
+)
+async def test_settings_left_as_written(tmp_path: Path, before: str) -> None:
+    program = fake_code_server(tmp_path)
+    home = tmp_path / "state" / "workspaces" / "ws" / "home"
+    (home / ".cs" / "User").mkdir(parents=True)
+    (home / ".cs" / "User" / "settings.json").write_text(before)
+    runtime, home = await start(tmp_path, [str(program), "--user-data-dir", "{home}/.cs", "{home}"],
+                                settings_file=".cs/User/settings.json")
+    try:
+        found, _env = await started(home)
+    finally:
+        await runtime.close()
+    assert found == before
+
+
+async def test_a_settings_file_that_cannot_be_written_does_not_stop_the_start(tmp_path: Path) -> None:
+    program = fake_code_server(tmp_path)
+    home = tmp_path / "state" / "workspaces" / "ws" / "home"
+    (home / ".cs").mkdir(parents=True)
+    (home / ".cs" / "User").write_text("a file where code-server expects a folder")
+    runtime, home = await start(tmp_path, [str(program), "--user-data-dir", "{home}/.cs", "{home}"],
+                                settings_file=".cs/User/settings.json")
+    try:
+        found, _env = await started(home)
+        assert runtime.get("ws").phase is Phase.RUNNING  # type: ignore[union-attr]
+    finally:
+        await runtime.close()
+    assert found is None
+
+
+async def test_other_programs_get_no_code_server_settings(tmp_path: Path) -> None:
+    runtime, home = await start(tmp_path, ["sh", "-c", "touch started; exec sleep 60"])
+    try:
+        for _ in range(500):
+            if (home / "started").exists():
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await runtime.close()
+    assert sorted(path.name for path in home.iterdir()) == ["started"]
+
+
+async def test_the_gateways_own_xdg_folders_are_not_passed_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the gateway's XDG_DATA_HOME or XDG_CONFIG_HOME, every workspace's code-server (and the person running
+    the gateway) would share one data folder, settings, extensions and config file."""
+    for name in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"):
+        monkeypatch.setenv(name, str(tmp_path / "mine" / name))
+    program = fake_code_server(tmp_path)
+    runtime, home = await start(tmp_path, [str(program), "{home}"], env={"XDG_CONFIG_HOME": "conf"},
+                                settings_file=".local/share/code-server/User/settings.json")
+    try:
+        found, env = await started(home)
+    finally:
+        await runtime.close()
+    assert env == "XDG_CONFIG_HOME=conf\n"  # what the workspace's own env sets is passed as written
+    assert found is not None
+    assert json.loads(found) == SEEDED
+    assert not (tmp_path / "mine").exists()

@@ -1,0 +1,191 @@
+"""COLD workspaces: the home goes into a verified archive and comes back exactly, and a request brings it back.
+
+The storm test sends 500 simultaneous API requests to one COLD workspace: one restore, one start, 500 answers of 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.errors import GatewayError
+from gateway.lifecycle import Phase
+from gateway.lifecycle.archive import archive_home
+from gateway.lifecycle.local import LocalRuntime
+from tests.conftest import MakeGateway, next_address, settings, workspace
+from tests.lifecycle.conftest import (
+    API,
+    BODY,
+    browser,
+    fill_home,
+    gateway_of,
+    metric_samples,
+    preview,
+    sample,
+    slow_workspace,
+    snapshot,
+    sse_events,
+    starts,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _paths(tmp_path: Path, name: str = "ws") -> tuple[Path, Path]:
+    state = tmp_path / "state"
+    return state / "workspaces" / name / "home", state / "archives" / f"{name}.tar.gz"
+
+
+def _make_cold(tmp_path: Path, name: str = "ws", **fill: int) -> dict[str, tuple[object, ...]]:
+    """A COLD workspace as a previous gateway left it: only the archive; returns the home's snapshot."""
+    home, archive = _paths(tmp_path, name)
+    fill_home(home, **fill)
+    before = snapshot(home)
+    archive_home(home, archive)
+    assert not home.exists()
+    return before
+
+
+async def test_archive_and_restore_through_the_runtime_preserve_everything(tmp_path: Path) -> None:
+    config = settings(tmp_path, {"ws": workspace(next_address())})
+    home, archive = _paths(tmp_path)
+    fill_home(home, big=6 << 20, small_files=300)
+    home.chmod(0o750)
+    before = snapshot(home)
+    runtime = LocalRuntime(config.local)
+    await runtime.start()
+    try:
+        assert runtime.get("ws").phase is Phase.WARM  # type: ignore[union-attr]
+        with runtime.events() as events:
+            state = await runtime.archive("ws")
+            assert state.phase is Phase.COLD
+            assert [events.queue.get_nowait().phase for _ in range(events.queue.qsize())] == [
+                Phase.ARCHIVING, Phase.COLD]
+        assert archive.is_file()
+        assert not home.exists()
+        assert sorted(p.name for p in archive.parent.iterdir()) == ["ws.tar.gz"]  # no .tmp left behind
+        assert not any(p.name.startswith("home") for p in home.parent.iterdir())
+        assert (await runtime.status("ws")).phase is Phase.COLD
+
+        state = await runtime.wake("ws")
+
+        assert state.phase is Phase.RUNNING
+        assert not archive.exists()
+        assert not home.with_name("home.restoring").exists()
+        assert snapshot(home) == before
+    finally:
+        await runtime.close()
+
+
+async def test_a_failed_archive_keeps_the_home(tmp_path: Path) -> None:
+    config = settings(tmp_path, {"ws": workspace(next_address())})
+    home, archive = _paths(tmp_path)
+    fill_home(home, big=1 << 20)
+    before = snapshot(home)
+    runtime = LocalRuntime(config.local)
+    await runtime.start()
+    archive.mkdir()  # the finished archive cannot be renamed into place
+    try:
+        with pytest.raises(GatewayError):
+            await runtime.archive("ws")
+
+        assert snapshot(home) == before
+        assert not archive.with_name(archive.name + ".tmp").exists()
+        assert runtime.get("ws").phase is Phase.WARM  # type: ignore[union-attr]
+    finally:
+        await runtime.close()
+
+
+async def test_request_to_a_cold_workspace_restores_then_serves(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    before = _make_cold(tmp_path)
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0.5)})
+    assert gateway_of(client).runtime.get("ws").phase is Phase.COLD  # type: ignore[union-attr]
+
+    page = await client.get("/", headers=browser("ws"))
+    assert page.status == 503
+    html = await page.text()
+    assert html.index('data-step="restoring"') < html.index('data-step="starting"') < html.index(
+        'data-step="waiting-for-port"')
+    events = await sse_events(client, preview("ws"))
+
+    steps = [data["step"] for name, data in events if name == "progress"]
+    assert [step for i, step in enumerate(steps) if i == 0 or steps[i - 1] != step] == [
+        "restoring", "starting", "waiting-for-port"]
+    assert all(data["from"] == "COLD" for name, data in events if name == "progress")
+    assert events[-1][0] == "ready"
+    response = await client.get("/", headers={"Host": preview("ws"), **API})
+    assert response.status == 200
+    assert await response.text() == BODY
+    home, archive = _paths(tmp_path)
+    assert snapshot(home) == before
+    assert not archive.exists()
+
+
+async def test_api_request_to_a_cold_workspace_is_held_through_the_restore(make_gateway: MakeGateway,
+                                                                           tmp_path: Path) -> None:
+    _make_cold(tmp_path)
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0.5)})
+
+    response = await client.get("/", headers={"Host": preview("ws"), **API})
+
+    assert response.status == 200
+    assert await response.text() == BODY
+    samples = await metric_samples(client)
+    assert sample(samples, "codehub_wakes_total", from_phase="COLD", result="ok") == 1
+    assert sample(samples, "codehub_wake_duration_seconds_count", from_phase="COLD") == 1
+
+
+async def test_storm_of_500_requests_starts_a_cold_workspace_once(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    _make_cold(tmp_path, big=1 << 20)
+    starts_file = tmp_path / "starts"
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=3, starts=starts_file)})
+    runtime = gateway_of(client).runtime
+    url = client.make_url("/")
+    headers = {"Host": preview("ws"), **API}
+
+    async def one(session: aiohttp.ClientSession) -> tuple[int, str]:
+        async with session.get(url, headers=headers) as response:
+            return response.status, await response.text()
+
+    with runtime.events() as events:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            storm = asyncio.gather(*(one(session) for _ in range(500)))
+            peak = 0.0
+            async with asyncio.timeout(60):
+                while not storm.done() and peak < 500:
+                    peak = max(peak, sample(await metric_samples(client), "codehub_held_requests"))
+                    await asyncio.sleep(0.05)
+                results = await storm
+        phases = [events.queue.get_nowait() for _ in range(events.queue.qsize())]
+
+    assert results == [(200, BODY)] * 500
+    assert peak >= 250  # they were held together, not served one after another (all 500 on an idle machine)
+    assert starts(starts_file) == 1
+    assert [event.phase for event in phases if event.workspace == "ws"] == [
+        Phase.RESTORING, Phase.STARTING, Phase.RUNNING]
+    samples = await metric_samples(client)
+    assert sample(samples, "codehub_held_requests") == 0
+    assert sample(samples, "codehub_wakes_total", from_phase="COLD", result="ok") == 1
+
+
+async def test_damaged_archive_fails_the_wake_and_keeps_the_archive(make_gateway: MakeGateway,
+                                                                    tmp_path: Path) -> None:
+    _make_cold(tmp_path)
+    home, archive = _paths(tmp_path)
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    starts_file = tmp_path / "starts"
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0, starts=starts_file)})
+
+    response = await client.get("/", headers={"Host": preview("ws"), **API})
+
+    assert response.status == 503
+    assert (await response.json())["error"]["message"].startswith("restoring home failed: ")
+    assert archive.read_bytes() == bytes(data)
+    assert not home.exists()
+    assert starts(starts_file) == 0
+    assert gateway_of(client).runtime.get("ws").phase is Phase.COLD  # type: ignore[union-attr]

@@ -1,0 +1,191 @@
+"""The idle reaper on a clock the test moves: what keeps a workspace awake (requests, open WebSockets, a response
+still streaming, a wake in progress) and what must not (health checks, metrics scrapes, waiting pages and their
+progress streams). Idleness is measured by the gateway's injected clock and each pass is run by the test
+(``reap_once``), so nothing here waits for a timer: the background reaper's own interval is an hour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import WSMsgType
+
+from gateway.lifecycle import Phase
+from gateway.lifecycle.idle import IdleTimers
+from tests.conftest import MakeGateway, next_address
+from tests.lifecycle.conftest import (
+    API,
+    BODY,
+    Client,
+    browser,
+    gateway_of,
+    metric_samples,
+    preview,
+    sample,
+    slow_workspace,
+    sse_events,
+)
+
+pytestmark = pytest.mark.timeout(60)
+IDLE = {"to_warm": 60.0, "to_cold": 600.0, "check_every": 3600.0}
+TIMERS = IdleTimers(IDLE["to_warm"], IDLE["to_cold"], IDLE["check_every"])
+SLACK = 10.0
+"""More than a test takes in real time: phase changes are stamped by the real clock, activity by the test's."""
+
+
+class Clock:
+    """Wall-clock time that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def _gateway(make_gateway: MakeGateway, clock: Clock, *, delay: float = 0) -> Client:
+    return await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=delay)}, idle=IDLE,
+                              clock=clock)
+
+
+async def _awake(make_gateway: MakeGateway, clock: Clock) -> Client:
+    client = await _gateway(make_gateway, clock)
+    response = await client.get("/", headers={"Host": preview("ws"), **API})
+    assert response.status == 200
+    return client
+
+
+async def _reap(client: Client) -> Phase:
+    """One pass of the gateway's own reaper (as wired), waiting for what it started; the workspace's phase."""
+    gateway = gateway_of(client)
+    await asyncio.gather(*gateway.reaper.sweep())
+    state = gateway.runtime.get("ws")
+    assert state is not None
+    return state.phase
+
+
+async def test_unused_workspace_goes_warm_then_cold(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    clock = Clock()
+    client = await _awake(make_gateway, clock)
+
+    clock.advance(TIMERS.to_warm - SLACK)
+    assert await _reap(client) is Phase.RUNNING
+    clock.advance(2 * SLACK)
+    assert await _reap(client) is Phase.WARM
+    clock.advance(TIMERS.to_cold + SLACK)
+    assert await _reap(client) is Phase.COLD
+
+    assert (tmp_path / "state" / "archives" / "ws.tar.gz").is_file()
+    assert not (tmp_path / "state" / "workspaces" / "ws" / "home").exists()
+    samples = await metric_samples(client)
+    assert sample(samples, "codehub_idle_transitions_total", to_phase="WARM") == 1
+    assert sample(samples, "codehub_idle_transitions_total", to_phase="COLD") == 1
+    assert sample(samples, "codehub_workspaces", phase="COLD") == 1
+    assert sample(samples, "codehub_workspaces", phase="RUNNING") == 0
+
+
+async def test_open_websocket_keeps_the_workspace_running(make_gateway: MakeGateway) -> None:
+    clock = Clock()
+    client = await _awake(make_gateway, clock)
+
+    async with client.ws_connect("/ws", headers={"Host": preview("ws")}) as ws:
+        clock.advance(10 * TIMERS.to_warm)
+        assert await _reap(client) is Phase.RUNNING
+        await ws.send_str("still here")
+        reply = await ws.receive(timeout=5)
+        assert (reply.type, reply.data) == (WSMsgType.TEXT, "echo: still here")
+    async with asyncio.timeout(10):  # the gateway sees the close a moment after the client sent it
+        while "ws" in gateway_of(client).activity.snapshot()[1]:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    assert await _reap(client) is Phase.RUNNING  # it ended just now: that was use
+    clock.advance(TIMERS.to_warm + SLACK)
+    assert await _reap(client) is Phase.WARM
+
+
+async def test_requests_count_as_activity(make_gateway: MakeGateway) -> None:
+    clock = Clock()
+    client = await _awake(make_gateway, clock)
+
+    for _ in range(5):
+        clock.advance(TIMERS.to_warm - SLACK)
+        response = await client.get("/", headers={"Host": preview("ws"), **API})
+        assert await response.text() == BODY
+        assert await _reap(client) is Phase.RUNNING
+    clock.advance(TIMERS.to_warm + SLACK)
+    assert await _reap(client) is Phase.WARM
+
+
+async def test_response_still_streaming_keeps_the_workspace_running(make_gateway: MakeGateway) -> None:
+    clock = Clock()
+    client = await _awake(make_gateway, clock)
+
+    async with client.get("/stream?seconds=1", headers={"Host": preview("ws")}) as response:
+        first = await response.content.readline()
+        clock.advance(10 * TIMERS.to_warm)
+        assert await _reap(client) is Phase.RUNNING
+        body = first + await response.read()
+
+    assert response.status == 200
+    assert body.endswith(b"tick\ndone\n")
+    clock.advance(TIMERS.to_warm + SLACK)
+    assert await _reap(client) is Phase.WARM
+
+
+async def test_health_metrics_waiting_page_and_progress_stream_are_not_activity(make_gateway: MakeGateway) -> None:
+    clock = Clock()
+    client = await _gateway(make_gateway, clock, delay=0.5)
+    gateway = gateway_of(client)
+    page = await client.get("/", headers=browser("ws"))
+    assert page.status == 503
+    assert (await sse_events(client, preview("ws")))[-1][0] == "ready"
+
+    assert (await client.get("/healthz", headers={"Host": "localhost:8080"})).status == 200
+    await metric_samples(client)
+    assert (await sse_events(client, preview("ws")))[-1][0] == "ready"
+    clock.advance(TIMERS.to_warm + SLACK)
+
+    assert await _reap(client) is Phase.WARM
+    assert gateway.activity.last("ws") is None
+
+
+async def test_wake_metrics(make_gateway: MakeGateway) -> None:
+    crash = slow_workspace(next_address(), delay=0)
+    crash["command"] = ["sh", "-c", "exit 5"]
+    client = await make_gateway(workspaces={"ok": slow_workspace(next_address(), delay=0.2), "bad": crash})
+
+    assert (await client.get("/", headers={"Host": preview("ok"), **API})).status == 200
+    assert (await client.get("/", headers={"Host": preview("bad"), **API})).status == 503
+
+    samples = await metric_samples(client)
+    assert sample(samples, "codehub_wakes_total", from_phase="WARM", result="ok") == 1
+    assert sample(samples, "codehub_wakes_total", from_phase="WARM", result="failed") == 1
+    assert sample(samples, "codehub_wake_duration_seconds_count", from_phase="WARM") == 2
+    assert sample(samples, "codehub_held_requests") == 0
+    assert sample(samples, "codehub_workspaces", phase="RUNNING") == 1
+    assert sample(samples, "codehub_workspaces", phase="FAILED") == 1
+    assert sample(samples, "codehub_workspaces", phase="COLD") == 0
+    assert ("codehub_workspaces", (("phase", "COLD"),)) in samples  # every phase is exported, zeros too
+
+
+async def test_workspace_being_woken_is_not_reaped_under_its_waiting_requests(make_gateway: MakeGateway) -> None:
+    """RUNNING long before its port opens, and idle by the clock: the requests waiting for it keep it up."""
+    clock = Clock()
+    client = await _gateway(make_gateway, clock, delay=1.5)
+    gateway = gateway_of(client)
+
+    held = asyncio.ensure_future(client.get("/", headers={"Host": preview("ws"), **API}))
+    async with asyncio.timeout(15):
+        while (state := gateway.runtime.get("ws")) is None or state.phase is not Phase.RUNNING:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    clock.advance(10 * TIMERS.to_warm)
+    assert await _reap(client) is Phase.RUNNING
+
+    response = await held
+    assert response.status == 200
+    assert await response.text() == BODY

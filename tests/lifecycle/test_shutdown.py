@@ -1,0 +1,51 @@
+"""When the app shuts down, every workspace process group it started is gone: grandchildren, processes that
+ignore SIGTERM, and workspaces caught in the middle of a wake."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from gateway.lifecycle import Phase
+from tests.conftest import MakeGateway, next_address, workspace
+from tests.lifecycle.conftest import API, gateway_of, group_members, preview, recorded_pgid, slow_workspace, wait_gone
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_shutdown_stops_every_process_group(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    stubborn = workspace(next_address(), command=["sh", "-c", "trap '' TERM; sleep 3600 & wait"])
+    client = await make_gateway(
+        workspaces={"a": slow_workspace(next_address(), delay=0, child=True), "stubborn": stubborn},
+        local={"stop_timeout": 1},
+    )
+    assert (await client.get("/", headers={"Host": preview("a"), **API})).status == 200
+    assert (await gateway_of(client).runtime.wake("stubborn")).phase is Phase.RUNNING
+    groups = [recorded_pgid(tmp_path / "state", name) for name in ("a", "stubborn")]
+    async with asyncio.timeout(10):  # the shell may not have forked its sleep yet
+        while not all(len(group_members(pgid)) >= 2 for pgid in groups):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+    await client.close()
+
+    for pgid in groups:
+        await wait_gone(pgid, within=5)
+    assert not list((tmp_path / "state").glob("workspaces/*/run.json"))
+
+
+async def test_shutdown_during_a_wake_leaves_nothing_running(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=3600, child=True)})
+    held = asyncio.ensure_future(client.get("/", headers={"Host": preview("ws"), **API}))
+    run = tmp_path / "state" / "workspaces" / "ws" / "run.json"
+    async with asyncio.timeout(10):
+        while not run.exists():  # noqa: ASYNC110 - the process record is the sign the wake has begun
+            await asyncio.sleep(0.02)
+    pgid = recorded_pgid(tmp_path / "state", "ws")
+
+    await client.close()
+
+    await wait_gone(pgid, within=15)
+    held.cancel()
+    await asyncio.gather(held, return_exceptions=True)

@@ -1,0 +1,287 @@
+"""Waking a WARM workspace on its first request: held API calls, the waiting page, its SSE stream, WebSockets.
+
+Each workspace runs ``slow_server.py`` through the local runtime, so the port really opens late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from aiohttp import WSMsgType
+
+from gateway.auth.identity import Identity
+from gateway.lifecycle import Phase
+from tests.conftest import MakeGateway, next_address, workspace
+from tests.lifecycle.conftest import API, BODY, PORT, browser, gateway_of, preview, slow_workspace, sse_events
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_api_client_is_held_then_served(make_gateway: MakeGateway) -> None:
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address())})
+    assert gateway_of(client).runtime.get("ws").phase is Phase.WARM  # type: ignore[union-attr]
+
+    response = await client.get("/", headers={"Host": preview("ws"), **API})
+
+    assert response.status == 200
+    assert await response.text() == BODY
+    assert gateway_of(client).runtime.get("ws").phase is Phase.RUNNING  # type: ignore[union-attr]
+
+
+async def test_post_body_sent_during_the_wake_arrives_whole(make_gateway: MakeGateway) -> None:
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address())})
+    body = os.urandom(3 << 20)
+
+    response = await client.post("/echo", data=body, headers={"Host": preview("ws"),
+                                                               "Content-Type": "application/octet-stream"})
+
+    assert response.status == 200
+    assert hashlib.sha256(await response.read()).hexdigest() == hashlib.sha256(body).hexdigest()
+
+
+class _Page(HTMLParser):
+    """Collects what a test needs from the waiting page and checks that every element is closed."""
+
+    VOID = frozenset({"meta", "br", "img", "input", "link", "hr"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[str] = []
+        self.steps: list[str] = []
+        self.noscript_refresh = False
+        self.scripts: list[str] = []
+        self._in_script = False
+        self.errors: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "li" and values.get("data-step"):
+            self.steps.append(values["data-step"] or "")
+        if tag == "meta" and values.get("http-equiv") == "refresh" and "noscript" in self.open:
+            self.noscript_refresh = True
+        if tag not in self.VOID:
+            self.open.append(tag)
+        self._in_script = tag == "script"
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self.open or self.open[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.open[-1:] or 'nothing'}")
+        else:
+            self.open.pop()
+        self._in_script = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_script:
+            self.scripts.append(data)
+
+
+async def test_browser_gets_the_waiting_page_then_sse_then_the_app(make_gateway: MakeGateway) -> None:
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address())})
+
+    page = await client.get("/some/page?x=1", headers=browser("ws"))
+
+    assert page.status == 503
+    assert page.headers["Retry-After"].isdigit()
+    assert page.headers["Cache-Control"] == "no-store"
+    assert page.content_type == "text/html"
+    html = await page.text()
+    assert html.startswith("<!doctype html>")
+    parsed = _Page()
+    parsed.feed(html)
+    parsed.close()
+    assert parsed.errors == []
+    assert parsed.open == []
+    assert "<code>ws</code>" in html
+    assert parsed.steps == ["starting", "waiting-for-port"]
+    assert parsed.noscript_refresh
+    script = "".join(parsed.scripts)
+    assert 'new EventSource("/_codehub/wake/events")' in script
+    assert all(name in script for name in ('"progress"', '"ready"', '"failed"'))
+
+    events = await sse_events(client, preview("ws"))
+
+    names = [name for name, _ in events]
+    assert names[-1] == "ready"
+    assert names[:-1]
+    assert set(names[:-1]) == {"progress"}
+    assert events[-1][1] == {"workspace": "ws", "port": PORT}
+    assert all(data["workspace"] == "ws" and data["port"] == PORT for _, data in events)
+    after = await client.get("/", headers=browser("ws"))
+    assert after.status == 200
+    assert await after.text() == BODY
+
+
+@pytest.mark.parametrize("headers", [{"Sec-Fetch-Mode": "navigate"}, {"Accept": "text/html"}])
+async def test_what_counts_as_a_browser_navigation(make_gateway: MakeGateway, headers: dict[str, str]) -> None:
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address())})
+
+    page = await client.get("/", headers={"Host": preview("ws"), **headers})
+
+    assert page.status == 503
+    assert 'id="steps"' in await page.text()
+
+
+async def test_fetch_from_a_page_is_held_not_paged(make_gateway: MakeGateway) -> None:
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address())})
+
+    response = await client.get("/", headers={"Host": preview("ws"), "Sec-Fetch-Mode": "cors", "Accept": "text/html"})
+
+    assert response.status == 200
+    assert await response.text() == BODY
+
+
+async def test_ide_waiting_page_listens_on_the_ide_origin(make_gateway: MakeGateway) -> None:
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), ide_port=PORT)})
+    ide = "ide-ws.localhost:8080"
+    owner = gateway_of(client).auth.sessions.issue(Identity("alice"), ide)
+    client.session.cookie_jar.update_cookies({"codehub_session": owner})
+
+    page = await client.get("/", headers={**browser("ws"), "Host": ide})
+
+    assert page.status == 503
+    assert 'new EventSource("/_codehub/wake/events")' in await page.text()
+    events = await sse_events(client, ide)
+    assert events[-1] == ("ready", {"workspace": "ws", "port": PORT})
+
+
+async def test_websocket_upgrade_during_the_wake_connects_once_the_port_is_up(make_gateway: MakeGateway) -> None:
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address())})
+
+    async with client.ws_connect("/ws", headers={"Host": preview("ws"), "Sec-Fetch-Mode": "websocket"}) as ws:
+        await ws.send_str("ping")
+        message = await ws.receive(timeout=10)
+        assert message.type is WSMsgType.TEXT
+        assert message.data == "echo: ping"
+
+
+async def test_held_request_times_out_with_503_json(make_gateway: MakeGateway) -> None:
+    never = workspace(next_address(), command=[sys.executable, "-c", "import time; time.sleep(3600)"],
+                      ports={PORT: "public"})
+    client = await make_gateway(workspaces={"ws": never}, policy={"wake": {"warm_timeout": 1.5}})
+
+    response = await client.get("/", headers={"Host": preview("ws"), **API})
+
+    assert response.status == 503
+    assert response.headers["Retry-After"].isdigit()
+    body = await response.json()
+    assert body["error"]["code"] == "wake-timeout"
+    assert body["error"]["status"] == 503
+    assert "ws" in body["error"]["message"]
+
+
+async def test_browser_sse_reports_failed_when_the_port_never_opens(make_gateway: MakeGateway) -> None:
+    never = workspace(next_address(), command=[sys.executable, "-c", "import time; time.sleep(3600)"],
+                      ports={PORT: "public"})
+    client = await make_gateway(workspaces={"ws": never}, policy={"wake": {"warm_timeout": 1.5}})
+
+    page = await client.get("/", headers=browser("ws"))
+    assert page.status == 503
+    events = await sse_events(client, preview("ws"))
+
+    name, data = events[-1]
+    assert name == "failed"
+    assert f"Nothing started listening on port {PORT}" in data["message"]
+    assert "1.5 s" in data["message"]
+    assert {name for name, _ in events[:-1]} == {"progress"}
+
+
+async def test_command_that_exits_at_once_fails_fast_with_its_exit_code(make_gateway: MakeGateway) -> None:
+    crash = workspace(next_address(), command=[
+        sys.executable, "-c", "import sys; print('boom: no config file', file=sys.stderr); sys.exit(3)"],
+        ports={PORT: "public"})
+    client = await make_gateway(workspaces={"ws": crash}, policy={"wake": {"warm_timeout": 600}})
+
+    async with asyncio.timeout(30):  # far below the 600 s wake timeout: the failure is seen, not waited out
+        response = await client.get("/", headers={"Host": preview("ws"), **API})
+        events = await sse_events(client, preview("ws"))
+
+    assert response.status == 503
+    message = (await response.json())["error"]["message"]
+    assert "exited with code 3" in message
+    assert "boom: no config file" in message
+    assert events[-1][0] == "failed"
+    assert "exited with code 3" in events[-1][1]["message"]
+    assert gateway_of(client).runtime.get("ws").phase is Phase.FAILED  # type: ignore[union-attr]
+
+
+async def test_command_that_cannot_be_executed_fails_fast(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    missing = workspace(next_address(), command=[str(tmp_path / "no-such-program")], ports={PORT: "public"})
+    client = await make_gateway(workspaces={"ws": missing}, policy={"wake": {"warm_timeout": 600}})
+
+    async with asyncio.timeout(30):
+        response = await client.get("/", headers={"Host": preview("ws"), **API})
+
+    assert response.status == 503
+    assert "could not start" in (await response.json())["error"]["message"]
+
+
+async def test_running_workspace_with_nothing_on_the_port_says_so(make_gateway: MakeGateway) -> None:
+    empty_port = 8001
+    ws = slow_workspace(next_address(), delay=0)
+    ws["ports"][empty_port] = "public"
+    client = await make_gateway(workspaces={"ws": ws})
+    assert (await client.get("/", headers={"Host": preview("ws"), **API})).status == 200
+
+    api = await client.get("/", headers={"Host": preview("ws", empty_port), **API})
+    page = await client.get("/", headers=browser("ws", empty_port))
+
+    assert api.status == 502
+    assert (await api.json())["error"]["message"].startswith(f"Nothing is listening on port {empty_port}")
+    assert page.status == 502
+    html = await page.text()
+    assert f"Nothing is listening on port {empty_port}" in html
+    assert re.search(r'<meta http-equiv="refresh" content="\d+">', html)
+    assert page.headers["Retry-After"].isdigit()
+
+
+async def test_ide_wake_events_are_only_for_those_who_may_open_the_ide(make_gateway: MakeGateway) -> None:
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), ide_port=PORT)})
+    ide = "ide-ws.localhost:8080"
+    anonymous = await client.get("/_codehub/wake/events", headers={"Host": ide, **API})
+    stranger_cookie = gateway_of(client).auth.sessions.issue(Identity("mallory"), ide)
+    headers = {"Host": ide, "Cookie": f"codehub_session={stranger_cookie}", **API}
+    stranger = await client.get("/_codehub/wake/events", headers=headers)
+
+    assert anonymous.status == 401
+    assert stranger.status == 403
+    assert (await stranger.json())["error"]["code"] == "ide-owner-only"
+    assert gateway_of(client).runtime.get("ws").phase is Phase.WARM  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("delay", "estimate"), [(0.2, None), (2.2, r"usually ready in about [23] s")])
+async def test_waiting_page_shows_an_estimate_only_when_it_means_something(
+    make_gateway: MakeGateway, delay: float, estimate: str | None
+) -> None:
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=delay)})
+    assert (await client.get("/", headers={"Host": preview("ws"), **API})).status == 200  # one wake measured
+    await gateway_of(client).runtime.stop("ws")
+
+    html = await (await client.get("/", headers=browser("ws"))).text()
+
+    assert "It was sleeping to save resources" in html
+    assert "warm" not in html.lower()
+    if estimate is None:
+        assert "usually ready" not in html
+    else:
+        assert re.search(estimate, html), html
+
+
+async def test_workspace_processes_get_code_servers_proxy_uri(make_gateway: MakeGateway) -> None:
+    """code-server started in a local workspace finds its ports' share URLs in VSCODE_PROXY_URI."""
+    command = ["sh", "-c", 'printf %s "$VSCODE_PROXY_URI" > proxy-uri.tmp && mv proxy-uri.tmp proxy-uri; exec sleep 60']
+    client = await make_gateway(workspaces={"ws": workspace(next_address(), command=command)})
+    gateway = gateway_of(client)
+    await gateway.runtime.wake("ws")
+    written = gateway.config.state_dir.resolve() / "workspaces" / "ws" / "home" / "proxy-uri"
+    for _ in range(500):  # at most ten seconds
+        if written.exists():
+            break
+        await asyncio.sleep(0.02)
+    assert written.read_text() == "http://{{port}}-ws.localhost:8080/"

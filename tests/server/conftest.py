@@ -1,0 +1,119 @@
+"""Fixtures for the core proxy tests: a real upstream on a workspace's loopback address behind a real gateway.
+
+The workspace is kept by a ``MemoryRuntime`` (no process: these tests are about proxying) and woken before the
+test starts, so every request goes the whole way: plan → lane → upstream pool → the upstream the test defined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse, web
+from aiohttp.client import _RequestContextManager
+from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
+
+from gateway.auth.identity import Identity
+from gateway.server.context import GATEWAY, Gateway
+from tests.conftest import MakeGateway, MakeUpstream, next_address, scrape, workspace
+
+PREVIEW_DOMAIN = "localhost:8080"
+HUB = "localhost:8080"
+WORKSPACE = "ws1"
+IDE = f"ide-{WORKSPACE}.{PREVIEW_DOMAIN}"
+OWNER = "alice"
+NO_TRACES = ("Traceback", 'File "', "Error:", "site-packages")
+
+
+def free_port(address: str) -> int:
+    """A port on ``address`` that nothing listens on (bound once by the kernel, then released)."""
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Proxied:
+    """A gateway in front of one workspace port, and how a client addresses it."""
+
+    client: TestClient[web.Request, web.Application]
+    address: str
+    port: int
+    workspace: str = WORKSPACE
+    upstream: TestServer | None = None
+
+    @property
+    def host(self) -> str:
+        return f"{self.port}-{self.workspace}.{PREVIEW_DOMAIN}"
+
+    @property
+    def share_origin(self) -> str:
+        return f"http://{self.host}"
+
+    @property
+    def upstream_origin(self) -> str:
+        return f"http://{self.address}:{self.port}"
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.client.app[GATEWAY]
+
+    def request(self, method: str, path: str, *, host: str | None = None, **kwargs: Any
+                ) -> _RequestContextManager:
+        """A request to the share URL (the Host header picks the workspace port, as a browser's would).
+
+        Requests to the IDE carry the owner's session cookie unless the test sets its own cookies: these tests
+        are about proxying, the sign-in tests live in tests/auth.
+        """
+        headers = CIMultiDict(kwargs.pop("headers", {}))
+        headers["Host"] = host or self.host
+        if headers["Host"] == IDE and "Cookie" not in headers:
+            token = self.gateway.auth.sessions.issue(Identity(OWNER), IDE)
+            headers["Cookie"] = f"codehub_session={token}"
+        return self.client.request(method, path, headers=headers, allow_redirects=False, **kwargs)
+
+    async def metrics(self) -> str:
+        """A scrape of the metrics listener (``metrics.port``) in front of this gateway's registry."""
+        return await scrape(self.client.app)
+
+
+MakeProxied = Callable[..., Awaitable[Proxied]]
+
+
+
+@pytest.fixture
+async def proxied(make_gateway: MakeGateway, make_upstream: MakeUpstream) -> MakeProxied:
+    """``await proxied(app)``: start ``app`` on a fresh workspace address, a gateway in front, workspace awake.
+
+    ``app=None`` leaves the port empty (connection refused); ``ide=True`` makes the port the workspace's IDE;
+    other keyword arguments are gateway settings.
+    """
+
+    async def make(app: web.Application | None, *, ide: bool = False, **config: Any) -> Proxied:
+        address = next_address()
+        upstream = await make_upstream(app, address, 0) if app is not None else None
+        port = upstream.port if upstream is not None else free_port(address)
+        assert port is not None
+        extra: dict[str, Any] = {"ide_port": port} if ide else {"ports": {port: "public"}}
+        client = await make_gateway(workspaces={WORKSPACE: workspace(address, **extra)}, in_memory=True, **config)
+        await client.app[GATEWAY].runtime.wake(WORKSPACE)
+        return Proxied(client, address, port, upstream=upstream)
+
+    return make
+
+
+async def read_until(response: ClientResponse, marker: bytes, limit: float = 10.0) -> bytes:
+    """Read a streamed body until ``marker`` has arrived (bounded in time), returning what was read."""
+    seen = b""
+    async with asyncio.timeout(limit):
+        while marker not in seen:
+            chunk = await response.content.readany()
+            assert chunk, f"body ended before {marker!r}; got {seen!r}"
+            seen += chunk
+    return seen

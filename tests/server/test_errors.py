@@ -1,0 +1,165 @@
+"""What a client sees when the gateway cannot or may not reach a port: the right status, an HTML page for a
+browser or JSON for a script, a message that says what is wrong, and never a stack trace."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from aiohttp import ClientResponse, web
+
+from tests.server.conftest import NO_TRACES, MakeProxied
+
+BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+NAVIGATION = {"Sec-Fetch-Mode": "navigate", "Accept": "*/*"}
+API = {"Accept": "application/json"}
+
+
+async def assert_clean(response: ClientResponse) -> str:
+    body = await response.text()
+    for trace in NO_TRACES:
+        assert trace not in body, body
+    assert response.headers["Cache-Control"] == "no-store"
+    return body
+
+
+@pytest.mark.parametrize("browser", [BROWSER, NAVIGATION])
+async def test_refused_port_is_a_502_page_for_browsers(proxied: MakeProxied, browser: dict[str, str]) -> None:
+    p = await proxied(None)
+    async with p.request("GET", "/", headers=browser) as response:
+        assert response.status == 502
+        assert response.content_type == "text/html"
+        body = await assert_clean(response)
+    assert f"Nothing is listening on port {p.port} in workspace ws1" in body
+    assert response.headers["Retry-After"]
+
+
+async def test_refused_port_is_a_502_json_for_api_clients(proxied: MakeProxied) -> None:
+    p = await proxied(None)
+    for method in ("GET", "POST"):
+        async with p.request(method, "/api", headers=API) as response:
+            assert response.status == 502
+            assert response.content_type == "application/json"
+            await assert_clean(response)
+            error = (await response.json())["error"]
+        assert error["code"] == "port-not-listening"
+        assert error["status"] == 502
+        assert f"port {p.port} in workspace ws1" in error["message"]
+
+
+async def test_refused_connections_are_counted(proxied: MakeProxied) -> None:
+    p = await proxied(None)
+    for _ in range(3):
+        async with p.request("GET", "/", headers=API) as response:
+            assert response.status == 502
+    assert 'codehub_upstream_connect_errors_total{reason="refused"} 3.0' in await p.metrics()
+
+
+async def test_silent_upstream_times_out_with_504(proxied: MakeProxied) -> None:
+    never = asyncio.Event()
+
+    async def silent(request: web.Request) -> web.Response:
+        await never.wait()
+        return web.Response()
+
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"started")
+        await never.wait()
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/silent", silent)
+    app.router.add_get("/stalls", stalls)
+    p = await proxied(app, timeouts={"first_byte": 0.5, "read": 0.5})
+    async with asyncio.timeout(30):
+        async with p.request("GET", "/silent", headers=API) as response:
+            assert response.status == 504
+            await assert_clean(response)
+            assert (await response.json())["error"]["code"] == "upstream-timeout"
+        async with p.request("GET", "/silent", headers=BROWSER) as response:
+            assert response.status == 504
+            assert "did not answer in time" in await assert_clean(response)
+        async with p.request("POST", "/silent", data=b"a body", headers=API) as response:  # timed once it is out
+            assert response.status == 504
+        async with p.request("GET", "/stalls") as response:  # mid-body silence: the body is cut short
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+
+
+async def test_a_silent_upstream_is_not_asked_again_by_the_other_lane(proxied: MakeProxied) -> None:
+    """The fast lane's request to a silent upstream times out once: the pool's one retry of an idempotent request
+    that got no first byte (issue 18) makes two attempts, and the hand-over to aiohttp carries the 504 instead
+    of the request (it used to send it again: four attempts, twice the wait)."""
+    never = asyncio.Event()
+    seen: list[str] = []
+
+    async def silent(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        await never.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/silent", silent)
+    p = await proxied(app, timeouts={"first_byte": 0.3, "read": 0.3})
+    async with asyncio.timeout(30), p.request("GET", "/silent", headers=API) as response:
+        assert response.status == 504
+        assert (await response.json())["error"]["code"] == "upstream-timeout"
+    assert seen == ["/silent", "/silent"]
+
+
+@pytest.mark.parametrize(
+    ("host", "path", "status", "code"),
+    [
+        ("3000-nope.localhost:8080", "/", 404, "workspace-not-found"),
+        ("bad_host!", "/", 400, "bad-host"),
+        ("abc-ws1.localhost:8080", "/", 400, "bad-preview-host"),
+        ("70000-ws1.localhost:8080", "/", 400, "bad-port"),
+        ("3000-ws1.elsewhere.test", "/", 404, "unknown-host"),
+        ("6000-ws1.localhost:8080", "/", 403, "port-denied"),
+        ("{ide}-ws1.localhost:8080", "/", 403, "port-denied"),
+        ("ide-nope.localhost:8080", "/", 404, "workspace-not-found"),
+        ("localhost:8080", "/w/BAD/", 404, "workspace-not-found"),
+        ("localhost:8080", "/no/such/page", 404, "no-route"),
+        ("3000-ws1.localhost:8080", "/_codehub/nothing", 404, "no-route"),
+    ],
+)
+async def test_refusals(proxied: MakeProxied, host: str, path: str, status: int, code: str) -> None:
+    p = await proxied(None, policy={"ports": {"denied": [6000]}})
+    ide = p.gateway.runtime.get("ws1")
+    assert ide is not None
+    host = host.format(ide=ide.spec.ide_port)
+    async with p.request("GET", path, host=host, headers=API) as response:
+        assert response.status == status
+        await assert_clean(response)
+        assert (await response.json())["error"]["code"] == code
+    async with p.request("GET", path, host=host, headers=BROWSER) as response:
+        assert response.status == status
+        assert response.content_type == "text/html"
+        assert code in await assert_clean(response)
+
+
+async def test_hub_method_not_allowed_is_a_clean_405(proxied: MakeProxied) -> None:
+    p = await proxied(None)
+    async with p.request("POST", "/healthz", host="localhost:8080") as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "GET,HEAD"
+        await assert_clean(response)
+
+
+async def test_upstream_breaking_off_before_answering_is_a_502(proxied: MakeProxied) -> None:
+    async def hang_up(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        request.transport.abort()
+        raise web.HTTPOk()
+
+    app = web.Application()
+    app.router.add_route("*", "/", hang_up)
+    p = await proxied(app)
+    async with p.request("GET", "/", headers=API) as response:
+        assert response.status == 502
+        await assert_clean(response)
+        assert (await response.json())["error"]["code"] == "upstream-error"

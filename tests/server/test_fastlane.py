@@ -1,0 +1,228 @@
+"""The fast lane: plain requests are served on it; everything else is handed to aiohttp with its bytes intact.
+
+Which side served a connection is visible on the server: handed-over connections are aiohttp's
+(``FastLaneServer.inner.connections``), the others stay fast lanes (``FastLaneServer.lanes``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from aiohttp import web
+
+from gateway.auth.store import API_PREFIX
+from gateway.server.fastlane import FastLaneServer
+from tests.server.conftest import MakeProxied, Proxied
+from tests.server.test_proxy_http import echo_app
+
+
+def fast_lane_server(p: Proxied) -> FastLaneServer:
+    runner = p.client.server.runner
+    assert runner is not None
+    assert isinstance(runner.server, FastLaneServer)
+    return runner.server
+
+
+async def exchange(p: Proxied, raw: bytes, *, answers: int = 1, pieces: int = 1) -> list[tuple[bytes, bytes]]:
+    """Send ``raw`` (in ``pieces`` writes) on one connection and read ``answers`` whole responses."""
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        step = -(-len(raw) // pieces)
+        for start in range(0, len(raw), step):
+            writer.write(raw[start:start + step])
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        out = []
+        async with asyncio.timeout(10):
+            for _ in range(answers):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                out.append((head, await reader.readexactly(length)))
+        return out
+    finally:
+        writer.close()
+
+
+def get(p: Proxied, path: str = "/x", *extra: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", f"Host: {p.host}", *extra, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+async def test_plain_gets_stay_on_the_lane_across_keep_alive(proxied: MakeProxied) -> None:
+    p = await proxied(echo_app())
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        for path in ("/one", "/two?q=1"):
+            writer.write(get(p, path))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(next(line for line in head.split(b"\r\n") if line.startswith(b"Content-Length"))
+                         .split(b":")[1])
+            assert json.loads(await reader.readexactly(length))["raw_path"] == path
+        assert len(fast_lane_server(p).lanes) == 1
+        assert fast_lane_server(p).inner.connections == []
+    finally:
+        writer.close()
+
+
+async def test_a_head_split_over_many_writes_is_assembled(proxied: MakeProxied) -> None:
+    p = await proxied(echo_app())
+    [(head, body)] = await exchange(p, get(p, "/slowly/typed", "X-One: 1"), pieces=7)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert json.loads(body)["raw_path"] == "/slowly/typed"
+    assert fast_lane_server(p).inner.connections == []
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "why"),
+    [
+        (b"POST /x HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n\r\nhello", "a body"),
+        (b"POST /x HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+         "a chunked body"),
+        (b"GET /x HTTP/1.0\r\nHost: {host}\r\n\r\n", "HTTP/1.0"),
+        (b"GET /x?codehub_share=nope HTTP/1.1\r\nHost: {host}\r\n\r\n", "a share link in the URL"),
+        (b"GET /x HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer " + API_PREFIX.encode() + b"nope\r\n\r\n",
+         "a bearer token"),
+        (b"GET /x HTTP/1.1\r\nHost: localhost:8080\r\n\r\n", "the hub"),
+        (b"GET /x HTTP/1.1\r\nHost: {host}\r\n\r\nGET /y HTTP/1.1\r\nHost: {host}\r\n\r\n", "pipelining"),
+    ],
+)
+async def test_other_requests_are_handed_to_aiohttp_intact(proxied: MakeProxied, request_bytes: bytes,
+                                                           why: str) -> None:
+    p = await proxied(echo_app())
+    raw = request_bytes.replace(b"{host}", p.host.encode())
+    answers = await exchange(p, raw, answers=2 if why == "pipelining" else 1)
+    assert fast_lane_server(p).lanes == set(), why
+    head, body = answers[0]
+    if why == "the hub":
+        assert head.startswith(b"HTTP/1.1 404"), head
+        return
+    if why in ("a share link in the URL", "a bearer token"):
+        assert head.startswith(b"HTTP/1.1 401"), head
+        return
+    assert head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")), head
+    seen = json.loads(body)
+    assert seen["body"] == ("hello" if "body" in why else "")
+    if why == "pipelining":
+        assert json.loads(answers[1][1])["raw_path"] == "/y"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /x HTTP/1.1\r\nHost: {host}\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: {host}\r\nBad Header: yes\r\n\r\n",
+        b"GET /" + b"p" * 9000 + b" HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: {host}\r\nHost: {host}\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: {host}\r\nHost: localhost:8080\r\n\r\n",
+    ],
+    ids=["long-header", "bad-header-name", "long-url", "two-hosts", "two-different-hosts"],
+)
+async def test_requests_past_the_limits_get_aiohttps_answer(proxied: MakeProxied, raw: bytes) -> None:
+    p = await proxied(echo_app())
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(raw.replace(b"{host}", p.host.encode()))
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    assert status_line.split()[1] in (b"400", b"413", b"431"), status_line
+    assert fast_lane_server(p).lanes == set()
+
+
+async def test_a_refused_port_is_handed_over_for_the_error_page(proxied: MakeProxied) -> None:
+    p = await proxied(None)
+    [(head, body)] = await exchange(p, get(p, "/x", "Accept: application/json"))
+    assert head.startswith(b"HTTP/1.1 502"), head
+    assert json.loads(body)["error"]["code"] == "port-not-listening"
+
+
+async def test_chunked_and_close_delimited_answers_are_rechunked(proxied: MakeProxied) -> None:
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for piece in (b"alpha ", b"beta ", b"gamma"):
+            await response.write(piece)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/stream", stream)
+    p = await proxied(app)
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(get(p, "/stream"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert b"Transfer-Encoding: chunked" in head
+        body = b""
+        while True:
+            size = int((await asyncio.wait_for(reader.readline(), 10)).strip(), 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            body += chunk[:-2]
+        assert body == b"alpha beta gamma"
+        writer.write(get(p, "/stream"))  # still in step for the next request on the connection
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    assert fast_lane_server(p).inner.connections == []
+
+
+async def test_a_failure_to_plan_in_the_lane_costs_no_request(proxied: MakeProxied,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in planning, before anything was sent: aiohttp takes the request from the start and serves it."""
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    p = await proxied(echo_app())
+    monkeypatch.setattr("gateway.server.fastlane.plan", broken)
+    [(head, body)] = await exchange(p, get(p, "/still/served"))
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert json.loads(body)["raw_path"] == "/still/served"
+    assert fast_lane_server(p).lanes == set()
+
+
+async def test_a_failure_after_sending_is_an_error_not_a_second_request(proxied: MakeProxied,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the request went upstream it is never sent again: a bug in writing its answer is a 500 that aiohttp
+    renders (the plan handed over says so), and the upstream saw the request once."""
+    seen: list[str] = []
+
+    async def count(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.Response(text="once")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", count)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    p = await proxied(app)
+    monkeypatch.setattr("gateway.server.fastlane.shape_answer", broken)
+    [(head, _body)] = await exchange(p, get(p, "/once"))
+    assert head.startswith(b"HTTP/1.1 500"), head
+    assert seen == ["/once"]
+    assert fast_lane_server(p).lanes == set()
+
+
+async def test_a_hand_over_carries_the_plan(proxied: MakeProxied, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request the fast lane planned but does not serve (here a refusal) is not planned again by aiohttp: it
+    acts on the plan that came with the connection. With aiohttp's own planning broken, the answer is still the
+    fast lane's decision — and a request the fast lane never planned (a body) shows the planning is aiohttp's."""
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("planned twice")
+
+    p = await proxied(echo_app())
+    monkeypatch.setattr("gateway.server.lane.plan", broken)
+    [(head, body)] = await exchange(p, get(p, "/x", f"Authorization: Bearer {API_PREFIX}not-a-token",
+                                           "Accept: application/json"))
+    assert head.startswith(b"HTTP/1.1 401"), head
+    assert json.loads(body)["error"]["code"] == "token-invalid"
+    assert fast_lane_server(p).lanes == set()
+    post = f"POST /x HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 2\r\nAccept: application/json\r\n\r\nab".encode()
+    [(head, _body)] = await exchange(p, post)
+    assert head.startswith(b"HTTP/1.1 500"), head

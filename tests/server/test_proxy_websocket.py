@@ -1,0 +1,433 @@
+"""WebSockets through the gateway to a real upstream: echo, subprotocols, ping/pong, close codes both ways,
+large and fragmented messages, backpressure and the open-connections gauge."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import struct
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, web
+
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY
+from gateway.server.fastlane import FastLaneServer, GatewayRunner
+from tests.conftest import MakeUpstream, next_address, settings, workspace
+from tests.server.conftest import PREVIEW_DOMAIN, WORKSPACE, MakeProxied, Proxied
+
+BIG = 16 << 20
+
+
+def echo_app(seen: dict[str, str] | None = None, *, protocols: tuple[str, ...] = (),
+             closed: asyncio.Event | None = None) -> web.Application:
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        if seen is not None:
+            seen.update(request.headers)
+        ws = web.WebSocketResponse(protocols=protocols, max_msg_size=BIG)
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                if message.data.startswith("close "):
+                    await ws.close(code=int(message.data.split()[1]), message=b"bye")
+                else:
+                    await ws.send_str(message.data)
+            elif message.type is WSMsgType.BINARY:
+                await ws.send_bytes(message.data)
+        if seen is not None:
+            seen["close_code"] = str(ws.close_code)
+        if closed is not None:
+            closed.set()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", echo)
+    return app
+
+
+async def test_text_and_binary_echo(proxied: MakeProxied) -> None:
+    seen: dict[str, str] = {}
+    p = await proxied(echo_app(seen))
+    async with p.client.ws_connect("/ws?room=a%2Fb", headers={"Host": p.host, "Origin": p.share_origin}) as ws:
+        await ws.send_str("héllo")
+        assert (await ws.receive(timeout=10)).data == "héllo"
+        await ws.send_bytes(b"\x00\x01\xff")
+        message = await ws.receive(timeout=10)
+        assert message.type is WSMsgType.BINARY
+        assert message.data == b"\x00\x01\xff"
+    assert seen["Host"] == f"localhost:{p.port}"
+    assert seen["Origin"] == p.share_origin
+    assert seen["X-Forwarded-Host"] == p.host
+
+
+async def test_subprotocol_negotiated_by_the_upstream(proxied: MakeProxied) -> None:
+    seen: dict[str, str] = {}
+    p = await proxied(echo_app(seen, protocols=("chat.v2",)))
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}, protocols=("chat.v1", "chat.v2")) as ws:
+        assert ws.protocol == "chat.v2"
+        await ws.send_str("x")
+        assert (await ws.receive(timeout=10)).data == "x"
+    assert [t.strip() for t in seen["Sec-WebSocket-Protocol"].split(",")] == ["chat.v1", "chat.v2"]
+
+
+async def test_client_ping_gets_pong(proxied: MakeProxied) -> None:
+    p = await proxied(echo_app())
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}, autoping=False) as ws:
+        await ws.ping(b"are you there")
+        message = await ws.receive(timeout=10)
+        assert message.type is WSMsgType.PONG
+        assert message.data == b"are you there"
+
+
+async def test_close_code_from_the_upstream_reaches_the_client(proxied: MakeProxied) -> None:
+    p = await proxied(echo_app())
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}) as ws:
+        await ws.send_str("close 4001")
+        message = await ws.receive(timeout=10)
+        assert message.type is WSMsgType.CLOSE
+        assert message.data == 4001
+    assert ws.close_code == 4001
+
+
+async def test_close_code_from_the_client_reaches_the_upstream(proxied: MakeProxied) -> None:
+    seen: dict[str, str] = {}
+    closed = asyncio.Event()
+    p = await proxied(echo_app(seen, closed=closed))
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}) as ws:
+        await ws.send_str("ping")
+        await ws.receive(timeout=10)
+        await ws.close(code=4002, message=b"leaving")
+    await asyncio.wait_for(closed.wait(), 10)
+    assert seen["close_code"] == "4002"
+
+
+async def test_large_message_both_ways(proxied: MakeProxied) -> None:
+    p = await proxied(echo_app())
+    payload = os.urandom(8 << 20)
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}, max_msg_size=BIG) as ws:
+        await ws.send_bytes(payload)
+        message = await ws.receive(timeout=30)
+        assert message.type is WSMsgType.BINARY
+        assert message.data == payload
+
+
+def _frame(opcode: int, payload: bytes, *, fin: bool) -> bytes:
+    """One masked client frame (RFC 6455 §5.2)."""
+    mask = os.urandom(4)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    length = len(payload)
+    if length < 126:
+        head += bytes([0x80 | length])
+    elif length < 1 << 16:
+        head += bytes([0x80 | 126]) + struct.pack("!H", length)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", length)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bool, bytes]:
+    first, second = await reader.readexactly(2)
+    length = second & 0x7F
+    if length == 126:
+        (length,) = struct.unpack("!H", await reader.readexactly(2))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", await reader.readexactly(8))
+    assert not second & 0x80, "servers do not mask"
+    return first & 0x0F, bool(first & 0x80), await reader.readexactly(length)
+
+
+async def test_fragmented_message_from_a_raw_client(proxied: MakeProxied) -> None:
+    p = await proxied(echo_app())
+    key = base64.b64encode(os.urandom(16)).decode()
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        async with asyncio.timeout(10):
+            writer.write(f"GET /ws HTTP/1.1\r\nHost: {p.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101"), head
+            assert re.search(rb"(?i)upgrade: websocket", head)
+            writer.write(_frame(0x1, b"frag", fin=False))
+            writer.write(_frame(0x9, b"ping in between", fin=True))  # control frames may interleave
+            writer.write(_frame(0x0, b"mented ", fin=False))
+            writer.write(_frame(0x0, "méssage".encode(), fin=True))
+            await writer.drain()
+            frames = [await _read_frame(reader), await _read_frame(reader)]
+            assert (0xA, True, b"ping in between") in frames  # the pong
+            assert (0x1, True, "fragmented méssage".encode()) in frames
+            writer.write(_frame(0x8, struct.pack("!H", 1000), fin=True))
+            opcode, _, payload = await _read_frame(reader)
+            assert opcode == 0x8
+            assert struct.unpack("!H", payload[:2]) == (1000,)
+    finally:
+        writer.close()
+
+
+async def test_backpressure_slow_reader_holds_back_the_upstream(proxied: MakeProxied) -> None:
+    """The upstream can only run a bounded distance ahead of a client that reads slowly."""
+    chunk = 1 << 20
+    total = 200
+    sent = 0
+
+    async def firehose(request: web.Request) -> web.WebSocketResponse:
+        nonlocal sent
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        data = b"x" * chunk
+        for _ in range(total):
+            await ws.send_bytes(data)  # waits for the gateway to take it
+            sent += 1
+        await ws.close()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", firehose)
+    p = await proxied(app)
+    largest_lead = 0
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}, max_msg_size=BIG) as ws:
+        for received in range(1, total + 1):
+            message = await ws.receive(timeout=30)
+            assert message.type is WSMsgType.BINARY
+            largest_lead = max(largest_lead, sent - received)
+            await asyncio.sleep(0.005)
+    assert largest_lead < 40, f"upstream ran {largest_lead} MiB ahead of the client"
+
+
+def _gauge(text: str) -> float:
+    match = re.search(r"^codehub_websockets_open ([0-9.e+-]+)$", text, re.MULTILINE)
+    assert match, text
+    return float(match[1])
+
+
+async def test_open_websockets_gauge_goes_up_and_back_down(proxied: MakeProxied) -> None:
+    p = await proxied(echo_app())
+    assert _gauge(await p.metrics()) == 0
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}) as one, \
+            p.client.ws_connect("/ws", headers={"Host": p.host}) as two:
+        for ws in (one, two):
+            await ws.send_str("hi")
+            await ws.receive(timeout=10)
+        assert _gauge(await p.metrics()) == 2
+    async with asyncio.timeout(10):  # the relay ends just after the client sees its close
+        while True:
+            if _gauge(await p.metrics()) == 0:
+                break
+            await asyncio.sleep(0.01)
+
+
+async def test_upstream_refusing_the_websocket_is_a_502(proxied: MakeProxied) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=403, text="go away")
+
+    app = web.Application()
+    app.router.add_get("/ws", refuse)
+    p = await proxied(app)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+        await p.client.ws_connect("/ws", headers={"Host": p.host})
+    assert caught.value.status == 502
+
+
+async def test_upstream_silent_after_the_upgrade_request_is_a_504(proxied: MakeProxied) -> None:
+    """The handshake's answer is the upstream's first byte: it is due within ``timeouts.first_byte``."""
+    never = asyncio.Event()
+
+    async def silent(request: web.Request) -> web.Response:
+        await never.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/ws", silent)
+    p = await proxied(app, timeouts={"first_byte": 0.3})
+    async with asyncio.timeout(10):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+            await p.client.ws_connect("/ws", headers={"Host": p.host})
+    assert caught.value.status == 504
+    never.set()
+
+
+# --- the frame relay: limits, ends vanishing, heartbeat, handover from aiohttp ---------------------------------
+
+async def _raw_upgrade(p: Proxied, extra: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client that speaks WebSocket by hand (so it can stay silent, vanish, or send early)."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    writer.write(f"GET /ws HTTP/1.1\r\nHost: {p.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode() + extra)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+async def test_bytes_sent_right_behind_the_upgrade_request_are_relayed(proxied: MakeProxied) -> None:
+    p = await proxied(echo_app())
+    reader, writer = await _raw_upgrade(p, extra=_frame(0x1, b"early", fin=True))
+    try:
+        assert await asyncio.wait_for(_read_frame(reader), 10) == (0x1, True, b"early")
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("sender", ["client", "upstream"])
+async def test_a_message_over_the_limit_closes_both_ends_with_1009(proxied: MakeProxied, sender: str) -> None:
+    seen: dict[str, str] = {}
+    closed = asyncio.Event()
+
+    async def upstream(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=BIG)
+        await ws.prepare(request)
+        async for message in ws:
+            if message.data == "send big":
+                await ws.send_bytes(b"x" * 2048)
+        seen["close_code"] = str(ws.close_code)
+        closed.set()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", upstream)
+    p = await proxied(app, max_ws_message=1024)
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}, max_msg_size=BIG) as ws:
+        await ws.send_bytes(b"y" * 1000)  # under the limit: passes
+        if sender == "client":
+            await ws.send_bytes(b"y" * 2048)
+        else:
+            await ws.send_str("send big")
+        message = await ws.receive(timeout=10)
+        assert message.type is WSMsgType.CLOSE
+        assert message.data == 1009
+    await asyncio.wait_for(closed.wait(), 10)
+    assert seen["close_code"] == "1009"
+
+
+async def test_a_client_that_vanishes_is_going_away_for_the_upstream(proxied: MakeProxied) -> None:
+    seen: dict[str, str] = {}
+    closed = asyncio.Event()
+    p = await proxied(echo_app(seen, closed=closed))
+    reader, writer = await _raw_upgrade(p)
+    writer.write(_frame(0x1, b"hi", fin=True))
+    assert await asyncio.wait_for(_read_frame(reader), 10) == (0x1, True, b"hi")
+    writer.transport.abort()  # no close frame, just gone
+    await asyncio.wait_for(closed.wait(), 10)
+    assert seen["close_code"] == "1001"
+
+
+async def test_an_upstream_that_vanishes_closes_the_client_with_1011(proxied: MakeProxied) -> None:
+    async def vanishing(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive()
+        assert request.transport is not None
+        request.transport.abort()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", vanishing)
+    p = await proxied(app)
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}) as ws:
+        await ws.send_str("bye")
+        message = await ws.receive(timeout=10)
+        assert message.type is WSMsgType.CLOSE
+        assert message.data == 1011
+
+
+async def test_pings_pass_end_to_end(proxied: MakeProxied) -> None:
+    async def pinging(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=False)
+        await ws.prepare(request)
+        await ws.ping(b"from upstream")
+        message = await ws.receive()
+        await ws.send_str(f"{message.type.name} {message.data.decode()}")
+        await ws.close()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", pinging)
+    p = await proxied(app)
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}, autoping=False) as ws:
+        ping = await ws.receive(timeout=10)
+        assert (ping.type, ping.data) == (WSMsgType.PING, b"from upstream")
+        await ws.pong(ping.data)
+        assert (await ws.receive(timeout=10)).data == "PONG from upstream"
+
+
+async def test_heartbeat_drops_a_client_that_does_not_answer(proxied: MakeProxied) -> None:
+    seen: dict[str, str] = {}
+    closed = asyncio.Event()
+    p = await proxied(echo_app(seen, closed=closed), timeouts={"websocket_heartbeat": 0.2})
+    reader, writer = await _raw_upgrade(p)
+    try:
+        opcode, _, _ = await asyncio.wait_for(_read_frame(reader), 10)
+        assert opcode == 0x9  # the gateway's ping, left unanswered
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # and then the connection is dropped
+    finally:
+        writer.close()
+    await asyncio.wait_for(closed.wait(), 10)
+    assert seen["close_code"] == "1001"
+
+
+async def test_heartbeat_keeps_a_client_that_answers(proxied: MakeProxied) -> None:
+    p = await proxied(echo_app(), timeouts={"websocket_heartbeat": 0.2})
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}) as ws:
+        echo = asyncio.ensure_future(ws.receive())  # answers the gateway's pings while it waits
+        await asyncio.sleep(1.0)  # several heartbeats go by
+        await ws.send_str("still here")
+        message = await asyncio.wait_for(echo, 10)
+        assert (message.type, message.data) == (WSMsgType.TEXT, "still here")
+
+
+async def test_a_bad_client_handshake_is_a_400_without_asking_the_upstream(proxied: MakeProxied) -> None:
+    seen: dict[str, str] = {}
+    p = await proxied(echo_app(seen))
+    handshake = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                 "Sec-WebSocket-Key": "short"}
+    async with p.request("GET", "/ws", headers=handshake) as response:
+        assert response.status == 400
+    assert not seen
+
+
+async def test_aiohttp_forgets_a_relayed_connection_once_it_ends(proxied: MakeProxied) -> None:
+    p = await proxied(echo_app())
+    front = p.client.server.runner.server if p.client.server.runner is not None else None
+    assert isinstance(front, FastLaneServer)
+    server = front.inner  # WebSocket upgrades are handed from the fast lane to aiohttp's server
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}) as ws:
+        await ws.send_str("x")
+        await ws.receive(timeout=10)
+        assert len(server.connections) == 1
+    async with asyncio.timeout(10):  # the handler returns just after the client saw the close
+        while True:
+            if not server.connections:
+                break
+            await asyncio.sleep(0.01)
+
+
+async def test_shutdown_ends_relayed_websockets_and_the_upstream_hears_going_away(make_upstream: MakeUpstream,
+                                                                                 tmp_path: Path) -> None:
+    seen: dict[str, str] = {}
+    closed = asyncio.Event()
+    address = next_address()
+    upstream = await make_upstream(echo_app(seen, closed=closed), address, 0)
+    assert upstream.port is not None
+    app = build_app(settings(tmp_path, {WORKSPACE: workspace(address, ports={upstream.port: "public"})}))
+    runner = GatewayRunner(app, handler_cancellation=True, shutdown_timeout=0.2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        await app[GATEWAY].runtime.wake(WORKSPACE)
+        port = runner.addresses[0][1]
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+                f"http://127.0.0.1:{port}/ws", headers={"Host": f"{upstream.port}-{WORKSPACE}.{PREVIEW_DOMAIN}"}) as ws:
+            await ws.send_str("x")
+            await ws.receive(timeout=10)
+            await runner.cleanup()
+            # aiohttp closes the client's transport just before cancelling the handler: no close frame fits in
+            message = await ws.receive(timeout=10)
+            assert message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
+    finally:
+        await runner.cleanup()
+    await asyncio.wait_for(closed.wait(), 10)
+    assert seen["close_code"] == "1001"
