@@ -83,7 +83,7 @@ class Gateway:
         raise AssertionError(f"gateway did not become healthy:\n{self.log.read_text()}")
 
     def request(self, method: str, path: str, host: str, *, headers: dict[str, str] | None = None,
-                timeout: float = 60.0) -> tuple[int, dict[str, str], bytes]:
+                timeout: float = 120.0) -> tuple[int, dict[str, str], bytes]:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             connection.request(method, path, headers={"Host": host, "Accept": "application/json", **(headers or {})})
@@ -92,7 +92,7 @@ class Gateway:
         finally:
             connection.close()
 
-    def get(self, path: str, host: str, timeout: float = 60.0) -> tuple[int, bytes]:
+    def get(self, path: str, host: str, timeout: float = 120.0) -> tuple[int, bytes]:
         status, _, body = self.request("GET", path, host, timeout=timeout)
         return status, body
 
