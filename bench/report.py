@@ -14,6 +14,15 @@ TARGET_HELD_MS = 50.0
 TARGET_SMALL_BACKLOG = 10
 """Upstreams listening with a backlog this small (dev servers) are held to ``TARGET_SMALL_LAST_S``."""
 TARGET_SMALL_LAST_S = 1.0
+TARGET_PAGE_X_DIRECT = 1.0
+TARGET_HMR_EXTRA_MS = 5.0
+TARGET_CPU_US = 75.0
+"""CPU per proxied request on the fast lane, one worker, 64 connections (issue 17: half of 125–215 µs)."""
+TARGET_P99_X_NGINX = 2.0
+TARGET_SCALE_CPU = 1.10
+TARGET_KB_PER_WORKSPACE = 10.0
+TARGET_LIST_MS = 100.0
+TARGET_KB_PER_WS_AT_SCALE = 19.0
 
 
 def _median(values: Iterable[float | None]) -> float | None:
@@ -31,6 +40,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             cell["n"] = len(runs)
             for key in ("rps", "p50_ms", "p99_ms", "cpu_pct", "rss_mb"):
                 cell[key] = _median(run[key] for run in runs)
+            cell["cpu_us"] = _median(1e6 * run["cpu_s"] / run["requests"] if run["cpu_s"] is not None
+                                     and run["requests"] else None for run in runs)
             cell["errors"] = sum(run["errors"] for run in runs)
     for by_conns in http.values():
         for conns, cell in by_conns.items():
@@ -70,6 +81,7 @@ def _targets(http: dict[str, Any], ws: dict[str, Any], results: dict[str, Any]) 
         rows.append({"target": f"{name} ≤ {TARGET_KB_PER_WS:.0f} KB per idle WebSocket",
                      "value": f"{kb:.1f} KB" if kb is not None else "n/a",
                      "met": kb is not None and kb <= TARGET_KB_PER_WS and ws[name]["failed"] == 0})
+    rows += _issue17_targets(http, ws, results)
     for wake in results.get("wakes") or []:
         held = wake["held_median_ms"]
         rows.append({"target": f"{wake['target']} held request served ≤ {TARGET_HELD_MS:.0f} ms after the port "
@@ -83,6 +95,67 @@ def _targets(http: dict[str, Any], ws: dict[str, Any], results: dict[str, Any]) 
             rows.append({"target": f"{hold['target']} backlog {hold['backlog']}: last of {hold['requests']} held "
                                    f"answered ≤ {TARGET_SMALL_LAST_S:g} s after listen", "value": f"{last:.2f} s",
                          "met": last <= TARGET_SMALL_LAST_S})
+    return rows
+
+
+def _issue17_targets(http: dict[str, Any], ws: dict[str, Any], results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 17: page loads, HMR, CPU per request, p99 against nginx, scale."""
+    rows: list[dict[str, Any]] = []
+    gateway = http.get("gateway", {})
+    if 64 in gateway and gateway[64].get("cpu_us") is not None:
+        cpu = gateway[64]["cpu_us"]
+        rows.append({"target": f"gateway (one worker) CPU per request at c=64 ≤ {TARGET_CPU_US:.0f} µs",
+                     "value": f"{cpu:.0f} µs", "met": cpu <= TARGET_CPU_US})
+    nginx = http.get("nginx", {})
+    if 1000 in gateway and 1000 in nginx and nginx[1000]["p99_ms"]:
+        ratio = gateway[1000]["p99_ms"] / nginx[1000]["p99_ms"]
+        rows.append({"target": f"gateway (one worker) p99 at c=1000 ≤ {TARGET_P99_X_NGINX:g}× nginx's",
+                     "value": f"{gateway[1000]['p99_ms']:.0f} vs {nginx[1000]['p99_ms']:.0f} ms ({ratio:.1f}×)",
+                     "met": ratio <= TARGET_P99_X_NGINX})
+    page = (results.get("page") or {}).get("targets", {})
+    direct = page.get("direct")
+    for name, cell in page.items():
+        if name == "direct" or direct is None:
+            continue
+        for key, label in (("cold_ms", "page load (cold)"), ("reload_ms", "reload")):
+            if name.startswith("gateway") and cell[key] and direct[key]:
+                ratio = cell[key] / direct[key]
+                rows.append({"target": f"{name} {label} ≤ {TARGET_PAGE_X_DIRECT:.2f}× direct",
+                             "value": f"{cell[key]:.0f} vs {direct[key]:.0f} ms ({ratio:.2f}×)",
+                             "met": ratio <= TARGET_PAGE_X_DIRECT})
+        if name.startswith("gateway") and cell["hmr_ms"] is not None and direct["hmr_ms"] is not None:
+            extra = cell["hmr_ms"] - direct["hmr_ms"]
+            rows.append({"target": f"{name} HMR ≤ direct + {TARGET_HMR_EXTRA_MS:g} ms",
+                         "value": f"{cell['hmr_ms']:.1f} vs {direct['hmr_ms']:.1f} ms ({extra:+.1f})",
+                         "met": extra <= TARGET_HMR_EXTRA_MS})
+    scale = results.get("scale")
+    if scale:
+        shapes = scale["shapes"]
+        for name in ("workspaces", "everything"):
+            ratio = scale["cpu_x_small"][name]
+            rows.append({"target": f"CPU per request with {shapes[name]['workspaces']:,} workspaces, "
+                                   f"{shapes[name]['links']:,} links and tokens ≤ {TARGET_SCALE_CPU:.2f}× 10 "
+                                   "workspaces'", "value": f"{shapes[name]['cpu_us']:.0f} vs "
+                         f"{shapes['small']['cpu_us']:.0f} µs ({ratio:.2f}×)", "met": ratio <= TARGET_SCALE_CPU})
+        kb = scale["kb_per_workspace"]
+        rows.append({"target": f"gateway memory per workspace ≤ {TARGET_KB_PER_WORKSPACE:g} KB",
+                     "value": f"{kb:.1f} KB", "met": kb <= TARGET_KB_PER_WORKSPACE})
+        full = shapes["everything"]
+        for key, label in (("api_first_page_ms", "GET /api/v1/workspaces (a page of 100)"),
+                           ("hub_page_ms", "the hub page")):
+            rows.append({"target": f"{label} for a user with 1,000 workspaces (of {full['workspaces']:,}, "
+                                   f"{full['links']:,} links) ≤ {TARGET_LIST_MS:g} ms",
+                         "value": f"{full[key]:.0f} ms", "met": full[key] <= TARGET_LIST_MS})
+        sockets = scale.get("websockets")
+        if sockets:
+            kb_ws = sockets["kb_per_connection"]
+            rows.append({"target": f"{sockets['asked']:,} idle relayed WebSockets on one worker at ≤ "
+                                   f"{TARGET_KB_PER_WS_AT_SCALE:g} KB each",
+                         "value": f"{sockets['opened']:,} open"
+                                  + (" (the file limit)" if sockets["connections"] < sockets["asked"] else "")
+                                  + f", {kb_ws or 0:.1f} KB, echo p99 {sockets['echo_p99_ms']:.1f} ms",
+                         "met": sockets["opened"] >= sockets["asked"] and kb_ws is not None
+                         and kb_ws <= TARGET_KB_PER_WS_AT_SCALE and sockets["failed"] == 0})
     return rows
 
 
@@ -135,10 +208,58 @@ def markdown(results: dict[str, Any]) -> str:
             out.append(f"| {hold['target']} | {hold.get('backlog', '–')} | {hold['requests']} | {hold['ok']} | "
                        f"{hold['failed']} | "
                        f"{hold['sent_before_listen']} | {_f(hold['last_answer_after_listen_s'], 2)} |")
+    out += _browser_and_scale(results)
     out += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     out += [f"| {row['target']} | {row['value']} | {'yes' if row['met'] else '**no**'} |"
             for row in summary["targets"]]
     return "\n".join(out) + "\n"
+
+
+def _browser_and_scale(results: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    page = results.get("page")
+    if page:
+        direct = page["targets"].get("direct", {})
+        out += ["", f"## Page load and HMR in Chromium (Vite, {page['modules']} ES modules, {page['depth']} levels "
+                f"deep; medians of {page['rounds']} rounds)", "",
+                "| proxy | cold ms | ×direct | reload ms | ×direct | HMR ms | over direct ms |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, cell in page["targets"].items():
+            def ratio(key: str, cell: dict[str, Any] = cell) -> str:
+                return _f(cell[key] / direct[key], 2) if cell[key] and direct.get(key) else "–"
+            extra = cell["hmr_ms"] - direct["hmr_ms"] if direct.get("hmr_ms") is not None else None
+            out.append(f"| {name} | {_f(cell['cold_ms'], 0)} | {ratio('cold_ms')} | {_f(cell['reload_ms'], 0)} | "
+                       f"{ratio('reload_ms')} | {_f(cell['hmr_ms'])} | {_f(extra)} |")
+    for screen in results.get("screen") or []:
+        out += ["", f"## Wake to screen ({screen['target']}, Chromium, ms after the click; medians of "
+                f"{screen['rounds']})", "", "| from | " + " | ".join(_SCREEN_STEPS) + " |",
+                "|---|" + "---:|" * len(_SCREEN_STEPS)]
+        for phase, medians in screen["medians"].items():
+            out.append(f"| {phase} | " + " | ".join(_f(medians.get(step), 0) for step in _SCREEN_STEPS) + " |")
+    scale = results.get("scale")
+    if scale:
+        out += ["", "## Scale (local runtime, one worker; CPU per request at c=64, medians)", "",
+                "| shape | workspaces | links + tokens | start-up s | idle RSS MB | CPU µs/request | ×10 workspaces | "
+                "API page ms | API all pages ms | hub snapshot ms | hub page ms |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, row in scale["shapes"].items():
+            out.append(f"| {name} | {row['workspaces']:,} | {row['links'] + row['tokens']:,} | "
+                       f"{_f(row['startup_s'])} | {_f(row['rss_idle_mb'], 0)} | {_f(row['cpu_us'], 0)} | "
+                       f"{_f(scale['cpu_x_small'][name], 2)} | {_f(row['api_first_page_ms'])} | "
+                       f"{_f(row['api_every_page_ms'])} | {_f(row['hub_snapshot_ms'])} | {_f(row['hub_page_ms'])} |")
+        out += ["", f"{_f(scale['kb_per_workspace'])} KB per workspace; "
+                f"{_f(scale['kb_per_link_and_token'], 2)} KB per share link or API token."]
+        sockets = scale.get("websockets")
+        if sockets:
+            out += ["", f"WebSockets: {sockets['opened']:,} idle relayed connections on one worker (asked "
+                    f"{sockets['asked']:,}), {_f(sockets['kb_per_connection'])} KB each, echo p50 "
+                    f"{_f(sockets['echo_p50_ms'], 2)} ms, p99 {_f(sockets['echo_p99_ms'], 2)} ms, "
+                    f"{sockets['failed']} failed."]
+    return out
+
+
+_SCREEN_STEPS = ("waiting page", "step restoring", "step starting", "step waiting-for-port", "ready event",
+                 "app document", "app painted")
 
 
 def chart(results: dict[str, Any], path: Path) -> Path | None:

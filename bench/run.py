@@ -37,6 +37,7 @@ from bench.wake import held_burst, wake_rounds
 from bench.ws_load import WsResult, run_ws
 
 RESULTS = ROOT / "bench" / "results"
+PARTS = ("http", "ws", "wake", "page", "screen", "scale")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,8 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--held", type=int, help="requests held during one wake (default 10000; quick 1000)")
     parser.add_argument("--held-small", type=int, default=1000,
                         help="requests held during one wake of a server with a backlog of 5 (default 1000)")
+    parser.add_argument("--rounds", type=int,
+                        help="browser rounds: page loads and HMR (default 7; quick 3), wakes to screen (half)")
+    parser.add_argument("--scale-workspaces", type=int, help="workspaces in the scale part (default 10000; quick 2000)")
+    parser.add_argument("--scale-links", type=int,
+                        help="share links, and as many API tokens, in the scale part (default 100000; quick 20000)")
+    parser.add_argument("--scale-ws", type=int, help="idle relayed WebSockets on one worker (default 10000, capped "
+                        "at 9900 by the file limit; quick 2000)")
     parser.add_argument("--workers", default="1,2", help="gateway --workers values to measure (default 1,2)")
-    parser.add_argument("--only", default="http,ws,wake", help="parts to run: http, ws, wake (default all)")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"parts to run: {', '.join(PARTS)} (default all)")
     parser.add_argument("--proxies", default="gateway,nginx,chp", help="proxies besides direct (default all)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder with configs and logs")
@@ -103,6 +111,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ws_count = args.ws or (200 if quick else 1000)
     wakes = args.wakes or (5 if quick else 20)
     held = args.held or (1000 if quick else 10000)
+    rounds = args.rounds or (3 if quick else 7)
     parts = set(args.only.split(","))
     wanted = set(args.proxies.split(","))
     workers = [int(w) for w in args.workers.split(",")] if "gateway" in wanted else []
@@ -112,6 +121,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "settings": {"duration_s": duration, "repeats": repeats, "connections": connections, "ws": ws_count,
                      "wakes": wakes, "held": held, "held_small": args.held_small, "workers": workers,
+                     "rounds": rounds,
                      "wrk_threads": 2},
         "env": _env(), "http": [], "ws": [], "wake": None, "hold": None,
     }
@@ -164,6 +174,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                          f"{hold.sent_before_listen} sent before listen, last answer "
                          f"{hold.last_answer_after_listen_s:.2f} s after listen {hold.statuses}")
                     results.setdefault("holds", []).append({"target": proxy.name, **dataclasses.asdict(hold)})
+        if "page" in parts:
+            from bench.pageload import page_loads
+
+            sign_ins = {name: proxy.sign_in for name, proxy in proxies.items() if proxy.sign_in is not None}
+            results["page"] = await page_loads(procs, layout, sign_ins, wanted, rounds, say=_say)
+        if "screen" in parts:
+            from bench.wake_screen import wakes_to_screen
+
+            for name, proxy in proxies.items():
+                if proxy.sign_in is not None:
+                    results.setdefault("screen", []).append(
+                        await wakes_to_screen(layout, proxy.sign_in, name, max(1, rounds // 2), say=_say))
+        if "scale" in parts and "gateway" in wanted:
+            from bench.scale import scale
+
+            workspaces = args.scale_workspaces or (2000 if quick else 10_000)
+            results["scale"] = await scale(procs, layout, workspaces=workspaces,
+                                           links=args.scale_links or (20_000 if quick else 100_000),
+                                           repeats=repeats, duration=duration,
+                                           ws=args.scale_ws or (2000 if quick else 10_000), say=_say)
     finally:
         procs.stop_all()
         if args.keep:

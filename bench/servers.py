@@ -17,6 +17,7 @@ from bench.procs import Proc, Procs, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHP = ROOT / "node_modules" / ".bin" / "configurable-http-proxy"
+VITE = ROOT / "node_modules" / ".bin" / "vite"
 BODY = (b"<!doctype html><title>bench</title><p>" + b"x" * 150 + b"</p>\n")[:199] + b"\n"
 USER = "bench"
 SMALL_BACKLOG = 5
@@ -33,11 +34,15 @@ class Layout:
     wake_host: str = "127.0.0.3"
     hold_host: str = "127.0.0.4"
     small_host: str = "127.0.0.5"
+    vite_host: str = "127.0.0.6"
+    screen_host: str = "127.0.0.7"
     http_port: int = 0
     ws_port: int = 0
     wake_port: int = 0
     hold_port: int = 0
     small_port: int = 0
+    vite_port: int = 0
+    screen_port: int = 0
     nginx_port: int = 0
     chp_port: int = 0
     chp_api_port: int = 0
@@ -45,7 +50,8 @@ class Layout:
 
     def __post_init__(self) -> None:
         ports = (("http_port", self.up_host), ("ws_port", self.up_host), ("wake_port", self.wake_host),
-                 ("hold_port", self.hold_host), ("small_port", self.small_host), ("nginx_port", "127.0.0.1"),
+                 ("hold_port", self.hold_host), ("small_port", self.small_host), ("vite_port", self.vite_host),
+                 ("screen_port", self.screen_host), ("nginx_port", "127.0.0.1"),
                  ("chp_port", "127.0.0.1"), ("chp_api_port", "127.0.0.1"))
         for name, host in ports:
             if not getattr(self, name):
@@ -141,6 +147,32 @@ def start_proxy_nginx(procs: Procs, layout: Layout) -> Proc:
                                        "-c", str(prefix / "nginx.conf")])
 
 
+def start_vite_nginx(procs: Procs, layout: Layout, port: int) -> Proc:
+    """nginx in front of the Vite server as one would configure it for a dev server: upstream keep-alive, and
+    WebSocket upgrades (the HMR socket) on the same location."""
+    prefix = layout.tmp / "nginx-vite"
+    prefix.mkdir(parents=True, exist_ok=True)
+    http = f"""  access_log {prefix}/access.log combined buffer=64k flush=1s;
+  map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
+  upstream vite {{ server {layout.vite_host}:{layout.vite_port}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://vite; proxy_http_version 1.1; proxy_read_timeout 1h;
+      proxy_set_header Host $host; proxy_set_header X-Forwarded-For $remote_addr;
+      proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection $connection_upgrade;
+    }}
+  }}"""
+    (prefix / "nginx.conf").write_text(_nginx_conf(prefix, http))
+    return procs.start("nginx-vite", ["nginx", "-p", str(prefix), "-e", str(prefix / "error.log"),
+                                      "-c", str(prefix / "nginx.conf")])
+
+
+def start_vite(procs: Procs, name: str, project: Path, host: str, port: int) -> Proc:
+    return procs.start(name, [str(VITE), str(project), "--host", host, "--port", str(port), "--strictPort",
+                              "--clearScreen", "false"])
+
+
 def start_echo(procs: Procs, layout: Layout) -> Proc:
     return procs.start("ws-echo", [sys.executable, "-m", "bench.echo", "--host", layout.up_host,
                                    "--port", str(layout.ws_port)], env={"PYTHONPATH": str(ROOT)})
@@ -149,21 +181,30 @@ def start_echo(procs: Procs, layout: Layout) -> Proc:
 # --- configurable-http-proxy ----------------------------------------------------------------------------------
 
 async def start_chp(procs: Procs, layout: Layout) -> Proc:
+    return await start_chp_for(procs, "chp", layout.chp_port, layout.chp_api_port,
+                               f"http://{layout.up_host}:{layout.http_port}",
+                               {"/ws": f"http://{layout.up_host}:{layout.ws_port}"})
+
+
+async def start_chp_for(procs: Procs, name: str, port: int, api_port: int, default_target: str,
+                        routes: dict[str, str] | None = None) -> Proc:
+    """configurable-http-proxy on 127.0.0.1:``port`` in front of ``default_target``, with extra ``routes``."""
     if not CHP.exists():
         raise RuntimeError(f"{CHP} is missing: run `npm ci` in {ROOT}")
     token = "bench-" + os.urandom(8).hex()
-    proc = procs.start("chp", [str(CHP), "--ip", "127.0.0.1", "--port", str(layout.chp_port),
-                               "--api-ip", "127.0.0.1", "--api-port", str(layout.chp_api_port),
-                               "--default-target", f"http://{layout.up_host}:{layout.http_port}",
-                               "--log-level", "warn"], env={"CONFIGPROXY_AUTH_TOKEN": token})
-    await wait_for_port("127.0.0.1", layout.chp_api_port, proc)
-    await wait_for_port("127.0.0.1", layout.chp_port, proc)
-    body = json.dumps({"target": f"http://{layout.up_host}:{layout.ws_port}"}).encode()
-    answer = await fetch(("127.0.0.1", layout.chp_api_port), f"127.0.0.1:{layout.chp_api_port}", "/api/routes/ws",
-                         {"Authorization": f"token {token}", "Content-Type": "application/json"},
-                         method="POST", body=body)
-    if answer.status != 201:
-        raise RuntimeError(f"configurable-http-proxy refused the /ws route: {answer.status}")
+    proc = procs.start(name, [str(CHP), "--ip", "127.0.0.1", "--port", str(port),
+                              "--api-ip", "127.0.0.1", "--api-port", str(api_port),
+                              "--default-target", default_target, "--log-level", "warn"],
+                       env={"CONFIGPROXY_AUTH_TOKEN": token})
+    await wait_for_port("127.0.0.1", api_port, proc)
+    await wait_for_port("127.0.0.1", port, proc)
+    for path, target in (routes or {}).items():
+        body = json.dumps({"target": target}).encode()
+        answer = await fetch(("127.0.0.1", api_port), f"127.0.0.1:{api_port}", f"/api/routes{path}",
+                             {"Authorization": f"token {token}", "Content-Type": "application/json"},
+                             method="POST", body=body)
+        if answer.status != 201:
+            raise RuntimeError(f"configurable-http-proxy refused the {path} route: {answer.status}")
     return proc
 
 
@@ -193,6 +234,13 @@ def gateway_config(layout: Layout, name: str, port: int) -> Path:
                 "hold": {**slow(layout.hold_stamp, layout.hold_port, layout.hold_delay), "address": layout.hold_host},
                 "small": {**slow(layout.small_stamp, layout.small_port, layout.hold_delay, backlog=SMALL_BACKLOG),
                           "address": layout.small_host},
+                # A Vite dev server the harness runs (bench.pageload), and one the workspace runs from its home
+                # (bench.wake_screen: woken from WARM and COLD).
+                "vite": {"owner": USER, "command": ["sleep", "1000000"], "address": layout.vite_host,
+                         "ports": {layout.vite_port: "private"}},
+                "screen": {"owner": USER, "address": layout.screen_host, "ports": {layout.screen_port: "private"},
+                           "command": [str(VITE), "{home}/app", "--host", "{host}", "--port", str(layout.screen_port),
+                                       "--strictPort", "--clearScreen", "false"]},
             },
         },
     }

@@ -41,7 +41,7 @@ def percentile(values: list[float], q: float) -> float:
 async def run_ws(target: Target, count: int, pids: list[int], *, concurrency: int = 50,
                  idle: float = 2.0) -> WsResult:
     url = f"http://{target.ws_address[0]}:{target.ws_address[1]}{target.ws_path}"
-    headers = {"Host": target.ws_host}
+    headers = {"Host": target.ws_host, "Origin": f"http://{target.ws_host}"}  # as a page of that host opens it
     if target.ws_cookie:
         headers["Cookie"] = target.ws_cookie
     connector = aiohttp.TCPConnector(limit=0, use_dns_cache=False)

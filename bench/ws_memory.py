@@ -48,7 +48,8 @@ async def _measure(procs: Procs, layout: Layout, count: int, trace: Path | None)
     proc = await _start(procs, layout, port, trace)
     target = await gateway_target("gateway", layout, SignIn(layout, port))
     url = f"http://{target.ws_address[0]}:{target.ws_address[1]}{target.ws_path}"
-    headers = {"Host": target.ws_host} | ({"Cookie": target.ws_cookie} if target.ws_cookie else {})
+    headers = {"Host": target.ws_host, "Origin": f"http://{target.ws_host}"} | (
+        {"Cookie": target.ws_cookie} if target.ws_cookie else {})
     connector = aiohttp.TCPConnector(limit=0, use_dns_cache=False)
     sockets: list[aiohttp.ClientWebSocketResponse] = []
     try:

@@ -19,6 +19,9 @@ from gateway.edge.policy import PolicyError
 if TYPE_CHECKING:
     from gateway.auth.identity import Identity
 
+LIST_PAGE = 500
+"""Workspaces asked for per call by ``codehub-gateway workspaces`` (the API's most), which follows the pages."""
+
 
 class CliError(Exception):
     """A command failed in a way the user can fix; printed as one line, exit status 1."""
@@ -277,8 +280,12 @@ def _print_workspace(view: dict[str, Any]) -> None:
 
 def remote(args: argparse.Namespace) -> int:
     if args.command == "workspaces":
-        answer = _call(args, "GET", "/api/v1/workspaces")
+        answer = _call(args, "GET", f"/api/v1/workspaces?limit={LIST_PAGE}")
         views = answer["workspaces"]
+        while answer["next_cursor"]:  # every page: the CLI lists them all
+            answer = _call(args, "GET", f"/api/v1/workspaces?limit={LIST_PAGE}&cursor={answer['next_cursor']}")
+            views += answer["workspaces"]
+        answer = {"workspaces": views}
     elif args.command == "workspace" and args.action == "delete":
         answer = _call(args, "DELETE", f"/api/v1/workspaces/{args.name}")
         if not args.json:

@@ -293,3 +293,27 @@ async def test_api_commands_report_errors_in_one_line(hub: tuple[str, str], caps
     code, _, err = await _cli(capsys, "workspaces", "--hub", url)
     assert code == 1
     assert "no API token" in err
+
+
+async def test_workspaces_lists_every_page(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API answers a page at a time; the command follows ``next_cursor`` to the end."""
+    port = free_loopback_port()
+    names = ["a1", "b2", "c3", "d4", "e5"]
+    config = settings(tmp_path, {name: workspace(next_address(), ports={3000: "private"}) for name in names},
+                      hub_url=f"http://localhost:{port}", preview_domain=f"localhost:{port}")
+    app = build_app(config)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        _record, token = await app[GATEWAY].auth.store.create_api_token(Identity("alice"), name="cli-test")
+        monkeypatch.setattr(cli, "LIST_PAGE", 2)
+        code, out, _ = await _cli(capsys, "workspaces", "--hub", f"http://localhost:{port}", "--token", token)
+        assert code == 0
+        assert [line.split()[0] for line in out.splitlines() if not line.startswith(" ")] == names
+        code, out, _ = await _cli(capsys, "workspaces", "--json", "--hub", f"http://localhost:{port}", "--token",
+                                  token)
+        assert [view["id"] for view in json.loads(out)["workspaces"]] == names
+    finally:
+        await runner.cleanup()

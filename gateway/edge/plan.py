@@ -1,5 +1,8 @@
 """The one decision per request: its facts and a read-only view of the world in, a plan and its effects out.
 
+Plans and effects are values: made once, read by the lane that acts, never changed (they are plain slotted
+dataclasses rather than frozen ones only because a frozen one costs microseconds to make, on every request).
+
 Both lanes execute plans and neither decides anything itself: the fast lane serves a ``Forward`` of a bodiless
 GET or HEAD, aiohttp's lane any plan, and a hand-over from one to the other carries the plan. Host, route,
 credentials, the CORS rule and membership are each worked out once, here. Nothing here does I/O: what must
@@ -61,7 +64,7 @@ class World(Protocol):
     def ide_secret(self, workspace: str) -> str | None: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Facts:
     """What the request says, whichever lane read it."""
 
@@ -74,7 +77,7 @@ class Facts:
 
 
 # ---------------------------------------------------------------------------------------------------- effects
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UseShare:
     """A share link was presented: it counts one use."""
 
@@ -82,7 +85,7 @@ class UseShare:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UseToken:
     """An API token was presented: its last use is noted."""
 
@@ -90,7 +93,7 @@ class UseToken:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RecordDecision:
     """The policy's answer, for metrics and (refusals) the policy log."""
 
@@ -103,7 +106,7 @@ Effect = UseShare | UseToken | RecordDecision
 
 
 # ---------------------------------------------------------------------------------------------------- plans
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class _Plan:
     effects: tuple[Effect, ...] = ()
     user: str | None = None
@@ -111,7 +114,7 @@ class _Plan:
     target: Target | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Forward(_Plan):
     """Send the request to a port of a RUNNING workspace and stream the answer back."""
 
@@ -133,7 +136,7 @@ class Forward(_Plan):
     """Headers for the gateway's own error answers to this request (CORS, so a front end can read why)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Hold(_Plan):
     """The workspace (or this port of it) is waking: wait for it, then ``forward`` — to the address it wakes on."""
 
@@ -141,7 +144,7 @@ class Hold(_Plan):
     state: WorkspaceState
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class WaitingPage(_Plan):
     """A browser navigating to a waking workspace gets a page that follows the wake, instead of being held."""
 
@@ -149,21 +152,21 @@ class WaitingPage(_Plan):
     port: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Preflight(_Plan):
     """A CORS preflight the port's rule answers (204 with these headers)."""
 
     headers: dict[str, str]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Refuse(_Plan):
     """The gateway answers itself: a refusal, a sign-in page, a consent page (all ``GatewayError``s)."""
 
     error: GatewayError
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Redirect(_Plan):
     """Elsewhere, on the same host or the hub (a share token dropped from the URL, a sign-in, the IDE moved)."""
 
@@ -179,7 +182,7 @@ class Page(enum.Enum):
     WAKE_EVENTS = "wake-events"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class GatewayPage(_Plan):
     """One of the gateway's own handlers serves it (what it needs to know is decided here)."""
 
@@ -244,6 +247,7 @@ class _Request:
         self.rule: CorsRule | None = cors.rule_for(world.policy, target.port) if target.port is not None else None
         self.effects: list[Effect] = []
         self.found = False
+        self._member: bool | None = None
         """Whether ``state`` is known yet (the refusals before it carry no CORS headers)."""
         self.state: WorkspaceState
 
@@ -358,7 +362,12 @@ class _Request:
         return state.spec.owner if state is not None else None
 
     def _is_member(self, identity: Identity | None) -> bool:
-        return identity is not None and membership(self.state.spec, identity) is not None
+        """Owner or collaborator (asked several times a request, of one caller: answered once)."""
+        if identity is None:
+            return False
+        if self._member is None:
+            self._member = membership(self.state.spec, identity) is not None
+        return self._member
 
     def _asks_consent(self, identity: Identity | None) -> bool:
         """A visitor of an opted-in port who has not answered yet: a browser navigation gets the consent page."""

@@ -41,13 +41,12 @@ class LabelFile:
     """The labels of one workspace folder, read again only when the file changes (the hub asks twice a second)."""
 
     def __init__(self, folder: Path) -> None:
-        self._folder = folder
+        self._paths = [folder / candidate for candidate in CANDIDATES]  # joined once: the hub asks per workspace
         self._stamp: tuple[Path, float, int] | None = None
         self._labels: dict[int, str] = {}
 
     def labels(self) -> dict[int, str]:
-        for candidate in CANDIDATES:
-            path = self._folder / candidate
+        for path in self._paths:
             try:
                 stat = path.stat()
             except OSError:

@@ -88,6 +88,13 @@ class _Slot:
         return self.root / "settings.json"
 
 
+def default_address(index: int) -> str:
+    """The loopback address of the ``index``-th configured workspace without one: 127.0.0.2 … 127.0.0.254, then
+    127.0.1.2 …, so ten thousand workspaces still get one each (never .0, .1 or .255 at the end)."""
+    block, rest = divmod(index, 253)
+    return f"127.0.{block}.{rest + 2}"
+
+
 def configured_spec(name: str, ws: LocalWorkspace) -> WorkspaceSpec:
     """A workspace as the configuration declares it, before any change made through the API."""
     return WorkspaceSpec(id=name, owner=ws.owner, collaborators=ws.collaborators, ide_port=ws.ide_port,
@@ -103,7 +110,7 @@ class LocalRuntime(Runtime):
         self._proxy_uri = proxy_uri
         self._slots: dict[str, _Slot] = {}
         for index, (name, ws) in enumerate(local.workspaces.items()):
-            address = ws.address or f"127.0.0.{index + 2}"
+            address = ws.address or default_address(index)
             self._slots[name] = _Slot(configured_spec(name, ws), ws, address, self._state_dir / "workspaces" / name)
 
     def _slot(self, workspace: str) -> _Slot:
@@ -113,13 +120,19 @@ class LocalRuntime(Runtime):
         return slot
 
     async def start(self) -> None:
+        await asyncio.to_thread(self._prepare)
+        for slot in self._slots.values():
+            self._observe(slot)
+
+    def _prepare(self) -> None:
+        """Every workspace's files, in one worker thread: a thread hop per workspace made ten thousand of them
+        take 40 s to start."""
         for slot in self._slots.values():
             slot.root.mkdir(parents=True, exist_ok=True)
             slot.archive.parent.mkdir(parents=True, exist_ok=True)
             self._kill_leftover(slot)
-            await asyncio.to_thread(recover, slot.home, slot.archive)
+            recover(slot.home, slot.archive)
             slot.spec = self._with_settings(slot)
-            self._observe(slot)
 
     async def close(self) -> None:
         await asyncio.gather(*(self.stop(name) for name, slot in self._slots.items() if slot.process))

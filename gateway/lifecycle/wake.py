@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 _PROBE_FAST = 0.01
 _PROBE_SLOW = 0.25
 _PROBE_FAST_FOR = 60.0
+SETTLE = 2.0
+"""Seconds after a wake found a port accepting during which requests to it retry refused connects."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,7 @@ class Waker:
         self._ports: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._progress: dict[tuple[str, int], Progress] = {}
         self._history: dict[tuple[str, Phase], deque[float]] = {}
+        self._woke: dict[tuple[str, int], float] = {}
         self._draining: asyncio.Future[None] | None = None
 
     def drain(self) -> None:
@@ -154,6 +157,13 @@ class Waker:
 
     def busy(self, workspace: str, port: int) -> bool:
         return (workspace, port) in self._ports
+
+    def settling(self, workspace: str, port: int) -> bool:
+        """Whether ``port`` was found accepting by a wake less than ``SETTLE`` seconds ago. Dev servers may accept
+        on a throwaway listener first (Vite checks that its port is free by listening and closing), so the probe
+        can call a port ready a moment before it really is: requests in that moment retry refused connects."""
+        woke = self._woke.get((workspace, port))
+        return woke is not None and time.monotonic() - woke < SETTLE
 
     def waking(self, workspace: str) -> bool:
         """Whether a wake of the workspace, or a wait for one of its ports, is in flight."""
@@ -237,6 +247,9 @@ class Waker:
                     raise LifecycleError(state.message or f"Workspace {state.id} could not start.")
             progress.update("waiting-for-port")
             await self._wait_for_port(state, port, self.limits.for_phase(from_phase))
+            now = time.monotonic()
+            self._woke = {key: at for key, at in self._woke.items() if now - at < SETTLE}
+            self._woke[(state.id, port)] = now
             result = "ok"
             progress.update("ready")
             if from_phase is not Phase.RUNNING:

@@ -133,7 +133,7 @@ class HeadClock:
         """The request (with its body) is out: its answer's head is due within ``seconds``."""
         if self.seconds is None or not conn.awaiting_head:
             return
-        loop = asyncio.get_running_loop()
+        loop = conn._loop  # not asyncio.get_running_loop(): on Python 3.11 that is a getpid() system call
         self._since[conn] = loop.time()
         if self._timer is None:
             self._timer = loop.call_later(self._tick, self._check, loop)

@@ -41,7 +41,7 @@ CLOSE: Final = _Close.CLOSE
 """The connection is finished: close it."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
     """A whole plain request, ready to be served."""
 

@@ -74,7 +74,11 @@ def gateway_cookie(name: str) -> bool:
 
 def strip_gateway_cookies(cookie_header: str) -> str:
     """Remove the gateway's own cookies from a ``Cookie`` header, keeping the app's cookies byte for byte."""
-    kept = [part for part in cookie_header.split(";") if part.strip() and not gateway_cookie(part.strip())]
+    kept = []
+    for part in cookie_header.split(";"):
+        name = part.lstrip()
+        if name and not name.startswith(COOKIE_PREFIXES):  # a name never starts with a space: lstrip is enough
+            kept.append(part)
     return ";".join(kept).strip()
 
 

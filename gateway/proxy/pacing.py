@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 C = TypeVar("C")
 
@@ -32,15 +32,58 @@ class Outcome(enum.Enum):
     LOST = "lost"  # a handshake was dropped or timed out: the accept queue overflowed, halve the window
 
 
+class Deadlines:
+    """When each request waiting in a pool's queues gives up, checked by one coarse timer for all of them.
+
+    A timer per wait (``asyncio.timeout``: a handle on the loop's heap, rescheduled and cancelled) made a burst
+    of held requests cost a quarter more in the pool: a wake releasing ten thousand requests waits twenty
+    thousand times (a turn, then a connection). A waiter past its deadline gets ``TimeoutError``, up to a tenth of
+    the allowance (at most a second) late."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._tick = min(1.0, seconds / 10)
+        self._due: dict[asyncio.Future[Any], float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def deadline(self) -> float:
+        """The deadline of a request that starts waiting now (on the loop's clock)."""
+        return asyncio.get_running_loop().time() + self.seconds
+
+    def watch(self, waiter: asyncio.Future[Any], deadline: float) -> None:
+        self._due[waiter] = deadline
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._tick, self._check, loop)
+
+    def forget(self, waiter: asyncio.Future[Any]) -> None:
+        self._due.pop(waiter, None)
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for waiter in [waiter for waiter, due in self._due.items() if due <= now]:
+            del self._due[waiter]
+            if not waiter.done():
+                waiter.set_exception(TimeoutError())
+        self._timer = loop.call_later(self._tick, self._check, loop) if self._due else None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._due.clear()
+
+
 class Turns:
     """A fair limit on requests in flight, first come first served, with O(1) take and give (``asyncio.Semaphore``
     in Python 3.11 walks all its waiters on every acquire: a wake releasing ten thousand requests made that
-    quadratic)."""
+    quadratic). A wait with a deadline ends in ``TimeoutError`` once ``deadlines`` finds it past."""
 
-    __slots__ = ("_free", "_limit", "_waiters")
+    __slots__ = ("_deadlines", "_free", "_limit", "_waiters")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, deadlines: Deadlines | None = None) -> None:
         self._free = self._limit = limit
+        self._deadlines = deadlines
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
@@ -58,17 +101,22 @@ class Turns:
             return True
         return False
 
-    async def take(self) -> None:
+    async def take(self, deadline: float | None = None) -> None:
         if self.try_take():
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        if deadline is not None and self._deadlines is not None:
+            self._deadlines.watch(waiter, deadline)
         try:
             await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self.give()  # handed a turn just as it was cancelled: pass it on
             raise
+        finally:
+            if self._deadlines is not None:
+                self._deadlines.forget(waiter)
 
     def give(self) -> None:
         """A turn ends: straight to the first one still waiting, else back to the free ones."""
@@ -87,7 +135,9 @@ class Pacer(Generic[C]):
     place in the window (then it opens a connection itself). Requests retried after a failure ask for a fresh
     connection and only wait for the window."""
 
-    def __init__(self, initial: int = INITIAL_WINDOW, most: int = MOST_WINDOW) -> None:
+    def __init__(self, initial: int = INITIAL_WINDOW, most: int = MOST_WINDOW,
+                 deadlines: Deadlines | None = None) -> None:
+        self._deadlines = deadlines
         self.idle: list[C] = []  # most recently used last
         self.window = initial
         self._most = most
@@ -104,17 +154,20 @@ class Pacer(Generic[C]):
             return True
         return False
 
-    async def connection(self, fresh: bool) -> C | None:
+    async def connection(self, fresh: bool, deadline: float | None = None) -> C | None:
         """A connection given back while waiting, or None: a place in the window came free first and the caller
-        opens a connection, counted until ``Attempt.end``. (Call when ``try_open`` said no.)"""
+        opens a connection, counted until ``Attempt.end``. (Call when ``try_open`` said no.) ``TimeoutError``
+        once past ``deadline``."""
         waiter: asyncio.Future[C | None] = asyncio.get_running_loop().create_future()
         (self._fresh if fresh else self._any).append(waiter)
+        if deadline is not None and self._deadlines is not None:
+            self._deadlines.watch(waiter, deadline)
         self.waiting += 1
         try:
             return await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():  # served just as it was cancelled: pass it on
-                given = waiter.result()
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:  # served as it was
+                given = waiter.result()  # cancelled: pass it on
                 if given is None:
                     self._end(Outcome.SETTLED)
                 elif not self.offer(given):
@@ -122,6 +175,8 @@ class Pacer(Generic[C]):
             raise
         finally:
             self.waiting -= 1
+            if self._deadlines is not None:
+                self._deadlines.forget(waiter)
 
     def attempt(self) -> Attempt[C]:
         """The place in the window ``connection`` returned None for, to be ended once."""

@@ -9,6 +9,8 @@ connection when both ends allow it. (``ClientSession`` still serves WebSockets a
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 
 from aiohttp import StreamReader
@@ -31,7 +33,7 @@ from gateway.proxy.connection import (
     encode_head,
     open_upstream,
 )
-from gateway.proxy.pacing import SETTLE_AFTER, Attempt, Outcome, Pacer, Turns
+from gateway.proxy.pacing import SETTLE_AFTER, Attempt, Deadlines, Outcome, Pacer, Turns
 
 __all__ = [  # the connection's names too: both lanes take what they need of the upstream side from here
     "REPLAYABLE_METHODS", "BrokenOff", "ClosedUnanswered", "ConnectFailed", "ConnectTimeout", "Exchange",
@@ -44,8 +46,10 @@ REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 LIMIT_PER_UPSTREAM = 512
 """Requests in flight to one upstream at a time; more wait their turn. A dev server is one process: ten thousand
 requests released by a wake must not become ten thousand connections (nor exhaust the gateway's file limit)."""
-_SYN_RETRY = 0.9
-"""A connect that took this long waited for a retransmitted SYN (the first is retried after 1 s): dropped."""
+_TCP_INFO_LENGTH = 104
+_TOTAL_RETRANS = struct.Struct("=I")
+"""``tcpi_total_retrans`` of Linux's ``struct tcp_info``, at byte 100: segments this socket sent again, the
+SYN included."""
 
 
 class Exchange:
@@ -82,9 +86,9 @@ class _Upstream:
 
     __slots__ = ("pacer", "turns")
 
-    def __init__(self, limit: int) -> None:
-        self.turns = Turns(limit)
-        self.pacer: Pacer[Connection] = Pacer()
+    def __init__(self, limit: int, deadlines: Deadlines) -> None:
+        self.turns = Turns(limit, deadlines)
+        self.pacer: Pacer[Connection] = Pacer(deadlines=deadlines)
 
 
 class UpstreamPool:
@@ -100,7 +104,7 @@ class UpstreamPool:
         self._connect_timeout = connect_timeout
         self._clock = HeadClock(first_byte_timeout)
         self._read_timeout = read_timeout
-        self._queue_timeout = queue_timeout
+        self._deadlines = Deadlines(queue_timeout)
         self._keepalive = keepalive
         self._limit = limit
         self._upstreams: dict[Key, _Upstream] = {}
@@ -125,15 +129,16 @@ class UpstreamPool:
         once more on a fresh connection when its connection broke off or stalled before the first byte (a kept-
         alive connection the upstream had closed is not counted: that race is normal)."""
         key = (host, port, tls)
-        upstream = self._upstreams.get(key) or self._upstreams.setdefault(key, _Upstream(self._limit))
+        upstream = self._upstreams.get(key) or self._upstreams.setdefault(key, _Upstream(self._limit, self._deadlines))
+        deadline = None
         if not upstream.turns.try_take():
+            deadline = self._deadlines.deadline()  # one allowance for both waits, a turn and a connection
             try:
-                async with asyncio.timeout(self._queue_timeout):
-                    await upstream.turns.take()
+                await upstream.turns.take(deadline)
             except TimeoutError as exc:
                 raise self._queue_timed_out(key) from exc
         try:
-            answer, exchange = await self._exchange(key, upstream.pacer, method, target, headers, body)
+            answer, exchange = await self._exchange(key, upstream.pacer, method, target, headers, body, deadline)
         except BaseException:
             upstream.turns.give()
             raise
@@ -141,7 +146,8 @@ class UpstreamPool:
         return answer, exchange
 
     async def _exchange(self, key: Key, pacer: Pacer[Connection], method: str, target: str,
-                        headers: CIMultiDict[str], body: StreamReader | None) -> tuple[Response, Exchange]:
+                        headers: CIMultiDict[str], body: StreamReader | None,
+                        deadline: float | None) -> tuple[Response, Exchange]:
         if body is None and "Content-Length" not in headers and method not in _BODYLESS_METHODS:
             headers["Content-Length"] = "0"
         chunked = body is not None and "Content-Length" not in headers
@@ -151,12 +157,16 @@ class UpstreamPool:
         replayable = body is None and method in REPLAYABLE_METHODS
         retried = fresh = False
         while True:
+            conn = None if fresh else self._take(pacer)  # the usual case, without a coroutine of its own
+            reused = conn is not None
             try:
-                conn, reused = await self._connection(key, pacer, fresh)
+                if conn is None:
+                    conn, reused = await self._connection(key, pacer, fresh, deadline)
             except ConnectTimeout:
                 if retried:  # nothing was sent: any method may try once more
                     raise
                 retried = fresh = True
+                deadline = None
                 continue
             conn.begin(head_only=method == "HEAD")
             assert conn.transport is not None
@@ -176,19 +186,20 @@ class UpstreamPool:
                         raise
                     retried = True
                 fresh = True
+                deadline = None  # a new wait, with an allowance of its own
             except BaseException:
                 exchange.close()
                 raise
 
-    async def _connection(self, key: Key, pacer: Pacer[Connection],
-                          fresh: bool) -> tuple[Connection, bool]:
-        """A kept-alive connection, else one given back while this request waited, else a new one once the
-        upstream's window has room; whether it was used before."""
-        conn = None if fresh else self._take(pacer)
-        if conn is None and not pacer.try_open():
+    async def _connection(self, key: Key, pacer: Pacer[Connection], fresh: bool,
+                          deadline: float | None) -> tuple[Connection, bool]:
+        """No kept-alive connection was free: one given back while this request waited, else a new one once the
+        upstream's window has room; whether it was used before. The wait ends at ``deadline`` (that of the wait
+        for a turn, if there was one)."""
+        conn = None
+        if not pacer.try_open():
             try:
-                async with asyncio.timeout(self._queue_timeout):
-                    conn = await pacer.connection(fresh)
+                conn = await pacer.connection(fresh, self._deadlines.deadline() if deadline is None else deadline)
             except TimeoutError as exc:
                 raise self._queue_timed_out(key) from exc
         if conn is not None:
@@ -196,7 +207,7 @@ class UpstreamPool:
         return await self._connect(key, pacer.attempt()), False
 
     def _queue_timed_out(self, key: Key) -> QueueTimeout:
-        return QueueTimeout(f"no connection to {key[0]}:{key[1]} free within {self._queue_timeout:g} s")
+        return QueueTimeout(f"no connection to {key[0]}:{key[1]} free within {self._deadlines.seconds:g} s")
 
     def _take(self, pacer: Pacer[Connection]) -> Connection | None:
         idle = pacer.idle
@@ -210,7 +221,6 @@ class UpstreamPool:
 
     async def _connect(self, key: Key, attempt: Attempt[Connection]) -> Connection:
         loop = asyncio.get_running_loop()
-        started = time.monotonic()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 conn = await open_upstream(lambda: Connection(loop, self._clock, self._read_timeout), *key)
@@ -223,7 +233,7 @@ class UpstreamPool:
         except BaseException:
             attempt.end(Outcome.SETTLED)
             raise
-        if time.monotonic() - started >= _SYN_RETRY:
+        if _handshake_resent(conn):
             attempt.end(Outcome.LOST)  # the first handshake was dropped: the accept queue is full
         else:
             conn.attempt = attempt
@@ -258,10 +268,21 @@ class UpstreamPool:
             self._sweeper.cancel()
             self._sweeper = None
         self._clock.close()
+        self._deadlines.close()
         for upstream in self._upstreams.values():
             for conn in upstream.pacer.idle:
                 conn.close()
             upstream.pacer.idle.clear()
+
+
+def _handshake_resent(conn: Connection) -> bool:
+    """Whether the kernel had to send this connection's SYN again: the listener's accept queue was full and
+    dropped the first. Asked of the socket, not told by how long the connect took: a gateway whose event loop is
+    busy (a wake just released thousands of held requests) sees even an instant connect complete seconds late."""
+    assert conn.transport is not None
+    sock = conn.transport.get_extra_info("socket")
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LENGTH)
+    return bool(_TOTAL_RETRANS.unpack_from(info, 100)[0])
 
 
 async def _send_body(conn: Connection, body: StreamReader, chunked: bool) -> None:

@@ -98,7 +98,8 @@ async def execute(request: web.Request, plan_: Plan, gateway: Gateway, hub: Hand
         if isinstance(plan_, Hold):
             state = await gateway.waker.hold(plan_.state, forward.port)
             forward = dataclasses.replace(forward, address=state.address)
-        return await _forward(request, forward, gateway, WAKE_CONNECT_GRACE if isinstance(plan_, Hold) else 0.0)
+        settling = isinstance(plan_, Hold) or gateway.waker.settling(forward.workspace, forward.port)
+        return await _forward(request, forward, gateway, WAKE_CONNECT_GRACE if settling else 0.0)
     except GatewayError as exc:
         exc.headers.update(forward.on_error)
         raise

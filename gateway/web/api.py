@@ -6,6 +6,8 @@ callers changing anything must come from the hub's own origin (CSRF). Errors are
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import secrets
 import time
@@ -30,6 +32,10 @@ from gateway.web.auth_routes import check_same_origin, hub_identity
 from gateway.web.pages import JSON_ONLY, phase_words
 
 _SAFE = ("GET", "HEAD", "OPTIONS")
+PAGE_SIZE = 100
+"""Workspaces per page of ``GET /api/v1/workspaces`` when the caller names no ``limit``: an admin may see
+thousands, and one answer with every port of each would take seconds and megabytes."""
+MOST_PER_PAGE = 500
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -105,10 +111,10 @@ def _mine(request: web.Request, identity: Identity, *, manage: bool = False) -> 
     """The workspace named in the path, if the caller may see it (and manage it, for owner-only changes)."""
     gateway = request.app[GATEWAY]
     state = gateway.runtime.get(request.match_info["workspace"])
-    role = role_of(gateway.policy, state.spec, identity) if state is not None else None
-    if state is None or role is None:
+    their_role = role_of(gateway.policy, state.spec, identity) if state is not None else None
+    if state is None or their_role is None:
         raise NotFound("There is no workspace with that name that you can see.", code="workspace-not-found")
-    if manage and role is Reason.COLLABORATOR:
+    if manage and their_role is Reason.COLLABORATOR:
         raise Forbidden("Only the workspace's owner can change how it is shared.", code="owner-only")
     return state
 
@@ -123,11 +129,12 @@ def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity) 
     listening = gateway.runtime.listening_ports(state.id) or set()
     labels = {**gateway.runtime.port_labels(state.id), **state.spec.labels}
     ports = sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
-    role = role_of(gateway.policy, state.spec, identity)
+    their_role = role_of(gateway.policy, state.spec, identity)
     consented = Counter(c.port for c in gateway.auth.store.consents.values() if c.workspace == state.id and c.share)
     return {
         "id": state.id, "owner": state.spec.owner, "collaborators": list(state.spec.collaborators),
-        "role": role.value if role else None, "phase": state.phase.value, "phase_words": phase_words(state.phase),
+        "role": their_role.value if their_role else None, "phase": state.phase.value,
+        "phase_words": phase_words(state.phase),
         "message": state.message, "last_activity": gateway.activity.last(state.id),
         "ide_url": gateway.hosts.ide_url(state.id),
         "ports": [{"port": port, "label": labels.get(port, ""),
@@ -144,12 +151,47 @@ async def me(request: web.Request) -> web.Response:
     return web.json_response({"user": identity.subject, "email": identity.email, "groups": list(identity.groups)})
 
 
+def _page(request: web.Request) -> tuple[int, str | None]:
+    """``?limit=`` (1–500, default 100) and ``?cursor=`` (the ``next_cursor`` of the page before: opaque to
+    callers, the last id that page showed), checked."""
+    raw_limit = request.query.get("limit", str(PAGE_SIZE))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MOST_PER_PAGE:
+        raise BadRequest(f"limit: a number from 1 to {MOST_PER_PAGE}.", code="bad-limit")
+    cursor = request.query.get("cursor")
+    if cursor is None:
+        return int(raw_limit), None
+    try:
+        after = base64.urlsafe_b64decode(cursor.encode("ascii") + b"==").decode("ascii")
+    except (UnicodeError, ValueError, binascii.Error):
+        after = ""
+    if not WORKSPACE_ID.fullmatch(after):
+        raise BadRequest("cursor: not one this API gave out (use next_cursor as it is).", code="bad-cursor")
+    return int(raw_limit), after
+
+
+def _cursor(workspace: str) -> str:
+    return base64.urlsafe_b64encode(workspace.encode()).decode().rstrip("=")
+
+
 async def list_workspaces(request: web.Request) -> web.Response:
+    """One page, in id order; ``next_cursor`` (null on the last page) asks for the next. Pages are cut by id, not
+    by position, so a workspace created or deleted between two calls never shifts another into or out of view."""
     identity = caller(request)
+    limit, after = _page(request)
     gateway = request.app[GATEWAY]
-    views = [workspace_view(gateway, state, identity) for state in sorted(gateway.runtime.list(), key=lambda s: s.id)
-             if role_of(gateway.policy, state.spec, identity) is not None]
-    return web.json_response({"workspaces": views})
+    visible = sorted((state for state in gateway.runtime.list() if after is None or state.id > after),
+                     key=lambda s: s.id)
+    page: list[WorkspaceState] = []
+    more = False
+    for state in visible:
+        if role_of(gateway.policy, state.spec, identity) is None:
+            continue
+        if len(page) == limit:
+            more = True
+            break
+        page.append(state)
+    return web.json_response({"workspaces": [workspace_view(gateway, state, identity) for state in page],
+                              "next_cursor": _cursor(page[-1].id) if more else None})
 
 
 async def get_workspace(request: web.Request) -> web.Response:

@@ -20,6 +20,8 @@ import segno
 from aiohttp import web
 
 from gateway.auth.identity import Identity
+from gateway.auth.store import ShareLink
+from gateway.edge.policy import role as role_of
 from gateway.edge.routing import Kind, route
 from gateway.errors import BadRequest, GatewayError, Unauthorized
 from gateway.server.context import GATEWAY, Gateway
@@ -35,11 +37,15 @@ KEEPALIVE = 15.0
 def snapshot(gateway: Gateway, identity: Identity) -> dict[str, Any]:
     """Everything the hub page shows for one person, as the API would answer it."""
     views = []
-    for state in sorted(gateway.runtime.list(), key=lambda state: state.id):
+    mine = sorted((state for state in gateway.runtime.list()
+                   if role_of(gateway.policy, state.spec, identity) is not None), key=lambda state: state.id)
+    shares: dict[str, list[ShareLink]] = {state.id: [] for state in mine}
+    for link in gateway.auth.store.shares.values():  # one pass over every link, not one per workspace
+        if link.workspace in shares:
+            shares[link.workspace].append(link)
+    for state in mine:
         view = api.workspace_view(gateway, state, identity)
-        if not view["role"]:
-            continue
-        links = [link for link in gateway.auth.store.shares.values() if link.workspace == state.id]
+        links = shares[state.id]
         view["shares"] = [api.share_view(gateway, link) for link in sorted(links, key=lambda link: -link.created)]
         views.append(view)
     return {"workspaces": views, "consents": api.consents_of(gateway, identity)}

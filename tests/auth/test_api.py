@@ -10,6 +10,7 @@ from urllib.parse import quote
 import pytest
 
 from gateway.lifecycle import Phase
+from gateway.web import api
 from gateway.web.pages import PHASE_WORDS
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served
@@ -359,3 +360,43 @@ async def test_local_workspaces_are_declared_not_created(served: Served, make_br
     changed = await call(alice, "PUT", "/api/v1/workspaces/ws1/collaborators", {"collaborators": ["carol"]})
     assert changed.status == 200
     assert changed.json()["collaborators"] == ["carol"]
+
+
+async def test_workspaces_come_in_pages(serve: Serve, make_browser: MakeBrowser, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``limit`` and ``cursor`` walk the caller's workspaces in id order; pages skip what the caller cannot see,
+    and a page is cut by id, so a workspace that goes away between two calls shifts nothing."""
+    mine = ["a1", "b2", "c3", "d4", "e5", "f6", "g7"]
+    spec = {name: {"owner": "alice"} for name in mine} | {"bz": {"owner": "carol"}, "cz": {"owner": "carol"}}
+    served = await serve(spec)
+    alice = await user(make_browser, served, "alice")
+    seen: list[list[str]] = []
+    cursor = None
+    while True:
+        page = await call(alice, "GET", "/api/v1/workspaces?limit=3" + (f"&cursor={cursor}" if cursor else ""))
+        assert page.status == 200, page.text
+        seen.append([view["id"] for view in page.json()["workspaces"]])
+        cursor = page.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [["a1", "b2", "c3"], ["d4", "e5", "f6"], ["g7"]]
+    exact = await call(alice, "GET", "/api/v1/workspaces?limit=7")
+    assert exact.json()["next_cursor"] is None  # no empty last page
+    first = (await call(alice, "GET", "/api/v1/workspaces?limit=2")).json()
+    served.gateway.runtime._slots.pop("b2")  # gone between two calls (the local runtime's table)
+    rest = (await call(alice, "GET", f"/api/v1/workspaces?limit=2&cursor={first['next_cursor']}")).json()
+    assert [view["id"] for view in rest["workspaces"]] == ["c3", "d4"]
+
+    monkeypatch.setattr(api, "PAGE_SIZE", 4)
+    default = (await call(alice, "GET", "/api/v1/workspaces")).json()
+    assert [view["id"] for view in default["workspaces"]] == ["a1", "c3", "d4", "e5"]
+    assert default["next_cursor"]
+
+
+@pytest.mark.parametrize(("query", "code"), [
+    ("limit=0", "bad-limit"), ("limit=501", "bad-limit"), ("limit=ten", "bad-limit"), ("limit=-1", "bad-limit"),
+    ("cursor=!!", "bad-cursor"), ("cursor=Lw", "bad-cursor"), ("cursor=", "bad-cursor"),
+])
+async def test_bad_page_parameters_are_400(served: Served, make_browser: MakeBrowser, query: str, code: str) -> None:
+    alice = await user(make_browser, served, "alice")
+    assert_error(await call(alice, "GET", f"/api/v1/workspaces?{query}"), 400, code)

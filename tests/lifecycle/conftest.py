@@ -32,7 +32,7 @@ Client = TestClient[web.Request, web.Application]
 
 
 def slow_workspace(address: str, *, delay: float = 1.5, starts: Path | None = None, child: bool = False,
-                   **extra: Any) -> dict[str, Any]:
+                   swap: float = 0.0, **extra: Any) -> dict[str, Any]:
     """A workspace whose port 8000 opens ``delay`` seconds after each start; starts are logged to ``starts``.
 
     Port 8000 is public: these tests are about waking, the access rules have their own tests in tests/auth.
@@ -40,6 +40,8 @@ def slow_workspace(address: str, *, delay: float = 1.5, starts: Path | None = No
     command = [sys.executable, str(SLOW_SERVER), "--host", "{host}", "--port", str(PORT), "--delay", str(delay)]
     if child:
         command.append("--child")
+    if swap:
+        command += ["--swap", str(swap)]
     env = {"STARTS_FILE": str(starts)} if starts is not None else {}
     return {"owner": "alice", "command": command, "address": address, "env": env, "ports": {PORT: "public"}, **extra}
 

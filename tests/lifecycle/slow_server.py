@@ -2,7 +2,8 @@
 
 It records every start (one line appended to ``$STARTS_FILE`` when set), waits ``--delay`` seconds before it
 binds, then serves: ``GET /`` → a fixed body, ``POST /echo`` → the request body back, ``GET /stream`` (and
-``POST``) → a slow stream of lines, ``GET /ws`` → a WebSocket echo. ``--child`` also starts a grandchild
+``POST``) → a slow stream of lines, ``GET /ws`` → a WebSocket echo. ``--swap S`` first listens for 0.3 s and
+closes, S seconds before the real bind (Vite's check that its port is free). ``--child`` also starts a grandchild
 (``sleep``) in the same process group, so tests can see that stopping a workspace stops its whole group.
 """
 
@@ -51,8 +52,14 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def main(host: str, port: int, delay: float) -> None:
+async def main(host: str, port: int, delay: float, swap: float = 0.0) -> None:
     await asyncio.sleep(delay)
+    if swap:  # as Vite does: listen briefly to see that the port is free, close, and only then bind for real
+        probe = await asyncio.start_server(lambda _reader, writer: writer.close(), host, port)
+        await asyncio.sleep(0.3)
+        probe.close()
+        await probe.wait_closed()
+        await asyncio.sleep(swap)
     app = web.Application(client_max_size=64 << 20)
     app.router.add_get("/", index)
     app.router.add_post("/echo", echo)
@@ -76,6 +83,8 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--child", action="store_true", help="also start a grandchild in the process group")
+    parser.add_argument("--swap", type=float, default=0.0,
+                        help="first listen for 0.3 s and close, then bind for real this many seconds later")
     args = parser.parse_args()
     starts = os.environ.get("STARTS_FILE")
     if starts:
@@ -84,4 +93,4 @@ if __name__ == "__main__":
     if args.child:
         subprocess.Popen(["sleep", "3600"])  # a grandchild, on purpose
     print(f"slow server starting on {args.host}:{args.port} after {args.delay}s", file=sys.stderr, flush=True)
-    asyncio.run(main(args.host, args.port, args.delay))
+    asyncio.run(main(args.host, args.port, args.delay, args.swap))

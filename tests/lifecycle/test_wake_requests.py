@@ -118,6 +118,21 @@ async def test_browser_gets_the_waiting_page_then_sse_then_the_app(make_gateway:
     assert await after.text() == BODY
 
 
+async def test_the_page_after_ready_waits_out_a_dev_server_swapping_listeners(make_gateway: MakeGateway) -> None:
+    """Vite listens for a moment to see that its port is free, closes, and binds for real a little later: the
+    wake's probe can meet that first listener and call the port ready. The app's page, which the waiting page
+    loads the moment it hears ``ready``, must not fall into the gap as a 502 ("nothing is listening")."""
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0.3, swap=0.8)})
+
+    assert (await client.get("/", headers=browser("ws"))).status == 503
+    events = await sse_events(client, preview("ws"))
+    assert events[-1][0] == "ready"
+    after = await client.get("/", headers=browser("ws"))
+
+    assert after.status == 200
+    assert await after.text() == BODY
+
+
 @pytest.mark.parametrize("headers", [{"Sec-Fetch-Mode": "navigate"}, {"Accept": "text/html"}])
 async def test_what_counts_as_a_browser_navigation(make_gateway: MakeGateway, headers: dict[str, str]) -> None:
     client = await make_gateway(workspaces={"ws": slow_workspace(next_address())})

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ConfigError, load_config
+from gateway.config import Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 WS = "local:\n  workspaces:\n    ws1:\n      owner: alice\n      command: [sleep, '1']\n"
@@ -80,7 +81,7 @@ def test_good_settings(tmp_path: Path, text: str | None, env: dict[str, str], ch
         (WS + "      ports: {70000: public}\n", {}, "local.workspaces.ws1.ports.70000: Input should be less than"),
         (WS + "      ports: {3000: everyone}\n", {}, "local.workspaces.ws1.ports.3000: Input should be 'private'"),
         (WS.replace("      owner: alice\n", ""), {}, "local.workspaces.ws1.owner: Field required"),
-        ("a: b: c\n", {}, "gateway.yaml:1: not valid YAML (mapping values are not allowed here)"),
+        ("a: b: c\n", {}, "gateway.yaml:1: not valid YAML (mapping values are not allowed"),
         ("- 1\n", {}, "gateway.yaml: the top level must be a mapping of settings"),
         ("", {"CODEHUB_LISTEN__PORT": "eighty"}, "listen.port: Input should be a valid integer"),
         ("", {"CODEHUB_LISTEN": "5"}, "listen: Input should be a valid dictionary"),
@@ -178,3 +179,19 @@ def test_relative_paths_in_a_config_file_are_read_from_its_folder(tmp_path: Path
 def test_code_servers_proxy_uri_is_the_workspaces_share_url(hub: str, previews: str, uri: str) -> None:
     config = load_config(None, {}, overrides={"hub_url": hub, "preview_domain": previews})
     assert config.proxy_uri("ws1") == uri
+
+
+def test_ten_thousand_local_workspaces_each_get_a_loopback_address_of_their_own(tmp_path: Path) -> None:
+    """Addresses left out are handed out over 127.0.0.0/16, never one ending in .0, .1 or .255."""
+    from gateway.lifecycle.local import LocalRuntime
+
+    names = [f"w{index}" for index in range(10_000)]
+    config = Config.model_validate({"local": {"state_dir": str(tmp_path / "state"), "workspaces": {
+        name: {"owner": "alice", "command": ["sleep", "1"]} for name in names}}})
+    runtime = LocalRuntime(config.local)
+    addresses = [runtime._slots[name].address for name in names]
+    assert len(set(addresses)) == len(names)
+    assert addresses[:2] == ["127.0.0.2", "127.0.0.3"]
+    assert addresses[252:255] == ["127.0.0.254", "127.0.1.2", "127.0.1.3"]
+    assert all(ipaddress.ip_address(address).is_loopback for address in addresses)
+    assert not any(address.endswith((".0", ".1", ".255")) for address in addresses)

@@ -9,6 +9,8 @@ import aiohttp
 import pytest
 from aiohttp import ClientResponse, web
 
+from gateway.proxy import pool
+from gateway.proxy.pacing import INITIAL_WINDOW
 from tests.server.conftest import NO_TRACES, MakeProxied
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
@@ -88,6 +90,49 @@ async def test_silent_upstream_times_out_with_504(proxied: MakeProxied) -> None:
             assert response.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await response.read()
+
+
+async def test_a_request_that_waited_too_long_for_a_connection_is_a_503(proxied: MakeProxied,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway's own queue toward a busy port is bounded (``timeouts.queue``), and the one who waited is told
+    so in the usual form; the requests that hold the connections are answered once the app answers."""
+    monkeypatch.setattr(pool, "SETTLE_AFTER", 60.0)  # unanswered connects keep their places for this test's span
+    release = asyncio.Event()
+    arrived: list[web.Request] = []
+    window_full = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        arrived.append(request)
+        if len(arrived) == INITIAL_WINDOW:  # every place in the window taken by a request the app holds
+            window_full.set()
+        await release.wait()
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_get("/", held)
+    p = await proxied(app, timeouts={"queue": 0.3})
+
+    async def get(headers: dict[str, str]) -> tuple[int, str, str, str | None]:
+        async with p.request("GET", "/", headers=headers) as response:
+            return response.status, response.content_type, await response.text(), response.headers.get("Retry-After")
+
+    holders = [asyncio.ensure_future(get(API)) for _ in range(INITIAL_WINDOW)]
+    try:
+        async with asyncio.timeout(30):
+            await window_full.wait()
+            for headers, kind in ((API, "application/json"), (BROWSER, "text/html")):
+                status, content_type, body, retry_after = await get(headers)
+                assert (status, content_type, retry_after) == (503, kind, "5")
+                assert "is busy" in body
+                for trace in NO_TRACES:
+                    assert trace not in body
+            assert '"upstream-busy"' in (await get(API))[2]
+            assert not any(holder.done() for holder in holders)
+            release.set()
+            assert [status for status, *_ in await asyncio.gather(*holders)] == [200] * INITIAL_WINDOW
+    finally:
+        release.set()
+        await asyncio.gather(*holders, return_exceptions=True)
 
 
 async def test_a_silent_upstream_is_not_asked_again_by_the_other_lane(proxied: MakeProxied) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 
 import pytest
 from aiohttp import web
@@ -371,6 +372,35 @@ async def test_a_dropped_handshake_halves_the_window() -> None:
         pool.close()
         squatter.close()
     assert pool._upstreams[(address, port, False)].pacer.window < INITIAL_WINDOW  # what the pool learnt
+
+
+async def test_a_connect_slowed_by_the_gateways_own_busy_loop_is_no_dropped_handshake() -> None:
+    """A wake releases thousands of held requests at once, and the gateway's event loop is busy with them for
+    seconds while its first connects complete at once in the kernel. Those connects must count as what they were
+    (taken at once, then answered): the window grows, where taking the loop's delay for the kernel's SYN retry
+    halved it to one."""
+    listener = socket.socket()
+    listener.bind((next_address(), 0))
+    listener.listen(64)
+    address, port = listener.getsockname()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    server = await asyncio.start_server(serve, sock=listener)
+    pool = _pool()
+    try:
+        async with server, asyncio.timeout(10):
+            requests = asyncio.gather(*(_get(pool, address, port) for _ in range(INITIAL_WINDOW)))
+            await asyncio.sleep(0)  # the connects are under way
+            time.sleep(1.5)  # noqa: ASYNC251 (the point: the loop is busy for longer than a first SYN retry)
+            assert await requests == [b"ok"] * INITIAL_WINDOW
+    finally:
+        pool.close()
+    assert pool._upstreams[(address, port, False)].pacer.window == MOST_WINDOW  # four answers, no drop
 
 
 async def test_connect_timeouts_halve_the_window_and_are_tried_once_more() -> None:
