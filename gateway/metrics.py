@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -75,6 +76,13 @@ class Metrics:
         self.idle_transitions = Counter(
             "codehub_idle_transitions", "Idle stops and archives done by the reaper.", ["to_phase"], registry=r
         )
+        self.upstream_connections = Gauge(
+            "codehub_upstream_connections",
+            "Connections to workspace ports in the upstream pool: idle (kept alive) or busy (a request on it).",
+            ["state"], registry=r,
+        )
+        Gauge("codehub_asyncio_tasks", "asyncio tasks alive in this process: a leak of them shows as growth.",
+              registry=r).set_function(_live_tasks)
 
         self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._decision_children: dict[tuple[bool, str], Any] = {}
@@ -91,6 +99,11 @@ class Metrics:
     def track_queue(self, queued: Callable[[], int]) -> None:
         """Export ``codehub_upstream_queued_requests``, counted from the upstream pool at each scrape."""
         self.upstream_queued.set_function(queued)
+
+    def track_pool(self, connections: Callable[[], tuple[int, int]]) -> None:
+        """Export ``codehub_upstream_connections{state}`` from the pool's (idle, busy) at each scrape."""
+        self.upstream_connections.labels("idle").set_function(lambda: connections()[0])
+        self.upstream_connections.labels("busy").set_function(lambda: connections()[1])
 
     def observe_request(self, kind: str, status: int, seconds: float) -> None:
         key = (kind, status // 100)
@@ -112,6 +125,14 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _live_tasks() -> int:
+    """Tasks of the running loop; a scrape is served on it (0 if rendered outside one)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0
 
 
 class _WorkspacesByPhase(Collector):

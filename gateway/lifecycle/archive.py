@@ -58,7 +58,6 @@ def _read_to_end(tar: tarfile.TarFile) -> None:
 def archive_home(home: Path, archive: Path) -> None:
     """Write ``home`` to ``archive`` atomically and verify it; then, and only then, remove ``home``."""
     tmp = archive.with_name(archive.name + ".tmp")
-    archive.parent.mkdir(parents=True, exist_ok=True)
     written = 0
 
     def count(member: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -67,6 +66,7 @@ def archive_home(home: Path, archive: Path) -> None:
         return member
 
     try:
+        archive.parent.mkdir(parents=True, exist_ok=True)
         with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
             tar.add(home, arcname=".", recursive=True, filter=count)
         _fsync_path(tmp)
@@ -74,7 +74,8 @@ def archive_home(home: Path, archive: Path) -> None:
         _fsync_path(archive.parent)
         verify_archive(archive, expected_entries=written)
     except (OSError, tarfile.TarError) as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. the archives folder itself is missing or not a folder
+            tmp.unlink(missing_ok=True)
         raise ArchiveError(f"archiving {home.name} failed: {exc}") from exc
     removing = home.with_name(home.name + ".removing")
     os.replace(home, removing)

@@ -66,6 +66,8 @@ class _Slot:
     process: asyncio.subprocess.Process | None = None
     in_flight: Phase | None = None
     failure: str = ""
+    archive_failure: str = ""
+    """Why the last archive failed (a full disk, say), shown while the workspace stays WARM."""
     state: WorkspaceState | None = None
     labels: LabelFile | None = None
 
@@ -185,9 +187,11 @@ class LocalRuntime(Runtime):
             try:
                 await asyncio.to_thread(archive_home, slot.home, slot.archive)
             except ArchiveError as exc:
-                log.error("archive of %s failed: %s", workspace, exc)
-                self._end(slot)
-                raise LifecycleError(f"Archiving {workspace} failed; its home is untouched.") from exc
+                log.error("archive of %s failed, its home is kept and it stays WARM: %s", workspace, exc)
+                slot.archive_failure = f"The last archive failed, the home is kept: {exc}"
+                self._end(slot)  # WARM again, since now: the reaper tries again after another idle.to_cold
+                raise LifecycleError(f"Archiving {workspace} failed, its home is kept: {exc}") from exc
+            slot.archive_failure = ""
             return self._end(slot)
 
     async def update(self, workspace: str, *, ports: Mapping[int, str] | None = None,
@@ -264,8 +268,10 @@ class LocalRuntime(Runtime):
             phase = Phase.FAILED if slot.failure else Phase.WARM
         else:
             phase = Phase.COLD
-        # a failed restore leaves the workspace COLD (its archive is all there is), with the reason attached
-        message = slot.failure if phase in (Phase.FAILED, Phase.COLD) else ""
+        # a failed restore leaves the workspace COLD (its archive is all there is), with the reason attached;
+        # a failed archive leaves it WARM, with that reason
+        message = (slot.failure if phase in (Phase.FAILED, Phase.COLD)
+                   else slot.archive_failure if phase is Phase.WARM else "")
         previous = slot.state
         if (previous is None or previous.phase is not phase or previous.spec is not slot.spec
                 or previous.message != message):
@@ -316,7 +322,7 @@ class LocalRuntime(Runtime):
             )
         finally:
             output.close()
-        slot.process, slot.failure = process, ""
+        slot.process, slot.failure, slot.archive_failure = process, "", ""
         slot.run_file.write_text(json.dumps({"pgid": process.pid, "start": _process_start_time(process.pid)}))
         asyncio.get_running_loop().create_task(self._watch_exit(slot, process))
 

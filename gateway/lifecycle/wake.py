@@ -3,7 +3,9 @@
 A wake is one task per workspace (runtime ``wake``: restore, start) followed by one task per port (wait until
 it accepts connections). Browsers navigating get a waiting page that follows progress over SSE; every other
 request is held on the shared task, costing no thread and no body buffering (the body is read only once the
-request is proxied), and gets 503 + ``Retry-After`` + JSON if the wake outlasts its timeout.
+request is proxied), and gets 503 + ``Retry-After`` + JSON if the wake outlasts its timeout. When the gateway
+drains (SIGTERM) the held requests get that 503 at once, no wake starts and progress streams end, so their
+clients try again and reach a gateway that stays (or this one, restarted) instead of waiting out the drain.
 """
 
 from __future__ import annotations
@@ -128,6 +130,19 @@ class Waker:
         self._progress: dict[tuple[str, int], Progress] = {}
         self._history: dict[tuple[str, Phase], deque[float]] = {}
         self._woke: dict[tuple[str, int], float] = {}
+        self._draining: asyncio.Future[None] | None = None
+
+    def drain(self) -> None:
+        """The gateway is shutting down: release every held request with a 503 now, and hold no more."""
+        draining = self.drain_signal()
+        if not draining.done():
+            draining.set_result(None)
+
+    def drain_signal(self) -> asyncio.Future[None]:
+        """One future per waker (made on the running loop at first use) that every held request also waits on."""
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_future()
+        return self._draining
 
     async def close(self) -> None:
         tasks = [*self._flights.values(), *self._ports.values()]
@@ -175,23 +190,32 @@ class Waker:
 
     def waiting_page(self, state: WorkspaceState, port: int) -> WakingPage:
         """Start (or join) the wake; the page that follows it, for a browser navigating there meanwhile."""
+        if self.drain_signal().done():
+            raise _draining()
         self.bring_up(state, port)
         return WakingPage(self._progress[(state.id, port)], self.limits)
 
     async def hold(self, state: WorkspaceState, port: int) -> WorkspaceState:
         """Start (or join) the wake and wait for it: a RUNNING state whose port was seen accepting, or a 503."""
+        draining = self.drain_signal()
+        if draining.done():
+            raise _draining()
         task = self.bring_up(state, port)
         timeout = self.limits.for_phase(state.phase)
         self._metrics.held_requests.inc()
         try:
-            await asyncio.wait_for(asyncio.shield(task), timeout)
-        except TimeoutError:
+            # neither is cancelled when this request is: the wake is shared, the drain signal too
+            await asyncio.wait((task, draining), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._metrics.held_requests.dec()
+        if draining.done() and not task.done():
+            raise _draining()
+        if not task.done():
             raise ServiceUnavailable(
                 f"Workspace {state.id} did not become ready within {timeout:g} s; try again shortly.",
                 code="wake-timeout", headers={"Retry-After": "5"},
-            ) from None
-        finally:
-            self._metrics.held_requests.dec()
+            )
+        task.result()  # the wake's own failure, if it failed
         fresh = self._runtime.get(state.id)
         assert fresh is not None
         return fresh
@@ -271,6 +295,11 @@ class Waker:
             await asyncio.sleep(_PROBE_FAST if now < fast_until else _PROBE_SLOW)
 
 
+def _draining() -> ServiceUnavailable:
+    return ServiceUnavailable("The gateway is restarting; try again in a moment.", code="gateway-draining",
+                              headers={"Retry-After": "1"})
+
+
 def _apply(event: Event, workspace: str, progress: Progress) -> None:
     """A phase moves the page to its step; a message (why it is slow: "Pulling image …") is shown with it."""
     if event.workspace == workspace and event.phase in _STEP_FOR_PHASE:
@@ -280,8 +309,12 @@ def _apply(event: Event, workspace: str, progress: Progress) -> None:
 async def progress_events(waker: Waker, state: WorkspaceState, port: int) -> AsyncIterator[bytes]:
     """Server-Sent Events for a waiting page: each step as it happens, then ``ready`` or ``failed``.
 
-    Following it (re)starts the wake, so a page reloaded after a failure or a restart carries on.
+    Following it (re)starts the wake, so a page reloaded after a failure or a restart carries on. When the gateway
+    drains it ends without either: the browser's EventSource reconnects by itself, to a gateway that stays.
     """
+    draining = waker.drain_signal()
+    if draining.done():
+        return
     task = waker.bring_up(state, port)
     progress = waker.progress(state.id, port)
     sent = 0
@@ -294,8 +327,11 @@ async def progress_events(waker: Waker, state: WorkspaceState, port: int) -> Asy
         if task.done():
             break
         waiter = asyncio.ensure_future(changed.wait())
-        done, _ = await asyncio.wait({task, waiter}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        awaited: set[asyncio.Future[Any]] = {task, waiter, draining}
+        done, _ = await asyncio.wait(awaited, timeout=15, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
+        if draining in done and not task.done():
+            return
         if not done and progress is not None:  # nothing new for a while: say how long it has been
             yield _sse("progress", progress.as_event())
     error = ServiceUnavailable("The gateway is shutting down.") if task.cancelled() else task.exception()

@@ -1,7 +1,8 @@
 """One timer for every relayed WebSocket's heartbeat, instead of a timer (and its rescheduling) per connection.
 
 Each member is ticked every ``period / 2``; the member counts the ticks since its client last sent anything,
-pings after more than ``period`` of silence and gives up when the pong is not back by the next tick.
+pings after more than ``period`` of silence and gives up when the pong is not back by the next tick. Being the
+one place that knows every live relayed WebSocket, it is also how a draining gateway closes them all.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Protocol
 
 class Member(Protocol):
     def tick(self) -> None: ...
+
+    def leave(self, code: int) -> None: ...
 
 
 class Heartbeat:
@@ -35,6 +38,11 @@ class Heartbeat:
         if not self._members and self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+    def end_all(self, code: int) -> None:
+        """Close every watched WebSocket with ``code``, both ends (1001 when the gateway shuts down)."""
+        for member in tuple(self._members):  # leaving forgets the member
+            member.leave(code)
 
     def _tick(self) -> None:
         for member in tuple(self._members):  # a tick may end a relay, which forgets its member

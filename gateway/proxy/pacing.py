@@ -79,16 +79,20 @@ class Turns:
     in Python 3.11 walks all its waiters on every acquire: a wake releasing ten thousand requests made that
     quadratic). A wait with a deadline ends in ``TimeoutError`` once ``deadlines`` finds it past."""
 
-    __slots__ = ("_deadlines", "_free", "_waiters")
+    __slots__ = ("_deadlines", "_free", "_limit", "_waiters")
 
     def __init__(self, limit: int, deadlines: Deadlines | None = None) -> None:
-        self._free = limit
+        self._free = self._limit = limit
         self._deadlines = deadlines
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
     def waiting(self) -> int:
         return sum(1 for waiter in self._waiters if not waiter.done())
+
+    @property
+    def taken(self) -> int:
+        return self._limit - self._free
 
     def try_take(self) -> bool:
         """A turn at once if one is free and nobody waits (no timer, no future: the usual case)."""

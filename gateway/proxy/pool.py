@@ -120,6 +120,12 @@ class UpstreamPool:
         """Requests waiting in the gateway for a turn or a connection to their upstream."""
         return sum(up.turns.waiting + up.pacer.waiting for up in self._upstreams.values())
 
+    def connections(self) -> tuple[int, int]:
+        """(idle, busy): kept-alive connections waiting for a request, and requests holding a connection (or
+        opening one)."""
+        idle = sum(len(up.pacer.idle) for up in self._upstreams.values())
+        return idle, sum(up.turns.taken for up in self._upstreams.values())
+
     async def request(self, host: str, port: int, method: str, target: str, headers: CIMultiDict[str],
                       body: StreamReader | None, *, tls: bool = False) -> tuple[Response, Exchange]:
         """Send the head (and start streaming the body), return the answer's head once it is in.

@@ -108,6 +108,9 @@ class _ClientEnd(_End):
         elif self.idle >= _GIVE_UP_AT:
             self.transport.abort()  # no pong: the client is gone, its buffers will never drain
 
+    def leave(self, code: int) -> None:
+        self.relay.end(code)
+
 
 class Relay:
     """Both ends of one WebSocket; ``done`` resolves once either end is gone (the other is closing)."""

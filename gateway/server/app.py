@@ -29,6 +29,7 @@ from gateway.lifecycle import Runtime
 from gateway.lifecycle.idle import Activity, reap_forever
 from gateway.lifecycle.wake import WakeLimits, Waker
 from gateway.metrics import Metrics
+from gateway.proxy.wsrelay import GOING_AWAY
 from gateway.server.context import GATEWAY, AuthState, Gateway
 from gateway.server.lane import execute, plan_for
 from gateway.server.refusals import Reason, counted
@@ -165,8 +166,18 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     app.router.add_get("/badge/{workspace}/{port}.svg", badge.badge)
     auth_routes.add_routes(app)
     api.add_routes(app)
+    app.on_shutdown.append(_drain)
     app.cleanup_ctx.append(_lifespan)
     return app
+
+
+async def _drain(app: web.Application) -> None:
+    """SIGTERM, once the listener is closed and idle connections are gone (aiohttp's order): what would only wait
+    out the drain leaves now — held requests get 503 + Retry-After, WebSockets 1001 — so that requests in
+    flight are all that ``timeouts.shutdown`` is spent on."""
+    gateway = app[GATEWAY]
+    gateway.waker.drain()
+    gateway.heartbeat.end_all(GOING_AWAY)
 
 
 async def _lifespan(app: web.Application) -> AsyncIterator[None]:
@@ -174,6 +185,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     gateway._session = make_session(gateway.config.timeouts)
     gateway._pool = make_pool(gateway.config.timeouts, gateway.metrics.upstream_fault)
     gateway.metrics.track_queue(gateway._pool.queued)
+    gateway.metrics.track_pool(gateway._pool.connections)
     if gateway.config.auth.oidc is not None:
         gateway.auth.oidc = OidcClient(gateway.config.auth.oidc, gateway.session)
     await gateway.runtime.start()

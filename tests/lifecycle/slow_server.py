@@ -1,10 +1,10 @@
 """A workspace app that takes its time: ``python slow_server.py --host H --port P --delay S``.
 
 It records every start (one line appended to ``$STARTS_FILE`` when set), waits ``--delay`` seconds before it
-binds, then serves: ``GET /`` → a fixed body, ``POST /echo`` → the request body back, ``GET /stream`` → a slow
-stream of lines, ``GET /ws`` → a WebSocket echo. ``--swap S`` first listens for 0.3 s and closes, S seconds before
-the real bind (Vite's check that its port is free). ``--child`` also starts a grandchild (``sleep``) in the
-same process group, so tests can see that stopping a workspace stops its whole group.
+binds, then serves: ``GET /`` → a fixed body, ``POST /echo`` → the request body back, ``GET /stream`` (and
+``POST``) → a slow stream of lines, ``GET /ws`` → a WebSocket echo. ``--swap S`` first listens for 0.3 s and
+closes, S seconds before the real bind (Vite's check that its port is free). ``--child`` also starts a grandchild
+(``sleep``) in the same process group, so tests can see that stopping a workspace stops its whole group.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ async def main(host: str, port: int, delay: float, swap: float = 0.0) -> None:
     app.router.add_post("/echo", echo)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/stream", stream)
+    app.router.add_post("/stream", stream)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, host, port, backlog=2048).start()

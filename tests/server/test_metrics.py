@@ -164,3 +164,41 @@ async def test_requests_waiting_for_a_connection_are_counted(proxied: MakeProxie
             request.cancel()
         await asyncio.gather(*requests, return_exceptions=True)
         listener.close()
+
+
+async def test_pool_connections_and_tasks_are_exported(proxied: MakeProxied) -> None:
+    """What the soak benchmark watches for leaks: a request in flight holds a busy connection, and once answered
+    the connection waits idle in the pool; the loop's tasks are counted."""
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", slow)
+    p = await proxied(app)
+    pending = asyncio.ensure_future(p.request("GET", "/").__aenter__())
+    try:
+        async with asyncio.timeout(5):
+            while sample(await p.metrics(), "codehub_upstream_connections", state="busy") != 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        text = await p.metrics()
+        assert sample(text, "codehub_upstream_connections", state="idle") == 0
+        tasks = sample(text, "codehub_asyncio_tasks")
+        sleepers = [asyncio.ensure_future(asyncio.sleep(60)) for _ in range(5)]
+        assert sample(await p.metrics(), "codehub_asyncio_tasks") == tasks + 5
+        for sleeper in sleepers:
+            sleeper.cancel()
+        await asyncio.gather(*sleepers, return_exceptions=True)
+        release.set()
+        response = await pending
+        assert response.status == 200
+        await response.read()
+        text = await p.metrics()
+        assert sample(text, "codehub_upstream_connections", state="busy") == 0
+        assert sample(text, "codehub_upstream_connections", state="idle") == 1
+    finally:
+        release.set()
+        pending.cancel()
+        await asyncio.gather(pending, return_exceptions=True)
