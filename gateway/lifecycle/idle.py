@@ -7,11 +7,10 @@ health checks and metrics never call ``touch``, so they never keep anything awak
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.errors import GatewayError
@@ -26,6 +25,22 @@ class IdleTimers:
     to_warm: float
     to_cold: float
     check_every: float
+
+
+class _Open:
+    """``Activity.connection``: a class rather than a generator context manager, which cost every proxied request
+    a generator and a wrapper."""
+
+    __slots__ = ("_activity", "_workspace")
+
+    def __init__(self, activity: Activity, workspace: str) -> None:
+        self._activity, self._workspace = activity, workspace
+
+    def __enter__(self) -> None:
+        self._activity._opened(self._workspace)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._activity._closed(self._workspace)
 
 
 class Activity:
@@ -49,17 +64,18 @@ class Activity:
         for workspace in list(self._open):
             self.touch(workspace)
 
-    @contextlib.contextmanager
-    def connection(self, workspace: str) -> Iterator[None]:
+    def connection(self, workspace: str) -> _Open:
         """An open WebSocket counts as activity for as long as it lives, and once more when it ends."""
+        return _Open(self, workspace)
+
+    def _opened(self, workspace: str) -> None:
         self._open[workspace] = self._open.get(workspace, 0) + 1
-        try:
-            yield
-        finally:
-            self._open[workspace] -= 1
-            if not self._open[workspace]:
-                del self._open[workspace]
-            self.touch(workspace)
+
+    def _closed(self, workspace: str) -> None:
+        self._open[workspace] -= 1
+        if not self._open[workspace]:
+            del self._open[workspace]
+        self.touch(workspace)
 
     def snapshot(self) -> tuple[dict[str, float], dict[str, int]]:
         """Copies of the last-activity times and open connections (what a worker reports to its parent)."""
