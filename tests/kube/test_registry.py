@@ -46,10 +46,12 @@ async def test_the_token_store_caches_in_the_runtimes_registry_and_closing_the_r
         assert {kind.plural for kind in runtime.informers} == EVERY_KIND
         await emu.wait_watches(len(EVERY_KIND))
         assert emu.watch_count == len(EVERY_KIND)  # one watch per kind, however many read it
+        await store.close()  # as the app closes it: first, while the runtime's client is open
+        assert emu.watch_count == len(EVERY_KIND)  # its watches are the runtime's, not the store's to end
     finally:
-        await runtime.close()  # the store's watches too: they are the runtime's
-        await until(lambda: emu.watch_count == 0)
         await store.close()
+        await runtime.close()  # the store's watches too
+        await until(lambda: emu.watch_count == 0)
 
 
 async def test_listeners_of_one_kind_share_its_watch_and_a_failing_one_starves_no_other(kube: KubeEnv) -> None:
