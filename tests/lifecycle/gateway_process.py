@@ -80,6 +80,8 @@ class Gateway:
                 if status == 200:
                     return
             time.sleep(0.05)
+        self.process.kill()  # not yet handed to the fixture that stops it: stop it here
+        self.process.wait(10)
         raise AssertionError(f"gateway did not become healthy:\n{self.log.read_text()}")
 
     def request(self, method: str, path: str, host: str, *, headers: dict[str, str] | None = None,
