@@ -31,7 +31,7 @@ from gateway.auth.identity import Identity
 from gateway.auth.sessions import Sessions
 from gateway.auth.store import ApiToken, ShareLink, TokenStore
 from gateway.edge import cors
-from gateway.edge.disclosure import CONSENT_PATH, ConsentPage, answer_of, identity_headers
+from gateway.edge.disclosure import CONSENT_PATH, ConsentPage, consent_pending, disclosed, identity_headers
 from gateway.edge.policy import CorsRule, Decision, Policy, Reason, decide, denial, may_wake, membership
 from gateway.edge.routing import WAKE_EVENTS_PATH, Hosts, Kind, Target, normalise_host, route
 from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound
@@ -247,8 +247,8 @@ class _Request:
         self.rule: CorsRule | None = cors.rule_for(world.policy, target.port) if target.port is not None else None
         self.effects: list[Effect] = []
         self.found = False
-        self._member: bool | None = None
         """Whether ``state`` is known yet (the refusals before it carry no CORS headers)."""
+        self._member: bool | None = None
         self.state: WorkspaceState
 
     # --- the shape of it -------------------------------------------------------------------------------------
@@ -370,24 +370,12 @@ class _Request:
         return self._member
 
     def _asks_consent(self, identity: Identity | None) -> bool:
-        """A visitor of an opted-in port who has not answered yet: a browser navigation gets the consent page."""
-        port = self.target.port
-        return (identity is not None and port is not None and port in self.state.spec.identity_ports
-                and not self._is_member(identity)
-                and answer_of(lambda: self.world.store.consents, identity, self.state.spec, port) is None)
+        return consent_pending(self.state.spec, self.target.port, identity, member=self._is_member(identity),
+                               consents=lambda: self.world.store.consents)
 
     def _disclosed(self, identity: Identity | None) -> Identity | None:
-        """The identity this app may receive for this caller, or None."""
-        if identity is None:
-            return None
-        port = self.target.port
-        if not self._is_member(identity):
-            if port is None or port not in self.state.spec.identity_ports:
-                return None
-            answer = answer_of(lambda: self.world.store.consents, identity, self.state.spec, port)
-            if answer is None or not answer.share:
-                return None
-        return self.world.policy.identity.disclose(identity)
+        return disclosed(self.world.policy.identity, self.state.spec, self.target.port, identity,
+                         member=self._is_member(identity), consents=lambda: self.world.store.consents)
 
     # --- answers -------------------------------------------------------------------------------------------
     def _preflight(self) -> Plan:
@@ -424,15 +412,15 @@ class _Request:
         if asleep and wants_page(facts.method, facts.headers) and not websocket:
             return WaitingPage(state=state, port=port, target=target, user=user,
                                effects=tuple(self.effects))
-        disclosed = self._disclosed(identity)
-        assertion = world.sessions.assertion(disclosed, self.origin) if disclosed is not None else None
+        shown = self._disclosed(identity)
+        assertion = world.sessions.assertion(shown, self.origin) if shown is not None else None
         trusted = bool(world.trusted_proxies) and any(
             ipaddress.ip_address(facts.peer) in network for network in world.trusted_proxies)
         client = ClientFacts(peer=facts.peer, scheme=world.hosts.scheme, public_host=self.host, trusted=trusted)
         headers = upstream_request_headers(
             facts.headers, client, upstream_host=f"localhost:{port}",
             strip_authorization=credentials.consumed_authorization,
-            identity=identity_headers(disclosed, assertion),
+            identity=identity_headers(shown, assertion),
         )
         if target.kind is Kind.IDE:
             put_ide_cookie(headers, world.ide_secret(state.id))
