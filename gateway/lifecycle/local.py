@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from gateway.accesslog import log_text
 from gateway.config import Local, LocalWorkspace
 from gateway.errors import NotFound
 from gateway.lifecycle.archive import ArchiveError, archive_home, recover, restore_home
@@ -187,7 +188,8 @@ class LocalRuntime(Runtime):
             try:
                 await asyncio.to_thread(archive_home, slot.home, slot.archive)
             except ArchiveError as exc:
-                log.error("archive of %s failed, its home is kept and it stays WARM: %s", workspace, exc)
+                log.error("archive of %s failed, its home is kept and it stays WARM: %s", workspace,
+                          log_text(str(exc)))  # it names files of the home, which its owner chose
                 slot.archive_failure = f"The last archive failed, the home is kept: {exc}"
                 self._end(slot)  # WARM again, since now: the reaper tries again after another idle.to_cold
                 raise LifecycleError(f"Archiving {workspace} failed, its home is kept: {exc}") from exc

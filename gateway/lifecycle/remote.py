@@ -46,8 +46,8 @@ def state_from_wire(data: Mapping[str, Any]) -> WorkspaceState:
     spec = WorkspaceSpec(id=data["id"], owner=data["owner"], collaborators=tuple(data["collaborators"]),
                          ide_port=int(data["ide_port"]), ports={int(k): str(v) for k, v in data["ports"].items()},
                          identity_ports=frozenset(int(port) for port in data["identity_ports"]),
-                         https_ports=frozenset(int(port) for port in data.get("https_ports", ())),
-                         labels={int(port): str(text) for port, text in data.get("labels", {}).items()})
+                         https_ports=frozenset(int(port) for port in data["https_ports"]),
+                         labels={int(port): str(text) for port, text in data["labels"].items()})
     return WorkspaceState(spec, Phase(data["phase"]), data["address"], data["message"], float(data["since"]))
 
 

@@ -106,6 +106,8 @@ class ControlServer:
                     state = await self.runtime.wake(workspace)
                 finally:
                     self._waking[workspace] -= 1
+                    if not self._waking[workspace]:
+                        del self._waking[workspace]  # names asked for once (unknown ones too) are not kept
                 self.activity.touch(workspace)  # the worker now sends it what waited: not idle yet
             else:
                 state = await getattr(self.runtime, action)(workspace)
