@@ -7,6 +7,7 @@ replaced, never merged, so the browser never sees two contradicting answers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 
 from multidict import CIMultiDictProxy
@@ -82,12 +83,18 @@ def response_headers(rule: CorsRule, origin: str) -> dict[str, str]:
     return headers
 
 
+_HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
+"""A comma-separated list of header names (RFC 9110 tokens), as browsers send in Access-Control-Request-Headers."""
+
+
 def preflight_headers(rule: CorsRule, origin: str, requested_headers: str) -> dict[str, str]:
     headers = response_headers(rule, origin)
     headers["Access-Control-Allow-Methods"] = ", ".join(rule.allow_methods)
     if requested_headers:
-        allowed = requested_headers if "*" in rule.allow_headers else ", ".join(rule.allow_headers)
-        headers["Access-Control-Allow-Headers"] = allowed
+        if "*" not in rule.allow_headers:
+            headers["Access-Control-Allow-Headers"] = ", ".join(rule.allow_headers)
+        elif _HEADER_NAMES.fullmatch(requested_headers):  # echoed back: header names only, nothing else
+            headers["Access-Control-Allow-Headers"] = requested_headers
     headers["Access-Control-Max-Age"] = str(rule.max_age)
     headers["Vary"] = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
     return headers

@@ -217,3 +217,24 @@ cors:
                    world)
     assert isinstance(refused, Refuse)
     assert refused.error.code == "cors-origin-denied"
+
+
+@pytest.mark.parametrize(("requested", "allowed"), [
+    ("content-type, x-trace", "content-type, x-trace"),
+    ("x-a,x-b", "x-a,x-b"),
+    ("x-a, <script>", None),
+    ("x-a\u2028evil", None),
+])
+def test_a_preflight_echoes_only_header_names(world: World, requested: str, allowed: str | None) -> None:
+    """Under ``allow_headers: ["*"]`` the requested names are echoed; anything that is not a list of header names
+    is the client's text, and is not written into the answer."""
+    world.policy = parse_policy("""
+cors:
+  - ports: [3000]
+    mode: replace
+    allow_origins: ["http://4000-ws.localhost:8080"]
+""")
+    made = plan(facts("/", method="OPTIONS", Origin="http://4000-ws.localhost:8080",
+                      Access_Control_Request_Method="POST", Access_Control_Request_Headers=requested), world)
+    assert isinstance(made, Preflight)
+    assert made.headers.get("Access-Control-Allow-Headers") == allowed
