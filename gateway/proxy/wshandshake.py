@@ -19,7 +19,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import BadGateway, BadRequest
-from gateway.proxy.connection import encode_head, open_upstream
+from gateway.proxy.connection import MAX_HEAD, encode_head, open_upstream
 from gateway.proxy.upstream import Upstream
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -110,7 +110,7 @@ def chosen_protocol(answer: Answer, key: str, offered: tuple[str, ...], upstream
 class _Reader(asyncio.Protocol):
     """Reads the upstream's answer head with llhttp; once it is in, reading pauses until the relay takes over."""
 
-    __slots__ = ("_headers", "_parser", "_status", "answer", "transport")
+    __slots__ = ("_headers", "_parser", "_read", "_status", "answer", "transport")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.transport: asyncio.Transport | None = None
@@ -118,6 +118,7 @@ class _Reader(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[str, str]] = []
         self._status = 0
+        self._read = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio's; both loops set TCP_NODELAY on TCP transports already.
@@ -125,6 +126,12 @@ class _Reader(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.answer.done():
+            return
+        self._read += len(data)
+        if self._read > MAX_HEAD and not self._status:  # an upstream may not grow the gateway's memory at will
+            self.answer.set_exception(ConnectionError(f"an answer head of over {MAX_HEAD} bytes"))
+            if self.transport is not None:
+                self.transport.close()
             return
         try:
             self._parser.feed_data(data)

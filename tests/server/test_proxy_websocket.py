@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import re
 import struct
@@ -431,3 +432,28 @@ async def test_shutdown_ends_relayed_websockets_and_the_upstream_hears_going_awa
         await runner.cleanup()
     await asyncio.wait_for(closed.wait(), 10)
     assert seen["close_code"] == "1001"
+
+
+async def test_an_endless_upgrade_answer_head_is_a_502_not_a_growing_buffer(proxied: MakeProxied) -> None:
+    """An upstream that answers an upgrade with headers that never end: the gateway stops reading at its head
+    limit and answers 502, as it does for a plain answer's head."""
+    p = await proxied(None)
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\n")
+        with contextlib.suppress(ConnectionError):
+            while not writer.is_closing():
+                writer.write(b"X-More: " + b"a" * 1000 + b"\r\n")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(endless, p.address, p.port)
+    try:
+        async with asyncio.timeout(30):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await p.client.ws_connect("/ws", headers={"Host": p.host, "Origin": p.share_origin})
+        assert refused.value.status == 502
+    finally:
+        server.close()
+        await server.wait_closed()
