@@ -3,7 +3,7 @@
 Why not aiohttp's ``ClientSession``: per request it builds request and response objects, URL objects, timers,
 trace hooks and a cookie-jar pass, and in profiles that was the largest single cost of a proxied request. A
 proxy needs far less: send a head and a streamed body, read a head and a streamed body, and reuse the
-connection when both ends allow it. (``ClientSession`` still serves WebSockets and the OIDC calls.)
+connection when both ends allow it. (``ClientSession`` still serves the OIDC calls.)
 """
 
 from __future__ import annotations

@@ -128,11 +128,6 @@ class _Reader(asyncio.Protocol):
         if self.answer.done():
             return
         self._read += len(data)
-        if self._read > MAX_HEAD and not self._status:  # an upstream may not grow the gateway's memory at will
-            self.answer.set_exception(ConnectionError(f"an answer head of over {MAX_HEAD} bytes"))
-            if self.transport is not None:
-                self.transport.close()
-            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -142,6 +137,10 @@ class _Reader(asyncio.Protocol):
                 self.answer.set_exception(ConnectionError(f"invalid HTTP from the upstream: {exc}"))
         if self._status:
             self._answer(b"")  # a refusal (its body does not matter), or a 101 that is no upgrade
+        elif not self.answer.done() and self._read > MAX_HEAD:  # an upstream may not grow the gateway's memory
+            self.answer.set_exception(ConnectionError(f"an answer head of over {MAX_HEAD} bytes"))
+            if self.transport is not None:
+                self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.answer.done():
