@@ -10,6 +10,7 @@ failing test also gets a screenshot of every page it had open, and the browser c
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -148,10 +149,17 @@ async def browser(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
                     with contextlib.suppress(Exception):
                         await page.screenshot(path=str(ARTIFACTS / f"{request.node.name}-failed-{index}.png"),
                                               timeout=5_000)
-                print("\n".join(["browser console:", *launcher.console[-80:]]))
+                print("\n".join(["browser console:", *_collapsed(launcher.console)[-60:]]))
             for context in launcher.contexts:
                 with contextlib.suppress(Exception):
                     await context.close()
+
+
+def _collapsed(lines: list[str]) -> list[str]:
+    """Each message once, at its first place, with how often it came (code-server repeats some every second),
+    and at most 400 characters of it."""
+    counts = collections.Counter(lines)
+    return [line[:400] + (f"  (x{counts[line]})" if counts[line] > 1 else "") for line in dict.fromkeys(lines)]
 
 
 async def screenshot(page: Page, name: str) -> Path:
@@ -207,6 +215,19 @@ class Stack:
 
     def home(self, workspace: str) -> Path:
         return self.gateway.config.state_dir.resolve() / "workspaces" / workspace / "home"
+
+    async def diagnosis(self, workspace: str) -> str:
+        """What to read when a scenario with a real IDE fails: the workspace's state, the end of its own log
+        (code-server's, which says when a connection or its extension host went away) and every answer on its
+        IDE origin that was not a plain 200."""
+        state = await self.gateway.runtime.status(workspace)
+        log_file = self.home(workspace).parent / "output.log"
+        lines = log_file.read_text(errors="replace").splitlines()[-40:] if log_file.exists() else ["(no log)"]
+        host = f"ide-{workspace}."
+        answers = [f"{method} {path[:80]} {status}" for method, seen, path, status in self.responses
+                   if seen.startswith(host) and status != 200]
+        return "\n".join([f"workspace {workspace}: {state.phase.value} {state.message}", "its log, last lines:", *lines,
+                          "IDE answers other than 200:", *answers[-30:]])
 
     def set_policy(self, policy: Mapping[str, Any]) -> None:
         """Rewrite the policy file and load it now (the gateway's file watcher would within two seconds)."""
