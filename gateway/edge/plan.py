@@ -237,14 +237,19 @@ def plan(facts: Facts, world: World) -> Plan:
 class _Request:
     """One request to a workspace's host, while its plan is made: each fact worked out at most once."""
 
+    __slots__ = ("_member", "audience", "effects", "facts", "found", "host", "origin", "policy", "rule", "state",
+                 "target", "world")
+
     def __init__(self, facts: Facts, world: World, target: Target, host: str) -> None:
         self.facts, self.world, self.target, self.host = facts, world, target, host
+        self.policy = world.policy
+        """The policy this plan follows throughout (a reload mid-plan does not mix two)."""
         self.origin = world.hosts.origin(host)
         audience = normalise_host(host, world.hosts.scheme)
         assert audience is not None, "routing accepted the host"
         self.audience = audience
         """The host as sessions, share cookies and hand-off codes are bound to it."""
-        self.rule: CorsRule | None = cors.rule_for(world.policy, target.port) if target.port is not None else None
+        self.rule: CorsRule | None = cors.rule_for(self.policy, target.port) if target.port is not None else None
         self.effects: list[Effect] = []
         self.found = False
         """Whether ``state`` is known yet (the refusals before it carry no CORS headers)."""
@@ -276,7 +281,7 @@ class _Request:
         if (target.port is not None and self._asks_consent(credentials.identity) and facts.method == "GET"
                 and wants_page(facts.method, facts.headers) and not is_websocket(facts.method, facts.headers)):
             assert credentials.identity is not None
-            return self._refuse(ConsentPage(self.world.policy.identity, state.spec, target.port,
+            return self._refuse(ConsentPage(self.policy.identity, state.spec, target.port,
                                             credentials.identity, credentials.path), credentials.identity)
         return self._forward(credentials)
 
@@ -327,9 +332,9 @@ class _Request:
                 cors.same_origin_or_admitted(facts.headers, self.origin, self._admits_with_credentials):
             decision = Decision(False, Reason.CROSS_ORIGIN, "a cookie does not vouch for other origins")
         else:
-            decision = decide(world.policy, state.spec, target.port, identity, credentials.grant)
+            decision = decide(self.policy, state.spec, target.port, identity, credentials.grant)
             if decision.allow and state.phase is not Phase.RUNNING:
-                decision = may_wake(world.policy, decision)
+                decision = may_wake(self.policy, decision)
         self.effects.append(RecordDecision(target, identity, decision))
         if decision.allow:
             return credentials
@@ -374,7 +379,7 @@ class _Request:
                                consents=lambda: self.world.store.consents)
 
     def _disclosed(self, identity: Identity | None) -> Identity | None:
-        return disclosed(self.world.policy.identity, self.state.spec, self.target.port, identity,
+        return disclosed(self.policy.identity, self.state.spec, self.target.port, identity,
                          member=self._is_member(identity), consents=lambda: self.world.store.consents)
 
     # --- answers -------------------------------------------------------------------------------------------
@@ -382,7 +387,7 @@ class _Request:
         """A CORS preflight is answered from policy, before any credentials are asked for (browsers never send
         them); under ``passthru`` the app answers its own, but a port shut for everyone (the IDE port,
         ``ports.denied``) stays shut to them too, and they wake only what anyone may wake."""
-        rule, facts, world, state, target = self.rule, self.facts, self.world, self.state, self.target
+        rule, facts, state, target = self.rule, self.facts, self.state, self.target
         assert rule is not None
         assert target.port is not None
         if rule.mode != "passthru":
@@ -393,10 +398,10 @@ class _Request:
             return Preflight(headers=cors.preflight_headers(rule, origin,
                                                             facts.headers.get("Access-Control-Request-Headers", "")),
                              target=target)
-        anonymous = decide(world.policy, state.spec, target.port, None)
+        anonymous = decide(self.policy, state.spec, target.port, None)
         asleep = state.phase is not Phase.RUNNING
         if asleep and anonymous.allow:
-            anonymous = may_wake(world.policy, anonymous)
+            anonymous = may_wake(self.policy, anonymous)
         if anonymous.reason is Reason.PORT_DENIED or (asleep and not anonymous.allow):
             self.effects.append(RecordDecision(target, None, anonymous))
             return self._refuse(denial(anonymous))
@@ -428,7 +433,7 @@ class _Request:
             workspace=state.id, address=state.address, port=port, tls=port in state.spec.https_ports,
             public_origin=self.origin, path=credentials.path, headers=headers, rules=self._response_rules(),
             websocket=websocket,
-            keeps_awake=world.policy.wake.visitors_keep_awake or self._is_member(identity),
+            keeps_awake=self.policy.wake.visitors_keep_awake or self._is_member(identity),
             on_error=self._error_cors(), target=target, user=user, effects=tuple(self.effects),
         )
         if asleep:
@@ -444,7 +449,7 @@ class _Request:
         app's."""
         if self.target.kind is not Kind.PREVIEW:
             return IDE_RULES
-        policy, rule = self.world.policy, self.rule
+        policy, rule = self.policy, self.rule
         replace = {"Content-Security-Policy": cors.frame_ancestors(policy)}
         drop_cors = rule is not None and rule.mode == "replace"
         origin = self.facts.headers.get("Origin")

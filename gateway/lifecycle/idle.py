@@ -37,10 +37,15 @@ class _Open:
         self._activity, self._workspace = activity, workspace
 
     def __enter__(self) -> None:
-        self._activity._opened(self._workspace)
+        counts, workspace = self._activity._open, self._workspace
+        counts[workspace] = counts.get(workspace, 0) + 1
 
     def __exit__(self, *exc_info: object) -> None:
-        self._activity._closed(self._workspace)
+        counts, workspace = self._activity._open, self._workspace
+        counts[workspace] -= 1
+        if not counts[workspace]:
+            del counts[workspace]
+        self._activity.touch(workspace)
 
 
 class Activity:
@@ -67,15 +72,6 @@ class Activity:
     def connection(self, workspace: str) -> _Open:
         """An open WebSocket counts as activity for as long as it lives, and once more when it ends."""
         return _Open(self, workspace)
-
-    def _opened(self, workspace: str) -> None:
-        self._open[workspace] = self._open.get(workspace, 0) + 1
-
-    def _closed(self, workspace: str) -> None:
-        self._open[workspace] -= 1
-        if not self._open[workspace]:
-            del self._open[workspace]
-        self.touch(workspace)
 
     def snapshot(self) -> tuple[dict[str, float], dict[str, int]]:
         """Copies of the last-activity times and open connections (what a worker reports to its parent)."""

@@ -142,14 +142,18 @@ class FastLane(WriteFlow):
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
-        if not self._connection.reading_head:
+        connection = self._connection
+        if not connection.reading_head:
             self._head_since = self._loop.time()
-        event = self._connection.receive(data)
-        if self._connection.parked > MAX_PARKED and self._transport is not None and self._reading:
+        event = connection.receive(data)
+        if event is not h1.NEED_DATA:
+            self._act(event)
+            return
+        # only bytes that ask nothing yet: parked behind the request being served, or part of a head
+        if connection.parked > MAX_PARKED and self._transport is not None and self._reading:
             self._transport.pause_reading()
             self._reading = False
-        self._act(event)
-        if self._connection.reading_head:  # a head arriving in pieces: it has until head_timeout
+        if connection.reading_head:  # a head arriving in pieces: it has until head_timeout
             self._arm(self._head_since + self._front.limits.head_timeout)
 
     def eof_received(self) -> bool:
