@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from gateway.auth.store import API_PREFIX
-from gateway.server.fastlane import FastLaneServer
+from gateway.server.fastlane import MAX_PARKED, FastLaneServer
 from tests.server.conftest import MakeProxied, Proxied
 from tests.server.test_proxy_http import echo_app
 
@@ -226,3 +226,31 @@ async def test_a_hand_over_carries_the_plan(proxied: MakeProxied, monkeypatch: p
     post = f"POST /x HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 2\r\nAccept: application/json\r\n\r\nab".encode()
     [(head, _body)] = await exchange(p, post)
     assert head.startswith(b"HTTP/1.1 500"), head
+
+
+async def test_bytes_pipelined_behind_a_request_in_flight_stop_being_read(proxied: MakeProxied) -> None:
+    """A client that keeps sending while its request is served is not read past ``MAX_PARKED``: its bytes wait in
+    the kernel's buffers, not in the gateway's memory."""
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    p = await proxied(app)
+    _reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(get(p, "/slow"))
+        await asyncio.sleep(0.2)
+        [lane] = fast_lane_server(p).lanes
+        flood = b"x" * (4 * MAX_PARKED)
+        for _ in range(8):  # the kernel takes some of it; the gateway reads only until it holds MAX_PARKED
+            writer.write(flood)
+            await asyncio.sleep(0.05)
+        assert 0 < lane._connection.parked <= MAX_PARKED + 256 * 1024  # at most one read past the limit
+        assert lane._reading is False
+    finally:
+        release.set()
+        writer.close()
