@@ -92,6 +92,15 @@ def grant_of(link: ShareLink) -> Grant:
     return Grant(link.id, link.workspace, link.port, link.audience, tuple(link.people))  # type: ignore[arg-type]
 
 
+def the_authorization(headers: CIMultiDictProxy[str]) -> str:
+    """The request's one Authorization header ("" when none). Two are refused: which one counts would be a guess a
+    proxy in front may make differently, and a gateway token in the second would be neither read nor stripped."""
+    authorizations = headers.getall("Authorization", ())
+    if len(authorizations) > 1:
+        raise BadRequest("Send one Authorization header, not several.", code="bad-authorization")
+    return authorizations[0] if authorizations else ""
+
+
 def authenticate(method: str, headers: CIMultiDictProxy[str], path: str, host: str, *, sessions: Sessions,
                  store: TokenStore, secure: bool, preview: bool, now: float) -> Credentials:
     """Who is calling; raises the refusal when a token presented is not valid.
@@ -109,10 +118,7 @@ def authenticate(method: str, headers: CIMultiDictProxy[str], path: str, host: s
         link = presented = _check_link(store.find_share(share_token), now)
         if method in ("GET", "HEAD"):
             return Credentials(None, grant_of(link), link, False, path, presented=link, in_url=True)
-    authorizations = headers.getall("Authorization", ())
-    if len(authorizations) > 1:  # a gateway token in the second would be neither read nor stripped
-        raise BadRequest("Send one Authorization header, not several.", code="bad-authorization")
-    authorization = authorizations[0] if authorizations else ""
+    authorization = the_authorization(headers)
     if authorization[:7].lower() == "bearer ":
         token = authorization[7:].strip()
         if token.startswith(SHARE_PREFIX):

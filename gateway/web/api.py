@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.auth.authenticate import SHARE_PARAM
+from gateway.auth.authenticate import SHARE_PARAM, the_authorization
 from gateway.auth.identity import Identity
 from gateway.auth.store import API_PREFIX, ShareLink
 from gateway.config import WORKSPACE_ID
@@ -79,7 +79,7 @@ class NewToken(_Body):
 def caller(request: web.Request) -> Identity:
     """The API caller: bearer API token, or hub session cookie (CSRF-checked for changes)."""
     gateway = request.app[GATEWAY]
-    authorization = request.headers.get("Authorization", "")
+    authorization = the_authorization(request.headers)
     if authorization[:7].lower() == "bearer ":
         token = authorization[7:].strip()
         record = gateway.auth.store.find_api_token(token) if token.startswith(API_PREFIX) else None
