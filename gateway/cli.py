@@ -217,6 +217,8 @@ def token_issue(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
     identity = Identity(args.user, args.email, groups, args.user)
+    if (problem := identity.unsendable()) is not None:  # as sign-in refuses it: apps get identities in headers
+        raise CliError(f"token issue: {problem} cannot be sent to apps")
     if config.runtime == "kubernetes":  # the replicas share tokens through the API: a file would reach none
         import asyncio
 

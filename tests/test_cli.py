@@ -317,3 +317,15 @@ async def test_workspaces_lists_every_page(tmp_path: Path, capsys: pytest.Captur
         assert [view["id"] for view in json.loads(out)["workspaces"]] == names
     finally:
         await runner.cleanup()
+
+
+def test_token_issue_refuses_an_identity_apps_could_not_be_told(tmp_path: Path) -> None:
+    """A line break in a user name would end the header that carries it to an app: sign-in refuses such a name,
+    and so does the CLI, with one line and nothing written."""
+    config = _config(tmp_path)
+    result = run("token", "issue", "--config", str(config), "--user", "alice\r\nX-Forwarded-User: root")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "codehub-gateway: token issue: a user name with control characters cannot be sent to apps"]
+    assert not (tmp_path / "state" / "tokens.json").exists()
