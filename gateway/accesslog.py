@@ -17,7 +17,7 @@ from json.encoder import encode_basestring_ascii
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from gateway.edge.routing import Target
+from gateway.edge.routing import KIND_LABELS, Target
 
 TARGET = web.RequestKey("codehub_target", Target)
 USER = web.RequestKey("codehub_user", str)
@@ -49,7 +49,8 @@ class AccessLog:
         request whose head could not be read."""
         if not self._logger.isEnabledFor(logging.INFO):
             return
-        kind, workspace, port = (target.kind.value, target.workspace, target.port) if target else (None, None, None)
+        kind, workspace, port = ((KIND_LABELS[target.kind], target.workspace, target.port) if target
+                                 else (None, None, None))
         path = None if raw_path is None else raw_path.partition("?")[0]
         why = "" if reason is None else f',"reason":{log_text(reason)}'
         line = (

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
+import enum
+import itertools
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from gateway.lifecycle import Phase, WorkspaceState
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_LATENCY_LABELS: tuple[str, ...] = tuple(floatToGoString(bound) for bound in _LATENCY_BUCKETS)  # type: ignore[no-untyped-call]
+"""Their ``le`` labels, spelt as prometheus_client spells them."""
 _WAKE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -26,16 +31,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "codehub_requests", "Requests answered, by route kind and status class.", ["kind", "code"], registry=r
-        )
-        self.duration = Histogram(
-            "codehub_request_duration_seconds",
-            "Time to answer a request (to the end of the body), by route kind.",
-            ["kind"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
+        self._tallies = _Tallies()
+        r.register(self._tallies)
         self.upstream_errors = Counter(
             "codehub_upstream_connect_errors",
             "Upstream connections that failed, by reason.",
@@ -56,9 +53,6 @@ class Metrics:
             registry=r,
         )
         self.websockets = Gauge("codehub_websockets_open", "WebSocket connections being relayed.", registry=r)
-        self.policy_decisions = Counter(
-            "codehub_policy_decisions", "Access decisions, by result and reason.", ["allow", "reason"], registry=r
-        )
         self.wakes = Counter(
             "codehub_wakes", "Workspace wakes, by the phase woken from and result.", ["from_phase", "result"],
             registry=r,
@@ -84,9 +78,6 @@ class Metrics:
         Gauge("codehub_asyncio_tasks", "asyncio tasks alive in this process: a leak of them shows as growth.",
               registry=r).set_function(_live_tasks)
 
-        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
-        self._decision_children: dict[tuple[bool, str], Any] = {}
-
     def track_features(self, features: Callable[[], Mapping[str, bool]]) -> None:
         """Export ``codehub_runtime_feature{feature}`` (1 or 0): optional abilities, e.g. ``cold`` on a cluster
         without the VolumeSnapshot API."""
@@ -106,22 +97,20 @@ class Metrics:
         self.upstream_connections.labels("busy").set_function(lambda: connections()[1])
 
     def observe_request(self, kind: str, status: int, seconds: float) -> None:
-        key = (kind, status // 100)
-        children = self._request_children.get(key)
-        if children is None:  # labels() takes a lock and builds tuples: look each child up once
-            children = (self.requests.labels(kind, f"{key[1]}xx"), self.duration.labels(kind))
-            self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        tallies = self._tallies
+        tallies.requests[kind, status // 100] += 1
+        durations = tallies.durations.get(kind)
+        if durations is None:
+            durations = tallies.durations[kind] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
+        durations[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1  # the last bucket is +Inf's own
+        durations[-1] += seconds
 
     def upstream_fault(self, fault: str) -> None:
         self.upstream_faults.labels(fault).inc()
 
-    def decision(self, allow: bool, reason: str) -> None:
-        child = self._decision_children.get((allow, reason))
-        if child is None:
-            child = self._decision_children[(allow, reason)] = self.policy_decisions.labels(str(allow).lower(), reason)
-        child.inc()
+    def decision(self, allow: bool, reason: enum.Enum) -> None:
+        """``reason``'s value is the label (read at scrape time: an enum's ``value`` costs a Python call)."""
+        self._tallies.decisions[allow, reason] += 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -133,6 +122,44 @@ def _live_tasks() -> int:
         return len(asyncio.all_tasks())
     except RuntimeError:
         return 0
+
+
+class _Tallies(Collector):
+    """What every request counts (requests, their durations, policy decisions), kept as plain numbers and made
+    into metrics at scrape time: prometheus_client's ``inc`` and ``observe`` take a lock and several Python calls
+    each, on every request, and the gateway's loop is the only writer. ``durations[kind]`` holds a count per
+    bucket of ``_LATENCY_BUCKETS`` (not cumulative), one for ``+Inf``, then the sum."""
+
+    def __init__(self) -> None:
+        self.requests: Tally[tuple[str, int]] = Tally()
+        self.durations: dict[str, list[float]] = {}
+        self.decisions: Tally[tuple[bool, enum.Enum]] = Tally()
+
+    def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily, CounterMetricFamily]:
+        return (
+            CounterMetricFamily("codehub_requests", "Requests answered, by route kind and status class.",
+                                labels=["kind", "code"]),
+            HistogramMetricFamily("codehub_request_duration_seconds",
+                                  "Time to answer a request (to the end of the body), by route kind.", labels=["kind"]),
+            CounterMetricFamily("codehub_policy_decisions", "Access decisions, by result and reason.",
+                                labels=["allow", "reason"]),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        requests, duration, decisions = self._families()
+        for (kind, code), count in sorted(self.requests.items()):
+            requests.add_metric([kind, f"{code}xx"], count)
+        for kind, counts in sorted(self.durations.items()):
+            cumulative = list(itertools.accumulate(counts[:-1]))
+            buckets = list(zip(_LATENCY_LABELS, cumulative, strict=False))
+            duration.add_metric([kind], [*buckets, ("+Inf", cumulative[-1])], sum_value=counts[-1])
+        for (allow, reason), count in sorted(self.decisions.items(), key=lambda item: (item[0][0],
+                                                                                         str(item[0][1].value))):
+            decisions.add_metric([str(allow).lower(), str(reason.value)], count)
+        yield from (requests, duration, decisions)
 
 
 class _WorkspacesByPhase(Collector):

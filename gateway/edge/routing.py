@@ -42,6 +42,11 @@ class Kind(enum.Enum):
     HUB = "hub"
 
 
+KIND_LABELS = {kind: kind.value for kind in Kind}
+"""Each kind's label in logs and metrics, looked up: an enum's ``value`` is a Python-level descriptor, a cost on
+every request."""
+
+
 class Target(NamedTuple):
     """The decision: which kind of route, and for workspace routes which workspace, port (None: the IDE) and path
     (for ``IDE_MOVED``, the path on the IDE's origin)."""

@@ -7,6 +7,7 @@ cookies, credentials, share tokens) is removed before the request leaves for the
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -39,6 +40,20 @@ _NOT_UPSTREAM = HOP_BY_HOP | _WEBSOCKET_HANDSHAKE | FORWARDING | IDENTITY | {"ex
 _SPECIAL = _NOT_UPSTREAM | {"cookie", "authorization"}
 _NOT_DOWNSTREAM = HOP_BY_HOP | _WEBSOCKET_HANDSHAKE | {"clear-site-data"}
 """``Clear-Site-Data`` from an app would sign its visitors out of the gateway on that origin."""
+
+
+class _Special(enum.Enum):
+    DROP = enum.auto()
+    SET_COOKIE = enum.auto()
+    LOCATION = enum.auto()
+    FRAME_OPTIONS = enum.auto()
+
+
+_DOWNSTREAM_SPECIAL = {
+    **dict.fromkeys(_NOT_DOWNSTREAM, _Special.DROP), "set-cookie": _Special.SET_COOKIE,
+    "location": _Special.LOCATION, "x-frame-options": _Special.FRAME_OPTIONS,
+}
+"""Response headers that are not simply passed on, by lower-case name."""
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 
 
@@ -187,17 +202,20 @@ def downstream_response_headers(
     located = False
     for name, value in headers.items():
         lower = name.lower()
-        if lower in _NOT_DOWNSTREAM or lower in named:
+        special = _DOWNSTREAM_SPECIAL.get(lower)  # one lookup sorts the headers nearly every answer has
+        if special is None:
+            if lower not in named and not (drop_cors and lower.startswith("access-control-")):
+                out.add(name, value)
+        elif special is _Special.DROP or lower in named:
             continue
-        if lower == "set-cookie":
+        elif special is _Special.SET_COOKIE:
             if allowed_set_cookie(value, public_host):
                 cookies.append(value)
-        elif lower == "location":
+        elif special is _Special.LOCATION:
             if not located:
                 out.add(name, rewrite_location(value, upstream_origins, public_origin))
                 located = True
-        elif not ((drop_cors and lower.startswith("access-control-"))
-                  or (drop_frame_options and lower == "x-frame-options")):
+        elif not drop_frame_options:  # X-Frame-Options
             out.add(name, value)
     for cookie in cookies:
         out.add("Set-Cookie", cookie)

@@ -31,6 +31,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.accesslog import AccessLog
 from gateway.edge.plan import Facts, Forward, Plan, Refuse, plan
+from gateway.edge.routing import KIND_LABELS
 from gateway.errors import GatewayError
 from gateway.proxy import h1
 from gateway.proxy.pool import Response, UpstreamError, WriteFlow, encode_head
@@ -184,7 +185,7 @@ class FastLane(WriteFlow):
 
     async def _serve(self, request: h1.Request, headers: CIMultiDictProxy[str], forward: Forward) -> None:
         gateway = self._gateway
-        kind = forward.target.kind.value if forward.target is not None else "preview"
+        kind = KIND_LABELS[forward.target.kind] if forward.target is not None else "preview"
         started = time.perf_counter()
         keep_alive = request.keep_alive
         self._wrote = False
@@ -227,8 +228,8 @@ class FastLane(WriteFlow):
                                  target=forward.target, user=forward.user)
         self._task = None
         self._idle_since = self._head_since = self._loop.time()
-        if self._transport is not None:
-            self._act(self._connection.done(keep_alive))
+        if self._transport is not None and (event := self._connection.done(keep_alive)) is not h1.NEED_DATA:
+            self._act(event)
 
     async def _answer(self, request: h1.Request, headers: CIMultiDictProxy[str], upstream: Upstream,
                       answer: Response, forward: Forward, keep_alive: bool) -> int:

@@ -73,7 +73,7 @@ def carry_out(effects: Iterable[Effect], gateway: Gateway) -> None:
             gateway.auth.store.use_api_token(effect.token, effect.at)
         elif isinstance(effect, RecordDecision):
             decision, target, identity = effect.decision, effect.target, effect.identity
-            gateway.metrics.decision(decision.allow, decision.reason.value)
+            gateway.metrics.decision(decision.allow, decision.reason)
             if not decision.allow:
                 log.info("deny %s port %s for %s: %s (%s)", target.workspace, target.port,
                          log_text(identity.subject) if identity else "anonymous", decision.reason.value,
