@@ -49,16 +49,18 @@ class AccessLog:
         request whose head could not be read."""
         if not self._logger.isEnabledFor(logging.INFO):
             return
-        kind, workspace, port = ((KIND_LABELS[target.kind], target.workspace, target.port) if target
-                                 else (None, None, None))
+        text = log_text
+        if target is not None:  # a routed request: its kind and workspace are the gateway's own words
+            where = (f'"kind":"{KIND_LABELS[target.kind]}","workspace":{text(target.workspace)},'
+                     f'"port":{"null" if target.port is None else target.port}')
+        else:
+            where = '"kind":null,"workspace":null,"port":null'
         path = None if raw_path is None else raw_path.partition("?")[0]
-        why = "" if reason is None else f',"reason":{log_text(reason)}'
+        why = "" if reason is None else f',"reason":{text(reason)}'
         line = (
-            f'{{"ts":{time.time():.3f},"remote":{log_text(remote)},"method":{log_text(method)},'
-            f'"host":{log_text(host)},"path":{log_text(path)},"status":{status},'
-            f'"bytes":{length},"ms":{seconds * 1000:.2f},'
-            f'"kind":{log_text(kind)},"workspace":{log_text(workspace)},"port":{"null" if port is None else port},'
-            f'"user":{log_text(user)}{why}}}'
+            f'{{"ts":{time.time():.3f},"remote":{text(remote)},"method":{text(method)},'
+            f'"host":{text(host)},"path":{text(path)},"status":{status},'
+            f'"bytes":{length},"ms":{seconds * 1000:.2f},{where},"user":{text(user)}{why}}}'
         )
         if self._sink is not None:
             self._sink.write_line(line)

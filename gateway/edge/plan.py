@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -234,6 +235,23 @@ def plan(facts: Facts, world: World) -> Plan:
     return _Request(facts, world, target, hosts[0]).plan()
 
 
+_FRAMING_RULES: dict[tuple[int, bool], tuple[Policy, ResponseRules]] = {}
+
+
+def _framing_rules(policy: Policy, drop_cors: bool) -> ResponseRules:
+    """A preview response's rules when no CORS answer is added: the same for every request under one policy, so
+    made once per policy (kept with it, so an ``id`` reused after a reload is never mistaken for it), read-only."""
+    key = (id(policy), drop_cors)
+    made = _FRAMING_RULES.get(key)
+    if made is None or made[0] is not policy:
+        if len(_FRAMING_RULES) >= 8:  # policies past are never asked about again
+            _FRAMING_RULES.clear()
+        rules = ResponseRules(MappingProxyType({"Content-Security-Policy": cors.frame_ancestors(policy)}),
+                              drop_cors=drop_cors, drop_frame_options=bool(policy.embedding.frame_ancestors))
+        made = _FRAMING_RULES[key] = (policy, rules)
+    return made[1]
+
+
 class _Request:
     """One request to a workspace's host, while its plan is made: each fact worked out at most once."""
 
@@ -450,12 +468,13 @@ class _Request:
         if self.target.kind is not Kind.PREVIEW:
             return IDE_RULES
         policy, rule = self.policy, self.rule
-        replace = {"Content-Security-Policy": cors.frame_ancestors(policy)}
         drop_cors = rule is not None and rule.mode == "replace"
-        origin = self.facts.headers.get("Origin")
+        origin = self.facts.headers.get("Origin") if drop_cors else None
         if drop_cors and rule is not None and origin and self._origin_allowed(rule, origin):
-            replace.update(cors.response_headers(rule, origin))
-        return ResponseRules(replace, drop_cors=drop_cors, drop_frame_options=bool(policy.embedding.frame_ancestors))
+            return ResponseRules({"Content-Security-Policy": cors.frame_ancestors(policy),
+                                  **cors.response_headers(rule, origin)},
+                                 drop_cors=True, drop_frame_options=bool(policy.embedding.frame_ancestors))
+        return _framing_rules(policy, drop_cors)
 
     def _error_cors(self) -> dict[str, str]:
         """CORS headers for the gateway's own refusals (401, 403, 503…) to an origin the port's rule admits, so a
