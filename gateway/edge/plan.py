@@ -480,9 +480,11 @@ class _Request:
         """CORS headers for the gateway's own refusals (401, 403, 503…) to an origin the port's rule admits, so a
         front end can read why its call failed (e.g. "sign in on the API host") instead of an opaque network
         error."""
-        origin, rule = self.facts.headers.get("Origin"), self.rule
-        if (self.target.kind is not Kind.PREVIEW or not origin or rule is None or rule.mode != "replace"
-                or not self._origin_allowed(rule, origin)):
+        rule = self.rule
+        if rule is None or rule.mode != "replace" or self.target.kind is not Kind.PREVIEW:
+            return {}
+        origin = self.facts.headers.get("Origin")
+        if not origin or not self._origin_allowed(rule, origin):
             return {}
         return cors.response_headers(rule, origin)
 

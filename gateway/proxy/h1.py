@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
 
 MAX_HEAD = 16 << 10
 """A request head longer than this goes to aiohttp, whose limits (``limits.header_size`` and so on) decide."""
@@ -48,7 +49,8 @@ class Request:
 
     method: str
     target: str
-    headers: tuple[tuple[str, str], ...]
+    headers: CIMultiDictProxy[str]
+    """As sent, in order, duplicates kept (the plan judges them)."""
     keep_alive: bool
 
 
@@ -85,7 +87,7 @@ class Connection:
 
     def _reset(self) -> None:
         self._url = bytearray()
-        self._headers: list[tuple[str, str]] = []
+        self._headers: CIMultiDict[str] = CIMultiDict()
         self._begun = 0
         self._complete = 0
         self._unfit = False
@@ -117,7 +119,7 @@ class Connection:
         if self._complete == 1:
             self.state = State.SERVING
             return Request(self._parser.get_method().decode(), self._url.decode("utf-8", "surrogateescape"),
-                           tuple(self._headers), self._keep_alive)
+                           CIMultiDictProxy(self._headers), self._keep_alive)
         return NEED_DATA
 
     def done(self, keep_alive: bool) -> Event:
@@ -158,7 +160,7 @@ class Connection:
         lower = text.lower()
         if lower in _BODY_HEADERS or (lower == "content-length" and value != b"0"):
             self._unfit = True
-        self._headers.append((text, value.decode("utf-8", "surrogateescape")))
+        self._headers.add(text, value.decode("utf-8", "surrogateescape"))
 
     def on_headers_complete(self) -> None:
         parser = self._parser

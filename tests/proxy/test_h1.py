@@ -19,7 +19,9 @@ def feed(connection: Connection, *chunks: bytes) -> list[h1.Event]:
 def test_a_plain_get_is_a_request() -> None:
     connection = Connection()
     [event] = feed(connection, GET)
-    assert event == Request("GET", "/a?b=1", (("Host", "3000-ws.localhost"), ("Cookie", "x=1")), keep_alive=True)
+    assert isinstance(event, Request)
+    assert (event.method, event.target, event.keep_alive) == ("GET", "/a?b=1", True)
+    assert list(event.headers.items()) == [("Host", "3000-ws.localhost"), ("Cookie", "x=1")]
     assert connection.state is State.SERVING
 
 
@@ -72,7 +74,7 @@ def test_duplicate_headers_are_kept_as_sent_for_the_plan_to_judge() -> None:
     connection = Connection()
     event = connection.receive(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
     assert isinstance(event, Request)
-    assert [value for name, value in event.headers if name == "Host"] == ["a", "b"]
+    assert event.headers.getall("Host") == ["a", "b"]
 
 
 def test_keep_alive_then_the_next_request() -> None:
