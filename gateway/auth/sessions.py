@@ -7,6 +7,7 @@ pays for a signature check once per cookie, not once per request.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +25,7 @@ ASSERTION_TTL = 120.0
 _CACHE_LIMIT = 50_000
 
 
+@functools.cache  # a handful of names, asked for on every request
 def cookie_name(base: str, secure: bool) -> str:
     """``__Host-`` under HTTPS pins the cookie to exactly this host, path ``/`` and Secure."""
     return f"__Host-codehub_{base}" if secure else f"codehub_{base}"

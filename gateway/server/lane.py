@@ -67,17 +67,17 @@ def plan_for(request: web.BaseRequest, gateway: Gateway) -> Plan:
 def carry_out(effects: Iterable[Effect], gateway: Gateway) -> None:
     """What a plan asks for once it is acted on, by whichever lane acts on it."""
     for effect in effects:
-        if isinstance(effect, UseShare):
-            gateway.auth.store.use_share(effect.link, effect.at)
-        elif isinstance(effect, UseToken):
-            gateway.auth.store.use_api_token(effect.token, effect.at)
-        elif isinstance(effect, RecordDecision):
+        if isinstance(effect, RecordDecision):  # every plan past routing has one: asked first
             decision, target, identity = effect.decision, effect.target, effect.identity
             gateway.metrics.decision(decision.allow, decision.reason)
             if not decision.allow:
                 log.info("deny %s port %s for %s: %s (%s)", target.workspace, target.port,
                          log_text(identity.subject) if identity else "anonymous", decision.reason.value,
                          decision.rule)
+        elif isinstance(effect, UseShare):
+            gateway.auth.store.use_share(effect.link, effect.at)
+        elif isinstance(effect, UseToken):
+            gateway.auth.store.use_api_token(effect.token, effect.at)
 
 
 async def execute(request: web.Request, plan_: Plan, gateway: Gateway, hub: Handler) -> web.StreamResponse:
