@@ -19,7 +19,17 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import BadGateway, BadRequest
-from gateway.proxy.connection import MAX_HEAD, encode_head, open_upstream
+from gateway.proxy.connection import (
+    MAX_HEAD,
+    BrokenOff,
+    ConnectTimeout,
+    Garbage,
+    HeadTimeout,
+    HeadTooLarge,
+    Reset,
+    encode_head,
+    open_upstream,
+)
 from gateway.proxy.upstream import Upstream
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -134,17 +144,19 @@ class _Reader(asyncio.Protocol):
             self._answer(data[upgrade.args[0]:])
         except httptools.HttpParserError as exc:
             if not self._status:
-                self.answer.set_exception(ConnectionError(f"invalid HTTP from the upstream: {exc}"))
+                self.answer.set_exception(Garbage(f"invalid HTTP from the upstream: {exc}"))
         if self._status:
             self._answer(b"")  # a refusal (its body does not matter), or a 101 that is no upgrade
         elif not self.answer.done() and self._read > MAX_HEAD:  # an upstream may not grow the gateway's memory
-            self.answer.set_exception(ConnectionError(f"an answer head of over {MAX_HEAD} bytes"))
+            self.answer.set_exception(HeadTooLarge(f"an answer head of over {MAX_HEAD} bytes"))
             if self.transport is not None:
                 self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.answer.done():
-            self.answer.set_exception(ConnectionResetError("the upstream closed the connection"))
+            self.answer.set_exception(Reset(f"the upstream reset the connection: {exc}")
+                                      if isinstance(exc, ConnectionError)
+                                      else BrokenOff("the upstream closed the connection"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
@@ -168,17 +180,24 @@ async def ask_upstream(host: str, port: int, request: bytes, *, connect_timeout:
                        read_timeout: float | None, tls: bool = False) -> tuple[asyncio.Transport, Answer]:
     """Connect and send the upgrade request; the transport comes back with reading paused.
 
-    A failed connect raises its ``OSError`` (nothing was sent: the caller may retry); a connect that takes too
-    long, or an answer that does not come in time, raises ``TimeoutError``."""
+    A failed connect raises its ``OSError`` (nothing was sent: the caller may retry), one that takes too long
+    ``ConnectTimeout``; an answer that does not come in time raises ``HeadTimeout``, and one that breaks off or
+    is not HTTP a ``BrokenOff`` naming the fault, as the pool's exchanges do."""
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(connect_timeout):
-        reader = await open_upstream(lambda: _Reader(loop), host, port, tls)
+    try:
+        async with asyncio.timeout(connect_timeout):
+            reader = await open_upstream(lambda: _Reader(loop), host, port, tls)
+    except TimeoutError as exc:
+        raise ConnectTimeout(f"no connection within {connect_timeout} s") from exc
     assert reader.transport is not None
     transport = reader.transport
     try:
         transport.write(request)
-        async with asyncio.timeout(read_timeout):
-            return transport, await reader.answer
+        try:
+            async with asyncio.timeout(read_timeout):
+                return transport, await reader.answer
+        except TimeoutError as exc:
+            raise HeadTimeout("no answer to the upgrade in time") from exc
     except BaseException:
         transport.abort()
         raise

@@ -74,10 +74,7 @@ async def send(pool: UpstreamPool, upstream: Upstream, method: str, path: str, h
             if not (body is None and method in REPLAYABLE_METHODS and await grace.wait()):
                 raise broken_off(upstream, exc) from exc
         except ConnectTimeout as exc:
-            metrics.upstream_errors.labels("timeout").inc()
-            raise GatewayTimeout(
-                f"Port {upstream.port} in workspace {upstream.workspace} did not take the connection in time."
-            ) from exc
+            raise connect_timed_out(upstream, metrics) from exc
         except QueueTimeout as exc:
             raise ServiceUnavailable(
                 f"Port {upstream.port} in workspace {upstream.workspace} is busy: this request waited too long "
@@ -167,6 +164,13 @@ async def _prepare(response: web.StreamResponse, request: web.Request) -> None:
         await response.prepare(request)
     except ValueError as exc:
         raise UnsafeHeader from exc
+
+
+def connect_timed_out(upstream: Upstream, metrics: Metrics) -> GatewayTimeout:
+    metrics.upstream_errors.labels("timeout").inc()
+    return GatewayTimeout(
+        f"Port {upstream.port} in workspace {upstream.workspace} did not take the connection in time."
+    )
 
 
 def timed_out(upstream: Upstream) -> GatewayTimeout:

@@ -30,8 +30,9 @@ from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
 from gateway.config import Timeouts
-from gateway.errors import BadGateway, GatewayTimeout
+from gateway.errors import GatewayTimeout
 from gateway.metrics import Metrics
+from gateway.proxy.connection import BrokenOff, ConnectTimeout, HeadTimeout
 from gateway.proxy.heartbeat import Heartbeat
 from gateway.proxy.upstream import ConnectGrace, Upstream
 from gateway.proxy.wshandshake import (
@@ -44,7 +45,7 @@ from gateway.proxy.wshandshake import (
     upgrade_request,
 )
 from gateway.proxy.wsrelay import GOING_AWAY, Relay
-from gateway.server.forward import refused
+from gateway.server.forward import broken_off, connect_timed_out, refused
 
 
 async def _connect(upstream: Upstream, request: bytes, timeouts: Timeouts, metrics: Metrics,
@@ -55,14 +56,18 @@ async def _connect(upstream: Upstream, request: bytes, timeouts: Timeouts, metri
         try:
             return await ask_upstream(upstream.host, upstream.port, request, connect_timeout=timeouts.connect,
                                       read_timeout=timeouts.first_byte, tls=upstream.tls)
-        except TimeoutError as exc:
+        except ConnectTimeout as exc:
+            raise connect_timed_out(upstream, metrics) from exc
+        except HeadTimeout as exc:
+            metrics.upstream_fault(exc.fault)
             raise GatewayTimeout(
                 f"Port {upstream.port} in workspace {upstream.workspace} did not answer the WebSocket in time."
             ) from exc
-        except OSError as exc:
-            if isinstance(exc, ConnectionError) and not isinstance(exc, ConnectionRefusedError):
-                # connected, then it broke off (or did not speak HTTP)
-                raise BadGateway(f"The WebSocket to port {upstream.port} failed: {type(exc).__name__}.") from exc
+        except BrokenOff as exc:  # connected, then it broke off or did not speak HTTP
+            if exc.fault is not None:
+                metrics.upstream_fault(exc.fault)
+            raise broken_off(upstream, exc) from exc
+        except OSError as exc:  # the connect failed: nothing was sent
             if not await grace.again(exc):
                 raise refused(upstream, exc, metrics) from exc
 

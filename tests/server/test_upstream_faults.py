@@ -241,6 +241,22 @@ class Faulty:
             writer.close()
 
 
+    async def upgrade(self, path: str) -> tuple[int, bytes]:
+        """A WebSocket upgrade to ``path``, on a connection of its own: the status and body of the refusal."""
+        reader, writer = await asyncio.open_connection(self.client_host, self.client_port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\nAccept: application/json\r\n"
+                     "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+        try:
+            async with asyncio.timeout(20):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                assert length, head
+                return int(head.split(b" ")[1]), await reader.readexactly(int(length[1]))
+        finally:
+            writer.close()
+
+
 async def read_body(reader: asyncio.StreamReader, length: int) -> tuple[bytes, bool]:
     received = b""
     with contextlib.suppress(ConnectionError):
@@ -341,6 +357,17 @@ async def test_a_fault_before_the_answer_is_a_clean_502_or_504(faulty: Faulty, l
     await assert_pool_healthy(faulty, method, files)
     counted = faults_counted(await faulty.metrics())
     assert set(counted) == {label}, counted
+
+
+@pytest.mark.parametrize(("fault", "status", "label"), BEFORE_ANSWER, ids=[c[0] for c in BEFORE_ANSWER])
+async def test_a_fault_before_the_upgrade_answer_is_the_same_502_or_504(faulty: Faulty, fault: str, status: int,
+                                                                        label: str) -> None:
+    """An upstream that misbehaves before answering a WebSocket upgrade gets the answer, the error code and the
+    count an HTTP request's would (the upgrade has a handshake of its own, not the pool's exchange)."""
+    got, body = await faulty.upgrade(f"/fault/{fault}")
+    assert got == status, body
+    assert b'"code": "upstream-' in body
+    assert set(faults_counted(await faulty.metrics())) == {label}
 
 
 @pytest.mark.parametrize("lane", list(LANES))
