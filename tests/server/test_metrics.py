@@ -74,6 +74,15 @@ async def test_request_metrics_by_kind_and_status_class(proxied: MakeProxied) ->
     assert sample(text, "codehub_requests_total", kind="ide-moved", code="3xx") == 1
     assert sample(text, "codehub_request_duration_seconds_count", kind="preview") == 6
     assert sample(text, "codehub_request_duration_seconds_bucket", kind="preview", le="+Inf") == 6
+    assert sample(text, "codehub_request_duration_seconds_sum", kind="preview") > 0
+    buckets = [float(m[1]) for m in re.finditer(
+        r'codehub_request_duration_seconds_bucket\{kind="preview",le="[^"]+"\} (\S+)', text)]
+    assert buckets == sorted(buckets)  # cumulative
+    assert len(buckets) == 16  # 15 bounds and +Inf
+    assert sample(text, "codehub_policy_decisions_total", allow="false", reason="port-denied") == 1
+    allowed = sum(float(m[1]) for m in re.finditer(r'codehub_policy_decisions_total\{allow="true",[^}]*\} (\S+)',
+                                                   text))
+    assert allowed == 4  # the four requests the app answered (one with its own 404)
     assert "# TYPE codehub_upstream_connect_errors_total counter" in text
     assert sample(text, "codehub_websockets_open") == 0
     assert "# TYPE codehub_websockets_open gauge" in text
