@@ -24,7 +24,7 @@ import httptools
 from multidict import CIMultiDict
 
 from gateway.errors import UnsafeHeader
-from gateway.proxy.pacing import Attempt, Outcome
+from gateway.proxy.pacing import Attempt, CoarseTimer, Outcome
 
 _READ_LIMIT = 1 << 16
 """Body bytes buffered per connection before reading from the upstream pauses (the client is slower)."""
@@ -170,42 +170,18 @@ class WriteFlow(asyncio.Protocol):
             await self._drain
 
 
-class HeadClock:
-    """The first-byte timeout of every connection of a pool, checked by one coarse timer: a timer per request
-    (``call_later`` and ``cancel``) cost about 4 µs, 2–3 % of a proxied request. An answer late by up to a tenth
-    of the timeout (at most a second) more is still late."""
-
-    def __init__(self, seconds: float | None) -> None:
-        self.seconds = seconds
-        self._tick = min(1.0, seconds / 10) if seconds else 0.0
-        self._since: dict[Connection, float] = {}
-        self._timer: asyncio.TimerHandle | None = None
+class HeadClock(CoarseTimer["Connection"]):
+    """The first-byte timeout of every connection of a pool (None: none)."""
 
     def start(self, conn: Connection) -> None:
         """The request (with its body) is out: its answer's head is due within ``seconds``."""
         if self.seconds is None or not conn.awaiting_head:
             return
         loop = conn._loop  # not asyncio.get_running_loop(): on Python 3.11 that is a getpid() system call
-        self._since[conn] = loop.time()
-        if self._timer is None:
-            self._timer = loop.call_later(self._tick, self._check, loop)
+        self._watch(conn, loop.time() + self.seconds, loop)
 
-    def stop(self, conn: Connection) -> None:
-        self._since.pop(conn, None)
-
-    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
-        assert self.seconds is not None
-        due = loop.time() - self.seconds
-        for conn in [conn for conn, since in self._since.items() if since <= due]:
-            del self._since[conn]
-            conn.fail(HeadTimeout(f"no answer within {self.seconds:g} s"))
-        self._timer = loop.call_later(self._tick, self._check, loop) if self._since else None
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._since.clear()
+    def _expire(self, key: Connection) -> None:
+        key.fail(HeadTimeout(f"no answer within {self.seconds:g} s"))
 
 
 class Connection(WriteFlow):
@@ -268,7 +244,7 @@ class Connection(WriteFlow):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.keep_alive = False
-        self.clock.stop(self)
+        self.clock.forget(self)
         if self.attempt is not None:
             self.attempt.end(Outcome.SETTLED)
             self.attempt = None
@@ -302,7 +278,7 @@ class Connection(WriteFlow):
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-        self.clock.stop(self)
+        self.clock.forget(self)
         reason = self._reason if self._reason.isprintable() else ""  # llhttp lets NUL through here
         self._head = Response(self, status, reason, CIMultiDict(self._headers))
         self.keep_alive = self._parser.should_keep_alive() and status != 101
