@@ -19,6 +19,7 @@ from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet, SigningKey
 from gateway.auth.sessions import Sessions
 from gateway.auth.store import FileTokenStore
+from gateway.edge import plan as plan_module
 from gateway.edge.plan import (
     Facts,
     Forward,
@@ -238,3 +239,25 @@ cors:
                       Access_Control_Request_Method="POST", Access_Control_Request_Headers=requested), world)
     assert isinstance(made, Preflight)
     assert made.headers.get("Access-Control-Allow-Headers") == allowed
+
+
+def _framing(world: World) -> str:
+    made = plan(facts("/", host="4000-ws.localhost:8080"), world)  # a public port: forwarded without a session
+    assert isinstance(made, Forward)
+    return made.rules.replace["Content-Security-Policy"]
+
+
+def test_framing_rules_follow_the_policy_they_were_made_for(world: World) -> None:
+    """The framing rules are made once per policy: a reloaded policy gets its own, even when the old one's
+    ``id`` is reused for it, and the policies of the past are not kept."""
+    review = parse_policy("embedding: {frame_ancestors: ['https://review.example']}\n")
+    world.policy = review
+    assert _framing(world) == "frame-ancestors 'self' https://review.example"
+    world.policy = parse_policy("embedding: {frame_ancestors: ['https://other.example']}\n")
+    assert _framing(world) == "frame-ancestors 'self' https://other.example"
+    plan_module._FRAMING_RULES[(id(world.policy), False)] = (review, plan_module._FRAMING_RULES[(id(review), False)][1])
+    assert _framing(world) == "frame-ancestors 'self' https://other.example"  # an id now naming another policy
+    for number in range(20):
+        world.policy = parse_policy(f"embedding: {{frame_ancestors: ['https://{number}.example']}}\n")
+        assert _framing(world).endswith(f"https://{number}.example")
+    assert len(plan_module._FRAMING_RULES) <= 8
