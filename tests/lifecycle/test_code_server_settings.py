@@ -47,15 +47,34 @@ async def started(home: Path) -> tuple[str | None, str]:
 
 
 async def start(tmp_path: Path, command: list[str], *, env: dict[str, str] | None = None,
-                settings_file: str | None = None) -> tuple[LocalRuntime, Path]:
-    """Wake one workspace running ``command``; ``settings_file`` (relative to its home) is where the fake
-    code-server looks."""
+                seen_at: str | None = None) -> tuple[LocalRuntime, Path]:
+    """Wake one workspace running ``command``; ``seen_at`` (relative to its home) is where the fake code-server
+    looks for its settings."""
     config = settings(tmp_path, {"ws": workspace(next_address(), command=command, env={
-        **(env or {}), **({"SETTINGS": settings_file} if settings_file else {})})})
+        **(env or {}), **({"SETTINGS": seen_at} if seen_at else {})})})
     runtime = LocalRuntime(config.local)
     await runtime.start()
     await runtime.wake("ws")
     return runtime, config.local.state_dir.resolve() / "workspaces" / "ws" / "home"
+
+
+async def found_at_start(tmp_path: Path, arguments: list[str], *, seen_at: str,
+                         env: dict[str, str] | None = None) -> tuple[str | None, str]:
+    """Start the fake code-server with ``arguments`` (then its folder); what it found at ``seen_at`` and its XDG_*
+    lines (see ``started``)."""
+    runtime, home = await start(tmp_path, [str(fake_code_server(tmp_path)), *arguments, "{home}"], env=env,
+                                seen_at=seen_at)
+    try:
+        return await started(home)
+    finally:
+        await runtime.close()
+
+
+def owners_settings(tmp_path: Path, text: str) -> None:
+    """The settings file the owner left in the workspace's code-server data folder (``.cs``)."""
+    folder = tmp_path / "state" / "workspaces" / "ws" / "home" / ".cs" / "User"
+    folder.mkdir(parents=True)
+    (folder / "settings.json").write_text(text)
 
 
 @pytest.mark.parametrize(
@@ -85,41 +104,22 @@ def test_settings_file_of_a_command_line(command: list[str], env: dict[str, str]
 async def test_code_server_starts_with_port_detection_from_terminal_output(
     tmp_path: Path, arguments: list[str], seen_at: str
 ) -> None:
-    program = fake_code_server(tmp_path)
-    runtime, home = await start(tmp_path, [str(program), "--auth", "none", *arguments, "{home}"],
-                                settings_file=seen_at)
-    try:
-        found, _env = await started(home)
-    finally:
-        await runtime.close()
+    found, _env = await found_at_start(tmp_path, ["--auth", "none", *arguments], seen_at=seen_at)
     assert found is not None
     assert json.loads(found) == SEEDED
 
 
 async def test_code_server_data_folder_follows_the_workspace_env(tmp_path: Path) -> None:
-    program = fake_code_server(tmp_path)
-    runtime, home = await start(tmp_path, [str(program), "{home}"], env={"XDG_DATA_HOME": "xdg-data"},
-                                settings_file="xdg-data/code-server/User/settings.json")
-    try:
-        found, env = await started(home)
-    finally:
-        await runtime.close()
+    found, env = await found_at_start(tmp_path, [], env={"XDG_DATA_HOME": "xdg-data"},
+                                      seen_at="xdg-data/code-server/User/settings.json")
     assert found is not None
     assert json.loads(found) == SEEDED
     assert env == "XDG_DATA_HOME=xdg-data\n"
 
 
 async def test_seeded_keys_join_the_owners_settings(tmp_path: Path) -> None:
-    program = fake_code_server(tmp_path)
-    home = tmp_path / "state" / "workspaces" / "ws" / "home"
-    (home / ".cs" / "User").mkdir(parents=True)
-    (home / ".cs" / "User" / "settings.json").write_text('{"editor.fontSize": 15}')
-    runtime, home = await start(tmp_path, [str(program), "--user-data-dir", "{home}/.cs", "{home}"],
-                                settings_file=".cs/User/settings.json")
-    try:
-        found, _env = await started(home)
-    finally:
-        await runtime.close()
+    owners_settings(tmp_path, '{"editor.fontSize": 15}')
+    found, _env = await found_at_start(tmp_path, ["--user-data-dir", "{home}/.cs"], seen_at=".cs/User/settings.json")
     assert found is not None
     assert json.loads(found) == {"editor.fontSize": 15, **SEEDED}
 
@@ -134,16 +134,8 @@ async def test_seeded_keys_join_the_owners_settings(tmp_path: Path) -> None:
     ],
 )
 async def test_settings_left_as_written(tmp_path: Path, before: str) -> None:
-    program = fake_code_server(tmp_path)
-    home = tmp_path / "state" / "workspaces" / "ws" / "home"
-    (home / ".cs" / "User").mkdir(parents=True)
-    (home / ".cs" / "User" / "settings.json").write_text(before)
-    runtime, home = await start(tmp_path, [str(program), "--user-data-dir", "{home}/.cs", "{home}"],
-                                settings_file=".cs/User/settings.json")
-    try:
-        found, _env = await started(home)
-    finally:
-        await runtime.close()
+    owners_settings(tmp_path, before)
+    found, _env = await found_at_start(tmp_path, ["--user-data-dir", "{home}/.cs"], seen_at=".cs/User/settings.json")
     assert found == before
 
 
@@ -153,7 +145,7 @@ async def test_a_settings_file_that_cannot_be_written_does_not_stop_the_start(tm
     (home / ".cs").mkdir(parents=True)
     (home / ".cs" / "User").write_text("a file where code-server expects a folder")
     runtime, home = await start(tmp_path, [str(program), "--user-data-dir", "{home}/.cs", "{home}"],
-                                settings_file=".cs/User/settings.json")
+                                seen_at=".cs/User/settings.json")
     try:
         found, _env = await started(home)
         assert runtime.get("ws").phase is Phase.RUNNING  # type: ignore[union-attr]
@@ -179,13 +171,8 @@ async def test_the_gateways_own_xdg_folders_are_not_passed_on(tmp_path: Path, mo
     the gateway) would share one data folder, settings, extensions and config file."""
     for name in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"):
         monkeypatch.setenv(name, str(tmp_path / "mine" / name))
-    program = fake_code_server(tmp_path)
-    runtime, home = await start(tmp_path, [str(program), "{home}"], env={"XDG_CONFIG_HOME": "conf"},
-                                settings_file=".local/share/code-server/User/settings.json")
-    try:
-        found, env = await started(home)
-    finally:
-        await runtime.close()
+    found, env = await found_at_start(tmp_path, [], env={"XDG_CONFIG_HOME": "conf"},
+                                      seen_at=".local/share/code-server/User/settings.json")
     assert env == "XDG_CONFIG_HOME=conf\n"  # what the workspace's own env sets is passed as written
     assert found is not None
     assert json.loads(found) == SEEDED
