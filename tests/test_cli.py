@@ -4,6 +4,7 @@ against a gateway listening on a real loopback port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -11,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,12 +212,12 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
                                     "parse string as a number"
 
 
-@pytest.fixture
-async def hub(tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
-    """A gateway on a real port with workspace ws1 (owner alice), and an API token for alice."""
-    address, port = next_address(), free_loopback_port()
-    config = settings(tmp_path, {"ws1": workspace(address, ports={3000: "private"})}, hub_url=f"http://localhost:{port}",
-                      preview_domain=f"localhost:{port}")
+@contextlib.asynccontextmanager
+async def serve_hub(tmp_path: Path, names: Sequence[str]) -> AsyncIterator[tuple[str, str]]:
+    """A gateway on a real port with workspaces ``names`` (owner alice): its hub URL and an API token for alice."""
+    port = free_loopback_port()
+    config = settings(tmp_path, {name: workspace(next_address(), ports={3000: "private"}) for name in names},
+                      hub_url=f"http://localhost:{port}", preview_domain=f"localhost:{port}")
     app = build_app(config)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -226,6 +227,13 @@ async def hub(tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
         yield f"http://localhost:{port}", token
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def hub(tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
+    """A gateway with workspace ws1 (owner alice), and an API token for alice."""
+    async with serve_hub(tmp_path, ["ws1"]) as served:
+        yield served
 
 
 async def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -298,25 +306,14 @@ async def test_api_commands_report_errors_in_one_line(hub: tuple[str, str], caps
 async def test_workspaces_lists_every_page(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The API answers a page at a time; the command follows ``next_cursor`` to the end."""
-    port = free_loopback_port()
     names = ["a1", "b2", "c3", "d4", "e5"]
-    config = settings(tmp_path, {name: workspace(next_address(), ports={3000: "private"}) for name in names},
-                      hub_url=f"http://localhost:{port}", preview_domain=f"localhost:{port}")
-    app = build_app(config)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        _record, token = await app[GATEWAY].auth.store.create_api_token(Identity("alice"), name="cli-test")
+    async with serve_hub(tmp_path, names) as (url, token):
         monkeypatch.setattr(cli, "LIST_PAGE", 2)
-        code, out, _ = await _cli(capsys, "workspaces", "--hub", f"http://localhost:{port}", "--token", token)
+        code, out, _ = await _cli(capsys, "workspaces", "--hub", url, "--token", token)
         assert code == 0
         assert [line.split()[0] for line in out.splitlines() if not line.startswith(" ")] == names
-        code, out, _ = await _cli(capsys, "workspaces", "--json", "--hub", f"http://localhost:{port}", "--token",
-                                  token)
+        code, out, _ = await _cli(capsys, "workspaces", "--json", "--hub", url, "--token", token)
         assert [view["id"] for view in json.loads(out)["workspaces"]] == names
-    finally:
-        await runner.cleanup()
 
 
 def test_token_issue_refuses_an_identity_apps_could_not_be_told(tmp_path: Path) -> None:
