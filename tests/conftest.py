@@ -6,6 +6,7 @@ controls listens on the workspace's own loopback address, so the gateway's whole
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -42,6 +43,19 @@ def next_address() -> str:
 
 def workspace(address: str, owner: str = "alice", **extra: Any) -> dict[str, Any]:
     return {"owner": owner, "command": ["sleep", "3600"], "address": address, **extra}
+
+
+def held_app(path: str = "/") -> tuple[web.Application, asyncio.Event]:
+    """An app whose ``path`` answers "ok" only once the event is set: a request held in flight."""
+    release = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get(path, held)
+    return app, release
 
 
 def settings(tmp_path: Path, workspaces: dict[str, Any], **extra: Any) -> Config:

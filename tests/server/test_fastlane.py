@@ -13,6 +13,7 @@ from aiohttp import web
 
 from gateway.auth.store import API_PREFIX
 from gateway.server.fastlane import MAX_PARKED, FastLaneServer
+from tests.conftest import held_app
 from tests.server.conftest import MakeProxied, Proxied
 from tests.server.test_proxy_http import echo_app
 
@@ -231,14 +232,7 @@ async def test_a_hand_over_carries_the_plan(proxied: MakeProxied, monkeypatch: p
 async def test_bytes_pipelined_behind_a_request_in_flight_stop_being_read(proxied: MakeProxied) -> None:
     """A client that keeps sending while its request is served is not read past ``MAX_PARKED``: its bytes wait in
     the kernel's buffers, not in the gateway's memory."""
-    release = asyncio.Event()
-
-    async def slow(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.Response(text="late")
-
-    app = web.Application()
-    app.router.add_get("/slow", slow)
+    app, release = held_app("/slow")
     p = await proxied(app)
     _reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
     try:

@@ -18,6 +18,7 @@ import yaml
 from aiohttp import web
 
 from gateway.proxy.pacing import INITIAL_WINDOW
+from tests.conftest import held_app
 from tests.server.conftest import MakeProxied
 
 REPO = Path(__file__).resolve().parents[2]
@@ -178,14 +179,7 @@ async def test_requests_waiting_for_a_connection_are_counted(proxied: MakeProxie
 async def test_pool_connections_and_tasks_are_exported(proxied: MakeProxied) -> None:
     """What the soak benchmark watches for leaks: a request in flight holds a busy connection, and once answered
     the connection waits idle in the pool; the loop's tasks are counted."""
-    release = asyncio.Event()
-
-    async def slow(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/", slow)
+    app, release = held_app()
     p = await proxied(app)
     pending = asyncio.ensure_future(p.request("GET", "/").__aenter__())
     try:

@@ -14,7 +14,7 @@ from multidict import CIMultiDict
 
 from gateway.proxy.pacing import INITIAL_WINDOW, MOST_WINDOW, Outcome, Pacer, Turns
 from gateway.proxy.pool import ConnectTimeout, QueueTimeout, UpstreamError, UpstreamPool
-from tests.conftest import MakeUpstream, next_address
+from tests.conftest import MakeUpstream, held_app, next_address
 
 
 async def test_requests_past_the_limit_wait_for_a_turn(make_upstream: MakeUpstream) -> None:
@@ -59,14 +59,7 @@ async def test_requests_past_the_limit_wait_for_a_turn(make_upstream: MakeUpstre
 
 
 async def test_a_cancelled_wait_gives_its_turn_back(make_upstream: MakeUpstream) -> None:
-    release = asyncio.Event()
-
-    async def held(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/", held)
+    app, release = held_app()
     address = next_address()
     server = await make_upstream(app, address, 0)
     assert server.port is not None
@@ -276,14 +269,7 @@ async def test_a_long_answer_does_not_hold_a_place_in_the_window(make_upstream: 
 
 
 async def test_the_wait_for_a_connection_is_bounded(make_upstream: MakeUpstream) -> None:
-    release = asyncio.Event()
-
-    async def held(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/", held)
+    app, release = held_app()
     address = next_address()
     server = await make_upstream(app, address, 0)
     assert server.port is not None
