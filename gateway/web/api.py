@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import re
 import secrets
 import time
 from collections import Counter
@@ -36,6 +37,7 @@ PAGE_SIZE = 100
 """Workspaces per page of ``GET /api/v1/workspaces`` when the caller names no ``limit``: an admin may see
 thousands, and one answer with every port of each would take seconds and megabytes."""
 MOST_PER_PAGE = 500
+_LIMIT = re.compile(r"[0-9]{1,4}")
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -155,7 +157,8 @@ def _page(request: web.Request) -> tuple[int, str | None]:
     """``?limit=`` (1–500, default 100) and ``?cursor=`` (the ``next_cursor`` of the page before: opaque to
     callers, the last id that page showed), checked."""
     raw_limit = request.query.get("limit", str(PAGE_SIZE))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MOST_PER_PAGE:
+    if not _LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= MOST_PER_PAGE:  # ASCII digits only: "²" is a
+        # digit to str.isdigit, and int() refuses it (and numbers over 4,300 digits) with a ValueError
         raise BadRequest(f"limit: a number from 1 to {MOST_PER_PAGE}.", code="bad-limit")
     cursor = request.query.get("cursor")
     if cursor is None:

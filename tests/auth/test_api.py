@@ -396,6 +396,8 @@ async def test_workspaces_come_in_pages(serve: Serve, make_browser: MakeBrowser,
 
 @pytest.mark.parametrize(("query", "code"), [
     ("limit=0", "bad-limit"), ("limit=501", "bad-limit"), ("limit=ten", "bad-limit"), ("limit=-1", "bad-limit"),
+    ("limit=%C2%B2", "bad-limit"), ("limit=%D9%A3", "bad-limit"),  # "²" and Arabic "3": digits to str.isdigit
+    pytest.param("limit=" + "9" * 5000, "bad-limit", id="limit=9x5000"),
     ("cursor=!!", "bad-cursor"), ("cursor=Lw", "bad-cursor"), ("cursor=", "bad-cursor"),
 ])
 async def test_bad_page_parameters_are_400(served: Served, make_browser: MakeBrowser, query: str, code: str) -> None:
