@@ -7,6 +7,7 @@ reveal nothing about what exists.
 
 from __future__ import annotations
 
+import re
 import time
 from html import escape
 
@@ -25,6 +26,7 @@ _COLOURS = {
     Phase.FAILED: ("failed", "#c0392b"),
 }
 _UNAVAILABLE = ("unavailable", "#8a8f98")
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 def render(label: str, value: str, colour: str, link: str | None = None) -> str:
@@ -49,7 +51,7 @@ async def badge(request: web.Request) -> web.Response:
     workspace, port_text = request.match_info["workspace"], request.match_info["port"]
     state = gateway.runtime.get(workspace)
     value, colour, link = *_UNAVAILABLE, None
-    if state is not None and port_text.isdigit():
+    if state is not None and _PORT.fullmatch(port_text):  # ASCII: "²" is a digit to str.isdigit, not to int()
         port = int(port_text)
         token = request.query.get(SHARE_PARAM, "")
         found: ShareLink | None = gateway.auth.store.find_share(token) if token else None
