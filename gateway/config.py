@@ -23,6 +23,9 @@ ENV_PREFIX = "CODEHUB_"
 NOT_SETTINGS = frozenset({"CODEHUB_CONFIG", "CODEHUB_URL", "CODEHUB_TOKEN", "CODEHUB_WORKSPACE"})
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+PORT_TEXT = re.compile(r"[0-9]{1,5}")
+"""A port number as text from outside (an address, a resource): ASCII digits only, as few as a port has, since
+``str.isdigit`` admits "²" and int() then fails."""
 Seconds = Annotated[float, Field(gt=0)]
 Visibility = Literal["private", "org", "public"]
 

@@ -7,7 +7,6 @@ reveal nothing about what exists.
 
 from __future__ import annotations
 
-import re
 import time
 from html import escape
 
@@ -15,6 +14,7 @@ from aiohttp import web
 
 from gateway.auth.authenticate import SHARE_PARAM, grant_of
 from gateway.auth.store import ShareLink
+from gateway.config import PORT_TEXT
 from gateway.edge.policy import decide
 from gateway.lifecycle import Phase
 from gateway.server.context import GATEWAY
@@ -26,7 +26,6 @@ _COLOURS = {
     Phase.FAILED: ("failed", "#c0392b"),
 }
 _UNAVAILABLE = ("unavailable", "#8a8f98")
-_PORT = re.compile(r"[0-9]{1,5}")
 
 
 def render(label: str, value: str, colour: str, link: str | None = None) -> str:
@@ -51,7 +50,7 @@ async def badge(request: web.Request) -> web.Response:
     workspace, port_text = request.match_info["workspace"], request.match_info["port"]
     state = gateway.runtime.get(workspace)
     value, colour, link = *_UNAVAILABLE, None
-    if state is not None and _PORT.fullmatch(port_text):  # ASCII: "²" is a digit to str.isdigit, not to int()
+    if state is not None and PORT_TEXT.fullmatch(port_text):
         port = int(port_text)
         token = request.query.get(SHARE_PARAM, "")
         found: ShareLink | None = gateway.auth.store.find_share(token) if token else None

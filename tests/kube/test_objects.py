@@ -173,7 +173,8 @@ def test_make_workspace_and_parse_it_back() -> None:
 
 
 def test_parse_workspace_is_lenient() -> None:
-    obj = {"metadata": {"name": "w"}, "spec": {"owner": "a", "ports": {"x": "public", "80": "everyone", "81": "org"},
+    obj = {"metadata": {"name": "w"}, "spec": {"owner": "a", "ports": {"x": "public", "80": "everyone", "81": "org",
+                                                                       "\u00b2": "public", "9" * 5000: "public"},
                                                "idePort": "nope"}}
     assert parse_workspace(obj) == WorkspaceResource(id="w", owner="a", ports={81: "org"})
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from gateway.auth.ide import HASHED_PASSWORD
 from gateway.auth.store import ApiToken, ShareLink
-from gateway.config import Kubernetes
+from gateway.config import PORT_TEXT, Kubernetes
 from gateway.lifecycle.base import WorkspaceSpec
 from gateway.lifecycle.kubernetes.client import API_TOKEN, LEASE, POD, PVC, SHARE_LINK, SNAPSHOT, WORKSPACE
 
@@ -245,7 +245,7 @@ def parse_workspace(obj: Mapping[str, Any]) -> WorkspaceResource:
     spec = obj.get("spec") or {}
     ports: dict[int, str] = {}
     for port, visibility in (spec.get("ports") or {}).items():
-        if str(port).isdigit() and visibility in ("private", "org", "public"):
+        if PORT_TEXT.fullmatch(str(port)) and visibility in ("private", "org", "public"):
             ports[int(port)] = visibility
     resources = spec.get("resources")
     ide_port = spec.get("idePort")
