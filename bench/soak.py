@@ -119,165 +119,121 @@ def _config(tmp: Path, port: int, metrics_port: int, app_port: int) -> Path:
 
 # --- load -------------------------------------------------------------------------------------------------
 
-async def _forever(step: Callable[[], Awaitable[None]], pause: float) -> None:
+Outcome = Callable[[], Awaitable[str | None]]
+"""One step of a load: None when it went as it should, else a few words on what went wrong."""
+
+
+async def _forever(soak: Soak, kind: str | Callable[[], str], step: Outcome, pause: float,
+                   also: tuple[type[BaseException], ...] = ()) -> None:
+    """Run ``step`` over and over, ``pause`` apart, counting each outcome under ``kind`` (or what it says after the
+    step): an error of the client or a timeout is an outcome too (its type's name), never the end of the load."""
+    caught: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError, *also)
     while True:
-        await step()
+        try:
+            outcome = await step()
+        except caught as exc:
+            outcome = type(exc).__name__
+        soak.tally.record(kind if isinstance(kind, str) else kind(), outcome)
         await asyncio.sleep(pause)
 
 
-def _outcome(exc: BaseException) -> str:
-    return type(exc).__name__
+def _session(connector: aiohttp.TCPConnector | None = None) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
 
-async def keepalive_http(soak: Soak) -> None:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1),
-                                     cookie_jar=aiohttp.DummyCookieJar()) as session:
-        async def step() -> None:
-            try:
-                async with session.get(soak.url("/"), headers=soak.headers("app", Accept="*/*")) as answer:
-                    await answer.read()
-                    soak.tally.record("http", None if answer.status == 200 else str(answer.status))
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                soak.tally.record("http", _outcome(exc))
+async def polling_get(soak: Soak, kind: str, path: str, headers: dict[str, str], pause: float,
+                      connector: aiohttp.TCPConnector | None = None) -> None:
+    """A GET of ``path`` every ``pause`` seconds, which must answer 200."""
+    async with _session(connector) as session:
+        async def step() -> str | None:
+            async with session.get(soak.url(path), headers=headers) as answer:
+                await answer.read()
+                return None if answer.status == 200 else str(answer.status)
 
-        await _forever(step, 0.025)
+        await _forever(soak, kind, step, pause)
 
 
 async def websocket_churn(soak: Soak) -> None:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
-        async def step() -> None:
-            host = soak.host("app")
-            try:
-                async with asyncio.timeout(30), session.ws_connect(
-                        soak.url("/ws"), headers=soak.headers("app", Origin=f"http://{host}")) as ws:
-                    for i in range(5):
-                        await ws.send_str(f"m{i}")
-                        message = await ws.receive()
-                        if message.data != f"m{i}":
-                            soak.tally.record("ws", f"echo {message.type.name}")
-                            return
-                soak.tally.record("ws", None)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                soak.tally.record("ws", _outcome(exc))
+    async with _session() as session:
+        async def step() -> str | None:
+            async with asyncio.timeout(30), session.ws_connect(
+                    soak.url("/ws"), headers=soak.headers("app", Origin=f"http://{soak.host('app')}")) as ws:
+                for i in range(5):
+                    await ws.send_str(f"m{i}")
+                    message = await ws.receive()
+                    if message.data != f"m{i}":
+                        return f"echo {message.type.name}"
+            return None
 
-        await _forever(step, 0.1)
+        await _forever(soak, "ws", step, 0.1)
 
 
 async def websocket_held(soak: Soak) -> None:
-    """One WebSocket open for the whole soak, echoing a message every 5 s; reopened if it ends."""
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
-        async def step() -> None:
-            host = soak.host("app")
-            try:
-                async with session.ws_connect(soak.url("/ws"),
-                                              headers=soak.headers("app", Origin=f"http://{host}")) as ws:
-                    while True:
-                        await ws.send_str("still here")
-                        async with asyncio.timeout(30):
-                            message = await ws.receive()
-                        if message.data != "still here":
-                            soak.tally.record("ws-held", f"ended {message.type.name}")
-                            return
-                        soak.tally.record("ws-held", None)
-                        await asyncio.sleep(5)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                soak.tally.record("ws-held", _outcome(exc))
+    """One WebSocket open for the whole soak, echoing a message every 5 s (each echo counted); reopened if it
+    ends."""
+    async with _session() as session:
+        async def step() -> str | None:
+            async with session.ws_connect(soak.url("/ws"),
+                                          headers=soak.headers("app", Origin=f"http://{soak.host('app')}")) as ws:
+                while True:
+                    await ws.send_str("still here")
+                    async with asyncio.timeout(30):
+                        message = await ws.receive()
+                    if message.data != "still here":
+                        return f"ended {message.type.name}"
+                    soak.tally.record("ws-held", None)
+                    await asyncio.sleep(5)
 
-        await _forever(step, 1.0)
+        await _forever(soak, "ws-held", step, 1.0)
 
 
 async def sse_streams(soak: Soak) -> None:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
-        async def step() -> None:
-            try:
-                async with asyncio.timeout(30), session.get(
-                        soak.url("/sse?seconds=3"),
-                        headers=soak.headers("app", Accept="text/event-stream")) as answer:
-                    body = await answer.read()
-                ended = answer.status == 200 and b"event: end" in body
-                soak.tally.record("sse", None if ended else f"{answer.status} without end")
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                soak.tally.record("sse", _outcome(exc))
+    async with _session() as session:
+        async def step() -> str | None:
+            async with asyncio.timeout(30), session.get(
+                    soak.url("/sse?seconds=3"), headers=soak.headers("app", Accept="text/event-stream")) as answer:
+                body = await answer.read()
+            return None if answer.status == 200 and b"event: end" in body else f"{answer.status} without end"
 
-        await _forever(step, 0.05)
-
-
-async def share_traffic(soak: Soak) -> None:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
-                                     cookie_jar=aiohttp.DummyCookieJar()) as session:
-        async def step() -> None:
-            headers = {"Host": soak.host("app"), "Authorization": f"Bearer {soak.share_token}", "Accept": "*/*"}
-            try:
-                async with session.get(soak.url("/"), headers=headers) as answer:
-                    await answer.read()
-                    soak.tally.record("share", None if answer.status == 200 else str(answer.status))
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                soak.tally.record("share", _outcome(exc))
-
-        await _forever(step, 0.1)
+        await _forever(soak, "sse", step, 0.05)
 
 
 async def share_lifecycle(soak: Soak) -> None:
     """Once a minute: a link created, used once, revoked, then refused."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
-                                     cookie_jar=aiohttp.DummyCookieJar()) as session:
-        async def step() -> None:
-            try:
-                token, link = await _new_share(soak, session)
-                visitor = {"Host": soak.host("app"), "Authorization": f"Bearer {token}", "Accept": "*/*"}
-                async with session.get(soak.url("/"), headers=visitor) as answer:
-                    first = answer.status
-                async with session.delete(soak.url(f"/api/v1/workspaces/app/shares/{link}"),
-                                          headers=soak.hub) as answer:
-                    revoked = answer.status
-                async with session.get(soak.url("/"), headers=visitor) as answer:
-                    after = answer.status
-                fine = (first, revoked, after) == (200, 200, 403)
-                soak.tally.record("share-link", None if fine else f"{first}/{revoked}/{after}")
-            except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
-                soak.tally.record("share-link", _outcome(exc))
+    async with _session(aiohttp.TCPConnector(force_close=True)) as session:
+        async def step() -> str | None:
+            token, link = await _new_share(soak, session)
+            visitor = {"Host": soak.host("app"), "Authorization": f"Bearer {token}", "Accept": "*/*"}
+            async with session.get(soak.url("/"), headers=visitor) as answer:
+                first = answer.status
+            async with session.delete(soak.url(f"/api/v1/workspaces/app/shares/{link}"), headers=soak.hub) as answer:
+                revoked = answer.status
+            async with session.get(soak.url("/"), headers=visitor) as answer:
+                after = answer.status
+            return None if (first, revoked, after) == (200, 200, 403) else f"{first}/{revoked}/{after}"
 
-        await _forever(step, 60.0)
-
-
-async def hub_snapshots(soak: Soak) -> None:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
-        async def step() -> None:
-            try:
-                async with session.get(soak.url("/api/v1/hub/snapshot"), headers=soak.hub) as answer:
-                    await answer.read()
-                    soak.tally.record("hub", None if answer.status == 200 else str(answer.status))
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                soak.tally.record("hub", _outcome(exc))
-
-        await _forever(step, 2.0)
+        await _forever(soak, "share-link", step, 60.0, also=(RuntimeError,))
 
 
 async def sleep_and_wake(soak: Soak, workspace: str, offset: float) -> None:
     """Put the workspace to sleep (every fourth time archived) and wake it with a held request, over and over."""
     await asyncio.sleep(offset)
     rounds = 0
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
-                                     cookie_jar=aiohttp.DummyCookieJar()) as session:
-        async def step() -> None:
-            nonlocal rounds
+    action = "stop"
+    async with _session(aiohttp.TCPConnector(force_close=True)) as session:
+        async def step() -> str | None:
+            nonlocal rounds, action
             rounds += 1
             action = "archive" if rounds % 4 == 0 else "stop"
-            kind = f"{action}+wake"
-            try:
-                async with session.post(soak.url(f"/api/v1/workspaces/{workspace}/{action}"),
-                                        headers=soak.hub) as answer:
-                    if answer.status != 200:
-                        soak.tally.record(kind, f"{action} {answer.status}")
-                        return
-                async with asyncio.timeout(120), session.get(
-                        soak.url("/"), headers=soak.headers(workspace, Accept="*/*")) as answer:
-                    await answer.read()
-                    soak.tally.record(kind, None if answer.status == 200 else f"held {answer.status}")
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                soak.tally.record(kind, _outcome(exc))
+            async with session.post(soak.url(f"/api/v1/workspaces/{workspace}/{action}"), headers=soak.hub) as answer:
+                if answer.status != 200:
+                    return f"{action} {answer.status}"
+            async with asyncio.timeout(120), session.get(
+                    soak.url("/"), headers=soak.headers(workspace, Accept="*/*")) as answer:
+                await answer.read()
+                return None if answer.status == 200 else f"held {answer.status}"
 
-        await _forever(step, 3.0)
+        await _forever(soak, lambda: f"{action}+wake", step, 3.0)
 
 
 async def _new_share(soak: Soak, session: aiohttp.ClientSession) -> tuple[str, str]:
@@ -344,9 +300,14 @@ async def run(minutes: float, every: float, warmup: float) -> dict[str, Any]:
                         raise RuntimeError(f"{workspace} did not wake: {answer.status}")
             soak.share_token, _ = await _new_share(soak, session)
             loads = [
-                *(keepalive_http(soak) for _ in range(8)), *(websocket_churn(soak) for _ in range(4)),
+                *(polling_get(soak, "http", "/", soak.headers("app", Accept="*/*"), 0.025,
+                              aiohttp.TCPConnector(limit=1)) for _ in range(8)),
+                *(websocket_churn(soak) for _ in range(4)),
                 *(websocket_held(soak) for _ in range(16)), *(sse_streams(soak) for _ in range(4)),
-                *(share_traffic(soak) for _ in range(2)), share_lifecycle(soak), hub_snapshots(soak),
+                *(polling_get(soak, "share", "/", {"Host": soak.host("app"), "Authorization":
+                                                   f"Bearer {soak.share_token}", "Accept": "*/*"}, 0.1,
+                              aiohttp.TCPConnector(force_close=True)) for _ in range(2)),
+                share_lifecycle(soak), polling_get(soak, "hub", "/api/v1/hub/snapshot", soak.hub, 2.0),
                 sleep_and_wake(soak, "nap1", 0.0), sleep_and_wake(soak, "nap2", 2.0),
             ]
             tasks = [asyncio.create_task(load) for load in loads]
