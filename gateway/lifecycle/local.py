@@ -315,7 +315,7 @@ class LocalRuntime(Runtime):
         command = self._command(slot)
         ide_settings = settings_file(command, slot.home, env)
         if ide_settings is not None:
-            seed_settings(ide_settings)
+            await asyncio.to_thread(seed_settings, ide_settings)  # file I/O: off the loop that serves requests
         output = (slot.root / "output.log").open("ab")
         try:
             process = await asyncio.create_subprocess_exec(
