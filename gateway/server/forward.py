@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import ssl
 from typing import NamedTuple
 
 from aiohttp import StreamReader, web
@@ -41,11 +42,18 @@ class UpstreamRefused(BadGateway):
 
 def connect_failure(exc: OSError) -> str:
     """The ``reason`` label of ``codehub_upstream_connect_errors_total`` for a failed connect."""
+    if isinstance(exc, ssl.SSLError):
+        return "tls"
     return "refused" if exc.errno == errno.ECONNREFUSED else "unreachable"
 
 
-def refused(upstream: Upstream, exc: OSError, metrics: Metrics) -> UpstreamRefused:
+def refused(upstream: Upstream, exc: OSError, metrics: Metrics) -> BadGateway:
+    """A connect that failed, counted: a TLS handshake that failed (a port marked HTTPS that does not speak it),
+    else nothing listening there."""
     metrics.upstream_errors.labels(connect_failure(exc)).inc()
+    if isinstance(exc, ssl.SSLError):
+        return BadGateway(f"Port {upstream.port} in workspace {upstream.workspace} is marked HTTPS, but the TLS "
+                          "handshake with it failed: is it serving plain HTTP?", code="upstream-tls")
     return UpstreamRefused(
         f"Nothing is listening on port {upstream.port} in workspace {upstream.workspace}. "
         "Start your dev server there; this page retries by itself.",

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from gateway.auth.identity import Identity
 from gateway.server.context import GATEWAY
-from tests.conftest import MakeGateway, next_address, workspace
+from tests.conftest import MakeGateway, next_address, scrape, workspace
 from tests.server.conftest import free_port
 from tests.server.test_vite import INDEX, MAIN, VITE, next_json
 
@@ -118,5 +118,38 @@ async def test_redirects_naming_the_https_upstream_get_the_share_url(make_gatewa
                               allow_redirects=False) as response:
             assert response.status == 302
             assert response.headers["Location"] == f"http://{port}-web.localhost:8080/home?from=https"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("upgrade", [False, True], ids=["http", "websocket"])
+async def test_a_port_marked_https_that_speaks_plain_http_is_named_so(make_gateway: MakeGateway,
+                                                                       upgrade: bool) -> None:
+    """The TLS handshake fails: that is a server that does not speak HTTPS, not "nothing is listening" (which would
+    send its owner to start a dev server that is running)."""
+    address = next_address()
+    port = free_port(address)
+    async def plain(request: web.Request) -> web.Response:
+        return web.Response(text="plain")
+
+    app = web.Application()
+    app.router.add_get("/", plain)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, address, port).start()
+        client = await make_gateway(workspaces={"web": workspace(address, ports={port: "public"},
+                                                                 https_ports=[port])})
+        await client.app[GATEWAY].runtime.wake("web")
+        headers = {"Host": f"{port}-web.localhost:8080", "Accept": "application/json"}
+        if upgrade:
+            headers |= {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+        async with client.get("/", headers=headers) as response:
+            assert response.status == 502
+            error = (await response.json())["error"]
+        assert error["code"] == "upstream-tls"
+        assert "HTTPS" in error["message"]
+        assert 'codehub_upstream_connect_errors_total{reason="tls"} 1.0' in await scrape(client.app)
     finally:
         await runner.cleanup()
