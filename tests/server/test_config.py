@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import MOST_LOCAL_WORKSPACES, Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 WS = "local:\n  workspaces:\n    ws1:\n      owner: alice\n      command: [sleep, '1']\n"
@@ -80,6 +80,9 @@ def test_good_settings(tmp_path: Path, text: str | None, env: dict[str, str], ch
         ("max_ws_message: 0\n", {}, "max_ws_message: Input should be greater than 0"),
         ("limits: {header_size: 10}\n", {}, "limits.header_size: Input should be greater than or equal to 256"),
         ("limits: {connections: 0}\n", {}, "limits.connections: Input should be greater than or equal to 1"),
+        ("limits: {request_line: 100}\n", {}, "limits.request_line: Input should be greater than or equal to 256"),
+        ("limits: {header_count: 7}\n", {}, "limits.header_count: Input should be greater than or equal to 8"),
+        ("limits: {body: 1000}\n", {}, "limits.body: Input should be greater than or equal to 1024"),
         ("", {"CODEHUB_LIMITS__KEEPALIVE": "0"}, "limits.keepalive: Input should be greater than 0"),
         ("limits: {conections: 5}\n", {}, "limits.conections: unknown setting"),
         ("local: {workspaces: {Bad_Id: {owner: a, command: [x]}}}\n", {}, "local.workspaces: workspace id 'Bad_Id'"),
@@ -204,3 +207,12 @@ def test_ten_thousand_local_workspaces_each_get_a_loopback_address_of_their_own(
     assert addresses[252:255] == ["127.0.0.254", "127.0.1.2", "127.0.1.3"]
     assert all(ipaddress.ip_address(address).is_loopback for address in addresses)
     assert not any(address.endswith((".0", ".1", ".255")) for address in addresses)
+
+
+def test_more_local_workspaces_than_loopback_addresses_are_refused() -> None:
+    """One address each over 127.0.0.0/16: one workspace more has none left."""
+    workspaces = {f"w{index}": {"owner": "a", "command": ["x"]} for index in range(MOST_LOCAL_WORKSPACES + 1)}
+    with pytest.raises(ValueError, match=f"at most {MOST_LOCAL_WORKSPACES} local workspaces"):
+        Config.model_validate({"local": {"workspaces": workspaces}})
+    del workspaces[f"w{MOST_LOCAL_WORKSPACES}"]
+    assert len(Config.model_validate({"local": {"workspaces": workspaces}}).local.workspaces) == MOST_LOCAL_WORKSPACES
