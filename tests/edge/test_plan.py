@@ -261,3 +261,18 @@ def test_framing_rules_follow_the_policy_they_were_made_for(world: World) -> Non
         world.policy = parse_policy(f"embedding: {{frame_ancestors: ['https://{number}.example']}}\n")
         assert _framing(world).endswith(f"https://{number}.example")
     assert len(plan_module._FRAMING_RULES) <= 8
+
+
+def test_a_refusal_before_the_workspace_is_known_carries_no_cors(world: World) -> None:
+    """An origin a port's rule admits learns nothing from a workspace that does not exist: its 404 is as opaque to
+    that origin's scripts as to any other."""
+    world.policy = parse_policy("""
+cors:
+  - ports: [3000]
+    mode: replace
+    allow_origins: ["http://4000-ws.localhost:8080"]
+""")
+    made = plan(facts("/", host="3000-nope.localhost:8080", Origin="http://4000-ws.localhost:8080"), world)
+    assert isinstance(made, Refuse)
+    assert made.error.code == "workspace-not-found"
+    assert "Access-Control-Allow-Origin" not in made.error.headers
