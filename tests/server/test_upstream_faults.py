@@ -428,3 +428,24 @@ async def test_a_client_that_leaves_mid_answer_is_no_fault_of_the_upstream(fault
     writer.close()  # gone, with the answer half read
     await assert_pool_healthy(faulty, method, files)
     assert faults_counted(await faulty.metrics()) == {}
+
+
+async def test_a_connect_that_takes_too_long_is_a_504_counted_as_a_timeout(make_gateway: MakeGateway) -> None:
+    """A WebSocket upgrade whose connect outlasts ``timeouts.connect`` gets the answer and the count a request's
+    would (here a connect timeout so short that no connect makes it)."""
+    address = next_address()
+    upstream = Misbehaving()
+    port = await upstream.start(address)
+    try:
+        client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})},
+                                    in_memory=True, timeouts={"connect": 1e-9})
+        await client.app[GATEWAY].runtime.wake(WORKSPACE)
+        assert client.port is not None
+        faulty = Faulty(f"{port}-{WORKSPACE}.localhost:8080", client.host, client.port, upstream,
+                        lambda: scrape(client.app))
+        status, body = await faulty.upgrade("/ok")
+        assert status == 504, body
+        assert b'"code": "upstream-timeout"' in body
+        assert 'codehub_upstream_connect_errors_total{reason="timeout"} 1.0' in await faulty.metrics()
+    finally:
+        await upstream.close()
