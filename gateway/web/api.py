@@ -13,7 +13,7 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from html import escape
 from typing import Annotated, Any, Literal
 
@@ -127,12 +127,22 @@ def _known_ports(gateway: Gateway, state: WorkspaceState) -> list[int]:
     return sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
 
 
-def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity) -> dict[str, Any]:
+def consented(gateway: Gateway, workspaces: Iterable[str]) -> Counter[tuple[str, int]]:
+    """How many visitors agreed to share who they are with each app of these workspaces: one pass over the answers
+    for a whole page, not one per workspace."""
+    wanted = set(workspaces)
+    answers = gateway.auth.store.consents.values()
+    return Counter((c.workspace, c.port) for c in answers if c.share and c.workspace in wanted)
+
+
+def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity,
+                   consents: Counter[tuple[str, int]] | None = None) -> dict[str, Any]:
+    """``consents``: :func:`consented` for a page that holds this workspace, when one is shown."""
     listening = gateway.runtime.listening_ports(state.id) or set()
     labels = {**gateway.runtime.port_labels(state.id), **state.spec.labels}
     ports = sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
     their_role = role_of(gateway.policy, state.spec, identity)
-    consented = Counter(c.port for c in gateway.auth.store.consents.values() if c.workspace == state.id and c.share)
+    counts = consented(gateway, [state.id]) if consents is None else consents
     return {
         "id": state.id, "owner": state.spec.owner, "collaborators": list(state.spec.collaborators),
         "role": their_role.value if their_role else None, "phase": state.phase.value,
@@ -143,7 +153,7 @@ def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity) 
                    "visibility": visibility(gateway.policy, state.spec, port), "listening": port in listening,
                    "protocol": "https" if port in state.spec.https_ports else "http",
                    "url": gateway.hosts.share_url(state.id, port),
-                   "identity": port in state.spec.identity_ports, "consented": consented.get(port, 0)}
+                   "identity": port in state.spec.identity_ports, "consented": counts[(state.id, port)]}
                   for port in ports],
     }
 
@@ -153,10 +163,10 @@ async def me(request: web.Request) -> web.Response:
     return web.json_response({"user": identity.subject, "email": identity.email, "groups": list(identity.groups)})
 
 
-def _page(request: web.Request) -> tuple[int, str | None]:
-    """``?limit=`` (1–500, default 100) and ``?cursor=`` (the ``next_cursor`` of the page before: opaque to
-    callers, the last id that page showed), checked."""
-    raw_limit = request.query.get("limit", str(PAGE_SIZE))
+def asked_page(request: web.Request, default: int | None = None) -> tuple[int, str | None]:
+    """``?limit=`` (1–500, default ``PAGE_SIZE``) and ``?cursor=`` (the ``next_cursor`` of the page before: opaque
+    to callers, the last id that page showed), checked."""
+    raw_limit = request.query.get("limit", str(PAGE_SIZE if default is None else default))
     if not _LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= MOST_PER_PAGE:  # ASCII digits only: "²" is a
         # digit to str.isdigit, and int() refuses it (and numbers over 4,300 digits) with a ValueError
         raise BadRequest(f"limit: a number from 1 to {MOST_PER_PAGE}.", code="bad-limit")
@@ -172,16 +182,15 @@ def _page(request: web.Request) -> tuple[int, str | None]:
     return int(raw_limit), after
 
 
-def _cursor(workspace: str) -> str:
-    return base64.urlsafe_b64encode(workspace.encode()).decode().rstrip("=")
+def cursor_of(workspace: str | None) -> str | None:
+    """The cursor that asks for the page after ``workspace`` (None: the first page)."""
+    return None if workspace is None else base64.urlsafe_b64encode(workspace.encode()).decode().rstrip("=")
 
 
-async def list_workspaces(request: web.Request) -> web.Response:
-    """One page, in id order; ``next_cursor`` (null on the last page) asks for the next. Pages are cut by id, not
-    by position, so a workspace created or deleted between two calls never shifts another into or out of view."""
-    identity = caller(request)
-    limit, after = _page(request)
-    gateway = request.app[GATEWAY]
+def page_of(gateway: Gateway, identity: Identity, limit: int, after: str | None) -> dict[str, Any]:
+    """One page of the workspaces this person may see, in id order, and the ``next_cursor`` (null on the last
+    page) that asks for the next. Pages are cut by id, not by position, so a workspace created or deleted between
+    two calls never shifts another into or out of view."""
     visible = sorted((state for state in gateway.runtime.list() if after is None or state.id > after),
                      key=lambda s: s.id)
     page: list[WorkspaceState] = []
@@ -193,8 +202,13 @@ async def list_workspaces(request: web.Request) -> web.Response:
             more = True
             break
         page.append(state)
-    return web.json_response({"workspaces": [workspace_view(gateway, state, identity) for state in page],
-                              "next_cursor": _cursor(page[-1].id) if more else None})
+    consents = consented(gateway, (state.id for state in page))
+    return {"workspaces": [workspace_view(gateway, state, identity, consents) for state in page],
+            "next_cursor": cursor_of(page[-1].id) if more else None}
+
+
+async def list_workspaces(request: web.Request) -> web.Response:
+    return web.json_response(page_of(request.app[GATEWAY], caller(request), *asked_page(request)))
 
 
 async def get_workspace(request: web.Request) -> web.Response:
@@ -296,9 +310,7 @@ async def list_shares(request: web.Request) -> web.Response:
     identity = caller(request)
     state = _mine(request, identity)
     gateway = request.app[GATEWAY]
-    links = [link for link in gateway.auth.store.shares.values() if link.workspace == state.id]
-    links.sort(key=lambda link: link.created, reverse=True)
-    return web.json_response({"shares": [share_view(gateway, link) for link in links]})
+    return web.json_response({"shares": [share_view(gateway, link) for link in gateway.auth.store.shares_of(state.id)]})
 
 
 async def create_share(request: web.Request) -> web.Response:

@@ -20,8 +20,6 @@ import segno
 from aiohttp import web
 
 from gateway.auth.identity import Identity
-from gateway.auth.store import ShareLink
-from gateway.edge.policy import role as role_of
 from gateway.edge.routing import Kind, route
 from gateway.errors import BadRequest, GatewayError, Unauthorized
 from gateway.server.context import GATEWAY, Gateway
@@ -32,23 +30,17 @@ STATIC = Path(__file__).with_name("static")
 LOOK_EVERY = 0.5
 """Seconds between looks at what is not pushed (listening ports are read from /proc, share links from the store)."""
 KEEPALIVE = 15.0
+HUB_PAGE = 50
+"""Workspaces per hub page: an admin or a team lead may see thousands, each with its ports and share links."""
 
 
-def snapshot(gateway: Gateway, identity: Identity) -> dict[str, Any]:
-    """Everything the hub page shows for one person, as the API would answer it."""
-    views = []
-    mine = sorted((state for state in gateway.runtime.list()
-                   if role_of(gateway.policy, state.spec, identity) is not None), key=lambda state: state.id)
-    shares: dict[str, list[ShareLink]] = {state.id: [] for state in mine}
-    for link in gateway.auth.store.shares.values():  # one pass over every link, not one per workspace
-        if link.workspace in shares:
-            shares[link.workspace].append(link)
-    for state in mine:
-        view = api.workspace_view(gateway, state, identity)
-        links = shares[state.id]
-        view["shares"] = [api.share_view(gateway, link) for link in sorted(links, key=lambda link: -link.created)]
-        views.append(view)
-    return {"workspaces": views, "consents": api.consents_of(gateway, identity)}
+def snapshot(gateway: Gateway, identity: Identity, limit: int = HUB_PAGE, after: str | None = None) -> dict[str, Any]:
+    """What the hub page shows for one person, as the API would answer it: a page of workspaces (as
+    ``GET /api/v1/workspaces`` pages them) with each one's share links, and the person's consent answers."""
+    page = api.page_of(gateway, identity, limit, after)
+    for view in page["workspaces"]:
+        view["shares"] = [api.share_view(gateway, link) for link in gateway.auth.store.shares_of(view["id"])]
+    return {**page, "cursor": api.cursor_of(after), "consents": api.consents_of(gateway, identity)}
 
 
 def _page_settings(gateway: Gateway) -> dict[str, Any]:
@@ -65,7 +57,8 @@ async def home(request: web.Request) -> dict[str, object]:
     dev = gateway.config.auth.mode == "dev"
     if identity is None:
         return {"identity": None, "dev": dev}
-    return {"identity": identity, "dev": dev, "data": {**snapshot(gateway, identity), **_page_settings(gateway)}}
+    data = snapshot(gateway, identity, *api.asked_page(request, HUB_PAGE))
+    return {"identity": identity, "dev": dev, "data": {**data, **_page_settings(gateway)}}
 
 
 @aiohttp_jinja2.template("tokens.html")
@@ -82,13 +75,15 @@ async def tokens_page(request: web.Request) -> dict[str, object]:
 
 async def snapshot_now(request: web.Request) -> web.Response:
     """The same snapshot at once, for the page right after a change it made."""
-    return web.json_response(snapshot(request.app[GATEWAY], api.caller(request)), headers={"Cache-Control": "no-store"})
+    return web.json_response(snapshot(request.app[GATEWAY], api.caller(request), *api.asked_page(request, HUB_PAGE)),
+                             headers={"Cache-Control": "no-store"})
 
 
 async def events(request: web.Request) -> web.StreamResponse:
     """The hub page's feed: ``snapshot`` events, each sent only when it differs from the one before."""
     identity = api.caller(request)
     gateway = request.app[GATEWAY]
+    page = api.asked_page(request, HUB_PAGE)
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
     await response.prepare(request)
@@ -96,7 +91,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     quiet_since = time.monotonic()
     with gateway.runtime.events() as changes, contextlib.suppress(ConnectionResetError):
         while True:
-            data = json.dumps(snapshot(gateway, identity), sort_keys=True)
+            data = json.dumps(snapshot(gateway, identity, *page), sort_keys=True)
             if data != last:
                 await response.write(f"event: snapshot\ndata: {data}\n\n".encode())
                 last, quiet_since = data, time.monotonic()

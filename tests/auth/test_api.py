@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from multidict import CIMultiDict
 
 from gateway.lifecycle import Phase
-from gateway.web import api
+from gateway.web import api, hub
 from gateway.web.pages import PHASE_WORDS
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served
@@ -392,6 +393,42 @@ async def test_workspaces_come_in_pages(serve: Serve, make_browser: MakeBrowser,
     default = (await call(alice, "GET", "/api/v1/workspaces")).json()
     assert [view["id"] for view in default["workspaces"]] == ["a1", "c3", "d4", "e5"]
     assert default["next_cursor"]
+
+
+async def test_the_hub_shows_a_page_of_workspaces_with_their_own_links(
+        serve: Serve, make_browser: MakeBrowser, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub page, its snapshot and its live feed show one page of workspaces (as the API pages them), each with
+    its own share links, newest first: a person with a thousand workspaces gets a page, not all of them."""
+    monkeypatch.setattr(hub, "HUB_PAGE", 2)
+    served = await serve({name: {"owner": "alice"} for name in ("a1", "b2", "c3")} | {"bz": {"owner": "carol"}})
+    alice = await user(make_browser, served, "alice")
+    carol = await user(make_browser, served, "carol")
+    links: dict[str, list[str]] = {}
+    for name, who in [("a1", alice), ("c3", alice), ("a1", alice), ("bz", carol)]:
+        made = await call(who, "POST", f"/api/v1/workspaces/{name}/shares", {"port": 3000, "audience": "anyone"})
+        assert made.status == 201, made.text
+        links.setdefault(name, []).insert(0, made.json()["id"])
+
+    first = _hub_data((await alice.navigate(HUB + "/")).text)
+    assert [(ws["id"], [link["id"] for link in ws["shares"]]) for ws in first["workspaces"]] == [
+        ("a1", links["a1"]), ("b2", [])]
+    assert first["cursor"] is None
+    second_page = await alice.navigate(HUB + f"/?cursor={first['next_cursor']}")
+    assert second_page.status == 200
+    assert 'href="/"' in second_page.text  # back to the first page
+    second = _hub_data(second_page.text)
+    assert [(ws["id"], [link["id"] for link in ws["shares"]]) for ws in second["workspaces"]] == [
+        ("c3", links["c3"])]
+    assert (second["cursor"], second["next_cursor"]) == (first["next_cursor"], None)
+
+    snapshot = (await call(alice, "GET", f"/api/v1/hub/snapshot?cursor={first['next_cursor']}")).json()
+    assert [ws["id"] for ws in snapshot["workspaces"]] == ["c3"]
+    cookie = "; ".join(f"{k}={v}" for k, v in alice.cookies_for(HUB.split("//")[1].split(":")[0]).items())
+    async with alice.http.get(alice.gateway + f"/api/v1/hub/events?cursor={first['next_cursor']}", headers={
+            "Host": HUB.split("//")[1], "Cookie": cookie, "Accept": "text/event-stream"}) as feed:
+        event = (await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)).decode()
+    assert [ws["id"] for ws in json.loads(event.split("data: ", 1)[1])["workspaces"]] == ["c3"]
+    assert_error(await call(alice, "GET", "/api/v1/hub/snapshot?cursor=%25%25"), 400, "bad-cursor")
 
 
 @pytest.mark.parametrize(("query", "code"), [

@@ -96,6 +96,22 @@ async def test_the_file_store_admits_a_key_once_across_processes(tmp_path: Path)
     assert "handoff-old" not in json.loads((tmp_path / "tokens.json").read_text())["used"]
 
 
+async def test_the_file_store_finds_a_workspaces_links_written_by_another_process(tmp_path: Path) -> None:
+    """``shares_of`` reads an index kept beside the links: it must follow creations here, and links another worker
+    wrote to the file."""
+    first, second = FileTokenStore(tmp_path / "tokens.json"), FileTokenStore(tmp_path / "tokens.json")
+    older, _ = await first.create_share(workspace="ws1", port=3000, audience="anyone", people=[], created_by="alice",
+                                        ttl=60, now=time.time() - 5)
+    newer, _ = await second.create_share(workspace="ws1", port=None, audience="anyone", people=[],
+                                         created_by="alice", ttl=60)
+    other, _ = await second.create_share(workspace="ws2", port=3000, audience="anyone", people=[],
+                                         created_by="bob", ttl=60)
+    for store in (first, second):
+        assert [link.id for link in store.shares_of("ws1")] == [newer.id, older.id]  # newest first
+        assert [link.id for link in store.shares_of("ws2")] == [other.id]
+        assert store.shares_of("ws3") == []
+
+
 def test_session_cookie_is_not_a_handoff_code() -> None:
     s = sessions()
     with pytest.raises(BadRequest):

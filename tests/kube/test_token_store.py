@@ -101,6 +101,7 @@ async def test_a_link_made_on_one_replica_opens_on_another_and_a_revocation_reac
     assert await open_share(a, link["token"]) == (303, "")  # the replica that made it: at once
 
     await until(lambda: link["id"] in store(b).shares)  # the other: once its watch delivers the new object
+    assert [found.id for found in store(b).shares_of("w1")] == [link["id"]]
     assert await open_share(b, link["token"]) == (303, "")
 
     stored = kube.emulator.get_object(SHARE_LINK, NS, link["id"])
@@ -361,6 +362,7 @@ async def test_the_leader_deletes_expired_links(kube: KubeEnv, aiohttp_client: A
                                        created_by="alice", ttl=3600)
     await kube.emulator.wait_gone(SHARE_LINK, NS, short.id)
     assert kube.emulator.get_object(SHARE_LINK, NS, long.id) is not None
+    await until(lambda: [link.id for link in links.shares_of("w1")] == [long.id])  # the hub lists it no more
 
 
 async def test_a_replica_that_does_not_lead_deletes_nothing(kube: KubeEnv) -> None:

@@ -33,6 +33,7 @@ from gateway.auth.store import (
     SHARE_PREFIX,
     ApiToken,
     Consent,
+    LinksByWorkspace,
     ShareLink,
     new_api_token,
     new_id,
@@ -107,6 +108,7 @@ class KubeTokenStore:
         self.informers = informers
         self._shares: dict[str, ShareLink] = {}
         self._share_index: dict[str, ShareLink] = {}  # token hash -> link
+        self._by_workspace = LinksByWorkspace()
         self._tokens: dict[str, ApiToken] = {}
         self._token_index: dict[str, ApiToken] = {}
         self._used: UsedKeys | None = None
@@ -174,6 +176,9 @@ class KubeTokenStore:
 
     def find_share(self, token: str) -> ShareLink | None:
         return self._share_index.get(token_hash(token)) if token.startswith(SHARE_PREFIX) else None
+
+    def shares_of(self, workspace: str) -> list[ShareLink]:
+        return self._by_workspace.of(workspace)
 
     def find_api_token(self, token: str) -> ApiToken | None:
         return self._token_index.get(token_hash(token)) if token.startswith(API_PREFIX) else None
@@ -312,6 +317,7 @@ class KubeTokenStore:
             old_link = self._shares.pop(name, None)
             if old_link is not None:
                 self._share_index.pop(old_link.token_hash, None)
+                self._by_workspace.discard(old_link)
             link = parse_share_link(obj) if obj is not None else None
             if link is None or obj is None:
                 return
@@ -323,6 +329,7 @@ class KubeTokenStore:
             link.uses, link.last_used = usage.uses, usage.last_used
             self._shares[name] = link
             self._share_index[link.token_hash] = link
+            self._by_workspace.add(link)
         else:
             old_token = self._tokens.pop(name, None)
             if old_token is not None:

@@ -343,21 +343,27 @@
         : [el("tr", {}, el("td", { colSpan: 6, className: "muted", textContent: "No share links." }))]));
     }
     for (const [id, parts] of sections) if (!seen.has(id)) { parts.section.remove(); sections.delete(id); }
+    const next = document.getElementById("next-page");
+    next.hidden = !snapshot.next_cursor;
+    if (snapshot.next_cursor) next.href = `/?cursor=${encodeURIComponent(snapshot.next_cursor)}`;
   };
+  // This page's workspaces (its ?cursor= and ?limit=): the same page in every snapshot it asks for or is sent.
+  const thisPage = location.search;
+  const fresh = (answer) => ({ ...snapshot, workspaces: answer.workspaces, next_cursor: answer.next_cursor });
 
   let refreshTimer = 0;
   const refreshSoon = () => {
     clearTimeout(refreshTimer);
     refreshTimer = setTimeout(async () => {
-      try { snapshot = { ...snapshot, workspaces: (await call("GET", "/api/v1/hub/snapshot")).workspaces }; render(); }
+      try { snapshot = fresh(await call("GET", `/api/v1/hub/snapshot${thisPage}`)); render(); }
       catch (error) { toast(error.message); }
     }, 50);
   };
 
   render();
-  const events = new EventSource("/api/v1/hub/events");
+  const events = new EventSource(`/api/v1/hub/events${thisPage}`);
   events.addEventListener("snapshot", (event) => {
-    snapshot = { ...snapshot, workspaces: JSON.parse(event.data).workspaces };
+    snapshot = fresh(JSON.parse(event.data));
     render();
   });
   setInterval(render, 30000); // relative times age
