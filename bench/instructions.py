@@ -2,7 +2,7 @@
 space instruction count (Ir) over the requests wrk completed. Wall-clock CPU figures on a shared 2-core machine
 move by ±40 % between runs; instruction counts move by about 1 %, so small changes can be compared.
 
-    PYTHONPATH=. python -m bench.instructions [--tree OTHER_CHECKOUT] [--uvloop] [--seconds 20]
+    PYTHONPATH=. python -m bench.instructions [--tree OTHER_CHECKOUT] [--seconds 20]
 
 Kernel time (the sends and receives) is not counted: compare syscalls per request with ``--strace`` (strace -c
 on the gateway over the same load, without callgrind).
@@ -47,12 +47,11 @@ async def _control(option: str, pid: int) -> None:
         raise RuntimeError(f"callgrind_control {option} {pid} failed")
 
 
-def _argv(config: Path, uvloop: bool) -> list[str]:
-    module = "bench.uvloop_serve" if uvloop else "gateway"
-    return [sys.executable, "-m", module, "serve", "--config", str(config)]
+def _argv(config: Path) -> list[str]:
+    return [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
 
 
-async def measure(tree: Path, *, uvloop: bool, seconds: float, connections: int, strace: bool,
+async def measure(tree: Path, *, seconds: float, connections: int, strace: bool,
                   links: int = 0) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="codehub-instr-"))
     procs = Procs(logs=tmp)
@@ -67,7 +66,7 @@ async def measure(tree: Path, *, uvloop: bool, seconds: float, connections: int,
             state.mkdir(parents=True, exist_ok=True)
             (state / "tokens.json").write_text(json.dumps(scale_store(links, links, ["ws1", "wk", "hold"])))
         out = tmp / "callgrind.out"
-        argv = _argv(config, uvloop)
+        argv = _argv(config)
         if not strace:
             argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no", *argv]
         gateway = procs.start("gateway", argv, env={"PYTHONPATH": f"{tree}:{ROOT}"})
@@ -103,13 +102,12 @@ async def measure(tree: Path, *, uvloop: bool, seconds: float, connections: int,
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.splitlines()[0])
     parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose gateway to measure")
-    parser.add_argument("--uvloop", action="store_true", help="run the gateway on uvloop")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the counted load")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--strace", action="store_true", help="count syscalls per request instead")
     parser.add_argument("--links", type=int, default=0, help="share links, and as many API tokens, in the store")
     args = parser.parse_args(argv)
-    result = asyncio.run(measure(args.tree.resolve(), uvloop=args.uvloop, seconds=args.seconds,
+    result = asyncio.run(measure(args.tree.resolve(), seconds=args.seconds,
                                  connections=args.connections, strace=args.strace, links=args.links))
     table = result.pop("table", None)
     print(json.dumps(result))

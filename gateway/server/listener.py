@@ -1,13 +1,15 @@
-"""The listening sockets and what a worker's file descriptors allow: never out of them because of clients.
+"""The listening sockets, and taking connections off them: never out of file descriptors because of clients, and
+a burst of new clients never waiting behind a busy loop.
 
-asyncio accepts as many connections per loop turn as the listen backlog, and the gateway's backlog is deep (4096,
-so a thousand clients connecting at once are not dropped): one burst could take thousands of descriptors before
-any connection was refused, and when ``accept`` fails with EMFILE asyncio logs an ERROR with a traceback for every
-failed call, up to the backlog's count each turn. So the kernel keeps the deep queue (``BACKLOG``) while asyncio
-takes ``ACCEPT_BATCH`` a turn; the connection limit (``connection_limit``) leaves room for a batch, for refused
-connections lingering over their 503, and for the rest of the process; and should ``accept`` still run out (the
+The kernel keeps a deep queue (``BACKLOG``: a thousand clients connecting at once are not dropped) and the
+``Acceptor`` takes ``ACCEPT_BATCH`` of them each time the socket is ready, on any event loop. The loops' own
+servers do neither: uvloop's (libuv since 1.45) accepts one connection per loop turn, so with turns of 20 ms under
+load a burst of a thousand drained from the kernel's queue at 50 a second and some clients waited over 5 s for
+their first byte; asyncio's takes as many per turn as its listen backlog, and logs a traceback for every failed
+``accept`` when out of descriptors. The connection limit (``connection_limit``) leaves room for a batch, for
+refused connections lingering over their 503, and for the rest of the process; should ``accept`` still fail (the
 limit set too high, or descriptors used elsewhere), that is one WARNING at most every ``QUIET_FOR`` seconds while
-asyncio pauses accepting for a second, never a traceback.
+accepting pauses for ``PAUSE`` seconds, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import logging
 import resource
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from gateway.server.refusals import MOST_LINGERING
@@ -25,12 +28,14 @@ BACKLOG = 4096
 """The kernel's queue of connections not yet accepted: aiohttp's default (128) drops SYNs when a thousand clients
 connect at once."""
 ACCEPT_BATCH = 64
-"""Connections asyncio accepts per loop turn (it takes its listen backlog argument for this count)."""
+"""Connections accepted each time a listening socket is ready: enough that a burst drains in a few loop turns, few
+enough that the connections already open are served between batches."""
 FD_RESERVE = 64
 """File descriptors kept for everything that is not a client connection or its upstream (listeners, logs, the
 Kubernetes API, state files)."""
 QUIET_FOR = 10.0
-_OUT_OF_FILES = "socket.accept() out of system resource"
+PAUSE = 1.0
+"""Seconds accepting waits after ``accept`` failed: descriptors free up as connections end."""
 
 
 def connection_limit(configured: int | None) -> int:
@@ -72,27 +77,56 @@ def listening_sockets(host: str, port: int, *, reuse_port: bool) -> list[socket.
     return sockets
 
 
-def deepen(sockets: list[socket.socket]) -> None:
-    """Back to ``BACKLOG`` after asyncio called ``listen(ACCEPT_BATCH)`` on starting to serve (Linux lets a
-    listening socket's backlog be changed; asyncio keeps its batch)."""
-    for sock in sockets:
-        sock.listen(BACKLOG)
+class Acceptor:
+    """Accepts up to ``ACCEPT_BATCH`` connections each time ``sock`` is ready, and sets each up with ``factory``'s
+    protocol through the running loop's ``connect_accepted_socket``."""
 
-
-class QuietAccept:
-    """The loop's exception handler: EMFILE (and its kin) on ``accept`` is a short WARNING now and then, not a
-    traceback per failed call; everything else goes to asyncio's default handler."""
-
-    def __init__(self) -> None:
+    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        self._sock = sock
+        self._factory = factory
+        self._loop = asyncio.get_running_loop()
+        self._setting_up: set[asyncio.Task[None]] = set()
         self._said_at: float | None = None
+        self._resume: asyncio.TimerHandle | None = None
 
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        error = context.get("exception")
-        if context.get("message") != _OUT_OF_FILES or not isinstance(error, OSError):
-            loop.default_exception_handler(context)
-            return
-        now = loop.time()
+    def start(self) -> None:
+        self._resume = None
+        self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued
+            except OSError as error:  # EMFILE and its kin
+                self._pause(error)
+                return
+            conn.setblocking(False)
+            task = self._loop.create_task(self._set_up(conn))
+            self._setting_up.add(task)
+            task.add_done_callback(self._setting_up.discard)
+
+    async def _set_up(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except OSError:
+            conn.close()  # reset before it was set up
+
+    def _pause(self, error: OSError) -> None:
+        now = self._loop.time()
         if self._said_at is None or now - self._said_at >= QUIET_FOR:
             self._said_at = now
-            log.warning("accept: %s; new connections wait a second (lower limits.connections or raise the "
-                        "open-file limit)", error.strerror)
+            log.warning("accept: %s; new connections wait %g s (lower limits.connections or raise the "
+                        "open-file limit)", error.strerror, PAUSE)
+        self._loop.remove_reader(self._sock.fileno())
+        self._resume = self._loop.call_later(PAUSE, self.start)
+
+    def close(self) -> None:
+        """No more connections: the socket closes; those being set up carry on."""
+        if self._resume is not None:
+            self._resume.cancel()
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()

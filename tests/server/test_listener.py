@@ -1,55 +1,126 @@
-"""The listening sockets: a deep kernel queue even while asyncio accepts a batch a turn, and a worker out of file
-descriptors says so once in a while, not with a traceback per failed ``accept``."""
+"""The listening sockets and the ``Acceptor``: a deep kernel queue, a batch of connections taken each time the
+socket is ready on either loop the gateway may run (uvloop's own servers take one a loop turn), and a worker out
+of file descriptors says so once in a while, not with a traceback per failed ``accept``.
+
+Each test runs its body on asyncio's loop and on uvloop's, as ``serve`` does."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import logging
+import socket
 import subprocess
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
 
 import pytest
+import uvloop
 
-from gateway.server.listener import ACCEPT_BATCH, BACKLOG, QuietAccept, deepen, listening_sockets
+from gateway.server import listener
+from gateway.server.listener import ACCEPT_BATCH, BACKLOG, Acceptor, listening_sockets
 from tests.server.conftest import free_port
 
+LOOPS = {"asyncio": asyncio.run, "uvloop": uvloop.run}
 
-def _backlog(port: int) -> int:
-    """The listen backlog of the socket on ``port``, as ``ss`` shows it (Send-Q of a listening socket)."""
+
+def _queue(port: int) -> tuple[int, int]:
+    """(connections waiting to be accepted, backlog) of the listening socket on ``port``, as ``ss`` shows them."""
     lines = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
-    return int(lines.split()[2])
+    waiting, backlog = lines.split()[1:3]
+    return int(waiting), int(backlog)
 
 
-async def test_the_kernel_queue_stays_deep_while_asyncio_accepts_a_batch() -> None:
-    port = free_port("127.0.0.1")
-    [sock] = listening_sockets("127.0.0.1", port, reuse_port=False)
-    server = await asyncio.get_running_loop().create_server(asyncio.Protocol, sock=sock, backlog=ACCEPT_BATCH)
-    try:
-        assert _backlog(port) == ACCEPT_BATCH  # what asyncio's serving set
-        deepen([sock])
-        assert _backlog(port) == BACKLOG
-    finally:
-        server.close()
-        await server.wait_closed()
+async def _until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110 (the kernel's queue and the loop's callbacks: nothing to wait on)
+            await asyncio.sleep(0.01)
 
 
-def test_out_of_file_descriptors_is_one_warning_now_and_then(caplog: pytest.LogCaptureFixture) -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        handler = QuietAccept()
-        out_of_files: dict[str, Any] = {"message": "socket.accept() out of system resource",
-                                        "exception": OSError(errno.EMFILE, "Too many open files")}
-        with caplog.at_level(logging.WARNING):
-            for _ in range(50):
-                handler(loop, out_of_files)
-        said = [record for record in caplog.records if record.name == "gateway.server.listener"]
-        assert len(said) == 1
-        assert "Too many open files" in said[0].getMessage()
-        assert said[0].exc_info is None  # no traceback
-        caplog.clear()
-        with caplog.at_level(logging.ERROR):
-            handler(loop, {"message": "something else went wrong", "exception": RuntimeError("boom")})
-        assert [record.getMessage() for record in caplog.records] == ["something else went wrong"]
-    finally:
-        loop.close()
+class Counted(asyncio.Protocol):
+    made: ClassVar[list[Counted]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        Counted.made.append(self)
+        self.transport = transport
+
+
+def _connect(port: int, count: int) -> list[socket.socket]:
+    """Clients whose handshakes the kernel completes at once: they wait in the listener's queue."""
+    clients = []
+    for _ in range(count):
+        client = socket.socket()
+        client.setblocking(False)
+        client.connect_ex(("127.0.0.1", port))
+        clients.append(client)
+    return clients
+
+
+@pytest.mark.parametrize("run", LOOPS.values(), ids=LOOPS.keys())
+def test_a_ready_socket_gives_a_batch_and_the_kernel_queue_stays_deep(run: Callable[[Awaitable[None]], None]) -> None:
+    async def body() -> None:
+        port = free_port("127.0.0.1")
+        [sock] = listening_sockets("127.0.0.1", port, reuse_port=False)
+        Counted.made = []
+        clients = _connect(port, ACCEPT_BATCH + 36)
+        acceptor = Acceptor(sock, Counted)
+        try:
+            await _until(lambda: _queue(port) == (ACCEPT_BATCH + 36, BACKLOG))
+            acceptor._accept()  # the socket ready once: one batch comes off the queue
+            assert _queue(port) == (36, BACKLOG)
+            acceptor.start()
+            await _until(lambda: len(Counted.made) == ACCEPT_BATCH + 36)
+            assert _queue(port)[0] == 0
+        finally:
+            acceptor.close()
+            for client in clients:
+                client.close()
+            for made in Counted.made:
+                made.transport.close()
+
+    run(body())
+
+
+class OutOfFiles(socket.socket):
+    """A listening socket whose first ``failures`` accepts fail with EMFILE, as a worker out of descriptors sees
+    them (running the test process itself out of descriptors would break the test run)."""
+
+    failures = 0
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if OutOfFiles.failures > 0:
+            OutOfFiles.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+@pytest.mark.parametrize("run", LOOPS.values(), ids=LOOPS.keys())
+def test_out_of_file_descriptors_is_one_warning_now_and_then_and_accepting_resumes(
+        run: Callable[[Awaitable[None]], None], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(listener, "PAUSE", 0.05)
+
+    async def body() -> None:
+        sock = OutOfFiles()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+        Counted.made = []
+        OutOfFiles.failures = 20
+        acceptor = Acceptor(sock, Counted)
+        [client] = _connect(sock.getsockname()[1], 1)
+        try:
+            with caplog.at_level(logging.WARNING):
+                acceptor.start()
+                await _until(lambda: len(Counted.made) == 1)  # after 20 failed tries, a pause after each
+            assert OutOfFiles.failures == 0
+            said = [record for record in caplog.records if record.name == "gateway.server.listener"]
+            assert len(said) == 1
+            assert "Too many open files" in said[0].getMessage()
+            assert said[0].exc_info is None  # no traceback
+        finally:
+            acceptor.close()
+            client.close()
+            Counted.made[0].transport.close()
+
+    run(body())
