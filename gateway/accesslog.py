@@ -24,6 +24,9 @@ USER = web.RequestKey("codehub_user", str)
 REFUSED = web.RequestKey("codehub_refused", str)
 """Why the gateway refused this request before serving it (``refusals.Reason``), written as ``reason``."""
 UNREAD = web.RequestKey("codehub_unread", str)
+WRITTEN = web.RequestKey("codehub_written", bool)
+"""The lane wrote this request's line itself: a WebSocket's, when it ended (aiohttp writes none for one whose
+client or upstream closed first, as the close cancels its handler)."""
 """Why the head of this request was refused unread: aiohttp's stand-in request knows nothing of it."""
 
 
@@ -76,6 +79,8 @@ class AccessLogger(AbstractAccessLogger):
         self._log = AccessLog(logger)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_taken: float) -> None:
+        if request.get(WRITTEN):
+            return
         unread = request.get(UNREAD)
         if unread is not None:
             self._log.write(remote=request.remote, method=None, host=None, raw_path=None, status=response.status,

@@ -1,11 +1,13 @@
 """The fast lane's client connection as a sans-IO state machine: bytes in, events out, no sockets.
 
 Like h11's ``Connection`` (without its generality): ``receive`` takes whatever the socket read and says what
-happened. Only the plain case comes out as a ``Request`` — a complete HTTP/1.1 GET or HEAD without a body, an
-upgrade or an ``Expect``, with a head of sane size. Everything else, malformed or merely unusual, is a
-``HandOver`` of every byte read so far: aiohttp's server reads it from the start and answers it (or refuses it)
-as it would have without this lane. While a request is being served, what arrives is kept (a pipelined next
-request); once the answer is out, ``done`` hands those bytes over too, so pipelining is aiohttp's.
+happened. Only the plain case comes out as a ``Request`` — a complete HTTP/1.1 GET or HEAD without a body or an
+``Expect``, with a head of sane size — or such a GET asking to switch protocols (``upgrade``: a WebSocket), whose
+server either ``switch``es (the bytes past the head are the new protocol's) or hands it over. Everything else,
+malformed or merely unusual, is a ``HandOver`` of every byte read so far: aiohttp's server reads it from the
+start and answers it (or refuses it) as it would have without this lane. While a request is being served, what
+arrives is kept (a pipelined next request); once the answer is out, ``done`` hands those bytes over too, so
+pipelining is aiohttp's.
 
 Nothing here raises on input: for any bytes the answer is ``NEED_DATA``, a ``Request`` or a ``HandOver``
 (``tests/proxy/test_h1.py`` checks this with tables and with hypothesis).
@@ -52,6 +54,9 @@ class Request:
     headers: CIMultiDictProxy[str]
     """As sent, in order, duplicates kept (the plan judges them)."""
     keep_alive: bool
+    upgrade: bool = False
+    """It asks to switch protocols (``Connection: upgrade``): ``switch`` once the upstream agreed, else hand it
+    over; never ``done`` as a plain answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,7 @@ class Connection:
         self._reset()
 
     def _reset(self) -> None:
+        self._head_end = 0  # an upgrade's: where the new protocol's bytes start in ``_raw``
         self._url = bytearray()
         self._headers: CIMultiDict[str] = CIMultiDict()
         self._begun = 0
@@ -112,20 +118,22 @@ class Connection:
         self._raw += data
         try:
             self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # upgrades (WebSockets) are aiohttp's
+        except httptools.HttpParserUpgrade as upgrade:  # the head is whole; the new protocol's bytes follow it
+            self._head_end = len(self._raw) - len(data) + upgrade.args[0]
+        except httptools.HttpParserError:
             return self.hand_over()
         if self._unfit or self._begun > 1 or (self._complete == 0 and len(self._raw) > self.max_head):
             return self.hand_over()
         if self._complete == 1:
             self.state = State.SERVING
             return Request(self._parser.get_method().decode(), self._url.decode("utf-8", "surrogateescape"),
-                           CIMultiDictProxy(self._headers), self._keep_alive)
+                           CIMultiDictProxy(self._headers), self._keep_alive, upgrade=self._head_end > 0)
         return NEED_DATA
 
     def done(self, keep_alive: bool) -> Event:
         """The answer to the request being served is out."""
         assert self.state is State.SERVING, self.state
-        if not keep_alive:
+        if not keep_alive or self._head_end:
             self.state = State.CLOSED
             return CLOSE
         self.state = State.READING
@@ -134,6 +142,19 @@ class Connection:
         if self._parked:  # pipelined: aiohttp serves the rest of this connection
             return self.hand_over()
         return NEED_DATA
+
+    def switch(self) -> bytes:
+        """The upgrade being served switched protocols: the connection is no longer HTTP. Returns the bytes that
+        followed its head (the new protocol's first)."""
+        assert self.state is State.SERVING, self.state
+        assert self._head_end, "not an upgrade"
+        self.state = State.HANDED
+        tail = bytes(self._raw[self._head_end:] + self._parked)
+        self._raw.clear()
+        self._parked.clear()
+        self._reset()  # the head's headers and llhttp's parser are not kept for the new protocol's life
+        del self._parser
+        return tail
 
     def hand_over(self) -> HandOver:
         """Give up the connection: the bytes of the request being read or served, and any after it."""
@@ -165,8 +186,9 @@ class Connection:
     def on_headers_complete(self) -> None:
         parser = self._parser
         self._keep_alive = parser.should_keep_alive()  # llhttp forgets it once the message is complete
-        if (parser.get_method() not in _FAST_METHODS or parser.get_http_version() != "1.1"
-                or parser.should_upgrade()):
+        method = parser.get_method()
+        if (method not in _FAST_METHODS or parser.get_http_version() != "1.1"
+                or (parser.should_upgrade() and method != b"GET")):
             self._unfit = True
 
     def on_body(self, body: bytes) -> None:

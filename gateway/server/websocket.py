@@ -1,34 +1,39 @@
 """WebSocket proxying: the upstream handshake first (so failures still get a proper HTTP error), then the
 client's, then the relay of raw frames (``wsrelay``) for as long as the WebSocket lives.
 
-How the client's connection leaves aiohttp (3.14's ``web_protocol``):
+``upstream_handshake`` is both lanes'. A WebSocket that starts a connection, as a browser's does, is the fast
+lane's (``server.fastlane``): it writes the 101 itself and keeps nothing of the request, ~6 KB per idle
+WebSocket. ``relay_websocket`` is aiohttp's lane, for an upgrade held through a wake or arriving on a connection
+aiohttp already serves. How the client's connection leaves aiohttp (3.14's ``web_protocol``):
 
-- The 101 goes out as an ordinary prepared ``StreamResponse``, so ``on_response_prepare`` hooks run and the
-  access log gets it when the handler returns.
+- The 101 goes out as an ordinary prepared ``StreamResponse``, so ``on_response_prepare`` hooks run.
 - Then the transport is switched to the relay's protocol (``transport.set_protocol``). aiohttp's
   ``RequestHandler`` stays registered with its server for the WebSocket's life; that is what makes a shutdown
   reach the relay: the server waits for the handler, then cancels it, and the cancellation closes both ends
   with 1001. The relay passes ``connection_lost`` on to the ``RequestHandler``, so aiohttp forgets the
-  connection when it ends and cancels the handler if the client vanished.
+  connection when it ends and cancels the handler if the client vanished. A cancelled handler gets no access
+  line from aiohttp, so the relay's end writes it (``accesslog.WRITTEN``).
 - ``set_parser``, the hook aiohttp's own ``WebSocketResponse`` uses, hands over the bytes aiohttp had already
   read past the request. Keep-alive is switched off, so once the handler returns aiohttp only closes the
   transport: it never parses on this connection again, and its llhttp parser and pipelining queue are dropped
   right away (aiohttp itself drops them only in ``connection_lost``) instead of being kept for the WebSocket's
-  life: ~2.7 KB of ~23 KB per idle WebSocket.
+  life.
 
 The handler coroutine waits until the relay is over, since the caller counts the workspace as in use for
-exactly that long. Its frames keep the parsed request (~4.5 KB), so nothing else that big is kept beside it:
-aiohttp's WebSocket classes on both sides cost ~37 KB per idle connection, the relay a few hundred bytes.
+exactly that long. Its frames keep the parsed request: ~19 KB per idle WebSocket in this lane.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
+from gateway.accesslog import TARGET, USER, WRITTEN, AccessLog
 from gateway.config import Timeouts
 from gateway.errors import GatewayTimeout
 from gateway.metrics import Metrics
@@ -37,6 +42,7 @@ from gateway.proxy.heartbeat import Heartbeat
 from gateway.proxy.upstream import ConnectGrace, Upstream
 from gateway.proxy.wshandshake import (
     Answer,
+    Offer,
     accept_value,
     ask_upstream,
     chosen_protocol,
@@ -72,28 +78,41 @@ async def _connect(upstream: Upstream, request: bytes, timeouts: Timeouts, metri
                 raise refused(upstream, exc, metrics) from exc
 
 
-async def _handshakes(request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str],
-                      timeouts: Timeouts, metrics: Metrics, connect_grace: float
-                      ) -> tuple[asyncio.Transport, bytes, web.StreamResponse]:
-    """Both handshakes; returns the upstream's transport (reading paused), what it sent past its answer, and the
-    101 the client got."""
-    offer = client_offer(request.headers)
+async def upstream_handshake(upstream: Upstream, path: str, headers: CIMultiDict[str], offer: Offer,
+                             timeouts: Timeouts, metrics: Metrics, connect_grace: float
+                             ) -> tuple[asyncio.Transport, bytes, dict[str, str]]:
+    """The upstream's side, first (so a failure is still an HTTP error): its transport (reading paused), what it
+    sent past its 101, and the headers of the 101 the client is to get. Either lane answers the client."""
     key = new_key()
     transport, answer = await _connect(upstream, upgrade_request(path, headers, key, offer.protocols), timeouts,
                                        metrics, connect_grace)
     try:
         protocol = chosen_protocol(answer, key, offer.protocols, upstream)
-        response = web.StreamResponse(status=101, headers={
-            "Upgrade": "websocket", "Connection": "upgrade", "Sec-WebSocket-Accept": accept_value(offer.key),
-            **({"Sec-WebSocket-Protocol": protocol} if protocol else {}),
-        })
+    except BaseException:
+        transport.abort()
+        raise
+    return transport, answer.tail, {
+        "Upgrade": "websocket", "Connection": "upgrade", "Sec-WebSocket-Accept": accept_value(offer.key),
+        **({"Sec-WebSocket-Protocol": protocol} if protocol else {}),
+    }
+
+
+async def _handshakes(request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str],
+                      timeouts: Timeouts, metrics: Metrics, connect_grace: float
+                      ) -> tuple[asyncio.Transport, bytes, web.StreamResponse]:
+    """Both handshakes; returns the upstream's transport (reading paused), what it sent past its answer, and the
+    101 the client got."""
+    transport, tail, accepted = await upstream_handshake(upstream, path, headers, client_offer(request.headers),
+                                                         timeouts, metrics, connect_grace)
+    try:
+        response = web.StreamResponse(status=101, headers=accepted)
         await response.prepare(request)
         if request.transport is None or request.transport.is_closing():
             raise ConnectionResetError("the client left during the handshake")
     except BaseException:
         transport.abort()
         raise
-    return transport, answer.tail, response
+    return transport, tail, response
 
 
 class _Leftover:
@@ -129,6 +148,7 @@ async def relay_websocket(
     """Relay the WebSocket ``request`` asks for to ``upstream``; returns (the 101) once it is closed.
 
     ``connect_grace``: how long refused connects are retried (see ``ConnectGrace``)."""
+    started = time.perf_counter()
     transport, upstream_tail, response = await _handshakes(request, upstream, path, headers, timeouts, metrics,
                                                            connect_grace)
     client, handler = request.transport, request.protocol
@@ -145,4 +165,9 @@ async def relay_websocket(
         metrics.websockets.dec()
         if not relay.done.done():  # cancelled: the gateway shuts down, or the client's connection dropped
             relay.end(GOING_AWAY)
+        request[WRITTEN] = True
+        AccessLog(logging.getLogger("codehub.access")).write(
+            remote=request.remote, method=request.method, host=request.headers.get("Host", ""),
+            raw_path=request.raw_path, status=101, length=0, seconds=time.perf_counter() - started,
+            target=request.get(TARGET), user=request.get(USER))
     return response

@@ -43,7 +43,8 @@ def test_a_head_split_anywhere_waits_for_the_rest(split: int) -> None:
         (b"GET / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n\r\n", "Expect"),
         (b"GET / HTTP/1.0\r\nHost: h\r\n\r\n", "HTTP/1.0"),
         (b"OPTIONS / HTTP/1.1\r\nHost: h\r\n\r\n", "another method"),
-        (b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", "an upgrade"),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", "a POST upgrade"),
+        (b"GET / HTTP/1.0\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", "an HTTP/1.0 upgrade"),
         (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n", "conflicting lengths"),
         (b"GET / HTTP/1.1\r\nHo st: h\r\n\r\n", "a malformed header name"),
         (b"GET / HTTP/1.1\r\nHost: h\r\nX: a\x00b\r\n\r\n", "a NUL in a value"),
@@ -59,6 +60,40 @@ def test_everything_else_is_handed_over_with_every_byte(raw: bytes, why: str) ->
     events = [connection.receive(raw)]
     assert events == [HandOver(raw)], why
     assert connection.state is State.HANDED
+
+
+UPGRADE = b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+
+
+@pytest.mark.parametrize("cut", [10, len(UPGRADE) - 1, len(UPGRADE), len(UPGRADE) + 3])
+def test_a_get_that_asks_to_switch_protocols_is_a_request_whose_tail_is_the_new_protocols(cut: int) -> None:
+    """Whatever the reads: once the head is whole it is a ``Request`` marked ``upgrade``; ``switch`` gives the
+    bytes after the head (the first WebSocket frame, sent at once), and what arrives after them, in order."""
+    frame = b"\x81\x85abcd" + b"12345"
+    raw = UPGRADE + frame
+    connection = Connection()
+    events = [connection.receive(raw[:cut]), connection.receive(raw[cut:])]
+    requests = [event for event in events if isinstance(event, Request)]
+    assert len(requests) == 1
+    assert requests[0].upgrade
+    assert (requests[0].method, requests[0].target, requests[0].headers["Upgrade"]) == ("GET", "/ws", "websocket")
+    assert connection.receive(b"more") is NEED_DATA
+    assert connection.switch() == frame + b"more"
+    assert connection.state is State.HANDED
+
+
+def test_an_upgrade_not_switched_is_handed_over_whole_or_closes_after_its_answer() -> None:
+    """The plan declined it, or the upstream would not switch: aiohttp gets every byte, or the connection ends
+    after the answer (what follows the head may already be the new protocol's: never parsed as HTTP)."""
+    connection = Connection()
+    assert isinstance(connection.receive(UPGRADE + b"\x81\x80abcd"), Request)
+    assert connection.hand_over() == HandOver(UPGRADE + b"\x81\x80abcd")
+    connection = Connection()
+    assert isinstance(connection.receive(UPGRADE), Request)
+    assert connection.done(keep_alive=True) is CLOSE
+    plain = Connection().receive(GET)
+    assert isinstance(plain, Request)
+    assert not plain.upgrade
 
 
 def test_an_oversized_head_is_handed_over_before_it_ends() -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
+import logging
 import os
 import re
 import struct
@@ -252,10 +254,18 @@ async def test_upstream_silent_after_the_upgrade_request_is_a_504(proxied: MakeP
 
 # --- the frame relay: limits, ends vanishing, heartbeat, handover from aiohttp ---------------------------------
 
-async def _raw_upgrade(p: Proxied, extra: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A client that speaks WebSocket by hand (so it can stay silent, vanish, or send early)."""
+async def _raw_upgrade(p: Proxied, extra: bytes = b"", before: bytes = b""
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client that speaks WebSocket by hand (so it can stay silent, vanish, or send early); ``before``: a
+    request sent first on the same connection, its answer read."""
     key = base64.b64encode(os.urandom(16)).decode()
     reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    if before:
+        writer.write(before)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        assert length is not None, head
+        await reader.readexactly(int(length.group(1)))
     writer.write(f"GET /ws HTTP/1.1\r\nHost: {p.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode() + extra)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -263,13 +273,40 @@ async def _raw_upgrade(p: Proxied, extra: bytes = b"") -> tuple[asyncio.StreamRe
     return reader, writer
 
 
-async def test_bytes_sent_right_behind_the_upgrade_request_are_relayed(proxied: MakeProxied) -> None:
+@pytest.mark.parametrize("lane", ["fast", "aiohttp"])
+async def test_bytes_sent_right_behind_the_upgrade_request_are_relayed(proxied: MakeProxied, lane: str) -> None:
+    """In the fast lane, where a browser's WebSocket starts on a new connection, and in aiohttp's, which serves a
+    connection once the fast lane handed it a request it does not serve (here an OPTIONS)."""
     p = await proxied(echo_app())
-    reader, writer = await _raw_upgrade(p, extra=_frame(0x1, b"early", fin=True))
+    before = f"OPTIONS /ws HTTP/1.1\r\nHost: {p.host}\r\n\r\n".encode() if lane == "aiohttp" else b""
+    reader, writer = await _raw_upgrade(p, extra=_frame(0x1, b"early", fin=True), before=before)
     try:
         assert await asyncio.wait_for(_read_frame(reader), 10) == (0x1, True, b"early")
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize("lane", ["fast", "aiohttp"])
+async def test_a_websocket_is_one_access_line_when_it_ends(proxied: MakeProxied, lane: str,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The 101, with how long the WebSocket lived, the same from either lane."""
+    p = await proxied(echo_app())
+    before = f"OPTIONS /ws HTTP/1.1\r\nHost: {p.host}\r\n\r\n".encode() if lane == "aiohttp" else b""
+    with caplog.at_level(logging.INFO, logger="codehub.access"):
+        reader, writer = await _raw_upgrade(p, before=before)
+        await asyncio.sleep(0.2)
+        assert not [r for r in caplog.records if r.name == "codehub.access" and '"status":101' in r.getMessage()]
+        writer.write(_frame(0x8, struct.pack("!H", 1000), fin=True))
+        await asyncio.wait_for(_read_frame(reader), 10)  # the upstream's close
+        writer.close()
+        async with asyncio.timeout(10):
+            while not (lines := [json.loads(r.getMessage()) for r in caplog.records  # noqa: ASYNC110 - log records
+                                 if r.name == "codehub.access" and '"status":101' in r.getMessage()]):
+                await asyncio.sleep(0.01)
+    [line] = lines
+    assert (line["method"], line["path"], line["host"], line["kind"], line["workspace"]) == (
+        "GET", "/ws", p.host, "preview", WORKSPACE)
+    assert line["ms"] >= 200
 
 
 @pytest.mark.parametrize("sender", ["client", "upstream"])
@@ -389,19 +426,18 @@ async def test_a_bad_client_handshake_is_a_400_without_asking_the_upstream(proxi
     assert not seen
 
 
-async def test_aiohttp_forgets_a_relayed_connection_once_it_ends(proxied: MakeProxied) -> None:
+async def test_a_relayed_connection_is_the_fast_lanes_and_forgotten_once_it_ends(proxied: MakeProxied) -> None:
+    """The relay has the connection (aiohttp never sees it) and the lane lets go of it when it ends: the worker's
+    count of open connections, which the connection limit reads, goes back down."""
     p = await proxied(echo_app())
     front = p.client.server.runner.server if p.client.server.runner is not None else None
     assert isinstance(front, FastLaneServer)
-    server = front.inner  # WebSocket upgrades are handed from the fast lane to aiohttp's server
     async with p.client.ws_connect("/ws", headers={"Host": p.host}) as ws:
         await ws.send_str("x")
         await ws.receive(timeout=10)
-        assert len(server.connections) == 1
-    async with asyncio.timeout(10):  # the handler returns just after the client saw the close
-        while True:
-            if not server.connections:
-                break
+        assert (len(front.lanes), front.open, len(front.inner.connections)) == (1, 1, 0)
+    async with asyncio.timeout(10):  # the lane lets go just after the client saw the close
+        while front.lanes or front.open:  # noqa: ASYNC110 - the server's own sets
             await asyncio.sleep(0.01)
 
 

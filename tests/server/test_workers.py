@@ -286,8 +286,15 @@ async def _load(served: Served, outcomes: list[str], stop: asyncio.Event) -> Non
 
 
 def _worker_of(ws: aiohttp.ClientWebSocketResponse) -> str:
-    """The worker that answered the upgrade (its 101 names it at log level debug)."""
-    return ws._response.headers[WORKER_HEADER]
+    """The worker holding the WebSocket's connection: ``ss`` names the process of the gateway's end, whose peer
+    port is this client's."""
+    sockname = ws.get_extra_info("sockname")
+    assert sockname is not None
+    shown = subprocess.run(["ss", "-Htnp", "state", "established", f"( dport = :{sockname[1]} )"],
+                           capture_output=True, text=True, check=True).stdout
+    found = re.search(r"pid=(\d+)", shown)
+    assert found is not None, shown
+    return found.group(1)
 
 
 async def test_a_worker_killed_under_load_is_replaced_and_the_other_keeps_its_websockets(tmp_path: Path) -> None:
