@@ -240,36 +240,36 @@ class FastLane(WriteFlow):
         carry_out(forward.effects, gateway)
         method, target, host = request.method, request.target, headers.get("Host", "")
         where, user = forward.target, forward.user
-        try:
-            with in_use(gateway, forward):
+        with in_use(gateway, forward):
+            try:
                 upstream, tail, accepted = await upstream_handshake(
                     upstream_of(forward), forward.path, forward.headers, client_offer(headers),
                     gateway.config.timeouts, gateway.metrics, connect_grace=0.0)
-                del request, headers, forward
-                client = self._transport
-                if client is None:  # the client left during the upstream's handshake
-                    upstream.abort()
-                    return
-                client.write(encode_head("HTTP/1.1 101 Switching Protocols", accepted))
-                if self._timer is not None:
-                    self._timer.cancel()
-                    self._timer = None
-                relay = self._relaying = Relay(client, upstream, max_message=gateway.config.max_ws_message,
-                                               heartbeat=gateway.heartbeat, client_protocol=self)
-                relay.start(self._connection.switch(), tail)
-                del tail
-                gateway.metrics.websockets.inc()
-                try:
-                    await relay.done
-                finally:
-                    gateway.metrics.websockets.dec()
-                    if not relay.done.done():  # cancelled: the gateway shuts down
-                        relay.end(GOING_AWAY)
-                    self._front.access.write(remote=self._peer, method=method, host=host, raw_path=target,
-                                             status=101, length=0, seconds=time.perf_counter() - started,
-                                             target=where, user=user)
-        except Exception as exc:
-            self._refuse_unanswered(exc, method, target, where, user)
+            except Exception as exc:
+                self._refuse_unanswered(exc, method, target, where, user)
+                return
+            del request, headers, forward
+            client = self._transport
+            if client is None:  # the client left during the upstream's handshake
+                upstream.abort()
+                return
+            client.write(encode_head("HTTP/1.1 101 Switching Protocols", accepted))
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            relay = self._relaying = Relay(client, upstream, max_message=gateway.config.max_ws_message,
+                                           heartbeat=gateway.heartbeat, client_protocol=self)
+            relay.start(self._connection.switch(), tail)
+            del tail
+            gateway.metrics.websockets.inc()
+            try:
+                await relay.done
+            finally:
+                gateway.metrics.websockets.dec()
+                if not relay.done.done():  # cancelled: the gateway shuts down
+                    relay.end(GOING_AWAY)
+                self._front.access.write(remote=self._peer, method=method, host=host, raw_path=target, status=101,
+                                         length=0, seconds=time.perf_counter() - started, target=where, user=user)
 
     def _refuse_unanswered(self, exc: Exception, method: str, target: str, where: Target | None,
                            user: str | None, on_error: dict[str, str] | None = None) -> None:
