@@ -73,7 +73,8 @@ async def measure(tree: Path, *, seconds: float, connections: int, strace: bool,
         await wait_for_port("127.0.0.1", port, gateway, within=1800)  # a big store loads slowly under callgrind
         target = await gateway_target("gateway", layout, SignIn(layout, port))
         script = write_script(tmp, target)
-        await run_wrk(target, script, connections, seconds / 4, [], request_timeout=30)  # warm-up
+        warm_up = max(1, round(seconds / 4))  # wrk takes whole seconds
+        await run_wrk(target, script, connections, warm_up, [], request_timeout=30)
         pid = gateway.pid
         if strace:
             tracer = await asyncio.create_subprocess_exec(
