@@ -28,6 +28,7 @@ from playwright.async_api import BrowserContext, Page, expect
 from gateway.config import Config
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY, Gateway
+from gateway.web import hub as hub_module
 from tests.browser.conftest import REPO, Browser, app_command, next_address, require_peer, screenshot
 from tests.peers.idp.fixture import free_loopback_port
 from tests.test_cli import urls_in
@@ -159,6 +160,32 @@ async def test_ports_panel_follows_dev_servers_live(browser: Browser, make_hub: 
     await expect(section.locator(".phase")).to_have_text("Sleeping (wakes in seconds)")
     await expect(section.get_by_role("button", name="Archive workspace ws1")).to_be_visible()
     assert await page.evaluate("window.__sameDocument") is True
+
+
+async def test_many_workspaces_come_in_pages_that_stay_live(browser: Browser, make_hub: MakeHub,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Next and First page links walk the workspaces in id order; the second page follows its own workspaces
+    live (a link made elsewhere appears there) and the first page does not list them."""
+    monkeypatch.setattr(hub_module, "HUB_PAGE", 2)
+    hub = await make_hub({name: {"owner": "alice", "command": ["sleep", "3600"], "ports": {3000: "private"}}
+                          for name in ("a1", "b2", "c3")})
+    _, page = await signed_in(browser, hub, "alice")
+    await expect(page.locator("section.ws")).to_have_count(2)
+    assert await page.locator("section.ws").evaluate_all("all => all.map(s => s.dataset.ws)") == ["a1", "b2"]
+    await page.get_by_role("link", name="Next page").click()
+    await expect(page.locator("section.ws")).to_have_count(1)
+    await expect(page.locator('section[data-ws="c3"]')).to_be_visible()
+    await expect(page.get_by_role("link", name="Next page")).to_be_hidden()
+
+    await page.evaluate("window.__sameDocument = true")
+    link, _ = await hub.gateway.auth.store.create_share(workspace="c3", port=3000, audience="anyone", people=[],
+                                                      created_by="alice", ttl=3600)
+    await expect(page.locator(f'section[data-ws="c3"] [data-share="{link.id}"]')).to_have_count(1)
+    assert await page.evaluate("window.__sameDocument") is True  # the page's feed, not a reload
+
+    await page.get_by_role("link", name="First page").click()
+    await expect(page.locator("section.ws")).to_have_count(2)
+    await expect(page.locator('section[data-ws="c3"]')).to_have_count(0)
 
 
 async def test_sharing_from_the_hub(browser: Browser, make_hub: MakeHub) -> None:
