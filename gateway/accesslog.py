@@ -24,10 +24,10 @@ USER = web.RequestKey("codehub_user", str)
 REFUSED = web.RequestKey("codehub_refused", str)
 """Why the gateway refused this request before serving it (``refusals.Reason``), written as ``reason``."""
 UNREAD = web.RequestKey("codehub_unread", str)
+"""Why the head of this request was refused unread: aiohttp's stand-in request knows nothing of it."""
 WRITTEN = web.RequestKey("codehub_written", bool)
 """The lane wrote this request's line itself: a WebSocket's, when it ended (aiohttp writes none for one whose
 client or upstream closed first, as the close cancels its handler)."""
-"""Why the head of this request was refused unread: aiohttp's stand-in request knows nothing of it."""
 
 
 def log_text(value: str | None) -> str:

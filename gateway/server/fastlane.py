@@ -41,7 +41,7 @@ from gateway.proxy.wshandshake import client_offer
 from gateway.proxy.wsrelay import GOING_AWAY, Relay
 from gateway.server.context import GATEWAY, Gateway
 from gateway.server.forward import SMALL_BODY, read_small, send, shape_answer
-from gateway.server.lane import carry_out, in_use, peer_address, upstream_of
+from gateway.server.lane import carry_out, connect_grace, in_use, peer_address, upstream_of
 from gateway.server.listener import connection_limit
 from gateway.server.refusals import GatewayHandler, Overloaded, Reason, Refusals, handler_settings
 from gateway.server.websocket import upstream_handshake
@@ -200,7 +200,8 @@ class FastLane(WriteFlow):
         try:
             with in_use(gateway, forward):
                 answer, exchange = await send(gateway.pool, upstream, request.method, forward.path,
-                                              forward.headers, None, metrics=gateway.metrics)
+                                              forward.headers, None, metrics=gateway.metrics,
+                                              connect_grace=connect_grace(gateway, forward))
                 try:
                     sent = await self._answer(request, headers, upstream, answer, forward, keep_alive)
                 except UpstreamError:
@@ -233,20 +234,20 @@ class FastLane(WriteFlow):
 
     async def _relay(self, request: h1.Request, headers: CIMultiDictProxy[str], forward: Forward) -> None:
         """A WebSocket: both handshakes, then the relay (``wsrelay``) has the connection; this task waits for its
-        end, so the workspace is in use that long and a shutdown reaches it (``finish`` cancels it: 1001 both
-        ways). Nothing of aiohttp's is kept per WebSocket, nor the request: an idle one costs a few objects."""
+        end, so the workspace is in use that long and a shutdown can wait for it (``finish``; the drain has told both
+        ends 1001). Nothing of aiohttp's is kept per WebSocket, nor the request: an idle one costs a few objects."""
         gateway = self._gateway
         started = time.perf_counter()
         carry_out(forward.effects, gateway)
         method, target, host = request.method, request.target, headers.get("Host", "")
-        where, user = forward.target, forward.user
+        where, user, on_error = forward.target, forward.user, forward.on_error
         with in_use(gateway, forward):
             try:
                 upstream, tail, accepted = await upstream_handshake(
                     upstream_of(forward), forward.path, forward.headers, client_offer(headers),
-                    gateway.config.timeouts, gateway.metrics, connect_grace=0.0)
+                    gateway.config.timeouts, gateway.metrics, connect_grace(gateway, forward))
             except Exception as exc:
-                self._refuse_unanswered(exc, method, target, where, user)
+                self._refuse_unanswered(exc, method, target, where, user, on_error)
                 return
             del request, headers, forward
             client = self._transport
@@ -261,6 +262,8 @@ class FastLane(WriteFlow):
                                            heartbeat=gateway.heartbeat, client_protocol=self)
             relay.start(self._connection.switch(), tail)
             del tail
+            if not self._reading:  # early bytes past MAX_PARKED paused it during the upstream's handshake
+                client.resume_reading()
             gateway.metrics.websockets.inc()
             try:
                 await relay.done

@@ -98,8 +98,7 @@ async def execute(request: web.Request, plan_: Plan, gateway: Gateway, hub: Hand
         if isinstance(plan_, Hold):
             state = await gateway.waker.hold(plan_.state, forward.port)
             forward = dataclasses.replace(forward, address=state.address)
-        settling = isinstance(plan_, Hold) or gateway.waker.settling(forward.workspace, forward.port)
-        return await _forward(request, forward, gateway, WAKE_CONNECT_GRACE if settling else 0.0)
+        return await _forward(request, forward, gateway, connect_grace(gateway, forward, held=isinstance(plan_, Hold)))
     except GatewayError as exc:
         exc.headers.update(forward.on_error)
         raise
@@ -108,6 +107,12 @@ async def execute(request: web.Request, plan_: Plan, gateway: Gateway, hub: Hand
 def in_use(gateway: Gateway, forward: Forward) -> contextlib.AbstractContextManager[None]:
     """In use for as long as a request or WebSocket is open (a long poll or SSE feed keeps its workspace awake)."""
     return gateway.activity.connection(forward.workspace) if forward.keeps_awake else contextlib.nullcontext()
+
+
+def connect_grace(gateway: Gateway, forward: Forward, *, held: bool = False) -> float:
+    """How long refused connects are retried (``ConnectGrace``): through a wake, and just after one (a dev server
+    such as Vite may accept on a throwaway listener first), in either lane."""
+    return WAKE_CONNECT_GRACE if held or gateway.waker.settling(forward.workspace, forward.port) else 0.0
 
 
 def upstream_of(forward: Forward) -> Upstream:

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway.auth.store import API_PREFIX
 from gateway.server.fastlane import MAX_PARKED, FastLaneServer
-from tests.conftest import held_app
+from tests.conftest import MakeUpstream, held_app
 from tests.server.conftest import MakeProxied, Proxied
 from tests.server.test_proxy_http import echo_app
 
@@ -137,6 +137,23 @@ async def test_a_refused_port_is_handed_over_for_the_error_page(proxied: MakePro
     [(head, body)] = await exchange(p, get(p, "/x", "Accept: application/json"))
     assert head.startswith(b"HTTP/1.1 502"), head
     assert json.loads(body)["error"]["code"] == "port-not-listening"
+
+
+async def test_right_after_a_wake_a_refused_connect_is_tried_again_here_too(proxied: MakeProxied,
+                                                                           make_upstream: MakeUpstream) -> None:
+    """The post-wake grace (a dev server may accept on a throwaway listener first) holds in this lane as in
+    aiohttp's: the GET waits for the port instead of a 502."""
+    p = await proxied(None)
+    p.gateway.waker.settling = lambda *_: True  # type: ignore[method-assign]
+
+    async def later() -> None:
+        await asyncio.sleep(0.3)
+        await make_upstream(echo_app(), p.address, p.port)
+
+    starting = asyncio.create_task(later())
+    [(head, _)] = await exchange(p, get(p, "/x", "Accept: application/json"))
+    await starting
+    assert head.startswith(b"HTTP/1.1 200"), head  # a failure here is handed over as a 502, never sent again
 
 
 async def test_chunked_and_close_delimited_answers_are_rechunked(proxied: MakeProxied) -> None:
