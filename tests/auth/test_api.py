@@ -11,6 +11,7 @@ from urllib.parse import quote
 import pytest
 from multidict import CIMultiDict
 
+from gateway.auth.store import Consent
 from gateway.lifecycle import Phase
 from gateway.web import api, hub
 from gateway.web.pages import PHASE_WORDS
@@ -393,6 +394,23 @@ async def test_workspaces_come_in_pages(serve: Serve, make_browser: MakeBrowser,
     default = (await call(alice, "GET", "/api/v1/workspaces")).json()
     assert [view["id"] for view in default["workspaces"]] == ["a1", "c3", "d4", "e5"]
     assert default["next_cursor"]
+
+
+async def test_ports_count_the_visitors_who_agreed_to_share_and_no_one_else(serve: Serve,
+                                                                            make_browser: MakeBrowser) -> None:
+    """One pass over the answers per page: each port counts its own workspace's answers that share, not those
+    that declined, in a page, in the hub's snapshot and in a single workspace's view alike."""
+    served = await serve({name: {"owner": "alice", "ports": {3000: "private"}} for name in ("a1", "b2")})
+    store = served.gateway.auth.store
+    for who, where, share in [("bob", "a1", True), ("carol", "a1", False), ("dave", "b2", True),
+                              ("erin", "b2", True)]:
+        await store.record_consent(Consent.answer(who, where, 3000, share=share, claims=["email"]))
+    alice = await user(make_browser, served, "alice")
+    for path in ("/api/v1/workspaces", "/api/v1/hub/snapshot"):
+        views = (await call(alice, "GET", path)).json()["workspaces"]
+        assert {(view["id"], port["port"]): port["consented"] for view in views for port in view["ports"]} == {
+            ("a1", 3000): 1, ("b2", 3000): 2}, path
+    assert (await call(alice, "GET", "/api/v1/workspaces/a1")).json()["ports"][0]["consented"] == 1
 
 
 async def test_the_hub_shows_a_page_of_workspaces_with_their_own_links(

@@ -86,8 +86,10 @@ class OutOfFiles(socket.socket):
     them (running the test process itself out of descriptors would break the test run)."""
 
     failures = 0
+    tries = 0
 
     def accept(self) -> tuple[socket.socket, Any]:
+        OutOfFiles.tries += 1
         if OutOfFiles.failures > 0:
             OutOfFiles.failures -= 1
             raise OSError(errno.EMFILE, "Too many open files")
@@ -122,5 +124,31 @@ def test_out_of_file_descriptors_is_one_warning_now_and_then_and_accepting_resum
             acceptor.close()
             client.close()
             Counted.made[0].transport.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize("run", LOOPS.values(), ids=LOOPS.keys())
+def test_a_pause_stops_accepting_until_it_ends(run: Callable[[Awaitable[None]], None],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """While paused the socket is not watched: a connection waiting in the queue must not make the loop try
+    (and fail) to accept it over and over."""
+    monkeypatch.setattr(listener, "PAUSE", 0.2)
+
+    async def body() -> None:
+        sock = OutOfFiles()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+        OutOfFiles.failures, OutOfFiles.tries = 1_000_000, 0
+        acceptor = Acceptor(sock, Counted)
+        [client] = _connect(sock.getsockname()[1], 1)
+        try:
+            acceptor.start()
+            await asyncio.sleep(0.5)
+            assert 1 <= OutOfFiles.tries <= 4  # once at first, then once after each pause
+        finally:
+            acceptor.close()
+            client.close()
 
     run(body())
