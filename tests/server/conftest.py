@@ -108,6 +108,17 @@ async def proxied(make_gateway: MakeGateway, make_upstream: MakeUpstream) -> Mak
     return make
 
 
+def listening_later(p: Proxied, make_upstream: MakeUpstream, app: web.Application,
+                    after: float = 0.3) -> asyncio.Task[None]:
+    """``app`` starts listening on the proxied port ``after`` seconds from now, while the gateway already believes
+    the workspace woke (what a dev server behind a throwaway listener looks like)."""
+    async def later() -> None:
+        await asyncio.sleep(after)
+        await make_upstream(app, p.address, p.port)
+
+    return asyncio.create_task(later())
+
+
 async def read_until(response: ClientResponse, marker: bytes, limit: float = 10.0) -> bytes:
     """Read a streamed body until ``marker`` has arrived (bounded in time), returning what was read."""
     seen = b""

@@ -14,7 +14,7 @@ from aiohttp import web
 from gateway.auth.store import API_PREFIX
 from gateway.server.fastlane import MAX_PARKED, FastLaneServer
 from tests.conftest import MakeUpstream, held_app
-from tests.server.conftest import MakeProxied, Proxied
+from tests.server.conftest import MakeProxied, Proxied, listening_later
 from tests.server.test_proxy_http import echo_app
 
 
@@ -146,11 +146,7 @@ async def test_right_after_a_wake_a_refused_connect_is_tried_again_here_too(prox
     p = await proxied(None)
     p.gateway.waker.settling = lambda *_: True  # type: ignore[method-assign]
 
-    async def later() -> None:
-        await asyncio.sleep(0.3)
-        await make_upstream(echo_app(), p.address, p.port)
-
-    starting = asyncio.create_task(later())
+    starting = listening_later(p, make_upstream, echo_app())
     [(head, _)] = await exchange(p, get(p, "/x", "Accept: application/json"))
     await starting
     assert head.startswith(b"HTTP/1.1 200"), head  # a failure here is handed over as a 502, never sent again

@@ -95,6 +95,15 @@ class OutOfFiles(socket.socket):
             raise OSError(errno.EMFILE, "Too many open files")
         return super().accept()
 
+    @classmethod
+    def listening(cls, failures: int) -> OutOfFiles:
+        sock = cls()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+        cls.failures, cls.tries = failures, 0
+        return sock
+
 
 @pytest.mark.parametrize("run", LOOPS.values(), ids=LOOPS.keys())
 def test_out_of_file_descriptors_is_one_warning_now_and_then_and_accepting_resumes(
@@ -103,12 +112,8 @@ def test_out_of_file_descriptors_is_one_warning_now_and_then_and_accepting_resum
     monkeypatch.setattr(listener, "PAUSE", 0.05)
 
     async def body() -> None:
-        sock = OutOfFiles()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
+        sock = OutOfFiles.listening(failures=20)
         Counted.made = []
-        OutOfFiles.failures = 20
         acceptor = Acceptor(sock, Counted)
         [client] = _connect(sock.getsockname()[1], 1)
         try:
@@ -136,11 +141,7 @@ def test_a_pause_stops_accepting_until_it_ends(run: Callable[[Awaitable[None]], 
     monkeypatch.setattr(listener, "PAUSE", 0.2)
 
     async def body() -> None:
-        sock = OutOfFiles()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-        OutOfFiles.failures, OutOfFiles.tries = 1_000_000, 0
+        sock = OutOfFiles.listening(failures=1_000_000)
         acceptor = Acceptor(sock, Counted)
         [client] = _connect(sock.getsockname()[1], 1)
         try:

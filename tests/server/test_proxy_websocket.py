@@ -21,7 +21,7 @@ from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
 from gateway.server.fastlane import FastLaneServer, GatewayRunner
 from tests.conftest import MakeUpstream, next_address, settings, workspace
-from tests.server.conftest import PREVIEW_DOMAIN, WORKSPACE, MakeProxied, Proxied
+from tests.server.conftest import PREVIEW_DOMAIN, WORKSPACE, MakeProxied, Proxied, listening_later
 
 BIG = 16 << 20
 
@@ -343,11 +343,7 @@ async def test_a_websocket_right_after_a_wake_retries_a_refused_connect(proxied:
     p = await proxied(None)
     p.gateway.waker.settling = lambda *_: True  # type: ignore[method-assign]
 
-    async def later() -> None:
-        await asyncio.sleep(0.3)
-        await make_upstream(echo_app(), p.address, p.port)
-
-    starting = asyncio.create_task(later())
+    starting = listening_later(p, make_upstream, echo_app())
     async with p.client.ws_connect("/ws", headers={"Host": p.host}) as ws:
         await ws.send_str("x")
         assert (await ws.receive(timeout=10)).data == "x"
