@@ -275,14 +275,14 @@ class FastLane(WriteFlow):
                                          length=0, seconds=time.perf_counter() - started, target=where, user=user)
 
     def _refuse_unanswered(self, exc: Exception, method: str, target: str, where: Target | None,
-                           user: str | None, on_error: dict[str, str] | None = None) -> None:
+                           user: str | None, on_error: dict[str, str]) -> None:
         """Nothing went out: aiohttp renders the error as this request's plan (its effects were carried out).
         The request itself may have reached the upstream, so it is not sent again, bug or not."""
         if not isinstance(exc, GatewayError):
             log.exception("fast lane: serving %s %s failed", method, target.partition("?")[0])
         error = exc if isinstance(exc, GatewayError) else GatewayError(
             "The gateway hit an unexpected error; it has been logged.")
-        error.headers.update(on_error or {})
+        error.headers.update(on_error)
         self._task = None
         self._hand_over(self._connection.hand_over().data, Refuse(error=error, target=where, user=user))
 
