@@ -11,6 +11,7 @@ visible (``queued``) and bounded by the caller — and take a kept-alive connect
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import enum
@@ -33,7 +34,7 @@ class Outcome(enum.Enum):
     LOST = "lost"  # a handshake was dropped or timed out: the accept queue overflowed, halve the window
 
 
-class CoarseTimer(Generic[K]):
+class CoarseTimer(abc.ABC, Generic[K]):
     """Many timeouts of one length, checked by one timer that ticks every tenth of it (at most every second),
     instead of a timer per wait: a handle on the loop's heap, rescheduled and cancelled, cost a proxied request
     2–3 % and a wake's burst of ten thousand held requests a quarter more in the pool. What is due expires up to
@@ -53,8 +54,9 @@ class CoarseTimer(Generic[K]):
     def forget(self, key: K) -> None:
         self._due.pop(key, None)
 
+    @abc.abstractmethod
     def _expire(self, key: K) -> None:
-        raise NotImplementedError
+        """``key`` is past its time (it is no longer watched)."""
 
     def _check(self, loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
