@@ -30,7 +30,7 @@ from typing import Any, cast
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from gateway.accesslog import AccessLog
+from gateway.accesslog import AccessLog, log_text
 from gateway.edge.plan import Facts, Forward, Plan, Refuse, plan
 from gateway.edge.routing import KIND_LABELS, Target
 from gateway.errors import GatewayError
@@ -49,6 +49,12 @@ from gateway.server.websocket import upstream_handshake
 log = logging.getLogger(__name__)
 MAX_PARKED = 64 << 10
 """Bytes of a pipelined next request kept while one is in flight; past this, reading pauses."""
+
+
+def _log_failure(method: str, target: str) -> None:
+    """A bug of the gateway's while serving a request, with its traceback; the client's path escaped, as in the
+    access log (it is the client's to choose)."""
+    log.exception("fast lane: serving %s %s failed", log_text(method), log_text(target.partition("?")[0]))
 
 
 class FastLaneServer(web.Server):
@@ -218,7 +224,7 @@ class FastLane(WriteFlow):
                                         forward.on_error)
                 return
             if not isinstance(exc, GatewayError):
-                log.exception("fast lane: serving %s %s failed", request.method, request.target.partition("?")[0])
+                _log_failure(request.method, request.target)
             if self._transport is not None:
                 self._transport.close()
             return
@@ -279,7 +285,7 @@ class FastLane(WriteFlow):
         """Nothing went out: aiohttp renders the error as this request's plan (its effects were carried out).
         The request itself may have reached the upstream, so it is not sent again, bug or not."""
         if not isinstance(exc, GatewayError):
-            log.exception("fast lane: serving %s %s failed", method, target.partition("?")[0])
+            _log_failure(method, target)
         error = exc if isinstance(exc, GatewayError) else GatewayError(
             "The gateway hit an unexpected error; it has been logged.")
         error.headers.update(on_error)

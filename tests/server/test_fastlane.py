@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 from aiohttp import web
 
 from gateway.auth.store import API_PREFIX
+from gateway.server import fastlane
 from gateway.server.fastlane import MAX_PARKED, FastLaneServer
 from tests.conftest import MakeUpstream, held_app
 from tests.server.conftest import MakeProxied, Proxied, listening_later
@@ -150,6 +152,24 @@ async def test_right_after_a_wake_a_refused_connect_is_tried_again_here_too(prox
     [(head, _)] = await exchange(p, get(p, "/x", "Accept: application/json"))
     await starting
     assert head.startswith(b"HTTP/1.1 200"), head  # a failure here is handed over as a 502, never sent again
+
+
+async def test_a_bug_while_serving_is_a_500_and_one_logged_traceback_with_the_path_escaped(
+        proxied: MakeProxied, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing went out: aiohttp answers the plan's error; the log line names the request, its path (the client's
+    to choose) escaped as in the access log."""
+    p = await proxied(echo_app())
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(fastlane, "shape_answer", broken)
+    with caplog.at_level(logging.ERROR, logger="gateway.server.fastlane"):
+        [(head, _)] = await exchange(p, get(p, '/a"b', "Accept: application/json"))
+    assert head.startswith(b"HTTP/1.1 500"), head
+    [record] = [r for r in caplog.records if r.name == "gateway.server.fastlane"]
+    assert record.getMessage() == 'fast lane: serving "GET" "/a\\"b" failed'
+    assert record.exc_info is not None
 
 
 async def test_chunked_and_close_delimited_answers_are_rechunked(proxied: MakeProxied) -> None:
