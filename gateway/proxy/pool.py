@@ -35,7 +35,7 @@ from gateway.proxy.connection import (
     encode_head,
     open_upstream,
 )
-from gateway.proxy.pacing import SETTLE_AFTER, Attempt, Deadlines, Outcome, Pacer, Turns
+from gateway.proxy.pacing import SETTLE_AFTER, Attempt, Deadlines, Grant, Outcome, Pacer
 
 __all__ = [  # the connection's names too: both lanes take what they need of the upstream side from here
     "REPLAYABLE_METHODS", "BrokenOff", "ClientBodyFailed", "ClosedUnanswered", "ConnectFailed", "ConnectTimeout",
@@ -56,7 +56,8 @@ SYN included."""
 
 
 class Exchange:
-    """One request on one connection; ``close`` puts the connection back when both messages were whole."""
+    """One request on one connection; ``close`` puts the connection back when both messages were whole, and ends
+    the request's place in flight (``Pacer``) once the caller has it."""
 
     def __init__(self, pool: UpstreamPool, key: Key, conn: Connection,
                  sender: asyncio.Task[None] | None) -> None:
@@ -64,7 +65,8 @@ class Exchange:
         self._key = key
         self._conn = conn
         self._sender = sender
-        self.turn: Turns | None = None  # held until ``close`` (``LIMIT_PER_UPSTREAM``)
+        self.place = False
+        """Whether closing ends the request's place: not while the pool may still retry the request."""
 
     def close(self) -> None:
         sender = self._sender
@@ -75,23 +77,13 @@ class Exchange:
                 sent = False
             else:
                 sent = not sender.cancelled() and sender.exception() is None
-        if sent and self._conn.reusable:
-            self._pool.release(self._key, self._conn)
-        else:
-            self._conn.close()
-        if self.turn is not None:  # after the connection went back, so the next in line can take it
-            self.turn.give()
-            self.turn = None
-
-
-class _Upstream:
-    """What the pool keeps per (host, port): the turns of its requests and the pace of its connections."""
-
-    __slots__ = ("pacer", "turns")
-
-    def __init__(self, limit: int, deadlines: Deadlines) -> None:
-        self.turns = Turns(limit, deadlines)
-        self.pacer: Pacer[Connection] = Pacer(deadlines=deadlines)
+        place, self.place = self.place, False
+        if place and sent and self._conn.reusable:
+            self._pool.release(self._key, self._conn)  # the place goes along with the connection
+            return
+        self._conn.close()  # an exchange the pool retries has failed: its connection is spent too
+        if place:
+            self._pool.leave(self._key)
 
 
 class UpstreamPool:
@@ -113,47 +105,44 @@ class UpstreamPool:
         self._deadlines = Deadlines(queue_timeout)
         self._keepalive = keepalive
         self._limit = limit
-        self._upstreams: dict[Key, _Upstream] = {}
+        self._upstreams: dict[Key, Pacer[Connection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     def queued(self) -> int:
-        """Requests waiting in the gateway for a turn or a connection to their upstream."""
-        return sum(up.turns.waiting + up.pacer.waiting for up in self._upstreams.values())
+        """Requests waiting in the gateway for a connection to their upstream."""
+        return sum(pacer.waiting for pacer in self._upstreams.values())
 
     def connections(self) -> tuple[int, int]:
         """(idle, busy): kept-alive connections waiting for a request, and requests holding a connection (or
         opening one)."""
-        idle = sum(len(up.pacer.idle) for up in self._upstreams.values())
-        return idle, sum(up.turns.taken for up in self._upstreams.values())
+        idle = sum(len(pacer.idle) for pacer in self._upstreams.values())
+        return idle, sum(pacer.taken for pacer in self._upstreams.values())
 
     async def request(self, host: str, port: int, method: str, target: str, headers: CIMultiDict[str],
                       body: StreamReader | None, *, tls: bool = False) -> tuple[Response, Exchange]:
         """Send the head (and start streaming the body), return the answer's head once it is in.
 
-        Waits for a turn when ``limit`` requests to this upstream are in flight; the turn is given back by
-        ``Exchange.close``. A request that has nothing the upstream answered and that can be sent again goes
-        once more on a fresh connection when its connection broke off or stalled before the first byte (a kept-
-        alive connection the upstream had closed is not counted: that race is normal)."""
+        Waits in line when ``limit`` requests to this upstream are in flight or no connection is free; the place
+        is given back by ``Exchange.close``. A request that has nothing the upstream answered and that can be
+        sent again goes once more on a fresh connection when its connection broke off or stalled before the
+        first byte (a kept-alive connection the upstream had closed is not counted: that race is normal)."""
         key = (host, port, tls)
-        upstream = self._upstreams.get(key) or self._upstreams.setdefault(key, _Upstream(self._limit, self._deadlines))
-        deadline = None
-        if not upstream.turns.try_take():
-            deadline = self._deadlines.deadline()  # one allowance for both waits, a turn and a connection
+        pacer = self._upstreams.get(key) or self._upstreams.setdefault(
+            key, Pacer(self._limit, deadlines=self._deadlines, fit=self._fit))
+        grant = pacer.try_take()
+        if grant is Grant.WAIT:
             try:
-                await upstream.turns.take(deadline)
+                grant = await pacer.take(self._deadlines.deadline())
             except TimeoutError as exc:
                 raise self._queue_timed_out(key) from exc
         try:
-            answer, exchange = await self._exchange(key, upstream.pacer, method, target, headers, body, deadline)
+            return await self._exchange(key, pacer, grant, method, target, headers, body)
         except BaseException:
-            upstream.turns.give()
+            pacer.leave()
             raise
-        exchange.turn = upstream.turns
-        return answer, exchange
 
-    async def _exchange(self, key: Key, pacer: Pacer[Connection], method: str, target: str,
-                        headers: CIMultiDict[str], body: StreamReader | None,
-                        deadline: float | None) -> tuple[Response, Exchange]:
+    async def _exchange(self, key: Key, pacer: Pacer[Connection], grant: Connection | Grant, method: str,
+                        target: str, headers: CIMultiDict[str], body: StreamReader | None) -> tuple[Response, Exchange]:
         if body is None and "Content-Length" not in headers and method not in _BODYLESS_METHODS:
             headers["Content-Length"] = "0"
         chunked = body is not None and "Content-Length" not in headers
@@ -161,19 +150,20 @@ class UpstreamPool:
             headers["Transfer-Encoding"] = "chunked"
         head = encode_head(f"{method} {target} HTTP/1.1", headers)
         replayable = body is None and method in REPLAYABLE_METHODS
-        retried = fresh = False
+        retried = False
         while True:
-            conn = None if fresh else self._take(pacer)  # the usual case, without a coroutine of its own
-            reused = conn is not None
-            try:
-                if conn is None:
-                    conn, reused = await self._connection(key, pacer, fresh, deadline)
-            except ConnectTimeout:
-                if retried:  # nothing was sent: any method may try once more
-                    raise
-                retried = fresh = True
-                deadline = None
-                continue
+            if isinstance(grant, Grant):  # a place in the window: open a connection
+                try:
+                    conn = await self._connect(key, pacer.attempt())
+                except ConnectTimeout:
+                    if retried:  # nothing was sent: any method may try once more
+                        raise
+                    retried = True
+                    grant = await self._fresh(key, pacer)
+                    continue
+                reused = False
+            else:
+                conn, reused = grant, True
             conn.begin(head_only=method == "HEAD")
             assert conn.transport is not None
             conn.transport.write(head)
@@ -182,7 +172,7 @@ class UpstreamPool:
             sender = asyncio.ensure_future(_send_body(conn, body, chunked)) if body is not None else None
             exchange = Exchange(self, key, conn, sender)
             try:
-                return await conn.read_head(), exchange
+                answer = await conn.read_head()
             except (BrokenOff, HeadTimeout) as exc:
                 exchange.close()
                 race = reused and isinstance(exc, ClosedUnanswered)  # the upstream had closed a kept-alive one
@@ -194,39 +184,35 @@ class UpstreamPool:
                     if retried:
                         raise
                     retried = True
-                fresh = True
-                deadline = None  # a new wait, with an allowance of its own
+                grant = await self._fresh(key, pacer)
+                continue
             except BaseException:
                 exchange.close()
                 raise
+            exchange.place = True
+            return answer, exchange
 
-    async def _connection(self, key: Key, pacer: Pacer[Connection], fresh: bool,
-                          deadline: float | None) -> tuple[Connection, bool]:
-        """No kept-alive connection was free: one given back while this request waited, else a new one once the
-        upstream's window has room; whether it was used before. The wait ends at ``deadline`` (that of the wait
-        for a turn, if there was one)."""
-        conn = None
+    async def _fresh(self, key: Key, pacer: Pacer[Connection]) -> Grant:
+        """A place in the window for a retry, which holds its place in flight already; its wait has an allowance
+        of its own."""
         if not pacer.try_open():
             try:
-                conn = await pacer.connection(fresh, self._deadlines.deadline() if deadline is None else deadline)
+                await pacer.open_fresh(self._deadlines.deadline())
             except TimeoutError as exc:
                 raise self._queue_timed_out(key) from exc
-        if conn is not None:
-            return conn, True
-        return await self._connect(key, pacer.attempt()), False
+        return Grant.OPEN
 
     def _queue_timed_out(self, key: Key) -> QueueTimeout:
         return QueueTimeout(f"no connection to {key[0]}:{key[1]} free within {self._deadlines.seconds:g} s")
 
-    def _take(self, pacer: Pacer[Connection]) -> Connection | None:
-        idle = pacer.idle
-        deadline = time.monotonic() - self._keepalive
-        while idle:
-            conn = idle.pop()
-            if conn.idle_since > deadline and conn.transport is not None and not conn.transport.is_closing():
-                return conn
-            conn.close()
-        return None
+    def _fit(self, conn: Connection) -> bool:
+        """Whether a kept-alive connection may take a request: still open, and idle for less than ``keepalive``
+        (else it is closed)."""
+        if (conn.idle_since > time.monotonic() - self._keepalive and conn.transport is not None
+                and not conn.transport.is_closing()):
+            return True
+        conn.close()
+        return False
 
     async def _connect(self, key: Key, attempt: Attempt[Connection]) -> Connection:
         loop = asyncio.get_running_loop()
@@ -251,26 +237,27 @@ class UpstreamPool:
         return conn
 
     def release(self, key: Key, conn: Connection) -> None:
+        """A request's connection may be used again: to the next request in line, else idle."""
         conn.idle_since = time.monotonic()
-        pacer = self._upstreams[key].pacer
-        if pacer.offer(conn):
-            return
-        pacer.idle.append(conn)
-        if self._sweeper is None:
+        if not self._upstreams[key].give(conn) and self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(self._keepalive, self._sweep)
+
+    def leave(self, key: Key) -> None:
+        """A request ends without a connection to give back."""
+        self._upstreams[key].leave()
 
     def _sweep(self) -> None:
         self._sweeper = None
         deadline = time.monotonic() - self._keepalive
-        for upstream in self._upstreams.values():
-            idle = upstream.pacer.idle
+        for pacer in self._upstreams.values():
+            idle = pacer.idle
             kept = [conn for conn in idle if conn.idle_since > deadline and conn.transport is not None
                     and not conn.transport.is_closing()]
             for conn in idle:
                 if conn not in kept:
                     conn.close()
             idle[:] = kept
-        if any(upstream.pacer.idle for upstream in self._upstreams.values()):
+        if any(pacer.idle for pacer in self._upstreams.values()):
             self._sweeper = asyncio.get_running_loop().call_later(self._keepalive, self._sweep)
 
     def close(self) -> None:
@@ -279,10 +266,10 @@ class UpstreamPool:
             self._sweeper = None
         self._clock.close()
         self._deadlines.close()
-        for upstream in self._upstreams.values():
-            for conn in upstream.pacer.idle:
+        for pacer in self._upstreams.values():
+            for conn in pacer.idle:
                 conn.close()
-            upstream.pacer.idle.clear()
+            pacer.idle.clear()
 
 
 def _handshake_resent(conn: Connection) -> bool:

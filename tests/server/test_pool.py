@@ -1,4 +1,4 @@
-"""The upstream pool's limit: requests past ``limit`` to one upstream wait their turn instead of opening more
+"""The upstream pool's limit: requests past ``limit`` to one upstream wait in line instead of opening more
 connections, and every one of them is answered."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.proxy.pacing import INITIAL_WINDOW, MOST_WINDOW, Outcome, Pacer, Turns
+from gateway.proxy.pacing import INITIAL_WINDOW, MOST_WINDOW, Grant, Outcome, Pacer
 from gateway.proxy.pool import ConnectTimeout, QueueTimeout, UpstreamError, UpstreamPool
 from tests.conftest import MakeUpstream, held_app, next_address
 
@@ -80,28 +80,59 @@ async def test_a_cancelled_wait_gives_its_turn_back(make_upstream: MakeUpstream)
         pool.close()
 
 
-async def test_turns_are_first_come_first_served_and_survive_cancellation() -> None:
-    turns = Turns(1)
-    await turns.take()
-    order: list[int] = []
+async def test_the_line_is_first_come_first_served_and_survives_cancellation() -> None:
+    pacer: Pacer[str] = Pacer(1)
+    assert pacer.try_take() is Grant.OPEN
+    order: list[tuple[int, str | Grant]] = []
 
     async def wait(n: int) -> None:
-        await turns.take()
-        order.append(n)
+        order.append((n, await pacer.take()))
 
     waiters = [asyncio.ensure_future(wait(n)) for n in range(4)]
     await asyncio.sleep(0)
-    waiters[1].cancel()  # still queued: skipped
-    turns.give()  # to waiter 0
+    waiters[1].cancel()  # still in line: skipped
+    assert pacer.give("first")  # to waiter 0, with the place
     await asyncio.sleep(0)
-    turns.give()  # waiter 1 is gone: to waiter 2
+    assert pacer.give("second")  # waiter 1 is gone: to waiter 2
     waiters[3].cancel()
     await asyncio.sleep(0)
-    turns.give()  # waiter 3 is gone, nobody waits: the turn is free again
+    assert not pacer.give("third")  # waiter 3 is gone, nobody waits: idle, and the place is free again
     await asyncio.gather(*waiters, return_exceptions=True)
-    assert order == [0, 2]
-    async with asyncio.timeout(1):
-        await turns.take()
+    assert order == [(0, "first"), (2, "second")]
+    assert (pacer.taken, pacer.idle) == (0, ["third"])
+    assert pacer.try_take() == "third"
+
+
+async def test_a_request_in_line_waits_once_for_a_connection_or_a_place_to_open_one() -> None:
+    """With connections still being opened, a request past the limit used to wait for a turn and then, woken,
+    for a connection: each wait ended with what the request needs."""
+    pacer: Pacer[str] = Pacer(2, initial=1)
+    assert pacer.try_take() is Grant.OPEN  # the window's one place
+    first = pacer.attempt()
+    second, third = asyncio.ensure_future(pacer.take()), asyncio.ensure_future(pacer.take())
+    await asyncio.sleep(0)
+    first.end(Outcome.PROVEN)  # the window grows to two: the second opens a connection
+    await asyncio.sleep(0)
+    assert (second.done(), third.done()) == (True, False)
+    assert second.result() is Grant.OPEN
+    assert pacer.give("kept")  # the first request's connection, and its place, go to the third
+    assert await third == "kept"
+    assert (pacer.taken, pacer.waiting) == (2, 0)
+
+
+async def test_what_a_cancelled_request_in_line_was_given_goes_to_the_next() -> None:
+    pacer: Pacer[str] = Pacer(1)
+    assert pacer.try_take() is Grant.OPEN
+    pacer.attempt().end(Outcome.PROVEN)
+    cancelled, next_one = asyncio.ensure_future(pacer.take()), asyncio.ensure_future(pacer.take())
+    await asyncio.sleep(0)
+    pacer.give("kept")  # to the first in line, which is cancelled before it runs
+    cancelled.cancel()
+    assert await next_one == "kept"
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    pacer.leave()  # the request that took "kept" ends without it: the place is free, nobody waits
+    assert (pacer.taken, pacer.try_take()) == (0, Grant.OPEN)
 
 
 # --- connection manners ------------------------------------------------------------------------------------
@@ -323,7 +354,7 @@ async def test_the_wait_for_a_place_in_the_window_is_bounded() -> None:
 ])
 async def test_the_window_grows_with_answers_and_halves_on_a_dropped_handshake(outcomes: list[Outcome],
                                                                                 window: int) -> None:
-    pacer: Pacer[object] = Pacer()
+    pacer: Pacer[object] = Pacer(1)
     for outcome in outcomes:
         assert pacer.try_open()
         pacer.attempt().end(outcome)
@@ -357,7 +388,7 @@ async def test_a_dropped_handshake_halves_the_window() -> None:
     finally:
         pool.close()
         squatter.close()
-    assert pool._upstreams[(address, port, False)].pacer.window < INITIAL_WINDOW  # what the pool learnt
+    assert pool._upstreams[(address, port, False)].window < INITIAL_WINDOW  # what the pool learnt
 
 
 async def test_a_connect_slowed_by_the_gateways_own_busy_loop_is_no_dropped_handshake() -> None:
@@ -386,7 +417,7 @@ async def test_a_connect_slowed_by_the_gateways_own_busy_loop_is_no_dropped_hand
             assert await requests == [b"ok"] * INITIAL_WINDOW
     finally:
         pool.close()
-    assert pool._upstreams[(address, port, False)].pacer.window == MOST_WINDOW  # four answers, no drop
+    assert pool._upstreams[(address, port, False)].window == MOST_WINDOW  # four answers, no drop
 
 
 async def test_connect_timeouts_halve_the_window_and_are_tried_once_more() -> None:
@@ -404,4 +435,4 @@ async def test_connect_timeouts_halve_the_window_and_are_tried_once_more() -> No
         pool.close()
         squatter.close()
         listener.close()
-    assert pool._upstreams[(address, port, False)].pacer.window == INITIAL_WINDOW // 4  # two attempts, two halvings
+    assert pool._upstreams[(address, port, False)].window == INITIAL_WINDOW // 4  # two attempts, two halvings
