@@ -15,6 +15,7 @@ accepting pauses for ``PAUSE`` seconds, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import resource
 import socket
@@ -36,6 +37,10 @@ Kubernetes API, state files)."""
 QUIET_FOR = 10.0
 PAUSE = 1.0
 """Seconds accepting waits after ``accept`` failed: descriptors free up as connections end."""
+_ONE_FAILED = frozenset({errno.ENETDOWN, errno.EPROTO, errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET,
+                         errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH, errno.EPERM})
+"""``accept`` errors that are one pending connection's (a network error, a firewall's refusal: accept(2) on
+Linux): the next connection in the queue is taken at once."""
 
 
 def connection_limit(configured: int | None) -> int:
@@ -101,8 +106,10 @@ class Acceptor:
                 return
             except ConnectionAbortedError:
                 continue  # the client gave up while queued
-            except OSError as error:  # EMFILE and its kin
-                self._pause(error)
+            except OSError as error:
+                if error.errno in _ONE_FAILED:
+                    continue
+                self._pause(error)  # EMFILE and its kin, or anything unforeseen: never a busy loop of failures
                 return
             conn.setblocking(False)
             task = self._loop.create_task(self._set_up(conn))

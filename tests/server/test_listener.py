@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -82,26 +83,27 @@ def test_a_ready_socket_gives_a_batch_and_the_kernel_queue_stays_deep(run: Calla
 
 
 class OutOfFiles(socket.socket):
-    """A listening socket whose first ``failures`` accepts fail with EMFILE, as a worker out of descriptors sees
-    them (running the test process itself out of descriptors would break the test run)."""
+    """A listening socket whose first ``failures`` accepts fail with ``error`` (EMFILE: as a worker out of
+    descriptors sees them; running the test process itself out of descriptors would break the test run)."""
 
     failures = 0
     tries = 0
+    error = errno.EMFILE
 
     def accept(self) -> tuple[socket.socket, Any]:
         OutOfFiles.tries += 1
         if OutOfFiles.failures > 0:
             OutOfFiles.failures -= 1
-            raise OSError(errno.EMFILE, "Too many open files")
+            raise OSError(OutOfFiles.error, os.strerror(OutOfFiles.error))
         return super().accept()
 
     @classmethod
-    def listening(cls, failures: int) -> OutOfFiles:
+    def listening(cls, failures: int, error: int = errno.EMFILE) -> OutOfFiles:
         sock = cls()
         sock.bind(("127.0.0.1", 0))
         sock.listen(BACKLOG)
         sock.setblocking(False)
-        cls.failures, cls.tries = failures, 0
+        cls.failures, cls.tries, cls.error = failures, 0, error
         return sock
 
 
@@ -151,5 +153,35 @@ def test_a_pause_stops_accepting_until_it_ends(run: Callable[[Awaitable[None]], 
         finally:
             acceptor.close()
             client.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize("run", LOOPS.values(), ids=LOOPS.keys())
+@pytest.mark.parametrize("error", [errno.EPROTO, errno.ENETUNREACH, errno.EPERM], ids=errno.errorcode.get)
+def test_a_pending_connection_that_failed_is_skipped_without_a_pause(
+        run: Callable[[Awaitable[None]], None], error: int, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """accept(2) on Linux reports a network error of the connection it was taking (EPROTO, ENETUNREACH…) or a
+    firewall's refusal (EPERM): that one client's connection failed, the next one in the queue is fine. (The
+    socket stands in for the kernel: neither can be brought about on loopback.)"""
+    monkeypatch.setattr(listener, "PAUSE", 30.0)  # a pause would outlast the test's wait
+
+    async def body() -> None:
+        sock = OutOfFiles.listening(failures=1, error=error)
+        Counted.made = []
+        acceptor = Acceptor(sock, Counted)
+        clients = _connect(sock.getsockname()[1], 2)
+        try:
+            with caplog.at_level(logging.DEBUG, logger="gateway.server.listener"):
+                acceptor.start()
+                await _until(lambda: len(Counted.made) == 2)
+            assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+        finally:
+            acceptor.close()
+            for client in clients:
+                client.close()
+            for made in Counted.made:
+                made.transport.close()
 
     run(body())
