@@ -59,17 +59,17 @@ class Exchange:
     """One request on one connection; ``close`` puts the connection back when both messages were whole, and ends
     the request's place in flight (``Pacer``) once the caller has it."""
 
-    def __init__(self, pool: UpstreamPool, key: Key, conn: Connection,
-                 sender: asyncio.Task[None] | None) -> None:
+    def __init__(self, pool: UpstreamPool, key: Key, conn: Connection) -> None:
         self._pool = pool
         self._key = key
         self._conn = conn
-        self._sender = sender
+        self.sender: asyncio.Task[None] | None = None
+        """Streams the request's body, if it has one."""
         self.place = False
         """Whether closing ends the request's place: not while the pool may still retry the request."""
 
     def close(self) -> None:
-        sender = self._sender
+        sender = self.sender
         sent = True
         if sender is not None:
             if not sender.done():
@@ -126,6 +126,12 @@ class UpstreamPool:
         is given back by ``Exchange.close``. A request that has nothing the upstream answered and that can be
         sent again goes once more on a fresh connection when its connection broke off or stalled before the
         first byte (a kept-alive connection the upstream had closed is not counted: that race is normal)."""
+        if body is None and "Content-Length" not in headers and method not in _BODYLESS_METHODS:
+            headers["Content-Length"] = "0"
+        chunked = body is not None and "Content-Length" not in headers
+        if chunked:
+            headers["Transfer-Encoding"] = "chunked"
+        head = encode_head(f"{method} {target} HTTP/1.1", headers)  # may refuse: before a place is taken
         key = (host, port, tls)
         pacer = self._upstreams.get(key) or self._upstreams.setdefault(
             key, Pacer(self._limit, deadlines=self._deadlines, fit=self._fit))
@@ -136,19 +142,13 @@ class UpstreamPool:
             except TimeoutError as exc:
                 raise self._queue_timed_out(key) from exc
         try:
-            return await self._exchange(key, pacer, grant, method, target, headers, body)
+            return await self._exchange(key, pacer, grant, head, method, body, chunked)
         except BaseException:
             pacer.leave()
             raise
 
-    async def _exchange(self, key: Key, pacer: Pacer[Connection], grant: Connection | Grant, method: str,
-                        target: str, headers: CIMultiDict[str], body: StreamReader | None) -> tuple[Response, Exchange]:
-        if body is None and "Content-Length" not in headers and method not in _BODYLESS_METHODS:
-            headers["Content-Length"] = "0"
-        chunked = body is not None and "Content-Length" not in headers
-        if chunked:
-            headers["Transfer-Encoding"] = "chunked"
-        head = encode_head(f"{method} {target} HTTP/1.1", headers)
+    async def _exchange(self, key: Key, pacer: Pacer[Connection], grant: Connection | Grant, head: bytes,
+                        method: str, body: StreamReader | None, chunked: bool) -> tuple[Response, Exchange]:
         replayable = body is None and method in REPLAYABLE_METHODS
         retried = False
         while True:
@@ -164,14 +164,15 @@ class UpstreamPool:
                 reused = False
             else:
                 conn, reused = grant, True
-            conn.begin(head_only=method == "HEAD")
-            assert conn.transport is not None
-            conn.transport.write(head)
-            if body is None:
-                self._clock.start(conn)
-            sender = asyncio.ensure_future(_send_body(conn, body, chunked)) if body is not None else None
-            exchange = Exchange(self, key, conn, sender)
+            exchange = Exchange(self, key, conn)  # from here on the connection is closed unless it goes back
             try:
+                conn.begin(head_only=method == "HEAD")
+                assert conn.transport is not None
+                conn.transport.write(head)
+                if body is None:
+                    self._clock.start(conn)
+                else:
+                    exchange.sender = asyncio.ensure_future(_send_body(conn, body, chunked))
                 answer = await conn.read_head()
             except (BrokenOff, HeadTimeout) as exc:
                 exchange.close()

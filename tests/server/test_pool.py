@@ -12,8 +12,9 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.errors import UnsafeHeader
 from gateway.proxy.pacing import INITIAL_WINDOW, MOST_WINDOW, Grant, Outcome, Pacer
-from gateway.proxy.pool import ConnectTimeout, QueueTimeout, UpstreamError, UpstreamPool
+from gateway.proxy.pool import ConnectFailed, ConnectTimeout, QueueTimeout, UpstreamError, UpstreamPool
 from tests.conftest import MakeUpstream, held_app, next_address
 
 
@@ -135,6 +136,171 @@ async def test_what_a_cancelled_request_in_line_was_given_goes_to_the_next() -> 
     assert (pacer.taken, pacer.try_take()) == (0, Grant.OPEN)
 
 
+async def test_a_retry_waits_only_for_the_window_and_goes_before_the_line() -> None:
+    """A request retried after a failure holds its place in flight already: it waits for a place in the window
+    only, and gets the next one before the requests in line."""
+    pacer: Pacer[str] = Pacer(3, initial=1)
+    assert pacer.try_take() is Grant.OPEN  # the window's one place
+    in_line = asyncio.ensure_future(pacer.take())
+    assert not pacer.try_open()  # a retry: the window is full
+    retry = asyncio.ensure_future(pacer.open_fresh())
+    await asyncio.sleep(0)
+    pacer.attempt().end(Outcome.SETTLED)
+    await asyncio.sleep(0)
+    assert (retry.done(), in_line.done(), pacer.unproven, pacer.taken) == (True, False, 1, 1)
+    pacer.attempt().end(Outcome.PROVEN)  # the retry's connection answered: the window grows to two
+    assert await in_line is Grant.OPEN
+    assert (pacer.unproven, pacer.taken, pacer.try_open(), pacer.unproven) == (1, 2, True, 2)
+
+
+async def test_a_request_cancelled_as_it_was_granted_a_place_to_open_gives_both_back() -> None:
+    pacer: Pacer[str] = Pacer(2, initial=1)
+    assert pacer.try_take() is Grant.OPEN
+    waiting = asyncio.ensure_future(pacer.take())
+    await asyncio.sleep(0)
+    pacer.attempt().end(Outcome.SETTLED)  # the window's place goes to the one waiting...
+    waiting.cancel()  # ...which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert (pacer.taken, pacer.unproven) == (1, 0)
+
+
+async def test_a_kept_alive_connection_taken_again_counts_against_the_limit(make_upstream: MakeUpstream) -> None:
+    app, release = held_app()
+    address = next_address()
+    server = await make_upstream(app, address, 0)
+    assert server.port is not None
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=30, limit=1)
+    try:
+        async with asyncio.timeout(10):
+            release.set()
+            assert await _get(pool, address, server.port) == b"ok"  # leaves one kept-alive connection
+            release.clear()
+            first = asyncio.ensure_future(_get(pool, address, server.port))  # takes it, and is held
+            await asyncio.sleep(0.1)
+            second = asyncio.ensure_future(_get(pool, address, server.port))
+            await asyncio.sleep(0.1)
+            assert pool.queued() == 1
+            release.set()
+            assert list(await asyncio.gather(first, second)) == [b"ok", b"ok"]
+    finally:
+        pool.close()
+
+
+async def test_a_connection_the_upstream_closes_after_each_answer_frees_the_place_for_the_next() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(0.05)
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+        writer.close()
+
+    address = next_address()
+    server = await asyncio.start_server(serve, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=30, limit=1)
+    try:
+        async with server, asyncio.timeout(10):
+            assert await asyncio.gather(*(_get(pool, address, port) for _ in range(3))) == [b"ok"] * 3
+            assert pool.connections() == (0, 0)
+    finally:
+        pool.close()
+
+
+async def test_a_kept_alive_connection_the_upstream_closed_is_not_used_for_a_post() -> None:
+    """A POST is never sent twice, so it must not go out on a connection known to be closed."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # keep-alive, then closed
+        writer.close()
+
+    address = next_address()
+    server = await asyncio.start_server(serve, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = _pool()
+    try:
+        async with server, asyncio.timeout(10):
+            assert await _get(pool, address, port) == b"ok"
+            await asyncio.sleep(0.2)  # the upstream's FIN has arrived
+            assert await _get(pool, address, port, method="POST") == b"ok"
+    finally:
+        pool.close()
+    assert connections == 2
+
+
+async def test_an_idle_connection_closes_after_keepalive() -> None:
+    closed = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        closed.set()  # the pool closed its end
+        writer.close()
+
+    address = next_address()
+    server = await asyncio.start_server(serve, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=30, keepalive=0.2)
+    try:
+        async with server, asyncio.timeout(10):
+            assert await _get(pool, address, port) == b"ok"
+            await closed.wait()
+            assert pool.connections() == (0, 0)
+    finally:
+        pool.close()
+
+
+def _ok_app() -> web.Application:
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    return app
+
+
+async def test_requests_refused_for_an_unsafe_header_take_no_place(make_upstream: MakeUpstream) -> None:
+    """A head the gateway refuses to write (a forged session's identity with a line break) never takes a place in
+    the window or a kept-alive connection: a visitor sending such requests cannot block the port for others."""
+    address = next_address()
+    server = await make_upstream(_ok_app(), address, 0)
+    assert server.port is not None
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=2, limit=100)
+    try:
+        async with asyncio.timeout(10):
+            assert await _get(pool, address, server.port) == b"ok"
+            for _ in range(MOST_WINDOW + 1):
+                with pytest.raises(UnsafeHeader):
+                    await pool.request(address, server.port, "GET", "/", CIMultiDict(Host="x", Bad="a\r\nb"), None)
+            assert pool.connections() == (1, 0)
+            assert await asyncio.gather(*(_get(pool, address, server.port) for _ in range(MOST_WINDOW + 1))) == \
+                [b"ok"] * (MOST_WINDOW + 1)
+    finally:
+        pool.close()
+
+
+async def test_refused_connects_give_their_places_back() -> None:
+    address = next_address()
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        port = sock.getsockname()[1]  # nothing listens there
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=1, limit=2)
+    try:
+        for _ in range(3):
+            with pytest.raises(ConnectFailed):
+                await pool.request(address, port, "GET", "/", CIMultiDict(Host="x"), None)
+        assert pool.connections() == (0, 0)
+    finally:
+        pool.close()
+
+
 # --- connection manners ------------------------------------------------------------------------------------
 
 def _pool(first_byte: float = 10.0) -> UpstreamPool:
@@ -246,9 +412,10 @@ async def test_a_failure_before_the_first_byte_is_retried_once_when_idempotent(
             except UpstreamError as exc:
                 result = type(exc).__name__
             upstream.never.set()
+        busy = pool.connections()[1]
     finally:
         pool.close()
-    assert (result, upstream.connections) == (outcome, connections)
+    assert (result, upstream.connections, busy) == (outcome, connections, 0)  # its place ended once
 
 
 async def test_the_retry_takes_a_fresh_connection_not_another_kept_alive_one() -> None:
@@ -317,6 +484,7 @@ async def test_the_wait_for_a_connection_is_bounded(make_upstream: MakeUpstream)
             assert pool.queued() == 0
             release.set()
             assert await first == b"ok"
+            assert pool.connections() == (1, 0)  # the one that timed out took no place, and gave none back
     finally:
         pool.close()
 
