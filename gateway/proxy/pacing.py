@@ -157,9 +157,13 @@ class Pacer(Generic[C]):
         return Grant.OPEN if given is None else given
 
     def _pass_on(self, given: C | None) -> None:
-        """What a request in line was given as it was cancelled goes to the next one."""
+        """What a request in line was given as it was cancelled goes to the next one (a connection only if it is
+        still fit: the upstream may have closed it meanwhile)."""
         if given is not None:
-            self.give(given)
+            if self._fit(given):
+                self.give(given)
+            else:
+                self.leave()
             return
         self._end(Outcome.SETTLED)
         self.leave()

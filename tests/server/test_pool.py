@@ -153,6 +153,22 @@ async def test_a_retry_waits_only_for_the_window_and_goes_before_the_line() -> N
     assert (pacer.unproven, pacer.taken, pacer.try_open(), pacer.unproven) == (1, 2, True, 2)
 
 
+async def test_a_connection_passed_on_from_a_cancelled_request_is_checked_again() -> None:
+    """Between the hand-over and the cancelled request's turn the upstream may close the connection: the next in
+    line gets a place to open a new one instead."""
+    closed: set[str] = set()
+    pacer: Pacer[str] = Pacer(1, fit=lambda conn: conn not in closed)
+    assert pacer.try_take() is Grant.OPEN
+    pacer.attempt().end(Outcome.PROVEN)
+    cancelled, next_one = asyncio.ensure_future(pacer.take()), asyncio.ensure_future(pacer.take())
+    await asyncio.sleep(0)
+    pacer.give("kept")
+    closed.add("kept")
+    cancelled.cancel()
+    assert await next_one is Grant.OPEN
+    assert (pacer.taken, pacer.idle) == (1, [])
+
+
 async def test_a_request_cancelled_as_it_was_granted_a_place_to_open_gives_both_back() -> None:
     pacer: Pacer[str] = Pacer(2, initial=1)
     assert pacer.try_take() is Grant.OPEN
