@@ -201,7 +201,7 @@ class Pacer(Generic[C]):
     def give(self, conn: C) -> bool:
         """A request ends and its connection may be used again: with the request's place, to the first one
         waiting in line (True), else back to the idle ones."""
-        waiter = _first(self._any)
+        waiter = _first(self._any) if self._any else None
         if waiter is not None:
             waiter.set_result(conn)
             return True
