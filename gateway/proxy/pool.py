@@ -47,7 +47,7 @@ __all__ = [  # the connection's names too: both lanes take what they need of the
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT", "DELETE"})
 REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 LIMIT_PER_UPSTREAM = 512
-"""Requests in flight to one upstream at a time; more wait their turn. A dev server is one process: ten thousand
+"""Requests in flight to one upstream at a time; more wait in line. A dev server is one process: ten thousand
 requests released by a wake must not become ten thousand connections (nor exhaust the gateway's file limit)."""
 _WAIT = Grant.WAIT  # asked on every request: a global, not an enum's class attribute (a tenth of a microsecond)
 _TCP_INFO_LENGTH = 104
