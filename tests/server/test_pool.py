@@ -9,7 +9,8 @@ import socket
 import time
 
 import pytest
-from aiohttp import web
+from aiohttp import StreamReader, web
+from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDict
 
 from gateway.errors import UnsafeHeader
@@ -271,6 +272,43 @@ async def test_an_idle_connection_closes_after_keepalive() -> None:
             assert pool.connections() == (0, 0)
     finally:
         pool.close()
+
+
+async def test_a_connection_whose_request_body_was_cut_short_by_the_answer_is_not_reused() -> None:
+    """An upstream may answer before it has read the whole body (a 413, a redirect): the rest of the body never
+    went out, so the next request on that connection would be read as its continuation."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # not waiting for a body
+        writer.close()
+
+    address = next_address()
+    server = await asyncio.start_server(serve, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    client, peer = socket.socketpair()  # a client connection for the body's reader, as aiohttp's server has
+    transport, protocol = await loop.connect_accepted_socket(lambda: BaseProtocol(loop), client)
+    body = StreamReader(protocol, 2**16, loop=loop)
+    body.feed_data(b"x" * 10)  # of 100: the rest never comes
+    pool = _pool()
+    try:
+        async with server, asyncio.timeout(10):
+            answer, exchange = await pool.request(address, port, "POST", "/", CIMultiDict(Host="x", **{
+                "Content-Length": "100"}), body)
+            assert await answer.read_exactly(2) == b"ok"
+            exchange.close()
+            assert await _get(pool, address, port) == b"ok"
+    finally:
+        pool.close()
+        transport.close()
+        peer.close()
+    assert connections == 2
 
 
 def _ok_app() -> web.Application:
