@@ -250,15 +250,8 @@ class UpstreamPool:
 
     def _sweep(self) -> None:
         self._sweeper = None
-        deadline = time.monotonic() - self._keepalive
         for pacer in self._upstreams.values():
-            idle = pacer.idle
-            kept = [conn for conn in idle if conn.idle_since > deadline and conn.transport is not None
-                    and not conn.transport.is_closing()]
-            for conn in idle:
-                if conn not in kept:
-                    conn.close()
-            idle[:] = kept
+            pacer.idle[:] = [conn for conn in pacer.idle if self._fit(conn)]  # ``_fit`` closes the others
         if any(pacer.idle for pacer in self._upstreams.values()):
             self._sweeper = asyncio.get_running_loop().call_later(self._keepalive, self._sweep)
 
