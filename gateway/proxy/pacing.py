@@ -133,10 +133,9 @@ class Pacer(Generic[C]):
     def try_take(self) -> C | Grant:
         """The usual case, without a future: a kept-alive connection, else a place to open one, unless others
         wait already or the upstream has ``limit`` requests in flight."""
-        line = self._any
-        while line and line[0].done():  # gone (cancelled, timed out) while nobody was served
-            line.popleft()
-        if line or self.taken >= self._limit:
+        # Requests gone from the line (cancelled, timed out) are dropped whenever something comes free, so a
+        # line, even of those, means nothing is free now.
+        if self._any or self.taken >= self._limit:
             return Grant.WAIT
         conn = self._pop_idle()
         if conn is not None:
@@ -165,8 +164,8 @@ class Pacer(Generic[C]):
             else:
                 self.leave()
             return
+        self.taken -= 1
         self._end(Outcome.SETTLED)
-        self.leave()
 
     def try_open(self) -> bool:
         """A place in the window for a request that holds its place in flight already (a retry), at once if there
