@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import StreamReader, web
@@ -204,6 +205,27 @@ async def test_a_kept_alive_connection_taken_again_counts_against_the_limit(make
         pool.close()
 
 
+_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def _answer_every_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A raw upstream's connection: every request head answered "ok", kept alive (a body is not waited for),
+    until the other end closes."""
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(_OK)
+    writer.close()
+
+
+async def _raw_upstream(serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+                        ) -> tuple[asyncio.Server, str, int]:
+    """A raw upstream on a loopback address of its own: the server, its address and port."""
+    address = next_address()
+    server = await asyncio.start_server(serve, address, 0)
+    return server, address, server.sockets[0].getsockname()[1]
+
+
 async def test_a_connection_the_upstream_closes_after_each_answer_frees_the_place_for_the_next() -> None:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
@@ -212,9 +234,7 @@ async def test_a_connection_the_upstream_closes_after_each_answer_frees_the_plac
             writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
         writer.close()
 
-    address = next_address()
-    server = await asyncio.start_server(serve, address, 0)
-    port = server.sockets[0].getsockname()[1]
+    server, address, port = await _raw_upstream(serve)
     pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=30, limit=1)
     try:
         async with server, asyncio.timeout(10):
@@ -233,12 +253,10 @@ async def test_a_kept_alive_connection_the_upstream_closed_is_not_used_for_a_pos
         connections += 1
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # keep-alive, then closed
+            writer.write(_OK)  # keep-alive, then closed
         writer.close()
 
-    address = next_address()
-    server = await asyncio.start_server(serve, address, 0)
-    port = server.sockets[0].getsockname()[1]
+    server, address, port = await _raw_upstream(serve)
     pool = _pool()
     try:
         async with server, asyncio.timeout(10):
@@ -254,16 +272,10 @@ async def test_an_idle_connection_closes_after_keepalive() -> None:
     closed = asyncio.Event()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await _answer_every_head(reader, writer)
         closed.set()  # the pool closed its end
-        writer.close()
 
-    address = next_address()
-    server = await asyncio.start_server(serve, address, 0)
-    port = server.sockets[0].getsockname()[1]
+    server, address, port = await _raw_upstream(serve)
     pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=30, keepalive=0.2)
     try:
         async with server, asyncio.timeout(10):
@@ -282,15 +294,9 @@ async def test_a_connection_whose_request_body_was_cut_short_by_the_answer_is_no
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # not waiting for a body
-        writer.close()
+        await _answer_every_head(reader, writer)  # not waiting for a body
 
-    address = next_address()
-    server = await asyncio.start_server(serve, address, 0)
-    port = server.sockets[0].getsockname()[1]
+    server, address, port = await _raw_upstream(serve)
     loop = asyncio.get_running_loop()
     client, peer = socket.socketpair()  # a client connection for the body's reader, as aiohttp's server has
     transport, protocol = await loop.connect_accepted_socket(lambda: BaseProtocol(loop), client)
@@ -438,7 +444,7 @@ class _Upstream:
                     break
                 if what == "silent":
                     await self.never.wait()
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                writer.write(_OK)
                 if what == "once":
                     what = "silent"
         writer.close()
@@ -455,9 +461,7 @@ class _Upstream:
 async def test_a_failure_before_the_first_byte_is_retried_once_when_idempotent(
         plan: list[str], method: str, connections: int, outcome: str) -> None:
     upstream = _Upstream(plan)
-    address = next_address()
-    server = await asyncio.start_server(upstream.serve, address, 0)
-    port = server.sockets[0].getsockname()[1]
+    server, address, port = await _raw_upstream(upstream.serve)
     pool = _pool(first_byte=0.3)
     try:
         async with server, asyncio.timeout(10):
@@ -474,9 +478,7 @@ async def test_a_failure_before_the_first_byte_is_retried_once_when_idempotent(
 
 async def test_the_retry_takes_a_fresh_connection_not_another_kept_alive_one() -> None:
     upstream = _Upstream(["once", "once", "answer"])  # two kept-alive connections that go quiet, then a good one
-    address = next_address()
-    server = await asyncio.start_server(upstream.serve, address, 0)
-    port = server.sockets[0].getsockname()[1]
+    server, address, port = await _raw_upstream(upstream.serve)
     pool = _pool(first_byte=0.3)
     try:
         async with server, asyncio.timeout(10):
@@ -593,13 +595,7 @@ async def test_a_dropped_handshake_halves_the_window() -> None:
     address, port = listener.getsockname()
     squatter = socket.create_connection((address, port))  # fills the queue
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-    server = await asyncio.start_server(serve, sock=listener, backlog=64, start_serving=False)
+    server = await asyncio.start_server(_answer_every_head, sock=listener, backlog=64, start_serving=False)
     pool = _pool()
     try:
         async with server, asyncio.timeout(10):
@@ -623,13 +619,7 @@ async def test_a_connect_slowed_by_the_gateways_own_busy_loop_is_no_dropped_hand
     listener.listen(64)
     address, port = listener.getsockname()
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-    server = await asyncio.start_server(serve, sock=listener)
+    server = await asyncio.start_server(_answer_every_head, sock=listener)
     pool = _pool()
     try:
         async with server, asyncio.timeout(10):
