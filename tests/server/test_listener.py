@@ -57,6 +57,15 @@ def _connect(port: int, count: int) -> list[socket.socket]:
     return clients
 
 
+def _close_all(acceptor: Acceptor, clients: list[socket.socket]) -> None:
+    """The acceptor, the clients and the connections it made for them."""
+    acceptor.close()
+    for client in clients:
+        client.close()
+    for made in Counted.made:
+        made.transport.close()
+
+
 @pytest.mark.parametrize("run", LOOPS.values(), ids=LOOPS.keys())
 def test_a_ready_socket_gives_a_batch_and_the_kernel_queue_stays_deep(run: Callable[[Awaitable[None]], None]) -> None:
     async def body() -> None:
@@ -73,11 +82,7 @@ def test_a_ready_socket_gives_a_batch_and_the_kernel_queue_stays_deep(run: Calla
             await _until(lambda: len(Counted.made) == ACCEPT_BATCH + 36)
             assert _queue(port)[0] == 0
         finally:
-            acceptor.close()
-            for client in clients:
-                client.close()
-            for made in Counted.made:
-                made.transport.close()
+            _close_all(acceptor, clients)
 
     run(body())
 
@@ -128,9 +133,7 @@ def test_out_of_file_descriptors_is_one_warning_now_and_then_and_accepting_resum
             assert "Too many open files" in said[0].getMessage()
             assert said[0].exc_info is None  # no traceback
         finally:
-            acceptor.close()
-            client.close()
-            Counted.made[0].transport.close()
+            _close_all(acceptor, [client])
 
     run(body())
 
@@ -178,10 +181,6 @@ def test_a_pending_connection_that_failed_is_skipped_without_a_pause(
                 await _until(lambda: len(Counted.made) == 2)
             assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
         finally:
-            acceptor.close()
-            for client in clients:
-                client.close()
-            for made in Counted.made:
-                made.transport.close()
+            _close_all(acceptor, clients)
 
     run(body())
