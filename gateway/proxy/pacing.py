@@ -131,17 +131,16 @@ class Pacer(Generic[C]):
         self._fresh: collections.deque[asyncio.Future[None]] = collections.deque()
 
     def try_take(self) -> C | Grant:
-        """The usual case, without a future: a kept-alive connection, else a place to open one, unless others
-        wait already or the upstream has ``limit`` requests in flight."""
-        # Requests gone from the line (cancelled, timed out) are dropped whenever something comes free, so a
-        # line, even of those, means nothing is free now.
-        if self._any or self.taken >= self._limit:
+        """The usual case, without a future: a kept-alive connection, else a place to open one, unless the upstream
+        has ``limit`` requests in flight. First come, first served without looking at the line: whatever comes
+        free goes to those in line at once (``give``, ``_serve``), so while anyone waits nothing is free here."""
+        if self.taken >= self._limit:
             return Grant.WAIT
         conn = self._pop_idle()
         if conn is not None:
             self.taken += 1
             return conn
-        if self.unproven >= self.window or self._fresh:
+        if self.unproven >= self.window:
             return Grant.WAIT
         self.unproven += 1
         self.taken += 1
@@ -169,8 +168,8 @@ class Pacer(Generic[C]):
 
     def try_open(self) -> bool:
         """A place in the window for a request that holds its place in flight already (a retry), at once if there
-        is one and no other retry waits."""
-        if self.unproven < self.window and not self._fresh:
+        is one (then no other retry waits: ``_serve`` gives them places first)."""
+        if self.unproven < self.window:
             self.unproven += 1
             return True
         return False
