@@ -9,6 +9,7 @@ Per round and proxy (the proxies' order rotates every round, after one warm-up r
   the new version (``Date.now()`` in both: one clock), through the proxied HMR WebSocket and module fetch.
 
 The gateway is measured on its real path: a private port, the preview host's session cookie from a dev sign-in.
+``relay`` (``bench.relay``) is the floor for any proxy: bytes copied between two sockets, nothing decided.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +27,7 @@ from playwright.async_api import Browser, ConsoleMessage
 from bench.chromium import chromium, fresh_context
 from bench.client import fetch
 from bench.procs import Procs, free_port, wait_for_port
-from bench.servers import Layout, SignIn, start_chp_for, start_vite, start_vite_nginx
+from bench.servers import ROOT, Layout, SignIn, start_chp_for, start_vite, start_vite_nginx
 from bench.viteapp import App, generate
 
 
@@ -67,6 +69,12 @@ async def _targets(procs: Procs, layout: Layout, sign_ins: dict[str, SignIn], wa
         port, api_port = free_port("127.0.0.1"), free_port("127.0.0.1")
         await start_chp_for(procs, "chp-vite", port, api_port, f"http://{layout.vite_host}:{layout.vite_port}")
         targets.append(PageTarget("chp", f"http://localhost:{port}/"))
+    if "relay" in wanted:
+        port = free_port("127.0.0.1")
+        proc = procs.start("relay", [sys.executable, "-m", "bench.relay", str(port), layout.vite_host,
+                                     str(layout.vite_port)], env={"PYTHONPATH": str(ROOT)})
+        await wait_for_port("127.0.0.1", port, proc)
+        targets.append(PageTarget("relay", f"http://localhost:{port}/"))
     return targets
 
 

@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                         "at 9900 by the file limit; quick 2000)")
     parser.add_argument("--workers", default="1,2", help="gateway --workers values to measure (default 1,2)")
     parser.add_argument("--only", default=",".join(PARTS), help=f"parts to run: {', '.join(PARTS)} (default all)")
-    parser.add_argument("--proxies", default="gateway,nginx,chp", help="proxies besides direct (default all)")
+    parser.add_argument("--proxies", default="gateway,nginx,chp,relay",
+                        help="proxies besides direct (default all; relay, a bare byte relay, in page loads only)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder with configs and logs")
     return parser
