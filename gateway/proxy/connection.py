@@ -378,6 +378,12 @@ class Connection(WriteFlow):
             self.transport.resume_reading()
         return chunk
 
+    def streams(self) -> bool:
+        """The answer whose head is in has more to come and no length: an event stream, a chunked feed, a body to
+        the connection's end."""
+        assert self._head is not None
+        return not self._done and "Content-Length" not in self._head.headers
+
     @property
     def reusable(self) -> bool:
         return (self.keep_alive and self._done and not self._chunks and self._error is None

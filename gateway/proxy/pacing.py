@@ -105,6 +105,10 @@ class Pacer(Generic[C]):
     """Per upstream, in one line, first come first served: the requests in flight (at most ``limit``), their
     kept-alive connections, and the window of unproven connection attempts.
 
+    A request counts until its answer is whole, unless the answer streams (its length unknown: an event stream, a
+    chunked feed): the upstream has answered it, and a crowd of open event streams must not keep every other
+    request to the port waiting. It keeps its connection, which comes back through ``restore``.
+
     A request that cannot go at once waits once, for whichever comes first: a connection another request gives
     back (its place in flight passes on with it), or a place in flight and in the window to open one. (Two lines,
     a turn then a connection, woke most waiting requests twice while the connections were still being opened, as
@@ -127,6 +131,8 @@ class Pacer(Generic[C]):
         self._most = most
         self.unproven = 0
         self.waiting = 0
+        self.streaming = 0
+        """Requests whose answers stream: each holds a connection but no place in flight."""
         self._any: collections.deque[asyncio.Future[C | None]] = collections.deque()
         self._fresh: collections.deque[asyncio.Future[None]] = collections.deque()
 
@@ -211,6 +217,25 @@ class Pacer(Generic[C]):
         """A request ends without a connection to give back (closed, or never had one)."""
         self.taken -= 1
         self._serve()
+
+    def stream(self) -> None:
+        """A request's answer streams: its place goes to the line, its connection stays with it."""
+        self.streaming += 1
+        self.leave()
+
+    def restore(self, conn: C) -> bool:
+        """A streamed answer is whole and its connection may be used again: to the first one waiting while a place
+        is free (True), else back to the idle ones."""
+        self.streaming -= 1
+        if self.taken < self._limit:
+            self.taken += 1
+            return self.give(conn)
+        self.idle.append(conn)
+        return False
+
+    def end_stream(self) -> None:
+        """A streamed answer ends without a connection to give back."""
+        self.streaming -= 1
 
     def attempt(self) -> Attempt[C]:
         """The place in the window ``try_take``, ``take``, ``try_open`` or ``open_fresh`` granted, to be ended

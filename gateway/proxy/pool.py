@@ -71,6 +71,13 @@ class Exchange:
         """Streams the request's body, if it has one."""
         self.place = False
         """Whether closing ends the request's place: not while the pool may still retry the request."""
+        self.streaming = False
+        """Whether the answer streams: the place was given back, closing gives the connection back too."""
+
+    def stream(self) -> None:
+        """The answer streams: the request no longer counts against the limit (``Pacer.stream``)."""
+        self.place, self.streaming = False, True
+        self._pool.stream(self._key)
 
     def close(self) -> None:
         sender = self.sender
@@ -82,12 +89,15 @@ class Exchange:
             else:
                 sent = not sender.cancelled() and sender.exception() is None
         place, self.place = self.place, False
-        if place and sent and self._conn.reusable:
-            self._pool.release(self._key, self._conn)  # the place goes along with the connection
+        streaming, self.streaming = self.streaming, False
+        if (place or streaming) and sent and self._conn.reusable:
+            self._pool.release(self._key, self._conn, place=place)  # the place goes along with the connection
             return
         self._conn.close()  # an exchange the pool retries has failed: its connection is spent too
         if place:
             self._pool.leave(self._key)
+        elif streaming:
+            self._pool.end_stream(self._key)
 
 
 class UpstreamPool:
@@ -120,7 +130,7 @@ class UpstreamPool:
         """(idle, busy): kept-alive connections waiting for a request, and requests holding a connection (or
         opening one)."""
         idle = sum(len(pacer.idle) for pacer in self._upstreams.values())
-        return idle, sum(pacer.taken for pacer in self._upstreams.values())
+        return idle, sum(pacer.taken + pacer.streaming for pacer in self._upstreams.values())
 
     async def request(self, host: str, port: int, method: str, target: str, headers: CIMultiDict[str],
                       body: StreamReader | None, *, tls: bool = False) -> tuple[Response, Exchange]:
@@ -195,6 +205,8 @@ class UpstreamPool:
                 exchange.close()
                 raise
             exchange.place = True
+            if conn.streams():
+                exchange.stream()
             return answer, exchange
 
     async def _fresh(self, key: Key, pacer: Pacer[Connection]) -> Grant:
@@ -241,15 +253,24 @@ class UpstreamPool:
             attempt.settle_after(SETTLE_AFTER)
         return conn
 
-    def release(self, key: Key, conn: Connection) -> None:
-        """A request's connection may be used again: to the next request in line, else idle."""
+    def release(self, key: Key, conn: Connection, *, place: bool = True) -> None:
+        """A request's connection may be used again: to the next request in line, else idle. ``place``: the
+        request still held its place (its answer did not stream)."""
         conn.idle_since = time.monotonic()
-        if not self._upstreams[key].give(conn) and self._sweeper is None:
+        pacer = self._upstreams[key]
+        given = pacer.give(conn) if place else pacer.restore(conn)
+        if not given and self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(self._keepalive, self._sweep)
 
     def leave(self, key: Key) -> None:
         """A request ends without a connection to give back."""
         self._upstreams[key].leave()
+
+    def stream(self, key: Key) -> None:
+        self._upstreams[key].stream()
+
+    def end_stream(self, key: Key) -> None:
+        self._upstreams[key].end_stream()
 
     def _sweep(self) -> None:
         self._sweeper = None

@@ -15,6 +15,7 @@ from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDict
 
 from gateway.errors import UnsafeHeader
+from gateway.proxy.connection import Connection, HeadClock, Response
 from gateway.proxy.pacing import INITIAL_WINDOW, MOST_WINDOW, Grant, Outcome, Pacer
 from gateway.proxy.pool import ConnectFailed, ConnectTimeout, QueueTimeout, UpstreamError, UpstreamPool
 from tests.conftest import MakeUpstream, held_app, next_address
@@ -181,6 +182,128 @@ async def test_a_request_cancelled_as_it_was_granted_a_place_to_open_gives_both_
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert (pacer.taken, pacer.unproven) == (1, 0)
+
+
+async def test_a_streaming_answer_gives_its_place_in_flight_to_the_line(make_upstream: MakeUpstream) -> None:
+    """An event stream has been answered: with the port's one place held by it, other requests would wait as long
+    as it stays open. Its connection comes back to the pool when the stream ends, and is used again."""
+    events = asyncio.Event()
+    peers: list[tuple[str, int]] = []
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername"))  # type: ignore[union-attr]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)  # chunked: no length
+        await response.write(b"data: hello\n\n")
+        await events.wait()
+        await response.write_eof()
+        return response
+
+    async def quick(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername"))  # type: ignore[union-attr]
+        await events.wait()  # set by then, except for the last two
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/stream", stream)
+    app.router.add_get("/quick", quick)
+    address = next_address()
+    server = await make_upstream(app, address, 0)
+    port = server.port
+    assert port is not None
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=None, queue_timeout=30, limit=1)
+    try:
+        async with asyncio.timeout(10):
+            answer, exchange = await pool.request(address, port, "GET", "/stream", CIMultiDict(Host="x"), None)
+            assert await answer.read_chunk() == b"data: hello\n\n"
+            assert pool.connections() == (0, 1)  # busy, without a place
+            events.set()
+            assert await _get(pool, address, port, "/quick") == b"ok"  # not in line behind the stream
+            assert await answer.read_chunk() == b""
+            exchange.close()
+            assert pool.connections() == (2, 0)
+            assert await _get(pool, address, port, "/quick") == b"ok"
+            events.clear()
+            both = [asyncio.ensure_future(_get(pool, address, port, "/quick")) for _ in range(2)]
+            await asyncio.sleep(0.1)
+            assert pool.queued() == 1  # the limit holds as before
+            events.set()
+            assert await asyncio.gather(*both) == [b"ok", b"ok"]
+    finally:
+        events.set()  # the stream's handler ends whatever happened
+        pool.close()
+    assert len(set(peers)) == 2
+    assert peers[2] == peers[0]  # the stream's connection, kept alive and taken first
+
+
+async def test_a_stream_s_connection_comes_back_without_a_place_past_the_limit() -> None:
+    """Restored while others hold every place, the connection waits idle, not with the first in line: the limit
+    still holds. With a place free it goes to the first in line."""
+    pacer: Pacer[str] = Pacer(1)
+    assert pacer.try_take() is Grant.OPEN
+    pacer.attempt().end(Outcome.PROVEN)
+    pacer.stream()
+    assert (pacer.taken, pacer.streaming) == (0, 1)
+    assert pacer.try_take() is Grant.OPEN  # the place the stream gave up
+    pacer.attempt().end(Outcome.PROVEN)
+    in_line = asyncio.ensure_future(pacer.take())
+    await asyncio.sleep(0)
+    assert not pacer.restore("streamed")
+    await asyncio.sleep(0)
+    assert (in_line.done(), pacer.taken, pacer.streaming, pacer.idle) == (False, 1, 0, ["streamed"])
+    pacer.leave()  # the other request ends: its place and the idle connection go to the one in line
+    assert (await in_line, pacer.taken, pacer.idle) == ("streamed", 1, [])
+    pacer.stream()
+    waiting = asyncio.ensure_future(pacer.take())  # in line, as if the window were full
+    await asyncio.sleep(0)
+    assert pacer.restore("again")  # a place is free, and the connection with it
+    assert (await waiting, pacer.taken, pacer.streaming) == ("again", 1, 0)
+
+
+async def test_a_stream_that_breaks_off_ends_without_its_connection(make_upstream: MakeUpstream) -> None:
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"part")
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", stream)
+    address = next_address()
+    server = await make_upstream(app, address, 0)
+    assert server.port is not None
+    pool = _pool()
+    try:
+        async with asyncio.timeout(10):
+            answer, exchange = await pool.request(address, server.port, "GET", "/", CIMultiDict(Host="x"), None)
+            with pytest.raises(UpstreamError):
+                await _read_to_end(answer)
+            exchange.close()
+            assert pool.connections() == (0, 0)
+    finally:
+        pool.close()
+
+
+async def _read_to_end(answer: Response) -> None:
+    while await answer.read_chunk():
+        pass
+
+
+@pytest.mark.parametrize(("head", "streams"), [
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", True),  # an event stream, a feed
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", True),  # a body to the connection's end
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", False),  # its end is known
+    (b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n", False),  # no body: whole with its head
+    (b"HTTP/1.1 204 No Content\r\n\r\n", False),
+])
+async def test_which_answers_stream(head: bytes, streams: bool) -> None:
+    conn = Connection(asyncio.get_running_loop(), HeadClock(None), None, lambda fault: None)
+    conn.begin(head_only=False)
+    conn.data_received(head)
+    assert await conn.read_head()
+    assert conn.streams() is streams
 
 
 async def test_a_kept_alive_connection_taken_again_counts_against_the_limit(make_upstream: MakeUpstream) -> None:
