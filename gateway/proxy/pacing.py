@@ -82,12 +82,12 @@ class Deadlines(CoarseTimer["asyncio.Future[Any]"]):
     def __init__(self, seconds: float) -> None:
         super().__init__(seconds)
 
-    def deadline(self) -> float:
-        """The deadline of a request that starts waiting now (on the loop's clock)."""
-        return asyncio.get_running_loop().time() + self.seconds
-
-    def watch(self, waiter: asyncio.Future[Any], deadline: float) -> None:
-        self._watch(waiter, deadline, asyncio.get_running_loop())
+    def watch(self, waiter: asyncio.Future[Any]) -> None:
+        """A request starts waiting now: it gives up ``seconds`` from now. (The loop is the waiter's:
+        ``asyncio.get_running_loop`` is a ``getpid`` system call on Python 3.11, and at 1,000 client connections
+        most requests wait.)"""
+        loop = waiter.get_loop()
+        self._watch(waiter, loop.time() + self.seconds, loop)
 
     def _expire(self, key: asyncio.Future[Any]) -> None:
         if not key.done():
@@ -115,12 +115,14 @@ class Pacer(Generic[C]):
     they are for seconds at 1,000 client connections on a busy loop.) Each operation is O(1):
     ``asyncio.Semaphore`` in Python 3.11 walks all its waiters on every acquire, and a wake releasing ten thousand
     requests made that quadratic. A request retried after a failure keeps its place and waits only for the
-    window, ahead of the others (``open_fresh``). A wait with a deadline ends in ``TimeoutError`` once
-    ``deadlines`` finds it past."""
+    window, ahead of the others (``open_fresh``). With ``deadlines``, a wait ends in ``TimeoutError`` once they
+    find it past its allowance."""
 
     def __init__(self, limit: int, *, initial: int = INITIAL_WINDOW, most: int = MOST_WINDOW,
                  deadlines: Deadlines | None = None, fit: Callable[[C], bool] = lambda conn: True) -> None:
-        """``fit``: whether a kept-alive connection may still take a request (the caller closes one that may not)."""
+        """``fit``: whether a kept-alive connection may still take a request (the caller closes one that may not).
+        Made on the event loop its waits are on."""
+        self._loop = asyncio.get_running_loop()
         self._limit = limit
         self._deadlines = deadlines
         self._fit = fit
@@ -152,12 +154,12 @@ class Pacer(Generic[C]):
         self.taken += 1
         return Grant.OPEN
 
-    async def take(self, deadline: float | None = None) -> C | Grant:
+    async def take(self) -> C | Grant:
         """Wait in line (when ``try_take`` said ``WAIT``) for a connection given back or a place to open one
         (``Grant.OPEN``)."""
-        waiter: asyncio.Future[C | None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[C | None] = self._loop.create_future()
         self._any.append(waiter)
-        given = await self._wait(waiter, deadline, self._pass_on)
+        given = await self._wait(waiter, self._pass_on)
         return Grant.OPEN if given is None else given
 
     def _pass_on(self, given: C | None) -> None:
@@ -180,16 +182,15 @@ class Pacer(Generic[C]):
             return True
         return False
 
-    async def open_fresh(self, deadline: float | None = None) -> None:
+    async def open_fresh(self) -> None:
         """Wait (when ``try_open`` said no) for a place in the window, ahead of the requests in line."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[None] = self._loop.create_future()
         self._fresh.append(waiter)
-        await self._wait(waiter, deadline, lambda _: self._end(Outcome.SETTLED))
+        await self._wait(waiter, lambda _: self._end(Outcome.SETTLED))
 
-    async def _wait(self, waiter: asyncio.Future[Any], deadline: float | None,
-                    undo: Callable[[Any], None]) -> Any:
-        if deadline is not None and self._deadlines is not None:
-            self._deadlines.watch(waiter, deadline)
+    async def _wait(self, waiter: asyncio.Future[Any], undo: Callable[[Any], None]) -> Any:
+        if self._deadlines is not None:
+            self._deadlines.watch(waiter)
         self.waiting += 1
         try:
             return await waiter

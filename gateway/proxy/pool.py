@@ -152,7 +152,7 @@ class UpstreamPool:
         grant = pacer.try_take()
         if grant is _WAIT:
             try:
-                grant = await pacer.take(self._deadlines.deadline())
+                grant = await pacer.take()
             except TimeoutError as exc:
                 raise self._queue_timed_out(key) from exc
         try:
@@ -214,7 +214,7 @@ class UpstreamPool:
         of its own."""
         if not pacer.try_open():
             try:
-                await pacer.open_fresh(self._deadlines.deadline())
+                await pacer.open_fresh()
             except TimeoutError as exc:
                 raise self._queue_timed_out(key) from exc
         return Grant.OPEN
