@@ -63,6 +63,8 @@ class Exchange:
     """One request on one connection; ``close`` puts the connection back when both messages were whole, and ends
     the request's place in flight (``Pacer``) once the caller has it."""
 
+    __slots__ = ("_conn", "_key", "_pool", "place", "sender", "streaming")  # one per request: no dict
+
     def __init__(self, pool: UpstreamPool, key: Key, conn: Connection) -> None:
         self._pool = pool
         self._key = key
