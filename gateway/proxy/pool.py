@@ -93,7 +93,7 @@ class Exchange:
         place, self.place = self.place, False
         streaming, self.streaming = self.streaming, False
         if (place or streaming) and sent and self._conn.reusable:
-            self._pool.release(self._key, self._conn, place=place)  # the place goes along with the connection
+            self._pool.release(self._key, self._conn, place=place)  # and the place with it, if it still has one
             return
         self._conn.close()  # an exchange the pool retries has failed: its connection is spent too
         if place:
@@ -269,9 +269,11 @@ class UpstreamPool:
         self._upstreams[key].leave()
 
     def stream(self, key: Key) -> None:
+        """A request's answer streams: its place goes to the line (``Pacer.stream``)."""
         self._upstreams[key].stream()
 
     def end_stream(self, key: Key) -> None:
+        """A streamed answer ends without a connection to give back."""
         self._upstreams[key].end_stream()
 
     def _sweep(self) -> None:
