@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import socket
 import ssl
 from collections.abc import Callable, Mapping
@@ -30,6 +31,8 @@ _READ_LIMIT = 1 << 16
 """Body bytes buffered per connection before reading from the upstream pauses (the client is slower)."""
 MAX_HEAD = 1 << 16
 """Bytes of an answer's head (interim answers' included) the gateway reads before refusing it (502)."""
+_STREAM_TYPE = re.compile(r"\s*(?:text/event-stream|multipart/x-mixed-replace)\s*(?:;|$)", re.IGNORECASE)
+"""Media types of answers that never end by themselves (``Connection.streams``)."""
 
 
 class UpstreamError(Exception):
@@ -379,10 +382,13 @@ class Connection(WriteFlow):
         return chunk
 
     def streams(self) -> bool:
-        """The answer whose head is in has more to come and no length: an event stream, a chunked feed, a body to
-        the connection's end."""
+        """The answer whose head is in is a stream by its type: an event stream (SSE), or a multipart stream that
+        replaces its parts (a camera's MJPEG). Such an answer never ends by itself; a page sent in chunks, however
+        slowly, does, and is no stream."""
         assert self._head is not None
-        return not self._done and "Content-Length" not in self._head.headers
+        headers = self._head.headers
+        return (not self._done and "Content-Length" not in headers
+                and _STREAM_TYPE.match(headers.get("Content-Type", "")) is not None)
 
     @property
     def reusable(self) -> bool:

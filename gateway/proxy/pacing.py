@@ -26,8 +26,7 @@ INITIAL_WINDOW = 4
 MOST_WINDOW = 6
 """Never more unproven attempts than this: ``http.server`` queues 6 (backlog + 1); more risks dropped handshakes."""
 SETTLE_AFTER = 1.0
-"""An attempt connected this long without an answer stops counting (a long poll must not hold the window); an
-answer without a length still coming this long after its head stops counting against the limit (a stream)."""
+"""An attempt connected this long without an answer stops counting (a long poll must not hold the window)."""
 
 
 class Outcome(enum.Enum):
@@ -106,11 +105,11 @@ class Pacer(Generic[C]):
     """Per upstream, in one line, first come first served: the requests in flight (at most ``limit``), their
     kept-alive connections, and the window of unproven connection attempts.
 
-    A request counts until its answer is whole, unless the answer streams (no length, and still coming a second
-    after its head: an event stream, a feed): the upstream has answered it, and a crowd of open event streams must
-    not keep every other request to the port waiting. It keeps its connection, which comes back through
-    ``restore``. (A page sent in chunks is done within the second and counts throughout, so chunked answers to a
-    wake's burst are as bounded as any.)
+    A request counts until its answer is whole, unless the answer is a stream by its type (an event stream): the
+    upstream has answered it, it never ends by itself, and a crowd of open event streams must not keep every other
+    request to the port waiting. It keeps its connection, which comes back through ``restore``. (Any other
+    answer counts until it is whole, however long it takes: by time alone, a page rendered slowly in chunks would
+    pass for a stream, and a wake's burst of them would go past the limit.)
 
     A request that cannot go at once waits once, for whichever comes first: a connection another request gives
     back (its place in flight passes on with it), or a place in flight and in the window to open one. (Two lines,

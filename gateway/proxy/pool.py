@@ -63,7 +63,7 @@ class Exchange:
     """One request on one connection; ``close`` puts the connection back when both messages were whole, and ends
     the request's place in flight (``Pacer``) once the caller has it."""
 
-    __slots__ = ("_conn", "_key", "_pool", "_settling", "place", "sender", "streaming")  # one per request: no dict
+    __slots__ = ("_conn", "_key", "_pool", "place", "sender", "streaming")  # one per request: no dict
 
     def __init__(self, pool: UpstreamPool, key: Key, conn: Connection) -> None:
         self._pool = pool
@@ -75,22 +75,13 @@ class Exchange:
         """Whether closing ends the request's place: not while the pool may still retry the request."""
         self.streaming = False
         """Whether the answer streams: the place was given back, closing gives the connection back too."""
-        self._settling: asyncio.TimerHandle | None = None
 
-    def settle_after(self, seconds: float) -> None:
-        """The answer has no length: if it is still coming ``seconds`` from now (an event stream, not a page sent
-        in chunks), it stops counting against the limit."""
-        self._settling = asyncio.get_running_loop().call_later(seconds, self._stream)
-
-    def _stream(self) -> None:
-        self._settling = None
+    def stream(self) -> None:
+        """The answer is a stream: the request no longer counts against the limit (``Pacer.stream``)."""
         self.place, self.streaming = False, True
         self._pool.stream(self._key)
 
     def close(self) -> None:
-        if self._settling is not None:
-            self._settling.cancel()
-            self._settling = None
         sender = self.sender
         sent = True
         if sender is not None:
@@ -118,14 +109,12 @@ class UpstreamPool:
 
     Timeouts: ``connect`` per connection attempt, ``first_byte`` from the request being sent to the answer's
     head, ``read`` for silence in the middle of a body (None: SSE and long polls stay open), ``queue`` for the
-    wait for a turn and a connection. ``settle_streams``: how long an answer without a length counts against the
-    limit before it is taken for a stream (``Pacer.stream``)."""
+    wait for a turn and a connection."""
 
     def __init__(self, *, connect_timeout: float, first_byte_timeout: float | None, read_timeout: float | None,
                  queue_timeout: float, keepalive: float = 30.0, limit: int = LIMIT_PER_UPSTREAM,
-                 settle_streams: float = SETTLE_AFTER, on_fault: Callable[[str], None] = lambda fault: None) -> None:
+                 on_fault: Callable[[str], None] = lambda fault: None) -> None:
         self._on_fault = on_fault
-        self._settle_streams = settle_streams
         self._connect_timeout = connect_timeout
         self._clock = HeadClock(first_byte_timeout)
         self._read_timeout = read_timeout
@@ -219,7 +208,7 @@ class UpstreamPool:
                 raise
             exchange.place = True
             if conn.streams():
-                exchange.settle_after(self._settle_streams)
+                exchange.stream()
             return answer, exchange
 
     async def _fresh(self, key: Key, pacer: Pacer[Connection]) -> Grant:
@@ -280,7 +269,7 @@ class UpstreamPool:
         self._upstreams[key].leave()
 
     def stream(self, key: Key) -> None:
-        """A request's answer streams: its place goes to the line (``Pacer.stream``)."""
+        """A request's answer is a stream: its place goes to the line (``Pacer.stream``)."""
         self._upstreams[key].stream()
 
     def end_stream(self, key: Key) -> None:

@@ -186,8 +186,7 @@ async def test_a_request_cancelled_as_it_was_granted_a_place_to_open_gives_both_
 
 async def test_a_streaming_answer_gives_its_place_in_flight_to_the_line(make_upstream: MakeUpstream) -> None:
     """An event stream has been answered: with the port's one place held by it, other requests would wait as long
-    as it stays open. Once it has streamed for a while it gives its place to the line; its connection comes back
-    to the pool when the stream ends, and is used again."""
+    as it stays open. Its connection comes back to the pool when the stream ends, and is used again."""
     events = asyncio.Event()
     peers: list[tuple[str, int]] = []
 
@@ -212,8 +211,7 @@ async def test_a_streaming_answer_gives_its_place_in_flight_to_the_line(make_ups
     server = await make_upstream(app, address, 0)
     port = server.port
     assert port is not None
-    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=None, queue_timeout=30, limit=1,
-                        settle_streams=0.2)
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=None, queue_timeout=30, limit=1)
     try:
         async with asyncio.timeout(10):
             answer, exchange = await pool.request(address, port, "GET", "/stream", CIMultiDict(Host="x"), None)
@@ -221,7 +219,7 @@ async def test_a_streaming_answer_gives_its_place_in_flight_to_the_line(make_ups
             assert pool.connections() == (0, 1)  # busy, without a place
             events.set()
             assert await _get(pool, address, port, "/quick") == b"ok"  # not in line behind the stream
-            assert pool.connections() == (1, 1)  # the stream's still busy, without a place
+            assert pool.connections() == (1, 1)  # the stream's connection still busy
             assert await answer.read_chunk() == b""
             exchange.close()
             assert pool.connections() == (2, 0)
@@ -264,19 +262,18 @@ async def test_a_stream_s_connection_comes_back_without_a_place_past_the_limit()
 
 
 async def test_chunked_pages_count_against_the_limit_until_they_are_whole(make_upstream: MakeUpstream) -> None:
-    """A page sent in chunks (a dev server rendering as it goes) is no stream: a burst of requests for it stays
-    within the limit, connections and work in the upstream alike."""
+    """A page sent in chunks (a dev server rendering as it goes), however slowly, is no stream: a burst of
+    requests for it stays within the limit, connections and work in the upstream alike."""
     in_flight = most = 0
-    go = asyncio.Event()
 
     async def page(request: web.Request) -> web.StreamResponse:
         nonlocal in_flight, most
         in_flight += 1
         most = max(most, in_flight)
-        response = web.StreamResponse()
+        response = web.StreamResponse(headers={"Content-Type": "text/html"})
         response.enable_chunked_encoding()
         await response.prepare(request)  # the head goes out at once, the page renders on
-        await go.wait()
+        await asyncio.sleep(0.3)
         await response.write(b"<html>")
         await response.write_eof()
         in_flight -= 1
@@ -287,8 +284,7 @@ async def test_chunked_pages_count_against_the_limit_until_they_are_whole(make_u
     address = next_address()
     server = await make_upstream(app, address, 0)
     assert server.port is not None
-    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=30, limit=2,
-                        settle_streams=0.5)
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=30, limit=2)
 
     async def one(port: int) -> None:
         answer, exchange = await pool.request(address, port, "GET", "/", CIMultiDict(Host="x"), None)
@@ -299,26 +295,18 @@ async def test_chunked_pages_count_against_the_limit_until_they_are_whole(make_u
 
     try:
         async with asyncio.timeout(10):
-            for _ in range(2):  # the second burst after the time a stream would settle: whole answers never do
-                go.clear()
-                burst = [asyncio.ensure_future(one(server.port)) for _ in range(12)]
-                await asyncio.sleep(0.2)
-                go.set()
-                await asyncio.gather(*burst)
-                await asyncio.sleep(0.6)
-                assert pool.connections() == (2, 0)
+            await asyncio.gather(*(one(server.port) for _ in range(8)))
+            assert pool.connections() == (2, 0)
     finally:
-        go.set()
         pool.close()
     assert most == 2
 
 
 async def test_a_stream_that_breaks_off_ends_without_its_connection(make_upstream: MakeUpstream) -> None:
     async def stream(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        await response.write(b"part")
-        await asyncio.sleep(0.3)  # a stream by then
+        await response.write(b"data: part\n\n")
         assert request.transport is not None
         request.transport.abort()
         return response
@@ -328,8 +316,7 @@ async def test_a_stream_that_breaks_off_ends_without_its_connection(make_upstrea
     address = next_address()
     server = await make_upstream(app, address, 0)
     assert server.port is not None
-    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=30,
-                        settle_streams=0.1)
+    pool = _pool()
     try:
         async with asyncio.timeout(10):
             answer, exchange = await pool.request(address, server.port, "GET", "/", CIMultiDict(Host="x"), None)
@@ -346,12 +333,20 @@ async def _read_to_end(answer: Response) -> None:
         pass
 
 
+_CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+
+
 @pytest.mark.parametrize(("head", "streams"), [
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", True),  # an event stream, a feed
-    (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", True),  # a body to the connection's end
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", False),  # its end is known
-    (b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n", False),  # no body: whole with its head
-    (b"HTTP/1.1 204 No Content\r\n\r\n", False),
+    (_CHUNKED + b"Content-Type: text/event-stream\r\n\r\n", True),
+    (_CHUNKED + b"content-type:  Text/Event-Stream; charset=utf-8\r\n\r\n", True),
+    (_CHUNKED + b"Content-Type: multipart/x-mixed-replace; boundary=frame\r\n\r\n", True),  # MJPEG
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: text/event-stream\r\n\r\n", True),  # to the end
+    (_CHUNKED + b"Content-Type: text/html\r\n\r\n", False),  # a page sent in chunks ends by itself
+    (_CHUNKED + b"\r\n", False),
+    (_CHUNKED + b"Content-Type: text/event-streamer\r\n\r\n", False),
+    (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 100\r\n\r\n", False),  # its end known
+    (b"HTTP/1.1 204 No Content\r\nContent-Type: text/event-stream\r\n\r\n", False),  # a refusal: whole already
+    (b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n", False),
 ])
 async def test_which_answers_stream(head: bytes, streams: bool) -> None:
     conn = Connection(asyncio.get_running_loop(), HeadClock(None), None, lambda fault: None)
