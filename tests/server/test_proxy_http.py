@@ -510,6 +510,40 @@ async def test_client_disconnect_cancels_the_upstream_request(proxied: MakeProxi
     assert outcome in (["cancelled"], ["connection closed"])
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])  # the fast lane, aiohttp's lane
+async def test_a_client_leaving_an_event_stream_leaves_nothing_held_in_the_pool(proxied: MakeProxied,
+                                                                                method: str) -> None:
+    """An event stream gives its place in flight back when its head is in (the pool's limit); the client leaving
+    mid-stream must then end it without its connection, not leave it counted busy."""
+    ended = asyncio.Event()
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        try:
+            await asyncio.sleep(30)
+        finally:
+            ended.set()
+        return response
+
+    app = web.Application()
+    app.router.add_route(method, "/events", events)
+    p = await proxied(app)
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    body = "Content-Length: 2\r\n\r\n{}" if method == "POST" else "\r\n"
+    writer.write(f"{method} /events HTTP/1.1\r\nHost: {p.host}\r\n{body}".encode())
+    await asyncio.wait_for(reader.readuntil(b"data: first\n\n"), 10)
+    assert p.gateway.pool.connections() == (0, 1)
+    writer.transport.abort()
+    await asyncio.wait_for(ended.wait(), 10)
+    for _ in range(100):
+        if p.gateway.pool.connections() == (0, 0):
+            break
+        await asyncio.sleep(0.02)
+    assert p.gateway.pool.connections() == (0, 0)
+
+
 async def test_request_held_for_a_wake_survives_a_port_probing_dev_server(make_gateway: MakeGateway) -> None:
     """Like Vite, the workspace's server answers the wake's readiness probe from a throwaway listener and binds
     the real one a moment later: the held request must still reach it, not get a 502."""
