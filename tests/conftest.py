@@ -75,18 +75,20 @@ class GatewayTestServer(TestServer):
 async def make_gateway(aiohttp_client: Any, tmp_path: Path) -> MakeGateway:
     async def make(config: Config | None = None, **kwargs: Any) -> TestClient[web.Request, web.Application]:
         """Settings as keyword arguments; ``policy={...}`` is written to a policy file the gateway loads;
-        ``in_memory=True`` keeps the workspaces in a ``MemoryRuntime`` (no processes); ``clock`` measures idleness."""
+        ``in_memory=True`` keeps the workspaces in a ``MemoryRuntime`` (no processes); ``clock`` measures idleness;
+        ``workers``: as one of that many ``serve --workers`` workers."""
         if "policy" in kwargs:
             policy_file = tmp_path / "policy.yaml"
             policy_file.write_text(yaml.safe_dump(kwargs.pop("policy")))
             kwargs["policy_file"] = str(policy_file)
         in_memory = kwargs.pop("in_memory", False)
         clock = kwargs.pop("clock", time.time)
+        workers = kwargs.pop("workers", 1)
         if config is None:
             config = settings(tmp_path, kwargs.pop("workspaces", {}), **kwargs)
         runtime = MemoryRuntime(config) if in_memory else None
         client: TestClient[web.Request, web.Application] = await aiohttp_client(
-            GatewayTestServer(build_app(config, runtime, clock=clock), handler_cancellation=True)
+            GatewayTestServer(build_app(config, runtime, clock=clock, workers=workers), handler_cancellation=True)
         )
         return client
 

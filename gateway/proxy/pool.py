@@ -35,7 +35,7 @@ from gateway.proxy.connection import (
     encode_head,
     open_upstream,
 )
-from gateway.proxy.pacing import SETTLE_AFTER, Attempt, Deadlines, Grant, Outcome, Pacer
+from gateway.proxy.pacing import INITIAL_WINDOW, MOST_WINDOW, SETTLE_AFTER, Attempt, Deadlines, Grant, Outcome, Pacer
 
 __all__ = [  # the connection's names too: both lanes take what they need of the upstream side from here
     "REPLAYABLE_METHODS", "BrokenOff", "ClientBodyFailed", "ClosedUnanswered", "ConnectFailed", "ConnectTimeout",
@@ -109,12 +109,17 @@ class UpstreamPool:
 
     Timeouts: ``connect`` per connection attempt, ``first_byte`` from the request being sent to the answer's
     head, ``read`` for silence in the middle of a body (None: SSE and long polls stay open), ``queue`` for the
-    wait for a turn and a connection."""
+    wait for a turn and a connection.
+
+    ``workers``: the pools (one per worker process) that open connections to the same upstreams. Each paces its
+    share of the window, so together they keep to one window: two workers with a window each overflowed a backlog
+    of 5 (a dropped handshake, and the last of 1,000 held requests answered after the kernel's 1 s retry)."""
 
     def __init__(self, *, connect_timeout: float, first_byte_timeout: float | None, read_timeout: float | None,
-                 queue_timeout: float, keepalive: float = 30.0, limit: int = LIMIT_PER_UPSTREAM,
+                 queue_timeout: float, keepalive: float = 30.0, limit: int = LIMIT_PER_UPSTREAM, workers: int = 1,
                  on_fault: Callable[[str], None] = lambda fault: None) -> None:
         self._on_fault = on_fault
+        self._window = max(1, INITIAL_WINDOW // workers), max(1, MOST_WINDOW // workers)
         self._connect_timeout = connect_timeout
         self._clock = HeadClock(first_byte_timeout)
         self._read_timeout = read_timeout
@@ -150,7 +155,8 @@ class UpstreamPool:
         head = encode_head(f"{method} {target} HTTP/1.1", headers)  # may refuse: before a place is taken
         key = (host, port, tls)
         pacer = self._upstreams.get(key) or self._upstreams.setdefault(
-            key, Pacer(self._limit, deadlines=self._deadlines, fit=self._fit))
+            key, Pacer(self._limit, initial=self._window[0], most=self._window[1], deadlines=self._deadlines,
+                       fit=self._fit))
         grant = pacer.try_take()
         if grant is _WAIT:
             try:

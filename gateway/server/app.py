@@ -120,11 +120,12 @@ def build_metrics_app(app: web.Application) -> web.Application:
     return metrics_app
 
 
-def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = True,
+def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = True, workers: int = 1,
               clock: Callable[[], float] = time.time) -> web.Application:
     """Everything that can fail on bad settings fails here, before the server listens.
 
     ``reap=False``: another process runs the idle reaper (a ``serve --workers`` worker on the local runtime).
+    ``workers``: how many worker processes serve the same listeners, this one among them.
     ``clock``: what idleness is measured by (tests move it on instead of waiting)."""
     metrics_ = Metrics()
     runtime = runtime if runtime is not None else make_runtime(config)
@@ -150,6 +151,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
                            is_leader=lambda: reap and runtime.is_leader()),
         activity=activity,
         trusted_proxies=tuple(ipaddress.ip_network(net, strict=False) for net in config.trusted_proxies),
+        workers=workers,
     )
     # Request bodies pass through as sent: the server must not undo a client's Content-Encoding.
     # Bodies the gateway reads itself (hub, API, sign-in forms) are bounded; bodies for previews stream through.
@@ -183,7 +185,7 @@ async def _drain(app: web.Application) -> None:
 async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
     gateway._session = make_session(gateway.config.timeouts)
-    gateway._pool = make_pool(gateway.config.timeouts, gateway.metrics.upstream_fault)
+    gateway._pool = make_pool(gateway.config.timeouts, gateway.metrics.upstream_fault, gateway.workers)
     gateway.metrics.track_queue(gateway._pool.queued)
     gateway.metrics.track_pool(gateway._pool.connections)
     if gateway.config.auth.oidc is not None:

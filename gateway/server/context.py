@@ -55,6 +55,8 @@ class Gateway:
     """The idle reaper as wired for this process (``serve`` runs it on its interval; tests run single passes)."""
     activity: Activity = field(default_factory=Activity)
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    workers: int = 1
+    """Worker processes serving the same listeners (``serve --workers``), this one among them."""
     _session: aiohttp.ClientSession | None = None
     _pool: UpstreamPool | None = None
     _heartbeat: Heartbeat | None = None

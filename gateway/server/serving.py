@@ -178,7 +178,7 @@ class _Workers:
                  activity: Any) -> None:
         self._options = json.dumps({
             "config": config.model_dump(mode="json"), "control": str(socket_path) if socket_path else None,
-            "log_level": log_level,
+            "log_level": log_level, "workers": count,
         }).encode()
         self._count = count
         self._timeout = config.timeouts.shutdown
@@ -244,7 +244,7 @@ def worker_main() -> None:
     from gateway.server.context import GATEWAY
 
     remote = RemoteRuntime(Path(options["control"])) if options["control"] else None
-    app = build_app(config, runtime=remote, reap=remote is None)
+    app = build_app(config, runtime=remote, reap=remote is None, workers=options["workers"])
     if remote is not None:
         async def report_activity(app: web.Application) -> AsyncIterator[None]:
             task = asyncio.create_task(forward_activity(remote, app[GATEWAY].activity.snapshot))

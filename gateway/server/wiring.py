@@ -51,10 +51,12 @@ def make_reaper(config: Config, runtime: Runtime, activity: Activity, metrics: M
                   is_leader=is_leader, busy=busy)
 
 
-def make_pool(timeouts: Timeouts, on_fault: Callable[[str], None]) -> UpstreamPool:
-    """The keep-alive pool plain HTTP requests are proxied through; ``on_fault`` counts what upstreams do wrong."""
+def make_pool(timeouts: Timeouts, on_fault: Callable[[str], None], workers: int = 1) -> UpstreamPool:
+    """The keep-alive pool plain HTTP requests are proxied through; ``on_fault`` counts what upstreams do wrong;
+    ``workers``: how many worker processes have one (they share the pace of new connections)."""
     return UpstreamPool(connect_timeout=timeouts.connect, first_byte_timeout=timeouts.first_byte,
-                        read_timeout=timeouts.read, queue_timeout=timeouts.queue, keepalive=30.0, on_fault=on_fault)
+                        read_timeout=timeouts.read, queue_timeout=timeouts.queue, keepalive=30.0, workers=workers,
+                        on_fault=on_fault)
 
 
 def make_session(timeouts: Timeouts) -> aiohttp.ClientSession:

@@ -18,7 +18,8 @@ from gateway.errors import UnsafeHeader
 from gateway.proxy.connection import Connection, HeadClock, Response
 from gateway.proxy.pacing import INITIAL_WINDOW, MOST_WINDOW, Grant, Outcome, Pacer
 from gateway.proxy.pool import ConnectFailed, ConnectTimeout, QueueTimeout, UpstreamError, UpstreamPool
-from tests.conftest import MakeUpstream, held_app, next_address
+from gateway.server.context import GATEWAY
+from tests.conftest import MakeGateway, MakeUpstream, held_app, next_address, workspace
 
 
 async def test_requests_past_the_limit_wait_for_a_turn(make_upstream: MakeUpstream) -> None:
@@ -536,8 +537,9 @@ async def test_refused_connects_give_their_places_back() -> None:
 
 # --- connection manners ------------------------------------------------------------------------------------
 
-def _pool(first_byte: float = 10.0) -> UpstreamPool:
-    return UpstreamPool(connect_timeout=5, first_byte_timeout=first_byte, read_timeout=10, queue_timeout=30)
+def _pool(first_byte: float = 10.0, workers: int = 1) -> UpstreamPool:
+    return UpstreamPool(connect_timeout=5, first_byte_timeout=first_byte, read_timeout=10, queue_timeout=30,
+                        workers=workers)
 
 
 async def _get(pool: UpstreamPool, address: str, port: int, path: str = "/", method: str = "GET") -> bytes:
@@ -559,23 +561,25 @@ def _accept_all(listener: socket.socket) -> list[socket.socket]:
             return accepted
 
 
-async def test_connects_open_a_few_at_a_time_and_more_as_they_answer() -> None:
+@pytest.mark.parametrize(("workers", "window"), [(1, INITIAL_WINDOW), (2, INITIAL_WINDOW // 2)])
+async def test_connects_open_a_few_at_a_time_and_more_as_they_answer(workers: int, window: int) -> None:
+    """Each of ``serve --workers`` N pools opens its share of the window: together they keep to one."""
     listener = socket.socket()
     listener.bind((next_address(), 0))
     listener.listen(64)
     listener.setblocking(False)
     address, port = listener.getsockname()
-    pool = _pool()
+    pool = _pool(workers=workers)
     requests = [asyncio.ensure_future(_get(pool, address, port, f"/{n}")) for n in range(20)]
     accepted: list[socket.socket] = []
     try:
         async with asyncio.timeout(5):
-            while len(accepted) < INITIAL_WINDOW:
+            while len(accepted) < window:
                 accepted += _accept_all(listener)
                 await asyncio.sleep(0.01)
         await asyncio.sleep(0.3)  # nothing answered yet: no more connects (the window settles only after 1 s)
         accepted += _accept_all(listener)
-        assert len(accepted) == INITIAL_WINDOW
+        assert len(accepted) == window
 
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
@@ -596,6 +600,37 @@ async def test_connects_open_a_few_at_a_time_and_more_as_they_answer() -> None:
         for sock in accepted:
             sock.close()
     assert answers == [f"/{n}".encode() for n in range(20)]
+
+
+async def test_a_worker_of_two_opens_half_the_window(make_gateway: MakeGateway) -> None:
+    """``serve --workers 2``: each worker's gateway paces its half of the window, so that both together open no
+    more connections at once than a dev server's accept queue holds."""
+    listener = socket.socket()
+    listener.bind((next_address(), 0))
+    listener.listen(64)
+    listener.setblocking(False)
+    address, port = listener.getsockname()
+    client = await make_gateway(workspaces={"ws1": workspace(address, ports={port: "public"})}, in_memory=True,
+                                workers=2)
+    await client.app[GATEWAY].runtime.wake("ws1")
+    requests = [asyncio.ensure_future(client.get(f"/{n}", headers={"Host": f"{port}-ws1.localhost:8080"}))
+                for n in range(10)]
+    accepted: list[socket.socket] = []
+    try:
+        async with asyncio.timeout(5):
+            while len(accepted) < INITIAL_WINDOW // 2:
+                accepted += _accept_all(listener)
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        accepted += _accept_all(listener)
+        assert len(accepted) == INITIAL_WINDOW // 2
+    finally:
+        for request in requests:
+            request.cancel()
+        await asyncio.gather(*requests, return_exceptions=True)
+        for sock in accepted:
+            sock.close()
+        listener.close()
 
 
 class _Upstream:
