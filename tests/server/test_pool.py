@@ -552,6 +552,16 @@ async def _get(pool: UpstreamPool, address: str, port: int, path: str = "/", met
         exchange.close()
 
 
+def _listener(backlog: int = 64) -> tuple[socket.socket, str, int]:
+    """A listening socket on a loopback address of its own that nobody accepts from (a test does, if it wants):
+    the socket, its address and port."""
+    listener = socket.socket()
+    listener.bind((next_address(), 0))
+    listener.listen(backlog)
+    address, port = listener.getsockname()
+    return listener, address, port
+
+
 def _accept_all(listener: socket.socket) -> list[socket.socket]:
     accepted = []
     while True:
@@ -564,11 +574,8 @@ def _accept_all(listener: socket.socket) -> list[socket.socket]:
 @pytest.mark.parametrize(("workers", "window"), [(1, INITIAL_WINDOW), (2, INITIAL_WINDOW // 2)])
 async def test_connects_open_a_few_at_a_time_and_more_as_they_answer(workers: int, window: int) -> None:
     """Each of ``serve --workers`` N pools opens its share of the window: together they keep to one."""
-    listener = socket.socket()
-    listener.bind((next_address(), 0))
-    listener.listen(64)
+    listener, address, port = _listener()
     listener.setblocking(False)
-    address, port = listener.getsockname()
     pool = _pool(workers=workers)
     requests = [asyncio.ensure_future(_get(pool, address, port, f"/{n}")) for n in range(20)]
     accepted: list[socket.socket] = []
@@ -605,11 +612,8 @@ async def test_connects_open_a_few_at_a_time_and_more_as_they_answer(workers: in
 async def test_a_worker_of_two_opens_half_the_window(make_gateway: MakeGateway) -> None:
     """``serve --workers 2``: each worker's gateway paces its half of the window, so that both together open no
     more connections at once than a dev server's accept queue holds."""
-    listener = socket.socket()
-    listener.bind((next_address(), 0))
-    listener.listen(64)
+    listener, address, port = _listener()
     listener.setblocking(False)
-    address, port = listener.getsockname()
     client = await make_gateway(workspaces={"ws1": workspace(address, ports={port: "public"})}, in_memory=True,
                                 workers=2)
     await client.app[GATEWAY].runtime.wake("ws1")
@@ -755,10 +759,7 @@ async def test_the_wait_for_a_connection_is_bounded(make_upstream: MakeUpstream)
 
 async def test_the_wait_for_a_place_in_the_window_is_bounded() -> None:
     """An upstream that takes connections but never answers: past the window, requests wait, then give up."""
-    listener = socket.socket()
-    listener.bind((next_address(), 0))
-    listener.listen(64)
-    address, port = listener.getsockname()
+    listener, address, port = _listener()
     pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=0.3)
     connecting = [asyncio.ensure_future(_get(pool, address, port)) for _ in range(INITIAL_WINDOW)]
     try:
@@ -797,10 +798,7 @@ async def test_a_dropped_handshake_halves_the_window() -> None:
     """A listener whose accept queue (one connection) is full: the pool's handshakes are dropped by the kernel
     and get through only on its retry a second later, once the listener serves with a larger queue. The window
     shrinks instead of growing with the answers that follow."""
-    listener = socket.socket()
-    listener.bind((next_address(), 0))
-    listener.listen(0)
-    address, port = listener.getsockname()
+    listener, address, port = _listener(0)
     squatter = socket.create_connection((address, port))  # fills the queue
 
     server = await asyncio.start_server(_answer_every_head, sock=listener, backlog=64, start_serving=False)
@@ -822,10 +820,7 @@ async def test_a_connect_slowed_by_the_gateways_own_busy_loop_is_no_dropped_hand
     seconds while its first connects complete at once in the kernel. Those connects must count as what they were
     (taken at once, then answered): the window grows, where taking the loop's delay for the kernel's SYN retry
     halved it to one."""
-    listener = socket.socket()
-    listener.bind((next_address(), 0))
-    listener.listen(64)
-    address, port = listener.getsockname()
+    listener, address, port = _listener()
 
     server = await asyncio.start_server(_answer_every_head, sock=listener)
     pool = _pool()
@@ -841,10 +836,7 @@ async def test_a_connect_slowed_by_the_gateways_own_busy_loop_is_no_dropped_hand
 
 
 async def test_connect_timeouts_halve_the_window_and_are_tried_once_more() -> None:
-    listener = socket.socket()
-    listener.bind((next_address(), 0))
-    listener.listen(0)
-    address, port = listener.getsockname()
+    listener, address, port = _listener(0)
     squatter = socket.create_connection((address, port))  # the queue is full and stays full
     pool = UpstreamPool(connect_timeout=0.3, first_byte_timeout=10, read_timeout=10, queue_timeout=30)
     try:
