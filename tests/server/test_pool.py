@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from aiohttp import StreamReader, web
 from aiohttp.base_protocol import BaseProtocol
+from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
 from gateway.errors import UnsafeHeader
@@ -20,6 +21,17 @@ from gateway.proxy.pacing import INITIAL_WINDOW, MOST_WINDOW, Grant, Outcome, Pa
 from gateway.proxy.pool import ConnectFailed, ConnectTimeout, QueueTimeout, UpstreamError, UpstreamPool
 from gateway.server.context import GATEWAY
 from tests.conftest import MakeGateway, MakeUpstream, held_app, next_address, workspace
+
+
+async def _upstream(make_upstream: MakeUpstream, routes: dict[str, Handler]) -> tuple[str, int]:
+    """An aiohttp upstream answering GETs with ``routes``, on a loopback address of its own: address and port."""
+    app = web.Application()
+    for path, handler in routes.items():
+        app.router.add_get(path, handler)
+    address = next_address()
+    server = await make_upstream(app, address, 0)
+    assert server.port is not None
+    return address, server.port
 
 
 async def test_requests_past_the_limit_wait_for_a_turn(make_upstream: MakeUpstream) -> None:
@@ -36,12 +48,7 @@ async def test_requests_past_the_limit_wait_for_a_turn(make_upstream: MakeUpstre
         in_flight -= 1
         return web.Response(text=request.path)
 
-    app = web.Application()
-    app.router.add_get("/{n}", slow)
-    address = next_address()
-    server = await make_upstream(app, address, 0)
-    port = server.port
-    assert port is not None
+    address, port = await _upstream(make_upstream, {"/{n}": slow})
     pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=30, limit=3)
 
     async def one(n: int) -> str:
@@ -205,13 +212,7 @@ async def test_a_streaming_answer_gives_its_place_in_flight_to_the_line(make_ups
         await events.wait()  # set by then, except for the last two
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_get("/stream", stream)
-    app.router.add_get("/quick", quick)
-    address = next_address()
-    server = await make_upstream(app, address, 0)
-    port = server.port
-    assert port is not None
+    address, port = await _upstream(make_upstream, {"/stream": stream, "/quick": quick})
     pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=None, queue_timeout=30, limit=1)
     try:
         async with asyncio.timeout(10):
@@ -280,14 +281,10 @@ async def test_chunked_pages_count_against_the_limit_until_they_are_whole(make_u
         in_flight -= 1
         return response
 
-    app = web.Application()
-    app.router.add_get("/", page)
-    address = next_address()
-    server = await make_upstream(app, address, 0)
-    assert server.port is not None
+    address, port = await _upstream(make_upstream, {"/": page})
     pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=30, limit=2)
 
-    async def one(port: int) -> None:
+    async def one() -> None:
         answer, exchange = await pool.request(address, port, "GET", "/", CIMultiDict(Host="x"), None)
         try:
             await _read_to_end(answer)
@@ -296,7 +293,7 @@ async def test_chunked_pages_count_against_the_limit_until_they_are_whole(make_u
 
     try:
         async with asyncio.timeout(10):
-            await asyncio.gather(*(one(server.port) for _ in range(8)))
+            await asyncio.gather(*(one() for _ in range(8)))
             assert pool.connections() == (2, 0)
     finally:
         pool.close()
@@ -312,15 +309,11 @@ async def test_a_stream_that_breaks_off_ends_without_its_connection(make_upstrea
         request.transport.abort()
         return response
 
-    app = web.Application()
-    app.router.add_get("/", stream)
-    address = next_address()
-    server = await make_upstream(app, address, 0)
-    assert server.port is not None
+    address, port = await _upstream(make_upstream, {"/": stream})
     pool = _pool()
     try:
         async with asyncio.timeout(10):
-            answer, exchange = await pool.request(address, server.port, "GET", "/", CIMultiDict(Host="x"), None)
+            answer, exchange = await pool.request(address, port, "GET", "/", CIMultiDict(Host="x"), None)
             with pytest.raises(UpstreamError):
                 await _read_to_end(answer)
             exchange.close()
@@ -562,6 +555,18 @@ def _listener(backlog: int = 64) -> tuple[socket.socket, str, int]:
     return listener, address, port
 
 
+async def _connects_at_once(listener: socket.socket, expected: int, accepted: list[socket.socket]) -> None:
+    """Into ``accepted`` (the caller closes them), the connections a pool opens to a non-blocking ``listener`` that
+    answers nothing: once ``expected`` came, whatever else comes within 0.3 s (nothing answered, so the window
+    neither grows nor settles meanwhile)."""
+    async with asyncio.timeout(5):
+        while len(accepted) < expected:
+            accepted += _accept_all(listener)
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    accepted += _accept_all(listener)
+
+
 def _accept_all(listener: socket.socket) -> list[socket.socket]:
     accepted = []
     while True:
@@ -580,12 +585,7 @@ async def test_connects_open_a_few_at_a_time_and_more_as_they_answer(workers: in
     requests = [asyncio.ensure_future(_get(pool, address, port, f"/{n}")) for n in range(20)]
     accepted: list[socket.socket] = []
     try:
-        async with asyncio.timeout(5):
-            while len(accepted) < window:
-                accepted += _accept_all(listener)
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.3)  # nothing answered yet: no more connects (the window settles only after 1 s)
-        accepted += _accept_all(listener)
+        await _connects_at_once(listener, window, accepted)
         assert len(accepted) == window
 
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -621,12 +621,7 @@ async def test_a_worker_of_two_opens_half_the_window(make_gateway: MakeGateway) 
                 for n in range(10)]
     accepted: list[socket.socket] = []
     try:
-        async with asyncio.timeout(5):
-            while len(accepted) < INITIAL_WINDOW // 2:
-                accepted += _accept_all(listener)
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.3)
-        accepted += _accept_all(listener)
+        await _connects_at_once(listener, INITIAL_WINDOW // 2, accepted)
         assert len(accepted) == INITIAL_WINDOW // 2
     finally:
         for request in requests:
@@ -713,16 +708,11 @@ async def test_a_long_answer_does_not_hold_a_place_in_the_window(make_upstream: 
     async def quick(request: web.Request) -> web.Response:
         return web.Response(text="quick")
 
-    app = web.Application()
-    app.router.add_get("/poll", poll)
-    app.router.add_get("/quick", quick)
-    address = next_address()
-    server = await make_upstream(app, address, 0)
-    assert server.port is not None
+    address, port = await _upstream(make_upstream, {"/poll": poll, "/quick": quick})
     pool = _pool()
 
     async def one(path: str) -> None:
-        finished.append((await _get(pool, address, server.port or 0, path)).decode())
+        finished.append((await _get(pool, address, port, path)).decode())
 
     try:
         async with asyncio.timeout(10):
