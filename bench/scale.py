@@ -27,7 +27,7 @@ import yaml
 from bench.client import fetch
 from bench.http_load import run_wrk, write_script
 from bench.procs import Proc, Procs, free_port, rss_bytes, wait_for_port
-from bench.servers import ROOT, Layout, SignIn, gateway_config, gateway_target
+from bench.servers import ROOT, Layout, SignIn, gateway_config, gateway_target, static_targets
 from bench.ws_load import run_ws
 
 MANY = "many"
@@ -149,9 +149,11 @@ async def websockets(procs: Procs, layout: Layout, count: int, say: Any = print)
     target = await gateway_target("scale-websockets", layout, shape.sign_in)
     result = await run_ws(target, count, [shape.proc.pid])
     procs.stop(shape.proc)
+    direct = await run_ws(static_targets(layout)["direct"], count, [])  # what the echoes take without a proxy
     say(f"scale websockets: {result.opened}/{count} open, {result.kb_per_connection or 0:.1f} KB each, echo p50 "
-        f"{result.echo_p50_ms:.2f} p99 {result.echo_p99_ms:.2f} ms, {result.failed} failed")
-    return {**dataclasses.asdict(result), "asked": wanted}
+        f"{result.echo_p50_ms:.2f} p99 {result.echo_p99_ms:.2f} ms (direct {direct.echo_p99_ms:.2f} ms), "
+        f"{result.failed} failed")
+    return {**dataclasses.asdict(result), "asked": wanted, "direct_echo_p99_ms": direct.echo_p99_ms}
 
 
 async def scale(procs: Procs, layout: Layout, *, workspaces: int, links: int, repeats: int, duration: float,
