@@ -93,7 +93,7 @@ async def test_the_file_store_admits_a_key_once_across_processes(tmp_path: Path)
     # Forgotten once it has expired (a code past its expiry is refused by its signature anyway).
     assert await first.use_once("handoff-old", time.time() - 1)
     assert await second.use_once("handoff-c", until)
-    assert "handoff-old" not in json.loads((tmp_path / "tokens.json").read_text())["used"]
+    assert "handoff-old" not in json.loads((tmp_path / "tokens.used.json").read_text())
 
 
 async def test_the_file_store_finds_a_workspaces_links_written_by_another_process(tmp_path: Path) -> None:
