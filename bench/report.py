@@ -255,13 +255,14 @@ def _browser_and_scale(results: dict[str, Any]) -> list[str]:
     if scale:
         out += ["", "## Scale (local runtime, one worker; CPU per request at c=64, medians)", "",
                 "| shape | workspaces | links + tokens | start-up s | idle RSS MB | CPU µs/request | ×10 workspaces | "
-                "API page ms | API all pages ms | hub snapshot ms | hub page ms |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "API page ms | API all pages ms | hub snapshot ms | hub page ms | preview sign-in ms |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, row in scale["shapes"].items():
             out.append(f"| {name} | {row['workspaces']:,} | {row['links'] + row['tokens']:,} | "
                        f"{_f(row['startup_s'])} | {_f(row['rss_idle_mb'], 0)} | {_f(row['cpu_us'], 0)} | "
                        f"{_f(scale['cpu_x_small'][name], 2)} | {_f(row['api_first_page_ms'])} | "
-                       f"{_f(row['api_every_page_ms'])} | {_f(row['hub_snapshot_ms'])} | {_f(row['hub_page_ms'])} |")
+                       f"{_f(row['api_every_page_ms'])} | {_f(row['hub_snapshot_ms'])} | {_f(row['hub_page_ms'])} | "
+                       f"{_f(row.get('sign_in_ms'))} |")
         out += ["", f"{_f(scale['kb_per_workspace'])} KB per workspace; "
                 f"{_f(scale['kb_per_link_and_token'], 2)} KB per share link or API token."]
         sockets = scale.get("websockets")
