@@ -14,6 +14,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import secrets
 import time
@@ -23,6 +24,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.auth.identity import Identity
+from gateway.auth.sessions import HANDOFF_TTL
+
+log = logging.getLogger(__name__)
 
 SHARE_PREFIX = "chs_"
 API_PREFIX = "chk_"
@@ -194,6 +198,13 @@ class TokenStore(Protocol):
 
 
 Stamp = tuple[int, int, int]
+LOG_LIMIT = 8 << 20
+"""Bytes of counts in the log before the next batch folds them into the big file instead (2.4 s with 200,000
+records here): 1,000 links used every 2 s fill it in 5 minutes, a few busy links in weeks. Longer would cost
+every worker that reloads the big file more: it reads the whole log again."""
+_RESET = ""
+"""The key no code has: in the used-codes file, codes that expire by its time may have been used (see
+``use_once``)."""
 
 
 def _stamp(path: Path | None) -> Stamp | None:
@@ -207,52 +218,53 @@ def _stamp(path: Path | None) -> Stamp | None:
     return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
-def _read(path: Path) -> dict[str, Any]:
-    """A side file's content; nothing yet (or unreadable for a moment) reads as empty."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _replace(path: Path, data: dict[str, Any]) -> None:
-    """Write a whole file atomically, readable by its owner only (it holds token hashes)."""
+def _replace(path: Path, text: str) -> None:
+    """Write a whole file atomically, readable by its owner only (these files hold token hashes)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(data))  # one call: ``json.dump`` writes in thousands of small pieces, 2.4× slower
+        handle.write(text)
     os.replace(tmp, path)
+
+
+def _times(data: Any) -> dict[str, float]:
+    """A map of keys to times, or ValueError."""
+    if not isinstance(data, dict) or not all(isinstance(value, (int, float)) for value in data.values()):
+        raise ValueError("not a map of keys to times")
+    return data
 
 
 class FileTokenStore:
     """JSON files: right for the local runtime, also when ``serve --workers`` runs several processes on them.
 
     The links, tokens and consents are one file, rewritten only when one of them is created, revoked or
-    withdrawn. What changes all the time lives beside it in small files of its own: the one-time codes of every
-    sign-in to a preview (``<name>.used.json``) and the use counts (``<name>.uses.json``, batched). With 100,000
-    links and 100,000 tokens the big file takes seconds to rewrite, with the event loop stopped, and each sign-in
-    and each batch of counts once rewrote it.
+    withdrawn. What changes all the time goes beside it: the one-time codes of every sign-in to a preview in a
+    small file of their own (``<name>.used.json``), and use counts appended as they are written in batches
+    (``<name>.uses.jsonl``, a line of additions per batch). With 100,000 links and 100,000 tokens the big file
+    takes seconds to write, with the event loop stopped, and each sign-in and each batch of counts once rewrote it.
 
-    Writers take an exclusive ``flock`` on ``<file>.lock``, re-read what another process changed, apply their
-    change and replace the file atomically. Readers look at the files' identity (mtime, size, inode) on every
-    lookup and reload when it changed, so a link revoked or a token created through one worker applies in every
-    other worker on its next request. Use counts are per-process deltas added to what the counts file holds when
-    they are written; a link not in it yet counts from what the big file says (files written before the split
-    kept counts there).
+    Writers take an exclusive ``flock`` on ``<file>.lock``, read in what another process changed, apply their
+    change and replace the file atomically (or append a line to the log). Readers look at the big file's identity
+    (mtime, size, inode) on every lookup and reload it when it changed, and read the lines added to the log since
+    they last looked, so a link revoked or a token created through one worker applies in every other worker on its
+    next request. The big file names the log that goes with it (``uses_log``), whose first line names it back: a
+    rewrite of the big file folds the log's counts in and starts a new log, and a log that does not match is
+    already counted.
     """
 
     def __init__(self, path: Path | None) -> None:
         self._path = path
         self._used_path = None if path is None else path.with_name(f"{path.stem}.used.json")
-        self._uses_path = None if path is None else path.with_name(f"{path.stem}.uses.json")
+        self._log_path = None if path is None else path.with_name(f"{path.stem}.uses.jsonl")
         self._shares: dict[str, ShareLink] = {}  # plain dicts: tests age links by editing them
         self._api_tokens: dict[str, ApiToken] = {}
         self._share_index: dict[str, ShareLink] = {}
         self._by_workspace = LinksByWorkspace()
         self._api_index: dict[str, ApiToken] = {}
         self._stamp: Stamp | None = None
-        self._uses_stamp: Stamp | None = None
+        self._log_name: str | None = None  # the log the big file goes with
+        self._log_read: tuple[int, int] | None = None  # the log's inode, and how far its lines are counted
+        self._log_counts = False  # its first line named the big file's log
         self._share_uses: dict[str, tuple[int, float]] = {}
         self._token_uses: dict[str, float] = {}
         self._used: dict[str, float] = {}  # one-time keys and when they may be forgotten: without a file, and
@@ -271,7 +283,7 @@ class FileTokenStore:
         return self._api_tokens
 
     def refresh(self) -> None:
-        """Reload what another process changed since this one last read or wrote it."""
+        """Read in what another process changed since this one last read or wrote."""
         stamp = _stamp(self._path)
         if stamp is not None and stamp != self._stamp:
             assert self._path is not None
@@ -280,11 +292,7 @@ class FileTokenStore:
             except (OSError, ValueError):
                 return  # unreadable for a moment: keep what we have and look again next time
             self._load(stamp, data)
-        uses_stamp = _stamp(self._uses_path)
-        if uses_stamp is not None and uses_stamp != self._uses_stamp:
-            assert self._uses_path is not None
-            self._uses_stamp = uses_stamp
-            self._count(_read(self._uses_path))
+        self._follow_log()
 
     def _load(self, stamp: Stamp, data: dict[str, Any]) -> None:
         self._stamp = stamp
@@ -292,6 +300,7 @@ class FileTokenStore:
         self._api_tokens = {item["id"]: ApiToken(**item) for item in data.get("api_tokens", [])}
         self._used = dict(data.get("used", {}))
         self._consents = {item["id"]: Consent(**item) for item in data.get("consents", [])}
+        self._log_name, self._log_read = data.get("uses_log"), None  # the fresh records take its counts again
         for share_id, (uses, last) in self._share_uses.items():
             if share_id in self._shares:
                 link = self._shares[share_id]
@@ -305,15 +314,44 @@ class FileTokenStore:
         self._by_workspace = LinksByWorkspace(self._shares.values())
         self._api_index = {token.token_hash: token for token in self._api_tokens.values()}
 
-    def _count(self, counts: dict[str, Any]) -> None:
-        """Take the counts file's totals, plus what this process has not written yet."""
-        for share_id, (uses, last) in counts.get("shares", {}).items():
+    def _follow_log(self) -> None:
+        """Add the counts other processes appended since this one last looked."""
+        if self._log_path is None:
+            return
+        try:
+            with self._log_path.open("rb") as handle:
+                stat = os.fstat(handle.fileno())
+                inode, size = stat.st_ino, stat.st_size
+                known, offset = self._log_read or (inode, 0)
+                if known != inode or size < offset or offset == 0:  # a new log: the old one's counts are in the
+                    offset, self._log_counts = 0, False  # big file, and its first line says whether it goes with it
+                if offset == size:
+                    self._log_read = (inode, offset)
+                    return
+                handle.seek(offset)
+                chunk = handle.read(size - offset)
+        except FileNotFoundError:
+            return
+        whole = chunk.rfind(b"\n") + 1  # a line still being written is read next time
+        for line in chunk[:whole].splitlines():
+            try:
+                entry = json.loads(line)
+                if "log" in entry:  # the first line
+                    self._log_counts = entry["log"] == self._log_name
+                elif self._log_counts:
+                    self._add(entry)
+            except (ValueError, TypeError, AttributeError) as exc:
+                log.warning("%s: a line of use counts skipped: %s", self._log_path, exc)
+        self._log_read = (inode, offset + whole)
+
+    def _add(self, entry: dict[str, Any]) -> None:
+        for share_id, (uses, last) in entry.get("shares", {}).items():
             if (link := self._shares.get(share_id)) is not None:
-                pending, pending_last = self._share_uses.get(share_id, (0, last))
-                link.uses, link.last_used = uses + pending, max(last, pending_last)
-        for token_id, last in counts.get("tokens", {}).items():
+                link.uses += int(uses)
+                link.last_used = max(link.last_used or 0.0, float(last))
+        for token_id, last in entry.get("tokens", {}).items():
             if (record := self._api_tokens.get(token_id)) is not None:
-                record.last_used = max(last, self._token_uses.get(token_id, last))
+                record.last_used = max(record.last_used or 0.0, float(last))
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -339,49 +377,58 @@ class FileTokenStore:
                 self._write()
 
     def _write(self) -> None:
+        """The big file, with every count so far folded in, and a new log to go with it."""
         assert self._path is not None
-        # What the big file will no longer hold goes first. Counts: once it holds a link's count, only the counts
-        # file may add to it. One-time keys an older version kept in it: to their own file.
-        self._write_counts()
-        if self._used and self._used_path is not None:
-            _replace(self._used_path, {**self._used, **_read(self._used_path)})
-            self._used = {}
+        assert self._used_path is not None
+        if self._used:  # one-time keys an older version kept in the big file: to their own file first
+            used = self._read_used()
+            if used is not None:
+                _replace(self._used_path, json.dumps({**self._used, **used}))
+                self._used = {}
+        name = new_id()
         # ``vars``, not ``dataclasses.asdict``: the deep copy asdict makes of every record took 5.8 s with 200,000
-        # of them; json only reads.
-        _replace(self._path, {"shares": [vars(link) for link in self._shares.values()],
-                              "api_tokens": [vars(token) for token in self._api_tokens.values()],
-                              "consents": [vars(consent) for consent in self._consents.values()]})
-        self._stamp = _stamp(self._path)
-
-    def _write_counts(self) -> None:
-        """Add this process's deltas to the counts file (locked, refreshed)."""
-        if self._uses_path is None or not (self._share_uses or self._token_uses):
-            return
-        counts = _read(self._uses_path)
-        shares: dict[str, list[float]] = counts.get("shares", {})
-        tokens: dict[str, float] = counts.get("tokens", {})
-        for share_id, (_, last) in self._share_uses.items():
-            if (link := self._shares.get(share_id)) is not None:
-                # ``link`` holds the file's total (or the big file's, for a link not counted here yet) plus ours
-                shares[share_id] = [link.uses, max(link.last_used or last, last)]
-        for token_id, last in self._token_uses.items():
-            if (record := self._api_tokens.get(token_id)) is not None:
-                tokens[token_id] = max(record.last_used or last, last)
-        _replace(self._uses_path, {"shares": {key: value for key, value in shares.items() if key in self._shares},
-                                   "tokens": {key: value for key, value in tokens.items()
-                                              if key in self._api_tokens}})
+        # of them; json only reads. One ``json.dumps``: ``json.dump`` writes thousands of pieces, 2.4× slower.
+        data: dict[str, Any] = {"shares": [vars(link) for link in self._shares.values()],
+                                "api_tokens": [vars(token) for token in self._api_tokens.values()],
+                                "consents": [vars(consent) for consent in self._consents.values()],
+                                "uses_log": name}
+        if self._used:  # the used-codes file could not be read: they stay here
+            data["used"] = self._used
+        _replace(self._path, json.dumps(data))
+        self._start_log(name)
         self._share_uses.clear()
         self._token_uses.clear()
-        self._uses_stamp = _stamp(self._uses_path)
+        self._stamp = _stamp(self._path)
+
+    def _start_log(self, name: str | None) -> None:
+        assert self._log_path is not None
+        _replace(self._log_path, json.dumps({"log": name}) + "\n")
+        self._log_name, self._log_counts = name, True
+        stat = self._log_path.stat()
+        self._log_read = (stat.st_ino, stat.st_size)
 
     def save(self) -> None:
         with self._writing():
             pass
 
     def flush(self) -> None:
-        if self._share_uses or self._token_uses:
-            with self._locked():
-                self._write_counts()
+        """Append this process's counts to the log (or, once the log is long, fold it into the big file)."""
+        if not (self._share_uses or self._token_uses) or self._log_path is None:
+            return
+        with self._locked():
+            if self._log_read is not None and self._log_read[1] > LOG_LIMIT:
+                self._write()
+                return
+            if not self._log_counts or self._log_read is None:
+                self._start_log(self._log_name)  # none yet, or one already in the big file
+            line = json.dumps({"shares": self._share_uses, "tokens": self._token_uses}).encode() + b"\n"
+            fd = os.open(self._log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(line)
+            inode, offset = self._log_read or (0, 0)
+            self._log_read = (inode, offset + len(line))
+            self._share_uses.clear()
+            self._token_uses.clear()
 
     async def start(self) -> None:
         return None
@@ -414,18 +461,34 @@ class FileTokenStore:
         with self._writing():
             self._consents.pop(consent.id, None)
 
+    def _read_used(self) -> dict[str, float] | None:
+        """The used-codes file (empty when there is none yet), or None when it cannot be read."""
+        assert self._used_path is not None
+        try:
+            return _times(json.loads(self._used_path.read_text()))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.error("%s cannot be read (%s): sign-in codes given out before now are refused", self._used_path, exc)
+            return None
+
     async def use_once(self, key: str, until: float) -> bool:
-        """Checked and recorded under the lock, so two workers shown one code admit it once."""
+        """Checked and recorded under the lock, so two workers shown one code admit it once.
+
+        If the file of used codes cannot be read, any code given out so far may have been used: every code that
+        expires within a hand-off code's life from now is refused (``_RESET``), and the file starts again."""
         now = time.time()
         with self._locked():
-            stored = {} if self._used_path is None else _read(self._used_path)
+            stored = {} if self._used_path is None else self._read_used()
+            if stored is None:
+                stored = {_RESET: now + HANDOFF_TTL}
             used = {name: forget for name, forget in {**self._used, **stored}.items() if forget > now}
-            first = key not in used
+            first = key not in used and until > used.get(_RESET, 0.0)
             used[key] = max(until, used.get(key, until))
             if self._used_path is None:
                 self._used = used
             else:
-                _replace(self._used_path, used)
+                _replace(self._used_path, json.dumps(used))
         return first
 
     def find_share(self, token: str) -> ShareLink | None:
@@ -442,6 +505,10 @@ class FileTokenStore:
         now = time.time() if now is None else now
         link.uses += 1
         link.last_used = now
+        current = self._shares.get(link.id)
+        if current is not None and current is not link:  # ``link`` is from before a reload, which made ``current``
+            current.uses += 1
+            current.last_used = now
         uses, _ = self._share_uses.get(link.id, (0, now))
         self._share_uses[link.id] = (uses + 1, now)
 
