@@ -330,7 +330,8 @@ class FileTokenStore:
                     return
                 handle.seek(offset)
                 chunk = handle.read(size - offset)
-        except FileNotFoundError:
+        except FileNotFoundError:  # none yet, or removed: the next batch starts one
+            self._log_read = None
             return
         whole = chunk.rfind(b"\n") + 1  # a line still being written is read next time
         for line in chunk[:whole].splitlines():

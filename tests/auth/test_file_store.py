@@ -201,3 +201,7 @@ async def test_counts_are_read_by_whole_lines_and_after_a_log_that_was_emptied(t
     second.use_share(second.shares[link.id])
     second.flush()
     assert FileTokenStore(path).shares[link.id].uses == 1, "but the ones after it are not"
+    log.unlink()  # removed
+    second.use_share(second.shares[link.id])
+    second.flush()
+    assert FileTokenStore(path).shares[link.id].uses == 1, "its counts are lost, the next batch's are not"
