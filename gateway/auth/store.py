@@ -301,15 +301,7 @@ class FileTokenStore:
         self._used = dict(data.get("used", {}))
         self._consents = {item["id"]: Consent(**item) for item in data.get("consents", [])}
         self._log_name, self._log_read = data.get("uses_log"), None  # the fresh records take its counts again
-        for share_id, (uses, last) in self._share_uses.items():
-            if share_id in self._shares:
-                link = self._shares[share_id]
-                link.uses += uses
-                link.last_used = max(link.last_used or 0.0, last)
-        for token_id, last in self._token_uses.items():
-            if token_id in self._api_tokens:
-                record = self._api_tokens[token_id]
-                record.last_used = max(record.last_used or 0.0, last)
+        self._add({"shares": self._share_uses, "tokens": self._token_uses})  # and this process's, not yet written
         self._share_index = {link.token_hash: link for link in self._shares.values()}
         self._by_workspace = LinksByWorkspace(self._shares.values())
         self._api_index = {token.token_hash: token for token in self._api_tokens.values()}
@@ -346,6 +338,7 @@ class FileTokenStore:
         self._log_read = (inode, offset + whole)
 
     def _add(self, entry: dict[str, Any]) -> None:
+        """Add counts as a line of the log has them (as ``_share_uses`` and ``_token_uses`` hold them)."""
         for share_id, (uses, last) in entry.get("shares", {}).items():
             if (link := self._shares.get(share_id)) is not None:
                 link.uses += int(uses)
