@@ -311,6 +311,9 @@ class FileTokenStore:
         if self._log_path is None:
             return
         try:
+            stat = self._log_path.stat()  # every lookup comes here: a stat, not an open, when nothing was added
+            if self._log_read == (stat.st_ino, stat.st_size):
+                return
             with self._log_path.open("rb") as handle:
                 stat = os.fstat(handle.fileno())
                 inode, size = stat.st_ino, stat.st_size
