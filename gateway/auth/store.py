@@ -328,6 +328,8 @@ class FileTokenStore:
         except FileNotFoundError:  # none yet, or removed: the next batch starts one
             self._log_read = None
             return
+        except OSError:
+            return  # unreadable for a moment, as the big file can be: its counts are read when it is readable
         whole = chunk.rfind(b"\n") + 1  # a line still being written is read next time
         for line in chunk[:whole].splitlines():
             try:
@@ -412,6 +414,13 @@ class FileTokenStore:
         """Append this process's counts to the log (or, once the log is long, fold it into the big file)."""
         if not (self._share_uses or self._token_uses) or self._log_path is None:
             return
+        try:
+            self._append_counts()
+        except OSError as exc:  # a full disk must not end the task that calls this every 2 s
+            log.error("%s: use counts not written, kept for the next try: %s", self._log_path, exc)
+
+    def _append_counts(self) -> None:
+        assert self._log_path is not None
         with self._locked():
             if self._log_read is not None and self._log_read[1] > LOG_LIMIT:
                 self._write()

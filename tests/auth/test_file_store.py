@@ -205,3 +205,25 @@ async def test_counts_are_read_by_whole_lines_and_after_a_log_that_was_emptied(t
     second.use_share(second.shares[link.id])
     second.flush()
     assert FileTokenStore(path).shares[link.id].uses == 1, "its counts are lost, the next batch's are not"
+
+
+async def test_a_log_of_counts_that_cannot_be_written_keeps_the_counts_and_the_worker(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk (here: a directory where the log goes) must not end the task that flushes every 2 s, nor a lookup."""
+    path = tmp_path / "tokens.json"
+    store = FileTokenStore(path)
+    link = await _link(store)
+    token_link, token = await store.create_share(workspace="ws1", port=3000, audience="anyone", people=[],
+                                                 created_by="alice", ttl=3600)
+    blocker = tmp_path / "tokens.uses.jsonl"
+    blocker.unlink()
+    blocker.mkdir()
+    assert store.find_share(token) is not None, "a log that cannot be read is not counted, and lookups go on"
+    store.use_share(store.shares[link.id])
+    store.flush()
+    assert "use counts not written" in caplog.text
+    assert len([r for r in caplog.records if "use counts not written" in r.getMessage()]) == 1
+    blocker.rmdir()
+    store.flush()
+    assert FileTokenStore(path).shares[link.id].uses == 1, "kept, and written on the next try"
+    assert FileTokenStore(path).shares[token_link.id].uses == 0
