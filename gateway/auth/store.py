@@ -222,9 +222,13 @@ def _replace(path: Path, text: str) -> None:
     """Write a whole file atomically, readable by its owner only (these files hold token hashes)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except OSError:  # a full disk: the part written would hold the space
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _times(data: Any) -> dict[str, float]:
@@ -283,14 +287,22 @@ class FileTokenStore:
         return self._api_tokens
 
     def refresh(self) -> None:
-        """Read in what another process changed since this one last read or wrote."""
+        """Read in what another process changed since this one last read or wrote.
+
+        A lookup goes on with what it has when a file cannot be read for a moment; a writer stops instead (it
+        reads under the lock, see ``_locked``): it would start the log over, or append after lines it never read.
+        """
+        with contextlib.suppress(OSError):
+            self._read_changes()
+
+    def _read_changes(self) -> None:
         stamp = _stamp(self._path)
         if stamp is not None and stamp != self._stamp:
             assert self._path is not None
             try:
                 data = json.loads(self._path.read_text())
-            except (OSError, ValueError):
-                return  # unreadable for a moment: keep what we have and look again next time
+            except ValueError:
+                return  # unreadable: keep what we have and look again next time
             self._load(stamp, data)
         self._follow_log()
 
@@ -328,8 +340,6 @@ class FileTokenStore:
         except FileNotFoundError:  # none yet, or removed: the next batch starts one
             self._log_read = None
             return
-        except OSError:
-            return  # unreadable for a moment, as the big file can be: its counts are read when it is readable
         whole = chunk.rfind(b"\n") + 1  # a line still being written is read next time
         for line in chunk[:whole].splitlines():
             try:
@@ -362,7 +372,7 @@ class FileTokenStore:
         fd = os.open(self._path.with_name(self._path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            self.refresh()
+            self._read_changes()
             yield
         finally:
             os.close(fd)
@@ -394,10 +404,11 @@ class FileTokenStore:
         if self._used:  # the used-codes file could not be read: they stay here
             data["used"] = self._used
         _replace(self._path, json.dumps(data))
-        self._start_log(name)
-        self._share_uses.clear()
-        self._token_uses.clear()
         self._stamp = _stamp(self._path)
+        self._share_uses.clear()  # in the big file now: if the disk has no room for the new log, the next
+        self._token_uses.clear()  # batch starts it
+        self._log_name, self._log_counts = name, False
+        self._start_log(name)
 
     def _start_log(self, name: str | None) -> None:
         assert self._log_path is not None
@@ -430,8 +441,11 @@ class FileTokenStore:
             line = json.dumps({"shares": self._share_uses, "tokens": self._token_uses}).encode() + b"\n"
             fd = os.open(self._log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with os.fdopen(fd, "wb") as handle:
+                assert self._log_read is not None  # read under the lock, or started just above
+                inode, offset = self._log_read
+                if os.fstat(fd).st_size > offset:  # half a batch (a full disk, a worker killed): never joined to
+                    os.ftruncate(fd, offset)  # this one; no reader counted it, they read whole lines
                 handle.write(line)
-            inode, offset = self._log_read or (0, 0)
             self._log_read = (inode, offset + len(line))
             self._share_uses.clear()
             self._token_uses.clear()

@@ -6,9 +6,14 @@ and consents: with 100,000 links and 100,000 tokens that rewrite stopped the eve
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -227,3 +232,143 @@ async def test_a_log_of_counts_that_cannot_be_written_keeps_the_counts_and_the_w
     store.flush()
     assert FileTokenStore(path).shares[link.id].uses == 1, "kept, and written on the next try"
     assert FileTokenStore(path).shares[token_link.id].uses == 0
+
+
+def _unreadable_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log refuses to be read (EIO, EACCES). Mocked: as root here no real file refuses its owner."""
+    real = Path.open
+
+    def open_(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self.name.endswith(".uses.jsonl"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "open", open_)
+
+
+async def test_a_log_that_cannot_be_read_is_neither_replaced_nor_skipped_by_a_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "tokens.json"
+    first = FileTokenStore(path)
+    link = await _link(first)
+    second, third = FileTokenStore(path), FileTokenStore(path)
+    for _ in range(5):
+        second.use_share(second.shares[link.id])
+    second.flush()
+    first.refresh()
+    for _ in range(2):
+        second.use_share(second.shares[link.id])
+    second.flush()  # two lines ``first`` has not read
+    with monkeypatch.context() as patch:
+        _unreadable_log(patch)
+        third.use_share(third.shares[link.id])  # fresh records: it would start the log over, dropping the 7
+        third.flush()
+        first.use_share(first.shares[link.id])  # would append after the line it knows, and skip the 2
+        first.flush()
+    second.use_share(second.shares[link.id])
+    second.flush()
+    third.flush()
+    first.flush()
+    assert FileTokenStore(path).shares[link.id].uses == 10
+    assert first.shares[link.id].uses == 10
+    await first.create_share(workspace="ws2", port=3000, audience="anyone", people=[], created_by="bob", ttl=60)
+    assert FileTokenStore(path).shares[link.id].uses == 10, "and the same once folded into the links file"
+
+
+async def test_a_batch_cut_short_is_not_joined_to_the_next(tmp_path: Path) -> None:
+    """A full disk, or a worker killed, part way through appending a batch leaves half a line at the end."""
+    path = tmp_path / "tokens.json"
+    first, second = FileTokenStore(path), FileTokenStore(path)
+    link = await _link(first)
+    first.use_share(first.shares[link.id])
+    first.flush()
+    with (tmp_path / "tokens.uses.jsonl").open("ab") as log:
+        log.write(b'{"shares": {"' + link.id.encode() + b'": [3, ')
+    for _ in range(2):
+        second.use_share(second.shares[link.id])
+    second.flush()
+    first.use_share(first.shares[link.id])
+    first.flush()
+    for store in (first, second, FileTokenStore(path)):
+        assert store.shares[link.id].uses == 4
+
+
+async def test_a_fold_whose_new_log_cannot_be_started_counts_each_use_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The links file was replaced with the counts folded in (replacing frees the old copy's space), then the disk
+    had no room for the new log. Mocked for that one file: a real disk cannot be made full for one file only."""
+    path = tmp_path / "tokens.json"
+    first, second = FileTokenStore(path), FileTokenStore(path)
+    link = await _link(first)
+    first.use_share(first.shares[link.id])
+    real = store_module._replace
+
+    def replace(target: Path, text: str) -> None:
+        if target.name.endswith(".uses.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(target, text)
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "LOG_LIMIT", 0)  # the log is long: this batch folds it into the links file
+        patch.setattr(store_module, "_replace", replace)
+        first.flush()
+    first.flush()
+    second.use_share(second.shares[link.id])
+    second.flush()
+    first.use_share(first.shares[link.id])
+    first.flush()
+    for store in (first, second, FileTokenStore(path)):
+        assert store.shares[link.id].uses == 3
+
+
+_ON_A_FULL_DISK = """
+import asyncio, json, os, sys
+from pathlib import Path
+from gateway.auth.store import FileTokenStore
+folder = Path(sys.argv[1])
+first, second = FileTokenStore(folder / "tokens.json"), FileTokenStore(folder / "tokens.json")
+async def links():
+    return [(await first.create_share(workspace="ws1", port=3000, audience="anyone", people=[], created_by="a",
+                                      ttl=3600))[0] for _ in range(120)]
+made = asyncio.run(links())
+second.refresh()
+fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(fd, bytes(4096))
+except OSError:
+    pass
+os.close(fd)
+for link in made:
+    first.use_share(first.shares[link.id])
+first.flush()  # 120 counts: more than the room left, so part of the line is on disk
+cut_short = not (folder / "tokens.uses.jsonl").read_bytes().endswith(b"\\n")
+try:
+    asyncio.run(first.create_share(workspace="ws2", port=3000, audience="anyone", people=[], created_by="a", ttl=60))
+except OSError:
+    pass
+leftovers = sorted(path.name for path in folder.glob("*.tmp"))
+os.unlink(folder / "filler")
+second.use_share(second.shares[made[0].id])
+second.flush()
+first.flush()
+totals = [sum(link.uses for link in store.shares.values())
+          for store in (first, second, FileTokenStore(folder / "tokens.json"))]
+print(json.dumps({"cut_short": cut_short, "leftovers": leftovers, "totals": totals}))
+"""
+
+
+def test_a_full_disk_loses_no_count_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A real full disk: a 512 KiB tmpfs, in a mount namespace of the script's own (``unshare --mount``)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    unshare = shutil.which("unshare")
+    assert unshare is not None, "util-linux's unshare is part of the base system"
+    script = f'mount -t tmpfs -o size=512k codehub-full "{folder}" && exec "$0" "$@"'
+    done = subprocess.run([unshare, "--mount", "--propagation", "private", "sh", "-c", script, sys.executable,
+                           "-c", _ON_A_FULL_DISK, str(folder)], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parents[2], check=False)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["cut_short"], "the disk filled part way through a batch, as meant"
+    assert result["leftovers"] == [], "a links file that could not be written is not left half-written"
+    assert result["totals"] == [121, 121, 121]
+    assert "use counts not written" in done.stderr
