@@ -225,9 +225,14 @@ def token_issue(args: argparse.Namespace) -> int:
         record_id, token = asyncio.run(_issue_in_cluster(config, identity, args.name))
         where = f"ApiToken {record_id} in namespace {config.kubernetes.namespace}"
     else:
-        from gateway.auth.store import FileTokenStore
+        from gateway.auth.store import FileTokenStore, StoreUnavailable
 
-        record, token = FileTokenStore(config.store_file).create_api_token_now(identity, name=args.name)
+        try:
+            record, token = FileTokenStore(config.store_file).create_api_token_now(identity, name=args.name)
+        except StoreUnavailable as exc:  # the file's own error was logged just before, with its name
+            raise CliError(f"token issue: {exc.message}") from None
+        except OSError as exc:
+            raise CliError(f"token issue: {config.store_file}: {exc.strerror or exc}") from None
         where = f"token {record.id} for {args.user} written to {config.store_file} (the gateway at {config.hub_url})"
     print(token)
     print(where, file=sys.stderr)

@@ -184,6 +184,18 @@ def test_token_issue_writes_a_token_the_store_accepts(tmp_path: Path) -> None:
     assert (record.subject, record.groups) == ("alice", ["dev", "ops"])
 
 
+def test_token_issue_never_writes_over_a_store_it_cannot_read(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    store = tmp_path / "state" / "tokens.json"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    store.write_text('{"shares": [')  # cut short, or edited by hand
+    result = run("token", "issue", "--config", str(config), "--user", "alice")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"{store} cannot be read" in result.stderr
+    assert store.read_text() == '{"shares": ['
+
+
 def test_token_issue_from_another_folder_uses_the_gateways_state(tmp_path: Path) -> None:
     """A relative ``state_dir`` is the config file's, wherever the command runs, and the command says which."""
     folder = tmp_path / "etc"

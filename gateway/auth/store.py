@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from gateway.auth.identity import Identity
 from gateway.auth.sessions import HANDOFF_TTL
+from gateway.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,10 @@ _RESET = ""
 ``use_once``)."""
 
 
+class StoreUnavailable(ServiceUnavailable):
+    code = "token-store-unavailable"
+
+
 def _stamp(path: Path | None) -> Stamp | None:
     """A file's identity (mtime, size, inode): it changes whenever a writer replaces the file."""
     if path is None:
@@ -287,24 +292,29 @@ class FileTokenStore:
         return self._api_tokens
 
     def refresh(self) -> None:
-        """Read in what another process changed since this one last read or wrote.
+        """Read in what another process changed since this one last read or wrote."""
+        self._read_changes(strict=False)
 
-        A lookup goes on with what it has when a file cannot be read for a moment; a writer stops instead (it
-        reads under the lock, see ``_locked``): it would start the log over, or append after lines it never read.
+    def _read_changes(self, *, strict: bool) -> None:
+        """``strict``: for a writer of the big file or the log, which must not write from less than is there.
+
+        A lookup goes on with what it has when a file cannot be read; so do a sign-in's code and a revoke when
+        only the log cannot (counts are lost then, never a revoke). ``_append_counts`` reads the log again.
         """
-        with contextlib.suppress(OSError):
-            self._read_changes()
-
-    def _read_changes(self) -> None:
         stamp = _stamp(self._path)
         if stamp is not None and stamp != self._stamp:
             assert self._path is not None
             try:
                 data = json.loads(self._path.read_text())
-            except ValueError:
-                return  # unreadable: keep what we have and look again next time
+            except (OSError, ValueError) as exc:
+                if not strict:
+                    return  # keep what we have and look again next time
+                log.error("%s cannot be read, so nothing is written to it or beside it: %s", self._path, exc)
+                raise StoreUnavailable("Share links and tokens cannot be changed now: their file cannot be read.",
+                                       retry=True) from exc
             self._load(stamp, data)
-        self._follow_log()
+        with contextlib.suppress(OSError):
+            self._follow_log()
 
     def _load(self, stamp: Stamp, data: dict[str, Any]) -> None:
         self._stamp = stamp
@@ -363,8 +373,8 @@ class FileTokenStore:
                 record.last_used = max(record.last_used or 0.0, float(last))
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Exclusive across processes, with whatever another process wrote before read in."""
+    def _locked(self, *, strict: bool = False) -> Iterator[None]:
+        """Exclusive across processes, with whatever another process wrote before read in (see ``_read_changes``)."""
         if self._path is None:
             yield
             return
@@ -372,7 +382,7 @@ class FileTokenStore:
         fd = os.open(self._path.with_name(self._path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            self._read_changes()
+            self._read_changes(strict=strict)
             yield
         finally:
             os.close(fd)
@@ -380,7 +390,7 @@ class FileTokenStore:
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
         """Locked, and the big file replaced on the way out."""
-        with self._locked():
+        with self._locked(strict=True):
             yield
             if self._path is not None:
                 self._write()
@@ -408,7 +418,10 @@ class FileTokenStore:
         self._share_uses.clear()  # in the big file now: if the disk has no room for the new log, the next
         self._token_uses.clear()  # batch starts it
         self._log_name, self._log_counts = name, False
-        self._start_log(name)
+        try:
+            self._start_log(name)
+        except OSError as exc:  # what was asked for is done: the next batch of counts starts the log
+            log.error("%s not started: %s", self._log_path, exc)
 
     def _start_log(self, name: str | None) -> None:
         assert self._log_path is not None
@@ -427,12 +440,14 @@ class FileTokenStore:
             return
         try:
             self._append_counts()
-        except OSError as exc:  # a full disk must not end the task that calls this every 2 s
+        except (OSError, StoreUnavailable) as exc:  # a full disk must not end the task that calls this every 2 s
             log.error("%s: use counts not written, kept for the next try: %s", self._log_path, exc)
 
     def _append_counts(self) -> None:
         assert self._log_path is not None
-        with self._locked():
+        with self._locked(strict=True):
+            self._follow_log()  # whole, or nothing is appended: it could start the log over, or append after
+            # lines it never read
             if self._log_read is not None and self._log_read[1] > LOG_LIMIT:
                 self._write()
                 return

@@ -169,6 +169,17 @@ async def test_bad_share_requests_are_refused(served: Served, make_browser: Make
     assert not served.gateway.auth.store.shares
 
 
+async def test_a_store_that_cannot_be_read_refuses_changes_and_keeps_its_file(served: Served,
+                                                                              make_browser: MakeBrowser) -> None:
+    alice = await user(make_browser, served, "alice")
+    store = served.gateway.config.store_file
+    store.parent.mkdir(parents=True, exist_ok=True)
+    store.write_text('{"shares": [')  # cut short, or edited by hand: writing over it would lose every link
+    assert_error(await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000}), 503,
+                 "token-store-unavailable")
+    assert store.read_text() == '{"shares": ['
+
+
 async def test_share_links_lifecycle(served: Served, make_browser: MakeBrowser) -> None:
     alice = await user(make_browser, served, "alice")
     page = await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000})

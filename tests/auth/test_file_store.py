@@ -19,7 +19,7 @@ import pytest
 
 from gateway.auth import store as store_module
 from gateway.auth.identity import Identity
-from gateway.auth.store import FileTokenStore, ShareLink
+from gateway.auth.store import FileTokenStore, ShareLink, StoreUnavailable
 
 
 def _identity(path: Path) -> tuple[int, int]:
@@ -310,6 +310,8 @@ async def test_a_fold_whose_new_log_cannot_be_started_counts_each_use_once(
         patch.setattr(store_module, "LOG_LIMIT", 0)  # the log is long: this batch folds it into the links file
         patch.setattr(store_module, "_replace", replace)
         first.flush()
+        made = await _link(first)  # done, though the log could not be started again: the link is given out
+    assert FileTokenStore(path).shares[made.id].revoked is None
     first.flush()
     second.use_share(second.shares[link.id])
     second.flush()
@@ -372,3 +374,51 @@ def test_a_full_disk_loses_no_count_and_leaves_nothing_behind(tmp_path: Path) ->
     assert result["leftovers"] == [], "a links file that could not be written is not left half-written"
     assert result["totals"] == [121, 121, 121]
     assert "use counts not written" in done.stderr
+
+
+async def test_a_log_that_cannot_be_read_stops_no_revoke_and_no_sign_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counts are statistics: a writer that cannot read them goes on (they may be lost), and only the batch of counts
+    waits for the log."""
+    path = tmp_path / "tokens.json"
+    first, second = FileTokenStore(path), FileTokenStore(path)
+    link = await _link(first)
+    second.use_share(second.shares[link.id])
+    second.flush()
+    with monkeypatch.context() as patch:
+        _unreadable_log(patch)
+        assert await first.use_once("handoff-a", time.time() + 60)
+        await first.revoke_share(first.shares[link.id])
+        await _link(first)
+    assert FileTokenStore(path).shares[link.id].revoked is not None
+    assert not await second.use_once("handoff-a", time.time() + 60)
+
+
+async def test_a_links_file_that_cannot_be_read_is_never_written_over(tmp_path: Path) -> None:
+    """Emptied, as a crash before the data reached the disk can leave it, or edited into something that is not JSON.
+    Writing what a worker holds would undo what others changed (a revoke); a new process holds nothing at all."""
+    path = tmp_path / "tokens.json"
+    first, second = FileTokenStore(path), FileTokenStore(path)
+    link = await _link(first)
+    first.use_share(first.shares[link.id])
+    first.flush()
+    for _ in range(3):
+        second.use_share(second.shares[link.id])
+        second.flush()
+    await second.create_share(workspace="ws2", port=3000, audience="anyone", people=[], created_by="bob", ttl=60)
+    for _ in range(2):  # in the new log, which ``first`` cannot know goes with the file it cannot read
+        second.use_share(second.shares[link.id])
+        second.flush()
+    good = path.read_bytes()
+    path.write_text("")
+    first.use_share(first.shares[link.id])
+    first.flush()  # kept
+    with pytest.raises(StoreUnavailable) as refused:
+        await first.revoke_share(first.shares[link.id])
+    assert refused.value.status == 503
+    with pytest.raises(StoreUnavailable):
+        FileTokenStore(path).create_api_token_now(Identity("alice", "", ()), name="ci")
+    assert path.read_text() == ""
+    path.write_bytes(good)
+    first.flush()
+    assert FileTokenStore(path).shares[link.id].uses == 7
