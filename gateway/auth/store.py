@@ -212,13 +212,19 @@ class StoreUnavailable(ServiceUnavailable):
     code = "token-store-unavailable"
 
 
+UNREADABLE = "Share links and tokens cannot be used now: their file cannot be read."
+_CORRUPT = (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, RecursionError)
+"""What reading a file this store did not write as it is (cut short, edited by hand) can raise."""
+
+
 def _stamp(path: Path | None) -> Stamp | None:
-    """A file's identity (mtime, size, inode): it changes whenever a writer replaces the file."""
+    """A file's identity (mtime, size, inode): it changes whenever a writer replaces the file. None: no file yet;
+    any other failure raises, as a file that is there but cannot be looked at is not an empty store."""
     if path is None:
         return None
     try:
         stat = path.stat()
-    except OSError:
+    except FileNotFoundError:
         return None
     return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
@@ -271,6 +277,7 @@ class FileTokenStore:
         self._by_workspace = LinksByWorkspace()
         self._api_index: dict[str, ApiToken] = {}
         self._stamp: Stamp | None = None
+        self._unparsed: Stamp | None = None  # the big file as it failed to parse: not read again
         self._log_name: str | None = None  # the log the big file goes with
         self._log_read: tuple[int, int] | None = None  # the log's inode, and how far its lines are counted
         self._log_counts = False  # its first line named the big file's log
@@ -279,7 +286,8 @@ class FileTokenStore:
         self._used: dict[str, float] = {}  # one-time keys and when they may be forgotten: without a file, and
         # those an older version kept in the big file
         self._consents: dict[str, Consent] = {}
-        self.refresh()
+        with contextlib.suppress(StoreUnavailable):  # logged; it starts, and answers 503 where the file is needed
+            self.refresh()
 
     @property
     def shares(self) -> dict[str, ShareLink]:
@@ -292,37 +300,43 @@ class FileTokenStore:
         return self._api_tokens
 
     def refresh(self) -> None:
-        """Read in what another process changed since this one last read or wrote."""
-        self._read_changes(strict=False)
+        """Read in what another process changed since this one last read or wrote.
 
-    def _read_changes(self, *, strict: bool) -> None:
-        """``strict``: for a writer of the big file or the log, which must not write from less than is there.
-
-        A lookup goes on with what it has when a file cannot be read; so do a sign-in's code and a revoke when
-        only the log cannot (counts are lost then, never a revoke). ``_append_counts`` reads the log again.
+        A big file that changed and cannot be read is StoreUnavailable (503) for every use until it is mended:
+        what this process holds may lack a revoke, and a writer would write over others' changes (or, new, over
+        every link). The log of counts holds up only the counts: see ``_append_counts``.
         """
-        stamp = _stamp(self._path)
+        try:
+            stamp = _stamp(self._path)
+        except OSError as exc:  # tried again next time, as below
+            log.error("%s cannot be read, so share links and tokens answer 503: %s", self._path, exc)
+            raise StoreUnavailable(UNREADABLE, retry=True) from None
         if stamp is not None and stamp != self._stamp:
             assert self._path is not None
-            try:
-                data = json.loads(self._path.read_text())
-            except (OSError, ValueError) as exc:
-                if not strict:
-                    return  # keep what we have and look again next time
-                log.error("%s cannot be read, so nothing is written to it or beside it: %s", self._path, exc)
-                raise StoreUnavailable("Share links and tokens cannot be changed now: their file cannot be read.",
-                                       retry=True) from exc
-            self._load(stamp, data)
+            if stamp != self._unparsed:
+                try:
+                    self._load(stamp, self._path.read_text())
+                except OSError as exc:
+                    log.error("%s cannot be read, so share links and tokens answer 503: %s", self._path, exc)
+                except _CORRUPT as exc:
+                    self._unparsed = stamp
+                    log.error("%s cannot be read, so share links and tokens answer 503 and nothing is written: %s",
+                              self._path, str(exc) or type(exc).__name__)
+            if self._stamp != stamp:
+                raise StoreUnavailable(UNREADABLE, retry=True)
         with contextlib.suppress(OSError):
             self._follow_log()
 
-    def _load(self, stamp: Stamp, data: dict[str, Any]) -> None:
+    def _load(self, stamp: Stamp, text: str) -> None:
+        """All or nothing: a file that fails half way leaves what was there before."""
+        data = json.loads(text)
+        shares = {item["id"]: ShareLink(**item) for item in data.get("shares", [])}
+        api_tokens = {item["id"]: ApiToken(**item) for item in data.get("api_tokens", [])}
+        used, log_name = dict(data.get("used", {})), data.get("uses_log")
+        consents = {item["id"]: Consent(**item) for item in data.get("consents", [])}
         self._stamp = stamp
-        self._shares = {item["id"]: ShareLink(**item) for item in data.get("shares", [])}
-        self._api_tokens = {item["id"]: ApiToken(**item) for item in data.get("api_tokens", [])}
-        self._used = dict(data.get("used", {}))
-        self._consents = {item["id"]: Consent(**item) for item in data.get("consents", [])}
-        self._log_name, self._log_read = data.get("uses_log"), None  # the fresh records take its counts again
+        self._shares, self._api_tokens, self._used, self._consents = shares, api_tokens, used, consents
+        self._log_name, self._log_read = log_name, None  # the fresh records take its counts again
         self._add({"shares": self._share_uses, "tokens": self._token_uses})  # and this process's, not yet written
         self._share_index = {link.token_hash: link for link in self._shares.values()}
         self._by_workspace = LinksByWorkspace(self._shares.values())
@@ -358,7 +372,7 @@ class FileTokenStore:
                     self._log_counts = entry["log"] == self._log_name
                 elif self._log_counts:
                     self._add(entry)
-            except (ValueError, TypeError, AttributeError) as exc:
+            except _CORRUPT as exc:
                 log.warning("%s: a line of use counts skipped: %s", self._log_path, exc)
         self._log_read = (inode, offset + whole)
 
@@ -373,8 +387,8 @@ class FileTokenStore:
                 record.last_used = max(record.last_used or 0.0, float(last))
 
     @contextlib.contextmanager
-    def _locked(self, *, strict: bool = False) -> Iterator[None]:
-        """Exclusive across processes, with whatever another process wrote before read in (see ``_read_changes``)."""
+    def _locked(self, *, read: bool = True) -> Iterator[None]:
+        """Exclusive across processes, with whatever another process wrote before read in (see ``refresh``)."""
         if self._path is None:
             yield
             return
@@ -382,7 +396,8 @@ class FileTokenStore:
         fd = os.open(self._path.with_name(self._path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            self._read_changes(strict=strict)
+            if read:
+                self.refresh()
             yield
         finally:
             os.close(fd)
@@ -390,7 +405,7 @@ class FileTokenStore:
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
         """Locked, and the big file replaced on the way out."""
-        with self._locked(strict=True):
+        with self._locked():
             yield
             if self._path is not None:
                 self._write()
@@ -445,7 +460,7 @@ class FileTokenStore:
 
     def _append_counts(self) -> None:
         assert self._log_path is not None
-        with self._locked(strict=True):
+        with self._locked():
             self._follow_log()  # whole, or nothing is appended: it could start the log over, or append after
             # lines it never read
             if self._log_read is not None and self._log_read[1] > LOG_LIMIT:
@@ -513,7 +528,7 @@ class FileTokenStore:
         If the file of used codes cannot be read, any code given out so far may have been used: every code that
         expires within a hand-off code's life from now is refused (``_RESET``), and the file starts again."""
         now = time.time()
-        with self._locked():
+        with self._locked(read=False):  # nothing of the big file's: a sign-in goes on while it cannot be read
             stored = {} if self._used_path is None else self._read_used()
             if stored is None:
                 stored = {_RESET: now + HANDOFF_TTL}

@@ -217,6 +217,10 @@ async def _watch_files(gateway: Gateway, every: float = 2.0) -> None:
     keys_stamp = _stamp(gateway.config.keys_file)
     while True:
         await asyncio.sleep(every)
+        try:
+            gateway.auth.store.flush()
+        except Exception:  # a bug or a surprise from a file: the reloads below, and the next pass, still happen
+            log.exception("use counts not written")
         gateway.policies.reload_if_changed()
         stamp = _stamp(gateway.config.keys_file)
         if stamp != keys_stamp:
@@ -228,7 +232,6 @@ async def _watch_files(gateway: Gateway, every: float = 2.0) -> None:
                 continue
             gateway.auth.sessions.forget_cached()
             log.info("signing keys reloaded; current kid %s", gateway.auth.keys.current.kid)
-        gateway.auth.store.flush()
 
 
 def _stamp(path: Path) -> tuple[float, int] | None:

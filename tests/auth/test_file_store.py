@@ -394,13 +394,17 @@ async def test_a_log_that_cannot_be_read_stops_no_revoke_and_no_sign_in(
     assert not await second.use_once("handoff-a", time.time() + 60)
 
 
-async def test_a_links_file_that_cannot_be_read_is_never_written_over(tmp_path: Path) -> None:
-    """Emptied, as a crash before the data reached the disk can leave it, or edited into something that is not JSON.
-    Writing what a worker holds would undo what others changed (a revoke); a new process holds nothing at all."""
+async def test_a_links_file_that_cannot_be_read_is_never_written_over_nor_trusted(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Emptied, as a crash before the data reached the disk can leave it, or edited into something this version
+    does not read. Writing what a worker holds would undo what others changed (a revoke); a new process holds
+    nothing at all. And what a worker holds may lack a revoke: share links and tokens answer 503 until it is mended."""
     path = tmp_path / "tokens.json"
     first, second = FileTokenStore(path), FileTokenStore(path)
-    link = await _link(first)
-    first.use_share(first.shares[link.id])
+    link, token = await first.create_share(workspace="ws1", port=3000, audience="anyone", people=[],
+                                           created_by="alice", ttl=3600)
+    held = first.shares[link.id]
+    first.use_share(held)
     first.flush()
     for _ in range(3):
         second.use_share(second.shares[link.id])
@@ -410,15 +414,50 @@ async def test_a_links_file_that_cannot_be_read_is_never_written_over(tmp_path: 
         second.use_share(second.shares[link.id])
         second.flush()
     good = path.read_bytes()
-    path.write_text("")
-    first.use_share(first.shares[link.id])
-    first.flush()  # kept
-    with pytest.raises(StoreUnavailable) as refused:
-        await first.revoke_share(first.shares[link.id])
-    assert refused.value.status == 503
-    with pytest.raises(StoreUnavailable):
-        FileTokenStore(path).create_api_token_now(Identity("alice", "", ()), name="ci")
-    assert path.read_text() == ""
+    for broken in ("", '{"shares": [', json.dumps({"shares": [{**json.loads(good)["shares"][0], "revokd": 1}]}),
+                   "[" * 100_000):
+        path.write_text(broken)
+        caplog.clear()
+        first.use_share(held)
+        first.flush()  # kept
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable) as refused:
+                first.find_share(token)
+        assert refused.value.status == 503
+        with pytest.raises(StoreUnavailable):
+            await first.revoke_share(held)
+        fresh = FileTokenStore(path)  # a worker or the CLI starting: it starts, and answers 503
+        with pytest.raises(StoreUnavailable):
+            fresh.create_api_token_now(Identity("alice", "", ()), name="ci")
+        assert path.read_text() == broken
+        assert len([r for r in caplog.records if "answer 503" in r.getMessage()]) == 2, "once per process"
+    assert await first.use_once("handoff-a", time.time() + 60), "a sign-in needs nothing of that file"
     path.write_bytes(good)
     first.flush()
-    assert FileTokenStore(path).shares[link.id].uses == 7
+    assert FileTokenStore(path).shares[link.id].uses == 10
+    assert first.find_share(token) is not None
+
+
+async def test_a_line_of_counts_this_version_cannot_read_is_skipped_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "tokens.json"
+    first = FileTokenStore(path)
+    link, token = await first.create_share(workspace="ws1", port=3000, audience="anyone", people=[],
+                                           created_by="alice", ttl=3600)
+    first.use_share(first.shares[link.id])
+    first.flush()
+    with (tmp_path / "tokens.uses.jsonl").open("ab") as log:
+        log.write(b'{"shares": {"' + link.id.encode() + b'": [1e400, 0]}}\n' + b"[" * 100_000 + b"\n")
+    second = FileTokenStore(path)
+    for _ in range(3):
+        assert second.find_share(token) is not None
+    assert second.shares[link.id].uses == 1
+    assert len([r for r in caplog.records if "a line of use counts skipped" in r.getMessage()]) == 2
+
+
+def test_a_links_file_that_cannot_be_looked_at_is_not_an_empty_store(tmp_path: Path) -> None:
+    """A stat that fails for another reason than "no such file" (here ENOTDIR: a file where a folder should be)."""
+    (tmp_path / "state").write_text("")
+    store = FileTokenStore(tmp_path / "state" / "tokens.json")
+    with pytest.raises(StoreUnavailable):
+        store.find_share("chs_x")

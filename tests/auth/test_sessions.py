@@ -167,3 +167,23 @@ async def test_gateway_picks_up_rotated_keys_without_logging_anyone_out(serve: S
     new_cookie = other.cookie(served.hub, "codehub_session")
     assert new_cookie is not None
     assert jwt.get_unverified_header(new_cookie)["kid"] == gateway.auth.keys.current.kid != old_kid
+
+
+async def test_a_failing_batch_of_counts_stops_no_reload_of_keys(serve: Serve, monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """The task that writes use counts every 2 s also reloads keys and policies: a surprise in one (here a bug,
+    mocked) must not end it."""
+    served = await serve({"ws1": {"owner": "alice", "ports": {3000: "private"}}})
+    gateway = served.gateway
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(gateway.auth.store, "flush", broken)
+    old_kid = gateway.auth.keys.current.kid
+    async with asyncio.timeout(10):
+        while "use counts not written" not in caplog.text:  # noqa: ASYNC110 (the file watcher polls; so do we)
+            await asyncio.sleep(0.1)
+    write_keys(gateway.config.keys_file, gateway.auth.keys.rotated(keep_for=gateway.auth.sessions.ttl))
+    async with asyncio.timeout(10):
+        while gateway.auth.keys.current.kid == old_kid:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
