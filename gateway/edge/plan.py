@@ -232,7 +232,10 @@ def plan(facts: Facts, world: World) -> Plan:
     if target.kind is Kind.IDE_MOVED:
         return Redirect(error=RedirectError(world.hosts.ide_url(target.workspace, target.path), status=308),
                         target=target)
-    return _Request(facts, world, target, hosts[0]).plan()
+    try:
+        return _Request(facts, world, target, hosts[0]).plan()
+    except GatewayError as exc:  # what the plan asked could not be answered (the token store cannot be read)
+        return Refuse(error=exc, target=target)
 
 
 _FRAMING_RULES: dict[tuple[int, bool], tuple[Policy, ResponseRules]] = {}

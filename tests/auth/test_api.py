@@ -177,7 +177,10 @@ async def test_a_store_that_cannot_be_read_refuses_changes_and_keeps_its_file(se
     store.write_text('{"shares": [')  # cut short, or edited by hand: writing over it would lose every link
     assert_error(await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000}), 503,
                  "token-store-unavailable")
+    assert_error(await call(alice, "GET", "/api/v1/workspaces"), 503, "token-store-unavailable")
     assert store.read_text() == '{"shares": ['
+    bob = await user(make_browser, served, "bob")  # sign-in goes on
+    assert (await call(bob, "GET", "/api/v1/me")).status == 200
 
 
 async def test_share_links_lifecycle(served: Served, make_browser: MakeBrowser) -> None:

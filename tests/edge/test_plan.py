@@ -276,3 +276,16 @@ cors:
     assert isinstance(made, Refuse)
     assert made.error.code == "workspace-not-found"
     assert "Access-Control-Allow-Origin" not in made.error.headers
+
+
+def test_a_token_store_that_cannot_be_read_is_a_refusal_not_a_crash(tmp_path: Path) -> None:
+    """Its answers (here: has this visitor agreed to share who they are?) cannot be trusted: 503, in either lane."""
+    path = tmp_path / "tokens.json"
+    world = World(FileTokenStore(path))
+    spec = WorkspaceSpec(id="ws", owner="alice", ports={4000: "public"}, identity_ports=frozenset({4000}))
+    world.states["ws"] = WorkspaceState(spec, Phase.RUNNING, address="127.0.0.9")
+    path.write_text('{"consents": [')
+    host = "4000-ws.localhost:8080"
+    made = plan(facts("/", host=host, Cookie=world.cookie(Identity("bob"), host), **NAVIGATE), world)
+    assert isinstance(made, Refuse)
+    assert (made.error.status, made.error.code) == (503, "token-store-unavailable")
