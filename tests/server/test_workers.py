@@ -54,8 +54,15 @@ def _listening_sockets(port: int) -> int:
 
 
 def _workers(parent: int) -> set[str]:
-    return {str(pid) for pid in _children(parent)
-            if b"gateway.server.serving" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+    return {str(pid) for pid in _children(parent) if b"gateway.server.serving" in _cmdline(pid)}
+
+
+def _cmdline(pid: int) -> bytes:
+    """Empty for a process that ended (a killed worker, reaped) between the listing and this read."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
 
 
 def _alive(pid: int) -> bool:
