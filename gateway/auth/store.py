@@ -198,7 +198,7 @@ class TokenStore(Protocol):
         """Write what is still batched, then let go of resources."""
 
 
-Stamp = tuple[int, int, int]
+Stamp = tuple[int, int, int, int]
 LOG_LIMIT = 8 << 20
 """Bytes of counts in the log before the next batch folds them into the big file instead (2.4 s with 200,000
 records here): 1,000 links used every 2 s fill it in 5 minutes, a few busy links in weeks. Longer would cost
@@ -213,12 +213,25 @@ class StoreUnavailable(ServiceUnavailable):
 
 
 UNREADABLE = "Share links and tokens cannot be used now: their file cannot be read."
+UNWRITABLE = "Share links and tokens cannot be changed now: their file cannot be written."
 _CORRUPT = (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, RecursionError)
 """What reading a file this store did not write as it is (cut short, edited by hand) can raise."""
 
 
+def _add_counts(shares: Mapping[str, ShareLink], tokens: Mapping[str, ApiToken], entry: dict[str, Any]) -> None:
+    """Add counts as a line of the log has them (as ``_share_uses`` and ``_token_uses`` hold them)."""
+    for share_id, (uses, last) in entry.get("shares", {}).items():
+        if (link := shares.get(share_id)) is not None:
+            link.uses += int(uses)
+            link.last_used = max(link.last_used or 0.0, float(last))
+    for token_id, last in entry.get("tokens", {}).items():
+        if (record := tokens.get(token_id)) is not None:
+            record.last_used = max(record.last_used or 0.0, float(last))
+
+
 def _stamp(path: Path | None) -> Stamp | None:
-    """A file's identity (mtime, size, inode): it changes whenever a writer replaces the file. None: no file yet;
+    """A file's identity (mtime, ctime, size, inode): it changes whenever the file is replaced or written, even in
+    place with its old mtime put back (``cp -p``, ``touch -r``). None: no file yet;
     any other failure raises, as a file that is there but cannot be looked at is not an empty store."""
     if path is None:
         return None
@@ -226,7 +239,7 @@ def _stamp(path: Path | None) -> Stamp | None:
         stat = path.stat()
     except FileNotFoundError:
         return None
-    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    return (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, stat.st_ino)
 
 
 def _replace(path: Path, text: str) -> None:
@@ -278,6 +291,7 @@ class FileTokenStore:
         self._api_index: dict[str, ApiToken] = {}
         self._stamp: Stamp | None = None
         self._unparsed: Stamp | None = None  # the big file as it failed to parse: not read again
+        self._said: str | None = None  # the last failure logged
         self._log_name: str | None = None  # the log the big file goes with
         self._log_read: tuple[int, int] | None = None  # the log's inode, and how far its lines are counted
         self._log_counts = False  # its first line named the big file's log
@@ -309,23 +323,31 @@ class FileTokenStore:
         try:
             stamp = _stamp(self._path)
         except OSError as exc:  # tried again next time, as below
-            log.error("%s cannot be read, so share links and tokens answer 503: %s", self._path, exc)
-            raise StoreUnavailable(UNREADABLE, retry=True) from None
+            raise self._unavailable(f"{self._path} cannot be read: {exc}", UNREADABLE) from None
         if stamp is not None and stamp != self._stamp:
             assert self._path is not None
             if stamp != self._unparsed:
                 try:
                     self._load(stamp, self._path.read_text())
+                    self._said = None
                 except OSError as exc:
-                    log.error("%s cannot be read, so share links and tokens answer 503: %s", self._path, exc)
-                except _CORRUPT as exc:
+                    raise self._unavailable(f"{self._path} cannot be read: {exc}", UNREADABLE) from None
+                except _CORRUPT as exc:  # not parsed again until it changes: it may be 55 MB
                     self._unparsed = stamp
-                    log.error("%s cannot be read, so share links and tokens answer 503 and nothing is written: %s",
-                              self._path, str(exc) or type(exc).__name__)
+                    raise self._unavailable(f"{self._path} cannot be read: {str(exc) or type(exc).__name__}",
+                                            UNREADABLE) from None
             if self._stamp != stamp:
                 raise StoreUnavailable(UNREADABLE, retry=True)
         with contextlib.suppress(OSError):
             self._follow_log()
+
+    def _unavailable(self, why: str, message: str) -> StoreUnavailable:
+        """The 503 for a file that cannot be read or written, with one ERROR line per worker and failure (not one
+        per request): share links, tokens and changes answer 503 until it is mended, and nothing is written over."""
+        if why != self._said:
+            self._said = why
+            log.error("%s; share links and tokens answer 503 and nothing is written over it", why)
+        return StoreUnavailable(message, retry=True)
 
     def _load(self, stamp: Stamp, text: str) -> None:
         """All or nothing: a file that fails half way leaves what was there before."""
@@ -334,13 +356,14 @@ class FileTokenStore:
         api_tokens = {item["id"]: ApiToken(**item) for item in data.get("api_tokens", [])}
         used, log_name = dict(data.get("used", {})), data.get("uses_log")
         consents = {item["id"]: Consent(**item) for item in data.get("consents", [])}
+        _add_counts(shares, api_tokens, {"shares": self._share_uses, "tokens": self._token_uses})  # not yet written
+        share_index = {link.token_hash: link for link in shares.values()}
+        by_workspace = LinksByWorkspace(shares.values())
+        api_index = {token.token_hash: token for token in api_tokens.values()}
         self._stamp = stamp
         self._shares, self._api_tokens, self._used, self._consents = shares, api_tokens, used, consents
+        self._share_index, self._by_workspace, self._api_index = share_index, by_workspace, api_index
         self._log_name, self._log_read = log_name, None  # the fresh records take its counts again
-        self._add({"shares": self._share_uses, "tokens": self._token_uses})  # and this process's, not yet written
-        self._share_index = {link.token_hash: link for link in self._shares.values()}
-        self._by_workspace = LinksByWorkspace(self._shares.values())
-        self._api_index = {token.token_hash: token for token in self._api_tokens.values()}
 
     def _follow_log(self) -> None:
         """Add the counts other processes appended since this one last looked."""
@@ -371,20 +394,10 @@ class FileTokenStore:
                 if "log" in entry:  # the first line
                     self._log_counts = entry["log"] == self._log_name
                 elif self._log_counts:
-                    self._add(entry)
+                    _add_counts(self._shares, self._api_tokens, entry)
             except _CORRUPT as exc:
                 log.warning("%s: a line of use counts skipped: %s", self._log_path, exc)
         self._log_read = (inode, offset + whole)
-
-    def _add(self, entry: dict[str, Any]) -> None:
-        """Add counts as a line of the log has them (as ``_share_uses`` and ``_token_uses`` hold them)."""
-        for share_id, (uses, last) in entry.get("shares", {}).items():
-            if (link := self._shares.get(share_id)) is not None:
-                link.uses += int(uses)
-                link.last_used = max(link.last_used or 0.0, float(last))
-        for token_id, last in entry.get("tokens", {}).items():
-            if (record := self._api_tokens.get(token_id)) is not None:
-                record.last_used = max(record.last_used or 0.0, float(last))
 
     @contextlib.contextmanager
     def _locked(self, *, read: bool = True) -> Iterator[None]:
@@ -392,8 +405,11 @@ class FileTokenStore:
         if self._path is None:
             yield
             return
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._path.with_name(self._path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._path.with_name(self._path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise self._unavailable(f"{self._path.parent}: {exc}", UNWRITABLE) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if read:
@@ -408,7 +424,11 @@ class FileTokenStore:
         with self._locked():
             yield
             if self._path is not None:
-                self._write()
+                try:
+                    self._write()
+                except OSError as exc:  # a full disk: the change held here goes, with the next look at the file
+                    self._stamp = None
+                    raise self._unavailable(f"{self._path} cannot be written: {exc}", UNWRITABLE) from None
 
     def _write(self) -> None:
         """The big file, with every count so far folded in, and a new log to go with it."""
@@ -455,8 +475,10 @@ class FileTokenStore:
             return
         try:
             self._append_counts()
-        except (OSError, StoreUnavailable) as exc:  # a full disk must not end the task that calls this every 2 s
+        except OSError as exc:  # a full disk must not end the task that calls this every 2 s
             log.error("%s: use counts not written, kept for the next try: %s", self._log_path, exc)
+        except StoreUnavailable:
+            pass  # said where it was found; kept for the next try
 
     def _append_counts(self) -> None:
         assert self._log_path is not None
@@ -538,7 +560,10 @@ class FileTokenStore:
             if self._used_path is None:
                 self._used = used
             else:
-                _replace(self._used_path, json.dumps(used))
+                try:
+                    _replace(self._used_path, json.dumps(used))
+                except OSError as exc:  # not recorded, so not admitted: it could be used again
+                    raise self._unavailable(f"{self._used_path} cannot be written: {exc}", UNWRITABLE) from None
         return first
 
     def find_share(self, token: str) -> ShareLink | None:

@@ -225,8 +225,9 @@ async def create_workspace(request: web.Request) -> web.Response:
     workspace_id = new.id or "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
     spec = WorkspaceSpec(id=workspace_id, owner=identity.subject, collaborators=tuple(new.collaborators),
                          ports=dict(new.ports))
+    counts = consented(gateway, [workspace_id])  # first: a token store that cannot be read refuses before the act
     state = await gateway.runtime.create(spec)
-    return web.json_response(workspace_view(gateway, state, identity), status=201)
+    return web.json_response(workspace_view(gateway, state, identity, counts), status=201)
 
 
 async def delete_workspace(request: web.Request) -> web.Response:
@@ -242,8 +243,9 @@ async def set_collaborators(request: web.Request) -> web.Response:
     state = _mine(request, identity, manage=True)
     gateway = request.app[GATEWAY]
     change: Collaborators = await _body(request, Collaborators)
+    counts = consented(gateway, [state.id])  # as in create_workspace
     state = await gateway.runtime.update(state.id, collaborators=tuple(change.collaborators))
-    return web.json_response(workspace_view(gateway, state, identity))
+    return web.json_response(workspace_view(gateway, state, identity, counts))
 
 
 async def set_port(request: web.Request) -> web.Response:
@@ -274,10 +276,11 @@ async def set_port(request: web.Request) -> web.Response:
     identity_ports = None
     if change.identity is not None:
         identity_ports = state.spec.identity_ports | {port} if change.identity else state.spec.identity_ports - {port}
+    counts = consented(gateway, [state.id])  # as in create_workspace
     state = await gateway.runtime.update(
         state.id, ports={**state.spec.ports, port: change.visibility} if change.visibility is not None else None,
         https_ports=https if change.protocol is not None else None, labels=labels, identity_ports=identity_ports)
-    return web.json_response(workspace_view(gateway, state, identity))
+    return web.json_response(workspace_view(gateway, state, identity, counts))
 
 
 def share_view(gateway: Gateway, link: ShareLink, token: str | None = None) -> dict[str, Any]:
@@ -349,11 +352,13 @@ async def revoke_share(request: web.Request) -> web.Response:
 async def lifecycle(request: web.Request) -> web.Response:
     identity = caller(request)
     state = _mine(request, identity)
-    runtime = request.app[GATEWAY].runtime
+    gateway = request.app[GATEWAY]
+    runtime = gateway.runtime
     action = request.match_info["action"]
     operations = {"wake": runtime.wake, "stop": runtime.stop, "archive": runtime.archive}
+    counts = consented(gateway, [state.id])  # as in create_workspace
     state = await operations[action](state.id)
-    return web.json_response(workspace_view(request.app[GATEWAY], state, identity))
+    return web.json_response(workspace_view(gateway, state, identity, counts))
 
 
 async def status(request: web.Request) -> web.Response:

@@ -86,12 +86,12 @@ async def events(request: web.Request) -> web.StreamResponse:
     page = api.asked_page(request, HUB_PAGE)
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
-    await response.prepare(request)
-    last = ""
-    quiet_since = time.monotonic()
     with gateway.runtime.events() as changes, contextlib.suppress(ConnectionResetError):
+        data = json.dumps(snapshot(gateway, identity, *page), sort_keys=True)  # before the head: an error is a page
+        await response.prepare(request)
+        last = ""
+        quiet_since = time.monotonic()
         while True:
-            data = json.dumps(snapshot(gateway, identity, *page), sort_keys=True)
             if data != last:
                 await response.write(f"event: snapshot\ndata: {data}\n\n".encode())
                 last, quiet_since = data, time.monotonic()
@@ -101,6 +101,10 @@ async def events(request: web.Request) -> web.StreamResponse:
             with contextlib.suppress(TimeoutError):  # asyncio.timeout: a cancel is never lost to a ready item
                 async with asyncio.timeout(LOOK_EVERY):
                     await changes.queue.get()
+            try:
+                data = json.dumps(snapshot(gateway, identity, *page), sort_keys=True)
+            except GatewayError:  # the token store cannot be read: the stream ends, the page's reconnect is told
+                break
     return response
 
 

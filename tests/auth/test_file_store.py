@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -324,7 +325,7 @@ async def test_a_fold_whose_new_log_cannot_be_started_counts_each_use_once(
 _ON_A_FULL_DISK = """
 import asyncio, json, os, sys
 from pathlib import Path
-from gateway.auth.store import FileTokenStore
+from gateway.auth.store import FileTokenStore, StoreUnavailable
 folder = Path(sys.argv[1])
 first, second = FileTokenStore(folder / "tokens.json"), FileTokenStore(folder / "tokens.json")
 async def links():
@@ -345,16 +346,17 @@ first.flush()  # 120 counts: more than the room left, so part of the line is on 
 cut_short = not (folder / "tokens.uses.jsonl").read_bytes().endswith(b"\\n")
 try:
     asyncio.run(first.create_share(workspace="ws2", port=3000, audience="anyone", people=[], created_by="a", ttl=60))
-except OSError:
+except StoreUnavailable:
     pass
 leftovers = sorted(path.name for path in folder.glob("*.tmp"))
+unsaved = [link.id for link in first.shares.values() if link.workspace == "ws2"]
 os.unlink(folder / "filler")
 second.use_share(second.shares[made[0].id])
 second.flush()
 first.flush()
 totals = [sum(link.uses for link in store.shares.values())
           for store in (first, second, FileTokenStore(folder / "tokens.json"))]
-print(json.dumps({"cut_short": cut_short, "leftovers": leftovers, "totals": totals}))
+print(json.dumps({"cut_short": cut_short, "leftovers": leftovers, "unsaved": unsaved, "totals": totals}))
 """
 
 
@@ -372,6 +374,7 @@ def test_a_full_disk_loses_no_count_and_leaves_nothing_behind(tmp_path: Path) ->
     result = json.loads(done.stdout)
     assert result["cut_short"], "the disk filled part way through a batch, as meant"
     assert result["leftovers"] == [], "a links file that could not be written is not left half-written"
+    assert result["unsaved"] == [], "a link that could not be saved is not kept by the worker that made it"
     assert result["totals"] == [121, 121, 121]
     assert "use counts not written" in done.stderr
 
@@ -414,8 +417,8 @@ async def test_a_links_file_that_cannot_be_read_is_never_written_over_nor_truste
         second.use_share(second.shares[link.id])
         second.flush()
     good = path.read_bytes()
-    for broken in ("", '{"shares": [', json.dumps({"shares": [{**json.loads(good)["shares"][0], "revokd": 1}]}),
-                   "[" * 100_000):
+    record = json.loads(good)["shares"][0]
+    for broken in ("", '{"shares": [', json.dumps({"shares": [{**record, "revokd": 1}]}), "[" * 100_000):
         path.write_text(broken)
         caplog.clear()
         first.use_share(held)
@@ -431,10 +434,16 @@ async def test_a_links_file_that_cannot_be_read_is_never_written_over_nor_truste
             fresh.create_api_token_now(Identity("alice", "", ()), name="ci")
         assert path.read_text() == broken
         assert len([r for r in caplog.records if "answer 503" in r.getMessage()]) == 2, "once per process"
+    path.write_text(json.dumps({"shares": [{**record, "revoked": time.time(), "uses": None}]}))
+    first.use_share(held)  # counts not yet written, which the reload adds to a record it cannot add to
+    with pytest.raises(StoreUnavailable):
+        first.find_share(token)
+    with pytest.raises(StoreUnavailable):
+        first.find_share(token)  # not the records half loaded: the link would be active, its revoke unseen
     assert await first.use_once("handoff-a", time.time() + 60), "a sign-in needs nothing of that file"
     path.write_bytes(good)
     first.flush()
-    assert FileTokenStore(path).shares[link.id].uses == 10
+    assert FileTokenStore(path).shares[link.id].uses == 11
     assert first.find_share(token) is not None
 
 
@@ -455,9 +464,22 @@ async def test_a_line_of_counts_this_version_cannot_read_is_skipped_once(
     assert len([r for r in caplog.records if "a line of use counts skipped" in r.getMessage()]) == 2
 
 
-def test_a_links_file_that_cannot_be_looked_at_is_not_an_empty_store(tmp_path: Path) -> None:
-    """A stat that fails for another reason than "no such file" (here ENOTDIR: a file where a folder should be)."""
+async def test_a_store_whose_folder_is_a_file_is_unavailable_and_says_so_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A stat that fails for another reason than "no such file" (here ENOTDIR) is not an empty store."""
     (tmp_path / "state").write_text("")
     store = FileTokenStore(tmp_path / "state" / "tokens.json")
+    for _ in range(3):
+        with pytest.raises(StoreUnavailable):
+            store.find_share("chs_x")
     with pytest.raises(StoreUnavailable):
-        store.find_share("chs_x")
+        await _link(store)
+    assert len([r for r in caplog.records if "answer 503" in r.getMessage()]) == 2, "once per failure"
+
+
+async def test_a_sign_in_code_that_cannot_be_recorded_is_not_admitted(tmp_path: Path) -> None:
+    store = FileTokenStore(tmp_path / "tokens.json")
+    (tmp_path / "tokens.used.json").mkdir()  # cannot be replaced, as on a full disk
+    with pytest.raises(StoreUnavailable):
+        await store.use_once("handoff-a", time.time() + 60)
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")], "nothing half-written left behind"
