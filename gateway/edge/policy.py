@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,8 +41,8 @@ def parse_duration(value: Any) -> float:
         if match is None:
             raise ValueError(f"{value!r} is not a duration like 90s, 15m, 12h or 7d")
         seconds = float(match["n"]) * _UNITS[match["unit"]]
-    if seconds <= 0:
-        raise ValueError("a duration must be positive")
+    if not 0 < seconds < math.inf:  # NaN too: it passes every comparison after this, and no JSON parser reads it
+        raise ValueError("a duration must be a positive, finite number of seconds")
     return seconds
 
 

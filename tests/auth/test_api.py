@@ -156,6 +156,8 @@ async def test_bad_port_changes_are_400_json(served: Served, make_browser: MakeB
         ({"audience": "everyone"}, 400, "invalid-body"),
         ({"ttl": "forever"}, 400, "invalid-body"),
         ({"ttl": -5}, 400, "invalid-body"),
+        ({"ttl": float("nan")}, 400, "invalid-body"),  # passes every comparison, and breaks the hub's JSON.parse
+        ({"ttl": float("inf")}, 400, "invalid-body"),
         ({"ttl": "8d"}, 400, "ttl-too-long"),
         ({"audience": "people"}, 400, "invalid-body"),
         ({"port": 22}, 400, "bad-port"),
