@@ -12,7 +12,7 @@ from urllib.parse import quote
 import pytest
 from multidict import CIMultiDict
 
-from gateway.auth.store import Consent
+from gateway.auth.store import Consent, FileTokenStore
 from gateway.lifecycle import Phase
 from gateway.web import api, hub
 from gateway.web.pages import PHASE_WORDS
@@ -201,6 +201,20 @@ async def test_a_store_that_cannot_be_read_refuses_before_acting_and_keeps_its_f
     assert (await call(bob, "GET", "/api/v1/me")).status == 200
     store.write_bytes(good)  # mended in place, its times put back as ``cp -p`` would
     os.utime(store, ns=(mended_at.st_atime_ns, mended_at.st_mtime_ns))
+    assert (await call(alice, "GET", "/api/v1/workspaces")).status == 200
+
+
+async def test_what_an_owner_stores_through_the_api_reads_back(served: Served, make_browser: MakeBrowser) -> None:
+    """Odd text in every field a request can fill is stored so that every worker reads it back."""
+    alice = await user(make_browser, served, "alice")
+    raw = ('{"audience": "people", "ttl": 1e308, "people": ["\\ud800", "a\\u0000b", "\\u2028", "%s"]}'
+           % ("x" * 100_000)).encode()
+    await call(alice, "POST", "/api/v1/workspaces/ws1/shares", raw=raw)
+    made = await call(alice, "POST", "/api/v1/workspaces/ws1/shares",
+                      {"audience": "people", "people": ["\ud800", "a\u0000b", "\u2028", "x" * 100_000]})
+    assert made.status == 201, made.text
+    await call(alice, "POST", "/api/v1/tokens", {"name": "\ud800\u0000"})
+    assert FileTokenStore(served.gateway.config.store_file).shares is not None  # raises if it cannot be read back
     assert (await call(alice, "GET", "/api/v1/workspaces")).status == 200
 
 
