@@ -231,8 +231,6 @@ def token_issue(args: argparse.Namespace) -> int:
             record, token = FileTokenStore(config.store_file).create_api_token_now(identity, name=args.name)
         except StoreUnavailable as exc:  # the file's own error was logged just before, with its name
             raise CliError(f"token issue: {exc.message}") from None
-        except OSError as exc:
-            raise CliError(f"token issue: {config.store_file}: {exc.strerror or exc}") from None
         where = f"token {record.id} for {args.user} written to {config.store_file} (the gateway at {config.hub_url})"
     print(token)
     print(where, file=sys.stderr)
