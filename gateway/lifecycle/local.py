@@ -36,10 +36,17 @@ _OWN_FOLDERS = frozenset({"XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", 
 config.yaml) share the gateway user's, so a workspace gets its HOME's defaults unless its ``env`` names one."""
 
 
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: ask the kernel to TERM it when the gateway dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def dies_with(parent: int) -> Callable[[], None]:
+    """For ``preexec_fn``, run in the child between fork and exec: it asks the kernel for SIGTERM when ``parent``
+    dies, and exits at once if that happened already, between the fork and the ask (the kernel would never send
+    it then, and a workspace started by a gateway killed there ran on untracked, in a home later archived)."""
+
+    def ask() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+    return ask
 
 
 def _process_start_time(pid: int) -> str | None:
@@ -320,7 +327,7 @@ class LocalRuntime(Runtime):
         try:
             process = await asyncio.create_subprocess_exec(
                 *command, cwd=slot.home, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=output,
-                stderr=output, start_new_session=True, preexec_fn=_die_with_parent,
+                stderr=output, start_new_session=True, preexec_fn=dies_with(os.getpid()),
             )
         finally:
             output.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
 import hashlib
 import json
@@ -31,12 +30,12 @@ from aiohttp import web
 
 from gateway.accesslog import BufferedLineHandler
 from gateway.config import Config
+from gateway.lifecycle.local import dies_with
 from gateway.server.fastlane import GatewayRunner
 from gateway.server.listener import Acceptor, listening_sockets
 
 log = logging.getLogger(__name__)
 WORKER_HEADER = "X-Codehub-Worker"
-_PR_SET_PDEATHSIG = 1
 _RESTART_AFTER = 1.0
 
 
@@ -167,12 +166,6 @@ async def _control_plane(config: Config, socket_path: Path) -> AsyncIterator[Any
         await runtime.close()
 
 
-def _die_with_parent() -> None:
-    """Runs in the worker between fork and exec: the kernel sends it SIGTERM when the parent dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class _Workers:
     def __init__(self, config: Config, count: int, log_level: str, socket_path: Path | None,
                  activity: Any) -> None:
@@ -193,7 +186,8 @@ class _Workers:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.server.serving", stdin=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent,
+            sys.executable, "-m", "gateway.server.serving", stdin=asyncio.subprocess.PIPE,
+            preexec_fn=dies_with(os.getpid()),
         )
         assert process.stdin is not None
         process.stdin.write(self._options)

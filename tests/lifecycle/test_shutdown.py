@@ -4,11 +4,15 @@ ignore SIGTERM, and workspaces caught in the middle of a wake."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from gateway.lifecycle import Phase
+from gateway.lifecycle.local import dies_with
 from tests.conftest import MakeGateway, next_address, workspace
 from tests.lifecycle.conftest import API, gateway_of, group_members, preview, recorded_pgid, slow_workspace, wait_gone
 
@@ -49,3 +53,14 @@ async def test_shutdown_during_a_wake_leaves_nothing_running(make_gateway: MakeG
     await wait_gone(pgid, within=15)
     held.cancel()
     await asyncio.gather(held, return_exceptions=True)
+
+
+@pytest.mark.parametrize(("parent", "code", "output"), [("ours", 0, "ran\n"), ("gone", 1, "")])
+def test_a_child_whose_gateway_died_before_it_asked_to_die_with_it_never_runs(parent: str, code: int,
+                                                                              output: str) -> None:
+    """The window between fork and the PDEATHSIG request: a gateway killed there (seen in test_kill_points) left its
+    workspace running untracked. ``gone`` stands for a parent that died in the window (any pid that is not ours)."""
+    pid = os.getpid() if parent == "ours" else os.getpid() + 1_000_000
+    done = subprocess.run([sys.executable, "-c", "print('ran')"], preexec_fn=dies_with(pid),
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert (done.returncode, done.stdout) == (code, output)
