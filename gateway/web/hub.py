@@ -20,6 +20,7 @@ import segno
 from aiohttp import web
 
 from gateway.auth.identity import Identity
+from gateway.auth.store import StoreUnavailable
 from gateway.edge.routing import Kind, route
 from gateway.errors import BadRequest, GatewayError, Unauthorized
 from gateway.server.context import GATEWAY, Gateway
@@ -86,12 +87,15 @@ async def events(request: web.Request) -> web.StreamResponse:
     page = api.asked_page(request, HUB_PAGE)
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    last = ""
+    quiet_since = time.monotonic()
     with gateway.runtime.events() as changes, contextlib.suppress(ConnectionResetError):
-        data = json.dumps(snapshot(gateway, identity, *page), sort_keys=True)  # before the head: an error is a page
-        await response.prepare(request)
-        last = ""
-        quiet_since = time.monotonic()
         while True:
+            try:
+                data = json.dumps(snapshot(gateway, identity, *page), sort_keys=True)
+            except StoreUnavailable:  # for now: the page keeps what it shows, and a browser's EventSource, which
+                data = last  # gives up for good on an error answer, stays open for when the store can be read
             if data != last:
                 await response.write(f"event: snapshot\ndata: {data}\n\n".encode())
                 last, quiet_since = data, time.monotonic()
@@ -101,10 +105,6 @@ async def events(request: web.Request) -> web.StreamResponse:
             with contextlib.suppress(TimeoutError):  # asyncio.timeout: a cancel is never lost to a ready item
                 async with asyncio.timeout(LOOK_EVERY):
                     await changes.queue.get()
-            try:
-                data = json.dumps(snapshot(gateway, identity, *page), sort_keys=True)
-            except GatewayError:  # the token store cannot be read: the stream ends, the page's reconnect is told
-                break
     return response
 
 
