@@ -483,3 +483,29 @@ async def test_a_sign_in_code_that_cannot_be_recorded_is_not_admitted(tmp_path: 
     with pytest.raises(StoreUnavailable):
         await store.use_once("handoff-a", time.time() + 60)
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")], "nothing half-written left behind"
+
+
+async def test_a_broken_links_file_is_parsed_once_and_each_breakage_said_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Lookups come with every share-link request, and the file may be 55 MB: its bytes are parsed once, not per
+    lookup. It is said once per breakage, and again when it breaks again after a mend."""
+    path = tmp_path / "tokens.json"
+    store = FileTokenStore(path)
+    await _link(store)
+    good = path.read_bytes()
+    reads: list[Path] = []
+    real = Path.read_text
+
+    def counted(self: Path, *args: Any, **kwargs: Any) -> str:
+        reads.append(self)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "read_text", counted)
+    for _ in range(2):
+        path.write_text("")
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable):
+                store.find_share("chs_x")
+        path.write_bytes(good)
+        assert store.find_share("chs_x") is None
+    assert reads.count(path) == 4, "each version of the file read once"
+    assert len([r for r in caplog.records if "answer 503" in r.getMessage()]) == 2
