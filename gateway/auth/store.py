@@ -212,8 +212,8 @@ class StoreUnavailable(ServiceUnavailable):
     code = "token-store-unavailable"
 
 
-UNREADABLE = "Share links and tokens cannot be used now: their file cannot be read."
-UNWRITABLE = "Share links and tokens cannot be changed now: their file cannot be written."
+_UNREADABLE = "Share links and tokens cannot be used now: their file cannot be read."
+_UNWRITABLE = "Share links and tokens cannot be changed now: their file cannot be written."
 _CORRUPT = (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, RecursionError)
 """What reading a file this store did not write as it is (cut short, edited by hand) can raise."""
 
@@ -320,28 +320,24 @@ class FileTokenStore:
         what this process holds may lack a revoke, and a writer would write over others' changes (or, new, over
         every link). The log of counts holds up only the counts: see ``_append_counts``.
         """
+        stamp = None
         try:
             stamp = _stamp(self._path)
-        except OSError as exc:  # tried again next time, as below
-            raise self._unavailable(f"{self._path} cannot be read: {exc}", UNREADABLE) from None
-        if stamp is not None and stamp != self._stamp:
-            assert self._path is not None
-            if stamp != self._unparsed:
-                try:
-                    self._load(stamp, self._path.read_text())
-                    self._said = None
-                except OSError as exc:
-                    raise self._unavailable(f"{self._path} cannot be read: {exc}", UNREADABLE) from None
-                except _CORRUPT as exc:  # not parsed again until it changes: it may be 55 MB
-                    self._unparsed = stamp
-                    raise self._unavailable(f"{self._path} cannot be read: {str(exc) or type(exc).__name__}",
-                                            UNREADABLE) from None
-            if self._stamp != stamp:
-                raise StoreUnavailable(UNREADABLE, retry=True)
+            if stamp is not None and stamp not in (self._stamp, self._unparsed):
+                assert self._path is not None
+                self._load(stamp, self._path.read_text())
+                self._said = None
+        except OSError as exc:  # tried again next time
+            raise self._unavailable(f"{self._path} cannot be read: {exc}") from None
+        except _CORRUPT as exc:  # not parsed again until it changes: it may be 55 MB
+            self._unparsed = stamp
+            raise self._unavailable(f"{self._path} cannot be read: {str(exc) or type(exc).__name__}") from None
+        if stamp is not None and stamp != self._stamp:  # the same bytes that did not parse before
+            raise StoreUnavailable(_UNREADABLE, retry=True)
         with contextlib.suppress(OSError):
             self._follow_log()
 
-    def _unavailable(self, why: str, message: str) -> StoreUnavailable:
+    def _unavailable(self, why: str, message: str = _UNREADABLE) -> StoreUnavailable:
         """The 503 for a file that cannot be read or written, with one ERROR line per worker and failure (not one
         per request): share links, tokens and changes answer 503 until it is mended, and nothing is written over."""
         if why != self._said:
@@ -409,7 +405,7 @@ class FileTokenStore:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self._path.with_name(self._path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise self._unavailable(f"{self._path.parent}: {exc}", UNWRITABLE) from None
+            raise self._unavailable(f"{self._path.parent}: {exc}", _UNWRITABLE) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if read:
@@ -428,7 +424,7 @@ class FileTokenStore:
                     self._write()
                 except OSError as exc:  # a full disk: the change held here goes, with the next look at the file
                     self._stamp = None
-                    raise self._unavailable(f"{self._path} cannot be written: {exc}", UNWRITABLE) from None
+                    raise self._unavailable(f"{self._path} cannot be written: {exc}", _UNWRITABLE) from None
 
     def _write(self) -> None:
         """The big file, with every count so far folded in, and a new log to go with it."""
@@ -563,7 +559,7 @@ class FileTokenStore:
                 try:
                     _replace(self._used_path, json.dumps(used))
                 except OSError as exc:  # not recorded, so not admitted: it could be used again
-                    raise self._unavailable(f"{self._used_path} cannot be written: {exc}", UNWRITABLE) from None
+                    raise self._unavailable(f"{self._used_path} cannot be written: {exc}", _UNWRITABLE) from None
         return first
 
     def find_share(self, token: str) -> ShareLink | None:
