@@ -15,13 +15,16 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import time
+import types
+import typing
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from gateway.auth.identity import Identity
 from gateway.auth.sessions import HANDOFF_TTL
@@ -219,14 +222,69 @@ _CORRUPT = (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, Re
 
 
 def _add_counts(shares: Mapping[str, ShareLink], tokens: Mapping[str, ApiToken], entry: dict[str, Any]) -> None:
-    """Add counts as a line of the log has them (as ``_share_uses`` and ``_token_uses`` hold them)."""
-    for share_id, (uses, last) in entry.get("shares", {}).items():
-        if (link := shares.get(share_id)) is not None:
-            link.uses += int(uses)
-            link.last_used = max(link.last_used or 0.0, float(last))
-    for token_id, last in entry.get("tokens", {}).items():
-        if (record := tokens.get(token_id)) is not None:
-            record.last_used = max(record.last_used or 0.0, float(last))
+    """Add counts as a line of the log has them (as ``_share_uses`` and ``_token_uses`` hold them): the whole
+    line, or ValueError and none of it."""
+    share_counts = [(shares.get(key), int(uses), _time(last)) for key, (uses, last) in entry.get("shares", {}).items()]
+    token_counts = [(tokens.get(key), _time(last)) for key, last in entry.get("tokens", {}).items()]
+    for link, uses, last in share_counts:
+        if link is not None:
+            link.uses += uses
+            link.last_used = max(link.last_used or 0.0, last)
+    for record, last in token_counts:
+        if record is not None:
+            record.last_used = max(record.last_used or 0.0, last)
+
+
+def _time(value: Any) -> float:
+    """A time from a file: a last use of Infinity would be in the hub's JSON, which no browser parses."""
+    at = float(value)
+    if not math.isfinite(at):
+        raise ValueError(f"{value!r} is not a time")
+    return at
+
+
+R = TypeVar("R", ShareLink, ApiToken, Consent)
+_Shape = dict[str, tuple[tuple[type, ...], tuple[type, ...]]]
+
+
+def _shape(cls: type) -> _Shape:
+    """Per field of a record: the types its JSON value may have, and those of a list's items or a map's values.
+    From the dataclass itself, so the two cannot drift."""
+    def types_of(kind: Any) -> tuple[type, ...]:
+        if typing.get_origin(kind) is types.UnionType:
+            return sum((types_of(arg) for arg in typing.get_args(kind)), ())
+        return (float, int) if kind is float else (typing.get_origin(kind) or kind,)
+    shape: _Shape = {}
+    for name, kind in typing.get_type_hints(cls).items():
+        args = typing.get_args(kind)
+        shape[name] = types_of(kind), (types_of(args[-1]) if typing.get_origin(kind) in (list, dict) else ())
+    return shape
+
+
+_SHAPES = {cls: _shape(cls) for cls in (ShareLink, ApiToken, Consent)}
+
+
+def _record(cls: type[R], item: Any) -> R:
+    """A record as the file has it, or ValueError naming the field: a value of another type (a list of people
+    that is a number, a port that is a string) loaded once and broke every request that used it. ``type() in``,
+    not ``isinstance``: a bool is no number here, and 200,000 records are checked on every reload."""
+    shape = _SHAPES[cls]
+    for field, value in item.items():
+        kinds, inner = shape.get(field, ((), ()))
+        kind = type(value)
+        if kind not in kinds or (kind is float and not math.isfinite(value)) or (
+                inner and any(type(v) not in inner for v in (value.values() if kind is dict else value))):
+            wanted = " or ".join(k.__name__ for k in kinds) + (" of " + " or ".join(k.__name__ for k in inner)
+                                                               if inner else "")
+            raise ValueError(f"{cls.__name__} {item.get('id')!r}: {field} is not {wanted or 'a field'}")
+    return cls(**item)
+
+
+def _expired_if_nan(item: dict[str, Any]) -> dict[str, Any]:
+    """A link an older version stored with ``expires: NaN`` (from a ``ttl`` of NaN, refused since) loads
+    expired: it never granted anything, as ``now < NaN`` is false, and NaN in the hub's JSON stopped the hub."""
+    expires = item.get("expires")
+    return {**item, "expires": item.get("created", 0.0)} if expires != expires else item
 
 
 def _stamp(path: Path | None) -> Stamp | None:
@@ -348,10 +406,10 @@ class FileTokenStore:
     def _load(self, stamp: Stamp, text: str) -> None:
         """All or nothing: a file that fails half way leaves what was there before."""
         data = json.loads(text)
-        shares = {item["id"]: ShareLink(**item) for item in data.get("shares", [])}
-        api_tokens = {item["id"]: ApiToken(**item) for item in data.get("api_tokens", [])}
-        used, log_name = dict(data.get("used", {})), data.get("uses_log")
-        consents = {item["id"]: Consent(**item) for item in data.get("consents", [])}
+        shares = {item["id"]: _record(ShareLink, _expired_if_nan(item)) for item in data.get("shares", [])}
+        api_tokens = {item["id"]: _record(ApiToken, item) for item in data.get("api_tokens", [])}
+        used, log_name = _times(data.get("used", {})), data.get("uses_log")
+        consents = {item["id"]: _record(Consent, item) for item in data.get("consents", [])}
         _add_counts(shares, api_tokens, {"shares": self._share_uses, "tokens": self._token_uses})  # not yet written
         share_index = {link.token_hash: link for link in shares.values()}
         by_workspace = LinksByWorkspace(shares.values())

@@ -20,7 +20,7 @@ import pytest
 
 from gateway.auth import store as store_module
 from gateway.auth.identity import Identity
-from gateway.auth.store import FileTokenStore, ShareLink, StoreUnavailable
+from gateway.auth.store import Consent, FileTokenStore, ShareLink, StoreUnavailable
 
 
 def _identity(path: Path) -> tuple[int, int]:
@@ -455,13 +455,18 @@ async def test_a_line_of_counts_this_version_cannot_read_is_skipped_once(
                                            created_by="alice", ttl=3600)
     first.use_share(first.shares[link.id])
     first.flush()
+    used_at = first.shares[link.id].last_used
     with (tmp_path / "tokens.uses.jsonl").open("ab") as log:
-        log.write(b'{"shares": {"' + link.id.encode() + b'": [1e400, 0]}}\n' + b"[" * 100_000 + b"\n")
+        for line in ([1e400, 0], [1, 1e400]):  # too many uses; a last use of Infinity, which no hub could show
+            log.write(json.dumps({"shares": {link.id: line}}).encode() + b"\n")
+        log.write(json.dumps({"shares": {link.id: [5, 1]}, "tokens": {"t": "soon"}}).encode() + b"\n")  # none of it
+        log.write(b"[" * 100_000 + b"\n")
     second = FileTokenStore(path)
     for _ in range(3):
         assert second.find_share(token) is not None
     assert second.shares[link.id].uses == 1
-    assert len([r for r in caplog.records if "a line of use counts skipped" in r.getMessage()]) == 2
+    assert second.shares[link.id].last_used == used_at
+    assert len([r for r in caplog.records if "a line of use counts skipped" in r.getMessage()]) == 4
 
 
 async def test_a_store_whose_folder_is_a_file_is_unavailable_and_says_so_once(
@@ -509,3 +514,61 @@ async def test_a_broken_links_file_is_parsed_once_and_each_breakage_said_once(
         assert store.find_share("chs_x") is None
     assert reads.count(path) == 4, "each version of the file read once"
     assert len([r for r in caplog.records if "answer 503" in r.getMessage()]) == 2
+
+
+_WRONG_TYPES = [  # a field of a record, edited by hand into what this version cannot use
+    ("shares", "people", 5), ("shares", "people", ["alice", 5]), ("shares", "expires", "soon"),
+    ("shares", "expires", float("inf")), ("shares", "port", "3000"), ("shares", "port", True),
+    ("shares", "uses", 1.5), ("shares", "revoked", "yes"), ("shares", "workspace", None), ("shares", "created", True),
+    ("api_tokens", "groups", "admins"), ("api_tokens", "attributes", {"team": 1}), ("api_tokens", "created", None),
+    ("consents", "share", 1), ("consents", "claims", "email"),
+]
+
+
+@pytest.mark.parametrize(("kind", "field", "value"), _WRONG_TYPES)
+async def test_a_record_edited_into_the_wrong_types_is_refused_and_named(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str, field: str, value: object) -> None:
+    """Each of these once loaded, and the first request that used the field answered 500 with a traceback (a
+    list of people that is a number), or a JSON the hub cannot parse (an expiry of Infinity). Refused as a
+    whole file, as one that does not parse: skipping the record would let the next writer drop it."""
+    path = tmp_path / "tokens.json"
+    store = FileTokenStore(path)
+    _, token = await store.create_share(workspace="ws1", port=3000, audience="people", people=["alice"],
+                                           created_by="alice", ttl=3600)
+    store.create_api_token_now(Identity("alice", "", ()), name="ci")
+    await store.record_consent(Consent.answer("bob", "ws1", 3000, share=True, claims=["email"]))
+    data = json.loads(path.read_text())
+    data[kind][0][field] = value
+    path.write_text(json.dumps(data))
+    caplog.clear()
+    with pytest.raises(StoreUnavailable):
+        store.find_share(token)
+    said = [r.getMessage() for r in caplog.records if "answer 503" in r.getMessage()]
+    assert len(said) == 1, said
+    assert f": {field} is not " in said[0], said
+
+
+async def test_a_link_stored_with_an_expiry_of_nan_loads_expired(tmp_path: Path) -> None:
+    """What a ``ttl`` of NaN made before durations had to be finite: it never granted anything (``now < NaN`` is
+    false), and the hub, which embeds it as JSON, could not be drawn for anyone who sees the workspace."""
+    path = tmp_path / "tokens.json"
+    store = FileTokenStore(path)
+    _, token = await store.create_share(workspace="ws1", port=3000, audience="anyone", people=[],
+                                        created_by="alice", ttl=3600)
+    data = json.loads(path.read_text())
+    data["shares"][0]["expires"] = float("nan")
+    path.write_text(json.dumps(data))
+    found = FileTokenStore(path).find_share(token)
+    assert found is not None
+    assert not found.active(time.time())
+    json.loads(json.dumps(found.public()), parse_constant=pytest.fail)
+
+
+async def test_used_codes_an_older_version_kept_must_be_times(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    _older_version_file(path, time.time())
+    data = json.loads(path.read_text())
+    data["used"] = {"handoff-a": "later"}
+    path.write_text(json.dumps(data))
+    with pytest.raises(StoreUnavailable):
+        FileTokenStore(path).find_share("chs_x")
