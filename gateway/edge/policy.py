@@ -35,7 +35,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 def parse_duration(value: Any) -> float:
     """``90``, ``"90s"``, ``"15m"``, ``"12h"``, ``"7d"`` → seconds."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
+        seconds = float(value) if value < 1e300 else math.inf  # an int past a float's range is no duration either
     else:
         match = _DURATION.fullmatch(str(value).strip())
         if match is None:

@@ -107,6 +107,8 @@ async def _body(request: web.Request, model: type[_Body]) -> Any:
             field = ".".join(str(part) for part in first["loc"]) or "body"
             raise BadRequest(f"{field}: {first['msg']}", code="invalid-body") from None
         raise BadRequest("The body must be JSON.", code="invalid-body") from None
+    except RecursionError:  # nested deeper than the parser goes: no JSON this API takes
+        raise BadRequest("The body must be JSON nested at most a few levels deep.", code="invalid-body") from None
 
 
 def _mine(request: web.Request, identity: Identity, *, manage: bool = False) -> WorkspaceState:

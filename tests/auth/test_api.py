@@ -133,6 +133,7 @@ async def test_visibility_above_the_ceiling_is_refused(strict: Served, make_brow
         ("/api/v1/workspaces/ws1/ports/3000", {"visibility": "org", "extra": 1}, None, "invalid-body"),
         ("/api/v1/workspaces/ws1/ports/3000", None, b"{not json", "invalid-body"),
         ("/api/v1/workspaces/ws1/ports/3000", None, b"[1, 2]", "invalid-body"),
+        ("/api/v1/workspaces/ws1/ports/3000", None, b"[" * 100_000, "invalid-body"),  # past the parser's depth
         ("/api/v1/workspaces/ws1/ports/abc", {"visibility": "org"}, None, "bad-port"),
         ("/api/v1/workspaces/ws1/ports/70000", {"visibility": "org"}, None, "bad-port"),
         ("/api/v1/workspaces/ws1/ports/22", {"visibility": "org"}, None, "bad-port"),
@@ -158,6 +159,7 @@ async def test_bad_port_changes_are_400_json(served: Served, make_browser: MakeB
         ({"ttl": -5}, 400, "invalid-body"),
         ({"ttl": float("nan")}, 400, "invalid-body"),  # passes every comparison, and breaks the hub's JSON.parse
         ({"ttl": float("inf")}, 400, "invalid-body"),
+        ({"ttl": 10**400}, 400, "invalid-body"),  # an int no float holds
         ({"ttl": "8d"}, 400, "ttl-too-long"),
         ({"audience": "people"}, 400, "invalid-body"),
         ({"port": 22}, 400, "bad-port"),
