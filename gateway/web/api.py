@@ -111,15 +111,19 @@ async def _body(request: web.Request, model: type[_Body]) -> Any:
         raise BadRequest("The body must be JSON nested at most a few levels deep.", code="invalid-body") from None
 
 
-def _mine(request: web.Request, identity: Identity, *, manage: bool = False) -> WorkspaceState:
-    """The workspace named in the path, if the caller may see it (and manage it, for owner-only changes)."""
+def _mine(request: web.Request, identity: Identity, *, may: Literal["see", "share", "own"] = "see") -> WorkspaceState:
+    """The workspace named in the path, if the caller may see it, and ``share`` it (owner and policy admins:
+    ports and links) or ``own`` it (the owner alone: who its members are, which opens its IDE to them, and
+    whether it exists)."""
     gateway = request.app[GATEWAY]
     state = gateway.runtime.get(request.match_info["workspace"])
     their_role = role_of(gateway.policy, state.spec, identity) if state is not None else None
     if state is None or their_role is None:
         raise NotFound("There is no workspace with that name that you can see.", code="workspace-not-found")
-    if manage and their_role is Reason.COLLABORATOR:
+    if may == "share" and their_role is Reason.COLLABORATOR:
         raise Forbidden("Only the workspace's owner can change how it is shared.", code="owner-only")
+    if may == "own" and their_role is not Reason.OWNER:
+        raise Forbidden("Only the workspace's owner can change its members or delete it.", code="owner-only")
     return state
 
 
@@ -235,14 +239,14 @@ async def create_workspace(request: web.Request) -> web.Response:
 async def delete_workspace(request: web.Request) -> web.Response:
     """Owner only: the workspace goes with its pod, home and snapshots; links to it stop working."""
     identity = caller(request)
-    state = _mine(request, identity, manage=True)
+    state = _mine(request, identity, may="own")
     await request.app[GATEWAY].runtime.delete(state.id)
     return web.json_response({"id": state.id, "deleted": True})
 
 
 async def set_collaborators(request: web.Request) -> web.Response:
     identity = caller(request)
-    state = _mine(request, identity, manage=True)
+    state = _mine(request, identity, may="own")
     gateway = request.app[GATEWAY]
     change: Collaborators = await _body(request, Collaborators)
     counts = consented(gateway, [state.id])  # as in create_workspace
@@ -252,7 +256,7 @@ async def set_collaborators(request: web.Request) -> web.Response:
 
 async def set_port(request: web.Request) -> web.Response:
     identity = caller(request)
-    state = _mine(request, identity, manage=True)
+    state = _mine(request, identity, may="share")
     gateway = request.app[GATEWAY]
     try:
         port = int(request.match_info["port"])
@@ -320,7 +324,7 @@ async def list_shares(request: web.Request) -> web.Response:
 
 async def create_share(request: web.Request) -> web.Response:
     identity = caller(request)
-    state = _mine(request, identity, manage=True)
+    state = _mine(request, identity, may="share")
     gateway = request.app[GATEWAY]
     new: NewShare = await _body(request, NewShare)
     rules = gateway.policy.share_links
@@ -342,7 +346,7 @@ async def create_share(request: web.Request) -> web.Response:
 
 async def revoke_share(request: web.Request) -> web.Response:
     identity = caller(request)
-    state = _mine(request, identity, manage=True)
+    state = _mine(request, identity, may="share")
     gateway = request.app[GATEWAY]
     link = gateway.auth.store.shares.get(request.match_info["share"])
     if link is None or link.workspace != state.id:

@@ -416,6 +416,11 @@ async def test_local_workspaces_are_declared_not_created(served: Served, make_br
     assert page.json()["error"]["code"] == "workspaces-are-configured"
     bob = await user(make_browser, served, "bob")
     assert (await call(bob, "PUT", "/api/v1/workspaces/ws1/collaborators", {"collaborators": []})).status == 403
+    root = await user(make_browser, served, "root")  # a policy admin manages sharing, never the IDE: members
+    for method, body in (("PUT", {"collaborators": ["root"]}), ("DELETE", None)):  # open it, so they are
+        path = "/api/v1/workspaces/ws1" + ("/collaborators" if body else "")  # the owner's to name
+        assert_error(await call(root, method, path, body), 403, "owner-only")
+    assert (await root.navigate(served.ide("ws1"), headers={"Accept": "text/html"})).status == 403
     changed = await call(alice, "PUT", "/api/v1/workspaces/ws1/collaborators", {"collaborators": ["carol"]})
     assert changed.status == 200
     assert changed.json()["collaborators"] == ["carol"]
