@@ -18,7 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 ALGORITHM = "EdDSA"
 
@@ -49,6 +53,13 @@ class SigningKey:
     def public(self) -> Ed25519PublicKey:
         return self.private.public_key()
 
+    def sealer(self) -> AESGCM:
+        """An AES-256-GCM key of its own, derived from the private key (HKDF), for what must not be read on the
+        way: every replica holds the keys file, so each can open what another sealed, and rotation rotates it."""
+        derived = HKDF(SHA256(), 32, salt=None, info=b"codehub-gateway sealed v1").derive(
+            self.private.private_bytes_raw())
+        return AESGCM(derived)
+
     def public_jwk(self) -> dict[str, str]:
         raw = self.public.public_bytes_raw()
         return {"kty": "OKP", "crv": "Ed25519", "x": _b64(raw), "kid": self.kid, "alg": ALGORITHM, "use": "sig"}
@@ -72,6 +83,7 @@ class KeySet:
             raise KeyFileError("a key set needs at least one key")
         self.keys = tuple(keys)
         self._by_kid = {key.kid: key.public for key in keys}
+        self._sealers = {key.kid: key.sealer() for key in keys}
 
     @property
     def current(self) -> SigningKey:
@@ -91,6 +103,24 @@ class KeySet:
             options={"require": ["exp", "iat", "aud", "iss"]},
         )
         return claims
+
+    def seal(self, data: bytes, context: bytes) -> str:
+        """``data`` encrypted and authenticated with the current key, bound to ``context`` (which ``unseal`` must
+        be given again): ``kid.base64url(nonce + ciphertext)``."""
+        nonce = secrets.token_bytes(12)
+        return f"{self.current.kid}.{_b64(nonce + self._sealers[self.current.kid].encrypt(nonce, data, context))}"
+
+    def unseal(self, sealed: str, context: bytes) -> bytes:
+        """What ``seal`` sealed with any key of this set for this ``context``; ``jwt.InvalidTokenError`` else."""
+        kid, _, body = sealed.partition(".")
+        sealer = self._sealers.get(kid)
+        try:
+            raw = _unb64(body)
+            if sealer is None or len(raw) < 12:
+                raise ValueError(kid)
+            return sealer.decrypt(raw[:12], raw[12:], context)
+        except (ValueError, InvalidTag):
+            raise jwt.InvalidTokenError("not sealed by this gateway for this use") from None
 
     def jwks(self) -> dict[str, list[dict[str, str]]]:
         return {"keys": [key.public_jwk() for key in self.keys]}

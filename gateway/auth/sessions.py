@@ -8,6 +8,7 @@ pays for a signature check once per cookie, not once per request.
 from __future__ import annotations
 
 import functools
+import json
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -113,21 +114,26 @@ class Sessions:
         self._assertions.clear()
 
     def handoff_code(self, identity: Identity, host: str, state: str) -> str:
-        claims = {**identity.claims(), "typ": "handoff", "state": state, "jti": secrets.token_hex(12)}
-        return self._sign(claims, host, HANDOFF_TTL)
+        """A code the hub puts in a URL on ``host``, where the owner's scripts can read it: the identity in it is
+        sealed, so it tells them nothing (not even who), and it signs in only the browser holding ``state``."""
+        who = self._keys().seal(json.dumps(identity.claims()).encode(), f"handoff {host}".encode())
+        return self._sign({"typ": "handoff", "state": state, "jti": secrets.token_hex(12), "who": who}, host,
+                          HANDOFF_TTL)
 
     def read_code(self, code: str, host: str, state: str | None) -> tuple[Identity, str, float]:
         """A hand-off code's identity, once-key and expiry, if it is for this host and the browser holding its
         state cookie. That it is used only once is the token store's to enforce: every replica must agree."""
         try:
             claims = self._verify(code, host, "handoff")
-        except jwt.InvalidTokenError:
+            identity = Identity.from_claims(json.loads(self._keys().unseal(str(claims.get("who")),
+                                                                           f"handoff {host}".encode())))
+        except (jwt.InvalidTokenError, ValueError):
             raise BadRequest("This sign-in link is invalid or has expired. Open the page again.",
                              code="handoff-invalid") from None
         if not state or not secrets.compare_digest(str(claims.get("state", "")), state):
             raise BadRequest("This sign-in link was started in another browser or tab. Open the page again.",
                              code="handoff-state-mismatch")
-        return Identity.from_claims(claims), f"handoff-{claims.get('jti')}", float(claims["exp"])
+        return identity, f"handoff-{claims.get('jti')}", float(claims["exp"])
 
     def assertion(self, identity: Identity, audience: str) -> str:
         """The signed identity header upstream apps can verify with the gateway's JWKS (cached while fresh)."""

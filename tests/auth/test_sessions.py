@@ -82,6 +82,26 @@ def test_handoff_code_is_good_on_its_host_in_its_browser_with_a_key_of_its_own()
     assert once != other_once, "each code has its own once-key (the token store enforces the once)"
 
 
+def test_a_handoff_code_says_nothing_of_who_it_is_for() -> None:
+    """The code arrives in a URL on the preview's origin, whose owner's scripts can read it (a frame of theirs that
+    opens the hand-off, say): a signed code is readable by anyone, so the identity in it is sealed (AES-GCM, a
+    key derived from the signing key). Without that it gave the owner every claim, past policy and consent."""
+    s = sessions()
+    code = s.handoff_code(ALICE, HOST, "state")
+    payload = json.dumps(jwt.decode(code, options={"verify_signature": False}))
+    for value in ("alice", "example.com", "dev", "Alice", "email_verified"):
+        assert value not in payload
+    assert s.read_code(code, HOST, "state")[0] == ALICE
+    rotated = sessions(keys=KeySet([SigningKey.generate(), *KEYS.keys]))
+    assert rotated.read_code(code, HOST, "state")[0] == ALICE, "a code sealed just before a rotation still opens"
+    forged = jwt.decode(code, options={"verify_signature": False})
+    forged["who"] = s.handoff_code(ALICE, OTHER, "state")  # sealed for another host: refused even if re-signed
+    forged["who"] = jwt.decode(forged["who"], options={"verify_signature": False})["who"]
+    with pytest.raises(BadRequest) as caught:
+        s.read_code(KEYS.sign(forged), HOST, "state")
+    assert caught.value.code == "handoff-invalid"
+
+
 async def test_the_file_store_admits_a_key_once_across_processes(tmp_path: Path) -> None:
     """Two stores on one file are two ``serve --workers`` workers: a code used at one is refused at the other."""
     first, second = FileTokenStore(tmp_path / "tokens.json"), FileTokenStore(tmp_path / "tokens.json")
