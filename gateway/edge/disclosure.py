@@ -3,8 +3,10 @@
 Pure functions of data. Who learns what about whom:
 - the workspace's owner and collaborators are known to every app of the workspace (admins are not members);
 - anyone else is known only to a port its owner opted in (``identity_ports``), and only once they answered
-  "Continue" on that app's consent page; before they answer, a browser navigation gets the page and anything else
-  (fetch, a WebSocket, a script's bearer token) goes through with no identity at all;
+  "Continue" on that app's consent page, which is the hub's (``CONSENT_PATH``): on the app's own origin the
+  owner's scripts could read it, press its button, or post its form. Before they answer, a browser navigation is
+  sent there and anything else (fetch, a WebSocket, a script's bearer token, a frame) goes through with no
+  identity at all;
 - what is known is never more than the policy's ``identity`` rules let leave, and the headers and the signed
   assertion are made from the same cut-down identity, so neither says more than the other.
 """
@@ -12,14 +14,17 @@ Pure functions of data. Who learns what about whom:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from urllib.parse import urlencode
 
 from gateway.auth.identity import Identity
 from gateway.auth.store import Consent, consent_id
 from gateway.edge.policy import IdentityRules
+from gateway.edge.routing import Hosts
 from gateway.errors import GatewayError
 from gateway.lifecycle import WorkspaceSpec
 
-CONSENT_PATH = "/_codehub/consent"
+CONSENT_PATH = "/consent"
+"""On the hub."""
 _CLAIM_WORDS = {"user": "user name", "email": "e-mail address", "name": "name", "groups": "groups"}
 
 
@@ -53,6 +58,11 @@ def consent_pending(spec: WorkspaceSpec, port: int | None, identity: Identity | 
             and not member and answer_of(consents, identity, spec, port) is None)
 
 
+def consent_url(hosts: Hosts, workspace: str, port: int, next_path: str) -> str:
+    """Where a visitor answers for an app: the hub's page, which sends them back to ``next_path`` on the app."""
+    return hosts.hub_url(f"{CONSENT_PATH}?{urlencode({'workspace': workspace, 'port': port, 'next': next_path})}")
+
+
 def identity_headers(identity: Identity | None, assertion: str | None) -> dict[str, str]:
     """Upstream headers for a disclosed identity: a claim the policy withheld is absent, not empty."""
     if identity is None:
@@ -66,7 +76,7 @@ def identity_headers(identity: Identity | None, assertion: str | None) -> dict[s
 
 
 class ConsentPage(GatewayError):
-    """Not an error: the first visit of an opted-in app asks the visitor what it may learn about them."""
+    """Not an error: the first visit of an opted-in app asks the visitor, on the hub, what it may learn of them."""
 
     status = 200
     code = "identity-consent"

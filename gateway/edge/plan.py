@@ -29,10 +29,10 @@ from gateway.auth.authenticate import (
 )
 from gateway.auth.ide import put_ide_cookie
 from gateway.auth.identity import Identity
-from gateway.auth.sessions import Sessions
+from gateway.auth.sessions import Sessions, is_embedded
 from gateway.auth.store import ApiToken, ShareLink, TokenStore
 from gateway.edge import cors
-from gateway.edge.disclosure import CONSENT_PATH, ConsentPage, consent_pending, disclosed, identity_headers
+from gateway.edge.disclosure import consent_pending, consent_url, disclosed, identity_headers
 from gateway.edge.policy import CorsRule, Decision, Policy, Reason, decide, denial, may_wake, membership
 from gateway.edge.routing import WAKE_EVENTS_PATH, Hosts, Kind, Target, normalise_host, route
 from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound
@@ -179,7 +179,6 @@ class Page(enum.Enum):
     """The hub origin's own pages and API: aiohttp's router."""
     AUTH_CALLBACK = "auth-callback"
     AUTH_POPUP = "auth-popup"
-    CONSENT_ANSWER = "consent-answer"
     WAKE_EVENTS = "wake-events"
 
 
@@ -300,23 +299,15 @@ class _Request:
         if isinstance(credentials, (Refuse, Redirect)):
             return credentials
         if (target.port is not None and self._asks_consent(credentials.identity) and facts.method == "GET"
-                and wants_page(facts.method, facts.headers) and not is_websocket(facts.method, facts.headers)):
-            assert credentials.identity is not None
-            return self._refuse(ConsentPage(self.policy.identity, state.spec, target.port,
-                                            credentials.identity, credentials.path), credentials.identity)
+                and wants_page(facts.method, facts.headers) and not is_websocket(facts.method, facts.headers)
+                and not is_embedded(facts.headers)):  # a frame goes on knowing nobody: the hub is never framed
+            return Redirect(error=RedirectError(consent_url(self.world.hosts, state.id, target.port,
+                                                            credentials.path), status=302),
+                            target=target, effects=tuple(self.effects))
         return self._forward(credentials)
 
     def _reserved(self, path: str) -> Plan:
         target, state = self.target, self.state
-        if path == CONSENT_PATH and self.facts.method == "POST":
-            credentials = self._check()
-            if isinstance(credentials, (Refuse, Redirect)):
-                return credentials
-            identity = credentials.identity
-            if identity is None or target.port is None or target.port not in state.spec.identity_ports:
-                return self._refuse(NotFound("This app does not ask for your identity.", code="no-consent-asked"))
-            return GatewayPage(page=Page.CONSENT_ANSWER, target=target, identity=identity, state=state,
-                               port=target.port, effects=tuple(self.effects), user=identity.subject)
         if path == WAKE_EVENTS_PATH:
             credentials = self._check()
             if isinstance(credentials, (Refuse, Redirect)):

@@ -34,7 +34,7 @@ from gateway.server.context import GATEWAY, AuthState, Gateway
 from gateway.server.lane import execute, plan_for
 from gateway.server.refusals import Reason, counted
 from gateway.server.wiring import make_pool, make_reaper, make_runtime, make_session, make_store
-from gateway.web import api, auth_routes, badge, hub
+from gateway.web import api, auth_routes, badge, consent, hub
 from gateway.web.pages import error_response, internal_error, phase_words
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     hub.add_routes(app)
     app.router.add_get("/badge/{workspace}/{port}.svg", badge.badge)
     auth_routes.add_routes(app)
+    consent.add_routes(app)
     api.add_routes(app)
     app.on_shutdown.append(_drain)
     app.cleanup_ctx.append(_lifespan)

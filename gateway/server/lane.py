@@ -18,7 +18,6 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.accesslog import USER, log_text
-from gateway.auth.store import Consent
 from gateway.edge.plan import (
     Effect,
     Facts,
@@ -36,9 +35,7 @@ from gateway.edge.plan import (
     WaitingPage,
     plan,
 )
-from gateway.edge.routing import local_path
-from gateway.errors import BadRequest, GatewayError
-from gateway.errors import Redirect as RedirectError
+from gateway.errors import GatewayError
 from gateway.lifecycle.wake import progress_events
 from gateway.proxy.upstream import WAKE_CONNECT_GRACE, Upstream
 from gateway.server.context import Gateway
@@ -140,30 +137,13 @@ async def _gateway_page(request: web.Request, page: GatewayPage, gateway: Gatewa
         return await preview_callback(request, gateway, page.host, cross_site=page.cross_site)
     if page.page is Page.AUTH_POPUP:
         return await preview_popup(request)
+    assert page.page is Page.WAKE_EVENTS
     assert page.state is not None
     assert page.port is not None
-    if page.page is Page.WAKE_EVENTS:
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
-        await response.prepare(request)
-        async for event in progress_events(gateway.waker, page.state, page.port):
-            await response.write(event)
-        await response.write_eof()
-        return response
-    return await _answer_consent(request, page, gateway)
-
-
-async def _answer_consent(request: web.Request, page: GatewayPage, gateway: Gateway) -> web.StreamResponse:
-    """The consent page's form: recorded for this person and app, then on to where they were going. The form
-    is a cookie-authenticated write, so only the app's own origin can send it (the plan checked)."""
-    assert page.identity is not None
-    assert page.state is not None
-    assert page.port is not None
-    form = await request.post()
-    choice = form.get("choice")
-    if choice not in ("share", "decline"):
-        raise BadRequest("Choose Continue or Continue without sharing.", code="bad-consent")
-    await gateway.auth.store.record_consent(Consent.answer(page.identity.subject, page.state.id, page.port,
-                                                           share=choice == "share",
-                                                           claims=list(gateway.policy.identity.claims)))
-    raise RedirectError(local_path(str(form.get("next", "/"))), status=303)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    async for event in progress_events(gateway.waker, page.state, page.port):
+        await response.write(event)
+    await response.write_eof()
+    return response

@@ -91,13 +91,11 @@ async def opt_in(owner: Browser, port: int = 3001, on: bool = True) -> Page:
     return page
 
 
-async def answer(browser: Browser, choice: str, origin: str = APP) -> Page:
-    return await browser.fetch("POST", served_consent_url(), data={"choice": choice, "next": "/x?y=1"},
+async def answer(browser: Browser, choice: str, origin: str = HUB, port: int = 3001) -> Page:
+    """The consent page's form, as the hub's page posts it."""
+    return await browser.fetch("POST", f"{HUB}/consent",
+                               data={"workspace": "ws1", "port": str(port), "choice": choice, "next": "/x?y=1"},
                                headers={"Origin": origin, "Accept": "text/html"})
-
-
-def served_consent_url() -> str:
-    return APP + "/_codehub/consent"
 
 
 async def test_members_are_known_to_every_port_as_far_as_policy_allows(served: Served,
@@ -129,9 +127,11 @@ async def test_visitors_consent_once_per_app_and_can_withdraw(served: Served, ma
     bob.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(
         Identity("bob", "bob@example.com", ("team-b", "secret-project")), APP[7:]))
 
-    # Before an answer: a navigation gets the page, on the app's origin; nothing reaches the app.
+    # Before an answer: a navigation is sent to the page, on the hub; nothing reaches the app.
     page = await bob.navigate(served.preview("ws1", 3001, "/x?y=1"), headers=NAVIGATE)
     assert page.status == 200
+    assert page.url.startswith(f"{HUB}/consent?"), "never on the app's origin, where the owner's scripts run"
+    assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
     assert "Share who you are with this app?" in page.text
     for shown in ("bob", "bob@example.com", "team-b", "alice", "3001"):
         assert shown in page.text
@@ -140,14 +140,19 @@ async def test_visitors_consent_once_per_app_and_can_withdraw(served: Served, ma
     # ... and anything else goes through knowing nobody.
     assert await learned(bob, served) == {}
 
-    # Another origin cannot answer for the visitor.
-    forged = await answer(bob, "share", origin="http://3000-ws1.localhost:8080")
-    assert forged.status == 403
+    # No other origin can answer for the visitor: not another app, and not the app itself, whose owner's
+    # scripts run there (they posted the form with the visitor's cookie when it was served on the app's origin).
+    for origin in ("http://3000-ws1.localhost:8080", APP):
+        forged = await answer(bob, "share", origin=origin)
+        assert forged.status == 403
+    on_the_app = await bob.fetch("POST", APP + "/_codehub/consent", data={"choice": "share", "next": "/"},
+                                 headers={"Origin": APP, "Accept": "text/html"})
+    assert on_the_app.status == 404
     assert not served.gateway.auth.store.consents
 
     shared = await answer(bob, "share")
     assert shared.status == 303
-    assert shared.headers["Location"] == "/x?y=1"
+    assert shared.headers["Location"] == APP + "/x?y=1"
     seen = await learned(bob, served)
     assert seen["x-forwarded-user"] == ["bob"]
     assert seen["x-forwarded-email"] == ["bob@example.com"]
@@ -220,3 +225,16 @@ async def test_members_are_never_asked(served: Served, make_browser: MakeBrowser
         page = await browser.navigate(served.preview("ws1", 3001, "/x"), headers=NAVIGATE)
         assert "Share who you are" not in page.text
         assert seen_headers(page.json())["x-forwarded-user"] == [member]
+
+
+async def test_a_framed_app_is_not_asked_and_learns_nothing(served: Served, make_browser: MakeBrowser) -> None:
+    """The hub is never framed, so a preview embedded in a code review goes on knowing nobody until its visitor
+    answers with the app open on its own."""
+    alice = await signed_in(make_browser, served, "alice")
+    await opt_in(alice)
+    bob = await signed_in(make_browser, served, "bob", "team-b")
+    bob.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(Identity("bob", "bob@example.com"),
+                                                                              APP[7:]))
+    framed = await bob.navigate(served.preview("ws1", 3001, "/x"), headers={**NAVIGATE, "Sec-Fetch-Dest": "iframe"})
+    assert framed.url == served.preview("ws1", 3001, "/x")
+    assert not {name: value for name, value in seen_headers(framed.json()).items() if name in IDENTITY_HEADERS}

@@ -1,0 +1,61 @@
+"""The consent page, on the hub: a visitor answers there what an app may learn of them.
+
+Not on the app's origin, where the owner's scripts could read the page, press its button in a frame of theirs,
+or post its form with the visitor's cookie. The hub serves none of the owner's content, is never framed, and
+takes a cookie-authenticated form only from its own pages (``check_same_origin``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from aiohttp import web
+from yarl import URL
+
+from gateway.auth.store import Consent
+from gateway.edge.disclosure import CONSENT_PATH, ConsentPage
+from gateway.edge.routing import local_path
+from gateway.errors import BadRequest, NotFound, Redirect, Unauthorized
+from gateway.lifecycle.base import WorkspaceState
+from gateway.server.context import GATEWAY, Gateway
+from gateway.web.auth_routes import check_same_origin, hub_identity
+
+
+def _asked(gateway: Gateway, values: Mapping[str, object]) -> tuple[WorkspaceState, int]:
+    """The workspace and port named, if that app asks for its visitors' identity."""
+    port = str(values.get("port", ""))
+    state = gateway.runtime.get(str(values.get("workspace", "")))
+    if state is None or not port.isdigit() or int(port) not in state.spec.identity_ports:
+        raise NotFound("This app does not ask for your identity.", code="no-consent-asked")
+    return state, int(port)
+
+
+async def consent_page(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    identity = hub_identity(request, gateway)
+    if identity is None:
+        raise Redirect(str(URL("/auth/login").with_query(next=request.path_qs)), status=302)
+    state, port = _asked(gateway, request.query)
+    raise ConsentPage(gateway.policy.identity, state.spec, port, identity, local_path(request.query.get("next")))
+
+
+async def answer(request: web.Request) -> web.StreamResponse:
+    """Recorded for this person and app, then on to where they were going on the app."""
+    gateway = request.app[GATEWAY]
+    check_same_origin(request, gateway)
+    identity = hub_identity(request, gateway)
+    if identity is None:
+        raise Unauthorized("Sign in to answer.", code="user-unauthenticated")
+    form = await request.post()
+    state, port = _asked(gateway, form)
+    choice = form.get("choice")
+    if choice not in ("share", "decline"):
+        raise BadRequest("Choose Continue or Continue without sharing.", code="bad-consent")
+    await gateway.auth.store.record_consent(Consent.answer(identity.subject, state.id, port, share=choice == "share",
+                                                           claims=list(gateway.policy.identity.claims)))
+    raise Redirect(gateway.hosts.share_url(state.id, port, local_path(str(form.get("next", "/")))), status=303)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get(CONSENT_PATH, consent_page)
+    app.router.add_post(CONSENT_PATH, answer)
