@@ -59,8 +59,8 @@ def origin_allowed(rule: CorsRule, origin: str, spec: WorkspaceSpec, hosts: Host
         return True
     try:
         url = URL(origin)
-    except ValueError:  # an Origin no browser would send ("http://host:8080.evil.test")
-        return False
+    except (ValueError, IndexError):  # an Origin no browser would send ("http://host:8080.evil.test"; yarl
+        return False  # raises IndexError on "http://[]@")
     if not url.absolute or url.scheme != hosts.scheme or url.path not in ("", "/"):
         return False
     try:

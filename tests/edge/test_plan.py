@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.auth.identity import Identity
@@ -239,6 +241,27 @@ cors:
                       Access_Control_Request_Method="POST", Access_Control_Request_Headers=requested), world)
     assert isinstance(made, Preflight)
     assert made.headers.get("Access-Control-Allow-Headers") == allowed
+
+
+_ORIGINS = st.one_of(
+    st.text(max_size=40),
+    st.builds(lambda scheme, rest: f"{scheme}://{rest}", st.sampled_from(["http", "https", "ws", ""]),
+              st.text(alphabet="[]@:/.%?#\\0123456789abcdefghijklmnopqrstuvwxyz-", max_size=30)),
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(origin=_ORIGINS)
+@example(origin="http://[]@")
+def test_no_origin_makes_the_plan_raise(world: World, origin: str) -> None:
+    """``Origin: http://[]@`` made yarl raise IndexError, which the CORS check did not expect: a 500 and two
+    logged tracebacks for anyone, signed in or not. Whatever the Origin, the plan is an answer."""
+    world.policy = parse_policy("cors:\n  - ports: [3000, 4000]\n    mode: replace\n"
+                                "    allow_origins: [same-workspace]\n")
+    for method, extra in (("GET", {}), ("OPTIONS", {"Access_Control_Request_Method": "POST"}),
+                          ("POST", {})):
+        for host in (PREVIEW, "4000-ws.localhost:8080"):
+            assert isinstance(plan(facts("/", method=method, host=host, Origin=origin, **extra), world), Plan)
 
 
 def _framing(world: World) -> str:
