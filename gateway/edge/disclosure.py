@@ -1,8 +1,9 @@
 """What an app learns about the person who opens it, decided from policy, the owner's choice and consent.
 
 Pure functions of data. Who learns what about whom:
-- the workspace's owner and collaborators are known to every app of the workspace (admins are not members);
-- anyone else is known only to a port its owner opted in (``identity_ports``), and only once they answered
+- the workspace's owner is known to every app of the workspace: they are its apps;
+- anyone else, collaborators included (whom the owner names alone, groups too: being named must not tell the
+  owner's apps who visits), is known only to a port its owner opted in (``identity_ports``), and only once they answered
   "Continue" on that app's consent page, which is the hub's (``CONSENT_PATH``): on the app's own origin the
   owner's scripts could read it, press its button, or post its form. Before they answer, a browser navigation is
   sent there and anything else (fetch, a WebSocket, a script's bearer token, a frame) goes through with no
@@ -29,8 +30,8 @@ _CLAIM_WORDS = {"user": "user name", "email": "e-mail address", "name": "name", 
 
 
 Consents = Callable[[], Mapping[str, Consent]]
-"""The answers recorded so far, asked for only when a non-member opens an opted-in port (a file-backed store
-looks at its file when asked: not a cost every request should pay)."""
+"""The answers recorded so far, asked for only when someone other than the owner opens an opted-in port (a
+file-backed store looks at its file when asked: not a cost every request should pay)."""
 
 
 def answer_of(consents: Consents, identity: Identity, spec: WorkspaceSpec, port: int) -> Consent | None:
@@ -38,11 +39,11 @@ def answer_of(consents: Consents, identity: Identity, spec: WorkspaceSpec, port:
 
 
 def disclosed(rules: IdentityRules, spec: WorkspaceSpec, port: int | None, identity: Identity | None, *,
-              member: bool, consents: Consents) -> Identity | None:
+              owner: bool, consents: Consents) -> Identity | None:
     """The identity this app may receive for this caller, or None."""
     if identity is None:
         return None
-    if not member:
+    if not owner:
         if port is None or port not in spec.identity_ports:
             return None
         answer = answer_of(consents, identity, spec, port)
@@ -52,10 +53,10 @@ def disclosed(rules: IdentityRules, spec: WorkspaceSpec, port: int | None, ident
 
 
 def consent_pending(spec: WorkspaceSpec, port: int | None, identity: Identity | None, *,
-                    member: bool, consents: Consents) -> bool:
+                    owner: bool, consents: Consents) -> bool:
     """A visitor of an opted-in port who has not answered yet: a browser navigation gets the consent page."""
     return (identity is not None and port is not None and port in spec.identity_ports
-            and not member and answer_of(consents, identity, spec, port) is None)
+            and not owner and answer_of(consents, identity, spec, port) is None)
 
 
 def consent_url(hosts: Hosts, workspace: str, port: int, next_path: str) -> str:

@@ -273,7 +273,7 @@ class _Request:
         self.effects: list[Effect] = []
         self.found = False
         """Whether ``state`` is known yet (the refusals before it carry no CORS headers)."""
-        self._member: bool | None = None
+        self._member: tuple[Reason | None] | None = None
         self.state: WorkspaceState
 
     # --- the shape of it -------------------------------------------------------------------------------------
@@ -378,21 +378,27 @@ class _Request:
         state = self.world.workspace(workspace)
         return state.spec.owner if state is not None else None
 
-    def _is_member(self, identity: Identity | None) -> bool:
-        """Owner or collaborator (asked several times a request, of one caller: answered once)."""
+    def _membership(self, identity: Identity | None) -> Reason | None:
+        """Owner, collaborator or None (asked several times a request, of one caller: answered once)."""
         if identity is None:
-            return False
+            return None
         if self._member is None:
-            self._member = membership(self.state.spec, identity) is not None
-        return self._member
+            self._member = (membership(self.state.spec, identity),)
+        return self._member[0]
+
+    def _is_member(self, identity: Identity | None) -> bool:
+        return self._membership(identity) is not None
+
+    def _is_owner(self, identity: Identity | None) -> bool:
+        return self._membership(identity) is Reason.OWNER
 
     def _asks_consent(self, identity: Identity | None) -> bool:
-        return consent_pending(self.state.spec, self.target.port, identity, member=self._is_member(identity),
+        return consent_pending(self.state.spec, self.target.port, identity, owner=self._is_owner(identity),
                                consents=lambda: self.world.store.consents)
 
     def _disclosed(self, identity: Identity | None) -> Identity | None:
         return disclosed(self.policy.identity, self.state.spec, self.target.port, identity,
-                         member=self._is_member(identity), consents=lambda: self.world.store.consents)
+                         owner=self._is_owner(identity), consents=lambda: self.world.store.consents)
 
     # --- answers -------------------------------------------------------------------------------------------
     def _preflight(self) -> Plan:

@@ -98,7 +98,7 @@ async def answer(browser: Browser, choice: str, origin: str = HUB, port: int = 3
                                headers={"Origin": origin, "Accept": "text/html"})
 
 
-async def test_members_are_known_to_every_port_as_far_as_policy_allows(served: Served,
+async def test_the_owner_is_known_to_every_port_as_far_as_policy_allows(served: Served,
                                                                         make_browser: MakeBrowser) -> None:
     alice = await signed_in(make_browser, served, "alice", "secret-project,team-a")
     assert (await alice.navigate(served.preview("ws1", 3000, "/"))).status == 200  # signs in there
@@ -108,6 +108,27 @@ async def test_members_are_known_to_every_port_as_far_as_policy_allows(served: S
     claims = assertion_claims(seen, "http://3000-ws1.localhost:8080")
     assert claims["groups"] == ["team-a"]
     assert "secret-project" not in str(seen)
+
+
+async def test_naming_someone_a_member_does_not_tell_the_apps_who_they_are(served: Served,
+                                                                          make_browser: MakeBrowser) -> None:
+    """The owner names the members alone, groups too: a collaborator (carol by name, bob through ``group:team-b``)
+    is asked like any visitor on an opted-in port, and a port not opted in learns nothing of them."""
+    alice = await signed_in(make_browser, served, "alice")
+    made = await alice.fetch("PUT", f"{HUB}/api/v1/workspaces/ws1/collaborators",
+                             json_body={"collaborators": ["carol", "group:team-b"]},
+                             headers={"Origin": HUB, "Accept": "application/json"})
+    assert made.status == 200, made.text
+    await opt_in(alice)
+    for name, groups in (("carol", ""), ("bob", "team-b")):
+        member = await signed_in(make_browser, served, name, groups)
+        for port in (3000, 3001):
+            host = f"http://{port}-ws1.localhost:8080"
+            member.add_cookie(host, "codehub_session", served.gateway.auth.sessions.issue(
+                Identity(name, f"{name}@example.com", tuple(filter(None, [groups]))), host[7:]))
+            assert await learned(member, served, port) == {}, (name, port)
+        asked = await member.navigate(served.preview("ws1", 3001, "/x"), headers=NAVIGATE)
+        assert asked.url.startswith(f"{HUB}/consent?"), name
 
 
 async def test_a_port_not_opted_in_learns_nothing_of_visitors(served: Served, make_browser: MakeBrowser) -> None:
@@ -216,15 +237,13 @@ async def test_opting_out_stops_disclosure_at_once(served: Served, make_browser:
     assert refused.status == 404, "only the owner opts a port in"
 
 
-async def test_members_are_never_asked(served: Served, make_browser: MakeBrowser) -> None:
+async def test_the_owner_is_never_asked(served: Served, make_browser: MakeBrowser) -> None:
     alice = await signed_in(make_browser, served, "alice")
     await opt_in(alice)
-    for member in ("alice", "carol"):  # the owner and a collaborator
-        browser = await signed_in(make_browser, served, member)
-        browser.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(Identity(member), APP[7:]))
-        page = await browser.navigate(served.preview("ws1", 3001, "/x"), headers=NAVIGATE)
-        assert "Share who you are" not in page.text
-        assert seen_headers(page.json())["x-forwarded-user"] == [member]
+    alice.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(Identity("alice"), APP[7:]))
+    page = await alice.navigate(served.preview("ws1", 3001, "/x"), headers=NAVIGATE)
+    assert page.url == served.preview("ws1", 3001, "/x")
+    assert seen_headers(page.json())["x-forwarded-user"] == ["alice"]
 
 
 async def test_a_framed_app_is_not_asked_and_learns_nothing(served: Served, make_browser: MakeBrowser) -> None:
