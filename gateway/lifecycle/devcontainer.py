@@ -8,13 +8,40 @@ labels rather than an error: a typo in a workspace's file must not break the hub
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 CANDIDATES = (Path(".devcontainer") / "devcontainer.json", Path(".devcontainer.json"))
 _JSONC_NOISE = re.compile(r'("(?:\\.|[^"\\])*")|//[^\n]*|/\*.*?\*/|,(?=\s*[}\]])', re.DOTALL)
 _RANGE = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?")
 _MAX_RANGE = 1000
+MOST_READ = 1 << 20
+"""Bytes read of a file in a workspace home: a label or settings file is a few kilobytes."""
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def read_regular(path: Path, limit: int) -> bytes | None:
+    """The first ``limit`` bytes of ``path`` when it is (or links to) a regular file, else None.
+
+    Files in a workspace home are its owner's to replace: a FIFO there blocks an open and a read until a writer
+    comes, and a device like /dev/zero never ends, either of which would hang the gateway (its event loop, or a
+    workspace's lock). The open does not wait (O_NONBLOCK) and only what ``fstat`` calls a regular file is read,
+    so no swap made between a check and the read gets past it. A missing or unreadable file raises ``OSError``.
+    """
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks: list[bytes] = []
+        left = limit
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def parse_labels(text: str) -> dict[int, str]:
@@ -48,15 +75,16 @@ class LabelFile:
     def labels(self) -> dict[int, str]:
         for path in self._paths:
             try:
-                stat = path.stat()
+                info = path.stat()
             except OSError:
                 continue
-            stamp = (path, stat.st_mtime, stat.st_size)
+            stamp = (path, info.st_mtime, info.st_size)
             if stamp != self._stamp:
                 try:
-                    self._labels = parse_labels(path.read_text(errors="replace")[:1 << 20])
+                    data = read_regular(path, MOST_READ)
                 except OSError:
-                    self._labels = {}
+                    data = None
+                self._labels = {} if data is None else parse_labels(data.decode(errors="replace"))
                 self._stamp = stamp
             return self._labels
         self._stamp, self._labels = None, {}
