@@ -102,7 +102,8 @@ class ApiToken:
 @dataclass
 class Consent:
     """A visitor's answer on an app's consent page: whether it may receive their identity (``share``), and the
-    claims the page named. One record per person and app (``id`` is derived from them), until withdrawn."""
+    claims the page named. One record per person and app (``id`` is derived from them, the app's owner too: a
+    workspace deleted and made again under its name by someone else is another app), until withdrawn."""
 
     id: str
     subject: str
@@ -113,14 +114,18 @@ class Consent:
     at: float
 
     @classmethod
-    def answer(cls, subject: str, workspace: str, port: int, *, share: bool, claims: list[str],
+    def answer(cls, subject: str, workspace: str, port: int, *, owner: str, share: bool, claims: list[str],
                now: float | None = None) -> Consent:
-        return cls(consent_id(subject, workspace, port), subject, workspace, port, share, claims,
+        return cls(consent_id(subject, workspace, port, owner), subject, workspace, port, share, claims,
                    time.time() if now is None else now)
 
+    def of(self, owner: str) -> bool:
+        """Given to the app of this owner (not to an app of a workspace of the same name before it)."""
+        return self.id == consent_id(self.subject, self.workspace, self.port, owner)
 
-def consent_id(subject: str, workspace: str, port: int) -> str:
-    return hashlib.sha256(f"{subject}\0{workspace}\0{port}".encode()).hexdigest()[:24]
+
+def consent_id(subject: str, workspace: str, port: int, owner: str) -> str:
+    return hashlib.sha256(f"{subject}\0{workspace}\0{port}\0{owner}".encode()).hexdigest()[:24]
 
 
 class LinksByWorkspace:

@@ -35,7 +35,7 @@ file-backed store looks at its file when asked: not a cost every request should 
 
 
 def answer_of(consents: Consents, identity: Identity, spec: WorkspaceSpec, port: int) -> Consent | None:
-    return consents().get(consent_id(identity.subject, spec.id, port))
+    return consents().get(consent_id(identity.subject, spec.id, port, spec.owner))
 
 
 def disclosed(rules: IdentityRules, spec: WorkspaceSpec, port: int | None, identity: Identity | None, *,

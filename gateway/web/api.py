@@ -133,12 +133,14 @@ def _known_ports(gateway: Gateway, state: WorkspaceState) -> list[int]:
     return sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
 
 
-def consented(gateway: Gateway, workspaces: Iterable[str]) -> Counter[tuple[str, int]]:
+def consented(gateway: Gateway, workspaces: Iterable[WorkspaceSpec]) -> Counter[tuple[str, int]]:
     """How many visitors agreed to share who they are with each app of these workspaces: one pass over the answers
-    for a whole page, not one per workspace."""
-    wanted = set(workspaces)
+    for a whole page, not one per workspace. Answers given to an earlier workspace of the same name, someone
+    else's, are not these apps'."""
+    owners = {spec.id: spec.owner for spec in workspaces}
     answers = gateway.auth.store.consents.values()
-    return Counter((c.workspace, c.port) for c in answers if c.share and c.workspace in wanted)
+    return Counter((c.workspace, c.port) for c in answers
+                   if c.share and c.workspace in owners and c.of(owners[c.workspace]))
 
 
 def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity,
@@ -148,7 +150,7 @@ def workspace_view(gateway: Gateway, state: WorkspaceState, identity: Identity,
     labels = {**gateway.runtime.port_labels(state.id), **state.spec.labels}
     ports = sorted((set(state.spec.ports) | listening) - {state.spec.ide_port})
     their_role = role_of(gateway.policy, state.spec, identity)
-    counts = consented(gateway, [state.id]) if consents is None else consents
+    counts = consented(gateway, [state.spec]) if consents is None else consents
     return {
         "id": state.id, "owner": state.spec.owner, "collaborators": list(state.spec.collaborators),
         "role": their_role.value if their_role else None, "phase": state.phase.value,
@@ -208,7 +210,7 @@ def page_of(gateway: Gateway, identity: Identity, limit: int, after: str | None)
             more = True
             break
         page.append(state)
-    consents = consented(gateway, (state.id for state in page))
+    consents = consented(gateway, (state.spec for state in page))
     return {"workspaces": [workspace_view(gateway, state, identity, consents) for state in page],
             "next_cursor": cursor_of(page[-1].id) if more else None}
 
@@ -231,7 +233,7 @@ async def create_workspace(request: web.Request) -> web.Response:
     workspace_id = new.id or "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
     spec = WorkspaceSpec(id=workspace_id, owner=identity.subject, collaborators=tuple(new.collaborators),
                          ports=dict(new.ports))
-    counts = consented(gateway, [workspace_id])  # first: a token store that cannot be read refuses before the act
+    counts = consented(gateway, [spec])  # first: a token store that cannot be read refuses before the act
     state = await gateway.runtime.create(spec)
     return web.json_response(workspace_view(gateway, state, identity, counts), status=201)
 
@@ -249,7 +251,7 @@ async def set_collaborators(request: web.Request) -> web.Response:
     state = _mine(request, identity, may="own")
     gateway = request.app[GATEWAY]
     change: Collaborators = await _body(request, Collaborators)
-    counts = consented(gateway, [state.id])  # as in create_workspace
+    counts = consented(gateway, [state.spec])  # as in create_workspace
     state = await gateway.runtime.update(state.id, collaborators=tuple(change.collaborators))
     return web.json_response(workspace_view(gateway, state, identity, counts))
 
@@ -282,7 +284,7 @@ async def set_port(request: web.Request) -> web.Response:
     identity_ports = None
     if change.identity is not None:
         identity_ports = state.spec.identity_ports | {port} if change.identity else state.spec.identity_ports - {port}
-    counts = consented(gateway, [state.id])  # as in create_workspace
+    counts = consented(gateway, [state.spec])  # as in create_workspace
     state = await gateway.runtime.update(
         state.id, ports={**state.spec.ports, port: change.visibility} if change.visibility is not None else None,
         https_ports=https if change.protocol is not None else None, labels=labels, identity_ports=identity_ports)
@@ -362,7 +364,7 @@ async def lifecycle(request: web.Request) -> web.Response:
     runtime = gateway.runtime
     action = request.match_info["action"]
     operations = {"wake": runtime.wake, "stop": runtime.stop, "archive": runtime.archive}
-    counts = consented(gateway, [state.id])  # as in create_workspace
+    counts = consented(gateway, [state.spec])  # as in create_workspace
     state = await operations[action](state.id)
     return web.json_response(workspace_view(gateway, state, identity, counts))
 

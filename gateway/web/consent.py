@@ -51,7 +51,8 @@ async def answer(request: web.Request) -> web.StreamResponse:
     choice = form.get("choice")
     if choice not in ("share", "decline"):
         raise BadRequest("Choose Continue or Continue without sharing.", code="bad-consent")
-    await gateway.auth.store.record_consent(Consent.answer(identity.subject, state.id, port, share=choice == "share",
+    await gateway.auth.store.record_consent(Consent.answer(identity.subject, state.id, port, owner=state.spec.owner,
+                                                           share=choice == "share",
                                                            claims=list(gateway.policy.identity.claims)))
     raise Redirect(gateway.hosts.share_url(state.id, port, local_path(str(form.get("next", "/")))), status=303)
 

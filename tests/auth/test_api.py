@@ -463,9 +463,10 @@ async def test_ports_count_the_visitors_who_agreed_to_share_and_no_one_else(serv
     that declined, in a page, in the hub's snapshot and in a single workspace's view alike."""
     served = await serve({name: {"owner": "alice", "ports": {3000: "private"}} for name in ("a1", "b2")})
     store = served.gateway.auth.store
-    for who, where, share in [("bob", "a1", True), ("carol", "a1", False), ("dave", "b2", True),
-                              ("erin", "b2", True)]:
-        await store.record_consent(Consent.answer(who, where, 3000, share=share, claims=["email"]))
+    for who, where, share, owner in [("bob", "a1", True, "alice"), ("carol", "a1", False, "alice"),
+                                     ("dave", "b2", True, "alice"), ("erin", "b2", True, "alice"),
+                                     ("fay", "b2", True, "mallory")]:  # given to an earlier b2, not alice's
+        await store.record_consent(Consent.answer(who, where, 3000, owner=owner, share=share, claims=["email"]))
     alice = await user(make_browser, served, "alice")
     for path in ("/api/v1/workspaces", "/api/v1/hub/snapshot"):
         views = (await call(alice, "GET", path)).json()["workspaces"]

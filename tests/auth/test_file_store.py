@@ -536,7 +536,7 @@ async def test_a_record_edited_into_the_wrong_types_is_refused_and_named(
     _, token = await store.create_share(workspace="ws1", port=3000, audience="people", people=["alice"],
                                            created_by="alice", ttl=3600)
     store.create_api_token_now(Identity("alice", "", ()), name="ci")
-    await store.record_consent(Consent.answer("bob", "ws1", 3000, share=True, claims=["email"]))
+    await store.record_consent(Consent.answer("bob", "ws1", 3000, owner="alice", share=True, claims=["email"]))
     data = json.loads(path.read_text())
     data[kind][0][field] = value
     path.write_text(json.dumps(data))

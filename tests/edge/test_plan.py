@@ -20,7 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet, SigningKey
 from gateway.auth.sessions import Sessions
-from gateway.auth.store import FileTokenStore
+from gateway.auth.store import Consent, FileTokenStore
 from gateway.edge import plan as plan_module
 from gateway.edge.plan import (
     Facts,
@@ -299,6 +299,21 @@ cors:
     assert isinstance(made, Refuse)
     assert made.error.code == "workspace-not-found"
     assert "Access-Control-Allow-Origin" not in made.error.headers
+
+
+async def test_an_answer_goes_to_the_app_it_was_given_to_not_to_the_next_owner_of_its_name(world: World) -> None:
+    """Bob agreed to share who he is with alice's app on port 4000 of ``ws``. Alice deletes ``ws``, mallory makes
+    a ``ws`` of her own and opts its port 4000 in: her app is not alice's, and learns nothing of bob."""
+    host = "4000-ws.localhost:8080"
+    for owner in ("alice", "mallory"):
+        spec = WorkspaceSpec(id="ws", owner=owner, ports={4000: "public"}, identity_ports=frozenset({4000}))
+        world.states["ws"] = WorkspaceState(spec, Phase.RUNNING, address="127.0.0.9")
+        if owner == "alice":
+            await world.store.record_consent(Consent.answer("bob", "ws", 4000, owner="alice", share=True,
+                                                            claims=["user"]))
+        made = plan(facts("/", host=host, Cookie=world.cookie(Identity("bob"), host)), world)
+        assert isinstance(made, Forward)
+        assert ("X-Forwarded-User" in made.headers) is (owner == "alice"), owner
 
 
 def test_a_token_store_that_cannot_be_read_is_a_refusal_not_a_crash(tmp_path: Path) -> None:

@@ -307,7 +307,7 @@ async def test_a_hand_off_code_is_admitted_once_across_replicas(kube: KubeEnv, r
 
 async def test_a_consent_given_through_one_replica_applies_in_every_one(kube: KubeEnv, replica: MakeReplica) -> None:
     a, b = await replica("gw-a"), await replica("gw-b")
-    answer = Consent.answer("bob", "w1", 8000, share=True, claims=["user", "email"])
+    answer = Consent.answer("bob", "w1", 8000, owner="alice", share=True, claims=["user", "email"])
     await store(a).record_consent(answer)
     assert store(a).consents[answer.id] == answer  # at once where it was given
     await until(lambda: answer.id in store(b).consents)
@@ -318,7 +318,7 @@ async def test_a_consent_given_through_one_replica_applies_in_every_one(kube: Ku
                               "claims": ["user", "email"], "answered": stored["spec"]["answered"]}
 
     # Answered again (declined this time): the same object, replaced.
-    declined = Consent.answer("bob", "w1", 8000, share=False, claims=["user", "email"])
+    declined = Consent.answer("bob", "w1", 8000, owner="alice", share=False, claims=["user", "email"])
     await store(b).record_consent(declined)
     await until(lambda: not store(a).consents[answer.id].share)
     assert len(kube.emulator.list_objects(CONSENT, NS)) == 1
