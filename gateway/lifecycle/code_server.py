@@ -10,7 +10,9 @@ default ``::``) is forwarded from the Ports view by hand. The Kubernetes runtime
 network and a process list of its own.
 
 Only keys the owner has not set are added, and a settings file code-server would read but plain JSON cannot (it
-allows comments and trailing commas) is left as written rather than rewritten without its comments.
+allows comments and trailing commas) is left as written rather than rewritten without its comments. So is anything
+that is not a regular file (a FIFO, a link to a device): the owner's home is theirs to fill, and the start waits
+on none of it.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from gateway.lifecycle.devcontainer import MOST_READ, read_regular
+
 log = logging.getLogger(__name__)
 
 SEEDED: Mapping[str, object] = {"remote.autoForwardPortsSource": "output"}
 _FLAG = "--user-data-dir"
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+"""Only a file this start creates is written: an existing name (a FIFO would block the open) is never opened."""
 
 
 def settings_file(command: Sequence[str], home: Path, env: Mapping[str, str]) -> Path | None:
@@ -45,19 +51,27 @@ def settings_file(command: Sequence[str], home: Path, env: Mapping[str, str]) ->
 
 
 def seed_settings(path: Path) -> None:
-    """Add the keys of ``SEEDED`` that ``path`` lacks. Never fails the start: an IDE that notices fewer ports is
-    better than a workspace that does not start."""
+    """Add the keys of ``SEEDED`` that ``path`` lacks. Never fails the start, nor holds it: an IDE that notices
+    fewer ports is better than a workspace that does not start, or one whose lock a FIFO holds for ever."""
     try:
-        current = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        return  # comments, or unreadable: the owner's file stays as it is
+        text = read_regular(path, MOST_READ)
+    except FileNotFoundError:
+        text = b"{}"
+    except OSError:
+        return  # unreadable: the owner's file stays as it is
+    try:
+        current = json.loads(text) if text is not None else None
+    except ValueError:
+        return  # comments
     if not isinstance(current, dict) or SEEDED.keys() <= current.keys():
         return
     merged = {**SEEDED, **current}
     tmp = path.with_name(path.name + ".codehub.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(merged, indent=2) + "\n")
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(os.open(tmp, _NEW_FILE, 0o666), "w") as handle:
+            handle.write(json.dumps(merged, indent=2) + "\n")
         os.replace(tmp, path)
     except OSError as exc:
         log.warning("could not write code-server settings %s: %s", path, exc)

@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,37 @@ def snapshot(home: Path) -> dict[str, tuple[Any, ...]]:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             entries[name] = ("file", oct(mode), info.st_size, digest, int(info.st_mtime))
     return entries
+
+
+# --- files the owner controls --------------------------------------------------------------------------
+
+class Fifo:
+    """A FIFO no one else opens, for as long as the test needs it. Should the gateway block on it (opening it
+    to read or write, or reading it), a watcher thread opens it after ``patience`` seconds, which unblocks either
+    side, so the test ends; ``released`` then says that it had blocked."""
+
+    def __init__(self, path: Path, patience: float = 5.0) -> None:
+        os.mkfifo(path)
+        self.path, self.patience, self.released = path, patience, False
+        self._done = threading.Event()
+        self._watcher = threading.Thread(target=self._release, daemon=True)
+
+    def _release(self) -> None:
+        if not self._done.wait(self.patience):
+            self.released = True
+            fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)  # never blocks: it is both ends
+            try:
+                os.write(fd, b"{}")
+            finally:
+                os.close(fd)
+
+    def __enter__(self) -> Fifo:
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._watcher.join()
 
 
 # --- processes ---------------------------------------------------------------------------------------------

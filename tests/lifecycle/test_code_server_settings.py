@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from gateway.lifecycle import Phase
-from gateway.lifecycle.code_server import settings_file
+from gateway.lifecycle.code_server import seed_settings, settings_file
 from gateway.lifecycle.local import LocalRuntime
 from tests.conftest import next_address, settings, workspace
+from tests.lifecycle.conftest import Fifo
 
 SEEDED = {"remote.autoForwardPortsSource": "output"}
 RECORDER = """#!/bin/sh
@@ -177,3 +180,47 @@ async def test_the_gateways_own_xdg_folders_are_not_passed_on(tmp_path: Path, mo
     assert found is not None
     assert json.loads(found) == SEEDED
     assert not (tmp_path / "mine").exists()
+
+
+async def test_a_fifo_as_the_settings_never_holds_the_start(tmp_path: Path) -> None:
+    """The owner may make the settings file a FIFO: reading it would wait for a writer for ever, in a start that
+    holds the workspace's lock (stop, archive, the idle reaper and shutdown wait behind it). The start goes on
+    without waiting, and the FIFO stays as the owner made it."""
+    program = fake_code_server(tmp_path)
+    folder = tmp_path / "state" / "workspaces" / "ws" / "home" / ".cs" / "User"
+    folder.mkdir(parents=True)
+    with Fifo(folder / "settings.json") as fifo:
+        runtime, _home = await start(tmp_path, [str(program), "--user-data-dir", "{home}/.cs", "{home}"],
+                                     seen_at=".cs/User/settings.json")
+    try:
+        assert not fifo.released, "the start waited on the FIFO"
+        assert runtime.get("ws").phase is Phase.RUNNING  # type: ignore[union-attr]
+        assert stat.S_ISFIFO((folder / "settings.json").lstat().st_mode)
+    finally:
+        await runtime.close()
+
+
+async def test_a_fifo_where_the_settings_are_written_never_holds_the_start(tmp_path: Path) -> None:
+    """Opening a FIFO to write waits for a reader: the settings are written through a file the start creates
+    itself, whatever was left at that name."""
+    program = fake_code_server(tmp_path)
+    folder = tmp_path / "state" / "workspaces" / "ws" / "home" / ".cs" / "User"
+    folder.mkdir(parents=True)
+    with Fifo(folder / "settings.json.codehub.tmp") as fifo:
+        runtime, home = await start(tmp_path, [str(program), "--user-data-dir", "{home}/.cs", "{home}"],
+                                    seen_at=".cs/User/settings.json")
+    try:
+        assert not fifo.released, "the start waited on the FIFO"
+        found, _env = await started(home)
+        assert found is not None
+        assert json.loads(found) == SEEDED
+    finally:
+        await runtime.close()
+
+
+def test_a_settings_link_to_a_device_is_left_alone(tmp_path: Path) -> None:
+    """/dev/zero would be read without end; a link to a device is not settings, and is kept as the owner made it."""
+    path = tmp_path / "settings.json"
+    path.symlink_to("/dev/zero")
+    seed_settings(path)
+    assert os.readlink(path) == "/dev/zero"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from gateway.auth.identity import Identity
 from gateway.lifecycle.devcontainer import LabelFile, parse_labels, read_regular
 from tests.conftest import MakeGateway, next_address, workspace
-from tests.lifecycle.conftest import gateway_of
+from tests.lifecycle.conftest import Fifo, gateway_of
 
 
 @pytest.mark.parametrize(
@@ -48,48 +47,23 @@ def test_label_file_follows_edits(tmp_path: Path) -> None:
 
 
 
-class NoWriter:
-    """A FIFO no one writes to, for as long as the test needs it: should a read block on it, a watcher thread
-    writes to it after ``patience`` seconds so the test ends, and ``needed`` says the read had blocked."""
-
-    def __init__(self, path: Path, patience: float = 5.0) -> None:
-        os.mkfifo(path)
-        self.path, self.patience, self.needed = path, patience, False
-        self._done = threading.Event()
-        self._watcher = threading.Thread(target=self._release, daemon=True)
-
-    def _release(self) -> None:
-        if not self._done.wait(self.patience):
-            self.needed = True
-            with open(self.path, "w") as fifo:  # a blocked reader is there, so this open returns
-                fifo.write("{}")
-
-    def __enter__(self) -> NoWriter:
-        self._watcher.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._watcher.join()
-
-
 @pytest.mark.parametrize("where", [".devcontainer/devcontainer.json", ".devcontainer.json"])
 def test_a_fifo_gives_no_labels_and_never_blocks(tmp_path: Path, where: str) -> None:
     """The owner controls the home: a FIFO there would block the read (on the loop serving everyone) until some
     writer came, so only a regular file is read."""
     path = tmp_path / where
     path.parent.mkdir(exist_ok=True)
-    with NoWriter(path) as fifo:
+    with Fifo(path) as fifo:
         labels = LabelFile(tmp_path).labels()
-    assert not fifo.needed
+    assert not fifo.released
     assert labels == {}
 
 
 def test_a_link_to_a_fifo_gives_no_labels(tmp_path: Path) -> None:
     (tmp_path / ".devcontainer.json").symlink_to(tmp_path / "pipe")
-    with NoWriter(tmp_path / "pipe") as fifo:
+    with Fifo(tmp_path / "pipe") as fifo:
         labels = LabelFile(tmp_path).labels()
-    assert not fifo.needed
+    assert not fifo.released
     assert labels == {}
 
 
@@ -118,11 +92,11 @@ async def test_a_fifo_devcontainer_json_does_not_block_the_gateway(make_gateway:
         home = Path(gateway.config.local.state_dir) / "workspaces" / "a" / "home"
         (home / ".devcontainer").mkdir(parents=True)
         _record, token = await gateway.auth.store.create_api_token(Identity("alice"), name="t")
-        with NoWriter(home / ".devcontainer" / "devcontainer.json") as fifo:
+        with Fifo(home / ".devcontainer" / "devcontainer.json") as fifo:
             listing = await client.get("/api/v1/workspaces", headers={"Host": "localhost:8080",
                                                                        "Authorization": f"Bearer {token}"})
             health = await client.get("/healthz", headers={"Host": "localhost:8080"})
-        assert not fifo.needed, "the gateway waited for a writer to the FIFO"
+        assert not fifo.released, "the gateway waited for a writer to the FIFO"
         assert (listing.status, health.status) == (200, 200)
     finally:
         await gateway.runtime.stop("a")
