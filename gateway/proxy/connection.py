@@ -7,8 +7,9 @@ connection to the pool's pacing.
 
 What an upstream may do wrong ends the exchange with an ``UpstreamError`` whose ``fault`` names it, reported once
 per exchange (``on_fault``): a reset, a close before the answer was whole, something that is not HTTP, a head
-past ``MAX_HEAD`` (never buffered further), silence. Bytes after a whole answer (a second answer nobody asked
-for, say) are never read as the answer to the next request: the connection is dropped instead of reused.
+or a trailer section past ``MAX_HEAD`` (never buffered further), silence. Bytes after a whole answer (a second
+answer nobody asked for, say) are never read as the answer to the next request: the connection is dropped instead
+of reused.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from gateway.proxy.pacing import Attempt, CoarseTimer, Outcome
 _READ_LIMIT = 1 << 16
 """Body bytes buffered per connection before reading from the upstream pauses (the client is slower)."""
 MAX_HEAD = 1 << 16
-"""Bytes of an answer's head (interim answers' included) the gateway reads before refusing it (502)."""
+"""Bytes of an answer's head (interim answers' included) the gateway reads before refusing it (502); and, once the
+head is in, of reads that carry no body (chunk sizes, trailers) since its last piece: trailers that never end
+would otherwise be read for ever, with no clock running (the reader waits for body, which does not come)."""
 _STREAM_TYPE = re.compile(r"\s*(?:text/event-stream|multipart/x-mixed-replace)\s*(?:;|$)", re.IGNORECASE)
 """Media types of answers that never end by themselves (``Connection.streams``)."""
 
@@ -230,16 +233,19 @@ class Connection(WriteFlow):
             self.fail(Garbage("bytes after the answer"))
             self.close()
             return
+        had_head, buffered = self._head is not None, self._buffered
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self.fail(Garbage(f"invalid HTTP from the upstream: {exc}"))
             self.close()
             return
-        if self._head is None:
+        # What carries no body counts against MAX_HEAD: the head while it comes, and after it every read without
+        # a piece of body (chunk sizes, trailers). llhttp keeps no limit of its own on either.
+        if self._head is None or (had_head and self._buffered == buffered and not self._done):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD:
-                self.fail(HeadTooLarge(f"an answer head of over {MAX_HEAD} bytes"))
+                self.fail(HeadTooLarge(f"an answer head or trailer section of over {MAX_HEAD} bytes"))
                 self.close()
 
     def eof_received(self) -> bool:
@@ -275,6 +281,8 @@ class Connection(WriteFlow):
         self._reason = status.decode("utf-8", "surrogateescape")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head is not None:
+            return  # a trailer field: neither lane passes trailers on, so none is kept
         self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
@@ -282,6 +290,7 @@ class Connection(WriteFlow):
         if 100 <= status < 200 and status != 101:
             return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
         self.clock.forget(self)
+        self._head_bytes = 0  # from here on it counts chunk framing and trailers
         reason = self._reason if self._reason.isprintable() else ""  # llhttp lets NUL through here
         self._head = Response(self, status, reason, CIMultiDict(self._headers))
         self.keep_alive = self._parser.should_keep_alive() and status != 101
@@ -290,6 +299,7 @@ class Connection(WriteFlow):
         self.wake()
 
     def on_body(self, body: bytes) -> None:
+        self._head_bytes = 0
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _READ_LIMIT and self.transport is not None:

@@ -1,7 +1,7 @@
-"""Upstream faults: an app that resets mid-response, half-closes, answers garbage or an oversized head, stalls
-mid-body, accepts and never answers, or answers twice. Each gets a clean 502/504 (or, when the answer had
-started, a cut-off stream) for that request only; the pooled connection is never reused poisoned (the next request
-through the same pool gets its own answer); no file descriptor is left behind; and
+"""Upstream faults: an app that resets mid-response, half-closes, answers garbage or an oversized head (or trailer
+section), stalls mid-body, accepts and never answers, or answers twice. Each gets a clean 502/504 (or, when the
+answer had started, a cut-off stream) for that request only; the pooled connection is never reused poisoned (the
+next request through the same pool gets its own answer); no file descriptor is left behind; and
 ``codehub_upstream_errors_total{fault}`` says which fault it was. In both lanes: a GET takes the fast lane, a POST
 aiohttp's.
 
@@ -29,6 +29,9 @@ BIG = 100_000
 """A body longer than the gateway reads whole (``SMALL_BODY``): it is streamed, so a fault after its first piece
 reaches the client as a cut-off stream."""
 SENT = 20_000
+TRAILERS = 1 << 20
+"""Bytes of trailer fields ``endless-trailers`` sends (16 times the most the gateway reads of a head) before it
+gives up and closes: a gateway that reads them all sees the close, not a head too large."""
 
 
 class Misbehaving:
@@ -169,6 +172,18 @@ async def bad_chunk_mid_body(path: str, reader: asyncio.StreamReader, writer: as
     return False
 
 
+async def endless_trailers(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """The body's last chunk, then trailer fields with no end: the gateway must stop reading them, not keep them."""
+    await started_then(writer, chunked=True)
+    writer.write(b"0\r\n")
+    field = b"X-Trailer: t\r\n" * 1000
+    with contextlib.suppress(ConnectionError):
+        for _ in range(TRAILERS // len(field)):
+            writer.write(field)
+            await writer.drain()
+    return False
+
+
 async def stall_mid_body(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
     await started_then(writer)
     await until_closed(reader)
@@ -203,8 +218,8 @@ FAULTS: dict[str, Fault] = {
     "reset-before-answer": reset_before_answer, "half-close-before-answer": half_close_before_answer,
     "garbage": garbage, "oversized-head": oversized_head, "stall-mid-head": stall_mid_head,
     "never-answer": never_answer, "reset-mid-body": reset_mid_body, "half-close-mid-body": half_close_mid_body,
-    "bad-chunk-mid-body": bad_chunk_mid_body, "stall-mid-body": stall_mid_body, "two-answers": two_answers,
-    "trailing-bytes": trailing_bytes, "body-after-head-answer": body_after_head_answer,
+    "bad-chunk-mid-body": bad_chunk_mid_body, "endless-trailers": endless_trailers, "stall-mid-body": stall_mid_body,
+    "two-answers": two_answers, "trailing-bytes": trailing_bytes, "body-after-head-answer": body_after_head_answer,
     "slow-body": stall_mid_body,
 }
 
@@ -319,7 +334,7 @@ BEFORE_ANSWER = [("reset-before-answer", 502, "reset"), ("half-close-before-answ
                  ("garbage", 502, "garbage"), ("oversized-head", 502, "head-too-large"),
                  ("stall-mid-head", 504, "no-answer"), ("never-answer", 504, "no-answer")]
 MID_BODY = [("reset-mid-body", "reset"), ("half-close-mid-body", "closed"), ("bad-chunk-mid-body", "garbage"),
-            ("stall-mid-body", "stalled")]
+            ("endless-trailers", "head-too-large"), ("stall-mid-body", "stalled")]
 LANES = {"fast-lane": "GET", "aiohttp-lane": "POST"}
 
 
