@@ -27,6 +27,7 @@ PORT_TEXT = re.compile(r"[0-9]{1,5}")
 """A port number as text from outside (an address, a resource): ASCII digits only, as few as a port has, since
 ``str.isdigit`` admits "²" and int() then fails."""
 Seconds = Annotated[float, Field(gt=0)]
+_GATEWAY_LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
 Visibility = Literal["private", "org", "public"]
 
 
@@ -121,9 +122,17 @@ class LocalWorkspace(_Model):
     @field_validator("address")
     @classmethod
     def _loopback(cls, value: str | None) -> str | None:
-        if value is not None and not ipaddress.ip_address(value).is_loopback:
-            raise ValueError("must be a loopback address (127.0.0.0/8)")
-        return value
+        """An address of 127.0.0.0/8 that nothing else listens on: the runtime reads the workspace's listeners on
+        it from /proc/net/tcp (IPv4 only), and every port on it is the workspace's own to share."""
+        if value is None:
+            return value
+        address = ipaddress.ip_address(value)
+        if address.version != 4 or not address.is_loopback:
+            raise ValueError("must be an IPv4 loopback address (127.0.0.0/8), like 127.0.0.9")
+        if address == _GATEWAY_LOOPBACK:
+            raise ValueError("127.0.0.1 is the gateway's own (and every local service's): a workspace on it would "
+                             "share their ports; pick another address of 127.0.0.0/8, like 127.0.0.9")
+        return str(address)
 
 
 class Oidc(_Model):
@@ -187,6 +196,32 @@ class Local(_Model):
         if len(value) > MOST_LOCAL_WORKSPACES:
             raise ValueError(f"at most {MOST_LOCAL_WORKSPACES} local workspaces (one loopback address each)")
         return value
+
+    @model_validator(mode="after")
+    def _addresses_are_distinct(self) -> Local:
+        """Workspaces sharing an address share every port: one owner's public port would serve another's
+        private server."""
+        holders: dict[str, str] = {}
+        for name, address in self.addresses().items():
+            other = holders.setdefault(address, name)
+            if other != name:
+                handed = next((f" ({who}'s handed out by its place in the list)" for who in (other, name)
+                               if self.workspaces[who].address is None), "")
+                raise ValueError(f"workspaces {other} and {name} both have address {address}{handed}; "
+                                 "each needs one of its own")
+        return self
+
+    def addresses(self) -> dict[str, str]:
+        """Each workspace's loopback address: its own ``address``, else one handed out by its place in the list."""
+        return {name: ws.address or default_address(index)
+                for index, (name, ws) in enumerate(self.workspaces.items())}
+
+
+def default_address(index: int) -> str:
+    """The loopback address of the ``index``-th configured workspace without one: 127.0.0.2 … 127.0.0.254, then
+    127.0.1.2 …, so ten thousand workspaces still get one each (never .0, .1 or .255 at the end)."""
+    block, rest = divmod(index, 253)
+    return f"127.0.{block}.{rest + 2}"
 
 
 _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|E|Ei)?")
@@ -363,6 +398,20 @@ class Config(_Model):
         return self
 
     @model_validator(mode="after")
+    def _workspaces_are_not_the_gateway(self) -> Config:
+        """A workspace on the gateway's own listen address would have the hub, /healthz or /metrics as ports."""
+        if self.runtime != "local":
+            return self
+        listening = {key: host for key, host in (("listen.host", self.listen.host), ("metrics.host", self.metrics.host))
+                     if _is_ip(host)}
+        for name, address in self.local.addresses().items():
+            for key, host in listening.items():
+                if ipaddress.ip_address(host) == ipaddress.ip_address(address):
+                    raise ValueError(f"local.workspaces.{name}.address: {address} is {key}: its ports would be the "
+                                     "gateway's own; pick another address of 127.0.0.0/8")
+        return self
+
+    @model_validator(mode="after")
     def _metrics_port_is_its_own(self) -> Config:
         if self.metrics.port == self.listen.port:
             raise ValueError(f"metrics.port {self.metrics.port} is listen.port too; /metrics needs a port of its own "
@@ -407,6 +456,14 @@ def _public_name(host: str) -> str | None:
     except ValueError:
         return host.lower()
     return None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loopback(host: str) -> bool:

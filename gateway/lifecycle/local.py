@@ -96,13 +96,6 @@ class _Slot:
         return self.root / "settings.json"
 
 
-def default_address(index: int) -> str:
-    """The loopback address of the ``index``-th configured workspace without one: 127.0.0.2 … 127.0.0.254, then
-    127.0.1.2 …, so ten thousand workspaces still get one each (never .0, .1 or .255 at the end)."""
-    block, rest = divmod(index, 253)
-    return f"127.0.{block}.{rest + 2}"
-
-
 def configured_spec(name: str, ws: LocalWorkspace) -> WorkspaceSpec:
     """A workspace as the configuration declares it, before any change made through the API."""
     return WorkspaceSpec(id=name, owner=ws.owner, collaborators=ws.collaborators, ide_port=ws.ide_port,
@@ -117,8 +110,8 @@ class LocalRuntime(Runtime):
         self._stop_timeout = stop_timeout
         self._proxy_uri = proxy_uri
         self._slots: dict[str, _Slot] = {}
-        for index, (name, ws) in enumerate(local.workspaces.items()):
-            address = ws.address or default_address(index)
+        for name, address in local.addresses().items():
+            ws = local.workspaces[name]
             self._slots[name] = _Slot(configured_spec(name, ws), ws, address, self._state_dir / "workspaces" / name)
 
     def _slot(self, workspace: str) -> _Slot:
