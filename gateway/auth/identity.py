@@ -15,6 +15,7 @@ _NOT_ATTRIBUTES = frozenset({
 })
 # Lone surrogates come with JSON (``"\\ud800"``) and cannot be encoded into any header.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 # Other claims ride along in the session cookie for org rules on claims; a budget keeps the cookie small.
 ATTRIBUTES_BUDGET = 1024
 
@@ -49,11 +50,17 @@ class Identity:
         return None
 
     def matches(self, principal: str) -> bool:
-        """Principals in policies and collaborator lists: a user name, an e-mail, or ``group:NAME``."""
+        """Principals in policies and collaborator lists: a user name; an e-mail (it has an ``@``), only ever the
+        e-mail claim, which is dropped when unverified, never a user name that looks like one; or ``group:NAME``.
+        Names and e-mails compare case-insensitively in ASCII only: ``str.lower`` makes the Kelvin sign a ``k``,
+        so someone could choose a name or an address at the IdP that passes for someone else's."""
         principal = principal.strip()
+        if not principal:
+            return False
         if principal.startswith("group:"):
             return principal[6:] in self.groups
-        return principal.lower() in (self.subject.lower(), self.email.lower()) and bool(principal)
+        claim = self.email if "@" in principal else self.subject
+        return claim.translate(_ASCII_LOWER) == principal.translate(_ASCII_LOWER)
 
     def claim(self, name: str) -> str | None:
         """A scalar claim from the IdP (as text), for org rules on claims."""

@@ -301,3 +301,22 @@ def test_bad_policy_stops_the_start(tmp_path: Path) -> None:
         PolicyHolder(path)
     with pytest.raises(PolicyError, match="cannot read"):
         PolicyHolder(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(("identity", "principal", "matches"), [
+    (Identity("alice"), "alice", True),
+    (Identity("alice"), " alice ", True),
+    (Identity("alice"), "ALICE", True),  # names and e-mails: case-insensitive
+    (Identity("\u212aate"), "kate", False),  # KELVIN SIGN, which str.lower() makes a k
+    (Identity("x", "Alice@Corp.Example"), "alice@corp.example", True),
+    (Identity("x", "\u212aate@corp.example"), "kate@corp.example", False),  # ... in ASCII only
+    (Identity("alice@corp.example", "mallory@x.example"), "alice@corp.example", False),  # a user name that looks
+    (Identity("x", groups=("qa",)), "group:qa", True),  # like an address is no address
+    (Identity("x", groups=("qa",)), "group:QA", False),
+    (Identity("group:qa"), "group:qa", False),
+    (Identity(""), "", False),
+])
+def test_principals_match_as_the_policy_file_says(identity: Identity, principal: str, matches: bool) -> None:
+    """A user name or an e-mail, case-insensitively in ASCII only (letters that fold to ASCII, like the Kelvin
+    sign, would let a chosen user name or address pass for another), or ``group:NAME``."""
+    assert identity.matches(principal) is matches
