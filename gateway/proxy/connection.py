@@ -287,14 +287,21 @@ class Connection(WriteFlow):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
+        if status == 101:
+            # Only a WebSocket upgrade asks to switch, and it has a handshake of its own (``wshandshake``): what
+            # follows this 101 is no HTTP answer, and must not reach the client as one. (Raised here, before
+            # llhttp pauses for the new protocol with an exception of its own, no HttpParserError.)
+            error = Garbage("a 101 to a request that asked for no upgrade")
+            self.fail(error)
+            raise error
+        if 100 <= status < 200:
             return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
         self.clock.forget(self)
         self._head_bytes = 0  # from here on it counts chunk framing and trailers
         reason = self._reason if self._reason.isprintable() else ""  # llhttp lets NUL through here
         self._head = Response(self, status, reason, CIMultiDict(self._headers))
-        self.keep_alive = self._parser.should_keep_alive() and status != 101
-        if self._head_only or status == 101:
+        self.keep_alive = self._parser.should_keep_alive()
+        if self._head_only:
             self._done = True
         self.wake()
 

@@ -130,7 +130,7 @@ def shape_answer(answer: Response, method: str, public_host: str, upstream: Upst
         drop_frame_options=rules.drop_frame_options,
     )
     length = answer.content_length if "Transfer-Encoding" not in answer.headers else None
-    bodiless = method == "HEAD" or answer.status in _NO_BODY_STATUSES or answer.status < 200
+    bodiless = method == "HEAD" or answer.status in _NO_BODY_STATUSES  # no 1xx comes: ``Connection`` sees to it
     return Shaped(headers, length, bodiless)
 
 

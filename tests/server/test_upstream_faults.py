@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import socket
@@ -147,6 +148,13 @@ async def stall_mid_head(path: str, reader: asyncio.StreamReader, writer: asynci
     return False
 
 
+async def unasked_switch(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """A 101 to a plain request: what follows it would be another protocol on the client's connection."""
+    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n")
+    await until_closed(reader)
+    return False
+
+
 async def never_answer(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
     await until_closed(reader)
     return False
@@ -217,7 +225,8 @@ async def body_after_head_answer(path: str, reader: asyncio.StreamReader, writer
 FAULTS: dict[str, Fault] = {
     "reset-before-answer": reset_before_answer, "half-close-before-answer": half_close_before_answer,
     "garbage": garbage, "oversized-head": oversized_head, "stall-mid-head": stall_mid_head,
-    "never-answer": never_answer, "reset-mid-body": reset_mid_body, "half-close-mid-body": half_close_mid_body,
+    "unasked-switch": unasked_switch, "never-answer": never_answer, "reset-mid-body": reset_mid_body,
+    "half-close-mid-body": half_close_mid_body,
     "bad-chunk-mid-body": bad_chunk_mid_body, "endless-trailers": endless_trailers, "stall-mid-body": stall_mid_body,
     "two-answers": two_answers, "trailing-bytes": trailing_bytes, "body-after-head-answer": body_after_head_answer,
     "slow-body": stall_mid_body,
@@ -372,6 +381,23 @@ async def test_a_fault_before_the_answer_is_a_clean_502_or_504(faulty: Faulty, l
     await assert_pool_healthy(faulty, method, files)
     counted = faults_counted(await faulty.metrics())
     assert set(counted) == {label}, counted
+
+
+@pytest.mark.parametrize("lane", list(LANES))
+async def test_a_101_nobody_asked_for_is_a_502_not_a_switch(faulty: Faulty, lane: str,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Only a WebSocket upgrade asks an upstream to switch protocols, and it has a handshake of its own: a 101 to
+    any other request is not HTTP any more, and passed on it would let the upstream speak on the client's
+    connection past the gateway. llhttp reports it with an exception of its own, no parser error: no traceback."""
+    method = LANES[lane]
+    files = await warm(faulty, method)
+    answer, body, _ = await faulty.send(method, "/fault/unasked-switch")
+    assert answer is not None
+    assert answer.status == 502, answer.head
+    assert b'"code": "upstream-error"' in body
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    await assert_pool_healthy(faulty, method, files)
+    assert set(faults_counted(await faulty.metrics())) == {"garbage"}
 
 
 @pytest.mark.parametrize(("fault", "status", "label"), BEFORE_ANSWER, ids=[c[0] for c in BEFORE_ANSWER])
