@@ -74,14 +74,14 @@ class Identity:
     def from_claims(cls, claims: Mapping[str, Any], *, subject_claim: str = "sub",
                     groups_claim: str = "groups") -> Identity:
         """From the gateway's own tokens (``attrs`` carries the IdP's other claims) or raw claims."""
-        groups = claims.get(groups_claim) or ()
-        if isinstance(groups, str):
-            groups = [groups]
+        raw = claims.get(groups_claim)
+        listed = raw if isinstance(raw, list) else [] if raw is None else [raw]  # an IdP's own shape: one group
+        groups = [text for item in listed if (text := claim_text(item)) is not None]
         attrs = claims.get("attrs")
         return cls(
             subject=str(claims.get(subject_claim) or claims.get("sub") or ""),
             email=str(claims.get("email") or ""),
-            groups=tuple(str(group) for group in groups),
+            groups=tuple(groups),
             name=str(claims.get("name") or claims.get("preferred_username") or ""),
             attributes=_attributes(attrs if isinstance(attrs, Mapping) else {}),
         )

@@ -320,3 +320,12 @@ def test_principals_match_as_the_policy_file_says(identity: Identity, principal:
     """A user name or an e-mail, case-insensitively in ASCII only (letters that fold to ASCII, like the Kelvin
     sign, would let a chosen user name or address pass for another), or ``group:NAME``."""
     assert identity.matches(principal) is matches
+
+
+@pytest.mark.parametrize(("groups", "expected"), [
+    (["dev", "qa"], ("dev", "qa")), ("dev", ("dev",)), ([1, 2], ("1", "2")), (5, ("5",)), (None, ()),
+    ({"dev": True}, ()), ([["nested"], "qa"], ("qa",)),
+])
+def test_any_groups_claim_makes_an_identity(groups: object, expected: tuple[str, ...]) -> None:
+    """An IdP's groups claim of another shape (a number, an object) raised TypeError: a 500 at sign-in."""
+    assert Identity.from_id_token({"sub": "alice", "groups": groups}).groups == expected
