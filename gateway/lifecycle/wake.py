@@ -16,7 +16,7 @@ import json
 import logging
 import statistics
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 _PROBE_FAST = 0.01
 _PROBE_SLOW = 0.25
 _PROBE_FAST_FOR = 60.0
+MOST_PORT_WAITS = 16
+"""Ports of one workspace waited for at once. Each wait is a task that probes its port until it accepts and outlives
+the request that began it (the next one joins it), so anyone who may wake a workspace (the holder of an all-ports
+share link too) could otherwise start one per port number and hang up: 2,000 of them slowed /healthz a thousandfold.
+A person opens a few ports at a time; past this a new port is refused at once (503, try again shortly) while
+the ports already waited for carry on and can still be joined."""
 SETTLE = 2.0
 """Seconds after a wake found a port accepting during which requests to it retry refused connects."""
 
@@ -127,6 +133,7 @@ class Waker:
         self._limits = limits
         self._flights: dict[str, asyncio.Task[WorkspaceState]] = {}
         self._ports: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._waits: Counter[str] = Counter()
         self._progress: dict[tuple[str, int], Progress] = {}
         self._history: dict[tuple[str, Phase], deque[float]] = {}
         self._woke: dict[tuple[str, int], float] = {}
@@ -170,16 +177,29 @@ class Waker:
         return workspace in self._flights or any(key[0] == workspace for key in self._ports)
 
     def bring_up(self, state: WorkspaceState, port: int) -> asyncio.Task[None]:
-        """The shared task that ends when ``port`` of the workspace accepts connections."""
+        """The shared task that ends when ``port`` of the workspace accepts connections; a 503 when the workspace
+        already waits for ``MOST_PORT_WAITS`` other ports."""
         key = (state.id, port)
         task = self._ports.get(key)
         if task is None:
+            if self._waits[state.id] >= MOST_PORT_WAITS:
+                raise ServiceUnavailable(
+                    f"Workspace {state.id} is waking and already waiting for {MOST_PORT_WAITS} of its ports; "
+                    f"try port {port} again in a moment.", code="too-many-port-waits", headers={"Retry-After": "5"})
             progress = Progress(state.id, port, state.phase, estimate=self.estimate(state.id, state.phase))
             self._progress[key] = progress
             task = asyncio.get_running_loop().create_task(self._bring_up(state, port, progress))
             self._ports[key] = task
-            task.add_done_callback(lambda _: (self._ports.pop(key, None), self._progress.pop(key, None)))
+            self._waits[state.id] += 1
+            task.add_done_callback(lambda _: self._forget(key))
         return task
+
+    def _forget(self, key: tuple[str, int]) -> None:
+        self._ports.pop(key, None)
+        self._progress.pop(key, None)
+        self._waits[key[0]] -= 1
+        if not self._waits[key[0]]:
+            del self._waits[key[0]]
 
     def progress(self, workspace: str, port: int) -> Progress | None:
         return self._progress.get((workspace, port))
@@ -315,7 +335,11 @@ async def progress_events(waker: Waker, state: WorkspaceState, port: int) -> Asy
     draining = waker.drain_signal()
     if draining.done():
         return
-    task = waker.bring_up(state, port)
+    try:
+        task = waker.bring_up(state, port)
+    except GatewayError as exc:  # the stream is under way: its page says why
+        yield _sse("failed", {"workspace": state.id, "port": port, "message": exc.message})
+        return
     progress = waker.progress(state.id, port)
     sent = 0
     while True:

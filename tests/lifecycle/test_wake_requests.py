@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import sys
@@ -17,11 +18,12 @@ import pytest
 from aiohttp import WSMsgType
 
 from gateway.auth.identity import Identity
-from gateway.lifecycle import Phase
+from gateway.lifecycle import Phase, WorkspaceState
 from tests.conftest import MakeGateway, next_address, workspace
 from tests.lifecycle.conftest import API, BODY, PORT, browser, gateway_of, preview, slow_workspace, sse_events
 
 pytestmark = pytest.mark.timeout(60)
+MOST_PORT_WAITS = 16
 
 
 async def test_api_client_is_held_then_served(make_gateway: MakeGateway) -> None:
@@ -300,3 +302,52 @@ async def test_workspace_processes_get_code_servers_proxy_uri(make_gateway: Make
             break
         await asyncio.sleep(0.02)
     assert written.read_text() == "http://{{port}}-ws.localhost:8080/"
+
+
+async def test_a_workspace_waits_for_at_most_so_many_ports_at_once(make_gateway: MakeGateway,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every port asked for during a wake gets a task probing it until it accepts, tied to no request: anyone who
+    may wake the workspace (the holder of an all-ports share link too) could ask for thousands of port numbers and
+    hang up. Past ``MOST_PORT_WAITS`` a new port gets a 503 at once (a waiting page's progress stream: "failed");
+    a port already waited for is joined."""
+    client = await make_gateway(workspaces={"a": workspace(next_address(), owner="alice", ports={30000: "public"})})
+    gateway = gateway_of(client)
+    runtime = gateway.runtime
+    _record, token = await gateway.auth.store.create_api_token(Identity("alice"), name="t")
+    started = asyncio.Event()
+    wake = runtime.wake
+
+    async def gated_wake(name: str) -> WorkspaceState:  # the wake lasts until the test lets it go on
+        await started.wait()
+        return await wake(name)
+
+    monkeypatch.setattr(runtime, "wake", gated_wake)
+
+    async def ask(port: int) -> tuple[int, str]:
+        async with client.get("/", headers={"Host": preview("a", port), "Authorization": f"Bearer {token}",
+                                            **API}) as response:
+            return response.status, await response.text()
+
+    ports = range(20000, 20000 + MOST_PORT_WAITS)
+    held = [asyncio.ensure_future(ask(port)) for port in ports]
+    try:
+        async with asyncio.timeout(10):
+            while not all(gateway.waker.busy("a", port) for port in ports):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            status, text = await ask(30000)
+        assert status == 503
+        assert "too-many-port-waits" in text
+        assert not gateway.waker.busy("a", 30000)
+        [(event, data)] = await sse_events(client, preview("a", 30000), within=10)
+        assert (event, data["message"]) == ("failed", json.loads(text)["error"]["message"])
+        state = runtime.get("a")
+        assert state is not None
+        gateway.waker.bring_up(state, 20000)  # joined, not refused
+    finally:
+        started.set()
+        async with asyncio.timeout(10):
+            while runtime.get("a").phase is not Phase.RUNNING:  # type: ignore[union-attr]  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await runtime.stop("a")  # every probe ends: the workspace stopped before its port answered
+        answers = await asyncio.gather(*held)
+    assert all("too-many-port-waits" not in text for _status, text in answers)
