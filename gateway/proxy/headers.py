@@ -38,8 +38,10 @@ _WEBSOCKET_HANDSHAKE = frozenset({
 _NOT_UPSTREAM = HOP_BY_HOP | _WEBSOCKET_HANDSHAKE | FORWARDING | IDENTITY | {"expect", "host", "content-length"}
 """Never passed upstream as the client sent them (the gateway sets its own where needed)."""
 _SPECIAL = _NOT_UPSTREAM | {"cookie", "authorization"}
-_NOT_DOWNSTREAM = HOP_BY_HOP | _WEBSOCKET_HANDSHAKE | {"clear-site-data"}
-"""``Clear-Site-Data`` from an app would sign its visitors out of the gateway on that origin."""
+_NOT_DOWNSTREAM = HOP_BY_HOP | _WEBSOCKET_HANDSHAKE | {"clear-site-data", "content-length"}
+"""``Clear-Site-Data`` from an app would sign its visitors out of the gateway on that origin. ``Content-Length``
+is framing, like ``Transfer-Encoding``: the lane writes it from the body it sends (``server.forward.shape_answer``),
+so no header of the app's (``Connection: content-length``) can leave an answer unframed."""
 
 
 class _Special(enum.Enum):

@@ -124,12 +124,17 @@ class Shaped(NamedTuple):
 
 def shape_answer(answer: Response, method: str, public_host: str, upstream: Upstream,
                  rules: ResponseRules) -> Shaped:
+    """The framing is decided here, once for both lanes: ``Content-Length`` is written from ``length``, the
+    length the lane sends the body with (the app's own header never passes: ``downstream_response_headers``), and
+    without one each lane chunks the body or ends the connection after it."""
     headers = downstream_response_headers(
         answer.headers, public_host=public_host, public_origin=upstream.public_origin,
         upstream_origins=upstream.origins, replace=rules.replace, drop_cors=rules.drop_cors,
         drop_frame_options=rules.drop_frame_options,
     )
     length = answer.content_length if "Transfer-Encoding" not in answer.headers else None
+    if length is not None:
+        headers["Content-Length"] = str(length)
     bodiless = method == "HEAD" or answer.status in _NO_BODY_STATUSES  # no 1xx comes: ``Connection`` sees to it
     return Shaped(headers, length, bodiless)
 
@@ -156,8 +161,6 @@ async def _answer(request: web.Request, upstream: Upstream, answer: Response,
         return small
     response = web.StreamResponse(status=answer.status, reason=answer.reason)
     response.headers.extend(out_headers)
-    if length is not None:
-        response.content_length = length
     await _prepare(response, request)
     if bodiless or await _pump(answer, response):
         await response.write_eof()

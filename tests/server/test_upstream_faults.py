@@ -222,6 +222,17 @@ async def body_after_head_answer(path: str, reader: asyncio.StreamReader, writer
     return True
 
 
+def naming_its_length(size: int) -> Fault:
+    """A proper answer of ``size`` bytes, kept alive, whose ``Connection`` header names ``Content-Length``: a
+    header field to drop at the next hop, were it not the one that says where the body ends."""
+    async def answer(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: Content-Length\r\n\r\n%b"
+                     % (size, b"b" * size))
+        await writer.drain()
+        return True
+    return answer
+
+
 FAULTS: dict[str, Fault] = {
     "reset-before-answer": reset_before_answer, "half-close-before-answer": half_close_before_answer,
     "garbage": garbage, "oversized-head": oversized_head, "stall-mid-head": stall_mid_head,
@@ -229,7 +240,8 @@ FAULTS: dict[str, Fault] = {
     "half-close-mid-body": half_close_mid_body,
     "bad-chunk-mid-body": bad_chunk_mid_body, "endless-trailers": endless_trailers, "stall-mid-body": stall_mid_body,
     "two-answers": two_answers, "trailing-bytes": trailing_bytes, "body-after-head-answer": body_after_head_answer,
-    "slow-body": stall_mid_body,
+    "slow-body": stall_mid_body, "names-its-length": naming_its_length(5),
+    "names-its-length-big": naming_its_length(BIG),
 }
 
 
@@ -398,6 +410,29 @@ async def test_a_101_nobody_asked_for_is_a_502_not_a_switch(faulty: Faulty, lane
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     await assert_pool_healthy(faulty, method, files)
     assert set(faults_counted(await faulty.metrics())) == {"garbage"}
+
+
+@pytest.mark.parametrize("lane", list(LANES))
+@pytest.mark.parametrize(("path", "size"), [("names-its-length", 5), ("names-its-length-big", BIG)],
+                         ids=["small", "streamed"])
+async def test_an_answer_whose_connection_header_names_its_length_stays_framed(faulty: Faulty, lane: str,
+                                                                                path: str, size: int) -> None:
+    """The framing the client gets is the gateway's, written from what it sends: an upstream that names
+    ``Content-Length`` in ``Connection`` does not get the length dropped from an answer sent with it, which the
+    client of a kept-alive connection could then read only to the connection's end (``limits.keepalive``)."""
+    method = LANES[lane]
+    reader, writer = await asyncio.open_connection(faulty.client_host, faulty.client_port)
+    try:
+        for _ in range(2):  # the second answer on the same connection: the first ended where its head said
+            writer.write(f"{method} /fault/{path} HTTP/1.1\r\nHost: {faulty.host}\r\nContent-Length: 0\r\n\r\n"
+                         .encode())
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert re.search(rb"(?i)\r\ncontent-length: %d\r\n" % size, head), head
+                assert await reader.readexactly(size) == b"b" * size
+    finally:
+        writer.close()
+    assert faults_counted(await faulty.metrics()) == {}
 
 
 @pytest.mark.parametrize(("fault", "status", "label"), BEFORE_ANSWER, ids=[c[0] for c in BEFORE_ANSWER])
