@@ -270,9 +270,10 @@ def _framing(world: World) -> str:
     return made.rules.replace["Content-Security-Policy"]
 
 
-def test_framing_rules_follow_the_policy_they_were_made_for(world: World) -> None:
+def test_framing_rules_follow_the_policy_they_were_made_for(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """The framing rules are made once per policy: a reloaded policy gets its own, even when the old one's
     ``id`` is reused for it, and the policies of the past are not kept."""
+    monkeypatch.setattr(plan_module, "_FRAMING_RULES", {})  # as a fresh process has it, whatever ran before
     review = parse_policy("embedding: {frame_ancestors: ['https://review.example']}\n")
     world.policy = review
     assert _framing(world) == "frame-ancestors 'self' https://review.example"
