@@ -115,20 +115,57 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from gateway.auth.keys import KeyFileError, load_or_create
     from gateway.server.app import build_app
-    from gateway.server.serving import configure_logging, run_workers, serve_app
+    from gateway.server.serving import bind_listeners, configure_logging, run_workers, serve_app
 
     overrides = {"listen": {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}}
     config = load_config(args.config, overrides=overrides)
     configure_logging(args.log_level)
     if args.workers < 1:
         raise CliError("--workers must be at least 1")
-    app = build_app(config) if args.workers == 1 else None  # bad settings fail here, before the banner
+    if config.runtime == "local":
+        try:
+            config.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"config error: local.state_dir: cannot use {config.state_dir}: {exc.strerror}") from None
+    _check_cluster(config)
+    # bad settings fail here, before the banner; workers bind their own sockets, so theirs are only tried here
+    listeners = bind_listeners(config, reuse_port=args.workers > 1)
+    try:
+        app = build_app(config) if args.workers == 1 else None
+        if app is None:  # the workers' parent makes the one key set they share: a bad keys_file is said here
+            load_or_create(config.keys_file, create=config.auth.keys_file is None)
+    except KeyFileError as exc:
+        listeners.close()
+        raise ConfigError(f"config error: auth.keys_file: {exc}") from None
     print(_banner(config, args.workers), file=sys.stderr, flush=True)
     if app is not None:
-        serve_app(app, config)
+        serve_app(app, config, listeners=listeners)
         return 0
+    listeners.close()
     return run_workers(config, workers=args.workers, log_level=args.log_level)
+
+
+def _check_cluster(config: Config) -> None:
+    """Load the cluster settings (kubeconfig, or the pod's service account) once before anything starts: the
+    client finds a kubeconfig that says nothing usable only when it first reaches the cluster."""
+    if config.runtime != "kubernetes":
+        return
+    import asyncio
+
+    from kubernetes_asyncio.config import ConfigException
+
+    from gateway.lifecycle.kubernetes.client import connect
+
+    async def check() -> None:
+        await (await connect(config.kubernetes)).close()
+
+    try:
+        asyncio.run(check())
+    except (ConfigException, OSError) as exc:  # ConfigException's text is its first argument, quoted by str()
+        message = exc.args[0] if isinstance(exc, ConfigException) and exc.args else exc
+        raise ConfigError(f"config error: kubernetes: {message}") from None
 
 
 def _banner(config: Config, workers: int) -> str:

@@ -358,8 +358,10 @@ class Config(_Model):
     @classmethod
     def _preview_domain(cls, value: str) -> str:
         value = value.lower().rstrip(".")
-        if not re.fullmatch(r"[a-z0-9.-]+(:[0-9]{1,5})?", value) or value.startswith((".", "-")):
-            raise ValueError("must be a host name with an optional port, like preview.example.com")
+        port = value.partition(":")[2]
+        if (not re.fullmatch(r"[a-z0-9.-]+(:[0-9]{1,5})?", value) or value.startswith((".", "-"))
+                or (port and not 1 <= int(port) <= 65535)):
+            raise ValueError("must be a host name with an optional port (1-65535), like preview.example.com")
         return value
 
     @field_validator("trusted_proxies")
@@ -395,6 +397,20 @@ class Config(_Model):
         if not {"hub_url", "preview_domain"} & self.model_fields_set and _public_name(self.listen.host) is None:
             raise ValueError(f"preview_domain: previews need a host name with subdomains and {self.listen.host} "
                              "has none; set hub_url and preview_domain (or listen on 127.0.0.1)")
+        return self
+
+    @model_validator(mode="after")
+    def _kubeconfig_is_readable(self) -> Config:
+        """The cluster client reads it only once the gateway starts, and says of a missing file only that it has
+        no current-context: a path that is wrong is better named here."""
+        path = self.kubernetes.kubeconfig
+        if self.runtime != "kubernetes" or path is None or self.kubernetes.api_url or self.kubernetes.in_cluster:
+            return self
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"kubernetes.kubeconfig: cannot read {path}: {exc.strerror}") from None
         return self
 
     @model_validator(mode="after")
@@ -569,6 +585,8 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             data = yaml.load(path.read_text(), Loader=_YAML_LOADER) or {}
         except OSError as exc:
             raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config error: {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)

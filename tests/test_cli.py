@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -338,3 +339,90 @@ def test_token_issue_refuses_an_identity_apps_could_not_be_told(tmp_path: Path) 
     assert result.stderr.strip().splitlines() == [
         "codehub-gateway: token issue: a user name with control characters cannot be sent to apps"]
     assert not (tmp_path / "state" / "tokens.json").exists()
+
+
+def _serve_env() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CODEHUB_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def _settings_file(tmp_path: Path, **settings: Any) -> Path:
+    """A settings file with no workspaces (nothing to start), its state under ``tmp_path``."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"local": {"state_dir": str(tmp_path / "state"), "workspaces": {}}, **settings}))
+    return path
+
+
+_NAMED = {"allow_dev_on_network": True}
+_NOWHERE = "no-such-host.invalid"
+
+
+@pytest.mark.parametrize(
+    ("case", "line"),
+    [
+        ("not-utf8", "config error: {config}: not UTF-8 text (invalid start byte at byte 31)"),
+        ("port-in-use", "config error: listen: cannot listen on 127.0.0.1:{port}: Address already in use"),
+        ("unknown-host", f"config error: listen: cannot listen on {_NOWHERE}:{{port}}: "),
+        ("unknown-metrics-host", f"config error: metrics: cannot listen on {_NOWHERE}:{{port}}: "),
+        ("state-dir-is-a-file", "config error: local.state_dir: cannot use {tmp}/afile: "),
+        ("keys-file-is-a-folder", "config error: auth.keys_file: cannot read keys file {tmp}/folder: Is a directory"),
+        ("keys-file-is-a-folder-workers", "config error: auth.keys_file: cannot read keys file {tmp}/folder: "),
+        ("port-in-use-workers", "config error: listen: cannot listen on 127.0.0.1:{port}: Address already in use"),
+        ("no-kubeconfig", "config error: kubernetes.kubeconfig: cannot read /nonexistent/kubeconfig: "),
+        ("empty-kubeconfig", "config error: kubernetes: Invalid kube-config file."),
+    ],
+)
+def test_serve_refuses_bad_settings_in_one_line(tmp_path: Path, case: str, line: str) -> None:
+    """Whatever is wrong with the settings, ``serve`` says so in one line and exits 2, before its banner."""
+    port = free_loopback_port()
+    holder = None
+    workers = ["--workers", "2"] if case.endswith("-workers") else []
+    case = case.removesuffix("-workers")
+    if case == "not-utf8":
+        config = tmp_path / "gateway.yaml"
+        config.write_bytes(b'hub_url: "http://localhost:8080\xff"\n')
+    elif case == "port-in-use":
+        holder = socket.create_server(("127.0.0.1", port))
+        config = _settings_file(tmp_path, listen={"port": port})
+    elif case == "unknown-host":
+        config = _settings_file(tmp_path, listen={"host": _NOWHERE, "port": port}, auth=_NAMED,
+                                hub_url="http://hub.test", preview_domain="hub.test")
+    elif case == "unknown-metrics-host":
+        config = _settings_file(tmp_path, listen={"port": free_loopback_port()}, metrics={"host": _NOWHERE,
+                                                                                           "port": port})
+    elif case == "state-dir-is-a-file":
+        (tmp_path / "afile").touch()
+        config = _settings_file(tmp_path, listen={"port": port}, local={"state_dir": str(tmp_path / "afile")})
+    elif case == "keys-file-is-a-folder":
+        (tmp_path / "folder").mkdir()
+        config = _settings_file(tmp_path, listen={"port": port}, auth={"keys_file": str(tmp_path / "folder")})
+    else:
+        kubeconfig = "/nonexistent/kubeconfig"
+        if case == "empty-kubeconfig":
+            kubeconfig = str(tmp_path / "kubeconfig")
+            Path(kubeconfig).write_text("{}\n")
+        config = _settings_file(tmp_path, listen={"port": port}, runtime="kubernetes",
+                                kubernetes={"kubeconfig": kubeconfig})
+    try:
+        result = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config), *workers],
+                                capture_output=True, text=True, timeout=30, env=_serve_env(), cwd=tmp_path,
+                                check=False)
+    finally:
+        if holder is not None:
+            holder.close()
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    [printed] = result.stderr.splitlines()
+    assert printed.startswith(line.format(config=config, port=port, tmp=tmp_path)), printed
+
+
+@pytest.mark.parametrize("command", [["keys", "rotate"], ["policy", "explain", "--url", "http://3000-ws1.localhost/"],
+                                     ["token", "issue", "--user", "alice"]])
+def test_other_commands_refuse_a_settings_file_that_is_not_utf8_in_one_line(tmp_path: Path,
+                                                                            command: list[str]) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_bytes(b"hub_url: http://h\xc3\n")
+    result = run(*command, "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"config error: {config}: not UTF-8 text (invalid continuation byte at "
+                                          "byte 17)"]

@@ -18,10 +18,12 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ import uvloop
 from aiohttp import web
 
 from gateway.accesslog import BufferedLineHandler
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 from gateway.lifecycle.local import dies_with
 from gateway.server.fastlane import GatewayRunner
 from gateway.server.listener import Acceptor, listening_sockets
@@ -50,13 +52,47 @@ def configure_logging(level: str) -> None:
         access.propagate = False
 
 
-def serve_app(app: web.Application, config: Config, *, reuse_port: bool = False) -> None:
+@dataclass(frozen=True)
+class Listeners:
+    """The bound listening sockets of the gateway (``listen``) and of its metrics (``metrics``, maybe none)."""
+
+    gateway: list[socket.socket]
+    metrics: list[socket.socket]
+
+    def close(self) -> None:
+        for sock in (*self.gateway, *self.metrics):
+            sock.close()
+
+
+def bind_listeners(config: Config, *, reuse_port: bool = False) -> Listeners:
+    """Bind ``listen`` and ``metrics`` before anything starts, so a port in use or a host that does not resolve is
+    one ``config error`` line naming the setting, not a traceback after the banner."""
+    gateway = _bind("listen", config.listen.host, config.listen.port, reuse_port)
+    try:
+        metrics = ([] if config.metrics.port is None
+                   else _bind("metrics", config.metrics.host, config.metrics.port, reuse_port))
+    except ConfigError:
+        Listeners(gateway, []).close()
+        raise
+    return Listeners(gateway, metrics)
+
+
+def _bind(key: str, host: str, port: int, reuse_port: bool) -> list[socket.socket]:
+    try:
+        return listening_sockets(host, port, reuse_port=reuse_port)
+    except OSError as exc:
+        raise ConfigError(f"config error: {key}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def serve_app(app: web.Application, config: Config, *, reuse_port: bool = False,
+              listeners: Listeners | None = None) -> None:
     """Serve until SIGTERM or SIGINT, on uvloop: it runs the loop, the transports and the timers in C, which took
-    8 % of the instructions a proxied request costs (and the ``Acceptor`` makes up for how its servers accept)."""
-    uvloop.run(_serve(app, config, reuse_port))
+    8 % of the instructions a proxied request costs (and the ``Acceptor`` makes up for how its servers accept).
+    Without ``listeners`` (a worker) the sockets are bound here."""
+    uvloop.run(_serve(app, config, listeners or bind_listeners(config, reuse_port=reuse_port)))
 
 
-async def _serve(app: web.Application, config: Config, reuse_port: bool) -> None:
+async def _serve(app: web.Application, config: Config, listeners: Listeners) -> None:
     runner = GatewayRunner(app, handle_signals=False, handler_cancellation=True,
                            shutdown_timeout=config.timeouts.shutdown)
     await runner.setup()
@@ -66,17 +102,17 @@ async def _serve(app: web.Application, config: Config, reuse_port: bool) -> None
     gc.freeze()
     metrics_runner: web.AppRunner | None = None
     loop = asyncio.get_running_loop()
-    acceptors = [Acceptor(sock, runner.server)
-                 for sock in listening_sockets(config.listen.host, config.listen.port, reuse_port=reuse_port)]
+    acceptors = [Acceptor(sock, runner.server) for sock in listeners.gateway]
     try:
         for acceptor in acceptors:
             acceptor.start()
-        if config.metrics.port is not None:
+        if listeners.metrics:
             from gateway.server.app import build_metrics_app
 
             metrics_runner = web.AppRunner(build_metrics_app(app), handle_signals=False, access_log=None)
             await metrics_runner.setup()
-            await web.TCPSite(metrics_runner, config.metrics.host, config.metrics.port, reuse_port=reuse_port).start()
+            for sock in listeners.metrics:
+                await web.SockSite(metrics_runner, sock).start()
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)

@@ -69,6 +69,8 @@ def test_good_settings(tmp_path: Path, text: str | None, env: dict[str, str], ch
         ("hub_url: ftp://hub\n", {}, "hub_url: must be an http(s) URL"),
         ("hub_url: https://hub.example.com/path\n", {}, "hub_url: must be an http(s) URL"),
         ("preview_domain: 'bad domain'\n", {}, "preview_domain: must be a host name"),
+        ("preview_domain: 'localhost:99999'\n", {}, "preview_domain: must be a host name"),
+        ("preview_domain: 'localhost:0'\n", {}, "preview_domain: must be a host name"),
         ("trusted_proxies: [nope]\n", {}, "trusted_proxies: 'nope' does not appear to be an IPv4 or IPv6 network"),
         ("listen: {host: 0.0.0.0}\n", {}, "auth.mode is dev (anyone can sign in as anyone) but listen.host 0.0.0.0"),
         ("auth: {mode: oidc}\n", {}, "auth.mode is oidc but auth.oidc (issuer, client_id, client_secret) is not set"),
