@@ -2,7 +2,8 @@
 pool, the answer is parsed by llhttp as it arrives and read by the proxy piece by piece (with backpressure).
 
 Timers: the answer's head is awaited for the first-byte timeout once the request (and its body) is out (one
-``HeadClock`` per pool); then each piece of body for the read timeout. Its first byte back also proves the
+``HeadClock`` per pool), and so is each piece of the request's body the upstream holds up (``taken``); then each
+piece of the answer's body for the read timeout. Its first byte back also proves the
 connection to the pool's pacing.
 
 What an upstream may do wrong ends the exchange with an ``UpstreamError`` whose ``fault`` names it, reported once
@@ -187,7 +188,7 @@ class HeadClock(CoarseTimer["Connection"]):
         self._watch(conn, loop.time() + self.seconds, loop)
 
     def _expire(self, key: Connection) -> None:
-        key.fail(HeadTimeout(f"no answer within {self.seconds:g} s"))
+        key.fail(HeadTimeout(f"no answer, nor the request's body taken, within {self.seconds:g} s"))
 
 
 class Connection(WriteFlow):
@@ -378,6 +379,19 @@ class Connection(WriteFlow):
         self._done = False
         self.received = False
 
+    async def taken(self) -> None:
+        """Until the upstream has taken what was written of the request's body, within the first-byte timeout:
+        an upstream that stops reading it holds the request as surely as one that never answers, and a body
+        send nothing bounds would keep the client's connection (aiohttp stops reading it meanwhile, so it would
+        not even see the client leave) and both sockets for good."""
+        if not self._write_paused:
+            return
+        self.clock.start(self)
+        try:
+            await self.drained(self.transport)
+        finally:
+            self.clock.forget(self)
+
     async def read_head(self) -> Response:
         while self._head is None:
             if self._error is not None:
@@ -413,9 +427,12 @@ class Connection(WriteFlow):
                 and self.transport is not None and not self.transport.is_closing())
 
     def close(self) -> None:
+        """Aborted, not closed: a close first sends what is still buffered, and a request's body an upstream
+        stopped reading would keep the socket open for ever. (A connection is closed spent or idle: nothing
+        buffered is worth sending.)"""
         self.fail(Abandoned("closed by the gateway"))  # whatever ends the connection now is not the upstream's doing
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
 
 Key = tuple[str, int, bool]

@@ -312,7 +312,8 @@ def _handshake_resent(conn: Connection) -> bool:
 
 
 async def _send_body(conn: Connection, body: StreamReader, chunked: bool) -> None:
-    """Stream the client's body as it arrives, waiting for the upstream to take each piece (backpressure)."""
+    """Stream the client's body as it arrives, waiting for the upstream to take each piece (backpressure), for
+    the first-byte timeout at most (``Connection.taken``); a slow client is not timed here."""
     transport = conn.transport
     assert transport is not None
     try:
@@ -323,7 +324,7 @@ async def _send_body(conn: Connection, body: StreamReader, chunked: bool) -> Non
                 transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             else:
                 transport.write(chunk)
-            await conn.drained(transport)
+            await conn.taken()
         if chunked and not transport.is_closing():
             transport.write(b"0\r\n\r\n")
     except Exception as exc:

@@ -525,3 +525,74 @@ async def test_a_connect_that_takes_too_long_is_a_504_counted_as_a_timeout(make_
         assert 'codehub_upstream_connect_errors_total{reason="timeout"} 1.0' in await faulty.metrics()
     finally:
         await upstream.close()
+
+
+def sockets(*, local: tuple[str, int] | None = None, remote: tuple[str, int] | None = None) -> int:
+    """Connected TCP sockets with a file open in some process (an aborted socket whose last bytes the kernel still
+    tries to deliver has none), by the local or the remote end (loopback addresses are the tests' own)."""
+    def hexed(address: tuple[str, int]) -> str:
+        return f"{struct.unpack('=I', socket.inet_aton(address[0]))[0]:08X}:{address[1]:04X}"
+
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum((local is None or row[1] == hexed(local)) and (remote is None or row[2] == hexed(remote))
+               and row[3] != "0A" and row[9] != "0" for row in rows)  # 0A: listening
+
+
+async def no_sockets(**ends: tuple[str, int]) -> int:
+    """``sockets`` once they are all closed (bounded wait)."""
+    for _ in range(100):
+        if not sockets(**ends):
+            break
+        await asyncio.sleep(0.05)
+    return sockets(**ends)
+
+
+async def test_an_upstream_that_stops_taking_a_body_times_out_and_lets_go(make_gateway: MakeGateway) -> None:
+    """An app that takes the connection and reads none of a large body: the gateway's writes to it stall, and
+    aiohttp stops reading the client, so it would not even see the client leave. The first-byte clock runs
+    while the upstream holds the body up (504, as for an answer that does not come); the upstream connection is
+    aborted, not closed gracefully (that waits for the unsent bytes for ever), and the client's is let go."""
+    address = next_address()
+    taken: list[asyncio.StreamWriter] = []
+    stop = asyncio.Event()
+
+    async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        taken.append(writer)
+        await stop.wait()
+
+    server = await asyncio.start_server(never_reads, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
+                                timeouts={"first_byte": 0.5})
+    await client.app[GATEWAY].runtime.wake(WORKSPACE)
+    assert client.port is not None
+    gateway = (client.host, client.port)
+    reader, writer = await asyncio.open_connection(*gateway)
+
+    async def upload() -> None:
+        writer.write(f"POST / HTTP/1.1\r\nHost: {port}-{WORKSPACE}.localhost:8080\r\nAccept: application/json\r\n"
+                     f"Content-Length: {1 << 30}\r\n\r\n".encode())
+        with contextlib.suppress(ConnectionError):
+            for _ in range(1 << 14):
+                writer.write(b"x" * 65536)
+                await writer.drain()
+
+    uploading = asyncio.create_task(upload())
+    try:
+        async with asyncio.timeout(20):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 504"), head
+        assert taken, "the upstream never had the request"
+        assert await no_sockets(remote=(address, port)) == 0  # while the upstream still reads nothing
+        uploading.cancel()
+        writer.close()  # the uploader leaves
+        assert await no_sockets(local=gateway) == 0
+        assert faults_counted(await scrape(client.app)) == {"no-answer": 1.0}
+    finally:
+        uploading.cancel()
+        writer.close()
+        for taken_writer in taken:
+            taken_writer.transport.abort()
+        stop.set()
+        server.close()
