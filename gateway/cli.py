@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from gateway.edge.policy import PolicyError
 
 if TYPE_CHECKING:
     from gateway.auth.identity import Identity
+    from gateway.edge.policy import Policy
 
 LIST_PAGE = 500
 """Workspaces asked for per call by ``codehub-gateway workspaces`` (the API's most), which follows the pages."""
@@ -182,12 +184,12 @@ def _banner(config: Config, workers: int) -> str:
 
 
 def policy_check(args: argparse.Namespace) -> int:
-    from gateway.edge.policy import PolicyError, load_policy
+    from gateway.edge.policy import PolicyError
 
     failed = False
     for path in args.files:
         try:
-            load_policy(path)
+            _read_policy(path)
         except PolicyError as exc:
             print(exc, file=sys.stderr)
             failed = True
@@ -196,19 +198,32 @@ def policy_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _read_policy(path: Path) -> Policy:
+    """The policy in ``path``; a file that is not text is one ``PolicyError`` line like any other bad policy."""
+    from gateway.edge.policy import load_policy
+
+    try:
+        return load_policy(path)
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def policy_explain(args: argparse.Namespace) -> int:
     from yarl import URL
 
     from gateway.auth.identity import Identity
-    from gateway.edge.policy import Policy, decide, load_policy, visibility
+    from gateway.edge.policy import Policy, decide, visibility
     from gateway.edge.routing import Hosts, Kind, route
     from gateway.errors import GatewayError
     from gateway.lifecycle.local import configured_spec
 
     config = load_config(args.config)
     policy_path = args.policy or config.policy_file
-    policy = load_policy(policy_path) if policy_path else Policy()
-    url = URL(args.url)
+    policy = _read_policy(policy_path) if policy_path else Policy()
+    try:
+        url = URL(args.url)
+    except ValueError:
+        raise CliError(f"{args.url} is not a URL") from None
     try:
         target = route(url.raw_authority, url.raw_path_qs or "/", Hosts.from_urls(config.hub_url,
                                                                                config.preview_domain))
@@ -242,7 +257,10 @@ def keys_rotate(args: argparse.Namespace) -> int:
     except KeyFileError as exc:
         raise CliError(str(exc)) from None
     rotated = keys.rotated(keep_for=config.auth.session_ttl)
-    write_keys(config.keys_file, rotated)
+    try:
+        write_keys(config.keys_file, rotated)
+    except OSError as exc:
+        raise CliError(f"cannot write keys file {config.keys_file}: {exc.strerror}") from None
     print(f"{config.keys_file}: new signing key {rotated.current.kid}; {len(rotated.keys) - 1} older key(s) kept "
           f"(the gateway at {config.hub_url})")
     return 0
@@ -259,6 +277,7 @@ def token_issue(args: argparse.Namespace) -> int:
     if config.runtime == "kubernetes":  # the replicas share tokens through the API: a file would reach none
         import asyncio
 
+        _check_cluster(config)
         record_id, token = asyncio.run(_issue_in_cluster(config, identity, args.name))
         where = f"ApiToken {record_id} in namespace {config.kubernetes.namespace}"
     else:
@@ -290,18 +309,33 @@ async def _issue_in_cluster(config: Config, identity: Identity, name: str) -> tu
     return record.id, token
 
 
+def _hub(hub: str) -> str:
+    """``--hub`` as urllib can send to it: http.client refuses spaces and control characters, and an unparsable
+    port, with exceptions that are not the network's."""
+    try:
+        parts = urllib.parse.urlsplit(hub)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is no number, or out of range
+        usable = False
+    if not usable or not hub.isascii() or not hub.isprintable() or " " in hub:
+        raise CliError(f"--hub {hub} is not a URL like https://hub.example.com")
+    return hub.rstrip("/")
+
+
 def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     if not args.token:
         raise CliError("no API token: pass --token or set CODEHUB_TOKEN (create one on the hub page)")
+    if not args.token.isascii() or not args.token.isprintable() or " " in args.token:
+        raise CliError("the API token has characters no token has")  # it goes in a header: ASCII, one line
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(
-        args.hub.rstrip("/") + path, data=data, method=method,
+        _hub(args.hub) + path, data=data, method=method,
         headers={"Authorization": f"Bearer {args.token}", "Accept": "application/json",
                  **({"Content-Type": "application/json"} if data else {})},
     )
     try:
         with urllib.request.urlopen(request, timeout=330) as response:
-            return json.loads(response.read() or b"null")
+            answer = response.read()
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read())["error"]["message"]
@@ -310,6 +344,16 @@ def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any]
         raise CliError(f"{exc.code}: {message}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise CliError(f"cannot reach {args.hub}: {getattr(exc, 'reason', exc)}") from None
+    try:
+        return json.loads(answer or b"null")
+    except ValueError:
+        raise CliError(f"{args.hub} answered with something that is not JSON: is it a code-hub gateway?") from None
+
+
+def _segment(name: str) -> str:
+    """A name typed on the command line as one path segment: a space, a line break or a slash in it stays the
+    name's (the API answers 404), never a request http.client refuses or one for another path."""
+    return urllib.parse.quote(name, safe="")
 
 
 def _print_workspace(view: dict[str, Any]) -> None:
@@ -329,18 +373,18 @@ def remote(args: argparse.Namespace) -> int:
             views += answer["workspaces"]
         answer = {"workspaces": views}
     elif args.command == "workspace" and args.action == "delete":
-        answer = _call(args, "DELETE", f"/api/v1/workspaces/{args.name}")
+        answer = _call(args, "DELETE", f"/api/v1/workspaces/{_segment(args.name)}")
         if not args.json:
             print(f"{answer['id']} deleted, with its pod, home volume and snapshots")
             return 0
         views = []
     elif args.command == "workspace":
         method, path = ("GET", "status") if args.action == "status" else ("POST", args.action)
-        answer = _call(args, method, f"/api/v1/workspaces/{args.name}/{path}")
+        answer = _call(args, method, f"/api/v1/workspaces/{_segment(args.name)}/{path}")
         views = [answer]
     elif args.command == "port":
         change = {"visibility": args.visibility, "identity": {"on": True, "off": False}.get(args.identity)}
-        answer = _call(args, "PUT", f"/api/v1/workspaces/{args.workspace}/ports/{args.port}",
+        answer = _call(args, "PUT", f"/api/v1/workspaces/{_segment(args.workspace)}/ports/{args.port}",
                        {key: value for key, value in change.items() if value is not None})
         views = [answer]
     else:
@@ -354,7 +398,7 @@ def remote(args: argparse.Namespace) -> int:
 
 
 def share(args: argparse.Namespace) -> int:
-    base = f"/api/v1/workspaces/{args.workspace}/shares"
+    base = f"/api/v1/workspaces/{_segment(args.workspace)}/shares"
     if args.action == "create":
         body: dict[str, Any] = {"audience": args.audience,
                                 "people": [p.strip() for p in args.people.split(",") if p.strip()]}
@@ -373,7 +417,7 @@ def share(args: argparse.Namespace) -> int:
             print(answer["url"])
         return 0
     if args.action == "revoke":
-        answer = _call(args, "DELETE", f"{base}/{args.id}")
+        answer = _call(args, "DELETE", f"{base}/{_segment(args.id)}")
         print(json.dumps(answer, indent=2) if args.json else f"revoked {args.id}")
         return 0
     answer = _call(args, "GET", base)

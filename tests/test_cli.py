@@ -426,3 +426,87 @@ def test_other_commands_refuse_a_settings_file_that_is_not_utf8_in_one_line(tmp_
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"config error: {config}: not UTF-8 text (invalid continuation byte at "
                                           "byte 17)"]
+
+
+@pytest.mark.parametrize(
+    ("hub", "token", "line"),
+    [
+        ("http://local host:8080", "chk_x", "codehub-gateway: --hub http://local host:8080 is not a URL like "
+                                            "https://hub.example.com"),
+        ("ftp://hub.example.com", "chk_x", "codehub-gateway: --hub ftp://hub.example.com is not a URL like "
+                                           "https://hub.example.com"),
+        ("http://127.0.0.1:1", "a\nb", "codehub-gateway: the API token has characters no token has"),
+        ("http://127.0.0.1:1", "é€", "codehub-gateway: the API token has characters no token has"),
+    ],
+)
+async def test_api_commands_refuse_a_hub_or_token_that_cannot_be_sent(capsys: pytest.CaptureFixture[str], hub: str,
+                                                                      token: str, line: str) -> None:
+    code, out, err = await _cli(capsys, "workspaces", "--hub", hub, "--token", token)
+    assert (code, out, err.splitlines()) == (1, "", [line])
+
+
+async def test_an_answer_that_is_not_json_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """--hub names something that is not the gateway (a dev server, a login portal) and it answers 200."""
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="<html>not the gateway</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_loopback_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        code, _out, err = await _cli(capsys, "workspaces", "--hub", f"http://127.0.0.1:{port}", "--token", "chk_x")
+    finally:
+        await runner.cleanup()
+    assert (code, err.splitlines()) == (1, [f"codehub-gateway: http://127.0.0.1:{port} answered with something that "
+                                            "is not JSON: is it a code-hub gateway?"])
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://3000-ws1.localhost:8080:99/"])
+def test_policy_explain_refuses_a_url_that_is_not_one_in_one_line(tmp_path: Path, url: str) -> None:
+    result = run("policy", "explain", "--config", str(_config(tmp_path)), "--url", url)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"codehub-gateway: {url} is not a URL"]
+
+
+def test_policy_files_that_are_not_utf8_are_one_line(tmp_path: Path) -> None:
+    policy = tmp_path / "bad-policy.yaml"
+    policy.write_bytes(b"org: {groups: [\xff]}\n")
+    checked = run("policy", "check", str(policy))
+    assert (checked.returncode, checked.stderr.splitlines()) == (1, [f"{policy}: not UTF-8 text (invalid start byte "
+                                                                     "at byte 15)"])
+    explained = run("policy", "explain", "--config", str(_config(tmp_path)), "--policy", str(policy), "--url",
+                    "http://3000-ws1.localhost:8080/")
+    assert (explained.returncode, explained.stderr.splitlines()) == (2, [f"{policy}: not UTF-8 text (invalid start "
+                                                                         "byte at byte 15)"])
+
+
+def test_keys_rotate_that_cannot_write_the_keys_is_one_line(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    assert run("keys", "rotate", "--config", str(config)).returncode == 0
+    (tmp_path / "state" / "signing-keys.json.tmp").mkdir()  # where the new keys are written first
+    result = run("keys", "rotate", "--config", str(config))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [f"codehub-gateway: cannot write keys file {tmp_path}/state/"
+                                          "signing-keys.json: Is a directory"]
+
+
+def test_token_issue_with_a_kubeconfig_that_says_nothing_is_one_line(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("{}\n")
+    config = _config(tmp_path, runtime="kubernetes", kubernetes={"kubeconfig": str(kubeconfig)})
+    result = run("token", "issue", "--user", "alice", "--config", str(config))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [f"config error: kubernetes: Invalid kube-config file. Expected key "
+                                          f"current-context in {kubeconfig}"]
+
+
+@pytest.mark.parametrize("name", ["a b", "ws1\nx", "../ws1"])
+async def test_a_name_with_a_space_line_break_or_slash_is_a_name_the_api_does_not_know(
+        hub: tuple[str, str], capsys: pytest.CaptureFixture[str], name: str) -> None:
+    url, token = hub
+    code, _out, err = await _cli(capsys, "workspace", "status", name, "--hub", url, "--token", token)
+    assert (code, err.splitlines()) == (1, ["codehub-gateway: 404: There is no workspace with that name that you "
+                                            "can see."])
