@@ -2,8 +2,9 @@
 
 Alice's app on port 8000 (an ``org`` port) is opted in to receive visitors' identity. Bob, an org member, opens
 it: before the app sees anything he is sent to the consent page on the hub (never on the app's origin, where the
-owner's scripts run), naming the app, its owner and exactly the claims it would receive. He continues and the app greets him; he withdraws on the hub and the app
-forgets him; asked again, he continues without sharing and the app sees nobody.
+owner's scripts run), naming the app, its owner and exactly the claims it would receive. He continues and the
+app greets him; he withdraws on the hub and the app forgets him; asked again, he continues without sharing and
+the app sees nobody.
 """
 
 from __future__ import annotations
