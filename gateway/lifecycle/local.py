@@ -3,7 +3,8 @@
 WARM means the process group is stopped and the home kept; COLD means the home lives only in a verified,
 compressed archive. Everything a crash could leave half-done is recovered from the files at start
 (see ``archive``), and workspace processes die with the gateway (parent-death signal plus the process-group
-record), so nothing is left running behind it.
+record), so nothing is left running behind it. A process that leaves the group (``setsid``, a daemonising server,
+tmux) is found by the mark every workspace process inherits in its environment (``MARK``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import ctypes
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -49,6 +51,41 @@ def dies_with(parent: int) -> Callable[[], None]:
     return ask
 
 
+MARK = "CODEHUB_RUN"
+"""Set to a value new at each start in a workspace's environment, which every process it starts inherits: when the
+workspace stops, every process of the gateway's user whose ``/proc/PID/environ`` carries it is signalled, in its
+process group or not. A process that clears or rewrites its own environment is not found this way."""
+
+
+def signal_marked(marks: Collection[str], sig: signal.Signals) -> None:
+    """Send ``sig`` to every process of this user started with one of ``marks`` as its ``MARK``.
+
+    Each process is held by a pidfd before its environment is read, so a pid reused meanwhile is never signalled:
+    the signal goes to the process that was read, or to none."""
+    wanted = [f"\0{MARK}={mark}\0".encode() for mark in marks]
+    if not wanted:
+        return
+    uid = os.getuid()
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                if entry.stat().st_uid != uid:
+                    continue
+                pidfd = os.pidfd_open(int(entry.name))
+            except OSError:  # gone already, or not ours to see
+                continue
+            try:
+                environ = b"\0" + Path(entry.path, "environ").read_bytes()
+                if any(mark in environ for mark in wanted):
+                    signal.pidfd_send_signal(pidfd, sig)
+            except OSError:
+                pass
+            finally:
+                os.close(pidfd)
+
+
 def _process_start_time(pid: int) -> str | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -78,6 +115,8 @@ class _Slot:
     """Why the last archive failed (a full disk, say), shown while the workspace stays WARM."""
     state: WorkspaceState | None = None
     labels: LabelFile | None = None
+    mark: str = ""
+    """The ``MARK`` of the running process's start."""
 
     @property
     def home(self) -> Path:
@@ -127,13 +166,15 @@ class LocalRuntime(Runtime):
 
     def _prepare(self) -> None:
         """Every workspace's files, in one worker thread: a thread hop per workspace made ten thousand of them
-        take 40 s to start."""
+        take 40 s to start. Processes a dead gateway left are ended in one pass over /proc for all of them."""
+        marks = []
         for slot in self._slots.values():
             slot.root.mkdir(parents=True, exist_ok=True)
             slot.archive.parent.mkdir(parents=True, exist_ok=True)
-            self._kill_leftover(slot)
+            marks.append(self._kill_leftover(slot))
             recover(slot.home, slot.archive)
             slot.spec = self._with_settings(slot)
+        signal_marked([mark for mark in marks if mark], signal.SIGKILL)
 
     async def close(self) -> None:
         await asyncio.gather(*(self.stop(name) for name, slot in self._slots.items() if slot.process))
@@ -311,7 +352,8 @@ class LocalRuntime(Runtime):
         if self._proxy_uri is not None:
             env["VSCODE_PROXY_URI"] = self._proxy_uri(slot.spec.id)
         env.update(slot.config.env)
-        env.update(HOME=str(slot.home), HOST=slot.address, CODEHUB_WORKSPACE=slot.spec.id)
+        mark = secrets.token_hex(16)
+        env.update(HOME=str(slot.home), HOST=slot.address, CODEHUB_WORKSPACE=slot.spec.id, **{MARK: mark})
         command = self._command(slot)
         ide_settings = settings_file(command, slot.home, env)
         if ide_settings is not None:
@@ -324,8 +366,9 @@ class LocalRuntime(Runtime):
             )
         finally:
             output.close()
-        slot.process, slot.failure, slot.archive_failure = process, "", ""
-        slot.run_file.write_text(json.dumps({"pgid": process.pid, "start": _process_start_time(process.pid)}))
+        slot.process, slot.failure, slot.archive_failure, slot.mark = process, "", "", mark
+        slot.run_file.write_text(json.dumps({"pgid": process.pid, "start": _process_start_time(process.pid),
+                                             "mark": mark}))
         asyncio.get_running_loop().create_task(self._watch_exit(slot, process))
 
     async def _watch_exit(self, slot: _Slot, process: asyncio.subprocess.Process) -> None:
@@ -333,6 +376,7 @@ class LocalRuntime(Runtime):
         if slot.process is not process or slot.in_flight is Phase.STOPPING:
             return
         _kill_group(process.pid, signal.SIGKILL)
+        await asyncio.to_thread(signal_marked, [slot.mark], signal.SIGKILL)
         slot.process = None
         slot.run_file.unlink(missing_ok=True)
         slot.failure = f"the workspace process exited with code {code}" + _last_line(slot.root / "output.log")
@@ -342,25 +386,30 @@ class LocalRuntime(Runtime):
         process = slot.process
         assert process is not None
         _kill_group(process.pid, signal.SIGTERM)
+        await asyncio.to_thread(signal_marked, [slot.mark], signal.SIGTERM)  # /proc is read off the loop
         try:
             await asyncio.wait_for(process.wait(), self._stop_timeout)
         except TimeoutError:
             log.warning("workspace %s ignored SIGTERM for %.0fs; killing it", slot.spec.id, self._stop_timeout)
         _kill_group(process.pid, signal.SIGKILL)
+        await asyncio.to_thread(signal_marked, [slot.mark], signal.SIGKILL)
         await process.wait()
         slot.process = None
         slot.run_file.unlink(missing_ok=True)
 
-    def _kill_leftover(self, slot: _Slot) -> None:
-        """A gateway that died hard may have left a process group; kill it only if the pid is still ours."""
+    def _kill_leftover(self, slot: _Slot) -> str:
+        """A gateway that died hard may have left a process group; kill it only if the pid is still ours. The
+        ``MARK`` of that start, for the caller to end the processes that left the group."""
         try:
             record = json.loads(slot.run_file.read_text())
         except (OSError, ValueError):
-            return
-        pgid = record.get("pgid")
+            return ""
+        mark = record.get("mark") if isinstance(record, dict) else None
+        mark = mark if isinstance(mark, str) else ""
+        pgid = record.get("pgid") if isinstance(record, dict) else None
         if not isinstance(pgid, int):
             slot.run_file.unlink(missing_ok=True)
-            return
+            return mark
         leader_start = _process_start_time(pgid)
         # The leader may have exited (it gets SIGTERM when the gateway dies) while its children live on in
         # the group; Linux never hands out a pid still in use as a process group id, so a group with a
@@ -369,6 +418,7 @@ class LocalRuntime(Runtime):
             log.warning("killing workspace %s left running by a previous gateway (pgid %d)", slot.spec.id, pgid)
             _kill_group(pgid, signal.SIGKILL)
         slot.run_file.unlink(missing_ok=True)
+        return mark
 
 
 def _last_line(log_file: Path) -> str:

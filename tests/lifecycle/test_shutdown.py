@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from gateway.lifecycle import Phase
-from gateway.lifecycle.local import dies_with
-from tests.conftest import MakeGateway, next_address, workspace
+from gateway.lifecycle.local import LocalRuntime, dies_with
+from tests.conftest import MakeGateway, next_address, settings, workspace
 from tests.lifecycle.conftest import API, gateway_of, group_members, preview, recorded_pgid, slow_workspace, wait_gone
 
 pytestmark = pytest.mark.timeout(60)
@@ -64,3 +65,74 @@ def test_a_child_whose_gateway_died_before_it_asked_to_die_with_it_never_runs(pa
     done = subprocess.run([sys.executable, "-c", "print('ran')"], preexec_fn=dies_with(pid),
                           capture_output=True, text=True, timeout=30, check=False)
     assert (done.returncode, done.stdout) == (code, output)
+
+
+ESCAPES = ("import subprocess, sys, time\n"
+           "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
+           "open('escaped.tmp', 'w').write(str(child.pid))\n"
+           "__import__('os').replace('escaped.tmp', 'escaped')\n"
+           "time.sleep(600)\n")
+"""A workspace command that starts a process in a session (and process group) of its own, as ``setsid``, a
+daemonising server or tmux would, and writes its pid to ``escaped`` in the home."""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def escaped_pid(home: Path) -> int:
+    async with asyncio.timeout(10):
+        while not (home / "escaped").exists():  # noqa: ASYNC110 - the workspace writes it once its child runs
+            await asyncio.sleep(0.02)
+    return int((home / "escaped").read_text())
+
+
+async def wait_dead(pid: int, within: float = 10.0) -> None:
+    async with asyncio.timeout(within):
+        while alive(pid):  # noqa: ASYNC110 - /proc offers nothing to wait on
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("how", ["stop", "archive", "gateway-close", "workspace-exits"])
+async def test_a_process_in_a_session_of_its_own_ends_with_its_workspace(make_gateway: MakeGateway, tmp_path: Path,
+                                                                        how: str) -> None:
+    """README, "When things die": nothing the gateway started keeps running. A process that left the workspace's
+    process group is still the workspace's: it carries the workspace's marker in its environment."""
+    command = [sys.executable, "-c", ESCAPES.replace("time.sleep(600)\n", "time.sleep(1)\n")
+               if how == "workspace-exits" else ESCAPES]
+    client = await make_gateway(workspaces={"a": workspace(next_address(), command=command)})
+    runtime = gateway_of(client).runtime
+    await runtime.wake("a")
+    pid = await escaped_pid(tmp_path / "state" / "workspaces" / "a" / "home")
+    try:
+        if how == "stop":
+            await runtime.stop("a")
+        elif how == "archive":
+            await runtime.archive("a")
+        elif how == "gateway-close":
+            await client.close()
+        await wait_dead(pid)
+    finally:
+        if alive(pid):  # what the gateway left: the test's to end
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_process_in_a_session_of_its_own_left_by_a_dead_gateway_ends_at_the_next_start(tmp_path: Path) -> None:
+    """The gateway died without stopping anything (``kill -9``): the next one, finding the run record, ends the
+    workspace's escaped processes too."""
+    config = settings(tmp_path, {"a": workspace(next_address(), command=[sys.executable, "-c", ESCAPES])})
+    dead = LocalRuntime(config.local)  # stands for the gateway that was killed: never closed
+    await dead.start()
+    await dead.wake("a")
+    pid = await escaped_pid(tmp_path / "state" / "workspaces" / "a" / "home")
+    try:
+        await LocalRuntime(config.local).start()
+        await wait_dead(pid)
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        await dead.close()
