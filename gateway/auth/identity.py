@@ -62,6 +62,12 @@ class Identity:
         claim = self.email if "@" in principal else self.subject
         return claim.translate(_ASCII_LOWER) == principal.translate(_ASCII_LOWER)
 
+    def is_subject(self, name: str) -> bool:
+        """This person's user name, as ``matches`` compares names: a workspace's owner is the user who made it, not
+        a principal (read as one, an owner that looks like an address or a group would be someone else)."""
+        name = name.strip()
+        return bool(name) and self.subject.translate(_ASCII_LOWER) == name.translate(_ASCII_LOWER)
+
     def claim(self, name: str) -> str | None:
         """A scalar claim from the IdP (as text), for org rules on claims."""
         return dict(self.attributes).get(name)

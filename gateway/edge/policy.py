@@ -249,7 +249,7 @@ def visibility(policy: Policy, spec: WorkspaceSpec, port: int) -> Visibility:
 
 def membership(spec: WorkspaceSpec, identity: Identity) -> Reason | None:
     """Owner or collaborator of the workspace, or None (admins see ports, but are no members)."""
-    if identity.matches(spec.owner):
+    if identity.is_subject(spec.owner):
         return Reason.OWNER
     if any(identity.matches(person) for person in spec.collaborators):
         return Reason.COLLABORATOR

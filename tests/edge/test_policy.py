@@ -22,6 +22,7 @@ from gateway.edge.policy import (
     denial,
     load_policy,
     may_wake,
+    membership,
     parse_policy,
 )
 from gateway.lifecycle import WorkspaceSpec
@@ -329,3 +330,20 @@ def test_principals_match_as_the_policy_file_says(identity: Identity, principal:
 def test_any_groups_claim_makes_an_identity(groups: object, expected: tuple[str, ...]) -> None:
     """An IdP's groups claim of another shape (a number, an object) raised TypeError: a 500 at sign-in."""
     assert Identity.from_id_token({"sub": "alice", "groups": groups}).groups == expected
+
+
+@pytest.mark.parametrize(("identity", "owner", "is_owner"), [
+    (Identity("alice"), "alice", True),
+    (Identity("Alice"), "alice", True),
+    (Identity("bob", "bob@example.com"), "bob@example.com", False),  # a workspace made by a user named
+    (Identity("bob@example.com"), "bob@example.com", True),  # "bob@example.com" is theirs, not bob's
+    (Identity("x", groups=("qa",)), "group:qa", False),
+    (Identity(""), "", False),
+])
+def test_the_owner_is_a_user_name_never_an_address_or_a_group(identity: Identity, owner: str,
+                                                             is_owner: bool) -> None:
+    """A workspace's owner is who made it (their user name), not a principal: read as one, a workspace made by
+    someone whose chosen user name is bob's address had bob for its owner, and bob's identity went to its apps
+    unasked."""
+    spec = WorkspaceSpec(id="ws", owner=owner)
+    assert (membership(spec, identity) is Reason.OWNER) is is_owner
