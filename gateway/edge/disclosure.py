@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from urllib.parse import urlencode
 
 from gateway.auth.identity import Identity
+from gateway.auth.sessions import Sessions
 from gateway.auth.store import Consent, consent_id
 from gateway.edge.policy import IdentityRules
 from gateway.edge.routing import Hosts
@@ -59,9 +60,21 @@ def consent_pending(spec: WorkspaceSpec, port: int | None, identity: Identity | 
             and not owner and answer_of(consents, identity, spec, port) is None)
 
 
-def consent_url(hosts: Hosts, workspace: str, port: int, next_path: str) -> str:
-    """Where a visitor answers for an app: the hub's page, which sends them back to ``next_path`` on the app."""
-    return hosts.hub_url(f"{CONSENT_PATH}?{urlencode({'workspace': workspace, 'port': port, 'next': next_path})}")
+ASK_TTL = 600.0
+
+
+def asked_of(identity: Identity, spec: WorkspaceSpec, port: int) -> list[str | int]:
+    """What an ``ask`` vouches for: this visitor was sent by this app (of this owner) to answer."""
+    return [identity.subject, spec.id, port, spec.owner]
+
+
+def consent_url(hosts: Hosts, sessions: Sessions, identity: Identity, spec: WorkspaceSpec, port: int,
+                next_path: str) -> str:
+    """Where a visitor answers for an app: the hub's page, which sends them back to ``next_path`` on the app. The
+    ``ask`` (signed, for the hub, for a while) says the app sent them, past its access check."""
+    ask = sessions.sign_state({"ask": asked_of(identity, spec, port)}, hosts.hub, ASK_TTL)
+    query = urlencode({"workspace": spec.id, "port": port, "next": next_path, "ask": ask})
+    return hosts.hub_url(f"{CONSENT_PATH}?{query}")
 
 
 def identity_headers(identity: Identity | None, assertion: str | None) -> dict[str, str]:
@@ -85,10 +98,11 @@ class ConsentPage(GatewayError):
     template = "consent.html"
     action = CONSENT_PATH
 
-    def __init__(self, rules: IdentityRules, spec: WorkspaceSpec, port: int, identity: Identity, next_path: str):
+    def __init__(self, rules: IdentityRules, spec: WorkspaceSpec, port: int, identity: Identity, next_path: str,
+                 ask: str):
         super().__init__(f"The app on port {port} of workspace {spec.id} (owned by {spec.owner}) asks to receive "
                          "your identity.", headers={"Cache-Control": "no-store"})
-        self.workspace, self.port, self.owner, self.next_path = spec.id, port, spec.owner, next_path
+        self.workspace, self.port, self.owner, self.next_path, self.ask = spec.id, port, spec.owner, next_path, ask
         shown = rules.disclose(identity)
         values = {"user": shown.subject, "email": shown.email, "name": shown.name, "groups": ", ".join(shown.groups)}
         self.claims = [(_CLAIM_WORDS[claim], values[claim]) for claim in rules.claims if values[claim]]

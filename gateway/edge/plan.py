@@ -301,9 +301,10 @@ class _Request:
         if (target.port is not None and self._asks_consent(credentials.identity) and facts.method == "GET"
                 and wants_page(facts.method, facts.headers) and not is_websocket(facts.method, facts.headers)
                 and not is_embedded(facts.headers)):  # a frame goes on knowing nobody: the hub is never framed
-            return Redirect(error=RedirectError(consent_url(self.world.hosts, state.id, target.port,
-                                                            credentials.path), status=302),
-                            target=target, effects=tuple(self.effects))
+            assert credentials.identity is not None
+            asked = consent_url(self.world.hosts, self.world.sessions, credentials.identity, state.spec, target.port,
+                                credentials.path)
+            return Redirect(error=RedirectError(asked, status=302), target=target, effects=tuple(self.effects))
         return self._forward(credentials)
 
     def _reserved(self, path: str) -> Plan:

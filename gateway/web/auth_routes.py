@@ -6,6 +6,7 @@ import secrets
 
 import aiohttp_jinja2
 from aiohttp import web
+from multidict import MultiDictProxy
 from yarl import URL
 
 from gateway.auth.authenticate import HANDOFF, SESSION
@@ -34,6 +35,15 @@ def check_same_origin(request: web.BaseRequest, gateway: Gateway) -> None:
         return
     if request.headers.get("Sec-Fetch-Site") not in ("same-origin", None) or "Sec-Fetch-Site" not in request.headers:
         raise Forbidden("This request did not say where it came from and was refused.", code="cross-site-request")
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | bytearray | web.FileField]:
+    """A form as browsers send it, or 400: on bodies no browser sends aiohttp raises LookupError (an unknown
+    charset), UnicodeDecodeError or ValueError (a multipart body without its boundary)."""
+    try:
+        return await request.post()
+    except (ValueError, LookupError):
+        raise BadRequest("This form could not be read.", code="bad-form") from None
 
 
 def _session_cookie(gateway: Gateway, identity: Identity, audience: str) -> str:
@@ -102,7 +112,7 @@ async def dev_submit(request: web.Request) -> web.StreamResponse:
     if gateway.config.auth.mode != "dev":
         raise Forbidden("Development sign-in is switched off.", code="dev-sign-in-off")
     check_same_origin(request, gateway)
-    form = await request.post()
+    form = await read_form(request)
     user = str(form.get("user", "")).strip()
     if not user or len(user) > 64 or any(ch.isspace() for ch in user):
         raise BadRequest("Pick a user name without spaces (at most 64 characters).", code="bad-user-name")

@@ -7,25 +7,33 @@ takes a cookie-authenticated form only from its own pages (``check_same_origin``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from aiohttp import web
 from yarl import URL
 
+from gateway.auth.identity import Identity
 from gateway.auth.store import Consent
-from gateway.edge.disclosure import CONSENT_PATH, ConsentPage
+from gateway.edge.disclosure import CONSENT_PATH, ConsentPage, asked_of
 from gateway.edge.routing import local_path
 from gateway.errors import BadRequest, NotFound, Redirect, Unauthorized
 from gateway.lifecycle.base import WorkspaceState
 from gateway.server.context import GATEWAY, Gateway
-from gateway.web.auth_routes import check_same_origin, hub_identity
+from gateway.web.auth_routes import check_same_origin, hub_identity, read_form
+
+_PORT = re.compile("[0-9]{1,5}")
 
 
-def _asked(gateway: Gateway, values: Mapping[str, object]) -> tuple[WorkspaceState, int]:
-    """The workspace and port named, if that app asks for its visitors' identity."""
+def _asked(gateway: Gateway, identity: Identity, values: Mapping[str, object]) -> tuple[WorkspaceState, int]:
+    """The workspace and port named, if that app asks for its visitors' identity and sent this visitor here: the
+    ``ask`` of its redirect (see ``disclosure.consent_url``) names them. Asked for by hand, the page would tell
+    anyone who owns a workspace and which ports ask, and let them add to its count of visitors who agreed."""
     port = str(values.get("port", ""))
     state = gateway.runtime.get(str(values.get("workspace", "")))
-    if state is None or not port.isdigit() or int(port) not in state.spec.identity_ports:
+    ask = gateway.auth.sessions.read_state(str(values.get("ask", "")), gateway.hosts.hub)
+    if (state is None or not _PORT.fullmatch(port) or int(port) not in state.spec.identity_ports or ask is None
+            or ask.get("ask") != asked_of(identity, state.spec, int(port))):
         raise NotFound("This app does not ask for your identity.", code="no-consent-asked")
     return state, int(port)
 
@@ -35,8 +43,9 @@ async def consent_page(request: web.Request) -> web.StreamResponse:
     identity = hub_identity(request, gateway)
     if identity is None:
         raise Redirect(str(URL("/auth/login").with_query(next=request.path_qs)), status=302)
-    state, port = _asked(gateway, request.query)
-    raise ConsentPage(gateway.policy.identity, state.spec, port, identity, local_path(request.query.get("next")))
+    state, port = _asked(gateway, identity, request.query)
+    raise ConsentPage(gateway.policy.identity, state.spec, port, identity, local_path(request.query.get("next")),
+                      request.query.get("ask", ""))
 
 
 async def answer(request: web.Request) -> web.StreamResponse:
@@ -46,8 +55,8 @@ async def answer(request: web.Request) -> web.StreamResponse:
     identity = hub_identity(request, gateway)
     if identity is None:
         raise Unauthorized("Sign in to answer.", code="user-unauthenticated")
-    form = await request.post()
-    state, port = _asked(gateway, form)
+    form = await read_form(request)
+    state, port = _asked(gateway, identity, form)
     choice = form.get("choice")
     if choice not in ("share", "decline"):
         raise BadRequest("Choose Continue or Continue without sharing.", code="bad-consent")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import jwt
 import pytest
@@ -92,9 +93,12 @@ async def opt_in(owner: Browser, port: int = 3001, on: bool = True) -> Page:
 
 
 async def answer(browser: Browser, choice: str, origin: str = HUB, port: int = 3001) -> Page:
-    """The consent page's form, as the hub's page posts it."""
-    return await browser.fetch("POST", f"{HUB}/consent",
-                               data={"workspace": "ws1", "port": str(port), "choice": choice, "next": "/x?y=1"},
+    """The consent page's form, as the hub's page posts it, with the ``ask`` the app's redirect gave."""
+    asked = await browser.navigate_until(f"http://{port}-ws1.localhost:8080/x?y=1",
+                                         lambda url: url.startswith(f"{HUB}/consent?"), headers=NAVIGATE)
+    ask = parse_qs(urlsplit(asked).query)["ask"][0]
+    return await browser.fetch("POST", f"{HUB}/consent", data={"workspace": "ws1", "port": str(port),
+                                                              "choice": choice, "next": "/x?y=1", "ask": ask},
                                headers={"Origin": origin, "Accept": "text/html"})
 
 
@@ -257,3 +261,48 @@ async def test_a_framed_app_is_not_asked_and_learns_nothing(served: Served, make
     framed = await bob.navigate(served.preview("ws1", 3001, "/x"), headers={**NAVIGATE, "Sec-Fetch-Dest": "iframe"})
     assert framed.url == served.preview("ws1", 3001, "/x")
     assert not {name: value for name, value in seen_headers(framed.json()).items() if name in IDENTITY_HEADERS}
+
+
+async def test_the_consent_page_is_only_for_visitors_the_app_sent(served: Served, make_browser: MakeBrowser) -> None:
+    """Asked for by hand, the hub's consent page would tell anyone signed in who owns a workspace and which of its
+    ports ask, and let them add to its count of visitors who agreed: it answers only with the ``ask`` the app's
+    redirect carries, made for this visitor, workspace and port."""
+    alice = await signed_in(make_browser, served, "alice")
+    await opt_in(alice)
+    carol = await signed_in(make_browser, served, "eve")
+    bare = await carol.fetch("GET", f"{HUB}/consent?workspace=ws1&port=3001&next=/", headers={"Accept": "text/html"})
+    assert bare.status == 404
+    assert "alice" not in bare.text
+    forged = await carol.fetch("POST", f"{HUB}/consent", data={"workspace": "ws1", "port": "3001", "choice": "share"},
+                               headers={"Origin": HUB, "Accept": "text/html"})
+    assert forged.status == 404
+    assert not served.gateway.auth.store.consents
+    bob = await signed_in(make_browser, served, "bob")
+    bob.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(Identity("bob"), APP[7:]))
+    asked = await bob.navigate(served.preview("ws1", 3001, "/x"), headers=NAVIGATE)
+    assert asked.url.startswith(f"{HUB}/consent?")
+    stolen = await carol.fetch("GET", asked.url, headers={"Accept": "text/html"})
+    assert stolen.status == 404, "made for bob"
+    other_port = asked.url.replace("port=3001", "port=3000")
+    assert (await bob.fetch("GET", other_port, headers={"Accept": "text/html"})).status == 404
+
+
+@pytest.mark.parametrize(("content_type", "body"), [
+    ("application/x-www-form-urlencoded; charset=bogus", b"workspace=ws1&port=3001&choice=share"),
+    ("application/x-www-form-urlencoded", b"workspace=ws1&port=3001&choice=share&next=\xff\xfe"),
+    ("multipart/form-data", b"--x\r\n"),
+    ("multipart/form-data; boundary=x", b"garbage"),
+    ("application/x-www-form-urlencoded", b"workspace=ws1&port=%C2%B2&choice=share"),
+    ("application/x-www-form-urlencoded", b"workspace=ws1&port=" + b"1" * 5000 + b"&choice=share"),
+], ids=["charset", "not-utf8", "no-boundary", "bad-multipart", "superscript-port", "huge-port"])
+async def test_a_consent_form_no_browser_sends_is_a_400(served: Served, make_browser: MakeBrowser,
+                                                        content_type: str, body: bytes) -> None:
+    bob = await signed_in(make_browser, served, "bob")
+    answered = await bob.fetch("POST", f"{HUB}/consent", data=body,
+                               headers={"Origin": HUB, "Content-Type": content_type, "Accept": "application/json"})
+    assert answered.status in (400, 404), answered.text
+    odd = await bob.fetch("GET", f"{HUB}/consent?workspace=ws1&port=%C2%B2", headers={"Accept": "application/json"})
+    assert odd.status in (400, 404), odd.text
+    dev = await bob.fetch("POST", f"{HUB}/auth/dev", data=body,
+                          headers={"Origin": HUB, "Content-Type": content_type, "Accept": "application/json"})
+    assert dev.status == 400, dev.text

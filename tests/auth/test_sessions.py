@@ -92,6 +92,9 @@ def test_a_handoff_code_says_nothing_of_who_it_is_for() -> None:
     for value in ("alice", "example.com", "dev", "Alice", "email_verified"):
         assert value not in payload
     assert s.read_code(code, HOST, "state")[0] == ALICE
+    lengths = {len(jwt.decode(s.handoff_code(who, HOST, "state"), options={"verify_signature": False})["who"])
+               for who in (Identity("al"), ALICE, Identity("bob", "bob@example.com", ("team-a", "secret-project")))}
+    assert len(lengths) == 1, "nor, by its length, how much there is to say"
     rotated = sessions(keys=KeySet([SigningKey.generate(), *KEYS.keys]))
     assert rotated.read_code(code, HOST, "state")[0] == ALICE, "a code sealed just before a rotation still opens"
     forged = jwt.decode(code, options={"verify_signature": False})
