@@ -16,6 +16,14 @@ _NOT_ATTRIBUTES = frozenset({
 # Lone surrogates come with JSON (``"\\ud800"``) and cannot be encoded into any header.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _folded(text: str) -> str:
+    """Upper-case ASCII letters made lower-case, and nothing else (``str.lower`` makes the Kelvin sign a ``k``).
+    ``lower`` where it is the same, as ``translate`` looks every character up in a dict: policy checks run on
+    every request."""
+    return text.lower() if text.isascii() else text.translate(_ASCII_LOWER)
+
 # Other claims ride along in the session cookie for org rules on claims; a budget keeps the cookie small.
 ATTRIBUTES_BUDGET = 1024
 
@@ -60,13 +68,13 @@ class Identity:
         if principal.startswith("group:"):
             return principal[6:] in self.groups
         claim = self.email if "@" in principal else self.subject
-        return claim.translate(_ASCII_LOWER) == principal.translate(_ASCII_LOWER)
+        return _folded(claim) == _folded(principal)
 
     def is_subject(self, name: str) -> bool:
         """This person's user name, as ``matches`` compares names: a workspace's owner is the user who made it, not
         a principal (read as one, an owner that looks like an address or a group would be someone else)."""
         name = name.strip()
-        return bool(name) and self.subject.translate(_ASCII_LOWER) == name.translate(_ASCII_LOWER)
+        return bool(name) and _folded(self.subject) == _folded(name)
 
     def claim(self, name: str) -> str | None:
         """A scalar claim from the IdP (as text), for org rules on claims."""
