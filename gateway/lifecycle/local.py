@@ -117,6 +117,8 @@ class _Slot:
     labels: LabelFile | None = None
     mark: str = ""
     """The ``MARK`` of the running process's start."""
+    foreign: str = ""
+    """Why its files are not its owner's to use (see ``_claim``), shown while it refuses to start."""
 
     @property
     def home(self) -> Path:
@@ -133,6 +135,10 @@ class _Slot:
     @property
     def settings_file(self) -> Path:
         return self.root / "settings.json"
+
+    @property
+    def owner_file(self) -> Path:
+        return self.root / "owner"
 
 
 def configured_spec(name: str, ws: LocalWorkspace) -> WorkspaceSpec:
@@ -173,8 +179,30 @@ class LocalRuntime(Runtime):
             slot.archive.parent.mkdir(parents=True, exist_ok=True)
             marks.append(self._kill_leftover(slot))
             recover(slot.home, slot.archive)
-            slot.spec = self._with_settings(slot)
+            slot.foreign = slot.failure = self._claim(slot)
+            if not slot.foreign:
+                slot.spec = self._with_settings(slot)
         signal_marked([mark for mark in marks if mark], signal.SIGKILL)
+
+    @staticmethod
+    def _claim(slot: _Slot) -> str:
+        """Its folder is recorded as its owner's; one recorded as someone else's (the operator gave the name of a
+        removed workspace to another person) is not used: it holds the old owner's home, archive, collaborators
+        and port rules. The operator moves it away, and the name starts afresh. An empty answer: all is well."""
+        try:
+            recorded = slot.owner_file.read_text().strip()
+        except FileNotFoundError:  # new, or from before owners were recorded: the configuration says whose
+            slot.owner_file.write_text(slot.spec.owner + "\n")
+            return ""
+        except OSError as exc:
+            recorded = f"(unreadable: {exc.strerror})"
+        if recorded == slot.spec.owner:
+            return ""
+        log.error("workspace %s is %s's now, but %s and %s are those of %s's workspace of that name: it does not "
+                  "start until they are moved away", slot.spec.id, log_text(slot.spec.owner), slot.root,
+                  slot.archive, log_text(recorded))
+        return ("This workspace's files are those of an earlier workspace of the same name, of someone else: it "
+                "does not start until the operator moves them away (the gateway's log says where).")
 
     async def close(self) -> None:
         await asyncio.gather(*(self.stop(name) for name, slot in self._slots.items() if slot.process))
@@ -192,6 +220,8 @@ class LocalRuntime(Runtime):
     async def wake(self, workspace: str) -> WorkspaceState:
         slot = self._slot(workspace)
         async with slot.lock:
+            if slot.foreign:
+                return self._fail(slot, slot.foreign)
             state = self._observe(slot)
             if state.phase is Phase.RUNNING:
                 return state
@@ -216,7 +246,7 @@ class LocalRuntime(Runtime):
             if slot.process is not None:
                 self._begin(slot, Phase.STOPPING, "stopping the workspace")
                 await self._terminate(slot)
-            slot.failure = ""
+            slot.failure = slot.foreign
             return self._end(slot)
 
     async def archive(self, workspace: str) -> WorkspaceState:
@@ -243,6 +273,8 @@ class LocalRuntime(Runtime):
                      https_ports: frozenset[int] | None = None,
                      labels: Mapping[int, str] | None = None) -> WorkspaceState:
         slot = self._slot(workspace)
+        if slot.foreign:
+            raise LifecycleError(slot.foreign)
         settings = self._read_settings(slot)
         if ports is not None:
             settings["ports"] = {str(port): visibility for port, visibility in ports.items()}
@@ -268,7 +300,7 @@ class LocalRuntime(Runtime):
 
     def port_labels(self, workspace: str) -> dict[int, str]:
         slot = self._slots.get(workspace)
-        if slot is None:
+        if slot is None or slot.foreign:
             return {}
         if slot.labels is None:
             slot.labels = LabelFile(slot.home)

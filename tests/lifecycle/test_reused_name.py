@@ -1,0 +1,68 @@
+"""A local workspace's name given to someone else: the files of the one before are not the new owner's.
+
+The operator removes alice's ``proj`` from the configuration and later declares a ``proj`` for bob with the same
+``state_dir``. Before, bob's workspace started in alice's home (her files, her keys), with her collaborators, port
+rules and identity opt-ins: nothing tied the folder to its owner.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gateway.lifecycle import Phase
+from gateway.lifecycle.base import LifecycleError
+from gateway.lifecycle.local import LocalRuntime
+from tests.conftest import next_address, settings, workspace
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_a_name_given_to_another_owner_does_not_start_in_the_old_owners_files(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    old = LocalRuntime(settings(tmp_path, {"proj": workspace(next_address(), owner="alice")}).local)
+    await old.start()
+    try:
+        await old.wake("proj")
+        home = tmp_path / "state" / "workspaces" / "proj" / "home"
+        (home / "alice-secret.txt").write_text("alice's ssh key")
+        (home / ".devcontainer").mkdir()
+        (home / ".devcontainer" / "devcontainer.json").write_text('{"portsAttributes": {"3000": {"label": "A"}}}')
+        await old.update("proj", collaborators=("eve",), identity_ports=frozenset({3000}))
+        await old.stop("proj")
+    finally:
+        await old.close()
+
+    new = LocalRuntime(settings(tmp_path, {"proj": workspace(next_address(), owner="bob")}).local)
+    await new.start()
+    try:
+        state = new.get("proj")
+        assert state is not None
+        assert state.phase is Phase.FAILED
+        assert "earlier workspace of the same name" in state.message
+        assert "alice" not in state.message, "bob is not told whose it was; the operator's log says"
+        [said] = [r.getMessage() for r in caplog.records if "moved away" in r.getMessage()]
+        assert "alice" in said
+        assert str(tmp_path / "state" / "workspaces" / "proj") in said
+        assert state.spec.collaborators == ()
+        assert state.spec.identity_ports == frozenset()
+        assert new.port_labels("proj") == {}
+        woken = await new.wake("proj")
+        assert woken.phase is Phase.FAILED
+        assert new.listening_ports("proj") == set(), "nothing started in alice's home"
+        assert (await new.stop("proj")).phase is Phase.FAILED
+        with pytest.raises(LifecycleError):
+            await new.update("proj", collaborators=("bob2",))
+    finally:
+        await new.close()
+
+    shutil.rmtree(tmp_path / "state" / "workspaces" / "proj")  # the operator moves alice's files away
+    fresh = LocalRuntime(settings(tmp_path, {"proj": workspace(next_address(), owner="bob")}).local)
+    await fresh.start()
+    try:
+        assert (await fresh.wake("proj")).phase is Phase.RUNNING
+        assert not (tmp_path / "state" / "workspaces" / "proj" / "home" / "alice-secret.txt").exists()
+    finally:
+        await fresh.close()
