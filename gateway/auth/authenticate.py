@@ -89,7 +89,8 @@ def stale_share_refusal(credentials: Credentials, secure: bool, now: float) -> G
 
 
 def grant_of(link: ShareLink) -> Grant:
-    return Grant(link.id, link.workspace, link.port, link.audience, tuple(link.people))  # type: ignore[arg-type]
+    return Grant(link.id, link.workspace, link.port, link.audience, tuple(link.people),  # type: ignore[arg-type]
+                 link.created)
 
 
 def the_authorization(headers: CIMultiDictProxy[str]) -> str:

@@ -222,6 +222,7 @@ class Grant:
     port: int | None
     audience: Audience
     people: tuple[str, ...] = ()
+    created: float = 0.0
 
 
 def is_org_member(org: Org, identity: Identity, claims: Mapping[str, Any] | None = None) -> bool:
@@ -288,7 +289,8 @@ def decide(policy: Policy, spec: WorkspaceSpec, port: int | None, identity: Iden
     if shown == "org" and org_member:
         return Decision(True, Reason.ORG_MEMBER, f"port {port} is visible to the org")
     if grant is not None:
-        if grant.workspace != spec.id or (grant.port is not None and grant.port != port):
+        if (grant.workspace != spec.id or grant.created < spec.since
+                or (grant.port is not None and grant.port != port)):
             return Decision(False, Reason.SHARE_OTHER_TARGET, "the share link is for another port or workspace")
         if grant.audience == "anyone":
             return Decision(True, Reason.SHARE_LINK, "share link for anyone holding it")

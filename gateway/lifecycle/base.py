@@ -56,6 +56,9 @@ class WorkspaceSpec:
     """Ports whose dev server speaks TLS (a self-signed certificate, e.g. ``vite --https``)."""
     labels: Mapping[int, str] = field(default_factory=dict)
     """Port names set on the hub (they win over the workspace's devcontainer.json)."""
+    since: float = 0.0
+    """When this workspace of this owner began, where a name can pass to someone else with links left behind (the
+    local runtime): a share link made before it is an earlier workspace's of the same name, and opens nothing."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,6 +119,8 @@ class _Slot:
     """The ``MARK`` of the running process's start."""
     foreign: str = ""
     """Why its files are not its owner's to use (see ``_claim``), shown while it refuses to start."""
+    since: float = 0.0
+    """When its owner's workspace of this name began (``WorkspaceSpec.since``)."""
 
     @property
     def home(self) -> Path:
@@ -175,28 +177,33 @@ class LocalRuntime(Runtime):
         take 40 s to start. Processes a dead gateway left are ended in one pass over /proc for all of them."""
         marks = []
         for slot in self._slots.values():
+            fresh = not slot.root.exists()
             slot.root.mkdir(parents=True, exist_ok=True)
             slot.archive.parent.mkdir(parents=True, exist_ok=True)
             marks.append(self._kill_leftover(slot))
             recover(slot.home, slot.archive)
-            slot.foreign = slot.failure = self._claim(slot)
+            slot.foreign = slot.failure = self._claim(slot, fresh)
             if not slot.foreign:
                 slot.spec = self._with_settings(slot)
         signal_marked([mark for mark in marks if mark], signal.SIGKILL)
 
     @staticmethod
-    def _claim(slot: _Slot) -> str:
-        """Its folder is recorded as its owner's; one recorded as someone else's (the operator gave the name of a
-        removed workspace to another person) is not used: it holds the old owner's home, archive, collaborators
-        and port rules. The operator moves it away, and the name starts afresh. An empty answer: all is well."""
+    def _claim(slot: _Slot, fresh: bool) -> str:
+        """Its folder is recorded as its owner's, with when it began; one recorded as someone else's (the operator
+        gave the name of a removed workspace to another person) is not used: it holds the old owner's home,
+        archive, collaborators and port rules. The operator moves it away, and the name starts afresh, with none
+        of the old one's share links (``WorkspaceSpec.since``). An empty answer: all is well."""
         try:
-            recorded = slot.owner_file.read_text().strip()
-        except FileNotFoundError:  # new, or from before owners were recorded: the configuration says whose
-            slot.owner_file.write_text(slot.spec.owner + "\n")
-            return ""
-        except OSError as exc:
-            recorded = f"(unreadable: {exc.strerror})"
+            record = json.loads(slot.owner_file.read_text())
+            recorded, since = str(record["owner"]), float(record["since"])
+        except FileNotFoundError:  # new, or from before owners were recorded: the configuration says whose (and
+            since = time.time() if fresh else 0.0  # the links of a folder from before are its own)
+            slot.owner_file.write_text(json.dumps({"owner": slot.spec.owner, "since": since}) + "\n")
+            recorded = slot.spec.owner
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            recorded, since = f"(unreadable: {exc})", 0.0
         if recorded == slot.spec.owner:
+            slot.since = since
             return ""
         log.error("workspace %s is %s's now, but %s and %s are those of %s's workspace of that name: it does not "
                   "start until they are moved away", slot.spec.id, log_text(slot.spec.owner), slot.root,
@@ -315,7 +322,7 @@ class LocalRuntime(Runtime):
 
     def _with_settings(self, slot: _Slot) -> WorkspaceSpec:
         settings = self._read_settings(slot)
-        spec = configured_spec(slot.spec.id, slot.config)
+        spec = replace(configured_spec(slot.spec.id, slot.config), since=slot.since)
         ports = settings.get("ports")
         if isinstance(ports, dict):
             spec = replace(spec, ports={**spec.ports, **{int(port): str(v) for port, v in ports.items()}})

@@ -38,6 +38,7 @@ def state_to_wire(state: WorkspaceState, seq: int) -> dict[str, Any]:
         "ide_port": spec.ide_port, "ports": {str(port): value for port, value in spec.ports.items()},
         "identity_ports": sorted(spec.identity_ports),
         "https_ports": sorted(spec.https_ports), "labels": {str(port): text for port, text in spec.labels.items()},
+        "began": spec.since,
         "phase": state.phase.value, "address": state.address, "message": state.message, "since": state.since,
     }
 
@@ -47,7 +48,8 @@ def state_from_wire(data: Mapping[str, Any]) -> WorkspaceState:
                          ide_port=int(data["ide_port"]), ports={int(k): str(v) for k, v in data["ports"].items()},
                          identity_ports=frozenset(int(port) for port in data["identity_ports"]),
                          https_ports=frozenset(int(port) for port in data["https_ports"]),
-                         labels={int(port): str(text) for port, text in data["labels"].items()})
+                         labels={int(port): str(text) for port, text in data["labels"].items()},
+                         since=float(data["began"]))
     return WorkspaceState(spec, Phase(data["phase"]), data["address"], data["message"], float(data["since"]))
 
 

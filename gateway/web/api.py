@@ -321,7 +321,12 @@ async def list_shares(request: web.Request) -> web.Response:
     identity = caller(request)
     state = _mine(request, identity)
     gateway = request.app[GATEWAY]
-    return web.json_response({"shares": [share_view(gateway, link) for link in gateway.auth.store.shares_of(state.id)]})
+    return web.json_response({"shares": [share_view(gateway, link) for link in links_of(gateway, state.spec)]})
+
+
+def links_of(gateway: Gateway, spec: WorkspaceSpec) -> list[ShareLink]:
+    """This workspace's share links, not those of an earlier workspace of its name (``WorkspaceSpec.since``)."""
+    return [link for link in gateway.auth.store.shares_of(spec.id) if link.created >= spec.since]
 
 
 async def create_share(request: web.Request) -> web.Response:
@@ -351,7 +356,7 @@ async def revoke_share(request: web.Request) -> web.Response:
     state = _mine(request, identity, may="share")
     gateway = request.app[GATEWAY]
     link = gateway.auth.store.shares.get(request.match_info["share"])
-    if link is None or link.workspace != state.id:
+    if link is None or link.workspace != state.id or link.created < state.spec.since:
         raise NotFound("There is no such share link.", code="share-not-found")
     link = await gateway.auth.store.revoke_share(link)
     return web.json_response(share_view(gateway, link))

@@ -40,7 +40,9 @@ def snapshot(gateway: Gateway, identity: Identity, limit: int = HUB_PAGE, after:
     ``GET /api/v1/workspaces`` pages them) with each one's share links, and the person's consent answers."""
     page = api.page_of(gateway, identity, limit, after)
     for view in page["workspaces"]:
-        view["shares"] = [api.share_view(gateway, link) for link in gateway.auth.store.shares_of(view["id"])]
+        state = gateway.runtime.get(view["id"])
+        links = api.links_of(gateway, state.spec) if state is not None else []
+        view["shares"] = [api.share_view(gateway, link) for link in links]
     return {**page, "cursor": api.cursor_of(after), "consents": api.consents_of(gateway, identity)}
 
 

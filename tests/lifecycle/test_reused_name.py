@@ -8,13 +8,16 @@ rules and identity opt-ins: nothing tied the folder to its owner.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
+from gateway.edge.policy import Grant, Policy, decide
 from gateway.lifecycle import Phase
 from gateway.lifecycle.base import LifecycleError
 from gateway.lifecycle.local import LocalRuntime
+from gateway.lifecycle.remote import state_from_wire, state_to_wire
 from tests.conftest import next_address, settings, workspace
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,6 +27,7 @@ async def test_a_name_given_to_another_owner_does_not_start_in_the_old_owners_fi
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     old = LocalRuntime(settings(tmp_path, {"proj": workspace(next_address(), owner="alice")}).local)
     await old.start()
+    alices_link = time.time()
     try:
         await old.wake("proj")
         home = tmp_path / "state" / "workspaces" / "proj" / "home"
@@ -62,7 +66,14 @@ async def test_a_name_given_to_another_owner_does_not_start_in_the_old_owners_fi
     fresh = LocalRuntime(settings(tmp_path, {"proj": workspace(next_address(), owner="bob")}).local)
     await fresh.start()
     try:
-        assert (await fresh.wake("proj")).phase is Phase.RUNNING
+        state = await fresh.wake("proj")
+        assert state.phase is Phase.RUNNING
         assert not (tmp_path / "state" / "workspaces" / "proj" / "home" / "alice-secret.txt").exists()
+        # alice's share links for "proj", still in the token store, are not links to bob's workspace
+        policy = Policy()
+        for made, opens in ((alices_link, False), (time.time(), True)):
+            grant = Grant("l1", "proj", None, "anyone", created=made)
+            assert decide(policy, state.spec, 3000, None, grant).allow is opens
+        assert state_from_wire(state_to_wire(state, 1)).spec == state.spec, "and so do serve --workers' workers"
     finally:
         await fresh.close()
