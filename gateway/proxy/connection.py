@@ -20,6 +20,7 @@ import collections
 import re
 import socket
 import ssl
+import struct
 from collections.abc import Callable, Mapping
 from typing import TypeVar, cast
 
@@ -30,6 +31,8 @@ from gateway.errors import UnsafeHeader
 from gateway.proxy.pacing import Attempt, CoarseTimer, Outcome
 
 _READ_LIMIT = 1 << 16
+_BYTES_ACKED = struct.Struct("=Q")
+"""``tcpi_bytes_acked`` of Linux's ``struct tcp_info``, at byte 120: what the peer has acknowledged so far."""
 """Body bytes buffered per connection before reading from the upstream pauses (the client is slower)."""
 MAX_HEAD = 1 << 16
 """Bytes of an answer's head (interim answers' included) the gateway reads before refusing it (502); and, once the
@@ -188,6 +191,10 @@ class HeadClock(CoarseTimer["Connection"]):
         self._watch(conn, loop.time() + self.seconds, loop)
 
     def _expire(self, key: Connection) -> None:
+        if key.took_more():  # sending a body the app is still taking, slowly: its time starts again
+            assert self.seconds is not None
+            self._watch(key, key._loop.time() + self.seconds, key._loop)
+            return
         key.fail(HeadTimeout(f"no answer, nor the request's body taken, within {self.seconds:g} s"))
 
 
@@ -217,6 +224,7 @@ class Connection(WriteFlow):
         self.keep_alive = True
         self.received = False
         self.idle_since = 0.0
+        self._acked: int | None = None  # while ``taken`` waits: how much of the request the upstream acknowledged
 
     # --- asyncio.Protocol ---------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -386,11 +394,23 @@ class Connection(WriteFlow):
         not even see the client leave) and both sockets for good."""
         if not self._write_paused:
             return
+        self._acked = _bytes_acked(self.transport)
         self.clock.start(self)
         try:
             await self.drained(self.transport)
         finally:
             self.clock.forget(self)
+            self._acked = None
+
+    def took_more(self) -> bool:
+        """While ``taken`` waits: whether the upstream took more of the body since it began or last asked. Not
+        whether the socket is writable again: that comes only once a third of the kernel's send buffer
+        (megabytes) is free, seconds apart for an app that reads an upload slowly but steadily."""
+        if self._acked is None:
+            return False
+        acked = _bytes_acked(self.transport)
+        more, self._acked = acked > self._acked, acked
+        return more
 
     async def read_head(self) -> Response:
         while self._head is None:
@@ -437,6 +457,16 @@ class Connection(WriteFlow):
 
 Key = tuple[str, int, bool]
 """An upstream: host, port, and whether it speaks TLS."""
+def _bytes_acked(transport: asyncio.BaseTransport | None) -> int:
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return 0
+    try:
+        return int(_BYTES_ACKED.unpack_from(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128), 120)[0])
+    except OSError:  # closed meanwhile
+        return 0
+
+
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
 
 

@@ -548,6 +548,54 @@ async def no_sockets(**ends: tuple[str, int]) -> int:
     return sockets(**ends)
 
 
+async def test_an_upstream_that_takes_a_body_slowly_is_not_timed_out(make_gateway: MakeGateway) -> None:
+    """The first-byte clock bounds a wait in which the app takes nothing of the body, not one in which it takes
+    it slowly: the socket becomes writable again only once a third of the kernel's send buffer (megabytes) is
+    free, seconds at 640 KB/s, and an app passing an upload on to something slow lost every large one (504)."""
+    address = next_address()
+    taken = [0]
+
+    async def slow_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            while piece := await reader.read(64_000):  # 640 KB/s, steadily
+                taken[0] += len(piece)
+                await asyncio.sleep(0.1)
+        writer.close()
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.bind((address, 0))
+    server = await asyncio.start_server(slow_reader, sock=sock)
+    port = server.sockets[0].getsockname()[1]
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
+                                timeouts={"first_byte": 1.0})
+    await client.app[GATEWAY].runtime.wake(WORKSPACE)
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    total = 24 << 20
+    writer.write(f"POST / HTTP/1.1\r\nHost: {port}-{WORKSPACE}.localhost:8080\r\nContent-Length: {total}\r\n"
+                 "Accept: application/json\r\n\r\n".encode())
+
+    async def upload() -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(total // 65536):
+                writer.write(b"x" * 65536)
+                await writer.drain()
+
+    uploading = asyncio.create_task(upload())
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(6):  # several first-byte timeouts of steady progress
+                head = await reader.readuntil(b"\r\n\r\n")
+                pytest.fail(f"answered while the app was still taking the body: {head!r}")
+        assert taken[0] > 1 << 20
+    finally:
+        uploading.cancel()
+        writer.close()
+        server.close()
+
+
 async def test_an_upstream_that_stops_taking_a_body_times_out_and_lets_go(make_gateway: MakeGateway) -> None:
     """An app that takes the connection and reads none of a large body: the gateway's writes to it stall, and
     aiohttp stops reading the client, so it would not even see the client leave. The first-byte clock runs
