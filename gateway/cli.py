@@ -126,11 +126,12 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     if args.workers < 1:
         raise CliError("--workers must be at least 1")
-    if config.runtime == "local":
-        try:
-            config.state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"config error: local.state_dir: cannot use {config.state_dir}: {exc.strerror}") from None
+    if config.runtime == "local":  # the folders the workspaces' own go in, made here: not a traceback later
+        for folder in (config.state_dir, config.state_dir / "workspaces", config.state_dir / "archives"):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"config error: local.state_dir: cannot use {folder}: {exc.strerror}") from None
     _check_cluster(config)
     # bad settings fail here, before the banner; workers bind their own sockets, so theirs are only tried here
     listeners = bind_listeners(config, reuse_port=args.workers > 1)

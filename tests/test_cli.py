@@ -366,6 +366,7 @@ _NOWHERE = "no-such-host.invalid"
         ("unknown-host", f"config error: listen: cannot listen on {_NOWHERE}:{{port}}: "),
         ("unknown-metrics-host", f"config error: metrics: cannot listen on {_NOWHERE}:{{port}}: "),
         ("state-dir-is-a-file", "config error: local.state_dir: cannot use {tmp}/afile: "),
+        ("state-dir-holds-a-file", "config error: local.state_dir: cannot use {tmp}/state/workspaces: "),
         ("keys-file-is-a-folder", "config error: auth.keys_file: cannot read keys file {tmp}/folder: Is a directory"),
         ("keys-file-is-a-folder-workers", "config error: auth.keys_file: cannot read keys file {tmp}/folder: "),
         ("port-in-use-workers", "config error: listen: cannot listen on 127.0.0.1:{port}: Address already in use"),
@@ -394,6 +395,10 @@ def test_serve_refuses_bad_settings_in_one_line(tmp_path: Path, case: str, line:
     elif case == "state-dir-is-a-file":
         (tmp_path / "afile").touch()
         config = _settings_file(tmp_path, listen={"port": port}, local={"state_dir": str(tmp_path / "afile")})
+    elif case == "state-dir-holds-a-file":  # where the workspaces' folders go
+        (tmp_path / "state").mkdir()
+        (tmp_path / "state" / "workspaces").touch()
+        config = _settings_file(tmp_path, listen={"port": port})
     elif case == "keys-file-is-a-folder":
         (tmp_path / "folder").mkdir()
         config = _settings_file(tmp_path, listen={"port": port}, auth={"keys_file": str(tmp_path / "folder")})
