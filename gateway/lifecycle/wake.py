@@ -35,7 +35,9 @@ MOST_PORT_WAITS = 16
 the request that began it (the next one joins it), so anyone who may wake a workspace (the holder of an all-ports
 share link too) could otherwise start one per port number and hang up: 2,000 of them slowed /healthz a thousandfold.
 A person opens a few ports at a time; past this a new port is refused at once (503, try again shortly) while
-the ports already waited for carry on and can still be joined."""
+the ports already waited for carry on and can still be joined. The ports its owner declared (and its IDE's) count
+apart, against ``MOST_DECLARED_WAITS``: a visitor's made-up port numbers never stand in the way of the owner's own."""
+MOST_DECLARED_WAITS = 64
 SETTLE = 2.0
 """Seconds after a wake found a port accepting during which requests to it retry refused connects."""
 
@@ -133,7 +135,7 @@ class Waker:
         self._limits = limits
         self._flights: dict[str, asyncio.Task[WorkspaceState]] = {}
         self._ports: dict[tuple[str, int], asyncio.Task[None]] = {}
-        self._waits: Counter[str] = Counter()
+        self._waits: Counter[tuple[str, bool]] = Counter()  # per workspace: its declared ports', and others'
         self._progress: dict[tuple[str, int], Progress] = {}
         self._history: dict[tuple[str, Phase], deque[float]] = {}
         self._woke: dict[tuple[str, int], float] = {}
@@ -182,7 +184,8 @@ class Waker:
         key = (state.id, port)
         task = self._ports.get(key)
         if task is None:
-            if self._waits[state.id] >= MOST_PORT_WAITS:
+            pool = (state.id, port in state.spec.ports or port == state.spec.ide_port)
+            if self._waits[pool] >= (MOST_DECLARED_WAITS if pool[1] else MOST_PORT_WAITS):
                 raise ServiceUnavailable(
                     f"Workspace {state.id} is waking and already waiting for {MOST_PORT_WAITS} of its ports; "
                     f"try port {port} again in a moment.", code="too-many-port-waits", headers={"Retry-After": "5"})
@@ -190,16 +193,16 @@ class Waker:
             self._progress[key] = progress
             task = asyncio.get_running_loop().create_task(self._bring_up(state, port, progress))
             self._ports[key] = task
-            self._waits[state.id] += 1
-            task.add_done_callback(lambda _: self._forget(key))
+            self._waits[pool] += 1
+            task.add_done_callback(lambda _: self._forget(key, pool))
         return task
 
-    def _forget(self, key: tuple[str, int]) -> None:
+    def _forget(self, key: tuple[str, int], pool: tuple[str, bool]) -> None:
         self._ports.pop(key, None)
         self._progress.pop(key, None)
-        self._waits[key[0]] -= 1
-        if not self._waits[key[0]]:
-            del self._waits[key[0]]
+        self._waits[pool] -= 1
+        if not self._waits[pool]:
+            del self._waits[pool]
 
     def progress(self, workspace: str, port: int) -> Progress | None:
         return self._progress.get((workspace, port))

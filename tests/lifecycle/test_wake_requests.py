@@ -309,8 +309,10 @@ async def test_a_workspace_waits_for_at_most_so_many_ports_at_once(make_gateway:
     """Every port asked for during a wake gets a task probing it until it accepts, tied to no request: anyone who
     may wake the workspace (the holder of an all-ports share link too) could ask for thousands of port numbers and
     hang up. Past ``MOST_PORT_WAITS`` a new port gets a 503 at once (a waiting page's progress stream: "failed");
-    a port already waited for is joined."""
-    client = await make_gateway(workspaces={"a": workspace(next_address(), owner="alice", ports={30000: "public"})})
+    a port already waited for is joined. The ports its owner declared count apart: made-up port numbers never keep
+    the owner's own from being waited for."""
+    client = await make_gateway(workspaces={"a": workspace(next_address(), owner="alice", ports={30000: "public"})},
+                                policy={"ports": {"default_visibility": "public"}})
     gateway = gateway_of(client)
     runtime = gateway.runtime
     _record, token = await gateway.auth.store.create_api_token(Identity("alice"), name="t")
@@ -334,15 +336,19 @@ async def test_a_workspace_waits_for_at_most_so_many_ports_at_once(make_gateway:
         async with asyncio.timeout(10):
             while not all(gateway.waker.busy("a", port) for port in ports):  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-            status, text = await ask(30000)
+            status, text = await ask(30001)
         assert status == 503
         assert "too-many-port-waits" in text
-        assert not gateway.waker.busy("a", 30000)
-        [(event, data)] = await sse_events(client, preview("a", 30000), within=10)
+        assert not gateway.waker.busy("a", 30001)
+        [(event, data)] = await sse_events(client, preview("a", 30001), within=10)
         assert (event, data["message"]) == ("failed", json.loads(text)["error"]["message"])
         state = runtime.get("a")
         assert state is not None
         gateway.waker.bring_up(state, 20000)  # joined, not refused
+        held.append(asyncio.ensure_future(ask(30000)))  # declared: waited for
+        async with asyncio.timeout(10):
+            while not gateway.waker.busy("a", 30000):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
     finally:
         started.set()
         async with asyncio.timeout(10):
