@@ -49,6 +49,8 @@ class Identity:
         """Why this identity cannot be passed to apps in headers, or None: a control character (a line break could
         end an upstream header) or a group name with a comma (``X-Forwarded-Groups`` joins them with commas).
         Sign-in refuses such an identity rather than cleaning it: what is cleaned is no longer what the IdP said."""
+        if not self.subject:
+            return "no user name (an e-mail address it has not verified is none)"
         for field, values in (("user name", (self.subject,)), ("e-mail", (self.email,)), ("name", (self.name,)),
                               ("group name", self.groups)):
             if any(_CONTROL.search(value) for value in values):
@@ -107,9 +109,11 @@ class Identity:
         rules match e-mails, and anyone can type any address into an account that has not verified it."""
         identity = cls.from_claims({k: v for k, v in claims.items() if k != "attrs"}, subject_claim=subject_claim,
                                    groups_claim=groups_claim)
-        email = identity.email if claims.get("email_verified", True) is not False else ""
+        verified = claims.get("email_verified", True) is not False
+        email = identity.email if verified else ""
+        subject = identity.subject if verified or subject_claim != "email" else ""  # none: sign-in refuses it
         extra = {k: v for k, v in claims.items() if k not in _NOT_ATTRIBUTES and k not in (subject_claim, groups_claim)}
-        return cls(identity.subject, email, identity.groups, identity.name, _attributes(extra))
+        return cls(subject, email, identity.groups, identity.name, _attributes(extra))
 
 
 def _attributes(claims: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:

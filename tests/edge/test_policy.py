@@ -347,3 +347,16 @@ def test_the_owner_is_a_user_name_never_an_address_or_a_group(identity: Identity
     unasked."""
     spec = WorkspaceSpec(id="ws", owner=owner)
     assert (membership(spec, identity) is Reason.OWNER) is is_owner
+
+
+def test_an_unverified_address_is_no_user_name() -> None:
+    """With ``username_claim: email``, an address the IdP has not verified (anyone can type any) went out as the
+    user name, in ``X-Forwarded-User`` and against principals: sign-in refuses it instead."""
+    claims = {"sub": "u1", "email": "bob@corp.example", "email_verified": False}
+    unverified = Identity.from_id_token(claims, subject_claim="email")
+    assert (unverified.subject, unverified.email) == ("", "")
+    assert unverified.unsendable() is not None
+    verified = Identity.from_id_token({**claims, "email_verified": True}, subject_claim="email")
+    assert verified.subject == "bob@corp.example"
+    assert verified.unsendable() is None
+    assert Identity.from_id_token(claims).subject == "u1", "the IdP's own subject needs no verified address"
