@@ -325,8 +325,12 @@ async def list_shares(request: web.Request) -> web.Response:
 
 
 def links_of(gateway: Gateway, spec: WorkspaceSpec) -> list[ShareLink]:
-    """This workspace's share links, not those of an earlier workspace of its name (``WorkspaceSpec.since``)."""
-    return [link for link in gateway.auth.store.shares_of(spec.id) if link.created >= spec.since]
+    return [link for link in gateway.auth.store.shares_of(spec.id) if _its(spec, link)]
+
+
+def _its(spec: WorkspaceSpec, link: ShareLink) -> bool:
+    """A link of this workspace, not of an earlier one of its name (``WorkspaceSpec.since``)."""
+    return link.workspace == spec.id and link.created >= spec.since
 
 
 async def create_share(request: web.Request) -> web.Response:
@@ -356,7 +360,7 @@ async def revoke_share(request: web.Request) -> web.Response:
     state = _mine(request, identity, may="share")
     gateway = request.app[GATEWAY]
     link = gateway.auth.store.shares.get(request.match_info["share"])
-    if link is None or link.workspace != state.id or link.created < state.spec.since:
+    if link is None or not _its(state.spec, link):
         raise NotFound("There is no such share link.", code="share-not-found")
     link = await gateway.auth.store.revoke_share(link)
     return web.json_response(share_view(gateway, link))

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from gateway.auth.identity import Identity
 from gateway.edge.policy import Grant, Policy, decide
 from gateway.lifecycle import Phase
 from gateway.lifecycle.base import LifecycleError
 from gateway.lifecycle.local import LocalRuntime
 from gateway.lifecycle.remote import state_from_wire, state_to_wire
-from tests.conftest import next_address, settings, workspace
+from tests.conftest import MakeGateway, next_address, settings, workspace
+from tests.lifecycle.conftest import API, gateway_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,3 +79,21 @@ async def test_a_name_given_to_another_owner_does_not_start_in_the_old_owners_fi
         assert state_from_wire(state_to_wire(state, 1)).spec == state.spec, "and so do serve --workers' workers"
     finally:
         await fresh.close()
+
+
+async def test_the_new_owner_is_shown_none_of_the_old_owners_links(tmp_path: Path, make_gateway: MakeGateway) -> None:
+    """Nor can they revoke them: the API and the hub list a workspace's own links only."""
+    old = await make_gateway(workspaces={"proj": workspace(next_address(), owner="alice")})
+    link, _token = await gateway_of(old).auth.store.create_share(workspace="proj", port=None, audience="anyone",
+                                                                people=[], created_by="alice", ttl=86400)
+    await old.close()
+    shutil.rmtree(tmp_path / "state" / "workspaces" / "proj")
+    new = await make_gateway(workspaces={"proj": workspace(next_address(), owner="bob")})
+    _record, bob = await gateway_of(new).auth.store.create_api_token(Identity("bob"), name="t")
+    hub = {"Host": "localhost:8080", "Authorization": f"Bearer {bob}", **API}
+    listed = await new.get("/api/v1/workspaces/proj/shares", headers=hub)
+    assert (listed.status, await listed.json()) == (200, {"shares": []})
+    snapshot = await (await new.get("/api/v1/hub/snapshot", headers=hub)).json()
+    assert [view["shares"] for view in snapshot["workspaces"]] == [[]]
+    revoked = await new.delete(f"/api/v1/workspaces/proj/shares/{link.id}", headers=hub)
+    assert revoked.status == 404
