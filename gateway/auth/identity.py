@@ -65,12 +65,11 @@ class Identity:
         Names and e-mails compare case-insensitively in ASCII only: ``str.lower`` makes the Kelvin sign a ``k``,
         so someone could choose a name or an address at the IdP that passes for someone else's."""
         principal = principal.strip()
-        if not principal:
-            return False
         if principal.startswith("group:"):
             return principal[6:] in self.groups
-        claim = self.email if "@" in principal else self.subject
-        return _folded(claim) == _folded(principal)
+        if "@" in principal:
+            return _folded(self.email) == _folded(principal)
+        return self.is_subject(principal)
 
     def is_subject(self, name: str) -> bool:
         """This person's user name, as ``matches`` compares names: a workspace's owner is the user who made it, not
