@@ -143,6 +143,13 @@ class _Slot:
         return self.root / "owner"
 
 
+def _write_json(path: Path, data: dict[str, object]) -> None:
+    """Whole or not at all: a file cut short by a crash would read as someone else's (``owner``) or as none."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
 def configured_spec(name: str, ws: LocalWorkspace) -> WorkspaceSpec:
     """A workspace as the configuration declares it, before any change made through the API."""
     return WorkspaceSpec(id=name, owner=ws.owner, collaborators=ws.collaborators, ide_port=ws.ide_port,
@@ -198,7 +205,7 @@ class LocalRuntime(Runtime):
             recorded, since = str(record["owner"]), float(record["since"])
         except FileNotFoundError:  # new, or from before owners were recorded: the configuration says whose (and
             since = time.time() if fresh else 0.0  # the links of a folder from before are its own)
-            slot.owner_file.write_text(json.dumps({"owner": slot.spec.owner, "since": since}) + "\n")
+            _write_json(slot.owner_file, {"owner": slot.spec.owner, "since": since})
             recorded = slot.spec.owner
         except (OSError, ValueError, KeyError, TypeError) as exc:
             recorded, since = f"(unreadable: {exc})", 0.0
@@ -293,9 +300,7 @@ class LocalRuntime(Runtime):
             settings["https_ports"] = sorted(https_ports)
         if labels is not None:
             settings["labels"] = {str(port): label for port, label in labels.items()}
-        tmp = slot.settings_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(settings, indent=2))
-        os.replace(tmp, slot.settings_file)
+        _write_json(slot.settings_file, settings)
         slot.spec = self._with_settings(slot)
         return self._observe(slot)
 

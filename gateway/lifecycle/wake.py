@@ -185,9 +185,10 @@ class Waker:
         task = self._ports.get(key)
         if task is None:
             pool = (state.id, port in state.spec.ports or port == state.spec.ide_port)
-            if self._waits[pool] >= (MOST_DECLARED_WAITS if pool[1] else MOST_PORT_WAITS):
+            most = MOST_DECLARED_WAITS if pool[1] else MOST_PORT_WAITS
+            if self._waits[pool] >= most:
                 raise ServiceUnavailable(
-                    f"Workspace {state.id} is waking and already waiting for {MOST_PORT_WAITS} of its ports; "
+                    f"Workspace {state.id} is waking and already waiting for {most} of its ports; "
                     f"try port {port} again in a moment.", code="too-many-port-waits", headers={"Retry-After": "5"})
             progress = Progress(state.id, port, state.phase, estimate=self.estimate(state.id, state.phase))
             self._progress[key] = progress
