@@ -187,7 +187,6 @@ class GatewayPage(_Plan):
     """One of the gateway's own handlers serves it (what it needs to know is decided here)."""
 
     page: Page
-    identity: Identity | None = None
     state: WorkspaceState | None = None
     port: int | None = None
     host: str = ""

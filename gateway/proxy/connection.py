@@ -31,9 +31,9 @@ from gateway.errors import UnsafeHeader
 from gateway.proxy.pacing import Attempt, CoarseTimer, Outcome
 
 _READ_LIMIT = 1 << 16
+"""Body bytes buffered per connection before reading from the upstream pauses (the client is slower)."""
 _BYTES_ACKED = struct.Struct("=Q")
 """``tcpi_bytes_acked`` of Linux's ``struct tcp_info``, at byte 120: what the peer has acknowledged so far."""
-"""Body bytes buffered per connection before reading from the upstream pauses (the client is slower)."""
 MAX_HEAD = 1 << 16
 """Bytes of an answer's head (interim answers' included) the gateway reads before refusing it (502); and, once the
 head is in, of reads that carry no body (chunk sizes, trailers) since its last piece: trailers that never end
