@@ -184,8 +184,11 @@ class LocalRuntime(Runtime):
         take 40 s to start. Processes a dead gateway left are ended in one pass over /proc for all of them."""
         marks = []
         for slot in self._slots.values():
-            fresh = not slot.root.exists()
-            slot.root.mkdir(parents=True, exist_ok=True)
+            try:
+                slot.root.mkdir(parents=True)
+                fresh = True
+            except FileExistsError:
+                fresh = False
             slot.archive.parent.mkdir(parents=True, exist_ok=True)
             marks.append(self._kill_leftover(slot))
             recover(slot.home, slot.archive)

@@ -134,7 +134,7 @@ def shape_answer(answer: Response, method: str, public_host: str, upstream: Upst
     )
     length = answer.content_length if "Transfer-Encoding" not in answer.headers else None
     if length is not None:
-        headers["Content-Length"] = str(length)
+        headers.add("Content-Length", str(length))  # none there to replace: ``_NOT_DOWNSTREAM`` dropped the app's
     bodiless = method == "HEAD" or answer.status in _NO_BODY_STATUSES  # no 1xx comes: ``Connection`` sees to it
     return Shaped(headers, length, bodiless)
 
