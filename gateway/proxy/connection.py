@@ -457,12 +457,16 @@ class Connection(WriteFlow):
 
 Key = tuple[str, int, bool]
 """An upstream: host, port, and whether it speaks TLS."""
+def tcp_info(transport: asyncio.BaseTransport) -> bytes:
+    """The start of Linux's ``struct tcp_info`` for an upstream connection's socket (OSError once it is closed)."""
+    return bytes(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128))
+
+
 def _bytes_acked(transport: asyncio.BaseTransport | None) -> int:
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+    if transport is None:
         return 0
     try:
-        return int(_BYTES_ACKED.unpack_from(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128), 120)[0])
+        return int(_BYTES_ACKED.unpack_from(tcp_info(transport), 120)[0])
     except OSError:  # closed meanwhile
         return 0
 

@@ -9,7 +9,6 @@ connection when both ends allow it. (``ClientSession`` still serves the OIDC cal
 from __future__ import annotations
 
 import asyncio
-import socket
 import struct
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from gateway.proxy.connection import (
     WriteFlow,
     encode_head,
     open_upstream,
+    tcp_info,
 )
 from gateway.proxy.pacing import INITIAL_WINDOW, MOST_WINDOW, SETTLE_AFTER, Attempt, Deadlines, Grant, Outcome, Pacer
 
@@ -53,7 +53,6 @@ And the line is first come, first served where the upstream's own queue is not: 
 in flight rather than 512 took the slowest answers' time (p99) from 153 to 94 ms, at the same throughput
 (``bench.ab``, 6 alternated rounds); at 128 the line's own cost showed at 256 connections (7 % fewer req/s)."""
 _WAIT = Grant.WAIT  # asked on every request: a global, not an enum's class attribute (a tenth of a microsecond)
-_TCP_INFO_LENGTH = 104
 _TOTAL_RETRANS = struct.Struct("=I")
 """``tcpi_total_retrans`` of Linux's ``struct tcp_info``, at byte 100: segments this socket sent again, the
 SYN included."""
@@ -306,9 +305,7 @@ def _handshake_resent(conn: Connection) -> bool:
     dropped the first. Asked of the socket, not told by how long the connect took: a gateway whose event loop is
     busy (a wake just released thousands of held requests) sees even an instant connect complete seconds late."""
     assert conn.transport is not None
-    sock = conn.transport.get_extra_info("socket")
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LENGTH)
-    return bool(_TOTAL_RETRANS.unpack_from(info, 100)[0])
+    return bool(_TOTAL_RETRANS.unpack_from(tcp_info(conn.transport), 100)[0])
 
 
 async def _send_body(conn: Connection, body: StreamReader, chunked: bool) -> None:
