@@ -182,38 +182,27 @@ async def test_the_gateways_own_xdg_folders_are_not_passed_on(tmp_path: Path, mo
     assert not (tmp_path / "mine").exists()
 
 
-async def test_a_fifo_as_the_settings_never_holds_the_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["settings.json", "settings.json.codehub.tmp"])
+async def test_a_fifo_in_the_settings_folder_never_holds_the_start(tmp_path: Path, name: str) -> None:
     """The owner may make the settings file a FIFO: reading it would wait for a writer for ever, in a start that
     holds the workspace's lock (stop, archive, the idle reaper and shutdown wait behind it). The start goes on
-    without waiting, and the FIFO stays as the owner made it."""
+    without waiting, and the FIFO stays as the owner made it. Opening one to write waits for a reader too: the
+    settings are written through a file the start creates itself, whatever was left at that name."""
     program = fake_code_server(tmp_path)
     folder = tmp_path / "state" / "workspaces" / "ws" / "home" / ".cs" / "User"
     folder.mkdir(parents=True)
-    with Fifo(folder / "settings.json") as fifo:
-        runtime, _home = await start(tmp_path, [str(program), "--user-data-dir", "{home}/.cs", "{home}"],
-                                     seen_at=".cs/User/settings.json")
-    try:
-        assert not fifo.released, "the start waited on the FIFO"
-        assert runtime.get("ws").phase is Phase.RUNNING  # type: ignore[union-attr]
-        assert stat.S_ISFIFO((folder / "settings.json").lstat().st_mode)
-    finally:
-        await runtime.close()
-
-
-async def test_a_fifo_where_the_settings_are_written_never_holds_the_start(tmp_path: Path) -> None:
-    """Opening a FIFO to write waits for a reader: the settings are written through a file the start creates
-    itself, whatever was left at that name."""
-    program = fake_code_server(tmp_path)
-    folder = tmp_path / "state" / "workspaces" / "ws" / "home" / ".cs" / "User"
-    folder.mkdir(parents=True)
-    with Fifo(folder / "settings.json.codehub.tmp") as fifo:
+    with Fifo(folder / name) as fifo:
         runtime, home = await start(tmp_path, [str(program), "--user-data-dir", "{home}/.cs", "{home}"],
                                     seen_at=".cs/User/settings.json")
     try:
         assert not fifo.released, "the start waited on the FIFO"
-        found, _env = await started(home)
-        assert found is not None
-        assert json.loads(found) == SEEDED
+        assert runtime.get("ws").phase is Phase.RUNNING  # type: ignore[union-attr]
+        if name == "settings.json":
+            assert stat.S_ISFIFO((folder / "settings.json").lstat().st_mode)
+        else:
+            found, _env = await started(home)
+            assert found is not None
+            assert json.loads(found) == SEEDED
     finally:
         await runtime.close()
 
