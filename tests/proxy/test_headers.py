@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import pytest
 from multidict import CIMultiDict
 
 from gateway.proxy.headers import (
     ClientFacts,
+    ResponseRules,
     allowed_set_cookie,
     cookie_name_and_domain,
     downstream_response_headers,
@@ -200,3 +204,157 @@ def test_clear_site_data_from_an_app_never_reaches_the_visitor() -> None:
         public_host="3000-ws1.localhost:8080", public_origin="http://3000-ws1.localhost:8080", upstream_origins=UP,
     )
     assert list(out.items()) == [("X-App", "1")]
+
+
+# Every name the gateway speaks for, spelt out here rather than imported: a name lost from the module's sets
+# must fail a row, not vanish from the table with it.
+FORWARDING_NAMES = [
+    "X-Real-IP", "Forwarded", "X-Forwarded", "X-Original-URL", "X-Original-URI", "X-Original-Host",
+    "X-Original-Method", "X-Original-Forwarded-For", "X-Rewrite-URL", "X-Client-IP", "True-Client-IP",
+    "X-Cluster-Client-IP", "Client-IP",
+]
+IDENTITY_NAMES = [
+    "X-Forwarded-User", "X-Forwarded-Email", "X-Forwarded-Groups", "X-Forwarded-Preferred-Username",
+    "X-Codehub-Assertion", "X-Auth-Request-User", "X-Auth-Request-Email", "Remote-User",
+]
+HANDSHAKE_NAMES = [
+    "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol",
+    "Sec-WebSocket-Accept",
+]
+
+
+@pytest.mark.parametrize("spelling", [str, str.lower, str.upper, lambda name: name.replace("-", "_")])
+@pytest.mark.parametrize("name", FORWARDING_NAMES + IDENTITY_NAMES + HANDSHAKE_NAMES + ["Keep-Alive"])
+@pytest.mark.parametrize("client", [PEER, TRUSTED], ids=["peer", "trusted-proxy"])
+def test_no_client_value_of_a_name_the_gateway_speaks_for_reaches_the_upstream(
+        name: str, spelling: Callable[[str], str], client: ClientFacts) -> None:
+    """What proxies and sign-in layers write about the client is the gateway's to say: an app that trusts
+    ``X-Client-IP`` or ``X-Original-Host`` would otherwise believe whatever the visitor typed. A trusted proxy
+    in front is believed about the ``X-Forwarded-For/Proto/Host`` chain only, never about these."""
+    out = upstream_request_headers(h((spelling(name), "forged"), ("X-App", "kept")), client, upstream_host=UPSTREAM)
+    assert "forged" not in out.values(), list(out.items())
+    assert out["X-App"] == "kept"
+
+
+@pytest.mark.parametrize("name", [*HANDSHAKE_NAMES, "Keep-Alive"])
+def test_an_apps_handshake_and_hop_headers_never_reach_the_visitor(name: str) -> None:
+    """The lanes answer a WebSocket handshake themselves and frame every answer: an app's
+    ``Sec-WebSocket-Accept`` or ``Keep-Alive`` would speak for a connection the app does not own, whether or
+    not its ``Connection`` header names them."""
+    out = downstream_response_headers(h((name, "app"), ("X-App", "1")), public_host="3000-ws1.localhost:8080",
+                                      public_origin="http://3000-ws1.localhost:8080", upstream_origins=())
+    assert list(out.items()) == [("X-App", "1")]
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ([("Connection", "X-Secret"), ("X-Secret", "1"), ("X-Kept", "2")], [("X-Kept", "2")]),
+        ([("X-Secret", "1"), ("connection", "close, x-secret"), ("X-Kept", "2")], [("X-Kept", "2")]),
+        ([("Connection", "x, , y"), ("X", "1"), ("Y", "2"), ("Z", "3")], [("Z", "3")]),
+    ],
+)
+def test_headers_the_client_names_in_connection_stay_on_the_clients_hop(
+        given: list[tuple[str, str]], kept: list[tuple[str, str]]) -> None:
+    """RFC 9110 §7.6.1: what ``Connection`` names is for the next hop only (the gateway), so it is not passed on,
+    and whatever follows it still is."""
+    out = upstream_request_headers(h(*given), PEER, upstream_host=UPSTREAM)
+    assert [(name, value) for name, value in out.items() if not name.startswith("X-Forwarded-")
+            and name != "Host"] == kept
+
+
+def test_the_apps_cookies_from_several_cookie_headers_are_joined_as_one() -> None:
+    """HTTP/2 clients split ``Cookie`` into one header per cookie; upstream, HTTP/1.1 wants one, joined by
+    ``"; "`` (RFC 9113 §8.2.3)."""
+    out = upstream_request_headers(h(("Cookie", "a=1"), ("Cookie", "codehub_session=s"), ("Cookie", "b=2")), PEER,
+                                   upstream_host=UPSTREAM)
+    assert out.getall("Cookie") == ["a=1; b=2"]
+
+
+@pytest.mark.parametrize(
+    ("set_cookie", "name", "domain"),
+    [
+        ("a=1; Domain=xn--bcher-kva.example", "a", "xn--bcher-kva.example"),
+        ("a=1; Domain=..x.example", "a", "x.example"),
+    ],
+)
+def test_only_dots_are_trimmed_from_a_cookie_domain(set_cookie: str, name: str, domain: str) -> None:
+    assert cookie_name_and_domain(set_cookie) == (name, domain)
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        ("http://localhost:3000?next=/a", f"{SHARE}?next=/a"),
+        ("http://localhost:3000#/route", f"{SHARE}#/route"),
+        ("http://localhost:3000/", f"{SHARE}/"),
+    ],
+)
+def test_rewrite_location_keeps_any_query_or_fragment(location: str, expected: str) -> None:
+    assert rewrite_location(location, UP, SHARE) == expected
+
+
+def answer(*pairs: tuple[str, str], replace: dict[str, str] | None = None, drop_cors: bool = False,
+           drop_frame_options: bool = False) -> list[tuple[str, str]]:
+    out = downstream_response_headers(
+        h(*pairs), public_host="3000-ws1.localhost:8080", public_origin="http://3000-ws1.localhost:8080",
+        upstream_origins=UP, replace=replace, drop_cors=drop_cors, drop_frame_options=drop_frame_options)
+    return list(out.items())
+
+
+APP_CORS_AND_FRAMING = (("Access-Control-Allow-Origin", "*"), ("access-control-allow-credentials", "true"),
+                        ("X-Frame-Options", "DENY"), ("X-App", "1"))
+
+
+def test_without_rules_an_apps_cors_and_framing_headers_pass_as_sent() -> None:
+    """``passthru`` CORS and no embedding policy: the app answers for itself."""
+    out = downstream_response_headers(
+        h(*APP_CORS_AND_FRAMING), public_host="3000-ws1.localhost:8080",
+        public_origin="http://3000-ws1.localhost:8080", upstream_origins=UP)
+    assert list(out.items()) == list(APP_CORS_AND_FRAMING)
+    assert ResponseRules() == ResponseRules({}, drop_cors=False, drop_frame_options=False)
+
+
+def test_replaced_cors_drops_every_access_control_header_of_the_apps() -> None:
+    """Replaced, never merged: the app's ``*`` next to the gateway's answer would let the browser pick."""
+    assert answer(*APP_CORS_AND_FRAMING, drop_cors=True,
+                  replace={"Access-Control-Allow-Origin": "https://a.test", "Vary": "Origin"}) == [
+        ("X-Frame-Options", "DENY"), ("X-App", "1"), ("Access-Control-Allow-Origin", "https://a.test"),
+        ("Vary", "Origin"),
+    ]
+
+
+def test_an_embedding_policy_drops_the_apps_x_frame_options() -> None:
+    """With ``frame-ancestors`` from the policy, an app's ``X-Frame-Options: DENY`` would still forbid the
+    embedding the owner allowed (browsers obey both)."""
+    assert answer(*APP_CORS_AND_FRAMING, drop_frame_options=True) == [
+        ("Access-Control-Allow-Origin", "*"), ("access-control-allow-credentials", "true"), ("X-App", "1"),
+    ]
+
+
+def test_the_gateways_csp_and_vary_join_the_apps_and_other_replacements_win() -> None:
+    """Several ``Content-Security-Policy`` headers all apply (the strictest wins), so the gateway's
+    ``frame-ancestors`` is added to the app's own policy, never put in its place; ``Vary`` lists join; any other
+    header the gateway sets (the IDE's ``X-Frame-Options``) is the only one of its name."""
+    assert answer(("Content-Security-Policy", "default-src 'self'"), ("Vary", "Accept-Encoding"),
+                  ("X-Frame-Options", "ALLOWALL"), ("X-App", "1"),
+                  replace={"Content-Security-Policy": "frame-ancestors 'self'", "Vary": "Origin",
+                           "X-Frame-Options": "SAMEORIGIN"}) == [
+        ("Content-Security-Policy", "default-src 'self'"), ("Vary", "Accept-Encoding"),
+        ("X-Frame-Options", "SAMEORIGIN"), ("X-App", "1"),
+        ("Content-Security-Policy", "frame-ancestors 'self'"), ("Vary", "Origin"),
+    ]
+
+
+def test_only_the_first_location_is_kept() -> None:
+    """Two ``Location`` headers are two redirect targets; the visitor gets one, the first, rewritten."""
+    assert answer(("Location", "http://localhost:3000/first"), ("Location", "https://elsewhere.test/")) == [
+        ("Location", "http://3000-ws1.localhost:8080/first"),
+    ]
+
+
+def test_response_rules_cannot_be_changed_once_made() -> None:
+    """One ``ResponseRules`` serves every request of a policy (``plan._framing_rules`` caches them)."""
+    rules = ResponseRules()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rules.drop_cors = True  # type: ignore[misc]
