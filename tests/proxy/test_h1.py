@@ -179,3 +179,115 @@ def test_any_request_shaped_input_is_a_request_or_a_hand_over(method: bytes, pat
     if isinstance(event, Request):
         assert event.method == method.decode()
         assert event.target.startswith("/")
+
+
+def _head(*, target: int = 1, field: int = 1, headers: int = 1) -> bytes:
+    """A whole GET head whose target, longest header (name and value) and header count are these sizes."""
+    fields = [b"X: " + b"v" * (field - 1)] + [b"H-%d: v" % i for i in range(headers - 1)]
+    return b"GET /" + b"a" * (target - 1) + b" HTTP/1.1\r\n" + b"".join(line + b"\r\n" for line in fields) + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    ("raw", "fast"),
+    [
+        (_head(target=h1.MAX_LINE), True),
+        (_head(target=h1.MAX_LINE + 1), False),
+        (_head(field=h1.MAX_FIELD), True),
+        (_head(field=h1.MAX_FIELD + 1), False),
+        (_head(headers=h1.MAX_HEADERS), True),
+        (_head(headers=h1.MAX_HEADERS + 1), False),
+    ],
+    ids=["target-at-limit", "target-past-limit", "field-at-limit", "field-past-limit", "headers-at-limit",
+         "headers-past-limit"],
+)
+def test_the_default_limits_are_inclusive(raw: bytes, fast: bool) -> None:
+    """A limit means "at most": a target, a header (name and value) or a header count at the limit is served;
+    one past it is handed over for aiohttp, configured with the same limits, to refuse. The defaults are
+    aiohttp's line and field sizes (8190)."""
+    assert (h1.MAX_LINE, h1.MAX_FIELD, h1.MAX_HEADERS) == (8190, 8190, 100)
+    event = Connection().receive(raw)
+    assert isinstance(event, Request) if fast else event == HandOver(raw)
+
+
+def test_a_head_in_pieces_may_grow_to_max_head_and_not_a_byte_more() -> None:
+    """The default bound (16 KiB) on a head still arriving: at it, the lane waits; one byte past, aiohttp
+    decides."""
+    assert h1.MAX_HEAD == 16 * 1024
+    start = b"GET / HTTP/1.1\r\n" + b"A: " + b"v" * 8000 + b"\r\n" + b"B: " + b"v" * 8000 + b"\r\n"
+    head = start + b"C: " + b"v" * (h1.MAX_HEAD - len(start) - 3)
+    assert len(head) == h1.MAX_HEAD
+    connection = Connection()
+    assert connection.receive(head) is NEED_DATA
+    assert connection.receive(b"v") == HandOver(head + b"v")
+
+
+@pytest.mark.parametrize(
+    ("raw", "fast"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n", True),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n", False),
+        (b"HEAD / HTTP/1.1\r\nHost: h\r\ncontent-length: 1\r\n\r\n", False),
+    ],
+    ids=["zero-length", "a-body-still-to-come", "lower-case-name"],
+)
+def test_a_length_that_promises_a_body_is_handed_over_before_the_body(raw: bytes, fast: bool) -> None:
+    """``Content-Length: 0`` is no body (some clients send it on every GET); any other length is handed over at
+    once, with the head, not after a body that may never come."""
+    event = Connection().receive(raw)
+    assert isinstance(event, Request) if fast else event == HandOver(raw)
+
+
+def test_a_header_value_that_is_not_utf8_keeps_its_bytes() -> None:
+    """llhttp lets obs-text (0x80-0xFF) through in values; the plan sees them as surrogate escapes, so they
+    encode back to the bytes that were sent."""
+    event = Connection().receive(b"GET / HTTP/1.1\r\nHost: h\r\nX: \xff\xfeok\r\n\r\n")
+    assert isinstance(event, Request)
+    assert event.headers["X"].encode("utf-8", "surrogateescape") == b"\xff\xfeok"
+
+
+def test_reading_head_is_true_only_while_part_of_a_head_is_in() -> None:
+    """The caller keeps a head deadline only while ``reading_head``: an idle keep-alive connection is not in the
+    middle of a head, and neither is one being served."""
+    connection = Connection()
+    assert not connection.reading_head
+    assert connection.receive(GET[:7]) is NEED_DATA
+    assert connection.reading_head
+    assert isinstance(connection.receive(GET[7:]), Request)
+    assert not connection.reading_head
+    assert connection.receive(b"GET") is NEED_DATA  # parked, not read
+    assert not connection.reading_head
+    assert connection.done(keep_alive=True) == HandOver(b"GET")
+    assert not connection.reading_head
+
+
+def test_what_was_parked_is_given_once() -> None:
+    """Bytes parked during an answer go out with the hand-over or the switch; none stay counted against the
+    caller's limit."""
+    connection = Connection()
+    assert isinstance(connection.receive(GET), Request)
+    assert connection.receive(b"next") is NEED_DATA
+    assert connection.hand_over() == HandOver(GET + b"next")
+    assert connection.parked == 0
+    connection = Connection()
+    assert isinstance(connection.receive(UPGRADE), Request)
+    assert connection.receive(b"\x81\x80abcd") is NEED_DATA
+    assert connection.switch() == b"\x81\x80abcd"
+    assert connection.parked == 0
+
+
+def test_answering_or_switching_what_is_not_being_served_is_a_caller_bug() -> None:
+    """``done`` and ``switch`` are for the request being served (``switch`` for an upgrade only): called
+    otherwise they would hand a plain request's bytes to a WebSocket relay or read on after a close."""
+    with pytest.raises(AssertionError):
+        Connection().done(keep_alive=True)
+    with pytest.raises(AssertionError):
+        Connection().switch()
+    plain = Connection()
+    assert isinstance(plain.receive(GET), Request)
+    with pytest.raises(AssertionError):
+        plain.switch()
+    answered = Connection()
+    assert isinstance(answered.receive(UPGRADE), Request)
+    assert answered.done(keep_alive=True) is CLOSE
+    with pytest.raises(AssertionError):
+        answered.switch()
