@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from gateway.auth.identity import Identity
 from gateway.edge.policy import (
     Decision,
     Grant,
+    IdentityRules,
     Org,
     Policy,
     PolicyError,
@@ -20,9 +22,12 @@ from gateway.edge.policy import (
     WakePolicy,
     decide,
     denial,
+    describe_duration,
+    is_org_member,
     load_policy,
     may_wake,
     membership,
+    parse_duration,
     parse_policy,
 )
 from gateway.lifecycle import WorkspaceSpec
@@ -53,6 +58,8 @@ GRACE = Identity("grace", "grace@elsewhere.test", ("staff",))
 HEIDI = Identity("heidi", "heidi@elsewhere.test")
 HOSTED = Identity("ivan", "ivan@gmail.test", attributes=(("hd", "corp.test"),))
 OTHER_HOSTED = Identity("ivan", "ivan@gmail.test", attributes=(("hd", "other.test"),))
+HOSTED_LEVEL_3 = Identity("ivan", "ivan@gmail.test", attributes=(("hd", "corp.test"), ("level", "3")))
+TWO_CLAIMS = Policy(org=Org(claims={"hd": "corp.test", "level": "3"}))
 EVE = Identity("eve", "eve@evil.test", ("dev",))
 OPS = Identity("olga", "olga@evil.test", ("ops",))
 
@@ -92,6 +99,8 @@ CASES = [
     ("org by user", POLICY, 4000, HEIDI, None, True, R.ORG_MEMBER),
     ("org by claim", POLICY, 4000, HOSTED, None, True, R.ORG_MEMBER),
     ("org claim with another value", POLICY, 4000, OTHER_HOSTED, None, False, R.NOT_ORG_MEMBER),
+    ("org claims: every one listed", TWO_CLAIMS, 4000, HOSTED_LEVEL_3, None, True, R.ORG_MEMBER),
+    ("org claims: one of two is not enough", TWO_CLAIMS, 4000, HOSTED, None, False, R.NOT_ORG_MEMBER),
     ("org with no rules admits nobody", Policy(), 4000, FRANK, None, False, R.NOT_ORG_MEMBER),
     ("org member on a private port", POLICY, 3000, FRANK, None, False, R.NOT_SHARED_WITH_USER),
     ("default visibility org", Policy(org=POLICY.org, ports=Ports(default_visibility="org")), 8080, FRANK, None,
@@ -137,6 +146,54 @@ def test_decide(policy: Policy, port: int | None, identity: Identity | None, gra
     decision = decide(policy, SPEC, port, identity, grant)
     assert (decision.allow, decision.reason) == (allow, reason)
     assert decision.rule, "every decision names the rule that made it"
+
+
+@pytest.mark.parametrize(("port", "identity", "rule"), [
+    (22, ALICE, "ports.denied lists 22"),
+    (13337, ALICE, "the IDE port is only reachable at ide-{workspace}"),
+    (3000, ALICE, "owner of the workspace"),
+    (3000, BOB, "collaborator of the workspace"),
+    (3000, ROOT, "policy admins"),
+])
+def test_a_decision_names_the_rule_that_made_it(port: int, identity: Identity, rule: str) -> None:
+    """``codehub-gateway explain`` and the policy log print the rule: a port shut by ``ports.denied`` and the IDE
+    port are shut by different rules, and an admin is let in by the admins list, not as a member."""
+    assert decide(POLICY, SPEC, port, identity).rule == rule
+
+
+@pytest.mark.parametrize(("org", "identity", "claims", "member"), [
+    (Org(claims={"hd": "corp.test", "level": "3"}), Identity("ivan"), {"hd": "corp.test", "level": 3}, True),
+    (Org(claims={"hd": "corp.test", "level": "3"}), Identity("ivan"), {"hd": "corp.test", "level": 4}, False),
+    (Org(claims={"hd": "corp.test", "level": "3"}), Identity("ivan"), {"hd": "corp.test"}, False),
+    (Org(claims={"hd": "corp.test"}), HOSTED, {"hd": "other.test"}, False),  # the claims given, not the identity's
+    (Org(claims={"hd": "corp.test"}), OTHER_HOSTED, {"hd": "corp.test"}, True),
+    (Org(claims={"verified": "true"}), Identity("ivan"), {"verified": True}, True),  # spelt as in JSON
+    (Org(claims={"roles": "a"}), Identity("ivan"), {"roles": ["a"]}, False),  # a list is no one value
+    (Org(), HOSTED, {"hd": "corp.test"}, False),  # no rules: nobody
+])
+def test_org_claim_rules_read_the_claims_given(org: Org, identity: Identity, claims: dict[str, object],
+                                               member: bool) -> None:
+    """Claim rules compare every listed claim, as text, with the claims handed in (an ID token's) when there are
+    some, and the answer is a yes or a no."""
+    assert is_org_member(org, identity, claims) is member
+
+
+@pytest.mark.parametrize(("rules", "group", "allowed"), [
+    (("team-*",), "team-a", True),
+    (("team-*",), "team-", True),
+    (("team-*",), "teams", False),  # the prefix is everything before the *, dash included
+    (("team-*",), "team", False),
+    (("qa",), "qa", True),
+    (("qa",), "qa-leads", False),  # a name without * is a name, not a prefix
+    (("qa", "team-*"), "team-b", True),
+    ((), "qa", False),
+])
+def test_identity_group_rules_are_names_or_prefixes(rules: tuple[str, ...], group: str, allowed: bool) -> None:
+    """Which group names may leave: ``team-*`` lets out ``team-a`` but not ``teams`` — a group someone else
+    named, which happens to share the first letters."""
+    identity = Identity("bob", groups=(group,))
+    shown = IdentityRules(claims=("user", "groups"), groups=rules).disclose(identity)
+    assert shown.groups == ((group,) if allowed else ())
 
 
 def test_every_refusal_maps_to_its_status() -> None:
@@ -196,6 +253,14 @@ BAD_POLICIES = [
     ("claim rule with a list", "org:\n  claims:\n    roles: [a, b]\n",
      f"{FILE}:3: org.claims.roles: a claim rule compares one text"),
     ("groups not a list", "org:\n  groups: 7\n", f"{FILE}:2: org.groups:"),
+    ("groups a mapping: the key's line", "org:\n  groups:\n    staff: yes\n", f"{FILE}:2: org.groups:"),
+    ("two mistakes: the first is named", "ports:\n  default_visibility: secret\n  max_visibility: everyone\n",
+     f"{FILE}:2: ports.default_visibility:"),
+    ("a key YAML reads as null", "\n# no section\n~: 1\n", f"{FILE}:3: None:"),
+    ("max ttl below the default ttl left out", "\nshare_links:\n  max_ttl: 1h\n",
+     f"{FILE}:2: share_links.default_ttl: 86400 s is longer than share_links.max_ttl (3600 s)"),
+    ("frame ancestor not an origin", "embedding:\n  frame_ancestors:\n    - https://review.example\n"
+     "    - javascript:alert(1)\n", f"{FILE}:2: embedding.frame_ancestors: 'javascript:alert(1)' is not an origin"),
     ("wildcard origin with credentials", "cors:\n  - ports: [3000]\n  - ports: [8000]\n    allow_origins: ['*']\n",
      f"{FILE}:4: cors.1.allow_origins: '*' admits every origin"),
     ("not a mapping", "- org\n- ports\n", f"{FILE}:1: a policy must be a mapping"),
@@ -219,6 +284,11 @@ def test_bad_policy_is_rejected_with_file_and_line(text: str, want_err: str) -> 
         ("share_links:\n  default_ttl: 90\n", Policy.model_validate({"share_links": {"default_ttl": 90}})),
         ("org:\n  claims:\n    email_verified: true\n    level: 3\n",
          Policy(org=Org(claims={"email_verified": "true", "level": "3"}))),
+        # a ceiling or a maximum may be met, only not passed
+        ("ports:\n  default_visibility: org\n  max_visibility: org\n",
+         Policy(ports=Ports(default_visibility="org", max_visibility="org"))),
+        ("share_links:\n  default_ttl: 7d\n  max_ttl: 7d\n",
+         Policy.model_validate({"share_links": {"default_ttl": 7 * 86400, "max_ttl": 7 * 86400}})),
     ],
 )
 def test_good_policies_parse(text: str, expected: Policy) -> None:
@@ -229,6 +299,31 @@ def test_duration_units() -> None:
     policy = parse_policy("share_links:\n  default_ttl: 90s\n  max_ttl: 2w\nwake:\n  warm_timeout: 1.5m\n")
     assert (policy.share_links.default_ttl, policy.share_links.max_ttl) == (90, 14 * 86400)
     assert policy.wake.warm_timeout == 90
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    (1, 1), ("1s", 1), (0.5, 0.5), ("0.5s", 0.5), ("90", 90), (" 15 m ", 900), ("2h", 7200), ("1d", 86400),
+    ("1w", 604800),
+])
+def test_durations_read_as_seconds(value: object, seconds: float) -> None:
+    """Any positive duration is one, a second or less too."""
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", [0, "0s", -1, True, float("nan"), float("inf"), 10**400, "1y", "", None])
+def test_what_is_no_duration(value: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (59, "59 seconds"), (60, "1 minute"), (61, "61 seconds"), (120, "2 minutes"), (3600, "1 hour"),
+    (5400, "90 minutes"), (7200, "2 hours"), (86400, "1 day"), (90000, "25 hours"), (172800, "2 days"),
+    (604800, "7 days"),
+])
+def test_durations_are_described_in_the_largest_whole_unit(seconds: float, text: str) -> None:
+    """A refused share link's TTL is answered in the unit people use: ``90d`` in days, ``36h`` in hours."""
+    assert describe_duration(seconds) == text
 
 
 def test_shipped_default_policy_is_the_built_in_default() -> None:
@@ -293,6 +388,26 @@ def test_reload_keeps_the_last_good_policy(tmp_path: Path, caplog: pytest.LogCap
     path.unlink()
     assert holder.reload_if_changed() is False
     assert list(holder.current.ports.denied) == [22, 5432]
+
+
+def test_a_policy_file_is_read_once_per_change(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A reload reads the file when it changed, not on every later check; a file gone for a moment (replaced by
+    an editor or a ConfigMap update) is no error and changes nothing."""
+    path = tmp_path / "policy.yaml"
+    _write(path, "ports:\n  denied: [22]\n", 1_000)
+    holder = PolicyHolder(path)
+    assert holder.last_error is None
+    _write(path, "ports:\n  denied: [2222]\n", 2_000)
+    with caplog.at_level(logging.INFO, logger="gateway.edge.policy"):
+        assert holder.reload_if_changed() is True
+    assert f"policy reloaded from {path}" in caplog.text
+    assert holder.reload_if_changed() is False
+    path.unlink()
+    assert holder.reload_if_changed() is False
+    assert holder.last_error is None
+    assert holder.current.ports.denied == (2222,)
+    builtin = PolicyHolder(None)
+    assert (builtin.current, builtin.last_error, builtin.reload_if_changed()) == (Policy(), None, False)
 
 
 def test_bad_policy_stops_the_start(tmp_path: Path) -> None:
