@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.edge.routing import Hosts, Kind, Target, route
+from gateway.edge.routing import (
+    KIND_LABELS,
+    RESERVED_PREFIX,
+    WAKE_EVENTS_PATH,
+    Hosts,
+    Kind,
+    Target,
+    local_path,
+    route,
+)
 from gateway.errors import BadRequest, GatewayError, NotFound
 
 LOCAL = Hosts.from_urls("http://localhost:8080", "localhost:8080")
@@ -140,3 +149,97 @@ def test_bad_port_messages_say_what_is_wrong(label: str, message: str) -> None:
     with pytest.raises(BadRequest) as caught:
         route(f"{label}.localhost:8080", "/", LOCAL)
     assert caught.value.message == message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, "/"),
+        ("", "/"),
+        ("next", "/"),  # relative: resolved against wherever the browser is
+        ("https://evil.test/", "/"),
+        ("/a?b=1#c", "/a?b=1#c"),
+        ("//evil.test/x", "/evil.test/x"),  # a browser reads //host as another host
+        ("///evil.test", "/evil.test"),
+        ("/\\evil.test", "/evil.test"),
+        ("\\\\evil.test", "/evil.test"),
+        ("/\\/\\evil.test", "/evil.test"),
+        ("/a\tb", "/"),  # browsers drop tabs and newlines before they look: "/\t/evil.test" is "//evil.test"
+        ("/\t/evil.test", "/"),
+        ("/a\nb", "/"),
+        ("/a\rb", "/"),
+        ("/a\x00b", "/"),
+        ("/a\x1fb", "/"),
+        ("/a\x7fb", "/"),
+        ("/a b", "/a b"),  # a space (0x20) is no control character
+        ("/é~", "/é~"),
+    ],
+)
+def test_local_path_only_ever_stays_on_this_host(value: str | None, expected: str) -> None:
+    """Every redirect the gateway derives from what a client sent goes through ``local_path``: no open
+    redirects (``DESIGN.md``, security rules)."""
+    assert local_path(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("hosts", "host", "origin"),
+    [
+        (LOCAL, "3000-ws.localhost:8080", "http://3000-ws.localhost:8080"),
+        (LOCAL, "3000-WS.localhost:8080", "http://3000-ws.localhost:8080"),
+        (PROD, "3000-ws1.preview.example.com", "https://3000-ws1.preview.example.com"),
+        (PROD, "3000-ws1.preview.example.com:443", "https://3000-ws1.preview.example.com"),
+        (Hosts.from_urls("http://hub.test", "preview.test"), "3000-ws.preview.test:80", "http://3000-ws.preview.test"),
+        (Hosts.from_urls("http://hub.test", "preview.test:81"), "3000-ws.preview.test:81",
+         "http://3000-ws.preview.test:81"),
+        (Hosts.from_urls("http://hub.box", "preview.box"), "3000-ws.preview.box.", "http://3000-ws.preview.box"),
+    ],
+)
+def test_origin_is_what_a_browser_sends(hosts: Hosts, host: str, origin: str) -> None:
+    """Browsers leave the scheme's default port out of ``Origin``: the same-origin check compares with this."""
+    assert hosts.origin(host) == origin
+
+
+@pytest.mark.parametrize(
+    ("hosts", "path", "url"),
+    [
+        (LOCAL, "/", "http://localhost:8080/"),
+        (PROD, "/consent?x=1", "https://hub.example.com/consent?x=1"),
+        (Hosts.from_urls("https://hub.example.com:443", "preview.example.com"), "/", "https://hub.example.com/"),
+        (Hosts.from_urls("http://hub.test:80", "preview.test"), "/", "http://hub.test/"),
+        (Hosts.from_urls("https://hub.example.com:8443", "preview.example.com"), "/", "https://hub.example.com:8443/"),
+    ],
+)
+def test_hub_urls(hosts: Hosts, path: str, url: str) -> None:
+    assert hosts.hub_url(path) == url
+    if path == "/":
+        assert hosts.hub_url() == url
+
+
+@pytest.mark.parametrize(
+    ("hosts", "port", "url"),
+    [
+        (Hosts.from_urls("http://hub.test", "preview.test:80"), 3000, "http://3000-ws.preview.test/"),
+        (Hosts.from_urls("https://hub.test", "preview.test:8443"), 3000, "https://3000-ws.preview.test:8443/"),
+        (LOCAL, "{port}", "http://{port}-ws.localhost:8080/"),
+    ],
+)
+def test_share_urls_leave_out_only_the_default_port(hosts: Hosts, port: int | str, url: str) -> None:
+    assert hosts.share_url("ws", port) == url
+
+
+@pytest.mark.parametrize(("hub_url", "preview_domain"), [("http://localhost:8080", "bad domain"),
+                                                          ("http://localhost:8080", ".localhost"),
+                                                          ("http://bad_hub", "localhost")])
+def test_hosts_that_are_not_host_names_are_refused_at_start(hub_url: str, preview_domain: str) -> None:
+    with pytest.raises(ValueError, match="valid host names"):
+        Hosts.from_urls(hub_url, preview_domain)
+
+
+def test_the_kinds_labels_and_reserved_paths_are_as_logged_and_served() -> None:
+    """Log lines, metrics labels and the waiting page's event stream name these: a change breaks dashboards
+    and pages already open."""
+    assert {kind: label for kind, label in KIND_LABELS.items()} == {
+        Kind.PREVIEW: "preview", Kind.RESERVED: "reserved", Kind.IDE: "ide", Kind.IDE_MOVED: "ide-moved",
+        Kind.HUB: "hub"}
+    assert (RESERVED_PREFIX, WAKE_EVENTS_PATH) == ("/_codehub/", "/_codehub/wake/events")
+    assert Target(Kind.HUB).path == "/"
