@@ -28,7 +28,6 @@ MAX_LINE = 8190
 MAX_FIELD = 8190
 MAX_HEADERS = 100
 _FAST_METHODS = frozenset({b"GET", b"HEAD"})
-_BODY_HEADERS = frozenset({"transfer-encoding", "expect"})
 
 
 class _NeedData(enum.Enum):
@@ -93,6 +92,7 @@ class Connection:
     def _reset(self) -> None:
         self._head_end = 0  # an upgrade's: where the new protocol's bytes start in ``_raw``
         self._url = bytearray()
+        self._fields: list[tuple[bytes, bytes]] = []  # as llhttp read them: judged once the head is whole
         self._headers: CIMultiDict[str] = CIMultiDict()
         self._begun = 0
         self._complete = 0
@@ -174,14 +174,8 @@ class Connection:
             self._unfit = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) + len(value) > self.max_field or len(self._headers) >= self.max_headers:
-            self._unfit = True
-            return
-        text = name.decode("utf-8", "surrogateescape")
-        lower = text.lower()
-        if lower in _BODY_HEADERS or (lower == "content-length" and value != b"0"):
-            self._unfit = True
-        self._headers.add(text, value.decode("utf-8", "surrogateescape"))
+        if len(self._fields) <= self.max_headers:  # one past the limit is enough to refuse: no more are kept
+            self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -190,6 +184,16 @@ class Connection:
         if (method not in _FAST_METHODS or parser.get_http_version() != "1.1"
                 or (parser.should_upgrade() and method != b"GET")):
             self._unfit = True
+        # The fields are judged here, all at once: a call per field costs more than the judging.
+        fields, max_field = self._fields, self.max_field
+        if len(fields) > self.max_headers or (len(self._raw) > max_field  # else no field can be that long
+                                              and any(len(name) + len(value) > max_field for name, value in fields)):
+            self._unfit = True
+        headers = self._headers = CIMultiDict([(name.decode("utf-8", "surrogateescape"),
+                                                value.decode("utf-8", "surrogateescape")) for name, value in fields])
+        if ("transfer-encoding" in headers or "expect" in headers
+                or any(length != "0" for length in headers.getall("content-length", ()))):
+            self._unfit = True  # a body, or the promise of one
 
     def on_body(self, body: bytes) -> None:
         self._unfit = True
