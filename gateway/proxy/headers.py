@@ -8,9 +8,10 @@ cookies, credentials, share tokens) is removed before the request leaves for the
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -44,7 +45,35 @@ is framing, like ``Transfer-Encoding``: the lane writes it from the body it send
 so no header of the app's (``Connection: content-length``) can leave an answer unframed."""
 
 
-class _Special(enum.Enum):
+_MOST_KEPT = 512
+_LONGEST_KEPT = 64
+_Verdict = TypeVar("_Verdict")
+
+
+class _ByName(dict[str, _Verdict]):
+    """What becomes of a header, by its name as sent, judged once: a browser sends the same dozen names, spelt the
+    same, on every request, and an app answers with its own dozen. Names are the sender's to choose, so only short
+    ones are kept, and only so many: a sender that floods it with new names empties it, and the names in use come
+    back on their next request."""
+
+    def __init__(self, judge: Callable[[str], _Verdict]) -> None:
+        super().__init__()
+        self._judge = judge  # given the name in lower case
+
+    def __missing__(self, name: str) -> _Verdict:
+        verdict = self._judge(name.lower())
+        if len(name) <= _LONGEST_KEPT:
+            if len(self) >= _MOST_KEPT:
+                self.clear()
+            self[name] = verdict
+        return verdict
+
+
+class _Down(enum.Enum):
+    """What becomes of a response header on its way to the client, by its name."""
+
+    PASS = enum.auto()
+    CORS = enum.auto()
     DROP = enum.auto()
     SET_COOKIE = enum.auto()
     LOCATION = enum.auto()
@@ -52,10 +81,19 @@ class _Special(enum.Enum):
 
 
 _DOWNSTREAM_SPECIAL = {
-    **dict.fromkeys(_NOT_DOWNSTREAM, _Special.DROP), "set-cookie": _Special.SET_COOKIE,
-    "location": _Special.LOCATION, "x-frame-options": _Special.FRAME_OPTIONS,
+    **dict.fromkeys(_NOT_DOWNSTREAM, _Down.DROP), "set-cookie": _Down.SET_COOKIE,
+    "location": _Down.LOCATION, "x-frame-options": _Down.FRAME_OPTIONS,
 }
-"""Response headers that are not simply passed on, by lower-case name."""
+
+
+def _downstream_verdict(lower: str) -> _Down:
+    special = _DOWNSTREAM_SPECIAL.get(lower)
+    if special is not None:
+        return special
+    return _Down.CORS if lower.startswith("access-control-") else _Down.PASS
+
+
+_DOWNSTREAM_VERDICTS = _ByName(_downstream_verdict)
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 
 
@@ -77,12 +115,20 @@ class ResponseRules:
     drop_frame_options: bool = False
 
 
-def _named_in_connection(headers: Headers) -> set[str]:
+def _named_in_connection(headers: Headers) -> frozenset[str]:
     """Header names listed in ``Connection`` (RFC 9110 §7.6.1), besides the hop-by-hop ones always dropped."""
-    names: set[str] = set()
-    for value in headers.getall("connection", ()):
-        names.update(token.strip().lower() for token in value.split(","))
-    return names - HOP_BY_HOP - {""}
+    values = headers.getall("connection", ())
+    if len(values) == 1 and len(values[0]) <= _LONGEST_KEPT:
+        return _named_in_kept(values[0])
+    return frozenset().union(*map(_named_in, values))
+
+
+def _named_in(value: str) -> frozenset[str]:
+    return frozenset(token.strip().lower() for token in value.split(",")) - HOP_BY_HOP - {""}
+
+
+_named_in_kept = functools.lru_cache(maxsize=32)(_named_in)
+"""Nearly every request and answer says ``Connection: keep-alive``, each sender in a spelling of its own."""
 
 
 def gateway_cookie(name: str) -> bool:
@@ -107,6 +153,33 @@ def _underscored(lower: str) -> bool:
     return dashed in _SPECIAL or dashed.startswith("x-forwarded-")
 
 
+class _Up(enum.Enum):
+    """What becomes of a request header on its way upstream, by its name."""
+
+    PASS = enum.auto()
+    DROP = enum.auto()
+    COOKIE = enum.auto()
+    AUTHORIZATION = enum.auto()
+    FORWARDED_FOR = enum.auto()
+    FORWARDED_PROTO = enum.auto()
+    FORWARDED_HOST = enum.auto()
+
+
+_FORWARDED = {"x-forwarded-for": _Up.FORWARDED_FOR, "x-forwarded-proto": _Up.FORWARDED_PROTO,
+              "x-forwarded-host": _Up.FORWARDED_HOST}
+
+
+def _upstream_verdict(lower: str) -> _Up:
+    if lower in _NOT_UPSTREAM or lower.startswith("x-forwarded-") or ("_" in lower and _underscored(lower)):
+        return _FORWARDED.get(lower, _Up.DROP)
+    if lower == "cookie":
+        return _Up.COOKIE
+    return _Up.AUTHORIZATION if lower == "authorization" else _Up.PASS
+
+
+_UPSTREAM_VERDICTS = _ByName(_upstream_verdict)
+
+
 def upstream_request_headers(
     headers: Headers,
     client: ClientFacts,
@@ -123,24 +196,26 @@ def upstream_request_headers(
     cookies: list[str] = []
     chain: list[str] = []
     scheme = public_host = ""
+    verdicts = _UPSTREAM_VERDICTS
     for name, value in headers.items():
-        lower = name.lower()
-        if lower in named:
+        verdict = verdicts[name]
+        if named and name.lower() in named:
             continue
-        if lower in _NOT_UPSTREAM or lower.startswith("x-forwarded-") or ("_" in lower and _underscored(lower)):
-            if client.trusted:
-                if lower == "x-forwarded-for":
-                    chain.append(value)
-                elif lower == "x-forwarded-proto":
-                    scheme = scheme or value
-                elif lower == "x-forwarded-host":
-                    public_host = public_host or value
-            continue
-        if lower == "cookie":
+        if verdict is _Up.PASS:
+            out.add(name, value)
+        elif verdict is _Up.COOKIE:
             if kept := strip_gateway_cookies(value):
                 cookies.append(kept)
-        elif lower != "authorization" or not strip_authorization:
-            out.add(name, value)
+        elif verdict is _Up.AUTHORIZATION:
+            if not strip_authorization:
+                out.add(name, value)
+        elif client.trusted:  # the rest never pass; a trusted proxy's forwarding headers are read
+            if verdict is _Up.FORWARDED_FOR:
+                chain.append(value)
+            elif verdict is _Up.FORWARDED_PROTO:
+                scheme = scheme or value
+            elif verdict is _Up.FORWARDED_HOST:
+                public_host = public_host or value
     if "content-length" in headers and "transfer-encoding" not in headers:
         out["Content-Length"] = headers["content-length"]
     if cookies:
@@ -202,18 +277,21 @@ def downstream_response_headers(
     out: CIMultiDict[str] = CIMultiDict()
     cookies: list[str] = []
     located = False
+    verdicts = _DOWNSTREAM_VERDICTS
     for name, value in headers.items():
-        lower = name.lower()
-        special = _DOWNSTREAM_SPECIAL.get(lower)  # one lookup sorts the headers nearly every answer has
-        if special is None:
-            if lower not in named and not (drop_cors and lower.startswith("access-control-")):
+        verdict = verdicts[name]
+        if verdict is _Down.PASS:
+            if not named or name.lower() not in named:
                 out.add(name, value)
-        elif special is _Special.DROP or lower in named:
+        elif verdict is _Down.DROP or (named and name.lower() in named):
             continue
-        elif special is _Special.SET_COOKIE:
+        elif verdict is _Down.CORS:
+            if not drop_cors:
+                out.add(name, value)
+        elif verdict is _Down.SET_COOKIE:
             if allowed_set_cookie(value, public_host):
                 cookies.append(value)
-        elif special is _Special.LOCATION:
+        elif verdict is _Down.LOCATION:
             if not located:
                 out.add(name, rewrite_location(value, upstream_origins, public_origin))
                 located = True

@@ -358,3 +358,57 @@ def test_response_rules_cannot_be_changed_once_made() -> None:
     rules = ResponseRules()
     with pytest.raises(dataclasses.FrozenInstanceError):
         rules.drop_cors = True  # type: ignore[misc]
+
+
+def test_verdicts_kept_by_name_hold_after_a_flood_of_new_names() -> None:
+    """What becomes of a header is judged once per name as sent and remembered (``_ByName``). A sender that
+    invents names by the thousand must neither grow that memory without bound nor change a verdict: a name's
+    fate is the same on its first request, on its next, and after the flood."""
+    from gateway.proxy import headers as module
+
+    client = h(("Cookie", "codehub_session=s; app=1"), ("X-Forwarded-User", "mallory"), ("X-App", "1"))
+
+    def sent() -> list[tuple[str, str]]:
+        out = upstream_request_headers(client, PEER, upstream_host=UPSTREAM)
+        return [(name, value) for name, value in out.items() if name in ("Cookie", "X-Forwarded-User", "X-App")]
+
+    first = sent()
+    assert first == sent() == [("X-App", "1"), ("Cookie", "app=1")]
+    for round_ in range(3):
+        flood = h(*((f"X-Junk-{round_}-{n}", "1") for n in range(400)))
+        assert len(upstream_request_headers(flood, PEER, upstream_host=UPSTREAM)) == 400 + 4  # + forwarding, Host
+        assert len(downstream_response_headers(flood, public_host="h", public_origin="http://h",
+                                               upstream_origins=UP)) == 400
+        assert len(module._UPSTREAM_VERDICTS) <= 512
+        assert len(module._DOWNSTREAM_VERDICTS) <= 512
+    assert sent() == first
+
+
+@pytest.mark.parametrize("name", ["X-Forwarded-" + "a" * 100, "X_Forwarded_User" + "_" * 80, "x" * 70 + "-ok"])
+def test_long_names_are_judged_every_time_and_alike(name: str) -> None:
+    """Names past ``_LONGEST_KEPT`` are not remembered (a few thousand 8 KiB names would be megabytes), and are
+    judged exactly as short ones are: forwarding lookalikes dropped, the rest passed."""
+    from gateway.proxy import headers as module
+
+    passes = name.endswith("-ok")
+    for _ in range(2):
+        out = upstream_request_headers(h((name, "1")), PEER, upstream_host=UPSTREAM)
+        assert (name in out) is passes
+        assert name not in module._UPSTREAM_VERDICTS
+
+
+@pytest.mark.parametrize("connection", [
+    ("keep-alive, X-Secret",),
+    ("keep-alive, " + " " * 80 + "X-Secret",),  # past what is remembered
+    ("close", "X-Secret"),
+])
+def test_connection_names_hold_whether_remembered_or_not(connection: tuple[str, ...]) -> None:
+    """``Connection`` values are remembered when short (``keep-alive`` on nearly every request); a long one, or
+    several, are read each time. Either way what they name stays on the hop, both ways, request after request."""
+    for _ in range(2):
+        pairs = (*(("Connection", value) for value in connection), ("X-Secret", "1"), ("X-App", "1"))
+        up = upstream_request_headers(h(*pairs), PEER, upstream_host=UPSTREAM)
+        assert "X-Secret" not in up
+        assert up["X-App"] == "1"
+        down = downstream_response_headers(h(*pairs), public_host="h", public_origin="http://h", upstream_origins=UP)
+        assert list(down.items()) == [("X-App", "1")]
