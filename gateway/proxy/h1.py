@@ -122,7 +122,7 @@ class Connection:
             self._head_end = len(self._raw) - len(data) + upgrade.args[0]
         except httptools.HttpParserError:
             return self.hand_over()
-        if self._unfit or self._begun > 1 or (self._complete == 0 and len(self._raw) > self.max_head):
+        if self._unfit or self._begun > 1 or len(self._raw) > self.max_head:  # whole or not, however it came
             return self.hand_over()
         if self._complete == 1:
             self.state = State.SERVING

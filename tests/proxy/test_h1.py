@@ -221,6 +221,21 @@ def test_a_head_in_pieces_may_grow_to_max_head_and_not_a_byte_more() -> None:
     assert connection.receive(b"v") == HandOver(head + b"v")
 
 
+@pytest.mark.parametrize("pieces", [1, 2, 7])
+@pytest.mark.parametrize(("size", "fast"), [(h1.MAX_HEAD, True), (h1.MAX_HEAD + 1, False)])
+def test_a_whole_head_past_max_head_is_handed_over_however_it_arrives(size: int, pieces: int, fast: bool) -> None:
+    """Which lane serves a request must not hang on how the network cut its bytes: a whole head past the bound
+    goes to aiohttp in one read as in several, and one at the bound is served here either way."""
+    start = b"GET / HTTP/1.1\r\n" + b"A: " + b"v" * 8000 + b"\r\n" + b"B: " + b"v" * 8000 + b"\r\n"
+    head = start + b"C: " + b"v" * (size - len(start) - 7) + b"\r\n\r\n"
+    assert len(head) == size
+    connection = Connection()
+    cut = [head[i * len(head) // pieces:(i + 1) * len(head) // pieces] for i in range(pieces)]
+    events = [connection.receive(piece) for piece in cut]
+    assert all(event is NEED_DATA for event in events[:-1]) or not fast
+    assert isinstance(events[-1], Request) if fast else HandOver(head) in events
+
+
 @pytest.mark.parametrize(
     ("raw", "fast"),
     [
