@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.auth.authenticate import EmbedSignIn
 from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet, SigningKey
 from gateway.auth.sessions import Sessions
@@ -36,7 +37,9 @@ from gateway.edge.plan import (
     UseShare,
     UseToken,
     WaitingPage,
+    is_websocket,
     plan,
+    wants_page,
 )
 from gateway.edge.policy import Policy, Reason, parse_policy
 from gateway.edge.routing import Hosts
@@ -96,6 +99,35 @@ NAVIGATE = {"Sec_Fetch_Mode": "navigate", "Accept": "text/html"}
 
 def decisions(made: Plan) -> list[tuple[bool, Reason]]:
     return [(e.decision.allow, e.decision.reason) for e in made.effects if isinstance(e, RecordDecision)]
+
+
+@pytest.mark.parametrize(("method", "headers", "page"), [
+    ("GET", {"Sec-Fetch-Mode": "navigate"}, True),
+    ("GET", {"Sec-Fetch-Mode": "navigate", "Accept": "application/json"}, True),
+    ("GET", {"Sec-Fetch-Mode": "cors", "Accept": "text/html"}, False),  # fetch metadata, where sent, decides
+    ("GET", {"Accept": "text/html,application/xhtml+xml"}, True),  # a browser that sends none
+    ("HEAD", {"Accept": "text/html"}, True),
+    ("POST", {"Accept": "text/html"}, False),
+    ("GET", {"Accept": "text/html", "Authorization": "Bearer x"}, False),
+    ("GET", {"Accept": "text/html", "X-Requested-With": "XMLHttpRequest"}, False),
+    ("GET", {"Accept": "*/*"}, False),
+    ("GET", {}, False),
+])
+def test_pages_are_for_browsers_navigating(method: str, headers: dict[str, str], page: bool) -> None:
+    """A navigation gets a page (a sign-in redirect, the waiting page); fetch/XHR, API clients and anything that
+    is not a GET or HEAD get JSON they can read, or are held."""
+    assert wants_page(method, CIMultiDictProxy(CIMultiDict(headers))) is page
+
+
+@pytest.mark.parametrize(("method", "headers", "upgrade"), [
+    ("GET", {"Upgrade": "websocket"}, True),
+    ("GET", {"Upgrade": "WebSocket"}, True),
+    ("POST", {"Upgrade": "websocket"}, False),
+    ("GET", {"Upgrade": "h2c"}, False),
+    ("GET", {}, False),
+])
+def test_a_websocket_is_a_get_asking_for_one(method: str, headers: dict[str, str], upgrade: bool) -> None:
+    assert is_websocket(method, CIMultiDictProxy(CIMultiDict(headers))) is upgrade
 
 
 def test_two_host_headers_are_refused_whichever_lane_asks(world: World) -> None:
@@ -328,3 +360,295 @@ def test_a_token_store_that_cannot_be_read_is_a_refusal_not_a_crash(tmp_path: Pa
     made = plan(facts("/", host=host, Cookie=world.cookie(Identity("bob"), host), **NAVIGATE), world)
     assert isinstance(made, Refuse)
     assert (made.error.status, made.error.code) == (503, "token-store-unavailable")
+
+
+@pytest.mark.parametrize(("rule", "cross_site"), [
+    ("", False),
+    ("cors: [{ports: [3000], allow_origins: ['http://4000-ws.localhost:8080']}]", True),
+    ("cors: [{ports: [3000], allow_origins: ['http://4000-ws.localhost:8080'], allow_credentials: false}]", False),
+    ("cors: [{ports: [3000], allow_origins: ['http://4000-ws.localhost:8080'], mode: passthru}]", False),
+    ("cors: [{ports: [4000], allow_origins: ['http://4000-ws.localhost:8080']}]", False),
+])
+def test_the_sign_in_callback_is_the_gateways_on_every_preview(world: World, rule: str, cross_site: bool) -> None:
+    """The hand-off lands on ``/_codehub/auth/callback`` (with its code in the query), whoever is signed in; its
+    session cookie is bound to this host, and is SameSite=None only where the port's rule takes credentialed
+    calls from other origins."""
+    world.policy = parse_policy(rule or "{}")
+    made = plan(facts("/_codehub/auth/callback?code=c&state=s"), world)
+    assert isinstance(made, GatewayPage)
+    assert (made.page, made.host, made.cross_site) == (Page.AUTH_CALLBACK, PREVIEW, cross_site)
+    popup = plan(facts("/_codehub/auth/popup?target=x"), world)
+    assert isinstance(popup, GatewayPage)
+    assert popup.page is Page.AUTH_POPUP
+    nothing = plan(facts("/_codehub/auth/callbacks"), world)
+    assert isinstance(nothing, Refuse)
+    assert nothing.error.code == "no-route"
+
+
+def test_wake_events_are_for_who_may_see_the_port(world: World) -> None:
+    """The waiting page's event stream answers to the same check as the port it waits for."""
+    made = plan(facts("/_codehub/wake/events?x=1", Cookie=world.cookie(ALICE)), world)
+    assert isinstance(made, GatewayPage)
+    assert (made.page, made.port, made.user) == (Page.WAKE_EVENTS, 3000, "alice")
+    assert made.state is world.states["ws"]
+    assert decisions(made) == [(True, Reason.OWNER)]
+    anonymous = plan(facts("/_codehub/wake/events", Accept="application/json"), world)
+    assert isinstance(anonymous, Refuse)
+    assert anonymous.error.status == 401
+
+
+@pytest.mark.parametrize(("authorization", "status", "code"), [
+    ("Bearer chk_not-a-token", 401, "token-invalid"),
+    ("Bearer chs_not-a-link", 401, "share-invalid"),
+])
+def test_a_token_that_is_not_valid_is_refused(world: World, authorization: str, status: int, code: str) -> None:
+    made = plan(facts("/", Authorization=authorization), world)
+    assert isinstance(made, Refuse)
+    assert (made.error.status, made.error.code) == (status, code)
+
+
+_ADMITTED = "http://4000-ws.localhost:8080"
+_CORS_3000 = f"cors: [{{ports: [3000], allow_origins: ['{_ADMITTED}']}}]"
+
+
+def test_a_refusal_to_an_admitted_origin_says_why_in_a_way_it_can_read(world: World) -> None:
+    """Once the workspace is known, the gateway's own refusals carry the CORS answer for an origin the port's rule
+    admits (a front end reads "sign in", not an opaque network error); other origins get none."""
+    world.policy = parse_policy(_CORS_3000)
+    made = plan(facts("/api", Origin=_ADMITTED, Accept="application/json"), world)
+    assert isinstance(made, Refuse)
+    assert made.error.status == 401
+    assert made.error.headers["Access-Control-Allow-Origin"] == _ADMITTED
+    other = plan(facts("/api", Origin="http://evil.test", Accept="application/json"), world)
+    assert isinstance(other, Refuse)
+    assert "Access-Control-Allow-Origin" not in other.error.headers
+    world.policy = parse_policy(f"cors: [{{ports: [3000], allow_origins: ['{_ADMITTED}'], mode: passthru}}]")
+    passthru = plan(facts("/api", Origin=_ADMITTED, Accept="application/json"), world)
+    assert isinstance(passthru, Refuse)
+    assert "Access-Control-Allow-Origin" not in passthru.error.headers, "under passthru CORS is the app's"
+
+
+def test_a_request_that_is_no_preflight_is_not_answered_as_one(world: World) -> None:
+    """A port's CORS rule answers preflights; every other request, with or without an Origin, goes through the
+    checks and on to the app."""
+    world.policy = parse_policy(_CORS_3000)
+    for origin in ({}, {"Origin": _ADMITTED}):
+        made = plan(facts("/", method="GET", Cookie=world.cookie(ALICE), **origin), world)
+        assert isinstance(made, Forward), origin
+    options = plan(facts("/", method="OPTIONS", Cookie=world.cookie(ALICE)), world)  # no Access-Control-Request-*
+    assert isinstance(options, Forward)
+
+
+@pytest.fixture
+def opted_in(world: World) -> World:
+    """Port 4000 of ``ws`` is public and its app asks visitors who they are."""
+    spec = WorkspaceSpec(id="ws", owner="alice", ports={4000: "public"}, identity_ports=frozenset({4000}))
+    world.states["ws"] = WorkspaceState(spec, Phase.RUNNING, address="127.0.0.9")
+    return world
+
+
+_OPTED = "4000-ws.localhost:8080"
+
+
+def test_a_visitor_navigating_to_an_app_that_asks_is_asked_first(opted_in: World) -> None:
+    made = plan(facts("/p?q=1", host=_OPTED, Cookie=opted_in.cookie(Identity("bob"), _OPTED), **NAVIGATE), opted_in)
+    assert isinstance(made, Redirect)
+    assert made.error.status == 302
+    assert made.error.location.startswith("http://localhost:8080/consent?workspace=ws&port=4000&next=%2Fp%3Fq%3D1&")
+    assert decisions(made) == [(True, Reason.PUBLIC_PORT)]
+
+
+@pytest.mark.parametrize(("who", "method", "headers"), [
+    ("alice", "GET", NAVIGATE),  # the owner is never asked
+    ("bob", "GET", {"Accept": "application/json"}),  # a script cannot answer a page
+    ("bob", "GET", {**NAVIGATE, "Sec_Fetch_Dest": "iframe"}),  # nor a frame: the hub is never framed
+    ("bob", "GET", {"Upgrade": "websocket", "Connection": "Upgrade", "Origin": f"http://{_OPTED}"}),
+    ("bob", "HEAD", NAVIGATE),
+    ("bob", "POST", {"Accept": "text/html", "Origin": f"http://{_OPTED}"}),
+])
+def test_who_is_not_asked_goes_on_to_the_app(opted_in: World, who: str, method: str,
+                                             headers: dict[str, str]) -> None:
+    """Only a visitor's browser navigating (a GET page, not in a frame) is sent to the consent page; anything else
+    goes on, and the app learns nothing of a visitor who has not answered."""
+    made = plan(facts("/", method=method, host=_OPTED, Cookie=opted_in.cookie(Identity(who), _OPTED), **headers),
+                opted_in)
+    assert isinstance(made, Forward)
+    assert ("X-Forwarded-User" in made.headers) is (who == "alice")
+
+
+@pytest.mark.parametrize(("phase", "who", "woken"), [
+    (Phase.RUNNING, None, True),  # nothing to wake: the public port is open
+    (Phase.WARM, None, False),
+    (Phase.WARM, ALICE, True),
+])
+def test_who_may_wake_is_asked_only_of_a_sleeping_workspace(world: World, phase: Phase, who: Identity | None,
+                                                             woken: bool) -> None:
+    """Under ``wake.who: owner-and-collaborators`` a visitor of a public port sees it while it runs, but cannot
+    wake it."""
+    world.policy = parse_policy("wake: {who: owner-and-collaborators}\n")
+    world.states["ws"] = WorkspaceState(world.states["ws"].spec, phase, address="127.0.0.9")
+    host = "4000-ws.localhost:8080"
+    cookie = {"Cookie": world.cookie(who, host)} if who is not None else {}
+    made = plan(facts("/", host=host, Accept="application/json", **cookie), world)
+    assert isinstance(made, Forward | Hold) is woken
+    if not woken:
+        assert isinstance(made, Refuse)
+        assert made.error.code == "wake-not-allowed"
+
+
+def test_a_share_cookie_for_a_dead_link_hears_why_and_loses_the_cookie(world: World) -> None:
+    """Not a sign-in page: the visitor came with a link, and is told it expired (or was revoked)."""
+    link, _ = asyncio.run(world.store.create_share(workspace="ws", port=3000, audience="anyone", people=[],
+                                                    created_by="alice", ttl=600, now=NOW - 1_000))
+    cookie = f"codehub_share={world.sessions.sign_state({'share': link.id}, PREVIEW, 600)}"
+    made = plan(facts("/", Cookie=cookie, **NAVIGATE), world)
+    assert isinstance(made, Refuse)
+    assert (made.error.status, made.error.code) == (403, "share-expired")
+    assert made.error.cookies[0].startswith("codehub_share=;")
+    assert "Max-Age=0" in made.error.cookies[0]
+
+
+@pytest.mark.parametrize(("method", "headers", "answer"), [
+    ("GET", NAVIGATE, "redirect"),
+    ("HEAD", NAVIGATE, "redirect"),
+    ("GET", {**NAVIGATE, "Sec_Fetch_Dest": "iframe"}, "embedded"),  # a redirect to the hub would loop in a frame
+    ("GET", {"Accept": "application/json"}, "401"),
+])
+def test_an_anonymous_browser_is_sent_to_sign_in_the_way_it_can_follow(world: World, method: str,
+                                                                        headers: dict[str, str], answer: str) -> None:
+    made = plan(facts("/", method=method, **headers), world)
+    if answer == "redirect":
+        assert isinstance(made, Redirect)
+        assert made.error.location.startswith("http://localhost:8080/auth/handoff?")
+    else:
+        assert isinstance(made, Refuse)
+        assert (made.error.status, made.error.code) == (401, "user-unauthenticated")
+        assert isinstance(made.error, EmbedSignIn) is (answer == "embedded")
+
+
+@pytest.mark.parametrize(("credentials", "forwarded"), [(True, True), (False, False)])
+def test_a_cookie_vouches_for_writes_from_origins_the_rule_admits_with_credentials(world: World, credentials: bool,
+                                                                                   forwarded: bool) -> None:
+    """A rule without credentials lets other origins call the port, but not with the visitor's cookie."""
+    world.policy = parse_policy(f"cors: [{{ports: [3000], allow_origins: ['{_ADMITTED}'], "
+                                f"allow_credentials: {str(credentials).lower()}}}]")
+    made = plan(facts("/", method="POST", Cookie=world.cookie(ALICE), Origin=_ADMITTED), world)
+    assert isinstance(made, Forward) is forwarded
+    if not forwarded:
+        assert isinstance(made, Refuse)
+        assert made.error.code == "cross-origin-request"
+
+
+@pytest.mark.parametrize(("owner", "admitted"), [("alice", True), ("mallory", False), (None, False)])
+def test_same_owner_admits_the_workspaces_of_the_ports_owner(world: World, owner: str | None, admitted: bool) -> None:
+    """``same-owner`` admits ports of workspaces with the same owner: not another person's, nor one that does not
+    exist."""
+    world.policy = parse_policy("cors: [{ports: [3000], allow_origins: [same-owner]}]")
+    if owner is not None:
+        world.states["ws2"] = WorkspaceState(WorkspaceSpec(id="ws2", owner=owner), Phase.RUNNING, address="127.0.0.8")
+    made = plan(facts("/", method="OPTIONS", Origin="http://5000-ws2.localhost:8080",
+                      Access_Control_Request_Method="POST"), world)
+    assert isinstance(made, Preflight) is admitted
+    if not admitted:
+        assert isinstance(made, Refuse)
+        assert made.error.code == "cors-origin-denied"
+
+
+def test_only_members_keep_a_workspace_awake_when_the_policy_says_so(world: World) -> None:
+    world.policy = parse_policy("wake: {visitors_keep_awake: false}\n")
+    owner = plan(facts("/", Cookie=world.cookie(ALICE)), world)
+    visitor = plan(facts("/", host="4000-ws.localhost:8080"), world)
+    assert isinstance(owner, Forward)
+    assert isinstance(visitor, Forward)
+    assert (owner.keeps_awake, visitor.keeps_awake) == (True, False)
+
+
+@pytest.mark.parametrize("target", ["/p?q=codehub_share", "/p?codehub_shares=1&a", "/p?a=codehub_share=1&&b"])
+def test_a_query_that_only_mentions_the_share_parameter_is_left_alone(world: World, target: str) -> None:
+    """Only a ``codehub_share=`` parameter is a share token: the app's own parameters, whatever they contain, go
+    through as sent."""
+    made = plan(facts(target, Cookie=world.cookie(ALICE)), world)
+    assert isinstance(made, Forward)
+    assert made.path == target
+
+
+@pytest.mark.parametrize(("policy", "phase", "code"), [
+    ("cors: [{ports: [3000], mode: passthru}]", Phase.RUNNING, None),  # the app answers its own preflights
+    ("cors: [{ports: [3000], mode: passthru}]", Phase.WARM, "user-unauthenticated"),  # which wake nothing
+    ("{ports: {denied: [3000]}, cors: [{ports: [3000], mode: passthru}]}", Phase.RUNNING, "port-denied"),
+])
+def test_a_passthru_preflight_goes_to_the_app_of_a_port_anyone_may_reach(world: World, policy: str, phase: Phase,
+                                                                         code: str | None) -> None:
+    world.policy = parse_policy(policy)
+    world.states["ws"] = WorkspaceState(world.states["ws"].spec, phase, address="127.0.0.9")
+    made = plan(facts("/", method="OPTIONS", Origin="http://elsewhere.test", Access_Control_Request_Method="PUT",
+                      Authorization="Basic YXBwOmFwcA=="), world)
+    if code is None:
+        assert isinstance(made, Forward)
+        assert made.headers["Origin"] == "http://elsewhere.test"
+        assert made.headers["Authorization"] == "Basic YXBwOmFwcA==", "the app's own credentials are the app's"
+        assert decisions(made) == []
+    else:
+        assert isinstance(made, Refuse)
+        assert made.error.code == code
+        assert [reason.value for _, reason in decisions(made)] == [code]
+
+
+@pytest.mark.parametrize(("revoke", "created", "code"), [
+    (False, NOW - 599, None),
+    (False, NOW - 600, "share-expired"),  # a link's last moment is before its expiry, not at it
+    (True, NOW, "share-revoked"),
+])
+def test_a_share_link_opens_until_it_expires_or_is_revoked(world: World, revoke: bool, created: float,
+                                                           code: str | None) -> None:
+    link, token = asyncio.run(world.store.create_share(workspace="ws", port=3000, audience="anyone", people=[],
+                                                        created_by="alice", ttl=600, now=created))
+    if revoke:
+        asyncio.run(world.store.revoke_share(link, now=NOW))
+    made = plan(facts("/", Authorization=f"Bearer {token}"), world)
+    if code is None:
+        assert isinstance(made, Forward)
+        assert decisions(made) == [(True, Reason.SHARE_LINK)]
+    else:
+        assert isinstance(made, Refuse)
+        assert (made.error.status, made.error.code) == (403, code)
+
+
+def test_a_share_cookie_does_not_vouch_for_writes_from_other_origins(world: World) -> None:
+    """A share link's cookie rides along on requests other previews make, like a session cookie: it lets their
+    pages read, but not write as its holder."""
+    link, _ = asyncio.run(world.store.create_share(workspace="ws", port=3000, audience="anyone", people=[],
+                                                    created_by="alice", ttl=600, now=NOW))
+    cookie = f"codehub_share={world.sessions.sign_state({'share': link.id}, PREVIEW, 600)}"
+    elsewhere = plan(facts("/", method="POST", Cookie=cookie, Origin="http://4000-ws.localhost:8080"), world)
+    assert isinstance(elsewhere, Refuse)
+    assert elsewhere.error.code == "cross-origin-request"
+    own = plan(facts("/", method="POST", Cookie=cookie, Origin=f"http://{PREVIEW}"), world)
+    assert isinstance(own, Forward)
+    assert decisions(own) == [(True, Reason.SHARE_LINK)]
+
+
+def test_what_the_gateway_consumes_never_reaches_the_app_and_what_it_does_not_does(world: World) -> None:
+    """A bearer token of the gateway's (an API token, a share token) is taken off the request; the app's own
+    ``Authorization`` goes through; two are refused, as which one counts would be a guess."""
+    _, share = asyncio.run(world.store.create_share(workspace="ws", port=3000, audience="anyone", people=[],
+                                                    created_by="alice", ttl=600, now=NOW))
+    _, api = asyncio.run(world.store.create_api_token(ALICE, name="ci"))
+    for token in (share, api):
+        made = plan(facts("/", Authorization=f"Bearer {token}"), world)
+        assert isinstance(made, Forward)
+        assert "Authorization" not in made.headers
+    own = plan(facts("/", Cookie=world.cookie(ALICE), Authorization="Basic YXBwOmFwcA=="), world)
+    assert isinstance(own, Forward)
+    assert own.headers["Authorization"] == "Basic YXBwOmFwcA=="
+    two = CIMultiDict([("Host", PREVIEW), ("Authorization", f"Bearer {api}"), ("Authorization", "Basic eDp5")])
+    made = plan(Facts("GET", "/", CIMultiDictProxy(two), "127.0.0.1", NOW), world)
+    assert isinstance(made, Refuse)
+    assert (made.error.status, made.error.code) == (400, "bad-authorization")
+
+
+def test_a_bearer_token_writes_from_any_origin(world: World) -> None:
+    """Only cookies ride along unasked: a script holding an API token may call from anywhere."""
+    _, api = asyncio.run(world.store.create_api_token(ALICE, name="ci"))
+    made = plan(facts("/", method="POST", Authorization=f"Bearer {api}", Origin="http://elsewhere.test"), world)
+    assert isinstance(made, Forward)
