@@ -55,7 +55,9 @@ def describe_duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             count = int(seconds // size)
             return f"{count} {name}{'s' if count != 1 else ''}"
-    return f"{seconds:.0f} seconds"
+    if seconds == int(seconds):
+        return f"{int(seconds)} second{'s' if seconds != 1 else ''}"
+    return f"{math.floor(seconds * 1000) / 1000:.3f}".rstrip("0") + " seconds"  # a limit told must never grow
 
 
 def _claim_value(value: Any) -> str:
