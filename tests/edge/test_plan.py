@@ -17,13 +17,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.auth.authenticate import EmbedSignIn
+from gateway.auth.authenticate import EmbedSignIn, authenticate
 from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet, SigningKey
 from gateway.auth.sessions import Sessions
 from gateway.auth.store import Consent, FileTokenStore
 from gateway.edge import plan as plan_module
 from gateway.edge.plan import (
+    IDE_RULES,
     Facts,
     Forward,
     GatewayPage,
@@ -44,6 +45,7 @@ from gateway.edge.plan import (
 from gateway.edge.policy import Policy, Reason, parse_policy
 from gateway.edge.routing import Hosts
 from gateway.lifecycle import Phase, WorkspaceSpec, WorkspaceState
+from gateway.proxy.headers import ResponseRules
 
 HUB = "localhost:8080"
 PREVIEW = "3000-ws.localhost:8080"
@@ -87,11 +89,12 @@ def world(tmp_path: Path) -> World:
     return World(FileTokenStore(tmp_path / "tokens.json"))
 
 
-def facts(target: str = "/", *, method: str = "GET", host: str | None = PREVIEW, **headers: str) -> Facts:
+def facts(target: str = "/", *, method: str = "GET", host: str | None = PREVIEW, peer: str = "127.0.0.1",
+          **headers: str) -> Facts:
     given = CIMultiDict({name.replace("_", "-"): value for name, value in headers.items()})
     if host is not None:
         given.add("Host", host)
-    return Facts(method, target, CIMultiDictProxy(given), "127.0.0.1", NOW)
+    return Facts(method, target, CIMultiDictProxy(given), peer, NOW)
 
 
 NAVIGATE = {"Sec_Fetch_Mode": "navigate", "Accept": "text/html"}
@@ -652,3 +655,169 @@ def test_a_bearer_token_writes_from_any_origin(world: World) -> None:
     _, api = asyncio.run(world.store.create_api_token(ALICE, name="ci"))
     made = plan(facts("/", method="POST", Authorization=f"Bearer {api}", Origin="http://elsewhere.test"), world)
     assert isinstance(made, Forward)
+
+
+_IDE = "ide-ws.localhost:8080"
+_PUBLIC = "4000-ws.localhost:8080"
+_PROXIES = "10.0.0.0/8", "192.0.2.0/24"
+
+
+@pytest.mark.parametrize(("proxies", "peer", "chain"), [
+    ((), "10.1.2.3", "10.1.2.3"),  # no proxy is trusted: the client's chain is its own claim
+    (_PROXIES, "10.1.2.3", "203.0.113.7, 10.1.2.3"),
+    (_PROXIES, "192.0.2.5", "203.0.113.7, 192.0.2.5"),  # any of the trusted networks, not only the first
+    (_PROXIES, "198.51.100.1", "198.51.100.1"),  # a peer outside them all
+    (_PROXIES[1:], "10.1.2.3", "10.1.2.3"),
+])
+def test_only_a_trusted_proxy_speaks_for_the_client(world: World, proxies: tuple[str, ...], peer: str,
+                                                    chain: str) -> None:
+    """A request from a trusted proxy keeps the ``X-Forwarded-For`` chain it sent (the peer appended); from anyone
+    else the chain is a forgery and the app sees only the peer, so it cannot be told who the client is."""
+    world.trusted_proxies = tuple(ipaddress.ip_network(network) for network in proxies)
+    made = plan(facts("/", host=_PUBLIC, peer=peer, X_Forwarded_For="203.0.113.7"), world)
+    assert isinstance(made, Forward)
+    assert made.headers["X-Forwarded-For"] == chain
+
+
+@dataclass
+class _IdeWorld(World):
+    """A runtime that locks each IDE with a secret of its own (the Kubernetes one)."""
+
+    def ide_secret(self, workspace: str) -> str | None:
+        return f"secret-of-{workspace}"
+
+
+@pytest.mark.parametrize(("host", "cookie"), [
+    (_IDE, "code-server-session=secret-of-ws"),  # the IDE gets its secret, not the one the client sent
+    (PREVIEW, "code-server-session=forged"),  # a preview's app is no IDE: nothing of the IDE's is added
+])
+def test_the_ide_and_only_the_ide_gets_its_secret_cookie(tmp_path: Path, host: str, cookie: str) -> None:
+    """Without the secret, a locked code-server answers the owner with its login page; a preview's app must never
+    learn the secret that opens the IDE."""
+    world = _IdeWorld(FileTokenStore(tmp_path / "tokens.json"))
+    made = plan(facts("/", host=host, Cookie=world.cookie(ALICE, host) + "; code-server-session=forged"), world)
+    assert isinstance(made, Forward)
+    assert made.headers["Cookie"] == cookie
+
+
+@pytest.mark.parametrize(("port", "tls"), [(3000, True), (4000, False)])
+def test_a_port_that_speaks_tls_is_forwarded_over_tls(world: World, port: int, tls: bool) -> None:
+    """``vite --https`` answers nothing but TLS, and a plain dev server nothing but plain HTTP."""
+    spec = WorkspaceSpec(id="ws", owner="alice", ports={3000: "public", 4000: "public"},
+                         https_ports=frozenset({3000}))
+    world.states["ws"] = WorkspaceState(spec, Phase.RUNNING, address="127.0.0.9")
+    made = plan(facts("/", host=f"{port}-ws.localhost:8080"), world)
+    assert isinstance(made, Forward)
+    assert (made.port, made.tls) == (port, tls)
+
+
+_CSP = {"Content-Security-Policy": "frame-ancestors 'self'"}
+_REPLACE_3000 = f"cors: [{{ports: [3000], mode: replace, allow_origins: ['{_ADMITTED}']}}]"
+
+
+@pytest.mark.parametrize(("policy", "host", "origin", "rules"), [
+    ("{}", _IDE, _ADMITTED, IDE_RULES),  # the IDE frames itself and nothing else frames it
+    (_REPLACE_3000, _IDE, _ADMITTED, IDE_RULES),  # and no preview's CORS rule reaches it
+    ("{}", PREVIEW, _ADMITTED, ResponseRules(_CSP)),  # a preview: framing only, the app's CORS is its own
+    (_REPLACE_3000, PREVIEW, _ADMITTED, ResponseRules({
+        **_CSP, "Access-Control-Allow-Origin": _ADMITTED, "Vary": "Origin", "Access-Control-Allow-Credentials": "true",
+    }, drop_cors=True)),
+    (_REPLACE_3000, PREVIEW, "http://evil.test", ResponseRules(_CSP, drop_cors=True)),
+    (_REPLACE_3000, PREVIEW, "", ResponseRules(_CSP, drop_cors=True)),
+    (f"cors: [{{ports: [3000], mode: passthru, allow_origins: ['{_ADMITTED}']}}]", PREVIEW, _ADMITTED,
+     ResponseRules(_CSP)),
+])
+def test_response_rules_frame_every_answer_and_answer_cors_for_admitted_origins(
+        world: World, policy: str, host: str, origin: str, rules: ResponseRules) -> None:
+    """Where the port's rule replaces the app's CORS, the app's own answer is dropped and the gateway's is given
+    to an origin the rule admits, alongside the framing policy; any other origin gets the framing policy alone."""
+    world.policy = parse_policy(policy)
+    headers = {"Origin": origin} if origin else {}
+    made = plan(facts("/", host=host, Cookie=world.cookie(ALICE, host), **headers), world)
+    assert isinstance(made, Forward)
+    assert (dict(made.rules.replace), made.rules.drop_cors, made.rules.drop_frame_options) == (
+        dict(rules.replace), rules.drop_cors, rules.drop_frame_options)
+
+
+@pytest.mark.parametrize(("who", "phase", "port", "answer"), [
+    ("anyone-with-access", Phase.WARM, 4000, "hold"),  # anyone may reach the port, and anyone may wake it
+    ("owner-and-collaborators", Phase.WARM, 4000, "wake-not-allowed"),  # a preflight wakes only what anyone may
+    ("owner-and-collaborators", Phase.RUNNING, 4000, "forward"),  # nothing to wake: who may wake is not asked
+    ("owner-and-collaborators", Phase.WARM, 3000, "user-unauthenticated"),  # not reachable: who wakes is moot
+])
+def test_a_passthru_preflight_wakes_only_what_anyone_may_wake(world: World, who: str, phase: Phase, port: int,
+                                                              answer: str) -> None:
+    """A preflight carries no credentials, so it wakes a workspace only if anyone could; a port anyone may not
+    reach is refused for that reason, not for who may wake it."""
+    world.policy = parse_policy(f"{{wake: {{who: {who}}}, cors: [{{ports: [3000, 4000], mode: passthru}}]}}")
+    world.states["ws"] = WorkspaceState(world.states["ws"].spec, phase, address="127.0.0.9")
+    made = plan(facts("/", method="OPTIONS", host=f"{port}-ws.localhost:8080", Origin="http://elsewhere.test",
+                      Access_Control_Request_Method="PUT"), world)
+    if answer == "hold":
+        assert isinstance(made, Hold)
+        assert made.forward.port == port
+    elif answer == "forward":
+        assert isinstance(made, Forward)
+    else:
+        assert isinstance(made, Refuse)
+        assert made.error.code == answer
+        assert [reason.value for _, reason in decisions(made)] == [answer]
+
+
+@pytest.mark.parametrize("allow_headers", ["['*']", "[content-type]"])
+def test_a_preflight_that_asks_for_no_headers_is_allowed_none(world: World, allow_headers: str) -> None:
+    """A preflight without ``Access-Control-Request-Headers`` asks for none, and its answer allows none."""
+    world.policy = parse_policy(f"cors: [{{ports: [3000], mode: replace, allow_origins: ['{_ADMITTED}'], "
+                                f"allow_headers: {allow_headers}}}]")
+    made = plan(facts("/", method="OPTIONS", Origin=_ADMITTED, Access_Control_Request_Method="POST"), world)
+    assert isinstance(made, Preflight)
+    assert "Access-Control-Allow-Headers" not in made.headers
+    assert made.headers["Access-Control-Allow-Origin"] == _ADMITTED
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_share_token_in_the_url_of_a_get_or_head_leaves_the_url(world: World, method: str) -> None:
+    """A HEAD is a navigation's shape too (link checkers, previews of the link): its token becomes the cookie and
+    leaves the URL as a GET's does, and is not handed on to the app in the address."""
+    link, token = asyncio.run(world.store.create_share(workspace="ws", port=3000, audience="anyone", people=[],
+                                                        created_by="alice", ttl=600, now=NOW))
+    made = plan(facts(f"/p?codehub_share={token}", method=method, Authorization="Basic YXBwOmFwcA=="), world)
+    assert isinstance(made, Redirect)
+    assert made.error.location == "/p"
+    assert made.error.cookies[0].startswith("codehub_share=")
+    assert made.effects == (UseShare(link, NOW),)
+    found = authenticate(method, facts(method=method, Authorization="Basic YXBwOmFwcA==").headers,
+                         f"/p?codehub_share={token}", PREVIEW, sessions=world.sessions, store=world.store,
+                         secure=False, preview=True, now=NOW)
+    assert (found.in_url, found.link, found.path) == (True, link, "/p")
+    assert found.consumed_authorization is False, "the app's own Authorization is not the gateway's to take"
+
+
+def _share_cookie(world: World, workspace: str, port: int, host: str, *, created: float = NOW) -> str:
+    link, _ = asyncio.run(world.store.create_share(workspace=workspace, port=port, audience="anyone", people=[],
+                                                    created_by="alice", ttl=600, now=created))
+    return f"codehub_share={world.sessions.sign_state({'share': link.id}, host, 600)}"
+
+
+def test_the_ide_host_reads_no_share_cookie(world: World) -> None:
+    """Share links open previews, never the IDE: a share cookie on the IDE's host is not read, not even to say its
+    link expired: a browser there is sent to sign in."""
+    cookie = _share_cookie(world, "ws", 3000, _IDE, created=NOW - 1_000)
+    made = plan(facts("/", host=_IDE, Cookie=cookie, **NAVIGATE), world)
+    assert isinstance(made, Redirect)
+    assert made.error.location.startswith("http://localhost:8080/auth/handoff?")
+    live = _share_cookie(world, "ws", 3000, _IDE)
+    found = authenticate("GET", facts(host=_IDE, Cookie=live).headers, "/", _IDE, sessions=world.sessions,
+                         store=world.store, secure=False, preview=False, now=NOW)
+    assert (found.link, found.grant, found.by_cookie) == (None, None, False)
+
+
+def test_a_share_token_presented_wins_over_a_share_cookie(world: World) -> None:
+    """The link a request presents is the one that counts: a cookie left by another link (for another port) does
+    not replace it."""
+    _, token = asyncio.run(world.store.create_share(workspace="ws", port=3000, audience="anyone", people=[],
+                                                    created_by="alice", ttl=600, now=NOW))
+    cookie = _share_cookie(world, "ws", 4000, PREVIEW)
+    made = plan(facts("/", Authorization=f"Bearer {token}", Cookie=cookie), world)
+    assert isinstance(made, Forward)
+    assert decisions(made) == [(True, Reason.SHARE_LINK)]
