@@ -11,7 +11,7 @@ import enum
 import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -45,22 +45,42 @@ is framing, like ``Transfer-Encoding``: the lane writes it from the body it send
 so no header of the app's (``Connection: content-length``) can leave an answer unframed."""
 
 
+class _Fate(enum.Enum):
+    """What becomes of a header on its way through, by its name: upstream a request's, downstream an answer's."""
+
+    PASS = enum.auto()
+    DROP = enum.auto()
+    COOKIE = enum.auto()
+    AUTHORIZATION = enum.auto()
+    FORWARDED_FOR = enum.auto()
+    FORWARDED_PROTO = enum.auto()
+    FORWARDED_HOST = enum.auto()
+    CORS = enum.auto()
+    SET_COOKIE = enum.auto()
+    LOCATION = enum.auto()
+    FRAME_OPTIONS = enum.auto()
+
+
+# Python 3.11's Enum classes answer every attribute lookup through ``EnumType.__getattr__``, several times the cost
+# of a module global: the per-header loops compare against these.
+_PASS, _DROP, _COOKIE, _AUTHORIZATION = _Fate.PASS, _Fate.DROP, _Fate.COOKIE, _Fate.AUTHORIZATION
+_FORWARDED_FOR, _FORWARDED_PROTO, _FORWARDED_HOST = _Fate.FORWARDED_FOR, _Fate.FORWARDED_PROTO, _Fate.FORWARDED_HOST
+_CORS, _SET_COOKIE, _LOCATION = _Fate.CORS, _Fate.SET_COOKIE, _Fate.LOCATION
 _MOST_KEPT = 512
 _LONGEST_KEPT = 64
-_Verdict = TypeVar("_Verdict")
 
 
-class _ByName(dict[str, _Verdict]):
+class _ByName(dict[str, _Fate]):
     """What becomes of a header, by its name as sent, judged once: a browser sends the same dozen names, spelt the
     same, on every request, and an app answers with its own dozen. Names are the sender's to choose, so only short
     ones are kept, and only so many: a sender that floods it with new names empties it, and the names in use come
     back on their next request."""
 
-    def __init__(self, judge: Callable[[str], _Verdict]) -> None:
+    def __init__(self, judge: Callable[[str], _Fate]) -> None:
         super().__init__()
         self._judge = judge  # given the name in lower case
 
-    def __missing__(self, name: str) -> _Verdict:
+    def __missing__(self, name: str) -> _Fate:
         verdict = self._judge(name.lower())
         if len(name) <= _LONGEST_KEPT:
             if len(self) >= _MOST_KEPT:
@@ -69,31 +89,17 @@ class _ByName(dict[str, _Verdict]):
         return verdict
 
 
-class _Down(enum.Enum):
-    """What becomes of a response header on its way to the client, by its name."""
-
-    PASS = enum.auto()
-    CORS = enum.auto()
-    DROP = enum.auto()
-    SET_COOKIE = enum.auto()
-    LOCATION = enum.auto()
-    FRAME_OPTIONS = enum.auto()
-
-
-# Python 3.11's Enum classes answer every attribute lookup through ``EnumType.__getattr__``, at some ten times the
-# cost of a module global: the per-header loops compare against these.
-_PASS, _CORS, _DROP, _SET_COOKIE, _LOCATION = _Down.PASS, _Down.CORS, _Down.DROP, _Down.SET_COOKIE, _Down.LOCATION
 _DOWNSTREAM_SPECIAL = {
-    **dict.fromkeys(_NOT_DOWNSTREAM, _Down.DROP), "set-cookie": _Down.SET_COOKIE,
-    "location": _Down.LOCATION, "x-frame-options": _Down.FRAME_OPTIONS,
+    **dict.fromkeys(_NOT_DOWNSTREAM, _DROP), "set-cookie": _SET_COOKIE, "location": _LOCATION,
+    "x-frame-options": _Fate.FRAME_OPTIONS,
 }
 
 
-def _downstream_verdict(lower: str) -> _Down:
+def _downstream_verdict(lower: str) -> _Fate:
     special = _DOWNSTREAM_SPECIAL.get(lower)
     if special is not None:
         return special
-    return _Down.CORS if lower.startswith("access-control-") else _Down.PASS
+    return _CORS if lower.startswith("access-control-") else _PASS
 
 
 _DOWNSTREAM_VERDICTS = _ByName(_downstream_verdict)
@@ -111,7 +117,7 @@ class ClientFacts(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class ResponseRules:
-    """What the gateway's policies change on an upstream response (framing, _CORS)."""
+    """What the gateway's policies change on an upstream response (framing, CORS)."""
 
     replace: Mapping[str, str] = field(default_factory=dict)
     drop_cors: bool = False
@@ -156,30 +162,16 @@ def _underscored(lower: str) -> bool:
     return dashed in _SPECIAL or dashed.startswith("x-forwarded-")
 
 
-class _Up(enum.Enum):
-    """What becomes of a request header on its way upstream, by its name."""
-
-    PASS = enum.auto()
-    DROP = enum.auto()
-    COOKIE = enum.auto()
-    AUTHORIZATION = enum.auto()
-    FORWARDED_FOR = enum.auto()
-    FORWARDED_PROTO = enum.auto()
-    FORWARDED_HOST = enum.auto()
+_FORWARDED = {"x-forwarded-for": _FORWARDED_FOR, "x-forwarded-proto": _FORWARDED_PROTO,
+              "x-forwarded-host": _FORWARDED_HOST}
 
 
-_UP_PASS, _COOKIE, _AUTHORIZATION = _Up.PASS, _Up.COOKIE, _Up.AUTHORIZATION  # see ``_PASS``
-_FORWARDED_FOR, _FORWARDED_PROTO, _FORWARDED_HOST = _Up.FORWARDED_FOR, _Up.FORWARDED_PROTO, _Up.FORWARDED_HOST
-_FORWARDED = {"x-forwarded-for": _Up.FORWARDED_FOR, "x-forwarded-proto": _Up.FORWARDED_PROTO,
-              "x-forwarded-host": _Up.FORWARDED_HOST}
-
-
-def _upstream_verdict(lower: str) -> _Up:
+def _upstream_verdict(lower: str) -> _Fate:
     if lower in _NOT_UPSTREAM or lower.startswith("x-forwarded-") or ("_" in lower and _underscored(lower)):
-        return _FORWARDED.get(lower, _Up.DROP)
+        return _FORWARDED.get(lower, _DROP)
     if lower == "cookie":
-        return _Up.COOKIE
-    return _Up.AUTHORIZATION if lower == "authorization" else _Up.PASS
+        return _COOKIE
+    return _AUTHORIZATION if lower == "authorization" else _PASS
 
 
 _UPSTREAM_VERDICTS = _ByName(_upstream_verdict)
@@ -206,7 +198,7 @@ def upstream_request_headers(
         verdict = verdicts[name]
         if named and name.lower() in named:
             continue
-        if verdict is _UP_PASS:
+        if verdict is _PASS:
             out.add(name, value)
         elif verdict is _COOKIE:
             if kept := strip_gateway_cookies(value):
@@ -274,7 +266,7 @@ def downstream_response_headers(
 ) -> CIMultiDict[str]:
     """The headers a client sees from an upstream response, after hygiene and rewriting.
 
-    ``replace`` headers are set by the gateway (framing policy, _CORS answers); with ``drop_cors`` every upstream
+    ``replace`` headers are set by the gateway (framing policy, CORS answers); with ``drop_cors`` every upstream
     ``Access-Control-*`` header goes first, so answers are replaced, never merged. ``Vary`` is the exception: the
     gateway's ``Vary: Origin`` joins the app's, or caches would mix up the app's variants.
     """
