@@ -457,6 +457,8 @@ class Connection(WriteFlow):
 
 Key = tuple[str, int, bool]
 """An upstream: host, port, and whether it speaks TLS."""
+
+
 def tcp_info(transport: asyncio.BaseTransport) -> bytes:
     """The start of Linux's ``struct tcp_info`` for an upstream connection's socket (OSError once it is closed)."""
     return bytes(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128))
