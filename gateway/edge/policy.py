@@ -57,7 +57,7 @@ def describe_duration(seconds: float) -> str:
             return f"{count} {name}{'s' if count != 1 else ''}"
     if seconds == int(seconds):
         return f"{int(seconds)} second{'s' if seconds != 1 else ''}"
-    return f"{math.floor(seconds * 1000) / 1000:.3f}".rstrip("0") + " seconds"  # a limit told must never grow
+    return f"{seconds} seconds"  # as it is: a fraction rounded would tell some a limit longer than theirs
 
 
 def _claim_value(value: Any) -> str:

@@ -317,7 +317,7 @@ def test_what_is_no_duration(value: object) -> None:
 
 
 @pytest.mark.parametrize(("seconds", "text"), [
-    (1, "1 second"), (1.5, "1.5 seconds"), (59.9996, "59.999 seconds"),
+    (1, "1 second"), (1.5, "1.5 seconds"), (59.9996, "59.9996 seconds"), (0.0004, "0.0004 seconds"),
     (59, "59 seconds"), (60, "1 minute"), (61, "61 seconds"), (120, "2 minutes"), (3600, "1 hour"),
     (5400, "90 minutes"), (7200, "2 hours"), (86400, "1 day"), (90000, "25 hours"), (172800, "2 days"),
     (604800, "7 days"),
