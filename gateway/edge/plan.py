@@ -43,6 +43,9 @@ from gateway.proxy.headers import ClientFacts, ResponseRules, upstream_request_h
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IDE_RULES = ResponseRules({"Content-Security-Policy": "frame-ancestors 'self'", "X-Frame-Options": "SAMEORIGIN"})
 """The IDE frames itself (code-server's webviews, the markdown preview), and nothing else may frame it."""
+_HUB, _IDE, _IDE_MOVED, _PREVIEW, _RESERVED = Kind.HUB, Kind.IDE, Kind.IDE_MOVED, Kind.PREVIEW, Kind.RESERVED
+_RUNNING, _OWNER = Phase.RUNNING, Reason.OWNER
+"""Read as globals on every request: Python 3.11 looks enum members up through a slow ``__getattr__`` hook."""
 
 
 class World(Protocol):
@@ -224,10 +227,10 @@ def plan(facts: Facts, world: World) -> Plan:
         target = route(hosts[0], facts.target, world.hosts)
     except GatewayError as exc:
         return Refuse(error=exc)
-    if target.kind is Kind.HUB:
+    if target.kind is _HUB:
         return GatewayPage(page=Page.HUB, target=target)
     assert target.workspace is not None
-    if target.kind is Kind.IDE_MOVED:
+    if target.kind is _IDE_MOVED:
         return Redirect(error=RedirectError(world.hosts.ide_url(target.workspace, target.path), status=308),
                         target=target)
     try:
@@ -279,10 +282,10 @@ class _Request:
     def plan(self) -> Plan:
         target, facts = self.target, self.facts
         path = target.path.partition("?")[0]
-        if target.kind is Kind.RESERVED and path == "/_codehub/auth/callback":
+        if target.kind is _RESERVED and path == "/_codehub/auth/callback":
             cross_site = self.rule is not None and self.rule.mode == "replace" and self.rule.allow_credentials
             return GatewayPage(page=Page.AUTH_CALLBACK, target=target, host=self.audience, cross_site=cross_site)
-        if target.kind is Kind.RESERVED and path == "/_codehub/auth/popup":
+        if target.kind is _RESERVED and path == "/_codehub/auth/popup":
             return GatewayPage(page=Page.AUTH_POPUP, target=target)
         assert target.workspace is not None
         state = self.world.workspace(target.workspace)
@@ -290,9 +293,9 @@ class _Request:
             return self._refuse(NotFound(f"There is no workspace called {target.workspace}.",
                                          code="workspace-not-found"))
         self.state, self.found = state, True
-        if target.kind is Kind.RESERVED:
+        if target.kind is _RESERVED:
             return self._reserved(path)
-        if target.kind is Kind.PREVIEW and cors.is_preflight(facts.method, facts.headers) and self.rule is not None:
+        if target.kind is _PREVIEW and cors.is_preflight(facts.method, facts.headers) and self.rule is not None:
             return self._preflight()
         credentials = self._check()
         if isinstance(credentials, (Refuse, Redirect)):
@@ -345,7 +348,7 @@ class _Request:
             decision = Decision(False, Reason.CROSS_ORIGIN, "a cookie does not vouch for other origins")
         else:
             decision = decide(self.policy, state.spec, target.port, identity, credentials.grant)
-            if decision.allow and state.phase is not Phase.RUNNING:
+            if decision.allow and state.phase is not _RUNNING:
                 decision = may_wake(self.policy, decision)
         self.effects.append(RecordDecision(target, identity, decision))
         if decision.allow:
@@ -390,7 +393,7 @@ class _Request:
         return self._membership(identity) is not None
 
     def _is_owner(self, identity: Identity | None) -> bool:
-        return self._membership(identity) is Reason.OWNER
+        return self._membership(identity) is _OWNER
 
     def _asks_consent(self, identity: Identity | None) -> bool:
         return consent_pending(self.state.spec, self.target.port, identity, owner=self._is_owner(identity),
@@ -417,7 +420,7 @@ class _Request:
                                                             facts.headers.get("Access-Control-Request-Headers", "")),
                              target=target)
         anonymous = decide(self.policy, state.spec, target.port, None)
-        asleep = state.phase is not Phase.RUNNING
+        asleep = state.phase is not _RUNNING
         if asleep and anonymous.allow:
             anonymous = may_wake(self.policy, anonymous)
         if anonymous.reason is Reason.PORT_DENIED or (asleep and not anonymous.allow):
@@ -429,7 +432,7 @@ class _Request:
         facts, world, target, state = self.facts, self.world, self.target, self.state
         port = self._port()
         identity = credentials.identity
-        asleep = state.phase is not Phase.RUNNING or world.waking(state.id, port)
+        asleep = state.phase is not _RUNNING or world.waking(state.id, port)
         websocket = is_websocket(facts.method, facts.headers)
         user = identity.subject if identity is not None else None
         if asleep and wants_page(facts.method, facts.headers) and not websocket:
@@ -445,7 +448,7 @@ class _Request:
             strip_authorization=credentials.consumed_authorization,
             identity=identity_headers(shown, assertion),
         )
-        if target.kind is Kind.IDE:
+        if target.kind is _IDE:
             put_ide_cookie(headers, world.ide_secret(state.id))
         forward = Forward(
             workspace=state.id, address=state.address, port=port, tls=port in state.spec.https_ports,
@@ -465,7 +468,7 @@ class _Request:
     def _response_rules(self) -> ResponseRules:
         """Framing policy on every preview and IDE response; CORS answers where the port's rule replaces the
         app's."""
-        if self.target.kind is not Kind.PREVIEW:
+        if self.target.kind is not _PREVIEW:
             return IDE_RULES
         policy, rule = self.policy, self.rule
         drop_cors = rule is not None and rule.mode == "replace"
@@ -481,7 +484,7 @@ class _Request:
         front end can read why its call failed (e.g. "sign in on the API host") instead of an opaque network
         error."""
         rule = self.rule
-        if rule is None or rule.mode != "replace" or self.target.kind is not Kind.PREVIEW:
+        if rule is None or rule.mode != "replace" or self.target.kind is not _PREVIEW:
             return {}
         origin = self.facts.headers.get("Origin")
         if not origin or not self._origin_allowed(rule, origin):

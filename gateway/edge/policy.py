@@ -209,6 +209,10 @@ class Reason(enum.StrEnum):
     CROSS_ORIGIN = "cross-origin-request"
 
 
+_OWNER, _COLLABORATOR, _ADMIN = Reason.OWNER, Reason.COLLABORATOR, Reason.ADMIN
+"""Read as globals on every request: Python 3.11 looks enum members up through a slow ``__getattr__`` hook."""
+
+
 class Decision(NamedTuple):
     allow: bool
     reason: Reason
@@ -253,9 +257,9 @@ def visibility(policy: Policy, spec: WorkspaceSpec, port: int) -> Visibility:
 def membership(spec: WorkspaceSpec, identity: Identity) -> Reason | None:
     """Owner or collaborator of the workspace, or None (admins see ports, but are no members)."""
     if identity.is_subject(spec.owner):
-        return Reason.OWNER
+        return _OWNER
     if any(identity.matches(person) for person in spec.collaborators):
-        return Reason.COLLABORATOR
+        return _COLLABORATOR
     return None
 
 
@@ -265,7 +269,7 @@ def role(policy: Policy, spec: WorkspaceSpec, identity: Identity) -> Reason | No
     member = membership(spec, identity)
     if member is not None:
         return member
-    return Reason.ADMIN if any(identity.matches(admin) for admin in policy.admins) else None
+    return _ADMIN if any(identity.matches(admin) for admin in policy.admins) else None
 
 
 def decide(policy: Policy, spec: WorkspaceSpec, port: int | None, identity: Identity | None,
@@ -283,7 +287,7 @@ def decide(policy: Policy, spec: WorkspaceSpec, port: int | None, identity: Iden
                         else "the IDE port is only reachable at ide-{workspace}")
     who = role(policy, spec, identity) if identity is not None else None
     if who is not None:
-        return Decision(True, who, "policy admins" if who is Reason.ADMIN else f"{who.value} of the workspace")
+        return Decision(True, who, "policy admins" if who is _ADMIN else f"{who} of the workspace")
     shown = visibility(policy, spec, port)
     if shown == "public":
         return Decision(True, Reason.PUBLIC_PORT, f"port {port} is public")

@@ -75,6 +75,10 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+_READING, _SERVING, _HANDED, _CLOSED = State.READING, State.SERVING, State.HANDED, State.CLOSED
+"""Read as globals on every request: Python 3.11 looks enum members up through a slow ``__getattr__`` hook."""
+
+
 class Connection:
     """One client connection, until it is handed over or closed."""
 
@@ -83,7 +87,7 @@ class Connection:
         """Past ``max_line`` (the target), ``max_field`` (a header) or ``max_headers``, a head is handed over for
         aiohttp to refuse (with the same limits)."""
         self.max_head, self.max_line, self.max_field, self.max_headers = max_head, max_line, max_field, max_headers
-        self.state = State.READING
+        self.state = _READING
         self._parser = httptools.HttpRequestParser(self)
         self._raw = bytearray()
         self._parked = bytearray()
@@ -102,7 +106,7 @@ class Connection:
     @property
     def reading_head(self) -> bool:
         """Some of a request head is in, not all of it (its deadline is the caller's to keep)."""
-        return self.state is State.READING and bool(self._raw)
+        return self.state is _READING and bool(self._raw)
 
     @property
     def parked(self) -> int:
@@ -110,10 +114,10 @@ class Connection:
         return len(self._parked)
 
     def receive(self, data: bytes) -> Event:
-        if self.state is State.SERVING:
+        if self.state is _SERVING:
             self._parked += data
             return NEED_DATA
-        if self.state is not State.READING:
+        if self.state is not _READING:
             return CLOSE
         self._raw += data
         try:
@@ -125,18 +129,18 @@ class Connection:
         if self._unfit or self._begun > 1 or len(self._raw) > self.max_head:  # whole or not, however it came
             return self.hand_over()
         if self._complete == 1:
-            self.state = State.SERVING
+            self.state = _SERVING
             return Request(self._parser.get_method().decode(), self._url.decode("utf-8", "surrogateescape"),
                            CIMultiDictProxy(self._headers), self._keep_alive, upgrade=self._head_end > 0)
         return NEED_DATA
 
     def done(self, keep_alive: bool) -> Event:
         """The answer to the request being served is out."""
-        assert self.state is State.SERVING, self.state
+        assert self.state is _SERVING, self.state
         if not keep_alive or self._head_end:
-            self.state = State.CLOSED
+            self.state = _CLOSED
             return CLOSE
-        self.state = State.READING
+        self.state = _READING
         self._raw.clear()
         self._reset()
         if self._parked:  # pipelined: aiohttp serves the rest of this connection
@@ -146,9 +150,9 @@ class Connection:
     def switch(self) -> bytes:
         """The upgrade being served switched protocols: the connection is no longer HTTP. Returns the bytes that
         followed its head (the new protocol's first)."""
-        assert self.state is State.SERVING, self.state
+        assert self.state is _SERVING, self.state
         assert self._head_end, "not an upgrade"
-        self.state = State.HANDED
+        self.state = _HANDED
         tail = bytes(self._raw[self._head_end:] + self._parked)
         self._raw.clear()
         self._parked.clear()
@@ -158,7 +162,7 @@ class Connection:
 
     def hand_over(self) -> HandOver:
         """Give up the connection: the bytes of the request being read or served, and any after it."""
-        self.state = State.HANDED
+        self.state = _HANDED
         data = bytes(self._raw + self._parked)
         self._raw.clear()
         self._parked.clear()
