@@ -166,9 +166,11 @@ def test_bad_port_messages_say_what_is_wrong(label: str, message: str) -> None:
         ("", "/"),
         ("next", "/"),  # relative: resolved against wherever the browser is
         ("https://evil.test/", "/"),
+        ("xn--evil.test/", "/"),
         ("/a?b=1#c", "/a?b=1#c"),
         ("//evil.test/x", "/evil.test/x"),  # a browser reads //host as another host
         ("///evil.test", "/evil.test"),
+        ("//xn--evil.test/", "/xn--evil.test/"),
         ("/\\evil.test", "/evil.test"),
         ("\\\\evil.test", "/evil.test"),
         ("/\\/\\evil.test", "/evil.test"),
