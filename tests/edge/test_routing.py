@@ -160,6 +160,30 @@ def test_bad_port_messages_say_what_is_wrong(label: str, message: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("hosts", "host", "path", "message"),
+    [
+        (LOCAL, "localhost:8080", "http://evil.test/", "Only origin-form request targets (a path) are accepted."),
+        (LOCAL, "localhost:8080:8080", "/", "The Host header is missing or malformed."),
+        (LOCAL, "abc-demo.localhost:8080", "/", "A preview address looks like {port}-{workspace}, for example "
+                                               "3000-myworkspace."),
+        (LOCAL, "ide-demo.localhost:8080", "/proxy/3000/", "Workspace ports are not served on the IDE's origin: open "
+                                                           "a port at its own address, http://{port}-demo.localhost:8080/"),
+        (PROD, "ide-ws1.preview.example.com", "/absproxy/3000/", "Workspace ports are not served on the IDE's origin: "
+                                                                 "open a port at its own address, "
+                                                                 "https://{port}-ws1.preview.example.com/"),
+        (LOCAL, "localhost:8080", "/w/Demo/", "There is no workspace with that name."),
+        (LOCAL, "evil.test", "/", "This gateway serves no site called evil.test."),
+    ],
+)
+def test_refusals_say_what_is_wrong(hosts: Hosts, host: str, path: str, message: str) -> None:
+    """The message is what the refused client reads (the JSON body or the error page): it names the fault and,
+    where there is one, the address to use instead."""
+    with pytest.raises(GatewayError) as caught:
+        route(host, path, hosts)
+    assert caught.value.message == message
+
+
+@pytest.mark.parametrize(
     ("value", "expected"),
     [
         (None, "/"),
