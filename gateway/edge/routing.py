@@ -101,9 +101,13 @@ class Hosts:
 def normalise_host(host: str, scheme: str) -> str | None:
     """Lower-case ``name:port`` with the port always spelt out, or None when it is not a plain host.
 
-    Cached: a handful of hosts carry nearly all requests, and this runs more than once for each."""
-    host = host.strip().lower()
-    match = _HOST.fullmatch(host)
+    Cached: a handful of hosts carry nearly all requests, and this runs more than once for each. Only ASCII is
+    folded and only HTTP's white space trimmed: ``str.lower`` makes the Kelvin sign a ``k`` and ``str.strip`` drops
+    NEL and no-break spaces, which would route a host that a proxy in front sees as another."""
+    host = host.strip(" \t")
+    if not host.isascii():
+        return None
+    match = _HOST.fullmatch(host.lower())
     if match is None:
         return None
     name = match["name"].rstrip(".")

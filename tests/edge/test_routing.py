@@ -107,6 +107,15 @@ def test_routes(hosts: Hosts, host: str, path: str, expected: Target) -> None:
         (PROD, "3000-ws1.example.com", "/", NotFound, "unknown-host"),
         (PROD, "3000-ws1.preview.example.com:80", "/", NotFound, "unknown-host"),
         (PROD, "evil-hub.example.com", "/", NotFound, "unknown-host"),
+        # Hosts are compared as the ASCII they must be: Unicode case folding and white space are nobody's host (a
+        # proxy in front that matches the raw Host would see another host than the one routed to).
+        (LOCAL, "8000-\u212aws.localhost:8080", "/", BadRequest, "bad-host"),  # KELVIN SIGN, which lower() makes k
+        (LOCAL, "ide-\u212aws.localhost:8080", "/", BadRequest, "bad-host"),
+        (LOCAL, "localhost:8080\x85", "/", BadRequest, "bad-host"),  # NEL, which strip() drops
+        (LOCAL, "\xa0localhost:8080", "/", BadRequest, "bad-host"),  # NO-BREAK SPACE
+        (LOCAL, "localhost:8080\u3000", "/", BadRequest, "bad-host"),  # IDEOGRAPHIC SPACE
+        (LOCAL, "localhost:8080\x0b", "/", BadRequest, "bad-host"),  # an ASCII control, no white space in HTTP
+        (LOCAL, "\x1flocalhost:8080", "/", BadRequest, "bad-host"),
     ],
 )
 def test_rejects(hosts: Hosts, host: str | None, path: str, error: type[GatewayError], code: str) -> None:
