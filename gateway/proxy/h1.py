@@ -195,8 +195,8 @@ class Connection:
             self._unfit = True
         headers = self._headers = CIMultiDict([(name.decode("utf-8", "surrogateescape"),
                                                 value.decode("utf-8", "surrogateescape")) for name, value in fields])
-        if ("transfer-encoding" in headers or "expect" in headers
-                or any(length != "0" for length in headers.getall("content-length", ()))):
+        if ("transfer-encoding" in headers or "expect" in headers or ("content-length" in headers and any(
+                length != "0" for length in headers.getall("content-length")))):
             self._unfit = True  # a body, or the promise of one
 
     def on_body(self, body: bytes) -> None:
