@@ -429,6 +429,8 @@ def test_bad_policy_stops_the_start(tmp_path: Path) -> None:
     (Identity("x", "\u212aate@corp.example"), "kate@corp.example", False),  # ... in ASCII only
     (Identity("alice@corp.example", "mallory@x.example"), "alice@corp.example", False),  # a user name that looks
     (Identity("x", groups=("qa",)), "group:qa", True),  # like an address is no address
+    (Identity("x", "alice@corp.example"), " alice@corp.example ", True),  # spaces around any principal
+    (Identity("x", groups=("qa",)), " group:qa", True),
     (Identity("x", groups=("qa",)), "group:QA", False),
     (Identity("group:qa"), "group:qa", False),
     (Identity(""), "", False),
@@ -451,6 +453,7 @@ def test_any_groups_claim_makes_an_identity(groups: object, expected: tuple[str,
 @pytest.mark.parametrize(("identity", "owner", "is_owner"), [
     (Identity("alice"), "alice", True),
     (Identity("Alice"), "alice", True),
+    (Identity("alice"), " alice ", True),
     (Identity("bob", "bob@example.com"), "bob@example.com", False),  # a workspace made by a user named
     (Identity("bob@example.com"), "bob@example.com", True),  # "bob@example.com" is theirs, not bob's
     (Identity("x", groups=("qa",)), "group:qa", False),
@@ -476,3 +479,17 @@ def test_an_unverified_address_is_no_user_name() -> None:
     assert verified.subject == "bob@corp.example"
     assert verified.unsendable() is None
     assert Identity.from_id_token(claims).subject == "u1", "the IdP's own subject needs no verified address"
+
+
+@pytest.mark.parametrize(("identity", "reason"), [
+    (Identity(""), "no user name (an e-mail address it has not verified is none)"),
+    (Identity("eve\n"), "a user name with control characters"),
+    (Identity("eve", "eve@x.test\r"), "a e-mail with control characters"),
+    (Identity("eve", name="Eve\x1b[31m"), "a name with control characters"),
+    (Identity("eve", groups=("ops", "adm\x00ins")), "a group name with control characters"),
+    (Identity("eve", groups=("ops", "admins,ops")), "a group name with a comma, which apps would read as two groups"),
+    (Identity("eve", "eve@x.test", ("ops", "dev"), "Eve"), None),
+])
+def test_sign_in_says_which_value_it_cannot_pass_to_apps(identity: Identity, reason: str | None) -> None:
+    """Sign-in shows the reason (``The sign-in service sent ...``): one bad group among good ones is enough."""
+    assert identity.unsendable() == reason
