@@ -481,6 +481,53 @@ def test_an_unverified_address_is_no_user_name() -> None:
     assert Identity.from_id_token(claims).subject == "u1", "the IdP's own subject needs no verified address"
 
 
+BOBBY = (("preferred_username", "bobby"),)
+
+
+@pytest.mark.parametrize(("claims", "expected"), [
+    ({"sub": "u1", "email": "bob@corp.example"}, Identity("u1", "bob@corp.example")),  # no email_verified: trusted
+    ({"sub": "u1", "name": "Bob", "preferred_username": "bobby"}, Identity("u1", name="Bob", attributes=BOBBY)),
+    ({"sub": "u1", "preferred_username": "bobby"}, Identity("u1", name="bobby", attributes=BOBBY)),  # its name
+    ({"email": "bob@corp.example"}, Identity("", "bob@corp.example")),  # no user name: sign-in refuses it
+])
+def test_an_id_token_makes_the_identity_its_claims_say(claims: dict[str, object], expected: Identity) -> None:
+    """The fields apps and policies see, from the usual shapes of ID token: an address is used unless the IdP
+    says it is unverified, and a token without a user name makes an identity sign-in refuses."""
+    identity = Identity.from_id_token(claims)
+    assert identity == expected
+    assert (identity.unsendable() is None) is bool(expected.subject)
+
+
+def test_only_what_the_idp_says_of_the_person_rides_along_for_claim_rules() -> None:
+    """The IdP's other claims ride along in the session for org rules on claims; claims about the token itself
+    (issuer, audience, times, nonces, hashes, session ids) and those with a field of their own do not, even when
+    they are plain text a rule could compare: they would only fill the cookie, or let a rule match what is not a
+    fact about the person."""
+    about_the_token = {
+        "iss": "https://idp.example", "sub": "u1", "aud": "codehub", "exp": 2, "nbf": 1, "iat": 1, "jti": "j1",
+        "nonce": "n1", "auth_time": 1, "at_hash": "h1", "c_hash": "h2", "s_hash": "h3", "azp": "codehub",
+        "acr": "mfa", "amr": "pwd", "sid": "s1", "typ": "ID", "state": "st", "attrs": "a", "cnf": "k",
+        "updated_at": 3, "email": "bob@corp.example", "groups": "admins", "name": "Bob",
+    }
+    claims = {**about_the_token, "preferred_username": "bob", "roles": "qa", "department": ["legal", "hr"],
+              "hd": "corp.example", "level": 3, "staff": True}
+    identity = Identity.from_id_token(claims, subject_claim="preferred_username", groups_claim="roles")
+    assert (identity.subject, identity.email, identity.groups, identity.name) == (
+        "bob", "bob@corp.example", ("qa",), "Bob")
+    assert identity.attributes == (("hd", "corp.example"), ("level", "3"), ("staff", "true"))
+    assert is_org_member(Org(claims={"level": "3"}), identity)
+    assert not is_org_member(Org(claims={"acr": "mfa"}), identity)
+
+
+@pytest.mark.parametrize(("size", "kept"), [(1017, True), (1018, False)])
+def test_the_claims_that_ride_along_fit_a_budget(size: int, kept: bool) -> None:
+    """At most 1 KiB of them, counting each claim's name, its value and 6 characters of JSON around them: a claim
+    past that is left out (its org rules do not match), and so is every claim after it."""
+    identity = Identity.from_id_token({"sub": "u1", "a": "x" * size, "b": "1"})
+    assert [name for name, _ in identity.attributes] == (["a"] if kept else [])
+    assert is_org_member(Org(claims={"a": "x" * size}), identity) is kept
+
+
 @pytest.mark.parametrize(("identity", "reason"), [
     (Identity(""), "no user name (an e-mail address it has not verified is none)"),
     (Identity("eve\n"), "a user name with control characters"),
