@@ -5,6 +5,7 @@ The echo upstream answers with the headers it received, so each test sees exactl
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -306,3 +307,46 @@ async def test_a_consent_form_no_browser_sends_is_a_400(served: Served, make_bro
     dev = await bob.fetch("POST", f"{HUB}/auth/dev", data=body,
                           headers={"Origin": HUB, "Content-Type": content_type, "Accept": "application/json"})
     assert dev.status == 400, dev.text
+
+
+async def test_the_consent_page_names_each_claim_it_would_send(serve: Serve, tmp_path: Path,
+                                                               make_browser: MakeBrowser) -> None:
+    """The visitor reads, claim by claim, what the app would learn (groups as the policy lets them out); what they
+    agree to is what the app then receives, in the headers and the assertion alike."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("identity:\n  claims: [user, email, name, groups]\n  groups: [team-*]\n")
+    served = await serve(WORKSPACES, policy_file=str(policy))
+    alice = await signed_in(make_browser, served, "alice")
+    await opt_in(alice)
+    bob = await signed_in(make_browser, served, "bob", "team-a,secret-project,team-b")  # named bob, too
+    bob.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(
+        Identity("bob", "bob@example.com", ("team-a", "secret-project", "team-b"), "bob"), APP[7:]))
+    page = await bob.navigate(served.preview("ws1", 3001, "/x"), headers=NAVIGATE)
+    assert page.url.startswith(f"{HUB}/consent?")
+    assert "<h1>Share who you are with this app?</h1>" in page.text
+    listed = page.text.partition('<dl id="claims">')[2].partition("</dl>")[0]
+    assert re.findall("<dt>(.*?)</dt><dd>(.*?)</dd>", listed) == [
+        ("user name", "bob"), ("e-mail address", "bob@example.com"), ("name", "bob"), ("groups", "team-a, team-b")]
+    assert (await answer(bob, "share")).status == 303
+    seen = await learned(bob, served)
+    assert seen["x-forwarded-groups"] == ["team-a,team-b"]
+    claims = assertion_claims(seen)
+    assert (claims["sub"], claims["name"], claims["groups"]) == ("bob", "bob", ["team-a", "team-b"])
+
+
+async def test_a_script_asking_for_the_consent_page_is_told_what_it_is_in_json(served: Served,
+                                                                               make_browser: MakeBrowser) -> None:
+    """Not an error, though it comes in the error document every client that is not a browser gets: a 200 that
+    says which app asks, and that only a person can answer it."""
+    alice = await signed_in(make_browser, served, "alice")
+    await opt_in(alice)
+    bob = await signed_in(make_browser, served, "bob")
+    bob.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(Identity("bob"), APP[7:]))
+    asked = await bob.navigate_until(served.preview("ws1", 3001, "/x"), lambda url: url.startswith(f"{HUB}/consent?"),
+                                     headers=NAVIGATE)
+    page = await bob.fetch("GET", asked, headers={"Accept": "application/json"})
+    assert page.status == 200
+    assert page.headers["Cache-Control"] == "no-store"
+    assert page.json() == {"error": {
+        "code": "identity-consent", "status": 200,
+        "message": "The app on port 3001 of workspace ws1 (owned by alice) asks to receive your identity."}}
