@@ -479,6 +479,16 @@ def test_who_is_not_asked_goes_on_to_the_app(opted_in: World, who: str, method: 
     assert ("X-Forwarded-User" in made.headers) is (who == "alice")
 
 
+@pytest.mark.parametrize("headers", [NAVIGATE, {"Accept": "application/json"}])
+def test_an_anonymous_visitor_of_an_app_that_asks_is_not_asked_and_learns_it_nothing(
+        opted_in: World, headers: dict[str, str]) -> None:
+    """A public port asks only the signed-in: someone who is not signed in has nothing to share."""
+    made = plan(facts("/", host=_OPTED, **headers), opted_in)
+    assert isinstance(made, Forward)
+    assert not [name for name in made.headers if name.startswith(("X-Forwarded-User", "X-Forwarded-Email",
+                                                                  "X-Codehub-Assertion"))]
+
+
 @pytest.mark.parametrize(("phase", "who", "woken"), [
     (Phase.RUNNING, None, True),  # nothing to wake: the public port is open
     (Phase.WARM, None, False),
