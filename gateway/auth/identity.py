@@ -50,11 +50,11 @@ class Identity:
         end an upstream header) or a group name with a comma (``X-Forwarded-Groups`` joins them with commas).
         Sign-in refuses such an identity rather than cleaning it: what is cleaned is no longer what the IdP said."""
         if not self.subject:
-            return "no user name (an e-mail address it has not verified is none)"
-        for field, values in (("user name", (self.subject,)), ("e-mail", (self.email,)), ("name", (self.name,)),
-                              ("group name", self.groups)):
+            return "no user name (the claim it is read from is missing, or an unverified e-mail)"
+        for field, values in (("a user name", (self.subject,)), ("an e-mail", (self.email,)),
+                              ("a name", (self.name,)), ("a group name", self.groups)):
             if any(_CONTROL.search(value) for value in values):
-                return f"a {field} with control characters"
+                return f"{field} with control characters"
         if any("," in group for group in self.groups):
             return "a group name with a comma, which apps would read as two groups"
         return None
@@ -88,13 +88,14 @@ class Identity:
     @classmethod
     def from_claims(cls, claims: Mapping[str, Any], *, subject_claim: str = "sub",
                     groups_claim: str = "groups") -> Identity:
-        """From the gateway's own tokens (``attrs`` carries the IdP's other claims) or raw claims."""
+        """From the gateway's own tokens (``attrs`` carries the IdP's other claims) or raw claims. The user name is
+        ``subject_claim`` or nothing, never another claim in its place: names from two namespaces could meet."""
         raw = claims.get(groups_claim)
         listed = raw if isinstance(raw, list) else [] if raw is None else [raw]  # an IdP's own shape: one group
         groups = [text for item in listed if (text := claim_text(item)) is not None]
         attrs = claims.get("attrs")
         return cls(
-            subject=str(claims.get(subject_claim) or claims.get("sub") or ""),
+            subject=str(claims.get(subject_claim) or ""),
             email=str(claims.get("email") or ""),
             groups=tuple(groups),
             name=str(claims.get("name") or claims.get("preferred_username") or ""),

@@ -273,3 +273,19 @@ async def test_share_link_for_signed_in_people_goes_through_sign_in(
     page = await outsider.navigate(served.preview("ws1", 3000, f"/doc?codehub_share={token}"))
     assert page.status == 403
     assert "not-shared-with-user" in page.text
+
+
+async def test_a_token_without_the_user_name_claim_does_not_sign_in(
+        serve: Serve, idp: IdP, gateway_port: int, make_browser: MakeBrowser) -> None:
+    """``username_claim`` names a claim this IdP never sends: sign-in is refused with a page that says why, instead
+    of naming the person by their ``sub``, which another person's chosen user name could equal."""
+    settings = oidc_settings(idp, gateway_port)
+    settings["auth"]["oidc"]["username_claim"] = "nickname"
+    served = await serve(WORKSPACES, port=gateway_port, **settings)
+    browser = await make_browser(served, login="alice", idp=idp)
+    page = await browser.navigate(served.preview("ws1", 3000, "/"))
+    assert page.status == 401, page.text
+    assert "sign-in-failed" in page.text
+    assert "no user name" in page.text
+    again = await browser.navigate(served.preview("ws1", 3000, "/"))
+    assert again.status == 401, "no session was set: the app is never reached"

@@ -481,6 +481,18 @@ def test_an_unverified_address_is_no_user_name() -> None:
     assert Identity.from_id_token(claims).subject == "u1", "the IdP's own subject needs no verified address"
 
 
+@pytest.mark.parametrize("username_claim", ["preferred_username", "email"])
+def test_a_token_without_the_user_name_claim_names_nobody(username_claim: str) -> None:
+    """A token without the configured ``username_claim`` was named by its ``sub``, a value of another namespace
+    than everyone else's user name: someone free to choose their user name at the IdP could choose another
+    person's ``sub`` and be taken for them (owner of their workspaces, their collaborator entries, their
+    consents). An address that is absent is refused like one the IdP has not verified."""
+    identity = Identity.from_id_token({"sub": "f81d4fae-7dec-11d0-a765-00a0c91e6bf6", "name": "Victim"},
+                                      subject_claim=username_claim)
+    assert identity.subject == ""
+    assert identity.unsendable() == "no user name (the claim it is read from is missing, or an unverified e-mail)"
+
+
 BOBBY = (("preferred_username", "bobby"),)
 
 
@@ -529,9 +541,9 @@ def test_the_claims_that_ride_along_fit_a_budget(size: int, kept: bool) -> None:
 
 
 @pytest.mark.parametrize(("identity", "reason"), [
-    (Identity(""), "no user name (an e-mail address it has not verified is none)"),
+    (Identity(""), "no user name (the claim it is read from is missing, or an unverified e-mail)"),
     (Identity("eve\n"), "a user name with control characters"),
-    (Identity("eve", "eve@x.test\r"), "a e-mail with control characters"),
+    (Identity("eve", "eve@x.test\r"), "an e-mail with control characters"),
     (Identity("eve", name="Eve\x1b[31m"), "a name with control characters"),
     (Identity("eve", groups=("ops", "adm\x00ins")), "a group name with control characters"),
     (Identity("eve", groups=("ops", "admins,ops")), "a group name with a comma, which apps would read as two groups"),
