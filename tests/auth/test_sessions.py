@@ -6,13 +6,14 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
 
 from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet, SigningKey, write_keys
-from gateway.auth.sessions import HANDOFF_TTL, Sessions
+from gateway.auth.sessions import ASSERTION_TTL, HANDOFF_TTL, Sessions
 from gateway.auth.store import FileTokenStore
 from gateway.errors import BadRequest
 from tests.auth.conftest import MakeBrowser, Serve
@@ -158,6 +159,81 @@ def test_rotation_logs_nobody_out() -> None:
     assert s.read(old, HOST) == ALICE
     new = s.issue(ALICE, HOST)
     assert jwt.get_unverified_header(new)["kid"] == holder[0].current.kid != jwt.get_unverified_header(old)["kid"]
+
+
+
+class CountingKeys(KeySet):
+    """A key set that counts the signatures it checks."""
+
+    checks = 0
+
+    def verify(self, token: str, *, audience: str, issuer: str, leeway: float = 5) -> dict[str, Any]:
+        self.checks += 1
+        return super().verify(token, audience=audience, issuer=issuer, leeway=leeway)
+
+
+def test_a_session_cookie_is_checked_once_not_on_every_request() -> None:
+    """The request path pays for a cookie's signature once: later requests with it are read from a cache, which
+    holds several visitors at once."""
+    keys = CountingKeys(list(KEYS.keys))
+    s = Sessions(lambda: keys, ISSUER, ttl=3600)
+    bob = Identity("bob")
+    cookies = {ALICE: s.issue(ALICE, HOST), bob: s.issue(bob, HOST)}
+    for _ in range(3):
+        for who, cookie in cookies.items():
+            assert s.read(cookie, HOST) == who
+    assert keys.checks == 2
+
+
+def test_a_cookie_read_while_fresh_is_refused_once_it_has_expired() -> None:
+    """The cache of verified cookies keeps none past its expiry (nor past the 5 s leeway signatures allow)."""
+    while time.time() % 1 > 0.5:  # a whole second's margin below, whatever the fraction of the clock
+        time.sleep(0.05)
+    cookie = sessions(clock=-3604).issue(ALICE, HOST)  # expired 4 to 4.5 s ago: still within the leeway
+    s = sessions()
+    assert s.read(cookie, HOST) == ALICE
+    expires = jwt.decode(cookie, options={"verify_signature": False})["exp"]
+    while time.time() < expires + 5.2:
+        time.sleep(0.05)
+    assert s.read(cookie, HOST) is None
+
+
+def test_a_withdrawn_key_signs_nobody_in_once_the_caches_are_forgotten() -> None:
+    """A key dropped outright (a leak, not a rotation) ends the sessions it signed, even those read before; and the
+    assertions handed to apps are signed afresh, by a key the JWKS still lists."""
+    holder = [KeySet([SigningKey.generate()])]
+    s = Sessions(lambda: holder[0], ISSUER, ttl=3600)
+    cookie = s.issue(ALICE, HOST)
+    assert s.read(cookie, HOST) == ALICE
+    s.assertion(ALICE, HOST)
+    holder[0] = KeySet([SigningKey.generate()])
+    s.forget_cached()
+    assert s.read(cookie, HOST) is None
+    claims = holder[0].verify(s.assertion(ALICE, HOST), audience=HOST, issuer=ISSUER)
+    assert claims["sub"] == "alice"
+
+
+def test_an_assertion_is_reused_only_while_it_has_half_its_life_left() -> None:
+    """An app gets the same assertion on every request for a while (one signature, not one per request), never one
+    with less than half its life left, and one of its own per user and host."""
+    now = [float(int(time.time()))]
+    s = Sessions(lambda: KEYS, ISSUER, ttl=3600, clock=lambda: now[0])
+
+    def fresh(identity: Identity, host: str) -> str:
+        token = s.assertion(identity, host)
+        assert jwt.decode(token, options={"verify_signature": False})["exp"] - now[0] >= ASSERTION_TTL / 2
+        return token
+
+    first, elsewhere = fresh(ALICE, HOST), fresh(ALICE, OTHER)
+    now[0] += ASSERTION_TTL / 2 - 5
+    assert fresh(ALICE, HOST) == first
+    assert fresh(ALICE, OTHER) == elsewhere
+    assert fresh(Identity("bob"), HOST) != first
+    now[0] += 10
+    renewed = fresh(ALICE, HOST)
+    assert renewed != first
+    now[0] += 1
+    assert fresh(ALICE, HOST) == renewed
 
 
 
