@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from gateway.auth.authenticate import EmbedSignIn, authenticate
 from gateway.auth.identity import Identity
@@ -517,8 +518,10 @@ def test_a_share_cookie_for_a_dead_link_hears_why_and_loses_the_cookie(world: Wo
     made = plan(facts("/", Cookie=cookie, **NAVIGATE), world)
     assert isinstance(made, Refuse)
     assert (made.error.status, made.error.code) == (403, "share-expired")
-    assert made.error.cookies[0].startswith("codehub_share=;")
-    assert "Max-Age=0" in made.error.cookies[0]
+    [cleared] = made.error.cookies
+    assert cleared.startswith("codehub_share=;")
+    # The cookie a top-level page set, not a partitioned one (which a browser keeps apart, in another jar).
+    assert set(cleared.split("; ")[1:]) == {"Path=/", "Max-Age=0", "HttpOnly", "SameSite=Lax"}
 
 
 @pytest.mark.parametrize(("method", "headers", "answer"), [
@@ -537,6 +540,42 @@ def test_an_anonymous_browser_is_sent_to_sign_in_the_way_it_can_follow(world: Wo
         assert isinstance(made, Refuse)
         assert (made.error.status, made.error.code) == (401, "user-unauthenticated")
         assert isinstance(made.error, EmbedSignIn) is (answer == "embedded")
+
+
+@pytest.mark.parametrize(("dest", "framed"), [("document", False), ("iframe", True), ("frame", True)])
+def test_the_sign_in_state_cookie_is_one_the_browser_keeps_where_it_signs_in(world: World, dest: str,
+                                                                              framed: bool) -> None:
+    """A top-level sign-in's state cookie is first-party (SameSite=Lax). In a frame (an iframe or an old <frame>) it
+    is set under another site's page, where a browser that blocks third-party cookies keeps only a partitioned one
+    (CHIPS: SameSite=None, Secure, Partitioned), and the hub is asked to sign in in a popup. Either way the hub is
+    handed the state the cookie holds."""
+    made = plan(facts("/p", **NAVIGATE, Sec_Fetch_Dest=dest), world)
+    assert isinstance(made, Refuse if framed else Redirect)
+    assert isinstance(made.error, EmbedSignIn) is framed
+    [cookie] = made.error.cookies
+    name, _, rest = cookie.partition("=")
+    state, *attributes = rest.split("; ")
+    assert name == "codehub_handoff"
+    handoff = URL(made.error.handoff_url if isinstance(made.error, EmbedSignIn) else made.error.headers["Location"])
+    assert handoff.path == "/auth/handoff"
+    assert handoff.query["state"] == state
+    assert handoff.query.get("popup") == ("1" if framed else None)
+    same_site = {"SameSite=None", "Secure", "Partitioned"} if framed else {"SameSite=Lax"}
+    assert set(attributes) == {"Path=/", "Max-Age=300", "HttpOnly", *same_site}
+
+
+@pytest.mark.parametrize("cookies", [
+    ["app=1; {ours}"],  # after the app's own cookies
+    ["app=1", "{ours}"],  # in a Cookie header of its own (HTTP/2 may send one per cookie)
+    ["flag; app=; {ours}"],  # after a cookie without a value, and one with an empty value
+    ["my_codehub_session=forged; {ours}"],  # a name that ends with ours is not ours
+])
+def test_the_session_cookie_is_found_among_the_apps(world: World, cookies: list[str]) -> None:
+    ours = world.cookie(ALICE)
+    sent = CIMultiDict([("Host", PREVIEW), *(("Cookie", header.format(ours=ours)) for header in cookies)])
+    made = plan(Facts("GET", "/", CIMultiDictProxy(sent), "127.0.0.1", NOW), world)
+    assert isinstance(made, Forward)
+    assert made.user == "alice"
 
 
 @pytest.mark.parametrize(("credentials", "forwarded"), [(True, True), (False, False)])
