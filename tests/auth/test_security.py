@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,21 @@ async def test_handoff_code_is_bound_to_host_state_and_single_use(served: Served
     assert replay.json()["error"]["code"] in ("handoff-replayed", "handoff-state-mismatch")
     landed = await browser.navigate(served.preview("ws1", 3000, "/p?q=1"))
     assert landed.json()["path"] == "/p?q=1"
+
+
+async def test_a_framed_preview_offers_sign_in_in_a_popup(served: Served, make_browser: MakeBrowser) -> None:
+    """In a frame a redirect to the hub would loop (the hub's cookie is third-party there): the visitor gets a page
+    with a button that signs in in a popup, through a hand-off bound to this browser's state cookie."""
+    browser = await make_browser(served)
+    preview = served.preview("ws1", 3000, "/p")
+    page = await browser.fetch("GET", preview, headers={"Accept": "text/html", "Sec-Fetch-Mode": "navigate",
+                                                        "Sec-Fetch-Dest": "iframe"})
+    assert page.status == 401
+    assert 'id="sign-in"' in page.text
+    handoff = URL(json.loads(page.text.split("const handoff = ", 1)[1].split(";", 1)[0]))
+    assert (handoff.host, handoff.path) == ("localhost", "/auth/handoff")
+    assert handoff.query["popup"] == "1"
+    assert handoff.query["state"] == browser.cookie(preview, "codehub_handoff")
 
 
 # --- WebSockets to the IDE ---------------------------------------------------------------------------------------

@@ -615,10 +615,11 @@ def test_only_members_keep_a_workspace_awake_when_the_policy_says_so(world: Worl
     assert (owner.keeps_awake, visitor.keeps_awake) == (True, False)
 
 
-@pytest.mark.parametrize("target", ["/p?q=codehub_share", "/p?codehub_shares=1&a", "/p?a=codehub_share=1&&b"])
+@pytest.mark.parametrize("target", ["/p?q=codehub_share", "/p?codehub_shares=1&a", "/p?a=codehub_share=1&&b", "/p",
+                                    "/p?", "/p?a&&b=%3D"])
 def test_a_query_that_only_mentions_the_share_parameter_is_left_alone(world: World, target: str) -> None:
     """Only a ``codehub_share=`` parameter is a share token: the app's own parameters, whatever they contain, go
-    through as sent."""
+    through as sent, and a path without a query gains none."""
     made = plan(facts(target, Cookie=world.cookie(ALICE)), world)
     assert isinstance(made, Forward)
     assert made.path == target
