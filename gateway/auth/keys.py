@@ -27,6 +27,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 ALGORITHM = "EdDSA"
 
 
+def same_secret(given: str, kept: str) -> bool:
+    """Compared in constant time, whatever the text: ``secrets.compare_digest`` raises for a ``str`` that is not
+    ASCII, and what is compared comes from browsers and IdPs (``surrogatepass`` encodes any ``str``, lone
+    surrogates too, one way only)."""
+    return secrets.compare_digest(given.encode("utf-8", "surrogatepass"), kept.encode("utf-8", "surrogatepass"))
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 

@@ -21,6 +21,7 @@ import jwt
 from yarl import URL
 
 from gateway.accesslog import log_text
+from gateway.auth.keys import same_secret
 from gateway.config import Oidc
 from gateway.errors import GatewayError
 
@@ -153,6 +154,6 @@ class OidcClient:
             )
         except (jwt.InvalidTokenError, jwt.PyJWKError) as exc:
             raise SignInFailed(f"The ID token did not verify: {exc}.") from None
-        if not secrets.compare_digest(str(claims.get("nonce", "")), nonce):
+        if not same_secret(str(claims.get("nonce", "")), nonce):
             raise SignInFailed("The ID token's nonce does not match this sign-in.")
         return claims

@@ -18,7 +18,7 @@ import jwt
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.auth.identity import Identity
-from gateway.auth.keys import KeySet
+from gateway.auth.keys import KeySet, same_secret
 from gateway.errors import BadRequest
 
 HANDOFF_TTL = 60.0
@@ -135,7 +135,7 @@ class Sessions:
         except (jwt.InvalidTokenError, ValueError):
             raise BadRequest("This sign-in link is invalid or has expired. Open the page again.",
                              code="handoff-invalid") from None
-        if not state or not secrets.compare_digest(str(claims.get("state", "")), state):
+        if not state or not same_secret(state, str(claims.get("state", ""))):
             raise BadRequest("This sign-in link was started in another browser or tab. Open the page again.",
                              code="handoff-state-mismatch")
         return identity, f"handoff-{claims.get('jti')}", float(claims["exp"])

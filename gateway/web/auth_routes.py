@@ -11,6 +11,7 @@ from yarl import URL
 
 from gateway.auth.authenticate import HANDOFF, SESSION
 from gateway.auth.identity import Identity
+from gateway.auth.keys import same_secret
 from gateway.auth.oidc import Pkce, SignInFailed
 from gateway.auth.sessions import cookie_name, is_embedded, read_cookie, set_cookie
 from gateway.edge.routing import Kind, local_path, normalise_host, route
@@ -79,7 +80,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
     secure = gateway.config.secure
     login = read_cookie(request.headers, cookie_name(LOGIN, secure))
     saved = gateway.auth.sessions.read_state(login, gateway.hosts.hub)
-    if saved is None or not secrets.compare_digest(str(saved.get("state")), request.query.get("state", "")):
+    if saved is None or not same_secret(request.query.get("state", ""), str(saved.get("state"))):
         raise BadRequest("This sign-in has expired or was started elsewhere. Open the page you wanted again.",
                          code="sign-in-state-mismatch")
     if "error" in request.query:

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.auth.keys import KeyFileError, KeySet, SigningKey, load_or_create, write_keys
+from gateway.auth.keys import KeyFileError, KeySet, SigningKey, load_or_create, same_secret, write_keys
 
 ISSUER = "http://localhost:8080"
 AUDIENCE = "3000-ws1.localhost:8080"
@@ -136,3 +136,13 @@ def test_bad_keys_file_is_refused(tmp_path: Path, text: str) -> None:
 def test_missing_keys_file_is_refused_unless_created(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="does not exist"):
         load_or_create(tmp_path / "absent.json", create=False)
+
+
+@pytest.mark.parametrize(("given", "kept", "same"), [
+    ("state-1", "state-1", True), ("state-1", "state-2", False), ("", "", True), ("", "x", False),
+    ("\u00e9t\u00e9", "\u00e9t\u00e9", True), ("\u00e9t\u00e9", "ete", False), ("ete", "\u00e9t\u00e9", False),
+    ("\udce9", "\udce9", True), ("\udce9", "\u00e9", False),  # a byte a header decoder escaped is no letter
+])
+def test_secrets_compare_as_the_text_they_are_whatever_it_holds(given: str, kept: str, same: bool) -> None:
+    """States and nonces come back from browsers and IdPs: any text compares, none raises (a 500)."""
+    assert same_secret(given, kept) is same

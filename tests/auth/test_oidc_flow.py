@@ -211,6 +211,10 @@ async def test_idp_error_reply_is_a_clear_page(served: Served, idp: IdP, make_br
     page = await browser.navigate(served.hub + "/auth/callback?code=x&state=forged")
     assert page.status == 400
     assert "sign-in-state-mismatch" in page.text
+    await browser.navigate_until(served.preview("ws1", 3000, "/"), lambda url: url.startswith(idp.issuer))
+    page = await browser.navigate(served.hub + "/auth/callback?code=x&state=%C3%A9t%C3%A9")  # not ASCII: no 500
+    assert page.status == 400
+    assert "sign-in-state-mismatch" in page.text
 
     authorize = await browser.navigate_until(served.preview("ws1", 3000, "/"),
                                              lambda url: url.startswith(idp.issuer))

@@ -83,6 +83,31 @@ def test_handoff_code_is_good_on_its_host_in_its_browser_with_a_key_of_its_own()
     assert once != other_once, "each code has its own once-key (the token store enforces the once)"
 
 
+@pytest.mark.parametrize(("minted", "presented"), [("state-1", "\u00e9t\u00e9"), ("\u00e9t\u00e9", "state-1"),
+                                                   ("\u00e9t\u00e9", "\u00e9t\u00e9x"), ("state-1", "\udce9")])
+def test_a_state_that_is_not_ascii_is_a_mismatch_not_a_crash(minted: str, presented: str) -> None:
+    """The state cookie is whatever the browser sends (a script on the preview can set it) and the state in the code
+    whatever the hub's hand-off was asked for: text that is not ASCII made ``secrets.compare_digest`` raise, a 500."""
+    s = sessions()
+    with pytest.raises(BadRequest) as caught:
+        s.read_code(s.handoff_code(ALICE, HOST, minted), HOST, presented)
+    assert caught.value.code == "handoff-state-mismatch"
+    assert s.read_code(s.handoff_code(ALICE, HOST, minted), HOST, minted)[0] == ALICE
+
+
+async def test_a_handoff_state_cookie_that_is_not_ascii_is_refused_not_a_crash(serve: Serve,
+                                                                              make_browser: MakeBrowser) -> None:
+    served = await serve({"ws1": {"owner": "alice", "ports": {3000: "private"}}})
+    browser = await make_browser(served)
+    assert (await browser.dev_sign_in(served.hub, "alice")).status == 303
+    callback = await browser.navigate_until(served.preview("ws1", 3000, "/p"),
+                                            lambda url: "/_codehub/auth/callback" in url)
+    page = await browser.fetch("GET", callback, headers={"Accept": "application/json",
+                                                         "Cookie": "codehub_handoff=\u00e9t\u00e9"})
+    assert page.status == 400, page.text
+    assert page.json()["error"]["code"] == "handoff-state-mismatch"
+
+
 def test_a_handoff_code_says_nothing_of_who_it_is_for() -> None:
     """The code arrives in a URL on the preview's origin, whose owner's scripts can read it (a frame of theirs that
     opens the hand-off, say): a signed code is readable by anyone, so the identity in it is sealed (AES-GCM, a
