@@ -78,13 +78,16 @@ def _check_link(link: ShareLink | None, now: float) -> ShareLink:
     return link
 
 
-def stale_share_refusal(credentials: Credentials, secure: bool, now: float) -> GatewayError | None:
-    """A browser whose share cookie names a dead link hears why (and loses the cookie), not a sign-in page."""
+def stale_share_refusal(credentials: Credentials, headers: Mapping[str, str], secure: bool,
+                        now: float) -> GatewayError | None:
+    """A browser whose share cookie names a dead link hears why (and loses the cookie), not a sign-in page. In a
+    frame the cookie was set partitioned, and only a ``Partitioned`` one replaces it."""
     if credentials.stale_link is None:
         return None
     refusal = share_refusal(credentials.stale_link, now)
     if refusal is not None:
-        refusal.cookies = (set_cookie(cookie_name(SHARE, secure), "", max_age=0, secure=secure),)
+        refusal.cookies = (set_cookie(cookie_name(SHARE, secure), "", max_age=0, secure=secure,
+                                      embedded=is_embedded(headers)),)
     return refusal
 
 

@@ -353,7 +353,7 @@ class _Request:
         self.effects.append(RecordDecision(target, identity, decision))
         if decision.allow:
             return credentials
-        stale = stale_share_refusal(credentials, world.secure, facts.now)
+        stale = stale_share_refusal(credentials, facts.headers, world.secure, facts.now)
         if stale is not None:
             return self._refuse(stale, identity)
         if (decision.reason is Reason.USER_UNAUTHENTICATED and facts.method in ("GET", "HEAD")

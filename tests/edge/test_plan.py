@@ -510,18 +510,23 @@ def test_who_may_wake_is_asked_only_of_a_sleeping_workspace(world: World, phase:
         assert made.error.code == "wake-not-allowed"
 
 
-def test_a_share_cookie_for_a_dead_link_hears_why_and_loses_the_cookie(world: World) -> None:
+@pytest.mark.parametrize(("dest", "attributes"), [
+    ("document", {"SameSite=Lax"}),
+    # In a frame the cookie was set partitioned (CHIPS), and only a Set-Cookie that says Partitioned reaches that jar.
+    ("iframe", {"SameSite=None", "Secure", "Partitioned"}),
+])
+def test_a_share_cookie_for_a_dead_link_hears_why_and_loses_the_cookie(world: World, dest: str,
+                                                                       attributes: set[str]) -> None:
     """Not a sign-in page: the visitor came with a link, and is told it expired (or was revoked)."""
     link, _ = asyncio.run(world.store.create_share(workspace="ws", port=3000, audience="anyone", people=[],
                                                     created_by="alice", ttl=600, now=NOW - 1_000))
     cookie = f"codehub_share={world.sessions.sign_state({'share': link.id}, PREVIEW, 600)}"
-    made = plan(facts("/", Cookie=cookie, **NAVIGATE), world)
+    made = plan(facts("/", Cookie=cookie, **{**NAVIGATE, "Sec_Fetch_Dest": dest}), world)
     assert isinstance(made, Refuse)
     assert (made.error.status, made.error.code) == (403, "share-expired")
     [cleared] = made.error.cookies
     assert cleared.startswith("codehub_share=;")
-    # The cookie a top-level page set, not a partitioned one (which a browser keeps apart, in another jar).
-    assert set(cleared.split("; ")[1:]) == {"Path=/", "Max-Age=0", "HttpOnly", "SameSite=Lax"}
+    assert set(cleared.split("; ")[1:]) == {"Path=/", "Max-Age=0", "HttpOnly", *attributes}
 
 
 @pytest.mark.parametrize(("method", "headers", "answer"), [
