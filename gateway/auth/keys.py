@@ -29,8 +29,8 @@ ALGORITHM = "EdDSA"
 
 def same_secret(given: str, kept: str) -> bool:
     """Compared in constant time, whatever the text: ``secrets.compare_digest`` raises for a ``str`` that is not
-    ASCII, and what is compared comes from browsers and IdPs (``surrogatepass`` encodes any ``str``, lone
-    surrogates too, one way only)."""
+    ASCII, and what is compared comes from browsers and IdPs (``surrogatepass`` encodes every ``str``, lone
+    surrogates too, and no two alike)."""
     return secrets.compare_digest(given.encode("utf-8", "surrogatepass"), kept.encode("utf-8", "surrogatepass"))
 
 
