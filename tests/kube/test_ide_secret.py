@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 
-from gateway.auth.ide import IDE_COOKIE, ide_secret, load_key, put_ide_cookie
+from gateway.auth.ide import IDE_COOKIE, ide_secret, load_key, put_ide_cookie, secret_for
 from gateway.auth.identity import Identity
 from gateway.config import Config, ConfigError, Kubernetes
 from gateway.lifecycle.kubernetes.objects import HOME, WorkspaceResource, make_pod
@@ -155,3 +155,19 @@ async def test_real_code_server_admits_the_gateway_and_nobody_else(
                     "Cookie": f"codehub_session={session}{forged}"})
                 assert response.status == 200, (response.status, response.headers.get("Location"))
                 assert "vscode" in (await response.text()).lower()
+
+
+def test_a_key_of_exactly_the_minimum_length_is_enough(tmp_path: Path) -> None:
+    enough, short = tmp_path / "key-32", tmp_path / "key-31"
+    enough.write_bytes(KEY[:32] + b"\n")
+    short.write_bytes(KEY[:31] + b"\n")
+    assert load_key(enough) == KEY[:32]
+    with pytest.raises(ConfigError, match="holds 31 bytes, fewer than 32"):
+        load_key(short)
+
+
+def test_only_kubernetes_workspaces_with_a_key_get_a_secret(key_file: Path) -> None:
+    with_key = kube_settings("http://127.0.0.1:9", ide_key_file=str(key_file))
+    assert secret_for(Config(runtime="kubernetes", kubernetes=with_key), "w1") == ide_secret(KEY, "w1")
+    assert secret_for(Config(runtime="kubernetes", kubernetes=kube_settings("http://127.0.0.1:9")), "w1") is None
+    assert secret_for(Config(runtime="local", kubernetes=with_key), "w1") is None
