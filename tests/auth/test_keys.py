@@ -124,8 +124,17 @@ def test_keys_file_round_trip_is_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+D = KEYS.current.private_jwk()["d"]
+ALMOST: list[dict[str, Any]] = [
+    {"kty": "RSA", "crv": "Ed25519", "kid": "a", "d": D}, {"kty": "OKP", "crv": "X25519", "kid": "a", "d": D},
+    {"kty": "OKP", "crv": "Ed25519", "kid": "", "d": D}, {"kty": "OKP", "crv": "Ed25519", "kid": "a", "x": D},
+    {"kty": "OKP", "crv": "Ed25519", "kid": "a"},
+]
+
+
 @pytest.mark.parametrize("text", ["", "{}", '{"keys": []}', '{"keys": [{"kty": "RSA", "kid": "a", "d": "x"}]}',
-                                  '{"keys": [{"kty": "OKP", "crv": "Ed25519", "d": "AAAA"}]}'])
+                                  '{"keys": [{"kty": "OKP", "crv": "Ed25519", "d": "AAAA"}]}', '{"signing": []}', "[]",
+                                  *(json.dumps({"keys": [jwk]}) for jwk in ALMOST)])
 def test_bad_keys_file_is_refused(tmp_path: Path, text: str) -> None:
     path = tmp_path / "keys.json"
     path.write_text(text)
@@ -146,3 +155,122 @@ def test_missing_keys_file_is_refused_unless_created(tmp_path: Path) -> None:
 def test_secrets_compare_as_the_text_they_are_whatever_it_holds(given: str, kept: str, same: bool) -> None:
     """States and nonces come back from browsers and IdPs: any text compares, none raises (a 500)."""
     assert same_secret(given, kept) is same
+
+
+CONTEXT = b"session"
+
+
+@pytest.mark.parametrize("size", range(0, 40))
+def test_sealed_data_of_any_length_opens_again(size: int) -> None:
+    data = bytes(range(size))
+    sealed = KEYS.seal(data, CONTEXT)
+    assert sealed.startswith(KEYS.current.kid + ".")
+    assert size < 4 or data not in base64.urlsafe_b64decode(sealed.partition(".")[2] + "=="), "readable on the way"
+    assert KEYS.unseal(sealed, CONTEXT) == data
+
+
+def test_sealing_twice_never_repeats_itself() -> None:
+    assert KEYS.seal(b"same", CONTEXT) != KEYS.seal(b"same", CONTEXT)
+
+
+def test_a_blob_sealed_by_another_replica_before_an_upgrade_still_opens() -> None:
+    """Every replica derives the same sealing key from the shared keys file, release after release."""
+    key = SigningKey.from_jwk({"kty": "OKP", "crv": "Ed25519", "kid": "replica-a", "created": 0,
+                               "d": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"})
+    sealed = ("replica-a.tm5Uf_Skuor9dmtEUGpFOUqWPafgCnqvH2D6OGhTTo_GLmiR6SpiGbfgGnQHptHoZ5Ip66bRT0p8Nsxq9w")
+    assert KeySet([key]).unseal(sealed, CONTEXT) == b"a session from before the upgrade"
+
+
+def _flip(text: str, index: int) -> str:
+    return text[:index] + ("A" if text[index] != "A" else "B") + text[index + 1:]
+
+
+SEALED = KEYS.seal(b"alice's session", CONTEXT)
+KID_LEN = len(KEYS.current.kid) + 1
+UNSEALABLE: list[tuple[str, Callable[[], str]]] = [
+    ("another context", lambda: KEYS.seal(b"alice's session", b"ide")),
+    ("nonce changed", lambda: _flip(SEALED, KID_LEN)),
+    ("ciphertext changed", lambda: _flip(SEALED, KID_LEN + 20)),
+    ("tag changed", lambda: _flip(SEALED, len(SEALED) - 2)),
+    ("truncated", lambda: SEALED[:-4]),
+    ("only a nonce", lambda: SEALED[:KID_LEN + 16]),
+    ("shorter than a nonce", lambda: SEALED[:KID_LEN + 8]),
+    ("empty body", lambda: SEALED[:KID_LEN]),
+    ("no kid", lambda: SEALED[KID_LEN:]),
+    ("unknown kid", lambda: "nope" + SEALED[KID_LEN - 1:]),
+    ("sealed by another gateway under our kid", lambda: KeySet(
+        [SigningKey(KEYS.current.kid, Ed25519PrivateKey.generate(), 0)]).seal(b"alice's session", CONTEXT)),
+    ("not base64", lambda: SEALED[:KID_LEN] + "!!!!" + SEALED[KID_LEN + 4:]),
+    ("a signed token instead", lambda: ours(claims())),
+    ("", lambda: ""),
+]
+
+
+@pytest.mark.parametrize("forge", [case[1] for case in UNSEALABLE], ids=[case[0] for case in UNSEALABLE])
+def test_tampered_or_foreign_sealed_blobs_are_refused(forge: Callable[[], str]) -> None:
+    with pytest.raises(jwt.InvalidTokenError, match="not sealed by this gateway"):
+        KEYS.unseal(forge(), CONTEXT)
+
+
+def test_rotation_keeps_sealed_blobs_open_until_the_key_retires() -> None:
+    first = KeySet([SigningKey.generate()])
+    sealed = first.seal(b"kept", CONTEXT)
+    second = first.rotated(keep_for=3600)
+    assert second.seal(b"new", CONTEXT).startswith(second.current.kid + ".")
+    assert second.unseal(sealed, CONTEXT) == b"kept"
+    third = second.rotated(keep_for=3600, now=time.time() + 7200)
+    with pytest.raises(jwt.InvalidTokenError):
+        third.unseal(sealed, CONTEXT)
+
+
+def test_a_key_is_retired_exactly_when_it_has_lived_keep_for() -> None:
+    old = SigningKey(kid="old", private=Ed25519PrivateKey.generate(), created=1000.0)
+    newer = SigningKey(kid="newer", private=Ed25519PrivateKey.generate(), created=2000.0)
+    keys = KeySet([newer, old])
+    assert [key.kid for key in keys.rotated(keep_for=100, now=1099.5).keys][1:] == ["newer", "old"]
+    assert [key.kid for key in keys.rotated(keep_for=100, now=1100.0).keys][1:] == ["newer"]
+    # The current key stays whatever its age: tokens it signed a moment ago are alive.
+    assert [key.kid for key in keys.rotated(keep_for=100, now=9999.0).keys][1:] == ["newer"]
+
+
+def test_a_signing_key_cannot_be_changed_in_place() -> None:
+    key = SigningKey.generate()
+    with pytest.raises(AttributeError):
+        key.kid = "chosen"  # type: ignore[misc]
+
+
+def test_keys_file_keeps_each_keys_age_so_reloading_retires_nothing_early(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    first = KeySet([SigningKey.generate()])
+    write_keys(path, first.rotated(keep_for=3600))
+    again = load_or_create(path, create=False).rotated(keep_for=3600)
+    assert [key.kid for key in again.keys][2:] == [first.current.kid], "a reloaded key must not look ancient"
+
+
+def test_a_keys_file_that_cannot_be_read_is_refused_even_with_create(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError, match="cannot read keys file"):
+        load_or_create(tmp_path, create=True)  # a directory
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_keys_file_is_created_when_asked(tmp_path: Path) -> None:
+    path = tmp_path / "mounted" / "secret" / "keys.json"  # its directories too
+    created = load_or_create(path, create=True)
+    assert load_or_create(path, create=False).current.kid == created.current.kid
+    write_keys(path, created.rotated(keep_for=3600))  # over an existing file
+    assert len(load_or_create(path, create=True).keys) == 2
+    assert sorted(entry.name for entry in path.parent.iterdir()) == ["keys.json"]
+
+
+def test_the_published_jwks_lets_anyone_verify_our_tokens_and_nothing_more() -> None:
+    rotated = KEYS.rotated(keep_for=3600)
+    published = rotated.jwks()["keys"]
+    assert [jwk["kid"] for jwk in published] == [key.kid for key in rotated.keys]
+    for jwk, token in zip(published, (rotated.sign(claims()), KEYS.sign(claims())), strict=True):
+        assert (jwk["kty"], jwk["crv"], jwk["alg"], jwk["use"]) == ("OKP", "Ed25519", "EdDSA", "sig")
+        assert jwt.get_unverified_header(token) == {"alg": "EdDSA", "kid": jwk["kid"], "typ": "JWT"}
+        verified = jwt.decode(token, jwt.PyJWK(jwk).key, algorithms=[jwk["alg"]], audience=AUDIENCE, issuer=ISSUER)
+        assert verified["sub"] == "alice"
+    with pytest.raises(jwt.InvalidTokenError):  # verification needs the gateway's kid, not just any of its keys
+        rotated.verify(jwt.encode(claims(), rotated.current.private, algorithm="EdDSA",
+                                  headers={"kid": KEYS.current.kid}), audience=AUDIENCE, issuer=ISSUER)
