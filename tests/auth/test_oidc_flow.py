@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+import aiohttp
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway.auth import oidc
+from gateway.auth.oidc import IdpUnavailable, OidcClient, Pkce, SignInFailed
+from gateway.config import Oidc
 from tests.auth.conftest import MakeBrowser, Serve, Served, oidc_settings, seen_headers
-from tests.peers.idp.fixture import IdP
+from tests.peers.idp.fixture import IdP, login_via_idp, start_idp
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -293,3 +307,211 @@ async def test_a_token_without_the_user_name_claim_does_not_sign_in(
     assert "no user name" in page.text
     again = await browser.navigate(served.preview("ws1", 3000, "/"))
     assert again.status == 401, "no session was set: the app is never reached"
+
+
+# The gateway's relying party on its own, against the real IdP's discovery and JWKS: what a hostile IdP response or
+# a forged ID token would meet. Tokens are signed here, with the IdP's own private key (from its jwks file) when the
+# test wants a genuine signature.
+
+def idp_private_key(idp: IdP, index: int = 0) -> Any:
+    return jwt.PyJWK(json.loads(idp.jwks_path.read_text())["keys"][index]).key
+
+
+def id_token_claims(idp: IdP, **changes: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims: dict[str, Any] = {"iss": idp.issuer, "aud": idp.client_id, "sub": "alice", "iat": now, "exp": now + 300,
+                              "nonce": "n0nce"}
+    claims.update(changes)
+    return {key: value for key, value in claims.items() if value is not None}
+
+
+def signed_by_idp(idp: IdP, headers: dict[str, Any] | None = None, **changes: Any) -> str:
+    return jwt.encode(id_token_claims(idp, **changes), idp_private_key(idp), algorithm="RS256",
+                      headers={"kid": idp.kids[0]} if headers is None else headers)
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unsigned_token(header: dict[str, Any], claims: dict[str, Any]) -> str:
+    return f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+
+
+@contextlib.asynccontextmanager
+async def relying_party(idp: IdP, issuer: str | None = None) -> AsyncIterator[OidcClient]:
+    settings = Oidc(issuer=issuer or idp.issuer, client_id=idp.client_id, client_secret=idp.client_secret)
+    async with aiohttp.ClientSession() as http:
+        yield OidcClient(settings, http)
+
+
+def forgeries(idp: IdP) -> list[tuple[str, str, str]]:
+    """(what, token, what the refusal says) for tokens a hostile IdP response or a forger could hand over."""
+    kid = idp.kids[0]
+    foreign_rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    foreign_ec = ec.generate_private_key(ec.SECP256R1())
+    head = unsigned_token({"alg": "none", "kid": kid}, id_token_claims(idp))
+    public_n = json.loads(idp.jwks_path.read_text())["keys"][0]["n"].encode()
+    hs_head = unsigned_token({"alg": "HS256", "kid": kid}, id_token_claims(idp))
+    now = int(time.time())
+    return [
+        ("not a JWT", "not-a-token", "malformed"),
+        ("alg none", head + ".", "algorithm 'none'"),
+        ("HS256 keyed with the public modulus",
+         hs_head + "." + b64(hmac.new(public_n, hs_head.encode(), hashlib.sha256).digest()), "algorithm 'HS256'"),
+        ("RS256 from another key under the IdP's kid",
+         jwt.encode(id_token_claims(idp), foreign_rsa, algorithm="RS256", headers={"kid": kid}), "did not verify"),
+        ("ES256 under the IdP's RSA kid",
+         jwt.encode(id_token_claims(idp), foreign_ec, algorithm="ES256", headers={"kid": kid}), "does not publish"),
+        ("a kid the IdP does not publish",
+         jwt.encode(id_token_claims(idp), foreign_rsa, algorithm="RS256", headers={"kid": "forged"}),
+         "does not publish"),
+        ("another audience", signed_by_idp(idp, aud="someone-else"), "did not verify"),
+        ("another issuer", signed_by_idp(idp, iss="http://evil.test"), "did not verify"),
+        ("expired beyond the leeway", signed_by_idp(idp, iat=now - 600, exp=now - 60), "did not verify"),
+        ("issued in the future", signed_by_idp(idp, iat=now + 300, exp=now + 900), "did not verify"),
+        ("not valid yet", signed_by_idp(idp, nbf=now + 300), "did not verify"),
+        ("no sub", signed_by_idp(idp, sub=None), "did not verify"),
+        ("no exp", signed_by_idp(idp, exp=None), "did not verify"),
+        ("no nonce", signed_by_idp(idp, nonce=None), "nonce does not match"),
+        ("another sign-in's nonce", signed_by_idp(idp, nonce="other"), "nonce does not match"),
+        ("a nonce that only starts alike", signed_by_idp(idp, nonce="n0nce-and-more"), "nonce does not match"),
+        ("a nonce that is not ASCII", signed_by_idp(idp, nonce="n0nc\u00e9"), "nonce does not match"),
+    ]
+
+
+async def test_forged_or_hostile_id_tokens_are_refused(idp: IdP) -> None:
+    async with relying_party(idp) as client:
+        for what, token, refusal in forgeries(idp):
+            with pytest.raises(SignInFailed) as refused:
+                await client.verify_id_token(token, "n0nce")
+            assert refusal in str(refused.value), what
+            assert (refused.value.status, refused.value.code) == (401, "sign-in-failed"), what
+        # A genuine token, a little past its expiry but within the leeway, and one without a kid while the IdP
+        # publishes exactly one key, are accepted.
+        now = int(time.time())
+        claims = await client.verify_id_token(signed_by_idp(idp, iat=now - 600, exp=now - 10), "n0nce")
+        assert claims["sub"] == "alice"
+        assert (await client.verify_id_token(signed_by_idp(idp, headers={}), "n0nce"))["sub"] == "alice"
+
+
+async def test_id_token_keys_follow_idp_rotation(idp: IdP) -> None:
+    async with relying_party(idp) as client:
+        old = signed_by_idp(idp)
+        assert (await client.verify_id_token(old, "n0nce"))["sub"] == "alice"
+        await idp.rotate_keys(keep_old=True)  # the client still holds the old JWKS: the new kid makes it refresh
+        assert (await client.verify_id_token(signed_by_idp(idp, sub="bob"), "n0nce"))["sub"] == "bob"
+        assert (await client.verify_id_token(old, "n0nce"))["sub"] == "alice"
+        with pytest.raises(SignInFailed, match="does not publish"):  # two keys now: no kid names none of them
+            await client.verify_id_token(signed_by_idp(idp, headers={}), "n0nce")
+        await idp.rotate_keys(keep_old=False)
+        assert (await client.verify_id_token(signed_by_idp(idp, sub="carol"), "n0nce"))["sub"] == "carol"
+        with pytest.raises(SignInFailed, match="does not publish"):
+            await client.verify_id_token(old, "n0nce")
+
+
+async def test_authorize_url_carries_pkce_and_refuses_a_discovery_naming_another_issuer(idp: IdP) -> None:
+    pkce = Pkce.new()
+    assert pkce.challenge == b64(hashlib.sha256(pkce.verifier.encode()).digest())
+    assert pkce != Pkce.new()
+    async with relying_party(idp) as client:
+        url = await client.authorize_url(redirect_uri=idp.redirect_uri, state="st", nonce="nn", pkce=pkce)
+    query = parse_qs(urlsplit(url).query)
+    assert url.startswith(f"{idp.issuer}/")
+    assert query == {"response_type": ["code"], "client_id": [idp.client_id], "redirect_uri": [idp.redirect_uri],
+                     "scope": ["openid email profile groups"], "state": ["st"], "nonce": ["nn"],
+                     "code_challenge": [pkce.challenge], "code_challenge_method": ["S256"]}
+    # Same server, reached under another name: its discovery names its real issuer, which is not the configured one.
+    other_name = idp.issuer.replace("127.0.0.1", "localhost")
+    async with relying_party(idp, issuer=other_name) as client:
+        with pytest.raises(IdpUnavailable, match="names another issuer") as refused:
+            await client.authorize_url(redirect_uri=idp.redirect_uri, state="st", nonce="nn", pkce=pkce)
+    assert (refused.value.status, refused.value.code) == (502, "idp-unavailable")
+
+
+async def test_every_listed_asymmetric_algorithm_verifies_with_a_key_of_its_own_type(idp: IdP) -> None:
+    """An IdP may sign with any algorithm of the list; each is taken only from a published key of its type."""
+    curves = {"ES256": ec.SECP256R1(), "ES384": ec.SECP384R1(), "ES512": ec.SECP521R1()}
+    private: dict[str, Any] = {kid: ec.generate_private_key(curve) for kid, curve in curves.items()}
+    private["EdDSA"] = Ed25519PrivateKey.generate()
+    keys = json.loads(idp.jwks_path.read_text())["keys"]
+    for kid, key in private.items():
+        family = jwt.algorithms.OKPAlgorithm if kid == "EdDSA" else jwt.algorithms.ECAlgorithm
+        keys.append({**json.loads(family.to_jwk(key)), "kid": kid, "use": "sig", "alg": kid})
+    idp.jwks_path.write_text(json.dumps({"keys": keys}))
+    async with aiohttp.ClientSession() as http, http.post(f"{idp.issuer}/__test/rotate") as response:
+        assert response.status == 200, await response.text()
+    rsa_kid = idp.kids[0]
+    async with relying_party(idp) as client:
+        for algorithm in ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"):
+            token = jwt.encode(id_token_claims(idp), idp_private_key(idp), algorithm=algorithm,
+                               headers={"kid": rsa_kid})
+            assert (await client.verify_id_token(token, "n0nce"))["sub"] == "alice", algorithm
+        for algorithm, key in private.items():
+            token = jwt.encode(id_token_claims(idp), key, algorithm=algorithm, headers={"kid": algorithm})
+            assert (await client.verify_id_token(token, "n0nce"))["sub"] == "alice", algorithm
+        for algorithm, kid in (("RS256", "ES256"), ("ES256", "EdDSA"), ("EdDSA", rsa_kid), ("ES384", rsa_kid)):
+            forged = unsigned_token({"alg": algorithm, "kid": kid}, id_token_claims(idp)) + ".c2ln"
+            with pytest.raises(SignInFailed, match="does not publish"):
+                await client.verify_id_token(forged, "n0nce")
+
+
+async def test_discovery_is_read_once_an_hour_and_afresh_for_each_browser_sent_to_sign_in(
+        idp: IdP, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verifying tokens does not hammer the IdP: its discovery document is kept an hour and its JWKS until a
+    token names a kid it does not hold; sending a browser to sign in reads discovery afresh."""
+    fetched: list[str] = []
+
+    async def on_request_start(_: Any, __: Any, params: aiohttp.TraceRequestStartParams) -> None:
+        fetched.append(str(params.url).removeprefix(idp.issuer))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_request_start)
+    discovery = "/.well-known/openid-configuration"
+    settings = Oidc(issuer=idp.issuer, client_id=idp.client_id, client_secret=idp.client_secret)
+    async with aiohttp.ClientSession(trace_configs=[trace]) as http:
+        client = OidcClient(settings, http)
+        for _ in range(3):
+            await client.verify_id_token(signed_by_idp(idp), "n0nce")
+        assert fetched == [discovery, "/jwks"]
+        await idp.rotate_keys()
+        await client.verify_id_token(signed_by_idp(idp), "n0nce")
+        assert fetched == [discovery, "/jwks", "/jwks"]
+        await client.authorize_url(redirect_uri=idp.redirect_uri, state="st", nonce="nn", pkce=Pkce.new())
+        await client.verify_id_token(signed_by_idp(idp), "n0nce")
+        assert fetched == [discovery, "/jwks", "/jwks", discovery]
+
+        real = time.monotonic
+        monkeypatch.setattr(oidc, "time", SimpleNamespace(monotonic=lambda: real() + 3601))  # an hour later
+        await idp.rotate_keys()
+        await client.verify_id_token(signed_by_idp(idp), "n0nce")
+        assert fetched == [discovery, "/jwks", "/jwks", discovery, discovery, "/jwks"]
+
+
+@pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post"])
+async def test_code_exchange_with_either_client_authentication(tmp_path: Path, method: str) -> None:
+    """The whole relying-party side against an IdP that accepts only the registered method, with a secret that
+    needs form-encoding: authorize with PKCE, exchange the code, verify the ID token and its nonce."""
+    redirect_uri = "http://127.0.0.1:9/auth/callback"
+    async with (start_idp(tmp_path, [redirect_uri, "http://127.0.0.1:9/other"], client_id="gw:1",
+                          client_secret="s3cret+/:%&=x", token_endpoint_auth_method=method) as idp,
+                aiohttp.ClientSession() as http,
+                aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser):
+        settings = Oidc(issuer=idp.issuer, client_id=idp.client_id, client_secret=idp.client_secret,
+                        token_auth_method=method)  # type: ignore[arg-type]
+        client, pkce = OidcClient(settings, http), Pkce.new()
+        url = await client.authorize_url(redirect_uri=redirect_uri, state="st", nonce="nn", pkce=pkce)
+        code = parse_qs(urlsplit(await login_via_idp(browser, url, "alice")).query)["code"][0]
+        with pytest.raises(SignInFailed, match="refused this sign-in"):  # PKCE: the verifier must match
+            await client.exchange(code=code, redirect_uri=redirect_uri, verifier=Pkce.new().verifier)
+        url = await client.authorize_url(redirect_uri=redirect_uri, state="st", nonce="nn", pkce=pkce)
+        code = parse_qs(urlsplit(await login_via_idp(browser, url, "alice")).query)["code"][0]
+        tokens = await client.exchange(code=code, redirect_uri=redirect_uri, verifier=pkce.verifier)
+        assert (await client.verify_id_token(tokens["id_token"], "nn"))["sub"] == "alice"
+        with pytest.raises(SignInFailed, match="refused this sign-in"):  # a code is good once
+            await client.exchange(code=code, redirect_uri=redirect_uri, verifier=pkce.verifier)
+        wrong = OidcClient(settings.model_copy(update={"client_secret": "guessed"}), http)
+        url = await client.authorize_url(redirect_uri=redirect_uri, state="st", nonce="nn", pkce=pkce)
+        code = parse_qs(urlsplit(await login_via_idp(browser, url, "alice")).query)["code"][0]
+        with pytest.raises(SignInFailed, match="refused this sign-in"):
+            await wrong.exchange(code=code, redirect_uri=redirect_uri, verifier=pkce.verifier)
