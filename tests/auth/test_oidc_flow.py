@@ -427,6 +427,9 @@ async def test_authorize_url_carries_pkce_and_refuses_a_discovery_naming_another
         with pytest.raises(IdpUnavailable, match="names another issuer") as refused:
             await client.authorize_url(redirect_uri=idp.redirect_uri, state="st", nonce="nn", pkce=pkce)
     assert (refused.value.status, refused.value.code) == (502, "idp-unavailable")
+    async with relying_party(idp, issuer=f"{idp.issuer}/elsewhere") as client:  # no discovery there
+        with pytest.raises(IdpUnavailable, match=r"answered 404 for its discovery\."):
+            await client.authorize_url(redirect_uri=idp.redirect_uri, state="st", nonce="nn", pkce=pkce)
 
 
 async def test_every_listed_asymmetric_algorithm_verifies_with_a_key_of_its_own_type(idp: IdP) -> None:
