@@ -114,12 +114,13 @@ class OidcClient:
         try:
             async with self._session.post(metadata["token_endpoint"], data=urlencode(form), headers=headers,
                                           timeout=_TIMEOUT) as response:
-                body: dict[str, Any] = await response.json(content_type=None)
+                answer: Any = await response.json(content_type=None)
                 status = response.status
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.warning("IdP token endpoint unreachable: %s", exc)
             raise IdpUnavailable("The sign-in service cannot be reached right now; try again shortly.") from None
-        if status != 200 or "id_token" not in body:
+        body: dict[str, Any] = answer if isinstance(answer, dict) else {}  # a reply's shape is the IdP's to get wrong
+        if status != 200 or not isinstance(body.get("id_token"), str) or not body["id_token"]:
             log.warning("IdP refused the code: %s %s %s", status, log_text(str(body.get("error"))),
                         log_text(str(body.get("error_description"))))
             raise SignInFailed("The sign-in service refused this sign-in. Start again from the page you wanted.")

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import aiohttp
 import jwt
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -518,3 +519,34 @@ async def test_code_exchange_with_either_client_authentication(tmp_path: Path, m
         code = parse_qs(urlsplit(await login_via_idp(browser, url, "alice")).query)["code"][0]
         with pytest.raises(SignInFailed, match="refused this sign-in"):
             await wrong.exchange(code=code, redirect_uri=redirect_uri, verifier=pkce.verifier)
+
+
+@pytest.mark.parametrize(("status", "body", "refusal"), [
+    (200, '{"access_token": "x"}', SignInFailed),  # no ID token
+    (200, '["id_token"]', SignInFailed),  # not an object
+    (200, '{"id_token": 42}', SignInFailed),  # not a token
+    (200, '{"id_token": ""}', SignInFailed),
+    (400, '{"error": "invalid_grant"}', SignInFailed),
+    (200, "<html>", IdpUnavailable),
+])
+async def test_a_token_reply_that_carries_no_id_token_is_a_refused_sign_in(
+        aiohttp_server: Any, status: int, body: str, refusal: type[Exception]) -> None:
+    """What the token endpoint answers is the IdP's (or whatever answers at its address): anything but an object
+    with an ID token in it is a sign-in refused with a page, never a traceback further on. oidc-provider cannot be
+    made to answer so, so a hostile one on loopback does."""
+    async def discovery(request: web.Request) -> web.Response:
+        origin = str(request.url.origin())
+        return web.json_response({"issuer": origin, "token_endpoint": f"{origin}/token"})
+
+    async def token(request: web.Request) -> web.Response:
+        return web.Response(status=status, text=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", discovery)
+    app.router.add_post("/token", token)
+    server = await aiohttp_server(app)
+    issuer = str(server.make_url("")).rstrip("/")
+    async with aiohttp.ClientSession() as session:
+        client = OidcClient(Oidc(issuer=issuer, client_id="codehub", client_secret="s"), session)
+        with pytest.raises(refusal):
+            await client.exchange(code="c", redirect_uri="http://localhost:8080/auth/callback", verifier="v" * 43)
