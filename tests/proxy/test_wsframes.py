@@ -7,7 +7,9 @@ import struct
 
 import pytest
 
-from gateway.proxy.wsframes import MESSAGE_TOO_BIG, PROTOCOL_ERROR, Frames, close_frame, frame
+from gateway.proxy.wsframes import Frames, close_frame, frame
+
+PROTOCOL_ERROR, MESSAGE_TOO_BIG = 1002, 1009  # RFC 6455 §7.4.1: the codes both ends are closed with
 
 MASK = b"\x01\x02\x03\x04"
 LIMIT = 1 << 16
@@ -48,11 +50,24 @@ STREAM = b"".join([
 ])
 
 
+SERVER_STREAM = b"".join([
+    data_frame(0x1, b"odd"),
+    data_frame(0x9, b""),  # a whole frame of two bytes
+    data_frame(0x2, os.urandom(301)),
+    data_frame(0x2, os.urandom(70_001), fin=False),
+    data_frame(0x0, b"", fin=True),
+    data_frame(0xA, b"x" * 125),  # the largest control frame
+    data_frame(0x8, struct.pack("!H", 1000) + b"bye"),
+])
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 13, 1000, 65536, len(STREAM)])
-def test_a_stream_cut_anywhere_passes_whole(size: int) -> None:
-    frames = Frames(masked=True, limit=1 << 20)
-    pieces = [STREAM[i : i + size] for i in range(0, len(STREAM), size)]
-    assert feed_all(frames, *pieces) == STREAM
+@pytest.mark.parametrize(("masked", "stream"), [(True, STREAM), (False, SERVER_STREAM)], ids=["client", "server"])
+def test_a_stream_cut_anywhere_passes_whole(size: int, masked: bool, stream: bytes) -> None:
+    frames = Frames(masked=masked, limit=1 << 20)
+    pieces = [stream[i : i + size] for i in range(0, len(stream), size)]
+    assert not frames.closed
+    assert feed_all(frames, *pieces) == stream
     assert frames.closed
     assert not frames.error
 
@@ -69,8 +84,33 @@ def test_an_incomplete_head_is_held_back_and_the_payload_in_flight_is_not() -> N
     assert not frames.mid_frame
     assert frames.feed(whole[3:10]) == whole[:10]
     assert frames.mid_frame  # a frame of the gateway's own must wait
-    assert frames.feed(whole[10:]) == whole[10:]
+    assert frames.feed(whole[10:-1]) == whole[10:-1]
+    assert frames.mid_frame  # one byte is still to come
+    assert frames.feed(whole[-1:]) == whole[-1:]
     assert not frames.mid_frame
+
+
+def test_a_whole_frame_of_two_bytes_is_not_held() -> None:
+    frames = Frames(masked=False, limit=LIMIT)
+    assert frames.feed(frame(0x8)) == frame(0x8)
+    assert frames.closed
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["client", "server"])
+def test_the_first_message_may_be_as_big_as_the_limit_and_no_bigger(masked: bool) -> None:
+    mask = MASK if masked else None
+    exactly = data_frame(0x2, b"x" * LIMIT, mask=mask)
+    frames = Frames(masked=masked, limit=LIMIT)
+    assert frames.feed(exactly) == exactly
+    assert not frames.error
+    over = Frames(masked=masked, limit=LIMIT)
+    assert over.feed(data_frame(0x2, b"x" * (LIMIT + 1), mask=mask)) == b""
+    assert over.error == MESSAGE_TOO_BIG
+
+
+def long_head(length: int) -> bytes:
+    """The head of a binary client frame with a 64-bit length, and no payload behind it yet."""
+    return bytes([0x82, 0x80 | 127]) + struct.pack("!Q", length) + MASK
 
 
 def test_a_control_frame_is_held_until_whole() -> None:
@@ -93,7 +133,10 @@ VIOLATIONS = [
     ("a message inside a message", client(0x1, b"a", fin=False), client(0x1, b"b"), True, PROTOCOL_ERROR),
     ("one frame too big", b"", client(0x2, b"x" * (LIMIT + 1)), True, MESSAGE_TOO_BIG),
     ("too big over its fragments", client(0x2, b"x" * LIMIT, fin=False), client(0x0, b"x"), True, MESSAGE_TOO_BIG),
+    ("a length with its most significant bit set", b"", long_head(1 << 63), True, PROTOCOL_ERROR),
+    ("a length of 2**62", b"", long_head(1 << 62), True, MESSAGE_TOO_BIG),
     ("half a close code", b"", client(0x8, b"\x03"), True, PROTOCOL_ERROR),
+    ("a server's bad close code", b"", data_frame(0x8, struct.pack("!H", 1005)), False, PROTOCOL_ERROR),
     *((f"close code {code}", b"", client(0x8, struct.pack("!H", code)), True, PROTOCOL_ERROR)
       for code in (999, 1004, 1005, 1006, 1015, 2999, 5000)),
 ]
@@ -111,11 +154,15 @@ def test_violations_end_the_relay_and_pass_nothing_of_the_offending_frame(passed
 
 
 @pytest.mark.parametrize("payload", [b"", struct.pack("!H", 1000), struct.pack("!H", 1001) + b"going",
-                                     struct.pack("!H", 1014), struct.pack("!H", 3000), struct.pack("!H", 4999)],
-                         ids=["no code", "1000", "1001 with a reason", "1014", "3000", "4999"])
-def test_close_frames_that_may_be_sent_pass(payload: bytes) -> None:
-    frames = Frames(masked=True, limit=LIMIT)
-    data = client(0x8, payload)
+                                     struct.pack("!H", 1003), struct.pack("!H", 1007), struct.pack("!H", 1014),
+                                     struct.pack("!H", 3000), struct.pack("!H", 4999),
+                                     struct.pack("!H", 1000) + b"r" * 123],
+                         ids=["no code", "1000", "1001 with a reason", "1003", "1007", "1014", "3000", "4999",
+                              "the longest reason"])
+@pytest.mark.parametrize("masked", [True, False], ids=["client", "server"])
+def test_close_frames_that_may_be_sent_pass(payload: bytes, masked: bool) -> None:
+    frames = Frames(masked=masked, limit=LIMIT)
+    data = data_frame(0x8, payload, mask=MASK if masked else None)
     assert frames.feed(data) == data
     assert frames.closed
     assert not frames.error
@@ -125,12 +172,15 @@ def test_only_the_pong_to_the_gateways_ping_is_dropped() -> None:
     frames = Frames(masked=True, limit=LIMIT, swallow=b"ours")
     theirs, ours, text = client(0xA, b"theirs"), client(0xA, b"ours"), client(0x1, b"t")
     assert frames.feed(text + ours + theirs + ours + text) == text + theirs + text
+    long = Frames(masked=True, limit=LIMIT, swallow=b"h" * 125)
+    assert long.feed(client(0xA, b"h" * 125) + text) == text
 
 
 def test_gateway_frames() -> None:
     assert frame(0x9, b"hb") == b"\x89\x02hb"
     assert close_frame(1001) == b"\x88\x02\x03\xe9"
     assert close_frame(1001, mask=MASK) == client(0x8, struct.pack("!H", 1001))
+    assert frame(0x9, b"p" * 125, mask=MASK) == client(0x9, b"p" * 125)  # the largest a control frame may be
     masked = Frames(masked=True, limit=LIMIT)
     assert masked.feed(close_frame(4000, mask=os.urandom(4)))
     assert masked.closed
