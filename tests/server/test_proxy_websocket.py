@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
+from gateway.proxy.connection import MAX_HEAD
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
 from gateway.server.fastlane import FastLaneServer, GatewayRunner
@@ -567,6 +569,171 @@ async def test_an_endless_upgrade_answer_head_is_a_502_not_a_growing_buffer(prox
             with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
                 await p.client.ws_connect("/ws", headers={"Host": p.host, "Origin": p.share_origin})
         assert refused.value.status == 502
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# --- the two handshakes, byte by byte: what the client offers, what the upstream answers ------------------------
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3's example: its accept value is the one below
+KEY_ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def _accept(key: str) -> str:
+    return base64.b64encode(hashlib.sha1(key.encode() + GUID).digest()).decode()
+
+
+async def _exchange(p: Proxied, fields: str) -> tuple[int, bytes, bytes]:
+    """A raw ``GET /ws`` with the header lines ``fields``: the status, head and body of the answer (a 101 has none)."""
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        async with asyncio.timeout(10):
+            writer.write(f"GET /ws HTTP/1.1\r\nHost: {p.host}\r\n{fields}\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ")[1])
+            if status == 101:
+                return status, head, b""
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            assert length, head
+            return status, head, await reader.readexactly(int(length[1]))
+    finally:
+        writer.close()
+
+
+def _field(head: bytes, name: str) -> str | None:
+    found = re.search(rb"(?i)\r\n" + name.encode() + rb": *([^\r]*)\r\n", head)
+    return found[1].decode() if found else None
+
+
+def _fields(**fields: str | None) -> str:
+    """A client's handshake, with ``fields`` (``Sec_WebSocket_Key=...``) changed or (``None``) left out."""
+    handshake: dict[str, str | None] = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                                        "Sec-WebSocket-Key": KEY}
+    handshake.update({name.replace("_", "-"): value for name, value in fields.items()})
+    return "".join(f"{name}: {value}\r\n" for name, value in handshake.items() if value is not None)
+
+
+NO_CONNECTION = "A WebSocket upgrade needs 'Connection: Upgrade'."
+BAD_VERSION = "Unsupported WebSocket version; 13 is spoken here."
+BAD_KEY = "The WebSocket key is not 16 bytes in base64."
+CLIENT_HANDSHAKES = [
+    # (why, the client's header lines, the message of the 400, or None: a 101)
+    ("RFC 6455", _fields(), None),
+    ("Upgrade among other connection options", _fields(Connection="keep-alive, upgrade"), None),
+    ("version 8 (hybi drafts)", _fields(Sec_WebSocket_Version="8"), None),
+    ("version 7 (hybi drafts)", _fields(Sec_WebSocket_Version="7"), None),
+    ("no Connection: Upgrade", _fields(Connection="keep-alive"), NO_CONNECTION),
+    ("no Connection at all", _fields(Connection=None), NO_CONNECTION),
+    ("a version not spoken", _fields(Sec_WebSocket_Version="12"), BAD_VERSION),
+    ("no version", _fields(Sec_WebSocket_Version=None), BAD_VERSION),
+    ("no key", _fields(Sec_WebSocket_Key=None), BAD_KEY),
+    ("a key of 15 bytes", _fields(Sec_WebSocket_Key=base64.b64encode(b"x" * 15).decode()), BAD_KEY),
+    ("a key of 17 bytes", _fields(Sec_WebSocket_Key=base64.b64encode(b"x" * 17).decode()), BAD_KEY),
+    ("a key with a byte outside base64", _fields(Sec_WebSocket_Key=KEY + "!"), BAD_KEY),
+    ("a key that is not base64 at all", _fields(Sec_WebSocket_Key="not base64"), BAD_KEY),
+]
+
+
+@pytest.mark.parametrize(("fields", "refused"), [row[1:] for row in CLIENT_HANDSHAKES],
+                         ids=[row[0] for row in CLIENT_HANDSHAKES])
+async def test_the_clients_handshake_is_checked_before_the_upstream_is_asked(proxied: MakeProxied, fields: str,
+                                                                             refused: str | None) -> None:
+    """A bad offer is a 400 (naming the version spoken, for a bad version) that the upstream never hears of; a good
+    one is switched, with the accept value made of the client's own key."""
+    seen: dict[str, str] = {}
+    p = await proxied(echo_app(seen))
+    status, head, body = await _exchange(p, fields)
+    if refused is None:
+        assert status == 101, head
+        assert _field(head, "Sec-WebSocket-Accept") == KEY_ACCEPT
+        return
+    assert status == 400, head
+    assert json.loads(body)["error"] == {"code": "websocket-handshake", "message": refused, "status": 400}
+    assert _field(head, "Sec-WebSocket-Version") == ("13" if refused == BAD_VERSION else None)
+    assert not seen
+
+
+SWITCH = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+UPSTREAM_ANSWERS = [
+    # (why, the upstream's answer head up to its accept field, the fields after it, switched?)
+    ("RFC 6455", SWITCH, "", True),
+    ("Upgrade among other connection options", SWITCH.replace("Connection: Upgrade", "Connection: keep-alive, upgrade"),
+     "", True),
+    ("an interim answer first", "HTTP/1.1 100 Continue\r\n\r\n" + SWITCH, "", True),
+    ("an interim answer of another kind first", "HTTP/1.1 199 Hold On\r\n\r\n" + SWITCH, "", True),
+    ("a 200 with all the fields of a switch", SWITCH.replace("101 Switching Protocols", "200 OK"),
+     "Content-Length: 0\r\n", False),
+    ("a switch to another protocol", SWITCH.replace("Upgrade: websocket", "Upgrade: h2c"), "", False),
+    ("a switch that names no protocol", SWITCH.replace("Upgrade: websocket\r\n", ""), "", False),
+    ("no Connection: Upgrade", SWITCH.replace("Connection: Upgrade\r\n", ""), "", False),
+    ("an extension nobody offered", SWITCH, "Sec-WebSocket-Extensions: permessage-deflate\r\n", False),
+]
+
+
+@pytest.mark.parametrize(("head", "more", "switched"), [row[1:] for row in UPSTREAM_ANSWERS],
+                         ids=[row[0] for row in UPSTREAM_ANSWERS])
+@pytest.mark.parametrize("accept", ["right", "wrong", "missing"])
+async def test_the_upstreams_answer_must_be_a_valid_switch_or_the_client_gets_a_502(
+        proxied: MakeProxied, head: str, more: str, switched: bool, accept: str) -> None:
+    """The gateway asks with a key of its own: only a 101 that upgrades the connection to a WebSocket, accepts that
+    key and agrees to no extension (frames would not mean the same on both hops) switches the client; anything
+    else is the app refusing the WebSocket. Frames the app sends right behind its 101 are the client's first."""
+    p = await proxied(None)
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        key = _field(request, "Sec-WebSocket-Key")
+        assert key is not None
+        value = {"right": _accept(key), "wrong": _accept(KEY), "missing": None}[accept]
+        field = f"Sec-WebSocket-Accept: {value}\r\n" if value else ""
+        writer.write(f"{head}{field}{more}\r\n".encode() + b"\x81\x05early")
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(app, p.address, p.port)
+    try:
+        if switched and accept == "right":
+            reader, writer = await _raw_upgrade(p)
+            try:
+                assert await asyncio.wait_for(_read_frame(reader), 10) == (0x1, True, b"early")
+            finally:
+                writer.close()
+        else:
+            status, answer, body = await _exchange(p, _fields())
+            assert status == 502, answer
+            assert json.loads(body)["error"]["code"] == "websocket-refused"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(("size", "switched"), [(MAX_HEAD, True), (MAX_HEAD + 1, False)],
+                         ids=["at the head limit", "a byte over it"])
+async def test_an_upgrade_answer_head_may_grow_up_to_the_head_limit(proxied: MakeProxied, size: int,
+                                                                    switched: bool) -> None:
+    """Bytes of an answer head still incomplete count towards the limit exactly: MAX_HEAD of them are waited on."""
+    p = await proxied(None)
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        key = _field(request, "Sec-WebSocket-Key")
+        assert key is not None
+        head = f"{SWITCH}Sec-WebSocket-Accept: {_accept(key)}\r\nX-Pad: \r\n".encode()
+        writer.write(head[:-2] + b"a" * (size - len(head)) + b"\r\n")  # ``size`` bytes, the blank line to come
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"\r\n")
+            await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(app, p.address, p.port)
+    try:
+        status, answer, _ = await _exchange(p, _fields())
+        assert status == (101 if switched else 502), answer
     finally:
         server.close()
         await server.wait_closed()
