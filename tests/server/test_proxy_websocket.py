@@ -656,13 +656,14 @@ async def test_the_clients_handshake_is_checked_before_the_upstream_is_asked(pro
 
 
 SWITCH = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+PAUSE = "<pause>"  # the upstream sends what comes before, and the rest a moment later (in a read of its own)
 UPSTREAM_ANSWERS = [
     # (why, the upstream's answer head up to its accept field, the fields after it, switched?)
     ("RFC 6455", SWITCH, "", True),
     ("Upgrade among other connection options", SWITCH.replace("Connection: Upgrade", "Connection: keep-alive, upgrade"),
      "", True),
-    ("an interim answer first", "HTTP/1.1 100 Continue\r\n\r\n" + SWITCH, "", True),
-    ("an interim answer of another kind first", "HTTP/1.1 199 Hold On\r\n\r\n" + SWITCH, "", True),
+    ("an interim answer first", "HTTP/1.1 100 Continue\r\n\r\n" + PAUSE + SWITCH, "", True),
+    ("an interim answer of another kind first", "HTTP/1.1 199 Hold On\r\n\r\n" + PAUSE + SWITCH, "", True),
     ("a 200 with all the fields of a switch", SWITCH.replace("101 Switching Protocols", "200 OK"),
      "Content-Length: 0\r\n", False),
     ("a switch to another protocol", SWITCH.replace("Upgrade: websocket", "Upgrade: h2c"), "", False),
@@ -688,7 +689,12 @@ async def test_the_upstreams_answer_must_be_a_valid_switch_or_the_client_gets_a_
         assert key is not None
         value = {"right": _accept(key), "wrong": _accept(KEY), "missing": None}[accept]
         field = f"Sec-WebSocket-Accept: {value}\r\n" if value else ""
-        writer.write(f"{head}{field}{more}\r\n".encode() + b"\x81\x05early")
+        *first, last = f"{head}{field}{more}\r\n".split(PAUSE)
+        for part in first:
+            writer.write(part.encode())
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        writer.write(last.encode() + b"\x81\x05early")
         with contextlib.suppress(ConnectionError):
             await reader.read()
         writer.close()
