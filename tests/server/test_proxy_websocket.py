@@ -663,6 +663,8 @@ UPSTREAM_ANSWERS = [
     ("Upgrade among other connection options", SWITCH.replace("Connection: Upgrade", "Connection: keep-alive, upgrade"),
      "", True),
     ("an interim answer first", "HTTP/1.1 100 Continue\r\n\r\n" + PAUSE + SWITCH, "", True),
+    ("an interim answer's fields are not the switch's",
+     "HTTP/1.1 100 Continue\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n" + SWITCH, "", True),
     ("an interim answer of another kind first", "HTTP/1.1 199 Hold On\r\n\r\n" + PAUSE + SWITCH, "", True),
     ("a 200 with all the fields of a switch", SWITCH.replace("101 Switching Protocols", "200 OK"),
      "Content-Length: 0\r\n", False),
