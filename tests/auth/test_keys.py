@@ -151,6 +151,7 @@ def test_missing_keys_file_is_refused_unless_created(tmp_path: Path) -> None:
     ("state-1", "state-1", True), ("state-1", "state-2", False), ("", "", True), ("", "x", False),
     ("\u00e9t\u00e9", "\u00e9t\u00e9", True), ("\u00e9t\u00e9", "ete", False), ("ete", "\u00e9t\u00e9", False),
     ("\udce9", "\udce9", True), ("\udce9", "\u00e9", False),  # a byte a header decoder escaped is no letter
+    ("\udce9", "\udcea", False), ("\udce9", "?", False),  # nor another escaped byte, nor a stand-in for one
 ])
 def test_secrets_compare_as_the_text_they_are_whatever_it_holds(given: str, kept: str, same: bool) -> None:
     """States and nonces come back from browsers and IdPs: any text compares, none raises (a 500)."""

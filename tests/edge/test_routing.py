@@ -54,6 +54,9 @@ PROD = Hosts.from_urls("https://hub.example.com", "preview.example.com")
         (PROD, "3000-ws1.preview.example.com", "/", Target(Kind.PREVIEW, "ws1", 3000, "/")),
         (PROD, "3000-ws1.preview.example.com.", "/", Target(Kind.PREVIEW, "ws1", 3000, "/")),
         (PROD, "3000-ws1.preview.example.com:443", "/", Target(Kind.PREVIEW, "ws1", 3000, "/")),
+        # llhttp (the fast lane's parser) keeps the white space after a value; HTTP says it is not part of it.
+        (LOCAL, "8000-demo.localhost:8080 \t ", "/", Target(Kind.PREVIEW, "demo", 8000, "/")),
+        (LOCAL, "\tlocalhost:8080", "/", Target(Kind.HUB, path="/")),
     ],
 )
 def test_routes(hosts: Hosts, host: str, path: str, expected: Target) -> None:
