@@ -51,12 +51,10 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 def describe_duration(seconds: float) -> str:
     """``604800`` → ``7 days``: people asked for ``90d`` should be answered in days, not seconds."""
-    for name, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+    for name, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
         if seconds >= size and seconds % size == 0:
             count = int(seconds // size)
             return f"{count} {name}{'s' if count != 1 else ''}"
-    if seconds == int(seconds):
-        return f"{int(seconds)} second{'s' if seconds != 1 else ''}"
     return f"{seconds} seconds"  # as it is: a fraction rounded would tell some a limit longer than theirs
 
 
