@@ -20,7 +20,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -29,6 +29,7 @@ from bench.http_load import run_wrk, write_script
 from bench.procs import Proc, Procs, free_port, rss_bytes, wait_for_port
 from bench.servers import ROOT, Layout, SignIn, gateway_config, gateway_target, static_targets
 from bench.ws_load import run_ws
+from gateway.config import default_address
 
 MANY = "many"
 """The user who owns 1,000 workspaces."""
@@ -39,10 +40,25 @@ machine's hard limit of 20,000 open files per process (``ulimit -Hn``), with roo
 
 
 def _workspaces(count: int) -> dict[str, dict[str, Any]]:
-    """``count`` sleeping workspaces (no address: the runtime hands them out), 1,000 of them ``many``'s."""
+    """``count`` sleeping workspaces, 1,000 of them ``many``'s, each on a loopback address of its own from
+    127.0.1.2 on: 127.0.0.x are the benchmark's own servers' (``Layout``), and the config refuses two workspaces
+    on one address."""
     return {f"s{index:05d}": {"owner": MANY if index < MANY_OWNS else f"user{index % 1000}",
+                              "address": default_address(_FIRST_FREE + index),
                               "command": ["sleep", "1000000"], "ports": {3000: "private", 5173: "org"}}
             for index in range(count)}
+
+
+_FIRST_FREE = 253
+"""``default_address``'s index of 127.0.1.2, past the 127.0.0.0/24 the benchmark's servers live in."""
+
+
+def settings(layout: Layout, name: str, port: int, workspaces: int) -> dict[str, Any]:
+    """The config of one of the shapes: the benchmark's gateway config with ``ws1`` and ``workspaces - 1`` more."""
+    path = gateway_config(layout, name, port)
+    made = yaml.safe_load(path.read_text())
+    made["local"]["workspaces"] = {"ws1": made["local"]["workspaces"]["ws1"], **_workspaces(workspaces - 1)}
+    return cast(dict[str, Any], made)
 
 
 def store(links: int, tokens: int, workspaces: list[str]) -> dict[str, Any]:
@@ -75,15 +91,15 @@ class Shape:
 
 async def _start(procs: Procs, layout: Layout, shape: Shape) -> None:
     shape.port = free_port("127.0.0.1")
-    path = gateway_config(layout, f"scale-{shape.name}", shape.port)
-    settings = yaml.safe_load(path.read_text())
-    extra = _workspaces(shape.workspaces - 1)
-    settings["local"]["workspaces"] = {"ws1": settings["local"]["workspaces"]["ws1"], **extra}
-    state = layout.tmp / f"scale-{shape.name}-state"
+    name = f"scale-{shape.name}"
+    made = settings(layout, name, shape.port, shape.workspaces)
+    path = layout.tmp / f"{name}.yaml"
+    state = layout.tmp / f"{name}-state"
     state.mkdir(parents=True, exist_ok=True)
     if shape.links:
-        (state / "tokens.json").write_text(json.dumps(store(shape.links, shape.links, sorted(extra))))
-    path.write_text(yaml.safe_dump(settings))
+        extra = sorted(set(made["local"]["workspaces"]) - {"ws1"})
+        (state / "tokens.json").write_text(json.dumps(store(shape.links, shape.links, extra)))
+    path.write_text(yaml.safe_dump(made))
     started = time.monotonic()
     shape.proc = procs.start(f"scale-{shape.name}", [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
                              env={"PYTHONPATH": str(ROOT)})
