@@ -69,7 +69,8 @@ class Gateway:
 
     @property
     def secure(self) -> bool:
-        return self.config.secure
+        """Read on every request: from ``hosts``, parsed once, rather than the config's ``hub_url`` each time."""
+        return self.hosts.scheme == "https"
 
     @property
     def sessions(self) -> Sessions:
