@@ -41,6 +41,10 @@ class Kind(enum.Enum):
     IDE_MOVED = "ide-moved"
     HUB = "hub"
 
+    # Members are singletons, so hashing by identity is as good as by name; ``Enum.__hash__`` is a Python function,
+    # called each time ``KIND_LABELS`` is read (twice a request).
+    __hash__ = object.__hash__
+
 
 KIND_LABELS = {kind: kind.value for kind in Kind}
 """Each kind's label in logs and metrics, looked up: an enum's ``value`` is a Python-level descriptor, a cost on
