@@ -44,7 +44,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IDE_RULES = ResponseRules({"Content-Security-Policy": "frame-ancestors 'self'", "X-Frame-Options": "SAMEORIGIN"})
 """The IDE frames itself (code-server's webviews, the markdown preview), and nothing else may frame it."""
 _HUB, _IDE, _IDE_MOVED, _PREVIEW, _RESERVED = Kind.HUB, Kind.IDE, Kind.IDE_MOVED, Kind.PREVIEW, Kind.RESERVED
-_RUNNING, _OWNER = Phase.RUNNING, Reason.OWNER
+_RUNNING, _OWNER, _COLLABORATOR = Phase.RUNNING, Reason.OWNER, Reason.COLLABORATOR
 """Read as globals on every request: Python 3.11 looks enum members up through a slow ``__getattr__`` hook."""
 
 
@@ -352,6 +352,9 @@ class _Request:
                 decision = may_wake(self.policy, decision)
         self.effects.append(RecordDecision(target, identity, decision))
         if decision.allow:
+            if identity is not None:  # the policy asked first whether they are a member: its reason says it
+                self._member = (decision.reason if decision.reason is _OWNER or decision.reason is _COLLABORATOR
+                                else None,)
             return credentials
         stale = stale_share_refusal(credentials, facts.headers, world.secure, facts.now)
         if stale is not None:

@@ -148,6 +148,23 @@ def test_decide(policy: Policy, port: int | None, identity: Identity | None, gra
     assert decision.rule, "every decision names the rule that made it"
 
 
+PEOPLE_IN_THE_TABLE = sorted({case[3] for case in CASES if case[3] is not None}, key=repr)
+
+
+@pytest.mark.parametrize("identity", PEOPLE_IN_THE_TABLE, ids=repr)
+@pytest.mark.parametrize("port", [None, 3000, 4000, 5000, 8080, 22, 13337])
+@pytest.mark.parametrize("grant", [None, ANYONE, ORG, PEOPLE, ANYONE_WS2])
+def test_an_allowed_caller_is_a_member_exactly_when_the_decision_says_so(
+        identity: Identity, port: int | None, grant: Grant | None) -> None:
+    """The plan takes membership from an allowed decision's reason instead of asking again, so ``decide`` must
+    ask it first: a member's access reads as owner or collaborator, never as public, org, admin or a link."""
+    for policy in (POLICY, Policy(), TWO_CLAIMS):
+        decision = decide(policy, SPEC, port, identity, grant)
+        if decision.allow:
+            assert (decision.reason if decision.reason in (R.OWNER, R.COLLABORATOR) else None) \
+                == membership(SPEC, identity)
+
+
 @pytest.mark.parametrize(("port", "identity", "rule"), [
     (22, ALICE, "ports.denied lists 22"),
     (13337, ALICE, "the IDE port is only reachable at ide-{workspace}"),
