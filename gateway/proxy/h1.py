@@ -9,6 +9,10 @@ start and answers it (or refuses it) as it would have without this lane. While a
 arrives is kept (a pipelined next request); once the answer is out, ``done`` hands those bytes over too, so
 pipelining is aiohttp's.
 
+The head is read by aiohttp's own parser (llhttp, with aiohttp's checks: one Host, no NUL, no duplicate
+``Content-Length``…), the one its lane reads a handed-over request with: both lanes agree on what a request is, and
+the fields are collected in C (a Python call per field cost more than judging them did).
+
 Nothing here raises on input: for any bytes the answer is ``NEED_DATA``, a ``Request`` or a ``HandOver``
 (``tests/proxy/test_h1.py`` checks this with tables and with hypothesis).
 """
@@ -19,15 +23,17 @@ import enum
 from dataclasses import dataclass
 from typing import Final
 
-import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
+from aiohttp.http import HttpProcessingError, HttpRequestParser, HttpVersion11
+from aiohttp.streams import EMPTY_PAYLOAD
+from multidict import CIMultiDictProxy
 
 MAX_HEAD = 16 << 10
 """A request head longer than this goes to aiohttp, whose limits (``limits.header_size`` and so on) decide."""
 MAX_LINE = 8190
 MAX_FIELD = 8190
 MAX_HEADERS = 100
-_FAST_METHODS = frozenset({b"GET", b"HEAD"})
+_FAST_METHODS = frozenset({"GET", "HEAD"})
+_HEAD_END = b"\r\n\r\n"
 
 
 class _NeedData(enum.Enum):
@@ -86,22 +92,15 @@ class Connection:
                  max_headers: int = MAX_HEADERS):
         """Past ``max_line`` (the target), ``max_field`` (a header) or ``max_headers``, a head is handed over for
         aiohttp to refuse (with the same limits)."""
-        self.max_head, self.max_line, self.max_field, self.max_headers = max_head, max_line, max_field, max_headers
+        self.max_head = max_head
         self.state = _READING
-        self._parser = httptools.HttpRequestParser(self)
+        # No body is ever read here (a request with one is handed over), so the parser is given none to fill.
+        self._parser = HttpRequestParser(None, None, MAX_HEAD, max_line_size=max_line, max_field_size=max_field,
+                                         max_headers=max_headers, response_with_body=False,
+                                         auto_decompress=False)
         self._raw = bytearray()
         self._parked = bytearray()
-        self._reset()
-
-    def _reset(self) -> None:
         self._head_end = 0  # an upgrade's: where the new protocol's bytes start in ``_raw``
-        self._url = bytearray()
-        self._fields: list[tuple[bytes, bytes]] = []  # as llhttp read them: judged once the head is whole
-        self._headers: CIMultiDict[str] = CIMultiDict()
-        self._begun = 0
-        self._complete = 0
-        self._unfit = False
-        self._keep_alive = True
 
     @property
     def reading_head(self) -> bool:
@@ -119,20 +118,26 @@ class Connection:
             return NEED_DATA
         if self.state is not _READING:
             return CLOSE
-        self._raw += data
+        raw = self._raw
+        raw += data
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:  # the head is whole; the new protocol's bytes follow it
-            self._head_end = len(self._raw) - len(data) + upgrade.args[0]
-        except httptools.HttpParserError:
+            messages, _, _ = self._parser.feed_data(data)
+        except HttpProcessingError:  # aiohttp's lane reads it again, and refuses it in its own words
             return self.hand_over()
-        if self._unfit or self._begun > 1 or len(self._raw) > self.max_head:  # whole or not, however it came
+        if not messages:
+            return self.hand_over() if len(raw) > self.max_head else NEED_DATA
+        [(message, payload)] = messages if len(messages) == 1 else [(None, None)]
+        end = raw.find(_HEAD_END) + 4
+        if (message is None or payload is not EMPTY_PAYLOAD or len(raw) > self.max_head
+                or message.method not in _FAST_METHODS or message.version != HttpVersion11
+                or (message.upgrade and message.method != "GET")
+                or (end != len(raw) and not message.upgrade)  # a second request behind it, or a body
+                or _promises_a_body(message.headers)):
             return self.hand_over()
-        if self._complete == 1:
-            self.state = _SERVING
-            return Request(self._parser.get_method().decode(), self._url.decode("utf-8", "surrogateescape"),
-                           CIMultiDictProxy(self._headers), self._keep_alive, upgrade=self._head_end > 0)
-        return NEED_DATA
+        self.state = _SERVING
+        self._head_end = end if message.upgrade else 0
+        return Request(message.method, message.path, message.headers, not message.should_close,
+                       upgrade=message.upgrade)
 
     def done(self, keep_alive: bool) -> Event:
         """The answer to the request being served is out."""
@@ -142,7 +147,6 @@ class Connection:
             return CLOSE
         self.state = _READING
         self._raw.clear()
-        self._reset()
         if self._parked:  # pipelined: aiohttp serves the rest of this connection
             return self.hand_over()
         return NEED_DATA
@@ -156,8 +160,7 @@ class Connection:
         tail = bytes(self._raw[self._head_end:] + self._parked)
         self._raw.clear()
         self._parked.clear()
-        self._reset()  # the head's headers and llhttp's parser are not kept for the new protocol's life
-        del self._parser
+        del self._parser  # not kept for the new protocol's life
         return tail
 
     def hand_over(self) -> HandOver:
@@ -168,39 +171,7 @@ class Connection:
         self._parked.clear()
         return HandOver(data)
 
-    # --- llhttp callbacks ---------------------------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self._begun += 1
 
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > self.max_line:
-            self._unfit = True
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self._fields) <= self.max_headers:  # one past the limit is enough to refuse: no more are kept
-            self._fields.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        parser = self._parser
-        self._keep_alive = parser.should_keep_alive()  # llhttp forgets it once the message is complete
-        method = parser.get_method()
-        if (method not in _FAST_METHODS or parser.get_http_version() != "1.1"
-                or (parser.should_upgrade() and method != b"GET")):
-            self._unfit = True
-        # The fields are judged here, all at once: a call per field costs more than the judging.
-        fields, max_field = self._fields, self.max_field
-        if len(fields) > self.max_headers or (len(self._raw) > max_field  # else no field can be that long
-                                              and any(len(name) + len(value) > max_field for name, value in fields)):
-            self._unfit = True
-        headers = self._headers = CIMultiDict([(name.decode("utf-8", "surrogateescape"),
-                                                value.decode("utf-8", "surrogateescape")) for name, value in fields])
-        if ("transfer-encoding" in headers or "expect" in headers or ("content-length" in headers and any(
-                length != "0" for length in headers.getall("content-length")))):
-            self._unfit = True  # a body, or the promise of one
-
-    def on_body(self, body: bytes) -> None:
-        self._unfit = True
-
-    def on_message_complete(self) -> None:
-        self._complete += 1
+def _promises_a_body(headers: CIMultiDictProxy[str]) -> bool:
+    return "transfer-encoding" in headers or "expect" in headers or ("content-length" in headers and any(
+        length != "0" for length in headers.getall("content-length")))
