@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import os
 import shutil
+import stat
 import tarfile
 from pathlib import Path
 
@@ -42,6 +43,32 @@ def _sync_filesystem(path: Path) -> None:
         os.sync()
     finally:
         os.close(fd)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete ``path`` and everything under it, folders its user may not write in too; a missing ``path`` is fine.
+
+    Go's module cache makes its folders 0555, and only root may delete in them as they are: on a refusal, every
+    folder left is made its user's to read and write, each before it is listed, and deleting starts again.
+    """
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        _let_me_write(path)
+        for folder, folders, _files in os.walk(path):
+            for name in folders:
+                _let_me_write(os.path.join(folder, name))
+        shutil.rmtree(path)
+
+
+def _let_me_write(folder: str | Path) -> None:
+    """Add the user's own rights to a folder's mode; never through a link, which may lead out of the home."""
+    with contextlib.suppress(OSError):
+        mode = os.lstat(folder).st_mode
+        if stat.S_ISDIR(mode):
+            os.chmod(folder, stat.S_IMODE(mode) | stat.S_IRWXU)
 
 
 def _read_to_end(tar: tarfile.TarFile) -> None:
@@ -79,7 +106,7 @@ def archive_home(home: Path, archive: Path) -> None:
         raise ArchiveError(f"archiving {home.name} failed: {exc}") from exc
     removing = home.with_name(home.name + ".removing")
     os.replace(home, removing)
-    shutil.rmtree(removing)
+    _remove_tree(removing)
 
 
 def verify_archive(archive: Path, expected_entries: int | None = None) -> int:
@@ -105,15 +132,16 @@ def verify_archive(archive: Path, expected_entries: int | None = None) -> int:
 def restore_home(archive: Path, home: Path) -> None:
     """Unpack ``archive`` into ``home`` via a temporary directory; delete the archive last."""
     restoring = home.with_name(home.name + ".restoring")
-    shutil.rmtree(restoring, ignore_errors=True)
-    restoring.mkdir(parents=True)
     try:
+        _remove_tree(restoring)  # what a restore cut short left
+        restoring.mkdir(parents=True)
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(restoring, filter="fully_trusted")
             _read_to_end(tar)
         _sync_filesystem(restoring)
     except (OSError, EOFError, tarfile.TarError) as exc:
-        shutil.rmtree(restoring, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            _remove_tree(restoring)
         raise ArchiveError(f"restoring {home.name} failed: {exc}") from exc
     os.replace(restoring, home)
     _fsync_path(home.parent)
@@ -126,10 +154,11 @@ def recover(home: Path, archive: Path) -> None:
     removing = home.with_name(home.name + ".removing")
     restoring = home.with_name(home.name + ".restoring")
     tmp.unlink(missing_ok=True)
-    shutil.rmtree(restoring, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        _remove_tree(restoring)
     if removing.exists():
         if archive.exists():
-            shutil.rmtree(removing)
+            _remove_tree(removing)
         else:
             os.replace(removing, home)
     if home.exists() and archive.exists():
