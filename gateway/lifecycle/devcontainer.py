@@ -14,9 +14,15 @@ import stat
 from pathlib import Path
 
 CANDIDATES = (Path(".devcontainer") / "devcontainer.json", Path(".devcontainer.json"))
-_JSONC_NOISE = re.compile(r'("(?:\\.|[^"\\])*")|//[^\n]*|/\*.*?\*/|,(?=\s*[}\]])', re.DOTALL)
+_JSONC_NOISE = re.compile(r'("(?:\\.|[^"\\])*(?:"|\\?\Z))|//[^\n]*|/\*.*?(\*/|\Z)|,(?=\s*[}\]])', re.DOTALL)
+"""Strings (kept), comments and trailing commas. A string or comment never closed runs to the end of the text rather
+than not matching: the search would start again inside it, at each quote or ``/*`` after it, and a megabyte of them
+took the loop that serves everyone half an hour."""
 _RANGE = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?")
 _MAX_RANGE = 1000
+_MOST_PORTS = 65535
+"""Ports named in all (ranges counted whole) before the rest of the file is ignored: a megabyte of overlapping
+ranges named 40 million of them, seconds of the loop at each change of the file."""
 MOST_READ = 1 << 20
 """Bytes read of a file in a workspace home: a label or settings file is a few kilobytes."""
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -44,14 +50,23 @@ def read_regular(path: Path, limit: int) -> bytes | None:
         os.close(fd)
 
 
+def _quiet(match: re.Match[str]) -> str:
+    """A string stays and a comment or a trailing comma goes, but a comment never closed stays: not JSON, as before."""
+    string, closed = match.group(1, 2)
+    if string is not None:
+        return string
+    return match[0] if closed == "" else ""
+
+
 def parse_labels(text: str) -> dict[int, str]:
     """``{"portsAttributes": {"3000": {"label": "Web"}, "9000-9002": {"label": "Workers"}}}`` → port → label."""
     try:
-        data = json.loads(_JSONC_NOISE.sub(lambda m: m.group(1) or "", text))
-    except ValueError:
+        data = json.loads(_JSONC_NOISE.sub(_quiet, text))
+    except (ValueError, RecursionError):  # nested deeper than the parser goes: no devcontainer.json either
         return {}
     attributes = data.get("portsAttributes") if isinstance(data, dict) else None
     labels: dict[int, str] = {}
+    named = 0
     for key, value in (attributes or {}).items() if isinstance(attributes, dict) else ():
         match = _RANGE.fullmatch(str(key).strip())
         label = value.get("label") if isinstance(value, dict) else None
@@ -60,6 +75,9 @@ def parse_labels(text: str) -> dict[int, str]:
         first = int(match[1])
         last = int(match[2]) if match[2] else first
         if 1 <= first <= last <= 65535 and last - first < _MAX_RANGE:
+            named += last - first + 1
+            if named > _MOST_PORTS:
+                break
             labels.update(dict.fromkeys(range(first, last + 1), label.strip()[:80]))
     return labels
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 from gateway.auth.identity import Identity
-from gateway.lifecycle.devcontainer import LabelFile, parse_labels, read_regular
+from gateway.lifecycle.devcontainer import MOST_READ, LabelFile, parse_labels, read_regular
 from tests.conftest import MakeGateway, next_address, workspace
 from tests.lifecycle.conftest import Fifo, gateway_of
 
@@ -26,10 +27,45 @@ from tests.lifecycle.conftest import Fifo, gateway_of
         ('{"portsAttributes": [1, 2]}', {}),
         ("not json at all", {}),
         ('{"forwardPorts": [3000]}', {}),
+        ('{"portsAttributes": {"3000": {"label": "Web"}}} /* never closed', {}),
+        ('{"portsAttributes": {"3000": {"label": "Web', {}),
+        ('{"portsAttributes": {"3000": {"label": "Web\\', {}),
+        pytest.param("[" * 100_000, {}, id="nested-arrays"),  # past the parser: RecursionError, not ValueError
+        pytest.param('{"portsAttributes": ' * 100_000, {}, id="nested-objects"),
     ],
 )
 def test_labels_from_devcontainer_json(text: str, labels: dict[int, str]) -> None:
     assert parse_labels(text) == labels
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "text",
+    ["/* " * (MOST_READ // 3), '"' + '\\"' * (MOST_READ // 2 - 1)],
+    ids=["comments-never-closed", "string-never-closed"],
+)
+def test_a_megabyte_of_unclosed_comments_or_strings_is_read_in_one_pass(text: str) -> None:
+    """The hub reads labels on the loop that serves every request: the comment and string stripper started its search
+    again at each ``/*`` or quote of a megabyte that never closed, half an hour of nobody being served (the timeout
+    guards a hang; one pass takes a moment)."""
+    assert parse_labels(text) == {}
+
+
+def test_ports_past_the_first_65535_named_are_not_read() -> None:
+    """Overlapping ranges (keys made distinct by white space) named forty million ports in a megabyte, each one set
+    on the loop: what is named past the size of the port space is ignored."""
+    ranges = {" " * i + "1-1000": {"label": f"range {i}"} for i in range(70)}
+    ranges["2000"] = {"label": "named last"}
+    labels = parse_labels(json.dumps({"portsAttributes": ranges}))
+    assert labels[1] == labels[1000] == "range 64"  # 65 ranges of 1000 ports fit, the 66th does not
+    assert 2000 not in labels
+
+
+def test_the_whole_port_space_can_be_named_once() -> None:
+    ranges = {f"{first}-{min(first + 999, 65535)}": {"label": f"from {first}"} for first in range(1, 65536, 1000)}
+    labels = parse_labels(json.dumps({"portsAttributes": ranges}))
+    assert len(labels) == 65535
+    assert (labels[1], labels[65535]) == ("from 1", "from 65001")
 
 
 def test_label_file_follows_edits(tmp_path: Path) -> None:
@@ -80,6 +116,23 @@ def test_a_regular_file_is_read_up_to_the_limit(tmp_path: Path) -> None:
     assert read_regular(path, 1000) == b"x" * 100
     with pytest.raises(FileNotFoundError):
         read_regular(tmp_path / "missing", 10)
+
+
+async def test_a_devcontainer_json_nested_past_the_parser_does_not_break_the_hub(make_gateway: MakeGateway) -> None:
+    """json.loads raises RecursionError, not ValueError, for deep nesting: the workspace listing (the hub page and
+    its feed read the same view) answered 500 to everyone who may see the workspace, its owner's admins too."""
+    client = await make_gateway(workspaces={"a": workspace(next_address(), owner="alice")})
+    gateway = gateway_of(client)
+    home = Path(gateway.config.local.state_dir) / "workspaces" / "a" / "home"
+    home.mkdir(parents=True)
+    (home / ".devcontainer.json").write_text("[" * 100_000)
+    _record, token = await gateway.auth.store.create_api_token(Identity("alice"), name="t")
+
+    listing = await client.get("/api/v1/workspaces", headers={"Host": "localhost:8080",
+                                                               "Authorization": f"Bearer {token}"})
+
+    assert listing.status == 200
+    assert [view["id"] for view in (await listing.json())["workspaces"]] == ["a"]
 
 
 async def test_a_fifo_devcontainer_json_does_not_block_the_gateway(make_gateway: MakeGateway) -> None:
