@@ -7,6 +7,8 @@ After recovery the workspace is exactly WARM (home) or exactly COLD (archive), a
 
 from __future__ import annotations
 
+import gzip
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -161,3 +163,37 @@ def test_damaged_archive_is_refused_and_nothing_is_restored(paths: tuple[Path, P
     assert not home.exists()
     assert not home.with_name("home.restoring").exists()
     assert archive.exists()
+
+
+def test_an_archive_that_ends_early_is_refused_when_entries_are_expected(tmp_path: Path) -> None:
+    """A tar end-of-archive block in the middle of a gzip stream whose CRC is intact: walking the members stops
+    there without an error, so only the count of what was written tells that files are missing."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in ("a", "b", "c"):
+        (home / name).write_text(name * 700)
+    plain = tmp_path / "plain.tar"
+    with tarfile.open(plain, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in ("a", "b", "c"):
+            tar.add(home / name, arcname=name)
+    data = bytearray(plain.read_bytes())
+    second = 512 + 1024  # a's header, then its 700 bytes in whole blocks
+    assert data[second:second + 1] == b"b"  # the name field of b's header
+    data[second:second + 512] = bytes(512)
+    archive = tmp_path / "cut.tar.gz"
+    archive.write_bytes(gzip.compress(bytes(data)))
+
+    assert verify_archive(archive) == 1
+    with pytest.raises(ArchiveError, match="has 1 entries, expected 3"):
+        verify_archive(archive, expected_entries=3)
+
+
+def test_archive_and_restore_leave_no_file_open(paths: tuple[Path, Path]) -> None:
+    """The gateway archives and restores for as long as it runs: a descriptor left per pass runs it out of them."""
+    home, archive = paths
+    fill_home(home, big=1 << 16, small_files=5)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        archive_home(home, archive)
+        restore_home(archive, home)
+    assert len(os.listdir("/proc/self/fd")) == before
