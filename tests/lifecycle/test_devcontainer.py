@@ -24,6 +24,12 @@ from tests.lifecycle.conftest import Fifo, gateway_of
         ('{"portsAttributes": {"node": {"label": "by process"}, "/api.*/": {"label": "regex"}}}', {}),
         ('{"portsAttributes": {"70000": {"label": "too big"}, "3001": {"label": " "}, "3002": {}}}', {}),
         ('{"portsAttributes": {"1-65535": {"label": "everything"}}}', {}),
+        ('{"portsAttributes": {"1-1001": {"label": "one too many"}}}', {}),  # ranges span at most 1000 ports
+        ('{"portsAttributes": {"2001-3000": {"label": "a thousand"}}}', dict.fromkeys(range(2001, 3001), "a thousand")),
+        ("[]", {}),  # JSON, but not an object: nothing to ask for portsAttributes
+        ('{"portsAttributes": {"3000": {"label": "<b>Web</b> & co"}}}', {3000: "<b>Web</b> & co"}),  # text, escaped
+        ('[{"portsAttributes": {"3000": {"label": "Web"}}}]', {}),
+        ('"portsAttributes"', {}),
         ('{"portsAttributes": [1, 2]}', {}),
         ("not json at all", {}),
         ('{"forwardPorts": [3000]}', {}),
@@ -63,9 +69,10 @@ def test_ports_past_the_first_65535_named_are_not_read() -> None:
 
 def test_the_whole_port_space_can_be_named_once() -> None:
     ranges = {f"{first}-{min(first + 999, 65535)}": {"label": f"from {first}"} for first in range(1, 65536, 1000)}
+    ranges["80"] = {"label": "named twice"}
     labels = parse_labels(json.dumps({"portsAttributes": ranges}))
     assert len(labels) == 65535
-    assert (labels[1], labels[65535]) == ("from 1", "from 65001")
+    assert (labels[1], labels[80], labels[65535]) == ("from 1", "from 1", "from 65001")
 
 
 def test_label_file_follows_edits(tmp_path: Path) -> None:
@@ -116,6 +123,24 @@ def test_a_regular_file_is_read_up_to_the_limit(tmp_path: Path) -> None:
     assert read_regular(path, 1000) == b"x" * 100
     with pytest.raises(FileNotFoundError):
         read_regular(tmp_path / "missing", 10)
+
+
+def test_reading_leaves_no_file_open(tmp_path: Path) -> None:
+    """The hub reads a workspace's file at each change of it, for as long as the gateway runs."""
+    (tmp_path / "file").write_text("{}")
+    (tmp_path / "folder").mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        assert read_regular(tmp_path / "file", 10) == b"{}"
+        assert read_regular(tmp_path / "folder", 10) is None
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_label_file_is_read_to_its_first_megabyte_and_no_further(tmp_path: Path) -> None:
+    """White space first, so that the labels are whole only in exactly the bytes read; what follows breaks them."""
+    labels = '{"portsAttributes": {"3000": {"label": "Web"}}}'
+    (tmp_path / ".devcontainer.json").write_text(" " * (MOST_READ - len(labels)) + labels + ' "past the limit"')
+    assert LabelFile(tmp_path).labels() == {3000: "Web"}
 
 
 async def test_a_devcontainer_json_nested_past_the_parser_does_not_break_the_hub(make_gateway: MakeGateway) -> None:
