@@ -72,6 +72,8 @@ def parse_labels(text: str) -> dict[int, str]:
         label = value.get("label") if isinstance(value, dict) else None
         if match is None or not isinstance(label, str) or not label.strip():
             continue  # process-name and regex keys name no port
+        if not label.isprintable():
+            continue  # as the hub's own label API refuses it: a bidi override or a new line would disguise a label
         first = int(match[1])
         last = int(match[2]) if match[2] else first
         if 1 <= first <= last <= 65535 and last - first < _MAX_RANGE:

@@ -28,6 +28,12 @@ from tests.lifecycle.conftest import Fifo, gateway_of
         ('{"portsAttributes": {"2001-3000": {"label": "a thousand"}}}', dict.fromkeys(range(2001, 3001), "a thousand")),
         ("[]", {}),  # JSON, but not an object: nothing to ask for portsAttributes
         ('{"portsAttributes": {"3000": {"label": "<b>Web</b> & co"}}}', {3000: "<b>Web</b> & co"}),  # text, escaped
+        # what the hub's own label API refuses (only printable characters) is no label from the file either:
+        pytest.param('{"portsAttributes": {"3000": {"label": "\\u202eppa beW"}}}', {}, id="bidi-override"),
+        pytest.param('{"portsAttributes": {"3000": {"label": "Web\\nAdmin"}}}', {}, id="newline"),
+        pytest.param('{"portsAttributes": {"3000": {"label": "\\u001b[31mWeb"}}}', {}, id="terminal-escape"),
+        pytest.param('{"portsAttributes": {"3000": {"label": "Web\\ud800"}}}', {}, id="lone-surrogate"),
+        pytest.param('{"portsAttributes": {"3000": {"label": "Web\\u200b"}}}', {}, id="zero-width-space"),
         ('[{"portsAttributes": {"3000": {"label": "Web"}}}]', {}),
         ('"portsAttributes"', {}),
         ('{"portsAttributes": [1, 2]}', {}),
