@@ -37,6 +37,7 @@ from tests.lifecycle.conftest import Fifo, gateway_of
         ('[{"portsAttributes": {"3000": {"label": "Web"}}}]', {}),
         ('"portsAttributes"', {}),
         ('{"portsAttributes": [1, 2]}', {}),
+        ('{"portsAttributes": {"3000": "Web", "3001": ["Web"]}}', {}),  # attributes that are not objects
         ("not json at all", {}),
         ('{"forwardPorts": [3000]}', {}),
         ('{"portsAttributes": {"3000": {"label": "Web"}}} /* never closed', {}),
@@ -94,6 +95,21 @@ def test_label_file_follows_edits(tmp_path: Path) -> None:
     path.unlink()
     assert labels.labels() == {}
 
+
+
+def test_a_file_whose_time_and_size_did_not_change_is_not_read_again(tmp_path: Path) -> None:
+    """The hub asks twice a second for every workspace on its page: reading and parsing a file each time would be a
+    megabyte per workspace per look, on the loop that serves everyone."""
+    path = tmp_path / ".devcontainer.json"
+    path.write_text('{"portsAttributes": {"3000": {"label": "Web"}}}')
+    labels = LabelFile(tmp_path)
+    assert labels.labels() == {3000: "Web"}
+    stamp = path.stat().st_mtime_ns
+    path.write_text('{"portsAttributes": {"3000": {"label": "Api"}}}')  # the same size
+    os.utime(path, ns=(stamp, stamp))
+    assert labels.labels() == {3000: "Web"}
+    os.utime(path, ns=(stamp + 1_000_000_000, stamp + 1_000_000_000))
+    assert labels.labels() == {3000: "Api"}
 
 
 @pytest.mark.parametrize("where", [".devcontainer/devcontainer.json", ".devcontainer.json"])
