@@ -33,7 +33,13 @@ def read_only_home(home: Path) -> None:
     sealed = home / "sealed"
     sealed.mkdir()
     (sealed / "note").write_text("kept")
+    (sealed / "linked-out").symlink_to(outside_of(home))  # deleting makes folders writable, never what links reach
     sealed.chmod(0o500)
+
+
+def outside_of(home: Path) -> Path:
+    """A read-only folder beside the home (its user's, so a chmod through a link would succeed)."""
+    return home.parent.parent.parent / "outside"
 
 
 def _written(home: Path, archive: Path) -> None:
@@ -46,6 +52,7 @@ def _written(home: Path, archive: Path) -> None:
 def main(scenario: str, folder: Path) -> int:
     home, archive = folder / "workspaces" / "ws" / "home", folder / "archives" / "ws.tar.gz"
     archive.parent.mkdir(parents=True)
+    outside_of(home).mkdir(mode=0o555)
     read_only_home(home)
     before = snapshot(home)
     if scenario == "archive":
@@ -68,6 +75,9 @@ def main(scenario: str, folder: Path) -> int:
     left = sorted(path.name for path in home.parent.iterdir() if path != home)
     if left or archive.exists():
         print(f"left behind: {left}, archive: {archive.exists()}", file=sys.stderr)
+        return 1
+    if (mode := outside_of(home).stat().st_mode & 0o7777) != 0o555:
+        print(f"a folder outside the home, behind a link, was made {oct(mode)}", file=sys.stderr)
         return 1
     after = snapshot(home)
     if after != before:
