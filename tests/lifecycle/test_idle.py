@@ -189,3 +189,19 @@ async def test_workspace_being_woken_is_not_reaped_under_its_waiting_requests(ma
     response = await held
     assert response.status == 200
     assert await response.text() == BODY
+
+
+async def test_the_gateway_runs_its_reaper_by_itself(make_gateway: MakeGateway) -> None:
+    """Every other test here runs the reaper's passes itself: this one leaves them to the gateway's own loop (every
+    ``check_every``), which a broken loop would never run: no workspace would ever sleep."""
+    clock = Clock()
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0)},
+                                idle={**IDLE, "check_every": 0.05}, clock=clock)
+    response = await client.get("/", headers={"Host": preview("ws"), **API})
+    assert response.status == 200
+
+    clock.advance(TIMERS.to_warm + SLACK)
+
+    async with asyncio.timeout(30):
+        while (state := gateway_of(client).runtime.get("ws")) is None or state.phase is not Phase.WARM:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
