@@ -205,3 +205,25 @@ async def test_the_gateway_runs_its_reaper_by_itself(make_gateway: MakeGateway) 
     async with asyncio.timeout(30):
         while (state := gateway_of(client).runtime.get("ws")) is None or state.phase is not Phase.WARM:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+
+
+async def test_a_websocket_still_open_keeps_the_workspace_running_when_another_closes(
+        make_gateway: MakeGateway) -> None:
+    """Open connections are counted per workspace: the first of two to close must not take the other's count."""
+    clock = Clock()
+    client = await _awake(make_gateway, clock)
+    open_now = gateway_of(client).activity.snapshot
+
+    async with client.ws_connect("/ws", headers={"Host": preview("ws")}) as staying:
+        async with client.ws_connect("/ws", headers={"Host": preview("ws")}):
+            async with asyncio.timeout(10):
+                while open_now()[1].get("ws") != 2:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):  # the gateway sees the close a moment after the client sent it
+            while open_now()[1].get("ws", 0) == 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        clock.advance(10 * TIMERS.to_warm)
+        assert await _reap(client) is Phase.RUNNING
+        await staying.send_str("still here")
+        reply = await staying.receive(timeout=5)
+        assert (reply.type, reply.data) == (WSMsgType.TEXT, "echo: still here")
