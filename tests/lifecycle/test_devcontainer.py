@@ -159,9 +159,10 @@ def test_reading_leaves_no_file_open(tmp_path: Path) -> None:
 
 
 def test_a_label_file_is_read_to_its_first_megabyte_and_no_further(tmp_path: Path) -> None:
-    """White space first, so that the labels are whole only in exactly the bytes read; what follows breaks them."""
+    """White space first, so that the labels are whole only in exactly the bytes read; what follows breaks them.
+    The megabyte is written out here: sized from ``MOST_READ``, the test would follow any change of it."""
     labels = '{"portsAttributes": {"3000": {"label": "Web"}}}'
-    (tmp_path / ".devcontainer.json").write_text(" " * (MOST_READ - len(labels)) + labels + ' "past the limit"')
+    (tmp_path / ".devcontainer.json").write_text(" " * ((1 << 20) - len(labels)) + labels + ' "past the limit"')
     assert LabelFile(tmp_path).labels() == {3000: "Web"}
 
 

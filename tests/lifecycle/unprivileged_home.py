@@ -20,7 +20,7 @@ from tests.lifecycle.conftest import fill_home, snapshot
 
 
 def read_only_home(home: Path) -> None:
-    """A home with Go's module cache in it: folders 0555, files 0444, a folder 0500 as well."""
+    """A home with Go's module cache in it (folders 0555, files 0444), a folder 0500, and itself 0555."""
     fill_home(home, big=64 << 10, small_files=5)
     module = home / "go" / "pkg" / "mod" / "example.com" / "lib@v1.2.3"
     (module / "internal").mkdir(parents=True)
@@ -35,6 +35,7 @@ def read_only_home(home: Path) -> None:
     (sealed / "note").write_text("kept")
     (sealed / "linked-out").symlink_to(outside_of(home))  # deleting makes folders writable, never what links reach
     sealed.chmod(0o500)
+    home.chmod(0o555)  # the home itself too
 
 
 def outside_of(home: Path) -> Path:
