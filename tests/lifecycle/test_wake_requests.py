@@ -18,7 +18,7 @@ import pytest
 from aiohttp import WSMsgType
 
 from gateway.auth.identity import Identity
-from gateway.lifecycle import Phase, WorkspaceState
+from gateway.lifecycle import LifecycleError, Phase, WorkspaceState
 from tests.conftest import MakeGateway, next_address, workspace
 from tests.lifecycle.conftest import API, BODY, PORT, browser, gateway_of, preview, slow_workspace, sse_events
 
@@ -357,3 +357,12 @@ async def test_a_workspace_waits_for_at_most_so_many_ports_at_once(make_gateway:
         await runtime.stop("a")  # every probe ends: the workspace stopped before its port answered
         answers = await asyncio.gather(*held)
     assert all("too-many-port-waits" not in text for _status, text in answers)
+    state = runtime.get("a")
+    assert state is not None
+    late = gateway.waker.bring_up(state, 30001)  # "at once": the waits that ended count no more
+    async with asyncio.timeout(10):
+        while runtime.get("a").phase is not Phase.RUNNING:  # type: ignore[union-attr]  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    await runtime.stop("a")
+    with pytest.raises(LifecycleError):
+        await late
