@@ -25,6 +25,9 @@ from tests.lifecycle.conftest import Fifo, gateway_of
         ('{"portsAttributes": {"70000": {"label": "too big"}, "3001": {"label": " "}, "3002": {}}}', {}),
         ('{"portsAttributes": {"1-65535": {"label": "everything"}}}', {}),
         ('{"portsAttributes": {"1-1001": {"label": "one too many"}}}', {}),  # ranges span at most 1000 ports
+        ('{"portsAttributes": {"0": {"label": "no port"}, "65536": {"label": "past the last"}}}', {}),
+        ('{"portsAttributes": {"65535": {"label": "the last"}}}', {65535: "the last"}),
+        ('{"portsAttributes": {"3000": {"label": "%s"}}}' % ("x" * 100), {3000: "x" * 80}),  # as the hub's API keeps
         ('{"portsAttributes": {"2001-3000": {"label": "a thousand"}}}', dict.fromkeys(range(2001, 3001), "a thousand")),
         ("[]", {}),  # JSON, but not an object: nothing to ask for portsAttributes
         ('{"portsAttributes": {"3000": {"label": "<b>Web</b> & co"}}}', {3000: "<b>Web</b> & co"}),  # text, escaped
@@ -145,6 +148,12 @@ def test_a_regular_file_is_read_up_to_the_limit(tmp_path: Path) -> None:
     assert read_regular(path, 1000) == b"x" * 100
     with pytest.raises(FileNotFoundError):
         read_regular(tmp_path / "missing", 10)
+
+
+def test_a_label_file_that_fails_to_read_gives_no_labels(tmp_path: Path) -> None:
+    """A link to /proc/self/mem: a regular file to stat and fstat, but reading it fails (EIO)."""
+    (tmp_path / ".devcontainer.json").symlink_to("/proc/self/mem")
+    assert LabelFile(tmp_path).labels() == {}
 
 
 def test_reading_leaves_no_file_open(tmp_path: Path) -> None:
