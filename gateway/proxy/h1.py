@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from aiohttp.http import HttpProcessingError, HttpRequestParser, HttpVersion11
-from aiohttp.streams import EMPTY_PAYLOAD
 from multidict import CIMultiDictProxy
 
 MAX_HEAD = 16 << 10
@@ -126,9 +125,9 @@ class Connection:
             return self.hand_over()
         if not messages:
             return self.hand_over() if len(raw) > self.max_head else NEED_DATA
-        [(message, payload)] = messages if len(messages) == 1 else [(None, None)]
+        message = messages[0][0] if len(messages) == 1 else None
         end = raw.find(_HEAD_END) + 4
-        if (message is None or payload is not EMPTY_PAYLOAD or len(raw) > self.max_head
+        if (message is None or len(raw) > self.max_head
                 or message.method not in _FAST_METHODS or message.version != HttpVersion11
                 or (message.upgrade and message.method != "GET")
                 or (end != len(raw) and not message.upgrade)  # a second request behind it, or a body
