@@ -109,6 +109,8 @@ async def _body(request: web.Request, model: type[_Body]) -> Any:
         raise BadRequest("The body must be JSON.", code="invalid-body") from None
     except RecursionError:  # nested deeper than the parser goes: no JSON this API takes
         raise BadRequest("The body must be JSON nested at most a few levels deep.", code="invalid-body") from None
+    except LookupError:  # a charset in Content-Type that Python has no text codec for (aiohttp decodes by it)
+        raise BadRequest("The body must be JSON, in UTF-8.", code="invalid-body") from None
 
 
 def _mine(request: web.Request, identity: Identity, *, may: Literal["see", "share", "own"] = "see") -> WorkspaceState:

@@ -174,6 +174,18 @@ async def test_bad_share_requests_are_refused(served: Served, make_browser: Make
     assert not served.gateway.auth.store.shares
 
 
+@pytest.mark.parametrize("charset", ["no-such-codec", "hex", "rot13"])
+async def test_a_body_in_a_charset_that_is_no_text_encoding_is_400_json(served: Served, make_browser: MakeBrowser,
+                                                                        charset: str) -> None:
+    """aiohttp decodes a body by the charset its ``Content-Type`` names: one Python has no text codec for raised
+    LookupError, which answered 500 and was logged as a bug of the gateway's, not the client's mistake."""
+    alice = await user(make_browser, served, "alice")
+    headers = {"Accept": "application/json", "Origin": HUB, "Content-Type": f"application/json; charset={charset}"}
+    page = await alice.fetch("POST", HUB + "/api/v1/tokens", headers=headers, data=b'{"name": "ci"}')
+    assert_error(page, 400, "invalid-body")
+    assert not served.gateway.auth.store.api_tokens
+
+
 async def test_a_store_that_cannot_be_read_refuses_before_acting_and_keeps_its_file(
         served: Served, make_browser: MakeBrowser) -> None:
     alice = await user(make_browser, served, "alice")
