@@ -616,7 +616,7 @@ class FileTokenStore:
             return _times(json.loads(self._used_path.read_text()))
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as exc:
+        except (OSError, *_CORRUPT) as exc:  # RecursionError too: ``[[[…`` ended every sign-in with a 500, for good
             log.error("%s cannot be read (%s): sign-in codes given out before now are refused", self._used_path, exc)
             return None
 

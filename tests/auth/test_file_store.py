@@ -121,6 +121,23 @@ async def test_an_unreadable_file_of_used_codes_refuses_the_codes_given_out_befo
     assert not await first.use_once("handoff-c", now + 65)
 
 
+async def test_a_file_of_used_codes_nested_past_the_parser_is_one_that_cannot_be_read(tmp_path: Path) -> None:
+    """``[[[…`` makes the parser raise RecursionError, not ValueError: every sign-in to a preview answered 500, and
+    for good, as nothing then replaced the file. It is a file that cannot be read, like an empty one: the codes
+    given out before are refused, the later ones work; and a change to the links file still goes through."""
+    path = tmp_path / "tokens.json"
+    now = time.time()
+    _older_version_file(path, now)  # with used codes of its own, which a change moves to the used-codes file
+    (tmp_path / "tokens.used.json").write_text("[" * 100_000)
+    store = FileTokenStore(path)
+    assert not await store.use_once("handoff-a", now + 50), "given out before the file broke: maybe used"
+    assert await store.use_once("handoff-c", now + 65)
+    assert not await FileTokenStore(path).use_once("handoff-c", now + 65)
+    (tmp_path / "tokens.used.json").write_text("[" * 100_000)
+    await _link(FileTokenStore(path))
+    assert not await FileTokenStore(path).use_once("handoff-old", now + 60), "still used"
+
+
 async def test_a_counts_line_that_is_not_one_is_skipped(tmp_path: Path) -> None:
     path = tmp_path / "tokens.json"
     store = FileTokenStore(path)
