@@ -427,7 +427,7 @@ class FileTokenStore:
         with _collector_paused():
             self._build(stamp, json.loads(text))
 
-    def _build(self, stamp: Stamp, data: Any) -> None:
+    def _build(self, stamp: Stamp | None, data: Any) -> None:
         shares = {item["id"]: _record(ShareLink, _expired_if_nan(item)) for item in data.get("shares", [])}
         api_tokens = {item["id"]: _record(ApiToken, item) for item in data.get("api_tokens", [])}
         used, log_name = _times(data.get("used", {})), data.get("uses_log")
@@ -504,6 +504,8 @@ class FileTokenStore:
                     self._write()
                 except OSError as exc:  # a full disk: the change held here goes, with the next look at the file
                     self._stamp = None
+                    if not os.path.lexists(self._path):  # or now, with none yet to read it away from
+                        self._build(None, {})
                     raise self._unavailable(f"{self._path} cannot be written: {exc}", _UNWRITABLE) from None
 
     def _write(self) -> None:

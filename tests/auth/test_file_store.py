@@ -499,6 +499,26 @@ async def test_a_store_whose_folder_is_a_file_is_unavailable_and_says_so_once(
     assert len([r for r in caplog.records if "answer 503" in r.getMessage()]) == 2, "once per failure"
 
 
+async def test_a_change_that_could_not_write_the_first_links_file_is_not_kept(tmp_path: Path) -> None:
+    """With a file, a change that cannot be written goes when the file is read again; with none yet there was
+    nothing to read it away from: the link (or token) the caller was told was not made stayed in the worker, shown
+    on its hub, and went into the file with the next change that could be written."""
+    path = tmp_path / "tokens.json"
+    store = FileTokenStore(path)
+    blocker = tmp_path / f"tokens.json.{os.getpid()}.tmp"  # where the file is written first: it cannot be, as on
+    blocker.mkdir()  # a full disk
+    with pytest.raises(StoreUnavailable):
+        await _link(store)
+    with pytest.raises(StoreUnavailable):
+        store.create_api_token_now(Identity("alice", "", ()), name="ci")
+    assert (store.shares, store.shares_of("ws1"), store.api_tokens) == ({}, [], {})
+    blocker.rmdir()
+    made = await store.create_share(workspace="ws2", port=3000, audience="anyone", people=[], created_by="bob",
+                                    ttl=60)
+    fresh = FileTokenStore(path)
+    assert (list(fresh.shares), fresh.api_tokens) == ([made[0].id], {})
+
+
 async def test_a_sign_in_code_that_cannot_be_recorded_is_not_admitted(tmp_path: Path) -> None:
     store = FileTokenStore(tmp_path / "tokens.json")
     (tmp_path / "tokens.used.json").mkdir()  # cannot be replaced, as on a full disk
