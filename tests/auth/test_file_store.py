@@ -108,6 +108,21 @@ async def test_files_of_an_older_version_keep_their_counts_and_used_codes(tmp_pa
     assert not await FileTokenStore(path).use_once("handoff-old", now + 60)
 
 
+async def test_used_codes_of_an_older_version_stay_in_the_links_file_while_their_own_cannot_be_read(
+        tmp_path: Path) -> None:
+    """They move to the used-codes file with the first change; when that file cannot be read then (here: a
+    directory where it goes) they stay where they were, and a code used before the upgrade stays used."""
+    now = time.time()
+    path = tmp_path / "tokens.json"
+    _older_version_file(path, now)
+    used = tmp_path / "tokens.used.json"
+    used.mkdir()
+    await _link(FileTokenStore(path))
+    assert json.loads(path.read_text())["used"] == {"handoff-old": now + 60}
+    used.rmdir()
+    assert not await FileTokenStore(path).use_once("handoff-old", now + 60)
+
+
 async def test_an_unreadable_file_of_used_codes_refuses_the_codes_given_out_before(tmp_path: Path) -> None:
     """Replay protection must not fail open: after a crash left the file empty, a code that was used (or might
     have been) is refused, while codes given out from then on work."""
@@ -245,6 +260,16 @@ async def test_a_store_without_a_file_keeps_everything_in_memory() -> None:
     await store.revoke_api_token(record)
     assert not store.shares[link.id].active(time.time())
     assert store.find_api_token(secret) is None
+
+
+async def test_counts_still_batched_are_written_on_close(tmp_path: Path) -> None:
+    """A worker stopping writes what it counted since its last batch."""
+    path = tmp_path / "tokens.json"
+    store = FileTokenStore(path)
+    link = await _link(store)
+    store.use_share(store.shares[link.id])
+    await store.close()
+    assert FileTokenStore(path).shares[link.id].uses == 1
 
 
 async def test_a_long_log_of_counts_is_folded_into_the_links_file(tmp_path: Path,
