@@ -605,6 +605,21 @@ async def test_a_line_of_counts_this_version_cannot_read_is_skipped_once(
     assert len([r for r in caplog.records if "a line of use counts skipped" in r.getMessage()]) == 4
 
 
+async def test_a_broken_links_file_costs_only_the_requests_that_carry_a_token_of_ours(tmp_path: Path) -> None:
+    """An app's own bearer token (or any text in the share parameter) is no lookup: its requests go on while the
+    file cannot be read; a token of ours is 503 then."""
+    path = tmp_path / "tokens.json"
+    store = FileTokenStore(path)
+    await _link(store)
+    path.write_text("{")
+    assert store.find_share("app-token") is None
+    assert store.find_api_token("app-token") is None
+    assert store.find_api_token("chs_a-share-token-is-no-api-token") is None
+    for lookup, token in ((store.find_share, "chs_x"), (store.find_api_token, "chk_x")):
+        with pytest.raises(StoreUnavailable):
+            lookup(token)
+
+
 async def test_a_store_whose_folder_is_a_file_is_unavailable_and_says_so_once(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A stat that fails for another reason than "no such file" (here ENOTDIR) is not an empty store."""
