@@ -211,6 +211,29 @@ async def test_a_worker_lists_the_links_and_tokens_another_made(tmp_path: Path) 
     assert list(second.api_tokens) == []
 
 
+async def test_a_revoke_through_one_worker_refuses_the_token_and_link_in_every_other(tmp_path: Path) -> None:
+    """Someone who holds a revoked token or link gets nothing from the next request, whichever worker takes it;
+    and a link looked up before the revoke (a plan still being carried out) reads as revoked too."""
+    path = tmp_path / "tokens.json"
+    first, second = FileTokenStore(path), FileTokenStore(path)
+    record, secret = first.create_api_token_now(Identity("alice", "", ()), name="ci")
+    _, token = await first.create_share(workspace="ws1", port=3000, audience="anyone", people=[],
+                                        created_by="alice", ttl=3600)
+    assert second.find_api_token(secret) is not None
+    held = second.find_share(token)
+    assert held is not None
+    await first.revoke_api_token(first.api_tokens[record.id])
+    assert second.find_api_token(secret) is None
+    await first.create_share(workspace="ws2", port=3000, audience="anyone", people=[], created_by="bob", ttl=60)
+    revoked = await second.revoke_share(held)  # ``second`` reads the file again first: ``held`` is old
+    assert revoked is not held
+    assert not revoked.active(time.time())
+    assert not held.active(time.time())
+    found = first.find_share(token)
+    assert found is not None
+    assert not found.active(time.time())
+
+
 async def test_a_log_left_without_its_links_file_is_no_error(tmp_path: Path) -> None:
     """The links file removed (to start again) and its log left beside it: a worker starts, and the links made
     from then on count from nothing."""
