@@ -7,12 +7,14 @@ and consents: with 100,000 links and 100,000 tokens that rewrite stopped the eve
 from __future__ import annotations
 
 import errno
+import fcntl
 import gc
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -293,6 +295,51 @@ async def test_counts_still_batched_are_written_on_close(tmp_path: Path) -> None
     store.use_share(store.shares[link.id])
     await store.close()
     assert FileTokenStore(path).shares[link.id].uses == 1
+
+
+async def test_the_files_are_made_with_their_folder_and_for_their_owner_only(tmp_path: Path) -> None:
+    """They hold token hashes and who used what: made readable by their owner alone, in a state folder that need
+    not be there yet."""
+    path = tmp_path / "state" / "new" / "tokens.json"
+    store = FileTokenStore(path)
+    link = await _link(store)
+    assert await store.use_once("handoff-a", time.time() + 60)
+    store.use_share(store.shares[link.id])
+    store.flush()
+    made = {name: os.stat(path.parent / name).st_mode & 0o777 for name in os.listdir(path.parent)}
+    assert made == dict.fromkeys(["tokens.json", "tokens.json.lock", "tokens.used.json", "tokens.uses.jsonl"], 0o600)
+
+
+def _waiting_for_lock(inode: int) -> bool:
+    """Someone waits for a flock on this inode (``/proc/locks`` lists waiters with ``->``)."""
+    return any(line.split()[1] == "->" and line.split()[6].endswith(f":{inode}")
+               for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_a_writer_waits_for_the_lock_and_then_reads_what_the_holder_wrote(tmp_path: Path) -> None:
+    """What keeps two workers from writing over each other's changes: the writer takes ``flock`` on the lock file
+    and only then reads the file. Here the test holds the lock (as another worker would), changes the file while
+    the writer waits, and lets go: both changes are kept."""
+    path = tmp_path / "tokens.json"
+    store = FileTokenStore(path)
+    store.create_api_token_now(Identity("alice", "", ()), name="first")
+    lock = os.open(tmp_path / "tokens.json.lock", os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    made: list[str] = []
+    writer = threading.Thread(target=lambda: made.append(
+        store.create_api_token_now(Identity("bob", "", ()), name="waited")[0].id))
+    try:
+        writer.start()
+        while writer.is_alive() and not _waiting_for_lock(os.fstat(lock).st_ino):
+            writer.join(0.01)
+        assert writer.is_alive(), "the writer went on without the lock"
+        data = json.loads(path.read_text())
+        data["api_tokens"].append({**data["api_tokens"][0], "id": "other", "token_hash": "h", "name": "other"})
+        path.write_text(json.dumps(data))
+    finally:
+        os.close(lock)
+        writer.join()
+    assert sorted(token.name for token in FileTokenStore(path).api_tokens.values()) == ["first", "other", "waited"]
 
 
 async def test_a_long_log_of_counts_is_folded_into_the_links_file(tmp_path: Path,
