@@ -205,6 +205,7 @@ async def test_a_worker_lists_the_links_and_tokens_another_made(tmp_path: Path) 
     newer, _ = await first.create_share(workspace="ws1", port=None, audience="anyone", people=[], created_by="alice",
                                         ttl=3600, now=now)
     await first.create_share(workspace="ws2", port=3000, audience="anyone", people=[], created_by="bob", ttl=60)
+    assert (older.created, older.expires) == (now - 1, now - 1 + 3600)
     assert [link.id for link in second.shares_of("ws1")] == [newer.id, older.id]
     assert [link.id for link in FileTokenStore(path).shares_of("ws1")] == [newer.id, older.id]
     record, _ = first.create_api_token_now(Identity("alice", "", ()), name="ci")
@@ -227,8 +228,10 @@ async def test_a_revoke_through_one_worker_refuses_the_token_and_link_in_every_o
     await first.revoke_api_token(first.api_tokens[record.id])
     assert second.find_api_token(secret) is None
     await first.create_share(workspace="ws2", port=3000, audience="anyone", people=[], created_by="bob", ttl=60)
-    revoked = await second.revoke_share(held)  # ``second`` reads the file again first: ``held`` is old
+    at = time.time()
+    revoked = await second.revoke_share(held, now=at)  # ``second`` reads the file again first: ``held`` is old
     assert revoked is not held
+    assert revoked.revoked == held.revoked == at
     assert not revoked.active(time.time())
     assert not held.active(time.time())
     found = first.find_share(token)
@@ -340,6 +343,25 @@ def test_a_writer_waits_for_the_lock_and_then_reads_what_the_holder_wrote(tmp_pa
         os.close(lock)
         writer.join()
     assert sorted(token.name for token in FileTokenStore(path).api_tokens.values()) == ["first", "other", "waited"]
+
+
+async def test_a_batch_with_nothing_new_writes_nothing(tmp_path: Path) -> None:
+    """Batches go every 2 s from every worker: one with no use since the last writes no line, and a use is
+    counted at the time the request was decided (``use_share``'s ``now``), once."""
+    path = tmp_path / "tokens.json"
+    store = FileTokenStore(path)
+    link = await _link(store)
+    record, _ = store.create_api_token_now(Identity("alice", "", ()), name="ci")
+    store.use_share(store.shares[link.id], 1_000.0)
+    store.use_api_token(store.api_tokens[record.id], 2_000.0)
+    store.flush()
+    log = tmp_path / "tokens.uses.jsonl"
+    written = log.read_bytes()
+    store.flush()
+    assert log.read_bytes() == written
+    fresh = FileTokenStore(path)
+    assert (fresh.shares[link.id].uses, fresh.shares[link.id].last_used) == (1, 1_000.0)
+    assert fresh.api_tokens[record.id].last_used == 2_000.0
 
 
 async def test_a_long_log_of_counts_is_folded_into_the_links_file(tmp_path: Path,
