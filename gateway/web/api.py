@@ -64,7 +64,8 @@ class NewShare(_Body):
 
 
 class NewWorkspace(_Body):
-    id: str | None = Field(default=None, pattern=WORKSPACE_ID.pattern)
+    id: str | None = Field(default=None, pattern=rf"^(?:{WORKSPACE_ID.pattern})$")  # pydantic searches: anchored,
+    # or 'a.evil', '../x' and 'Not-An-Id' passed for ids, as each holds one somewhere
     collaborators: list[str] = Field(default_factory=list)
     ports: dict[Annotated[int, Field(ge=1, le=65535)], Literal["private", "org", "public"]] = Field(
         default_factory=dict)

@@ -186,6 +186,20 @@ async def test_a_body_in_a_charset_that_is_no_text_encoding_is_400_json(served: 
     assert not served.gateway.auth.store.api_tokens
 
 
+@pytest.mark.parametrize("body", [
+    {"ports": {"0": "public"}}, {"ports": {"65536": "public"}}, {"ports": {"3000": "everyone"}},
+    {"collaborators": "bob"}, {"id": "Not-An-Id"}, {"id": "a.evil"}, {"id": "../ws1"}, {"id": "ws1\n"},
+    {"id": "x" * 33}, {"id": "-ws1"},
+])
+async def test_a_bad_new_workspace_is_400_before_the_runtime_is_asked(served: Served, make_browser: MakeBrowser,
+                                                                     body: dict[str, Any]) -> None:
+    """The id must be a workspace id as a whole (DESIGN: ``[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?``): pydantic's
+    ``pattern`` searches, so an id merely holding one (``a.evil``, ``../ws1``) reached the runtime. Here the local
+    runtime answers 405 to any creation, so a 405 is a body that passed."""
+    alice = await user(make_browser, served, "alice")
+    assert_error(await call(alice, "POST", "/api/v1/workspaces", body), 400, "invalid-body")
+
+
 async def test_a_store_that_cannot_be_read_refuses_before_acting_and_keeps_its_file(
         served: Served, make_browser: MakeBrowser) -> None:
     alice = await user(make_browser, served, "alice")
