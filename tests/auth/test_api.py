@@ -186,6 +186,33 @@ async def test_a_body_in_a_charset_that_is_no_text_encoding_is_400_json(served: 
     assert not served.gateway.auth.store.api_tokens
 
 
+async def test_a_port_speaks_https_and_back(served: Served, make_browser: MakeBrowser) -> None:
+    """``protocol`` alone changes only the protocol, and the view says which it is."""
+    alice = await user(make_browser, served, "alice")
+
+    def port_3000(page: Page) -> dict[str, Any]:
+        assert page.status == 200, page.text
+        return dict(next(p for p in page.json()["ports"] if p["port"] == 3000))
+
+    assert port_3000(await call(alice, "GET", "/api/v1/workspaces/ws1"))["protocol"] == "http"
+    https = port_3000(await call(alice, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"protocol": "https"}))
+    assert (https["protocol"], https["visibility"]) == ("https", "private")
+    assert port_3000(await call(alice, "GET", "/api/v1/workspaces/ws1"))["protocol"] == "https"
+    assert port_3000(await call(alice, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"label": "x"}))["protocol"] == (
+        "https")
+    back = await call(alice, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"protocol": "http"})
+    assert port_3000(back)["protocol"] == "http"
+
+
+@pytest.mark.parametrize("body", [{"ports": {"1": "public", "65535": "org"}}, {"id": "a"}, {"id": "a" * 32},
+                                  {"id": "ws-2"}, {}])
+async def test_a_good_new_workspace_reaches_the_runtime(served: Served, make_browser: MakeBrowser,
+                                                        body: dict[str, Any]) -> None:
+    """The other side of the table below: the local runtime's 405 is a body that passed."""
+    alice = await user(make_browser, served, "alice")
+    assert_error(await call(alice, "POST", "/api/v1/workspaces", body), 405, "workspaces-are-configured")
+
+
 @pytest.mark.parametrize("body", [
     {"ports": {"0": "public"}}, {"ports": {"65536": "public"}}, {"ports": {"3000": "everyone"}},
     {"collaborators": "bob"}, {"id": "Not-An-Id"}, {"id": "a.evil"}, {"id": "../ws1"}, {"id": "ws1\n"},

@@ -364,6 +364,30 @@ async def test_a_batch_with_nothing_new_writes_nothing(tmp_path: Path) -> None:
     assert fresh.api_tokens[record.id].last_used == 2_000.0
 
 
+def test_a_link_is_expired_from_its_expiry_on() -> None:
+    link = ShareLink(id="l1", token_hash="h", workspace="ws1", port=3000, audience="anyone", people=[],
+                     created_by="alice", created=1_000.0, expires=2_000.0)
+    assert link.active(1_999.999)
+    assert not link.active(2_000.0)
+    link.revoked = 1_500.0
+    assert not link.active(1_600.0)
+
+
+async def test_answers_on_the_consent_page_read_back_with_their_time(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    store = FileTokenStore(path)
+    before = time.time()
+    now_given = Consent.answer("bob", "ws1", 3000, owner="alice", share=True, claims=["email"], now=1_000.0)
+    clock = Consent.answer("carol", "ws1", 3000, owner="alice", share=False, claims=[])
+    for consent in (now_given, clock):
+        await store.record_consent(consent)
+    fresh = FileTokenStore(path).consents
+    assert fresh[now_given.id].at == 1_000.0
+    assert before <= fresh[clock.id].at <= time.time()
+    assert fresh[clock.id].of("alice")
+    assert not fresh[clock.id].of("mallory")
+
+
 async def test_a_long_log_of_counts_is_folded_into_the_links_file(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "LOG_LIMIT", 200)
