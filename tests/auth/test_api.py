@@ -196,7 +196,7 @@ async def test_a_port_speaks_https_and_back(served: Served, make_browser: MakeBr
 
     assert port_3000(await call(alice, "GET", "/api/v1/workspaces/ws1"))["protocol"] == "http"
     https = port_3000(await call(alice, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"protocol": "https"}))
-    assert (https["protocol"], https["visibility"]) == ("https", "private")
+    assert (https["protocol"], https["visibility"], https["listening"]) == ("https", "private", True)
     assert port_3000(await call(alice, "GET", "/api/v1/workspaces/ws1"))["protocol"] == "https"
     assert port_3000(await call(alice, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"label": "x"}))["protocol"] == (
         "https")
@@ -225,6 +225,52 @@ async def test_a_bad_new_workspace_is_400_before_the_runtime_is_asked(served: Se
     runtime answers 405 to any creation, so a 405 is a body that passed."""
     alice = await user(make_browser, served, "alice")
     assert_error(await call(alice, "POST", "/api/v1/workspaces", body), 400, "invalid-body")
+
+
+@pytest.mark.parametrize(("port", "status"), [(1, 200), (65535, 200), (0, 400), (65536, 400)])
+async def test_port_numbers_from_1_to_65535_can_be_set(served: Served, make_browser: MakeBrowser, port: int,
+                                                      status: int) -> None:
+    alice = await user(make_browser, served, "alice")
+    page = await call(alice, "PUT", f"/api/v1/workspaces/ws1/ports/{port}", {"visibility": "org"})
+    assert page.status == status, page.text
+    if status == 200:
+        assert next(p for p in page.json()["ports"] if p["port"] == port)["visibility"] == "org"
+
+
+async def test_a_bad_body_is_named_by_its_field(served: Served, make_browser: MakeBrowser) -> None:
+    alice = await user(make_browser, served, "alice")
+    for body, named in (({"ttl": "forever"}, "ttl: "), ([1, 2], "body: "), ({"people": ["a", 5]}, "people.1: ")):
+        page = await call(alice, "POST", "/api/v1/workspaces/ws1/shares", body)
+        assert_error(page, 400, "invalid-body")
+        assert page.json()["error"]["message"].startswith(named), page.text
+
+
+@pytest.mark.parametrize("limit", ["1", "500"])
+async def test_the_smallest_and_largest_page_are_allowed(served: Served, make_browser: MakeBrowser,
+                                                         limit: str) -> None:
+    alice = await user(make_browser, served, "alice")
+    page = await call(alice, "GET", f"/api/v1/workspaces?limit={limit}")
+    assert page.status == 200, page.text
+    assert [view["id"] for view in page.json()["workspaces"]] == ["ws1"]
+
+
+async def test_a_person_withdraws_their_own_answers_and_revokes_their_own_tokens_only(
+        served: Served, make_browser: MakeBrowser) -> None:
+    """Nobody acts on someone else's answer or token: it is not found for them (404), and stays."""
+    store = served.gateway.auth.store
+    answer = Consent.answer("bob", "ws1", 3000, owner="alice", share=True, claims=["email"])
+    await store.record_consent(answer)
+    alice, bob = await user(make_browser, served, "alice"), await user(make_browser, served, "bob")
+    assert_error(await call(alice, "DELETE", f"/api/v1/consents/{answer.id}"), 404, "consent-not-found")
+    assert [c["id"] for c in (await call(bob, "GET", "/api/v1/consents")).json()["consents"]] == [answer.id]
+    assert (await call(bob, "DELETE", f"/api/v1/consents/{answer.id}")).json() == {"id": answer.id,
+                                                                                  "withdrawn": True}
+    assert (await call(bob, "GET", "/api/v1/consents")).json() == {"consents": []}
+    token = (await call(bob, "POST", "/api/v1/tokens", {"name": "ci"})).json()
+    assert_error(await call(alice, "DELETE", f"/api/v1/tokens/{token['id']}"), 404, "token-not-found")
+    assert (await call(alice, "GET", "/api/v1/me", token=token["token"])).json()["user"] == "bob"
+    assert (await call(bob, "DELETE", f"/api/v1/tokens/{token['id']}")).json() == {"id": token["id"],
+                                                                                  "revoked": True}
 
 
 async def test_a_store_that_cannot_be_read_refuses_before_acting_and_keeps_its_file(
