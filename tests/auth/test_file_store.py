@@ -574,6 +574,30 @@ async def test_a_fold_whose_new_log_cannot_be_started_counts_each_use_once(
         assert store.shares[link.id].uses == 3
 
 
+async def test_a_fold_whose_new_log_cannot_be_started_has_the_next_batch_start_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The same worker's next batch must not go to the old log, whose first line names the links file before the
+    fold: every other worker skips such a log as already counted."""
+    path = tmp_path / "tokens.json"
+    store = FileTokenStore(path)
+    link = await _link(store)
+    store.use_share(store.shares[link.id])
+    real = store_module._replace
+
+    def replace(target: Path, text: str) -> None:
+        if target.name.endswith(".uses.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(target, text)
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "LOG_LIMIT", 0)
+        patch.setattr(store_module, "_replace", replace)
+        store.flush()
+    assert "not started" in caplog.text
+    store.use_share(store.shares[link.id])
+    store.flush()
+    assert FileTokenStore(path).shares[link.id].uses == 2
+
+
 _ON_A_FULL_DISK = """
 import asyncio, json, os, sys
 from pathlib import Path
