@@ -273,6 +273,23 @@ async def test_a_person_withdraws_their_own_answers_and_revokes_their_own_tokens
                                                                                   "revoked": True}
 
 
+@pytest.mark.parametrize(("path", "body", "status"), [
+    ("/api/v1/workspaces/ws1/ports/3000", {"label": "x" * 80}, 200),
+    ("/api/v1/workspaces/ws1/shares", {"port": 1}, 201),
+    ("/api/v1/workspaces/ws1/shares", {"port": 65535}, 201),
+    ("/api/v1/workspaces/ws1/shares", {"port": 65536}, 400),
+    ("/api/v1/tokens", {"name": "x"}, 201),
+    ("/api/v1/tokens", {"name": "x" * 64}, 201),
+    ("/api/v1/tokens", {"name": "x" * 65}, 400),
+])
+async def test_the_limits_of_a_body_are_where_they_are_said_to_be(served: Served, make_browser: MakeBrowser,
+                                                                  path: str, body: dict[str, Any],
+                                                                  status: int) -> None:
+    alice = await user(make_browser, served, "alice")
+    page = await call(alice, "PUT" if "/ports/" in path else "POST", path, body)
+    assert page.status == status, page.text
+
+
 async def test_a_store_that_cannot_be_read_refuses_before_acting_and_keeps_its_file(
         served: Served, make_browser: MakeBrowser) -> None:
     alice = await user(make_browser, served, "alice")
