@@ -290,6 +290,25 @@ async def test_the_limits_of_a_body_are_where_they_are_said_to_be(served: Served
     assert page.status == status, page.text
 
 
+async def test_a_link_from_no_body_and_for_a_workspace_with_no_known_port(serve: Serve,
+                                                                          make_browser: MakeBrowser) -> None:
+    """No body is every default; an all-ports link of a workspace with no port configured or listening has no URL
+    yet (not a 500 on the first of none), and a link for one port comes with its embed snippets."""
+    served = await serve({"bare": {"owner": "alice"}, "ws1": {"owner": "alice", "ports": {3000: "private"}}})
+    alice = await user(make_browser, served, "alice")
+    bare = await alice.fetch("POST", HUB + "/api/v1/workspaces/bare/shares",
+                             headers={"Accept": "application/json", "Origin": HUB})
+    assert bare.status == 201, bare.text
+    assert (bare.json()["port"], bare.json()["audience"], bare.json()["urls"], bare.json()["url"]) == (
+        None, "anyone", [], None)
+    one = (await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000})).json()
+    url = f"http://3000-ws1.localhost:8080/?codehub_share={one['token']}"
+    assert one["url"] == url
+    assert one["embed"]["badge"] == f"http://localhost:8080/badge/ws1/3000.svg?codehub_share={one['token']}"
+    assert one["embed"]["markdown"] == f"[![preview ws1:3000]({one['embed']['badge']})]({url})"
+    assert f'src="{url}"' in one["embed"]["iframe"]
+
+
 async def test_a_store_that_cannot_be_read_refuses_before_acting_and_keeps_its_file(
         served: Served, make_browser: MakeBrowser) -> None:
     alice = await user(make_browser, served, "alice")

@@ -388,6 +388,25 @@ async def test_answers_on_the_consent_page_read_back_with_their_time(tmp_path: P
     assert not fresh[clock.id].of("mallory")
 
 
+async def test_a_second_revoke_keeps_the_time_of_the_first(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    store = FileTokenStore(path)
+    link = await _link(store)
+    await store.revoke_share(store.shares[link.id], now=1_000.0)
+    again = await FileTokenStore(path).revoke_share(link, now=2_000.0)
+    assert again.revoked == FileTokenStore(path).shares[link.id].revoked == 1_000.0
+
+
+async def test_a_code_that_expires_at_the_reset_was_given_out_before_it(tmp_path: Path) -> None:
+    """After the used-codes file could not be read, codes expiring up to a hand-off's life from then may have
+    been used: the reset time itself included."""
+    store = FileTokenStore(tmp_path / "tokens.json")
+    reset = time.time() + 30
+    (tmp_path / "tokens.used.json").write_text(json.dumps({"": reset}))
+    assert not await store.use_once("handoff-a", reset)
+    assert await store.use_once("handoff-b", reset + 1)
+
+
 async def test_a_long_log_of_counts_is_folded_into_the_links_file(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "LOG_LIMIT", 200)
