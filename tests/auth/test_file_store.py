@@ -878,6 +878,21 @@ async def test_a_record_edited_into_the_wrong_types_is_refused_and_named(
     assert f": {field} is not " in said[0], said
 
 
+async def test_times_stored_as_whole_numbers_load(tmp_path: Path) -> None:
+    """JSON has one kind of number: a time written as ``1700000000`` (by hand, or by another writer) is a time,
+    not a file to refuse whole."""
+    path = tmp_path / "tokens.json"
+    store = FileTokenStore(path)
+    _, token = await store.create_share(workspace="ws1", port=3000, audience="anyone", people=[],
+                                        created_by="alice", ttl=3600)
+    data = json.loads(path.read_text())
+    data["shares"][0].update(created=1_700_000_000, expires=int(time.time()) + 3600)
+    path.write_text(json.dumps(data))
+    found = FileTokenStore(path).find_share(token)
+    assert found is not None
+    assert found.active(time.time())
+
+
 async def test_a_link_stored_with_an_expiry_of_nan_loads_expired(tmp_path: Path) -> None:
     """What a ``ttl`` of NaN made before durations had to be finite: it never granted anything (``now < NaN`` is
     false), and the hub, which embeds it as JSON, could not be drawn for anyone who sees the workspace."""
