@@ -651,6 +651,7 @@ async def test_the_hub_shows_a_page_of_workspaces_with_their_own_links(
     ("limit=%C2%B2", "bad-limit"), ("limit=%D9%A3", "bad-limit"),  # "²" and Arabic "3": digits to str.isdigit
     pytest.param("limit=" + "9" * 5000, "bad-limit", id="limit=9x5000"),
     ("cursor=!!", "bad-cursor"), ("cursor=Lw", "bad-cursor"), ("cursor=", "bad-cursor"),
+    ("cursor=%C3%A9", "bad-cursor"),  # no ASCII: base64 never sees it
 ])
 async def test_bad_page_parameters_are_400(served: Served, make_browser: MakeBrowser, query: str, code: str) -> None:
     alice = await user(make_browser, served, "alice")

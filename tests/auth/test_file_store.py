@@ -432,8 +432,8 @@ async def test_a_use_of_a_link_looked_up_before_a_reload_counts(tmp_path: Path) 
     await second.create_share(workspace="ws2", port=3000, audience="anyone", people=[], created_by="bob", ttl=60)
     first.refresh()
     assert first.shares[link.id] is not looked_up
-    first.use_share(looked_up)
-    assert first.shares[link.id].uses == 1
+    first.use_share(looked_up, 1_000.0)
+    assert (first.shares[link.id].uses, first.shares[link.id].last_used) == (1, 1_000.0)
     first.flush()
     assert FileTokenStore(path).shares[link.id].uses == 1
 
