@@ -564,6 +564,19 @@ async def test_a_batch_cut_short_is_not_joined_to_the_next(tmp_path: Path) -> No
         assert store.shares[link.id].uses == 4
 
 
+def _fold_with_no_room_for_a_log(patch: pytest.MonkeyPatch) -> None:
+    """The next batch folds the log into the links file (the log is "long"), and the disk then has no room for the
+    new log: mocked for that one file, as a real disk cannot be made full for one file only."""
+    real = store_module._replace
+
+    def replace(target: Path, text: str) -> None:
+        if target.name.endswith(".uses.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(target, text)
+    patch.setattr(store_module, "LOG_LIMIT", 0)
+    patch.setattr(store_module, "_replace", replace)
+
+
 async def test_a_fold_whose_new_log_cannot_be_started_counts_each_use_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The links file was replaced with the counts folded in (replacing frees the old copy's space), then the disk
@@ -572,15 +585,8 @@ async def test_a_fold_whose_new_log_cannot_be_started_counts_each_use_once(
     first, second = FileTokenStore(path), FileTokenStore(path)
     link = await _link(first)
     first.use_share(first.shares[link.id])
-    real = store_module._replace
-
-    def replace(target: Path, text: str) -> None:
-        if target.name.endswith(".uses.jsonl"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(target, text)
     with monkeypatch.context() as patch:
-        patch.setattr(store_module, "LOG_LIMIT", 0)  # the log is long: this batch folds it into the links file
-        patch.setattr(store_module, "_replace", replace)
+        _fold_with_no_room_for_a_log(patch)
         first.flush()
         made = await _link(first)  # done, though the log could not be started again: the link is given out
     assert FileTokenStore(path).shares[made.id].revoked is None
@@ -601,15 +607,8 @@ async def test_a_fold_whose_new_log_cannot_be_started_has_the_next_batch_start_i
     store = FileTokenStore(path)
     link = await _link(store)
     store.use_share(store.shares[link.id])
-    real = store_module._replace
-
-    def replace(target: Path, text: str) -> None:
-        if target.name.endswith(".uses.jsonl"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(target, text)
     with monkeypatch.context() as patch:
-        patch.setattr(store_module, "LOG_LIMIT", 0)
-        patch.setattr(store_module, "_replace", replace)
+        _fold_with_no_room_for_a_log(patch)
         store.flush()
     assert "not started" in caplog.text
     store.use_share(store.shares[link.id])
