@@ -53,6 +53,8 @@ def test_a_head_split_anywhere_waits_for_the_rest(split: int) -> None:
         (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: h\r\n\r\n", "a long target"),
         (b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"v" * 9000 + b"\r\n\r\n", "a long header"),
         (GET + GET, "pipelined in one read"),
+        (GET + GET[:20], "the start of a second request behind it"),
+        (b"HEAD / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", "a HEAD upgrade"),
     ],
 )
 def test_everything_else_is_handed_over_with_every_byte(raw: bytes, why: str) -> None:
