@@ -55,6 +55,8 @@ def test_a_head_split_anywhere_waits_for_the_rest(split: int) -> None:
         (GET + GET, "pipelined in one read"),
         (GET + GET[:20], "the start of a second request behind it"),
         (b"HEAD / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", "a HEAD upgrade"),
+        (b"GET / HTTP/1.1\nHost: h\n\n", "bare LFs"),  # ``receive`` finds the end of a head by its CRLF CRLF
+        (b"GET / HTTP/1.1\nHost: h\nUpgrade: websocket\nConnection: Upgrade\n\n\x81\x80abcd", "bare LFs, upgrading"),
     ],
 )
 def test_everything_else_is_handed_over_with_every_byte(raw: bytes, why: str) -> None:
