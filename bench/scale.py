@@ -20,7 +20,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, cast
+from typing import Any
 
 import yaml
 
@@ -53,12 +53,11 @@ _FIRST_FREE = 253
 """``default_address``'s index of 127.0.1.2, past the 127.0.0.0/24 the benchmark's servers live in."""
 
 
-def settings(layout: Layout, name: str, port: int, workspaces: int) -> dict[str, Any]:
-    """The config of one of the shapes: the benchmark's gateway config with ``ws1`` and ``workspaces - 1`` more."""
-    path = gateway_config(layout, name, port)
-    made = yaml.safe_load(path.read_text())
-    made["local"]["workspaces"] = {"ws1": made["local"]["workspaces"]["ws1"], **_workspaces(workspaces - 1)}
-    return cast(dict[str, Any], made)
+def with_workspaces(base: dict[str, Any], workspaces: int) -> dict[str, Any]:
+    """A shape's config: the benchmark's gateway config ``base`` with its ``ws1`` and ``workspaces - 1`` more."""
+    local = base["local"]
+    return {**base, "local": {**local, "workspaces": {"ws1": local["workspaces"]["ws1"],
+                                                      **_workspaces(workspaces - 1)}}}
 
 
 def store(links: int, tokens: int, workspaces: list[str]) -> dict[str, Any]:
@@ -91,13 +90,12 @@ class Shape:
 
 async def _start(procs: Procs, layout: Layout, shape: Shape) -> None:
     shape.port = free_port("127.0.0.1")
-    name = f"scale-{shape.name}"
-    made = settings(layout, name, shape.port, shape.workspaces)
-    path = layout.tmp / f"{name}.yaml"
-    state = layout.tmp / f"{name}-state"
+    path = gateway_config(layout, f"scale-{shape.name}", shape.port)
+    made = with_workspaces(yaml.safe_load(path.read_text()), shape.workspaces)
+    state = layout.tmp / f"scale-{shape.name}-state"
     state.mkdir(parents=True, exist_ok=True)
     if shape.links:
-        extra = sorted(set(made["local"]["workspaces"]) - {"ws1"})
+        extra = sorted(made["local"]["workspaces"].keys() - {"ws1"})
         (state / "tokens.json").write_text(json.dumps(store(shape.links, shape.links, extra)))
     path.write_text(yaml.safe_dump(made))
     started = time.monotonic()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.scale import settings
+from bench.scale import with_workspaces
 from bench.servers import Layout, gateway_config
 from gateway.config import load_config
 
@@ -20,7 +20,8 @@ def test_the_benchmark_gateway_config_loads(tmp_path: Path) -> None:
 
 def test_the_scale_configs_load_with_an_address_for_every_workspace(tmp_path: Path) -> None:
     layout = Layout(tmp_path)
-    made = settings(layout, "scale-many", 8080, 600)  # past 253: the second /24 of handed-out addresses too
+    base = yaml.safe_load(gateway_config(layout, "scale-many", 8080).read_text())
+    made = with_workspaces(base, 600)  # past 253: the second /24 of handed-out addresses too
     path = tmp_path / "scale.yaml"
     path.write_text(yaml.safe_dump(made))
     addresses = load_config(path, environ={}).local.addresses()
