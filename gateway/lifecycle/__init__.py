@@ -1,6 +1,7 @@
 """Starting, stopping and archiving workspaces: one ``Runtime`` interface, a local and a Kubernetes backend."""
 
 from gateway.lifecycle.base import (
+    LABEL_LONGEST,
     Event,
     EventHub,
     LifecycleError,
@@ -9,6 +10,8 @@ from gateway.lifecycle.base import (
     Subscription,
     WorkspaceSpec,
     WorkspaceState,
+    showable_label,
 )
 
-__all__ = ["Event", "EventHub", "LifecycleError", "Phase", "Runtime", "Subscription", "WorkspaceSpec", "WorkspaceState"]
+__all__ = ["LABEL_LONGEST", "Event", "EventHub", "LifecycleError", "Phase", "Runtime", "Subscription", "WorkspaceSpec",
+           "WorkspaceState", "showable_label"]

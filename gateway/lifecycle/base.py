@@ -41,6 +41,16 @@ class LifecycleError(GatewayError):
     title = "The workspace could not start"
 
 
+LABEL_LONGEST = 80
+"""Characters of a port's label the hub shows, set on the hub or read from devcontainer.json."""
+
+
+def showable_label(label: str) -> bool:
+    """Whether the hub may show ``label`` as a port's name, wherever it came from: printable characters only, as a
+    bidi override, a new line or an escape sequence would disguise it."""
+    return label.isprintable()
+
+
 @dataclass(frozen=True, slots=True)
 class WorkspaceSpec:
     """What a workspace is meant to be: who owns it, who may use it, how its ports are shared."""

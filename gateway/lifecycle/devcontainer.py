@@ -13,6 +13,8 @@ import re
 import stat
 from pathlib import Path
 
+from gateway.lifecycle.base import LABEL_LONGEST, showable_label
+
 CANDIDATES = (Path(".devcontainer") / "devcontainer.json", Path(".devcontainer.json"))
 _JSONC_NOISE = re.compile(r'("(?:\\.|[^"\\])*(?:"|\\?\Z))|//[^\n]*|/\*.*?(\*/|\Z)|,(?=\s*[}\]])', re.DOTALL)
 """Strings (kept), comments and trailing commas. A string or comment never closed runs to the end of the text rather
@@ -72,15 +74,15 @@ def parse_labels(text: str) -> dict[int, str]:
         label = value.get("label") if isinstance(value, dict) else None
         if match is None or not isinstance(label, str) or not label.strip():
             continue  # process-name and regex keys name no port
-        if not label.isprintable():
-            continue  # as the hub's own label API refuses it: a bidi override or a new line would disguise a label
+        if not showable_label(label):
+            continue  # as the hub's own label API refuses it
         first = int(match[1])
         last = int(match[2]) if match[2] else first
         if 1 <= first <= last <= 65535 and last - first < _MAX_RANGE:
             named += last - first + 1
             if named > _MOST_PORTS:
                 break
-            labels.update(dict.fromkeys(range(first, last + 1), label.strip()[:80]))
+            labels.update(dict.fromkeys(range(first, last + 1), label.strip()[:LABEL_LONGEST]))
     return labels
 
 

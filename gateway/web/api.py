@@ -27,7 +27,7 @@ from gateway.config import WORKSPACE_ID
 from gateway.edge.policy import VISIBILITIES, Duration, Reason, describe_duration, visibility
 from gateway.edge.policy import role as role_of
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from gateway.lifecycle import WorkspaceSpec, WorkspaceState
+from gateway.lifecycle import LABEL_LONGEST, WorkspaceSpec, WorkspaceState, showable_label
 from gateway.server.context import GATEWAY, Gateway
 from gateway.web.auth_routes import check_same_origin, hub_identity
 from gateway.web.pages import JSON_ONLY, phase_words
@@ -52,7 +52,7 @@ class PortChange(_Body):
 
     visibility: Literal["private", "org", "public"] | None = None
     protocol: Literal["http", "https"] | None = None
-    label: str | None = Field(default=None, max_length=80)
+    label: str | None = Field(default=None, max_length=LABEL_LONGEST)
     identity: bool | None = None
 
 
@@ -272,7 +272,7 @@ async def set_port(request: web.Request) -> web.Response:
     change: PortChange = await _body(request, PortChange)
     if change.visibility is None and change.protocol is None and change.label is None and change.identity is None:
         raise BadRequest("body: set visibility, protocol, label or identity.", code="invalid-body")
-    if change.label is not None and any(not ch.isprintable() for ch in change.label):
+    if change.label is not None and not showable_label(change.label):
         raise BadRequest("label: only printable characters.", code="invalid-body")
     ceiling = gateway.policy.ports.max_visibility
     if change.visibility is not None and VISIBILITIES.index(change.visibility) > VISIBILITIES.index(ceiling):
