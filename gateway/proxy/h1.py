@@ -172,5 +172,5 @@ class Connection:
 
 
 def _promises_a_body(headers: CIMultiDictProxy[str]) -> bool:
-    return "transfer-encoding" in headers or "expect" in headers or ("content-length" in headers and any(
-        length != "0" for length in headers.getall("content-length")))
+    """A body, or the promise of one (the parser refuses a second ``Content-Length``, so there is one at most)."""
+    return "transfer-encoding" in headers or "expect" in headers or headers.get("content-length", "0") != "0"
