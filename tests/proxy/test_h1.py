@@ -40,6 +40,7 @@ def test_a_head_split_anywhere_waits_for_the_rest(split: int) -> None:
         (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nab", "a body"),
         (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nab", "a GET with a body"),
         (b"GET / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "chunked"),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n", "chunked, its body still to come"),
         (b"GET / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n\r\n", "Expect"),
         (b"GET / HTTP/1.0\r\nHost: h\r\n\r\n", "HTTP/1.0"),
         (b"OPTIONS / HTTP/1.1\r\nHost: h\r\n\r\n", "another method"),
