@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import string
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -95,6 +96,10 @@ class Idle(_Model):
     check_every: Seconds = 30.0
 
 
+_PLACEHOLDERS = frozenset({"host", "home", "ide_port", "workspace"})
+"""What a local workspace's command may name (``LocalRuntime._command`` fills them in)."""
+
+
 class LocalWorkspace(_Model):
     owner: str
     collaborators: tuple[str, ...] = ()
@@ -112,8 +117,14 @@ class LocalWorkspace(_Model):
             raise ValueError("must name a program to run")
         for part in value:
             try:
-                part.format(host="", home="", ide_port=0, workspace="")
-            except (KeyError, IndexError, ValueError) as exc:
+                # The names alone: ``{host.x}`` or ``{home[0]}`` would reach into the values' attributes and items
+                # (an AttributeError here, or a part that formats differently on the day).
+                unknown = [name for _, name, _, _ in string.Formatter().parse(part)
+                           if name is not None and name not in _PLACEHOLDERS]
+                if unknown:
+                    raise KeyError(unknown[0])
+                part.format(host="", home="", ide_port=0, workspace="")  # the format specs and conversions
+            except (KeyError, ValueError) as exc:
                 raise ValueError(
                     f"{part!r}: unknown placeholder {exc}; use {{host}}, {{home}}, {{ide_port}} or {{workspace}}"
                 ) from None

@@ -90,6 +90,13 @@ def test_good_settings(tmp_path: Path, text: str | None, env: dict[str, str], ch
         ("local: {workspaces: {Bad_Id: {owner: a, command: [x]}}}\n", {}, "local.workspaces: workspace id 'Bad_Id'"),
         (WS.replace("[sleep, '1']", "[]"), {}, "local.workspaces.ws1.command: must name a program to run"),
         (WS.replace("'1'", "'{port}'"), {}, "local.workspaces.ws1.command: '{port}': unknown placeholder"),
+        # attribute and index access on a placeholder: only the four names themselves
+        (WS.replace("'1'", "'{host.x}'"), {}, "local.workspaces.ws1.command: '{host.x}': unknown placeholder"),
+        (WS.replace("'1'", "'{home[0]}'"), {}, "local.workspaces.ws1.command: '{home[0]}': unknown placeholder"),
+        (WS.replace("'1'", "'{workspace.__class__}'"), {}, "'{workspace.__class__}': unknown placeholder"),
+        (WS.replace("'1'", "'{}'"), {}, "local.workspaces.ws1.command: '{}': unknown placeholder"),
+        (WS.replace("'1'", "'{ide_port'"), {}, "local.workspaces.ws1.command: '{ide_port': unknown placeholder"),
+        (WS.replace("'1'", "'{workspace:d}'"), {}, "'{workspace:d}': unknown placeholder Unknown format code"),
         (WS + "      address: 10.0.0.1\n", {}, "local.workspaces.ws1.address: must be an IPv4 loopback address"),
         (WS + "      address: not-an-ip\n", {}, "local.workspaces.ws1.address: 'not-an-ip' does not appear"),
         (WS + "      address: '::1'\n", {}, "local.workspaces.ws1.address: must be an IPv4 loopback address"),
