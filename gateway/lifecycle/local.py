@@ -19,7 +19,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -236,7 +236,7 @@ class LocalRuntime(Runtime):
 
     async def wake(self, workspace: str) -> WorkspaceState:
         slot = self._slot(workspace)
-        async with slot.lock:
+        async with slot.lock, self._settled(slot):
             if slot.foreign:
                 return self._fail(slot, slot.foreign)
             state = self._observe(slot)
@@ -257,7 +257,7 @@ class LocalRuntime(Runtime):
 
     async def stop(self, workspace: str) -> WorkspaceState:
         slot = self._slot(workspace)
-        async with slot.lock:
+        async with slot.lock, self._settled(slot):
             if slot.process is None and not slot.failure:
                 return self._observe(slot)
             if slot.process is not None:
@@ -269,7 +269,7 @@ class LocalRuntime(Runtime):
     async def archive(self, workspace: str) -> WorkspaceState:
         await self.stop(workspace)
         slot = self._slot(workspace)
-        async with slot.lock:
+        async with slot.lock, self._settled(slot):
             if self._observe(slot).phase is not Phase.WARM or not slot.home.exists():
                 return self._observe(slot)
             self._begin(slot, Phase.ARCHIVING, "archiving the home directory")
@@ -381,6 +381,20 @@ class LocalRuntime(Runtime):
         state = self._observe(slot)
         self.hub.publish(Event(slot.spec.id, state.phase, state.message))
         return state
+
+    @contextlib.asynccontextmanager
+    async def _settled(self, slot: _Slot) -> AsyncIterator[None]:
+        """An operation broken off by an error of a kind nobody foresaw (a bug) leaves no phase in flight: the
+        workspace would read RESTORING or STARTING for good, and every later wake would wait on a phase that
+        nothing ends. It fails instead, naming the error, and its phase is read from what is there again."""
+        try:
+            yield
+        except Exception as exc:
+            if slot.in_flight is not None:
+                log.exception("workspace %s: %s broke off", slot.spec.id, slot.in_flight.value)
+                self._fail(slot, f"{slot.in_flight.value.lower()} broke off on an unexpected error "
+                                 f"({type(exc).__name__}); see the gateway's log")
+            raise
 
     def _fail(self, slot: _Slot, message: str) -> WorkspaceState:
         log.error("workspace %s failed: %s", slot.spec.id, message)

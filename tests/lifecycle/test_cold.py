@@ -99,6 +99,39 @@ async def test_a_failed_archive_keeps_the_home(tmp_path: Path) -> None:
         await runtime.close()
 
 
+class _Bug(Exception):
+    """An error of a kind the runtime does not expect (a bug in restore, say)."""
+
+
+@pytest.mark.parametrize("broken", ["restore_home", "dies_with"])
+async def test_a_wake_broken_off_by_an_unexpected_error_leaves_no_phase_in_flight(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
+    """Mocked: the faults themselves (a bug cannot be made to happen on purpose). Without the guard the workspace
+    read RESTORING or STARTING for good, and every later wake waited on a phase nothing would end."""
+    before = _make_cold(tmp_path)
+    config = settings(tmp_path, {"ws": workspace(next_address())})
+    runtime = LocalRuntime(config.local)
+    await runtime.start()
+
+    def bug(*_args: object) -> None:
+        raise _Bug("a bug")
+
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(f"gateway.lifecycle.local.{broken}", bug)
+            with pytest.raises(_Bug):
+                await runtime.wake("ws")
+            state = await runtime.status("ws")
+            assert state.phase is (Phase.COLD if broken == "restore_home" else Phase.FAILED)
+            assert "_Bug" in state.message
+
+        assert (await runtime.wake("ws")).phase is Phase.RUNNING  # the next wake is not held up
+        home, _ = _paths(tmp_path)
+        assert snapshot(home) == before
+    finally:
+        await runtime.close()
+
+
 async def test_request_to_a_cold_workspace_restores_then_serves(make_gateway: MakeGateway, tmp_path: Path) -> None:
     before = _make_cold(tmp_path)
     client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0.5)})
