@@ -26,7 +26,7 @@ from gateway.auth.store import API_PREFIX, ShareLink
 from gateway.config import WORKSPACE_ID
 from gateway.edge.policy import VISIBILITIES, Duration, Reason, describe_duration, visibility
 from gateway.edge.policy import role as role_of
-from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from gateway.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from gateway.lifecycle import LABEL_LONGEST, WorkspaceSpec, WorkspaceState, showable_label
 from gateway.server.context import GATEWAY, Gateway
 from gateway.web.auth_routes import check_same_origin, hub_identity
@@ -37,6 +37,8 @@ PAGE_SIZE = 100
 """Workspaces per page of ``GET /api/v1/workspaces`` when the caller names no ``limit``: an admin may see
 thousands, and one answer with every port of each would take seconds and megabytes."""
 MOST_PER_PAGE = 500
+MOST_API_TOKENS = 100
+"""Per person: each is kept until revoked, and a file store writes every one out with each change."""
 _LIMIT = re.compile(r"[0-9]{1,4}")
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -79,12 +81,16 @@ class NewToken(_Body):
     name: str = Field(min_length=1, max_length=64)
 
 
+def _bearer(request: web.Request) -> str | None:
+    authorization = the_authorization(request.headers)
+    return authorization[7:].strip() if authorization[:7].lower() == "bearer " else None
+
+
 def caller(request: web.Request) -> Identity:
     """The API caller: bearer API token, or hub session cookie (CSRF-checked for changes)."""
     gateway = request.app[GATEWAY]
-    authorization = the_authorization(request.headers)
-    if authorization[:7].lower() == "bearer ":
-        token = authorization[7:].strip()
+    token = _bearer(request)
+    if token is not None:
         record = gateway.auth.store.find_api_token(token) if token.startswith(API_PREFIX) else None
         if record is None:
             raise Unauthorized("This API token is not valid.", code="token-invalid")
@@ -395,8 +401,15 @@ async def list_tokens(request: web.Request) -> web.Response:
 
 async def create_token(request: web.Request) -> web.Response:
     identity = caller(request)
+    if _bearer(request) is not None:  # a stolen token that could mint more would outlive its own revocation
+        raise Forbidden("API tokens are created signed in to the hub (or by an operator with `codehub-gateway "
+                        "token issue`), not with another token.", code="token-cannot-mint")
     new: NewToken = await _body(request, NewToken)
-    record, token = await request.app[GATEWAY].auth.store.create_api_token(identity, name=new.name)
+    store = request.app[GATEWAY].auth.store
+    if sum(1 for record in store.api_tokens.values() if record.subject == identity.subject) >= MOST_API_TOKENS:
+        raise Conflict(f"You have {MOST_API_TOKENS} API tokens, as many as one person may have: revoke one first.",
+                       code="too-many-tokens")
+    record, token = await store.create_api_token(identity, name=new.name)
     return web.json_response({**record.public(), "token": token}, status=201)
 
 

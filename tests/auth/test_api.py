@@ -15,6 +15,7 @@ from multidict import CIMultiDict
 from gateway.auth.store import Consent, FileTokenStore
 from gateway.lifecycle import Phase
 from gateway.web import api, hub
+from gateway.web.api import MOST_API_TOKENS
 from gateway.web.pages import PHASE_WORDS
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served
@@ -446,6 +447,34 @@ async def test_api_tokens(served: Served, make_browser: MakeBrowser) -> None:
     assert_error(await call(bob, "DELETE", f"/api/v1/tokens/{record['id']}"), 404, "token-not-found")
     assert (await call(alice, "DELETE", f"/api/v1/tokens/{record['id']}")).status == 200
     assert_error(await call(script, "GET", "/api/v1/me", token=record["token"]), 401, "token-invalid")
+
+
+async def test_an_api_token_cannot_mint_another(served: Served, make_browser: MakeBrowser) -> None:
+    """A stolen token minting a second would keep its thief in after the first is revoked."""
+    alice = await user(make_browser, served, "alice")
+    token = (await call(alice, "POST", "/api/v1/tokens", {"name": "ci"})).json()["token"]
+    script = await make_browser(served)
+
+    assert_error(await call(script, "POST", "/api/v1/tokens", {"name": "more"}, token=token), 403,
+                 "token-cannot-mint")
+
+    assert [t["name"] for t in (await call(alice, "GET", "/api/v1/tokens")).json()["tokens"]] == ["ci"]
+    assert (await call(script, "GET", "/api/v1/tokens", token=token)).status == 200  # it still lists them
+
+
+async def test_a_person_has_at_most_so_many_api_tokens(served: Served, make_browser: MakeBrowser) -> None:
+    """Every token is kept (and, in the file store, written out with every change) until revoked."""
+    alice = await user(make_browser, served, "alice")
+    for index in range(MOST_API_TOKENS):
+        assert (await call(alice, "POST", "/api/v1/tokens", {"name": f"t{index}"})).status == 201
+
+    assert_error(await call(alice, "POST", "/api/v1/tokens", {"name": "one more"}), 409, "too-many-tokens")
+
+    bob = await user(make_browser, served, "bob")
+    assert (await call(bob, "POST", "/api/v1/tokens", {"name": "his"})).status == 201  # a cap per person
+    first = (await call(alice, "GET", "/api/v1/tokens")).json()["tokens"][0]
+    assert (await call(alice, "DELETE", f"/api/v1/tokens/{first['id']}")).status == 200
+    assert (await call(alice, "POST", "/api/v1/tokens", {"name": "one more"})).status == 201
 
 
 async def test_api_without_credentials_is_401_json(served: Served, make_browser: MakeBrowser) -> None:
