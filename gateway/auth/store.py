@@ -208,6 +208,9 @@ class TokenStore(Protocol):
 
 
 Stamp = tuple[int, int, int, int]
+SHARE_RETENTION = 86400.0
+"""Seconds an expired share link stays listed (to its owner, and in the file each change rewrites) before the file
+store forgets it, with the next new link: as the Kubernetes store's leader deletes them (``share_retention``)."""
 LOG_LIMIT = 8 << 20
 """Bytes of counts in the log before the next batch folds them into the big file instead (2.4 s with 200,000
 records here): 1,000 links used every 2 s fill it in 5 minutes, a few busy links in weeks. Longer would cost
@@ -593,6 +596,10 @@ class FileTokenStore:
         link = ShareLink(id=new_id(), token_hash=token_hash(token), workspace=workspace, port=port,
                          audience=audience, people=people, created_by=created_by, created=now, expires=now + ttl)
         with self._writing():
+            for gone in [old for old in self._shares.values() if old.expires < now - SHARE_RETENTION]:
+                del self._shares[gone.id]
+                self._share_index.pop(gone.token_hash, None)
+                self._by_workspace.discard(gone)
             self._shares[link.id] = link
             self._share_index[link.token_hash] = link
             self._by_workspace.add(link)

@@ -39,6 +39,9 @@ thousands, and one answer with every port of each would take seconds and megabyt
 MOST_PER_PAGE = 500
 MOST_API_TOKENS = 100
 """Per person: each is kept until revoked, and a file store writes every one out with each change."""
+MOST_SHARE_LINKS = 1000
+"""Per workspace, revoked and expired ones included until the store forgets them (a day after they expire): the
+file store writes every one out with each change, and the hub lists them to everyone who sees the workspace."""
 _LIMIT = re.compile(r"[0-9]{1,4}")
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -357,6 +360,9 @@ async def create_share(request: web.Request) -> web.Response:
     ttl = new.ttl or rules.default_ttl
     if ttl > rules.max_ttl:
         raise BadRequest(f"ttl: the policy allows at most {describe_duration(rules.max_ttl)}.", code="ttl-too-long")
+    if len(links_of(gateway, state.spec)) >= MOST_SHARE_LINKS:
+        raise Conflict(f"{state.id} has {MOST_SHARE_LINKS} share links, as many as a workspace keeps (revoked ones "
+                       "too, until a while after they expire).", code="too-many-share-links")
     link, token = await gateway.auth.store.create_share(
         workspace=state.id, port=new.port, audience=new.audience, people=new.people, created_by=identity.subject,
         ttl=ttl,

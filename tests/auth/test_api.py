@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 from gateway.auth.store import Consent, FileTokenStore
 from gateway.lifecycle import Phase
 from gateway.web import api, hub
-from gateway.web.api import MOST_API_TOKENS
+from gateway.web.api import MOST_API_TOKENS, MOST_SHARE_LINKS
 from gateway.web.pages import PHASE_WORDS
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served
@@ -475,6 +475,25 @@ async def test_a_person_has_at_most_so_many_api_tokens(served: Served, make_brow
     first = (await call(alice, "GET", "/api/v1/tokens")).json()["tokens"][0]
     assert (await call(alice, "DELETE", f"/api/v1/tokens/{first['id']}")).status == 200
     assert (await call(alice, "POST", "/api/v1/tokens", {"name": "one more"})).status == 201
+
+
+async def test_a_workspace_keeps_at_most_so_many_share_links(served: Served, make_browser: MakeBrowser) -> None:
+    """Revoked ones count until the store forgets them (a day after they expire): a loop of create and revoke
+    would otherwise grow, without end, the file each change rewrites and the hub of everyone who sees ws1."""
+    store = served.gateway.auth.store
+    for _ in range(MOST_SHARE_LINKS - 1):
+        await store.create_share(workspace="ws1", port=3000, audience="anyone", people=[], created_by="alice",
+                                 ttl=3600)
+    alice = await user(make_browser, served, "alice")
+    last = await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000, "audience": "anyone"})
+    assert last.status == 201
+    assert (await call(alice, "DELETE", f"/api/v1/workspaces/ws1/shares/{last.json()['id']}")).status == 200
+
+    assert_error(await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000, "audience": "anyone"}),
+                 409, "too-many-share-links")
+
+    carol = await user(make_browser, served, "carol")
+    assert (await call(carol, "POST", "/api/v1/workspaces/ws2/shares", {"port": 5000})).status == 201  # per workspace
 
 
 async def test_api_without_credentials_is_401_json(served: Served, make_browser: MakeBrowser) -> None:

@@ -916,3 +916,23 @@ async def test_used_codes_an_older_version_kept_must_be_times(tmp_path: Path) ->
     path.write_text(json.dumps(data))
     with pytest.raises(StoreUnavailable):
         FileTokenStore(path).find_share("chs_x")
+
+
+async def test_links_expired_over_a_day_ago_are_forgotten_with_the_next_new_link(tmp_path: Path) -> None:
+    """As the Kubernetes store's leader deletes them (``kubernetes.share_retention``): otherwise every link ever
+    made stays in the file that each change rewrites whole, and in the hub of everyone who sees the workspace."""
+    path = tmp_path / "tokens.json"
+    store = FileTokenStore(path)
+    now = time.time()
+    _, old_token = await store.create_share(workspace="ws1", port=3000, audience="anyone", people=[],
+                                            created_by="alice", ttl=60, now=now - store_module.SHARE_RETENTION - 61)
+    recent, _ = await store.create_share(workspace="ws1", port=3000, audience="anyone", people=[],
+                                         created_by="alice", ttl=60, now=now - store_module.SHARE_RETENTION + 30)
+    revoked = await store.revoke_share(await _link(store))
+
+    new = await _link(store)
+
+    assert set(store.shares) == {recent.id, revoked.id, new.id}
+    assert store.find_share(old_token) is None
+    assert [link.id for link in store.shares_of("ws1")] == [new.id, revoked.id, recent.id]
+    assert set(FileTokenStore(path).shares) == {recent.id, revoked.id, new.id}  # and from the file
