@@ -18,7 +18,7 @@ from html import escape
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.auth.authenticate import SHARE_PARAM, the_authorization
 from gateway.auth.identity import Identity
@@ -51,6 +51,19 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _printable(value: str) -> str:
+    if not value.isprintable():
+        raise ValueError("must be printable text on one line")
+    return value
+
+
+Principal = Annotated[str, Field(min_length=1, max_length=320), AfterValidator(_printable)]
+"""A user name, an e-mail (at most 254 characters) or ``group:NAME``, as the policy names people."""
+Principals = Annotated[list[Principal], Field(max_length=100)]
+"""Each share link and workspace keeps its list in the store (a file each change rewrites, or the cluster) and
+the hub shows it: the request body's limit alone let one link name 100,000 people."""
+
+
 class PortChange(_Body):
     """Any of: who can see the port, whether its dev server speaks HTTPS (self-signed), its name, and whether its
     app receives visitors' identity (with their consent)."""
@@ -64,24 +77,24 @@ class PortChange(_Body):
 class NewShare(_Body):
     port: int | None = Field(default=None, ge=1, le=65535)
     audience: Literal["anyone", "org", "people"] = "anyone"
-    people: list[str] = Field(default_factory=list)
+    people: Principals = Field(default_factory=list)
     ttl: Duration | None = None
 
 
 class NewWorkspace(_Body):
     id: str | None = Field(default=None, pattern=rf"^(?:{WORKSPACE_ID.pattern})$")  # pydantic searches: anchored,
     # or 'a.evil', '../x' and 'Not-An-Id' passed for ids, as each holds one somewhere
-    collaborators: list[str] = Field(default_factory=list)
+    collaborators: Principals = Field(default_factory=list)
     ports: dict[Annotated[int, Field(ge=1, le=65535)], Literal["private", "org", "public"]] = Field(
         default_factory=dict)
 
 
 class Collaborators(_Body):
-    collaborators: list[str]
+    collaborators: Principals
 
 
 class NewToken(_Body):
-    name: str = Field(min_length=1, max_length=64)
+    name: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable)]
 
 
 def _bearer(request: web.Request) -> str | None:

@@ -282,12 +282,24 @@ async def test_a_person_withdraws_their_own_answers_and_revokes_their_own_tokens
     ("/api/v1/tokens", {"name": "x"}, 201),
     ("/api/v1/tokens", {"name": "x" * 64}, 201),
     ("/api/v1/tokens", {"name": "x" * 65}, 400),
+    # principals: each link and workspace keeps its list in the store's file, and the hub shows it
+    ("/api/v1/workspaces/ws1/shares", {"audience": "people", "people": [f"p{i}" for i in range(100)]}, 201),
+    ("/api/v1/workspaces/ws1/shares", {"audience": "people", "people": [f"p{i}" for i in range(101)]}, 400),
+    ("/api/v1/workspaces/ws1/shares", {"audience": "people", "people": ["x" * 320]}, 201),
+    ("/api/v1/workspaces/ws1/shares", {"audience": "people", "people": ["x" * 321]}, 400),
+    ("/api/v1/workspaces/ws1/shares", {"audience": "people", "people": ["bob", ""]}, 400),
+    ("/api/v1/workspaces/ws1/shares", {"audience": "people", "people": ["bob\nalice"]}, 400),
+    ("/api/v1/workspaces/ws1/shares", {"audience": "people", "people": ["group:\u202efe"]}, 400),
+    ("/api/v1/workspaces/ws1/collaborators", {"collaborators": [f"p{i}" for i in range(100)]}, 200),
+    ("/api/v1/workspaces/ws1/collaborators", {"collaborators": [f"p{i}" for i in range(101)]}, 400),
+    ("/api/v1/workspaces/ws1/collaborators", {"collaborators": ["x" * 321]}, 400),
+    ("/api/v1/workspaces/ws1/collaborators", {"collaborators": ["\x1b[31m"]}, 400),
 ])
 async def test_the_limits_of_a_body_are_where_they_are_said_to_be(served: Served, make_browser: MakeBrowser,
                                                                   path: str, body: dict[str, Any],
                                                                   status: int) -> None:
     alice = await user(make_browser, served, "alice")
-    page = await call(alice, "PUT" if "/ports/" in path else "POST", path, body)
+    page = await call(alice, "PUT" if "/ports/" in path or path.endswith("/collaborators") else "POST", path, body)
     assert page.status == status, page.text
 
 
@@ -348,15 +360,17 @@ async def test_a_store_that_cannot_be_read_refuses_before_acting_and_keeps_its_f
 
 
 async def test_what_an_owner_stores_through_the_api_reads_back(served: Served, make_browser: MakeBrowser) -> None:
-    """Odd text in every field a request can fill is stored so that every worker reads it back."""
+    """Odd text in every field a request can fill is stored so that every worker reads it back, or refused."""
     alice = await user(make_browser, served, "alice")
     raw = ('{"audience": "people", "ttl": 1e308, "people": ["\\ud800", "a\\u0000b", "\\u2028", "%s"]}'
            % ("x" * 100_000)).encode()
-    await call(alice, "POST", "/api/v1/workspaces/ws1/shares", raw=raw)
-    made = await call(alice, "POST", "/api/v1/workspaces/ws1/shares",
-                      {"audience": "people", "people": ["\ud800", "a\u0000b", "\u2028", "x" * 100_000]})
-    assert made.status == 201, made.text
-    await call(alice, "POST", "/api/v1/tokens", {"name": "\ud800\u0000"})
+    assert_error(await call(alice, "POST", "/api/v1/workspaces/ws1/shares", raw=raw), 400, "invalid-body")
+    for people in (["\ud800"], ["a\u0000b"], ["\u2028"], ["x" * 100_000]):
+        made = await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"audience": "people", "people": people})
+        assert_error(made, 400, "invalid-body")
+    for name in ("\ud800", "a\u0000b", "\u2028", "\x1b[2J"):
+        assert_error(await call(alice, "POST", "/api/v1/tokens", {"name": name}), 400, "invalid-body")
+    assert (await call(alice, "POST", "/api/v1/tokens", {"name": "ünïcödé 名前"})).status == 201
     assert FileTokenStore(served.gateway.config.store_file).shares is not None  # raises if it cannot be read back
     assert (await call(alice, "GET", "/api/v1/workspaces")).status == 200
 
