@@ -97,6 +97,13 @@ class ShareLinks(_Model):
     audiences: tuple[Audience, ...] = ("anyone", "org", "people")
 
 
+class Workspaces(_Model):
+    """``most_per_person``: workspaces one person may own, created through the API (Kubernetes): each is a home
+    volume and, woken, a pod; a loop with one token would otherwise take the cluster's room from everyone."""
+
+    most_per_person: Annotated[int, Field(ge=1)] = 20
+
+
 class WakePolicy(_Model):
     """``who`` may wake a sleeping workspace: ``anyone-with-access`` or only ``owner-and-collaborators``."""
 
@@ -179,6 +186,7 @@ class Policy(_Model):
     org: Org = Org()
     ports: Ports = Ports()
     share_links: ShareLinks = ShareLinks()
+    workspaces: Workspaces = Workspaces()
     wake: WakePolicy = WakePolicy()
     admins: tuple[str, ...] = ()
     embedding: Embedding = Embedding()

@@ -200,7 +200,8 @@ class Runtime(abc.ABC):
         return None
 
     def features(self) -> dict[str, bool]:
-        """Optional abilities and whether this runtime has them here (``cold``: it can archive)."""
+        """Optional abilities and whether this runtime has them here (``cold``: it can archive; ``create``: it
+        makes and deletes workspaces through the API)."""
         return {}
 
     def is_leader(self) -> bool:

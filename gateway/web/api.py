@@ -258,6 +258,11 @@ async def create_workspace(request: web.Request) -> web.Response:
     workspace_id = new.id or "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
     spec = WorkspaceSpec(id=workspace_id, owner=identity.subject, collaborators=tuple(new.collaborators),
                          ports=dict(new.ports))
+    most = gateway.policy.workspaces.most_per_person
+    if (gateway.runtime.features().get("create")  # else the runtime says why it makes none
+            and sum(1 for state in gateway.runtime.list() if identity.is_subject(state.spec.owner)) >= most):
+        raise Conflict(f"You own {most} workspaces, as many as the policy lets one person have: delete one first.",
+                       code="too-many-workspaces")
     counts = consented(gateway, [spec])  # first: a token store that cannot be read refuses before the act
     state = await gateway.runtime.create(spec)
     return web.json_response(workspace_view(gateway, state, identity, counts), status=201)

@@ -623,6 +623,16 @@ async def test_local_workspaces_are_declared_not_created(served: Served, make_br
     assert changed.json()["collaborators"] == ["carol"]
 
 
+async def test_a_runtime_that_makes_no_workspaces_says_so_whatever_the_policy_counts(
+        serve: Serve, make_browser: MakeBrowser, tmp_path: Path) -> None:
+    """Not "delete one first" to someone who owns more declared workspaces than the policy's API maximum."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("workspaces:\n  most_per_person: 1\n")
+    served = await serve({"a1": {"owner": "alice"}, "a2": {"owner": "alice"}}, policy_file=str(policy))
+    alice = await user(make_browser, served, "alice")
+    assert_error(await call(alice, "POST", "/api/v1/workspaces", {"id": "a3"}), 405, "workspaces-are-configured")
+
+
 async def test_workspaces_come_in_pages(serve: Serve, make_browser: MakeBrowser, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """``limit`` and ``cursor`` walk the caller's workspaces in id order; pages skip what the caller cannot see,

@@ -280,6 +280,9 @@ BAD_POLICIES = [
      "    - javascript:alert(1)\n", f"{FILE}:2: embedding.frame_ancestors: 'javascript:alert(1)' is not an origin"),
     ("wildcard origin with credentials", "cors:\n  - ports: [3000]\n  - ports: [8000]\n    allow_origins: ['*']\n",
      f"{FILE}:4: cors.1.allow_origins: '*' admits every origin"),
+    ("no workspace at all", "workspaces:\n  most_per_person: 0\n",
+     f"{FILE}:2: workspaces.most_per_person: Input should be greater than or equal to 1"),
+    ("workspaces in words", "workspaces:\n  most_per_person: many\n", f"{FILE}:2: workspaces.most_per_person"),
     ("not a mapping", "- org\n- ports\n", f"{FILE}:1: a policy must be a mapping"),
     ("not YAML", "ports:\n  denied: [22\n", f"{FILE}:3: not valid YAML"),
     ("tab indentation", "ports:\n\tdenied: []\n", f"{FILE}:2: not valid YAML"),
@@ -306,6 +309,7 @@ def test_bad_policy_is_rejected_with_file_and_line(text: str, want_err: str) -> 
          Policy(ports=Ports(default_visibility="org", max_visibility="org"))),
         ("share_links:\n  default_ttl: 7d\n  max_ttl: 7d\n",
          Policy.model_validate({"share_links": {"default_ttl": 7 * 86400, "max_ttl": 7 * 86400}})),
+        ("workspaces:\n  most_per_person: 1\n", Policy.model_validate({"workspaces": {"most_per_person": 1}})),
     ],
 )
 def test_good_policies_parse(text: str, expected: Policy) -> None:

@@ -33,7 +33,7 @@ async def test_without_the_snapshot_api_the_gateway_starts_and_only_cold_is_off(
     warnings = [r.getMessage() for r in caplog.records if "VolumeSnapshot API" in r.getMessage()]
     assert len(warnings) == 1
     assert "COLD is disabled" in warnings[0]
-    assert runtime.features() == {"cold": False}
+    assert runtime.features() == {"cold": False, "create": True}
     assert runtime.api_healthy
     await new_workspace(runtime)
     assert (await runtime.wake("w1")).phase is Phase.RUNNING
@@ -55,7 +55,7 @@ async def test_without_the_snapshot_api_the_gateway_starts_and_only_cold_is_off(
 async def test_the_metric_says_cold_is_off(kube: KubeEnv, aiohttp_client: Any, tmp_path: Path) -> None:
     del kube.emulator.resources[SNAPSHOTS]
     client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(gateway_config(kube, tmp_path)))
-    assert client.app[GATEWAY].runtime.features() == {"cold": False}
+    assert client.app[GATEWAY].runtime.features() == {"cold": False, "create": True}
     scraped = client.app[GATEWAY].metrics.render().decode()
     assert 'codehub_runtime_feature{feature="cold"} 0.0' in scraped
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
 from gateway.auth.identity import Identity
@@ -142,3 +142,37 @@ async def test_the_management_api_creates_and_shares_workspaces(
                               headers={**bearer, "Authorization": f"Bearer {mallory}"})
     assert taken.status == 409
     assert (await taken.json())["error"]["code"] == "workspace-exists"
+
+
+async def test_a_person_owns_at_most_the_workspaces_the_policy_allows(
+        kube: KubeEnv, aiohttp_client: Any, tmp_path: Path) -> None:
+    """Each is a Workspace in the cluster, a home volume and a pod once woken: one person with an API token and a
+    loop would otherwise take the cluster's room from everyone."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("workspaces:\n  most_per_person: 2\n")
+    config = gateway_config(kube, tmp_path).model_copy(update={"policy_file": policy})
+    kube.emulator.create_object(WORKSPACE, {"metadata": {"name": "old1"}, "spec": {"owner": "Alice"}}, NS)
+    kube.emulator.create_object(WORKSPACE, {"metadata": {"name": "hers"}, "spec": {"owner": "carol"}}, NS)
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(config))
+    gateway = client.app[GATEWAY]
+    await until(lambda: gateway.runtime.get("hers") is not None)
+    bearer = {"Host": "localhost:8080"}
+    for name in ("alice", "carol"):
+        _record, token = await gateway.auth.store.create_api_token(Identity(name), name="test")
+        bearer[name] = f"Bearer {token}"
+
+    async def create(who: str, workspace: str) -> ClientResponse:
+        return await client.post("/api/v1/workspaces", json={"id": workspace},
+                                 headers={"Host": "localhost:8080", "Authorization": bearer[who]})
+
+    assert (await create("alice", "new1")).status == 201  # old1 is hers too (owner names compare as users)
+    refused = await create("alice", "new2")
+    assert refused.status == 409
+    assert (await refused.json())["error"]["code"] == "too-many-workspaces"
+    assert kube.emulator.get_object(WORKSPACE, NS, "new2") is None
+    assert (await create("carol", "new3")).status == 201  # one person's count is theirs alone
+
+    assert (await client.delete("/api/v1/workspaces/new1", headers={"Host": "localhost:8080",
+                                                                    "Authorization": bearer["alice"]})).status == 200
+    await until(lambda: gateway.runtime.get("new1") is None)
+    assert (await create("alice", "new2")).status == 201

@@ -155,7 +155,7 @@ class KubernetesRuntime(Runtime):
         return self.client
 
     def features(self) -> dict[str, bool]:
-        return {"cold": self.view.snapshots_enabled}
+        return {"cold": self.view.snapshots_enabled, "create": True}
 
     # -- doing --
 
