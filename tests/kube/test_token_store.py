@@ -180,8 +180,9 @@ async def test_a_replaced_replica_keeps_links_tokens_and_counts(kube: KubeEnv, r
 async def test_api_tokens_are_shared_and_revoked_everywhere(kube: KubeEnv, replica: MakeReplica) -> None:
     a, b = await replica("gw-a"), await replica("gw-b")
     seed = await alice_token(a)
-    status, made = await api(a, "POST", "/api/v1/tokens", seed, {"name": "ci"})
-    assert status == 201
+    assert (await api(a, "POST", "/api/v1/tokens", seed, {"name": "ci"}))[0] == 403  # a token mints none
+    record, token = await store(a).create_api_token(Identity("alice", "alice@corp.test", (), "alice"), name="ci")
+    made = {"id": record.id, "token": token}
     assert made["token"] not in json.dumps(kube.emulator.list_objects(API_TOKEN, NS))
     assert (await api(a, "GET", "/api/v1/tokens", made["token"]))[0] == 200
 
