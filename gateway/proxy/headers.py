@@ -239,8 +239,13 @@ def cookie_name_and_domain(set_cookie: str) -> tuple[str, str | None]:
 
 
 def allowed_set_cookie(set_cookie: str, public_host: str) -> bool:
-    """An upstream may only set host-only cookies (or name its own host) and never the gateway's cookie names."""
+    """An upstream may only set host-only cookies (or name its own host) and never the gateway's cookie names.
+
+    A cookie with no name is sent back as its bare value (RFC 6265bis, retrieval): ``=codehub_session=x`` comes back
+    as ``codehub_session=x``, so it is judged by the name it comes back with."""
     name, domain = cookie_name_and_domain(set_cookie)
+    if not name:
+        name = set_cookie.split(";", 1)[0].partition("=")[2].strip()
     if gateway_cookie(name):
         return False
     return domain is None or domain == public_host.partition(":")[0].lower()

@@ -118,7 +118,8 @@ async def test_upstream_cannot_set_cookies_for_the_parent_domain_or_ours(served:
     offered = ["app=1; Path=/", "own=1; Domain=3001-ws1.localhost; Path=/", "wide=1; Domain=localhost",
                "dotwide=1; Domain=.localhost", "upper=1; Domain=LOCALHOST", "codehub_session=evil; Path=/",
                "__Host-codehub_session=evil; Path=/; Secure", "codehub_share=x", "codehub_handoff=x",
-               "other=1; Domain=3000-ws1.localhost"]
+               "other=1; Domain=3000-ws1.localhost", "=codehub_session=evil; Path=/deep",
+               "=__Host-codehub_session=evil; Path=/; Secure"]
     query = urlencode([("set_cookie", value) for value in offered])
     page = await browser.fetch("GET", served.preview("ws1", 3001, f"/?{query}"))
     assert page.status == 200

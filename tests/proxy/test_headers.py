@@ -139,6 +139,11 @@ def test_cookie_name_and_domain(set_cookie: str, name: str, domain: str | None) 
         ("a=1; Domain=3001-ws1.localhost", False),
         ("codehub_session=x", False),
         ("__Host-codehub-session=x; Secure; Path=/", False),
+        # a cookie without a name is sent back as its bare value: this one comes back as ``codehub_session=x``
+        ("=codehub_session=x; Path=/deep", False),
+        (" = codehub_session=x", False),
+        ("=__Host-codehub_session=x; Secure; Path=/", False),
+        ("=app=1", True),
     ],
 )
 def test_allowed_set_cookie(set_cookie: str, allowed: bool) -> None:
