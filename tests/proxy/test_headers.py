@@ -113,6 +113,20 @@ def test_upstream_request_headers_identity_and_authorization() -> None:
     assert kept["Authorization"] == "Basic app"
 
 
+@pytest.mark.parametrize("strip_authorization", [True, False])
+def test_only_the_authorization_the_gateway_consumed_is_held_back(strip_authorization: bool) -> None:
+    """A script that signs in with a bearer token sends its other headers for the app: they all reach it, in
+    order, whether or not the gateway took the ``Authorization`` for itself."""
+    sent = h(("Accept", "application/json"), ("Authorization", "Bearer t"), ("X-Request-Id", "7"),
+             ("Content-Type", "text/plain"))
+    out = upstream_request_headers(sent, PEER, upstream_host=UPSTREAM, strip_authorization=strip_authorization)
+    expected = [("Accept", "application/json"), ("X-Request-Id", "7"), ("Content-Type", "text/plain")]
+    if not strip_authorization:
+        expected.insert(1, ("Authorization", "Bearer t"))
+    assert [(name, value) for name, value in out.items() if not name.startswith("X-Forwarded-")
+            and name != "Host"] == expected
+
+
 @pytest.mark.parametrize(
     ("set_cookie", "name", "domain"),
     [
