@@ -641,13 +641,16 @@ CLIENT_HANDSHAKES = [
 async def test_the_clients_handshake_is_checked_before_the_upstream_is_asked(proxied: MakeProxied, fields: str,
                                                                              refused: str | None) -> None:
     """A bad offer is a 400 (naming the version spoken, for a bad version) that the upstream never hears of; a good
-    one is switched, with the accept value made of the client's own key."""
+    one is switched, with the accept value made of the client's own key, and the upstream is offered no
+    subprotocol the client did not offer (not even an empty list)."""
     seen: dict[str, str] = {}
     p = await proxied(echo_app(seen))
     status, head, body = await _exchange(p, fields)
     if refused is None:
         assert status == 101, head
         assert _field(head, "Sec-WebSocket-Accept") == KEY_ACCEPT
+        assert seen["Upgrade"] == "websocket"
+        assert "Sec-WebSocket-Protocol" not in seen
         return
     assert status == 400, head
     assert json.loads(body)["error"] == {"code": "websocket-handshake", "message": refused, "status": 400}
