@@ -69,3 +69,62 @@ async def test_an_upgrade_that_gets_no_answer_in_time_closes_its_connection() ->
     finally:
         server.close()
         await server.wait_closed()
+
+
+class _Collector(asyncio.Protocol):
+    """What the relay would read once it has the connection."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.ended = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> None:
+        self.ended.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+
+async def test_what_the_upstream_sends_after_its_101_waits_for_the_relay() -> None:
+    """The answer comes back with reading paused: a frame the app sends right after its 101, before the relay
+    has taken the connection over, is read by the relay, not by the handshake's reader (which would drop it)."""
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    sent, closed = asyncio.Event(), asyncio.Event()
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        assert request.startswith(b"GET /ws HTTP/1.1")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
+        await writer.drain()
+        await sent.wait()  # the gateway has its answer: now the first frame, and the end
+        writer.write(b"\x81\x05hello")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        closed.set()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        transport, answer = await ask_upstream(
+            "127.0.0.1", port, f"GET /ws HTTP/1.1\r\nHost: x\r\nSec-WebSocket-Key: {key}\r\n\r\n".encode(),
+            connect_timeout=5, read_timeout=5)
+        try:
+            assert (answer.status, answer.tail) == (101, b"")
+            sent.set()
+            await asyncio.wait_for(closed.wait(), 5)  # the app has sent its frame and closed
+            relay = _Collector()
+            transport.set_protocol(relay)
+            transport.resume_reading()
+            await asyncio.wait_for(relay.ended, 5)
+            assert relay.data == b"\x81\x05hello"
+        finally:
+            transport.abort()
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -224,16 +224,20 @@ async def test_open_websockets_gauge_goes_up_and_back_down(proxied: MakeProxied)
             await asyncio.sleep(0.01)
 
 
-async def test_upstream_refusing_the_websocket_is_a_502(proxied: MakeProxied) -> None:
+async def test_upstream_refusing_the_websocket_is_a_502(proxied: MakeProxied, caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    """A refusal is the app's answer, not a fault of the gateway's: the client gets a 502 and nothing is logged as
+    an error (the refused connection is closed quietly)."""
     async def refuse(request: web.Request) -> web.Response:
         return web.Response(status=403, text="go away")
 
     app = web.Application()
     app.router.add_get("/ws", refuse)
     p = await proxied(app)
-    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+    with caplog.at_level(logging.ERROR), pytest.raises(aiohttp.WSServerHandshakeError) as caught:
         await p.client.ws_connect("/ws", headers={"Host": p.host})
     assert caught.value.status == 502
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
 
 
 async def test_upstream_silent_after_the_upgrade_request_is_a_504(proxied: MakeProxied) -> None:
@@ -716,6 +720,42 @@ async def test_the_upstreams_answer_must_be_a_valid_switch_or_the_client_gets_a_
             status, answer, body = await _exchange(p, _fields())
             assert status == 502, answer
             assert json.loads(body)["error"]["code"] == "websocket-refused"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("offered", "chosen", "told"),
+    [
+        ("chat.v1, chat.v2", "chat.v2", "chat.v2"),
+        ("chat.v1", "chat.v9", None),
+        (None, "chat.v1", None),
+        ("chat.v1", None, None),
+    ],
+    ids=["one it was offered", "one nobody offered", "one when none was offered", "none"],
+)
+async def test_the_client_is_told_only_a_subprotocol_it_offered(proxied: MakeProxied, offered: str | None,
+                                                                 chosen: str | None, told: str | None) -> None:
+    """The subprotocol in the client's 101 is the upstream's choice when the client offered it, else none: a
+    browser fails a WebSocket whose server names a subprotocol it never asked for (RFC 6455 §4.1)."""
+    p = await proxied(None)
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        key = _field(request, "Sec-WebSocket-Key")
+        assert key is not None
+        protocol = f"Sec-WebSocket-Protocol: {chosen}\r\n" if chosen else ""
+        writer.write(f"{SWITCH}Sec-WebSocket-Accept: {_accept(key)}\r\n{protocol}\r\n".encode())
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(app, p.address, p.port)
+    try:
+        status, head, _ = await _exchange(p, _fields(Sec_WebSocket_Protocol=offered))
+        assert status == 101, head
+        assert _field(head, "Sec-WebSocket-Protocol") == told
     finally:
         server.close()
         await server.wait_closed()
