@@ -37,6 +37,13 @@ def claim_text(value: Any) -> str | None:
     return None
 
 
+def _says_verified(value: Any) -> bool:
+    """An ``email_verified`` claim that vouches for the address: ``true``, or the text ``"true"`` some IdPs send
+    instead (Cognito, Apple, JumpCloud). Any other value is no yes: read as "not ``False``", their ``"false"``
+    passed for verified, and an address anyone can type in matched collaborator entries and org rules."""
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     subject: str
@@ -109,7 +116,7 @@ class Identity:
         rules match e-mails, and anyone can type any address into an account that has not verified it."""
         identity = cls.from_claims({k: v for k, v in claims.items() if k != "attrs"}, subject_claim=subject_claim,
                                    groups_claim=groups_claim)
-        verified = claims.get("email_verified", True) is not False
+        verified = _says_verified(claims.get("email_verified", True))
         email = identity.email if verified else ""
         subject = identity.subject if verified or subject_claim != "email" else ""  # none: sign-in refuses it
         extra = {k: v for k, v in claims.items() if k not in _NOT_ATTRIBUTES and k not in (subject_claim, groups_claim)}

@@ -502,6 +502,22 @@ def test_an_unverified_address_is_no_user_name() -> None:
     assert Identity.from_id_token(claims).subject == "u1", "the IdP's own subject needs no verified address"
 
 
+@pytest.mark.parametrize(("said", "verified"), [
+    (True, True), ("true", True), ("True", True),
+    (False, False), ("false", False), ("False", False), ("", False), ("no", False), (None, False), (0, False),
+])
+def test_only_a_yes_verifies_an_address(said: object, verified: bool) -> None:
+    """Some IdPs (Cognito, Apple, JumpCloud) send ``email_verified`` as text: their ``"false"`` is not a yes, nor is
+    anything else but ``true``. Taken for verified, an address anyone can type in matched whoever it names."""
+    claims = {"sub": "u1", "email": "bob@corp.example", "email_verified": said}
+    identity = Identity.from_id_token(claims)
+    assert identity.email == ("bob@corp.example" if verified else "")
+    assert identity.matches("bob@corp.example") is verified
+    by_address = Identity.from_id_token(claims, subject_claim="email")
+    assert by_address.subject == ("bob@corp.example" if verified else "")
+    assert (by_address.unsendable() is None) is verified
+
+
 @pytest.mark.parametrize("username_claim", ["preferred_username", "email"])
 def test_a_token_without_the_user_name_claim_names_nobody(username_claim: str) -> None:
     """A token without the configured ``username_claim`` was named by its ``sub``, a value of another namespace
