@@ -705,6 +705,17 @@ def test_what_the_gateway_consumes_never_reaches_the_app_and_what_it_does_not_do
     assert (made.error.status, made.error.code) == (400, "bad-authorization")
 
 
+@pytest.mark.parametrize("authorization", ["Basic YXBwOmFwcA==", "Bearer eyJhbGciOiJIUzI1NiJ9.e30.app",
+                                           "Digest chk_of-the-app", "Digest chs_of-the-app"])
+def test_credentials_of_another_scheme_are_the_apps_even_when_they_look_like_ours(world: World,
+                                                                                 authorization: str) -> None:
+    """Only a ``Bearer`` token that begins like one of the gateway's is the gateway's: the app's own bearer tokens,
+    and credentials under any other scheme even if they begin like a gateway token, are sent on as they came."""
+    made = plan(facts("/", Cookie=world.cookie(ALICE), Authorization=authorization), world)
+    assert isinstance(made, Forward)
+    assert made.headers["Authorization"] == authorization
+
+
 def test_a_bearer_token_writes_from_any_origin(world: World) -> None:
     """Only cookies ride along unasked: a script holding an API token may call from anywhere."""
     _, api = asyncio.run(world.store.create_api_token(ALICE, name="ci"))
@@ -865,6 +876,21 @@ def test_the_ide_host_reads_no_share_cookie(world: World) -> None:
     found = authenticate("GET", facts(host=_IDE, Cookie=live).headers, "/", _IDE, sessions=world.sessions,
                          store=world.store, secure=False, preview=False, now=NOW)
     assert (found.link, found.grant, found.by_cookie) == (None, None, False)
+
+
+@pytest.mark.parametrize("port", [3000, None])
+def test_a_share_token_presented_to_the_ide_opens_nothing(world: World, port: int | None) -> None:
+    """Nor does a share token sent as a bearer token open the IDE, even one for every port of its workspace: it is
+    taken off the request (it is the gateway's), and the caller is as anonymous as without it."""
+    _, token = asyncio.run(world.store.create_share(workspace="ws", port=port, audience="anyone", people=[],
+                                                    created_by="alice", ttl=600, now=NOW))
+    for presented in (token, "chs_not-a-link"):
+        made = plan(facts("/", host=_IDE, Authorization=f"Bearer {presented}"), world)
+        assert isinstance(made, Refuse)
+        assert (made.error.status, made.error.code) == (401, "user-unauthenticated")
+    owner = plan(facts("/", host=_IDE, Authorization=f"Bearer {token}", Cookie=world.cookie(ALICE, _IDE)), world)
+    assert isinstance(owner, Forward)
+    assert "Authorization" not in owner.headers
 
 
 def test_a_share_token_presented_wins_over_a_share_cookie(world: World) -> None:
