@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import select
+import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from gateway.accesslog import TARGET, USER, AccessLogger, BufferedLineHandler
+from gateway.accesslog import REFUSED, TARGET, UNREAD, USER, WRITTEN, AccessLogger, BufferedLineHandler
 from gateway.edge.routing import Kind, Target
 
 
@@ -72,3 +76,162 @@ async def test_buffered_lines_are_written_whole(pipe: tuple[int, int]) -> None:
     lines = os.read(read, 1 << 20).decode().splitlines()
     assert len(lines) == 50
     assert all(json.loads(line)["path"] == "/app/page" for line in lines)
+
+
+def _lines(read: int, handler: logging.Handler) -> list[dict[str, object]]:
+    handler.flush()
+    os.set_blocking(read, False)
+    try:
+        return [json.loads(line) for line in os.read(read, 1 << 20).decode().splitlines()]
+    except BlockingIOError:
+        return []
+
+
+_NOWHERE = {"kind": None, "workspace": None, "port": None}
+_Marks = tuple[tuple[web.RequestKey[Any], Any], ...]
+
+
+@pytest.mark.parametrize(("marks", "expected"), [
+    ((), {"method": "GET", "host": "localhost:8080", "path": "/api/v1/me", "user": None, **_NOWHERE}),
+    (((REFUSED, "bad-origin"),), {"method": "GET", "path": "/api/v1/me", "reason": "bad-origin", **_NOWHERE}),
+    (((UNREAD, "head-too-large"),), {"method": None, "host": None, "path": None, "user": None,
+                                     "reason": "head-too-large", **_NOWHERE}),
+    (((WRITTEN, True),), None),  # a WebSocket's line, written by its lane when it ended: not a second one
+])
+def test_what_the_line_says_of_a_request_that_went_to_no_workspace(pipe: tuple[int, int], marks: _Marks,
+                                                                  expected: dict[str, object] | None) -> None:
+    """No workspace is ``null``, not a guess; a head refused unread names only its reason (aiohttp's stand-in
+    request knows nothing of what was sent); a request whose lane wrote its own line is not written again."""
+    read, write = pipe
+    handler = BufferedLineHandler(write)
+    request = make_mocked_request("GET", "/api/v1/me?q=1", headers={"Host": "localhost:8080"})
+    for key, value in marks:
+        request[key] = value
+    AccessLogger(_logger("codehub.access.nowhere", handler), "").log(request, web.Response(status=400), 0.001)
+    lines = _lines(read, handler)
+    if expected is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1
+        assert lines[0].items() >= expected.items()
+        assert ("reason" in lines[0]) is ("reason" in expected)
+
+
+@pytest.mark.parametrize("through_sink", [True, False])
+def test_an_access_log_turned_down_below_info_writes_nothing(pipe: tuple[int, int], through_sink: bool) -> None:
+    """Operators switch access lines off by the logger's level, as with any logger."""
+    read, write = pipe
+    handler: logging.Handler = BufferedLineHandler(write)
+    if not through_sink:
+        handler = logging.StreamHandler(os.fdopen(os.dup(write), "w"))
+    logger = _logger(f"codehub.access.quiet{through_sink}", handler)
+    logger.setLevel(logging.WARNING)
+    AccessLogger(logger, "").log(_request(), web.Response(status=200), 0.001)
+    assert _lines(read, handler) == []
+
+
+def test_records_logged_the_usual_way_are_written_formatted(pipe: tuple[int, int]) -> None:
+    """The handler is a logging handler like any other: a record logged through ``logging`` is written as its
+    formatter makes it."""
+    read, write = pipe
+    handler = BufferedLineHandler(write)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    _logger("codehub.access.usual", handler).warning("one %s", "line")
+    handler.flush()
+    os.set_blocking(read, False)
+    assert os.read(read, 65536) == b"WARNING one line\n"
+
+
+def test_a_record_that_cannot_be_formatted_is_reported_as_logging_does(pipe: tuple[int, int],
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad record (arguments its message cannot take) is logging's usual complaint on stderr, written nowhere
+    else, and the caller goes on."""
+    read, write = pipe
+    handler = BufferedLineHandler(write)
+    _logger("codehub.access.bad", handler).warning("%d lines", "not a number")
+    handler.flush()
+    os.set_blocking(read, False)
+    with pytest.raises(BlockingIOError):
+        os.read(read, 65536)
+    assert "--- Logging error ---" in capsys.readouterr().err
+
+
+_LINE = '{"path":"/x"}'  # 14 characters with its newline
+
+
+@pytest.mark.parametrize(("limit", "at_once"), [(14, True), (15, False), (1 << 20, False)])
+async def test_a_batch_is_written_when_it_reaches_the_limit(pipe: tuple[int, int], limit: int, at_once: bool) -> None:
+    """Lines wait for the interval until ``limit`` characters are pending, and the line that reaches it goes out at
+    once with the rest; the count then starts again, so the next line waits for its batch."""
+    read, write = pipe
+    os.set_blocking(read, False)
+    handler = BufferedLineHandler(write, limit=limit, interval=3600)
+    handler.write_line(_LINE)
+    if not at_once:
+        with pytest.raises(BlockingIOError):
+            os.read(read, 65536)
+        handler.flush()
+    assert os.read(read, 65536) == (_LINE + "\n").encode()
+    handler = BufferedLineHandler(write, limit=3 * len(_LINE + "\n"), interval=3600)
+    for _ in range(4):
+        handler.write_line(_LINE)
+    assert os.read(read, 65536) == 3 * (_LINE + "\n").encode()
+    with pytest.raises(BlockingIOError):
+        os.read(read, 65536)
+    handler.flush()
+    assert os.read(read, 65536) == (_LINE + "\n").encode()
+
+
+async def test_pending_lines_are_written_within_the_interval_unasked(pipe: tuple[int, int]) -> None:
+    """A quiet gateway's lines still go out, one interval late at most, batch after batch."""
+    read, write = pipe
+    handler = BufferedLineHandler(write, interval=0.01)
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read, "rb",
+                                                                                                       closefd=False))
+    try:
+        async with asyncio.timeout(10):
+            for n in range(3):
+                handler.write_line(f'{{"n":{n}}}')
+                handler.write_line(f'{{"n":{n}, "again":true}}')
+                assert json.loads(await reader.readline()) == {"n": n}
+                assert json.loads(await reader.readline()) == {"n": n, "again": True}
+    finally:
+        transport.close()
+
+
+def test_lines_outside_an_event_loop_are_written_at_once(pipe: tuple[int, int]) -> None:
+    """With no event loop to flush later (start-up, shutdown, a thread), nothing waits."""
+    read, write = pipe
+    os.set_blocking(read, False)
+    BufferedLineHandler(write).write_line(_LINE)
+    assert os.read(read, 65536) == (_LINE + "\n").encode()
+
+
+async def test_each_write_holds_whole_lines_and_at_most_pipe_buf_bytes() -> None:
+    """Worker processes share one pipe, where only writes of at most ``PIPE_BUF`` bytes are never interleaved with
+    another's: a batch goes out in as few such writes as hold whole lines, and only a line longer than that on its
+    own. A packet socket keeps each write apart, as the reader sees it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        handler = BufferedLineHandler(ours.fileno(), limit=1 << 20, interval=3600)
+        lines = [json.dumps({"path": "/" + "p" * (n * 37 % 700)}) for n in range(40)]
+        lines.insert(20, json.dumps({"path": "/" + "long" * select.PIPE_BUF}))
+        for line in lines:
+            handler.write_line(line)
+        handler.flush()
+        theirs.setblocking(False)
+        writes: list[bytes] = []
+        while True:
+            try:
+                writes.append(theirs.recv(1 << 20))
+            except BlockingIOError:
+                break
+    assert b"".join(writes).decode().splitlines() == lines
+    for this, after in zip(writes, [*writes[1:], None], strict=True):
+        assert this.endswith(b"\n")
+        assert len(this) <= select.PIPE_BUF or this.count(b"\n") == 1
+        if after is not None:  # the next write's first line would not have fit in this one
+            assert len(this) + after.index(b"\n") + 1 > select.PIPE_BUF
