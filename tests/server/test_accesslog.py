@@ -219,6 +219,8 @@ async def test_each_write_holds_whole_lines_and_at_most_pipe_buf_bytes() -> None
         handler = BufferedLineHandler(ours.fileno(), limit=1 << 20, interval=3600)
         lines = [json.dumps({"path": "/" + "p" * (n * 37 % 700)}) for n in range(40)]
         lines.insert(20, json.dumps({"path": "/" + "long" * select.PIPE_BUF}))
+        first = 2000  # with the next, exactly PIPE_BUF bytes: one write
+        lines[:0] = [json.dumps({"path": "/" + "p" * n}) for n in (first, select.PIPE_BUF - 28 - first)]
         for line in lines:
             handler.write_line(line)
         handler.flush()
