@@ -20,7 +20,7 @@ from aiohttp import WSMsgType
 from gateway.auth.identity import Identity
 from gateway.lifecycle import LifecycleError, Phase, WorkspaceState
 from tests.conftest import MakeGateway, next_address, workspace
-from tests.lifecycle.conftest import API, BODY, PORT, browser, gateway_of, preview, slow_workspace, sse_events
+from tests.lifecycle.conftest import API, BODY, PORT, browser, gateway_of, preview, slow_workspace, sse_events, starts
 
 pytestmark = pytest.mark.timeout(60)
 MOST_PORT_WAITS = 16
@@ -366,3 +366,56 @@ async def test_a_workspace_waits_for_at_most_so_many_ports_at_once(make_gateway:
     await runtime.stop("a")
     with pytest.raises(LifecycleError):
         await late
+
+
+async def test_a_waiting_page_follows_its_own_workspace_only(make_gateway: MakeGateway,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every wake listens to the runtime's one stream of phase changes, every workspace's: the page of one that is
+    still starting must not move to "waiting-for-port" (and back) because another workspace came up meanwhile."""
+    client = await make_gateway(workspaces={"a": slow_workspace(next_address(), delay=0),
+                                            "b": slow_workspace(next_address(), delay=0)})
+    runtime = gateway_of(client).runtime
+    go_on = asyncio.Event()
+    wake = runtime.wake
+
+    async def gated_wake(name: str) -> WorkspaceState:  # a's wake waits until b is up
+        if name == "a":
+            await go_on.wait()
+        return await wake(name)
+
+    monkeypatch.setattr(runtime, "wake", gated_wake)
+    try:
+        assert (await client.get("/", headers=browser("a"))).status == 503
+        other = await client.get("/", headers={"Host": preview("b"), **API})
+        assert other.status == 200
+    finally:
+        go_on.set()
+    events = await sse_events(client, preview("a"))
+
+    progress = [(data["step"], data["message"]) for name, data in events if name == "progress"]
+    steps = [step for step, _message in progress]
+    assert [step for i, step in enumerate(steps) if i == 0 or steps[i - 1] != step] == ["starting", "waiting-for-port"]
+    assert any(message for step, message in progress if step == "starting")  # the runtime's own word on it
+    assert events[-1] == ("ready", {"workspace": "a", "port": PORT})
+
+
+async def test_once_the_gateway_drains_no_request_wakes_a_workspace(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    """A request that still reaches a draining gateway (on a connection kept alive) is told to come back, at once:
+    held or paged it would only wait out the drain, and a wake begun now would be cut off by the exit."""
+    starts_file = tmp_path / "starts"
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0, starts=starts_file)})
+    await client.app.shutdown()  # what SIGTERM runs first: the drain
+
+    held = await client.get("/", headers={"Host": preview("ws"), **API})
+    page = await client.get("/", headers=browser("ws"))
+    events = await sse_events(client, preview("ws"), within=10)
+
+    assert held.status == 503
+    assert held.headers["Retry-After"] == "1"
+    assert (await held.json())["error"]["code"] == "gateway-draining"
+    assert page.status == 503
+    assert page.headers["Retry-After"] == "1"
+    assert "gateway-draining" in await page.text()
+    assert events == []  # the page's EventSource reconnects by itself, to a gateway that stays
+    assert starts(starts_file) == 0
+    assert gateway_of(client).runtime.get("ws").phase is Phase.WARM  # type: ignore[union-attr]
