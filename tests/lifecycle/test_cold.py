@@ -6,6 +6,7 @@ The storm test sends 500 simultaneous API requests to one COLD workspace: one re
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import aiohttp
@@ -13,7 +14,8 @@ import pytest
 
 from gateway.errors import GatewayError
 from gateway.lifecycle import Phase
-from gateway.lifecycle.archive import archive_home
+from gateway.lifecycle import local as local_runtime
+from gateway.lifecycle.archive import archive_home, restore_home
 from gateway.lifecycle.local import LocalRuntime
 from tests.conftest import MakeGateway, next_address, settings, workspace
 from tests.lifecycle.conftest import (
@@ -222,3 +224,35 @@ async def test_damaged_archive_fails_the_wake_and_keeps_the_archive(make_gateway
     assert not home.exists()
     assert starts(starts_file) == 0
     assert gateway_of(client).runtime.get("ws").phase is Phase.COLD  # type: ignore[union-attr]
+
+
+async def test_a_port_opened_while_the_home_is_restored_shows_the_restore(make_gateway: MakeGateway, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page on another port of a workspace that is being restored (for a request to its first port) joins that
+    wake: it is a wake from COLD, restore step and all, not a plain start."""
+    _make_cold(tmp_path)
+    restoring = threading.Event()
+
+    def held_restore(archive: Path, home: Path) -> None:  # the restore lasts until the test lets it go on
+        restoring.wait(30)
+        restore_home(archive, home)
+
+    monkeypatch.setattr(local_runtime, "restore_home", held_restore)
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0,
+                                                                 ports={8000: "public", 8001: "public"})})
+    runtime = gateway_of(client).runtime
+    try:
+        assert (await client.get("/", headers=browser("ws", 8001))).status == 503
+        async with asyncio.timeout(10):
+            while runtime.get("ws").phase is not Phase.RESTORING:  # type: ignore[union-attr]  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        html = await (await client.get("/", headers=browser("ws"))).text()
+    finally:
+        restoring.set()
+    events = await sse_events(client, preview("ws"))
+
+    assert html.index('data-step="restoring"') < html.index('data-step="starting"') < html.index(
+        'data-step="waiting-for-port"')
+    assert "It was archived" in html
+    assert {data["from"] for name, data in events if name == "progress"} == {"COLD"}
+    assert events[-1] == ("ready", {"workspace": "ws", "port": 8000})

@@ -20,7 +20,19 @@ from aiohttp import WSMsgType
 from gateway.auth.identity import Identity
 from gateway.lifecycle import LifecycleError, Phase, WorkspaceState
 from tests.conftest import MakeGateway, next_address, workspace
-from tests.lifecycle.conftest import API, BODY, PORT, browser, gateway_of, preview, slow_workspace, sse_events, starts
+from tests.lifecycle.conftest import (
+    API,
+    BODY,
+    PORT,
+    browser,
+    gateway_of,
+    metric_samples,
+    preview,
+    sample,
+    slow_workspace,
+    sse_events,
+    starts,
+)
 
 pytestmark = pytest.mark.timeout(60)
 MOST_PORT_WAITS = 16
@@ -419,3 +431,21 @@ async def test_once_the_gateway_drains_no_request_wakes_a_workspace(make_gateway
     assert events == []  # the page's EventSource reconnects by itself, to a gateway that stays
     assert starts(starts_file) == 0
     assert gateway_of(client).runtime.get("ws").phase is Phase.WARM  # type: ignore[union-attr]
+
+
+async def test_a_progress_stream_for_a_running_workspace_waits_for_its_port_only(make_gateway: MakeGateway) -> None:
+    """A waiting page's stream that (re)connects once its workspace runs (woken meanwhile by another worker or
+    replica, whose wake this gateway did not see) has nothing to start: it follows the wait for the port alone,
+    and that wait is no wake in the metrics."""
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address())})
+    assert (await gateway_of(client).runtime.wake("ws")).phase is Phase.RUNNING  # the port opens a while later
+
+    events = await sse_events(client, preview("ws"))
+
+    progress = [data for name, data in events if name == "progress"]
+    assert progress
+    assert all(data["from"] == "RUNNING" and data["steps"] == ["waiting-for-port"] for data in progress)
+    assert events[-1] == ("ready", {"workspace": "ws", "port": PORT})
+    samples = await metric_samples(client)
+    assert sample(samples, "codehub_wakes_total", from_phase="WARM", result="ok") == 0
+    assert sample(samples, "codehub_wake_duration_seconds_count", from_phase="WARM") == 0
