@@ -227,3 +227,20 @@ async def test_a_websocket_still_open_keeps_the_workspace_running_when_another_c
         await staying.send_str("still here")
         reply = await staying.receive(timeout=5)
         assert (reply.type, reply.data) == (WSMsgType.TEXT, "echo: still here")
+
+
+async def test_a_failed_workspace_is_archived_once_idle_past_to_cold(make_gateway: MakeGateway,
+                                                                     tmp_path: Path) -> None:
+    """A workspace whose command failed runs nothing, so it never goes WARM; it keeps its home on disk until it has
+    been left alone for ``to_cold``, then goes COLD like a WARM one."""
+    clock = Clock()
+    crash = slow_workspace(next_address(), delay=0)
+    crash["command"] = ["sh", "-c", "exit 5"]
+    client = await make_gateway(workspaces={"ws": crash}, idle=IDLE, clock=clock)
+    assert (await client.get("/", headers={"Host": preview("ws"), **API})).status == 503
+
+    clock.advance(TIMERS.to_cold - SLACK)
+    assert await _reap(client) is Phase.FAILED
+    clock.advance(2 * SLACK)
+    assert await _reap(client) is Phase.COLD
+    assert (tmp_path / "state" / "archives" / "ws.tar.gz").is_file()
