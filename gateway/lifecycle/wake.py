@@ -63,10 +63,9 @@ class WakingPage(GatewayError):
     events_path = WAKE_EVENTS_PATH
     """On the page's own host (a preview or the IDE): the gateway's reserved path there streams the progress."""
 
-    def __init__(self, progress: Progress, limits: WakeLimits) -> None:
+    def __init__(self, progress: Progress) -> None:
         super().__init__(f"Workspace {progress.workspace} is waking up.", headers={"Retry-After": "2"})
         self.progress = progress
-        self.limits = limits
 
 
 def wake_origin(phase: Phase) -> Phase:
@@ -217,7 +216,7 @@ class Waker:
         if self.drain_signal().done():
             raise _draining()
         self.bring_up(state, port)
-        return WakingPage(self._progress[(state.id, port)], self.limits)
+        return WakingPage(self._progress[(state.id, port)])
 
     async def hold(self, state: WorkspaceState, port: int) -> WorkspaceState:
         """Start (or join) the wake and wait for it: a RUNNING state whose port was seen accepting, or a 503."""
