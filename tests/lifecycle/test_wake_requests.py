@@ -449,3 +449,27 @@ async def test_a_progress_stream_for_a_running_workspace_waits_for_its_port_only
     samples = await metric_samples(client)
     assert sample(samples, "codehub_wakes_total", from_phase="WARM", result="ok") == 0
     assert sample(samples, "codehub_wake_duration_seconds_count", from_phase="WARM") == 0
+
+
+async def test_the_drain_releases_held_requests_and_ends_progress_streams_at_once(make_gateway: MakeGateway) -> None:
+    """Held on a wake that will not end before the gateway exits, a request would only wait out the drain: it gets
+    503 + ``Retry-After`` at once, and a waiting page's stream ends without a verdict (its EventSource reconnects)."""
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=3600)})
+    gateway = gateway_of(client)
+    held = asyncio.ensure_future(client.get("/", headers={"Host": preview("ws"), **API}))
+    async with asyncio.timeout(10):
+        while not gateway.waker.busy("ws", PORT):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    async with client.get("/_codehub/wake/events", headers={"Host": preview("ws")}) as stream:
+        assert (await stream.content.readline()).startswith(b"event: progress")
+
+        await client.app.shutdown()  # what SIGTERM runs first: the drain
+
+        async with asyncio.timeout(10):
+            answer = await held
+            rest = await stream.content.read()
+    assert answer.status == 503
+    assert answer.headers["Retry-After"] == "1"
+    assert (await answer.json())["error"]["code"] == "gateway-draining"
+    assert b"event: ready" not in rest
+    assert b"event: failed" not in rest
