@@ -26,6 +26,7 @@ from tests.lifecycle.conftest import (
     gateway_of,
     metric_samples,
     preview,
+    read_sse,
     sample,
     slow_workspace,
     snapshot,
@@ -256,3 +257,36 @@ async def test_a_port_opened_while_the_home_is_restored_shows_the_restore(make_g
     assert "It was archived" in html
     assert {data["from"] for name, data in events if name == "progress"} == {"COLD"}
     assert events[-1] == ("ready", {"workspace": "ws", "port": 8000})
+
+
+async def test_a_waiting_page_hears_of_the_restore_while_it_lasts(make_gateway: MakeGateway, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each step reaches the page as it begins, with the runtime's word on it, not once the wake is over: a restore
+    of a large home can take minutes, and a page that shows nothing meanwhile looks stuck."""
+    _make_cold(tmp_path)
+    restoring = threading.Event()
+
+    def held_restore(archive: Path, home: Path) -> None:  # the restore lasts until the test lets it go on
+        restoring.wait(60)
+        restore_home(archive, home)
+
+    monkeypatch.setattr(local_runtime, "restore_home", held_restore)
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0)})
+    heard = []
+    try:
+        async with asyncio.timeout(30), client.get("/_codehub/wake/events", headers={"Host": preview("ws")}) as stream:
+            events = read_sse(stream)
+            async for name, data in events:
+                heard.append((name, data["step"], data["message"]))
+                if data["message"]:
+                    break
+            restoring.set()
+            async for name, data in events:
+                heard.append((name, data.get("step", ""), data.get("message", "")))
+    finally:
+        restoring.set()
+
+    assert heard[0] == ("progress", "restoring", "")
+    assert heard[1][:2] == ("progress", "restoring")
+    assert heard[1][2]  # the runtime's message, heard while the restore was held
+    assert heard[-1][0] == "ready"
