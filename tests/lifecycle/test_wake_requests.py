@@ -15,11 +15,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from aiohttp import WSMsgType
+from aiohttp import WSMsgType, web
 
 from gateway.auth.identity import Identity
 from gateway.lifecycle import LifecycleError, Phase, WorkspaceState
-from tests.conftest import MakeGateway, next_address, workspace
+from tests.conftest import MakeGateway, MakeUpstream, next_address, workspace
 from tests.lifecycle.conftest import (
     API,
     BODY,
@@ -473,3 +473,56 @@ async def test_the_drain_releases_held_requests_and_ends_progress_streams_at_onc
     assert (await answer.json())["error"]["code"] == "gateway-draining"
     assert b"event: ready" not in rest
     assert b"event: failed" not in rest
+
+
+async def test_a_port_wait_that_ends_gives_back_its_own_place_only(
+        make_gateway: MakeGateway, make_upstream: MakeUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each wait that ends frees one place among the ``MOST_PORT_WAITS``: once one port of a full workspace
+    answers, one more may be waited for (here through a waiting page's stream), and the next is refused again."""
+    address = next_address()
+    client = await make_gateway(workspaces={"a": workspace(address, owner="alice")},
+                                policy={"ports": {"default_visibility": "public"}})
+    gateway = gateway_of(client)
+    runtime = gateway.runtime
+    _record, token = await gateway.auth.store.create_api_token(Identity("alice"), name="t")
+    started = asyncio.Event()
+    wake = runtime.wake
+
+    async def gated_wake(name: str) -> WorkspaceState:  # the wake lasts until every port is waited for
+        await started.wait()
+        return await wake(name)
+
+    monkeypatch.setattr(runtime, "wake", gated_wake)
+
+    async def ask(port: int) -> int:
+        async with client.get("/", headers={"Host": preview("a", port), "Authorization": f"Bearer {token}",
+                                            **API}) as response:
+            return response.status
+
+    ports = range(20000, 20000 + MOST_PORT_WAITS)
+    held = [asyncio.ensure_future(ask(port)) for port in ports]
+    try:
+        async with asyncio.timeout(10):
+            while not all(gateway.waker.busy("a", port) for port in ports):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        started.set()
+        async def up(_request: web.Request) -> web.Response:
+            return web.Response(text="up")
+
+        app = web.Application()
+        app.router.add_get("/", up)
+        await make_upstream(app, address, 20000)  # one port comes up: its wait ends, the others go on
+        async with asyncio.timeout(10):
+            assert await held[0] == 200
+        async with client.get("/_codehub/wake/events", headers={"Host": preview("a", 30001)}) as one_more:
+            assert (await one_more.content.readline()).startswith(b"event: progress")  # waited for
+            [(event, data)] = await sse_events(client, preview("a", 30002), within=10)
+            assert event == "failed"
+            assert "try port 30002 again" in data["message"]
+    finally:
+        started.set()
+        async with asyncio.timeout(10):
+            while runtime.get("a").phase is not Phase.RUNNING:  # type: ignore[union-attr]  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await runtime.stop("a")  # every probe ends: the workspace stopped before its port answered
+        await asyncio.gather(*held)
