@@ -28,6 +28,7 @@ from tests.lifecycle.conftest import (
     gateway_of,
     metric_samples,
     preview,
+    read_sse,
     sample,
     slow_workspace,
     sse_events,
@@ -69,6 +70,7 @@ class _Page(HTMLParser):
         super().__init__()
         self.open: list[str] = []
         self.steps: list[str] = []
+        self.active: list[str] = []
         self.noscript_refresh = False
         self.scripts: list[str] = []
         self._in_script = False
@@ -78,6 +80,8 @@ class _Page(HTMLParser):
         values = dict(attrs)
         if tag == "li" and values.get("data-step"):
             self.steps.append(values["data-step"] or "")
+            if "active" in (values.get("class") or "").split():
+                self.active.append(values["data-step"] or "")
         if tag == "meta" and values.get("http-equiv") == "refresh" and "noscript" in self.open:
             self.noscript_refresh = True
         if tag not in self.VOID:
@@ -526,3 +530,21 @@ async def test_a_port_wait_that_ends_gives_back_its_own_place_only(
                 await asyncio.sleep(0.01)
         await runtime.stop("a")  # every probe ends: the workspace stopped before its port answered
         await asyncio.gather(*held)
+
+
+async def test_a_waiting_page_loaded_again_shows_the_step_the_wake_is_at(make_gateway: MakeGateway) -> None:
+    """Without JavaScript the waiting page reloads itself now and then: each load must show where the wake is now,
+    not the step it began with."""
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=30)})
+    first = _Page()
+    first.feed(await (await client.get("/", headers=browser("ws"))).text())
+    async with asyncio.timeout(15), client.get("/_codehub/wake/events", headers={"Host": preview("ws")}) as stream:
+        async for _name, data in read_sse(stream):
+            if data["step"] == "waiting-for-port":  # started; the app binds its port only 30 s later
+                break
+
+    again = _Page()
+    again.feed(await (await client.get("/", headers=browser("ws"))).text())
+
+    assert first.active == ["starting"]
+    assert again.active == ["waiting-for-port"]
