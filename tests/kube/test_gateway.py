@@ -176,3 +176,24 @@ async def test_a_person_owns_at_most_the_workspaces_the_policy_allows(
                                                                     "Authorization": bearer["alice"]})).status == 200
     await until(lambda: gateway.runtime.get("new1") is None)
     assert (await create("alice", "new2")).status == 201
+
+
+async def test_requests_through_one_replica_keep_the_workspace_up_for_the_leaders_reaper(
+        kube: KubeEnv, pod_address: str, make_upstream: MakeUpstream, make_runtime: MakeRuntime, aiohttp_client: Any,
+        tmp_path: Path) -> None:
+    """A replica that serves a workspace's requests is not the one that reaps it: it writes their time to the
+    Workspace, where the leader's reaper finds it and leaves the workspace running."""
+    leader = await make_runtime("gw-a")
+    await new_workspace(leader)
+    await leader.wake("w1")
+    await make_upstream(upstream("preview"), pod_address, 8000)
+    later = time.time() + 100  # the leader's reaper runs 100 s from now; the workspace started "now"
+    replica = build_app(gateway_config(kube, tmp_path), clock=lambda: later - 10)  # used 10 s before the pass
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(replica)
+
+    assert (await client.get("/", headers={"Host": "8000-w1.localhost:8080"})).status == 200
+    await until(lambda: leader.last_activity("w1") is not None)
+
+    timers = IdleTimers(to_warm=30, to_cold=3600, check_every=1)
+    await reap_once(leader, Activity(clock=lambda: later, shared=leader), timers, Metrics())
+    assert leader.get("w1").phase is Phase.RUNNING  # type: ignore[union-attr]
