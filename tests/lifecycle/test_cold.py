@@ -290,3 +290,17 @@ async def test_a_waiting_page_hears_of_the_restore_while_it_lasts(make_gateway: 
     assert heard[1][:2] == ("progress", "restoring")
     assert heard[1][2]  # the runtime's message, heard while the restore was held
     assert heard[-1][0] == "ready"
+
+
+async def test_a_request_to_a_cold_workspace_is_held_for_the_cold_timeout(make_gateway: MakeGateway,
+                                                                          tmp_path: Path) -> None:
+    """A restore comes before the start, so a wake from COLD may take longer than ``wake.warm_timeout``: its held
+    requests wait up to ``wake.cold_timeout`` instead."""
+    _make_cold(tmp_path)
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=2)},
+                                policy={"wake": {"warm_timeout": 1, "cold_timeout": 60}})
+
+    response = await client.get("/", headers={"Host": preview("ws"), **API})
+
+    assert response.status == 200
+    assert await response.text() == BODY
