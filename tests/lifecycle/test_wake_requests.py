@@ -545,6 +545,14 @@ async def test_a_waiting_page_loaded_again_shows_the_step_the_wake_is_at(make_ga
 
     again = _Page()
     again.feed(await (await client.get("/", headers=browser("ws"))).text())
+    replayed = []
+    async with asyncio.timeout(15), client.get("/_codehub/wake/events", headers={"Host": preview("ws")}) as stream:
+        async for _name, data in read_sse(stream):
+            replayed.append(data["step"])
+            if data["step"] == "waiting-for-port":
+                break
 
     assert first.active == ["starting"]
     assert again.active == ["waiting-for-port"]
+    assert replayed[0] == "starting"  # its stream, reconnected too, tells every step from the first
+    assert replayed.count("waiting-for-port") == 1
