@@ -451,8 +451,9 @@ async def test_a_progress_stream_for_a_running_workspace_waits_for_its_port_only
     assert all(data["from"] == "RUNNING" and data["steps"] == ["waiting-for-port"] for data in progress)
     assert events[-1] == ("ready", {"workspace": "ws", "port": PORT})
     samples = await metric_samples(client)
-    assert sample(samples, "codehub_wakes_total", from_phase="WARM", result="ok") == 0
-    assert sample(samples, "codehub_wake_duration_seconds_count", from_phase="WARM") == 0
+    for origin in ("WARM", "RUNNING"):
+        assert sample(samples, "codehub_wakes_total", from_phase=origin, result="ok") == 0
+        assert sample(samples, "codehub_wake_duration_seconds_count", from_phase=origin) == 0
 
 
 async def test_the_drain_releases_held_requests_and_ends_progress_streams_at_once(make_gateway: MakeGateway) -> None:
