@@ -197,3 +197,39 @@ async def test_requests_through_one_replica_keep_the_workspace_up_for_the_leader
     timers = IdleTimers(to_warm=30, to_cold=3600, check_every=1)
     await reap_once(leader, Activity(clock=lambda: later, shared=leader), timers, Metrics())
     assert leader.get("w1").phase is Phase.RUNNING  # type: ignore[union-attr]
+
+
+async def test_a_websocket_open_on_one_replica_keeps_the_workspace_up_for_the_leaders_reaper(
+        kube: KubeEnv, pod_address: str, make_upstream: MakeUpstream, make_runtime: MakeRuntime, aiohttp_client: Any,
+        tmp_path: Path) -> None:
+    """An open WebSocket is use for as long as it lasts, but it is one request: the replica holding it says so
+    again at each of its reaper's ticks, so that the leader, which sees no connection of another replica, does not
+    put the workspace to sleep under it."""
+    leader = await make_runtime("gw-a")
+    await new_workspace(leader)
+    await leader.wake("w1")
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str(message.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", echo)
+    await make_upstream(app, pod_address, 8000)
+    later = time.time() + 100
+    config = gateway_config(kube, tmp_path)
+    config = config.model_copy(update={"idle": config.idle.model_copy(update={"check_every": 0.05})})
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(
+        build_app(config, clock=lambda: later - 10))
+
+    async with client.ws_connect("/ws", headers={"Host": "8000-w1.localhost:8080"}) as ws:
+        await ws.send_str("hello")
+        assert (await ws.receive(timeout=10)).data == "hello"
+        await until(lambda: leader.last_activity("w1") is not None)
+
+        timers = IdleTimers(to_warm=30, to_cold=3600, check_every=1)
+        await reap_once(leader, Activity(clock=lambda: later, shared=leader), timers, Metrics())
+        assert leader.get("w1").phase is Phase.RUNNING  # type: ignore[union-attr]
