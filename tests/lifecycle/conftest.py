@@ -18,10 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.lifecycle import Runtime, WorkspaceState
+from gateway.lifecycle import local as local_runtime
+from gateway.lifecycle.archive import restore_home
 from gateway.server.context import GATEWAY, Gateway
 from tests.conftest import scrape
 
@@ -64,6 +68,35 @@ def gateway_of(client: Client) -> Gateway:
 
 def starts(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+# --- wakes held where the test looks -----------------------------------------------------------------------
+
+def hold_restores(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Local restores of homes wait (a minute at most) until the returned event is set: a wake from COLD stays at
+    its restore step while the test looks."""
+    go_on = threading.Event()
+
+    def held_restore(archive: Path, home: Path) -> None:
+        go_on.wait(60)
+        restore_home(archive, home)
+
+    monkeypatch.setattr(local_runtime, "restore_home", held_restore)
+    return go_on
+
+
+def hold_wakes(monkeypatch: pytest.MonkeyPatch, runtime: Runtime, *names: str) -> asyncio.Event:
+    """The runtime's wakes (of ``names``, or of every workspace) wait until the returned event is set."""
+    go_on = asyncio.Event()
+    wake = runtime.wake
+
+    async def gated_wake(name: str) -> WorkspaceState:
+        if not names or name in names:
+            await go_on.wait()
+        return await wake(name)
+
+    monkeypatch.setattr(runtime, "wake", gated_wake)
+    return go_on
 
 
 # --- homes -------------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ The storm test sends 500 simultaneous API requests to one COLD workspace: one re
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 
 import aiohttp
@@ -14,8 +13,7 @@ import pytest
 
 from gateway.errors import GatewayError
 from gateway.lifecycle import Phase
-from gateway.lifecycle import local as local_runtime
-from gateway.lifecycle.archive import archive_home, restore_home
+from gateway.lifecycle.archive import archive_home
 from gateway.lifecycle.local import LocalRuntime
 from tests.conftest import MakeGateway, next_address, settings, workspace
 from tests.lifecycle.conftest import (
@@ -24,6 +22,7 @@ from tests.lifecycle.conftest import (
     browser,
     fill_home,
     gateway_of,
+    hold_restores,
     metric_samples,
     preview,
     read_sse,
@@ -232,13 +231,7 @@ async def test_a_port_opened_while_the_home_is_restored_shows_the_restore(make_g
     """A page on another port of a workspace that is being restored (for a request to its first port) joins that
     wake: it is a wake from COLD, restore step and all, not a plain start."""
     _make_cold(tmp_path)
-    restoring = threading.Event()
-
-    def held_restore(archive: Path, home: Path) -> None:  # the restore lasts until the test lets it go on
-        restoring.wait(30)
-        restore_home(archive, home)
-
-    monkeypatch.setattr(local_runtime, "restore_home", held_restore)
+    restoring = hold_restores(monkeypatch)
     client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0,
                                                                  ports={8000: "public", 8001: "public"})})
     runtime = gateway_of(client).runtime
@@ -264,13 +257,7 @@ async def test_a_waiting_page_hears_of_the_restore_while_it_lasts(make_gateway: 
     """Each step reaches the page as it begins, with the runtime's word on it, not once the wake is over: a restore
     of a large home can take minutes, and a page that shows nothing meanwhile looks stuck."""
     _make_cold(tmp_path)
-    restoring = threading.Event()
-
-    def held_restore(archive: Path, home: Path) -> None:  # the restore lasts until the test lets it go on
-        restoring.wait(60)
-        restore_home(archive, home)
-
-    monkeypatch.setattr(local_runtime, "restore_home", held_restore)
+    restoring = hold_restores(monkeypatch)
     client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0)})
     heard = []
     try:

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from gateway.auth.identity import Identity
-from gateway.lifecycle import LifecycleError, Phase, WorkspaceState
+from gateway.lifecycle import LifecycleError, Phase
 from tests.conftest import MakeGateway, MakeUpstream, next_address, workspace
 from tests.lifecycle.conftest import (
     API,
@@ -26,6 +26,7 @@ from tests.lifecycle.conftest import (
     PORT,
     browser,
     gateway_of,
+    hold_wakes,
     metric_samples,
     preview,
     read_sse,
@@ -332,14 +333,7 @@ async def test_a_workspace_waits_for_at_most_so_many_ports_at_once(make_gateway:
     gateway = gateway_of(client)
     runtime = gateway.runtime
     _record, token = await gateway.auth.store.create_api_token(Identity("alice"), name="t")
-    started = asyncio.Event()
-    wake = runtime.wake
-
-    async def gated_wake(name: str) -> WorkspaceState:  # the wake lasts until the test lets it go on
-        await started.wait()
-        return await wake(name)
-
-    monkeypatch.setattr(runtime, "wake", gated_wake)
+    started = hold_wakes(monkeypatch, runtime)
 
     async def ask(port: int) -> tuple[int, str]:
         async with client.get("/", headers={"Host": preview("a", port), "Authorization": f"Bearer {token}",
@@ -391,15 +385,7 @@ async def test_a_waiting_page_follows_its_own_workspace_only(make_gateway: MakeG
     client = await make_gateway(workspaces={"a": slow_workspace(next_address(), delay=0),
                                             "b": slow_workspace(next_address(), delay=0)})
     runtime = gateway_of(client).runtime
-    go_on = asyncio.Event()
-    wake = runtime.wake
-
-    async def gated_wake(name: str) -> WorkspaceState:  # a's wake waits until b is up
-        if name == "a":
-            await go_on.wait()
-        return await wake(name)
-
-    monkeypatch.setattr(runtime, "wake", gated_wake)
+    go_on = hold_wakes(monkeypatch, runtime, "a")  # a's wake waits until b is up
     try:
         assert (await client.get("/", headers=browser("a"))).status == 503
         other = await client.get("/", headers={"Host": preview("b"), **API})
@@ -490,14 +476,7 @@ async def test_a_port_wait_that_ends_gives_back_its_own_place_only(
     gateway = gateway_of(client)
     runtime = gateway.runtime
     _record, token = await gateway.auth.store.create_api_token(Identity("alice"), name="t")
-    started = asyncio.Event()
-    wake = runtime.wake
-
-    async def gated_wake(name: str) -> WorkspaceState:  # the wake lasts until every port is waited for
-        await started.wait()
-        return await wake(name)
-
-    monkeypatch.setattr(runtime, "wake", gated_wake)
+    started = hold_wakes(monkeypatch, runtime)  # the wake lasts until every port is waited for
 
     async def ask(port: int) -> int:
         async with client.get("/", headers={"Host": preview("a", port), "Authorization": f"Bearer {token}",
