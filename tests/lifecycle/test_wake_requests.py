@@ -536,3 +536,22 @@ async def test_a_waiting_page_loaded_again_shows_the_step_the_wake_is_at(make_ga
     assert again.active == ["waiting-for-port"]
     assert replayed[0] == "starting"  # its stream, reconnected too, tells every step from the first
     assert replayed.count("waiting-for-port") == 1
+
+
+async def test_closing_the_waker_returns_once_the_wakes_it_cancelled_have_ended(
+        make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On shutdown the runtime is closed after the waker: a wake still unwinding then would act on a closed one."""
+    client = await make_gateway(workspaces={"a": slow_workspace(next_address(), delay=0)})
+    gateway = gateway_of(client)
+    state = gateway.runtime.get("a")
+    assert state is not None
+    assert state.phase is Phase.WARM
+    hold_wakes(monkeypatch, gateway.runtime)
+    waiting = gateway.waker.bring_up(state, PORT)
+    await asyncio.sleep(0)  # the wait's task starts the runtime's wake, which is held
+    assert gateway.waker.waking("a")
+
+    await gateway.waker.close()
+
+    assert waiting.cancelled()
+    assert not gateway.waker.waking("a")
