@@ -244,3 +244,26 @@ async def test_a_failed_workspace_is_archived_once_idle_past_to_cold(make_gatewa
     clock.advance(2 * SLACK)
     assert await _reap(client) is Phase.COLD
     assert (tmp_path / "state" / "archives" / "ws.tar.gz").is_file()
+
+
+async def test_closing_the_reaper_returns_once_the_moves_it_cancelled_have_ended(
+        make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On shutdown the runtime is closed after the reaper: a stop still unwinding then would act on a closed one."""
+    clock = Clock()
+    client = await _awake(make_gateway, clock)
+    gateway = gateway_of(client)
+    go_on = asyncio.Event()
+
+    async def held_stop(workspace: str) -> None:  # the stop lasts until the test lets it go on
+        await go_on.wait()
+
+    monkeypatch.setattr(gateway.runtime, "stop", held_stop)
+    clock.advance(TIMERS.to_warm + SLACK)
+    [moving] = gateway.reaper.sweep()
+    await asyncio.sleep(0)  # the move starts, and waits in the stop
+    assert gateway.reaper.tasks
+
+    await gateway.reaper.close()
+
+    assert moving.cancelled()
+    assert not gateway.reaper.tasks
