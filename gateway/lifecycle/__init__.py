@@ -10,8 +10,8 @@ from gateway.lifecycle.base import (
     Subscription,
     WorkspaceSpec,
     WorkspaceState,
-    showable_label,
+    showable,
 )
 
 __all__ = ["LABEL_LONGEST", "Event", "EventHub", "LifecycleError", "Phase", "Runtime", "Subscription", "WorkspaceSpec",
-           "WorkspaceState", "showable_label"]
+           "WorkspaceState", "showable"]

@@ -45,10 +45,11 @@ LABEL_LONGEST = 80
 """Characters of a port's label the hub shows, set on the hub or read from devcontainer.json."""
 
 
-def showable_label(label: str) -> bool:
-    """Whether the hub may show ``label`` as a port's name, wherever it came from: printable characters only, as a
-    bidi override, a new line or an escape sequence would disguise it."""
-    return label.isprintable()
+def showable(text: str) -> bool:
+    """Whether the hub may show ``text`` someone chose (a port's name, from the hub or devcontainer.json; a principal;
+    a token's name): printable characters only, as a bidi override, a new line or an escape sequence would disguise
+    it."""
+    return text.isprintable()
 
 
 @dataclass(frozen=True, slots=True)

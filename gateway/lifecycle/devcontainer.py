@@ -13,7 +13,7 @@ import re
 import stat
 from pathlib import Path
 
-from gateway.lifecycle.base import LABEL_LONGEST, showable_label
+from gateway.lifecycle.base import LABEL_LONGEST, showable
 
 CANDIDATES = (Path(".devcontainer") / "devcontainer.json", Path(".devcontainer.json"))
 _JSONC_NOISE = re.compile(r'("(?:\\.|[^"\\])*(?:"|\\?\Z))|//[^\n]*|/\*.*?(\*/|\Z)|,(?=\s*[}\]])', re.DOTALL)
@@ -74,7 +74,7 @@ def parse_labels(text: str) -> dict[int, str]:
         label = value.get("label") if isinstance(value, dict) else None
         if match is None or not isinstance(label, str) or not label.strip():
             continue  # process-name and regex keys name no port
-        if not showable_label(label):
+        if not showable(label):
             continue  # as the hub's own label API refuses it
         first = int(match[1])
         last = int(match[2]) if match[2] else first

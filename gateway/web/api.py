@@ -27,7 +27,7 @@ from gateway.config import WORKSPACE_ID
 from gateway.edge.policy import VISIBILITIES, Duration, Reason, describe_duration, visibility
 from gateway.edge.policy import role as role_of
 from gateway.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
-from gateway.lifecycle import LABEL_LONGEST, WorkspaceSpec, WorkspaceState, showable_label
+from gateway.lifecycle import LABEL_LONGEST, WorkspaceSpec, WorkspaceState, showable
 from gateway.server.context import GATEWAY, Gateway
 from gateway.web.auth_routes import check_same_origin, hub_identity
 from gateway.web.pages import JSON_ONLY, phase_words
@@ -51,13 +51,15 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _printable(value: str) -> str:
-    if not value.isprintable():
+def _showable(value: str) -> str:
+    if not showable(value):
         raise ValueError("must be printable text on one line")
     return value
 
 
-Principal = Annotated[str, Field(min_length=1, max_length=320), AfterValidator(_printable)]
+Shown = AfterValidator(_showable)
+"""On text the hub shows to others: ``lifecycle.showable``'s rule, as devcontainer.json's labels keep it."""
+Principal = Annotated[str, Field(min_length=1, max_length=320), Shown]
 """A user name, an e-mail (at most 254 characters) or ``group:NAME``, as the policy names people."""
 Principals = Annotated[list[Principal], Field(max_length=100)]
 """Each share link and workspace keeps its list in the store (a file each change rewrites, or the cluster) and
@@ -70,7 +72,7 @@ class PortChange(_Body):
 
     visibility: Literal["private", "org", "public"] | None = None
     protocol: Literal["http", "https"] | None = None
-    label: str | None = Field(default=None, max_length=LABEL_LONGEST)
+    label: Annotated[str, Field(max_length=LABEL_LONGEST), Shown] | None = None
     identity: bool | None = None
 
 
@@ -94,7 +96,7 @@ class Collaborators(_Body):
 
 
 class NewToken(_Body):
-    name: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable)]
+    name: Annotated[str, Field(min_length=1, max_length=64), Shown]
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -299,8 +301,6 @@ async def set_port(request: web.Request) -> web.Response:
     change: PortChange = await _body(request, PortChange)
     if change.visibility is None and change.protocol is None and change.label is None and change.identity is None:
         raise BadRequest("body: set visibility, protocol, label or identity.", code="invalid-body")
-    if change.label is not None and not showable_label(change.label):
-        raise BadRequest("label: only printable characters.", code="invalid-body")
     ceiling = gateway.policy.ports.max_visibility
     if change.visibility is not None and VISIBILITIES.index(change.visibility) > VISIBILITIES.index(ceiling):
         raise Forbidden(f"The policy allows at most '{ceiling}' visibility.", code="visibility-above-ceiling")
