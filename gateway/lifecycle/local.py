@@ -391,13 +391,12 @@ class LocalRuntime(Runtime):
             yield
         except Exception as exc:
             if slot.in_flight is not None:
-                log.exception("workspace %s: %s broke off", slot.spec.id, slot.in_flight.value)
                 self._fail(slot, f"{slot.in_flight.value.lower()} broke off on an unexpected error "
-                                 f"({type(exc).__name__}); see the gateway's log")
+                                 f"({type(exc).__name__}); see the gateway's log", traceback=True)
             raise
 
-    def _fail(self, slot: _Slot, message: str) -> WorkspaceState:
-        log.error("workspace %s failed: %s", slot.spec.id, message)
+    def _fail(self, slot: _Slot, message: str, *, traceback: bool = False) -> WorkspaceState:
+        log.error("workspace %s failed: %s", slot.spec.id, message, exc_info=traceback)
         slot.failure = message
         return self._end(slot)
 

@@ -107,7 +107,7 @@ class _Bug(Exception):
 
 @pytest.mark.parametrize("broken", ["restore_home", "dies_with"])
 async def test_a_wake_broken_off_by_an_unexpected_error_leaves_no_phase_in_flight(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, broken: str) -> None:
     """Mocked: the faults themselves (a bug cannot be made to happen on purpose). Without the guard the workspace
     read RESTORING or STARTING for good, and every later wake waited on a phase nothing would end."""
     before = _make_cold(tmp_path)
@@ -126,6 +126,9 @@ async def test_a_wake_broken_off_by_an_unexpected_error_leaves_no_phase_in_fligh
             state = await runtime.status("ws")
             assert state.phase is (Phase.COLD if broken == "restore_home" else Phase.FAILED)
             assert "_Bug" in state.message
+            [failed] = [record for record in caplog.records if "broke off" in record.getMessage()]
+            assert failed.exc_info  # the message sends people to the log: the traceback is there
+            assert failed.exc_info[0] is _Bug
 
         assert (await runtime.wake("ws")).phase is Phase.RUNNING  # the next wake is not held up
         home, _ = _paths(tmp_path)
