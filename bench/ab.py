@@ -37,12 +37,10 @@ import yaml
 
 from bench.http_load import run_wrk, write_script
 from bench.procs import Proc, Procs, cpu_seconds, free_port, wait_for_port
-from bench.servers import ROOT, Layout, SignIn, gateway_config, gateway_target, start_upstream_nginx
+from bench.servers import ROOT, Layout, SignIn, gateway_config, gateway_python, gateway_target, start_upstream_nginx
 from bench.wake import held_burst
 
 RESULTS = ROOT / "bench" / "results"
-_PYTHON = os.path.realpath(sys.executable)
-"""The interpreter itself, not a launcher script: valgrind must count the gateway, not a shell that execs it."""
 _VALGRIND_START = 600.0
 """Seconds a gateway under valgrind may take to listen (Python runs some 50 times slower there)."""
 
@@ -86,7 +84,7 @@ async def start(procs: Procs, layout: Layout, side: Side, *, valgrind: Path | No
         settings["timeouts"] = {"connect": 300}  # a key every version knows
         settings.pop("limits")  # 64 connections at most here; versions before bd55d55 refuse the key
         config.write_text(yaml.safe_dump(settings))
-    argv = [_PYTHON, "-m", "gateway", "serve", "--config", str(config)]
+    argv = [gateway_python(), "-m", "gateway", "serve", "--config", str(config)]
     if valgrind is not None:
         argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={valgrind}", *argv]
     side.proc = procs.start(side.label, argv, env={"PYTHONPATH": str(side.tree), "PYTHONHASHSEED": "0"},
@@ -182,7 +180,7 @@ async def pool_rounds(sides: Sequence[Side], procs: Procs, tmp: Path, rounds: in
     host = "127.0.0.6"
     port = free_port(host)
     stamp = tmp / "pool.stamp"
-    upstream = procs.start("pool-upstream", [_PYTHON, "-m", "bench.slowserver", "--host", host, "--port",
+    upstream = procs.start("pool-upstream", [gateway_python(), "-m", "bench.slowserver", "--host", host, "--port",
                                              str(port), "--delay", "0", "--stamp", str(stamp)],
                            env={"PYTHONPATH": str(ROOT)})
     await wait_for_port(host, port, upstream)
@@ -211,7 +209,8 @@ async def _burst(side: Side, host: str, port: int, requests: int, concurrency: i
     if prefix:
         steady += ["--connect-timeout", "300", "--queue-timeout", "3600"]
     process = await asyncio.create_subprocess_exec(
-        *prefix, _PYTHON, "-m", "bench.pool_burst", "--host", host, "--port", str(port), "--requests", str(requests),
+        *prefix, gateway_python(), "-m", "bench.pool_burst", "--host", host, "--port", str(port),
+        "--requests", str(requests),
         *steady,
         env={**os.environ, "PYTHONPATH": f"{side.tree}{os.pathsep}{ROOT}", "PYTHONHASHSEED": "0"}, cwd=side.tree,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import platform
 import resource
 import shutil
@@ -25,6 +26,7 @@ from bench.servers import (
     Layout,
     SignIn,
     Target,
+    gateway_python,
     gateway_target,
     start_chp,
     start_echo,
@@ -63,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--proxies", default="gateway,nginx,chp,relay",
                         help="proxies besides direct (default all; relay, a bare byte relay, in page loads only)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    parser.add_argument("--python", help="interpreter the gateways run on (default: the .venv-bench that .ci/install "
+                        "made on Debian's CPython, else this one)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder with configs and logs")
     return parser
 
@@ -91,8 +95,10 @@ def _env() -> dict[str, Any]:
 
     import aiohttp
 
+    python = gateway_python()
     return {
-        "python": platform.python_version(), "aiohttp": aiohttp.__version__, "cores": len(_affinity()),
+        "python": f"{version([python, '--version']).removeprefix('Python ')} ({python})",
+        "aiohttp": aiohttp.__version__, "cores": len(_affinity()),
         "nginx": version(["nginx", "-v"]), "wrk": version(["wrk", "-v"]), "node": version(["node", "-v"]),
         "kernel": platform.release(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -250,6 +256,8 @@ def _say(line: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.python:
+        os.environ["CODEHUB_BENCH_PYTHON"] = args.python  # the parts that run in processes of their own read it too
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     for tool in ("nginx", "wrk"):

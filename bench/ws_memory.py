@@ -22,14 +22,23 @@ from pathlib import Path
 import aiohttp
 
 from bench.procs import Proc, Procs, free_port, rss_bytes, wait_for_port
-from bench.servers import ROOT, Layout, SignIn, gateway_config, gateway_target, start_echo, start_upstream_nginx
+from bench.servers import (
+    ROOT,
+    Layout,
+    SignIn,
+    gateway_config,
+    gateway_python,
+    gateway_target,
+    start_echo,
+    start_upstream_nginx,
+)
 
 
 async def _start(procs: Procs, layout: Layout, port: int, trace: Path | None) -> Proc:
     config = gateway_config(layout, "gateway", port)
     module = "bench.traced" if trace else "gateway"
     env = {"PYTHONPATH": str(ROOT)} | ({"BENCH_TRACE_DIR": str(trace)} if trace else {})
-    proc = procs.start("gateway", [sys.executable, "-m", module, "serve", "--config", str(config)], env=env)
+    proc = procs.start("gateway", [gateway_python(), "-m", module, "serve", "--config", str(config)], env=env)
     await wait_for_port("127.0.0.1", port, proc)
     return proc
 
