@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--proxies", default="gateway,nginx,chp,relay",
                         help="proxies besides direct (default all; relay, a bare byte relay, in page loads only)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
-    parser.add_argument("--python", help="interpreter the gateways run on (default: the .venv-bench that .ci/install "
+    parser.add_argument("--python", help="interpreter the gateways run on (default: the .venv-debian that .ci/install "
                         "made on Debian's CPython, else this one)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder with configs and logs")
     return parser

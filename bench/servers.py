@@ -23,13 +23,13 @@ USER = "bench"
 SMALL_BACKLOG = 5
 LARGE_BACKLOG = 4096
 """The accept backlog of Python's ``http.server``, the dev server many people start first."""
-BENCH_VENV = ROOT / ".venv-bench"
+DEBIAN_VENV = ROOT / ".venv-debian"
 """Made by ``.ci/install`` on Debian's CPython (``/usr/bin/python3``), which is built with PGO and LTO."""
 
 
 def gateway_python() -> str:
     """The interpreter every gateway of a benchmark runs on: ``CODEHUB_BENCH_PYTHON`` (``python -m bench
-    --python``), else the ``.venv-bench`` that ``.ci/install`` made, else this one.
+    --python``), else the ``.venv-debian`` that ``.ci/install`` made, else this one.
 
     Why not simply this one: a production image's CPython is built with profile-guided optimisation and link-time
     optimisation (Debian's and the official ``python`` images' are), and the ``python3`` of a developer's machine
@@ -39,7 +39,7 @@ def gateway_python() -> str:
     chosen = os.environ.get("CODEHUB_BENCH_PYTHON")
     if chosen:
         return chosen
-    venv = BENCH_VENV / "bin" / "python"
+    venv = DEBIAN_VENV / "bin" / "python"
     return str(venv) if venv.exists() else sys.executable
 
 
