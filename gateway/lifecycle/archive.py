@@ -17,6 +17,11 @@ import stat
 import tarfile
 from pathlib import Path
 
+_FILTERS = hasattr(tarfile, "fully_trusted_filter")
+"""Extraction filters came with Python 3.11.4 (and 3.12 warns without one); Debian 12's python3 is 3.11.2, whose
+``extractall`` does what the filter ``fully_trusted`` names. The archive is the gateway's own, written from the
+home's tree with every name under ``.``; what it holds (symbolic links out of the home included) is the owner's."""
+
 
 class ArchiveError(Exception):
     """The archive could not be written, verified or restored; nothing was removed."""
@@ -136,7 +141,10 @@ def restore_home(archive: Path, home: Path) -> None:
         _remove_tree(restoring)  # what a restore cut short left
         restoring.mkdir(parents=True)
         with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(restoring, filter="fully_trusted")
+            if _FILTERS:
+                tar.extractall(restoring, filter="fully_trusted")
+            else:
+                tar.extractall(restoring)
             _read_to_end(tar)
         _sync_filesystem(restoring)
     except (OSError, EOFError, tarfile.TarError) as exc:
