@@ -134,6 +134,14 @@ def verify_archive(archive: Path, expected_entries: int | None = None) -> int:
     return entries
 
 
+def extract(tar: tarfile.TarFile, into: Path) -> None:
+    """Every member of one of the gateway's own archives, as it was archived."""
+    if _FILTERS:
+        tar.extractall(into, filter="fully_trusted")
+    else:
+        tar.extractall(into)
+
+
 def restore_home(archive: Path, home: Path) -> None:
     """Unpack ``archive`` into ``home`` via a temporary directory; delete the archive last."""
     restoring = home.with_name(home.name + ".restoring")
@@ -141,10 +149,7 @@ def restore_home(archive: Path, home: Path) -> None:
         _remove_tree(restoring)  # what a restore cut short left
         restoring.mkdir(parents=True)
         with tarfile.open(archive, "r:gz") as tar:
-            if _FILTERS:
-                tar.extractall(restoring, filter="fully_trusted")
-            else:
-                tar.extractall(restoring)
+            extract(tar, restoring)
             _read_to_end(tar)
         _sync_filesystem(restoring)
     except (OSError, EOFError, tarfile.TarError) as exc:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.lifecycle.archive import ArchiveError, archive_home, recover, restore_home, verify_archive
+from gateway.lifecycle.archive import ArchiveError, archive_home, extract, recover, restore_home, verify_archive
 from tests.lifecycle.conftest import fill_home, snapshot
 
 Snapshot = dict[str, tuple[object, ...]]
@@ -46,7 +46,7 @@ def _cold(home: Path, archive: Path) -> Snapshot:
 def _partial_copy(archive: Path, into: Path) -> None:
     """What an interrupted extract or delete leaves: some of the tree, not all of it."""
     with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(into, filter="fully_trusted")
+        extract(tar, into)
     shutil.rmtree(into / "many")
     (into / "large.bin").write_bytes(b"cut short")
 
@@ -95,7 +95,7 @@ def test_home_restored_but_archive_not_yet_deleted(paths: tuple[Path, Path]) -> 
     home, archive = paths
     before = _cold(home, archive)
     with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(home, filter="fully_trusted")
+        extract(tar, home)
 
     recover(home, archive)
 
