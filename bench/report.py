@@ -115,11 +115,14 @@ def _issue17_targets(http: dict[str, Any], ws: dict[str, Any], results: dict[str
         rows.append({"target": f"the same on any machine: ≤ {TARGET_CPU_X_NGINX:g}× nginx's CPU per request",
                      "value": f"{gateway[64]['cpu_us']:.0f} vs {nginx[64]['cpu_us']:.0f} µs ({ratio:.1f}×)",
                      "met": ratio <= TARGET_CPU_X_NGINX})
-    if 1000 in gateway and 1000 in nginx and nginx[1000]["p99_ms"]:
-        ratio = gateway[1000]["p99_ms"] / nginx[1000]["p99_ms"]
-        rows.append({"target": f"gateway (one worker) p99 at c=1000 ≤ {TARGET_P99_X_NGINX:g}× nginx's",
-                     "value": f"{gateway[1000]['p99_ms']:.0f} vs {nginx[1000]['p99_ms']:.0f} ms ({ratio:.1f}×)",
-                     "met": ratio <= TARGET_P99_X_NGINX})
+    # nginx runs ``worker_processes auto``: one process per core, as the gateway's ``--workers 2`` here
+    for name, label in (("gateway", "one worker"), ("gateway-w2", "two workers, as many as nginx's")):
+        proxy = http.get(name, {})
+        if 1000 in proxy and 1000 in nginx and nginx[1000]["p99_ms"]:
+            ratio = proxy[1000]["p99_ms"] / nginx[1000]["p99_ms"]
+            rows.append({"target": f"gateway ({label}) p99 at c=1000 ≤ {TARGET_P99_X_NGINX:g}× nginx's",
+                         "value": f"{proxy[1000]['p99_ms']:.0f} vs {nginx[1000]['p99_ms']:.0f} ms ({ratio:.1f}×)",
+                         "met": ratio <= TARGET_P99_X_NGINX})
     page = (results.get("page") or {}).get("targets", {})
     direct = page.get("direct")
     for name, cell in page.items():
