@@ -227,9 +227,13 @@ def upstream_request_headers(
 
 
 def cookie_name_and_domain(set_cookie: str) -> tuple[str, str | None]:
-    """Name and ``Domain`` attribute of a ``Set-Cookie`` value, read the way browsers do (RFC 6265 §5.2)."""
+    """Name and ``Domain`` attribute of a ``Set-Cookie`` value, read the way browsers do (RFC 6265 §5.2).
+
+    The name is the one the cookie comes back with: a cookie without a name is sent back as its bare value
+    (RFC 6265bis, retrieval), so ``=codehub_session=x`` comes back as ``codehub_session=x``."""
     first, *attributes = set_cookie.split(";")
-    name = first.partition("=")[0].strip()
+    name, _, value = first.partition("=")
+    name = name.strip() or value.partition("=")[0].strip()
     domain = None
     for attribute in attributes:
         key, _, value = attribute.partition("=")
@@ -239,13 +243,9 @@ def cookie_name_and_domain(set_cookie: str) -> tuple[str, str | None]:
 
 
 def allowed_set_cookie(set_cookie: str, public_host: str) -> bool:
-    """An upstream may only set host-only cookies (or name its own host) and never the gateway's cookie names.
-
-    A cookie with no name is sent back as its bare value (RFC 6265bis, retrieval): ``=codehub_session=x`` comes back
-    as ``codehub_session=x``, so it is judged by the name it comes back with."""
+    """An upstream may only set host-only cookies (or name its own host) and never the gateway's cookie names (as
+    the cookie comes back: ``cookie_name_and_domain``)."""
     name, domain = cookie_name_and_domain(set_cookie)
-    if not name:
-        name = set_cookie.split(";", 1)[0].partition("=")[2].strip()
     if gateway_cookie(name):
         return False
     return domain is None or domain == public_host.partition(":")[0].lower()

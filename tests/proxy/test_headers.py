@@ -136,6 +136,9 @@ def test_only_the_authorization_the_gateway_consumed_is_held_back(strip_authoriz
         ("a=1; domain=example.com; Domain=other.com", "a", "other.com"),
         ("a=1; Domain=", "a", None),
         (" spaced = v ; Secure", "spaced", None),
+        ("=codehub_session=x; Path=/deep", "codehub_session", None),  # nameless: comes back as its bare value
+        (" = bare ; Domain=example.com", "bare", "example.com"),
+        ("=", "", None),
     ],
 )
 def test_cookie_name_and_domain(set_cookie: str, name: str, domain: str | None) -> None:
