@@ -37,7 +37,16 @@ import yaml
 
 from bench.http_load import run_wrk, write_script
 from bench.procs import Proc, Procs, cpu_seconds, free_port, wait_for_port
-from bench.servers import ROOT, Layout, SignIn, gateway_config, gateway_python, gateway_target, start_upstream_nginx
+from bench.servers import (
+    ROOT,
+    Layout,
+    SignIn,
+    gateway_command,
+    gateway_config,
+    gateway_python,
+    gateway_target,
+    start_upstream_nginx,
+)
 from bench.wake import held_burst
 
 RESULTS = ROOT / "bench" / "results"
@@ -84,7 +93,7 @@ async def start(procs: Procs, layout: Layout, side: Side, *, valgrind: Path | No
         settings["timeouts"] = {"connect": 300}  # a key every version knows
         settings.pop("limits")  # 64 connections at most here; versions before bd55d55 refuse the key
         config.write_text(yaml.safe_dump(settings))
-    argv = [gateway_python(), "-m", "gateway", "serve", "--config", str(config)]
+    argv = gateway_command(config)
     if valgrind is not None:
         argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={valgrind}", *argv]
     side.proc = procs.start(side.label, argv, env={"PYTHONPATH": str(side.tree), "PYTHONHASHSEED": "0"},
@@ -180,7 +189,7 @@ async def pool_rounds(sides: Sequence[Side], procs: Procs, tmp: Path, rounds: in
     host = "127.0.0.6"
     port = free_port(host)
     stamp = tmp / "pool.stamp"
-    upstream = procs.start("pool-upstream", [gateway_python(), "-m", "bench.slowserver", "--host", host, "--port",
+    upstream = procs.start("pool-upstream", [sys.executable, "-m", "bench.slowserver", "--host", host, "--port",
                                              str(port), "--delay", "0", "--stamp", str(stamp)],
                            env={"PYTHONPATH": str(ROOT)})
     await wait_for_port(host, port, upstream)

@@ -25,7 +25,7 @@ from typing import Any
 from bench.http_load import run_wrk, write_script
 from bench.procs import Procs, free_port, wait_for_port
 from bench.scale import store as scale_store
-from bench.servers import ROOT, Layout, SignIn, gateway_config, gateway_python, gateway_target, start_upstream_nginx
+from bench.servers import ROOT, Layout, SignIn, gateway_command, gateway_config, gateway_target, start_upstream_nginx
 
 _TOTALS = re.compile(r"^(?:totals|summary):\s+(\d+)", re.MULTILINE)
 _STRACE_TOTAL = re.compile(r"^[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?total$", re.MULTILINE)
@@ -48,7 +48,7 @@ async def _control(option: str, pid: int) -> None:
 
 
 def _argv(config: Path) -> list[str]:
-    return [gateway_python(), "-m", "gateway", "serve", "--config", str(config)]
+    return gateway_command(config)
 
 
 async def measure(tree: Path, *, seconds: float, connections: int, strace: bool,

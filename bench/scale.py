@@ -26,7 +26,7 @@ import yaml
 from bench.client import fetch
 from bench.http_load import run_wrk, write_script
 from bench.procs import Proc, Procs, free_port, rss_bytes, wait_for_port
-from bench.servers import ROOT, Layout, SignIn, gateway_config, gateway_python, gateway_target, static_targets
+from bench.servers import ROOT, Layout, SignIn, gateway_command, gateway_config, gateway_target, static_targets
 from bench.ws_load import run_ws
 from gateway.config import default_address
 
@@ -98,7 +98,7 @@ async def _start(procs: Procs, layout: Layout, shape: Shape) -> None:
         (state / "tokens.json").write_text(json.dumps(store(shape.links, shape.links, extra)))
     path.write_text(yaml.safe_dump(made))
     started = time.monotonic()
-    shape.proc = procs.start(f"scale-{shape.name}", [gateway_python(), "-m", "gateway", "serve", "--config", str(path)],
+    shape.proc = procs.start(f"scale-{shape.name}", gateway_command(path),
                              env={"PYTHONPATH": str(ROOT)})
     await wait_for_port("127.0.0.1", shape.port, shape.proc, within=600)
     shape.startup_s = time.monotonic() - started

@@ -43,6 +43,12 @@ def gateway_python() -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
+def gateway_command(config: Path, module: str = "gateway") -> list[str]:
+    """``serve`` with ``config`` on ``gateway_python()`` (``module``: a wrapper that runs the gateway, such as
+    ``bench.traced``)."""
+    return [gateway_python(), "-m", module, "serve", "--config", str(config)]
+
+
 @dataclass
 class Layout:
     """Addresses and ports: the upstream lives on the workspace's own loopback address, proxies on 127.0.0.1."""
@@ -272,7 +278,7 @@ def gateway_config(layout: Layout, name: str, port: int) -> Path:
 
 async def start_gateway(procs: Procs, layout: Layout, name: str, port: int, workers: int = 1) -> Proc:
     config = gateway_config(layout, name, port)
-    argv = [gateway_python(), "-m", "gateway", "serve", "--config", str(config)]
+    argv = gateway_command(config)
     if workers != 1:
         argv += ["--workers", str(workers)]
     proc = procs.start(name, argv, env={"PYTHONPATH": str(ROOT)})

@@ -39,7 +39,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.procs import Proc, Procs, free_port, rss_bytes, wait_for_port
-from bench.servers import ROOT, USER, Layout, SignIn, gateway_python
+from bench.servers import ROOT, USER, Layout, SignIn, gateway_command
 
 RESULTS = ROOT / "bench" / "results"
 ADDRESSES = {"app": "127.251.0.2", "nap1": "127.251.0.3", "nap2": "127.251.0.4"}
@@ -287,8 +287,7 @@ async def run(minutes: float, every: float, warmup: float) -> dict[str, Any]:
     soak = Soak(port, metrics_port, app_port, SignIn(Layout(tmp), port))
     print(f"soak: temporary folder {tmp}", file=sys.stderr)
     try:
-        gateway = procs.start("gateway", [gateway_python(), "-m", "gateway", "serve", "--config",
-                                          str(_config(tmp, port, metrics_port, app_port))],
+        gateway = procs.start("gateway", gateway_command(_config(tmp, port, metrics_port, app_port)),
                               env={"PYTHONPATH": str(ROOT)})
         await wait_for_port("127.0.0.1", port, gateway)
         await soak.sign_in.hub()

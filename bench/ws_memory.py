@@ -26,8 +26,8 @@ from bench.servers import (
     ROOT,
     Layout,
     SignIn,
+    gateway_command,
     gateway_config,
-    gateway_python,
     gateway_target,
     start_echo,
     start_upstream_nginx,
@@ -38,7 +38,7 @@ async def _start(procs: Procs, layout: Layout, port: int, trace: Path | None) ->
     config = gateway_config(layout, "gateway", port)
     module = "bench.traced" if trace else "gateway"
     env = {"PYTHONPATH": str(ROOT)} | ({"BENCH_TRACE_DIR": str(trace)} if trace else {})
-    proc = procs.start("gateway", [gateway_python(), "-m", module, "serve", "--config", str(config)], env=env)
+    proc = procs.start("gateway", gateway_command(config, module), env=env)
     await wait_for_port("127.0.0.1", port, proc)
     return proc
 

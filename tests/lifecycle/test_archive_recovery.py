@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from bench.servers import DEBIAN_VENV
 from gateway.lifecycle.archive import ArchiveError, archive_home, extract, recover, restore_home, verify_archive
 from tests.lifecycle.conftest import fill_home, snapshot
 
 Snapshot = dict[str, tuple[object, ...]]
-DEBIAN_PYTHON = Path(__file__).resolve().parents[2] / ".venv-debian" / "bin" / "python"
-"""Debian 12's python3 with the gateway installed (``.ci/install`` makes it)."""
+DEBIAN_PYTHON = DEBIAN_VENV / "bin" / "python"
 
 
 @pytest.fixture
