@@ -18,7 +18,8 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from gateway.auth.identity import Identity
-from gateway.lifecycle import LifecycleError, Phase
+from gateway.lifecycle import LifecycleError, Phase, Runtime
+from gateway.server.context import Gateway
 from tests.conftest import MakeGateway, MakeUpstream, next_address, workspace
 from tests.lifecycle.conftest import (
     API,
@@ -38,6 +39,24 @@ from tests.lifecycle.conftest import (
 
 pytestmark = pytest.mark.timeout(60)
 MOST_PORT_WAITS = 16
+FULL = range(20000, 20000 + MOST_PORT_WAITS)
+"""As many ports as a workspace waits for at once."""
+
+
+async def _waited_for(gateway: Gateway, *ports: int) -> None:
+    """Until workspace ``a``'s wake waits for each of ``ports``."""
+    async with asyncio.timeout(10):
+        while not all(gateway.waker.busy("a", port) for port in ports):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def _stop_once_awake(runtime: Runtime, started: asyncio.Event) -> None:
+    """Let the held wake of workspace ``a`` finish, then stop it: every probe ends, its port never answered."""
+    started.set()
+    async with asyncio.timeout(10):
+        while runtime.get("a").phase is not Phase.RUNNING:  # type: ignore[union-attr]  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    await runtime.stop("a")
 
 
 async def test_api_client_is_held_then_served(make_gateway: MakeGateway) -> None:
@@ -340,12 +359,10 @@ async def test_a_workspace_waits_for_at_most_so_many_ports_at_once(make_gateway:
                                             **API}) as response:
             return response.status, await response.text()
 
-    ports = range(20000, 20000 + MOST_PORT_WAITS)
-    held = [asyncio.ensure_future(ask(port)) for port in ports]
+    held = [asyncio.ensure_future(ask(port)) for port in FULL]
     try:
+        await _waited_for(gateway, *FULL)
         async with asyncio.timeout(10):
-            while not all(gateway.waker.busy("a", port) for port in ports):  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
             status, text = await ask(30001)
         assert status == 503
         assert "too-many-port-waits" in text
@@ -356,24 +373,15 @@ async def test_a_workspace_waits_for_at_most_so_many_ports_at_once(make_gateway:
         assert state is not None
         gateway.waker.bring_up(state, 20000)  # joined, not refused
         held.append(asyncio.ensure_future(ask(30000)))  # declared: waited for
-        async with asyncio.timeout(10):
-            while not gateway.waker.busy("a", 30000):  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+        await _waited_for(gateway, 30000)
     finally:
-        started.set()
-        async with asyncio.timeout(10):
-            while runtime.get("a").phase is not Phase.RUNNING:  # type: ignore[union-attr]  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        await runtime.stop("a")  # every probe ends: the workspace stopped before its port answered
+        await _stop_once_awake(runtime, started)
         answers = await asyncio.gather(*held)
     assert all("too-many-port-waits" not in text for _status, text in answers)
     state = runtime.get("a")
     assert state is not None
     late = gateway.waker.bring_up(state, 30001)  # "at once": the waits that ended count no more
-    async with asyncio.timeout(10):
-        while runtime.get("a").phase is not Phase.RUNNING:  # type: ignore[union-attr]  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-    await runtime.stop("a")
+    await _stop_once_awake(runtime, started)
     with pytest.raises(LifecycleError):
         await late
 
@@ -483,12 +491,9 @@ async def test_a_port_wait_that_ends_gives_back_its_own_place_only(
                                             **API}) as response:
             return response.status
 
-    ports = range(20000, 20000 + MOST_PORT_WAITS)
-    held = [asyncio.ensure_future(ask(port)) for port in ports]
+    held = [asyncio.ensure_future(ask(port)) for port in FULL]
     try:
-        async with asyncio.timeout(10):
-            while not all(gateway.waker.busy("a", port) for port in ports):  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+        await _waited_for(gateway, *FULL)
         started.set()
         async def up(_request: web.Request) -> web.Response:
             return web.Response(text="up")
@@ -504,11 +509,7 @@ async def test_a_port_wait_that_ends_gives_back_its_own_place_only(
             assert event == "failed"
             assert "try port 30002 again" in data["message"]
     finally:
-        started.set()
-        async with asyncio.timeout(10):
-            while runtime.get("a").phase is not Phase.RUNNING:  # type: ignore[union-attr]  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        await runtime.stop("a")  # every probe ends: the workspace stopped before its port answered
+        await _stop_once_awake(runtime, started)
         await asyncio.gather(*held)
 
 
