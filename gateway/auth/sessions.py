@@ -1,8 +1,9 @@
-"""Session cookies, hand-off codes and upstream assertions: short JWTs signed with the gateway's keys.
+"""Session cookies, hand-off codes and upstream assertions, made with the gateway's keys.
 
 Every token names its audience (the exact host it is for) and its type, so a cookie or code minted for one
-host is refused on any other. Verified session cookies are cached until they expire, so the request path
-pays for a signature check once per cookie, not once per request.
+host is refused on any other. Codes and assertions are short JWTs; a session cookie is sealed (AES-GCM), as it
+can land in the hands of the owner of the host it is for (see ``issue``). Session cookies read are cached until
+they expire, so the request path opens a cookie once, not once per request.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ _CACHE_LIMIT = 50_000
 _SEAL_BLOCK = 1024
 """A sealed identity's length says only how many such blocks it takes: a name, an e-mail and a few groups fit in
 one (the code travels in a URL, beside the path the visitor asked for: it is kept short)."""
+_SESSION_BLOCK = 256
+"""The same for session cookies, in smaller steps: browsers drop a cookie over 4 KB, and a sealed identity grows
+by a third in base64, so blocks of 1,024 would refuse identities of over 2 KB (groups) that fitted before."""
 
 
 @functools.cache  # a handful of names, asked for on every request
@@ -91,7 +95,12 @@ class Sessions:
         return claims
 
     def issue(self, identity: Identity, audience: str, ttl: float | None = None) -> str:
-        return self._sign({**identity.claims(), "typ": "session"}, audience, ttl or self.ttl)
+        """A session cookie for ``audience``, sealed: it tells whoever holds it nothing, not even who it is for.
+        Its holder may be the owner of the host it is for: their page can send a visitor's browser through the
+        hand-off with a state of their own choosing, read the code off the callback URL on their origin, and
+        redeem it themselves. What that buys them is this cookie, which opens their own host only."""
+        record = json.dumps({**identity.claims(), "exp": int(self._clock()) + int(ttl or self.ttl)}).encode()
+        return self._keys().seal(_padded(record, _SESSION_BLOCK), _session_context(audience))
 
     def read(self, token: str, audience: str) -> Identity | None:
         """The identity in a session cookie for ``audience``, or None when it is invalid or expired."""
@@ -102,13 +111,16 @@ class Sessions:
                 return cached[0]
             del self._verified[(token, audience)]
         try:
-            claims = self._verify(token, audience, "session")
-        except jwt.InvalidTokenError:
+            record = json.loads(self._keys().unseal(token, _session_context(audience)))
+            expires = float(record["exp"])
+        except (jwt.InvalidTokenError, ValueError):  # not sealed by these keys for this host (sealed: well formed)
             return None
-        identity = Identity.from_claims(claims)
+        if now >= expires:
+            return None
+        identity = Identity.from_claims(record)
         if len(self._verified) >= _CACHE_LIMIT:
             self._verified.clear()
-        self._verified[(token, audience)] = (identity, float(claims["exp"]))
+        self._verified[(token, audience)] = (identity, expires)
         return identity
 
     def forget_cached(self) -> None:
@@ -119,9 +131,8 @@ class Sessions:
     def handoff_code(self, identity: Identity, host: str, state: str) -> str:
         """A code the hub puts in a URL on ``host``, where the owner's scripts can read it: the identity in it is
         sealed, so it tells them nothing (not even who), and it signs in only the browser holding ``state``."""
-        claims = json.dumps(identity.claims()).encode()
-        padded = claims.ljust(-(-len(claims) // _SEAL_BLOCK) * _SEAL_BLOCK)  # JSON, with blanks after it
-        who = self._keys().seal(padded, f"handoff {host}".encode())
+        who = self._keys().seal(_padded(json.dumps(identity.claims()).encode(), _SEAL_BLOCK),
+                                f"handoff {host}".encode())
         return self._sign({"typ": "handoff", "state": state, "jti": secrets.token_hex(12), "who": who}, host,
                           HANDOFF_TTL)
 
@@ -162,3 +173,13 @@ class Sessions:
             return self._verify(token, audience, "state")
         except jwt.InvalidTokenError:
             return None
+
+
+def _padded(text: bytes, block: int) -> bytes:
+    """JSON with blanks after it, to a whole number of blocks: its length says no more than that number."""
+    return text.ljust(-(-len(text) // block) * block)
+
+
+def _session_context(audience: str) -> bytes:
+    """What a session cookie is sealed for: no code's or other host's sealed identity opens as one."""
+    return f"session {audience}".encode()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -246,6 +249,38 @@ async def test_handoff_code_is_bound_to_host_state_and_single_use(served: Served
     assert replay.json()["error"]["code"] in ("handoff-replayed", "handoff-state-mismatch")
     landed = await browser.navigate(served.preview("ws1", 3000, "/p?q=1"))
     assert landed.json()["path"] == "/p?q=1"
+
+
+async def test_an_owner_who_starts_the_handoff_learns_nothing_from_the_code_or_the_session(
+        served: Served, make_browser: MakeBrowser) -> None:
+    """The owner's page sends the visitor's browser to the hand-off with a state the owner picked (their own, from
+    an anonymous visit), reads the code off the callback URL on their origin (a service worker of theirs sees it),
+    and redeems it from their own machine. The session that buys them is opaque: it names nobody, and it opens
+    their own port only (they own it anyway). As a signed JWT it carried the visitor's every claim, past consent."""
+    owner = await make_browser(served)
+    app = served.preview("ws1", 3000, "/")
+    await owner.navigate_until(app, lambda url: "/auth/handoff" in url)
+    state = owner.cookie(app, "codehub_handoff")
+    assert state
+    visitor = await make_browser(served)
+    assert (await visitor.dev_sign_in(served.hub, "visiting-bob", groups="secret-project")).status == 303
+    handoff = await visitor.fetch("GET", f"{HUB}/auth/handoff?" + urlencode({"target": app, "state": state}))
+    assert handoff.status == 302
+    redeemed = await owner.fetch("GET", handoff.location or "")
+    assert redeemed.status == 303
+    session = owner.cookie(app, "codehub_session")
+    assert session
+    readable = session
+    for part in re.split(r"[.]", session):  # whatever base64 it holds, read as text
+        with contextlib.suppress(ValueError):
+            readable += base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)).decode("latin-1")
+    assert "visiting-bob" not in readable
+    assert "secret-project" not in readable
+    for accept in ("text/html", "application/json"):  # nor do the gateway's own answers on that host tell
+        answer = await owner.fetch("GET", app, headers={"Accept": accept})
+        assert answer.status == 403
+        assert "visiting-bob" not in answer.text
+        assert "secret-project" not in answer.text
 
 
 async def test_a_framed_preview_offers_sign_in_in_a_popup(served: Served, make_browser: MakeBrowser) -> None:
