@@ -33,6 +33,7 @@ MAX_FIELD = 8190
 MAX_HEADERS = 100
 _FAST_METHODS = frozenset({"GET", "HEAD"})
 _HEAD_END = b"\r\n\r\n"
+_CR_LF = frozenset(b"\r\n")
 
 
 class _NeedData(enum.Enum):
@@ -126,7 +127,7 @@ class Connection:
         if not messages:
             return self.hand_over() if len(raw) > self.max_head else NEED_DATA
         message = messages[0][0] if len(messages) == 1 else None
-        end = raw.find(_HEAD_END) + 4
+        end = raw.find(_HEAD_END, _blank_lines(raw)) + 4
         if (message is None or len(raw) > self.max_head
                 or message.method not in _FAST_METHODS or message.version != HttpVersion11
                 or (message.upgrade and message.method != "GET")
@@ -169,6 +170,12 @@ class Connection:
         self._raw.clear()
         self._parked.clear()
         return HandOver(data)
+
+
+def _blank_lines(raw: bytearray) -> int:
+    """How many bytes of CR and LF come before the request line: the parser skips them (RFC 9112 §2.2), and a
+    ``\r\n\r\n`` among them does not end the head."""
+    return len(raw) - len(raw.lstrip(b"\r\n")) if raw[0] in _CR_LF else 0
 
 
 def _promises_a_body(headers: CIMultiDictProxy[str]) -> bool:

@@ -70,12 +70,16 @@ def test_everything_else_is_handed_over_with_every_byte(raw: bytes, why: str) ->
 UPGRADE = b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
 
 
+@pytest.mark.parametrize("lead", [b"", b"\r\n", b"\r\n\r\n"])
 @pytest.mark.parametrize("cut", [10, len(UPGRADE) - 1, len(UPGRADE), len(UPGRADE) + 3])
-def test_a_get_that_asks_to_switch_protocols_is_a_request_whose_tail_is_the_new_protocols(cut: int) -> None:
+def test_a_get_that_asks_to_switch_protocols_is_a_request_whose_tail_is_the_new_protocols(cut: int,
+                                                                                           lead: bytes) -> None:
     """Whatever the reads: once the head is whole it is a ``Request`` marked ``upgrade``; ``switch`` gives the
-    bytes after the head (the first WebSocket frame, sent at once), and what arrives after them, in order."""
+    bytes after the head (the first WebSocket frame, sent at once), and what arrives after them, in order. Blank
+    lines before a request line are skipped (RFC 9112 §2.2, as llhttp does): a ``\r\n\r\n`` among them is no end
+    of the head (else the head, cookies and all, went to the upstream as frames)."""
     frame = b"\x81\x85abcd" + b"12345"
-    raw = UPGRADE + frame
+    raw = lead + UPGRADE + frame
     connection = Connection()
     events = [connection.receive(raw[:cut]), connection.receive(raw[cut:])]
     requests = [event for event in events if isinstance(event, Request)]
