@@ -68,6 +68,7 @@ import bisect
 import contextlib
 import copy
 import datetime
+import itertools
 import json
 import random
 import re
@@ -359,6 +360,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _rv: int = attrs.field(default=0, init=False)
     _log: list[Event] = attrs.field(factory=list, init=False)
     _floor: int = attrs.field(default=0, init=False)  # events with rv <= floor are compacted away
+    # Per resource, the (namespace, name) of its objects in list order; dropped when one of them changes. A page of
+    # a list starts by bisection, as an API server's watch cache serves it: 100,000 objects (bench.scale) listed
+    # 500 at a time took a deep copy and a sort of all of them per page (seconds each), which the gateway's
+    # informers waited for (it failed to start: its sync timeout ran out in the emulator).
+    _order: dict[kmock.resource, list[tuple[str, str]]] = attrs.field(factory=dict, init=False)
     _changed: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _watchers: set[_Watcher] = attrs.field(factory=set, init=False)
     controllers: Controllers = attrs.field(init=False)
@@ -456,9 +462,27 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return None if obj.deleted else copy.deepcopy(obj.raw)
 
     def _all(self, resource: kmock.resource, namespace: str | None) -> list[dict[str, Any]]:
-        found = [copy.deepcopy(obj.raw) for (res, ns, _), obj in self._objects.items()
-                 if res == resource and not obj.deleted and (namespace is None or ns == namespace)]
-        return sorted(found, key=lambda o: (o['metadata'].get('namespace') or '', o['metadata']['name']))
+        return [copy.deepcopy(obj) for obj in self._in_order(resource, namespace)]
+
+    def _in_order(self, resource: kmock.resource, namespace: str | None,
+                  after: tuple[str, str] = ('', '')) -> Iterator[dict[str, Any]]:
+        """The live objects of ``resource`` (in ``namespace``, or all) in list order, from past ``after``; not
+        copied (callers copy what they hand out)."""
+        order = self._order.get(resource)
+        if order is None:
+            order = self._order[resource] = sorted((ns or '', name) for (res, ns, name) in self._objects
+                                                   if res == resource)
+        start = bisect.bisect_right(order, after)
+        if namespace is not None and after < (namespace, ''):
+            start = bisect.bisect_left(order, (namespace, ''), start)
+        for ns, name in order[start:] if start else order:
+            if namespace is not None and ns != namespace:
+                if ns > namespace:
+                    return
+                continue
+            obj = self._objects[(resource, ns or None, name)]
+            if not obj.deleted:
+                yield obj.raw
 
     def _commit(self, resource: kmock.resource, type_: str, obj: dict[str, Any],
                 old: dict[str, Any] | None) -> dict[str, Any]:
@@ -467,6 +491,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         meta = obj.setdefault('metadata', {})
         meta['resourceVersion'] = str(self._rv)
         key = (resource, meta.get('namespace'), meta['name'])
+        self._order.pop(resource, None)
         if type_ == 'DELETED':
             self._objects[key].delete()
         elif key not in self._objects:
@@ -625,7 +650,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return (200, obj) if obj is not None else self._not_found(resource, name)
 
     def op_list(self, resource: kmock.resource, namespace: str | None,
-                label_selector: str | None = None, field_selector: str | None = None) -> _Result:
+                label_selector: str | None = None, field_selector: str | None = None, *,
+                after: tuple[str, str] = ('', ''), most: int | None = None) -> _Result:
+        """The objects that match, in list order: past ``after`` (namespace, name), at most ``most``."""
         info = self._declared(resource)
         if info is None:
             return self._no_resource()
@@ -633,7 +660,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             labels, fields = parse_label_selector(label_selector), parse_field_selector(field_selector)
         except ValueError as e:
             return self._bad_request(str(e))
-        items = [obj for obj in self._all(resource, namespace) if labels(obj) and fields(obj)]
+        matching = (obj for obj in self._in_order(resource, namespace, after) if labels(obj) and fields(obj))
+        items = copy.deepcopy(list(itertools.islice(matching, most)))
         return 200, {
             'apiVersion': _api_version(resource),
             'kind': f'{info.kind or resource.plural}List',
@@ -818,33 +846,46 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if not request.resource.plural:  # e.g. /api/v1/ with a slash (kubernetes-asyncio's discovery)
             return rendering.Response(status=200, payload=await self._serve_version(request))
         params = request.params
-        code, listing = self.op_list(request.resource, request.namespace,
-                                     params.get('labelSelector'), params.get('fieldSelector'))
-        if code == 200 and (params.get('limit') or params.get('continue')):
-            code, listing = self._page(listing, params.get('limit'), params.get('continue'))
-        return self._respond((code, listing))
+        if not (params.get('limit') or params.get('continue')):
+            return self._respond(self.op_list(request.resource, request.namespace,
+                                              params.get('labelSelector'), params.get('fieldSelector')))
+        return self._respond(self._page(request.resource, request.namespace, params))
 
-    def _page(self, listing: dict[str, Any], limit: str | None, token: str | None) -> _Result:
-        """``limit``/``continue`` as the real API: a continue token names the list's RV and the last name served;
+    def _page(self, resource: kmock.resource, namespace: str | None, params: Mapping[str, str]) -> _Result:
+        """``limit``/``continue`` as the real API: a continue token names the list's RV and the last object served;
         once that RV is compacted away the token answers 410 Expired (the client lists again from the start)."""
         try:
-            size = int(limit) if limit else None
-            rv, after = (json.loads(base64.urlsafe_b64decode(token)) if token else (None, ''))
+            size = int(params['limit']) if params.get('limit') else None
+            rv, after_ns, after_name = (json.loads(base64.urlsafe_b64decode(params['continue']))
+                                        if params.get('continue') else (None, '', ''))
+            after = (str(after_ns), str(after_name))
         except (ValueError, TypeError):
             return self._bad_request('invalid limit or continue parameter')
         if rv is not None and int(rv) < self._floor:
             return 410, k8s_status(410, 'Expired', 'The provided continue parameter is too old to display a'
                                    ' consistent list result. You can start a new list without the continue parameter.')
-        items = [obj for obj in listing['items'] if obj['metadata']['name'] > after]
-        page, rest = (items[:size], items[size:]) if size else (items, [])
-        listing['items'] = page
+        code, listing = self.op_list(resource, namespace, params.get('labelSelector'), params.get('fieldSelector'),
+                                     after=after, most=size + 1 if size else None)
+        if code != 200:
+            return code, listing
         if rv is not None:
             listing['metadata']['resourceVersion'] = str(rv)
-        if rest:
+        if size and len(listing['items']) > size:
+            del listing['items'][size:]
+            last = listing['items'][-1]['metadata']
             listing['metadata']['continue'] = base64.urlsafe_b64encode(json.dumps(
-                [int(listing['metadata']['resourceVersion']), page[-1]['metadata']['name']]).encode()).decode()
-            listing['metadata']['remainingItemCount'] = len(rest)
+                [int(listing['metadata']['resourceVersion']), last.get('namespace') or '', last['name']]
+            ).encode()).decode()
+            if not (params.get('labelSelector') or params.get('fieldSelector')):  # as the API: only then
+                listing['metadata']['remainingItemCount'] = self._after(resource, namespace,
+                                                                        (last.get('namespace') or '', last['name']))
         return 200, listing
+
+    def _after(self, resource: kmock.resource, namespace: str | None, key: tuple[str, str]) -> int:
+        """How many objects come after ``key`` in list order: an estimate, as the API's is (deleted ones count)."""
+        order = self._order[resource]
+        end = len(order) if namespace is None else bisect.bisect_left(order, (namespace + '\0', ''))
+        return end - bisect.bisect_right(order, key)
 
     async def _serve_replace(self, request: kmock.Request) -> rendering.Response:
         assert request.resource is not None
