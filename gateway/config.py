@@ -294,7 +294,7 @@ class Kubernetes(_Model):
     bind_timeout: Seconds = 180.0  # the home PVC still Pending (not provisioned, or restoring) this long
     image_pull_grace: Seconds = 90.0  # ErrImagePull / ImagePullBackOff this long (one failed pull may be transient)
     snapshot_timeout: Seconds = 600.0
-    sync_timeout: Seconds = 30.0
+    sync_timeout: Seconds = 30.0  # no page of a list for this long fails the start (a big first fill may take longer)
     ready_grace: Seconds = 30.0  # /readyz fails once a cache has been cut off from the API for this long
     ide_key_file: Path | None = None  # with it, each IDE requires its HMAC secret (gateway/auth/ide.py)
     request_timeout: Seconds = 10.0

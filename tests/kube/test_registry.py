@@ -3,6 +3,7 @@ their kinds in the runtime's registry, which watches each kind once and starts, 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from gateway.lifecycle.kubernetes.client import SHARE_LINK as SHARE_LINK_KIND
 from gateway.lifecycle.kubernetes.client import WORKSPACE as WORKSPACE_KIND
 from gateway.lifecycle.kubernetes.client import KubeClient
 from gateway.lifecycle.kubernetes.informer import Informers
+from gateway.lifecycle.kubernetes.throttle import Throttle
 from gateway.server.wiring import make_runtime, make_store
 from tests.kube.emulator import SHARE_LINK, WORKSPACE, KubeEnv
 from tests.kube.support import NS, until
@@ -83,6 +85,26 @@ def test_a_kind_is_watched_with_one_label_selector() -> None:
     informers.register(POD_KIND, ignore, label_selector="app=codehub")
     with pytest.raises(ValueError, match="pods is watched with the selector 'app=codehub', not None"):
         informers.register(POD_KIND, ignore)
+
+
+async def test_a_first_fill_longer_than_the_sync_timeout_starts_while_pages_keep_coming(kube: KubeEnv) -> None:
+    """The sync timeout is for an API that does not answer, not for a big one: 100,000 share links are 200 pages,
+    which the client's rate limit (20 a second) alone spreads over 10 s (bench.scale found a gateway that never
+    started). Here 12 pages at 10 a second take over a second, against a timeout of half of one."""
+    emu = kube.emulator
+    for index in range(12):
+        emu.create_object(WORKSPACE, {"metadata": {"name": f"w{index:02d}"}, "spec": {"owner": "bob"}}, NS)
+    seen: list[str] = []
+    informers = Informers()
+    informers.register(WORKSPACE_KIND, lambda event, obj: seen.append(obj["metadata"]["name"]))
+    client = KubeClient(kube.new_api_client(), NS, throttle=Throttle(10, 1, 4), page_size=1)
+    started = time.monotonic()
+    await informers.start(client, sync_timeout=0.5)
+    try:
+        assert time.monotonic() - started > 1
+        assert sorted(seen) == [f"w{index:02d}" for index in range(12)]
+    finally:
+        await informers.stop()
 
 
 async def test_caches_that_cannot_be_filled_in_time_are_all_stopped_again(kube: KubeEnv) -> None:

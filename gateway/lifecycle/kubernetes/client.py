@@ -136,6 +136,8 @@ class KubeClient:
         self.timeout = timeout
         self.throttle = throttle
         self.page_size = page_size
+        self.pages = 0
+        """Pages of lists answered: how the first fill of the caches shows it is getting on (``Informers.start``)."""
 
     async def _send(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
                     body: Any = None, content_type: str = JSON,
@@ -233,6 +235,7 @@ class KubeClient:
                 while True:
                     ask = {**query, "limit": str(self.page_size), **({"continue": token} if token else {})}
                     page = await self.request("GET", kind.path(self.namespace), query=ask)
+                    self.pages += 1
                     items.extend(page.get("items") or [])
                     token = str((page.get("metadata") or {}).get("continue") or "")
                     if not token:

@@ -193,22 +193,30 @@ class Informers(Mapping[Resource, Informer]):
         registration.listeners.append(on_change)
 
     async def start(self, client: KubeClient, *, sync_timeout: float) -> None:
-        """Fill every cache; LifecycleError, with every watch stopped again, if the API cannot be listed within
-        ``sync_timeout``."""
+        """Fill every cache; LifecycleError, with every watch stopped again, if no page of a list comes for
+        ``sync_timeout``. A big cluster's first fill takes as long as it takes (100,000 share links are 200 pages,
+        10 s at the client's rate limit alone); an API that does not answer fails the start as soon as ever."""
         for kind, registration in self._registered.items():
             self._running[kind] = Informer(client, kind, listeners=registration.listeners,
                                            label_selector=registration.label_selector,
                                            watch_timeout=self._watch_timeout)
         for informer in self._running.values():
             informer.start()
+        filled = [asyncio.ensure_future(informer.synced.wait()) for informer in self._running.values()]
         try:
-            async with asyncio.timeout(sync_timeout):
-                await asyncio.gather(*(informer.synced.wait() for informer in self._running.values()))
-        except TimeoutError:
-            errors = "; ".join(f"{i.kind.plural}: {i.error}" for i in self._running.values() if not i.synced.is_set())
-            await self.stop()
-            raise LifecycleError(f"Kubernetes API not reachable within {sync_timeout:.0f} s ({errors})",
-                                code="kubernetes-unavailable") from None
+            pages = -1
+            while pages != client.pages:
+                pages = client.pages
+                _, waiting = await asyncio.wait(filled, timeout=sync_timeout)
+                if not waiting:
+                    return
+        finally:
+            for waiter in filled:
+                waiter.cancel()
+        errors = "; ".join(f"{i.kind.plural}: {i.error}" for i in self._running.values() if not i.synced.is_set())
+        await self.stop()
+        raise LifecycleError(f"Kubernetes API not reachable within {sync_timeout:.0f} s ({errors})",
+                             code="kubernetes-unavailable")
 
     async def stop(self) -> None:
         running, self._running = self._running, {}
