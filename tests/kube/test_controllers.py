@@ -45,6 +45,19 @@ async def test_dependents_are_collected_with_their_owner(kube_emulator: KubeEmul
     assert emu.get_object(PVC, NS, 'ws-x-home') is not None  # another owner's dependents stay
 
 
+async def test_an_owner_deleted_after_the_collector_saw_it_takes_its_dependents(kube_emulator: KubeEmulator) -> None:
+    """The collector follows the store's changes from where it last looked (a pass over every object per change
+    stalled an emulated API of 200,000 objects): an owner's deletion it hears of, not only one it finds gone."""
+    emu = kube_emulator
+    owner = emu.create_object(WORKSPACE, {'metadata': {'name': 'w'}, 'spec': {'owner': 'a'}}, NS)
+    emu.create_object(PVC, {'metadata': {'name': 'ws-w-home', **owned_by(owner)}, 'spec': {}}, NS)
+    emu.controllers.reconcile()  # it has seen both
+    emu.create_object(PVC, {'metadata': {'name': 'late', **owned_by(owner)}, 'spec': {}}, NS)
+    emu.delete_object(WORKSPACE, NS, 'w')
+    await emu.wait_gone(PVC, NS, 'ws-w-home')
+    await emu.wait_gone(PVC, NS, 'late')
+
+
 async def test_a_paused_collector_leaves_dependents_until_it_runs(kube_emulator: KubeEmulator) -> None:
     emu = kube_emulator
     emu.controllers.paused_gc = True
