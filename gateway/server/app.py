@@ -184,33 +184,32 @@ async def _drain(app: web.Application) -> None:
 
 
 async def _lifespan(app: web.Application) -> AsyncIterator[None]:
+    """What the gateway opens it closes, in reverse, however far the start got (a runtime that cannot reach its
+    API fails it after the HTTP session and the pool were made)."""
     gateway = app[GATEWAY]
-    gateway._session = make_session(gateway.config.timeouts)
-    gateway._pool = make_pool(gateway.config.timeouts, gateway.metrics.upstream_fault, gateway.workers)
-    gateway.metrics.track_queue(gateway._pool.queued)
-    gateway.metrics.track_pool(gateway._pool.connections)
-    if gateway.config.auth.oidc is not None:
-        gateway.auth.oidc = OidcClient(gateway.config.auth.oidc, gateway.session)
-    await gateway.runtime.start()
-    try:
+    async with contextlib.AsyncExitStack() as opened:
+        gateway._pool = make_pool(gateway.config.timeouts, gateway.metrics.upstream_fault, gateway.workers)
+        opened.callback(gateway._pool.close)
+        gateway._session = make_session(gateway.config.timeouts)
+        opened.push_async_callback(gateway._session.close)
+        gateway.metrics.track_queue(gateway._pool.queued)
+        gateway.metrics.track_pool(gateway._pool.connections)
+        if gateway.config.auth.oidc is not None:
+            gateway.auth.oidc = OidcClient(gateway.config.auth.oidc, gateway.session)
+        await gateway.runtime.start()
+        opened.push_async_callback(gateway.runtime.close)
+        opened.push_async_callback(gateway.waker.close)
         await gateway.auth.store.start()
-    except BaseException:
-        await gateway.runtime.close()
-        raise
-    watcher = asyncio.create_task(_watch_files(gateway))
-    reaper = asyncio.create_task(reap_forever(gateway.reaper))
-    try:
+        opened.push_async_callback(gateway.auth.store.close)
+        for task in (asyncio.create_task(_watch_files(gateway)), asyncio.create_task(reap_forever(gateway.reaper))):
+            opened.push_async_callback(_cancelled, task)
         yield
-    finally:
-        for task in (reaper, watcher):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await gateway.auth.store.close()
-        await gateway.waker.close()
-        await gateway.runtime.close()
-        await gateway.session.close()
-        gateway.pool.close()
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _watch_files(gateway: Gateway, every: float = 2.0) -> None:

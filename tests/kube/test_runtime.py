@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
+from aiohttp import web
 
+from gateway.config import Config
 from gateway.errors import BadRequest, Conflict, NotFound
 from gateway.lifecycle import LifecycleError, Phase, WorkspaceSpec
 from gateway.lifecycle.kubernetes import KubernetesRuntime
@@ -15,6 +18,8 @@ from gateway.lifecycle.kubernetes.client import POD as POD_KIND
 from gateway.lifecycle.kubernetes.client import KubeClient
 from gateway.lifecycle.kubernetes.objects import make_pod, make_pvc
 from gateway.lifecycle.kubernetes.objects import parse_workspace as parse
+from gateway.server.app import build_app
+from gateway.server.context import GATEWAY
 from tests.kube.emulator import (
     LEASE,
     POD,
@@ -291,6 +296,19 @@ async def test_start_fails_clearly_without_an_api() -> None:
     with pytest.raises(LifecycleError, match="Kubernetes API not reachable"):
         await runtime.start()
     await runtime.close()
+
+
+async def test_a_gateway_that_cannot_start_closes_what_it_had_opened(tmp_path: Path) -> None:
+    """The runtime fails the start after the gateway made its HTTP session and upstream pool: they are closed as
+    the start fails (``serve`` logged "Unclosed client session" as it exited)."""
+    config = Config.model_validate({
+        "runtime": "kubernetes", "local": {"state_dir": str(tmp_path / "state")},
+        "kubernetes": kube_settings("http://127.0.0.1:9", sync_timeout=0.5).model_dump(mode="json")})
+    app = build_app(config)
+    runner = web.AppRunner(app)
+    with pytest.raises(LifecycleError, match="Kubernetes API not reachable"):
+        await runner.setup()
+    assert app[GATEWAY].session.closed
 
 
 # --- several replicas -----------------------------------------------------------------------------
