@@ -10,6 +10,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -264,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"bench: {tool} is missing (Debian: apt-get install -y nginx-light wrk)", file=sys.stderr)
             return 2
+    # ``timeout``, CI runners and service managers end a run with SIGTERM: stop what it started, as on Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     results = asyncio.run(run(args))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
