@@ -231,6 +231,22 @@ def test_a_share_token_in_the_url_becomes_a_cookie_and_counts_once_acted_on(worl
     assert link.uses == 0, "making a plan records nothing"
 
 
+def test_the_share_cookie_opens_the_port_for_as_long_as_its_link_lives(world: World) -> None:
+    """The cookie a share URL leaves behind is what the next request shows: it must open the port, and it lives
+    no longer than its link does."""
+    _, token = asyncio.run(world.store.create_share(workspace="ws", port=3000, audience="anyone", people=[],
+                                                     created_by="alice", ttl=600, now=NOW))
+    made = plan(facts(f"/p?codehub_share={token}"), world)
+    assert isinstance(made, Redirect)
+    cookie, *attributes = made.error.cookies[0].split("; ")
+    max_age = [int(attribute.partition("=")[2]) for attribute in attributes if attribute.startswith("Max-Age=")]
+    assert len(max_age) == 1
+    assert 590 <= max_age[0] <= 600
+    followed = plan(facts("/p", Cookie=cookie), world)
+    assert isinstance(followed, Forward)
+    assert decisions(followed) == [(True, Reason.SHARE_LINK)]
+
+
 def test_an_api_token_is_noted_only_as_an_effect(world: World) -> None:
     record, token = asyncio.run(world.store.create_api_token(ALICE, name="ci"))
     made = plan(facts("/", Authorization=f"Bearer {token}"), world)
@@ -618,6 +634,31 @@ def test_only_members_keep_a_workspace_awake_when_the_policy_says_so(world: Worl
     assert isinstance(owner, Forward)
     assert isinstance(visitor, Forward)
     assert (owner.keeps_awake, visitor.keeps_awake) == (True, False)
+
+
+def test_a_signed_in_visitor_is_no_member_and_a_collaborator_is(world: World) -> None:
+    """Membership is read off the access decision's reason: a signed-in visitor let in by a public port, the org or
+    a policy admin keeps no workspace awake that only its members may, and a collaborator does."""
+    world.policy = parse_policy("admins: [root]\nwake: {visitors_keep_awake: false}\n")
+    world.states["ws"] = WorkspaceState(WorkspaceSpec(id="ws", owner="alice", collaborators=("bob",),
+                                                      ports={3000: "private", 4000: "public"}),
+                                        Phase.RUNNING, address="127.0.0.9")
+    public = "4000-ws.localhost:8080"
+    kept = {}
+    for name, host in (("bob", PREVIEW), ("bob", public), ("root", PREVIEW), ("eve", public)):
+        made = plan(facts("/", host=host, Cookie=world.cookie(Identity(name), host)), world)
+        assert isinstance(made, Forward)
+        kept[name, host] = made.keeps_awake
+    assert kept == {("bob", PREVIEW): True, ("bob", public): True, ("root", PREVIEW): False, ("eve", public): False}
+
+
+def test_a_refusal_names_the_signed_in_caller_for_the_access_log(world: World) -> None:
+    refused = plan(facts("/", Cookie=world.cookie(Identity("eve"))), world)
+    anonymous = plan(facts("/"), world)
+    assert isinstance(refused, Refuse)
+    assert isinstance(anonymous, Refuse)
+    assert (refused.error.code, refused.user) == ("not-shared-with-user", "eve")
+    assert anonymous.user is None
 
 
 @pytest.mark.parametrize("target", ["/p?q=codehub_share", "/p?codehub_shares=1&a", "/p?a=codehub_share=1&&b", "/p",

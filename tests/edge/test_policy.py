@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from gateway.auth.identity import Identity
 from gateway.edge.policy import (
+    CorsRule,
     Decision,
     Grant,
     IdentityRules,
@@ -136,6 +138,9 @@ CASES = [
     ("grant people, anonymous", POLICY, 3000, None, PEOPLE, False, R.USER_UNAUTHENTICATED),
     ("grant people, empty identity", POLICY, 3000, Identity(""), Grant("s7", "ws1", 3000, "people", ("",)), False,
      R.NOT_SHARED_WITH_USER),
+    # the API keeps the people listed with an org link: they are no audience of it
+    ("grant org, outsider listed in its people", POLICY, 3000, EVE, Grant("s8", "ws1", 3000, "org", ("eve@evil.test",)),
+     False, R.NOT_SHARED_WITH_USER),
 ]
 
 
@@ -163,6 +168,22 @@ def test_an_allowed_caller_is_a_member_exactly_when_the_decision_says_so(
         if decision.allow:
             assert (decision.reason if decision.reason in (R.OWNER, R.COLLABORATOR) else None) \
                 == membership(SPEC, identity)
+
+
+@pytest.mark.parametrize(("created", "allow", "reason"), [
+    (99.0, False, R.SHARE_OTHER_TARGET),  # made for an earlier workspace of the same name
+    (100.0, True, R.SHARE_LINK),
+    (101.0, True, R.SHARE_LINK),
+])
+def test_a_share_link_made_before_the_workspace_began_opens_nothing(created: float, allow: bool,
+                                                                     reason: Reason) -> None:
+    """A name can pass to another owner with the old workspace's links left in the store (the local runtime): a
+    link older than the workspace is another workspace's, for anyone it names."""
+    since = dataclasses.replace(SPEC, since=100.0)
+    for grant in (Grant("s1", "ws1", 3000, "anyone", created=created), Grant("s2", "ws1", None, "anyone",
+                                                                               created=created)):
+        decision = decide(POLICY, since, 3000, EVE, grant)
+        assert (decision.allow, decision.reason) == (allow, reason)
 
 
 @pytest.mark.parametrize(("port", "identity", "rule"), [
@@ -310,6 +331,9 @@ def test_bad_policy_is_rejected_with_file_and_line(text: str, want_err: str) -> 
         ("share_links:\n  default_ttl: 7d\n  max_ttl: 7d\n",
          Policy.model_validate({"share_links": {"default_ttl": 7 * 86400, "max_ttl": 7 * 86400}})),
         ("workspaces:\n  most_per_person: 1\n", Policy.model_validate({"workspaces": {"most_per_person": 1}})),
+        # '*' is refused only together with credentials
+        ("cors:\n  - allow_origins: ['*']\n    allow_credentials: false\n",
+         Policy(cors=(CorsRule(allow_origins=("*",), allow_credentials=False),))),
     ],
 )
 def test_good_policies_parse(text: str, expected: Policy) -> None:
