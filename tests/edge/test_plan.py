@@ -274,6 +274,18 @@ cors:
     assert refused.error.code == "cors-origin-denied"
 
 
+def test_a_preflight_to_a_port_without_a_cors_rule_is_a_request_like_any_other(world: World) -> None:
+    """No rule, no answer from policy: the preflight is the app's, behind the port's access check like any request
+    (only the owner's reaches it here)."""
+    preflight = {"method": "OPTIONS", "Origin": "http://4000-ws.localhost:8080", "Access_Control_Request_Method": "PUT"}
+    anonymous = plan(facts("/", **preflight), world)
+    owner = plan(facts("/", Cookie=world.cookie(ALICE), **preflight), world)
+    assert isinstance(anonymous, Refuse)
+    assert anonymous.error.code == "user-unauthenticated"
+    assert isinstance(owner, Forward)
+    assert "Access-Control-Allow-Origin" not in owner.rules.replace
+
+
 @pytest.mark.parametrize(("requested", "allowed"), [
     ("content-type, x-trace", "content-type, x-trace"),
     ("x-a,x-b", "x-a,x-b"),
@@ -524,6 +536,23 @@ def test_who_may_wake_is_asked_only_of_a_sleeping_workspace(world: World, phase:
     if not woken:
         assert isinstance(made, Refuse)
         assert made.error.code == "wake-not-allowed"
+
+
+@pytest.mark.parametrize("who", [None, Identity("eve")])
+def test_who_may_wake_is_not_asked_of_someone_refused_already(world: World, who: Identity | None) -> None:
+    """A sleeping workspace under ``wake.who: owner-and-collaborators``: someone the port refuses anyway hears why
+    (a sign-in page, not shared with them), not that they may not wake it."""
+    world.policy = parse_policy("wake: {who: owner-and-collaborators}\n")
+    world.states["ws"] = WorkspaceState(world.states["ws"].spec, Phase.WARM, address="127.0.0.9")
+    cookie = {"Cookie": world.cookie(who)} if who is not None else {}
+    made = plan(facts("/", **NAVIGATE, **cookie), world)
+    if who is None:
+        assert isinstance(made, Redirect)
+        assert made.error.location.startswith(f"http://{HUB}/auth/handoff?")
+    else:
+        assert isinstance(made, Refuse)
+        assert made.error.code == "not-shared-with-user"
+    assert decisions(made) == [(False, Reason.USER_UNAUTHENTICATED if who is None else Reason.NOT_SHARED_WITH_USER)]
 
 
 @pytest.mark.parametrize(("dest", "attributes"), [

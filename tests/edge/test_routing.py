@@ -68,6 +68,8 @@ def test_routes(hosts: Hosts, host: str, path: str, expected: Target) -> None:
     [
         (LOCAL, None, "/", BadRequest, "bad-host"),
         (LOCAL, "", "/", BadRequest, "bad-host"),
+        (LOCAL, ".", "/", BadRequest, "bad-host"),  # no name left once its root dot is dropped
+        (LOCAL, ".:8080", "/", BadRequest, "bad-host"),
         (LOCAL, "user@8000-demo.localhost:8080", "/", BadRequest, "bad-host"),
         (LOCAL, "8000-demo.localhost:8080:8080", "/", BadRequest, "bad-host"),
         (LOCAL, "8000-demo.localhost:99999", "/", BadRequest, "bad-host"),
