@@ -12,7 +12,7 @@ import pytest
 
 from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet, SigningKey, write_keys
-from gateway.auth.sessions import ASSERTION_TTL, HANDOFF_TTL, Sessions
+from gateway.auth.sessions import ASSERTION_TTL, HANDOFF_TTL, Sessions, set_cookie
 from gateway.auth.store import FileTokenStore
 from gateway.errors import BadRequest
 from tests.auth.conftest import MakeBrowser, Serve
@@ -315,3 +315,19 @@ async def test_a_failing_batch_of_counts_stops_no_reload_of_keys(serve: Serve, m
     async with asyncio.timeout(10):
         while gateway.auth.keys.current.kid == old_kid:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize(("secure", "embedded", "cross_site", "attributes"), [
+    (False, False, False, {"SameSite=Lax"}),
+    (True, False, False, {"SameSite=Lax", "Secure"}),
+    (False, False, True, {"SameSite=None", "Secure"}),  # rides on credentialed CORS calls from other previews
+    (True, False, True, {"SameSite=None", "Secure"}),
+    (False, True, False, {"SameSite=None", "Secure", "Partitioned"}),  # set inside a frame on another site
+])
+def test_a_cookie_is_host_only_httponly_and_as_cross_site_as_asked(secure: bool, embedded: bool, cross_site: bool,
+                                                                    attributes: set[str]) -> None:
+    made = set_cookie("codehub_session", "v", max_age=60, secure=secure, embedded=embedded, cross_site=cross_site)
+    first, *rest = made.split("; ")
+    assert first == "codehub_session=v"
+    assert set(rest) == {"Path=/", "Max-Age=60", "HttpOnly", *attributes}
+    assert len(rest) == len(set(rest))

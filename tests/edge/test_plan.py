@@ -963,6 +963,18 @@ def test_a_share_token_presented_to_the_ide_opens_nothing(world: World, port: in
     assert "Authorization" not in owner.headers
 
 
+@pytest.mark.parametrize("live", [True, False])
+def test_a_share_token_in_the_url_of_the_ide_is_not_read_there(world: World, live: bool) -> None:
+    """In the IDE's URL a share token is not the gateway's to check, count or make a cookie of: the owner goes on to
+    the IDE as without it."""
+    _, token = asyncio.run(world.store.create_share(workspace="ws", port=None, audience="anyone", people=[],
+                                                    created_by="alice", ttl=600, now=NOW))
+    presented = token if live else "chs_not-a-link"
+    made = plan(facts(f"/?codehub_share={presented}", host=_IDE, Cookie=world.cookie(ALICE, _IDE)), world)
+    assert isinstance(made, Forward)
+    assert not [effect for effect in made.effects if isinstance(effect, UseShare)]
+
+
 def test_a_share_token_presented_wins_over_a_share_cookie(world: World) -> None:
     """The link a request presents is the one that counts: a cookie left by another link (for another port) does
     not replace it."""
