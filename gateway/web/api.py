@@ -373,6 +373,9 @@ async def create_share(request: web.Request) -> web.Response:
         raise Forbidden(f"The policy allows share links for: {', '.join(rules.audiences)}.", code="audience-denied")
     if new.audience == "people" and not new.people:
         raise BadRequest("people: name at least one user, e-mail or group:NAME.", code="invalid-body")
+    if new.audience != "people" and new.people:  # kept and shown, they would look like a limit they are not
+        raise BadRequest(f"people: a link for {new.audience} names nobody; use audience people to name people.",
+                         code="invalid-body")
     if new.port is not None and (new.port == state.spec.ide_port or new.port in gateway.policy.ports.denied):
         raise BadRequest(f"Port {new.port} cannot be shared.", code="bad-port")
     ttl = new.ttl or rules.default_ttl

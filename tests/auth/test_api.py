@@ -290,6 +290,10 @@ async def test_a_person_withdraws_their_own_answers_and_revokes_their_own_tokens
     ("/api/v1/workspaces/ws1/shares", {"audience": "people", "people": ["bob", ""]}, 400),
     ("/api/v1/workspaces/ws1/shares", {"audience": "people", "people": ["bob\nalice"]}, 400),
     ("/api/v1/workspaces/ws1/shares", {"audience": "people", "people": ["group:\u202efe"]}, 400),
+    # people name a link's audience only when it is "people": listed with another, they would restrict nothing
+    ("/api/v1/workspaces/ws1/shares", {"audience": "org", "people": ["bob"]}, 400),
+    ("/api/v1/workspaces/ws1/shares", {"audience": "anyone", "people": ["bob"]}, 400),
+    ("/api/v1/workspaces/ws1/shares", {"audience": "org", "people": []}, 201),
     ("/api/v1/workspaces/ws1/collaborators", {"collaborators": [f"p{i}" for i in range(100)]}, 200),
     ("/api/v1/workspaces/ws1/collaborators", {"collaborators": [f"p{i}" for i in range(101)]}, 400),
     ("/api/v1/workspaces/ws1/collaborators", {"collaborators": ["x" * 321]}, 400),
