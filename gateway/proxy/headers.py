@@ -209,10 +209,10 @@ def upstream_request_headers(
         elif client.trusted:  # the rest never pass; a trusted proxy's forwarding headers are read
             if verdict is _FORWARDED_FOR:
                 chain.append(value)
-            elif verdict is _FORWARDED_PROTO:
-                scheme = scheme or value
+            elif verdict is _FORWARDED_PROTO:  # the nearest hop's word: a proxy may add its own after the client's
+                scheme = _last(value)
             elif verdict is _FORWARDED_HOST:
-                public_host = public_host or value
+                public_host = _last(value)
     if "content-length" in headers and "transfer-encoding" not in headers:
         out["Content-Length"] = headers["content-length"]
     if cookies:
@@ -224,6 +224,11 @@ def upstream_request_headers(
     if identity:
         out.extend(identity)
     return out
+
+
+def _last(value: str) -> str:
+    """The last item of a forwarding header (one a proxy extended reads ``client, proxy``)."""
+    return value.rpartition(",")[2].strip()
 
 
 def cookie_name_and_domain(set_cookie: str) -> tuple[str, str | None]:

@@ -78,6 +78,15 @@ def test_strip_gateway_cookies(cookie: str, expected: str) -> None:
           "X-Forwarded-Host": "pub.example", "Host": UPSTREAM}),
         ([], TRUSTED, {"X-Forwarded-For": "10.0.0.2", "X-Forwarded-Proto": "http",
                        "X-Forwarded-Host": "3000-ws1.preview.example.com", "Host": UPSTREAM}),
+        # a trusted proxy that adds its word after the client's (HAProxy's add-header, a list it extends): the
+        # nearest hop's is the one kept, never the client's
+        ([("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "evil.example"), ("X-Forwarded-Proto", "http"),
+          ("X-Forwarded-Host", "pub.example")], TRUSTED,
+         {"X-Forwarded-For": "10.0.0.2", "X-Forwarded-Proto": "http", "X-Forwarded-Host": "pub.example",
+          "Host": UPSTREAM}),
+        ([("X-Forwarded-Proto", "https, http"), ("X-Forwarded-Host", "evil.example,pub.example")], TRUSTED,
+         {"X-Forwarded-For": "10.0.0.2", "X-Forwarded-Proto": "http", "X-Forwarded-Host": "pub.example",
+          "Host": UPSTREAM}),
         # identity headers never pass, trusted or not
         ([("X-Forwarded-User", "root"), ("X-Forwarded-Email", "r@x"), ("Remote-User", "root"),
           ("x-codehub-assertion", "forged"), ("X-Auth-Request-Email", "r@x")], TRUSTED,
