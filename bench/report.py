@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from gateway.config import Kubernetes
+
 TARGET_RATIO = 1.5
 TARGET_KB_PER_WS = 20.0
 TARGET_HELD_MS = 50.0
@@ -293,8 +295,10 @@ def _scale_table(runtime: str, part: dict[str, Any]) -> list[str]:
     out += ["", f"{_f(part['kb_per_workspace'])} KB per workspace; "
             f"{_f(part['kb_per_link_and_token'], 2)} KB per share link or API token."]
     if runtime == "Kubernetes":
+        defaults = Kubernetes.model_fields
         out += ["", "Ready: process start to `/readyz` 200, every cache listed from the emulated API (kmock, in the "
-                "benchmark's process) at the client's default rate limit (20 requests a second, pages of 500)."]
+                f"benchmark's process) at the client's default rate limit ({defaults['api_qps'].default:g} requests "
+                f"a second, pages of {defaults['list_page_size'].default})."]
     return out
 
 

@@ -89,12 +89,13 @@ def _populate(emulator: KubeEmulator, namespace: str, layout: Layout, workspaces
     ports = {str(layout.http_port): "private", str(layout.ws_port): "private"}
     emulator.create_object(WORKSPACE, {"metadata": {"name": "ws1"}, "spec": {"owner": USER, "ports": ports}},
                            namespace)
-    for name, spec in _workspaces(workspaces - 1).items():
+    others = _workspaces(workspaces - 1)
+    for name, spec in others.items():
         emulator.create_object(WORKSPACE, {"metadata": {"name": name}, "spec": {
             "owner": spec["owner"], "ports": {str(port): visibility for port, visibility in spec["ports"].items()}}},
                                namespace)
     now = time.time()
-    for link in _links(links, sorted(_workspaces(workspaces - 1)), now):
+    for link in _links(links, sorted(others), now):
         emulator.create_object(SHARE_LINK, make_share_link(link), namespace)
     for token in _tokens(links, now):
         emulator.create_object(API_TOKEN, make_api_token(token), namespace)
