@@ -94,13 +94,23 @@ class Sessions:
             raise jwt.InvalidTokenError("wrong token type")
         return claims
 
-    def issue(self, identity: Identity, audience: str, ttl: float | None = None) -> str:
+    def _seal(self, record: dict[str, Any], block: int, context: str) -> str:
+        """``record`` as JSON, padded with blanks to a whole number of ``block`` bytes (its length says no more than
+        that number), sealed for ``context``."""
+        text = json.dumps(record).encode()
+        return self._keys().seal(text.ljust(-(-len(text) // block) * block), context.encode())
+
+    def _open(self, sealed: str, context: str) -> Any:
+        """What ``_seal`` sealed for ``context``; ``jwt.InvalidTokenError`` or ``ValueError`` for anything else."""
+        return json.loads(self._keys().unseal(sealed, context.encode()))
+
+    def issue(self, identity: Identity, audience: str) -> str:
         """A session cookie for ``audience``, sealed: it tells whoever holds it nothing, not even who it is for.
         Its holder may be the owner of the host it is for: their page can send a visitor's browser through the
         hand-off with a state of their own choosing, read the code off the callback URL on their origin, and
         redeem it themselves. What that buys them is this cookie, which opens their own host only."""
-        record = json.dumps({**identity.claims(), "exp": int(self._clock()) + int(ttl or self.ttl)}).encode()
-        return self._keys().seal(_padded(record, _SESSION_BLOCK), _session_context(audience))
+        record = {**identity.claims(), "exp": int(self._clock()) + int(self.ttl)}
+        return self._seal(record, _SESSION_BLOCK, f"session {audience}")
 
     def read(self, token: str, audience: str) -> Identity | None:
         """The identity in a session cookie for ``audience``, or None when it is invalid or expired."""
@@ -111,7 +121,7 @@ class Sessions:
                 return cached[0]
             del self._verified[(token, audience)]
         try:
-            record = json.loads(self._keys().unseal(token, _session_context(audience)))
+            record = self._open(token, f"session {audience}")  # no code's, nor another host's, opens as one
             expires = float(record["exp"])
         except (jwt.InvalidTokenError, ValueError):  # not sealed by these keys for this host (sealed: well formed)
             return None
@@ -131,8 +141,7 @@ class Sessions:
     def handoff_code(self, identity: Identity, host: str, state: str) -> str:
         """A code the hub puts in a URL on ``host``, where the owner's scripts can read it: the identity in it is
         sealed, so it tells them nothing (not even who), and it signs in only the browser holding ``state``."""
-        who = self._keys().seal(_padded(json.dumps(identity.claims()).encode(), _SEAL_BLOCK),
-                                f"handoff {host}".encode())
+        who = self._seal(identity.claims(), _SEAL_BLOCK, f"handoff {host}")
         return self._sign({"typ": "handoff", "state": state, "jti": secrets.token_hex(12), "who": who}, host,
                           HANDOFF_TTL)
 
@@ -141,8 +150,7 @@ class Sessions:
         state cookie. That it is used only once is the token store's to enforce: every replica must agree."""
         try:
             claims = self._verify(code, host, "handoff")
-            identity = Identity.from_claims(json.loads(self._keys().unseal(str(claims.get("who")),
-                                                                           f"handoff {host}".encode())))
+            identity = Identity.from_claims(self._open(str(claims.get("who")), f"handoff {host}"))
         except (jwt.InvalidTokenError, ValueError):
             raise BadRequest("This sign-in link is invalid or has expired. Open the page again.",
                              code="handoff-invalid") from None
@@ -173,13 +181,3 @@ class Sessions:
             return self._verify(token, audience, "state")
         except jwt.InvalidTokenError:
             return None
-
-
-def _padded(text: bytes, block: int) -> bytes:
-    """JSON with blanks after it, to a whole number of blocks: its length says no more than that number."""
-    return text.ljust(-(-len(text) // block) * block)
-
-
-def _session_context(audience: str) -> bytes:
-    """What a session cookie is sealed for: no code's or other host's sealed identity opens as one."""
-    return f"session {audience}".encode()

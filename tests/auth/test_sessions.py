@@ -130,6 +130,21 @@ def test_a_handoff_code_says_nothing_of_who_it_is_for() -> None:
     assert caught.value.code == "handoff-invalid"
 
 
+def test_a_session_cookie_says_nothing_of_who_it_is_for() -> None:
+    """The owner of the host a cookie is for can end up holding it (they redeem a visitor's hand-off code
+    themselves): it is sealed, and its length tells only how many 256-byte steps the identity takes."""
+    s = sessions()
+    cookie = s.issue(ALICE, HOST)
+    for value in ("alice", "example.com", "dev", "Alice", "email_verified"):
+        assert value not in cookie
+    lengths = {len(s.issue(who, HOST)) for who in (Identity("al"), ALICE, Identity("bob", "bob@example.com",
+                                                                                        ("team-a", "secret-project")))}
+    assert len(lengths) == 1
+    many = Identity("carol", groups=tuple(f"group-{index}" for index in range(40)))  # over 256 bytes of claims
+    assert len(s.issue(many, HOST)) > lengths.pop()
+    assert s.read(s.issue(many, HOST), HOST) == many
+
+
 async def test_the_file_store_admits_a_key_once_across_processes(tmp_path: Path) -> None:
     """Two stores on one file are two ``serve --workers`` workers: a code used at one is refused at the other."""
     first, second = FileTokenStore(tmp_path / "tokens.json"), FileTokenStore(tmp_path / "tokens.json")
