@@ -202,17 +202,13 @@ class Informers(Mapping[Resource, Informer]):
                                            watch_timeout=self._watch_timeout)
         for informer in self._running.values():
             informer.start()
-        filled = [asyncio.ensure_future(informer.synced.wait()) for informer in self._running.values()]
-        try:
-            pages = -1
-            while pages != client.pages:
-                pages = client.pages
-                _, waiting = await asyncio.wait(filled, timeout=sync_timeout)
-                if not waiting:
-                    return
-        finally:
-            for waiter in filled:
-                waiter.cancel()
+        pages = -1
+        while pages != client.pages:  # a page came since the last look: wait on
+            pages = client.pages
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(sync_timeout):
+                    await asyncio.gather(*(informer.synced.wait() for informer in self._running.values()))
+                return
         errors = "; ".join(f"{i.kind.plural}: {i.error}" for i in self._running.values() if not i.synced.is_set())
         await self.stop()
         raise LifecycleError(f"Kubernetes API not reachable within {sync_timeout:.0f} s ({errors})",
