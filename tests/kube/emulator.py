@@ -360,7 +360,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _rv: int = attrs.field(default=0, init=False)
     _log: list[Event] = attrs.field(factory=list, init=False)
     _floor: int = attrs.field(default=0, init=False)  # events with rv <= floor are compacted away
-    # Per resource, the (namespace, name) of its objects in list order; dropped when one of them changes. A page of
+    # Per resource, the (namespace, name) of its objects in list order; dropped when one is added. A page of
     # a list starts by bisection, as an API server's watch cache serves it: 100,000 objects (bench.scale) listed
     # 500 at a time took a deep copy and a sort of all of them per page (seconds each), which the gateway's
     # informers waited for (it failed to start: its sync timeout ran out in the emulator).
@@ -476,10 +476,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if namespace is not None and after < (namespace, ''):
             start = bisect.bisect_left(order, (namespace, ''), start)
         for ns, name in order[start:] if start else order:
-            if namespace is not None and ns != namespace:
-                if ns > namespace:
-                    return
-                continue
+            if namespace is not None and ns != namespace:  # past it: it starts at ``start`` at the latest
+                return
             obj = self._objects[(resource, ns or None, name)]
             if not obj.deleted:
                 yield obj.raw
@@ -491,11 +489,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
         meta = obj.setdefault('metadata', {})
         meta['resourceVersion'] = str(self._rv)
         key = (resource, meta.get('namespace'), meta['name'])
-        self._order.pop(resource, None)
         if type_ == 'DELETED':
             self._objects[key].delete()
         elif key not in self._objects:
             self._objects[key] = copy.deepcopy(obj)
+            self._order.pop(resource, None)  # a key it lacks (a deleted object keeps its key, marked deleted)
         else:
             self._objects[key].history.append(copy.deepcopy(obj))
         self._log.append(Event(self._rv, resource, type_, copy.deepcopy(obj), old))
