@@ -71,10 +71,10 @@ class Controllers:
             await changed.wait()
 
     def _live(self) -> list[tuple[kmock.resource, dict[str, Any]]]:
-        """The objects the loops may act on (with owners, finalizers or a deletion under way; every pod, PVC and
-        snapshot), with ``_uids`` current: followed through the store's change log since the last pass, read whole
-        only when the log was compacted past it. Reading every object on every change took 2 s a change with
-        200,000 share links (bench.scale), and the emulated API stalled meanwhile."""
+        """The objects the loops may act on (with owners or a deletion under way; every pod, PVC and snapshot),
+        with ``_uids`` current: followed through the store's change log since the last pass, read whole only when
+        the log was compacted past it. Reading every object on every change took 2 s a change with 200,000 share
+        links (bench.scale), and the emulated API stalled meanwhile."""
         events = self.emulator.events_after(self._rv) if self._rv else None
         if events is None:
             self._uids.clear()
@@ -95,8 +95,7 @@ class Controllers:
             self._acting.pop(key, None)
             return
         self._uids.add(meta.get('uid'))
-        if (resource in (POD, PVC, VOLUME_SNAPSHOT) or meta.get('ownerReferences') or meta.get('finalizers')
-                or meta.get('deletionTimestamp')):
+        if resource in (POD, PVC, VOLUME_SNAPSHOT) or meta.get('ownerReferences') or meta.get('deletionTimestamp'):
             self._acting[key] = obj
         else:
             self._acting.pop(key, None)
