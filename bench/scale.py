@@ -219,10 +219,9 @@ async def websockets(procs: Procs, layout: Layout, count: int, say: Any = print)
 
 async def scale(procs: Procs, layout: Layout, *, workspaces: int, links: int, repeats: int, duration: float,
                 ws: int, say: Any = print) -> dict[str, Any]:
-    out = await _shapes(procs, layout, [Shape("small", 10, 0), Shape("workspaces", workspaces, 0),
-                                        Shape("everything", workspaces, links)], repeats, duration, say)
+    out = await _shapes(procs, layout, _three(workspaces, links), repeats, duration, say)
     async with contextlib.AsyncExitStack() as apis:  # an emulated API each: one's size does not slow another's
-        shapes = [Shape("small", 10, 0), Shape("workspaces", workspaces, 0), Shape("everything", workspaces, links)]
+        shapes = _three(workspaces, links)
         for shape in shapes:
             env = await apis.enter_async_context(running_emulator(check_errors=False))
             await apis.enter_async_context(FakeKubelet(env.emulator, lambda pod: layout.up_host))
@@ -234,6 +233,10 @@ async def scale(procs: Procs, layout: Layout, *, workspaces: int, links: int, re
     if ws:
         out["websockets"] = await websockets(procs, layout, ws, say)
     return out
+
+
+def _three(workspaces: int, links: int) -> list[Shape]:
+    return [Shape("small", 10, 0), Shape("workspaces", workspaces, 0), Shape("everything", workspaces, links)]
 
 
 async def _shapes(procs: Procs, layout: Layout, shapes: list[Shape], repeats: int, duration: float,
