@@ -838,3 +838,22 @@ async def test_connect_timeouts_halve_the_window_and_are_tried_once_more() -> No
         squatter.close()
         listener.close()
     assert pool._upstreams[(address, port, False)].window == INITIAL_WINDOW // 4  # two attempts, two halvings
+
+
+
+async def test_a_gateway_that_stops_closes_its_kept_alive_upstream_connections(
+        make_gateway: MakeGateway, make_upstream: MakeUpstream) -> None:
+    """The app's cleanup closes the pool with everything else it opened: no idle kept-alive connection to a dev
+    server outlives the gateway."""
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    address, port = await _upstream(make_upstream, {"/": hello})
+    client = await make_gateway(workspaces={"ws1": workspace(address, ports={port: "public"})}, in_memory=True)
+    await client.app[GATEWAY].runtime.wake("ws1")
+    answer = await client.get("/", headers={"Host": f"{port}-ws1.localhost:8080"})
+    assert await answer.text() == "hi"
+    pool = client.app[GATEWAY].pool
+    assert pool.connections() == (1, 0)
+    await client.close()
+    assert pool.connections() == (0, 0)
