@@ -39,7 +39,12 @@ def test_a_line_break_or_nul_anywhere_writes_nothing(start: str, fields: list[tu
     assert lines == [start, *(f"{name}: {value}" for name, value in headers.items()), "", ""]
 
 
-@given(fields=st.lists(st.tuples(TOKEN, VALUE), max_size=8), path=st.text(alphabet="abc/%?=&", max_size=20),
+FRAMING = frozenset({"content-length", "transfer-encoding"})
+"""Fields whose values llhttp judges as framing (a Content-Length of ``:`` is no length): not what this reads back."""
+
+
+@given(fields=st.lists(st.tuples(TOKEN.filter(lambda name: name.lower() not in FRAMING), VALUE), max_size=8),
+       path=st.text(alphabet="abc/%?=&", max_size=20),
        injected=st.sampled_from(["", *BREAKERS, "\r\nX-Smuggled: 1", "\r\n\r\nGET /admin HTTP/1.1"]))
 def test_an_upstream_parser_reads_back_exactly_what_was_given(fields: list[tuple[str, str]], path: str,
                                                               injected: str) -> None:
