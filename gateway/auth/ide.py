@@ -21,6 +21,7 @@ from pathlib import Path
 from multidict import CIMultiDict
 
 from gateway.config import Config, ConfigError
+from gateway.lifecycle.base import WorkspaceSpec
 
 IDE_COOKIE = "code-server-session"
 HASHED_PASSWORD = "HASHED_PASSWORD"
@@ -41,18 +42,23 @@ def load_key(path: Path) -> bytes:
     return key
 
 
-def ide_secret(key: bytes, workspace: str) -> str:
-    """The workspace's IDE secret: what its pod's code-server takes as ``$HASHED_PASSWORD``."""
-    return hmac.new(key, f"codehub-ide:{workspace}".encode(), hashlib.sha256).hexdigest()
+def ide_secret(key: bytes, workspace: str, incarnation: str) -> str:
+    """The IDE secret of the workspace of this name and ``incarnation`` (its Workspace object's uid): what its
+    pod's code-server takes as ``$HASHED_PASSWORD``.
+
+    Its owner learns it (the gateway sends it to whatever listens on the IDE port, and code-server's
+    ``/proc/PID/environ`` keeps it), and can keep it after the workspace is deleted: made from the name alone, it
+    would open the IDE of whoever makes a workspace of that name next, to anyone who reaches its pod directly."""
+    return hmac.new(key, f"codehub-ide:{workspace}:{incarnation}".encode(), hashlib.sha256).hexdigest()
 
 
-def secret_for(config: Config, workspace: str) -> str | None:
-    """The secret to send to ``workspace``'s IDE: None unless the Kubernetes runtime gives its pods one (local
+def secret_for(config: Config, spec: WorkspaceSpec) -> str | None:
+    """The secret to send to this workspace's IDE: None unless the Kubernetes runtime gives its pods one (local
     workspaces run as the gateway's own user on loopback, where a secret in their environment guards nothing)."""
     key_file = config.kubernetes.ide_key_file
     if config.runtime != "kubernetes" or key_file is None:
         return None
-    return ide_secret(load_key(key_file), workspace)
+    return ide_secret(load_key(key_file), spec.id, spec.incarnation)
 
 
 def put_ide_cookie(headers: CIMultiDict[str], secret: str | None) -> None:

@@ -37,7 +37,7 @@ from gateway.edge.policy import CorsRule, Decision, Policy, Reason, decide, deni
 from gateway.edge.routing import WAKE_EVENTS_PATH, Hosts, Kind, Target, normalise_host, route
 from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound
 from gateway.errors import Redirect as RedirectError
-from gateway.lifecycle.base import Phase, WorkspaceState
+from gateway.lifecycle.base import Phase, WorkspaceSpec, WorkspaceState
 from gateway.proxy.headers import ClientFacts, ResponseRules, upstream_request_headers
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -65,7 +65,7 @@ class World(Protocol):
     def store(self) -> TokenStore: ...
     def workspace(self, name: str) -> WorkspaceState | None: ...
     def waking(self, workspace: str, port: int) -> bool: ...
-    def ide_secret(self, workspace: str) -> str | None: ...
+    def ide_secret(self, spec: WorkspaceSpec) -> str | None: ...
 
 
 @dataclass(slots=True)
@@ -452,7 +452,7 @@ class _Request:
             identity=identity_headers(shown, assertion),
         )
         if target.kind is _IDE:
-            put_ide_cookie(headers, world.ide_secret(state.id))
+            put_ide_cookie(headers, world.ide_secret(state.spec))
         forward = Forward(
             workspace=state.id, address=state.address, port=port, tls=port in state.spec.https_ports,
             public_origin=self.origin, path=credentials.path, headers=headers, rules=self._response_rules(),

@@ -70,6 +70,9 @@ class WorkspaceSpec:
     since: float = 0.0
     """When this workspace of this owner began, where a name can pass to someone else with links left behind (the
     local runtime): a share link made before it is an earlier workspace's of the same name, and opens nothing."""
+    incarnation: str = ""
+    """Which workspace of this name it is, where the name can pass to someone else (the Kubernetes runtime: the
+    Workspace object's uid): its IDE secret is made from it, so a namesake's secret opens nothing of the old one's."""
 
 
 @dataclass(frozen=True, slots=True)

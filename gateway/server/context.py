@@ -22,7 +22,7 @@ from gateway.config import Config
 from gateway.edge.plan import Plan
 from gateway.edge.policy import Policy, PolicyHolder
 from gateway.edge.routing import Hosts
-from gateway.lifecycle import Runtime, WorkspaceState
+from gateway.lifecycle import Runtime, WorkspaceSpec, WorkspaceState
 from gateway.lifecycle.idle import Activity, Reaper
 from gateway.lifecycle.wake import Waker
 from gateway.metrics import Metrics
@@ -86,8 +86,8 @@ class Gateway:
     def waking(self, workspace: str, port: int) -> bool:
         return self.waker.busy(workspace, port)
 
-    def ide_secret(self, workspace: str) -> str | None:
-        return secret_for(self.config, workspace)
+    def ide_secret(self, spec: WorkspaceSpec) -> str | None:
+        return secret_for(self.config, spec)
 
     @property
     def session(self) -> aiohttp.ClientSession:

@@ -78,7 +78,7 @@ class World:
     def waking(self, workspace: str, port: int) -> bool:
         return (workspace, port) in self.busy
 
-    def ide_secret(self, workspace: str) -> str | None:
+    def ide_secret(self, spec: WorkspaceSpec) -> str | None:
         return None
 
     def cookie(self, identity: Identity, host: str = PREVIEW) -> str:
@@ -819,8 +819,8 @@ def test_only_a_trusted_proxy_speaks_for_the_client(world: World, proxies: tuple
 class _IdeWorld(World):
     """A runtime that locks each IDE with a secret of its own (the Kubernetes one)."""
 
-    def ide_secret(self, workspace: str) -> str | None:
-        return f"secret-of-{workspace}"
+    def ide_secret(self, spec: WorkspaceSpec) -> str | None:
+        return f"secret-of-{spec.id}"
 
 
 @pytest.mark.parametrize(("host", "cookie"), [

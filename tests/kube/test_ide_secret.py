@@ -22,13 +22,14 @@ from multidict import CIMultiDict
 from gateway.auth.ide import IDE_COOKIE, ide_secret, load_key, put_ide_cookie, secret_for
 from gateway.auth.identity import Identity
 from gateway.config import Config, ConfigError, Kubernetes
+from gateway.lifecycle import WorkspaceSpec
 from gateway.lifecycle.kubernetes.objects import HOME, WorkspaceResource, make_pod
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
 from tests.conftest import next_address
 from tests.kube.emulator import POD, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet
-from tests.kube.support import NS, kube_settings
+from tests.kube.support import NS, MakeRuntime, kube_settings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,8 +55,9 @@ def test_the_pod_requires_the_secret_only_when_there_is_one() -> None:
 
 
 def test_secrets_differ_per_workspace_and_key() -> None:
-    secrets = {ide_secret(key, workspace) for key in (KEY, KEY[::-1]) for workspace in ("w1", "w2")}
-    assert len(secrets) == 4
+    secrets = {ide_secret(key, workspace, uid) for key in (KEY, KEY[::-1]) for workspace in ("w1", "w2")
+               for uid in ("uid-1", "uid-2")}
+    assert len(secrets) == 8
     assert all("$argon" not in secret for secret in secrets)  # code-server's plain compare, not argon2
 
 
@@ -140,9 +142,10 @@ async def test_real_code_server_admits_the_gateway_and_nobody_else(
         assert pod is not None
         async with pod_container(pod, address, home) as base:
             folder = f"/?folder={home}"
-            secret = ide_secret(KEY, "w1")
+            uid = kube.emulator.get_object(WORKSPACE, NS, "w1")["metadata"]["uid"]  # type: ignore[index]
+            secret = ide_secret(KEY, "w1", uid)
             # Directly: code-server's login page for no cookie, a forged one, another workspace's secret.
-            for cookie in (None, "forged", ide_secret(KEY, "w2")):
+            for cookie in (None, "forged", ide_secret(KEY, "w2", uid), ide_secret(KEY, "w1", "")):
                 status, location = await direct(base, folder, cookie)
                 assert (status, location.split("?")[0]) == (302, "./login"), cookie
             assert (await direct(base, folder, secret))[0] == 200  # the value the gateway computes opens it
@@ -168,6 +171,36 @@ def test_a_key_of_exactly_the_minimum_length_is_enough(tmp_path: Path) -> None:
 
 def test_only_kubernetes_workspaces_with_a_key_get_a_secret(key_file: Path) -> None:
     with_key = kube_settings("http://127.0.0.1:9", ide_key_file=str(key_file))
-    assert secret_for(Config(runtime="kubernetes", kubernetes=with_key), "w1") == ide_secret(KEY, "w1")
-    assert secret_for(Config(runtime="kubernetes", kubernetes=kube_settings("http://127.0.0.1:9")), "w1") is None
-    assert secret_for(Config(runtime="local", kubernetes=with_key), "w1") is None
+    w1 = WorkspaceSpec(id="w1", owner="alice", incarnation="uid-1")
+    assert secret_for(Config(runtime="kubernetes", kubernetes=with_key), w1) == ide_secret(KEY, "w1", "uid-1")
+    assert secret_for(Config(runtime="kubernetes", kubernetes=kube_settings("http://127.0.0.1:9")), w1) is None
+    assert secret_for(Config(runtime="local", kubernetes=with_key), w1) is None
+
+
+def pod_secret(kube: KubeEnv) -> str:
+    pod = kube.emulator.get_object(POD, NS, "ws-w1")
+    assert pod is not None
+    (container,) = pod["spec"]["containers"]
+    return next(item["value"] for item in container["env"] if item["name"] == "HASHED_PASSWORD")
+
+
+async def test_a_namesake_of_a_deleted_workspace_gets_a_secret_of_its_own(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime, key_file: Path) -> None:
+    """The owner of a workspace learns its IDE secret (the gateway sends it to whatever listens on the IDE port,
+    and code-server's /proc/PID/environ keeps it). Once that workspace is deleted and someone else makes one of
+    the same name, the old secret must not open the new owner's IDE from beside the gateway."""
+    runtime = await make_runtime(ide_key_file=str(key_file))
+    await runtime.create_workspace(WorkspaceSpec(id="w1", owner="alice"))
+    await runtime.wake("w1")
+    alices = pod_secret(kube)
+    await runtime.delete("w1")
+    await kube.emulator.wait_gone(WORKSPACE, NS, "w1")
+    await runtime.create_workspace(WorkspaceSpec(id="w1", owner="mallory"))
+    await runtime.wake("w1")
+    mallorys = pod_secret(kube)
+    assert mallorys != alices
+    # and the gateway sends the new pod its own secret, not the name's
+    state = runtime.get("w1")
+    assert state is not None
+    config = Config(runtime="kubernetes", kubernetes=kube_settings(kube.url, ide_key_file=str(key_file)))
+    assert secret_for(config, state.spec) == mallorys

@@ -46,7 +46,7 @@ class WorkspaceResource:
     def spec(self, settings: Kubernetes) -> WorkspaceSpec:
         return WorkspaceSpec(id=self.id, owner=self.owner, collaborators=self.collaborators,
                              ide_port=self.ide_port or settings.ide_port, ports=dict(self.ports),
-                             identity_ports=self.identity_ports)
+                             identity_ports=self.identity_ports, incarnation=self.uid)
 
 
 def pod_name(workspace: str) -> str:

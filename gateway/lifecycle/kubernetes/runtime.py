@@ -144,8 +144,8 @@ class KubernetesRuntime(Runtime):
         assert state is not None
         return state
 
-    def _ide_secret(self, workspace: str) -> str | None:
-        return ide_secret(self._ide_key, workspace) if self._ide_key is not None else None
+    def _ide_secret(self, ws: WorkspaceResource) -> str | None:
+        return ide_secret(self._ide_key, ws.id, ws.uid) if self._ide_key is not None else None
 
     def _require_api(self, *kinds: Resource) -> KubeClient:
         """The client, if the caches this operation decides from (default: Workspaces, pods, PVCs) are live."""
@@ -230,7 +230,7 @@ class KubernetesRuntime(Runtime):
                 await self._call(lambda c: c.create(PVC, make_pvc(ws, self.settings)))
         self.view.begin(ws.id, Phase.STARTING)
         proxy_uri = self._proxy_uri(ws.id) if self._proxy_uri is not None else None
-        await self._call(lambda c: c.create(POD, make_pod(ws, self.settings, self._ide_secret(ws.id), proxy_uri)))
+        await self._call(lambda c: c.create(POD, make_pod(ws, self.settings, self._ide_secret(ws), proxy_uri)))
         loop = asyncio.get_running_loop()
         look_again: list[float | None] = [None]
 
