@@ -90,8 +90,9 @@ class ApiToken:
     attributes: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def identity(self) -> Identity:
-        """The person the token acts for, as they were when they created it."""
-        return Identity(self.subject, self.email, tuple(self.groups), self.name, tuple(sorted(self.attributes.items())))
+        """The person the token acts for, as they were when they created it. Without a name: ``name`` is the
+        token's own label, which its holder types, and an app the policy tells names would take it for theirs."""
+        return Identity(self.subject, self.email, tuple(self.groups), "", tuple(sorted(self.attributes.items())))
 
     def public(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

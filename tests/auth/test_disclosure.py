@@ -350,3 +350,26 @@ async def test_a_script_asking_for_the_consent_page_is_told_what_it_is_in_json(s
     assert page.json() == {"error": {
         "code": "identity-consent", "status": 200,
         "message": "The app on port 3001 of workspace ws1 (owned by alice) asks to receive your identity."}}
+
+
+async def test_a_token_names_its_holder_to_apps_never_by_its_own_label(serve: Serve, tmp_path: Path,
+                                                                        make_browser: MakeBrowser) -> None:
+    """An API token's name is a label its holder types ("ci", or anything printable): it is not who they are. An
+    app that the policy tells visitors' names, in headers or the signed assertion, must not be told that label as
+    the name of the person calling, or anyone could sign as "Alice Example (CEO)" with a token of their own."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("identity:\n  claims: [user, email, name]\n")
+    served = await serve(WORKSPACES, policy_file=str(policy))
+    alice = await signed_in(make_browser, served, "alice")
+    await opt_in(alice)
+    bob = await signed_in(make_browser, served, "bob")
+    label = "Alice Example (CEO)"
+    token = (await bob.fetch("POST", f"{HUB}/api/v1/tokens", json_body={"name": label},
+                             headers={"Origin": HUB, "Accept": "application/json"})).json()["token"]
+    bob.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(Identity("bob", "bob@example.com",
+                                                                                       name="bob"), APP[7:]))
+    assert (await answer(bob, "share")).status == 303
+    script = await make_browser(served)
+    seen = await learned(script, served, headers={"Authorization": f"Bearer {token}"})
+    assert seen["x-forwarded-user"] == ["bob"]
+    assert assertion_claims(seen)["name"] != label

@@ -268,7 +268,7 @@ def test_a_malformed_share_link_grants_nothing(change: dict[str, Any]) -> None:
 
 
 def test_an_api_token_resource_round_trips_and_usage_patches_are_per_replica() -> None:
-    identity = Identity("alice", "alice@corp.test", ("qa",), "ci", (("team", "web"),))  # name: the token's
+    identity = Identity("alice", "alice@corp.test", ("qa",), "", (("team", "web"),))  # the token's label is no name
     record = ApiToken(id="0a1b2c3d4e5f", token_hash="e" * 64, subject="alice", name="ci", created=0.0,
                       email="alice@corp.test", groups=["qa"], attributes={"team": "web"})
     obj = make_api_token(record)
