@@ -39,16 +39,24 @@ def cookie_name(base: str, secure: bool) -> str:
     return f"__Host-codehub_{base}" if secure else f"codehub_{base}"
 
 
+_COOKIE_SPACE = " \t"
+"""What separates cookies in a ``Cookie`` header (RFC 6265 §5.4): only this is trimmed off a name. Chromium keeps the
+``__Host-`` rule for names that begin with it, but takes ``\u2000__Host-codehub_session`` with a ``Domain=`` on the
+shared parent, from any sibling host, as an ordinary cookie: trimmed as Python's ``str.strip`` trims (every Unicode
+space), it would pass for ours, and a preview could sign its visitors in to the hub or another preview as anyone."""
+
+
 def read_cookie(headers: CIMultiDictProxy[str] | CIMultiDict[str], name: str) -> str | None:
     """One of the gateway's cookies from the request, the first one when a name repeats (as browsers list the
-    most specific first). Reading only our names costs a fraction of parsing every cookie the app set."""
+    most specific first). Reading only our names costs a fraction of parsing every cookie the app set. A name
+    matches only as the browser spelt it (see ``_COOKIE_SPACE``)."""
     for header in headers.getall("Cookie", ()):
         if not header or name not in header:
             continue
         for part in header.split(";"):
             key, eq, value = part.partition("=")
-            if eq and key.strip() == name:
-                return value.strip()
+            if eq and key.strip(_COOKIE_SPACE) == name:
+                return value.strip(_COOKIE_SPACE)
     return None
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import jwt
 import pytest
+from multidict import CIMultiDict
 
 from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet, SigningKey, write_keys
-from gateway.auth.sessions import ASSERTION_TTL, HANDOFF_TTL, Sessions, set_cookie
+from gateway.auth.sessions import ASSERTION_TTL, HANDOFF_TTL, Sessions, read_cookie, set_cookie
 from gateway.auth.store import FileTokenStore
 from gateway.errors import BadRequest
 from tests.auth.conftest import MakeBrowser, Serve
@@ -29,6 +30,17 @@ KEYS = KeySet([SigningKey.generate()])
 def sessions(clock: float = 0.0, keys: KeySet = KEYS) -> Sessions:
     """Sessions whose clock runs ``clock`` seconds off real time (PyJWT verifies against real time)."""
     return Sessions(lambda: keys, ISSUER, ttl=3600, clock=lambda: time.time() + clock)
+
+
+@pytest.mark.parametrize("space", ["\u2000", "\u00a0", "\u3000", "\u2028", "\x85", "\x1c", "\ufeff"])
+def test_a_cookie_name_with_other_white_space_is_not_ours(space: str) -> None:
+    """Browsers set ``\u2000__Host-…`` with a ``Domain=`` from any sibling host (only a name that begins with the
+    prefix is held to it): it is another cookie, not the gateway's (tests/browser/test_cookie_prefix.py)."""
+    name = "__Host-codehub_session"
+    planted = CIMultiDict(Cookie=f"{space}{name}=planted; {name}{space}=planted")
+    assert read_cookie(planted, name) is None
+    both = CIMultiDict(Cookie=f"{space}{name}=planted;  {name}=mine\t; other=1")
+    assert read_cookie(both, name) == "mine"
 
 
 def test_session_cookie_round_trip_keeps_the_whole_identity() -> None:
