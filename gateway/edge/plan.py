@@ -33,7 +33,18 @@ from gateway.auth.sessions import Sessions, is_embedded
 from gateway.auth.store import ApiToken, ShareLink, TokenStore
 from gateway.edge import cors
 from gateway.edge.disclosure import consent_pending, consent_url, disclosed, identity_headers
-from gateway.edge.policy import CorsRule, Decision, Policy, Reason, decide, denial, may_wake, membership
+from gateway.edge.policy import (
+    OTHER_TARGET,
+    CorsRule,
+    Decision,
+    Policy,
+    Reason,
+    decide,
+    denial,
+    grants_target,
+    may_wake,
+    membership,
+)
 from gateway.edge.routing import WAKE_EVENTS_PATH, Hosts, Kind, Target, normalise_host, route
 from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound
 from gateway.errors import Redirect as RedirectError
@@ -334,6 +345,13 @@ class _Request:
                                        preview=target.port is not None, now=facts.now)
         except GatewayError as exc:
             return self._refuse(exc)
+        grant, port = credentials.grant, target.port
+        if credentials.in_url and grant is not None and port is not None and not grants_target(grant, state.spec, port):
+            # Never a cookie for a host the link does not open: a page elsewhere could make its visitor's browser
+            # fetch this with a link of its owner's, and the cookie would stand in the way of signing in here
+            # (the link's answer, "another port or workspace", comes before the sign-in) for as long as it lives.
+            self.effects.append(RecordDecision(target, None, OTHER_TARGET))
+            return self._refuse(denial(OTHER_TARGET))
         if credentials.presented is not None:
             self.effects.append(UseShare(credentials.presented, facts.now))
         if credentials.api_token is not None:

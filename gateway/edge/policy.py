@@ -278,6 +278,14 @@ def role(policy: Policy, spec: WorkspaceSpec, identity: Identity) -> Reason | No
     return _ADMIN if any(identity.matches(admin) for admin in policy.admins) else None
 
 
+OTHER_TARGET = Decision(False, Reason.SHARE_OTHER_TARGET, "the share link is for another port or workspace")
+
+
+def grants_target(grant: Grant, spec: WorkspaceSpec, port: int) -> bool:
+    """Is the share link for this port of this workspace (made after the workspace of this name was)?"""
+    return grant.workspace == spec.id and grant.created >= spec.since and grant.port in (None, port)
+
+
 def decide(policy: Policy, spec: WorkspaceSpec, port: int | None, identity: Identity | None,
            grant: Grant | None = None) -> Decision:
     """May ``identity`` (None: anonymous) see ``port`` of the workspace (``None``: its IDE)?"""
@@ -301,9 +309,8 @@ def decide(policy: Policy, spec: WorkspaceSpec, port: int | None, identity: Iden
     if shown == "org" and org_member:
         return Decision(True, Reason.ORG_MEMBER, f"port {port} is visible to the org")
     if grant is not None:
-        if (grant.workspace != spec.id or grant.created < spec.since
-                or (grant.port is not None and grant.port != port)):
-            return Decision(False, Reason.SHARE_OTHER_TARGET, "the share link is for another port or workspace")
+        if not grants_target(grant, spec, port):
+            return OTHER_TARGET
         if grant.audience == "anyone":
             return Decision(True, Reason.SHARE_LINK, "share link for anyone holding it")
         if identity is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tests.browser.conftest import SITE, Browser, MakeStack, idp_sign_in, screenshot
+from tests.browser.conftest import SITE, Browser, MakeStack, app_command, idp_sign_in, screenshot
 
 WS_APP = str(Path(__file__).resolve().with_name("apps") / "ws_app.py")
 
@@ -93,3 +93,32 @@ async def test_a_preview_cannot_act_as_its_visitor_on_another(browser: Browser, 
     assert ("POST", host, "/write", 403) in stack.responses
     assert writes.read_text().splitlines() == ["8000 alice"], "only the app's own write arrived"
     await screenshot(page, "10-cross-preview-websocket-refused")
+
+
+async def test_a_preview_cannot_plant_its_share_link_on_another(browser: Browser, make_stack: MakeStack) -> None:
+    """A share link is traded for a cookie only on a host it grants. A page on mallory's preview makes its visitor's
+    browser open alice's private preview with mallory's own (valid) link in the URL, in a request of its own (the
+    same site: the cookie is set): were the cookie kept, alice's visits there would get "this share link is for
+    another port or workspace" (403) instead of a sign-in, for as long as mallory's link lives."""
+    stack = await make_stack(
+        {"vic": {"owner": "alice", "command": app_command(8000), "ports": {8000: "private"}},
+         "mal": {"owner": "mallory", "command": app_command(3000), "ports": {3000: "public"}}},
+        domain=SITE,
+    )
+    _link, token = await stack.gateway.auth.store.create_share(
+        workspace="mal", port=3000, audience="anyone", people=[], created_by="mallory", ttl=3600)
+    context = await browser.launch(third_party_cookies=False)
+    page = await context.new_page()
+    await page.goto(stack.share_url("mal", 3000))
+    await page.locator("#app").wait_for()
+    planted = stack.share_url("vic", 8000, f"/?codehub_share={token}")
+    await page.evaluate("url => fetch(url, {mode: 'no-cors', credentials: 'include'}).catch(() => null)", planted)
+    host = f"8000-vic.{SITE}:{stack.port}"
+    assert [status for _m, seen, path, status in stack.responses if seen == host and path == "/"] == [403]
+    assert not [c for c in await context.cookies() if c["domain"] == f"8000-vic.{SITE}"], "no cookie there"
+
+    # Alice opens her preview: she is sent to sign in, and lands on her app.
+    await page.goto(stack.share_url("vic", 8000))
+    await idp_sign_in(page, stack.idp, "alice")
+    await page.wait_for_url(stack.share_url("vic", 8000))
+    assert await page.locator("#user").text_content() == "alice"

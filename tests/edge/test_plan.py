@@ -231,6 +231,19 @@ def test_a_share_token_in_the_url_becomes_a_cookie_and_counts_once_acted_on(worl
     assert link.uses == 0, "making a plan records nothing"
 
 
+@pytest.mark.parametrize(("workspace", "port"), [("ws2", 3000), ("ws", 4000)])
+def test_a_share_token_for_another_target_leaves_no_cookie(world: World, workspace: str, port: int) -> None:
+    """A link is traded for a cookie only where it opens something: another's page could have a visitor's browser
+    fetch this URL with its owner's link, and the cookie would answer "another port or workspace" instead of a
+    sign-in here for as long as the link lives (tests/browser/test_isolation.py)."""
+    _, token = asyncio.run(world.store.create_share(workspace=workspace, port=port, audience="anyone", people=[],
+                                                     created_by="alice", ttl=600, now=NOW))
+    made = plan(facts(f"/p?codehub_share={token}"), world)
+    assert isinstance(made, Refuse)
+    assert (made.error.status, made.error.code, made.error.cookies) == (403, "share-other-target", ())
+    assert decisions(made) == [(False, Reason.SHARE_OTHER_TARGET)]
+
+
 def test_the_share_cookie_opens_the_port_for_as_long_as_its_link_lives(world: World) -> None:
     """The cookie a share URL leaves behind is what the next request shows: it must open the port, and it lives
     no longer than its link does."""
