@@ -77,18 +77,22 @@ async def by_plan(request: web.Request, handler: Handler) -> web.StreamResponse:
             status = response.status if response is not None else 499
             gateway.metrics.observe_request(kind, status, time.perf_counter() - started)
     if not response.prepared:
-        _frame_policy(response, kind, gateway)
+        _own_headers(response, kind, gateway)
     return response
 
 
-def _frame_policy(response: web.StreamResponse, kind: str, gateway: Gateway) -> None:
-    """The gateway's own pages: framable on preview hosts as policy allows (waiting pages inside reviews),
-    never on the hub (clickjacking of sign-in and sharing)."""
+def _own_headers(response: web.StreamResponse, kind: str, gateway: Gateway) -> None:
+    """The gateway's own answers: framable on preview hosts as policy allows (waiting pages inside reviews),
+    never on the hub (clickjacking of sign-in and sharing); and on the hub, made for the person signed in, kept by
+    no cache unless they say otherwise (a shared cache in front would give one person's page to the next).
+    Versioned static files stay cacheable."""
     if kind in (Kind.PREVIEW.value, Kind.RESERVED.value):
         response.headers.setdefault("Content-Security-Policy", frame_ancestors(gateway.policy))
-    else:
-        for name, value in HUB_FRAME_HEADERS.items():
-            response.headers.setdefault(name, value)
+        return
+    for name, value in HUB_FRAME_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if not isinstance(response, web.FileResponse):
+        response.headers.setdefault("Cache-Control", "no-store")
 
 
 async def healthz(request: web.Request) -> web.Response:

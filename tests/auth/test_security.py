@@ -90,6 +90,24 @@ async def test_cookies_are_host_only_httponly_samesite(served: Served, make_brow
                                                                            "codehub_session")
 
 
+async def test_hub_answers_made_for_a_person_are_never_stored_by_a_cache(served: Served,
+                                                                        make_browser: MakeBrowser) -> None:
+    """A shared cache in front of the hub (a CDN, a corporate proxy) must not keep one person's hub page or API
+    answer for the next: they say ``no-store``. Versioned static files stay cacheable."""
+    browser = await signed_in(make_browser, served)
+    for path in ("/", "/tokens", "/api/v1/workspaces", "/api/v1/me"):
+        page = await browser.fetch("GET", HUB + path, headers={"Accept": "application/json" if "api" in path
+                                                                else "text/html"})
+        assert page.status == 200, (path, page.text)
+        assert page.headers.get("Cache-Control") == "no-store", path
+    home = await browser.navigate(HUB + "/")
+    script = re.search(r'src="(/static/[^"]+)"', home.text)
+    assert script is not None, home.text
+    static = await browser.fetch("GET", HUB + script.group(1))
+    assert static.status == 200
+    assert "no-store" not in static.headers.get("Cache-Control", "")
+
+
 async def test_https_cookies_use_the_host_prefix_and_secure(serve: Serve, make_browser: MakeBrowser) -> None:
     served = await serve(WORKSPACES, hub_url="https://hub.test", preview_domain="preview.test")
     browser = await make_browser(served)
