@@ -77,7 +77,9 @@ class Limits(_Model):
     through unlimited. ``connections`` is per worker process (past it a new connection gets 503 and is closed);
     ``None`` sets it from the open-file limit, so the gateway refuses connections before ``accept`` runs out of
     file descriptors. ``keepalive`` (s) closes a client connection idle between requests; ``head_timeout`` (s)
-    is how long a client may take to send a whole head (a slowloris dribbling one gets 408)."""
+    is how long a client may take to send a whole head (a slowloris dribbling one gets 408); ``body_timeout`` (s)
+    is the longest silence in the middle of a request body streamed to a preview (408 past it: a silent upload
+    would otherwise hold a place among its port's requests in flight for ever; ``None``: no bound)."""
 
     request_line: int = Field(default=8190, ge=256)
     header_size: int = Field(default=8190, ge=256)
@@ -86,6 +88,7 @@ class Limits(_Model):
     connections: int | None = Field(default=None, ge=1)
     keepalive: Seconds = 75.0
     head_timeout: Seconds = 20.0
+    body_timeout: Seconds | None = 60.0
 
 
 class Idle(_Model):

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from aiohttp import StreamReader
 from multidict import CIMultiDict
 
+from gateway.errors import RequestTimeout
 from gateway.proxy.connection import (
     BrokenOff,
     ClientBodyFailed,
@@ -108,7 +109,8 @@ class UpstreamPool:
 
     Timeouts: ``connect`` per connection attempt, ``first_byte`` from the request being sent to the answer's
     head, ``read`` for silence in the middle of a body (None: SSE and long polls stay open), ``queue`` for the
-    wait for a turn and a connection.
+    wait for a turn and a connection, ``body_timeout`` for silence in the middle of a client's request body
+    (None: none).
 
     ``workers``: the pools (one per worker process) that open connections to the same upstreams. Each paces its
     share of the window, so together they keep to one window: two workers with a window each overflowed a backlog
@@ -116,8 +118,9 @@ class UpstreamPool:
 
     def __init__(self, *, connect_timeout: float, first_byte_timeout: float | None, read_timeout: float | None,
                  queue_timeout: float, keepalive: float = 30.0, limit: int = LIMIT_PER_UPSTREAM, workers: int = 1,
-                 on_fault: Callable[[str], None] = lambda fault: None) -> None:
+                 on_fault: Callable[[str], None] = lambda fault: None, body_timeout: float | None = None) -> None:
         self._on_fault = on_fault
+        self._body_timeout = body_timeout
         self._window = max(1, INITIAL_WINDOW // workers), max(1, MOST_WINDOW // workers)
         self._connect_timeout = connect_timeout
         self._clock = HeadClock(first_byte_timeout)
@@ -193,7 +196,7 @@ class UpstreamPool:
                 if body is None:
                     self._clock.start(conn)
                 else:
-                    exchange.sender = asyncio.ensure_future(_send_body(conn, body, chunked))
+                    exchange.sender = asyncio.ensure_future(_send_body(conn, body, chunked, self._body_timeout))
                 answer = await conn.read_head()
             except (BrokenOff, HeadTimeout) as exc:
                 exchange.close()
@@ -308,13 +311,15 @@ def _handshake_resent(conn: Connection) -> bool:
     return bool(_TOTAL_RETRANS.unpack_from(tcp_info(conn.transport), 100)[0])
 
 
-async def _send_body(conn: Connection, body: StreamReader, chunked: bool) -> None:
+async def _send_body(conn: Connection, body: StreamReader, chunked: bool, idle: float | None) -> None:
     """Stream the client's body as it arrives, waiting for the upstream to take each piece (backpressure), for
-    the first-byte timeout at most (``Connection.taken``); a slow client is not timed here."""
+    the first-byte timeout at most (``Connection.taken``). A slow client is not timed here, a silent one is: each
+    piece is awaited for ``idle`` seconds at most (408), as a request in flight holds a place among its upstream's
+    (``LIMIT_PER_UPSTREAM``) and uploads that never go on would otherwise keep every other request waiting."""
     transport = conn.transport
     assert transport is not None
     try:
-        while chunk := await body.readany():
+        while chunk := await _next_piece(body, idle):
             if transport.is_closing():
                 return
             if chunked:
@@ -329,3 +334,11 @@ async def _send_body(conn: Connection, body: StreamReader, chunked: bool) -> Non
         conn.close()
         raise
     conn.clock.start(conn)  # the whole request is out: the first-byte clock starts now
+
+
+async def _next_piece(body: StreamReader, idle: float | None) -> bytes:
+    try:
+        async with asyncio.timeout(idle):
+            return await body.readany()
+    except TimeoutError:
+        raise RequestTimeout(f"The request's body stopped arriving for {idle:g} s.", code="body-timeout") from None

@@ -192,7 +192,8 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     API fails it after the HTTP session and the pool were made)."""
     gateway = app[GATEWAY]
     async with contextlib.AsyncExitStack() as opened:
-        gateway._pool = make_pool(gateway.config.timeouts, gateway.metrics.upstream_fault, gateway.workers)
+        gateway._pool = make_pool(gateway.config.timeouts, gateway.metrics.upstream_fault, gateway.workers,
+                                  body_timeout=gateway.config.limits.body_timeout)
         opened.callback(gateway._pool.close)
         gateway._session = make_session(gateway.config.timeouts)
         opened.push_async_callback(gateway._session.close)

@@ -51,12 +51,14 @@ def make_reaper(config: Config, runtime: Runtime, activity: Activity, metrics: M
                   is_leader=is_leader, busy=busy)
 
 
-def make_pool(timeouts: Timeouts, on_fault: Callable[[str], None], workers: int = 1) -> UpstreamPool:
+def make_pool(timeouts: Timeouts, on_fault: Callable[[str], None], workers: int = 1, *,
+              body_timeout: float | None = None) -> UpstreamPool:
     """The keep-alive pool plain HTTP requests are proxied through; ``on_fault`` counts what upstreams do wrong;
-    ``workers``: how many worker processes have one (they share the pace of new connections)."""
+    ``workers``: how many worker processes have one (they share the pace of new connections); ``body_timeout``:
+    ``limits.body_timeout``."""
     return UpstreamPool(connect_timeout=timeouts.connect, first_byte_timeout=timeouts.first_byte,
                         read_timeout=timeouts.read, queue_timeout=timeouts.queue, keepalive=30.0, workers=workers,
-                        on_fault=on_fault)
+                        on_fault=on_fault, body_timeout=body_timeout)
 
 
 def make_session(timeouts: Timeouts) -> aiohttp.ClientSession:

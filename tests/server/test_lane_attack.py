@@ -1,0 +1,98 @@
+"""Attacks on the lanes found by review: each test asserts the secure behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.server.context import GATEWAY
+from tests.conftest import MakeGateway, next_address, workspace
+from tests.server.conftest import WORKSPACE
+from tests.server.test_hostile_input import read_answer
+
+
+class ReadsBodies:
+    """An upstream that reads a request's whole body (by its Content-Length) before it answers, as apps do."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str) -> int:
+        self.server = await asyncio.start_server(self._serve, host, 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                if length:
+                    await reader.readexactly(int(length[1]))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self.tasks.discard(task)
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+@pytest.fixture
+async def reads_bodies() -> AsyncIterator[tuple[ReadsBodies, str]]:
+    address = next_address()
+    upstream = ReadsBodies()
+    await upstream.start(address)
+    yield upstream, address
+    await upstream.close()
+
+
+async def test_a_stalled_upload_does_not_hold_a_place_in_flight(make_gateway: MakeGateway,
+                                                                reads_bodies: tuple[ReadsBodies, str]) -> None:
+    """An anonymous client that starts uploads to a public port and then sends nothing more cannot take every
+    place in flight to that port (``LIMIT_PER_UPSTREAM``) for good: without a bound on a silent request body,
+    every other visitor of the port waited out ``timeouts.queue`` and got 503 ``upstream-busy`` for as long as the
+    attacker kept a few hundred idle connections open. (The limit is lowered to 4 here to keep the test small.)"""
+    upstream, address = reads_bodies
+    assert upstream.server is not None
+    port = upstream.server.sockets[0].getsockname()[1]
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
+                                timeouts={"queue": 1.0}, limits={"body_timeout": 0.5})
+    gateway = client.app[GATEWAY]
+    await gateway.runtime.wake(WORKSPACE)
+    gateway.pool._limit = 4
+    host = f"{port}-{WORKSPACE}.localhost:8080"
+    stalled = []
+    try:
+        for _ in range(4):
+            reader, writer = await asyncio.open_connection(client.host, client.port)
+            writer.write(f"POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000\r\n\r\nx".encode())
+            stalled.append((reader, writer))
+        await asyncio.sleep(0.2)  # every upload has its place in flight and its connection to the upstream
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(f"GET /page HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        answer = await read_answer(reader)
+        writer.close()
+        assert (answer.status, answer.body) == (200, b"ok"), answer.head
+        for reader, _ in stalled:  # each stalled upload is told so, not left hanging
+            got = await read_answer(reader)
+            assert got.status == 408, got.head
+    finally:
+        for _, writer in stalled:
+            with contextlib.suppress(Exception):
+                writer.close()
