@@ -79,7 +79,9 @@ class Limits(_Model):
     file descriptors. ``keepalive`` (s) closes a client connection idle between requests; ``head_timeout`` (s)
     is how long a client may take to send a whole head (a slowloris dribbling one gets 408); ``body_timeout`` (s)
     is the longest silence in the middle of a request body streamed to a preview (408 past it: a silent upload
-    would otherwise hold a place among its port's requests in flight for ever; ``None``: no bound)."""
+    would otherwise hold a place among its port's requests in flight for ever; ``None``: no bound);
+    ``send_timeout`` (s) the longest a client may take nothing of an answer streamed to it (its connection is
+    then closed: a client that never reads would hold the answer, its upstream connection and that place)."""
 
     request_line: int = Field(default=8190, ge=256)
     header_size: int = Field(default=8190, ge=256)
@@ -89,6 +91,7 @@ class Limits(_Model):
     keepalive: Seconds = 75.0
     head_timeout: Seconds = 20.0
     body_timeout: Seconds | None = 60.0
+    send_timeout: Seconds | None = 60.0
 
 
 class Idle(_Model):

@@ -174,10 +174,17 @@ class WriteFlow(asyncio.Protocol):
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
-    async def drained(self, transport: asyncio.BaseTransport | None) -> None:
+    async def drained(self, transport: asyncio.BaseTransport | None, within: float | None = None) -> bool:
+        """Whether the buffer drained (or the transport is gone); False when it took nothing for ``within``
+        seconds."""
         if self._write_paused and transport is not None and not transport.is_closing():
             self._drain = self._loop.create_future()
-            await self._drain
+            try:
+                async with asyncio.timeout(within):
+                    await self._drain
+            except TimeoutError:
+                return False
+        return True
 
 
 class HeadClock(CoarseTimer["Connection"]):

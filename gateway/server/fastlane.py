@@ -51,6 +51,10 @@ MAX_PARKED = 64 << 10
 """Bytes of a pipelined next request kept while one is in flight; past this, reading pauses."""
 
 
+class ClientStalled(Exception):
+    """The client took nothing of an answer for ``limits.send_timeout``."""
+
+
 def _log_failure(method: str, target: str) -> None:
     """A bug of the gateway's while serving a request, with its traceback; the client's path escaped, as in the
     access log (it is the client's to choose)."""
@@ -213,6 +217,10 @@ class FastLane(WriteFlow):
                 except UpstreamError:
                     log.info("upstream body broke off after the response started")
                     sent, keep_alive = 0, False  # closing tells the client the body is incomplete
+                except ClientStalled:
+                    sent, keep_alive = 0, False
+                    if self._transport is not None:
+                        self._transport.abort()  # its buffers will not drain: closing would wait for them
                 finally:
                     exchange.close()
         except asyncio.CancelledError:
@@ -312,10 +320,12 @@ class FastLane(WriteFlow):
             return length
         self._write(head)
         sent = 0
+        within = self._front.limits.send_timeout
         while chunk := await answer.read_chunk():
             self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
             sent += len(chunk)
-            await self.drained(self._transport)
+            if not await self.drained(self._transport, within):  # the client takes nothing: let it all go
+                raise ClientStalled
         if chunked:
             self._write(b"0\r\n\r\n")
         return sent

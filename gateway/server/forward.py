@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import ssl
@@ -101,15 +102,17 @@ async def send(pool: UpstreamPool, upstream: Upstream, method: str, path: str, h
 async def proxy_http(
     request: web.Request, pool: UpstreamPool, upstream: Upstream, path: str,
     headers: CIMultiDict[str], *, metrics: Metrics, connect_grace: float = 0.0, rules: ResponseRules = NO_RULES,
+    send_timeout: float | None = None,
 ) -> web.StreamResponse:
     """Send the request upstream and stream the answer back; errors before the answer starts are raised.
 
-    ``rules``: what policy changes on the response (framing, CORS)."""
+    ``rules``: what policy changes on the response (framing, CORS); ``send_timeout``: the longest the client may
+    take nothing of a streamed answer (then its connection is closed)."""
     body = request.content if request.body_exists else None
     answer, exchange = await send(pool, upstream, request.method, path, headers, body, metrics=metrics,
                                   connect_grace=connect_grace)
     try:
-        return await _answer(request, upstream, answer, rules)
+        return await _answer(request, upstream, answer, rules, send_timeout)
     finally:
         exchange.close()
 
@@ -150,7 +153,7 @@ async def read_small(answer: Response, length: int, upstream: Upstream) -> bytes
 
 
 async def _answer(request: web.Request, upstream: Upstream, answer: Response,
-                  rules: ResponseRules) -> web.StreamResponse:
+                  rules: ResponseRules, send_timeout: float | None) -> web.StreamResponse:
     out_headers, length, bodiless = shape_answer(answer, request.method, request.headers.get("Host", ""),
                                                  upstream, rules)
     if length is not None and length <= SMALL_BODY and not bodiless:
@@ -162,7 +165,13 @@ async def _answer(request: web.Request, upstream: Upstream, answer: Response,
     response = web.StreamResponse(status=answer.status, reason=answer.reason)
     response.headers.extend(out_headers)
     await _prepare(response, request)
-    if bodiless or await _pump(answer, response):
+    try:
+        complete = bodiless or await _pump(answer, response, send_timeout)
+    except TimeoutError:  # the client took nothing for send_timeout: its buffers may never drain, so no close
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    if complete:
         await response.write_eof()
     elif request.transport is not None:
         request.transport.close()
@@ -197,11 +206,12 @@ def broken_off(upstream: Upstream, exc: Exception) -> BadGateway:
     )
 
 
-async def _pump(answer: Response, response: web.StreamResponse) -> bool:
+async def _pump(answer: Response, response: web.StreamResponse, send_timeout: float | None) -> bool:
     """Copy the body chunk by chunk as it arrives, so SSE and long polls flow event by event.
 
     Returns False when the upstream broke off mid-body: the status line has gone out, so instead of an
-    error page the caller closes the client connection, which tells the client the body is incomplete.
+    error page the caller closes the client connection, which tells the client the body is incomplete. Raises
+    ``TimeoutError`` when the client took nothing of it for ``send_timeout``.
     """
     while True:
         try:
@@ -211,4 +221,5 @@ async def _pump(answer: Response, response: web.StreamResponse) -> bool:
             return False
         if not chunk:
             return True
-        await response.write(chunk)
+        async with asyncio.timeout(send_timeout):
+            await response.write(chunk)

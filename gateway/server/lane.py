@@ -127,7 +127,8 @@ async def _forward(request: web.Request, forward: Forward, gateway: Gateway, gra
                 connect_grace=grace,
             )
         return await proxy_http(request, gateway.pool, upstream, forward.path, forward.headers,
-                                metrics=gateway.metrics, connect_grace=grace, rules=forward.rules)
+                                metrics=gateway.metrics, connect_grace=grace, rules=forward.rules,
+                                send_timeout=gateway.config.limits.send_timeout)
 
 
 async def _gateway_page(request: web.Request, page: GatewayPage, gateway: Gateway, hub: Handler) -> web.StreamResponse:

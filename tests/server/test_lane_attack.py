@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -96,3 +97,67 @@ async def test_a_stalled_upload_does_not_hold_a_place_in_flight(make_gateway: Ma
         for _, writer in stalled:
             with contextlib.suppress(Exception):
                 writer.close()
+
+
+BIG_ANSWER = 100 << 20
+"""Far more than socket buffers hold: a client that reads none of it keeps the answer in flight."""
+
+
+async def big_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """``/big`` is a 100 MiB answer sent as fast as it is taken; anything else a small one."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.split(b" ")[1] != b"/big":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+                continue
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
+                         % BIG_ANSWER)
+            piece = b"b" * (1 << 16)
+            for _ in range(BIG_ANSWER // len(piece)):
+                writer.write(piece)
+                await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"], ids=["fast-lane", "aiohttp-lane"])
+async def test_a_client_that_reads_nothing_does_not_hold_a_place_in_flight(make_gateway: MakeGateway,
+                                                                           method: str) -> None:
+    """An anonymous client that asks a public port for a large answer and never reads it (a zero TCP window: the
+    "slow read" attack) cannot keep the answer, its upstream connection and its place among the port's requests in
+    flight for good: a few hundred such connections made every other visitor of the port wait out
+    ``timeouts.queue`` and get 503 ``upstream-busy``. (The limit is lowered to 4 here to keep the test small.)"""
+    address = next_address()
+    server = await asyncio.start_server(big_answers, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
+                                timeouts={"queue": 2.0}, limits={"send_timeout": 0.5})
+    gateway = client.app[GATEWAY]
+    await gateway.runtime.wake(WORKSPACE)
+    gateway.pool._limit = 4
+    host = f"{port}-{WORKSPACE}.localhost:8080"
+    stalled = []
+    try:
+        for _ in range(4):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(f"{method} /big HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n".encode())
+            stalled.append((reader, writer))
+        await asyncio.sleep(0.3)  # every answer has begun, and the clients read none of it
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(f"GET /page HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        answer = await read_answer(reader)
+        writer.close()
+        assert (answer.status, answer.body) == (200, b"ok"), answer.head
+    finally:
+        for _, writer in stalled:
+            with contextlib.suppress(Exception):
+                writer.close()
+        server.close()
