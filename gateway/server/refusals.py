@@ -177,13 +177,15 @@ class GatewayHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         idle = self._waiter is not None and not self._waiter.done()  # these bytes begin or continue a head
         in_progress = self._current_request
+        # Its body is whole (or it has none): these bytes can only begin or continue the next request's head.
+        pipelined = in_progress is not None and in_progress.content.is_eof()
         queued = len(self._messages)
         super().data_received(data)
         if self._messages:
             self._stop_head_timer()
             if in_progress is not None and len(self._messages) > queued:
                 self._refuse_body(in_progress)
-        elif idle and self._head_timer is None and data:
+        elif (idle or pipelined) and self._head_timer is None and data:
             self.expect_head(self._loop.time() + self._head_timeout)
 
     def expect_head(self, deadline: float) -> None:
@@ -199,7 +201,11 @@ class GatewayHandler(RequestHandler):
     def _head_late(self) -> None:
         self._head_timer = None
         waiting = self._waiter is not None and not self._waiter.done()
-        if self.transport is None or self._messages or not waiting:
+        if self.transport is None or self._messages:
+            return
+        if not waiting:  # begun while the answer before it is under way: 408 as soon as that one is out
+            if not self._force_close:
+                self._head_timer = self._loop.call_later(min(1.0, self._head_timeout), self._head_late)
             return
         self._refusals.answer(self.transport, Reason.HEAD_TIMEOUT, seconds=self._head_timeout)
         self.force_close()

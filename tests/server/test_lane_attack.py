@@ -161,3 +161,49 @@ async def test_a_client_that_reads_nothing_does_not_hold_a_place_in_flight(make_
             with contextlib.suppress(Exception):
                 writer.close()
         server.close()
+
+
+async def slow_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Every answer takes a moment, so what a client pipelines arrives while its request is in flight."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            if length:
+                await reader.readexactly(int(length[1]))
+            await asyncio.sleep(0.3)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"], ids=["fast-lane", "aiohttp-lane"])
+async def test_a_head_begun_while_a_request_is_in_flight_keeps_its_deadline(make_gateway: MakeGateway,
+                                                                            method: str) -> None:
+    """A slowloris that begins its next head while its request is in flight (pipelined, a packet of its own) and
+    never finishes it gets 408 within ``head_timeout``, as one that begins it after the answer does; not a
+    connection held until ``keepalive``."""
+    address = next_address()
+    server = await asyncio.start_server(slow_answers, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
+                                limits={"head_timeout": 0.5, "keepalive": 60})
+    await client.app[GATEWAY].runtime.wake(WORKSPACE)
+    host = f"{port}-{WORKSPACE}.localhost:8080"
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(f"{method} /first HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n".encode()
+                     if method == "POST" else f"GET /first HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await asyncio.sleep(0.1)  # the request is in flight
+        writer.write(f"GET /second HTTP/1.1\r\nHost: {host}\r\nX-Slow: s".encode())
+        first = await read_answer(reader)
+        assert first.status == 200
+        async with asyncio.timeout(5):
+            second = await read_answer(reader)
+        assert second.status == 408, second.head
+    finally:
+        writer.close()
+        server.close()
