@@ -36,7 +36,7 @@ _PING_AT, _GIVE_UP_AT = 3, 4
 class _End(asyncio.Protocol):
     """One end of the relay: frames arriving from it are scanned and written to the other end."""
 
-    __slots__ = ("_mask", "frames", "gone_code", "peer", "relay", "transport")
+    __slots__ = ("_mask", "fed", "frames", "gone_code", "peer", "relay", "transport")
 
     def __init__(self, relay: Relay, transport: asyncio.Transport, frames: Frames, *, gone_code: int,
                  masks: bool) -> None:
@@ -46,11 +46,14 @@ class _End(asyncio.Protocol):
         self.gone_code = gone_code
         self._mask = masks
         self.peer: _End = self
+        self.fed = False
+        """Bytes were written to this end since the heartbeat last looked."""
 
     def data_received(self, data: bytes) -> None:
         out = self.frames.feed(data)
         if out and not self.peer.transport.is_closing():
             self.peer.transport.write(out)
+            self.peer.fed = True
         if self.frames.error:
             self.relay.end(self.frames.error)
 
@@ -59,6 +62,7 @@ class _End(asyncio.Protocol):
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.fed = True  # it took what was waiting for it
         if not self.peer.transport.is_closing():
             self.peer.transport.resume_reading()
 
@@ -100,9 +104,13 @@ class _ClientEnd(_End):
 
     def tick(self) -> None:
         self.idle += 1
+        fed, self.fed = self.fed, False
         if self.idle == _PING_AT:
             if not self.may_take_a_frame():
-                self.idle -= 1  # e.g. a message to the client is half way through: ping once it has passed
+                if fed and self.peer.frames.mid_frame:
+                    self.idle -= 1  # a message to the client is half way through, and moving: ping once it passed
+                # Else nothing moves towards it (the message stalled, or a close frame went its way, which it
+                # should have answered): it has until the give-up tick to say something, ping or no ping.
                 return
             self.transport.write(frame(PING, HEARTBEAT_PAYLOAD))
         elif self.idle >= _GIVE_UP_AT:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import os
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from gateway.proxy.wshandshake import accept_value
 from gateway.server.context import GATEWAY
 from tests.conftest import MakeGateway, next_address, workspace
 from tests.server.conftest import WORKSPACE
@@ -204,6 +207,109 @@ async def test_a_head_begun_while_a_request_is_in_flight_keeps_its_deadline(make
         async with asyncio.timeout(5):
             second = await read_answer(reader)
         assert second.status == 408, second.head
+    finally:
+        writer.close()
+        server.close()
+
+
+def stuck_websocket(first: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A WebSocket upstream that accepts, sends ``first`` and then neither sends nor closes anything again."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
+            assert key is not None
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: %b\r\n\r\n%b" % (accept_value(key[1].decode()).encode(), first))
+            while await reader.read(65536):
+                pass
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return serve
+
+
+STUCK = {
+    "close-sent": b"\x88\x02\x03\xe8",  # a close frame (1000) the client is never made to answer
+    "mid-frame": b"\x82\x7e\x10\x00" + b"x" * 100,  # a binary frame of 4096 bytes, stopped after 100
+}
+
+
+@pytest.mark.parametrize("stuck", list(STUCK))
+async def test_the_heartbeat_still_drops_a_silent_client_when_it_cannot_ping(make_gateway: MakeGateway,
+                                                                             stuck: str) -> None:
+    """The heartbeat's ping may not go into the middle of a frame nor after a close frame; a client that then
+    says nothing (it vanished: no FIN ever comes, nothing is written to it that could time out) was kept with its
+    upstream connection for as long as the upstream kept its end open, a pair of file descriptors per WebSocket,
+    for good: an owner whose app stalls so could fill the worker's connection limit with clients that cost them
+    nothing. A client silent past the heartbeat's give-up point is dropped whether or not a ping could go."""
+    address = next_address()
+    server = await asyncio.start_server(stuck_websocket(STUCK[stuck]), address, 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
+                                timeouts={"websocket_heartbeat": 0.2})
+    await client.app[GATEWAY].runtime.wake(WORKSPACE)
+    host = f"{port}-{WORKSPACE}.localhost:8080"
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101"), head
+            received = b""
+            while chunk := await reader.read(65536):  # the client reads, and says nothing
+                received += chunk
+        assert received.startswith(STUCK[stuck][:4])
+    finally:
+        writer.close()
+        server.close()
+
+
+async def test_the_heartbeat_keeps_a_silent_client_while_a_long_message_reaches_it(make_gateway: MakeGateway) -> None:
+    """What the heartbeat must not drop: a client that says nothing while a message too long for one read comes
+    to it piece by piece, slower than the heartbeat ticks (no ping can go into its middle)."""
+    pieces, size = 12, 1000
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
+            assert key is not None
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: %b\r\n\r\n" % accept_value(key[1].decode()).encode())
+            writer.write(b"\x82\x7e" + (pieces * size).to_bytes(2, "big"))
+            for _ in range(pieces):
+                writer.write(b"m" * size)
+                await writer.drain()
+                await asyncio.sleep(0.1)
+            while await reader.read(65536):
+                pass
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    address = next_address()
+    server = await asyncio.start_server(serve, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
+                                timeouts={"websocket_heartbeat": 0.2})
+    await client.app[GATEWAY].runtime.wake(WORKSPACE)
+    host = f"{port}-{WORKSPACE}.localhost:8080"
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readexactly(4 + pieces * size) == (
+                b"\x82\x7e" + (pieces * size).to_bytes(2, "big") + b"m" * pieces * size)
     finally:
         writer.close()
         server.close()
