@@ -241,6 +241,12 @@ class FastLane(WriteFlow):
         self._front.access.write(remote=self._peer, method=request.method, host=headers.get("Host", ""),
                                  raw_path=request.target, status=answer.status, length=sent, seconds=seconds,
                                  target=forward.target, user=forward.user)
+        # No next request before the client took this answer: one that reads none would have the worker buffer
+        # every small answer (each written at once, unlooked at) for as long as it sends requests.
+        if keep_alive and not await self.drained(self._transport, self._front.limits.send_timeout):
+            keep_alive = False
+            if self._transport is not None:
+                self._transport.abort()
         self._task = None
         self._idle_since = self._head_since = time.monotonic()
         if self._transport is not None and (event := self._connection.done(keep_alive)) is not h1.NEED_DATA:

@@ -313,3 +313,59 @@ async def test_the_heartbeat_keeps_a_silent_client_while_a_long_message_reaches_
     finally:
         writer.close()
         server.close()
+
+
+SMALL_ANSWERED: list[int] = []
+
+
+async def small_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Every request gets 16,000 bytes, an answer the fast lane reads whole and writes at once."""
+    try:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            SMALL_ANSWERED.append(1)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 16000\r\n\r\n" + b"s" * 16000)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def test_a_client_that_reads_no_answers_cannot_make_the_fast_lane_buffer_them(make_gateway: MakeGateway) -> None:
+    """A client that sends request after request on one connection (each once the one before is answered, so
+    the fast lane serves them all) and reads none of the answers: each answer small enough to be written at once
+    went into the connection's write buffer without a look at its size, so ~50 bytes sent made the worker hold
+    16 KB, without bound. The fast lane takes no next request until the client has taken the answer before."""
+    address = next_address()
+    server = await asyncio.start_server(small_answers, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True)
+    await client.app[GATEWAY].runtime.wake(WORKSPACE)
+    front = client.server.runner.server  # type: ignore[union-attr]
+    host = f"{port}-{WORKSPACE}.localhost:8080"
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    most = 0
+    try:
+        async with asyncio.timeout(30):
+            SMALL_ANSWERED.clear()
+            for sent in range(1, 301):
+                writer.write(f"GET /small HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                await writer.drain()
+                for _ in range(100):  # until the fast lane has answered it, or holds it for the client to read
+                    await asyncio.sleep(0.002)
+                    lanes = list(front.lanes)
+                    if not lanes or (len(SMALL_ANSWERED) == sent and lanes[0]._task is None) or (
+                            lanes[0]._write_paused):
+                        break
+                for lane in front.lanes:
+                    if lane._transport is not None:
+                        most = max(most, lane._transport.get_write_buffer_size())
+        assert most < 1 << 20, f"{most} bytes of answers buffered for a client that reads none"
+    finally:
+        writer.close()
+        server.close()
