@@ -160,22 +160,33 @@ async def _answer(request: web.Request, upstream: Upstream, answer: Response,
         whole = await read_small(answer, length, upstream)
         small = web.Response(status=answer.status, reason=answer.reason, body=whole, headers=out_headers)
         await _prepare(small, request)
-        await small.write_eof()
+        try:
+            async with asyncio.timeout(send_timeout):  # written whole, then waited for until the client took it
+                await small.write_eof()
+        except TimeoutError:
+            _stalled(request)
         return small
     response = web.StreamResponse(status=answer.status, reason=answer.reason)
     response.headers.extend(out_headers)
     await _prepare(response, request)
     try:
         complete = bodiless or await _pump(answer, response, send_timeout)
-    except TimeoutError:  # the client took nothing for send_timeout: its buffers may never drain, so no close
-        if request.transport is not None:
-            request.transport.abort()
+        if complete:
+            async with asyncio.timeout(send_timeout):
+                await response.write_eof()
+    except TimeoutError:
+        _stalled(request)
         return response
-    if complete:
-        await response.write_eof()
-    elif request.transport is not None:
+    if not complete and request.transport is not None:
         request.transport.close()
     return response
+
+
+def _stalled(request: web.Request) -> None:
+    """The client took nothing of its answer for ``send_timeout``: its buffers may never drain, so the connection
+    is aborted rather than closed (a close waits for them), and the upstream exchange ends with it."""
+    if request.transport is not None:
+        request.transport.abort()
 
 
 async def _prepare(response: web.StreamResponse, request: web.Request) -> None:

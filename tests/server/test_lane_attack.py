@@ -369,3 +369,39 @@ async def test_a_client_that_reads_no_answers_cannot_make_the_fast_lane_buffer_t
     finally:
         writer.close()
         server.close()
+
+
+async def test_pipelined_small_answers_nobody_reads_do_not_hold_places_in_flight(make_gateway: MakeGateway) -> None:
+    """aiohttp's lane writes a small answer whole and waits until the connection can take it: a client that
+    pipelines requests and reads none of the answers had that wait last for ever, with the answer's upstream
+    exchange (and its place among the port's requests in flight) still open. (Limit lowered to 4.)"""
+    address = next_address()
+    server = await asyncio.start_server(small_answers, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
+                                timeouts={"queue": 2.0}, limits={"send_timeout": 0.5})
+    gateway = client.app[GATEWAY]
+    await gateway.runtime.wake(WORKSPACE)
+    gateway.pool._limit = 4
+    host = f"{port}-{WORKSPACE}.localhost:8080"
+    stalled = []
+    try:
+        for _ in range(4):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(f"POST /small HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n".encode() * 300)
+            stalled.append((reader, writer))
+        await asyncio.sleep(0.5)  # the answers fill every buffer there is, and the clients read none of them
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(f"GET /page HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        answer = await read_answer(reader)
+        writer.close()
+        assert answer.status == 200, answer.head
+    finally:
+        for _, writer in stalled:
+            with contextlib.suppress(Exception):
+                writer.close()
+        server.close()
