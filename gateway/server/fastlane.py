@@ -243,7 +243,8 @@ class FastLane(WriteFlow):
                                  target=forward.target, user=forward.user)
         # No next request before the client took this answer: one that reads none would have the worker buffer
         # every small answer (each written at once, unlooked at) for as long as it sends requests.
-        if keep_alive and not await self.drained(self._transport, self._front.limits.send_timeout):
+        if keep_alive and self._write_paused and not await self.drained(self._transport,
+                                                                        self._front.limits.send_timeout):
             keep_alive = False
             if self._transport is not None:
                 self._transport.abort()

@@ -1,4 +1,5 @@
-"""Attacks on the lanes found by review: each test asserts the secure behaviour."""
+"""Clients (and apps) that go slow or silent, on purpose or not, hold none of the gateway's resources for good: a place
+among a port's requests in flight, a worker's memory, a connection. Each test asserts the bound that holds."""
 
 from __future__ import annotations
 
