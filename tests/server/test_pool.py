@@ -484,6 +484,65 @@ async def test_a_connection_whose_request_body_was_cut_short_by_the_answer_is_no
     assert connections == 2
 
 
+async def test_a_connection_that_cannot_be_reused_is_closed_and_its_body_no_longer_sent() -> None:
+    """An answer that came before the request's body was all out leaves a connection no request may take: it is
+    closed at once, not left open for as long as the upstream keeps it (a file descriptor each), and the task that
+    was sending the body ends with the exchange instead of waiting on the client for ever."""
+    upstream_saw_the_end = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _answer_every_head(reader, writer)  # until the gateway's end closes
+        upstream_saw_the_end.set()
+
+    server, address, port = await _raw_upstream(serve)
+    loop = asyncio.get_running_loop()
+    client, peer = socket.socketpair()
+    transport, protocol = await loop.connect_accepted_socket(lambda: BaseProtocol(loop), client)
+    body = StreamReader(protocol, 2**16, loop=loop)
+    body.feed_data(b"x" * 10)  # of 100: the rest never comes
+    pool = _pool()
+    try:
+        async with server, asyncio.timeout(10):
+            answer, exchange = await pool.request(address, port, "POST", "/", CIMultiDict(Host="x", **{
+                "Content-Length": "100"}), body)
+            assert await answer.read_exactly(2) == b"ok"
+            exchange.close()
+            await upstream_saw_the_end.wait()
+            assert exchange.sender is not None
+            assert exchange.sender.done()
+            assert pool.connections() == (0, 0)
+    finally:
+        pool.close()
+        transport.close()
+        peer.close()
+
+
+@pytest.mark.parametrize(("method", "length"), [("POST", b"0"), ("PATCH", b"0"), ("GET", None), ("DELETE", None)])
+async def test_a_request_without_a_body_says_so_when_its_method_usually_has_one(method: str,
+                                                                               length: bytes | None) -> None:
+    """A POST without a body goes out with ``Content-Length: 0`` (an upstream may answer 411 Length Required, or
+    wait for a body, without it); a GET gets no length it did not have."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            heads.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(_OK)
+            await reader.read()
+        writer.close()
+
+    server, address, port = await _raw_upstream(serve)
+    pool = _pool()
+    try:
+        async with server, asyncio.timeout(10):
+            assert await _get(pool, address, port, method=method) == b"ok"
+    finally:
+        pool.close()
+    fields = dict(line.split(b": ", 1) for line in heads[0].split(b"\r\n")[1:] if line)
+    assert {name.lower(): value for name, value in fields.items()}.get(b"content-length") == length
+    assert b"transfer-encoding" not in {name.lower() for name in fields}
+
+
 def _ok_app() -> web.Application:
     async def ok(request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -576,9 +635,10 @@ def _accept_all(listener: socket.socket) -> list[socket.socket]:
             return accepted
 
 
-@pytest.mark.parametrize(("workers", "window"), [(1, INITIAL_WINDOW), (2, INITIAL_WINDOW // 2)])
+@pytest.mark.parametrize(("workers", "window"), [(1, INITIAL_WINDOW), (2, INITIAL_WINDOW // 2), (8, 1)])
 async def test_connects_open_a_few_at_a_time_and_more_as_they_answer(workers: int, window: int) -> None:
-    """Each of ``serve --workers`` N pools opens its share of the window: together they keep to one."""
+    """Each of ``serve --workers`` N pools opens its share of the window: together they keep to one. More workers
+    than the window has places still open one each, not none (a window of 0 would never open a connection)."""
     listener, address, port = _listener()
     listener.setblocking(False)
     pool = _pool(workers=workers)
