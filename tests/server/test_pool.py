@@ -807,6 +807,46 @@ async def test_the_wait_for_a_connection_is_bounded(make_upstream: MakeUpstream)
         pool.close()
 
 
+async def test_a_retry_waits_for_the_window_and_that_wait_is_bounded_too() -> None:
+    """A request retried after its connection closed unanswered needs a place in the window like any connect: while
+    another request's unproven connection holds the only place, the retry opens nothing, and gives up with a queue
+    timeout (504) rather than overflowing the upstream's accept queue or waiting on."""
+    connections = 0
+    held = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        n = connections
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            if n == 1:  # the first request's connection: closed without an answer, so it is retried
+                writer.close()
+                return
+            if n == 2:  # the second's: taken and never answered, so its attempt stays unproven
+                held.set()
+                await reader.read()
+            writer.write(_OK)
+        writer.close()
+
+    server, address, port = await _raw_upstream(serve)
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=0.3, workers=4)
+    first = asyncio.ensure_future(_get(pool, address, port, "/first"))  # a window of one place (4 workers)
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(_get(pool, address, port, "/second"))  # in line for that place
+    try:
+        async with server, asyncio.timeout(5):
+            with pytest.raises(QueueTimeout):
+                await first
+            assert held.is_set()
+            assert connections == 2  # the retry opened no third connection
+            assert not second.done()
+    finally:
+        second.cancel()
+        await asyncio.gather(second, return_exceptions=True)
+        pool.close()
+
+
 async def test_the_wait_for_a_place_in_the_window_is_bounded() -> None:
     """An upstream that takes connections but never answers: past the window, requests wait, then give up."""
     listener, address, port = _listener()
