@@ -905,6 +905,27 @@ async def test_a_dropped_handshake_halves_the_window() -> None:
     assert pool._upstreams[(address, port, False)].window < INITIAL_WINDOW  # what the pool learnt
 
 
+async def test_a_request_cancelled_while_it_connects_gives_its_place_in_the_window_back() -> None:
+    """A client that leaves while its request's handshake hangs (dropped by a full accept queue) ends that
+    attempt: its place in the window is not kept for ever, so the next request connects once the upstream can
+    take it (with a window of one place, a lost place would leave the port unreachable through this gateway)."""
+    listener, address, port = _listener(0)
+    squatter = socket.create_connection((address, port))  # fills the queue: handshakes are dropped
+    server = await asyncio.start_server(_answer_every_head, sock=listener, backlog=64, start_serving=False)
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=3, workers=4)
+    try:
+        async with server, asyncio.timeout(10):
+            leaving = asyncio.ensure_future(_get(pool, address, port))
+            await asyncio.sleep(0.1)  # connecting: its handshake waits for the kernel's retry
+            leaving.cancel()
+            await asyncio.gather(leaving, return_exceptions=True)
+            await server.start_serving()  # listen(64): handshakes fit again
+            assert await _get(pool, address, port) == b"ok"
+    finally:
+        pool.close()
+        squatter.close()
+
+
 async def test_a_connect_slowed_by_the_gateways_own_busy_loop_is_no_dropped_handshake() -> None:
     """A wake releases thousands of held requests at once, and the gateway's event loop is busy with them for
     seconds while its first connects complete at once in the kernel. Those connects must count as what they were
