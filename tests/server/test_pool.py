@@ -453,6 +453,34 @@ async def test_an_idle_connection_closes_after_keepalive() -> None:
         pool.close()
 
 
+async def test_idle_connections_keep_being_closed_after_keepalive_sweep_after_sweep() -> None:
+    """The sweep that closes idle connections comes back while any is left, and again for connections that go
+    idle later: one made idle half way through a sweep's wait, and one made idle after a sweep found nothing
+    left, are closed too (not kept open until some request happens to look at them)."""
+    closed = [asyncio.Event() for _ in range(3)]
+
+    def upstream(n: int) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await _answer_every_head(reader, writer)
+            closed[n].set()  # the pool closed its end
+        return serve
+
+    servers = [await _raw_upstream(upstream(n)) for n in range(3)]
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=30, keepalive=0.4)
+    try:
+        async with servers[0][0], servers[1][0], servers[2][0], asyncio.timeout(10):
+            assert await _get(pool, *servers[0][1:]) == b"ok"
+            await asyncio.sleep(0.2)  # half way to the sweep
+            assert await _get(pool, *servers[1][1:]) == b"ok"
+            await closed[0].wait()
+            await closed[1].wait()  # by a later sweep, if the first came too soon for it
+            assert await _get(pool, *servers[2][1:]) == b"ok"  # idle after the sweeps found nothing left
+            await closed[2].wait()
+            assert pool.connections() == (0, 0)
+    finally:
+        pool.close()
+
+
 async def test_a_connection_whose_request_body_was_cut_short_by_the_answer_is_not_reused() -> None:
     """An upstream may answer before it has read the whole body (a 413, a redirect): the rest of the body never
     went out, so the next request on that connection would be read as its continuation."""
