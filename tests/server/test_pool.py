@@ -989,6 +989,59 @@ async def test_connect_timeouts_halve_the_window_and_are_tried_once_more() -> No
     assert pool._upstreams[(address, port, False)].window == INITIAL_WINDOW // 4  # two attempts, two halvings
 
 
+async def test_after_a_retried_connect_timeout_the_window_still_holds_its_connects_to_it() -> None:
+    """The retry after a connect timeout takes a place in the window of its own: once the handshakes get through
+    again, no more connections are opened at once than the halved window (one) allows."""
+    listener, address, port = _listener(0)
+    listener.setblocking(False)
+    squatter = socket.create_connection((address, port))  # the queue is full
+    pool = UpstreamPool(connect_timeout=0.3, first_byte_timeout=10, read_timeout=10, queue_timeout=30)
+    requests: list[asyncio.Future[bytes]] = []
+    accepted: list[socket.socket] = []
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(ConnectTimeout):
+                await _get(pool, address, port)
+        assert pool._upstreams[(address, port, False)].window == 1
+        squatter.close()
+        for sock in _accept_all(listener):  # the squatter's: the queue has room again
+            sock.close()
+        listener.listen(64)
+        requests += [asyncio.ensure_future(_get(pool, address, port)) for _ in range(4)]
+        await _connects_at_once(listener, 1, accepted)
+        assert len(accepted) == 1  # the one connect the window allows
+    finally:
+        for request in requests:
+            request.cancel()
+        await asyncio.gather(*requests, return_exceptions=True)
+        pool.close()
+        squatter.close()
+        for sock in accepted:
+            sock.close()
+        listener.close()
+
+
+
+async def test_a_closed_pool_closes_its_idle_connections_not_only_forgets_them() -> None:
+    """``close`` ends the kept-alive connections themselves: the upstream sees each one end (no socket is left
+    open behind an empty count)."""
+    closed = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _answer_every_head(reader, writer)
+        closed.set()  # the pool closed its end
+
+    server, address, port = await _raw_upstream(serve)
+    pool = _pool()
+    try:
+        async with server, asyncio.timeout(10):
+            assert await _get(pool, address, port) == b"ok"
+            assert pool.connections() == (1, 0)
+            pool.close()
+            await closed.wait()
+    finally:
+        pool.close()
+
 
 async def test_a_gateway_that_stops_closes_its_kept_alive_upstream_connections(
         make_gateway: MakeGateway, make_upstream: MakeUpstream) -> None:
