@@ -116,6 +116,28 @@ async def test_chunked_upload_is_streamed_to_the_upstream(proxied: MakeProxied) 
         assert await response.json() == {"first": "hello", "rest": ", world", "te": "chunked"}
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_a_small_body_whose_last_byte_comes_alone_arrives_whole(proxied: MakeProxied, method: str) -> None:
+    """A small answer is read whole before it is written (``read_small``): a body whose pieces come in separate
+    reads, down to a last piece of one byte, is passed on complete (either lane)."""
+    async def pieces(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 6
+        await response.prepare(request)
+        for piece in (b"hel", b"lo", b"!"):
+            await response.write(piece)
+            await asyncio.sleep(0.05)  # each its own read at the gateway
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_route(method, "/pieces", pieces)
+    p = await proxied(app)
+    async with p.request(method, "/pieces") as response:
+        assert response.status == 200
+        assert await response.read() == b"hello!"
+
+
 async def test_download_is_streamed_piece_by_piece(proxied: MakeProxied) -> None:
     """Each piece reaches the client while the upstream is still waiting to send the next one."""
     release = [asyncio.Event() for _ in range(3)]

@@ -233,6 +233,15 @@ def naming_its_length(size: int) -> Fault:
     return answer
 
 
+async def body_to_the_close(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """No fault: an answer with neither a length nor chunks, whose body ends where the connection does."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nup to ")
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(b"the close")
+    return False
+
+
 FAULTS: dict[str, Fault] = {
     "reset-before-answer": reset_before_answer, "half-close-before-answer": half_close_before_answer,
     "garbage": garbage, "oversized-head": oversized_head, "stall-mid-head": stall_mid_head,
@@ -242,6 +251,7 @@ FAULTS: dict[str, Fault] = {
     "two-answers": two_answers, "trailing-bytes": trailing_bytes, "body-after-head-answer": body_after_head_answer,
     "slow-body": stall_mid_body, "names-its-length": naming_its_length(5),
     "names-its-length-big": naming_its_length(BIG),
+    "body-to-the-close": body_to_the_close,
 }
 
 
@@ -432,6 +442,16 @@ async def test_an_answer_whose_connection_header_names_its_length_stays_framed(f
                 assert await reader.readexactly(size) == b"b" * size
     finally:
         writer.close()
+    assert faults_counted(await faulty.metrics()) == {}
+
+
+@pytest.mark.parametrize("lane", LANES)
+async def test_an_answer_whose_body_ends_with_the_connection_is_passed_on_whole(faulty: Faulty, lane: str) -> None:
+    """An answer with neither ``Content-Length`` nor chunks is no fault: its body is all the upstream sends until it
+    closes, and reaches the client whole (re-framed by the gateway), in either lane."""
+    answer, received, cut = await faulty.send(LANES[lane], "/fault/body-to-the-close")
+    assert answer is not None
+    assert (answer.status, received, cut) == (200, b"up to the close", False)
     assert faults_counted(await faulty.metrics()) == {}
 
 
