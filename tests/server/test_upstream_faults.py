@@ -616,6 +616,58 @@ async def test_an_upstream_that_takes_a_body_slowly_is_not_timed_out(make_gatewa
         server.close()
 
 
+async def test_an_upload_held_up_by_the_upstream_goes_on_once_it_reads_again(make_gateway: MakeGateway) -> None:
+    """An app that stops reading an upload for a while (less than the first-byte timeout) fills the buffers, and
+    the gateway stops writing; once the app reads again, the rest of the body goes out and the app's answer comes
+    back: the gateway's wait for the socket to drain ends when it does."""
+    address = next_address()
+    total = 16 << 20
+
+    async def pausing_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.5)  # the gateway's writes pause meanwhile
+        received = 0
+        with contextlib.suppress(ConnectionError):
+            while received < total and (piece := await reader.read(1 << 20)):
+                received += len(piece)
+            body = str(received).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+            await writer.drain()
+        writer.close()
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.bind((address, 0))
+    server = await asyncio.start_server(pausing_reader, sock=sock)
+    port = server.sockets[0].getsockname()[1]
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
+                                timeouts={"first_byte": 3.0})
+    await client.app[GATEWAY].runtime.wake(WORKSPACE)
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(f"POST / HTTP/1.1\r\nHost: {port}-{WORKSPACE}.localhost:8080\r\nContent-Length: {total}\r\n"
+                 "Accept: application/json\r\n\r\n".encode())
+
+    async def upload() -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(total // 65536):
+                writer.write(b"x" * 65536)
+                await writer.drain()
+
+    uploading = asyncio.create_task(upload())
+    try:
+        async with asyncio.timeout(20):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            assert length is not None
+            assert await reader.readexactly(int(length[1])) == str(total).encode()
+    finally:
+        uploading.cancel()
+        writer.close()
+        server.close()
+
+
 async def test_an_upstream_that_stops_taking_a_body_times_out_and_lets_go(make_gateway: MakeGateway) -> None:
     """An app that takes the connection and reads none of a large body: the gateway's writes to it stall, and
     aiohttp stops reading the client, so it would not even see the client leave. The first-byte clock runs
