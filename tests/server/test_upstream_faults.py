@@ -242,6 +242,16 @@ async def body_to_the_close(path: str, reader: asyncio.StreamReader, writer: asy
     return False
 
 
+async def interim_answers_first(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """No fault: interim answers (100 Continue, 103 Early Hints) before the real one, in reads of their own."""
+    for interim in (b"HTTP/1.1 100 Continue\r\n\r\n",
+                    b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"):
+        writer.write(interim)
+        await writer.drain()
+        await asyncio.sleep(0.02)
+    return await answer_ok(path, reader, writer)
+
+
 FAULTS: dict[str, Fault] = {
     "reset-before-answer": reset_before_answer, "half-close-before-answer": half_close_before_answer,
     "garbage": garbage, "oversized-head": oversized_head, "stall-mid-head": stall_mid_head,
@@ -251,7 +261,7 @@ FAULTS: dict[str, Fault] = {
     "two-answers": two_answers, "trailing-bytes": trailing_bytes, "body-after-head-answer": body_after_head_answer,
     "slow-body": stall_mid_body, "names-its-length": naming_its_length(5),
     "names-its-length-big": naming_its_length(BIG),
-    "body-to-the-close": body_to_the_close,
+    "body-to-the-close": body_to_the_close, "interim-answers-first": interim_answers_first,
 }
 
 
@@ -442,6 +452,16 @@ async def test_an_answer_whose_connection_header_names_its_length_stays_framed(f
                 assert await reader.readexactly(size) == b"b" * size
     finally:
         writer.close()
+    assert faults_counted(await faulty.metrics()) == {}
+
+
+@pytest.mark.parametrize("lane", LANES)
+async def test_interim_answers_are_skipped_for_the_real_one(faulty: Faulty, lane: str) -> None:
+    """A 100 Continue or 103 Early Hints from the upstream is not its answer: the client gets the final one (the
+    interim heads are not passed on either), in either lane."""
+    answer, received, cut = await faulty.send(LANES[lane], "/fault/interim-answers-first")
+    assert answer is not None
+    assert (answer.status, received, cut) == (200, b"ok /fault/interim-answers-first", False)
     assert faults_counted(await faulty.metrics()) == {}
 
 
