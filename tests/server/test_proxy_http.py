@@ -138,6 +138,41 @@ async def test_a_small_body_whose_last_byte_comes_alone_arrives_whole(proxied: M
         assert await response.read() == b"hello!"
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_an_answer_s_head_reaches_the_client_before_its_body_begins(proxied: MakeProxied, method: str) -> None:
+    """The head is passed on as soon as it is in, not with the first piece of body: an upstream that sends its
+    head and then waits (for the client to react, say) is not held up by the gateway."""
+    head_seen = asyncio.Event()
+
+    async def waits(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        await head_seen.wait()  # set by the client once it has the head
+        await response.write(b"after the head")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_route(method, "/waits", waits)
+    p = await proxied(app)
+    async with asyncio.timeout(10), p.request(method, "/waits") as response:
+        assert response.status == 200
+        head_seen.set()
+        assert await response.read() == b"after the head"
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_the_upstream_s_reason_phrase_is_passed_on(proxied: MakeProxied, method: str) -> None:
+    async def custom(request: web.Request) -> web.Response:
+        return web.Response(status=299, reason="Fine By Me", text="ok")
+
+    app = web.Application()
+    app.router.add_route(method, "/custom", custom)
+    p = await proxied(app)
+    async with p.request(method, "/custom") as response:
+        assert (response.status, response.reason) == (299, "Fine By Me")
+
+
 async def test_download_is_streamed_piece_by_piece(proxied: MakeProxied) -> None:
     """Each piece reaches the client while the upstream is still waiting to send the next one."""
     release = [asyncio.Event() for _ in range(3)]
