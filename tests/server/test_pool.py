@@ -164,6 +164,26 @@ async def test_a_retry_waits_only_for_the_window_and_goes_before_the_line() -> N
     assert (pacer.unproven, pacer.taken, pacer.try_open(), pacer.unproven) == (1, 2, True, 2)
 
 
+async def test_a_retry_gets_no_place_past_the_window_when_a_request_ends() -> None:
+    """A request ending frees its place in flight, not a place in the window: a retry waiting for the window
+    (full of unproven attempts) goes on waiting, and no more attempts are unproven at once than the window."""
+    pacer: Pacer[str] = Pacer(3, initial=1)
+    assert pacer.try_take() is Grant.OPEN
+    pacer.attempt().end(Outcome.PROVEN)  # the window grows to two
+    assert not pacer.give("kept")
+    assert pacer.try_take() == "kept"  # one request on the kept-alive connection
+    assert pacer.try_take() is Grant.OPEN
+    assert pacer.try_take() is Grant.OPEN  # two attempts: the window is full
+    assert not pacer.try_open()  # one of them failed and is retried: it waits for the window
+    retry = asyncio.ensure_future(pacer.open_fresh())
+    await asyncio.sleep(0)
+    pacer.leave()  # the request on the kept-alive connection ends without giving it back
+    await asyncio.sleep(0)
+    assert (retry.done(), pacer.unproven, pacer.window) == (False, 2, 2)
+    retry.cancel()
+    await asyncio.gather(retry, return_exceptions=True)
+
+
 async def test_a_connection_passed_on_from_a_cancelled_request_is_checked_again() -> None:
     """Between the hand-over and the cancelled request's turn the upstream may close the connection: the next in
     line gets a place to open a new one instead."""
@@ -190,6 +210,26 @@ async def test_a_request_cancelled_as_it_was_granted_a_place_to_open_gives_both_
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert (pacer.taken, pacer.unproven) == (1, 0)
+
+
+async def test_an_idle_connection_found_for_a_line_that_has_left_stays_idle() -> None:
+    """A stream's connection comes back while every place is taken (so it waits idle), then a place frees up as
+    the only request in line has left: the connection, taken out for that request, goes back to the idle ones
+    instead of being lost (neither kept nor closed: a socket open for nothing)."""
+    pacer: Pacer[str] = Pacer(1)
+    assert pacer.try_take() is Grant.OPEN
+    pacer.attempt().end(Outcome.PROVEN)
+    pacer.stream()  # the first answer streams: its place goes to the line
+    assert pacer.try_take() is Grant.OPEN  # a second request takes it
+    pacer.attempt().end(Outcome.PROVEN)
+    in_line = asyncio.ensure_future(pacer.take())  # a third waits
+    await asyncio.sleep(0)
+    assert not pacer.restore("streamed")  # the stream ends, no place is free: its connection is idle
+    in_line.cancel()  # the third leaves the line
+    await asyncio.gather(in_line, return_exceptions=True)
+    pacer.leave()  # the second ends without a connection
+    assert (pacer.idle, pacer.taken, pacer.streaming) == (["streamed"], 0, 0)
+    assert pacer.try_take() == "streamed"
 
 
 async def test_a_streaming_answer_gives_its_place_in_flight_to_the_line(make_upstream: MakeUpstream) -> None:
