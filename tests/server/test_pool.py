@@ -475,6 +475,41 @@ async def test_a_kept_alive_connection_the_upstream_closed_is_not_used_for_a_pos
     assert connections == 2
 
 
+async def test_an_idle_connection_the_upstream_sends_stray_bytes_on_is_closed_not_reused() -> None:
+    """Bytes on a kept-alive connection while no request is out (an answer nobody asked for) make it unusable:
+    the pool closes it at once, and the next request, a POST that is never sent twice, goes out on a fresh
+    connection instead of failing on the spoilt one."""
+    stray_closed = asyncio.Event()
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        n = connections
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(_OK)
+            if n == 1:
+                await asyncio.sleep(0.05)  # the answer was read and the connection went idle
+                writer.write(_OK)  # a second answer nobody asked for
+                await reader.read()  # until the pool closes its end
+                stray_closed.set()
+            else:
+                await reader.read()
+        writer.close()
+
+    server, address, port = await _raw_upstream(serve)
+    pool = _pool()
+    try:
+        async with server, asyncio.timeout(10):
+            assert await _get(pool, address, port) == b"ok"
+            await stray_closed.wait()
+            assert await _get(pool, address, port, method="POST") == b"ok"
+    finally:
+        pool.close()
+    assert connections == 2
+
+
 async def test_an_idle_connection_closes_after_keepalive() -> None:
     closed = asyncio.Event()
 
