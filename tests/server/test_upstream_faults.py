@@ -206,6 +206,15 @@ async def two_answers(path: str, reader: asyncio.StreamReader, writer: asyncio.S
     return True
 
 
+async def two_answers_chunked(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """The same behind a chunked answer, which the gateway streams instead of reading it whole by its length."""
+    body = f"ok {path}".encode()
+    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+                 + b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\npoisoned")
+    await writer.drain()
+    return True
+
+
 async def trailing_bytes(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
     writer.write(ok_answer(path) + b"HTTP/1.1 20")
     await writer.drain()
@@ -258,7 +267,8 @@ FAULTS: dict[str, Fault] = {
     "unasked-switch": unasked_switch, "never-answer": never_answer, "reset-mid-body": reset_mid_body,
     "half-close-mid-body": half_close_mid_body,
     "bad-chunk-mid-body": bad_chunk_mid_body, "endless-trailers": endless_trailers, "stall-mid-body": stall_mid_body,
-    "two-answers": two_answers, "trailing-bytes": trailing_bytes, "body-after-head-answer": body_after_head_answer,
+    "two-answers": two_answers, "two-answers-chunked": two_answers_chunked,
+    "trailing-bytes": trailing_bytes, "body-after-head-answer": body_after_head_answer,
     "slow-body": stall_mid_body, "names-its-length": naming_its_length(5),
     "names-its-length-big": naming_its_length(BIG),
     "body-to-the-close": body_to_the_close, "interim-answers-first": interim_answers_first,
@@ -503,7 +513,7 @@ async def test_a_fault_after_the_answer_started_cuts_the_stream(faulty: Faulty, 
 
 
 @pytest.mark.parametrize("lane", list(LANES))
-@pytest.mark.parametrize("fault", ["two-answers", "trailing-bytes"])
+@pytest.mark.parametrize("fault", ["two-answers", "two-answers-chunked", "trailing-bytes"])
 async def test_bytes_after_an_answer_never_reach_the_next_request(faulty: Faulty, lane: str, fault: str) -> None:
     """Response smuggling: whatever an upstream sends past its answer is not read as the answer to the next
     request on that connection; the connection is dropped instead of going back to the pool."""
