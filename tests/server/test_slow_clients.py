@@ -12,12 +12,14 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
 from gateway.proxy.wshandshake import accept_value
 from gateway.server.context import GATEWAY
 from tests.conftest import MakeGateway, next_address, workspace
 from tests.server.conftest import WORKSPACE
-from tests.server.test_hostile_input import read_answer
+from tests.server.test_hostile_input import Answer, read_answer
 
 
 class ReadsBodies:
@@ -107,6 +109,34 @@ BIG_ANSWER = 100 << 20
 """Far more than socket buffers hold: a client that reads none of it keeps the answer in flight."""
 
 
+Client = TestClient[web.Request, web.Application]
+
+
+async def never_reading(client: Client, request: bytes, count: int = 4) -> list[asyncio.StreamWriter]:
+    """``count`` connections that send ``request`` and read nothing of what comes back (a small receive buffer:
+    the gateway's writes to them soon stall)."""
+    writers = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
+        _, writer = await asyncio.open_connection(sock=sock)
+        writer.write(request)
+        writers.append(writer)
+    return writers
+
+
+async def a_visitor_asks(client: Client, host: str) -> Answer:
+    """Another visitor's GET of the same port, answered (or refused) in full."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(f"GET /page HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    try:
+        return await read_answer(reader)
+    finally:
+        writer.close()
+
+
 async def big_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """``/big`` is a 100 MiB answer sent as fast as it is taken; anything else a small one."""
     try:
@@ -144,24 +174,14 @@ async def test_a_client_that_reads_nothing_does_not_hold_a_place_in_flight(make_
     await gateway.runtime.wake(WORKSPACE)
     gateway.pool._limit = 4
     host = f"{port}-{WORKSPACE}.localhost:8080"
-    stalled = []
+    stalled = await never_reading(client, f"{method} /big HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n"
+                                  .encode())
     try:
-        for _ in range(4):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
-            reader, writer = await asyncio.open_connection(sock=sock)
-            writer.write(f"{method} /big HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n".encode())
-            stalled.append((reader, writer))
         await asyncio.sleep(0.3)  # every answer has begun, and the clients read none of it
-        reader, writer = await asyncio.open_connection(client.host, client.port)
-        writer.write(f"GET /page HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-        answer = await read_answer(reader)
-        writer.close()
+        answer = await a_visitor_asks(client, host)
         assert (answer.status, answer.body) == (200, b"ok"), answer.head
     finally:
-        for _, writer in stalled:
+        for writer in stalled:
             with contextlib.suppress(Exception):
                 writer.close()
         server.close()
@@ -385,24 +405,14 @@ async def test_pipelined_small_answers_nobody_reads_do_not_hold_places_in_flight
     await gateway.runtime.wake(WORKSPACE)
     gateway.pool._limit = 4
     host = f"{port}-{WORKSPACE}.localhost:8080"
-    stalled = []
+    stalled = await never_reading(
+        client, f"POST /small HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n".encode() * 300)
     try:
-        for _ in range(4):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
-            reader, writer = await asyncio.open_connection(sock=sock)
-            writer.write(f"POST /small HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n".encode() * 300)
-            stalled.append((reader, writer))
         await asyncio.sleep(0.5)  # the answers fill every buffer there is, and the clients read none of them
-        reader, writer = await asyncio.open_connection(client.host, client.port)
-        writer.write(f"GET /page HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-        answer = await read_answer(reader)
-        writer.close()
+        answer = await a_visitor_asks(client, host)
         assert answer.status == 200, answer.head
     finally:
-        for _, writer in stalled:
+        for writer in stalled:
             with contextlib.suppress(Exception):
                 writer.close()
         server.close()
