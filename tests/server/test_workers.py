@@ -355,7 +355,11 @@ async def test_a_worker_killed_under_load_is_replaced_and_the_other_keeps_its_we
         tally = Counter(outcomes)
         assert tally["ok"] > 0
         failures = {outcome: n for outcome, n in tally.items() if outcome != "ok"}
-        assert 0 < sum(failures.values()) <= 16, failures  # one per client of the killed worker, of 16
+        # Only the killed worker's clients fail, while it dies: each once with its request in flight, and at most
+        # once more if its new connection landed in the dying worker's accept queue (the kernel resets those).
+        assert 0 < sum(failures.values()) <= 2 * 16, failures
+        assert set(outcomes[:killed_at]) == {"ok"}
+        assert set(outcomes[after_restart:]) == {"ok"}, Counter(outcomes[after_restart:])
         assert set(failures) <= {"IncompleteReadError", "ConnectionResetError", "BrokenPipeError",
                                  "ConnectionRefusedError"}, failures
         assert Counter(outcomes[:killed_at]) == Counter(ok=killed_at)
