@@ -62,7 +62,6 @@ class _End(asyncio.Protocol):
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.fed = True  # it took what was waiting for it
         if not self.peer.transport.is_closing():
             self.peer.transport.resume_reading()
 
