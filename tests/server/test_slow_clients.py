@@ -233,6 +233,13 @@ async def test_a_head_begun_while_a_request_is_in_flight_keeps_its_deadline(make
         server.close()
 
 
+def upgrade_request(host: str) -> bytes:
+    """A client's WebSocket upgrade of ``/ws`` on ``host``, as raw bytes."""
+    return (f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+
+
 def stuck_websocket(first: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """A WebSocket upstream that accepts, sends ``first`` and then neither sends nor closes anything again."""
 
@@ -276,9 +283,7 @@ async def test_the_heartbeat_still_drops_a_silent_client_when_it_cannot_ping(mak
     host = f"{port}-{WORKSPACE}.localhost:8080"
     reader, writer = await asyncio.open_connection(client.host, client.port)
     try:
-        writer.write(f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
-                     "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        writer.write(upgrade_request(host))
         async with asyncio.timeout(10):
             head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 101"), head
@@ -324,9 +329,7 @@ async def test_the_heartbeat_keeps_a_silent_client_while_a_long_message_reaches_
     host = f"{port}-{WORKSPACE}.localhost:8080"
     reader, writer = await asyncio.open_connection(client.host, client.port)
     try:
-        writer.write(f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
-                     "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        writer.write(upgrade_request(host))
         async with asyncio.timeout(10):
             await reader.readuntil(b"\r\n\r\n")
             assert await reader.readexactly(4 + pieces * size) == (
