@@ -139,8 +139,8 @@ def authenticate(method: str, headers: CIMultiDictProxy[str], path: str, host: s
     if identity is None:
         session = read_cookie(headers, cookie_name(SESSION, secure))
         if session:
-            identity = sessions.read(session, host)
-            by_cookie = identity is not None
+            opened = sessions.read(session, host, store.ended_sign_ins)
+            identity, by_cookie = (opened.identity, True) if opened is not None else (None, False)
     stale = None
     if link is None and preview:
         claims = sessions.read_state(read_cookie(headers, cookie_name(SHARE, secure)), host)

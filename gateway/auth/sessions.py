@@ -12,8 +12,8 @@ import functools
 import json
 import secrets
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Container, Mapping
+from typing import Any, NamedTuple
 
 import jwt
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -82,6 +82,20 @@ def is_embedded(headers: Mapping[str, str]) -> bool:
     return headers.get("Sec-Fetch-Dest") in ("iframe", "frame")
 
 
+class SignIn(NamedTuple):
+    """One sign-in at the hub. Every session it leads to (the hub's, and each preview's and IDE's it opens through a
+    hand-off) carries its id and ends with it: at its expiry, or as soon as it is signed out, which the hub cannot
+    otherwise do to cookies of other hosts."""
+
+    id: str
+    expires: float
+
+
+class Session(NamedTuple):
+    identity: Identity
+    sign_in: SignIn
+
+
 class Sessions:
     def __init__(self, keys: Callable[[], KeySet], issuer: str, *, ttl: float,
                  clock: Callable[[], float] = time.time) -> None:
@@ -89,7 +103,7 @@ class Sessions:
         self._issuer = issuer
         self.ttl = ttl
         self._clock = clock
-        self._verified: dict[tuple[str, str], tuple[Identity, float]] = {}
+        self._verified: dict[tuple[str, str], Session] = {}
         self._assertions: dict[tuple[Identity, str], tuple[str, float]] = {}
 
     def _sign(self, claims: dict[str, Any], audience: str, ttl: float) -> str:
@@ -112,60 +126,66 @@ class Sessions:
         """What ``_seal`` sealed for ``context``; ``jwt.InvalidTokenError`` or ``ValueError`` for anything else."""
         return json.loads(self._keys().unseal(sealed, context.encode()))
 
-    def issue(self, identity: Identity, audience: str) -> str:
+    def sign_in(self) -> SignIn:
+        """A new sign-in, for ``ttl``: an unguessable id, as it names the sign-in in the token store."""
+        return SignIn(secrets.token_hex(16), int(self._clock()) + int(self.ttl))
+
+    def issue(self, identity: Identity, audience: str, sign_in: SignIn | None = None) -> str:
         """A session cookie for ``audience``, sealed: it tells whoever holds it nothing, not even who it is for.
         Its holder may be the owner of the host it is for: their page can send a visitor's browser through the
         hand-off with a state of their own choosing, read the code off the callback URL on their origin, and
-        redeem it themselves. What that buys them is this cookie, which opens their own host only."""
-        record = {**identity.claims(), "exp": int(self._clock()) + int(self.ttl)}
+        redeem it themselves. What that buys them is this cookie, which opens their own host only, and no longer
+        than the sign-in it came from (a new one when none is given: a sign-in at the hub)."""
+        sign_in = sign_in or self.sign_in()
+        record = {**identity.claims(), "exp": int(sign_in.expires), "sid": sign_in.id}
         return self._seal(record, _SESSION_BLOCK, f"session {audience}")
 
-    def read(self, token: str, audience: str) -> Identity | None:
-        """The identity in a session cookie for ``audience``, or None when it is invalid or expired."""
-        now = self._clock()
-        cached = self._verified.get((token, audience))
-        if cached is not None:
-            if now < cached[1]:
-                return cached[0]
+    def read(self, token: str, audience: str, ended: Container[str]) -> Session | None:
+        """The session in a cookie for ``audience``, or None when it is invalid, expired, or its sign-in is one of
+        ``ended`` (signed out). Cookies from before sign-ins had ids do not open: everyone signs in once more."""
+        session = self._verified.get((token, audience))
+        if session is None:
+            try:
+                record = self._open(token, f"session {audience}")  # no code's, nor another host's, opens as one
+                session = Session(Identity.from_claims(record), SignIn(str(record["sid"]), float(record["exp"])))
+            except (jwt.InvalidTokenError, ValueError, KeyError):  # not sealed by these keys for this host
+                return None
+            if len(self._verified) >= _CACHE_LIMIT:
+                self._verified.clear()
+            self._verified[(token, audience)] = session
+        if self._clock() >= session.sign_in.expires:
             del self._verified[(token, audience)]
-        try:
-            record = self._open(token, f"session {audience}")  # no code's, nor another host's, opens as one
-            expires = float(record["exp"])
-        except (jwt.InvalidTokenError, ValueError):  # not sealed by these keys for this host (sealed: well formed)
             return None
-        if now >= expires:
-            return None
-        identity = Identity.from_claims(record)
-        if len(self._verified) >= _CACHE_LIMIT:
-            self._verified.clear()
-        self._verified[(token, audience)] = (identity, expires)
-        return identity
+        return None if session.sign_in.id in ended else session
 
     def forget_cached(self) -> None:
         """After a key change: verify everything again."""
         self._verified.clear()
         self._assertions.clear()
 
-    def handoff_code(self, identity: Identity, host: str, state: str) -> str:
+    def handoff_code(self, session: Session, host: str, state: str) -> str:
         """A code the hub puts in a URL on ``host``, where the owner's scripts can read it: the identity in it is
-        sealed, so it tells them nothing (not even who), and it signs in only the browser holding ``state``."""
-        who = self._seal(identity.claims(), _SEAL_BLOCK, f"handoff {host}")
+        sealed, so it tells them nothing (not even who), and it signs in only the browser holding ``state``, to
+        the hub session's sign-in."""
+        record = {**session.identity.claims(), "sid": session.sign_in.id, "exp": int(session.sign_in.expires)}
+        who = self._seal(record, _SEAL_BLOCK, f"handoff {host}")
         return self._sign({"typ": "handoff", "state": state, "jti": secrets.token_hex(12), "who": who}, host,
                           HANDOFF_TTL)
 
-    def read_code(self, code: str, host: str, state: str | None) -> tuple[Identity, str, float]:
-        """A hand-off code's identity, once-key and expiry, if it is for this host and the browser holding its
+    def read_code(self, code: str, host: str, state: str | None) -> tuple[Session, str, float]:
+        """A hand-off code's session, once-key and expiry, if it is for this host and the browser holding its
         state cookie. That it is used only once is the token store's to enforce: every replica must agree."""
         try:
             claims = self._verify(code, host, "handoff")
-            identity = Identity.from_claims(self._open(str(claims.get("who")), f"handoff {host}"))
-        except (jwt.InvalidTokenError, ValueError):
+            record = self._open(str(claims.get("who")), f"handoff {host}")
+            session = Session(Identity.from_claims(record), SignIn(str(record["sid"]), float(record["exp"])))
+        except (jwt.InvalidTokenError, ValueError, KeyError):
             raise BadRequest("This sign-in link is invalid or has expired. Open the page again.",
                              code="handoff-invalid") from None
         if not state or not same_secret(state, str(claims.get("state", ""))):
             raise BadRequest("This sign-in link was started in another browser or tab. Open the page again.",
                              code="handoff-state-mismatch")
-        return identity, f"handoff-{claims.get('jti')}", float(claims["exp"])
+        return session, f"handoff-{claims.get('jti')}", float(claims["exp"])
 
     def assertion(self, identity: Identity, audience: str) -> str:
         """The signed identity header upstream apps can verify with the gateway's JWKS (cached while fresh)."""

@@ -22,13 +22,13 @@ import secrets
 import time
 import types
 import typing
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from gateway.auth.identity import Identity
-from gateway.auth.sessions import HANDOFF_TTL
+from gateway.auth.sessions import HANDOFF_TTL, SignIn
 from gateway.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,14 @@ class TokenStore(Protocol):
         """True the first time ``key`` is used, False ever after (until ``until``, when it may be forgotten):
         in every process and replica, for one-time codes that any of them may be shown."""
 
+    @property
+    def ended_sign_ins(self) -> Container[str]:
+        """The ids of sign-ins signed out before their time: no session of theirs opens (read on every request a
+        session cookie comes with)."""
+
+    async def end_sign_in(self, sign_in: SignIn) -> None:
+        """Sign out everywhere: the sign-in's sessions no longer open, in every process and replica."""
+
     def flush(self) -> None:
         """Write batched use counts now if this store batches on the caller's clock (the file store)."""
 
@@ -219,6 +227,12 @@ every worker that reloads the big file more: it reads the whole log again."""
 _RESET = ""
 """The key no code has: in the used-codes file, codes that expire by its time may have been used (see
 ``use_once``)."""
+ENDED = "sign-out-"
+"""A used key of this prefix and a sign-in's id: that sign-in was signed out (until it would have expired)."""
+ENDED_READ_EVERY = 1.0
+"""Seconds between looks at the used-keys file for sign-outs made through other processes: a sign-out applies in
+the process that took it at once, in the others within this (a look per request would cost every request a
+``stat``)."""
 
 
 class StoreUnavailable(ServiceUnavailable):
@@ -381,6 +395,9 @@ class FileTokenStore:
         self._used: dict[str, float] = {}  # one-time keys and when they may be forgotten: without a file, and
         # those an older version kept in the big file
         self._consents: dict[str, Consent] = {}
+        self._ended: dict[str, float] = {}  # sign-in id -> when it would have expired
+        self._ended_next = -math.inf  # when to look at the used-keys file again
+        self._ended_stamp: Stamp | None = None  # the used-keys file as last read
         with contextlib.suppress(StoreUnavailable):  # logged; it starts, and answers 503 where the file is needed
             self.refresh()
 
@@ -651,6 +668,35 @@ class FileTokenStore:
                 except OSError as exc:  # not recorded, so not admitted: it could be used again
                     raise self._unavailable(f"{self._used_path} cannot be written: {exc}", _UNWRITABLE) from None
         return first
+
+    @property
+    def ended_sign_ins(self) -> dict[str, float]:
+        now = time.monotonic()
+        if now >= self._ended_next and self._used_path is not None:
+            self._ended_next = now + ENDED_READ_EVERY
+            self._read_ended()
+        return self._ended
+
+    def _read_ended(self) -> None:
+        """Sign-outs from the used-keys file, added to those known: one lost with the file (see ``use_once``)
+        still holds in this process until its time."""
+        try:
+            stamp = _stamp(self._used_path)
+        except OSError:  # the folder, as for the big file: said by ``refresh``; looked at again in a second
+            return
+        if stamp == self._ended_stamp:
+            return
+        used = self._read_used()
+        if used is None:  # said by ``_read_used``; read again when the file changes
+            return
+        self._ended_stamp, now = stamp, time.time()
+        self._ended = {sid: until for sid, until in self._ended.items() if until > now}
+        self._ended.update((key.removeprefix(ENDED), until) for key, until in used.items()
+                           if key.startswith(ENDED) and until > now)
+
+    async def end_sign_in(self, sign_in: SignIn) -> None:
+        await self.use_once(ENDED + sign_in.id, sign_in.expires)
+        self._ended[sign_in.id] = sign_in.expires
 
     def find_share(self, token: str) -> ShareLink | None:
         if not token.startswith(SHARE_PREFIX):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 
 import aiohttp_jinja2
 from aiohttp import web
@@ -13,7 +14,7 @@ from gateway.auth.authenticate import HANDOFF, SESSION
 from gateway.auth.identity import Identity
 from gateway.auth.keys import same_secret
 from gateway.auth.oidc import Pkce, SignInFailed
-from gateway.auth.sessions import cookie_name, is_embedded, read_cookie, set_cookie
+from gateway.auth.sessions import Session, cookie_name, is_embedded, read_cookie, set_cookie
 from gateway.edge.routing import Kind, local_path, normalise_host, route
 from gateway.errors import BadRequest, Forbidden, GatewayError, Redirect
 from gateway.server.context import GATEWAY, Gateway
@@ -22,9 +23,14 @@ LOGIN = "login"
 _LOGIN_TTL = 600
 
 
-def hub_identity(request: web.BaseRequest, gateway: Gateway) -> Identity | None:
+def hub_session(request: web.BaseRequest, gateway: Gateway) -> Session | None:
     token = read_cookie(request.headers, cookie_name(SESSION, gateway.config.secure))
-    return gateway.auth.sessions.read(token, gateway.hosts.hub) if token else None
+    return gateway.auth.sessions.read(token, gateway.hosts.hub, gateway.auth.store.ended_sign_ins) if token else None
+
+
+def hub_identity(request: web.BaseRequest, gateway: Gateway) -> Identity | None:
+    session = hub_session(request, gateway)
+    return session.identity if session is not None else None
 
 
 def check_same_origin(request: web.BaseRequest, gateway: Gateway) -> None:
@@ -127,16 +133,21 @@ async def dev_submit(request: web.Request) -> web.StreamResponse:
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
+    """Ends the sign-in everywhere it reached: the hub's cookie here, and every session a hand-off gave a preview
+    or IDE host, whose cookies the hub cannot touch, through the token store."""
     gateway = request.app[GATEWAY]
     check_same_origin(request, gateway)
+    session = hub_session(request, gateway)
+    if session is not None:
+        await gateway.auth.store.end_sign_in(session.sign_in)
     raise Redirect("/", cookies=(_expired(SESSION, gateway.config.secure),))
 
 
 async def handoff(request: web.Request) -> web.StreamResponse:
     """Hub side: a signed-in browser gets a one-minute code for the preview host it came from."""
     gateway = request.app[GATEWAY]
-    identity = hub_identity(request, gateway)
-    if identity is None:
+    session = hub_session(request, gateway)
+    if session is None:
         raise Redirect(str(URL("/auth/login").with_query(next=request.path_qs)), status=302)
     state = request.query.get("state", "")
     try:
@@ -148,7 +159,7 @@ async def handoff(request: web.Request) -> web.StreamResponse:
     if host is None or kind not in (Kind.PREVIEW, Kind.IDE) or target.scheme != gateway.hosts.scheme or not state:
         raise BadRequest("This sign-in request does not point at a preview or IDE of this gateway.",
                          code="bad-handoff")
-    code = gateway.auth.sessions.handoff_code(identity, host, state)
+    code = gateway.auth.sessions.handoff_code(session, host, state)
     landing = "/_codehub/auth/popup" if request.query.get("popup") else "/_codehub/auth/callback"
     location = target.with_path(landing).with_query(code=code, next=local_path(target.raw_path_qs)).with_fragment(None)
     raise Redirect(str(location), status=302)
@@ -159,14 +170,15 @@ async def preview_callback(request: web.Request, gateway: Gateway, host: str, *,
     """Preview side: trade the code for a cookie on this host and drop the code from the URL by a redirect."""
     secure = gateway.config.secure
     embedded = is_embedded(request.headers)
-    identity, once, until = gateway.auth.sessions.read_code(
+    signed_in, once, until = gateway.auth.sessions.read_code(
         request.query.get("code", ""), host, read_cookie(request.headers, cookie_name(HANDOFF, secure))
     )
     if not await gateway.auth.store.use_once(once, until):
         raise BadRequest("This sign-in link was already used. Open the page again.", code="handoff-replayed")
-    token = gateway.auth.sessions.issue(identity, host)
-    session = set_cookie(cookie_name(SESSION, secure), token, max_age=int(gateway.auth.sessions.ttl), secure=secure,
-                         embedded=embedded, cross_site=cross_site)
+    identity, sign_in = signed_in
+    token = gateway.auth.sessions.issue(identity, host, sign_in)
+    session = set_cookie(cookie_name(SESSION, secure), token, max_age=max(0, int(sign_in.expires - time.time())),
+                         secure=secure, embedded=embedded, cross_site=cross_site)
     expired = set_cookie(cookie_name(HANDOFF, secure), "", max_age=0, secure=secure, embedded=embedded)
     raise Redirect(local_path(request.query.get("next")), cookies=(session, expired))
 

@@ -23,6 +23,7 @@ import pytest
 
 from gateway.auth import store as store_module
 from gateway.auth.identity import Identity
+from gateway.auth.sessions import SignIn
 from gateway.auth.store import Consent, FileTokenStore, ShareLink, StoreUnavailable
 
 
@@ -936,3 +937,37 @@ async def test_links_expired_over_a_day_ago_are_forgotten_with_the_next_new_link
     assert store.find_share(old_token) is None
     assert [link.id for link in store.shares_of("ws1")] == [new.id, revoked.id, recent.id]
     assert set(FileTokenStore(path).shares) == {recent.id, revoked.id, new.id}  # and from the file
+
+
+async def test_a_sign_out_through_one_worker_ends_the_sign_in_in_every_other(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """At once in the worker that took it, in the others at their next look at the used-keys file (once a second,
+    not a ``stat`` per request); the file's sign-ins end with their time, and one lost with the file (unreadable,
+    started over) still holds where it was seen."""
+    path = tmp_path / "tokens.json"
+    took, other = FileTokenStore(path), FileTokenStore(path)
+    now = time.time()
+    assert other.ended_sign_ins == took.ended_sign_ins == {}
+    await took.end_sign_in(SignIn("a" * 32, now + 3600))
+    await took.end_sign_in(SignIn("b" * 32, now + 1))  # ends by itself before the other looks
+    assert "a" * 32 in took.ended_sign_ins
+    assert other.ended_sign_ins == {}, "looked less than a second ago"
+    monkeypatch.setattr(store_module, "ENDED_READ_EVERY", 0.0)
+    other._ended_next = 0.0
+    with monkeypatch.context() as later:
+        later.setattr(store_module.time, "time", lambda: now + 2)
+        assert list(other.ended_sign_ins) == ["a" * 32]
+    reads = []
+    monkeypatch.setattr(other, "_read_used", lambda: reads.append(1) or {})
+    assert list(other.ended_sign_ins) == ["a" * 32]
+    assert not reads, "the file did not change: not read again"
+    monkeypatch.undo()
+    monkeypatch.setattr(store_module, "ENDED_READ_EVERY", 0.0)
+    assert await other.use_once("handoff-x", now + 60), "a sign-out is no one-time code of anyone's"
+    (tmp_path / "tokens.used.json").write_text("{")
+    assert list(other.ended_sign_ins) == ["a" * 32]
+    assert "a" * 32 not in FileTokenStore(path).ended_sign_ins, "lost with the file, for a worker started after"
+    (tmp_path / "tokens.used.json").write_text("{}")
+    with monkeypatch.context() as later:
+        later.setattr(store_module.time, "time", lambda: now + 3601)
+        assert other.ended_sign_ins == {}, "past the sign-in's own end"

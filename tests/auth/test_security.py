@@ -16,6 +16,8 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.auth.identity import Identity
+from gateway.auth.sessions import SignIn
 from gateway.config import ConfigError, load_config
 from gateway.edge.routing import local_path
 from gateway.lifecycle import Phase
@@ -543,6 +545,52 @@ async def test_bearer_api_calls_need_no_origin(served: Served, make_browser: Mak
     page = await api(script, "PUT", "/api/v1/workspaces/ws1/ports/3000", {"visibility": "org"},
                      origin="http://evil.test", headers={"Authorization": f"Bearer {token}"})
     assert page.status == 200, page.text
+
+
+async def test_sign_out_ends_the_sign_in_on_every_preview_and_ide_it_reached(served: Served,
+                                                                           make_browser: MakeBrowser) -> None:
+    """The hub cannot touch cookies of other hosts, so Sign out ends the sign-in itself: the sessions a hand-off gave
+    a preview and the IDE stop opening, in this browser and in any copy of their cookies; another sign-in of the
+    same person goes on, and signing in again opens them again."""
+    browser, elsewhere = await signed_in(make_browser, served), await signed_in(make_browser, served)
+    app, ide = served.preview("ws1", 3000, "/x"), served.ide("ws1", "/")
+    for opened in (browser, elsewhere):
+        assert (await opened.navigate(app)).status == 200
+        assert (await opened.navigate(ide)).status == 200
+    copy = await make_browser(served)
+    for url in (app, ide, HUB + "/api/v1/me"):
+        copy.add_cookie(url, "codehub_session", browser.cookie(url, "codehub_session") or "")
+        assert (await copy.fetch("GET", url, headers={"Accept": "application/json"})).status == 200
+
+    page = await api(browser, "POST", "/auth/logout")
+    assert (page.status, page.location) == (303, HUB + "/"), page.text
+    for url in (app, ide, HUB + "/api/v1/me"):
+        for who in (browser, copy):
+            refused = await who.fetch("GET", url, headers={"Accept": "application/json"})
+            assert refused.status == 401, (url, refused.text)
+            assert refused.json()["error"]["code"] == "user-unauthenticated"
+        assert (await elsewhere.fetch("GET", url)).status == 200
+    bounced = await browser.navigate_until(app, lambda url: url.startswith(HUB + "/auth/"))
+    assert bounced.startswith(HUB + "/auth/handoff"), bounced
+    assert (await browser.navigate(HUB + "/auth/handoff")).url.startswith(HUB + "/auth/dev")
+
+    assert (await browser.dev_sign_in(served.hub, "alice")).status == 303
+    assert (await browser.navigate(app)).json()["path"] == "/x"
+
+
+async def test_a_preview_session_ends_when_its_sign_in_does(served: Served, make_browser: MakeBrowser) -> None:
+    """Not a whole ``session_ttl`` after the hand-off: a sign-in 100 s from its end gives a preview 100 s."""
+    browser = await make_browser(served)
+    sessions = served.gateway.auth.sessions
+    sign_in = SignIn("c" * 32, int(time.time()) + 100)
+    browser.add_cookie(HUB, "codehub_session", sessions.issue(Identity("alice"), served.gateway.hosts.hub, sign_in))
+    app = served.preview("ws1", 3000, "/")
+    callback = await browser.navigate_until(app, lambda url: "/_codehub/auth/callback" in url)
+    page = await browser.fetch("GET", callback)
+    assert page.status == 303
+    (session,) = [cookie for cookie in page.set_cookies if cookie.startswith("codehub_session=")]
+    assert 95 <= int(attributes(session)["max-age"]) <= 100
+    assert sessions.read(browser.cookie(app, "codehub_session") or "", app[7:-1], ()) == (Identity("alice"), sign_in)
 
 
 async def test_dev_sign_in_from_another_site_is_refused(served: Served, make_browser: MakeBrowser) -> None:

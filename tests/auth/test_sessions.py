@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 
 from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet, SigningKey, write_keys
-from gateway.auth.sessions import ASSERTION_TTL, HANDOFF_TTL, Sessions, read_cookie, set_cookie
+from gateway.auth.sessions import ASSERTION_TTL, HANDOFF_TTL, Session, Sessions, SignIn, read_cookie, set_cookie
 from gateway.auth.store import FileTokenStore
 from gateway.errors import BadRequest
 from tests.auth.conftest import MakeBrowser, Serve
@@ -32,6 +32,17 @@ def sessions(clock: float = 0.0, keys: KeySet = KEYS) -> Sessions:
     return Sessions(lambda: keys, ISSUER, ttl=3600, clock=lambda: time.time() + clock)
 
 
+def opened(s: Sessions, token: str, host: str) -> Identity | None:
+    """Whose session ``token`` is on ``host``, with no sign-in signed out."""
+    session = s.read(token, host, ())
+    return session.identity if session is not None else None
+
+
+def hub(identity: Identity) -> Session:
+    """A session at the hub, as a hand-off passes it on."""
+    return Session(identity, SignIn("0" * 32, time.time() + 3600))
+
+
 @pytest.mark.parametrize("space", ["\u2000", "\u00a0", "\u3000", "\u2028", "\x85", "\x1c", "\ufeff"])
 def test_a_cookie_name_with_other_white_space_is_not_ours(space: str) -> None:
     """Browsers set ``\u2000__Host-…`` with a ``Domain=`` from any sibling host (only a name that begins with the
@@ -45,34 +56,34 @@ def test_a_cookie_name_with_other_white_space_is_not_ours(space: str) -> None:
 
 def test_session_cookie_round_trip_keeps_the_whole_identity() -> None:
     s = sessions()
-    assert s.read(s.issue(ALICE, HOST), HOST) == ALICE
+    assert opened(s, s.issue(ALICE, HOST), HOST) == ALICE
 
 
 def test_session_cookie_is_for_its_host_only() -> None:
     s = sessions()
-    assert s.read(s.issue(ALICE, HOST), OTHER) is None
+    assert opened(s, s.issue(ALICE, HOST), OTHER) is None
 
 
 def test_expired_session_cookie_is_refused() -> None:
     old = sessions(clock=-7200).issue(ALICE, HOST)
-    assert sessions().read(old, HOST) is None
+    assert opened(sessions(), old, HOST) is None
 
 
 def test_other_token_types_are_not_session_cookies() -> None:
     s = sessions()
-    assert s.read(s.handoff_code(ALICE, HOST, "state"), HOST) is None
-    assert s.read(s.sign_state({"share": "x"}, HOST, 60), HOST) is None
+    assert opened(s, s.handoff_code(hub(ALICE), HOST, "state"), HOST) is None
+    assert opened(s, s.sign_state({"share": "x"}, HOST, 60), HOST) is None
     # An assertion handed to an app must not work as a cookie, even if an app replays it for its own host.
-    assert s.read(s.assertion(ALICE, HOST), HOST) is None
+    assert opened(s, s.assertion(ALICE, HOST), HOST) is None
 
 
 def test_handoff_code_lives_at_most_a_minute() -> None:
     s = sessions()
-    code = s.handoff_code(ALICE, HOST, "state")
+    code = s.handoff_code(hub(ALICE), HOST, "state")
     claims = jwt.decode(code, options={"verify_signature": False})
     assert claims["exp"] - claims["iat"] <= 60
     assert HANDOFF_TTL <= 60
-    stale = sessions(clock=-(HANDOFF_TTL + 10)).handoff_code(ALICE, HOST, "state")
+    stale = sessions(clock=-(HANDOFF_TTL + 10)).handoff_code(hub(ALICE), HOST, "state")
     with pytest.raises(BadRequest) as caught:
         s.read_code(stale, HOST, "state")
     assert caught.value.code == "handoff-invalid"
@@ -80,16 +91,16 @@ def test_handoff_code_lives_at_most_a_minute() -> None:
 
 def test_handoff_code_is_good_on_its_host_in_its_browser_with_a_key_of_its_own() -> None:
     s = sessions()
-    code = s.handoff_code(ALICE, HOST, "state-1")
+    code = s.handoff_code(hub(ALICE), HOST, "state-1")
     for host, state, error in [(OTHER, "state-1", "handoff-invalid"), (HOST, "state-2", "handoff-state-mismatch"),
                                (HOST, None, "handoff-state-mismatch"), (HOST, "", "handoff-state-mismatch")]:
         with pytest.raises(BadRequest) as caught:
             s.read_code(code, host, state)
         assert caught.value.code == error
-    identity, once, until = s.read_code(code, HOST, "state-1")
-    assert identity == ALICE
+    session, once, until = s.read_code(code, HOST, "state-1")
+    assert session.identity == ALICE
     assert until - time.time() <= HANDOFF_TTL + 1
-    other_once = s.read_code(s.handoff_code(ALICE, HOST, "state-1"), HOST, "state-1")[1]
+    other_once = s.read_code(s.handoff_code(hub(ALICE), HOST, "state-1"), HOST, "state-1")[1]
     assert once.startswith("handoff-")
     assert once != other_once, "each code has its own once-key (the token store enforces the once)"
 
@@ -101,9 +112,9 @@ def test_a_state_that_is_not_ascii_is_a_mismatch_not_a_crash(minted: str, presen
     whatever the hub's hand-off was asked for: text that is not ASCII made ``secrets.compare_digest`` raise, a 500."""
     s = sessions()
     with pytest.raises(BadRequest) as caught:
-        s.read_code(s.handoff_code(ALICE, HOST, minted), HOST, presented)
+        s.read_code(s.handoff_code(hub(ALICE), HOST, minted), HOST, presented)
     assert caught.value.code == "handoff-state-mismatch"
-    assert s.read_code(s.handoff_code(ALICE, HOST, minted), HOST, minted)[0] == ALICE
+    assert s.read_code(s.handoff_code(hub(ALICE), HOST, minted), HOST, minted)[0].identity == ALICE
 
 
 async def test_a_handoff_state_cookie_that_is_not_ascii_is_refused_not_a_crash(serve: Serve,
@@ -124,18 +135,18 @@ def test_a_handoff_code_says_nothing_of_who_it_is_for() -> None:
     opens the hand-off, say): a signed code is readable by anyone, so the identity in it is sealed (AES-GCM, a
     key derived from the signing key). Without that it gave the owner every claim, past policy and consent."""
     s = sessions()
-    code = s.handoff_code(ALICE, HOST, "state")
+    code = s.handoff_code(hub(ALICE), HOST, "state")
     payload = json.dumps(jwt.decode(code, options={"verify_signature": False}))
     for value in ("alice", "example.com", "dev", "Alice", "email_verified"):
         assert value not in payload
-    assert s.read_code(code, HOST, "state")[0] == ALICE
-    lengths = {len(jwt.decode(s.handoff_code(who, HOST, "state"), options={"verify_signature": False})["who"])
+    assert s.read_code(code, HOST, "state")[0].identity == ALICE
+    lengths = {len(jwt.decode(s.handoff_code(hub(who), HOST, "state"), options={"verify_signature": False})["who"])
                for who in (Identity("al"), ALICE, Identity("bob", "bob@example.com", ("team-a", "secret-project")))}
     assert len(lengths) == 1, "nor, by its length, how much there is to say"
     rotated = sessions(keys=KeySet([SigningKey.generate(), *KEYS.keys]))
-    assert rotated.read_code(code, HOST, "state")[0] == ALICE, "a code sealed just before a rotation still opens"
+    assert rotated.read_code(code, HOST, "state")[0].identity == ALICE, "sealed just before a rotation: still opens"
     forged = jwt.decode(code, options={"verify_signature": False})
-    forged["who"] = s.handoff_code(ALICE, OTHER, "state")  # sealed for another host: refused even if re-signed
+    forged["who"] = s.handoff_code(hub(ALICE), OTHER, "state")  # sealed for another host: refused even if re-signed
     forged["who"] = jwt.decode(forged["who"], options={"verify_signature": False})["who"]
     with pytest.raises(BadRequest) as caught:
         s.read_code(KEYS.sign(forged), HOST, "state")
@@ -154,7 +165,7 @@ def test_a_session_cookie_says_nothing_of_who_it_is_for() -> None:
     assert len(lengths) == 1
     many = Identity("carol", groups=tuple(f"group-{index}" for index in range(40)))  # over 256 bytes of claims
     assert len(s.issue(many, HOST)) > lengths.pop()
-    assert s.read(s.issue(many, HOST), HOST) == many
+    assert opened(s, s.issue(many, HOST), HOST) == many
 
 
 async def test_the_file_store_admits_a_key_once_across_processes(tmp_path: Path) -> None:
@@ -187,6 +198,44 @@ async def test_the_file_store_finds_a_workspaces_links_written_by_another_proces
         assert store.shares_of("ws3") == []
 
 
+def test_a_signed_out_sign_in_opens_no_session_even_one_read_before() -> None:
+    """Every session of a sign-in carries its id: once the id is among the ended ones, none opens, on any host,
+    cached or not; other sign-ins of the same person are untouched."""
+    s = sessions()
+    sign_in, other = s.sign_in(), s.sign_in()
+    at_hub, preview, again = s.issue(ALICE, ISSUER, sign_in), s.issue(ALICE, HOST, sign_in), s.issue(ALICE, HOST, other)
+    assert s.read(preview, HOST, ()) == (ALICE, sign_in)
+    ended = {sign_in.id}
+    assert s.read(preview, HOST, ended) is None
+    assert s.read(at_hub, ISSUER, ended) is None
+    assert s.read(again, HOST, ended) == (ALICE, other)
+    assert sign_in.id != other.id
+    assert len(sign_in.id) == 32
+
+
+def test_a_hand_off_passes_the_sign_in_on_and_its_sessions_end_with_it() -> None:
+    """A preview's session ends when the hub's sign-in does, not a whole ``ttl`` after the hand-off."""
+    s = sessions()
+    signed_in = hub(ALICE)._replace(sign_in=SignIn("1" * 32, time.time() + 100))
+    session, _, _ = s.read_code(s.handoff_code(signed_in, HOST, "state"), HOST, "state")
+    assert session == (ALICE, SignIn("1" * 32, int(signed_in.sign_in.expires)))
+    cookie = s.issue(session.identity, HOST, session.sign_in)
+    assert s.read(cookie, HOST, ()) == session
+    assert opened(sessions(clock=101), cookie, HOST) is None
+
+
+def test_a_session_cookie_of_no_sign_in_does_not_open() -> None:
+    """Cookies from before sign-ins had ids: they could not be signed out, so they open no more."""
+    record = json.dumps({**ALICE.claims(), "exp": int(time.time()) + 3600}).encode()
+    assert opened(sessions(), KEYS.seal(record, f"session {HOST}".encode()), HOST) is None
+    code = KEYS.sign({"typ": "handoff", "state": "state", "jti": "x", "iss": ISSUER, "aud": HOST,
+                      "exp": int(time.time()) + 60, "who": KEYS.seal(json.dumps(ALICE.claims()).encode(),
+                                                                     f"handoff {HOST}".encode())})
+    with pytest.raises(BadRequest) as caught:
+        sessions().read_code(code, HOST, "state")
+    assert caught.value.code == "handoff-invalid"
+
+
 def test_session_cookie_is_not_a_handoff_code() -> None:
     s = sessions()
     with pytest.raises(BadRequest):
@@ -207,7 +256,7 @@ def test_rotation_logs_nobody_out() -> None:
     old = s.issue(ALICE, HOST)
     holder[0] = holder[0].rotated(keep_for=3600)
     s.forget_cached()
-    assert s.read(old, HOST) == ALICE
+    assert opened(s, old, HOST) == ALICE
     new = s.issue(ALICE, HOST)
     assert sealed_by(new) == holder[0].current.kid != sealed_by(old)
 
@@ -237,7 +286,7 @@ def test_a_session_cookie_is_checked_once_not_on_every_request() -> None:
     cookies = {ALICE: s.issue(ALICE, HOST), bob: s.issue(bob, HOST)}
     for _ in range(3):
         for who, cookie in cookies.items():
-            assert s.read(cookie, HOST) == who
+            assert opened(s, cookie, HOST) == who
     assert keys.checks == 2
 
 
@@ -248,10 +297,10 @@ def test_a_cookie_read_while_fresh_is_refused_once_it_has_expired() -> None:
     expires = int(time.time()) + 1
     cookie = sessions(clock=-3599).issue(ALICE, HOST)  # expires at the next whole second
     s = sessions()
-    assert s.read(cookie, HOST) == ALICE
+    assert opened(s, cookie, HOST) == ALICE
     while time.time() < expires + 0.1:
         time.sleep(0.05)
-    assert s.read(cookie, HOST) is None
+    assert opened(s, cookie, HOST) is None
 
 
 def test_a_withdrawn_key_signs_nobody_in_once_the_caches_are_forgotten() -> None:
@@ -260,11 +309,11 @@ def test_a_withdrawn_key_signs_nobody_in_once_the_caches_are_forgotten() -> None
     holder = [KeySet([SigningKey.generate()])]
     s = Sessions(lambda: holder[0], ISSUER, ttl=3600)
     cookie = s.issue(ALICE, HOST)
-    assert s.read(cookie, HOST) == ALICE
+    assert opened(s, cookie, HOST) == ALICE
     s.assertion(ALICE, HOST)
     holder[0] = KeySet([SigningKey.generate()])
     s.forget_cached()
-    assert s.read(cookie, HOST) is None
+    assert opened(s, cookie, HOST) is None
     claims = holder[0].verify(s.assertion(ALICE, HOST), audience=HOST, issuer=ISSUER)
     assert claims["sub"] == "alice"
 

@@ -50,3 +50,32 @@ def _quote(url: str) -> str:
     from urllib.parse import quote
 
     return quote(url, safe="")
+
+
+async def test_sign_out_on_the_hub_ends_the_previews_session_in_every_copy(
+    browser: Browser, make_stack: MakeStack
+) -> None:
+    """Sign out is a click on the hub, whose cookie is the only one it can touch: the preview's session cookie, copied
+    into another browser profile (a shared computer, a leaked HAR file), opens the app until that click and is
+    sent to sign in after it."""
+    stack = await make_stack({"ws1": {"owner": "alice", "command": app_command(3000), "ports": {3000: "private"}}})
+    app = stack.share_url("ws1", 3000, "/")
+    context = await browser.launch(third_party_cookies=False)
+    page = await context.new_page()
+    await page.goto(app)
+    await idp_sign_in(page, stack.idp, "alice")
+    await page.locator("#app").wait_for()
+    copy = await browser.launch(third_party_cookies=False)
+    await copy.add_cookies([c for c in await context.cookies() if c["domain"] == "3000-ws1.localhost"])
+    other = await copy.new_page()
+    await other.goto(app)
+    assert await other.locator("#user").text_content() == "alice"
+
+    await page.goto(stack.hub)
+    async with page.expect_navigation():
+        await page.get_by_role("button", name="Sign out").click()
+    assert await page.get_by_role("button", name="Sign out").count() == 0
+
+    await other.goto(app)
+    await other.wait_for_url(f"{stack.idp.issuer}/**")
+    assert await other.locator("input[name=login]").count() == 1

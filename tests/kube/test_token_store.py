@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient
 from gateway import cli
 from gateway.auth.identity import Identity
 from gateway.auth.kubernetes.tokens import KubeTokenStore
+from gateway.auth.sessions import Session
 from gateway.auth.store import ApiToken, Consent, ShareLink, token_hash
 from gateway.config import Config
 from gateway.lifecycle.kubernetes.client import KubeClient
@@ -286,7 +287,8 @@ def test_an_api_token_resource_round_trips_and_usage_patches_are_per_replica() -
 async def test_a_hand_off_code_is_admitted_once_across_replicas(kube: KubeEnv, replica: MakeReplica) -> None:
     """Any replica may be shown a hand-off code; the API server, not a replica's memory, says it was used."""
     a, b = await replica("gw-a"), await replica("gw-b")
-    code = gateway(a).auth.sessions.handoff_code(Identity("alice"), PREVIEW, "state-1")
+    sessions = gateway(a).auth.sessions
+    code = sessions.handoff_code(Session(Identity("alice"), sessions.sign_in()), PREVIEW, "state-1")
 
     async def callback(client: Client) -> tuple[int, str]:
         response = await client.get(f"/_codehub/auth/callback?code={code}&next=/", allow_redirects=False,
@@ -304,6 +306,41 @@ async def test_a_hand_off_code_is_admitted_once_across_replicas(kube: KubeEnv, r
     assert await store(a).forget_used(time.time()) == 0
     assert await store(a).forget_used(time.time() + 120) == 1
     assert not kube.emulator.list_objects(USED_KEY, NS)
+
+
+async def test_a_sign_out_through_one_replica_ends_the_sign_in_in_every_one(kube: KubeEnv,
+                                                                            replica: MakeReplica) -> None:
+    """A session opens on every replica until its sign-in is signed out through any one of them; the record is a
+    used key of its own label (the only ones watched: hand-off codes are not), deleted past the sign-in's time."""
+    a, b = await replica("gw-a"), await replica("gw-b")
+    sessions = gateway(a).auth.sessions
+    sign_in, other = sessions.sign_in(), sessions.sign_in()
+    cookie, untouched = (sessions.issue(Identity("alice"), HUB, sign_in), sessions.issue(Identity("alice"), HUB, other))
+
+    async def status(client: Client, session: str) -> int:
+        response = await client.get("/api/v1/me", headers={"Host": HUB, "Cookie": f"codehub_session={session}"})
+        return response.status
+
+    assert [await status(client, cookie) for client in (a, b)] == [200, 200]
+    await store(a).use_once("handoff-x", time.time() + 60)
+    cut = kube.emulator.fail("watch", USED_KEY, status=200, times=None)  # no replica hears of it for now
+    kube.emulator.drop_watches(USED_KEY)
+    await store(b).end_sign_in(sign_in)
+    assert [await status(client, cookie) for client in (a, b)] == [200, 401]  # at once where it was taken
+    cut._disabled.set()
+    await until(lambda: sign_in.id in store(a).ended_sign_ins)  # the others when their watch is back
+    assert await status(a, cookie) == 401
+    await store(a).end_sign_in(sign_in)  # again, through another replica: nothing changes
+    assert [await status(client, untouched) for client in (a, b)] == [200, 200]
+    assert list(store(a).ended_sign_ins) == [sign_in.id]
+    ended = kube.emulator.get_object(USED_KEY, NS, f"sign-out-{sign_in.id}")
+    assert ended is not None
+    assert (ended["metadata"]["labels"]["codehub.dev/used-for"], ended["spec"]["usedBy"]) == ("sign-out", "gw-b")
+
+    assert await store(a).forget_used(time.time() + 120) == 1  # the hand-off code's
+    assert sign_in.id in store(b).ended_sign_ins
+    assert await store(a).forget_used(sign_in.expires + 2) == 1
+    await until(lambda: sign_in.id not in store(a).ended_sign_ins and sign_in.id not in store(b).ended_sign_ins)
 
 
 async def test_a_consent_given_through_one_replica_applies_in_every_one(kube: KubeEnv, replica: MakeReplica) -> None:

@@ -6,6 +6,9 @@
 - **Used one-time keys** (``UsedKey``, named after the key): a hand-off code is admitted once in total because
   the API server creates an object of a name once (409 after), whichever replica asks; no replica's memory could
   promise that. Each replica deletes those past their time now and then (any replica's: one may have died first).
+- **Ended sign-ins** (a ``UsedKey`` named ``sign-out-<id>``, labelled ``codehub.dev/used-for=sign-out``, until the
+  sign-in would have expired): cached by list+watch of that label alone, so a request reads memory, and deleted
+  past their time with the other used keys.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from gateway.auth.store import Consent
+from gateway.auth.sessions import SignIn
+from gateway.auth.store import ENDED, Consent
 from gateway.lifecycle.base import LifecycleError
 from gateway.lifecycle.kubernetes.client import CONSENT, USED_KEY, KubeClient, KubeError, retrying
 from gateway.lifecycle.kubernetes.informer import Informers
@@ -60,9 +64,12 @@ def parse_consent(obj: Mapping[str, Any]) -> Consent | None:
                    answered.timestamp() if answered is not None else 0.0)
 
 
-def make_used_key(key: str, holder: str, until: float) -> Obj:
+USED_FOR = "codehub.dev/used-for"
+
+
+def make_used_key(key: str, holder: str, until: float, *, used_for: str = "handoff") -> Obj:
     return {"apiVersion": USED_KEY.api_version, "kind": USED_KEY.kind,
-            "metadata": {"name": key, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY}},
+            "metadata": {"name": key, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY, USED_FOR: used_for}},
             "spec": {"usedBy": holder, "forgetAfter": _at(until + 1)}}
 
 
@@ -95,14 +102,39 @@ class Consents:
             self.answers[name] = consent
 
 
+class EndedSignIns:
+    """This replica's view of the sign-ins signed out before their time, and the write that adds one."""
+
+    kind = USED_KEY
+    selector = f"{USED_FOR}=sign-out"
+
+    def __init__(self, informers: Informers, *, attempts: int) -> None:
+        self._attempts = attempts
+        self.ids: dict[str, float] = {}
+        informers.register(USED_KEY, self._changed, label_selector=self.selector)
+
+    async def end(self, used: UsedKeys, sign_in: SignIn) -> None:
+        """Recorded once whichever replica is asked (a second sign-out of it is a 409, and changes nothing)."""
+        await used.use_once(ENDED + sign_in.id, sign_in.expires, used_for="sign-out")
+        self.ids[sign_in.id] = sign_in.expires  # this replica at once; the others when their watch delivers it
+
+    def _changed(self, event: str, obj: Obj) -> None:
+        sign_in = str(obj["metadata"]["name"]).removeprefix(ENDED)
+        after = parse_time((obj.get("spec") or {}).get("forgetAfter"))
+        if event == "DELETED" or after is None:
+            self.ids.pop(sign_in, None)
+        else:
+            self.ids[sign_in] = after.timestamp()
+
+
 class UsedKeys:
     def __init__(self, client: KubeClient, holder: str, *, attempts: int) -> None:
         self.client = client
         self._holder = holder
         self._attempts = attempts
 
-    async def use_once(self, key: str, until: float) -> bool:
-        client, body = self.client, make_used_key(key, self._holder, until)
+    async def use_once(self, key: str, until: float, *, used_for: str = "handoff") -> bool:
+        client, body = self.client, make_used_key(key, self._holder, until, used_for=used_for)
         return await refused_as_error(lambda: client.create(USED_KEY, body), self._attempts) is not None
 
     async def forget(self, now: float) -> int:

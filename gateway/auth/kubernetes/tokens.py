@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from gateway.auth.identity import Identity
-from gateway.auth.kubernetes.answers import Consents, UsedKeys, refused_as_error
+from gateway.auth.kubernetes.answers import Consents, EndedSignIns, UsedKeys, refused_as_error
+from gateway.auth.sessions import SignIn
 from gateway.auth.store import (
     API_PREFIX,
     SHARE_PREFIX,
@@ -125,7 +126,8 @@ class KubeTokenStore:
         informers.register(SHARE_LINK, self._on_change(SHARE_LINK))
         informers.register(API_TOKEN, self._on_change(API_TOKEN))
         self._consents = Consents(informers, attempts=self._attempts)
-        self.kinds = (SHARE_LINK, API_TOKEN, Consents.kind)
+        self._ended = EndedSignIns(informers, attempts=self._attempts)
+        self.kinds = (SHARE_LINK, API_TOKEN, Consents.kind, EndedSignIns.kind)
 
     # -- lifespan --
 
@@ -266,6 +268,13 @@ class KubeTokenStore:
 
     async def use_once(self, key: str, until: float) -> bool:
         return await self._started(self._used).use_once(key, until)
+
+    @property
+    def ended_sign_ins(self) -> Mapping[str, float]:
+        return self._ended.ids
+
+    async def end_sign_in(self, sign_in: SignIn) -> None:
+        await self._ended.end(self._started(self._used), sign_in)
 
     async def forget_used(self, now: float) -> int:
         return await self._started(self._used).forget(now)
