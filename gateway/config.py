@@ -163,6 +163,9 @@ class Oidc(_Model):
     username_claim: str = "sub"
     groups_claim: str = "groups"
     token_auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    sign_out_at_idp: bool = True
+    """Sign out ends the IdP's session too, where the IdP supports it: register ``{hub_url}/`` there as a
+    post-logout redirect URI."""
 
     @field_validator("issuer")
     @classmethod

@@ -98,6 +98,20 @@ class OidcClient:
         }
         return str(URL(metadata["authorization_endpoint"]).update_query(query))
 
+    async def end_session_url(self, *, post_logout_redirect_uri: str) -> str | None:
+        """Where to send a browser that signed out so that the IdP ends its own session too (RP-initiated logout),
+        or None when the IdP publishes no ``end_session_endpoint`` or cannot be reached: the gateway's sign-out
+        is done either way. Without it, the next sign-in would pass through the IdP without a password, which on
+        a shared computer is the next person's."""
+        try:
+            endpoint = (await self.metadata(refresh=True)).get("end_session_endpoint")
+        except IdpUnavailable:
+            return None
+        if not isinstance(endpoint, str):
+            return None
+        query = {"client_id": self.settings.client_id, "post_logout_redirect_uri": post_logout_redirect_uri}
+        return str(URL(endpoint).update_query(query))
+
     async def exchange(self, *, code: str, redirect_uri: str, verifier: str) -> dict[str, Any]:
         metadata = await self.metadata()
         form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,

@@ -140,7 +140,10 @@ async def logout(request: web.Request) -> web.StreamResponse:
     session = hub_session(request, gateway)
     if session is not None:
         await gateway.auth.store.end_sign_in(session.sign_in)
-    raise Redirect("/", cookies=(_expired(SESSION, gateway.config.secure),))
+    oidc, location = gateway.auth.oidc, None
+    if oidc is not None and oidc.settings.sign_out_at_idp:
+        location = await oidc.end_session_url(post_logout_redirect_uri=gateway.hosts.hub_url("/"))
+    raise Redirect(location or "/", cookies=(_expired(SESSION, gateway.config.secure),))
 
 
 async def handoff(request: web.Request) -> web.StreamResponse:

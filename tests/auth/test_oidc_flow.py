@@ -20,10 +20,12 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from yarl import URL
 
 from gateway.auth import oidc
 from gateway.auth.oidc import IdpUnavailable, OidcClient, Pkce, SignInFailed
 from gateway.config import Oidc
+from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served, oidc_settings, seen_headers
 from tests.peers.idp.fixture import IdP, login_via_idp, start_idp
 
@@ -181,6 +183,44 @@ async def test_idp_down_gives_a_clear_page_and_nothing_else_breaks(
     await idp.start()
     browser = await make_browser(served, login="alice", idp=idp)
     assert (await browser.navigate(served.preview("ws1", 3000, "/back"))).status == 200
+
+
+async def _sign_out(browser: Browser, served: Served) -> Page:
+    page = await browser.fetch("POST", served.hub + "/auth/logout", headers={"Origin": served.hub})
+    assert page.status == 303, page.text
+    return page
+
+
+async def test_sign_out_sends_the_browser_to_end_the_idps_session_too(
+    served: Served, idp: IdP, make_browser: MakeBrowser
+) -> None:
+    """RP-initiated logout at the endpoint the IdP's discovery names, back to the hub; with the IdP down the gateway's
+    own sign-out still happens and the browser stays on the hub instead of a dead address."""
+    app = served.preview("ws1", 3000, "/")
+    browser = await make_browser(served, login="alice", idp=idp)
+    assert (await browser.navigate(app)).status == 200
+    async with aiohttp.ClientSession() as http, http.get(f"{idp.issuer}/.well-known/openid-configuration") as found:
+        endpoint = (await found.json())["end_session_endpoint"]
+    location = URL((await _sign_out(browser, served)).location or "")
+    assert str(location.with_query(None)) == endpoint
+    assert dict(location.query) == {"client_id": idp.client_id, "post_logout_redirect_uri": served.hub + "/"}
+    assert (await browser.fetch("GET", app, headers={"Accept": "application/json"})).status == 401
+
+    other = await make_browser(served, login="alice", idp=idp)
+    assert (await other.navigate(app)).status == 200
+    await idp.stop()
+    assert (await _sign_out(other, served)).location == served.hub + "/"
+    assert (await other.fetch("GET", app, headers={"Accept": "application/json"})).status == 401
+
+
+async def test_sign_out_can_leave_the_idps_session_alone(serve: Serve, idp: IdP, gateway_port: int,
+                                                        make_browser: MakeBrowser) -> None:
+    settings = oidc_settings(idp, gateway_port)
+    settings["auth"]["oidc"]["sign_out_at_idp"] = False
+    served = await serve(WORKSPACES, port=gateway_port, **settings)
+    browser = await make_browser(served, login="alice", idp=idp)
+    assert (await browser.navigate(served.preview("ws1", 3000, "/"))).status == 200
+    assert (await _sign_out(browser, served)).location == served.hub + "/"
 
 
 async def test_idp_down_before_first_sign_in(served: Served, idp: IdP, make_browser: MakeBrowser) -> None:
@@ -431,6 +471,20 @@ async def test_authorize_url_carries_pkce_and_refuses_a_discovery_naming_another
     async with relying_party(idp, issuer=f"{idp.issuer}/elsewhere") as client:  # no discovery there
         with pytest.raises(IdpUnavailable, match=r"answered 404 for its discovery\."):
             await client.authorize_url(redirect_uri=idp.redirect_uri, state="st", nonce="nn", pkce=pkce)
+
+
+@pytest.mark.parametrize("published", [{}, {"end_session_endpoint": None}, {"end_session_endpoint": 5}])
+async def test_an_idp_that_publishes_no_end_session_endpoint_is_not_visited_on_sign_out(
+        aiohttp_server: Any, published: dict[str, Any]) -> None:
+    async def discovery(request: web.Request) -> web.Response:
+        return web.json_response({"issuer": f"http://{request.host}", **published})
+
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", discovery)
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession() as http:
+        client = OidcClient(Oidc(issuer=str(server.make_url("")), client_id="c"), http)
+        assert await client.end_session_url(post_logout_redirect_uri="http://localhost:8080/") is None
 
 
 async def test_every_listed_asymmetric_algorithm_verifies_with_a_key_of_its_own_type(idp: IdP) -> None:

@@ -57,7 +57,7 @@ async def test_sign_out_on_the_hub_ends_the_previews_session_in_every_copy(
 ) -> None:
     """Sign out is a click on the hub, whose cookie is the only one it can touch: the preview's session cookie, copied
     into another browser profile (a shared computer, a leaked HAR file), opens the app until that click and is
-    sent to sign in after it."""
+    sent to sign in after it; and the IdP's session ends too, so signing in again takes a password."""
     stack = await make_stack({"ws1": {"owner": "alice", "command": app_command(3000), "ports": {3000: "private"}}})
     app = stack.share_url("ws1", 3000, "/")
     context = await browser.launch(third_party_cookies=False)
@@ -74,8 +74,19 @@ async def test_sign_out_on_the_hub_ends_the_previews_session_in_every_copy(
     await page.goto(stack.hub)
     async with page.expect_navigation():
         await page.get_by_role("button", name="Sign out").click()
+    # The IdP's own sign-out (RP-initiated logout) asks to confirm, then sends the browser back to the hub.
+    await page.wait_for_url(f"{stack.idp.issuer}/**")
+    async with page.expect_navigation():
+        await page.get_by_role("button", name="Yes, sign me out").click()
+    await page.wait_for_url(stack.hub + "/")
     assert await page.get_by_role("button", name="Sign out").count() == 0
 
     await other.goto(app)
     await other.wait_for_url(f"{stack.idp.issuer}/**")
     assert await other.locator("input[name=login]").count() == 1
+    # The IdP's session ended too: the next sign-in in the first browser asks for a password again.
+    await page.goto(app)
+    await page.wait_for_url(f"{stack.idp.issuer}/**")
+    await page.locator("input[name=login]").wait_for()
+    await idp_sign_in(page, stack.idp, "alice")
+    await page.locator("#app").wait_for()

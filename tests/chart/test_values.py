@@ -105,9 +105,18 @@ def test_rendered_settings_are_accepted_by_the_gateway(tmp_path: Path) -> None:
     assert config.preview_domain == "preview.example.com"
     assert config.auth.mode == "oidc"
     assert config.auth.oidc is not None
+    assert config.auth.oidc.sign_out_at_idp
     assert str(config.keys_file) == "/etc/codehub/keys/signing-keys.json"
     assert str(config.store_file) == "/var/lib/codehub/tokens.json"
     assert (config.listen.port, config.metrics.port) == (8080, 9090)
+
+
+def test_sign_out_at_the_idp_can_be_switched_off(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(render({"auth": {"oidc": {"signOutAtIdp": False}}}).gateway_config()))
+    oidc = load_config(path, environ={}).auth.oidc
+    assert oidc is not None
+    assert not oidc.sign_out_at_idp
 
 
 def test_empty_storage_and_snapshot_class_mean_the_cluster_default() -> None:

@@ -98,7 +98,8 @@ gateway.extraConfig deep-merged over it. Settings are gateway/config.py's names.
   "client_secret_file" (printf "/etc/codehub/oidc/%s" .Values.auth.oidc.secretKey)
   "scopes" .Values.auth.oidc.scopes
   "username_claim" .Values.auth.oidc.usernameClaim
-  "groups_claim" .Values.auth.oidc.groupsClaim }}
+  "groups_claim" .Values.auth.oidc.groupsClaim
+  "sign_out_at_idp" .Values.auth.oidc.signOutAtIdp }}
 {{- $auth := dict
   "mode" "oidc"
   "oidc" $oidc
