@@ -14,6 +14,7 @@ from multidict import CIMultiDict
 
 from gateway.auth.store import Consent, FileTokenStore
 from gateway.lifecycle import Phase
+from gateway.lifecycle.local import LocalRuntime
 from gateway.web import api, hub
 from gateway.web.api import MOST_API_TOKENS, MOST_SHARE_LINKS
 from gateway.web.pages import PHASE_WORDS
@@ -658,7 +659,9 @@ async def test_workspaces_come_in_pages(serve: Serve, make_browser: MakeBrowser,
     exact = await call(alice, "GET", "/api/v1/workspaces?limit=7")
     assert exact.json()["next_cursor"] is None  # no empty last page
     first = (await call(alice, "GET", "/api/v1/workspaces?limit=2")).json()
-    served.gateway.runtime._slots.pop("b2")  # gone between two calls (the local runtime's table)
+    runtime = served.gateway.runtime
+    assert isinstance(runtime, LocalRuntime)
+    runtime._slots.pop("b2")  # gone between two calls (the local runtime's table)
     rest = (await call(alice, "GET", f"/api/v1/workspaces?limit=2&cursor={first['next_cursor']}")).json()
     assert [view["id"] for view in rest["workspaces"]] == ["c3", "d4"]
 

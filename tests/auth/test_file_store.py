@@ -955,10 +955,15 @@ async def test_a_sign_out_through_one_worker_ends_the_sign_in_in_every_other(tmp
     monkeypatch.setattr(store_module, "ENDED_READ_EVERY", 0.0)
     other._ended_next = 0.0
     with monkeypatch.context() as later:
-        later.setattr(store_module.time, "time", lambda: now + 2)
+        later.setattr(time, "time", lambda: now + 2)
         assert list(other.ended_sign_ins) == ["a" * 32]
-    reads = []
-    monkeypatch.setattr(other, "_read_used", lambda: reads.append(1) or {})
+    reads: list[None] = []
+
+    def read_used() -> dict[str, float]:
+        reads.append(None)
+        return {}
+
+    monkeypatch.setattr(other, "_read_used", read_used)
     assert list(other.ended_sign_ins) == ["a" * 32]
     assert not reads, "the file did not change: not read again"
     monkeypatch.undo()
@@ -969,5 +974,5 @@ async def test_a_sign_out_through_one_worker_ends_the_sign_in_in_every_other(tmp
     assert "a" * 32 not in FileTokenStore(path).ended_sign_ins, "lost with the file, for a worker started after"
     (tmp_path / "tokens.used.json").write_text("{}")
     with monkeypatch.context() as later:
-        later.setattr(store_module.time, "time", lambda: now + 3601)
+        later.setattr(time, "time", lambda: now + 3601)
         assert other.ended_sign_ins == {}, "past the sign-in's own end"

@@ -66,7 +66,7 @@ async def test_sign_out_on_the_hub_ends_the_previews_session_in_every_copy(
     await idp_sign_in(page, stack.idp, "alice")
     await page.locator("#app").wait_for()
     copy = await browser.launch(third_party_cookies=False)
-    await copy.add_cookies([c for c in await context.cookies() if c["domain"] == "3000-ws1.localhost"])
+    await copy.add_cookies([{"name": c["name"], "value": c["value"], "url": app} for c in await context.cookies(app)])
     other = await copy.new_page()
     await other.goto(app)
     assert await other.locator("#user").text_content() == "alice"

@@ -335,7 +335,7 @@ class _Watcher:
 
 # --- the emulator ------------------------------------------------------------------------------
 
-class UnhandledRequest(kmock.KMockError):
+class UnhandledRequest(kmock.KMockError):  # type: ignore[name-defined,misc]  # kmock exports it untyped
     """No reaction answers the request: recorded as a server error, so a test with check_errors fails."""
 
 

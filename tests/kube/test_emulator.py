@@ -1,4 +1,7 @@
 """Tests of the Kubernetes emulator itself, through the real kubernetes-asyncio client."""
+# kubernetes-asyncio's generated signatures type request bodies as its V1 models and leave out the ``_content_type``
+# keyword; at run time it takes plain dicts and the keyword, as these tests (and the gateway's client) send them.
+# mypy: disable-error-code="arg-type, call-arg"
 from __future__ import annotations
 
 import asyncio
@@ -231,7 +234,7 @@ async def test_watch_too_old_resource_version_is_410(
         async with stream:
             await collect(stream, 1)
     assert err.value.status == 410
-    assert 'too old resource version' in err.value.reason
+    assert 'too old resource version' in str(err.value.reason)
 
 
 async def test_watch_label_selector_enter_and_leave(kube_api: ApiClient) -> None:
@@ -315,7 +318,7 @@ async def test_replace_and_stale_resource_version(kube_api: ApiClient) -> None:
     with pytest.raises(ApiException) as err:
         await coord.replace_namespaced_lease('leader', NS, lease)
     assert err.value.status == 409
-    assert 'the object has been modified' in err.value.body
+    assert 'the object has been modified' in str(err.value.body)
     assert (await coord.read_namespaced_lease('leader', NS)).spec.holder_identity == 'replica-b'
     with pytest.raises(ApiException) as err:
         await coord.replace_namespaced_lease('missing', NS, {'metadata': {'name': 'missing'}})
@@ -332,12 +335,12 @@ async def test_duplicate_create_and_missing_delete(kube_api: ApiClient) -> None:
     with pytest.raises(ApiException) as err:
         await core.create_namespaced_secret(NS, {'metadata': {'name': 's'}})
     assert err.value.status == 409
-    assert '"reason": "AlreadyExists"' in err.value.body
-    assert 'secrets \\"s\\" already exists' in err.value.body
+    assert '"reason": "AlreadyExists"' in str(err.value.body)
+    assert 'secrets \\"s\\" already exists' in str(err.value.body)
     with pytest.raises(ApiException) as err:
         await core.delete_namespaced_pod('nope', NS)
     assert err.value.status == 404
-    assert '"kind": "Status"' in err.value.body
+    assert '"kind": "Status"' in str(err.value.body)
     with pytest.raises(ApiException) as err:
         await core.read_namespaced_pod('nope', NS)
     assert err.value.status == 404

@@ -181,7 +181,7 @@ def pod_secret(kube: KubeEnv) -> str:
     pod = kube.emulator.get_object(POD, NS, "ws-w1")
     assert pod is not None
     (container,) = pod["spec"]["containers"]
-    return next(item["value"] for item in container["env"] if item["name"] == "HASHED_PASSWORD")
+    return str(next(item["value"] for item in container["env"] if item["name"] == "HASHED_PASSWORD"))
 
 
 async def test_a_namesake_of_a_deleted_workspace_gets_a_secret_of_its_own(

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.proxy.wshandshake import accept_value
 from gateway.server.context import GATEWAY
+from gateway.server.fastlane import FastLaneServer
 from tests.conftest import MakeGateway, next_address, workspace
 from tests.server.conftest import WORKSPACE
 from tests.server.test_hostile_input import Answer, read_answer
@@ -367,6 +368,7 @@ async def test_a_client_that_reads_no_answers_cannot_make_the_fast_lane_buffer_t
     client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True)
     await client.app[GATEWAY].runtime.wake(WORKSPACE)
     front = client.server.runner.server  # type: ignore[union-attr]
+    assert isinstance(front, FastLaneServer)
     host = f"{port}-{WORKSPACE}.localhost:8080"
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
