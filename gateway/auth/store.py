@@ -686,10 +686,11 @@ class FileTokenStore:
             return
         if stamp == self._ended_stamp:
             return
+        self._ended_stamp = stamp
         used = self._read_used()
-        if used is None:  # said by ``_read_used``; read again when the file changes
+        if used is None:  # said by ``_read_used``, once: read again when the file changes
             return
-        self._ended_stamp, now = stamp, time.time()
+        now = time.time()
         self._ended = {sid: until for sid, until in self._ended.items() if until > now}
         self._ended.update((key.removeprefix(ENDED), until) for key, until in used.items()
                            if key.startswith(ENDED) and until > now)
