@@ -140,7 +140,8 @@ def authenticate(method: str, headers: CIMultiDictProxy[str], path: str, host: s
         session = read_cookie(headers, cookie_name(SESSION, secure))
         if session:
             opened = sessions.read(session, host, store.ended_sign_ins)
-            identity, by_cookie = (opened.identity, True) if opened is not None else (None, False)
+            if opened is not None:
+                identity, by_cookie = opened.identity, True
     stale = None
     if link is None and preview:
         claims = sessions.read_state(read_cookie(headers, cookie_name(SHARE, secure)), host)

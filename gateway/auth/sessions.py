@@ -103,7 +103,7 @@ class Sessions:
         self._issuer = issuer
         self.ttl = ttl
         self._clock = clock
-        self._verified: dict[tuple[str, str], Session] = {}
+        self._verified: dict[tuple[str, str], tuple[Session, str, float]] = {}  # and its sign-in's id and end
         self._assertions: dict[tuple[Identity, str], tuple[str, float]] = {}
 
     def _sign(self, claims: dict[str, Any], audience: str, ttl: float) -> str:
@@ -143,20 +143,21 @@ class Sessions:
     def read(self, token: str, audience: str, ended: Container[str]) -> Session | None:
         """The session in a cookie for ``audience``, or None when it is invalid, expired, or its sign-in is one of
         ``ended`` (signed out). Cookies from before sign-ins had ids do not open: everyone signs in once more."""
-        session = self._verified.get((token, audience))
-        if session is None:
+        cached = self._verified.get((token, audience))
+        if cached is None:
             try:
                 record = self._open(token, f"session {audience}")  # no code's, nor another host's, opens as one
-                session = Session(Identity.from_claims(record), SignIn(str(record["sid"]), float(record["exp"])))
+                sign_in = SignIn(str(record["sid"]), float(record["exp"]))
             except (jwt.InvalidTokenError, ValueError, KeyError):  # not sealed by these keys for this host
                 return None
             if len(self._verified) >= _CACHE_LIMIT:
                 self._verified.clear()
-            self._verified[(token, audience)] = session
-        if self._clock() >= session.sign_in.expires:
+            cached = self._verified[(token, audience)] = (Session(Identity.from_claims(record), sign_in), *sign_in)
+        session, sign_in_id, expires = cached
+        if self._clock() >= expires:
             del self._verified[(token, audience)]
             return None
-        return None if session.sign_in.id in ended else session
+        return None if sign_in_id in ended else session
 
     def forget_cached(self) -> None:
         """After a key change: verify everything again."""
