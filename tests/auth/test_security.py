@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -591,6 +592,30 @@ async def test_a_preview_session_ends_when_its_sign_in_does(served: Served, make
     (session,) = [cookie for cookie in page.set_cookies if cookie.startswith("codehub_session=")]
     assert 95 <= int(attributes(session)["max-age"]) <= 100
     assert sessions.read(browser.cookie(app, "codehub_session") or "", app[7:-1], ()) == (Identity("alice"), sign_in)
+
+
+async def test_the_hub_feed_ends_with_its_sign_in(served: Served, make_browser: MakeBrowser) -> None:
+    """The hub's live feed is one long answer: opened before Sign out (in another tab, or with a copied cookie) it
+    must not go on sending the person's workspaces after it. It ends, and the browser's reconnect is refused."""
+    browser = await signed_in(make_browser, served)
+    copy = await make_browser(served)
+    copy.add_cookie(HUB, "codehub_session", browser.cookie(HUB, "codehub_session") or "")
+    feeds = []
+    async with contextlib.AsyncExitStack() as stack:
+        for who in (browser, copy):
+            cookie = "; ".join(f"{k}={v}" for k, v in who.cookies_for("localhost").items())
+            feed = await stack.enter_async_context(who.http.get(
+                who.gateway + "/api/v1/hub/events", headers={"Host": HUB[7:], "Cookie": cookie,
+                                                              "Accept": "text/event-stream"}))
+            assert feed.status == 200
+            assert (await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)).startswith(b"event: snapshot")
+            feeds.append(feed)
+        assert (await api(browser, "POST", "/auth/logout")).status == 303
+        for feed in feeds:
+            rest = await asyncio.wait_for(feed.content.read(), 10)  # ends: no timeout, no snapshot after
+            assert b"event: snapshot" not in rest, rest
+    again = await copy.fetch("GET", HUB + "/api/v1/hub/events", headers={"Accept": "text/event-stream"})
+    assert again.status == 401
 
 
 async def test_dev_sign_in_from_another_site_is_refused(served: Served, make_browser: MakeBrowser) -> None:
