@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import secrets
 import time
 from collections.abc import Callable, Container, Mapping
@@ -91,6 +92,21 @@ class SignIn(NamedTuple):
     expires: float
 
 
+class Ended:
+    """The sign-ins signed out before their time, as a store knows them: by id, and (``before``) every sign-in
+    that expires at or before that time, for when which ones were signed out was lost (the file store's used-keys
+    file cut short or edited): everyone from before the loss signs in once more, none of them opens again."""
+
+    __slots__ = ("before", "ids")
+
+    def __init__(self, ids: Mapping[str, float] | None = None, before: float = -math.inf) -> None:
+        self.ids: Mapping[str, float] = {} if ids is None else ids
+        self.before = before
+
+    def __contains__(self, sign_in: object) -> bool:
+        return isinstance(sign_in, SignIn) and (sign_in.id in self.ids or sign_in.expires <= self.before)
+
+
 class Session(NamedTuple):
     identity: Identity
     sign_in: SignIn
@@ -140,7 +156,7 @@ class Sessions:
         record = {**identity.claims(), "exp": int(sign_in.expires), "sid": sign_in.id}
         return self._seal(record, _SESSION_BLOCK, f"session {audience}")
 
-    def read(self, token: str, audience: str, ended: Container[str]) -> Session | None:
+    def read(self, token: str, audience: str, ended: Container[SignIn]) -> Session | None:
         """The session in a cookie for ``audience``, or None when it is invalid, expired, or its sign-in is one of
         ``ended`` (signed out). Cookies from before sign-ins had ids do not open: everyone signs in once more."""
         session = self._verified.get((token, audience))
@@ -156,7 +172,7 @@ class Sessions:
         if self._clock() >= session.sign_in.expires:
             del self._verified[(token, audience)]
             return None
-        return None if session.sign_in.id in ended else session
+        return None if session.sign_in in ended else session
 
     def forget_cached(self) -> None:
         """After a key change: verify everything again."""

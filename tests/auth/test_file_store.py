@@ -943,31 +943,31 @@ async def test_a_sign_out_through_one_worker_ends_the_sign_in_in_every_other(tmp
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """At once in the worker that took it, in the others at their next look at the used-keys file (once a second,
     not a ``stat`` per request); the file's sign-ins end with their time, and one lost with the file (unreadable,
-    started over) still holds where it was seen."""
+    started over) still holds where it was seen, and everywhere else with every sign-in from before the loss."""
     path = tmp_path / "tokens.json"
     took, other = FileTokenStore(path), FileTokenStore(path)
     now = time.time()
-    assert other.ended_sign_ins == took.ended_sign_ins == {}
+    assert other.ended_sign_ins.ids == took.ended_sign_ins.ids == {}
     await took.end_sign_in(SignIn("a" * 32, now + 3600))
     await took.end_sign_in(SignIn("b" * 32, now + 1))  # ends by itself before the other looks
-    assert "a" * 32 in took.ended_sign_ins
-    assert other.ended_sign_ins == {}, "looked less than a second ago"
+    assert "a" * 32 in took.ended_sign_ins.ids
+    assert other.ended_sign_ins.ids == {}, "looked less than a second ago"
     monkeypatch.setattr(store_module, "ENDED_READ_EVERY", 0.0)
     other._ended_next = 0.0
     with monkeypatch.context() as later:
         later.setattr(store_module.time, "time", lambda: now + 2)
-        assert list(other.ended_sign_ins) == ["a" * 32]
+        assert list(other.ended_sign_ins.ids) == ["a" * 32]
     reads = []
-    monkeypatch.setattr(other, "_read_used", lambda: reads.append(1) or {})
-    assert list(other.ended_sign_ins) == ["a" * 32]
+    monkeypatch.setattr(other, "_parse_used", lambda: reads.append(1) or {})
+    assert list(other.ended_sign_ins.ids) == ["a" * 32]
     assert not reads, "the file did not change: not read again"
     monkeypatch.undo()
     monkeypatch.setattr(store_module, "ENDED_READ_EVERY", 0.0)
     assert await other.use_once("handoff-x", now + 60), "a sign-out is no one-time code of anyone's"
     (tmp_path / "tokens.used.json").write_text("{")
-    assert list(other.ended_sign_ins) == ["a" * 32]
-    assert "a" * 32 not in FileTokenStore(path).ended_sign_ins, "lost with the file, for a worker started after"
+    assert list(other.ended_sign_ins.ids) == ["a" * 32]
+    assert SignIn("a" * 32, now + 3600) in FileTokenStore(path).ended_sign_ins, "lost with the file: all of them"
     (tmp_path / "tokens.used.json").write_text("{}")
     with monkeypatch.context() as later:
         later.setattr(store_module.time, "time", lambda: now + 3601)
-        assert other.ended_sign_ins == {}, "past the sign-in's own end"
+        assert other.ended_sign_ins.ids == {}, "past the sign-in's own end"

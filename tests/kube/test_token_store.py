@@ -328,19 +328,19 @@ async def test_a_sign_out_through_one_replica_ends_the_sign_in_in_every_one(kube
     await store(b).end_sign_in(sign_in)
     assert [await status(client, cookie) for client in (a, b)] == [200, 401]  # at once where it was taken
     cut._disabled.set()
-    await until(lambda: sign_in.id in store(a).ended_sign_ins)  # the others when their watch is back
+    await until(lambda: sign_in.id in store(a).ended_sign_ins.ids)  # the others when their watch is back
     assert await status(a, cookie) == 401
     await store(a).end_sign_in(sign_in)  # again, through another replica: nothing changes
     assert [await status(client, untouched) for client in (a, b)] == [200, 200]
-    assert list(store(a).ended_sign_ins) == [sign_in.id]
+    assert list(store(a).ended_sign_ins.ids) == [sign_in.id]
     ended = kube.emulator.get_object(USED_KEY, NS, f"sign-out-{sign_in.id}")
     assert ended is not None
     assert (ended["metadata"]["labels"]["codehub.dev/used-for"], ended["spec"]["usedBy"]) == ("sign-out", "gw-b")
 
     assert await store(a).forget_used(time.time() + 120) == 1  # the hand-off code's
-    assert sign_in.id in store(b).ended_sign_ins
+    assert sign_in.id in store(b).ended_sign_ins.ids
     assert await store(a).forget_used(sign_in.expires + 2) == 1
-    await until(lambda: sign_in.id not in store(a).ended_sign_ins and sign_in.id not in store(b).ended_sign_ins)
+    await until(lambda: sign_in.id not in store(a).ended_sign_ins.ids and sign_in.id not in store(b).ended_sign_ins.ids)
 
 
 async def test_a_consent_given_through_one_replica_applies_in_every_one(kube: KubeEnv, replica: MakeReplica) -> None:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from gateway.auth.identity import Identity
 from gateway.auth.kubernetes.answers import Consents, EndedSignIns, UsedKeys, refused_as_error
-from gateway.auth.sessions import SignIn
+from gateway.auth.sessions import Ended, SignIn
 from gateway.auth.store import (
     API_PREFIX,
     SHARE_PREFIX,
@@ -270,8 +270,8 @@ class KubeTokenStore:
         return await self._started(self._used).use_once(key, until)
 
     @property
-    def ended_sign_ins(self) -> Mapping[str, float]:
-        return self._ended.ids
+    def ended_sign_ins(self) -> Ended:
+        return self._ended.view
 
     async def end_sign_in(self, sign_in: SignIn) -> None:
         await self._ended.end(self._started(self._used), sign_in)
