@@ -667,7 +667,6 @@ class FileTokenStore:
             stored = {} if self._used_path is None else self._read_used()
             if stored is None:  # and so which sign-ins were signed out: every one from before now ends
                 stored = {_RESET: now + HANDOFF_TTL, _SIGN_OUTS_LOST: now + self._session_ttl}
-                self._ended.before = max(self._ended.before, now + self._session_ttl)
             used = {name: forget for name, forget in {**self._used, **stored}.items() if forget > now}
             first = key not in used and until > used.get(_RESET, 0.0)
             used[key] = max(until, used.get(key, until))
@@ -678,6 +677,8 @@ class FileTokenStore:
                     _replace(self._used_path, json.dumps(used))
                 except OSError as exc:  # not recorded, so not admitted: it could be used again
                     raise self._unavailable(f"{self._used_path} cannot be written: {exc}", _UNWRITABLE) from None
+        if _SIGN_OUTS_LOST in stored:  # started again here (once written: a file not replaced lost nothing)
+            self._ended.before = max(self._ended.before, stored[_SIGN_OUTS_LOST])
         return first
 
     @property

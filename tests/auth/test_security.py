@@ -594,6 +594,36 @@ async def test_a_preview_session_ends_when_its_sign_in_does(served: Served, make
     assert sessions.read(browser.cookie(app, "codehub_session") or "", app[7:-1], ()) == (Identity("alice"), sign_in)
 
 
+async def test_a_sign_out_that_cannot_be_recorded_says_so_and_can_be_tried_again(served: Served,
+                                                                                   make_browser: MakeBrowser) -> None:
+    """The used-keys file cannot be written: the sign-in is not ended anywhere, so the page says that, in words
+    about signing out (not about share links), and keeps the hub's cookie, which is what a second try needs; nobody
+    else is signed out by it. Once the file can be written, the same click ends it everywhere."""
+    browser, bob = await signed_in(make_browser, served), await signed_in(make_browser, served, "bob")
+    app = served.preview("ws1", 3000, "/")
+    assert (await browser.navigate(app)).status == 200
+    used = served.gateway.config.store_file.with_name("tokens.used.json")
+    used.unlink(missing_ok=True)
+    used.mkdir()  # cannot be read, nor replaced
+    page = await browser.fetch("POST", HUB + "/auth/logout", headers={"Origin": HUB, "Sec-Fetch-Mode": "navigate",
+                                                                      "Accept": "text/html"})
+    assert page.status == 503, page.text
+    assert "text/html" in page.content_type
+    assert "still signed in" in page.text, page.text
+    assert "Share links" not in page.text
+    assert not [cookie for cookie in page.set_cookies if cookie.startswith("codehub_session=")]
+    for who in (browser, bob):
+        assert (await api(who, "GET", "/api/v1/me")).status == 200
+    assert (await browser.fetch("GET", app)).status == 200
+    failed = await api(browser, "POST", "/auth/logout")
+    assert (failed.status, failed.json()["error"]["code"]) == (503, "sign-out-not-recorded"), failed.text
+
+    used.rmdir()
+    assert (await api(browser, "POST", "/auth/logout")).status == 303
+    assert (await browser.fetch("GET", app, headers={"Accept": "application/json"})).status == 401
+    assert (await api(bob, "GET", "/api/v1/me")).status == 200
+
+
 async def test_the_hub_feed_ends_with_its_sign_in(served: Served, make_browser: MakeBrowser) -> None:
     """The hub's live feed is one long answer: opened before Sign out (in another tab, or with a copied cookie) it
     must not go on sending the person's workspaces after it. It ends, and the browser's reconnect is refused."""
