@@ -21,11 +21,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet, same_secret
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, GatewayError
 
 HANDOFF_TTL = 60.0
 ASSERTION_TTL = 120.0
 _CACHE_LIMIT = 50_000
+SIGN_INS_PER_HOUR = 30
+"""Sign-ins of one person an hour, in one process (see ``Sessions.begin``)."""
 _SEAL_BLOCK = 1024
 """A sealed identity's length says only how many such blocks it takes: a name, an e-mail and a few groups fit in
 one (the code travels in a URL, beside the path the visitor asked for: it is kept short)."""
@@ -112,6 +114,12 @@ class Session(NamedTuple):
     sign_in: SignIn
 
 
+class TooManySignIns(GatewayError):
+    status = 429
+    code = "too-many-sign-ins"
+    title = "Too many sign-ins"
+
+
 class Sessions:
     def __init__(self, keys: Callable[[], KeySet], issuer: str, *, ttl: float,
                  clock: Callable[[], float] = time.time) -> None:
@@ -121,6 +129,7 @@ class Sessions:
         self._clock = clock
         self._verified: dict[tuple[str, str], Session] = {}
         self._assertions: dict[tuple[Identity, str], tuple[str, float]] = {}
+        self._begun: dict[str, list[float]] = {}  # subject -> when its sign-ins of the last hour began
 
     def _sign(self, claims: dict[str, Any], audience: str, ttl: float) -> str:
         now = int(self._clock())
@@ -145,6 +154,24 @@ class Sessions:
     def sign_in(self) -> SignIn:
         """A new sign-in, for ``ttl``: an unguessable id, as it names the sign-in in the token store."""
         return SignIn(secrets.token_hex(16), int(self._clock()) + int(self.ttl))
+
+    def begin(self, identity: Identity) -> SignIn:
+        """A new sign-in at the hub for ``identity``, or ``TooManySignIns`` past ``SIGN_INS_PER_HOUR`` of theirs in
+        the last hour. Each sign-in may be signed out, and a sign-out is kept until the sign-in would have expired
+        (in every worker's memory, in the used-keys file that every hand-off rewrites, as a UsedKey): a loop of
+        sign-in and sign-out would grow them, and the cost of everyone's sign-ins, without bound."""
+        now = self._clock()
+        begun = [at for at in self._begun.get(identity.subject, ()) if at > now - 3600]
+        if len(begun) >= SIGN_INS_PER_HOUR:
+            wait = max(1, int(begun[0] + 3600 - now) + 1)
+            raise TooManySignIns(f"You have signed in {len(begun)} times in the last hour. Sign in again in "
+                                 f"{-(-wait // 60)} minutes.", headers={"Retry-After": str(wait)})
+        if identity.subject not in self._begun and len(self._begun) >= _CACHE_LIMIT:
+            self._begun = {who: times for who, times in self._begun.items() if times[-1] > now - 3600}
+            if len(self._begun) >= _CACHE_LIMIT:
+                self._begun.clear()
+        self._begun[identity.subject] = [*begun, now]
+        return self.sign_in()
 
     def issue(self, identity: Identity, audience: str, sign_in: SignIn | None = None) -> str:
         """A session cookie for ``audience``, sealed: it tells whoever holds it nothing, not even who it is for.

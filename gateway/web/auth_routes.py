@@ -54,7 +54,9 @@ async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | bytear
 
 
 def _session_cookie(gateway: Gateway, identity: Identity, audience: str) -> str:
-    token = gateway.auth.sessions.issue(identity, audience)
+    """A new sign-in's cookie (``TooManySignIns`` for a person signing in in a loop: see ``Sessions.begin``)."""
+    sessions = gateway.auth.sessions
+    token = sessions.issue(identity, audience, sessions.begin(identity))
     secure = gateway.config.secure
     return set_cookie(cookie_name(SESSION, secure), token, max_age=int(gateway.auth.sessions.ttl), secure=secure)
 

@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.auth.identity import Identity
-from gateway.auth.sessions import SignIn
+from gateway.auth.sessions import SIGN_INS_PER_HOUR, SignIn
 from gateway.config import ConfigError, load_config
 from gateway.edge.routing import local_path
 from gateway.lifecycle import Phase
@@ -622,6 +622,27 @@ async def test_a_sign_out_that_cannot_be_recorded_says_so_and_can_be_tried_again
     assert (await api(browser, "POST", "/auth/logout")).status == 303
     assert (await browser.fetch("GET", app, headers={"Accept": "application/json"})).status == 401
     assert (await api(bob, "GET", "/api/v1/me")).status == 200
+
+
+async def test_a_loop_of_sign_in_and_sign_out_cannot_grow_the_sign_outs_without_bound(
+        served: Served, make_browser: MakeBrowser) -> None:
+    """Every sign-out is kept until its sign-in would have expired (12 h), in every worker's memory and in the
+    used-keys file that every hand-off rewrites: a signed-in person looping sign-in and sign-out would make that
+    file, and every sign-in to a preview of everyone, grow without bound. A person signs in at most
+    SIGN_INS_PER_HOUR times an hour (per process); others are not held up by it."""
+    browser = await make_browser(served)
+    for _ in range(SIGN_INS_PER_HOUR):
+        assert (await browser.dev_sign_in(served.hub, "mallory")).status == 303
+        assert (await api(browser, "POST", "/auth/logout")).status == 303
+    refused = await browser.fetch("POST", HUB + "/auth/dev", data={"user": "mallory", "next": "/"},
+                                  headers={"Origin": HUB, "Accept": "application/json"})
+    assert refused.status == 429, refused.text
+    assert refused.json()["error"]["code"] == "too-many-sign-ins"
+    assert 0 < int(refused.headers["Retry-After"]) <= 3600
+    assert browser.cookie(HUB, "codehub_session") is None
+    used = json.loads(served.gateway.config.store_file.with_name("tokens.used.json").read_text())
+    assert len([key for key in used if key.startswith("sign-out-")]) == SIGN_INS_PER_HOUR
+    assert (await (await make_browser(served)).dev_sign_in(served.hub, "alice")).status == 303
 
 
 async def test_the_hub_feed_ends_with_its_sign_in(served: Served, make_browser: MakeBrowser) -> None:
