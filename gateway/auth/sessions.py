@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import secrets
 import time
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jwt
@@ -20,11 +21,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet, same_secret
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, GatewayError
 
 HANDOFF_TTL = 60.0
 ASSERTION_TTL = 120.0
 _CACHE_LIMIT = 50_000
+SIGN_INS_PER_HOUR = 30
+"""Sign-ins of one person an hour, in one process (see ``Sessions.begin``)."""
 _SEAL_BLOCK = 1024
 """A sealed identity's length says only how many such blocks it takes: a name, an e-mail and a few groups fit in
 one (the code travels in a URL, beside the path the visitor asked for: it is kept short)."""
@@ -91,9 +94,28 @@ class SignIn(NamedTuple):
     expires: float
 
 
+class Ended(dict[str, float]):
+    """The sign-ins signed out before their time, as a store knows them: id -> when it would have expired; and
+    every sign-in that expires at or before ``before``, for when which ones were signed out was lost (the file
+    store's used-keys file cut short or edited): everyone from before the loss signs in once more, none of them
+    opens again. A dict, so that the look every request with a session makes is a dict's."""
+
+    __slots__ = ("before",)
+
+    def __init__(self, ids: Mapping[str, float] | None = None, before: float = -math.inf) -> None:
+        super().__init__(ids or {})
+        self.before = before
+
+
 class Session(NamedTuple):
     identity: Identity
     sign_in: SignIn
+
+
+class TooManySignIns(GatewayError):
+    status = 429
+    code = "too-many-sign-ins"
+    title = "Too many sign-ins"
 
 
 class Sessions:
@@ -105,6 +127,7 @@ class Sessions:
         self._clock = clock
         self._verified: dict[tuple[str, str], tuple[Session, str, float]] = {}  # and its sign-in's id and end
         self._assertions: dict[tuple[Identity, str], tuple[str, float]] = {}
+        self._begun: dict[str, list[float]] = {}  # subject -> when its sign-ins of the last hour began
 
     def _sign(self, claims: dict[str, Any], audience: str, ttl: float) -> str:
         now = int(self._clock())
@@ -130,6 +153,24 @@ class Sessions:
         """A new sign-in, for ``ttl``: an unguessable id, as it names the sign-in in the token store."""
         return SignIn(secrets.token_hex(16), int(self._clock()) + int(self.ttl))
 
+    def begin(self, identity: Identity) -> SignIn:
+        """A new sign-in at the hub for ``identity``, or ``TooManySignIns`` past ``SIGN_INS_PER_HOUR`` of theirs in
+        the last hour. Each sign-in may be signed out, and a sign-out is kept until the sign-in would have expired
+        (in every worker's memory, in the used-keys file that every hand-off rewrites, as a UsedKey): a loop of
+        sign-in and sign-out would grow them, and the cost of everyone's sign-ins, without bound."""
+        now = self._clock()
+        begun = [at for at in self._begun.get(identity.subject, ()) if at > now - 3600]
+        if len(begun) >= SIGN_INS_PER_HOUR:
+            wait = max(1, int(begun[0] + 3600 - now) + 1)
+            raise TooManySignIns(f"You have signed in {len(begun)} times in the last hour. Sign in again in "
+                                 f"{-(-wait // 60)} minutes.", headers={"Retry-After": str(wait)})
+        if identity.subject not in self._begun and len(self._begun) >= _CACHE_LIMIT:
+            self._begun = {who: times for who, times in self._begun.items() if times[-1] > now - 3600}
+            if len(self._begun) >= _CACHE_LIMIT:
+                self._begun.clear()
+        self._begun[identity.subject] = [*begun, now]
+        return self.sign_in()
+
     def issue(self, identity: Identity, audience: str, sign_in: SignIn | None = None) -> str:
         """A session cookie for ``audience``, sealed: it tells whoever holds it nothing, not even who it is for.
         Its holder may be the owner of the host it is for: their page can send a visitor's browser through the
@@ -140,7 +181,7 @@ class Sessions:
         record = {**identity.claims(), "exp": int(sign_in.expires), "sid": sign_in.id}
         return self._seal(record, _SESSION_BLOCK, f"session {audience}")
 
-    def read(self, token: str, audience: str, ended: Container[str]) -> Session | None:
+    def read(self, token: str, audience: str, ended: Ended) -> Session | None:
         """The session in a cookie for ``audience``, or None when it is invalid, expired, or its sign-in is one of
         ``ended`` (signed out). Cookies from before sign-ins had ids do not open: everyone signs in once more."""
         cached = self._verified.get((token, audience))
@@ -157,7 +198,7 @@ class Sessions:
         if self._clock() >= expires:
             del self._verified[(token, audience)]
             return None
-        return None if sign_in_id in ended else session
+        return None if sign_in_id in ended or expires <= ended.before else session
 
     def forget_cached(self) -> None:
         """After a key change: verify everything again."""

@@ -22,13 +22,13 @@ import secrets
 import time
 import types
 import typing
-from collections.abc import Container, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from gateway.auth.identity import Identity
-from gateway.auth.sessions import HANDOFF_TTL, SignIn
+from gateway.auth.sessions import HANDOFF_TTL, Ended, SignIn
 from gateway.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -200,9 +200,9 @@ class TokenStore(Protocol):
         in every process and replica, for one-time codes that any of them may be shown."""
 
     @property
-    def ended_sign_ins(self) -> Container[str]:
-        """The ids of sign-ins signed out before their time: no session of theirs opens (read on every request a
-        session cookie comes with)."""
+    def ended_sign_ins(self) -> Ended:
+        """The sign-ins signed out before their time: no session of theirs opens (read on every request a session
+        cookie comes with)."""
 
     async def end_sign_in(self, sign_in: SignIn) -> None:
         """Sign out everywhere: the sign-in's sessions no longer open, in every process and replica."""
@@ -229,6 +229,9 @@ _RESET = ""
 ``use_once``)."""
 ENDED = "sign-out-"
 """A used key of this prefix and a sign-in's id: that sign-in was signed out (until it would have expired)."""
+_SIGN_OUTS_LOST = "sign-outs-lost"
+"""In the used-keys file, with the time every sign-in from before the file was started again will have expired:
+which of them were signed out was lost with the file, so none of them opens (see ``Ended``)."""
 ENDED_READ_EVERY = 1.0
 """Seconds between looks at the used-keys file for sign-outs made through other processes: a sign-out applies in
 the process that took it at once, in the others within this (a look per request would cost every request a
@@ -375,8 +378,9 @@ class FileTokenStore:
     already counted.
     """
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, *, session_ttl: float = 12 * 3600) -> None:
         self._path = path
+        self._session_ttl = session_ttl  # how long a sign-in lasts: what a used-keys file lost may have ended
         self._used_path = None if path is None else path.with_name(f"{path.stem}.used.json")
         self._log_path = None if path is None else path.with_name(f"{path.stem}.uses.jsonl")
         self._shares: dict[str, ShareLink] = {}  # plain dicts: tests age links by editing them
@@ -395,7 +399,7 @@ class FileTokenStore:
         self._used: dict[str, float] = {}  # one-time keys and when they may be forgotten: without a file, and
         # those an older version kept in the big file
         self._consents: dict[str, Consent] = {}
-        self._ended: dict[str, float] = {}  # sign-in id -> when it would have expired
+        self._ended = Ended()
         self._ended_next = -math.inf  # when to look at the used-keys file again
         self._ended_stamp: Stamp | None = None  # the used-keys file as last read
         with contextlib.suppress(StoreUnavailable):  # logged; it starts, and answers 503 where the file is needed
@@ -636,11 +640,16 @@ class FileTokenStore:
         with self._writing():
             self._consents.pop(consent.id, None)
 
+    def _parse_used(self) -> dict[str, float]:
+        """The used-codes file; OSError, or one of ``_CORRUPT`` for what this store did not write as it is."""
+        assert self._used_path is not None
+        return _times(json.loads(self._used_path.read_text()))
+
     def _read_used(self) -> dict[str, float] | None:
         """The used-codes file (empty when there is none yet), or None when it cannot be read."""
         assert self._used_path is not None
         try:
-            return _times(json.loads(self._used_path.read_text()))
+            return self._parse_used()
         except FileNotFoundError:
             return {}
         except (OSError, *_CORRUPT) as exc:  # RecursionError too: ``[[[…`` ended every sign-in with a 500, for good
@@ -655,8 +664,8 @@ class FileTokenStore:
         now = time.time()
         with self._locked(read=False):  # nothing of the big file's: a sign-in goes on while it cannot be read
             stored = {} if self._used_path is None else self._read_used()
-            if stored is None:
-                stored = {_RESET: now + HANDOFF_TTL}
+            if stored is None:  # and so which sign-ins were signed out: every one from before now ends
+                stored = {_RESET: now + HANDOFF_TTL, _SIGN_OUTS_LOST: now + self._session_ttl}
             used = {name: forget for name, forget in {**self._used, **stored}.items() if forget > now}
             first = key not in used and until > used.get(_RESET, 0.0)
             used[key] = max(until, used.get(key, until))
@@ -667,10 +676,12 @@ class FileTokenStore:
                     _replace(self._used_path, json.dumps(used))
                 except OSError as exc:  # not recorded, so not admitted: it could be used again
                     raise self._unavailable(f"{self._used_path} cannot be written: {exc}", _UNWRITABLE) from None
+        if _SIGN_OUTS_LOST in stored:  # started again here (once written: a file not replaced lost nothing)
+            self._ended.before = max(self._ended.before, stored[_SIGN_OUTS_LOST])
         return first
 
     @property
-    def ended_sign_ins(self) -> dict[str, float]:
+    def ended_sign_ins(self) -> Ended:
         now = time.monotonic()
         if now >= self._ended_next and self._used_path is not None:
             self._ended_next = now + ENDED_READ_EVERY
@@ -678,22 +689,26 @@ class FileTokenStore:
         return self._ended
 
     def _read_ended(self) -> None:
-        """Sign-outs from the used-keys file, added to those known: one lost with the file (see ``use_once``)
-        still holds in this process until its time."""
+        """Sign-outs from the used-keys file, added to those known (one this process saw still holds here until
+        its time). A file that was lost, or cannot be parsed now (cut short, edited by hand), lost which sign-ins
+        were signed out: every sign-in from before then ends, here as in the file ``use_once`` starts again."""
+        assert self._used_path is not None
         try:
             stamp = _stamp(self._used_path)
-        except OSError:  # the folder, as for the big file: said by ``refresh``; looked at again in a second
+            used = self._parse_used() if stamp not in (None, self._ended_stamp) else {}
+        except OSError:  # the folder or the file, maybe for now (no descriptors left): looked at again in a second
             return
+        except _CORRUPT as exc:
+            log.error("%s cannot be read (%s): every sign-in from before now is ended", self._used_path, exc)
+            used = {_SIGN_OUTS_LOST: time.time() + self._session_ttl}
         if stamp == self._ended_stamp:
             return
-        self._ended_stamp = stamp
-        used = self._read_used()
-        if used is None:  # said by ``_read_used``, once: read again when the file changes
-            return
-        now = time.time()
-        self._ended = {sid: until for sid, until in self._ended.items() if until > now}
-        self._ended.update((key.removeprefix(ENDED), until) for key, until in used.items()
-                           if key.startswith(ENDED) and until > now)
+        self._ended_stamp, now = stamp, time.time()
+        ended = Ended({sid: until for sid, until in self._ended.items() if until > now},
+                      max(self._ended.before, used.get(_SIGN_OUTS_LOST, -math.inf)))
+        ended.update((key.removeprefix(ENDED), until) for key, until in used.items()
+                     if key.startswith(ENDED) and until > now)
+        self._ended = ended
 
     async def end_sign_in(self, sign_in: SignIn) -> None:
         await self.use_once(ENDED + sign_in.id, sign_in.expires)

@@ -39,7 +39,7 @@ def make_store(config: Config, runtime: Runtime) -> TokenStore:
         if isinstance(runtime, KubernetesRuntime):
             return KubeTokenStore(runtime.settings, runtime.identity, lambda: runtime.client, runtime.informers,
                                   is_leader=runtime.is_leader)
-    return FileTokenStore(config.store_file)
+    return FileTokenStore(config.store_file, session_ttl=config.auth.session_ttl)
 
 
 def make_reaper(config: Config, runtime: Runtime, activity: Activity, metrics: Metrics, *,

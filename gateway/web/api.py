@@ -22,7 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from gateway.auth.authenticate import SHARE_PARAM, the_authorization
 from gateway.auth.identity import Identity
-from gateway.auth.store import API_PREFIX, ShareLink
+from gateway.auth.store import API_PREFIX, ShareLink, StoreUnavailable
 from gateway.config import WORKSPACE_ID
 from gateway.edge.policy import VISIBILITIES, Duration, Reason, describe_duration, visibility
 from gateway.edge.policy import role as role_of
@@ -121,6 +121,19 @@ def caller(request: web.Request) -> Identity:
     if request.method not in _SAFE:
         check_same_origin(request, gateway)
     return identity
+
+
+def still_signed_in(request: web.Request) -> bool:
+    """Whether what ``caller`` admitted still holds (for answers that go on: the hub's feed): the API token is not
+    revoked, the hub session's sign-in is not signed out. Counts no use."""
+    gateway = request.app[GATEWAY]
+    token = _bearer(request)
+    if token is not None:
+        try:
+            return token.startswith(API_PREFIX) and gateway.auth.store.find_api_token(token) is not None
+        except StoreUnavailable:  # nothing new is sent meanwhile (see ``hub.events``): looked at again once it reads
+            return True
+    return hub_identity(request, gateway) is not None
 
 
 async def _body(request: web.Request, model: type[_Body]) -> Any:

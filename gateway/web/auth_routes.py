@@ -16,7 +16,7 @@ from gateway.auth.keys import same_secret
 from gateway.auth.oidc import Pkce, SignInFailed
 from gateway.auth.sessions import Session, cookie_name, is_embedded, read_cookie, set_cookie
 from gateway.edge.routing import Kind, local_path, normalise_host, route
-from gateway.errors import BadRequest, Forbidden, GatewayError, Redirect
+from gateway.errors import BadRequest, Forbidden, GatewayError, Redirect, ServiceUnavailable
 from gateway.server.context import GATEWAY, Gateway
 
 LOGIN = "login"
@@ -54,7 +54,9 @@ async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | bytear
 
 
 def _session_cookie(gateway: Gateway, identity: Identity, audience: str) -> str:
-    token = gateway.auth.sessions.issue(identity, audience)
+    """A new sign-in's cookie (``TooManySignIns`` for a person signing in in a loop: see ``Sessions.begin``)."""
+    sessions = gateway.auth.sessions
+    token = sessions.issue(identity, audience, sessions.begin(identity))
     secure = gateway.config.secure
     return set_cookie(cookie_name(SESSION, secure), token, max_age=int(gateway.auth.sessions.ttl), secure=secure)
 
@@ -139,7 +141,13 @@ async def logout(request: web.Request) -> web.StreamResponse:
     check_same_origin(request, gateway)
     session = hub_session(request, gateway)
     if session is not None:
-        await gateway.auth.store.end_sign_in(session.sign_in)
+        try:
+            await gateway.auth.store.end_sign_in(session.sign_in)
+        except GatewayError as exc:  # the store's file or API: nothing ended, so the cookie stays for another try
+            raise ServiceUnavailable(
+                "Signing out could not be recorded just now, so you are still signed in, here and on the previews "
+                "and IDEs this sign-in opened. Try again in a moment.", code="sign-out-not-recorded", retry=True
+            ) from exc
     oidc, location = gateway.auth.oidc, None
     if oidc is not None and oidc.settings.sign_out_at_idp:
         location = await oidc.end_session_url(post_logout_redirect_uri=gateway.hosts.hub_url("/"))

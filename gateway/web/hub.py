@@ -93,7 +93,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     last = ""
     quiet_since = time.monotonic()
     with gateway.runtime.events() as changes, contextlib.suppress(ConnectionResetError):
-        while True:
+        while api.still_signed_in(request):  # a sign-out or a revoke ends it; the reconnect is refused
             try:
                 data = json.dumps(snapshot(gateway, identity, *page), sort_keys=True)
             except StoreUnavailable:  # for now: the page keeps what it shows, and a browser's EventSource, which

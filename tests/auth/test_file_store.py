@@ -943,7 +943,7 @@ async def test_a_sign_out_through_one_worker_ends_the_sign_in_in_every_other(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """At once in the worker that took it, in the others at their next look at the used-keys file (once a second,
     not a ``stat`` per request); the file's sign-ins end with their time, and one lost with the file (unreadable,
-    started over) still holds where it was seen."""
+    started over) still holds where it was seen, and everywhere else with every sign-in from before the loss."""
     path = tmp_path / "tokens.json"
     took, other = FileTokenStore(path), FileTokenStore(path)
     now = time.time()
@@ -959,11 +959,11 @@ async def test_a_sign_out_through_one_worker_ends_the_sign_in_in_every_other(
         assert list(other.ended_sign_ins) == ["a" * 32]
     reads: list[None] = []
 
-    def read_used() -> dict[str, float]:
+    def parse_used() -> dict[str, float]:
         reads.append(None)
         return {}
 
-    monkeypatch.setattr(other, "_read_used", read_used)
+    monkeypatch.setattr(other, "_parse_used", parse_used)
     assert list(other.ended_sign_ins) == ["a" * 32]
     assert not reads, "the file did not change: not read again"
     monkeypatch.undo()
@@ -974,7 +974,9 @@ async def test_a_sign_out_through_one_worker_ends_the_sign_in_in_every_other(
     for _ in range(3):
         assert list(other.ended_sign_ins) == ["a" * 32]
     assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1, "said once, not once a look"
-    assert "a" * 32 not in FileTokenStore(path).ended_sign_ins, "lost with the file, for a worker started after"
+    fresh = FileTokenStore(path).ended_sign_ins
+    assert "a" * 32 not in fresh
+    assert fresh.before >= now + 3600, "lost with the file: every sign-in from before ends"
     (tmp_path / "tokens.used.json").write_text("{}")
     with monkeypatch.context() as later:
         later.setattr(time, "time", lambda: now + 3601)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -17,7 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.auth.identity import Identity
-from gateway.auth.sessions import SignIn
+from gateway.auth.sessions import SIGN_INS_PER_HOUR, Ended, SignIn
 from gateway.config import ConfigError, load_config
 from gateway.edge.routing import local_path
 from gateway.lifecycle import Phase
@@ -590,7 +591,83 @@ async def test_a_preview_session_ends_when_its_sign_in_does(served: Served, make
     assert page.status == 303
     (session,) = [cookie for cookie in page.set_cookies if cookie.startswith("codehub_session=")]
     assert 95 <= int(attributes(session)["max-age"]) <= 100
-    assert sessions.read(browser.cookie(app, "codehub_session") or "", app[7:-1], ()) == (Identity("alice"), sign_in)
+    opened = sessions.read(browser.cookie(app, "codehub_session") or "", app[7:-1], Ended())
+    assert opened == (Identity("alice"), sign_in)
+
+
+async def test_a_sign_out_that_cannot_be_recorded_says_so_and_can_be_tried_again(served: Served,
+                                                                                   make_browser: MakeBrowser) -> None:
+    """The used-keys file cannot be written: the sign-in is not ended anywhere, so the page says that, in words
+    about signing out (not about share links), and keeps the hub's cookie, which is what a second try needs; nobody
+    else is signed out by it. Once the file can be written, the same click ends it everywhere."""
+    browser, bob = await signed_in(make_browser, served), await signed_in(make_browser, served, "bob")
+    app = served.preview("ws1", 3000, "/")
+    assert (await browser.navigate(app)).status == 200
+    used = served.gateway.config.store_file.with_name("tokens.used.json")
+    used.unlink(missing_ok=True)
+    used.mkdir()  # cannot be read, nor replaced
+    page = await browser.fetch("POST", HUB + "/auth/logout", headers={"Origin": HUB, "Sec-Fetch-Mode": "navigate",
+                                                                      "Accept": "text/html"})
+    assert page.status == 503, page.text
+    assert "text/html" in page.content_type
+    assert "still signed in" in page.text, page.text
+    assert "Share links" not in page.text
+    assert not [cookie for cookie in page.set_cookies if cookie.startswith("codehub_session=")]
+    for who in (browser, bob):
+        assert (await api(who, "GET", "/api/v1/me")).status == 200
+    assert (await browser.fetch("GET", app)).status == 200
+    failed = await api(browser, "POST", "/auth/logout")
+    assert (failed.status, failed.json()["error"]["code"]) == (503, "sign-out-not-recorded"), failed.text
+
+    used.rmdir()
+    assert (await api(browser, "POST", "/auth/logout")).status == 303
+    assert (await browser.fetch("GET", app, headers={"Accept": "application/json"})).status == 401
+    assert (await api(bob, "GET", "/api/v1/me")).status == 200
+
+
+async def test_a_loop_of_sign_in_and_sign_out_cannot_grow_the_sign_outs_without_bound(
+        served: Served, make_browser: MakeBrowser) -> None:
+    """Every sign-out is kept until its sign-in would have expired (12 h), in every worker's memory and in the
+    used-keys file that every hand-off rewrites: a signed-in person looping sign-in and sign-out would make that
+    file, and every sign-in to a preview of everyone, grow without bound. A person signs in at most
+    SIGN_INS_PER_HOUR times an hour (per process); others are not held up by it."""
+    browser = await make_browser(served)
+    for _ in range(SIGN_INS_PER_HOUR):
+        assert (await browser.dev_sign_in(served.hub, "mallory")).status == 303
+        assert (await api(browser, "POST", "/auth/logout")).status == 303
+    refused = await browser.fetch("POST", HUB + "/auth/dev", data={"user": "mallory", "next": "/"},
+                                  headers={"Origin": HUB, "Accept": "application/json"})
+    assert refused.status == 429, refused.text
+    assert refused.json()["error"]["code"] == "too-many-sign-ins"
+    assert 0 < int(refused.headers["Retry-After"]) <= 3600
+    assert browser.cookie(HUB, "codehub_session") is None
+    used = json.loads(served.gateway.config.store_file.with_name("tokens.used.json").read_text())
+    assert len([key for key in used if key.startswith("sign-out-")]) == SIGN_INS_PER_HOUR
+    assert (await (await make_browser(served)).dev_sign_in(served.hub, "alice")).status == 303
+
+
+async def test_the_hub_feed_ends_with_its_sign_in(served: Served, make_browser: MakeBrowser) -> None:
+    """The hub's live feed is one long answer: opened before Sign out (in another tab, or with a copied cookie) it
+    must not go on sending the person's workspaces after it. It ends, and the browser's reconnect is refused."""
+    browser = await signed_in(make_browser, served)
+    copy = await make_browser(served)
+    copy.add_cookie(HUB, "codehub_session", browser.cookie(HUB, "codehub_session") or "")
+    feeds = []
+    async with contextlib.AsyncExitStack() as stack:
+        for who in (browser, copy):
+            cookie = "; ".join(f"{k}={v}" for k, v in who.cookies_for("localhost").items())
+            feed = await stack.enter_async_context(who.http.get(
+                who.gateway + "/api/v1/hub/events", headers={"Host": HUB[7:], "Cookie": cookie,
+                                                              "Accept": "text/event-stream"}))
+            assert feed.status == 200
+            assert (await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)).startswith(b"event: snapshot")
+            feeds.append(feed)
+        assert (await api(browser, "POST", "/auth/logout")).status == 303
+        for feed in feeds:
+            rest = await asyncio.wait_for(feed.content.read(), 10)  # ends: no timeout, no snapshot after
+            assert b"event: snapshot" not in rest, rest
+    again = await copy.fetch("GET", HUB + "/api/v1/hub/events", headers={"Accept": "text/event-stream"})
+    assert again.status == 401
 
 
 async def test_dev_sign_in_from_another_site_is_refused(served: Served, make_browser: MakeBrowser) -> None:

@@ -13,7 +13,16 @@ from multidict import CIMultiDict
 
 from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet, SigningKey, write_keys
-from gateway.auth.sessions import ASSERTION_TTL, HANDOFF_TTL, Session, Sessions, SignIn, read_cookie, set_cookie
+from gateway.auth.sessions import (
+    ASSERTION_TTL,
+    HANDOFF_TTL,
+    Ended,
+    Session,
+    Sessions,
+    SignIn,
+    read_cookie,
+    set_cookie,
+)
 from gateway.auth.store import FileTokenStore
 from gateway.errors import BadRequest
 from tests.auth.conftest import MakeBrowser, Serve
@@ -34,7 +43,7 @@ def sessions(clock: float = 0.0, keys: KeySet = KEYS) -> Sessions:
 
 def opened(s: Sessions, token: str, host: str) -> Identity | None:
     """Whose session ``token`` is on ``host``, with no sign-in signed out."""
-    session = s.read(token, host, ())
+    session = s.read(token, host, Ended())
     return session.identity if session is not None else None
 
 
@@ -204,8 +213,8 @@ def test_a_signed_out_sign_in_opens_no_session_even_one_read_before() -> None:
     s = sessions()
     sign_in, other = s.sign_in(), s.sign_in()
     at_hub, preview, again = s.issue(ALICE, ISSUER, sign_in), s.issue(ALICE, HOST, sign_in), s.issue(ALICE, HOST, other)
-    assert s.read(preview, HOST, ()) == (ALICE, sign_in)
-    ended = {sign_in.id}
+    assert s.read(preview, HOST, Ended()) == (ALICE, sign_in)
+    ended = Ended({sign_in.id: sign_in.expires})
     assert s.read(preview, HOST, ended) is None
     assert s.read(at_hub, ISSUER, ended) is None
     assert s.read(again, HOST, ended) == (ALICE, other)
@@ -220,7 +229,7 @@ def test_a_hand_off_passes_the_sign_in_on_and_its_sessions_end_with_it() -> None
     session, _, _ = s.read_code(s.handoff_code(signed_in, HOST, "state"), HOST, "state")
     assert session == (ALICE, SignIn("1" * 32, int(signed_in.sign_in.expires)))
     cookie = s.issue(session.identity, HOST, session.sign_in)
-    assert s.read(cookie, HOST, ()) == session
+    assert s.read(cookie, HOST, Ended()) == session
     assert opened(sessions(clock=101), cookie, HOST) is None
 
 
@@ -407,3 +416,30 @@ def test_a_cookie_is_host_only_httponly_and_as_cross_site_as_asked(secure: bool,
     assert first == "codehub_session=v"
     assert set(rest) == {"Path=/", "Max-Age=60", "HttpOnly", *attributes}
     assert len(rest) == len(set(rest))
+
+
+async def test_sign_outs_lost_with_their_file_still_end_their_sessions(tmp_path: Path) -> None:
+    """The used-keys file cut short or edited by hand: which sign-ins were signed out is lost with it, so a worker
+    started meanwhile, or after the next sign-in started the file again, must not open them. Every sign-in from
+    before the loss ends (everyone signs in once more), as hand-off codes from before it are refused; sign-ins
+    made after it go on."""
+    path, used = tmp_path / "tokens.json", tmp_path / "tokens.used.json"
+
+    def worker() -> FileTokenStore:  # one started now
+        return FileTokenStore(path, session_ttl=3600)
+
+    s = sessions()
+    signed_out, other = s.sign_in(), s.sign_in()
+    preview, elsewhere = s.issue(ALICE, HOST, signed_out), s.issue(ALICE, HOST, other)
+    await worker().end_sign_in(signed_out)
+    assert s.read(preview, HOST, worker().ended_sign_ins) is None
+    assert s.read(elsewhere, HOST, worker().ended_sign_ins) == (ALICE, other)
+
+    used.write_text('{"sign-out-')  # cut short
+    assert s.read(preview, HOST, worker().ended_sign_ins) is None, "a worker started meanwhile"
+    await worker().use_once("handoff-x", time.time() + 2 * HANDOFF_TTL)  # starts the file again
+    for token in (preview, elsewhere):
+        assert s.read(token, HOST, worker().ended_sign_ins) is None, "a worker started after"
+    later = sessions(5.0)
+    after = later.sign_in()
+    assert later.read(later.issue(ALICE, HOST, after), HOST, worker().ended_sign_ins) == (ALICE, after)

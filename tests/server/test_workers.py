@@ -370,3 +370,38 @@ async def test_a_worker_killed_under_load_is_replaced_and_the_other_keeps_its_we
     log = (tmp_path / "gateway.log").read_text()
     assert f"(pid {victim}) exited with -9; starting it again" in log
     assert "Traceback" not in log
+
+
+async def test_a_sign_out_through_one_worker_ends_copies_of_its_cookies_on_the_other(served: Served) -> None:
+    """Real processes on one used-keys file: the worker that took the sign-out refuses the hub's and the preview's
+    cookie at once, the other once it has looked at the file (once a second), and both go on refusing."""
+    status, _body, _pid, cookies = await served.request(
+        "POST", served.hub, "/auth/dev", data={"user": "alice"}, headers={"Origin": f"http://{served.hub}"})
+    hub = next(c for c in cookies if c.startswith("codehub_session=")).partition(";")[0]
+    status, _, _, cookies = await served.request("GET", served.preview(), "/", headers={"Accept": "text/html"})
+    state = next(c for c in cookies if c.startswith("codehub_handoff=")).partition(";")[0]
+    code_url = await _handoff_location(served, hub, f"http://{served.preview()}/", state.partition("=")[2])
+    status, _, _, cookies = await served.request("GET", served.preview(), code_url, headers={"Cookie": state})
+    assert status == 303
+    preview = next(c for c in cookies if c.startswith("codehub_session=")).partition(";")[0]
+    copies = [(served.hub, "/api/v1/me", hub), (served.preview(), "/", preview)]
+    for host, path, cookie in copies:
+        status, *_ = await served.request("GET", host, path, headers={"Cookie": cookie, "Accept": "application/json"})
+        assert status == 200
+
+    status, _, took, _ = await served.request("POST", served.hub, "/auth/logout",
+                                              headers={"Cookie": hub, "Origin": f"http://{served.hub}"})
+    assert status == 303
+    for host, path, cookie in copies:
+        status, *_ = await served.request("GET", host, path, worker=lambda pid: pid == took,
+                                          headers={"Cookie": cookie, "Accept": "application/json"})
+        assert status == 401, (host, "at once where it was taken")
+    deadline = time.monotonic() + 10
+    for host, path, cookie in copies:
+        while True:
+            status, *_ = await served.request("GET", host, path, worker=lambda pid: pid != took,
+                                              headers={"Cookie": cookie, "Accept": "application/json"})
+            if status == 401 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert status == 401, (host, "in the other worker once it has looked")

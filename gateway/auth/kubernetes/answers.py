@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from gateway.auth.sessions import SignIn
+from gateway.auth.sessions import Ended, SignIn
 from gateway.auth.store import ENDED, Consent
 from gateway.lifecycle.base import LifecycleError
 from gateway.lifecycle.kubernetes.client import CONSENT, USED_KEY, KubeClient, KubeError, retrying
@@ -110,7 +110,7 @@ class EndedSignIns:
 
     def __init__(self, informers: Informers, *, attempts: int) -> None:
         self._attempts = attempts
-        self.ids: dict[str, float] = {}
+        self.ids = Ended()  # no file to lose: no cut-off
         informers.register(USED_KEY, self._changed, label_selector=self.selector)
 
     async def end(self, used: UsedKeys, sign_in: SignIn) -> None:

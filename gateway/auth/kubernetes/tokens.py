@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from gateway.auth.identity import Identity
 from gateway.auth.kubernetes.answers import Consents, EndedSignIns, UsedKeys, refused_as_error
-from gateway.auth.sessions import SignIn
+from gateway.auth.sessions import Ended, SignIn
 from gateway.auth.store import (
     API_PREFIX,
     SHARE_PREFIX,
@@ -270,7 +270,7 @@ class KubeTokenStore:
         return await self._started(self._used).use_once(key, until)
 
     @property
-    def ended_sign_ins(self) -> Mapping[str, float]:
+    def ended_sign_ins(self) -> Ended:
         return self._ended.ids
 
     async def end_sign_in(self, sign_in: SignIn) -> None:
