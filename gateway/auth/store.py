@@ -676,8 +676,6 @@ class FileTokenStore:
                     _replace(self._used_path, json.dumps(used))
                 except OSError as exc:  # not recorded, so not admitted: it could be used again
                     raise self._unavailable(f"{self._used_path} cannot be written: {exc}", _UNWRITABLE) from None
-        if _SIGN_OUTS_LOST in stored:  # started again here (once written: a file not replaced lost nothing)
-            self._ended.before = max(self._ended.before, stored[_SIGN_OUTS_LOST])
         return first
 
     @property
