@@ -111,6 +111,16 @@ class Session(NamedTuple):
     identity: Identity
     sign_in: SignIn
 
+    def record(self) -> dict[str, Any]:
+        """As a cookie or a hand-off code seals it."""
+        return {**self.identity.claims(), "sid": self.sign_in.id, "exp": int(self.sign_in.expires)}
+
+    @classmethod
+    def of(cls, record: Any) -> Session:
+        """From what ``record`` sealed; KeyError or ValueError for a record of no sign-in (sealed before there
+        were any)."""
+        return cls(Identity.from_claims(record), SignIn(str(record["sid"]), float(record["exp"])))
+
 
 class TooManySignIns(GatewayError):
     status = 429
@@ -177,9 +187,7 @@ class Sessions:
         hand-off with a state of their own choosing, read the code off the callback URL on their origin, and
         redeem it themselves. What that buys them is this cookie, which opens their own host only, and no longer
         than the sign-in it came from (a new one when none is given: a sign-in at the hub)."""
-        sign_in = sign_in or self.sign_in()
-        record = {**identity.claims(), "exp": int(sign_in.expires), "sid": sign_in.id}
-        return self._seal(record, _SESSION_BLOCK, f"session {audience}")
+        return self._seal(Session(identity, sign_in or self.sign_in()).record(), _SESSION_BLOCK, f"session {audience}")
 
     def read(self, token: str, audience: str, ended: Ended) -> Session | None:
         """The session in a cookie for ``audience``, or None when it is invalid, expired, or its sign-in is one of
@@ -187,13 +195,12 @@ class Sessions:
         cached = self._verified.get((token, audience))
         if cached is None:
             try:
-                record = self._open(token, f"session {audience}")  # no code's, nor another host's, opens as one
-                sign_in = SignIn(str(record["sid"]), float(record["exp"]))
+                session = Session.of(self._open(token, f"session {audience}"))  # no code's, nor another host's
             except (jwt.InvalidTokenError, ValueError, KeyError):  # not sealed by these keys for this host
                 return None
             if len(self._verified) >= _CACHE_LIMIT:
                 self._verified.clear()
-            cached = self._verified[(token, audience)] = (Session(Identity.from_claims(record), sign_in), *sign_in)
+            cached = self._verified[(token, audience)] = (session, *session.sign_in)
         session, sign_in_id, expires = cached
         if self._clock() >= expires:
             del self._verified[(token, audience)]
@@ -209,8 +216,7 @@ class Sessions:
         """A code the hub puts in a URL on ``host``, where the owner's scripts can read it: the identity in it is
         sealed, so it tells them nothing (not even who), and it signs in only the browser holding ``state``, to
         the hub session's sign-in."""
-        record = {**session.identity.claims(), "sid": session.sign_in.id, "exp": int(session.sign_in.expires)}
-        who = self._seal(record, _SEAL_BLOCK, f"handoff {host}")
+        who = self._seal(session.record(), _SEAL_BLOCK, f"handoff {host}")
         return self._sign({"typ": "handoff", "state": state, "jti": secrets.token_hex(12), "who": who}, host,
                           HANDOFF_TTL)
 
@@ -219,8 +225,7 @@ class Sessions:
         state cookie. That it is used only once is the token store's to enforce: every replica must agree."""
         try:
             claims = self._verify(code, host, "handoff")
-            record = self._open(str(claims.get("who")), f"handoff {host}")
-            session = Session(Identity.from_claims(record), SignIn(str(record["sid"]), float(record["exp"])))
+            session = Session.of(self._open(str(claims.get("who")), f"handoff {host}"))
         except (jwt.InvalidTokenError, ValueError, KeyError):
             raise BadRequest("This sign-in link is invalid or has expired. Open the page again.",
                              code="handoff-invalid") from None
