@@ -172,8 +172,9 @@ class Sessions:
         begun = [at for at in self._begun.get(identity.subject, ()) if at > now - 3600]
         if len(begun) >= SIGN_INS_PER_HOUR:
             wait = max(1, int(begun[0] + 3600 - now) + 1)
+            minutes = -(-wait // 60)
             raise TooManySignIns(f"You have signed in {len(begun)} times in the last hour. Sign in again in "
-                                 f"{-(-wait // 60)} minutes.", headers={"Retry-After": str(wait)})
+                                 f"{minutes} minute{'s' if minutes != 1 else ''}.", headers={"Retry-After": str(wait)})
         if identity.subject not in self._begun and len(self._begun) >= _CACHE_LIMIT:
             self._begun = {who: times for who, times in self._begun.items() if times[-1] > now - 3600}
             if len(self._begun) >= _CACHE_LIMIT:

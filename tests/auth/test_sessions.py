@@ -16,10 +16,12 @@ from gateway.auth.keys import KeySet, SigningKey, write_keys
 from gateway.auth.sessions import (
     ASSERTION_TTL,
     HANDOFF_TTL,
+    SIGN_INS_PER_HOUR,
     Ended,
     Session,
     Sessions,
     SignIn,
+    TooManySignIns,
     read_cookie,
     set_cookie,
 )
@@ -443,3 +445,18 @@ async def test_sign_outs_lost_with_their_file_still_end_their_sessions(tmp_path:
     later = sessions(5.0)
     after = later.sign_in()
     assert later.read(later.issue(ALICE, HOST, after), HOST, worker().ended_sign_ins) == (ALICE, after)
+
+
+def test_a_person_signs_in_at_most_so_often_an_hour_and_hears_when_to_come_back() -> None:
+    now = [1_000_000.0]
+    s = Sessions(lambda: KEYS, ISSUER, ttl=3600, clock=lambda: now[0])
+    for _ in range(SIGN_INS_PER_HOUR):
+        s.begin(ALICE)
+    s.begin(Identity("bob"))  # others meanwhile as usual
+    now[0] += 3599.5
+    with pytest.raises(TooManySignIns) as refused:
+        s.begin(ALICE)
+    assert (refused.value.status, refused.value.headers["Retry-After"]) == (429, "1")
+    assert str(refused.value).endswith("Sign in again in 1 minute.")
+    now[0] += 1
+    assert s.begin(ALICE).expires == int(now[0]) + 3600
