@@ -26,7 +26,7 @@ from tests.kube.test_gateway import gateway_config
 pytestmark = pytest.mark.timeout(60)
 
 EVERY_KIND = {"workspaces", "pods", "persistentvolumeclaims", "volumesnapshots",  # the runtime's view
-              "sharelinks", "apitokens", "identityconsents"}  # the token store's
+              "sharelinks", "apitokens", "identityconsents", "usedkeys"}  # the token store's (used keys: sign-outs)
 
 
 def ignore(_event: str, _obj: dict[str, Any]) -> None:
