@@ -335,7 +335,8 @@ async def test_connections_past_the_limit_are_answered_503_and_closed(
         assert b"Retry-After: 1" in answer.head
         assert await closed_by_gateway(reader)
         writer.close()
-        quiet_refusal(caplog, 503, "too-many-connections")
+        line = quiet_refusal(caplog, 503, "too-many-connections")
+        assert (line["remote"], line["ms"]) == ("127.0.0.1", 0.0)  # who was refused; no request was read
         held.pop()[1].close()
         await room()
         for reader, writer in held[:1]:  # the held ones are served, and room was made for one more
@@ -410,6 +411,27 @@ async def test_a_partial_head_handed_to_aiohttps_lane_keeps_its_deadline(
         writer.close()
     assert_refused(answer, 408, "head-timeout")
     quiet_refusal(caplog, 408, "head-timeout")
+
+
+async def test_the_bytes_of_a_body_start_no_head_deadline(proxied: MakeProxied) -> None:
+    """The deadline runs from the first byte of a head, not of a body: after an upload that came in pieces, the
+    kept-alive connection is idle, not a head that is late, and the next request on it is served whenever it
+    comes within ``keepalive`` (it was answered 408 once ``head_timeout`` had passed since the last piece)."""
+    p = await proxied(echo_app(), limits={"head_timeout": 0.5, "keepalive": 60})
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(f"POST /up HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 4\r\n\r\nab".encode())
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the request is being served, its body half read
+        writer.write(b"cd")
+        answer = await read_answer(reader)
+        assert (answer.status, json.loads(answer.body)["body"]) == (200, "abcd"), answer.head
+        await asyncio.sleep(1.0)  # idle for twice the head timeout
+        writer.write(head().replace(b"{host}", p.host.encode()))
+        assert (await read_answer(reader)).status == 200
+    finally:
+        writer.close()
+    assert "head-timeout" not in await p.metrics()
 
 
 # --- out of file descriptors ----------------------------------------------------------------------------------
