@@ -434,6 +434,23 @@ async def test_the_bytes_of_a_body_start_no_head_deadline(proxied: MakeProxied) 
     assert "head-timeout" not in await p.metrics()
 
 
+async def test_a_request_pipelined_behind_the_last_piece_of_a_body_is_served(proxied: MakeProxied) -> None:
+    """What the parser queues behind a body in progress is looked at for a malformed chunk (``bad-chunk``): a whole
+    next request there, in the packet that ends the body, is no refusal, and is served after the upload."""
+    p = await proxied(echo_app())
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(f"POST /up HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 4\r\n\r\nab".encode())
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the request is being served, its body half read
+        writer.write(b"cd" + head("/next").replace(b"{host}", p.host.encode()))
+        answers = [await read_answer(reader) for _ in range(2)]
+    finally:
+        writer.close()
+    assert [(a.status, json.loads(a.body)["raw_path"]) for a in answers] == [(200, "/up"), (200, "/next")]
+    assert "codehub_bad_requests_total{" not in await p.metrics()
+
+
 # --- out of file descriptors ----------------------------------------------------------------------------------
 
 @pytest.fixture
