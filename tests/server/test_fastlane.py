@@ -154,6 +154,20 @@ async def test_right_after_a_wake_a_refused_connect_is_tried_again_here_too(prox
     assert head.startswith(b"HTTP/1.1 200"), head  # a failure here is handed over as a 502, never sent again
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"], ids=["fast-lane", "aiohttp-lane"])
+async def test_right_after_a_wake_a_port_that_never_listens_is_a_502_once_the_grace_is_spent(
+        proxied: MakeProxied, method: str) -> None:
+    """The grace is one for the request, however many connects it refuses: a port that never listens is answered
+    502 ``port-not-listening`` once ``WAKE_CONNECT_GRACE`` is spent, not retried for as long as the client waits."""
+    p = await proxied(None)
+    p.gateway.waker.settling = lambda *_: True  # type: ignore[method-assign]
+    raw = get(p, "/x", "Accept: application/json") if method == "GET" else (
+        f"POST /x HTTP/1.1\r\nHost: {p.host}\r\nAccept: application/json\r\nContent-Length: 0\r\n\r\n".encode())
+    [(head, body)] = await exchange(p, raw)
+    assert head.startswith(b"HTTP/1.1 502"), head
+    assert json.loads(body)["error"]["code"] == "port-not-listening"
+
+
 async def test_a_bug_while_serving_is_a_500_and_one_logged_traceback_with_the_path_escaped(
         proxied: MakeProxied, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Nothing went out: aiohttp answers the plan's error; the log line names the request, its path (the client's
