@@ -28,6 +28,7 @@ import yaml
 from aiohttp import web
 
 from gateway.auth.identity import Identity
+from gateway.server import refusals
 from gateway.server.fastlane import FastLaneServer
 from gateway.server.refusals import Reason, refusal
 from tests.conftest import next_address
@@ -352,6 +353,28 @@ async def test_connections_past_the_limit_are_answered_503_and_closed(
         for _, writer in held:
             writer.close()
     await counted(p, "too-many-connections")
+
+
+async def test_refused_connections_linger_only_up_to_a_bound(proxied: MakeProxied,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused connection stays open a moment after its 503 (``LINGER``), but only ``MOST_LINGERING`` of them at
+    once: past that they are closed right after their answer, so a flood cannot hold file descriptors that way."""
+    from tests.server.test_upstream_faults import sockets  # here: that module imports this one
+
+    monkeypatch.setattr(refusals, "MOST_LINGERING", 2)
+    p = await proxied(echo_app(), limits={"connections": 1})
+    assert p.client.port is not None
+    gateway = (p.client.host, p.client.port)
+    held = await asyncio.open_connection(*gateway)
+    refused = [await asyncio.open_connection(*gateway) for _ in range(4)]
+    try:
+        for reader, _ in refused:
+            assert (await read_answer(reader)).status == 503
+            assert await reader.read() == b""
+        assert sockets(local=gateway) == 1 + 2  # the held connection and two lingering
+    finally:
+        for _, writer in [held, *refused]:
+            writer.close()
 
 
 @pytest.mark.parametrize("prelude", ["after-fast-lane", "after-aiohttp-lane"])
