@@ -357,24 +357,33 @@ async def test_connections_past_the_limit_are_answered_503_and_closed(
 
 async def test_refused_connections_linger_only_up_to_a_bound(proxied: MakeProxied,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """A refused connection stays open a moment after its 503 (``LINGER``), but only ``MOST_LINGERING`` of them at
-    once: past that they are closed right after their answer, so a flood cannot hold file descriptors that way."""
+    """A refused connection stays open after its 503 until its client closes (at most ``LINGER``), but only
+    ``MOST_LINGERING`` of them at once: past that they are closed right after their answer, so a flood cannot hold
+    file descriptors that way. Those whose clients closed make room again."""
     from tests.server.test_upstream_faults import sockets  # here: that module imports this one
 
     monkeypatch.setattr(refusals, "MOST_LINGERING", 2)
+    monkeypatch.setattr(refusals, "LINGER", 60.0)  # far longer than the test: only the clients end the linger
     p = await proxied(echo_app(), limits={"connections": 1})
     assert p.client.port is not None
     gateway = (p.client.host, p.client.port)
     held = await asyncio.open_connection(*gateway)
-    refused = [await asyncio.open_connection(*gateway) for _ in range(4)]
     try:
-        for reader, _ in refused:
-            assert (await read_answer(reader)).status == 503
-            assert await reader.read() == b""
-        assert sockets(local=gateway) == 1 + 2  # the held connection and two lingering
+        for _ in range(2):
+            refused = [await asyncio.open_connection(*gateway) for _ in range(4)]
+            for reader, _ in refused:
+                assert (await read_answer(reader)).status == 503
+                assert await reader.read() == b""
+            assert sockets(local=gateway) == 1 + 2  # the held connection and two lingering
+            for _, writer in refused:
+                writer.close()
+            for _ in range(100):  # until the gateway has closed its ends too (bounded)
+                if sockets(local=gateway) == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert sockets(local=gateway) == 1
     finally:
-        for _, writer in [held, *refused]:
-            writer.close()
+        held[1].close()
 
 
 @pytest.mark.parametrize("prelude", ["after-fast-lane", "after-aiohttp-lane"])
