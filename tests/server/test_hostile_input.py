@@ -133,6 +133,7 @@ HOSTILE = [
     ("tls-on-plain-http", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, "bad-request-line"),
     ("http2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "bad-request-line"),
     ("bare-lf", b"GET /x HTTP/1.1\nHost: {host}\n\n", 400, "bad-request-line"),
+    ("bare-cr", b"GET /x HTTP/1.1\rHost: {host}\r\n\r\n", 400, "malformed"),  # none of the parser's words fit
     ("control-char-in-header", b"GET /x HTTP/1.1\r\nHost: {host}\r\nX-A: a\x01b\r\n\r\n", 400, "bad-header"),
     ("nul-in-header", b"GET /x HTTP/1.1\r\nHost: {host}\r\nX-A: a\x00b\r\n\r\n", 400, "bad-header"),
     ("space-in-header-name", b"GET /x HTTP/1.1\r\nHost: {host}\r\nBad Header: yes\r\n\r\n", 400, "bad-header"),
