@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 
 import pytest
 from aiohttp import web
@@ -65,6 +66,23 @@ async def test_plain_gets_stay_on_the_lane_across_keep_alive(proxied: MakeProxie
             assert json.loads(await reader.readexactly(length))["raw_path"] == path
         assert len(fast_lane_server(p).lanes) == 1
         assert fast_lane_server(p).inner.connections == []
+    finally:
+        writer.close()
+
+
+async def test_the_lane_writes_without_nagles_delay(proxied: MakeProxied) -> None:
+    """A streamed answer's head and first chunk are separate small writes: with Nagle's algorithm on, the second
+    waits for the client's (delayed) ACK of the first. The lane turns it off on every connection."""
+    p = await proxied(echo_app())
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(get(p))
+        async with asyncio.timeout(10):
+            await reader.readuntil(b"\r\n\r\n")
+        [lane] = fast_lane_server(p).lanes
+        assert lane._transport is not None
+        sock = lane._transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         writer.close()
 
