@@ -429,6 +429,29 @@ async def test_a_dribbled_head_gets_408_within_the_head_timeout(
     await counted(p, "head-timeout")
 
 
+@pytest.mark.parametrize("prelude", list(PRELUDES))
+async def test_the_head_deadline_runs_from_the_first_byte_not_from_the_idle_start(proxied: MakeProxied,
+                                                                                  prelude: str) -> None:
+    """A connection idle for longer than ``head_timeout`` (well within ``keepalive``) that then sends a head in
+    pieces is served: the head's time starts with its first byte, not when the connection fell idle."""
+    p = await proxied(echo_app(), limits={"head_timeout": 0.5, "keepalive": 60})
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        first = PRELUDES[prelude].replace(b"{host}", p.host.encode())
+        if first:
+            writer.write(first)
+            assert (await read_answer(reader)).status == 200
+        await asyncio.sleep(1.0)  # idle for twice the head timeout
+        whole = head().replace(b"{host}", p.host.encode())
+        writer.write(whole[:10])
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(whole[10:])
+        assert (await read_answer(reader)).status == 200
+    finally:
+        writer.close()
+
+
 async def test_a_partial_head_handed_to_aiohttps_lane_keeps_its_deadline(
         proxied: MakeProxied, caplog: pytest.LogCaptureFixture) -> None:
     """A head too big for the fast lane goes to aiohttp's lane unfinished: the deadline that began with its first
