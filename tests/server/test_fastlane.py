@@ -87,6 +87,23 @@ async def test_the_lane_writes_without_nagles_delay(proxied: MakeProxied) -> Non
         writer.close()
 
 
+async def test_a_client_that_asks_to_close_is_told_so_and_the_connection_ends(proxied: MakeProxied) -> None:
+    """``Connection: close`` from the client: the answer says ``Connection: close`` (RFC 9112 §9.6) and the
+    connection ends after it."""
+    p = await proxied(echo_app())
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(get(p, "/x", "Connection: close"))
+        async with asyncio.timeout(10):
+            raw = await reader.read()
+    finally:
+        writer.close()
+    head, _, _ = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"\r\nconnection: close" in head.lower()
+    assert fast_lane_server(p).lanes == set()
+
+
 async def test_a_head_split_over_many_writes_is_assembled(proxied: MakeProxied) -> None:
     p = await proxied(echo_app())
     [(head, body)] = await exchange(p, get(p, "/slowly/typed", "X-One: 1"), pieces=7)
