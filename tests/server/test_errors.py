@@ -35,6 +35,7 @@ async def test_refused_port_is_a_502_page_for_browsers(proxied: MakeProxied, bro
         body = await assert_clean(response)
     assert f"Nothing is listening on port {p.port} in workspace ws1" in body
     assert response.headers["Retry-After"]
+    assert '<meta http-equiv="refresh"' in body  # "this page retries by itself"
 
 
 async def test_refused_port_is_a_502_json_for_api_clients(proxied: MakeProxied) -> None:

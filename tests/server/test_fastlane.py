@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 
 import pytest
 from aiohttp import web
@@ -67,6 +68,40 @@ async def test_plain_gets_stay_on_the_lane_across_keep_alive(proxied: MakeProxie
         assert fast_lane_server(p).inner.connections == []
     finally:
         writer.close()
+
+
+async def test_the_lane_writes_without_nagles_delay(proxied: MakeProxied) -> None:
+    """A streamed answer's head and first chunk are separate small writes: with Nagle's algorithm on, the second
+    waits for the client's (delayed) ACK of the first. The lane turns it off on every connection."""
+    p = await proxied(echo_app())
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(get(p))
+        async with asyncio.timeout(10):
+            await reader.readuntil(b"\r\n\r\n")
+        [lane] = fast_lane_server(p).lanes
+        assert lane._transport is not None
+        sock = lane._transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        writer.close()
+
+
+async def test_a_client_that_asks_to_close_is_told_so_and_the_connection_ends(proxied: MakeProxied) -> None:
+    """``Connection: close`` from the client: the answer says ``Connection: close`` (RFC 9112 §9.6) and the
+    connection ends after it."""
+    p = await proxied(echo_app())
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(get(p, "/x", "Connection: close"))
+        async with asyncio.timeout(10):
+            raw = await reader.read()
+    finally:
+        writer.close()
+    head, _, _ = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"\r\nconnection: close" in head.lower()
+    assert fast_lane_server(p).lanes == set()
 
 
 async def test_a_head_split_over_many_writes_is_assembled(proxied: MakeProxied) -> None:
@@ -152,6 +187,20 @@ async def test_right_after_a_wake_a_refused_connect_is_tried_again_here_too(prox
     [(head, _)] = await exchange(p, get(p, "/x", "Accept: application/json"))
     await starting
     assert head.startswith(b"HTTP/1.1 200"), head  # a failure here is handed over as a 502, never sent again
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"], ids=["fast-lane", "aiohttp-lane"])
+async def test_right_after_a_wake_a_port_that_never_listens_is_a_502_once_the_grace_is_spent(
+        proxied: MakeProxied, method: str) -> None:
+    """The grace is one for the request, however many connects it refuses: a port that never listens is answered
+    502 ``port-not-listening`` once ``WAKE_CONNECT_GRACE`` is spent, not retried for as long as the client waits."""
+    p = await proxied(None)
+    p.gateway.waker.settling = lambda *_: True  # type: ignore[method-assign]
+    raw = get(p, "/x", "Accept: application/json") if method == "GET" else (
+        f"POST /x HTTP/1.1\r\nHost: {p.host}\r\nAccept: application/json\r\nContent-Length: 0\r\n\r\n".encode())
+    [(head, body)] = await exchange(p, raw)
+    assert head.startswith(b"HTTP/1.1 502"), head
+    assert json.loads(body)["error"]["code"] == "port-not-listening"
 
 
 async def test_a_bug_while_serving_is_a_500_and_one_logged_traceback_with_the_path_escaped(

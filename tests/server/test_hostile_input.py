@@ -28,6 +28,7 @@ import yaml
 from aiohttp import web
 
 from gateway.auth.identity import Identity
+from gateway.server import refusals
 from gateway.server.fastlane import FastLaneServer
 from gateway.server.refusals import Reason, refusal
 from tests.conftest import next_address
@@ -132,6 +133,7 @@ HOSTILE = [
     ("tls-on-plain-http", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, "bad-request-line"),
     ("http2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "bad-request-line"),
     ("bare-lf", b"GET /x HTTP/1.1\nHost: {host}\n\n", 400, "bad-request-line"),
+    ("bare-cr", b"GET /x HTTP/1.1\rHost: {host}\r\n\r\n", 400, "malformed"),  # none of the parser's words fit
     ("control-char-in-header", b"GET /x HTTP/1.1\r\nHost: {host}\r\nX-A: a\x01b\r\n\r\n", 400, "bad-header"),
     ("nul-in-header", b"GET /x HTTP/1.1\r\nHost: {host}\r\nX-A: a\x00b\r\n\r\n", 400, "bad-header"),
     ("space-in-header-name", b"GET /x HTTP/1.1\r\nHost: {host}\r\nBad Header: yes\r\n\r\n", 400, "bad-header"),
@@ -335,7 +337,8 @@ async def test_connections_past_the_limit_are_answered_503_and_closed(
         assert b"Retry-After: 1" in answer.head
         assert await closed_by_gateway(reader)
         writer.close()
-        quiet_refusal(caplog, 503, "too-many-connections")
+        line = quiet_refusal(caplog, 503, "too-many-connections")
+        assert (line["remote"], line["ms"]) == ("127.0.0.1", 0.0)  # who was refused; no request was read
         held.pop()[1].close()
         await room()
         for reader, writer in held[:1]:  # the held ones are served, and room was made for one more
@@ -351,6 +354,37 @@ async def test_connections_past_the_limit_are_answered_503_and_closed(
         for _, writer in held:
             writer.close()
     await counted(p, "too-many-connections")
+
+
+async def test_refused_connections_linger_only_up_to_a_bound(proxied: MakeProxied,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused connection stays open after its 503 until its client closes (at most ``LINGER``), but only
+    ``MOST_LINGERING`` of them at once: past that they are closed right after their answer, so a flood cannot hold
+    file descriptors that way. Those whose clients closed make room again."""
+    from tests.server.test_upstream_faults import sockets  # here: that module imports this one
+
+    monkeypatch.setattr(refusals, "MOST_LINGERING", 2)
+    monkeypatch.setattr(refusals, "LINGER", 60.0)  # far longer than the test: only the clients end the linger
+    p = await proxied(echo_app(), limits={"connections": 1})
+    assert p.client.port is not None
+    gateway = (p.client.host, p.client.port)
+    held = await asyncio.open_connection(*gateway)
+    try:
+        for _ in range(2):
+            refused = [await asyncio.open_connection(*gateway) for _ in range(4)]
+            for reader, _ in refused:
+                assert (await read_answer(reader)).status == 503
+                assert await reader.read() == b""
+            assert sockets(local=gateway) == 1 + 2  # the held connection and two lingering
+            for _, writer in refused:
+                writer.close()
+            for _ in range(100):  # until the gateway has closed its ends too (bounded)
+                if sockets(local=gateway) == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert sockets(local=gateway) == 1
+    finally:
+        held[1].close()
 
 
 @pytest.mark.parametrize("prelude", ["after-fast-lane", "after-aiohttp-lane"])
@@ -395,6 +429,29 @@ async def test_a_dribbled_head_gets_408_within_the_head_timeout(
     await counted(p, "head-timeout")
 
 
+@pytest.mark.parametrize("prelude", list(PRELUDES))
+async def test_the_head_deadline_runs_from_the_first_byte_not_from_the_idle_start(proxied: MakeProxied,
+                                                                                  prelude: str) -> None:
+    """A connection idle for longer than ``head_timeout`` (well within ``keepalive``) that then sends a head in
+    pieces is served: the head's time starts with its first byte, not when the connection fell idle."""
+    p = await proxied(echo_app(), limits={"head_timeout": 0.5, "keepalive": 60})
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        first = PRELUDES[prelude].replace(b"{host}", p.host.encode())
+        if first:
+            writer.write(first)
+            assert (await read_answer(reader)).status == 200
+        await asyncio.sleep(1.0)  # idle for twice the head timeout
+        whole = head().replace(b"{host}", p.host.encode())
+        writer.write(whole[:10])
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(whole[10:])
+        assert (await read_answer(reader)).status == 200
+    finally:
+        writer.close()
+
+
 async def test_a_partial_head_handed_to_aiohttps_lane_keeps_its_deadline(
         proxied: MakeProxied, caplog: pytest.LogCaptureFixture) -> None:
     """A head too big for the fast lane goes to aiohttp's lane unfinished: the deadline that began with its first
@@ -410,6 +467,44 @@ async def test_a_partial_head_handed_to_aiohttps_lane_keeps_its_deadline(
         writer.close()
     assert_refused(answer, 408, "head-timeout")
     quiet_refusal(caplog, 408, "head-timeout")
+
+
+async def test_the_bytes_of_a_body_start_no_head_deadline(proxied: MakeProxied) -> None:
+    """The deadline runs from the first byte of a head, not of a body: after an upload that came in pieces, the
+    kept-alive connection is idle, not a head that is late, and the next request on it is served whenever it
+    comes within ``keepalive`` (it was answered 408 once ``head_timeout`` had passed since the last piece)."""
+    p = await proxied(echo_app(), limits={"head_timeout": 0.5, "keepalive": 60})
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(f"POST /up HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 4\r\n\r\nab".encode())
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the request is being served, its body half read
+        writer.write(b"cd")
+        answer = await read_answer(reader)
+        assert (answer.status, json.loads(answer.body)["body"]) == (200, "abcd"), answer.head
+        await asyncio.sleep(1.0)  # idle for twice the head timeout
+        writer.write(head().replace(b"{host}", p.host.encode()))
+        assert (await read_answer(reader)).status == 200
+    finally:
+        writer.close()
+    assert "head-timeout" not in await p.metrics()
+
+
+async def test_a_request_pipelined_behind_the_last_piece_of_a_body_is_served(proxied: MakeProxied) -> None:
+    """What the parser queues behind a body in progress is looked at for a malformed chunk (``bad-chunk``): a whole
+    next request there, in the packet that ends the body, is no refusal, and is served after the upload."""
+    p = await proxied(echo_app())
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(f"POST /up HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 4\r\n\r\nab".encode())
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the request is being served, its body half read
+        writer.write(b"cd" + head("/next").replace(b"{host}", p.host.encode()))
+        answers = [await read_answer(reader) for _ in range(2)]
+    finally:
+        writer.close()
+    assert [(a.status, json.loads(a.body)["raw_path"]) for a in answers] == [(200, "/up"), (200, "/next")]
+    assert "codehub_bad_requests_total{" not in await p.metrics()
 
 
 # --- out of file descriptors ----------------------------------------------------------------------------------

@@ -311,6 +311,28 @@ async def test_a_get_broken_off_before_its_first_byte_is_sent_again_on_a_fresh_c
     assert len(set(peers)) == 2
 
 
+async def test_an_upload_broken_off_before_its_first_byte_is_not_sent_again(proxied: MakeProxied) -> None:
+    """A request with a body is not replayed, even with a method that may be (PUT) and right after a wake (when
+    refused connects and unanswered requests are tried again): its body went out once and is gone. The client
+    gets the 502, the app saw it once."""
+    peers: list[object] = []
+
+    async def flaky(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername"))
+        request.transport.abort()
+        return web.Response(text="never sent")
+
+    app = web.Application()
+    app.router.add_put("/", flaky)
+    p = await proxied(app)
+    p.gateway.waker.settling = lambda *_: True  # type: ignore[method-assign]
+    async with p.request("PUT", "/", data=b"payload", headers={"Accept": "application/json"}) as response:
+        assert response.status == 502
+        assert (await response.json())["error"]["code"] == "upstream-error"
+    assert len(peers) == 1
+
+
 @pytest.mark.parametrize("status", [204, 304])
 async def test_bodiless_statuses(proxied: MakeProxied, status: int) -> None:
     async def answer(request: web.Request) -> web.Response:

@@ -188,15 +188,19 @@ async def test_a_client_that_reads_nothing_does_not_hold_a_place_in_flight(make_
         server.close()
 
 
-async def slow_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Every answer takes a moment, so what a client pipelines arrives while its request is in flight."""
+def slow_answers(delay: float) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """Every answer takes ``delay`` seconds, so what a client pipelines arrives while its request is in flight."""
+    return lambda reader, writer: answer_after(delay, reader, writer)
+
+
+async def answer_after(delay: float, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
             if length:
                 await reader.readexactly(int(length[1]))
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(delay)
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
@@ -205,14 +209,15 @@ async def slow_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         writer.close()
 
 
+@pytest.mark.parametrize("delay", [0.3, 1.0], ids=["answered-within-it", "answered-after-it"])
 @pytest.mark.parametrize("method", ["GET", "POST"], ids=["fast-lane", "aiohttp-lane"])
 async def test_a_head_begun_while_a_request_is_in_flight_keeps_its_deadline(make_gateway: MakeGateway,
-                                                                            method: str) -> None:
+                                                                            method: str, delay: float) -> None:
     """A slowloris that begins its next head while its request is in flight (pipelined, a packet of its own) and
     never finishes it gets 408 within ``head_timeout``, as one that begins it after the answer does; not a
-    connection held until ``keepalive``."""
+    connection held until ``keepalive``. When the answer takes longer than ``head_timeout``, the 408 follows it."""
     address = next_address()
-    server = await asyncio.start_server(slow_answers, address, 0)
+    server = await asyncio.start_server(slow_answers(delay), address, 0)
     port = server.sockets[0].getsockname()[1]
     client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
                                 limits={"head_timeout": 0.5, "keepalive": 60})

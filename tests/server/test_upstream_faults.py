@@ -577,6 +577,30 @@ async def test_a_connect_that_takes_too_long_is_a_504_counted_as_a_timeout(make_
         await upstream.close()
 
 
+@pytest.mark.parametrize("lane", list(LANES))
+async def test_a_connect_that_takes_too_long_is_a_504_for_a_request_too(make_gateway: MakeGateway,
+                                                                         lane: str) -> None:
+    """An HTTP request whose connect outlasts ``timeouts.connect`` is answered 504 and counted, in either lane; the
+    connect is not tried again for as long as the client waits."""
+    address = next_address()
+    upstream = Misbehaving()
+    port = await upstream.start(address)
+    try:
+        client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})},
+                                    in_memory=True, timeouts={"connect": 1e-9})
+        await client.app[GATEWAY].runtime.wake(WORKSPACE)
+        assert client.port is not None
+        faulty = Faulty(f"{port}-{WORKSPACE}.localhost:8080", client.host, client.port, upstream,
+                        lambda: scrape(client.app))
+        answer, body, _ = await faulty.send(LANES[lane], "/ok")
+        assert answer is not None
+        assert answer.status == 504, answer.head
+        assert b'"code": "upstream-timeout"' in body
+        assert 'codehub_upstream_connect_errors_total{reason="timeout"} 1.0' in await faulty.metrics()
+    finally:
+        await upstream.close()
+
+
 def sockets(*, local: tuple[str, int] | None = None, remote: tuple[str, int] | None = None) -> int:
     """Connected TCP sockets with a file open in some process (an aborted socket whose last bytes the kernel still
     tries to deliver has none), by the local or the remote end (loopback addresses are the tests' own)."""
