@@ -55,6 +55,7 @@ async def test_a_new_workspace_of_an_old_name_inherits_nothing(
         kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
     emu = kube.emulator
     emu.controllers.paused_gc = True  # a busy garbage collector: the old pod and home are still there
+    emu.controllers.pod_termination = 0.3  # and the old pod, once deleted, takes a moment to go
     runtime = await make_runtime()
     await new_workspace(runtime)
     await runtime.wake("w1")
