@@ -171,7 +171,7 @@ async def test_a_failed_pod_is_failed_and_wake_replaces_it(kube: KubeEnv, kubele
 async def test_unknown_workspaces(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
     runtime = await make_runtime()
     assert runtime.get("nope") is None
-    for operation in (runtime.wake, runtime.stop, runtime.archive, runtime.status):
+    for operation in (runtime.wake, runtime.stop, runtime.archive, runtime.status, runtime.delete):
         with pytest.raises(NotFound):
             await operation("nope")
     await new_workspace(runtime)
