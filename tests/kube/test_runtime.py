@@ -15,6 +15,7 @@ from gateway.lifecycle import LifecycleError, Phase, WorkspaceSpec
 from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.lifecycle.kubernetes.client import LEASE as LEASE_KIND
 from gateway.lifecycle.kubernetes.client import POD as POD_KIND
+from gateway.lifecycle.kubernetes.client import WORKSPACE as WORKSPACE_KIND
 from gateway.lifecycle.kubernetes.client import KubeClient
 from gateway.lifecycle.kubernetes.objects import make_pod, make_pvc
 from gateway.lifecycle.kubernetes.objects import parse_workspace as parse
@@ -178,6 +179,45 @@ async def test_unknown_workspaces(kube: KubeEnv, make_runtime: MakeRuntime) -> N
     with pytest.raises(Conflict):
         await runtime.create_workspace(WorkspaceSpec(id="w1", owner="mallory"))
     assert (await runtime.create_workspace(WorkspaceSpec(id="w1", owner="alice"))).phase is Phase.WARM
+
+
+async def test_a_workspace_made_with_its_own_image_port_storage_and_resources_gets_them(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    state = await runtime.create_workspace(WorkspaceSpec(id="w1", owner="alice", ide_port=8443),
+                                           image="example/ide:2", storage="7Gi", resources={"limits": {"cpu": "2"}})
+    assert state.spec.ide_port == 8443
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+    pod, pvc = emu.get_object(POD, NS, "ws-w1"), emu.get_object(PVC, NS, "ws-w1-home")
+    assert pod is not None
+    assert pvc is not None
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == "example/ide:2"
+    assert container["ports"][0]["containerPort"] == 8443
+    assert container["resources"] == {"limits": {"cpu": "2"}}
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "7Gi"
+    # The gateway's own default port is not written into the Workspace: it follows the setting.
+    await runtime.create_workspace(WorkspaceSpec(id="w2", owner="alice", ide_port=13337))
+    stored = emu.get_object(WORKSPACE, NS, "w2")
+    assert stored is not None
+    assert "idePort" not in stored["spec"]
+
+
+async def test_a_delete_decided_on_a_stale_cache_spares_a_namesake_made_since(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime(request_timeout=1)
+    await new_workspace(runtime)
+    await runtime.informers[WORKSPACE_KIND].stop()  # its cache still holds the first w1
+    emu.delete_object(WORKSPACE, NS, "w1")
+    await emu.wait_gone(WORKSPACE, NS, "w1")
+    emu.create_object(WORKSPACE, {"metadata": {"name": "w1"}, "spec": {"owner": "mallory"}}, NS)
+    await runtime.delete("w1")  # meant the first w1, which is gone already
+    survivor = emu.get_object(WORKSPACE, NS, "w1")
+    assert survivor is not None
+    assert survivor["spec"]["owner"] == "mallory"
+    assert not survivor["metadata"].get("deletionTimestamp")
 
 
 async def test_update_patches_the_workspace_spec(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
