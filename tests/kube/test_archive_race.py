@@ -71,8 +71,18 @@ async def test_a_wake_after_the_archive_committed_waits_and_restores(
                        lambda s: bool(s.get("status", {}).get("readyToUse")))
     # Another replica committed to deleting the volume, then died before it did.
     emu.patch_object(WORKSPACE, NS, "w1", {"metadata": {"annotations": {INTENT: "deleting/gw-z/1"}}})
-    old = emu.get_object(PVC, NS, "ws-w1-home")["metadata"]["uid"]  # type: ignore[index]
-    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+    home = emu.get_object(PVC, NS, "ws-w1-home")
+    assert home is not None
+    old = home["metadata"]["uid"]
+    emu.patch_object(PVC, NS, "ws-w1-home", {"metadata": {"finalizers": [*home["metadata"]["finalizers"],
+                                                                         "test.example/hold"]}})
+    waking = asyncio.create_task(runtime.wake("w1"))
+    await until(lambda: bool((emu.get_object(PVC, NS, "ws-w1-home") or {})["metadata"].get("deletionTimestamp")))
+    await asyncio.sleep(0.3)
+    assert len(list(emu["delete", PVC])) == 1  # the wake finishes the deletion once, then waits for it
+    assert names(emu, POD) == []
+    emu.patch_object(PVC, NS, "ws-w1-home", {"metadata": {"finalizers": None}})
+    assert (await waking).phase is Phase.RUNNING
     pvc = emu.get_object(PVC, NS, "ws-w1-home")
     assert pvc is not None
     assert pvc["metadata"]["uid"] != old

@@ -87,8 +87,9 @@ async def test_a_name_is_not_reused_while_its_workspace_is_being_deleted(
     assert runtime.get("w1") is None  # but it is gone for routing, links and wakes
     with pytest.raises(NotFound):
         await runtime.wake("w1")
-    with pytest.raises(Conflict, match="still being deleted"):
+    with pytest.raises(Conflict, match="still being deleted") as refused:
         await runtime.create_workspace(WorkspaceSpec(id="w1", owner="alice"))
+    assert refused.value.code == "workspace-exists"
     emu.controllers.paused_gc = False
     emu.controllers.reconcile()
     await emu.wait_gone(WORKSPACE, NS, "w1")
