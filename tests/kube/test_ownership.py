@@ -60,6 +60,7 @@ async def test_a_new_workspace_of_an_old_name_inherits_nothing(
     await new_workspace(runtime)
     await runtime.wake("w1")
     old_pvc = emu.get_object(PVC, NS, "ws-w1-home")["metadata"]["uid"]  # type: ignore[index]
+    old_pod = emu.get_object(POD, NS, "ws-w1")["metadata"]["uid"]  # type: ignore[index]
     emu.delete_object(WORKSPACE, NS, "w1")  # kubectl delete workspace w1
     await until(lambda: runtime.get("w1") is None)
 
@@ -73,6 +74,9 @@ async def test_a_new_workspace_of_an_old_name_inherits_nothing(
     assert pvc["metadata"]["uid"] != old_pvc  # a fresh, empty home
     assert owner_uids(pvc) == [uid]
     assert owner_uids(emu.get_object(POD, NS, "ws-w1")) == [uid]
+    # The old ones were deleted by UID: had a replica made the new ones first, they would have been spared.
+    assert [r.data for r in emu["delete", POD]] == [{"preconditions": {"uid": old_pod}}]
+    assert [r.data for r in emu["delete", PVC]] == [{"preconditions": {"uid": old_pvc}}]
 
 
 async def test_a_name_is_not_reused_while_its_workspace_is_being_deleted(
