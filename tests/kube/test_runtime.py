@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from pathlib import Path
 
 import kubernetes_validate
@@ -95,6 +97,7 @@ async def test_archive_deletes_the_volume_only_after_its_snapshot_is_ready(
             state = await archiving
         assert state.phase is Phase.COLD
         assert names(emu, PVC) == []
+        assert emu.get_object(WORKSPACE, NS, "w1")["status"]["phase"] == "COLD"  # type: ignore[index]
         order = [(e.resource, e.type) for e in events]
         ready_at = next(i for i, e in enumerate(events) if _snapshot_ready(e))
         assert order.index((PVC, "DELETED")) > ready_at
@@ -368,6 +371,16 @@ async def test_a_storm_of_wakes_from_two_replicas_makes_one_pod(kube: KubeEnv, m
         ("ADDED", "ws-w1")]
     assert [e.type for e in events if e.resource == PVC and e.type == "ADDED"] == ["ADDED"]
     assert len(list(emu["post", POD])) == 2  # one per replica (each serialises its own), one of them got 409
+
+
+def test_a_runtime_is_named_after_its_pod_or_its_host_and_process_and_leads_nothing_before_it_starts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_NAME", "gateway-7d9f-abcde")
+    assert KubernetesRuntime(kube_settings("http://127.0.0.1:1")).identity == "gateway-7d9f-abcde"
+    monkeypatch.delenv("POD_NAME")
+    runtime = KubernetesRuntime(kube_settings("http://127.0.0.1:1"))
+    assert runtime.identity == f"{socket.gethostname()}-{os.getpid()}"
+    assert runtime.is_leader() is False
 
 
 async def test_exactly_one_leader_and_failover(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
