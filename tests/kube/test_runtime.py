@@ -381,6 +381,8 @@ def test_a_runtime_is_named_after_its_pod_or_its_host_and_process_and_leads_noth
     runtime = KubernetesRuntime(kube_settings("http://127.0.0.1:1"))
     assert runtime.identity == f"{socket.gethostname()}-{os.getpid()}"
     assert runtime.is_leader() is False
+    runtime.record_activity("w1", 1.0)  # a request served before the runtime started is not an error
+    assert runtime.last_activity("w1") is None
 
 
 async def test_exactly_one_leader_and_failover(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
