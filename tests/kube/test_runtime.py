@@ -440,6 +440,17 @@ async def test_activity_is_shared_through_the_workspace_status(kube: KubeEnv, ma
     assert stored["status"]["lastActivity"] == "2027-01-15T08:01:40Z"
 
 
+async def test_a_replica_shutting_down_writes_the_activity_it_still_holds(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    a, b = await make_runtime("gw-a", activity_interval=600), await make_runtime("gw-b")
+    await new_workspace(a)
+    a.record_activity("w1", 1_800_000_000.0)  # written at once, then none for an interval
+    await until(lambda: b.last_activity("w1") == 1_800_000_000.0)
+    a.record_activity("w1", 1_800_000_100.0)
+    await a.close()  # a rolling update: the newer use is not lost, so the reaper does not stop a busy workspace
+    await until(lambda: b.last_activity("w1") == 1_800_000_100.0)
+
+
 # --- every manifest the runtime sends is valid ----------------------------------------------------
 
 async def test_every_manifest_sent_validates_strictly(kube: KubeEnv, kubelet: FakeKubelet,
