@@ -31,6 +31,7 @@ async def failed_wake(runtime: KubernetesRuntime) -> tuple[str, list[str]]:
             await runtime.wake("w1")
         lines = [events.queue.get_nowait().message for _ in range(events.queue.qsize())]
     assert failure.value.code == "workspace-start-failed"
+    assert failure.value.message.removeprefix("Workspace w1 could not start: ") in lines  # the waiting page too
     return failure.value.message, lines
 
 
