@@ -179,9 +179,20 @@ async def test_unknown_workspaces(kube: KubeEnv, make_runtime: MakeRuntime) -> N
         with pytest.raises(NotFound):
             await operation("nope")
     await new_workspace(runtime)
+    assert (await runtime.status("w1")).phase is Phase.WARM
     with pytest.raises(Conflict):
         await runtime.create_workspace(WorkspaceSpec(id="w1", owner="mallory"))
     assert (await runtime.create_workspace(WorkspaceSpec(id="w1", owner="alice"))).phase is Phase.WARM
+
+
+async def test_an_update_answers_from_what_the_api_said_when_the_watch_lags(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime(request_timeout=1)
+    await new_workspace(runtime)
+    await runtime.informers[WORKSPACE_KIND].stop()  # the cache will not see the write
+    state = await runtime.update("w1", ports={3000: "org"})
+    assert state.spec.ports == {3000: "org"}
+    assert state.phase is Phase.WARM
 
 
 async def test_a_workspace_made_with_its_own_image_port_storage_and_resources_gets_them(
