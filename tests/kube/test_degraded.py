@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.errors import Conflict
+from gateway.errors import Conflict, NotFound
 from gateway.lifecycle import LifecycleError, Phase
 from gateway.lifecycle.idle import Activity, IdleTimers, reap_once
 from gateway.lifecycle.kubernetes.client import PVC as PVC_KIND
@@ -42,6 +42,8 @@ async def test_without_the_snapshot_api_the_gateway_starts_and_only_cold_is_off(
     with pytest.raises(Conflict) as refused:
         await runtime.archive("w1")
     assert refused.value.code == "cold-disabled"
+    with pytest.raises(NotFound):
+        await runtime.archive("nope")  # an unknown workspace is unknown first
     assert names(kube.emulator, PVC) == ["ws-w1-home"]
     timers = IdleTimers(to_warm=1, to_cold=1, check_every=1)
     state = runtime.get("w1")
