@@ -143,8 +143,9 @@ async def test_updates_carry_the_resource_version_and_redo_on_conflict(
     assert resource is not None
     assert resource["spec"]["ports"] == {"8000": "public", "3000": "org"}
     emu.fail("patch", WORKSPACE, status=409, times=None)
-    with pytest.raises(Conflict, match="kept changing"):
+    with pytest.raises(Conflict, match="kept changing") as refused:
         await runtime.update("w1", collaborators=("bob",))
+    assert refused.value.code == "workspace-changed"
 
 
 async def test_a_wake_closes_the_event_watches_it_opened(

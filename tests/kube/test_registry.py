@@ -119,7 +119,7 @@ async def test_caches_that_cannot_be_filled_in_time_are_all_stopped_again(kube: 
     await until(lambda: emu.watch_count == 0)  # the workspaces' cache had filled and was watching
 
 
-async def test_a_runtime_closes_its_own_api_connection_after_running_and_after_failing_to_start(
+async def test_a_runtime_closes_its_own_api_connection_and_watches_after_running_and_after_failing_to_start(
         kube: KubeEnv) -> None:
     runtime = KubernetesRuntime(kube_settings(kube.url), identity="gw-a")
     await runtime.start()
@@ -127,6 +127,8 @@ async def test_a_runtime_closes_its_own_api_connection_after_running_and_after_f
     assert api is not None
     await runtime.close()
     assert api.rest_client.pool_manager.closed
+    assert not runtime.informers  # its caches stopped, not left retrying on a closed connection
+    await until(lambda: kube.emulator.watch_count == 0)
     kube.emulator.fail("list", WORKSPACE, status=500, times=None)
     failing = KubernetesRuntime(kube_settings(kube.url, sync_timeout=1), identity="gw-b")
     with pytest.raises(LifecycleError):

@@ -245,6 +245,7 @@ async def test_update_patches_the_workspace_spec(kube: KubeEnv, make_runtime: Ma
     assert stored["spec"]["ports"] == {"3000": "org"}  # 8000 removed, not merged back
     assert parse(stored).collaborators == ("bob", "carol")
     assert runtime.get("w1") == state
+    assert await runtime.update("w1") == state  # nothing to change: nothing written
     with pytest.raises(BadRequest) as refused:
         await runtime.update("w1", https_ports=frozenset({5173}))
     assert refused.value.code == "https-ports-unsupported"
