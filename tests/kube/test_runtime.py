@@ -178,6 +178,8 @@ async def test_unknown_workspaces(kube: KubeEnv, make_runtime: MakeRuntime) -> N
     for operation in (runtime.wake, runtime.stop, runtime.archive, runtime.status, runtime.delete):
         with pytest.raises(NotFound):
             await operation("nope")
+    with pytest.raises(NotFound):
+        await runtime.update("nope", ports={3000: "org"})
     await new_workspace(runtime)
     assert (await runtime.status("w1")).phase is Phase.WARM
     with pytest.raises(Conflict):
