@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 from gateway.auth.identity import Identity
 from gateway.errors import Conflict, NotFound
 from gateway.lifecycle import Phase, WorkspaceSpec
+from gateway.lifecycle.kubernetes.client import POD as POD_KIND
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
 from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv
@@ -119,3 +120,13 @@ async def test_the_api_and_its_owner_delete_a_workspace(kube: KubeEnv, aiohttp_c
     again = await client.get("/api/v1/workspaces/gone1",
                              headers={"Host": "localhost:8080", "Authorization": f"Bearer {alice}"})
     assert again.status == 404
+
+
+async def test_a_pod_not_labelled_for_a_workspace_is_not_taken_for_its_pod(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    kube.emulator.create_object(POD, {  # the gateway's name and manager label, but not its workspace label
+        "metadata": {"name": "ws-w1", "labels": {"app.kubernetes.io/managed-by": "codehub-gateway"}},
+        "spec": {"containers": [{"name": "c", "image": "i"}]}}, NS)
+    runtime = await make_runtime()
+    await new_workspace(runtime)  # WARM: no pod of its own
+    assert runtime.view.cached(POD_KIND, "ws-w1") is None
