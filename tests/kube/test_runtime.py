@@ -283,9 +283,10 @@ async def test_an_api_that_keeps_failing_is_a_clear_503(kube: KubeEnv, kubelet: 
                                                        make_runtime: MakeRuntime) -> None:
     runtime = await make_runtime(retry_attempts=2)
     await new_workspace(runtime)
-    kube.emulator.fail("post", POD, status=503, times=None)
+    fault = kube.emulator.fail("post", POD, status=503, times=None)
     with pytest.raises(LifecycleError) as caught:
         await runtime.wake("w1")
+    assert len(list(fault)) == 2  # the attempts it was given
     assert caught.value.status == 503
     assert caught.value.code == "kubernetes-unavailable"
     assert "Kubernetes API unavailable" in caught.value.message
