@@ -130,3 +130,20 @@ async def test_a_pod_not_labelled_for_a_workspace_is_not_taken_for_its_pod(
     runtime = await make_runtime()
     await new_workspace(runtime)  # WARM: no pod of its own
     assert runtime.view.cached(POD_KIND, "ws-w1") is None
+
+
+async def test_another_workspaces_snapshot_is_never_restored_into_this_one(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    emu.create_object(VOLUME_SNAPSHOT, {  # w2's, made before snapshots had owners
+        "metadata": {"name": "ws-w2-home-20260101000000",
+                     "labels": {"app.kubernetes.io/managed-by": "codehub-gateway", "codehub.dev/workspace": "w2"}},
+        "spec": {"source": {"persistentVolumeClaimName": "ws-w2-home"}}}, NS)
+    await emu.wait_for(VOLUME_SNAPSHOT, NS, "ws-w2-home-20260101000000",
+                       lambda s: bool(s.get("status", {}).get("readyToUse")))
+    runtime = await make_runtime()
+    await new_workspace(runtime)  # WARM and new, not COLD on w2's snapshot
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+    pvc = emu.get_object(PVC, NS, "ws-w1-home")
+    assert pvc is not None
+    assert "dataSource" not in pvc["spec"]  # an empty home, not a copy of w2's
