@@ -156,3 +156,12 @@ async def test_a_wake_closes_the_event_watches_it_opened(
     caches = emu.watch_count
     assert (await runtime.wake("w1")).phase is Phase.RUNNING  # followed its pod's and its home's Events
     await until(lambda: emu.watch_count == caches)
+
+
+async def test_watches_ask_for_the_configured_timeout(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    await make_runtime(watch_timeout=7)
+    await emu.wait_watches(4)
+    watches = [request for kind in (WORKSPACE, POD, PVC) for request in emu["watch", kind]]
+    assert len(watches) >= 3
+    assert {request.params.get("timeoutSeconds") for request in watches} == {"7"}
