@@ -176,8 +176,9 @@ async def test_unknown_workspaces(kube: KubeEnv, make_runtime: MakeRuntime) -> N
     runtime = await make_runtime()
     assert runtime.get("nope") is None
     for operation in (runtime.wake, runtime.stop, runtime.archive, runtime.status, runtime.delete):
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFound) as unknown:
             await operation("nope")
+        assert unknown.value.code == "workspace-not-found"
     with pytest.raises(NotFound):
         await runtime.update("nope", ports={3000: "org"})
     await new_workspace(runtime)
@@ -195,6 +196,21 @@ async def test_an_update_answers_from_what_the_api_said_when_the_watch_lags(
     state = await runtime.update("w1", ports={3000: "org"})
     assert state.spec.ports == {3000: "org"}
     assert state.phase is Phase.WARM
+
+
+async def test_a_wait_on_a_workspace_whose_caches_do_not_change_does_not_spin(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime()
+    await new_workspace(runtime)  # its caches have changed (and woken waiters) before
+    looks: list[float] = []
+
+    def never() -> None:
+        looks.append(asyncio.get_running_loop().time())
+
+    with pytest.raises(LifecycleError) as timed_out:
+        await runtime.view.wait("w1", never, asyncio.get_running_loop().time() + 0.3, "nothing")
+    assert timed_out.value.code == "kubernetes-timeout"
+    assert len(looks) <= 3  # once, then only when something changed (nothing did): no busy loop
 
 
 async def test_a_workspace_made_with_its_own_image_port_storage_and_resources_gets_them(
