@@ -108,3 +108,13 @@ async def test_a_cold_wake_is_refused_while_the_snapshot_watch_is_lost(
         await runtime.wake("w1")
     assert refused.value.code == "kubernetes-unavailable"
     assert names(emu, PVC) == names(emu, POD) == []  # no empty home in place of the snapshot's
+
+
+async def test_a_snapshot_api_that_fails_once_at_start_keeps_cold_on(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    kube.emulator.fail("list", VOLUME_SNAPSHOT, status=500)  # unwell, not missing
+    runtime = await make_runtime()
+    assert runtime.features() == {"cold": True, "create": True}
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    assert (await runtime.archive("w1")).phase is Phase.COLD
