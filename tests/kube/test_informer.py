@@ -98,3 +98,17 @@ async def test_an_object_deleted_while_a_cache_was_away_is_seen_gone_after_the_r
     pods.start()
     await until(lambda: pods.lists == 2)
     await until(lambda: runtime.get("w1").phase is Phase.WARM)  # type: ignore[union-attr]
+
+
+async def test_an_object_changed_while_a_cache_was_away_is_seen_changed_after_the_re_list(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    workspaces = runtime.informers[WORKSPACE_KIND]
+    await workspaces.stop()
+    emu.patch_object(WORKSPACE, NS, "w1", {"spec": {"ports": {"3000": "org"}}})  # kubectl edit, unseen
+    emu.compact()
+    workspaces.start()
+    await until(lambda: workspaces.lists == 2)
+    await until(lambda: runtime.get("w1").spec.ports == {3000: "org", 8000: "public"})  # type: ignore[union-attr]
