@@ -425,17 +425,28 @@ async def test_exactly_one_leader_and_failover(kube: KubeEnv, make_runtime: Make
         await asyncio.sleep(0.1)
     leader, follower = (a, b) if a.is_leader() else (b, a)
     assert leader.leader is not None
+    first = (kube.emulator.get_object(LEASE, NS, "codehub-gateway-reaper") or {})["spec"]
     await leader.leader.stop(release=False)  # crashes: no release, the follower waits for expiry
     assert not leader.is_leader()
     await until(follower.is_leader, within=5)
     lease = kube.emulator.get_object(LEASE, NS, "codehub-gateway-reaper")
     assert lease is not None
     assert lease["spec"]["holderIdentity"] == follower.identity
-    assert lease["spec"]["leaseTransitions"] >= 1
+    assert lease["spec"]["leaseTransitions"] == 1  # the takeover; renewals are no transitions
+    taken = lease["spec"]
+    assert taken["acquireTime"] != first["acquireTime"]  # acquired anew by the follower
+    await until(lambda: (kube.emulator.get_object(LEASE, NS, "codehub-gateway-reaper") or {})["spec"].get(
+        "renewTime") != taken["renewTime"])
+    renewed = (kube.emulator.get_object(LEASE, NS, "codehub-gateway-reaper") or {})["spec"]
+    assert (renewed["holderIdentity"], renewed["acquireTime"]) == (follower.identity, taken["acquireTime"])
     await follower.close()  # a clean stop releases the lease at once
     lease = kube.emulator.get_object(LEASE, NS, "codehub-gateway-reaper")
     assert lease is not None
     assert "holderIdentity" not in lease["spec"]
+    assert lease["spec"]["leaseTransitions"] == 1  # kept by the release
+    c = await make_runtime("gw-c")
+    await until(c.is_leader)
+    assert (kube.emulator.get_object(LEASE, NS, "codehub-gateway-reaper") or {})["spec"]["leaseTransitions"] == 2
 
 
 async def test_a_409_on_the_lease_loses_that_round(kube: KubeEnv) -> None:
