@@ -84,6 +84,18 @@ async def test_a_follower_waits_a_full_term_of_no_renewal_before_taking_over(kub
     assert follower.is_leader()
 
 
+async def test_a_follower_waits_the_term_the_holder_wrote_not_its_own(kube: KubeEnv) -> None:
+    clock = Clock()
+    client = KubeClient(kube.new_api_client(), NS)
+    assert await LeaderElector(client, "reaper", "gw-a", duration=30, clock=clock).try_acquire_or_renew()
+    follower = LeaderElector(client, "reaper", "gw-b", duration=10, clock=clock)  # configured differently
+    assert not await follower.try_acquire_or_renew()
+    clock.now += 29.9
+    assert not await follower.try_acquire_or_renew()  # gw-a's term is 30 s, whatever gw-b's setting says
+    clock.now += 0.2
+    assert await follower.try_acquire_or_renew()
+
+
 async def test_an_object_deleted_while_a_cache_was_away_is_seen_gone_after_the_re_list(
         kube: KubeEnv, make_runtime: MakeRuntime, kubelet: FakeKubelet) -> None:
     emu = kube.emulator
