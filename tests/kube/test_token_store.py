@@ -152,6 +152,9 @@ async def test_use_counts_from_every_replica_add_up_and_the_newest_use_wins(
     assert shown["last_used"] == listed(a).last_used
     writes = store(a).writes + store(b).writes
     assert writes <= 6, "uses are written in batches, not once per request"
+    store(a).use_share(listed(a), 1_900_000_000.0)  # counted at the time the request was served
+    assert listed(a).uses == 6
+    assert listed(a).last_used == 1_900_000_000.0
 
 
 async def test_a_replaced_replica_keeps_links_tokens_and_counts(kube: KubeEnv, replica: MakeReplica) -> None:
