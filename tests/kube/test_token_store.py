@@ -351,6 +351,20 @@ async def test_links_go_with_their_workspace(kube: KubeEnv, replica: MakeReplica
     assert (await open_share(a, link["token"]))[0] in (401, 404)  # nothing left to open
 
 
+async def test_a_link_deleted_in_the_cluster_stops_opening_on_every_replica(
+        kube: KubeEnv, replica: MakeReplica) -> None:
+    a, b = await replica("gw-a"), await replica("gw-b")
+    token = await alice_token(a)
+    _, link = await api(a, "POST", "/api/v1/workspaces/w1/shares", token, {"port": 8000})
+    await until(lambda: link["id"] in store(b).shares)
+    assert (await open_share(b, link["token"]))[0] == 303
+    kube.emulator.delete_object(SHARE_LINK, NS, link["id"])  # kubectl delete sharelink: a leaked link
+    for client in (a, b):
+        await until(lambda: link["id"] not in store(client).shares)  # noqa: B023
+        assert store(client).find_share(link["token"]) is None
+        assert (await open_share(client, link["token"]))[0] != 303
+
+
 async def test_the_leader_deletes_expired_links(kube: KubeEnv, aiohttp_client: Any, tmp_path: Path) -> None:
     kube.emulator.create_object(WORKSPACE, {"metadata": {"name": "w1"}, "spec": {"owner": "alice"}}, NS)
     settings = kube_settings(kube.url, identity="gw-a", share_retention=0.2,
