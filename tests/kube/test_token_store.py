@@ -24,6 +24,7 @@ from gateway.auth.identity import Identity
 from gateway.auth.kubernetes.tokens import KubeTokenStore
 from gateway.auth.store import ApiToken, Consent, ShareLink, token_hash
 from gateway.config import Config
+from gateway.lifecycle import LifecycleError
 from gateway.lifecycle.kubernetes.client import KubeClient
 from gateway.lifecycle.kubernetes.informer import Informers
 from gateway.lifecycle.kubernetes.objects import (
@@ -399,3 +400,16 @@ async def test_a_replica_that_does_not_lead_deletes_nothing(kube: KubeEnv) -> No
     finally:
         await links.close()
         await informers.stop()
+
+
+async def test_a_store_not_started_refuses_clearly_and_closes_quietly(kube: KubeEnv) -> None:
+    links = KubeTokenStore(kube_settings(kube.url), "gw-b", lambda: None, Informers())
+    with pytest.raises(LifecycleError) as refused:
+        await links.start()  # the runtime has no client yet
+    assert refused.value.code == "kubernetes-unavailable"
+    for call in (links.use_once("code", until=1.0), links.create_share(
+            workspace="w1", port=8000, audience="anyone", people=[], created_by="alice", ttl=60)):
+        with pytest.raises(LifecycleError) as refused:
+            await call
+        assert refused.value.code == "kubernetes-unavailable"
+    await links.close()
