@@ -490,6 +490,9 @@ async def test_a_replica_shutting_down_writes_the_activity_it_still_holds(
     a.record_activity("w1", 1_800_000_000.0)  # written at once, then none for an interval
     await until(lambda: b.last_activity("w1") == 1_800_000_000.0)
     a.record_activity("w1", 1_800_000_100.0)
+    await asyncio.sleep(0.3)
+    assert a.activity is not None
+    assert a.activity.writes == 1  # held for the rest of the interval
     await a.close()  # a rolling update: the newer use is not lost, so the reaper does not stop a busy workspace
     await until(lambda: b.last_activity("w1") == 1_800_000_100.0)
 
