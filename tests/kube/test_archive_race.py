@@ -104,6 +104,17 @@ async def test_an_archive_does_not_start_over_another_in_progress(
     assert names(emu, PVC) == ["ws-w1-home"]
 
 
+async def test_an_unreadable_archive_claim_does_not_block_archives_forever(
+        kube: KubeEnv, make_runtime: MakeRuntime, kubelet: FakeKubelet) -> None:
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    await runtime.stop("w1")
+    kube.emulator.patch_object(WORKSPACE, NS, "w1", {"metadata": {"annotations": {INTENT: "archiving/gw-z"}}})
+    assert (await runtime.archive("w1")).phase is Phase.COLD  # nobody can vouch for a claim without a time
+    assert names(kube.emulator, PVC) == []
+
+
 async def test_a_wake_waits_for_a_terminating_home_and_makes_a_new_one(
         kube: KubeEnv, make_runtime: MakeRuntime, kubelet: FakeKubelet) -> None:
     emu = kube.emulator

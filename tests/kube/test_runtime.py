@@ -483,6 +483,17 @@ async def test_activity_is_shared_through_the_workspace_status(kube: KubeEnv, ma
     assert stored["status"]["lastActivity"] == "2027-01-15T08:01:40Z"
 
 
+async def test_activity_written_on_a_stale_cache_is_read_again_and_written(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    a = await make_runtime("gw-a")
+    await new_workspace(a)
+    await a.informers[WORKSPACE_KIND].stop()  # its cached resourceVersion will be stale
+    kube.emulator.patch_object(WORKSPACE, NS, "w1", {"spec": {"collaborators": ["bob"]}})  # someone writes
+    a.record_activity("w1", 1_800_000_000.0)  # 409 on the cached version: read again, write again
+    await until(lambda: ((kube.emulator.get_object(WORKSPACE, NS, "w1") or {}).get("status") or {}).get(
+        "lastActivity") == "2027-01-15T08:00:00Z")
+
+
 async def test_a_replica_shutting_down_writes_the_activity_it_still_holds(
         kube: KubeEnv, make_runtime: MakeRuntime) -> None:
     a, b = await make_runtime("gw-a", activity_interval=600), await make_runtime("gw-b")
