@@ -8,6 +8,7 @@ delivers the change, which the tests wait for with a bounded wait (``until``) an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway import cli
 from gateway.auth.identity import Identity
+from gateway.auth.kubernetes.answers import UsedKeys
 from gateway.auth.kubernetes.tokens import KubeTokenStore
 from gateway.auth.store import ApiToken, Consent, ShareLink, token_hash
 from gateway.config import Config
@@ -413,3 +415,15 @@ async def test_a_store_not_started_refuses_clearly_and_closes_quietly(kube: Kube
             await call
         assert refused.value.code == "kubernetes-unavailable"
     await links.close()
+
+
+async def test_used_keys_past_their_time_are_forgotten_in_the_background(kube: KubeEnv) -> None:
+    used = UsedKeys(KubeClient(kube.new_api_client(), NS), "gw-a", attempts=1)
+    assert await used.use_once("code-1", until=time.time() - 1)  # already past its time
+    forgetting = asyncio.create_task(used.forget_forever(every=0.05))
+    try:
+        await until(lambda: not kube.emulator.list_objects(USED_KEY, NS))
+    finally:
+        forgetting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await forgetting
