@@ -14,7 +14,7 @@ from gateway.lifecycle.kubernetes.client import KubeClient, KubeError, retrying
 from gateway.lifecycle.kubernetes.throttle import Throttle
 from tests.kube.emulator import POD, PVC, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet
-from tests.kube.support import NS, MakeRuntime, new_workspace
+from tests.kube.support import NS, MakeRuntime, new_workspace, until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -143,5 +143,25 @@ async def test_updates_carry_the_resource_version_and_redo_on_conflict(
     assert resource is not None
     assert resource["spec"]["ports"] == {"8000": "public", "3000": "org"}
     emu.fail("patch", WORKSPACE, status=409, times=None)
-    with pytest.raises(Conflict, match="kept changing"):
+    with pytest.raises(Conflict, match="kept changing") as refused:
         await runtime.update("w1", collaborators=("bob",))
+    assert refused.value.code == "workspace-changed"
+
+
+async def test_a_wake_closes_the_event_watches_it_opened(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    caches = emu.watch_count
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING  # followed its pod's and its home's Events
+    await until(lambda: emu.watch_count == caches)
+
+
+async def test_watches_ask_for_the_configured_timeout(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    await make_runtime(watch_timeout=7)
+    await emu.wait_watches(4)
+    watches = [request for kind in (WORKSPACE, POD, PVC) for request in emu["watch", kind]]
+    assert len(watches) >= 3
+    assert {request.params.get("timeoutSeconds") for request in watches} == {"7"}

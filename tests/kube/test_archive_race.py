@@ -71,8 +71,18 @@ async def test_a_wake_after_the_archive_committed_waits_and_restores(
                        lambda s: bool(s.get("status", {}).get("readyToUse")))
     # Another replica committed to deleting the volume, then died before it did.
     emu.patch_object(WORKSPACE, NS, "w1", {"metadata": {"annotations": {INTENT: "deleting/gw-z/1"}}})
-    old = emu.get_object(PVC, NS, "ws-w1-home")["metadata"]["uid"]  # type: ignore[index]
-    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+    home = emu.get_object(PVC, NS, "ws-w1-home")
+    assert home is not None
+    old = home["metadata"]["uid"]
+    emu.patch_object(PVC, NS, "ws-w1-home", {"metadata": {"finalizers": [*home["metadata"]["finalizers"],
+                                                                         "test.example/hold"]}})
+    waking = asyncio.create_task(runtime.wake("w1"))
+    await until(lambda: bool((emu.get_object(PVC, NS, "ws-w1-home") or {})["metadata"].get("deletionTimestamp")))
+    await asyncio.sleep(0.3)
+    assert len(list(emu["delete", PVC])) == 1  # the wake finishes the deletion once, then waits for it
+    assert names(emu, POD) == []
+    emu.patch_object(PVC, NS, "ws-w1-home", {"metadata": {"finalizers": None}})
+    assert (await waking).phase is Phase.RUNNING
     pvc = emu.get_object(PVC, NS, "ws-w1-home")
     assert pvc is not None
     assert pvc["metadata"]["uid"] != old
@@ -92,6 +102,17 @@ async def test_an_archive_does_not_start_over_another_in_progress(
     await runtime.archive("w1")
     assert names(emu, VOLUME_SNAPSHOT) == []  # the other replica's archive is not doubled
     assert names(emu, PVC) == ["ws-w1-home"]
+
+
+async def test_an_unreadable_archive_claim_does_not_block_archives_forever(
+        kube: KubeEnv, make_runtime: MakeRuntime, kubelet: FakeKubelet) -> None:
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    await runtime.stop("w1")
+    kube.emulator.patch_object(WORKSPACE, NS, "w1", {"metadata": {"annotations": {INTENT: "archiving/gw-z"}}})
+    assert (await runtime.archive("w1")).phase is Phase.COLD  # nobody can vouch for a claim without a time
+    assert names(kube.emulator, PVC) == []
 
 
 async def test_a_wake_waits_for_a_terminating_home_and_makes_a_new_one(

@@ -10,15 +10,16 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.errors import Conflict
+from gateway.errors import Conflict, NotFound
 from gateway.lifecycle import LifecycleError, Phase
 from gateway.lifecycle.idle import Activity, IdleTimers, reap_once
+from gateway.lifecycle.kubernetes.client import PVC as PVC_KIND
 from gateway.metrics import Metrics
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
-from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, KubeEnv
+from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet
-from tests.kube.support import MakeRuntime, names, new_workspace, until
+from tests.kube.support import NS, MakeRuntime, names, new_workspace, until
 from tests.kube.test_gateway import gateway_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,6 +42,8 @@ async def test_without_the_snapshot_api_the_gateway_starts_and_only_cold_is_off(
     with pytest.raises(Conflict) as refused:
         await runtime.archive("w1")
     assert refused.value.code == "cold-disabled"
+    with pytest.raises(NotFound):
+        await runtime.archive("nope")  # an unknown workspace is unknown first
     assert names(kube.emulator, PVC) == ["ws-w1-home"]
     timers = IdleTimers(to_warm=1, to_cold=1, check_every=1)
     state = runtime.get("w1")
@@ -76,3 +79,42 @@ async def test_a_lost_snapshot_watch_stops_archives_not_wakes(
         await runtime.archive("w1")
     assert refused.value.code == "kubernetes-unavailable"
     assert names(emu, POD) == ["ws-w1"]  # refused before anything was stopped
+
+
+async def test_a_cold_wake_is_refused_while_the_snapshot_watch_is_lost(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    await runtime.stop("w1")
+    emu.fail("watch", VOLUME_SNAPSHOT, status=500, times=None)
+    emu.fail("list", VOLUME_SNAPSHOT, status=500, times=None)
+    emu.drop_watches(VOLUME_SNAPSHOT)
+    await until(lambda: not runtime.api_healthy)
+    # Meanwhile another replica archives it: a snapshot this replica's cache never saw, and no home.
+    ws = emu.get_object(WORKSPACE, NS, "w1")
+    assert ws is not None
+    owner = [{"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "name": "w1",
+              "uid": ws["metadata"]["uid"], "controller": True}]
+    emu.create_object(VOLUME_SNAPSHOT, {"metadata": {"name": "ws-w1-home-20260101000000", "ownerReferences": owner,
+                                                     "labels": {"app.kubernetes.io/managed-by": "codehub-gateway",
+                                                                "codehub.dev/workspace": "w1"}},
+                                        "spec": {"source": {"persistentVolumeClaimName": "ws-w1-home"}}}, NS)
+    emu.delete_object(PVC, NS, "ws-w1-home")
+    await emu.wait_gone(PVC, NS, "ws-w1-home")
+    await until(lambda: runtime.view.cached(PVC_KIND, "ws-w1-home") is None)
+    with pytest.raises(LifecycleError) as refused:
+        await runtime.wake("w1")
+    assert refused.value.code == "kubernetes-unavailable"
+    assert names(emu, PVC) == names(emu, POD) == []  # no empty home in place of the snapshot's
+
+
+async def test_a_snapshot_api_that_fails_once_at_start_keeps_cold_on(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    kube.emulator.fail("list", VOLUME_SNAPSHOT, status=500)  # unwell, not missing
+    runtime = await make_runtime()
+    assert runtime.features() == {"cold": True, "create": True}
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    assert (await runtime.archive("w1")).phase is Phase.COLD

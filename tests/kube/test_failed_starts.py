@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from gateway.lifecycle.kubernetes.starting import Graces, Judge
 from gateway.server.app import build_app
 from tests.kube.emulator import POD, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet, LoopbackIPs
-from tests.kube.scenarios import INSUFFICIENT_MEMORY, UNBOUND, Scenario
+from tests.kube.scenarios import EVENTS, INSUFFICIENT_MEMORY, UNBOUND, Scenario
 from tests.kube.support import NS, MakeRuntime, kube_settings, names, new_workspace, until
 
 pytestmark = pytest.mark.timeout(60)
@@ -31,6 +32,7 @@ async def failed_wake(runtime: KubernetesRuntime) -> tuple[str, list[str]]:
             await runtime.wake("w1")
         lines = [events.queue.get_nowait().message for _ in range(events.queue.qsize())]
     assert failure.value.code == "workspace-start-failed"
+    assert failure.value.message.removeprefix("Workspace w1 could not start: ") in lines  # the waiting page too
     return failure.value.message, lines
 
 
@@ -151,3 +153,20 @@ def test_a_grace_counts_only_while_the_condition_lasts() -> None:
     assert judge(pulled, bound, now=100.8) == (None, None)  # cleared: the clock stops
     assert judge(pulling, bound, now=101.5) == (None, 102.5)  # a new occurrence starts it again
     assert judge(pulling, bound, now=102.5) == ("Image pull failed — registry hiccup", None)
+
+
+async def test_an_old_namesakes_events_from_before_the_wake_are_not_shown(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    earlier = (datetime.datetime.now(tz=datetime.UTC) - datetime.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    kube.emulator.create_object(EVENTS, {
+        "metadata": {"name": "ws-w1.0123456789abcdef"},
+        "involvedObject": {"kind": "Pod", "apiVersion": "v1", "name": "ws-w1", "namespace": NS, "uid": "gone"},
+        "type": "Warning", "reason": "FailedScheduling", "message": "0/3 nodes are available: an old pod's trouble",
+        "firstTimestamp": earlier, "lastTimestamp": earlier, "count": 1}, NS)
+    with runtime.events() as events:
+        assert (await runtime.wake("w1")).phase is Phase.RUNNING
+        lines = [events.queue.get_nowait().message for _ in range(events.queue.qsize())]
+    assert lines
+    assert not [line for line in lines if "an old pod's trouble" in line]

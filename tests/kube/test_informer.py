@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
 from gateway.lifecycle import Phase
 from gateway.lifecycle.kubernetes.client import POD as POD_KIND
 from gateway.lifecycle.kubernetes.client import WORKSPACE as WORKSPACE_KIND
-from gateway.lifecycle.kubernetes.client import KubeClient
+from gateway.lifecycle.kubernetes.client import KubeClient, Resource
 from gateway.lifecycle.kubernetes.leader import LeaderElector
-from tests.kube.emulator import POD, WORKSPACE, KubeEnv
+from tests.kube.emulator import LEASE, POD, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import NS, MakeRuntime, new_workspace, until
 
@@ -84,6 +87,66 @@ async def test_a_follower_waits_a_full_term_of_no_renewal_before_taking_over(kub
     assert follower.is_leader()
 
 
+async def test_a_follower_waits_the_term_the_holder_wrote_not_its_own(kube: KubeEnv) -> None:
+    clock = Clock()
+    client = KubeClient(kube.new_api_client(), NS)
+    assert await LeaderElector(client, "reaper", "gw-a", duration=30, clock=clock).try_acquire_or_renew()
+    follower = LeaderElector(client, "reaper", "gw-b", duration=10, clock=clock)  # configured differently
+    assert not await follower.try_acquire_or_renew()
+    clock.now += 29.9
+    assert not await follower.try_acquire_or_renew()  # gw-a's term is 30 s, whatever gw-b's setting says
+    clock.now += 0.2
+    assert await follower.try_acquire_or_renew()
+
+
+class HeldAfterRead(KubeClient):
+    """A client whose reads of the Lease return, then wait for ``go``: its writer decides on what it read."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.read, self.go = asyncio.Event(), asyncio.Event()
+
+    async def get(self, kind: Resource, name: str) -> dict[str, Any] | None:
+        found = await super().get(kind, name)
+        self.read.set()
+        await self.go.wait()
+        return found
+
+
+async def test_two_replicas_taking_an_expired_lease_at_once_make_one_leader(kube: KubeEnv) -> None:
+    clock = Clock()
+    client = KubeClient(kube.new_api_client(), NS)
+    assert await LeaderElector(client, "reaper", "gw-z", duration=10, clock=clock).try_acquire_or_renew()
+    slow_client = HeldAfterRead(kube.new_api_client(), NS)
+    quick, slow = (LeaderElector(c, "reaper", name, duration=10, clock=clock)
+                   for c, name in ((client, "gw-a"), (slow_client, "gw-b")))
+    slow_client.go.set()
+    assert not await quick.try_acquire_or_renew()
+    assert not await slow.try_acquire_or_renew()  # both have seen gw-z's record
+    clock.now += 10.1  # gw-z has gone quiet for a whole term
+    slow_client.go.clear()
+    slow_client.read.clear()
+    slow_round = asyncio.create_task(slow.try_acquire_or_renew())
+    await slow_client.read.wait()  # gw-b has read the expired lease, and not written yet
+    assert await quick.try_acquire_or_renew()
+    slow_client.go.set()
+    assert not await slow_round  # its write carried the version it read: refused, not a second leader
+    assert quick.is_leader()
+    assert not slow.is_leader()
+
+
+async def test_a_leader_stops_leading_the_moment_a_renewal_fails(kube: KubeEnv) -> None:
+    clock = Clock()  # stands still: the term never runs out by itself here
+    leader = LeaderElector(KubeClient(kube.new_api_client(), NS), "reaper", "gw-a", duration=0.3, clock=clock)
+    leader.start()
+    try:
+        await until(leader.is_leader)
+        kube.emulator.fail("get", LEASE, status=500, times=None)
+        await until(lambda: not leader.is_leader())
+    finally:
+        await leader.stop(release=False)
+
+
 async def test_an_object_deleted_while_a_cache_was_away_is_seen_gone_after_the_re_list(
         kube: KubeEnv, make_runtime: MakeRuntime, kubelet: FakeKubelet) -> None:
     emu = kube.emulator
@@ -98,3 +161,17 @@ async def test_an_object_deleted_while_a_cache_was_away_is_seen_gone_after_the_r
     pods.start()
     await until(lambda: pods.lists == 2)
     await until(lambda: runtime.get("w1").phase is Phase.WARM)  # type: ignore[union-attr]
+
+
+async def test_an_object_changed_while_a_cache_was_away_is_seen_changed_after_the_re_list(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    workspaces = runtime.informers[WORKSPACE_KIND]
+    await workspaces.stop()
+    emu.patch_object(WORKSPACE, NS, "w1", {"spec": {"ports": {"3000": "org"}}})  # kubectl edit, unseen
+    emu.compact()
+    workspaces.start()
+    await until(lambda: workspaces.lists == 2)
+    await until(lambda: runtime.get("w1").spec.ports == {3000: "org", 8000: "public"})  # type: ignore[union-attr]

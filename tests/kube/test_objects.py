@@ -271,7 +271,10 @@ def snap(name: str, *, ready: bool = True, created: str = "2026-01-01T00:00:00Z"
     (None, PVC_DELETING, [snap("s1")], phases.Observation(Phase.ARCHIVING,
                                                           message="removing the volume after its snapshot")),
     (None, None, [snap("s1")], phases.Observation(Phase.COLD)),
-    (None, None, [snap("s1", ready=False, error=True)], None),
+    (None, None, [snap("s1", ready=False, error=True)], phases.Observation(
+        Phase.FAILED, message="the workspace has snapshots but none is ready to restore: quota")),
+    (None, None, [snap("s1", ready=False)], phases.Observation(
+        Phase.FAILED, message="the workspace has snapshots but none is ready to restore")),
     (None, None, [], phases.Observation(Phase.WARM)),
 ])
 def test_observe(pod_: dict[str, Any] | None, pvc: dict[str, Any] | None, snapshots: list[dict[str, Any]],

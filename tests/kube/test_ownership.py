@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 from gateway.auth.identity import Identity
 from gateway.errors import Conflict, NotFound
 from gateway.lifecycle import Phase, WorkspaceSpec
+from gateway.lifecycle.kubernetes.client import POD as POD_KIND
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
 from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv
@@ -55,10 +56,12 @@ async def test_a_new_workspace_of_an_old_name_inherits_nothing(
         kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
     emu = kube.emulator
     emu.controllers.paused_gc = True  # a busy garbage collector: the old pod and home are still there
+    emu.controllers.pod_termination = 0.3  # and the old pod, once deleted, takes a moment to go
     runtime = await make_runtime()
     await new_workspace(runtime)
     await runtime.wake("w1")
     old_pvc = emu.get_object(PVC, NS, "ws-w1-home")["metadata"]["uid"]  # type: ignore[index]
+    old_pod = emu.get_object(POD, NS, "ws-w1")["metadata"]["uid"]  # type: ignore[index]
     emu.delete_object(WORKSPACE, NS, "w1")  # kubectl delete workspace w1
     await until(lambda: runtime.get("w1") is None)
 
@@ -72,6 +75,9 @@ async def test_a_new_workspace_of_an_old_name_inherits_nothing(
     assert pvc["metadata"]["uid"] != old_pvc  # a fresh, empty home
     assert owner_uids(pvc) == [uid]
     assert owner_uids(emu.get_object(POD, NS, "ws-w1")) == [uid]
+    # The old ones were deleted by UID: had a replica made the new ones first, they would have been spared.
+    assert [r.data for r in emu["delete", POD]] == [{"preconditions": {"uid": old_pod}}]
+    assert [r.data for r in emu["delete", PVC]] == [{"preconditions": {"uid": old_pvc}}]
 
 
 async def test_a_name_is_not_reused_while_its_workspace_is_being_deleted(
@@ -86,8 +92,9 @@ async def test_a_name_is_not_reused_while_its_workspace_is_being_deleted(
     assert runtime.get("w1") is None  # but it is gone for routing, links and wakes
     with pytest.raises(NotFound):
         await runtime.wake("w1")
-    with pytest.raises(Conflict, match="still being deleted"):
+    with pytest.raises(Conflict, match="still being deleted") as refused:
         await runtime.create_workspace(WorkspaceSpec(id="w1", owner="alice"))
+    assert refused.value.code == "workspace-exists"
     emu.controllers.paused_gc = False
     emu.controllers.reconcile()
     await emu.wait_gone(WORKSPACE, NS, "w1")
@@ -113,3 +120,30 @@ async def test_the_api_and_its_owner_delete_a_workspace(kube: KubeEnv, aiohttp_c
     again = await client.get("/api/v1/workspaces/gone1",
                              headers={"Host": "localhost:8080", "Authorization": f"Bearer {alice}"})
     assert again.status == 404
+
+
+async def test_a_pod_not_labelled_for_a_workspace_is_not_taken_for_its_pod(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    kube.emulator.create_object(POD, {  # the gateway's name and manager label, but not its workspace label
+        "metadata": {"name": "ws-w1", "labels": {"app.kubernetes.io/managed-by": "codehub-gateway"}},
+        "spec": {"containers": [{"name": "c", "image": "i"}]}}, NS)
+    runtime = await make_runtime()
+    await new_workspace(runtime)  # WARM: no pod of its own
+    assert runtime.view.cached(POD_KIND, "ws-w1") is None
+
+
+async def test_another_workspaces_snapshot_is_never_restored_into_this_one(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    emu.create_object(VOLUME_SNAPSHOT, {  # w2's, made before snapshots had owners
+        "metadata": {"name": "ws-w2-home-20260101000000",
+                     "labels": {"app.kubernetes.io/managed-by": "codehub-gateway", "codehub.dev/workspace": "w2"}},
+        "spec": {"source": {"persistentVolumeClaimName": "ws-w2-home"}}}, NS)
+    await emu.wait_for(VOLUME_SNAPSHOT, NS, "ws-w2-home-20260101000000",
+                       lambda s: bool(s.get("status", {}).get("readyToUse")))
+    runtime = await make_runtime()
+    await new_workspace(runtime)  # WARM and new, not COLD on w2's snapshot
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+    pvc = emu.get_object(PVC, NS, "ws-w1-home")
+    assert pvc is not None
+    assert "dataSource" not in pvc["spec"]  # an empty home, not a copy of w2's

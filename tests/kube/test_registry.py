@@ -20,7 +20,7 @@ from gateway.lifecycle.kubernetes.informer import Informers
 from gateway.lifecycle.kubernetes.throttle import Throttle
 from gateway.server.wiring import make_runtime, make_store
 from tests.kube.emulator import SHARE_LINK, WORKSPACE, KubeEnv
-from tests.kube.support import NS, until
+from tests.kube.support import NS, kube_settings, until
 from tests.kube.test_gateway import gateway_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -117,3 +117,21 @@ async def test_caches_that_cannot_be_filled_in_time_are_all_stopped_again(kube: 
         await informers.start(KubeClient(kube.new_api_client(), NS), sync_timeout=1)
     assert not informers
     await until(lambda: emu.watch_count == 0)  # the workspaces' cache had filled and was watching
+
+
+async def test_a_runtime_closes_its_own_api_connection_and_watches_after_running_and_after_failing_to_start(
+        kube: KubeEnv) -> None:
+    runtime = KubernetesRuntime(kube_settings(kube.url), identity="gw-a")
+    await runtime.start()
+    api = runtime._api
+    assert api is not None
+    await runtime.close()
+    assert api.rest_client.pool_manager.closed
+    assert not runtime.informers  # its caches stopped, not left retrying on a closed connection
+    await until(lambda: kube.emulator.watch_count == 0)
+    kube.emulator.fail("list", WORKSPACE, status=500, times=None)
+    failing = KubernetesRuntime(kube_settings(kube.url, sync_timeout=1), identity="gw-b")
+    with pytest.raises(LifecycleError):
+        await failing.start()
+    assert failing._api is None  # closed again, not left open behind the error
+    assert not failing.informers

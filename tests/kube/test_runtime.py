@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from pathlib import Path
 
 import kubernetes_validate
@@ -15,6 +17,7 @@ from gateway.lifecycle import LifecycleError, Phase, WorkspaceSpec
 from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.lifecycle.kubernetes.client import LEASE as LEASE_KIND
 from gateway.lifecycle.kubernetes.client import POD as POD_KIND
+from gateway.lifecycle.kubernetes.client import WORKSPACE as WORKSPACE_KIND
 from gateway.lifecycle.kubernetes.client import KubeClient
 from gateway.lifecycle.kubernetes.objects import make_pod, make_pvc
 from gateway.lifecycle.kubernetes.objects import parse_workspace as parse
@@ -94,6 +97,7 @@ async def test_archive_deletes_the_volume_only_after_its_snapshot_is_ready(
             state = await archiving
         assert state.phase is Phase.COLD
         assert names(emu, PVC) == []
+        assert emu.get_object(WORKSPACE, NS, "w1")["status"]["phase"] == "COLD"  # type: ignore[index]
         order = [(e.resource, e.type) for e in events]
         ready_at = next(i for i, e in enumerate(events) if _snapshot_ready(e))
         assert order.index((PVC, "DELETED")) > ready_at
@@ -171,13 +175,81 @@ async def test_a_failed_pod_is_failed_and_wake_replaces_it(kube: KubeEnv, kubele
 async def test_unknown_workspaces(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
     runtime = await make_runtime()
     assert runtime.get("nope") is None
-    for operation in (runtime.wake, runtime.stop, runtime.archive, runtime.status):
-        with pytest.raises(NotFound):
+    for operation in (runtime.wake, runtime.stop, runtime.archive, runtime.status, runtime.delete):
+        with pytest.raises(NotFound) as unknown:
             await operation("nope")
+        assert unknown.value.code == "workspace-not-found"
+    with pytest.raises(NotFound):
+        await runtime.update("nope", ports={3000: "org"})
     await new_workspace(runtime)
+    assert (await runtime.status("w1")).phase is Phase.WARM
     with pytest.raises(Conflict):
         await runtime.create_workspace(WorkspaceSpec(id="w1", owner="mallory"))
     assert (await runtime.create_workspace(WorkspaceSpec(id="w1", owner="alice"))).phase is Phase.WARM
+
+
+async def test_an_update_answers_from_what_the_api_said_when_the_watch_lags(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime(request_timeout=1)
+    await new_workspace(runtime)
+    await runtime.informers[WORKSPACE_KIND].stop()  # the cache will not see the write
+    state = await runtime.update("w1", ports={3000: "org"})
+    assert state.spec.ports == {3000: "org"}
+    assert state.phase is Phase.WARM
+
+
+async def test_a_wait_on_a_workspace_whose_caches_do_not_change_does_not_spin(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime()
+    await new_workspace(runtime)  # its caches have changed (and woken waiters) before
+    looks: list[float] = []
+
+    def never() -> None:
+        looks.append(asyncio.get_running_loop().time())
+
+    with pytest.raises(LifecycleError) as timed_out:
+        await runtime.view.wait("w1", never, asyncio.get_running_loop().time() + 0.3, "nothing")
+    assert timed_out.value.code == "kubernetes-timeout"
+    assert len(looks) <= 3  # once, then only when something changed (nothing did): no busy loop
+
+
+async def test_a_workspace_made_with_its_own_image_port_storage_and_resources_gets_them(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime()
+    state = await runtime.create_workspace(WorkspaceSpec(id="w1", owner="alice", ide_port=8443),
+                                           image="example/ide:2", storage="7Gi", resources={"limits": {"cpu": "2"}})
+    assert state.spec.ide_port == 8443
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+    pod, pvc = emu.get_object(POD, NS, "ws-w1"), emu.get_object(PVC, NS, "ws-w1-home")
+    assert pod is not None
+    assert pvc is not None
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == "example/ide:2"
+    assert container["ports"][0]["containerPort"] == 8443
+    assert container["resources"] == {"limits": {"cpu": "2"}}
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "7Gi"
+    # The gateway's own default port is not written into the Workspace: it follows the setting.
+    await runtime.create_workspace(WorkspaceSpec(id="w2", owner="alice", ide_port=13337))
+    stored = emu.get_object(WORKSPACE, NS, "w2")
+    assert stored is not None
+    assert "idePort" not in stored["spec"]
+
+
+async def test_a_delete_decided_on_a_stale_cache_spares_a_namesake_made_since(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    runtime = await make_runtime(request_timeout=1)
+    await new_workspace(runtime)
+    await runtime.informers[WORKSPACE_KIND].stop()  # its cache still holds the first w1
+    emu.delete_object(WORKSPACE, NS, "w1")
+    await emu.wait_gone(WORKSPACE, NS, "w1")
+    emu.create_object(WORKSPACE, {"metadata": {"name": "w1"}, "spec": {"owner": "mallory"}}, NS)
+    await runtime.delete("w1")  # meant the first w1, which is gone already
+    survivor = emu.get_object(WORKSPACE, NS, "w1")
+    assert survivor is not None
+    assert survivor["spec"]["owner"] == "mallory"
+    assert not survivor["metadata"].get("deletionTimestamp")
 
 
 async def test_update_patches_the_workspace_spec(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
@@ -191,6 +263,7 @@ async def test_update_patches_the_workspace_spec(kube: KubeEnv, make_runtime: Ma
     assert stored["spec"]["ports"] == {"3000": "org"}  # 8000 removed, not merged back
     assert parse(stored).collaborators == ("bob", "carol")
     assert runtime.get("w1") == state
+    assert await runtime.update("w1") == state  # nothing to change: nothing written
     with pytest.raises(BadRequest) as refused:
         await runtime.update("w1", https_ports=frozenset({5173}))
     assert refused.value.code == "https-ports-unsupported"
@@ -226,9 +299,10 @@ async def test_an_api_that_keeps_failing_is_a_clear_503(kube: KubeEnv, kubelet: 
                                                        make_runtime: MakeRuntime) -> None:
     runtime = await make_runtime(retry_attempts=2)
     await new_workspace(runtime)
-    kube.emulator.fail("post", POD, status=503, times=None)
+    fault = kube.emulator.fail("post", POD, status=503, times=None)
     with pytest.raises(LifecycleError) as caught:
         await runtime.wake("w1")
+    assert len(list(fault)) == 2  # the attempts it was given
     assert caught.value.status == 503
     assert caught.value.code == "kubernetes-unavailable"
     assert "Kubernetes API unavailable" in caught.value.message
@@ -284,7 +358,7 @@ async def test_api_lost_serves_from_cache_and_fails_operations_clearly(
         with pytest.raises(LifecycleError) as caught:
             await operation("w2")
         assert caught.value.status == 503
-        assert caught.value.message.startswith("Kubernetes API unavailable")
+        assert caught.value.message.startswith("Kubernetes API unavailable (workspaces: ")  # which cache, why
     assert runtime.get("w2").phase is Phase.WARM  # type: ignore[union-attr]
     down = False
     await until(lambda: runtime.api_healthy, within=15)
@@ -330,6 +404,19 @@ async def test_a_storm_of_wakes_from_two_replicas_makes_one_pod(kube: KubeEnv, m
     assert len(list(emu["post", POD])) == 2  # one per replica (each serialises its own), one of them got 409
 
 
+def test_a_runtime_is_named_after_its_pod_or_its_host_and_process_and_leads_nothing_before_it_starts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_NAME", "gateway-7d9f-abcde")
+    assert KubernetesRuntime(kube_settings("http://127.0.0.1:1")).identity == "gateway-7d9f-abcde"
+    monkeypatch.delenv("POD_NAME")
+    runtime = KubernetesRuntime(kube_settings("http://127.0.0.1:1"))
+    assert runtime.identity == f"{socket.gethostname()}-{os.getpid()}"
+    assert runtime.is_leader() is False
+    assert runtime.features() == {"cold": True, "create": True}  # until it finds no VolumeSnapshot API
+    runtime.record_activity("w1", 1.0)  # a request served before the runtime started is not an error
+    assert runtime.last_activity("w1") is None
+
+
 async def test_exactly_one_leader_and_failover(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
     a, b = await make_runtime("gw-a"), await make_runtime("gw-b")
     await until(lambda: a.is_leader() or b.is_leader())
@@ -338,17 +425,28 @@ async def test_exactly_one_leader_and_failover(kube: KubeEnv, make_runtime: Make
         await asyncio.sleep(0.1)
     leader, follower = (a, b) if a.is_leader() else (b, a)
     assert leader.leader is not None
+    first = (kube.emulator.get_object(LEASE, NS, "codehub-gateway-reaper") or {})["spec"]
     await leader.leader.stop(release=False)  # crashes: no release, the follower waits for expiry
     assert not leader.is_leader()
     await until(follower.is_leader, within=5)
     lease = kube.emulator.get_object(LEASE, NS, "codehub-gateway-reaper")
     assert lease is not None
     assert lease["spec"]["holderIdentity"] == follower.identity
-    assert lease["spec"]["leaseTransitions"] >= 1
+    assert lease["spec"]["leaseTransitions"] == 1  # the takeover; renewals are no transitions
+    taken = lease["spec"]
+    assert taken["acquireTime"] != first["acquireTime"]  # acquired anew by the follower
+    await until(lambda: (kube.emulator.get_object(LEASE, NS, "codehub-gateway-reaper") or {})["spec"].get(
+        "renewTime") != taken["renewTime"])
+    renewed = (kube.emulator.get_object(LEASE, NS, "codehub-gateway-reaper") or {})["spec"]
+    assert (renewed["holderIdentity"], renewed["acquireTime"]) == (follower.identity, taken["acquireTime"])
     await follower.close()  # a clean stop releases the lease at once
     lease = kube.emulator.get_object(LEASE, NS, "codehub-gateway-reaper")
     assert lease is not None
     assert "holderIdentity" not in lease["spec"]
+    assert lease["spec"]["leaseTransitions"] == 1  # kept by the release
+    c = await make_runtime("gw-c")
+    await until(c.is_leader)
+    assert (kube.emulator.get_object(LEASE, NS, "codehub-gateway-reaper") or {})["spec"]["leaseTransitions"] == 2
 
 
 async def test_a_409_on_the_lease_loses_that_round(kube: KubeEnv) -> None:
@@ -383,6 +481,31 @@ async def test_activity_is_shared_through_the_workspace_status(kube: KubeEnv, ma
     stored = kube.emulator.get_object(WORKSPACE, NS, "w1")
     assert stored is not None
     assert stored["status"]["lastActivity"] == "2027-01-15T08:01:40Z"
+
+
+async def test_activity_written_on_a_stale_cache_is_read_again_and_written(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    a = await make_runtime("gw-a")
+    await new_workspace(a)
+    await a.informers[WORKSPACE_KIND].stop()  # its cached resourceVersion will be stale
+    kube.emulator.patch_object(WORKSPACE, NS, "w1", {"spec": {"collaborators": ["bob"]}})  # someone writes
+    a.record_activity("w1", 1_800_000_000.0)  # 409 on the cached version: read again, write again
+    await until(lambda: ((kube.emulator.get_object(WORKSPACE, NS, "w1") or {}).get("status") or {}).get(
+        "lastActivity") == "2027-01-15T08:00:00Z")
+
+
+async def test_a_replica_shutting_down_writes_the_activity_it_still_holds(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    a, b = await make_runtime("gw-a", activity_interval=600), await make_runtime("gw-b")
+    await new_workspace(a)
+    a.record_activity("w1", 1_800_000_000.0)  # written at once, then none for an interval
+    await until(lambda: b.last_activity("w1") == 1_800_000_000.0)
+    a.record_activity("w1", 1_800_000_100.0)
+    await asyncio.sleep(0.3)
+    assert a.activity is not None
+    assert a.activity.writes == 1  # held for the rest of the interval
+    await a.close()  # a rolling update: the newer use is not lost, so the reaper does not stop a busy workspace
+    await until(lambda: b.last_activity("w1") == 1_800_000_100.0)
 
 
 # --- every manifest the runtime sends is valid ----------------------------------------------------

@@ -8,6 +8,7 @@ delivers the change, which the tests wait for with a bounded wait (``until``) an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -21,10 +22,12 @@ from aiohttp.test_utils import TestClient
 
 from gateway import cli
 from gateway.auth.identity import Identity
+from gateway.auth.kubernetes.answers import UsedKeys
 from gateway.auth.kubernetes.tokens import KubeTokenStore
 from gateway.auth.sessions import Session
 from gateway.auth.store import ApiToken, Consent, ShareLink, token_hash
 from gateway.config import Config
+from gateway.lifecycle import LifecycleError
 from gateway.lifecycle.kubernetes.client import KubeClient
 from gateway.lifecycle.kubernetes.informer import Informers
 from gateway.lifecycle.kubernetes.objects import (
@@ -153,6 +156,9 @@ async def test_use_counts_from_every_replica_add_up_and_the_newest_use_wins(
     assert shown["last_used"] == listed(a).last_used
     writes = store(a).writes + store(b).writes
     assert writes <= 6, "uses are written in batches, not once per request"
+    store(a).use_share(listed(a), 1_900_000_000.0)  # counted at the time the request was served
+    assert listed(a).uses == 6
+    assert listed(a).last_used == 1_900_000_000.0
 
 
 async def test_a_replaced_replica_keeps_links_tokens_and_counts(kube: KubeEnv, replica: MakeReplica) -> None:
@@ -385,6 +391,20 @@ async def test_links_go_with_their_workspace(kube: KubeEnv, replica: MakeReplica
     assert (await open_share(a, link["token"]))[0] in (401, 404)  # nothing left to open
 
 
+async def test_a_link_deleted_in_the_cluster_stops_opening_on_every_replica(
+        kube: KubeEnv, replica: MakeReplica) -> None:
+    a, b = await replica("gw-a"), await replica("gw-b")
+    token = await alice_token(a)
+    _, link = await api(a, "POST", "/api/v1/workspaces/w1/shares", token, {"port": 8000})
+    await until(lambda: link["id"] in store(b).shares)
+    assert (await open_share(b, link["token"]))[0] == 303
+    kube.emulator.delete_object(SHARE_LINK, NS, link["id"])  # kubectl delete sharelink: a leaked link
+    for client in (a, b):
+        await until(lambda: link["id"] not in store(client).shares)  # noqa: B023
+        assert store(client).find_share(link["token"]) is None
+        assert (await open_share(client, link["token"]))[0] != 303
+
+
 async def test_the_leader_deletes_expired_links(kube: KubeEnv, aiohttp_client: Any, tmp_path: Path) -> None:
     kube.emulator.create_object(WORKSPACE, {"metadata": {"name": "w1"}, "spec": {"owner": "alice"}}, NS)
     settings = kube_settings(kube.url, identity="gw-a", share_retention=0.2,
@@ -419,3 +439,28 @@ async def test_a_replica_that_does_not_lead_deletes_nothing(kube: KubeEnv) -> No
     finally:
         await links.close()
         await informers.stop()
+
+
+async def test_a_store_not_started_refuses_clearly_and_closes_quietly(kube: KubeEnv) -> None:
+    links = KubeTokenStore(kube_settings(kube.url), "gw-b", lambda: None, Informers())
+    with pytest.raises(LifecycleError) as refused:
+        await links.start()  # the runtime has no client yet
+    assert refused.value.code == "kubernetes-unavailable"
+    for call in (links.use_once("code", until=1.0), links.create_share(
+            workspace="w1", port=8000, audience="anyone", people=[], created_by="alice", ttl=60)):
+        with pytest.raises(LifecycleError) as refused:
+            await call
+        assert refused.value.code == "kubernetes-unavailable"
+    await links.close()
+
+
+async def test_used_keys_past_their_time_are_forgotten_in_the_background(kube: KubeEnv) -> None:
+    used = UsedKeys(KubeClient(kube.new_api_client(), NS), "gw-a", attempts=1)
+    assert await used.use_once("code-1", until=time.time() - 1)  # already past its time
+    forgetting = asyncio.create_task(used.forget_forever(every=0.05))
+    try:
+        await until(lambda: not kube.emulator.list_objects(USED_KEY, NS))
+    finally:
+        forgetting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await forgetting

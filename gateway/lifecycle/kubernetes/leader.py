@@ -40,7 +40,6 @@ class LeaderElector:
         self._observed: tuple[str | None, str | None] | None = None  # (holder, renewTime) last seen
         self._observed_at = 0.0
         self._task: asyncio.Task[None] | None = None
-        self.changed = asyncio.Event()  # set on every change of leadership, then replaced
 
     def is_leader(self) -> bool:
         return self._clock() < self._leading_until
@@ -116,10 +115,6 @@ class LeaderElector:
             log.info("%s released the lease %s", self.identity, self.name)
 
     def _set_leading(self, leading: bool) -> bool:
-        was = self.is_leader()
         # Lead for a little less than a full term: another replica may take over once the term has passed.
         self._leading_until = self._clock() + self.duration * 0.8 if leading else 0.0
-        if was != leading:
-            self.changed.set()
-            self.changed = asyncio.Event()
         return leading

@@ -470,7 +470,6 @@ class KubernetesRuntime(Runtime):
         if labels:
             raise BadRequest("Port labels set on the hub are kept by the local runtime only; name ports in the "
                              "workspace's .devcontainer/devcontainer.json instead.", code="labels-unsupported")
-        self.view.resource(workspace)
         if ports is None and collaborators is None and identity_ports is None:
             return await self.status(workspace)
         obj = self.view.workspace(workspace)
