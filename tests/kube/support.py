@@ -11,7 +11,7 @@ from gateway.config import Kubernetes
 from gateway.lifecycle import Phase, WorkspaceSpec
 from gateway.lifecycle.kubernetes import KubernetesRuntime
 from tests.conftest import next_address
-from tests.kube.emulator import Event, KubeEmulator
+from tests.kube.emulator import VOLUME_SNAPSHOT, WORKSPACE, Event, KubeEmulator
 
 NS = "codehub"
 MakeRuntime = Callable[..., Awaitable[KubernetesRuntime]]
@@ -70,3 +70,18 @@ async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
     async with asyncio.timeout(within):
         while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.02)
+
+
+ARCHIVED = "ws-w1-home-20260101000000"
+
+
+def snapshot_elsewhere(emu: KubeEmulator) -> None:
+    """Workspace w1's home, snapshotted by another replica (owned by w1, labelled as the gateway labels them)."""
+    ws = emu.get_object(WORKSPACE, NS, "w1")
+    assert ws is not None
+    owner = [{"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "name": "w1",
+              "uid": ws["metadata"]["uid"], "controller": True}]
+    emu.create_object(VOLUME_SNAPSHOT, {"metadata": {"name": ARCHIVED, "ownerReferences": owner,
+                                                     "labels": {"app.kubernetes.io/managed-by": "codehub-gateway",
+                                                                "codehub.dev/workspace": "w1"}},
+                                        "spec": {"source": {"persistentVolumeClaimName": "ws-w1-home"}}}, NS)

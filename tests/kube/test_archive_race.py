@@ -13,7 +13,7 @@ from gateway.lifecycle.kubernetes.client import POD as POD_KIND
 from gateway.lifecycle.kubernetes.intent import INTENT
 from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet
-from tests.kube.support import NS, MakeRuntime, PodIPs, names, new_workspace, until
+from tests.kube.support import ARCHIVED, NS, MakeRuntime, PodIPs, names, new_workspace, snapshot_elsewhere, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,15 +59,8 @@ async def test_a_wake_after_the_archive_committed_waits_and_restores(
     await new_workspace(runtime)
     await runtime.wake("w1")
     await runtime.stop("w1")
-    ws = emu.get_object(WORKSPACE, NS, "w1")
-    assert ws is not None
-    owner = [{"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "name": "w1",
-              "uid": ws["metadata"]["uid"], "controller": True}]
-    emu.create_object(VOLUME_SNAPSHOT, {"metadata": {"name": "ws-w1-home-20260101000000", "ownerReferences": owner,
-                                                     "labels": {"app.kubernetes.io/managed-by": "codehub-gateway",
-                                                                "codehub.dev/workspace": "w1"}},
-                                        "spec": {"source": {"persistentVolumeClaimName": "ws-w1-home"}}}, NS)
-    await emu.wait_for(VOLUME_SNAPSHOT, NS, "ws-w1-home-20260101000000",
+    snapshot_elsewhere(emu)
+    await emu.wait_for(VOLUME_SNAPSHOT, NS, ARCHIVED,
                        lambda s: bool(s.get("status", {}).get("readyToUse")))
     # Another replica committed to deleting the volume, then died before it did.
     emu.patch_object(WORKSPACE, NS, "w1", {"metadata": {"annotations": {INTENT: "deleting/gw-z/1"}}})
@@ -86,7 +79,7 @@ async def test_a_wake_after_the_archive_committed_waits_and_restores(
     pvc = emu.get_object(PVC, NS, "ws-w1-home")
     assert pvc is not None
     assert pvc["metadata"]["uid"] != old
-    assert pvc["spec"]["dataSource"]["name"] == "ws-w1-home-20260101000000"
+    assert pvc["spec"]["dataSource"]["name"] == ARCHIVED
     assert (intent(kube) or "").startswith("awake/gw-a/")
 
 

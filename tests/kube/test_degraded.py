@@ -13,13 +13,14 @@ from aiohttp.test_utils import TestClient
 from gateway.errors import Conflict, NotFound
 from gateway.lifecycle import LifecycleError, Phase
 from gateway.lifecycle.idle import Activity, IdleTimers, reap_once
+from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.lifecycle.kubernetes.client import PVC as PVC_KIND
 from gateway.metrics import Metrics
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
-from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv
+from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, KubeEmulator, KubeEnv
 from tests.kube.kubelet import FakeKubelet
-from tests.kube.support import NS, MakeRuntime, names, new_workspace, until
+from tests.kube.support import NS, MakeRuntime, names, new_workspace, snapshot_elsewhere, until
 from tests.kube.test_gateway import gateway_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -63,9 +64,8 @@ async def test_the_metric_says_cold_is_off(kube: KubeEnv, aiohttp_client: Any, t
     assert 'codehub_runtime_feature{feature="cold"} 0.0' in scraped
 
 
-async def test_a_lost_snapshot_watch_stops_archives_not_wakes(
-        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
-    emu = kube.emulator
+async def stopped_without_snapshot_watch(emu: KubeEmulator, make_runtime: MakeRuntime) -> KubernetesRuntime:
+    """Workspace w1, woken and stopped (WARM), then the snapshots' watch and list fail for good."""
     runtime = await make_runtime()
     await new_workspace(runtime)
     await runtime.wake("w1")
@@ -74,6 +74,13 @@ async def test_a_lost_snapshot_watch_stops_archives_not_wakes(
     emu.fail("list", VOLUME_SNAPSHOT, status=500, times=None)
     emu.drop_watches(VOLUME_SNAPSHOT)
     await until(lambda: not runtime.api_healthy)
+    return runtime
+
+
+async def test_a_lost_snapshot_watch_stops_archives_not_wakes(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    emu = kube.emulator
+    runtime = await stopped_without_snapshot_watch(emu, make_runtime)
     assert (await runtime.wake("w1")).phase is Phase.RUNNING  # WARM: the home is there, no snapshot needed
     with pytest.raises(LifecycleError) as refused:
         await runtime.archive("w1")
@@ -84,23 +91,9 @@ async def test_a_lost_snapshot_watch_stops_archives_not_wakes(
 async def test_a_cold_wake_is_refused_while_the_snapshot_watch_is_lost(
         kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
     emu = kube.emulator
-    runtime = await make_runtime()
-    await new_workspace(runtime)
-    await runtime.wake("w1")
-    await runtime.stop("w1")
-    emu.fail("watch", VOLUME_SNAPSHOT, status=500, times=None)
-    emu.fail("list", VOLUME_SNAPSHOT, status=500, times=None)
-    emu.drop_watches(VOLUME_SNAPSHOT)
-    await until(lambda: not runtime.api_healthy)
+    runtime = await stopped_without_snapshot_watch(emu, make_runtime)
     # Meanwhile another replica archives it: a snapshot this replica's cache never saw, and no home.
-    ws = emu.get_object(WORKSPACE, NS, "w1")
-    assert ws is not None
-    owner = [{"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "name": "w1",
-              "uid": ws["metadata"]["uid"], "controller": True}]
-    emu.create_object(VOLUME_SNAPSHOT, {"metadata": {"name": "ws-w1-home-20260101000000", "ownerReferences": owner,
-                                                     "labels": {"app.kubernetes.io/managed-by": "codehub-gateway",
-                                                                "codehub.dev/workspace": "w1"}},
-                                        "spec": {"source": {"persistentVolumeClaimName": "ws-w1-home"}}}, NS)
+    snapshot_elsewhere(emu)
     emu.delete_object(PVC, NS, "ws-w1-home")
     await emu.wait_gone(PVC, NS, "ws-w1-home")
     await until(lambda: runtime.view.cached(PVC_KIND, "ws-w1-home") is None)

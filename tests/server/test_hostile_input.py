@@ -75,14 +75,20 @@ PRELUDES = {
 aiohttp's lane served (the connection is aiohttp's from then on)."""
 
 
-async def exchange(p: Proxied, raw: bytes, prelude: str, caplog: pytest.LogCaptureFixture,
-                   ) -> tuple[Answer, asyncio.StreamReader, asyncio.StreamWriter]:
-    """Send the prelude (and read its answer), then ``raw``; the answer to ``raw``, with logs captured only for it."""
+async def after(p: Proxied, prelude: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the gateway that went through the prelude (its answer read)."""
     reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
     first = PRELUDES[prelude].replace(b"{host}", p.host.encode())
     if first:
         writer.write(first)
         assert (await read_answer(reader)).status == 200
+    return reader, writer
+
+
+async def exchange(p: Proxied, raw: bytes, prelude: str, caplog: pytest.LogCaptureFixture,
+                   ) -> tuple[Answer, asyncio.StreamReader, asyncio.StreamWriter]:
+    """Send the prelude (and read its answer), then ``raw``; the answer to ``raw``, with logs captured only for it."""
+    reader, writer = await after(p, prelude)
     caplog.clear()
     writer.write(raw.replace(b"{host}", p.host.encode()))
     return await read_answer(reader), reader, writer
@@ -406,12 +412,8 @@ async def test_a_dribbled_head_gets_408_within_the_head_timeout(
     dribble does not push it back."""
     caplog.set_level(logging.DEBUG)
     p = await proxied(echo_app(), limits={"head_timeout": 0.5})
-    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    reader, writer = await after(p, prelude)
     try:
-        first = PRELUDES[prelude].replace(b"{host}", p.host.encode())
-        if first:
-            writer.write(first)
-            assert (await read_answer(reader)).status == 200
         caplog.clear()
         answer_soon = asyncio.ensure_future(read_answer(reader))
         dribble = f"GET /x HTTP/1.1\r\nHost: {p.host}\r\n" + "X-Slow: " + "s" * 200
@@ -435,12 +437,8 @@ async def test_the_head_deadline_runs_from_the_first_byte_not_from_the_idle_star
     """A connection idle for longer than ``head_timeout`` (well within ``keepalive``) that then sends a head in
     pieces is served: the head's time starts with its first byte, not when the connection fell idle."""
     p = await proxied(echo_app(), limits={"head_timeout": 0.5, "keepalive": 60})
-    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    reader, writer = await after(p, prelude)
     try:
-        first = PRELUDES[prelude].replace(b"{host}", p.host.encode())
-        if first:
-            writer.write(first)
-            assert (await read_answer(reader)).status == 200
         await asyncio.sleep(1.0)  # idle for twice the head timeout
         whole = head().replace(b"{host}", p.host.encode())
         writer.write(whole[:10])

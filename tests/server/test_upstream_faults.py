@@ -556,9 +556,12 @@ async def test_a_client_that_leaves_mid_answer_is_no_fault_of_the_upstream(fault
     assert faults_counted(await faulty.metrics()) == {}
 
 
-async def test_a_connect_that_takes_too_long_is_a_504_counted_as_a_timeout(make_gateway: MakeGateway) -> None:
-    """A WebSocket upgrade whose connect outlasts ``timeouts.connect`` gets the answer and the count a request's
-    would (here a connect timeout so short that no connect makes it)."""
+@pytest.mark.parametrize("via", ["websocket", *LANES])
+async def test_a_connect_that_takes_too_long_is_a_504_counted_as_a_timeout(make_gateway: MakeGateway,
+                                                                           via: str) -> None:
+    """A request (in either lane) or a WebSocket upgrade whose connect outlasts ``timeouts.connect`` is answered 504
+    and counted as a timeout (here a connect timeout so short that no connect makes it); the connect is not tried
+    again for as long as the client waits."""
     address = next_address()
     upstream = Misbehaving()
     port = await upstream.start(address)
@@ -569,32 +572,13 @@ async def test_a_connect_that_takes_too_long_is_a_504_counted_as_a_timeout(make_
         assert client.port is not None
         faulty = Faulty(f"{port}-{WORKSPACE}.localhost:8080", client.host, client.port, upstream,
                         lambda: scrape(client.app))
-        status, body = await faulty.upgrade("/ok")
+        if via == "websocket":
+            status, body = await faulty.upgrade("/ok")
+        else:
+            answer, body, _ = await faulty.send(LANES[via], "/ok")
+            assert answer is not None
+            status = answer.status
         assert status == 504, body
-        assert b'"code": "upstream-timeout"' in body
-        assert 'codehub_upstream_connect_errors_total{reason="timeout"} 1.0' in await faulty.metrics()
-    finally:
-        await upstream.close()
-
-
-@pytest.mark.parametrize("lane", list(LANES))
-async def test_a_connect_that_takes_too_long_is_a_504_for_a_request_too(make_gateway: MakeGateway,
-                                                                         lane: str) -> None:
-    """An HTTP request whose connect outlasts ``timeouts.connect`` is answered 504 and counted, in either lane; the
-    connect is not tried again for as long as the client waits."""
-    address = next_address()
-    upstream = Misbehaving()
-    port = await upstream.start(address)
-    try:
-        client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})},
-                                    in_memory=True, timeouts={"connect": 1e-9})
-        await client.app[GATEWAY].runtime.wake(WORKSPACE)
-        assert client.port is not None
-        faulty = Faulty(f"{port}-{WORKSPACE}.localhost:8080", client.host, client.port, upstream,
-                        lambda: scrape(client.app))
-        answer, body, _ = await faulty.send(LANES[lane], "/ok")
-        assert answer is not None
-        assert answer.status == 504, answer.head
         assert b'"code": "upstream-timeout"' in body
         assert 'codehub_upstream_connect_errors_total{reason="timeout"} 1.0' in await faulty.metrics()
     finally:
