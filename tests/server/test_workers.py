@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -78,6 +79,7 @@ class Served:
     process: subprocess.Popen[bytes]
     port: int
     address: str
+    log: Path  # the gateway's stdout and stderr
 
     @property
     def hub(self) -> str:
@@ -127,7 +129,7 @@ def _start(tmp_path: Path, server: list[str] = HTTP_SERVER, visibility: str = "p
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if _listening_sockets(port) >= 2:
-            return Served(process, port, address)
+            return Served(process, port, address, tmp_path / "gateway.log")
         assert process.poll() is None, (tmp_path / "gateway.log").read_text()
         time.sleep(0.1)
     process.kill()
@@ -167,6 +169,19 @@ async def test_both_workers_serve(served: Served) -> None:
     _, _, second, _ = await served.request("GET", served.hub, "/healthz", worker=lambda pid: pid != first)
     assert {first, second} == _workers(served.process.pid)
 
+
+
+async def test_the_workers_write_the_access_log_as_bare_json_lines(served: Served) -> None:
+    """Each worker's access log goes to stderr one JSON object a line (a log shipper parses them as they are),
+    not through the formatted lines of the other logs."""
+    path = f"/no-such-page-{os.urandom(4).hex()}"
+    status, _, _, _ = await served.request("GET", served.hub, path)
+    assert status == 404
+    deadline = time.monotonic() + 10  # the handler writes its batch within half a second
+    while not (lines := [line for line in served.log.read_text().splitlines() if path in line]):
+        assert time.monotonic() < deadline, "no access log line"
+        await asyncio.sleep(0.05)
+    assert json.loads(lines[0])["path"] == path
 
 async def _phase_elsewhere(served: Served, cookie: str, not_on: str, wanted: str) -> str:
     """The phase another worker reports, once it shows ``wanted``: the state stream from the parent reaches
