@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,8 +25,8 @@ import pytest
 import yaml
 from yarl import URL
 
-from gateway.server.serving import WORKER_HEADER
-from tests.conftest import next_address
+from gateway.server.serving import WORKER_HEADER, control_socket
+from tests.conftest import next_address, settings
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(120)
@@ -420,3 +421,15 @@ async def test_a_sign_out_through_one_worker_ends_copies_of_its_cookies_on_the_o
                 break
             await asyncio.sleep(0.2)
         assert status == 401, (host, "in the other worker once it has looked")
+
+
+def test_the_control_socket_is_in_the_state_dir_unless_that_path_is_too_long_for_one(tmp_path: Path) -> None:
+    """A Unix socket's path has room for about 100 bytes: a deeper state_dir puts it in the temp folder under a
+    name made from the path (the same for the parent every time, another for another gateway)."""
+    assert control_socket(settings(tmp_path, {})) == tmp_path.resolve() / "state" / "control.sock"
+    deep = tmp_path / ("d" * 100)
+    far = control_socket(settings(deep, {}))
+    assert far.parent == Path(tempfile.gettempdir())
+    assert len(os.fsencode(far)) < 100
+    assert control_socket(settings(deep, {})) == far
+    assert control_socket(settings(tmp_path / ("e" * 100), {})) != far
