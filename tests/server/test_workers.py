@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -183,6 +184,13 @@ async def test_the_workers_write_the_access_log_as_bare_json_lines(served: Serve
         assert time.monotonic() < deadline, "no access log line"
         await asyncio.sleep(0.05)
     assert json.loads(lines[0])["path"] == path
+
+
+async def test_the_control_socket_is_the_gateway_user_s_alone(served: Served) -> None:
+    """Whoever can connect to the parent's control socket can wake and stop workspaces: only its owner may."""
+    path = served.log.parent / "state" / "control.sock"
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 async def _phase_elsewhere(served: Served, cookie: str, not_on: str, wanted: str) -> str:
     """The phase another worker reports, once it shows ``wanted``: the state stream from the parent reaches
