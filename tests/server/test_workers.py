@@ -288,6 +288,28 @@ SLOW_SERVER = [sys.executable, str(ROOT / "tests" / "lifecycle" / "slow_server.p
                "--port", "8000"]
 
 
+
+async def test_sigterm_to_the_parent_lets_a_request_in_flight_finish(tmp_path: Path) -> None:
+    """The parent passes SIGTERM on to the workers, which finish what is in flight (``timeouts.shutdown``) before
+    they exit: a stream that is still running when the gateway is told to stop arrives whole."""
+    served = _start(tmp_path, SLOW_SERVER, visibility="public")
+    try:
+        status, *_ = await served.request("GET", served.preview(), "/", headers={"Accept": "*/*"})
+        assert status == 200  # woken
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        writer.write(f"GET /stream?seconds=1.5 HTTP/1.1\r\nHost: {served.preview()}\r\nConnection: close\r\n\r\n"
+                     .encode())
+        async with asyncio.timeout(30):
+            first = await reader.readuntil(b"tick\n")  # the answer is under way
+            served.process.send_signal(signal.SIGTERM)
+            rest = await reader.read()
+        writer.close()
+        assert first.startswith(b"HTTP/1.1 200"), first
+        assert rest.endswith(b"0\r\n\r\n"), rest[-200:]  # the last chunk: the stream ended, not cut
+    finally:
+        _stop(served)
+    assert served.process.returncode == 0
+
 async def _load(served: Served, outcomes: list[str], stop: asyncio.Event) -> None:
     """One keep-alive client sending GETs back to back on one connection, reconnecting after an error; each
     outcome is ``ok``, another status, or the name of the connection error. Raw streams, not aiohttp's client,
