@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from gateway.auth.store import API_PREFIX
+from gateway.proxy.connection import Response
 from gateway.server import fastlane
 from gateway.server.fastlane import MAX_PARKED, FastLaneServer
 from tests.conftest import MakeUpstream, held_app
@@ -330,3 +331,31 @@ async def test_bytes_pipelined_behind_a_request_in_flight_stop_being_read(proxie
     finally:
         release.set()
         writer.close()
+
+
+async def test_a_bug_after_the_head_went_out_closes_the_connection_without_a_second_answer(
+        proxied: MakeProxied, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Once the lane has written the head, an error page cannot follow it: the connection is closed (the client
+    sees a cut body), the bug logged, and aiohttp is not handed the connection to answer again."""
+    async def large(request: web.Request) -> web.Response:
+        return web.Response(body=b"l" * 100_000)  # streamed: past what is read whole
+
+    async def broken(self: object) -> bytes:
+        raise RuntimeError("a bug")
+
+    app = web.Application()
+    app.router.add_get("/large", large)
+    p = await proxied(app)
+    monkeypatch.setattr(Response, "read_chunk", broken)
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        with caplog.at_level(logging.ERROR, logger="gateway.server.fastlane"):
+            writer.write(get(p, "/large"))
+            async with asyncio.timeout(10):
+                raw = await reader.read()
+    finally:
+        writer.close()
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+    assert raw.count(b"HTTP/1.1") == 1, raw[:400]
+    [record] = [r for r in caplog.records if r.name == "gateway.server.fastlane"]
+    assert record.getMessage() == 'fast lane: serving "GET" "/large" failed'
