@@ -77,30 +77,6 @@ def test_serve_on_another_port_prints_urls_that_work(tmp_path: Path) -> None:
 
 
 
-def test_serve_answers_metrics_on_the_metrics_port(tmp_path: Path) -> None:
-    """``metrics.port`` is served by the same process as ``listen``, and only ``/metrics`` is there."""
-    port, metrics_port = free_loopback_port(), free_loopback_port()
-    config = _settings_file(tmp_path, listen={"port": port}, metrics={"port": metrics_port})
-    log = tmp_path / "serve.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-                                   cwd=tmp_path, env=_serve_env(), stdin=subprocess.DEVNULL, stdout=output,
-                                   stderr=output)
-    try:
-        _get_when_listening(port, f"localhost:{port}")  # both ports are bound (and listen) before either serves
-        connection = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
-        try:
-            connection.request("GET", "/metrics")
-            response = connection.getresponse()
-            assert response.status == 200
-            assert b"codehub_" in response.read()
-        finally:
-            connection.close()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
-
-
 def test_a_metrics_port_that_cannot_be_bound_lets_the_gateway_port_go(tmp_path: Path) -> None:
     """``bind_listeners`` binds both or neither: when the metrics listener fails, the gateway's socket is
     closed again (its port can be bound at once)."""
