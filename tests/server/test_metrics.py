@@ -205,3 +205,29 @@ async def test_pool_connections_and_tasks_are_exported(proxied: MakeProxied) -> 
         release.set()
         pending.cancel()
         await asyncio.gather(pending, return_exceptions=True)
+
+
+async def test_a_client_that_leaves_before_its_answer_is_counted(proxied: MakeProxied) -> None:
+    """A fast-lane request whose client went away while it was in flight is counted (as nginx's 499, a 4xx)."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        started.set()
+        await release.wait()
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    p = await proxied(app)
+    _, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    writer.write(f"GET /slow HTTP/1.1\r\nHost: {p.host}\r\n\r\n".encode())
+    await asyncio.wait_for(started.wait(), 10)
+    writer.close()
+    try:
+        for _ in range(100):  # until the gateway saw the client leave (bounded)
+            if sample(await p.metrics(), "codehub_requests_total", kind="preview", code="4xx"):
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        release.set()
+    assert sample(await p.metrics(), "codehub_requests_total", kind="preview", code="4xx") == 1
