@@ -19,7 +19,7 @@ from aiohttp import web
 
 from gateway.proxy.pacing import INITIAL_WINDOW
 from tests.conftest import held_app
-from tests.server.conftest import MakeProxied
+from tests.server.conftest import IDE, MakeProxied
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -231,3 +231,18 @@ async def test_a_client_that_leaves_before_its_answer_is_counted(proxied: MakePr
     finally:
         release.set()
     assert sample(await p.metrics(), "codehub_requests_total", kind="preview", code="4xx") == 1
+
+
+async def test_the_fast_lane_counts_a_request_under_its_route_kind(proxied: MakeProxied) -> None:
+    """A plain GET to the IDE takes the fast lane as a preview's does, and is counted as the IDE's."""
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ide")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    p = await proxied(app, ide=True)
+    async with p.request("GET", "/", host=IDE) as response:
+        assert response.status == 200
+    text = await p.metrics()
+    assert sample(text, "codehub_requests_total", kind="ide", code="2xx") == 1
+    assert sample(text, "codehub_requests_total", kind="preview", code="2xx") == 0
