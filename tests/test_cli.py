@@ -25,6 +25,7 @@ from gateway import cli
 from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet
 from gateway.auth.store import FileTokenStore
+from gateway.config import ConfigError
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
 from tests.conftest import next_address, settings, workspace
@@ -74,6 +75,20 @@ def test_serve_on_another_port_prints_urls_that_work(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
 
+
+
+def test_a_metrics_port_that_cannot_be_bound_lets_the_gateway_port_go(tmp_path: Path) -> None:
+    """``bind_listeners`` binds both or neither: when the metrics listener fails, the gateway's socket is
+    closed again (its port can be bound at once)."""
+    from gateway.server.serving import bind_listeners
+
+    port = free_loopback_port()
+    config = settings(tmp_path, {}, listen={"port": port}, metrics={"host": _NOWHERE, "port": free_loopback_port()})
+    with pytest.raises(ConfigError, match="metrics: cannot listen") as raised:
+        bind_listeners(config)
+    with socket.socket() as again:  # closed, not left to the collector: the error's traceback is still held
+        again.bind(("127.0.0.1", port))
+    assert raised.tb is not None
 
 def urls_in(output: str) -> dict[str, str] | None:
     """The hub and demo ``name: URL`` lines ``serve`` prints under its first line, once it printed them."""

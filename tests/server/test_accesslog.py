@@ -17,6 +17,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from gateway.accesslog import REFUSED, TARGET, UNREAD, USER, WRITTEN, AccessLogger, BufferedLineHandler
 from gateway.edge.routing import Kind, Target
+from tests.server.conftest import MakeProxied
 
 
 @pytest.fixture
@@ -237,3 +238,41 @@ async def test_each_write_holds_whole_lines_and_at_most_pipe_buf_bytes() -> None
         assert len(this) <= select.PIPE_BUF or this.count(b"\n") == 1
         if after is not None:  # the next write's first line would not have fit in this one
             assert len(this) + after.index(b"\n") + 1 > select.PIPE_BUF
+
+
+def _sized_answers() -> web.Application:
+    """``/small`` and ``/large`` answer with a Content-Length (below and above what is read whole before it is
+    written), ``/chunked`` in three chunks."""
+    async def sized(request: web.Request) -> web.Response:
+        return web.Response(body=b"s" * (5 if request.path == "/small" else 100_000))
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for piece in (b"alpha ", b"beta ", b"gamma"):
+            await response.write(piece)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/small", sized)
+    app.router.add_get("/large", sized)
+    app.router.add_get("/chunked", chunked)
+    return app
+
+
+@pytest.mark.parametrize(("path", "size"), [("/small", 5), ("/large", 100_000), ("/chunked", 16)])
+async def test_the_fast_lane_logs_the_body_bytes_it_sent(proxied: MakeProxied, caplog: pytest.LogCaptureFixture,
+                                                         path: str, size: int) -> None:
+    p = await proxied(_sized_answers())
+    with caplog.at_level(logging.INFO, logger="codehub.access"):
+        async with p.request("GET", path) as response:
+            assert len(await response.read()) == size
+        for _ in range(100):  # the line is written once the answer is out (bounded wait)
+            if [r for r in caplog.records if r.name == "codehub.access"]:
+                break
+            await asyncio.sleep(0.02)
+    [line] = [json.loads(r.getMessage()) for r in caplog.records if r.name == "codehub.access"]
+    assert (line["method"], line["path"], line["status"], line["bytes"]) == ("GET", path, 200, size), line
+    assert (line["kind"], line["workspace"], line["port"]) == ("preview", p.workspace, p.port), line

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from gateway.auth.store import API_PREFIX
+from gateway.proxy.connection import Response
 from gateway.server import fastlane
 from gateway.server.fastlane import MAX_PARKED, FastLaneServer
 from tests.conftest import MakeUpstream, held_app
@@ -330,3 +331,67 @@ async def test_bytes_pipelined_behind_a_request_in_flight_stop_being_read(proxie
     finally:
         release.set()
         writer.close()
+
+
+async def test_a_bug_after_the_head_went_out_closes_the_connection_without_a_second_answer(
+        proxied: MakeProxied, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Once the lane has written the head, an error page cannot follow it: the connection is closed (the client
+    sees a cut body), the bug logged, and aiohttp is not handed the connection to answer again."""
+    async def large(request: web.Request) -> web.Response:
+        return web.Response(body=b"l" * 100_000)  # streamed: past what is read whole
+
+    async def broken(self: object) -> bytes:
+        raise RuntimeError("a bug")
+
+    app = web.Application()
+    app.router.add_get("/large", large)
+    p = await proxied(app)
+    monkeypatch.setattr(Response, "read_chunk", broken)
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        with caplog.at_level(logging.ERROR, logger="gateway.server.fastlane"):
+            writer.write(get(p, "/large"))
+            async with asyncio.timeout(10):
+                raw = await reader.read()
+    finally:
+        writer.close()
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+    assert raw.count(b"HTTP/1.1") == 1, raw[:400]
+    [record] = [r for r in caplog.records if r.name == "gateway.server.fastlane"]
+    assert record.getMessage() == 'fast lane: serving "GET" "/large" failed'
+
+
+async def test_requests_parked_past_the_limit_are_all_served_once_handed_over(proxied: MakeProxied) -> None:
+    """Reading paused behind a request in flight (``MAX_PARKED``) goes on when what was parked is handed to
+    aiohttp: every request pipelined behind the one in flight is answered, those still in the kernel's buffers
+    when reading paused too."""
+    app, release = held_app("/slow")
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="page")
+
+    app.router.add_get("/page", page)
+    p = await proxied(app)
+    count = 200
+    pipelined = get(p, "/page", "X-Pad: " + "p" * 6000) * count  # far more than one read of the lane's
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(get(p, "/slow"))
+        await asyncio.sleep(0.2)
+        [lane] = fast_lane_server(p).lanes
+        writer.write(pipelined)
+        for _ in range(100):  # until the lane stops reading (bounded)
+            if not lane._reading:
+                break
+            await asyncio.sleep(0.02)
+        assert lane._reading is False
+        release.set()
+        bodies = []
+        async with asyncio.timeout(20):
+            for _ in range(count + 1):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                bodies.append(await reader.readexactly(length))
+    finally:
+        writer.close()
+    assert bodies == [b"ok", *[b"page"] * count]

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from gateway.proxy.pacing import INITIAL_WINDOW
 from tests.conftest import held_app
-from tests.server.conftest import MakeProxied
+from tests.server.conftest import IDE, MakeProxied
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -205,3 +205,44 @@ async def test_pool_connections_and_tasks_are_exported(proxied: MakeProxied) -> 
         release.set()
         pending.cancel()
         await asyncio.gather(pending, return_exceptions=True)
+
+
+async def test_a_client_that_leaves_before_its_answer_is_counted(proxied: MakeProxied) -> None:
+    """A fast-lane request whose client went away while it was in flight is counted (as nginx's 499, a 4xx)."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        started.set()
+        await release.wait()
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    p = await proxied(app)
+    _, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    writer.write(f"GET /slow HTTP/1.1\r\nHost: {p.host}\r\n\r\n".encode())
+    await asyncio.wait_for(started.wait(), 10)
+    writer.close()
+    try:
+        for _ in range(100):  # until the gateway saw the client leave (bounded)
+            if sample(await p.metrics(), "codehub_requests_total", kind="preview", code="4xx"):
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        release.set()
+    assert sample(await p.metrics(), "codehub_requests_total", kind="preview", code="4xx") == 1
+
+
+async def test_the_fast_lane_counts_a_request_under_its_route_kind(proxied: MakeProxied) -> None:
+    """A plain GET to the IDE takes the fast lane as a preview's does, and is counted as the IDE's."""
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ide")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    p = await proxied(app, ide=True)
+    async with p.request("GET", "/", host=IDE) as response:
+        assert response.status == 200
+    text = await p.metrics()
+    assert sample(text, "codehub_requests_total", kind="ide", code="2xx") == 1
+    assert sample(text, "codehub_requests_total", kind="preview", code="2xx") == 0

@@ -333,6 +333,25 @@ async def test_an_upload_broken_off_before_its_first_byte_is_not_sent_again(prox
     assert len(peers) == 1
 
 
+
+async def test_a_request_without_a_body_goes_upstream_without_one(proxied: MakeProxied) -> None:
+    """A DELETE with no body and no ``Content-Length`` (aiohttp's lane: the fast lane takes only GET and HEAD)
+    reaches the app as it was sent: no chunked framing of an empty body, which some apps refuse on such a method."""
+    p = await proxied(echo_app())
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(f"DELETE /items/1 HTTP/1.1\r\nHost: {p.host}\r\nConnection: close\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            raw = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    seen = json.loads(body.split(b"\r\n")[1] if b"chunked" in head.lower() else body)
+    assert seen["method"] == "DELETE"
+    assert header_values(seen, "Transfer-Encoding") == []
+
+
 @pytest.mark.parametrize("status", [204, 304])
 async def test_bodiless_statuses(proxied: MakeProxied, status: int) -> None:
     async def answer(request: web.Request) -> web.Response:

@@ -426,3 +426,60 @@ async def test_pipelined_small_answers_nobody_reads_do_not_hold_places_in_flight
             with contextlib.suppress(Exception):
                 writer.close()
         server.close()
+
+
+@pytest.mark.parametrize("path", ["/small", "/big"], ids=["written-whole", "streamed"])
+async def test_aiohttps_lane_drops_a_client_that_takes_nothing_of_its_answer(make_gateway: MakeGateway,
+                                                                              path: str) -> None:
+    """Past ``limits.send_timeout`` with nothing taken, aiohttp's lane aborts the client's connection: it does not
+    go on to the requests the client pipelined behind (each another answer to buffer and wait for) nor keep the
+    connection open with its buffers full."""
+    address = next_address()
+    server = await asyncio.start_server(small_answers if path == "/small" else big_answers, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
+                                limits={"send_timeout": 0.5})
+    await client.app[GATEWAY].runtime.wake(WORKSPACE)
+    front = client.server.runner.server  # type: ignore[union-attr]
+    assert isinstance(front, FastLaneServer)
+    host = f"{port}-{WORKSPACE}.localhost:8080"
+    [stalled] = await never_reading(
+        client, f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n".encode() * 300, count=1)
+    try:
+        for _ in range(200):  # 0.5 s of send_timeout, then the abort (10 s at most)
+            if not front.open:
+                break
+            await asyncio.sleep(0.05)
+        assert front.open == 0, "the stalled client's connection is still open"
+    finally:
+        stalled.close()
+        server.close()
+
+
+async def test_the_fast_lane_holds_little_of_an_answer_its_client_does_not_take(make_gateway: MakeGateway) -> None:
+    """A streamed answer goes on only as the client takes it: one that takes nothing has the fast lane hold a
+    buffer's worth, not the upstream's 100 MiB, and is dropped after ``limits.send_timeout``."""
+    address = next_address()
+    server = await asyncio.start_server(big_answers, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
+                                limits={"send_timeout": 0.5})
+    await client.app[GATEWAY].runtime.wake(WORKSPACE)
+    front = client.server.runner.server  # type: ignore[union-attr]
+    assert isinstance(front, FastLaneServer)
+    [stalled] = await never_reading(
+        client, f"GET /big HTTP/1.1\r\nHost: {port}-{WORKSPACE}.localhost:8080\r\n\r\n".encode(), count=1)
+    most = 0
+    try:
+        for _ in range(500):  # 0.5 s of send_timeout, then the abort (10 s at most)
+            for lane in front.lanes:
+                if lane._transport is not None:
+                    most = max(most, lane._transport.get_write_buffer_size())
+            if not front.open:
+                break
+            await asyncio.sleep(0.02)
+        assert front.open == 0, "the stalled client's connection is still open"
+        assert most < 8 << 20, f"{most} bytes held for a client that takes none"
+    finally:
+        stalled.close()
+        server.close()

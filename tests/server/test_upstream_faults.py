@@ -198,6 +198,25 @@ async def stall_mid_body(path: str, reader: asyncio.StreamReader, writer: asynci
     return False
 
 
+
+async def small_answer_begun(writer: asyncio.StreamWriter) -> None:
+    """The head of a small answer (read whole before anything goes to the client) and part of its body."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"s" * 10)
+    await writer.drain()
+    await asyncio.sleep(0.05)
+
+
+async def stall_mid_small_body(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    await small_answer_begun(writer)
+    await until_closed(reader)
+    return False
+
+
+async def reset_mid_small_body(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    await small_answer_begun(writer)
+    reset(writer)
+    return False
+
 async def two_answers(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
     """A second answer nobody asked for, right behind the first: on a reused connection it would answer the next
     request, someone else's perhaps."""
@@ -266,6 +285,7 @@ FAULTS: dict[str, Fault] = {
     "garbage": garbage, "oversized-head": oversized_head, "stall-mid-head": stall_mid_head,
     "unasked-switch": unasked_switch, "never-answer": never_answer, "reset-mid-body": reset_mid_body,
     "half-close-mid-body": half_close_mid_body,
+    "stall-mid-small-body": stall_mid_small_body, "reset-mid-small-body": reset_mid_small_body,
     "bad-chunk-mid-body": bad_chunk_mid_body, "endless-trailers": endless_trailers, "stall-mid-body": stall_mid_body,
     "two-answers": two_answers, "two-answers-chunked": two_answers_chunked,
     "trailing-bytes": trailing_bytes, "body-after-head-answer": body_after_head_answer,
@@ -384,6 +404,8 @@ async def back_to(count: int) -> int:
 BEFORE_ANSWER = [("reset-before-answer", 502, "reset"), ("half-close-before-answer", 502, "closed"),
                  ("garbage", 502, "garbage"), ("oversized-head", 502, "head-too-large"),
                  ("stall-mid-head", 504, "no-answer"), ("never-answer", 504, "no-answer")]
+# a small body is read whole before the head goes out, so its faults are still error answers
+IN_SMALL_BODY = [("stall-mid-small-body", 504, "stalled"), ("reset-mid-small-body", 502, "reset")]
 MID_BODY = [("reset-mid-body", "reset"), ("half-close-mid-body", "closed"), ("bad-chunk-mid-body", "garbage"),
             ("endless-trailers", "head-too-large"), ("stall-mid-body", "stalled")]
 LANES = {"fast-lane": "GET", "aiohttp-lane": "POST"}
@@ -411,7 +433,8 @@ async def assert_pool_healthy(f: Faulty, method: str, files: int) -> None:
 
 
 @pytest.mark.parametrize("lane", list(LANES))
-@pytest.mark.parametrize(("fault", "status", "label"), BEFORE_ANSWER, ids=[c[0] for c in BEFORE_ANSWER])
+@pytest.mark.parametrize(("fault", "status", "label"), BEFORE_ANSWER + IN_SMALL_BODY,
+                         ids=[c[0] for c in BEFORE_ANSWER + IN_SMALL_BODY])
 async def test_a_fault_before_the_answer_is_a_clean_502_or_504(faulty: Faulty, lane: str, fault: str,
                                                                 status: int, label: str) -> None:
     method = LANES[lane]

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,8 +26,8 @@ import pytest
 import yaml
 from yarl import URL
 
-from gateway.server.serving import WORKER_HEADER
-from tests.conftest import next_address
+from gateway.server.serving import WORKER_HEADER, control_socket
+from tests.conftest import next_address, settings
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(120)
@@ -78,6 +81,7 @@ class Served:
     process: subprocess.Popen[bytes]
     port: int
     address: str
+    log: Path  # the gateway's stdout and stderr
 
     @property
     def hub(self) -> str:
@@ -127,7 +131,7 @@ def _start(tmp_path: Path, server: list[str] = HTTP_SERVER, visibility: str = "p
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if _listening_sockets(port) >= 2:
-            return Served(process, port, address)
+            return Served(process, port, address, tmp_path / "gateway.log")
         assert process.poll() is None, (tmp_path / "gateway.log").read_text()
         time.sleep(0.1)
     process.kill()
@@ -167,6 +171,26 @@ async def test_both_workers_serve(served: Served) -> None:
     _, _, second, _ = await served.request("GET", served.hub, "/healthz", worker=lambda pid: pid != first)
     assert {first, second} == _workers(served.process.pid)
 
+
+
+async def test_the_workers_write_the_access_log_as_bare_json_lines(served: Served) -> None:
+    """Each worker's access log goes to stderr one JSON object a line (a log shipper parses them as they are),
+    not through the formatted lines of the other logs."""
+    path = f"/no-such-page-{os.urandom(4).hex()}"
+    status, _, _, _ = await served.request("GET", served.hub, path)
+    assert status == 404
+    deadline = time.monotonic() + 10  # the handler writes its batch within half a second
+    while not (lines := [line for line in served.log.read_text().splitlines() if path in line]):
+        assert time.monotonic() < deadline, "no access log line"
+        await asyncio.sleep(0.05)
+    assert json.loads(lines[0])["path"] == path
+
+
+async def test_the_control_socket_is_the_gateway_user_s_alone(served: Served) -> None:
+    """Whoever can connect to the parent's control socket can wake and stop workspaces: only its owner may."""
+    path = served.log.parent / "state" / "control.sock"
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 async def _phase_elsewhere(served: Served, cookie: str, not_on: str, wanted: str) -> str:
     """The phase another worker reports, once it shows ``wanted``: the state stream from the parent reaches
@@ -263,6 +287,28 @@ async def test_sigterm_to_the_parent_leaves_nothing_running(tmp_path: Path) -> N
 SLOW_SERVER = [sys.executable, str(ROOT / "tests" / "lifecycle" / "slow_server.py"), "--host", "{host}",
                "--port", "8000"]
 
+
+
+async def test_sigterm_to_the_parent_lets_a_request_in_flight_finish(tmp_path: Path) -> None:
+    """The parent passes SIGTERM on to the workers, which finish what is in flight (``timeouts.shutdown``) before
+    they exit: a stream that is still running when the gateway is told to stop arrives whole."""
+    served = _start(tmp_path, SLOW_SERVER, visibility="public")
+    try:
+        status, *_ = await served.request("GET", served.preview(), "/", headers={"Accept": "*/*"})
+        assert status == 200  # woken
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        writer.write(f"GET /stream?seconds=1.5 HTTP/1.1\r\nHost: {served.preview()}\r\nConnection: close\r\n\r\n"
+                     .encode())
+        async with asyncio.timeout(30):
+            first = await reader.readuntil(b"tick\n")  # the answer is under way
+            served.process.send_signal(signal.SIGTERM)
+            rest = await reader.read()
+        writer.close()
+        assert first.startswith(b"HTTP/1.1 200"), first
+        assert rest.endswith(b"0\r\n\r\n"), rest[-200:]  # the last chunk: the stream ended, not cut
+    finally:
+        _stop(served)
+    assert served.process.returncode == 0
 
 async def _load(served: Served, outcomes: list[str], stop: asyncio.Event) -> None:
     """One keep-alive client sending GETs back to back on one connection, reconnecting after an error; each
@@ -405,3 +451,15 @@ async def test_a_sign_out_through_one_worker_ends_copies_of_its_cookies_on_the_o
                 break
             await asyncio.sleep(0.2)
         assert status == 401, (host, "in the other worker once it has looked")
+
+
+def test_the_control_socket_is_in_the_state_dir_unless_that_path_is_too_long_for_one(tmp_path: Path) -> None:
+    """A Unix socket's path has room for about 100 bytes: a deeper state_dir puts it in the temp folder under a
+    name made from the path (the same for the parent every time, another for another gateway)."""
+    assert control_socket(settings(tmp_path, {})) == tmp_path.resolve() / "state" / "control.sock"
+    deep = tmp_path / ("d" * 100)
+    far = control_socket(settings(deep, {}))
+    assert far.parent == Path(tempfile.gettempdir())
+    assert len(os.fsencode(far)) < 100
+    assert control_socket(settings(deep, {})) == far
+    assert control_socket(settings(tmp_path / ("e" * 100), {})) != far
