@@ -424,6 +424,43 @@ async def test_a_message_over_the_limit_closes_both_ends_with_1009(proxied: Make
     assert seen["close_code"] == "1009"
 
 
+
+async def test_a_message_over_the_limit_closes_both_connections_though_neither_end_answers_the_close(
+        proxied: MakeProxied) -> None:
+    """The gateway's 1009 is not a close handshake it waits on: both connections are closed even when neither end
+    answers the close frame (a raw upstream sends too much, then only listens; the raw client ignores the close)."""
+    p = await proxied(None, max_ws_message=1024)
+    upstream_heard = asyncio.get_running_loop().create_future()
+
+    async def too_much(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head)
+        assert key is not None, head
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + _accept(key.group(1).decode()).encode() + b"\r\n\r\n")
+        writer.write(b"\x82\x7e" + struct.pack("!H", 2048) + b"x" * 2048)  # one unmasked binary frame, too long
+        upstream_heard.set_result(await reader.read())  # what the gateway sends, until it closes the connection
+        writer.close()
+
+    server = await asyncio.start_server(too_much, p.address, p.port)
+    try:
+        reader, writer = await _raw_upgrade(p)
+        try:
+            async with asyncio.timeout(10):
+                opcode, _, payload = await _read_frame(reader)
+                assert (opcode, struct.unpack("!H", payload[:2])) == (0x8, (1009,))
+                assert await reader.read() == b""  # closed by the gateway, no close frame of the client's awaited
+                heard = await upstream_heard
+        finally:
+            writer.close()
+        assert heard[0] == 0x88, heard  # a close frame, then the end
+        assert heard[1] & 0x80, heard  # masked, as a client's
+        unmasked = bytes(b ^ heard[2 + i % 4] for i, b in enumerate(heard[6:8]))
+        assert struct.unpack("!H", unmasked) == (1009,)
+    finally:
+        server.close()
+        await server.wait_closed()
+
 async def test_a_client_that_vanishes_is_going_away_for_the_upstream(proxied: MakeProxied) -> None:
     seen: dict[str, str] = {}
     closed = asyncio.Event()
