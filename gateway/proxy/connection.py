@@ -353,7 +353,6 @@ class Connection(WriteFlow):
             self._error = error
             if error.fault is not None and not (isinstance(error, ClosedUnanswered) and self._answered):
                 self._on_fault(error.fault)
-        self.keep_alive = False
         self.wake()
 
     def wake(self) -> None:
