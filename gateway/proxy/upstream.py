@@ -15,7 +15,7 @@ class Upstream(NamedTuple):
     host: str
     port: int
     public_origin: str
-    tls: bool = False
+    tls: bool
 
     @property
     def scheme(self) -> str:
