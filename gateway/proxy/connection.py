@@ -383,8 +383,8 @@ class Connection(WriteFlow):
         return self._head is None and self._error is None and not self._done
 
     def begin(self, head_only: bool) -> None:
-        if head_only or self._head_only:
-            self._parser = httptools.HttpResponseParser(self)  # llhttp cannot be told a HEAD answer has no body
+        if self._head_only:  # llhttp cannot be told a HEAD answer has no body: it still waits for one
+            self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
         self._headers = []
         self._reason = ""
