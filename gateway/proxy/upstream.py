@@ -26,11 +26,6 @@ class Upstream(NamedTuple):
         return f"{self.scheme}://{self.host}:{self.port}"
 
     @property
-    def host_header(self) -> str:
-        """Dev servers accept ``localhost`` (Vite refuses foreign hosts), so that is the name they are sent."""
-        return f"localhost:{self.port}"
-
-    @property
     def origins(self) -> tuple[str, ...]:
         """Spellings of the upstream an app may put in ``Location`` headers."""
         return (self.origin, f"{self.scheme}://localhost:{self.port}", f"{self.scheme}://127.0.0.1:{self.port}")
