@@ -390,6 +390,20 @@ async def test_which_answers_stream(head: bytes, streams: bool) -> None:
     assert conn.streams() is streams
 
 
+
+async def test_a_reason_phrase_that_arrives_in_pieces_is_read_whole() -> None:
+    """llhttp hands a status line's reason over as it arrives, a piece a read (a multi-byte character may be cut
+    in two); the next answer on the connection starts with no reason of the last one's."""
+    conn = Connection(asyncio.get_running_loop(), HeadClock(None), None, lambda fault: None)
+    conn.begin(head_only=False)
+    for piece in (b"HTTP/1.1 299 Fine B", b"y M\xc3", b"\xa9\r\nContent-Len", b"gth: 0\r\n\r\n"):
+        conn.data_received(piece)
+    assert (await conn.read_head()).reason == "Fine By M\u00e9"
+    conn.begin(head_only=False)
+    conn.data_received(b"HTTP/1.1 200 O")
+    conn.data_received(b"K\r\nContent-Length: 0\r\n\r\n")
+    assert (await conn.read_head()).reason == "OK"
+
 async def test_a_kept_alive_connection_taken_again_counts_against_the_limit(make_upstream: MakeUpstream) -> None:
     app, release = held_app()
     address = next_address()
