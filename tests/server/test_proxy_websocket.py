@@ -461,6 +461,35 @@ async def test_a_message_over_the_limit_closes_both_connections_though_neither_e
         server.close()
         await server.wait_closed()
 
+
+async def test_an_upstream_that_closes_and_hangs_up_at_once_has_the_clients_connection_closed(
+        proxied: MakeProxied) -> None:
+    """Its close frame passes to the client, which is told nothing more, and the gateway closes the client's
+    connection without waiting for the client to answer the close."""
+    p = await proxied(None)
+
+    async def close_and_leave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head)
+        assert key is not None, head
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + _accept(key.group(1).decode()).encode() + b"\r\n\r\n")
+        writer.write(b"\x88\x02" + struct.pack("!H", 1000))  # a close frame, and the connection closed behind it
+        writer.close()
+
+    server = await asyncio.start_server(close_and_leave, p.address, p.port)
+    try:
+        reader, writer = await _raw_upgrade(p)
+        try:
+            async with asyncio.timeout(10):
+                assert await _read_frame(reader) == (0x8, True, struct.pack("!H", 1000))  # the upstream's, not a 1011
+                assert await reader.read() == b""
+        finally:
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
 async def test_a_client_that_vanishes_is_going_away_for_the_upstream(proxied: MakeProxied) -> None:
     seen: dict[str, str] = {}
     closed = asyncio.Event()
