@@ -25,3 +25,13 @@ async def test_a_spent_grace_tries_no_more() -> None:
     grace = ConnectGrace(0)
     assert not await grace.again(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
     assert not await grace.wait()
+
+
+async def test_the_tries_back_off_so_a_grace_is_a_few_of_them() -> None:
+    """Each wait is twice the last (up to a quarter second): half a second of grace is a handful of tries, not
+    as many connects as the loop can make."""
+    grace = ConnectGrace(0.5)
+    tries = 0
+    while await grace.wait():
+        tries += 1
+    assert 1 <= tries <= 10
