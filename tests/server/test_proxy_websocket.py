@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -19,6 +20,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from gateway.proxy.connection import MAX_HEAD
+from gateway.proxy.wsrelay import _ClientEnd
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
 from gateway.server.fastlane import FastLaneServer, GatewayRunner
@@ -223,6 +225,27 @@ async def test_open_websockets_gauge_goes_up_and_back_down(proxied: MakeProxied)
                 break
             await asyncio.sleep(0.01)
 
+
+
+async def test_a_websocket_that_ended_is_not_kept_by_the_heartbeat(proxied: MakeProxied) -> None:
+    """The heartbeat forgets a relay's client end when the relay ends: ended WebSockets do not pile up in it."""
+    p = await proxied(echo_app())
+
+    def client_ends() -> int:
+        gc.collect()
+        return sum(isinstance(thing, _ClientEnd) for thing in gc.get_objects())
+
+    before = client_ends()
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}) as ws:
+        await ws.send_str("hi")
+        await ws.receive(timeout=10)
+        assert client_ends() == before + 1
+    async with asyncio.timeout(10):  # the relay ends just after the client sees its close
+        while True:
+            if _gauge(await p.metrics()) == 0:
+                break
+            await asyncio.sleep(0.01)
+    assert client_ends() == before
 
 async def test_upstream_refusing_the_websocket_is_a_502(proxied: MakeProxied, caplog: pytest.LogCaptureFixture
                                                         ) -> None:
