@@ -589,6 +589,29 @@ async def test_heartbeat_keeps_a_client_that_answers(proxied: MakeProxied) -> No
         assert (message.type, message.data) == (WSMsgType.TEXT, "still here")
 
 
+
+async def test_the_answers_to_the_heartbeats_pings_do_not_reach_the_upstream(proxied: MakeProxied) -> None:
+    heard: list[tuple[WSMsgType, object]] = []
+
+    async def listening(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=False)  # pongs are messages here
+        await ws.prepare(request)
+        async for message in ws:
+            heard.append((message.type, message.data))
+            if message.type is WSMsgType.TEXT:
+                await ws.send_str("heard")
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", listening)
+    p = await proxied(app, timeouts={"websocket_heartbeat": 0.2})
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}) as ws:
+        answer = asyncio.ensure_future(ws.receive())  # answers the gateway's pings while it waits
+        await asyncio.sleep(1.0)  # several heartbeats go by
+        await ws.send_str("done")
+        assert (await asyncio.wait_for(answer, 10)).data == "heard"
+    assert heard == [(WSMsgType.TEXT, "done")]
+
 async def test_a_bad_client_handshake_is_a_400_without_asking_the_upstream(proxied: MakeProxied) -> None:
     seen: dict[str, str] = {}
     p = await proxied(echo_app(seen))
