@@ -218,7 +218,7 @@ class Connection(WriteFlow):
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[str, str]] = []
-        self._reason = ""
+        self._reason = b""
         self._head: Response | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
@@ -294,7 +294,7 @@ class Connection(WriteFlow):
             raise error
 
     def on_status(self, status: bytes) -> None:
-        self._reason = status.decode("utf-8", "surrogateescape")
+        self._reason += status  # a piece a read: llhttp hands over what it has, not the whole reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head is not None:
@@ -314,7 +314,8 @@ class Connection(WriteFlow):
             return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
         self.clock.forget(self)
         self._head_bytes = 0  # from here on it counts chunk framing and trailers
-        reason = self._reason if self._reason.isprintable() else ""  # llhttp lets NUL through here
+        reason = self._reason.decode("utf-8", "surrogateescape")
+        reason = reason if reason.isprintable() else ""  # llhttp lets NUL through here
         self._head = Response(self, status, reason, CIMultiDict(self._headers))
         self.keep_alive = self._parser.should_keep_alive()
         if self._head_only:
@@ -332,7 +333,7 @@ class Connection(WriteFlow):
     def on_message_complete(self) -> None:
         if self._head is None:  # the end of an interim answer
             self._headers = []
-            self._reason = ""
+            self._reason = b""
             return
         self._done = True
         self._answered = True
@@ -353,7 +354,6 @@ class Connection(WriteFlow):
             self._error = error
             if error.fault is not None and not (isinstance(error, ClosedUnanswered) and self._answered):
                 self._on_fault(error.fault)
-        self.keep_alive = False
         self.wake()
 
     def wake(self) -> None:
@@ -384,11 +384,11 @@ class Connection(WriteFlow):
         return self._head is None and self._error is None and not self._done
 
     def begin(self, head_only: bool) -> None:
-        if head_only or self._head_only:
-            self._parser = httptools.HttpResponseParser(self)  # llhttp cannot be told a HEAD answer has no body
+        if self._head_only:  # llhttp cannot be told a HEAD answer has no body: it still waits for one
+            self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
         self._headers = []
-        self._reason = ""
+        self._reason = b""
         self._head = None
         self._head_bytes = 0
         self._done = False

@@ -47,7 +47,5 @@ class Heartbeat:
     def _tick(self) -> None:
         for member in tuple(self._members):  # a tick may end a relay, which forgets its member
             member.tick()
-        if self._members and self._loop is not None:
+        if self._members and self._loop is not None:  # else the last member's ``forget`` stopped the timer
             self._handle = self._loop.call_later(self.period / 2, self._tick)
-        else:
-            self._handle = None

@@ -15,7 +15,7 @@ class Upstream(NamedTuple):
     host: str
     port: int
     public_origin: str
-    tls: bool = False
+    tls: bool
 
     @property
     def scheme(self) -> str:
@@ -24,11 +24,6 @@ class Upstream(NamedTuple):
     @property
     def origin(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
-
-    @property
-    def host_header(self) -> str:
-        """Dev servers accept ``localhost`` (Vite refuses foreign hosts), so that is the name they are sent."""
-        return f"localhost:{self.port}"
 
     @property
     def origins(self) -> tuple[str, ...]:

@@ -150,9 +150,7 @@ class Relay:
     def lost(self, end: _End) -> None:
         """``end`` is gone: the other end is told (unless a close frame already went its way) and closed.
         Saying it twice does no harm."""
-        if not end.frames.closed:
-            end.peer.send_close(end.gone_code)
-        end.peer.transport.close()
+        end.peer.send_close(end.gone_code)  # which sends no close frame after one that went its way
         self._finish()
 
     def end(self, code: int) -> None:

@@ -390,6 +390,20 @@ async def test_which_answers_stream(head: bytes, streams: bool) -> None:
     assert conn.streams() is streams
 
 
+
+async def test_a_reason_phrase_that_arrives_in_pieces_is_read_whole() -> None:
+    """llhttp hands a status line's reason over as it arrives, a piece a read (a multi-byte character may be cut
+    in two); the next answer on the connection starts with no reason of the last one's."""
+    conn = Connection(asyncio.get_running_loop(), HeadClock(None), None, lambda fault: None)
+    conn.begin(head_only=False)
+    for piece in (b"HTTP/1.1 299 Fine B", b"y M\xc3", b"\xa9\r\nContent-Len", b"gth: 0\r\n\r\n"):
+        conn.data_received(piece)
+    assert (await conn.read_head()).reason == "Fine By M\u00e9"
+    conn.begin(head_only=False)
+    conn.data_received(b"HTTP/1.1 200 O")
+    conn.data_received(b"K\r\nContent-Length: 0\r\n\r\n")
+    assert (await conn.read_head()).reason == "OK"
+
 async def test_a_kept_alive_connection_taken_again_counts_against_the_limit(make_upstream: MakeUpstream) -> None:
     app, release = held_app()
     address = next_address()
@@ -450,6 +464,36 @@ async def test_a_connection_the_upstream_closes_after_each_answer_frees_the_plac
     finally:
         pool.close()
 
+
+
+async def test_a_body_read_in_pieces_leaves_no_read_timeout_behind_on_its_kept_alive_connection() -> None:
+    """Each piece of an answer's body is awaited for ``read_timeout``; the clock stops when the piece comes. A
+    connection idle in the pool for longer than that is reused, and no upstream fault is heard."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\no")
+                await asyncio.sleep(0.05)  # the second piece of the body comes later: the gateway waits for it
+                writer.write(b"k")
+        writer.close()
+
+    faults: list[str] = []
+    server, address, port = await _raw_upstream(serve)
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=0.2, queue_timeout=30,
+                        on_fault=faults.append)
+    try:
+        async with server, asyncio.timeout(10):
+            assert await _get(pool, address, port) == b"ok"
+            await asyncio.sleep(0.4)  # idle past the read timeout
+            assert await _get(pool, address, port) == b"ok"
+            assert (connections, faults) == (1, [])
+    finally:
+        pool.close()
 
 async def test_a_kept_alive_connection_the_upstream_closed_is_not_used_for_a_post() -> None:
     """A POST is never sent twice, so it must not go out on a connection known to be closed."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -19,6 +20,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from gateway.proxy.connection import MAX_HEAD
+from gateway.proxy.wsrelay import _ClientEnd
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
 from gateway.server.fastlane import FastLaneServer, GatewayRunner
@@ -224,6 +226,27 @@ async def test_open_websockets_gauge_goes_up_and_back_down(proxied: MakeProxied)
             await asyncio.sleep(0.01)
 
 
+
+async def test_a_websocket_that_ended_is_not_kept_by_the_heartbeat(proxied: MakeProxied) -> None:
+    """The heartbeat forgets a relay's client end when the relay ends: ended WebSockets do not pile up in it."""
+    p = await proxied(echo_app())
+
+    def client_ends() -> int:
+        gc.collect()
+        return sum(isinstance(thing, _ClientEnd) for thing in gc.get_objects())
+
+    before = client_ends()
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}) as ws:
+        await ws.send_str("hi")
+        await ws.receive(timeout=10)
+        assert client_ends() == before + 1
+    async with asyncio.timeout(10):  # the relay ends just after the client sees its close
+        while True:
+            if _gauge(await p.metrics()) == 0:
+                break
+            await asyncio.sleep(0.01)
+    assert client_ends() == before
+
 async def test_upstream_refusing_the_websocket_is_a_502(proxied: MakeProxied, caplog: pytest.LogCaptureFixture
                                                         ) -> None:
     """A refusal is the app's answer, not a fault of the gateway's: the client gets a 502 and nothing is logged as
@@ -424,6 +447,72 @@ async def test_a_message_over_the_limit_closes_both_ends_with_1009(proxied: Make
     assert seen["close_code"] == "1009"
 
 
+
+async def test_a_message_over_the_limit_closes_both_connections_though_neither_end_answers_the_close(
+        proxied: MakeProxied) -> None:
+    """The gateway's 1009 is not a close handshake it waits on: both connections are closed even when neither end
+    answers the close frame (a raw upstream sends too much, then only listens; the raw client ignores the close)."""
+    p = await proxied(None, max_ws_message=1024)
+    upstream_heard = asyncio.get_running_loop().create_future()
+
+    async def too_much(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head)
+        assert key is not None, head
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + _accept(key.group(1).decode()).encode() + b"\r\n\r\n")
+        writer.write(b"\x82\x7e" + struct.pack("!H", 2048) + b"x" * 2048)  # one unmasked binary frame, too long
+        upstream_heard.set_result(await reader.read())  # what the gateway sends, until it closes the connection
+        writer.close()
+
+    server = await asyncio.start_server(too_much, p.address, p.port)
+    try:
+        reader, writer = await _raw_upgrade(p)
+        try:
+            async with asyncio.timeout(10):
+                opcode, _, payload = await _read_frame(reader)
+                assert (opcode, struct.unpack("!H", payload[:2])) == (0x8, (1009,))
+                assert await reader.read() == b""  # closed by the gateway, no close frame of the client's awaited
+                heard = await upstream_heard
+        finally:
+            writer.close()
+        assert heard[0] == 0x88, heard  # a close frame, then the end
+        assert heard[1] & 0x80, heard  # masked, as a client's
+        unmasked = bytes(b ^ heard[2 + i % 4] for i, b in enumerate(heard[6:8]))
+        assert struct.unpack("!H", unmasked) == (1009,)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_upstream_that_closes_and_hangs_up_at_once_has_the_clients_connection_closed(
+        proxied: MakeProxied) -> None:
+    """Its close frame passes to the client, which is told nothing more, and the gateway closes the client's
+    connection without waiting for the client to answer the close."""
+    p = await proxied(None)
+
+    async def close_and_leave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head)
+        assert key is not None, head
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + _accept(key.group(1).decode()).encode() + b"\r\n\r\n")
+        writer.write(b"\x88\x02" + struct.pack("!H", 1000))  # a close frame, and the connection closed behind it
+        writer.close()
+
+    server = await asyncio.start_server(close_and_leave, p.address, p.port)
+    try:
+        reader, writer = await _raw_upgrade(p)
+        try:
+            async with asyncio.timeout(10):
+                assert await _read_frame(reader) == (0x8, True, struct.pack("!H", 1000))  # the upstream's, not a 1011
+                assert await reader.read() == b""
+        finally:
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
 async def test_a_client_that_vanishes_is_going_away_for_the_upstream(proxied: MakeProxied) -> None:
     seen: dict[str, str] = {}
     closed = asyncio.Event()
@@ -499,6 +588,29 @@ async def test_heartbeat_keeps_a_client_that_answers(proxied: MakeProxied) -> No
         message = await asyncio.wait_for(echo, 10)
         assert (message.type, message.data) == (WSMsgType.TEXT, "still here")
 
+
+
+async def test_the_answers_to_the_heartbeats_pings_do_not_reach_the_upstream(proxied: MakeProxied) -> None:
+    heard: list[tuple[WSMsgType, object]] = []
+
+    async def listening(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=False)  # pongs are messages here
+        await ws.prepare(request)
+        async for message in ws:
+            heard.append((message.type, message.data))
+            if message.type is WSMsgType.TEXT:
+                await ws.send_str("heard")
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", listening)
+    p = await proxied(app, timeouts={"websocket_heartbeat": 0.2})
+    async with p.client.ws_connect("/ws", headers={"Host": p.host}) as ws:
+        answer = asyncio.ensure_future(ws.receive())  # answers the gateway's pings while it waits
+        await asyncio.sleep(1.0)  # several heartbeats go by
+        await ws.send_str("done")
+        assert (await asyncio.wait_for(answer, 10)).data == "heard"
+    assert heard == [(WSMsgType.TEXT, "done")]
 
 async def test_a_bad_client_handshake_is_a_400_without_asking_the_upstream(proxied: MakeProxied) -> None:
     seen: dict[str, str] = {}
