@@ -108,8 +108,7 @@ class EndedSignIns:
     kind = USED_KEY
     selector = f"{USED_FOR}=sign-out"
 
-    def __init__(self, informers: Informers, *, attempts: int) -> None:
-        self._attempts = attempts
+    def __init__(self, informers: Informers) -> None:
         self.ids = Ended()  # no file to lose: no cut-off
         informers.register(USED_KEY, self._changed, label_selector=self.selector)
 

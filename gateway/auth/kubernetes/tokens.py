@@ -126,7 +126,7 @@ class KubeTokenStore:
         informers.register(SHARE_LINK, self._on_change(SHARE_LINK))
         informers.register(API_TOKEN, self._on_change(API_TOKEN))
         self._consents = Consents(informers, attempts=self._attempts)
-        self._ended = EndedSignIns(informers, attempts=self._attempts)
+        self._ended = EndedSignIns(informers)
         self.kinds = (SHARE_LINK, API_TOKEN, Consents.kind, EndedSignIns.kind)
 
     # -- lifespan --
