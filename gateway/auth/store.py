@@ -693,14 +693,14 @@ class FileTokenStore:
         assert self._used_path is not None
         try:
             stamp = _stamp(self._used_path)
-            used = self._parse_used() if stamp not in (None, self._ended_stamp) else {}
+            if stamp == self._ended_stamp:
+                return
+            used = {} if stamp is None else self._parse_used()
         except OSError:  # the folder or the file, maybe for now (no descriptors left): looked at again in a second
             return
         except _CORRUPT as exc:
             log.error("%s cannot be read (%s): every sign-in from before now is ended", self._used_path, exc)
             used = {_SIGN_OUTS_LOST: time.time() + self._session_ttl}
-        if stamp == self._ended_stamp:
-            return
         self._ended_stamp, now = stamp, time.time()
         ended = Ended({sid: until for sid, until in self._ended.items() if until > now},
                       max(self._ended.before, used.get(_SIGN_OUTS_LOST, -math.inf)))
