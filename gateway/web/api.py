@@ -22,7 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from gateway.auth.authenticate import SHARE_PARAM, the_authorization
 from gateway.auth.identity import Identity
-from gateway.auth.store import API_PREFIX, ShareLink, StoreUnavailable
+from gateway.auth.store import API_PREFIX, ApiToken, ShareLink, StoreUnavailable
 from gateway.config import WORKSPACE_ID
 from gateway.edge.policy import VISIBILITIES, Duration, Reason, describe_duration, visibility
 from gateway.edge.policy import role as role_of
@@ -104,12 +104,17 @@ def _bearer(request: web.Request) -> str | None:
     return authorization[7:].strip() if authorization[:7].lower() == "bearer " else None
 
 
+def _api_token(gateway: Gateway, token: str) -> ApiToken | None:
+    """The live API token a bearer names (None for anything else: a share token is no API caller)."""
+    return gateway.auth.store.find_api_token(token) if token.startswith(API_PREFIX) else None
+
+
 def caller(request: web.Request) -> Identity:
     """The API caller: bearer API token, or hub session cookie (CSRF-checked for changes)."""
     gateway = request.app[GATEWAY]
     token = _bearer(request)
     if token is not None:
-        record = gateway.auth.store.find_api_token(token) if token.startswith(API_PREFIX) else None
+        record = _api_token(gateway, token)
         if record is None:
             raise Unauthorized("This API token is not valid.", code="token-invalid")
         gateway.auth.store.use_api_token(record, time.time())
@@ -130,7 +135,7 @@ def still_signed_in(request: web.Request) -> bool:
     token = _bearer(request)
     if token is not None:
         try:
-            return token.startswith(API_PREFIX) and gateway.auth.store.find_api_token(token) is not None
+            return _api_token(gateway, token) is not None
         except StoreUnavailable:  # nothing new is sent meanwhile (see ``hub.events``): looked at again once it reads
             return True
     return hub_identity(request, gateway) is not None
