@@ -184,12 +184,16 @@ class Oidc(_Model):
         return self.client_secret or ""
 
 
+SESSION_TTL = 12 * 3600
+"""How long a sign-in lasts unless ``auth.session_ttl`` says otherwise."""
+
+
 class Auth(_Model):
     """Sign-in. ``dev`` (pick any user name) is for a laptop only and refuses non-loopback addresses."""
 
     mode: Literal["dev", "oidc"] = "dev"
     oidc: Oidc | None = None
-    session_ttl: Seconds = 12 * 3600
+    session_ttl: Seconds = SESSION_TTL
     keys_file: Path | None = None
     store_file: Path | None = None
     allow_dev_on_network: bool = False

@@ -29,6 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 from gateway.auth.identity import Identity
 from gateway.auth.sessions import HANDOFF_TTL, Ended, SignIn
+from gateway.config import SESSION_TTL
 from gateway.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -378,7 +379,7 @@ class FileTokenStore:
     already counted.
     """
 
-    def __init__(self, path: Path | None, *, session_ttl: float = 12 * 3600) -> None:
+    def __init__(self, path: Path | None, *, session_ttl: float = SESSION_TTL) -> None:
         self._path = path
         self._session_ttl = session_ttl  # how long a sign-in lasts: what a used-keys file lost may have ended
         self._used_path = None if path is None else path.with_name(f"{path.stem}.used.json")
