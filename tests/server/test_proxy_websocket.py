@@ -447,6 +447,13 @@ async def test_a_message_over_the_limit_closes_both_ends_with_1009(proxied: Make
     assert seen["close_code"] == "1009"
 
 
+async def _switch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A raw upstream's side of the upgrade: read the gateway's request, answer 101 with its key's accept."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head)
+    assert key is not None, head
+    writer.write(f"{SWITCH}Sec-WebSocket-Accept: {_accept(key.group(1).decode())}\r\n\r\n".encode())
+
 
 async def test_a_message_over_the_limit_closes_both_connections_though_neither_end_answers_the_close(
         proxied: MakeProxied) -> None:
@@ -456,11 +463,7 @@ async def test_a_message_over_the_limit_closes_both_connections_though_neither_e
     upstream_heard = asyncio.get_running_loop().create_future()
 
     async def too_much(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head)
-        assert key is not None, head
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Accept: " + _accept(key.group(1).decode()).encode() + b"\r\n\r\n")
+        await _switch(reader, writer)
         writer.write(b"\x82\x7e" + struct.pack("!H", 2048) + b"x" * 2048)  # one unmasked binary frame, too long
         upstream_heard.set_result(await reader.read())  # what the gateway sends, until it closes the connection
         writer.close()
@@ -492,11 +495,7 @@ async def test_an_upstream_that_closes_and_hangs_up_at_once_has_the_clients_conn
     p = await proxied(None)
 
     async def close_and_leave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head)
-        assert key is not None, head
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Accept: " + _accept(key.group(1).decode()).encode() + b"\r\n\r\n")
+        await _switch(reader, writer)
         writer.write(b"\x88\x02" + struct.pack("!H", 1000))  # a close frame, and the connection closed behind it
         writer.close()
 
