@@ -10,6 +10,7 @@ import os
 import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -68,6 +69,24 @@ async def reads_bodies() -> AsyncIterator[tuple[ReadsBodies, str]]:
     await upstream.start(address)
     yield upstream, address
     await upstream.close()
+
+
+async def in_front(make_gateway: MakeGateway, serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+                   **settings: Any) -> tuple[asyncio.Server, TestClient[web.Request, web.Application], int]:
+    """A raw upstream running ``serve`` on a loopback address of its own, and a gateway (``settings``) with its port
+    public: the server, the gateway's client and the port. The workspace is not woken yet."""
+    address = next_address()
+    server = await asyncio.start_server(serve, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
+                                **settings)
+    return server, client, port
+
+
+def fast_lane(client: TestClient[web.Request, web.Application]) -> FastLaneServer:
+    front = client.server.runner.server  # type: ignore[union-attr]
+    assert isinstance(front, FastLaneServer)
+    return front
 
 
 async def test_a_stalled_upload_does_not_hold_a_place_in_flight(make_gateway: MakeGateway,
@@ -166,11 +185,8 @@ async def test_a_client_that_reads_nothing_does_not_hold_a_place_in_flight(make_
     "slow read" attack) cannot keep the answer, its upstream connection and its place among the port's requests in
     flight for good: a few hundred such connections made every other visitor of the port wait out
     ``timeouts.queue`` and get 503 ``upstream-busy``. (The limit is lowered to 4 here to keep the test small.)"""
-    address = next_address()
-    server = await asyncio.start_server(big_answers, address, 0)
-    port = server.sockets[0].getsockname()[1]
-    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
-                                timeouts={"queue": 2.0}, limits={"send_timeout": 0.5})
+    server, client, port = await in_front(make_gateway, big_answers,
+                                          timeouts={"queue": 2.0}, limits={"send_timeout": 0.5})
     gateway = client.app[GATEWAY]
     await gateway.runtime.wake(WORKSPACE)
     gateway.pool._limit = 4
@@ -216,11 +232,8 @@ async def test_a_head_begun_while_a_request_is_in_flight_keeps_its_deadline(make
     """A slowloris that begins its next head while its request is in flight (pipelined, a packet of its own) and
     never finishes it gets 408 within ``head_timeout``, as one that begins it after the answer does; not a
     connection held until ``keepalive``. When the answer takes longer than ``head_timeout``, the 408 follows it."""
-    address = next_address()
-    server = await asyncio.start_server(slow_answers(delay), address, 0)
-    port = server.sockets[0].getsockname()[1]
-    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
-                                limits={"head_timeout": 0.5, "keepalive": 60})
+    server, client, port = await in_front(make_gateway, slow_answers(delay),
+                                          limits={"head_timeout": 0.5, "keepalive": 60})
     await client.app[GATEWAY].runtime.wake(WORKSPACE)
     host = f"{port}-{WORKSPACE}.localhost:8080"
     reader, writer = await asyncio.open_connection(client.host, client.port)
@@ -280,11 +293,8 @@ async def test_the_heartbeat_still_drops_a_silent_client_when_it_cannot_ping(mak
     upstream connection for as long as the upstream kept its end open, a pair of file descriptors per WebSocket,
     for good: an owner whose app stalls so could fill the worker's connection limit with clients that cost them
     nothing. A client silent past the heartbeat's give-up point is dropped whether or not a ping could go."""
-    address = next_address()
-    server = await asyncio.start_server(stuck_websocket(STUCK[stuck]), address, 0)
-    port = server.sockets[0].getsockname()[1]
-    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
-                                timeouts={"websocket_heartbeat": 0.2})
+    server, client, port = await in_front(make_gateway, stuck_websocket(STUCK[stuck]),
+                                          timeouts={"websocket_heartbeat": 0.2})
     await client.app[GATEWAY].runtime.wake(WORKSPACE)
     host = f"{port}-{WORKSPACE}.localhost:8080"
     reader, writer = await asyncio.open_connection(client.host, client.port)
@@ -326,11 +336,7 @@ async def test_the_heartbeat_keeps_a_silent_client_while_a_long_message_reaches_
         finally:
             writer.close()
 
-    address = next_address()
-    server = await asyncio.start_server(serve, address, 0)
-    port = server.sockets[0].getsockname()[1]
-    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
-                                timeouts={"websocket_heartbeat": 0.2})
+    server, client, port = await in_front(make_gateway, serve, timeouts={"websocket_heartbeat": 0.2})
     await client.app[GATEWAY].runtime.wake(WORKSPACE)
     host = f"{port}-{WORKSPACE}.localhost:8080"
     reader, writer = await asyncio.open_connection(client.host, client.port)
@@ -367,13 +373,9 @@ async def test_a_client_that_reads_no_answers_cannot_make_the_fast_lane_buffer_t
     the fast lane serves them all) and reads none of the answers: each answer small enough to be written at once
     went into the connection's write buffer without a look at its size, so ~50 bytes sent made the worker hold
     16 KB, without bound. The fast lane takes no next request until the client has taken the answer before."""
-    address = next_address()
-    server = await asyncio.start_server(small_answers, address, 0)
-    port = server.sockets[0].getsockname()[1]
-    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True)
+    server, client, port = await in_front(make_gateway, small_answers)
     await client.app[GATEWAY].runtime.wake(WORKSPACE)
-    front = client.server.runner.server  # type: ignore[union-attr]
-    assert isinstance(front, FastLaneServer)
+    front = fast_lane(client)
     host = f"{port}-{WORKSPACE}.localhost:8080"
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -406,11 +408,8 @@ async def test_pipelined_small_answers_nobody_reads_do_not_hold_places_in_flight
     """aiohttp's lane writes a small answer whole and waits until the connection can take it: a client that
     pipelines requests and reads none of the answers had that wait last for ever, with the answer's upstream
     exchange (and its place among the port's requests in flight) still open. (Limit lowered to 4.)"""
-    address = next_address()
-    server = await asyncio.start_server(small_answers, address, 0)
-    port = server.sockets[0].getsockname()[1]
-    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
-                                timeouts={"queue": 2.0}, limits={"send_timeout": 0.5})
+    server, client, port = await in_front(make_gateway, small_answers,
+                                          timeouts={"queue": 2.0}, limits={"send_timeout": 0.5})
     gateway = client.app[GATEWAY]
     await gateway.runtime.wake(WORKSPACE)
     gateway.pool._limit = 4
@@ -434,14 +433,10 @@ async def test_aiohttps_lane_drops_a_client_that_takes_nothing_of_its_answer(mak
     """Past ``limits.send_timeout`` with nothing taken, aiohttp's lane aborts the client's connection: it does not
     go on to the requests the client pipelined behind (each another answer to buffer and wait for) nor keep the
     connection open with its buffers full."""
-    address = next_address()
-    server = await asyncio.start_server(small_answers if path == "/small" else big_answers, address, 0)
-    port = server.sockets[0].getsockname()[1]
-    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
-                                limits={"send_timeout": 0.5})
+    server, client, port = await in_front(make_gateway, small_answers if path == "/small" else big_answers,
+                                          limits={"send_timeout": 0.5})
     await client.app[GATEWAY].runtime.wake(WORKSPACE)
-    front = client.server.runner.server  # type: ignore[union-attr]
-    assert isinstance(front, FastLaneServer)
+    front = fast_lane(client)
     host = f"{port}-{WORKSPACE}.localhost:8080"
     [stalled] = await never_reading(
         client, f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n".encode() * 300, count=1)
@@ -459,14 +454,9 @@ async def test_aiohttps_lane_drops_a_client_that_takes_nothing_of_its_answer(mak
 async def test_the_fast_lane_holds_little_of_an_answer_its_client_does_not_take(make_gateway: MakeGateway) -> None:
     """A streamed answer goes on only as the client takes it: one that takes nothing has the fast lane hold a
     buffer's worth, not the upstream's 100 MiB, and is dropped after ``limits.send_timeout``."""
-    address = next_address()
-    server = await asyncio.start_server(big_answers, address, 0)
-    port = server.sockets[0].getsockname()[1]
-    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})}, in_memory=True,
-                                limits={"send_timeout": 0.5})
+    server, client, port = await in_front(make_gateway, big_answers, limits={"send_timeout": 0.5})
     await client.app[GATEWAY].runtime.wake(WORKSPACE)
-    front = client.server.runner.server  # type: ignore[union-attr]
-    assert isinstance(front, FastLaneServer)
+    front = fast_lane(client)
     [stalled] = await never_reading(
         client, f"GET /big HTTP/1.1\r\nHost: {port}-{WORKSPACE}.localhost:8080\r\n\r\n".encode(), count=1)
     most = 0
