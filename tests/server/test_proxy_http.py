@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from tests.conftest import MakeGateway, next_address, workspace
-from tests.server.conftest import HUB, IDE, MakeProxied, free_port, read_until
+from tests.server.conftest import HUB, IDE, MakeProxied, Proxied, free_port, read_until
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND", "MKCOL", "REPORT"]
 
@@ -67,6 +67,22 @@ async def test_head_keeps_content_length_and_sends_no_body(proxied: MakeProxied)
         assert await response.read() == b"x" * 1234
 
 
+async def echoed(p: Proxied, request_line: str) -> dict[str, Any]:
+    """What the echo app saw of a request sent as raw bytes (``request_line``, then the host and a close), which the
+    gateway answered 200."""
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(f"{request_line} HTTP/1.1\r\nHost: {p.host}\r\nConnection: close\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            raw = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    seen: dict[str, Any] = json.loads(body.split(b"\r\n")[1] if b"chunked" in head.lower() else body)
+    return seen
+
+
 @pytest.mark.parametrize(
     "raw_path",
     [
@@ -80,16 +96,7 @@ async def test_head_keeps_content_length_and_sends_no_body(proxied: MakeProxied)
 )
 async def test_raw_paths_preserved_byte_for_byte(proxied: MakeProxied, raw_path: str) -> None:
     p = await proxied(echo_app())
-    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
-    try:
-        writer.write(f"GET {raw_path} HTTP/1.1\r\nHost: {p.host}\r\nConnection: close\r\n\r\n".encode())
-        async with asyncio.timeout(10):
-            raw = await reader.read()
-    finally:
-        writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    assert json.loads(body.split(b"\r\n")[1] if b"chunked" in head.lower() else body)["raw_path"] == raw_path
+    assert (await echoed(p, f"GET {raw_path}"))["raw_path"] == raw_path
 
 
 async def test_chunked_upload_is_streamed_to_the_upstream(proxied: MakeProxied) -> None:
@@ -338,16 +345,7 @@ async def test_a_request_without_a_body_goes_upstream_without_one(proxied: MakeP
     """A DELETE with no body and no ``Content-Length`` (aiohttp's lane: the fast lane takes only GET and HEAD)
     reaches the app as it was sent: no chunked framing of an empty body, which some apps refuse on such a method."""
     p = await proxied(echo_app())
-    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
-    try:
-        writer.write(f"DELETE /items/1 HTTP/1.1\r\nHost: {p.host}\r\nConnection: close\r\n\r\n".encode())
-        async with asyncio.timeout(10):
-            raw = await reader.read()
-    finally:
-        writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    seen = json.loads(body.split(b"\r\n")[1] if b"chunked" in head.lower() else body)
+    seen = await echoed(p, "DELETE /items/1")
     assert seen["method"] == "DELETE"
     assert header_values(seen, "Transfer-Encoding") == []
 
