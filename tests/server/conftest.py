@@ -128,3 +128,14 @@ async def read_until(response: ClientResponse, marker: bytes, limit: float = 10.
             assert chunk, f"body ended before {marker!r}; got {seen!r}"
             seen += chunk
     return seen
+
+
+async def three_chunks(request: web.Request) -> web.StreamResponse:
+    """An answer in three chunks, ``alpha beta gamma``: one the gateway must frame again as it streams it."""
+    response = web.StreamResponse()
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    for piece in (b"alpha ", b"beta ", b"gamma"):
+        await response.write(piece)
+    await response.write_eof()
+    return response

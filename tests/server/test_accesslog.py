@@ -17,7 +17,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from gateway.accesslog import REFUSED, TARGET, UNREAD, USER, WRITTEN, AccessLogger, BufferedLineHandler
 from gateway.edge.routing import Kind, Target
-from tests.server.conftest import MakeProxied
+from tests.server.conftest import MakeProxied, three_chunks
 
 
 @pytest.fixture
@@ -246,19 +246,10 @@ def _sized_answers() -> web.Application:
     async def sized(request: web.Request) -> web.Response:
         return web.Response(body=b"s" * (5 if request.path == "/small" else 100_000))
 
-    async def chunked(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse()
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        for piece in (b"alpha ", b"beta ", b"gamma"):
-            await response.write(piece)
-        await response.write_eof()
-        return response
-
     app = web.Application()
     app.router.add_get("/small", sized)
     app.router.add_get("/large", sized)
-    app.router.add_get("/chunked", chunked)
+    app.router.add_get("/chunked", three_chunks)
     return app
 
 

@@ -18,7 +18,7 @@ from gateway.proxy.connection import Response
 from gateway.server import fastlane
 from gateway.server.fastlane import MAX_PARKED, FastLaneServer
 from tests.conftest import MakeUpstream, held_app
-from tests.server.conftest import MakeProxied, Proxied, listening_later
+from tests.server.conftest import MakeProxied, Proxied, listening_later, three_chunks
 from tests.server.test_proxy_http import echo_app
 
 
@@ -223,17 +223,8 @@ async def test_a_bug_while_serving_is_a_500_and_one_logged_traceback_with_the_pa
 
 
 async def test_chunked_and_close_delimited_answers_are_rechunked(proxied: MakeProxied) -> None:
-    async def stream(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse()
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        for piece in (b"alpha ", b"beta ", b"gamma"):
-            await response.write(piece)
-        await response.write_eof()
-        return response
-
     app = web.Application()
-    app.router.add_get("/stream", stream)
+    app.router.add_get("/stream", three_chunks)
     p = await proxied(app)
     reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
     try:
