@@ -11,6 +11,7 @@ import jwt
 import pytest
 from multidict import CIMultiDict
 
+from gateway.auth import sessions as sessions_module
 from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet, SigningKey, write_keys
 from gateway.auth.sessions import (
@@ -460,3 +461,21 @@ def test_a_person_signs_in_at_most_so_often_an_hour_and_hears_when_to_come_back(
     assert str(refused.value).endswith("Sign in again in 1 minute.")
     now[0] += 1
     assert s.begin(ALICE).expires == int(now[0]) + 3600
+
+
+def test_the_memory_of_sign_ins_is_bounded_and_forgets_the_oldest_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``_CACHE_LIMIT`` people, those with no sign-in in the last hour are forgotten first (the others still
+    count theirs); when all are recent, all are forgotten: the bound is on memory, before the rate."""
+    monkeypatch.setattr(sessions_module, "_CACHE_LIMIT", 2)
+    monkeypatch.setattr(sessions_module, "SIGN_INS_PER_HOUR", 1)
+    now = [1_000_000.0]
+    s = Sessions(lambda: KEYS, ISSUER, ttl=3600, clock=lambda: now[0])
+    old, recent, new, newer = Identity("old"), Identity("recent"), Identity("new"), Identity("newer")
+    s.begin(old)
+    now[0] += 3601
+    s.begin(recent)
+    s.begin(new)  # "old" is forgotten, "recent" is not
+    with pytest.raises(TooManySignIns):
+        s.begin(recent)
+    s.begin(newer)  # "recent" and "new" both signed in within the hour: all forgotten
+    s.begin(recent)
