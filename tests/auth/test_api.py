@@ -364,6 +364,30 @@ async def test_a_store_that_cannot_be_read_refuses_before_acting_and_keeps_its_f
         assert later.json()["id"].encode() in event, "the same feed goes on once the store can be read"
 
 
+async def test_a_scripts_feed_goes_on_while_the_store_cannot_be_read(served: Served,
+                                                                     make_browser: MakeBrowser) -> None:
+    """A feed opened with an API token asks the store on every pass whether the token still holds; a store that
+    cannot be read for a while does not say it was revoked: the feed waits, and goes on once it can be read."""
+    alice = await user(make_browser, served, "alice")
+    token = (await call(alice, "POST", "/api/v1/tokens", {"name": "feed"})).json()["token"]
+    store = served.gateway.config.store_file
+    good = store.read_bytes()
+    headers = {"Host": HUB.split("//")[1], "Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
+    async with alice.http.get(alice.gateway + "/api/v1/hub/events", headers=headers) as feed:
+        assert (await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)).startswith(b"event: snapshot")
+        mended_at = store.stat()
+        with store.open("r+b") as broken:
+            broken.write(b"[")
+        with pytest.raises(TimeoutError):  # neither a snapshot nor the feed's end
+            await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 1.5)
+        store.write_bytes(good)
+        os.utime(store, ns=(mended_at.st_atime_ns, mended_at.st_mtime_ns))
+        later = await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000})
+        assert later.status == 201
+        event = await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)
+        assert later.json()["id"].encode() in event
+
+
 async def test_what_an_owner_stores_through_the_api_reads_back(served: Served, make_browser: MakeBrowser) -> None:
     """Odd text in every field a request can fill is stored so that every worker reads it back, or refused."""
     alice = await user(make_browser, served, "alice")
