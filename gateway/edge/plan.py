@@ -250,6 +250,16 @@ def plan(facts: Facts, world: World) -> Plan:
         return Refuse(error=exc, target=target)
 
 
+def still_granted(facts: Facts, workspace: str, port: int, world: World, now: float) -> bool:
+    """Whether a request let through to ``workspace``'s ``port`` would be let through there now. A WebSocket stays
+    open for hours (an IDE's terminal is one), so what let it in is asked again while it lasts: it ends with the
+    sign-in, share link, token, visibility, policy or consent that let it in. The plan's effects are dropped: asking
+    is not a new use."""
+    again = plan(Facts(facts.method, facts.target, facts.headers, facts.peer, now), world)
+    forward = again.forward if isinstance(again, Hold) else again
+    return isinstance(forward, Forward) and forward.workspace == workspace and forward.port == port
+
+
 _FRAMING_RULES: dict[tuple[int, bool], tuple[Policy, ResponseRules]] = {}
 
 

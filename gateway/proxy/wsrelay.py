@@ -12,7 +12,8 @@ membership in the shared heartbeat. No task runs per connection: everything happ
 - Closing: close frames pass through, so the close handshake is the two endpoints' own. An end that vanishes
   without one makes the gateway close the other end for it: 1001 (going away) to the upstream when the client
   left, 1011 to the client when the upstream broke off. A message over the size limit (1009) or a frame that
-  breaks the protocol (1002) closes both ends with that code.
+  breaks the protocol (1002) closes both ends with that code; so does a grant that no longer holds (1008: the
+  relay asks ``granted`` on every heartbeat tick).
 - Frames the gateway adds itself (a close, the heartbeat's ping) are only written between two frames of the
   other direction, never into the middle of a payload that is still passing.
 """
@@ -21,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
 from gateway.proxy.heartbeat import Heartbeat
 from gateway.proxy.wsframes import PING, Frames, close_frame, frame
 
 GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 HEARTBEAT_PAYLOAD = b"codehub-heartbeat"
 """The payload of the gateway's own pings, so their pongs can be told from the answers to the upstream's."""
@@ -102,6 +105,9 @@ class _ClientEnd(_End):
         self._previous.connection_lost(exc)
 
     def tick(self) -> None:
+        if not self.relay.granted():
+            self.relay.end(POLICY_VIOLATION)
+            return
         self.idle += 1
         fed, self.fed = self.fed, False
         if self.idle == _PING_AT:
@@ -122,12 +128,14 @@ class _ClientEnd(_End):
 class Relay:
     """Both ends of one WebSocket; ``done`` resolves once either end is gone (the other is closing)."""
 
-    __slots__ = ("_heartbeat", "client", "done", "upstream")
+    __slots__ = ("_heartbeat", "client", "done", "granted", "upstream")
 
     def __init__(self, client: asyncio.Transport, upstream: asyncio.Transport, *, max_message: int,
-                 heartbeat: Heartbeat, client_protocol: asyncio.BaseProtocol) -> None:
+                 heartbeat: Heartbeat, client_protocol: asyncio.BaseProtocol, granted: Callable[[], bool]) -> None:
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._heartbeat = heartbeat
+        self.granted = granted
+        """Whether what let the WebSocket in still does: asked on each heartbeat tick, 1008 to both ends once not."""
         self.client = _ClientEnd(self, client, Frames(masked=True, limit=max_message, swallow=HEARTBEAT_PAYLOAD),
                                  client_protocol)
         self.upstream = _End(self, upstream, Frames(masked=False, limit=max_message), gone_code=INTERNAL_ERROR,

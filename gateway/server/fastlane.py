@@ -41,7 +41,7 @@ from gateway.proxy.wshandshake import client_offer
 from gateway.proxy.wsrelay import GOING_AWAY, Relay
 from gateway.server.context import GATEWAY, Gateway
 from gateway.server.forward import SMALL_BODY, read_small, send, shape_answer
-from gateway.server.lane import carry_out, connect_grace, in_use, peer_address, upstream_of
+from gateway.server.lane import carry_out, connect_grace, granted, in_use, peer_address, upstream_of
 from gateway.server.listener import connection_limit
 from gateway.server.refusals import GatewayHandler, Overloaded, Reason, Refusals, handler_settings
 from gateway.server.websocket import upstream_handshake
@@ -187,8 +187,9 @@ class FastLane(WriteFlow):
     def _start(self, request: h1.Request) -> None:
         """A whole plain request is in: serve its plan here when it is a ``Forward``, else hand it over."""
         headers = request.headers
+        facts = Facts(request.method, request.target, headers, self._peer, time.time())
         try:
-            made = plan(Facts(request.method, request.target, headers, self._peer, time.time()), self._gateway)
+            made = plan(facts, self._gateway)
         except Exception:  # a bug here must not cost the request: aiohttp takes it from the start
             log.exception("fast lane: planning a request failed; handing it to aiohttp")
             self._hand_over(self._connection.hand_over().data, None)
@@ -196,8 +197,8 @@ class FastLane(WriteFlow):
         if not isinstance(made, Forward) or made.websocket != request.upgrade:
             self._hand_over(self._connection.hand_over().data, made)
             return
-        serve = self._relay if request.upgrade else self._serve
-        self._task = self._loop.create_task(serve(request, headers, made))
+        serve = self._relay(facts, made) if request.upgrade else self._serve(request, headers, made)
+        self._task = self._loop.create_task(serve)
 
     async def _serve(self, request: h1.Request, headers: CIMultiDictProxy[str], forward: Forward) -> None:
         gateway = self._gateway
@@ -253,15 +254,17 @@ class FastLane(WriteFlow):
         if self._transport is not None and (event := self._connection.done(keep_alive)) is not h1.NEED_DATA:
             self._act(event)
 
-    async def _relay(self, request: h1.Request, headers: CIMultiDictProxy[str], forward: Forward) -> None:
+    async def _relay(self, facts: Facts, forward: Forward) -> None:
         """A WebSocket: both handshakes, then the relay (``wsrelay``) has the connection; this task waits for its
         end, so the workspace is in use that long and a shutdown can wait for it (``finish``; the drain has told both
-        ends 1001). Nothing of aiohttp's is kept per WebSocket, nor the request: an idle one costs a few objects."""
+        ends 1001). Nothing of aiohttp's is kept per WebSocket: an idle one costs a few objects, and the request's
+        facts, which its grant is asked again with (``lane.granted``)."""
         gateway = self._gateway
         started = time.perf_counter()
         carry_out(forward.effects, gateway)
-        method, target, host = request.method, request.target, headers.get("Host", "")
-        where, user, on_error = forward.target, forward.user, forward.on_error
+        method, target, headers = facts.method, facts.target, facts.headers
+        host, where, user, on_error = headers.get("Host", ""), forward.target, forward.user, forward.on_error
+        still = granted(gateway, facts, forward)
         with in_use(gateway, forward):
             try:
                 upstream, tail, accepted = await upstream_handshake(
@@ -270,7 +273,7 @@ class FastLane(WriteFlow):
             except Exception as exc:
                 self._refuse_unanswered(exc, method, target, where, user, on_error)
                 return
-            del request, headers, forward
+            del forward
             client = self._transport
             if client is None:  # the client left during the upstream's handshake
                 upstream.abort()
@@ -280,7 +283,7 @@ class FastLane(WriteFlow):
                 self._timer.cancel()
                 self._timer = None
             relay = self._relaying = Relay(client, upstream, max_message=gateway.config.max_ws_message,
-                                           heartbeat=gateway.heartbeat, client_protocol=self)
+                                           heartbeat=gateway.heartbeat, client_protocol=self, granted=still)
             relay.start(self._connection.switch(), tail)
             del tail
             if not self._reading:  # early bytes past MAX_PARKED paused it during the upstream's handshake

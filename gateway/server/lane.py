@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -34,6 +34,7 @@ from gateway.edge.plan import (
     UseToken,
     WaitingPage,
     plan,
+    still_granted,
 )
 from gateway.errors import GatewayError
 from gateway.lifecycle.wake import progress_events
@@ -51,14 +52,35 @@ def peer_address(transport: asyncio.BaseTransport | None) -> str:
     return peer[0] if peer else "0.0.0.0"
 
 
+def facts_of(request: web.BaseRequest) -> Facts:
+    return Facts(request.method, request.raw_path, request.headers, peer_address(request.transport), time.time())
+
+
 def plan_for(request: web.BaseRequest, gateway: Gateway) -> Plan:
     """The plan the fast lane handed over with this connection's first request, else a new one."""
     transport = request.transport
     handed = gateway.handed.pop(transport, None) if transport is not None else None
     if handed is not None:
         return handed
-    facts = Facts(request.method, request.raw_path, request.headers, peer_address(transport), time.time())
-    return plan(facts, gateway)
+    return plan(facts_of(request), gateway)
+
+
+def granted(gateway: Gateway, facts: Facts, forward: Forward) -> Callable[[], bool]:
+    """Whether a WebSocket's ``forward`` still holds (the relay asks on every heartbeat tick): ``facts`` planned
+    again now. A bug in that ends the WebSocket (once, with its traceback) rather than stop the heartbeat."""
+    workspace, port = forward.workspace, forward.port
+
+    def holds() -> bool:
+        try:
+            if still_granted(facts, workspace, port, gateway, time.time()):
+                return True
+        except Exception:
+            log.exception("re-checking an open WebSocket's grant failed; ending it")
+            return False
+        log.info("ended a WebSocket to %s port %s: what let it in no longer does", workspace, port)
+        return False
+
+    return holds
 
 
 def carry_out(effects: Iterable[Effect], gateway: Gateway) -> None:
@@ -124,7 +146,7 @@ async def _forward(request: web.Request, forward: Forward, gateway: Gateway, gra
             return await relay_websocket(
                 request, upstream, forward.path, forward.headers, max_message=gateway.config.max_ws_message,
                 heartbeat=gateway.heartbeat, timeouts=gateway.config.timeouts, metrics=gateway.metrics,
-                connect_grace=grace,
+                connect_grace=grace, granted=granted(gateway, facts_of(request), forward),
             )
         return await proxy_http(request, gateway.pool, upstream, forward.path, forward.headers,
                                 metrics=gateway.metrics, connect_grace=grace, rules=forward.rules,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -143,18 +144,20 @@ def _retire(handler: RequestHandler) -> bytes:
 
 async def relay_websocket(
     request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str], *, max_message: int,
-    heartbeat: Heartbeat, timeouts: Timeouts, metrics: Metrics, connect_grace: float = 0.0,
+    heartbeat: Heartbeat, timeouts: Timeouts, metrics: Metrics, granted: Callable[[], bool],
+    connect_grace: float = 0.0,
 ) -> web.StreamResponse:
     """Relay the WebSocket ``request`` asks for to ``upstream``; returns (the 101) once it is closed.
 
-    ``connect_grace``: how long refused connects are retried (see ``ConnectGrace``)."""
+    ``granted``: whether what let it in still does (``Relay.granted``); ``connect_grace``: how long refused connects
+    are retried (see ``ConnectGrace``)."""
     started = time.perf_counter()
     transport, upstream_tail, response = await _handshakes(request, upstream, path, headers, timeouts, metrics,
                                                            connect_grace)
     client, handler = request.transport, request.protocol
     assert client is not None
     relay = Relay(client, transport, max_message=max_message, heartbeat=heartbeat,
-                  client_protocol=handler)
+                  client_protocol=handler, granted=granted)
     relay.start(_retire(handler), upstream_tail)
     del upstream_tail
     response.headers.clear()  # they went out with the 101; aiohttp's access log reads only the status

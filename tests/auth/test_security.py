@@ -22,6 +22,7 @@ from gateway.auth.sessions import SIGN_INS_PER_HOUR, Ended, SignIn
 from gateway.config import ConfigError, load_config
 from gateway.edge.routing import local_path
 from gateway.lifecycle import Phase
+from gateway.proxy.wsrelay import POLICY_VIOLATION
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served, seen_headers
 
@@ -668,6 +669,127 @@ async def test_the_hub_feed_ends_with_its_sign_in(served: Served, make_browser: 
             assert b"event: snapshot" not in rest, rest
     again = await copy.fetch("GET", HUB + "/api/v1/hub/events", headers={"Accept": "text/event-stream"})
     assert again.status == 401
+
+
+# --- what is open ends with what let it in -----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def watched(serve: Serve) -> Served:
+    """A heartbeat tick every 0.1 s: an open WebSocket's grant is asked again on each."""
+    return await serve(WORKSPACES, listen={"ws1": [13337]}, timeouts={"websocket_heartbeat": 0.2})
+
+
+class Socket:
+    """A test browser's WebSocket, read all along as a page's would be (so the heartbeat's pings are answered)."""
+
+    def __init__(self, socket: aiohttp.ClientWebSocketResponse) -> None:
+        self.socket = socket
+        self.messages: asyncio.Queue[aiohttp.WSMessage] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.socket.receive()
+            await self.messages.put(message)
+            if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                return
+
+    async def still_open(self) -> bool:
+        """Whether it still relays, after several of the gateway's ticks (each would have ended it)."""
+        await asyncio.sleep(0.5)
+        await self.socket.send_str("still?")
+        message = await asyncio.wait_for(self.messages.get(), 5)
+        return message.type is aiohttp.WSMsgType.TEXT and message.data == "echo:still?"
+
+    async def ended_for_policy(self) -> bool:
+        message = await asyncio.wait_for(self.messages.get(), 5)
+        return message.type is aiohttp.WSMsgType.CLOSE and message.data == POLICY_VIOLATION
+
+
+async def open_socket(browser: Browser, url: str, *, headers: dict[str, str] | None = None) -> Socket:
+    """A WebSocket to ``url`` from its own page, with the browser's cookies for its host."""
+    parts = urlsplit(url)
+    cookies = "; ".join(f"{k}={v}" for k, v in browser.cookies_for(parts.hostname or "").items())
+    sent = {"Host": parts.netloc, "Origin": f"http://{parts.netloc}", **({"Cookie": cookies} if cookies else {}),
+            **(headers or {})}
+    return Socket(await browser.http.ws_connect(URL(browser.gateway + parts.path), headers=CIMultiDict(sent)))
+
+
+async def all_open(*sockets: Socket) -> bool:
+    return all(await asyncio.gather(*(socket.still_open() for socket in sockets)))
+
+
+async def test_websockets_opened_before_sign_out_end_with_it(watched: Served, make_browser: MakeBrowser) -> None:
+    """A WebSocket lives for hours (the IDE's terminal is one): opened with a session, or a copy of its cookie,
+    it must not outlive Sign out. Each ends with 1008 (policy violation); one of another sign-in goes on."""
+    browser, elsewhere = await signed_in(make_browser, watched), await signed_in(make_browser, watched)
+    app, ide = watched.preview("ws1", 3000, "/socket"), watched.ide("ws1", "/socket")
+    copy = await make_browser(watched)
+    for opened in (browser, elsewhere):
+        for url in (app, ide):
+            assert (await opened.navigate(url)).status == 200
+    for url in (app, ide):
+        copy.add_cookie(url, "codehub_session", browser.cookie(url, "codehub_session") or "")
+    sockets = [await open_socket(who, url) for who in (browser, copy) for url in (app, ide)]
+    others = [await open_socket(elsewhere, url) for url in (app, ide)]
+    assert await all_open(*sockets, *others)
+
+    assert (await api(browser, "POST", "/auth/logout")).status == 303
+    assert [await socket.ended_for_policy() for socket in sockets] == [True] * 4
+    assert await all_open(*others)
+
+
+async def test_a_websocket_ends_when_its_share_link_is_revoked(watched: Served, make_browser: MakeBrowser) -> None:
+    owner = await signed_in(make_browser, watched)
+    share = await make_share(owner)
+    holder = await make_browser(watched)
+    assert (await holder.navigate(watched.preview("ws1", 3000, f"/?codehub_share={share['token']}"))).status == 200
+    script = await make_browser(watched)
+    url = watched.preview("ws1", 3000, "/socket")
+    sockets = [await open_socket(holder, url),
+               await open_socket(script, url, headers={"Authorization": f"Bearer {share['token']}"})]
+    own = await open_socket(owner, url) if (await owner.navigate(url)).status == 200 else None
+    assert own is not None
+    assert await all_open(*sockets, own)
+
+    assert (await api(owner, "DELETE", f"/api/v1/workspaces/ws1/shares/{share['id']}")).status == 200
+    assert [await socket.ended_for_policy() for socket in sockets] == [True, True]
+    assert await own.still_open()
+
+
+async def test_a_websocket_ends_when_its_port_is_no_longer_shared_with_its_user(watched: Served,
+                                                                                 make_browser: MakeBrowser) -> None:
+    """bob opened a public port; its owner makes it private: bob's WebSocket ends, the owner's (signed in on the
+    preview while it was private) goes on."""
+    owner, bob = await signed_in(make_browser, watched), await signed_in(make_browser, watched, "bob")
+    url = watched.preview("ws1", 3001, "/socket")
+
+    async def visibility(value: str) -> None:
+        page = await api(owner, "PUT", "/api/v1/workspaces/ws1/ports/3001", {"visibility": value})
+        assert page.status == 200, page.text
+
+    await visibility("private")
+    assert (await owner.navigate(url)).status == 200
+    await visibility("public")
+    assert (await bob.navigate(url)).status == 200
+    own, bobs = await open_socket(owner, url), await open_socket(bob, url)
+    assert await all_open(own, bobs)
+
+    await visibility("private")
+    assert await bobs.ended_for_policy()
+    assert await own.still_open()
+
+
+async def test_a_websocket_relayed_after_a_wake_ends_with_its_sign_in_too(watched: Served,
+                                                                          make_browser: MakeBrowser) -> None:
+    """A WebSocket that woke its workspace is relayed by aiohttp's lane, not the fast lane: the same rule holds."""
+    browser = await signed_in_ide(make_browser, watched)
+    await watched.gateway.runtime.stop("ws1")
+    socket = await open_socket(browser, watched.ide("ws1", "/socket"))
+    assert await socket.still_open()
+    assert (await api(browser, "POST", "/auth/logout")).status == 303
+    assert await socket.ended_for_policy()
 
 
 async def test_dev_sign_in_from_another_site_is_refused(served: Served, make_browser: MakeBrowser) -> None:

@@ -41,6 +41,7 @@ from gateway.edge.plan import (
     WaitingPage,
     is_websocket,
     plan,
+    still_granted,
     wants_page,
 )
 from gateway.edge.policy import Policy, Reason, parse_policy
@@ -258,6 +259,30 @@ def test_the_share_cookie_opens_the_port_for_as_long_as_its_link_lives(world: Wo
     followed = plan(facts("/p", Cookie=cookie), world)
     assert isinstance(followed, Forward)
     assert decisions(followed) == [(True, Reason.SHARE_LINK)]
+
+
+def test_an_open_websocket_is_granted_while_what_let_it_in_still_would(world: World) -> None:
+    """Its facts are planned again: the same target, or the same target held through a wake, holds; a refusal, or
+    a plan to anywhere else, does not; nothing is counted."""
+    link, token = asyncio.run(world.store.create_share(workspace="ws", port=3000, audience="anyone", people=[],
+                                                        created_by="alice", ttl=600, now=NOW))
+    swapped = plan(facts(f"/?codehub_share={token}"), world)
+    assert isinstance(swapped, Redirect)
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Origin": f"http://{PREVIEW}"}
+    owners = facts("/ws", Cookie=world.cookie(ALICE), **upgrade)
+    shared = facts("/ws", Cookie=swapped.error.cookies[0].partition(";")[0], **upgrade)
+    assert still_granted(owners, "ws", 3000, world, NOW)
+    assert still_granted(shared, "ws", 3000, world, NOW)
+    assert (still_granted(owners, "ws", 4000, world, NOW), still_granted(owners, "ws2", 3000, world, NOW)) == (
+        False, False)
+    assert link.uses == 0
+
+    assert not still_granted(shared, "ws", 3000, world, NOW + 601)  # the link expired meanwhile
+    asyncio.run(world.store.revoke_share(link, NOW))
+    assert not still_granted(shared, "ws", 3000, world, NOW)
+    world.states["ws"] = WorkspaceState(world.states["ws"].spec, Phase.WARM)
+    assert still_granted(owners, "ws", 3000, world, NOW)  # held, not refused (its upstream is gone anyway)
+    assert not still_granted(facts("/ws", **upgrade), "ws", 3000, world, NOW)
 
 
 def test_an_api_token_is_noted_only_as_an_effect(world: World) -> None:

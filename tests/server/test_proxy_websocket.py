@@ -589,6 +589,28 @@ async def test_heartbeat_keeps_a_client_that_answers(proxied: MakeProxied) -> No
 
 
 
+async def test_a_bug_asking_a_websockets_grant_again_ends_that_websocket_not_the_heartbeat(
+        proxied: MakeProxied, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Fails closed, each WebSocket with its traceback logged once, and the heartbeat's tick goes on to the next."""
+    p = await proxied(echo_app(), timeouts={"websocket_heartbeat": 0.2})
+    async with contextlib.AsyncExitStack() as stack:
+        sockets = [await stack.enter_async_context(p.client.ws_connect("/ws", headers={"Host": p.host}))
+                   for _ in range(2)]
+        for ws in sockets:
+            await ws.send_str("x")
+            assert (await ws.receive(timeout=10)).data == "x"
+
+        def broken(*_: object) -> bool:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr("gateway.server.lane.still_granted", broken)
+        with caplog.at_level(logging.ERROR, "codehub.policy"):
+            for ws in sockets:
+                message = await ws.receive(timeout=10)
+                assert (message.type, message.data) == (WSMsgType.CLOSE, 1008)
+    assert [r.exc_info is not None for r in caplog.records if "grant failed" in r.message] == [True, True]
+
+
 async def test_the_answers_to_the_heartbeats_pings_do_not_reach_the_upstream(proxied: MakeProxied) -> None:
     heard: list[tuple[WSMsgType, object]] = []
 
