@@ -1,14 +1,17 @@
 """Gateway memory per idle relayed WebSocket, alone and quickly: a fresh ``gateway serve`` per repeat in front
 of bench's echo upstream, N connections opened (one echo each) and left idle, RSS after minus before over N.
 ``--trace`` also prints the allocation sites still alive per connection (tracemalloc in the gateway process).
+``--ticks K`` then also measures the gateway's CPU while they idle through K heartbeat ticks (each tick pings the
+silent and asks every WebSocket's grant again), per WebSocket per tick.
 
-    PYTHONPATH=. python -m bench.ws_memory --ws 1000 --repeats 3 [--trace]
+    PYTHONPATH=. python -m bench.ws_memory --ws 1000 --repeats 3 [--trace] [--ticks 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.procs import Proc, Procs, free_port, rss_bytes, wait_for_port
+from bench.procs import Proc, Procs, cpu_seconds, free_port, rss_bytes, wait_for_port
 from bench.servers import (
     ROOT,
     Layout,
@@ -32,6 +35,7 @@ from bench.servers import (
     start_echo,
     start_upstream_nginx,
 )
+from gateway.config import Timeouts
 
 
 async def _start(procs: Procs, layout: Layout, port: int, trace: Path | None) -> Proc:
@@ -52,7 +56,13 @@ async def _signal(pid: int, path: Path | None = None) -> None:
     await asyncio.sleep(0.5)
 
 
-async def _measure(procs: Procs, layout: Layout, count: int, trace: Path | None) -> float:
+TICK_SECONDS = Timeouts().websocket_heartbeat / 2
+"""The gateway's heartbeat ticks every half period (its default; the bench's configuration keeps it)."""
+
+
+async def _measure(procs: Procs, layout: Layout, count: int, trace: Path | None, ticks: int = 0
+                   ) -> tuple[float, float | None]:
+    """KB per idle WebSocket, and (``ticks``) µs of CPU per WebSocket per heartbeat tick."""
     port = free_port("127.0.0.1")
     proc = await _start(procs, layout, port, trace)
     target = await gateway_target("gateway", layout, SignIn(layout, port))
@@ -83,10 +93,24 @@ async def _measure(procs: Procs, layout: Layout, count: int, trace: Path | None)
             after = rss_bytes([proc.pid])
             if trace:
                 await _signal(proc.pid, trace / "snapshot.pickle")
+            tick_us = None
+            if ticks:  # a window of exactly K tick periods holds K ticks, whatever their phase
+                used = cpu_seconds([proc.pid])
+                await _idle(sockets, ticks * TICK_SECONDS)
+                tick_us = (cpu_seconds([proc.pid]) - used) / ticks / count * 1e6
             await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
     finally:
         procs.stop(proc)
-    return (after - before) / count / 1024
+    return (after - before) / count / 1024, tick_us
+
+
+async def _idle(sockets: list[aiohttp.ClientWebSocketResponse], seconds: float) -> None:
+    """Leave ``sockets`` idle for ``seconds``, answering the heartbeat's pings as a browser does."""
+    async def read(ws: aiohttp.ClientWebSocketResponse) -> None:
+        with contextlib.suppress(TimeoutError):
+            await ws.receive(timeout=seconds)
+
+    await asyncio.gather(*(read(ws) for ws in sockets))
 
 
 def _report(path: Path, count: int, top: int) -> None:
@@ -110,12 +134,14 @@ async def run(args: argparse.Namespace) -> list[float]:
         await wait_for_port(layout.up_host, layout.http_port, upstream)
         await wait_for_port(layout.up_host, layout.ws_port, echo)
         if args.trace:  # an extra gateway, left out of the results: tracing roughly doubles its RSS
-            traced = await _measure(procs, layout, args.ws, tmp)
+            traced, _ = await _measure(procs, layout, args.ws, tmp)
             print(f"traced gateway: {traced:.1f} KB per idle WebSocket (RSS, inflated by tracemalloc)")
             _report(tmp / "snapshot.pickle", args.ws, args.top)
         for repeat in range(args.repeats):
-            results.append(await _measure(procs, layout, args.ws, None))
-            print(f"repeat {repeat}: {results[-1]:.1f} KB per idle WebSocket", flush=True)
+            kb, tick_us = await _measure(procs, layout, args.ws, None, args.ticks)
+            results.append(kb)
+            cpu = "" if tick_us is None else f", {tick_us:.1f} µs of CPU each per heartbeat tick"
+            print(f"repeat {repeat}: {kb:.1f} KB per idle WebSocket{cpu}", flush=True)
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -128,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="fresh gateways to measure (default 3)")
     parser.add_argument("--trace", action="store_true", help="first list allocation sites (extra gateway)")
     parser.add_argument("--top", type=int, default=25, help="allocation sites to list with --trace")
+    parser.add_argument("--ticks", type=int, default=0,
+                        help=f"also measure CPU over this many heartbeat ticks ({TICK_SECONDS:g} s each)")
     args = parser.parse_args(argv)
     results = asyncio.run(run(args))
     if results:

@@ -138,8 +138,8 @@ async def test_end_all_tells_every_member_the_code() -> None:
 
 
 async def test_a_tick_of_many_members_lets_the_loop_run_between_batches() -> None:
-    """A tick asks every relay's grant again, a plan each (~16 µs): 10,000 WebSockets at once would stop the
-    worker for 0.16 s on every tick. Members are ticked ``TICK_BATCH`` at a time, other callbacks run between,
+    """A tick asks every relay's grant again, a plan each (~20 µs): 10,000 WebSockets at once would stop the
+    worker for 0.2 s on every tick. Members are ticked ``TICK_BATCH`` at a time, other callbacks run between,
     and a member that ends meanwhile (forgotten) is not ticked."""
     heartbeat = Heartbeat(60)
     members = [Member(heartbeat) for _ in range(2 * TICK_BATCH + 2)]
