@@ -40,8 +40,16 @@ from gateway.proxy.upstream import Upstream
 from gateway.proxy.wshandshake import client_offer
 from gateway.proxy.wsrelay import GOING_AWAY, Relay
 from gateway.server.context import GATEWAY, Gateway
-from gateway.server.forward import SMALL_BODY, read_small, send, shape_answer
-from gateway.server.lane import carry_out, connect_grace, granted, in_use, peer_address, upstream_of
+from gateway.server.forward import SMALL_BODY, GrantEnded, read_small, send, shape_answer
+from gateway.server.lane import (
+    carry_out,
+    connect_grace,
+    granted,
+    in_use,
+    peer_address,
+    recheck_every,
+    upstream_of,
+)
 from gateway.server.listener import connection_limit
 from gateway.server.refusals import GatewayHandler, Overloaded, Reason, Refusals, handler_settings
 from gateway.server.websocket import upstream_handshake
@@ -218,10 +226,10 @@ class FastLane(WriteFlow):
                 except UpstreamError:
                     log.info("upstream body broke off after the response started")
                     sent, keep_alive = 0, False  # closing tells the client the body is incomplete
-                except ClientStalled:
+                except (ClientStalled, GrantEnded):
                     sent, keep_alive = 0, False
                     if self._transport is not None:
-                        self._transport.abort()  # its buffers will not drain: closing would wait for them
+                        self._transport.abort()  # closing would wait for its buffers, and send them on
                 finally:
                     exchange.close()
         except asyncio.CancelledError:
@@ -331,7 +339,11 @@ class FastLane(WriteFlow):
         self._write(head)
         sent = 0
         within = self._front.limits.send_timeout
+        facts = Facts(request.method, request.target, headers, self._peer, 0.0)
+        still = granted(self._gateway, facts, forward, every=recheck_every(self._gateway))
         while chunk := await answer.read_chunk():
+            if not still():
+                raise GrantEnded
             self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
             sent += len(chunk)
             if not await self.drained(self._transport, within):  # the client takes nothing: let it all go

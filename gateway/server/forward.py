@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import ssl
+from collections.abc import Callable
 from typing import NamedTuple
 
 from aiohttp import StreamReader, web
@@ -35,6 +36,11 @@ NO_RULES = ResponseRules()
 SMALL_BODY = 16 << 10
 """An answer with a Content-Length up to this size is read whole and sent in one write, head and body together
 (a streamed answer costs a write for the head and one per chunk)."""
+
+
+class GrantEnded(Exception):
+    """What let a streamed answer through no longer does (``lane.granted``): its connection is aborted mid-body,
+    which tells the client the body is incomplete, and nothing buffered for it is sent on."""
 
 
 class UpstreamRefused(BadGateway):
@@ -101,18 +107,19 @@ async def send(pool: UpstreamPool, upstream: Upstream, method: str, path: str, h
 
 async def proxy_http(
     request: web.Request, pool: UpstreamPool, upstream: Upstream, path: str,
-    headers: CIMultiDict[str], *, metrics: Metrics, connect_grace: float = 0.0, rules: ResponseRules = NO_RULES,
-    send_timeout: float | None = None,
+    headers: CIMultiDict[str], *, metrics: Metrics, still: Callable[[], bool], connect_grace: float = 0.0,
+    rules: ResponseRules = NO_RULES, send_timeout: float | None = None,
 ) -> web.StreamResponse:
     """Send the request upstream and stream the answer back; errors before the answer starts are raised.
 
+    ``still``: whether what let the request through still does, asked on each piece of a streamed answer;
     ``rules``: what policy changes on the response (framing, CORS); ``send_timeout``: the longest the client may
     take nothing of a streamed answer (then its connection is closed)."""
     body = request.content if request.body_exists else None
     answer, exchange = await send(pool, upstream, request.method, path, headers, body, metrics=metrics,
                                   connect_grace=connect_grace)
     try:
-        return await _answer(request, upstream, answer, rules, send_timeout)
+        return await _answer(request, upstream, answer, rules, send_timeout, still)
     finally:
         exchange.close()
 
@@ -153,7 +160,7 @@ async def read_small(answer: Response, length: int, upstream: Upstream) -> bytes
 
 
 async def _answer(request: web.Request, upstream: Upstream, answer: Response,
-                  rules: ResponseRules, send_timeout: float | None) -> web.StreamResponse:
+                  rules: ResponseRules, send_timeout: float | None, still: Callable[[], bool]) -> web.StreamResponse:
     out_headers, length, bodiless = shape_answer(answer, request.method, request.headers.get("Host", ""),
                                                  upstream, rules)
     if length is not None and length <= SMALL_BODY and not bodiless:
@@ -170,11 +177,11 @@ async def _answer(request: web.Request, upstream: Upstream, answer: Response,
     response.headers.extend(out_headers)
     await _prepare(response, request)
     try:
-        complete = bodiless or await _pump(answer, response, send_timeout)
+        complete = bodiless or await _pump(answer, response, send_timeout, still)
         if complete:
             async with asyncio.timeout(send_timeout):
                 await response.write_eof()
-    except TimeoutError:
+    except (TimeoutError, GrantEnded):
         _stalled(request)
         return response
     if not complete and request.transport is not None:
@@ -183,8 +190,9 @@ async def _answer(request: web.Request, upstream: Upstream, answer: Response,
 
 
 def _stalled(request: web.Request) -> None:
-    """The client took nothing of its answer for ``send_timeout``: its buffers may never drain, so the connection
-    is aborted rather than closed (a close waits for them), and the upstream exchange ends with it."""
+    """The client took nothing of its answer for ``send_timeout`` (its buffers may never drain), or may no longer
+    have it (``GrantEnded``): the connection is aborted rather than closed (a close waits for the buffers), and the
+    upstream exchange ends with it."""
     if request.transport is not None:
         request.transport.abort()
 
@@ -217,12 +225,14 @@ def broken_off(upstream: Upstream, exc: Exception) -> BadGateway:
     )
 
 
-async def _pump(answer: Response, response: web.StreamResponse, send_timeout: float | None) -> bool:
+async def _pump(answer: Response, response: web.StreamResponse, send_timeout: float | None,
+                still: Callable[[], bool]) -> bool:
     """Copy the body chunk by chunk as it arrives, so SSE and long polls flow event by event.
 
     Returns False when the upstream broke off mid-body: the status line has gone out, so instead of an
     error page the caller closes the client connection, which tells the client the body is incomplete. Raises
-    ``TimeoutError`` when the client took nothing of it for ``send_timeout``.
+    ``TimeoutError`` when the client took nothing of it for ``send_timeout``, ``GrantEnded`` when ``still`` says
+    the client may no longer have it.
     """
     while True:
         try:
@@ -232,5 +242,7 @@ async def _pump(answer: Response, response: web.StreamResponse, send_timeout: fl
             return False
         if not chunk:
             return True
+        if not still():
+            raise GrantEnded
         async with asyncio.timeout(send_timeout):
             await response.write(chunk)

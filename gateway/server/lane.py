@@ -65,22 +65,35 @@ def plan_for(request: web.BaseRequest, gateway: Gateway) -> Plan:
     return plan(facts_of(request), gateway)
 
 
-def granted(gateway: Gateway, facts: Facts, forward: Forward) -> Callable[[], bool]:
-    """Whether a WebSocket's ``forward`` still holds (the relay asks on every heartbeat tick): ``facts`` planned
-    again now. A bug in that ends the WebSocket (once, with its traceback) rather than stop the heartbeat."""
+def granted(gateway: Gateway, facts: Facts, forward: Forward, *, every: float = 0.0) -> Callable[[], bool]:
+    """Whether ``forward`` still holds: ``facts`` planned again now. A WebSocket's relay asks on every heartbeat
+    tick; a streamed answer on each piece, from ``every`` seconds after it began and at most once per ``every``.
+    A bug in that ends the exchange (once, with its traceback) rather than stop the heartbeat."""
     workspace, port = forward.workspace, forward.port
+    due = time.monotonic() + every
 
     def holds() -> bool:
+        nonlocal due
+        if every:
+            now = time.monotonic()
+            if now < due:
+                return True
+            due = now + every
         try:
             if still_granted(facts, workspace, port, gateway, time.time()):
                 return True
         except Exception:
-            log.exception("re-checking an open WebSocket's grant failed; ending it")
+            log.exception("re-checking an open exchange's grant failed; ending it")
             return False
-        log.info("ended a WebSocket to %s port %s: what let it in no longer does", workspace, port)
+        log.info("ended an open exchange with %s port %s: what let it in no longer does", workspace, port)
         return False
 
     return holds
+
+
+def recheck_every(gateway: Gateway) -> float:
+    """How often a streamed answer asks whether it may go on: as often as a WebSocket does."""
+    return gateway.heartbeat.period / 2
 
 
 def carry_out(effects: Iterable[Effect], gateway: Gateway) -> None:
@@ -150,7 +163,8 @@ async def _forward(request: web.Request, forward: Forward, gateway: Gateway, gra
             )
         return await proxy_http(request, gateway.pool, upstream, forward.path, forward.headers,
                                 metrics=gateway.metrics, connect_grace=grace, rules=forward.rules,
-                                send_timeout=gateway.config.limits.send_timeout)
+                                send_timeout=gateway.config.limits.send_timeout,
+                                still=granted(gateway, facts_of(request), forward, every=recheck_every(gateway)))
 
 
 async def _gateway_page(request: web.Request, page: GatewayPage, gateway: Gateway, hub: Handler) -> web.StreamResponse:

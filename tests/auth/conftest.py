@@ -8,6 +8,8 @@ waiting page.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,17 @@ TIMEOUT = aiohttp.ClientTimeout(total=20)
 
 
 def echo_app() -> web.Application:
-    """An upstream that answers with what it received; ``?set_cookie=...`` makes it send Set-Cookie headers."""
+    """An upstream that answers with what it received; ``?set_cookie=...`` makes it send Set-Cookie headers;
+    ``/events`` is an event stream that never ends (an event every 50 ms)."""
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for count in itertools.count():
+            await response.write(f"data: {count}\n\n".encode())
+            await asyncio.sleep(0.05)
+        return response  # never: the client, or the gateway, leaves first
 
     async def echo(request: web.Request) -> web.StreamResponse:
         if request.headers.get("Upgrade", "").lower() == "websocket":
@@ -48,6 +60,7 @@ def echo_app() -> web.Application:
         return response
 
     app = web.Application()
+    app.router.add_route("*", "/events", events)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
 

@@ -792,6 +792,67 @@ async def test_a_websocket_relayed_after_a_wake_ends_with_its_sign_in_too(watche
     assert await socket.ended_for_policy()
 
 
+async def open_stream(browser: Browser, url: str, stack: contextlib.AsyncExitStack, *,
+                      method: str = "GET") -> aiohttp.ClientResponse:
+    """An event stream from ``url``'s own page; a POST (with a body) is served by aiohttp's lane, a GET by the
+    fast lane."""
+    parts = urlsplit(url)
+    cookies = "; ".join(f"{k}={v}" for k, v in browser.cookies_for(parts.hostname or "").items())
+    headers = {"Host": parts.netloc, "Origin": f"http://{parts.netloc}", "Accept": "text/event-stream",
+               "Cookie": cookies}
+    response = await stack.enter_async_context(browser.http.request(
+        method, URL(browser.gateway + parts.path), headers=headers, data=b"{}" if method == "POST" else None))
+    assert response.status == 200
+    return response
+
+
+async def streaming(response: aiohttp.ClientResponse, seconds: float = 0.5) -> bool:
+    """Whether events keep coming for ``seconds`` (several of the gateway's checks)."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await response.content.readuntil(b"\n\n"):
+                pass
+    except TimeoutError:
+        return True
+    except aiohttp.ClientError:
+        return False
+    return False
+
+
+async def test_streams_opened_before_sign_out_end_with_it(watched: Served, make_browser: MakeBrowser) -> None:
+    """An event stream never ends by itself: one opened with a session, or a copy of its cookie, is cut at its
+    next event after Sign out, in either lane; one of another sign-in goes on."""
+    browser, elsewhere = await signed_in(make_browser, watched), await signed_in(make_browser, watched)
+    url = watched.preview("ws1", 3000, "/events")
+    copy = await make_browser(watched)
+    for opened in (browser, elsewhere):
+        assert (await opened.navigate(url.replace("/events", "/"))).status == 200
+    copy.add_cookie(url, "codehub_session", browser.cookie(url, "codehub_session") or "")
+    async with contextlib.AsyncExitStack() as stack:
+        streams = [await open_stream(who, url, stack, method=method) for who in (browser, copy)
+                   for method in ("GET", "POST")]
+        others = [await open_stream(elsewhere, url, stack, method=method) for method in ("GET", "POST")]
+        assert [await streaming(stream) for stream in streams + others] == [True] * 6
+
+        assert (await api(browser, "POST", "/auth/logout")).status == 303
+        assert [await streaming(stream, 2) for stream in streams] == [False] * 4  # checked every 0.1 s
+        assert [await streaming(stream) for stream in others] == [True] * 2
+
+
+async def test_a_stream_ends_when_its_share_link_is_revoked(watched: Served, make_browser: MakeBrowser) -> None:
+    owner = await signed_in(make_browser, watched)
+    share = await make_share(owner)
+    holder = await make_browser(watched)
+    assert (await holder.navigate(watched.preview("ws1", 3000, f"/?codehub_share={share['token']}"))).status == 200
+    url = watched.preview("ws1", 3000, "/events")
+    assert (await owner.navigate(url.replace("/events", "/"))).status == 200
+    async with contextlib.AsyncExitStack() as stack:
+        held, own = await open_stream(holder, url, stack), await open_stream(owner, url, stack)
+        assert (await streaming(held), await streaming(own)) == (True, True)
+        assert (await api(owner, "DELETE", f"/api/v1/workspaces/ws1/shares/{share['id']}")).status == 200
+        assert (await streaming(held, 2), await streaming(own)) == (False, True)
+
+
 async def test_dev_sign_in_from_another_site_is_refused(served: Served, make_browser: MakeBrowser) -> None:
     browser = await make_browser(served)
     page = await browser.fetch("POST", HUB + "/auth/dev", headers={"Origin": "http://evil.test",
