@@ -16,11 +16,13 @@ import enum
 import ipaddress
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.auth.authenticate import (
+    SESSION,
+    SHARE,
     Credentials,
     authenticate,
     share_cookie_redirect,
@@ -29,8 +31,8 @@ from gateway.auth.authenticate import (
 )
 from gateway.auth.ide import put_ide_cookie
 from gateway.auth.identity import Identity
-from gateway.auth.sessions import Sessions, is_embedded
-from gateway.auth.store import ApiToken, ShareLink, TokenStore
+from gateway.auth.sessions import Sessions, cookie_name, is_embedded, read_cookie
+from gateway.auth.store import ApiToken, ShareLink, StoreUnavailable, TokenStore
 from gateway.edge import cors
 from gateway.edge.disclosure import consent_pending, consent_url, disclosed, identity_headers
 from gateway.edge.policy import (
@@ -250,14 +252,57 @@ def plan(facts: Facts, world: World) -> Plan:
         return Refuse(error=exc, target=target)
 
 
-def still_granted(facts: Facts, workspace: str, port: int, world: World, now: float) -> bool:
-    """Whether a request let through to ``workspace``'s ``port`` would be let through there now. A WebSocket stays
-    open for hours (an IDE's terminal is one), so what let it in is asked again while it lasts: it ends with the
-    sign-in, share link, token, visibility, policy or consent that let it in. The plan's effects are dropped: asking
-    is not a new use."""
+class Granted(NamedTuple):
+    """What a ``Forward`` let through: to where, for whom, and what of them its app was told (``None``: nothing).
+    A WebSocket lives for hours (an IDE's terminal is one), so this is asked again while it lasts
+    (``still_granted``)."""
+
+    workspace: str
+    port: int
+    user: str | None
+    told: tuple[str, str, str] | None
+
+    @classmethod
+    def of(cls, forward: Forward) -> Granted:
+        headers = forward.headers  # the identity headers are the gateway's alone: a client's are removed
+        told = (headers.get("X-Forwarded-User", ""), headers.get("X-Forwarded-Email", ""),
+                headers.get("X-Forwarded-Groups", "")) if "X-Codehub-Assertion" in headers else None
+        return cls(forward.workspace, forward.port, forward.user, told)
+
+
+def still_granted(facts: Facts, was: Granted, world: World, now: float) -> bool:
+    """Whether a request let through as ``was`` would be let through so now: it ends with the sign-in, share link,
+    token, visibility, policy or consent that let it in. The same place is not enough: the same caller (a signed-out
+    copy of a cookie on a public port goes there too, as nobody), and, when its app was told who, told the same (a
+    consent withdrawn). A store that cannot be read for now (503) says nothing was revoked: it holds until it can be
+    read. The plan's effects are dropped: asking is not a new use."""
     again = plan(Facts(facts.method, facts.target, facts.headers, facts.peer, now), world)
+    if isinstance(again, Refuse) and isinstance(again.error, StoreUnavailable):
+        return True
     forward = again.forward if isinstance(again, Hold) else again
-    return isinstance(forward, Forward) and forward.workspace == workspace and forward.port == port
+    if not isinstance(forward, Forward):
+        return False
+    now_granted = Granted.of(forward)
+    return now_granted[:3] == was[:3] and (was.told is None or now_granted.told == was.told)
+
+
+_GRANT_HEADERS = ("Host", "Origin", "Upgrade", "Authorization", "Sec-Fetch-Site", "Sec-Fetch-Mode", "Sec-Fetch-Dest",
+                  "X-Requested-With", "Accept")
+"""The headers a plan reads to decide whether and where a request goes (the rest shape only what goes upstream)."""
+
+
+def grant_facts(facts: Facts, secure: bool) -> Facts:
+    """What of a WebSocket's request ``still_granted`` asks again with, on every heartbeat tick for as long as it
+    lives: the headers a plan decides by, and of its cookies only the gateway's. The rest is the client's to choose
+    (a hundred 8 KB ``Cookie`` headers of ``;``, a ``Connection`` naming thousands) and would cost each tick ~60 ms,
+    per WebSocket, for one head sent once; it is not kept either."""
+    headers = facts.headers
+    kept = CIMultiDict([(name, value) for name in _GRANT_HEADERS for value in headers.getall(name, ())])
+    cookies = [f"{name}={value}" for name in (cookie_name(SESSION, secure), cookie_name(SHARE, secure))
+               if (value := read_cookie(headers, name)) is not None]
+    if cookies:
+        kept.add("Cookie", "; ".join(cookies))
+    return Facts(facts.method, facts.target, CIMultiDictProxy(kept), facts.peer, facts.now)
 
 
 _FRAMING_RULES: dict[tuple[int, bool], tuple[Policy, ResponseRules]] = {}

@@ -265,8 +265,8 @@ class FastLane(WriteFlow):
     async def _relay(self, facts: Facts, forward: Forward) -> None:
         """A WebSocket: both handshakes, then the relay (``wsrelay``) has the connection; this task waits for its
         end, so the workspace is in use that long and a shutdown can wait for it (``finish``; the drain has told both
-        ends 1001). Nothing of aiohttp's is kept per WebSocket: an idle one costs a few objects, and the request's
-        facts, which its grant is asked again with (``lane.granted``)."""
+        ends 1001). Nothing of aiohttp's is kept per WebSocket: an idle one costs a few objects, and what of the
+        request its grant is asked again with (``lane.granted``)."""
         gateway = self._gateway
         started = time.perf_counter()
         carry_out(forward.effects, gateway)
@@ -281,7 +281,7 @@ class FastLane(WriteFlow):
             except Exception as exc:
                 self._refuse_unanswered(exc, method, target, where, user, on_error)
                 return
-            del forward
+            del forward, facts, headers  # what the grant is asked again with is kept by ``still``, cut down
             client = self._transport
             if client is None:  # the client left during the upstream's handshake
                 upstream.abort()

@@ -23,6 +23,7 @@ from gateway.edge.plan import (
     Facts,
     Forward,
     GatewayPage,
+    Granted,
     Hold,
     Page,
     Plan,
@@ -33,6 +34,7 @@ from gateway.edge.plan import (
     UseShare,
     UseToken,
     WaitingPage,
+    grant_facts,
     plan,
     still_granted,
 )
@@ -69,7 +71,7 @@ def granted(gateway: Gateway, facts: Facts, forward: Forward, *, every: float = 
     """Whether ``forward`` still holds: ``facts`` planned again now. A WebSocket's relay asks on every heartbeat
     tick; a streamed answer on each piece, from ``every`` seconds after it began and at most once per ``every``.
     A bug in that ends the exchange (once, with its traceback) rather than stop the heartbeat."""
-    workspace, port = forward.workspace, forward.port
+    was, kept = Granted.of(forward), grant_facts(facts, gateway.secure)
     due = time.monotonic() + every
 
     def holds() -> bool:
@@ -80,12 +82,12 @@ def granted(gateway: Gateway, facts: Facts, forward: Forward, *, every: float = 
                 return True
             due = now + every
         try:
-            if still_granted(facts, workspace, port, gateway, time.time()):
+            if still_granted(kept, was, gateway, time.time()):
                 return True
         except Exception:
             log.exception("re-checking an open exchange's grant failed; ending it")
             return False
-        log.info("ended an open exchange with %s port %s: what let it in no longer does", workspace, port)
+        log.info("ended an open exchange with %s port %s: what let it in no longer does", was.workspace, was.port)
         return False
 
     return holds

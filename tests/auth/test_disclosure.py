@@ -17,6 +17,7 @@ from gateway.auth.identity import Identity
 from gateway.edge.policy import IdentityRules
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served, seen_headers
+from tests.auth.test_security import all_open, open_socket
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -373,3 +374,31 @@ async def test_a_token_names_its_holder_to_apps_never_by_its_own_label(serve: Se
     seen = await learned(script, served, headers={"Authorization": f"Bearer {token}"})
     assert seen["x-forwarded-user"] == ["bob"]
     assert assertion_claims(seen)["name"] != label
+
+
+async def test_a_websocket_that_told_its_app_who_ends_when_that_consent_is_withdrawn(
+        serve: Serve, tmp_path: Path, make_browser: MakeBrowser) -> None:
+    """A WebSocket opened once bob said "share" told its app who he is; withdrawn, nothing new tells it, and
+    the one open must not go on as him (1008). One opened before he answered, which told it nothing, goes on
+    whatever he answers."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("identity:\n  claims: [user, email, groups]\n  groups: [team-*]\n")
+    served = await serve(WORKSPACES, policy_file=str(policy), timeouts={"websocket_heartbeat": 0.2})
+    alice = await signed_in(make_browser, served, "alice")
+    await opt_in(alice)
+    bob = await signed_in(make_browser, served, "bob", "team-b")
+    bob.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(
+        Identity("bob", "bob@example.com", ("team-b",)), APP[7:]))
+    url = served.preview("ws1", 3001, "/socket")
+    before = await open_socket(bob, url)
+    assert (await answer(bob, "share")).status == 303
+    told = await open_socket(bob, url)
+    assert await all_open(before, told)
+
+    consent = (await bob.fetch("GET", f"{HUB}/api/v1/consents", headers={"Accept": "application/json"})
+               ).json()["consents"][0]
+    withdrawn = await bob.fetch("DELETE", f"{HUB}/api/v1/consents/{consent['id']}",
+                                headers={"Origin": HUB, "Accept": "application/json"})
+    assert withdrawn.status == 200
+    assert await told.ended_for_policy()
+    assert await before.still_open()

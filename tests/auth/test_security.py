@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -851,6 +852,54 @@ async def test_a_stream_ends_when_its_share_link_is_revoked(watched: Served, mak
         assert (await streaming(held), await streaming(own)) == (True, True)
         assert (await api(owner, "DELETE", f"/api/v1/workspaces/ws1/shares/{share['id']}")).status == 200
         assert (await streaming(held, 2), await streaming(own)) == (False, True)
+
+async def test_a_websocket_on_a_public_port_ends_with_the_sign_in_it_was_opened_with(
+        watched: Served, make_browser: MakeBrowser) -> None:
+    """On a public port anyone may open a WebSocket, but one opened signed in told its app who (the owner is known
+    to every port of theirs): after Sign out, a copy of the cookie must not go on speaking as them. Planned again,
+    it still goes to the same port, anonymously: it ends all the same. An anonymous visitor's goes on."""
+    browser = await signed_in(make_browser, watched)
+    url = watched.preview("ws1", 3001, "/socket")
+    for visibility in ("private", "public"):  # signed in on the preview while it was private
+        page = await api(browser, "PUT", "/api/v1/workspaces/ws1/ports/3001", {"visibility": visibility})
+        assert page.status == 200, page.text
+        assert (await browser.navigate(url)).status == 200
+    assert browser.cookie(url, "codehub_session")
+    copy, anonymous = await make_browser(watched), await make_browser(watched)
+    copy.add_cookie(url, "codehub_session", browser.cookie(url, "codehub_session") or "")
+    sockets = [await open_socket(browser, url), await open_socket(copy, url)]
+    theirs = await open_socket(anonymous, url)
+    assert await all_open(*sockets, theirs)
+
+    assert (await api(browser, "POST", "/auth/logout")).status == 303
+    assert [await socket.ended_for_policy() for socket in sockets] == [True, True]
+    assert await theirs.still_open()
+
+
+async def test_websockets_go_on_while_the_token_store_cannot_be_read(watched: Served,
+                                                                     make_browser: MakeBrowser) -> None:
+    """A store that cannot be read for a while (503 to anything new) does not say a token or link was revoked:
+    WebSockets they opened go on (as the hub's feed does), and end once it reads again and says so."""
+    owner = await signed_in(make_browser, watched)
+    token = (await api(owner, "POST", "/api/v1/tokens", {"name": "terminal"})).json()["token"]
+    share = await make_share(owner)
+    script = await make_browser(watched)
+    url = watched.preview("ws1", 3000, "/socket")
+    sockets = [await open_socket(script, url, headers={"Authorization": f"Bearer {token}"}),
+               await open_socket(script, url, headers={"Authorization": f"Bearer {share['token']}"})]
+    assert await all_open(*sockets)
+
+    store = watched.gateway.config.store_file
+    good, mended_at = store.read_bytes(), store.stat()
+    with store.open("r+b") as broken:
+        broken.write(b"[")
+    assert await all_open(*sockets)
+    store.write_bytes(good)
+    os.utime(store, ns=(mended_at.st_atime_ns, mended_at.st_mtime_ns))
+    assert await all_open(*sockets)
+    assert (await api(owner, "DELETE", f"/api/v1/workspaces/ws1/shares/{share['id']}")).status == 200
+    assert await sockets[1].ended_for_policy()
+    assert await sockets[0].still_open()
 
 
 async def test_dev_sign_in_from_another_site_is_refused(served: Served, make_browser: MakeBrowser) -> None:

@@ -29,6 +29,7 @@ from gateway.edge.plan import (
     Facts,
     Forward,
     GatewayPage,
+    Granted,
     Hold,
     Page,
     Plan,
@@ -271,18 +272,61 @@ def test_an_open_websocket_is_granted_while_what_let_it_in_still_would(world: Wo
     upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Origin": f"http://{PREVIEW}"}
     owners = facts("/ws", Cookie=world.cookie(ALICE), **upgrade)
     shared = facts("/ws", Cookie=swapped.error.cookies[0].partition(";")[0], **upgrade)
-    assert still_granted(owners, "ws", 3000, world, NOW)
-    assert still_granted(shared, "ws", 3000, world, NOW)
-    assert (still_granted(owners, "ws", 4000, world, NOW), still_granted(owners, "ws2", 3000, world, NOW)) == (
-        False, False)
+    owner_forward, shared_forward = plan(owners, world), plan(shared, world)
+    assert isinstance(owner_forward, Forward)
+    assert isinstance(shared_forward, Forward)
+    alices, links = Granted.of(owner_forward), Granted.of(shared_forward)
+    assert (alices.user, alices.told is not None, links.user, links.told) == ("alice", True, None, None)
+    assert still_granted(owners, alices, world, NOW)
+    assert still_granted(shared, links, world, NOW)
+    assert (still_granted(owners, alices._replace(port=4000), world, NOW),
+            still_granted(owners, alices._replace(workspace="ws2"), world, NOW)) == (False, False)
     assert link.uses == 0
 
-    assert not still_granted(shared, "ws", 3000, world, NOW + 601)  # the link expired meanwhile
+    assert not still_granted(shared, links, world, NOW + 601)  # the link expired meanwhile
     asyncio.run(world.store.revoke_share(link, NOW))
-    assert not still_granted(shared, "ws", 3000, world, NOW)
+    assert not still_granted(shared, links, world, NOW)
     world.states["ws"] = WorkspaceState(world.states["ws"].spec, Phase.WARM)
-    assert still_granted(owners, "ws", 3000, world, NOW)  # held, not refused (its upstream is gone anyway)
-    assert not still_granted(facts("/ws", **upgrade), "ws", 3000, world, NOW)
+    assert still_granted(owners, alices, world, NOW)  # held, not refused (its upstream is gone anyway)
+    assert not still_granted(facts("/ws", **upgrade), alices, world, NOW)
+
+
+def test_an_open_websocket_is_not_granted_to_another_caller_or_as_one_its_app_was_told_of_no_more(
+        world: World) -> None:
+    """On a public port a signed-out cookie still goes to the same place, as nobody: the WebSocket it opened as
+    alice does not hold. One that told its app nobody holds whoever it would tell now."""
+    upgrade = {"Upgrade": "websocket", "Origin": "http://4000-ws.localhost:8080"}
+    alices = facts("/ws", host="4000-ws.localhost:8080", Cookie=world.cookie(ALICE, "4000-ws.localhost:8080"),
+                   **upgrade)
+    forward = plan(alices, world)
+    assert isinstance(forward, Forward)
+    was = Granted.of(forward)
+    assert still_granted(alices, was, world, NOW)
+    assert not still_granted(alices, was._replace(user="bob"), world, NOW)
+    assert not still_granted(alices, was._replace(told=("alice", "", "")), world, NOW)
+    assert still_granted(alices, was._replace(told=None), world, NOW)
+    anonymous = facts("/ws", host="4000-ws.localhost:8080", **upgrade)
+    assert not still_granted(anonymous, was, world, NOW)
+    assert still_granted(anonymous, was._replace(user=None, told=None), world, NOW)
+
+
+def test_an_open_websocket_is_asked_again_with_only_what_its_grant_is_decided_by(world: World) -> None:
+    """A client chooses the rest of its head, and it would be parsed again on every heartbeat tick: what is kept
+    is small, and plans to the same grant."""
+    token = world.cookie(ALICE).partition("=")[2]
+    junk = [("Cookie", "codehub_session" + ";" * 8000)] * 20 + [("Connection", "Upgrade" + ",a" * 4000)] * 20
+    given = CIMultiDict([("Host", PREVIEW), ("Upgrade", "websocket"), ("Origin", f"http://{PREVIEW}"),
+                         *junk, ("Cookie", f"app=1; codehub_session={token}; codehub_share=x"),
+                         ("Authorization", "Basic x"), ("X-Anything", "a" * 8000)])
+    full = Facts("GET", "/ws", CIMultiDictProxy(given), "127.0.0.1", NOW)
+    kept = plan_module.grant_facts(full, world.secure)
+    assert sum(len(name) + len(value) for name, value in kept.headers.items()) < 2048
+    assert kept.headers.getall("Cookie") == [f"codehub_session={token}; codehub_share=x"]
+    made, again = plan(full, world), plan(kept, world)
+    assert isinstance(made, Forward)
+    assert isinstance(again, Forward)
+    assert Granted.of(made) == Granted.of(again)
+    assert still_granted(kept, Granted.of(made), world, NOW)
 
 
 def test_an_api_token_is_noted_only_as_an_effect(world: World) -> None:

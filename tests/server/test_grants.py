@@ -11,12 +11,13 @@ from typing import Any, cast
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.edge.plan import Facts, Forward
+from gateway.edge.plan import Facts, Forward, Granted
 from gateway.server import lane
 from gateway.server.context import Gateway
 
 FACTS = Facts("GET", "/events", CIMultiDictProxy(CIMultiDict(Host="3000-ws.localhost")), "127.0.0.1", 0.0)
-FORWARD = cast(Forward, SimpleNamespace(workspace="ws", port=3000))
+FORWARD = cast(Forward, SimpleNamespace(workspace="ws", port=3000, user="alice", headers=CIMultiDict()))
+GATEWAY = cast(Gateway, SimpleNamespace(secure=False))
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def test_a_streamed_answer_asks_at_most_once_per_period(monkeypatch: pytest.Monk
         return True
 
     monkeypatch.setattr(lane, "still_granted", still_granted)
-    holds = lane.granted(cast(Gateway, None), FACTS, FORWARD, every=every)
+    holds = lane.granted(GATEWAY, FACTS, FORWARD, every=every)
     for at in pieces_at:
         clock[0] = at
         assert holds()
@@ -51,12 +52,12 @@ def test_a_streamed_answer_asks_at_most_once_per_period(monkeypatch: pytest.Monk
 
 def test_the_grant_is_asked_of_the_facts_now_and_its_no_is_final_for_that_piece(monkeypatch: pytest.MonkeyPatch,
                                                                                 clock: list[float]) -> None:
-    seen: list[tuple[Facts, str, int, float]] = []
+    seen: list[tuple[str, Granted, object, float]] = []
 
-    def still_granted(facts: Facts, workspace: str, port: int, world: object, now: float) -> bool:
-        seen.append((facts, workspace, port, now))
+    def still_granted(facts: Facts, was: Granted, world: object, now: float) -> bool:
+        seen.append((facts.target, was, world, now))
         return False
 
     monkeypatch.setattr(lane, "still_granted", still_granted)
-    assert not lane.granted(cast(Gateway, None), FACTS, FORWARD)()
-    assert seen == [(FACTS, "ws", 3000, 1e9)]
+    assert not lane.granted(GATEWAY, FACTS, FORWARD)()
+    assert seen == [("/events", Granted("ws", 3000, "alice", None), GATEWAY, 1e9)]
