@@ -10,8 +10,12 @@ gateway closes them all.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Protocol
 
+from gateway.proxy.wsframes import INTERNAL_ERROR
+
+log = logging.getLogger(__name__)
 TICK_BATCH = 256
 """Members ticked in one go: 256 plans are ~5 ms the loop waits, where 10,000 would be 0.2 s."""
 
@@ -58,7 +62,11 @@ class Heartbeat:
         watched = self._members
         for member in members[start:start + TICK_BATCH]:
             if member in watched:
-                member.tick()
+                try:
+                    member.tick()
+                except Exception:  # a bug in one must not stop every other WebSocket's heartbeat
+                    log.exception("a WebSocket's heartbeat tick failed; ending it")
+                    member.leave(INTERNAL_ERROR)
         if not watched or self._loop is None:  # the last member's ``forget`` stopped the heartbeat
             return
         if start + TICK_BATCH < len(members):

@@ -25,11 +25,10 @@ import os
 from collections.abc import Callable
 
 from gateway.proxy.heartbeat import Heartbeat
-from gateway.proxy.wsframes import PING, Frames, close_frame, frame
+from gateway.proxy.wsframes import INTERNAL_ERROR, PING, Frames, close_frame, frame
 
 GOING_AWAY = 1001
 POLICY_VIOLATION = 1008
-INTERNAL_ERROR = 1011
 HEARTBEAT_PAYLOAD = b"codehub-heartbeat"
 """The payload of the gateway's own pings, so their pongs can be told from the answers to the upstream's."""
 _PING_AT, _GIVE_UP_AT = 3, 4

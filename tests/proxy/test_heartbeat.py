@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from gateway.proxy.heartbeat import TICK_BATCH, Heartbeat
 
@@ -159,3 +162,24 @@ async def test_a_tick_of_many_members_lets_the_loop_run_between_batches() -> Non
     await asyncio.sleep(0)
     assert ended.ticks == 0
     heartbeat.end_all(1001)
+
+
+async def test_a_member_whose_tick_fails_is_ended_and_the_heartbeat_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in one WebSocket's tick (a write that raises, say) must not stop the timer of every other one: that
+    member is told 1011 and forgotten, with the traceback logged once, and the others go on being ticked."""
+
+    class Failing(Member):
+        def tick(self) -> None:
+            super().tick()
+            raise RuntimeError("a bug")
+
+    heartbeat = Heartbeat(PERIOD)
+    failing, staying = Failing(heartbeat), Member(heartbeat)
+    heartbeat.watch(failing)
+    heartbeat.watch(staying)
+    with caplog.at_level(logging.ERROR, "gateway.proxy.heartbeat"):
+        for _ in range(3):
+            await staying.ticked_again()
+    assert (failing.ticks, failing.left) == (1, 1011)
+    assert [record.exc_info is not None for record in caplog.records] == [True]
+    heartbeat.forget(staying)
