@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -51,16 +52,22 @@ space), it would pass for ours, and a preview could sign its visitors in to the 
 
 def read_cookie(headers: CIMultiDictProxy[str] | CIMultiDict[str], name: str) -> str | None:
     """One of the gateway's cookies from the request, the first one when a name repeats (as browsers list the
-    most specific first). Reading only our names costs a fraction of parsing every cookie the app set. A name
-    matches only as the browser spelt it (see ``_COOKIE_SPACE``)."""
+    most specific first). A name matches only as the browser spelt it (see ``_COOKIE_SPACE``): at the start of a
+    pair (after ``;`` and spaces), followed by spaces and ``=``.
+
+    Our names are looked for by a regular expression, in C, never pair by pair in Python: a client chooses its
+    heads, and a hundred ``Cookie`` headers of ``codehub_session;;;;…`` cost 46 ms a read split pair by pair (8 ms
+    now, 10 ns a byte; a browser's header 0.6 µs)."""
     for header in headers.getall("Cookie", ()):
-        if not header or name not in header:
-            continue
-        for part in header.split(";"):
-            key, eq, value = part.partition("=")
-            if eq and key.strip(_COOKIE_SPACE) == name:
-                return value.strip(_COOKIE_SPACE)
+        if name in header and (found := _cookie_pattern(name).search(";" + header)) is not None:
+            return found[1].strip(_COOKIE_SPACE)
     return None
+
+
+@functools.cache
+def _cookie_pattern(name: str) -> re.Pattern[str]:
+    """``name``'s pair in a ``Cookie`` header with a ``;`` put before it (so the first pair starts like the rest)."""
+    return re.compile(rf";[{_COOKIE_SPACE}]*{re.escape(name)}[{_COOKIE_SPACE}]*=([^;]*)")
 
 
 def set_cookie(name: str, value: str, *, max_age: int, secure: bool, embedded: bool = False,

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import jwt
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from gateway.auth import sessions as sessions_module
@@ -64,6 +66,28 @@ def test_a_cookie_name_with_other_white_space_is_not_ours(space: str) -> None:
     assert read_cookie(planted, name) is None
     both = CIMultiDict(Cookie=f"{space}{name}=planted;  {name}=mine\t; other=1")
     assert read_cookie(both, name) == "mine"
+
+
+def _read_pair_by_pair(headers: CIMultiDict[str], name: str) -> str | None:
+    """RFC 6265's reading, pair by pair (what ``read_cookie`` did before it looked only for our names)."""
+    for header in headers.getall("Cookie", ()):
+        for part in header.split(";"):
+            key, eq, value = part.partition("=")
+            if eq and key.strip(" \t") == name:
+                return value.strip(" \t")
+    return None
+
+
+_PIECES = st.sampled_from([*"ab=; \t", "\u2000", "codehub_session", "__Host-"])
+
+
+@given(st.lists(st.lists(_PIECES, max_size=30).map("".join), min_size=1, max_size=3))
+@example(["codehub_session" + ";" * 50])
+@example([" codehub_session =\tv ; codehub_session=w"])
+@example(["a=1", "codehub_session=second-header"])
+def test_our_cookie_is_read_as_pair_by_pair_reading_would(values: list[str]) -> None:
+    headers = CIMultiDict([("Cookie", value) for value in values])
+    assert read_cookie(headers, "codehub_session") == _read_pair_by_pair(headers, "codehub_session")
 
 
 def test_session_cookie_round_trip_keeps_the_whole_identity() -> None:
