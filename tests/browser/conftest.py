@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 APP_SCRIPT = Path(__file__).resolve().with_name("apps") / "preview_app.py"
+WS_APP_SCRIPT = Path(__file__).resolve().with_name("apps") / "ws_app.py"
 CODE_SERVER = Path(os.environ.get("CODEHUB_PEERS", "/opt/codehub-peers")) / "bin" / "code-server"
 VITE = REPO / "node_modules" / ".bin" / "vite"
 TIMEOUT_MS = 20_000
@@ -73,6 +74,14 @@ def app_command(*ports: int, delay: float = 0.0) -> list[str]:
     for port in ports:
         command += ["--port", str(port)]
     return [*command, "--delay", str(delay)] if delay else command
+
+
+def ws_app(*ports: str) -> list[str]:
+    """The workspace command that runs ``apps/ws_app.py`` (a page and a WebSocket) on ``ports``."""
+    command = [sys.executable, str(WS_APP_SCRIPT), "--host", "{host}", "--home", "{home}"]
+    for port in ports:
+        command += ["--port", port]
+    return command
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -251,7 +260,7 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
     stacks: list[tuple[Stack, web.AppRunner, contextlib.AsyncExitStack]] = []
 
     async def make(workspaces: Mapping[str, Mapping[str, Any]], policy: Mapping[str, Any] | None = None, *,
-                   domain: str = "localhost") -> Stack:
+                   domain: str = "localhost", timeouts: Mapping[str, float] | None = None) -> Stack:
         exits = contextlib.AsyncExitStack()
         port = free_loopback_port()
         hub = hub_url(domain, port)
@@ -269,6 +278,7 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
                      "oidc": {"issuer": idp.issuer, "client_id": idp.client_id, "client_secret": idp.client_secret}},
             "local": {"state_dir": str(root / "state"),
                       "workspaces": {name: {"address": next_address(), **ws} for name, ws in workspaces.items()}},
+            "timeouts": dict(timeouts or {}),
         })
         app = build_app(config)
         responses: list[tuple[str, str, str, int]] = []

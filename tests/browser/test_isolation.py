@@ -12,19 +12,7 @@ between them, which ``*.localhost`` (every host a site of its own) would hide.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-from tests.browser.conftest import SITE, Browser, MakeStack, app_command, idp_sign_in, screenshot
-
-WS_APP = str(Path(__file__).resolve().with_name("apps") / "ws_app.py")
-
-
-def ws_app(*ports: str) -> list[str]:
-    command = [sys.executable, WS_APP, "--host", "{host}", "--home", "{home}"]
-    for port in ports:
-        command += ["--port", port]
-    return command
+from tests.browser.conftest import SITE, Browser, MakeStack, app_command, idp_sign_in, screenshot, ws_app
 
 
 async def test_a_page_under_a_collaborators_ide_cannot_reach_the_hub_api(browser: Browser,

@@ -5,7 +5,7 @@ The workspace is asleep (WARM) when the link is clicked, so the route also passe
 
 from __future__ import annotations
 
-from tests.browser.conftest import Browser, MakeStack, OtherOrigin, app_command, idp_sign_in, screenshot
+from tests.browser.conftest import Browser, MakeStack, OtherOrigin, app_command, idp_sign_in, screenshot, ws_app
 
 
 async def test_click_private_share_url_signs_in_and_lands_on_it(
@@ -90,3 +90,33 @@ async def test_sign_out_on_the_hub_ends_the_previews_session_in_every_copy(
     await page.locator("input[name=login]").wait_for()
     await idp_sign_in(page, stack.idp, "alice")
     await page.locator("#app").wait_for()
+
+
+async def test_sign_out_ends_a_websocket_a_copied_cookie_opened(browser: Browser, make_stack: MakeStack) -> None:
+    """A WebSocket lives on after the page that opened it is done with sign-in (an IDE's terminal, an app's HMR):
+    opened in another profile with a copy of the preview's cookies, Chromium sees it closed with 1008 (policy
+    violation) once the owner clicks Sign out on the hub, within the heartbeat's half period (0.5 s here)."""
+    stack = await make_stack({"ws1": {"owner": "alice", "command": ws_app("3000"), "ports": {3000: "private"}}},
+                             timeouts={"websocket_heartbeat": 1.0})
+    app = stack.share_url("ws1", 3000, "/")
+    context = await browser.launch(third_party_cookies=False)
+    page = await context.new_page()
+    await page.goto(app)
+    await idp_sign_in(page, stack.idp, "alice")
+    await page.locator("#app").wait_for()
+    copy = await browser.launch(third_party_cookies=False)
+    await copy.add_cookies([{"name": c["name"], "value": c["value"], "url": app} for c in await context.cookies(app)])
+    other = await copy.new_page()
+    await other.goto(app)
+    first = await other.evaluate("""(url) => new Promise((resolve) => {
+        window.held = new WebSocket(url);
+        window.held.onmessage = (event) => resolve(event.data);
+        window.held.onclose = (event) => { window.closedWith = event.code; };
+    })""", app.replace("http://", "ws://") + "ws")
+    assert first == "user:alice"
+
+    await page.goto(stack.hub)
+    async with page.expect_navigation():
+        await page.get_by_role("button", name="Sign out").click()
+    await page.wait_for_url(f"{stack.idp.issuer}/**")
+    await other.wait_for_function("window.closedWith === 1008", timeout=10_000)
