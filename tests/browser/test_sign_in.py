@@ -5,7 +5,18 @@ The workspace is asleep (WARM) when the link is clicked, so the route also passe
 
 from __future__ import annotations
 
-from tests.browser.conftest import Browser, MakeStack, OtherOrigin, app_command, idp_sign_in, screenshot, ws_app
+from playwright.async_api import Page
+
+from tests.browser.conftest import (
+    Browser,
+    MakeStack,
+    OtherOrigin,
+    Stack,
+    app_command,
+    idp_sign_in,
+    screenshot,
+    ws_app,
+)
 
 
 async def test_click_private_share_url_signs_in_and_lands_on_it(
@@ -52,14 +63,9 @@ def _quote(url: str) -> str:
     return quote(url, safe="")
 
 
-async def test_sign_out_on_the_hub_ends_the_previews_session_in_every_copy(
-    browser: Browser, make_stack: MakeStack
-) -> None:
-    """Sign out is a click on the hub, whose cookie is the only one it can touch: the preview's session cookie, copied
-    into another browser profile (a shared computer, a leaked HAR file), opens the app until that click and is
-    sent to sign in after it; and the IdP's session ends too, so signing in again takes a password."""
-    stack = await make_stack({"ws1": {"owner": "alice", "command": app_command(3000), "ports": {3000: "private"}}})
-    app = stack.share_url("ws1", 3000, "/")
+async def signed_in_and_copied(browser: Browser, stack: Stack, app: str) -> tuple[Page, Page]:
+    """A page signed in to ``app`` through the IdP, and a page of another profile that holds a copy of its cookies
+    for ``app`` (a shared computer, a leaked HAR file), both on ``app``."""
     context = await browser.launch(third_party_cookies=False)
     page = await context.new_page()
     await page.goto(app)
@@ -69,6 +75,18 @@ async def test_sign_out_on_the_hub_ends_the_previews_session_in_every_copy(
     await copy.add_cookies([{"name": c["name"], "value": c["value"], "url": app} for c in await context.cookies(app)])
     other = await copy.new_page()
     await other.goto(app)
+    return page, other
+
+
+async def test_sign_out_on_the_hub_ends_the_previews_session_in_every_copy(
+    browser: Browser, make_stack: MakeStack
+) -> None:
+    """Sign out is a click on the hub, whose cookie is the only one it can touch: the preview's session cookie, copied
+    into another browser profile (a shared computer, a leaked HAR file), opens the app until that click and is
+    sent to sign in after it; and the IdP's session ends too, so signing in again takes a password."""
+    stack = await make_stack({"ws1": {"owner": "alice", "command": app_command(3000), "ports": {3000: "private"}}})
+    app = stack.share_url("ws1", 3000, "/")
+    page, other = await signed_in_and_copied(browser, stack, app)
     assert await other.locator("#user").text_content() == "alice"
 
     await page.goto(stack.hub)
@@ -99,15 +117,7 @@ async def test_sign_out_ends_a_websocket_a_copied_cookie_opened(browser: Browser
     stack = await make_stack({"ws1": {"owner": "alice", "command": ws_app("3000"), "ports": {3000: "private"}}},
                              timeouts={"websocket_heartbeat": 1.0})
     app = stack.share_url("ws1", 3000, "/")
-    context = await browser.launch(third_party_cookies=False)
-    page = await context.new_page()
-    await page.goto(app)
-    await idp_sign_in(page, stack.idp, "alice")
-    await page.locator("#app").wait_for()
-    copy = await browser.launch(third_party_cookies=False)
-    await copy.add_cookies([{"name": c["name"], "value": c["value"], "url": app} for c in await context.cookies(app)])
-    other = await copy.new_page()
-    await other.goto(app)
+    page, other = await signed_in_and_copied(browser, stack, app)
     first = await other.evaluate("""(url) => new Promise((resolve) => {
         window.held = new WebSocket(url);
         window.held.onmessage = (event) => resolve(event.data);
