@@ -53,12 +53,22 @@ async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | bytear
         raise BadRequest("This form could not be read.", code="bad-form") from None
 
 
-def _session_cookie(gateway: Gateway, identity: Identity, audience: str) -> str:
-    """A new sign-in's cookie (``TooManySignIns`` for a person signing in in a loop: see ``Sessions.begin``)."""
+def _session_cookie(request: web.BaseRequest, gateway: Gateway, identity: Identity) -> str:
+    """The hub's cookie for a sign-in: a new one (``TooManySignIns`` for a person signing in in a loop: see
+    ``Sessions.begin``), unless this browser is signed in as them already, whose sign-in it keeps. Any page can
+    send its visitor through ``/auth/login``, and with the IdP's session the browser comes back at once: a new
+    sign-in each time would replace the cookie of one that previews still hold, which Sign out (it ends the
+    cookie's sign-in) could then no longer end, and spend the visitor's sign-ins of the hour."""
     sessions = gateway.auth.sessions
-    token = sessions.issue(identity, audience, sessions.begin(identity))
+    current = hub_session(request, gateway)
+    if current is not None and current.identity.subject == identity.subject:
+        sign_in = current.sign_in
+    else:
+        sign_in = sessions.begin(identity)
+    token = sessions.issue(identity, gateway.hosts.hub, sign_in)
     secure = gateway.config.secure
-    return set_cookie(cookie_name(SESSION, secure), token, max_age=int(gateway.auth.sessions.ttl), secure=secure)
+    return set_cookie(cookie_name(SESSION, secure), token, max_age=max(0, int(sign_in.expires - time.time())),
+                      secure=secure)
 
 
 def _expired(name: str, secure: bool) -> str:
@@ -105,7 +115,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
         raise SignInFailed(f"The sign-in service sent {problem}, which this gateway does not accept. Ask its "
                            "administrators to correct the account.")
     raise Redirect(local_path(str(saved.get("next"))), status=303, cookies=(
-        _session_cookie(gateway, identity, gateway.hosts.hub), _expired(LOGIN, secure)))
+        _session_cookie(request, gateway, identity), _expired(LOGIN, secure)))
 
 
 @aiohttp_jinja2.template("dev_login.html")
@@ -131,7 +141,7 @@ async def dev_submit(request: web.Request) -> web.StreamResponse:
     if (problem := identity.unsendable()) is not None:
         raise BadRequest(f"This sign-in has {problem}; pick other values.", code="bad-identity")
     raise Redirect(local_path(str(form.get("next", "/"))), cookies=(
-        _session_cookie(gateway, identity, gateway.hosts.hub),))
+        _session_cookie(request, gateway, identity),))
 
 
 async def logout(request: web.Request) -> web.StreamResponse:

@@ -24,6 +24,7 @@ from yarl import URL
 
 from gateway.auth import oidc
 from gateway.auth.oidc import IdpUnavailable, OidcClient, Pkce, SignInFailed
+from gateway.auth.sessions import SIGN_INS_PER_HOUR
 from gateway.config import Oidc
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served, oidc_settings, seen_headers
@@ -604,3 +605,24 @@ async def test_a_token_reply_that_carries_no_id_token_is_a_refused_sign_in(
         client = OidcClient(Oidc(issuer=issuer, client_id="codehub", client_secret="s"), session)
         with pytest.raises(refusal):
             await client.exchange(code="c", redirect_uri="http://localhost:8080/auth/callback", verifier="v" * 43)
+
+
+async def test_sending_a_signed_in_browser_through_sign_in_again_keeps_its_sign_in(
+    served: Served, idp: IdP, make_browser: MakeBrowser
+) -> None:
+    """Any page (a hostile preview's) can navigate its visitor to ``/auth/login``: with the IdP's session it comes
+    back without a password, at once. Each round trip was a new sign-in at the hub, whose cookie replaced the one
+    before: the sessions that sign-in had given previews outlived Sign out (which ends the hub cookie's sign-in
+    only), and 30 of them left the visitor unable to sign in for an hour (429). A browser signed in keeps its
+    sign-in."""
+    browser = await make_browser(served, login="alice", idp=idp)
+    app = served.preview("ws1", 3000, "/")
+    assert (await browser.navigate(app)).status == 200
+    for _ in range(SIGN_INS_PER_HOUR + 1):
+        page = await browser.navigate(served.hub + "/auth/login?next=/api/v1/me")
+        assert page.status == 200, page.text
+    await _sign_out(browser, served)
+    refused = await browser.fetch("GET", app, headers={"Accept": "application/json"})
+    assert refused.status == 401, refused.text
+    again = await browser.navigate(app)
+    assert again.status == 200, again.text
