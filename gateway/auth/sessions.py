@@ -257,6 +257,25 @@ class Sessions:
     def sign_state(self, claims: dict[str, Any], audience: str, ttl: float) -> str:
         return self._sign({**claims, "typ": "state"}, audience, ttl)
 
+    def seal_state(self, claims: dict[str, Any], audience: str, ttl: float) -> str:
+        """As ``sign_state``, for claims whoever carries it must not read: a consent page's ``ask`` names the
+        visitor, and the owner of the app that sent them there can hold one of its own (a navigation with the
+        session a visitor's hand-off code bought them). Sealed, and padded as session cookies are."""
+        record = {**claims, "typ": "state", "exp": int(self._clock()) + int(ttl)}
+        return self._seal(record, _SESSION_BLOCK, f"state {audience}")
+
+    def open_state(self, token: str | None, audience: str) -> dict[str, Any] | None:
+        """What ``seal_state`` sealed for ``audience``, while it lasts; None for anything else."""
+        if not token:
+            return None
+        try:
+            claims = self._open(token, f"state {audience}")
+        except (jwt.InvalidTokenError, ValueError):
+            return None
+        if not isinstance(claims, dict) or not isinstance(claims.get("exp"), int) or self._clock() >= claims["exp"]:
+            return None
+        return claims
+
     def read_state(self, token: str | None, audience: str) -> dict[str, Any] | None:
         if not token:
             return None

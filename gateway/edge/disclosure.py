@@ -71,8 +71,9 @@ def asked_of(identity: Identity, spec: WorkspaceSpec, port: int) -> list[str | i
 def consent_url(hosts: Hosts, sessions: Sessions, identity: Identity, spec: WorkspaceSpec, port: int,
                 next_path: str) -> str:
     """Where a visitor answers for an app: the hub's page, which sends them back to ``next_path`` on the app. The
-    ``ask`` (signed, for the hub, for a while) says the app sent them, past its access check."""
-    ask = sessions.sign_state({"ask": asked_of(identity, spec, port)}, hosts.hub, ASK_TTL)
+    ``ask`` (sealed, for the hub, for a while) says the app sent them, past its access check; sealed, as it names
+    the visitor and the app's owner can come to hold one (see ``Sessions.seal_state``)."""
+    ask = sessions.seal_state({"ask": asked_of(identity, spec, port)}, hosts.hub, ASK_TTL)  # it names the visitor
     query = urlencode({"workspace": spec.id, "port": port, "next": next_path, "ask": ask})
     return hosts.hub_url(f"{CONSENT_PATH}?{query}")
 

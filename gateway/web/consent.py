@@ -31,7 +31,7 @@ def _asked(gateway: Gateway, identity: Identity, values: Mapping[str, object]) -
     anyone who owns a workspace and which ports ask, and let them add to its count of visitors who agreed."""
     port = str(values.get("port", ""))
     state = gateway.runtime.get(str(values.get("workspace", "")))
-    ask = gateway.auth.sessions.read_state(str(values.get("ask", "")), gateway.hosts.hub)
+    ask = gateway.auth.sessions.open_state(str(values.get("ask", "")), gateway.hosts.hub)
     if (state is None or not _PORT.fullmatch(port) or int(port) not in state.spec.identity_ports or ask is None
             or ask.get("ask") != asked_of(identity, state.spec, int(port))):
         raise NotFound("This app does not ask for your identity.", code="no-consent-asked")

@@ -5,6 +5,7 @@ The echo upstream answers with the headers it received, so each test sees exactl
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 from typing import Any
@@ -402,3 +403,31 @@ async def test_a_websocket_that_told_its_app_who_ends_when_that_consent_is_withd
     assert withdrawn.status == 200
     assert await told.ended_for_policy()
     assert await before.still_open()
+
+
+async def test_an_owner_who_redeems_a_visitors_handoff_code_learns_nothing_from_the_consent_redirect(
+        served: Served, make_browser: MakeBrowser) -> None:
+    """The owner's page sends its visitor's browser through the hand-off with a state of the owner's choosing and
+    redeems the code from their own machine (README, Limits): an opaque session as the visitor on the owner's own
+    host. A navigation with it, to a port that asks visitors for their identity, is sent to the consent page, whose
+    ``ask`` was a signed JWT naming the visitor in the clear: their user name, before they answered anything."""
+    alice = await signed_in(make_browser, served, "alice")
+    await opt_in(alice)
+    owner = await make_browser(served)
+    owner.add_cookie(APP, "codehub_handoff", "owners-state")
+    visitor = await signed_in(make_browser, served, "visiting-bob")
+    handoff = await visitor.fetch("GET", f"{HUB}/auth/handoff?target={APP}/&state=owners-state")
+    assert handoff.status == 302
+    assert (await owner.fetch("GET", handoff.location or "")).status == 303
+    asked = await owner.fetch("GET", APP + "/x", headers=NAVIGATE)
+    assert asked.status == 302
+    assert (asked.location or "").startswith(f"{HUB}/consent?")
+    ask = parse_qs(urlsplit(asked.location or "").query)["ask"][0]
+    readable = asked.location or ""
+    for part in ask.split("."):
+        readable += base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)).decode("latin-1")
+    assert "visiting-bob" not in readable
+    visitor.add_cookie(APP, "codehub_handoff", "visitors-state")  # the visitor's own hand-off, and answer
+    assert (await visitor.navigate(f"{HUB}/auth/handoff?target={APP}/&state=visitors-state")).status == 200
+    assert (await answer(visitor, "share")).status == 303
+    assert (await learned(visitor, served))["x-forwarded-user"] == ["visiting-bob"]

@@ -105,6 +105,21 @@ def test_expired_session_cookie_is_refused() -> None:
     assert opened(sessions(), old, HOST) is None
 
 
+def test_a_sealed_state_names_nobody_and_opens_only_where_and_while_it_was_meant_to() -> None:
+    """A consent page's ``ask`` names the visitor: sealed, padded, for one audience, for a while."""
+    s = sessions()
+    sealed = s.seal_state({"ask": ["alice", "ws1", 3000, "bob"]}, HOST, 60)
+    assert s.open_state(sealed, HOST) == {"ask": ["alice", "ws1", 3000, "bob"], "typ": "state",
+                                          "exp": int(time.time()) + 60}
+    assert len(s.seal_state({"ask": ["a" * 40]}, HOST, 60)) == len(sealed)
+    assert s.open_state(sealed, OTHER) is None
+    assert sessions(clock=120).open_state(sealed, HOST) is None
+    for other in (s.sign_state({"ask": ["alice"]}, HOST, 60), s.issue(ALICE, HOST),
+                  s.handoff_code(hub(ALICE), HOST, "state"), "", "x.y", "!"):
+        assert s.open_state(other, HOST) is None
+    assert opened(s, sealed, HOST) is None
+
+
 def test_other_token_types_are_not_session_cookies() -> None:
     s = sessions()
     assert opened(s, s.handoff_code(hub(ALICE), HOST, "state"), HOST) is None
