@@ -29,6 +29,8 @@ ASSERTION_TTL = 120.0
 _CACHE_LIMIT = 50_000
 SIGN_INS_PER_HOUR = 30
 """Sign-ins of one person an hour, in one process (see ``Sessions.begin``)."""
+HAND_OFFS_PER_MINUTE = 60
+"""Hand-off codes for one person a minute, in one process (see ``Sessions.handoff_code``)."""
 _SEAL_BLOCK = 1024
 """A sealed identity's length says only how many such blocks it takes: a name, an e-mail and a few groups fit in
 one (the code travels in a URL, beside the path the visitor asked for: it is kept short)."""
@@ -135,6 +137,35 @@ class TooManySignIns(GatewayError):
     title = "Too many sign-ins"
 
 
+class TooManyHandOffs(GatewayError):
+    status = 429
+    code = "too-many-hand-offs"
+    title = "Too many sign-ins to previews"
+
+
+class _Quota:
+    """At most ``most`` acts of each person in the last ``window`` seconds, in this process: for acts that cost
+    everyone something (a record kept in every worker, a rewrite of a file they share). The memory of who acted when
+    is bounded too: past ``_CACHE_LIMIT`` people, those idle for a window are forgotten first, else all."""
+
+    def __init__(self, most: int, window: float) -> None:
+        self._most = most
+        self._window = window
+        self._times: dict[str, list[float]] = {}  # subject -> when they acted in the last window
+
+    def take(self, subject: str, now: float) -> int:
+        """0 when ``subject`` may act now (counted as acting), else the whole seconds until they may."""
+        recent = [at for at in self._times.get(subject, ()) if at > now - self._window]
+        if len(recent) >= self._most:
+            return max(1, int(recent[0] + self._window - now) + 1)
+        if subject not in self._times and len(self._times) >= _CACHE_LIMIT:
+            self._times = {who: times for who, times in self._times.items() if times[-1] > now - self._window}
+            if len(self._times) >= _CACHE_LIMIT:
+                self._times.clear()
+        self._times[subject] = [*recent, now]
+        return 0
+
+
 class Sessions:
     def __init__(self, keys: Callable[[], KeySet], issuer: str, *, ttl: float,
                  clock: Callable[[], float] = time.time) -> None:
@@ -144,7 +175,8 @@ class Sessions:
         self._clock = clock
         self._verified: dict[tuple[str, str], tuple[Session, str, float]] = {}  # and its sign-in's id and end
         self._assertions: dict[tuple[Identity, str], tuple[str, float]] = {}
-        self._begun: dict[str, list[float]] = {}  # subject -> when its sign-ins of the last hour began
+        self._sign_ins = _Quota(SIGN_INS_PER_HOUR, 3600)
+        self._hand_offs = _Quota(HAND_OFFS_PER_MINUTE, 60)
 
     def _sign(self, claims: dict[str, Any], audience: str, ttl: float) -> str:
         now = int(self._clock())
@@ -175,18 +207,11 @@ class Sessions:
         the last hour. Each sign-in may be signed out, and a sign-out is kept until the sign-in would have expired
         (in every worker's memory, in the used-keys file that every hand-off rewrites, as a UsedKey): a loop of
         sign-in and sign-out would grow them, and the cost of everyone's sign-ins, without bound."""
-        now = self._clock()
-        begun = [at for at in self._begun.get(identity.subject, ()) if at > now - 3600]
-        if len(begun) >= SIGN_INS_PER_HOUR:
-            wait = max(1, int(begun[0] + 3600 - now) + 1)
+        wait = self._sign_ins.take(identity.subject, self._clock())
+        if wait:
             minutes = -(-wait // 60)
-            raise TooManySignIns(f"You have signed in {len(begun)} times in the last hour. Sign in again in "
+            raise TooManySignIns(f"You have signed in {SIGN_INS_PER_HOUR} times in the last hour. Sign in again in "
                                  f"{minutes} minute{'s' if minutes != 1 else ''}.", headers={"Retry-After": str(wait)})
-        if identity.subject not in self._begun and len(self._begun) >= _CACHE_LIMIT:
-            self._begun = {who: times for who, times in self._begun.items() if times[-1] > now - 3600}
-            if len(self._begun) >= _CACHE_LIMIT:
-                self._begun.clear()
-        self._begun[identity.subject] = [*begun, now]
         return self.sign_in()
 
     def issue(self, identity: Identity, audience: str, sign_in: SignIn | None = None) -> str:
@@ -223,7 +248,15 @@ class Sessions:
     def handoff_code(self, session: Session, host: str, state: str) -> str:
         """A code the hub puts in a URL on ``host``, where the owner's scripts can read it: the identity in it is
         sealed, so it tells them nothing (not even who), and it signs in only the browser holding ``state``, to
-        the hub session's sign-in."""
+        the hub session's sign-in.
+
+        At most ``HAND_OFFS_PER_MINUTE`` of a person's, else ``TooManyHandOffs``: each code redeemed is kept for its
+        minute where every worker reads it (the used-keys file, rewritten per code; a UsedKey), so a loop of
+        hand-offs would cost everyone's sign-ins and every worker's reads in step with it."""
+        wait = self._hand_offs.take(session.identity.subject, self._clock())
+        if wait:
+            raise TooManyHandOffs(f"You were signed in to previews {HAND_OFFS_PER_MINUTE} times in the last minute. "
+                                  f"Open the page again in {wait} seconds.", headers={"Retry-After": str(wait)})
         who = self._seal(session.record(), _SEAL_BLOCK, f"handoff {host}")
         return self._sign({"typ": "handoff", "state": state, "jti": secrets.token_hex(12), "who": who}, host,
                           HANDOFF_TTL)

@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.auth.identity import Identity
-from gateway.auth.sessions import SIGN_INS_PER_HOUR, Ended, SignIn
+from gateway.auth.sessions import HAND_OFFS_PER_MINUTE, SIGN_INS_PER_HOUR, Ended, SignIn
 from gateway.config import ConfigError, load_config
 from gateway.edge.routing import local_path
 from gateway.lifecycle import Phase
@@ -646,6 +646,23 @@ async def test_a_loop_of_sign_in_and_sign_out_cannot_grow_the_sign_outs_without_
     used = json.loads(served.gateway.config.store_file.with_name("tokens.used.json").read_text())
     assert len([key for key in used if key.startswith("sign-out-")]) == SIGN_INS_PER_HOUR
     assert (await (await make_browser(served)).dev_sign_in(served.hub, "alice")).status == 303
+
+
+async def test_a_loop_of_hand_offs_is_refused_with_a_page_that_says_when_to_come_back(
+        served: Served, make_browser: MakeBrowser) -> None:
+    """Every hand-off code redeemed is kept for a minute where every worker reads it; a person gets
+    ``HAND_OFFS_PER_MINUTE`` a minute (per process), then a clear 429, a page for a browser, JSON for a script."""
+    alice, bob = await signed_in(make_browser, served), await signed_in(make_browser, served, "bob")
+    query = urlencode({"target": served.preview("ws1", 3000, "/"), "state": "s"})
+    for _ in range(HAND_OFFS_PER_MINUTE):
+        assert (await alice.fetch("GET", f"{HUB}/auth/handoff?{query}")).status == 302
+    page = await alice.fetch("GET", f"{HUB}/auth/handoff?{query}", headers={"Accept": "text/html"})
+    assert (page.status, page.content_type) == (429, "text/html"), page.text
+    assert "Open the page again in" in page.text
+    assert 0 < int(page.headers["Retry-After"]) <= 60
+    script = await alice.fetch("GET", f"{HUB}/auth/handoff?{query}", headers={"Accept": "application/json"})
+    assert (script.status, script.json()["error"]["code"]) == (429, "too-many-hand-offs")
+    assert (await bob.fetch("GET", f"{HUB}/auth/handoff?{query}")).status == 302
 
 
 async def test_the_hub_feed_ends_with_its_sign_in(served: Served, make_browser: MakeBrowser) -> None:

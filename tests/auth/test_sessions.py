@@ -18,12 +18,14 @@ from gateway.auth.identity import Identity
 from gateway.auth.keys import KeySet, SigningKey, write_keys
 from gateway.auth.sessions import (
     ASSERTION_TTL,
+    HAND_OFFS_PER_MINUTE,
     HANDOFF_TTL,
     SIGN_INS_PER_HOUR,
     Ended,
     Session,
     Sessions,
     SignIn,
+    TooManyHandOffs,
     TooManySignIns,
     read_cookie,
     set_cookie,
@@ -500,6 +502,25 @@ def test_a_person_signs_in_at_most_so_often_an_hour_and_hears_when_to_come_back(
     assert str(refused.value).endswith("Sign in again in 1 minute.")
     now[0] += 1
     assert s.begin(ALICE).expires == int(now[0]) + 3600
+
+
+def test_a_person_gets_at_most_so_many_hand_off_codes_a_minute_and_hears_when_to_come_back() -> None:
+    """Each code redeemed is kept for its minute where every worker reads it: a loop of hand-offs must not make
+    that grow in step with it. Another person's go on meanwhile, and the person's own once the minute is over."""
+    now = [1_000_000.0]
+    s = Sessions(lambda: KEYS, ISSUER, ttl=3600, clock=lambda: now[0])
+    alice, bob = Session(ALICE, s.sign_in()), Session(Identity("bob"), s.sign_in())
+    for _ in range(HAND_OFFS_PER_MINUTE):
+        s.handoff_code(alice, HOST, "state")
+    s.handoff_code(bob, HOST, "state")
+    now[0] += 55.5
+    with pytest.raises(TooManyHandOffs) as refused:
+        s.handoff_code(alice, OTHER, "state")
+    assert (refused.value.status, refused.value.code, refused.value.headers["Retry-After"]) == (
+        429, "too-many-hand-offs", "5")
+    assert str(refused.value).endswith("Open the page again in 5 seconds.")
+    now[0] += 5
+    assert s.handoff_code(alice, HOST, "state")
 
 
 def test_the_memory_of_sign_ins_is_bounded_and_forgets_the_oldest_first(monkeypatch: pytest.MonkeyPatch) -> None:
