@@ -53,22 +53,39 @@ async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | bytear
         raise BadRequest("This form could not be read.", code="bad-form") from None
 
 
-def _session_cookie(request: web.BaseRequest, gateway: Gateway, identity: Identity) -> str:
+async def _session_cookie(request: web.BaseRequest, gateway: Gateway, identity: Identity) -> str:
     """The hub's cookie for a sign-in: a new one (``TooManySignIns`` for a person signing in in a loop: see
     ``Sessions.begin``), unless this browser is signed in as them already, whose sign-in it keeps. Any page can
     send its visitor through ``/auth/login``, and with the IdP's session the browser comes back at once: a new
     sign-in each time would replace the cookie of one that previews still hold, which Sign out (it ends the
-    cookie's sign-in) could then no longer end, and spend the visitor's sign-ins of the hour."""
+    cookie's sign-in) could then no longer end, and spend the visitor's sign-ins of the hour.
+
+    A sign-in of someone else in this browser (a shared computer) ends first: its cookie is about to go, the only
+    handle Sign out had on it, and its previews' sessions in this browser would go on acting as that person."""
     sessions = gateway.auth.sessions
     current = hub_session(request, gateway)
     if current is not None and current.identity.subject == identity.subject:
         sign_in = current.sign_in
     else:
+        if current is not None:
+            await _end_sign_in(gateway, current)
         sign_in = sessions.begin(identity)
     token = sessions.issue(identity, gateway.hosts.hub, sign_in)
     secure = gateway.config.secure
     return set_cookie(cookie_name(SESSION, secure), token, max_age=max(0, int(sign_in.expires - time.time())),
                       secure=secure)
+
+
+async def _end_sign_in(gateway: Gateway, session: Session) -> None:
+    """End ``session``'s sign-in everywhere it reached, or ``sign-out-not-recorded`` (nothing ended: its cookie
+    stays for another try)."""
+    try:
+        await gateway.auth.store.end_sign_in(session.sign_in)
+    except GatewayError as exc:  # the store's file or API
+        raise ServiceUnavailable(
+            "Signing out could not be recorded just now, so you are still signed in, here and on the previews "
+            "and IDEs this sign-in opened. Try again in a moment.", code="sign-out-not-recorded", retry=True
+        ) from exc
 
 
 def _expired(name: str, secure: bool) -> str:
@@ -115,7 +132,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
         raise SignInFailed(f"The sign-in service sent {problem}, which this gateway does not accept. Ask its "
                            "administrators to correct the account.")
     raise Redirect(local_path(str(saved.get("next"))), status=303, cookies=(
-        _session_cookie(request, gateway, identity), _expired(LOGIN, secure)))
+        await _session_cookie(request, gateway, identity), _expired(LOGIN, secure)))
 
 
 @aiohttp_jinja2.template("dev_login.html")
@@ -141,7 +158,7 @@ async def dev_submit(request: web.Request) -> web.StreamResponse:
     if (problem := identity.unsendable()) is not None:
         raise BadRequest(f"This sign-in has {problem}; pick other values.", code="bad-identity")
     raise Redirect(local_path(str(form.get("next", "/"))), cookies=(
-        _session_cookie(request, gateway, identity),))
+        await _session_cookie(request, gateway, identity),))
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
@@ -151,13 +168,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     check_same_origin(request, gateway)
     session = hub_session(request, gateway)
     if session is not None:
-        try:
-            await gateway.auth.store.end_sign_in(session.sign_in)
-        except GatewayError as exc:  # the store's file or API: nothing ended, so the cookie stays for another try
-            raise ServiceUnavailable(
-                "Signing out could not be recorded just now, so you are still signed in, here and on the previews "
-                "and IDEs this sign-in opened. Try again in a moment.", code="sign-out-not-recorded", retry=True
-            ) from exc
+        await _end_sign_in(gateway, session)
     oidc, location = gateway.auth.oidc, None
     if oidc is not None and oidc.settings.sign_out_at_idp:
         location = await oidc.end_session_url(post_logout_redirect_uri=gateway.hosts.hub_url("/"))

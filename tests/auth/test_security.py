@@ -648,6 +648,40 @@ async def test_a_loop_of_sign_in_and_sign_out_cannot_grow_the_sign_outs_without_
     assert (await (await make_browser(served)).dev_sign_in(served.hub, "alice")).status == 303
 
 
+async def test_signing_in_as_someone_else_ends_the_sign_in_it_replaces(served: Served,
+                                                                      make_browser: MakeBrowser) -> None:
+    """On a shared computer bob signs in over alice's sign-in: the hub's cookie was the only handle Sign out had on
+    it, so it ends now, or alice's preview sessions in that browser would go on acting as her for bob (and for
+    any copy) until they expire. Signing in as the same person again keeps the sign-in instead."""
+    browser = await signed_in(make_browser, served)
+    app = served.preview("ws1", 3000, "/")
+    assert (await browser.navigate(app)).status == 200
+    copy = await make_browser(served)
+    copy.add_cookie(app, "codehub_session", browser.cookie(app, "codehub_session") or "")
+    assert (await browser.dev_sign_in(served.hub, "alice")).status == 303  # the same person: kept
+    assert (await copy.fetch("GET", app)).status == 200
+
+    assert (await browser.dev_sign_in(served.hub, "bob")).status == 303
+    for who in (browser, copy):
+        page = await who.fetch("GET", app, headers={"Accept": "application/json"})
+        assert (page.status, page.json()["error"]["code"]) == (401, "user-unauthenticated"), page.text
+    page = await browser.navigate(app)  # through the hand-off again, as bob
+    assert page.status == 403, page.text
+    assert "not-shared-with-user" in page.text
+    assert (await api(browser, "GET", "/api/v1/me")).json()["user"] == "bob"
+
+
+async def test_signing_in_over_someone_elses_sign_in_that_cannot_be_ended_changes_nothing(
+        served: Served, make_browser: MakeBrowser) -> None:
+    browser = await signed_in(make_browser, served)
+    used = served.gateway.config.store_file.with_name("tokens.used.json")
+    used.unlink(missing_ok=True)
+    used.mkdir()  # cannot be read, nor replaced
+    page = await browser.dev_sign_in(served.hub, "bob")
+    assert (page.status, page.json()["error"]["code"]) == (503, "sign-out-not-recorded"), page.text
+    assert (await api(browser, "GET", "/api/v1/me")).json()["user"] == "alice"
+
+
 async def test_a_loop_of_hand_offs_is_refused_with_a_page_that_says_when_to_come_back(
         served: Served, make_browser: MakeBrowser) -> None:
     """Every hand-off code redeemed is kept for a minute where every worker reads it; a person gets
