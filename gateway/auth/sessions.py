@@ -57,13 +57,27 @@ def read_cookie(headers: CIMultiDictProxy[str] | CIMultiDict[str], name: str) ->
     most specific first). A name matches only as the browser spelt it (see ``_COOKIE_SPACE``): at the start of a
     pair (after ``;`` and spaces), followed by spaces and ``=``.
 
-    Our names are looked for by a regular expression, in C, never pair by pair in Python: a client chooses its
-    heads, and a hundred ``Cookie`` headers of ``codehub_session;;;;…`` cost 46 ms a read split pair by pair (8 ms
-    now, 10 ns a byte; a browser's header 0.6 µs)."""
+    Read pair by pair, the fastest way for what browsers send (0.5 µs with a session cookie); a long header of
+    more than ``_MANY_PAIRS`` pairs by a regular expression, in C: a client chooses its heads, and a hundred
+    ``Cookie`` headers of ``codehub_session;;;;…`` cost 45 ms a read pair by pair in Python, 8 ms so."""
     for header in headers.getall("Cookie", ()):
-        if name in header and (found := _cookie_pattern(name).search(";" + header)) is not None:
-            return found[1].strip(_COOKIE_SPACE)
+        if name not in header:
+            continue
+        if len(header) > _SHORT and header.count(";") > _MANY_PAIRS:
+            if (found := _cookie_pattern(name).search(";" + header)) is not None:
+                return found[1].strip(_COOKIE_SPACE)
+            continue
+        for part in header.split(";"):
+            key, eq, value = part.partition("=")
+            if eq and key.strip(_COOKIE_SPACE) == name:
+                return value.strip(_COOKIE_SPACE)
     return None
+
+
+_SHORT, _MANY_PAIRS = 1024, 200
+"""A ``Cookie`` header longer than ``_SHORT`` is counted (shorter ones hold few pairs, and counting costs a tenth of a
+microsecond), and read by the pattern past ``_MANY_PAIRS`` pairs: more than a browser sends (it keeps some 180
+cookies per site)."""
 
 
 @functools.cache

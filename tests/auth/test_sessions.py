@@ -83,12 +83,15 @@ def _read_pair_by_pair(headers: CIMultiDict[str], name: str) -> str | None:
 _PIECES = st.sampled_from([*"ab=; \t", "\u2000", "codehub_session", "__Host-"])
 
 
-@given(st.lists(st.lists(_PIECES, max_size=30).map("".join), min_size=1, max_size=3))
-@example(["codehub_session" + ";" * 50])
-@example([" codehub_session =\tv ; codehub_session=w"])
-@example(["a=1", "codehub_session=second-header"])
-def test_our_cookie_is_read_as_pair_by_pair_reading_would(values: list[str]) -> None:
-    headers = CIMultiDict([("Cookie", value) for value in values])
+@given(st.lists(st.lists(_PIECES, max_size=30).map("".join), min_size=1, max_size=3), st.booleans())
+@example(["codehub_session" + ";" * 50], True)
+@example([" codehub_session =\tv ; codehub_session=w"], True)
+@example(["a=1", "codehub_session=second-header"], False)
+@example(["a=xcodehub_session=planted"], True)
+def test_our_cookie_is_read_as_pair_by_pair_reading_would(values: list[str], many: bool) -> None:
+    """Both ways: ``many`` puts past ``_MANY_PAIRS`` empty pairs behind each header, for the regular expression."""
+    tail = ";" * max(sessions_module._MANY_PAIRS + 1, sessions_module._SHORT + 1) if many else ""
+    headers = CIMultiDict([("Cookie", value + tail) for value in values])
     assert read_cookie(headers, "codehub_session") == _read_pair_by_pair(headers, "codehub_session")
 
 
