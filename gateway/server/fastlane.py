@@ -42,12 +42,12 @@ from gateway.proxy.wsrelay import GOING_AWAY, Relay
 from gateway.server.context import GATEWAY, Gateway
 from gateway.server.forward import SMALL_BODY, GrantEnded, read_small, send, shape_answer
 from gateway.server.lane import (
+    AnswerGrant,
     carry_out,
     connect_grace,
     granted,
     in_use,
     peer_address,
-    recheck_every,
     upstream_of,
 )
 from gateway.server.listener import connection_limit
@@ -339,8 +339,7 @@ class FastLane(WriteFlow):
         self._write(head)
         sent = 0
         within = self._front.limits.send_timeout
-        facts = Facts(request.method, request.target, headers, self._peer, 0.0)
-        still = granted(self._gateway, facts, forward, every=recheck_every(self._gateway))
+        still = AnswerGrant(self._gateway, Facts(request.method, request.target, headers, self._peer, 0.0), forward)
         while chunk := await answer.read_chunk():
             if not still():
                 raise GrantEnded

@@ -67,20 +67,13 @@ def plan_for(request: web.BaseRequest, gateway: Gateway) -> Plan:
     return plan(facts_of(request), gateway)
 
 
-def granted(gateway: Gateway, facts: Facts, forward: Forward, *, every: float = 0.0) -> Callable[[], bool]:
-    """Whether ``forward`` still holds: ``facts`` planned again now. A WebSocket's relay asks on every heartbeat
-    tick; a streamed answer on each piece, from ``every`` seconds after it began and at most once per ``every``.
-    A bug in that ends the exchange (once, with its traceback) rather than stop the heartbeat."""
+def granted(gateway: Gateway, facts: Facts, forward: Forward) -> Callable[[], bool]:
+    """Whether ``forward`` still holds: ``facts`` planned again now (a WebSocket's relay asks on every heartbeat
+    tick, a streamed answer through ``AnswerGrant``). A bug in that ends the exchange (once, with its traceback)
+    rather than stop the heartbeat."""
     was, kept = Granted.of(forward), grant_facts(facts, gateway.secure)
-    due = time.monotonic() + every
 
     def holds() -> bool:
-        nonlocal due
-        if every:
-            now = time.monotonic()
-            if now < due:
-                return True
-            due = now + every
         try:
             if still_granted(kept, was, gateway, time.time()):
                 return True
@@ -93,9 +86,27 @@ def granted(gateway: Gateway, facts: Facts, forward: Forward, *, every: float = 
     return holds
 
 
-def recheck_every(gateway: Gateway) -> float:
-    """How often a streamed answer asks whether it may go on: as often as a WebSocket does."""
-    return gateway.heartbeat.period / 2
+class AnswerGrant:
+    """Whether a streamed answer may go on, asked on its pieces: from half a heartbeat period after it began and at
+    most once per that, as often as a WebSocket asks. What it asks with (``granted``) is made at the first asking,
+    so an answer that ends sooner, as nearly all do, costs this object only."""
+
+    __slots__ = ("_due", "_every", "_facts", "_forward", "_gateway", "_holds")
+
+    def __init__(self, gateway: Gateway, facts: Facts, forward: Forward) -> None:
+        self._gateway, self._facts, self._forward = gateway, facts, forward
+        self._every = gateway.heartbeat.period / 2
+        self._due = time.monotonic() + self._every
+        self._holds: Callable[[], bool] | None = None
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now < self._due:
+            return True
+        self._due = now + self._every
+        if self._holds is None:
+            self._holds = granted(self._gateway, self._facts, self._forward)
+        return self._holds()
 
 
 def carry_out(effects: Iterable[Effect], gateway: Gateway) -> None:
@@ -166,7 +177,7 @@ async def _forward(request: web.Request, forward: Forward, gateway: Gateway, gra
         return await proxy_http(request, gateway.pool, upstream, forward.path, forward.headers,
                                 metrics=gateway.metrics, connect_grace=grace, rules=forward.rules,
                                 send_timeout=gateway.config.limits.send_timeout,
-                                still=granted(gateway, facts_of(request), forward, every=recheck_every(gateway)))
+                                still=AnswerGrant(gateway, facts_of(request), forward))
 
 
 async def _gateway_page(request: web.Request, page: GatewayPage, gateway: Gateway, hub: Handler) -> web.StreamResponse:

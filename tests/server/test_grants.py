@@ -1,4 +1,5 @@
-"""How often an open exchange asks whether what let it in still does (``lane.granted``), on a clock of the test's.
+"""How often an open exchange asks whether what let it in still does (``lane.granted``, ``lane.AnswerGrant``), on a
+clock of the test's.
 
 That it ends when the answer is no is tested end to end (tests/auth/test_security.py, "what is open ends with
 what let it in"); here, what the asking costs: a streamed answer asks on a piece at most once per period."""
@@ -17,7 +18,7 @@ from gateway.server.context import Gateway
 
 FACTS = Facts("GET", "/events", CIMultiDictProxy(CIMultiDict(Host="3000-ws.localhost")), "127.0.0.1", 0.0)
 FORWARD = cast(Forward, SimpleNamespace(workspace="ws", port=3000, user="alice", headers=CIMultiDict()))
-GATEWAY = cast(Gateway, SimpleNamespace(secure=False))
+GATEWAY = cast(Gateway, SimpleNamespace(secure=False, heartbeat=SimpleNamespace(period=30.0)))
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def test_a_streamed_answer_asks_at_most_once_per_period(monkeypatch: pytest.Monk
         return True
 
     monkeypatch.setattr(lane, "still_granted", still_granted)
-    holds = lane.granted(GATEWAY, FACTS, FORWARD, every=every)
+    holds = lane.AnswerGrant(GATEWAY, FACTS, FORWARD) if every else lane.granted(GATEWAY, FACTS, FORWARD)
     for at in pieces_at:
         clock[0] = at
         assert holds()
