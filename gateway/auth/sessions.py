@@ -116,6 +116,10 @@ class SignIn(NamedTuple):
     id: str
     expires: float
 
+    def left(self) -> int:
+        """Whole seconds it has left: the ``Max-Age`` of every cookie of its sessions."""
+        return max(0, int(self.expires - time.time()))
+
 
 class Ended(dict[str, float]):
     """The sign-ins signed out before their time, as a store knows them: id -> when it would have expired; and

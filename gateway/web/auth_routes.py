@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import time
 
 import aiohttp_jinja2
 from aiohttp import web
@@ -72,8 +71,7 @@ async def _session_cookie(request: web.BaseRequest, gateway: Gateway, identity: 
         sign_in = sessions.begin(identity)
     token = sessions.issue(identity, gateway.hosts.hub, sign_in)
     secure = gateway.config.secure
-    return set_cookie(cookie_name(SESSION, secure), token, max_age=max(0, int(sign_in.expires - time.time())),
-                      secure=secure)
+    return set_cookie(cookie_name(SESSION, secure), token, max_age=sign_in.left(), secure=secure)
 
 
 async def _end_sign_in(gateway: Gateway, session: Session) -> None:
@@ -209,7 +207,7 @@ async def preview_callback(request: web.Request, gateway: Gateway, host: str, *,
         raise BadRequest("This sign-in link was already used. Open the page again.", code="handoff-replayed")
     identity, sign_in = signed_in
     token = gateway.auth.sessions.issue(identity, host, sign_in)
-    session = set_cookie(cookie_name(SESSION, secure), token, max_age=int(sign_in.expires - time.time()),
+    session = set_cookie(cookie_name(SESSION, secure), token, max_age=sign_in.left(),
                          secure=secure, embedded=embedded, cross_site=cross_site)
     expired = set_cookie(cookie_name(HANDOFF, secure), "", max_age=0, secure=secure, embedded=embedded)
     raise Redirect(local_path(request.query.get("next")), cookies=(session, expired))
