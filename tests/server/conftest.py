@@ -119,6 +119,18 @@ def listening_later(p: Proxied, make_upstream: MakeUpstream, app: web.Applicatio
     return asyncio.create_task(later())
 
 
+async def sent_raw(p: Proxied, data: bytes) -> bytes:
+    """What the gateway sends back for ``data`` written as it is on a connection of its own, read until the gateway
+    closes it (bounded in time)."""
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(data)
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
 async def read_until(response: ClientResponse, marker: bytes, limit: float = 10.0) -> bytes:
     """Read a streamed body until ``marker`` has arrived (bounded in time), returning what was read."""
     seen = b""

@@ -18,7 +18,7 @@ from gateway.proxy.connection import Response
 from gateway.server import fastlane
 from gateway.server.fastlane import MAX_PARKED, FastLaneServer
 from tests.conftest import MakeUpstream, held_app
-from tests.server.conftest import MakeProxied, Proxied, listening_later, three_chunks
+from tests.server.conftest import MakeProxied, Proxied, listening_later, sent_raw, three_chunks
 from tests.server.test_proxy_http import echo_app
 
 
@@ -92,13 +92,7 @@ async def test_a_client_that_asks_to_close_is_told_so_and_the_connection_ends(pr
     """``Connection: close`` from the client: the answer says ``Connection: close`` (RFC 9112 §9.6) and the
     connection ends after it."""
     p = await proxied(echo_app())
-    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
-    try:
-        writer.write(get(p, "/x", "Connection: close"))
-        async with asyncio.timeout(10):
-            raw = await reader.read()
-    finally:
-        writer.close()
+    raw = await sent_raw(p, get(p, "/x", "Connection: close"))
     head, _, _ = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     assert b"\r\nconnection: close" in head.lower()
@@ -338,14 +332,8 @@ async def test_a_bug_after_the_head_went_out_closes_the_connection_without_a_sec
     app.router.add_get("/large", large)
     p = await proxied(app)
     monkeypatch.setattr(Response, "read_chunk", broken)
-    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
-    try:
-        with caplog.at_level(logging.ERROR, logger="gateway.server.fastlane"):
-            writer.write(get(p, "/large"))
-            async with asyncio.timeout(10):
-                raw = await reader.read()
-    finally:
-        writer.close()
+    with caplog.at_level(logging.ERROR, logger="gateway.server.fastlane"):
+        raw = await sent_raw(p, get(p, "/large"))
     assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
     assert raw.count(b"HTTP/1.1") == 1, raw[:400]
     [record] = [r for r in caplog.records if r.name == "gateway.server.fastlane"]

@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from tests.conftest import MakeGateway, next_address, workspace
-from tests.server.conftest import HUB, IDE, MakeProxied, Proxied, free_port, read_until
+from tests.server.conftest import HUB, IDE, MakeProxied, Proxied, free_port, read_until, sent_raw
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND", "MKCOL", "REPORT"]
 
@@ -70,13 +70,7 @@ async def test_head_keeps_content_length_and_sends_no_body(proxied: MakeProxied)
 async def echoed(p: Proxied, request_line: str) -> dict[str, Any]:
     """What the echo app saw of a request sent as raw bytes (``request_line``, then the host and a close), which the
     gateway answered 200."""
-    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
-    try:
-        writer.write(f"{request_line} HTTP/1.1\r\nHost: {p.host}\r\nConnection: close\r\n\r\n".encode())
-        async with asyncio.timeout(10):
-            raw = await reader.read()
-    finally:
-        writer.close()
+    raw = await sent_raw(p, f"{request_line} HTTP/1.1\r\nHost: {p.host}\r\nConnection: close\r\n\r\n".encode())
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     seen: dict[str, Any] = json.loads(body.split(b"\r\n")[1] if b"chunked" in head.lower() else body)

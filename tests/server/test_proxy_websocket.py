@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -448,6 +449,18 @@ async def test_a_message_over_the_limit_closes_both_ends_with_1009(proxied: Make
     assert seen["close_code"] == "1009"
 
 
+@contextlib.asynccontextmanager
+async def raw_upstream(p: Proxied, serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+                       ) -> AsyncIterator[None]:
+    """A raw upstream, ``serve`` for each connection, on the workspace's port while the block runs."""
+    server = await asyncio.start_server(serve, p.address, p.port)
+    try:
+        yield
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def _switch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """A raw upstream's side of the upgrade: read the gateway's request, answer 101 with its key's accept."""
     head = await reader.readuntil(b"\r\n\r\n")
@@ -469,8 +482,7 @@ async def test_a_message_over_the_limit_closes_both_connections_though_neither_e
         upstream_heard.set_result(await reader.read())  # what the gateway sends, until it closes the connection
         writer.close()
 
-    server = await asyncio.start_server(too_much, p.address, p.port)
-    try:
+    async with raw_upstream(p, too_much):
         reader, writer = await _raw_upgrade(p)
         try:
             async with asyncio.timeout(10):
@@ -484,9 +496,6 @@ async def test_a_message_over_the_limit_closes_both_connections_though_neither_e
         assert heard[1] & 0x80, heard  # masked, as a client's
         unmasked = bytes(b ^ heard[2 + i % 4] for i, b in enumerate(heard[6:8]))
         assert struct.unpack("!H", unmasked) == (1009,)
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def test_an_upstream_that_closes_and_hangs_up_at_once_has_the_clients_connection_closed(
@@ -500,8 +509,7 @@ async def test_an_upstream_that_closes_and_hangs_up_at_once_has_the_clients_conn
         writer.write(b"\x88\x02" + struct.pack("!H", 1000))  # a close frame, and the connection closed behind it
         writer.close()
 
-    server = await asyncio.start_server(close_and_leave, p.address, p.port)
-    try:
+    async with raw_upstream(p, close_and_leave):
         reader, writer = await _raw_upgrade(p)
         try:
             async with asyncio.timeout(10):
@@ -509,9 +517,6 @@ async def test_an_upstream_that_closes_and_hangs_up_at_once_has_the_clients_conn
                 assert await reader.read() == b""
         finally:
             writer.close()
-    finally:
-        server.close()
-        await server.wait_closed()
 
 async def test_a_client_that_vanishes_is_going_away_for_the_upstream(proxied: MakeProxied) -> None:
     seen: dict[str, str] = {}
@@ -725,15 +730,11 @@ async def test_an_endless_upgrade_answer_head_is_a_502_not_a_growing_buffer(prox
                 await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(endless, p.address, p.port)
-    try:
+    async with raw_upstream(p, endless):
         async with asyncio.timeout(30):
             with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
                 await p.client.ws_connect("/ws", headers={"Host": p.host, "Origin": p.share_origin})
         assert refused.value.status == 502
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 # --- the two handshakes, byte by byte: what the client offers, what the upstream answers ------------------------
@@ -866,8 +867,7 @@ async def test_the_upstreams_answer_must_be_a_valid_switch_or_the_client_gets_a_
             await reader.read()
         writer.close()
 
-    server = await asyncio.start_server(app, p.address, p.port)
-    try:
+    async with raw_upstream(p, app):
         if switched and accept == "right":
             reader, writer = await _raw_upgrade(p)
             try:
@@ -878,9 +878,6 @@ async def test_the_upstreams_answer_must_be_a_valid_switch_or_the_client_gets_a_
             status, answer, body = await _exchange(p, _fields())
             assert status == 502, answer
             assert json.loads(body)["error"]["code"] == "websocket-refused"
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.mark.parametrize(
@@ -909,14 +906,10 @@ async def test_the_client_is_told_only_a_subprotocol_it_offered(proxied: MakePro
             await reader.read()
         writer.close()
 
-    server = await asyncio.start_server(app, p.address, p.port)
-    try:
+    async with raw_upstream(p, app):
         status, head, _ = await _exchange(p, _fields(Sec_WebSocket_Protocol=offered))
         assert status == 101, head
         assert _field(head, "Sec-WebSocket-Protocol") == told
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.mark.parametrize(("size", "switched"), [(MAX_HEAD, True), (MAX_HEAD + 1, False)],
@@ -939,10 +932,6 @@ async def test_an_upgrade_answer_head_may_grow_up_to_the_head_limit(proxied: Mak
             await reader.read()
         writer.close()
 
-    server = await asyncio.start_server(app, p.address, p.port)
-    try:
+    async with raw_upstream(p, app):
         status, answer, _ = await _exchange(p, _fields())
         assert status == (101 if switched else 502), answer
-    finally:
-        server.close()
-        await server.wait_closed()
