@@ -96,6 +96,15 @@ async def open_share(client: Client, token: str) -> tuple[int, str]:
     return response.status, code
 
 
+async def link_on_two(replica: MakeReplica) -> tuple[Client, Client, str, Any]:
+    """Two replicas, alice's API token, and a share link she made through the first, once the second knows it."""
+    a, b = await replica("gw-a"), await replica("gw-b")
+    token = await alice_token(a)
+    _, link = await api(a, "POST", "/api/v1/workspaces/w1/shares", token, {"port": 8000})
+    await until(lambda: link["id"] in store(b).shares)
+    return a, b, token, link
+
+
 async def test_a_link_made_on_one_replica_opens_on_another_and_a_revocation_reaches_both(
         kube: KubeEnv, replica: MakeReplica) -> None:
     a, b = await replica("gw-a"), await replica("gw-b")
@@ -127,10 +136,7 @@ async def test_a_link_made_on_one_replica_opens_on_another_and_a_revocation_reac
 
 async def test_use_counts_from_every_replica_add_up_and_the_newest_use_wins(
         kube: KubeEnv, replica: MakeReplica) -> None:
-    a, b = await replica("gw-a"), await replica("gw-b")
-    token = await alice_token(a)
-    _, link = await api(a, "POST", "/api/v1/workspaces/w1/shares", token, {"port": 8000})
-    await until(lambda: link["id"] in store(b).shares)
+    a, b, token, link = await link_on_two(replica)
     for _ in range(3):
         assert (await open_share(a, link["token"]))[0] == 303
     before_b = time.time()
@@ -393,10 +399,7 @@ async def test_links_go_with_their_workspace(kube: KubeEnv, replica: MakeReplica
 
 async def test_a_link_deleted_in_the_cluster_stops_opening_on_every_replica(
         kube: KubeEnv, replica: MakeReplica) -> None:
-    a, b = await replica("gw-a"), await replica("gw-b")
-    token = await alice_token(a)
-    _, link = await api(a, "POST", "/api/v1/workspaces/w1/shares", token, {"port": 8000})
-    await until(lambda: link["id"] in store(b).shares)
+    a, b, _, link = await link_on_two(replica)
     assert (await open_share(b, link["token"]))[0] == 303
     kube.emulator.delete_object(SHARE_LINK, NS, link["id"])  # kubectl delete sharelink: a leaked link
     for client in (a, b):
