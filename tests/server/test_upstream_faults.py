@@ -198,7 +198,6 @@ async def stall_mid_body(path: str, reader: asyncio.StreamReader, writer: asynci
     return False
 
 
-
 async def small_answer_begun(writer: asyncio.StreamWriter) -> None:
     """The head of a small answer (read whole before anything goes to the client) and part of its body."""
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"s" * 10)
@@ -216,6 +215,7 @@ async def reset_mid_small_body(path: str, reader: asyncio.StreamReader, writer: 
     await small_answer_begun(writer)
     reset(writer)
     return False
+
 
 async def two_answers(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
     """A second answer nobody asked for, right behind the first: on a reused connection it would answer the next
