@@ -138,15 +138,36 @@ async def execute(request: web.Request, plan_: Plan, gateway: Gateway, hub: Hand
         return await _gateway_page(request, plan_, gateway, hub)
     if isinstance(plan_, WaitingPage):
         raise gateway.waker.waiting_page(plan_.state, plan_.port)
-    forward = plan_.forward if isinstance(plan_, Hold) else plan_
+    if isinstance(plan_, Hold):
+        awake = await _awake(request, plan_, gateway)
+        if awake is None:  # what let it in no longer does: served as a request sent now (a sign-in, a refusal)
+            request.pop(USER, None)
+            return await execute(request, plan(facts_of(request), gateway), gateway, hub)
+        forward, held = awake, True
+    else:
+        forward, held = plan_, False
     try:
-        if isinstance(plan_, Hold):
-            state = await gateway.waker.hold(plan_.state, forward.port)
-            forward = dataclasses.replace(forward, address=state.address)
-        return await _forward(request, forward, gateway, connect_grace(gateway, forward, held=isinstance(plan_, Hold)))
+        return await _forward(request, forward, gateway, connect_grace(gateway, forward, held=held))
     except GatewayError as exc:
         exc.headers.update(forward.on_error)
         raise
+
+
+async def _awake(request: web.Request, held: Hold, gateway: Gateway) -> Forward | None:
+    """A held request's way on once its workspace is awake (to the address it woke at), or ``None`` if what let it
+    in no longer does: it waited seconds, up to ``start_timeout``, and a sign-out or a revoked link meanwhile must
+    hold for it as for an open WebSocket."""
+    forward = held.forward
+    try:
+        state = await gateway.waker.hold(held.state, forward.port)
+    except GatewayError as exc:
+        exc.headers.update(forward.on_error)
+        raise
+    facts = facts_of(request)
+    if still_granted(facts, Granted.of(forward), gateway, facts.now):
+        return dataclasses.replace(forward, address=state.address)
+    log.info("a request held through a wake of %s port %s is no longer let in there", forward.workspace, forward.port)
+    return None
 
 
 def in_use(gateway: Gateway, forward: Forward) -> contextlib.AbstractContextManager[None]:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import re
 import time
@@ -15,6 +16,7 @@ from urllib.parse import parse_qs, quote, urlencode, urljoin, urlsplit
 
 import aiohttp
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -26,6 +28,7 @@ from gateway.lifecycle import Phase
 from gateway.proxy.wsrelay import POLICY_VIOLATION
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served, seen_headers
+from tests.conftest import MakeUpstream
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -842,6 +845,45 @@ async def test_a_websocket_relayed_after_a_wake_ends_with_its_sign_in_too(watche
     assert await socket.still_open()
     assert (await api(browser, "POST", "/auth/logout")).status == 303
     assert await socket.ended_for_policy()
+
+
+async def test_a_request_held_through_a_wake_is_asked_again_once_awake(served: Served, make_browser: MakeBrowser,
+                                                                      make_upstream: MakeUpstream,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A request held while its workspace wakes waits seconds, up to ``start_timeout``: signed out meanwhile, it is
+    answered as it would be if sent now (and logged so: by nobody), and never reaches the app; still signed in, it
+    does."""
+    caplog.set_level(logging.INFO, logger="codehub.access")
+    reached: list[str] = []
+
+    async def app(request: web.Request) -> web.Response:
+        reached.append(request.path)
+        return web.Response(text="app")
+
+    upstream = web.Application()
+    upstream.router.add_get("/{tail:.*}", app)
+    browser, other = await signed_in(make_browser, served), await signed_in(make_browser, served)
+    url = served.preview("ws1", 3005, "/held")  # nothing listens there yet
+    for who in (browser, other):
+        assert (await who.navigate(url)).status == 502  # signed in on the preview
+    await served.gateway.runtime.stop("ws1")
+    held = [asyncio.create_task(who.fetch("GET", url, headers={"Accept": "*/*"})) for who in (browser, other)]
+    async with asyncio.timeout(10):
+        while served.gateway.metrics.registry.get_sample_value("codehub_held_requests") != 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # (a gauge: nothing to wait on)
+    caplog.clear()
+    assert (await api(browser, "POST", "/auth/logout")).status == 303
+    await make_upstream(upstream, served.config.local.workspaces["ws1"].address or "", 3005)
+
+    refused, let_in = await asyncio.gather(*held)
+    assert (refused.status, refused.location) == ((again := await browser.fetch(
+        "GET", url, headers={"Accept": "*/*"})).status, again.location)
+    assert refused.status in (302, 401)
+    assert (let_in.status, let_in.text) == (200, "app")
+    assert reached == ["/held"]
+    logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "codehub.access"]
+    assert sorted((line["status"], line["user"]) for line in logged if line["path"] == "/held") == [
+        (200, "alice"), (refused.status, None), (refused.status, None)]  # the held two, and the one sent after
 
 
 async def open_stream(browser: Browser, url: str, stack: contextlib.AsyncExitStack, *,
