@@ -31,6 +31,8 @@ ALLOWED_ALGORITHMS = {
     "ES256": "EC", "ES384": "EC", "ES512": "EC", "EdDSA": "OKP",
 }
 _METADATA_TTL = 3600.0
+_STEPS = ("authorization_endpoint", "token_endpoint", "jwks_uri")
+"""The discovery document's addresses a sign-in goes through: without a web address for each, none can succeed."""
 _TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
@@ -58,6 +60,17 @@ class Pkce:
         return cls(verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode())
 
 
+def _web_address(value: object) -> bool:
+    """Whether the IdP's ``value`` is an absolute http(s) address: what a browser is sent to, or the gateway calls."""
+    if not isinstance(value, str):
+        return False
+    try:
+        url = URL(value)
+    except ValueError:
+        return False
+    return url.scheme in ("http", "https") and bool(url.host)
+
+
 class OidcClient:
     def __init__(self, settings: Oidc, session: aiohttp.ClientSession) -> None:
         self.settings = settings
@@ -71,19 +84,30 @@ class OidcClient:
             async with self._session.get(url, timeout=_TIMEOUT) as response:
                 if response.status != 200:
                     raise IdpUnavailable(f"The sign-in service answered {response.status} for its {what}.")
-                data: dict[str, Any] = await response.json(content_type=None)
-                return data
+                data: Any = await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.warning("IdP %s unreachable: %s", what, exc)
             raise IdpUnavailable(
                 "The sign-in service cannot be reached right now. Public previews keep working; try again shortly."
             ) from None
+        if not isinstance(data, dict):
+            log.warning("IdP %s at %s is not a JSON object", what, log_text(url))
+            raise IdpUnavailable(f"The sign-in service's {what} is not readable.")
+        return data
 
     async def metadata(self, *, refresh: bool = False) -> dict[str, Any]:
         if refresh or self._metadata is None or time.monotonic() - self._metadata_at > _METADATA_TTL:
             data = await self._get_json(f"{self.settings.issuer}/.well-known/openid-configuration", "discovery")
-            if data.get("issuer", "").rstrip("/") != self.settings.issuer:
+            issuer = data.get("issuer")
+            if not isinstance(issuer, str) or issuer.rstrip("/") != self.settings.issuer:
                 raise IdpUnavailable("The sign-in service's discovery document names another issuer.")
+            unusable = [name for name in _STEPS if not _web_address(data.get(name))]
+            if unusable:
+                log.warning("IdP discovery has no http(s) address for %s", ", ".join(unusable))
+                raise IdpUnavailable(f"The sign-in service's discovery document gives no address for {unusable[0]}.")
+            if "end_session_endpoint" in data and not _web_address(data["end_session_endpoint"]):
+                log.warning("IdP discovery's end_session_endpoint is no http(s) address: not followed")
+                del data["end_session_endpoint"]
             self._metadata, self._metadata_at = data, time.monotonic()
         return self._metadata
 
@@ -144,7 +168,10 @@ class OidcClient:
         if force or not self._jwks:
             metadata = await self.metadata()
             data = await self._get_json(metadata["jwks_uri"], "signing keys")
-            self._jwks = {str(key.get("kid")): key for key in data.get("keys", [])}
+            keys = data.get("keys")
+            if not isinstance(keys, list):
+                raise IdpUnavailable("The sign-in service publishes no list of signing keys.")
+            self._jwks = {str(key.get("kid")): key for key in keys if isinstance(key, dict)}
         if kid is None and len(self._jwks) == 1:
             return next(iter(self._jwks.values()))
         return self._jwks.get(str(kid))
@@ -163,11 +190,15 @@ class OidcClient:
             raise SignInFailed("The ID token is signed with a key the sign-in service does not publish.")
         try:
             key = jwt.PyJWK(jwk, algorithm=algorithm).key
+        except jwt.PyJWTError as exc:
+            log.warning("IdP signing key %s cannot be read: %s", log_text(str(kid)), exc)
+            raise IdpUnavailable("The sign-in service publishes a signing key that cannot be read.") from None
+        try:
             claims: dict[str, Any] = jwt.decode(
                 token, key, algorithms=[algorithm], audience=self.settings.client_id, issuer=self.settings.issuer,
                 leeway=30, options={"require": ["exp", "iat", "iss", "aud", "sub"]},
             )
-        except (jwt.InvalidTokenError, jwt.PyJWKError) as exc:
+        except jwt.InvalidTokenError as exc:
             raise SignInFailed(f"The ID token did not verify: {exc}.") from None
         if not same_secret(str(claims.get("nonce", "")), nonce):
             raise SignInFailed("The ID token's nonce does not match this sign-in.")

@@ -488,6 +488,88 @@ async def test_an_idp_that_publishes_no_end_session_endpoint_is_not_visited_on_s
         assert await client.end_session_url(post_logout_redirect_uri="http://localhost:8080/") is None
 
 
+async def hostile_idp(aiohttp_server: Any, discovery: Any, jwks: Any = None) -> str:
+    """An issuer on loopback whose discovery document (``{origin}`` replaced by its own origin) and JWKS are the
+    test's: what oidc-provider cannot be made to publish."""
+    def filled(value: Any, origin: str) -> Any:
+        return json.loads(json.dumps(value).replace("{origin}", origin))
+
+    async def answer(request: web.Request) -> web.Response:
+        document = discovery if request.path.endswith("/openid-configuration") else jwks
+        return web.json_response(filled(document, str(request.url.origin())))
+
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", answer)
+    app.router.add_get("/jwks", answer)
+    return str((await aiohttp_server(app)).make_url("")).rstrip("/")
+
+
+ENDPOINTS = {"issuer": "{origin}", "authorization_endpoint": "{origin}/authorize", "token_endpoint": "{origin}/token",
+             "jwks_uri": "{origin}/jwks", "end_session_endpoint": "{origin}/logout"}
+
+
+@pytest.mark.parametrize("discovery", [
+    [ENDPOINTS], "discovery", None,  # not an object
+    {**ENDPOINTS, "issuer": 42},
+    *({key: value for key, value in ENDPOINTS.items() if key != missing} for missing in ENDPOINTS
+      if missing != "end_session_endpoint"),  # (optional: tested below)
+    *({**ENDPOINTS, name: bad} for name in ("authorization_endpoint", "token_endpoint", "jwks_uri")
+      for bad in (42, ["{origin}/x"], "javascript:alert(1)", "javascript://idp.test/%0aalert(1)", "/authorize", "data:,x",
+                  "ftp://idp.test/x", "http://", "http://[::1")),
+])
+async def test_a_discovery_document_that_is_not_usable_is_an_unavailable_idp(aiohttp_server: Any,
+                                                                            discovery: Any) -> None:
+    """Whatever answers at the issuer's address is read as a document from outside: one without a usable
+    (http or https) address for each step of a sign-in makes each step a clear 502 page, never a traceback, and a
+    sign-out that ends at the gateway."""
+    issuer = await hostile_idp(aiohttp_server, discovery)
+    async with aiohttp.ClientSession() as http:
+        client = OidcClient(Oidc(issuer=issuer, client_id="c", client_secret="s"), http)
+        for step in (client.authorize_url(redirect_uri="http://localhost:8080/auth/callback", state="st", nonce="n",
+                                          pkce=Pkce.new()),
+                     client.exchange(code="c", redirect_uri="http://localhost:8080/auth/callback", verifier="v" * 43),
+                     client.verify_id_token(unsigned_token({"alg": "RS256", "kid": "k"}, {}) + ".c2ln", "n")):
+            with pytest.raises(IdpUnavailable):
+                await step
+        assert await client.end_session_url(post_logout_redirect_uri="http://localhost:8080/") is None
+
+
+@pytest.mark.parametrize("end_session", ["javascript:alert(1)", "javascript://idp.test/%0aalert(1)",
+                                         "data:text/html,x", "/logout", "http://", 42])
+async def test_an_end_session_endpoint_that_is_no_web_address_is_not_followed(aiohttp_server: Any,
+                                                                              end_session: Any) -> None:
+    """Only an http(s) address goes into the ``Location`` of a sign-out; the rest of the IdP stays usable."""
+    issuer = await hostile_idp(aiohttp_server, {**ENDPOINTS, "end_session_endpoint": end_session})
+    async with aiohttp.ClientSession() as http:
+        client = OidcClient(Oidc(issuer=issuer, client_id="c", client_secret="s"), http)
+        assert await client.end_session_url(post_logout_redirect_uri="http://localhost:8080/") is None
+        sent_to = await client.authorize_url(redirect_uri="http://localhost:8080/auth/callback", state="st",
+                                             nonce="n", pkce=Pkce.new())
+        assert sent_to.startswith(f"{issuer}/authorize?")
+
+
+@pytest.mark.parametrize(("jwks", "alg"), [
+    ([1], "RS256"), ({"keys": "ab"}, "RS256"), ({"keys": [1, "k"]}, "RS256"), (None, "RS256"),
+    ({"keys": [{"kty": "RSA", "kid": "k"}]}, "RS256"),
+    ({"keys": [{"kty": "RSA", "kid": "k", "n": 1, "e": 2}]}, "RS256"),
+    ({"keys": [{"kty": "RSA", "kid": "k", "n": "AQAB", "e": "AQAB"}]}, "RS256"),
+    ({"keys": [{"kty": "EC", "kid": "k", "crv": "P-999", "x": "AA", "y": "AA"}]}, "ES256"),
+    ({"keys": [{"kty": "EC", "kid": "k", "crv": "P-256", "x": 5, "y": "AA"}]}, "ES256"),
+    ({"keys": [{"kty": "OKP", "kid": "k", "crv": "Ed25519", "x": "AA"}]}, "EdDSA"),
+])
+async def test_signing_keys_that_cannot_be_read_fail_the_sign_in_with_a_page(aiohttp_server: Any, jwks: Any,
+                                                                             alg: str) -> None:
+    """A JWKS that is no list of keys, or a key of the token's ``kid`` that cannot be made into one: the sign-in
+    fails with the gateway's page (502: the IdP's fault), not a traceback. What is not a key in the list is not
+    one: a token naming it names a key the IdP does not publish (401)."""
+    issuer = await hostile_idp(aiohttp_server, ENDPOINTS, jwks)
+    async with aiohttp.ClientSession() as http:
+        client = OidcClient(Oidc(issuer=issuer, client_id="c", client_secret="s"), http)
+        with pytest.raises((IdpUnavailable, SignInFailed)) as refused:
+            await client.verify_id_token(unsigned_token({"alg": alg, "kid": "k"}, {"sub": "alice"}) + ".c2ln", "n")
+        assert refused.type is (SignInFailed if jwks == {"keys": [1, "k"]} else IdpUnavailable)  # (no key "k")
+
+
 async def test_every_listed_asymmetric_algorithm_verifies_with_a_key_of_its_own_type(idp: IdP) -> None:
     """An IdP may sign with any algorithm of the list; each is taken only from a published key of its type."""
     curves = {"ES256": ec.SECP256R1(), "ES384": ec.SECP384R1(), "ES512": ec.SECP521R1()}
@@ -591,7 +673,8 @@ async def test_a_token_reply_that_carries_no_id_token_is_a_refused_sign_in(
     made to answer so, so a hostile one on loopback does."""
     async def discovery(request: web.Request) -> web.Response:
         origin = str(request.url.origin())
-        return web.json_response({"issuer": origin, "token_endpoint": f"{origin}/token"})
+        return web.json_response({"issuer": origin, "authorization_endpoint": f"{origin}/authorize",
+                                  "token_endpoint": f"{origin}/token", "jwks_uri": f"{origin}/jwks"})
 
     async def token(request: web.Request) -> web.Response:
         return web.Response(status=status, text=body, content_type="application/json")
