@@ -58,7 +58,8 @@ async def run_wrk(target: Target, script: Path, connections: int, duration: floa
     url = f"http://{target.address[0]}:{target.address[1]}/"
     cpu_before = cpu_seconds(pids) if pids else None
     process = await asyncio.create_subprocess_exec(
-        "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration:g}s", "--timeout", f"{request_timeout:g}s",
+        "wrk", "-t", str(min(threads, connections)), "-c", str(connections), "-d", f"{duration:g}s",  # wrk needs c ≥ t
+        "--timeout", f"{request_timeout:g}s",
         "--latency", "-s", str(script), url,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
