@@ -86,7 +86,7 @@ class OidcClient:
                     raise IdpUnavailable(f"The sign-in service answered {response.status} for its {what}.")
                 data: Any = await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            log.warning("IdP %s unreachable: %s", what, exc)
+            log.warning("IdP %s unreachable: %s", what, log_text(str(exc)))
             raise IdpUnavailable(
                 "The sign-in service cannot be reached right now. Public previews keep working; try again shortly."
             ) from None
@@ -155,7 +155,7 @@ class OidcClient:
                 answer: Any = await response.json(content_type=None)
                 status = response.status
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            log.warning("IdP token endpoint unreachable: %s", exc)
+            log.warning("IdP token endpoint unreachable: %s", log_text(str(exc)))
             raise IdpUnavailable("The sign-in service cannot be reached right now; try again shortly.") from None
         body: dict[str, Any] = answer if isinstance(answer, dict) else {}  # a reply's shape is the IdP's to get wrong
         if status != 200 or not isinstance(body.get("id_token"), str) or not body["id_token"]:
@@ -191,7 +191,7 @@ class OidcClient:
         try:
             key = jwt.PyJWK(jwk, algorithm=algorithm).key
         except jwt.PyJWTError as exc:
-            log.warning("IdP signing key %s cannot be read: %s", log_text(str(kid)), exc)
+            log.warning("IdP signing key %s cannot be read: %s", log_text(str(kid)), log_text(str(exc)))
             raise IdpUnavailable("The sign-in service publishes a signing key that cannot be read.") from None
         try:
             claims: dict[str, Any] = jwt.decode(

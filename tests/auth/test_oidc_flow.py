@@ -514,8 +514,8 @@ ENDPOINTS = {"issuer": "{origin}", "authorization_endpoint": "{origin}/authorize
     *({key: value for key, value in ENDPOINTS.items() if key != missing} for missing in ENDPOINTS
       if missing != "end_session_endpoint"),  # (optional: tested below)
     *({**ENDPOINTS, name: bad} for name in ("authorization_endpoint", "token_endpoint", "jwks_uri")
-      for bad in (42, ["{origin}/x"], "javascript:alert(1)", "javascript://idp.test/%0aalert(1)", "/authorize", "data:,x",
-                  "ftp://idp.test/x", "http://", "http://[::1")),
+      for bad in (42, ["{origin}/x"], "javascript:alert(1)", "javascript://idp.test/%0aalert(1)", "/authorize",
+                  "data:,x", "ftp://idp.test/x", "http://", "http://[::1")),
 ])
 async def test_a_discovery_document_that_is_not_usable_is_an_unavailable_idp(aiohttp_server: Any,
                                                                             discovery: Any) -> None:
@@ -568,6 +568,23 @@ async def test_signing_keys_that_cannot_be_read_fail_the_sign_in_with_a_page(aio
         with pytest.raises((IdpUnavailable, SignInFailed)) as refused:
             await client.verify_id_token(unsigned_token({"alg": alg, "kid": "k"}, {"sub": "alice"}) + ".c2ln", "n")
         assert refused.type is (SignInFailed if jwks == {"keys": [1, "k"]} else IdpUnavailable)  # (no key "k")
+
+
+async def test_what_an_idp_sends_reaches_the_log_on_one_line(aiohttp_server: Any,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A key's id and curve in a warning are the IdP's words, escaped: none can write a line that looks like the
+    gateway's own."""
+    issuer = await hostile_idp(aiohttp_server, ENDPOINTS,
+                               {"keys": [{"kty": "EC", "kid": "k\nkid", "crv": "P-1\nFAKE: signed in as admin",
+                                          "x": "AA", "y": "AA"}]})
+    async with aiohttp.ClientSession() as http:
+        client = OidcClient(Oidc(issuer=issuer, client_id="c", client_secret="s"), http)
+        with pytest.raises(IdpUnavailable):
+            await client.verify_id_token(unsigned_token({"alg": "ES256", "kid": "k\nkid"}, {}) + ".c2ln", "n")
+    warnings = [record.getMessage() for record in caplog.records if record.name == oidc.log.name]
+    assert len(warnings) == 1, warnings
+    assert "FAKE" in warnings[0]
+    assert "\n" not in warnings[0]
 
 
 async def test_every_listed_asymmetric_algorithm_verifies_with_a_key_of_its_own_type(idp: IdP) -> None:
