@@ -541,6 +541,20 @@ async def test_cookie_api_calls_from_elsewhere_are_refused(served: Served, make_
     assert not served.gateway.auth.store.api_tokens
 
 
+@pytest.mark.parametrize("headers", [{"Origin": HUB}, {"Origin": HUB + "/"}, {"Sec-Fetch-Site": "same-origin"}],
+                         ids=["origin", "origin-slash", "same-origin-without-origin"])
+async def test_cookie_calls_from_the_hubs_own_pages_are_taken(served: Served, make_browser: MakeBrowser,
+                                                              headers: dict[str, str]) -> None:
+    """The other side of the refusal above: the hub's own pages are known by their Origin, or, where a browser sent
+    none, by its Sec-Fetch-Site saying same-origin (never same-site: every preview is on the hub's site)."""
+    browser = await signed_in(make_browser, served)
+    made = await api(browser, "POST", "/api/v1/tokens", {"name": "x"}, origin=None, headers=headers)
+    assert made.status == 201, made.text
+    out = await api(browser, "POST", "/auth/logout", origin=None, headers=headers)
+    assert (out.status, out.location) == (303, HUB + "/"), out.text
+    assert (await api(browser, "GET", "/api/v1/me")).status == 401
+
+
 async def test_bearer_api_calls_need_no_origin(served: Served, make_browser: MakeBrowser) -> None:
     owner = await signed_in(make_browser, served)
     token = (await api(owner, "POST", "/api/v1/tokens", {"name": "ci"})).json()["token"]
