@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import html
 import json
 import os
 import re
@@ -1011,3 +1012,21 @@ async def test_dev_sign_in_is_off_in_oidc_mode(serve: Serve, make_browser: MakeB
     assert page.status == 403
     assert page.json()["error"]["code"] == "dev-sign-in-off"
     assert not browser.jar
+    form = await browser.fetch("GET", HUB + "/auth/dev?next=/tokens", headers={"Accept": "text/html"})
+    assert (form.status, form.location) == (302, HUB + "/auth/login?next=/tokens"), "the SSO's sign-in instead"
+
+
+@pytest.mark.parametrize(("asked", "kept"), [
+    ("/tokens?x=1", "/tokens?x=1"), ("//evil.test", "/evil.test"), ("https://evil.test", "/"), (None, "/")])
+async def test_the_dev_sign_in_form_keeps_where_the_visitor_was_going(served: Served, make_browser: MakeBrowser,
+                                                                     asked: str | None, kept: str) -> None:
+    """The form's ``next`` is where the sign-in lands: a local path of the hub's, never another site."""
+    browser = await make_browser(served)
+    query = f"?next={quote(asked, safe='')}" if asked is not None else ""
+    form = await browser.fetch("GET", HUB + "/auth/dev" + query, headers={"Accept": "text/html"})
+    assert form.status == 200, form.text
+    assert f'<input type="hidden" name="next" value="{html.escape(kept)}">' in form.text
+    assert "Signed in as" not in form.text
+    assert (await browser.dev_sign_in(served.hub, "alice")).status == 303
+    again = await browser.fetch("GET", HUB + "/auth/dev", headers={"Accept": "text/html"})
+    assert "Signed in as <strong>alice</strong>" in again.text
