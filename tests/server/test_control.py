@@ -124,9 +124,12 @@ async def a_worker_of(tmp_path: Path, lost: asyncio.Event | None = None
 
 async def test_a_worker_changes_a_workspace_through_the_parent_and_sees_what_it_made(tmp_path: Path) -> None:
     """The hub's changes to a port (visibility, label, identity, HTTPS) and to collaborators, made in a worker, are
-    made by the parent's runtime, each only as asked: what is not named in an update stays as it was."""
+    made by the parent's runtime, each only as asked (what is not named in an update stays as it was), and reach
+    every other worker."""
     async with a_worker_of(tmp_path) as (server, remote, _):
         assert [state.spec.id for state in remote.list()] == ["ws"], "every state before synced"
+        other = RemoteRuntime(tmp_path / "control.sock")
+        await other.start()
         changed = await remote.update("ws", ports={3000: "public", 3001: "org"}, collaborators=("bob", "carol"),
                                       identity_ports=frozenset({3000}), https_ports=frozenset({3001}),
                                       labels={3000: "web"})
@@ -135,6 +138,12 @@ async def test_a_worker_changes_a_workspace_through_the_parent_and_sees_what_it_
         for spec in (changed.spec, made.spec):
             assert (dict(spec.ports), spec.collaborators, spec.identity_ports, spec.https_ports, dict(spec.labels)) == (
                 {3000: "public", 3001: "org"}, ("bob", "carol"), frozenset({3000}), frozenset({3001}), {3000: "web"})
+        try:
+            async with asyncio.timeout(10):  # the other worker too, though the phase did not change
+                while (seen := other.get("ws")) is None or dict(seen.spec.labels) != {3000: "web"}:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+        finally:
+            await other.close()
         relabelled = await remote.update("ws", labels={3001: "api"})
         assert (dict(relabelled.spec.ports), relabelled.spec.collaborators, relabelled.spec.identity_ports,
                 relabelled.spec.https_ports, dict(relabelled.spec.labels)) == (
