@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import segno
 from multidict import CIMultiDict
 
 from gateway.auth.store import Consent, FileTokenStore
@@ -804,6 +805,8 @@ async def test_a_qr_code_is_of_the_url_asked_and_kept_only_by_the_browser(served
     page = await alice.fetch("GET", f"{HUB}/qr.svg?url={quote(url, safe='')}", headers={"Accept": "image/*"})
     assert page.status == 200
     assert page.headers["Cache-Control"] == "private, max-age=3600"
+    width, height = segno.make(url, error="m").symbol_size(scale=4, border=2)  # what a phone's camera reads well
+    assert f'width="{width}" height="{height}"' in page.text
     other = await alice.fetch("GET", f"{HUB}/qr.svg?url={quote(url + 'y', safe='')}", headers={"Accept": "image/*"})
     assert other.text != page.text, "a code of the URL asked for"
     longest = url + "/" + "a" * (1000 - len(url) - 1)

@@ -109,6 +109,7 @@ async def test_hub_answers_made_for_a_person_are_never_stored_by_a_cache(served:
     home = await browser.navigate(HUB + "/")
     script = re.search(r'src="(/static/[^"]+)"', home.text)
     assert script is not None, home.text
+    assert "?v=" in script.group(1), "versioned: the next release's file is fetched anew, not taken from a cache"
     static = await browser.fetch("GET", HUB + script.group(1))
     assert static.status == 200
     assert "no-store" not in static.headers.get("Cache-Control", "")
