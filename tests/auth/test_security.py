@@ -1031,3 +1031,37 @@ async def test_the_dev_sign_in_form_keeps_where_the_visitor_was_going(served: Se
     assert (await browser.dev_sign_in(served.hub, "alice")).status == 303
     again = await browser.fetch("GET", HUB + "/auth/dev", headers={"Accept": "text/html"})
     assert "Signed in as <strong>alice</strong>" in again.text
+
+
+@pytest.mark.parametrize(("form", "code"), [
+    ({"user": ""}, "bad-user-name"),
+    ({"user": "   "}, "bad-user-name"),
+    ({"user": "al ice"}, "bad-user-name"),
+    ({"user": "x" * 65}, "bad-user-name"),
+    ({"user": "al\x01ice"}, "bad-identity"),  # not a space, yet no header may carry it
+    ({"user": "alice", "email": "alice@x.test\x7f"}, "bad-identity"),
+    ({"user": "alice", "groups": "dev,q\x00a"}, "bad-identity"),
+])
+async def test_dev_sign_in_refuses_names_no_header_could_carry(served: Served, make_browser: MakeBrowser,
+                                                               form: dict[str, str], code: str) -> None:
+    """The dev form is a sign-in like the SSO's: what it would make an identity of is checked the same way, and a
+    refused one signs nobody in."""
+    browser = await make_browser(served)
+    page = await browser.fetch("POST", HUB + "/auth/dev", headers={"Origin": HUB, "Accept": "application/json"},
+                               data={"next": "/", **form})
+    assert page.status == 400, page.text
+    assert page.json()["error"]["code"] == code
+    assert not browser.jar
+    longest = await browser.fetch("POST", HUB + "/auth/dev", headers={"Origin": HUB}, data={"user": "x" * 64})
+    assert longest.status == 303
+
+
+async def test_signing_out_without_a_sign_in_just_lands_on_the_hub(served: Served, make_browser: MakeBrowser) -> None:
+    """A second click on Sign out (another tab did it already), or a browser whose cookie expired: nothing to end,
+    and no error page either."""
+    browser = await make_browser(served)
+    page = await api(browser, "POST", "/auth/logout")
+    assert (page.status, page.location) == (303, HUB + "/"), page.text
+    (expired,) = page.set_cookies
+    assert expired.startswith("codehub_session=;")
+    assert attributes(expired)["max-age"] == "0"
