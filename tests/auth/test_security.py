@@ -1065,3 +1065,26 @@ async def test_signing_out_without_a_sign_in_just_lands_on_the_hub(served: Serve
     (expired,) = page.set_cookies
     assert expired.startswith("codehub_session=;")
     assert attributes(expired)["max-age"] == "0"
+
+
+async def test_the_sign_in_popup_hands_its_code_to_the_framed_preview_and_leaks_it_nowhere(
+        served: Served, make_browser: MakeBrowser) -> None:
+    """The popup lands on the preview's own origin with a one-minute code in its URL: the page passes it on to the
+    frame that opened it (or to the callback), with a local ``next``, and is neither cached nor a Referer's source."""
+    browser = await signed_in(make_browser, served)
+    preview = served.preview("ws1", 3000, "/p")
+    framed = await browser.fetch("GET", preview, headers={"Accept": "text/html", "Sec-Fetch-Mode": "navigate",
+                                                          "Sec-Fetch-Dest": "iframe"})
+    handoff = json.loads(framed.text.split("const handoff = ", 1)[1].split(";", 1)[0])
+    sent = await browser.fetch("GET", handoff)
+    assert sent.status == 302, sent.text
+    landing = URL(sent.location or "")
+    assert (landing.host, landing.path, landing.query["next"]) == ("3000-ws1.localhost", "/_codehub/auth/popup", "/p")
+    popup = await browser.fetch("GET", str(landing), headers={"Accept": "text/html"})
+    assert popup.status == 200, popup.text
+    assert popup.headers["Cache-Control"] == "no-store"
+    assert popup.headers["Referrer-Policy"] == "no-referrer"
+    assert f'code: {json.dumps(landing.query["code"])}, next: "/p"' in popup.text
+    forged = await browser.fetch("GET", served.preview("ws1", 3000, "/_codehub/auth/popup?code=x&next=https://evil.test"),
+                                 headers={"Accept": "text/html"})
+    assert 'next: "/"' in forged.text
