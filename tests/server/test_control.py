@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -148,6 +148,9 @@ async def test_a_worker_changes_a_workspace_through_the_parent_and_sees_what_it_
         assert (dict(relabelled.spec.ports), relabelled.spec.collaborators, relabelled.spec.identity_ports,
                 relabelled.spec.https_ports, dict(relabelled.spec.labels)) == (
             {3000: "public", 3001: "org"}, ("bob", "carol"), frozenset({3000}), frozenset({3001}), {3001: "api"})
+        shared = await remote.update("ws", collaborators=())
+        assert (dict(shared.spec.ports), shared.spec.collaborators, dict(shared.spec.labels)) == (
+            {3000: "public", 3001: "org"}, (), {3001: "api"})
 
 
 async def test_a_worker_hears_of_every_change_the_parent_sees(tmp_path: Path) -> None:
@@ -187,3 +190,45 @@ async def test_a_worker_learns_when_the_parent_shuts_down(tmp_path: Path) -> Non
         await runner.shutdown()
         async with asyncio.timeout(10):
             await lost.wait()
+
+
+async def test_a_workspace_stays_waking_until_the_last_of_its_wakes_ends(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers may ask for the same wake at once, and a workspace may be woken again later: the reaper leaves
+    it alone for as long as any wake asked for it is still going, each time."""
+    config = settings(tmp_path, {"ws": workspace(next_address())})
+    runtime = make_runtime(config)
+    await runtime.start()
+    server = ControlServer(runtime, Activity())
+    releases: list[asyncio.Event] = []
+    real_wake = runtime.wake
+
+    async def held_wake(name: str) -> WorkspaceState:
+        release = asyncio.Event()
+        releases.append(release)
+        await release.wait()
+        return await real_wake(name)
+
+    async def until(condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not condition():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
+    monkeypatch.setattr(runtime, "wake", held_wake)
+    async with TestClient(TestServer(server.app())) as client:
+        try:
+            for _ in range(2):  # a second time, after the first has ended
+                wakes = {asyncio.ensure_future(client.post("/workspaces/ws/wake")) for _ in range(2)}
+                await until(lambda: len(releases) == 2)
+                assert server.waking("ws")
+                releases.pop(0).set()
+                (ended,), wakes = await asyncio.wait(wakes, return_when=asyncio.FIRST_COMPLETED)
+                assert (await ended).status == 200
+                assert server.waking("ws"), "the other wake is still going"
+                releases.pop(0).set()
+                assert (await wakes.pop()).status == 200
+                assert not server.waking("ws")
+        finally:
+            for release in releases:
+                release.set()
+            await runtime.close()
