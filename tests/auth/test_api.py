@@ -824,3 +824,25 @@ async def test_the_hub_snapshot_is_the_callers_own_and_never_cached(served: Serv
     assert [ws["id"] for ws in page.json()["workspaces"]] == ["ws1", "ws2"]
     anonymous = await make_browser(served)
     assert_error(await call(anonymous, "GET", "/api/v1/hub/snapshot"), 401, "user-unauthenticated")
+
+
+async def test_a_quiet_feed_says_it_is_still_there(served: Served, make_browser: MakeBrowser,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proxies in front of the hub close a stream that is silent for long: with nothing new to show, the feed sends
+    a comment line every ``KEEPALIVE`` seconds (shortened here), which EventSource ignores; a change is still a
+    snapshot."""
+    monkeypatch.setattr(hub, "KEEPALIVE", 0.2)
+    alice = await user(make_browser, served, "alice")
+    cookie = "; ".join(f"{k}={v}" for k, v in alice.cookies_for(HUB.split("//")[1].split(":")[0]).items())
+    headers = {"Host": HUB.split("//")[1], "Cookie": cookie, "Accept": "text/event-stream"}
+    async with alice.http.get(alice.gateway + "/api/v1/hub/events", headers=headers) as feed:
+        assert feed.headers["Cache-Control"] == "no-store"
+        assert feed.headers["X-Accel-Buffering"] == "no"
+        assert (await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)).startswith(b"event: snapshot")
+        for _ in range(2):
+            assert await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10) == b": still here\n\n"
+        made = await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000})
+        while (event := await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)) == b": still here\n\n":
+            pass
+        assert event.startswith(b"event: snapshot")
+        assert made.json()["id"].encode() in event
