@@ -1088,3 +1088,31 @@ async def test_the_sign_in_popup_hands_its_code_to_the_framed_preview_and_leaks_
     forged = await browser.fetch("GET", served.preview("ws1", 3000, "/_codehub/auth/popup?code=x&next=https://evil.test"),
                                  headers={"Accept": "text/html"})
     assert 'next: "/"' in forged.text
+
+
+async def test_a_handoff_code_replayed_with_its_state_cookie_is_refused(served: Served,
+                                                                        make_browser: MakeBrowser) -> None:
+    """The state cookie binds a code to a browser, and the token store makes it good once: a copy of the browser
+    taken before the code was used (its state cookie and the code's URL) gets no second session."""
+    browser = await signed_in(make_browser, served)
+    app = served.preview("ws1", 3000, "/p")
+    callback = await browser.navigate_until(app, lambda url: "/_codehub/auth/callback" in url)
+    state = browser.cookie(app, "codehub_handoff")
+    assert state
+    assert (await browser.fetch("GET", callback)).status == 303
+    copy = await make_browser(served)
+    copy.add_cookie(app, "codehub_handoff", state)
+    replay = await copy.fetch("GET", callback, headers={"Accept": "application/json"})
+    assert replay.status == 400, replay.text
+    assert replay.json()["error"]["code"] == "handoff-replayed"
+    assert copy.cookie(app, "codehub_session") is None
+
+
+@pytest.mark.parametrize(("form", "email"), [({"user": "bob"}, "bob@example.com"),
+                                             ({"user": "bob@corp.test"}, "bob@corp.test"),
+                                             ({"user": "bob", "email": " b@x.test "}, "b@x.test")])
+async def test_the_dev_sign_in_makes_an_email_address_for_a_user_name(served: Served, make_browser: MakeBrowser,
+                                                                      form: dict[str, str], email: str) -> None:
+    browser = await make_browser(served)
+    assert (await browser.fetch("POST", HUB + "/auth/dev", headers={"Origin": HUB}, data=form)).status == 303
+    assert (await api(browser, "GET", "/api/v1/me")).json()["email"] == email
