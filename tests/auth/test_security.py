@@ -1099,7 +1099,10 @@ async def test_a_handoff_code_replayed_with_its_state_cookie_is_refused(served: 
     callback = await browser.navigate_until(app, lambda url: "/_codehub/auth/callback" in url)
     state = browser.cookie(app, "codehub_handoff")
     assert state
-    assert (await browser.fetch("GET", callback)).status == 303
+    used = await browser.fetch("GET", callback)
+    assert used.status == 303
+    (ended,) = [cookie for cookie in used.set_cookies if cookie.startswith("codehub_handoff=")]
+    assert attributes(ended)["max-age"] == "0", "the state cookie goes with the code it bound"
     copy = await make_browser(served)
     copy.add_cookie(app, "codehub_handoff", state)
     replay = await copy.fetch("GET", callback, headers={"Accept": "application/json"})
