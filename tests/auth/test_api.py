@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
+import segno
 from multidict import CIMultiDict
 
 from gateway.auth.store import Consent, FileTokenStore
@@ -771,3 +773,76 @@ async def test_two_authorization_headers_are_refused(served: Served, make_browse
                                ("Authorization", second)])
         assert_error(await script.fetch("GET", HUB + "/api/v1/me", headers=headers), 400, "bad-authorization")
     assert (await call(script, "GET", "/api/v1/me", token=token)).status == 200
+
+
+async def test_the_tokens_page_lists_only_the_signed_in_persons_tokens_newest_first(
+        served: Served, make_browser: MakeBrowser) -> None:
+    """Token names and ids are the holder's own business: the page lists the signed-in person's tokens alone, and
+    nothing for someone signed out but the way to sign in."""
+    alice, bob = await user(make_browser, served, "alice"), await user(make_browser, served, "bob")
+    older = (await call(alice, "POST", "/api/v1/tokens", {"name": "alice-old"})).json()
+    mine = (await call(alice, "POST", "/api/v1/tokens", {"name": "alice-new"})).json()
+    theirs = (await call(bob, "POST", "/api/v1/tokens", {"name": "bob-ci"})).json()
+    served.gateway.auth.store.api_tokens[older["id"]].created -= 60  # made a minute before
+    page = await alice.navigate(HUB + "/tokens")
+    assert page.status == 200
+    assert re.findall(r'<tr data-token="([^"]+)">', page.text) == [mine["id"], older["id"]]
+    assert "bob-ci" not in page.text
+    assert theirs["id"] not in page.text
+    assert "CODEHUB_URL=http://localhost:8080 " in page.text
+    signed_out = await (await make_browser(served)).navigate(HUB + "/tokens")
+    assert signed_out.status == 200
+    assert 'href="/auth/login?next=/tokens"' in signed_out.text
+    assert "data-token" not in signed_out.text
+
+
+async def test_a_qr_code_is_of_the_url_asked_and_kept_only_by_the_browser(served: Served,
+                                                                           make_browser: MakeBrowser) -> None:
+    """Share URLs can carry a share token: the code's SVG may be cached by the browser that asked, never by a shared
+    cache; an IDE URL, or one longer than a phone's camera reads well, is no share URL to encode."""
+    alice = await user(make_browser, served, "alice")
+    url = "http://3000-ws1.localhost:8080/x"
+    page = await alice.fetch("GET", f"{HUB}/qr.svg?url={quote(url, safe='')}", headers={"Accept": "image/*"})
+    assert page.status == 200
+    assert page.headers["Cache-Control"] == "private, max-age=3600"
+    width, height = segno.make(url, error="m").symbol_size(scale=4, border=2)  # what a phone's camera reads well
+    assert f'width="{width}" height="{height}"' in page.text
+    other = await alice.fetch("GET", f"{HUB}/qr.svg?url={quote(url + 'y', safe='')}", headers={"Accept": "image/*"})
+    assert other.text != page.text, "a code of the URL asked for"
+    longest = url + "/" + "a" * (1000 - len(url) - 1)
+    assert (await alice.fetch("GET", f"{HUB}/qr.svg?url={quote(longest, safe='')}")).status == 200
+    for refused in (longest + "a", "http://ide-ws1.localhost:8080/"):
+        assert_error(await alice.fetch("GET", f"{HUB}/qr.svg?url={quote(refused, safe='')}",
+                                       headers={"Accept": "application/json"}), 400, "bad-qr-url")
+
+
+async def test_the_hub_snapshot_is_the_callers_own_and_never_cached(served: Served, make_browser: MakeBrowser) -> None:
+    bob = await user(make_browser, served, "bob", "qa")
+    page = await call(bob, "GET", "/api/v1/hub/snapshot")
+    assert page.status == 200
+    assert page.headers["Cache-Control"] == "no-store"
+    assert [ws["id"] for ws in page.json()["workspaces"]] == ["ws1", "ws2"]
+    anonymous = await make_browser(served)
+    assert_error(await call(anonymous, "GET", "/api/v1/hub/snapshot"), 401, "user-unauthenticated")
+
+
+async def test_a_quiet_feed_says_it_is_still_there(served: Served, make_browser: MakeBrowser,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proxies in front of the hub close a stream that is silent for long: with nothing new to show, the feed sends
+    a comment line every ``KEEPALIVE`` seconds (shortened here), which EventSource ignores; a change is still a
+    snapshot."""
+    monkeypatch.setattr(hub, "KEEPALIVE", 0.2)
+    alice = await user(make_browser, served, "alice")
+    cookie = "; ".join(f"{k}={v}" for k, v in alice.cookies_for(HUB.split("//")[1].split(":")[0]).items())
+    headers = {"Host": HUB.split("//")[1], "Cookie": cookie, "Accept": "text/event-stream"}
+    async with alice.http.get(alice.gateway + "/api/v1/hub/events", headers=headers) as feed:
+        assert feed.headers["Cache-Control"] == "no-store"
+        assert feed.headers["X-Accel-Buffering"] == "no"
+        assert (await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)).startswith(b"event: snapshot")
+        for _ in range(2):
+            assert await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10) == b": still here\n\n"
+        made = await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000})
+        while (event := await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)) == b": still here\n\n":
+            pass
+        assert event.startswith(b"event: snapshot")
+        assert made.json()["id"].encode() in event

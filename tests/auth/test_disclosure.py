@@ -431,3 +431,51 @@ async def test_an_owner_who_redeems_a_visitors_handoff_code_learns_nothing_from_
     assert (await visitor.navigate(f"{HUB}/auth/handoff?target={APP}/&state=visitors-state")).status == 200
     assert (await answer(visitor, "share")).status == 303
     assert (await learned(visitor, served))["x-forwarded-user"] == ["visiting-bob"]
+
+
+async def test_a_consent_page_reached_signed_out_sends_to_sign_in_and_its_form_is_a_401(
+        served: Served, make_browser: MakeBrowser) -> None:
+    """A visitor whose hub cookie is gone (signed out in another tab, or it expired) between the app's redirect and
+    the page: the page sends them to sign in and back to it, and its form, posted without a sign-in, records
+    nothing for anybody."""
+    alice = await signed_in(make_browser, served, "alice")
+    await opt_in(alice)
+    bob = await signed_in(make_browser, served, "bob")
+    bob.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(Identity("bob"), APP[7:]))
+    asked = await bob.navigate_until(served.preview("ws1", 3001, "/x"), lambda url: url.startswith(f"{HUB}/consent?"),
+                                     headers=NAVIGATE)
+    signed_out = await make_browser(served)
+    page = await signed_out.fetch("GET", asked, headers=NAVIGATE)
+    assert page.status == 302, page.text
+    local = asked.removeprefix(HUB)
+    assert parse_qs(urlsplit(page.location or "").query) == {"next": [local]}
+    assert (page.location or "").startswith(f"{HUB}/auth/login?")
+    ask = parse_qs(urlsplit(asked).query)["ask"][0]
+    posted = await signed_out.fetch("POST", f"{HUB}/consent", data={"workspace": "ws1", "port": "3001",
+                                                                   "choice": "share", "next": "/", "ask": ask},
+                                    headers={"Origin": HUB, "Accept": "application/json"})
+    assert posted.status == 401, posted.text
+    assert posted.json()["error"]["code"] == "user-unauthenticated"
+    assert not served.gateway.auth.store.consents
+
+
+@pytest.mark.parametrize("choice", ["", "Share", "yes", None])
+async def test_a_consent_answer_is_share_or_decline_and_nothing_else(served: Served, make_browser: MakeBrowser,
+                                                                     choice: str | None) -> None:
+    """Anything but the page's two buttons is a 400 and records no answer: not a decline, which the app would then
+    never ask again, nor a share."""
+    alice = await signed_in(make_browser, served, "alice")
+    await opt_in(alice)
+    bob = await signed_in(make_browser, served, "bob")
+    bob.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(Identity("bob"), APP[7:]))
+    asked = await bob.navigate_until(served.preview("ws1", 3001, "/x"), lambda url: url.startswith(f"{HUB}/consent?"),
+                                     headers=NAVIGATE)
+    form = {"workspace": "ws1", "port": "3001", "next": "/", "ask": parse_qs(urlsplit(asked).query)["ask"][0]}
+    if choice is not None:
+        form["choice"] = choice
+    posted = await bob.fetch("POST", f"{HUB}/consent", data=form, headers={"Origin": HUB, "Accept": "application/json"})
+    assert posted.status == 400, posted.text
+    assert posted.json()["error"]["code"] == "bad-consent"
+    assert not served.gateway.auth.store.consents
+    again = await bob.navigate(served.preview("ws1", 3001, "/x"), headers=NAVIGATE)
+    assert "Share who you are with this app?" in again.text, "still asked"

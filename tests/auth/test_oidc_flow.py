@@ -726,3 +726,24 @@ async def test_sending_a_signed_in_browser_through_sign_in_again_keeps_its_sign_
     assert refused.status == 401, refused.text
     again = await browser.navigate(app)
     assert again.status == 200, again.text
+
+
+async def test_the_sign_in_round_trip_keeps_its_state_in_a_ten_minute_cookie_that_the_callback_ends(
+        served: Served, idp: IdP, make_browser: MakeBrowser) -> None:
+    """``/auth/login`` sends the browser to the IdP (302) with a fresh state and nonce (18 random bytes each) and
+    keeps them, with the PKCE verifier and ``next``, in a host-only cookie that lasts ten minutes; the callback
+    lands on ``next`` (303) and ends that cookie."""
+    browser = await make_browser(served, login="alice", idp=idp)
+    login = await browser.fetch("GET", served.hub + "/auth/login?next=/api/v1/me", headers={"Accept": "text/html"})
+    assert login.status == 302
+    asked = parse_qs(urlsplit(login.location or "").query)
+    assert (len(asked["state"][0]), len(asked["nonce"][0])) == (24, 24)
+    (kept,) = login.set_cookies
+    assert kept.startswith("codehub_login=")
+    assert "Max-Age=600" in [part.strip() for part in kept.split(";")]
+    back = await login_via_idp(browser.idp_http, login.location or "", "alice", issuer=idp.issuer)  # type: ignore[arg-type]
+    landed = await browser.fetch("GET", back, headers={"Accept": "text/html"})
+    assert (landed.status, landed.location) == (303, served.hub + "/api/v1/me")
+    ended = [cookie for cookie in landed.set_cookies if cookie.startswith("codehub_login=")]
+    assert len(ended) == 1
+    assert "Max-Age=0" in [part.strip() for part in ended[0].split(";")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import html
 import json
 import logging
 import os
@@ -111,6 +112,7 @@ async def test_hub_answers_made_for_a_person_are_never_stored_by_a_cache(served:
     home = await browser.navigate(HUB + "/")
     script = re.search(r'src="(/static/[^"]+)"', home.text)
     assert script is not None, home.text
+    assert "?v=" in script.group(1), "versioned: the next release's file is fetched anew, not taken from a cache"
     static = await browser.fetch("GET", HUB + script.group(1))
     assert static.status == 200
     assert "no-store" not in static.headers.get("Cache-Control", "")
@@ -542,6 +544,20 @@ async def test_cookie_api_calls_from_elsewhere_are_refused(served: Served, make_
     assert spec.spec.ports[3000] == "private"
     assert not served.gateway.auth.store.shares
     assert not served.gateway.auth.store.api_tokens
+
+
+@pytest.mark.parametrize("headers", [{"Origin": HUB}, {"Origin": HUB + "/"}, {"Sec-Fetch-Site": "same-origin"}],
+                         ids=["origin", "origin-slash", "same-origin-without-origin"])
+async def test_cookie_calls_from_the_hubs_own_pages_are_taken(served: Served, make_browser: MakeBrowser,
+                                                              headers: dict[str, str]) -> None:
+    """The other side of the refusal above: the hub's own pages are known by their Origin, or, where a browser sent
+    none, by its Sec-Fetch-Site saying same-origin (never same-site: every preview is on the hub's site)."""
+    browser = await signed_in(make_browser, served)
+    made = await api(browser, "POST", "/api/v1/tokens", {"name": "x"}, origin=None, headers=headers)
+    assert made.status == 201, made.text
+    out = await api(browser, "POST", "/auth/logout", origin=None, headers=headers)
+    assert (out.status, out.location) == (303, HUB + "/"), out.text
+    assert (await api(browser, "GET", "/api/v1/me")).status == 401
 
 
 async def test_bearer_api_calls_need_no_origin(served: Served, make_browser: MakeBrowser) -> None:
@@ -1039,3 +1055,109 @@ async def test_dev_sign_in_is_off_in_oidc_mode(serve: Serve, make_browser: MakeB
     assert page.status == 403
     assert page.json()["error"]["code"] == "dev-sign-in-off"
     assert not browser.jar
+    form = await browser.fetch("GET", HUB + "/auth/dev?next=/tokens", headers={"Accept": "text/html"})
+    assert (form.status, form.location) == (302, HUB + "/auth/login?next=/tokens"), "the SSO's sign-in instead"
+
+
+@pytest.mark.parametrize(("asked", "kept"), [
+    ("/tokens?x=1", "/tokens?x=1"), ("//evil.test", "/evil.test"), ("https://evil.test", "/"), (None, "/")])
+async def test_the_dev_sign_in_form_keeps_where_the_visitor_was_going(served: Served, make_browser: MakeBrowser,
+                                                                     asked: str | None, kept: str) -> None:
+    """The form's ``next`` is where the sign-in lands: a local path of the hub's, never another site."""
+    browser = await make_browser(served)
+    query = f"?next={quote(asked, safe='')}" if asked is not None else ""
+    form = await browser.fetch("GET", HUB + "/auth/dev" + query, headers={"Accept": "text/html"})
+    assert form.status == 200, form.text
+    assert f'<input type="hidden" name="next" value="{html.escape(kept)}">' in form.text
+    assert "Signed in as" not in form.text
+    assert (await browser.dev_sign_in(served.hub, "alice")).status == 303
+    again = await browser.fetch("GET", HUB + "/auth/dev", headers={"Accept": "text/html"})
+    assert "Signed in as <strong>alice</strong>" in again.text
+
+
+@pytest.mark.parametrize(("form", "code"), [
+    ({"user": ""}, "bad-user-name"),
+    ({"user": "   "}, "bad-user-name"),
+    ({"user": "al ice"}, "bad-user-name"),
+    ({"user": "x" * 65}, "bad-user-name"),
+    ({"user": "al\x01ice"}, "bad-identity"),  # not a space, yet no header may carry it
+    ({"user": "alice", "email": "alice@x.test\x7f"}, "bad-identity"),
+    ({"user": "alice", "groups": "dev,q\x00a"}, "bad-identity"),
+])
+async def test_dev_sign_in_refuses_names_no_header_could_carry(served: Served, make_browser: MakeBrowser,
+                                                               form: dict[str, str], code: str) -> None:
+    """The dev form is a sign-in like the SSO's: what it would make an identity of is checked the same way, and a
+    refused one signs nobody in."""
+    browser = await make_browser(served)
+    page = await browser.fetch("POST", HUB + "/auth/dev", headers={"Origin": HUB, "Accept": "application/json"},
+                               data={"next": "/", **form})
+    assert page.status == 400, page.text
+    assert page.json()["error"]["code"] == code
+    assert not browser.jar
+    longest = await browser.fetch("POST", HUB + "/auth/dev", headers={"Origin": HUB}, data={"user": "x" * 64})
+    assert longest.status == 303
+
+
+async def test_signing_out_without_a_sign_in_just_lands_on_the_hub(served: Served, make_browser: MakeBrowser) -> None:
+    """A second click on Sign out (another tab did it already), or a browser whose cookie expired: nothing to end,
+    and no error page either."""
+    browser = await make_browser(served)
+    page = await api(browser, "POST", "/auth/logout")
+    assert (page.status, page.location) == (303, HUB + "/"), page.text
+    (expired,) = page.set_cookies
+    assert expired.startswith("codehub_session=;")
+    assert attributes(expired)["max-age"] == "0"
+
+
+async def test_the_sign_in_popup_hands_its_code_to_the_framed_preview_and_leaks_it_nowhere(
+        served: Served, make_browser: MakeBrowser) -> None:
+    """The popup lands on the preview's own origin with a one-minute code in its URL: the page passes it on to the
+    frame that opened it (or to the callback), with a local ``next``, and is neither cached nor a Referer's source."""
+    browser = await signed_in(make_browser, served)
+    preview = served.preview("ws1", 3000, "/p")
+    framed = await browser.fetch("GET", preview, headers={"Accept": "text/html", "Sec-Fetch-Mode": "navigate",
+                                                          "Sec-Fetch-Dest": "iframe"})
+    handoff = json.loads(framed.text.split("const handoff = ", 1)[1].split(";", 1)[0])
+    sent = await browser.fetch("GET", handoff)
+    assert sent.status == 302, sent.text
+    landing = URL(sent.location or "")
+    assert (landing.host, landing.path, landing.query["next"]) == ("3000-ws1.localhost", "/_codehub/auth/popup", "/p")
+    popup = await browser.fetch("GET", str(landing), headers={"Accept": "text/html"})
+    assert popup.status == 200, popup.text
+    assert popup.headers["Cache-Control"] == "no-store"
+    assert popup.headers["Referrer-Policy"] == "no-referrer"
+    assert f'code: {json.dumps(landing.query["code"])}, next: "/p"' in popup.text
+    forged = await browser.fetch("GET", served.preview("ws1", 3000, "/_codehub/auth/popup?code=x&next=https://evil.test"),
+                                 headers={"Accept": "text/html"})
+    assert 'next: "/"' in forged.text
+
+
+async def test_a_handoff_code_replayed_with_its_state_cookie_is_refused(served: Served,
+                                                                        make_browser: MakeBrowser) -> None:
+    """The state cookie binds a code to a browser, and the token store makes it good once: a copy of the browser
+    taken before the code was used (its state cookie and the code's URL) gets no second session."""
+    browser = await signed_in(make_browser, served)
+    app = served.preview("ws1", 3000, "/p")
+    callback = await browser.navigate_until(app, lambda url: "/_codehub/auth/callback" in url)
+    state = browser.cookie(app, "codehub_handoff")
+    assert state
+    used = await browser.fetch("GET", callback)
+    assert used.status == 303
+    (ended,) = [cookie for cookie in used.set_cookies if cookie.startswith("codehub_handoff=")]
+    assert attributes(ended)["max-age"] == "0", "the state cookie goes with the code it bound"
+    copy = await make_browser(served)
+    copy.add_cookie(app, "codehub_handoff", state)
+    replay = await copy.fetch("GET", callback, headers={"Accept": "application/json"})
+    assert replay.status == 400, replay.text
+    assert replay.json()["error"]["code"] == "handoff-replayed"
+    assert copy.cookie(app, "codehub_session") is None
+
+
+@pytest.mark.parametrize(("form", "email"), [({"user": "bob"}, "bob@example.com"),
+                                             ({"user": "bob@corp.test"}, "bob@corp.test"),
+                                             ({"user": "bob", "email": " b@x.test "}, "b@x.test")])
+async def test_the_dev_sign_in_makes_an_email_address_for_a_user_name(served: Served, make_browser: MakeBrowser,
+                                                                      form: dict[str, str], email: str) -> None:
+    browser = await make_browser(served)
+    assert (await browser.fetch("POST", HUB + "/auth/dev", headers={"Origin": HUB}, data=form)).status == 303
+    assert (await api(browser, "GET", "/api/v1/me")).json()["email"] == email

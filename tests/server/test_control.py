@@ -4,14 +4,18 @@ worker is waking is never put to sleep (or archived) under it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.lifecycle import Phase, WorkspaceState
 from gateway.lifecycle.idle import Activity
+from gateway.lifecycle.remote import RemoteError, RemoteRuntime
 from gateway.metrics import Metrics
 from gateway.server.control import ControlServer
 from gateway.server.wiring import make_reaper, make_runtime
@@ -88,4 +92,143 @@ async def test_the_parents_reaper_goes_by_what_the_workers_report(tmp_path: Path
             assert await phases_after_a_pass() == {"a": Phase.WARM, "b": Phase.WARM, "c": Phase.WARM}
         finally:
             await reaper.close()
+            await runtime.close()
+
+
+@contextlib.asynccontextmanager
+async def a_worker_of(tmp_path: Path, lost: asyncio.Event | None = None
+                      ) -> AsyncIterator[tuple[ControlServer, RemoteRuntime, web.AppRunner]]:
+    """The parent's control socket (a real local runtime behind it, its events fanned out) and a worker's
+    ``RemoteRuntime`` following it, in this process."""
+    config = settings(tmp_path, {"ws": workspace(next_address(), ports={3000: "private"})})
+    runtime = make_runtime(config)
+    await runtime.start()
+    server = ControlServer(runtime, Activity())
+    runner = web.AppRunner(server.app())
+    await runner.setup()
+    socket_path = tmp_path / "control.sock"
+    await web.UnixSite(runner, str(socket_path)).start()
+    fan_out = asyncio.create_task(server.fan_out())
+    remote = RemoteRuntime(socket_path, on_lost=lost.set if lost is not None else None)
+    try:
+        await remote.start()
+        yield server, remote, runner
+    finally:
+        await remote.close()
+        fan_out.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fan_out
+        await runner.cleanup()
+        await runtime.close()
+
+
+async def test_a_worker_changes_a_workspace_through_the_parent_and_sees_what_it_made(tmp_path: Path) -> None:
+    """The hub's changes to a port (visibility, label, identity, HTTPS) and to collaborators, made in a worker, are
+    made by the parent's runtime, each only as asked (what is not named in an update stays as it was), and reach
+    every other worker."""
+    async with a_worker_of(tmp_path) as (server, remote, _):
+        assert [state.spec.id for state in remote.list()] == ["ws"], "every state before synced"
+        other = RemoteRuntime(tmp_path / "control.sock")
+        await other.start()
+        changed = await remote.update("ws", ports={3000: "public", 3001: "org"}, collaborators=("bob", "carol"),
+                                      identity_ports=frozenset({3000}), https_ports=frozenset({3001}),
+                                      labels={3000: "web"})
+        made = server.runtime.get("ws")
+        assert made is not None
+        for spec in (changed.spec, made.spec):
+            assert (dict(spec.ports), spec.collaborators, spec.identity_ports, spec.https_ports, dict(spec.labels)) == (
+                {3000: "public", 3001: "org"}, ("bob", "carol"), frozenset({3000}), frozenset({3001}), {3000: "web"})
+        try:
+            async with asyncio.timeout(10):  # the other worker too, though the phase did not change
+                while (seen := other.get("ws")) is None or dict(seen.spec.labels) != {3000: "web"}:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+        finally:
+            await other.close()
+        relabelled = await remote.update("ws", labels={3001: "api"})
+        assert (dict(relabelled.spec.ports), relabelled.spec.collaborators, relabelled.spec.identity_ports,
+                relabelled.spec.https_ports, dict(relabelled.spec.labels)) == (
+            {3000: "public", 3001: "org"}, ("bob", "carol"), frozenset({3000}), frozenset({3001}), {3001: "api"})
+        shared = await remote.update("ws", collaborators=())
+        assert (dict(shared.spec.ports), shared.spec.collaborators, dict(shared.spec.labels)) == (
+            {3000: "public", 3001: "org"}, (), {3001: "api"})
+
+
+async def test_a_worker_hears_of_every_change_the_parent_sees(tmp_path: Path) -> None:
+    """A workspace woken or put to sleep by the parent (its reaper, or another worker) reaches every worker as the
+    new state and as the event itself, which the waiting pages of that worker follow."""
+    async with a_worker_of(tmp_path) as (server, remote, _):
+        with remote.events() as events:
+            await server.runtime.wake("ws")
+            async with asyncio.timeout(10):
+                while (state := remote.get("ws")) is None or state.phase is not Phase.RUNNING:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+                seen = [await events.queue.get()]
+                while seen[-1].phase is not Phase.RUNNING:
+                    seen.append(await events.queue.get())
+        assert {event.workspace for event in seen} == {"ws"}
+        assert (await remote.stop("ws")).phase is Phase.WARM
+        assert server.runtime.get("ws").phase is Phase.WARM  # type: ignore[union-attr]
+
+
+async def test_what_the_parent_refuses_reaches_the_worker_as_the_same_error(tmp_path: Path) -> None:
+    async with a_worker_of(tmp_path) as (server, remote, _):
+        with pytest.raises(RemoteError) as unknown:
+            await remote.wake("nope")
+        assert unknown.value.status == 404
+        assert not server.waking("nope")
+        async with remote.session.post("http://control/workspaces/ws/reboot", json={}) as answer:
+            assert answer.status == 200
+            assert (await answer.json())["error"]["status"] == 404
+        assert server.runtime.get("ws").phase is Phase.WARM  # type: ignore[union-attr]
+
+
+async def test_a_worker_learns_when_the_parent_shuts_down(tmp_path: Path) -> None:
+    """The parent ends every worker's event stream as it shuts down: the workers stop, not serve on from states
+    nobody updates."""
+    lost = asyncio.Event()
+    async with a_worker_of(tmp_path, lost) as (_, _, runner):
+        await runner.shutdown()
+        async with asyncio.timeout(10):
+            await lost.wait()
+
+
+async def test_a_workspace_stays_waking_until_the_last_of_its_wakes_ends(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers may ask for the same wake at once, and a workspace may be woken again later: the reaper leaves
+    it alone for as long as any wake asked for it is still going, each time."""
+    config = settings(tmp_path, {"ws": workspace(next_address())})
+    runtime = make_runtime(config)
+    await runtime.start()
+    server = ControlServer(runtime, Activity())
+    releases: list[asyncio.Event] = []
+    real_wake = runtime.wake
+
+    async def held_wake(name: str) -> WorkspaceState:
+        release = asyncio.Event()
+        releases.append(release)
+        await release.wait()
+        return await real_wake(name)
+
+    async def until(condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not condition():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
+    monkeypatch.setattr(runtime, "wake", held_wake)
+    async with TestClient(TestServer(server.app())) as client:
+        try:
+            for _ in range(2):  # a second time, after the first has ended
+                wakes = {asyncio.ensure_future(client.post("/workspaces/ws/wake")) for _ in range(2)}
+                await until(lambda: len(releases) == 2)
+                assert server.waking("ws")
+                releases.pop(0).set()
+                (ended,), wakes = await asyncio.wait(wakes, return_when=asyncio.FIRST_COMPLETED)
+                assert (await ended).status == 200
+                assert server.waking("ws"), "the other wake is still going"
+                releases.pop(0).set()
+                assert (await wakes.pop()).status == 200
+                assert not server.waking("ws")
+        finally:
+            for release in releases:
+                release.set()
             await runtime.close()

@@ -209,3 +209,43 @@ async def test_upstream_breaking_off_before_answering_is_a_502(proxied: MakeProx
         assert response.status == 502
         await assert_clean(response)
         assert (await response.json())["error"]["code"] == "upstream-error"
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "page"),
+    [
+        ("GET", {"Accept": "text/html"}, True),
+        ("GET", {"Accept": "*/*"}, False),
+        ("GET", {}, False),
+        ("GET", {"Sec-Fetch-Mode": "navigate"}, True),  # what a browser's navigation says, whatever it accepts
+        ("GET", {"Sec-Fetch-Mode": "cors", "Accept": "text/html"}, False),  # fetch() asking for HTML: a script
+        ("GET", {"Sec-Fetch-Mode": "no-cors", "Accept": "text/html"}, False),
+        ("POST", {"Accept": "text/html"}, False),  # a form a script posts, without Sec-Fetch-Mode
+        ("POST", {"Sec-Fetch-Mode": "navigate", "Accept": "text/html"}, True),  # a form a person submits
+        ("HEAD", {"Accept": "text/html"}, True),
+        ("GET", {"Accept": "text/html", "Authorization": "Bearer x"}, False),  # a script with a token
+        ("GET", {"Accept": "text/html", "X-Requested-With": "XMLHttpRequest"}, False),
+    ],
+)
+async def test_a_page_for_a_browser_navigating_json_for_everyone_else(proxied: MakeProxied, method: str,
+                                                                      headers: dict[str, str], page: bool) -> None:
+    """Which of the two an error is told in goes by what the request says of itself: Sec-Fetch-Mode where a
+    browser sends it; otherwise a GET or HEAD that accepts HTML and carries no token and no XHR marker."""
+    p = await proxied(None)
+    async with p.request(method, "/no/such/page", host="localhost:8080", headers=headers) as response:
+        assert response.status == 404
+        assert response.content_type == ("text/html" if page else "application/json")
+        assert response.headers["Cache-Control"] == "no-store"
+        if method != "HEAD":
+            body = await assert_clean(response)
+            assert "no-route" in body
+            assert body.startswith("{") is not page
+
+
+async def test_the_management_api_answers_in_json_even_to_a_navigation(proxied: MakeProxied) -> None:
+    """A person who opens an API URL in the address bar reads the same JSON a script gets."""
+    p = await proxied(None)
+    async with p.request("GET", "/api/v1/me", host="localhost:8080", headers=NAVIGATION) as response:
+        assert response.status == 401
+        assert response.content_type == "application/json"
+        assert (await response.json())["error"]["code"] == "user-unauthenticated"
