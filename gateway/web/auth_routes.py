@@ -82,7 +82,7 @@ async def _end_sign_in(gateway: Gateway, session: Session) -> None:
     except GatewayError as exc:  # the store's file or API
         raise ServiceUnavailable(
             "Signing out could not be recorded just now, so you are still signed in, here and on the previews "
-            "and IDEs this sign-in opened. Try again in a moment.", code="sign-out-not-recorded", retry=True
+            "and IDEs this sign-in opened. Try again in a moment.", code="sign-out-not-recorded"
         ) from exc
 
 

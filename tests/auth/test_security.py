@@ -633,6 +633,8 @@ async def test_a_sign_out_that_cannot_be_recorded_says_so_and_can_be_tried_again
     assert "text/html" in page.content_type
     assert "still signed in" in page.text, page.text
     assert "Share links" not in page.text
+    assert 'http-equiv="refresh"' not in page.text  # a reload would be a GET of /auth/logout: 405, not a sign-out
+    assert (await browser.fetch("GET", HUB + "/auth/logout")).status == 405
     assert not [cookie for cookie in page.set_cookies if cookie.startswith("codehub_session=")]
     for who in (browser, bob):
         assert (await api(who, "GET", "/api/v1/me")).status == 200
