@@ -51,7 +51,10 @@ def error_response(request: web.Request, error: GatewayError) -> web.StreamRespo
     if isinstance(error, Redirect):
         response = web.Response(status=error.status, headers=headers)
     elif wants_html(request):
-        response = aiohttp_jinja2.render_template(error.template, request, {"error": error}, status=error.status)
+        # Trying again is a reload, a GET: the same request only for a GET or HEAD (a form sent is not sent again).
+        retry = error.retry and request.method in ("GET", "HEAD")
+        response = aiohttp_jinja2.render_template(error.template, request, {"error": error, "retry": retry},
+                                                  status=error.status)
         response.headers.update(headers)
     else:
         response = web.json_response(error.document(), status=error.status, headers=headers)

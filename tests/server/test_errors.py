@@ -36,6 +36,20 @@ async def test_refused_port_is_a_502_page_for_browsers(proxied: MakeProxied, bro
     assert f"Nothing is listening on port {p.port} in workspace ws1" in body
     assert response.headers["Retry-After"]
     assert '<meta http-equiv="refresh"' in body  # "this page retries by itself"
+    assert "Try again now" in body
+
+
+async def test_a_page_for_a_form_sent_does_not_send_it_again_as_a_get(proxied: MakeProxied) -> None:
+    """A reload by ``<meta http-equiv="refresh">``, or a link to the page itself, is a GET: after a POST it would
+    not try the form again, so the page says what is wrong and offers neither."""
+    p = await proxied(None)
+    async with p.request("POST", "/form", headers={**BROWSER, "Sec-Fetch-Mode": "navigate"}, data=b"a=1") as response:
+        assert response.status == 502
+        assert response.content_type == "text/html"
+        body = await assert_clean(response)
+    assert f"Nothing is listening on port {p.port} in workspace ws1" in body
+    assert "refresh" not in body
+    assert "Try again now" not in body
 
 
 async def test_refused_port_is_a_502_json_for_api_clients(proxied: MakeProxied) -> None:
@@ -84,7 +98,9 @@ async def test_silent_upstream_times_out_with_504(proxied: MakeProxied) -> None:
             assert (await response.json())["error"]["code"] == "upstream-timeout"
         async with p.request("GET", "/silent", headers=BROWSER) as response:
             assert response.status == 504
-            assert "did not answer in time" in await assert_clean(response)
+            body = await assert_clean(response)
+            assert "did not answer in time" in body
+            assert "refresh" not in body  # trying again would send the app the same request it did not answer
         async with p.request("POST", "/silent", data=b"a body", headers=API) as response:  # timed once it is out
             assert response.status == 504
         async with p.request("GET", "/stalls") as response:  # mid-body silence: the body is cut short
