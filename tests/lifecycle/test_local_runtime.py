@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ import pytest
 
 from gateway.errors import NotFound
 from gateway.lifecycle import Phase, WorkspaceState
-from gateway.lifecycle.local import LocalRuntime
+from gateway.lifecycle.local import LocalRuntime, signal_marked
 from tests.conftest import next_address, settings, workspace
 from tests.lifecycle.conftest import PORT, group_members, slow_workspace, wait_gone
 
@@ -117,6 +118,8 @@ LONG = "".join(chr(ord("a") + i % 26) for i in range(300))
         ("", ""),
         ("boom\n", ": boom"),  # the whole output is the last line, from its first character
         (f"starting\nport 8000 in use\n{LONG}\n", f": {LONG[:200]}"),  # the last line only, cut at 200
+        # only the log's tail is read (a workspace may have written gigabytes): a longer line shows its end
+        ("x" * 600 + "y" * 600 + "\n", f": {'y' * 200}"),
     ],
 )
 async def test_a_workspace_whose_process_exits_fails_with_its_code_and_its_last_line(
@@ -134,7 +137,8 @@ async def test_a_workspace_whose_process_exits_fails_with_its_code_and_its_last_
         assert (await runtime.status("ws")).message == ""
 
 
-async def test_a_command_that_cannot_start_fails_and_says_why_until_stopped(tmp_path: Path) -> None:
+async def test_a_command_that_cannot_start_fails_and_says_why_until_stopped(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     missing = str(tmp_path / "no-such-program")
     async with running(tmp_path, {"ws": workspace(next_address(), command=[missing])}) as runtime:
         with runtime.events() as events:
@@ -147,6 +151,8 @@ async def test_a_command_that_cannot_start_fails_and_says_why_until_stopped(tmp_
         assert [(event.phase, event.message) for event in seen] == [
             (Phase.STARTING, "starting the workspace"), (Phase.FAILED, state.message)]
         assert (await runtime.status("ws")).phase is Phase.FAILED, "it stays failed: nothing is retried by itself"
+        [said] = [record for record in caplog.records if "workspace ws failed" in record.getMessage()]
+        assert logging.Formatter().format(said) == said.getMessage(), "a foreseen failure is one line, no traceback"
         stopped = await runtime.stop("ws")
         assert (stopped.phase, stopped.message) == (Phase.WARM, "")
 
@@ -187,9 +193,13 @@ async def test_stop_lets_every_process_of_a_workspace_end_cleanly(tmp_path: Path
         await written(home, "bare")
         pgid = json.loads((folder(tmp_path) / "run.json").read_text())["pgid"]
 
-        stopped = await runtime.stop("ws")
+        with runtime.events() as events:
+            stopped = await runtime.stop("ws")
+            seen = [events.queue.get_nowait() for _ in range(events.queue.qsize())]
 
         assert stopped.phase is Phase.WARM
+        assert [(event.phase, event.message) for event in seen] == [
+            (Phase.STOPPING, "stopping the workspace"), (Phase.WARM, "")], "its exit is the stop's, not a failure"
         assert (home / "bare-stopped").exists(), "the group leader, its mark gone, was ended before its time"
         assert (home / "escaped-stopped").exists(), "the escaped process was ended before its time"
         assert not (folder(tmp_path) / "run.json").exists()
@@ -367,7 +377,9 @@ async def test_a_state_is_kept_until_the_workspace_changes(tmp_path: Path) -> No
         assert (down.phase, down.address) == (Phase.WARM, None)
         assert down.since >= up.since
         assert down.since > warm.since
-        assert await runtime.stop("ws") is down, "stopping a WARM workspace changes nothing"
+        with runtime.events() as events:
+            assert await runtime.stop("ws") is down, "stopping a WARM workspace changes nothing"
+            assert events.queue.empty()
 
 
 async def test_archive_leaves_a_workspace_without_a_home_as_it_is(tmp_path: Path) -> None:
@@ -399,3 +411,25 @@ async def test_listening_ports_are_the_workspaces_listeners_on_its_own_address_o
             client.connect((elsewhere, PORT + 1))
             assert runtime.listening_ports("ws") == {PORT}
         assert runtime.listening_ports("nobody") == set()
+
+
+async def test_a_workspace_whose_leader_exits_leaves_nothing_of_its_group_running(tmp_path: Path) -> None:
+    """A child that shed the workspace's mark (an empty environment) is still in its process group."""
+    command = ["sh", "-c", "env -i sleep 600 & exit 3"]
+    async with running(tmp_path, {"ws": workspace(next_address(), command=command)}) as runtime:
+        await runtime.wake("ws")
+        pgid = json.loads((folder(tmp_path) / "run.json").read_text())["pgid"]
+        try:
+            assert (await until(runtime, "ws", Phase.FAILED)).message == "the workspace process exited with code 3"
+            await wait_gone(pgid)
+        finally:
+            if group_members(pgid):  # what the runtime left: the test's to end
+                os.killpg(pgid, signal.SIGKILL)
+
+
+def test_a_search_for_marked_processes_leaves_no_descriptor_open() -> None:
+    """Each process is held by a pidfd while its environment is read; a search that left them open would run the
+    gateway out of file descriptors within a few stops on a busy host."""
+    before = len(os.listdir("/proc/self/fd"))
+    signal_marked(["no-process-carries-this-mark"], signal.SIGTERM)
+    assert len(os.listdir("/proc/self/fd")) == before
