@@ -133,7 +133,10 @@ async def test_a_workspace_whose_process_exits_fails_with_its_code_and_its_last_
         assert state.address is None
         assert not (folder(tmp_path) / "run.json").exists()
         assert runtime.listening_ports("ws") == set()
-        assert (await runtime.stop("ws")).phase is Phase.WARM, "a stop clears the failure"
+        with runtime.events() as events:
+            assert (await runtime.stop("ws")).phase is Phase.WARM, "a stop clears the failure"
+            assert [events.queue.get_nowait().phase for _ in range(events.queue.qsize())] == [Phase.WARM], \
+                "there is no process left to stop"
         assert (await runtime.status("ws")).message == ""
 
 
@@ -172,7 +175,8 @@ if role == 'start':
     subprocess.Popen([sys.executable, __file__, 'escaped'], start_new_session=True)
     os.execve(sys.executable, [sys.executable, __file__, 'bare'], {})
 stop_cleanly(role + '-stopped')
-open(role, 'w').close()
+open(role + '.tmp', 'w').write(str(os.getpid()))
+os.replace(role + '.tmp', role)
 time.sleep(600)
 """
 """A workspace that ends cleanly on SIGTERM, taking a moment to, as does a process it starts in a session of its
@@ -204,6 +208,28 @@ async def test_stop_lets_every_process_of_a_workspace_end_cleanly(tmp_path: Path
         assert (home / "escaped-stopped").exists(), "the escaped process was ended before its time"
         assert not (folder(tmp_path) / "run.json").exists()
         assert group_members(pgid) == []
+
+
+async def test_stop_ends_every_process_of_a_workspace_that_ignores_sigterm(tmp_path: Path) -> None:
+    """After ``stop_timeout``, SIGKILL goes to the group (a process there may have shed the mark) and to every
+    process with the mark (one may have left the group)."""
+    script = tmp_path / "stubborn.py"
+    script.write_text(CLEAN_STOP.replace("signal.signal(signal.SIGTERM, handler)",
+                                         "signal.signal(signal.SIGTERM, signal.SIG_IGN)"))
+    home = folder(tmp_path) / "home"
+    async with running(tmp_path, {"ws": workspace(next_address(), command=[sys.executable, str(script)])},
+                       stop_timeout=0.5) as runtime:
+        await runtime.wake("ws")
+        escaped = int(await written(home, "escaped"))
+        bare = int(await written(home, "bare"))
+        try:
+            assert (await runtime.stop("ws")).phase is Phase.WARM
+            await wait_gone(bare)
+            await wait_gone(escaped)  # the leader of a group of its own
+        finally:
+            for pid in (bare, escaped):
+                if group_members(pid):  # what the runtime left: the test's to end
+                    os.killpg(pid, signal.SIGKILL)
 
 
 # --- what a gateway that died left running -----------------------------------------------------------------------
@@ -265,6 +291,24 @@ async def test_a_group_a_dead_gateway_left_is_ended_only_while_it_is_still_the_w
         if not case.startswith("its leader gone"):
             # SIGTERM is the test's own: a gateway that had ended this group would have sent SIGKILL
             assert group.wait(10) == (-signal.SIGKILL if killed else -signal.SIGTERM)
+
+
+async def test_a_process_that_left_the_group_a_dead_gateway_left_is_ended_too(tmp_path: Path) -> None:
+    """By the mark in the run record: the group alone would leave a daemon or a tmux server running."""
+    mark = "fedcba9876543210fedcba9876543210"
+    group, escaped = leftover(), leftover(mark=mark)
+    run = folder(tmp_path) / "run.json"
+    run.parent.mkdir(parents=True)
+    run.write_text(json.dumps({"pgid": group.pid, "start": start_time(group.pid), "mark": mark}))
+    try:
+        async with running(tmp_path, {"ws": workspace(next_address())}):
+            await wait_gone(group.pid)
+            await wait_gone(escaped.pid)
+    finally:
+        for process in (group, escaped):
+            if group_members(process.pid):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
 
 
 # --- whose a workspace's folder is, and since when ---------------------------------------------------------------
@@ -415,7 +459,9 @@ async def test_listening_ports_are_the_workspaces_listeners_on_its_own_address_o
 
 async def test_a_workspace_whose_leader_exits_leaves_nothing_of_its_group_running(tmp_path: Path) -> None:
     """A child that shed the workspace's mark (an empty environment) is still in its process group."""
-    command = ["sh", "-c", "env -i sleep 600 & exit 3"]
+    # the leader exits only once its child runs without the mark (not while it is still a copy of the leader)
+    command = ["sh", "-c", "env -i sh -c 'touch child; exec sleep 600' & while [ ! -e child ]; do sleep 0.01; done; "
+               "exit 3"]
     async with running(tmp_path, {"ws": workspace(next_address(), command=command)}) as runtime:
         await runtime.wake("ws")
         pgid = json.loads((folder(tmp_path) / "run.json").read_text())["pgid"]
@@ -433,3 +479,21 @@ def test_a_search_for_marked_processes_leaves_no_descriptor_open() -> None:
     before = len(os.listdir("/proc/self/fd"))
     signal_marked(["no-process-carries-this-mark"], signal.SIGTERM)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+async def test_port_names_come_from_the_workspaces_devcontainer_json_read_again_when_it_changes(
+        tmp_path: Path) -> None:
+    """The hub asks for them twice a second per workspace: the file is read again only when its time or size
+    changed."""
+    named = folder(tmp_path) / "home" / ".devcontainer" / "devcontainer.json"
+    named.parent.mkdir(parents=True)
+    named.write_text('{"portsAttributes": {"3000": {"label": "web"}}}')
+    async with running(tmp_path, {"ws": workspace(next_address())}) as runtime:
+        assert runtime.port_labels("ws") == {3000: "web"}
+        stamp = named.stat()
+        named.write_text('{"portsAttributes": {"3000": {"label": "api"}}}')
+        os.utime(named, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        assert runtime.port_labels("ws") == {3000: "web"}, "the same time and size: not read again"
+        named.write_text('{"portsAttributes": {"3000": {"label": "apis"}}}')
+        assert runtime.port_labels("ws") == {3000: "apis"}
+        assert runtime.port_labels("nobody") == {}
