@@ -213,3 +213,16 @@ def test_a_settings_link_to_a_device_is_left_alone(tmp_path: Path) -> None:
     path.symlink_to("/dev/zero")
     seed_settings(path)
     assert os.readlink(path) == "/dev/zero"
+
+
+def test_a_seeded_settings_file_is_made_as_code_server_would_make_it(tmp_path: Path) -> None:
+    """Its folders made first, and the file its owner's to edit, as the umask allows others; never executable."""
+    path = tmp_path / "data" / "User" / "settings.json"
+    umask = os.umask(0o022)
+    try:
+        seed_settings(path)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert json.loads(path.read_text()) == SEEDED
+    assert sorted(path.parent.iterdir()) == [path], "no temporary file is left behind"
