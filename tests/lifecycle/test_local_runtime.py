@@ -311,6 +311,38 @@ async def test_a_process_that_left_the_group_a_dead_gateway_left_is_ended_too(tm
             process.wait(10)
 
 
+@pytest.mark.parametrize("archive_written", [False, True])
+async def test_an_archive_a_dead_gateway_left_half_done_is_finished_or_undone_at_the_next_start(
+        tmp_path: Path, archive_written: bool) -> None:
+    """Judged from the files alone (``archive.recover``): a home caught being removed comes back unless its archive
+    was complete, and a partial archive is thrown away."""
+    declared = {"ws": workspace(next_address())}
+    home, archives = folder(tmp_path) / "home", tmp_path / "state" / "archives"
+    removing = home.with_name("home.removing")
+    home.mkdir(parents=True)
+    (home / "notes.txt").write_text("mine")
+    if archive_written:
+        async with running(tmp_path, declared) as before:
+            assert (await before.archive("ws")).phase is Phase.COLD
+        removing.mkdir()  # the gateway died while it removed the archived home
+        (removing / "notes.txt").write_text("mine")
+    else:
+        home.rename(removing)  # it died while it wrote the archive
+        archives.mkdir()
+        (archives / "ws.tar.gz.tmp").write_bytes(b"\x1f\x8b half an archive")
+
+    async with running(tmp_path, declared) as runtime:
+        state = await runtime.status("ws")
+
+    assert not removing.exists()
+    assert not (archives / "ws.tar.gz.tmp").exists()
+    if archive_written:
+        assert state.phase is Phase.COLD
+    else:
+        assert state.phase is Phase.WARM
+        assert (home / "notes.txt").read_text() == "mine"
+
+
 # --- whose a workspace's folder is, and since when ---------------------------------------------------------------
 
 @pytest.mark.parametrize(
