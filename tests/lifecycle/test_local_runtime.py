@@ -164,9 +164,9 @@ async def test_a_command_that_cannot_start_fails_and_says_why_until_stopped(
 
 CLEAN_STOP = """\
 import os, signal, subprocess, sys, time
-def stop_cleanly(name):
+def stop_cleanly(name, work):
     def handler(*_):
-        time.sleep(0.3)  # the work a clean shutdown does
+        time.sleep(work)  # what a clean shutdown does
         open(name, 'w').close()
         sys.exit(0)
     signal.signal(signal.SIGTERM, handler)
@@ -174,14 +174,14 @@ role = sys.argv[1] if len(sys.argv) > 1 else 'start'
 if role == 'start':
     subprocess.Popen([sys.executable, __file__, 'escaped'], start_new_session=True)
     os.execve(sys.executable, [sys.executable, __file__, 'bare'], {})
-stop_cleanly(role + '-stopped')
+stop_cleanly(role + '-stopped', 1.0 if role == 'bare' else 0)
 open(role + '.tmp', 'w').write(str(os.getpid()))
 os.replace(role + '.tmp', role)
 time.sleep(600)
 """
-"""A workspace that ends cleanly on SIGTERM, taking a moment to, as does a process it starts in a session of its
-own (``escaped``); the group leader then runs on with an empty environment (``bare``), without the workspace's
-mark."""
+"""A workspace that ends cleanly on SIGTERM, taking a moment to, as does (at once) a process it starts in a session of
+its own (``escaped``); the group leader then runs on with an empty environment (``bare``), without the workspace's
+mark. A stop waits ``stop_timeout`` for the leader only: the rest is killed once it has gone."""
 
 
 async def test_stop_lets_every_process_of_a_workspace_end_cleanly(tmp_path: Path) -> None:
