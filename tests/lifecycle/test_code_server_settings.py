@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
+import signal
 import stat
 from pathlib import Path
 
@@ -213,3 +215,32 @@ def test_a_settings_link_to_a_device_is_left_alone(tmp_path: Path) -> None:
     path.symlink_to("/dev/zero")
     seed_settings(path)
     assert os.readlink(path) == "/dev/zero"
+
+
+def test_a_seeded_settings_file_is_made_as_code_server_would_make_it(tmp_path: Path) -> None:
+    """Its folders made first, and the file its owner's to edit, as the umask allows others; never executable."""
+    path = tmp_path / "data" / "User" / "settings.json"
+    umask = os.umask(0o022)
+    try:
+        seed_settings(path)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert json.loads(path.read_text()) == SEEDED
+    assert sorted(path.parent.iterdir()) == [path], "no temporary file is left behind"
+
+
+def test_a_settings_file_that_cannot_be_written_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A write that fails half way (here: a file size limit, as a full disk would) leaves the owner's folder as it
+    was: no settings file, and no temporary one next to it."""
+    path = tmp_path / "User" / "settings.json"
+    path.parent.mkdir()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8, limits[1]))
+    try:
+        seed_settings(path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, ignored)
+    assert list(path.parent.iterdir()) == []
