@@ -642,6 +642,9 @@ async def test_local_workspaces_are_declared_not_created(served: Served, make_br
     page = await call(alice, "POST", "/api/v1/workspaces", {"id": "newone"})
     assert page.status == 405
     assert page.json()["error"]["code"] == "workspaces-are-configured"
+    # nor deleted: its owner's DELETE says so, and the workspace is still there, its home kept
+    assert_error(await call(alice, "DELETE", "/api/v1/workspaces/ws1"), 405, "workspaces-are-configured")
+    assert (await call(alice, "GET", "/api/v1/workspaces/ws1")).status == 200
     bob = await user(make_browser, served, "bob")
     assert (await call(bob, "PUT", "/api/v1/workspaces/ws1/collaborators", {"collaborators": []})).status == 403
     root = await user(make_browser, served, "root")  # a policy admin manages sharing, never the IDE: members
