@@ -904,6 +904,25 @@ async def test_a_request_held_through_a_wake_is_asked_again_once_awake(served: S
         (200, "alice"), (refused.status, None), (refused.status, None)]  # the held two, and the one sent after
 
 
+async def test_the_gateways_own_errors_on_a_port_tell_an_admitted_front_end_why(serve: Serve, tmp_path: Path,
+                                                                                  make_browser: MakeBrowser) -> None:
+    """A front end on an origin the port's CORS rule admits reads the gateway's error (nothing listening, a wake
+    that timed out) instead of an opaque network error, from either lane and after a hold alike."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("cors: [{ports: [3007], allow_origins: ['http://front.test']}]\nwake: {warm_timeout: 1}\n")
+    served = await serve(WORKSPACES, policy_file=str(policy))
+    browser = await signed_in(make_browser, served)
+    url = served.preview("ws1", 3007, "/api")  # nothing listens there
+    assert (await browser.navigate(url)).status == 502  # signed in on the preview
+    sent = {"Origin": "http://front.test", "Accept": "application/json"}
+    answers = [await browser.fetch("GET", url, headers=sent), await browser.fetch("POST", url, headers=sent)]
+    await served.gateway.runtime.stop("ws1")
+    answers.append(await browser.fetch("GET", url, headers=sent))  # held, until warm_timeout
+    assert [(page.status, page.json()["error"]["code"], page.headers.get("Access-Control-Allow-Origin"))
+            for page in answers] == [(502, "port-not-listening", "http://front.test")] * 2 + [
+        (503, "wake-timeout", "http://front.test")]
+
+
 async def open_stream(browser: Browser, url: str, stack: contextlib.AsyncExitStack, *,
                       method: str = "GET") -> aiohttp.ClientResponse:
     """An event stream from ``url``'s own page; a POST (with a body) is served by aiohttp's lane, a GET by the
