@@ -95,6 +95,17 @@ async def opt_in(owner: Browser, port: int = 3001, on: bool = True) -> Page:
     return page
 
 
+async def asked_by_the_app(served: Served, make_browser: MakeBrowser) -> tuple[Browser, str]:
+    """bob, signed in on the app of alice's that opted in to know its visitors, and the consent page it sent him
+    to."""
+    await opt_in(await signed_in(make_browser, served, "alice"))
+    bob = await signed_in(make_browser, served, "bob")
+    bob.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(Identity("bob"), APP[7:]))
+    asked = await bob.navigate_until(served.preview("ws1", 3001, "/x"), lambda url: url.startswith(f"{HUB}/consent?"),
+                                     headers=NAVIGATE)
+    return bob, asked
+
+
 async def answer(browser: Browser, choice: str, origin: str = HUB, port: int = 3001) -> Page:
     """The consent page's form, as the hub's page posts it, with the ``ask`` the app's redirect gave."""
     asked = await browser.navigate_until(f"http://{port}-ws1.localhost:8080/x?y=1",
@@ -340,12 +351,7 @@ async def test_a_script_asking_for_the_consent_page_is_told_what_it_is_in_json(s
                                                                                make_browser: MakeBrowser) -> None:
     """Not an error, though it comes in the error document every client that is not a browser gets: a 200 that
     says which app asks, and that only a person can answer it."""
-    alice = await signed_in(make_browser, served, "alice")
-    await opt_in(alice)
-    bob = await signed_in(make_browser, served, "bob")
-    bob.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(Identity("bob"), APP[7:]))
-    asked = await bob.navigate_until(served.preview("ws1", 3001, "/x"), lambda url: url.startswith(f"{HUB}/consent?"),
-                                     headers=NAVIGATE)
+    bob, asked = await asked_by_the_app(served, make_browser)
     page = await bob.fetch("GET", asked, headers={"Accept": "application/json"})
     assert page.status == 200
     assert page.headers["Cache-Control"] == "no-store"
@@ -438,12 +444,7 @@ async def test_a_consent_page_reached_signed_out_sends_to_sign_in_and_its_form_i
     """A visitor whose hub cookie is gone (signed out in another tab, or it expired) between the app's redirect and
     the page: the page sends them to sign in and back to it, and its form, posted without a sign-in, records
     nothing for anybody."""
-    alice = await signed_in(make_browser, served, "alice")
-    await opt_in(alice)
-    bob = await signed_in(make_browser, served, "bob")
-    bob.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(Identity("bob"), APP[7:]))
-    asked = await bob.navigate_until(served.preview("ws1", 3001, "/x"), lambda url: url.startswith(f"{HUB}/consent?"),
-                                     headers=NAVIGATE)
+    _, asked = await asked_by_the_app(served, make_browser)
     signed_out = await make_browser(served)
     page = await signed_out.fetch("GET", asked, headers=NAVIGATE)
     assert page.status == 302, page.text
@@ -464,12 +465,7 @@ async def test_a_consent_answer_is_share_or_decline_and_nothing_else(served: Ser
                                                                      choice: str | None) -> None:
     """Anything but the page's two buttons is a 400 and records no answer: not a decline, which the app would then
     never ask again, nor a share."""
-    alice = await signed_in(make_browser, served, "alice")
-    await opt_in(alice)
-    bob = await signed_in(make_browser, served, "bob")
-    bob.add_cookie(APP, "codehub_session", served.gateway.auth.sessions.issue(Identity("bob"), APP[7:]))
-    asked = await bob.navigate_until(served.preview("ws1", 3001, "/x"), lambda url: url.startswith(f"{HUB}/consent?"),
-                                     headers=NAVIGATE)
+    bob, asked = await asked_by_the_app(served, make_browser)
     form = {"workspace": "ws1", "port": "3001", "next": "/", "ask": parse_qs(urlsplit(asked).query)["ask"][0]}
     if choice is not None:
         form["choice"] = choice
