@@ -718,6 +718,20 @@ async def test_ports_count_the_visitors_who_agreed_to_share_and_no_one_else(serv
     assert (await call(alice, "GET", "/api/v1/workspaces/a1")).json()["ports"][0]["consented"] == 1
 
 
+async def test_a_page_is_fifty_workspaces_on_the_hub_and_a_hundred_in_the_api(serve: Serve,
+                                                                               make_browser: MakeBrowser) -> None:
+    """The page sizes the README gives, as a person with 101 workspaces meets them (the tests around patch them)."""
+    served = await serve({f"w{n:03}": {"owner": "alice"} for n in range(101)})
+    alice = await user(make_browser, served, "alice")
+    hub_page = _hub_data((await alice.navigate(HUB + "/")).text)
+    snapshot = (await call(alice, "GET", "/api/v1/hub/snapshot")).json()
+    api_page = (await call(alice, "GET", "/api/v1/workspaces")).json()
+    assert [len(page["workspaces"]) for page in (hub_page, snapshot, api_page)] == [50, 50, 100]
+    assert all(page["next_cursor"] for page in (hub_page, snapshot, api_page))
+    rest = (await call(alice, "GET", f"/api/v1/workspaces?cursor={api_page['next_cursor']}")).json()
+    assert ([view["id"] for view in rest["workspaces"]], rest["next_cursor"]) == (["w100"], None)
+
+
 async def test_the_hub_shows_a_page_of_workspaces_with_their_own_links(
         serve: Serve, make_browser: MakeBrowser, monkeypatch: pytest.MonkeyPatch) -> None:
     """The hub page, its snapshot and its live feed show one page of workspaces (as the API pages them), each with
