@@ -132,6 +132,8 @@ def serve(args: argparse.Namespace) -> int:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"config error: local.state_dir: cannot use {folder}: {exc.strerror}") from None
+    if config.auth.oidc is not None:
+        config.auth.oidc.secret()  # read again at each sign-in (a rotated Secret takes effect); unreadable: said now
     _check_cluster(config)
     # bad settings fail here, before the banner; workers bind their own sockets, so theirs are only tried here
     listeners = bind_listeners(config, reuse_port=args.workers > 1)

@@ -181,6 +181,8 @@ class Oidc(_Model):
                 return self.client_secret_file.read_text().strip()
             except OSError as exc:
                 raise ConfigError(f"config error: auth.oidc.client_secret_file: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise ConfigError("config error: auth.oidc.client_secret_file: not UTF-8 text") from None
         return self.client_secret or ""
 
 

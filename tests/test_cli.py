@@ -386,6 +386,8 @@ _NOWHERE = "no-such-host.invalid"
         ("keys-file-is-a-folder-workers", "config error: auth.keys_file: cannot read keys file {tmp}/folder: "),
         ("port-in-use-workers", "config error: listen: cannot listen on 127.0.0.1:{port}: Address already in use"),
         ("no-kubeconfig", "config error: kubernetes.kubeconfig: cannot read /nonexistent/kubeconfig: "),
+        ("no-client-secret", "config error: auth.oidc.client_secret_file: No such file or directory"),
+        ("client-secret-not-utf8", "config error: auth.oidc.client_secret_file: not UTF-8 text"),
         ("empty-kubeconfig", "config error: kubernetes: Invalid kube-config file."),
     ],
 )
@@ -414,6 +416,11 @@ def test_serve_refuses_bad_settings_in_one_line(tmp_path: Path, case: str, line:
         (tmp_path / "state").mkdir()
         (tmp_path / "state" / "workspaces").touch()
         config = _settings_file(tmp_path, listen={"port": port})
+    elif case in ("no-client-secret", "client-secret-not-utf8"):  # read at each sign-in: tried once at start
+        if case == "client-secret-not-utf8":
+            (tmp_path / "oidc-secret").write_bytes(b"\xff\xfe")
+        config = _settings_file(tmp_path, listen={"port": port}, auth={"mode": "oidc", "oidc": {
+            "issuer": "https://sso.example.com", "client_id": "hub", "client_secret_file": "oidc-secret"}})
     elif case == "keys-file-is-a-folder":
         (tmp_path / "folder").mkdir()
         config = _settings_file(tmp_path, listen={"port": port}, auth={"keys_file": str(tmp_path / "folder")})
