@@ -77,6 +77,8 @@ def load(tmp_path: Path, text: str | None, env: dict[str, str] | None = None) ->
          == ({"cpu": "500m", "memory": "1Gi"}, {"cpu": "2", "memory": "4Gi"}, "sha256:" + "0" * 64)),
         # a kubeconfig is read only where it will be: not by the local runtime, nor beside in_cluster or api_url
         ("kubernetes: {kubeconfig: /nonexistent/kubeconfig}\n", {}, lambda c: c.runtime == "local"),
+        ("runtime: kubernetes\nkubernetes: {kubeconfig: gateway.yaml}\n", {},  # readable (the file itself)
+         lambda c: (c.runtime, c.kubernetes.kubeconfig.name) == ("kubernetes", "gateway.yaml")),
         ("runtime: kubernetes\nkubernetes: {kubeconfig: /nonexistent/kubeconfig, in_cluster: true}\n", {},
          lambda c: c.kubernetes.in_cluster),
         ("runtime: kubernetes\nkubernetes: {kubeconfig: /nonexistent/kubeconfig, api_url: 'http://127.0.0.1:8001'}\n",
@@ -102,6 +104,8 @@ def test_good_settings(tmp_path: Path, text: str | None, env: dict[str, str], ch
         ("preview_domain: 'localhost:65536'\n", {}, "preview_domain: must be a host name"),
         ("trusted_proxies: [nope]\n", {}, "trusted_proxies: 'nope' does not appear to be an IPv4 or IPv6 network"),
         ("listen: {host: 0.0.0.0}\n", {}, "auth.mode is dev (anyone can sign in as anyone) but listen.host 0.0.0.0"),
+        ("listen: {host: dev.example.internal}\n", {},
+         "auth.mode is dev (anyone can sign in as anyone) but listen.host dev.example.internal is not loopback"),
         ("auth: {mode: oidc}\n", {}, "auth.mode is oidc but auth.oidc (issuer, client_id, client_secret) is not set"),
         ("timeouts: {read: -1}\n", {}, "timeouts.read: Input should be greater than 0"),
         ("timeouts: {connect: soon}\n", {}, "timeouts.connect: Input should be a valid number"),
@@ -325,3 +329,33 @@ def test_an_oidc_client_secret_file_that_is_not_text_is_one_config_error_line(tm
     with pytest.raises(ConfigError) as caught:
         oidc.secret()
     assert str(caught.value).startswith("config error: auth.oidc.client_secret_file: ")
+
+
+def test_a_config_file_with_a_control_character_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
+    """PyYAML's reader refuses it before the parser has a line to point at (the error has no mark): the file is
+    named without one, not an AttributeError."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text("listen: {host: \x07}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert str(caught.value).startswith(f"config error: {path}: not valid YAML (unacceptable character #x0007: "
+                                        "control characters are not allowed"), str(caught.value)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a YAML ReaderError (no problem_mark, no problem) is shown by str(exc), "
+                                       "which ends with a second line '  in \"<unicode string>\", position N': the "
+                                       "config error is two lines, not one")
+def test_a_config_file_with_a_control_character_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("listen: {host: \x07}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert "\n" not in str(caught.value), str(caught.value)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_config_error_line(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_bytes(b"listen: {host: \xff}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert str(caught.value) == f"config error: {path}: not UTF-8 text (invalid start byte at byte 15)"
