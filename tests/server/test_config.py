@@ -75,6 +75,9 @@ def load(tmp_path: Path, text: str | None, env: dict[str, str] | None = None) ->
         ("kubernetes: {resources: {requests: {cpu: 500m, memory: 1Gi}}, image_digest: 'sha256:" + "0" * 64 + "'}\n", {},
          lambda c: (c.kubernetes.resources.requests, c.kubernetes.resources.limits, c.kubernetes.image_digest)
          == ({"cpu": "500m", "memory": "1Gi"}, {"cpu": "2", "memory": "4Gi"}, "sha256:" + "0" * 64)),
+        # null is "not set", as if left out
+        ("kubernetes: {api_url: null, image_digest: null}\n", {},
+         lambda c: (c.kubernetes.api_url, c.kubernetes.image_digest) == (None, None)),
         # a kubeconfig is read only where it will be: not by the local runtime, nor beside in_cluster or api_url
         ("kubernetes: {kubeconfig: /nonexistent/kubeconfig}\n", {}, lambda c: c.runtime == "local"),
         ("runtime: kubernetes\nkubernetes: {kubeconfig: gateway.yaml}\n", {},  # readable (the file itself)
@@ -124,6 +127,7 @@ def test_good_settings(tmp_path: Path, text: str | None, env: dict[str, str], ch
         (WS.replace("[sleep, '1']", "[]"), {}, "local.workspaces.ws1.command: must name a program to run"),
         (WS.replace("'1'", "'{port}'"), {}, "local.workspaces.ws1.command: '{port}': unknown placeholder"),
         # attribute and index access on a placeholder: only the four names themselves
+        (WS.replace("'1'", "'{port}-{user}'"), {}, "'{port}-{user}': unknown placeholder 'port'; use {host}"),
         (WS.replace("'1'", "'{host.x}'"), {}, "local.workspaces.ws1.command: '{host.x}': unknown placeholder"),
         (WS.replace("'1'", "'{home[0]}'"), {}, "local.workspaces.ws1.command: '{home[0]}': unknown placeholder"),
         (WS.replace("'1'", "'{workspace.__class__}'"), {}, "'{workspace.__class__}': unknown placeholder"),
