@@ -53,6 +53,39 @@ def load(tmp_path: Path, text: str | None, env: dict[str, str] | None = None) ->
         ("limits: {connections: 500, request_line: 4096, header_count: 50}\n", {"CODEHUB_LIMITS__HEAD_TIMEOUT": "3"},
          lambda c: (c.limits.connections, c.limits.request_line, c.limits.header_count, c.limits.head_timeout)
          == (500, 4096, 50, 3.0)),
+        # a proxy's network may be written by one of its addresses (10.1.2.3/8 is 10.0.0.0/8); the highest port
+        ("trusted_proxies: [10.1.2.3/8]\npreview_domain: 'preview.example.com:65535'\n", {},
+         lambda c: (c.trusted_proxies, c.preview_domain) == (("10.1.2.3/8",), "preview.example.com:65535")),
+        # the local workspaces' addresses are the local runtime's concern only
+        ("runtime: kubernetes\n" + WS + "metrics: {host: 127.0.0.2, port: 9090}\n", {},
+         lambda c: c.local.addresses() == {"ws1": "127.0.0.2"}),
+        # the CLI's own variables are not settings; a value that is not YAML is the text as it is
+        ("", {"CODEHUB_URL": "http://hub", "CODEHUB_TOKEN": "t", "CODEHUB_WORKSPACE": "ws1"},
+         lambda c: c.hub_url == "http://localhost:8080"),
+        ("", {"CODEHUB_KUBERNETES__IMAGE": "[registry/ide:1", "CODEHUB_KUBERNETES__PRIORITY_CLASS": "a: b: c"},
+         lambda c: (c.kubernetes.image, c.kubernetes.priority_class) == ("[registry/ide:1", "a: b: c")),
+        # the command as written (its placeholders filled in by the runtime), and an address left null handed out
+        (WS + "      address: null\n", {},
+         lambda c: (c.local.workspaces["ws1"].command, c.local.addresses()) == (("sleep", "1"), {"ws1": "127.0.0.2"})),
+        ("kubernetes: {namespace: team-a, storage_size: 20Gi, tmp_size: 512Mi, api_url: 'https://10.0.0.1:6443/'}\n"
+         "auth: {mode: oidc, oidc: {issuer: 'https://sso.example.com/realms/main/', client_id: hub}}\n", {},
+         lambda c: (c.kubernetes.namespace, c.kubernetes.storage_size, c.kubernetes.tmp_size, c.kubernetes.api_url,
+                    c.auth.oidc.issuer) == ("team-a", "20Gi", "512Mi", "https://10.0.0.1:6443",
+                                            "https://sso.example.com/realms/main")),
+        ("kubernetes: {resources: {requests: {cpu: 500m, memory: 1Gi}}, image_digest: 'sha256:" + "0" * 64 + "'}\n", {},
+         lambda c: (c.kubernetes.resources.requests, c.kubernetes.resources.limits, c.kubernetes.image_digest)
+         == ({"cpu": "500m", "memory": "1Gi"}, {"cpu": "2", "memory": "4Gi"}, "sha256:" + "0" * 64)),
+        # null is "not set", as if left out
+        ("kubernetes: {api_url: null, image_digest: null}\n", {},
+         lambda c: (c.kubernetes.api_url, c.kubernetes.image_digest) == (None, None)),
+        # a kubeconfig is read only where it will be: not by the local runtime, nor beside in_cluster or api_url
+        ("kubernetes: {kubeconfig: /nonexistent/kubeconfig}\n", {}, lambda c: c.runtime == "local"),
+        ("runtime: kubernetes\nkubernetes: {kubeconfig: gateway.yaml}\n", {},  # readable (the file itself)
+         lambda c: (c.runtime, c.kubernetes.kubeconfig.name) == ("kubernetes", "gateway.yaml")),
+        ("runtime: kubernetes\nkubernetes: {kubeconfig: /nonexistent/kubeconfig, in_cluster: true}\n", {},
+         lambda c: c.kubernetes.in_cluster),
+        ("runtime: kubernetes\nkubernetes: {kubeconfig: /nonexistent/kubeconfig, api_url: 'http://127.0.0.1:8001'}\n",
+         {}, lambda c: c.kubernetes.api_url == "http://127.0.0.1:8001"),
     ],
 )
 def test_good_settings(tmp_path: Path, text: str | None, env: dict[str, str], check: Any) -> None:
@@ -71,8 +104,11 @@ def test_good_settings(tmp_path: Path, text: str | None, env: dict[str, str], ch
         ("preview_domain: 'bad domain'\n", {}, "preview_domain: must be a host name"),
         ("preview_domain: 'localhost:99999'\n", {}, "preview_domain: must be a host name"),
         ("preview_domain: 'localhost:0'\n", {}, "preview_domain: must be a host name"),
+        ("preview_domain: 'localhost:65536'\n", {}, "preview_domain: must be a host name"),
         ("trusted_proxies: [nope]\n", {}, "trusted_proxies: 'nope' does not appear to be an IPv4 or IPv6 network"),
         ("listen: {host: 0.0.0.0}\n", {}, "auth.mode is dev (anyone can sign in as anyone) but listen.host 0.0.0.0"),
+        ("listen: {host: dev.example.internal}\n", {},
+         "auth.mode is dev (anyone can sign in as anyone) but listen.host dev.example.internal is not loopback"),
         ("auth: {mode: oidc}\n", {}, "auth.mode is oidc but auth.oidc (issuer, client_id, client_secret) is not set"),
         ("timeouts: {read: -1}\n", {}, "timeouts.read: Input should be greater than 0"),
         ("timeouts: {connect: soon}\n", {}, "timeouts.connect: Input should be a valid number"),
@@ -91,6 +127,7 @@ def test_good_settings(tmp_path: Path, text: str | None, env: dict[str, str], ch
         (WS.replace("[sleep, '1']", "[]"), {}, "local.workspaces.ws1.command: must name a program to run"),
         (WS.replace("'1'", "'{port}'"), {}, "local.workspaces.ws1.command: '{port}': unknown placeholder"),
         # attribute and index access on a placeholder: only the four names themselves
+        (WS.replace("'1'", "'{port}-{user}'"), {}, "'{port}-{user}': unknown placeholder 'port'; use {host}"),
         (WS.replace("'1'", "'{host.x}'"), {}, "local.workspaces.ws1.command: '{host.x}': unknown placeholder"),
         (WS.replace("'1'", "'{home[0]}'"), {}, "local.workspaces.ws1.command: '{home[0]}': unknown placeholder"),
         (WS.replace("'1'", "'{workspace.__class__}'"), {}, "'{workspace.__class__}': unknown placeholder"),
@@ -123,6 +160,27 @@ def test_good_settings(tmp_path: Path, text: str | None, env: dict[str, str], ch
         ("", {"CODEHUB_TRUSTED_PROXIES": "[300.0.0.0/8]"}, "trusted_proxies: '300.0.0.0/8' does not appear"),
         (None, {"CODEHUB_CONFIG": "/nonexistent/gateway.yaml"},
          "cannot read /nonexistent/gateway.yaml: No such file or directory"),
+        ("", {"CODEHUB_LISTEN": "5", "CODEHUB_LISTEN__PORT": "9000"}, "listen.port: listen is not a section"),
+        ("metrics: {port: 8080}\n", {}, "metrics.port 8080 is listen.port too; /metrics needs a port of its own"),
+        ("kubernetes: {namespace: Code_Hub}\n", {},
+         "kubernetes.namespace: must be a Kubernetes namespace name (lower-case letters, digits and '-')"),
+        ("kubernetes: {storage_size: 10GB}\n", {}, "kubernetes.storage_size: '10GB' is not a Kubernetes quantity"),
+        ("", {"CODEHUB_KUBERNETES__TMP_SIZE": "big"}, "kubernetes.tmp_size: 'big' is not a Kubernetes quantity"),
+        ("kubernetes: {image_digest: 'sha256:abc'}\n", {},
+         "kubernetes.image_digest: 'sha256:abc' is not an image digest like sha256:<64 hex digits>"),
+        ("kubernetes: {api_url: 'ftp://k8s'}\n", {}, "kubernetes.api_url: must be the API server's URL"),
+        ("kubernetes: {api_url: 'https://'}\n", {}, "kubernetes.api_url: must be the API server's URL"),
+        ("kubernetes: {resources: {requests: {cpu: lots}}}\n", {},
+         "kubernetes.resources.requests: resources.cpu: 'lots' is not a Kubernetes quantity like 500m, 2 or 4Gi"),
+        ("kubernetes: {resources: {limits: {memory: 4GB}}}\n", {},
+         "kubernetes.resources.limits: resources.memory: '4GB' is not a Kubernetes quantity"),
+        ("runtime: kubernetes\nkubernetes: {kubeconfig: /nonexistent/kubeconfig}\n", {},
+         "kubernetes.kubeconfig: cannot read /nonexistent/kubeconfig: No such file or directory"),
+        ("auth: {mode: oidc, oidc: {issuer: sso.example.com, client_id: hub}}\n", {},
+         "auth.oidc.issuer: must be the IdP's issuer URL"),
+        ("", {"CODEHUB_AUTH__MODE": "oidc", "CODEHUB_AUTH__OIDC__ISSUER": "https://",
+              "CODEHUB_AUTH__OIDC__CLIENT_ID": "x"},
+         "auth.oidc.issuer: must be the IdP's issuer URL"),
     ],
 )
 def test_bad_settings_are_one_line_naming_the_key(tmp_path: Path, text: str | None, env: dict[str, str],
@@ -236,3 +294,72 @@ def test_more_local_workspaces_than_loopback_addresses_are_refused() -> None:
         Config.model_validate({"local": {"workspaces": workspaces}})
     del workspaces[f"w{MOST_LOCAL_WORKSPACES}"]
     assert len(Config.model_validate({"local": {"workspaces": workspaces}}).local.workspaces) == MOST_LOCAL_WORKSPACES
+
+
+def test_the_oidc_client_secret_is_read_from_its_file_beside_the_config(tmp_path: Path, monkeypatch: Any) -> None:
+    """A relative ``client_secret_file`` is the config folder's (as a mounted Secret is); the secret is the file's
+    text without its trailing newline, and a file that cannot be read is one config error line, not a traceback."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "oidc-secret").write_text("s3cret\n")
+    path = folder / "gateway.yaml"
+    monkeypatch.chdir(tmp_path)
+
+    def secret(setting: str) -> str:
+        path.write_text("auth:\n  mode: oidc\n  oidc: {issuer: 'https://sso.example.com', client_id: hub" + setting
+                        + "}\n")
+        oidc = load_config(path, {}).auth.oidc
+        assert oidc is not None
+        return oidc.secret()
+
+    assert secret(", client_secret: inline") == "inline"
+    assert secret(", client_secret_file: oidc-secret") == "s3cret"
+    assert secret("") == ""
+    with pytest.raises(ConfigError) as caught:
+        secret(", client_secret_file: missing")
+    assert str(caught.value) == "config error: auth.oidc.client_secret_file: No such file or directory"
+
+
+@pytest.mark.xfail(strict=True, reason="bug: Oidc.secret() catches OSError only, so a client_secret_file that is not "
+                                       "UTF-8 raises UnicodeDecodeError at sign-in instead of one config error line "
+                                       "(load_config says 'not UTF-8 text' for the config file itself)")
+def test_an_oidc_client_secret_file_that_is_not_text_is_one_config_error_line(tmp_path: Path) -> None:
+    (tmp_path / "oidc-secret").write_bytes(b"\xff\xfe")
+    path = tmp_path / "gateway.yaml"
+    path.write_text("auth:\n  mode: oidc\n  oidc: {issuer: 'https://sso.example.com', client_id: hub, "
+                    "client_secret_file: oidc-secret}\n")
+    oidc = load_config(path, {}).auth.oidc
+    assert oidc is not None
+    with pytest.raises(ConfigError) as caught:
+        oidc.secret()
+    assert str(caught.value).startswith("config error: auth.oidc.client_secret_file: ")
+
+
+def test_a_config_file_with_a_control_character_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
+    """PyYAML's reader refuses it before the parser has a line to point at (the error has no mark): the file is
+    named without one, not an AttributeError."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text("listen: {host: \x07}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert str(caught.value).startswith(f"config error: {path}: not valid YAML (unacceptable character #x0007: "
+                                        "control characters are not allowed"), str(caught.value)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a YAML ReaderError (no problem_mark, no problem) is shown by str(exc), "
+                                       "which ends with a second line '  in \"<unicode string>\", position N': the "
+                                       "config error is two lines, not one")
+def test_a_config_file_with_a_control_character_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("listen: {host: \x07}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert "\n" not in str(caught.value), str(caught.value)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_config_error_line(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_bytes(b"listen: {host: \xff}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert str(caught.value) == f"config error: {path}: not UTF-8 text (invalid start byte at byte 15)"
