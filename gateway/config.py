@@ -616,7 +616,8 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"config error: {where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]  # a reader's error: no mark, 2 lines
+            raise ConfigError(f"config error: {where}: not valid YAML ({problem})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config error: {path}: the top level must be a mapping of settings")
         data = _anchor_paths(data, path.resolve().parent)

@@ -320,9 +320,6 @@ def test_the_oidc_client_secret_is_read_from_its_file_beside_the_config(tmp_path
     assert str(caught.value) == "config error: auth.oidc.client_secret_file: No such file or directory"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Oidc.secret() catches OSError only, so a client_secret_file that is not "
-                                       "UTF-8 raises UnicodeDecodeError at sign-in instead of one config error line "
-                                       "(load_config says 'not UTF-8 text' for the config file itself)")
 def test_an_oidc_client_secret_file_that_is_not_text_is_one_config_error_line(tmp_path: Path) -> None:
     (tmp_path / "oidc-secret").write_bytes(b"\xff\xfe")
     path = tmp_path / "gateway.yaml"
@@ -346,9 +343,6 @@ def test_a_config_file_with_a_control_character_is_a_config_error_naming_the_fil
                                         "control characters are not allowed"), str(caught.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a YAML ReaderError (no problem_mark, no problem) is shown by str(exc), "
-                                       "which ends with a second line '  in \"<unicode string>\", position N': the "
-                                       "config error is two lines, not one")
 def test_a_config_file_with_a_control_character_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "gateway.yaml"
     path.write_text("listen: {host: \x07}\n")
