@@ -22,8 +22,8 @@ from yarl import URL
 
 from gateway.accesslog import log_text
 from gateway.auth.keys import same_secret
-from gateway.config import Oidc
-from gateway.errors import GatewayError
+from gateway.config import ConfigError, Oidc
+from gateway.errors import GatewayError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 ALLOWED_ALGORITHMS = {
@@ -142,7 +142,13 @@ class OidcClient:
                 "code_verifier": verifier}
         # The shared upstream session skips the automatic Content-Type, so the form says what it is itself.
         headers = {"Accept": "application/json", "Content-Type": "application/x-www-form-urlencoded"}
-        secret = self.settings.secret()
+        try:
+            secret = self.settings.secret()
+        except ConfigError as exc:  # the mounted Secret went after start (it is read at each sign-in on purpose)
+            log.error("sign-in failed: %s", exc)
+            raise ServiceUnavailable("Sign-in cannot finish here right now: this gateway cannot read its own "
+                                     "credentials for the sign-in service. Its administrators can see why in its "
+                                     "log.", code="sign-in-misconfigured") from None
         if self.settings.token_auth_method == "client_secret_basic":
             # RFC 6749 §2.3.1: id and secret are form-encoded before they are joined and base64-encoded.
             headers["Authorization"] = aiohttp.encode_basic_auth(quote_plus(self.settings.client_id),

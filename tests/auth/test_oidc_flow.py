@@ -244,6 +244,31 @@ async def test_idp_down_at_the_callback(served: Served, idp: IdP, make_browser: 
     assert "Traceback" not in page.text
 
 
+async def test_a_client_secret_file_gone_after_start_fails_sign_ins_with_a_page_until_it_is_back(
+        serve: Serve, idp: IdP, gateway_port: int, tmp_path: Path, make_browser: MakeBrowser,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The secret file is read at each sign-in, so a rotated Secret takes effect; a mounted Secret can also vanish
+    or turn unreadable while the gateway runs. That is the gateway's own fault, not the IdP's or the visitor's: a
+    page that says so (503, no traceback), one line for the operator, and sign-in works again once it is back."""
+    secret = tmp_path / "oidc-secret"
+    secret.write_text(idp.client_secret + "\n")
+    settings = oidc_settings(idp, gateway_port)
+    settings["auth"]["oidc"] = {**settings["auth"]["oidc"], "client_secret": None, "client_secret_file": str(secret)}
+    served = await serve(WORKSPACES, port=gateway_port, **settings)
+    secret.unlink()
+    browser = await make_browser(served, login="alice", idp=idp)
+    caplog.clear()
+    page = await browser.navigate(served.preview("ws1", 3000, "/"))
+    assert (page.status, page.content_type) == (503, "text/html"), page.text
+    assert "sign-in-misconfigured" in page.text
+    assert "Traceback" not in page.text
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert said == ["sign-in failed: config error: auth.oidc.client_secret_file: No such file or directory"]
+
+    secret.write_text(idp.client_secret)
+    assert (await browser.navigate(served.preview("ws1", 3000, "/"))).status == 200
+
+
 @pytest.mark.parametrize("keep_old", [True, False])
 async def test_idp_key_rotation_lands_on_next_sign_in(
     served: Served, idp: IdP, make_browser: MakeBrowser, keep_old: bool
