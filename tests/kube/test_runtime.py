@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import kubernetes_validate
 import pytest
@@ -295,14 +296,19 @@ async def test_a_409_on_create_means_already_there(kube: KubeEnv, kubelet: FakeK
     assert names(kube.emulator, POD) == ["ws-w1"]
 
 
+@pytest.mark.parametrize(("verb", "kind"), [("post", POD), ("get", WORKSPACE), ("patch", WORKSPACE)],
+                         ids=["pod-create", "mark-read", "mark-write"])
 async def test_an_api_that_keeps_failing_is_a_clear_503(kube: KubeEnv, kubelet: FakeKubelet,
-                                                       make_runtime: MakeRuntime) -> None:
+                                                       make_runtime: MakeRuntime, verb: str, kind: Any) -> None:
+    """Every call a wake makes gets the attempts the runtime was given, no more: the pod's creation, and the
+    read and write of the Workspace's lifecycle mark that comes before it."""
     runtime = await make_runtime(retry_attempts=2)
     await new_workspace(runtime)
-    fault = kube.emulator.fail("post", POD, status=503, times=None)
+    fault = kube.emulator.fail(verb, kind, status=503, times=None)
     with pytest.raises(LifecycleError) as caught:
         await runtime.wake("w1")
-    assert len(list(fault)) == 2  # the attempts it was given
+    calls = [request for request in fault if not request.url.path.endswith("/status")]  # not the failure's own
+    assert len(calls) == 2  # the attempts it was given
     assert caught.value.status == 503
     assert caught.value.code == "kubernetes-unavailable"
     assert "Kubernetes API unavailable" in caught.value.message

@@ -159,6 +159,10 @@ class KubernetesRuntime(Runtime):
 
     # -- doing --
 
+    async def _swap(self, workspace: str, decide: Callable[[str | None], str | None]) -> tuple[bool, str | None]:
+        """``intent.swap`` with this runtime's attempts, as every other call of it gets."""
+        return await intent.swap(self._require_api(), workspace, decide, attempts=self._attempts)
+
     async def _call(self, call: Callable[[KubeClient], Any]) -> Any:
         """One API operation with the retry loop around it; a refusal becomes a clear LifecycleError."""
         client = self._require_api()
@@ -286,10 +290,9 @@ class KubernetesRuntime(Runtime):
     async def _claim_home(self, ws: WorkspaceResource, deadline: float) -> None:
         """Mark the home in use (guarded by resourceVersion) before a pod is made for it: an archive that has not
         committed yet will keep the volume; one that has is finished here first, then the home is restored."""
-        client = self._require_api()
         pvc = pvc_name(ws.id)
         while True:
-            written, found = await intent.swap(client, ws.id, lambda v: intent.KEEP if intent.kind_of(v) == "deleting"
+            written, found = await self._swap(ws.id, lambda v: intent.KEEP if intent.kind_of(v) == "deleting"
                                                and self.view.owned(PVC, pvc, ws.id) is not None
                                                else intent.token("awake", self.identity))
             if written:
@@ -352,10 +355,9 @@ class KubernetesRuntime(Runtime):
             return state
 
     async def _archive(self, workspace: str, pvc: str) -> None:
-        client = self._require_api()
         mine = intent.token("archiving", self.identity)
         stale = self.settings.snapshot_timeout + self.settings.request_timeout  # a crashed archiver's claim
-        written, found = await intent.swap(client, workspace, lambda v: intent.KEEP if intent.kind_of(v) in (
+        written, found = await self._swap(workspace, lambda v: intent.KEEP if intent.kind_of(v) in (
             "archiving", "deleting") and intent.age(v) < stale else mine)
         if not written:
             log.info("%s is being archived elsewhere (%s)", workspace, found)
@@ -364,7 +366,7 @@ class KubernetesRuntime(Runtime):
             committed = await self._snapshot_then_commit(workspace, mine)
         except LifecycleError:
             with contextlib.suppress(LifecycleError, NotFound):  # let the next archive try at once
-                await intent.swap(client, workspace, lambda v: None if v == mine else intent.KEEP)
+                await self._swap(workspace, lambda v: None if v == mine else intent.KEEP)
             raise
         if committed is None:
             return
@@ -374,7 +376,7 @@ class KubernetesRuntime(Runtime):
         await self.view.gone(workspace, PVC, pvc, deadline)
         for old in phases.prunable(self.view.snapshots(workspace), self.settings.keep_snapshots):
             await self._prune(workspace, old)
-        await intent.swap(client, workspace, lambda v: None if v == committed else intent.KEEP)
+        await self._swap(workspace, lambda v: None if v == committed else intent.KEEP)
 
     async def _snapshot_then_commit(self, workspace: str, mine: str) -> str | None:
         """Take a ready snapshot, then turn our ``archiving`` into ``deleting``; None when a wake came between."""
@@ -394,8 +396,7 @@ class KubernetesRuntime(Runtime):
         if not phases.snapshot_ready(snapshot):
             raise LifecycleError(f"snapshot {name} failed: {phases.snapshot_error(snapshot)}", code="snapshot-failed")
         commit = "deleting/" + mine.split("/", 1)[1]
-        written, found = await intent.swap(self._require_api(), workspace,
-                                           lambda v: commit if v == mine else intent.KEEP)
+        written, found = await self._swap(workspace, lambda v: commit if v == mine else intent.KEEP)
         if not written:
             log.info("workspace %s was woken while archiving (%s); keeping its volume", workspace, found)
             return None
