@@ -6,6 +6,7 @@ consumes is reported so the proxy strips it (``Authorization`` it understood, sh
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -24,6 +25,7 @@ SHARE_PARAM = "codehub_share"
 SESSION = "session"
 SHARE = "share"
 HANDOFF = "handoff"
+_STATE = re.compile(r"[A-Za-z0-9_-]{24}")  # what token_urlsafe(18) makes: a hand-off state this gateway set
 
 
 class Credentials(NamedTuple):
@@ -179,14 +181,17 @@ class EmbedSignIn(Unauthorized):
         self.handoff_url = handoff_url
 
 
-def sign_in_redirect(headers: Mapping[str, str], public_url: str, hub_url: str, *,
+def sign_in_redirect(headers: CIMultiDictProxy[str], public_url: str, hub_url: str, *,
                      secure: bool) -> Unauthorized | Redirect:
     """Send a browser to sign in, remembering where it was going.
 
     A preview or IDE host cannot see the hub's cookie, so it asks the hub for a hand-off code, bound to a random
-    state kept in a cookie on that host: the code only works back in this same browser.
+    state kept in a cookie on that host: the code only works back in this same browser. A browser already on its
+    way (another tab of this host, restored with it) keeps the state it has, so that every tab's code works.
     """
-    state = secrets.token_urlsafe(18)
+    state = read_cookie(headers, cookie_name(HANDOFF, secure)) or ""
+    if not _STATE.fullmatch(state):
+        state = secrets.token_urlsafe(18)
     embedded = is_embedded(headers)
     cookie = set_cookie(cookie_name(HANDOFF, secure), state, max_age=300, secure=secure, embedded=embedded)
     query = {"target": public_url, "state": state, **({"popup": "1"} if embedded else {})}

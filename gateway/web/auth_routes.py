@@ -20,6 +20,11 @@ from gateway.server.context import GATEWAY, Gateway
 
 LOGIN = "login"
 _LOGIN_TTL = 600
+# Sign-ins one browser may have under way at once (tabs restored together, links opened from a chat): each keeps
+# its own state, nonce and verifier in the one login cookie, newest first, within what a cookie can hold.
+_PENDING = 4
+_LOGIN_COOKIE_BYTES = 3800
+_NEXT_LONGEST = 2000  # one sign-in, its next included, fits in the cookie alone
 
 
 def hub_session(request: web.BaseRequest, gateway: Gateway) -> Session | None:
@@ -93,6 +98,8 @@ def _expired(name: str, secure: bool) -> str:
 async def login(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     next_url = local_path(request.query.get("next"))
+    if len(next_url) > _NEXT_LONGEST:  # could not be kept: the hub's page beats a sign-in that cannot finish
+        next_url = "/"
     if gateway.config.auth.mode == "dev":
         raise Redirect(str(URL("/auth/dev").with_query(next=next_url)), status=302)
     assert gateway.auth.oidc is not None
@@ -100,20 +107,38 @@ async def login(request: web.Request) -> web.StreamResponse:
     location = await gateway.auth.oidc.authorize_url(
         redirect_uri=gateway.hosts.hub_url("/auth/callback"), state=state, nonce=nonce, pkce=pkce
     )
-    cookie = gateway.auth.sessions.sign_state(
-        {"state": state, "nonce": nonce, "verifier": pkce.verifier, "next": next_url}, gateway.hosts.hub, _LOGIN_TTL
-    )
+    started = {"state": state, "nonce": nonce, "verifier": pkce.verifier, "next": next_url}
+    raise Redirect(location, status=302, cookies=(
+        _login_cookie(gateway, [started, *_pending(request, gateway)][:_PENDING]),))
+
+
+def _pending(request: web.BaseRequest, gateway: Gateway) -> list[dict[str, str]]:
+    """The sign-ins this browser has under way, newest first (none when its login cookie is absent, forged or
+    older than ten minutes since the last one began)."""
+    saved = gateway.auth.sessions.read_state(read_cookie(request.headers, cookie_name(LOGIN, gateway.config.secure)),
+                                             gateway.hosts.hub)
+    entries = saved.get("pending") if saved is not None else None
+    return [entry for entry in entries if isinstance(entry, dict)] if isinstance(entries, list) else []
+
+
+def _login_cookie(gateway: Gateway, pending: list[dict[str, str]]) -> str:
+    """The login cookie holding ``pending``, the oldest dropped while it would be too big for a browser to keep
+    (long ``next`` addresses), or one that ends it when none are left."""
     secure = gateway.config.secure
-    raise Redirect(location, status=302,
-                   cookies=(set_cookie(cookie_name(LOGIN, secure), cookie, max_age=_LOGIN_TTL, secure=secure),))
+    while pending:
+        value = gateway.auth.sessions.sign_state({"pending": pending}, gateway.hosts.hub, _LOGIN_TTL)
+        if len(value) <= _LOGIN_COOKIE_BYTES:
+            return set_cookie(cookie_name(LOGIN, secure), value, max_age=_LOGIN_TTL, secure=secure)
+        pending = pending[:-1]
+    return _expired(LOGIN, secure)
 
 
 async def callback(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
-    secure = gateway.config.secure
-    login = read_cookie(request.headers, cookie_name(LOGIN, secure))
-    saved = gateway.auth.sessions.read_state(login, gateway.hosts.hub)
-    if saved is None or not same_secret(request.query.get("state", ""), str(saved.get("state"))):
+    pending = _pending(request, gateway)
+    state = request.query.get("state", "")
+    saved = next((entry for entry in pending if same_secret(state, str(entry.get("state")))), None)
+    if saved is None:
         raise BadRequest("This sign-in has expired or was started elsewhere. Open the page you wanted again.",
                          code="sign-in-state-mismatch")
     if "error" in request.query:
@@ -130,7 +155,8 @@ async def callback(request: web.Request) -> web.StreamResponse:
         raise SignInFailed(f"The sign-in service sent {problem}, which this gateway does not accept. Ask its "
                            "administrators to correct the account.")
     raise Redirect(local_path(str(saved.get("next"))), status=303, cookies=(
-        await _session_cookie(request, gateway, identity), _expired(LOGIN, secure)))
+        await _session_cookie(request, gateway, identity),
+        _login_cookie(gateway, [entry for entry in pending if entry is not saved])))
 
 
 @aiohttp_jinja2.template("dev_login.html")
@@ -197,7 +223,10 @@ async def handoff(request: web.Request) -> web.StreamResponse:
 
 async def preview_callback(request: web.Request, gateway: Gateway, host: str, *,
                            cross_site: bool) -> web.StreamResponse:
-    """Preview side: trade the code for a cookie on this host and drop the code from the URL by a redirect."""
+    """Preview side: trade the code for a cookie on this host and drop the code from the URL by a redirect.
+
+    The state cookie stays until it lapses (five minutes): the other tabs of this host that set out to sign in
+    with it hold codes bound to it. Each code is good once, whoever holds the state."""
     secure = gateway.config.secure
     embedded = is_embedded(request.headers)
     signed_in, once, until = gateway.auth.sessions.read_code(
@@ -209,8 +238,7 @@ async def preview_callback(request: web.Request, gateway: Gateway, host: str, *,
     token = gateway.auth.sessions.issue(identity, host, sign_in)
     session = set_cookie(cookie_name(SESSION, secure), token, max_age=sign_in.left(),
                          secure=secure, embedded=embedded, cross_site=cross_site)
-    expired = set_cookie(cookie_name(HANDOFF, secure), "", max_age=0, secure=secure, embedded=embedded)
-    raise Redirect(local_path(request.query.get("next")), cookies=(session, expired))
+    raise Redirect(local_path(request.query.get("next")), cookies=(session,))
 
 
 async def preview_popup(request: web.Request) -> web.StreamResponse:

@@ -72,6 +72,58 @@ async def test_private_preview_signs_in_once_and_lands_on_the_clicked_url(
     assert browser.visited[visited:] == [served.preview("ws1", 3000, "/again")]
 
 
+async def test_tabs_that_start_signing_in_together_each_land_where_they_were_going(
+    served: Served, idp: IdP, make_browser: MakeBrowser
+) -> None:
+    """A browser that restores its tabs, or someone opening several links from a chat while signed out, starts
+    several sign-ins at once in one browser, two of them on the same preview: each lands on its own page, not
+    only the one started last (whose state cookies, on the hub and on the preview, replaced the others')."""
+    browser = await make_browser(served, login="alice", idp=idp)
+    tabs = [served.preview("ws1", 3000, "/first"), served.preview("ws1", 3000, "/second?q=2"),
+            served.preview("ws2", 4000, "/third")]
+    at_idp = [await browser.navigate_until(tab, lambda url: url.startswith(idp.issuer)) for tab in tabs]
+    for tab, authorize in zip(tabs, at_idp, strict=True):
+        page = await browser.navigate(authorize)
+        assert (page.status, page.url) == (200, tab), page.text
+    assert browser.idp_visits == 3
+
+
+async def test_a_browser_keeps_its_four_newest_sign_ins_in_a_cookie_it_can_hold(
+    served: Served, idp: IdP, make_browser: MakeBrowser
+) -> None:
+    """Sign-ins under way are kept newest first, four at most, and never more than a browser keeps in a cookie
+    (4,096 bytes for name and value): a fifth start, or a long ``next``, drops the oldest, whose callback is then
+    a stale sign-in's 400. Each callback takes only its own away. A ``next`` of over 2,000 characters, which
+    could not be kept, lands on the hub's page."""
+    browser = await make_browser(served, login="alice", idp=idp)
+
+    async def start(next_path: str) -> str:
+        login = await browser.fetch("GET", served.hub + "/auth/login?" + urlencode({"next": next_path}))
+        (kept,) = login.set_cookies
+        assert len(kept.partition(";")[0]) <= 4096
+        return login.location or ""
+
+    async def finish(authorize: str) -> Page:
+        back = await login_via_idp(browser.idp_http, authorize, "alice", issuer=idp.issuer)  # type: ignore[arg-type]
+        return await browser.fetch("GET", back, headers={"Accept": "text/html"})
+
+    started = [await start(f"/api/v1/me?n={n}") for n in range(5)]
+    assert (await finish(started[0])).status == 400
+    for n in (4, 2, 1, 3):
+        landed = await finish(started[n])
+        assert (landed.status, landed.location) == (303, served.hub + f"/api/v1/me?n={n}")
+    assert browser.cookie(served.hub, "codehub_login") is None  # the last one took the cookie with it
+
+    long = [await start(f"/api/v1/me?n={n}&pad={'x' * 1000}") for n in range(3)]
+    assert (await finish(long[0])).status == 400
+    assert (await finish(long[2])).status == 303
+    assert (await finish(long[1])).status == 303
+    longest = "/api/v1/me?pad=" + "x" * (2000 - len("/api/v1/me?pad="))  # kept, alone
+    assert ((landed := await finish(await start(longest))).status, landed.location) == (303, served.hub + longest)
+    too_long = await start(longest + "x")  # lands on the hub's page rather than nowhere
+    assert ((landed := await finish(too_long)).status, landed.location) == (303, served.hub + "/")
+
+
 async def test_upstream_learns_who_calls_and_nothing_of_ours(
     served: Served, idp: IdP, make_browser: MakeBrowser
 ) -> None:

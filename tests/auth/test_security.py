@@ -1156,7 +1156,8 @@ async def test_the_sign_in_popup_hands_its_code_to_the_framed_preview_and_leaks_
 async def test_a_handoff_code_replayed_with_its_state_cookie_is_refused(served: Served,
                                                                         make_browser: MakeBrowser) -> None:
     """The state cookie binds a code to a browser, and the token store makes it good once: a copy of the browser
-    taken before the code was used (its state cookie and the code's URL) gets no second session."""
+    taken before the code was used (its state cookie and the code's URL) gets no second session. The state
+    outlives the code (other tabs may hold codes bound to it), so the once is all that stops the copy."""
     browser = await signed_in(make_browser, served)
     app = served.preview("ws1", 3000, "/p")
     callback = await browser.navigate_until(app, lambda url: "/_codehub/auth/callback" in url)
@@ -1164,8 +1165,7 @@ async def test_a_handoff_code_replayed_with_its_state_cookie_is_refused(served: 
     assert state
     used = await browser.fetch("GET", callback)
     assert used.status == 303
-    (ended,) = [cookie for cookie in used.set_cookies if cookie.startswith("codehub_handoff=")]
-    assert attributes(ended)["max-age"] == "0", "the state cookie goes with the code it bound"
+    assert browser.cookie(app, "codehub_handoff") == state
     copy = await make_browser(served)
     copy.add_cookie(app, "codehub_handoff", state)
     replay = await copy.fetch("GET", callback, headers={"Accept": "application/json"})
