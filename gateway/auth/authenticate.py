@@ -181,6 +181,12 @@ class EmbedSignIn(Unauthorized):
         self.handoff_url = handoff_url
 
 
+def handoff_state(headers: CIMultiDictProxy[str], secure: bool) -> str | None:
+    """The hand-off state this browser holds for this host, when it is one this gateway could have set."""
+    state = read_cookie(headers, cookie_name(HANDOFF, secure))
+    return state if state is not None and _STATE.fullmatch(state) else None
+
+
 def sign_in_redirect(headers: CIMultiDictProxy[str], public_url: str, hub_url: str, *,
                      secure: bool) -> Unauthorized | Redirect:
     """Send a browser to sign in, remembering where it was going.
@@ -189,9 +195,7 @@ def sign_in_redirect(headers: CIMultiDictProxy[str], public_url: str, hub_url: s
     state kept in a cookie on that host: the code only works back in this same browser. A browser already on its
     way (another tab of this host, restored with it) keeps the state it has, so that every tab's code works.
     """
-    state = read_cookie(headers, cookie_name(HANDOFF, secure)) or ""
-    if not _STATE.fullmatch(state):
-        state = secrets.token_urlsafe(18)
+    state = handoff_state(headers, secure) or secrets.token_urlsafe(18)
     embedded = is_embedded(headers)
     cookie = set_cookie(cookie_name(HANDOFF, secure), state, max_age=300, secure=secure, embedded=embedded)
     query = {"target": public_url, "state": state, **({"popup": "1"} if embedded else {})}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import secrets
 
 import aiohttp_jinja2
@@ -9,7 +10,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 from yarl import URL
 
-from gateway.auth.authenticate import HANDOFF, SESSION
+from gateway.auth.authenticate import SESSION, handoff_state
 from gateway.auth.identity import Identity
 from gateway.auth.keys import same_secret
 from gateway.auth.oidc import Pkce, SignInFailed
@@ -21,10 +22,9 @@ from gateway.server.context import GATEWAY, Gateway
 LOGIN = "login"
 _LOGIN_TTL = 600
 # Sign-ins one browser may have under way at once (tabs restored together, links opened from a chat): each keeps
-# its own state, nonce and verifier in the one login cookie, newest first, within what a cookie can hold.
+# its own state, nonce and verifier in the one login cookie, newest first.
 _PENDING = 4
-_LOGIN_COOKIE_BYTES = 3800
-_NEXT_LONGEST = 2000  # one sign-in, its next included, fits in the cookie alone
+_NEXT_LONGEST = 2000  # carried in the IdP's address (the state): longer goes to the hub's page
 
 
 def hub_session(request: web.BaseRequest, gateway: Gateway) -> Session | None:
@@ -103,13 +103,26 @@ async def login(request: web.Request) -> web.StreamResponse:
     if gateway.config.auth.mode == "dev":
         raise Redirect(str(URL("/auth/dev").with_query(next=next_url)), status=302)
     assert gateway.auth.oidc is not None
-    pkce, state, nonce = Pkce.new(), secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+    pkce, secret, nonce = Pkce.new(), secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+    # The state says where the sign-in was going beside its secret, so that a tab whose sign-in another pushed
+    # out of the cookie can still be sent on (``_lost``). Only the secret binds it to this browser.
+    state = f"{secret}.{base64.urlsafe_b64encode(next_url.encode()).decode().rstrip('=')}"
     location = await gateway.auth.oidc.authorize_url(
         redirect_uri=gateway.hosts.hub_url("/auth/callback"), state=state, nonce=nonce, pkce=pkce
     )
-    started = {"state": state, "nonce": nonce, "verifier": pkce.verifier, "next": next_url}
+    started = {"state": secret, "nonce": nonce, "verifier": pkce.verifier}
     raise Redirect(location, status=302, cookies=(
         _login_cookie(gateway, [started, *_pending(request, gateway)][:_PENDING]),))
+
+
+def _going(state: str) -> tuple[str, str | None]:
+    """A callback's state as its secret and where it was going (None when it does not say)."""
+    secret, _, encoded = state.partition(".")
+    try:
+        next_url = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return secret, None
+    return secret, local_path(next_url) if encoded else None
 
 
 def _pending(request: web.BaseRequest, gateway: Gateway) -> list[dict[str, str]]:
@@ -122,25 +135,37 @@ def _pending(request: web.BaseRequest, gateway: Gateway) -> list[dict[str, str]]
 
 
 def _login_cookie(gateway: Gateway, pending: list[dict[str, str]]) -> str:
-    """The login cookie holding ``pending``, the oldest dropped while it would be too big for a browser to keep
-    (long ``next`` addresses), or one that ends it when none are left."""
+    """The login cookie holding ``pending`` (about 1 KB for four), or one that ends it when none are left."""
     secure = gateway.config.secure
-    while pending:
-        value = gateway.auth.sessions.sign_state({"pending": pending}, gateway.hosts.hub, _LOGIN_TTL)
-        if len(value) <= _LOGIN_COOKIE_BYTES:
-            return set_cookie(cookie_name(LOGIN, secure), value, max_age=_LOGIN_TTL, secure=secure)
-        pending = pending[:-1]
-    return _expired(LOGIN, secure)
+    if not pending:
+        return _expired(LOGIN, secure)
+    value = gateway.auth.sessions.sign_state({"pending": pending}, gateway.hosts.hub, _LOGIN_TTL)
+    return set_cookie(cookie_name(LOGIN, secure), value, max_age=_LOGIN_TTL, secure=secure)
+
+
+def _lost(request: web.BaseRequest, gateway: Gateway, next_url: str | None,
+          pending: list[dict[str, str]]) -> GatewayError:
+    """A callback whose sign-in this browser's cookie does not hold: tabs that set out together each wrote the
+    cookie, and only the last write stayed. A browser signed in by now (another tab finished) goes on to where
+    this one was going; one with sign-ins still under way (so its cookies work) starts this one again. The code
+    is never used: only a sign-in this browser holds may sign it in (else a forged callback could sign a
+    visitor in as someone else)."""
+    if next_url is not None:
+        if hub_session(request, gateway) is not None:
+            return Redirect(next_url, status=303)
+        if pending:
+            return Redirect(str(URL("/auth/login").with_query(next=next_url)), status=303)
+    return BadRequest("This sign-in has expired or was started elsewhere. Open the page you wanted again.",
+                      code="sign-in-state-mismatch")
 
 
 async def callback(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     pending = _pending(request, gateway)
-    state = request.query.get("state", "")
-    saved = next((entry for entry in pending if same_secret(state, str(entry.get("state")))), None)
+    secret, next_url = _going(request.query.get("state", ""))
+    saved = next((entry for entry in pending if same_secret(secret, str(entry.get("state")))), None)
     if saved is None:
-        raise BadRequest("This sign-in has expired or was started elsewhere. Open the page you wanted again.",
-                         code="sign-in-state-mismatch")
+        raise _lost(request, gateway, next_url, pending)
     if "error" in request.query:
         said = request.query.get("error_description") or request.query["error"]
         raise SignInFailed(f"The sign-in service said: {said}.")
@@ -154,7 +179,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
     if (problem := identity.unsendable()) is not None:
         raise SignInFailed(f"The sign-in service sent {problem}, which this gateway does not accept. Ask its "
                            "administrators to correct the account.")
-    raise Redirect(local_path(str(saved.get("next"))), status=303, cookies=(
+    raise Redirect(next_url or "/", status=303, cookies=(
         await _session_cookie(request, gateway, identity),
         _login_cookie(gateway, [entry for entry in pending if entry is not saved])))
 
@@ -229,9 +254,15 @@ async def preview_callback(request: web.Request, gateway: Gateway, host: str, *,
     with it hold codes bound to it. Each code is good once, whoever holds the state."""
     secure = gateway.config.secure
     embedded = is_embedded(request.headers)
-    signed_in, once, until = gateway.auth.sessions.read_code(
-        request.query.get("code", ""), host, read_cookie(request.headers, cookie_name(HANDOFF, secure))
-    )
+    state = handoff_state(request.headers, secure)
+    try:
+        signed_in, once, until = gateway.auth.sessions.read_code(request.query.get("code", ""), host, state)
+    except BadRequest as refused:
+        if refused.code == "handoff-state-mismatch" and state is not None:
+            # Another tab of this host set out at the same moment and its state stayed: this tab starts again
+            # from its page, with that state (or the session that tab has bought by now). The code goes unused.
+            raise Redirect(local_path(request.query.get("next"))) from None
+        raise
     if not await gateway.auth.store.use_once(once, until):
         raise BadRequest("This sign-in link was already used. Open the page again.", code="handoff-replayed")
     identity, sign_in = signed_in

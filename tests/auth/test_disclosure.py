@@ -420,9 +420,9 @@ async def test_an_owner_who_redeems_a_visitors_handoff_code_learns_nothing_from_
     alice = await signed_in(make_browser, served, "alice")
     await opt_in(alice)
     owner = await make_browser(served)
-    owner.add_cookie(APP, "codehub_handoff", "owners-state")
+    owner.add_cookie(APP, "codehub_handoff", "owners-state-chosen-here")
     visitor = await signed_in(make_browser, served, "visiting-bob")
-    handoff = await visitor.fetch("GET", f"{HUB}/auth/handoff?target={APP}/&state=owners-state")
+    handoff = await visitor.fetch("GET", f"{HUB}/auth/handoff?target={APP}/&state=owners-state-chosen-here")
     assert handoff.status == 302
     assert (await owner.fetch("GET", handoff.location or "")).status == 303
     asked = await owner.fetch("GET", APP + "/x", headers=NAVIGATE)
@@ -433,8 +433,8 @@ async def test_an_owner_who_redeems_a_visitors_handoff_code_learns_nothing_from_
     for part in ask.split("."):
         readable += base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)).decode("latin-1")
     assert "visiting-bob" not in readable
-    visitor.add_cookie(APP, "codehub_handoff", "visitors-state")  # the visitor's own hand-off, and answer
-    assert (await visitor.navigate(f"{HUB}/auth/handoff?target={APP}/&state=visitors-state")).status == 200
+    visitor.add_cookie(APP, "codehub_handoff", "visitors-own-state-00000")  # the visitor's own hand-off, and answer
+    assert (await visitor.navigate(f"{HUB}/auth/handoff?target={APP}/&state=visitors-own-state-00000")).status == 200
     assert (await answer(visitor, "share")).status == 303
     assert (await learned(visitor, served))["x-forwarded-user"] == ["visiting-bob"]
 

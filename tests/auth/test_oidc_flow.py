@@ -88,19 +88,18 @@ async def test_tabs_that_start_signing_in_together_each_land_where_they_were_goi
     assert browser.idp_visits == 3
 
 
-async def test_a_browser_keeps_its_four_newest_sign_ins_in_a_cookie_it_can_hold(
+async def test_a_sign_in_pushed_out_of_the_cookie_goes_on_without_its_code(
     served: Served, idp: IdP, make_browser: MakeBrowser
 ) -> None:
-    """Sign-ins under way are kept newest first, four at most, and never more than a browser keeps in a cookie
-    (4,096 bytes for name and value): a fifth start, or a long ``next``, drops the oldest, whose callback is then
-    a stale sign-in's 400. Each callback takes only its own away. A ``next`` of over 2,000 characters, which
-    could not be kept, lands on the hub's page."""
+    """The login cookie keeps the four newest sign-ins under way. A callback for one it no longer holds (a fifth
+    start pushed it out, or tabs that started at the same moment each wrote the cookie) never uses its code: while
+    others are under way it starts again (its cookies work), once the browser is signed in it goes on to where it
+    was going, and with neither it is the stale sign-in's 400. Each callback takes only its own sign-in away."""
     browser = await make_browser(served, login="alice", idp=idp)
 
     async def start(next_path: str) -> str:
         login = await browser.fetch("GET", served.hub + "/auth/login?" + urlencode({"next": next_path}))
-        (kept,) = login.set_cookies
-        assert len(kept.partition(";")[0]) <= 4096
+        assert login.status == 302
         return login.location or ""
 
     async def finish(authorize: str) -> Page:
@@ -108,20 +107,53 @@ async def test_a_browser_keeps_its_four_newest_sign_ins_in_a_cookie_it_can_hold(
         return await browser.fetch("GET", back, headers={"Accept": "text/html"})
 
     started = [await start(f"/api/v1/me?n={n}") for n in range(5)]
-    assert (await finish(started[0])).status == 400
+    again = await finish(started[0])
+    assert again.status == 303
+    assert (again.location or "").startswith(served.hub + "/auth/login?")
+    assert parse_qs(urlsplit(again.location or "").query) == {"next": ["/api/v1/me?n=0"]}
+    assert not again.set_cookies, "no session from a sign-in this browser no longer holds"
     for n in (4, 2, 1, 3):
         landed = await finish(started[n])
         assert (landed.status, landed.location) == (303, served.hub + f"/api/v1/me?n={n}")
+        assert landed.set_cookies
     assert browser.cookie(served.hub, "codehub_login") is None  # the last one took the cookie with it
+    on = await finish(started[0])
+    assert (on.status, on.location, on.set_cookies) == (303, served.hub + "/api/v1/me?n=0", [])
 
-    long = [await start(f"/api/v1/me?n={n}&pad={'x' * 1000}") for n in range(3)]
-    assert (await finish(long[0])).status == 400
-    assert (await finish(long[2])).status == 303
-    assert (await finish(long[1])).status == 303
-    longest = "/api/v1/me?pad=" + "x" * (2000 - len("/api/v1/me?pad="))  # kept, alone
-    assert ((landed := await finish(await start(longest))).status, landed.location) == (303, served.hub + longest)
-    too_long = await start(longest + "x")  # lands on the hub's page rather than nowhere
-    assert ((landed := await finish(too_long)).status, landed.location) == (303, served.hub + "/")
+    stranger = await make_browser(served, login="alice", idp=idp)  # no sign-in under way, none done
+    back = await login_via_idp(browser.idp_http, await start("/x"), "alice", issuer=idp.issuer)  # type: ignore[arg-type]
+    refused = await stranger.fetch("GET", back, headers={"Accept": "application/json"})
+    assert (refused.status, refused.json()["error"]["code"]) == (400, "sign-in-state-mismatch")
+
+
+@pytest.mark.parametrize(("state_next", "lands"), [
+    ("//evil.test/x", "/evil.test/x"), ("https://evil.test/", "/"), ("/\\evil.test", "/evil.test"),
+    ("/a\nb", "/"), ("", None), (None, None),
+])
+async def test_a_forged_callback_state_sends_nowhere_but_this_hub(
+    served: Served, idp: IdP, make_browser: MakeBrowser, state_next: str | None, lands: str | None
+) -> None:
+    """Where a state says it was going is the caller's to write: it is read as every ``next`` is, and a state
+    that says nothing is the stale sign-in's 400."""
+    browser = await make_browser(served, login="alice", idp=idp)
+    assert (await browser.navigate(served.preview("ws1", 3000, "/"))).status == 200  # signed in at the hub
+    state = "forged" + ("" if state_next is None else "." + base64.urlsafe_b64encode(state_next.encode()).decode())
+    page = await browser.fetch("GET", served.hub + "/auth/callback?" + urlencode({"code": "x", "state": state}))
+    assert (page.status, page.location) == ((303, served.hub + lands) if lands is not None else (400, None))
+
+
+async def test_the_state_carries_where_a_sign_in_goes_up_to_2000_characters(
+    served: Served, idp: IdP, make_browser: MakeBrowser
+) -> None:
+    """The state travels in the IdP's address, so a ``next`` of over 2,000 characters is not put in it: that
+    sign-in lands on the hub's page."""
+    browser = await make_browser(served, login="alice", idp=idp)
+    longest = "/api/v1/me?pad=" + "x" * (2000 - len("/api/v1/me?pad="))
+    for next_path, lands in ((longest, longest), (longest + "x", "/")):
+        login = await browser.fetch("GET", served.hub + "/auth/login?" + urlencode({"next": next_path}))
+        back = await login_via_idp(browser.idp_http, login.location or "", "alice", issuer=idp.issuer)  # type: ignore[arg-type]
+        landed = await browser.fetch("GET", back)
+        assert (landed.status, landed.location) == (303, served.hub + lands)
 
 
 async def test_upstream_learns_who_calls_and_nothing_of_ours(
@@ -807,14 +839,16 @@ async def test_sending_a_signed_in_browser_through_sign_in_again_keeps_its_sign_
 
 async def test_the_sign_in_round_trip_keeps_its_state_in_a_ten_minute_cookie_that_the_callback_ends(
         served: Served, idp: IdP, make_browser: MakeBrowser) -> None:
-    """``/auth/login`` sends the browser to the IdP (302) with a fresh state and nonce (18 random bytes each) and
-    keeps them, with the PKCE verifier and ``next``, in a host-only cookie that lasts ten minutes; the callback
-    lands on ``next`` (303) and ends that cookie."""
+    """``/auth/login`` sends the browser to the IdP (302) with a fresh state (18 random bytes, then ``next``) and
+    nonce (18 random bytes) and keeps the state's secret, the nonce and the PKCE verifier in a host-only cookie
+    that lasts ten minutes; the callback lands on ``next`` (303) and ends that cookie."""
     browser = await make_browser(served, login="alice", idp=idp)
     login = await browser.fetch("GET", served.hub + "/auth/login?next=/api/v1/me", headers={"Accept": "text/html"})
     assert login.status == 302
     asked = parse_qs(urlsplit(login.location or "").query)
-    assert (len(asked["state"][0]), len(asked["nonce"][0])) == (24, 24)
+    secret, _, going = asked["state"][0].partition(".")
+    assert (len(secret), len(asked["nonce"][0])) == (24, 24)
+    assert base64.urlsafe_b64decode(going + "=" * (-len(going) % 4)) == b"/api/v1/me"
     (kept,) = login.set_cookies
     assert kept.startswith("codehub_login=")
     assert "Max-Age=600" in [part.strip() for part in kept.split(";")]

@@ -1174,6 +1174,52 @@ async def test_a_handoff_code_replayed_with_its_state_cookie_is_refused(served: 
     assert copy.cookie(app, "codehub_session") is None
 
 
+async def test_tabs_of_one_preview_that_set_out_together_each_reach_it(served: Served,
+                                                                       make_browser: MakeBrowser) -> None:
+    """Two tabs of one preview host sent to sign in at the same moment each set a state cookie before either came
+    back: the first tab's code is bound to a state the browser no longer holds. It is not used: that tab starts
+    again from its page, with the state that stayed, and lands there; the other tab's code works as it is."""
+    browser = await signed_in(make_browser, served)
+    first, second = served.preview("ws1", 3000, "/one?a=1"), served.preview("ws1", 3000, "/two")
+    nav = {"Accept": "text/html"}
+    sent = [await browser.fetch("GET", tab, headers=nav, send_cookies=False) for tab in (first, second)]
+    assert [page.status for page in sent] == [302, 302]
+    state = browser.cookie(first, "codehub_handoff")
+    assert state
+    assert state in (sent[1].location or "")
+    assert state not in (sent[0].location or "")
+
+    code = await browser.fetch("GET", sent[0].location or "", headers=nav)  # the hub hands off at once
+    again = await browser.fetch("GET", code.location or "", headers=nav)
+    assert (again.status, again.location, again.set_cookies) == (303, first, [])
+    page = await browser.navigate(first)
+    assert (page.status, page.json()["path"]) == (200, "/one?a=1")
+    page = await browser.navigate(sent[1].location or "")
+    assert (page.status, page.url, page.json()["path"]) == (200, second, "/two")
+
+
+async def test_a_hand_off_state_cookie_is_kept_for_the_next_tab_only_in_the_shape_the_gateway_gives_it(
+        served: Served, make_browser: MakeBrowser) -> None:
+    """A state this gateway could have set (24 URL-safe characters) is kept for the next tab's sign-in. Any other
+    value (planted over plain HTTP by a page on the shared parent domain, say) is replaced at the next sign-in and,
+    at a callback, is the plain mismatch page rather than a reason to start again (a loop of redirects)."""
+    browser = await signed_in(make_browser, served)
+    app = served.preview("ws1", 3000, "/p")
+    browser.add_cookie(app, "codehub_handoff", "A-_z" * 6)
+    sent = await browser.fetch("GET", app, headers={"Accept": "text/html"})
+    assert "state=" + "A-_z" * 6 in (sent.location or "")
+    assert browser.cookie(app, "codehub_handoff") == "A-_z" * 6
+    browser.add_cookie(app, "codehub_handoff", "planted")
+    sent = await browser.fetch("GET", app, headers={"Accept": "text/html"})
+    state = browser.cookie(app, "codehub_handoff")
+    assert state != "planted"
+    assert f"state={state}" in (sent.location or "")
+    code = await browser.fetch("GET", sent.location or "", headers={"Accept": "text/html"})
+    browser.add_cookie(app, "codehub_handoff", "x" * 23)
+    refused = await browser.fetch("GET", code.location or "", headers={"Accept": "application/json"})
+    assert (refused.status, refused.json()["error"]["code"]) == (400, "handoff-state-mismatch")
+
+
 @pytest.mark.parametrize(("form", "email"), [({"user": "bob"}, "bob@example.com"),
                                              ({"user": "bob@corp.test"}, "bob@corp.test"),
                                              ({"user": "bob", "email": " b@x.test "}, "b@x.test")])

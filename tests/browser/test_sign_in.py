@@ -5,6 +5,8 @@ The workspace is asleep (WARM) when the link is clicked, so the route also passe
 
 from __future__ import annotations
 
+import asyncio
+
 from playwright.async_api import Page
 
 from tests.browser.conftest import (
@@ -55,6 +57,27 @@ async def test_click_private_share_url_signs_in_and_lands_on_it(
     await screenshot(page, "1-error-page-404-light")
     await page.emulate_media(color_scheme="dark")
     await screenshot(page, "1-error-page-404-dark")
+
+
+async def test_tabs_restored_together_while_signed_out_each_land_on_their_own_page(
+    browser: Browser, make_stack: MakeStack
+) -> None:
+    """A browser restoring its preview tabs after a night (or three links opened at once from a chat) sends all
+    three to sign in before any has finished: each tab, once its IdP form is filled, lands on its own page, two of
+    them on the same preview host."""
+    stack = await make_stack({"ws1": {"owner": "alice", "command": app_command(3000), "ports": {3000: "private"}},
+                              "ws2": {"owner": "alice", "command": app_command(4000), "ports": {4000: "private"}}})
+    context = await browser.launch(third_party_cookies=False)
+    tabs = {stack.share_url("ws1", 3000, "/tab/1?a=1"): "/tab/1?a=1",
+            stack.share_url("ws1", 3000, "/tab/2"): "/tab/2",
+            stack.share_url("ws2", 4000, "/tab/3"): "/tab/3"}
+    pages = [await context.new_page() for _ in tabs]
+    await asyncio.gather(*(page.goto(url) for page, url in zip(pages, tabs, strict=True)))
+    for page, (url, path) in zip(pages, tabs.items(), strict=True):
+        await idp_sign_in(page, stack.idp, "alice")
+        await page.wait_for_url(url)
+        await page.locator("#app").wait_for()
+        assert await page.locator("#path").text_content() == path
 
 
 def _quote(url: str) -> str:

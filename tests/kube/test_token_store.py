@@ -300,12 +300,12 @@ async def test_a_hand_off_code_is_admitted_once_across_replicas(kube: KubeEnv, r
     """Any replica may be shown a hand-off code; the API server, not a replica's memory, says it was used."""
     a, b = await replica("gw-a"), await replica("gw-b")
     sessions = gateway(a).auth.sessions
-    code = sessions.handoff_code(Session(Identity("alice"), sessions.sign_in()), PREVIEW, "state-1")
+    code = sessions.handoff_code(Session(Identity("alice"), sessions.sign_in()), PREVIEW, "state-1-of-this-browser0")
 
     async def callback(client: Client) -> tuple[int, str]:
         response = await client.get(f"/_codehub/auth/callback?code={code}&next=/", allow_redirects=False,
                                     headers={"Host": PREVIEW, "Accept": "application/json",
-                                             "Cookie": "codehub_handoff=state-1"})
+                                             "Cookie": "codehub_handoff=state-1-of-this-browser0"})
         return response.status, "" if response.status == 303 else (await response.json())["error"]["code"]
 
     assert await callback(b) == (303, "")
