@@ -122,11 +122,12 @@ class OidcClient:
         }
         return str(URL(metadata["authorization_endpoint"]).update_query(query))
 
-    async def end_session_url(self, *, post_logout_redirect_uri: str) -> str | None:
+    async def end_session_url(self, *, post_logout_redirect_uri: str, id_token_hint: str | None) -> str | None:
         """Where to send a browser that signed out so that the IdP ends its own session too (RP-initiated logout),
         or None when the IdP publishes no ``end_session_endpoint`` or cannot be reached: the gateway's sign-out
         is done either way. Without it, the next sign-in would pass through the IdP without a password, which on
-        a shared computer is the next person's."""
+        a shared computer is the next person's. ``id_token_hint`` is the sign-in's ID token, which some IdPs
+        (Okta) need to end theirs."""
         try:
             endpoint = (await self.metadata(refresh=True)).get("end_session_endpoint")
         except IdpUnavailable:
@@ -134,6 +135,8 @@ class OidcClient:
         if not isinstance(endpoint, str):
             return None
         query = {"client_id": self.settings.client_id, "post_logout_redirect_uri": post_logout_redirect_uri}
+        if id_token_hint is not None:
+            query["id_token_hint"] = id_token_hint
         return str(URL(endpoint).update_query(query))
 
     async def exchange(self, *, code: str, redirect_uri: str, verifier: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from gateway.errors import BadRequest, Forbidden, GatewayError, Redirect, Servic
 from gateway.server.context import GATEWAY, Gateway
 
 LOGIN = "login"
+ID_TOKEN = "idtoken"
 _LOGIN_TTL = 600
 # Sign-ins one browser may have under way at once (tabs restored together, links opened from a chat): each keeps
 # its own state, nonce and verifier in the one login cookie, newest first.
@@ -179,9 +180,18 @@ async def callback(request: web.Request) -> web.StreamResponse:
     if (problem := identity.unsendable()) is not None:
         raise SignInFailed(f"The sign-in service sent {problem}, which this gateway does not accept. Ask its "
                            "administrators to correct the account.")
+    kept = (_id_token_cookie(gateway, tokens["id_token"]),) if oidc.settings.sign_out_at_idp else ()
     raise Redirect(next_url or "/", status=303, cookies=(
         await _session_cookie(request, gateway, identity),
-        _login_cookie(gateway, [entry for entry in pending if entry is not saved])))
+        _login_cookie(gateway, [entry for entry in pending if entry is not saved]), *kept))
+
+
+def _id_token_cookie(gateway: Gateway, id_token: str) -> str:
+    """The sign-in's ID token, kept for Sign out to hand the IdP as ``id_token_hint``. Sealed, so that one
+    planted on the hub's host is never passed on, and only in a cookie of the hub's."""
+    sessions, secure = gateway.auth.sessions, gateway.config.secure
+    sealed = sessions.seal_state({"id_token": id_token}, gateway.hosts.hub, sessions.ttl)
+    return set_cookie(cookie_name(ID_TOKEN, secure), sealed, max_age=int(sessions.ttl), secure=secure)
 
 
 @aiohttp_jinja2.template("dev_login.html")
@@ -218,10 +228,15 @@ async def logout(request: web.Request) -> web.StreamResponse:
     session = hub_session(request, gateway)
     if session is not None:
         await _end_sign_in(gateway, session)
-    oidc, location = gateway.auth.oidc, None
+    oidc, location, secure = gateway.auth.oidc, None, gateway.config.secure
     if oidc is not None and oidc.settings.sign_out_at_idp:
-        location = await oidc.end_session_url(post_logout_redirect_uri=gateway.hosts.hub_url("/"))
-    raise Redirect(location or "/", cookies=(_expired(SESSION, gateway.config.secure),))
+        sealed = gateway.auth.sessions.open_state(read_cookie(request.headers, cookie_name(ID_TOKEN, secure)),
+                                                  gateway.hosts.hub)
+        hint = sealed.get("id_token") if sealed is not None else None
+        location = await oidc.end_session_url(post_logout_redirect_uri=gateway.hosts.hub_url("/"),
+                                              id_token_hint=hint if isinstance(hint, str) else None)
+    kept = (_expired(ID_TOKEN, secure),) if oidc is not None else ()
+    raise Redirect(location or "/", cookies=(_expired(SESSION, secure), *kept))
 
 
 async def handoff(request: web.Request) -> web.StreamResponse:

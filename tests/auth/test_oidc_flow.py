@@ -7,12 +7,13 @@ import contextlib
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 import aiohttp
 import jwt
@@ -288,7 +289,8 @@ async def test_sign_out_sends_the_browser_to_end_the_idps_session_too(
         endpoint = (await found.json())["end_session_endpoint"]
     location = URL((await _sign_out(browser, served)).location or "")
     assert str(location.with_query(None)) == endpoint
-    assert dict(location.query) == {"client_id": idp.client_id, "post_logout_redirect_uri": served.hub + "/"}
+    assert {**location.query, "id_token_hint": "…"} == {"client_id": idp.client_id, "id_token_hint": "…",
+                                                         "post_logout_redirect_uri": served.hub + "/"}
     assert (await browser.fetch("GET", app, headers={"Accept": "application/json"})).status == 401
 
     other = await make_browser(served, login="alice", idp=idp)
@@ -298,6 +300,63 @@ async def test_sign_out_sends_the_browser_to_end_the_idps_session_too(
     assert (await other.fetch("GET", app, headers={"Accept": "application/json"})).status == 401
 
 
+async def test_sign_out_hands_the_idp_the_id_token_it_issued_and_its_session_ends(
+    served: Served, idp: IdP, make_browser: MakeBrowser
+) -> None:
+    """Some IdPs (Okta) end their session at RP-initiated logout only for an ``id_token_hint``: the ID token of the
+    sign-in, which the hub keeps sealed in a cookie of its own for that. oidc-provider checks the hint (its
+    signature, that it was issued to this client) before it offers to end its session; after that, a sign-in asks
+    for a password again."""
+    browser = await make_browser(served, login="alice", idp=idp)
+    assert (await browser.navigate(served.preview("ws1", 3000, "/"))).status == 200
+    assert "alice" not in (browser.cookie(served.hub, "codehub_idtoken") or "alice"), "kept sealed"
+    assert browser.idp_http is not None
+    assert not await _idp_asks_for_a_password(browser, served, idp)
+    location = URL((await _sign_out(browser, served)).location or "")
+    hint = jwt.decode(location.query["id_token_hint"], options={"verify_signature": False})
+    assert (hint["sub"], hint["aud"], hint["iss"]) == ("alice", idp.client_id, idp.issuer)
+    assert browser.cookie(served.hub, "codehub_idtoken") is None
+
+    async with browser.idp_http.get(str(location), allow_redirects=False) as asked:
+        page = await asked.text()
+        assert asked.status == 200, page + idp.log_tail(3000)
+    xsrf = re.search(r'name="xsrf" value="([^"]+)"', page)
+    action = re.search(r'<form[^>]+action="([^"]+)"', page)
+    assert xsrf, page
+    assert action, page
+    async with browser.idp_http.post(urljoin(str(location), action[1]), data={"xsrf": xsrf[1], "logout": "yes"},
+                                     allow_redirects=False) as ended:
+        assert (ended.status, ended.headers.get("Location")) == (303, served.hub + "/")
+    assert await _idp_asks_for_a_password(browser, served, idp)
+
+
+async def _idp_asks_for_a_password(browser: Browser, served: Served, idp: IdP) -> bool:
+    """Whether a sign-in started now stops at the IdP's login form, rather than coming straight back."""
+    url = await browser.navigate_until(served.hub + "/auth/login", lambda url: url.startswith(idp.issuer))
+    assert browser.idp_http is not None
+    for _ in range(10):
+        async with browser.idp_http.get(url, allow_redirects=False) as answer:
+            if answer.status not in (302, 303):
+                return 'name="password"' in await answer.text()
+            url = urljoin(url, answer.headers["Location"])
+        if not url.startswith(idp.issuer):
+            return False
+    raise AssertionError("the IdP kept redirecting")
+
+
+async def test_an_id_token_cookie_that_does_not_open_is_not_sent_to_the_idp(
+    served: Served, idp: IdP, make_browser: MakeBrowser
+) -> None:
+    """A cookie of that name planted on the hub's host (over plain HTTP, from a page on the parent domain) or cut
+    short does not open: the sign-out goes to the IdP without a hint, as for a sign-in from before it was kept."""
+    browser = await make_browser(served, login="alice", idp=idp)
+    assert (await browser.navigate(served.preview("ws1", 3000, "/"))).status == 200
+    kept = browser.cookie(served.hub, "codehub_idtoken") or ""
+    browser.add_cookie(served.hub, "codehub_idtoken", kept[:-2])
+    location = URL((await _sign_out(browser, served)).location or "")
+    assert set(location.query) == {"client_id", "post_logout_redirect_uri"}
+
+
 async def test_sign_out_can_leave_the_idps_session_alone(serve: Serve, idp: IdP, gateway_port: int,
                                                         make_browser: MakeBrowser) -> None:
     settings = oidc_settings(idp, gateway_port)
@@ -305,6 +364,7 @@ async def test_sign_out_can_leave_the_idps_session_alone(serve: Serve, idp: IdP,
     served = await serve(WORKSPACES, port=gateway_port, **settings)
     browser = await make_browser(served, login="alice", idp=idp)
     assert (await browser.navigate(served.preview("ws1", 3000, "/"))).status == 200
+    assert browser.cookie(served.hub, "codehub_idtoken") is None  # kept only to hand to the IdP
     assert (await _sign_out(browser, served)).location == served.hub + "/"
 
 
@@ -594,7 +654,8 @@ async def test_an_idp_that_publishes_no_end_session_endpoint_is_not_visited_on_s
     server = await aiohttp_server(app)
     async with aiohttp.ClientSession() as http:
         client = OidcClient(Oidc(issuer=str(server.make_url("")), client_id="c"), http)
-        assert await client.end_session_url(post_logout_redirect_uri="http://localhost:8080/") is None
+        assert await client.end_session_url(post_logout_redirect_uri="http://localhost:8080/",
+                                             id_token_hint=None) is None
 
 
 async def hostile_idp(aiohttp_server: Any, discovery: Any, jwks: Any = None) -> str:
@@ -640,7 +701,8 @@ async def test_a_discovery_document_that_is_not_usable_is_an_unavailable_idp(aio
                      client.verify_id_token(unsigned_token({"alg": "RS256", "kid": "k"}, {}) + ".c2ln", "n")):
             with pytest.raises(IdpUnavailable):
                 await step
-        assert await client.end_session_url(post_logout_redirect_uri="http://localhost:8080/") is None
+        assert await client.end_session_url(post_logout_redirect_uri="http://localhost:8080/",
+                                             id_token_hint=None) is None
 
 
 @pytest.mark.parametrize("end_session", ["javascript:alert(1)", "javascript://idp.test/%0aalert(1)",
@@ -651,7 +713,8 @@ async def test_an_end_session_endpoint_that_is_no_web_address_is_not_followed(ai
     issuer = await hostile_idp(aiohttp_server, {**ENDPOINTS, "end_session_endpoint": end_session})
     async with aiohttp.ClientSession() as http:
         client = OidcClient(Oidc(issuer=issuer, client_id="c", client_secret="s"), http)
-        assert await client.end_session_url(post_logout_redirect_uri="http://localhost:8080/") is None
+        assert await client.end_session_url(post_logout_redirect_uri="http://localhost:8080/",
+                                             id_token_hint=None) is None
         sent_to = await client.authorize_url(redirect_uri="http://localhost:8080/auth/callback", state="st",
                                              nonce="n", pkce=Pkce.new())
         assert sent_to.startswith(f"{issuer}/authorize?")

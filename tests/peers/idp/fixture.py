@@ -62,6 +62,9 @@ def make_rsa_jwk(kid: str) -> dict[str, Any]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     jwk: dict[str, Any] = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key))
     jwk.update(kid=kid, use="sig", alg="RS256")
+    # PyJWT marks a private JWK key_ops ["sign"]; oidc-provider then finds no key to check its own ID tokens with
+    # (an id_token_hint at logout), which a real IdP's keys, configured without key_ops, can.
+    jwk.pop("key_ops", None)
     return jwk
 
 

@@ -106,6 +106,7 @@ function makeProvider(issuer) {
   });
   provider.use(strictClientAuth);
   provider.on('server_error', (_ctx, err) => console.error('server_error', err));
+  provider.on('end_session.error', (_ctx, err) => console.error('end_session.error', err, err.cause));
   return { provider, handler: provider.callback(), kids: jwks.keys.map((k) => k.kid) };
 }
 
