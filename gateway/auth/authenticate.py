@@ -176,8 +176,8 @@ class EmbedSignIn(Unauthorized):
 
     template = "embed_sign_in.html"
 
-    def __init__(self, handoff_url: str, cookie: str) -> None:
-        super().__init__("Sign in to see this preview.", code="user-unauthenticated", cookies=(cookie,))
+    def __init__(self, handoff_url: str, cookies: tuple[str, ...]) -> None:
+        super().__init__("Sign in to see this preview.", code="user-unauthenticated", cookies=cookies)
         self.handoff_url = handoff_url
 
 
@@ -193,13 +193,17 @@ def sign_in_redirect(headers: CIMultiDictProxy[str], public_url: str, hub_url: s
 
     A preview or IDE host cannot see the hub's cookie, so it asks the hub for a hand-off code, bound to a random
     state kept in a cookie on that host: the code only works back in this same browser. A browser already on its
-    way (another tab of this host, restored with it) keeps the state it has, so that every tab's code works.
+    way (another tab of this host, restored with it) goes with the state it has, so that every tab's code works,
+    and without setting it again: a state lasts five minutes from the first of them, or until a code bound to it
+    is used, however many sign-ins start meanwhile.
     """
-    state = handoff_state(headers, secure) or secrets.token_urlsafe(18)
-    embedded = is_embedded(headers)
-    cookie = set_cookie(cookie_name(HANDOFF, secure), state, max_age=300, secure=secure, embedded=embedded)
+    state, embedded = handoff_state(headers, secure), is_embedded(headers)
+    cookies: tuple[str, ...] = ()
+    if state is None:
+        state = secrets.token_urlsafe(18)
+        cookies = (set_cookie(cookie_name(HANDOFF, secure), state, max_age=300, secure=secure, embedded=embedded),)
     query = {"target": public_url, "state": state, **({"popup": "1"} if embedded else {})}
     location = str(URL(hub_url).with_path("/auth/handoff").with_query(query))
     if embedded:
-        return EmbedSignIn(location, cookie)
-    return Redirect(location, status=302, cookies=(cookie,))
+        return EmbedSignIn(location, cookies)
+    return Redirect(location, status=302, cookies=cookies)

@@ -74,6 +74,12 @@ def read_cookie(headers: CIMultiDictProxy[str] | CIMultiDict[str], name: str) ->
     return None
 
 
+def cookie_is_alone(headers: CIMultiDictProxy[str], name: str) -> bool:
+    """Whether the request carries exactly one cookie called ``name``: a cookie set for the shared parent domain,
+    or for a longer path, comes beside the host's own under the same name (and only to that path)."""
+    return sum(len(_cookie_pattern(name).findall(";" + header)) for header in headers.getall("Cookie", ())) == 1
+
+
 _SHORT, _MANY_PAIRS = 1024, 200
 """A ``Cookie`` header longer than ``_SHORT`` is counted (shorter ones hold few pairs, and counting costs a tenth of a
 microsecond), and read by the pattern past ``_MANY_PAIRS`` pairs: more than a browser sends (it keeps some 180
@@ -308,12 +314,13 @@ class Sessions:
     def sign_state(self, claims: dict[str, Any], audience: str, ttl: float) -> str:
         return self._sign({**claims, "typ": "state"}, audience, ttl)
 
-    def seal_state(self, claims: dict[str, Any], audience: str, ttl: float) -> str:
+    def seal_state(self, claims: dict[str, Any], audience: str, ttl: float, *, block: int = _SESSION_BLOCK) -> str:
         """As ``sign_state``, for claims whoever carries it must not read: a consent page's ``ask`` names the
         visitor, and the owner of the app that sent them there can hold one of its own (a navigation with the
-        session a visitor's hand-off code bought them). Sealed, and padded as session cookies are."""
+        session a visitor's hand-off code bought them). Sealed, and padded as session cookies are unless a
+        ``block`` says otherwise."""
         record = {**claims, "typ": "state", "exp": int(self._clock()) + int(ttl)}
-        return self._seal(record, _SESSION_BLOCK, f"state {audience}")
+        return self._seal(record, block, f"state {audience}")
 
     def open_state(self, token: str | None, audience: str) -> dict[str, Any] | None:
         """What ``seal_state`` sealed for ``audience``, while it lasts; None for anything else."""

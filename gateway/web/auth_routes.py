@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import base64
 import secrets
+import time
+from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
 from multidict import MultiDictProxy
 from yarl import URL
 
-from gateway.auth.authenticate import SESSION, handoff_state
+from gateway.auth.authenticate import HANDOFF, SESSION, handoff_state
 from gateway.auth.identity import Identity
 from gateway.auth.keys import same_secret
 from gateway.auth.oidc import Pkce, SignInFailed
-from gateway.auth.sessions import Session, cookie_name, is_embedded, read_cookie, set_cookie
+from gateway.auth.sessions import Session, cookie_is_alone, cookie_name, is_embedded, read_cookie, set_cookie
 from gateway.edge.routing import Kind, local_path, normalise_host, route
 from gateway.errors import BadRequest, Forbidden, GatewayError, Redirect, ServiceUnavailable
 from gateway.server.context import GATEWAY, Gateway
@@ -25,7 +26,10 @@ _LOGIN_TTL = 600
 # Sign-ins one browser may have under way at once (tabs restored together, links opened from a chat): each keeps
 # its own state, nonce and verifier in the one login cookie, newest first.
 _PENDING = 4
-_NEXT_LONGEST = 2000  # carried in the IdP's address (the state): longer goes to the hub's page
+_LOGIN_COOKIE_BYTES = 3800  # what a browser keeps in one cookie, with room for its name and attributes
+_NEXT_LONGEST = 2000  # one sign-in, its next included, fits in the cookie alone: longer goes to the hub's page
+_NEXT_IN_STATE = 512  # past this the IdP's address would grow too long: a tab that loses its sign-in gets a 400
+_STATE_BLOCK = 64
 
 
 def hub_session(request: web.BaseRequest, gateway: Gateway) -> Session | None:
@@ -104,58 +108,58 @@ async def login(request: web.Request) -> web.StreamResponse:
     if gateway.config.auth.mode == "dev":
         raise Redirect(str(URL("/auth/dev").with_query(next=next_url)), status=302)
     assert gateway.auth.oidc is not None
+    sessions, hub = gateway.auth.sessions, gateway.hosts.hub
     pkce, secret, nonce = Pkce.new(), secrets.token_urlsafe(18), secrets.token_urlsafe(18)
-    # The state says where the sign-in was going beside its secret, so that a tab whose sign-in another pushed
-    # out of the cookie can still be sent on (``_lost``). Only the secret binds it to this browser.
-    state = f"{secret}.{base64.urlsafe_b64encode(next_url.encode()).decode().rstrip('=')}"
+    # Beside its secret, the state carries where the sign-in was going, sealed (a preview's URL, and the state of
+    # its hand-off, are not the IdP's to read), so that a tab whose sign-in another pushed out of the cookie can
+    # still be sent on (``_lost``). Only the secret binds it to this browser.
+    state = secret if len(next_url) > _NEXT_IN_STATE else (
+        f"{secret}.{sessions.seal_state({'next': next_url}, f'sign-in {hub}', _LOGIN_TTL, block=_STATE_BLOCK)}")
     location = await gateway.auth.oidc.authorize_url(
         redirect_uri=gateway.hosts.hub_url("/auth/callback"), state=state, nonce=nonce, pkce=pkce
     )
-    started = {"state": secret, "nonce": nonce, "verifier": pkce.verifier}
+    started = {"state": secret, "nonce": nonce, "verifier": pkce.verifier, "next": next_url,
+               "until": int(time.time()) + _LOGIN_TTL}
     raise Redirect(location, status=302, cookies=(
         _login_cookie(gateway, [started, *_pending(request, gateway)][:_PENDING]),))
 
 
-def _going(state: str) -> tuple[str, str | None]:
-    """A callback's state as its secret and where it was going (None when it does not say)."""
-    secret, _, encoded = state.partition(".")
-    try:
-        next_url = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        return secret, None
-    return secret, local_path(next_url) if encoded else None
-
-
-def _pending(request: web.BaseRequest, gateway: Gateway) -> list[dict[str, str]]:
-    """The sign-ins this browser has under way, newest first (none when its login cookie is absent, forged or
-    older than ten minutes since the last one began)."""
+def _pending(request: web.BaseRequest, gateway: Gateway) -> list[dict[str, Any]]:
+    """The sign-ins this browser has under way, newest first, each for ten minutes from its start (none when its
+    login cookie is absent or forged)."""
     saved = gateway.auth.sessions.read_state(read_cookie(request.headers, cookie_name(LOGIN, gateway.config.secure)),
                                              gateway.hosts.hub)
     entries = saved.get("pending") if saved is not None else None
-    return [entry for entry in entries if isinstance(entry, dict)] if isinstance(entries, list) else []
+    now = time.time()
+    return [entry for entry in entries if isinstance(entry, dict) and isinstance(entry.get("until"), int)
+            and now < entry["until"]] if isinstance(entries, list) else []
 
 
-def _login_cookie(gateway: Gateway, pending: list[dict[str, str]]) -> str:
-    """The login cookie holding ``pending`` (about 1 KB for four), or one that ends it when none are left."""
+def _login_cookie(gateway: Gateway, pending: list[dict[str, Any]]) -> str:
+    """The login cookie holding ``pending``, the oldest dropped while it would be too big for a browser to keep
+    (long ``next`` addresses), or one that ends it when none are left."""
     secure = gateway.config.secure
-    if not pending:
-        return _expired(LOGIN, secure)
-    value = gateway.auth.sessions.sign_state({"pending": pending}, gateway.hosts.hub, _LOGIN_TTL)
-    return set_cookie(cookie_name(LOGIN, secure), value, max_age=_LOGIN_TTL, secure=secure)
+    while pending:
+        value = gateway.auth.sessions.sign_state({"pending": pending}, gateway.hosts.hub, _LOGIN_TTL)
+        if len(value) <= _LOGIN_COOKIE_BYTES:
+            return set_cookie(cookie_name(LOGIN, secure), value, max_age=_LOGIN_TTL, secure=secure)
+        pending = pending[:-1]
+    return _expired(LOGIN, secure)
 
 
-def _lost(request: web.BaseRequest, gateway: Gateway, next_url: str | None,
-          pending: list[dict[str, str]]) -> GatewayError:
+def _lost(request: web.BaseRequest, gateway: Gateway, sealed: str, pending: list[dict[str, Any]]) -> GatewayError:
     """A callback whose sign-in this browser's cookie does not hold: tabs that set out together each wrote the
     cookie, and only the last write stayed. A browser signed in by now (another tab finished) goes on to where
     this one was going; one with sign-ins still under way (so its cookies work) starts this one again. The code
     is never used: only a sign-in this browser holds may sign it in (else a forged callback could sign a
     visitor in as someone else)."""
-    if next_url is not None:
+    going = gateway.auth.sessions.open_state(sealed, f"sign-in {gateway.hosts.hub}")
+    next_url = going.get("next") if going is not None else None
+    if isinstance(next_url, str):
         if hub_session(request, gateway) is not None:
-            return Redirect(next_url, status=303)
+            return Redirect(local_path(next_url), status=303)
         if pending:
-            return Redirect(str(URL("/auth/login").with_query(next=next_url)), status=303)
+            return Redirect(str(URL("/auth/login").with_query(next=local_path(next_url))), status=303)
     return BadRequest("This sign-in has expired or was started elsewhere. Open the page you wanted again.",
                       code="sign-in-state-mismatch")
 
@@ -163,10 +167,10 @@ def _lost(request: web.BaseRequest, gateway: Gateway, next_url: str | None,
 async def callback(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     pending = _pending(request, gateway)
-    secret, next_url = _going(request.query.get("state", ""))
+    secret, _, sealed = request.query.get("state", "").partition(".")
     saved = next((entry for entry in pending if same_secret(secret, str(entry.get("state")))), None)
     if saved is None:
-        raise _lost(request, gateway, next_url, pending)
+        raise _lost(request, gateway, sealed, pending)
     if "error" in request.query:
         said = request.query.get("error_description") or request.query["error"]
         raise SignInFailed(f"The sign-in service said: {said}.")
@@ -181,7 +185,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
         raise SignInFailed(f"The sign-in service sent {problem}, which this gateway does not accept. Ask its "
                            "administrators to correct the account.")
     kept = (_id_token_cookie(gateway, tokens["id_token"]),) if oidc.settings.sign_out_at_idp else ()
-    raise Redirect(next_url or "/", status=303, cookies=(
+    raise Redirect(local_path(str(saved.get("next"))), status=303, cookies=(
         await _session_cookie(request, gateway, identity),
         _login_cookie(gateway, [entry for entry in pending if entry is not saved]), *kept))
 
@@ -263,20 +267,17 @@ async def handoff(request: web.Request) -> web.StreamResponse:
 
 async def preview_callback(request: web.Request, gateway: Gateway, host: str, *,
                            cross_site: bool) -> web.StreamResponse:
-    """Preview side: trade the code for a cookie on this host and drop the code from the URL by a redirect.
-
-    The state cookie stays until it lapses (five minutes): the other tabs of this host that set out to sign in
-    with it hold codes bound to it. Each code is good once, whoever holds the state."""
+    """Preview side: trade the code for a cookie on this host and drop the code from the URL by a redirect. The
+    state cookie goes with the code it bound."""
     secure = gateway.config.secure
     embedded = is_embedded(request.headers)
     state = handoff_state(request.headers, secure)
+    next_url = local_path(request.query.get("next"))
     try:
         signed_in, once, until = gateway.auth.sessions.read_code(request.query.get("code", ""), host, state)
     except BadRequest as refused:
-        if refused.code == "handoff-state-mismatch" and state is not None:
-            # Another tab of this host set out at the same moment and its state stayed: this tab starts again
-            # from its page, with that state (or the session that tab has bought by now). The code goes unused.
-            raise Redirect(local_path(request.query.get("next"))) from None
+        if refused.code == "handoff-state-mismatch" and _may_go_on(request, gateway, host, state):
+            raise Redirect(next_url) from None
         raise
     if not await gateway.auth.store.use_once(once, until):
         raise BadRequest("This sign-in link was already used. Open the page again.", code="handoff-replayed")
@@ -284,7 +285,20 @@ async def preview_callback(request: web.Request, gateway: Gateway, host: str, *,
     token = gateway.auth.sessions.issue(identity, host, sign_in)
     session = set_cookie(cookie_name(SESSION, secure), token, max_age=sign_in.left(),
                          secure=secure, embedded=embedded, cross_site=cross_site)
-    raise Redirect(local_path(request.query.get("next")), cookies=(session,))
+    expired = set_cookie(cookie_name(HANDOFF, secure), "", max_age=0, secure=secure, embedded=embedded)
+    raise Redirect(next_url, cookies=(session, expired))
+
+
+def _may_go_on(request: web.Request, gateway: Gateway, host: str, state: str | None) -> bool:
+    """Whether a tab whose code is bound to another state than this browser's may go back to its page (the code
+    unused) rather than get the mismatch page. Tabs of one host that set out at the same moment each set a state,
+    and the last stayed: by now either another tab has signed this browser in here (its page just opens), or the
+    state that stayed is there to sign in with. Not when two cookies of that name came (one planted for the parent
+    domain, or for the callback's path only, which the page would not see): that would go round for ever."""
+    token = read_cookie(request.headers, cookie_name(SESSION, gateway.config.secure))
+    if token and gateway.auth.sessions.read(token, host, gateway.auth.store.ended_sign_ins) is not None:
+        return True
+    return state is not None and cookie_is_alone(request.headers, cookie_name(HANDOFF, gateway.config.secure))
 
 
 async def preview_popup(request: web.Request) -> web.StreamResponse:

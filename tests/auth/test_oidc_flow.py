@@ -27,6 +27,7 @@ from gateway.auth import oidc
 from gateway.auth.oidc import IdpUnavailable, OidcClient, Pkce, SignInFailed
 from gateway.auth.sessions import SIGN_INS_PER_HOUR
 from gateway.config import Oidc
+from gateway.web import auth_routes
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served, oidc_settings, seen_headers
 from tests.peers.idp.fixture import IdP, login_via_idp, start_idp
@@ -127,20 +128,79 @@ async def test_a_sign_in_pushed_out_of_the_cookie_goes_on_without_its_code(
     assert (refused.status, refused.json()["error"]["code"]) == (400, "sign-in-state-mismatch")
 
 
-@pytest.mark.parametrize(("state_next", "lands"), [
+@pytest.mark.parametrize(("going", "lands"), [
     ("//evil.test/x", "/evil.test/x"), ("https://evil.test/", "/"), ("/\\evil.test", "/evil.test"),
-    ("/a\nb", "/"), ("", None), (None, None),
+    ("/a\nb", "/"), (None, None), ("not sealed", None), ("", None),
 ])
-async def test_a_forged_callback_state_sends_nowhere_but_this_hub(
-    served: Served, idp: IdP, make_browser: MakeBrowser, state_next: str | None, lands: str | None
+async def test_a_callback_state_the_browser_does_not_hold_sends_nowhere_but_this_hub(
+    served: Served, idp: IdP, make_browser: MakeBrowser, going: str | None, lands: str | None
 ) -> None:
-    """Where a state says it was going is the caller's to write: it is read as every ``next`` is, and a state
-    that says nothing is the stale sign-in's 400."""
+    """Where a state says it was going is read only when this gateway sealed it for a sign-in, and then as every
+    ``next`` is: a path on the hub. A state with nothing after its secret, or anything else there, is the stale
+    sign-in's 400 (``going`` None: no dot at all; the other refused ones stand after the dot as they are)."""
     browser = await make_browser(served, login="alice", idp=idp)
     assert (await browser.navigate(served.preview("ws1", 3000, "/"))).status == 200  # signed in at the hub
-    state = "forged" + ("" if state_next is None else "." + base64.urlsafe_b64encode(state_next.encode()).decode())
+    state = "s" * 24
+    if going is not None:
+        sealed = served.gateway.auth.sessions.seal_state({"next": going}, f"sign-in {served.gateway.hosts.hub}", 600)
+        state += "." + (sealed if lands is not None else going)
     page = await browser.fetch("GET", served.hub + "/auth/callback?" + urlencode({"code": "x", "state": state}))
     assert (page.status, page.location) == ((303, served.hub + lands) if lands is not None else (400, None))
+    assert not page.set_cookies
+
+
+async def test_the_login_cookie_drops_its_oldest_sign_ins_before_a_browser_would_drop_it(
+    served: Served, idp: IdP, make_browser: MakeBrowser
+) -> None:
+    """Long ``next`` addresses could make the four sign-ins under way more than the 4,096 bytes a browser keeps in
+    a cookie (and it would keep none): the oldest go first. A lost one whose ``next`` was too long for the state
+    to carry gets the stale sign-in's 400."""
+    browser = await make_browser(served, login="alice", idp=idp)
+    starts = []
+    for n in range(3):
+        login = await browser.fetch("GET", served.hub + "/auth/login?" + urlencode({"next": f"/{n}?" + "x" * 1000}))
+        (kept,) = login.set_cookies
+        assert len(kept.partition(";")[0]) <= 4096
+        starts.append(login.location or "")
+    for n, status in ((0, 400), (2, 303), (1, 303)):
+        back = await login_via_idp(browser.idp_http, starts[n], "alice", issuer=idp.issuer)  # type: ignore[arg-type]
+        assert (await browser.fetch("GET", back)).status == status
+
+
+@pytest.mark.parametrize(("length", "goes_on"), [(512, True), (513, False)])
+async def test_a_sign_in_pushed_out_goes_on_only_if_its_state_could_carry_where(
+    served: Served, idp: IdP, make_browser: MakeBrowser, length: int, goes_on: bool
+) -> None:
+    """The state carries ``next`` sealed only up to 512 characters (the IdP's address would grow too long past
+    that): a longer one still lands when its sign-in is held, but cannot go on once pushed out."""
+    browser = await make_browser(served, login="alice", idp=idp)
+    going = "/api/v1/me?pad=" + "x" * (length - len("/api/v1/me?pad="))
+    starts = [await browser.fetch("GET", served.hub + "/auth/login?" + urlencode({"next": path}))
+              for path in (going, "/1", "/2", "/3", "/4")]
+    back = await login_via_idp(browser.idp_http, starts[0].location or "", "alice", issuer=idp.issuer)  # type: ignore[arg-type]
+    lost = await browser.fetch("GET", back)
+    assert lost.status == (303 if goes_on else 400)
+
+
+async def test_a_sign_in_under_way_is_held_ten_minutes_from_its_own_start(
+    served: Served, idp: IdP, make_browser: MakeBrowser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each start writes the login cookie again, for ten minutes: the sign-ins it holds each keep their own ten
+    minutes all the same, so one abandoned at the IdP (its state is in the IdP's logs) does not live on while
+    others begin: its callback is a lost one's, which never uses the code."""
+    browser = await make_browser(served, login="alice", idp=idp)
+    first = await browser.fetch("GET", served.hub + "/auth/login?next=/first")
+    real = time.time
+    monkeypatch.setattr(auth_routes, "time", SimpleNamespace(time=lambda: real() + 590))
+    second = await browser.fetch("GET", served.hub + "/auth/login?next=/second")
+    monkeypatch.setattr(auth_routes, "time", SimpleNamespace(time=lambda: real() + 601))
+    back = await login_via_idp(browser.idp_http, first.location or "", "alice", issuer=idp.issuer)  # type: ignore[arg-type]
+    page = await browser.fetch("GET", back)  # not signed in with: started again
+    assert (page.status, page.set_cookies) == (303, [])
+    assert (page.location or "").startswith(served.hub + "/auth/login?next=")
+    back = await login_via_idp(browser.idp_http, second.location or "", "alice", issuer=idp.issuer)  # type: ignore[arg-type]
+    page = await browser.fetch("GET", back)
+    assert (page.status, page.location) == (303, served.hub + "/second")
 
 
 async def test_the_state_carries_where_a_sign_in_goes_up_to_2000_characters(
@@ -902,16 +962,17 @@ async def test_sending_a_signed_in_browser_through_sign_in_again_keeps_its_sign_
 
 async def test_the_sign_in_round_trip_keeps_its_state_in_a_ten_minute_cookie_that_the_callback_ends(
         served: Served, idp: IdP, make_browser: MakeBrowser) -> None:
-    """``/auth/login`` sends the browser to the IdP (302) with a fresh state (18 random bytes, then ``next``) and
-    nonce (18 random bytes) and keeps the state's secret, the nonce and the PKCE verifier in a host-only cookie
-    that lasts ten minutes; the callback lands on ``next`` (303) and ends that cookie."""
+    """``/auth/login`` sends the browser to the IdP (302) with a fresh state (18 random bytes, then ``next``
+    sealed) and nonce (18 random bytes) and keeps the state's secret, the nonce, the PKCE verifier and ``next`` in
+    a host-only cookie that lasts ten minutes; the callback lands on ``next`` (303) and ends that cookie."""
     browser = await make_browser(served, login="alice", idp=idp)
     login = await browser.fetch("GET", served.hub + "/auth/login?next=/api/v1/me", headers={"Accept": "text/html"})
     assert login.status == 302
     asked = parse_qs(urlsplit(login.location or "").query)
     secret, _, going = asked["state"][0].partition(".")
     assert (len(secret), len(asked["nonce"][0])) == (24, 24)
-    assert base64.urlsafe_b64decode(going + "=" * (-len(going) % 4)) == b"/api/v1/me"
+    assert going, "where it goes, sealed"
+    assert "/api/v1/me" not in asked["state"][0]
     (kept,) = login.set_cookies
     assert kept.startswith("codehub_login=")
     assert "Max-Age=600" in [part.strip() for part in kept.split(";")]
