@@ -559,6 +559,7 @@ async def test_hub_page(served: Served, make_browser: MakeBrowser) -> None:
     page = await anonymous.navigate(HUB + "/")
     assert page.status == 200
     assert 'href="/auth/login?next=/"' in page.text
+    assert "Sign in (development)</a>" in page.text  # dev sign-in asks no password: the button says so
     assert "ws1" not in page.text
 
     alice = await user(make_browser, served, "alice")
@@ -810,6 +811,7 @@ async def test_the_tokens_page_lists_only_the_signed_in_persons_tokens_newest_fi
     signed_out = await (await make_browser(served)).navigate(HUB + "/tokens")
     assert signed_out.status == 200
     assert 'href="/auth/login?next=/tokens"' in signed_out.text
+    assert "Sign in (development)</a>" in signed_out.text
     assert "data-token" not in signed_out.text
 
 

@@ -72,6 +72,18 @@ async def test_private_preview_signs_in_once_and_lands_on_the_clicked_url(
     assert browser.visited[visited:] == [served.preview("ws1", 3000, "/again")]
 
 
+async def test_signed_out_the_hub_offers_the_sso_sign_in_with_no_word_of_development(
+    served: Served, make_browser: MakeBrowser
+) -> None:
+    """"(development)" on the sign-in button is for a gateway where anyone may name themselves; with an IdP the
+    hub's pages offer its sign-in as it is."""
+    browser = await make_browser(served)
+    for path in ("/", "/tokens"):
+        page = await browser.navigate(served.hub + path)
+        assert page.status == 200, page.text
+        assert f'href="/auth/login?next={path}">Sign in</a>' in page.text
+
+
 async def test_upstream_learns_who_calls_and_nothing_of_ours(
     served: Served, idp: IdP, make_browser: MakeBrowser
 ) -> None:
