@@ -618,6 +618,7 @@ async def test_port_labels_set_on_the_hub_win_and_clear(served: Served, make_bro
         ("http://3000-ws1.localhost:8080/", 200, None),
         ("http://3000-ws1.localhost:8080/path?codehub_share=chs_x", 200, None),
         ("https://evil.example/", 400, "bad-qr-url"),
+        ("http://evil.example/", 400, "bad-qr-url"),  # this gateway's scheme, but a host it does not serve
         ("http://localhost:8080/", 400, "bad-qr-url"),  # the hub itself is no share URL
         ("https://3000-ws1.localhost:8080/", 400, "bad-qr-url"),  # not this gateway's scheme
         ("", 400, "bad-qr-url"),
@@ -626,8 +627,9 @@ async def test_port_labels_set_on_the_hub_win_and_clear(served: Served, make_bro
 async def test_qr_codes_only_for_share_urls(served: Served, make_browser: MakeBrowser, url: str, status: int,
                                             code: str | None) -> None:
     anonymous = await make_browser(served)
-    assert_error(await anonymous.fetch("GET", f"{HUB}/qr.svg?url=x", headers={"Accept": "application/json"}), 401,
-                 "user-unauthenticated")
+    refused = await anonymous.fetch("GET", f"{HUB}/qr.svg?url=x", headers={"Accept": "application/json"})
+    assert_error(refused, 401, "user-unauthenticated")
+    assert refused.json()["error"]["message"] == "Sign in to make QR codes."
     alice = await user(make_browser, served, "alice")
     page = await alice.fetch("GET", f"{HUB}/qr.svg?url={quote(url, safe='')}", headers={"Accept": "application/json"})
     if code is None:
@@ -636,6 +638,7 @@ async def test_qr_codes_only_for_share_urls(served: Served, make_browser: MakeBr
         assert page.text.lstrip().startswith(("<?xml", "<svg"))
     else:
         assert_error(page, status, code)
+        assert page.json()["error"]["message"] == "QR codes are made only for this gateway's share URLs."
 
 
 async def test_local_workspaces_are_declared_not_created(served: Served, make_browser: MakeBrowser) -> None:
