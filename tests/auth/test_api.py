@@ -848,6 +848,33 @@ async def test_the_hub_snapshot_is_the_callers_own_and_never_cached(served: Serv
     assert_error(await call(anonymous, "GET", "/api/v1/hub/snapshot"), 401, "user-unauthenticated")
 
 
+async def test_the_hub_lists_the_apps_a_person_answered_and_no_one_elses(served: Served,
+                                                                         make_browser: MakeBrowser) -> None:
+    """The hub is where a person withdraws a consent answer: its page and its snapshot list the apps that asked
+    who they are, with what they said; another visitor's answers to the same owner's apps are not theirs to see."""
+    store = served.gateway.auth.store
+    await store.record_consent(Consent.answer("bob", "ws1", 3000, owner="alice", share=True, claims=["email"]))
+    await store.record_consent(Consent.answer("carol", "ws1", 3001, owner="alice", share=False, claims=["email"]))
+    bob = await user(make_browser, served, "bob")
+    snapshot = (await call(bob, "GET", "/api/v1/hub/snapshot")).json()
+    assert [(c["workspace"], c["port"], c["share"]) for c in snapshot["consents"]] == [("ws1", 3000, True)]
+    page = await bob.navigate(HUB + "/")
+    assert [(c["workspace"], c["port"]) for c in _hub_data(page.text)["consents"]] == [("ws1", 3000)]
+    assert "<tr><td>port 3000 of ws1</td>" in page.text
+    assert "shares email" in page.text
+    assert "No app has asked you yet." not in page.text
+    assert "port 3001 of ws1" not in page.text
+
+
+async def test_the_hub_page_offers_only_the_choices_the_policy_allows(strict: Served,
+                                                                      make_browser: MakeBrowser) -> None:
+    """hub.js builds its share-link audience list and its visibility choices from the page's data: the policy's
+    audiences and its visibility ceiling, so the page never offers what the API would refuse."""
+    alice = await user(make_browser, strict, "alice")
+    data = _hub_data((await alice.navigate(HUB + "/")).text)
+    assert (data["audiences"], data["max_visibility"]) == (["anyone", "people"], "org")
+
+
 async def test_a_quiet_feed_says_it_is_still_there(served: Served, make_browser: MakeBrowser,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Proxies in front of the hub close a stream that is silent for long: with nothing new to show, the feed sends
