@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 from gateway.auth.store import Consent, FileTokenStore
 from gateway.lifecycle import Phase
 from gateway.lifecycle.local import LocalRuntime
-from gateway.web import api, hub
+from gateway.web import api, hub, pages
 from gateway.web.api import MOST_API_TOKENS, MOST_SHARE_LINKS
 from gateway.web.pages import PHASE_WORDS
 from tests.auth.browser import Browser, Page
@@ -586,6 +586,22 @@ async def test_hub_page(served: Served, make_browser: MakeBrowser) -> None:
     page = await bob.navigate(HUB + "/")
     assert [(ws["id"], ws["role"]) for ws in _hub_data(page.text)["workspaces"]] == [("ws1", "collaborator")]
     assert (await bob.navigate(HUB + "/tokens")).status == 200
+
+
+@pytest.mark.parametrize(("phase", "words"), [
+    (Phase.RUNNING, "Running"),
+    (Phase.WARM, "Sleeping (wakes in seconds)"),
+    (Phase.COLD, "Archived (wakes in about a minute)"),
+    (Phase.STARTING, "Starting"),
+    (Phase.STOPPING, "Going to sleep"),
+    (Phase.ARCHIVING, "Archiving"),
+    (Phase.RESTORING, "Restoring from its archive"),
+    (Phase.FAILED, "Failed to start"),
+])
+def test_each_phase_reads_in_words_a_newcomer_knows(phase: Phase, words: str) -> None:
+    """WARM and COLD are the gateway's words: the hub and the API's ``phase_words`` say what a phase means to the
+    person waiting (how long a wake takes), for the phase and for its name as stored in JSON alike."""
+    assert (pages.phase_words(phase), pages.phase_words(phase.value)) == (words, words)
 
 
 def _hub_data(text: str) -> Any:
