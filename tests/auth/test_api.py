@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -17,7 +18,7 @@ from multidict import CIMultiDict
 from gateway.auth.store import Consent, FileTokenStore
 from gateway.lifecycle import Phase
 from gateway.lifecycle.local import LocalRuntime
-from gateway.web import api, hub
+from gateway.web import api, hub, pages
 from gateway.web.api import MOST_API_TOKENS, MOST_SHARE_LINKS
 from gateway.web.pages import PHASE_WORDS
 from tests.auth.browser import Browser, Page
@@ -559,6 +560,7 @@ async def test_hub_page(served: Served, make_browser: MakeBrowser) -> None:
     page = await anonymous.navigate(HUB + "/")
     assert page.status == 200
     assert 'href="/auth/login?next=/"' in page.text
+    assert "Sign in (development)</a>" in page.text  # dev sign-in asks no password: the button says so
     assert "ws1" not in page.text
 
     alice = await user(make_browser, served, "alice")
@@ -584,6 +586,22 @@ async def test_hub_page(served: Served, make_browser: MakeBrowser) -> None:
     page = await bob.navigate(HUB + "/")
     assert [(ws["id"], ws["role"]) for ws in _hub_data(page.text)["workspaces"]] == [("ws1", "collaborator")]
     assert (await bob.navigate(HUB + "/tokens")).status == 200
+
+
+@pytest.mark.parametrize(("phase", "words"), [
+    (Phase.RUNNING, "Running"),
+    (Phase.WARM, "Sleeping (wakes in seconds)"),
+    (Phase.COLD, "Archived (wakes in about a minute)"),
+    (Phase.STARTING, "Starting"),
+    (Phase.STOPPING, "Going to sleep"),
+    (Phase.ARCHIVING, "Archiving"),
+    (Phase.RESTORING, "Restoring from its archive"),
+    (Phase.FAILED, "Failed to start"),
+])
+def test_each_phase_reads_in_words_a_newcomer_knows(phase: Phase, words: str) -> None:
+    """WARM and COLD are the gateway's words: the hub and the API's ``phase_words`` say what a phase means to the
+    person waiting (how long a wake takes), for the phase and for its name as stored in JSON alike."""
+    assert (pages.phase_words(phase), pages.phase_words(phase.value)) == (words, words)
 
 
 def _hub_data(text: str) -> Any:
@@ -617,6 +635,7 @@ async def test_port_labels_set_on_the_hub_win_and_clear(served: Served, make_bro
         ("http://3000-ws1.localhost:8080/", 200, None),
         ("http://3000-ws1.localhost:8080/path?codehub_share=chs_x", 200, None),
         ("https://evil.example/", 400, "bad-qr-url"),
+        ("http://evil.example/", 400, "bad-qr-url"),  # this gateway's scheme, but a host it does not serve
         ("http://localhost:8080/", 400, "bad-qr-url"),  # the hub itself is no share URL
         ("https://3000-ws1.localhost:8080/", 400, "bad-qr-url"),  # not this gateway's scheme
         ("", 400, "bad-qr-url"),
@@ -625,8 +644,9 @@ async def test_port_labels_set_on_the_hub_win_and_clear(served: Served, make_bro
 async def test_qr_codes_only_for_share_urls(served: Served, make_browser: MakeBrowser, url: str, status: int,
                                             code: str | None) -> None:
     anonymous = await make_browser(served)
-    assert_error(await anonymous.fetch("GET", f"{HUB}/qr.svg?url=x", headers={"Accept": "application/json"}), 401,
-                 "user-unauthenticated")
+    refused = await anonymous.fetch("GET", f"{HUB}/qr.svg?url=x", headers={"Accept": "application/json"})
+    assert_error(refused, 401, "user-unauthenticated")
+    assert refused.json()["error"]["message"] == "Sign in to make QR codes."
     alice = await user(make_browser, served, "alice")
     page = await alice.fetch("GET", f"{HUB}/qr.svg?url={quote(url, safe='')}", headers={"Accept": "application/json"})
     if code is None:
@@ -635,6 +655,7 @@ async def test_qr_codes_only_for_share_urls(served: Served, make_browser: MakeBr
         assert page.text.lstrip().startswith(("<?xml", "<svg"))
     else:
         assert_error(page, status, code)
+        assert page.json()["error"]["message"] == "QR codes are made only for this gateway's share URLs."
 
 
 async def test_local_workspaces_are_declared_not_created(served: Served, make_browser: MakeBrowser) -> None:
@@ -810,6 +831,7 @@ async def test_the_tokens_page_lists_only_the_signed_in_persons_tokens_newest_fi
     signed_out = await (await make_browser(served)).navigate(HUB + "/tokens")
     assert signed_out.status == 200
     assert 'href="/auth/login?next=/tokens"' in signed_out.text
+    assert "Sign in (development)</a>" in signed_out.text
     assert "data-token" not in signed_out.text
 
 
@@ -843,21 +865,54 @@ async def test_the_hub_snapshot_is_the_callers_own_and_never_cached(served: Serv
     assert_error(await call(anonymous, "GET", "/api/v1/hub/snapshot"), 401, "user-unauthenticated")
 
 
+async def test_the_hub_lists_the_apps_a_person_answered_and_no_one_elses(served: Served,
+                                                                         make_browser: MakeBrowser) -> None:
+    """The hub is where a person withdraws a consent answer: its page and its snapshot list the apps that asked
+    who they are, with what they said; another visitor's answers to the same owner's apps are not theirs to see."""
+    store = served.gateway.auth.store
+    await store.record_consent(Consent.answer("bob", "ws1", 3000, owner="alice", share=True, claims=["email"]))
+    await store.record_consent(Consent.answer("carol", "ws1", 3001, owner="alice", share=False, claims=["email"]))
+    bob = await user(make_browser, served, "bob")
+    snapshot = (await call(bob, "GET", "/api/v1/hub/snapshot")).json()
+    assert [(c["workspace"], c["port"], c["share"]) for c in snapshot["consents"]] == [("ws1", 3000, True)]
+    page = await bob.navigate(HUB + "/")
+    assert [(c["workspace"], c["port"]) for c in _hub_data(page.text)["consents"]] == [("ws1", 3000)]
+    assert "<tr><td>port 3000 of ws1</td>" in page.text
+    assert "shares email" in page.text
+    assert "No app has asked you yet." not in page.text
+    assert "port 3001 of ws1" not in page.text
+
+
+async def test_the_hub_page_offers_only_the_choices_the_policy_allows(strict: Served,
+                                                                      make_browser: MakeBrowser) -> None:
+    """hub.js builds its share-link audience list and its visibility choices from the page's data: the policy's
+    audiences and its visibility ceiling, so the page never offers what the API would refuse."""
+    alice = await user(make_browser, strict, "alice")
+    data = _hub_data((await alice.navigate(HUB + "/")).text)
+    assert (data["audiences"], data["max_visibility"]) == (["anyone", "people"], "org")
+
+
 async def test_a_quiet_feed_says_it_is_still_there(served: Served, make_browser: MakeBrowser,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Proxies in front of the hub close a stream that is silent for long: with nothing new to show, the feed sends
     a comment line every ``KEEPALIVE`` seconds (shortened here), which EventSource ignores; a change is still a
-    snapshot."""
-    monkeypatch.setattr(hub, "KEEPALIVE", 0.2)
+    snapshot. The feed looks for changes more often than that, and still sends one comment per quiet
+    ``KEEPALIVE``, not one per look. It is a ``text/event-stream``: EventSource refuses any other type."""
+    monkeypatch.setattr(hub, "KEEPALIVE", 0.8)
+    monkeypatch.setattr(hub, "LOOK_EVERY", 0.05)
     alice = await user(make_browser, served, "alice")
     cookie = "; ".join(f"{k}={v}" for k, v in alice.cookies_for(HUB.split("//")[1].split(":")[0]).items())
     headers = {"Host": HUB.split("//")[1], "Cookie": cookie, "Accept": "text/event-stream"}
     async with alice.http.get(alice.gateway + "/api/v1/hub/events", headers=headers) as feed:
+        assert feed.content_type == "text/event-stream"
         assert feed.headers["Cache-Control"] == "no-store"
         assert feed.headers["X-Accel-Buffering"] == "no"
         assert (await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)).startswith(b"event: snapshot")
+        said: list[float] = []
         for _ in range(2):
             assert await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10) == b": still here\n\n"
+            said.append(time.monotonic())
+        assert said[1] - said[0] > 0.4, "one comment per quiet KEEPALIVE (0.8 s), not one per look (0.05 s)"
         made = await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000})
         while (event := await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)) == b": still here\n\n":
             pass

@@ -217,6 +217,18 @@ async def test_the_state_carries_where_a_sign_in_goes_up_to_2000_characters(
         assert (landed.status, landed.location) == (303, served.hub + lands)
 
 
+async def test_signed_out_the_hub_offers_the_sso_sign_in_with_no_word_of_development(
+    served: Served, make_browser: MakeBrowser
+) -> None:
+    """"(development)" on the sign-in button is for a gateway where anyone may name themselves; with an IdP the
+    hub's pages offer its sign-in as it is."""
+    browser = await make_browser(served)
+    for path in ("/", "/tokens"):
+        page = await browser.navigate(served.hub + path)
+        assert page.status == 200, page.text
+        assert f'href="/auth/login?next={path}">Sign in</a>' in page.text
+
+
 async def test_upstream_learns_who_calls_and_nothing_of_ours(
     served: Served, idp: IdP, make_browser: MakeBrowser
 ) -> None:

@@ -1126,6 +1126,7 @@ async def test_signing_out_without_a_sign_in_just_lands_on_the_hub(served: Serve
     browser = await make_browser(served)
     page = await api(browser, "POST", "/auth/logout")
     assert (page.status, page.location) == (303, HUB + "/"), page.text
+    assert page.text == ""  # a redirect, not an error document that happens to carry a Location
     (expired,) = page.set_cookies
     assert expired.startswith("codehub_session=;")
     assert attributes(expired)["max-age"] == "0"

@@ -52,6 +52,19 @@ async def test_a_page_for_a_form_sent_does_not_send_it_again_as_a_get(proxied: M
     assert "Try again now" not in body
 
 
+async def test_a_head_is_told_the_length_of_the_page_a_get_would_get(proxied: MakeProxied) -> None:
+    """A HEAD is answered as the GET would be, body aside: the same page (one that retries by itself, as a HEAD is
+    as safe to repeat as a GET), so the same ``Content-Length``."""
+    p = await proxied(None)
+    async with p.request("GET", "/", headers=BROWSER) as got:
+        assert got.status == 502
+        body = await got.read()
+    async with p.request("HEAD", "/", headers=BROWSER) as head:
+        assert head.status == 502
+        assert head.content_type == "text/html"
+        assert head.headers["Content-Length"] == got.headers["Content-Length"] == str(len(body))
+
+
 async def test_refused_port_is_a_502_json_for_api_clients(proxied: MakeProxied) -> None:
     p = await proxied(None)
     for method in ("GET", "POST"):

@@ -226,8 +226,10 @@ async def test_the_gateways_own_bug_is_logged_once_with_its_traceback(
     writer.close()
     assert answer.status == 500
     assert b"a bug of ours" not in answer.body
+    assert json.loads(answer.body)["error"]["message"] == "The gateway hit an unexpected error; it has been logged."
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1, errors
+    assert errors[0].getMessage() == 'unhandled error for "POST" "/x"'  # which request, quoted as log_text does
     assert errors[0].exc_info is not None
     assert "a bug of ours" in str(errors[0].exc_info[1])
     assert "codehub_bad_requests_total{" not in await p.metrics()
