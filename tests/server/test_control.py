@@ -1,27 +1,38 @@
 """The ``--workers`` parent's control plane: its idle reaper is wired like the single process's, so a workspace a
-worker is waking is never put to sleep (or archived) under it."""
+worker is waking is never put to sleep (or archived) under it. And the workers' side of it (``RemoteRuntime``): a
+copy of every state that only moves forward, operations and errors forwarded whole, activity reported when it
+changed, and a worker that never outlives its parent."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.errors import GatewayError, NotFound
 from gateway.lifecycle import Phase, WorkspaceState
+from gateway.lifecycle.base import LifecycleError
 from gateway.lifecycle.idle import Activity
-from gateway.lifecycle.remote import RemoteError, RemoteRuntime
+from gateway.lifecycle.remote import RemoteError, RemoteRuntime, error_to_wire
 from gateway.metrics import Metrics
 from gateway.server.control import ControlServer
 from gateway.server.wiring import make_reaper, make_runtime
 from tests.conftest import next_address, settings, workspace
 
 pytestmark = pytest.mark.timeout(60)
+Prepare = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
 
 async def test_a_workspace_a_worker_is_waking_is_not_reaped(tmp_path: Path,
@@ -96,15 +107,20 @@ async def test_the_parents_reaper_goes_by_what_the_workers_report(tmp_path: Path
 
 
 @contextlib.asynccontextmanager
-async def a_worker_of(tmp_path: Path, lost: asyncio.Event | None = None
+async def a_worker_of(tmp_path: Path, lost: asyncio.Event | None = None, *, address: str | None = None,
+                      prepare: Prepare | None = None
                       ) -> AsyncIterator[tuple[ControlServer, RemoteRuntime, web.AppRunner]]:
     """The parent's control socket (a real local runtime behind it, its events fanned out) and a worker's
-    ``RemoteRuntime`` following it, in this process."""
-    config = settings(tmp_path, {"ws": workspace(next_address(), ports={3000: "private"})})
+    ``RemoteRuntime`` following it, in this process; ``prepare`` sees (or holds) each of the parent's answers
+    before it goes out. Without ``lost`` the worker does what ``serve``'s do when the stream ends: SIGTERM itself."""
+    config = settings(tmp_path, {"ws": workspace(address or next_address(), ports={3000: "private"})})
     runtime = make_runtime(config)
     await runtime.start()
     server = ControlServer(runtime, Activity())
-    runner = web.AppRunner(server.app())
+    app = server.app()
+    if prepare is not None:
+        app.on_response_prepare.append(prepare)
+    runner = web.AppRunner(app)
     await runner.setup()
     socket_path = tmp_path / "control.sock"
     await web.UnixSite(runner, str(socket_path)).start()
@@ -174,7 +190,9 @@ async def test_what_the_parent_refuses_reaches_the_worker_as_the_same_error(tmp_
     async with a_worker_of(tmp_path) as (server, remote, _):
         with pytest.raises(RemoteError) as unknown:
             await remote.wake("nope")
-        assert unknown.value.status == 404
+        refused = unknown.value  # what the worker's error page and JSON are made of
+        assert (refused.status, refused.code, refused.title, refused.message, refused.headers, refused.retry) == (
+            404, "workspace-not-found", "Not found", "There is no workspace called nope.", {}, False)
         assert not server.waking("nope")
         async with remote.session.post("http://control/workspaces/ws/reboot", json={}) as answer:
             assert answer.status == 200
@@ -209,11 +227,6 @@ async def test_a_workspace_stays_waking_until_the_last_of_its_wakes_ends(tmp_pat
         await release.wait()
         return await real_wake(name)
 
-    async def until(condition: Callable[[], bool]) -> None:
-        async with asyncio.timeout(10):
-            while not condition():  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-
     monkeypatch.setattr(runtime, "wake", held_wake)
     async with TestClient(TestServer(server.app())) as client:
         try:
@@ -232,3 +245,17 @@ async def test_a_workspace_stays_waking_until_the_last_of_its_wakes_ends(tmp_pat
             for release in releases:
                 release.set()
             await runtime.close()
+
+
+@pytest.mark.parametrize("error", [
+    NotFound("There is no workspace called nope.", code="workspace-not-found"),
+    LifecycleError("Archiving ws failed, its home is kept: disk full"),
+    LifecycleError("The workspace is busy, try again.", code="workspace-busy", headers={"Retry-After": "5"},
+                   retry=True),
+], ids=["not-found", "failed", "retry-after"])
+def test_an_error_crosses_to_the_worker_whole(error: GatewayError) -> None:
+    """A worker renders the parent's error itself (page or JSON, Retry-After, whether to retry), so every part of it
+    comes across, not only the status."""
+    carried = RemoteError(error_to_wire(error))
+    assert (carried.status, carried.code, carried.title, carried.message, carried.headers, carried.retry) == (
+        error.status, error.code, error.title, error.message, error.headers, error.retry)
