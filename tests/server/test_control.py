@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -259,3 +260,35 @@ def test_an_error_crosses_to_the_worker_whole(error: GatewayError) -> None:
     carried = RemoteError(error_to_wire(error))
     assert (carried.status, carried.code, carried.title, carried.message, carried.headers, carried.retry) == (
         error.status, error.code, error.title, error.message, error.headers, error.retry)
+
+
+async def test_a_worker_wakes_asks_after_and_archives_a_workspace_through_the_parent(tmp_path: Path) -> None:
+    """Each operation is the parent's runtime's own: the worker gets back the state the parent made, and keeps it."""
+    async with a_worker_of(tmp_path) as (server, remote, _):
+        woken = await remote.wake("ws")
+        made = server.runtime.get("ws")
+        assert made is not None
+        assert made.phase is Phase.RUNNING
+        assert (woken.phase, woken.address) == (Phase.RUNNING, made.address)
+        assert server.activity.last("ws") is not None, "the wake came from a worker: the parent counts it as use"
+        asked = await remote.status("ws")
+        assert (asked.phase, asked.address) == (Phase.RUNNING, made.address)
+        archived = await remote.archive("ws")
+        assert archived.phase is Phase.COLD
+        assert server.runtime.get("ws").phase is Phase.COLD  # type: ignore[union-attr]
+        assert remote.get("ws").phase is Phase.COLD  # type: ignore[union-attr]
+
+
+async def test_a_worker_reads_the_ports_of_a_running_workspace_only(tmp_path: Path) -> None:
+    """The hub's "detected ports" come from the worker's own look at the workspace's address, and only while the
+    workspace runs there: a port something else opened on the address of a sleeping workspace is not its."""
+    address = next_address()
+    with socket.socket() as listener:
+        listener.bind((address, 0))
+        listener.listen()
+        port = int(listener.getsockname()[1])
+        async with a_worker_of(tmp_path, address=address) as (_, remote, _):
+            assert remote.listening_ports("ws") == set()
+            assert remote.listening_ports("nope") == set()
+            await remote.wake("ws")
+            assert port in (remote.listening_ports("ws") or set())
