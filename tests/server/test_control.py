@@ -292,3 +292,27 @@ async def test_a_worker_reads_the_ports_of_a_running_workspace_only(tmp_path: Pa
             assert remote.listening_ports("nope") == set()
             await remote.wake("ws")
             assert port in (remote.listening_ports("ws") or set())
+
+
+async def test_a_late_reply_does_not_undo_what_the_worker_heard_since(tmp_path: Path) -> None:
+    """Replies and the stream arrive in any order; the worker's copy only moves forward. The reply to a first change,
+    held up on its way, comes in after a second change reached the worker: the worker keeps the second."""
+    held: list[str] = []
+    release = asyncio.Event()
+
+    async def hold_the_first_update(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path.endswith("/update") and not held:
+            held.append(request.path)
+            await release.wait()
+
+    async with a_worker_of(tmp_path, prepare=hold_the_first_update) as (server, remote, _):
+        first = asyncio.create_task(remote.update("ws", labels={3000: "first"}))
+        try:
+            await until(lambda: bool(held))  # made and numbered by the parent; only its reply waits
+            second = await remote.update("ws", labels={3000: "second"})
+        finally:
+            release.set()
+        answered = await first
+        for state in (second, answered, remote.get("ws"), server.runtime.get("ws")):
+            assert state is not None
+            assert dict(state.spec.labels) == {3000: "second"}
