@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +22,7 @@ from gateway.errors import GatewayError, NotFound
 from gateway.lifecycle import Phase, WorkspaceState
 from gateway.lifecycle.base import LifecycleError
 from gateway.lifecycle.idle import Activity
-from gateway.lifecycle.remote import RemoteError, RemoteRuntime, error_to_wire
+from gateway.lifecycle.remote import RemoteError, RemoteRuntime, error_to_wire, forward_activity
 from gateway.metrics import Metrics
 from gateway.server.control import ControlServer
 from gateway.server.wiring import make_reaper, make_runtime
@@ -316,3 +318,46 @@ async def test_a_late_reply_does_not_undo_what_the_worker_heard_since(tmp_path: 
         for state in (second, answered, remote.get("ws"), server.runtime.get("ws")):
             assert state is not None
             assert dict(state.spec.labels) == {3000: "second"}
+
+
+async def test_a_worker_reports_its_activity_when_it_changed_under_its_own_pid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The parent's reaper decides on what the workers report: a worker sends its activity when it changed (not every
+    tick), under its process id (the parent forgets a worker's open connections by it when the worker exits), and a
+    report the parent failed to take is sent again."""
+    reports: list[int] = []
+
+    async def count_reports(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path == "/activity":
+            reports.append(response.status)
+
+    now = [1000.0]
+    worker = Activity(clock=lambda: now[0])
+    async with a_worker_of(tmp_path, prepare=count_reports) as (server, remote, _):
+        real_merge = server.activity.merge
+        failures = [RuntimeError("the parent could not take it")]
+
+        def merge_once_failing(source: int, last: dict[str, float], open_: dict[str, int]) -> None:
+            if failures and not open_:
+                raise failures.pop()
+            real_merge(source, last, open_)
+
+        monkeypatch.setattr(server.activity, "merge", merge_once_failing)
+        forwarding = asyncio.create_task(forward_activity(remote, worker.snapshot, every=0.01))
+        try:
+            with worker.connection("ws"):
+                await until(lambda: bool(reports))
+                assert server.activity.idle_for("ws", 0.0) == 0.0, "open in a worker: not idle"
+                await asyncio.sleep(0.2)  # twenty ticks with nothing new
+                assert reports == [204]
+                server.activity.forget(os.getpid())  # what the parent does when this worker exits
+                assert server.activity.idle_for("ws", 0.0) > 0.0
+                now[0] = 2000.0
+            with caplog.at_level(logging.WARNING, logger="gateway.lifecycle.remote"):
+                await until(lambda: server.activity.last("ws") == 2000.0)
+            assert reports == [204, 500, 204]
+            assert "activity not sent to the parent" in caplog.text
+        finally:
+            forwarding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await forwarding
