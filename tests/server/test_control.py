@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -361,3 +363,72 @@ async def test_a_worker_reports_its_activity_when_it_changed_under_its_own_pid(
             forwarding.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await forwarding
+
+
+async def test_a_worker_whose_parent_dies_mid_stream_stops_too(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A parent killed (not shut down) cuts the stream off without its end: the worker says so and stops all the
+    same, rather than serve on from states nobody updates."""
+    lost = asyncio.Event()
+    with caplog.at_level(logging.ERROR, logger="gateway.lifecycle.remote"):
+        async with a_worker_of(tmp_path, lost) as (_, _, runner):
+            assert runner.server is not None
+            await runner.server.shutdown(0.1)  # the connections dropped, nothing said
+            async with asyncio.timeout(10):
+                await lost.wait()
+    assert "lost the parent's event stream" in caplog.text
+    assert "the parent process went away; this worker stops" in caplog.text
+
+
+async def test_a_worker_left_by_its_parent_stops_its_own_process(tmp_path: Path) -> None:
+    """As ``serve`` runs a worker (no hook of its own), the end of the stream is SIGTERM to the worker's own process,
+    which its server turns into a graceful shutdown."""
+    terminated = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, terminated.set)
+    try:
+        async with a_worker_of(tmp_path) as (_, _, runner):
+            await runner.shutdown()
+            async with asyncio.timeout(10):
+                await terminated.wait()
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def test_a_worker_whose_control_socket_does_not_answer_fails_to_start_at_once(tmp_path: Path) -> None:
+    """No parent behind the socket: ``start`` fails at once naming the socket (not after the 30 s a parent gets to
+    send its states), nothing counts as a lost parent, and ``close`` still closes what ``start`` opened."""
+    lost = asyncio.Event()
+    never_started = RemoteRuntime(tmp_path / "never.sock")
+    await never_started.close()  # however far start got: not at all
+    nobody = tmp_path / "nobody.sock"
+    remote = RemoteRuntime(nobody, on_lost=lost.set)
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(RuntimeError, match=re.escape(f"the control socket {nobody} did not answer: ")):
+                await remote.start()
+        assert not lost.is_set()
+    finally:
+        await remote.close()
+    assert remote.session.closed
+
+
+async def test_a_worker_closing_its_runtime_leaves_nothing_of_it_running(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A worker shutting down is not a worker whose parent went away: ``close`` ends the stream it follows before it
+    returns, quietly, and the parent carries on for the other workers."""
+    def runtimes_tasks() -> set[asyncio.Task[object]]:
+        return {task for task in asyncio.all_tasks()
+                if task.get_coro().__qualname__.startswith("RemoteRuntime.")}  # type: ignore[union-attr]
+
+    async with a_worker_of(tmp_path) as (server, remote, _):
+        first_workers = runtimes_tasks()
+        other = RemoteRuntime(tmp_path / "control.sock")
+        await other.start()
+        with caplog.at_level(logging.ERROR, logger="gateway.lifecycle.remote"):
+            await other.close()
+            assert runtimes_tasks() == first_workers
+            assert other.session.closed
+            await server.runtime.wake("ws")  # news the closed worker no longer follows
+            await until(lambda: remote.get("ws").phase is Phase.RUNNING)  # type: ignore[union-attr]
+        assert not [record for record in caplog.records if record.name == "gateway.lifecycle.remote"]
