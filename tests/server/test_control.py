@@ -1,27 +1,43 @@
 """The ``--workers`` parent's control plane: its idle reaper is wired like the single process's, so a workspace a
-worker is waking is never put to sleep (or archived) under it."""
+worker is waking is never put to sleep (or archived) under it. And the workers' side of it (``RemoteRuntime``): a
+copy of every state that only moves forward, operations and errors forwarded whole, activity reported when it
+changed, and a worker that never outlives its parent."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
+import re
+import signal
+import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.errors import GatewayError, NotFound
 from gateway.lifecycle import Phase, WorkspaceState
+from gateway.lifecycle.base import LifecycleError
 from gateway.lifecycle.idle import Activity
-from gateway.lifecycle.remote import RemoteError, RemoteRuntime
+from gateway.lifecycle.remote import RemoteError, RemoteRuntime, error_to_wire, forward_activity
 from gateway.metrics import Metrics
 from gateway.server.control import ControlServer
 from gateway.server.wiring import make_reaper, make_runtime
 from tests.conftest import next_address, settings, workspace
 
 pytestmark = pytest.mark.timeout(60)
+Prepare = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
 
 async def test_a_workspace_a_worker_is_waking_is_not_reaped(tmp_path: Path,
@@ -96,15 +112,20 @@ async def test_the_parents_reaper_goes_by_what_the_workers_report(tmp_path: Path
 
 
 @contextlib.asynccontextmanager
-async def a_worker_of(tmp_path: Path, lost: asyncio.Event | None = None
+async def a_worker_of(tmp_path: Path, lost: asyncio.Event | None = None, *, address: str | None = None,
+                      prepare: Prepare | None = None
                       ) -> AsyncIterator[tuple[ControlServer, RemoteRuntime, web.AppRunner]]:
     """The parent's control socket (a real local runtime behind it, its events fanned out) and a worker's
-    ``RemoteRuntime`` following it, in this process."""
-    config = settings(tmp_path, {"ws": workspace(next_address(), ports={3000: "private"})})
+    ``RemoteRuntime`` following it, in this process; ``prepare`` sees (or holds) each of the parent's answers
+    before it goes out. Without ``lost`` the worker does what ``serve``'s do when the stream ends: SIGTERM itself."""
+    config = settings(tmp_path, {"ws": workspace(address or next_address(), ports={3000: "private"})})
     runtime = make_runtime(config)
     await runtime.start()
     server = ControlServer(runtime, Activity())
-    runner = web.AppRunner(server.app())
+    app = server.app()
+    if prepare is not None:
+        app.on_response_prepare.append(prepare)
+    runner = web.AppRunner(app)
     await runner.setup()
     socket_path = tmp_path / "control.sock"
     await web.UnixSite(runner, str(socket_path)).start()
@@ -174,7 +195,9 @@ async def test_what_the_parent_refuses_reaches_the_worker_as_the_same_error(tmp_
     async with a_worker_of(tmp_path) as (server, remote, _):
         with pytest.raises(RemoteError) as unknown:
             await remote.wake("nope")
-        assert unknown.value.status == 404
+        refused = unknown.value  # what the worker's error page and JSON are made of
+        assert (refused.status, refused.code, refused.title, refused.message, refused.headers, refused.retry) == (
+            404, "workspace-not-found", "Not found", "There is no workspace called nope.", {}, False)
         assert not server.waking("nope")
         async with remote.session.post("http://control/workspaces/ws/reboot", json={}) as answer:
             assert answer.status == 200
@@ -209,11 +232,6 @@ async def test_a_workspace_stays_waking_until_the_last_of_its_wakes_ends(tmp_pat
         await release.wait()
         return await real_wake(name)
 
-    async def until(condition: Callable[[], bool]) -> None:
-        async with asyncio.timeout(10):
-            while not condition():  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-
     monkeypatch.setattr(runtime, "wake", held_wake)
     async with TestClient(TestServer(server.app())) as client:
         try:
@@ -232,3 +250,200 @@ async def test_a_workspace_stays_waking_until_the_last_of_its_wakes_ends(tmp_pat
             for release in releases:
                 release.set()
             await runtime.close()
+
+
+@pytest.mark.parametrize("error", [
+    NotFound("There is no workspace called nope.", code="workspace-not-found"),
+    LifecycleError("Archiving ws failed, its home is kept: disk full"),
+    LifecycleError("The workspace is busy, try again.", code="workspace-busy", headers={"Retry-After": "5"},
+                   retry=True),
+], ids=["not-found", "failed", "retry-after"])
+def test_an_error_crosses_to_the_worker_whole(error: GatewayError) -> None:
+    """A worker renders the parent's error itself (page or JSON, Retry-After, whether to retry), so every part of it
+    comes across, not only the status."""
+    carried = RemoteError(error_to_wire(error))
+    assert (carried.status, carried.code, carried.title, carried.message, carried.headers, carried.retry) == (
+        error.status, error.code, error.title, error.message, error.headers, error.retry)
+
+
+async def test_a_worker_wakes_asks_after_and_archives_a_workspace_through_the_parent(tmp_path: Path) -> None:
+    """Each operation is the parent's runtime's own: the worker gets back the state the parent made, and keeps it."""
+    async with a_worker_of(tmp_path) as (server, remote, _):
+        woken = await remote.wake("ws")
+        made = server.runtime.get("ws")
+        assert made is not None
+        assert made.phase is Phase.RUNNING
+        assert (woken.phase, woken.address) == (Phase.RUNNING, made.address)
+        assert server.activity.last("ws") is not None, "the wake came from a worker: the parent counts it as use"
+        asked = await remote.status("ws")
+        assert (asked.phase, asked.address) == (Phase.RUNNING, made.address)
+        archived = await remote.archive("ws")
+        assert archived.phase is Phase.COLD
+        assert server.runtime.get("ws").phase is Phase.COLD  # type: ignore[union-attr]
+        assert remote.get("ws").phase is Phase.COLD  # type: ignore[union-attr]
+
+
+async def test_a_worker_reads_the_ports_of_a_running_workspace_only(tmp_path: Path) -> None:
+    """The hub's "detected ports" come from the worker's own look at the workspace's address, and only while the
+    workspace runs there: a port something else opened on the address of a sleeping workspace is not its."""
+    address = next_address()
+    with socket.socket() as listener:
+        listener.bind((address, 0))
+        listener.listen()
+        port = int(listener.getsockname()[1])
+        async with a_worker_of(tmp_path, address=address) as (_, remote, _):
+            assert remote.listening_ports("ws") == set()
+            assert remote.listening_ports("nope") == set()
+            await remote.wake("ws")
+            assert port in (remote.listening_ports("ws") or set())
+
+
+async def test_a_late_reply_does_not_undo_what_the_worker_heard_since(tmp_path: Path) -> None:
+    """Replies and the stream arrive in any order; the worker's copy only moves forward. The reply to a first change,
+    held up on its way, comes in after a second change reached the worker: the worker keeps the second."""
+    held: list[str] = []
+    release = asyncio.Event()
+
+    async def hold_the_first_update(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path.endswith("/update") and not held:
+            held.append(request.path)
+            await release.wait()
+
+    async with a_worker_of(tmp_path, prepare=hold_the_first_update) as (server, remote, _):
+        first = asyncio.create_task(remote.update("ws", labels={3000: "first"}))
+        try:
+            await until(lambda: bool(held))  # made and numbered by the parent; only its reply waits
+            second = await remote.update("ws", labels={3000: "second"})
+        finally:
+            release.set()
+        answered = await first
+        for state in (second, answered, remote.get("ws"), server.runtime.get("ws")):
+            assert state is not None
+            assert dict(state.spec.labels) == {3000: "second"}
+
+
+async def test_a_worker_reports_its_activity_when_it_changed_under_its_own_pid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The parent's reaper decides on what the workers report: a worker sends its activity when it changed (not every
+    tick), under its process id (the parent forgets a worker's open connections by it when the worker exits), and a
+    report the parent failed to take is sent again."""
+    reports: list[int] = []
+
+    async def count_reports(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path == "/activity":
+            reports.append(response.status)
+
+    now = [1000.0]
+    worker = Activity(clock=lambda: now[0])
+    async with a_worker_of(tmp_path, prepare=count_reports) as (server, remote, _):
+        real_merge = server.activity.merge
+        failures = [RuntimeError("the parent could not take it")]
+
+        def merge_once_failing(source: int, last: dict[str, float], open_: dict[str, int]) -> None:
+            if failures and not open_:
+                raise failures.pop()
+            real_merge(source, last, open_)
+
+        monkeypatch.setattr(server.activity, "merge", merge_once_failing)
+        forwarding = asyncio.create_task(forward_activity(remote, worker.snapshot, every=0.01))
+        try:
+            with worker.connection("ws"):
+                await until(lambda: bool(reports))
+                assert server.activity.idle_for("ws", 0.0) == 0.0, "open in a worker: not idle"
+                await asyncio.sleep(0.2)  # twenty ticks with nothing new
+                assert reports == [204]
+                server.activity.forget(os.getpid())  # what the parent does when this worker exits
+                assert server.activity.idle_for("ws", 0.0) > 0.0
+                now[0] = 2000.0
+            with caplog.at_level(logging.WARNING, logger="gateway.lifecycle.remote"):
+                await until(lambda: server.activity.last("ws") == 2000.0)
+            assert reports == [204, 500, 204]
+            assert "activity not sent to the parent" in caplog.text
+        finally:
+            forwarding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await forwarding
+
+
+async def test_a_worker_whose_parent_dies_mid_stream_stops_too(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A parent killed (not shut down) cuts the stream off without its end: the worker says so and stops all the
+    same, rather than serve on from states nobody updates."""
+    lost = asyncio.Event()
+    with caplog.at_level(logging.ERROR, logger="gateway.lifecycle.remote"):
+        async with a_worker_of(tmp_path, lost) as (_, _, runner):
+            assert runner.server is not None
+            await runner.server.shutdown(0.1)  # the connections dropped, nothing said
+            async with asyncio.timeout(10):
+                await lost.wait()
+    assert "lost the parent's event stream" in caplog.text
+    assert "the parent process went away; this worker stops" in caplog.text
+
+
+async def test_a_worker_left_by_its_parent_stops_its_own_process(tmp_path: Path) -> None:
+    """As ``serve`` runs a worker (no hook of its own), the end of the stream is SIGTERM to the worker's own process,
+    which its server turns into a graceful shutdown."""
+    terminated = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, terminated.set)
+    try:
+        async with a_worker_of(tmp_path) as (_, _, runner):
+            await runner.shutdown()
+            async with asyncio.timeout(10):
+                await terminated.wait()
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def test_a_worker_whose_control_socket_does_not_answer_fails_to_start_at_once(tmp_path: Path) -> None:
+    """No parent behind the socket: ``start`` fails at once naming the socket (not after the 30 s a parent gets to
+    send its states), nothing counts as a lost parent, and ``close`` still closes what ``start`` opened."""
+    lost = asyncio.Event()
+    never_started = RemoteRuntime(tmp_path / "never.sock")
+    await never_started.close()  # however far start got: not at all
+    nobody = tmp_path / "nobody.sock"
+    remote = RemoteRuntime(nobody, on_lost=lost.set)
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(RuntimeError, match=re.escape(f"the control socket {nobody} did not answer: ")):
+                await remote.start()
+        assert not lost.is_set()
+    finally:
+        await remote.close()
+    assert remote.session.closed
+
+
+async def test_a_worker_closing_its_runtime_leaves_nothing_of_it_running(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A worker shutting down is not a worker whose parent went away: ``close`` ends the stream it follows before it
+    returns, quietly, and the parent carries on for the other workers."""
+    def runtimes_tasks() -> set[asyncio.Task[object]]:
+        return {task for task in asyncio.all_tasks()
+                if task.get_coro().__qualname__.startswith("RemoteRuntime.")}  # type: ignore[union-attr]
+
+    async with a_worker_of(tmp_path) as (server, remote, _):
+        first_workers = runtimes_tasks()
+        other = RemoteRuntime(tmp_path / "control.sock")
+        await other.start()
+        with caplog.at_level(logging.ERROR, logger="gateway.lifecycle.remote"):
+            await other.close()
+            assert runtimes_tasks() == first_workers
+            assert other.session.closed
+            await server.runtime.wake("ws")  # news the closed worker no longer follows
+            await until(lambda: remote.get("ws").phase is Phase.RUNNING)  # type: ignore[union-attr]
+        assert not [record for record in caplog.records if record.name == "gateway.lifecycle.remote"]
+
+
+@pytest.mark.xfail(strict=True, reason="RemoteRuntime.start leaves its client session open when the control socket "
+                   "does not answer; the gateway closes a runtime only once it started (the Kubernetes runtime closes "
+                   "itself on a failed start)")
+async def test_a_worker_whose_start_failed_has_closed_what_it_opened(tmp_path: Path) -> None:
+    """The gateway's lifespan closes the runtime only after ``start`` returned, so a failed start has to clean up
+    after itself, as the Kubernetes runtime's does."""
+    remote = RemoteRuntime(tmp_path / "nobody.sock")
+    try:
+        with pytest.raises(RuntimeError):
+            await remote.start()
+        assert remote.session.closed
+    finally:
+        await remote.close()
