@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -908,11 +908,14 @@ async def test_a_quiet_feed_says_it_is_still_there(served: Served, make_browser:
         assert feed.headers["Cache-Control"] == "no-store"
         assert feed.headers["X-Accel-Buffering"] == "no"
         assert (await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)).startswith(b"event: snapshot")
-        said: list[float] = []
-        for _ in range(2):
-            assert await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10) == b": still here\n\n"
-            said.append(time.monotonic())
-        assert said[1] - said[0] > 0.4, "one comment per quiet KEEPALIVE (0.8 s), not one per look (0.05 s)"
+        said: list[bytes] = []
+        with contextlib.suppress(TimeoutError):  # two quiet seconds: a comment per KEEPALIVE, not per look (40)
+            async with asyncio.timeout(2.0):
+                while True:
+                    said.append(await feed.content.readuntil(b"\n\n"))
+        assert said
+        assert set(said) == {b": still here\n\n"}
+        assert len(said) <= 3, f"{len(said)} comments in 2 s: one per look (0.05 s), not per quiet KEEPALIVE (0.8 s)"
         made = await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000})
         while (event := await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)) == b": still here\n\n":
             pass
