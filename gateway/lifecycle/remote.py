@@ -91,7 +91,11 @@ class RemoteRuntime(Runtime):
         self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         synced: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._stream = asyncio.create_task(self._follow(synced))
-        await asyncio.wait_for(asyncio.shield(synced), 30)
+        try:
+            await asyncio.wait_for(asyncio.shield(synced), 30)
+        except BaseException:  # the gateway closes only a runtime that started: this one ends what it opened
+            await self.close()
+            raise
 
     async def close(self) -> None:
         self._closing = True

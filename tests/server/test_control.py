@@ -434,9 +434,6 @@ async def test_a_worker_closing_its_runtime_leaves_nothing_of_it_running(tmp_pat
         assert not [record for record in caplog.records if record.name == "gateway.lifecycle.remote"]
 
 
-@pytest.mark.xfail(strict=True, reason="RemoteRuntime.start leaves its client session open when the control socket "
-                   "does not answer; the gateway closes a runtime only once it started (the Kubernetes runtime closes "
-                   "itself on a failed start)")
 async def test_a_worker_whose_start_failed_has_closed_what_it_opened(tmp_path: Path) -> None:
     """The gateway's lifespan closes the runtime only after ``start`` returned, so a failed start has to clean up
     after itself, as the Kubernetes runtime's does."""
