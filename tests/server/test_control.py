@@ -444,3 +444,30 @@ async def test_a_worker_whose_start_failed_has_closed_what_it_opened(tmp_path: P
         assert remote.session.closed
     finally:
         await remote.close()
+
+
+async def test_a_worker_gone_from_the_stream_is_dropped_without_an_error_in_the_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker that restarts, or stops, leaves its stream: the parent's next broadcasts to it find the connection
+    closed. That is a worker leaving, not a fault of the parent: nothing at ERROR, and its stream is dropped (else
+    every later state would queue up for it, for as long as the parent runs)."""
+    config = settings(tmp_path, {"ws": workspace(next_address())})
+    runtime = make_runtime(config)
+    await runtime.start()
+    server = ControlServer(runtime, Activity())
+    try:
+        async with TestServer(server.app()) as test_server:
+            reader, writer = await asyncio.open_connection(test_server.host, test_server.port)
+            writer.write(f"GET /events HTTP/1.1\r\nHost: {test_server.host}\r\n\r\n".encode())
+            await writer.drain()
+            assert b'"synced"' in await reader.readuntil(b'"synced"}\n')
+            writer.close()  # the worker is gone
+            await asyncio.sleep(0.05)
+            caplog.clear()
+            for _ in range(3):
+                server._broadcast(b'{"type":"event"}\n')
+                await asyncio.sleep(0.05)
+            await until(lambda: not server._streams)
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    finally:
+        await runtime.close()
