@@ -191,10 +191,11 @@ async def callback(request: web.Request) -> web.StreamResponse:
 
 
 def _id_token_cookie(gateway: Gateway, id_token: str) -> str:
-    """The sign-in's ID token, kept for Sign out to hand the IdP as ``id_token_hint``. Sealed, so that one
-    planted on the hub's host is never passed on, and only in a cookie of the hub's."""
+    """The sign-in's ID token, kept for Sign out to hand the IdP as ``id_token_hint``. Sealed for that use alone,
+    so that nothing planted on the hub's host (nor another sealed value of the gateway's) is passed on, and only
+    in a cookie of the hub's."""
     sessions, secure = gateway.auth.sessions, gateway.config.secure
-    sealed = sessions.seal_state({"id_token": id_token}, gateway.hosts.hub, sessions.ttl)
+    sealed = sessions.seal_state({"id_token": id_token}, f"id-token {gateway.hosts.hub}", sessions.ttl)
     return set_cookie(cookie_name(ID_TOKEN, secure), sealed, max_age=int(sessions.ttl), secure=secure)
 
 
@@ -235,7 +236,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     oidc, location, secure = gateway.auth.oidc, None, gateway.config.secure
     if oidc is not None and oidc.settings.sign_out_at_idp:
         sealed = gateway.auth.sessions.open_state(read_cookie(request.headers, cookie_name(ID_TOKEN, secure)),
-                                                  gateway.hosts.hub)
+                                                  f"id-token {gateway.hosts.hub}")
         hint = sealed.get("id_token") if sealed is not None else None
         location = await oidc.end_session_url(post_logout_redirect_uri=gateway.hosts.hub_url("/"),
                                               id_token_hint=hint if isinstance(hint, str) else None)
