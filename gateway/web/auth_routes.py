@@ -15,7 +15,7 @@ from gateway.auth.authenticate import HANDOFF, SESSION, handoff_state
 from gateway.auth.identity import Identity
 from gateway.auth.keys import same_secret
 from gateway.auth.oidc import Pkce, SignInFailed
-from gateway.auth.sessions import Session, cookie_is_alone, cookie_name, is_embedded, read_cookie, set_cookie
+from gateway.auth.sessions import Session, SignIn, cookie_is_alone, cookie_name, is_embedded, read_cookie, set_cookie
 from gateway.edge.routing import Kind, local_path, normalise_host, route
 from gateway.errors import BadRequest, Forbidden, GatewayError, Redirect, ServiceUnavailable
 from gateway.server.context import GATEWAY, Gateway
@@ -26,10 +26,9 @@ _LOGIN_TTL = 600
 # Sign-ins one browser may have under way at once (tabs restored together, links opened from a chat): each keeps
 # its own state, nonce and verifier in the one login cookie, newest first.
 _PENDING = 4
-_LOGIN_COOKIE_BYTES = 3800  # what a browser keeps in one cookie, with room for its name and attributes
-_NEXT_LONGEST = 2000  # one sign-in, its next included, fits in the cookie alone: longer goes to the hub's page
-_NEXT_IN_STATE = 512  # past this the IdP's address would grow too long: a tab that loses its sign-in gets a 400
 _STATE_BLOCK = 64
+_SEALED_LONGEST = 1536  # of the state's sealed next, in the IdP's address (about 1,000 ASCII characters of next)
+_ID_TOKEN_BYTES = 2500  # beside a session cookie of up to 4 KB and the login cookie, within one 8 KB Cookie header
 
 
 def hub_session(request: web.BaseRequest, gateway: Gateway) -> Session | None:
@@ -62,11 +61,11 @@ async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | bytear
         raise BadRequest("This form could not be read.", code="bad-form") from None
 
 
-async def _session_cookie(request: web.BaseRequest, gateway: Gateway, identity: Identity) -> str:
-    """The hub's cookie for a sign-in: a new one (``TooManySignIns`` for a person signing in in a loop: see
-    ``Sessions.begin``), unless this browser is signed in as them already, whose sign-in it keeps. Any page can
-    send its visitor through ``/auth/login``, and with the IdP's session the browser comes back at once: a new
-    sign-in each time would replace the cookie of one that previews still hold, which Sign out (it ends the
+async def _session_cookie(request: web.BaseRequest, gateway: Gateway, identity: Identity) -> tuple[str, SignIn]:
+    """The hub's cookie for a sign-in, and that sign-in: a new one (``TooManySignIns`` for a person signing in in
+    a loop: see ``Sessions.begin``), unless this browser is signed in as them already, whose sign-in it keeps. Any
+    page can send its visitor through ``/auth/login``, and with the IdP's session the browser comes back at once:
+    a new sign-in each time would replace the cookie of one that previews still hold, which Sign out (it ends the
     cookie's sign-in) could then no longer end, and spend the visitor's sign-ins of the hour.
 
     A sign-in of someone else in this browser (a shared computer) ends first: its cookie is about to go, the only
@@ -81,7 +80,7 @@ async def _session_cookie(request: web.BaseRequest, gateway: Gateway, identity: 
         sign_in = sessions.begin(identity)
     token = sessions.issue(identity, gateway.hosts.hub, sign_in)
     secure = gateway.config.secure
-    return set_cookie(cookie_name(SESSION, secure), token, max_age=sign_in.left(), secure=secure)
+    return set_cookie(cookie_name(SESSION, secure), token, max_age=sign_in.left(), secure=secure), sign_in
 
 
 async def _end_sign_in(gateway: Gateway, session: Session) -> None:
@@ -103,23 +102,22 @@ def _expired(name: str, secure: bool) -> str:
 async def login(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     next_url = local_path(request.query.get("next"))
-    if len(next_url) > _NEXT_LONGEST:  # could not be kept: the hub's page beats a sign-in that cannot finish
-        next_url = "/"
     if gateway.config.auth.mode == "dev":
         raise Redirect(str(URL("/auth/dev").with_query(next=next_url)), status=302)
     assert gateway.auth.oidc is not None
     sessions, hub = gateway.auth.sessions, gateway.hosts.hub
     pkce, secret, nonce = Pkce.new(), secrets.token_urlsafe(18), secrets.token_urlsafe(18)
-    # Beside its secret, the state carries where the sign-in was going, sealed (a preview's URL, and the state of
-    # its hand-off, are not the IdP's to read), so that a tab whose sign-in another pushed out of the cookie can
-    # still be sent on (``_lost``). Only the secret binds it to this browser.
-    state = secret if len(next_url) > _NEXT_IN_STATE else (
-        f"{secret}.{sessions.seal_state({'next': next_url}, f'sign-in {hub}', _LOGIN_TTL, block=_STATE_BLOCK)}")
+    # Beside its secret, the state carries where the sign-in goes, sealed (a preview's URL, and the state of its
+    # hand-off, are not the IdP's to read): the login cookie stays small whatever a page sends here, and a tab
+    # whose sign-in another pushed out of it can still be sent on (``_lost``). Only the secret binds it to this
+    # browser.
+    sealed = sessions.seal_state({"next": next_url}, f"sign-in {hub}", _LOGIN_TTL, block=_STATE_BLOCK)
+    if len(sealed) > _SEALED_LONGEST:  # the hub's page beats an address the IdP may refuse as too long
+        sealed = sessions.seal_state({"next": "/"}, f"sign-in {hub}", _LOGIN_TTL, block=_STATE_BLOCK)
     location = await gateway.auth.oidc.authorize_url(
-        redirect_uri=gateway.hosts.hub_url("/auth/callback"), state=state, nonce=nonce, pkce=pkce
+        redirect_uri=gateway.hosts.hub_url("/auth/callback"), state=f"{secret}.{sealed}", nonce=nonce, pkce=pkce
     )
-    started = {"state": secret, "nonce": nonce, "verifier": pkce.verifier, "next": next_url,
-               "until": int(time.time()) + _LOGIN_TTL}
+    started = {"state": secret, "nonce": nonce, "verifier": pkce.verifier, "until": int(time.time()) + _LOGIN_TTL}
     raise Redirect(location, status=302, cookies=(
         _login_cookie(gateway, [started, *_pending(request, gateway)][:_PENDING]),))
 
@@ -136,30 +134,33 @@ def _pending(request: web.BaseRequest, gateway: Gateway) -> list[dict[str, Any]]
 
 
 def _login_cookie(gateway: Gateway, pending: list[dict[str, Any]]) -> str:
-    """The login cookie holding ``pending``, the oldest dropped while it would be too big for a browser to keep
-    (long ``next`` addresses), or one that ends it when none are left."""
+    """The login cookie holding ``pending`` (under 1 KB for four), or one that ends it when none are left."""
     secure = gateway.config.secure
-    while pending:
-        value = gateway.auth.sessions.sign_state({"pending": pending}, gateway.hosts.hub, _LOGIN_TTL)
-        if len(value) <= _LOGIN_COOKIE_BYTES:
-            return set_cookie(cookie_name(LOGIN, secure), value, max_age=_LOGIN_TTL, secure=secure)
-        pending = pending[:-1]
-    return _expired(LOGIN, secure)
+    if not pending:
+        return _expired(LOGIN, secure)
+    value = gateway.auth.sessions.sign_state({"pending": pending}, gateway.hosts.hub, _LOGIN_TTL)
+    return set_cookie(cookie_name(LOGIN, secure), value, max_age=_LOGIN_TTL, secure=secure)
 
 
-def _lost(request: web.BaseRequest, gateway: Gateway, sealed: str, pending: list[dict[str, Any]]) -> GatewayError:
+def _going(gateway: Gateway, sealed: str) -> str | None:
+    """Where a sign-in goes, from the sealed part of its state (None when this gateway did not seal it so)."""
+    going = gateway.auth.sessions.open_state(sealed, f"sign-in {gateway.hosts.hub}")
+    next_url = going.get("next") if going is not None else None
+    return local_path(next_url) if isinstance(next_url, str) else None
+
+
+def _lost(request: web.BaseRequest, gateway: Gateway, next_url: str | None,
+          pending: list[dict[str, Any]]) -> GatewayError:
     """A callback whose sign-in this browser's cookie does not hold: tabs that set out together each wrote the
     cookie, and only the last write stayed. A browser signed in by now (another tab finished) goes on to where
     this one was going; one with sign-ins still under way (so its cookies work) starts this one again. The code
     is never used: only a sign-in this browser holds may sign it in (else a forged callback could sign a
     visitor in as someone else)."""
-    going = gateway.auth.sessions.open_state(sealed, f"sign-in {gateway.hosts.hub}")
-    next_url = going.get("next") if going is not None else None
-    if isinstance(next_url, str):
+    if next_url is not None:
         if hub_session(request, gateway) is not None:
-            return Redirect(local_path(next_url), status=303)
+            return Redirect(next_url, status=303)
         if pending:
-            return Redirect(str(URL("/auth/login").with_query(next=local_path(next_url))), status=303)
+            return Redirect(str(URL("/auth/login").with_query(next=next_url)), status=303)
     return BadRequest("This sign-in has expired or was started elsewhere. Open the page you wanted again.",
                       code="sign-in-state-mismatch")
 
@@ -169,8 +170,9 @@ async def callback(request: web.Request) -> web.StreamResponse:
     pending = _pending(request, gateway)
     secret, _, sealed = request.query.get("state", "").partition(".")
     saved = next((entry for entry in pending if same_secret(secret, str(entry.get("state")))), None)
+    next_url = _going(gateway, sealed)
     if saved is None:
-        raise _lost(request, gateway, sealed, pending)
+        raise _lost(request, gateway, next_url, pending)
     if "error" in request.query:
         said = request.query.get("error_description") or request.query["error"]
         raise SignInFailed(f"The sign-in service said: {said}.")
@@ -184,19 +186,33 @@ async def callback(request: web.Request) -> web.StreamResponse:
     if (problem := identity.unsendable()) is not None:
         raise SignInFailed(f"The sign-in service sent {problem}, which this gateway does not accept. Ask its "
                            "administrators to correct the account.")
-    kept = (_id_token_cookie(gateway, tokens["id_token"]),) if oidc.settings.sign_out_at_idp else ()
-    raise Redirect(local_path(str(saved.get("next"))), status=303, cookies=(
-        await _session_cookie(request, gateway, identity),
-        _login_cookie(gateway, [entry for entry in pending if entry is not saved]), *kept))
+    session, sign_in = await _session_cookie(request, gateway, identity)
+    kept = (_id_token_cookie(gateway, tokens["id_token"], sign_in),) if oidc.settings.sign_out_at_idp else ()
+    raise Redirect(next_url or "/", status=303, cookies=(
+        session, _login_cookie(gateway, [entry for entry in pending if entry is not saved]), *kept))
 
 
-def _id_token_cookie(gateway: Gateway, id_token: str) -> str:
-    """The sign-in's ID token, kept for Sign out to hand the IdP as ``id_token_hint``. Sealed for that use alone,
-    so that nothing planted on the hub's host (nor another sealed value of the gateway's) is passed on, and only
-    in a cookie of the hub's."""
+def _id_token_cookie(gateway: Gateway, id_token: str, sign_in: SignIn) -> str:
+    """The sign-in's ID token, kept for Sign out to hand the IdP as ``id_token_hint``: sealed for that use alone,
+    with the sign-in it came with (a browser that drops a cookie too big to keep would otherwise hand on the last
+    person's), and only while it is small enough to leave room in the hub's Cookie header. Else the one there goes."""
     sessions, secure = gateway.auth.sessions, gateway.config.secure
-    sealed = sessions.seal_state({"id_token": id_token}, f"id-token {gateway.hosts.hub}", sessions.ttl)
+    sealed = sessions.seal_state({"id_token": id_token, "sid": sign_in.id}, f"id-token {gateway.hosts.hub}",
+                                 sessions.ttl)
+    if len(sealed) > _ID_TOKEN_BYTES:
+        return _expired(ID_TOKEN, secure)
     return set_cookie(cookie_name(ID_TOKEN, secure), sealed, max_age=int(sessions.ttl), secure=secure)
+
+
+def _id_token_hint(request: web.BaseRequest, gateway: Gateway, session: Session | None) -> str | None:
+    """The kept ID token of the sign-in being signed out, if this browser holds it."""
+    secure = gateway.config.secure
+    kept = gateway.auth.sessions.open_state(read_cookie(request.headers, cookie_name(ID_TOKEN, secure)),
+                                            f"id-token {gateway.hosts.hub}")
+    if kept is None or session is None or kept.get("sid") != session.sign_in.id:
+        return None
+    hint = kept.get("id_token")
+    return hint if isinstance(hint, str) else None
 
 
 @aiohttp_jinja2.template("dev_login.html")
@@ -222,7 +238,7 @@ async def dev_submit(request: web.Request) -> web.StreamResponse:
     if (problem := identity.unsendable()) is not None:
         raise BadRequest(f"This sign-in has {problem}; pick other values.", code="bad-identity")
     raise Redirect(local_path(str(form.get("next", "/"))), cookies=(
-        await _session_cookie(request, gateway, identity),))
+        (await _session_cookie(request, gateway, identity))[0],))
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
@@ -235,17 +251,23 @@ async def logout(request: web.Request) -> web.StreamResponse:
         await _end_sign_in(gateway, session)
     oidc, location, secure = gateway.auth.oidc, None, gateway.config.secure
     if oidc is not None and oidc.settings.sign_out_at_idp:
-        sealed = gateway.auth.sessions.open_state(read_cookie(request.headers, cookie_name(ID_TOKEN, secure)),
-                                                  f"id-token {gateway.hosts.hub}")
-        hint = sealed.get("id_token") if sealed is not None else None
         location = await oidc.end_session_url(post_logout_redirect_uri=gateway.hosts.hub_url("/"),
-                                              id_token_hint=hint if isinstance(hint, str) else None)
+                                              id_token_hint=_id_token_hint(request, gateway, session))
     kept = (_expired(ID_TOKEN, secure),) if oidc is not None else ()
     raise Redirect(location or "/", cookies=(_expired(SESSION, secure), *kept))
 
 
 async def handoff(request: web.Request) -> web.StreamResponse:
-    """Hub side: a signed-in browser gets a one-minute code for the preview host it came from."""
+    """Hub side: a signed-in browser gets a one-minute code for the preview host it came from.
+
+    Only for a page the browser opens (a redirect or a popup): previews share the hub's site, so a preview's
+    ``fetch`` or frames reach here with the hub's cookie, and each code they had minted would spend one of the
+    visitor's hand-offs of the minute (``Sessions.handoff_code``) until every preview refused them. Browsers say
+    what a request is for (Fetch Metadata: a ``fetch`` is dest ``empty``, a frame ``iframe``, a page or popup
+    ``document``); a client that says nothing is let through as before."""
+    if request.headers.get("Sec-Fetch-Dest", "document") != "document":
+        raise Forbidden("A sign-in to a preview happens in a page of its own, not inside another.",
+                        code="handoff-not-a-page")
     gateway = request.app[GATEWAY]
     session = hub_session(request, gateway)
     if session is None:
