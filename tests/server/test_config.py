@@ -93,6 +93,9 @@ def load(tmp_path: Path, text: str | None, env: dict[str, str] | None = None) ->
         # the embedded demo: README's "sign in as dev" owns it, its port 8000 is public
         (None, {}, lambda c: (c.local.workspaces["demo"].owner, c.local.workspaces["demo"].ports)
          == ("dev", {8000: "public"})),
+        # only dev sign-in is kept to loopback: with the IdP's the gateway listens on every address
+        ("listen: {host: 0.0.0.0}\nauth: {mode: oidc, oidc: {issuer: 'https://sso.example.com', client_id: hub}}\n",
+         {}, lambda c: (c.listen.host, c.auth.mode) == ("0.0.0.0", "oidc")),
         # the lowest port; dev sign-in named as well as left out
         ("listen: {port: 1}\nauth: {mode: dev}\n", {}, lambda c: (c.listen.port, c.auth.mode) == (1, "dev")),
         # the lowest bounds of what the gateway asks of the API server are allowed
@@ -116,9 +119,12 @@ def test_good_settings(tmp_path: Path, text: str | None, env: dict[str, str], ch
         ("listen: [1]\n", {}, "listen: Input should be a valid dictionary"),
         ("hub_url: ftp://hub\n", {}, "hub_url: must be an http(s) URL"),
         ("hub_url: https://hub.example.com/path\n", {}, "hub_url: must be an http(s) URL"),
+        ("hub_url: 'http://'\n", {}, "hub_url: must be an http(s) URL with a host"),
         ("preview_domain: 'bad domain'\n", {}, "preview_domain: must be a host name"),
         ("preview_domain: 'localhost:99999'\n", {}, "preview_domain: must be a host name"),
         ("preview_domain: 'localhost:0'\n", {}, "preview_domain: must be a host name"),
+        ("preview_domain: .example.com\n", {}, "preview_domain: must be a host name"),
+        ("preview_domain: -preview.example.com\n", {}, "preview_domain: must be a host name"),
         ("preview_domain: 'localhost:65536'\n", {}, "preview_domain: must be a host name"),
         ("trusted_proxies: [nope]\n", {}, "trusted_proxies: 'nope' does not appear to be an IPv4 or IPv6 network"),
         ("listen: {host: 0.0.0.0}\n", {}, "auth.mode is dev (anyone can sign in as anyone) but listen.host 0.0.0.0"),
@@ -521,6 +527,7 @@ def test_a_setting_left_out_has_the_default_the_readme_documents(tmp_path: Path,
         ("oidc", "groups_claim", "roles", "roles"),
         ("oidc", "sign_out_at_idp", False, False),
         ("oidc", "token_auth_method", "client_secret_post", "client_secret_post"),
+        ("oidc", "token_auth_method", "client_secret_basic", "client_secret_basic"),
     ],
 )
 def test_a_setting_that_is_set_is_read(tmp_path: Path, section: str, key: str, value: Any, loaded: Any) -> None:
