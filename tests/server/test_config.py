@@ -77,6 +77,10 @@ def load(tmp_path: Path, text: str | None, env: dict[str, str] | None = None) ->
         ("kubernetes: {resources: {requests: {cpu: 500m, memory: 1Gi}}, image_digest: 'sha256:" + "0" * 64 + "'}\n", {},
          lambda c: (c.kubernetes.resources.requests, c.kubernetes.resources.limits, c.kubernetes.image_digest)
          == ({"cpu": "500m", "memory": "1Gi"}, {"cpu": "2", "memory": "4Gi"}, "sha256:" + "0" * 64)),
+        # limits given alone: the requests keep their default (the row above has it the other way round)
+        ("kubernetes: {resources: {limits: {cpu: '4'}}}\n", {},
+         lambda c: (c.kubernetes.resources.requests, c.kubernetes.resources.limits)
+         == ({"cpu": "250m", "memory": "512Mi"}, {"cpu": "4"})),
         # null is "not set", as if left out
         ("kubernetes: {api_url: null, image_digest: null}\n", {},
          lambda c: (c.kubernetes.api_url, c.kubernetes.image_digest) == (None, None)),
