@@ -97,6 +97,9 @@ def load(tmp_path: Path, text: str | None, env: dict[str, str] | None = None) ->
         # the embedded demo: README's "sign in as dev" owns it, its port 8000 is public
         (None, {}, lambda c: (c.local.workspaces["demo"].owner, c.local.workspaces["demo"].ports)
          == ("dev", {8000: "public"})),
+        # an IdP on plain http (a test IdP on the machine)
+        ("auth: {mode: oidc, oidc: {issuer: 'http://127.0.0.1:8081/realms/dev', client_id: hub}}\n", {},
+         lambda c: c.auth.oidc.issuer == "http://127.0.0.1:8081/realms/dev"),
         # only dev sign-in is kept to loopback: with the IdP's the gateway listens on every address
         ("listen: {host: 0.0.0.0}\nauth: {mode: oidc, oidc: {issuer: 'https://sso.example.com', client_id: hub}}\n",
          {}, lambda c: (c.listen.host, c.auth.mode) == ("0.0.0.0", "oidc")),
@@ -148,7 +151,8 @@ def test_good_settings(tmp_path: Path, text: str | None, env: dict[str, str], ch
         ("limits: {body: 1000}\n", {}, "limits.body: Input should be greater than or equal to 1024"),
         ("", {"CODEHUB_LIMITS__KEEPALIVE": "0"}, "limits.keepalive: Input should be greater than 0"),
         ("limits: {conections: 5}\n", {}, "limits.conections: unknown setting"),
-        ("local: {workspaces: {Bad_Id: {owner: a, command: [x]}}}\n", {}, "local.workspaces: workspace id 'Bad_Id'"),
+        ("local: {workspaces: {Bad_Id: {owner: a, command: [x]}}}\n", {},
+         "local.workspaces: workspace id 'Bad_Id' must match [a-z0-9]("),
         (WS.replace("[sleep, '1']", "[]"), {}, "local.workspaces.ws1.command: must name a program to run"),
         (WS.replace("'1'", "'{port}'"), {}, "local.workspaces.ws1.command: '{port}': unknown placeholder"),
         # attribute and index access on a placeholder: only the four names themselves
@@ -205,6 +209,8 @@ def test_good_settings(tmp_path: Path, text: str | None, env: dict[str, str], ch
         ("runtime: kubernetes\nkubernetes: {kubeconfig: /nonexistent/kubeconfig}\n", {},
          "kubernetes.kubeconfig: cannot read /nonexistent/kubeconfig: No such file or directory"),
         ("auth: {mode: oidc, oidc: {issuer: sso.example.com, client_id: hub}}\n", {},
+         "auth.oidc.issuer: must be the IdP's issuer URL"),
+        ("auth: {mode: oidc, oidc: {issuer: 'ftp://sso.example.com', client_id: hub}}\n", {},
          "auth.oidc.issuer: must be the IdP's issuer URL"),
         ("", {"CODEHUB_AUTH__MODE": "oidc", "CODEHUB_AUTH__OIDC__ISSUER": "https://",
               "CODEHUB_AUTH__OIDC__CLIENT_ID": "x"},
