@@ -420,9 +420,11 @@ class Config(_Model):
                 f"auth.mode is dev (anyone can sign in as anyone) but listen.host {self.listen.host} is not "
                 "loopback; configure auth.oidc, or set auth.allow_dev_on_network: true to force it"
             )
-        if not {"hub_url", "preview_domain"} & self.model_fields_set and _public_name(self.listen.host) is None:
-            raise ValueError(f"preview_domain: previews need a host name with subdomains and {self.listen.host} "
-                             "has none; set hub_url and preview_domain (or listen on 127.0.0.1)")
+        unset = {"hub_url", "preview_domain"} - self.model_fields_set  # one alone would keep localhost:8080
+        if unset and _public_name(self.listen.host) is None:
+            field = "preview_domain" if "preview_domain" in unset else "hub_url"
+            raise ValueError(f"{field}: previews need a host name with subdomains and "
+                             f"{self.listen.host} has none; set hub_url and preview_domain (or listen on 127.0.0.1)")
         return self
 
     @model_validator(mode="after")
@@ -576,8 +578,9 @@ def _anchor_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
             node[key] = node = dict(node[key])
         else:
             value = node.get(keys[-1])
-            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-                node[keys[-1]] = str(folder / value)
+            if isinstance(value, str) and value:  # ~ as a shell would read it: nothing else expands it later
+                path = Path(value).expanduser()
+                node[keys[-1]] = str(path if path.is_absolute() else folder / path)
     return data
 
 

@@ -307,8 +307,6 @@ def test_relative_paths_in_a_config_file_are_read_from_its_folder(
     assert getattr(load_config(path, env), setting) == tmp_path / where
 
 
-@pytest.mark.xfail(strict=True, reason="a '~/…' path is taken as absolute, so not read from the file's folder, but "
-                                       "nothing expands the '~' either: it is a folder named '~' in the working folder")
 def test_a_home_relative_path_in_a_config_file_does_not_depend_on_the_working_folder(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
@@ -319,9 +317,6 @@ def test_a_home_relative_path_in_a_config_file_does_not_depend_on_the_working_fo
     assert load_config(path, {}).state_dir.is_absolute()
 
 
-@pytest.mark.xfail(strict=True, reason="listening on an IP address other than 127.0.0.1 with only one of hub_url "
-                                       "and preview_domain set, the other is the default for localhost:8080 whatever "
-                                       "the listen port: it neither follows the listen address nor is refused")
 @pytest.mark.parametrize(("setting", "unset"), [("preview_domain: preview.example.com", "hub_url"),
                                                 ("hub_url: 'http://hub.example.com:9000'", "preview_domain")])
 def test_an_unset_hub_url_or_preview_domain_follows_the_listen_port_or_is_refused(
