@@ -1,0 +1,113 @@
+"""Attacks on the third sign-in fix (47d1819): hand-off codes only for a page (Fetch Metadata dest ``document``).
+
+Each test states what should hold and is marked ``xfail(strict=True)`` while the gateway does not hold it."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import pytest
+
+from tests.auth.conftest import MakeBrowser, Serve, Served
+
+pytestmark = pytest.mark.timeout(90)
+
+WORKSPACES: dict[str, dict[str, Any]] = {
+    "ws1": {"owner": "alice", "ports": {3000: "private"}},
+    "evil": {"owner": "mallory", "ports": {8080: "public"}},
+}
+STATE = "S" * 24  # a well-formed hand-off state of the hostile page's choosing
+
+
+@pytest.fixture
+async def dev_served(serve: Serve) -> Served:
+    return await serve(WORKSPACES)
+
+
+@pytest.mark.xfail(strict=True, reason="a top-level navigation of the hostile page's own tab is dest document: "
+                                       "each mints a code and spends one of the visitor's 60 hand-offs a minute")
+async def test_a_hostile_preview_cannot_spend_hand_offs_by_navigating_its_own_tab(
+    dev_served: Served, make_browser: MakeBrowser
+) -> None:
+    """Alice, signed in at the hub, has Mallory's public preview open. Its script sets a hand-off state cookie on
+    its own host (``document.cookie = "codehub_handoff=SSS…"``, or ``__Host-codehub_handoff=…; Secure; Path=/``
+    over HTTPS) and then, without any click, sets ``location`` to ``/auth/handoff?target=<its own
+    host>/nothing&state=SSS…``. That is a top-level navigation (``Sec-Fetch-Dest: document``, mode ``navigate``,
+    same-site: exactly what the gateway's own redirect to the hub looks like), so the hub mints a code, spending
+    one of Alice's hand-offs. The code comes back to Mallory's host, whose callback (the gateway's) sends the tab on
+    to ``/nothing``, which Mallory's app answers ``204``: the browser aborts a navigation that ends in 204, the
+    page stays where it is and does it again (60 in a second or two, again every minute while the tab is open).
+    Meanwhile Alice's own private preview answers 429 ``too-many-hand-offs``. (A speculation-rules prefetch of the
+    hand-off URL, same-site so credentialed, is dest ``document`` too, with ``Sec-Purpose: prefetch``; and one
+    click buys a popup the page can navigate to the hub over and over.)"""
+    served = dev_served
+    alice = await make_browser(served)
+    assert (await alice.dev_sign_in(served.hub, "alice")).status == 303
+    hostile = served.preview("evil", 8080, "/")
+    alice.add_cookie(hostile, "codehub_handoff", STATE)  # the page's own script, on its own origin
+    navigation = {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document",
+                  "Accept": "text/html,application/xhtml+xml", "Referer": hostile}
+    for n in range(60):
+        minted = await alice.fetch("GET", served.hub + "/auth/handoff?" + urlencode(
+            {"target": served.preview("evil", 8080, "/nothing"), "state": STATE}), headers=navigation)
+        if minted.status != 302:
+            break
+        back = await alice.fetch("GET", minted.location or "", headers=navigation)
+        assert back.status in (302, 303, 307), (n, back.status, back.text[:200])
+        assert urlsplit(back.location or "").path == "/nothing", back.location  # the app's 204: the tab stays
+        alice.add_cookie(hostile, "codehub_handoff", STATE)  # the callback ended it: the script sets it again
+    page = await alice.navigate(served.preview("ws1", 3000, "/mine"))
+    assert page.status == 200, f"Alice's own preview answers {page.status}: {page.text[:160]}"
+
+
+@pytest.mark.xfail(strict=True, reason="over plain HTTP browsers send no Fetch Metadata (only to potentially "
+                                       "trustworthy URLs), and a hand-off request without it is let through")
+async def test_over_plain_http_a_hostile_preview_cannot_spend_hand_offs_in_the_background(
+    dev_served: Served, make_browser: MakeBrowser
+) -> None:
+    """Browsers send ``Sec-Fetch-*`` only to potentially trustworthy URLs (HTTPS, localhost): to a gateway on
+    ``http://`` with a real domain (``secure`` off, as this test's gateway; a supported set-up) a preview's
+    background ``fetch(hub + "/auth/handoff?…", {mode: "no-cors", credentials: "include"})`` or ``<img src>``
+    carries the hub's Lax cookie (same-site) and no ``Sec-Fetch-Dest``, which the hub lets through "as before": 60
+    of them spend Alice's hand-offs of the minute, as in
+    ``test_a_hostile_preview_cannot_spend_its_visitors_hand_offs_in_the_background``, and her own preview answers
+    429. The README says, without condition, that a hostile preview cannot."""
+    served = dev_served
+    alice = await make_browser(served)
+    assert (await alice.dev_sign_in(served.hub, "alice")).status == 303
+    hostile = served.preview("evil", 8080, "/")
+    over_http = {"Accept": "*/*", "Referer": hostile}  # what a fetch or an <img> sends to an http:// address
+    for _ in range(60):
+        minted = await alice.fetch("GET", served.hub + "/auth/handoff?" + urlencode(
+            {"target": hostile, "state": STATE}), headers=over_http)
+        if minted.status != 302:
+            break
+    page = await alice.navigate(served.preview("ws1", 3000, "/mine"))
+    assert page.status == 200, f"Alice's own preview answers {page.status}: {page.text[:160]}"
+
+
+@pytest.mark.xfail(strict=True, reason="cookies a preview's script sets for the shared parent domain (allowed under "
+                                       "HTTPS too: __Host- only guards the gateway's names) grow the hub's Cookie "
+                                       "header past header_size, and every hub and preview request answers 431")
+async def test_a_hostile_preview_cannot_lock_its_visitor_out_of_the_hub_with_cookies_of_its_own(
+    dev_served: Served, make_browser: MakeBrowser
+) -> None:
+    """Mallory's page runs, once, ``for (const n of [1, 2, 3]) document.cookie = `pad${n}=${"x".repeat(3000)};
+    Domain=<the parent shared with the hub>; Path=/; Secure; Max-Age=31536000```. The gateway drops an upstream
+    ``Set-Cookie`` naming a parent domain, but not a script's, and the ``__Host-`` names only keep the gateway's own
+    cookies from being planted: the browser keeps these (each under 4 KB, well under 180 a domain) and sends them
+    to the hub and to every preview and IDE of the site, 9 KB of Cookie header, past ``limits.header_size``
+    (8,190). For a year, until Alice clears her cookies, the hub, Sign out, the hand-off and her own previews all
+    answer 431: the lock-out 47d1819 closed for the login cookie (ten minutes, renewable), with no sign-in at all.
+    Here the browser holds them as host cookies of each host, which is what it sends."""
+    served = dev_served
+    alice = await make_browser(served)
+    assert (await alice.dev_sign_in(served.hub, "alice")).status == 303
+    for host in (served.hub, served.preview("ws1", 3000, "/")):
+        for n in (1, 2, 3):
+            alice.add_cookie(host, f"pad{n}", "x" * 3000)  # Domain=<parent>: sent to every host of the site
+    hub = await alice.fetch("GET", served.hub + "/", headers={"Accept": "text/html", "Sec-Fetch-Mode": "navigate"})
+    assert hub.status == 200, f"the hub answers {hub.status}"
+    page = await alice.navigate(served.preview("ws1", 3000, "/mine"))
+    assert page.status == 200, f"Alice's own preview answers {page.status}"
