@@ -29,7 +29,8 @@ ASSERTION_TTL = 120.0
 _CACHE_LIMIT = 50_000
 SIGN_INS_PER_HOUR = 30
 """Sign-ins of one person an hour, in one process (see ``Sessions.begin``)."""
-HAND_OFFS_PER_MINUTE = 60
+HAND_OFFS_PER_MINUTE = 60  # to one host
+HAND_OFFS_PER_MINUTE_IN_ALL = 600  # to all hosts together
 """Hand-off codes for one person a minute, in one process (see ``Sessions.handoff_code``)."""
 _SEAL_BLOCK = 1024
 """A sealed identity's length says only how many such blocks it takes: a name, an e-mail and a few groups fit in
@@ -201,6 +202,7 @@ class Sessions:
         self._assertions: dict[tuple[Identity, str], tuple[str, float]] = {}
         self._sign_ins = _Quota(SIGN_INS_PER_HOUR, 3600)
         self._hand_offs = _Quota(HAND_OFFS_PER_MINUTE, 60)
+        self._hand_offs_in_all = _Quota(HAND_OFFS_PER_MINUTE_IN_ALL, 60)
 
     def _sign(self, claims: dict[str, Any], audience: str, ttl: float) -> str:
         now = int(self._clock())
@@ -274,13 +276,18 @@ class Sessions:
         sealed, so it tells them nothing (not even who), and it signs in only the browser holding ``state``, to
         the hub session's sign-in.
 
-        At most ``HAND_OFFS_PER_MINUTE`` of a person's, else ``TooManyHandOffs``: each code redeemed is kept for its
-        minute where every worker reads it (the used-keys file, rewritten per code; a UsedKey), so a loop of
-        hand-offs would cost everyone's sign-ins and every worker's reads in step with it."""
-        wait = self._hand_offs.take(session.identity.subject, self._clock())
-        if wait:
-            raise TooManyHandOffs(f"You were signed in to previews {HAND_OFFS_PER_MINUTE} times in the last minute. "
-                                  f"Open the page again in {wait} seconds.", headers={"Retry-After": str(wait)})
+        At most ``HAND_OFFS_PER_MINUTE`` of a person's to one host and ``HAND_OFFS_PER_MINUTE_IN_ALL`` to all, else
+        ``TooManyHandOffs``: each code redeemed is kept for its minute where every worker reads it (the used-keys
+        file, rewritten per code; a UsedKey), so a loop of hand-offs would cost everyone's sign-ins and every
+        worker's reads in step with it. Per host first, and only what that lets through counts in all: a page can
+        send its visitor round the hand-off to its own host as fast as it likes (it completes them itself), and
+        must spend only that host's minute, not the visitor's every other preview's."""
+        now, subject = self._clock(), session.identity.subject
+        for quota, key, most, where in ((self._hand_offs, f"{subject}\0{host}", HAND_OFFS_PER_MINUTE, "this preview"),
+                                        (self._hand_offs_in_all, subject, HAND_OFFS_PER_MINUTE_IN_ALL, "previews")):
+            if wait := quota.take(key, now):
+                raise TooManyHandOffs(f"You were signed in to {where} {most} times in the last minute. "
+                                      f"Open the page again in {wait} seconds.", headers={"Retry-After": str(wait)})
         who = self._seal(session.record(), _SEAL_BLOCK, f"handoff {host}")
         return self._sign({"typ": "handoff", "state": state, "jti": secrets.token_hex(12), "who": who}, host,
                           HANDOFF_TTL)

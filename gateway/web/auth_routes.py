@@ -264,8 +264,10 @@ async def handoff(request: web.Request) -> web.StreamResponse:
     ``fetch`` or frames reach here with the hub's cookie, and each code they had minted would spend one of the
     visitor's hand-offs of the minute (``Sessions.handoff_code``) until every preview refused them. Browsers say
     what a request is for (Fetch Metadata: a ``fetch`` is dest ``empty``, a frame ``iframe``, a page or popup
-    ``document``); a client that says nothing is let through as before."""
-    if request.headers.get("Sec-Fetch-Dest", "document") != "document":
+    ``document``, and a prefetch or prerender says so in ``Sec-Purpose``); a client that says nothing is let
+    through as before (browsers say nothing over plain HTTP: there the quota per host is all that holds)."""
+    if request.headers.get("Sec-Fetch-Dest", "document") != "document" or \
+            "prefetch" in request.headers.get("Sec-Purpose", request.headers.get("Purpose", "")):
         raise Forbidden("A sign-in to a preview happens in a page of its own, not inside another.",
                         code="handoff-not-a-page")
     gateway = request.app[GATEWAY]

@@ -1060,7 +1060,7 @@ async def test_dev_sign_in_from_another_site_is_refused(served: Served, make_bro
 )
 def test_dev_sign_in_refuses_a_network_address(tmp_path: Path, host: str, env: dict[str, str], ok: bool) -> None:
     config = tmp_path / "gateway.yaml"
-    config.write_text(f'hub_url: http://localhost:8080\nlisten:\n  host: "{host}"\n')
+    config.write_text(f'hub_url: http://localhost:8080\npreview_domain: localhost:8080\nlisten:\n  host: "{host}"\n')
     if ok:
         load_config(config, env)
         return

@@ -1,6 +1,6 @@
-"""Attacks on the third sign-in fix (47d1819): hand-off codes only for a page (Fetch Metadata dest ``document``).
-
-Each test states what should hold and is marked ``xfail(strict=True)`` while the gateway does not hold it."""
+"""Attacks on the third sign-in fix (hand-off codes only for a page, by Fetch Metadata), from a third attacker
+pass: the first two hold now (hand-offs are counted per host); the last is a limit of sharing one site with the
+hub (README, Limits), marked ``xfail(strict=True)`` while the gateway does not hold it."""
 
 from __future__ import annotations
 
@@ -25,8 +25,6 @@ async def dev_served(serve: Serve) -> Served:
     return await serve(WORKSPACES)
 
 
-@pytest.mark.xfail(strict=True, reason="a top-level navigation of the hostile page's own tab is dest document: "
-                                       "each mints a code and spends one of the visitor's 60 hand-offs a minute")
 async def test_a_hostile_preview_cannot_spend_hand_offs_by_navigating_its_own_tab(
     dev_served: Served, make_browser: MakeBrowser
 ) -> None:
@@ -40,7 +38,8 @@ async def test_a_hostile_preview_cannot_spend_hand_offs_by_navigating_its_own_ta
     page stays where it is and does it again (60 in a second or two, again every minute while the tab is open).
     Meanwhile Alice's own private preview answers 429 ``too-many-hand-offs``. (A speculation-rules prefetch of the
     hand-off URL, same-site so credentialed, is dest ``document`` too, with ``Sec-Purpose: prefetch``; and one
-    click buys a popup the page can navigate to the hub over and over.)"""
+    click buys a popup the page can navigate to the hub over and over.) Now the hand-offs are counted per host:
+    the loop spends Mallory's host's minute (``HAND_OFFS_PER_MINUTE``), and Alice's own preview opens."""
     served = dev_served
     alice = await make_browser(served)
     assert (await alice.dev_sign_in(served.hub, "alice")).status == 303
@@ -61,8 +60,6 @@ async def test_a_hostile_preview_cannot_spend_hand_offs_by_navigating_its_own_ta
     assert page.status == 200, f"Alice's own preview answers {page.status}: {page.text[:160]}"
 
 
-@pytest.mark.xfail(strict=True, reason="over plain HTTP browsers send no Fetch Metadata (only to potentially "
-                                       "trustworthy URLs), and a hand-off request without it is let through")
 async def test_over_plain_http_a_hostile_preview_cannot_spend_hand_offs_in_the_background(
     dev_served: Served, make_browser: MakeBrowser
 ) -> None:
@@ -72,7 +69,7 @@ async def test_over_plain_http_a_hostile_preview_cannot_spend_hand_offs_in_the_b
     carries the hub's Lax cookie (same-site) and no ``Sec-Fetch-Dest``, which the hub lets through "as before": 60
     of them spend Alice's hand-offs of the minute, as in
     ``test_a_hostile_preview_cannot_spend_its_visitors_hand_offs_in_the_background``, and her own preview answers
-    429. The README says, without condition, that a hostile preview cannot."""
+    429. Now the per-host count holds it there too: only the hostile host's minute is spent."""
     served = dev_served
     alice = await make_browser(served)
     assert (await alice.dev_sign_in(served.hub, "alice")).status == 303
