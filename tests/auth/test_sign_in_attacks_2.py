@@ -116,8 +116,9 @@ async def test_a_hostile_preview_cannot_spend_its_visitors_hand_offs_in_the_back
     each carries the hub's SameSite=Lax cookie, and the hub mints a hand-off code for each, counting it against
     Alice's ``HAND_OFFS_PER_MINUTE``. The page needs none of the codes; kept open in a background tab it does it
     again every minute. Meanwhile every preview and IDE Alice opens (her own private port here) answers 429
-    ``too-many-hand-offs`` instead of signing her in (the same with frames). Now the hub mints a code only for a
-    page the browser opens (Fetch Metadata: a navigation to a document)."""
+    ``too-many-hand-offs`` instead of signing her in (the same with frames, or speculation rules that prefetch
+    the hand-off, dest ``document`` with ``Sec-Purpose: prefetch``). Now the hub mints a code only for a page the
+    browser opens (Fetch Metadata: a navigation to a document, not a prefetch)."""
     served = dev_served
     alice = await make_browser(served)
     assert (await alice.dev_sign_in(served.hub, "alice")).status == 303
@@ -125,7 +126,8 @@ async def test_a_hostile_preview_cannot_spend_its_visitors_hand_offs_in_the_back
     fetched = {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "empty",
                "Referer": hostile}
     framed = {**fetched, "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"}
-    for background in [fetched] * 30 + [framed] * 30:
+    prefetched = {**fetched, "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document", "Sec-Purpose": "prefetch"}
+    for background in [fetched] * 20 + [framed] * 20 + [prefetched] * 20:
         minted = await alice.fetch("GET", served.hub + "/auth/handoff?" + urlencode({"target": hostile,
                                                                                     "state": "x" * 24}),
                                    headers=background)
