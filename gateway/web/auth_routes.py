@@ -134,7 +134,7 @@ def _pending(request: web.BaseRequest, gateway: Gateway) -> list[dict[str, Any]]
 
 
 def _login_cookie(gateway: Gateway, pending: list[dict[str, Any]]) -> str:
-    """The login cookie holding ``pending`` (under 1 KB for four), or one that ends it when none are left."""
+    """The login cookie holding ``pending`` (1.3 KB at most for four), or one that ends it when none are left."""
     secure = gateway.config.secure
     if not pending:
         return _expired(LOGIN, secure)
