@@ -29,9 +29,10 @@ ASSERTION_TTL = 120.0
 _CACHE_LIMIT = 50_000
 SIGN_INS_PER_HOUR = 30
 """Sign-ins of one person an hour, in one process (see ``Sessions.begin``)."""
-HAND_OFFS_PER_MINUTE = 60  # to one host
-HAND_OFFS_PER_MINUTE_IN_ALL = 600  # to all hosts together
-"""Hand-off codes for one person a minute, in one process (see ``Sessions.handoff_code``)."""
+HAND_OFFS_PER_MINUTE = 60
+"""Hand-off codes for one person to one host a minute, in one process (see ``Sessions.handoff_code``)."""
+HAND_OFFS_PER_MINUTE_IN_ALL = 600
+"""The same to all hosts together."""
 _SEAL_BLOCK = 1024
 """A sealed identity's length says only how many such blocks it takes: a name, an e-mail and a few groups fit in
 one (the code travels in a URL, beside the path the visitor asked for: it is kept short)."""

@@ -293,8 +293,8 @@ class KubernetesRuntime(Runtime):
         pvc = pvc_name(ws.id)
         while True:
             written, found = await self._swap(ws.id, lambda v: intent.KEEP if intent.kind_of(v) == "deleting"
-                                               and self.view.owned(PVC, pvc, ws.id) is not None
-                                               else intent.token("awake", self.identity))
+                                              and self.view.owned(PVC, pvc, ws.id) is not None
+                                              else intent.token("awake", self.identity))
             if written:
                 return
             log.info("%s: its volume is being deleted after a snapshot (%s); restoring after that", ws.id, found)
