@@ -105,17 +105,14 @@ async def login(request: web.Request) -> web.StreamResponse:
     if gateway.config.auth.mode == "dev":
         raise Redirect(str(URL("/auth/dev").with_query(next=next_url)), status=302)
     assert gateway.auth.oidc is not None
-    sessions, hub = gateway.auth.sessions, gateway.hosts.hub
     pkce, secret, nonce = Pkce.new(), secrets.token_urlsafe(18), secrets.token_urlsafe(18)
     # Beside its secret, the state carries where the sign-in goes, sealed (a preview's URL, and the state of its
     # hand-off, are not the IdP's to read): the login cookie stays small whatever a page sends here, and a tab
     # whose sign-in another pushed out of it can still be sent on (``_lost``). Only the secret binds it to this
     # browser.
-    sealed = sessions.seal_state({"next": next_url}, f"sign-in {hub}", _LOGIN_TTL, block=_STATE_BLOCK)
-    if len(sealed) > _SEALED_LONGEST:  # the hub's page beats an address the IdP may refuse as too long
-        sealed = sessions.seal_state({"next": "/"}, f"sign-in {hub}", _LOGIN_TTL, block=_STATE_BLOCK)
     location = await gateway.auth.oidc.authorize_url(
-        redirect_uri=gateway.hosts.hub_url("/auth/callback"), state=f"{secret}.{sealed}", nonce=nonce, pkce=pkce
+        redirect_uri=gateway.hosts.hub_url("/auth/callback"), state=f"{secret}.{_sealed_next(gateway, next_url)}",
+        nonce=nonce, pkce=pkce
     )
     started = {"state": secret, "nonce": nonce, "verifier": pkce.verifier, "until": int(time.time()) + _LOGIN_TTL}
     raise Redirect(location, status=302, cookies=(
@@ -142,8 +139,19 @@ def _login_cookie(gateway: Gateway, pending: list[dict[str, Any]]) -> str:
     return set_cookie(cookie_name(LOGIN, secure), value, max_age=_LOGIN_TTL, secure=secure)
 
 
+def _sealed_next(gateway: Gateway, next_url: str) -> str:
+    """The state's sealed part: ``next``, or the hub's page when that would make an address the IdP may refuse as
+    too long."""
+    for going in (next_url, "/"):
+        sealed = gateway.auth.sessions.seal_state({"next": going}, f"sign-in {gateway.hosts.hub}", _LOGIN_TTL,
+                                                  block=_STATE_BLOCK)
+        if len(sealed) <= _SEALED_LONGEST:
+            break
+    return sealed
+
+
 def _going(gateway: Gateway, sealed: str) -> str | None:
-    """Where a sign-in goes, from the sealed part of its state (None when this gateway did not seal it so)."""
+    """Where a sign-in goes, from what ``_sealed_next`` sealed (None when this gateway did not seal it so)."""
     going = gateway.auth.sessions.open_state(sealed, f"sign-in {gateway.hosts.hub}")
     next_url = going.get("next") if going is not None else None
     return local_path(next_url) if isinstance(next_url, str) else None
