@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CHP = ROOT / "node_modules" / ".bin" / "configurable-http-proxy"
 VITE = ROOT / "node_modules" / ".bin" / "vite"
 BODY = (b"<!doctype html><title>bench</title><p>" + b"x" * 150 + b"</p>\n")[:199] + b"\n"
+MODULE = b"".join(b"export const value%d = %d; // a line of a module, as Vite serves one\n" % (i, i) for i in range(28))
+"""An ES module of 1.8 KB at ``/module.js`` on the upstream nginx: what a browser fetches hundreds of from a dev
+server (``bench.ab --browser``)."""
 USER = "bench"
 SMALL_BACKLOG = 5
 LARGE_BACKLOG = 4096
@@ -138,11 +141,16 @@ def start_upstream_nginx(procs: Procs, layout: Layout) -> Proc:
     prefix = layout.tmp / "nginx-upstream"
     (prefix / "www").mkdir(parents=True)
     (prefix / "www" / "index.html").write_bytes(BODY)
+    (prefix / "www" / "module.js").write_bytes(MODULE)
+    # /module.js with the headers Vite's dev server adds to a module (its ETag, Last-Modified and length nginx's)
     http = f"""  access_log off;
   server {{
     listen {layout.up_host}:{layout.http_port} backlog=4096;
     root {prefix}/www;
     location / {{ index index.html; }}
+    location = /module.js {{
+      default_type text/javascript; add_header Cache-Control no-cache; add_header Vary Origin;
+    }}
   }}"""
     (prefix / "nginx.conf").write_text(_nginx_conf(prefix, http))
     return procs.start("nginx-upstream", ["nginx", "-p", str(prefix), "-e", str(prefix / "error.log"),
