@@ -55,13 +55,20 @@ class Identity:
     def unsendable(self) -> str | None:
         """Why this identity cannot be passed to apps in headers, or None: a control character (a line break could
         end an upstream header) or a group name with a comma (``X-Forwarded-Groups`` joins them with commas).
-        Sign-in refuses such an identity rather than cleaning it: what is cleaned is no longer what the IdP said."""
+        Sign-in refuses such an identity rather than cleaning it: what is cleaned is no longer what the IdP said.
+
+        Nor a user name the hub could not show as it is (``lifecycle.showable``'s rule, which principals, labels and
+        token names follow): a workspace's owner is the user name of whoever made it, shown to its collaborators,
+        the admins and on its apps' consent pages, and ``alice`` with a WORD JOINER or a right-to-left override in
+        it reads as ``alice`` there, though it is someone else."""
         if not self.subject:
             return "no user name (the claim it is read from is missing, or an unverified e-mail)"
         for field, values in (("a user name", (self.subject,)), ("an e-mail", (self.email,)),
                               ("a name", (self.name,)), ("a group name", self.groups)):
             if any(_CONTROL.search(value) for value in values):
                 return f"{field} with control characters"
+        if not self.subject.isprintable():
+            return "a user name with invisible or direction-changing characters"
         if any("," in group for group in self.groups):
             return "a group name with a comma, which apps would read as two groups"
         return None

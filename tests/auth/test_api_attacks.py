@@ -1,0 +1,63 @@
+"""Attacks on the hub and the management API by signed-in people hostile to each other (see README, "Security
+model"): each test shows what an attacker did and what they must not get."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.server.app import build_app
+from tests.auth.conftest import MakeBrowser, Serve, Served
+from tests.auth.test_api import HUB, WORKSPACES, call, user
+from tests.kube.emulator import WORKSPACE, KubeEnv, kube  # noqa: F401  (kube: a fixture)
+from tests.kube.support import NS
+from tests.kube.test_gateway import gateway_config
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def served(serve: Serve, tmp_path: Path) -> Served:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("admins: [root]\nports:\n  denied: [22]\n")
+    return await serve(WORKSPACES, policy_file=str(policy))
+
+HIDDEN = ["alice\u2060", "\u202eecila\u202c", "al\u200bice"]
+"""User names that the hub shows as "alice": a WORD JOINER, a right-to-left override, a ZERO WIDTH SPACE. None is
+a control character, so no header refuses them; none is printable (``str.isprintable``)."""
+
+
+@pytest.mark.parametrize("name", HIDDEN, ids=["word-joiner", "rtl-override", "zero-width-space"])
+async def test_a_user_name_the_hub_would_not_show_signs_nobody_in(kube: KubeEnv, aiohttp_client: Any,  # noqa: F811
+                                                                  tmp_path: Path, name: str) -> None:
+    """Mallory signs in as ``alice`` with an invisible character in it and creates a workspace: its owner is shown
+    as "alice" to everyone who sees it (her collaborators' hub, the admins' hub, the consent page, which asks a
+    visitor whether "alice"'s app may learn who they are). The API refuses the very same text as a principal or a
+    label (``lifecycle.showable``: "a bidi override ... would disguise it"); sign-in let it become a user name.
+    Refused at sign-in, as control characters are, it never becomes an owner."""
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(gateway_config(kube, tmp_path)))
+    hub = {"Host": "localhost:8080", "Origin": HUB}
+    signed = await client.post("/auth/dev", data={"user": name, "next": "/"}, headers={**hub, "Accept": "text/html"},
+                               allow_redirects=False)
+    cookie = signed.cookies.get("codehub_session")
+    if cookie is not None:  # signed in: what the owner of a workspace of theirs looks like to others
+        made = await client.post("/api/v1/workspaces", json={"id": "alice-app"},
+                                 headers={**hub, "Cookie": f"codehub_session={cookie.value}"})
+        owner = (await made.json()).get("owner")
+        resource = kube.emulator.get_object(WORKSPACE, NS, "alice-app")
+        pytest.fail(f"signed in as {name!r}; it made a workspace ({made.status}) owned by {owner!r}, stored as "
+                    f"{(resource or {}).get('spec', {}).get('owner')!r}, shown as {owner.isprintable() and owner}")
+    assert signed.status == 400, await signed.text()
+    assert "bad-identity" in await signed.text()
+
+
+async def test_the_api_refuses_the_same_names_as_principals(served: Served, make_browser: MakeBrowser) -> None:
+    """The rule sign-in now follows is the API's own: the owner cannot name such a principal either."""
+    alice = await user(make_browser, served, "alice")
+    for name in HIDDEN:
+        page = await call(alice, "PUT", "/api/v1/workspaces/ws1/collaborators", {"collaborators": [name]})
+        assert page.status == 400, (name, page.text)
