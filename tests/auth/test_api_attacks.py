@@ -3,6 +3,8 @@ model"): each test shows what an attacker did and what they must not get."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.server.app import build_app
+from gateway.web import hub
 from tests.auth.conftest import MakeBrowser, Serve, Served
 from tests.auth.test_api import HUB, WORKSPACES, call, user
 from tests.kube.emulator import WORKSPACE, KubeEnv, kube  # noqa: F401  (kube: a fixture)
@@ -61,3 +64,45 @@ async def test_the_api_refuses_the_same_names_as_principals(served: Served, make
     for name in HIDDEN:
         page = await call(alice, "PUT", "/api/v1/workspaces/ws1/collaborators", {"collaborators": [name]})
         assert page.status == 400, (name, page.text)
+
+
+FEEDS = 12
+
+
+@pytest.mark.xfail(strict=True, reason="each hub feed rebuilds the whole snapshot every LOOK_EVERY, changed or not, "
+                                       "and a person may open any number: needs feeds that share one look per "
+                                       "person and page (and only rebuild on a change), or a cap on a person's "
+                                       "feeds together with that; not a one-line change")
+async def test_a_person_cannot_make_the_hub_rebuild_their_snapshot_once_per_feed(
+        served: Served, make_browser: MakeBrowser, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mallory opens ``/api/v1/hub/events`` a dozen times (a script with her API token, or her cookie) and keeps
+    them open: each feed builds her whole hub snapshot every ``LOOK_EVERY`` (0.5 s), changed or not, in the event
+    loop that serves everyone's previews. A snapshot of one workspace with 1,000 share links naming 10 people each
+    took 36 ms here (so 14 feeds keep a worker's loop busy all the time); at the limits the API sets (1,000 links of
+    100 principals of 320 characters) it is 32 MB of JSON per workspace, rebuilt twice a second per feed. Nothing
+    limits how many feeds one person holds, nor shares the work between feeds asking for the same page."""
+    built = 0
+    snapshot = hub.snapshot
+
+    def counted(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        nonlocal built
+        built += 1
+        return snapshot(*args, **kwargs)
+
+    monkeypatch.setattr(hub, "snapshot", counted)
+    alice = await user(make_browser, served, "alice")
+    cookie = "; ".join(f"{k}={v}" for k, v in alice.cookies_for("localhost").items())
+    headers = {"Host": HUB[7:], "Cookie": cookie, "Accept": "text/event-stream"}
+    async with contextlib.AsyncExitStack() as stack:
+        opened = 0
+        for _ in range(FEEDS):
+            feed = await stack.enter_async_context(alice.http.get(alice.gateway + "/api/v1/hub/events",
+                                                                  headers=headers))
+            if feed.status == 200:
+                assert (await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)).startswith(b"event: snapshot")
+                opened += 1
+        built = 0
+        await asyncio.sleep(2.0)  # nothing changes meanwhile
+        looks = 2.0 / hub.LOOK_EVERY
+        assert built <= looks + 2, (f"{opened} feeds of one person built {built} snapshots in 2 s of nothing "
+                                    f"changing: one per feed per look ({looks:.0f} looks)")
