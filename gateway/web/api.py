@@ -42,6 +42,11 @@ MOST_API_TOKENS = 100
 MOST_SHARE_LINKS = 1000
 """Per workspace, revoked and expired ones included until the store forgets them (a day after they expire): the
 file store writes every one out with each change, and the hub lists them to everyone who sees the workspace."""
+MOST_PORTS = 1024
+"""Ports one workspace keeps a choice for (visibility, protocol, label or identity): the Workspace resource's
+schema allows 1,024 (``spec.ports``, ``maxProperties`` in the chart's CRD), and past it the cluster refused the
+write, which the API answered with a 503 that no retry makes good; the hub lists every port of a workspace to
+everyone who sees it (65,535 of them were 11 MB and a quarter of a second per workspace in each snapshot)."""
 _LIMIT = re.compile(r"[0-9]{1,4}")
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -88,7 +93,7 @@ class NewWorkspace(_Body):
     # or 'a.evil', '../x' and 'Not-An-Id' passed for ids, as each holds one somewhere
     collaborators: Principals = Field(default_factory=list)
     ports: dict[Annotated[int, Field(ge=1, le=65535)], Literal["private", "org", "public"]] = Field(
-        default_factory=dict)
+        default_factory=dict, max_length=MOST_PORTS)
 
 
 class Collaborators(_Body):
@@ -319,6 +324,11 @@ async def set_port(request: web.Request) -> web.Response:
     change: PortChange = await _body(request, PortChange)
     if change.visibility is None and change.protocol is None and change.label is None and change.identity is None:
         raise BadRequest("body: set visibility, protocol, label or identity.", code="invalid-body")
+    spec = state.spec
+    kept = set(spec.ports) | set(spec.labels) | spec.https_ports | spec.identity_ports
+    if port not in kept and len(kept) >= MOST_PORTS:
+        raise Conflict(f"{state.id} has settings for {MOST_PORTS} ports, as many as a workspace keeps.",
+                       code="too-many-ports")
     ceiling = gateway.policy.ports.max_visibility
     if change.visibility is not None and VISIBILITIES.index(change.visibility) > VISIBILITIES.index(ceiling):
         raise Forbidden(f"The policy allows at most '{ceiling}' visibility.", code="visibility-above-ceiling")

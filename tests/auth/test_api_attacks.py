@@ -12,8 +12,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.auth.identity import Identity
 from gateway.server.app import build_app
+from gateway.server.context import GATEWAY
 from gateway.web import hub
+from gateway.web.api import MOST_PORTS
 from tests.auth.conftest import MakeBrowser, Serve, Served
 from tests.auth.test_api import HUB, WORKSPACES, call, user
 from tests.kube.emulator import WORKSPACE, KubeEnv, kube  # noqa: F401  (kube: a fixture)
@@ -106,3 +109,27 @@ async def test_a_person_cannot_make_the_hub_rebuild_their_snapshot_once_per_feed
         looks = 2.0 / hub.LOOK_EVERY
         assert built <= looks + 2, (f"{opened} feeds of one person built {built} snapshots in 2 s of nothing "
                                     f"changing: one per feed per look ({looks:.0f} looks)")
+
+
+async def test_a_workspace_keeps_settings_for_at_most_so_many_ports(kube: KubeEnv,  # noqa: F811
+                                                                     aiohttp_client: Any, tmp_path: Path) -> None:
+    """Mallory sends a new workspace with 1,025 ports, or sets a port more on one that has 1,024: the Workspace
+    resource's schema refuses it, and the API answered 503 ``kubernetes-refused`` (try again later) to a body no
+    retry makes good, which a script retries for ever. A clear 400 (409 for the port more) before the cluster
+    is asked; changing a port the workspace already has still works."""
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(gateway_config(kube, tmp_path)))
+    _record, token = await client.app[GATEWAY].auth.store.create_api_token(Identity("mallory"), name="t")
+    headers = {"Host": "localhost:8080", "Authorization": f"Bearer {token}"}
+    too_many = {str(port): "org" for port in range(1, MOST_PORTS + 2)}
+    refused = await client.post("/api/v1/workspaces", json={"id": "big", "ports": too_many}, headers=headers)
+    assert refused.status == 400, await refused.text()
+    assert (await refused.json())["error"]["code"] == "invalid-body"
+    assert kube.emulator.get_object(WORKSPACE, NS, "big") is None
+    full = {str(port): "org" for port in range(1, MOST_PORTS + 1)}
+    made = await client.post("/api/v1/workspaces", json={"id": "full", "ports": full}, headers=headers)
+    assert made.status == 201, await made.text()
+    more = await client.put("/api/v1/workspaces/full/ports/5000", json={"visibility": "org"}, headers=headers)
+    assert more.status == 409, await more.text()
+    assert (await more.json())["error"]["code"] == "too-many-ports"
+    same = await client.put("/api/v1/workspaces/full/ports/1000", json={"visibility": "private"}, headers=headers)
+    assert same.status == 200, await same.text()
