@@ -6,12 +6,14 @@ callers changing anything must come from the hub's own origin (CSRF). Errors are
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
 import re
 import secrets
 import time
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from html import escape
@@ -50,6 +52,20 @@ everyone who sees it (65,535 of them were 11 MB and a quarter of a second per wo
 _LIMIT = re.compile(r"[0-9]{1,4}")
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_COUNTING: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+"""A lock per limit counted (one person's workspaces or tokens, one workspace's links), held while it is counted
+and the new one made: see ``_counted``. Weak: gone once nobody waits on it."""
+
+
+def _counted(what: str) -> asyncio.Lock:
+    """The lock under which a count and the creation it allows happen, so that requests sent all at once do not
+    each see the count from before the others (on Kubernetes the creation waits on the API: 20 workspaces made
+    in parallel against a limit of 2 were all made). Within this process: other replicas may each add one in
+    the same moment, so a limit holds to within the number of replicas."""
+    lock = _COUNTING.get(what)
+    if lock is None:
+        lock = _COUNTING[what] = asyncio.Lock()
+    return lock
 
 
 class _Body(BaseModel):
@@ -284,12 +300,13 @@ async def create_workspace(request: web.Request) -> web.Response:
     spec = WorkspaceSpec(id=workspace_id, owner=identity.subject, collaborators=tuple(new.collaborators),
                          ports=dict(new.ports))
     most = gateway.policy.workspaces.most_per_person
-    if (gateway.runtime.features().get("create")  # else the runtime says why it makes none
-            and sum(1 for state in gateway.runtime.list() if identity.is_subject(state.spec.owner)) >= most):
-        raise Conflict(f"You own {most} workspaces, as many as the policy lets one person have: delete one first.",
-                       code="too-many-workspaces")
-    counts = consented(gateway, [spec])  # first: a token store that cannot be read refuses before the act
-    state = await gateway.runtime.create(spec)
+    async with _counted(f"workspaces of {identity.subject.strip().lower()}"):  # as is_subject compares owners
+        if (gateway.runtime.features().get("create")  # else the runtime says why it makes none
+                and sum(1 for state in gateway.runtime.list() if identity.is_subject(state.spec.owner)) >= most):
+            raise Conflict(f"You own {most} workspaces, as many as the policy lets one person have: delete one "
+                           "first.", code="too-many-workspaces")
+        counts = consented(gateway, [spec])  # first: a token store that cannot be read refuses before the act
+        state = await gateway.runtime.create(spec)
     return web.json_response(workspace_view(gateway, state, identity, counts), status=201)
 
 
@@ -409,13 +426,14 @@ async def create_share(request: web.Request) -> web.Response:
     ttl = new.ttl or rules.default_ttl
     if ttl > rules.max_ttl:
         raise BadRequest(f"ttl: the policy allows at most {describe_duration(rules.max_ttl)}.", code="ttl-too-long")
-    if len(links_of(gateway, state.spec)) >= MOST_SHARE_LINKS:
-        raise Conflict(f"{state.id} has {MOST_SHARE_LINKS} share links, as many as a workspace keeps (revoked ones "
-                       "too, until a while after they expire).", code="too-many-share-links")
-    link, token = await gateway.auth.store.create_share(
-        workspace=state.id, port=new.port, audience=new.audience, people=new.people, created_by=identity.subject,
-        ttl=ttl,
-    )
+    async with _counted(f"links of {state.id}"):
+        if len(links_of(gateway, state.spec)) >= MOST_SHARE_LINKS:
+            raise Conflict(f"{state.id} has {MOST_SHARE_LINKS} share links, as many as a workspace keeps (revoked "
+                           "ones too, until a while after they expire).", code="too-many-share-links")
+        link, token = await gateway.auth.store.create_share(
+            workspace=state.id, port=new.port, audience=new.audience, people=new.people,
+            created_by=identity.subject, ttl=ttl,
+        )
     return web.json_response(share_view(gateway, link, token), status=201)
 
 
@@ -461,10 +479,11 @@ async def create_token(request: web.Request) -> web.Response:
                         "token issue`), not with another token.", code="token-cannot-mint")
     new: NewToken = await _body(request, NewToken)
     store = request.app[GATEWAY].auth.store
-    if sum(1 for record in store.api_tokens.values() if record.subject == identity.subject) >= MOST_API_TOKENS:
-        raise Conflict(f"You have {MOST_API_TOKENS} API tokens, as many as one person may have: revoke one first.",
-                       code="too-many-tokens")
-    record, token = await store.create_api_token(identity, name=new.name)
+    async with _counted(f"tokens of {identity.subject}"):  # as they are counted: by the exact name
+        if sum(1 for record in store.api_tokens.values() if record.subject == identity.subject) >= MOST_API_TOKENS:
+            raise Conflict(f"You have {MOST_API_TOKENS} API tokens, as many as one person may have: revoke one "
+                           "first.", code="too-many-tokens")
+        record, token = await store.create_api_token(identity, name=new.name)
     return web.json_response({**record.public(), "token": token}, status=201)
 
 

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from gateway.auth.identity import Identity
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
-from gateway.web import hub
+from gateway.web import api, hub
 from gateway.web.api import MOST_PORTS
 from tests.auth.conftest import MakeBrowser, Serve, Served
 from tests.auth.test_api import HUB, WORKSPACES, call, user
@@ -133,3 +133,32 @@ async def test_a_workspace_keeps_settings_for_at_most_so_many_ports(kube: KubeEn
     assert (await more.json())["error"]["code"] == "too-many-ports"
     same = await client.put("/api/v1/workspaces/full/ports/1000", json={"visibility": "private"}, headers=headers)
     assert same.status == 200, await same.text()
+
+
+async def test_limits_hold_for_requests_sent_all_at_once(kube: KubeEnv, aiohttp_client: Any,  # noqa: F811
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mallory sends a dozen creations at once, each allowed by the count it read: on Kubernetes each waits on
+    the API, so every one saw the count from before the others, and the policy's ``most_per_person: 2`` let her
+    make 12 workspaces (so too for her API tokens and a workspace's share links, here with their limits at 2)."""
+    monkeypatch.setattr(api, "MOST_API_TOKENS", 2)
+    monkeypatch.setattr(api, "MOST_SHARE_LINKS", 2)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("workspaces:\n  most_per_person: 2\n")
+    config = gateway_config(kube, tmp_path).model_copy(update={"policy_file": policy})
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(config))
+    hub_host = {"Host": "localhost:8080", "Origin": HUB}
+    signed = await client.post("/auth/dev", data={"user": "mallory", "next": "/"}, headers=hub_host,
+                               allow_redirects=False)
+    cookie = signed.cookies["codehub_session"].value
+    headers = {**hub_host, "Cookie": f"codehub_session={cookie}"}
+
+    async def at_once(path: str, bodies: list[dict[str, Any]]) -> list[int]:
+        answers = await asyncio.gather(*(client.post(path, json=body, headers=headers) for body in bodies))
+        return sorted(answer.status for answer in answers)
+
+    assert await at_once("/api/v1/workspaces", [{"id": f"m{n}"} for n in range(12)]) == [201] * 2 + [409] * 10
+    assert len(kube.emulator.list_objects(WORKSPACE, NS)) == 2
+    assert await at_once("/api/v1/tokens", [{"name": f"t{n}"} for n in range(12)]) == [201] * 2 + [409] * 10
+    mine = next(ws["metadata"]["name"] for ws in kube.emulator.list_objects(WORKSPACE, NS))
+    links = await at_once(f"/api/v1/workspaces/{mine}/shares", [{"port": 3000}] * 12)
+    assert links == [201] * 2 + [409] * 10
