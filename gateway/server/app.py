@@ -58,7 +58,8 @@ async def by_plan(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await execute(request, plan, gateway, handler)
     except GatewayError as exc:
         response = error_response(request, exc)
-    except web.HTTPNotFound:
+    except (web.HTTPNotFound, web.HTTPForbidden):  # 403: the static route's for its folder (``/static/``), which
+        # is nothing to show either; else a 500 and a traceback in the log, for anyone who asked
         response = error_response(request, NotFound("There is nothing at this address.", code="no-route"))
     except web.HTTPMethodNotAllowed as exc:
         response = error_response(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +163,18 @@ async def test_limits_hold_for_requests_sent_all_at_once(kube: KubeEnv, aiohttp_
     mine = next(ws["metadata"]["name"] for ws in kube.emulator.list_objects(WORKSPACE, NS))
     links = await at_once(f"/api/v1/workspaces/{mine}/shares", [{"port": 3000}] * 12)
     assert links == [201] * 2 + [409] * 10
+
+
+@pytest.mark.parametrize("path", ["/static/", "/static/.", "/static/./"])
+async def test_the_folder_of_the_hubs_static_files_is_no_error_of_the_gateway(
+        served: Served, make_browser: MakeBrowser, caplog: pytest.LogCaptureFixture, path: str) -> None:
+    """Anyone on the internet asks the hub for ``/static/``: aiohttp's static route refuses a folder with its own
+    403, which the gateway took for a failure of its own, a 500 ``internal-error`` with a traceback in the log at
+    ERROR for every such request. It is a clear 404, as any other address with nothing there, and logs nothing."""
+    browser = await make_browser(served)
+    with caplog.at_level(logging.ERROR):
+        page = await browser.fetch("GET", HUB + path, headers={"Accept": "application/json"})
+    assert page.status == 404, page.text
+    assert page.json()["error"]["code"] == "no-route"
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert (await browser.fetch("GET", HUB + "/static/hub.js")).status == 200
