@@ -214,6 +214,8 @@ async def _gateway_page(request: web.Request, page: GatewayPage, gateway: Gatewa
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
     await response.prepare(request)
+    if request.method == "HEAD":  # as ``hub.events``: a head has no body, and events after it would be read as
+        return response  # the next answer on the connection
     async for event in progress_events(gateway.waker, page.state, page.port):
         await response.write(event)
     await response.write_eof()

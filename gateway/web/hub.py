@@ -90,6 +90,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
     await response.prepare(request)
+    if request.method == "HEAD":  # the head only: events written after it would be read as the next answer on
+        return response  # the connection (by a proxy in front, for whoever's request it carries next)
     last = ""
     quiet_since = time.monotonic()
     with gateway.runtime.events() as changes, contextlib.suppress(ConnectionResetError):

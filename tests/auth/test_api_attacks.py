@@ -178,3 +178,46 @@ async def test_the_folder_of_the_hubs_static_files_is_no_error_of_the_gateway(
     assert page.json()["error"]["code"] == "no-route"
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert (await browser.fetch("GET", HUB + "/static/hub.js")).status == 200
+
+
+async def _exchange(port: int, requests: bytes, wait: float = 2.0) -> bytes:
+    """What a server answers on one connection to ``requests`` (pipelined), in ``wait`` seconds."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(requests)
+    await writer.drain()
+    answer = b""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(wait):
+            while chunk := await reader.read(65536):
+                answer += chunk
+                if answer.endswith(b'{"status": "ok"}'):
+                    break
+    writer.close()
+    return answer
+
+
+@pytest.mark.parametrize(("host", "path", "signed_in"), [
+    ("localhost:8080", "/api/v1/hub/events", True),
+    ("5000-ws2.localhost:8080", "/_codehub/wake/events", False),  # public port: anyone
+], ids=["hub-feed", "wake-events"])
+async def test_a_head_of_an_event_stream_has_no_body(served: Served, make_browser: MakeBrowser, host: str,
+                                                     path: str, signed_in: bool) -> None:
+    """Anyone sends ``HEAD`` for one of the gateway's event streams (the hub's feed, a preview's wake progress),
+    then another request on the same connection, as a proxy in front does with the connections it keeps for
+    everyone's requests: the gateway answered the head and then wrote the stream's events after it anyway, with no
+    framing (a head has none), so the next request on that connection (someone else's, behind a proxy) was
+    answered with ``event: snapshot``/``event: progress`` bytes, or never; the feed ran for ever besides. A head is
+    the head alone: the next request gets its own answer."""
+    cookie = ""
+    if signed_in:
+        alice = await user(make_browser, served, "alice")
+        cookie = "Cookie: " + "; ".join(f"{k}={v}" for k, v in alice.cookies_for("localhost").items()) + "\r\n"
+    assert served.server.port is not None
+    answer = await _exchange(served.server.port, (
+        f"HEAD {path} HTTP/1.1\r\nHost: {host}\r\n{cookie}\r\n"
+        "GET /healthz HTTP/1.1\r\nHost: localhost:8080\r\n\r\n").encode())
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b"text/event-stream" in head
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n"), rest[:300]
+    assert rest.endswith(b'{"status": "ok"}')
