@@ -173,7 +173,10 @@ class TokenStore(Protocol):
         """Count one use (in memory; written in a batch later)."""
 
     async def create_share(self, *, workspace: str, port: int | None, audience: str, people: list[str],
-                           created_by: str, ttl: float, now: float | None = None) -> tuple[ShareLink, str]: ...
+                           created_by: str, ttl: float, now: float | None = None,
+                           incarnation: str = "") -> tuple[ShareLink, str]:
+        """A new link; ``incarnation``: the ``WorkspaceSpec.incarnation`` the caller saw, where a store ties links
+        to their workspace (``NotFound`` when that workspace is gone by now)."""
 
     async def revoke_share(self, link: ShareLink, now: float | None = None) -> ShareLink: ...
 
@@ -613,7 +616,9 @@ class FileTokenStore:
         self.flush()
 
     async def create_share(self, *, workspace: str, port: int | None, audience: str, people: list[str],
-                           created_by: str, ttl: float, now: float | None = None) -> tuple[ShareLink, str]:
+                           created_by: str, ttl: float, now: float | None = None,
+                           incarnation: str = "") -> tuple[ShareLink, str]:
+        """``incarnation`` is not used: local links are told from an earlier namesake's by ``WorkspaceSpec.since``."""
         now = time.time() if now is None else now
         token = new_share_token()
         link = ShareLink(id=new_id(), token_hash=token_hash(token), workspace=workspace, port=port,

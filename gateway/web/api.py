@@ -432,7 +432,7 @@ async def create_share(request: web.Request) -> web.Response:
                            "ones too, until a while after they expire).", code="too-many-share-links")
         link, token = await gateway.auth.store.create_share(
             workspace=state.id, port=new.port, audience=new.audience, people=new.people,
-            created_by=identity.subject, ttl=ttl,
+            created_by=identity.subject, ttl=ttl, incarnation=state.spec.incarnation,
         )
     return web.json_response(share_view(gateway, link, token), status=201)
 

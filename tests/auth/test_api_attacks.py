@@ -13,15 +13,17 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.auth.authenticate import grant_of
 from gateway.auth.identity import Identity
+from gateway.edge.policy import decide
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
 from gateway.web import api, hub
 from gateway.web.api import MOST_PORTS
 from tests.auth.conftest import MakeBrowser, Serve, Served
 from tests.auth.test_api import HUB, WORKSPACES, call, user
-from tests.kube.emulator import WORKSPACE, KubeEnv, kube  # noqa: F401  (kube: a fixture)
-from tests.kube.support import NS
+from tests.kube.emulator import SHARE_LINK, WORKSPACE, KubeEnv, kube  # noqa: F401  (kube: a fixture)
+from tests.kube.support import NS, until
 from tests.kube.test_gateway import gateway_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -221,3 +223,42 @@ async def test_a_head_of_an_event_stream_has_no_body(served: Served, make_browse
     assert b"text/event-stream" in head
     assert rest.startswith(b"HTTP/1.1 200 OK\r\n"), rest[:300]
     assert rest.endswith(b'{"status": "ok"}')
+
+
+async def test_a_link_asked_for_while_its_workspace_is_deleted_opens_no_namesake(
+        kube: KubeEnv, aiohttp_client: Any, tmp_path: Path) -> None:  # noqa: F811
+    """Mallory asks for 40 links to anyone for her workspace ``demo`` and deletes it at the same moment. Each link
+    was checked against ``demo`` as the API saw it, then made once its turn came (the API's calls queue): by then
+    ``demo`` was gone, so the store found no Workspace to give the link to (an ownerReference: deleting the
+    workspace deletes its links) and made it without one. The links outlived ``demo``, and on Kubernetes a link
+    is told from a namesake's by nothing else: when Victim made a workspace called ``demo``, Mallory's links
+    were listed as its links and opened its private ports to anyone holding them, for their week."""
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(gateway_config(kube, tmp_path)))
+    gateway = client.app[GATEWAY]
+    headers = {}
+    for name in ("mallory", "victim"):
+        _record, token = await gateway.auth.store.create_api_token(Identity(name), name="t")
+        headers[name] = {"Host": "localhost:8080", "Authorization": f"Bearer {token}"}
+    made = await client.post("/api/v1/workspaces", json={"id": "demo", "ports": {"3000": "private"}},
+                             headers=headers["mallory"])
+    assert made.status == 201
+    asked = [client.post("/api/v1/workspaces/demo/shares", json={"audience": "anyone", "ttl": "7d"},
+                         headers=headers["mallory"]) for _ in range(40)]
+    *answers, deleted = await asyncio.gather(*asked, client.delete("/api/v1/workspaces/demo",
+                                                                   headers=headers["mallory"]))
+    assert deleted.status == 200
+    tokens = [(await answer.json())["token"] for answer in answers if answer.status == 201]
+    assert {answer.status for answer in answers} <= {201, 404}
+    await until(lambda: gateway.runtime.get("demo") is None)
+    await until(lambda: not kube.emulator.list_objects(SHARE_LINK, NS))  # gone with their workspace
+    again = await client.post("/api/v1/workspaces", json={"id": "demo", "ports": {"3000": "private"}},
+                              headers=headers["victim"])
+    assert again.status == 201
+    theirs = gateway.runtime.get("demo")
+    assert theirs is not None
+    assert theirs.spec.owner == "victim"
+    listed = await client.get("/api/v1/workspaces/demo/shares", headers=headers["victim"])
+    assert (await listed.json())["shares"] == []
+    for token in tokens:
+        link = gateway.auth.store.find_share(token)
+        assert link is None or not decide(gateway.policy, theirs.spec, 3000, None, grant_of(link)).allow

@@ -203,11 +203,20 @@ class KubeTokenStore:
     # -- writing (through the API) --
 
     async def create_share(self, *, workspace: str, port: int | None, audience: str, people: list[str],
-                           created_by: str, ttl: float, now: float | None = None) -> tuple[ShareLink, str]:
+                           created_by: str, ttl: float, now: float | None = None,
+                           incarnation: str = "") -> tuple[ShareLink, str]:
+        """The link belongs to the Workspace (an ownerReference by uid), so deleting it deletes the link. Refused
+        when that Workspace is gone or going, or is another than ``incarnation`` (the uid the caller saw): the
+        caller looked a moment ago, and requests queue (for the API, for the link count), so a link asked for
+        just before a delete was made without an owner, outlived the workspace, and opened the ports of whoever
+        made the next workspace of its name (``WorkspaceSpec.since`` is 0 on Kubernetes)."""
         client = self._require()
         now = time.time() if now is None else now
         owner = await refused_as_error(lambda: client.get(WORKSPACE, workspace), self._attempts)
-        uid = str(((owner or {}).get("metadata") or {}).get("uid") or "")  # the link goes with the workspace
+        metadata = (owner or {}).get("metadata") or {}
+        uid = str(metadata.get("uid") or "")  # the link goes with the workspace
+        if owner is None or metadata.get("deletionTimestamp") or not uid or incarnation not in ("", uid):
+            raise NotFound(f"There is no workspace called {workspace}.", code="workspace-not-found")
         for _ in range(3):
             token = new_share_token()
             link = ShareLink(id=new_id(), token_hash=token_hash(token), workspace=workspace, port=port,
