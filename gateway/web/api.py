@@ -180,7 +180,12 @@ async def _body(request: web.Request, model: type[_Body]) -> Any:
 def _mine(request: web.Request, identity: Identity, *, may: Literal["see", "share", "own"] = "see") -> WorkspaceState:
     """The workspace named in the path, if the caller may see it, and ``share`` it (owner and policy admins:
     ports and links) or ``own`` it (the owner alone: who its members are, which opens its IDE to them, and
-    whether it exists)."""
+    whether it exists).
+
+    A handler that changes the workspace reads its body before calling this: the body comes at the client's
+    pace, and the change goes to the workspace of that name when it is made. Checked before a body that took
+    its time, a workspace its owner deleted meanwhile, and someone else made again under its name, was changed
+    by that earlier owner (who named themselves its collaborator, and so opened its IDE)."""
     gateway = request.app[GATEWAY]
     state = gateway.runtime.get(request.match_info["workspace"])
     their_role = role_of(gateway.policy, state.spec, identity) if state is not None else None
@@ -320,9 +325,9 @@ async def delete_workspace(request: web.Request) -> web.Response:
 
 async def set_collaborators(request: web.Request) -> web.Response:
     identity = caller(request)
+    change: Collaborators = await _body(request, Collaborators)  # first: see ``_mine``
     state = _mine(request, identity, may="own")
     gateway = request.app[GATEWAY]
-    change: Collaborators = await _body(request, Collaborators)
     counts = consented(gateway, [state.spec])  # as in create_workspace
     state = await gateway.runtime.update(state.id, collaborators=tuple(change.collaborators))
     return web.json_response(workspace_view(gateway, state, identity, counts))
@@ -330,6 +335,7 @@ async def set_collaborators(request: web.Request) -> web.Response:
 
 async def set_port(request: web.Request) -> web.Response:
     identity = caller(request)
+    change: PortChange = await _body(request, PortChange)  # first: see ``_mine``
     state = _mine(request, identity, may="share")
     gateway = request.app[GATEWAY]
     try:
@@ -338,7 +344,6 @@ async def set_port(request: web.Request) -> web.Response:
         raise BadRequest("The port must be a number.", code="bad-port") from None
     if not 1 <= port <= 65535 or port == state.spec.ide_port or port in gateway.policy.ports.denied:
         raise BadRequest(f"Port {port} cannot be shared.", code="bad-port")
-    change: PortChange = await _body(request, PortChange)
     if change.visibility is None and change.protocol is None and change.label is None and change.identity is None:
         raise BadRequest("body: set visibility, protocol, label or identity.", code="invalid-body")
     spec = state.spec
@@ -410,9 +415,9 @@ def _its(spec: WorkspaceSpec, link: ShareLink) -> bool:
 
 async def create_share(request: web.Request) -> web.Response:
     identity = caller(request)
+    new: NewShare = await _body(request, NewShare)  # first: see ``_mine``
     state = _mine(request, identity, may="share")
     gateway = request.app[GATEWAY]
-    new: NewShare = await _body(request, NewShare)
     rules = gateway.policy.share_links
     if new.audience not in rules.audiences:
         raise Forbidden(f"The policy allows share links for: {', '.join(rules.audiences)}.", code="audience-denied")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -262,3 +263,45 @@ async def test_a_link_asked_for_while_its_workspace_is_deleted_opens_no_namesake
     for token in tokens:
         link = gateway.auth.store.find_share(token)
         assert link is None or not decide(gateway.policy, theirs.spec, 3000, None, grant_of(link)).allow
+
+
+@pytest.mark.parametrize(("path", "rest", "harm"), [
+    ("/collaborators", b'["mallory"]}', lambda spec: "mallory" in spec.get("collaborators", [])),
+    ("/ports/3000", b'"public"}', lambda spec: spec.get("ports", {}).get("3000") == "public"),
+], ids=["collaborators", "port"])
+async def test_a_change_checked_before_its_body_came_cannot_land_on_a_namesake(
+        kube: KubeEnv, aiohttp_client: Any, tmp_path: Path, path: str, rest: bytes,  # noqa: F811
+        harm: Callable[[dict[str, Any]], bool]) -> None:
+    """Mallory starts ``PUT /api/v1/workspaces/demo/collaborators`` on her workspace ``demo`` and sends its body
+    slowly; meanwhile she deletes ``demo`` and Victim makes a workspace called ``demo``. The API checked that
+    Mallory owns ``demo`` before the body came, and then changed the workspace of that name, Victim's: Mallory
+    was its collaborator (its IDE, as Victim) or made its private port public."""
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(gateway_config(kube, tmp_path)))
+    gateway = client.app[GATEWAY]
+    headers = {}
+    for name in ("mallory", "victim"):
+        _record, token = await gateway.auth.store.create_api_token(Identity(name), name="t")
+        headers[name] = {"Host": "localhost:8080", "Authorization": f"Bearer {token}"}
+    made = await client.post("/api/v1/workspaces", json={"id": "demo"}, headers=headers["mallory"])
+    assert made.status == 201
+    go_on = asyncio.Event()
+
+    async def slowly() -> AsyncIterator[bytes]:
+        yield b'{"collaborators": ' if path == "/collaborators" else b'{"visibility": '
+        await go_on.wait()
+        yield rest
+
+    change = asyncio.create_task(client.put(f"/api/v1/workspaces/demo{path}", data=slowly(),
+                                            headers={**headers["mallory"], "Content-Type": "application/json"}))
+    await asyncio.sleep(0.3)  # the head is in, the body is not
+    assert (await client.delete("/api/v1/workspaces/demo", headers=headers["mallory"])).status == 200
+    await until(lambda: gateway.runtime.get("demo") is None)
+    again = await client.post("/api/v1/workspaces", json={"id": "demo", "ports": {"3000": "private"}},
+                              headers=headers["victim"])
+    assert again.status == 201
+    go_on.set()
+    answer = await change
+    theirs = (kube.emulator.get_object(WORKSPACE, NS, "demo") or {}).get("spec", {})
+    assert theirs.get("owner") == "victim"
+    assert not harm(theirs), theirs
+    assert answer.status == 404, await answer.text()
