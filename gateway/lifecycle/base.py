@@ -132,8 +132,11 @@ class EventHub:
     def __init__(self, maxsize: int = 256) -> None:
         self._subscribers: set[Subscription] = set()
         self._maxsize = maxsize
+        self.published = 0
+        """Events so far: what was worked out from the world at one count holds until the next."""
 
     def publish(self, event: Event) -> None:
+        self.published += 1
         for subscriber in self._subscribers:
             if subscriber.queue.full():
                 subscriber.queue.get_nowait()

@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from aiohttp.test_utils import TestClient
 from gateway.auth.authenticate import grant_of
 from gateway.auth.identity import Identity
 from gateway.edge.policy import decide
+from gateway.lifecycle.base import EventHub
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
 from gateway.web import api, hub
@@ -76,18 +78,14 @@ async def test_the_api_refuses_the_same_names_as_principals(served: Served, make
 FEEDS = 12
 
 
-@pytest.mark.xfail(strict=True, reason="each hub feed rebuilds the whole snapshot every LOOK_EVERY, changed or not, "
-                                       "and a person may open any number: needs feeds that share one look per "
-                                       "person and page (and only rebuild on a change), or a cap on a person's "
-                                       "feeds together with that; not a one-line change")
 async def test_a_person_cannot_make_the_hub_rebuild_their_snapshot_once_per_feed(
         served: Served, make_browser: MakeBrowser, monkeypatch: pytest.MonkeyPatch) -> None:
     """Mallory opens ``/api/v1/hub/events`` a dozen times (a script with her API token, or her cookie) and keeps
     them open: each feed builds her whole hub snapshot every ``LOOK_EVERY`` (0.5 s), changed or not, in the event
     loop that serves everyone's previews. A snapshot of one workspace with 1,000 share links naming 10 people each
     took 36 ms here (so 14 feeds keep a worker's loop busy all the time); at the limits the API sets (1,000 links of
-    100 principals of 320 characters) it is 32 MB of JSON per workspace, rebuilt twice a second per feed. Nothing
-    limits how many feeds one person holds, nor shares the work between feeds asking for the same page."""
+    100 principals of 320 characters) it is 32 MB of JSON per workspace, rebuilt twice a second per feed. Feeds of
+    one person and page now share one look."""
     built = 0
     snapshot = hub.snapshot
 
@@ -113,6 +111,39 @@ async def test_a_person_cannot_make_the_hub_rebuild_their_snapshot_once_per_feed
         looks = 2.0 / hub.LOOK_EVERY
         assert built <= looks + 2, (f"{opened} feeds of one person built {built} snapshots in 2 s of nothing "
                                     f"changing: one per feed per look ({looks:.0f} looks)")
+
+
+async def test_feeds_that_share_a_look_each_show_a_change_at_once(
+        served: Served, make_browser: MakeBrowser, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feeds of one person share a look at the page (above), but never one taken before a lifecycle event: each
+    feed shows the change it was woken for, not the look another feed took just before it. Looks are made rare here
+    (a minute apart), so only the event can bring the change."""
+    monkeypatch.setattr(hub, "LOOK_EVERY", 60.0)
+    alice = await user(make_browser, served, "alice")
+    cookie = "; ".join(f"{k}={v}" for k, v in alice.cookies_for("localhost").items())
+    headers = {"Host": HUB[7:], "Cookie": cookie, "Accept": "text/event-stream"}
+    async with contextlib.AsyncExitStack() as stack:
+        feeds = [await stack.enter_async_context(alice.http.get(alice.gateway + "/api/v1/hub/events",
+                                                                headers=headers)) for _ in range(2)]
+        for feed in feeds:
+            first = await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)
+            assert b'"phase": "WARM"' not in first
+        assert (await call(alice, "POST", "/api/v1/workspaces/ws1/stop")).status == 200
+        for feed in feeds:
+            async with asyncio.timeout(10):
+                while b'"phase": "WARM"' not in await feed.content.readuntil(b"\n\n"):
+                    pass
+
+
+def test_the_looks_kept_for_feeds_to_share_are_the_recent_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A look is kept only while another feed may still share it: people who opened the hub once are not kept."""
+    monkeypatch.setattr(hub, "snapshot", lambda gateway, identity, limit, after: {"workspaces": []})
+    monkeypatch.setattr(hub, "LOOK_EVERY", 0.0)  # every look is old at once
+    gateway: Any = SimpleNamespace(runtime=SimpleNamespace(hub=EventHub()))
+    looks: dict[Any, Any] = {}
+    for number in range(300):
+        hub._look(gateway, looks, Identity(f"person{number}"), (hub.HUB_PAGE, None))
+    assert 1 <= len(looks) <= 256
 
 
 async def test_a_workspace_keeps_settings_for_at_most_so_many_ports(kube: KubeEnv,  # noqa: F811
