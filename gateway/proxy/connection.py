@@ -145,6 +145,8 @@ class Response:
         return await self._conn.read_chunk()
 
     async def read_exactly(self, size: int) -> bytes:
+        """The whole body of ``size`` bytes, never more: a byte past the length the client is told would be the
+        start of the next answer on its connection."""
         parts = []
         while size > 0:
             chunk = await self._conn.read_chunk()
@@ -152,6 +154,8 @@ class Response:
                 raise BrokenOff("the body ended early")
             parts.append(chunk)
             size -= len(chunk)
+        if size < 0:
+            raise Garbage("more body than its length")
         return b"".join(parts)
 
 
@@ -323,6 +327,14 @@ class Connection(WriteFlow):
         self.wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._head is None:
+            # A body on an interim answer (llhttp reads one for a 1xx other than 100, 102 and 103 that names a
+            # length or chunks): it would be read out ahead of the real answer's, past the length the client is
+            # told, and the bytes past that length would be the next answer on the client's connection, someone
+            # else's behind a shared proxy. An interim answer has no content (RFC 9110 §15.2).
+            error = Garbage("a body on an interim answer")
+            self.fail(error)
+            raise error
         self._head_bytes = 0
         self._chunks.append(body)
         self._buffered += len(body)

@@ -1,0 +1,86 @@
+"""Parsing attacks on both lanes: bytes a hostile upstream (a workspace owner controls everything their workspace
+serves) or client sends to break HTTP/1.1 framing between the client, the gateway and the upstream.
+
+Each test shows the harm concretely on a real gateway: an answer of the owner's that becomes the answer to the next
+request on the client's connection (behind a shared proxy in front of the gateway, that next request is someone
+else's, to any host: the hub's included), a head the gateway writes that no client can read, a hang, a traceback.
+The upstream is ``test_upstream_faults``' raw socket server, with the faults of this file added."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from tests.server import test_upstream_faults as faults
+from tests.server.test_upstream_faults import LANES, Faulty, faults_counted
+from tests.server.test_upstream_faults import faulty as faulty  # the fixture
+
+POISON = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Smuggled: yes\r\n\r\npoisoned"
+"""An answer of the owner's making, to be read by a client as the answer to its next request."""
+
+
+def ok_body(path: str) -> bytes:
+    return f"ok {path}".encode()
+
+
+async def interim_with_a_body(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """An interim answer (1xx) that names a length: llhttp reads a body for it (for any 1xx but 100, 102 and 103),
+    here as long as the real answer's body, followed by a whole answer of the owner's; then the real answer."""
+    body = ok_body(path)
+    interim = b"x" * len(body) + POISON
+    writer.write(b"HTTP/1.1 150 Odd\r\nContent-Length: %d\r\n\r\n%b" % (len(interim), interim)
+                 + faults.ok_answer(path))
+    await writer.drain()
+    return True
+
+
+async def interim_with_chunks(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """The same with a chunked interim body, and a real answer long enough to be streamed, not read whole."""
+    size = faults.BIG
+    interim = b"x" * size + POISON
+    writer.write(b"HTTP/1.1 199 Odd\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n"
+                 % (len(interim), interim) + b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (size, b"b" * size))
+    await writer.drain()
+    return True
+
+
+@pytest.fixture(autouse=True)
+def more_faults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(faults.FAULTS, "interim-with-a-body", interim_with_a_body)
+    monkeypatch.setitem(faults.FAULTS, "interim-with-chunks", interim_with_chunks)
+
+
+async def two_on_one_connection(f: Faulty, method: str, first: str) -> tuple[bytes, bytes, bytes]:
+    """``first``, then ``GET /ok``, on one kept-alive client connection, each answer read by the length its head
+    gives (as a browser or a proxy in front reads them): the first head, and the two bodies."""
+    reader, writer = await asyncio.open_connection(f.client_host, f.client_port)
+    bodies = []
+    heads = []
+    try:
+        for m, path in ((method, first), ("GET", "/ok")):
+            writer.write(f"{m} {path} HTTP/1.1\r\nHost: {f.host}\r\nAccept: application/json\r\n"
+                         "Content-Length: 0\r\n\r\n".encode())
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                assert length, head
+                heads.append(head)
+                bodies.append(await reader.readexactly(int(length[1])))
+    finally:
+        writer.close()
+    return heads[0], bodies[0], bodies[1]
+
+
+@pytest.mark.parametrize("lane", list(LANES))
+@pytest.mark.parametrize("fault", ["interim-with-a-body", "interim-with-chunks"])
+async def test_an_interim_answer_with_a_body_cannot_answer_the_next_request(faulty: Faulty, lane: str,
+                                                                            fault: str) -> None:
+    """An upstream's 1xx with a body had that body read out ahead of the real answer's, and sent past the length
+    the client was told: the client read the owner's own answer as the answer to its next request on the
+    connection (response queue poisoning). A 1xx has no content: it is not HTTP, a 502."""
+    head, _, second = await two_on_one_connection(faulty, LANES[lane], f"/fault/{fault}")
+    assert second == b"ok /ok"
+    assert b" 502 " in head.split(b"\r\n")[0], head
+    assert set(faults_counted(await faulty.metrics())) == {"garbage"}
