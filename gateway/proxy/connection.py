@@ -314,7 +314,12 @@ class Connection(WriteFlow):
             error = Garbage("a 101 to a request that asked for no upgrade")
             self.fail(error)
             raise error
-        if 100 <= status < 200:
+        if status < 100:
+            # llhttp reads any three digits: "000" would go out as "HTTP/1.1 0", a status line no client reads.
+            error = Garbage(f"status {status:03d}")
+            self.fail(error)
+            raise error
+        if status < 200:
             return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
         self.clock.forget(self)
         self._head_bytes = 0  # from here on it counts chunk framing and trailers

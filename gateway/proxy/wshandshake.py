@@ -163,6 +163,8 @@ class _Reader(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        if status < 100:  # llhttp reads "000" as 0, which is no answer here: the upgrade would wait for one
+            raise Garbage(f"status {status:03d}")  # llhttp raises it again as a parser error
         if 100 <= status < 200 and status != 101:
             self._headers = []  # an interim answer: the real one follows
             return

@@ -46,10 +46,24 @@ async def interim_with_chunks(path: str, reader: asyncio.StreamReader, writer: a
     return True
 
 
+def with_status(code: bytes) -> faults.Fault:
+    """A proper answer, kept alive, whose status line says ``code``."""
+    async def answer(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 %b Odd\r\nContent-Length: 2\r\n\r\nok" % code)
+        await writer.drain()
+        return True
+    return answer
+
+
+STATUSES_BELOW_100 = ["000", "042", "099"]
+
+
 @pytest.fixture(autouse=True)
 def more_faults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(faults.FAULTS, "interim-with-a-body", interim_with_a_body)
     monkeypatch.setitem(faults.FAULTS, "interim-with-chunks", interim_with_chunks)
+    for code in STATUSES_BELOW_100:
+        monkeypatch.setitem(faults.FAULTS, f"status-{code}", with_status(code.encode()))
 
 
 async def two_on_one_connection(f: Faulty, method: str, first: str) -> tuple[bytes, bytes, bytes]:
@@ -83,4 +97,27 @@ async def test_an_interim_answer_with_a_body_cannot_answer_the_next_request(faul
     head, _, second = await two_on_one_connection(faulty, LANES[lane], f"/fault/{fault}")
     assert second == b"ok /ok"
     assert b" 502 " in head.split(b"\r\n")[0], head
+    assert set(faults_counted(await faulty.metrics())) == {"garbage"}
+
+
+@pytest.mark.parametrize("lane", list(LANES))
+@pytest.mark.parametrize("code", STATUSES_BELOW_100)
+async def test_a_status_below_100_is_a_502_not_a_status_line_no_client_reads(faulty: Faulty, lane: str,
+                                                                              code: str) -> None:
+    """llhttp takes any three digits for a status: ``000`` went out as ``HTTP/1.1 0 Odd``, which is no status line
+    (RFC 9112 §4: three digits): the visitor's browser, or a proxy in front, cannot read it."""
+    answer, body, _ = await faulty.send(LANES[lane], f"/fault/status-{code}")
+    assert answer is not None
+    assert answer.head.startswith(b"HTTP/1.1 502 "), answer.head
+    assert b'"code": "upstream-error"' in body
+    assert set(faults_counted(await faulty.metrics())) == {"garbage"}
+
+
+@pytest.mark.parametrize("code", STATUSES_BELOW_100)
+async def test_a_status_below_100_to_an_upgrade_is_a_502_at_once(faulty: Faulty, code: str) -> None:
+    """The upgrade's own reader took status 0 for no answer yet and waited for one: the client hung until
+    ``timeouts.first_byte`` (two minutes by default, for ever when it is off), then got a 504."""
+    async with asyncio.timeout(0.4):  # the fixture's first_byte is 0.5 s
+        status, body = await faulty.upgrade(f"/fault/status-{code}")
+    assert status == 502, body
     assert set(faults_counted(await faulty.metrics())) == {"garbage"}
