@@ -249,11 +249,25 @@ def cookie_name_and_domain(set_cookie: str) -> tuple[str, str | None]:
 
 def allowed_set_cookie(set_cookie: str, public_host: str) -> bool:
     """An upstream may only set host-only cookies (or name its own host) and never the gateway's cookie names (as
-    the cookie comes back: ``cookie_name_and_domain``)."""
+    the cookie comes back: ``cookie_name_and_domain``).
+
+    Nor one with bytes that are not UTF-8 (held here as surrogates): it is judged on this text, and aiohttp's head
+    writer leaves the surrogates out, so ``\\xffcodehub_session=x`` or ``a=1; \\xffDomain=parent`` would reach the
+    browser as what the check would have dropped."""
+    if not _utf8(set_cookie):
+        return False
     name, domain = cookie_name_and_domain(set_cookie)
     if gateway_cookie(name):
         return False
     return domain is None or domain == public_host.partition(":")[0].lower()
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def rewrite_location(location: str, upstream_origins: Iterable[str], public_origin: str) -> str:

@@ -56,12 +56,28 @@ def with_status(code: bytes) -> faults.Fault:
 
 
 STATUSES_BELOW_100 = ["000", "042", "099"]
+COOKIES_NOT_UTF8 = {
+    "gateway-name": (b"\xffcodehub_session=planted; Path=/", "codehub_session=planted"),
+    "host-prefixed-name": (b"\xff__Host-codehub_session=planted; Secure; Path=/", "__Host-codehub_session=planted"),
+    "parent-domain": (b"app=1; \xffDomain=localhost", "Domain=localhost"),
+}
+"""``Set-Cookie`` values with a byte that is not UTF-8, and what aiohttp's head writer makes of them."""
+
+
+def setting_cookie(value: bytes) -> faults.Fault:
+    async def answer(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nSet-Cookie: %b\r\nContent-Length: 2\r\n\r\nok" % value)
+        await writer.drain()
+        return True
+    return answer
 
 
 @pytest.fixture(autouse=True)
 def more_faults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(faults.FAULTS, "interim-with-a-body", interim_with_a_body)
     monkeypatch.setitem(faults.FAULTS, "interim-with-chunks", interim_with_chunks)
+    for name, (value, _) in COOKIES_NOT_UTF8.items():
+        monkeypatch.setitem(faults.FAULTS, f"cookie-{name}", setting_cookie(value))
     for code in STATUSES_BELOW_100:
         monkeypatch.setitem(faults.FAULTS, f"status-{code}", with_status(code.encode()))
 
@@ -121,3 +137,19 @@ async def test_a_status_below_100_to_an_upgrade_is_a_502_at_once(faulty: Faulty,
         status, body = await faulty.upgrade(f"/fault/status-{code}")
     assert status == 502, body
     assert set(faults_counted(await faulty.metrics())) == {"garbage"}
+
+
+@pytest.mark.parametrize("lane", list(LANES))
+@pytest.mark.parametrize("cookie", list(COOKIES_NOT_UTF8))
+async def test_a_set_cookie_that_is_not_utf8_cannot_plant_what_the_gateway_drops(faulty: Faulty, lane: str,
+                                                                                  cookie: str) -> None:
+    """The gateway judges an upstream's ``Set-Cookie`` on its text (bytes that are not UTF-8 kept as surrogates),
+    and aiohttp's head writer then leaves those surrogates out: ``\\xffcodehub_session=planted`` passed the check
+    (its name does not start with the gateway's) and reached the visitor as ``codehub_session=planted``, an
+    HttpOnly cookie of the gateway's overwritten by the app; ``\\xffDomain=localhost`` (no Domain attribute to the
+    check) reached it as ``Domain=localhost``, a cookie for every preview and the hub. What cannot be read as text
+    cannot be judged: dropped, in both lanes."""
+    answer, body, _ = await faulty.send(LANES[lane], f"/fault/cookie-{cookie}")
+    assert answer is not None
+    assert (answer.status, body) == (200, b"ok"), answer.head
+    assert b"set-cookie" not in answer.head.lower(), answer.head
