@@ -143,8 +143,8 @@ def shape_answer(answer: Response, method: str, public_host: str, upstream: Upst
         drop_frame_options=rules.drop_frame_options,
     )
     length = answer.content_length if "Transfer-Encoding" not in answer.headers else None
-    if length is not None:
-        headers.add("Content-Length", str(length))  # none there to replace: ``_NOT_DOWNSTREAM`` dropped the app's
+    if length is not None and answer.status != 204:  # a 204 never has one (RFC 9110 §8.6): a client that believed
+        headers.add("Content-Length", str(length))  # it would read the next answer as this one's body
     bodiless = method == "HEAD" or answer.status in _NO_BODY_STATUSES  # no 1xx comes: ``Connection`` sees to it
     return Shaped(headers, length, bodiless)
 

@@ -64,6 +64,14 @@ COOKIES_NOT_UTF8 = {
 """``Set-Cookie`` values with a byte that is not UTF-8, and what aiohttp's head writer makes of them."""
 
 
+def raw_answer(data: bytes) -> faults.Fault:
+    async def answer(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(data)
+        await writer.drain()
+        return True
+    return answer
+
+
 def setting_cookie(value: bytes) -> faults.Fault:
     async def answer(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\nSet-Cookie: %b\r\nContent-Length: 2\r\n\r\nok" % value)
@@ -78,6 +86,8 @@ def more_faults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(faults.FAULTS, "interim-with-chunks", interim_with_chunks)
     for name, (value, _) in COOKIES_NOT_UTF8.items():
         monkeypatch.setitem(faults.FAULTS, f"cookie-{name}", setting_cookie(value))
+    monkeypatch.setitem(faults.FAULTS, "no-content-with-a-length", raw_answer(
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nX-Then: more\r\n\r\n"))
     for code in STATUSES_BELOW_100:
         monkeypatch.setitem(faults.FAULTS, f"status-{code}", with_status(code.encode()))
 
@@ -153,3 +163,21 @@ async def test_a_set_cookie_that_is_not_utf8_cannot_plant_what_the_gateway_drops
     assert answer is not None
     assert (answer.status, body) == (200, b"ok"), answer.head
     assert b"set-cookie" not in answer.head.lower(), answer.head
+
+
+@pytest.mark.parametrize("lane", list(LANES))
+async def test_a_204_goes_out_without_the_length_its_app_gave_it(faulty: Faulty, lane: str) -> None:
+    """A 204 never has a ``Content-Length`` (RFC 9110 §8.6). The fast lane wrote the app's (``5``) on it, aiohttp's
+    did not: a client or proxy in front that believed it would take the next answer's first five bytes as this
+    one's body."""
+    reader, writer = await asyncio.open_connection(faulty.client_host, faulty.client_port)
+    writer.write(f"{LANES[lane]} /fault/no-content-with-a-length HTTP/1.1\r\nHost: {faulty.host}\r\n"
+                 "Content-Length: 0\r\n\r\n".encode())
+    try:
+        async with asyncio.timeout(10):
+            head = (await reader.readuntil(b"\r\n\r\n")).lower()
+    finally:
+        writer.close()
+    assert head.startswith(b"http/1.1 204 ")
+    assert b"x-then: more" in head
+    assert b"content-length" not in head, head
