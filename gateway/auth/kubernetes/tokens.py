@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -68,6 +68,25 @@ from gateway.lifecycle.kubernetes.objects import (
 log = logging.getLogger(__name__)
 P = TypeVar("P")
 Obj = dict[str, Any]
+class _CurrentLinks(Mapping[str, ShareLink]):
+    """The links by id, without those of an earlier workspace of the same name (see ``KubeTokenStore.current``)."""
+
+    def __init__(self, store: KubeTokenStore) -> None:
+        self._store = store
+
+    def __getitem__(self, name: str) -> ShareLink:
+        link = self._store._shares[name]
+        if not self._store.current(link):
+            raise KeyError(name)
+        return link
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, link in self._store._shares.items() if self._store.current(link))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 @dataclass
 class _Counted:
     """This replica's own usage of one link or token: its total, and whether the API has all of it yet."""
@@ -109,6 +128,7 @@ class KubeTokenStore:
         self.informers = informers
         self._shares: dict[str, ShareLink] = {}
         self._share_index: dict[str, ShareLink] = {}  # token hash -> link
+        self._link_owners: dict[str, frozenset[str]] = {}  # link id -> uids of the Workspaces it points at
         self._by_workspace = LinksByWorkspace()
         self._tokens: dict[str, ApiToken] = {}
         self._token_index: dict[str, ApiToken] = {}
@@ -170,17 +190,32 @@ class KubeTokenStore:
 
     @property
     def shares(self) -> Mapping[str, ShareLink]:
-        return self._shares
+        return _CurrentLinks(self)
 
     @property
     def api_tokens(self) -> Mapping[str, ApiToken]:
         return self._tokens
 
+    def current(self, link: ShareLink) -> bool:
+        """Whether the link belongs to the Workspace that holds its name now (by the uid of its ownerReference).
+
+        ``kubectl delete workspace`` deletes in the background: the garbage collector deletes the links a moment
+        later (or much later on a busy cluster), and a Workspace made under the free name meanwhile by someone else
+        must not be opened by them, list them, nor count them. A link pointing at no Workspace (made before links
+        had owners) is taken for the one of its name, as ``objects.belongs`` takes pods and volumes."""
+        owners = self._link_owners.get(link.id)
+        workspaces = self.informers.get(WORKSPACE)
+        if not owners or workspaces is None:
+            return True
+        holder = workspaces.get(link.workspace)
+        return holder is not None and str((holder.get("metadata") or {}).get("uid") or "") in owners
+
     def find_share(self, token: str) -> ShareLink | None:
-        return self._share_index.get(token_hash(token)) if token.startswith(SHARE_PREFIX) else None
+        link = self._share_index.get(token_hash(token)) if token.startswith(SHARE_PREFIX) else None
+        return link if link is not None and self.current(link) else None
 
     def shares_of(self, workspace: str) -> list[ShareLink]:
-        return self._by_workspace.of(workspace)
+        return [link for link in self._by_workspace.of(workspace) if self.current(link)]
 
     def find_api_token(self, token: str) -> ApiToken | None:
         return self._token_index.get(token_hash(token)) if token.startswith(API_PREFIX) else None
@@ -333,12 +368,16 @@ class KubeTokenStore:
         obj = self._current(kind, name)
         if kind is SHARE_LINK:
             old_link = self._shares.pop(name, None)
+            self._link_owners.pop(name, None)
             if old_link is not None:
                 self._share_index.pop(old_link.token_hash, None)
                 self._by_workspace.discard(old_link)
             link = parse_share_link(obj) if obj is not None else None
             if link is None or obj is None:
                 return
+            self._link_owners[name] = frozenset(
+                str(ref.get("uid")) for ref in (obj.get("metadata") or {}).get("ownerReferences") or []
+                if isinstance(ref, dict) and ref.get("kind") == WORKSPACE.kind)
             if link.revoked is not None:
                 self._revoked.pop(name, None)
             else:
