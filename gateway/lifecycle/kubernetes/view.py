@@ -135,10 +135,16 @@ class ClusterView:
         return obj if obj is not None and belongs(obj, self.uid(workspace)) else None
 
     def snapshots(self, workspace: str) -> list[Obj]:
+        """The workspace's snapshots: labelled for it, its own (or without owners), and taken of its own home.
+
+        Labels and owners are what the creator wrote; the source is what was copied. A snapshot of another home
+        labelled (and even owned) as this workspace's would be restored into it, and mounted in its pod."""
         informer = self.informers.get(SNAPSHOT)
         uid = self.uid(workspace)
+        home = pvc_name(workspace)
         return [s for s in (informer.values() if informer else [])
-                if (s["metadata"].get("labels") or {}).get(WORKSPACE_LABEL) == workspace and belongs(s, uid)]
+                if (s["metadata"].get("labels") or {}).get(WORKSPACE_LABEL) == workspace and belongs(s, uid)
+                and ((s.get("spec") or {}).get("source") or {}).get("persistentVolumeClaimName") == home]
 
     def workspace(self, workspace: str) -> Obj | None:
         """The Workspace object, unless it is being deleted (then it is gone for routing, links and wakes)."""
