@@ -6,10 +6,12 @@ VolumeSnapshots, ShareLinks) and through names reused while the cluster still ho
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from gateway.auth.identity import Identity
-from gateway.lifecycle import Phase
+from gateway.lifecycle import Phase, WorkspaceSpec
 from tests.kube.emulator import PVC, SHARE_LINK, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import NS, MakeRuntime, new_workspace, until
@@ -74,3 +76,29 @@ async def test_a_snapshot_of_another_workspaces_home_is_never_restored_into_this
     pvc = emu.get_object(PVC, NS, "ws-w1-home")
     assert pvc is not None
     assert "dataSource" not in pvc["spec"]  # a new, empty home: not a copy of Alice's
+
+
+async def test_a_home_made_before_owners_is_not_inherited_by_the_next_owner_of_its_name(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    """Alice's w1 dates from before the gateway set ownerReferences (an upgraded cluster): its home PVC points at
+    no Workspace, so deleting w1 (through the gateway, in the foreground) leaves it to nobody: the garbage
+    collector deletes only what names an owner. Bob then makes a workspace of the free name. His pod must not
+    mount Alice's home: objects without owners are taken for a Workspace's only if made after it."""
+    emu = kube.emulator
+    emu.create_object(WORKSPACE, {"metadata": {"name": "w1"}, "spec": {"owner": "alice"}}, NS)
+    legacy = emu.create_object(PVC, {
+        "metadata": {"name": "ws-w1-home", "labels": {"app.kubernetes.io/managed-by": "codehub-gateway",
+                                                      "codehub.dev/workspace": "w1"}},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}, NS)
+    runtime = await make_runtime()
+    await until(lambda: runtime.get("w1") is not None)
+    await runtime.delete("w1")
+    await emu.wait_gone(WORKSPACE, NS, "w1")
+    assert emu.get_object(PVC, NS, "ws-w1-home") is not None  # left behind: it named no owner
+    await asyncio.sleep(1.1)  # creation times are in seconds: Bob's w1 is made in a later one
+
+    await runtime.create_workspace(WorkspaceSpec(id="w1", owner="bob"))
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+    pvc = emu.get_object(PVC, NS, "ws-w1-home")
+    assert pvc is not None
+    assert pvc["metadata"]["uid"] != legacy["metadata"]["uid"]  # a new, empty home: not Alice's

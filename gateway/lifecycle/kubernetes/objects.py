@@ -87,10 +87,17 @@ def owners(obj: Mapping[str, Any]) -> set[str]:
     return {str(ref.get("uid")) for ref in (obj.get("metadata") or {}).get("ownerReferences") or []}
 
 
-def belongs(obj: Mapping[str, Any], uid: str) -> bool:
-    """Whether an object is the Workspace's: it points at that UID, or (made before owners were set) at none."""
+def belongs(obj: Mapping[str, Any], uid: str, since: object = None) -> bool:
+    """Whether an object is the Workspace's: it points at that UID, or (made before owners were set) at none and
+    was made no earlier than the Workspace (``since``: its ``creationTimestamp``).
+
+    An object without owners outlives the deletion of its Workspace (the garbage collector deletes only what
+    names an owner): taken for the next Workspace of the name, its home would be mounted in someone else's pod."""
     found = owners(obj)
-    return not found or not uid or uid in found
+    if found:
+        return not uid or uid in found
+    made, began = parse_time((obj.get("metadata") or {}).get("creationTimestamp")), parse_time(since)
+    return made is None or began is None or made.timestamp() >= began.timestamp()
 
 
 def make_pod(ws: WorkspaceResource, settings: Kubernetes, ide_secret: str | None = None,

@@ -302,9 +302,10 @@ class KubernetesRuntime(Runtime):
             await self.view.gone(ws.id, PVC, pvc, deadline)
 
     async def _remove_foreign(self, ws: WorkspaceResource, kind: Resource, name: str, deadline: float) -> None:
-        """A pod or PVC under our name but owned by a deleted namesake goes first (GC may not have got to it)."""
+        """A pod or PVC under our name but owned by a deleted namesake goes first (GC may not have got to it, and
+        never gets to one made before owners were set)."""
         found = self.view.cached(kind, name)
-        if found is None or belongs(found, ws.uid):
+        if found is None or belongs(found, ws.uid, self.view.created(ws.id)):
             return
         log.warning("%s %s belongs to a deleted workspace of the same name; removing it", kind.kind, name)
         uid = str(found["metadata"].get("uid") or "")

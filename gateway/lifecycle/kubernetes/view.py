@@ -129,10 +129,16 @@ class ClusterView:
         obj = self.cached(WORKSPACE, workspace)
         return str((obj.get("metadata") or {}).get("uid") or "") if obj is not None else ""
 
+    def created(self, workspace: str) -> str:
+        """The Workspace's ``creationTimestamp``: objects without owners made before it are an earlier one's."""
+        obj = self.cached(WORKSPACE, workspace)
+        return str((obj.get("metadata") or {}).get("creationTimestamp") or "") if obj is not None else ""
+
     def owned(self, kind: Resource, name: str, workspace: str) -> Obj | None:
-        """The cached object if it is this Workspace's; one left by a deleted namesake is not (GC takes it)."""
+        """The cached object if it is this Workspace's; one left by a deleted namesake is not (GC takes it, or,
+        made before owners were set, the wake that finds it)."""
         obj = self.cached(kind, name)
-        return obj if obj is not None and belongs(obj, self.uid(workspace)) else None
+        return obj if obj is not None and belongs(obj, self.uid(workspace), self.created(workspace)) else None
 
     def snapshots(self, workspace: str) -> list[Obj]:
         """The workspace's snapshots: labelled for it, its own (or without owners), and taken of its own home.
@@ -140,10 +146,10 @@ class ClusterView:
         Labels and owners are what the creator wrote; the source is what was copied. A snapshot of another home
         labelled (and even owned) as this workspace's would be restored into it, and mounted in its pod."""
         informer = self.informers.get(SNAPSHOT)
-        uid = self.uid(workspace)
+        uid, since = self.uid(workspace), self.created(workspace)
         home = pvc_name(workspace)
         return [s for s in (informer.values() if informer else [])
-                if (s["metadata"].get("labels") or {}).get(WORKSPACE_LABEL) == workspace and belongs(s, uid)
+                if (s["metadata"].get("labels") or {}).get(WORKSPACE_LABEL) == workspace and belongs(s, uid, since)
                 and ((s.get("spec") or {}).get("source") or {}).get("persistentVolumeClaimName") == home]
 
     def workspace(self, workspace: str) -> Obj | None:
