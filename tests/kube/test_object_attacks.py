@@ -11,6 +11,7 @@ import asyncio
 import pytest
 
 from gateway.auth.identity import Identity
+from gateway.auth.store import SHARE_PREFIX, token_hash
 from gateway.lifecycle import Phase, WorkspaceSpec
 from tests.kube.emulator import PVC, SHARE_LINK, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet
@@ -102,3 +103,31 @@ async def test_a_home_made_before_owners_is_not_inherited_by_the_next_owner_of_i
     pvc = emu.get_object(PVC, NS, "ws-w1-home")
     assert pvc is not None
     assert pvc["metadata"]["uid"] != legacy["metadata"]["uid"]  # a new, empty home: not Alice's
+
+
+async def test_a_link_made_before_owners_does_not_open_the_next_workspace_of_its_name(
+        kube: KubeEnv, replica: MakeReplica) -> None:
+    """A ShareLink from before links had owners names only its workspace: nothing deletes it with the workspace.
+    Once Alice's w1 is gone and Mallory has made a w1 of her own, Alice's old link must not open it."""
+    emu = kube.emulator
+    a = await replica("gw-a")
+    token = SHARE_PREFIX + "x" * 40
+    emu.create_object(SHARE_LINK, {
+        "metadata": {"name": "legacylink01", "labels": {"app.kubernetes.io/managed-by": "codehub-gateway",
+                                                        "codehub.dev/workspace": "w1"}},
+        "spec": {"workspace": "w1", "audience": "anyone", "createdBy": "alice", "port": 8000,
+                 "expires": "2099-01-01T00:00:00.000000Z", "tokenHash": token_hash(token)}}, NS)
+    await until(lambda: "legacylink01" in store(a).shares)
+    assert (await open_share(a, token))[0] == 303  # Alice's w1: her link opens it
+
+    await gateway(a).runtime.delete("w1")
+    await emu.wait_gone(WORKSPACE, NS, "w1")
+    assert emu.get_object(SHARE_LINK, NS, "legacylink01") is not None  # it named no owner: nothing deleted it
+    await asyncio.sleep(1.1)  # creation times are in seconds: Mallory's w1 is made in a later one
+    _, mallory = await store(a).create_api_token(Identity("mallory"), name="t")
+    status, _ = await api(a, "POST", "/api/v1/workspaces", mallory, {"id": "w1", "ports": {"8000": "private"}})
+    assert status == 201
+
+    assert (await open_share(a, token))[0] != 303
+    status, listed = await api(a, "GET", "/api/v1/workspaces/w1/shares", mallory)
+    assert [shown["id"] for shown in listed["shares"]] == []

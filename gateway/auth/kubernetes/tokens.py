@@ -55,6 +55,7 @@ from gateway.lifecycle.kubernetes.client import (
 from gateway.lifecycle.kubernetes.informer import Informers
 from gateway.lifecycle.kubernetes.objects import (
     Usage,
+    belongs,
     make_api_token,
     make_share_link,
     parse_api_token,
@@ -128,7 +129,7 @@ class KubeTokenStore:
         self.informers = informers
         self._shares: dict[str, ShareLink] = {}
         self._share_index: dict[str, ShareLink] = {}  # token hash -> link
-        self._link_owners: dict[str, frozenset[str]] = {}  # link id -> uids of the Workspaces it points at
+        self._link_meta: dict[str, Obj] = {}  # link id -> the object's owners and creation time
         self._by_workspace = LinksByWorkspace()
         self._tokens: dict[str, ApiToken] = {}
         self._token_index: dict[str, ApiToken] = {}
@@ -202,13 +203,14 @@ class KubeTokenStore:
         ``kubectl delete workspace`` deletes in the background: the garbage collector deletes the links a moment
         later (or much later on a busy cluster), and a Workspace made under the free name meanwhile by someone else
         must not be opened by them, list them, nor count them. A link pointing at no Workspace (made before links
-        had owners) is taken for the one of its name, as ``objects.belongs`` takes pods and volumes."""
-        owners = self._link_owners.get(link.id)
+        had owners, so nothing ever deletes it) is taken for the one of its name if made no earlier than it, as
+        ``objects.belongs`` takes pods and volumes."""
         workspaces = self.informers.get(WORKSPACE)
-        if not owners or workspaces is None:
-            return True
-        holder = workspaces.get(link.workspace)
-        return holder is not None and str((holder.get("metadata") or {}).get("uid") or "") in owners
+        holder = workspaces.get(link.workspace) if workspaces is not None else None
+        if holder is None:
+            return workspaces is None  # no Workspace of its name: nothing to open, list or count
+        meta = holder.get("metadata") or {}
+        return belongs(self._link_meta.get(link.id, {}), str(meta.get("uid") or ""), meta.get("creationTimestamp"))
 
     def find_share(self, token: str) -> ShareLink | None:
         link = self._share_index.get(token_hash(token)) if token.startswith(SHARE_PREFIX) else None
@@ -368,16 +370,18 @@ class KubeTokenStore:
         obj = self._current(kind, name)
         if kind is SHARE_LINK:
             old_link = self._shares.pop(name, None)
-            self._link_owners.pop(name, None)
+            self._link_meta.pop(name, None)
             if old_link is not None:
                 self._share_index.pop(old_link.token_hash, None)
                 self._by_workspace.discard(old_link)
             link = parse_share_link(obj) if obj is not None else None
             if link is None or obj is None:
                 return
-            self._link_owners[name] = frozenset(
-                str(ref.get("uid")) for ref in (obj.get("metadata") or {}).get("ownerReferences") or []
-                if isinstance(ref, dict) and ref.get("kind") == WORKSPACE.kind)
+            meta = obj.get("metadata") or {}
+            self._link_meta[name] = {"metadata": {
+                "ownerReferences": [ref for ref in meta.get("ownerReferences") or []
+                                    if isinstance(ref, dict) and ref.get("kind") == WORKSPACE.kind],
+                "creationTimestamp": meta.get("creationTimestamp")}}
             if link.revoked is not None:
                 self._revoked.pop(name, None)
             else:
