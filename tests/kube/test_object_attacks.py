@@ -7,13 +7,14 @@ VolumeSnapshots, ShareLinks) and through names reused while the cluster still ho
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from gateway.auth.identity import Identity
 from gateway.auth.store import API_PREFIX, SHARE_PREFIX, token_hash
-from gateway.lifecycle import Phase, WorkspaceSpec
-from tests.kube.emulator import API_TOKEN, PVC, SHARE_LINK, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv
+from gateway.lifecycle import LifecycleError, Phase, WorkspaceSpec
+from tests.kube.emulator import API_TOKEN, POD, PVC, SHARE_LINK, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import NS, MakeRuntime, new_workspace, until
 from tests.kube.test_token_store import MakeReplica, alice_token, api, gateway, open_share, replica, store
@@ -79,30 +80,60 @@ async def test_a_snapshot_of_another_workspaces_home_is_never_restored_into_this
     assert "dataSource" not in pvc["spec"]  # a new, empty home: not a copy of Alice's
 
 
-async def test_a_home_made_before_owners_is_not_inherited_by_the_next_owner_of_its_name(
-        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
-    """Alice's w1 dates from before the gateway set ownerReferences (an upgraded cluster): its home PVC points at
-    no Workspace, so deleting w1 (through the gateway, in the foreground) leaves it to nobody: the garbage
-    collector deletes only what names an owner. Bob then makes a workspace of the free name. His pod must not
-    mount Alice's home: objects without owners are taken for a Workspace's only if made after it."""
+def legacy_home(kube: KubeEnv) -> dict[str, Any]:
+    """Alice's w1 and its home from before the gateway set ownerReferences (an upgraded cluster)."""
     emu = kube.emulator
     emu.create_object(WORKSPACE, {"metadata": {"name": "w1"}, "spec": {"owner": "alice"}}, NS)
-    legacy = emu.create_object(PVC, {
+    return emu.create_object(PVC, {
         "metadata": {"name": "ws-w1-home", "labels": {"app.kubernetes.io/managed-by": "codehub-gateway",
                                                       "codehub.dev/workspace": "w1"}},
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}, NS)
+
+
+async def test_deleting_a_workspace_deletes_its_home_made_before_owners(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    """A home PVC from before owners points at no Workspace, so the garbage collector never deletes it: deleting
+    Alice's w1 through the gateway left it, and the next owner of the name (Bob) had it mounted in his pod. The
+    gateway's delete deletes it; Bob gets a new, empty home."""
+    emu = kube.emulator
+    legacy = legacy_home(kube)
     runtime = await make_runtime()
     await until(lambda: runtime.get("w1") is not None)
     await runtime.delete("w1")
     await emu.wait_gone(WORKSPACE, NS, "w1")
-    assert emu.get_object(PVC, NS, "ws-w1-home") is not None  # left behind: it named no owner
-    await asyncio.sleep(1.1)  # creation times are in seconds: Bob's w1 is made in a later one
+    await emu.wait_gone(PVC, NS, "ws-w1-home")
 
     await runtime.create_workspace(WorkspaceSpec(id="w1", owner="bob"))
     assert (await runtime.wake("w1")).phase is Phase.RUNNING
     pvc = emu.get_object(PVC, NS, "ws-w1-home")
     assert pvc is not None
-    assert pvc["metadata"]["uid"] != legacy["metadata"]["uid"]  # a new, empty home: not Alice's
+    assert pvc["metadata"]["uid"] != legacy["metadata"]["uid"]  # not Alice's
+
+
+async def test_a_home_made_before_owners_is_not_mounted_for_the_next_owner_of_its_name(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    """Alice's w1 from before owners is deleted past the gateway (``kubectl delete``): its home stays, and names no
+    owner. Bob makes w1. His wake must neither mount Alice's home (it did) nor delete it (it may be a home an
+    operator moved in before recreating its Workspace): it refuses, saying why, and the volume is left alone."""
+    emu = kube.emulator
+    legacy = legacy_home(kube)
+    runtime = await make_runtime()
+    await until(lambda: runtime.get("w1") is not None)
+    emu.delete_object(WORKSPACE, NS, "w1")  # kubectl delete workspace w1
+    await until(lambda: runtime.get("w1") is None)
+    await asyncio.sleep(1.1)  # creation times are in seconds: Bob's w1 is made in a later one
+
+    await runtime.create_workspace(WorkspaceSpec(id="w1", owner="bob"))
+    state = runtime.get("w1")
+    assert state is not None
+    assert state.phase is Phase.WARM  # a new workspace, not one on Alice's home
+    with pytest.raises(LifecycleError) as refused:
+        await runtime.wake("w1")
+    assert refused.value.code == "workspace-name-in-use"
+    assert emu.get_object(POD, NS, "ws-w1") is None  # nothing mounted it
+    pvc = emu.get_object(PVC, NS, "ws-w1-home")
+    assert pvc is not None
+    assert pvc["metadata"]["uid"] == legacy["metadata"]["uid"]  # nor deleted it
 
 
 async def test_a_link_made_before_owners_does_not_open_the_next_workspace_of_its_name(

@@ -50,6 +50,7 @@ from gateway.lifecycle.kubernetes.objects import (
     make_pvc,
     make_snapshot,
     make_workspace,
+    owners,
     parse_time,
     parse_workspace,
     pod_name,
@@ -302,11 +303,19 @@ class KubernetesRuntime(Runtime):
             await self.view.gone(ws.id, PVC, pvc, deadline)
 
     async def _remove_foreign(self, ws: WorkspaceResource, kind: Resource, name: str, deadline: float) -> None:
-        """A pod or PVC under our name but owned by a deleted namesake goes first (GC may not have got to it, and
-        never gets to one made before owners were set)."""
+        """A pod or PVC under our name but owned by a deleted namesake goes first (GC may not have got to it).
+
+        One that names no owner and is older than this Workspace (made before owners were set, and left when its
+        Workspace was deleted past the gateway) is neither mounted nor deleted: it may be a home an operator
+        moved here before recreating its Workspace, and only they can tell whose it is."""
         found = self.view.cached(kind, name)
         if found is None or belongs(found, ws.uid, self.view.created(ws.id)):
             return
+        if not owners(found):
+            raise LifecycleError(f"Workspace {ws.id} cannot start: the {kind.kind} {name} is older than it and names "
+                                 "no owner (an earlier workspace's of this name, from before owners were set). An "
+                                 "operator deletes it, or makes this Workspace its owner to keep it.",
+                                 code="workspace-name-in-use")
         log.warning("%s %s belongs to a deleted workspace of the same name; removing it", kind.kind, name)
         uid = str(found["metadata"].get("uid") or "")
         await self._call(lambda c: c.delete(kind, name, uid=uid))
@@ -454,7 +463,15 @@ class KubernetesRuntime(Runtime):
         """
         self.view.resource(workspace)
         uid = self.view.uid(workspace)
+        unowned = self.view.unowned(workspace)  # the garbage collector deletes only what names an owner
         await self._call(lambda c: c.delete(WORKSPACE, workspace, uid=uid or None, foreground=True))
+        for kind, obj in unowned:
+            name, made = str(obj["metadata"]["name"]), str(obj["metadata"].get("uid") or "")
+            try:
+                await self._call(lambda c: c.delete(kind, name, uid=made or None))  # noqa: B023
+            except LifecycleError as exc:
+                log.warning("could not delete %s %s of the deleted workspace %s: %s", kind.kind, name, workspace,
+                            exc.message)
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
         with contextlib.suppress(LifecycleError):  # the watch lags: the deletion stands all the same
             await self.view.wait(workspace, lambda: True if self.view.workspace(workspace) is None else None,

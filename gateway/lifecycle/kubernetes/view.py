@@ -35,6 +35,7 @@ from gateway.lifecycle.kubernetes.objects import (
     WORKSPACE_LABEL,
     WorkspaceResource,
     belongs,
+    owners,
     parse_workspace,
     pod_name,
     pvc_name,
@@ -139,6 +140,14 @@ class ClusterView:
         made before owners were set, the wake that finds it)."""
         obj = self.cached(kind, name)
         return obj if obj is not None and belongs(obj, self.uid(workspace), self.created(workspace)) else None
+
+    def unowned(self, workspace: str) -> list[tuple[Resource, Obj]]:
+        """The workspace's pod, home and snapshots that name no owner (made before owners were set): deleting the
+        Workspace does not delete them, so deleting the workspace must."""
+        found = [(kind, self.owned(kind, name, workspace)) for kind, name in
+                 ((POD, pod_name(workspace)), (PVC, pvc_name(workspace)))]
+        found += [(SNAPSHOT, snapshot) for snapshot in self.snapshots(workspace)]
+        return [(kind, obj) for kind, obj in found if obj is not None and not owners(obj)]
 
     def snapshots(self, workspace: str) -> list[Obj]:
         """The workspace's snapshots: labelled for it, its own (or without owners), and taken of its own home.
