@@ -14,9 +14,9 @@ import pytest
 from gateway.auth.identity import Identity
 from gateway.auth.store import API_PREFIX, SHARE_PREFIX, token_hash
 from gateway.lifecycle import LifecycleError, Phase, WorkspaceSpec
-from tests.kube.emulator import API_TOKEN, POD, PVC, SHARE_LINK, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv
+from tests.kube.emulator import API_TOKEN, POD, PVC, SHARE_LINK, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet
-from tests.kube.support import NS, MakeRuntime, new_workspace, until
+from tests.kube.support import NS, MakeRuntime, until
 from tests.kube.test_token_store import MakeReplica, alice_token, api, gateway, open_share, replica, store
 
 pytestmark = pytest.mark.timeout(60)
@@ -50,34 +50,6 @@ async def test_a_deleted_namesakes_share_link_does_not_open_the_new_workspace(
     status, listed = await api(a, "GET", "/api/v1/workspaces/w1/shares", mallory)
     assert status == 200
     assert [shown["id"] for shown in listed["shares"]] == []
-
-
-async def test_a_snapshot_of_another_workspaces_home_is_never_restored_into_this_one(
-        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
-    """Someone who may create VolumeSnapshots in the namespace (a custom resource; a platform engineer's slip, or
-    a workspace whose RBAC lets it) snapshots Alice's home (w2) and labels the snapshot as their own workspace's
-    (w1), even pointing it at w1 by uid. Waking w1 must not restore Alice's home into it: the gateway would be the
-    one to turn a snapshot into a volume and mount it in w1's pod, which its owner controls."""
-    emu = kube.emulator
-    runtime = await make_runtime()
-    await new_workspace(runtime, "w2")
-    assert (await runtime.wake("w2")).phase is Phase.RUNNING  # Alice's home, ws-w2-home, exists
-    await new_workspace(runtime, "w1")  # the attacker's, never started: no home yet
-    w1 = emu.get_object(WORKSPACE, NS, "w1")
-    assert w1 is not None
-    owner = [{"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "name": "w1",
-              "uid": w1["metadata"]["uid"], "controller": True}]
-    emu.create_object(VOLUME_SNAPSHOT, {
-        "metadata": {"name": "ws-w1-home-20990101000000", "ownerReferences": owner,
-                     "labels": {"app.kubernetes.io/managed-by": "codehub-gateway", "codehub.dev/workspace": "w1"}},
-        "spec": {"source": {"persistentVolumeClaimName": "ws-w2-home"}}}, NS)  # Alice's home
-    await emu.wait_for(VOLUME_SNAPSHOT, NS, "ws-w1-home-20990101000000",
-                       lambda s: bool(s.get("status", {}).get("readyToUse")))
-
-    assert (await runtime.wake("w1")).phase is Phase.RUNNING
-    pvc = emu.get_object(PVC, NS, "ws-w1-home")
-    assert pvc is not None
-    assert "dataSource" not in pvc["spec"]  # a new, empty home: not a copy of Alice's
 
 
 def legacy_home(kube: KubeEnv) -> dict[str, Any]:

@@ -69,6 +69,8 @@ from gateway.lifecycle.kubernetes.objects import (
 log = logging.getLogger(__name__)
 P = TypeVar("P")
 Obj = dict[str, Any]
+
+
 class _CurrentLinks(Mapping[str, ShareLink]):
     """The links by id, without those of an earlier workspace of the same name (see ``KubeTokenStore.current``)."""
 

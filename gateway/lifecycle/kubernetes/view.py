@@ -150,16 +150,15 @@ class ClusterView:
         return [(kind, obj) for kind, obj in found if obj is not None and not owners(obj)]
 
     def snapshots(self, workspace: str) -> list[Obj]:
-        """The workspace's snapshots: labelled for it, its own (or without owners), and taken of its own home.
+        """The workspace's snapshots: labelled for it, and its own (or, without owners, made no earlier than it).
 
-        Labels and owners are what the creator wrote; the source is what was copied. A snapshot of another home
-        labelled (and even owned) as this workspace's would be restored into it, and mounted in its pod."""
+        Not judged by what they were taken of: a snapshot moved from another namespace (the 0.1 upgrade: its
+        VolumeSnapshotContent bound again) names no claim at all, and whoever may create VolumeSnapshots here may
+        make one of any content (README, "Limits")."""
         informer = self.informers.get(SNAPSHOT)
         uid, since = self.uid(workspace), self.created(workspace)
-        home = pvc_name(workspace)
         return [s for s in (informer.values() if informer else [])
-                if (s["metadata"].get("labels") or {}).get(WORKSPACE_LABEL) == workspace and belongs(s, uid, since)
-                and ((s.get("spec") or {}).get("source") or {}).get("persistentVolumeClaimName") == home]
+                if (s["metadata"].get("labels") or {}).get(WORKSPACE_LABEL) == workspace and belongs(s, uid, since)]
 
     def workspace(self, workspace: str) -> Obj | None:
         """The Workspace object, unless it is being deleted (then it is gone for routing, links and wakes)."""
