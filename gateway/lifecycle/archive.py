@@ -3,20 +3,23 @@
 Ordering is what makes every interruption recoverable from the files alone:
 archive: write ``X.tmp`` → fsync → rename to ``X`` → verify → rename home to ``home.removing`` → delete it;
 restore: extract into ``home.restoring`` → check the gzip CRC → sync → rename to ``home`` → delete the archive.
-So ``home`` next to an archive is always complete, ``home.removing`` only exists once the archive is verified,
-and ``home.restoring`` is never trusted.
+So ``home`` next to an archive is always complete, ``home.removing`` only exists once the archive is verified
+(and is left over, next to the home restored from that archive, when a process still running in it kept it from
+being deleted), and ``home.restoring`` is never trusted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import shutil
 import stat
 import tarfile
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 _FILTERS = hasattr(tarfile, "fully_trusted_filter")
 """Extraction filters came with Python 3.11.4 (and 3.12 warns without one); Debian 12's python3 is 3.11.2, whose
 ``extractall`` does what the filter ``fully_trusted`` names. The archive is the gateway's own, written from the
@@ -68,6 +71,18 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def _discard(path: Path) -> None:
+    """Delete what is left of a home that is whole elsewhere (in its archive, or restored from it), or say why not.
+
+    A process its workspace's stop did not find (one that left its process group and its environment) can go on
+    adding files to the folder being deleted, so the deletion may fail: that loses nothing, and must neither fail
+    the archive that made it safe nor the next start, which tries again."""
+    try:
+        _remove_tree(path)
+    except OSError as exc:
+        log.warning("could not delete %s, whose files are safe elsewhere; the next start tries again: %s", path, exc)
+
+
 def _let_me_write(folder: str | Path) -> None:
     """Add the user's own rights to a folder's mode; never through a link, which may lead out of the home."""
     with contextlib.suppress(OSError):
@@ -90,6 +105,7 @@ def _read_to_end(tar: tarfile.TarFile) -> None:
 def archive_home(home: Path, archive: Path) -> None:
     """Write ``home`` to ``archive`` atomically and verify it; then, and only then, remove ``home``."""
     tmp = archive.with_name(archive.name + ".tmp")
+    removing = home.with_name(home.name + ".removing")
     written = 0
 
     def count(member: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -98,6 +114,7 @@ def archive_home(home: Path, archive: Path) -> None:
         return member
 
     try:
+        _discard(removing)  # what an earlier deletion left: the home next to it was restored from its archive
         archive.parent.mkdir(parents=True, exist_ok=True)
         with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
             tar.add(home, arcname=".", recursive=True, filter=count)
@@ -109,9 +126,12 @@ def archive_home(home: Path, archive: Path) -> None:
         with contextlib.suppress(OSError):  # e.g. the archives folder itself is missing or not a folder
             tmp.unlink(missing_ok=True)
         raise ArchiveError(f"archiving {home.name} failed: {exc}") from exc
-    removing = home.with_name(home.name + ".removing")
-    os.replace(home, removing)
-    _remove_tree(removing)
+    try:
+        os.replace(home, removing)
+    except OSError as exc:  # a leftover ``removing`` that could not be deleted: the home stays, its archive goes
+        archive.unlink(missing_ok=True)
+        raise ArchiveError(f"archiving {home.name} failed: {removing.name} is in the way: {exc}") from exc
+    _discard(removing)
 
 
 def verify_archive(archive: Path, expected_entries: int | None = None) -> int:
@@ -170,8 +190,8 @@ def recover(home: Path, archive: Path) -> None:
     with contextlib.suppress(OSError):
         _remove_tree(restoring)
     if removing.exists():
-        if archive.exists():
-            _remove_tree(removing)
+        if archive.exists() or home.exists():  # the home is whole in its archive, or was restored from it
+            _discard(removing)
         else:
             os.replace(removing, home)
     if home.exists() and archive.exists():

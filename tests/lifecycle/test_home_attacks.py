@@ -1,0 +1,111 @@
+"""What a workspace owner can do to the gateway's own handling of their home (archive, restore, the next start)
+with what they control: every file in the home and every process the workspace runs.
+
+Each test drives the local runtime against a real home and real processes in ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.lifecycle import Phase
+from gateway.lifecycle.local import LocalRuntime
+from tests.conftest import next_address, settings
+from tests.lifecycle.conftest import fill_home, snapshot
+
+pytestmark = pytest.mark.timeout(120)
+
+ESCAPEE = """\
+import os, sys, time
+with open(sys.argv[1] + ".tmp", "w") as handle:
+    handle.write(str(os.getpid()))
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:  # until the home it runs in has been archived and is being deleted
+    try:
+        if os.getcwd().endswith("home.removing"):
+            break
+    except OSError:
+        sys.exit()
+    time.sleep(0.001)
+end, count = time.monotonic() + 3, 0
+while time.monotonic() < end:  # files keep appearing in the folder the gateway deletes
+    try:
+        open(f"junk{count}", "w").close()
+    except OSError:
+        break
+    count += 1
+"""
+"""A workspace process that left its process group and its environment (``setsid env -i``), which the README says
+a stop does not find, and that writes into its folder once the gateway is deleting it."""
+
+
+@contextlib.contextmanager
+def killed_at_the_end(pid_file: Path) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+async def _pid(pid_file: Path) -> int:
+    async with asyncio.timeout(10):
+        while not await asyncio.to_thread(pid_file.exists):  # noqa: ASYNC110 - the escaped process writes it
+            await asyncio.sleep(0.02)
+    return int(await asyncio.to_thread(pid_file.read_text))
+
+
+async def test_a_process_writing_into_the_home_being_deleted_neither_fails_the_archive_nor_the_next_start(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A home is renamed ``home.removing`` once its archive is verified, then deleted. A process left running in it
+    that keeps adding files makes the deletion fail: that failed the archive with a traceback, although the home was
+    safe in its archive; and the leftover, next to the home restored at the next wake, stopped the next gateway
+    from starting at all (``recover`` put it back over the restored home: ``Directory not empty``)."""
+    pid_file, script = tmp_path / "escapee.pid", tmp_path / "escapee.py"
+    script.write_text(ESCAPEE)
+    command = ["sh", "-c", f'setsid env -i "{sys.executable}" "{script}" "{pid_file}" & exec sleep 600']
+    config = settings(tmp_path, {"ws": {"owner": "alice", "command": command, "address": next_address()}})
+    home = tmp_path / "state" / "workspaces" / "ws" / "home"
+    fill_home(home, big=1 << 20, small_files=2000)
+    before = snapshot(home)
+    caplog.set_level(logging.WARNING)
+    with killed_at_the_end(pid_file):
+        runtime = LocalRuntime(config.local, stop_timeout=2)
+        await runtime.start()
+        try:
+            assert (await runtime.wake("ws")).phase is Phase.RUNNING
+            escapee = await _pid(pid_file)
+
+            state = await runtime.archive("ws")
+
+            assert state.phase is Phase.COLD, state
+            assert state.message == ""
+            os.kill(escapee, 0)  # it is still there (the README's limit), and still writing
+            assert (await runtime.wake("ws")).phase is Phase.RUNNING
+            assert {name: entry for name, entry in snapshot(home).items() if name != "home.removing"} == before
+            await runtime.stop("ws")
+        finally:
+            await runtime.close()
+        with contextlib.suppress(OSError):
+            os.kill(escapee, signal.SIGKILL)
+
+        restarted = LocalRuntime(config.local)
+        await restarted.start()  # the next gateway starts
+        try:
+            assert (await restarted.status("ws")).phase is Phase.WARM
+            assert snapshot(home) == before
+            assert not home.with_name("home.removing").exists()
+        finally:
+            await restarted.close()
+    assert "Traceback" not in caplog.text
+    assert not [record for record in caplog.records if record.exc_info]
