@@ -18,6 +18,10 @@ import shutil
 import stat
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from _typeshed import StrOrBytesPath
 
 log = logging.getLogger(__name__)
 _FILTERS = hasattr(tarfile, "fully_trusted_filter")
@@ -154,6 +158,40 @@ def verify_archive(archive: Path, expected_entries: int | None = None) -> int:
     return entries
 
 
+_HOLE = 64 << 10
+"""Bytes of zeros a restore skips over at once instead of writing them (a multiple of any file system's block)."""
+
+
+class _HomeTar(tarfile.TarFile):
+    """A home's archive, whose files are written back with their holes.
+
+    A file of holes (``truncate -s 10T``, a VM image, a preallocated database) takes no room in a home, and the
+    archive holds its zeros as compressed data; written out as zeros, a home that took a megabyte came back taking
+    ten terabytes, or did not come back at all once the disk was full, and it filled everyone's disk meanwhile.
+    Runs of zeros are skipped with a seek instead, and the file's length set at the end."""
+
+    def makefile(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
+        if tarinfo.sparse is not None:  # a sparse member (not of our writing) says where its holes are
+            super().makefile(tarinfo, targetpath)
+            return
+        source = self.fileobj
+        assert source is not None
+        source.seek(tarinfo.offset_data)
+        zeros = bytes(_HOLE)
+        left = tarinfo.size
+        with open(targetpath, "wb") as target:
+            while left > 0:
+                chunk = source.read(min(_HOLE, left))
+                if not chunk:
+                    raise tarfile.ReadError("unexpected end of data")
+                if chunk == zeros[:len(chunk)]:
+                    target.seek(len(chunk), os.SEEK_CUR)
+                else:
+                    target.write(chunk)
+                left -= len(chunk)
+            target.truncate()  # the length, when the file ends in a hole
+
+
 def extract(tar: tarfile.TarFile, into: Path) -> None:
     """Every member of one of the gateway's own archives, as it was archived."""
     if _FILTERS:
@@ -168,7 +206,7 @@ def restore_home(archive: Path, home: Path) -> None:
     try:
         _remove_tree(restoring)  # what a restore cut short left
         restoring.mkdir(parents=True)
-        with tarfile.open(archive, "r:gz") as tar:
+        with _HomeTar.open(archive, "r:gz") as tar:
             extract(tar, restoring)
             _read_to_end(tar)
         _sync_filesystem(restoring)

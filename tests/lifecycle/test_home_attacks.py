@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,3 +111,48 @@ async def test_a_process_writing_into_the_home_being_deleted_neither_fails_the_a
             await restarted.close()
     assert "Traceback" not in caplog.text
     assert not [record for record in caplog.records if record.exc_info]
+
+
+SPARSE_ROUND_TRIP = """\
+import os, sys
+from pathlib import Path
+from gateway.lifecycle.archive import ArchiveError, archive_home, restore_home
+folder = Path(sys.argv[1])
+home, archive = folder / "workspaces" / "ws" / "home", folder / "archives" / "ws.tar.gz"
+home.mkdir(parents=True)
+(home / "notes.txt").write_text("the owner's work")
+with open(home / "disk.img", "wb") as image:  # a VM image, a database's preallocated file: mostly holes
+    image.write(b"boot")
+    image.seek(256 << 20)
+    image.write(b"end")
+    image.truncate(384 << 20)
+archive_home(home, archive)
+try:
+    restore_home(archive, home)
+except ArchiveError as exc:
+    sys.exit(f"not restored: {exc}")
+used = os.stat(home / "disk.img").st_blocks * 512
+image = (home / "disk.img").read_bytes()
+assert len(image) == 384 << 20 and image[:4] == b"boot" and image[256 << 20:(256 << 20) + 3] == b"end", "changed"
+assert image.count(0) == len(image) - 7, "changed"
+print(used)
+"""
+
+
+def test_a_sparse_file_comes_back_as_sparse_as_it_was(tmp_path: Path) -> None:
+    """A file of holes (``truncate -s``, a VM image, a database's preallocation) takes no room in a home. Restore
+    wrote every hole out as zeros: a home that fit in 16 MiB needed 384 MiB to come back, so on a disk with less
+    room left the restore failed and the workspace stayed COLD for good, and on one with more room it took the
+    room of everyone else's homes (an owner's ``truncate -s 10T`` filled the gateway's disk at the next wake).
+    The home and its archive live here on a real 16 MiB tmpfs of the test's own mount namespace."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    unshare = shutil.which("unshare")
+    assert unshare is not None, "util-linux's unshare is part of the base system"
+    script = f'mount -t tmpfs -o size=16m codehub-small "{folder}" && exec "$0" "$@"'
+    result = subprocess.run([unshare, "--mount", "--propagation", "private", "sh", "-c", script,
+                             sys.executable, "-c", SPARSE_ROUND_TRIP, str(folder)],
+                            capture_output=True, text=True, timeout=110, check=False,
+                            cwd=Path(__file__).parents[2])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout) < 1 << 20  # the holes are holes again
