@@ -11,7 +11,10 @@ being deleted), and ``home.restoring`` is never trusted.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
+import errno
+import io
 import logging
 import os
 import shutil
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from _typeshed import StrOrBytesPath
+    from _typeshed import StrOrBytesPath, SupportsRead, WriteableBuffer
 
 log = logging.getLogger(__name__)
 _FILTERS = hasattr(tarfile, "fully_trusted_filter")
@@ -95,6 +98,95 @@ def _let_me_write(folder: str | Path) -> None:
             os.chmod(folder, stat.S_IMODE(mode) | stat.S_IRWXU)
 
 
+_MOST_PIECES = 100_000
+"""Pieces of data a file with holes is stored as at most; one with more is stored whole (its map would be larger
+than what its holes save, and is held in memory)."""
+_LARGEST_STORED = 0o77777777777
+"""Bytes a member's header holds the stored size of; tarfile would move a larger one to a PAX ``size``, which its
+reader applies to a sparse file's real size instead."""
+
+
+def _pieces(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """Where a file's data lies, as (offset, length), when it has holes worth skipping; else None."""
+    pieces: list[tuple[int, int]] = []
+    stored = offset = 0
+    position = os.lseek(fd, 0, os.SEEK_CUR)  # where a file stored whole is read from
+    try:
+        while offset < size and len(pieces) <= _MOST_PIECES:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # nothing but a hole to the end
+                    break
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            if start >= end:
+                break
+            pieces.append((start, end - start))
+            stored += end - start
+            offset = end
+    except OSError:  # a file system that cannot say where its holes are
+        return None
+    finally:
+        os.lseek(fd, position, os.SEEK_SET)
+    if stored >= size or len(pieces) > _MOST_PIECES or stored > _LARGEST_STORED - (1 << 20):
+        return None
+    return pieces
+
+
+class _Pieces(io.RawIOBase):
+    """The data of a GNU sparse 1.0 member: its map (piece count, then offset and length of each, a line each,
+    padded to a block), then each piece's bytes, read from the file as the archive is written."""
+
+    def __init__(self, fd: int, pieces: list[tuple[int, int]]) -> None:
+        super().__init__()
+        lines = [len(pieces), *(number for piece in pieces for number in piece)]
+        head = "".join(f"{number}\n" for number in lines).encode()
+        self._head = memoryview(head + tarfile.NUL * (-len(head) % tarfile.BLOCKSIZE))
+        self.size = len(self._head) + sum(length for _, length in pieces)
+        self._fd, self._pieces, self._at = fd, iter(pieces), (0, 0)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._head:
+            count = min(len(view), len(self._head))
+            view[:count], self._head = self._head[:count], self._head[count:]
+            return count
+        offset, left = self._at
+        while left == 0:
+            offset, left = next(self._pieces, (0, -1))
+            if left < 0:
+                return 0
+        data = os.pread(self._fd, min(len(view), left), offset)  # a file cut short meanwhile: tarfile says so
+        view[:len(data)] = data
+        self._at = (offset + len(data), left - len(data))
+        return len(data)
+
+
+class _HomeTarWriter(tarfile.TarFile):
+    """A home's archive being written, whose files with holes are stored without them (GNU sparse 1.0, which
+    tarfile reads): an owner's ``truncate -s 1T`` took hours of a CPU to archive, and the workspace's lock and one
+    of the gateway's few file threads with it, to store a gigabyte of compressed zeros."""
+
+    def addfile(self, tarinfo: tarfile.TarInfo, fileobj: SupportsRead[bytes] | None = None) -> None:
+        if not isinstance(fileobj, io.BufferedReader) or not tarinfo.isreg():  # not a home's file as ``add`` opens it
+            super().addfile(tarinfo, fileobj)
+            return
+        pieces = _pieces(fileobj.fileno(), tarinfo.size)
+        if pieces is None:
+            super().addfile(tarinfo, fileobj)
+            return
+        data = _Pieces(fileobj.fileno(), pieces)
+        sparse = copy.copy(tarinfo)
+        sparse.size = data.size
+        sparse.pax_headers = {**tarinfo.pax_headers, "GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                              "GNU.sparse.name": tarinfo.name, "GNU.sparse.realsize": str(tarinfo.size)}
+        super().addfile(sparse, io.BufferedReader(data))
+
+
 def _read_to_end(tar: tarfile.TarFile) -> None:
     """Read the compressed stream to its very end, so gzip checks its CRC and length trailer.
 
@@ -120,7 +212,7 @@ def archive_home(home: Path, archive: Path) -> None:
     try:
         _discard(removing)  # what an earlier deletion left: the home next to it was restored from its archive
         archive.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+        with _HomeTarWriter.open(tmp, "w:gz", compresslevel=6) as tar:
             tar.add(home, arcname=".", recursive=True, filter=count)
         _fsync_path(tmp)
         os.replace(tmp, archive)
@@ -144,7 +236,7 @@ def verify_archive(archive: Path, expected_entries: int | None = None) -> int:
         with tarfile.open(archive, "r:gz") as tar:
             entries = 0
             for member in tar:
-                if member.isfile():
+                if member.isfile() and not member.issparse():  # its holes would be read as zeros
                     source = tar.extractfile(member)
                     assert source is not None
                     while source.read(1 << 20):

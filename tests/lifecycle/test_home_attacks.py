@@ -156,3 +156,54 @@ def test_a_sparse_file_comes_back_as_sparse_as_it_was(tmp_path: Path) -> None:
                             cwd=Path(__file__).parents[2])
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout) < 1 << 20  # the holes are holes again
+
+
+HOLES_ROUND_TRIP = """\
+import hashlib, os, sys
+from pathlib import Path
+from gateway.lifecycle.archive import archive_home, restore_home
+folder = Path(sys.argv[1])
+home, archive = folder / "workspaces" / "ws" / "home", folder / "archives" / "ws.tar.gz"
+home.mkdir(parents=True)
+pieces = {0: b"head", 5 << 30: os.urandom(3 << 20), (64 << 30) - 5: b"tail!"}
+with open(home / "disk.img", "wb") as image:
+    for offset, data in pieces.items():
+        image.seek(offset)
+        image.write(data)
+with open(home / "empty.img", "wb") as image:
+    image.truncate(1 << 40)
+(home / "plain.txt").write_bytes(os.urandom(100_000))
+plain = hashlib.sha256((home / "plain.txt").read_bytes()).hexdigest()
+archive_home(home, archive)
+print(archive.stat().st_size, flush=True)
+restore_home(archive, home)
+with open(home / "disk.img", "rb") as image:
+    assert os.fstat(image.fileno()).st_size == 64 << 30
+    for offset, data in pieces.items():
+        image.seek(offset)
+        assert image.read(len(data)) == data, offset
+    image.seek(1 << 30)
+    assert image.read(1 << 20) == bytes(1 << 20)
+assert (home / "empty.img").stat().st_size == 1 << 40
+assert hashlib.sha256((home / "plain.txt").read_bytes()).hexdigest() == plain
+print(sum((home / name).stat().st_blocks * 512 for name in ("disk.img", "empty.img")))
+"""
+
+
+def test_archiving_a_file_of_holes_takes_the_time_of_its_data(tmp_path: Path) -> None:
+    """An owner's ``truncate -s 1T`` costs them nothing, but the archive read and compressed every zero of it:
+    hours of a CPU with the workspace's lock held (a wake waits on it), one of the few threads the gateway does
+    its file work in taken (a handful of such homes stall every other workspace's wake), and an archive of a
+    thousandth of the apparent size, written again at every ``idle.to_cold``. The holes are now stored as holes
+    (the GNU sparse format, which tarfile reads), so a 64 GiB image with 3 MiB of data and a 1 TiB file of nothing
+    take a second, and come back exactly."""
+    folder = tmp_path / "holes"
+    try:
+        result = subprocess.run([sys.executable, "-c", HOLES_ROUND_TRIP, str(folder)], capture_output=True,
+                                text=True, timeout=30, check=False, cwd=Path(__file__).parents[2])
+    except subprocess.TimeoutExpired:
+        pytest.fail("archiving 3 MiB of data in files of holes took more than 30 s")
+    assert result.returncode == 0, result.stderr[-2000:]
+    archived, used = map(int, result.stdout.split())
+    assert archived < 4 << 20
+    assert used < 8 << 20
