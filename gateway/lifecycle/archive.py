@@ -20,6 +20,7 @@ import os
 import shutil
 import stat
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -101,6 +102,8 @@ def _let_me_write(folder: str | Path) -> None:
 _MOST_PIECES = 100_000
 """Pieces of data a file with holes is stored as at most; one with more is stored whole (its map would be larger
 than what its holes save, and is held in memory)."""
+_MOST_LINKED = 1_000_000
+"""Files with several names (hard links: pnpm's store, say) whose archived name is kept, some 200 bytes each."""
 _LARGEST_STORED = 0o77777777777
 """Bytes a member's header holds the stored size of; tarfile would move a larger one to a PAX ``size``, which its
 reader applies to a sparse file's real size instead."""
@@ -172,12 +175,13 @@ class _HomeTarWriter(tarfile.TarFile):
     of the gateway's few file threads with it, to store a gigabyte of compressed zeros."""
 
     def addfile(self, tarinfo: tarfile.TarInfo, fileobj: SupportsRead[bytes] | None = None) -> None:
-        if not isinstance(fileobj, io.BufferedReader) or not tarinfo.isreg():  # not a home's file as ``add`` opens it
+        pieces = None
+        if isinstance(fileobj, io.BufferedReader) and tarinfo.isreg():  # a home's file, as ``add`` opens it
+            self._forget_unless_linked(os.fstat(fileobj.fileno()))
+            pieces = _pieces(fileobj.fileno(), tarinfo.size)
+        if not isinstance(fileobj, io.BufferedReader) or pieces is None:
             super().addfile(tarinfo, fileobj)
-            return
-        pieces = _pieces(fileobj.fileno(), tarinfo.size)
-        if pieces is None:
-            super().addfile(tarinfo, fileobj)
+            self.members.clear()  # type: ignore[attr-defined]  # see ``_members``
             return
         data = _Pieces(fileobj.fileno(), pieces)
         sparse = copy.copy(tarinfo)
@@ -185,6 +189,15 @@ class _HomeTarWriter(tarfile.TarFile):
         sparse.pax_headers = {**tarinfo.pax_headers, "GNU.sparse.major": "1", "GNU.sparse.minor": "0",
                               "GNU.sparse.name": tarinfo.name, "GNU.sparse.realsize": str(tarinfo.size)}
         super().addfile(sparse, io.BufferedReader(data))
+        self.members.clear()  # type: ignore[attr-defined]  # see ``_members``
+
+    def _forget_unless_linked(self, info: os.stat_result) -> None:
+        """tarfile remembers every regular file's name by its inode, to store a later name of it as a hard link:
+        only a file with more names than one needs it, and only so many of them (further names of a file it
+        forgot are stored as copies), or a home's millions of files take the gateway's memory."""
+        inodes: dict[tuple[int, int], str] = self.inodes  # type: ignore[attr-defined]  # not in typeshed
+        if info.st_nlink == 1 or len(inodes) > _MOST_LINKED:
+            inodes.pop((info.st_ino, info.st_dev), None)
 
 
 def _read_to_end(tar: tarfile.TarFile) -> None:
@@ -230,12 +243,23 @@ def archive_home(home: Path, archive: Path) -> None:
     _discard(removing)
 
 
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Each member of ``tar`` in turn, which it forgets once read.
+
+    tarfile keeps every member it reads (or writes) in a list, about a kilobyte each, for lookups by name that
+    nothing here makes (a hard link is made from its target's path): an owner's loop of ten million empty files,
+    which cost them inodes only, took the gateway ten gigabytes to archive, verify or restore."""
+    while (member := tar.next()) is not None:
+        tar.members.clear()  # type: ignore[attr-defined]  # not in typeshed
+        yield member
+
+
 def verify_archive(archive: Path, expected_entries: int | None = None) -> int:
     """Read the whole archive, to the gzip CRC at its end; raise unless it is complete and intact."""
     try:
         with tarfile.open(archive, "r:gz") as tar:
             entries = 0
-            for member in tar:
+            for member in _members(tar):
                 if member.isfile() and not member.issparse():  # its holes would be read as zeros
                     source = tar.extractfile(member)
                     assert source is not None
@@ -287,9 +311,9 @@ class _HomeTar(tarfile.TarFile):
 def extract(tar: tarfile.TarFile, into: Path) -> None:
     """Every member of one of the gateway's own archives, as it was archived."""
     if _FILTERS:
-        tar.extractall(into, filter="fully_trusted")
+        tar.extractall(into, _members(tar), filter="fully_trusted")
     else:
-        tar.extractall(into)
+        tar.extractall(into, _members(tar))
 
 
 def restore_home(archive: Path, home: Path) -> None:
