@@ -61,8 +61,8 @@ def seed_settings(path: Path) -> None:
         return  # unreadable: the owner's file stays as it is
     try:
         current = json.loads(text) if text is not None else None
-    except ValueError:
-        return  # comments
+    except (ValueError, RecursionError):
+        return  # comments, or nested deeper than the parser goes: as written, as devcontainer.json's are read
     if not isinstance(current, dict) or SEEDED.keys() <= current.keys():
         return
     merged = {**SEEDED, **current}

@@ -23,6 +23,7 @@ from gateway.lifecycle import Phase
 from gateway.lifecycle.local import LocalRuntime
 from tests.conftest import next_address, settings
 from tests.lifecycle.conftest import fill_home, snapshot
+from tests.lifecycle.test_code_server_settings import fake_code_server, owners_settings, start, started
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -240,3 +241,23 @@ def test_a_home_of_many_empty_files_does_not_take_the_gateways_memory(tmp_path: 
                             text=True, timeout=110, check=False, cwd=Path(__file__).parents[2])
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout) < 16 << 20
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"a": ' * 100_000], ids=["arrays", "objects"])
+async def test_code_servers_settings_nested_too_deep_do_not_keep_the_workspace_from_starting(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, text: str) -> None:
+    """The settings file code-server reads is the owner's (their IDE writes it). Nested deeper than Python's JSON
+    parser goes, it raised RecursionError, which the seeding let through: every wake failed with a traceback in
+    the log, and the owner could not open the IDE they would mend the file with. It is left as written now, as a
+    file with comments is."""
+    owners_settings(tmp_path, text)
+    runtime, home = await start(tmp_path, [str(fake_code_server(tmp_path)), "--user-data-dir", "{home}/.cs",
+                                           "{home}"], seen_at=".cs/User/settings.json")
+    try:
+        assert (await runtime.status("ws")).phase is Phase.RUNNING
+        found, _env = await started(home)
+    finally:
+        await runtime.close()
+    assert found == text
+    assert "Traceback" not in caplog.text
+    assert not [record for record in caplog.records if record.exc_info]
