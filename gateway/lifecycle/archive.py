@@ -217,9 +217,16 @@ def archive_home(home: Path, archive: Path) -> None:
     removing = home.with_name(home.name + ".removing")
     written = 0
 
+    restoring = os.fsencode(home.with_name(home.name + ".restoring"))
+
     def count(member: tarfile.TarInfo) -> tarfile.TarInfo:
         nonlocal written
         written += 1
+        # A restore writes each member as home.restoring/./…, longer than the home/… it was read as: a path that
+        # would not fit there must keep its home out of an archive it could never come back from.
+        if len(restoring) + 1 + len(os.fsencode(member.name)) >= _PATH_MAX:
+            raise OSError(errno.ENAMETOOLONG, "a path in the home is too long to be restored",
+                          member.name.removeprefix("./"))
         return member
 
     try:
@@ -274,6 +281,8 @@ def verify_archive(archive: Path, expected_entries: int | None = None) -> int:
     return entries
 
 
+_PATH_MAX = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 4096
+"""Bytes of a path the kernel takes, its final NUL included (4096 on Linux)."""
 _HOLE = 64 << 10
 """Bytes of zeros a restore skips over at once instead of writing them (a multiple of any file system's block)."""
 

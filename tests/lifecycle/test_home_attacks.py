@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.lifecycle import Phase
+from gateway.lifecycle import LifecycleError, Phase
 from gateway.lifecycle.local import LocalRuntime
 from tests.conftest import next_address, settings
 from tests.lifecycle.conftest import fill_home, snapshot
@@ -283,23 +283,25 @@ def _near_path_max(home: Path, name: str) -> None:
         os.close(fd)
 
 
-@pytest.mark.xfail(strict=True, reason="restore extracts into home.restoring/./…, 12 bytes longer than home/…, "
-                   "through absolute paths; a fix needs a restore folder no longer than the home's name (a change "
-                   "of the names recover() reads) or an extraction relative to a folder descriptor")
-async def test_a_home_with_a_path_near_path_max_comes_back(tmp_path: Path) -> None:
-    """A file whose path in the home is within 12 bytes of PATH_MAX archives (its path is read as home/…) but
-    cannot be restored (it is written as home.restoring/./…: File name too long): every wake fails and the
-    workspace stays COLD for good, its home kept only in an archive the gateway cannot open. Deep folders near the
-    limit are what a build's nested output or a test of path lengths leaves, or an owner's loop."""
+async def test_a_home_with_a_path_too_long_to_restore_is_kept_rather_than_archived(tmp_path: Path) -> None:
+    """A file whose path in the home is within 12 bytes of PATH_MAX archived (its path is read as home/…) but
+    could not be restored (it is written as home.restoring/./…: File name too long): the home was removed, every
+    wake failed and the workspace stayed COLD for good, its home only in an archive the gateway could not open.
+    Such a home is now kept, WARM, with the reason, as on a full disk, and wakes as usual."""
     config = settings(tmp_path, {"ws": {"owner": "alice", "command": ["sleep", "600"], "address": next_address()}})
     home = tmp_path / "state" / "workspaces" / "ws" / "home"
     _near_path_max(home, "d")
+    before = snapshot(home)
     runtime = LocalRuntime(config.local)
     await runtime.start()
     try:
-        assert (await runtime.archive("ws")).phase is Phase.COLD
-        state = await runtime.wake("ws")
-        assert state.phase is Phase.RUNNING, state.message
+        with pytest.raises(LifecycleError, match="too long to be restored"):
+            await runtime.archive("ws")
+        state = await runtime.status("ws")
+        assert state.phase is Phase.WARM
+        assert "too long to be restored" in state.message
+        assert snapshot(home) == before
+        assert list((tmp_path / "state" / "archives").iterdir()) == []
+        assert (await runtime.wake("ws")).phase is Phase.RUNNING
     finally:
         await runtime.close()
-
