@@ -257,6 +257,15 @@ async def test_a_head_of_an_event_stream_has_no_body(served: Served, make_browse
     assert rest.endswith(b'{"status": "ok"}')
 
 
+async def mallory_and_victim(client: TestClient[web.Request, web.Application]) -> dict[str, dict[str, str]]:
+    """Each one's API headers (a token of theirs) by name."""
+    headers = {}
+    for name in ("mallory", "victim"):
+        _record, token = await client.app[GATEWAY].auth.store.create_api_token(Identity(name), name="t")
+        headers[name] = {"Host": "localhost:8080", "Authorization": f"Bearer {token}"}
+    return headers
+
+
 async def test_a_link_asked_for_while_its_workspace_is_deleted_opens_no_namesake(
         kube: KubeEnv, aiohttp_client: Any, tmp_path: Path) -> None:  # noqa: F811
     """Mallory asks for 40 links to anyone for her workspace ``demo`` and deletes it at the same moment. Each link
@@ -267,10 +276,7 @@ async def test_a_link_asked_for_while_its_workspace_is_deleted_opens_no_namesake
     were listed as its links and opened its private ports to anyone holding them, for their week."""
     client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(gateway_config(kube, tmp_path)))
     gateway = client.app[GATEWAY]
-    headers = {}
-    for name in ("mallory", "victim"):
-        _record, token = await gateway.auth.store.create_api_token(Identity(name), name="t")
-        headers[name] = {"Host": "localhost:8080", "Authorization": f"Bearer {token}"}
+    headers = await mallory_and_victim(client)
     made = await client.post("/api/v1/workspaces", json={"id": "demo", "ports": {"3000": "private"}},
                              headers=headers["mallory"])
     assert made.status == 201
@@ -309,10 +315,7 @@ async def test_a_change_checked_before_its_body_came_cannot_land_on_a_namesake(
     was its collaborator (its IDE, as Victim) or made its private port public."""
     client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(gateway_config(kube, tmp_path)))
     gateway = client.app[GATEWAY]
-    headers = {}
-    for name in ("mallory", "victim"):
-        _record, token = await gateway.auth.store.create_api_token(Identity(name), name="t")
-        headers[name] = {"Host": "localhost:8080", "Authorization": f"Bearer {token}"}
+    headers = await mallory_and_victim(client)
     made = await client.post("/api/v1/workspaces", json={"id": "demo"}, headers=headers["mallory"])
     assert made.status == 201
     go_on = asyncio.Event()

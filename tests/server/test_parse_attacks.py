@@ -48,11 +48,7 @@ async def interim_with_chunks(path: str, reader: asyncio.StreamReader, writer: a
 
 def with_status(code: bytes) -> faults.Fault:
     """A proper answer, kept alive, whose status line says ``code``."""
-    async def answer(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 %b Odd\r\nContent-Length: 2\r\n\r\nok" % code)
-        await writer.drain()
-        return True
-    return answer
+    return raw_answer(b"HTTP/1.1 %b Odd\r\nContent-Length: 2\r\n\r\nok" % code)
 
 
 STATUSES_BELOW_100 = ["000", "042", "099"]
@@ -73,11 +69,7 @@ def raw_answer(data: bytes) -> faults.Fault:
 
 
 def setting_cookie(value: bytes) -> faults.Fault:
-    async def answer(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nSet-Cookie: %b\r\nContent-Length: 2\r\n\r\nok" % value)
-        await writer.drain()
-        return True
-    return answer
+    return raw_answer(b"HTTP/1.1 200 OK\r\nSet-Cookie: %b\r\nContent-Length: 2\r\n\r\nok" % value)
 
 
 @pytest.fixture(autouse=True)
