@@ -43,12 +43,12 @@ class _Look:
     data: str
 
 
-_LOOKS = web.AppKey("codehub_hub_looks", dict[tuple[Identity, int, str | None], _Look])
+_Looks = dict[tuple[Identity, int, str | None], _Look]
+_LOOKS = web.AppKey("codehub_hub_looks", _Looks)
 """The last look each person's feeds took at a page, shared by those feeds: see ``_look``."""
 
 
-def _look(gateway: Gateway, looks: dict[tuple[Identity, int, str | None], _Look], identity: Identity,
-          page: tuple[int, str | None]) -> str:
+def _look(gateway: Gateway, looks: _Looks, identity: Identity, page: tuple[int, str | None]) -> str:
     """The page's snapshot as a feed sends it. Feeds of one person and page share a look taken less than
     ``LOOK_EVERY`` ago with no lifecycle event since: else each feed built the whole snapshot twice a second, and a
     dozen feeds of one person (1,000 share links of 10 people: 36 ms a build) kept a worker's loop busy for
