@@ -23,7 +23,9 @@ class Upstream(NamedTuple):
 
     @property
     def origin(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
+        """As a URL names it: an IPv6 address (a pod's, on an IPv6 cluster) in brackets."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
 
     @property
     def origins(self) -> tuple[str, ...]:

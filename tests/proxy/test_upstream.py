@@ -1,4 +1,5 @@
-"""Retrying refused connects (``ConnectGrace``) alone: which failures are worth another try, and for how long."""
+"""Where an upstream is (``Upstream``), and retrying refused connects (``ConnectGrace``) alone: which failures are
+worth another try, and for how long."""
 
 from __future__ import annotations
 
@@ -6,7 +7,23 @@ import errno
 
 import pytest
 
-from gateway.proxy.upstream import ConnectGrace
+from gateway.proxy.headers import rewrite_location
+from gateway.proxy.upstream import ConnectGrace, Upstream
+
+PUBLIC = "http://3000-ws1.localhost:8080"
+
+
+@pytest.mark.parametrize(("host", "tls", "location"), [
+    ("10.0.0.5", False, "http://10.0.0.5:3000/next"),
+    ("fd00::5", False, "http://[fd00::5]:3000/next"),  # a pod's address on an IPv6 cluster
+    ("fd00::5", True, "https://[fd00::5]:3000/next"),
+    ("127.0.0.2", False, "http://localhost:3000/next"),
+])
+def test_a_redirect_that_names_the_upstream_is_pointed_at_the_public_host(host: str, tls: bool,
+                                                                          location: str) -> None:
+    """An app that redirects to the address it was reached at: an IPv6 one is written in brackets, as in any URL."""
+    upstream = Upstream("ws1", host, 3000, PUBLIC, tls)
+    assert rewrite_location(location, upstream.origins, PUBLIC) == PUBLIC + "/next"
 
 
 async def test_a_refused_connect_is_tried_again_within_the_grace() -> None:
