@@ -13,6 +13,7 @@ import pytest
 
 from gateway.auth.identity import Identity
 from gateway.auth.store import API_PREFIX, SHARE_PREFIX, token_hash
+from gateway.errors import NotFound
 from gateway.lifecycle import LifecycleError, Phase, WorkspaceSpec
 from tests.kube.emulator import API_TOKEN, POD, PVC, SHARE_LINK, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet
@@ -154,3 +155,18 @@ async def test_an_api_token_object_the_gateway_did_not_make_acts_for_nobody(
     status, _ = await api(a, "DELETE", "/api/v1/workspaces/w1", token)
     assert status == 401
     assert emu.get_object(WORKSPACE, NS, "w1") is not None
+
+
+async def test_a_link_is_made_only_for_the_workspace_the_api_checked(kube: KubeEnv, replica: MakeReplica) -> None:
+    """The API checks a workspace, then asks the store for a link: when the Workspace of that name by then is
+    another (deleted and made again meanwhile, a new uid), the link is not made, for either."""
+    a = await replica("gw-a")
+    checked = gateway(a).runtime.get("w1")
+    assert checked is not None
+    with pytest.raises(NotFound):
+        await store(a).create_share(workspace="w1", port=8000, audience="anyone", people=[], created_by="alice",
+                                    ttl=3600, incarnation="uid-of-an-earlier-w1")
+    assert not store(a).shares_of("w1")
+    link, _token = await store(a).create_share(workspace="w1", port=8000, audience="anyone", people=[],
+                                               created_by="alice", ttl=3600, incarnation=checked.spec.incarnation)
+    assert link.workspace == "w1"
