@@ -201,8 +201,32 @@ class Auth(_Model):
     allow_dev_on_network: bool = False
 
 
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_SAFE_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 """libyaml's safe loader where PyYAML was built with it: the pure-Python one took 5 s for 10,000 workspaces."""
+
+
+class YamlLoader(_SAFE_LOADER):  # type: ignore[valid-type,misc]
+    """The safe loader, refusing a key given twice in one mapping. YAML keeps the last without a word, so a second
+    ``auth:`` added further down for its ``session_ttl`` dropped ``mode: oidc`` (and a second ``ports:`` in a policy
+    its ``denied``). Keys a merge (``<<: *base``) brings in are YAML's way to be overridden, not given twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # unhashable: construct_mapping says so with its own mark
+                    break
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key} is given twice, first on line {first.start_mark.line + 1}; the second "
+                        "would silently replace the first", key_node.start_mark)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 MOST_LOCAL_WORKSPACES = 64_768
 """One loopback address each, 253 per 127.0.N.0/24 (``.2`` to ``.254``) over 127.0.0.0/16."""
 
@@ -611,7 +635,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         data = demo_settings()
     else:
         try:
-            data = yaml.load(path.read_text(), Loader=_YAML_LOADER) or {}
+            data = yaml.load(path.read_text(), Loader=YamlLoader) or {}
         except OSError as exc:
             raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from None
         except UnicodeDecodeError as exc:

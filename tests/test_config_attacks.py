@@ -1,0 +1,125 @@
+"""Settings and policies written with a typo, by a newcomer or by someone hostile: each is refused at load with one
+line that names the file, line or key (exit 2, nothing started), or kept from doing harm where it is read again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.config import ConfigError, load_config
+from tests.peers.idp.fixture import free_loopback_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CODEHUB_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=timeout,
+                          env=_env(), cwd=cwd, check=False)
+
+
+def serve_refuses(config: Path) -> list[str]:
+    """The lines ``serve --config`` printed as it exited 2 with nothing on stdout; a gateway that started instead
+    (it would run until stopped) fails the test after 15 s."""
+    try:
+        result = run("serve", "--config", str(config), cwd=config.parent, timeout=15)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"serve started with {config.read_text()!r} instead of refusing it") from None
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    return result.stderr.splitlines()
+
+
+def settings_file(tmp_path: Path, text: str = "", **extra: Any) -> Path:
+    """A settings file with no workspaces on a free port, ``extra`` as YAML, then ``text`` as it is."""
+    data = {"listen": {"port": free_loopback_port()}, "local": {"state_dir": str(tmp_path / "state"),
+                                                               "workspaces": {}}, **extra}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(data) + text)
+    return path
+
+
+# --- a key given twice ------------------------------------------------------------------------------------------
+
+_OIDC_THEN_TTL = """\
+hub_url: https://hub.example.com
+preview_domain: preview.example.com
+auth:
+  mode: oidc
+  oidc: {issuer: https://sso.example.com, client_id: hub, client_secret: s3cret}
+# ... further down, months later: sign-ins should last an hour
+auth:
+  session_ttl: 3600
+"""
+
+
+def test_a_section_given_twice_is_refused_not_silently_replaced(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys without a word: a second ``auth:`` added for its ``session_ttl``
+    dropped ``mode: oidc``, and the gateway (on 127.0.0.1 behind a proxy) started with development sign-in,
+    where anyone signs in as anyone."""
+    config = settings_file(tmp_path, _OIDC_THEN_TTL)
+    line = config.read_text().splitlines().index("auth:", 10) + 1
+    assert serve_refuses(config) == [f"config error: {config}:{line}: not valid YAML (auth is given twice, first "
+                                     f"on line {line - 4}; the second would silently replace the first)"]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "first"),
+    [
+        # a workspace's name given again for someone else: the second owner would have the first one's home
+        ("local:\n  state_dir: state\n  workspaces:\n    ws1: {owner: alice, command: [x]}\n"
+         "    ws1: {owner: mallory, command: [x]}\n", 5, "ws1", 4),
+        ("listen: {port: 9000, port: 9001}\n", 1, "port", 1),
+        ("local:\n  state_dir: state\n  workspaces:\n    ws1:\n      owner: alice\n      command: [x]\n"
+         "      ports: {3000: private, 3000: public}\n", 7, "3000", 7),
+    ],
+)
+def test_a_key_given_twice_anywhere_is_refused(tmp_path: Path, text: str, line: int, key: str, first: int) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(config, environ={})
+    assert str(raised.value) == (f"config error: {config}:{line}: not valid YAML ({key} is given twice, first on "
+                                 f"line {first}; the second would silently replace the first)")
+
+
+def test_anchors_and_merge_keys_still_override_what_they_merge(tmp_path: Path) -> None:
+    """``<<: *base`` then a key of its own is YAML's way to override: not a key given twice."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text("local:\n  state_dir: state\n  workspaces:\n"
+                      "    ws1: &ws {owner: alice, command: [sleep, '1'], ports: {3000: private}}\n"
+                      "    ws2: {<<: *ws, owner: bob}\n")
+    loaded = load_config(config, environ={})
+    assert loaded.local.workspaces["ws2"].owner == "bob"
+    assert loaded.local.workspaces["ws2"].ports == {3000: "private"}
+
+
+_DENIED_THEN_DEFAULT = """\
+ports:
+  denied: [22, 5432]
+  max_visibility: org
+admins: [root]
+ports:
+  default_visibility: private
+"""
+
+
+def test_a_policy_section_given_twice_is_refused(tmp_path: Path) -> None:
+    """A second ``ports:`` dropped ``denied`` and ``max_visibility``: the database port became shareable and
+    ``policy check`` said ok."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(_DENIED_THEN_DEFAULT)
+    result = run("policy", "check", str(policy))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [f"{policy}:5: not valid YAML: ports is given twice, first on line 1; the "
+                                          "second would silently replace the first"]
