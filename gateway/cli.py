@@ -19,7 +19,6 @@ from gateway.edge.policy import PolicyError
 
 if TYPE_CHECKING:
     from gateway.auth.identity import Identity
-    from gateway.edge.policy import Policy
 
 LIST_PAGE = 500
 """Workspaces asked for per call by ``codehub-gateway workspaces`` (the API's most), which follows the pages."""
@@ -187,12 +186,12 @@ def _banner(config: Config, workers: int) -> str:
 
 
 def policy_check(args: argparse.Namespace) -> int:
-    from gateway.edge.policy import PolicyError
+    from gateway.edge.policy import PolicyError, load_policy
 
     failed = False
     for path in args.files:
         try:
-            _read_policy(path)
+            load_policy(path)
         except PolicyError as exc:
             print(exc, file=sys.stderr)
             failed = True
@@ -201,28 +200,20 @@ def policy_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _read_policy(path: Path) -> Policy:
-    """The policy in ``path``; a file that is not text is one ``PolicyError`` line like any other bad policy."""
-    from gateway.edge.policy import load_policy
-
-    try:
-        return load_policy(path)
-    except UnicodeDecodeError as exc:
-        raise PolicyError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def policy_explain(args: argparse.Namespace) -> int:
     from yarl import URL
 
     from gateway.auth.identity import Identity
-    from gateway.edge.policy import Policy, decide, visibility
+    from gateway.edge.policy import Policy, decide, load_policy, visibility
     from gateway.edge.routing import Hosts, Kind, route
     from gateway.errors import GatewayError
     from gateway.lifecycle.local import configured_spec
 
     config = load_config(args.config)
     policy_path = args.policy or config.policy_file
-    policy = _read_policy(policy_path) if policy_path else Policy()
+    policy = load_policy(policy_path) if policy_path else Policy()
     try:
         url = URL(args.url)
     except ValueError:

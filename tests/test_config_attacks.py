@@ -3,9 +3,11 @@ line that names the file, line or key (exit 2, nothing started), or kept from do
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 import yaml
 
 from gateway.config import ConfigError, load_config
+from tests.conftest import MakeGateway, next_address, workspace
 from tests.peers.idp.fixture import free_loopback_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,3 +126,43 @@ def test_a_policy_section_given_twice_is_refused(tmp_path: Path) -> None:
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr.splitlines() == [f"{policy}:5: not valid YAML: ports is given twice, first on line 1; the "
                                           "second would silently replace the first"]
+
+
+# --- a policy file that is not text -----------------------------------------------------------------------------
+
+_LATIN_1 = "# Politique d'accès\nports: {max_visibility: public}\n".encode("latin-1")
+
+
+def test_a_policy_file_that_is_not_utf8_stops_serve_in_one_line(tmp_path: Path) -> None:
+    """Saved by an editor in Latin-1 (an accent in a comment): ``policy check`` said so in one line, ``serve``
+    printed a traceback."""
+    (tmp_path / "policy.yaml").write_bytes(_LATIN_1)
+    config = settings_file(tmp_path, policy_file="policy.yaml")
+    assert serve_refuses(config) == [f"{tmp_path}/policy.yaml: not UTF-8 text (invalid continuation byte at byte 17)"]
+
+
+async def _status_when(client: Any, host: str, wanted: int, within: float = 15.0) -> int:
+    """The status an anonymous script gets from ``host``, asked until it is ``wanted`` (policy reloads are
+    picked up every 2 s) or ``within`` seconds have passed."""
+    deadline = time.monotonic() + within
+    while True:
+        async with client.get("/", headers={"Host": host, "Accept": "application/json"}) as response:
+            if response.status == wanted or time.monotonic() > deadline:
+                return int(response.status)
+        await asyncio.sleep(0.2)
+
+
+async def test_a_policy_edit_that_is_not_utf8_keeps_the_policy_and_later_edits_still_apply(
+        tmp_path: Path, make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture) -> None:
+    """The bad edit ended the task that watches files: no later policy edit (the operator's fix, a port denied)
+    and no key rotation was picked up again until a restart, and stopping the gateway printed a traceback."""
+    client = await make_gateway(workspaces={"ws1": workspace(next_address(), ports={4000: "private"})},
+                                policy={"ports": {"max_visibility": "public"}}, in_memory=True)
+    host = "4000-ws1.localhost:8080"
+    assert await _status_when(client, host, 401) == 401
+    policy = tmp_path / "policy.yaml"
+    policy.write_bytes(_LATIN_1)
+    await asyncio.sleep(2.5)
+    assert f"{policy}: not UTF-8 text" in caplog.text
+    policy.write_text("# fixed\nports: {denied: [4000]}\n")
+    assert await _status_when(client, host, 403) == 403

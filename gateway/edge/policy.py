@@ -414,10 +414,14 @@ def _contradictions(policy: Policy) -> list[tuple[tuple[int | str, ...], str]]:
 
 
 def load_policy(path: Path) -> Policy:
+    """The policy in ``path``; a file that cannot be read or is not text is one ``PolicyError`` line like any
+    other bad policy (at start, and at a reload, which keeps the last good one)."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return parse_policy(text, str(path))
 
 
