@@ -27,7 +27,9 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 PORT_TEXT = re.compile(r"[0-9]{1,5}")
 """A port number as text from outside (an address, a resource): ASCII digits only, as few as a port has, since
 ``str.isdigit`` admits "²" and int() then fails."""
-Seconds = Annotated[float, Field(gt=0)]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+"""Finite: YAML's ``.inf`` passed ``gt=0`` and a sign-in's end, a whole number of seconds, failed every sign-in
+(``null`` says "no limit" where there may be none)."""
 _GATEWAY_LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
 Visibility = Literal["private", "org", "public"]
 
@@ -69,6 +71,11 @@ class Timeouts(_Model):
     shutdown: Seconds = 10.0
 
 
+MOST_HEAD_BYTES = 1 << 20
+"""The ceiling of ``limits.request_line`` and ``limits.header_size`` (Go's default for a whole head): ten more
+zeros passed, and the gateway printed its URLs, then reset every connection (the parser takes a C ``size_t``)."""
+
+
 class Limits(_Model):
     """What one client may ask of the gateway; past each limit it gets a clear status, never a hang or a crash.
 
@@ -83,9 +90,9 @@ class Limits(_Model):
     ``send_timeout`` (s) the longest a client may take nothing of an answer streamed to it (its connection is
     then closed: a client that never reads would hold the answer, its upstream connection and that place)."""
 
-    request_line: int = Field(default=8190, ge=256)
-    header_size: int = Field(default=8190, ge=256)
-    header_count: int = Field(default=100, ge=8)
+    request_line: int = Field(default=8190, ge=256, le=MOST_HEAD_BYTES)
+    header_size: int = Field(default=8190, ge=256, le=MOST_HEAD_BYTES)
+    header_count: int = Field(default=100, ge=8, le=10_000)
     body: int = Field(default=1 << 20, ge=1024)
     connections: int | None = Field(default=None, ge=1)
     keepalive: Seconds = 75.0

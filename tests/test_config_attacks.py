@@ -166,3 +166,54 @@ async def test_a_policy_edit_that_is_not_utf8_keeps_the_policy_and_later_edits_s
     assert f"{policy}: not UTF-8 text" in caplog.text
     policy.write_text("# fixed\nports: {denied: [4000]}\n")
     assert await _status_when(client, host, 403) == 403
+
+
+# --- numbers that pass a lower bound but cannot be used -----------------------------------------------------------
+
+def test_an_endless_sign_in_lifetime_is_refused_at_start(tmp_path: Path) -> None:
+    """``session_ttl: .inf`` (YAML's infinity) passed ``greater than 0``: the gateway started, and every sign-in
+    was a 500 with a traceback in the log (a sign-in's end is a whole number of seconds)."""
+    config = settings_file(tmp_path, auth={"session_ttl": float("inf")})
+    assert serve_refuses(config) == ["config error: auth.session_ttl: Input should be a finite number"]
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "key"),
+    [
+        ("timeouts: {connect: .inf}\n", {}, "timeouts.connect"),
+        ("timeouts: {first_byte: .inf}\n", {}, "timeouts.first_byte"),  # null is "no limit"
+        ("limits: {keepalive: .inf}\n", {}, "limits.keepalive"),
+        ("idle: {to_warm: .inf}\n", {}, "idle.to_warm"),
+        ("local: {stop_timeout: .inf}\n", {}, "local.stop_timeout"),
+        ("kubernetes: {start_timeout: .inf}\n", {}, "kubernetes.start_timeout"),
+        ("", {"CODEHUB_AUTH__SESSION_TTL": ".inf"}, "auth.session_ttl"),
+        ("", {"CODEHUB_TIMEOUTS__SHUTDOWN": "-.inf"}, "timeouts.shutdown"),
+    ],
+)
+def test_an_infinite_number_of_seconds_is_refused_wherever_it_is_given(tmp_path: Path, text: str,
+                                                                        env: dict[str, str], key: str) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(config, environ=env)
+    assert str(raised.value).startswith(f"config error: {key}: Input should be "), raised.value
+
+
+def test_a_head_limit_too_big_to_use_is_refused_at_start(tmp_path: Path) -> None:
+    """``header_size`` with a few zeros too many passed: the gateway printed its URLs, then reset every connection
+    (the HTTP parser takes a C ``size_t``) with a traceback per connection in the log."""
+    config = settings_file(tmp_path, limits={"header_size": 10**23})
+    assert serve_refuses(config) == ["config error: limits.header_size: Input should be less than or equal to "
+                                     "1048576"]
+
+
+@pytest.mark.parametrize(("key", "most"), [("request_line", 1 << 20), ("header_size", 1 << 20),
+                                           ("header_count", 10_000)])
+def test_head_limits_have_a_ceiling(tmp_path: Path, key: str, most: int) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"limits: {{{key}: {most}}}\n")
+    assert getattr(load_config(config, environ={}).limits, key) == most
+    config.write_text(f"limits: {{{key}: {most + 1}}}\n")
+    with pytest.raises(ConfigError, match=f"^config error: limits.{key}: Input should be less than or equal to "
+                                          f"{most}$"):
+        load_config(config, environ={})
