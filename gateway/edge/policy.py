@@ -146,6 +146,41 @@ class CorsRule(_Model):
     max_age: int = Field(default=600, ge=0, le=86400)
     mode: Literal["replace", "passthru"] = "replace"
 
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Origins as browsers send them (compared as they are): a misspelt keyword, a path, capitals or a
+        wildcard inside a name matched nothing, and nothing said so."""
+        for origin in value:
+            if origin not in _ORIGIN_WORDS and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is neither an origin like https://app.example.com nor same-workspace "
+                                 "or same-owner")
+        return value
+
+    @field_validator("allow_methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _tokens(value, "a method name", wildcard=False)
+
+    @field_validator("allow_headers", "expose_headers")
+    @classmethod
+    def _headers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _tokens(value, "a header name", wildcard=True)
+
+
+_ORIGIN_WORDS = frozenset({"same-workspace", "same-owner", "*", "null"})
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(?:\[[0-9a-f:.]+\]|[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?)(?::[0-9]{1,5})?")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""A method or header name (RFC 9110 token): the rules' lists are written into answers, where a line break made
+every answer of the port a 502 (``unsafe-header``)."""
+
+
+def _tokens(value: tuple[str, ...], what: str, *, wildcard: bool) -> tuple[str, ...]:
+    for name in value:
+        if not _TOKEN.fullmatch(name) or (name == "*" and not wildcard):
+            raise ValueError(f"{name!r} is not {what}")
+    return value
+
 
 Claim = Literal["user", "email", "name", "groups"]
 
@@ -410,6 +445,11 @@ def _contradictions(policy: Policy) -> list[tuple[tuple[int | str, ...], str]]:
             found.append((("cors", index, "allow_origins"),
                           "'*' admits every origin: with allow_credentials any site could read and write this port "
                           "as its visitor. List the origins, or set allow_credentials: false"))
+        elif "null" in rule.allow_origins and rule.allow_credentials:
+            found.append((("cors", index, "allow_origins"),
+                          "'null' is the origin of sandboxed frames and local files, which any site can make: with "
+                          "allow_credentials any site could read this port as its visitor. List the origins, or set "
+                          "allow_credentials: false"))
     return found
 
 

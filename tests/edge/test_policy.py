@@ -301,6 +301,26 @@ BAD_POLICIES = [
      "    - javascript:alert(1)\n", f"{FILE}:2: embedding.frame_ancestors: 'javascript:alert(1)' is not an origin"),
     ("wildcard origin with credentials", "cors:\n  - ports: [3000]\n  - ports: [8000]\n    allow_origins: ['*']\n",
      f"{FILE}:4: cors.1.allow_origins: '*' admits every origin"),
+    # 'null' is the Origin of sandboxed frames and data: pages, which any site can make: '*' by another name
+    ("null origin with credentials", "cors:\n  - ports: [8000]\n    allow_origins: [same-workspace, 'null']\n",
+     f"{FILE}:3: cors.0.allow_origins: 'null' is the origin of sandboxed frames and local files"),
+    # origins are compared as browsers send them: a typo or a path never matched, and nothing said so
+    ("origin keyword misspelt", "cors:\n  - allow_origins: [same-workspaces]\n",
+     f"{FILE}:2: cors.0.allow_origins: 'same-workspaces' is neither an origin like https://app.example.com nor "
+     "same-workspace or same-owner"),
+    ("origin with a path", "cors:\n  - allow_origins: ['https://app.example.com/']\n",
+     f"{FILE}:2: cors.0.allow_origins: 'https://app.example.com/' is neither an origin"),
+    ("origin in capitals", "cors:\n  - allow_origins: ['https://App.example.com']\n",
+     f"{FILE}:2: cors.0.allow_origins: 'https://App.example.com' is neither an origin"),
+    ("origin with a wildcard", "cors:\n  - allow_origins: ['https://*.example.com']\n",
+     f"{FILE}:2: cors.0.allow_origins: 'https://*.example.com' is neither an origin"),
+    # written into every answer of the port: a line break there made each one a 502 (unsafe-header)
+    ("method with a line break", "cors:\n  - allow_methods: [GET, \"PUT\\r\\nX-Evil: 1\"]\n",
+     f"{FILE}:2: cors.0.allow_methods: 'PUT\\r\\nX-Evil: 1' is not a method name"),
+    ("header with a line break", "cors:\n  - allow_headers: [\"X-A\\nX-B: 1\"]\n",
+     f"{FILE}:2: cors.0.allow_headers: 'X-A\\nX-B: 1' is not a header name"),
+    ("exposed headers in one text", "cors:\n  - expose_headers: ['X-Total, X-Page']\n",
+     f"{FILE}:2: cors.0.expose_headers: 'X-Total, X-Page' is not a header name"),
     ("no workspace at all", "workspaces:\n  most_per_person: 0\n",
      f"{FILE}:2: workspaces.most_per_person: Input should be greater than or equal to 1"),
     ("workspaces in words", "workspaces:\n  most_per_person: many\n", f"{FILE}:2: workspaces.most_per_person"),
@@ -331,9 +351,17 @@ def test_bad_policy_is_rejected_with_file_and_line(text: str, want_err: str) -> 
         ("share_links:\n  default_ttl: 7d\n  max_ttl: 7d\n",
          Policy.model_validate({"share_links": {"default_ttl": 7 * 86400, "max_ttl": 7 * 86400}})),
         ("workspaces:\n  most_per_person: 1\n", Policy.model_validate({"workspaces": {"most_per_person": 1}})),
-        # '*' is refused only together with credentials
+        # '*' is refused only together with credentials, and so is 'null'
         ("cors:\n  - allow_origins: ['*']\n    allow_credentials: false\n",
          Policy(cors=(CorsRule(allow_origins=("*",), allow_credentials=False),))),
+        ("cors:\n  - allow_origins: ['null']\n    allow_credentials: false\n",
+         Policy(cors=(CorsRule(allow_origins=("null",), allow_credentials=False),))),
+        ("cors:\n  - allow_origins: [same-workspace, same-owner, 'https://app.example.com', 'http://[::1]:3000',\n"
+         "                    'http://localhost:5173', 'chrome-extension://abcdef']\n"
+         "    allow_methods: [GET, POST]\n    allow_headers: ['*']\n    expose_headers: [X-Total-Count]\n",
+         Policy(cors=(CorsRule(allow_origins=("same-workspace", "same-owner", "https://app.example.com",
+                                              "http://[::1]:3000", "http://localhost:5173", "chrome-extension://abcdef"),
+                               allow_methods=("GET", "POST"), expose_headers=("X-Total-Count",)),))),
     ],
 )
 def test_good_policies_parse(text: str, expected: Policy) -> None:
