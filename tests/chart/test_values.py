@@ -309,3 +309,41 @@ def test_dashboard_charts_every_gateway_metric() -> None:
     assert "sum by (kind, code)" in by_title["Requests / s by kind and code"]["targets"][0]["expr"]
     assert "by (phase)" in by_title["Workspaces by phase"]["targets"][0]["expr"]
     assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def _service_links(services: list[dict[str, Any]]) -> dict[str, str]:
+    """What the kubelet puts in the environment of every container in the namespace of ``services`` unless its pod
+    says ``enableServiceLinks: false`` (Docker links, pkg/kubelet/envvars): ``{NAME}_SERVICE_HOST``,
+    ``{NAME}_SERVICE_PORT[_{PORT_NAME}]``, ``{NAME}_PORT`` and ``{NAME}_PORT_{N}_{PROTO}[_PROTO|_PORT|_ADDR]``."""
+    links: dict[str, str] = {}
+    for number, service in enumerate(services):
+        name = service["metadata"]["name"].upper().replace("-", "_")
+        host = f"10.96.0.{number + 10}"
+        ports = service["spec"]["ports"]
+        links[f"{name}_SERVICE_HOST"] = host
+        links[f"{name}_SERVICE_PORT"] = str(ports[0]["port"])
+        links[f"{name}_PORT"] = f"tcp://{host}:{ports[0]['port']}"
+        for port in ports:
+            if "name" in port:
+                links[f"{name}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(port["port"])
+            prefix = f"{name}_PORT_{port['port']}_{port.get('protocol', 'TCP')}"
+            links.update({prefix: f"tcp://{host}:{port['port']}", f"{prefix}_PROTO": "tcp",
+                          f"{prefix}_PORT": str(port["port"]), f"{prefix}_ADDR": host})
+    return links
+
+
+def test_the_gateway_starts_beside_its_own_service(tmp_path: Path) -> None:
+    """The chart's Service is named after the release, codehub-…: the kubelet gave the gateway's container
+    CODEHUB_…_SERVICE_HOST and the like, which the gateway reads as settings (``CODEHUB_*``) and refused as unknown.
+    Installed as the README says, it never started."""
+    rendered = render()
+    pod = rendered.one("Deployment")["spec"]["template"]["spec"]
+    [container] = [item for item in pod["containers"] if item["name"] == "gateway"]
+    environ = {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
+    if pod.get("enableServiceLinks", True):
+        environ |= _service_links(rendered.of_kind("Service"))
+    assert any(name.startswith("CODEHUB_") and name != "CODEHUB_CONFIG" for name in _service_links(
+        rendered.of_kind("Service"))), "the release's Services should be named codehub-…, as the README installs them"
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(rendered.gateway_config()))
+    load_config(path, environ=environ)
