@@ -584,13 +584,35 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _describe(error: ValidationError) -> str:
+_SERVICE_LINK = re.compile(r"(?P<service>[A-Z0-9_]+?)_(?:SERVICE_(?:HOST|PORT)(?:_[A-Z0-9_]+)?|PORT_[0-9]+_"
+                           r"(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?|(?P<bare>PORT))")
+"""What Kubernetes names the variables it sets for each Service of the namespace (``enableServiceLinks``); the
+bare ``{SERVICE}_PORT`` only with its value, ``tcp://…`` (``CODEHUB_METRICS_PORT=9090`` is a typo of ours)."""
+
+
+def _describe(error: ValidationError, environment: Mapping[str, Any]) -> str:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"] if part != "[key]")
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        message = "unknown setting"
+        message = "unknown setting" + _from_environment(first["loc"], environment)
     return f"config error: {key}: {message}" if key else f"config error: {message}"
+
+
+def _from_environment(loc: tuple[int | str, ...], environment: Mapping[str, Any]) -> str:
+    """Where an unknown setting came from, if a ``CODEHUB_*`` variable set it: nobody finds it in their file."""
+    node: Any = environment
+    for part in loc:
+        if not isinstance(node, Mapping) or part not in node:
+            return ""
+        node = node[part]
+    name = ENV_PREFIX + "__".join(str(part) for part in loc).upper()
+    link = _SERVICE_LINK.fullmatch(name)
+    if link is None or (link["bare"] and "://" not in str(node)):
+        return f", from the environment variable {name}"
+    service = link["service"].lower().replace("_", "-")
+    return (f", from the environment variable {name}, which Kubernetes sets for a Service named {service}: set "
+            "enableServiceLinks: false in the gateway's pod")
 
 
 _FILE_PATHS = (("local", "state_dir"), ("policy_file",), ("auth", "keys_file"), ("auth", "store_file"),
@@ -655,8 +677,9 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"config error: {path}: the top level must be a mapping of settings")
         data = _anchor_paths(data, path.resolve().parent)
-    data = _merge(_merge(data, env_overrides(environ)), overrides or {})
+    environment = env_overrides(environ)
+    data = _merge(_merge(data, environment), overrides or {})
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(_describe(exc, environment)) from None

@@ -217,3 +217,35 @@ def test_head_limits_have_a_ceiling(tmp_path: Path, key: str, most: int) -> None
     with pytest.raises(ConfigError, match=f"^config error: limits.{key}: Input should be less than or equal to "
                                           f"{most}$"):
         load_config(config, environ={})
+
+
+# --- settings from the environment ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("environ", "line"),
+    [
+        ({"CODEHUB_LISTEN__PROT": "9000"}, "config error: listen.prot: unknown setting, from the environment variable "
+                                          "CODEHUB_LISTEN__PROT"),
+        # a Service named codehub-gateway in the gateway's namespace, on a pod of one's own making
+        ({"CODEHUB_GATEWAY_SERVICE_HOST": "10.96.0.10", "CODEHUB_GATEWAY_PORT": "tcp://10.96.0.10:80"},
+         "config error: gateway_service_host: unknown setting, from the environment variable "
+         "CODEHUB_GATEWAY_SERVICE_HOST, which Kubernetes sets for a Service named codehub-gateway: set "
+         "enableServiceLinks: false in the gateway's pod"),
+        ({"CODEHUB_METRICS_PORT": "9090"}, "config error: metrics_port: unknown setting, from the environment "
+                                           "variable CODEHUB_METRICS_PORT"),
+        ({"CODEHUB_PORT": "tcp://10.96.0.10:80"},
+         "config error: port: unknown setting, from the environment variable CODEHUB_PORT, which Kubernetes sets for "
+         "a Service named codehub: set enableServiceLinks: false in the gateway's pod"),
+        ({"CODEHUB_PORT_8080_TCP_ADDR": "10.96.0.10"},
+         "config error: port_8080_tcp_addr: unknown setting, from the environment variable CODEHUB_PORT_8080_TCP_ADDR, "
+         "which Kubernetes sets for a Service named codehub: set enableServiceLinks: false in the gateway's pod"),
+    ],
+)
+def test_an_unknown_setting_from_the_environment_names_its_variable(tmp_path: Path, environ: dict[str, str],
+                                                                    line: str) -> None:
+    """``config error: gateway_service_host: unknown setting`` sent people looking through a file without it."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text("listen: {port: 9000}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(config, environ=environ)
+    assert str(raised.value) == line
