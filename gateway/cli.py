@@ -262,12 +262,16 @@ def keys_rotate(args: argparse.Namespace) -> int:
 
 def token_issue(args: argparse.Namespace) -> int:
     from gateway.auth.identity import Identity
+    from gateway.lifecycle.base import showable
+    from gateway.web.api import MOST_TOKEN_NAME
 
     config = load_config(args.config)
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
     identity = Identity(args.user, args.email, groups, args.user)
     if (problem := identity.unsendable()) is not None:  # as sign-in refuses it: apps get identities in headers
         raise CliError(f"token issue: {problem} cannot be sent to apps")
+    if not 1 <= len(args.name) <= MOST_TOKEN_NAME or not showable(args.name):  # as the API's NewToken: the hub shows it
+        raise CliError(f"token issue: --name must be 1 to {MOST_TOKEN_NAME} printable characters")
     if config.runtime == "kubernetes":  # the replicas share tokens through the API: a file would reach none
         import asyncio
 

@@ -249,3 +249,16 @@ def test_an_unknown_setting_from_the_environment_names_its_variable(tmp_path: Pa
     with pytest.raises(ConfigError) as raised:
         load_config(config, environ=environ)
     assert str(raised.value) == line
+
+
+# --- the CLI -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["", "x" * 65, "ci\x1b[2J", "ci\u202egnp.exe"])
+def test_token_issue_refuses_a_name_the_hub_would_refuse(tmp_path: Path, name: str) -> None:
+    """The hub's token list shows each name to its person; the API refuses one it could not show as it is (an
+    escape sequence, a right-to-left override, a page of text), and ``token issue`` wrote it."""
+    config = settings_file(tmp_path)
+    result = run("token", "issue", "--config", str(config), "--user", "alice", "--name", name)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == ["codehub-gateway: token issue: --name must be 1 to 64 printable characters"]
+    assert not (tmp_path / "state" / "tokens.json").exists()

@@ -116,8 +116,12 @@ class Collaborators(_Body):
     collaborators: Principals
 
 
+MOST_TOKEN_NAME = 64
+"""The longest name of an API token (the CLI's ``token issue --name`` keeps it too)."""
+
+
 class NewToken(_Body):
-    name: Annotated[str, Field(min_length=1, max_length=64), Shown]
+    name: Annotated[str, Field(min_length=1, max_length=MOST_TOKEN_NAME), Shown]
 
 
 def _bearer(request: web.Request) -> str | None:
