@@ -200,8 +200,6 @@ def policy_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-
-
 def policy_explain(args: argparse.Namespace) -> int:
     from yarl import URL
 
