@@ -262,3 +262,29 @@ def test_token_issue_refuses_a_name_the_hub_would_refuse(tmp_path: Path, name: s
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr.splitlines() == ["codehub-gateway: token issue: --name must be 1 to 64 printable characters"]
     assert not (tmp_path / "state" / "tokens.json").exists()
+
+
+# --- nesting past Python's recursion limit ------------------------------------------------------------------------
+
+_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("command", ["policy", "serve"])
+def test_a_file_nested_past_the_recursion_limit_is_one_line(tmp_path: Path, command: str) -> None:
+    """YAML nests without end and its loaders recurse: such a policy was a RecursionError traceback, and such
+    settings crashed ``serve`` with a segmentation fault (libyaml's composer recurses in C)."""
+    if command == "policy":
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(f"ports:\n  denied: {_DEEP}\n")
+        result = run("policy", "check", str(policy))
+        assert (result.returncode, result.stderr.splitlines()) == (
+            1, [f"{policy}:2: not valid YAML: nested more than 200 deep"])
+    else:
+        config = settings_file(tmp_path, f"workspace_defaults: {_DEEP}\n")
+        line = len(config.read_text().splitlines())
+        assert serve_refuses(config) == [f"config error: {config}:{line}: not valid YAML (nested more than 200 deep)"]
+
+
+def test_a_setting_from_the_environment_nested_past_the_recursion_limit_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^config error: local\.workspaces: Input should be a valid dictionary"):
+        load_config(settings_file(tmp_path), environ={"CODEHUB_LOCAL__WORKSPACES": _DEEP})

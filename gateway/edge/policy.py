@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.auth.identity import Identity, claim_text
-from gateway.config import YamlLoader
+from gateway.config import load_yaml
 from gateway.errors import Forbidden, GatewayError, Unauthorized
 from gateway.lifecycle import WorkspaceSpec
 
@@ -405,8 +405,8 @@ def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
 
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=YamlLoader) or {}
+        data = load_yaml(text) or {}
+        node = yaml.compose(text, Loader=yaml.SafeLoader)  # for the lines of what the model refuses
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
