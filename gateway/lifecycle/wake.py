@@ -174,8 +174,12 @@ class Waker:
         return woke is not None and time.monotonic() - woke < SETTLE
 
     def waking(self, workspace: str) -> bool:
-        """Whether a wake of the workspace, or a wait for one of its ports, is in flight."""
-        return workspace in self._flights or any(key[0] == workspace for key in self._ports)
+        """Whether a wake of the workspace is in flight: its runtime's wake, or a wait for a port that began asleep
+        (the idle reaper leaves it alone meanwhile). A wait for a port of a workspace that already ran is no wake:
+        anyone who may see a port can start one (a waiting page's stream does), and opened again and again on a
+        port where nothing listens it would keep the workspace awake for ever; it ends when the workspace stops."""
+        return workspace in self._flights or any(key[0] == workspace and progress.from_phase is not Phase.RUNNING
+                                                 for key, progress in self._progress.items())
 
     def bring_up(self, state: WorkspaceState, port: int) -> asyncio.Task[None]:
         """The shared task that ends when ``port`` of the workspace accepts connections; a 503 when the workspace
