@@ -139,7 +139,8 @@ async def execute(request: web.Request, plan_: Plan, gateway: Gateway, hub: Hand
     if isinstance(plan_, WaitingPage):
         raise gateway.waker.waiting_page(plan_.state, plan_.port)
     if isinstance(plan_, Hold):
-        awake = await _awake(request, plan_, gateway)
+        with in_use(gateway, plan_.forward):  # held, it is in use as its proxied request would be
+            awake = await _awake(request, plan_, gateway)
         if awake is None:  # what let it in no longer does: served as a request sent now (a sign-in, a refusal)
             request.pop(USER, None)
             return await execute(request, plan(facts_of(request), gateway), gateway, hub)
@@ -171,7 +172,9 @@ async def _awake(request: web.Request, held: Hold, gateway: Gateway) -> Forward 
 
 
 def in_use(gateway: Gateway, forward: Forward) -> contextlib.AbstractContextManager[None]:
-    """In use for as long as a request or WebSocket is open (a long poll or SSE feed keeps its workspace awake)."""
+    """In use for as long as a request or WebSocket is open (a long poll or SSE feed keeps its workspace awake), held
+    on a wake too: a wait for a port of a running workspace keeps nothing awake by itself (anyone who may see the
+    port can begin one), so the requests held on it keep it awake for whoever keeps it awake."""
     return gateway.activity.connection(forward.workspace) if forward.keeps_awake else contextlib.nullcontext()
 
 

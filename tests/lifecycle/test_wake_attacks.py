@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from gateway.auth.identity import Identity
 from gateway.lifecycle import Phase
 from gateway.lifecycle.idle import IdleTimers
 from tests.conftest import MakeGateway, next_address
@@ -107,3 +108,32 @@ async def test_a_request_held_on_a_wake_still_keeps_the_workspace_from_being_rea
     clock.now += 10 * TIMERS.to_warm
     assert await _reap(client) is Phase.RUNNING
     assert (await held).status == 200
+
+
+async def test_a_member_held_on_a_wait_a_visitor_began_keeps_the_workspace_awake(make_gateway: MakeGateway) -> None:
+    """A wait for a port of a running workspace keeps nothing awake by itself (see above), but requests held on it
+    are those of people, and the owner's keep the workspace awake as their proxied requests do: a visitor's stream
+    on the port the owner is about to start must not leave the owner's request to be cut off by the reaper."""
+    clock = Clock()
+    ws = slow_workspace(next_address(), delay=0)
+    ws["ports"][EMPTY_PORT] = "public"
+    client = await make_gateway(workspaces={"ws": ws}, idle=IDLE, clock=clock,
+                                policy={"wake": {"visitors_keep_awake": False}})
+    gateway = gateway_of(client)
+    assert (await gateway.runtime.wake("ws")).phase is Phase.RUNNING
+    _, token = await gateway.auth.store.create_api_token(Identity("alice"), name="test")
+
+    stream = asyncio.ensure_future(client.get("/_codehub/wake/events", headers={"Host": preview("ws", EMPTY_PORT)}))
+    held = asyncio.ensure_future(client.get("/", headers={"Host": preview("ws", EMPTY_PORT), **API,
+                                                             "Authorization": f"Bearer {token}"}))
+    try:
+        async with asyncio.timeout(10):
+            while not gateway.waker.busy("ws", EMPTY_PORT) or not gateway.activity.snapshot()[1]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        clock.now += TIMERS.to_warm + SLACK
+        assert await _reap(client) is Phase.RUNNING
+    finally:
+        for request in (stream, held):
+            request.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
