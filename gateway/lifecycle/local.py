@@ -437,6 +437,8 @@ class LocalRuntime(Runtime):
             return
         _kill_group(process.pid, signal.SIGKILL)
         await asyncio.to_thread(signal_marked, [slot.mark], signal.SIGKILL)
+        if slot.process is not process:  # meanwhile stopped, or woken again (a wake found it gone): not ours now
+            return
         slot.process = None
         slot.run_file.unlink(missing_ok=True)
         slot.failure = f"the workspace process exited with code {code}" + _last_line(slot.root / "output.log")

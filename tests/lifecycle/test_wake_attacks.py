@@ -8,22 +8,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import threading
 import time
+from collections.abc import Collection
+from pathlib import Path
 
 import pytest
 
 from gateway.auth.identity import Identity
 from gateway.lifecycle import Phase
+from gateway.lifecycle import local as local_runtime
 from gateway.lifecycle.idle import IdleTimers
-from tests.conftest import MakeGateway, next_address
+from gateway.lifecycle.local import LocalRuntime
+from tests.conftest import MakeGateway, next_address, settings, workspace
 from tests.lifecycle.conftest import (
     API,
     PORT,
     Client,
     gateway_of,
+    group_members,
     preview,
     read_sse,
+    recorded_pgid,
     slow_workspace,
+    wait_gone,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -124,11 +134,15 @@ async def test_a_member_held_on_a_wait_a_visitor_began_keeps_the_workspace_awake
     _, token = await gateway.auth.store.create_api_token(Identity("alice"), name="test")
 
     stream = asyncio.ensure_future(client.get("/_codehub/wake/events", headers={"Host": preview("ws", EMPTY_PORT)}))
-    held = asyncio.ensure_future(client.get("/", headers={"Host": preview("ws", EMPTY_PORT), **API,
-                                                             "Authorization": f"Bearer {token}"}))
+    held: asyncio.Future[object] = asyncio.get_running_loop().create_future()
     try:
         async with asyncio.timeout(10):
-            while not gateway.waker.busy("ws", EMPTY_PORT) or not gateway.activity.snapshot()[1]:  # noqa: ASYNC110
+            while not gateway.waker.busy("ws", EMPTY_PORT):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        held = asyncio.ensure_future(client.get("/", headers={"Host": preview("ws", EMPTY_PORT), **API,
+                                                                 "Authorization": f"Bearer {token}"}))
+        async with asyncio.timeout(10):
+            while not gateway.activity.snapshot()[1]:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         clock.now += TIMERS.to_warm + SLACK
         assert await _reap(client) is Phase.RUNNING
@@ -137,3 +151,51 @@ async def test_a_member_held_on_a_wait_a_visitor_began_keeps_the_workspace_awake
             request.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await request
+
+
+async def test_a_wake_in_the_moment_its_process_exits_leaves_the_new_process_its_workspaces(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A workspace process that exits is cleaned up after (its group and marked processes killed, off the loop) before
+    the workspace is marked failed; a wake in that moment (the hub's Wake, the API's) found no process running and
+    started one, which the clean-up then forgot: the workspace read FAILED with its new process running untracked,
+    which no stop, archive or shutdown ended. The clean-up of an exit is only its own process's."""
+    entered, release = threading.Event(), threading.Event()
+    armed = False
+    marked = local_runtime.signal_marked
+
+    def slow_signal_marked(marks: Collection[str], sig: signal.Signals) -> None:
+        if armed and sig is signal.SIGKILL:  # the clean-up after the exit takes its time (many processes in /proc)
+            entered.set()
+            release.wait(10)
+        marked(marks, sig)
+
+    monkeypatch.setattr(local_runtime, "signal_marked", slow_signal_marked)
+    # the first start exits at once; the next one runs
+    command = ["sh", "-c", "if [ -e again ]; then exec sleep 600; fi; touch again; exit 3"]
+    runtime = LocalRuntime(settings(tmp_path, {"ws": workspace(next_address(), command=command)}).local)
+    await runtime.start()
+    armed = True
+    pgid = None
+    try:
+        assert (await runtime.wake("ws")).phase is Phase.RUNNING
+        async with asyncio.timeout(10):
+            while not entered.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
+        assert (await runtime.wake("ws")).phase is Phase.RUNNING  # the first process is gone: a new one starts
+        pgid = recorded_pgid(tmp_path / "state", "ws")
+        armed = False
+        release.set()
+        await asyncio.sleep(0.5)  # the clean-up after the first process's exit ends
+
+        state = runtime.get("ws")
+        assert state is not None
+        assert state.phase is Phase.RUNNING, state.message
+        assert group_members(pgid)
+        await runtime.stop("ws")
+        await wait_gone(pgid, within=5)
+    finally:
+        release.set()
+        await runtime.close()
+        if pgid is not None and group_members(pgid):
+            os.killpg(pgid, signal.SIGKILL)
