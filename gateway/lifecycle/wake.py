@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import statistics
 import time
 from collections import Counter, deque
@@ -40,6 +41,13 @@ apart, against ``MOST_DECLARED_WAITS``: a visitor's made-up port numbers never s
 MOST_DECLARED_WAITS = 64
 SETTLE = 2.0
 """Seconds after a wake found a port accepting during which requests to it retry refused connects."""
+RETRY_FIRST = 5.0
+RETRY_MOST = 300.0
+"""Seconds after a failed wake before requests wake the workspace again: ``RETRY_FIRST``, doubled after each failure
+in a row up to ``RETRY_MOST``. Anyone who may wake a workspace (anyone, on a public port) wakes it with a request, so
+one that fails to wake (an archive that cannot be restored, a command that exits at once) was woken again by every
+next request: a loop of them restored gigabytes, or started its command, as fast as they came. Meanwhile they get
+the failure at once, with ``Retry-After``; the hub's Wake (the API) tries at once, whenever its owner asks."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +81,19 @@ def wake_origin(phase: Phase) -> Phase:
     if phase in (Phase.COLD, Phase.ARCHIVING, Phase.RESTORING):
         return Phase.COLD
     return Phase.RUNNING if phase is Phase.RUNNING else Phase.WARM
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """A workspace's last failed wake: which, when (monotonic), the reason, and how long the next waits from then."""
+
+    flight: object
+    at: float
+    message: str
+    wait: float
+
+    def left(self, now: float) -> float:
+        return self.at + self.wait - now
 
 
 @dataclass
@@ -138,6 +159,7 @@ class Waker:
         self._progress: dict[tuple[str, int], Progress] = {}
         self._history: dict[tuple[str, Phase], deque[float]] = {}
         self._woke: dict[tuple[str, int], float] = {}
+        self._failed: dict[str, _Failed] = {}
         self._draining: asyncio.Future[None] | None = None
 
     def drain(self) -> None:
@@ -187,6 +209,8 @@ class Waker:
         key = (state.id, port)
         task = self._ports.get(key)
         if task is None:
+            if state.phase is not Phase.RUNNING:
+                self._not_failed_lately(state.id)
             pool = (state.id, port in state.spec.ports or port == state.spec.ide_port)
             most = MOST_DECLARED_WAITS if pool[1] else MOST_PORT_WAITS
             if self._waits[pool] >= most:
@@ -200,6 +224,29 @@ class Waker:
             self._waits[pool] += 1
             task.add_done_callback(lambda _: self._forget(key, pool))
         return task
+
+    def _not_failed_lately(self, workspace: str) -> None:
+        """A 503 with the reason while the workspace's last failed wake is too recent to wake it again."""
+        failed = self._failed.get(workspace)
+        left = failed.left(time.monotonic()) if failed is not None else 0.0
+        if failed is not None and left > 0:
+            seconds = math.ceil(left)
+            raise LifecycleError(f"{failed.message} (it is tried again in {seconds} s)",
+                                 headers={"Retry-After": str(seconds)})
+
+    def _woke_or_failed(self, workspace: str, flight: object, error: GatewayError | None) -> None:
+        """Note how a wake from asleep ended (each of its ports' waits says so): a failure puts the next wake
+        further off than the last one's (failures long past are forgotten)."""
+        now = time.monotonic()
+        self._failed = {name: failed for name, failed in self._failed.items() if failed.left(now) > -failed.wait}
+        last = self._failed.pop(workspace, None)
+        if error is None:
+            return
+        if last is not None and last.flight is flight:  # another port of the same wake
+            self._failed[workspace] = last
+            return
+        wait = min(last.wait * 2, RETRY_MOST) if last is not None else RETRY_FIRST
+        self._failed[workspace] = _Failed(flight, now, error.message, wait)
 
     def _forget(self, key: tuple[str, int], pool: tuple[str, bool]) -> None:
         self._ports.pop(key, None)
@@ -259,6 +306,7 @@ class Waker:
         from_phase = wake_origin(state.phase)
         started = time.monotonic()
         result = "failed"
+        flight: asyncio.Task[WorkspaceState] | None = None
         try:
             if state.phase is not Phase.RUNNING:
                 with self._runtime.events() as events:
@@ -274,6 +322,8 @@ class Waker:
                     raise LifecycleError(state.message or f"Workspace {state.id} could not start.")
             progress.update("waiting-for-port")
             await self._wait_for_port(state, port, self.limits.for_phase(from_phase))
+            if flight is not None:
+                self._woke_or_failed(state.id, flight, None)
             now = time.monotonic()
             self._woke = {key: at for key, at in self._woke.items() if now - at < SETTLE}
             self._woke[(state.id, port)] = now
@@ -283,6 +333,8 @@ class Waker:
                 self._history.setdefault((state.id, from_phase), deque(maxlen=5)).append(time.monotonic() - started)
         except GatewayError as exc:
             progress.update("failed", exc.message)
+            if flight is not None and _failed(self._runtime.get(state.id)):
+                self._woke_or_failed(state.id, flight, exc)  # not stopped meanwhile, nor a port that never opened
             raise
         finally:
             if from_phase is not Phase.RUNNING:
@@ -320,6 +372,11 @@ class Waker:
                     code="port-not-listening",
                 )
             await asyncio.sleep(_PROBE_FAST if now < fast_until else _PROBE_SLOW)
+
+
+def _failed(state: WorkspaceState | None) -> bool:
+    """Whether the workspace failed to come up: FAILED, or COLD with the reason its restore failed."""
+    return state is not None and (state.phase is Phase.FAILED or (state.phase is Phase.COLD and bool(state.message)))
 
 
 def _draining() -> ServiceUnavailable:

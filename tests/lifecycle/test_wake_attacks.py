@@ -20,6 +20,8 @@ import pytest
 from gateway.auth.identity import Identity
 from gateway.lifecycle import Phase
 from gateway.lifecycle import local as local_runtime
+from gateway.lifecycle import wake as wake_module
+from gateway.lifecycle.archive import archive_home
 from gateway.lifecycle.idle import IdleTimers
 from gateway.lifecycle.local import LocalRuntime
 from tests.conftest import MakeGateway, next_address, settings, workspace
@@ -27,12 +29,18 @@ from tests.lifecycle.conftest import (
     API,
     PORT,
     Client,
+    browser,
+    fill_home,
     gateway_of,
     group_members,
+    metric_samples,
     preview,
     read_sse,
     recorded_pgid,
+    sample,
     slow_workspace,
+    sse_events,
+    starts,
     wait_gone,
 )
 
@@ -199,3 +207,85 @@ async def test_a_wake_in_the_moment_its_process_exits_leaves_the_new_process_its
         await runtime.close()
         if pgid is not None and group_members(pgid):
             os.killpg(pgid, signal.SIGKILL)
+
+
+def _damaged_archive(tmp_path: Path) -> None:
+    """Workspace ``ws`` COLD, its archive damaged past its first members: every restore of it fails."""
+    state = tmp_path / "state"
+    home, archive = state / "workspaces" / "ws" / "home", state / "archives" / "ws.tar.gz"
+    fill_home(home)
+    archive_home(home, archive)
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+
+
+async def test_a_visitor_cannot_make_a_workspace_that_fails_to_wake_try_again_and_again(
+        make_gateway: MakeGateway, tmp_path: Path) -> None:
+    """Whoever may wake a workspace (anyone, on a public port) wakes it on a request; one that fails to wake (an
+    archive that cannot be restored, a command that exits at once) was woken again by each next request: a loop of
+    requests, or a waiting page's reloads, restored a home of gigabytes over and over, or started its command as
+    fast as they came. A failed wake is tried again only after a while, longer after each failure, and the requests
+    meanwhile get its failure at once, with the time to come back."""
+    _damaged_archive(tmp_path)
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0)})
+
+    answers = [await client.get("/", headers={"Host": preview("ws"), **API}) for _ in range(10)]
+    page = await client.get("/", headers=browser("ws"))
+    events = await sse_events(client, preview("ws"), within=10)
+
+    samples = await metric_samples(client)
+    assert sample(samples, "codehub_wakes_total", from_phase="COLD", result="failed") == 1
+    for answer in answers:
+        assert answer.status == 503
+        assert (await answer.json())["error"]["message"].startswith("restoring home failed: ")
+    assert int(answers[-1].headers["Retry-After"]) > 0
+    assert page.status == 503
+    assert "restoring home failed" in await page.text()
+    assert events[-1][0] == "failed"
+    assert events[-1][1]["message"].startswith("restoring home failed: ")
+
+
+async def test_a_command_that_exits_at_once_is_not_started_again_for_every_request(
+        make_gateway: MakeGateway, tmp_path: Path) -> None:
+    starts_file = tmp_path / "starts"
+    crash = slow_workspace(next_address(), delay=0)
+    crash["command"] = ["sh", "-c", f"echo start >> {starts_file}; exit 3"]
+    client = await make_gateway(workspaces={"ws": crash})
+
+    answers = [await client.get("/", headers={"Host": preview("ws"), **API}) for _ in range(10)]
+
+    assert [answer.status for answer in answers] == [503] * 10
+    assert starts(starts_file) == 1
+    for answer in answers:
+        assert "exited with code 3" in (await answer.json())["error"]["message"]
+
+
+async def test_a_failed_wake_is_tried_again_later_each_time_and_at_once_from_the_hub(
+        make_gateway: MakeGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait after a failed wake doubles with each failure in a row; the owner's Wake (the API) does not wait."""
+    monkeypatch.setattr(wake_module, "RETRY_FIRST", 1.0)
+    starts_file = tmp_path / "starts"
+    crash = slow_workspace(next_address(), delay=0)
+    crash["command"] = ["sh", "-c", f"echo start >> {starts_file}; exit 3"]
+    client = await make_gateway(workspaces={"ws": crash})
+    _, token = await gateway_of(client).auth.store.create_api_token(Identity("alice"), name="test")
+
+    async def visit() -> int:
+        response = await client.get("/", headers={"Host": preview("ws"), **API})
+        assert response.status == 503
+        return starts(starts_file)
+
+    assert await visit() == 1
+    assert await visit() == 1
+    await asyncio.sleep(1.3)
+    assert await visit() == 2  # the first wait was over; the next is twice as long
+    await asyncio.sleep(1.3)
+    assert await visit() == 2
+    await asyncio.sleep(1.0)
+    assert await visit() == 3
+
+    woken = await client.post("/api/v1/workspaces/ws/wake", headers={"Host": "localhost:8080",
+                                                                     "Authorization": f"Bearer {token}"})
+    assert woken.status == 200
+    assert starts(starts_file) == 4
