@@ -85,10 +85,12 @@ def wake_origin(phase: Phase) -> Phase:
 
 @dataclass(frozen=True, slots=True)
 class _Failed:
-    """A workspace's last failed wake: which, when (monotonic), the reason, and how long the next waits from then."""
+    """A workspace's last failed wake: which, when (monotonic, and by the wall clock as phases are stamped), the
+    reason, and how long the next waits from then."""
 
     flight: object
     at: float
+    when: float
     message: str
     wait: float
 
@@ -210,7 +212,7 @@ class Waker:
         task = self._ports.get(key)
         if task is None:
             if state.phase is not Phase.RUNNING:
-                self._not_failed_lately(state.id)
+                self._not_failed_lately(state)
             pool = (state.id, port in state.spec.ports or port == state.spec.ide_port)
             most = MOST_DECLARED_WAITS if pool[1] else MOST_PORT_WAITS
             if self._waits[pool] >= most:
@@ -225,11 +227,12 @@ class Waker:
             task.add_done_callback(lambda _: self._forget(key, pool))
         return task
 
-    def _not_failed_lately(self, workspace: str) -> None:
-        """A 503 with the reason while the workspace's last failed wake is too recent to wake it again."""
-        failed = self._failed.get(workspace)
+    def _not_failed_lately(self, state: WorkspaceState) -> None:
+        """A 503 with the reason while the workspace's last failed wake is too recent to wake it again, unless the
+        workspace changed since (its owner woke it from the hub, and stopped it again)."""
+        failed = self._failed.get(state.id)
         left = failed.left(time.monotonic()) if failed is not None else 0.0
-        if failed is not None and left > 0:
+        if failed is not None and left > 0 and state.since <= failed.when:
             seconds = math.ceil(left)
             raise LifecycleError(f"{failed.message} (it is tried again in {seconds} s)",
                                  headers={"Retry-After": str(seconds)})
@@ -246,7 +249,7 @@ class Waker:
             self._failed[workspace] = last
             return
         wait = min(last.wait * 2, RETRY_MOST) if last is not None else RETRY_FIRST
-        self._failed[workspace] = _Failed(flight, now, error.message, wait)
+        self._failed[workspace] = _Failed(flight, now, time.time(), error.message, wait)
 
     def _forget(self, key: tuple[str, int], pool: tuple[str, bool]) -> None:
         self._ports.pop(key, None)

@@ -289,3 +289,26 @@ async def test_a_failed_wake_is_tried_again_later_each_time_and_at_once_from_the
                                                                      "Authorization": f"Bearer {token}"})
     assert woken.status == 200
     assert starts(starts_file) == 4
+
+
+async def test_a_failure_from_before_the_workspace_last_changed_holds_nothing_back(
+        make_gateway: MakeGateway, tmp_path: Path) -> None:
+    """Its owner woke the workspace from the hub after a failed wake, and stopped it again: the failure is past, and
+    the next visitor wakes it at once rather than hear of it."""
+    starts_file = tmp_path / "starts"
+    flaky = slow_workspace(next_address(), delay=0)
+    flaky["command"] = ["sh", "-c", f"echo start >> {starts_file}; if [ -e again ]; then exec sleep 600; fi; "
+                                    "touch again; exit 3"]
+    client = await make_gateway(workspaces={"ws": flaky}, policy={"wake": {"warm_timeout": "1s"}})
+    _, token = await gateway_of(client).auth.store.create_api_token(Identity("alice"), name="test")
+    owner = {"Host": "localhost:8080", "Authorization": f"Bearer {token}"}
+    assert (await client.get("/", headers={"Host": preview("ws"), **API})).status == 503
+    assert starts(starts_file) == 1
+
+    assert (await client.post("/api/v1/workspaces/ws/wake", headers=owner)).status == 200
+    assert (await client.post("/api/v1/workspaces/ws/stop", headers=owner)).status == 200
+    assert starts(starts_file) == 2
+
+    response = await client.get("/", headers={"Host": preview("ws"), **API})  # woken: its port never opens
+    assert "tried again" not in (await response.json())["error"]["message"]
+    assert starts(starts_file) == 3
