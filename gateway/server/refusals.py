@@ -24,8 +24,18 @@ from http import HTTPStatus
 from typing import Any, cast
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError, InvalidHeader, InvalidURLError, LineTooLong
+from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+)
+from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from multidict import CIMultiDictProxy
 
 from gateway.accesslog import REFUSED, UNREAD, AccessLog, AccessLogger
 from gateway.config import Limits
@@ -55,7 +65,8 @@ class Reason(enum.Enum):
     REQUEST_LINE = "bad-request-line"  # method, target or version unreadable (TLS or HTTP/2 on this port too)
     HEADER = "bad-header"  # forbidden bytes in a name or value, a folded line, a bare LF, no Host
     DUPLICATE_HEADER = "duplicate-header"  # a header that may appear once, twice (Host…)
-    FRAMING = "bad-framing"  # two Content-Lengths, one with Transfer-Encoding, a bad one: the smuggling shapes
+    FRAMING = "bad-framing"  # two Content-Lengths, one with Transfer-Encoding, a bad one, chunks in HTTP/1.0:
+    # the smuggling shapes
     CHUNK = "bad-chunk"  # a malformed chunk of a chunked body
     URL_TOO_LONG = "url-too-long"
     HEADERS_TOO_LARGE = "headers-too-large"
@@ -106,6 +117,41 @@ def classify(exc: HttpProcessingError) -> Reason:
         return Reason.HEADER
     said = exc.message.lower()
     return next((reason for words, reason in _PARSER_SAYS if words in said), Reason.MALFORMED)
+
+
+def framing_fault(version: tuple[int, int], headers: CIMultiDictProxy[str]) -> BadHttpMessage | None:
+    """A request head aiohttp's parser reads, but whose framing HTTP/1.1 calls faulty; its error (worded for
+    ``classify``). A ``Transfer-Encoding`` on a request older than HTTP/1.1 (RFC 9112 §6.1): a hop in front that
+    reads it by HTTP/1.0's rules takes it for a request without a body, and its chunks for the next request."""
+    if version < HttpVersion11 and "Transfer-Encoding" in headers:
+        return BadHttpMessage("Transfer-Encoding in a request older than HTTP/1.1")
+    return None
+
+
+class _FramingChecked:
+    """aiohttp's request parser with ``framing_fault`` asked of every head it reads: the first faulty one is queued
+    as a parse error (a 400 that closes the connection, as aiohttp queues one), and nothing after it is read."""
+
+    __slots__ = ("_parser", "_refused")
+
+    def __init__(self, parser: Any) -> None:
+        self._parser = parser
+        self._refused = False
+
+    def feed_data(self, data: bytes) -> tuple[Any, bool, bytes]:
+        if self._refused:
+            return (), False, b""
+        messages, upgraded, tail = self._parser.feed_data(data)
+        for index, (message, _) in enumerate(messages):
+            error = framing_fault(message.version, message.headers)
+            if error is not None:
+                self._refused = True
+                failure = _ErrInfo(status=400, exc=error, message=error.message)
+                return (*messages[:index], (failure, EMPTY_PAYLOAD)), False, b""
+        return messages, upgraded, tail
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
 
 
 def refusal(reason: Reason) -> GatewayError:
@@ -162,6 +208,7 @@ class GatewayHandler(RequestHandler):
     def __init__(self, manager: web.Server, refusals: Refusals, release: Callable[[], None], *,
                  head_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
+        self._parser = _FramingChecked(self._parser)  # type: ignore[assignment]  # the parser's methods, checked
         self._refusals = refusals
         self._release: Callable[[], None] | None = release
         self._head_timeout = head_timeout

@@ -1,0 +1,77 @@
+"""Request attacks on the client side of HTTP/1.1: bytes a client sends so that the gateway reads a request one way
+and a hop next to it (a proxy in front, or the app behind) another — request smuggling, desync, and the hand-over
+from the fast lane to aiohttp's.
+
+The harm a desync does is to someone else: a proxy in front that keeps one connection to the gateway for many
+visitors sends the next visitor's request right behind the attacker's, so whatever the gateway takes for the
+attacker's body or next request decides what that visitor gets, or which request goes upstream with their cookies.
+Each test sends raw bytes over a real socket to a real gateway in front of a real upstream on loopback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from aiohttp import web
+
+from tests.server.conftest import MakeProxied
+from tests.server.test_hostile_input import (
+    PRELUDES,
+    after,
+    assert_refused,
+    closed_by_gateway,
+    counted,
+    quiet_refusal,
+    read_answer,
+)
+
+
+def recording_app(paths: list[str]) -> web.Application:
+    """Answers every request "ok", noting the path of each (after reading its body whole)."""
+
+    async def note(request: web.Request) -> web.Response:
+        await request.read()
+        paths.append(request.raw_path)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", note)
+    return app
+
+
+# --- HTTP/1.0 and Transfer-Encoding -----------------------------------------------------------------------------
+
+CHUNKED_HTTP10 = {
+    "keep-alive": b"POST /smuggler HTTP/1.0\r\nHost: {host}\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked"
+                  b"\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /next HTTP/1.1\r\nHost: {host}\r\n\r\n",
+    "close": b"POST /smuggler HTTP/1.0\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("prelude", list(PRELUDES))
+@pytest.mark.parametrize("shape", list(CHUNKED_HTTP10))
+async def test_a_chunked_http10_request_is_refused_and_ends_its_connection(
+        proxied: MakeProxied, caplog: pytest.LogCaptureFixture, prelude: str, shape: str) -> None:
+    """HTTP/1.0 has no chunked coding: a hop in front that speaks it (or a proxy that reads an HTTP/1.0 request by
+    HTTP/1.0's rules) takes ``POST … HTTP/1.0`` + ``Transfer-Encoding: chunked`` for a request without a body, and
+    the chunks behind it for the next request on its connection, where the gateway took them for this one's body:
+    the two then disagree on where every request after it begins (RFC 9112 §6.1: a recipient MUST treat such a
+    message as faulty framing and close the connection). aiohttp's parser reads the chunks and kept the
+    connection alive for the request behind them: it is a 400 (``bad-framing``) that reaches no app, and the
+    connection ends."""
+    caplog.set_level(logging.DEBUG)
+    paths: list[str] = []
+    p = await proxied(recording_app(paths))
+    reader, writer = await after(p, prelude)
+    paths.clear()
+    caplog.clear()
+    try:
+        writer.write(CHUNKED_HTTP10[shape].replace(b"{host}", p.host.encode()))
+        answer = await read_answer(reader)
+        assert_refused(answer, 400, "bad-framing")
+        assert await closed_by_gateway(reader)  # nothing behind it is read: its framing is unknown
+    finally:
+        writer.close()
+    assert paths == []
+    quiet_refusal(caplog, 400, "bad-framing")
+    await counted(p, "bad-framing")
