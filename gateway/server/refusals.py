@@ -230,7 +230,9 @@ class GatewayHandler(RequestHandler):
         super().data_received(data)
         if self._messages:
             self._stop_head_timer()
-            if in_progress is not None and len(self._messages) > queued:
+            # A failure queued while its body is unfinished is in that body; one behind a whole body is the next
+            # request's, answered in its turn (the body's unread end still goes upstream).
+            if in_progress is not None and len(self._messages) > queued and not in_progress.content.is_eof():
                 self._refuse_body(in_progress)
         elif (idle or pipelined) and self._head_timer is None and data:
             self.expect_head(self._loop.time() + self._head_timeout)

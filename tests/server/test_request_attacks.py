@@ -9,6 +9,7 @@ Each test sends raw bytes over a real socket to a real gateway in front of a rea
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -75,3 +76,38 @@ async def test_a_chunked_http10_request_is_refused_and_ends_its_connection(
     assert paths == []
     quiet_refusal(caplog, 400, "bad-framing")
     await counted(p, "bad-framing")
+
+
+# --- a malformed head behind a whole body ------------------------------------------------------------------------
+
+UPLOAD = 4 << 20
+"""More than the sockets and buffers between the gateway and a slow app hold: the end of the body is still in the
+gateway when what was sent behind it arrives."""
+
+
+async def test_a_malformed_head_behind_a_whole_upload_does_not_fail_the_upload(proxied: MakeProxied) -> None:
+    """A request whose body arrived whole is served whole, whatever comes behind it on the connection: a malformed
+    next head is that next request's 400. It failed the upload in flight instead (its body's unread end was
+    dropped and the upload answered 400 ``bad-request-line``), so whoever sends a request behind someone else's on
+    a connection a proxy in front shares could break their upload, and the app got a body cut short."""
+    received: list[int] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.3)  # the app is busy: the gateway holds the end of the body meanwhile
+        received.append(sum([len(piece) async for piece in request.content.iter_any()]))
+        return web.Response(text="stored")
+
+    app = web.Application()
+    app.router.add_post("/upload", slow)
+    p = await proxied(app)
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(f"POST /upload HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: {UPLOAD}\r\n\r\n".encode()
+                     + b"u" * UPLOAD + b"GARBAGE\r\n\r\n")
+        first = await read_answer(reader)
+        second = await read_answer(reader)
+        assert await closed_by_gateway(reader)
+    finally:
+        writer.close()
+    assert (first.status, first.body, received) == (200, b"stored", [UPLOAD])
+    assert_refused(second, 400, "bad-request-line")
