@@ -15,7 +15,9 @@ import logging
 import pytest
 from aiohttp import web
 
-from tests.server.conftest import MakeProxied
+from gateway.server.context import GATEWAY
+from tests.conftest import MakeGateway, next_address, workspace
+from tests.server.conftest import WORKSPACE, MakeProxied
 from tests.server.test_hostile_input import (
     PRELUDES,
     after,
@@ -111,3 +113,57 @@ async def test_a_malformed_head_behind_a_whole_upload_does_not_fail_the_upload(p
         writer.close()
     assert (first.status, first.body, received) == (200, b"stored", [UPLOAD])
     assert_refused(second, 400, "bad-request-line")
+
+
+# --- what reaches the app --------------------------------------------------------------------------------------
+
+class RawUpstream:
+    """An app on a raw socket that records every byte it receives and answers each request head "ok" (a body it
+    does not read: the tests look at the bytes themselves)."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                self.received += data
+                if data.endswith(b"\r\n\r\n"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+CHUNKED_EXTRAS = (b"POST /up HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n"
+                  b"Trailer: X-Forwarded-User\r\n\r\n5;name=\"x\";sig=1\r\nhello\r\n0;last\r\n"
+                  b"X-Forwarded-User: admin\r\nX-Codehub-Assertion: forged\r\n\r\n")
+
+
+async def test_chunk_extensions_and_trailers_never_reach_the_app(make_gateway: MakeGateway) -> None:
+    """A chunked body goes upstream chunked again by the gateway, as plain chunks and an empty trailer section:
+    the client's chunk extensions (which parsers read in different ways) and trailer fields are not passed on, so a
+    trailer cannot carry an identity header (``X-Forwarded-User``) past the hygiene its head went through to an app
+    that merges trailers into headers."""
+    address = next_address()
+    upstream = RawUpstream()
+    server = await asyncio.start_server(upstream.serve, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={port: "public"})},
+                                    in_memory=True)
+        await client.app[GATEWAY].runtime.wake(WORKSPACE)
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        try:
+            writer.write(CHUNKED_EXTRAS.replace(b"{host}", f"{port}-{WORKSPACE}.localhost:8080".encode()))
+            answer = await read_answer(reader)
+        finally:
+            writer.close()
+    finally:
+        server.close()
+    assert (answer.status, answer.body) == (200, b"ok")
+    head, _, body = bytes(upstream.received).partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert b"Trailer" not in head
+    assert body == b"5\r\nhello\r\n0\r\n\r\n"
