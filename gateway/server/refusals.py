@@ -128,9 +128,22 @@ def framing_fault(version: tuple[int, int], headers: CIMultiDictProxy[str]) -> B
     return None
 
 
-class _FramingChecked:
-    """aiohttp's request parser with ``framing_fault`` asked of every head it reads: the first faulty one is queued
-    as a parse error (a 400 that closes the connection, as aiohttp queues one), and nothing after it is read."""
+def ends_its_connection(method: str, headers: CIMultiDictProxy[str], upgrade: bool) -> bool:
+    """Whether a request must be the last of its connection: it asks to switch to a protocol aiohttp does not
+    switch to. llhttp stops reading at any upgrade request and aiohttp goes on only after one to WebSocket (or a
+    CONNECT): what came behind any other in the same read is dropped unread, so the requests after it on the
+    connection would be answered out of turn."""
+    if not upgrade or method == "CONNECT":
+        return False
+    asked = headers.get("Upgrade", "")
+    return not (asked.isascii() and asked.lower() == "websocket")
+
+
+class _CheckedParser:
+    """aiohttp's request parser with the heads it reads checked: the first whose framing is faulty
+    (``framing_fault``) is queued as a parse error (a 400 that closes the connection, as aiohttp queues one) and
+    nothing after it is read; one that must end its connection (``ends_its_connection``) is answered with
+    ``Connection: close``."""
 
     __slots__ = ("_parser", "_refused")
 
@@ -142,13 +155,17 @@ class _FramingChecked:
         if self._refused:
             return (), False, b""
         messages, upgraded, tail = self._parser.feed_data(data)
-        for index, (message, _) in enumerate(messages):
+        checked = []
+        for message, payload in messages:
             error = framing_fault(message.version, message.headers)
             if error is not None:
                 self._refused = True
-                failure = _ErrInfo(status=400, exc=error, message=error.message)
-                return (*messages[:index], (failure, EMPTY_PAYLOAD)), False, b""
-        return messages, upgraded, tail
+                checked.append((_ErrInfo(status=400, exc=error, message=error.message), EMPTY_PAYLOAD))
+                return checked, False, b""
+            if not message.should_close and ends_its_connection(message.method, message.headers, message.upgrade):
+                message = message._replace(should_close=True)
+            checked.append((message, payload))
+        return checked, upgraded, tail
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._parser, name)
@@ -208,7 +225,7 @@ class GatewayHandler(RequestHandler):
     def __init__(self, manager: web.Server, refusals: Refusals, release: Callable[[], None], *,
                  head_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
-        self._parser = _FramingChecked(self._parser)  # type: ignore[assignment]  # the parser's methods, checked
+        self._parser = _CheckedParser(self._parser)  # type: ignore[assignment]  # the parser's methods, checked
         self._refusals = refusals
         self._release: Callable[[], None] | None = release
         self._head_timeout = head_timeout

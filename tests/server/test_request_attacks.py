@@ -167,3 +167,42 @@ async def test_chunk_extensions_and_trailers_never_reach_the_app(make_gateway: M
     assert b"transfer-encoding: chunked" in head.lower()
     assert b"Trailer" not in head
     assert body == b"5\r\nhello\r\n0\r\n\r\n"
+
+
+# --- an upgrade the gateway does not make -------------------------------------------------------------------------
+
+IGNORED_UPGRADES = {
+    "h2c": b"GET /a HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+           b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
+    "unknown": b"GET /a HTTP/1.1\r\nHost: {host}\r\nConnection: upgrade\r\nUpgrade: foo/1\r\n\r\n",
+    "with-a-body": b"POST /a HTTP/1.1\r\nHost: {host}\r\nConnection: upgrade\r\nUpgrade: h2c\r\n"
+                   b"Content-Length: 5\r\n\r\nhello",
+}
+BEHIND = b"GET /b HTTP/1.1\r\nHost: {host}\r\n\r\n"
+
+
+@pytest.mark.parametrize("prelude", list(PRELUDES))
+@pytest.mark.parametrize("shape", list(IGNORED_UPGRADES))
+async def test_no_answer_goes_out_of_turn_behind_an_upgrade_the_gateway_does_not_make(
+        proxied: MakeProxied, prelude: str, shape: str) -> None:
+    """llhttp stops reading at a request that asks to switch protocols, and aiohttp switches only to WebSocket:
+    whatever came in the same read behind an ``Upgrade: h2c`` (curl sends one) or any other upgrade was dropped
+    unread, and the connection went on with the next read. A proxy in front that sends requests one behind the
+    other then waits for an answer to the dropped one, and takes the answer to the request after it for that
+    one: someone else's page. Such a request is now the last of its connection (answered with ``Connection:
+    close``), so nothing on it is answered out of turn."""
+    paths: list[str] = []
+    p = await proxied(recording_app(paths))
+    reader, writer = await after(p, prelude)
+    paths.clear()
+    host = p.host.encode()
+    try:
+        writer.write((IGNORED_UPGRADES[shape] + BEHIND).replace(b"{host}", host))
+        first = await read_answer(reader)
+        assert first.status == 200
+        writer.write(b"GET /c HTTP/1.1\r\nHost: %b\r\n\r\n" % host)  # sent once the first answer is in
+        assert await closed_by_gateway(reader)  # no answer to /c that a proxy would take for /b's
+    finally:
+        writer.close()
+    assert first.closed
+    assert paths == ["/a"]
