@@ -48,6 +48,7 @@ async def by_plan(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
     kind = "unrouted"
     response: web.StreamResponse | None = None
+    answered: web.StreamResponse | None = None
     websocket = False
     try:
         plan = plan_for(request, gateway)
@@ -55,7 +56,7 @@ async def by_plan(request: web.Request, handler: Handler) -> web.StreamResponse:
             request[TARGET] = plan.target
             kind = plan.target.kind.value
         websocket = isinstance(plan, Forward | Hold) and (plan.forward if isinstance(plan, Hold) else plan).websocket
-        response = await execute(request, plan, gateway, handler)
+        response = answered = await execute(request, plan, gateway, handler)
     except GatewayError as exc:
         response = error_response(request, exc)
     except (web.HTTPNotFound, web.HTTPForbidden):  # 403: the static route's for its folder (``/static/``), which
@@ -77,6 +78,11 @@ async def by_plan(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not websocket:
             status = response.status if response is not None else 499
             gateway.metrics.observe_request(kind, status, time.perf_counter() - started)
+    if response is not answered and request.writer.output_size and request.transport is not None:
+        # Part of the answer that failed went out: a client, or a proxy in front, would read the error page as
+        # more of it, and the answers behind it with it. Closing tells the client it is cut; nothing is answered
+        # after it (aiohttp finds the connection closing when it goes to write the error page).
+        request.transport.close()
     if not response.prepared:
         _own_headers(response, kind, gateway)
     return response
