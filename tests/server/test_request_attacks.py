@@ -236,3 +236,28 @@ async def test_a_failure_after_the_answer_began_is_never_followed_by_a_second_an
     assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
     assert raw.count(b"HTTP/1.1 ") == 1, raw[:600]
     assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1  # the bug, with its traceback
+
+
+# --- a malformed request behind valid ones in one read -----------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="aiohttp's C parser (3.14) keeps the requests it read before a parse error "
+                   "in the same read to itself (a private list), so its 400 goes out as the first answer and they "
+                   "are never served; the gateway cannot reach them without a change to aiohttp")
+@pytest.mark.parametrize("prelude", list(PRELUDES))
+async def test_a_malformed_request_is_not_answered_in_place_of_the_valid_one_before_it(
+        proxied: MakeProxied, prelude: str) -> None:
+    """Answers go out in the order of their requests (RFC 9112 §9.3.2): a malformed request that arrives in the same
+    read as a valid one before it gets its 400 after that one's answer. Behind a proxy that sends visitors'
+    requests one behind the other on a shared connection, a visitor's request followed by an attacker's garbage
+    gets the attacker's 400 instead, and never reaches its app (the connection then ends: nothing else is answered
+    out of turn)."""
+    paths: list[str] = []
+    p = await proxied(recording_app(paths))
+    reader, writer = await after(p, prelude)
+    paths.clear()
+    try:
+        writer.write(b"GET /a HTTP/1.1\r\nHost: %b\r\n\r\nGARBAGE\r\n\r\n" % p.host.encode())
+        first = await read_answer(reader)
+    finally:
+        writer.close()
+    assert (first.status, paths) == (200, ["/a"])
