@@ -65,8 +65,8 @@ class Reason(enum.Enum):
     REQUEST_LINE = "bad-request-line"  # method, target or version unreadable (TLS or HTTP/2 on this port too)
     HEADER = "bad-header"  # forbidden bytes in a name or value, a folded line, a bare LF, no Host
     DUPLICATE_HEADER = "duplicate-header"  # a header that may appear once, twice (Host…)
-    FRAMING = "bad-framing"  # two Content-Lengths, one with Transfer-Encoding, a bad one, chunks in HTTP/1.0:
-    # the smuggling shapes
+    FRAMING = "bad-framing"  # two Content-Lengths, one with Transfer-Encoding, a bad one, a Transfer-Encoding not
+    # ending in chunked, chunks in HTTP/1.0: the smuggling shapes
     CHUNK = "bad-chunk"  # a malformed chunk of a chunked body
     URL_TOO_LONG = "url-too-long"
     HEADERS_TOO_LARGE = "headers-too-large"
@@ -119,11 +119,17 @@ def classify(exc: HttpProcessingError) -> Reason:
     return next((reason for words, reason in _PARSER_SAYS if words in said), Reason.MALFORMED)
 
 
-def framing_fault(version: tuple[int, int], headers: CIMultiDictProxy[str]) -> BadHttpMessage | None:
+def framing_fault(version: tuple[int, int], headers: CIMultiDictProxy[str], chunked: bool) -> BadHttpMessage | None:
     """A request head aiohttp's parser reads, but whose framing HTTP/1.1 calls faulty; its error (worded for
-    ``classify``). A ``Transfer-Encoding`` on a request older than HTTP/1.1 (RFC 9112 §6.1): a hop in front that
-    reads it by HTTP/1.0's rules takes it for a request without a body, and its chunks for the next request."""
-    if version < HttpVersion11 and "Transfer-Encoding" in headers:
+    ``classify``). A ``Transfer-Encoding`` that does not end in ``chunked`` (llhttp lets an empty one through, and
+    before a ``Content-Length`` reads the request by the length): a request without a length anyone can rely on
+    (RFC 9112 §6.3). A ``Transfer-Encoding`` on a request older than HTTP/1.1 (§6.1): a hop in front that reads it
+    by HTTP/1.0's rules takes it for a request without a body, and its chunks for the next request."""
+    if "Transfer-Encoding" not in headers:
+        return None
+    if not chunked:
+        return BadHttpMessage("Transfer-Encoding that does not end in chunked")
+    if version < HttpVersion11:
         return BadHttpMessage("Transfer-Encoding in a request older than HTTP/1.1")
     return None
 
@@ -157,7 +163,7 @@ class _CheckedParser:
         messages, upgraded, tail = self._parser.feed_data(data)
         checked = []
         for message, payload in messages:
-            error = framing_fault(message.version, message.headers)
+            error = framing_fault(message.version, message.headers, message.chunked)
             if error is not None:
                 self._refused = True
                 checked.append((_ErrInfo(status=400, exc=error, message=error.message), EMPTY_PAYLOAD))
