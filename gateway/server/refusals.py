@@ -10,7 +10,10 @@ reach aiohttp's ``log_exception``, once, with their traceback.
 aiohttp's ``RequestHandler`` logs every parse error as an ERROR with a traceback (``handle_error``): the handler
 here answers those itself. It also adds what aiohttp lacks: a deadline for a request head (aiohttp would wait for
 a dribbled head until the keep-alive timeout), and a malformed chunk in the middle of a body ends that request
-with a 400 (aiohttp would leave it waiting for the rest of a body that can no longer come).
+with a 400 (aiohttp would leave it waiting for the rest of a body that can no longer come). Heads its parser reads
+whose framing HTTP/1.1 calls faulty are refused too, and a request after which its parser lost what followed in
+the same read (an upgrade other than WebSocket) is the last of its connection: ``framing_fault``,
+``ends_its_connection``.
 """
 
 from __future__ import annotations
@@ -161,6 +164,8 @@ class _CheckedParser:
         if self._refused:
             return (), False, b""
         messages, upgraded, tail = self._parser.feed_data(data)
+        if not messages:  # most reads: a piece of a body, or of a head
+            return messages, upgraded, tail
         checked = []
         for message, payload in messages:
             error = framing_fault(message.version, message.headers, message.chunked)
