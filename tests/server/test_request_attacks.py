@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 
 import pytest
 from aiohttp import web
@@ -305,3 +306,85 @@ async def test_a_malformed_request_is_not_answered_in_place_of_the_valid_one_bef
     finally:
         writer.close()
     assert (first.status, paths) == (200, ["/a"])
+
+
+# --- every answer framed and in turn --------------------------------------------------------------------------------
+
+async def read_strictly(reader: asyncio.StreamReader, method: str) -> tuple[int, dict[str, str], bytes]:
+    """One final answer read as a strict HTTP/1.1 client reads it, knowing its request's method (interim answers
+    skipped): no header twice, a length or chunks but never both, nothing around the chunks but their framing."""
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        if status != 100:
+            break
+    headers: dict[str, str] = {}
+    for line in filter(None, lines[1:]):
+        name, _, value = line.partition(":")
+        assert name.lower() not in headers, head
+        headers[name.lower()] = value.strip()
+    if method == "HEAD" or status in (204, 304):
+        return status, headers, b""
+    if "content-length" in headers:
+        assert "transfer-encoding" not in headers, head
+        return status, headers, await reader.readexactly(int(headers["content-length"]))
+    assert headers.get("transfer-encoding") == "chunked", head
+    body = b""
+    while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+        body += await reader.readexactly(size)
+        assert await reader.readexactly(2) == b"\r\n"
+    assert await reader.readexactly(2) == b"\r\n"
+    return status, headers, body
+
+
+async def test_a_connection_of_mixed_exchanges_gets_every_answer_framed_and_in_turn(proxied: MakeProxied) -> None:
+    """The shapes that each change how an answer is framed (HEAD, 204, 304, chunked, small and streamed, a body
+    behind ``Expect: 100-continue``, an upgrade to WebSocket asked by a method that gets none), in both lanes, sent
+    one at a time and pipelined, on one kept-alive connection: each answer, read strictly, is whole and is its own
+    request's. One answer framed wrongly would shift every answer after it onto the wrong request."""
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        status, body = int(request.query["s"]), (request.path + "|").encode() * int(request.query["n"])
+        if status in (204, 304):
+            return web.Response(status=status, headers={"X-Path": request.path})
+        if request.query["chunked"]:
+            streamed = web.StreamResponse(status=status, headers={"X-Path": request.path})
+            streamed.enable_chunked_encoding()
+            await streamed.prepare(request)
+            await streamed.write(body)
+            await streamed.write_eof()
+            return streamed
+        return web.Response(status=status, body=body, headers={"X-Path": request.path})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    p = await proxied(app)
+    pick = random.Random(7).choice
+    requests = []
+    for i in range(150):
+        method = pick(["GET", "GET", "HEAD", "POST", "PUT", "OPTIONS", "DELETE"])
+        body = b"b" * pick([0, 1, 5000]) if method not in ("GET", "HEAD") else b""
+        extra = pick(["", "Accept: application/json\r\n", "Expect: 100-continue\r\n" if body else "",
+                      "Connection: upgrade\r\nUpgrade: websocket\r\n" if method != "GET" else ""])
+        status, times = pick([200, 204, 304, 404, 201]), pick([1, 3000, 20000])  # 20,000 times: streamed
+        query = f"s={status}&n={times}&chunked={pick(['', '1'])}"
+        whole = b"" if method == "HEAD" or status in (204, 304) else f"/r{i}|".encode() * times
+        requests.append((method, f"/r{i}", query, body, extra, whole))
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    wrong = []
+    try:
+        while requests:
+            batch = requests[:pick([1, 1, 2, 3])]
+            requests = requests[len(batch):]
+            writer.write(b"".join(f"{method} {path}?{query} HTTP/1.1\r\nHost: {p.host}\r\n{extra}"
+                                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+                                  for method, path, query, body, extra, _ in batch))
+            for method, path, query, _, _, whole in batch:
+                async with asyncio.timeout(10):
+                    status, headers, got = await read_strictly(reader, method)
+                if (headers.get("x-path"), got) != (path, whole):
+                    wrong.append((method, path, query, status, headers.get("x-path")))
+    finally:
+        writer.close()
+    assert wrong == []
