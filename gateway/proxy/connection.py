@@ -397,8 +397,6 @@ class Connection(WriteFlow):
         return self._head is None and self._error is None and not self._done
 
     def begin(self, head_only: bool) -> None:
-        if self._head_only:  # llhttp cannot be told a HEAD answer has no body: it still waits for one
-            self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
         self._headers = []
         self._reason = b""
@@ -463,7 +461,11 @@ class Connection(WriteFlow):
 
     @property
     def reusable(self) -> bool:
-        return (self.keep_alive and self._done and not self._chunks and self._error is None
+        """Whether the next request may go on this connection. Not after an answer to a HEAD: llhttp cannot be told
+        that it has no body, and an app that writes one anyway (serving HEAD as GET) may write it after the
+        connection went to the next request, whose answer it would then be, someone else's perhaps; idle, such
+        bytes are caught (``data_received``), in flight they are not."""
+        return (self.keep_alive and self._done and not self._chunks and self._error is None and not self._head_only
                 and self.transport is not None and not self.transport.is_closing())
 
     def close(self) -> None:

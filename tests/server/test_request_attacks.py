@@ -19,6 +19,7 @@ from aiohttp import web
 from gateway.proxy.pool import Response
 from gateway.server.context import GATEWAY
 from tests.conftest import MakeGateway, next_address, workspace
+from tests.server import test_upstream_faults as faults
 from tests.server.conftest import WORKSPACE, MakeProxied, sent_raw
 from tests.server.test_hostile_input import (
     PRELUDES,
@@ -29,6 +30,8 @@ from tests.server.test_hostile_input import (
     quiet_refusal,
     read_answer,
 )
+from tests.server.test_upstream_faults import Faulty, warm
+from tests.server.test_upstream_faults import faulty as faulty  # the fixture
 
 
 def recording_app(paths: list[str]) -> web.Application:
@@ -388,3 +391,36 @@ async def test_a_connection_of_mixed_exchanges_gets_every_answer_framed_and_in_t
     finally:
         writer.close()
     assert wrong == []
+
+
+# --- an answer that comes late, after one to HEAD ----------------------------------------------------------------
+
+LATE_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Smuggled: yes\r\n\r\npoisoned"
+
+
+async def late_answer_after_head(path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """The answer to a HEAD, then a moment later what an app that serves HEAD as GET writes as the body: here a whole
+    answer (an app that puts what a visitor sent at the start of its page writes what they chose)."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(LATE_ANSWER))
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.write(LATE_ANSWER)
+    await writer.drain()
+    return True
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"], ids=["fast-lane", "aiohttp-lane"])
+async def test_a_body_sent_late_after_an_answer_to_head_is_never_the_next_requests_answer(
+        faulty: Faulty, monkeypatch: pytest.MonkeyPatch, version: str) -> None:
+    """A body the app writes after its answer to a HEAD (which has none) was caught only while its connection sat
+    idle (``test_a_body_after_an_answer_to_head_is_not_the_next_answer`` waits for it): a request that took the
+    connection from the pool first had it read as its own answer, so a visitor who sends HEAD to such an app puts
+    what its body holds in front of the next visitor. A connection that answered a HEAD is not used again."""
+    monkeypatch.setitem(faults.FAULTS, "late-answer-after-head", late_answer_after_head)
+    await warm(faulty, "GET")
+    answer, _, _ = await faulty.send("HEAD", "/fault/late-answer-after-head", version)
+    assert answer is not None
+    assert answer.status == 200
+    answer, body, _ = await faulty.send("GET", "/ok")  # at once: the connection that answered the HEAD is idle
+    assert answer is not None
+    assert (answer.status, body) == (200, b"ok /ok"), answer.head

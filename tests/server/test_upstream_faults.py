@@ -560,8 +560,9 @@ async def test_a_body_after_an_answer_to_head_is_not_the_next_answer(faulty: Fau
     await asyncio.sleep(0.4)  # the body the upstream should not have sent has come
     for _ in range(3):
         await assert_pool_healthy(faulty, "GET", files)
-    counted = faults_counted(await faulty.metrics())
-    assert set(counted) == {"garbage"}, counted
+    # Not read, so not counted: a connection that answered a HEAD is closed at once, as a body written late may come
+    # after it went to the next request (test_a_body_sent_late_after_an_answer_to_head_is_never_the_next_requests…)
+    assert faults_counted(await faulty.metrics()) == {}
 
 
 @pytest.mark.parametrize("lane", list(LANES))
