@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
@@ -267,6 +268,8 @@ def test_token_issue_refuses_a_name_the_hub_would_refuse(tmp_path: Path, name: s
 # --- nesting past Python's recursion limit ------------------------------------------------------------------------
 
 _DEEP = "[" * 100_000 + "]" * 100_000
+_TOO_DEEP = "(nested more than 200 deep|exceeded maximum nesting depth)"
+"""Ours, or that of a libyaml that keeps a limit of its own (Debian's: 1,000), whose scanner reads that far ahead."""
 
 
 @pytest.mark.parametrize("command", ["policy", "serve"])
@@ -277,12 +280,13 @@ def test_a_file_nested_past_the_recursion_limit_is_one_line(tmp_path: Path, comm
         policy = tmp_path / "policy.yaml"
         policy.write_text(f"ports:\n  denied: {_DEEP}\n")
         result = run("policy", "check", str(policy))
-        assert (result.returncode, result.stderr.splitlines()) == (
-            1, [f"{policy}:2: not valid YAML: nested more than 200 deep"])
+        assert (result.returncode, len(result.stderr.splitlines())) == (1, 1), result.stderr
+        assert re.fullmatch(rf"{re.escape(str(policy))}:2: not valid YAML: {_TOO_DEEP}\n", result.stderr)
     else:
         config = settings_file(tmp_path, f"workspace_defaults: {_DEEP}\n")
         line = len(config.read_text().splitlines())
-        assert serve_refuses(config) == [f"config error: {config}:{line}: not valid YAML (nested more than 200 deep)"]
+        [refused] = serve_refuses(config)
+        assert re.fullmatch(rf"config error: {re.escape(str(config))}:{line}: not valid YAML \({_TOO_DEEP}\)", refused)
 
 
 def test_a_setting_from_the_environment_nested_past_the_recursion_limit_is_one_line(tmp_path: Path) -> None:
