@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.lifecycle import Runtime, WorkspaceState
 from gateway.lifecycle import local as local_runtime
 from gateway.lifecycle.archive import restore_home
+from gateway.lifecycle.idle import IdleTimers
 from gateway.server.context import GATEWAY, Gateway
 from tests.conftest import scrape
 
@@ -56,6 +57,11 @@ def preview(workspace: str, port: int = PORT) -> str:
 
 
 API = {"Accept": "application/json"}
+IDLE = {"to_warm": 60.0, "to_cold": 600.0, "check_every": 3600.0}
+"""Idle settings for tests that drive the reaper by hand (``check_every`` an hour: it never runs by itself)."""
+TIMERS = IdleTimers(IDLE["to_warm"], IDLE["to_cold"], IDLE["check_every"])
+SLACK = 10.0
+"""More than a test takes in real time: phase changes are stamped by the real clock, activity by the test's."""
 
 
 def browser(workspace: str, port: int = PORT) -> dict[str, str]:

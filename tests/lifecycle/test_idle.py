@@ -14,11 +14,13 @@ import pytest
 from aiohttp import WSMsgType
 
 from gateway.lifecycle import Phase
-from gateway.lifecycle.idle import IdleTimers
 from tests.conftest import MakeGateway, next_address
 from tests.lifecycle.conftest import (
     API,
     BODY,
+    IDLE,
+    SLACK,
+    TIMERS,
     Client,
     browser,
     gateway_of,
@@ -30,10 +32,6 @@ from tests.lifecycle.conftest import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-IDLE = {"to_warm": 60.0, "to_cold": 600.0, "check_every": 3600.0}
-TIMERS = IdleTimers(IDLE["to_warm"], IDLE["to_cold"], IDLE["check_every"])
-SLACK = 10.0
-"""More than a test takes in real time: phase changes are stamped by the real clock, activity by the test's."""
 
 
 class Clock:

@@ -22,12 +22,15 @@ from gateway.lifecycle import Phase
 from gateway.lifecycle import local as local_runtime
 from gateway.lifecycle import wake as wake_module
 from gateway.lifecycle.archive import archive_home
-from gateway.lifecycle.idle import IdleTimers
 from gateway.lifecycle.local import LocalRuntime
+from gateway.server.context import Gateway
 from tests.conftest import MakeGateway, next_address, settings, workspace
 from tests.lifecycle.conftest import (
     API,
+    IDLE,
     PORT,
+    SLACK,
+    TIMERS,
     Client,
     browser,
     fill_home,
@@ -45,11 +48,19 @@ from tests.lifecycle.conftest import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-IDLE = {"to_warm": 60.0, "to_cold": 600.0, "check_every": 3600.0}
-TIMERS = IdleTimers(IDLE["to_warm"], IDLE["to_cold"], IDLE["check_every"])
-SLACK = 10.0
 EMPTY_PORT = PORT + 1
 """A public port of the workspace on which nothing listens."""
+
+
+async def running_for_members(make_gateway: MakeGateway, clock: Clock) -> tuple[Client, Gateway]:
+    """A RUNNING workspace with a public ``EMPTY_PORT``, under ``visitors_keep_awake: false``."""
+    ws = slow_workspace(next_address(), delay=0)
+    ws["ports"][EMPTY_PORT] = "public"
+    client = await make_gateway(workspaces={"ws": ws}, idle=IDLE, clock=clock,
+                                policy={"wake": {"visitors_keep_awake": False}})
+    gateway = gateway_of(client)
+    assert (await gateway.runtime.wake("ws")).phase is Phase.RUNNING
+    return client, gateway
 
 
 class Clock:
@@ -79,12 +90,7 @@ async def test_a_visitor_cannot_keep_a_workspace_awake_with_a_progress_stream_fo
     a wake in progress and left the workspace alone; opened again each time it ends, it kept the workspace RUNNING
     for ever. A wait for a port of a workspace that already runs is no wake: it ends when the workspace stops."""
     clock = Clock()
-    ws = slow_workspace(next_address(), delay=0)
-    ws["ports"][EMPTY_PORT] = "public"
-    client = await make_gateway(workspaces={"ws": ws}, idle=IDLE, clock=clock,
-                                policy={"wake": {"visitors_keep_awake": False}})
-    gateway = gateway_of(client)
-    assert (await gateway.runtime.wake("ws")).phase is Phase.RUNNING
+    client, gateway = await running_for_members(make_gateway, clock)
 
     events: list[str] = []
 
@@ -133,12 +139,7 @@ async def test_a_member_held_on_a_wait_a_visitor_began_keeps_the_workspace_awake
     are those of people, and the owner's keep the workspace awake as their proxied requests do: a visitor's stream
     on the port the owner is about to start must not leave the owner's request to be cut off by the reaper."""
     clock = Clock()
-    ws = slow_workspace(next_address(), delay=0)
-    ws["ports"][EMPTY_PORT] = "public"
-    client = await make_gateway(workspaces={"ws": ws}, idle=IDLE, clock=clock,
-                                policy={"wake": {"visitors_keep_awake": False}})
-    gateway = gateway_of(client)
-    assert (await gateway.runtime.wake("ws")).phase is Phase.RUNNING
+    client, gateway = await running_for_members(make_gateway, clock)
     _, token = await gateway.auth.store.create_api_token(Identity("alice"), name="test")
 
     stream = asyncio.ensure_future(client.get("/_codehub/wake/events", headers={"Host": preview("ws", EMPTY_PORT)}))

@@ -20,7 +20,7 @@ from gateway.proxy.pool import Response
 from gateway.server.context import GATEWAY
 from tests.conftest import MakeGateway, next_address, workspace
 from tests.server import test_upstream_faults as faults
-from tests.server.conftest import WORKSPACE, MakeProxied, sent_raw
+from tests.server.conftest import WORKSPACE, MakeProxied, Proxied, sent_raw
 from tests.server.test_hostile_input import (
     PRELUDES,
     after,
@@ -47,6 +47,17 @@ def recording_app(paths: list[str]) -> web.Application:
     return app
 
 
+async def recorded(proxied: MakeProxied, prelude: str) -> tuple[
+        Proxied, list[str], asyncio.StreamReader, asyncio.StreamWriter]:
+    """A gateway in front of a ``recording_app`` and a client connection at ``prelude``'s place, the paths the
+    prelude sent forgotten."""
+    paths: list[str] = []
+    p = await proxied(recording_app(paths))
+    reader, writer = await after(p, prelude)
+    paths.clear()
+    return p, paths, reader, writer
+
+
 # --- HTTP/1.0 and Transfer-Encoding -----------------------------------------------------------------------------
 
 CHUNKED_HTTP10 = {
@@ -68,10 +79,7 @@ async def test_a_chunked_http10_request_is_refused_and_ends_its_connection(
     connection alive for the request behind them: it is a 400 (``bad-framing``) that reaches no app, and the
     connection ends."""
     caplog.set_level(logging.DEBUG)
-    paths: list[str] = []
-    p = await proxied(recording_app(paths))
-    reader, writer = await after(p, prelude)
-    paths.clear()
+    p, paths, reader, writer = await recorded(proxied, prelude)
     caplog.clear()
     try:
         writer.write(CHUNKED_HTTP10[shape].replace(b"{host}", p.host.encode()))
@@ -107,10 +115,7 @@ async def test_a_transfer_encoding_that_does_not_end_in_chunked_is_refused(
     (or the reverse): the two disagree on where the requests behind it begin. It is a 400 (``bad-framing``) that
     reaches no app, and the connection ends."""
     caplog.set_level(logging.DEBUG)
-    paths: list[str] = []
-    p = await proxied(recording_app(paths))
-    reader, writer = await after(p, prelude)
-    paths.clear()
+    p, paths, reader, writer = await recorded(proxied, prelude)
     caplog.clear()
     head, _, rest = UNCHUNKED_CODINGS[shape].replace(b"{host}", p.host.encode()).partition(b"\r\n\r\n")
     try:
@@ -240,10 +245,7 @@ async def test_no_answer_goes_out_of_turn_behind_an_upgrade_the_gateway_does_not
     other then waits for an answer to the dropped one, and takes the answer to the request after it for that
     one: someone else's page. Such a request is now the last of its connection (answered with ``Connection:
     close``), so nothing on it is answered out of turn."""
-    paths: list[str] = []
-    p = await proxied(recording_app(paths))
-    reader, writer = await after(p, prelude)
-    paths.clear()
+    p, paths, reader, writer = await recorded(proxied, prelude)
     host = p.host.encode()
     try:
         writer.write((IGNORED_UPGRADES[shape] + BEHIND).replace(b"{host}", host))
@@ -299,10 +301,7 @@ async def test_a_malformed_request_is_not_answered_in_place_of_the_valid_one_bef
     requests one behind the other on a shared connection, a visitor's request followed by an attacker's garbage
     gets the attacker's 400 instead, and never reaches its app (the connection then ends: nothing else is answered
     out of turn)."""
-    paths: list[str] = []
-    p = await proxied(recording_app(paths))
-    reader, writer = await after(p, prelude)
-    paths.clear()
+    p, paths, reader, writer = await recorded(proxied, prelude)
     try:
         writer.write(b"GET /a HTTP/1.1\r\nHost: %b\r\n\r\nGARBAGE\r\n\r\n" % p.host.encode())
         first = await read_answer(reader)
