@@ -11,6 +11,7 @@ import ipaddress
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -25,7 +26,6 @@ from gateway.auth.sessions import Sessions
 from gateway.auth.store import Consent, FileTokenStore
 from gateway.edge import plan as plan_module
 from gateway.edge.plan import (
-    IDE_RULES,
     Facts,
     Forward,
     GatewayPage,
@@ -930,12 +930,13 @@ def test_a_port_that_speaks_tls_is_forwarded_over_tls(world: World, port: int, t
 
 
 _CSP = {"Content-Security-Policy": "frame-ancestors 'self'"}
+_IDE_FRAMING = ResponseRules({**_CSP, "X-Frame-Options": "SAMEORIGIN"})
 _REPLACE_3000 = f"cors: [{{ports: [3000], mode: replace, allow_origins: ['{_ADMITTED}']}}]"
 
 
 @pytest.mark.parametrize(("policy", "host", "origin", "rules"), [
-    ("{}", _IDE, _ADMITTED, IDE_RULES),  # the IDE frames itself and nothing else frames it
-    (_REPLACE_3000, _IDE, _ADMITTED, IDE_RULES),  # and no preview's CORS rule reaches it
+    ("{}", _IDE, _ADMITTED, _IDE_FRAMING),  # the IDE frames itself and nothing else frames it
+    (_REPLACE_3000, _IDE, _ADMITTED, _IDE_FRAMING),  # and no preview's CORS rule reaches it
     ("{}", PREVIEW, _ADMITTED, ResponseRules(_CSP)),  # a preview: framing only, the app's CORS is its own
     (_REPLACE_3000, PREVIEW, _ADMITTED, ResponseRules({
         **_CSP, "Access-Control-Allow-Origin": _ADMITTED, "Vary": "Origin", "Access-Control-Allow-Credentials": "true",
@@ -1066,3 +1067,132 @@ def test_a_share_token_presented_wins_over_a_share_cookie(world: World) -> None:
     made = plan(facts("/", Authorization=f"Bearer {token}", Cookie=cookie), world)
     assert isinstance(made, Forward)
     assert decisions(made) == [(True, Reason.SHARE_LINK)]
+
+
+def _shape(made: Plan) -> tuple[object, ...]:
+    """What a plan lets through, to where and for whom (a sign-in's state is random: its kind is enough)."""
+    if isinstance(made, Refuse):
+        return ("refuse", made.error.status, made.error.code)
+    if isinstance(made, Redirect):
+        return ("redirect", made.error.status, made.error.location.partition("?")[0])
+    forward = made.forward if isinstance(made, Hold) else made
+    if isinstance(forward, Forward):
+        return (type(made).__name__, Granted.of(forward))
+    return (type(made).__name__,)
+
+
+_SLEEPING = {"phase": Phase.WARM}
+_JUNK = [("Cookie", "app=1; other=2"), ("X-Anything", "a"), ("Connection", "keep-alive")]
+
+
+@pytest.mark.parametrize(("name", "method", "headers", "phase"), [
+    ("websocket from an origin no rule admits", "GET",
+     {"Upgrade": "websocket", "Origin": "http://5000-elsewhere.localhost:8080"}, Phase.RUNNING),
+    ("websocket from the port's own origin", "GET", {"Upgrade": "websocket", "Origin": f"http://{PREVIEW}"},
+     Phase.RUNNING),
+    ("an API token's call", "GET", {"Authorization": "{token}"}, Phase.RUNNING),
+    ("a write a browser sent from another site", "POST", {"Sec-Fetch-Site": "cross-site"}, Phase.RUNNING),
+    ("a fetch for HTML while asleep", "GET", {"Sec-Fetch-Mode": "cors", "Accept": "text/html"}, Phase.WARM),
+    ("a navigation while asleep", "GET", {"Accept": "text/html"}, Phase.WARM),
+    ("an XHR for HTML while asleep", "GET", {"Accept": "text/html", "X-Requested-With": "XMLHttpRequest"},
+     Phase.WARM),
+    ("a navigation in a frame, signed out", "GET", {"Accept": "text/html", "Sec-Fetch-Dest": "iframe"},
+     Phase.RUNNING),
+])
+def test_what_an_open_exchange_keeps_plans_as_its_whole_request_did(world: World, name: str, method: str,
+                                                                    headers: dict[str, str], phase: Phase) -> None:
+    """An open WebSocket or streamed answer is asked again with only the headers kept of its request: whatever
+    the request, they plan as the whole of it did (its Upgrade, its token, where a browser says it came from, whether
+    it navigates, and in what)."""
+    _, token = asyncio.run(world.store.create_api_token(ALICE, name="ci"))
+    world.states["ws"] = WorkspaceState(world.states["ws"].spec, phase, address="127.0.0.9")
+    signed_out = "signed out" in name or "token" in name
+    given = CIMultiDict([("Host", PREVIEW), *_JUNK])
+    if not signed_out:
+        given.add("Cookie", world.cookie(ALICE))
+    given.extend({key: value.format(token=f"Bearer {token}") for key, value in headers.items()})
+    full = Facts(method, "/ws", CIMultiDictProxy(given), "127.0.0.1", NOW)
+    kept = plan_module.grant_facts(full, world.secure)
+    assert _shape(plan(kept, world)) == _shape(plan(full, world)), name
+
+
+def test_an_open_websocket_holds_while_the_token_store_cannot_be_read(tmp_path: Path) -> None:
+    """A store that cannot be read for now says nothing was revoked: what it let in holds until it can be read."""
+    path = tmp_path / "tokens.json"
+    world = World(FileTokenStore(path))
+    host = "4000-ws.localhost:8080"
+    spec = WorkspaceSpec(id="ws", owner="alice", ports={4000: "public"}, identity_ports=frozenset({4000}))
+    world.states["ws"] = WorkspaceState(spec, Phase.RUNNING, address="127.0.0.9")
+    asyncio.run(world.store.record_consent(Consent.answer("bob", "ws", 4000, owner="alice", share=True,
+                                                          claims=["user"])))
+    bobs = facts("/ws", host=host, Cookie=world.cookie(Identity("bob"), host), Upgrade="websocket",
+                 Origin=f"http://{host}")
+    made = plan(bobs, world)
+    assert isinstance(made, Forward)
+    was = Granted.of(made)
+    assert was.told is not None
+    good = path.read_text()
+    path.write_text('{"consents": [')
+    assert still_granted(bobs, was, world, NOW)
+    path.write_text(good)
+    assert still_granted(bobs, was, world, NOW)
+
+
+@pytest.mark.parametrize(("claims", "holds"), [
+    ("[user, email, groups]", True),
+    ("[email, groups]", False),
+    ("[user, groups]", False),
+    ("[user, email]", False),
+])
+def test_an_open_websocket_ends_when_its_app_would_be_told_less(world: World, claims: str, holds: bool) -> None:
+    """The policy reloaded with fewer claims for apps: an open WebSocket told more than that ends."""
+    world.policy = parse_policy("identity: {claims: [user, email, groups], groups: [dev]}\n")
+    alice = Identity("alice", "alice@example.com", ("dev",))
+    alices = facts("/ws", Cookie=world.cookie(alice), Upgrade="websocket", Origin=f"http://{PREVIEW}")
+    made = plan(alices, world)
+    assert isinstance(made, Forward)
+    was = Granted.of(made)
+    assert was.told == ("alice", "alice@example.com", "dev")
+    world.policy = parse_policy(f"identity: {{claims: {claims}, groups: [dev]}}\n")
+    assert still_granted(alices, was, world, NOW) is holds
+
+
+def test_framing_rules_are_made_once_per_policy_and_few_are_kept(world: World,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plan_module, "_FRAMING_RULES", {})
+    first, second = (plan(facts("/", host="4000-ws.localhost:8080"), world) for _ in range(2))
+    assert isinstance(first, Forward)
+    assert isinstance(second, Forward)
+    assert first.rules is second.rules
+    for number in range(20):
+        world.policy = parse_policy(f"embedding: {{frame_ancestors: ['https://{number}.example']}}\n")
+        plan(facts("/", host="4000-ws.localhost:8080"), world)
+        assert len(plan_module._FRAMING_RULES) <= 8
+
+
+@pytest.mark.parametrize(("cookie", "status", "challenge"), [
+    (None, 401, 'Bearer realm="codehub"'),  # nobody: a script is told how to authenticate
+    ("eve", 403, None),  # someone refused: no credentials would help, and none are asked for
+])
+def test_only_a_caller_who_is_nobody_is_asked_for_credentials(world: World, cookie: str | None, status: int,
+                                                               challenge: str | None) -> None:
+    headers = {"Cookie": world.cookie(Identity(cookie))} if cookie else {}
+    made = plan(facts("/api", Accept="application/json", **headers), world)
+    assert isinstance(made, Refuse)
+    assert (made.error.status, made.error.headers.get("WWW-Authenticate")) == (status, challenge)
+
+
+def test_a_visitors_consent_ask_lasts_ten_minutes(opted_in: World) -> None:
+    """The ask the consent page is opened with (sealed for the hub) vouches that the app sent this visitor for ten
+    minutes: a link to it found later, in a history or a log, asks nothing."""
+    keys = KeySet([SigningKey.generate()])
+    clock = [NOW]
+    opted_in.sessions = Sessions(lambda: keys, f"http://{HUB}", ttl=3600, clock=lambda: clock[0])
+    made = plan(facts("/", host=_OPTED, Cookie=opted_in.cookie(Identity("bob"), _OPTED), **NAVIGATE), opted_in)
+    assert isinstance(made, Redirect)
+    ask = parse_qs(URL(made.error.location).raw_query_string)["ask"][0]
+    clock[0] = NOW + 599
+    assert opted_in.sessions.open_state(ask, HUB) == {"ask": ["bob", "ws", 4000, "alice"], "typ": "state",
+                                                       "exp": int(NOW) + 600}
+    clock[0] = NOW + 600
+    assert opted_in.sessions.open_state(ask, HUB) is None
