@@ -641,3 +641,87 @@ def test_the_claims_that_ride_along_fit_a_budget(size: int, kept: bool) -> None:
 def test_sign_in_says_which_value_it_cannot_pass_to_apps(identity: Identity, reason: str | None) -> None:
     """Sign-in shows the reason (``The sign-in service sent ...``): one bad group among good ones is enough."""
     assert identity.unsendable() == reason
+
+
+@pytest.mark.parametrize(("text", "want_err"), [
+    ("ports:\n  denied: [0]\n", f"{FILE}:2: ports.denied.0: Input should be greater than or equal to 1"),
+    ("cors:\n  - ports: [0]\n", f"{FILE}:2: cors.0.ports.0: Input should be greater than or equal to 1"),
+    ("cors:\n  - ports: [65536]\n", f"{FILE}:2: cors.0.ports.0: Input should be less than or equal to 65535"),
+    ("cors:\n  - max_age: -1\n", f"{FILE}:2: cors.0.max_age: Input should be greater than or equal to 0"),
+    ("cors:\n  - max_age: 86401\n", f"{FILE}:2: cors.0.max_age: Input should be less than or equal to 86400"),
+])
+def test_numbers_out_of_range_are_refused(text: str, want_err: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text, FILE)
+    assert want_err in str(caught.value)
+
+
+def test_numbers_at_the_ends_of_their_ranges_are_taken() -> None:
+    policy = parse_policy("ports:\n  denied: [1, 65535]\ncors:\n  - ports: [1, 65535]\n    max_age: 0\n"
+                          "  - ports: [2]\n    max_age: 86400\nidentity:\n  claims: [user, email, name, groups]\n")
+    assert policy.ports.denied == (1, 65535)
+    assert [(rule.ports, rule.max_age) for rule in policy.cors] == [((1, 65535), 0), ((2,), 86400)]
+    assert policy.identity.claims == ("user", "email", "name", "groups")
+
+
+_PERSON = Identity("bob", "bob@example.com", ("qa",), "Bob B", (("hd", "corp.test"),))
+
+
+@pytest.mark.parametrize(("claims", "shown"), [
+    (("user", "email", "name", "groups"), Identity("bob", "bob@example.com", ("qa",), "Bob B")),
+    (("user",), Identity("bob")),
+    (("email",), Identity("", "bob@example.com")),
+    (("name",), Identity("", "", (), "Bob B")),
+    (("groups",), Identity("", "", ("qa",))),
+    ((), Identity("")),
+])
+def test_an_app_learns_only_the_claims_the_policy_lets_leave(claims: tuple[str, ...], shown: Identity) -> None:
+    """A claim withheld is empty (so no header carries it), and the IdP's other claims never leave."""
+    assert IdentityRules(claims=claims, groups=("qa",)).disclose(_PERSON) == shown  # type: ignore[arg-type]
+
+
+def test_the_reasons_are_the_words_clients_logs_and_metrics_see() -> None:
+    """Error codes, the policy log, metrics labels and ``explain`` all print them: a closed list, spelt so."""
+    assert {reason.name: reason.value for reason in Reason} == {
+        "OWNER": "owner", "COLLABORATOR": "collaborator", "ADMIN": "admin", "PUBLIC_PORT": "public-port",
+        "ORG_MEMBER": "org-member", "SHARE_LINK": "share-link", "USER_UNAUTHENTICATED": "user-unauthenticated",
+        "NOT_ORG_MEMBER": "not-org-member", "NOT_SHARED_WITH_USER": "not-shared-with-user",
+        "PORT_DENIED": "port-denied", "IDE_OWNER_ONLY": "ide-owner-only", "SHARE_OTHER_TARGET": "share-other-target",
+        "WAKE_NOT_ALLOWED": "wake-not-allowed", "CROSS_ORIGIN": "cross-origin-request",
+    }
+
+
+def test_a_claim_rule_keyed_by_a_number_names_its_line() -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy("org:\n  claims:\n    1: x\n", FILE)
+    assert f"{FILE}:3: org.claims.1.[key]: Input should be a valid string" in str(caught.value)
+
+
+@pytest.mark.parametrize("domain", ["corp.test", "@corp.test", "CORP.test"])
+def test_an_org_domain_may_be_written_with_its_at_sign(domain: str) -> None:
+    org = Org(email_domains=(domain,))
+    assert is_org_member(org, Identity("frank", "frank@corp.test"))
+    assert not is_org_member(org, Identity("fred", "fred@evilcorp.test"))
+
+
+@pytest.mark.parametrize(("port", "identity", "grant", "rule"), [
+    (None, None, None, "the IDE needs sign-in"),
+    (None, Identity("alice"), None, "owner and collaborators use the IDE"),
+    (None, Identity("eve"), None, "the IDE is only for its owner and collaborators"),
+    (3000, None, Grant("s1", "ws1", 3000, "anyone"), "share link for anyone holding it"),
+    (3000, Identity("frank", "frank@corp.test"), Grant("s2", "ws1", 3000, "org"),
+     "share link for signed-in org members"),
+    (3000, Identity("eve"), Grant("s3", "ws1", 3000, "people", ("eve",)), "share link for named people"),
+    (3000, Identity("mallory"), Grant("s3", "ws1", 3000, "people", ("eve",)), "the share link names other people"),
+    (3000, None, Grant("s3", "ws1", 3000, "people", ("eve",)), "the share link is for people members"),
+    (3000, Identity("eve"), None, "port 3000 is private to the owner and collaborators"),
+    (4000, None, None, "port 4000 is org"),
+    (4000, Identity("eve"), None, "the org policy does not admit this user"),
+    (4000, Identity("frank", "frank@corp.test"), None, "port 4000 is visible to the org"),
+    (5000, None, None, "port 5000 is public"),
+])
+def test_explain_names_the_rule_of_every_decision(port: int | None, identity: Identity | None, grant: Grant | None,
+                                                  rule: str) -> None:
+    policy = Policy(org=Org(email_domains=("corp.test",)))
+    spec = WorkspaceSpec(id="ws1", owner="alice", ports={3000: "private", 4000: "org", 5000: "public"})
+    assert decide(policy, spec, port, identity, grant).rule == rule
