@@ -45,7 +45,6 @@ from gateway.edge.policy import (
     denial,
     grants_target,
     may_wake,
-    membership,
 )
 from gateway.edge.routing import WAKE_EVENTS_PATH, Hosts, Kind, Target, normalise_host, route
 from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound
@@ -341,7 +340,9 @@ class _Request:
         self.effects: list[Effect] = []
         self.found = False
         """Whether ``state`` is known yet (the refusals before it carry no CORS headers)."""
-        self._member: tuple[Reason | None] | None = None
+        self._member: Reason | None = None
+        """Owner or collaborator, as the decision that let the caller in says (the policy asked that first), else
+        None: neither, or nobody was let in (a passthru preflight goes on as nobody)."""
         self.state: WorkspaceState
 
     # --- the shape of it -------------------------------------------------------------------------------------
@@ -425,9 +426,7 @@ class _Request:
                 decision = may_wake(self.policy, decision)
         self.effects.append(RecordDecision(target, identity, decision))
         if decision.allow:
-            if identity is not None:  # the policy asked first whether they are a member: its reason says it
-                self._member = (decision.reason if decision.reason is _OWNER or decision.reason is _COLLABORATOR
-                                else None,)
+            self._member = decision.reason if decision.reason is _OWNER or decision.reason is _COLLABORATOR else None
             return credentials
         stale = stale_share_refusal(credentials, facts.headers, world.secure, facts.now)
         if stale is not None:
@@ -457,27 +456,13 @@ class _Request:
         state = self.world.workspace(workspace)
         return state.spec.owner if state is not None else None
 
-    def _membership(self, identity: Identity | None) -> Reason | None:
-        """Owner, collaborator or None (asked several times a request, of one caller: answered once)."""
-        if identity is None:
-            return None
-        if self._member is None:
-            self._member = (membership(self.state.spec, identity),)
-        return self._member[0]
-
-    def _is_member(self, identity: Identity | None) -> bool:
-        return self._membership(identity) is not None
-
-    def _is_owner(self, identity: Identity | None) -> bool:
-        return self._membership(identity) is _OWNER
-
     def _asks_consent(self, identity: Identity | None) -> bool:
-        return consent_pending(self.state.spec, self.target.port, identity, owner=self._is_owner(identity),
+        return consent_pending(self.state.spec, self.target.port, identity, owner=self._member is _OWNER,
                                consents=lambda: self.world.store.consents)
 
     def _disclosed(self, identity: Identity | None) -> Identity | None:
         return disclosed(self.policy.identity, self.state.spec, self.target.port, identity,
-                         owner=self._is_owner(identity), consents=lambda: self.world.store.consents)
+                         owner=self._member is _OWNER, consents=lambda: self.world.store.consents)
 
     # --- answers -------------------------------------------------------------------------------------------
     def _preflight(self) -> Plan:
@@ -530,7 +515,7 @@ class _Request:
             workspace=state.id, address=state.address, port=port, tls=port in state.spec.https_ports,
             public_origin=self.origin, path=credentials.path, headers=headers, rules=self._response_rules(),
             websocket=websocket,
-            keeps_awake=self.policy.wake.visitors_keep_awake or self._is_member(identity),
+            keeps_awake=self.policy.wake.visitors_keep_awake or self._member is not None,
             on_error=self._error_cors(), target=target, user=user, effects=tuple(self.effects),
         )
         if asleep:
