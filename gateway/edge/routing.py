@@ -184,7 +184,7 @@ def _preview_label(label: str) -> tuple[str, int | None]:
         return match["workspace"], None
     digits = match["port"]
     port = int(digits)
-    if 1 <= port <= 65535 and digits != str(port):
+    if port >= 1 and digits != str(port):  # five digits at most: one with a leading zero is below 10000
         raise BadRequest(f"Port {digits} has a leading zero: write it as {port}.", code="bad-port")
     if not 1 <= port <= 65535:
         raise BadRequest(f"Port {digits} is not a port number between 1 and 65535.", code="bad-port")
