@@ -15,7 +15,9 @@ import jwt
 import pytest
 
 from gateway.auth.identity import Identity
+from gateway.edge.disclosure import ConsentPage
 from gateway.edge.policy import IdentityRules
+from gateway.lifecycle import WorkspaceSpec
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served, seen_headers
 from tests.auth.test_security import all_open, open_socket
@@ -48,6 +50,16 @@ def test_policy_decides_what_may_ever_leave(rules: dict[str, Any], expected: Ide
                    (("department", "legal"),))
     assert IdentityRules.model_validate(rules).disclose(bob) == expected
 
+
+
+def test_the_consent_page_is_never_cached_and_answers_to_the_hub() -> None:
+    """It names the visitor and the app's owner: no cache keeps it, and its form posts to the hub's consent path
+    (where the answer is recorded), whatever the address it was opened at."""
+    spec = WorkspaceSpec(id="ws1", owner="alice", ports={3001: "public"}, identity_ports=frozenset({3001}))
+    page = ConsentPage(IdentityRules(), spec, 3001, Identity("bob", "bob@x.test"), "/p", "sealed")
+    assert (page.status, page.code, page.headers["Cache-Control"], page.action) == (
+        200, "identity-consent", "no-store", "/consent")
+    assert page.claims == [("user name", "bob"), ("e-mail address", "bob@x.test")]
 
 @pytest.fixture
 async def served(serve: Serve, tmp_path: Path) -> Served:
