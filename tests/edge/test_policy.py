@@ -636,6 +636,9 @@ def test_the_claims_that_ride_along_fit_a_budget(size: int, kept: bool) -> None:
     (Identity("eve", name="Eve\x1b[31m"), "a name with control characters"),
     (Identity("eve", groups=("ops", "adm\x00ins")), "a group name with control characters"),
     (Identity("eve", groups=("ops", "admins,ops")), "a group name with a comma, which apps would read as two groups"),
+    # printable-looking, and someone else's name on the hub: a word joiner, a right-to-left override
+    (Identity("alice\u2060"), "a user name with invisible or direction-changing characters"),
+    (Identity("\u202eecila"), "a user name with invisible or direction-changing characters"),
     (Identity("eve", "eve@x.test", ("ops", "dev"), "Eve"), None),
 ])
 def test_sign_in_says_which_value_it_cannot_pass_to_apps(identity: Identity, reason: str | None) -> None:
