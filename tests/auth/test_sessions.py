@@ -89,6 +89,7 @@ _PIECES = st.sampled_from([*"ab=; \t", "\u2000", "codehub_session", "__Host-"])
 @example([" codehub_session =\tv ; codehub_session=w"], True)
 @example(["a=1", "codehub_session=second-header"], False)
 @example(["a=xcodehub_session=planted"], True)
+@example(["a=xcodehub_session=planted", "codehub_session=second-header"], True)
 def test_our_cookie_is_read_as_pair_by_pair_reading_would(values: list[str], many: bool) -> None:
     """Both ways: ``many`` puts past ``_MANY_PAIRS`` empty pairs behind each header, for the regular expression."""
     tail = ";" * max(sessions_module._MANY_PAIRS + 1, sessions_module._SHORT + 1) if many else ""
@@ -503,9 +504,24 @@ def test_a_person_signs_in_at_most_so_often_an_hour_and_hears_when_to_come_back(
     with pytest.raises(TooManySignIns) as refused:
         s.begin(ALICE)
     assert (refused.value.status, refused.value.headers["Retry-After"]) == (429, "1")
-    assert str(refused.value).endswith("Sign in again in 1 minute.")
-    now[0] += 1
+    assert str(refused.value) == "You have signed in 30 times in the last hour. Sign in again in 1 minute."
+    now[0] += 0.5  # an hour to the second since: those sign-ins are no longer in the last hour
     assert s.begin(ALICE).expires == int(now[0]) + 3600
+
+
+@pytest.mark.parametrize(("wait", "words"), [(1, "1 minute"), (59, "1 minute"), (60, "1 minute"),
+                                             (61, "2 minutes"), (120, "2 minutes"), (121, "3 minutes"),
+                                             (3600, "60 minutes")])
+def test_a_person_signed_in_too_often_hears_the_wait_in_whole_minutes_rounded_up(wait: int, words: str) -> None:
+    now = [1_000_000.0]
+    s = Sessions(lambda: KEYS, ISSUER, ttl=3600, clock=lambda: now[0])
+    for _ in range(SIGN_INS_PER_HOUR):
+        s.begin(ALICE)
+    now[0] += 3600.5 - wait
+    with pytest.raises(TooManySignIns) as refused:
+        s.begin(ALICE)
+    assert refused.value.headers["Retry-After"] == str(wait)
+    assert str(refused.value).endswith(f"Sign in again in {words}.")
 
 
 def test_a_person_gets_at_most_so_many_hand_off_codes_a_minute_and_hears_when_to_come_back() -> None:
@@ -556,3 +572,77 @@ def test_the_memory_of_sign_ins_is_bounded_and_forgets_the_oldest_first(monkeypa
         s.begin(recent)
     s.begin(newer)  # "recent" and "new" both signed in within the hour: all forgotten
     s.begin(recent)
+
+
+def test_the_memory_of_sign_ins_is_cleared_by_the_next_new_person_once_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full with everyone recent: the next new person clears it, not one later; someone already remembered signing
+    in again clears nothing (else anyone could wipe everyone's count by signing in once more)."""
+    monkeypatch.setattr(sessions_module, "_CACHE_LIMIT", 2)
+    monkeypatch.setattr(sessions_module, "SIGN_INS_PER_HOUR", 2)
+    now = [1_000_000.0]
+    s = Sessions(lambda: KEYS, ISSUER, ttl=3600, clock=lambda: now[0])
+    alice, bob, carol = Identity("alice"), Identity("bob"), Identity("carol")
+    s.begin(alice)
+    s.begin(bob)  # full
+    s.begin(alice)  # remembered already
+    s.begin(bob)
+    with pytest.raises(TooManySignIns):
+        s.begin(bob)
+    s.begin(carol)  # new, and nobody idle: all forgotten
+    s.begin(alice)
+
+
+def test_the_memory_of_sign_ins_forgets_only_those_with_none_in_the_last_hour(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever signed in within the hour is kept, even if their first sign-in of it is older; one an hour ago to the
+    second is idle."""
+    monkeypatch.setattr(sessions_module, "_CACHE_LIMIT", 3)
+    monkeypatch.setattr(sessions_module, "SIGN_INS_PER_HOUR", 2)
+    now = [1_000_000.0]
+    s = Sessions(lambda: KEYS, ISSUER, ttl=3600, clock=lambda: now[0])
+    alice, bob, carol, dave = Identity("alice"), Identity("bob"), Identity("carol"), Identity("dave")
+    s.begin(dave)
+    s.begin(alice)
+    now[0] += 3000
+    s.begin(alice)
+    now[0] += 600  # dave's and alice's first sign-in were an hour ago to the second
+    s.begin(bob)
+    s.begin(carol)  # full: dave is forgotten, alice is not
+    s.begin(alice)  # her second in the last hour
+    with pytest.raises(TooManySignIns):
+        s.begin(alice)
+
+
+@pytest.mark.parametrize(("left", "seconds"), [(-10.0, 0), (0.5, 0), (100.5, 100)])
+def test_a_sign_in_has_whole_seconds_left_and_none_once_over(left: float, seconds: int) -> None:
+    """The ``Max-Age`` of its cookies: an ended sign-in's are deleted at once."""
+    assert SignIn("3" * 32, time.time() + left).left() == seconds
+
+
+def test_a_session_opens_until_its_sign_in_ends_and_not_at_that_second() -> None:
+    """Read fresh or from the cache; and a sign-in that ends at or before the time the ended ones were lost opens
+    no more (``Ended.before``)."""
+    now = [float(int(time.time()))]
+    s = Sessions(lambda: KEYS, ISSUER, ttl=3600, clock=lambda: now[0])
+    sign_in = SignIn("2" * 32, now[0] + 100)
+    cookie = s.issue(ALICE, HOST, sign_in)
+    for before, opens in [(sign_in.expires - 1, True), (sign_in.expires, False), (sign_in.expires + 1, False)]:
+        assert (s.read(cookie, HOST, Ended(before=before)) is not None) is opens, before
+    now[0] += 99.5
+    assert opened(s, cookie, HOST) == ALICE
+    now[0] += 0.5
+    assert opened(s, cookie, HOST) is None
+    assert opened(Sessions(lambda: KEYS, ISSUER, ttl=3600, clock=lambda: now[0]), cookie, HOST) is None
+
+
+def test_the_cache_of_cookies_read_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once it holds ``_CACHE_LIMIT`` cookies, the next new one empties it: the cookies read before are opened again."""
+    monkeypatch.setattr(sessions_module, "_CACHE_LIMIT", 2)
+    keys = CountingKeys(list(KEYS.keys))
+    s = Sessions(lambda: keys, ISSUER, ttl=3600)
+    first, second, third = (s.issue(Identity(name), HOST) for name in ("a", "b", "c"))
+    for cookie in (first, second, first, second):
+        assert opened(s, cookie, HOST) is not None
+    assert keys.checks == 2
+    assert opened(s, third, HOST) == Identity("c")
+    assert opened(s, first, HOST) == Identity("a")
+    assert keys.checks == 4
