@@ -183,7 +183,7 @@ class _Quota:
         """0 when ``subject`` may act now (counted as acting), else the whole seconds until they may."""
         recent = [at for at in self._times.get(subject, ()) if at > now - self._window]
         if len(recent) >= self._most:
-            return max(1, int(recent[0] + self._window - now) + 1)
+            return int(recent[0] + self._window - now) + 1  # at least 1: recent[0] is within the window
         if subject not in self._times and len(self._times) >= _CACHE_LIMIT:
             self._times = {who: times for who, times in self._times.items() if times[-1] > now - self._window}
             if len(self._times) >= _CACHE_LIMIT:
