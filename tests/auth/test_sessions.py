@@ -556,13 +556,20 @@ def test_a_person_gets_at_most_so_many_hand_off_codes_a_minute_and_hears_when_to
     assert s.handoff_code(alice, HOST, "state")
 
 
+def counting_sessions(monkeypatch: pytest.MonkeyPatch, *, remembered: int, per_hour: int) -> tuple[
+        Sessions, list[float]]:
+    """Sessions that remember the sign-ins of at most ``remembered`` people, ``per_hour`` each, on a clock the test
+    moves (``now[0]``)."""
+    monkeypatch.setattr(sessions_module, "_CACHE_LIMIT", remembered)
+    monkeypatch.setattr(sessions_module, "SIGN_INS_PER_HOUR", per_hour)
+    now = [1_000_000.0]
+    return Sessions(lambda: KEYS, ISSUER, ttl=3600, clock=lambda: now[0]), now
+
+
 def test_the_memory_of_sign_ins_is_bounded_and_forgets_the_oldest_first(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past ``_CACHE_LIMIT`` people, those with no sign-in in the last hour are forgotten first (the others still
     count theirs); when all are recent, all are forgotten: the bound is on memory, before the rate."""
-    monkeypatch.setattr(sessions_module, "_CACHE_LIMIT", 2)
-    monkeypatch.setattr(sessions_module, "SIGN_INS_PER_HOUR", 1)
-    now = [1_000_000.0]
-    s = Sessions(lambda: KEYS, ISSUER, ttl=3600, clock=lambda: now[0])
+    s, now = counting_sessions(monkeypatch, remembered=2, per_hour=1)
     old, recent, new, newer = Identity("old"), Identity("recent"), Identity("new"), Identity("newer")
     s.begin(old)
     now[0] += 3601
@@ -577,10 +584,7 @@ def test_the_memory_of_sign_ins_is_bounded_and_forgets_the_oldest_first(monkeypa
 def test_the_memory_of_sign_ins_is_cleared_by_the_next_new_person_once_full(monkeypatch: pytest.MonkeyPatch) -> None:
     """Full with everyone recent: the next new person clears it, not one later; someone already remembered signing
     in again clears nothing (else anyone could wipe everyone's count by signing in once more)."""
-    monkeypatch.setattr(sessions_module, "_CACHE_LIMIT", 2)
-    monkeypatch.setattr(sessions_module, "SIGN_INS_PER_HOUR", 2)
-    now = [1_000_000.0]
-    s = Sessions(lambda: KEYS, ISSUER, ttl=3600, clock=lambda: now[0])
+    s, _ = counting_sessions(monkeypatch, remembered=2, per_hour=2)
     alice, bob, carol = Identity("alice"), Identity("bob"), Identity("carol")
     s.begin(alice)
     s.begin(bob)  # full
@@ -595,10 +599,7 @@ def test_the_memory_of_sign_ins_is_cleared_by_the_next_new_person_once_full(monk
 def test_the_memory_of_sign_ins_forgets_only_those_with_none_in_the_last_hour(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whoever signed in within the hour is kept, even if their first sign-in of it is older; one an hour ago to the
     second is idle."""
-    monkeypatch.setattr(sessions_module, "_CACHE_LIMIT", 3)
-    monkeypatch.setattr(sessions_module, "SIGN_INS_PER_HOUR", 2)
-    now = [1_000_000.0]
-    s = Sessions(lambda: KEYS, ISSUER, ttl=3600, clock=lambda: now[0])
+    s, now = counting_sessions(monkeypatch, remembered=3, per_hour=2)
     alice, bob, carol, dave = Identity("alice"), Identity("bob"), Identity("carol"), Identity("dave")
     s.begin(dave)
     s.begin(alice)
