@@ -406,7 +406,6 @@ def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
     try:
         data = load_yaml(text) or {}
-        node = yaml.compose(text, Loader=yaml.SafeLoader)  # for the lines of what the model refuses
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
@@ -419,15 +418,17 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         first = exc.errors()[0]
         loc = tuple(first["loc"])
         message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-        raise PolicyError(_where(source, node, loc, message)) from None
+        raise PolicyError(_where(source, text, loc, message)) from None
     for loc, message in _contradictions(policy):
-        raise PolicyError(_where(source, node, loc, message))
+        raise PolicyError(_where(source, text, loc, message))
     return policy
 
 
-def _where(source: str, node: yaml.Node | None, loc: tuple[int | str, ...], message: str) -> str:
+def _where(source: str, text: str, loc: tuple[int | str, ...], message: str) -> str:
+    """``source:line: key: message`` for what the model refuses; the nodes that say the line are composed only
+    then (a good policy, loaded at each reload, is parsed once)."""
     key = ".".join(str(part) for part in loc)
-    return f"{source}:{_line_of(node, loc) or 1}: {key}: {message}"
+    return f"{source}:{_line_of(yaml.compose(text, Loader=yaml.SafeLoader), loc) or 1}: {key}: {message}"
 
 
 def _contradictions(policy: Policy) -> list[tuple[tuple[int | str, ...], str]]:
@@ -441,16 +442,17 @@ def _contradictions(policy: Policy) -> list[tuple[tuple[int | str, ...], str]]:
         found.append((("share_links", "default_ttl"),
                       f"{links.default_ttl:.0f} s is longer than share_links.max_ttl ({links.max_ttl:.0f} s)"))
     for index, rule in enumerate(policy.cors):
-        if "*" in rule.allow_origins and rule.allow_credentials:  # browsers refuse this pair for the same reason
-            found.append((("cors", index, "allow_origins"),
-                          "'*' admits every origin: with allow_credentials any site could read and write this port "
-                          "as its visitor. List the origins, or set allow_credentials: false"))
-        elif "null" in rule.allow_origins and rule.allow_credentials:
-            found.append((("cors", index, "allow_origins"),
-                          "'null' is the origin of sandboxed frames and local files, which any site can make: with "
-                          "allow_credentials any site could read this port as its visitor. List the origins, or set "
+        anyone = next((origin for origin in _ANY_SITE if origin in rule.allow_origins), None)
+        if anyone is not None and rule.allow_credentials:  # browsers refuse '*' with credentials for this reason
+            found.append((("cors", index, "allow_origins"), f"{_ANY_SITE[anyone]}: with allow_credentials any site "
+                          "could read and write this port as its visitor. List the origins, or set "
                           "allow_credentials: false"))
     return found
+
+
+_ANY_SITE = {"*": "'*' admits every origin",
+             "null": "'null' is the origin of sandboxed frames and local files, which any site can make"}
+"""Origins in a CORS rule that any site can send its visitors' requests from."""
 
 
 def load_policy(path: Path) -> Policy:
