@@ -254,6 +254,8 @@ def load_yaml(text: str) -> Any:
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
     return yaml.load(text, Loader=YamlLoader)
+
+
 MOST_LOCAL_WORKSPACES = 64_768
 """One loopback address each, 253 per 127.0.N.0/24 (``.2`` to ``.254``) over 127.0.0.0/16."""
 
