@@ -231,8 +231,9 @@ class Waker:
         """A 503 with the reason while the workspace's last failed wake is too recent to wake it again, unless the
         workspace changed since (its owner woke it from the hub, and stopped it again)."""
         failed = self._failed.get(state.id)
-        left = failed.left(time.monotonic()) if failed is not None else 0.0
-        if failed is not None and left > 0 and state.since <= failed.when:
+        if failed is None or state.since > failed.when:
+            return
+        if (left := failed.left(time.monotonic())) > 0:
             seconds = math.ceil(left)
             raise LifecycleError(f"{failed.message} (it is tried again in {seconds} s)",
                                  headers={"Retry-After": str(seconds)})
