@@ -25,6 +25,7 @@ from gateway.lifecycle.archive import archive_home
 from gateway.lifecycle.local import LocalRuntime
 from gateway.server.context import Gateway
 from tests.conftest import MakeGateway, next_address, settings, workspace
+from tests.kube.support import until
 from tests.lifecycle.conftest import (
     API,
     IDLE,
@@ -36,6 +37,7 @@ from tests.lifecycle.conftest import (
     fill_home,
     gateway_of,
     group_members,
+    hold_restores,
     metric_samples,
     preview,
     read_sse,
@@ -313,3 +315,48 @@ async def test_a_failure_from_before_the_workspace_last_changed_holds_nothing_ba
     response = await client.get("/", headers={"Host": preview("ws"), **API})  # woken: its port never opens
     assert "tried again" not in (await response.json())["error"]["message"]
     assert starts(starts_file) == 3
+
+
+async def test_one_wake_that_fails_for_two_ports_is_one_failure(
+        make_gateway: MakeGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests to two ports of a workspace wait on one wake, and each sees it fail: that is one failure, not two in
+    a row (which would double the wait before the next wake already)."""
+    _damaged_archive(tmp_path)
+    restoring = hold_restores(monkeypatch)
+    ws = slow_workspace(next_address(), delay=0)
+    ws["ports"][EMPTY_PORT] = "public"
+    client = await make_gateway(workspaces={"ws": ws})
+    waker = gateway_of(client).waker
+    asks = [asyncio.ensure_future(client.get("/", headers={"Host": preview("ws", port), **API}))
+            for port in (PORT, EMPTY_PORT)]
+    await until(lambda: waker.progress("ws", PORT) is not None and waker.progress("ws", EMPTY_PORT) is not None)
+    restoring.set()
+    assert [answer.status for answer in await asyncio.gather(*asks)] == [503, 503]
+
+    later = await client.get("/", headers={"Host": preview("ws"), **API})
+
+    assert later.status == 503
+    assert 0 < int(later.headers["Retry-After"]) <= wake_module.RETRY_FIRST
+
+
+async def test_a_wake_its_owner_stops_is_no_failure(
+        make_gateway: MakeGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped while its port is awaited, a wake ends with an error for the requests that waited, but nothing
+    failed: the next visitor wakes the workspace at once, not after a back-off. (The port is probed every 2 s here,
+    so the wait mostly finds the workspace WARM, stamped before the error: found STOPPING, the stamp that follows
+    would hold no wake back even if the error were taken for a failure.)"""
+    monkeypatch.setattr(wake_module, "_PROBE_FAST", 2.0)
+    monkeypatch.setattr(wake_module, "_PROBE_SLOW", 2.0)
+    starts_file = tmp_path / "starts"
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=60, starts=starts_file)})
+    gateway = gateway_of(client)
+    held = asyncio.ensure_future(client.get("/", headers={"Host": preview("ws"), **API}))
+    await until(lambda: starts(starts_file) == 1 and gateway.waker.progress("ws", PORT) is not None)
+    assert (await gateway.runtime.stop("ws")).phase is Phase.WARM
+    assert (await held).status == 503
+
+    page = await client.get("/", headers=browser("ws"))
+
+    assert page.status == 503
+    assert "tried again" not in await page.text()
+    await until(lambda: starts(starts_file) == 2)
