@@ -16,18 +16,38 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from yarl import URL
 
 WORKSPACE_ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
 ENV_PREFIX = "CODEHUB_"
 NOT_SETTINGS = frozenset({"CODEHUB_CONFIG", "CODEHUB_URL", "CODEHUB_TOKEN", "CODEHUB_WORKSPACE"})
 
-Port = Annotated[int, Field(ge=1, le=65535)]
+
+def _not_a_boolean(value: Any) -> Any:
+    """Pydantic takes ``true`` for the number 1, and YAML reads ``on`` and ``yes`` as true: ``port: on``
+    listened on port 1, ``to_warm: yes`` put workspaces to sleep after a second."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false (YAML reads yes, no, on and off as true and false)")
+    return value
+
+
+_NUMBER = BeforeValidator(_not_a_boolean)
+Count = Annotated[int, _NUMBER]
+Port = Annotated[int, Field(ge=1, le=65535), _NUMBER]
 PORT_TEXT = re.compile(r"[0-9]{1,5}")
 """A port number as text from outside (an address, a resource): ASCII digits only, as few as a port has, since
 ``str.isdigit`` admits "²" and int() then fails."""
-Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False), _NUMBER]
 """Finite: YAML's ``.inf`` passed ``gt=0`` and a sign-in's end, a whole number of seconds, failed every sign-in
 (``null`` says "no limit" where there may be none)."""
 _GATEWAY_LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
@@ -42,8 +62,17 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _listen_host(value: str) -> str:
+    if not (_is_ip(value) or re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value)):
+        raise ValueError("must be an IP address or a host name, like 127.0.0.1 or gateway.internal")
+    return value
+
+
+ListenHost = Annotated[str, AfterValidator(_listen_host)]
+
+
 class Listen(_Model):
-    host: str = "127.0.0.1"
+    host: ListenHost = "127.0.0.1"
     port: Port = 8080
 
 
@@ -51,7 +80,7 @@ class MetricsListen(_Model):
     """Where ``/metrics`` is served: a port of its own that no ingress routes, so the public hub and preview hosts
     never expose the gateway's internals (they answer 404 for ``/metrics``). No port: no metrics listener."""
 
-    host: str = "127.0.0.1"
+    host: ListenHost = "127.0.0.1"
     port: Port | None = None
 
 
@@ -90,11 +119,11 @@ class Limits(_Model):
     ``send_timeout`` (s) the longest a client may take nothing of an answer streamed to it (its connection is
     then closed: a client that never reads would hold the answer, its upstream connection and that place)."""
 
-    request_line: int = Field(default=8190, ge=256, le=MOST_HEAD_BYTES)
-    header_size: int = Field(default=8190, ge=256, le=MOST_HEAD_BYTES)
-    header_count: int = Field(default=100, ge=8, le=10_000)
-    body: int = Field(default=1 << 20, ge=1024)
-    connections: int | None = Field(default=None, ge=1)
+    request_line: Count = Field(default=8190, ge=256, le=MOST_HEAD_BYTES)
+    header_size: Count = Field(default=8190, ge=256, le=MOST_HEAD_BYTES)
+    header_count: Count = Field(default=100, ge=8, le=10_000)
+    body: Count = Field(default=1 << 20, ge=1024)
+    connections: Count | None = Field(default=None, ge=1)
     keepalive: Seconds = 75.0
     head_timeout: Seconds = 20.0
     body_timeout: Seconds | None = 60.0
@@ -345,7 +374,7 @@ class Kubernetes(_Model):
     tmp_size: str = "1Gi"
     read_only_root: bool = True
     resources: KubernetesResources = KubernetesResources()
-    keep_snapshots: int = Field(default=2, ge=1)
+    keep_snapshots: Count = Field(default=2, ge=1)
     # Where and how workspace pods are scheduled (passed to the pod spec as they are).
     image_digest: str | None = None  # sha256:…: run exactly this build of ``image`` (not the tag's latest)
     node_selector: dict[str, str] = Field(default_factory=dict)
@@ -366,13 +395,13 @@ class Kubernetes(_Model):
     ready_grace: Seconds = 30.0  # /readyz fails once a cache has been cut off from the API for this long
     ide_key_file: Path | None = None  # with it, each IDE requires its HMAC secret (gateway/auth/ide.py)
     request_timeout: Seconds = 10.0
-    watch_timeout: int = Field(default=300, ge=1)
+    watch_timeout: Count = Field(default=300, ge=1)
     activity_interval: Seconds = 60.0
     # What the gateway asks of the API server (per replica): a token bucket and a bound on requests in flight.
-    api_qps: float = Field(default=20.0, gt=0)
-    api_burst: int = Field(default=40, ge=1)
-    api_concurrency: int = Field(default=16, ge=1)
-    list_page_size: int = Field(default=500, ge=1)  # lists are fetched in pages (limit/continue)
+    api_qps: Annotated[float, _NUMBER] = Field(default=20.0, gt=0)
+    api_burst: Count = Field(default=40, ge=1)
+    api_concurrency: Count = Field(default=16, ge=1)
+    list_page_size: Count = Field(default=500, ge=1)  # lists are fetched in pages (limit/continue)
     share_retention: Seconds = 86400.0  # expired share links stay listed this long, then the leader deletes them
     share_prune_interval: Seconds = 300.0
     usage_interval: Seconds = 5.0  # share link / API token use counts: at most one status write per interval
@@ -420,7 +449,7 @@ class Config(_Model):
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     idle: Idle = Idle()
-    max_ws_message: int = Field(default=64 << 20, gt=0)
+    max_ws_message: Count = Field(default=64 << 20, gt=0)
     runtime: Literal["local", "kubernetes"] = "local"
     local: Local = Local()
     kubernetes: Kubernetes = Kubernetes()
@@ -456,13 +485,14 @@ class Config(_Model):
         """Unset hub and preview addresses follow the listen address, so ``serve --port 9000`` links to :9000."""
         if not isinstance(data, dict) or ("hub_url" in data and "preview_domain" in data):
             return data
-        listen = data.get("listen")
-        listen = listen if isinstance(listen, dict) else {}
-        host, port = str(listen.get("host", Listen().host)), listen.get("port", Listen().port)
-        name = _public_name(host)
+        try:
+            listen = Listen.model_validate(data.get("listen", {}))
+        except ValidationError:
+            return data  # the listen section's own error says what is wrong, not an address derived from it
+        name = _public_name(listen.host)
         if name is None:
             return data  # nothing to follow; _addresses_are_usable says so once auth is known to be safe
-        return {"hub_url": f"http://{name}:{port}", "preview_domain": f"{name}:{port}", **data}
+        return {"hub_url": f"http://{name}:{listen.port}", "preview_domain": f"{name}:{listen.port}", **data}
 
     @model_validator(mode="after")
     def _auth_is_safe(self) -> Config:

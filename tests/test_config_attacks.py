@@ -292,3 +292,44 @@ def test_a_file_nested_past_the_recursion_limit_is_one_line(tmp_path: Path, comm
 def test_a_setting_from_the_environment_nested_past_the_recursion_limit_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^config error: local\.workspaces: Input should be a valid dictionary"):
         load_config(settings_file(tmp_path), environ={"CODEHUB_LOCAL__WORKSPACES": _DEEP})
+
+
+# --- the listen address -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "key"), [("listen: {host: 'bad host'}", "listen.host"),
+                                           ("listen: {host: 'localhost/x'}", "listen.host"),
+                                           ("metrics: {host: 'a b', port: 9090}", "metrics.host"),
+                                           ("listen: {port: on}", "listen.port"),
+                                           ("listen: {port: 'http'}", "listen.port"),
+                                           ("listen: {port: 0}", "listen.port")])
+def test_a_bad_listen_address_is_named_not_the_addresses_derived_from_it(tmp_path: Path, text: str,
+                                                                          key: str) -> None:
+    """Unset hub and preview addresses are derived from the listen address: a bad one was reported as a bad
+    ``preview_domain`` or ``hub_url``, settings the operator never wrote."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(text + "\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(config, environ={})
+    assert str(raised.value).startswith(f"config error: {key}: "), raised.value
+
+
+def test_serve_names_a_bad_host_given_on_its_command_line(tmp_path: Path) -> None:
+    result = run("serve", "--host", "bad host", cwd=tmp_path, timeout=15)
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert result.stderr.startswith("config error: listen.host: "), result.stderr
+
+
+@pytest.mark.parametrize(("text", "key"), [("idle: {to_warm: yes}", "idle.to_warm"),
+                                           ("limits: {body: true}", "limits.body"),
+                                           ("local: {workspaces: {ws1: {owner: a, command: [x], ports: {on: public}}}}",
+                                            "local.workspaces.ws1.ports.1"),
+                                           ("kubernetes: {api_qps: on}", "kubernetes.api_qps")])
+def test_true_or_false_is_no_number(tmp_path: Path, text: str, key: str) -> None:
+    """YAML reads ``yes`` and ``on`` as true, which pydantic took for 1: workspaces asleep a second after their
+    last request, a 1-byte body limit, port 1 public."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(text + "\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(config, environ={})
+    assert str(raised.value).startswith(f"config error: {key}: "), raised.value
+    assert "not true or false" in str(raised.value)
