@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.edge.routing import WAKE_EVENTS_PATH
-from gateway.errors import GatewayError, ServiceUnavailable
+from gateway.errors import GatewayError, NotFound, ServiceUnavailable
 from gateway.lifecycle import Event, LifecycleError, Phase, Runtime, WorkspaceState
 from gateway.metrics import Metrics
 
@@ -295,7 +295,8 @@ class Waker:
             )
         task.result()  # the wake's own failure, if it failed
         fresh = self._runtime.get(state.id)
-        assert fresh is not None
+        if fresh is None:  # deleted the moment it woke (Kubernetes: the informer's event came in between)
+            raise NotFound(f"There is no workspace called {state.id}.", code="workspace-not-found")
         return fresh
 
     def _wake(self, workspace: str) -> asyncio.Task[WorkspaceState]:

@@ -86,7 +86,6 @@ class Proxied:
 MakeProxied = Callable[..., Awaitable[Proxied]]
 
 
-
 @pytest.fixture
 async def proxied(make_gateway: MakeGateway, make_upstream: MakeUpstream) -> MakeProxied:
     """``await proxied(app)``: start ``app`` on a fresh workspace address, a gateway in front, workspace awake.

@@ -15,8 +15,10 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.lifecycle import WorkspaceState
 from tests.conftest import MakeGateway, next_address, workspace
-from tests.server.conftest import HUB, IDE, MakeProxied, Proxied, free_port, read_until, sent_raw
+from tests.memory_runtime import MemoryRuntime
+from tests.server.conftest import HUB, IDE, WORKSPACE, MakeProxied, Proxied, free_port, read_until, sent_raw
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND", "MKCOL", "REPORT"]
 
@@ -644,3 +646,27 @@ async def test_request_held_for_a_wake_survives_a_port_probing_dev_server(make_g
     async with asyncio.timeout(30), client.get("/", headers={"Host": f"{port}-ws1.localhost:8080"}) as response:
         assert response.status == 200, await response.text()
         assert await response.text() == "served by the real server"
+
+
+async def test_a_workspace_deleted_the_moment_it_woke_is_not_found_not_a_500(proxied: MakeProxied,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Kubernetes a workspace can be deleted between its wake's end and the held request going on (the
+    informer's event comes in between): the request gets the 404 any request for a deleted workspace gets."""
+    p = await proxied(echo_app())
+    runtime = p.gateway.runtime
+    assert isinstance(runtime, MemoryRuntime)
+    await runtime.stop(WORKSPACE)
+    woken = runtime.wake
+
+    async def woke_then_deleted(name: str) -> WorkspaceState:
+        state = await woken(name)
+        asyncio.get_running_loop().call_soon(delete, name)
+        return state
+
+    def delete(name: str) -> None:
+        del runtime._states[name]
+
+    monkeypatch.setattr(runtime, "wake", woke_then_deleted)
+    async with p.request("GET", "/") as response:
+        assert response.status == 404, await response.text()
+        assert (await response.json())["error"]["code"] == "workspace-not-found"
