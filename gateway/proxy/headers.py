@@ -213,8 +213,8 @@ def upstream_request_headers(
                 scheme = _last(value)
             elif verdict is _FORWARDED_HOST:
                 public_host = _last(value)
-    if "content-length" in headers and "transfer-encoding" not in headers:
-        out["Content-Length"] = headers["content-length"]
+    if "content-length" in headers and "transfer-encoding" not in headers:  # as read: 005 is 5 (octal to some)
+        out["Content-Length"] = headers["content-length"].lstrip("0") or "0"
     if cookies:
         out["Cookie"] = "; ".join(cookies)
     out["X-Forwarded-For"] = f"{', '.join(chain)}, {client.peer}" if chain else client.peer

@@ -62,6 +62,9 @@ def client_offer(headers: Headers) -> Offer:
     if headers.get("Sec-WebSocket-Version", "") not in _VERSIONS:
         raise BadRequest("Unsupported WebSocket version; 13 is spoken here.", code="websocket-handshake",
                          headers={"Sec-WebSocket-Version": "13"})
+    if headers.get("Content-Length", "0").lstrip("0") or "Transfer-Encoding" in headers:
+        # forwarded with its length and no body, a strict upstream waited for the body until the gateway gave up
+        raise BadRequest("A WebSocket handshake has no body.", code="websocket-handshake")
     key = headers.get("Sec-WebSocket-Key", "")
     try:
         valid = len(base64.b64decode(key, validate=True)) == 16

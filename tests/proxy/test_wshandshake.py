@@ -30,6 +30,11 @@ OFFER = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version
         ({"Connection": "keep-alive"}, "A WebSocket upgrade needs 'Connection: Upgrade'."),
         ({"Sec-WebSocket-Version": "14"}, "Unsupported WebSocket version; 13 is spoken here."),
         ({"Sec-WebSocket-Key": "c2hvcnQ="}, "The WebSocket key is not 16 bytes in base64."),
+        ({"Content-Length": "0"}, Offer(KEY, ())),
+        ({"Content-Length": "000"}, Offer(KEY, ())),
+        ({"Content-Length": "5"}, "A WebSocket handshake has no body."),
+        ({"Content-Length": "010"}, "A WebSocket handshake has no body."),
+        ({"Transfer-Encoding": "chunked"}, "A WebSocket handshake has no body."),
     ],
 )
 def test_a_clients_offer_is_read_or_refused_as_a_400(changed: dict[str, str | None], expected: Offer | str) -> None:

@@ -781,6 +781,7 @@ def _fields(**fields: str | None) -> str:
 NO_CONNECTION = "A WebSocket upgrade needs 'Connection: Upgrade'."
 BAD_VERSION = "Unsupported WebSocket version; 13 is spoken here."
 BAD_KEY = "The WebSocket key is not 16 bytes in base64."
+HAS_BODY = "A WebSocket handshake has no body."
 CLIENT_HANDSHAKES = [
     # (why, the client's header lines, the message of the 400, or None: a 101)
     ("RFC 6455", _fields(), None),
@@ -792,6 +793,9 @@ CLIENT_HANDSHAKES = [
     ("a version not spoken", _fields(Sec_WebSocket_Version="12"), BAD_VERSION),
     ("no version", _fields(Sec_WebSocket_Version=None), BAD_VERSION),
     ("no key", _fields(Sec_WebSocket_Key=None), BAD_KEY),
+    ("a body's length of 0", _fields(Content_Length="0"), None),
+    ("a body", _fields(Content_Length="5"), HAS_BODY),
+    ("a chunked body", _fields(Transfer_Encoding="chunked"), HAS_BODY),
     ("a key of 15 bytes", _fields(Sec_WebSocket_Key=base64.b64encode(b"x" * 15).decode()), BAD_KEY),
     ("a key of 17 bytes", _fields(Sec_WebSocket_Key=base64.b64encode(b"x" * 17).decode()), BAD_KEY),
     ("a key with a byte outside base64", _fields(Sec_WebSocket_Key=KEY + "!"), BAD_KEY),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 
 import pytest
 from aiohttp import web
@@ -200,6 +201,15 @@ async def test_chunk_extensions_and_trailers_never_reach_the_app(make_gateway: M
     the client's chunk extensions (which parsers read in different ways) and trailer fields are not passed on, so a
     trailer cannot carry an identity header (``X-Forwarded-User``) past the hygiene its head went through to an app
     that merges trailers into headers."""
+    head, body = await through_raw_upstream(make_gateway, CHUNKED_EXTRAS)
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert b"Trailer" not in head
+    assert body == b"5\r\nhello\r\n0\r\n\r\n"
+
+
+async def through_raw_upstream(make_gateway: MakeGateway, request: bytes) -> tuple[bytes, bytes]:
+    """The head and body a ``RawUpstream`` received for ``request`` (its ``{host}`` the upstream's preview host),
+    which it answered 200."""
     address = next_address()
     upstream = RawUpstream()
     server = await asyncio.start_server(upstream.serve, address, 0)
@@ -210,7 +220,7 @@ async def test_chunk_extensions_and_trailers_never_reach_the_app(make_gateway: M
         await client.app[GATEWAY].runtime.wake(WORKSPACE)
         reader, writer = await asyncio.open_connection(client.host, client.port)
         try:
-            writer.write(CHUNKED_EXTRAS.replace(b"{host}", f"{port}-{WORKSPACE}.localhost:8080".encode()))
+            writer.write(request.replace(b"{host}", f"{port}-{WORKSPACE}.localhost:8080".encode()))
             answer = await read_answer(reader)
         finally:
             writer.close()
@@ -218,9 +228,22 @@ async def test_chunk_extensions_and_trailers_never_reach_the_app(make_gateway: M
         server.close()
     assert (answer.status, answer.body) == (200, b"ok")
     head, _, body = bytes(upstream.received).partition(b"\r\n\r\n")
-    assert b"transfer-encoding: chunked" in head.lower()
-    assert b"Trailer" not in head
-    assert body == b"5\r\nhello\r\n0\r\n\r\n"
+    return head, body
+
+
+@pytest.mark.parametrize(("length", "sent"), [(b"005", b"5"), (b"0000", b"0"), (b"12", b"12")])
+async def test_a_body_length_reaches_the_app_in_one_spelling(make_gateway: MakeGateway, length: bytes,
+                                                             sent: bytes) -> None:
+    """``Content-Length: 005`` is 5 to the gateway's parser; an app's parser that reads it otherwise (octal, or a
+    refusal that leaves the body on the connection as the next request) would disagree on where the body ends:
+    the app is sent the length as the gateway read it."""
+    body = (b"x" * int(length) + b"\r\n\r\n")[-int(length):] if int(length) else b""  # ends as RawUpstream answers
+    head, received = await through_raw_upstream(
+        make_gateway, b"POST /up HTTP/1.1\r\nHost: {host}\r\nContent-Length: " + length + b"\r\n\r\n" + body)
+    found = re.search(rb"(?im)^content-length: ([0-9]*)", head)
+    assert found is not None, head
+    assert found[1] == sent
+    assert received == body
 
 
 # --- an upgrade the gateway does not make -------------------------------------------------------------------------
