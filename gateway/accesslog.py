@@ -37,6 +37,17 @@ def log_text(value: str | None) -> str:
     return "null" if value is None else encode_basestring_ascii(value)
 
 
+class OneLineFormatter(logging.Formatter):
+    """The gateway's other logs, as text lines that quote what others chose (an event's text from the cluster, a
+    workspace's last line of output, an IdP's error): a line break in it would make a line that looks like the
+    gateway's own, an escape sequence or a bidi override would rewrite what a terminal shows. Such a message is
+    written escaped, whatever the call site; a traceback after it keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 class AccessLog:
     """Writes the lines. They go straight to the logger's ``BufferedLineHandler`` when it has one (``serve`` sets
     that up): a ``LogRecord`` and the handler chain per request cost more than the line itself."""

@@ -30,7 +30,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from gateway.accesslog import BufferedLineHandler
+from gateway.accesslog import BufferedLineHandler, OneLineFormatter
 from gateway.config import Config, ConfigError
 from gateway.lifecycle.local import dies_with
 from gateway.server.fastlane import GatewayRunner
@@ -42,8 +42,9 @@ _RESTART_AFTER = 1.0
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    text = logging.StreamHandler(sys.stderr)
+    text.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[text])
     access = logging.getLogger("codehub.access")
     if not any(isinstance(handler, BufferedLineHandler) for handler in access.handlers):
         handler = BufferedLineHandler(sys.stderr.fileno())

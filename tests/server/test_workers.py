@@ -172,7 +172,6 @@ async def test_both_workers_serve(served: Served) -> None:
     assert {first, second} == _workers(served.process.pid)
 
 
-
 async def test_the_workers_write_the_access_log_as_bare_json_lines(served: Served) -> None:
     """Each worker's access log goes to stderr one JSON object a line (a log shipper parses them as they are),
     not through the formatted lines of the other logs."""
@@ -184,6 +183,34 @@ async def test_the_workers_write_the_access_log_as_bare_json_lines(served: Serve
         assert time.monotonic() < deadline, "no access log line"
         await asyncio.sleep(0.05)
     assert json.loads(lines[0])["path"] == path
+
+
+HOSTILE_LOG = """
+import logging
+from gateway.server.serving import configure_logging
+configure_logging("info")
+log = logging.getLogger("gateway.lifecycle.kubernetes.runtime")
+log.error("workspace %s failed to start: %s", "ws1", "Back-off\\n2026-12-06 INFO gateway: forged\\x1b[2J\\u202eok")
+try:
+    raise ValueError("boom")
+except ValueError:
+    log.exception("a bug")
+"""
+
+
+def test_a_log_line_cannot_be_split_or_disguised_by_what_it_quotes() -> None:
+    """The gateway's own log lines quote what others chose (an event's text from the cluster, a workspace's last
+    line of output, an IdP's error): a line break in it would make a line that looks like the gateway's, and an
+    escape sequence or a bidi override would rewrite what a terminal shows. They are written escaped; a
+    traceback keeps its lines."""
+    result = subprocess.run([sys.executable, "-c", HOSTILE_LOG], capture_output=True, text=True, timeout=60,
+                            check=True)
+    lines = result.stderr.splitlines()
+    assert lines[0].endswith(" ERROR gateway.lifecycle.kubernetes.runtime: workspace ws1 failed to start: "
+                             "Back-off\\n2026-12-06 INFO gateway: forged\\x1b[2J\\u202eok"), lines
+    assert lines[1].endswith(" ERROR gateway.lifecycle.kubernetes.runtime: a bug")
+    assert lines[2:4] == ["Traceback (most recent call last):", '  File "<string>", line 8, in <module>']
+    assert lines[-1] == "ValueError: boom"
 
 
 async def test_the_control_socket_is_the_gateway_user_s_alone(served: Served) -> None:
