@@ -63,6 +63,8 @@ class _Model(BaseModel):
 
 
 def _listen_host(value: str) -> str:
+    """Checked before binding: the hub and preview addresses are derived from it, and a space or a slash in it made
+    the error name them instead."""
     if not (_is_ip(value) or re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value)):
         raise ValueError("must be an IP address or a host name, like 127.0.0.1 or gateway.internal")
     return value
