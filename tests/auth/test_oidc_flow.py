@@ -416,6 +416,9 @@ async def test_an_id_token_cookie_that_does_not_open_is_not_sent_to_the_idp(
         browser.add_cookie(served.hub, "codehub_idtoken", planted)
         location = URL((await _sign_out(browser, served)).location or "")
         assert set(location.query) == {"client_id", "post_logout_redirect_uri"}
+    assert browser.cookie(served.hub, "codehub_idtoken") is None  # none at all, as before it was kept
+    location = URL((await _sign_out(browser, served)).location or "")
+    assert set(location.query) == {"client_id", "post_logout_redirect_uri"}
 
 
 async def test_sign_out_can_leave_the_idps_session_alone(serve: Serve, idp: IdP, gateway_port: int,

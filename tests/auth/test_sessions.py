@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -122,9 +124,20 @@ def test_a_sealed_state_names_nobody_and_opens_only_where_and_while_it_was_meant
     assert s.open_state(sealed, OTHER) is None
     assert sessions(clock=120).open_state(sealed, HOST) is None
     for other in (s.sign_state({"ask": ["alice"]}, HOST, 60), s.issue(ALICE, HOST),
-                  s.handoff_code(hub(ALICE), HOST, "state"), "", "x.y", "!"):
+                  s.handoff_code(hub(ALICE), HOST, "state"), "", "x.y", "!", None):
         assert s.open_state(other, HOST) is None
     assert opened(s, sealed, HOST) is None
+
+
+def test_a_sealed_state_opens_until_its_last_second_and_not_at_its_expiry() -> None:
+    """As a session does: a consent page's ``ask`` or a sign-in's ``next`` is done with when its time is up."""
+    now = [float(int(time.time()))]
+    s = Sessions(lambda: KEYS, ISSUER, ttl=3600, clock=lambda: now[0])
+    sealed = s.seal_state({"next": "/"}, HOST, 60)
+    now[0] += 59.5
+    assert s.open_state(sealed, HOST) is not None
+    now[0] += 0.5
+    assert s.open_state(sealed, HOST) is None
 
 
 def test_other_token_types_are_not_session_cookies() -> None:
@@ -330,13 +343,18 @@ def sealed_by(cookie: str) -> str:
 
 
 class CountingKeys(KeySet):
-    """A key set that counts what it opens."""
+    """A key set that counts what it opens and what it signs."""
 
     checks = 0
+    signatures = 0
 
     def unseal(self, sealed: str, context: bytes) -> bytes:
         self.checks += 1
         return super().unseal(sealed, context)
+
+    def sign(self, claims: Mapping[str, Any]) -> str:
+        self.signatures += 1
+        return super().sign(claims)
 
 
 def test_a_session_cookie_is_checked_once_not_on_every_request() -> None:
@@ -396,7 +414,7 @@ def test_an_assertion_is_reused_only_while_it_has_half_its_life_left() -> None:
     assert fresh(ALICE, HOST) == first
     assert fresh(ALICE, OTHER) == elsewhere
     assert fresh(Identity("bob"), HOST) != first
-    now[0] += 10
+    now[0] += 5  # half its life left: renewed now, not a moment later
     renewed = fresh(ALICE, HOST)
     assert renewed != first
     now[0] += 1
@@ -651,3 +669,17 @@ def test_the_cache_of_cookies_read_is_bounded(monkeypatch: pytest.MonkeyPatch) -
     assert opened(s, third, HOST) == Identity("c")
     assert opened(s, first, HOST) == Identity("a")
     assert keys.checks == 4
+
+
+def test_the_cache_of_assertions_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once it holds ``_CACHE_LIMIT`` assertions, the next new one empties it: those handed out before are signed
+    again."""
+    monkeypatch.setattr(sessions_module, "_CACHE_LIMIT", 2)
+    keys = CountingKeys(list(KEYS.keys))
+    s = Sessions(lambda: keys, ISSUER, ttl=3600)
+    for who in ("a", "b", "a", "b"):
+        s.assertion(Identity(who), HOST)
+    assert keys.signatures == 2
+    s.assertion(Identity("c"), HOST)
+    s.assertion(Identity("a"), HOST)
+    assert keys.signatures == 4
