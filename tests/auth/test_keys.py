@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import stat
 import time
 from collections.abc import Callable
@@ -68,6 +69,7 @@ FORGERIES: list[tuple[str, Callable[[], str]]] = [
     ("audience list without ours", lambda: ours(claims(aud=["a", "b"]))),
     ("wrong issuer", lambda: ours(claims(iss="http://evil.test"))),
     ("expired", lambda: ours(claims(exp=int(time.time()) - 60))),
+    ("expired as long ago as the leeway for replicas' clocks", lambda: ours(claims(exp=int(time.time()) - 5))),
     ("not valid yet", lambda: ours(claims(nbf=int(time.time()) + 600))),
     ("missing exp", lambda: ours(claims(exp=None))),
     ("missing aud", lambda: ours(claims(aud=None))),
@@ -238,6 +240,28 @@ def test_a_signing_key_cannot_be_changed_in_place() -> None:
     key = SigningKey.generate()
     with pytest.raises(AttributeError):
         key.kid = "chosen"  # type: ignore[misc]
+
+
+def test_new_keys_are_on_disk_before_they_take_the_old_files_place(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash just after a rotation leaves either file whole, never an empty one no replica can start with: the
+    new file is written out and synced before it replaces the old. A crash cannot happen here: ``os.fsync`` notes
+    what it would make durable, and when."""
+    path = tmp_path / "keys.json"
+    old = KeySet([SigningKey.generate()])
+    write_keys(path, old)
+    new = old.rotated(keep_for=3600)
+    synced: list[tuple[int, str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((os.fstat(fd).st_size, load_or_create(path, create=False).current.kid))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_keys(path, new)
+    assert synced == [(len(new.to_json()), old.current.kid)]
+    assert load_or_create(path, create=False).current.kid == new.current.kid
 
 
 def test_keys_file_keeps_each_keys_age_so_reloading_retires_nothing_early(tmp_path: Path) -> None:
