@@ -662,9 +662,11 @@ async def test_forged_or_hostile_id_tokens_are_refused(idp: IdP) -> None:
                 await client.verify_id_token(token, "n0nce")
             assert refusal in str(refused.value), what
             assert (refused.value.status, refused.value.code) == (401, "sign-in-failed"), what
+        now = int(time.time())
+        with pytest.raises(SignInFailed, match="did not verify"):  # expired as long ago as the leeway
+            await client.verify_id_token(signed_by_idp(idp, iat=now - 600, exp=now - 30), "n0nce")
         # A genuine token, a little past its expiry but within the leeway, and one without a kid while the IdP
         # publishes exactly one key, are accepted.
-        now = int(time.time())
         claims = await client.verify_id_token(signed_by_idp(idp, iat=now - 600, exp=now - 10), "n0nce")
         assert claims["sub"] == "alice"
         assert (await client.verify_id_token(signed_by_idp(idp, headers={}), "n0nce"))["sub"] == "alice"
@@ -782,6 +784,20 @@ async def test_an_end_session_endpoint_that_is_no_web_address_is_not_followed(ai
         sent_to = await client.authorize_url(redirect_uri="http://localhost:8080/auth/callback", state="st",
                                              nonce="n", pkce=Pkce.new())
         assert sent_to.startswith(f"{issuer}/authorize?")
+
+
+async def test_an_idp_at_https_addresses_sends_browsers_to_them(aiohttp_server: Any) -> None:
+    """What an IdP in production publishes: https addresses, where sign-in and sign-out send the browser."""
+    issuer = await hostile_idp(aiohttp_server, {**ENDPOINTS, "authorization_endpoint": "https://sso.example/authorize",
+                                                "end_session_endpoint": "https://sso.example/logout"})
+    async with aiohttp.ClientSession() as http:
+        client = OidcClient(Oidc(issuer=issuer, client_id="c", client_secret="s"), http)
+        sent_to = await client.authorize_url(redirect_uri="http://localhost:8080/auth/callback", state="st",
+                                             nonce="n", pkce=Pkce.new())
+        assert sent_to.startswith("https://sso.example/authorize?")
+        signed_out = await client.end_session_url(post_logout_redirect_uri="http://localhost:8080/",
+                                                  id_token_hint=None)
+        assert (signed_out or "").startswith("https://sso.example/logout?")
 
 
 @pytest.mark.parametrize(("jwks", "alg"), [
@@ -911,25 +927,30 @@ async def test_code_exchange_with_either_client_authentication(tmp_path: Path, m
             await wrong.exchange(code=code, redirect_uri=redirect_uri, verifier=pkce.verifier)
 
 
-@pytest.mark.parametrize(("status", "body", "refusal"), [
-    (200, '{"access_token": "x"}', SignInFailed),  # no ID token
-    (200, '["id_token"]', SignInFailed),  # not an object
-    (200, '{"id_token": 42}', SignInFailed),  # not a token
-    (200, '{"id_token": ""}', SignInFailed),
-    (400, '{"error": "invalid_grant"}', SignInFailed),
-    (200, "<html>", IdpUnavailable),
+@pytest.mark.parametrize(("status", "body", "refusal", "logged"), [
+    (200, '{"access_token": "x"}', SignInFailed, "IdP refused the code: 200"),  # no ID token
+    (200, '["id_token"]', SignInFailed, "IdP refused the code: 200"),  # not an object
+    (200, '{"id_token": 42}', SignInFailed, "IdP refused the code: 200"),  # not a token
+    (200, '{"id_token": ""}', SignInFailed, "IdP refused the code: 200"),
+    (400, '{"error": "invalid_grant", "error_description": "code expired"}', SignInFailed,
+     'IdP refused the code: 400 "invalid_grant" "code expired"'),
+    (200, "<html>", IdpUnavailable, "IdP token endpoint unreachable"),
 ])
 async def test_a_token_reply_that_carries_no_id_token_is_a_refused_sign_in(
-        aiohttp_server: Any, status: int, body: str, refusal: type[Exception]) -> None:
+        aiohttp_server: Any, caplog: pytest.LogCaptureFixture, status: int, body: str, refusal: type[Exception],
+        logged: str) -> None:
     """What the token endpoint answers is the IdP's (or whatever answers at its address): anything but an object
-    with an ID token in it is a sign-in refused with a page, never a traceback further on. oidc-provider cannot be
-    made to answer so, so a hostile one on loopback does."""
+    with an ID token in it is a sign-in refused with a page, never a traceback further on, and the log says what
+    the IdP said. oidc-provider cannot be made to answer so, so a hostile one on loopback does. The gateway asks
+    for JSON: some token endpoints answer in a form otherwise."""
+    asked_for: list[str | None] = []
     async def discovery(request: web.Request) -> web.Response:
         origin = str(request.url.origin())
         return web.json_response({"issuer": origin, "authorization_endpoint": f"{origin}/authorize",
                                   "token_endpoint": f"{origin}/token", "jwks_uri": f"{origin}/jwks"})
 
     async def token(request: web.Request) -> web.Response:
+        asked_for.append(request.headers.get("Accept"))
         return web.Response(status=status, text=body, content_type="application/json")
 
     app = web.Application()
@@ -941,6 +962,9 @@ async def test_a_token_reply_that_carries_no_id_token_is_a_refused_sign_in(
         client = OidcClient(Oidc(issuer=issuer, client_id="codehub", client_secret="s"), session)
         with pytest.raises(refusal):
             await client.exchange(code="c", redirect_uri="http://localhost:8080/auth/callback", verifier="v" * 43)
+    assert asked_for == ["application/json"]
+    assert [record.getMessage() for record in caplog.records if record.name == oidc.log.name
+            and record.getMessage().startswith(logged)], caplog.text
 
 
 async def test_sending_a_signed_in_browser_through_sign_in_again_keeps_its_sign_in(
