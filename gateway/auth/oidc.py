@@ -202,9 +202,10 @@ class OidcClient:
         except jwt.PyJWTError as exc:
             log.warning("IdP signing key %s cannot be read: %s", log_text(str(kid)), log_text(str(exc)))
             raise IdpUnavailable("The sign-in service publishes a signing key that cannot be read.") from None
+        issuer = (await self.metadata())["issuer"]  # as the IdP spells it: the setting drops a final "/"
         try:
             claims: dict[str, Any] = jwt.decode(
-                token, key, algorithms=[algorithm], audience=self.settings.client_id, issuer=self.settings.issuer,
+                token, key, algorithms=[algorithm], audience=self.settings.client_id, issuer=issuer,
                 leeway=30, options={"require": ["exp", "iat", "iss", "aud", "sub"]},
             )
         except jwt.InvalidTokenError as exc:

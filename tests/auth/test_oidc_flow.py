@@ -800,6 +800,25 @@ async def test_an_idp_at_https_addresses_sends_browsers_to_them(aiohttp_server: 
         assert (signed_out or "").startswith("https://sso.example/logout?")
 
 
+async def test_an_idp_whose_issuer_ends_in_a_slash_signs_people_in(aiohttp_server: Any) -> None:
+    """Some IdPs (Auth0) spell their issuer with a final ``/``, in discovery and in every ID token's ``iss``; the
+    setting is read without it. Tokens verify against the issuer as the IdP spells it, and only so (OpenID
+    Connect compares it exactly). The oidc-provider peer names itself without one, so a hostile IdP stands in."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwks = {"keys": [{**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key)), "kid": "k"}]}
+    issuer = await hostile_idp(aiohttp_server, {**ENDPOINTS, "issuer": "{origin}/"}, jwks)
+    now = int(time.time())
+    claims = {"iss": f"{issuer}/", "aud": "c", "sub": "alice", "iat": now, "exp": now + 300, "nonce": "n"}
+    async with aiohttp.ClientSession() as http:
+        for configured in (issuer, f"{issuer}/"):
+            client = OidcClient(Oidc(issuer=configured, client_id="c", client_secret="s"), http)
+            token = jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k"})
+            assert (await client.verify_id_token(token, "n"))["sub"] == "alice"
+            unslashed = jwt.encode({**claims, "iss": issuer}, key, algorithm="ES256", headers={"kid": "k"})
+            with pytest.raises(SignInFailed, match="did not verify"):
+                await client.verify_id_token(unslashed, "n")
+
+
 @pytest.mark.parametrize(("jwks", "alg"), [
     ([1], "RS256"), ({"keys": "ab"}, "RS256"), ({"keys": [1, "k"]}, "RS256"), (None, "RS256"),
     ({"keys": [{"kty": "RSA", "kid": "k"}]}, "RS256"),
