@@ -34,7 +34,7 @@ from gateway.server.context import GATEWAY, Gateway
 from gateway.web.auth_routes import check_same_origin, hub_identity
 from gateway.web.pages import JSON_ONLY, phase_words
 
-_SAFE = ("GET", "HEAD", "OPTIONS")
+_SAFE = ("GET", "HEAD")
 PAGE_SIZE = 100
 """Workspaces per page of ``GET /api/v1/workspaces`` when the caller names no ``limit``: an admin may see
 thousands, and one answer with every port of each would take seconds and megabytes."""
