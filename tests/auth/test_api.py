@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -99,6 +100,21 @@ async def test_list_shows_only_my_workspaces(served: Served, make_browser: MakeB
     assert_error(await call(alice, "GET", "/api/v1/workspaces/nope"), 404, "workspace-not-found")
 
 
+async def test_a_workspace_says_when_it_was_last_used_and_shows_no_label_nobody_gave(
+        served: Served, make_browser: MakeBrowser) -> None:
+    """The hub writes "last used …" from ``last_activity``: a visit through a preview is use. A port that neither
+    its owner nor devcontainer.json named has an empty label (hub.js shows its number), not a made-up one."""
+    alice = await user(make_browser, served, "alice")
+    share = (await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000})).json()
+    visited = time.time()
+    script = await make_browser(served)
+    assert (await script.fetch("GET", served.preview("ws1", 3000, "/"),
+                               headers={"Authorization": f"Bearer {share['token']}"})).status == 200
+    ws1 = (await call(alice, "GET", "/api/v1/workspaces/ws1")).json()
+    assert ws1["last_activity"] >= visited
+    assert [(port["port"], port["label"]) for port in ws1["ports"]] == [(3000, ""), (3001, "")]
+
+
 async def test_set_port_visibility_is_for_the_owner(served: Served, make_browser: MakeBrowser) -> None:
     alice = await user(make_browser, served, "alice")
     anonymous = await make_browser(served)
@@ -170,6 +186,7 @@ async def test_bad_port_changes_are_400_json(served: Served, make_browser: MakeB
         ({"port": 22}, 400, "bad-port"),
         ({"port": 13337}, 400, "bad-port"),
         ({"people": "alice"}, 400, "invalid-body"),
+        ({"audience": "org", "people": ["bob"]}, 400, "invalid-body"),  # a limit it would not be
     ],
 )
 async def test_bad_share_requests_are_refused(served: Served, make_browser: MakeBrowser, body: dict[str, Any],
@@ -328,6 +345,15 @@ async def test_a_link_from_no_body_and_for_a_workspace_with_no_known_port(serve:
     assert one["embed"]["badge"] == f"http://localhost:8080/badge/ws1/3000.svg?codehub_share={one['token']}"
     assert one["embed"]["markdown"] == f"[![preview ws1:3000]({one['embed']['badge']})]({url})"
     assert f'src="{url}"' in one["embed"]["iframe"]
+
+
+async def test_an_all_ports_link_opens_the_dev_servers_listening_too(serve: Serve, make_browser: MakeBrowser) -> None:
+    """A port its owner never configured but a dev server listens on (started in a terminal) is one the link
+    opens: its URL is handed out with the others, and the IDE's port is not."""
+    served = await serve({"ws1": {"owner": "alice", "ports": {3000: "private"}}}, listen={"ws1": [4000, 13337]})
+    alice = await user(make_browser, served, "alice")
+    link = (await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {})).json()
+    assert [entry["port"] for entry in link["urls"]] == [3000, 4000]
 
 
 async def test_a_store_that_cannot_be_read_refuses_before_acting_and_keeps_its_file(
