@@ -235,6 +235,26 @@ async def test_handoff_only_targets_this_gateways_previews(served: Served, make_
     assert "bad-handoff" in page.text
 
 
+async def test_handoff_without_a_state_mints_no_code(served: Served, make_browser: MakeBrowser) -> None:
+    """The code is bound to the preview tab's state: one asked for with none would be bound to nothing the tab
+    holds, so a page that sends a visitor here without it gets a refusal, not a code."""
+    browser = await signed_in(make_browser, served)
+    page = await browser.fetch("GET", f"{HUB}/auth/handoff?" + urlencode({"target": served.preview("ws1", 3000)}),
+                               headers={"Accept": "text/html"})
+    assert page.status == 400, page.headers.get("Location")
+    assert "bad-handoff" in page.text
+
+
+async def test_handoff_signed_out_sends_to_sign_in_for_now_only(served: Served, make_browser: MakeBrowser) -> None:
+    """A 302, never a permanent redirect: a browser keeps a 301 and would send every later hand-off, signed in
+    by then, to sign-in again."""
+    browser = await make_browser(served)
+    asked = "/auth/handoff?" + urlencode({"target": served.preview("ws1", 3000), "state": "s"})
+    page = await browser.fetch("GET", HUB + asked, headers={"Accept": "text/html"})
+    location = URL(page.location or "")
+    assert (page.status, location.path, location.query.get("next")) == (302, "/auth/login", asked)
+
+
 async def test_handoff_to_a_preview_goes_to_its_callback(served: Served, make_browser: MakeBrowser) -> None:
     browser = await signed_in(make_browser, served)
     target = served.preview("ws1", 3000, "/a?b=c")
@@ -745,6 +765,24 @@ async def test_the_hub_feed_ends_with_its_sign_in(served: Served, make_browser: 
     assert again.status == 401
 
 
+async def test_a_scripts_hub_feed_ends_when_its_api_token_is_revoked(served: Served, make_browser: MakeBrowser) -> None:
+    """A feed opened with an API token (a script watching its workspaces) is the token's to keep open: revoked
+    because it leaked, the thief's feed must not go on sending the owner's workspaces and share links."""
+    owner = await signed_in(make_browser, served)
+    made = (await api(owner, "POST", "/api/v1/tokens", {"name": "watcher"})).json()
+    thief = await make_browser(served)
+    bearer = {"Host": HUB[7:], "Authorization": f"Bearer {made['token']}", "Accept": "text/event-stream"}
+    async with thief.http.get(thief.gateway + "/api/v1/hub/events", headers=bearer) as feed:
+        assert feed.status == 200
+        assert (await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)).startswith(b"event: snapshot")
+        assert (await api(owner, "DELETE", f"/api/v1/tokens/{made['id']}")).status == 200
+        rest = await asyncio.wait_for(feed.content.read(), 10)  # ends: no timeout, no snapshot after
+        assert b"event: snapshot" not in rest, rest
+    again = await thief.fetch("GET", HUB + "/api/v1/hub/events", headers={"Accept": "text/event-stream",
+                                                                          "Authorization": bearer["Authorization"]})
+    assert again.status == 401
+
+
 # --- what is open ends with what let it in -----------------------------------------------------------------------
 
 
@@ -1042,6 +1080,21 @@ async def test_dev_sign_in_from_another_site_is_refused(served: Served, make_bro
     assert not browser.jar
 
 
+@pytest.mark.parametrize(("content_type", "body"), [
+    ("multipart/form-data", b"--x\r\n"),
+    ("application/x-www-form-urlencoded; charset=no-such-codec", b"user=alice&next=/"),
+], ids=["no-boundary", "unknown-charset"])
+async def test_a_dev_sign_in_form_no_browser_sends_is_a_400_that_says_so(served: Served, make_browser: MakeBrowser,
+                                                                       content_type: str, body: bytes) -> None:
+    """A script's mistake, told as one (not a 500 logged as the gateway's bug), and it signs nobody in."""
+    browser = await make_browser(served)
+    page = await browser.fetch("POST", HUB + "/auth/dev", data=body, headers={
+        "Origin": HUB, "Content-Type": content_type, "Accept": "application/json"})
+    assert page.status == 400, page.text
+    assert page.json()["error"]["code"] == "bad-form"
+    assert not browser.jar
+
+
 @pytest.mark.parametrize(
     ("host", "env", "ok"),
     [
@@ -1081,6 +1134,14 @@ async def test_dev_sign_in_is_off_in_oidc_mode(serve: Serve, make_browser: MakeB
     assert (form.status, form.location) == (302, HUB + "/auth/login?next=/tokens"), "the SSO's sign-in instead"
 
 
+async def test_signing_in_on_a_dev_gateway_is_its_form_and_keeps_where_the_visitor_was_going(
+        served: Served, make_browser: MakeBrowser) -> None:
+    """The other side of the test above: every "Sign in" link (``/auth/login``) leads to the development form."""
+    browser = await make_browser(served)
+    login = await browser.fetch("GET", HUB + "/auth/login?next=/tokens", headers={"Accept": "text/html"})
+    assert (login.status, login.location) == (302, HUB + "/auth/dev?next=/tokens")
+
+
 @pytest.mark.parametrize(("asked", "kept"), [
     ("/tokens?x=1", "/tokens?x=1"), ("//evil.test", "/evil.test"), ("https://evil.test", "/"), (None, "/")])
 async def test_the_dev_sign_in_form_keeps_where_the_visitor_was_going(served: Served, make_browser: MakeBrowser,
@@ -1098,6 +1159,7 @@ async def test_the_dev_sign_in_form_keeps_where_the_visitor_was_going(served: Se
 
 
 @pytest.mark.parametrize(("form", "code"), [
+    ({}, "bad-user-name"),
     ({"user": ""}, "bad-user-name"),
     ({"user": "   "}, "bad-user-name"),
     ({"user": "al ice"}, "bad-user-name"),
@@ -1230,3 +1292,17 @@ async def test_the_dev_sign_in_makes_an_email_address_for_a_user_name(served: Se
     browser = await make_browser(served)
     assert (await browser.fetch("POST", HUB + "/auth/dev", headers={"Origin": HUB}, data=form)).status == 303
     assert (await api(browser, "GET", "/api/v1/me")).json()["email"] == email
+
+
+@pytest.mark.parametrize(("form", "groups", "lands"), [
+    ({"user": "bob"}, [], "/"),
+    ({"user": "bob", "groups": " qa, dev ,", "next": "/tokens"}, ["qa", "dev"], "/tokens"),
+])
+async def test_the_dev_sign_in_gives_the_groups_listed_and_lands_where_it_was_going(
+        served: Served, make_browser: MakeBrowser, form: dict[str, str], groups: list[str], lands: str) -> None:
+    """Groups decide who sees what (``group:NAME`` in a workspace's members and the policy): a form that lists none
+    makes a member of none, and a comma-separated list makes one group of each name."""
+    browser = await make_browser(served)
+    page = await browser.fetch("POST", HUB + "/auth/dev", headers={"Origin": HUB}, data=form)
+    assert (page.status, page.location) == (303, HUB + lands)
+    assert (await api(browser, "GET", "/api/v1/me")).json()["groups"] == groups
