@@ -515,6 +515,10 @@ async def test_idp_error_reply_is_a_clear_page(served: Served, idp: IdP, make_br
     assert "sign-in-failed" in page.text
     assert "&lt;b&gt;user cancelled&lt;/b&gt;" in page.text
     assert said not in page.text
+    bare = await browser.navigate(served.hub + "/auth/callback?" + urlencode({"error": "access_denied",
+                                                                              "state": state}))
+    assert bare.status == 401, "an error without its optional description is still the IdP's no, not our 500"
+    assert "The sign-in service said: access_denied." in bare.text
     assert browser.idp_visits == 0
 
 

@@ -117,7 +117,8 @@ async def test_a_hostile_preview_cannot_spend_its_visitors_hand_offs_in_the_back
     Alice's ``HAND_OFFS_PER_MINUTE``. The page needs none of the codes; kept open in a background tab it does it
     again every minute. Meanwhile every preview and IDE Alice opens (her own private port here) answers 429
     ``too-many-hand-offs`` instead of signing her in (the same with frames, or speculation rules that prefetch
-    the hand-off, dest ``document`` with ``Sec-Purpose: prefetch``). Now the hub mints a code only for a page the
+    the hand-off, dest ``document`` with ``Sec-Purpose: prefetch``, or ``Purpose: prefetch`` from browsers before
+    it). Now the hub mints a code only for a page the
     browser opens (Fetch Metadata: a navigation to a document, not a prefetch)."""
     served = dev_served
     alice = await make_browser(served)
@@ -127,7 +128,8 @@ async def test_a_hostile_preview_cannot_spend_its_visitors_hand_offs_in_the_back
                "Referer": hostile}
     framed = {**fetched, "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"}
     prefetched = {**fetched, "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document", "Sec-Purpose": "prefetch"}
-    for background in [fetched] * 20 + [framed] * 20 + [prefetched] * 20:
+    legacy = {**fetched, "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document", "Purpose": "prefetch"}  # older
+    for background in [fetched] * 15 + [framed] * 15 + [prefetched] * 15 + [legacy] * 15:
         minted = await alice.fetch("GET", served.hub + "/auth/handoff?" + urlencode({"target": hostile,
                                                                                     "state": "x" * 24}),
                                    headers=background)
