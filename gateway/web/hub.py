@@ -110,8 +110,7 @@ async def tokens_page(request: web.Request) -> dict[str, object]:
 
 async def snapshot_now(request: web.Request) -> web.Response:
     """The same snapshot at once, for the page right after a change it made."""
-    return web.json_response(snapshot(request.app[GATEWAY], api.caller(request), *api.asked_page(request, HUB_PAGE)),
-                             headers={"Cache-Control": "no-store"})
+    return web.json_response(snapshot(request.app[GATEWAY], api.caller(request), *api.asked_page(request, HUB_PAGE)))
 
 
 async def events(request: web.Request) -> web.StreamResponse:
