@@ -10,6 +10,7 @@ import errno
 import fcntl
 import gc
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -389,6 +390,19 @@ async def test_answers_on_the_consent_page_read_back_with_their_time(tmp_path: P
     assert not fresh[clock.id].of("mallory")
 
 
+async def test_an_answer_withdrawn_through_one_worker_no_longer_applies_in_another(tmp_path: Path) -> None:
+    """A visitor who takes back "share" must not be named to the app by whichever worker takes its next request:
+    every worker reads the answers from the file, as it reads the links."""
+    path = tmp_path / "tokens.json"
+    first, second = FileTokenStore(path), FileTokenStore(path)
+    consent = Consent.answer("bob", "ws1", 3000, owner="alice", share=True, claims=["email"])
+    assert second.consents == {}
+    await first.record_consent(consent)
+    assert second.consents[consent.id].share
+    await first.withdraw_consent(consent)
+    assert consent.id not in second.consents
+
+
 async def test_a_second_revoke_keeps_the_time_of_the_first(tmp_path: Path) -> None:
     path = tmp_path / "tokens.json"
     store = FileTokenStore(path)
@@ -421,6 +435,38 @@ async def test_a_long_log_of_counts_is_folded_into_the_links_file(tmp_path: Path
         assert FileTokenStore(path).shares[link.id].uses == 2 * (round_ + 1)
     assert (tmp_path / "tokens.uses.jsonl").stat().st_size < 300
     assert json.loads(path.read_text())["shares"][0]["uses"] >= 10, "folded in"
+
+
+async def test_a_log_of_counts_is_folded_only_once_it_is_past_its_limit(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "tokens.json"
+    store = FileTokenStore(path)
+    link = await _link(store)
+    store.use_share(store.shares[link.id])
+    store.flush()
+    monkeypatch.setattr(store_module, "LOG_LIMIT", (tmp_path / "tokens.uses.jsonl").stat().st_size)
+    before = _identity(path)
+    store.use_share(store.shares[link.id])
+    store.flush()
+    assert _identity(path) == before, "at its limit: appended to"
+    store.use_share(store.shares[link.id])
+    store.flush()
+    assert _identity(path) != before, "past it: folded in"
+    assert FileTokenStore(path).shares[link.id].uses == 3
+
+
+async def test_a_use_of_a_token_shows_in_its_worker_before_and_after_a_reload(tmp_path: Path) -> None:
+    """The hub lists a person's tokens with their last use as its worker holds them: a use not yet written shows
+    there at once, and still after another worker's change made this one read the file again."""
+    path = tmp_path / "tokens.json"
+    first, second = FileTokenStore(path), FileTokenStore(path)
+    record, _ = first.create_api_token_now(Identity("alice", "", ()), name="ci")
+    first.use_api_token(first.api_tokens[record.id], 1_000.0)
+    assert first.api_tokens[record.id].last_used == 1_000.0
+    await _link(second)
+    assert first.api_tokens[record.id].last_used == 1_000.0, "read again, with the batch not yet written"
+    first.flush()
+    assert first.api_tokens[record.id].last_used == FileTokenStore(path).api_tokens[record.id].last_used == 1_000.0
 
 
 async def test_a_use_of_a_link_looked_up_before_a_reload_counts(tmp_path: Path) -> None:
@@ -721,7 +767,7 @@ async def test_a_links_file_that_cannot_be_read_is_never_written_over_nor_truste
         for _ in range(3):
             with pytest.raises(StoreUnavailable) as refused:
                 first.find_share(token)
-        assert refused.value.status == 503
+            assert (refused.value.status, refused.value.retry) == (503, True), "a reload may find it mended"
         with pytest.raises(StoreUnavailable):
             await first.revoke_share(held)
         fresh = FileTokenStore(path)  # a worker or the CLI starting: it starts, and answers 503
@@ -785,8 +831,9 @@ async def test_a_store_whose_folder_is_a_file_is_unavailable_and_says_so_once(
     (tmp_path / "state").write_text("")
     store = FileTokenStore(tmp_path / "state" / "tokens.json")
     for _ in range(3):
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(StoreUnavailable) as refused:
             store.find_share("chs_x")
+        assert refused.value.retry, "a look a moment later may find it mended"
     with pytest.raises(StoreUnavailable):
         await _link(store)
     assert len([r for r in caplog.records if "answer 503" in r.getMessage()]) == 2, "once per failure"
@@ -810,6 +857,10 @@ async def test_a_change_that_could_not_write_the_first_links_file_is_not_kept(tm
                                     ttl=60)
     fresh = FileTokenStore(path)
     assert (list(fresh.shares), fresh.api_tokens) == ([made[0].id], {})
+    blocker.mkdir()  # and with the file there: the change goes as the file is read again
+    with pytest.raises(StoreUnavailable):
+        await _link(store)
+    assert (list(store.shares), store.shares_of("ws1")) == ([made[0].id], [])
 
 
 async def test_a_sign_in_code_that_cannot_be_recorded_is_not_admitted(tmp_path: Path) -> None:
@@ -906,6 +957,7 @@ async def test_a_link_stored_with_an_expiry_of_nan_loads_expired(tmp_path: Path)
     found = FileTokenStore(path).find_share(token)
     assert found is not None
     assert not found.active(time.time())
+    assert found.expires == found.created, "expired when it was made, not in 1970"
     json.loads(json.dumps(found.public()), parse_constant=pytest.fail)
 
 
@@ -948,6 +1000,7 @@ async def test_a_sign_out_through_one_worker_ends_the_sign_in_in_every_other(
     took, other = FileTokenStore(path), FileTokenStore(path)
     now = time.time()
     assert other.ended_sign_ins == took.ended_sign_ins == {}
+    assert other.ended_sign_ins.before == -math.inf, "no file yet is no file lost: every sign-in still opens"
     await took.end_sign_in(SignIn("a" * 32, now + 3600))
     await took.end_sign_in(SignIn("b" * 32, now + 1))  # ends by itself before the other looks
     assert "a" * 32 in took.ended_sign_ins
@@ -981,3 +1034,30 @@ async def test_a_sign_out_through_one_worker_ends_the_sign_in_in_every_other(
     with monkeypatch.context() as later:
         later.setattr(time, "time", lambda: now + 3601)
         assert other.ended_sign_ins == {}, "past the sign-in's own end"
+
+
+async def test_a_used_keys_file_started_again_by_a_sign_in_ends_every_earlier_sign_in_everywhere(
+        tmp_path: Path) -> None:
+    """The file cut short and a sign-in's code the next to write it: which sign-ins were signed out went with it,
+    so a worker that never saw it broken ends every sign-in from before too (or one signed out opens there)."""
+    path = tmp_path / "tokens.json"
+    took = FileTokenStore(path, session_ttl=3600)
+    now = time.time()
+    await took.end_sign_in(SignIn("a" * 32, now + 3600))
+    (tmp_path / "tokens.used.json").write_text("")
+    await took.use_once("handoff-x", now + 60)
+    assert FileTokenStore(path, session_ttl=3600).ended_sign_ins.before >= now + 3600
+
+
+async def test_a_used_keys_file_that_cannot_be_read_for_now_keeps_the_sign_outs_known(tmp_path: Path) -> None:
+    """An OSError (no descriptors left; here a folder where the file goes) is no file lost: the sign-outs known
+    still hold, no other sign-in ends, and every request with a session goes on to the next look."""
+    path = tmp_path / "tokens.json"
+    took = FileTokenStore(path)
+    await took.end_sign_in(SignIn("a" * 32, time.time() + 3600))
+    used = tmp_path / "tokens.used.json"
+    used.unlink()
+    used.mkdir()
+    fresh = FileTokenStore(path)
+    assert (list(took.ended_sign_ins), list(fresh.ended_sign_ins)) == (["a" * 32], [])
+    assert took.ended_sign_ins.before == fresh.ended_sign_ins.before == -math.inf
