@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench.servers import DEBIAN_VENV
+from gateway.lifecycle import archive as archive_module
 from gateway.lifecycle.archive import ArchiveError, archive_home, extract, recover, restore_home, verify_archive
 from tests.lifecycle.conftest import fill_home, snapshot
 
@@ -189,6 +190,53 @@ def test_an_archive_that_ends_early_is_refused_when_entries_are_expected(tmp_pat
     assert verify_archive(archive) == 1
     with pytest.raises(ArchiveError, match="has 1 entries, expected 3"):
         verify_archive(archive, expected_entries=3)
+
+
+def test_a_home_restored_beside_what_its_deletion_left_goes_cold_again(paths: tuple[Path, Path]) -> None:
+    """``home.removing`` is left when a process still writing in it kept it from being deleted: the next archive
+    deletes it first, or the home could never be moved out of the way again and stayed WARM for good."""
+    home, archive = paths
+    before = _home(home)
+    left = home.with_name("home.removing") / "kept-busy"
+    left.mkdir(parents=True)
+    (left / "file").write_text("written after the archive was verified")
+
+    archive_home(home, archive)
+
+    _assert_cold(home, archive, before)
+
+
+def test_files_of_every_length_around_a_skipped_hole_come_back_whole(paths: tuple[Path, Path]) -> None:
+    """A restore writes a file in pieces of ``_HOLE`` bytes and skips those of zeros: the last byte of a file one
+    byte past a piece must come back too, and a file of zeros come back as long as it was."""
+    home, archive = paths
+    home.mkdir(parents=True)
+    hole = archive_module._HOLE
+    for length in (1, 2, hole - 1, hole, hole + 1, 2 * hole + 1):
+        (home / f"data-{length}").write_bytes(os.urandom(length))
+        (home / f"zeros-{length}").write_bytes(bytes(length - 1) + b"\x01")
+        (home / f"hole-{length}").write_bytes(bytes(length))
+    before = snapshot(home)
+    archive_home(home, archive)
+
+    _assert_cold(home, archive, before)
+
+
+def test_a_file_of_more_data_pieces_than_a_map_holds_is_stored_whole(paths: tuple[Path, Path],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``_MOST_PIECES`` pieces a file is stored with its holes as zeros; a map cut at the limit instead lost
+    every piece after it, stored as a hole."""
+    home, archive = paths
+    home.mkdir(parents=True)
+    monkeypatch.setattr(archive_module, "_MOST_PIECES", 2)
+    with open(home / "disk.img", "wb") as image:
+        for index in range(4):  # two past the limit: the map cut at it, or a piece after it
+            image.seek(index << 20)
+            image.write(os.urandom(100))
+    before = snapshot(home)
+    archive_home(home, archive)
+
+    _assert_cold(home, archive, before)
 
 
 def test_archive_and_restore_leave_no_file_open(paths: tuple[Path, Path]) -> None:
