@@ -18,7 +18,7 @@ PROTOCOL_ERROR = 1002
 MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 CLOSE, PING, PONG = 0x8, 0x9, 0xA
-_CONTINUATION, _TEXT, _BINARY = 0x0, 0x1, 0x2
+_CONTINUATION, _BINARY = 0x0, 0x2
 _SENDABLE_CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)))
 """Codes a close frame may carry: the registered ones an endpoint may send, and the ranges for libraries and
 applications. 1005 (no code), 1006 (dropped) and 1015 (TLS failed) only ever describe a close locally."""
