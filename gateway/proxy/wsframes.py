@@ -29,8 +29,6 @@ def sendable_close_code(code: int) -> bool:
 
 
 def _unmask(payload: bytes, mask: bytes) -> bytes:
-    if not payload:
-        return payload
     key = int.from_bytes((mask * (len(payload) // 4 + 1))[: len(payload)], "big")
     return (int.from_bytes(payload, "big") ^ key).to_bytes(len(payload), "big")
 
