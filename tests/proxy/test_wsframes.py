@@ -184,3 +184,10 @@ def test_gateway_frames() -> None:
     masked = Frames(masked=True, limit=LIMIT)
     assert masked.feed(close_frame(4000, mask=os.urandom(4)))
     assert masked.closed
+
+
+@pytest.mark.parametrize("mask", [None, MASK], ids=["to a client", "to a server"])
+def test_the_gateway_refuses_to_write_a_control_frame_a_peer_must_refuse(mask: bytes | None) -> None:
+    """126 in the length byte would announce a 16-bit length: the peer would read the payload as a length."""
+    with pytest.raises(AssertionError):
+        frame(0x9, b"p" * 126, mask=mask)
