@@ -25,6 +25,15 @@ def test_a_plain_get_is_a_request() -> None:
     assert connection.state is State.SERVING
 
 
+def test_a_plain_head_is_a_request_too() -> None:
+    """A HEAD is answered like a GET without the body: the fast lane serves it rather than handing it over."""
+    connection = Connection()
+    [event] = feed(connection, b"HEAD /a HTTP/1.1\r\nHost: 3000-ws.localhost\r\n\r\n")
+    assert isinstance(event, Request)
+    assert (event.method, event.target, event.keep_alive, event.upgrade) == ("HEAD", "/a", True, False)
+    assert connection.state is State.SERVING
+
+
 @pytest.mark.parametrize("split", [1, 5, 17, 30, len(GET) - 1])
 def test_a_head_split_anywhere_waits_for_the_rest(split: int) -> None:
     connection = Connection()
