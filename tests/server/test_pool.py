@@ -147,6 +147,23 @@ async def test_what_a_cancelled_request_in_line_was_given_goes_to_the_next() -> 
     assert (pacer.taken, pacer.try_take()) == (0, Grant.OPEN)
 
 
+async def test_a_kept_alive_connection_given_to_the_line_takes_no_place_in_the_window() -> None:
+    """Only a connection being opened is unproven: counting one already open would shrink the window for good,
+    since no attempt ever ends it."""
+    pacer: Pacer[str] = Pacer(1, initial=1)
+    assert pacer.try_take() is Grant.OPEN
+    pacer.attempt().end(Outcome.PROVEN)
+    pacer.stream()  # its place goes to the next request, which opens a connection of its own
+    assert pacer.try_take() is Grant.OPEN
+    pacer.attempt().end(Outcome.PROVEN)
+    waiting = asyncio.ensure_future(pacer.take())
+    await asyncio.sleep(0)
+    assert not pacer.restore("streamed")  # no place free: kept idle
+    pacer.leave()  # the second request ends: the idle connection goes to the one in line
+    assert await waiting == "streamed"
+    assert (pacer.taken, pacer.unproven) == (1, 0)
+
+
 async def test_a_retry_waits_only_for_the_window_and_goes_before_the_line() -> None:
     """A request retried after a failure holds its place in flight already: it waits for a place in the window
     only, and gets the next one before the requests in line."""
