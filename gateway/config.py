@@ -484,17 +484,18 @@ class Config(_Model):
     @model_validator(mode="before")
     @classmethod
     def _addresses_follow_listen(cls, data: Any) -> Any:
-        """Unset hub and preview addresses follow the listen address, so ``serve --port 9000`` links to :9000."""
+        """Unset hub and preview addresses follow the listen address, so ``serve --port 9000`` links to :9000. A bad
+        listen address is named as itself: ``listen`` is checked before the addresses made of it, and the first
+        error is the one reported."""
         if not isinstance(data, dict) or ("hub_url" in data and "preview_domain" in data):
             return data
-        try:
-            listen = Listen.model_validate(data.get("listen", {}))
-        except ValidationError:
-            return data  # the listen section's own error says what is wrong, not an address derived from it
-        name = _public_name(listen.host)
+        listen = data.get("listen")
+        listen = listen if isinstance(listen, dict) else {}
+        host, port = str(listen.get("host", Listen().host)), listen.get("port", Listen().port)
+        name = _public_name(host)
         if name is None:
             return data  # nothing to follow; _addresses_are_usable says so once auth is known to be safe
-        return {"hub_url": f"http://{name}:{listen.port}", "preview_domain": f"{name}:{listen.port}", **data}
+        return {"hub_url": f"http://{name}:{port}", "preview_domain": f"{name}:{port}", **data}
 
     @model_validator(mode="after")
     def _auth_is_safe(self) -> Config:
