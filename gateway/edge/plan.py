@@ -56,7 +56,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IDE_RULES = ResponseRules({"Content-Security-Policy": "frame-ancestors 'self'", "X-Frame-Options": "SAMEORIGIN"})
 """The IDE frames itself (code-server's webviews, the markdown preview), and nothing else may frame it."""
 _HUB, _IDE, _IDE_MOVED, _PREVIEW, _RESERVED = Kind.HUB, Kind.IDE, Kind.IDE_MOVED, Kind.PREVIEW, Kind.RESERVED
-_RUNNING, _OWNER, _COLLABORATOR = Phase.RUNNING, Reason.OWNER, Reason.COLLABORATOR
+_RUNNING, _OWNER, _COLLABORATOR, _ADMIN = Phase.RUNNING, Reason.OWNER, Reason.COLLABORATOR, Reason.ADMIN
 """Read as globals on every request: Python 3.11 looks enum members up through a slow ``__getattr__`` hook."""
 
 
@@ -158,6 +158,8 @@ class Hold(_Plan):
 
     forward: Forward
     state: WorkspaceState
+    explained: bool
+    """Whether the caller is told the runtime's own words if the wake fails (``_Request.explained``)."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -166,6 +168,8 @@ class WaitingPage(_Plan):
 
     state: WorkspaceState
     port: int
+    explained: bool
+    """Whether the page shows the runtime's own words on the wake (``_Request.explained``)."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -208,6 +212,8 @@ class GatewayPage(_Plan):
     """``AUTH_CALLBACK``: the host its session cookie is bound to."""
     cross_site: bool = False
     """``AUTH_CALLBACK``: the port lets other sites call it with credentials, so its cookie must be SameSite=None."""
+    explained: bool = False
+    """``WAKE_EVENTS``: the stream carries the runtime's own words on the wake (``_Request.explained``)."""
 
 
 Plan = Forward | Hold | WaitingPage | Preflight | Refuse | Redirect | GatewayPage
@@ -324,7 +330,7 @@ def _framing_rules(policy: Policy, drop_cors: bool) -> ResponseRules:
 class _Request:
     """One request to a workspace's host, while its plan is made: each fact worked out at most once."""
 
-    __slots__ = ("_member", "audience", "effects", "facts", "found", "host", "origin", "policy", "rule", "state",
+    __slots__ = ("_role", "audience", "effects", "facts", "found", "host", "origin", "policy", "rule", "state",
                  "target", "world")
 
     def __init__(self, facts: Facts, world: World, target: Target, host: str) -> None:
@@ -340,9 +346,9 @@ class _Request:
         self.effects: list[Effect] = []
         self.found = False
         """Whether ``state`` is known yet (the refusals before it carry no CORS headers)."""
-        self._member: Reason | None = None
-        """Owner or collaborator, as the decision that let the caller in says (the policy asked that first), else
-        None: neither, or nobody was let in (a passthru preflight goes on as nobody)."""
+        self._role: Reason | None = None
+        """Why the caller was let in (owner, collaborator, admin, a public port, a share link...), or None: nobody
+        was let in (a passthru preflight goes on as nobody)."""
         self.state: WorkspaceState
 
     # --- the shape of it -------------------------------------------------------------------------------------
@@ -384,7 +390,8 @@ class _Request:
                 return credentials
             identity = credentials.identity
             return GatewayPage(page=Page.WAKE_EVENTS, target=target, state=state, port=self._port(),
-                               effects=tuple(self.effects), user=identity.subject if identity else None)
+                               explained=self._explained(), effects=tuple(self.effects),
+                               user=identity.subject if identity else None)
         return self._refuse(NotFound("There is nothing at this address.", code="no-route"))
 
     # --- who, and may they ---------------------------------------------------------------------------------
@@ -426,7 +433,7 @@ class _Request:
                 decision = may_wake(self.policy, decision)
         self.effects.append(RecordDecision(target, identity, decision))
         if decision.allow:
-            self._member = decision.reason if decision.reason is _OWNER or decision.reason is _COLLABORATOR else None
+            self._role = decision.reason
             return credentials
         stale = stale_share_refusal(credentials, facts.headers, world.secure, facts.now)
         if stale is not None:
@@ -443,6 +450,14 @@ class _Request:
             error.headers["WWW-Authenticate"] = 'Bearer realm="codehub"'
         return self._refuse(error, identity)
 
+    def _explained(self) -> bool:
+        """Why a wake is slow or failed, in the runtime's own words (the app's last output, a path, an image, why the
+        cluster could not place the pod), is for those who run the workspace: its owner, collaborators and the
+        policy's admins. Anyone else the policy lets wake it (a public port's visitor, a share link's holder) sees
+        the steps and that it failed."""
+        role = self._role
+        return role is _OWNER or role is _COLLABORATOR or role is _ADMIN
+
     def _admits_with_credentials(self, origin: str) -> bool:
         """Whether the port's CORS rule admits an origin *with credentials* (the IDE has no rule): a rule that
         lets other origins call without credentials does not let them use the visitor's cookie."""
@@ -457,12 +472,12 @@ class _Request:
         return state.spec.owner if state is not None else None
 
     def _asks_consent(self, identity: Identity | None) -> bool:
-        return consent_pending(self.state.spec, self.target.port, identity, owner=self._member is _OWNER,
+        return consent_pending(self.state.spec, self.target.port, identity, owner=self._role is _OWNER,
                                consents=lambda: self.world.store.consents)
 
     def _disclosed(self, identity: Identity | None) -> Identity | None:
         return disclosed(self.policy.identity, self.state.spec, self.target.port, identity,
-                         owner=self._member is _OWNER, consents=lambda: self.world.store.consents)
+                         owner=self._role is _OWNER, consents=lambda: self.world.store.consents)
 
     # --- answers -------------------------------------------------------------------------------------------
     def _preflight(self) -> Plan:
@@ -497,7 +512,7 @@ class _Request:
         websocket = is_websocket(facts.method, facts.headers)
         user = identity.subject if identity is not None else None
         if asleep and wants_page(facts.method, facts.headers) and not websocket:
-            return WaitingPage(state=state, port=port, target=target, user=user,
+            return WaitingPage(state=state, port=port, explained=self._explained(), target=target, user=user,
                                effects=tuple(self.effects))
         shown = self._disclosed(identity)
         assertion = world.sessions.assertion(shown, self.origin) if shown is not None else None
@@ -515,11 +530,12 @@ class _Request:
             workspace=state.id, address=state.address, port=port, tls=port in state.spec.https_ports,
             public_origin=self.origin, path=credentials.path, headers=headers, rules=self._response_rules(),
             websocket=websocket,
-            keeps_awake=self.policy.wake.visitors_keep_awake or self._member is not None,
+            keeps_awake=self.policy.wake.visitors_keep_awake or self._role is _OWNER or self._role is _COLLABORATOR,
             on_error=self._error_cors(), target=target, user=user, effects=tuple(self.effects),
         )
         if asleep:
-            return Hold(forward=forward, state=state, target=target, user=user, effects=forward.effects)
+            return Hold(forward=forward, state=state, explained=self._explained(), target=target, user=user,
+                        effects=forward.effects)
         return forward
 
     def _port(self) -> int:

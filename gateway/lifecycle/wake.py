@@ -71,9 +71,11 @@ class WakingPage(GatewayError):
     events_path = WAKE_EVENTS_PATH
     """On the page's own host (a preview or the IDE): the gateway's reserved path there streams the progress."""
 
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, progress: Progress, *, explained: bool) -> None:
         super().__init__(f"Workspace {progress.workspace} is waking up.", headers={"Retry-After": "2"})
         self.progress = progress
+        self.detail = progress.message if explained else ""
+        """The runtime's word on the current step, for those it is shown to (``told``)."""
 
 
 def wake_origin(phase: Phase) -> Phase:
@@ -137,13 +139,14 @@ class Progress:
         steps = ["starting", "waiting-for-port"]
         return ["restoring", *steps] if self.from_phase is Phase.COLD else steps
 
-    def as_event(self, index: int | None = None) -> dict[str, Any]:
-        """The current step, or the ``index``-th step reached, as a progress event."""
+    def as_event(self, index: int | None = None, *, explained: bool = False) -> dict[str, Any]:
+        """The current step, or the ``index``-th step reached, as a progress event; the runtime's word on it only
+        if ``explained`` (see ``told``)."""
         step, message = (self.step, self.message) if index is None else self.history[index]
         return {
             "workspace": self.workspace, "port": self.port, "from": self.from_phase.value, "step": step,
-            "steps": self.steps, "message": message, "elapsed": round(time.monotonic() - self.started, 2),
-            "estimate": self.estimate,
+            "steps": self.steps, "message": message if explained else "",
+            "elapsed": round(time.monotonic() - self.started, 2), "estimate": self.estimate,
         }
 
 
@@ -266,15 +269,26 @@ class Waker:
         past = self._history.get((workspace, wake_origin(phase)))
         return round(statistics.median(past), 1) if past else None
 
-    def waiting_page(self, state: WorkspaceState, port: int) -> WakingPage:
-        """Start (or join) the wake; the page that follows it, for a browser navigating there meanwhile."""
+    def waiting_page(self, state: WorkspaceState, port: int, *, explained: bool) -> WakingPage:
+        """Start (or join) the wake; the page that follows it, for a browser navigating there meanwhile (with the
+        runtime's own words on it if ``explained``, see ``told``)."""
         if self.drain_signal().done():
             raise _draining()
-        self.bring_up(state, port)
-        return WakingPage(self._progress[(state.id, port)])
+        try:
+            self.bring_up(state, port)
+        except GatewayError as exc:
+            raise told(exc, state.id, explained=explained) from None
+        return WakingPage(self._progress[(state.id, port)], explained=explained)
 
-    async def hold(self, state: WorkspaceState, port: int) -> WorkspaceState:
-        """Start (or join) the wake and wait for it: a RUNNING state whose port was seen accepting, or a 503."""
+    async def hold(self, state: WorkspaceState, port: int, *, explained: bool) -> WorkspaceState:
+        """Start (or join) the wake and wait for it: a RUNNING state whose port was seen accepting, or a 503 (with
+        the runtime's own words on why if ``explained``, see ``told``)."""
+        try:
+            return await self._hold(state, port)
+        except GatewayError as exc:
+            raise told(exc, state.id, explained=explained) from None
+
+    async def _hold(self, state: WorkspaceState, port: int) -> WorkspaceState:
         draining = self.drain_signal()
         if draining.done():
             raise _draining()
@@ -379,6 +393,20 @@ class Waker:
             await asyncio.sleep(_PROBE_FAST if now < fast_until else _PROBE_SLOW)
 
 
+def told(error: GatewayError, workspace: str, *, explained: bool) -> GatewayError:
+    """What a caller learns of a failed wake. The runtime's words (the app's last output, a path, an image, why the
+    cluster could not place the pod, the API's own error) are for the workspace's owner, collaborators and the
+    policy's admins: anyone else the policy lets wake it, a public port's visitor included, is told that it failed,
+    when it is tried again, and who can see why. The gateway's own words (a port nobody listens on, a timeout,
+    a restart) say nothing of the workspace's insides, and are told to everyone."""
+    if explained or not isinstance(error, LifecycleError) or error.code == "port-not-listening":
+        return error
+    retry = error.headers.get("Retry-After")
+    again = f" (it is tried again in {retry} s)" if retry else ""
+    return LifecycleError(f"Workspace {workspace} could not start{again}. Its owner and collaborators can see why.",
+                          code=error.code, headers=error.headers)
+
+
 def _failed(state: WorkspaceState | None) -> bool:
     """Whether the workspace failed to come up: FAILED, or COLD with the reason its restore failed."""
     return state is not None and (state.phase is Phase.FAILED or (state.phase is Phase.COLD and bool(state.message)))
@@ -395,8 +423,9 @@ def _apply(event: Event, workspace: str, progress: Progress) -> None:
         progress.update(_STEP_FOR_PHASE[event.phase], event.message)
 
 
-async def progress_events(waker: Waker, state: WorkspaceState, port: int) -> AsyncIterator[bytes]:
-    """Server-Sent Events for a waiting page: each step as it happens, then ``ready`` or ``failed``.
+async def progress_events(waker: Waker, state: WorkspaceState, port: int, *, explained: bool) -> AsyncIterator[bytes]:
+    """Server-Sent Events for a waiting page: each step as it happens, then ``ready`` or ``failed``; the runtime's
+    own words on them only if ``explained`` (see ``told``).
 
     Following it (re)starts the wake, so a page reloaded after a failure or a restart carries on. When the gateway
     drains it ends without either: the browser's EventSource reconnects by itself, to a gateway that stays.
@@ -407,7 +436,8 @@ async def progress_events(waker: Waker, state: WorkspaceState, port: int) -> Asy
     try:
         task = waker.bring_up(state, port)
     except GatewayError as exc:  # the stream is under way: its page says why
-        yield _sse("failed", {"workspace": state.id, "port": port, "message": exc.message})
+        yield _sse("failed", {"workspace": state.id, "port": port,
+                              "message": told(exc, state.id, explained=explained).message})
         return
     progress = waker.progress(state.id, port)
     sent = 0
@@ -415,7 +445,7 @@ async def progress_events(waker: Waker, state: WorkspaceState, port: int) -> Asy
         changed = progress.changed if progress is not None else asyncio.Event()
         if progress is not None:
             while sent < len(progress.history):
-                yield _sse("progress", progress.as_event(sent))
+                yield _sse("progress", progress.as_event(sent, explained=explained))
                 sent += 1
         if task.done():
             break
@@ -426,12 +456,13 @@ async def progress_events(waker: Waker, state: WorkspaceState, port: int) -> Asy
         if draining in done and not task.done():
             return
         if not done and progress is not None:  # nothing new for a while: say how long it has been
-            yield _sse("progress", progress.as_event())
+            yield _sse("progress", progress.as_event(explained=explained))
     error = ServiceUnavailable("The gateway is shutting down.") if task.cancelled() else task.exception()
     if error is None:
         yield _sse("ready", {"workspace": state.id, "port": port})
     else:
-        message = error.message if isinstance(error, GatewayError) else "The wake failed."
+        message = told(error, state.id, explained=explained).message if isinstance(error, GatewayError) \
+            else "The wake failed."
         yield _sse("failed", {"workspace": state.id, "port": port, "message": message})
 
 

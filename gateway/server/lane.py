@@ -137,7 +137,7 @@ async def execute(request: web.Request, plan_: Plan, gateway: Gateway, hub: Hand
     if isinstance(plan_, GatewayPage):
         return await _gateway_page(request, plan_, gateway, hub)
     if isinstance(plan_, WaitingPage):
-        raise gateway.waker.waiting_page(plan_.state, plan_.port)
+        raise gateway.waker.waiting_page(plan_.state, plan_.port, explained=plan_.explained)
     if isinstance(plan_, Hold):
         with in_use(gateway, plan_.forward):  # held, it is in use as its proxied request would be
             awake = await _awake(request, plan_, gateway)
@@ -160,7 +160,7 @@ async def _awake(request: web.Request, held: Hold, gateway: Gateway) -> Forward 
     hold for it as for an open WebSocket."""
     forward = held.forward
     try:
-        state = await gateway.waker.hold(held.state, forward.port)
+        state = await gateway.waker.hold(held.state, forward.port, explained=held.explained)
     except GatewayError as exc:
         exc.headers.update(forward.on_error)
         raise
@@ -219,7 +219,7 @@ async def _gateway_page(request: web.Request, page: GatewayPage, gateway: Gatewa
     await response.prepare(request)
     if request.method == "HEAD":  # as ``hub.events``: a head has no body, and events after it would be read as
         return response  # the next answer on the connection
-    async for event in progress_events(gateway.waker, page.state, page.port):
+    async for event in progress_events(gateway.waker, page.state, page.port, explained=page.explained):
         await response.write(event)
     await response.write_eof()
     return response

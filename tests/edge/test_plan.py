@@ -7,6 +7,7 @@ parsed policy), with no server, socket or clock behind them: what the lanes do w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import time
 from dataclasses import dataclass, field
@@ -509,6 +510,32 @@ def test_wake_events_are_for_who_may_see_the_port(world: World) -> None:
     anonymous = plan(facts("/_codehub/wake/events", Accept="application/json"), world)
     assert isinstance(anonymous, Refuse)
     assert anonymous.error.status == 401
+
+
+@pytest.mark.parametrize(("who", "explained"), [
+    (ALICE, True),  # the owner
+    (Identity("bob"), True),  # a collaborator
+    (Identity("root"), True),  # a policy admin
+    (Identity("eve"), False),  # a visitor of the public port
+    (None, False),  # an anonymous one
+])
+def test_only_those_who_run_a_workspace_are_told_the_runtimes_words_on_its_wake(
+        world: World, who: Identity | None, explained: bool) -> None:
+    """Why a wake is slow or failed, in the runtime's words (the app's last output, a path, an image), is for the
+    workspace's owner, collaborators and admins, in each plan that follows a wake: the page, the held request and
+    the page's event stream."""
+    world.policy = parse_policy("admins: [root]\n")
+    spec = dataclasses.replace(world.states["ws"].spec, collaborators=("bob",))
+    world.states["ws"] = WorkspaceState(spec, Phase.WARM)
+    host = "4000-ws.localhost:8080"
+    cookie = {"Cookie": world.cookie(who, host)} if who is not None else {}
+    page = plan(facts("/", host=host, **NAVIGATE, **cookie), world)
+    held = plan(facts("/", host=host, Accept="application/json", **cookie), world)
+    events = plan(facts("/_codehub/wake/events", host=host, **cookie), world)
+    assert isinstance(page, WaitingPage)
+    assert isinstance(held, Hold)
+    assert isinstance(events, GatewayPage)
+    assert (page.explained, held.explained, events.explained) == (explained, explained, explained)
 
 
 @pytest.mark.parametrize(("authorization", "status", "code"), [

@@ -11,11 +11,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.auth.identity import Identity
 from gateway.config import Config
 from gateway.lifecycle import LifecycleError, Phase
 from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.lifecycle.kubernetes.starting import Graces, Judge
 from gateway.server.app import build_app
+from gateway.server.context import GATEWAY
 from tests.kube.emulator import POD, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet, LoopbackIPs
 from tests.kube.scenarios import EVENTS, INSUFFICIENT_MEMORY, UNBOUND, Scenario
@@ -127,8 +129,10 @@ async def test_readiness_after_a_while_is_waited_for(
     assert "Container started — Started container code-server" in lines
 
 
-async def test_an_api_client_gets_the_reason_as_json(
+async def test_an_api_client_gets_the_reason_as_json_if_it_runs_the_workspace(
         kube: KubeEnv, aiohttp_client: Any, tmp_path: Path) -> None:
+    """The owner hears the scheduler's words; a visitor of the public port, who may wake it too, only that it
+    failed: what the cluster says of itself is not for everyone on the internet."""
     async with FakeKubelet(kube.emulator, scenario=Scenario(unschedulable=INSUFFICIENT_MEMORY)):
         kube.emulator.create_object(WORKSPACE, {"metadata": {"name": "w1"},
                                                 "spec": {"owner": "alice", "ports": {"8000": "public"}}}, NS)
@@ -136,10 +140,16 @@ async def test_an_api_client_gets_the_reason_as_json(
         config = Config.model_validate({"runtime": "kubernetes", "kubernetes": settings,
                                         "local": {"state_dir": str(tmp_path / "state")}})
         client: TestClient[web.Request, web.Application] = await aiohttp_client(build_app(config))
-        response = await client.get("/", headers={"Host": "8000-w1.localhost:8080", "Accept": "application/json"})
-        assert response.status == 503
-        error = (await response.json())["error"]
-        assert INSUFFICIENT_MEMORY in error["message"]
+        host = "8000-w1.localhost:8080"
+        visitor = await client.get("/", headers={"Host": host, "Accept": "application/json"})
+        session = client.app[GATEWAY].auth.sessions.issue(Identity("alice"), host)
+        owner = await client.get("/", headers={"Host": host, "Accept": "application/json",
+                                               "Cookie": f"codehub_session={session}"})
+        assert (visitor.status, owner.status) == (503, 503)
+        told = (await visitor.json())["error"]
+        assert (told["code"], told["message"]) == (
+            "workspace-start-failed", "Workspace w1 could not start. Its owner and collaborators can see why.")
+        assert INSUFFICIENT_MEMORY in (await owner.json())["error"]["message"]
         await until(lambda: names(kube.emulator, POD) == [])
 
 

@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.auth.identity import Identity
 from gateway.lifecycle import Runtime, WorkspaceState
 from gateway.lifecycle import local as local_runtime
 from gateway.lifecycle.archive import restore_home
@@ -70,6 +71,13 @@ def browser(workspace: str, port: int = PORT) -> dict[str, str]:
 
 def gateway_of(client: Client) -> Gateway:
     return client.app[GATEWAY]
+
+
+def owner(client: Client, workspace: str, port: int = PORT) -> dict[str, str]:
+    """The session cookie of alice, who owns every ``workspace()``, on that preview's host: the runtime's own words
+    on a wake (why it is slow, why it failed) are told to those who run the workspace only."""
+    session = gateway_of(client).auth.sessions.issue(Identity("alice"), preview(workspace, port))
+    return {"Cookie": f"codehub_session={session}"}
 
 
 def starts(path: Path) -> int:
@@ -240,9 +248,9 @@ async def read_sse(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str,
 
 
 async def sse_events(client: Client, host: str, path: str = "/_codehub/wake/events",
-                     within: float = 30.0) -> list[tuple[str, dict[str, Any]]]:
+                     within: float = 30.0, headers: dict[str, str] | None = None) -> list[tuple[str, dict[str, Any]]]:
     events = []
-    async with asyncio.timeout(within), client.get(path, headers={"Host": host}) as response:
+    async with asyncio.timeout(within), client.get(path, headers={"Host": host, **(headers or {})}) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
         assert response.headers["Cache-Control"] == "no-store"

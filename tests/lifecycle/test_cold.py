@@ -24,6 +24,7 @@ from tests.lifecycle.conftest import (
     gateway_of,
     hold_restores,
     metric_samples,
+    owner,
     preview,
     read_sse,
     sample,
@@ -219,7 +220,7 @@ async def test_damaged_archive_fails_the_wake_and_keeps_the_archive(make_gateway
     starts_file = tmp_path / "starts"
     client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0, starts=starts_file)})
 
-    response = await client.get("/", headers={"Host": preview("ws"), **API})
+    response = await client.get("/", headers={"Host": preview("ws"), **API, **owner(client, "ws")})
 
     assert response.status == 503
     assert (await response.json())["error"]["message"].startswith("restoring home failed: ")
@@ -264,7 +265,8 @@ async def test_a_waiting_page_hears_of_the_restore_while_it_lasts(make_gateway: 
     client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0)})
     heard = []
     try:
-        async with asyncio.timeout(30), client.get("/_codehub/wake/events", headers={"Host": preview("ws")}) as stream:
+        async with asyncio.timeout(30), client.get("/_codehub/wake/events",
+                                                   headers={"Host": preview("ws"), **owner(client, "ws")}) as stream:
             events = read_sse(stream)
             async for name, data in events:
                 heard.append((name, data["step"], data["message"]))
@@ -280,6 +282,41 @@ async def test_a_waiting_page_hears_of_the_restore_while_it_lasts(make_gateway: 
     assert heard[1][:2] == ("progress", "restoring")
     assert heard[1][2]  # the runtime's message, heard while the restore was held
     assert heard[-1][0] == "ready"
+
+
+async def test_the_runtimes_word_on_a_wake_is_for_its_owner_not_its_visitors(make_gateway: MakeGateway,
+                                                                             tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A visitor's waiting page follows the same steps as the owner's, without what the runtime says of them (on
+    Kubernetes an image's name, why no node could take the pod)."""
+    _make_cold(tmp_path)
+    restoring = hold_restores(monkeypatch)
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0)})
+    runtime = gateway_of(client).runtime
+    try:
+        assert (await client.get("/", headers=browser("ws"))).status == 503
+        async with asyncio.timeout(10):
+            while runtime.get("ws").phase is not Phase.RESTORING:  # type: ignore[union-attr]  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        visitors = await (await client.get("/", headers=browser("ws"))).text()
+        owners = await (await client.get("/", headers={**browser("ws"), **owner(client, "ws")})).text()
+        events = []
+        async with asyncio.timeout(30), client.get("/_codehub/wake/events", headers={"Host": preview("ws")}) as stream:
+            heard = read_sse(stream)
+            async for event in heard:
+                events.append(event)
+                if len(events) == 2:  # the restore as it began, and what the runtime said of it
+                    restoring.set()
+    finally:
+        restoring.set()
+
+    said = "restoring the home directory from its archive"
+    assert f'id="detail" aria-live="polite">{said}</p>' in owners
+    assert 'id="detail" aria-live="polite"></p>' in visitors
+    assert said not in visitors
+    assert [data["step"] for name, data in events if name == "progress"][:2] == ["restoring", "restoring"]
+    assert {data["message"] for name, data in events if name == "progress"} == {""}
+    assert events[-1] == ("ready", {"workspace": "ws", "port": 8000})
 
 
 async def test_a_request_to_a_cold_workspace_is_held_for_the_cold_timeout(make_gateway: MakeGateway,

@@ -39,6 +39,7 @@ from tests.lifecycle.conftest import (
     group_members,
     hold_restores,
     metric_samples,
+    owner,
     preview,
     read_sse,
     recorded_pgid,
@@ -236,17 +237,21 @@ async def test_a_visitor_cannot_make_a_workspace_that_fails_to_wake_try_again_an
     answers = [await client.get("/", headers={"Host": preview("ws"), **API}) for _ in range(10)]
     page = await client.get("/", headers=browser("ws"))
     events = await sse_events(client, preview("ws"), within=10)
+    owners = await client.get("/", headers={"Host": preview("ws"), **API, **owner(client, "ws")})
 
     samples = await metric_samples(client)
     assert sample(samples, "codehub_wakes_total", from_phase="COLD", result="failed") == 1
     for answer in answers:
         assert answer.status == 503
-        assert (await answer.json())["error"]["message"].startswith("restoring home failed: ")
-    assert int(answers[-1].headers["Retry-After"]) > 0
+        assert (await answer.json())["error"]["message"].startswith("Workspace ws could not start")
+    retry = answers[-1].headers["Retry-After"]
+    assert int(retry) > 0
+    assert f"(it is tried again in {retry} s)" in (await answers[-1].json())["error"]["message"]
     assert page.status == 503
-    assert "restoring home failed" in await page.text()
+    assert "could not start" in await page.text()
     assert events[-1][0] == "failed"
-    assert events[-1][1]["message"].startswith("restoring home failed: ")
+    assert events[-1][1]["message"].startswith("Workspace ws could not start (it is tried again in ")
+    assert (await owners.json())["error"]["message"].startswith("restoring home failed: ")  # the owner is told why
 
 
 async def test_a_command_that_exits_at_once_is_not_started_again_for_every_request(
@@ -256,7 +261,7 @@ async def test_a_command_that_exits_at_once_is_not_started_again_for_every_reque
     crash["command"] = ["sh", "-c", f"echo start >> {starts_file}; exit 3"]
     client = await make_gateway(workspaces={"ws": crash})
 
-    answers = [await client.get("/", headers={"Host": preview("ws"), **API}) for _ in range(10)]
+    answers = [await client.get("/", headers={"Host": preview("ws"), **API, **owner(client, "ws")}) for _ in range(10)]
 
     assert [answer.status for answer in answers] == [503] * 10
     assert starts(starts_file) == 1

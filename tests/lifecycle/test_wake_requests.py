@@ -29,6 +29,7 @@ from tests.lifecycle.conftest import (
     gateway_of,
     hold_wakes,
     metric_samples,
+    owner,
     preview,
     read_sse,
     sample,
@@ -252,8 +253,8 @@ async def test_command_that_exits_at_once_fails_fast_with_its_exit_code(make_gat
     client = await make_gateway(workspaces={"ws": crash}, policy={"wake": {"warm_timeout": 600}})
 
     async with asyncio.timeout(30):  # far below the 600 s wake timeout: the failure is seen, not waited out
-        response = await client.get("/", headers={"Host": preview("ws"), **API})
-        events = await sse_events(client, preview("ws"))
+        response = await client.get("/", headers={"Host": preview("ws"), **API, **owner(client, "ws")})
+        events = await sse_events(client, preview("ws"), headers=owner(client, "ws"))
 
     assert response.status == 503
     message = (await response.json())["error"]["message"]
@@ -262,6 +263,32 @@ async def test_command_that_exits_at_once_fails_fast_with_its_exit_code(make_gat
     assert events[-1][0] == "failed"
     assert "exited with code 3" in events[-1][1]["message"]
     assert gateway_of(client).runtime.get("ws").phase is Phase.FAILED  # type: ignore[union-attr]
+
+
+async def test_a_failed_start_is_explained_to_its_owner_and_to_nobody_else(make_gateway: MakeGateway) -> None:
+    """The runtime's words on a failed start (here the app's last output, which may print a secret as it dies) are
+    for those who run the workspace: a public port's visitor, who may wake it, learns only that it failed."""
+    crash = workspace(next_address(), command=[
+        sys.executable, "-c", "import sys; print('boom: API_KEY=hunter2', file=sys.stderr); sys.exit(3)"],
+        ports={PORT: "public"})
+    client = await make_gateway(workspaces={"ws": crash}, policy={"wake": {"warm_timeout": 600}})
+
+    async with asyncio.timeout(30):
+        events = await sse_events(client, preview("ws"))  # begins the wake, and hears it fail
+        held = await client.get("/", headers={"Host": preview("ws"), **API})  # hears it has failed lately
+        page = await client.get("/", headers=browser("ws"))
+        owners = await client.get("/", headers={"Host": preview("ws"), **API, **owner(client, "ws")})
+
+    assert (held.status, page.status) == (503, 503)
+    generic = "Workspace ws could not start. Its owner and collaborators can see why."
+    assert events[-1] == ("failed", {"workspace": "ws", "port": PORT, "message": generic})
+    told = (await held.json())["error"]["message"]
+    assert told.startswith("Workspace ws could not start (it is tried again in ")
+    for seen in (told, await page.text(), json.dumps(events)):
+        assert "could not start" in seen
+        assert "hunter2" not in seen
+        assert "exited" not in seen
+    assert "boom: API_KEY=hunter2" in (await owners.json())["error"]["message"]
 
 
 async def test_command_that_cannot_be_executed_fails_fast(make_gateway: MakeGateway, tmp_path: Path) -> None:
@@ -400,7 +427,7 @@ async def test_a_waiting_page_follows_its_own_workspace_only(make_gateway: MakeG
         assert other.status == 200
     finally:
         go_on.set()
-    events = await sse_events(client, preview("a"))
+    events = await sse_events(client, preview("a"), headers=owner(client, "a"))
 
     progress = [(data["step"], data["message"]) for name, data in events if name == "progress"]
     steps = [step for step, _message in progress]
