@@ -115,6 +115,28 @@ async def test_a_workspace_says_when_it_was_last_used_and_shows_no_label_nobody_
     assert [(port["port"], port["label"]) for port in ws1["ports"]] == [(3000, ""), (3001, "")]
 
 
+async def test_a_workspace_is_put_to_sleep_archived_and_woken_through_the_api(served: Served,
+                                                                              make_browser: MakeBrowser) -> None:
+    """Each lifecycle call answers with the workspace as the call left it, and ``status`` tells the phase it is in; only
+    someone who may see the workspace learns or changes its phase."""
+    alice = await user(make_browser, served, "alice")
+
+    async def phase(method: str, path: str) -> str:
+        page = await call(alice, method, f"/api/v1/workspaces/ws1{path}")
+        assert page.status == 200, page.text
+        assert (page.json()["id"], page.json()["role"]) == ("ws1", "owner")
+        return str(page.json()["phase"])
+
+    assert [await phase("POST", "/stop"), await phase("GET", "/status")] == ["WARM", "WARM"]
+    assert [await phase("POST", "/archive"), await phase("GET", "/status"), await phase("GET", "")] == [
+        "COLD", "COLD", "COLD"]
+    assert [await phase("POST", "/wake"), await phase("GET", "/status")] == ["RUNNING", "RUNNING"]
+    eve = await user(make_browser, served, "eve")
+    for method, path in (("GET", "/status"), ("POST", "/stop")):
+        assert_error(await call(eve, method, f"/api/v1/workspaces/ws1{path}"), 404, "workspace-not-found")
+    assert await phase("GET", "/status") == "RUNNING"
+
+
 async def test_set_port_visibility_is_for_the_owner(served: Served, make_browser: MakeBrowser) -> None:
     alice = await user(make_browser, served, "alice")
     anonymous = await make_browser(served)
