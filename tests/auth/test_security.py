@@ -102,7 +102,8 @@ async def test_cookies_are_host_only_httponly_samesite(served: Served, make_brow
 async def test_hub_answers_made_for_a_person_are_never_stored_by_a_cache(served: Served,
                                                                         make_browser: MakeBrowser) -> None:
     """A shared cache in front of the hub (a CDN, a corporate proxy) must not keep one person's hub page or API
-    answer for the next: they say ``no-store``. Versioned static files stay cacheable."""
+    answer for the next: they say ``no-store``. Versioned static files stay cacheable, and so, for five minutes,
+    do the public keys apps verify assertions with (else an app fetches them again for every request it checks)."""
     browser = await signed_in(make_browser, served)
     for path in ("/", "/tokens", "/api/v1/workspaces", "/api/v1/me"):
         page = await browser.fetch("GET", HUB + path, headers={"Accept": "application/json" if "api" in path
@@ -116,6 +117,9 @@ async def test_hub_answers_made_for_a_person_are_never_stored_by_a_cache(served:
     static = await browser.fetch("GET", HUB + script.group(1))
     assert static.status == 200
     assert "no-store" not in static.headers.get("Cache-Control", "")
+    keys = await browser.fetch("GET", HUB + "/.well-known/jwks.json")
+    assert keys.status == 200
+    assert keys.headers.get("Cache-Control") == "max-age=300"
 
 
 async def test_https_cookies_use_the_host_prefix_and_secure(serve: Serve, make_browser: MakeBrowser) -> None:
