@@ -387,14 +387,16 @@ async def test_a_store_that_cannot_be_read_refuses_before_acting_and_keeps_its_f
     good = store.read_bytes()
     cookie = "; ".join(f"{k}={v}" for k, v in alice.cookies_for(HUB.split("//")[1].split(":")[0]).items())
     headers = {"Host": HUB.split("//")[1], "Cookie": cookie, "Accept": "text/event-stream"}
-    async with alice.http.get(alice.gateway + "/api/v1/hub/events", headers=headers) as feed:
+    async with contextlib.AsyncExitStack() as stack:
+        feed = await stack.enter_async_context(alice.http.get(alice.gateway + "/api/v1/hub/events", headers=headers))
         assert (await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)).startswith(b"event: snapshot")
         with store.open("r+b") as broken:  # in place, same size: cut short, or edited by hand
             broken.write(b"[")
         with pytest.raises(TimeoutError):  # nothing new to show, and no error page written into the stream
             await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 1.5)
-        async with alice.http.get(alice.gateway + "/api/v1/hub/events", headers=headers) as during:
-            assert during.status == 200, "a browser's EventSource would give up for good on a 503"
+        during = await stack.enter_async_context(alice.http.get(alice.gateway + "/api/v1/hub/events",
+                                                                headers=headers))
+        assert during.status == 200, "a browser's EventSource would give up for good on a 503"
         mended_at = store.stat()
         assert_error(await call(alice, "POST", "/api/v1/workspaces/ws1/shares", {"port": 3000}), 503,
                      "token-store-unavailable")
@@ -413,6 +415,9 @@ async def test_a_store_that_cannot_be_read_refuses_before_acting_and_keeps_its_f
         assert later.status == 201
         event = await asyncio.wait_for(feed.content.readuntil(b"\n\n"), 10)
         assert later.json()["id"].encode() in event, "the same feed goes on once the store can be read"
+        async with asyncio.timeout(10):  # a feed opened meanwhile shows the page once it can be read
+            while later.json()["id"].encode() not in await during.content.readuntil(b"\n\n"):
+                pass  # a look taken between the mend and the new link shows the page without it
 
 
 async def test_a_scripts_feed_goes_on_while_the_store_cannot_be_read(served: Served,
