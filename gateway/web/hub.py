@@ -59,7 +59,7 @@ def _look(gateway: Gateway, looks: _Looks, identity: Identity, page: tuple[int, 
     look = looks.get(key)
     if look is not None and look.published == published and now - look.at < LOOK_EVERY:
         return look.data
-    data = json.dumps(snapshot(gateway, identity, *page), sort_keys=True)
+    data = json.dumps(snapshot(gateway, identity, *page))
     if len(looks) >= 256:  # the looks that can still be shared are the ones taken since the last LOOK_EVERY
         for old in [old for old, taken in looks.items() if now - taken.at >= LOOK_EVERY]:
             del looks[old]
