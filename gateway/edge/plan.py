@@ -159,7 +159,7 @@ class Hold(_Plan):
     forward: Forward
     state: WorkspaceState
     explained: bool
-    """Whether the caller is told the runtime's own words if the wake fails (``_Request.explained``)."""
+    """Whether the caller is told the runtime's own words if the wake fails (``_Request._explained``)."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -169,7 +169,7 @@ class WaitingPage(_Plan):
     state: WorkspaceState
     port: int
     explained: bool
-    """Whether the page shows the runtime's own words on the wake (``_Request.explained``)."""
+    """Whether the page shows the runtime's own words on the wake (``_Request._explained``)."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -213,7 +213,7 @@ class GatewayPage(_Plan):
     cross_site: bool = False
     """``AUTH_CALLBACK``: the port lets other sites call it with credentials, so its cookie must be SameSite=None."""
     explained: bool = False
-    """``WAKE_EVENTS``: the stream carries the runtime's own words on the wake (``_Request.explained``)."""
+    """``WAKE_EVENTS``: the stream carries the runtime's own words on the wake (``_Request._explained``)."""
 
 
 Plan = Forward | Hold | WaitingPage | Preflight | Refuse | Redirect | GatewayPage
