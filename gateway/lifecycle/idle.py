@@ -125,8 +125,7 @@ async def reap_forever(reaper: Reaper) -> None:
         while True:
             await asyncio.sleep(reaper.timers.check_every)
             reaper.activity.touch_open()
-            if reaper.is_leader():
-                reaper.sweep()
+            reaper.sweep()
     finally:
         await reaper.close()
 
