@@ -111,6 +111,31 @@ async def test_the_reaper_on_the_leader_sees_activity_from_other_replicas(
     assert leader.get("w1").phase is Phase.WARM  # type: ignore[union-attr]
 
 
+async def test_use_seen_since_the_replicas_last_write_to_the_cluster_still_counts_for_its_reaper(
+        kube: KubeEnv, pod_address: str, make_runtime: MakeRuntime) -> None:
+    """A replica writes a workspace's activity to the cluster at most once per ``activity_interval``: what it saw
+    since is newer than what the cluster holds, and its reaper goes by the newest use it knows of."""
+    leader = await make_runtime("gw-a", activity_interval=3600)
+    await new_workspace(leader)
+    await leader.wake("w1")
+    later = time.time() + 100  # the reaper runs 100 s from now
+    timers = IdleTimers(to_warm=30, to_cold=3600, check_every=1)
+    seen = [later - 60]
+    activity = Activity(clock=lambda: seen[-1], shared=leader)
+    activity.touch("w1")  # written at once: the first use
+    await until(lambda: leader.last_activity("w1") is not None)
+    seen.append(later - 10)
+    activity.touch("w1")  # written only an hour after the first
+    seen.append(later)
+
+    await reap_once(leader, activity, timers, Metrics())
+
+    cluster = leader.last_activity("w1")
+    assert cluster is not None
+    assert cluster <= later - 60  # by the cluster's word it has been idle for a minute
+    assert leader.get("w1").phase is Phase.RUNNING  # type: ignore[union-attr]
+
+
 async def test_the_management_api_creates_and_shares_workspaces(
         kube: KubeEnv, aiohttp_client: Any, tmp_path: Path) -> None:
     emu = kube.emulator
