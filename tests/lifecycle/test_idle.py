@@ -88,6 +88,21 @@ async def test_unused_workspace_goes_warm_then_cold(make_gateway: MakeGateway, t
     assert sample(samples, "codehub_workspaces", phase="RUNNING") == 0
 
 
+async def test_a_workspace_idle_for_exactly_its_timer_goes_to_sleep(make_gateway: MakeGateway) -> None:
+    """``idle.to_warm`` (then ``idle.to_cold``) without activity is enough: the timers are not one tick longer."""
+    clock = Clock()
+    client = await _awake(make_gateway, clock)
+    gateway = gateway_of(client)
+
+    for timer, phase in ((TIMERS.to_warm, Phase.WARM), (TIMERS.to_cold, Phase.COLD)):
+        state = gateway.runtime.get("ws")
+        last = gateway.activity.last("ws")
+        assert state is not None
+        assert last is not None
+        clock.now = max(last, state.since) + timer  # idle since the later of its last use and its phase change
+        assert await _reap(client) is phase
+
+
 async def test_open_websocket_keeps_the_workspace_running(make_gateway: MakeGateway) -> None:
     clock = Clock()
     client = await _awake(make_gateway, clock)
