@@ -280,3 +280,41 @@ async def test_closing_the_reaper_returns_once_the_moves_it_cancelled_have_ended
 
     assert moving.cancelled()
     assert not gateway.reaper.tasks
+
+
+async def test_one_workspace_in_use_does_not_keep_a_pass_from_putting_another_to_sleep(
+        make_gateway: MakeGateway) -> None:
+    clock = Clock()
+    client = await make_gateway(workspaces={"busy": slow_workspace(next_address(), delay=0),
+                                            "ws": slow_workspace(next_address(), delay=0)}, idle=IDLE, clock=clock)
+    for name in ("busy", "ws"):
+        assert (await client.get("/", headers={"Host": preview(name), **API})).status == 200
+    clock.advance(TIMERS.to_warm + SLACK)
+    assert (await client.get("/", headers={"Host": preview("busy"), **API})).status == 200
+
+    assert await _reap(client) is Phase.WARM
+    assert gateway_of(client).runtime.get("busy").phase is Phase.RUNNING  # type: ignore[union-attr]
+
+
+async def test_a_workspace_whose_move_is_under_way_is_not_moved_again_by_the_next_pass(
+        make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop or an archive may take minutes (a big home): the passes meanwhile must not start it a second time."""
+    clock = Clock()
+    client = await _awake(make_gateway, clock)
+    gateway = gateway_of(client)
+    stops: list[str] = []
+    go_on = asyncio.Event()
+
+    async def held_stop(workspace: str) -> None:
+        stops.append(workspace)
+        await go_on.wait()
+
+    monkeypatch.setattr(gateway.runtime, "stop", held_stop)
+    clock.advance(TIMERS.to_warm + SLACK)
+    [moving] = gateway.reaper.sweep()
+    await asyncio.sleep(0)  # the move starts, and waits in the stop
+
+    assert gateway.reaper.sweep() == []
+    go_on.set()
+    await moving
+    assert stops == ["ws"]
