@@ -7,6 +7,7 @@ progress streams). Idleness is measured by the gateway's injected clock and each
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tests.lifecycle.conftest import (
     TIMERS,
     Client,
     browser,
+    fill_home,
     gateway_of,
     metric_samples,
     preview,
@@ -318,3 +320,23 @@ async def test_a_workspace_whose_move_is_under_way_is_not_moved_again_by_the_nex
     go_on.set()
     await moving
     assert stops == ["ws"]
+
+
+async def test_an_idle_move_that_fails_is_logged_and_not_counted(make_gateway: MakeGateway, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """The operator sees why a workspace stayed up, and the transitions metric counts only the moves made."""
+    clock = Clock()
+    client = await _gateway(make_gateway, clock)
+    fill_home(tmp_path / "state" / "workspaces" / "ws" / "home", big=1 << 10, small_files=3)
+    archives = tmp_path / "state" / "archives"
+    archives.rmdir()
+    archives.write_text("a file where the archives folder should be")
+    clock.advance(TIMERS.to_cold + SLACK)
+
+    with caplog.at_level(logging.ERROR, logger="gateway.lifecycle.idle"):
+        assert await _reap(client) is Phase.WARM
+
+    logged = [record.getMessage() for record in caplog.records if record.name == "gateway.lifecycle.idle"]
+    assert [line.split(":")[0] for line in logged] == ["idle COLD of ws failed"]
+    samples = await metric_samples(client)
+    assert sample(samples, "codehub_idle_transitions_total", to_phase="COLD") == 0
