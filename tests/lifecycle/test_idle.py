@@ -340,3 +340,25 @@ async def test_an_idle_move_that_fails_is_logged_and_not_counted(make_gateway: M
     assert [line.split(":")[0] for line in logged] == ["idle COLD of ws failed"]
     samples = await metric_samples(client)
     assert sample(samples, "codehub_idle_transitions_total", to_phase="COLD") == 0
+
+
+async def test_shutting_the_gateway_down_ends_the_idle_moves_under_way_first(
+        make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reaper's own loop closes it when the gateway shuts down, before the runtime is closed under its moves."""
+    clock = Clock()
+    client = await _awake(make_gateway, clock)
+    gateway = gateway_of(client)
+    stop = gateway.runtime.stop
+
+    async def reapers_stop(workspace: str) -> None:  # never ends (the runtime's own, when it closes, does)
+        monkeypatch.setattr(gateway.runtime, "stop", stop)
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(gateway.runtime, "stop", reapers_stop)
+    clock.advance(TIMERS.to_warm + SLACK)
+    [moving] = gateway.reaper.sweep()
+    await asyncio.sleep(0)  # the move starts, and waits in the stop
+
+    await client.close()
+
+    assert moving.cancelled()
