@@ -393,6 +393,9 @@ async def test_a_workspace_waits_for_at_most_so_many_ports_at_once(make_gateway:
             status, text = await ask(30001)
         assert status == 503
         assert "too-many-port-waits" in text
+        async with client.get("/", headers={"Host": preview("a", 30001), "Authorization": f"Bearer {token}",
+                                            **API}) as refused:
+            assert refused.headers["Retry-After"].isdigit()  # "in a moment"
         assert not gateway.waker.busy("a", 30001)
         [(event, data)] = await sse_events(client, preview("a", 30001), within=10)
         assert (event, data["message"]) == ("failed", json.loads(text)["error"]["message"])
