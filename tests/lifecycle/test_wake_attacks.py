@@ -38,6 +38,7 @@ from tests.lifecycle.conftest import (
     gateway_of,
     group_members,
     hold_restores,
+    hold_wakes,
     metric_samples,
     owner,
     preview,
@@ -163,6 +164,28 @@ async def test_a_member_held_on_a_wait_a_visitor_began_keeps_the_workspace_awake
             request.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await request
+
+
+async def test_a_visitor_waking_one_workspace_keeps_no_other_awake(make_gateway: MakeGateway,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reaper leaves a workspace alone while it is being woken: that is that workspace's wake only. Anyone may
+    wake a workspace with a public port (again and again, should it fail), and every other workspace of the
+    gateway must go to sleep meanwhile as usual."""
+    clock = Clock()
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0),
+                                            "other": slow_workspace(next_address(), delay=0)}, idle=IDLE, clock=clock)
+    gateway = gateway_of(client)
+    assert (await gateway.runtime.wake("ws")).phase is Phase.RUNNING
+    go_on = hold_wakes(monkeypatch, gateway.runtime, "other")
+    waking = asyncio.ensure_future(client.get("/", headers={"Host": preview("other"), **API}))
+    try:
+        await until(lambda: gateway.waker.waking("other"))
+        clock.now += TIMERS.to_warm + SLACK
+
+        assert await _reap(client, "ws") is Phase.WARM
+    finally:
+        go_on.set()
+        assert (await waking).status == 200
 
 
 async def test_a_wake_in_the_moment_its_process_exits_leaves_the_new_process_its_workspaces(
