@@ -292,6 +292,13 @@ async def test_a_command_that_exits_at_once_is_not_started_again_for_every_reque
         assert "exited with code 3" in (await answer.json())["error"]["message"]
 
 
+async def _visit(client: Client, starts_file: Path) -> int:
+    """A request to workspace ``ws``, which fails to wake; how many times its command was started so far."""
+    response = await client.get("/", headers={"Host": preview("ws"), **API})
+    assert response.status == 503
+    return starts(starts_file)
+
+
 async def test_a_failed_wake_is_tried_again_later_each_time_and_at_once_from_the_hub(
         make_gateway: MakeGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The wait after a failed wake doubles with each failure in a row; the owner's Wake (the API) does not wait."""
@@ -302,24 +309,36 @@ async def test_a_failed_wake_is_tried_again_later_each_time_and_at_once_from_the
     client = await make_gateway(workspaces={"ws": crash})
     _, token = await gateway_of(client).auth.store.create_api_token(Identity("alice"), name="test")
 
-    async def visit() -> int:
-        response = await client.get("/", headers={"Host": preview("ws"), **API})
-        assert response.status == 503
-        return starts(starts_file)
-
-    assert await visit() == 1
-    assert await visit() == 1
+    assert await _visit(client, starts_file) == 1
+    assert await _visit(client, starts_file) == 1
     await asyncio.sleep(1.3)
-    assert await visit() == 2  # the first wait was over; the next is twice as long
+    assert await _visit(client, starts_file) == 2  # the first wait was over; the next is twice as long
     await asyncio.sleep(1.3)
-    assert await visit() == 2
+    assert await _visit(client, starts_file) == 2
     await asyncio.sleep(1.0)
-    assert await visit() == 3
+    assert await _visit(client, starts_file) == 3
 
     woken = await client.post("/api/v1/workspaces/ws/wake", headers={"Host": "localhost:8080",
                                                                      "Authorization": f"Bearer {token}"})
     assert woken.status == 200
     assert starts(starts_file) == 4
+
+
+async def test_a_failure_long_past_starts_the_back_off_over(
+        make_gateway: MakeGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure is remembered for its wait and as long again: a workspace that fails again after that waits
+    ``RETRY_FIRST`` once more, not twice its last wait (nor are the failures of every workspace ever kept)."""
+    monkeypatch.setattr(wake_module, "RETRY_FIRST", 1.0)
+    starts_file = tmp_path / "starts"
+    crash = slow_workspace(next_address(), delay=0)
+    crash["command"] = ["sh", "-c", f"echo start >> {starts_file}; exit 3"]
+    client = await make_gateway(workspaces={"ws": crash})
+
+    assert await _visit(client, starts_file) == 1
+    await asyncio.sleep(2.5)  # past its wait of 1 s, and as long again
+    assert await _visit(client, starts_file) == 2
+    await asyncio.sleep(1.5)  # past a wait of 1 s, not of 2
+    assert await _visit(client, starts_file) == 3
 
 
 async def test_a_failure_from_before_the_workspace_last_changed_holds_nothing_back(
