@@ -201,16 +201,20 @@ def _stop_this_process() -> None:
 
 async def forward_activity(runtime: RemoteRuntime, snapshot: Callable[[], tuple[dict[str, float], dict[str, int]]],
                            every: float = ACTIVITY_EVERY) -> None:
-    """Send this worker's activity to the parent (whose reaper decides) once a second, when there is any."""
-    sent: tuple[dict[str, float], dict[str, int]] = ({}, {})
+    """Send this worker's activity to the parent (whose reaper decides) once a second, when there is any: the
+    workspaces used since the last report it took (later times win there, so the rest would change nothing), and
+    every open connection (each report's replace the last's)."""
+    sent_last: dict[str, float] = {}
+    sent_open: dict[str, int] = {}
     while True:
         await asyncio.sleep(every)
         last, open_ = snapshot()
-        if (last, open_) == sent:
+        news = {workspace: at for workspace, at in last.items() if sent_last.get(workspace) != at}
+        if not news and open_ == sent_open:
             continue
         try:
-            await runtime.send_activity(last, open_)
+            await runtime.send_activity(news, open_)
         except (aiohttp.ClientError, OSError) as exc:
             log.warning("activity not sent to the parent: %s", exc)
             continue
-        sent = (last, open_)
+        sent_last, sent_open = last, open_

@@ -365,6 +365,40 @@ async def test_a_worker_reports_its_activity_when_it_changed_under_its_own_pid(
                 await forwarding
 
 
+async def test_a_worker_reports_only_the_activity_that_is_new(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that has served thousands of workspaces sends each second the ones used since its last report, not
+    every one it ever served again (a JSON body growing with every workspace, once a second, from every worker)."""
+    now = [1000.0]
+    worker = Activity(clock=lambda: now[0])
+    for n in range(1000):
+        worker.touch(f"ws{n}")
+    async with a_worker_of(tmp_path) as (server, remote, _):
+        reported: list[dict[str, float]] = []
+        real_merge = server.activity.merge
+
+        def recording(source: int, last: dict[str, float], open_: dict[str, int]) -> None:
+            reported.append(dict(last))
+            real_merge(source, last, open_)
+
+        monkeypatch.setattr(server.activity, "merge", recording)
+        forwarding = asyncio.create_task(forward_activity(remote, worker.snapshot, every=0.01))
+        try:
+            await until(lambda: len(reported) == 1)
+            now[0] = 2000.0
+            worker.touch("ws7")
+            await until(lambda: len(reported) == 2)
+            await asyncio.sleep(0.1)  # ten ticks with nothing new
+        finally:
+            forwarding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await forwarding
+
+    assert len(reported[0]) == 1000
+    assert reported[1:] == [{"ws7": 2000.0}]
+    assert (server.activity.last("ws7"), server.activity.last("ws8")) == (2000.0, 1000.0)
+
+
 async def test_a_worker_whose_parent_dies_mid_stream_stops_too(tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     """A parent killed (not shut down) cuts the stream off without its end: the worker says so and stops all the
