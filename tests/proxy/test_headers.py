@@ -434,14 +434,50 @@ def test_long_names_are_judged_every_time_and_alike(name: str) -> None:
         assert name not in module._UPSTREAM_VERDICTS
 
 
-@pytest.mark.parametrize("connection", [
-    ("keep-alive, X-Secret",),
-    ("keep-alive, " + " " * 80 + "X-Secret",),  # past what is remembered
-    ("close", "X-Secret"),
+def test_names_are_remembered_up_to_a_bound_and_forgotten_all_at_once_past_it() -> None:
+    """Each new name of a sender's is remembered, up to ``_MOST_KEPT`` of them: the next new name empties the
+    memory and starts it again, so a flood of invented names costs a bounded dict, and the dozen names a browser
+    sends on every request are judged once, not on each."""
+    from gateway.proxy import headers as module
+
+    memory = module._UPSTREAM_VERDICTS
+    memory.clear()
+    for n in range(module._MOST_KEPT - 1):
+        upstream_request_headers(h((f"X-Name-{n}", "1"), ("X-App", "1")), PEER, upstream_host=UPSTREAM)
+        assert len(memory) == n + 2  # X-App is remembered once
+    assert len(memory) == module._MOST_KEPT
+    upstream_request_headers(h(("X-Past-The-Bound", "1")), PEER, upstream_host=UPSTREAM)
+    assert list(memory) == ["X-Past-The-Bound"]
+
+
+def test_a_name_or_connection_value_as_long_as_the_longest_kept_is_remembered_and_a_longer_one_is_not() -> None:
+    """Up to ``_LONGEST_KEPT`` characters, names and ``Connection`` values are the ones in use, read once; a
+    longer one is read each time and never held, or a sender's 8 KiB inventions would fill the memory."""
+    from gateway.proxy import headers as module
+
+    module._named_in_kept.cache_clear()
+    kept, longer = "X-" + "k" * (module._LONGEST_KEPT - 2), "X-" + "l" * (module._LONGEST_KEPT - 1)
+    for connection in ("keep-alive, X-Secret".ljust(module._LONGEST_KEPT), "close, X-Secret".ljust(len(longer))):
+        out = upstream_request_headers(h(("Connection", connection), ("X-Secret", "1"), (kept, "1"), (longer, "2")),
+                                       PEER, upstream_host=UPSTREAM)
+        assert (out[kept], out[longer], "X-Secret" in out) == ("1", "2", False)
+    assert kept in module._UPSTREAM_VERDICTS
+    assert longer not in module._UPSTREAM_VERDICTS
+    assert module._named_in_kept.cache_info().currsize == 1
+
+
+@pytest.mark.parametrize(("connection", "remembered"), [
+    (("keep-alive, X-Secret",), True),
+    (("keep-alive, " + " " * 80 + "X-Secret",), False),  # past what is remembered
+    (("close", "X-Secret"), False),
 ])
-def test_connection_names_hold_whether_remembered_or_not(connection: tuple[str, ...]) -> None:
-    """``Connection`` values are remembered when short (``keep-alive`` on nearly every request); a long one, or
-    several, are read each time. Either way what they name stays on the hop, both ways, request after request."""
+def test_connection_names_hold_whether_remembered_or_not(connection: tuple[str, ...], remembered: bool) -> None:
+    """``Connection`` values are remembered when short (``keep-alive`` on nearly every request, each sender in its
+    own spelling); a long one, or several, are read each time and never kept (a sender's 8 KiB values would
+    otherwise be held). Either way what they name stays on the hop, both ways, request after request."""
+    from gateway.proxy import headers as module
+
+    module._named_in_kept.cache_clear()
     for _ in range(2):
         pairs = (*(("Connection", value) for value in connection), ("X-Secret", "1"), ("X-App", "1"))
         up = upstream_request_headers(h(*pairs), PEER, upstream_host=UPSTREAM)
@@ -449,3 +485,4 @@ def test_connection_names_hold_whether_remembered_or_not(connection: tuple[str, 
         assert up["X-App"] == "1"
         down = downstream_response_headers(h(*pairs), public_host="h", public_origin="http://h", upstream_origins=UP)
         assert list(down.items()) == [("X-App", "1")]
+    assert module._named_in_kept.cache_info().currsize == remembered
