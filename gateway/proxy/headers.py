@@ -38,7 +38,6 @@ _WEBSOCKET_HANDSHAKE = frozenset({
 })
 _NOT_UPSTREAM = HOP_BY_HOP | _WEBSOCKET_HANDSHAKE | FORWARDING | IDENTITY | {"expect", "host", "content-length"}
 """Never passed upstream as the client sent them (the gateway sets its own where needed)."""
-_SPECIAL = _NOT_UPSTREAM | {"cookie", "authorization"}
 _NOT_DOWNSTREAM = HOP_BY_HOP | _WEBSOCKET_HANDSHAKE | {"clear-site-data", "content-length"}
 """``Clear-Site-Data`` from an app would sign its visitors out of the gateway on that origin. ``Content-Length``
 is framing, like ``Transfer-Encoding``: the lane writes it from the body it sends (``server.forward.shape_answer``),
@@ -159,7 +158,7 @@ def _underscored(lower: str) -> bool:
     underscores on) would take ``X_Forwarded_User`` for the gateway's ``X-Forwarded-User``, and
     ``Content_Length`` for a second length."""
     dashed = lower.replace("_", "-")
-    return dashed in _SPECIAL or dashed.startswith("x-forwarded-")
+    return dashed in _NOT_UPSTREAM or dashed.startswith("x-forwarded-")
 
 
 _FORWARDED = {"x-forwarded-for": _FORWARDED_FOR, "x-forwarded-proto": _FORWARDED_PROTO,
