@@ -132,7 +132,7 @@ def _named_in_connection(headers: Headers) -> frozenset[str]:
 
 
 def _named_in(value: str) -> frozenset[str]:
-    return frozenset(token.strip().lower() for token in value.split(",")) - HOP_BY_HOP - {""}
+    return frozenset(token.strip().lower() for token in value.split(",")) - HOP_BY_HOP
 
 
 _named_in_kept = functools.lru_cache(maxsize=32)(_named_in)
