@@ -681,11 +681,15 @@ async def test_a_connection_that_cannot_be_reused_is_closed_and_its_body_no_long
         peer.close()
 
 
-@pytest.mark.parametrize(("method", "length"), [("POST", b"0"), ("PATCH", b"0"), ("GET", None), ("DELETE", None)])
+@pytest.mark.parametrize(("method", "length"), [
+    ("POST", b"0"), ("PATCH", b"0"), ("PUT", b"0"),
+    ("GET", None), ("HEAD", None), ("OPTIONS", None), ("TRACE", None), ("CONNECT", None), ("DELETE", None),
+])
 async def test_a_request_without_a_body_says_so_when_its_method_usually_has_one(method: str,
                                                                                length: bytes | None) -> None:
     """A POST without a body goes out with ``Content-Length: 0`` (an upstream may answer 411 Length Required, or
-    wait for a body, without it); a GET gets no length it did not have."""
+    wait for a body, without it); a GET gets no length it did not have (RFC 9110 §8.6: a length on a method that
+    has no content, some servers refuse)."""
     heads: list[bytes] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -699,7 +703,9 @@ async def test_a_request_without_a_body_says_so_when_its_method_usually_has_one(
     pool = _pool()
     try:
         async with server, asyncio.timeout(10):
-            assert await _get(pool, address, port, method=method) == b"ok"
+            answer, exchange = await pool.request(address, port, method, "/", CIMultiDict(Host="x"), None)
+            exchange.close()  # the head is what counts (an answer to a HEAD has no body to read)
+            assert answer.status == 200
     finally:
         pool.close()
     fields = dict(line.split(b": ", 1) for line in heads[0].split(b"\r\n")[1:] if line)
@@ -905,6 +911,23 @@ async def test_a_failure_before_the_first_byte_is_retried_once_when_idempotent(
     finally:
         pool.close()
     assert (result, upstream.connections, busy) == (outcome, connections, 0)  # its place ended once
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"])
+async def test_every_idempotent_request_without_a_body_is_sent_again_when_its_connection_broke_off(
+        method: str) -> None:
+    """RFC 9110 §9.2.2: an idempotent request the upstream closed on unanswered may be sent again (a dev server
+    restarting under a save drops a connection or two); a POST or PATCH is not (the table above)."""
+    upstream = _Upstream(["close", "answer"])
+    server, address, port = await _raw_upstream(upstream.serve)
+    pool = _pool()
+    try:
+        async with server, asyncio.timeout(10):
+            answer, exchange = await pool.request(address, port, method, "/", CIMultiDict(Host="x"), None)
+            exchange.close()
+    finally:
+        pool.close()
+    assert (answer.status, upstream.connections) == (200, 2)
 
 
 async def test_the_retry_takes_a_fresh_connection_not_another_kept_alive_one() -> None:
