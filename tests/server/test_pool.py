@@ -18,7 +18,14 @@ from multidict import CIMultiDict
 from gateway.errors import UnsafeHeader
 from gateway.proxy.connection import Connection, HeadClock, Response
 from gateway.proxy.pacing import INITIAL_WINDOW, MOST_WINDOW, Grant, Outcome, Pacer
-from gateway.proxy.pool import ConnectFailed, ConnectTimeout, QueueTimeout, UpstreamError, UpstreamPool
+from gateway.proxy.pool import (
+    ClosedUnanswered,
+    ConnectFailed,
+    ConnectTimeout,
+    QueueTimeout,
+    UpstreamError,
+    UpstreamPool,
+)
 from gateway.server.context import GATEWAY
 from tests.conftest import MakeGateway, MakeUpstream, held_app, next_address, workspace
 
@@ -648,6 +655,46 @@ async def test_a_connection_whose_request_body_was_cut_short_by_the_answer_is_no
     assert connections == 2
 
 
+async def test_a_connection_whose_request_body_went_out_whole_is_used_again_with_nothing_after_the_body() -> None:
+    """The upstream reads exactly the length the head announced; what follows on the connection is the next
+    request's head, on the same connection (no connection spent per upload, nor a chunked body's last chunk
+    written after a body sent by its length, read as the start of the next request)."""
+    heads: list[bytes] = []
+    bodies: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                heads.append(await reader.readuntil(b"\r\n\r\n"))
+                if heads[-1].startswith(b"POST "):
+                    bodies.append(await reader.readexactly(10))
+                writer.write(_OK)
+        writer.close()
+
+    server, address, port = await _raw_upstream(serve)
+    loop = asyncio.get_running_loop()
+    client, peer = socket.socketpair()
+    transport, protocol = await loop.connect_accepted_socket(lambda: BaseProtocol(loop), client)
+    body = StreamReader(protocol, 2**16, loop=loop)
+    body.feed_data(b"x" * 10)
+    body.feed_eof()
+    pool = _pool()
+    try:
+        async with server, asyncio.timeout(10):
+            answer, exchange = await pool.request(address, port, "POST", "/", CIMultiDict(Host="x", **{
+                "Content-Length": "10"}), body)
+            assert await answer.read_exactly(2) == b"ok"
+            exchange.close()
+            assert pool.connections() == (1, 0)
+            assert await _get(pool, address, port) == b"ok"
+    finally:
+        pool.close()
+        transport.close()
+        peer.close()
+    assert bodies == [b"x" * 10]
+    assert [head.split(b" ", 1)[0] for head in heads] == [b"POST", b"GET"]
+
+
 async def test_a_connection_that_cannot_be_reused_is_closed_and_its_body_no_longer_sent() -> None:
     """An answer that came before the request's body was all out leaves a connection no request may take: it is
     closed at once, not left open for as long as the upstream keeps it (a file descriptor each), and the task that
@@ -864,7 +911,8 @@ async def test_a_worker_of_two_opens_half_the_window(make_gateway: MakeGateway) 
 
 class _Upstream:
     """A raw upstream that reads each request head and then does what ``answer`` says for that connection:
-    answer it, close without a word, say nothing at all, or answer once and then say nothing."""
+    answer it, close without a word, say nothing at all, answer once and then say nothing, or answer once and
+    then close without a word."""
 
     def __init__(self, answer: list[str]) -> None:
         self.plan = answer
@@ -884,6 +932,8 @@ class _Upstream:
                 writer.write(_OK)
                 if what == "once":
                     what = "silent"
+                if what == "once-then-close":
+                    what = "close"
         writer.close()
 
 
@@ -928,6 +978,42 @@ async def test_every_idempotent_request_without_a_body_is_sent_again_when_its_co
     finally:
         pool.close()
     assert (answer.status, upstream.connections) == (200, 2)
+
+
+async def test_a_kept_alive_connection_closed_under_a_request_costs_it_no_retry() -> None:
+    """An upstream may close a kept-alive connection as a request goes out on it (its keep-alive timeout): that
+    race is normal, and the request sent again on a fresh connection still has its one retry left."""
+    upstream = _Upstream(["once-then-close", "close", "answer"])
+    server, address, port = await _raw_upstream(upstream.serve)
+    pool = _pool()
+    try:
+        async with server, asyncio.timeout(10):
+            assert await _get(pool, address, port) == b"ok"
+            assert await _get(pool, address, port) == b"ok"
+    finally:
+        pool.close()
+    assert upstream.connections == 3
+
+
+async def test_a_kept_alive_connection_closed_under_a_post_counts_once_against_the_upstream() -> None:
+    """A POST is never sent twice, so the race a GET gets over for free fails it: that is reported as the
+    upstream's fault (``on_fault``, the metric of upstream faults), once, as any connection closed unanswered is."""
+    faults: list[str] = []
+    upstream = _Upstream(["once-then-close", "close"])
+    server, address, port = await _raw_upstream(upstream.serve)
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=30,
+                        on_fault=faults.append)
+    try:
+        async with server, asyncio.timeout(10):
+            assert await _get(pool, address, port) == b"ok"
+            with pytest.raises(ClosedUnanswered):
+                await _get(pool, address, port, method="POST")
+            assert faults == ["closed"]
+            with pytest.raises(ClosedUnanswered):  # on a fresh connection: no race
+                await _get(pool, address, port, method="POST")
+            assert faults == ["closed", "closed"]
+    finally:
+        pool.close()
 
 
 async def test_the_retry_takes_a_fresh_connection_not_another_kept_alive_one() -> None:
