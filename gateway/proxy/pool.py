@@ -90,8 +90,7 @@ class Exchange:
                 sent = False
             else:
                 sent = not sender.cancelled() and sender.exception() is None
-        place, self.place = self.place, False
-        streaming, self.streaming = self.streaming, False
+        place, streaming = self.place, self.streaming
         if (place or streaming) and sent and self._conn.reusable:
             self._pool.release(self._key, self._conn, place=place)  # and the place with it, if it still has one
             return
