@@ -16,7 +16,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
 from gateway.errors import UnsafeHeader
-from gateway.proxy.connection import Connection, HeadClock, Response
+from gateway.proxy.connection import Connection, HeadClock, HeadTimeout, Response
 from gateway.proxy.pacing import INITIAL_WINDOW, MOST_WINDOW, Grant, Outcome, Pacer
 from gateway.proxy.pool import (
     ClosedUnanswered,
@@ -693,6 +693,42 @@ async def test_a_connection_whose_request_body_went_out_whole_is_used_again_with
         peer.close()
     assert bodies == [b"x" * 10]
     assert [head.split(b" ", 1)[0] for head in heads] == [b"POST", b"GET"]
+
+
+async def test_an_app_that_takes_an_upload_and_never_answers_times_out_like_any_other() -> None:
+    """The first-byte clock of a request with a body starts once the body is out (before, a slow upload would
+    count against the app): an app that reads the whole body and then says nothing is a ``HeadTimeout`` (504
+    ``upstream-timeout``) after ``first_byte_timeout``, not a request, and a place in the window, held for ever."""
+    took = asyncio.Event()
+    never = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(10)
+            took.set()
+            await never.wait()
+        writer.close()
+
+    server, address, port = await _raw_upstream(serve)
+    loop = asyncio.get_running_loop()
+    client, peer = socket.socketpair()
+    transport, protocol = await loop.connect_accepted_socket(lambda: BaseProtocol(loop), client)
+    body = StreamReader(protocol, 2**16, loop=loop)
+    body.feed_data(b"x" * 10)
+    body.feed_eof()
+    pool = _pool(first_byte=0.3)
+    try:
+        async with server, asyncio.timeout(10):
+            with pytest.raises(HeadTimeout):
+                await pool.request(address, port, "POST", "/", CIMultiDict(Host="x", **{"Content-Length": "10"}), body)
+            assert took.is_set()
+            assert pool.connections() == (0, 0)
+            never.set()
+    finally:
+        pool.close()
+        transport.close()
+        peer.close()
 
 
 async def test_a_connection_that_cannot_be_reused_is_closed_and_its_body_no_longer_sent() -> None:
