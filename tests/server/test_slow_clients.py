@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import re
 import socket
@@ -119,6 +120,7 @@ async def test_a_stalled_upload_does_not_hold_a_place_in_flight(make_gateway: Ma
         for reader, _ in stalled:  # each stalled upload is told so, not left hanging
             got = await read_answer(reader)
             assert got.status == 408, got.head
+            assert json.loads(got.body)["error"]["code"] == "body-timeout"
     finally:
         for _, writer in stalled:
             with contextlib.suppress(Exception):
