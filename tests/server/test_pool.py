@@ -1093,6 +1093,26 @@ async def test_a_long_answer_does_not_hold_a_place_in_the_window(make_upstream: 
     assert finished[0] == "quick"
 
 
+async def test_a_connect_that_fails_gives_its_place_in_the_window_back() -> None:
+    """A port nobody listens on yet (an app starting) is tried again and again; each refused connect ends its
+    attempt, so once the app listens the next request connects at once, not after ``timeouts.queue`` behind
+    attempts that never end."""
+    probe = socket.socket()
+    probe.bind((next_address(), 0))
+    address, port = probe.getsockname()
+    probe.close()  # nothing listens there now
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=1)
+    try:
+        for _ in range(3 * MOST_WINDOW):
+            with pytest.raises(ConnectFailed):
+                await pool.request(address, port, "GET", "/", CIMultiDict(Host="x"), None)
+        server = await asyncio.start_server(_answer_every_head, address, port)
+        async with server, asyncio.timeout(10):
+            assert await _get(pool, address, port) == b"ok"
+    finally:
+        pool.close()
+
+
 async def test_the_wait_for_a_connection_is_bounded(make_upstream: MakeUpstream) -> None:
     app, release = held_app()
     address = next_address()
