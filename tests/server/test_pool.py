@@ -731,6 +731,37 @@ async def test_an_app_that_takes_an_upload_and_never_answers_times_out_like_any_
         peer.close()
 
 
+@pytest.mark.parametrize("how", ["timed out", "given up"])
+async def test_a_request_that_ends_before_its_answer_closes_its_connection(how: str) -> None:
+    """A request that timed out waiting for its answer's head (504), or that its client gave up (the task
+    cancelled), leaves no connection open to the app: each one a file descriptor here and a connection the app
+    keeps serving."""
+    heard, closed = asyncio.Event(), asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            heard.set()
+            await reader.read()  # nothing more comes: until the connection closes
+        closed.set()
+        writer.close()
+
+    server, address, port = await _raw_upstream(serve)
+    pool = _pool(first_byte=0.3 if how == "timed out" else 10.0)
+    try:
+        async with server, asyncio.timeout(10):
+            request = asyncio.ensure_future(_get(pool, address, port, method="POST"))
+            await heard.wait()
+            if how == "given up":
+                request.cancel()
+            with contextlib.suppress(asyncio.CancelledError, HeadTimeout):
+                await request
+            await closed.wait()
+            assert pool.connections() == (0, 0)
+    finally:
+        pool.close()
+
+
 async def test_a_connection_that_cannot_be_reused_is_closed_and_its_body_no_longer_sent() -> None:
     """An answer that came before the request's body was all out leaves a connection no request may take: it is
     closed at once, not left open for as long as the upstream keeps it (a file descriptor each), and the task that
