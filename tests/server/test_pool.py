@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import StreamReader, web
@@ -624,6 +624,24 @@ async def test_idle_connections_keep_being_closed_after_keepalive_sweep_after_sw
         pool.close()
 
 
+@contextlib.asynccontextmanager
+async def _client_body(data: bytes, *, whole: bool) -> AsyncIterator[StreamReader]:
+    """A request body as aiohttp's server hands it on, read from a client connection of its own: ``data``, then
+    its end if ``whole`` (else the rest never comes)."""
+    loop = asyncio.get_running_loop()
+    client, peer = socket.socketpair()
+    transport, protocol = await loop.connect_accepted_socket(lambda: BaseProtocol(loop), client)
+    body = StreamReader(protocol, 2**16, loop=loop)
+    body.feed_data(data)
+    if whole:
+        body.feed_eof()
+    try:
+        yield body
+    finally:
+        transport.close()
+        peer.close()
+
+
 async def test_a_connection_whose_request_body_was_cut_short_by_the_answer_is_not_reused() -> None:
     """An upstream may answer before it has read the whole body (a 413, a redirect): the rest of the body never
     went out, so the next request on that connection would be read as its continuation."""
@@ -635,14 +653,10 @@ async def test_a_connection_whose_request_body_was_cut_short_by_the_answer_is_no
         await _answer_every_head(reader, writer)  # not waiting for a body
 
     server, address, port = await _raw_upstream(serve)
-    loop = asyncio.get_running_loop()
-    client, peer = socket.socketpair()  # a client connection for the body's reader, as aiohttp's server has
-    transport, protocol = await loop.connect_accepted_socket(lambda: BaseProtocol(loop), client)
-    body = StreamReader(protocol, 2**16, loop=loop)
-    body.feed_data(b"x" * 10)  # of 100: the rest never comes
     pool = _pool()
     try:
-        async with server, asyncio.timeout(10):
+        # 10 bytes of the 100 announced: the rest never comes
+        async with server, _client_body(b"x" * 10, whole=False) as body, asyncio.timeout(10):
             answer, exchange = await pool.request(address, port, "POST", "/", CIMultiDict(Host="x", **{
                 "Content-Length": "100"}), body)
             assert await answer.read_exactly(2) == b"ok"
@@ -650,8 +664,6 @@ async def test_a_connection_whose_request_body_was_cut_short_by_the_answer_is_no
             assert await _get(pool, address, port) == b"ok"
     finally:
         pool.close()
-        transport.close()
-        peer.close()
     assert connections == 2
 
 
@@ -672,15 +684,9 @@ async def test_a_connection_whose_request_body_went_out_whole_is_used_again_with
         writer.close()
 
     server, address, port = await _raw_upstream(serve)
-    loop = asyncio.get_running_loop()
-    client, peer = socket.socketpair()
-    transport, protocol = await loop.connect_accepted_socket(lambda: BaseProtocol(loop), client)
-    body = StreamReader(protocol, 2**16, loop=loop)
-    body.feed_data(b"x" * 10)
-    body.feed_eof()
     pool = _pool()
     try:
-        async with server, asyncio.timeout(10):
+        async with server, _client_body(b"x" * 10, whole=True) as body, asyncio.timeout(10):
             answer, exchange = await pool.request(address, port, "POST", "/", CIMultiDict(Host="x", **{
                 "Content-Length": "10"}), body)
             assert await answer.read_exactly(2) == b"ok"
@@ -689,8 +695,6 @@ async def test_a_connection_whose_request_body_went_out_whole_is_used_again_with
             assert await _get(pool, address, port) == b"ok"
     finally:
         pool.close()
-        transport.close()
-        peer.close()
     assert bodies == [b"x" * 10]
     assert [head.split(b" ", 1)[0] for head in heads] == [b"POST", b"GET"]
 
@@ -711,15 +715,9 @@ async def test_an_app_that_takes_an_upload_and_never_answers_times_out_like_any_
         writer.close()
 
     server, address, port = await _raw_upstream(serve)
-    loop = asyncio.get_running_loop()
-    client, peer = socket.socketpair()
-    transport, protocol = await loop.connect_accepted_socket(lambda: BaseProtocol(loop), client)
-    body = StreamReader(protocol, 2**16, loop=loop)
-    body.feed_data(b"x" * 10)
-    body.feed_eof()
     pool = _pool(first_byte=0.3)
     try:
-        async with server, asyncio.timeout(10):
+        async with server, _client_body(b"x" * 10, whole=True) as body, asyncio.timeout(10):
             with pytest.raises(HeadTimeout):
                 await pool.request(address, port, "POST", "/", CIMultiDict(Host="x", **{"Content-Length": "10"}), body)
             assert took.is_set()
@@ -727,8 +725,6 @@ async def test_an_app_that_takes_an_upload_and_never_answers_times_out_like_any_
             never.set()
     finally:
         pool.close()
-        transport.close()
-        peer.close()
 
 
 @pytest.mark.parametrize("how", ["timed out", "given up"])
@@ -773,14 +769,10 @@ async def test_a_connection_that_cannot_be_reused_is_closed_and_its_body_no_long
         upstream_saw_the_end.set()
 
     server, address, port = await _raw_upstream(serve)
-    loop = asyncio.get_running_loop()
-    client, peer = socket.socketpair()
-    transport, protocol = await loop.connect_accepted_socket(lambda: BaseProtocol(loop), client)
-    body = StreamReader(protocol, 2**16, loop=loop)
-    body.feed_data(b"x" * 10)  # of 100: the rest never comes
     pool = _pool()
     try:
-        async with server, asyncio.timeout(10):
+        # 10 bytes of the 100 announced: the rest never comes
+        async with server, _client_body(b"x" * 10, whole=False) as body, asyncio.timeout(10):
             answer, exchange = await pool.request(address, port, "POST", "/", CIMultiDict(Host="x", **{
                 "Content-Length": "100"}), body)
             assert await answer.read_exactly(2) == b"ok"
@@ -791,8 +783,6 @@ async def test_a_connection_that_cannot_be_reused_is_closed_and_its_body_no_long
             assert pool.connections() == (0, 0)
     finally:
         pool.close()
-        transport.close()
-        peer.close()
 
 
 @pytest.mark.parametrize(("method", "length"), [
