@@ -6,6 +6,7 @@ The storm test sends 500 simultaneous API requests to one COLD workspace: one re
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import aiohttp
@@ -168,13 +169,16 @@ async def test_api_request_to_a_cold_workspace_is_held_through_the_restore(make_
     _make_cold(tmp_path)
     client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=0.5)})
 
+    began = time.monotonic()
     response = await client.get("/", headers={"Host": preview("ws"), **API})
+    held_for = time.monotonic() - began
 
     assert response.status == 200
     assert await response.text() == BODY
     samples = await metric_samples(client)
     assert sample(samples, "codehub_wakes_total", from_phase="COLD", result="ok") == 1
     assert sample(samples, "codehub_wake_duration_seconds_count", from_phase="COLD") == 1
+    assert 0 < sample(samples, "codehub_wake_duration_seconds_sum", from_phase="COLD") <= held_for  # it woke meanwhile
 
 
 async def test_storm_of_500_requests_starts_a_cold_workspace_once(make_gateway: MakeGateway, tmp_path: Path) -> None:
