@@ -397,10 +397,12 @@ async def test_a_wake_its_owner_stops_is_no_failure(
     starts_file = tmp_path / "starts"
     client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=60, starts=starts_file)})
     gateway = gateway_of(client)
-    held = asyncio.ensure_future(client.get("/", headers={"Host": preview("ws"), **API}))
+    held = asyncio.ensure_future(client.get("/", headers={"Host": preview("ws"), **API, **owner(client, "ws")}))
     await until(lambda: starts(starts_file) == 1 and gateway.waker.progress("ws", PORT) is not None)
     assert (await gateway.runtime.stop("ws")).phase is Phase.WARM
     assert (await held).status == 503
+    stopped = f"Workspace ws stopped before port {PORT} answered: it stopped"
+    assert (await (await held).json())["error"]["message"] == stopped  # its owner hears why
 
     page = await client.get("/", headers=browser("ws"))
 
