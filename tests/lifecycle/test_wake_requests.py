@@ -278,13 +278,17 @@ async def test_a_failed_start_is_explained_to_its_owner_and_to_nobody_else(make_
         held = await client.get("/", headers={"Host": preview("ws"), **API})  # hears it has failed lately
         page = await client.get("/", headers=browser("ws"))
         owners = await client.get("/", headers={"Host": preview("ws"), **API, **owner(client, "ws")})
+        again = await sse_events(client, preview("ws"))  # a page reloaded meanwhile: failed lately, not woken
 
     assert (held.status, page.status) == (503, 503)
     generic = "Workspace ws could not start. Its owner and collaborators can see why."
     assert events[-1] == ("failed", {"workspace": "ws", "port": PORT, "message": generic})
     told = (await held.json())["error"]["message"]
     assert told.startswith("Workspace ws could not start (it is tried again in ")
-    for seen in (told, await page.text(), json.dumps(events)):
+    [(name, data)] = again
+    assert (name, data) == ("failed", {"workspace": "ws", "port": PORT, "message": data["message"]})
+    assert data["message"].startswith("Workspace ws could not start (it is tried again in ")
+    for seen in (told, await page.text(), json.dumps(events), json.dumps(again)):
         assert "could not start" in seen
         assert "hunter2" not in seen
         assert "exited" not in seen
