@@ -351,7 +351,6 @@ class Waker:
             if from_phase is not Phase.RUNNING:
                 self._history.setdefault((state.id, from_phase), deque(maxlen=5)).append(time.monotonic() - started)
         except GatewayError as exc:
-            progress.update("failed", exc.message)
             if flight is not None and _failed(self._runtime.get(state.id)):
                 self._woke_or_failed(state.id, flight, exc)  # not stopped meanwhile, nor a port that never opened
             raise
