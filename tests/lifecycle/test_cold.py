@@ -287,6 +287,7 @@ async def test_a_waiting_page_hears_of_the_restore_while_it_lasts(make_gateway: 
     assert heard[1][2]  # the runtime's message, heard while the restore was held
     assert heard[-1][0] == "ready"
     assert len(set(heard)) == len(heard)  # each step heard once, as it came, not again in a quiet stream's reminder
+    assert [said for _, step, said in heard if step == "waiting-for-port"] == [""]  # the gateway's own wait: no words
 
 
 async def test_the_runtimes_word_on_a_wake_is_for_its_owner_not_its_visitors(make_gateway: MakeGateway,
