@@ -54,8 +54,8 @@ the failure at once, with ``Retry-After``; the hub's Wake (the API) tries at onc
 class WakeLimits:
     """How long a held request waits for a workspace, by the phase it was woken from."""
 
-    warm_timeout: float = 60.0
-    cold_timeout: float = 300.0
+    warm_timeout: float
+    cold_timeout: float
 
     def for_phase(self, phase: Phase) -> float:
         return self.cold_timeout if phase in (Phase.COLD, Phase.RESTORING, Phase.ARCHIVING) else self.warm_timeout
