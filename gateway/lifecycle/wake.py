@@ -49,6 +49,9 @@ one that fails to wake (an archive that cannot be restored, a command that exits
 next request: a loop of them restored gigabytes, or started its command, as fast as they came. Meanwhile they get
 the failure at once, with ``Retry-After``; the hub's Wake (the API) tries at once, whenever its owner asks."""
 
+_NOT_LISTENING = "port-not-listening"
+"""A wake's end in the gateway's own words (nothing answered on the port in time), which ``told`` tells everyone."""
+
 
 @dataclass(frozen=True, slots=True)
 class WakeLimits:
@@ -387,7 +390,7 @@ class Waker:
             if now >= deadline:
                 raise LifecycleError(
                     f"Nothing started listening on port {port} in workspace {state.id} within {limit:g} s.",
-                    code="port-not-listening",
+                    code=_NOT_LISTENING,
                 )
             await asyncio.sleep(_PROBE_FAST if now < fast_until else _PROBE_SLOW)
 
@@ -398,7 +401,7 @@ def told(error: GatewayError, workspace: str, *, explained: bool) -> GatewayErro
     policy's admins: anyone else the policy lets wake it, a public port's visitor included, is told that it failed,
     when it is tried again, and who can see why. The gateway's own words (a port nobody listens on, a timeout,
     a restart) say nothing of the workspace's insides, and are told to everyone."""
-    if explained or not isinstance(error, LifecycleError) or error.code == "port-not-listening":
+    if explained or not isinstance(error, LifecycleError) or error.code == _NOT_LISTENING:
         return error
     retry = error.headers.get("Retry-After")
     again = f" (it is tried again in {retry} s)" if retry else ""
