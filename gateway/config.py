@@ -491,7 +491,8 @@ class Config(_Model):
             return data
         listen = data.get("listen")
         listen = listen if isinstance(listen, dict) else {}
-        host, port = str(listen.get("host", Listen().host)), listen.get("port", Listen().port)
+        default = Listen()
+        host, port = str(listen.get("host", default.host)), listen.get("port", default.port)
         name = _public_name(host)
         if name is None:
             return data  # nothing to follow; _addresses_are_usable says so once auth is known to be safe
