@@ -321,6 +321,10 @@ BAD_POLICIES = [
      f"{FILE}:2: cors.0.allow_headers: 'X-A\\nX-B: 1' is not a header name"),
     ("exposed headers in one text", "cors:\n  - expose_headers: ['X-Total, X-Page']\n",
      f"{FILE}:2: cors.0.expose_headers: 'X-Total, X-Page' is not a header name"),
+    # unlike allow_headers, the methods are written as they are: with credentials a browser reads '*' as a method
+    # of that name, and the port's writes from the listed origins failed their preflight with nothing said
+    ("method wildcard", "cors:\n  - allow_methods: ['*']\n",
+     f"{FILE}:2: cors.0.allow_methods: '*' is not a method name"),
     ("no workspace at all", "workspaces:\n  most_per_person: 0\n",
      f"{FILE}:2: workspaces.most_per_person: Input should be greater than or equal to 1"),
     ("workspaces in words", "workspaces:\n  most_per_person: many\n", f"{FILE}:2: workspaces.most_per_person"),
