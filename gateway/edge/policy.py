@@ -1,6 +1,6 @@
 """Access policy: who may see which port, share how, and wake what. Loading, deciding, explaining.
 
-A decision is ``Decision(allow, reason)`` with the reason from one closed list, computed by a pure function
+A decision is ``Decision(allow, reason, rule)`` with the reason from one closed list, computed by a pure function
 of the policy, the workspace and the caller; one function turns it into an HTTP error. Policy files are
 validated with the file, line and key of the first problem, and a reload that fails keeps the last good one.
 """
@@ -258,7 +258,7 @@ _OWNER, _COLLABORATOR, _ADMIN = Reason.OWNER, Reason.COLLABORATOR, Reason.ADMIN
 class Decision(NamedTuple):
     allow: bool
     reason: Reason
-    rule: str = ""
+    rule: str
 
 
 @dataclass(frozen=True, slots=True)

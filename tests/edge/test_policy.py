@@ -236,7 +236,7 @@ def test_identity_group_rules_are_names_or_prefixes(rules: tuple[str, ...], grou
 
 def test_every_refusal_maps_to_its_status() -> None:
     for reason in Reason:
-        error = denial(Decision(False, reason))
+        error = denial(Decision(False, reason, "a rule"))
         assert error.status == (401 if reason is Reason.USER_UNAUTHENTICATED else 403)
         assert error.code == reason.value
         assert error.message
@@ -248,16 +248,16 @@ WAKE_OWNERS = Policy(wake=WakePolicy(who="owner-and-collaborators"))
 @pytest.mark.parametrize(
     ("policy", "access", "allow", "reason"),
     [
-        (Policy(), Decision(True, Reason.PUBLIC_PORT), True, Reason.PUBLIC_PORT),
-        (Policy(), Decision(True, Reason.SHARE_LINK), True, Reason.SHARE_LINK),
-        (Policy(), Decision(False, Reason.NOT_ORG_MEMBER), False, Reason.NOT_ORG_MEMBER),
-        (WAKE_OWNERS, Decision(True, Reason.OWNER), True, Reason.OWNER),
-        (WAKE_OWNERS, Decision(True, Reason.COLLABORATOR), True, Reason.COLLABORATOR),
-        (WAKE_OWNERS, Decision(True, Reason.ADMIN), True, Reason.ADMIN),
-        (WAKE_OWNERS, Decision(True, Reason.PUBLIC_PORT), False, Reason.WAKE_NOT_ALLOWED),
-        (WAKE_OWNERS, Decision(True, Reason.ORG_MEMBER), False, Reason.WAKE_NOT_ALLOWED),
-        (WAKE_OWNERS, Decision(True, Reason.SHARE_LINK), False, Reason.WAKE_NOT_ALLOWED),
-        (WAKE_OWNERS, Decision(False, Reason.USER_UNAUTHENTICATED), False, Reason.WAKE_NOT_ALLOWED),
+        (Policy(), Decision(True, Reason.PUBLIC_PORT, "a rule"), True, Reason.PUBLIC_PORT),
+        (Policy(), Decision(True, Reason.SHARE_LINK, "a rule"), True, Reason.SHARE_LINK),
+        (Policy(), Decision(False, Reason.NOT_ORG_MEMBER, "a rule"), False, Reason.NOT_ORG_MEMBER),
+        (WAKE_OWNERS, Decision(True, Reason.OWNER, "a rule"), True, Reason.OWNER),
+        (WAKE_OWNERS, Decision(True, Reason.COLLABORATOR, "a rule"), True, Reason.COLLABORATOR),
+        (WAKE_OWNERS, Decision(True, Reason.ADMIN, "a rule"), True, Reason.ADMIN),
+        (WAKE_OWNERS, Decision(True, Reason.PUBLIC_PORT, "a rule"), False, Reason.WAKE_NOT_ALLOWED),
+        (WAKE_OWNERS, Decision(True, Reason.ORG_MEMBER, "a rule"), False, Reason.WAKE_NOT_ALLOWED),
+        (WAKE_OWNERS, Decision(True, Reason.SHARE_LINK, "a rule"), False, Reason.WAKE_NOT_ALLOWED),
+        (WAKE_OWNERS, Decision(False, Reason.USER_UNAUTHENTICATED, "a rule"), False, Reason.WAKE_NOT_ALLOWED),
     ],
 )
 def test_may_wake(policy: Policy, access: Decision, allow: bool, reason: Reason) -> None:
