@@ -75,7 +75,7 @@ class Hosts:
     def from_urls(cls, hub_url: str, preview_domain: str) -> Hosts:
         url = URL(hub_url)
         scheme = url.scheme
-        hub = normalise_host(f"{url.host}:{url.port}" if url.port else str(url.host), scheme)
+        hub = normalise_host(url.raw_authority, scheme)  # as sent: an IDN's ASCII, an IPv6 address's brackets
         preview = normalise_host(preview_domain, scheme)
         if hub is None or preview is None:
             raise ValueError("hub_url and preview_domain must be valid host names")
@@ -96,7 +96,7 @@ class Hosts:
         return _origin(host, self.scheme)
 
     def hub_url(self, path: str = "/") -> str:
-        name, _, host_port = self.hub.partition(":")
+        name, _, host_port = self.hub.rpartition(":")
         host = name if not host_port or int(host_port) == _DEFAULT_PORTS[self.scheme] else self.hub
         return f"{self.scheme}://{host}{path}"
 
@@ -138,7 +138,7 @@ def local_path(value: str | None) -> str:
 def _origin(host: str, scheme: str) -> str:
     normalised = normalise_host(host, scheme)
     assert normalised is not None, "routing accepted the host"
-    name, _, port = normalised.partition(":")
+    name, _, port = normalised.rpartition(":")
     return f"{scheme}://{name}" if int(port) == _DEFAULT_PORTS[scheme] else f"{scheme}://{normalised}"
 
 

@@ -291,3 +291,20 @@ def test_the_kinds_labels_and_reserved_paths_are_as_logged_and_served() -> None:
         Kind.HUB: "hub"}
     assert (RESERVED_PREFIX, WAKE_EVENTS_PATH) == ("/_codehub/", "/_codehub/wake/events")
     assert Target(Kind.HUB).path == "/"
+
+
+@pytest.mark.parametrize(
+    ("hub_url", "host", "origin"),
+    [
+        ("https://xn--bcher-kva.example", "XN--BCHER-KVA.example", "https://xn--bcher-kva.example"),  # bücher.example
+        ("http://[::1]:8080", "[::1]:8080", "http://[::1]:8080"),
+        ("https://[2001:db8::1]", "[2001:db8::1]:443", "https://[2001:db8::1]"),
+    ],
+)
+def test_a_hub_url_the_settings_accept_is_a_hub_the_gateway_serves(hub_url: str, host: str, origin: str) -> None:
+    """The settings keep an international name as the ASCII it is sent as, and take an IP address in brackets: the
+    gateway refused to start with either (the name was read back as Unicode, the address without its brackets)."""
+    hosts = Hosts.from_urls(hub_url, "preview.example")
+    assert route(host, "/", hosts) == Target(Kind.HUB, path="/")
+    assert hosts.hub_url("/x") == f"{origin}/x"
+    assert hosts.origin(host) == origin
