@@ -206,6 +206,8 @@ def test_a_sleeping_workspace_holds_scripts_and_shows_browsers_a_page(world: Wor
     page = plan(facts("/", Cookie=world.cookie(ALICE), **NAVIGATE), world)
     assert isinstance(page, WaitingPage)
     assert page.port == 3000
+    assert (held.user, page.user) == ("alice", "alice"), "the access log names who waited"
+    assert decisions(held) == decisions(page) == [(True, Reason.OWNER)]
 
 
 def test_a_port_being_woken_is_held_even_when_running(world: World) -> None:
