@@ -155,9 +155,12 @@ def test_two_host_headers_are_refused_whichever_lane_asks(world: World) -> None:
     ],
 )
 def test_refusals(world: World, host: str | None, target: str, status: int, code: str) -> None:
+    """Once the host names a workspace, the refusal names it too, for the access log."""
     made = plan(facts(target, host=host), world)
     assert isinstance(made, Refuse)
     assert (made.error.status, made.error.code) == (status, code)
+    named = (made.target.workspace, made.target.port) if made.target is not None else None
+    assert named == {"workspace-not-found": ("nope", 3000), "no-route": ("ws", 3000)}.get(code)
 
 
 def test_the_hub_is_the_routers(world: World) -> None:
@@ -170,6 +173,8 @@ def test_the_old_ide_address_moves(world: World) -> None:
     assert isinstance(made, Redirect)
     assert made.error.status == 308
     assert made.error.location == "http://ide-ws.localhost:8080/src?x=1"
+    assert made.target is not None
+    assert made.target.workspace == "ws", "the access log names the workspace it moved"
 
 
 def test_an_anonymous_navigation_to_a_private_port_signs_in(world: World) -> None:
@@ -193,6 +198,10 @@ def test_the_owner_is_forwarded_with_identity_and_without_gateway_cookies(world:
     assert made.headers["X-Forwarded-User"] == "alice"
     assert made.headers["Cookie"] == "app=1"
     assert made.headers["Host"] == "localhost:3000"
+    assert made.public_origin == f"http://{PREVIEW}", "the app's redirects to itself are rewritten to it"
+    assert not made.websocket
+    assert made.target is not None
+    assert (made.target.workspace, made.target.port) == ("ws", 3000)
     assert made.user == "alice"
     assert made.keeps_awake
     assert decisions(made) == [(True, Reason.OWNER)]
@@ -278,6 +287,7 @@ def test_an_open_websocket_is_granted_while_what_let_it_in_still_would(world: Wo
     owner_forward, shared_forward = plan(owners, world), plan(shared, world)
     assert isinstance(owner_forward, Forward)
     assert isinstance(shared_forward, Forward)
+    assert (owner_forward.websocket, shared_forward.websocket) == (True, True), "relayed, not proxied as HTTP"
     alices, links = Granted.of(owner_forward), Granted.of(shared_forward)
     assert (alices.user, alices.told is not None, links.user, links.told) == ("alice", True, None, None)
     assert still_granted(owners, alices, world, NOW)
@@ -565,6 +575,10 @@ def test_a_refusal_to_an_admitted_origin_says_why_in_a_way_it_can_read(world: Wo
     other = plan(facts("/api", Origin="http://evil.test", Accept="application/json"), world)
     assert isinstance(other, Refuse)
     assert "Access-Control-Allow-Origin" not in other.error.headers
+    for origin, answer in ((_ADMITTED, _ADMITTED), ("http://evil.test", None)):  # and a 502 once let through
+        forwarded = plan(facts("/api", Origin=origin, Cookie=world.cookie(ALICE)), world)
+        assert isinstance(forwarded, Forward)
+        assert forwarded.on_error.get("Access-Control-Allow-Origin") == answer
     world.policy = parse_policy(f"cors: [{{ports: [3000], allow_origins: ['{_ADMITTED}'], mode: passthru}}]")
     passthru = plan(facts("/api", Origin=_ADMITTED, Accept="application/json"), world)
     assert isinstance(passthru, Refuse)
