@@ -1055,6 +1055,26 @@ def test_a_share_token_in_the_url_of_a_get_or_head_leaves_the_url(world: World, 
     assert found.consumed_authorization is False, "the app's own Authorization is not the gateway's to take"
 
 
+def test_a_share_token_in_the_url_of_a_write_is_taken_off_before_the_app_sees_it(world: World) -> None:
+    """A write is not redirected (its body would be lost): the link opens the port there and then, and counts, but
+    its token still leaves the address the app is sent, as a GET's does."""
+    link, token = asyncio.run(world.store.create_share(workspace="ws", port=3000, audience="anyone", people=[],
+                                                        created_by="alice", ttl=600, now=NOW))
+    made = plan(facts(f"/p?a=1&codehub_share={token}", method="POST"), world)
+    assert isinstance(made, Forward)
+    assert made.path == "/p?a=1"
+    assert made.effects[0] == UseShare(link, NOW)
+    assert decisions(made) == [(True, Reason.SHARE_LINK)]
+
+
+def test_a_sign_in_comes_back_to_the_address_without_a_share_token(world: World) -> None:
+    """The IDE reads no share token, and someone signed out who brings one is sent to sign in: the token is not
+    carried to the hub in the hand-off, nor back into the address after it."""
+    made = plan(facts("/src?x=1&codehub_share=chs_any", host=_IDE, **NAVIGATE), world)
+    assert isinstance(made, Redirect)
+    assert parse_qs(URL(made.error.location).query_string)["target"] == [f"http://{_IDE}/src?x=1"]
+
+
 def _share_cookie(world: World, workspace: str, port: int, host: str, *, created: float = NOW) -> str:
     link, _ = asyncio.run(world.store.create_share(workspace=workspace, port=port, audience="anyone", people=[],
                                                     created_by="alice", ttl=600, now=created))
