@@ -1075,6 +1075,19 @@ def test_a_sign_in_comes_back_to_the_address_without_a_share_token(world: World)
     assert parse_qs(URL(made.error.location).query_string)["target"] == [f"http://{_IDE}/src?x=1"]
 
 
+def test_a_host_is_known_by_its_normal_form_whatever_its_spelling(world: World) -> None:
+    """Sessions and the sign-in callback's cookie are bound to the host in its normal form (lower case, port
+    spelt out), so a host spelt otherwise (a script's upper case) is the same host: the owner's cookie opens it,
+    and the callback binds a session that opens it next time."""
+    spelt = PREVIEW.upper()
+    made = plan(facts("/", host=spelt, Cookie=world.cookie(ALICE)), world)
+    assert isinstance(made, Forward)
+    assert made.user == "alice"
+    callback = plan(facts("/_codehub/auth/callback?code=c&state=s", host=spelt), world)
+    assert isinstance(callback, GatewayPage)
+    assert callback.host == PREVIEW
+
+
 def _share_cookie(world: World, workspace: str, port: int, host: str, *, created: float = NOW) -> str:
     link, _ = asyncio.run(world.store.create_share(workspace=workspace, port=port, audience="anyone", people=[],
                                                     created_by="alice", ttl=600, now=created))
