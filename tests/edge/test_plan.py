@@ -975,6 +975,8 @@ def test_a_port_that_speaks_tls_is_forwarded_over_tls(world: World, port: int, t
 _CSP = {"Content-Security-Policy": "frame-ancestors 'self'"}
 _IDE_FRAMING = ResponseRules({**_CSP, "X-Frame-Options": "SAMEORIGIN"})
 _REPLACE_3000 = f"cors: [{{ports: [3000], mode: replace, allow_origins: ['{_ADMITTED}']}}]"
+_EMBEDDED = "embedding: {frame_ancestors: ['https://review.example']}"
+_EMBEDDED_CSP = {"Content-Security-Policy": "frame-ancestors 'self' https://review.example"}
 
 
 @pytest.mark.parametrize(("policy", "host", "origin", "rules"), [
@@ -988,6 +990,13 @@ _REPLACE_3000 = f"cors: [{{ports: [3000], mode: replace, allow_origins: ['{_ADMI
     (_REPLACE_3000, PREVIEW, "", ResponseRules(_CSP, drop_cors=True)),
     (f"cors: [{{ports: [3000], mode: passthru, allow_origins: ['{_ADMITTED}']}}]", PREVIEW, _ADMITTED,
      ResponseRules(_CSP)),
+    # a policy that lets a site frame previews drops the app's X-Frame-Options, which would forbid it
+    (_EMBEDDED, PREVIEW, "", ResponseRules(_EMBEDDED_CSP, drop_frame_options=True)),
+    (f"{{{_EMBEDDED}, {_REPLACE_3000}}}", PREVIEW, _ADMITTED, ResponseRules({
+        **_EMBEDDED_CSP, "Access-Control-Allow-Origin": _ADMITTED, "Vary": "Origin",
+        "Access-Control-Allow-Credentials": "true",
+    }, drop_cors=True, drop_frame_options=True)),
+    (_EMBEDDED, _IDE, "", _IDE_FRAMING),  # and not the IDE's
 ])
 def test_response_rules_frame_every_answer_and_answer_cors_for_admitted_origins(
         world: World, policy: str, host: str, origin: str, rules: ResponseRules) -> None:
