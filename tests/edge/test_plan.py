@@ -199,6 +199,7 @@ def test_the_owner_is_forwarded_with_identity_and_without_gateway_cookies(world:
     assert made.headers["Cookie"] == "app=1"
     assert made.headers["Host"] == "localhost:3000"
     assert made.public_origin == f"http://{PREVIEW}", "the app's redirects to itself are rewritten to it"
+    assert (made.headers["X-Forwarded-Proto"], made.headers["X-Forwarded-Host"]) == ("http", PREVIEW)
     assert not made.websocket
     assert made.target is not None
     assert (made.target.workspace, made.target.port) == ("ws", 3000)
@@ -363,6 +364,8 @@ cors:
                       Access_Control_Request_Method="POST"), world)
     assert isinstance(made, Preflight)
     assert made.headers["Access-Control-Allow-Origin"] == "http://4000-ws.localhost:8080"
+    assert made.target is not None
+    assert made.target.port == 3000, "the access log names the port it answered for"
     refused = plan(facts("/", method="OPTIONS", Origin="http://evil.test", Access_Control_Request_Method="POST"),
                    world)
     assert isinstance(refused, Refuse)
