@@ -1098,6 +1098,12 @@ def test_a_host_is_known_by_its_normal_form_whatever_its_spelling(world: World) 
     callback = plan(facts("/_codehub/auth/callback?code=c&state=s", host=spelt), world)
     assert isinstance(callback, GatewayPage)
     assert callback.host == PREVIEW
+    _, token = asyncio.run(world.store.create_share(workspace="ws", port=3000, audience="anyone", people=[],
+                                                    created_by="alice", ttl=600, now=NOW))
+    swapped = plan(facts(f"/?codehub_share={token}", host=spelt), world)
+    assert isinstance(swapped, Redirect)
+    followed = plan(facts("/", host=spelt, Cookie=swapped.error.cookies[0].partition(";")[0]), world)
+    assert isinstance(followed, Forward), "the share cookie opens the host it was set on"
 
 
 def _share_cookie(world: World, workspace: str, port: int, host: str, *, created: float = NOW) -> str:
