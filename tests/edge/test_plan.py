@@ -816,6 +816,10 @@ def test_a_refusal_names_the_signed_in_caller_for_the_access_log(world: World) -
     assert isinstance(anonymous, Refuse)
     assert (refused.error.code, refused.user) == ("not-shared-with-user", "eve")
     assert anonymous.user is None
+    stale = _share_cookie(world, "ws", 3000, PREVIEW, created=NOW - 1_000)
+    expired = plan(facts("/", Cookie=f"{world.cookie(Identity('eve'))}; {stale}"), world)
+    assert isinstance(expired, Refuse)
+    assert (expired.error.code, expired.user) == ("share-expired", "eve")
 
 
 @pytest.mark.parametrize("target", ["/p?q=codehub_share", "/p?codehub_shares=1&a", "/p?a=codehub_share=1&&b", "/p",
