@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs
 
+import jwt
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -70,8 +71,8 @@ class World:
     busy: set[tuple[str, int]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        keys = KeySet([SigningKey.generate()])
-        self.sessions = Sessions(lambda: keys, f"http://{HUB}", ttl=3600, clock=lambda: NOW)
+        self.keys = KeySet([SigningKey.generate()])
+        self.sessions = Sessions(lambda: self.keys, f"http://{HUB}", ttl=3600, clock=lambda: NOW)
         spec = WorkspaceSpec(id="ws", owner="alice", ports={3000: "private", 4000: "public"})
         self.states["ws"] = WorkspaceState(spec, Phase.RUNNING, address="127.0.0.9")
 
@@ -477,6 +478,18 @@ async def test_an_answer_goes_to_the_app_it_was_given_to_not_to_the_next_owner_o
         made = plan(facts("/", host=host, Cookie=world.cookie(Identity("bob"), host)), world)
         assert isinstance(made, Forward)
         assert ("X-Forwarded-User" in made.headers) is (owner == "alice"), owner
+
+
+def test_the_identity_assertion_vouches_for_the_visitor_to_the_app_it_is_sent_to_only(world: World) -> None:
+    """An app cannot replay the assertion it was sent to another app that trusts the gateway's (another port,
+    another workspace, another person's) as the visitor: it names this origin as its audience, and no other."""
+    made = plan(facts("/", Cookie=world.cookie(ALICE)), world)
+    assert isinstance(made, Forward)
+    assertion = made.headers["X-Codehub-Assertion"]
+    claims = world.keys.verify(assertion, audience=f"http://{PREVIEW}", issuer=f"http://{HUB}")
+    assert claims["sub"] == "alice"
+    with pytest.raises(jwt.InvalidAudienceError):
+        world.keys.verify(assertion, audience="http://4000-ws.localhost:8080", issuer=f"http://{HUB}")
 
 
 def test_a_token_store_that_cannot_be_read_is_a_refusal_not_a_crash(tmp_path: Path) -> None:
