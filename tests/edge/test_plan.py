@@ -260,14 +260,19 @@ def test_a_share_token_for_another_target_leaves_no_cookie(world: World, workspa
     assert decisions(made) == [(False, Reason.SHARE_OTHER_TARGET)]
 
 
-def test_the_share_cookie_opens_the_port_for_as_long_as_its_link_lives(world: World) -> None:
+@pytest.mark.parametrize("secure", [False, True])
+def test_the_share_cookie_opens_the_port_for_as_long_as_its_link_lives(world: World, secure: bool) -> None:
     """The cookie a share URL leaves behind is what the next request shows: it must open the port, and it lives
-    no longer than its link does."""
+    no longer than its link does. Under HTTPS it is a ``__Host-`` cookie (no sibling host can plant or toss it),
+    which is also the only name read there."""
+    world.secure = secure
     _, token = asyncio.run(world.store.create_share(workspace="ws", port=3000, audience="anyone", people=[],
                                                      created_by="alice", ttl=600, now=NOW))
     made = plan(facts(f"/p?codehub_share={token}"), world)
     assert isinstance(made, Redirect)
     cookie, *attributes = made.error.cookies[0].split("; ")
+    assert cookie.startswith("__Host-codehub_share=" if secure else "codehub_share=")
+    assert ("Secure" in attributes) is secure
     max_age = [int(attribute.partition("=")[2]) for attribute in attributes if attribute.startswith("Max-Age=")]
     assert len(max_age) == 1
     assert 590 <= max_age[0] <= 600
