@@ -530,6 +530,37 @@ async def test_consumed_credentials_never_reach_the_upstream(served: Served, mak
     assert seen_headers(page.json())["authorization"] == ["Basic YXBwOmFwcA=="]
 
 
+async def test_an_api_token_speaks_for_its_holder_whoever_is_signed_in_in_the_browser(
+        served: Served, make_browser: MakeBrowser) -> None:
+    """A script in a browser signed in as someone else calls with the token it was given: the app learns the token's
+    holder, not the browser's person, and the write is the token's, which no page elsewhere can make a browser send
+    (the browser's cookie vouches for nothing here)."""
+    owner = await signed_in(make_browser, served)
+    token = (await api(owner, "POST", "/api/v1/tokens", {"name": "ci"})).json()["token"]
+    browser = await signed_in(make_browser, served, "eve")
+    app = served.preview("ws1", 3000, "/")
+    assert (await browser.navigate(app)).status == 403, "eve is not let in by her own sign-in"
+    page = await browser.fetch("POST", app, headers={"Authorization": f"Bearer {token}", "Origin": "http://evil.test"},
+                               data=b"x")
+    assert page.status == 200, page.text
+    assert seen_headers(page.json())["x-forwarded-user"] == ["alice"]
+
+
+async def test_a_session_cookie_the_gateway_did_not_seal_is_no_sign_in(served: Served,
+                                                                       make_browser: MakeBrowser) -> None:
+    """A forged or stale session cookie is as good as none: a private port sends the browser to sign in, a public one
+    serves it with no identity, and neither fails."""
+    browser = await make_browser(served)
+    for port in (3000, 3001):
+        browser.add_cookie(served.preview("ws1", port, "/"), "codehub_session", "forged")
+    private = await browser.fetch("GET", served.preview("ws1", 3000, "/"), headers={"Accept": "text/html"})
+    assert private.status == 302, private.text
+    assert (private.location or "").startswith(HUB + "/auth/handoff?")
+    public = await browser.fetch("GET", served.preview("ws1", 3001, "/"))
+    assert public.status == 200, public.text
+    assert "x-forwarded-user" not in seen_headers(public.json())
+
+
 @pytest.mark.parametrize(("host", "path", "status"), [
     ("3000-nope.localhost:8080", "/", 404), ("ide-nope.localhost:8080", "/", 404), ("evil.test", "/", 404),
     ("localhost:8080", "/auth/nothing", 404),
