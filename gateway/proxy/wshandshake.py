@@ -152,8 +152,6 @@ class _Reader(asyncio.Protocol):
             self._answer(b"")  # a refusal (its body does not matter), or a 101 that is no upgrade
         elif not self.answer.done() and self._read > MAX_HEAD:  # an upstream may not grow the gateway's memory
             self.answer.set_exception(HeadTooLarge(f"an answer head of over {MAX_HEAD} bytes"))
-            if self.transport is not None:
-                self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.answer.done():
