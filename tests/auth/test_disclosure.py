@@ -172,6 +172,17 @@ async def test_a_port_not_opted_in_learns_nothing_of_visitors(served: Served, ma
     assert "identity-consent" not in page.text
 
 
+async def test_a_visitor_who_is_not_signed_in_is_served_by_an_opted_in_app_knowing_nobody(
+        served: Served, make_browser: MakeBrowser) -> None:
+    """There is nobody to ask, nor to tell about: a navigation and a fetch of the public app both go through."""
+    await opt_in(await signed_in(make_browser, served, "alice"))
+    anonymous = await make_browser(served)
+    page = await anonymous.navigate(served.preview("ws1", 3001, "/x"), headers=NAVIGATE)
+    assert page.status == 200, page.text
+    assert page.json()["path"] == "/x"
+    assert await learned(anonymous, served) == {}
+
+
 async def test_visitors_consent_once_per_app_and_can_withdraw(served: Served, make_browser: MakeBrowser) -> None:
     alice = await signed_in(make_browser, served, "alice")
     await opt_in(alice)
@@ -185,6 +196,7 @@ async def test_visitors_consent_once_per_app_and_can_withdraw(served: Served, ma
     assert page.url.startswith(f"{HUB}/consent?"), "never on the app's origin, where the owner's scripts run"
     assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
     assert "Share who you are with this app?" in page.text
+    assert '<input type="hidden" name="next" value="/x?y=1">' in page.text, "an answer leads back where bob was going"
     for shown in ("bob", "bob@example.com", "team-b", "alice", "3001"):
         assert shown in page.text
     assert "secret-project" not in page.text
