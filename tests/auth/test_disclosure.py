@@ -15,12 +15,14 @@ import jwt
 import pytest
 
 from gateway.auth.identity import Identity
-from gateway.edge.disclosure import ConsentPage
+from gateway.edge.disclosure import ConsentPage, consent_url
 from gateway.edge.policy import IdentityRules
+from gateway.edge.routing import Hosts
 from gateway.lifecycle import WorkspaceSpec
 from tests.auth.browser import Browser, Page
 from tests.auth.conftest import MakeBrowser, Serve, Served, seen_headers
 from tests.auth.test_security import all_open, open_socket
+from tests.auth.test_sessions import sessions
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,6 +62,17 @@ def test_the_consent_page_is_never_cached_and_answers_to_the_hub() -> None:
     assert (page.status, page.code, page.headers["Cache-Control"], page.action) == (
         200, "identity-consent", "no-store", "/consent")
     assert page.claims == [("user name", "bob"), ("e-mail address", "bob@x.test")]
+
+
+@pytest.mark.parametrize(("later", "opens"), [(590, True), (610, False)])
+def test_the_ask_an_app_sends_a_visitor_with_lasts_ten_minutes(later: float, opens: bool) -> None:
+    """The ``ask`` vouches that the app sent this visitor past its access check: a link kept from long ago (a
+    history entry, a log) is not still an app's say-so."""
+    spec = WorkspaceSpec(id="ws1", owner="alice", ports={3001: "public"}, identity_ports=frozenset({3001}))
+    hosts = Hosts.from_urls(HUB, "localhost")
+    url = consent_url(hosts, sessions(), Identity("bob"), spec, 3001, "/p")
+    ask = parse_qs(urlsplit(url).query)["ask"][0]
+    assert (sessions(clock=later).open_state(ask, hosts.hub) is not None) is opens
 
 @pytest.fixture
 async def served(serve: Serve, tmp_path: Path) -> Served:
