@@ -1312,6 +1312,8 @@ async def test_a_hand_off_state_cookie_is_kept_for_the_next_tab_only_in_the_shap
     sent = await browser.fetch("GET", app, headers={"Accept": "text/html"})
     state = browser.cookie(app, "codehub_handoff")
     assert state != "planted"
+    (set_state,) = [cookie for cookie in sent.set_cookies if cookie.startswith("codehub_handoff=")]
+    assert attributes(set_state)["max-age"] == "300", "five minutes from the sign-in that sets it"
     assert f"state={state}" in (sent.location or "")
     code = await browser.fetch("GET", sent.location or "", headers={"Accept": "text/html"})
     browser.add_cookie(app, "codehub_handoff", "x" * 23)
