@@ -491,10 +491,12 @@ async def test_an_answer_whose_connection_header_names_its_length_stays_framed(f
 @pytest.mark.parametrize("lane", LANES)
 async def test_interim_answers_are_skipped_for_the_real_one(faulty: Faulty, lane: str) -> None:
     """A 100 Continue or 103 Early Hints from the upstream is not its answer: the client gets the final one (the
-    interim heads are not passed on either), in either lane."""
+    interim heads are not passed on either, nor their fields, such as Early Hints' ``Link``, folded into the real
+    one's), in either lane."""
     answer, received, cut = await faulty.send(LANES[lane], "/fault/interim-answers-first")
     assert answer is not None
     assert (answer.status, received, cut) == (200, b"ok /fault/interim-answers-first", False)
+    assert b"link:" not in answer.head.lower(), answer.head
     assert faults_counted(await faulty.metrics()) == {}
 
 
