@@ -86,6 +86,9 @@ def test_a_section_given_twice_is_refused_not_silently_replaced(tmp_path: Path) 
         ("listen: {port: 9000, port: 9001}\n", 1, "port", 1),
         ("local:\n  state_dir: state\n  workspaces:\n    ws1:\n      owner: alice\n      command: [x]\n"
          "      ports: {3000: private, 3000: public}\n", 7, "3000", 7),
+        # after a merge key too: it brings keys in to be overridden, and the ones given after it are still read
+        ("local:\n  state_dir: state\n  workspaces:\n    ws1: &ws {owner: alice, command: [x]}\n"
+         "    ws2: {<<: *ws, owner: bob, owner: mallory}\n", 5, "owner", 5),
     ],
 )
 def test_a_key_given_twice_anywhere_is_refused(tmp_path: Path, text: str, line: int, key: str, first: int) -> None:
@@ -95,6 +98,24 @@ def test_a_key_given_twice_anywhere_is_refused(tmp_path: Path, text: str, line: 
         load_config(config, environ={})
     assert str(raised.value) == (f"config error: {config}:{line}: not valid YAML ({key} is given twice, first on "
                                  f"line {first}; the second would silently replace the first)")
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "problem"),
+    [
+        ("kubernetes:\n  affinity: {[zone]: a}\n", 2, "found unhashable key"),
+        ("listen: {port: 9000}\n? [a, b]\n: 1\n", 2, "found unhashable key"),
+        ("listen: !!set [a, b]\n", 1, "expected a mapping node, but found sequence"),
+    ],
+)
+def test_a_key_or_a_set_yaml_cannot_make_is_one_line(tmp_path: Path, text: str, line: int, problem: str) -> None:
+    """The check for keys given twice reads every mapping before YAML builds it: a list as a key, or a set written
+    as a list, is left to YAML to refuse with its own words, not a traceback from the check."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(config, environ={})
+    assert str(raised.value) == f"config error: {config}:{line}: not valid YAML ({problem})"
 
 
 def test_anchors_and_merge_keys_still_override_what_they_merge(tmp_path: Path) -> None:
@@ -287,6 +308,22 @@ def test_a_file_nested_past_the_recursion_limit_is_one_line(tmp_path: Path, comm
         line = len(config.read_text().splitlines())
         [refused] = serve_refuses(config)
         assert re.fullmatch(rf"config error: {re.escape(str(config))}:{line}: not valid YAML \({_TOO_DEEP}\)", refused)
+
+
+def test_settings_may_nest_200_deep_however_many_collections_they_hold(tmp_path: Path) -> None:
+    """The limit is on depth, counted from the file's top mapping: a pod's affinity may hold any number of lists
+    side by side and nest 200 deep; one level more is refused, naming its line."""
+    def nested(depth: int) -> str:
+        return "[" * depth + "]" * depth
+
+    siblings = ", ".join(["[]"] * 300)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"kubernetes:\n  affinity:\n    wide: [{siblings}]\n    deep: {nested(197)}\n")
+    assert load_config(config, environ={}).kubernetes.affinity is not None
+    config.write_text(f"kubernetes:\n  affinity:\n    wide: [{siblings}]\n    deep: {nested(198)}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(config, environ={})
+    assert str(raised.value) == f"config error: {config}:4: not valid YAML (nested more than 200 deep)"
 
 
 def test_a_setting_from_the_environment_nested_past_the_recursion_limit_is_one_line(tmp_path: Path) -> None:
