@@ -14,7 +14,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from gateway.config import MOST_LOCAL_WORKSPACES, Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 WS = "local:\n  workspaces:\n    ws1:\n      owner: alice\n      command: [sleep, '1']\n"
@@ -379,12 +379,16 @@ def test_ten_thousand_local_workspaces_each_get_a_loopback_address_of_their_own(
 
 
 def test_more_local_workspaces_than_loopback_addresses_are_refused() -> None:
-    """One address each over 127.0.0.0/16: one workspace more has none left."""
-    workspaces = {f"w{index}": {"owner": "a", "command": ["x"]} for index in range(MOST_LOCAL_WORKSPACES + 1)}
-    with pytest.raises(ValueError, match=f"at most {MOST_LOCAL_WORKSPACES} local workspaces"):
+    """One address each over 127.0.0.0/16 (.2 to .254 of each of its 256 /24s): the last one gets 127.0.255.254,
+    and one workspace more, which would get no address at all, is refused."""
+    most = 253 * 256
+    workspaces = {f"w{index}": {"owner": "a", "command": ["x"]} for index in range(most + 1)}
+    with pytest.raises(ValueError, match=f"at most {most} local workspaces"):
         Config.model_validate({"local": {"workspaces": workspaces}})
-    del workspaces[f"w{MOST_LOCAL_WORKSPACES}"]
-    assert len(Config.model_validate({"local": {"workspaces": workspaces}}).local.workspaces) == MOST_LOCAL_WORKSPACES
+    del workspaces[f"w{most}"]
+    local = Config.model_validate({"local": {"workspaces": workspaces}}).local
+    assert len(local.workspaces) == most
+    assert local.addresses()[f"w{most - 1}"] == "127.0.255.254"
 
 
 def test_the_oidc_client_secret_is_read_from_its_file_beside_the_config(tmp_path: Path, monkeypatch: Any) -> None:
