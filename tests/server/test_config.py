@@ -64,6 +64,9 @@ def load(tmp_path: Path, text: str | None, env: dict[str, str] | None = None) ->
         # the CLI's own variables are not settings; a value that is not YAML is the text as it is
         ("", {"CODEHUB_URL": "http://hub", "CODEHUB_TOKEN": "t", "CODEHUB_WORKSPACE": "ws1"},
          lambda c: c.hub_url == "http://localhost:8080"),
+        # a setting is read wherever it comes among the process's other variables and the CLI's own
+        ("", {"PATH": "/usr/bin", "CODEHUB_TOKEN": "t", "CODEHUB_LISTEN__PORT": "9100", "TERM": "xterm"},
+         lambda c: c.listen.port == 9100),
         ("", {"CODEHUB_KUBERNETES__IMAGE": "[registry/ide:1", "CODEHUB_KUBERNETES__PRIORITY_CLASS": "a: b: c"},
          lambda c: (c.kubernetes.image, c.kubernetes.priority_class) == ("[registry/ide:1", "a: b: c")),
         # the command as written (its placeholders filled in by the runtime), and an address left null handed out
