@@ -274,18 +274,18 @@ async def test_api_commands_against_a_running_gateway(hub: tuple[str, str], caps
                                                       ) -> None:
     url, token = hub
     auth = ["--hub", url, "--token", token]
-    code, out, _ = await _cli(capsys, "workspaces", *auth)
+    code, out, _ = await _cli(capsys, "workspaces", "--hub", f"{url}/", "--token", token)  # as the banner prints it
     assert code == 0
     assert out.startswith("ws1  WARM  owner alice")
     code, out, _ = await _cli(capsys, "port", "ws1", "3000", "org", *auth)
     assert code == 0
-    assert "port 3000  org" in out
-    assert "identity" not in out
+    assert out.splitlines()[1] == f"  port 3000  org      not listening {url.replace('//', '//3000-ws1.')}/"
     code, out, _ = await _cli(capsys, "port", "ws1", "3000", "--identity", "on", *auth)
     assert code == 0
     assert "port 3000  org" in out
     assert out.rstrip().endswith("identity on (0 consented)")
     code, out, _ = await _cli(capsys, "port", "ws1", "3000", "--identity", "off", *auth)
+    assert code == 0
     assert "identity" not in out
     code, out, _ = await _cli(capsys, "share", "create", "ws1", "--port", "3000", "--ttl", "2h", *auth)
     assert code == 0
@@ -294,11 +294,11 @@ async def test_api_commands_against_a_running_gateway(hub: tuple[str, str], caps
     assert (code, out.strip()) == (0, out.strip().splitlines()[0])
     assert out.startswith(f"http://3000-ws1.{url.removeprefix('http://')}/?codehub_share=chs_")  # never {port}
     code, out, _ = await _cli(capsys, "share", "list", "ws1", *auth)
+    assert code == 0
     lines = out.splitlines()
     assert "all ports  active   for people: bob" in lines[0]
     assert "expires in 1 d" in lines[0]
-    assert "port 3000  active   for anyone" in lines[1]
-    assert "expires in 2 h" in lines[1]
+    assert f"port 3000  active   for {'anyone':<20} expires in 2 h" in lines[1]
     code, _, err = await _cli(capsys, "share", "create", "ws1", "--ttl", "90d", *auth)
     assert (code, err.strip()) == (1, "codehub-gateway: 400: ttl: the policy allows at most 7 days.")
     code, out, _ = await _cli(capsys, "share", "list", "ws1", "--json", *auth)
@@ -312,6 +312,37 @@ async def test_api_commands_against_a_running_gateway(hub: tuple[str, str], caps
     assert (code, out.split()[1]) == (0, "RUNNING")
     code, out, _ = await _cli(capsys, "workspace", "stop", "ws1", *auth)
     assert (code, out.split()[1]) == (0, "WARM")
+
+
+async def test_a_link_for_every_port_prints_the_url_of_each(hub: tuple[str, str],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    url, token = hub
+    auth = ["--hub", url, "--token", token]
+    code, _, _ = await _cli(capsys, "port", "ws1", "5173", "public", *auth)
+    assert code == 0
+    code, out, _ = await _cli(capsys, "share", "create", "ws1", "--audience", "people", "--people", "bob, carol",
+                              *auth)
+    assert code == 0
+    assert [line.partition("?")[0] for line in out.splitlines()] == [url.replace("//", f"//{port}-ws1.") + "/"
+                                                                     for port in (3000, 5173)]
+    code, out, _ = await _cli(capsys, "share", "list", "ws1", "--json", *auth)
+    assert [link["people"] for link in json.loads(out)["shares"]] == [["bob", "carol"]]
+    code, out, _ = await _cli(capsys, "share", "create", "ws1", "--port", "5173", "--json", *auth)
+    assert code == 0
+    assert json.loads(out)["url"].startswith(url.replace("//", "//5173-ws1.") + "/?codehub_share=chs_")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "read"),
+    [
+        (0, "now"), (0.5, "now"), (1, "in less than a minute"), (-30, "less than a minute ago"),
+        (59.5, "in less than a minute"), (60, "in 1 min"), (3540, "in 59 min"), (3600, "in 1 h"),
+        (86400 - 30, "in 1 d"), (-2 * 86400, "2 d ago"),
+    ],
+)
+def test_share_list_says_when_a_link_expires_as_a_person_reads_it(seconds: float, read: str) -> None:
+    """To the minute: a link made a moment ago for a day expires "in 1 d", not in 23 h 59 min 59 s."""
+    assert cli.relative_time(1_000_000 + seconds, 1_000_000) == read
 
 
 async def test_api_commands_report_errors_in_one_line(hub: tuple[str, str], capsys: pytest.CaptureFixture[str]
@@ -443,6 +474,15 @@ def test_serve_refuses_bad_settings_in_one_line(tmp_path: Path, case: str, line:
     assert printed.startswith(line.format(config=config, port=port, tmp=tmp_path)), printed
 
 
+def test_serve_refuses_fewer_than_one_worker_in_one_line(tmp_path: Path) -> None:
+    """``--workers 0`` would start no process to answer on the port, after a banner saying the gateway listens."""
+    config = _settings_file(tmp_path, listen={"port": free_loopback_port()})
+    result = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config), "--workers", "0"],
+                            capture_output=True, text=True, timeout=30, env=_serve_env(), cwd=tmp_path, check=False)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == ["codehub-gateway: --workers must be at least 1"]
+
+
 @pytest.mark.parametrize("command", [["keys", "rotate"], ["policy", "explain", "--url", "http://3000-ws1.localhost/"],
                                      ["token", "issue", "--user", "alice"]])
 def test_other_commands_refuse_a_settings_file_that_is_not_utf8_in_one_line(tmp_path: Path,
@@ -462,6 +502,13 @@ def test_other_commands_refuse_a_settings_file_that_is_not_utf8_in_one_line(tmp_
                                             "https://hub.example.com"),
         ("ftp://hub.example.com", "chk_x", "codehub-gateway: --hub ftp://hub.example.com is not a URL like "
                                            "https://hub.example.com"),
+        ("http://hüb.example.com", "chk_x", "codehub-gateway: --hub http://hüb.example.com is not a URL like "
+                                           "https://hub.example.com"),
+        # port 0 is no port to reach, and 99999 is none at all (http.client's error was a traceback)
+        ("http://127.0.0.1:0", "chk_x", "codehub-gateway: --hub http://127.0.0.1:0 is not a URL like "
+                                        "https://hub.example.com"),
+        ("http://127.0.0.1:99999", "chk_x", "codehub-gateway: --hub http://127.0.0.1:99999 is not a URL like "
+                                            "https://hub.example.com"),
         ("http://127.0.0.1:1", "a\nb", "codehub-gateway: the API token has characters no token has"),
         ("http://127.0.0.1:1", "é€", "codehub-gateway: the API token has characters no token has"),
     ],
@@ -472,10 +519,28 @@ async def test_api_commands_refuse_a_hub_or_token_that_cannot_be_sent(capsys: py
     assert (code, out, err.splitlines()) == (1, "", [line])
 
 
-async def test_an_answer_that_is_not_json_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    """--hub names something that is not the gateway (a dev server, a login portal) and it answers 200."""
+async def test_api_commands_send_to_an_https_hub(capsys: pytest.CaptureFixture[str]) -> None:
+    """An https hub is one the commands send to: with nothing listening on its port, they say they cannot reach
+    it, not that it is no URL."""
+    hub = f"https://127.0.0.1:{free_loopback_port()}"
+    code, out, err = await _cli(capsys, "workspaces", "--hub", hub, "--token", "chk_x")
+    assert (code, out) == (1, "")
+    assert err.startswith(f"codehub-gateway: cannot reach {hub}: "), err
+
+
+@pytest.mark.parametrize(
+    ("status", "line"),
+    [
+        (200, "codehub-gateway: {hub} answered with something that is not JSON: is it a code-hub gateway?"),
+        (502, "codehub-gateway: 502: Bad Gateway"),  # a proxy in front of the hub, with a page of its own
+    ],
+)
+async def test_an_answer_that_is_not_json_is_one_line(capsys: pytest.CaptureFixture[str], status: int,
+                                                      line: str) -> None:
+    """--hub names something that is not the gateway (a dev server, a login portal, a proxy) and it answers a
+    page: the command says so, or says the error's status and reason."""
     async def page(request: web.Request) -> web.Response:
-        return web.Response(text="<html>not the gateway</html>", content_type="text/html")
+        return web.Response(status=status, text="<html>not the gateway</html>", content_type="text/html")
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", page)
@@ -487,8 +552,7 @@ async def test_an_answer_that_is_not_json_is_one_line(capsys: pytest.CaptureFixt
         code, _out, err = await _cli(capsys, "workspaces", "--hub", f"http://127.0.0.1:{port}", "--token", "chk_x")
     finally:
         await runner.cleanup()
-    assert (code, err.splitlines()) == (1, [f"codehub-gateway: http://127.0.0.1:{port} answered with something that "
-                                            "is not JSON: is it a code-hub gateway?"])
+    assert (code, err.splitlines()) == (1, [line.format(hub=f"http://127.0.0.1:{port}")])
 
 
 @pytest.mark.parametrize("url", ["http://[::1", "http://3000-ws1.localhost:8080:99/"])
