@@ -464,7 +464,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"codehub-gateway: {exc}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
