@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.auth.store import FileTokenStore
 from gateway.config import ConfigError, load_config
 from tests.conftest import MakeGateway, next_address, workspace
 from tests.peers.idp.fixture import free_loopback_port
@@ -284,6 +285,16 @@ def test_token_issue_refuses_a_name_the_hub_would_refuse(tmp_path: Path, name: s
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr.splitlines() == ["codehub-gateway: token issue: --name must be 1 to 64 printable characters"]
     assert not (tmp_path / "state" / "tokens.json").exists()
+
+
+@pytest.mark.parametrize("name", ["x", "x" * 64])
+def test_token_issue_takes_a_name_as_long_or_short_as_the_hub_takes(tmp_path: Path, name: str) -> None:
+    config = settings_file(tmp_path)
+    result = run("token", "issue", "--config", str(config), "--user", "alice", "--name", name)
+    assert result.returncode == 0, result.stderr
+    record = FileTokenStore(tmp_path / "state" / "tokens.json").find_api_token(result.stdout.strip())
+    assert record is not None
+    assert record.name == name
 
 
 # --- nesting past Python's recursion limit ------------------------------------------------------------------------
