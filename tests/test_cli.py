@@ -574,6 +574,20 @@ def test_policy_files_that_are_not_utf8_are_one_line(tmp_path: Path) -> None:
                                                                          "byte at byte 15)"])
 
 
+def test_keys_rotate_never_writes_over_keys_it_cannot_read(tmp_path: Path) -> None:
+    """Keys cut short, or edited by hand, are the ones sessions are signed with: rotating says so in one line and
+    leaves them for the operator to mend, not a traceback."""
+    config = _config(tmp_path)
+    keys_file = tmp_path / "state" / "signing-keys.json"
+    keys_file.parent.mkdir(parents=True)
+    keys_file.write_text('{"keys": [')
+    result = run("keys", "rotate", "--config", str(config))
+    assert (result.returncode, result.stdout) == (1, "")
+    [line] = result.stderr.splitlines()
+    assert line.startswith("codehub-gateway: not a valid keys file: "), line
+    assert keys_file.read_text() == '{"keys": ['
+
+
 def test_keys_rotate_that_cannot_write_the_keys_is_one_line(tmp_path: Path) -> None:
     config = _config(tmp_path)
     assert run("keys", "rotate", "--config", str(config)).returncode == 0
