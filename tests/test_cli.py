@@ -584,7 +584,7 @@ def test_keys_rotate_never_writes_over_keys_it_cannot_read(tmp_path: Path) -> No
     result = run("keys", "rotate", "--config", str(config))
     assert (result.returncode, result.stdout) == (1, "")
     [line] = result.stderr.splitlines()
-    assert line.startswith("codehub-gateway: not a valid keys file: "), line
+    assert line.startswith(f"codehub-gateway: {keys_file}: not a valid keys file: "), line
     assert keys_file.read_text() == '{"keys": ['
 
 

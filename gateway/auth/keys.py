@@ -171,6 +171,8 @@ def load_or_create(path: Path, *, create: bool) -> KeySet:
             raise KeyFileError(f"keys file {path} does not exist") from None
     except OSError as exc:
         raise KeyFileError(f"cannot read keys file {path}: {exc.strerror}") from None
+    except KeyFileError as exc:  # which file: the settings may name it, or leave it under the state folder
+        raise KeyFileError(f"{path}: {exc}") from None
     keys = KeySet([SigningKey.generate()])
     write_keys(path, keys)
     return keys
