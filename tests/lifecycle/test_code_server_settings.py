@@ -171,14 +171,16 @@ async def test_other_programs_get_no_code_server_settings(tmp_path: Path) -> Non
     assert sorted(path.name for path in home.iterdir()) == ["started"]
 
 
-async def test_the_gateways_own_xdg_folders_are_not_passed_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("own", [{}, {"XDG_CONFIG_HOME": "conf"}], ids=["none", "its-own-config"])
+async def test_the_gateways_own_xdg_folders_are_not_passed_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              own: dict[str, str]) -> None:
     """With the gateway's XDG_DATA_HOME or XDG_CONFIG_HOME, every workspace's code-server (and the person running
-    the gateway) would share one data folder, settings, extensions and config file."""
+    the gateway) would share one data folder, settings, extensions and config file. A workspace whose ``env`` sets
+    none of them gets none: one it sets would hide the gateway's, were it passed on."""
     for name in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"):
         monkeypatch.setenv(name, str(tmp_path / "mine" / name))
-    found, env = await found_at_start(tmp_path, [], env={"XDG_CONFIG_HOME": "conf"},
-                                      seen_at=".local/share/code-server/User/settings.json")
-    assert env == "XDG_CONFIG_HOME=conf\n"  # what the workspace's own env sets is passed as written
+    found, env = await found_at_start(tmp_path, [], env=own, seen_at=".local/share/code-server/User/settings.json")
+    assert env == "".join(f"{name}={value}\n" for name, value in own.items())  # its own, passed as written
     assert found is not None
     assert json.loads(found) == SEEDED
     assert not (tmp_path / "mine").exists()
