@@ -293,19 +293,22 @@ async def test_a_group_a_dead_gateway_left_is_ended_only_while_it_is_still_the_w
             assert group.wait(10) == (-signal.SIGKILL if killed else -signal.SIGTERM)
 
 
-async def test_a_process_that_left_the_group_a_dead_gateway_left_is_ended_too(tmp_path: Path) -> None:
-    """By the mark in the run record: the group alone would leave a daemon or a tmux server running."""
-    mark = "fedcba9876543210fedcba9876543210"
-    group, escaped = leftover(), leftover(mark=mark)
-    run = folder(tmp_path) / "run.json"
-    run.parent.mkdir(parents=True)
-    run.write_text(json.dumps({"pgid": group.pid, "start": start_time(group.pid), "mark": mark}))
+async def test_processes_that_left_the_groups_a_dead_gateway_left_are_ended_too(tmp_path: Path) -> None:
+    """By the marks in the run records, every workspace's in one search of /proc: the groups alone would leave a
+    daemon or a tmux server running."""
+    marks = {"ws": "fedcba9876543210fedcba9876543210", "other": "0123456789abcdef0123456789abcdef"}
+    left = {name: (leftover(), leftover(mark=mark)) for name, mark in marks.items()}
+    for name, (group, _escaped) in left.items():
+        run = folder(tmp_path, name) / "run.json"
+        run.parent.mkdir(parents=True)
+        run.write_text(json.dumps({"pgid": group.pid, "start": start_time(group.pid), "mark": marks[name]}))
+    processes = [process for pair in left.values() for process in pair]
     try:
-        async with running(tmp_path, {"ws": workspace(next_address())}):
-            await wait_gone(group.pid)
-            await wait_gone(escaped.pid)
+        async with running(tmp_path, {name: workspace(next_address()) for name in marks}):
+            for process in processes:
+                await wait_gone(process.pid)
     finally:
-        for process in (group, escaped):
+        for process in processes:
             if group_members(process.pid):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
@@ -436,8 +439,9 @@ async def test_a_state_is_kept_until_the_workspace_changes(tmp_path: Path) -> No
         assert await runtime.status("ws") is warm
         assert sorted(state.id for state in runtime.list()) == ["other", "ws"]
         assert runtime.get("nobody") is None
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFound) as missing:
             await runtime.status("nobody")
+        assert missing.value.document()["error"]["code"] == "workspace-not-found"
 
         up = await runtime.wake("ws")
         assert (up.phase, up.address) == (Phase.RUNNING, address)
@@ -511,6 +515,52 @@ def test_a_search_for_marked_processes_leaves_no_descriptor_open() -> None:
     before = len(os.listdir("/proc/self/fd"))
     signal_marked(["no-process-carries-this-mark"], signal.SIGTERM)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def marked(mark: str, **options: Any) -> subprocess.Popen[bytes]:
+    """A process started with ``mark`` as its ``MARK``, as a workspace's are."""
+    return subprocess.Popen(["sleep", "600"], env={**os.environ, "CODEHUB_RUN": mark}, **options)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root starts a process as another user")
+def test_a_search_for_marked_processes_passes_over_another_users_and_signals_its_own() -> None:
+    """/proc lists processes by pid, and a gateway run as an ordinary user meets root's first: one of another user
+    neither ends the search nor is signalled, even with the mark (a workspace is its gateway user's only)."""
+    mark = "0123456789abcdef0123456789abcdef"
+    theirs = marked(mark, user=65534, group=65534, extra_groups=[])
+    ours = marked(mark)
+    try:
+        assert theirs.pid < ours.pid, "listed after ours: start the test again"
+        signal_marked([mark], signal.SIGTERM)
+        assert ours.wait(10) == -signal.SIGTERM
+        assert theirs.poll() is None
+    finally:
+        for process in (theirs, ours):
+            process.kill()
+            process.wait(10)
+
+
+def test_a_process_gone_while_the_search_looks_at_it_does_not_end_the_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that exits between the listing of /proc and its pidfd (any process of the host, any moment) is
+    passed over; the processes listed after it are still signalled."""
+    mark = "fedcba9876543210fedcba9876543210"
+    gone, ours = marked(mark), marked(mark)
+    pidfd_open = os.pidfd_open
+
+    def exits_first(pid: int, flags: int = 0) -> int:
+        if pid == gone.pid:  # it exits, and is reaped, just before the search holds it
+            gone.kill()
+            gone.wait(10)
+        return pidfd_open(pid, flags)
+
+    monkeypatch.setattr(os, "pidfd_open", exits_first)
+    try:
+        signal_marked([mark], signal.SIGTERM)
+        assert (gone.wait(10), ours.wait(10)) == (-signal.SIGKILL, -signal.SIGTERM)
+    finally:
+        for process in (gone, ours):
+            process.kill()
+            process.wait(10)
 
 
 async def test_port_names_come_from_the_workspaces_devcontainer_json_read_again_when_it_changes(
