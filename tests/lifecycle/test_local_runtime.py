@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ from tests.conftest import next_address, settings, workspace
 from tests.lifecycle.conftest import PORT, group_members, slow_workspace, wait_gone
 
 pytestmark = pytest.mark.timeout(60)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @asynccontextmanager
@@ -115,16 +117,17 @@ LONG = "".join(chr(ord("a") + i % 26) for i in range(300))
 @pytest.mark.parametrize(
     ("output", "shown"),
     [
-        ("", ""),
-        ("boom\n", ": boom"),  # the whole output is the last line, from its first character
-        (f"starting\nport 8000 in use\n{LONG}\n", f": {LONG[:200]}"),  # the last line only, cut at 200
+        (b"", ""),
+        (b"boom\n", ": boom"),  # the whole output is the last line, from its first character
+        (f"starting\nport 8000 in use\n{LONG}\n".encode(), f": {LONG[:200]}"),  # the last line only, cut at 200
         # only the log's tail is read (a workspace may have written gigabytes): a longer line shows its end
-        ("x" * 600 + "y" * 600 + "\n", f": {'y' * 200}"),
+        (b"x" * 600 + b"y" * 600 + b"\n", f": {'y' * 200}"),
+        (b"\xff\xfe boom\n", ": \ufffd\ufffd boom"),  # what is not UTF-8 is shown as such, not a reason to say nothing
     ],
 )
 async def test_a_workspace_whose_process_exits_fails_with_its_code_and_its_last_line(
-        tmp_path: Path, output: str, shown: str) -> None:
-    command = [sys.executable, "-c", f"import sys; sys.stdout.write({output!r}); sys.exit(3)"]
+        tmp_path: Path, output: bytes, shown: str) -> None:
+    command = [sys.executable, "-c", f"import sys; sys.stdout.buffer.write({output!r}); sys.exit(3)"]
     async with running(tmp_path, {"ws": workspace(next_address(), command=command)}) as runtime:
         await runtime.wake("ws")
         state = await until(runtime, "ws", Phase.FAILED)
@@ -314,6 +317,24 @@ async def test_processes_that_left_the_groups_a_dead_gateway_left_are_ended_too(
             process.wait(10)
 
 
+async def test_a_group_a_dead_gateway_left_is_ended_by_the_record_it_wrote(tmp_path: Path) -> None:
+    """The run record is read back as it was written: a leader that shed the mark (an empty environment, as
+    ``env -i`` gives) is found by its group and start time alone."""
+    declared = {"ws": workspace(next_address(), command=["env", "-i", "sh", "-c", "touch shed; exec sleep 600"])}
+    dead = LocalRuntime(settings(tmp_path, declared).local)  # stands for a gateway killed outright: never closed
+    await dead.start()
+    await dead.wake("ws")
+    await written(folder(tmp_path) / "home", "shed")
+    pgid = json.loads((folder(tmp_path) / "run.json").read_text())["pgid"]
+    try:
+        async with running(tmp_path, declared):
+            await wait_gone(pgid)
+    finally:
+        if group_members(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+        await dead.close()
+
+
 @pytest.mark.parametrize("archive_written", [False, True])
 async def test_an_archive_a_dead_gateway_left_half_done_is_finished_or_undone_at_the_next_start(
         tmp_path: Path, archive_written: bool) -> None:
@@ -491,6 +512,26 @@ async def test_listening_ports_are_the_workspaces_listeners_on_its_own_address_o
             client.connect((elsewhere, PORT + 1))
             assert runtime.listening_ports("ws") == {PORT}
         assert runtime.listening_ports("nobody") == set()
+
+
+LISTENS = ("import socket\n"
+           "from gateway.lifecycle.local import listening_ports\n"
+           "with socket.socket() as listener:\n"
+           "    listener.bind(('127.0.0.5', 8000))\n"
+           "    listener.listen()\n"
+           "    print(sorted(listening_ports('127.0.0.5')))\n")
+"""A workspace's one listener, and what ``listening_ports`` finds of it."""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")),
+                    reason="a network of its own needs root, unshare and ip")
+def test_the_first_listener_of_the_host_is_listed_too() -> None:
+    """/proc/net/tcp has a header line, then the sockets in an order nobody chooses: in a network of its own, a
+    workspace's listener is the first of them."""
+    done = subprocess.run(["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" -c "$1"', sys.executable,
+                           LISTENS], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert (done.returncode, done.stdout) == (0, "[8000]\n"), done.stderr
 
 
 async def test_a_workspace_whose_leader_exits_leaves_nothing_of_its_group_running(tmp_path: Path) -> None:
