@@ -103,6 +103,29 @@ async def test_a_failed_archive_keeps_the_home(tmp_path: Path) -> None:
         await runtime.close()
 
 
+async def test_a_failed_archive_is_told_until_an_archive_succeeds(tmp_path: Path) -> None:
+    """Its reason is the message of the WARM workspace it left; once an archive succeeded, a later WARM (a start
+    that failed, then a stop) says nothing of it."""
+    missing = str(tmp_path / "no-such-program")
+    config = settings(tmp_path, {"ws": workspace(next_address(), command=[missing])})
+    home, archive = _paths(tmp_path)
+    fill_home(home, big=1 << 10, small_files=1)
+    runtime = LocalRuntime(config.local)
+    await runtime.start()
+    archive.mkdir()  # the finished archive cannot be renamed into place
+    try:
+        with pytest.raises(GatewayError):
+            await runtime.archive("ws")
+        assert (await runtime.status("ws")).message.startswith("The last archive failed, the home is kept: ")
+        archive.rmdir()
+        assert (await runtime.archive("ws")).phase is Phase.COLD
+        assert (await runtime.wake("ws")).phase is Phase.FAILED  # its home is back, its command missing
+        stopped = await runtime.stop("ws")
+        assert (stopped.phase, stopped.message) == (Phase.WARM, "")
+    finally:
+        await runtime.close()
+
+
 class _Bug(Exception):
     """An error of a kind the runtime does not expect (a bug in restore, say)."""
 
