@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -212,16 +213,20 @@ def _gauge(text: str) -> float:
     return float(match[1])
 
 
-async def test_open_websockets_gauge_goes_up_and_back_down(proxied: MakeProxied) -> None:
+@pytest.mark.parametrize("lane", ["fast", "aiohttp"])
+async def test_open_websockets_gauge_goes_up_and_back_down(proxied: MakeProxied, lane: str) -> None:
     p = await proxied(echo_app())
     assert _gauge(await p.metrics()) == 0
-    async with p.client.ws_connect("/ws", headers={"Host": p.host}) as one, \
-            p.client.ws_connect("/ws", headers={"Host": p.host}) as two:
-        for ws in (one, two):
-            await ws.send_str("hi")
-            await ws.receive(timeout=10)
+    clients = [await _raw_upgrade(p, before=_lane_opener(p, lane)) for _ in range(2)]
+    try:
+        for reader, writer in clients:
+            writer.write(_frame(0x1, b"hi", fin=True))
+            assert await asyncio.wait_for(_read_frame(reader), 10) == (0x1, True, b"hi")
         assert _gauge(await p.metrics()) == 2
-    async with asyncio.timeout(10):  # the relay ends just after the client sees its close
+    finally:
+        for _, writer in clients:
+            writer.close()
+    async with asyncio.timeout(10):  # the relay ends just after the client left
         while True:
             if _gauge(await p.metrics()) == 0:
                 break
@@ -304,13 +309,18 @@ async def _raw_upgrade(p: Proxied, extra: bytes = b"", before: bytes = b""
     return reader, writer
 
 
+def _lane_opener(p: Proxied, lane: str) -> bytes:
+    """What ``_raw_upgrade`` sends first so that ``lane`` relays the WebSocket: the fast lane has a new connection's,
+    aiohttp's lane a connection the fast lane handed it with a request it does not serve (an OPTIONS)."""
+    return f"OPTIONS /ws HTTP/1.1\r\nHost: {p.host}\r\n\r\n".encode() if lane == "aiohttp" else b""
+
+
 @pytest.mark.parametrize("lane", ["fast", "aiohttp"])
 async def test_bytes_sent_right_behind_the_upgrade_request_are_relayed(proxied: MakeProxied, lane: str) -> None:
     """In the fast lane, where a browser's WebSocket starts on a new connection, and in aiohttp's, which serves a
     connection once the fast lane handed it a request it does not serve (here an OPTIONS)."""
     p = await proxied(echo_app())
-    before = f"OPTIONS /ws HTTP/1.1\r\nHost: {p.host}\r\n\r\n".encode() if lane == "aiohttp" else b""
-    reader, writer = await _raw_upgrade(p, extra=_frame(0x1, b"early", fin=True), before=before)
+    reader, writer = await _raw_upgrade(p, extra=_frame(0x1, b"early", fin=True), before=_lane_opener(p, lane))
     try:
         assert await asyncio.wait_for(_read_frame(reader), 10) == (0x1, True, b"early")
     finally:
@@ -398,11 +408,12 @@ async def test_an_upgrade_to_another_protocol_is_proxied_as_before(proxied: Make
 @pytest.mark.parametrize("lane", ["fast", "aiohttp"])
 async def test_a_websocket_is_one_access_line_when_it_ends(proxied: MakeProxied, lane: str,
                                                           caplog: pytest.LogCaptureFixture) -> None:
-    """The 101, with how long the WebSocket lived, the same from either lane."""
+    """The 101, with how long the WebSocket lived and no body bytes (its frames are not an answer's body), the same
+    from either lane."""
     p = await proxied(echo_app())
-    before = f"OPTIONS /ws HTTP/1.1\r\nHost: {p.host}\r\n\r\n".encode() if lane == "aiohttp" else b""
     with caplog.at_level(logging.INFO, logger="codehub.access"):
-        reader, writer = await _raw_upgrade(p, before=before)
+        opened = time.perf_counter()
+        reader, writer = await _raw_upgrade(p, before=_lane_opener(p, lane))
         await asyncio.sleep(0.2)
         assert not [r for r in caplog.records if r.name == "codehub.access" and '"status":101' in r.getMessage()]
         writer.write(_frame(0x8, struct.pack("!H", 1000), fin=True))
@@ -412,10 +423,11 @@ async def test_a_websocket_is_one_access_line_when_it_ends(proxied: MakeProxied,
             while not (lines := [json.loads(r.getMessage()) for r in caplog.records  # noqa: ASYNC110 - log records
                                  if r.name == "codehub.access" and '"status":101' in r.getMessage()]):
                 await asyncio.sleep(0.01)
+        lived = time.perf_counter() - opened
     [line] = lines
-    assert (line["method"], line["path"], line["host"], line["kind"], line["workspace"]) == (
-        "GET", "/ws", p.host, "preview", WORKSPACE)
-    assert line["ms"] >= 200
+    assert (line["method"], line["path"], line["host"], line["kind"], line["workspace"], line["bytes"]) == (
+        "GET", "/ws", p.host, "preview", WORKSPACE, 0)
+    assert 200 <= line["ms"] <= lived * 1000
 
 
 @pytest.mark.parametrize("sender", ["client", "upstream"])
@@ -852,8 +864,10 @@ async def test_the_upstreams_answer_must_be_a_valid_switch_or_the_client_gets_a_
         proxied: MakeProxied, head: str, more: str, switched: bool, accept: str) -> None:
     """The gateway asks with a key of its own: only a 101 that upgrades the connection to a WebSocket, accepts that
     key and agrees to no extension (frames would not mean the same on both hops) switches the client; anything
-    else is the app refusing the WebSocket. Frames the app sends right behind its 101 are the client's first."""
+    else is the app refusing the WebSocket, and the gateway hangs up on it (nothing else would close that
+    connection). Frames the app sends right behind its 101 are the client's first."""
     p = await proxied(None)
+    hung_up = asyncio.Event()
 
     async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await reader.readuntil(b"\r\n\r\n")
@@ -869,6 +883,7 @@ async def test_the_upstreams_answer_must_be_a_valid_switch_or_the_client_gets_a_
         writer.write(last.encode() + b"\x81\x05early")
         with contextlib.suppress(ConnectionError):
             await reader.read()
+        hung_up.set()
         writer.close()
 
     async with raw_upstream(p, app):
@@ -882,6 +897,7 @@ async def test_the_upstreams_answer_must_be_a_valid_switch_or_the_client_gets_a_
             status, answer, body = await _exchange(p, _fields())
             assert status == 502, answer
             assert json.loads(body)["error"]["code"] == "websocket-refused"
+            await asyncio.wait_for(hung_up.wait(), 10)
 
 
 @pytest.mark.parametrize(
