@@ -270,6 +270,15 @@ async def test_upstream_refusing_the_websocket_is_a_502(proxied: MakeProxied, ca
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
 
 
+async def test_a_websocket_to_a_port_nothing_listens_on_is_a_502_at_once_and_counted(proxied: MakeProxied) -> None:
+    """As for a request: the connect is not tried again (no wake just happened), the client hears why."""
+    p = await proxied(None)
+    status, head, body = await _exchange(p, _fields())
+    assert status == 502, head
+    assert json.loads(body)["error"]["code"] == "port-not-listening"
+    assert 'codehub_upstream_connect_errors_total{reason="refused"} 1.0' in await p.metrics()
+
+
 async def test_upstream_silent_after_the_upgrade_request_is_a_504(proxied: MakeProxied) -> None:
     """The handshake's answer is the upstream's first byte: it is due within ``timeouts.first_byte``."""
     never = asyncio.Event()
