@@ -96,9 +96,7 @@ class Hosts:
         return _origin(host, self.scheme)
 
     def hub_url(self, path: str = "/") -> str:
-        name, _, host_port = self.hub.rpartition(":")
-        host = name if not host_port or int(host_port) == _DEFAULT_PORTS[self.scheme] else self.hub
-        return f"{self.scheme}://{host}{path}"
+        return f"{self.origin(self.hub)}{path}"
 
 
 @functools.lru_cache(maxsize=4096)
