@@ -116,6 +116,11 @@ def is_embedded(headers: Mapping[str, str]) -> bool:
     return headers.get("Sec-Fetch-Dest") in ("iframe", "frame")
 
 
+def is_prefetch(headers: Mapping[str, str]) -> bool:
+    """The browser fetches this ahead, on a page's guess (a prefetch or prerender), not because someone opened it."""
+    return "prefetch" in headers.get("Sec-Purpose", headers.get("Purpose", ""))
+
+
 class SignIn(NamedTuple):
     """One sign-in at the hub. Every session it leads to (the hub's, and each preview's and IDE's it opens through a
     hand-off) carries its id and ends with it: at its expiry, or as soon as it is signed out, which the hub cannot

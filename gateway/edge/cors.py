@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from gateway.auth.sessions import is_prefetch
 from gateway.edge.policy import CorsRule, Policy
 from gateway.edge.routing import Hosts, Kind, route
 from gateway.errors import GatewayError
@@ -47,6 +48,25 @@ def same_origin_or_admitted(headers: CIMultiDictProxy[str], own_origin: str, adm
         return "Upgrade" not in headers and headers.get("Sec-Fetch-Site", "same-origin") == "same-origin"
     origin = origins[0]
     return origin == own_origin or (origin != "null" and admits(origin))
+
+
+def wakes_from_here(headers: CIMultiDictProxy[str], own_origin: str, admits: Callable[[str], bool]) -> bool:
+    """May a request a visitor's cookie vouches for wake its sleeping workspace?
+
+    Previews are one site, so a page on any of them makes its visitor's browser send their cookies to the others
+    on frames, images, fetches and prefetches, and a wake costs what sleeping saves (a COLD one, a restore). A
+    wake is the visitor's to start: their own navigation to it (typed, or a link followed: not a frame, nor a
+    prefetch or prerender a page asked for), a request from this origin, or from one the port's CORS rule admits
+    with credentials. Browsers say where a request came from (Fetch Metadata) only to HTTPS and ``localhost``
+    origins; a request that says nothing (a script, or a browser over plain HTTP) wakes it unless its ``Origin``
+    is another's (a credentialed fetch)."""
+    if headers.get("Sec-Fetch-Site") in ("same-origin", "none"):
+        return True
+    if is_prefetch(headers):
+        return False
+    if headers.get("Sec-Fetch-Mode") == "navigate" and headers.get("Sec-Fetch-Dest") == "document":
+        return True
+    return same_origin_or_admitted(headers, own_origin, admits)
 
 
 def rule_for(policy: Policy, port: int) -> CorsRule | None:

@@ -292,7 +292,7 @@ def still_granted(facts: Facts, was: Granted, world: World, now: float) -> bool:
 
 
 _GRANT_HEADERS = ("Host", "Origin", "Upgrade", "Authorization", "Sec-Fetch-Site", "Sec-Fetch-Mode", "Sec-Fetch-Dest",
-                  "X-Requested-With", "Accept")
+                  "Sec-Purpose", "Purpose", "X-Requested-With", "Accept")
 """The headers a plan reads to decide whether and where a request goes (the rest shape only what goes upstream)."""
 
 
@@ -431,6 +431,10 @@ class _Request:
             decision = decide(self.policy, state.spec, target.port, identity, credentials.grant)
             if decision.allow and state.phase is not _RUNNING:
                 decision = may_wake(self.policy, decision)
+                if decision.allow and credentials.by_cookie and not cors.wakes_from_here(
+                        facts.headers, self.origin, self._admits_with_credentials):
+                    decision = Decision(False, Reason.WAKE_FROM_ELSEWHERE,
+                                        "a page elsewhere may not wake a workspace with its visitor's cookie")
         self.effects.append(RecordDecision(target, identity, decision))
         if decision.allow:
             self._role = decision.reason

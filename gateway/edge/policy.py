@@ -249,6 +249,7 @@ class Reason(enum.StrEnum):
     SHARE_OTHER_TARGET = "share-other-target"
     WAKE_NOT_ALLOWED = "wake-not-allowed"
     CROSS_ORIGIN = "cross-origin-request"
+    WAKE_FROM_ELSEWHERE = "wake-from-elsewhere"
 
 
 _OWNER, _COLLABORATOR, _ADMIN = Reason.OWNER, Reason.COLLABORATOR, Reason.ADMIN
@@ -369,10 +370,21 @@ def may_wake(policy: Policy, access: Decision) -> Decision:
     return Decision(False, Reason.WAKE_NOT_ALLOWED, "only the owner and collaborators may wake this workspace")
 
 
+class AsleepElsewhere(Forbidden):
+    """A frame or a script on another origin found the workspace asleep and may not wake it with the visitor's
+    cookie. In a frame, its button wakes it: the click is a navigation from this origin, which may."""
+
+    title = "Asleep"
+    template = "asleep_elsewhere.html"
+
+
 def denial(decision: Decision) -> GatewayError:
     """The one mapping from a refusal to an HTTP error."""
     if decision.reason is Reason.USER_UNAUTHENTICATED:
         return Unauthorized("Sign in to see this page.", code=decision.reason.value)
+    if decision.reason is Reason.WAKE_FROM_ELSEWHERE:
+        return AsleepElsewhere("This workspace is asleep, and a page elsewhere may not wake it with your sign-in. "
+                               "Wake it yourself to see it here.", code=decision.reason.value)
     messages = {
         Reason.NOT_ORG_MEMBER: "Your account is not admitted by this organisation's policy.",
         Reason.NOT_SHARED_WITH_USER: "This page has not been shared with you. Ask its owner for access.",

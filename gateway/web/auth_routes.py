@@ -15,7 +15,16 @@ from gateway.auth.authenticate import HANDOFF, SESSION, handoff_state
 from gateway.auth.identity import Identity
 from gateway.auth.keys import same_secret
 from gateway.auth.oidc import Pkce, SignInFailed
-from gateway.auth.sessions import Session, SignIn, cookie_is_alone, cookie_name, is_embedded, read_cookie, set_cookie
+from gateway.auth.sessions import (
+    Session,
+    SignIn,
+    cookie_is_alone,
+    cookie_name,
+    is_embedded,
+    is_prefetch,
+    read_cookie,
+    set_cookie,
+)
 from gateway.edge.routing import Kind, local_path, normalise_host, route
 from gateway.errors import BadRequest, Forbidden, GatewayError, Redirect, ServiceUnavailable
 from gateway.server.context import GATEWAY, Gateway
@@ -274,8 +283,7 @@ async def handoff(request: web.Request) -> web.StreamResponse:
     what a request is for (Fetch Metadata: a ``fetch`` is dest ``empty``, a frame ``iframe``, a page or popup
     ``document``, and a prefetch or prerender says so in ``Sec-Purpose``); a client that says nothing is let
     through as before (browsers say nothing over plain HTTP: there the quota per host is all that holds)."""
-    if request.headers.get("Sec-Fetch-Dest", "document") != "document" or \
-            "prefetch" in request.headers.get("Sec-Purpose", request.headers.get("Purpose", "")):
+    if request.headers.get("Sec-Fetch-Dest", "document") != "document" or is_prefetch(request.headers):
         raise Forbidden("A sign-in to a preview happens in a page of its own, not inside another.",
                         code="handoff-not-a-page")
     gateway = request.app[GATEWAY]

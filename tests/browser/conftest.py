@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import datetime
 import itertools
 import json
 import os
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +26,10 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from playwright.async_api import BrowserContext, ConsoleMessage, Page, Playwright, async_playwright
 
 from gateway.config import Config
@@ -239,12 +245,16 @@ class Stack:
                           "IDE answers other than 200:", *answers[-30:]])
 
     def set_policy(self, policy: Mapping[str, Any]) -> None:
-        """Rewrite the policy file and load it now (the gateway's file watcher would within two seconds)."""
-        text = yaml.safe_dump(dict(policy))
-        self.policy_file.write_text(text)
-        holder = self.gateway.policies
-        holder.reload_if_changed()
-        assert holder.current == parse_policy(text), holder.last_error
+        set_policy(self.gateway, self.policy_file, policy)
+
+
+def set_policy(gateway: Gateway, policy_file: Path, policy: Mapping[str, Any]) -> None:
+    """Rewrite the policy file and load it now (the gateway's file watcher would within two seconds)."""
+    text = yaml.safe_dump(dict(policy))
+    policy_file.write_text(text)
+    holder = gateway.policies
+    holder.reload_if_changed()
+    assert holder.current == parse_policy(text), holder.last_error
 
 
 MakeStack = Callable[..., Awaitable[Stack]]
@@ -305,6 +315,88 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
             await runner.cleanup()
         finally:
             await exits.aclose()
+
+
+# ------------------------------------------------------------------------------------------ over HTTPS
+
+
+def _certificate(folder: Path) -> ssl.SSLContext:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SITE)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(SITE), x509.DNSName(f"*.{SITE}")]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                       serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    return context
+
+
+@dataclass
+class TlsStack:
+    """The gateway over HTTPS under one site, as in production (Chromium sends Fetch Metadata only to HTTPS and
+    ``localhost`` origins, and keeps ``__Host-`` cookies only from HTTPS ones): dev sign-in, mallory's public
+    preview and alice's private app."""
+
+    port: int
+    app: web.Application
+    responses: list[tuple[str, str, str, int]]
+    policy_file: Path
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app[GATEWAY]
+
+    @property
+    def hub(self) -> str:
+        return f"https://hub.{SITE}:{self.port}"
+
+    def share_url(self, workspace: str, port: int, path: str = "/") -> str:
+        return f"https://{port}-{workspace}.{SITE}:{self.port}{path}"
+
+    def set_policy(self, policy: Mapping[str, Any]) -> None:
+        set_policy(self.gateway, self.policy_file, policy)
+
+
+@pytest.fixture
+async def tls_stack(tmp_path: Path) -> AsyncIterator[TlsStack]:
+    port = free_loopback_port()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({}))
+    config = Config.model_validate({
+        "listen": {"host": "127.0.0.1", "port": port},
+        "hub_url": f"https://hub.{SITE}:{port}",
+        "preview_domain": f"{SITE}:{port}",
+        "policy_file": str(policy),
+        "auth": {"mode": "dev"},
+        "local": {"state_dir": str(tmp_path / "state"), "workspaces": {
+            "mal": {"owner": "mallory", "address": next_address(), "command": app_command(3000),
+                    "ports": {3000: "public"}},
+            "vic": {"owner": "alice", "address": next_address(), "command": app_command(8000),
+                    "ports": {8000: "private"}},
+        }},
+    })
+    app = build_app(config)
+    responses: list[tuple[str, str, str, int]] = []
+
+    async def record(request: web.Request, response: web.StreamResponse) -> None:
+        responses.append((request.method, request.host, request.path, response.status))
+
+    app.on_response_prepare.append(record)
+    runner = GatewayRunner(app, handler_cancellation=True, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=_certificate(tmp_path)).start()
+        yield TlsStack(port, app, responses, policy)
+    finally:
+        await runner.cleanup()
 
 
 # ------------------------------------------------------------------------------------------ the other origin

@@ -11,94 +11,12 @@ Real Chromium, real TLS (a self-signed certificate for ``*.codehub.test``), unde
 
 from __future__ import annotations
 
-import datetime
 import json
-import ssl
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
-
-import pytest
-import yaml
-from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from gateway.auth.identity import Identity
-from gateway.config import Config
-from gateway.server.app import build_app
-from gateway.server.context import GATEWAY, Gateway
-from gateway.server.fastlane import GatewayRunner
-from tests.browser.conftest import SITE, Browser, app_command, next_address
-from tests.peers.idp.fixture import free_loopback_port
+from tests.browser.conftest import SITE, Browser, TlsStack
 
 SPACES = ["\u2000", "\u00a0", "\u3000"]
-
-
-def _certificate(folder: Path) -> ssl.SSLContext:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SITE)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(SITE), x509.DNSName(f"*.{SITE}")]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                       serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
-    return context
-
-
-@dataclass
-class TlsStack:
-    port: int
-    app: web.Application
-
-    @property
-    def gateway(self) -> Gateway:
-        return self.app[GATEWAY]
-
-    @property
-    def hub(self) -> str:
-        return f"https://hub.{SITE}:{self.port}"
-
-    def share_url(self, workspace: str, port: int, path: str = "/") -> str:
-        return f"https://{port}-{workspace}.{SITE}:{self.port}{path}"
-
-
-@pytest.fixture
-async def tls_stack(tmp_path: Path) -> AsyncIterator[TlsStack]:
-    port = free_loopback_port()
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump({}))
-    config = Config.model_validate({
-        "listen": {"host": "127.0.0.1", "port": port},
-        "hub_url": f"https://hub.{SITE}:{port}",
-        "preview_domain": f"{SITE}:{port}",
-        "policy_file": str(policy),
-        "auth": {"mode": "dev"},
-        "local": {"state_dir": str(tmp_path / "state"), "workspaces": {
-            "mal": {"owner": "mallory", "address": next_address(), "command": app_command(3000),
-                    "ports": {3000: "public"}},
-            "vic": {"owner": "alice", "address": next_address(), "command": app_command(8000),
-                    "ports": {8000: "private"}},
-        }},
-    })
-    app = build_app(config)
-    runner = GatewayRunner(app, handler_cancellation=True, shutdown_timeout=5.0)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=_certificate(tmp_path)).start()
-        yield TlsStack(port, app)
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_preview_cannot_plant_a_session_under_a_unicode_spaced_host_prefix(browser: Browser,

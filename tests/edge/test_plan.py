@@ -221,6 +221,82 @@ def test_a_sleeping_workspace_holds_scripts_and_shows_browsers_a_page(world: Wor
     assert decisions(held) == decisions(page) == [(True, Reason.OWNER)]
 
 
+_SITE = {"Sec_Fetch_Site": "same-site"}  # another preview: one site with this one, so its Lax cookie rides along
+
+
+@pytest.mark.parametrize(("headers", "woken"), [
+    ({}, True),  # a script, or a browser that says nothing (plain HTTP outside localhost)
+    ({"Origin": "http://4000-ws.localhost:8080"}, False),  # ...but a credentialed fetch says where it came from
+    ({"Origin": f"http://{PREVIEW}"}, True),
+    ({"Sec_Fetch_Site": "same-origin", "Sec_Fetch_Mode": "cors", "Sec_Fetch_Dest": "empty"}, True),  # its own page
+    ({"Sec_Fetch_Site": "none", "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document"}, True),  # typed
+    ({**_SITE, "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document"}, True),  # a link followed
+    ({"Sec_Fetch_Site": "cross-site", "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document"}, True),  # chat
+    ({**_SITE, "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "iframe"}, False),  # a frame, hidden perhaps
+    ({"Sec_Fetch_Site": "cross-site", "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "frame"}, False),
+    ({**_SITE, "Sec_Fetch_Mode": "no-cors", "Sec_Fetch_Dest": "image"}, False),  # <img>
+    ({**_SITE, "Sec_Fetch_Mode": "no-cors", "Sec_Fetch_Dest": "script"}, False),
+    ({**_SITE, "Sec_Fetch_Mode": "no-cors", "Sec_Fetch_Dest": "empty"}, False),  # fetch(..., {mode: "no-cors"})
+    ({**_SITE, "Sec_Fetch_Mode": "cors", "Sec_Fetch_Dest": "empty", "Origin": "http://4000-ws.localhost:8080"},
+     False),  # a credentialed fetch from an origin no CORS rule admits
+    ({**_SITE, "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document", "Sec_Purpose": "prefetch;prerender"},
+     False),  # speculation rules: the page asked, not the visitor
+    ({**_SITE, "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document", "Purpose": "prefetch"}, False),
+    ({"Sec_Fetch_Site": "none", "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document",
+      "Sec_Purpose": "prefetch;prerender"}, True),  # the address bar's own guess at what the visitor types
+])
+def test_only_the_visitor_wakes_a_workspace_with_their_cookie(world: World, headers: dict[str, str],
+                                                               woken: bool) -> None:
+    """A hostile preview (one site with the others) could make each visitor's browser wake every sleeping workspace
+    the visitor may wake, theirs among them, with frames, images, fetches or prerenders: what a cookie vouches for
+    wakes a workspace only on the visitor's own navigation to it, or from the workspace's own origin."""
+    world.states["ws"] = WorkspaceState(world.states["ws"].spec, Phase.WARM)
+    made = plan(facts("/", Cookie=world.cookie(ALICE), **headers), world)
+    assert isinstance(made, Hold | WaitingPage) is woken, made
+    if not woken:
+        assert isinstance(made, Refuse)
+        assert (made.error.status, made.error.code) == (403, "wake-from-elsewhere")
+        assert decisions(made) == [(False, Reason.WAKE_FROM_ELSEWHERE)]
+        assert made.user == "alice", "the access log names whose cookie it was"
+    world.states["ws"] = WorkspaceState(world.states["ws"].spec, Phase.RUNNING, address="127.0.0.9")
+    assert isinstance(plan(facts("/", Cookie=world.cookie(ALICE), **headers), world), Forward), \
+        "reads of a running workspace stay the app's to judge"
+
+
+def test_a_page_elsewhere_cannot_follow_a_wake_to_start_it(world: World) -> None:
+    """Following a wake's events (re)starts it: an ``EventSource`` from another preview may not."""
+    world.states["ws"] = WorkspaceState(world.states["ws"].spec, Phase.WARM)
+    elsewhere = plan(facts("/_codehub/wake/events", Cookie=world.cookie(ALICE), **_SITE, Sec_Fetch_Mode="cors",
+                           Sec_Fetch_Dest="empty", Origin="http://4000-ws.localhost:8080"), world)
+    assert isinstance(elsewhere, Refuse)
+    assert elsewhere.error.code == "wake-from-elsewhere"
+    own = plan(facts("/_codehub/wake/events", Cookie=world.cookie(ALICE), Sec_Fetch_Site="same-origin",
+                     Sec_Fetch_Mode="cors", Sec_Fetch_Dest="empty"), world)
+    assert isinstance(own, GatewayPage)
+
+
+@pytest.mark.parametrize(("credentials", "woken"), [(True, True), (False, False)])
+def test_an_origin_the_rule_admits_with_credentials_wakes_the_port(world: World, credentials: bool,
+                                                                   woken: bool) -> None:
+    """A front end on another origin that the port's CORS rule lets call it with the visitor's cookie may wake it
+    (its own page is awake, its API asleep), as it may write to it."""
+    world.policy = parse_policy(f"cors: [{{ports: [3000], allow_origins: ['{_ADMITTED}'], "
+                                f"allow_credentials: {str(credentials).lower()}}}]")
+    world.states["ws"] = WorkspaceState(world.states["ws"].spec, Phase.WARM)
+    made = plan(facts("/", Cookie=world.cookie(ALICE), **_SITE, Sec_Fetch_Mode="cors", Sec_Fetch_Dest="empty",
+                      Origin=_ADMITTED), world)
+    assert isinstance(made, Hold) is woken
+
+
+def test_a_token_is_no_cookie_a_page_can_make_a_browser_send(world: World) -> None:
+    """An API token or a share link in the URL is the holder's own: a page using one wakes what its holder may."""
+    world.states["ws"] = WorkspaceState(world.states["ws"].spec, Phase.WARM)
+    _record, token = asyncio.run(world.store.create_api_token(ALICE, name="ci"))
+    made = plan(facts("/", Authorization=f"Bearer {token}", **_SITE, Sec_Fetch_Mode="cors", Sec_Fetch_Dest="empty",
+                      Origin="http://4000-ws.localhost:8080"), world)
+    assert isinstance(made, Hold)
+
+
 def test_a_port_being_woken_is_held_even_when_running(world: World) -> None:
     world.busy.add(("ws", 4000))
     assert isinstance(plan(facts("/", host="4000-ws.localhost:8080"), world), Hold)
@@ -1213,6 +1289,10 @@ _JUNK = [("Cookie", "app=1; other=2"), ("X-Anything", "a"), ("Connection", "keep
     ("a navigation while asleep", "GET", {"Accept": "text/html"}, Phase.WARM),
     ("an XHR for HTML while asleep", "GET", {"Accept": "text/html", "X-Requested-With": "XMLHttpRequest"},
      Phase.WARM),
+    ("a prerender another preview asked for while asleep", "GET", {"Sec-Fetch-Site": "same-site",
+     "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document", "Sec-Purpose": "prefetch;prerender"}, Phase.WARM),
+    ("an older browser's prefetch from another preview while asleep", "GET", {"Sec-Fetch-Site": "same-site",
+     "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document", "Purpose": "prefetch"}, Phase.WARM),
     ("a navigation in a frame, signed out", "GET", {"Accept": "text/html", "Sec-Fetch-Dest": "iframe"},
      Phase.RUNNING),
 ])

@@ -695,6 +695,7 @@ def test_the_reasons_are_the_words_clients_logs_and_metrics_see() -> None:
         "NOT_ORG_MEMBER": "not-org-member", "NOT_SHARED_WITH_USER": "not-shared-with-user",
         "PORT_DENIED": "port-denied", "IDE_OWNER_ONLY": "ide-owner-only", "SHARE_OTHER_TARGET": "share-other-target",
         "WAKE_NOT_ALLOWED": "wake-not-allowed", "CROSS_ORIGIN": "cross-origin-request",
+        "WAKE_FROM_ELSEWHERE": "wake-from-elsewhere",
     }
 
 

@@ -1,0 +1,103 @@
+"""Scenario 12: a hostile preview cannot make its visitor's browser wake the visitor's sleeping workspaces.
+
+Previews are one site, so a page on mallory's public preview makes a signed-in visitor's Chromium send the visitor's
+cookie for alice's app along with frames, images, fetches, event streams and prefetches; each would wake alice's
+workspace (what sleeping saves, a COLD one restored from its archive). Only alice's own navigation to it may.
+
+Real Chromium over real TLS: Chromium tells where a request came from (Fetch Metadata) only to HTTPS origins (and
+``localhost``), as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.lifecycle import Phase
+from tests.browser.conftest import SITE, Browser, TlsStack, screenshot
+
+# Every way a page loads something in the background that does not need the other origin's consent.
+_BACKGROUND = """([url, events]) => {
+  const add = (tag, attrs) => document.body.append(Object.assign(document.createElement(tag), attrs));
+  add("img", {src: url + "?img"});
+  add("iframe", {src: url + "?frame"});
+  add("link", {rel: "prefetch", href: url + "?prefetch"});
+  fetch(url + "?fetch", {mode: "no-cors", credentials: "include"}).catch(() => null);
+  new EventSource(events, {withCredentials: true});
+}"""
+
+
+async def test_a_preview_cannot_wake_its_visitors_workspace(browser: Browser, tls_stack: TlsStack) -> None:
+    stack = tls_stack
+    runtime = stack.gateway.runtime
+    app = stack.share_url("vic", 8000)
+    host = f"8000-vic.{SITE}:{stack.port}"
+    context = await browser.launch(third_party_cookies=False, extra_args=("--ignore-certificate-errors",))
+    page = await context.new_page()
+
+    # Alice signs in and opens her private app (its waiting page wakes it): she holds its cookie.
+    await page.goto(app)
+    await page.locator("#user").fill("alice")
+    async with page.expect_navigation():
+        await page.locator("button[type=submit]").click()
+    await page.locator("#app").wait_for()
+    assert page.url == app
+    await runtime.stop("vic")  # she left it; it went to sleep
+
+    # Mallory's public preview loads alice's app every way a page can without asking.
+    await page.goto(stack.share_url("mal", 3000))
+    await page.locator("#app").wait_for()
+    stack.responses.clear()
+    await page.evaluate(_BACKGROUND, [app, stack.share_url("vic", 8000, "/_codehub/wake/events")])
+    for _ in range(200):  # the image, the frame, the fetch and the event stream reached the gateway (the prefetch
+        if len([r for r in stack.responses if r[1] == host]) >= 4:  # may, or may not, be sent)
+            break
+        await asyncio.sleep(0.05)
+    seen = [(path, status) for _method, at, path, status in stack.responses if at == host]
+    assert len(seen) >= 4, seen
+    assert {status for _path, status in seen} == {403}, seen
+    await asyncio.sleep(0.5)  # a wake begun would be under way by now
+    assert not stack.gateway.waker.waking("vic")
+    state = runtime.get("vic")
+    assert state is not None
+    assert state.phase is Phase.WARM, state
+
+    # A link on the same page, followed by alice: her own navigation wakes it, through the waiting page.
+    await page.evaluate("""href => document.body.append(Object.assign(document.createElement("a"),
+        {href, id: "to-app", textContent: "alice's app"}))""", app)
+    await page.locator("#to-app").click()
+    await page.locator("#app").wait_for()
+    assert page.url == app
+    assert await page.locator("#user").text_content() == "alice"
+    await screenshot(page, "12-app-woken-by-its-visitor-only")
+
+
+async def test_a_frame_elsewhere_offers_its_visitor_a_wake(browser: Browser, tls_stack: TlsStack) -> None:
+    """In a frame on another origin (a review tool that may frame previews) a sleeping app shows a button, and the
+    click wakes it: a navigation of the frame from the app's own origin."""
+    stack = tls_stack
+    stack.set_policy({"embedding": {"frame_ancestors": [stack.share_url("mal", 3000).rstrip("/")]}})
+    app = stack.share_url("vic", 8000)
+    context = await browser.launch(third_party_cookies=False, extra_args=("--ignore-certificate-errors",))
+    page = await context.new_page()
+    await page.goto(app)
+    await page.locator("#user").fill("alice")
+    async with page.expect_navigation():
+        await page.locator("button[type=submit]").click()
+    await page.locator("#app").wait_for()
+    await stack.gateway.runtime.stop("vic")
+
+    await page.goto(stack.share_url("mal", 3000))
+    await page.locator("#app").wait_for()
+    await page.evaluate("""src => document.body.append(Object.assign(document.createElement("iframe"),
+        {src, id: "frame", style: "width: 100%; height: 420px"}))""", app + "?in-review")
+    frame = page.frame_locator("#frame")
+    await frame.locator("#wake").wait_for()
+    assert await frame.locator("h1").text_content() == "This workspace is asleep"
+    state = stack.gateway.runtime.get("vic")
+    assert state is not None
+    assert state.phase is Phase.WARM
+    await screenshot(page, "12-frame-offers-a-wake")
+    await frame.locator("#wake").click()
+    await frame.locator("#app").wait_for()
+    assert await frame.locator("#path").text_content() == "/?in-review"
+    assert await frame.locator("#user").text_content() == "alice"
