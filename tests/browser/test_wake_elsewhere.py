@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 
+from playwright.async_api import Page
+
 from gateway.lifecycle import Phase
 from tests.browser.conftest import SITE, Browser, TlsStack, screenshot
 
@@ -26,22 +28,28 @@ _BACKGROUND = """([url, events]) => {
 }"""
 
 
-async def test_a_preview_cannot_wake_its_visitors_workspace(browser: Browser, tls_stack: TlsStack) -> None:
-    stack = tls_stack
-    runtime = stack.gateway.runtime
+async def _alice_left_her_app(browser: Browser, stack: TlsStack) -> Page:
+    """Alice signed in and opened her private app (its waiting page woke it), so she holds its cookie; then she left
+    it, and it went to sleep."""
     app = stack.share_url("vic", 8000)
-    host = f"8000-vic.{SITE}:{stack.port}"
     context = await browser.launch(third_party_cookies=False, extra_args=("--ignore-certificate-errors",))
     page = await context.new_page()
-
-    # Alice signs in and opens her private app (its waiting page wakes it): she holds its cookie.
     await page.goto(app)
     await page.locator("#user").fill("alice")
     async with page.expect_navigation():
         await page.locator("button[type=submit]").click()
     await page.locator("#app").wait_for()
     assert page.url == app
-    await runtime.stop("vic")  # she left it; it went to sleep
+    await stack.gateway.runtime.stop("vic")
+    return page
+
+
+async def test_a_preview_cannot_wake_its_visitors_workspace(browser: Browser, tls_stack: TlsStack) -> None:
+    stack = tls_stack
+    runtime = stack.gateway.runtime
+    app = stack.share_url("vic", 8000)
+    host = f"8000-vic.{SITE}:{stack.port}"
+    page = await _alice_left_her_app(browser, stack)
 
     # Mallory's public preview loads alice's app every way a page can without asking.
     await page.goto(stack.share_url("mal", 3000))
@@ -77,14 +85,7 @@ async def test_a_frame_elsewhere_offers_its_visitor_a_wake(browser: Browser, tls
     stack = tls_stack
     stack.set_policy({"embedding": {"frame_ancestors": [stack.share_url("mal", 3000).rstrip("/")]}})
     app = stack.share_url("vic", 8000)
-    context = await browser.launch(third_party_cookies=False, extra_args=("--ignore-certificate-errors",))
-    page = await context.new_page()
-    await page.goto(app)
-    await page.locator("#user").fill("alice")
-    async with page.expect_navigation():
-        await page.locator("button[type=submit]").click()
-    await page.locator("#app").wait_for()
-    await stack.gateway.runtime.stop("vic")
+    page = await _alice_left_her_app(browser, stack)
 
     await page.goto(stack.share_url("mal", 3000))
     await page.locator("#app").wait_for()
