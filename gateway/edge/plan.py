@@ -292,7 +292,7 @@ def still_granted(facts: Facts, was: Granted, world: World, now: float) -> bool:
 
 
 _GRANT_HEADERS = ("Host", "Origin", "Upgrade", "Authorization", "Sec-Fetch-Site", "Sec-Fetch-Mode", "Sec-Fetch-Dest",
-                  "Sec-Purpose", "Purpose", "X-Requested-With", "Accept")
+                  "Sec-Fetch-User", "Sec-Purpose", "Purpose", "X-Requested-With", "Accept")
 """The headers a plan reads to decide whether and where a request goes (the rest shape only what goes upstream)."""
 
 

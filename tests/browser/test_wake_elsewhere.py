@@ -1,8 +1,9 @@
 """Scenario 12: a hostile preview cannot make its visitor's browser wake the visitor's sleeping workspaces.
 
 Previews are one site, so a page on mallory's public preview makes a signed-in visitor's Chromium send the visitor's
-cookie for alice's app along with frames, images, fetches, event streams and prefetches; each would wake alice's
-workspace (what sleeping saves, a COLD one restored from its archive). Only alice's own navigation to it may.
+cookie for alice's app along with frames, images, fetches, event streams, prefetches and prerenders (its speculation
+rules), and navigations its scripts start; each would wake alice's workspace (what sleeping saves, a COLD one
+restored from its archive). Only alice's own navigation to it may: typed, or a link she clicked.
 
 Real Chromium over real TLS: Chromium tells where a request came from (Fetch Metadata) only to HTTPS origins (and
 ``localhost``), as in production.
@@ -23,6 +24,9 @@ _BACKGROUND = """([url, events]) => {
   add("img", {src: url + "?img"});
   add("iframe", {src: url + "?frame"});
   add("link", {rel: "prefetch", href: url + "?prefetch"});
+  add("script", {type: "speculationrules", textContent: JSON.stringify({  // Chromium says "Sec-Fetch-Site: none"
+    prefetch: [{source: "list", urls: [url + "?speculated"]}],
+    prerender: [{source: "list", urls: [url + "?prerendered"]}]})});
   fetch(url + "?fetch", {mode: "no-cors", credentials: "include"}).catch(() => null);
   new EventSource(events, {withCredentials: true});
 }"""
@@ -56,12 +60,12 @@ async def test_a_preview_cannot_wake_its_visitors_workspace(browser: Browser, tl
     await page.locator("#app").wait_for()
     stack.responses.clear()
     await page.evaluate(_BACKGROUND, [app, stack.share_url("vic", 8000, "/_codehub/wake/events")])
-    for _ in range(200):  # the image, the frame, the fetch and the event stream reached the gateway (the prefetch
-        if len([r for r in stack.responses if r[1] == host]) >= 4:  # may, or may not, be sent)
+    for _ in range(200):  # the image, the frame, the fetch, the event stream and the speculation rules' prefetch
+        if len([r for r in stack.responses if r[1] == host]) >= 5:  # reached the gateway (the others may, or not)
             break
         await asyncio.sleep(0.05)
     seen = [(path, status) for _method, at, path, status in stack.responses if at == host]
-    assert len(seen) >= 4, seen
+    assert len(seen) >= 5, seen
     assert {status for _path, status in seen} == {403}, seen
     await asyncio.sleep(0.5)  # a wake begun would be under way by now
     assert not stack.gateway.waker.waking("vic")
@@ -69,14 +73,41 @@ async def test_a_preview_cannot_wake_its_visitors_workspace(browser: Browser, tl
     assert state is not None
     assert state.phase is Phase.WARM, state
 
-    # A link on the same page, followed by alice: her own navigation wakes it, through the waiting page.
-    await page.evaluate("""href => document.body.append(Object.assign(document.createElement("a"),
-        {href, id: "to-app", textContent: "alice's app"}))""", app)
-    await page.locator("#to-app").click()
+    # A script's own navigation there (no click: Playwright's `evaluate` would count as one) gets a page that says
+    # so, at the top, and its button wakes it.
+    await page.context.add_init_script(f"if (location.hash === '#away') location.href = {app + '?script'!r};")
+    await page.goto(stack.share_url("mal", 3000, "/elsewhere#away"), wait_until="commit")
+    await page.locator("#wake").wait_for()
+    assert page.url == app + "?script"
+    assert (await page.locator("h1").text_content()) == "This workspace is asleep"
+    assert not stack.gateway.waker.waking("vic")
+    await screenshot(page, "12-a-script-navigation-does-not-wake")
+    await page.locator("#wake").click()
     await page.locator("#app").wait_for()
-    assert page.url == app
     assert await page.locator("#user").text_content() == "alice"
     await screenshot(page, "12-app-woken-by-its-visitor-only")
+
+
+async def test_a_link_clicked_elsewhere_wakes_through_the_sign_in(browser: Browser, tls_stack: TlsStack) -> None:
+    """The usual way there: alice, signed in at the hub but not yet on this preview, clicks a link to it on another
+    page. The click's navigation goes through the hand-off (the preview, the hub, the preview's callback) and arrives
+    with her cookie, still her click: it wakes the workspace."""
+    stack = tls_stack
+    app = stack.share_url("vic", 8000)
+    page = await _alice_left_her_app(browser, stack)
+    await page.context.clear_cookies(domain=f"8000-vic.{SITE}")
+    await page.goto(stack.share_url("mal", 3000))
+    await page.locator("#app").wait_for()
+    await page.evaluate("""href => document.body.append(Object.assign(document.createElement("a"),
+        {href, id: "to-app", textContent: "alice's app"}))""", app + "?from-chat")
+    stack.responses.clear()
+    await page.locator("#to-app").click()
+    await page.locator("#app").wait_for()
+    assert page.url == app + "?from-chat"
+    assert await page.locator("#user").text_content() == "alice"
+    host = f"8000-vic.{SITE}:{stack.port}"
+    assert [status for _m, at, path, status in stack.responses if at == host and path == "/"] == [302, 503, 200], \
+        "sent to sign in, the waiting page, the app"
 
 
 async def test_a_frame_elsewhere_offers_its_visitor_a_wake(browser: Browser, tls_stack: TlsStack) -> None:

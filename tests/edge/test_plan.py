@@ -222,6 +222,7 @@ def test_a_sleeping_workspace_holds_scripts_and_shows_browsers_a_page(world: Wor
 
 
 _SITE = {"Sec_Fetch_Site": "same-site"}  # another preview: one site with this one, so its Lax cookie rides along
+_CLICKED = {"Sec_Fetch_Mode": "navigate", "Sec_Fetch_User": "?1"}  # a navigation the visitor's click started
 
 
 @pytest.mark.parametrize(("headers", "woken"), [
@@ -230,8 +231,11 @@ _SITE = {"Sec_Fetch_Site": "same-site"}  # another preview: one site with this o
     ({"Origin": f"http://{PREVIEW}"}, True),
     ({"Sec_Fetch_Site": "same-origin", "Sec_Fetch_Mode": "cors", "Sec_Fetch_Dest": "empty"}, True),  # its own page
     ({"Sec_Fetch_Site": "none", "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document"}, True),  # typed
-    ({**_SITE, "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document"}, True),  # a link followed
-    ({"Sec_Fetch_Site": "cross-site", "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document"}, True),  # chat
+    ({**_SITE, **_CLICKED, "Sec_Fetch_Dest": "document"}, True),  # a link clicked
+    ({"Sec_Fetch_Site": "cross-site", **_CLICKED, "Sec_Fetch_Dest": "document"}, True),  # in a chat
+    ({**_SITE, "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document"}, False),  # `location = ...` in a script
+    ({"Sec_Fetch_Site": "cross-site", "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document",
+      "Sec_Fetch_User": "?0"}, False),
     ({**_SITE, "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "iframe"}, False),  # a frame, hidden perhaps
     ({"Sec_Fetch_Site": "cross-site", "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "frame"}, False),
     ({**_SITE, "Sec_Fetch_Mode": "no-cors", "Sec_Fetch_Dest": "image"}, False),  # <img>
@@ -239,11 +243,14 @@ _SITE = {"Sec_Fetch_Site": "same-site"}  # another preview: one site with this o
     ({**_SITE, "Sec_Fetch_Mode": "no-cors", "Sec_Fetch_Dest": "empty"}, False),  # fetch(..., {mode: "no-cors"})
     ({**_SITE, "Sec_Fetch_Mode": "cors", "Sec_Fetch_Dest": "empty", "Origin": "http://4000-ws.localhost:8080"},
      False),  # a credentialed fetch from an origin no CORS rule admits
-    ({**_SITE, "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document", "Sec_Purpose": "prefetch;prerender"},
-     False),  # speculation rules: the page asked, not the visitor
-    ({**_SITE, "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document", "Purpose": "prefetch"}, False),
+    ({**_SITE, **_CLICKED, "Sec_Fetch_Dest": "document", "Sec_Purpose": "prefetch;prerender"}, False),
+    ({**_SITE, **_CLICKED, "Sec_Fetch_Dest": "document", "Purpose": "prefetch"}, False),
+    # a page's speculation rules: Chromium says `none` for them, as for the address bar's own guesses (which wake
+    # nothing either: the visitor's Enter does)
+    ({"Sec_Fetch_Site": "none", "Sec_Fetch_Mode": "no-cors", "Sec_Fetch_Dest": "empty", "Sec_Purpose": "prefetch"},
+     False),
     ({"Sec_Fetch_Site": "none", "Sec_Fetch_Mode": "navigate", "Sec_Fetch_Dest": "document",
-      "Sec_Purpose": "prefetch;prerender"}, True),  # the address bar's own guess at what the visitor types
+      "Sec_Purpose": "prefetch;prerender"}, False),
 ])
 def test_only_the_visitor_wakes_a_workspace_with_their_cookie(world: World, headers: dict[str, str],
                                                                woken: bool) -> None:
@@ -1293,6 +1300,8 @@ _JUNK = [("Cookie", "app=1; other=2"), ("X-Anything", "a"), ("Connection", "keep
      "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document", "Sec-Purpose": "prefetch;prerender"}, Phase.WARM),
     ("an older browser's prefetch from another preview while asleep", "GET", {"Sec-Fetch-Site": "same-site",
      "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document", "Purpose": "prefetch"}, Phase.WARM),
+    ("a link clicked on another preview while asleep", "GET", {"Sec-Fetch-Site": "same-site",
+     "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document", "Sec-Fetch-User": "?1"}, Phase.WARM),
     ("a navigation in a frame, signed out", "GET", {"Accept": "text/html", "Sec-Fetch-Dest": "iframe"},
      Phase.RUNNING),
 ])
