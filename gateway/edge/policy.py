@@ -371,8 +371,9 @@ def may_wake(policy: Policy, access: Decision) -> Decision:
 
 
 class AsleepElsewhere(Forbidden):
-    """A frame or a script on another origin found the workspace asleep and may not wake it with the visitor's
-    cookie. In a frame, its button wakes it: the click is a navigation from this origin, which may."""
+    """A page elsewhere had the visitor's browser ask for a sleeping workspace (a frame, a fetch, its own
+    navigation), which may not wake it with their cookie. To a browser it is a page whose button wakes it, in a frame
+    or at the top: the click is the visitor's navigation from this origin, which may."""
 
     title = "Asleep"
     template = "asleep_elsewhere.html"
