@@ -8,6 +8,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from gateway.accesslog import log_text
+from gateway.edge.plan import wants_page
 from gateway.errors import GatewayError, Redirect
 from gateway.lifecycle import Phase
 
@@ -33,17 +34,8 @@ def phase_words(phase: Phase | str) -> str:
 
 
 def wants_html(request: web.BaseRequest) -> bool:
-    """Browsers navigating get pages; scripts, fetch/XHR and API clients get JSON."""
-    if request.get(JSON_ONLY):
-        return False
-    mode = request.headers.get("Sec-Fetch-Mode")
-    if mode is not None:
-        return mode == "navigate"
-    if request.method not in ("GET", "HEAD") or "Authorization" in request.headers:
-        return False
-    if request.headers.get("X-Requested-With"):
-        return False
-    return "text/html" in request.headers.get("Accept", "")
+    """An error is a page for whom the plan shows pages (``wants_page``), unless the route answers only JSON."""
+    return not request.get(JSON_ONLY) and wants_page(request.method, request.headers)
 
 
 def error_response(request: web.Request, error: GatewayError) -> web.StreamResponse:
