@@ -10,7 +10,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass
 
 from gateway.errors import GatewayError
@@ -91,6 +91,11 @@ class Activity:
         """A worker went away: its connections went with it."""
         self._remote_open.pop(source, None)
 
+    def keep_only(self, live: Set[str]) -> None:
+        """Forget the last activity of workspaces that are gone (deleted), save ones a connection is still open to."""
+        self._last = {workspace: at for workspace, at in self._last.items()
+                      if workspace in live or workspace in self._open}
+
     def last(self, workspace: str) -> float | None:
         """The newest activity seen here or, with a shared runtime, recorded by any replica."""
         mine = self._last.get(workspace)
@@ -126,6 +131,7 @@ async def reap_forever(reaper: Reaper) -> None:
             await asyncio.sleep(reaper.timers.check_every)
             reaper.activity.touch_open()
             reaper.sweep()
+            reaper.forget_gone()
     finally:
         await reaper.close()
 
@@ -146,13 +152,15 @@ class Reaper:
 
     def __init__(self, runtime: Runtime, activity: Activity, timers: IdleTimers, metrics: Metrics, *,
                  is_leader: Callable[[], bool] = lambda: True, busy: Callable[[str], bool] = _never,
-                 concurrency: int = 8) -> None:
+                 keep_only: Callable[[Set[str]], None] = lambda live: None, concurrency: int = 8) -> None:
         self.runtime = runtime
         self.activity = activity
         self.timers = timers
         self.metrics = metrics
         self.is_leader = is_leader
         self.busy = busy
+        self.keep_only = keep_only
+        """What else keeps something per workspace forgets the ones gone (the waker's past wake times)."""
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(concurrency)
 
@@ -178,6 +186,16 @@ class Reaper:
             task.add_done_callback(functools.partial(self._done, state.id))
             started.append(task)
         return started
+
+    def forget_gone(self) -> None:
+        """What is kept per workspace goes with it: a gateway that runs for months while workspaces come and go (one
+        per branch, say) would otherwise keep a trace of each it ever saw. Not while the runtime's own view may be
+        incomplete (a cache still filling), which would forget workspaces that exist."""
+        if self.runtime.not_ready() is not None:
+            return
+        live = {state.id for state in self.runtime.list()}
+        self.activity.keep_only(live)
+        self.keep_only(live)
 
     def _done(self, workspace: str, _task: asyncio.Task[None]) -> None:
         self.tasks.pop(workspace, None)

@@ -18,7 +18,7 @@ import math
 import statistics
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,6 +264,10 @@ class Waker:
         self._waits[pool] -= 1
         if not self._waits[pool]:
             del self._waits[pool]
+
+    def keep_only(self, live: Set[str]) -> None:
+        """Forget the past wake times (the waiting page's estimate) of workspaces that are gone."""
+        self._history = {key: past for key, past in self._history.items() if key[0] in live}
 
     def progress(self, workspace: str, port: int) -> Progress | None:
         return self._progress.get((workspace, port))

@@ -158,7 +158,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
         waker=waker,
         auth=auth,
         policies=policies,
-        reaper=make_reaper(config, runtime, activity, metrics_, busy=waker.waking,
+        reaper=make_reaper(config, runtime, activity, metrics_, busy=waker.waking, keep_only=waker.keep_only,
                            is_leader=lambda: reap and runtime.is_leader()),
         activity=activity,
         trusted_proxies=tuple(ipaddress.ip_network(net, strict=False) for net in config.trusted_proxies),

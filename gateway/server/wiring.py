@@ -8,7 +8,7 @@ workers) both wire these here, so the two cannot drift apart again (they had: th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Set
 
 import aiohttp
 
@@ -43,12 +43,13 @@ def make_store(config: Config, runtime: Runtime) -> TokenStore:
 
 
 def make_reaper(config: Config, runtime: Runtime, activity: Activity, metrics: Metrics, *,
-                busy: Callable[[str], bool], is_leader: Callable[[], bool] = lambda: True) -> Reaper:
-    """The idle reaper: puts idle workspaces to sleep, never one that is being woken (``busy``); run it with
-    ``reap_forever``."""
+                busy: Callable[[str], bool], is_leader: Callable[[], bool] = lambda: True,
+                keep_only: Callable[[Set[str]], None] = lambda live: None) -> Reaper:
+    """The idle reaper: puts idle workspaces to sleep, never one that is being woken (``busy``), and has what is
+    kept per workspace (``keep_only``) forget the deleted ones; run it with ``reap_forever``."""
     idle = config.idle
     return Reaper(runtime, activity, IdleTimers(idle.to_warm, idle.to_cold, idle.check_every), metrics,
-                  is_leader=is_leader, busy=busy)
+                  is_leader=is_leader, busy=busy, keep_only=keep_only)
 
 
 def make_pool(timeouts: Timeouts, on_fault: Callable[[str], None], workers: int = 1, *,

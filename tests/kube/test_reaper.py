@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Set
 
 import pytest
 
 from gateway.lifecycle import Phase
-from gateway.lifecycle.idle import Activity, IdleTimers, Reaper
+from gateway.lifecycle.idle import Activity, IdleTimers, Reaper, reap_forever
 from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.metrics import Metrics
 from tests.kube.emulator import KubeEnv
 from tests.kube.kubelet import FakeKubelet
-from tests.kube.support import MakeRuntime, PodIPs, new_workspace, until
+from tests.kube.support import MakeRuntime, PodIPs, kube_settings, new_workspace, until
 
 pytestmark = pytest.mark.timeout(60)
 TIMERS = IdleTimers(to_warm=1, to_cold=1, check_every=1)
@@ -60,3 +62,55 @@ async def test_leadership_is_checked_before_each_workspace(kube: KubeEnv, make_r
     await asyncio.gather(*reaper.sweep())
     assert phase(runtime, "w1") is Phase.WARM
     assert phase(runtime, "w2") is Phase.RUNNING  # another replica leads now: not this one's to stop
+
+
+async def test_what_is_kept_per_workspace_goes_with_it(kube: KubeEnv, make_runtime: MakeRuntime,
+                                                       kubelet: FakeKubelet) -> None:
+    """A gateway runs for months while workspaces come and go (one per branch, say): each pass forgets the deleted
+    ones' last activity, and has the waker forget their past wake times; not a live one's, nor one a connection is
+    still open to."""
+    runtime = await make_runtime()
+    for name in ("w1", "w2", "w3"):
+        await new_workspace(runtime, name)
+    activity = Activity()
+    told: list[Set[str]] = []
+    reaper = Reaper(runtime, activity, TIMERS, Metrics(), keep_only=told.append)
+    for name in ("w1", "w2", "w3"):
+        activity.touch(name)
+    await runtime.delete("w2")
+    await runtime.delete("w3")
+    await until(lambda: runtime.get("w2") is None and runtime.get("w3") is None)
+    with activity.connection("w3"):
+        reaper.forget_gone()
+        assert activity.last("w3") is not None, "a connection is still open to it"
+    assert activity.last("w2") is None
+    assert activity.last("w1") is not None
+    reaper.forget_gone()
+    assert activity.last("w3") is None
+    assert told == [{"w1"}, {"w1"}]
+
+
+async def test_nothing_is_forgotten_while_the_caches_are_not_filled(kube: KubeEnv) -> None:
+    """A runtime not ready lists no workspaces (its caches are empty): that says nothing of which are gone."""
+    runtime = KubernetesRuntime(kube_settings(kube.url))
+    activity = Activity()
+    activity.touch("w1")
+    told: list[Set[str]] = []
+    Reaper(runtime, activity, TIMERS, Metrics(), keep_only=told.append).forget_gone()
+    assert activity.last("w1") is not None
+    assert told == []
+
+
+async def test_every_pass_forgets_the_gone(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    runtime = await make_runtime()
+    await new_workspace(runtime, "w1")
+    activity = Activity()
+    activity.touch("w1")
+    task = asyncio.create_task(reap_forever(Reaper(runtime, activity, IdleTimers(3600, 3600, 0.05), Metrics())))
+    try:
+        await runtime.delete("w1")
+        await until(lambda: activity.last("w1") is None)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

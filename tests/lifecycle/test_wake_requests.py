@@ -357,6 +357,19 @@ async def test_waiting_page_shows_an_estimate_only_when_it_means_something(
         assert re.search(estimate, html), html
 
 
+async def test_the_waker_forgets_the_past_wakes_of_workspaces_that_are_gone(make_gateway: MakeGateway) -> None:
+    """The waiting page's estimate comes from a workspace's past wakes: the reaper's pass has the waker forget those
+    of deleted workspaces (on the local runtime none are deleted; tests/kube/test_reaper.py deletes some)."""
+    client = await make_gateway(workspaces={"ws": slow_workspace(next_address(), delay=2.2)})
+    assert (await client.get("/", headers={"Host": preview("ws"), **API})).status == 200  # one wake measured
+    gateway = gateway_of(client)
+    assert gateway.waker.estimate("ws", Phase.WARM) is not None
+    gateway.reaper.forget_gone()
+    assert gateway.waker.estimate("ws", Phase.WARM) is not None, "it still exists"
+    gateway.reaper.keep_only({"another"})
+    assert gateway.waker.estimate("ws", Phase.WARM) is None
+
+
 async def test_workspace_processes_get_code_servers_proxy_uri(make_gateway: MakeGateway) -> None:
     """code-server started in a local workspace finds its ports' share URLs in VSCODE_PROXY_URI."""
     command = ["sh", "-c", 'printf %s "$VSCODE_PROXY_URI" > proxy-uri.tmp && mv proxy-uri.tmp proxy-uri; exec sleep 60']
