@@ -56,11 +56,13 @@ def wakes_from_here(headers: CIMultiDictProxy[str], own_origin: str, admits: Cal
     Previews are one site, so a page on any of them makes its visitor's browser send their cookies to the others
     on frames, images, fetches, prefetches and navigations it starts itself, and a wake costs what sleeping saves
     (a COLD one, a restore). A wake is the visitor's to start: their own navigation to it (typed, or a link they
-    clicked: not a frame, nor a navigation a script started, nor a prefetch or prerender, which Chromium sends for a
-    page's speculation rules as if typed), a request from this origin, or from one the port's CORS rule admits with
-    credentials. Browsers say where a request came from (Fetch Metadata) only to HTTPS and ``localhost`` origins; a
-    request that says nothing (a script, or a browser over plain HTTP) wakes it unless its ``Origin`` is another's
-    (a credentialed fetch)."""
+    clicked: not a frame, nor a navigation a script started without a click, nor a prefetch or prerender, which
+    Chromium sends for a page's speculation rules as if typed), a request from this origin, or from one the port's
+    CORS rule admits with credentials. (A page's script may still navigate there inside a click of the visitor's
+    anywhere on it: headers cannot tell that from a link; the visitor then sees the waiting page, one wake a click.)
+    Browsers say where a request came from (Fetch Metadata) only to HTTPS and ``localhost`` origins; a request that
+    says nothing (a script, or a browser over plain HTTP) wakes it unless its ``Origin`` is another's (a
+    credentialed fetch)."""
     if is_prefetch(headers):
         return False
     if headers.get("Sec-Fetch-Site") in ("same-origin", "none"):

@@ -92,9 +92,9 @@ class Activity:
         self._remote_open.pop(source, None)
 
     def keep_only(self, live: Set[str]) -> None:
-        """Forget the last activity of workspaces that are gone (deleted), save ones a connection is still open to."""
-        self._last = {workspace: at for workspace, at in self._last.items()
-                      if workspace in live or workspace in self._open}
+        """Forget the last activity of workspaces that are gone (deleted). One a connection is still open to needs
+        none meanwhile (``idle_for`` counts the open connection), and the connection's end records it again."""
+        self._last = {workspace: at for workspace, at in self._last.items() if workspace in live}
 
     def last(self, workspace: str) -> float | None:
         """The newest activity seen here or, with a shared runtime, recorded by any replica."""
@@ -125,7 +125,8 @@ def _never(workspace: str) -> bool:
 
 
 async def reap_forever(reaper: Reaper) -> None:
-    """Every ``check_every`` seconds, put idle workspaces to sleep (only on the leader replica)."""
+    """Every ``check_every`` seconds, put idle workspaces to sleep (only on the leader replica), and forget the
+    deleted ones (on every replica)."""
     try:
         while True:
             await asyncio.sleep(reaper.timers.check_every)

@@ -293,15 +293,25 @@ def test_an_origin_the_rule_admits_with_credentials_wakes_the_port(world: World,
     made = plan(facts("/", Cookie=world.cookie(ALICE), **_SITE, Sec_Fetch_Mode="cors", Sec_Fetch_Dest="empty",
                       Origin=_ADMITTED), world)
     assert isinstance(made, Hold) is woken
+    if not woken:
+        assert isinstance(made, Refuse)
+        assert made.error.code == "wake-from-elsewhere"
 
 
-def test_a_token_is_no_cookie_a_page_can_make_a_browser_send(world: World) -> None:
-    """An API token or a share link in the URL is the holder's own: a page using one wakes what its holder may."""
+@pytest.mark.parametrize("kind", ["api-token", "share-link"])
+def test_a_token_is_no_cookie_a_page_can_make_a_browser_send(world: World, kind: str) -> None:
+    """A bearer token (an API token, a share link's) is its holder's own: a page sending one wakes what its holder
+    may, as the holder could. (A share link in the URL becomes a cookie first, by a redirect, and that cookie is
+    a cookie like any other.)"""
     world.states["ws"] = WorkspaceState(world.states["ws"].spec, Phase.WARM)
-    _record, token = asyncio.run(world.store.create_api_token(ALICE, name="ci"))
+    if kind == "api-token":
+        _record, token = asyncio.run(world.store.create_api_token(ALICE, name="ci"))
+    else:
+        _link, token = asyncio.run(world.store.create_share(workspace="ws", port=3000, audience="anyone", people=[],
+                                                            created_by="alice", ttl=600, now=NOW))
     made = plan(facts("/", Authorization=f"Bearer {token}", **_SITE, Sec_Fetch_Mode="cors", Sec_Fetch_Dest="empty",
                       Origin="http://4000-ws.localhost:8080"), world)
-    assert isinstance(made, Hold)
+    assert isinstance(made, Hold), made
 
 
 def test_a_port_being_woken_is_held_even_when_running(world: World) -> None:
