@@ -17,6 +17,7 @@ import aiohttp
 from playwright.async_api import Page, Response
 
 from gateway.auth.identity import Identity
+from gateway.lifecycle import Phase
 from tests.browser.conftest import Browser, MakeStack, OtherOrigin, Stack, app_command, idp_sign_in, screenshot
 
 
@@ -69,6 +70,20 @@ async def test_review_tool_embeds_private_preview(browser: Browser, make_stack: 
     await frame.locator("#app").wait_for()
     assert documents == [(200, preview.split("?")[0])]
     await screenshot(page, "4-embed-signed-in-in-iframe")
+
+    # Asleep, it is not woken by the review page that frames it (with the partitioned cookie, from another site),
+    # but by a click in the frame.
+    await stack.gateway.runtime.stop("ws4")
+    documents.clear()
+    await page.reload()
+    await frame.locator("#wake").wait_for()
+    assert documents == [(403, preview.split("?")[0])]
+    state = stack.gateway.runtime.get("ws4")
+    assert state is not None
+    assert state.phase is Phase.WARM
+    await frame.locator("#wake").click()
+    await frame.locator("#app").wait_for()
+    assert await frame.locator("#path").text_content() == "/review?mr=42"
 
     await _other_site_cannot_frame(stack, context.new_page, other_origin, preview)
     await _share_snippet_renders(stack, browser, other_origin)
