@@ -270,6 +270,18 @@ def test_only_the_visitor_wakes_a_workspace_with_their_cookie(world: World, head
         "reads of a running workspace stay the app's to judge"
 
 
+def test_who_may_not_wake_it_at_all_hears_that_first(world: World) -> None:
+    """Under ``wake.who: owner-and-collaborators`` a signed-in visitor of a public port may not wake it from
+    anywhere: told so, not that the page elsewhere may not."""
+    world.policy = parse_policy("wake: {who: owner-and-collaborators}\n")
+    world.states["ws"] = WorkspaceState(world.states["ws"].spec, Phase.WARM)
+    host = "4000-ws.localhost:8080"
+    made = plan(facts("/", host=host, Cookie=world.cookie(Identity("eve"), host), **_SITE, Sec_Fetch_Mode="no-cors",
+                      Sec_Fetch_Dest="image"), world)
+    assert isinstance(made, Refuse)
+    assert made.error.code == "wake-not-allowed"
+
+
 def test_a_page_elsewhere_cannot_follow_a_wake_to_start_it(world: World) -> None:
     """Following a wake's events (re)starts it: an ``EventSource`` from another preview may not."""
     world.states["ws"] = WorkspaceState(world.states["ws"].spec, Phase.WARM)
