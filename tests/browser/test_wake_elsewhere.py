@@ -12,11 +12,13 @@ Real Chromium over real TLS: Chromium tells where a request came from (Fetch Met
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from playwright.async_api import Page
 
 from gateway.lifecycle import Phase
 from tests.browser.conftest import SITE, Browser, TlsStack, screenshot
+from tests.kube.support import until
 
 # Every way a page loads something in the background that does not need the other origin's consent.
 _BACKGROUND = """([url, events]) => {
@@ -61,10 +63,8 @@ async def test_a_preview_cannot_wake_its_visitors_workspace(browser: Browser, tl
     stack.responses.clear()
     await page.evaluate(_BACKGROUND, [app, stack.share_url("vic", 8000, "/_codehub/wake/events")])
     expected = {"/img", "/frame", "/fetch", "/_codehub/wake/events", "/speculated", "/prerendered"}
-    for _ in range(200):  # each reached the gateway (`<link rel=prefetch>` may, or may not, be sent)
-        if expected <= {path for _method, at, path, _status in stack.responses if at == host}:
-            break
-        await asyncio.sleep(0.05)
+    with contextlib.suppress(TimeoutError):  # each reaches the gateway (`<link rel=prefetch>` may, or may not, be sent)
+        await until(lambda: expected <= {path for _method, at, path, _status in stack.responses if at == host}, 10)
     seen = [(path, status) for _method, at, path, status in stack.responses if at == host]
     assert expected <= {path for path, _status in seen}, seen
     assert {status for _path, status in seen} == {403}, seen
