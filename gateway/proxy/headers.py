@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -325,3 +326,72 @@ def downstream_response_headers(
         else:
             out[name] = value
     return out
+
+
+_COOKIE_NAME_BYTES = frozenset(map(chr, range(0x21, 0x7F))) - {";", "=", ","}
+_PATH_BYTES = frozenset(map(chr, range(0x21, 0x7F))) - {";", ","}
+_DOMAIN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+MOST_CLEARED = 64
+"""Cookies cleared by one answer at most (each may need a ``Set-Cookie`` per domain and path it could have)."""
+_MOST_PATHS = 8
+
+
+def clearing_cookies(cookie_headers: Iterable[str], host: str, path: str, *, limit: int,
+                     secure: bool) -> list[str]:
+    """``Set-Cookie`` values that clear, on the domains above ``host``, the largest cookies of a ``Cookie`` header
+    over ``limit``, until what is left would be at most half of it.
+
+    A preview's script may set cookies for a parent domain it shares with the hub and every other preview (only
+    ``__Host-`` names are out of its reach), and a few of 3 KB each make every request of its visitor's browser to
+    the whole site too large to read, for as long as they last. A ``Cookie`` header names no domain nor path, so
+    each cookie is cleared on each domain above ``host`` but the last label (the browser refuses one it would not
+    have set, such as a public suffix) and for each path that matches ``path``. Never on ``host`` itself: a cookie
+    there is its own origin's (the gateway's, or the app's that this host serves), not one a sibling could set, and
+    clearing it would let a preview sign its visitors out of another's app. A name or path that could not be
+    written back as it came is left out, and so is a ``__Host-`` name (never on a parent)."""
+    pairs = []
+    for header in cookie_headers:
+        for part in header.split(";"):
+            pair = part.strip(" \t")
+            name, eq, value = pair.partition("=")
+            if not eq:  # a cookie without a name comes back as its bare value: cleared by ``value; Max-Age=0``
+                name, value = "", name
+            pairs.append((len(pair), name.strip(" \t"), value))
+    domains = _parent_domains(host)
+    if not domains:
+        return []
+    total = sum(size for size, _name, _value in pairs)
+    cleared: dict[str, str] = {}  # name (or a nameless cookie's value) → what goes before the attributes
+    for size, name, value in sorted(pairs, key=lambda pair: -pair[0]):
+        if total <= limit // 2 or len(cleared) >= MOST_CLEARED:
+            break
+        key = name or value
+        if key and _COOKIE_NAME_BYTES.issuperset(key) and not key.startswith("__Host-"):
+            cleared.setdefault(key, f"{name}=" if name else value)
+            total -= size
+    tail = "; Max-Age=0; Secure" if secure else "; Max-Age=0"
+    return [f"{first}; Domain={domain}; Path={at}{tail}"
+            for first in cleared.values() for at in _matching_paths(path) for domain in domains]
+
+
+def _parent_domains(host: str) -> list[str]:
+    """The domains above ``host`` (without its port) but the last label, when it is a DNS name."""
+    name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    labels = name.lower().rstrip(".").split(".")
+    if not all(_DOMAIN_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        return []  # an IP address, or not a name at all
+    return [".".join(labels[at:]) for at in range(1, len(labels) - 1)]
+
+
+def _matching_paths(path: str) -> list[str]:
+    """Every cookie path that matches a request for ``path`` (RFC 6265 §5.1.4): ``/``, and each prefix that ends
+    before or at a ``/`` of it, the whole path too; the shortest first, ``_MOST_PATHS`` at most."""
+    path = path.partition("?")[0]
+    if not path.startswith("/") or not _PATH_BYTES.issuperset(path):
+        return ["/"]
+    found = ["/"]
+    for at, char in enumerate(path[1:], 1):
+        if char == "/":
+            found += [path[:at], path[: at + 1]]
+    found.append(path)
+    return list(dict.fromkeys(found))[:_MOST_PATHS]

@@ -9,9 +9,11 @@ import pytest
 from multidict import CIMultiDict
 
 from gateway.proxy.headers import (
+    MOST_CLEARED,
     ClientFacts,
     ResponseRules,
     allowed_set_cookie,
+    clearing_cookies,
     cookie_name_and_domain,
     downstream_response_headers,
     rewrite_location,
@@ -486,3 +488,67 @@ def test_connection_names_hold_whether_remembered_or_not(connection: tuple[str, 
         down = downstream_response_headers(h(*pairs), public_host="h", public_origin="http://h", upstream_origins=UP)
         assert list(down.items()) == [("X-App", "1")]
     assert module._named_in_kept.cache_info().currsize == remembered
+
+
+# --- clearing cookies over the limit ----------------------------------------------------------------------------
+
+PAD = "x" * 400
+HUB_HOST = "hub.example.com:8443"
+
+
+def names(lines: list[str]) -> list[str]:
+    return list(dict.fromkeys(line.partition(";")[0].partition("=")[0] for line in lines))
+
+
+@pytest.mark.parametrize(("cookies", "expected"), [
+    ([f"a={PAD}; b={PAD}; c={PAD}"], ["a", "b"]),  # header order among equals; then 400 bytes, under half of 1,024
+    ([f"a=1; b={PAD}x; c={PAD}xx; d={PAD}"], ["c", "b"]),  # the largest first
+    ([f"a={PAD}", f"b={PAD}; c={PAD}"], ["a", "b"]),  # over several Cookie headers
+    ([f"a={PAD}; a={PAD}; b={PAD}"], ["a"]),  # one name twice (two domains or paths): both go with it
+    ([f"a={PAD}; b=1"], []),  # already under half
+    ([f"__Host-codehub_session={PAD * 3}"], []),  # host-only by its prefix: never on a parent
+    ([f"codehub_session={PAD * 3}"], ["codehub_session"]),  # a copy of the gateway's name planted on a parent
+    ([f"a b={PAD}; \u00e9={PAD}; c={PAD}; d={PAD}"], ["c", "d"]),  # names that could not be written back
+    ([f"   a  ={PAD};b={PAD}; c={PAD}"], ["a", "b"]),  # spaces around a name are not part of it
+], ids=["order", "largest", "headers", "twice", "under", "host-prefix", "gateway-name", "unwritable", "spaces"])
+def test_the_largest_cookies_are_cleared_until_half_the_limit_is_left(cookies: list[str],
+                                                                       expected: list[str]) -> None:
+    assert names(clearing_cookies(cookies, HUB_HOST, "/", limit=1024, secure=False)) == expected
+
+
+def test_each_cookie_is_cleared_for_every_parent_domain_and_path_it_could_have() -> None:
+    """Not on the host itself: a cookie there is its own origin's, which no sibling could set."""
+    lines = clearing_cookies([f"pad={PAD * 3}"], "3000-ws1.Preview.Example.com.:443", "/a/b?c=/d", limit=1024,
+                             secure=True)
+    assert lines == [f"pad=; Domain={domain}; Path={path}; Max-Age=0; Secure"
+                     for path in ("/", "/a", "/a/", "/a/b") for domain in ("preview.example.com", "example.com")]
+
+
+def test_a_cookie_without_a_name_is_cleared_by_its_value() -> None:
+    assert clearing_cookies([PAD * 3], HUB_HOST, "/", limit=1024, secure=False) == [
+        f"{PAD * 3}; Domain=example.com; Path=/; Max-Age=0"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8080", "[::1]:8080", "localhost:8080", "3000-ws1.localhost:8080",
+                                  "a;Domain=evil.test.x", "a..b.example.com", "-a.example.com", "",
+                                  "a b.example.com", "\u00e9.example.com"])
+def test_a_host_without_a_dns_parent_gets_nothing_cleared(host: str) -> None:
+    assert clearing_cookies([f"pad={PAD * 3}"], host, "/", limit=1024, secure=False) == []
+
+
+@pytest.mark.parametrize(("path", "paths"), [
+    ("/", ["/"]),
+    ("/a/", ["/", "/a", "/a/"]),
+    ("/a;Domain=evil/b", ["/"]),  # what could not be written back as an attribute: only /
+    ("/a b", ["/"]),
+    ("*", ["/"]),
+    ("/" + "/".join("abcdefghij"), ["/", "/a", "/a/", "/a/b", "/a/b/", "/a/b/c", "/a/b/c/", "/a/b/c/d"]),  # 8 at most
+])
+def test_the_paths_cleared_are_those_a_cookie_sent_to_the_path_can_have(path: str, paths: list[str]) -> None:
+    lines = clearing_cookies([f"pad={PAD * 3}"], HUB_HOST, path, limit=1024, secure=False)
+    assert lines == [f"pad=; Domain=example.com; Path={at}; Max-Age=0" for at in paths]
+
+
+def test_one_answer_clears_a_bounded_number_of_cookies() -> None:
+    many = "; ".join(f"c{n}={PAD}" for n in range(200))
+    assert len(names(clearing_cookies([many], HUB_HOST, "/", limit=1024, secure=False))) == MOST_CLEARED
