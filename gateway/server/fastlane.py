@@ -39,7 +39,7 @@ from gateway.proxy.pool import Response, UpstreamError, WriteFlow, encode_head
 from gateway.proxy.upstream import Upstream
 from gateway.proxy.wshandshake import client_offer
 from gateway.proxy.wsrelay import GOING_AWAY, Relay
-from gateway.server.context import GATEWAY, Gateway
+from gateway.server.context import GATEWAY
 from gateway.server.forward import SMALL_BODY, GrantEnded, read_small, send, shape_answer
 from gateway.server.lane import (
     AnswerGrant,
@@ -51,8 +51,9 @@ from gateway.server.lane import (
     upstream_of,
 )
 from gateway.server.listener import connection_limit
-from gateway.server.refusals import GatewayHandler, Overloaded, Reason, Refusals, handler_settings
+from gateway.server.refusals import GatewayHandler, Overloaded, Reason, Refusals, Relief, handler_settings
 from gateway.server.websocket import upstream_handshake
+from gateway.web.pages import error_page
 
 log = logging.getLogger(__name__)
 MAX_PARKED = 64 << 10
@@ -72,14 +73,16 @@ def _log_failure(method: str, target: str) -> None:
 class FastLaneServer(web.Server):
     """aiohttp's server with connections that start in the fast lane; ``inner`` serves what is handed over."""
 
-    def __init__(self, inner: web.Server, gateway: Gateway) -> None:
+    def __init__(self, inner: web.Server, app: web.Application) -> None:
+        gateway = app[GATEWAY]
         super().__init__(inner.request_handler, request_factory=inner.request_factory,
                          handler_cancellation=inner.handler_cancellation)
         self.inner = inner
         self.gateway = gateway
         self.limits = gateway.config.limits
         self.access = AccessLog(logging.getLogger("codehub.access"))
-        self.refusals = Refusals(gateway.metrics, self.access)
+        self.refusals = Refusals(gateway.metrics, self.access, Relief(self.limits, gateway.config.secure),
+                                 lambda error, retry: error_page(app, error, retry=retry))
         self.lanes: set[FastLane] = set()
         self.open = 0
         """Client connections of this worker, either lane (counted when accepted: one ``accept`` burst can take
@@ -120,7 +123,7 @@ class GatewayRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         inner = await super()._make_server()
-        return FastLaneServer(inner, self.app[GATEWAY])
+        return FastLaneServer(inner, self.app)
 
 
 class FastLane(WriteFlow):

@@ -27,7 +27,7 @@ from http import HTTPStatus
 from typing import Any, cast
 
 from aiohttp import web
-from aiohttp.http import HttpVersion11
+from aiohttp.http import HttpRequestParser, HttpVersion11
 from aiohttp.http_exceptions import (
     BadHttpMessage,
     BadStatusLine,
@@ -42,6 +42,7 @@ from multidict import CIMultiDictProxy
 
 from gateway.accesslog import REFUSED, UNREAD, AccessLog, AccessLogger
 from gateway.config import Limits
+from gateway.edge.plan import wants_page
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -52,6 +53,7 @@ from gateway.errors import (
     URITooLong,
 )
 from gateway.metrics import Metrics
+from gateway.proxy.headers import clearing_cookies
 from gateway.proxy.pool import encode_head
 
 LINGER = 2.0
@@ -73,6 +75,7 @@ class Reason(enum.Enum):
     CHUNK = "bad-chunk"  # a malformed chunk of a chunked body
     URL_TOO_LONG = "url-too-long"
     HEADERS_TOO_LARGE = "headers-too-large"
+    COOKIES_TOO_LARGE = "cookies-too-large"  # over the limit by its cookies alone: answered with them cleared
     BODY_TOO_LARGE = "body-too-large"
     HEAD_TIMEOUT = "head-timeout"
     TOO_MANY_CONNECTIONS = "too-many-connections"
@@ -88,6 +91,9 @@ _ANSWERS: dict[Reason, tuple[type[GatewayError], str]] = {
     Reason.URL_TOO_LONG: (URITooLong, "The address is longer than this gateway accepts."),
     Reason.HEADERS_TOO_LARGE: (HeadersTooLarge, "The request headers are larger than this gateway accepts: too "
                                                 "many, or one too long (large cookies?)."),
+    Reason.COOKIES_TOO_LARGE: (HeadersTooLarge, "Your browser sent more cookies than this gateway accepts, most "
+                                                "likely set by a page for every host of this site. It has been "
+                                                "asked to remove the largest of them (not your sign-in)."),
     Reason.BODY_TOO_LARGE: (PayloadTooLarge, "The request body is larger than this gateway accepts here."),
     Reason.HEAD_TIMEOUT: (RequestTimeout, "The request took too long to arrive."),
     Reason.TOO_MANY_CONNECTIONS: (ServiceUnavailable, "The gateway has too many open connections; try again "
@@ -110,6 +116,8 @@ only the request line and header bytes apart."""
 
 def classify(exc: HttpProcessingError) -> Reason:
     """The reason for one of aiohttp's parse errors (table-tested with raw bytes against the real parser)."""
+    if isinstance(exc, CookiesTooLarge):
+        return Reason.COOKIES_TOO_LARGE
     if isinstance(exc, LineTooLong):
         # aiohttp's C parser reports an overlong request target with the bytearray it was assembling it in, and
         # an overlong header name or value with bytes.
@@ -148,24 +156,116 @@ def ends_its_connection(method: str, headers: CIMultiDictProxy[str], upgrade: bo
     return not (asked.isascii() and asked.lower() == "websocket")
 
 
+class CookiesTooLarge(HttpProcessingError):
+    """A request head over ``limits.header_size`` only by its ``Cookie`` header, read whole all the same: its answer
+    clears the largest cookies (``cookies``, ``Set-Cookie`` values), and is a page when a browser navigates, which
+    tries again by itself when that is the same request (a GET's)."""
+
+    def __init__(self, cookies: list[str], page: bool, retry: bool) -> None:
+        super().__init__(message="cookies over the limit")
+        self.cookies = cookies
+        self.page = page
+        self.retry = retry
+
+
+class Relief:
+    """A head over the limit by its cookies: how far it is read, and what of it may be cleared. A preview's script
+    can set cookies for the parent domain it shares with the hub and every other preview, past the limit, and every
+    request of its visitor's browser to the site would be refused for as long as they last (a year, if the script
+    says so). Such a head is read to its end, or to ``most`` bytes (64 KiB, or twice the limit): past that, the
+    cookies up to there are cleared (a browser sends its ``Cookie`` header last), and the next answer clears more."""
+
+    def __init__(self, limits: Limits, secure: bool) -> None:
+        self.limits = limits
+        self.secure = secure
+        self.most = max(64 << 10, 2 * limits.header_size)
+
+    def over_by_cookie(self, head: bytearray) -> bool:
+        """Whether the first field over the limit in ``head`` (some of a head, at least up to that field) is a
+        ``Cookie``: only then is the head worth reading to its end."""
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if len(name) > self.limits.header_size or len(value.strip(b" \t")) > self.limits.header_size:
+                return name.lower() == b"cookie"
+        return False
+
+    def cut(self, head: bytearray) -> bytes | None:
+        """A head read to ``most`` bytes, ended after the last whole cookie of its last field when that is the
+        ``Cookie`` header (the rest of it, and of the head, unread); ``None`` when it is not."""
+        start = head.rfind(b"\r\n") + 2
+        last = head.rfind(b";", start)
+        if head[start:start + 7].lower() != b"cookie:" or last < 0:
+            return None
+        return bytes(head[:last]) + b"\r\n\r\n"
+
+    def read(self, head: bytes) -> CookiesTooLarge | None:
+        """The relief for a whole ``head`` (its blank line included) that is over the limit by its cookies alone:
+        read by aiohttp's parser with only the field limit raised, so it is exactly as strict otherwise."""
+        limits = self.limits
+        parser = HttpRequestParser(None, None, self.most, max_line_size=limits.request_line,
+                                   max_field_size=self.most, max_headers=limits.header_count,
+                                   response_with_body=False, auto_decompress=False)
+        try:
+            messages, _, _ = parser.feed_data(head)
+        except HttpProcessingError:
+            return None
+        if len(messages) != 1:
+            return None
+        message = messages[0][0]
+        over = {name.lower() for name, value in message.headers.items()
+                if len(name) > limits.header_size or len(value) > limits.header_size}
+        if over != {"cookie"}:
+            return None
+        cookies = clearing_cookies(message.headers.getall("Cookie"), message.headers.get("Host", ""), message.path,
+                                   limit=limits.header_size, secure=self.secure)
+        if not cookies:
+            return None
+        return CookiesTooLarge(cookies, wants_page(message.method, message.headers), message.method in ("GET", "HEAD"))
+
+
 class _CheckedParser:
     """aiohttp's request parser with the heads it reads checked: the first whose framing is faulty
     (``framing_fault``) is queued as a parse error (a 400 that closes the connection, as aiohttp queues one) and
     nothing after it is read; one that must end its connection (``ends_its_connection``) is answered with
-    ``Connection: close``."""
+    ``Connection: close``. A head over the limit by its cookies is read on to its end (``Relief``) and refused
+    with them cleared.
 
-    __slots__ = ("_parser", "_refused")
+    To read such a head whole, the bytes of the head being read are kept (from the read after a whole head, while
+    no body is being read): a guess at where it began, which ``Relief`` reads strictly, so a wrong one (behind a
+    body, or a pipelined request) is only an ordinary 431."""
 
-    def __init__(self, parser: Any) -> None:
+    __slots__ = ("_body", "_head", "_overflow", "_parser", "_refused", "_relief")
+
+    def __init__(self, parser: Any, relief: Relief) -> None:
         self._parser = parser
+        self._relief = relief
         self._refused = False
+        self._head = bytearray()
+        self._body: Any = None  # the payload of the last request read, while its body is still coming
+        self._overflow: tuple[bytearray, HttpProcessingError] | None = None
 
     def feed_data(self, data: bytes) -> tuple[Any, bool, bytes]:
+        if self._overflow is not None:
+            return self._overflowing(data)
         if self._refused:
             return (), False, b""
-        messages, upgraded, tail = self._parser.feed_data(data)
+        if self._body is not None and self._body.is_eof():
+            self._body = None
+        try:
+            messages, upgraded, tail = self._parser.feed_data(data)
+        except LineTooLong as exc:
+            head = self._head + data
+            if not self._relief.over_by_cookie(head):
+                raise
+            self._overflow = (head, exc)
+            self._head = bytearray()
+            return self._overflowing(b"")
         if not messages:  # most reads: a piece of a body, or of a head
+            if self._body is None and len(self._head) < self._relief.most:
+                self._head += data
             return messages, upgraded, tail
+        self._head.clear()
+        self._body = messages[-1][1]
         checked = []
         for message, payload in messages:
             error = framing_fault(message.version, message.headers, message.chunked)
@@ -177,6 +277,22 @@ class _CheckedParser:
                 message = message._replace(should_close=True)
             checked.append((message, payload))
         return checked, upgraded, tail
+
+    def _overflowing(self, data: bytes) -> tuple[Any, bool, bytes]:
+        """Read on to the end of a head over the limit (``Relief.most`` at most), then refuse it: with cookies
+        cleared when they alone are over, else as the parser did."""
+        assert self._overflow is not None
+        head, error = self._overflow
+        head += data
+        end = head.find(b"\r\n\r\n", len(head) - len(head.lstrip(b"\r\n")))
+        if end < 0 and len(head) <= self._relief.most:
+            return (), False, b""
+        self._overflow = None
+        self._refused = True
+        most = self._relief.most
+        whole = bytes(head[: end + 4]) if 0 <= end <= most - 4 else self._relief.cut(head[:most])
+        refused = (self._relief.read(whole) if whole is not None else None) or error
+        return [(_ErrInfo(status=431, exc=refused, message=refused.message), EMPTY_PAYLOAD)], False, b""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._parser, name)
@@ -198,13 +314,20 @@ def counted(metrics: Metrics, reason: Reason) -> GatewayError:
 class Refusals:
     """Counts, logs and writes refusals: the one place both lanes refuse through."""
 
-    def __init__(self, metrics: Metrics, access: AccessLog) -> None:
+    def __init__(self, metrics: Metrics, access: AccessLog, relief: Relief,
+                 page: Callable[[GatewayError, bool], str]) -> None:
         self._metrics = metrics
         self._access = access
+        self.relief = relief
+        self._page = page
 
     def note(self, reason: Reason) -> GatewayError:
         """Count a refusal; its error, for the caller to answer with."""
         return counted(self._metrics, reason)
+
+    def page(self, error: GatewayError, *, retry: bool) -> str:
+        """The error page a browser gets for ``error``; with ``retry`` it tries again by itself."""
+        return self._page(error, retry)
 
     def answer(self, transport: asyncio.Transport, reason: Reason, *, seconds: float = 0.0) -> None:
         """Count, answer and log a refusal on a connection that no request object stands for (the head never
@@ -236,7 +359,8 @@ class GatewayHandler(RequestHandler):
     def __init__(self, manager: web.Server, refusals: Refusals, release: Callable[[], None], *,
                  head_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
-        self._parser = _CheckedParser(self._parser)  # type: ignore[assignment]  # the parser's methods, checked
+        # the parser's methods, checked
+        self._parser = _CheckedParser(self._parser, refusals.relief)  # type: ignore[assignment]
         self._refusals = refusals
         self._release: Callable[[], None] | None = release
         self._head_timeout = head_timeout
@@ -309,8 +433,15 @@ class GatewayHandler(RequestHandler):
             return super().handle_error(request, status, exc, message)
         error = self._refusals.note(classify(exc))
         request[UNREAD] = error.code
-        response = web.json_response(error.document(), status=error.status,
-                                     headers={"Cache-Control": "no-store", **error.headers})
+        headers = {"Cache-Control": "no-store", **error.headers}
+        response: web.Response
+        if isinstance(exc, CookiesTooLarge) and exc.page:  # a head read whole: a browser's navigation
+            response = web.Response(text=self._refusals.page(error, retry=exc.retry), status=error.status,
+                                    content_type="text/html", headers=headers)
+        else:
+            response = web.json_response(error.document(), status=error.status, headers=headers)
+        for cookie in exc.cookies if isinstance(exc, CookiesTooLarge) else ():
+            response.headers.add("Set-Cookie", cookie)
         response.force_close()
         return response
 

@@ -45,14 +45,18 @@ def error_response(request: web.Request, error: GatewayError) -> web.StreamRespo
     elif wants_html(request):
         # Trying again is a reload, a GET: the same request only for a GET or HEAD (a form sent is not sent again).
         retry = error.retry and request.method in ("GET", "HEAD")
-        response = aiohttp_jinja2.render_template(error.template, request, {"error": error, "retry": retry},
-                                                  status=error.status)
-        response.headers.update(headers)
+        response = web.Response(text=error_page(request.app, error, retry=retry), status=error.status,
+                                content_type="text/html", headers=headers)
     else:
         response = web.json_response(error.document(), status=error.status, headers=headers)
     for cookie in error.cookies:
         response.headers.add("Set-Cookie", cookie)
     return response
+
+
+def error_page(app: web.Application, error: GatewayError, *, retry: bool) -> str:
+    """``error``'s page; with ``retry`` it tries again by itself every few seconds."""
+    return aiohttp_jinja2.get_env(app).get_template(error.template).render(error=error, retry=retry)
 
 
 def internal_error(request: web.Request, exc: BaseException) -> web.StreamResponse:
