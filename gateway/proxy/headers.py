@@ -328,12 +328,16 @@ def downstream_response_headers(
     return out
 
 
-_COOKIE_NAME_BYTES = frozenset(map(chr, range(0x21, 0x7F))) - {";", "=", ","}
-_PATH_BYTES = frozenset(map(chr, range(0x21, 0x7F))) - {";", ","}
+_NOT_IN_A_COOKIE = frozenset(map(chr, [*range(0x20), 0x7F])) - {"\t"}
+"""What a cookie's name cannot hold (besides ``;`` and ``=``, which end it): Chromium keeps any other name, a space,
+a comma or ``é`` in it, and each must be cleared as it came."""
+_PATH_BYTES = frozenset(map(chr, range(0x21, 0x7F))) - {";"}
 _DOMAIN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 MOST_CLEARED = 64
-"""Cookies cleared by one answer at most (each may need a ``Set-Cookie`` per domain and path it could have)."""
-_MOST_PATHS = 8
+"""Cookies cleared by one answer at most; fewer when each needs many lines (``MOST_LINES``)."""
+MOST_LINES = 1024
+"""``Set-Cookie`` lines in one answer at most: a cookie needs one per parent domain, path and partitioning."""
+_MOST_PATHS = 64
 
 
 def clearing_cookies(cookie_headers: Iterable[str], host: str, path: str, *, limit: int,
@@ -345,10 +349,12 @@ def clearing_cookies(cookie_headers: Iterable[str], host: str, path: str, *, lim
     ``__Host-`` names are out of its reach), and a few of 3 KB each make every request of its visitor's browser to
     the whole site too large to read, for as long as they last. A ``Cookie`` header names no domain nor path, so
     each cookie is cleared on each domain above ``host`` but the last label (the browser refuses one it would not
-    have set, such as a public suffix) and for each path that matches ``path``. Never on ``host`` itself: a cookie
-    there is its own origin's (the gateway's, or the app's that this host serves), not one a sibling could set, and
-    clearing it would let a preview sign its visitors out of another's app. A name or path that could not be
-    written back as it came is left out, and so is a ``__Host-`` name (never on a parent)."""
+    have set, such as a public suffix), for each path that matches ``path``, and under HTTPS also as a
+    ``Partitioned`` cookie (kept apart per top-level site, and cleared only as one). Never on ``host`` itself: a
+    cookie there is its own origin's (the gateway's, or the app's that this host serves), not one a sibling could
+    set, and clearing it would let a preview sign its visitors out of another's app. A name that could not be
+    written back as it came (not UTF-8, a control character) is left out, and so is a ``__Host-`` name (never on a
+    parent)."""
     pairs = []
     for header in cookie_headers:
         for part in header.split(";"):
@@ -360,18 +366,24 @@ def clearing_cookies(cookie_headers: Iterable[str], host: str, path: str, *, lim
     domains = _parent_domains(host)
     if not domains:
         return []
+    paths = _matching_paths(path)
+    tails = ("; Max-Age=0; Secure", "; Max-Age=0; Secure; Partitioned") if secure else ("; Max-Age=0",)
+    most = max(1, min(MOST_CLEARED, MOST_LINES // (len(paths) * len(domains) * len(tails))))
     total = sum(size for size, _name, _value in pairs)
     cleared: dict[str, str] = {}  # name (or a nameless cookie's value) → what goes before the attributes
     for size, name, value in sorted(pairs, key=lambda pair: -pair[0]):
-        if total <= limit // 2 or len(cleared) >= MOST_CLEARED:
+        if total <= limit // 2 or len(cleared) >= most:
             break
         key = name or value
-        if key and _COOKIE_NAME_BYTES.issuperset(key) and not key.startswith("__Host-"):
+        if _writable(key) and not key.startswith("__Host-"):
             cleared.setdefault(key, f"{name}=" if name else value)
             total -= size
-    tail = "; Max-Age=0; Secure" if secure else "; Max-Age=0"
     return [f"{first}; Domain={domain}; Path={at}{tail}"
-            for first in cleared.values() for at in _matching_paths(path) for domain in domains]
+            for first in cleared.values() for at in paths for domain in domains for tail in tails]
+
+
+def _writable(name: str) -> bool:
+    return bool(name) and _NOT_IN_A_COOKIE.isdisjoint(name) and _utf8(name)
 
 
 def _parent_domains(host: str) -> list[str]:
@@ -385,13 +397,17 @@ def _parent_domains(host: str) -> list[str]:
 
 def _matching_paths(path: str) -> list[str]:
     """Every cookie path that matches a request for ``path`` (RFC 6265 §5.1.4): ``/``, and each prefix that ends
-    before or at a ``/`` of it, the whole path too; the shortest first, ``_MOST_PATHS`` at most."""
+    before or at a ``/`` of it, the whole path too — up to its first character that could not be written back as
+    an attribute (no cookie path holds a ``;``); the shortest first, ``_MOST_PATHS`` at most (32 levels)."""
     path = path.partition("?")[0]
-    if not path.startswith("/") or not _PATH_BYTES.issuperset(path):
+    if not path.startswith("/"):
         return ["/"]
     found = ["/"]
     for at, char in enumerate(path[1:], 1):
+        if char not in _PATH_BYTES:
+            break
         if char == "/":
             found += [path[:at], path[: at + 1]]
-    found.append(path)
+    else:
+        found.append(path)
     return list(dict.fromkeys(found))[:_MOST_PATHS]

@@ -234,7 +234,7 @@ class _CheckedParser:
     no body is being read): a guess at where it began, which ``Relief`` reads strictly, so a wrong one (behind a
     body, or a pipelined request) is only an ordinary 431."""
 
-    __slots__ = ("_body", "_head", "_overflow", "_parser", "_refused", "_relief")
+    __slots__ = ("_body", "_from", "_head", "_overflow", "_parser", "_refused", "_relief")
 
     def __init__(self, parser: Any, relief: Relief) -> None:
         self._parser = parser
@@ -243,6 +243,7 @@ class _CheckedParser:
         self._head = bytearray()
         self._body: Any = None  # the payload of the last request read, while its body is still coming
         self._overflow: tuple[bytearray, HttpProcessingError] | None = None
+        self._from = 0  # where in the overflowing head to look for its end (what is before was looked at)
 
     def feed_data(self, data: bytes) -> tuple[Any, bool, bytes]:
         if self._overflow is not None:
@@ -258,6 +259,7 @@ class _CheckedParser:
             if not self._relief.over_by_cookie(head):
                 raise
             self._overflow = (head, exc)
+            self._from = len(head) - len(head.lstrip(b"\r\n"))  # blank lines before a request line (RFC 9112 §2.2)
             self._head = bytearray()
             return self._overflowing(b"")
         if not messages:  # most reads: a piece of a body, or of a head
@@ -284,8 +286,9 @@ class _CheckedParser:
         assert self._overflow is not None
         head, error = self._overflow
         head += data
-        end = head.find(b"\r\n\r\n", len(head) - len(head.lstrip(b"\r\n")))
+        end = head.find(b"\r\n\r\n", self._from)
         if end < 0 and len(head) <= self._relief.most:
+            self._from = max(self._from, len(head) - 3)  # a dribbled head is looked through once, not per read
             return (), False, b""
         self._overflow = None
         self._refused = True

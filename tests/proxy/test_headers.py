@@ -10,6 +10,7 @@ from multidict import CIMultiDict
 
 from gateway.proxy.headers import (
     MOST_CLEARED,
+    MOST_LINES,
     ClientFacts,
     ResponseRules,
     allowed_set_cookie,
@@ -508,20 +509,24 @@ def names(lines: list[str]) -> list[str]:
     ([f"a={PAD}; b=1"], []),  # already under half
     ([f"__Host-codehub_session={PAD * 3}"], []),  # host-only by its prefix: never on a parent
     ([f"codehub_session={PAD * 3}"], ["codehub_session"]),  # a copy of the gateway's name planted on a parent
-    ([f"a b={PAD}; \u00e9={PAD}; c={PAD}; d={PAD}"], ["c", "d"]),  # names that could not be written back
+    ([f"\udcff={PAD}; a\x01={PAD}; c={PAD}; d={PAD}"], ["c", "d"]),  # names that could not be written back
+    ([f"a b={PAD}; \u00e9={PAD}; a,1={PAD}; d={PAD}"], ["a b", "a,1", "\u00e9"]),  # names Chromium keeps, odd
     ([f"   a  ={PAD};b={PAD}; c={PAD}"], ["a", "b"]),  # spaces around a name are not part of it
-], ids=["order", "largest", "headers", "twice", "under", "host-prefix", "gateway-name", "unwritable", "spaces"])
+], ids=["order", "largest", "headers", "twice", "under", "host-prefix", "gateway-name", "unwritable", "odd", "spaces"])
 def test_the_largest_cookies_are_cleared_until_half_the_limit_is_left(cookies: list[str],
                                                                        expected: list[str]) -> None:
     assert names(clearing_cookies(cookies, HUB_HOST, "/", limit=1024, secure=False)) == expected
 
 
 def test_each_cookie_is_cleared_for_every_parent_domain_and_path_it_could_have() -> None:
-    """Not on the host itself: a cookie there is its own origin's, which no sibling could set."""
+    """Not on the host itself: a cookie there is its own origin's, which no sibling could set. Under HTTPS a
+    ``Partitioned`` one too (set by a page at the top, or in a frame of another site), which only a ``Partitioned``
+    line clears."""
     lines = clearing_cookies([f"pad={PAD * 3}"], "3000-ws1.Preview.Example.com.:443", "/a/b?c=/d", limit=1024,
                              secure=True)
-    assert lines == [f"pad=; Domain={domain}; Path={path}; Max-Age=0; Secure"
-                     for path in ("/", "/a", "/a/", "/a/b") for domain in ("preview.example.com", "example.com")]
+    assert lines == [f"pad=; Domain={domain}; Path={path}; Max-Age=0; Secure{partitioned}"
+                     for path in ("/", "/a", "/a/", "/a/b") for domain in ("preview.example.com", "example.com")
+                     for partitioned in ("", "; Partitioned")]
 
 
 def test_a_cookie_without_a_name_is_cleared_by_its_value() -> None:
@@ -539,10 +544,13 @@ def test_a_host_without_a_dns_parent_gets_nothing_cleared(host: str) -> None:
 @pytest.mark.parametrize(("path", "paths"), [
     ("/", ["/"]),
     ("/a/", ["/", "/a", "/a/"]),
-    ("/a;Domain=evil/b", ["/"]),  # what could not be written back as an attribute: only /
-    ("/a b", ["/"]),
+    ("/a/b;Domain=evil/c", ["/", "/a", "/a/"]),  # up to what could not be written back (no cookie path holds it)
+    ("/a/b c", ["/", "/a", "/a/"]),
+    ("/a,b/", ["/", "/a,b", "/a,b/"]),
     ("*", ["/"]),
-    ("/" + "/".join("abcdefghij"), ["/", "/a", "/a/", "/a/b", "/a/b/", "/a/b/c", "/a/b/c/", "/a/b/c/d"]),  # 8 at most
+    ("/" + "/".join("abcdefghij") + "/", ["/"] + [f"/{'/'.join('abcdefghij'[:n])}{end}" for n in range(1, 11)
+                                                for end in ("", "/")]),
+    ("/" + "/".join("x" * 40), ["/", *[f"/{'/'.join('x' * n)}{end}" for n in range(1, 33) for end in ("", "/")][:63]]),
 ])
 def test_the_paths_cleared_are_those_a_cookie_sent_to_the_path_can_have(path: str, paths: list[str]) -> None:
     lines = clearing_cookies([f"pad={PAD * 3}"], HUB_HOST, path, limit=1024, secure=False)
@@ -552,3 +560,12 @@ def test_the_paths_cleared_are_those_a_cookie_sent_to_the_path_can_have(path: st
 def test_one_answer_clears_a_bounded_number_of_cookies() -> None:
     many = "; ".join(f"c{n}={PAD}" for n in range(200))
     assert len(names(clearing_cookies([many], HUB_HOST, "/", limit=1024, secure=False))) == MOST_CLEARED
+
+
+def test_one_answer_keeps_to_a_number_of_lines() -> None:
+    """A deep path needs many lines per cookie: fewer cookies are cleared in one answer (the next clears more)."""
+    many = "; ".join(f"c{n}={PAD}" for n in range(200))
+    lines = clearing_cookies([many], "a.b.c.example.com", "/" + "/".join("x" * 20), limit=1024, secure=True)
+    per_cookie = 40 * 3 * 2  # paths (/, and /x, /x/ for 19 levels, and the whole), parent domains, partitioned or not
+    assert len(names(lines)) == MOST_LINES // per_cookie
+    assert len(lines) == MOST_LINES // per_cookie * per_cookie
