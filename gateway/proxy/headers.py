@@ -334,16 +334,17 @@ a comma or ``é`` in it, and each must be cleared as it came."""
 _PATH_BYTES = frozenset(map(chr, range(0x21, 0x7F))) - {";"}
 _DOMAIN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 MOST_CLEARED = 64
-"""Cookies cleared by one answer at most; fewer when each needs many lines (``MOST_LINES``)."""
-MOST_LINES = 1024
-"""``Set-Cookie`` lines in one answer at most: a cookie needs one per parent domain, path and partitioning."""
+"""Cookies cleared by one answer at most (the next answer clears more)."""
+MOST_BYTES = 96 << 10
+"""Bytes of ``Set-Cookie`` lines in one answer at most: a cookie needs one per parent domain, path and partitioning,
+each repeating its name (up to 4 KB), and Chromium refuses an answer whose head passes 256 KB."""
 _MOST_PATHS = 64
 
 
 def clearing_cookies(cookie_headers: Iterable[str], host: str, path: str, *, limit: int,
                      secure: bool) -> list[str]:
     """``Set-Cookie`` values that clear, on the domains above ``host``, the largest cookies of a ``Cookie`` header
-    over ``limit``, until what is left would be at most half of it.
+    over ``limit`` (in bytes, as the limit is), until what is left would be at most half of it.
 
     A preview's script may set cookies for a parent domain it shares with the hub and every other preview (only
     ``__Host-`` names are out of its reach), and a few of 3 KB each make every request of its visitor's browser to
@@ -354,7 +355,8 @@ def clearing_cookies(cookie_headers: Iterable[str], host: str, path: str, *, lim
     cookie there is its own origin's (the gateway's, or the app's that this host serves), not one a sibling could
     set, and clearing it would let a preview sign its visitors out of another's app. A name that could not be
     written back as it came (not UTF-8, a control character) is left out, and so is a ``__Host-`` name (never on a
-    parent)."""
+    parent). ``MOST_CLEARED`` cookies and ``MOST_BYTES`` of lines at most (of the last, the lines of its shortest
+    paths that fit)."""
     pairs = []
     for header in cookie_headers:
         for part in header.split(";"):
@@ -362,24 +364,35 @@ def clearing_cookies(cookie_headers: Iterable[str], host: str, path: str, *, lim
             name, eq, value = pair.partition("=")
             if not eq:  # a cookie without a name comes back as its bare value: cleared by ``value; Max-Age=0``
                 name, value = "", name
-            pairs.append((len(pair), name.strip(" \t"), value))
+            pairs.append((len(pair.encode("utf-8", "surrogateescape")), name.strip(" \t"), value))
     domains = _parent_domains(host)
     if not domains:
         return []
     paths = _matching_paths(path)
     tails = ("; Max-Age=0; Secure", "; Max-Age=0; Secure; Partitioned") if secure else ("; Max-Age=0",)
-    most = max(1, min(MOST_CLEARED, MOST_LINES // (len(paths) * len(domains) * len(tails))))
     total = sum(size for size, _name, _value in pairs)
-    cleared: dict[str, str] = {}  # name (or a nameless cookie's value) → what goes before the attributes
+    cleared: set[str] = set()
+    lines: list[str] = []
+    room = MOST_BYTES
     for size, name, value in sorted(pairs, key=lambda pair: -pair[0]):
-        if total <= limit // 2 or len(cleared) >= most:
-            break
         key = name or value
-        if _writable(key) and not key.startswith("__Host-"):
-            cleared.setdefault(key, f"{name}=" if name else value)
+        if key in cleared:  # the same name on another domain or path: its lines clear this one too
             total -= size
-    return [f"{first}; Domain={domain}; Path={at}{tail}"
-            for first in cleared.values() for at in paths for domain in domains for tail in tails]
+            continue
+        if total <= limit // 2 or len(cleared) >= MOST_CLEARED:
+            break
+        if not _writable(key) or key.startswith("__Host-"):
+            continue
+        first = f"{name}=" if name else value
+        for line in (f"{first}; Domain={domain}; Path={at}{tail}" for at in paths for domain in domains
+                     for tail in tails):
+            room -= len(line.encode())
+            if room < 0:  # what fits, the shortest paths first
+                return lines
+            lines.append(line)
+        cleared.add(key)
+        total -= size
+    return lines
 
 
 def _writable(name: str) -> bool:

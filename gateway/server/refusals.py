@@ -172,13 +172,14 @@ class Relief:
     """A head over the limit by its cookies: how far it is read, and what of it may be cleared. A preview's script
     can set cookies for the parent domain it shares with the hub and every other preview, past the limit, and every
     request of its visitor's browser to the site would be refused for as long as they last (a year, if the script
-    says so). Such a head is read to its end, or to ``most`` bytes (64 KiB, or twice the limit): past that, the
-    cookies up to there are cleared (a browser sends its ``Cookie`` header last), and the next answer clears more."""
+    says so). Such a head is read to its end, or to ``most`` bytes (256 KiB, or twice the limit: 60 cookies of 4 KB,
+    a third of what Chromium keeps for one domain): past that, the cookies up to there are cleared (a browser sends
+    its ``Cookie`` header last), and the next answer clears more."""
 
     def __init__(self, limits: Limits, secure: bool) -> None:
         self.limits = limits
         self.secure = secure
-        self.most = max(64 << 10, 2 * limits.header_size)
+        self.most = max(256 << 10, 2 * limits.header_size)
 
     def over_by_cookie(self, head: bytearray) -> bool:
         """Whether the first field over the limit in ``head`` (some of a head, at least up to that field) is a
@@ -212,8 +213,8 @@ class Relief:
         if len(messages) != 1:
             return None
         message = messages[0][0]
-        over = {name.lower() for name, value in message.headers.items()
-                if len(name) > limits.header_size or len(value) > limits.header_size}
+        over = {name.lower() for name, value in message.headers.items()  # in bytes, as the parser counts
+                if len(name) > limits.header_size or len(value.encode("utf-8", "surrogateescape")) > limits.header_size}
         if over != {"cookie"}:
             return None
         cookies = clearing_cookies(message.headers.getall("Cookie"), message.headers.get("Host", ""), message.path,

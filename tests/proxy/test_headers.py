@@ -9,8 +9,8 @@ import pytest
 from multidict import CIMultiDict
 
 from gateway.proxy.headers import (
+    MOST_BYTES,
     MOST_CLEARED,
-    MOST_LINES,
     ClientFacts,
     ResponseRules,
     allowed_set_cookie,
@@ -562,10 +562,24 @@ def test_one_answer_clears_a_bounded_number_of_cookies() -> None:
     assert len(names(clearing_cookies([many], HUB_HOST, "/", limit=1024, secure=False))) == MOST_CLEARED
 
 
-def test_one_answer_keeps_to_a_number_of_lines() -> None:
-    """A deep path needs many lines per cookie: fewer cookies are cleared in one answer (the next clears more)."""
-    many = "; ".join(f"c{n}={PAD}" for n in range(200))
-    lines = clearing_cookies([many], "a.b.c.example.com", "/" + "/".join("x" * 20), limit=1024, secure=True)
-    per_cookie = 40 * 3 * 2  # paths (/, and /x, /x/ for 19 levels, and the whole), parent domains, partitioned or not
-    assert len(names(lines)) == MOST_LINES // per_cookie
-    assert len(lines) == MOST_LINES // per_cookie * per_cookie
+def test_one_answer_keeps_to_a_number_of_bytes() -> None:
+    """A cookie needs a line per path, parent domain and partitioning, each with its name: past ``MOST_BYTES``
+    (Chromium refuses a head over 256 KB) the next answer clears more; of a cookie whose lines alone are more, those
+    of its shortest paths (a helper's attack: 4 KB names at a deep path made 4 MB of lines)."""
+    deep = "/" + "/".join("x" * 20)
+    many = "; ".join(f"c{n:02}{'n' * 4000}=x" for n in range(40))
+    lines = clearing_cookies([many], "a.b.c.example.com", deep, limit=1024, secure=True)
+    assert sum(len(line) for line in lines) <= MOST_BYTES < sum(len(line) for line in lines) + len(lines[0])
+    assert names(lines) == [f"c00{'n' * 4000}"]
+    assert lines[0].endswith("; Domain=b.c.example.com; Path=/; Max-Age=0; Secure")
+    short = "; ".join(f"c{n:02}={PAD}" for n in range(40))
+    assert len(names(clearing_cookies([short], "a.b.c.example.com", deep, limit=1024, secure=True))) == 6
+    assert len(names(clearing_cookies([short], "a.b.c.example.com", "/", limit=1024, secure=True))) == 39  # all: 1 fits
+
+
+@pytest.mark.parametrize(("cookie", "cleared"), [
+    ("; ".join(f"a{n}=" + "\u00e9" * 200 for n in range(3)), ["a0", "a1"]),  # 1,218 bytes, 615 characters
+    ("; ".join(f"a{n}=" + "\u20ac" * 100 for n in range(2)), ["a0"]),  # three bytes each: 608 bytes, 208 characters
+])
+def test_sizes_are_counted_in_bytes_as_the_limit_is(cookie: str, cleared: list[str]) -> None:
+    assert names(clearing_cookies([cookie], HUB_HOST, "/", limit=1024, secure=False)) == cleared
