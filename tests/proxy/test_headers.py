@@ -583,3 +583,9 @@ def test_one_answer_keeps_to_a_number_of_bytes() -> None:
 ])
 def test_sizes_are_counted_in_bytes_as_the_limit_is(cookie: str, cleared: list[str]) -> None:
     assert names(clearing_cookies([cookie], HUB_HOST, "/", limit=1024, secure=False)) == cleared
+
+
+def test_a_name_that_comes_twice_is_cleared_once() -> None:
+    """Two cookies of one name (on two domains, or paths) are both cleared by its lines, and counted so."""
+    assert clearing_cookies([f"a={PAD}; a={PAD}; b={PAD}"], HUB_HOST, "/", limit=1024, secure=False) == [
+        "a=; Domain=example.com; Path=/; Max-Age=0"]
