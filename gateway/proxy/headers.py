@@ -341,22 +341,23 @@ each repeating its name (up to 4 KB), and Chromium refuses an answer whose head 
 _MOST_PATHS = 64
 
 
-def clearing_cookies(cookie_headers: Iterable[str], host: str, path: str, *, limit: int,
+def clearing_cookies(cookie_headers: Iterable[str], host: str, path: str, *, shared: str, limit: int,
                      secure: bool) -> list[str]:
-    """``Set-Cookie`` values that clear, on the domains above ``host``, the largest cookies of a ``Cookie`` header
-    over ``limit`` (in bytes, as the limit is), until what is left would be at most half of it.
+    """``Set-Cookie`` values that clear the largest cookies of a ``Cookie`` header over ``limit`` (in bytes, as the
+    limit is) where a preview could have set them, until what is left would be at most half of it.
 
-    A preview's script may set cookies for a parent domain it shares with the hub and every other preview (only
-    ``__Host-`` names are out of its reach), and a few of 3 KB each make every request of its visitor's browser to
-    the whole site too large to read, for as long as they last. A ``Cookie`` header names no domain nor path, so
-    each cookie is cleared on each domain above ``host`` but the last label (the browser refuses one it would not
-    have set, such as a public suffix), for each path that matches ``path``, and under HTTPS also as a
-    ``Partitioned`` cookie (kept apart per top-level site, and cleared only as one). Never on ``host`` itself: a
-    cookie there is its own origin's (the gateway's, or the app's that this host serves), not one a sibling could
+    A preview's script may set cookies for the domains above its host — ``shared``, the preview domain, and those
+    above it — which reach the hub and every other preview under them (only ``__Host-`` names are out of its
+    reach), and a few of 3 KB each make every request of its visitor's browser to the site too large to read, for
+    as long as they last. A ``Cookie`` header names no domain nor path, so each cookie is cleared on each of those
+    domains that ``host`` is or is under but the last label (the browser refuses one it would not have set, such
+    as a public suffix), for each path that matches ``path``, and under HTTPS also as a ``Partitioned`` cookie
+    (kept apart per top-level site, cleared only as one), each ``SameSite=None`` (a ``Lax`` line is not taken in a
+    frame of another site). Never on a preview's own host: a cookie there is its app's, not one a sibling could
     set, and clearing it would let a preview sign its visitors out of another's app. A name that could not be
     written back as it came (not UTF-8, a control character) is left out, and so is a ``__Host-`` name (never on a
-    parent). ``MOST_CLEARED`` cookies and ``MOST_BYTES`` of lines at most (of the last, the lines of its shortest
-    paths that fit)."""
+    shared domain). ``MOST_CLEARED`` cookies and ``MOST_BYTES`` of lines at most (of the last, the lines of its
+    shortest paths that fit)."""
     pairs = []
     for header in cookie_headers:
         for part in header.split(";"):
@@ -365,11 +366,12 @@ def clearing_cookies(cookie_headers: Iterable[str], host: str, path: str, *, lim
             if not eq:  # a cookie without a name comes back as its bare value: cleared by ``value; Max-Age=0``
                 name, value = "", name
             pairs.append((len(pair.encode("utf-8", "surrogateescape")), name.strip(" \t"), value))
-    domains = _parent_domains(host)
+    domains = _within_reach(host, shared)
     if not domains:
         return []
     paths = _matching_paths(path)
-    tails = ("; Max-Age=0; Secure", "; Max-Age=0; Secure; Partitioned") if secure else ("; Max-Age=0",)
+    tails = (("; Max-Age=0; Secure; SameSite=None", "; Max-Age=0; Secure; SameSite=None; Partitioned") if secure
+             else ("; Max-Age=0",))
     total = sum(size for size, _name, _value in pairs)
     cleared: set[str] = set()
     lines: list[str] = []
@@ -399,13 +401,16 @@ def _writable(name: str) -> bool:
     return bool(name) and _NOT_IN_A_COOKIE.isdisjoint(name) and _utf8(name)
 
 
-def _parent_domains(host: str) -> list[str]:
-    """The domains above ``host`` (without its port) but the last label, when it is a DNS name."""
+def _within_reach(host: str, shared: str) -> list[str]:
+    """The domains a preview under ``shared`` can set cookies for (``shared`` and each above it) that ``host``
+    (without its port) is or is under, but the last label, when it is a DNS name."""
     name = host.rpartition(":")[0] if host.count(":") == 1 else host
     labels = name.lower().rstrip(".").split(".")
     if not all(_DOMAIN_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
         return []  # an IP address, or not a name at all
-    return [".".join(labels[at:]) for at in range(1, len(labels) - 1)]
+    shared = shared.lower().rstrip(".")
+    return [domain for domain in (".".join(labels[at:]) for at in range(len(labels) - 1))
+            if domain == shared or shared.endswith("." + domain)]
 
 
 def _matching_paths(path: str) -> list[str]:

@@ -81,7 +81,8 @@ class FastLaneServer(web.Server):
         self.gateway = gateway
         self.limits = gateway.config.limits
         self.access = AccessLog(logging.getLogger("codehub.access"))
-        self.refusals = Refusals(gateway.metrics, self.access, Relief(self.limits, gateway.config.secure),
+        relief = Relief(self.limits, gateway.config.secure, gateway.hosts.preview_suffix.rpartition(":")[0])
+        self.refusals = Refusals(gateway.metrics, self.access, relief,
                                  lambda error, retry: error_page(app, error, retry=retry))
         self.lanes: set[FastLane] = set()
         self.open = 0

@@ -176,9 +176,10 @@ class Relief:
     a third of what Chromium keeps for one domain): past that, the cookies up to there are cleared (a browser sends
     its ``Cookie`` header last), and the next answer clears more."""
 
-    def __init__(self, limits: Limits, secure: bool) -> None:
+    def __init__(self, limits: Limits, secure: bool, shared: str) -> None:
         self.limits = limits
         self.secure = secure
+        self.shared = shared  # the preview domain: what previews can set cookies for is it and above
         self.most = max(256 << 10, 2 * limits.header_size)
 
     def over_by_cookie(self, head: bytearray) -> bool:
@@ -218,7 +219,7 @@ class Relief:
         if over != {"cookie"}:
             return None
         cookies = clearing_cookies(message.headers.getall("Cookie"), message.headers.get("Host", ""), message.path,
-                                   limit=limits.header_size, secure=self.secure)
+                                   shared=self.shared, limit=limits.header_size, secure=self.secure)
         if not cookies:
             return None
         return CookiesTooLarge(cookies, wants_page(message.method, message.headers), message.method in ("GET", "HEAD"))

@@ -11,10 +11,13 @@ Real Chromium over real TLS (``Secure`` cookies for the site ``codehub.test``), 
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pytest
 from playwright.async_api import BrowserContext, Page
 
-from tests.browser.conftest import SITE, Browser, TlsStack
+from tests.browser.conftest import SITE, Browser, OtherOrigin, TlsStack
+from tests.kube.support import until
 
 _BOMB = """() => { for (const n of [1, 2, 3])
   document.cookie = `pad${n}=${"x".repeat(3000)}; Domain=codehub.test; Path=/; Secure; Max-Age=31536000`; }"""
@@ -93,3 +96,32 @@ async def test_cookies_chromium_keeps_however_set_are_cleared(browser: Browser, 
         assert refused is not None
         assert refused.status == 431, refused.status
     assert (await later.value).status in (200, 404)  # a hub path that names nothing is a 404 page
+
+
+async def test_cookies_set_in_a_frame_on_another_site_are_cleared_there(browser: Browser, tls_stack: TlsStack,
+                                                                        other_origin: OtherOrigin) -> None:
+    """Mallory's preview embedded in a review tool (another site) sets ``Partitioned`` cookies for the site in its
+    frame: kept for that review site only, so the frames of the hub and of every preview under it are refused. The
+    frame's answer clears them as ``SameSite=None`` lines (a helper's attack: ``Lax`` ones are not taken in a frame of
+    another site, and the frame reloaded for good)."""
+    stack = tls_stack
+    stack.set_policy({"embedding": {"frame_ancestors": [other_origin.review_origin]}})
+    context = await browser.launch(third_party_cookies=False, extra_args=("--ignore-certificate-errors",))
+    page = await context.new_page()
+    await page.goto(other_origin.url("review", f"/frame?src={quote(stack.share_url('mal', 3000), safe='')}"))
+    await page.frame_locator("#preview").locator("#app").wait_for()
+    await page.frames[1].evaluate(f"() => {{ for (const n of [1, 2, 3]) document.cookie = "
+                                  f"`pad${{n}}=${{'x'.repeat(3000)}}; Path=/; {_ATTRIBUTES}; SameSite=None; "
+                                  f"Partitioned`; }}")
+
+    async def left() -> list[str]:
+        return sorted(c["name"] for c in await context.cookies() if c["name"].startswith("pad"))
+
+    assert await left() == ["pad1", "pad2", "pad3"]
+    statuses: list[int] = []
+    frame = stack.share_url("mal", 3000)
+    page.on("response", lambda response: statuses.append(response.status) if response.url == frame else None)
+    await page.reload()
+    await until(lambda: 200 in statuses, 15)
+    assert statuses[0] == 431, statuses
+    assert await left() == ["pad3"]

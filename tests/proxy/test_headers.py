@@ -495,6 +495,7 @@ def test_connection_names_hold_whether_remembered_or_not(connection: tuple[str, 
 
 PAD = "x" * 400
 HUB_HOST = "hub.example.com:8443"
+SHARED = "preview.example.com"  # the preview domain: its previews can set cookies for it and example.com
 
 
 def names(lines: list[str]) -> list[str]:
@@ -515,22 +516,35 @@ def names(lines: list[str]) -> list[str]:
 ], ids=["order", "largest", "headers", "twice", "under", "host-prefix", "gateway-name", "unwritable", "odd", "spaces"])
 def test_the_largest_cookies_are_cleared_until_half_the_limit_is_left(cookies: list[str],
                                                                        expected: list[str]) -> None:
-    assert names(clearing_cookies(cookies, HUB_HOST, "/", limit=1024, secure=False)) == expected
+    assert names(clearing_cookies(cookies, HUB_HOST, "/", shared=SHARED, limit=1024, secure=False)) == expected
 
 
 def test_each_cookie_is_cleared_for_every_parent_domain_and_path_it_could_have() -> None:
-    """Not on the host itself: a cookie there is its own origin's, which no sibling could set. Under HTTPS a
+    """Not on a preview's own host: a cookie there is its app's, which no sibling could set. Under HTTPS a
     ``Partitioned`` one too (set by a page at the top, or in a frame of another site), which only a ``Partitioned``
-    line clears."""
-    lines = clearing_cookies([f"pad={PAD * 3}"], "3000-ws1.Preview.Example.com.:443", "/a/b?c=/d", limit=1024,
-                             secure=True)
-    assert lines == [f"pad=; Domain={domain}; Path={path}; Max-Age=0; Secure{partitioned}"
+    line clears, and each ``SameSite=None``: in a frame of another site a ``Lax`` line is not taken."""
+    lines = clearing_cookies([f"pad={PAD * 3}"], "3000-ws1.Preview.Example.com.:443", "/a/b?c=/d", shared=SHARED,
+                             limit=1024, secure=True)
+    assert lines == [f"pad=; Domain={domain}; Path={path}; Max-Age=0; Secure; SameSite=None{partitioned}"
                      for path in ("/", "/a", "/a/", "/a/b") for domain in ("preview.example.com", "example.com")
                      for partitioned in ("", "; Partitioned")]
 
 
+@pytest.mark.parametrize(("host", "shared", "domains"), [
+    ("hub.example.com", "preview.example.com", ["example.com"]),  # beside the previews
+    ("example.com", "example.com", ["example.com"]),  # the hub on the preview domain itself: reached by every preview
+    ("code.example.com", "preview.code.example.com", ["code.example.com", "example.com"]),  # above them
+    ("hub.other.com", "preview.example.com", []),  # another site: out of every preview's reach
+    ("ide-ws1.preview.example.com", "preview.example.com", ["preview.example.com", "example.com"]),
+])
+def test_cookies_are_cleared_where_a_preview_could_have_set_them(host: str, shared: str,
+                                                                  domains: list[str]) -> None:
+    lines = clearing_cookies([f"pad={PAD * 3}"], host, "/", shared=shared, limit=1024, secure=False)
+    assert lines == [f"pad=; Domain={domain}; Path=/; Max-Age=0" for domain in domains]
+
+
 def test_a_cookie_without_a_name_is_cleared_by_its_value() -> None:
-    assert clearing_cookies([PAD * 3], HUB_HOST, "/", limit=1024, secure=False) == [
+    assert clearing_cookies([PAD * 3], HUB_HOST, "/", shared=SHARED, limit=1024, secure=False) == [
         f"{PAD * 3}; Domain=example.com; Path=/; Max-Age=0"]
 
 
@@ -538,7 +552,7 @@ def test_a_cookie_without_a_name_is_cleared_by_its_value() -> None:
                                   "a;Domain=evil.test.x", "a..b.example.com", "-a.example.com", "",
                                   "a b.example.com", "\u00e9.example.com"])
 def test_a_host_without_a_dns_parent_gets_nothing_cleared(host: str) -> None:
-    assert clearing_cookies([f"pad={PAD * 3}"], host, "/", limit=1024, secure=False) == []
+    assert clearing_cookies([f"pad={PAD * 3}"], host, "/", shared=SHARED, limit=1024, secure=False) == []
 
 
 @pytest.mark.parametrize(("path", "paths"), [
@@ -553,13 +567,13 @@ def test_a_host_without_a_dns_parent_gets_nothing_cleared(host: str) -> None:
     ("/" + "/".join("x" * 40), ["/", *[f"/{'/'.join('x' * n)}{end}" for n in range(1, 33) for end in ("", "/")][:63]]),
 ])
 def test_the_paths_cleared_are_those_a_cookie_sent_to_the_path_can_have(path: str, paths: list[str]) -> None:
-    lines = clearing_cookies([f"pad={PAD * 3}"], HUB_HOST, path, limit=1024, secure=False)
+    lines = clearing_cookies([f"pad={PAD * 3}"], HUB_HOST, path, shared=SHARED, limit=1024, secure=False)
     assert lines == [f"pad=; Domain=example.com; Path={at}; Max-Age=0" for at in paths]
 
 
 def test_one_answer_clears_a_bounded_number_of_cookies() -> None:
     many = "; ".join(f"c{n}={PAD}" for n in range(200))
-    assert len(names(clearing_cookies([many], HUB_HOST, "/", limit=1024, secure=False))) == MOST_CLEARED
+    assert len(names(clearing_cookies([many], HUB_HOST, "/", shared=SHARED, limit=1024, secure=False))) == MOST_CLEARED
 
 
 def test_one_answer_keeps_to_a_number_of_bytes() -> None:
@@ -568,13 +582,17 @@ def test_one_answer_keeps_to_a_number_of_bytes() -> None:
     of its shortest paths (a helper's attack: 4 KB names at a deep path made 4 MB of lines)."""
     deep = "/" + "/".join("x" * 20)
     many = "; ".join(f"c{n:02}{'n' * 4000}=x" for n in range(40))
-    lines = clearing_cookies([many], "a.b.c.example.com", deep, limit=1024, secure=True)
+    host = "a.b.preview.example.com"
+    lines = clearing_cookies([many], host, deep, shared=SHARED, limit=1024, secure=True)
     assert sum(len(line) for line in lines) <= MOST_BYTES < sum(len(line) for line in lines) + len(lines[0])
     assert names(lines) == [f"c00{'n' * 4000}"]
-    assert lines[0].endswith("; Domain=b.c.example.com; Path=/; Max-Age=0; Secure")
+    assert lines[0].endswith("; Domain=preview.example.com; Path=/; Max-Age=0; Secure; SameSite=None")
     short = "; ".join(f"c{n:02}={PAD}" for n in range(40))
-    assert len(names(clearing_cookies([short], "a.b.c.example.com", deep, limit=1024, secure=True))) == 6
-    assert len(names(clearing_cookies([short], "a.b.c.example.com", "/", limit=1024, secure=True))) == 39  # all: 1 fits
+    lines = clearing_cookies([short], host, deep, shared=SHARED, limit=1024, secure=True)
+    per_cookie = sum(len(line) for line in lines if line.startswith("c00="))
+    assert len(names(lines)) == MOST_BYTES // per_cookie + 1 < 39  # the last one's shortest paths
+    lines = clearing_cookies([short], host, "/", shared=SHARED, limit=1024, secure=True)
+    assert len(names(lines)) == 39  # all: the last one fits under half
 
 
 @pytest.mark.parametrize(("cookie", "cleared"), [
@@ -582,10 +600,10 @@ def test_one_answer_keeps_to_a_number_of_bytes() -> None:
     ("; ".join(f"a{n}=" + "\u20ac" * 100 for n in range(2)), ["a0"]),  # three bytes each: 608 bytes, 208 characters
 ])
 def test_sizes_are_counted_in_bytes_as_the_limit_is(cookie: str, cleared: list[str]) -> None:
-    assert names(clearing_cookies([cookie], HUB_HOST, "/", limit=1024, secure=False)) == cleared
+    assert names(clearing_cookies([cookie], HUB_HOST, "/", shared=SHARED, limit=1024, secure=False)) == cleared
 
 
 def test_a_name_that_comes_twice_is_cleared_once() -> None:
     """Two cookies of one name (on two domains, or paths) are both cleared by its lines, and counted so."""
-    assert clearing_cookies([f"a={PAD}; a={PAD}; b={PAD}"], HUB_HOST, "/", limit=1024, secure=False) == [
+    assert clearing_cookies([f"a={PAD}; a={PAD}; b={PAD}"], HUB_HOST, "/", shared=SHARED, limit=1024, secure=False) == [
         "a=; Domain=example.com; Path=/; Max-Age=0"]

@@ -1,9 +1,9 @@
 """Cookies over the limit: a preview's script can set cookies for the parent domain it shares with the hub and every
 other preview, and enough of them make every request its visitor's browser sends to the site too large to read
 (431), for as long as they last. A head over ``limits.header_size`` by its ``Cookie`` header alone is read to its
-end all the same (up to ``Relief.OVERFLOW_READ`` times the limit) and refused once, quietly, with ``Set-Cookie``
-clearing the largest cookies that are not the gateway's; anything else over a limit is refused as before. Raw
-bytes over a real socket, in both lanes."""
+end all the same (to 256 KiB) and refused once, quietly, with ``Set-Cookie`` clearing the largest cookies where a
+preview could have set them; anything else over a limit is refused as before. Raw bytes over a real socket, in
+both lanes."""
 
 from __future__ import annotations
 
@@ -13,22 +13,22 @@ import logging
 import pytest
 
 from gateway.proxy.headers import MOST_CLEARED
-from tests.server.conftest import MakeProxied
+from tests.server.conftest import MakeProxied, Proxied
 from tests.server.test_hostile_input import (
     PRELUDES,
     Answer,
-    after,
     assert_refused,
     closed_by_gateway,
     counted,
-    exchange,
     quiet_refusal,
     read_answer,
 )
 from tests.server.test_proxy_http import echo_app
 
 LIMITS = {"request_line": 512, "header_size": 1024, "header_count": 20}
-HOST = "3000-ws1.preview.example.com"  # cleared on preview.example.com and example.com (refused before routing)
+DOMAIN = "preview.example.com"  # previews there can set cookies for it and example.com (on localhost: for none)
+SETTINGS = {"limits": LIMITS, "preview_domain": f"{DOMAIN}:8080"}
+HOST = f"3000-ws1.{DOMAIN}"  # cleared on preview.example.com and example.com (refused before routing)
 PADS = "; ".join(f"pad{n}={'x' * 400}" for n in (1, 2, 3))  # 1.2 KB: over the limit of 1,024 by these alone
 SESSION = "codehub_session=" + "s" * 60
 
@@ -37,6 +37,24 @@ def request(cookie: str, *, page: bool = False, path: str = "/app/x", extra: str
     """``extra`` fields come before the cookie, ``tail`` ones after it."""
     accept = "Accept: text/html\r\nSec-Fetch-Mode: navigate\r\n" if page else "Accept: */*\r\n"
     return f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n{accept}{extra}Cookie: {cookie}\r\n{tail}\r\n".encode()
+
+
+async def after(p: Proxied, prelude: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the gateway that went through the prelude (its answer read), on this preview domain."""
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    first = PRELUDES[prelude].replace(b"{host}", f"{p.port}-{p.workspace}.{DOMAIN}:8080".encode())
+    if first:
+        writer.write(first)
+        assert (await read_answer(reader)).status == 200
+    return reader, writer
+
+
+async def exchange(p: Proxied, raw: bytes, prelude: str, caplog: pytest.LogCaptureFixture,
+                   ) -> tuple[Answer, asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await after(p, prelude)
+    caplog.clear()
+    writer.write(raw)
+    return await read_answer(reader), reader, writer
 
 
 def cleared(answer: Answer) -> list[str]:
@@ -49,7 +67,7 @@ def cleared(answer: Answer) -> list[str]:
 async def test_cookies_over_the_limit_are_cleared_in_one_quiet_refusal(
         proxied: MakeProxied, caplog: pytest.LogCaptureFixture, prelude: str, page: bool) -> None:
     caplog.set_level(logging.DEBUG)
-    p = await proxied(echo_app(), limits=LIMITS)
+    p = await proxied(echo_app(), **SETTINGS)
     answer, reader, writer = await exchange(p, request(f"{SESSION}; {PADS}", page=page), prelude, caplog)
     try:
         if page:
@@ -77,7 +95,7 @@ async def test_a_head_over_the_limit_by_its_cookies_is_read_to_its_end_in_pieces
         proxied: MakeProxied, caplog: pytest.LogCaptureFixture, prelude: str) -> None:
     """As over TLS, where a record holds 16 KB: the head comes in reads that end inside the cookie, and the largest
     cookie comes after the read where it passes the limit."""
-    p = await proxied(echo_app(), limits=LIMITS)
+    p = await proxied(echo_app(), **SETTINGS)
     raw = request(PADS + "; big=" + "z" * 600)
     reader, writer = await after(p, prelude)
     try:
@@ -106,7 +124,7 @@ async def test_a_head_over_the_limit_by_its_cookies_is_read_to_its_end_in_pieces
 async def test_what_clearing_cookies_cannot_mend_is_refused_as_before(
         proxied: MakeProxied, caplog: pytest.LogCaptureFixture, prelude: str, raw: bytes, reason: str) -> None:
     caplog.set_level(logging.DEBUG)
-    p = await proxied(echo_app(), limits=LIMITS)
+    p = await proxied(echo_app(), **SETTINGS)
     answer, _, writer = await exchange(p, raw, prelude, caplog)
     writer.close()
     assert_refused(answer, 431, reason)
@@ -118,7 +136,7 @@ async def test_a_cookie_without_a_name_is_cleared_by_its_value(proxied: MakeProx
                                                                caplog: pytest.LogCaptureFixture) -> None:
     """``document.cookie = "xxx…"`` sets a cookie without a name, sent back as its bare value; ``Set-Cookie: xxx…;
     Max-Age=0`` is that cookie (no name, that value) expired."""
-    p = await proxied(echo_app(), limits=LIMITS)
+    p = await proxied(echo_app(), **SETTINGS)
     answer, _, writer = await exchange(p, request("x" * 1100, path="/"), "fresh", caplog)
     writer.close()
     assert_refused(answer, 431, "cookies-too-large")
@@ -131,7 +149,7 @@ async def test_another_field_over_the_limit_is_refused_before_the_head_ends(
         proxied: MakeProxied, prelude: str) -> None:
     """Only a head over the limit by a cookie is read on; any other is refused as soon as the field passes it (the
     head timeout is 20 s here, the answer's wait 10)."""
-    p = await proxied(echo_app(), limits=LIMITS)
+    p = await proxied(echo_app(), **SETTINGS)
     reader, writer = await after(p, prelude)
     try:
         writer.write(request(PADS, extra="X-Big: " + "b" * 1100 + "\r\n")[:1300])  # the cookie not yet in
@@ -148,7 +166,7 @@ async def test_cookies_past_what_is_read_are_cleared_up_to_there(proxied: MakePr
     """180 cookies of 4 KB (what Chromium keeps for one domain): 720 KB of ``Cookie`` header. The head is read to
     256 KiB, and the largest cookies whole in it are cleared (as many as one answer clears); the next request clears
     more."""
-    p = await proxied(echo_app(), limits=LIMITS)
+    p = await proxied(echo_app(), **SETTINGS)
     raw = request("; ".join(f"c{n:03}={n % 7 * 'y'}{'x' * 4000}" for n in range(180)))
     reader, writer = await after(p, prelude)
     try:
@@ -168,7 +186,7 @@ async def test_cookies_past_what_is_read_are_cleared_up_to_there(proxied: MakePr
 async def test_a_head_past_what_is_read_in_one_read_is_cut_too(proxied: MakeProxied,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """Its end may come in the read that passes 256 KiB: it is cut there all the same."""
-    p = await proxied(echo_app(), limits=LIMITS)
+    p = await proxied(echo_app(), **SETTINGS)
     raw = request("; ".join(f"c{n:03}={'x' * 1500}" for n in range(180)))  # 272 KB
     answer, _, writer = await exchange(p, raw, "fresh", caplog)
     writer.close()
@@ -177,10 +195,11 @@ async def test_a_head_past_what_is_read_in_one_read_is_cut_too(proxied: MakeProx
 
 
 async def test_a_head_that_came_in_pieces_before_is_not_taken_for_part_of_the_next(proxied: MakeProxied) -> None:
-    p = await proxied(echo_app(), limits=LIMITS)
+    p = await proxied(echo_app(), **SETTINGS)
     reader, writer = await after(p, "after-aiohttp-lane")
     try:
-        second = f"POST /second HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 2\r\n\r\nhi".encode()
+        host = f"{p.port}-{p.workspace}.{DOMAIN}:8080"
+        second = f"POST /second HTTP/1.1\r\nHost: {host}\r\nContent-Length: 2\r\n\r\nhi".encode()
         writer.write(second[:20])
         await writer.drain()
         await asyncio.sleep(0.1)
@@ -196,7 +215,7 @@ async def test_a_head_that_came_in_pieces_before_is_not_taken_for_part_of_the_ne
 async def test_a_form_sent_is_not_sent_again_by_the_page(proxied: MakeProxied,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     """The page tries again by itself only for a GET: its reload would not send a form again."""
-    p = await proxied(echo_app(), limits=LIMITS)
+    p = await proxied(echo_app(), **SETTINGS)
     raw = request(PADS, page=True, tail="Content-Length: 0\r\n").replace(b"GET ", b"POST ", 1)
     answer, _, writer = await exchange(p, raw, "fresh", caplog)
     writer.close()
@@ -210,7 +229,7 @@ async def test_cookies_over_the_limit_in_bytes_but_not_in_characters_are_cleared
         proxied: MakeProxied, caplog: pytest.LogCaptureFixture) -> None:
     """The limit counts bytes: values of ``é`` (two bytes each, as Chromium keeps them) are over it at half as many
     characters (a helper's attack: they were an ordinary 431, with nothing cleared)."""
-    p = await proxied(echo_app(), limits=LIMITS)
+    p = await proxied(echo_app(), **SETTINGS)
     raw = request("; ".join(f"pad{n}=" + "\u00e9" * 200 for n in (1, 2, 3)))  # 1,219 bytes, 619 characters
     answer, _, writer = await exchange(p, raw, "fresh", caplog)
     writer.close()
