@@ -20,7 +20,7 @@ from typing import NamedTuple
 from yarl import URL
 
 from gateway.config import WORKSPACE_ID
-from gateway.errors import BadRequest, NotFound
+from gateway.errors import BadRequest, GatewayError, NotFound
 
 RESERVED_PREFIX = "/_codehub/"
 WAKE_EVENTS_PATH = "/_codehub/wake/events"
@@ -138,6 +138,15 @@ def _origin(host: str, scheme: str) -> str:
     assert normalised is not None, "routing accepted the host"
     name, _, port = normalised.rpartition(":")
     return f"{scheme}://{name}" if int(port) == _DEFAULT_PORTS[scheme] else f"{scheme}://{normalised}"
+
+
+def host_kind(host: str, hosts: Hosts) -> str:
+    """The kind of host ``host`` is (``KIND_LABELS``), or ``unknown``: for an answer given before a request is
+    routed (its head could not be read as it is)."""
+    try:
+        return KIND_LABELS[route(host, "/", hosts).kind]
+    except GatewayError:
+        return "unknown"
 
 
 def route(host: str | None, raw_path: str, hosts: Hosts) -> Target:

@@ -7,7 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import aiohttp_jinja2
@@ -88,17 +88,21 @@ async def by_plan(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
-def _own_headers(response: web.StreamResponse, kind: str, gateway: Gateway) -> None:
-    """The gateway's own answers: framable on preview hosts as policy allows (waiting pages inside reviews),
-    never on the hub (clickjacking of sign-in and sharing); and on the hub, made for the person signed in, kept by
-    no cache unless they say otherwise (a shared cache in front would give one person's page to the next).
-    Versioned static files stay cacheable."""
+def own_frame_headers(kind: str, gateway: Gateway) -> Mapping[str, str]:
+    """How the gateway's own pages may be framed: on preview hosts as policy allows (waiting pages inside reviews),
+    never on the hub (clickjacking of sign-in and sharing) nor anywhere else."""
     if kind in (Kind.PREVIEW.value, Kind.RESERVED.value):
-        response.headers.setdefault("Content-Security-Policy", frame_ancestors(gateway.policy))
-        return
-    for name, value in HUB_FRAME_HEADERS.items():
+        return {"Content-Security-Policy": frame_ancestors(gateway.policy)}
+    return HUB_FRAME_HEADERS
+
+
+def _own_headers(response: web.StreamResponse, kind: str, gateway: Gateway) -> None:
+    """The gateway's own answers: framed as ``own_frame_headers`` says; and off preview hosts, made for the person
+    signed in, kept by no cache unless they say otherwise (a shared cache in front would give one person's page to
+    the next). Versioned static files stay cacheable."""
+    for name, value in own_frame_headers(kind, gateway).items():
         response.headers.setdefault(name, value)
-    if not isinstance(response, web.FileResponse):
+    if kind not in (Kind.PREVIEW.value, Kind.RESERVED.value) and not isinstance(response, web.FileResponse):
         response.headers.setdefault("Cache-Control", "no-store")
 
 

@@ -32,13 +32,14 @@ from multidict import CIMultiDictProxy
 
 from gateway.accesslog import AccessLog, log_text
 from gateway.edge.plan import Facts, Forward, Plan, Refuse, plan
-from gateway.edge.routing import KIND_LABELS, Target
+from gateway.edge.routing import KIND_LABELS, Target, host_kind
 from gateway.errors import GatewayError
 from gateway.proxy import h1
 from gateway.proxy.pool import Response, UpstreamError, WriteFlow, encode_head
 from gateway.proxy.upstream import Upstream
 from gateway.proxy.wshandshake import client_offer
 from gateway.proxy.wsrelay import GOING_AWAY, Relay
+from gateway.server.app import own_frame_headers
 from gateway.server.context import GATEWAY
 from gateway.server.forward import SMALL_BODY, GrantEnded, read_small, send, shape_answer
 from gateway.server.lane import (
@@ -81,9 +82,10 @@ class FastLaneServer(web.Server):
         self.gateway = gateway
         self.limits = gateway.config.limits
         self.access = AccessLog(logging.getLogger("codehub.access"))
-        relief = Relief(self.limits, gateway.config.secure, gateway.hosts.preview_suffix.rpartition(":")[0])
+        relief = Relief(self.limits, gateway.config.secure, gateway.hosts.preview_suffix.rpartition(":")[0],
+                        lambda host: own_frame_headers(host_kind(host, gateway.hosts), gateway))
         self.refusals = Refusals(gateway.metrics, self.access, relief,
-                                 lambda error, retry: error_page(app, error, retry=retry))
+                                 lambda error, retry, refresh: error_page(app, error, retry=retry, refresh=refresh))
         self.lanes: set[FastLane] = set()
         self.open = 0
         """Client connections of this worker, either lane (counted when accepted: one ``accept`` burst can take

@@ -22,7 +22,7 @@ import asyncio
 import enum
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Any, cast
 
@@ -42,6 +42,7 @@ from multidict import CIMultiDictProxy
 
 from gateway.accesslog import REFUSED, UNREAD, AccessLog, AccessLogger
 from gateway.config import Limits
+from gateway.edge.cors import wakes_from_here
 from gateway.edge.plan import wants_page
 from gateway.errors import (
     BadRequest,
@@ -158,14 +159,20 @@ def ends_its_connection(method: str, headers: CIMultiDictProxy[str], upgrade: bo
 
 class CookiesTooLarge(HttpProcessingError):
     """A request head over ``limits.header_size`` only by its ``Cookie`` header, read whole all the same: its answer
-    clears the largest cookies (``cookies``, ``Set-Cookie`` values), and is a page when a browser navigates, which
-    tries again by itself when that is the same request (a GET's)."""
+    clears the largest cookies (``cookies``, ``Set-Cookie`` values), and is a page (``page``) when a browser
+    navigates, framed as the host's pages are (``frame_headers``). Its button tries again when that is the same request
+    (``retry``: a GET's); the page tries by itself only when the visitor's own navigation brought it (``refresh``):
+    its reload comes from the host's own origin, which may wake a sleeping workspace (``cors.wakes_from_here``),
+    and a frame, or a navigation a script started, must not get that by way of the cookies a page set."""
 
-    def __init__(self, cookies: list[str], page: bool, retry: bool) -> None:
+    def __init__(self, cookies: list[str], page: bool, retry: bool, refresh: bool,
+                 frame_headers: Mapping[str, str]) -> None:
         super().__init__(message="cookies over the limit")
         self.cookies = cookies
         self.page = page
         self.retry = retry
+        self.refresh = refresh
+        self.frame_headers = frame_headers
 
 
 class Relief:
@@ -176,10 +183,12 @@ class Relief:
     a third of what Chromium keeps for one domain): past that, the cookies up to there are cleared (a browser sends
     its ``Cookie`` header last), and the next answer clears more."""
 
-    def __init__(self, limits: Limits, secure: bool, shared: str) -> None:
+    def __init__(self, limits: Limits, secure: bool, shared: str,
+                 frame_headers: Callable[[str], Mapping[str, str]]) -> None:
         self.limits = limits
         self.secure = secure
         self.shared = shared  # the preview domain: what previews can set cookies for is it and above
+        self.frame_headers = frame_headers  # a host's framing headers, as for the gateway's pages there
         self.most = max(256 << 10, 2 * limits.header_size)
 
     def over_by_cookie(self, head: bytearray) -> bool:
@@ -222,7 +231,11 @@ class Relief:
                                    shared=self.shared, limit=limits.header_size, secure=self.secure)
         if not cookies:
             return None
-        return CookiesTooLarge(cookies, wants_page(message.method, message.headers), message.method in ("GET", "HEAD"))
+        headers, host = message.headers, message.headers.get("Host", "")
+        retry = message.method in ("GET", "HEAD")
+        own = f"{'https' if self.secure else 'http'}://{host}"
+        return CookiesTooLarge(cookies, wants_page(message.method, headers), retry,
+                               retry and wakes_from_here(headers, own, lambda _origin: False), self.frame_headers(host))
 
 
 class _CheckedParser:
@@ -320,7 +333,7 @@ class Refusals:
     """Counts, logs and writes refusals: the one place both lanes refuse through."""
 
     def __init__(self, metrics: Metrics, access: AccessLog, relief: Relief,
-                 page: Callable[[GatewayError, bool], str]) -> None:
+                 page: Callable[[GatewayError, bool, bool], str]) -> None:
         self._metrics = metrics
         self._access = access
         self.relief = relief
@@ -330,9 +343,9 @@ class Refusals:
         """Count a refusal; its error, for the caller to answer with."""
         return counted(self._metrics, reason)
 
-    def page(self, error: GatewayError, *, retry: bool) -> str:
-        """The error page a browser gets for ``error``; with ``retry`` it tries again by itself."""
-        return self._page(error, retry)
+    def page(self, error: GatewayError, *, retry: bool, refresh: bool) -> str:
+        """The error page a browser gets for ``error`` (``pages.error_page``)."""
+        return self._page(error, retry, refresh)
 
     def answer(self, transport: asyncio.Transport, reason: Reason, *, seconds: float = 0.0) -> None:
         """Count, answer and log a refusal on a connection that no request object stands for (the head never
@@ -441,8 +454,9 @@ class GatewayHandler(RequestHandler):
         headers = {"Cache-Control": "no-store", **error.headers}
         response: web.Response
         if isinstance(exc, CookiesTooLarge) and exc.page:  # a head read whole: a browser's navigation
-            response = web.Response(text=self._refusals.page(error, retry=exc.retry), status=error.status,
-                                    content_type="text/html", headers=headers)
+            response = web.Response(text=self._refusals.page(error, retry=exc.retry, refresh=exc.refresh),
+                                    status=error.status, content_type="text/html",
+                                    headers={**headers, **exc.frame_headers})
         else:
             response = web.json_response(error.document(), status=error.status, headers=headers)
         for cookie in exc.cookies if isinstance(exc, CookiesTooLarge) else ():

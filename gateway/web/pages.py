@@ -45,8 +45,8 @@ def error_response(request: web.Request, error: GatewayError) -> web.StreamRespo
     elif wants_html(request):
         # Trying again is a reload, a GET: the same request only for a GET or HEAD (a form sent is not sent again).
         retry = error.retry and request.method in ("GET", "HEAD")
-        response = web.Response(text=error_page(request.app, error, retry=retry), status=error.status,
-                                content_type="text/html", headers=headers)
+        response = web.Response(text=error_page(request.app, error, retry=retry, refresh=retry),
+                                status=error.status, content_type="text/html", headers=headers)
     else:
         response = web.json_response(error.document(), status=error.status, headers=headers)
     for cookie in error.cookies:
@@ -54,9 +54,11 @@ def error_response(request: web.Request, error: GatewayError) -> web.StreamRespo
     return response
 
 
-def error_page(app: web.Application, error: GatewayError, *, retry: bool) -> str:
-    """``error``'s page; with ``retry`` it tries again by itself every few seconds."""
-    return aiohttp_jinja2.get_env(app).get_template(error.template).render(error=error, retry=retry)
+def error_page(app: web.Application, error: GatewayError, *, retry: bool, refresh: bool) -> str:
+    """``error``'s page; with ``retry`` a button that tries again, with ``refresh`` it tries by itself every few
+    seconds too (a navigation from its own origin: one that may wake a sleeping workspace)."""
+    return aiohttp_jinja2.get_env(app).get_template(error.template).render(error=error, retry=retry,
+                                                                           refresh=refresh)
 
 
 def internal_error(request: web.Request, exc: BaseException) -> web.StreamResponse:

@@ -11,12 +11,15 @@ Real Chromium over real TLS (``Secure`` cookies for the site ``codehub.test``), 
 
 from __future__ import annotations
 
+import contextlib
 from urllib.parse import quote
 
 import pytest
 from playwright.async_api import BrowserContext, Page
 
+from gateway.lifecycle import Phase
 from tests.browser.conftest import SITE, Browser, OtherOrigin, TlsStack
+from tests.browser.test_wake_elsewhere import _alice_left_her_app
 from tests.kube.support import until
 
 _BOMB = """() => { for (const n of [1, 2, 3])
@@ -122,6 +125,38 @@ async def test_cookies_set_in_a_frame_on_another_site_are_cleared_there(browser:
     frame = stack.share_url("mal", 3000)
     page.on("response", lambda response: statuses.append(response.status) if response.url == frame else None)
     await page.reload()
+    await page.frame_locator("#preview").get_by_role("link", name="Try again now").click()  # a frame: no reload
     await until(lambda: 200 in statuses, 15)
-    assert statuses[0] == 431, statuses
+    assert statuses == [431, 200], statuses
     assert await left() == ["pad3"]
+    await page.frame_locator("#preview").locator("#app").wait_for()
+
+
+_LOAD_IN_A_HIDDEN_FRAME = """src => document.body.append(Object.assign(document.createElement("iframe"),
+  {src, style: "width: 1px; height: 1px; opacity: 0"}))"""
+
+
+@pytest.mark.parametrize("how", ["hidden-frame", "script-navigation"])
+async def test_cookies_over_the_limit_do_not_let_a_preview_wake_its_visitors_workspace(
+        browser: Browser, tls_stack: TlsStack, how: str) -> None:
+    """A helper's attack: the refusal page's reload came from the sleeping workspace's own origin, which may wake
+    it, so mallory's cookies turned a frame or a navigation of her script (each refused 403 ``wake-from-elsewhere``
+    without them) into a wake of alice's workspace. The page now reloads by itself only for the visitor's own
+    navigation (``tests/browser/test_wake_elsewhere.py``)."""
+    stack = tls_stack
+    app = stack.share_url("vic", 8000)
+    page = await _alice_left_her_app(browser, stack)  # she holds its cookie; it went to sleep (WARM)
+    await page.goto(stack.share_url("mal", 3000))
+    await page.locator("#app").wait_for()
+    if how == "hidden-frame":
+        await page.evaluate(_BOMB)
+        await page.evaluate(_LOAD_IN_A_HIDDEN_FRAME, app + "?hidden-frame")
+    else:  # no click: an init script has no user activation (Playwright's `evaluate` would count as one)
+        await page.context.add_init_script(f"if (location.hash === '#away') {{ ({_BOMB})(); "
+                                           f"location.href = {app + '?script'!r}; }}")
+        await page.goto(stack.share_url("mal", 3000, "/elsewhere#away"), wait_until="commit")
+    with contextlib.suppress(TimeoutError):  # a reload would come 3 s after the refusal
+        await until(lambda: stack.gateway.waker.waking("vic"), 6)
+    state = stack.gateway.runtime.get("vic")
+    assert state is not None
+    assert state.phase is Phase.WARM, state

@@ -27,8 +27,8 @@ from tests.server.test_proxy_http import echo_app
 
 LIMITS = {"request_line": 512, "header_size": 1024, "header_count": 20}
 DOMAIN = "preview.example.com"  # previews there can set cookies for it and example.com (on localhost: for none)
-SETTINGS = {"limits": LIMITS, "preview_domain": f"{DOMAIN}:8080"}
-HOST = f"3000-ws1.{DOMAIN}"  # cleared on preview.example.com and example.com (refused before routing)
+SETTINGS = {"limits": LIMITS, "preview_domain": f"{DOMAIN}:8080", "hub_url": "http://hub.example.com:8080"}
+HOST = f"3000-ws1.{DOMAIN}:8080"  # cleared on preview.example.com and example.com (refused before routing)
 PADS = "; ".join(f"pad{n}={'x' * 400}" for n in (1, 2, 3))  # 1.2 KB: over the limit of 1,024 by these alone
 SESSION = "codehub_session=" + "s" * 60
 
@@ -235,3 +235,44 @@ async def test_cookies_over_the_limit_in_bytes_but_not_in_characters_are_cleared
     writer.close()
     assert_refused(answer, 431, "cookies-too-large")
     assert list(dict.fromkeys(line.partition("=")[0] for line in cleared(answer))) == ["pad1", "pad2"]
+
+
+NAVIGATIONS = {  # Fetch Metadata → whether the page reloads by itself (as the wake rule would let it)
+    "typed": ("Sec-Fetch-Site: none\r\nSec-Fetch-Dest: document\r\n", True),
+    "its-own-origin": ("Sec-Fetch-Site: same-origin\r\nSec-Fetch-Dest: document\r\n", True),
+    "clicked": ("Sec-Fetch-Site: same-site\r\nSec-Fetch-Dest: document\r\nSec-Fetch-User: ?1\r\n", True),
+    "script": ("Sec-Fetch-Site: same-site\r\nSec-Fetch-Dest: document\r\n", False),
+    "frame": ("Sec-Fetch-Site: cross-site\r\nSec-Fetch-Dest: iframe\r\n", False),
+    "prerender": ("Sec-Fetch-Site: none\r\nSec-Fetch-Dest: document\r\nSec-Purpose: prefetch;prerender\r\n",
+                  False),
+}
+
+
+@pytest.mark.parametrize("how", list(NAVIGATIONS))
+async def test_the_page_reloads_by_itself_only_for_the_visitors_own_navigation(
+        proxied: MakeProxied, caplog: pytest.LogCaptureFixture, how: str) -> None:
+    """Its reload comes from the host's own origin, which wakes a sleeping workspace: a frame, or a navigation a
+    page's script started, gets a button instead (a helper's attack: a preview's cookies made any such navigation
+    to a sleeping workspace wake it)."""
+    fetch_metadata, reloads = NAVIGATIONS[how]
+    p = await proxied(echo_app(), **SETTINGS)
+    answer, _, writer = await exchange(p, request(PADS, page=True, extra=fetch_metadata), "fresh", caplog)
+    writer.close()
+    assert answer.status == 431
+    assert (b'http-equiv="refresh"' in answer.body) is reloads
+    assert b"Try again now" in answer.body
+    assert {line.partition("=")[0] for line in cleared(answer)} == {"pad1", "pad2"}
+
+
+@pytest.mark.parametrize(("host", "framing"), [
+    (HOST, b"content-security-policy: frame-ancestors 'self'"),  # a preview's: as its other pages, in reviews
+    ("hub.example.com:8080", b"x-frame-options: deny"),  # the hub's: never
+])
+async def test_the_page_is_framed_as_the_hosts_other_pages(proxied: MakeProxied, caplog: pytest.LogCaptureFixture,
+                                                           host: str, framing: bytes) -> None:
+    p = await proxied(echo_app(), **SETTINGS)
+    answer, _, writer = await exchange(p, request(PADS, page=True).replace(HOST.encode(), host.encode()), "fresh",
+                                       caplog)
+    writer.close()
+    assert answer.status == 431
+    assert framing in answer.head.lower()
