@@ -13,6 +13,7 @@ import logging
 import pytest
 
 from gateway.proxy.headers import MOST_CLEARED
+from tests.server import test_hostile_input as hostile
 from tests.server.conftest import MakeProxied, Proxied
 from tests.server.test_hostile_input import (
     PRELUDES,
@@ -39,22 +40,17 @@ def request(cookie: str, *, page: bool = False, path: str = "/app/x", extra: str
     return f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n{accept}{extra}Cookie: {cookie}\r\n{tail}\r\n".encode()
 
 
+def preview_host(p: Proxied) -> str:
+    return f"{p.port}-{p.workspace}.{DOMAIN}:8080"
+
+
 async def after(p: Proxied, prelude: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connection to the gateway that went through the prelude (its answer read), on this preview domain."""
-    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
-    first = PRELUDES[prelude].replace(b"{host}", f"{p.port}-{p.workspace}.{DOMAIN}:8080".encode())
-    if first:
-        writer.write(first)
-        assert (await read_answer(reader)).status == 200
-    return reader, writer
+    return await hostile.after(p, prelude, preview_host(p))
 
 
 async def exchange(p: Proxied, raw: bytes, prelude: str, caplog: pytest.LogCaptureFixture,
                    ) -> tuple[Answer, asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await after(p, prelude)
-    caplog.clear()
-    writer.write(raw)
-    return await read_answer(reader), reader, writer
+    return await hostile.exchange(p, raw, prelude, caplog, preview_host(p))
 
 
 def cleared(answer: Answer) -> list[str]:
@@ -198,8 +194,7 @@ async def test_a_head_that_came_in_pieces_before_is_not_taken_for_part_of_the_ne
     p = await proxied(echo_app(), **SETTINGS)
     reader, writer = await after(p, "after-aiohttp-lane")
     try:
-        host = f"{p.port}-{p.workspace}.{DOMAIN}:8080"
-        second = f"POST /second HTTP/1.1\r\nHost: {host}\r\nContent-Length: 2\r\n\r\nhi".encode()
+        second = f"POST /second HTTP/1.1\r\nHost: {preview_host(p)}\r\nContent-Length: 2\r\n\r\nhi".encode()
         writer.write(second[:20])
         await writer.drain()
         await asyncio.sleep(0.1)

@@ -75,22 +75,24 @@ PRELUDES = {
 aiohttp's lane served (the connection is aiohttp's from then on)."""
 
 
-async def after(p: Proxied, prelude: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connection to the gateway that went through the prelude (its answer read)."""
+async def after(p: Proxied, prelude: str, host: str | None = None,
+                ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the gateway that went through the prelude (its answer read), to ``host`` (``p.host``)."""
     reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
-    first = PRELUDES[prelude].replace(b"{host}", p.host.encode())
+    first = PRELUDES[prelude].replace(b"{host}", (host or p.host).encode())
     if first:
         writer.write(first)
         assert (await read_answer(reader)).status == 200
     return reader, writer
 
 
-async def exchange(p: Proxied, raw: bytes, prelude: str, caplog: pytest.LogCaptureFixture,
+async def exchange(p: Proxied, raw: bytes, prelude: str, caplog: pytest.LogCaptureFixture, host: str | None = None,
                    ) -> tuple[Answer, asyncio.StreamReader, asyncio.StreamWriter]:
-    """Send the prelude (and read its answer), then ``raw``; the answer to ``raw``, with logs captured only for it."""
-    reader, writer = await after(p, prelude)
+    """Send the prelude (and read its answer), then ``raw``; the answer to ``raw``, with logs captured only for it.
+    ``{host}`` in either is ``host`` (``p.host``)."""
+    reader, writer = await after(p, prelude, host)
     caplog.clear()
-    writer.write(raw.replace(b"{host}", p.host.encode()))
+    writer.write(raw.replace(b"{host}", (host or p.host).encode()))
     return await read_answer(reader), reader, writer
 
 
