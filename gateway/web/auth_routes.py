@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import time
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp_jinja2
 from aiohttp import web
@@ -343,8 +344,11 @@ def _may_go_on(request: web.Request, gateway: Gateway, host: str, state: str | N
 
 
 async def preview_popup(request: web.Request) -> web.StreamResponse:
-    """In the sign-in popup: hand the code to the framed preview that opened it, on this same origin only."""
-    context = {"code": request.query.get("code", ""), "next": local_path(request.query.get("next"))}
+    """In the sign-in popup: hand the code to the framed preview that opened it, on this same origin only; without
+    it, a link to the callback that the visitor follows (a script's navigation from here would wake a sleeping
+    workspace, ``cors.wakes_from_here``)."""
+    code, next_path = request.query.get("code", ""), local_path(request.query.get("next"))
+    context = {"code": code, "next": next_path, "query": urlencode({"code": code, "next": next_path})}
     response = aiohttp_jinja2.render_template("popup_done.html", request, context)
     response.headers["Cache-Control"] = "no-store"
     response.headers["Referrer-Policy"] = "no-referrer"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import urlencode
 
 from playwright.async_api import Page
 
@@ -134,3 +135,26 @@ async def test_a_frame_elsewhere_offers_its_visitor_a_wake(browser: Browser, tls
     await frame.locator("#app").wait_for()
     assert await frame.locator("#path").text_content() == "/?in-review"
     assert await frame.locator("#user").text_content() == "alice"
+
+
+async def test_the_sign_in_popups_page_alone_does_not_go_on_by_itself(browser: Browser, tls_stack: TlsStack) -> None:
+    """A helper's attack: mallory's script (no click) sent the tab to the hub's hand-off in popup mode; the popup's
+    landing page on alice's app, with no frame that opened it, went on to the callback by script — a navigation from
+    the app's own origin, which the wake rule lets wake — and the callback, alice holding a session there, sent it
+    on to her app: woken. Alone, the page now offers a link, which is the visitor's to click."""
+    stack = tls_stack
+    app = stack.share_url("vic", 8000)
+    page = await _alice_left_her_app(browser, stack)
+    handoff = stack.hub + "/auth/handoff?" + urlencode({"target": app + "?popup", "state": "mallory", "popup": "1"})
+    await page.context.add_init_script(f"if (location.hash === '#away') location.href = {handoff!r};")
+    await page.goto(stack.share_url("mal", 3000, "/elsewhere#away"), wait_until="commit")
+    await page.get_by_role("link", name="Continue to the preview").wait_for()
+    assert page.url.startswith(stack.share_url("vic", 8000, "/_codehub/auth/popup?"))
+    await asyncio.sleep(1)
+    assert not stack.gateway.waker.waking("vic")
+    state = stack.gateway.runtime.get("vic")
+    assert state is not None
+    assert state.phase is Phase.WARM, state
+
+    await page.get_by_role("link", name="Continue to the preview").click()  # alice's click: her app wakes
+    await page.locator("#app").wait_for()
