@@ -88,10 +88,14 @@ async def by_plan(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
+_FRAMABLE = frozenset({Kind.PREVIEW.value, Kind.RESERVED.value})
+"""Hosts whose gateway pages may be framed (as the policy allows): a preview's, where they stand for its app."""
+
+
 def own_frame_headers(kind: str, gateway: Gateway) -> Mapping[str, str]:
     """How the gateway's own pages may be framed: on preview hosts as policy allows (waiting pages inside reviews),
     never on the hub (clickjacking of sign-in and sharing) nor anywhere else."""
-    if kind in (Kind.PREVIEW.value, Kind.RESERVED.value):
+    if kind in _FRAMABLE:
         return {"Content-Security-Policy": frame_ancestors(gateway.policy)}
     return HUB_FRAME_HEADERS
 
@@ -102,7 +106,7 @@ def _own_headers(response: web.StreamResponse, kind: str, gateway: Gateway) -> N
     the next). Versioned static files stay cacheable."""
     for name, value in own_frame_headers(kind, gateway).items():
         response.headers.setdefault(name, value)
-    if kind not in (Kind.PREVIEW.value, Kind.RESERVED.value) and not isinstance(response, web.FileResponse):
+    if kind not in _FRAMABLE and not isinstance(response, web.FileResponse):
         response.headers.setdefault("Cache-Control", "no-store")
 
 

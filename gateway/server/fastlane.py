@@ -25,6 +25,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Mapping
 from typing import Any, cast
 
 from aiohttp import web
@@ -82,8 +83,11 @@ class FastLaneServer(web.Server):
         self.gateway = gateway
         self.limits = gateway.config.limits
         self.access = AccessLog(logging.getLogger("codehub.access"))
-        relief = Relief(self.limits, gateway.config.secure, gateway.hosts.preview_suffix.rpartition(":")[0],
-                        lambda host: own_frame_headers(host_kind(host, gateway.hosts), gateway))
+
+        def framing(host: str) -> Mapping[str, str]:
+            return own_frame_headers(host_kind(host, gateway.hosts), gateway)
+
+        relief = Relief(self.limits, gateway.hosts, framing)
         self.refusals = Refusals(gateway.metrics, self.access, relief,
                                  lambda error, retry, refresh: error_page(app, error, retry=retry, refresh=refresh))
         self.lanes: set[FastLane] = set()

@@ -44,6 +44,7 @@ from gateway.accesslog import REFUSED, UNREAD, AccessLog, AccessLogger
 from gateway.config import Limits
 from gateway.edge.cors import wakes_from_here
 from gateway.edge.plan import wants_page
+from gateway.edge.routing import Hosts, normalise_host
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -183,11 +184,11 @@ class Relief:
     a third of what Chromium keeps for one domain): past that, the cookies up to there are cleared (a browser sends
     its ``Cookie`` header last), and the next answer clears more."""
 
-    def __init__(self, limits: Limits, secure: bool, shared: str,
-                 frame_headers: Callable[[str], Mapping[str, str]]) -> None:
+    def __init__(self, limits: Limits, hosts: Hosts, frame_headers: Callable[[str], Mapping[str, str]]) -> None:
         self.limits = limits
-        self.secure = secure
-        self.shared = shared  # the preview domain: what previews can set cookies for is it and above
+        self.hosts = hosts
+        self.secure = hosts.scheme == "https"
+        self.shared = hosts.preview_suffix.rpartition(":")[0]  # previews can set cookies for it and above
         self.frame_headers = frame_headers  # a host's framing headers, as for the gateway's pages there
         self.most = max(256 << 10, 2 * limits.header_size)
 
@@ -223,19 +224,19 @@ class Relief:
         if len(messages) != 1:
             return None
         message = messages[0][0]
-        over = {name.lower() for name, value in message.headers.items()  # in bytes, as the parser counts
-                if len(name) > limits.header_size or len(value.encode("utf-8", "surrogateescape")) > limits.header_size}
+        headers, host = message.headers, message.headers.get("Host", "")
+        over = {name.lower() for name, value in headers.items()  # in bytes, as the parser counts
+                if max(len(name), len(value.encode("utf-8", "surrogateescape"))) > limits.header_size}
         if over != {"cookie"}:
             return None
-        cookies = clearing_cookies(message.headers.getall("Cookie"), message.headers.get("Host", ""), message.path,
-                                   shared=self.shared, limit=limits.header_size, secure=self.secure)
+        cookies = clearing_cookies(headers.getall("Cookie"), host, message.path, shared=self.shared,
+                                   limit=limits.header_size, secure=self.secure)
         if not cookies:
             return None
-        headers, host = message.headers, message.headers.get("Host", "")
-        retry = message.method in ("GET", "HEAD")
-        own = f"{'https' if self.secure else 'http'}://{host}"
-        return CookiesTooLarge(cookies, wants_page(message.method, headers), retry,
-                               retry and wakes_from_here(headers, own, lambda _origin: False), self.frame_headers(host))
+        page, retry = wants_page(message.method, headers), message.method in ("GET", "HEAD")
+        own = self.hosts.origin(host) if normalise_host(host, self.hosts.scheme) is not None else ""
+        refresh = retry and wakes_from_here(headers, own, lambda _origin: False)
+        return CookiesTooLarge(cookies, page, retry, refresh, self.frame_headers(host) if page else {})
 
 
 class _CheckedParser:

@@ -271,3 +271,18 @@ async def test_the_page_is_framed_as_the_hosts_other_pages(proxied: MakeProxied,
     writer.close()
     assert answer.status == 431
     assert framing in answer.head.lower()
+
+
+@pytest.mark.parametrize("port", ["abc", "", "99999"])
+async def test_a_host_whose_port_is_not_a_port_is_still_one_quiet_refusal(
+        proxied: MakeProxied, caplog: pytest.LogCaptureFixture, port: str) -> None:
+    """The domains to clear come from the name alone; the page's own origin (for the reload rule) only from a host
+    routing would take: a port that is not one is no traceback."""
+    caplog.set_level(logging.DEBUG)
+    p = await proxied(echo_app(), **SETTINGS)
+    raw = request(PADS, page=True).replace(HOST.encode(), f"3000-ws1.{DOMAIN}:{port}".encode())
+    answer, _, writer = await exchange(p, raw, "fresh", caplog)
+    writer.close()
+    assert answer.status == 431
+    assert {line.partition("=")[0] for line in cleared(answer)} == {"pad1", "pad2"}
+    quiet_refusal(caplog, 431, "cookies-too-large")
