@@ -108,8 +108,10 @@ async def test_a_link_clicked_elsewhere_wakes_through_the_sign_in(browser: Brows
     assert page.url == app + "?from-chat"
     assert await page.locator("#user").text_content() == "alice"
     host = f"8000-vic.{SITE}:{stack.port}"
-    assert [status for _m, at, path, status in stack.responses if at == host and path == "/"] == [302, 503, 200], \
-        "sent to sign in, the waiting page, the app"
+    # The app's own answer may come by the fast lane (a connection of its own), which `responses` does not see.
+    statuses = [status for _m, at, path, status in stack.responses if at == host and path == "/"]
+    assert statuses[:2] == [302, 503], "sent to sign in, then the waiting page"
+    assert set(statuses[2:]) <= {200}, statuses
 
 
 async def test_a_frame_elsewhere_offers_its_visitor_a_wake(browser: Browser, tls_stack: TlsStack) -> None:
