@@ -31,6 +31,7 @@ from gateway.lifecycle.wake import WakeLimits, Waker
 from gateway.metrics import Metrics
 from gateway.proxy.wsrelay import GOING_AWAY
 from gateway.server.context import GATEWAY, AuthState, Gateway
+from gateway.server.forward import as_the_app_sent_it
 from gateway.server.lane import execute, plan_for
 from gateway.server.refusals import Reason, counted
 from gateway.server.wiring import make_pool, make_reaper, make_runtime, make_session, make_store
@@ -177,6 +178,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     app = web.Application(middlewares=[by_plan], handler_args={"auto_decompress": False},
                           client_max_size=config.limits.body)
     app[GATEWAY] = gateway
+    app.on_response_prepare.append(as_the_app_sent_it)
     templates = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway.web", "templates"), autoescape=True)
     templates.globals["hub_url"] = hosts.hub_url("/")
     templates.filters["phase_words"] = phase_words

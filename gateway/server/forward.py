@@ -7,6 +7,7 @@ import errno
 import logging
 import ssl
 from collections.abc import Callable
+from email.utils import formatdate
 from typing import NamedTuple
 
 from aiohttp import StreamReader, web
@@ -142,6 +143,8 @@ def shape_answer(answer: Response, method: str, public_host: str, upstream: Upst
         upstream_origins=upstream.origins, replace=rules.replace, drop_cors=rules.drop_cors,
         drop_frame_options=rules.drop_frame_options,
     )
+    if "Date" not in headers:  # RFC 9110 §6.6.1: a proxy that forwards an answer without one adds when it came
+        headers["Date"] = formatdate(usegmt=True)
     length = answer.content_length if "Transfer-Encoding" not in answer.headers else None
     if length is not None and answer.status != 204:  # a 204 never has one (RFC 9110 §8.6): a client that believed
         headers.add("Content-Length", str(length))  # it would read the next answer as this one's body
@@ -163,9 +166,11 @@ async def _answer(request: web.Request, upstream: Upstream, answer: Response,
                   rules: ResponseRules, send_timeout: float | None, still: Callable[[], bool]) -> web.StreamResponse:
     out_headers, length, bodiless = shape_answer(answer, request.method, request.headers.get("Host", ""),
                                                  upstream, rules)
+    unsent = tuple(name for name in _AIOHTTP_ADDS if name not in out_headers)
     if length is not None and length <= SMALL_BODY and not bodiless:
         whole = await read_small(answer, length, upstream)
         small = web.Response(status=answer.status, reason=answer.reason, body=whole, headers=out_headers)
+        small[UNSENT] = unsent
         await _prepare(small, request)
         try:
             async with asyncio.timeout(send_timeout):  # written whole, then waited for until the client took it
@@ -175,6 +180,7 @@ async def _answer(request: web.Request, upstream: Upstream, answer: Response,
         return small
     response = web.StreamResponse(status=answer.status, reason=answer.reason)
     response.headers.extend(out_headers)
+    response[UNSENT] = unsent
     await _prepare(response, request)
     try:
         complete = bodiless or await _pump(answer, response, send_timeout, still)
@@ -187,6 +193,20 @@ async def _answer(request: web.Request, upstream: Upstream, answer: Response,
     if not complete and request.transport is not None:
         request.transport.close()
     return response
+
+
+_AIOHTTP_ADDS = ("Content-Type", "Server")
+UNSENT = web.ResponseKey("codehub_unsent", tuple[str, ...])
+"""What aiohttp's head writer would add to this forwarded answer that its app did not send."""
+
+
+async def as_the_app_sent_it(_request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``, which runs between aiohttp's additions and the head's write: a forwarded answer goes
+    out as its app sent it, as the fast lane writes it. aiohttp adds ``Content-Type: application/octet-stream`` to a
+    body without a type, which a browser would then download rather than look at, and a ``Server`` naming itself
+    and its version (the app's own passes)."""
+    for name in response.get(UNSENT, ()):
+        response.headers.popall(name, None)
 
 
 def _stalled(request: web.Request) -> None:

@@ -7,8 +7,9 @@ test starts, so every request goes the whole way: plan → lane → upstream poo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +117,18 @@ def listening_later(p: Proxied, make_upstream: MakeUpstream, app: web.Applicatio
         await make_upstream(app, p.address, p.port)
 
     return asyncio.create_task(later())
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(p: Proxied, serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+                       ) -> AsyncIterator[None]:
+    """A raw upstream, ``serve`` for each connection, on the workspace's port while the block runs."""
+    server = await asyncio.start_server(serve, p.address, p.port)
+    try:
+        yield
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def sent_raw(p: Proxied, data: bytes) -> bytes:

@@ -7,7 +7,9 @@ import asyncio
 import gzip
 import json
 import sys
+import time
 from collections.abc import AsyncIterator
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,17 @@ from multidict import CIMultiDict
 from gateway.lifecycle import WorkspaceState
 from tests.conftest import MakeGateway, next_address, workspace
 from tests.memory_runtime import MemoryRuntime
-from tests.server.conftest import HUB, IDE, WORKSPACE, MakeProxied, Proxied, free_port, read_until, sent_raw
+from tests.server.conftest import (
+    HUB,
+    IDE,
+    WORKSPACE,
+    MakeProxied,
+    Proxied,
+    free_port,
+    raw_upstream,
+    read_until,
+    sent_raw,
+)
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND", "MKCOL", "REPORT"]
 
@@ -174,6 +186,55 @@ async def test_the_upstream_s_reason_phrase_is_passed_on(proxied: MakeProxied, m
     p = await proxied(app)
     async with p.request(method, "/custom") as response:
         assert (response.status, response.reason) == (299, "Fine By Me")
+
+
+_FRAMINGS = {  # aiohttp's lane writes a small answer whole, others as they come
+    "small": b"Content-Length: 2\r\n\r\nok",
+    "chunked": b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "large": b"Content-Length: 20000\r\n\r\n" + b"o" * 20000,
+}
+
+
+async def _answered_with(p: Proxied, method: str, fields: bytes, framing: bytes) -> list[tuple[str, str]]:
+    """The head the client gets, as (lower-case name, value) pairs, for an app's answer of ``fields`` (each line
+    ending CRLF) and ``framing`` (its framing header, the blank line and the body)."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n" + fields + framing)
+        await writer.drain()
+
+    body = "Content-Length: 0\r\n" if method == "POST" else ""
+    async with raw_upstream(p, serve):
+        got = await sent_raw(p, f"{method} / HTTP/1.1\r\nHost: {p.host}\r\n{body}Connection: close\r\n\r\n".encode())
+    head, _, _ = got.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    assert status == "HTTP/1.1 200 OK", got[:300]
+    return [(name.lower(), value) for name, _, value in (line.partition(": ") for line in lines)]
+
+
+@pytest.mark.parametrize("framing", list(_FRAMINGS))
+@pytest.mark.parametrize("method", ["GET", "POST"])  # the fast lane, aiohttp's lane
+async def test_an_answer_goes_out_with_no_type_or_server_its_app_did_not_send(proxied: MakeProxied, method: str,
+                                                                              framing: str) -> None:
+    """Whichever lane writes it: aiohttp's would add ``Content-Type: application/octet-stream`` (a browser then
+    downloads what it would have looked at) and a ``Server`` of its own name and version. A ``Date`` is added, as
+    RFC 9110 §6.6.1 asks of a proxy forwarding an answer without one."""
+    p = await proxied(None)
+    fields = await _answered_with(p, method, b"X-App: yes\r\n", _FRAMINGS[framing])
+    names = [name for name, _value in fields]
+    assert "x-app" in names
+    assert "content-type" not in names
+    assert "server" not in names
+    (date,) = [value for name, value in fields if name == "date"]
+    assert abs(parsedate_to_datetime(date).timestamp() - time.time()) < 60, date
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_an_answer_s_own_type_server_and_date_pass_as_sent(proxied: MakeProxied, method: str) -> None:
+    p = await proxied(None)
+    sent = [("content-type", "text/x-mine"), ("server", "vite/7"), ("date", "Thu, 01 Jan 1970 00:00:00 GMT")]
+    fields = await _answered_with(p, method, b"".join(f"{n}: {v}\r\n".encode() for n, v in sent), _FRAMINGS["small"])
+    assert [(name, value) for name, value in fields if name in dict(sent)] == sent
 
 
 async def test_download_is_streamed_piece_by_piece(proxied: MakeProxied) -> None:

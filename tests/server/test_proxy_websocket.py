@@ -14,7 +14,6 @@ import os
 import re
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -28,7 +27,7 @@ from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
 from gateway.server.fastlane import FastLaneServer, GatewayRunner
 from tests.conftest import MakeUpstream, next_address, settings, workspace
-from tests.server.conftest import PREVIEW_DOMAIN, WORKSPACE, MakeProxied, Proxied, listening_later
+from tests.server.conftest import PREVIEW_DOMAIN, WORKSPACE, MakeProxied, Proxied, listening_later, raw_upstream
 
 BIG = 16 << 20
 
@@ -468,18 +467,6 @@ async def test_a_message_over_the_limit_closes_both_ends_with_1009(proxied: Make
         assert message.data == 1009
     await asyncio.wait_for(closed.wait(), 10)
     assert seen["close_code"] == "1009"
-
-
-@contextlib.asynccontextmanager
-async def raw_upstream(p: Proxied, serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-                       ) -> AsyncIterator[None]:
-    """A raw upstream, ``serve`` for each connection, on the workspace's port while the block runs."""
-    server = await asyncio.start_server(serve, p.address, p.port)
-    try:
-        yield
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def _switch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
