@@ -12,8 +12,8 @@ import asyncio
 import struct
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from aiohttp import StreamReader
 from multidict import CIMultiDict
 
 from gateway.errors import RequestTimeout
@@ -39,8 +39,8 @@ from gateway.proxy.connection import (
 from gateway.proxy.pacing import INITIAL_WINDOW, MOST_WINDOW, SETTLE_AFTER, Attempt, Deadlines, Grant, Outcome, Pacer
 
 __all__ = [  # the connection's names too: both lanes take what they need of the upstream side from here
-    "REPLAYABLE_METHODS", "BrokenOff", "ClientBodyFailed", "ClosedUnanswered", "ConnectFailed", "ConnectTimeout",
-    "Exchange",
+    "REPLAYABLE_METHODS", "Body", "BrokenOff", "ClientBodyFailed", "ClosedUnanswered", "ConnectFailed",
+    "ConnectTimeout", "Exchange",
     "HeadTimeout", "QueueTimeout", "ReadTimeout", "Response", "UpstreamError", "UpstreamPool", "WriteFlow",
     "encode_head",
 ]
@@ -57,6 +57,13 @@ _WAIT = Grant.WAIT  # asked on every request: a global, not an enum's class attr
 _TOTAL_RETRANS = struct.Struct("=I")
 """``tcpi_total_retrans`` of Linux's ``struct tcp_info``, at byte 100: segments this socket sent again, the
 SYN included."""
+
+
+class Body(Protocol):
+    """A request's body as it arrives from the client: aiohttp's ``StreamReader``, or one that asks the client for
+    it first (``server.expect``)."""
+
+    async def readany(self) -> bytes: ...
 
 
 class Exchange:
@@ -141,7 +148,7 @@ class UpstreamPool:
         return idle, sum(pacer.taken + pacer.streaming for pacer in self._upstreams.values())
 
     async def request(self, host: str, port: int, method: str, target: str, headers: CIMultiDict[str],
-                      body: StreamReader | None, *, tls: bool = False) -> tuple[Response, Exchange]:
+                      body: Body | None, *, tls: bool = False) -> tuple[Response, Exchange]:
         """Send the head (and start streaming the body), return the answer's head once it is in.
 
         Waits in line when ``limit`` requests to this upstream are in flight or no connection is free; the place
@@ -171,7 +178,7 @@ class UpstreamPool:
             raise
 
     async def _exchange(self, key: Key, pacer: Pacer[Connection], grant: Connection | Grant, head: bytes,
-                        method: str, body: StreamReader | None, chunked: bool) -> tuple[Response, Exchange]:
+                        method: str, body: Body | None, chunked: bool) -> tuple[Response, Exchange]:
         replayable = body is None and method in REPLAYABLE_METHODS
         retried = False
         while True:
@@ -310,7 +317,7 @@ def _handshake_resent(conn: Connection) -> bool:
     return bool(_TOTAL_RETRANS.unpack_from(tcp_info(conn.transport), 100)[0])
 
 
-async def _send_body(conn: Connection, body: StreamReader, chunked: bool, idle: float | None) -> None:
+async def _send_body(conn: Connection, body: Body, chunked: bool, idle: float | None) -> None:
     """Stream the client's body as it arrives, waiting for the upstream to take each piece (backpressure), for
     the first-byte timeout at most (``Connection.taken``). A slow client is not timed here, a silent one is: each
     piece is awaited for ``idle`` seconds at most (408), as a request in flight holds a place among its upstream's
@@ -335,7 +342,7 @@ async def _send_body(conn: Connection, body: StreamReader, chunked: bool, idle: 
     conn.clock.start(conn)  # the whole request is out: the first-byte clock starts now
 
 
-async def _next_piece(body: StreamReader, idle: float | None) -> bytes:
+async def _next_piece(body: Body, idle: float | None) -> bytes:
     try:
         async with asyncio.timeout(idle):
             return await body.readany()

@@ -42,6 +42,7 @@ from gateway.proxy.wshandshake import client_offer
 from gateway.proxy.wsrelay import GOING_AWAY, Relay
 from gateway.server.app import own_frame_headers
 from gateway.server.context import GATEWAY
+from gateway.server.expect import RequestFactory
 from gateway.server.forward import SMALL_BODY, GrantEnded, read_small, send, shape_answer
 from gateway.server.lane import (
     AnswerGrant,
@@ -130,6 +131,7 @@ class GatewayRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         inner = await super()._make_server()
+        inner.request_factory = RequestFactory(inner)
         return FastLaneServer(inner, self.app)
 
 

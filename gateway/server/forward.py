@@ -10,7 +10,7 @@ from collections.abc import Callable
 from email.utils import formatdate
 from typing import NamedTuple
 
-from aiohttp import StreamReader, web
+from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable, UnsafeHeader
@@ -18,6 +18,7 @@ from gateway.metrics import Metrics
 from gateway.proxy.headers import ResponseRules, downstream_response_headers
 from gateway.proxy.pool import (
     REPLAYABLE_METHODS,
+    Body,
     ClientBodyFailed,
     ClosedUnanswered,
     ConnectFailed,
@@ -30,6 +31,7 @@ from gateway.proxy.pool import (
     UpstreamPool,
 )
 from gateway.proxy.upstream import ConnectGrace, Upstream
+from gateway.server.expect import CONTINUE, ContinuedBody
 
 log = logging.getLogger(__name__)
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -72,7 +74,7 @@ def refused(upstream: Upstream, exc: OSError, metrics: Metrics) -> BadGateway:
 
 
 async def send(pool: UpstreamPool, upstream: Upstream, method: str, path: str, headers: CIMultiDict[str],
-               body: StreamReader | None, *, metrics: Metrics, connect_grace: float = 0.0) -> tuple[Response, Exchange]:
+               body: Body | None, *, metrics: Metrics, connect_grace: float = 0.0) -> tuple[Response, Exchange]:
     """Send a request upstream and return the answer's head: both lanes send through here, so a failure before
     the answer is the same error in either, and is never followed by the request being sent a second time.
 
@@ -116,7 +118,9 @@ async def proxy_http(
     ``still``: whether what let the request through still does, asked on each piece of a streamed answer;
     ``rules``: what policy changes on the response (framing, CORS); ``send_timeout``: the longest the client may
     take nothing of a streamed answer (then its connection is closed)."""
-    body = request.content if request.body_exists else None
+    body: Body | None = None
+    if request.body_exists:
+        body = ContinuedBody(request) if request.get(CONTINUE) else request.content
     answer, exchange = await send(pool, upstream, request.method, path, headers, body, metrics=metrics,
                                   connect_grace=connect_grace)
     try:
