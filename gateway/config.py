@@ -117,7 +117,8 @@ class Limits(_Model):
     file descriptors. ``keepalive`` (s) closes a client connection idle between requests; ``head_timeout`` (s)
     is how long a client may take to send a whole head (a slowloris dribbling one gets 408); ``body_timeout`` (s)
     is the longest silence in the middle of a request body streamed to a preview (408 past it: a silent upload
-    would otherwise hold a place among its port's requests in flight for ever; ``None``: no bound);
+    would otherwise hold a place among its port's requests in flight for ever; ``None``: no bound), and the
+    longest a body the gateway reads itself may take in all (a head whose body never came held its connection);
     ``send_timeout`` (s) the longest a client may take nothing of an answer streamed to it (its connection is
     then closed: a client that never reads would hold the answer, its upstream connection and that place)."""
 

@@ -31,6 +31,7 @@ from gateway.lifecycle.wake import WakeLimits, Waker
 from gateway.metrics import Metrics
 from gateway.proxy.wsrelay import GOING_AWAY
 from gateway.server.context import GATEWAY, AuthState, Gateway
+from gateway.server.expect import closes_unread
 from gateway.server.forward import as_the_app_sent_it
 from gateway.server.lane import execute, plan_for
 from gateway.server.refusals import Reason, counted
@@ -86,6 +87,7 @@ async def by_plan(request: web.Request, handler: Handler) -> web.StreamResponse:
         request.transport.close()
     if not response.prepared:
         _own_headers(response, kind, gateway)
+    closes_unread(request, response)
     return response
 
 

@@ -2,43 +2,52 @@
 refused on its head costs no upload. aiohttp answers ``100 Continue`` as it routes, before the gateway has made
 the request's plan: a 1 GB upload to a private port without credentials, or to a port where nothing listens, was
 sent whole only to be refused. Here the expectation is taken off the request as aiohttp makes it (the gateway
-drops ``Expect`` on its way upstream anyway) and answered only where the plan lets the body in: when the gateway's
-own handler is to read it, or a forwarded body's first piece is asked for (the upstream has taken the head). A
-refusal, a redirect or a waiting page goes out as the final answer, with no ``100`` before it (RFC 9110 §10.1.1).
+drops ``Expect`` on its way upstream anyway) and answered only where the body is wanted: a forwarded body's first
+piece is asked for (the upstream has taken the head), or the gateway's own handler is about to read it (after
+its checks). A refusal, a redirect or a waiting page is the final answer, with no ``100`` before it, and ends the
+connection (``closes_unread``).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from aiohttp import StreamReader, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion11, RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.errors import RequestTimeout
+from gateway.server.context import GATEWAY
 
 CONTINUE = web.RequestKey("codehub_continue", bool)
 """Whether this request's client still waits for ``100 Continue`` before it sends its body."""
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+T = TypeVar("T")
 
 
 class RequestFactory:
     """``web.Server``'s ``request_factory``, wrapped: a request that expects ``100-continue`` is made without the
     header (so aiohttp's router does not answer it) and marked ``CONTINUE``. Any other expectation is left to
-    aiohttp, which refuses it (417)."""
+    aiohttp, which refuses it (417). The message is edited as it came: ``Request.clone`` would encode its headers
+    again as UTF-8, which a value of Latin-1 bytes fails — and aiohttp calls this outside its own ``try``, so an
+    exception here leaves the connection open and unanswered for good."""
 
     def __init__(self, server: web.Server) -> None:
         self._make = server.request_factory
 
     def __call__(self, message: RawRequestMessage, payload: StreamReader, protocol: RequestHandler,
                  writer: AbstractStreamWriter, task: asyncio.Task[None]) -> web.BaseRequest:
-        request = self._make(message, payload, protocol, writer, task)
         expect = message.headers.get("Expect")
         if expect is None or expect.lower() != "100-continue" or message.version != HttpVersion11:
-            return request
-        headers = request.headers.copy()
+            return self._make(message, payload, protocol, writer, task)
+        headers = CIMultiDict(message.headers)
         del headers["Expect"]
-        request = request.clone(headers=headers)
+        request = self._make(message._replace(headers=CIMultiDictProxy(headers)), payload, protocol, writer, task)
         request[CONTINUE] = True
         return request
 
@@ -48,6 +57,31 @@ async def go_on(request: web.BaseRequest) -> None:
     if request.pop(CONTINUE, False):
         await request.writer.write(_CONTINUE)
         request.writer.output_size = 0  # no part of the answer: a failure after it may still be answered
+
+
+async def read_own(request: web.Request, read: Callable[[], Awaitable[T]]) -> T:
+    """``read`` a body for the gateway's own handler (bounded by ``limits.body``). One whose length says it is over
+    is refused unread (413); else the client is told to go on, and the whole of it must come within
+    ``limits.body_timeout`` (408): a head whose body never comes held its connection for good."""
+    length = request.content_length
+    if length is not None and length > request.client_max_size:
+        raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=length)
+    await go_on(request)
+    within = request.app[GATEWAY].config.limits.body_timeout
+    try:
+        async with asyncio.timeout(within):
+            return await read()
+    except TimeoutError:
+        raise RequestTimeout(f"The request's body did not arrive within {within:g} s.", code="body-timeout") from None
+
+
+def closes_unread(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """An answer before the request's body is all in ends the connection, and says so: kept open, a client that
+    held its body back (never told to go on, which RFC 9110 §10.1.1 lets it take as "send none") would have its
+    next request read as that body. aiohttp still reads what comes for a while (its ``lingering_time``) before it
+    closes, so that a client still sending gets the answer rather than a reset."""
+    if not response.prepared and not request.content.is_eof():
+        response.force_close()
 
 
 class ContinuedBody:

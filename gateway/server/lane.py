@@ -42,7 +42,6 @@ from gateway.errors import GatewayError
 from gateway.lifecycle.wake import progress_events
 from gateway.proxy.upstream import WAKE_CONNECT_GRACE, Upstream
 from gateway.server.context import Gateway
-from gateway.server.expect import go_on
 from gateway.server.forward import proxy_http
 from gateway.server.websocket import relay_websocket
 from gateway.web.auth_routes import preview_callback, preview_popup
@@ -136,7 +135,6 @@ async def execute(request: web.Request, plan_: Plan, gateway: Gateway, hub: Hand
     if isinstance(plan_, Preflight):
         return web.Response(status=204, headers=plan_.headers)
     if isinstance(plan_, GatewayPage):
-        await go_on(request)  # the gateway's own handler reads the body (``server.expect``)
         return await _gateway_page(request, plan_, gateway, hub)
     if isinstance(plan_, WaitingPage):
         raise gateway.waker.waiting_page(plan_.state, plan_.port, explained=plan_.explained)

@@ -31,6 +31,7 @@ from gateway.edge.policy import role as role_of
 from gateway.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from gateway.lifecycle import LABEL_LONGEST, WorkspaceSpec, WorkspaceState, showable
 from gateway.server.context import GATEWAY, Gateway
+from gateway.server.expect import read_own
 from gateway.web.auth_routes import check_same_origin, hub_identity
 from gateway.web.pages import JSON_ONLY, phase_words
 
@@ -168,7 +169,7 @@ def still_signed_in(request: web.Request) -> bool:
 
 async def _body(request: web.Request, model: type[_Body]) -> Any:
     try:
-        return model.model_validate(await request.json() if request.can_read_body else {})
+        return model.model_validate(await read_own(request, request.json) if request.can_read_body else {})
     except ValueError as exc:
         if isinstance(exc, ValidationError):
             first = exc.errors()[0]

@@ -29,6 +29,7 @@ from gateway.auth.sessions import (
 from gateway.edge.routing import Kind, local_path, normalise_host, route
 from gateway.errors import BadRequest, Forbidden, GatewayError, Redirect, ServiceUnavailable
 from gateway.server.context import GATEWAY, Gateway
+from gateway.server.expect import read_own
 
 LOGIN = "login"
 ID_TOKEN = "idtoken"
@@ -66,7 +67,7 @@ async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | bytear
     """A form as browsers send it, or 400: on bodies no browser sends aiohttp raises LookupError (an unknown
     charset), UnicodeDecodeError or ValueError (a multipart body without its boundary)."""
     try:
-        return await request.post()
+        return await read_own(request, request.post)
     except (ValueError, LookupError):
         raise BadRequest("This form could not be read.", code="bad-form") from None
 

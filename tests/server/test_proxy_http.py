@@ -15,12 +15,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 
 from gateway.lifecycle import WorkspaceState
-from gateway.server.context import GATEWAY
-from tests.conftest import MakeGateway, MakeUpstream, next_address, workspace
+from tests.conftest import MakeGateway, next_address, workspace
 from tests.memory_runtime import MemoryRuntime
 from tests.server.conftest import (
     HUB,
@@ -447,121 +445,6 @@ async def test_expect_100_continue_upload(proxied: MakeProxied) -> None:
     head, _, text = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     assert text.endswith(b"100000 bytes; expect=None")
-
-
-async def _expecting(client: TestClient[web.Request, web.Application], head: str
-                     ) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
-    """Send ``head`` (with ``Expect: 100-continue``) and no body, as curl does with an upload: the first answer, and
-    the connection."""
-    reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(f"{head}Expect: 100-continue\r\n\r\n".encode())
-    async with asyncio.timeout(10):
-        return await reader.readuntil(b"\r\n\r\n"), reader, writer
-
-
-@pytest.mark.parametrize("port", ["private", "not listening"])
-async def test_an_upload_refused_on_its_head_is_never_told_to_go_on(make_gateway: MakeGateway,
-                                                                    make_upstream: MakeUpstream, port: str) -> None:
-    """A client that expects ``100-continue`` holds its body back until told to go on: a request the gateway refuses
-    on its head (no credentials for a private port; nothing listening on a public one) gets its final answer first,
-    so a 1 GB upload costs nothing. aiohttp's router said ``100 Continue`` before the plan was made."""
-    address = next_address()
-    seen: list[str] = []
-
-    async def upload(request: web.Request) -> web.Response:
-        seen.append(request.path)
-        return web.Response(text="taken")
-
-    app = web.Application()
-    app.router.add_put("/upload", upload)
-    number = (await make_upstream(app, address, 0)).port if port == "private" else free_port(address)
-    visibility = "private" if port == "private" else "public"
-    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={number: visibility})},
-                                in_memory=True)
-    await client.app[GATEWAY].runtime.wake(WORKSPACE)
-    first, _reader, writer = await _expecting(
-        client, f"PUT /upload HTTP/1.1\r\nHost: {number}-{WORKSPACE}.localhost:8080\r\n"
-        "Accept: application/json\r\nContent-Length: 1000000000\r\n")
-    writer.close()
-    assert first.startswith(b"HTTP/1.1 401 " if port == "private" else b"HTTP/1.1 502 "), first
-    assert seen == []
-
-
-@pytest.mark.parametrize("state", ["running", "asleep"])
-async def test_an_upload_is_told_to_go_on_once_its_upstream_took_the_head(proxied: MakeProxied, state: str) -> None:
-    """Through a wake too: the held upload is told to go on once the workspace is up and its port took the head."""
-    async def upload(request: web.Request) -> web.Response:
-        return web.Response(text=f"{len(await request.read())} bytes")
-
-    app = web.Application()
-    app.router.add_put("/upload", upload)
-    p = await proxied(app)
-    if state == "asleep":
-        await p.gateway.runtime.stop(WORKSPACE)
-    first, reader, writer = await _expecting(
-        p.client, f"PUT /upload HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 5\r\n"
-        "Connection: close\r\n")
-    try:
-        assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
-        writer.write(b"12345")
-        async with asyncio.timeout(10):
-            answer = await reader.read()
-    finally:
-        writer.close()
-    assert answer.startswith(b"HTTP/1.1 200 "), answer
-    assert answer.endswith(b"5 bytes")
-
-
-async def test_an_http_1_0_client_is_never_told_to_go_on(proxied: MakeProxied) -> None:
-    """HTTP/1.0 has no interim answers (RFC 9110 §15.2): its body comes with its head, its answer is the only one."""
-    p = await proxied(echo_app())
-    raw = await sent_raw(p, f"PUT /upload HTTP/1.0\r\nHost: {p.host}\r\nExpect: 100-continue\r\n"
-                            "Content-Length: 5\r\n\r\n12345".encode())
-    assert raw.startswith(b"HTTP/1.0 200 "), raw  # the one answer, as HTTP/1.0
-    assert b"100 Continue" not in raw
-
-
-async def test_an_upload_told_to_go_on_still_gets_its_error_page(proxied: MakeProxied) -> None:
-    """The ``100`` is no part of the answer: an upstream that breaks off after the body is a 502, not a closed
-    connection (aiohttp's lane closes one whose answer had begun)."""
-    p = await proxied(None)
-
-    async def breaks_off(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(5)
-        writer.close()
-
-    async with raw_upstream(p, breaks_off):
-        first, reader, writer = await _expecting(
-            p.client, f"PUT /upload HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 5\r\n"
-            "Accept: application/json\r\nConnection: close\r\n")
-        try:
-            assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
-            writer.write(b"12345")
-            async with asyncio.timeout(10):
-                answer = await reader.read()
-        finally:
-            writer.close()
-    assert answer.startswith(b"HTTP/1.1 502 "), answer
-    assert b'"code": "upstream-error"' in answer
-
-
-async def test_the_gateways_own_form_is_told_to_go_on(make_gateway: MakeGateway) -> None:
-    """A body the gateway reads itself (the sign-in form here) is asked for once the plan serves it."""
-    client = await make_gateway(workspaces={})
-    form = b"user=alice&groups=&next=%2F"
-    first, reader, writer = await _expecting(
-        client, f"POST /auth/dev HTTP/1.1\r\nHost: {HUB}\r\nOrigin: http://{HUB}\r\n"
-        f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(form)}\r\n")
-    try:
-        assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
-        writer.write(form)
-        async with asyncio.timeout(10):
-            answer = await reader.readuntil(b"\r\n\r\n")
-    finally:
-        writer.close()
-    assert answer.startswith(b"HTTP/1.1 303 "), answer
-    assert b"codehub_session" in answer
 
 
 async def test_compressed_bodies_pass_untouched(proxied: MakeProxied) -> None:

@@ -1,0 +1,233 @@
+"""``Expect: 100-continue`` (``server.expect``): told to go on only where the body is wanted, never before a
+refusal; raw sockets throughout, as what matters is which bytes come and when. Several cases are a helper's
+attacks on the first version: a Latin-1 header byte that left the connection unanswered for good, the next request
+read as a refused upload's body, the gateway's own endpoints asking for bodies they then refused."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.auth.identity import Identity
+from gateway.server.context import GATEWAY
+from tests.conftest import MakeGateway, MakeUpstream, next_address, workspace
+from tests.server.conftest import HUB, WORKSPACE, MakeProxied, free_port, raw_upstream, sent_raw
+from tests.server.test_proxy_http import echo_app
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+async def _expecting(client: TestClient[web.Request, web.Application], head: str | bytes
+                     ) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+    """Send ``head`` (with ``Expect: 100-continue``) and no body, as curl does with an upload: the first answer, and
+    the connection."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write((head if isinstance(head, bytes) else head.encode()) + b"Expect: 100-continue\r\n\r\n")
+    async with asyncio.timeout(10):
+        return await reader.readuntil(b"\r\n\r\n"), reader, writer
+
+
+@pytest.mark.parametrize("port", ["private", "not listening"])
+async def test_an_upload_refused_on_its_head_is_never_told_to_go_on(make_gateway: MakeGateway,
+                                                                    make_upstream: MakeUpstream, port: str) -> None:
+    """A client that expects ``100-continue`` holds its body back until told to go on: a request the gateway refuses
+    on its head (no credentials for a private port; nothing listening on a public one) gets its final answer first,
+    so a 1 GB upload costs nothing. aiohttp's router said ``100 Continue`` before the plan was made."""
+    address = next_address()
+    seen: list[str] = []
+
+    async def upload(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.Response(text="taken")
+
+    app = web.Application()
+    app.router.add_put("/upload", upload)
+    number = (await make_upstream(app, address, 0)).port if port == "private" else free_port(address)
+    visibility = "private" if port == "private" else "public"
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={number: visibility})},
+                                in_memory=True)
+    await client.app[GATEWAY].runtime.wake(WORKSPACE)
+    first, _reader, writer = await _expecting(
+        client, f"PUT /upload HTTP/1.1\r\nHost: {number}-{WORKSPACE}.localhost:8080\r\n"
+        "Accept: application/json\r\nContent-Length: 1000000000\r\n")
+    writer.close()
+    assert first.startswith(b"HTTP/1.1 401 " if port == "private" else b"HTTP/1.1 502 "), first
+    assert b"\r\nConnection: close\r\n" in first  # the body it held back is not read as its next request
+    assert seen == []
+
+
+@pytest.mark.parametrize("state", ["running", "asleep"])
+async def test_an_upload_is_told_to_go_on_once_its_upstream_took_the_head(proxied: MakeProxied, state: str) -> None:
+    """Through a wake too: the held upload is told to go on once the workspace is up and its port took the head."""
+    async def upload(request: web.Request) -> web.Response:
+        return web.Response(text=f"{len(await request.read())} bytes")
+
+    app = web.Application()
+    app.router.add_put("/upload", upload)
+    p = await proxied(app)
+    if state == "asleep":
+        await p.gateway.runtime.stop(WORKSPACE)
+    first, reader, writer = await _expecting(
+        p.client, f"PUT /upload HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 5\r\n"
+        "Connection: close\r\n")
+    try:
+        assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"12345")
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert answer.endswith(b"5 bytes")
+
+
+async def test_an_http_1_0_client_is_never_told_to_go_on(proxied: MakeProxied) -> None:
+    """HTTP/1.0 has no interim answers (RFC 9110 §15.2): its body comes with its head, its answer is the only one."""
+    p = await proxied(echo_app())
+    raw = await sent_raw(p, f"PUT /upload HTTP/1.0\r\nHost: {p.host}\r\nExpect: 100-continue\r\n"
+                            "Content-Length: 5\r\n\r\n12345".encode())
+    assert raw.startswith(b"HTTP/1.0 200 "), raw  # the one answer, as HTTP/1.0
+    assert b"100 Continue" not in raw
+
+
+async def test_an_upload_told_to_go_on_still_gets_its_error_page(proxied: MakeProxied) -> None:
+    """The ``100`` is no part of the answer: an upstream that breaks off after the body is a 502, not a closed
+    connection (aiohttp's lane closes one whose answer had begun)."""
+    p = await proxied(None)
+
+    async def breaks_off(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(5)
+        writer.close()
+
+    async with raw_upstream(p, breaks_off):
+        first, reader, writer = await _expecting(
+            p.client, f"PUT /upload HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 5\r\n"
+            "Accept: application/json\r\nConnection: close\r\n")
+        try:
+            assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"12345")
+            async with asyncio.timeout(10):
+                answer = await reader.read()
+        finally:
+            writer.close()
+    assert answer.startswith(b"HTTP/1.1 502 "), answer
+    assert b'"code": "upstream-error"' in answer
+
+
+async def test_the_gateways_own_form_is_told_to_go_on(make_gateway: MakeGateway) -> None:
+    """A body the gateway reads itself (the sign-in form here) is asked for once the plan serves it."""
+    client = await make_gateway(workspaces={})
+    form = b"user=alice&groups=&next=%2F"
+    first, reader, writer = await _expecting(
+        client, f"POST /auth/dev HTTP/1.1\r\nHost: {HUB}\r\nOrigin: http://{HUB}\r\n"
+        f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(form)}\r\n")
+    try:
+        assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(form)
+        async with asyncio.timeout(10):
+            answer = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 303 "), answer
+    assert b"codehub_session" in answer
+
+
+
+async def test_an_upload_with_a_latin1_header_byte_is_told_to_go_on(proxied: MakeProxied) -> None:
+    """A header value of Latin-1 bytes (allowed: RFC 9110 §5.5) made taking ``Expect`` off the request fail, outside
+    aiohttp's ``try``: no answer, no log line, and the connection held for good (neither the head nor the keep-alive
+    timer runs then), so a few such heads took every connection slot."""
+    p = await proxied(echo_app())
+    first, reader, writer = await _expecting(
+        p.client, b"PUT /u HTTP/1.1\r\nHost: " + p.host.encode() + b"\r\nX-File-Name: caf\xe9.txt\r\n"
+        b"Content-Length: 5\r\nConnection: close\r\n")
+    try:
+        assert first == _CONTINUE
+        writer.write(b"12345")
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert b'"body": "12345"' in answer
+    assert b'["X-File-Name", "caf\\udce9.txt"]' in answer  # the byte went on as it came (the echo app's escape)
+
+
+async def test_a_request_after_a_refused_upload_is_not_read_as_its_body(proxied: MakeProxied) -> None:
+    """A client never told to go on sends no body, and may reuse the connection (Ruby's Net::HTTP does): its next
+    request was read as the refused upload's body, the rest of it as a malformed request (400). The refusal now
+    ends the connection and says so."""
+    p = await proxied(None)
+    first, reader, writer = await _expecting(
+        p.client, f"PUT /u HTTP/1.1\r\nHost: {p.host}\r\nAccept: application/json\r\nContent-Length: 5\r\n")
+    try:
+        assert first.startswith(b"HTTP/1.1 502 "), first
+        assert b"\r\nConnection: close\r\n" in first
+        writer.write(f"GET /next HTTP/1.1\r\nHost: {p.host}\r\n\r\n".encode())
+        async with asyncio.timeout(20):
+            rest = await reader.read()
+    finally:
+        writer.close()
+    assert b"HTTP/1.1" not in rest, rest
+
+
+@pytest.mark.parametrize(("path", "status"), [
+    ("/auth/dev", b"413"),  # its length over limits.body
+    ("/api/v1/tokens", b"401"),  # no credentials
+    ("/nowhere", b"404"),
+])
+async def test_the_gateways_own_endpoints_refuse_on_the_head_before_asking(make_gateway: MakeGateway, path: str,
+                                                                           status: bytes) -> None:
+    client = await make_gateway(workspaces={}, limits={"body": 4096})
+    first, _reader, writer = await _expecting(
+        client, f"POST {path} HTTP/1.1\r\nHost: {HUB}\r\nOrigin: http://{HUB}\r\nAccept: application/json\r\n"
+        "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100000000\r\n")
+    writer.close()
+    assert first.startswith(b"HTTP/1.1 " + status + b" "), first
+    assert b"\r\nConnection: close\r\n" in first
+
+
+@pytest.mark.parametrize("expect", [True, False])
+async def test_a_body_the_gateway_reads_that_never_comes_is_a_408(make_gateway: MakeGateway, expect: bool) -> None:
+    """A form's head whose body never comes held its connection for good (``body_timeout`` bounded only bodies
+    streamed to previews); now the whole body must come within it."""
+    client = await make_gateway(workspaces={}, limits={"body_timeout": 0.5})
+    head = (f"POST /auth/dev HTTP/1.1\r\nHost: {HUB}\r\nOrigin: http://{HUB}\r\nAccept: application/json\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 5\r\n")
+    if expect:
+        first, reader, writer = await _expecting(client, head)
+        assert first == _CONTINUE
+    else:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(f"{head}\r\n".encode())
+    try:
+        async with asyncio.timeout(10):
+            answer = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"\r\nConnection: close\r\n" in answer
+
+
+async def test_an_api_call_is_told_to_go_on_once_it_may(make_gateway: MakeGateway) -> None:
+    """A script's JSON (curl sends ``Expect`` with a large one), once its caller is known."""
+    client = await make_gateway(workspaces={})
+    session = client.app[GATEWAY].auth.sessions.issue(Identity("alice"), HUB)
+    body = b'{"name": "from a script"}'
+    first, reader, writer = await _expecting(
+        client, f"POST /api/v1/tokens HTTP/1.1\r\nHost: {HUB}\r\nOrigin: http://{HUB}\r\nAccept: application/json\r\n"
+        f"Cookie: codehub_session={session}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n")
+    try:
+        assert first == _CONTINUE
+        writer.write(body)
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 201 "), answer
+    assert b'"name": "from a script"' in answer
