@@ -31,7 +31,7 @@ from gateway.lifecycle.wake import WakeLimits, Waker
 from gateway.metrics import Metrics
 from gateway.proxy.wsrelay import GOING_AWAY
 from gateway.server.context import GATEWAY, AuthState, Gateway
-from gateway.server.expect import closes_unread
+from gateway.server.expect import ends_a_held_body
 from gateway.server.forward import as_the_app_sent_it
 from gateway.server.lane import execute, plan_for
 from gateway.server.refusals import Reason, counted
@@ -60,6 +60,9 @@ async def by_plan(request: web.Request, handler: Handler) -> web.StreamResponse:
         websocket = isinstance(plan, Forward | Hold) and (plan.forward if isinstance(plan, Hold) else plan).websocket
         response = answered = await execute(request, plan, gateway, handler)
     except GatewayError as exc:
+        if exc.code == Reason.BODY_TIMEOUT.value:  # the client's doing, as the 413 of a body over the limit
+            request[REFUSED] = exc.code
+            gateway.metrics.bad_requests.labels(exc.code).inc()
         response = error_response(request, exc)
     except (web.HTTPNotFound, web.HTTPForbidden):  # 403: the static route's for its folder (``/static/``), which
         # is nothing to show either; else a 500 and a traceback in the log, for anyone who asked
@@ -87,7 +90,6 @@ async def by_plan(request: web.Request, handler: Handler) -> web.StreamResponse:
         request.transport.close()
     if not response.prepared:
         _own_headers(response, kind, gateway)
-    closes_unread(request, response)
     return response
 
 
@@ -180,7 +182,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     app = web.Application(middlewares=[by_plan], handler_args={"auto_decompress": False},
                           client_max_size=config.limits.body)
     app[GATEWAY] = gateway
-    app.on_response_prepare.append(as_the_app_sent_it)
+    app.on_response_prepare.extend((as_the_app_sent_it, ends_a_held_body))
     templates = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway.web", "templates"), autoescape=True)
     templates.globals["hub_url"] = hosts.hub_url("/")
     templates.filters["phase_words"] = phase_words

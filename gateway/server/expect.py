@@ -5,7 +5,7 @@ sent whole only to be refused. Here the expectation is taken off the request as 
 drops ``Expect`` on its way upstream anyway) and answered only where the body is wanted: a forwarded body's first
 piece is asked for (the upstream has taken the head), or the gateway's own handler is about to read it (after
 its checks). A refusal, a redirect or a waiting page is the final answer, with no ``100`` before it, and ends the
-connection (``closes_unread``).
+connection (``ends_a_held_body``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import RequestTimeout
 from gateway.server.context import GATEWAY
+from gateway.server.refusals import Reason
 
 CONTINUE = web.RequestKey("codehub_continue", bool)
 """Whether this request's client still waits for ``100 Continue`` before it sends its body."""
@@ -72,16 +73,19 @@ async def read_own(request: web.Request, read: Callable[[], Awaitable[T]]) -> T:
         async with asyncio.timeout(within):
             return await read()
     except TimeoutError:
-        raise RequestTimeout(f"The request's body did not arrive within {within:g} s.", code="body-timeout") from None
+        raise RequestTimeout(f"The request's body did not arrive within {within:g} s.",
+                             code=Reason.BODY_TIMEOUT.value) from None
 
 
-def closes_unread(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """An answer before the request's body is all in ends the connection, and says so: kept open, a client that
-    held its body back (never told to go on, which RFC 9110 §10.1.1 lets it take as "send none") would have its
-    next request read as that body. aiohttp still reads what comes for a while (its ``lingering_time``) before it
-    closes, so that a client still sending gets the answer rather than a reset."""
-    if not response.prepared and not request.content.is_eof():
+async def ends_a_held_body(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``, as any answer's head goes out (a stream's too): one while the client still holds
+    its body back (never told to go on, which RFC 9110 §10.1.1 lets it take as "send none"), or after its body
+    stopped coming (408), ends the connection and says so — kept open, the client's next request would be read as
+    that body. A client that sent no ``Expect`` sends its body whatever the answer: aiohttp reads it (its
+    ``lingering_time``), and the connection serves the next request."""
+    if CONTINUE in request or response.status == 408:
         response.force_close()
+        response.headers["Connection"] = "close"
 
 
 class ContinuedBody:

@@ -79,6 +79,7 @@ class Reason(enum.Enum):
     HEADERS_TOO_LARGE = "headers-too-large"
     COOKIES_TOO_LARGE = "cookies-too-large"  # over the limit by its cookies alone: answered with them cleared
     BODY_TOO_LARGE = "body-too-large"
+    BODY_TIMEOUT = "body-timeout"  # a body that stopped coming (``limits.body_timeout``): answered where it stalled
     HEAD_TIMEOUT = "head-timeout"
     TOO_MANY_CONNECTIONS = "too-many-connections"
     MALFORMED = "malformed"  # anything else the parser refused

@@ -1,11 +1,15 @@
 """``Expect: 100-continue`` (``server.expect``): told to go on only where the body is wanted, never before a
 refusal; raw sockets throughout, as what matters is which bytes come and when. Several cases are a helper's
 attacks on the first version: a Latin-1 header byte that left the connection unanswered for good, the next request
-read as a refused upload's body, the gateway's own endpoints asking for bodies they then refused."""
+read as a refused upload's body, the gateway's own endpoints asking for bodies they then refused; and of a
+second: a stream answering a held-back body, a refused POST without ``Expect`` losing its connection, the 408 of a
+body that stopped coming neither logged with its reason nor counted."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 
 import pytest
 from aiohttp import web
@@ -13,7 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.auth.identity import Identity
 from gateway.server.context import GATEWAY
-from tests.conftest import MakeGateway, MakeUpstream, next_address, workspace
+from tests.conftest import MakeGateway, MakeUpstream, next_address, scrape, workspace
 from tests.server.conftest import HUB, WORKSPACE, MakeProxied, free_port, raw_upstream, sent_raw
 from tests.server.test_proxy_http import echo_app
 
@@ -231,3 +235,127 @@ async def test_an_api_call_is_told_to_go_on_once_it_may(make_gateway: MakeGatewa
         writer.close()
     assert answer.startswith(b"HTTP/1.1 201 "), answer
     assert b'"name": "from a script"' in answer
+
+
+async def _private_port(make_gateway: MakeGateway, make_upstream: MakeUpstream
+                        ) -> tuple[TestClient[web.Request, web.Application], str]:
+    address = next_address()
+    upstream = await make_upstream(echo_app(), address, 0)
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={upstream.port: "private"})},
+                                in_memory=True)
+    await client.app[GATEWAY].runtime.wake(WORKSPACE)
+    return client, f"{upstream.port}-{WORKSPACE}.localhost:8080"
+
+
+async def _read_for(reader: asyncio.StreamReader, seconds: float) -> tuple[bytes, bool]:
+    """What arrives within ``seconds``, and whether the gateway closed the connection meanwhile."""
+    out = b""
+    try:
+        async with asyncio.timeout(seconds):
+            while chunk := await reader.read(65536):
+                out += chunk
+    except TimeoutError:
+        return out, False
+    return out, True
+
+
+@pytest.mark.parametrize("where", ["private preview port", "own API"])
+async def test_a_post_refused_while_its_body_still_arrives_keeps_its_connection(
+        make_gateway: MakeGateway, make_upstream: MakeUpstream, where: str) -> None:
+    """A browser's form POST (no ``Expect``) whose body comes a moment after its head (a second segment, as any body
+    over one TCP segment does on a real network), refused on its head (401: signed out). The client sends its body
+    whatever the answer, so aiohttp's linger reads it and the connection can serve the next request (it did before
+    2a58c4d: disable ``closes_unread`` and this passes).
+
+    Expected: two answers on the connection, the first without ``Connection: close``.
+    Actual: the 401 says ``Connection: close``; the body is read by the linger, then the connection is closed
+    and the next request is never answered. ``closes_unread`` could close only when the client still waits to be
+    told to go on (``request.get(CONTINUE)``)."""
+    if where == "own API":
+        client = await make_gateway(workspaces={})
+        host, path, ctype, body = HUB, "/api/v1/tokens", "application/json", b'{"name":"x"}'
+        nxt = f"GET /healthz HTTP/1.1\r\nHost: {HUB}\r\n\r\n"
+    else:
+        client, host = await _private_port(make_gateway, make_upstream)
+        path, ctype, body = "/form", "application/x-www-form-urlencoded", b"a=b"
+        nxt = f"GET /two HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n\r\n"
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n"
+                     f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        await asyncio.sleep(0.2)
+        writer.write(body)  # the body, as a second segment
+        await asyncio.sleep(0.2)
+        writer.write(nxt.encode())
+        out, _closed = await _read_for(reader, 3)
+    finally:
+        writer.close()
+    assert out.startswith(b"HTTP/1.1 401 "), out
+    first_head = out.split(b"\r\n\r\n", 1)[0]
+    assert b"\r\nConnection: close" not in first_head, first_head
+    assert out.count(b"HTTP/1.1 ") == 2, out  # the next request was answered too
+
+
+@pytest.mark.parametrize("method", ["POST", "HEAD"])
+async def test_an_expecting_request_answered_by_a_stream_is_not_followed_by_its_body(proxied: MakeProxied,
+                                                                                     method: str) -> None:
+    """An ``Expect: 100-continue`` request to the wake-events stream (planned as a ``GatewayPage`` for any method) on a
+    running workspace's public port: the stream is the final answer, prepared and ended without the body ever being
+    asked for (no ``100``), so the client sends none (RFC 9110 §10.1.1) and reuses the connection.
+
+    Expected: the connection ends after the stream (best said by ``Connection: close``), or the next request is
+    answered as a request.
+    Actual: the stream is kept alive (``closes_unread`` skips prepared answers) and the next request is read as
+    the 5-byte body it never sent; what is left of it is refused as a malformed request: 400 bad-request-line."""
+    p = await proxied(echo_app())
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(f"{method} /_codehub/wake/events HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 5\r\n"
+                     "Expect: 100-continue\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 "), head  # no 100 first: the final answer
+            if method == "POST":
+                await reader.readuntil(b"0\r\n\r\n")  # the stream ends (the port is up: "ready")
+        writer.write(f"GET /next HTTP/1.1\r\nHost: {p.host}\r\nAccept: application/json\r\n\r\n".encode())
+        rest, closed = await _read_for(reader, 12)
+    finally:
+        writer.close()
+    assert b"bad-request-line" not in rest, rest
+    # either the connection ended (best said in the head), or the next request was served as one
+    assert (closed and rest == b"") or rest.startswith(b"HTTP/1.1 200 "), (head, rest)
+
+
+@pytest.mark.parametrize("where", ["own form", "preview upload"])
+async def test_a_body_that_stops_coming_is_logged_and_counted_with_its_reason(
+        make_gateway: MakeGateway, make_upstream: MakeUpstream, caplog: pytest.LogCaptureFixture, where: str) -> None:
+    """A refusal of the client's, as its 413 (``body-too-large``) and the head's 408 (``head-timeout``) are: one
+    access-log line with its reason, one count (a helper's finding: neither was there)."""
+    address = next_address()
+    upstream = await make_upstream(echo_app(), address, 0)
+    client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={upstream.port: "public"})},
+                                in_memory=True, limits={"body_timeout": 0.3})
+    await client.app[GATEWAY].runtime.wake(WORKSPACE)
+    if where == "own form":
+        head = (f"POST /auth/dev HTTP/1.1\r\nHost: {HUB}\r\nOrigin: http://{HUB}\r\n"
+                "Content-Type: application/x-www-form-urlencoded\r\n")
+    else:
+        head = f"PUT /upload HTTP/1.1\r\nHost: {upstream.port}-{WORKSPACE}.localhost:8080\r\n"
+    with caplog.at_level(logging.INFO, logger="codehub.access"):
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        try:
+            writer.write(f"{head}Accept: application/json\r\nContent-Length: 5\r\n\r\n".encode())
+            async with asyncio.timeout(10):
+                answer = await reader.readuntil(b"\r\n\r\n")
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"\r\nConnection: close\r\n" in answer
+        for _ in range(50):
+            if [r for r in caplog.records if r.name == "codehub.access"]:
+                break
+            await asyncio.sleep(0.05)
+    assert "Traceback" not in caplog.text
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "codehub.access"]
+    assert [(line["status"], line.get("reason")) for line in lines] == [(408, "body-timeout")]
+    assert 'codehub_bad_requests_total{reason="body-timeout"} 1.0' in await scrape(client.app)
