@@ -49,7 +49,8 @@ class RequestFactory:
         headers = CIMultiDict(message.headers)
         del headers["Expect"]
         request = self._make(message._replace(headers=CIMultiDictProxy(headers)), payload, protocol, writer, task)
-        request[CONTINUE] = True
+        if message.chunked or headers.get("Content-Length", "0") != "0":  # else nothing is held back (a WebSocket
+            request[CONTINUE] = True  # upgrade, a POST without a body): its connection goes on as any other's
         return request
 
 

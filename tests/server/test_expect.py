@@ -8,9 +8,12 @@ body that stopped coming neither logged with its reason nor counted."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import os
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -20,6 +23,7 @@ from gateway.server.context import GATEWAY
 from tests.conftest import MakeGateway, MakeUpstream, next_address, scrape, workspace
 from tests.server.conftest import HUB, WORKSPACE, MakeProxied, free_port, raw_upstream, sent_raw
 from tests.server.test_proxy_http import echo_app
+from tests.server.test_proxy_websocket import echo_app as ws_echo_app
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -63,8 +67,16 @@ async def test_an_upload_refused_on_its_head_is_never_told_to_go_on(make_gateway
     assert seen == []
 
 
+_FRAMED = {
+    "length": ("Content-Length: 5", b"12345"),
+    "chunked": ("Transfer-Encoding: chunked", b"5\r\n12345\r\n0\r\n\r\n"),
+}
+
+
+@pytest.mark.parametrize("framing", list(_FRAMED))
 @pytest.mark.parametrize("state", ["running", "asleep"])
-async def test_an_upload_is_told_to_go_on_once_its_upstream_took_the_head(proxied: MakeProxied, state: str) -> None:
+async def test_an_upload_is_told_to_go_on_once_its_upstream_took_the_head(proxied: MakeProxied, state: str,
+                                                                          framing: str) -> None:
     """Through a wake too: the held upload is told to go on once the workspace is up and its port took the head."""
     async def upload(request: web.Request) -> web.Response:
         return web.Response(text=f"{len(await request.read())} bytes")
@@ -74,12 +86,12 @@ async def test_an_upload_is_told_to_go_on_once_its_upstream_took_the_head(proxie
     p = await proxied(app)
     if state == "asleep":
         await p.gateway.runtime.stop(WORKSPACE)
+    field, body = _FRAMED[framing]
     first, reader, writer = await _expecting(
-        p.client, f"PUT /upload HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 5\r\n"
-        "Connection: close\r\n")
+        p.client, f"PUT /upload HTTP/1.1\r\nHost: {p.host}\r\n{field}\r\nConnection: close\r\n")
     try:
-        assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
-        writer.write(b"12345")
+        assert first == _CONTINUE
+        writer.write(body)
         async with asyncio.timeout(10):
             answer = await reader.read()
     finally:
@@ -359,3 +371,51 @@ async def test_a_body_that_stops_coming_is_logged_and_counted_with_its_reason(
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "codehub.access"]
     assert [(line["status"], line.get("reason")) for line in lines] == [(408, "body-timeout")]
     assert 'codehub_bad_requests_total{reason="body-timeout"} 1.0' in await scrape(client.app)
+
+
+async def test_a_websocket_upgrade_that_expects_100_continue_is_still_an_upgrade(proxied: MakeProxied) -> None:
+    """A scripted client may send ``Expect`` on an upgrade: it holds no body back, so its 101 must not say
+    ``Connection: close`` (RFC 6455 §4.1: the client fails such a handshake; a third pass's finding)."""
+    p = await proxied(ws_echo_app())
+    key = base64.b64encode(os.urandom(16)).decode()
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(f"GET /ws HTTP/1.1\r\nHost: {p.host}\r\nOrigin: {p.share_origin}\r\nUpgrade: websocket\r\n"
+                     f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                     "Expect: 100-continue\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert b"\r\nConnection: upgrade\r\n" in head, head
+    failure: BaseException | None = None
+    try:
+        async with p.client.ws_connect("/ws", headers={"Host": p.host, "Origin": p.share_origin,
+                                                      "Expect": "100-continue"}) as ws:
+            await ws.send_str("hi")
+            assert (await ws.receive(timeout=10)).data == "hi"
+    except aiohttp.WSServerHandshakeError as exc:
+        failure = exc
+    assert failure is None, failure
+
+
+@pytest.mark.parametrize(("method", "length"), [("POST", None), ("POST", "0"), ("GET", None)])
+async def test_an_expectation_without_a_body_keeps_its_connection(proxied: MakeProxied, method: str,
+                                                                  length: str | None) -> None:
+    """Some clients send ``Expect`` on every POST, body or not (.NET Framework's ``HttpWebRequest``): without a body
+    nothing is held back, so the answer keeps the connection and a request pipelined behind it is served (a third
+    pass's finding: it was taken for a refusal of a held body)."""
+    p = await proxied(echo_app())
+    framing = f"Content-Length: {length}\r\n" if length is not None else ""
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(f"{method} /a HTTP/1.1\r\nHost: {p.host}\r\n{framing}Expect: 100-continue\r\n\r\n"
+                     f"GET /b HTTP/1.1\r\nHost: {p.host}\r\n\r\n".encode())
+        out, _closed = await _read_for(reader, 3)
+    finally:
+        writer.close()
+    assert out.startswith(b"HTTP/1.1 200 "), out
+    assert b"100 Continue" not in out  # nothing to go on with: no 100 is right
+    assert b"\r\nConnection: close" not in out.split(b"\r\n\r\n", 1)[0], out
+    assert out.count(b"HTTP/1.1 200 ") == 2, out  # the pipelined GET answered too
