@@ -38,6 +38,19 @@ async def _expecting(client: TestClient[web.Request, web.Application], head: str
         return await reader.readuntil(b"\r\n\r\n"), reader, writer
 
 
+async def _uploaded(client: TestClient[web.Request, web.Application], head: str | bytes, body: bytes) -> bytes:
+    """``head`` (which closes the connection after its answer) expecting ``100-continue``; once told to go on,
+    ``body``: the answer."""
+    first, reader, writer = await _expecting(client, head)
+    try:
+        assert first == _CONTINUE
+        writer.write(body)
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize("port", ["private", "not listening"])
 async def test_an_upload_refused_on_its_head_is_never_told_to_go_on(make_gateway: MakeGateway,
                                                                     make_upstream: MakeUpstream, port: str) -> None:
@@ -87,15 +100,8 @@ async def test_an_upload_is_told_to_go_on_once_its_upstream_took_the_head(proxie
     if state == "asleep":
         await p.gateway.runtime.stop(WORKSPACE)
     field, body = _FRAMED[framing]
-    first, reader, writer = await _expecting(
-        p.client, f"PUT /upload HTTP/1.1\r\nHost: {p.host}\r\n{field}\r\nConnection: close\r\n")
-    try:
-        assert first == _CONTINUE
-        writer.write(body)
-        async with asyncio.timeout(10):
-            answer = await reader.read()
-    finally:
-        writer.close()
+    answer = await _uploaded(p.client, f"PUT /upload HTTP/1.1\r\nHost: {p.host}\r\n{field}\r\nConnection: close\r\n",
+                             body)
     assert answer.startswith(b"HTTP/1.1 200 "), answer
     assert answer.endswith(b"5 bytes")
 
@@ -120,16 +126,8 @@ async def test_an_upload_told_to_go_on_still_gets_its_error_page(proxied: MakePr
         writer.close()
 
     async with raw_upstream(p, breaks_off):
-        first, reader, writer = await _expecting(
-            p.client, f"PUT /upload HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 5\r\n"
-            "Accept: application/json\r\nConnection: close\r\n")
-        try:
-            assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
-            writer.write(b"12345")
-            async with asyncio.timeout(10):
-                answer = await reader.read()
-        finally:
-            writer.close()
+        answer = await _uploaded(p.client, f"PUT /upload HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 5\r\n"
+                                 "Accept: application/json\r\nConnection: close\r\n", b"12345")
     assert answer.startswith(b"HTTP/1.1 502 "), answer
     assert b'"code": "upstream-error"' in answer
 
@@ -138,16 +136,9 @@ async def test_the_gateways_own_form_is_told_to_go_on(make_gateway: MakeGateway)
     """A body the gateway reads itself (the sign-in form here) is asked for once the plan serves it."""
     client = await make_gateway(workspaces={})
     form = b"user=alice&groups=&next=%2F"
-    first, reader, writer = await _expecting(
-        client, f"POST /auth/dev HTTP/1.1\r\nHost: {HUB}\r\nOrigin: http://{HUB}\r\n"
-        f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(form)}\r\n")
-    try:
-        assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
-        writer.write(form)
-        async with asyncio.timeout(10):
-            answer = await reader.readuntil(b"\r\n\r\n")
-    finally:
-        writer.close()
+    answer = await _uploaded(client, f"POST /auth/dev HTTP/1.1\r\nHost: {HUB}\r\nOrigin: http://{HUB}\r\n"
+                             "Content-Type: application/x-www-form-urlencoded\r\n"
+                             f"Content-Length: {len(form)}\r\nConnection: close\r\n", form)
     assert answer.startswith(b"HTTP/1.1 303 "), answer
     assert b"codehub_session" in answer
 
@@ -158,16 +149,8 @@ async def test_an_upload_with_a_latin1_header_byte_is_told_to_go_on(proxied: Mak
     aiohttp's ``try``: no answer, no log line, and the connection held for good (neither the head nor the keep-alive
     timer runs then), so a few such heads took every connection slot."""
     p = await proxied(echo_app())
-    first, reader, writer = await _expecting(
-        p.client, b"PUT /u HTTP/1.1\r\nHost: " + p.host.encode() + b"\r\nX-File-Name: caf\xe9.txt\r\n"
-        b"Content-Length: 5\r\nConnection: close\r\n")
-    try:
-        assert first == _CONTINUE
-        writer.write(b"12345")
-        async with asyncio.timeout(10):
-            answer = await reader.read()
-    finally:
-        writer.close()
+    answer = await _uploaded(p.client, b"PUT /u HTTP/1.1\r\nHost: " + p.host.encode() + b"\r\n"
+                             b"X-File-Name: caf\xe9.txt\r\nContent-Length: 5\r\nConnection: close\r\n", b"12345")
     assert answer.startswith(b"HTTP/1.1 200 "), answer
     assert b'"body": "12345"' in answer
     assert b'["X-File-Name", "caf\\udce9.txt"]' in answer  # the byte went on as it came (the echo app's escape)
@@ -207,44 +190,15 @@ async def test_the_gateways_own_endpoints_refuse_on_the_head_before_asking(make_
     assert b"\r\nConnection: close\r\n" in first
 
 
-@pytest.mark.parametrize("expect", [True, False])
-async def test_a_body_the_gateway_reads_that_never_comes_is_a_408(make_gateway: MakeGateway, expect: bool) -> None:
-    """A form's head whose body never comes held its connection for good (``body_timeout`` bounded only bodies
-    streamed to previews); now the whole body must come within it."""
-    client = await make_gateway(workspaces={}, limits={"body_timeout": 0.5})
-    head = (f"POST /auth/dev HTTP/1.1\r\nHost: {HUB}\r\nOrigin: http://{HUB}\r\nAccept: application/json\r\n"
-            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 5\r\n")
-    if expect:
-        first, reader, writer = await _expecting(client, head)
-        assert first == _CONTINUE
-    else:
-        reader, writer = await asyncio.open_connection(client.host, client.port)
-        writer.write(f"{head}\r\n".encode())
-    try:
-        async with asyncio.timeout(10):
-            answer = await reader.readuntil(b"\r\n\r\n")
-    finally:
-        writer.close()
-    assert answer.startswith(b"HTTP/1.1 408 "), answer
-    assert b"\r\nConnection: close\r\n" in answer
-
-
 async def test_an_api_call_is_told_to_go_on_once_it_may(make_gateway: MakeGateway) -> None:
     """A script's JSON (curl sends ``Expect`` with a large one), once its caller is known."""
     client = await make_gateway(workspaces={})
     session = client.app[GATEWAY].auth.sessions.issue(Identity("alice"), HUB)
     body = b'{"name": "from a script"}'
-    first, reader, writer = await _expecting(
+    answer = await _uploaded(
         client, f"POST /api/v1/tokens HTTP/1.1\r\nHost: {HUB}\r\nOrigin: http://{HUB}\r\nAccept: application/json\r\n"
         f"Cookie: codehub_session={session}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        "Connection: close\r\n")
-    try:
-        assert first == _CONTINUE
-        writer.write(body)
-        async with asyncio.timeout(10):
-            answer = await reader.read()
-    finally:
-        writer.close()
+        "Connection: close\r\n", body)
     assert answer.startswith(b"HTTP/1.1 201 "), answer
     assert b'"name": "from a script"' in answer
 
@@ -338,25 +292,32 @@ async def test_an_expecting_request_answered_by_a_stream_is_not_followed_by_its_
     assert (closed and rest == b"") or rest.startswith(b"HTTP/1.1 200 "), (head, rest)
 
 
-@pytest.mark.parametrize("where", ["own form", "preview upload"])
-async def test_a_body_that_stops_coming_is_logged_and_counted_with_its_reason(
+@pytest.mark.parametrize("where", ["own form", "own form, told to go on", "preview upload"])
+async def test_a_body_that_stops_coming_is_a_408_logged_and_counted_with_its_reason(
         make_gateway: MakeGateway, make_upstream: MakeUpstream, caplog: pytest.LogCaptureFixture, where: str) -> None:
-    """A refusal of the client's, as its 413 (``body-too-large``) and the head's 408 (``head-timeout``) are: one
-    access-log line with its reason, one count (a helper's finding: neither was there)."""
+    """A form's head whose body never came held its connection for good (``body_timeout`` bounded only bodies
+    streamed to previews); now the whole body must come within it. A refusal of the client's, as its 413
+    (``body-too-large``) and the head's 408 (``head-timeout``) are: one access-log line with its reason, one count
+    (a helper's finding: neither was there); and the connection ends with it."""
     address = next_address()
     upstream = await make_upstream(echo_app(), address, 0)
     client = await make_gateway(workspaces={WORKSPACE: workspace(address, ports={upstream.port: "public"})},
                                 in_memory=True, limits={"body_timeout": 0.3})
     await client.app[GATEWAY].runtime.wake(WORKSPACE)
-    if where == "own form":
+    if where.startswith("own form"):
         head = (f"POST /auth/dev HTTP/1.1\r\nHost: {HUB}\r\nOrigin: http://{HUB}\r\n"
                 "Content-Type: application/x-www-form-urlencoded\r\n")
     else:
         head = f"PUT /upload HTTP/1.1\r\nHost: {upstream.port}-{WORKSPACE}.localhost:8080\r\n"
+    head += "Accept: application/json\r\nContent-Length: 5\r\n"
     with caplog.at_level(logging.INFO, logger="codehub.access"):
-        reader, writer = await asyncio.open_connection(client.host, client.port)
+        if where.endswith("told to go on"):
+            first, reader, writer = await _expecting(client, head)
+            assert first == _CONTINUE
+        else:
+            reader, writer = await asyncio.open_connection(client.host, client.port)
+            writer.write(f"{head}\r\n".encode())
         try:
-            writer.write(f"{head}Accept: application/json\r\nContent-Length: 5\r\n\r\n".encode())
             async with asyncio.timeout(10):
                 answer = await reader.readuntil(b"\r\n\r\n")
         finally:
