@@ -91,16 +91,17 @@ MakeProxied = Callable[..., Awaitable[Proxied]]
 async def proxied(make_gateway: MakeGateway, make_upstream: MakeUpstream) -> MakeProxied:
     """``await proxied(app)``: start ``app`` on a fresh workspace address, a gateway in front, workspace awake.
 
-    ``app=None`` leaves the port empty (connection refused); ``ide=True`` makes the port the workspace's IDE;
-    other keyword arguments are gateway settings.
+    ``app=None`` leaves the port empty (connection refused); ``ide=True`` makes the port the workspace's IDE,
+    ``visibility`` sets the port's (public); other keyword arguments are gateway settings.
     """
 
-    async def make(app: web.Application | None, *, ide: bool = False, **config: Any) -> Proxied:
+    async def make(app: web.Application | None, *, ide: bool = False, visibility: str = "public",
+                   **config: Any) -> Proxied:
         address = next_address()
         upstream = await make_upstream(app, address, 0) if app is not None else None
         port = upstream.port if upstream is not None else free_port(address)
         assert port is not None
-        extra: dict[str, Any] = {"ide_port": port} if ide else {"ports": {port: "public"}}
+        extra: dict[str, Any] = {"ide_port": port} if ide else {"ports": {port: visibility}}
         client = await make_gateway(workspaces={WORKSPACE: workspace(address, **extra)}, in_memory=True, **config)
         await client.app[GATEWAY].runtime.wake(WORKSPACE)
         return Proxied(client, address, port, upstream=upstream)
