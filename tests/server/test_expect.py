@@ -99,6 +99,22 @@ async def test_an_upload_is_told_to_go_on_once_its_upstream_took_the_head(proxie
     assert answer.endswith(b"5 bytes")
 
 
+async def test_the_app_gets_the_body_without_the_expectation(proxied: MakeProxied) -> None:
+    """The gateway answered ``Expect``; the app gets the whole body and no ``Expect`` (nothing would answer it)."""
+    async def upload(request: web.Request) -> web.Response:
+        return web.Response(text=f"{len(await request.read())} bytes; expect={request.headers.get('Expect')}")
+
+    app = web.Application()
+    app.router.add_put("/upload", upload)
+    p = await proxied(app)
+    body = b"z" * 100_000
+    answer = await _uploaded(p.client, f"PUT /upload HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: {len(body)}\r\n"
+                             "Connection: close\r\n", body)
+    head, _, text = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert text.endswith(b"100000 bytes; expect=None")
+
+
 async def test_an_http_1_0_client_is_never_told_to_go_on(proxied: MakeProxied) -> None:
     """HTTP/1.0 has no interim answers (RFC 9110 §15.2): its body comes with its head, its answer is the only one."""
     p = await proxied(echo_app())

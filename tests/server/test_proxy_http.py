@@ -423,30 +423,6 @@ async def test_bodiless_statuses(proxied: MakeProxied, status: int) -> None:
             assert await response.read() == b""
 
 
-async def test_expect_100_continue_upload(proxied: MakeProxied) -> None:
-    async def upload(request: web.Request) -> web.Response:
-        return web.Response(text=f"{len(await request.read())} bytes; expect={request.headers.get('Expect')}")
-
-    app = web.Application()
-    app.router.add_put("/upload", upload)
-    p = await proxied(app)
-    body = b"z" * 100_000
-    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
-    try:
-        writer.write(f"PUT /upload HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: {len(body)}\r\n"
-                     "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode())
-        async with asyncio.timeout(10):
-            interim = await reader.readuntil(b"\r\n\r\n")
-            assert interim.startswith(b"HTTP/1.1 100"), interim
-            writer.write(body)
-            raw = await reader.read()
-    finally:
-        writer.close()
-    head, _, text = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    assert text.endswith(b"100000 bytes; expect=None")
-
-
 async def test_compressed_bodies_pass_untouched(proxied: MakeProxied) -> None:
     original = b"compress me " * 5000
     packed = gzip.compress(original)
