@@ -27,7 +27,7 @@ from gateway.server.refusals import Reason
 CONTINUE = web.RequestKey("codehub_continue", bool)
 """Whether this request's client still waits for ``100 Continue`` before it sends its body."""
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_GO_ON = b"HTTP/1.1 100 Continue\r\n\r\n"
 T = TypeVar("T")
 
 
@@ -57,7 +57,7 @@ class RequestFactory:
 async def go_on(request: web.BaseRequest) -> None:
     """Tell the client to send its body, once, if it waits to be told."""
     if request.pop(CONTINUE, False):
-        await request.writer.write(_CONTINUE)
+        await request.writer.write(_GO_ON)
         request.writer.output_size = 0  # no part of the answer: a failure after it may still be answered
 
 
