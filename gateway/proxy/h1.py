@@ -23,7 +23,7 @@ import enum
 from dataclasses import dataclass
 from typing import Final
 
-from aiohttp.http import HttpProcessingError, HttpRequestParser, HttpVersion11
+from aiohttp.http import HttpProcessingError, HttpRequestParser, HttpVersion11, RawRequestMessage
 from multidict import CIMultiDictProxy
 
 MAX_HEAD = 16 << 10
@@ -94,10 +94,8 @@ class Connection:
         aiohttp to refuse (with the same limits)."""
         self.max_head = max_head
         self.state = _READING
-        # No body is ever read here (a request with one is handed over), so the parser is given none to fill.
-        self._parser = HttpRequestParser(None, None, MAX_HEAD, max_line_size=max_line, max_field_size=max_field,
-                                         max_headers=max_headers, response_with_body=False,
-                                         auto_decompress=False)
+        self._limits = (max_line, max_field, max_headers)
+        self._parser = self._new_parser()
         self._raw = bytearray()
         self._parked = bytearray()
         self._head_end = 0  # an upgrade's: where the new protocol's bytes start in ``_raw``
@@ -122,22 +120,54 @@ class Connection:
         raw += data
         try:
             messages, _, _ = self._parser.feed_data(data)
-        except HttpProcessingError:  # aiohttp's lane reads it again, and refuses it in its own words
-            return self.hand_over()
+        except HttpProcessingError:  # aiohttp's lane reads it again (after a plain request before the fault)
+            return self._first_of_a_faulty_read()  # and refuses it in its own words
         if not messages:
             return self.hand_over() if len(raw) > self.max_head else NEED_DATA
         message = messages[0][0] if len(messages) == 1 else None
         end = raw.find(_HEAD_END, _blank_lines(raw)) + 4
-        if (message is None or len(raw) > self.max_head
-                or message.method not in _FAST_METHODS or message.version != HttpVersion11
-                or (message.upgrade and message.method != "GET")
-                or (end != len(raw) and not message.upgrade)  # a second request behind it, or a body
-                or _promises_a_body(message.headers)):
+        if (message is None or not self._plain(message)
+                or (end != len(raw) and not message.upgrade)):  # a second request behind it, or a body
             return self.hand_over()
+        return self._serve(message, end)
+
+    def _first_of_a_faulty_read(self) -> Event:
+        """The parser failed somewhere in what was read: if a whole plain request came before the fault, it is
+        served first and the rest waits behind it, for aiohttp to refuse once the answer is out. Answers go out in
+        the order of their requests (RFC 9112 §9.3.2): behind a proxy that sends visitors' requests one after the
+        other on a shared connection, one visitor's garbage must not be answered in place of another's request.
+        The parser keeps the requests it read before a fault to itself, so the first head is read again alone."""
+        raw = self._raw
+        end = raw.find(_HEAD_END, _blank_lines(raw)) + 4  # 3: no whole head, so no message
+        try:
+            messages, _, _ = self._new_parser().feed_data(bytes(raw[:end]))
+        except HttpProcessingError:  # the fault is in the first head
+            return self.hand_over()
+        if not messages or not self._plain(messages[0][0]):
+            return self.hand_over()
+        self._parked += raw[end:]
+        del raw[end:]
+        return self._serve(messages[0][0], end)
+
+    def _plain(self, message: RawRequestMessage) -> bool:
+        """This lane's kind of request: a GET or HEAD of HTTP/1.1, of sane size, without a body (a GET may upgrade).
+        """
+        return (len(self._raw) <= self.max_head
+                and message.method in _FAST_METHODS and message.version == HttpVersion11
+                and (not message.upgrade or message.method == "GET")
+                and not _promises_a_body(message.headers))
+
+    def _serve(self, message: RawRequestMessage, end: int) -> Request:
         self.state = _SERVING
         self._head_end = end if message.upgrade else 0
         return Request(message.method, message.path, message.headers, not message.should_close,
                        upgrade=message.upgrade)
+
+    def _new_parser(self) -> HttpRequestParser:
+        max_line, max_field, max_headers = self._limits
+        # No body is ever read here (a request with one is handed over), so the parser is given none to fill.
+        return HttpRequestParser(None, None, MAX_HEAD, max_line_size=max_line, max_field_size=max_field,
+                                 max_headers=max_headers, response_with_body=False, auto_decompress=False)
 
     def done(self, keep_alive: bool) -> Event:
         """The answer to the request being served is out."""

@@ -169,6 +169,56 @@ def test_pipelined_bytes_are_parked_then_handed_over() -> None:
     assert connection.done(keep_alive=True) == HandOver(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n")
 
 
+FAULTY_BEHIND = {
+    "garbage": b"GARBAGE\r\n\r\n",
+    "a bad chunk size": b"POST /b HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\n",
+    "a good request, then garbage": b"GET /b HTTP/1.1\r\nHost: h\r\n\r\nGARBAGE\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("lead", [b"", b"\r\n"])
+@pytest.mark.parametrize("behind", list(FAULTY_BEHIND))
+def test_a_plain_request_before_a_fault_in_the_same_read_is_served_first(behind: str, lead: bytes) -> None:
+    """The parser fails on what follows a whole request, and keeps that request to itself: it is read again alone
+    and served, the rest waits behind it, for aiohttp to refuse once the answer is out (answers in the order of
+    their requests), and a ``Connection: close`` request's answer ends the connection before it."""
+    rest = FAULTY_BEHIND[behind]
+    connection = Connection()
+    event = connection.receive(lead + GET + rest)
+    assert isinstance(event, Request)
+    assert (event.method, event.target, event.keep_alive) == ("GET", "/a?b=1", True)
+    assert connection.parked == len(rest)
+    assert connection.receive(b"more") is NEED_DATA
+    assert connection.done(keep_alive=True) == HandOver(rest + b"more")
+    closing = Connection()
+    assert isinstance(closing.receive(GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") + rest),
+                      Request)
+    assert closing.done(keep_alive=False) is CLOSE
+    declined = Connection()  # the plan declines it: aiohttp gets every byte, once
+    assert isinstance(declined.receive(GET + rest), Request)
+    assert declined.hand_over() == HandOver(GET + rest)
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b"GET / HTTP/1.1\r\nHo st: h\r\n\r\n" + GET, "the fault is in the first head"),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nX: a\x00b\r\n\r\nGARBAGE\r\n\r\n", "a NUL in the first head"),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\n" + GET, "a bad body first"),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nabGARBAGE\r\n\r\n", "a GET with a body first"),
+        (b"GET / HTTP/1.0\r\nHost: h\r\n\r\nGARBAGE\r\n\r\n", "an HTTP/1.0 request first"),
+        (b"OPTIONS / HTTP/1.1\r\nHost: h\r\n\r\nGARBAGE\r\n\r\n", "another method first"),
+        (b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGARBAGE\r\n\r\n" + b"x" * (16 << 10), "past the head's limit"),
+        (b"GET / HTTP/1.1\nHost: h\n\nGARBAGE\r\n\r\n", "bare LFs"),
+        (b"GARBAGE\r\n\r\n" + GET, "garbage first"),
+        (b"GARBAGE \r\n", "garbage, no whole head"),
+        (b"\r\nGARBAGE \r\n\r", "garbage after a blank line, no whole head"),
+    ],
+)
+def test_a_faulty_read_is_handed_over_whole_unless_a_plain_request_leads_it(raw: bytes, why: str) -> None:
+    assert Connection().receive(raw) == HandOver(raw), why
+
+
 def test_a_request_the_plan_declines_is_handed_over_whole() -> None:
     connection = Connection()
     connection.receive(GET[:10])
