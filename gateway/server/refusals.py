@@ -37,7 +37,7 @@ from aiohttp.http_exceptions import (
     LineTooLong,
 )
 from aiohttp.streams import EMPTY_PAYLOAD
-from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from multidict import CIMultiDictProxy
 
 from gateway.accesslog import REFUSED, UNREAD, AccessLog, AccessLogger
@@ -379,8 +379,18 @@ class GatewayHandler(RequestHandler):
     def __init__(self, manager: web.Server, refusals: Refusals, release: Callable[[], None], *,
                  head_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
+        # One request at a time: aiohttp's parser pauses after each (a queue of one, and the handler pauses reading
+        # while one waits), so a fault behind a request in the same read is read only once that request is taken,
+        # and answered after it (RFC 9112 §9.3.2); with a longer queue the parser raises for the whole read and
+        # keeps the requests before the fault to itself. Its settings are those aiohttp built its own with
+        # (``handler_settings``, the app's ``handler_args``).
+        parser = HttpRequestParser(self, self._loop, self._read_bufsize, max_line_size=kwargs["max_line_size"],
+                                   max_field_size=kwargs["max_field_size"], max_headers=kwargs["max_headers"],
+                                   payload_exception=RequestPayloadError, auto_decompress=kwargs["auto_decompress"],
+                                   max_msg_queue_size=1)
+        self._max_msg_queue_size = 1
         # the parser's methods, checked
-        self._parser = _CheckedParser(self._parser, refusals.relief)  # type: ignore[assignment]
+        self._parser = _CheckedParser(parser, refusals.relief)  # type: ignore[assignment]
         self._refusals = refusals
         self._release: Callable[[], None] | None = release
         self._head_timeout = head_timeout
