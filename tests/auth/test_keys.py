@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import stat
 import time
 from collections.abc import Callable
@@ -154,6 +155,28 @@ def test_bad_keys_file_is_refused(tmp_path: Path, text: str) -> None:
         load_or_create(path, create=False)
 
 
+def test_a_keys_file_of_public_keys_is_refused_saying_it_needs_private_ones(tmp_path: Path) -> None:
+    """The published JWKS looks like a keys file: one pasted into the Secret must say what it lacks, not name
+    a missing JSON field."""
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(KEYS.jwks()))
+    with pytest.raises(KeyFileError, match="must be an Ed25519 private JWK"):
+        load_or_create(path, create=False)
+
+
+@pytest.mark.parametrize(("text", "said"), [('{"keys": [', "line 1 column 11"), ('{"signing": []}', "'keys'")])
+def test_a_keys_file_that_is_not_one_is_refused_saying_where_it_goes_wrong(tmp_path: Path, text: str,
+                                                                            said: str) -> None:
+    """A gateway that cannot start for its keys file tells its operator which file and what in it, not only that
+    something is wrong."""
+    path = tmp_path / "keys.json"
+    path.write_text(text)
+    with pytest.raises(KeyFileError) as refused:
+        load_or_create(path, create=False)
+    assert str(path) in str(refused.value)
+    assert said in str(refused.value)
+
+
 def test_missing_keys_file_is_refused_unless_created(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="does not exist"):
         load_or_create(tmp_path / "absent.json", create=False)
@@ -283,7 +306,7 @@ def test_keys_file_keeps_each_keys_age_so_reloading_retires_nothing_early(tmp_pa
 
 
 def test_a_keys_file_that_cannot_be_read_is_refused_even_with_create(tmp_path: Path) -> None:
-    with pytest.raises(KeyFileError, match="cannot read keys file"):
+    with pytest.raises(KeyFileError, match=re.escape(f"cannot read keys file {tmp_path}: Is a directory")):
         load_or_create(tmp_path, create=True)  # a directory
     assert list(tmp_path.iterdir()) == []
 
