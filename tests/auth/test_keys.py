@@ -326,6 +326,7 @@ def test_the_published_jwks_lets_anyone_verify_our_tokens_and_nothing_more() -> 
     assert [jwk["kid"] for jwk in published] == [key.kid for key in rotated.keys]
     for jwk, token in zip(published, (rotated.sign(claims()), KEYS.sign(claims())), strict=True):
         assert (jwk["kty"], jwk["crv"], jwk["alg"], jwk["use"]) == ("OKP", "Ed25519", "EdDSA", "sig")
+        assert re.fullmatch(r"[A-Za-z0-9_-]{43}", jwk["x"]), "base64url without padding (RFC 7515 §2)"
         assert jwt.get_unverified_header(token) == {"alg": "EdDSA", "kid": jwk["kid"], "typ": "JWT"}
         verified = jwt.decode(token, jwt.PyJWK(jwk).key, algorithms=[jwk["alg"]], audience=AUDIENCE, issuer=ISSUER)
         assert verified["sub"] == "alice"
