@@ -921,6 +921,15 @@ async def test_discovery_is_read_once_an_hour_and_afresh_for_each_browser_sent_t
         assert fetched == [discovery, "/jwks", "/jwks", discovery, discovery, "/jwks"]
 
 
+async def test_a_gateway_started_within_an_hour_of_its_host_booting_reads_discovery(
+        idp: IdP, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The monotonic clock counts from an unspecified point (on Linux, the host's boot): on a fresh node it may
+    read less than the hour discovery is kept, and a client that never read discovery must read it all the same."""
+    monkeypatch.setattr(oidc, "time", SimpleNamespace(monotonic=lambda: 5.0))
+    async with relying_party(idp) as client:
+        assert (await client.verify_id_token(signed_by_idp(idp), "n0nce"))["sub"] == "alice"
+
+
 @pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post"])
 async def test_code_exchange_with_either_client_authentication(tmp_path: Path, method: str) -> None:
     """The whole relying-party side against an IdP that accepts only the registered method, with a secret that
