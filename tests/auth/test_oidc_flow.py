@@ -775,11 +775,26 @@ async def test_a_discovery_document_that_is_not_usable_is_an_unavailable_idp(aio
                                              id_token_hint=None) is None
 
 
+@pytest.mark.parametrize("step", ["authorization_endpoint", "token_endpoint", "jwks_uri"])
+async def test_an_unusable_discovery_document_says_which_address_it_lacks(aiohttp_server: Any, step: str,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """The 502 page and the log name the step whose address is missing: what the IdP's administrators must fix."""
+    issuer = await hostile_idp(aiohttp_server, {**ENDPOINTS, step: "javascript:alert(1)"})
+    async with aiohttp.ClientSession() as http:
+        client = OidcClient(Oidc(issuer=issuer, client_id="c", client_secret="s"), http)
+        with pytest.raises(IdpUnavailable, match=re.escape(f"discovery document gives no address for {step}.")):
+            await client.authorize_url(redirect_uri="http://localhost:8080/auth/callback", state="st", nonce="n",
+                                       pkce=Pkce.new())
+    assert [record.getMessage() for record in caplog.records if record.name == oidc.log.name] == [
+        f"IdP discovery has no http(s) address for {step}"]
+
+
 @pytest.mark.parametrize("end_session", ["javascript:alert(1)", "javascript://idp.test/%0aalert(1)",
                                          "data:text/html,x", "/logout", "http://", 42])
-async def test_an_end_session_endpoint_that_is_no_web_address_is_not_followed(aiohttp_server: Any,
-                                                                              end_session: Any) -> None:
-    """Only an http(s) address goes into the ``Location`` of a sign-out; the rest of the IdP stays usable."""
+async def test_an_end_session_endpoint_that_is_no_web_address_is_not_followed(
+        aiohttp_server: Any, caplog: pytest.LogCaptureFixture, end_session: Any) -> None:
+    """Only an http(s) address goes into the ``Location`` of a sign-out; the rest of the IdP stays usable, and
+    the log says why sign-out leaves the IdP's session alone."""
     issuer = await hostile_idp(aiohttp_server, {**ENDPOINTS, "end_session_endpoint": end_session})
     async with aiohttp.ClientSession() as http:
         client = OidcClient(Oidc(issuer=issuer, client_id="c", client_secret="s"), http)
@@ -788,6 +803,8 @@ async def test_an_end_session_endpoint_that_is_no_web_address_is_not_followed(ai
         sent_to = await client.authorize_url(redirect_uri="http://localhost:8080/auth/callback", state="st",
                                              nonce="n", pkce=Pkce.new())
         assert sent_to.startswith(f"{issuer}/authorize?")
+    assert "IdP discovery's end_session_endpoint is no http(s) address: not followed" in [
+        record.getMessage() for record in caplog.records if record.name == oidc.log.name]
 
 
 async def test_an_idp_at_https_addresses_sends_browsers_to_them(aiohttp_server: Any) -> None:
