@@ -432,12 +432,16 @@ async def test_sign_out_can_leave_the_idps_session_alone(serve: Serve, idp: IdP,
     assert (await _sign_out(browser, served)).location == served.hub + "/"
 
 
-async def test_idp_down_before_first_sign_in(served: Served, idp: IdP, make_browser: MakeBrowser) -> None:
+async def test_idp_down_before_first_sign_in(served: Served, idp: IdP, make_browser: MakeBrowser,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The visitor gets a page; the operator gets a line in the log saying which of the IdP's addresses failed."""
     await idp.stop()
     browser = await make_browser(served, idp=idp)
     page = await browser.navigate(served.hub + "/auth/login?next=/")
     assert page.status == 502
     assert "Sign-in is unavailable" in page.text
+    assert [record for record in caplog.records if record.name == oidc.log.name
+            and record.getMessage().startswith("IdP discovery unreachable: ")], caplog.text
     assert (await browser.navigate(served.preview("ws1", 3001, "/"))).status == 200
 
 
