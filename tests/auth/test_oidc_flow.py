@@ -517,6 +517,7 @@ async def test_idp_error_reply_is_a_clear_page(served: Served, idp: IdP, make_br
         {"error": "access_denied", "error_description": said, "state": state}))
     assert page.status == 401
     assert "sign-in-failed" in page.text
+    assert "<title>Sign-in failed" in page.text
     assert "&lt;b&gt;user cancelled&lt;/b&gt;" in page.text
     assert said not in page.text
     bare = await browser.navigate(served.hub + "/auth/callback?" + urlencode({"error": "access_denied",
