@@ -174,7 +174,9 @@ class OidcClient:
         return body
 
     async def _key(self, kid: str | None, force: bool) -> dict[str, Any] | None:
-        if force or not self._jwks:
+        """The published key ``kid`` names (the only one, for none), from the keys held, read afresh when ``force``:
+        the caller forces a lookup that found nothing, which is also how the keys are read the first time."""
+        if force:
             metadata = await self.metadata()
             data = await self._get_json(metadata["jwks_uri"], "signing keys")
             keys = data.get("keys")
