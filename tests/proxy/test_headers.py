@@ -60,6 +60,8 @@ def test_hop_by_hop_headers_are_dropped(given: list[tuple[str, str]], kept: list
         ("__Host-codehub-session=x", ""),
         ("a=1;__Host-codehub=y;  b=two words", "a=1;  b=two words"),
         ("mycodehub_x=1", "mycodehub_x=1"),
+        ("codehub_session=x;; a=1;", "a=1"),  # empty pieces go too: no stray separators left for the app
+        ("a=1; ;b=2", "a=1;b=2"),
     ],
 )
 def test_strip_gateway_cookies(cookie: str, expected: str) -> None:
