@@ -181,6 +181,11 @@ def test_cookie_name_and_domain(set_cookie: str, name: str, domain: str | None) 
         (" = codehub_session=x", False),
         ("=__Host-codehub_session=x; Secure; Path=/", False),
         ("=app=1", True),
+        # bytes that are not UTF-8 (surrogates here) are left out of the head as written: judged on this text, these
+        # would reach the browser as ``codehub_session=x`` and a cookie for the parent domain
+        ("\udcffcodehub_session=x", False),
+        ("a=1; \udcffDomain=localhost", False),
+        ("a=\udcff", False),
     ],
 )
 def test_allowed_set_cookie(set_cookie: str, allowed: bool) -> None:
