@@ -245,6 +245,14 @@ def test_forwarding_and_identity_headers_are_dropped_in_every_spelling(name: str
     assert out["X_App_Header"] == "kept"
 
 
+@pytest.mark.parametrize("name", ["X-Forwardedness", "X_Forwardedness", "X-ForwardedBy-App"])
+def test_an_apps_header_that_only_starts_like_a_forwarding_one_reaches_the_upstream(name: str) -> None:
+    """``X-Forwarded-*`` is a family by its dash: a name that merely begins with the same letters is the app's
+    (dropping it would break the app for nothing)."""
+    out = upstream_request_headers(h((name, "app")), PEER, upstream_host=UPSTREAM)
+    assert out[name] == "app"
+
+
 def test_clear_site_data_from_an_app_never_reaches_the_visitor() -> None:
     out = downstream_response_headers(
         h(("Clear-Site-Data", '"cookies", "storage"'), ("clear-site-data", '"*"'), ("X-App", "1")),
@@ -369,6 +377,12 @@ def test_replaced_cors_drops_every_access_control_header_of_the_apps() -> None:
         ("X-Frame-Options", "DENY"), ("X-App", "1"), ("Access-Control-Allow-Origin", "https://a.test"),
         ("Vary", "Origin"),
     ]
+
+
+@pytest.mark.parametrize("name", ["Access-Control", "Access-Controlled-By"])
+def test_an_apps_header_that_only_starts_like_a_cors_one_survives_replaced_cors(name: str) -> None:
+    """Replaced CORS drops the ``Access-Control-*`` family only, by its dash; other names of the app's pass."""
+    assert answer((name, "app"), drop_cors=True) == [(name, "app")]
 
 
 def test_an_embedding_policy_drops_the_apps_x_frame_options() -> None:
