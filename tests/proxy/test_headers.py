@@ -512,6 +512,15 @@ def test_connection_names_hold_whether_remembered_or_not(connection: tuple[str, 
     assert module._named_in_kept.cache_info().currsize == remembered
 
 
+@pytest.mark.parametrize("named", [("Set-Cookie", "a=1"), ("Location", "/next"), ("Access-Control-Allow-Origin", "*"),
+                                   ("X-Frame-Options", "DENY")])
+def test_an_answers_header_its_connection_names_stays_on_the_apps_hop_whatever_its_kind(
+        named: tuple[str, str]) -> None:
+    """The headers the gateway rewrites or judges (cookies, redirects, CORS, framing) are no exception to
+    RFC 9110 §7.6.1: named in the app's ``Connection``, they were for the gateway alone."""
+    assert answer(("Connection", named[0].lower()), named, ("X-App", "1")) == [("X-App", "1")]
+
+
 # --- clearing cookies over the limit ----------------------------------------------------------------------------
 
 PAD = "x" * 400
