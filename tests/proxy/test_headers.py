@@ -539,11 +539,15 @@ def names(lines: list[str]) -> list[str]:
     ([f"a={PAD}; a={PAD}; b={PAD}"], ["a"]),  # one name twice (two domains or paths): both go with it
     ([f"a={PAD}; b=1"], []),  # already under half
     ([f"__Host-codehub_session={PAD * 3}"], []),  # host-only by its prefix: never on a parent
+    ([f"__Hostess={PAD * 3}"], ["__Hostess"]),  # the prefix is ``__Host-``, dash and all
     ([f"codehub_session={PAD * 3}"], ["codehub_session"]),  # a copy of the gateway's name planted on a parent
     ([f"\udcff={PAD}; a\x01={PAD}; c={PAD}; d={PAD}"], ["c", "d"]),  # names that could not be written back
     ([f"a b={PAD}; \u00e9={PAD}; a,1={PAD}; d={PAD}"], ["a b", "a,1", "\u00e9"]),  # names Chromium keeps, odd
+    ([f"a\x7f={PAD}; a\tb={PAD}; c={PAD}"], ["a\tb", "c"]),  # DEL is a control character, a tab is not
     ([f"   a  ={PAD};b={PAD}; c={PAD}"], ["a", "b"]),  # spaces around a name are not part of it
-], ids=["order", "largest", "headers", "twice", "under", "host-prefix", "gateway-name", "unwritable", "odd", "spaces"])
+    ([f"\ta\t={PAD};b={PAD}; c={PAD}"], ["a", "b"]),  # nor tabs
+], ids=["order", "largest", "headers", "twice", "under", "host-prefix", "host-lookalike", "gateway-name",
+        "unwritable", "odd", "control", "spaces", "tabs"])
 def test_the_largest_cookies_are_cleared_until_half_the_limit_is_left(cookies: list[str],
                                                                        expected: list[str]) -> None:
     assert names(clearing_cookies(cookies, HUB_HOST, "/", shared=SHARED, limit=1024, secure=False)) == expected
@@ -573,8 +577,10 @@ def test_cookies_are_cleared_where_a_preview_could_have_set_them(host: str, shar
     assert lines == [f"pad=; Domain={domain}; Path=/; Max-Age=0" for domain in domains]
 
 
-def test_a_cookie_without_a_name_is_cleared_by_its_value() -> None:
-    assert clearing_cookies([PAD * 3], HUB_HOST, "/", shared=SHARED, limit=1024, secure=False) == [
+@pytest.mark.parametrize("cookie", [PAD * 3, f" \t{PAD * 3}\t "])
+def test_a_cookie_without_a_name_is_cleared_by_its_value(cookie: str) -> None:
+    """Without the white space (spaces and tabs, RFC 6265 §5.2) around it, which the browser never kept."""
+    assert clearing_cookies([cookie], HUB_HOST, "/", shared=SHARED, limit=1024, secure=False) == [
         f"{PAD * 3}; Domain=example.com; Path=/; Max-Age=0"]
 
 
@@ -591,6 +597,8 @@ def test_a_host_without_a_dns_parent_gets_nothing_cleared(host: str) -> None:
     ("/a/b;Domain=evil/c", ["/", "/a", "/a/"]),  # up to what could not be written back (no cookie path holds it)
     ("/a/b c", ["/", "/a", "/a/"]),
     ("/a,b/", ["/", "/a,b", "/a,b/"]),
+    ("/a!b/~", ["/", "/a!b", "/a!b/", "/a!b/~"]),  # the first and last printable bytes
+    ("/a/b\x7fc/", ["/", "/a", "/a/"]),  # DEL is not
     ("*", ["/"]),
     ("/" + "/".join("abcdefghij") + "/", ["/"] + [f"/{'/'.join('abcdefghij'[:n])}{end}" for n in range(1, 11)
                                                 for end in ("", "/")]),
