@@ -570,6 +570,8 @@ def test_each_cookie_is_cleared_for_every_parent_domain_and_path_it_could_have()
     ("code.example.com", "preview.code.example.com", ["code.example.com", "example.com"]),  # above them
     ("hub.other.com", "preview.example.com", []),  # another site: out of every preview's reach
     ("ide-ws1.preview.example.com", "preview.example.com", ["preview.example.com", "example.com"]),
+    ("1.example.com", "preview.example.com", ["example.com"]),  # a name may begin with digits, only not end in them
+    ("HUB.example.com", "Preview.Example.COM.", ["example.com"]),  # names in any case, the root's dot or not
 ])
 def test_cookies_are_cleared_where_a_preview_could_have_set_them(host: str, shared: str,
                                                                   domains: list[str]) -> None:
