@@ -635,6 +635,21 @@ def test_one_answer_keeps_to_a_number_of_bytes() -> None:
     assert len(names(lines)) == 39  # all: the last one fits under half
 
 
+def test_an_empty_piece_of_a_cookie_header_clears_nothing() -> None:
+    """``;;`` holds no cookie: a line for it would be ``; Domain=…``, a cookie of no name and no value."""
+    assert clearing_cookies([f"__Host-a={PAD * 3};; b=1; ="], HUB_HOST, "/", shared=SHARED, limit=1024,
+                            secure=False) == ["b=; Domain=example.com; Path=/; Max-Age=0"]
+
+
+def test_lines_that_fill_the_bytes_exactly_are_all_sent() -> None:
+    """``MOST_BYTES`` is the most, not one past it."""
+    line = "=; Domain=example.com; Path=/; Max-Age=0"
+    long_names = [letter * (MOST_BYTES // 2 - len(line)) for letter in "ab"]
+    lines = clearing_cookies(["; ".join(f"{name}=1" for name in long_names)], HUB_HOST, "/", shared=SHARED,
+                             limit=1024, secure=False)
+    assert [len(one) for one in lines] == [MOST_BYTES // 2] * 2
+
+
 @pytest.mark.parametrize(("cookie", "cleared"), [
     ("; ".join(f"a{n}=" + "\u00e9" * 200 for n in range(3)), ["a0", "a1"]),  # 1,218 bytes, 615 characters
     ("; ".join(f"a{n}=" + "\u20ac" * 100 for n in range(2)), ["a0"]),  # three bytes each: 608 bytes, 208 characters
@@ -643,7 +658,18 @@ def test_sizes_are_counted_in_bytes_as_the_limit_is(cookie: str, cleared: list[s
     assert names(clearing_cookies([cookie], HUB_HOST, "/", shared=SHARED, limit=1024, secure=False)) == cleared
 
 
-def test_a_name_that_comes_twice_is_cleared_once() -> None:
+@pytest.mark.parametrize(("cookie", "cleared"), [
+    (f"a={PAD}; a={PAD}; b={PAD}", ["a"]),
+    (f"a={PAD}; a={PAD}; b={PAD}; c={PAD}", ["a", "b"]),  # still over half after both: the next name, not a again
+])
+def test_a_name_that_comes_twice_is_cleared_once(cookie: str, cleared: list[str]) -> None:
     """Two cookies of one name (on two domains, or paths) are both cleared by its lines, and counted so."""
-    assert clearing_cookies([f"a={PAD}; a={PAD}; b={PAD}"], HUB_HOST, "/", shared=SHARED, limit=1024, secure=False) == [
-        "a=; Domain=example.com; Path=/; Max-Age=0"]
+    assert clearing_cookies([cookie], HUB_HOST, "/", shared=SHARED, limit=1024, secure=False) == [
+        f"{name}=; Domain=example.com; Path=/; Max-Age=0" for name in cleared]
+
+
+def test_clearing_stops_once_exactly_half_the_limit_is_left() -> None:
+    """At most half is the goal: a cookie that would take what is left below it stays."""
+    half = "x" * (512 - len("a="))
+    assert names(clearing_cookies([f"a={half}; b={half}"], HUB_HOST, "/", shared=SHARED, limit=1024,
+                                  secure=False)) == ["a"]
