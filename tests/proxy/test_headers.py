@@ -60,6 +60,7 @@ def test_hop_by_hop_headers_are_dropped(given: list[tuple[str, str]], kept: list
         ("__Host-codehub-session=x", ""),
         ("a=1;__Host-codehub=y;  b=two words", "a=1;  b=two words"),
         ("mycodehub_x=1", "mycodehub_x=1"),
+        ("codehubby=1; __Host-codehuB=2", "codehubby=1; __Host-codehuB=2"),  # the prefixes whole, in their case
         ("codehub_session=x;; a=1;", "a=1"),  # empty pieces go too: no stray separators left for the app
         ("a=1; ;b=2", "a=1;b=2"),
     ],
