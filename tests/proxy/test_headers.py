@@ -475,6 +475,19 @@ def test_names_are_remembered_up_to_a_bound_and_forgotten_all_at_once_past_it() 
     assert list(memory) == ["X-Past-The-Bound"]
 
 
+def test_the_names_of_one_request_are_all_remembered() -> None:
+    """A browser's dozen names, or an app's, are judged on their first request and not again: the memory holds
+    many names at once, not only the last one judged."""
+    from gateway.proxy import headers as module
+
+    sent = [(f"X-Header-{n}", "1") for n in range(12)]
+    module._UPSTREAM_VERDICTS.clear()
+    module._DOWNSTREAM_VERDICTS.clear()
+    upstream_request_headers(h(*sent), PEER, upstream_host=UPSTREAM)
+    downstream_response_headers(h(*sent), public_host="h", public_origin="http://h", upstream_origins=UP)
+    assert set(module._UPSTREAM_VERDICTS) == set(module._DOWNSTREAM_VERDICTS) == {name for name, _ in sent}
+
+
 def test_a_name_or_connection_value_as_long_as_the_longest_kept_is_remembered_and_a_longer_one_is_not() -> None:
     """Up to ``_LONGEST_KEPT`` characters, names and ``Connection`` values are the ones in use, read once; a
     longer one is read each time and never held, or a sender's 8 KiB inventions would fill the memory."""
