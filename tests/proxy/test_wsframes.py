@@ -127,6 +127,9 @@ VIOLATIONS = [
     ("a server must not mask", b"", data_frame(0x1, b"x", mask=MASK), False, PROTOCOL_ERROR),
     ("reserved opcode", b"", client(0x3, b"x"), True, PROTOCOL_ERROR),
     ("reserved control opcode", b"", client(0xB, b"x"), True, PROTOCOL_ERROR),
+    # and not read as a close frame: with no payload, or one that would be a fine close code
+    ("reserved control opcode, empty", b"", client(0xB, b""), True, PROTOCOL_ERROR),
+    ("reserved control opcode, a close code", b"", data_frame(0xF, struct.pack("!H", 1000)), False, PROTOCOL_ERROR),
     ("control frames are small", b"", client(0x9, b"x" * 126), True, PROTOCOL_ERROR),
     ("control frames are whole", b"", client(0x9, b"x", fin=False), True, PROTOCOL_ERROR),
     ("a continuation of nothing", b"", client(0x0, b"x"), True, PROTOCOL_ERROR),
