@@ -65,7 +65,8 @@ class Target(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Hosts:
-    """The configured public names, normalised once so that routing each request is string comparison."""
+    """The configured public names, normalised once so that routing each request is string comparison: ``hub`` and
+    ``preview_suffix`` are ``name:port`` with the port always spelt out (``normalise_host``)."""
 
     scheme: str
     hub: str
@@ -84,7 +85,7 @@ class Hosts:
     def share_url(self, workspace: str, port: int | str, path: str = "/") -> str:
         """The public URL of a port (``port`` may be the template ``{port}`` for links to every port)."""
         name, _, host_port = self.preview_suffix.partition(":")
-        suffix = name if not host_port or int(host_port) == _DEFAULT_PORTS[self.scheme] else self.preview_suffix
+        suffix = name if int(host_port) == _DEFAULT_PORTS[self.scheme] else self.preview_suffix
         return f"{self.scheme}://{port}-{workspace}.{suffix}{path}"
 
     def ide_url(self, workspace: str, path: str = "/") -> str:
@@ -158,8 +159,8 @@ def route(host: str | None, raw_path: str, hosts: Hosts) -> Target:
         raise BadRequest("The Host header is missing or malformed.", code="bad-host")
     if normalised == hosts.hub:
         return _hub_route(raw_path)
-    label, dot, rest = normalised.partition(".")
-    if dot and rest == hosts.preview_suffix:
+    label, _, rest = normalised.partition(".")
+    if rest == hosts.preview_suffix:
         target = _preview_route(label, raw_path)
         if target.kind is _IDE and _IDE_PORT_PROXY.match(raw_path):
             assert target.workspace is not None
