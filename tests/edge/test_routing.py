@@ -11,6 +11,7 @@ from gateway.edge.routing import (
     Hosts,
     Kind,
     Target,
+    host_kind,
     local_path,
     route,
 )
@@ -308,3 +309,20 @@ def test_a_hub_url_the_settings_accept_is_a_hub_the_gateway_serves(hub_url: str,
     assert route(host, "/", hosts) == Target(Kind.HUB, path="/")
     assert hosts.hub_url("/x") == f"{origin}/x"
     assert hosts.origin(host) == origin
+
+
+@pytest.mark.parametrize(
+    ("host", "kind"),
+    [
+        ("8000-demo.localhost:8080", "preview"),
+        ("ide-demo.localhost:8080", "ide"),
+        ("localhost:8080", "hub"),
+        ("localhost:8080:8080", "unknown"),  # no host at all
+        ("abc-demo.localhost:8080", "unknown"),  # a preview address that names no port
+        ("evil.test", "unknown"),
+    ],
+)
+def test_host_kind_names_the_host_before_its_request_is_routed(host: str, kind: str) -> None:
+    """An answer given before the request could be read (a head too large) is framed by the kind of its
+    host: a preview's may be framed as the policy allows, every other host's never."""
+    assert host_kind(host, LOCAL) == kind
