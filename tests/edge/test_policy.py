@@ -104,6 +104,11 @@ CASES = [
     ("org claims: every one listed", TWO_CLAIMS, 4000, HOSTED_LEVEL_3, None, True, R.ORG_MEMBER),
     ("org claims: one of two is not enough", TWO_CLAIMS, 4000, HOSTED, None, False, R.NOT_ORG_MEMBER),
     ("org with no rules admits nobody", Policy(), 4000, FRANK, None, False, R.NOT_ORG_MEMBER),
+    # a domain written as a bare "@" is the empty domain: it must not match the empty domain of no address at all
+    ("org domain '@', no address", Policy(org=Org(email_domains=("@",))), 4000, Identity("nomail"), None, False,
+     R.NOT_ORG_MEMBER),
+    ("org domain '', address without one", Policy(org=Org(email_domains=("",))), 4000, Identity("x", "x@"), None,
+     False, R.NOT_ORG_MEMBER),
     ("org member on a private port", POLICY, 3000, FRANK, None, False, R.NOT_SHARED_WITH_USER),
     ("default visibility org", Policy(org=POLICY.org, ports=Ports(default_visibility="org")), 8080, FRANK, None,
      True, R.ORG_MEMBER),
@@ -263,6 +268,12 @@ WAKE_OWNERS = Policy(wake=WakePolicy(who="owner-and-collaborators"))
 def test_may_wake(policy: Policy, access: Decision, allow: bool, reason: Reason) -> None:
     decision = may_wake(policy, access)
     assert (decision.allow, decision.reason) == (allow, reason)
+
+
+def test_a_wake_refusal_names_the_rule_that_made_it() -> None:
+    """The deny log line prints it: the visitor had access, and only the wake policy stopped them."""
+    refused = may_wake(WAKE_OWNERS, Decision(True, Reason.PUBLIC_PORT, "port 5000 is public"))
+    assert refused.rule == "only the owner and collaborators may wake this workspace"
 
 
 FILE = "policies/team.yaml"
@@ -722,6 +733,7 @@ def test_an_org_domain_may_be_written_with_its_at_sign(domain: str) -> None:
     (3000, Identity("eve"), Grant("s3", "ws1", 3000, "people", ("eve",)), "share link for named people"),
     (3000, Identity("mallory"), Grant("s3", "ws1", 3000, "people", ("eve",)), "the share link names other people"),
     (3000, None, Grant("s3", "ws1", 3000, "people", ("eve",)), "the share link is for people members"),
+    (3000, None, Grant("s4", "ws2", 3000, "anyone"), "the share link is for another port or workspace"),
     (3000, Identity("eve"), None, "port 3000 is private to the owner and collaborators"),
     (4000, None, None, "port 4000 is org"),
     (4000, Identity("eve"), None, "the org policy does not admit this user"),
