@@ -11,6 +11,7 @@ import pytest
 
 from gateway.auth.identity import Identity
 from gateway.edge.policy import (
+    AsleepElsewhere,
     CorsRule,
     Decision,
     Grant,
@@ -32,6 +33,7 @@ from gateway.edge.policy import (
     parse_duration,
     parse_policy,
 )
+from gateway.errors import Forbidden, GatewayError, Unauthorized
 from gateway.lifecycle import WorkspaceSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -247,6 +249,27 @@ def test_every_refusal_maps_to_its_status() -> None:
         assert error.message
 
 
+@pytest.mark.parametrize(("reason", "kind", "message"), [
+    (R.USER_UNAUTHENTICATED, Unauthorized, "Sign in to see this page."),
+    (R.WAKE_FROM_ELSEWHERE, AsleepElsewhere, "This workspace is asleep, and a page elsewhere may not wake it with "
+                                              "your sign-in. Wake it yourself to see it here."),
+    (R.NOT_ORG_MEMBER, Forbidden, "Your account is not admitted by this organisation's policy."),
+    (R.NOT_SHARED_WITH_USER, Forbidden, "This page has not been shared with you. Ask its owner for access."),
+    (R.PORT_DENIED, Forbidden, "This port may not be shared."),
+    (R.IDE_OWNER_ONLY, Forbidden, "Only the workspace's owner and collaborators can open its IDE."),
+    (R.SHARE_OTHER_TARGET, Forbidden, "This share link is for another port or workspace."),
+    (R.WAKE_NOT_ALLOWED, Forbidden, "This workspace is asleep and only its owner or collaborators can wake it."),
+    (R.CROSS_ORIGIN, Forbidden, "This request came from another origin and was refused: a page elsewhere may not "
+                                "write or open a connection here with your sign-in."),
+])
+def test_a_refusal_tells_its_visitor_what_stopped_them(reason: Reason, kind: type[GatewayError],
+                                                        message: str) -> None:
+    """The message is the refused visitor's page; only a wake from elsewhere is the page whose button wakes the
+    workspace (``AsleepElsewhere``): every other refusal would offer a button that cannot help."""
+    error = denial(Decision(False, reason, "a rule"))
+    assert (type(error), error.message) == (kind, message)
+
+
 WAKE_OWNERS = Policy(wake=WakePolicy(who="owner-and-collaborators"))
 
 
@@ -300,7 +323,7 @@ BAD_POLICIES = [
      f"{FILE}:3: ports.default_visibility: 'public' is above ports.max_visibility 'org'"),
     ("bad wake rule", "wake:\n  who: everybody\n", f"{FILE}:2: wake.who:"),
     ("claim rule with a list", "org:\n  claims:\n    roles: [a, b]\n",
-     f"{FILE}:3: org.claims.roles: a claim rule compares one text"),
+     f"{FILE}:3: org.claims.roles: a claim rule compares one text, number or true/false value"),
     ("groups not a list", "org:\n  groups: 7\n", f"{FILE}:2: org.groups:"),
     ("groups a mapping: the key's line", "org:\n  groups:\n    staff: yes\n", f"{FILE}:2: org.groups:"),
     ("two mistakes: the first is named", "ports:\n  default_visibility: secret\n  max_visibility: everyone\n",
@@ -710,9 +733,12 @@ def test_the_reasons_are_the_words_clients_logs_and_metrics_see() -> None:
     }
 
 
-def test_a_claim_rule_keyed_by_a_number_names_its_line() -> None:
+@pytest.mark.parametrize("value", ["x", "[a, b]"])
+def test_a_claim_rule_keyed_by_a_number_names_its_line(value: str) -> None:
+    """The error's place ends in ``[key]``, a name, though the key's value may be a list, which is read by
+    position: the place was followed into the list and the policy check crashed."""
     with pytest.raises(PolicyError) as caught:
-        parse_policy("org:\n  claims:\n    1: x\n", FILE)
+        parse_policy(f"org:\n  claims:\n    1: {value}\n", FILE)
     assert f"{FILE}:3: org.claims.1.[key]: Input should be a valid string" in str(caught.value)
 
 
