@@ -527,8 +527,22 @@ def test_bad_policy_stops_the_start(tmp_path: Path) -> None:
     path.write_text("ports:\n  denied: [ssh]\n")
     with pytest.raises(PolicyError, match=rf"{path}:2: ports.denied.0:"):
         PolicyHolder(path)
-    with pytest.raises(PolicyError, match="cannot read"):
+    with pytest.raises(PolicyError) as caught:
         PolicyHolder(tmp_path / "missing.yaml")
+    assert str(caught.value) == f"{tmp_path / 'missing.yaml'}: cannot read: No such file or directory"
+
+
+def test_a_reload_of_a_file_that_is_not_text_keeps_the_last_good_policy(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 are one more bad policy, named in one line: no exception the reload does not
+    expect escapes it."""
+    path = tmp_path / "policy.yaml"
+    _write(path, "ports:\n  denied: [22]\n", 1_000)
+    holder = PolicyHolder(path)
+    path.write_bytes(b"ports:\n  denied: [\xff]\n")
+    os.utime(path, (2_000, 2_000))
+    assert holder.reload_if_changed() is False
+    assert (holder.current.ports.denied, holder.last_error) == (
+        (22,), f"{path}: not UTF-8 text (invalid start byte at byte 18)")
 
 
 @pytest.mark.parametrize(("identity", "principal", "matches"), [
