@@ -363,8 +363,10 @@ BAD_POLICIES = [
      f"{FILE}:2: workspaces.most_per_person: Input should be greater than or equal to 1"),
     ("workspaces in words", "workspaces:\n  most_per_person: many\n", f"{FILE}:2: workspaces.most_per_person"),
     ("not a mapping", "- org\n- ports\n", f"{FILE}:1: a policy must be a mapping"),
-    ("not YAML", "ports:\n  denied: [22\n", f"{FILE}:3: not valid YAML"),
-    ("tab indentation", "ports:\n\tdenied: []\n", f"{FILE}:2: not valid YAML"),
+    # the parser's own words for the fault, not its context (which repeats the line and names "<unicode string>")
+    ("not YAML", "ports:\n  denied: [22\n", f"{FILE}:3: not valid YAML: did not find expected ',' or ']'"),
+    ("tab indentation", "ports:\n\tdenied: []\n",
+     f"{FILE}:2: not valid YAML: found character that cannot start any token"),
 ]
 
 
