@@ -337,7 +337,9 @@ BAD_POLICIES = [
      f"{FILE}:4: cors.1.allow_origins: '*' admits every origin"),
     # 'null' is the Origin of sandboxed frames and data: pages, which any site can make: '*' by another name
     ("null origin with credentials", "cors:\n  - ports: [8000]\n    allow_origins: [same-workspace, 'null']\n",
-     f"{FILE}:3: cors.0.allow_origins: 'null' is the origin of sandboxed frames and local files"),
+     f"{FILE}:3: cors.0.allow_origins: 'null' is the origin of sandboxed frames and local files, which any site "
+     "can make: with allow_credentials any site could read and write this port as its visitor. List the origins, or "
+     "set allow_credentials: false"),
     # origins are compared as browsers send them: a typo or a path never matched, and nothing said so
     ("origin keyword misspelt", "cors:\n  - allow_origins: [same-workspaces]\n",
      f"{FILE}:2: cors.0.allow_origins: 'same-workspaces' is neither an origin like https://app.example.com nor "
