@@ -23,7 +23,7 @@ import enum
 from dataclasses import dataclass
 from typing import Final
 
-from aiohttp.http import HttpProcessingError, HttpRequestParser, HttpVersion11, RawRequestMessage
+from aiohttp.http import HttpProcessingError, HttpRequestParser, HttpVersion11
 from multidict import CIMultiDictProxy
 
 MAX_HEAD = 16 << 10
@@ -120,48 +120,39 @@ class Connection:
         raw += data
         try:
             messages, _, _ = self._parser.feed_data(data)
-        except HttpProcessingError:  # aiohttp's lane reads it again (after a plain request before the fault)
-            return self._first_of_a_faulty_read()  # and refuses it in its own words
+        except HttpProcessingError:  # aiohttp's lane reads it again (after a request before the fault, if one is
+            return self._first_of_a_faulty_read()  # served here) and refuses it in its own words
         if not messages:
             return self.hand_over() if len(raw) > self.max_head else NEED_DATA
         message = messages[0][0] if len(messages) == 1 else None
         end = raw.find(_HEAD_END, _blank_lines(raw)) + 4
-        if (message is None or not self._plain(message)
-                or (end != len(raw) and not message.upgrade)):  # a second request behind it, or a body
+        if (message is None or len(raw) > self.max_head
+                or message.method not in _FAST_METHODS or message.version != HttpVersion11
+                or (message.upgrade and message.method != "GET")
+                or (end != len(raw) and not message.upgrade)  # a second request behind it, or a body
+                or _promises_a_body(message.headers)):
             return self.hand_over()
-        return self._serve(message, end)
-
-    def _first_of_a_faulty_read(self) -> Event:
-        """The parser failed somewhere in what was read: if a whole plain request came before the fault, it is
-        served first and the rest waits behind it, for aiohttp to refuse once the answer is out. Answers go out in
-        the order of their requests (RFC 9112 §9.3.2): behind a proxy that sends visitors' requests one after the
-        other on a shared connection, one visitor's garbage must not be answered in place of another's request.
-        The parser keeps the requests it read before a fault to itself, so the first head is read again alone."""
-        raw = self._raw
-        end = raw.find(_HEAD_END, _blank_lines(raw)) + 4  # 3: no whole head, so no message
-        try:
-            messages, _, _ = self._new_parser().feed_data(bytes(raw[:end]))
-        except HttpProcessingError:  # the fault is in the first head
-            return self.hand_over()
-        if not messages or not self._plain(messages[0][0]):
-            return self.hand_over()
-        self._parked += raw[end:]
-        del raw[end:]
-        return self._serve(messages[0][0], end)
-
-    def _plain(self, message: RawRequestMessage) -> bool:
-        """This lane's kind of request: a GET or HEAD of HTTP/1.1, of sane size, without a body (a GET may upgrade).
-        """
-        return (len(self._raw) <= self.max_head
-                and message.method in _FAST_METHODS and message.version == HttpVersion11
-                and (not message.upgrade or message.method == "GET")
-                and not _promises_a_body(message.headers))
-
-    def _serve(self, message: RawRequestMessage, end: int) -> Request:
         self.state = _SERVING
         self._head_end = end if message.upgrade else 0
         return Request(message.method, message.path, message.headers, not message.should_close,
                        upgrade=message.upgrade)
+
+    def _first_of_a_faulty_read(self) -> Event:
+        """The parser failed somewhere in what was read: if a whole head came before the fault, it is read again
+        alone, by a new parser, as if it had come by itself, and what follows it waits behind it (for aiohttp, once
+        the answer is out, or with the head if it is not this lane's). Answers go out in the order of their
+        requests (RFC 9112 §9.3.2): behind a proxy that sends visitors' requests one after the other on a shared
+        connection, one visitor's garbage must not be answered in place of another's request, and the parser keeps
+        the requests it read before a fault to itself."""
+        raw = self._raw
+        end = raw.find(_HEAD_END, _blank_lines(raw)) + 4
+        if end == 3 or end == len(raw):  # no whole head before the fault, or the fault is in it
+            return self.hand_over()
+        head = bytes(raw[:end])
+        self._parked += raw[end:]
+        raw.clear()
+        self._parser = self._new_parser()
+        return self.receive(head)
 
     def _new_parser(self) -> HttpRequestParser:
         max_line, max_field, max_headers = self._limits

@@ -173,6 +173,7 @@ FAULTY_BEHIND = {
     "garbage": b"GARBAGE\r\n\r\n",
     "a bad chunk size": b"POST /b HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\n",
     "a good request, then garbage": b"GET /b HTTP/1.1\r\nHost: h\r\n\r\nGARBAGE\r\n\r\n",
+    "garbage past a head's limit": b"GARBAGE\r\n\r\n" + b"x" * (16 << 10),  # the head's size is its own
 }
 
 
@@ -208,9 +209,10 @@ def test_a_plain_request_before_a_fault_in_the_same_read_is_served_first(behind:
         (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nabGARBAGE\r\n\r\n", "a GET with a body first"),
         (b"GET / HTTP/1.0\r\nHost: h\r\n\r\nGARBAGE\r\n\r\n", "an HTTP/1.0 request first"),
         (b"OPTIONS / HTTP/1.1\r\nHost: h\r\n\r\nGARBAGE\r\n\r\n", "another method first"),
-        (b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGARBAGE\r\n\r\n" + b"x" * (16 << 10), "past the head's limit"),
         (b"GET / HTTP/1.1\nHost: h\n\nGARBAGE\r\n\r\n", "bare LFs"),
         (b"GARBAGE\r\n\r\n" + GET, "garbage first"),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nA: " + b"a" * 8180 + b"\r\nB: " + b"b" * 8180 + b"\r\n\r\nGARBAGE\r\n\r\n",
+         "a head past its limit first"),
         (b"GARBAGE \r\n", "garbage, no whole head"),
         (b"\r\nGARBAGE \r\n\r", "garbage after a blank line, no whole head"),
     ],
