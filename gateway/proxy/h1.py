@@ -5,9 +5,10 @@ happened. Only the plain case comes out as a ``Request`` — a complete HTTP/1.1
 ``Expect``, with a head of sane size — or such a GET asking to switch protocols (``upgrade``: a WebSocket), whose
 server either ``switch``es (the bytes past the head are the new protocol's) or hands it over. Everything else,
 malformed or merely unusual, is a ``HandOver`` of every byte read so far: aiohttp's server reads it from the
-start and answers it (or refuses it) as it would have without this lane. While a request is being served, what
-arrives is kept (a pipelined next request); once the answer is out, ``done`` hands those bytes over too, so
-pipelining is aiohttp's.
+start and answers it (or refuses it) as it would have without this lane — except that a plain request before a
+malformed one in the same read is served first, the rest kept behind it (answers go out in turn). While a
+request is being served, what arrives is kept (a pipelined next request); once the answer is out, ``done`` hands
+those bytes over too, so pipelining is aiohttp's.
 
 The head is read by aiohttp's own parser (llhttp, with aiohttp's checks: one Host, no NUL, no duplicate
 ``Content-Length``…), the one its lane reads a handed-over request with: both lanes agree on what a request is, and
@@ -120,8 +121,8 @@ class Connection:
         raw += data
         try:
             messages, _, _ = self._parser.feed_data(data)
-        except HttpProcessingError:  # aiohttp's lane reads it again (after a request before the fault, if one is
-            return self._first_of_a_faulty_read()  # served here) and refuses it in its own words
+        except HttpProcessingError:  # aiohttp's lane reads it again, and refuses it in its own words
+            return self._first_of_a_faulty_read()
         if not messages:
             return self.hand_over() if len(raw) > self.max_head else NEED_DATA
         message = messages[0][0] if len(messages) == 1 else None
