@@ -153,7 +153,8 @@ class Connection:
         self._parked += raw[end:]
         raw.clear()
         self._parser = self._new_parser()
-        return self.receive(head)
+        event = self.receive(head)  # NEED_DATA: the parser reads on past that head (HTTP/2's preface)
+        return self.hand_over() if event is NEED_DATA else event
 
     def _new_parser(self) -> HttpRequestParser:
         max_line, max_field, max_headers = self._limits

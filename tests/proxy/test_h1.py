@@ -211,6 +211,7 @@ def test_a_plain_request_before_a_fault_in_the_same_read_is_served_first(behind:
         (b"OPTIONS / HTTP/1.1\r\nHost: h\r\n\r\nGARBAGE\r\n\r\n", "another method first"),
         (b"GET / HTTP/1.1\nHost: h\n\nGARBAGE\r\n\r\n", "bare LFs"),
         (b"GARBAGE\r\n\r\n" + GET, "garbage first"),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "HTTP/2's preface: the first head is not a whole request"),
         (b"GET / HTTP/1.1\r\nHost: h\r\nA: " + b"a" * 8180 + b"\r\nB: " + b"b" * 8180 + b"\r\n\r\nGARBAGE\r\n\r\n",
          "a head past its limit first"),
         (b"GARBAGE \r\n", "garbage, no whole head"),
