@@ -16,6 +16,7 @@ page, and every page), of ``/api/v1/hub/snapshot`` and of the hub page.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -23,6 +24,7 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -32,8 +34,9 @@ from bench.http_load import run_wrk, write_script
 from bench.procs import Proc, Procs, cpu_seconds, free_port, rss_bytes, wait_for_port
 from bench.servers import ROOT, USER, Layout, SignIn, gateway_command, gateway_config, gateway_target, static_targets
 from bench.ws_load import run_ws
+from gateway.auth.kubernetes.tokens import seal_key
 from gateway.auth.store import ApiToken, ShareLink
-from gateway.config import default_address
+from gateway.config import Kubernetes, default_address
 from gateway.lifecycle.kubernetes.objects import make_api_token, make_share_link
 from tests.kube.emulator import API_TOKEN, SHARE_LINK, WORKSPACE, KubeEmulator, running_emulator
 from tests.kube.kubelet import FakeKubelet
@@ -84,8 +87,19 @@ def store(links: int, tokens: int, workspaces: list[str]) -> dict[str, Any]:
             "api_tokens": [dataclasses.asdict(token) for token in _tokens(tokens, now)], "used": {}, "consents": []}
 
 
+def _ide_key(layout: Layout) -> Path:
+    """The IDE key, as the chart mounts it: share links and API tokens are sealed with a key derived from it, and
+    every replica checks each seal as its caches fill."""
+    path = layout.tmp / "ide-key"
+    if not path.exists():
+        path.write_bytes(base64.b64encode(os.urandom(48)))
+    return path
+
+
 def _populate(emulator: KubeEmulator, namespace: str, layout: Layout, workspaces: int, links: int) -> None:
-    """A shape's objects in its own namespace of the emulated API, as the local shape's config and tokens file."""
+    """A shape's objects in its own namespace of the emulated API, as the local shape's config and tokens file;
+    links and tokens sealed, as the gateway makes them."""
+    key = seal_key(Kubernetes(ide_key_file=_ide_key(layout)))
     ports = {str(layout.http_port): "private", str(layout.ws_port): "private"}
     emulator.create_object(WORKSPACE, {"metadata": {"name": "ws1"}, "spec": {"owner": USER, "ports": ports}},
                            namespace)
@@ -96,9 +110,9 @@ def _populate(emulator: KubeEmulator, namespace: str, layout: Layout, workspaces
                                namespace)
     now = time.time()
     for link in _links(links, sorted(others), now):
-        emulator.create_object(SHARE_LINK, make_share_link(link), namespace)
+        emulator.create_object(SHARE_LINK, make_share_link(link, key=key), namespace)
     for token in _tokens(links, now):
-        emulator.create_object(API_TOKEN, make_api_token(token), namespace)
+        emulator.create_object(API_TOKEN, make_api_token(token, key), namespace)
 
 
 @dataclasses.dataclass
@@ -124,7 +138,8 @@ async def _start(procs: Procs, layout: Layout, shape: Shape) -> None:
     base = yaml.safe_load(path.read_text())
     if shape.api_url:
         made = {**base, "runtime": "kubernetes", "local": {"state_dir": base["local"]["state_dir"]},
-                "kubernetes": {"api_url": shape.api_url, "namespace": f"scale-{shape.name}"}}
+                "kubernetes": {"api_url": shape.api_url, "namespace": f"scale-{shape.name}",
+                               "ide_key_file": str(_ide_key(layout))}}
     else:
         made = with_workspaces(base, shape.workspaces)
         state = layout.tmp / f"scale-{shape.name}-state"

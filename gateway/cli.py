@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--groups", default="")
     issue.add_argument("--name", default="cli")
     issue.add_argument("--config", type=Path, help="gateway settings (auth.store_file, or the cluster)")
+    seal = token_actions.add_parser(
+        "seal", help="seal the share links and API tokens a gateway from before seals made in the cluster (once, "
+                     "after upgrading)")
+    seal.add_argument("--config", type=Path, help="gateway settings (the cluster, kubernetes.ide_key_file)")
 
     def remote(group: Any, name: str, help_text: str) -> argparse.ArgumentParser:
         sub: argparse.ArgumentParser = group.add_parser(name, help=help_text, description=help_text)
@@ -290,19 +294,51 @@ def token_issue(args: argparse.Namespace) -> int:
 
 
 async def _issue_in_cluster(config: Config, identity: Identity, name: str) -> tuple[str, str]:
-    from gateway.auth.kubernetes.tokens import create_api_token
+    from gateway.auth.kubernetes.tokens import create_api_token, seal_key
     from gateway.lifecycle.base import LifecycleError
     from gateway.lifecycle.kubernetes.client import KubeClient, connect
 
     api = await connect(config.kubernetes)
     try:
         client = KubeClient(api, config.kubernetes.namespace, timeout=config.kubernetes.request_timeout)
-        record, _, token = await create_api_token(client, identity, name=name)
+        record, _, token = await create_api_token(client, identity, name=name, key=seal_key(config.kubernetes))
     except LifecycleError as exc:
         raise CliError(exc.message) from None
     finally:
         await api.close()
     return record.id, token
+
+
+def token_seal(args: argparse.Namespace) -> int:
+    """What an operator runs once after upgrading: the older gateway's records carry no seal, which this one
+    requires; the records in the cluster at that moment are taken for the old gateway's."""
+    import asyncio
+
+    from gateway.auth.kubernetes.tokens import Sealing, seal_key, seal_records
+    from gateway.lifecycle.kubernetes.client import KubeClient, KubeError, connect
+
+    config = load_config(args.config)
+    if config.runtime != "kubernetes":
+        raise CliError("token seal: only a cluster's records are sealed (runtime: kubernetes)")
+    key = seal_key(config.kubernetes)
+    if key is None:
+        raise CliError("token seal: kubernetes.ide_key_file is not set: records are neither sealed nor checked")
+    _check_cluster(config)
+
+    async def seal() -> dict[str, Sealing]:
+        api = await connect(config.kubernetes)
+        try:
+            client = KubeClient(api, config.kubernetes.namespace, timeout=config.kubernetes.request_timeout)
+            return await seal_records(client, key)
+        except KubeError as exc:
+            raise CliError(f"token seal: the cluster refused: {exc}") from None
+        finally:
+            await api.close()
+
+    for kind, done in asyncio.run(seal()).items():
+        left = f"; left as they are (sealed otherwise, or changed meanwhile): {', '.join(done.left)}"
+        print(f"{kind}: {len(done.sealed)} sealed, {done.already} already sealed{left if done.left else ''}")
+    return 0
 
 
 def _hub(hub: str) -> str:
@@ -450,6 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         ("serve", None): serve, ("policy", "check"): policy_check, ("policy", "explain"): policy_explain,
         ("keys", "rotate"): keys_rotate, ("token", "issue"): token_issue,
+        ("token", "seal"): token_seal,
     }
     handler = handlers.get((args.command, getattr(args, "action", None) if args.command in (
         "policy", "keys", "token") else None), remote)

@@ -396,7 +396,8 @@ class Kubernetes(_Model):
     snapshot_timeout: Seconds = 600.0
     sync_timeout: Seconds = 30.0  # no page of a list for this long fails the start (a big first fill may take longer)
     ready_grace: Seconds = 30.0  # /readyz fails once a cache has been cut off from the API for this long
-    ide_key_file: Path | None = None  # with it, each IDE requires its HMAC secret (gateway/auth/ide.py)
+    ide_key_file: Path | None = None  # with it, each IDE requires its HMAC secret (gateway/auth/ide.py), and share
+    # links and API tokens are sealed (objects.record_seal); without it neither
     request_timeout: Seconds = 10.0
     watch_timeout: Count = Field(default=300, ge=1)
     activity_interval: Seconds = 60.0

@@ -1,12 +1,14 @@
 """Objects the gateway did not make, or made for someone else, meeting the gateway: what each one must not do.
 
 Each test is a hole found by attacking the Kubernetes runtime through what it reads (Workspaces, pods, PVCs,
-VolumeSnapshots, ShareLinks) and through names reused while the cluster still holds an older namesake's objects.
+VolumeSnapshots, ShareLinks, ApiTokens) and through names reused while the cluster still holds an older namesake's
+objects.
 """
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,10 +17,20 @@ from gateway.auth.identity import Identity
 from gateway.auth.store import API_PREFIX, SHARE_PREFIX, token_hash
 from gateway.errors import NotFound
 from gateway.lifecycle import LifecycleError, Phase, WorkspaceSpec
+from gateway.lifecycle.kubernetes.objects import record_seal
 from tests.kube.emulator import API_TOKEN, POD, PVC, SHARE_LINK, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import NS, MakeRuntime, until
-from tests.kube.test_token_store import MakeReplica, alice_token, api, gateway, open_share, replica, store
+from tests.kube.test_token_store import (
+    MakeReplica,
+    alice_token,
+    api,
+    gateway,
+    open_share,
+    records_key,
+    replica,
+    store,
+)
 
 pytestmark = pytest.mark.timeout(60)
 __all__ = ["replica"]  # the fixture, used by name
@@ -110,17 +122,19 @@ async def test_a_home_made_before_owners_is_not_mounted_for_the_next_owner_of_it
 
 
 async def test_a_link_made_before_owners_does_not_open_the_next_workspace_of_its_name(
-        kube: KubeEnv, replica: MakeReplica) -> None:
+        kube: KubeEnv, replica: MakeReplica, tmp_path: Path) -> None:
     """A ShareLink from before links had owners names only its workspace: nothing deletes it with the workspace.
     Once Alice's w1 is gone and Mallory has made a w1 of her own, Alice's old link must not open it."""
     emu = kube.emulator
     a = await replica("gw-a")
     token = SHARE_PREFIX + "x" * 40
-    emu.create_object(SHARE_LINK, {
+    legacy: dict[str, Any] = {
         "metadata": {"name": "legacylink01", "labels": {"app.kubernetes.io/managed-by": "codehub-gateway",
                                                         "codehub.dev/workspace": "w1"}},
         "spec": {"workspace": "w1", "audience": "anyone", "createdBy": "alice", "port": 8000,
-                 "expires": "2099-01-01T00:00:00.000000Z", "tokenHash": token_hash(token)}}, NS)
+                 "expires": "2099-01-01T00:00:00.000000Z", "tokenHash": token_hash(token)}}
+    legacy["spec"]["seal"] = record_seal(records_key(tmp_path), "ShareLink", legacy)  # as `token seal` left it
+    emu.create_object(SHARE_LINK, legacy, NS)
     await until(lambda: "legacylink01" in store(a).shares)
     assert (await open_share(a, token))[0] == 303  # Alice's w1: her link opens it
 
@@ -137,24 +151,74 @@ async def test_a_link_made_before_owners_does_not_open_the_next_workspace_of_its
     assert [shown["id"] for shown in listed["shares"]] == []
 
 
-@pytest.mark.xfail(strict=True, reason="a token record is trusted as it stands in the cluster: only its SHA-256 "
-                   "is stored, which anyone can compute for a token they choose. Refusing forged records needs a "
-                   "keyed hash (HMAC with a key the cluster's custom resources do not hold, such as the signing "
-                   "keys' Secret) and a migration of the tokens already issued: a design change, not a patch")
+def forged_token(subject: str, token: str, name: str = "forged000001") -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "codehub-gateway"}},
+            "spec": {"subject": subject, "name": "t", "tokenHash": token_hash(token)}}
+
+
 async def test_an_api_token_object_the_gateway_did_not_make_acts_for_nobody(
-        kube: KubeEnv, replica: MakeReplica) -> None:
+        kube: KubeEnv, replica: MakeReplica, caplog: pytest.LogCaptureFixture) -> None:
     """Someone who may create ApiToken objects (a custom resource) writes one for ``alice`` with the hash of a
-    token of their own choosing, and uses it to delete Alice's workspace through the API."""
+    token of their own choosing, and uses it to delete Alice's workspace through the API. Its seal is missing, or
+    made up: the gateway never takes it in, and says so once."""
     emu = kube.emulator
     a = await replica("gw-a")
-    token = API_PREFIX + "y" * 40
-    emu.create_object(API_TOKEN, {
-        "metadata": {"name": "forged000001", "labels": {"app.kubernetes.io/managed-by": "codehub-gateway"}},
-        "spec": {"subject": "alice", "name": "t", "tokenHash": token_hash(token)}}, NS)
-    await until(lambda: "forged000001" in store(a).api_tokens)
-    status, _ = await api(a, "DELETE", "/api/v1/workspaces/w1", token)
-    assert status == 401
+    unsealed, made_up = API_PREFIX + "y" * 40, API_PREFIX + "z" * 40
+    emu.create_object(API_TOKEN, forged_token("alice", unsealed), NS)
+    forged = forged_token("alice", made_up, "forged000002")
+    forged["spec"]["seal"] = record_seal(b"k" * 32, "ApiToken", forged)  # a key of the forger's own
+    emu.create_object(API_TOKEN, forged, NS)
+    await until(lambda: "ApiToken forged000002 is not sealed" in caplog.text)
+    assert "ApiToken forged000001 is not sealed by this gateway's key: it grants nothing" in caplog.text
+    for token in (unsealed, made_up):
+        status, _ = await api(a, "DELETE", "/api/v1/workspaces/w1", token)
+        assert status == 401
     assert emu.get_object(WORKSPACE, NS, "w1") is not None
+    assert store(a).api_tokens == {}
+
+    emu.patch_status(API_TOKEN, NS, "forged000001", {"replicas": {"gw-x": {"lastUsed": "2027-01-01T00:00:00Z"}}})
+    await until(lambda: emu.get_object(API_TOKEN, NS, "forged000001")["status"])  # type: ignore[index]
+    await asyncio.sleep(0.2)
+    assert caplog.text.count("ApiToken forged000001 is not sealed") == 1  # said once, not at every event
+
+
+async def test_a_token_made_over_to_someone_else_acts_for_nobody(kube: KubeEnv, replica: MakeReplica) -> None:
+    """Mallory holds a token of her own, and may edit ApiToken objects: she makes hers out to Alice (subject,
+    e-mail, groups). It stops acting for anyone, Mallory included."""
+    emu = kube.emulator
+    a = await replica("gw-a")
+    record, token = await store(a).create_api_token(Identity("mallory", "mallory@corp.test"), name="t")
+    assert (await api(a, "GET", "/api/v1/tokens", token))[0] == 200
+    emu.patch_object(API_TOKEN, NS, record.id, {"spec": {"subject": "alice", "email": "alice@corp.test"}})
+    await until(lambda: record.id not in store(a).api_tokens)
+    assert (await api(a, "DELETE", "/api/v1/workspaces/w1", token))[0] == 401
+    assert emu.get_object(WORKSPACE, NS, "w1") is not None
+
+
+async def test_a_share_link_object_the_gateway_did_not_make_opens_nothing(
+        kube: KubeEnv, replica: MakeReplica) -> None:
+    """A ShareLink written past the gateway for Alice's private port, or one of Alice's links turned into one for
+    anyone: neither opens it."""
+    emu = kube.emulator
+    a = await replica("gw-a")
+    alice = await alice_token(a)
+    status, link = await api(a, "POST", "/api/v1/workspaces/w1/shares", alice,
+                             {"port": 8000, "audience": "people", "people": ["bob"]})
+    assert status == 201
+    token = SHARE_PREFIX + "x" * 40
+    forged = {key: value for key, value in emu.get_object(SHARE_LINK, NS, link["id"]).items()  # type: ignore[union-attr]
+              if key in ("apiVersion", "kind", "spec")}
+    forged["metadata"] = {"name": "forgedlink01", "labels": {"app.kubernetes.io/managed-by": "codehub-gateway",
+                                                             "codehub.dev/workspace": "w1"}}
+    forged["spec"] = {**forged["spec"], "audience": "anyone", "tokenHash": token_hash(token)}
+    emu.create_object(SHARE_LINK, forged, NS)  # the seal copied from Alice's link
+    emu.patch_object(SHARE_LINK, NS, link["id"], {"spec": {"audience": "anyone"}})
+    await until(lambda: link["id"] not in store(a).shares)
+    assert "forgedlink01" not in store(a).shares
+    assert (await open_share(a, token))[0] != 303
+    assert (await open_share(a, link["token"]))[0] != 303
+    status, listed = await api(a, "GET", "/api/v1/workspaces/w1/shares", alice)
+    assert [shown["id"] for shown in listed["shares"]] == []
 
 
 async def test_a_link_is_made_only_for_the_workspace_the_api_checked(kube: KubeEnv, replica: MakeReplica) -> None:

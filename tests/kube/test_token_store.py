@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,7 @@ from aiohttp.test_utils import TestClient
 from gateway import cli
 from gateway.auth.identity import Identity
 from gateway.auth.kubernetes.answers import UsedKeys
-from gateway.auth.kubernetes.tokens import KubeTokenStore
+from gateway.auth.kubernetes.tokens import KubeTokenStore, seal_key
 from gateway.auth.sessions import Session
 from gateway.auth.store import ApiToken, Consent, ShareLink, token_hash
 from gateway.config import Config
@@ -35,11 +36,12 @@ from gateway.lifecycle.kubernetes.objects import (
     make_share_link,
     parse_api_token,
     parse_share_link,
+    sealed,
     usage_patch,
 )
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY, Gateway
-from tests.kube.emulator import API_TOKEN, CONSENT, SHARE_LINK, USED_KEY, WORKSPACE, KubeEnv
+from tests.kube.emulator import API_TOKEN, CONSENT, SHARE_LINK, USED_KEY, WORKSPACE, KubeEnv, merge_patch
 from tests.kube.support import NS, kube_settings, until
 
 pytestmark = pytest.mark.timeout(60)
@@ -50,14 +52,34 @@ PREVIEW = "8000-w1.localhost:8080"
 MakeReplica = Callable[[str], Awaitable[Client]]
 
 
+IDE_KEY = b"k" * 48
+
+
+def ide_key_file(tmp_path: Path) -> Path:
+    """The IDE key every replica mounts from the signing keys Secret; share links and API tokens are sealed with a
+    key derived from it."""
+    path = tmp_path / "ide-key"
+    if not path.exists():
+        path.write_bytes(IDE_KEY)
+    return path
+
+
+def records_key(tmp_path: Path) -> bytes:
+    key = seal_key(kube_settings("http://127.0.0.1:9", ide_key_file=str(ide_key_file(tmp_path))))
+    assert key is not None
+    return key
+
+
 @pytest.fixture
 async def replica(kube: KubeEnv, aiohttp_client: Any, tmp_path: Path) -> MakeReplica:
-    """A gateway replica named ``identity``; all share one signing-keys file (the Secret) and nothing else."""
+    """A gateway replica named ``identity``; all share one signing-keys file and one IDE key (the Secret) and
+    nothing else."""
     kube.emulator.create_object(WORKSPACE, {"metadata": {"name": "w1"},
                                             "spec": {"owner": "alice", "ports": {"8000": "private"}}}, NS)
 
     async def make(identity: str) -> Client:
-        settings = kube_settings(kube.url, identity=identity, usage_interval=0.1).model_dump(mode="json")
+        settings = kube_settings(kube.url, identity=identity, usage_interval=0.1,
+                                 ide_key_file=str(ide_key_file(tmp_path))).model_dump(mode="json")
         config = Config.model_validate({"runtime": "kubernetes", "kubernetes": settings,
                                         "local": {"state_dir": str(tmp_path / "shared")}})
         client: Client = await aiohttp_client(build_app(config))
@@ -222,9 +244,9 @@ async def test_api_tokens_are_shared_and_revoked_everywhere(kube: KubeEnv, repli
 
 async def test_the_cli_issues_tokens_into_the_cluster(
         kube: KubeEnv, replica: MakeReplica, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Sealed, as the replicas' own: the replicas refuse a record without a seal."""
     a = await replica("gw-a")
-    config = tmp_path / "gateway.yaml"
-    config.write_text(yaml.safe_dump({"runtime": "kubernetes", "kubernetes": {"api_url": kube.url, "namespace": NS}}))
+    config = cluster_config(kube, tmp_path)
     argv = ["token", "issue", "--user", "ops", "--groups", "admins", "--name", "deploy", "--config", str(config)]
     assert await asyncio.to_thread(cli.main, argv) == 0  # the CLI runs its own event loop
     out, err = capsys.readouterr()
@@ -235,6 +257,97 @@ async def test_the_cli_issues_tokens_into_the_cluster(
     status, body = await api(a, "GET", "/api/v1/tokens", token)
     assert status == 200
     assert [t["name"] for t in body["tokens"]] == ["deploy"]
+
+
+def cluster_config(kube: KubeEnv, tmp_path: Path, **extra: Any) -> Path:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"runtime": "kubernetes", "kubernetes": {
+        "api_url": kube.url, "namespace": NS, "ide_key_file": str(ide_key_file(tmp_path)), **extra}}))
+    return config
+
+
+async def test_token_seal_seals_what_an_older_gateway_made_once_and_nothing_else(
+        kube: KubeEnv, replica: MakeReplica, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Upgrading from a gateway that stored records unsealed: until ``token seal`` runs they grant nothing; it
+    seals each record there, leaves one sealed with another key (and one changed while it ran), and run again
+    changes nothing."""
+    emu = kube.emulator
+    a = await replica("gw-a")
+    link_token, api_token, foreign_token = "chs_" + "l" * 40, "chk_" + "t" * 40, "chk_" + "f" * 40
+    old_link = make_share_link(ShareLink(id="oldlink00001", token_hash=token_hash(link_token), workspace="w1",
+                                         port=8000, audience="anyone", people=[], created_by="alice", created=0.0,
+                                         expires=time.time() + 3600))
+    emu.create_object(SHARE_LINK, old_link, NS)
+    emu.create_object(API_TOKEN, make_api_token(ApiToken(
+        id="oldtoken0001", token_hash=token_hash(api_token), subject="alice", name="old", created=0.0)), NS)
+    emu.create_object(API_TOKEN, make_api_token(ApiToken(
+        id="foreign00001", token_hash=token_hash(foreign_token), subject="alice", name="f", created=0.0), b"x" * 32),
+        NS)
+    await until(lambda: "ApiToken foreign00001 is not sealed" in caplog.text)
+    assert (await api(a, "GET", "/api/v1/tokens", api_token))[0] == 401
+    assert (await open_share(a, link_token))[0] != 303
+
+    argv = ["token", "seal", "--config", str(cluster_config(kube, tmp_path))]
+    emu.fail("patch", SHARE_LINK, status=409)  # the link changed between the list and the seal
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "ShareLink: 0 sealed, 0 already sealed; left as they are (sealed otherwise, or changed meanwhile): "
+        "oldlink00001",
+        "ApiToken: 1 sealed, 0 already sealed; left as they are (sealed otherwise, or changed meanwhile): "
+        "foreign00001"]
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "ShareLink: 1 sealed, 0 already sealed",
+        "ApiToken: 0 sealed, 1 already sealed; left as they are (sealed otherwise, or changed meanwhile): "
+        "foreign00001"]
+
+    await until(lambda: "oldtoken0001" in store(a).api_tokens and "oldlink00001" in store(a).shares)
+    assert (await api(a, "GET", "/api/v1/tokens", api_token))[0] == 200
+    assert (await open_share(a, link_token))[0] == 303
+    assert (await api(a, "GET", "/api/v1/tokens", foreign_token))[0] == 401
+    sealed_link = emu.get_object(SHARE_LINK, NS, "oldlink00001")
+    assert sealed_link is not None
+    assert sealed_link["spec"] == {**old_link["spec"], "seal": sealed_link["spec"]["seal"]}  # nothing else changed
+
+
+async def test_a_cluster_whose_definitions_drop_the_seal_is_told_to_update_them(
+        kube: KubeEnv, replica: MakeReplica, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Helm never upgrades CRDs: a cluster still on the ShareLink and ApiToken definitions from before seals prunes
+    ``spec.seal``, and what the gateway made would be refused by every replica. Whoever asked is told what to do,
+    and nothing made is left behind."""
+    emu = kube.emulator
+    a = await replica("gw-a")
+    alice = await alice_token(a)
+    assert emu.schemas is not None
+    current, old = emu.schemas, copy.deepcopy(dict(emu.schemas))
+    for plural in ("sharelinks", "apitokens"):
+        del old[f"codehub.dev/v1alpha1/{plural}"]["properties"]["spec"]["properties"]["seal"]
+    emu.schemas = old
+    status, body = await api(a, "POST", "/api/v1/workspaces/w1/shares", alice, {"port": 8000})
+    assert (status, body["error"]["code"]) == (503, "kubernetes-refused")
+    assert body["error"]["message"] == ("The cluster's ShareLink definition drops spec.seal: apply the chart's CRDs "
+                                        "(charts/codehub-gateway/crds) and try again.")
+    argv = ["token", "issue", "--user", "ops", "--config", str(cluster_config(kube, tmp_path))]
+    assert await asyncio.to_thread(cli.main, argv) == 1
+    assert "codehub-gateway: The cluster's ApiToken definition drops spec.seal" in capsys.readouterr().err
+    assert emu.list_objects(SHARE_LINK, NS) == []
+    assert [obj["spec"]["name"] for obj in emu.list_objects(API_TOKEN, NS)] == ["t"]  # Alice's, from before
+    emu.schemas = current
+    emu.pruned.clear()  # what the test made happen (Alice's token's use, written meanwhile, lost its seal too)
+
+
+@pytest.mark.parametrize(("config", "said"), [
+    ({"runtime": "local"}, "token seal: only a cluster's records are sealed (runtime: kubernetes)"),
+    ({"runtime": "kubernetes", "kubernetes": {"api_url": "http://127.0.0.1:9"}},
+     "token seal: kubernetes.ide_key_file is not set: records are neither sealed nor checked"),
+])
+def test_token_seal_says_why_it_cannot_seal(config: dict[str, Any], said: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["token", "seal", "--config", str(path)]) == 1
+    assert capsys.readouterr().err == f"codehub-gateway: {said}\n"
 
 
 async def test_changes_fail_clearly_while_the_api_refuses(kube: KubeEnv, replica: MakeReplica) -> None:
@@ -278,6 +391,50 @@ def test_a_malformed_share_link_grants_nothing(change: dict[str, Any]) -> None:
     obj = make_share_link(LINK)
     obj["spec"].update(change)
     assert parse_share_link(obj) is None
+
+
+SEAL_KEY = b"s" * 32
+RECORD = ApiToken(id="0a1b2c3d4e5f", token_hash="e" * 64, subject="alice", name="ci", created=0.0,
+                  email="alice@corp.test", groups=["qa"], attributes={"team": "web"})
+
+
+@pytest.mark.parametrize(("kind", "change"), [
+    *[("ShareLink", {"spec": {name: value}}) for name, value in [
+        ("workspace", "w2"), ("port", 8001), ("port", None), ("audience", "anyone"), ("people", ["bob"]),
+        ("people", None), ("createdBy", "mallory"), ("expires", "2099-01-01T00:00:00.000000Z"),
+        ("tokenHash", "0" * 64)]],
+    *[("ApiToken", {"spec": {name: value}}) for name, value in [
+        ("subject", "bob"), ("email", "bob@corp.test"), ("groups", ["qa", "admins"]), ("groups", None),
+        ("attributes", {"team": "ops"}), ("attributes", None), ("name", "other"), ("tokenHash", "0" * 64)]],
+    ("ShareLink", {"metadata": {"name": "otherlink001"}}),
+    ("ApiToken", {"metadata": {"name": "othertoken01"}}),
+    ("ShareLink", {"metadata": {"ownerReferences": None}}),
+    ("ShareLink", {"metadata": {"ownerReferences": [{"kind": "Workspace", "name": "w1", "uid": "uid-of-another"}]}}),
+    ("ShareLink", {"metadata": {"ownerReferences": [{"kind": "Workspace", "name": "w1", "uid": "uid-1"},
+                                                    {"kind": "Workspace", "name": "w1", "uid": "uid-2"}]}}),
+    ("ShareLink", {"spec": {"seal": None}}),
+    ("ShareLink", {"spec": {"seal": "0" * 64}}),
+    ("ApiToken", {"spec": {"seal": 7}}),
+])
+def test_a_seal_holds_only_for_what_it_was_made_for(kind: str, change: dict[str, Any]) -> None:
+    """Every field that decides what a record opens, for whom and until when, its name and owners."""
+    obj = make_share_link(LINK, "uid-1", SEAL_KEY) if kind == "ShareLink" else make_api_token(RECORD, SEAL_KEY)
+    assert sealed(SEAL_KEY, kind, obj)
+    assert not sealed(b"t" * 32, kind, obj)
+    assert not sealed(SEAL_KEY, kind, merge_patch(obj, change))
+
+
+@pytest.mark.parametrize("change", [
+    {"spec": {"revoked": "2027-01-15T09:00:00.000000Z"}},  # the gateway's own patch, after the seal
+    {"status": {"replicas": {"gw-a": {"uses": 3}}}},
+    {"metadata": {"labels": {"extra": "x"}, "resourceVersion": "7", "creationTimestamp": "2027-01-15T08:00:00Z",
+                  "uid": "u"}},
+])
+def test_a_seal_holds_through_what_the_gateway_and_the_cluster_change_later(change: dict[str, Any]) -> None:
+    obj = make_share_link(LINK, "uid-1", SEAL_KEY)
+    assert sealed(SEAL_KEY, "ShareLink", merge_patch(obj, change))
+    assert parse_share_link(merge_patch(obj, change)) is not None
+    assert sealed(None, "ShareLink", make_share_link(LINK))  # without a key, nothing is checked
 
 
 def test_an_api_token_resource_round_trips_and_usage_patches_are_per_replica() -> None:

@@ -1,6 +1,7 @@
 """Share links and API tokens as custom resources: the :class:`TokenStore` every replica shares on Kubernetes.
 
-A ShareLink or ApiToken object per link or token (named by its id; only the token's SHA-256 is stored). The
+A ShareLink or ApiToken object per link or token (named by its id; only the token's SHA-256 is stored), sealed
+with a key only the gateway holds (``objects.record_seal``): one without a valid seal is not taken in. The
 store registers both kinds (and consent answers) in the runtime's informers, which list+watch them with the
 runtime's own kinds, and indexes them by id and by token hash, so a lookup is a dict read: the request path never
 calls the API.
@@ -20,12 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from gateway.auth.ide import load_key
 from gateway.auth.identity import Identity
 from gateway.auth.kubernetes.answers import Consents, EndedSignIns, UsedKeys, refused_as_error
 from gateway.auth.sessions import Ended, SignIn
@@ -60,7 +64,9 @@ from gateway.lifecycle.kubernetes.objects import (
     make_share_link,
     parse_api_token,
     parse_share_link,
+    record_seal,
     revoke_patch,
+    sealed,
     total_usage,
     usage_by_replica,
     usage_patch,
@@ -100,7 +106,33 @@ class _Counted:
     written: int = 0
 
 
-async def create_api_token(client: KubeClient, identity: Identity, *, name: str,
+def seal_key(settings: Kubernetes) -> bytes | None:
+    """The key that seals ShareLink and ApiToken objects (``objects.record_seal``), derived from the IDE key: a
+    secret every replica holds and no pod or custom resource does. None without one: records are then trusted as
+    they stand in the cluster, and whoever may write them there may act as anyone."""
+    if settings.ide_key_file is None:
+        return None
+    return hmac.new(load_key(settings.ide_key_file), b"codehub-records", hashlib.sha256).digest()
+
+
+async def create_sealed(client: KubeClient, kind: Resource, body: Obj, attempts: int) -> Obj | None:
+    """Create a ShareLink or ApiToken (None: its name is taken), and make sure the cluster kept its seal.
+
+    Helm never upgrades a CRD it installed: a cluster still on the definition from before ``spec.seal`` prunes the
+    field without a word, and every record made would be refused by every replica. That is said here, to whoever
+    asked for the record, and the object goes again."""
+    created = await refused_as_error(lambda: client.create(kind, body), attempts)
+    seal = body["spec"].get("seal")
+    if created is None or seal is None or (created.get("spec") or {}).get("seal") == seal:
+        return created
+    meta = created.get("metadata") or {}
+    with contextlib.suppress(LifecycleError):
+        await refused_as_error(lambda: client.delete(kind, str(meta.get("name")), uid=meta.get("uid")), attempts)
+    raise LifecycleError(f"The cluster's {kind.kind} definition drops spec.seal: apply the chart's CRDs "
+                         "(charts/codehub-gateway/crds) and try again.", code="kubernetes-refused")
+
+
+async def create_api_token(client: KubeClient, identity: Identity, *, name: str, key: bytes | None,
                            attempts: int = 5) -> tuple[ApiToken, Obj, str]:
     """Create an ApiToken resource (a fresh id on the rare name collision); the record, the object, the token."""
     for _ in range(3):
@@ -108,10 +140,48 @@ async def create_api_token(client: KubeClient, identity: Identity, *, name: str,
         record = ApiToken(id=new_id(), token_hash=token_hash(token), subject=identity.subject, name=name,
                           created=time.time(), email=identity.email, groups=list(identity.groups),
                           attributes=dict(identity.attributes))
-        created = await refused_as_error(lambda: client.create(API_TOKEN, make_api_token(record)), attempts)  # noqa: B023
+        created = await create_sealed(client, API_TOKEN, make_api_token(record, key), attempts)
         if created is not None:
             return parse_api_token(created) or record, created, token
     raise LifecycleError("Could not pick an unused token id; try again.", code="kubernetes-refused")
+
+
+@dataclass
+class Sealing:
+    """What :func:`seal_records` did to one kind: the names it sealed, how many were already, and the names it left
+    (sealed otherwise — changed since, or with another key — or changed or gone while it sealed)."""
+
+    sealed: list[str] = field(default_factory=list)
+    already: int = 0
+    left: list[str] = field(default_factory=list)
+
+
+async def seal_records(client: KubeClient, key: bytes) -> dict[str, Sealing]:
+    """Seal every ShareLink and ApiToken that carries no seal: once, after upgrading from a gateway that made them
+    unsealed (which this one refuses). Each write is conditional on the version read, so a record changed
+    meanwhile is left unsealed (and said so); one sealed otherwise is never overwritten."""
+    done: dict[str, Sealing] = {}
+    for kind in (SHARE_LINK, API_TOKEN):
+        sealing = done[kind.kind] = Sealing()
+        for obj in (await client.list(kind)).get("items") or []:
+            meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+            if "seal" in spec:
+                if sealed(key, kind.kind, obj):
+                    sealing.already += 1
+                else:
+                    sealing.left.append(str(meta.get("name")))
+                continue
+            patch = {"metadata": {"resourceVersion": meta.get("resourceVersion")},
+                     "spec": {"seal": record_seal(key, kind.kind, obj)}}
+            try:
+                await client.patch(kind, str(meta.get("name")), patch)
+            except KubeError as exc:
+                if exc.status not in (404, 409):  # gone, or changed since it was read: not sealed
+                    raise
+                sealing.left.append(str(meta.get("name")))
+                continue
+            sealing.sealed.append(str(meta.get("name")))
+    return done
 
 
 class KubeTokenStore:
@@ -127,6 +197,8 @@ class KubeTokenStore:
         self.interval = settings.usage_interval if interval is None else interval
         self._client_source = client
         self._attempts = retry_attempts
+        self._key = seal_key(settings)
+        self._refused: set[tuple[str, str]] = set()  # unsealed objects already logged, by kind and name
         self.client: KubeClient | None = None
         self.informers = informers
         self._shares: dict[str, ShareLink] = {}
@@ -261,8 +333,8 @@ class KubeTokenStore:
             link = ShareLink(id=new_id(), token_hash=token_hash(token), workspace=workspace, port=port,
                              audience=audience, people=list(people), created_by=created_by, created=now,
                              expires=now + ttl)
-            body = make_share_link(link, uid)
-            created = await refused_as_error(lambda: client.create(SHARE_LINK, body), self._attempts)  # noqa: B023
+            body = make_share_link(link, uid, self._key)
+            created = await create_sealed(client, SHARE_LINK, body, self._attempts)
             if created is not None:
                 self._created[(SHARE_LINK, link.id)] = created
                 self._refresh(SHARE_LINK, link.id)
@@ -293,7 +365,8 @@ class KubeTokenStore:
 
     async def create_api_token(self, identity: Identity, *, name: str) -> tuple[ApiToken, str]:
         client = self._require()
-        record, created, token = await create_api_token(client, identity, name=name, attempts=self._attempts)
+        record, created, token = await create_api_token(client, identity, name=name, key=self._key,
+                                                     attempts=self._attempts)
         self._created[(API_TOKEN, record.id)] = created
         self._refresh(API_TOKEN, record.id)
         return self._tokens.get(record.id, record), token
@@ -343,6 +416,7 @@ class KubeTokenStore:
         def changed(event: str, obj: Obj) -> None:
             name = str(obj["metadata"]["name"])
             if event == "DELETED":
+                self._refused.discard((kind.kind, name))
                 self._created.pop((kind, name), None)
                 self._counted.pop((kind, name), None)
                 self._revoked.pop(name, None)
@@ -367,9 +441,23 @@ class KubeTokenStore:
             usages[self.identity] = Usage(max(seen.uses, mine.uses), max(times) if times else None)
         return total_usage(usages)
 
+    def _vouched(self, kind: Resource, obj: Obj | None) -> Obj | None:
+        """The object if its seal holds; else None, said once per object."""
+        name = str(obj["metadata"]["name"]) if obj is not None else ""
+        if obj is None or sealed(self._key, kind.kind, obj):
+            self._refused.discard((kind.kind, name))
+            return obj
+        if (kind.kind, name) not in self._refused:
+            self._refused.add((kind.kind, name))
+            log.warning("%s %s is not sealed by this gateway's key: it grants nothing (made before records "
+                        "were sealed: `codehub-gateway token seal` seals those once; else changed or made past the "
+                        "gateway)",
+                        kind.kind, name)
+        return None
+
     def _refresh(self, kind: Resource, name: str) -> None:
         """Re-derive one entry of the index from the cache and what this replica wrote."""
-        obj = self._current(kind, name)
+        obj = self._vouched(kind, self._current(kind, name))
         if kind is SHARE_LINK:
             old_link = self._shares.pop(name, None)
             self._link_meta.pop(name, None)

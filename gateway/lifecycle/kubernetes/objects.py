@@ -11,6 +11,9 @@ and a new Workspace of an old name is never mistaken for their owner.
 from __future__ import annotations
 
 import datetime
+import hashlib
+import hmac
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -288,10 +291,51 @@ def make_lease(name: str, holder: str | None, duration: float, *, now: datetime.
     return {"apiVersion": LEASE.api_version, "kind": LEASE.kind, "metadata": metadata, "spec": spec}
 
 
-def make_share_link(link: ShareLink, workspace_uid: str = "") -> dict[str, Any]:
+# What a seal vouches for: every field that says what a record opens, for whom and until when (not ``revoked``:
+# the gateway patches it later, and a record's earlier state, seal and all, can be written back by whoever may
+# edit it anyway).
+SEALED_FIELDS = {
+    SHARE_LINK.kind: ("workspace", "port", "audience", "people", "createdBy", "expires", "tokenHash"),
+    API_TOKEN.kind: ("subject", "email", "groups", "attributes", "name", "tokenHash"),
+}
+
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def record_seal(key: bytes, kind: str, obj: Mapping[str, Any]) -> str:
+    """The HMAC-SHA256 a ShareLink or ApiToken object carries in ``spec.seal``: of its kind, name, Workspace owners
+    and sealed fields, as stored.
+
+    Only hashes of tokens are stored, and anyone can hash a token of their own: someone allowed to create or edit
+    these custom resources (RBAC grants custom resources apart from Secrets) could otherwise write a record that
+    lets their token act as anyone or open any workspace. The key is derived from the IDE key, which only the
+    gateway reads."""
+    spec = obj.get("spec") or {}
+    meta = obj.get("metadata") or {}
+    message = [kind, meta.get("name"), sorted(owners(obj)), [spec.get(name) for name in SEALED_FIELDS[kind]]]
+    return hmac.new(key, _CANONICAL.encode(message).encode(), hashlib.sha256).hexdigest()
+
+
+def sealed(key: bytes | None, kind: str, obj: Mapping[str, Any]) -> bool:
+    """Whether the object's seal is the one ``key`` makes for it; every object is, without a key."""
+    if key is None:
+        return True
+    seal = (obj.get("spec") or {}).get("seal")
+    return isinstance(seal, str) and hmac.compare_digest(seal, record_seal(key, kind, obj))
+
+
+def _sealing(obj: dict[str, Any], kind: str, key: bytes | None) -> dict[str, Any]:
+    if key is not None:
+        obj["spec"]["seal"] = record_seal(key, kind, obj)
+    return obj
+
+
+def make_share_link(link: ShareLink, workspace_uid: str = "", key: bytes | None = None) -> dict[str, Any]:
     """A ShareLink custom resource; ``spec.revoked`` is set later by a patch, use counts live in ``status``.
 
-    It belongs to its Workspace (``workspace_uid``): deleting the workspace deletes its links.
+    It belongs to its Workspace (``workspace_uid``): deleting the workspace deletes its links. With ``key``, it is
+    sealed (:func:`record_seal`).
     """
     spec: dict[str, Any] = {
         "workspace": link.workspace,
@@ -309,7 +353,8 @@ def make_share_link(link: ShareLink, workspace_uid: str = "") -> dict[str, Any]:
                                                             WORKSPACE_LABEL: link.workspace}}
     if workspace_uid:
         metadata["ownerReferences"] = [owner_reference(link.workspace, workspace_uid)]
-    return {"apiVersion": SHARE_LINK.api_version, "kind": SHARE_LINK.kind, "metadata": metadata, "spec": spec}
+    return _sealing({"apiVersion": SHARE_LINK.api_version, "kind": SHARE_LINK.kind, "metadata": metadata,
+                     "spec": spec}, SHARE_LINK.kind, key)
 
 
 def revoke_patch(at: float) -> dict[str, Any]:
@@ -374,9 +419,10 @@ def parse_share_link(obj: Mapping[str, Any]) -> ShareLink | None:
     )
 
 
-def make_api_token(record: ApiToken) -> dict[str, Any]:
-    """An ApiToken custom resource: who the token acts for, as they were when they created it."""
-    return {
+def make_api_token(record: ApiToken, key: bytes | None = None) -> dict[str, Any]:
+    """An ApiToken custom resource: who the token acts for, as they were when they created it; with ``key``,
+    sealed (:func:`record_seal`)."""
+    return _sealing({
         "apiVersion": API_TOKEN.api_version,
         "kind": API_TOKEN.kind,
         "metadata": {"name": record.id, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY}},
@@ -388,7 +434,7 @@ def make_api_token(record: ApiToken) -> dict[str, Any]:
             "name": record.name,
             "tokenHash": record.token_hash,
         },
-    }
+    }, API_TOKEN.kind, key)
 
 
 def parse_api_token(obj: Mapping[str, Any]) -> ApiToken | None:
