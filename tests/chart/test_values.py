@@ -254,6 +254,7 @@ LINK = ShareLink(id="abc123def456", token_hash="a" * 64, workspace="ws1", port=3
                  people=["bob"], created_by="alice", created=0.0, expires=1_800_000_000.0, revoked=1_700_000_000.0)
 TOKEN = ApiToken(id="0a1b2c3d4e5f", token_hash="b" * 64, subject="alice", name="ci", created=0.0,
                  email="alice@corp.test", groups=["qa"], attributes={"team": "web"})
+SEAL_KEY = b"k" * 32
 
 
 @pytest.mark.parametrize(("change", "valid"), [
@@ -264,9 +265,10 @@ TOKEN = ApiToken(id="0a1b2c3d4e5f", token_hash="b" * 64, subject="alice", name="
     ({"spec": {"tokenHash": "not-a-hash"}}, False),
     ({"spec": {"port": 70000}}, False),
     ({"status": {"replicas": {"gw-a": {"uses": -1}}}}, False),
+    ({"spec": {"seal": "not-a-seal"}}, False),
 ])
 def test_sharelink_crd_admits_what_the_gateway_writes(change: dict[str, Any], valid: bool) -> None:
-    obj = merge(make_share_link(LINK), change)
+    obj = merge(make_share_link(LINK, "uid-1", SEAL_KEY), change)
     if obj["spec"].get("port") is None:
         obj["spec"].pop("port")
     errors = crd_object_errors("sharelinks", obj)
@@ -278,9 +280,10 @@ def test_sharelink_crd_admits_what_the_gateway_writes(change: dict[str, Any], va
     ({"status": usage_patch("gw-a", 1_800_000_000.0)["status"]}, True),
     ({"spec": {"subject": ""}}, False),
     ({"spec": {"attributes": {"team": 1}}}, False),
+    ({"spec": {"seal": "not-a-seal"}}, False),
 ])
 def test_apitoken_crd_admits_what_the_gateway_writes(change: dict[str, Any], valid: bool) -> None:
-    errors = crd_object_errors("apitokens", merge(make_api_token(TOKEN), change))
+    errors = crd_object_errors("apitokens", merge(make_api_token(TOKEN, SEAL_KEY), change))
     assert (errors == []) is valid, errors
 
 
