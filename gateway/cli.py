@@ -79,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--name", default="cli")
     issue.add_argument("--config", type=Path, help="gateway settings (auth.store_file, or the cluster)")
     seal = token_actions.add_parser(
-        "seal", help="seal the share links and API tokens a gateway from before seals made in the cluster (once, "
-                     "after upgrading)")
+        "seal", help="seal the links, tokens and consent answers a gateway from before seals made in the cluster "
+                     "(once, after upgrading)")
     seal.add_argument("--config", type=Path, help="gateway settings (the cluster, kubernetes.ide_key_file)")
 
     def remote(group: Any, name: str, help_text: str) -> argparse.ArgumentParser:

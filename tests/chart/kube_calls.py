@@ -5,7 +5,8 @@ Every call goes through ``KubeClient`` (one method per verb) or through the runt
 of every kind ``register``-ed there).
 A call names its kind by one of the ``Resource`` constants of ``client.py``; when it passes a variable instead, the
 kinds it may be are the constants that module names (tokens.py counts uses of share links and API tokens through
-one ``kind`` variable). A ``subresource=`` keyword makes the resource ``plural/subresource``.
+one ``kind`` variable). A ``subresource=`` keyword makes the resource ``plural/subresource``. A helper that calls
+verbs on a kind it is given (``WRAPPERS``) is counted where it is called, with the kind passed there.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ INFORMER_VERBS = ("list", "watch")
 KINDS: dict[str, Resource] = {name: value for name, value in vars(client).items() if isinstance(value, Resource)}
 
 Rules = dict[tuple[str, str], set[str]]
+# answers.create_sealed(client, KIND, ...): creates the record, and deletes it again if the cluster dropped its seal.
+WRAPPERS = {"create_sealed": ("create", "delete")}
 
 
 def _kinds_named(tree: ast.AST) -> set[Resource]:
@@ -84,6 +87,9 @@ def used_rules() -> Rules:
                 resource = f"{kind.plural}/{subresource}" if subresource else kind.plural
                 grant(kind, resource, (VERBS[call.func.attr],))  # type: ignore[attr-defined]
         for node in ast.walk(module):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") in WRAPPERS:
+                for kind in _kinds_of(node.args[1], module):
+                    grant(kind, kind.plural, WRAPPERS[node.func.id])  # type: ignore[attr-defined]
             assert not (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Informer"), (
                 f"{path.name} line {node.lineno}: an Informer outside the registry - register its kind instead")
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "register":

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway import cli
 from gateway.auth.identity import Identity
-from gateway.auth.kubernetes.answers import UsedKeys
+from gateway.auth.kubernetes.answers import UsedKeys, make_consent
 from gateway.auth.kubernetes.tokens import KubeTokenStore, seal_key
 from gateway.auth.sessions import Session
 from gateway.auth.store import ApiToken, Consent, ShareLink, token_hash
@@ -284,7 +284,10 @@ async def test_token_seal_seals_what_an_older_gateway_made_once_and_nothing_else
     emu.create_object(API_TOKEN, make_api_token(ApiToken(
         id="foreign00001", token_hash=token_hash(foreign_token), subject="alice", name="f", created=0.0), b"x" * 32),
         NS)
+    old_consent = Consent.answer("bob", "w1", 8000, owner="alice", share=True, claims=["user"])
+    emu.create_object(CONSENT, make_consent(old_consent), NS)
     await until(lambda: "ApiToken foreign00001 is not sealed" in caplog.text)
+    assert old_consent.id not in store(a).consents
     assert (await api(a, "GET", "/api/v1/tokens", api_token))[0] == 401
     assert (await open_share(a, link_token))[0] != 303
 
@@ -295,14 +298,17 @@ async def test_token_seal_seals_what_an_older_gateway_made_once_and_nothing_else
         "ShareLink: 0 sealed, 0 already sealed; left as they are (sealed otherwise, or changed meanwhile): "
         "oldlink00001",
         "ApiToken: 1 sealed, 0 already sealed; left as they are (sealed otherwise, or changed meanwhile): "
-        "foreign00001"]
+        "foreign00001",
+        "IdentityConsent: 1 sealed, 0 already sealed"]
     assert await asyncio.to_thread(cli.main, argv) == 0
     assert capsys.readouterr().out.splitlines() == [
         "ShareLink: 1 sealed, 0 already sealed",
         "ApiToken: 0 sealed, 1 already sealed; left as they are (sealed otherwise, or changed meanwhile): "
-        "foreign00001"]
+        "foreign00001",
+        "IdentityConsent: 0 sealed, 1 already sealed"]
 
-    await until(lambda: "oldtoken0001" in store(a).api_tokens and "oldlink00001" in store(a).shares)
+    await until(lambda: "oldtoken0001" in store(a).api_tokens and "oldlink00001" in store(a).shares
+                and old_consent.id in store(a).consents)
     assert (await api(a, "GET", "/api/v1/tokens", api_token))[0] == 200
     assert (await open_share(a, link_token))[0] == 303
     assert (await api(a, "GET", "/api/v1/tokens", foreign_token))[0] == 401
@@ -394,6 +400,7 @@ def test_a_malformed_share_link_grants_nothing(change: dict[str, Any]) -> None:
 
 
 SEAL_KEY = b"s" * 32
+ANSWER = Consent.answer("bob", "w1", 8000, owner="alice", share=False, claims=["user"])
 RECORD = ApiToken(id="0a1b2c3d4e5f", token_hash="e" * 64, subject="alice", name="ci", created=0.0,
                   email="alice@corp.test", groups=["qa"], attributes={"team": "web"})
 
@@ -406,6 +413,9 @@ RECORD = ApiToken(id="0a1b2c3d4e5f", token_hash="e" * 64, subject="alice", name=
     *[("ApiToken", {"spec": {name: value}}) for name, value in [
         ("subject", "bob"), ("email", "bob@corp.test"), ("groups", ["qa", "admins"]), ("groups", None),
         ("attributes", {"team": "ops"}), ("attributes", None), ("name", "other"), ("tokenHash", "0" * 64)]],
+    *[("IdentityConsent", {"spec": {name: value}}) for name, value in [
+        ("subject", "carol"), ("workspace", "w2"), ("port", 8001), ("share", True), ("claims", ["user", "email"]),
+        ("claims", None), ("answered", "2099-01-01T00:00:00.000000Z")]],
     ("ShareLink", {"metadata": {"name": "otherlink001"}}),
     ("ApiToken", {"metadata": {"name": "othertoken01"}}),
     ("ShareLink", {"metadata": {"ownerReferences": None}}),
@@ -418,7 +428,9 @@ RECORD = ApiToken(id="0a1b2c3d4e5f", token_hash="e" * 64, subject="alice", name=
 ])
 def test_a_seal_holds_only_for_what_it_was_made_for(kind: str, change: dict[str, Any]) -> None:
     """Every field that decides what a record opens, for whom and until when, its name and owners."""
-    obj = make_share_link(LINK, "uid-1", SEAL_KEY) if kind == "ShareLink" else make_api_token(RECORD, SEAL_KEY)
+    obj = {"ShareLink": lambda: make_share_link(LINK, "uid-1", SEAL_KEY),
+           "ApiToken": lambda: make_api_token(RECORD, SEAL_KEY),
+           "IdentityConsent": lambda: make_consent(ANSWER, SEAL_KEY)}[kind]()
     assert sealed(SEAL_KEY, kind, obj)
     assert not sealed(b"t" * 32, kind, obj)
     assert not sealed(SEAL_KEY, kind, merge_patch(obj, change))
@@ -435,6 +447,16 @@ def test_a_seal_holds_through_what_the_gateway_and_the_cluster_change_later(chan
     assert sealed(SEAL_KEY, "ShareLink", merge_patch(obj, change))
     assert parse_share_link(merge_patch(obj, change)) is not None
     assert sealed(None, "ShareLink", make_share_link(LINK))  # without a key, nothing is checked
+
+
+def test_a_seal_holds_whatever_order_the_api_server_gives_a_maps_keys() -> None:
+    """The API server keeps a custom resource as a map and writes its keys in its own (sorted) order."""
+    record = ApiToken(id="0a1b2c3d4e5f", token_hash="e" * 64, subject="alice", name="ci", created=0.0,
+                      attributes={"team": "web", "dept": "rd", "site": "ber"})
+    obj = make_api_token(record, SEAL_KEY)
+    obj["spec"]["attributes"] = dict(sorted(obj["spec"]["attributes"].items()))
+    assert list(obj["spec"]["attributes"]) != list(record.attributes)
+    assert sealed(SEAL_KEY, "ApiToken", obj)
 
 
 def test_an_api_token_resource_round_trips_and_usage_patches_are_per_replica() -> None:
@@ -522,7 +544,8 @@ async def test_a_consent_given_through_one_replica_applies_in_every_one(kube: Ku
     stored = kube.emulator.get_object(CONSENT, NS, answer.id)
     assert stored is not None
     assert stored["spec"] == {"subject": "bob", "workspace": "w1", "port": 8000, "share": True,
-                              "claims": ["user", "email"], "answered": stored["spec"]["answered"]}
+                              "claims": ["user", "email"], "answered": stored["spec"]["answered"],
+                              "seal": stored["spec"]["seal"]}
 
     # Answered again (declined this time): the same object, replaced.
     declined = Consent.answer("bob", "w1", 8000, owner="alice", share=False, claims=["user", "email"])
@@ -533,6 +556,20 @@ async def test_a_consent_given_through_one_replica_applies_in_every_one(kube: Ku
     await store(a).withdraw_consent(declined)
     assert answer.id not in store(a).consents
     await until(lambda: answer.id not in store(b).consents)
+
+
+async def test_a_consent_answer_written_past_the_gateway_is_no_answer(kube: KubeEnv, replica: MakeReplica) -> None:
+    """Whoever may write IdentityConsent objects cannot make a visitor's identity go to an app: neither an answer
+    made up for Carol nor Bob's "no" turned into a "yes" is taken; they are asked again."""
+    emu = kube.emulator
+    a = await replica("gw-a")
+    made_up = Consent.answer("carol", "w1", 8000, owner="alice", share=True, claims=["user"])
+    emu.create_object(CONSENT, make_consent(made_up), NS)
+    declined = Consent.answer("bob", "w1", 8000, owner="alice", share=False, claims=["user", "email"])
+    await store(a).record_consent(declined)
+    emu.patch_object(CONSENT, NS, declined.id, {"spec": {"share": True}})
+    await until(lambda: declined.id not in store(a).consents)
+    assert store(a).consents == {}
 
 
 async def test_links_go_with_their_workspace(kube: KubeEnv, replica: MakeReplica) -> None:

@@ -2,7 +2,8 @@
 
 - **Consent answers** (``IdentityConsent``, one per person and app, named by a hash of them): cached by list+watch
   in the runtime's informers like the token store's kinds, so a request reads memory; answering creates the
-  object or, when the person had answered before, replaces its spec; withdrawing deletes it.
+  object or, when the person had answered before, replaces its spec; withdrawing deletes it. Sealed as links and
+  tokens are (``objects.record_seal``): an answer written past the gateway is no answer.
 - **Used one-time keys** (``UsedKey``, named after the key): a hand-off code is admitted once in total because
   the API server creates an object of a name once (409 after), whichever replica asks; no replica's memory could
   promise that. Each replica deletes those past their time now and then (any replica's: one may have died first).
@@ -23,9 +24,9 @@ from typing import Any, TypeVar
 from gateway.auth.sessions import Ended, SignIn
 from gateway.auth.store import ENDED, Consent
 from gateway.lifecycle.base import LifecycleError
-from gateway.lifecycle.kubernetes.client import CONSENT, USED_KEY, KubeClient, KubeError, retrying
+from gateway.lifecycle.kubernetes.client import CONSENT, USED_KEY, KubeClient, KubeError, Resource, retrying
 from gateway.lifecycle.kubernetes.informer import Informers
-from gateway.lifecycle.kubernetes.objects import MANAGED_BY, micro_time, parse_time
+from gateway.lifecycle.kubernetes.objects import MANAGED_BY, micro_time, parse_time, sealed, with_seal
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -40,15 +41,34 @@ async def refused_as_error(call: Callable[[], Awaitable[T]], attempts: int) -> T
                             code="kubernetes-refused") from exc
 
 
+async def create_sealed(client: KubeClient, kind: Resource, body: Obj, attempts: int) -> Obj | None:
+    """Create a sealed record (None: its name is taken), and make sure the cluster kept its seal.
+
+    Helm never upgrades a CRD it installed: a cluster still on the definition from before ``spec.seal`` prunes the
+    field without a word, and every record made would be refused by every replica. That is said here, to whoever
+    asked for the record, and the object goes again."""
+    created = await refused_as_error(lambda: client.create(kind, body), attempts)
+    seal = body["spec"].get("seal")
+    if created is None or seal is None or (created.get("spec") or {}).get("seal") == seal:
+        return created
+    meta = created.get("metadata") or {}
+    with contextlib.suppress(LifecycleError):
+        await refused_as_error(lambda: client.delete(kind, str(meta.get("name")), uid=meta.get("uid")), attempts)
+    raise LifecycleError(f"The cluster's {kind.kind} definition drops spec.seal: apply the chart's CRDs "
+                         "(charts/codehub-gateway/crds) and try again.", code="kubernetes-refused")
+
+
 def _at(epoch: float) -> str:
     return micro_time(datetime.datetime.fromtimestamp(epoch, datetime.UTC))
 
 
-def make_consent(consent: Consent) -> Obj:
-    return {"apiVersion": CONSENT.api_version, "kind": CONSENT.kind,
-            "metadata": {"name": consent.id, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY}},
-            "spec": {"subject": consent.subject, "workspace": consent.workspace, "port": consent.port,
-                     "share": consent.share, "claims": list(consent.claims), "answered": _at(consent.at)}}
+def make_consent(consent: Consent, key: bytes | None = None) -> Obj:
+    """With ``key``, sealed (``objects.record_seal``)."""
+    return with_seal({"apiVersion": CONSENT.api_version, "kind": CONSENT.kind,
+                      "metadata": {"name": consent.id, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY}},
+                      "spec": {"subject": consent.subject, "workspace": consent.workspace, "port": consent.port,
+                               "share": consent.share, "claims": list(consent.claims),
+                               "answered": _at(consent.at)}}, CONSENT.kind, key)
 
 
 def parse_consent(obj: Mapping[str, Any]) -> Consent | None:
@@ -78,14 +98,15 @@ class Consents:
 
     kind = CONSENT
 
-    def __init__(self, informers: Informers, *, attempts: int) -> None:
+    def __init__(self, informers: Informers, *, attempts: int, key: bytes | None) -> None:
         self._attempts = attempts
+        self._key = key
         self.answers: dict[str, Consent] = {}
         informers.register(CONSENT, self._changed)
 
     async def record(self, client: KubeClient, consent: Consent) -> None:
-        body = make_consent(consent)
-        if await refused_as_error(lambda: client.create(CONSENT, body), self._attempts) is None:
+        body = make_consent(consent, self._key)
+        if await create_sealed(client, CONSENT, body, self._attempts) is None:
             await refused_as_error(lambda: client.patch(CONSENT, consent.id, {"spec": body["spec"]}), self._attempts)
         self.answers[consent.id] = consent  # this replica at once; the others when their watch delivers it
 
@@ -94,8 +115,9 @@ class Consents:
         self.answers.pop(consent.id, None)
 
     def _changed(self, event: str, obj: Obj) -> None:
+        """An answer without a valid seal is no answer: the visitor is asked again."""
         name = str(obj["metadata"]["name"])
-        consent = parse_consent(obj) if event != "DELETED" else None
+        consent = parse_consent(obj) if event != "DELETED" and sealed(self._key, CONSENT.kind, obj) else None
         if consent is None:
             self.answers.pop(name, None)
         else:

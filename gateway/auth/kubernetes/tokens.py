@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from gateway.auth.ide import load_key
 from gateway.auth.identity import Identity
-from gateway.auth.kubernetes.answers import Consents, EndedSignIns, UsedKeys, refused_as_error
+from gateway.auth.kubernetes.answers import Consents, EndedSignIns, UsedKeys, create_sealed, refused_as_error
 from gateway.auth.sessions import Ended, SignIn
 from gateway.auth.store import (
     API_PREFIX,
@@ -115,23 +115,6 @@ def seal_key(settings: Kubernetes) -> bytes | None:
     return hmac.new(load_key(settings.ide_key_file), b"codehub-records", hashlib.sha256).digest()
 
 
-async def create_sealed(client: KubeClient, kind: Resource, body: Obj, attempts: int) -> Obj | None:
-    """Create a ShareLink or ApiToken (None: its name is taken), and make sure the cluster kept its seal.
-
-    Helm never upgrades a CRD it installed: a cluster still on the definition from before ``spec.seal`` prunes the
-    field without a word, and every record made would be refused by every replica. That is said here, to whoever
-    asked for the record, and the object goes again."""
-    created = await refused_as_error(lambda: client.create(kind, body), attempts)
-    seal = body["spec"].get("seal")
-    if created is None or seal is None or (created.get("spec") or {}).get("seal") == seal:
-        return created
-    meta = created.get("metadata") or {}
-    with contextlib.suppress(LifecycleError):
-        await refused_as_error(lambda: client.delete(kind, str(meta.get("name")), uid=meta.get("uid")), attempts)
-    raise LifecycleError(f"The cluster's {kind.kind} definition drops spec.seal: apply the chart's CRDs "
-                         "(charts/codehub-gateway/crds) and try again.", code="kubernetes-refused")
-
-
 async def create_api_token(client: KubeClient, identity: Identity, *, name: str, key: bytes | None,
                            attempts: int = 5) -> tuple[ApiToken, Obj, str]:
     """Create an ApiToken resource (a fresh id on the rare name collision); the record, the object, the token."""
@@ -157,11 +140,11 @@ class Sealing:
 
 
 async def seal_records(client: KubeClient, key: bytes) -> dict[str, Sealing]:
-    """Seal every ShareLink and ApiToken that carries no seal: once, after upgrading from a gateway that made them
-    unsealed (which this one refuses). Each write is conditional on the version read, so a record changed
+    """Seal every ShareLink, ApiToken and IdentityConsent that carries no seal: once, after upgrading from a gateway
+    that made them unsealed (which this one refuses). Each write is conditional on the version read, so a record changed
     meanwhile is left unsealed (and said so); one sealed otherwise is never overwritten."""
     done: dict[str, Sealing] = {}
-    for kind in (SHARE_LINK, API_TOKEN):
+    for kind in (SHARE_LINK, API_TOKEN, Consents.kind):
         sealing = done[kind.kind] = Sealing()
         for obj in (await client.list(kind)).get("items") or []:
             meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
@@ -220,7 +203,7 @@ class KubeTokenStore:
         self.writes = 0
         informers.register(SHARE_LINK, self._on_change(SHARE_LINK))
         informers.register(API_TOKEN, self._on_change(API_TOKEN))
-        self._consents = Consents(informers, attempts=self._attempts)
+        self._consents = Consents(informers, attempts=self._attempts, key=self._key)
         self._ended = EndedSignIns(informers)
         self.kinds = (SHARE_LINK, API_TOKEN, Consents.kind, EndedSignIns.kind)
 

@@ -22,7 +22,16 @@ from gateway.auth.ide import HASHED_PASSWORD
 from gateway.auth.store import ApiToken, ShareLink
 from gateway.config import PORT_TEXT, Kubernetes
 from gateway.lifecycle.base import WorkspaceSpec
-from gateway.lifecycle.kubernetes.client import API_TOKEN, LEASE, POD, PVC, SHARE_LINK, SNAPSHOT, WORKSPACE
+from gateway.lifecycle.kubernetes.client import (
+    API_TOKEN,
+    CONSENT,
+    LEASE,
+    POD,
+    PVC,
+    SHARE_LINK,
+    SNAPSHOT,
+    WORKSPACE,
+)
 
 MANAGED_BY = "codehub-gateway"
 WORKSPACE_LABEL = "codehub.dev/workspace"
@@ -291,26 +300,28 @@ def make_lease(name: str, holder: str | None, duration: float, *, now: datetime.
     return {"apiVersion": LEASE.api_version, "kind": LEASE.kind, "metadata": metadata, "spec": spec}
 
 
-# What a seal vouches for: every field that says what a record opens, for whom and until when (not ``revoked``:
-# the gateway patches it later, and a record's earlier state, seal and all, can be written back by whoever may
-# edit it anyway).
+# What a seal vouches for: every field that says what a record opens or tells, for whom and until when (not
+# ``revoked``: the gateway patches it later, and a record's earlier state, seal and all, can be written back by
+# whoever may edit it anyway).
 SEALED_FIELDS = {
     SHARE_LINK.kind: ("workspace", "port", "audience", "people", "createdBy", "expires", "tokenHash"),
     API_TOKEN.kind: ("subject", "email", "groups", "attributes", "name", "tokenHash"),
+    CONSENT.kind: ("subject", "workspace", "port", "share", "claims", "answered"),
 }
 
 
+# Keys sorted: the API server keeps a custom resource as a map and writes its keys in an order of its own.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def record_seal(key: bytes, kind: str, obj: Mapping[str, Any]) -> str:
-    """The HMAC-SHA256 a ShareLink or ApiToken object carries in ``spec.seal``: of its kind, name, Workspace owners
-    and sealed fields, as stored.
+    """The HMAC-SHA256 a ShareLink, ApiToken or IdentityConsent object carries in ``spec.seal``: of its kind, name,
+    owners and sealed fields, as stored.
 
     Only hashes of tokens are stored, and anyone can hash a token of their own: someone allowed to create or edit
     these custom resources (RBAC grants custom resources apart from Secrets) could otherwise write a record that
-    lets their token act as anyone or open any workspace. The key is derived from the IDE key, which only the
-    gateway reads."""
+    lets their token act as anyone or open any workspace, or say that a visitor agreed to tell an app who they
+    are. The key is derived from the IDE key, which only the gateway reads."""
     spec = obj.get("spec") or {}
     meta = obj.get("metadata") or {}
     message = [kind, meta.get("name"), sorted(owners(obj)), [spec.get(name) for name in SEALED_FIELDS[kind]]]
@@ -325,7 +336,7 @@ def sealed(key: bytes | None, kind: str, obj: Mapping[str, Any]) -> bool:
     return isinstance(seal, str) and hmac.compare_digest(seal, record_seal(key, kind, obj))
 
 
-def _sealing(obj: dict[str, Any], kind: str, key: bytes | None) -> dict[str, Any]:
+def with_seal(obj: dict[str, Any], kind: str, key: bytes | None) -> dict[str, Any]:
     if key is not None:
         obj["spec"]["seal"] = record_seal(key, kind, obj)
     return obj
@@ -353,7 +364,7 @@ def make_share_link(link: ShareLink, workspace_uid: str = "", key: bytes | None 
                                                             WORKSPACE_LABEL: link.workspace}}
     if workspace_uid:
         metadata["ownerReferences"] = [owner_reference(link.workspace, workspace_uid)]
-    return _sealing({"apiVersion": SHARE_LINK.api_version, "kind": SHARE_LINK.kind, "metadata": metadata,
+    return with_seal({"apiVersion": SHARE_LINK.api_version, "kind": SHARE_LINK.kind, "metadata": metadata,
                      "spec": spec}, SHARE_LINK.kind, key)
 
 
@@ -422,7 +433,7 @@ def parse_share_link(obj: Mapping[str, Any]) -> ShareLink | None:
 def make_api_token(record: ApiToken, key: bytes | None = None) -> dict[str, Any]:
     """An ApiToken custom resource: who the token acts for, as they were when they created it; with ``key``,
     sealed (:func:`record_seal`)."""
-    return _sealing({
+    return with_seal({
         "apiVersion": API_TOKEN.api_version,
         "kind": API_TOKEN.kind,
         "metadata": {"name": record.id, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY}},
