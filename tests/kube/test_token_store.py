@@ -316,6 +316,10 @@ async def test_token_seal_seals_what_an_older_gateway_made_once_and_nothing_else
     assert sealed_link is not None
     assert sealed_link["spec"] == {**old_link["spec"], "seal": sealed_link["spec"]["seal"]}  # nothing else changed
 
+    emu.patch_object(API_TOKEN, NS, "oldtoken0001", {"spec": {"subject": "root"}})  # refused again: said again
+    await until(lambda: caplog.text.count("ApiToken oldtoken0001 is not sealed") == 2)
+    assert "oldtoken0001" not in store(a).api_tokens
+
 
 async def test_a_cluster_whose_definitions_drop_the_seal_is_told_to_update_them(
         kube: KubeEnv, replica: MakeReplica, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -341,6 +345,18 @@ async def test_a_cluster_whose_definitions_drop_the_seal_is_told_to_update_them(
     assert [obj["spec"]["name"] for obj in emu.list_objects(API_TOKEN, NS)] == ["t"]  # Alice's, from before
     emu.schemas = current
     emu.pruned.clear()  # what the test made happen (Alice's token's use, written meanwhile, lost its seal too)
+
+
+async def test_token_seal_says_when_the_cluster_refuses(kube: KubeEnv, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    kube.emulator.fail("list", API_TOKEN, status=403, reason="Forbidden", message="RBAC says no")
+    argv = ["token", "seal", "--config", str(cluster_config(kube, tmp_path))]
+    assert await asyncio.to_thread(cli.main, argv) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("codehub-gateway: token seal: the cluster refused: ")
+    assert "RBAC says no" in err
+    assert len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize(("config", "said"), [
@@ -447,6 +463,13 @@ def test_a_seal_holds_through_what_the_gateway_and_the_cluster_change_later(chan
     assert sealed(SEAL_KEY, "ShareLink", merge_patch(obj, change))
     assert parse_share_link(merge_patch(obj, change)) is not None
     assert sealed(None, "ShareLink", make_share_link(LINK))  # without a key, nothing is checked
+
+
+@pytest.mark.parametrize("obj", [{}, {"metadata": {"name": "x"}}, {"spec": {"seal": "0" * 64}},
+                                 {"metadata": None, "spec": None}])
+def test_an_object_without_spec_or_metadata_is_not_sealed_and_breaks_nothing(obj: dict[str, Any]) -> None:
+    for kind in ("ShareLink", "ApiToken", "IdentityConsent"):
+        assert not sealed(SEAL_KEY, kind, obj)
 
 
 def test_a_seal_holds_whatever_order_the_api_server_gives_a_maps_keys() -> None:
