@@ -337,7 +337,7 @@ def token_seal(args: argparse.Namespace) -> int:
 
     for kind, done in asyncio.run(seal()).items():
         left = f"; left as they are (sealed otherwise, or changed meanwhile): {', '.join(done.left)}"
-        print(f"{kind}: {len(done.sealed)} sealed, {done.already} already sealed{left if done.left else ''}")
+        print(f"{kind}: {done.sealed} sealed, {done.already} already sealed{left if done.left else ''}")
     return 0
 
 

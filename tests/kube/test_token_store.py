@@ -24,12 +24,12 @@ from aiohttp.test_utils import TestClient
 from gateway import cli
 from gateway.auth.identity import Identity
 from gateway.auth.kubernetes.answers import UsedKeys, make_consent
-from gateway.auth.kubernetes.tokens import KubeTokenStore, seal_key
+from gateway.auth.kubernetes.tokens import KubeTokenStore, Sealing, seal_key, seal_records
 from gateway.auth.sessions import Session
 from gateway.auth.store import ApiToken, Consent, ShareLink, token_hash
 from gateway.config import Config
 from gateway.lifecycle import LifecycleError
-from gateway.lifecycle.kubernetes.client import KubeClient
+from gateway.lifecycle.kubernetes.client import KubeClient, KubeError
 from gateway.lifecycle.kubernetes.informer import Informers
 from gateway.lifecycle.kubernetes.objects import (
     make_api_token,
@@ -321,6 +321,59 @@ async def test_token_seal_seals_what_an_older_gateway_made_once_and_nothing_else
     assert "oldtoken0001" not in store(a).api_tokens
 
 
+class RacingClient(KubeClient):
+    """A client that lets the test change the cluster between a list and what follows it."""
+
+    def __init__(self, kube: KubeEnv, meanwhile: Callable[[Any], None]) -> None:
+        super().__init__(kube.api_client, NS)
+        self.meanwhile = meanwhile
+
+    async def list(self, kind: Any, **selectors: str | None) -> dict[str, Any]:
+        found = await super().list(kind, **selectors)
+        self.meanwhile(kind)
+        return found
+
+
+async def test_token_seal_leaves_a_record_changed_or_deleted_after_it_was_read(kube: KubeEnv) -> None:
+    """Its seal is of what it read: written over a change (Mallory makes an unsealed token out to root between the
+    list and the seal), it would vouch for the change."""
+    emu = kube.emulator
+    for name in ("changed00001", "deleted00001", "kept00000001"):
+        emu.create_object(API_TOKEN, make_api_token(ApiToken(
+            id=name, token_hash=token_hash("chk_" + name), subject="alice", name="n", created=0.0)), NS)
+
+    def meanwhile(kind: Any) -> None:
+        if kind.kind == "ApiToken":
+            emu.patch_object(API_TOKEN, NS, "changed00001", {"spec": {"subject": "root"}})
+            emu.delete_object(API_TOKEN, NS, "deleted00001")
+
+    done = await seal_records(RacingClient(kube, meanwhile), SEAL_KEY)
+    assert done["ApiToken"] == Sealing(sealed=1, already=0, left=["changed00001", "deleted00001"])
+    changed = emu.get_object(API_TOKEN, NS, "changed00001")
+    assert changed is not None
+    assert "seal" not in changed["spec"]
+    kept = emu.get_object(API_TOKEN, NS, "kept00000001")
+    assert kept is not None
+    assert sealed(SEAL_KEY, "ApiToken", kept)
+
+    emu.fail("patch", API_TOKEN, status=403, reason="Forbidden", message="RBAC says no")
+    with pytest.raises(KubeError) as refused:  # any other refusal stops it, to be said
+        await seal_records(KubeClient(kube.api_client, NS), SEAL_KEY)
+    assert refused.value.status == 403
+
+
+def test_seals_stay_what_they_were_when_records_were_made(tmp_path: Path) -> None:
+    """A record sealed by one release must stay sealed for the next: the key's derivation and the seal's canonical
+    form are pinned to the values the first sealing release computed."""
+    (tmp_path / "ide-key").write_bytes(b"0123456789abcdef" * 3 + b"\n")  # as `base64 > ide-key` leaves it
+    settings = kube_settings("http://127.0.0.1:9", ide_key_file=str(tmp_path / "ide-key"))
+    assert (seal_key(settings) or b"").hex() == SEAL_KEY_VECTOR
+    obj = make_share_link(ShareLink(id="abc123def456", token_hash="f" * 64, workspace="w1", port=8000,
+                                    audience="people", people=["bob", "grüße"], created_by="alice",
+                                    created=0.0, expires=1_800_003_600.5), "uid-1", bytes.fromhex(SEAL_KEY_VECTOR))
+    assert obj["spec"]["seal"] == SEAL_VECTOR
+
+
 async def test_a_cluster_whose_definitions_drop_the_seal_is_told_to_update_them(
         kube: KubeEnv, replica: MakeReplica, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Helm never upgrades CRDs: a cluster still on the ShareLink and ApiToken definitions from before seals prunes
@@ -416,6 +469,11 @@ def test_a_malformed_share_link_grants_nothing(change: dict[str, Any]) -> None:
 
 
 SEAL_KEY = b"s" * 32
+# HMAC-SHA256(b"0123456789abcdef" * 3, b"codehub-records"), and with it, of the canonical form (compact JSON, keys
+# sorted, ASCII): ["ShareLink","abc123def456",["uid-1"],["w1",8000,"people",["bob","gr\u00fc\u00dfe"],"alice",
+# "2027-01-15T09:00:00.500000Z","ff…ff"]]
+SEAL_KEY_VECTOR = "393a6030756fd8747dfbac08cb98c6e6d5d8b7b0ccffa68dd5171c3eb47e99e9"
+SEAL_VECTOR = "7271627ae5b8f3c2fedefa2b41b53014f45cbd4e6ffb8daa27e4bd06bb244d64"
 ANSWER = Consent.answer("bob", "w1", 8000, owner="alice", share=False, claims=["user"])
 RECORD = ApiToken(id="0a1b2c3d4e5f", token_hash="e" * 64, subject="alice", name="ci", created=0.0,
                   email="alice@corp.test", groups=["qa"], attributes={"team": "web"})

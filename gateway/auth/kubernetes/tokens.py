@@ -131,10 +131,10 @@ async def create_api_token(client: KubeClient, identity: Identity, *, name: str,
 
 @dataclass
 class Sealing:
-    """What :func:`seal_records` did to one kind: the names it sealed, how many were already, and the names it left
+    """What :func:`seal_records` did to one kind: how many it sealed, how many were already, and the names it left
     (sealed otherwise — changed since, or with another key — or changed or gone while it sealed)."""
 
-    sealed: list[str] = field(default_factory=list)
+    sealed: int = 0
     already: int = 0
     left: list[str] = field(default_factory=list)
 
@@ -163,7 +163,7 @@ async def seal_records(client: KubeClient, key: bytes) -> dict[str, Sealing]:
                     raise
                 sealing.left.append(str(meta.get("name")))
                 continue
-            sealing.sealed.append(str(meta.get("name")))
+            sealing.sealed += 1
     return done
 
 
