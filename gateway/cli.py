@@ -336,7 +336,8 @@ def token_seal(args: argparse.Namespace) -> int:
             await api.close()
 
     for kind, done in asyncio.run(seal()).items():
-        left = f"; left as they are (sealed otherwise, or changed meanwhile): {', '.join(done.left)}"
+        left = ("; left as they are (sealed otherwise, of no workspace now, or changed meanwhile): "
+                + ", ".join(done.left))
         print(f"{kind}: {done.sealed} sealed, {done.already} already sealed{left if done.left else ''}")
     return 0
 

@@ -8,20 +8,24 @@ objects.
 from __future__ import annotations
 
 import asyncio
+import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.auth.identity import Identity
+from gateway.auth.kubernetes.tokens import seal_records
 from gateway.auth.store import API_PREFIX, SHARE_PREFIX, token_hash
 from gateway.errors import NotFound
 from gateway.lifecycle import LifecycleError, Phase, WorkspaceSpec
+from gateway.lifecycle.kubernetes.client import KubeClient
 from gateway.lifecycle.kubernetes.objects import record_seal
 from tests.kube.emulator import API_TOKEN, POD, PVC, SHARE_LINK, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import NS, MakeRuntime, until
 from tests.kube.test_token_store import (
+    Client,
     MakeReplica,
     alice_token,
     api,
@@ -121,10 +125,50 @@ async def test_a_home_made_before_owners_is_not_mounted_for_the_next_owner_of_it
     assert pvc["metadata"]["uid"] == legacy["metadata"]["uid"]  # nor deleted it
 
 
+def written_back(obj: dict[str, Any]) -> dict[str, Any]:
+    """What anyone who may read an object can write again later: its name, labels, owners and spec, seal and all."""
+    meta = obj["metadata"]
+    return {"metadata": {key: copy.deepcopy(meta[key]) for key in ("name", "labels", "ownerReferences") if key in meta},
+            "spec": copy.deepcopy(obj["spec"])}
+
+
+async def mallory_takes_w1(a: Client) -> str:
+    """Alice's w1 goes; Mallory makes a w1 of her own, port 8000 private, a second later (creation times are in
+    seconds). Mallory's API token."""
+    await gateway(a).runtime.delete("w1")
+    await kube_gone(a, "w1")
+    await asyncio.sleep(1.1)
+    _, mallory = await store(a).create_api_token(Identity("mallory"), name="t")
+    status, _ = await api(a, "POST", "/api/v1/workspaces", mallory, {"id": "w1", "ports": {"8000": "private"}})
+    assert status == 201
+    return mallory
+
+
+async def kube_gone(a: Client, name: str) -> None:
+    await until(lambda: gateway(a).runtime.get(name) is None)
+
+
+async def opens_nothing_of_mallorys(kube: KubeEnv, a: Client, mallory: str, obj: dict[str, Any], token: str) -> None:
+    """``obj`` written into the cluster opens nothing of Mallory's w1, nor is listed as hers, while the garbage
+    collector has not deleted it (its owner is gone)."""
+    emu = kube.emulator
+    emu.controllers.paused_gc = True
+    name = obj["metadata"]["name"]
+    emu.create_object(SHARE_LINK, obj, NS)
+    await until(lambda: name in store(a)._shares)  # taken in (sealed), but not as Mallory's w1's
+    assert (await open_share(a, token))[0] != 303
+    _, listed = await api(a, "GET", "/api/v1/workspaces/w1/shares", mallory)
+    assert [shown["id"] for shown in listed["shares"]] == []
+    emu.delete_object(SHARE_LINK, NS, name)
+    await until(lambda: name not in store(a)._shares)
+
+
 async def test_a_link_made_before_owners_does_not_open_the_next_workspace_of_its_name(
         kube: KubeEnv, replica: MakeReplica, tmp_path: Path) -> None:
-    """A ShareLink from before links had owners names only its workspace: nothing deletes it with the workspace.
-    Once Alice's w1 is gone and Mallory has made a w1 of her own, Alice's old link must not open it."""
+    """A ShareLink from before links had owners names only its workspace: nothing deletes it with the workspace,
+    and it was taken for the workspace of its name by creation time, which writing it again renews. ``token seal``
+    gives it the Workspace it belongs to, so it goes with Alice's w1; written back as it was sealed, or sealed
+    without an owner (which no gateway makes), it does not open the w1 Mallory makes next."""
     emu = kube.emulator
     a = await replica("gw-a")
     token = SHARE_PREFIX + "x" * 40
@@ -133,22 +177,37 @@ async def test_a_link_made_before_owners_does_not_open_the_next_workspace_of_its
                                                         "codehub.dev/workspace": "w1"}},
         "spec": {"workspace": "w1", "audience": "anyone", "createdBy": "alice", "port": 8000,
                  "expires": "2099-01-01T00:00:00.000000Z", "tokenHash": token_hash(token)}}
-    legacy["spec"]["seal"] = record_seal(records_key(tmp_path), "ShareLink", legacy)  # as `token seal` left it
     emu.create_object(SHARE_LINK, legacy, NS)
+    await seal_records(KubeClient(kube.api_client, NS), records_key(tmp_path))  # the operator's `token seal`
     await until(lambda: "legacylink01" in store(a).shares)
     assert (await open_share(a, token))[0] == 303  # Alice's w1: her link opens it
+    sealed_then = written_back(emu.get_object(SHARE_LINK, NS, "legacylink01"))  # type: ignore[arg-type]
+    owner_less = copy.deepcopy(legacy)
+    owner_less["spec"]["seal"] = record_seal(records_key(tmp_path), "ShareLink", owner_less)
 
-    await gateway(a).runtime.delete("w1")
-    await emu.wait_gone(WORKSPACE, NS, "w1")
-    assert emu.get_object(SHARE_LINK, NS, "legacylink01") is not None  # it named no owner: nothing deleted it
-    await asyncio.sleep(1.1)  # creation times are in seconds: Mallory's w1 is made in a later one
-    _, mallory = await store(a).create_api_token(Identity("mallory"), name="t")
-    status, _ = await api(a, "POST", "/api/v1/workspaces", mallory, {"id": "w1", "ports": {"8000": "private"}})
+    mallory = await mallory_takes_w1(a)
+    await emu.wait_gone(SHARE_LINK, NS, "legacylink01")  # it went with Alice's w1
+    for obj in (sealed_then, owner_less):
+        await opens_nothing_of_mallorys(kube, a, mallory, obj, token)
+
+
+async def test_a_link_whose_owners_kind_is_renamed_does_not_open_the_next_workspace_of_its_name(
+        kube: KubeEnv, replica: MakeReplica) -> None:
+    """The seal holds an owner's uid; renaming the owner's kind (``WorkspaceX``) keeps it, and the link has no
+    Workspace for owner any more: taken for one made before owners, it opened the next w1 by its new creation time.
+    (A real garbage collector leaves an object whose owner's kind it cannot resolve.)"""
+    emu = kube.emulator
+    a = await replica("gw-a")
+    alice = await alice_token(a)
+    status, link = await api(a, "POST", "/api/v1/workspaces/w1/shares", alice, {"port": 8000})
     assert status == 201
-
-    assert (await open_share(a, token))[0] != 303
-    status, listed = await api(a, "GET", "/api/v1/workspaces/w1/shares", mallory)
-    assert [shown["id"] for shown in listed["shares"]] == []
+    saved = written_back(emu.get_object(SHARE_LINK, NS, link["id"]))  # type: ignore[arg-type]
+    mallory = await mallory_takes_w1(a)
+    await emu.wait_gone(SHARE_LINK, NS, link["id"])
+    (owner,) = saved["metadata"]["ownerReferences"]
+    saved["metadata"]["ownerReferences"] = [{"apiVersion": owner["apiVersion"], "kind": "WorkspaceX",
+                                             "name": owner["name"], "uid": owner["uid"]}]
+    await opens_nothing_of_mallorys(kube, a, mallory, saved, link["token"])
 
 
 def forged_token(subject: str, token: str, name: str = "forged000001") -> dict[str, Any]:

@@ -295,15 +295,18 @@ async def test_token_seal_seals_what_an_older_gateway_made_once_and_nothing_else
     emu.fail("patch", SHARE_LINK, status=409)  # the link changed between the list and the seal
     assert await asyncio.to_thread(cli.main, argv) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "ShareLink: 0 sealed, 0 already sealed; left as they are (sealed otherwise, or changed meanwhile): "
+        "ShareLink: 0 sealed, 0 already sealed; left as they are (sealed otherwise, of no workspace now, or changed "
+        "meanwhile): "
         "oldlink00001",
-        "ApiToken: 1 sealed, 0 already sealed; left as they are (sealed otherwise, or changed meanwhile): "
+        "ApiToken: 1 sealed, 0 already sealed; left as they are (sealed otherwise, of no workspace now, or changed "
+        "meanwhile): "
         "foreign00001",
         "IdentityConsent: 1 sealed, 0 already sealed"]
     assert await asyncio.to_thread(cli.main, argv) == 0
     assert capsys.readouterr().out.splitlines() == [
         "ShareLink: 1 sealed, 0 already sealed",
-        "ApiToken: 0 sealed, 1 already sealed; left as they are (sealed otherwise, or changed meanwhile): "
+        "ApiToken: 0 sealed, 1 already sealed; left as they are (sealed otherwise, of no workspace now, or changed "
+        "meanwhile): "
         "foreign00001",
         "IdentityConsent: 0 sealed, 1 already sealed"]
 
@@ -315,6 +318,9 @@ async def test_token_seal_seals_what_an_older_gateway_made_once_and_nothing_else
     sealed_link = emu.get_object(SHARE_LINK, NS, "oldlink00001")
     assert sealed_link is not None
     assert sealed_link["spec"] == {**old_link["spec"], "seal": sealed_link["spec"]["seal"]}  # nothing else changed
+    w1 = emu.get_object(WORKSPACE, NS, "w1")
+    assert w1 is not None  # the link had no owner: it has the Workspace it belongs to now
+    assert [ref["uid"] for ref in sealed_link["metadata"]["ownerReferences"]] == [w1["metadata"]["uid"]]
 
     emu.patch_object(API_TOKEN, NS, "oldtoken0001", {"spec": {"subject": "root"}})  # refused again: said again
     await until(lambda: caplog.text.count("ApiToken oldtoken0001 is not sealed") == 2)
@@ -362,12 +368,33 @@ async def test_token_seal_leaves_a_record_changed_or_deleted_after_it_was_read(k
     assert refused.value.status == 403
 
 
+async def test_token_seal_leaves_a_link_of_no_workspace_now(kube: KubeEnv) -> None:
+    """A link from before owners is sealed with the Workspace it belongs to as owner; with none of its name, or
+    one made after it (another's, by ``belongs``), there is nothing it may open: it is left, and said so."""
+    emu = kube.emulator
+    for name, workspace in (("nowhere00001", "w9"), ("older0000001", "w2")):
+        emu.create_object(SHARE_LINK, make_share_link(ShareLink(
+            id=name, token_hash=token_hash("chs_" + name), workspace=workspace, port=8000, audience="anyone",
+            people=[], created_by="alice", created=0.0, expires=time.time() + 3600)), NS)
+    await asyncio.sleep(1.1)  # creation times are in seconds
+    emu.create_object(WORKSPACE, {"metadata": {"name": "w2"}, "spec": {"owner": "bob"}}, NS)
+    done = await seal_records(KubeClient(kube.api_client, NS), SEAL_KEY)
+    assert done["ShareLink"] == Sealing(sealed=0, already=0, left=["nowhere00001", "older0000001"])
+    for name in ("nowhere00001", "older0000001"):
+        left = emu.get_object(SHARE_LINK, NS, name)
+        assert left is not None
+        assert "seal" not in left["spec"]
+        assert "ownerReferences" not in left["metadata"]
+
+
 def test_seals_stay_what_they_were_when_records_were_made(tmp_path: Path) -> None:
     """A record sealed by one release must stay sealed for the next: the key's derivation and the seal's canonical
     form are pinned to the values the first sealing release computed."""
     (tmp_path / "ide-key").write_bytes(b"0123456789abcdef" * 3 + b"\n")  # as `base64 > ide-key` leaves it
     settings = kube_settings("http://127.0.0.1:9", ide_key_file=str(tmp_path / "ide-key"))
     assert (seal_key(settings) or b"").hex() == SEAL_KEY_VECTOR
+    assert seal_key(kube_settings("http://127.0.0.1:9", ide_key_file=str(tmp_path / "ide-key"),
+                                  namespace="another")) != seal_key(settings)  # another installation's
     obj = make_share_link(ShareLink(id="abc123def456", token_hash="f" * 64, workspace="w1", port=8000,
                                     audience="people", people=["bob", "grüße"], created_by="alice",
                                     created=0.0, expires=1_800_003_600.5), "uid-1", bytes.fromhex(SEAL_KEY_VECTOR))
@@ -469,11 +496,11 @@ def test_a_malformed_share_link_grants_nothing(change: dict[str, Any]) -> None:
 
 
 SEAL_KEY = b"s" * 32
-# HMAC-SHA256(b"0123456789abcdef" * 3, b"codehub-records"), and with it, of the canonical form (compact JSON, keys
-# sorted, ASCII): ["ShareLink","abc123def456",["uid-1"],["w1",8000,"people",["bob","gr\u00fc\u00dfe"],"alice",
-# "2027-01-15T09:00:00.500000Z","ff…ff"]]
-SEAL_KEY_VECTOR = "393a6030756fd8747dfbac08cb98c6e6d5d8b7b0ccffa68dd5171c3eb47e99e9"
-SEAL_VECTOR = "7271627ae5b8f3c2fedefa2b41b53014f45cbd4e6ffb8daa27e4bd06bb244d64"
+# HMAC-SHA256(b"0123456789abcdef" * 3, b"codehub-records\0codehub") (the namespace), and with it, of the canonical
+# form (compact JSON, keys sorted, ASCII): ["ShareLink","abc123def456",["uid-1"],["w1",8000,"people",
+# ["bob","gr\u00fc\u00dfe"],"alice","2027-01-15T09:00:00.500000Z","ff…ff"]]
+SEAL_KEY_VECTOR = "d57de51b54a2765da75daa16cc3764cb41d45b0387bfcbcd2847aa25a651d30f"
+SEAL_VECTOR = "bd6c74fdb63826822fe29a167dd0758441f9dc5e166e76b4ecd394a97d462086"
 ANSWER = Consent.answer("bob", "w1", 8000, owner="alice", share=False, claims=["user"])
 RECORD = ApiToken(id="0a1b2c3d4e5f", token_hash="e" * 64, subject="alice", name="ci", created=0.0,
                   email="alice@corp.test", groups=["qa"], attributes={"team": "web"})

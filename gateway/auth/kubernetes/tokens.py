@@ -62,6 +62,8 @@ from gateway.lifecycle.kubernetes.objects import (
     belongs,
     make_api_token,
     make_share_link,
+    owner_reference,
+    owners,
     parse_api_token,
     parse_share_link,
     record_seal,
@@ -107,12 +109,14 @@ class _Counted:
 
 
 def seal_key(settings: Kubernetes) -> bytes | None:
-    """The key that seals ShareLink and ApiToken objects (``objects.record_seal``), derived from the IDE key: a
-    secret every replica holds and no pod or custom resource does. None without one: records are then trusted as
-    they stand in the cluster, and whoever may write them there may act as anyone."""
+    """The key that seals ShareLink, ApiToken and IdentityConsent objects (``objects.record_seal``), derived from
+    the IDE key — a secret every replica holds and no pod or custom resource does — and the namespace, so that two
+    installations given one IDE key do not take each other's records. None without an IDE key: records are then
+    trusted as they stand in the cluster, and whoever may write them there may act as anyone."""
     if settings.ide_key_file is None:
         return None
-    return hmac.new(load_key(settings.ide_key_file), b"codehub-records", hashlib.sha256).digest()
+    label = b"codehub-records\0" + settings.namespace.encode()
+    return hmac.new(load_key(settings.ide_key_file), label, hashlib.sha256).digest()
 
 
 async def create_api_token(client: KubeClient, identity: Identity, *, name: str, key: bytes | None,
@@ -139,10 +143,26 @@ class Sealing:
     left: list[str] = field(default_factory=list)
 
 
+async def _owned(client: KubeClient, link: Obj) -> Obj | None:
+    """A link from before links had owners, given the Workspace that holds its name as owner if it is that one's
+    (made no earlier than it): sealed without an owner, written again it would take a new creation time, and with it
+    the next workspace of its name. None when it is no workspace's now."""
+    if owners(link):
+        return link
+    workspace = str((link.get("spec") or {}).get("workspace") or "")
+    holder = await client.get(WORKSPACE, workspace) if workspace else None
+    meta = (holder or {}).get("metadata") or {}
+    if holder is None or meta.get("deletionTimestamp") or not meta.get("uid") or not belongs(
+            link, str(meta["uid"]), meta.get("creationTimestamp")):
+        return None
+    return {**link, "metadata": {**link["metadata"], "ownerReferences": [owner_reference(workspace, meta["uid"])]}}
+
+
 async def seal_records(client: KubeClient, key: bytes) -> dict[str, Sealing]:
     """Seal every ShareLink, ApiToken and IdentityConsent that carries no seal: once, after upgrading from a gateway
-    that made them unsealed (which this one refuses). Each write is conditional on the version read, so a record changed
-    meanwhile is left unsealed (and said so); one sealed otherwise is never overwritten."""
+    that made them unsealed (which this one refuses); links without an owner get the Workspace they belong to, or
+    are left when there is none. Each write is conditional on the version read, so a record changed meanwhile is
+    left unsealed (and said so); one sealed otherwise is never overwritten."""
     done: dict[str, Sealing] = {}
     for kind in (SHARE_LINK, API_TOKEN, Consents.kind):
         sealing = done[kind.kind] = Sealing()
@@ -154,8 +174,14 @@ async def seal_records(client: KubeClient, key: bytes) -> dict[str, Sealing]:
                 else:
                     sealing.left.append(str(meta.get("name")))
                 continue
-            patch = {"metadata": {"resourceVersion": meta.get("resourceVersion")},
-                     "spec": {"seal": record_seal(key, kind.kind, obj)}}
+            whole = await _owned(client, obj) if kind is SHARE_LINK else obj
+            if whole is None:
+                sealing.left.append(str(meta.get("name")))
+                continue
+            patch: Obj = {"metadata": {"resourceVersion": meta.get("resourceVersion")},
+                          "spec": {"seal": record_seal(key, kind.kind, whole)}}
+            if whole is not obj:
+                patch["metadata"]["ownerReferences"] = whole["metadata"]["ownerReferences"]
             try:
                 await client.patch(kind, str(meta.get("name")), patch)
             except KubeError as exc:
@@ -261,13 +287,18 @@ class KubeTokenStore:
         later (or much later on a busy cluster), and a Workspace made under the free name meanwhile by someone else
         must not be opened by them, list them, nor count them. A link pointing at no Workspace (made before links
         had owners, so nothing ever deletes it) is taken for the one of its name if made no earlier than it, as
-        ``objects.belongs`` takes pods and volumes."""
+        ``objects.belongs`` takes pods and volumes, unless links are sealed."""
         workspaces = self.informers.get(WORKSPACE)
         holder = workspaces.get(link.workspace) if workspaces is not None else None
         if holder is None:
             return workspaces is None  # no Workspace of its name: nothing to open, list or count
-        meta = holder.get("metadata") or {}
-        return belongs(self._link_meta.get(link.id, {}), str(meta.get("uid") or ""), meta.get("creationTimestamp"))
+        meta, made = holder.get("metadata") or {}, self._link_meta.get(link.id, {})
+        if self._key is not None and not owners(made):
+            # Sealed links have a Workspace for owner (``seal_records`` gives the old ones theirs): one without (or
+            # whose owner's kind was renamed) was written again, with a new creation time that ``belongs`` would
+            # take for the next workspace of its name.
+            return False
+        return belongs(made, str(meta.get("uid") or ""), meta.get("creationTimestamp"))
 
     def find_share(self, token: str) -> ShareLink | None:
         link = self._share_index.get(token_hash(token)) if token.startswith(SHARE_PREFIX) else None
