@@ -85,6 +85,16 @@ class Org(_Model):
     claims: dict[str, ClaimValue] = Field(default_factory=dict)
     users: tuple[str, ...] = ()
 
+    @field_validator("email_domains")
+    @classmethod
+    def _domains(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """An empty entry (``''``, ``'@'``) loaded and matched nobody, not even what it seemed to say; an address
+        in place of a domain likewise."""
+        for domain in value:
+            if not re.fullmatch(r"@?[^\s@]+", domain):
+                raise ValueError(f"{domain!r} is not an e-mail domain like corp.example.com (or @corp.example.com)")
+        return value
+
 
 class Ports(_Model):
     default_visibility: Visibility = "private"
@@ -277,7 +287,7 @@ class Grant:
 def is_org_member(org: Org, identity: Identity, claims: Mapping[str, Any] | None = None) -> bool:
     """Does any org rule admit ``identity``? Claim rules read ``claims`` if given, else the identity's own."""
     domain = identity.email.rpartition("@")[2].lower() if "@" in identity.email else ""
-    if domain and domain in (d.lower().lstrip("@") for d in org.email_domains):
+    if domain in (d.lower().lstrip("@") for d in org.email_domains):
         return True
     if any(group in identity.groups for group in org.groups):
         return True
