@@ -106,6 +106,9 @@ CASES = [
     ("org claims: every one listed", TWO_CLAIMS, 4000, HOSTED_LEVEL_3, None, True, R.ORG_MEMBER),
     ("org claims: one of two is not enough", TWO_CLAIMS, 4000, HOSTED, None, False, R.NOT_ORG_MEMBER),
     ("org with no rules admits nobody", Policy(), 4000, FRANK, None, False, R.NOT_ORG_MEMBER),
+    # no address, or one with nothing after its '@': no domain, so no domain rule admits it
+    ("org domain, no address", POLICY, 4000, Identity("nomail"), None, False, R.NOT_ORG_MEMBER),
+    ("org domain, address without one", POLICY, 4000, Identity("x", "x@"), None, False, R.NOT_ORG_MEMBER),
     ("org member on a private port", POLICY, 3000, FRANK, None, False, R.NOT_SHARED_WITH_USER),
     ("default visibility org", Policy(org=POLICY.org, ports=Ports(default_visibility="org")), 8080, FRANK, None,
      True, R.ORG_MEMBER),
