@@ -98,19 +98,22 @@ def _ide_key(layout: Layout) -> Path:
 
 def _populate(emulator: KubeEmulator, namespace: str, layout: Layout, workspaces: int, links: int) -> None:
     """A shape's objects in its own namespace of the emulated API, as the local shape's config and tokens file;
-    links and tokens sealed, as the gateway makes them."""
-    key = seal_key(Kubernetes(ide_key_file=_ide_key(layout)))
+    links and tokens sealed and links owned by their Workspace, as the gateway makes them (it takes in nothing
+    else)."""
+    key = seal_key(Kubernetes(ide_key_file=_ide_key(layout), namespace=namespace))
     ports = {str(layout.http_port): "private", str(layout.ws_port): "private"}
     emulator.create_object(WORKSPACE, {"metadata": {"name": "ws1"}, "spec": {"owner": USER, "ports": ports}},
                            namespace)
     others = _workspaces(workspaces - 1)
+    uids = {}
     for name, spec in others.items():
-        emulator.create_object(WORKSPACE, {"metadata": {"name": name}, "spec": {
+        made = emulator.create_object(WORKSPACE, {"metadata": {"name": name}, "spec": {
             "owner": spec["owner"], "ports": {str(port): visibility for port, visibility in spec["ports"].items()}}},
-                               namespace)
+                                      namespace)
+        uids[name] = str(made["metadata"]["uid"])
     now = time.time()
     for link in _links(links, sorted(others), now):
-        emulator.create_object(SHARE_LINK, make_share_link(link, key=key), namespace)
+        emulator.create_object(SHARE_LINK, make_share_link(link, uids[link.workspace], key), namespace)
     for token in _tokens(links, now):
         emulator.create_object(API_TOKEN, make_api_token(token, key), namespace)
 
