@@ -207,7 +207,7 @@ class KubeTokenStore:
         self._client_source = client
         self._attempts = retry_attempts
         self._key = seal_key(settings)
-        self._refused: set[tuple[str, str]] = set()  # unsealed objects already logged, by kind and name
+        self._refused: set[tuple[Resource, str]] = set()  # unsealed objects already logged
         self.client: KubeClient | None = None
         self.informers = informers
         self._shares: dict[str, ShareLink] = {}
@@ -430,7 +430,6 @@ class KubeTokenStore:
         def changed(event: str, obj: Obj) -> None:
             name = str(obj["metadata"]["name"])
             if event == "DELETED":
-                self._refused.discard((kind.kind, name))
                 self._created.pop((kind, name), None)
                 self._counted.pop((kind, name), None)
                 self._revoked.pop(name, None)
@@ -455,23 +454,21 @@ class KubeTokenStore:
             usages[self.identity] = Usage(max(seen.uses, mine.uses), max(times) if times else None)
         return total_usage(usages)
 
-    def _vouched(self, kind: Resource, obj: Obj | None) -> Obj | None:
-        """The object if its seal holds; else None, said once per object."""
-        name = str(obj["metadata"]["name"]) if obj is not None else ""
+    def _vouched(self, kind: Resource, name: str, obj: Obj | None) -> Obj | None:
+        """The object if its seal holds; else None, said once while it stays unsealed."""
         if obj is None or sealed(self._key, kind.kind, obj):
-            self._refused.discard((kind.kind, name))
+            self._refused.discard((kind, name))
             return obj
-        if (kind.kind, name) not in self._refused:
-            self._refused.add((kind.kind, name))
+        if (kind, name) not in self._refused:
+            self._refused.add((kind, name))
             log.warning("%s %s is not sealed by this gateway's key: it grants nothing (made before records "
                         "were sealed: `codehub-gateway token seal` seals those once; else changed or made past the "
-                        "gateway)",
-                        kind.kind, name)
+                        "gateway)", kind.kind, name)
         return None
 
     def _refresh(self, kind: Resource, name: str) -> None:
         """Re-derive one entry of the index from the cache and what this replica wrote."""
-        obj = self._vouched(kind, self._current(kind, name))
+        obj = self._vouched(kind, name, self._current(kind, name))
         if kind is SHARE_LINK:
             old_link = self._shares.pop(name, None)
             self._link_meta.pop(name, None)
