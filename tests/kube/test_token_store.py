@@ -369,18 +369,23 @@ async def test_token_seal_leaves_a_record_changed_or_deleted_after_it_was_read(k
 
 
 async def test_token_seal_leaves_a_link_of_no_workspace_now(kube: KubeEnv) -> None:
-    """A link from before owners is sealed with the Workspace it belongs to as owner; with none of its name, or
-    one made after it (another's, by ``belongs``), there is nothing it may open: it is left, and said so."""
+    """A link from before owners is sealed with the Workspace it belongs to as owner; with none of its name, one
+    being deleted, or one made after it (another's, by ``belongs``), there is nothing it may open: it is left, and
+    said so."""
     emu = kube.emulator
-    for name, workspace in (("nowhere00001", "w9"), ("older0000001", "w2")):
+    emu.create_object(WORKSPACE, {"metadata": {"name": "w3", "finalizers": ["test/held"]},
+                                  "spec": {"owner": "alice"}}, NS)
+    for name, workspace in (("going0000001", "w3"), ("nowhere00001", "w9"), ("older0000001", "w2")):
         emu.create_object(SHARE_LINK, make_share_link(ShareLink(
             id=name, token_hash=token_hash("chs_" + name), workspace=workspace, port=8000, audience="anyone",
             people=[], created_by="alice", created=0.0, expires=time.time() + 3600)), NS)
+    emu.delete_object(WORKSPACE, NS, "w3")  # held by its finalizer: going, not gone
+    assert (emu.get_object(WORKSPACE, NS, "w3") or {})["metadata"]["deletionTimestamp"]
     await asyncio.sleep(1.1)  # creation times are in seconds
     emu.create_object(WORKSPACE, {"metadata": {"name": "w2"}, "spec": {"owner": "bob"}}, NS)
     done = await seal_records(KubeClient(kube.api_client, NS), SEAL_KEY)
-    assert done["ShareLink"] == Sealing(sealed=0, already=0, left=["nowhere00001", "older0000001"])
-    for name in ("nowhere00001", "older0000001"):
+    assert done["ShareLink"] == Sealing(sealed=0, already=0, left=["going0000001", "nowhere00001", "older0000001"])
+    for name in ("going0000001", "nowhere00001", "older0000001"):
         left = emu.get_object(SHARE_LINK, NS, name)
         assert left is not None
         assert "seal" not in left["spec"]

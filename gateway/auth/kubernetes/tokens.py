@@ -143,19 +143,18 @@ class Sealing:
     left: list[str] = field(default_factory=list)
 
 
-async def _owned(client: KubeClient, link: Obj) -> Obj | None:
+def _owned(link: Obj, workspaces: Mapping[str, Obj]) -> Obj | None:
     """A link from before links had owners, given the Workspace that holds its name as owner if it is that one's
     (made no earlier than it): sealed without an owner, written again it would take a new creation time, and with it
     the next workspace of its name. None when it is no workspace's now."""
     if owners(link):
         return link
     workspace = str((link.get("spec") or {}).get("workspace") or "")
-    holder = await client.get(WORKSPACE, workspace) if workspace else None
-    meta = (holder or {}).get("metadata") or {}
-    if holder is None or meta.get("deletionTimestamp") or not meta.get("uid") or not belongs(
-            link, str(meta["uid"]), meta.get("creationTimestamp")):
+    meta = (workspaces.get(workspace) or {}).get("metadata") or {}
+    uid = str(meta.get("uid") or "")
+    if not uid or meta.get("deletionTimestamp") or not belongs(link, uid, meta.get("creationTimestamp")):
         return None
-    return {**link, "metadata": {**link["metadata"], "ownerReferences": [owner_reference(workspace, meta["uid"])]}}
+    return {**link, "metadata": {**link["metadata"], "ownerReferences": [owner_reference(workspace, uid)]}}
 
 
 async def seal_records(client: KubeClient, key: bytes) -> dict[str, Sealing]:
@@ -164,6 +163,7 @@ async def seal_records(client: KubeClient, key: bytes) -> dict[str, Sealing]:
     are left when there is none. Each write is conditional on the version read, so a record changed meanwhile is
     left unsealed (and said so); one sealed otherwise is never overwritten."""
     done: dict[str, Sealing] = {}
+    workspaces = {str(ws["metadata"]["name"]): ws for ws in (await client.list(WORKSPACE)).get("items") or []}
     for kind in (SHARE_LINK, API_TOKEN, Consents.kind):
         sealing = done[kind.kind] = Sealing()
         for obj in (await client.list(kind)).get("items") or []:
@@ -174,7 +174,7 @@ async def seal_records(client: KubeClient, key: bytes) -> dict[str, Sealing]:
                 else:
                     sealing.left.append(str(meta.get("name")))
                 continue
-            whole = await _owned(client, obj) if kind is SHARE_LINK else obj
+            whole = _owned(obj, workspaces) if kind is SHARE_LINK else obj
             if whole is None:
                 sealing.left.append(str(meta.get("name")))
                 continue
