@@ -136,16 +136,12 @@ async def mallory_takes_w1(a: Client) -> str:
     """Alice's w1 goes; Mallory makes a w1 of her own, port 8000 private, a second later (creation times are in
     seconds). Mallory's API token."""
     await gateway(a).runtime.delete("w1")
-    await kube_gone(a, "w1")
+    await until(lambda: gateway(a).runtime.get("w1") is None)
     await asyncio.sleep(1.1)
     _, mallory = await store(a).create_api_token(Identity("mallory"), name="t")
     status, _ = await api(a, "POST", "/api/v1/workspaces", mallory, {"id": "w1", "ports": {"8000": "private"}})
     assert status == 201
     return mallory
-
-
-async def kube_gone(a: Client, name: str) -> None:
-    await until(lambda: gateway(a).runtime.get(name) is None)
 
 
 async def opens_nothing_of_mallorys(kube: KubeEnv, a: Client, mallory: str, obj: dict[str, Any], token: str) -> None:
