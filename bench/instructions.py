@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.http_load import run_wrk, write_script
-from bench.procs import Procs, free_port, wait_for_port
+from bench.procs import Proc, Procs, free_port, wait_for_port
 from bench.scale import store as scale_store
 from bench.servers import ROOT, Layout, SignIn, gateway_command, gateway_config, gateway_target, start_upstream_nginx
 
@@ -51,6 +51,12 @@ def _argv(config: Path) -> list[str]:
     return gateway_command(config)
 
 
+def start_gateway(procs: Procs, tree: Path, argv: Sequence[str]) -> Proc:
+    """The gateway of ``tree``: ``-m`` puts the working folder first on the path, before ``PYTHONPATH``, so it is
+    started there (from anywhere else ``--tree`` measured the checkout the benchmark was run from)."""
+    return procs.start("gateway", argv, env={"PYTHONPATH": f"{tree}:{ROOT}"}, cwd=tree)
+
+
 async def measure(tree: Path, *, seconds: float, connections: int, strace: bool,
                   links: int = 0) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="codehub-instr-"))
@@ -69,7 +75,7 @@ async def measure(tree: Path, *, seconds: float, connections: int, strace: bool,
         argv = _argv(config)
         if not strace:
             argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no", *argv]
-        gateway = procs.start("gateway", argv, env={"PYTHONPATH": f"{tree}:{ROOT}"})
+        gateway = start_gateway(procs, tree, argv)
         await wait_for_port("127.0.0.1", port, gateway, within=1800)  # a big store loads slowly under callgrind
         target = await gateway_target("gateway", layout, SignIn(layout, port))
         script = write_script(tmp, target)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from bench import servers
+from bench.instructions import start_gateway
+from bench.procs import Procs
 from bench.servers import ROOT, gateway_python
 
 
@@ -41,3 +43,21 @@ def test_the_installed_bench_interpreter_runs_this_tree(monkeypatch: pytest.Monk
     shown = subprocess.run([python, "-I", "-c", "import gateway, uvloop, httptools; print(gateway.__file__)"],
                            capture_output=True, text=True, timeout=60, check=True).stdout.strip()
     assert Path(shown).is_relative_to(ROOT)
+
+
+def test_bench_instructions_runs_the_gateway_of_the_tree_it_is_given(tmp_path: Path) -> None:
+    """``--tree`` compares two checkouts: started from the benchmark's own folder, ``-m gateway`` would import the
+    gateway found there first, whatever ``PYTHONPATH`` says, and both sides would measure the same code."""
+    tree = tmp_path / "other-checkout"
+    (tree / "gateway").mkdir(parents=True)
+    (tree / "gateway" / "__init__.py").write_text("")
+    marker = tmp_path / "ran"
+    (tree / "gateway" / "__main__.py").write_text(
+        f"import pathlib, gateway\npathlib.Path({str(marker)!r}).write_text(gateway.__file__)\n")
+    procs = Procs(logs=tmp_path)
+    try:
+        proc = start_gateway(procs, tree, [sys.executable, "-m", "gateway"])
+        proc.popen.wait(30)
+    finally:
+        procs.stop_all()
+    assert marker.read_text() == str(tree / "gateway" / "__init__.py")
