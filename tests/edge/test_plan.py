@@ -230,6 +230,17 @@ def test_a_sleeping_workspace_holds_scripts_and_shows_browsers_a_page(world: Wor
     assert decisions(held) == decisions(page) == [(True, Reason.OWNER)]
 
 
+@pytest.mark.parametrize("accept", ["text/html", "*/*"])
+def test_a_websocket_to_a_sleeping_workspace_is_held_not_shown_a_page(world: World, accept: str) -> None:
+    """A WebSocket cannot read a page: it waits for the wake (and is relayed once the workspace runs), whatever it
+    says it accepts (a client without fetch metadata may say ``text/html``)."""
+    world.states["ws"] = WorkspaceState(world.states["ws"].spec, Phase.WARM)
+    made = plan(facts("/ws", Cookie=world.cookie(ALICE), Upgrade="websocket", Connection="Upgrade", Accept=accept,
+                      Origin=f"http://{PREVIEW}"), world)
+    assert isinstance(made, Hold), made
+    assert made.forward.websocket
+
+
 _SITE = {"Sec_Fetch_Site": "same-site"}  # another preview: one site with this one, so its Lax cookie rides along
 _CLICKED = {"Sec_Fetch_Mode": "navigate", "Sec_Fetch_User": "?1"}  # a navigation the visitor's click started
 
@@ -721,6 +732,18 @@ def test_a_refusal_to_an_admitted_origin_says_why_in_a_way_it_can_read(world: Wo
     assert "Access-Control-Allow-Origin" not in passthru.error.headers, "under passthru CORS is the app's"
 
 
+@pytest.mark.parametrize(("target", "status"), [("/_codehub/wake/events", 401), ("/_codehub/nothing", 404)])
+def test_the_gateways_own_addresses_on_a_preview_answer_no_other_origin(world: World, target: str,
+                                                                        status: int) -> None:
+    """The port's CORS rule opens the app to the origins it admits, not the gateway's own addresses beside it: their
+    refusals stay as opaque to those origins' scripts as to any other."""
+    world.policy = parse_policy(_CORS_3000)
+    made = plan(facts(target, Origin=_ADMITTED, Accept="application/json"), world)
+    assert isinstance(made, Refuse)
+    assert made.error.status == status
+    assert "Access-Control-Allow-Origin" not in made.error.headers
+
+
 def test_a_request_that_is_no_preflight_is_not_answered_as_one(world: World) -> None:
     """A port's CORS rule answers preflights; every other request, with or without an Origin, goes through the
     checks and on to the app."""
@@ -840,6 +863,7 @@ def test_a_share_cookie_for_a_dead_link_hears_why_and_loses_the_cookie(world: Wo
     ("HEAD", NAVIGATE, "redirect"),
     ("GET", {**NAVIGATE, "Sec_Fetch_Dest": "iframe"}, "embedded"),  # a redirect to the hub would loop in a frame
     ("GET", {"Accept": "application/json"}, "401"),
+    ("POST", NAVIGATE, "401"),  # a form sent: a redirect would lose what it sent, and make it a GET
 ])
 def test_an_anonymous_browser_is_sent_to_sign_in_the_way_it_can_follow(world: World, method: str,
                                                                         headers: dict[str, str], answer: str) -> None:
@@ -889,13 +913,20 @@ def test_the_session_cookie_is_found_among_the_apps(world: World, cookies: list[
     assert made.user == "alice"
 
 
-@pytest.mark.parametrize(("credentials", "forwarded"), [(True, True), (False, False)])
+@pytest.mark.parametrize(("credentials", "origin", "forwarded"), [
+    (True, _ADMITTED, True),
+    (False, _ADMITTED, False),
+    (True, "http://5000-ws.localhost:8080", False),  # a rule with credentials admits its origins, not every one
+    (True, "http://evil.test", False),
+])
 def test_a_cookie_vouches_for_writes_from_origins_the_rule_admits_with_credentials(world: World, credentials: bool,
+                                                                                   origin: str,
                                                                                    forwarded: bool) -> None:
-    """A rule without credentials lets other origins call the port, but not with the visitor's cookie."""
+    """A rule without credentials lets other origins call the port, but not with the visitor's cookie; one with
+    credentials lets the origins it lists, and no other."""
     world.policy = parse_policy(f"cors: [{{ports: [3000], allow_origins: ['{_ADMITTED}'], "
                                 f"allow_credentials: {str(credentials).lower()}}}]")
-    made = plan(facts("/", method="POST", Cookie=world.cookie(ALICE), Origin=_ADMITTED), world)
+    made = plan(facts("/", method="POST", Cookie=world.cookie(ALICE), Origin=origin), world)
     assert isinstance(made, Forward) is forwarded
     if not forwarded:
         assert isinstance(made, Refuse)
@@ -917,13 +948,18 @@ def test_same_owner_admits_the_workspaces_of_the_ports_owner(world: World, owner
         assert made.error.code == "cors-origin-denied"
 
 
-def test_only_members_keep_a_workspace_awake_when_the_policy_says_so(world: World) -> None:
-    world.policy = parse_policy("wake: {visitors_keep_awake: false}\n")
+@pytest.mark.parametrize(("policy", "visitors_keep_awake"), [
+    ("{}", True),  # by default a public port's visitors keep it awake, as its owner does
+    ("wake: {visitors_keep_awake: false}\n", False),
+])
+def test_only_members_keep_a_workspace_awake_when_the_policy_says_so(world: World, policy: str,
+                                                                      visitors_keep_awake: bool) -> None:
+    world.policy = parse_policy(policy)
     owner = plan(facts("/", Cookie=world.cookie(ALICE)), world)
     visitor = plan(facts("/", host="4000-ws.localhost:8080"), world)
     assert isinstance(owner, Forward)
     assert isinstance(visitor, Forward)
-    assert (owner.keeps_awake, visitor.keeps_awake) == (True, False)
+    assert (owner.keeps_awake, visitor.keeps_awake) == (True, visitors_keep_awake)
 
 
 def test_a_signed_in_visitor_is_no_member_and_a_collaborator_is(world: World) -> None:
@@ -1300,6 +1336,31 @@ def test_a_share_token_presented_wins_over_a_share_cookie(world: World) -> None:
     assert decisions(made) == [(True, Reason.SHARE_LINK)]
 
 
+@pytest.mark.parametrize(("host", "signed_in", "presented", "reason"), [
+    (PREVIEW, True, "bearer", Reason.OWNER),  # the owner, holding a link to another port of theirs
+    (PREVIEW, True, "cookie", Reason.OWNER),
+    (_PUBLIC, False, "bearer", Reason.PUBLIC_PORT),  # a public port, with a link to a private one
+    (_PUBLIC, False, "cookie", Reason.PUBLIC_PORT),
+])
+def test_a_link_for_elsewhere_takes_nothing_from_who_may_come_in_anyway(world: World, host: str, signed_in: bool,
+                                                                         presented: str, reason: Reason) -> None:
+    """Only a link in the URL, traded for a cookie, is refused on a host it does not open (the cookie would stand in
+    the way there): a bearer token or a cookie of a link to another port goes with its request, and the owner, or
+    anyone on a public port, comes in as without it."""
+    other = 4000 if host == PREVIEW else 3000
+    _, token = asyncio.run(world.store.create_share(workspace="ws", port=other, audience="anyone", people=[],
+                                                    created_by="alice", ttl=600, now=NOW))
+    cookies = [world.cookie(ALICE, host)] if signed_in else []
+    headers = {"Authorization": f"Bearer {token}"} if presented == "bearer" else {}
+    if presented == "cookie":
+        cookies.append(_share_cookie(world, "ws", other, host))
+    if cookies:
+        headers["Cookie"] = "; ".join(cookies)
+    made = plan(facts("/", host=host, **headers), world)
+    assert isinstance(made, Forward), made
+    assert decisions(made) == [(True, reason)]
+
+
 def _shape(made: Plan) -> tuple[object, ...]:
     """What a plan lets through, to where and for whom (a sign-in's state is random: its kind is enough)."""
     if isinstance(made, Refuse):
@@ -1330,6 +1391,10 @@ _JUNK = [("Cookie", "app=1; other=2"), ("X-Anything", "a"), ("Connection", "keep
     ("a prerender another preview asked for while asleep", "GET", {"Sec-Fetch-Site": "same-site",
      "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document", "Sec-Purpose": "prefetch;prerender"}, Phase.WARM),
     ("an older browser's prefetch from another preview while asleep", "GET", {"Sec-Fetch-Site": "same-site",
+     "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document", "Purpose": "prefetch"}, Phase.WARM),
+    ("the address bar's prerender while asleep", "GET", {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate",
+     "Sec-Fetch-Dest": "document", "Sec-Purpose": "prefetch;prerender"}, Phase.WARM),
+    ("an older browser's prefetch of a typed address while asleep", "GET", {"Sec-Fetch-Site": "none",
      "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document", "Purpose": "prefetch"}, Phase.WARM),
     ("a link clicked on another preview while asleep", "GET", {"Sec-Fetch-Site": "same-site",
      "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document", "Sec-Fetch-User": "?1"}, Phase.WARM),
