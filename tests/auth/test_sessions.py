@@ -13,7 +13,7 @@ import jwt
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.auth import sessions as sessions_module
 from gateway.auth.identity import Identity
@@ -30,6 +30,7 @@ from gateway.auth.sessions import (
     SignIn,
     TooManyHandOffs,
     TooManySignIns,
+    cookie_is_alone,
     read_cookie,
     set_cookie,
 )
@@ -97,6 +98,22 @@ def test_our_cookie_is_read_as_pair_by_pair_reading_would(values: list[str], man
     tail = ";" * max(sessions_module._MANY_PAIRS + 1, sessions_module._SHORT + 1) if many else ""
     headers = CIMultiDict([("Cookie", value + tail) for value in values])
     assert read_cookie(headers, "codehub_session") == _read_pair_by_pair(headers, "codehub_session")
+
+
+@pytest.mark.parametrize(("cookies", "alone"), [
+    (["codehub_handoff=a"], True),
+    (["app=1; codehub_handoff=a; other=2"], True),
+    (["app=1", " \tcodehub_handoff =a"], True),  # spaces and tabs around the name are the header's, not the name's
+    (["my_codehub_handoff=a; codehub_handoffs=b; codehub_handoff=c"], True),  # names that contain ours are others
+    (["app=1"], False),  # none at all
+    (["codehub_handoff=a; codehub_handoff=b"], False),  # one planted for the parent domain beside the host's own
+    (["codehub_handoff=a", "codehub_handoff=b"], False),  # in Cookie headers of their own
+])
+def test_a_cookie_is_alone_only_when_exactly_one_of_its_name_came(cookies: list[str], alone: bool) -> None:
+    """A cookie set for the shared parent domain, or for a longer path, comes beside the host's own under the same
+    name: which one a reader picks is then the browser's order, not ours to trust."""
+    assert cookie_is_alone(CIMultiDictProxy(CIMultiDict(("Cookie", cookie) for cookie in cookies)),
+                           "codehub_handoff") is alone
 
 
 def test_session_cookie_round_trip_keeps_the_whole_identity() -> None:
@@ -311,6 +328,16 @@ def test_a_session_cookie_of_no_sign_in_does_not_open() -> None:
     assert caught.value.code == "handoff-invalid"
 
 
+def test_a_hand_off_code_or_an_assertion_is_no_state() -> None:
+    """Hand-off codes, assertions and states are all JWTs signed by the gateway's keys for a host: what one is for
+    is its type. A code in a URL on a host (its owner's scripts read it) does not pass for a state cookie there."""
+    s = sessions()
+    state = s.sign_state({"share": "x"}, HOST, 60)
+    assert s.read_state(state, HOST) is not None
+    for other in (s.handoff_code(hub(ALICE), HOST, "state"), s.assertion(ALICE, HOST)):
+        assert s.read_state(other, HOST) is None
+
+
 def test_session_cookie_is_not_a_handoff_code() -> None:
     s = sessions()
     with pytest.raises(BadRequest):
@@ -318,11 +345,12 @@ def test_session_cookie_is_not_a_handoff_code() -> None:
 
 
 def test_assertion_names_its_audience_and_issuer() -> None:
+    """It lives two minutes, as the README tells the apps that verify it."""
     s = sessions()
     token = s.assertion(ALICE, "http://3000-ws1.localhost:8080")
     claims = KEYS.verify(token, audience="http://3000-ws1.localhost:8080", issuer=ISSUER)
     assert (claims["sub"], claims["typ"], claims["email"]) == ("alice", "assertion", "alice@example.com")
-    assert claims["exp"] - claims["iat"] <= 300
+    assert claims["exp"] - claims["iat"] == 120
 
 
 def test_rotation_logs_nobody_out() -> None:
@@ -489,6 +517,15 @@ def test_a_cookie_is_host_only_httponly_and_as_cross_site_as_asked(secure: bool,
     assert len(rest) == len(set(rest))
 
 
+@pytest.mark.parametrize("secure", [False, True])
+def test_a_cookie_is_first_party_unless_asked_otherwise(secure: bool) -> None:
+    """The hub's session cookie, its sign-in state and the like are set without ``embedded`` or ``cross_site``:
+    SameSite=Lax keeps them off the requests other sites make (a form posted to the hub from anywhere carries
+    none), and an unpartitioned cookie is the one the hub's own pages see."""
+    made = set_cookie("codehub_session", "v", max_age=60, secure=secure)
+    assert made == "codehub_session=v; Path=/; Max-Age=60; HttpOnly; SameSite=Lax" + ("; Secure" if secure else "")
+
+
 async def test_sign_outs_lost_with_their_file_still_end_their_sessions(tmp_path: Path) -> None:
     """The used-keys file cut short or edited by hand: which sign-ins were signed out is lost with it, so a worker
     started meanwhile, or after the next sign-in started the file again, must not open them. Every sign-in from
@@ -525,7 +562,8 @@ def test_a_person_signs_in_at_most_so_often_an_hour_and_hears_when_to_come_back(
     now[0] += 3599.5
     with pytest.raises(TooManySignIns) as refused:
         s.begin(ALICE)
-    assert (refused.value.status, refused.value.headers["Retry-After"]) == (429, "1")
+    assert (refused.value.status, refused.value.code, refused.value.title, refused.value.headers["Retry-After"]) == (
+        429, "too-many-sign-ins", "Too many sign-ins", "1")
     assert str(refused.value) == "You have signed in 30 times in the last hour. Sign in again in 1 minute."
     now[0] += 0.5  # an hour to the second since: those sign-ins are no longer in the last hour
     assert s.begin(ALICE).expires == int(now[0]) + 3600
@@ -562,8 +600,8 @@ def test_a_person_gets_at_most_so_many_hand_off_codes_a_minute_and_hears_when_to
     for _ in range(3 * HAND_OFFS_PER_MINUTE):  # refused at the host's limit: none of it counts in all
         with pytest.raises(TooManyHandOffs) as refused:
             s.handoff_code(alice, HOST, "state")
-    assert (refused.value.status, refused.value.code, refused.value.headers["Retry-After"]) == (
-        429, "too-many-hand-offs", "5")
+    assert (refused.value.status, refused.value.code, refused.value.title, refused.value.headers["Retry-After"]) == (
+        429, "too-many-hand-offs", "Too many sign-ins to previews", "5")
     assert str(refused.value) == ("You were signed in to this preview 60 times in the last minute. "
                                   "Open the page again in 5 seconds.")
     hosts = [f"{n}-ws.localhost:8080" for n in range(HAND_OFFS_PER_MINUTE_IN_ALL // HAND_OFFS_PER_MINUTE)]
