@@ -779,6 +779,8 @@ def test_a_visitor_navigating_to_an_app_that_asks_is_asked_first(opted_in: World
     ("bob", "GET", {"Accept": "application/json"}),  # a script cannot answer a page
     ("bob", "GET", {**NAVIGATE, "Sec_Fetch_Dest": "iframe"}),  # nor a frame: the hub is never framed
     ("bob", "GET", {"Upgrade": "websocket", "Connection": "Upgrade", "Origin": f"http://{_OPTED}"}),
+    ("bob", "GET", {"Upgrade": "websocket", "Connection": "Upgrade", "Origin": f"http://{_OPTED}",
+                    "Accept": "text/html"}),  # a WebSocket cannot follow a redirect, whatever it accepts
     ("bob", "HEAD", NAVIGATE),
     ("bob", "POST", {"Accept": "text/html", "Origin": f"http://{_OPTED}"}),
 ])
