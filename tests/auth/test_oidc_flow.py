@@ -658,6 +658,9 @@ def forgeries(idp: IdP) -> list[tuple[str, str, str]]:
         ("not valid yet", signed_by_idp(idp, nbf=now + 300), "did not verify"),
         ("no sub", signed_by_idp(idp, sub=None), "did not verify"),
         ("no exp", signed_by_idp(idp, exp=None), "did not verify"),
+        ("no iat", signed_by_idp(idp, iat=None), "did not verify"),  # OpenID Connect Core §2: required
+        ("no iss", signed_by_idp(idp, iss=None), "did not verify"),
+        ("no aud", signed_by_idp(idp, aud=None), "did not verify"),
         ("no nonce", signed_by_idp(idp, nonce=None), "nonce does not match"),
         ("another sign-in's nonce", signed_by_idp(idp, nonce="other"), "nonce does not match"),
         ("a nonce that only starts alike", signed_by_idp(idp, nonce="n0nce-and-more"), "nonce does not match"),
