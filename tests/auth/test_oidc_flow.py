@@ -992,15 +992,17 @@ async def test_code_exchange_with_either_client_authentication(tmp_path: Path, m
     (200, '{"id_token": ""}', SignInFailed, "IdP refused the code: 200"),
     (400, '{"error": "invalid_grant", "error_description": "code expired"}', SignInFailed,
      'IdP refused the code: 400 "invalid_grant" "code expired"'),
+    (400, '{"id_token": "a.b.c", "error": "invalid_grant"}', SignInFailed,  # an error status, whatever the body holds
+     'IdP refused the code: 400 "invalid_grant"'),
     (200, "<html>", IdpUnavailable, "IdP token endpoint unreachable"),
 ])
 async def test_a_token_reply_that_carries_no_id_token_is_a_refused_sign_in(
         aiohttp_server: Any, caplog: pytest.LogCaptureFixture, status: int, body: str, refusal: type[Exception],
         logged: str) -> None:
-    """What the token endpoint answers is the IdP's (or whatever answers at its address): anything but an object
-    with an ID token in it is a sign-in refused with a page, never a traceback further on, and the log says what
-    the IdP said. oidc-provider cannot be made to answer so, so a hostile one on loopback does. The gateway asks
-    for JSON: some token endpoints answer in a form otherwise."""
+    """What the token endpoint answers is the IdP's (or whatever answers at its address): anything but a 200 with
+    an object with an ID token in it is a sign-in refused with a page, never a traceback further on, and the log
+    says what the IdP said. oidc-provider cannot be made to answer so, so a hostile one on loopback does. The
+    gateway asks for JSON: some token endpoints answer in a form otherwise."""
     asked_for: list[str | None] = []
     async def discovery(request: web.Request) -> web.Response:
         origin = str(request.url.origin())
