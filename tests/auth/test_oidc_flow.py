@@ -784,18 +784,20 @@ async def test_a_discovery_document_that_is_not_usable_is_an_unavailable_idp(aio
                                              id_token_hint=None) is None
 
 
-@pytest.mark.parametrize("step", ["authorization_endpoint", "token_endpoint", "jwks_uri"])
-async def test_an_unusable_discovery_document_says_which_address_it_lacks(aiohttp_server: Any, step: str,
+@pytest.mark.parametrize("steps", [("authorization_endpoint",), ("token_endpoint",), ("jwks_uri",),
+                                   ("authorization_endpoint", "token_endpoint", "jwks_uri")])
+async def test_an_unusable_discovery_document_says_which_address_it_lacks(aiohttp_server: Any, steps: tuple[str, ...],
                                                                          caplog: pytest.LogCaptureFixture) -> None:
-    """The 502 page and the log name the step whose address is missing: what the IdP's administrators must fix."""
-    issuer = await hostile_idp(aiohttp_server, {**ENDPOINTS, step: "javascript:alert(1)"})
+    """The 502 page names the first step whose address is missing and the log all of them: what the IdP's
+    administrators must fix."""
+    issuer = await hostile_idp(aiohttp_server, {**ENDPOINTS, **dict.fromkeys(steps, "javascript:alert(1)")})
     async with aiohttp.ClientSession() as http:
         client = OidcClient(Oidc(issuer=issuer, client_id="c", client_secret="s"), http)
-        with pytest.raises(IdpUnavailable, match=re.escape(f"discovery document gives no address for {step}.")):
+        with pytest.raises(IdpUnavailable, match=re.escape(f"discovery document gives no address for {steps[0]}.")):
             await client.authorize_url(redirect_uri="http://localhost:8080/auth/callback", state="st", nonce="n",
                                        pkce=Pkce.new())
     assert [record.getMessage() for record in caplog.records if record.name == oidc.log.name] == [
-        f"IdP discovery has no http(s) address for {step}"]
+        f"IdP discovery has no http(s) address for {', '.join(steps)}"]
 
 
 @pytest.mark.parametrize("end_session", ["javascript:alert(1)", "javascript://idp.test/%0aalert(1)",
