@@ -784,6 +784,25 @@ async def test_a_discovery_document_that_is_not_usable_is_an_unavailable_idp(aio
                                              id_token_hint=None) is None
 
 
+@pytest.mark.parametrize(("discovery", "jwks", "what", "path"), [
+    ([ENDPOINTS], None, "discovery", "/.well-known/openid-configuration"),
+    ("discovery", None, "discovery", "/.well-known/openid-configuration"),
+    (ENDPOINTS, [{"keys": []}], "signing keys", "/jwks"),
+])
+async def test_an_idp_document_that_is_no_json_object_is_named_on_the_page_and_in_the_log(
+        aiohttp_server: Any, caplog: pytest.LogCaptureFixture, discovery: Any, jwks: Any, what: str,
+        path: str) -> None:
+    """JSON, but not an object: the 502 page says which of the IdP's documents cannot be read, and the log also
+    where it was fetched from, which is what the IdP's administrators need to find it."""
+    issuer = await hostile_idp(aiohttp_server, discovery, jwks)
+    async with aiohttp.ClientSession() as http:
+        client = OidcClient(Oidc(issuer=issuer, client_id="c", client_secret="s"), http)
+        with pytest.raises(IdpUnavailable, match=re.escape(f"The sign-in service's {what} is not readable.")):
+            await client.verify_id_token(unsigned_token({"alg": "RS256", "kid": "k"}, {}) + ".c2ln", "n")
+    assert [record.getMessage() for record in caplog.records if record.name == oidc.log.name] == [
+        f'IdP {what} at "{issuer}{path}" is not a JSON object']
+
+
 @pytest.mark.parametrize("steps", [("authorization_endpoint",), ("token_endpoint",), ("jwks_uri",),
                                    ("authorization_endpoint", "token_endpoint", "jwks_uri")])
 async def test_an_unusable_discovery_document_says_which_address_it_lacks(aiohttp_server: Any, steps: tuple[str, ...],
