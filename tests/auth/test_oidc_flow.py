@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -782,6 +783,25 @@ async def test_a_discovery_document_that_is_not_usable_is_an_unavailable_idp(aio
                 await step
         assert await client.end_session_url(post_logout_redirect_uri="http://localhost:8080/",
                                              id_token_hint=None) is None
+
+
+async def test_an_idp_that_never_answers_fails_the_sign_in_instead_of_holding_it(aiohttp_server: Any) -> None:
+    """An IdP that takes the connection and never answers (hung, or a load balancer with nothing behind it) fails
+    the sign-in with the gateway's 502 page once the gateway stops waiting (10 s), instead of holding the visitor's
+    request, and a connection, for as long as the IdP stays silent. The 30 s here only keeps the test bounded."""
+    async def silent(request: web.Request) -> web.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("never answered")
+
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", silent)
+    issuer = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    async with aiohttp.ClientSession() as http:
+        client = OidcClient(Oidc(issuer=issuer, client_id="c", client_secret="s"), http)
+        async with asyncio.timeout(30):
+            with pytest.raises(IdpUnavailable, match="cannot be reached"):
+                await client.authorize_url(redirect_uri="http://localhost:8080/auth/callback", state="st",
+                                           nonce="n", pkce=Pkce.new())
 
 
 @pytest.mark.parametrize(("discovery", "jwks", "what", "path"), [
