@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,30 @@ def test_a_child_whose_gateway_died_before_it_asked_to_die_with_it_never_runs(pa
     done = subprocess.run([sys.executable, "-c", "print('ran')"], preexec_fn=dies_with(pid),
                           capture_output=True, text=True, timeout=30, check=False)
     assert (done.returncode, done.stdout) == (code, output)
+
+
+def test_a_child_started_to_die_with_its_parent_ends_when_that_parent_is_killed() -> None:
+    """The kernel's parent-death signal: a gateway killed outright (``kill -9``, the OOM killer) runs no clean-up,
+    and its workspaces would run on, untracked, until the next start found their records."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import os, subprocess, time\n"
+         "from gateway.lifecycle.local import dies_with\n"
+         "child = subprocess.Popen(['sleep', '600'], preexec_fn=dies_with(os.getpid()))\n"
+         "print(child.pid, flush=True)\n"
+         "time.sleep(600)\n"],
+        stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    try:
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not alive(child)
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)
 
 
 ESCAPES = ("import subprocess, sys, time\n"
