@@ -15,8 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,7 @@ async def test_a_workspace_runs_its_command_in_its_home_with_an_environment_of_i
     workspace's ``env`` sets does, except the names the runtime itself gives (its home, its address, its name)."""
     monkeypatch.setenv("CODEHUB_AUTH__SECRET", "the gateway's, not the workspace's")
     monkeypatch.setenv("PASSED_ON", "from the gateway's environment")
+    monkeypatch.setenv("CODEHUBS", "not a setting of the gateway: its names begin CODEHUB_")
     monkeypatch.delenv("VSCODE_PROXY_URI", raising=False)
     address = next_address()
     program = tmp_path / "report.py"  # a file: the command's braces are the template's
@@ -104,8 +107,22 @@ async def test_a_workspace_runs_its_command_in_its_home_with_an_environment_of_i
     assert (env["HOME"], env["HOST"], env["CODEHUB_WORKSPACE"]) == (str(home), address, "ws")
     assert env["CODEHUB_RUN"] == run["mark"]
     assert (env["FROM_CONFIG"], env["PASSED_ON"]) == ("yes", "from the gateway's environment")
+    assert env["CODEHUBS"] == "not a setting of the gateway: its names begin CODEHUB_"
     assert "CODEHUB_AUTH__SECRET" not in env
     assert env.get("VSCODE_PROXY_URI") == ("https://ide-ws.example/proxy/{{port}}/" if proxied else None)
+
+
+async def test_each_start_of_each_workspace_has_a_mark_of_its_own(tmp_path: Path) -> None:
+    """A stop ends every process carrying the start's mark: a mark shared with another start (an empty one, say,
+    were marks not drawn afresh) would end that workspace's processes too."""
+    async with running(tmp_path, {"a": workspace(next_address()), "b": workspace(next_address())}) as runtime:
+        marks = []
+        for name in ("a", "b", "a"):
+            await runtime.wake(name)
+            marks.append(json.loads((folder(tmp_path, name) / "run.json").read_text())["mark"])
+            await runtime.stop(name)
+    assert len(set(marks)) == 3
+    assert all(marks)
 
 
 # --- a workspace whose process ends by itself ------------------------------------------------------------------
@@ -160,6 +177,46 @@ async def test_a_command_that_cannot_start_fails_and_says_why_until_stopped(
         assert logging.Formatter().format(said) == said.getMessage(), "a foreseen failure is one line, no traceback"
         stopped = await runtime.stop("ws")
         assert (stopped.phase, stopped.message) == (Phase.WARM, "")
+
+
+@pytest.mark.parametrize("ends", ["by itself", "stopped"])
+async def test_a_workspace_that_removed_its_run_record_still_ends_as_it_should(tmp_path: Path, ends: str) -> None:
+    """A workspace runs as the gateway's user, so it can reach the files of its folder next to its home: one that
+    removed its run record still fails with its exit code, or stops, rather than breaking off what the runtime does
+    when it ends."""
+    command = ["sh", "-c", "while [ ! -e ../run.json ]; do sleep 0.01; done; rm ../run.json; touch removed; "
+               + ("exit 3" if ends == "by itself" else "exec sleep 600")]
+    async with running(tmp_path, {"ws": workspace(next_address(), command=command)}) as runtime:
+        await runtime.wake("ws")
+        await written(folder(tmp_path) / "home", "removed")
+        if ends == "by itself":
+            assert (await until(runtime, "ws", Phase.FAILED)).message == "the workspace process exited with code 3"
+        else:
+            assert (await runtime.stop("ws")).phase is Phase.WARM
+
+
+async def test_a_workspace_whose_process_exited_is_not_running_while_the_runtime_ends_what_it_left(
+        tmp_path: Path) -> None:
+    """Ending what is left of its processes after an exit waits for one of the gateway's worker threads, which may
+    all be busy (archives and restores of other workspaces): meanwhile the workspace is not RUNNING, so requests are
+    not sent on to an address where nothing listens, and a wake starts it instead of answering that it runs."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+    busy = threading.Event()
+    command = ["sh", "-c", "exit 3"]
+    async with running(tmp_path, {"ws": workspace(next_address(), command=command)}) as runtime:
+        taken = loop.run_in_executor(None, busy.wait)  # the one worker thread, busy until the test is done
+        try:
+            state = await runtime.wake("ws")
+            async with asyncio.timeout(10):
+                while state.phase is Phase.RUNNING:
+                    await asyncio.sleep(0.02)
+                    state = await runtime.status("ws")
+            assert state.address is None
+        finally:
+            busy.set()
+            await taken
+        assert (await until(runtime, "ws", Phase.FAILED)).message == "the workspace process exited with code 3"
 
 
 # --- ending a workspace ------------------------------------------------------------------------------------------
@@ -260,12 +317,13 @@ def leftover(*, leader_exits: bool = False, mark: str = "") -> subprocess.Popen[
         ("its leader gone, its child alive", True),
         ("a pid reused by another process", False),
         ("no group recorded, its mark", True),
+        ("no group recorded, its mark as a number", False),  # not a mark the gateway wrote: no process is its
         ("not a record", False),
     ],
 )
 async def test_a_group_a_dead_gateway_left_is_ended_only_while_it_is_still_the_workspaces(
         tmp_path: Path, case: str, killed: bool) -> None:
-    mark = "0123456789abcdef0123456789abcdef"
+    mark = "1234567890" if case.endswith("number") else "0123456789abcdef0123456789abcdef"
     group = leftover(leader_exits=case == "its leader gone, its child alive", mark=mark if "mark" in case else "")
     record: object = {"pgid": group.pid, "start": "the leader's, gone", "mark": "another-start"}
     if case == "its leader, as it started":
@@ -274,6 +332,8 @@ async def test_a_group_a_dead_gateway_left_is_ended_only_while_it_is_still_the_w
         record = {"pgid": group.pid, "start": str(int(start_time(group.pid)) - 100), "mark": "another-start"}
     elif case == "no group recorded, its mark":
         record = {"pgid": str(group.pid), "mark": mark}
+    elif case == "no group recorded, its mark as a number":
+        record = {"pgid": str(group.pid), "mark": int(mark)}
     elif case == "not a record":
         record = [group.pid, start_time(group.pid)]
     run = folder(tmp_path) / "run.json"
@@ -405,6 +465,9 @@ async def test_a_folder_not_recorded_as_its_owners_is_not_used(tmp_path: Path, r
         assert state.phase is Phase.FAILED
         assert "earlier workspace of the same name" in state.message
         assert runtime.listening_ports("ws") == set()
+        assert (await runtime.archive("ws")).phase is Phase.FAILED, "nor archived: the files are the operator's"
+        assert (folder(tmp_path) / "home").is_dir()
+        assert not (tmp_path / "state" / "archives" / "ws.tar.gz").exists()
     assert (folder(tmp_path) / "owner").read_text() == record, "the record is the operator's to look at"
 
 
@@ -494,12 +557,37 @@ async def test_archive_leaves_a_workspace_without_a_home_as_it_is(tmp_path: Path
         assert [path.name for path in (tmp_path / "state" / "archives").iterdir()] == ["ws.tar.gz"]
 
 
+async def test_a_stop_clears_the_reason_a_restore_failed_and_the_workspace_stays_cold(tmp_path: Path) -> None:
+    """As a stop clears a failed start: the workspace's phase is the same before and after (its archive is all there
+    is), its message is not."""
+    async with running(tmp_path, {"ws": workspace(next_address())}) as runtime:
+        home = folder(tmp_path) / "home"
+        home.mkdir()
+        (home / "notes.txt").write_text("mine")
+        assert (await runtime.archive("ws")).phase is Phase.COLD
+        archive = tmp_path / "state" / "archives" / "ws.tar.gz"
+        damaged = bytearray(archive.read_bytes())
+        damaged[len(damaged) // 2] ^= 0xFF
+        archive.write_bytes(damaged)
+
+        failed = await runtime.wake("ws")
+        assert (failed.phase, failed.message.startswith("restoring home failed: ")) == (Phase.COLD, True)
+        with runtime.events() as events:
+            stopped = await runtime.stop("ws")
+            seen = [events.queue.get_nowait() for _ in range(events.queue.qsize())]
+        assert (stopped.phase, stopped.message) == (Phase.COLD, "")
+        assert [(event.phase, event.message) for event in seen] == [(Phase.COLD, "")]
+
+
 # --- which ports a workspace listens on --------------------------------------------------------------------------
 
 async def test_listening_ports_are_the_workspaces_listeners_on_its_own_address_only(tmp_path: Path) -> None:
     address, elsewhere = next_address(), next_address()
     async with running(tmp_path, {"ws": slow_workspace(address, delay=0)}) as runtime:
-        assert runtime.listening_ports("ws") == set(), "not started"
+        with socket.socket() as squatter:  # on its address, but not the workspace's: it is not running
+            squatter.bind((address, PORT + 2))
+            squatter.listen()
+            assert runtime.listening_ports("ws") == set(), "not started"
         await runtime.wake("ws")
         async with asyncio.timeout(10):
             while not runtime.listening_ports("ws"):  # noqa: ASYNC110 - /proc/net/tcp offers nothing to wait on
@@ -552,8 +640,8 @@ def test_a_search_for_marked_processes_passes_over_another_users_and_signals_its
     try:
         assert theirs.pid < ours.pid, "listed after ours: start the test again"
         signal_marked([mark], signal.SIGTERM)
-        assert ours.wait(10) == -signal.SIGTERM
-        assert theirs.poll() is None
+        theirs.kill()  # the first fatal signal sent decides how it ended: SIGKILL, unless the search sent one
+        assert (ours.wait(10), theirs.wait(10)) == (-signal.SIGTERM, -signal.SIGKILL)
     finally:
         for process in (theirs, ours):
             process.kill()
@@ -581,6 +669,32 @@ def test_a_process_gone_while_the_search_looks_at_it_does_not_end_the_search(mon
         for process in (gone, ours):
             process.kill()
             process.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("environment", "signalled"),
+    [
+        ({"CODEHUB_RUN": "{mark}"}, True),  # the mark alone: a program that gives its children nothing else
+        ({"CODEHUB_RUN": "{mark}", "PATH": "/bin"}, True),  # the mark first
+        ({"PATH": "/bin", "CODEHUB_RUN": "{mark}"}, True),  # the mark last
+        ({"CODEHUB_RUN": "{mark}0"}, False),  # another start's mark, which begins with this one
+        ({"OTHER": "CODEHUB_RUN={mark}"}, False),  # a value that reads like the mark is not the mark
+        ({"XCODEHUB_RUN": "{mark}"}, False),
+    ],
+)
+def test_a_search_for_marked_processes_matches_the_whole_mark_wherever_it_is_in_the_environment(
+        environment: dict[str, str], signalled: bool) -> None:
+    """A process is found by its ``CODEHUB_RUN`` variable being exactly the mark: in whatever place of the
+    environment it is, and never by another variable or another start's mark that only contains it."""
+    mark = "0123456789abcdef0123456789abcdef"
+    process = subprocess.Popen(["/bin/sleep", "600"],
+                               env={name: value.format(mark=mark) for name, value in environment.items()})
+    try:
+        signal_marked([mark], signal.SIGTERM)
+    finally:
+        process.kill()  # the first fatal signal sent decides how it ended: SIGKILL, unless it was found
+        code = process.wait(10)
+    assert code == (-signal.SIGTERM if signalled else -signal.SIGKILL)
 
 
 async def test_port_names_come_from_the_workspaces_devcontainer_json_read_again_when_it_changes(
