@@ -278,8 +278,9 @@ async def test_a_websocket_to_a_port_nothing_listens_on_is_a_502_at_once_and_cou
     assert 'codehub_upstream_connect_errors_total{reason="refused"} 1.0' in await p.metrics()
 
 
-async def test_upstream_silent_after_the_upgrade_request_is_a_504(proxied: MakeProxied) -> None:
-    """The handshake's answer is the upstream's first byte: it is due within ``timeouts.first_byte``."""
+async def test_upstream_silent_after_the_upgrade_request_is_a_504_naming_the_port(proxied: MakeProxied) -> None:
+    """The handshake's answer is the upstream's first byte: it is due within ``timeouts.first_byte``. The client is
+    told which port of which workspace did not answer."""
     never = asyncio.Event()
 
     async def silent(request: web.Request) -> web.Response:
@@ -289,10 +290,11 @@ async def test_upstream_silent_after_the_upgrade_request_is_a_504(proxied: MakeP
     app = web.Application()
     app.router.add_get("/ws", silent)
     p = await proxied(app, timeouts={"first_byte": 0.3})
-    async with asyncio.timeout(10):
-        with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
-            await p.client.ws_connect("/ws", headers={"Host": p.host})
-    assert caught.value.status == 504
+    status, head, body = await _exchange(p, _fields())
+    assert status == 504, head
+    assert json.loads(body)["error"] == {
+        "code": "upstream-timeout", "status": 504,
+        "message": f"Port {p.port} in workspace {WORKSPACE} did not answer the WebSocket in time."}
     never.set()
 
 
