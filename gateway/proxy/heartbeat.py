@@ -1,7 +1,8 @@
 """One timer for every relayed WebSocket's heartbeat, instead of a timer (and its rescheduling) per connection.
 
 Each member is ticked every ``period / 2``; the member counts the ticks since its client last sent anything,
-pings after more than ``period`` of silence and gives up when the pong is not back by the next tick; it also asks
+pings after more than ``period`` of silence and gives up when the pong is not back by the next tick (and, once its
+relay ended, drops an end that has not taken what was left for it by the second tick after); it also asks
 again whether what let it in still does (a plan, ~20 µs), so members are ticked ``TICK_BATCH`` at a time with the
 loop running between. Being the one place that knows every live relayed WebSocket, it is also how a draining
 gateway closes them all.
@@ -50,7 +51,7 @@ class Heartbeat:
 
     def end_all(self, code: int) -> None:
         """Close every watched WebSocket with ``code``, both ends (1001 when the gateway shuts down)."""
-        for member in tuple(self._members):  # leaving forgets the member
+        for member in tuple(self._members):  # leaving may forget the member
             member.leave(code)
 
     def _tick(self) -> None:

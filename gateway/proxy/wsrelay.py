@@ -16,6 +16,9 @@ membership in the shared heartbeat. No task runs per connection: everything happ
   relay asks ``granted`` on every heartbeat tick).
 - Frames the gateway adds itself (a close, the heartbeat's ping) are only written between two frames of the
   other direction, never into the middle of a payload that is still passing.
+- Closing an end waits until what its transport holds is written: an end that reads nothing would keep its socket
+  and those bytes as long as it stays connected, so an ended relay stays in the heartbeat while either end holds
+  some, and is dropped on the second tick after its end (half a period to a whole one to take them).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ HEARTBEAT_PAYLOAD = b"codehub-heartbeat"
 """The payload of the gateway's own pings, so their pongs can be told from the answers to the upstream's."""
 _PING_AT, _GIVE_UP_AT = 3, 4
 """Heartbeat ticks (``period / 2`` apart) of client silence before a ping, and before giving up on the pong."""
+_LET_GO_AT = 2
+"""Heartbeat ticks after the relay ended before an end that has not taken what is left for it is dropped."""
 
 
 class _End(asyncio.Protocol):
@@ -87,13 +92,15 @@ class _ClientEnd(_End):
     """The browser's end: the one the heartbeat watches, and whose end the protocol that had its transport
     before the relay (the web server's) must still hear of."""
 
-    __slots__ = ("_previous", "idle")
+    __slots__ = ("_previous", "ended", "idle")
 
     def __init__(self, relay: Relay, transport: asyncio.Transport, frames: Frames,
                  previous: asyncio.BaseProtocol) -> None:
         super().__init__(relay, transport, frames, gone_code=GOING_AWAY, masks=False)
         self._previous = previous
         self.idle = 0
+        self.ended = 0
+        """Ticks since the relay ended, while an end still holds bytes it has not written."""
 
     def data_received(self, data: bytes) -> None:
         self.idle = 0
@@ -104,6 +111,11 @@ class _ClientEnd(_End):
         self._previous.connection_lost(exc)
 
     def tick(self) -> None:
+        if self.relay.done.done():
+            self.ended += 1
+            if self.ended >= _LET_GO_AT:
+                self.relay.let_go()
+            return
         if not self.relay.granted():
             self.relay.end(POLICY_VIOLATION)
             return
@@ -166,7 +178,14 @@ class Relay:
         self.upstream.send_close(code)
         self._finish()
 
-    def _finish(self) -> None:
+    def let_go(self) -> None:
+        """Drop both ends' connections, and whatever they still hold."""
+        self.client.transport.abort()
+        self.upstream.transport.abort()
         self._heartbeat.forget(self.client)
+
+    def _finish(self) -> None:
+        if not (self.client.transport.get_write_buffer_size() or self.upstream.transport.get_write_buffer_size()):
+            self._heartbeat.forget(self.client)  # else the heartbeat lets go of what no end takes (``_ClientEnd``)
         if not self.done.done():
             self.done.set_result(None)

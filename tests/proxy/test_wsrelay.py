@@ -292,3 +292,45 @@ async def test_the_relays_objects_per_websocket_keep_no_instance_dict(ends: Ends
     relay = ends.relay
     for thing in (relay, relay.client, relay.upstream, relay.client.frames, relay.upstream.frames):
         assert not hasattr(thing, "__dict__"), type(thing).__name__
+
+
+async def _stuffed(sender: socket.socket, header: bytes, towards: asyncio.Transport) -> int:
+    """Sends a frame of almost the relay's limit (1 MiB) from ``sender`` until the relay holds bytes for
+    ``towards`` that it cannot write (the other side reads nothing); the bytes sent."""
+    sent = sender.send(header)
+    chunk = b"x" * (1 << 16)
+    async with asyncio.timeout(10):
+        while not towards.get_write_buffer_size():
+            try:
+                sent += sender.send(chunk)
+            except BlockingIOError:
+                await asyncio.sleep(0.005)
+    return sent
+
+
+_HUGE = struct.pack("!BBQ", 0x80 | BINARY, 127, 1_000_000)
+
+
+@pytest.mark.parametrize("ticks", [1, 2])
+@pytest.mark.parametrize("taker", ["browser", "app"])
+async def test_an_end_that_takes_nothing_of_its_close_is_let_go_on_the_second_tick(ends: Ends, taker: str,
+                                                                                   ticks: int) -> None:
+    """Closing an end waits until its transport wrote what it holds, and one that reads nothing (a client, or an
+    app, that stopped reading half way through a message from the other end) would hold its socket and those bytes
+    for as long as it stays connected: after the relay ended it has from half a heartbeat period to a whole one
+    (the second tick after the end) to take them, then its connection is dropped."""
+    if taker == "browser":  # the app sends, stops, and leaves
+        sender, receiver, towards = ends.app, ends.browser, ends.relay.client.transport
+        sent = await _stuffed(ends.app, _HUGE, towards)
+    else:  # the browser does
+        sender, receiver, towards = ends.browser, ends.app, ends.relay.upstream.transport
+        sent = await _stuffed(ends.browser, _HUGE[:1] + bytes([0x80 | 127]) + _HUGE[2:] + os.urandom(4), towards)
+    sender.close()
+    async with asyncio.timeout(10):
+        await ends.relay.done
+    await ends.ticks(ticks)
+    taken = len(await ends.received_to_the_end(receiver))
+    if ticks == 1:
+        assert taken == sent  # still in time: all of it, then the close
+    else:
+        assert taken < sent
