@@ -179,10 +179,9 @@ class Relay:
         self._finish()
 
     def let_go(self) -> None:
-        """Drop both ends' connections, and whatever they still hold."""
+        """Drop both ends' connections, and whatever they still hold (their ``connection_lost`` forgets it)."""
         self.client.transport.abort()
         self.upstream.transport.abort()
-        self._heartbeat.forget(self.client)
 
     def _finish(self) -> None:
         if not (self.client.transport.get_write_buffer_size() or self.upstream.transport.get_write_buffer_size()):

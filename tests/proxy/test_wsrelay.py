@@ -26,6 +26,7 @@ class Ends:
     browser: socket.socket
     app: socket.socket
     grant: list[bool]
+    heartbeat: Heartbeat
 
     async def received(self, sock: socket.socket) -> bytes:
         """The next bytes that reach ``sock`` (b"" once the gateway closed it)."""
@@ -77,10 +78,11 @@ async def unstarted() -> AsyncIterator[Ends]:
     client, previous = await loop.connect_accepted_socket(asyncio.Protocol, client_side)
     upstream, _ = await loop.connect_accepted_socket(asyncio.Protocol, upstream_side)
     grant = [True]
-    relay = Relay(client, upstream, max_message=1 << 20, heartbeat=Heartbeat(3600.0), client_protocol=previous,
+    heartbeat = Heartbeat(3600.0)
+    relay = Relay(client, upstream, max_message=1 << 20, heartbeat=heartbeat, client_protocol=previous,
                   granted=lambda: grant[0])
     try:
-        yield Ends(relay, browser, app, grant)
+        yield Ends(relay, browser, app, grant, heartbeat)
     finally:
         relay.end(1001)
         browser.close()
@@ -329,8 +331,18 @@ async def test_an_end_that_takes_nothing_of_its_close_is_let_go_on_the_second_ti
     async with asyncio.timeout(10):
         await ends.relay.done
     await ends.ticks(ticks)
+    watched = ends.heartbeat._handle is not None  # its only member: the heartbeat stops once it forgot it
     taken = len(await ends.received_to_the_end(receiver))
     if ticks == 1:
+        assert watched, "let go of before its time was up"
         assert taken == sent  # still in time: all of it, then the close
     else:
+        assert not watched, "its connections dropped, it stays in the heartbeat"
         assert taken < sent
+
+
+async def test_a_relay_that_ended_with_nothing_left_to_write_leaves_the_heartbeat_at_once(ends: Ends) -> None:
+    ends.app.close()
+    async with asyncio.timeout(10):
+        await ends.relay.done
+    assert ends.heartbeat._handle is None  # no timer ticking nobody
