@@ -82,7 +82,11 @@ class _End(asyncio.Protocol):
         return not self.transport.is_closing() and not towards.mid_frame and not towards.closed
 
     def send_close(self, code: int) -> None:
-        """Close this end, telling it ``code`` unless it was told already (the other end's close went through)."""
+        """Close this end, telling it ``code`` unless it was told already (the other end's close went through).
+        Once: asyncio's TLS transport, closed a second time, forgets its protocol and can no longer say what it
+        still holds (``get_write_buffer_size`` raises)."""
+        if self.transport.is_closing():
+            return
         if self.may_take_a_frame():
             self.transport.write(close_frame(code, mask=os.urandom(4) if self._mask else None))
         self.transport.close()
@@ -184,7 +188,7 @@ class Relay:
         self.upstream.transport.abort()
 
     def _finish(self) -> None:
-        if not (self.client.transport.get_write_buffer_size() or self.upstream.transport.get_write_buffer_size()):
-            self._heartbeat.forget(self.client)  # else the heartbeat lets go of what no end takes (``_ClientEnd``)
         if not self.done.done():
             self.done.set_result(None)
+        if not (self.client.transport.get_write_buffer_size() or self.upstream.transport.get_write_buffer_size()):
+            self._heartbeat.forget(self.client)  # else the heartbeat lets go of what no end takes (``_ClientEnd``)
