@@ -37,7 +37,8 @@ WAKE_CONNECT_GRACE = 2.0
 
 
 class ConnectGrace:
-    """Retry refused connects for a short while: used for requests that waited for a wake.
+    """Retry refused connects (and TLS connects dropped in the handshake) for a short while: used for requests
+    that waited for a wake.
 
     The wake calls a port ready after one accepted connection, but dev servers may accept one and then refuse:
     Vite probes its port by listening briefly on the wildcard addresses before binding the real server, so the
@@ -50,8 +51,9 @@ class ConnectGrace:
         self._delay = 0.02
 
     async def again(self, exc: OSError) -> bool:
-        """After a failed connect: wait and say True when it is worth another try."""
-        return exc.errno == errno.ECONNREFUSED and await self.wait()
+        """After a failed connect: wait and say True when it is worth another try. Over TLS, the probe listener's
+        drop comes inside the connect (the handshake), as asyncio's ``ConnectionResetError`` with no errno."""
+        return (exc.errno == errno.ECONNREFUSED or isinstance(exc, ConnectionResetError)) and await self.wait()
 
     async def wait(self) -> bool:
         """Back off before the next try; False once the grace is spent."""

@@ -3,7 +3,10 @@ worth another try, and for how long."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import socket
+import ssl
 
 import pytest
 
@@ -30,6 +33,33 @@ async def test_a_refused_connect_is_tried_again_within_the_grace() -> None:
     grace = ConnectGrace(5)
     assert await grace.again(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
     assert await grace.again(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
+
+
+async def test_a_tls_handshake_that_a_probe_listener_dropped_is_tried_again() -> None:
+    """A port marked HTTPS behind Vite, just woken: its probe listener accepts the connect and closes it, and over
+    TLS that happens inside the connect (a plain connect succeeds, and its request comes back unanswered, which is
+    retried too). Seen as a 502 "port-not-listening" on the first, waking request to an HTTPS dev server."""
+    loop = asyncio.get_running_loop()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+
+    async def drop() -> None:
+        accepted, _ = await loop.sock_accept(listener)
+        accepted.close()
+
+    dropping = asyncio.create_task(drop())
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with pytest.raises(ConnectionResetError) as failed:
+            async with asyncio.timeout(10):
+                await asyncio.open_connection(*listener.getsockname(), ssl=context)
+        await dropping
+    finally:
+        listener.close()
+    assert await ConnectGrace(5).again(failed.value)
 
 
 @pytest.mark.parametrize("error", [errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT, errno.EADDRNOTAVAIL, None])
