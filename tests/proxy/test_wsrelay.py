@@ -297,8 +297,8 @@ async def test_the_relays_objects_per_websocket_keep_no_instance_dict(ends: Ends
 
 
 async def _stuffed(sender: socket.socket, header: bytes, towards: asyncio.Transport) -> int:
-    """Sends a frame of almost the relay's limit (1 MiB) from ``sender`` until the relay holds bytes for
-    ``towards`` that it cannot write (the other side reads nothing); the bytes sent."""
+    """Sends the frame ``header`` begins from ``sender`` until the relay holds bytes for ``towards`` that it cannot
+    write (the other side reads nothing); the bytes sent."""
     sent = sender.send(header)
     chunk = b"x" * (1 << 16)
     async with asyncio.timeout(10):
@@ -310,7 +310,9 @@ async def _stuffed(sender: socket.socket, header: bytes, towards: asyncio.Transp
     return sent
 
 
-_HUGE = struct.pack("!BBQ", 0x80 | BINARY, 127, 1_000_000)
+def _huge_head(mask: bytes = b"") -> bytes:
+    """The head of a binary frame of almost the relay's limit (1 MiB): masked with ``mask``, as a browser's are."""
+    return struct.pack("!BBQ", 0x80 | BINARY, (0x80 if mask else 0) | 127, 1_000_000) + mask
 
 
 @pytest.mark.parametrize("ticks", [1, 2])
@@ -323,10 +325,10 @@ async def test_an_end_that_takes_nothing_of_its_close_is_let_go_on_the_second_ti
     (the second tick after the end) to take them, then its connection is dropped."""
     if taker == "browser":  # the app sends, stops, and leaves
         sender, receiver, towards = ends.app, ends.browser, ends.relay.client.transport
-        sent = await _stuffed(ends.app, _HUGE, towards)
+        sent = await _stuffed(ends.app, _huge_head(), towards)
     else:  # the browser does
         sender, receiver, towards = ends.browser, ends.app, ends.relay.upstream.transport
-        sent = await _stuffed(ends.browser, _HUGE[:1] + bytes([0x80 | 127]) + _HUGE[2:] + os.urandom(4), towards)
+        sent = await _stuffed(ends.browser, _huge_head(os.urandom(4)), towards)
     sender.close()
     async with asyncio.timeout(10):
         await ends.relay.done
@@ -346,3 +348,4 @@ async def test_a_relay_that_ended_with_nothing_left_to_write_leaves_the_heartbea
     async with asyncio.timeout(10):
         await ends.relay.done
     assert ends.heartbeat._handle is None  # no timer ticking nobody
+
