@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from gateway.proxy.heartbeat import Heartbeat
 from gateway.proxy.wsframes import CLOSE, PING, PONG, frame
 from gateway.proxy.wsrelay import _GIVE_UP_AT, _PING_AT, HEARTBEAT_PAYLOAD, POLICY_VIOLATION, Relay
+from tests.server.test_https_upstream import self_signed
 
 pytestmark = pytest.mark.timeout(30)
 BINARY = 0x2
@@ -349,3 +352,33 @@ async def test_a_relay_that_ended_with_nothing_left_to_write_leaves_the_heartbea
         await ends.relay.done
     assert ends.heartbeat._handle is None  # no timer ticking nobody
 
+
+async def test_an_upstream_over_tls_is_closed_once(tmp_path: Path) -> None:
+    """asyncio's TLS transport, closed a second time, forgets its protocol and can no longer say what it still
+    holds: a relay to an HTTPS dev server whose client left, then ended by the gateway shutting down, ends cleanly
+    (a second close raised inside ``end``, and inside ``connection_lost`` before the relay was marked done)."""
+    loop = asyncio.get_running_loop()
+    key, cert = self_signed(tmp_path)
+    serving = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    serving.load_cert_chain(cert, key)
+    held: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda _, writer: held.append(writer), "127.0.0.1", 0, ssl=serving)
+    trusting = ssl.create_default_context()
+    trusting.check_hostname, trusting.verify_mode = False, ssl.CERT_NONE
+    browser, client_side = socket.socketpair()
+    try:
+        upstream, _ = await loop.create_connection(asyncio.Protocol, *server.sockets[0].getsockname()[:2],
+                                                   ssl=trusting)
+        client, previous = await loop.connect_accepted_socket(asyncio.Protocol, client_side)
+        relay = Relay(client, upstream, max_message=1 << 20, heartbeat=Heartbeat(3600.0), client_protocol=previous,
+                      granted=lambda: True)
+        relay.start(b"", b"")
+        browser.close()
+        async with asyncio.timeout(10):
+            await relay.done
+        relay.end(1001)
+        assert upstream.is_closing()
+    finally:
+        browser.close()
+        server.close()
+        await server.wait_closed()
