@@ -1,7 +1,7 @@
 """Home directory ⇄ compressed archive, crash-safe, as blocking functions meant for a worker thread.
 
 Ordering is what makes every interruption recoverable from the files alone:
-archive: write ``X.tmp`` → fsync → rename to ``X`` → verify → rename home to ``home.removing`` → delete it;
+archive: write ``X.tmp`` → fsync → verify → rename to ``X`` → rename home to ``home.removing`` → delete it;
 restore: extract into ``home.restoring`` → check the gzip CRC → sync → rename to ``home`` → delete the archive.
 So ``home`` next to an archive is always complete, ``home.removing`` only exists once the archive is verified
 (and is left over, next to the home restored from that archive, when a process still running in it kept it from
@@ -235,10 +235,11 @@ def archive_home(home: Path, archive: Path) -> None:
         with _HomeTarWriter.open(tmp, "w:gz", compresslevel=6) as tar:
             tar.add(home, arcname=".", recursive=True, filter=count)
         _fsync_path(tmp)
+        # Verified before it takes the archive's name: one that fails is never left beside the home it copies.
+        verify_archive(tmp, expected_entries=written)
         os.replace(tmp, archive)
         _fsync_path(archive.parent)
-        verify_archive(archive, expected_entries=written)
-    except (OSError, tarfile.TarError) as exc:
+    except (OSError, tarfile.TarError, ArchiveError) as exc:
         with contextlib.suppress(OSError):  # e.g. the archives folder itself is missing or not a folder
             tmp.unlink(missing_ok=True)
         raise ArchiveError(f"archiving {home.name} failed: {exc}") from exc

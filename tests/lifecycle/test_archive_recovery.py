@@ -169,6 +169,28 @@ def test_damaged_archive_is_refused_and_nothing_is_restored(paths: tuple[Path, P
     assert archive.exists()
 
 
+def test_an_archive_that_fails_its_verification_is_not_left_beside_the_home(
+        paths: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mocked: the disk's fault (what it reads back differs from what was written), which cannot be made here; the
+    verification itself is the real one. A damaged archive left under the archive's name beside a home that stays
+    WARM took the disk room of a second copy of the home until the gateway's next start."""
+    home, archive = paths
+    before = _home(home)
+
+    def read_back_damaged(path: Path, expected_entries: int | None = None) -> int:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+        return verify_archive(path, expected_entries)
+
+    monkeypatch.setattr(archive_module, "verify_archive", read_back_damaged)
+    with pytest.raises(ArchiveError, match="is damaged"):
+        archive_home(home, archive)
+
+    assert snapshot(home) == before
+    assert list(archive.parent.iterdir()) == []
+
+
 def test_an_archive_that_ends_early_is_refused_when_entries_are_expected(tmp_path: Path) -> None:
     """A tar end-of-archive block in the middle of a gzip stream whose CRC is intact: walking the members stops
     there without an error, so only the count of what was written tells that files are missing."""
