@@ -440,6 +440,43 @@ async def test_a_websocket_is_one_access_line_when_it_ends(proxied: MakeProxied,
     assert 200 <= line["ms"] <= lived * 1000
 
 
+@pytest.mark.parametrize("lane", ["fast", "aiohttp"])
+async def test_a_websocket_ended_while_its_client_reads_nothing_is_one_access_line(
+        proxied: MakeProxied, lane: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Its port made private while the app floods a client that stopped reading: the relay ends at the next tick,
+    and the client's connection, holding bytes it never took, is dropped only ticks later. So in aiohttp's lane
+    the handler is not cancelled but returns the 101 first, which aiohttp would log as a second line."""
+    async def floods(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            await ws.send_bytes(bytes(8 << 20))  # more than the sockets and the relay hold
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", floods)
+    p = await proxied(app, timeouts={"websocket_heartbeat": 1.0})  # gives a silent client up after 2 s
+    with caplog.at_level(logging.INFO, logger="codehub.access"):
+        reader, writer = await _raw_upgrade(p, before=_lane_opener(p, lane))
+        gc.collect()
+        [end] = [thing for thing in gc.get_objects() if isinstance(thing, _ClientEnd)]
+        async with asyncio.timeout(10):
+            while not end.transport.get_write_buffer_size():  # noqa: ASYNC110 - the relay's own transport
+                await asyncio.sleep(0.01)
+            await p.gateway.runtime.update(WORKSPACE, ports={p.port: "private"})
+            while not [r for r in caplog.records  # noqa: ASYNC110 - log records: the relay ended
+                       if r.name == "codehub.access" and '"status":101' in r.getMessage()]:
+                await asyncio.sleep(0.01)
+            with contextlib.suppress(ConnectionResetError):
+                while await reader.read(1 << 20):  # to its end: dropped once the relay let it go
+                    pass
+        writer.close()
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "codehub.access"]
+    assert [(line["method"], line["status"]) for line in lines] == [("OPTIONS", 405)] * (lane == "aiohttp") + [
+        ("GET", 101)]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 @pytest.mark.parametrize("sender", ["client", "upstream"])
 async def test_a_message_over_the_limit_closes_both_ends_with_1009(proxied: MakeProxied, sender: str) -> None:
     seen: dict[str, str] = {}
