@@ -482,7 +482,8 @@ class KubernetesRuntime(Runtime):
                      identity_ports: frozenset[int] | None = None,
                      https_ports: frozenset[int] | None = None,
                      labels: Mapping[int, str] | None = None) -> WorkspaceState:
-        """Change the spec as read at one resourceVersion; a 409 (someone wrote since) reads again and redoes it."""
+        """Change the spec as read at one resourceVersion; a 409 (someone wrote since) reads again and redoes it,
+        on that Workspace only (by uid): one its name now holds is someone else's (NotFound)."""
         if https_ports:
             raise BadRequest("HTTPS ports are available on the local runtime only; a Workspace resource cannot "
                              "mark them yet.", code="https-ports-unsupported")
@@ -492,8 +493,11 @@ class KubernetesRuntime(Runtime):
         if ports is None and collaborators is None and identity_ports is None:
             return await self.status(workspace)
         obj = self.view.workspace(workspace)
+        uid = (obj or {}).get("metadata", {}).get("uid")
         for _ in range(5):
-            if obj is None:
+            if obj is None or phases.deleting(obj) or obj["metadata"].get("uid") != uid:
+                # Read again after a 409, the name may be another's: deleted and made again meanwhile (another
+                # replica served both before this one's cache saw them). The change is for the one checked.
                 raise NotFound(f"There is no workspace called {workspace}.", code="workspace-not-found")
             current = parse_workspace(obj)
             spec: dict[str, Any] = {}
