@@ -173,10 +173,19 @@ class KubernetesRuntime(Runtime):
             raise LifecycleError(f"Kubernetes refused the operation: {exc.message or exc.reason}",
                                 code="kubernetes-refused") from exc
 
+    def _still(self, workspace: str, uid: str) -> None:
+        """After waiting for the workspace's lock: an operation asked for one Workspace goes on only if its name
+        still holds that one. Deleted meanwhile and made again by someone else (through another replica, while an
+        operation here held the lock), it is another workspace, whose pod and home the asker's would take for a
+        deleted namesake's leftovers and delete."""
+        if self.view.workspace(workspace) is None or self.view.uid(workspace) != uid:
+            raise NotFound(f"There is no workspace called {workspace}.", code="workspace-not-found")
+
     async def wake(self, workspace: str) -> WorkspaceState:
         ws = self.view.resource(workspace)
         slot = self.view.slot(workspace)
         async with slot.lock:
+            self._still(workspace, ws.uid)
             try:
                 return await self._wake(ws)
             finally:
@@ -322,10 +331,13 @@ class KubernetesRuntime(Runtime):
         await self.view.wait(ws.id, lambda: True if (self.view.cached(kind, name) or {}).get("metadata", {}).get(
             "uid") != uid else None, deadline, f"removing the old {kind.kind} {name}")
 
-    async def stop(self, workspace: str) -> WorkspaceState:
+    async def stop(self, workspace: str, *, uid: str | None = None) -> WorkspaceState:
+        """``uid``: of the Workspace asked for, where the caller looked at it earlier (``archive``)."""
         self.view.resource(workspace)
+        uid = self.view.uid(workspace) if uid is None else uid
         slot = self.view.slot(workspace)
         async with slot.lock:
+            self._still(workspace, uid)
             self._require_api()  # even with no pod in the cache: a cache cut off from the API may be stale
             try:
                 pod = pod_name(workspace)
@@ -345,9 +357,12 @@ class KubernetesRuntime(Runtime):
             raise Conflict("COLD is disabled on this cluster (the VolumeSnapshot API is not installed); the "
                            "workspace can only sleep WARM.", code="cold-disabled")
         self._require_api(WORKSPACE, POD, PVC, SNAPSHOT)
-        await self.stop(workspace)
+        self.view.resource(workspace)
+        uid = self.view.uid(workspace)
+        await self.stop(workspace, uid=uid)
         slot = self.view.slot(workspace)
         async with slot.lock:
+            self._still(workspace, uid)
             self._require_api(WORKSPACE, POD, PVC, SNAPSHOT)
             pvc = pvc_name(workspace)
             if (self.view.owned(PVC, pvc, workspace) is None
