@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ from kmock._internal import rendering  # Response(status=..., payload=...), as t
 
 from gateway.errors import NotFound
 from gateway.lifecycle import LifecycleError, Phase, WorkspaceSpec
-from gateway.lifecycle.kubernetes.objects import WorkspaceResource, make_workspace
+from gateway.lifecycle.kubernetes.client import PVC as CLAIMS
+from gateway.lifecycle.kubernetes.objects import WorkspaceResource, labels, make_workspace
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
 from tests.auth.test_api_attacks import mallory_and_victim
@@ -82,15 +83,16 @@ async def test_a_change_whose_workspace_passed_to_someone_else_meanwhile_does_no
     assert state is None or state.spec.owner == "victim"
 
 
-async def test_a_wake_asked_for_before_its_workspace_passed_to_someone_else_does_not_delete_theirs(
+async def test_operations_asked_for_before_a_workspace_passed_to_someone_else_do_not_act_on_theirs(
         kube: KubeEnv, make_runtime: MakeRuntime, pod_ips: PodIPs) -> None:
     """Mallory has replica A archive her workspace ``demo`` (its snapshot takes its time: a big home) and asks A to
-    wake it meanwhile; the wake waits for the archive, which holds the workspace on A. Meanwhile she deletes
-    ``demo``, and Victim makes a workspace called ``demo`` and works in it through replica B. When A's archive
-    ended, the waiting wake went on with the workspace as it was when it was asked for, Mallory's: Victim's pod and
-    home volume named another Workspace (by uid) as owner, so A took them for a deleted namesake's leftovers and
-    deleted them, Victim's home (and everything in it) with them. A wake is for the Workspace it was asked for:
-    one its name holds by the time its turn comes is another (404), and nothing of it is touched."""
+    stop it and to wake it meanwhile; both wait for the archive, which holds the workspace on A. Meanwhile she
+    deletes ``demo``, and Victim makes a workspace called ``demo`` and works in it through replica B. When A's
+    archive ended, the waiting operations went on by the name: the stop deleted Victim's pod (the processes of
+    their terminals with it), and the wake, which held Mallory's Workspace, answered with Victim's (its owner,
+    collaborators and ports, for the API to show Mallory) or, Victim's workspace asleep, took its home volume for a
+    deleted namesake's leftover and deleted it. An operation is for the Workspace it was asked for: one its name
+    holds by the time its turn comes is another (404), and nothing of it is touched."""
     emu = kube.emulator
     async with FakeKubelet(emu, pod_ip=pod_ips, ready_snapshots=False):
         a = await make_runtime("gw-a", request_timeout=30)
@@ -108,23 +110,79 @@ async def test_a_wake_asked_for_before_its_workspace_passed_to_someone_else_does
         emu["post", VOLUME_SNAPSHOT] << slow_snapshot
         archive = asyncio.create_task(a.archive("demo"))
         await asyncio.wait_for(holding.wait(), 10)
-        wake = asyncio.create_task(a.wake("demo"))  # Mallory's, checked against her workspace: it waits its turn
+        # Mallory's, each checked against her workspace (the API's ``_mine``): they wait their turn.
+        stop, wake = asyncio.create_task(a.stop("demo")), asyncio.create_task(a.wake("demo"))
         await asyncio.sleep(0)
         await b.delete("demo")
         await until(lambda: emu.get_object(WORKSPACE, NS, "demo") is None)
         await b.create_workspace(WorkspaceSpec(id="demo", owner="victim"))
         assert (await b.wake("demo")).phase is Phase.RUNNING
-        theirs = await b.stop("demo")  # Victim's day's work is in the home, kept while the workspace sleeps
-        home = emu.get_object(PVC, NS, "ws-demo-home")
+        pod, home = emu.get_object(POD, NS, "ws-demo"), emu.get_object(PVC, NS, "ws-demo-home")
+        assert pod is not None
         assert home is not None
+
+        def a_sees_theirs() -> bool:
+            state = a.get("demo")
+            return state is not None and state.spec.owner == "victim"
+
+        await until(a_sees_theirs)  # A is not behind: it waits on Mallory's archive, that is all
         release.set()
         with contextlib.suppress(LifecycleError):
             await archive
+        for operation in (stop, wake):
+            with pytest.raises(NotFound):
+                await operation
+        for kind, before in ((POD, pod), (PVC, home)):
+            now = emu.get_object(kind, NS, before["metadata"]["name"])
+            assert now is not None
+            assert not now["metadata"].get("deletionTimestamp"), now
+            assert now["metadata"]["uid"] == before["metadata"]["uid"]
+
+
+async def test_a_wake_on_a_replica_that_missed_the_names_passing_does_not_delete_the_new_owners_home(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    """Replica A's watch of Workspaces went silent (its connection died without a word, as a NAT or a load balancer
+    drops an idle one: it looks open until its read timeout, minutes), while its watches of pods and volumes go on.
+    Meanwhile Mallory's workspace ``demo`` was deleted, and Victim made a workspace called ``demo`` and has worked
+    in it through replica B (its home volume). Mallory, or anyone she lets wake it, asks A to wake ``demo``: A,
+    taking ``demo`` for Mallory's still, took Victim's home volume (which names Victim's Workspace as its owner) for
+    a deleted namesake's leftover and deleted it. What is deleted for being a namesake's is deleted only once the
+    API says this Workspace holds the name: one that holds another is no workspace of the asker's (404)."""
+    emu = kube.emulator
+    a = await make_runtime("gw-a")
+    await a.create_workspace(WorkspaceSpec(id="demo", owner="mallory"))
+    watching, done = asyncio.Event(), asyncio.Event()
+
+    async def silent(request: kmock.Request) -> Any:
+        watching.set()
+
+        async def nothing() -> AsyncIterator[bytes]:
+            yield b""  # the answer's head: the watch is open, and nothing ever comes on it
+            await done.wait()
+
+        return rendering.Response(status=200, headers={"Content-Type": "application/json"}, payload=nothing())
+
+    emu["watch", WORKSPACE] << silent
+    emu.drop_watches(WORKSPACE)
+    await asyncio.wait_for(watching.wait(), 10)
+    try:
+        emu.delete_object(WORKSPACE, NS, "demo")
+        theirs = emu.create_object(WORKSPACE, make_workspace(WorkspaceResource(id="demo", owner="victim")), NS)
+        owner = {"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "name": "demo",
+                 "uid": theirs["metadata"]["uid"], "controller": True}
+        home = emu.create_object(PVC, {"metadata": {"name": "ws-demo-home", "ownerReferences": [owner],
+                                                    "labels": labels("demo")},
+                                       "spec": {"accessModes": ["ReadWriteOnce"],
+                                                "resources": {"requests": {"storage": "1Gi"}}}}, NS)
+        await until(lambda: a.view.cached(CLAIMS, "ws-demo-home") is not None)
+        state = a.get("demo")
+        assert state is not None
+        assert state.spec.owner == "mallory"  # as A still sees it
         with pytest.raises(NotFound):
-            await wake
+            await a.wake("demo")
         now = emu.get_object(PVC, NS, "ws-demo-home")
         assert now is not None
         assert not now["metadata"].get("deletionTimestamp"), now
         assert now["metadata"]["uid"] == home["metadata"]["uid"]
-        assert emu.get_object(POD, NS, "ws-demo") is None  # nothing started for Mallory in Victim's workspace
-        assert (b.get("demo") or theirs).spec.owner == "victim"
+    finally:
+        done.set()

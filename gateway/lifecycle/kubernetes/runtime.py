@@ -325,6 +325,11 @@ class KubernetesRuntime(Runtime):
                                  "no owner (an earlier workspace's of this name, from before owners were set). An "
                                  "operator deletes it, or makes this Workspace its owner to keep it.",
                                  code="workspace-name-in-use")
+        # Asked of the API, not the cache: a cache that missed the name passing to someone else (a watch whose
+        # connection died without a word looks open for minutes) takes the new owner's pod and home for leftovers.
+        holder = await self._call(lambda c: c.get(WORKSPACE, ws.id))
+        if holder is None or phases.deleting(holder) or (holder.get("metadata") or {}).get("uid") != ws.uid:
+            raise NotFound(f"There is no workspace called {ws.id}.", code="workspace-not-found")
         log.warning("%s %s belongs to a deleted workspace of the same name; removing it", kind.kind, name)
         uid = str(found["metadata"].get("uid") or "")
         await self._call(lambda c: c.delete(kind, name, uid=uid))
