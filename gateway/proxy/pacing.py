@@ -140,6 +140,11 @@ class Pacer(Generic[C]):
         self._any: collections.deque[asyncio.Future[C | None]] = collections.deque()
         self._fresh: collections.deque[asyncio.Future[None]] = collections.deque()
 
+    @property
+    def quiet(self) -> bool:
+        """Nothing in flight (a stream included), kept alive, waiting, nor connecting: nobody would miss it."""
+        return not (self.taken or self.streaming or self.waiting or self.unproven or self.idle)
+
     def try_take(self) -> C | Grant:
         """The usual case, without a future: a kept-alive connection, else a place to open one, unless the upstream
         has ``limit`` requests in flight. First come, first served without looking at the line: whatever comes

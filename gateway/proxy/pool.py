@@ -53,6 +53,11 @@ requests released by a wake must not become ten thousand connections (nor exhaus
 And the line is first come, first served where the upstream's own queue is not: at 1,000 client connections, 256
 in flight rather than 512 took the slowest answers' time (p99) from 153 to 94 ms, at the same throughput
 (``bench.ab``, 6 alternated rounds); at 128 the line's own cost showed at 256 connections (7 % fewer req/s)."""
+MOST_QUIET_UPSTREAMS = 1024
+"""Upstreams a pool keeps knowing (their line and their window of connects, ~2 KB each) with nothing in flight, kept
+alive or waiting: past that, those are forgotten (what they learnt of the window with them). An owner may reach
+every port of their own workspace, and a request to each of its 65,535 port numbers (nothing need listen) kept
+128 MB of the worker's for good; on Kubernetes again at each wake, on the pod's new address."""
 _WAIT = Grant.WAIT  # asked on every request: a global, not an enum's class attribute (a tenth of a microsecond)
 _TOTAL_RETRANS = struct.Struct("=I")
 """``tcpi_total_retrans`` of Linux's ``struct tcp_info``, at byte 100: segments this socket sent again, the
@@ -135,6 +140,7 @@ class UpstreamPool:
         self._keepalive = keepalive
         self._limit = limit
         self._upstreams: dict[Key, Pacer[Connection]] = {}
+        self._forget_past = MOST_QUIET_UPSTREAMS  # upstreams known, when the quiet ones are forgotten
         self._sweeper: asyncio.TimerHandle | None = None
 
     def queued(self) -> int:
@@ -162,9 +168,7 @@ class UpstreamPool:
             headers["Transfer-Encoding"] = "chunked"
         head = encode_head(f"{method} {target} HTTP/1.1", headers)  # may refuse: before a place is taken
         key = (host, port, tls)
-        pacer = self._upstreams.get(key) or self._upstreams.setdefault(
-            key, Pacer(self._limit, initial=self._window[0], most=self._window[1], deadlines=self._deadlines,
-                       fit=self._fit))
+        pacer = self._upstreams.get(key) or self._know(key)
         grant = pacer.try_take()
         if grant is _WAIT:
             try:
@@ -224,6 +228,16 @@ class UpstreamPool:
             if conn.streams():
                 exchange.stream()
             return answer, exchange
+
+    def _know(self, key: Key) -> Pacer[Connection]:
+        """A new upstream's pacer. Past ``MOST_QUIET_UPSTREAMS`` known, the quiet ones are forgotten first, and
+        next when twice as many as stay are known (so forgetting costs a request nothing on average)."""
+        if len(self._upstreams) >= self._forget_past:
+            self._upstreams = {known: pacer for known, pacer in self._upstreams.items() if not pacer.quiet}
+            self._forget_past = max(MOST_QUIET_UPSTREAMS, 2 * len(self._upstreams))
+        pacer = self._upstreams[key] = Pacer(self._limit, initial=self._window[0], most=self._window[1],
+                                             deadlines=self._deadlines, fit=self._fit)
+        return pacer
 
     async def _fresh(self, key: Key, pacer: Pacer[Connection]) -> Grant:
         """A place in the window for a retry, which holds its place in flight already; its wait has an allowance
