@@ -46,6 +46,8 @@ __all__ = [  # the connection's names too: both lanes take what they need of the
 ]
 
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT", "DELETE"})
+"""Methods whose requests have no content (RFC 9110 §9.3): many servers read none for them, whatever the head says
+(Python's ``http.server`` among them), and read a body sent anyway as the next request on the connection."""
 REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 LIMIT_PER_UPSTREAM = 256
 """Requests in flight to one upstream at a time; more wait in line. A dev server is one process: ten thousand
@@ -75,12 +77,16 @@ class Exchange:
     """One request on one connection; ``close`` puts the connection back when both messages were whole, and ends
     the request's place in flight (``Pacer``) once the caller has it."""
 
-    __slots__ = ("_conn", "_key", "_pool", "place", "sender", "streaming")  # one per request: no dict
+    __slots__ = ("_conn", "_key", "_last", "_pool", "place", "sender", "streaming")  # one per request: no dict
 
-    def __init__(self, pool: UpstreamPool, key: Key, conn: Connection) -> None:
+    def __init__(self, pool: UpstreamPool, key: Key, conn: Connection, *, last: bool = False) -> None:
         self._pool = pool
         self._key = key
         self._conn = conn
+        self._last = last
+        """The connection is not used again: its request had a body its method has none for (``_BODYLESS_METHODS``),
+        which the app may not have read: it would read it as the next request, someone else's perhaps: its
+        head, cookies and all, taken for that body's rest."""
         self.sender: asyncio.Task[None] | None = None
         """Streams the request's body, if it has one."""
         self.place = False
@@ -103,7 +109,7 @@ class Exchange:
             else:
                 sent = not sender.cancelled() and sender.exception() is None
         place, streaming = self.place, self.streaming
-        if (place or streaming) and sent and self._conn.reusable:
+        if (place or streaming) and sent and self._conn.reusable and not self._last:
             self._pool.release(self._key, self._conn, place=place)  # and the place with it, if it still has one
             return
         self._conn.close()  # an exchange the pool retries has failed: its connection is spent too
@@ -184,6 +190,7 @@ class UpstreamPool:
     async def _exchange(self, key: Key, pacer: Pacer[Connection], grant: Connection | Grant, head: bytes,
                         method: str, body: Body | None, chunked: bool) -> tuple[Response, Exchange]:
         replayable = body is None and method in REPLAYABLE_METHODS
+        last = body is not None and method in _BODYLESS_METHODS
         retried = False
         while True:
             if isinstance(grant, Grant):  # a place in the window: open a connection
@@ -198,7 +205,7 @@ class UpstreamPool:
                 reused = False
             else:
                 conn, reused = grant, True
-            exchange = Exchange(self, key, conn)  # from here on the connection is closed unless it goes back
+            exchange = Exchange(self, key, conn, last=last)  # from here on it is closed unless it goes back
             try:
                 conn.begin(head_only=method == "HEAD")
                 assert conn.transport is not None

@@ -5,6 +5,10 @@ each test shows the harm on a real gateway in front of real sockets on loopback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from aiohttp import web
@@ -14,7 +18,8 @@ from gateway.auth.identity import Identity
 from gateway.proxy.pool import MOST_QUIET_UPSTREAMS, ConnectFailed, UpstreamPool
 from gateway.server.context import GATEWAY
 from tests.conftest import MakeGateway, MakeUpstream, next_address, workspace
-from tests.server.conftest import OWNER, PREVIEW_DOMAIN, WORKSPACE
+from tests.server.conftest import OWNER, PREVIEW_DOMAIN, WORKSPACE, MakeProxied
+from tests.server.test_hostile_input import read_answer
 
 
 async def test_an_owner_cannot_grow_the_pool_with_a_request_per_port_number(make_gateway: MakeGateway) -> None:
@@ -76,3 +81,81 @@ async def test_upstreams_in_use_are_never_forgotten(make_upstream: MakeUpstream)
         assert len(pool._upstreams) <= MOST_QUIET_UPSTREAMS
     finally:
         pool.close()
+
+
+class _Comments(BaseHTTPRequestHandler):
+    """An app on the standard library's HTTP server, kept alive (``python3 -m http.server --protocol HTTP/1.1``
+    reads requests the same way): ``GET`` answers the path, ``POST /comments`` keeps its body, ``GET /comments``
+    lists them. Like ``SimpleHTTPRequestHandler``, its ``GET`` never reads a body: a body sent with one is read as
+    the next request on the connection."""
+
+    protocol_version = "HTTP/1.1"
+    comments: list[bytes]
+
+    def _answer(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._answer(b"\n".join(self.comments) if self.path == "/comments" else f"page {self.path}".encode())
+
+    def do_POST(self) -> None:
+        self.comments.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+        self._answer(b"stored")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A connection the gateway closed under a request (a broken pipe): nothing to print."""
+
+
+@contextlib.contextmanager
+def _comments_app(address: str, port: int) -> Iterator[list[bytes]]:
+    comments: list[bytes] = []
+    handler = type("Handler", (_Comments,), {"comments": comments})
+    server = _QuietServer((address, port), handler)
+    server.block_on_close = False
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield comments
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+async def test_a_body_sent_with_a_get_cannot_take_the_next_visitors_request(proxied: MakeProxied) -> None:
+    """A ``GET`` may carry a body (``Content-Length``), and the gateway sends it on; a server that reads no body for
+    a ``GET`` — the standard library's, Python's ``http.server`` kept alive — reads it as the next request. The
+    connection then went back to the pool looking clean: the app was not answering, it was waiting for the rest of
+    the attacker's ``POST /comments``, whose body was the next request sent on that connection: another visitor's
+    head, their cookies for the app included, stored where the attacker reads it; that visitor got the answer to
+    the attacker's ``POST``. A connection that carried a body on a method without one (GET, HEAD, DELETE, OPTIONS,
+    TRACE) is not used again."""
+    p = await proxied(None)
+    victim_head = b"GET /profile HTTP/1.1\r\nCookie: app_session=victim-secret\r\n"  # as the gateway writes it
+    smuggled = b"POST /comments HTTP/1.1\r\nHost: app\r\nContent-Length: %d\r\n\r\n" % len(victim_head)
+    with _comments_app(p.address, p.port) as comments:
+        reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: %b\r\nContent-Length: %d\r\n\r\n%b"
+                     % (p.host.encode(), len(smuggled), smuggled))
+        attacker = await read_answer(reader)
+        writer.close()
+        assert (attacker.status, attacker.body) == (200, b"page /")
+
+        reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+        writer.write(b"GET /profile HTTP/1.1\r\nHost: %b\r\nCookie: app_session=victim-secret\r\n\r\n"
+                     % p.host.encode())
+        victim = await read_answer(reader)
+        writer.close()
+        assert (victim.status, victim.body) == (200, b"page /profile")
+
+        async with p.request("GET", "/comments") as response:
+            assert b"victim-secret" not in await response.read()
+        assert not any(b"victim-secret" in comment for comment in comments)
