@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import os
+import re
 
 import pytest
 from aiohttp import web
@@ -198,6 +199,46 @@ async def test_the_gateways_own_endpoints_refuse_on_the_head_before_asking(make_
     assert b"\r\nConnection: close\r\n" in first
 
 
+@pytest.mark.parametrize(("length", "first"), [(4096, _CONTINUE[:12]), (4097, b"HTTP/1.1 413")])
+async def test_the_gateways_own_endpoint_takes_a_body_of_exactly_its_limit(make_gateway: MakeGateway, length: int,
+                                                                          first: bytes) -> None:
+    client = await make_gateway(workspaces={}, limits={"body": 4096})
+    answer, _reader, writer = await _expecting(
+        client, f"POST /auth/dev HTTP/1.1\r\nHost: {HUB}\r\nOrigin: http://{HUB}\r\n"
+        f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {length}\r\n")
+    writer.close()
+    assert answer.startswith(first), answer
+
+
+async def test_an_api_call_with_a_chunked_body_is_told_to_go_on(make_gateway: MakeGateway) -> None:
+    """Its length is not known before it came: it is read (within ``limits.body``), not refused on its head."""
+    client = await make_gateway(workspaces={})
+    session = client.app[GATEWAY].auth.sessions.issue(Identity("alice"), HUB)
+    body = b'{"name": "chunked"}'
+    answer = await _uploaded(
+        client, f"POST /api/v1/tokens HTTP/1.1\r\nHost: {HUB}\r\nOrigin: http://{HUB}\r\nAccept: application/json\r\n"
+        f"Cookie: codehub_session={session}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        "Connection: close\r\n", b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    assert answer.startswith(b"HTTP/1.1 201 "), answer
+
+
+@pytest.mark.parametrize("lane", ["preview", "own API"])
+async def test_an_expectation_other_than_100_continue_is_a_417(proxied: MakeProxied, lane: str) -> None:
+    """RFC 9110 §10.1.1: an expectation the server does not know fails the request; only ``100-continue`` (in any
+    case) is the gateway's to answer."""
+    p = await proxied(echo_app())
+    host, path = (p.host, "/upload") if lane == "preview" else (HUB, "/api/v1/tokens")
+    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+    try:
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nContent-Length: 5\r\n"
+                     "Expect: 200-ok\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            first = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 417 "), first
+
+
 async def test_an_api_call_is_told_to_go_on_once_it_may(make_gateway: MakeGateway) -> None:
     """A script's JSON (curl sends ``Expect`` with a large one), once its caller is known."""
     client = await make_gateway(workspaces={})
@@ -307,10 +348,15 @@ async def test_a_body_that_stops_coming_is_a_408_logged_and_counted_with_its_rea
         try:
             async with asyncio.timeout(10):
                 answer = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"\r\nContent-Length: (\d+)\r\n", answer)
+                assert length is not None, answer
+                body = await reader.readexactly(int(length.group(1)))
         finally:
             writer.close()
         assert answer.startswith(b"HTTP/1.1 408 "), answer
         assert b"\r\nConnection: close\r\n" in answer
+        if where.startswith("own form"):  # the gateway's own handler waited for it: it says how long
+            assert json.loads(body)["error"]["message"] == "The request's body did not arrive within 0.3 s."
         for _ in range(50):
             if [r for r in caplog.records if r.name == "codehub.access"]:
                 break
