@@ -7,10 +7,13 @@ import logging
 import aiohttp_jinja2
 from aiohttp import web
 
-from gateway.accesslog import log_text
+from gateway.accesslog import TARGET, log_text
+from gateway.edge.cors import wakes_from_here
 from gateway.edge.plan import wants_page
+from gateway.edge.routing import Kind
 from gateway.errors import GatewayError, Redirect
 from gateway.lifecycle import Phase
+from gateway.server.context import GATEWAY
 
 log = logging.getLogger(__name__)
 JSON_ONLY = web.RequestKey("codehub_json_only", bool)  # this route answers in JSON only (the management API)
@@ -45,13 +48,28 @@ def error_response(request: web.Request, error: GatewayError) -> web.StreamRespo
     elif wants_html(request):
         # Trying again is a reload, a GET: the same request only for a GET or HEAD (a form sent is not sent again).
         retry = error.retry and request.method in ("GET", "HEAD")
-        response = web.Response(text=error_page(request.app, error, retry=retry, refresh=retry),
+        response = web.Response(text=error_page(request.app, error, retry=retry,
+                                                refresh=retry and _tries_by_itself(request)),
                                 status=error.status, content_type="text/html", headers=headers)
     else:
         response = web.json_response(error.document(), status=error.status, headers=headers)
     for cookie in error.cookies:
         response.headers.add("Set-Cookie", cookie)
     return response
+
+
+def _tries_by_itself(request: web.Request) -> bool:
+    """Whether a page that tries again may do so by itself (``<meta http-equiv="refresh">``). Its reload is a
+    navigation from its host's own origin, which on a workspace's host may wake it (``cors.wakes_from_here``): there
+    only when the visitor's own navigation brought the page (typed, a link clicked, from that origin), as for the
+    431 page (``refusals.Relief``). A page elsewhere whose script sent its visitor's tab to a port where nothing
+    listens would otherwise leave that tab waking their workspace every 3 s for as long as it stays open, and
+    keeping it from sleeping meanwhile; it gets the button, which is the visitor's to click."""
+    target = request.get(TARGET)
+    if target is None or target.kind is Kind.HUB:
+        return True
+    return wakes_from_here(request.headers, request.app[GATEWAY].hosts.origin(request.headers["Host"]),
+                           lambda _origin: False)
 
 
 def error_page(app: web.Application, error: GatewayError, *, retry: bool, refresh: bool) -> str:
