@@ -8,6 +8,8 @@ the algorithm to the key's own (EdDSA): ``none``, HMAC and RSA tokens are refuse
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -91,6 +93,8 @@ class KeySet:
         self.keys = tuple(keys)
         self._by_kid = {key.kid: key.public for key in keys}
         self._sealers = {key.kid: key.sealer() for key in keys}
+        self._markers = tuple(HKDF(SHA256(), 32, salt=None, info=b"codehub-gateway origin mark v1").derive(
+            key.private.private_bytes_raw()) for key in keys)
 
     @property
     def current(self) -> SigningKey:
@@ -128,6 +132,12 @@ class KeySet:
             return sealer.decrypt(raw[:12], raw[12:], context)  # a body too short for a nonce and a tag fails here too
         except (ValueError, InvalidTag):
             raise jwt.InvalidTokenError("not sealed by this gateway for this use") from None
+
+    def marks(self, data: bytes) -> tuple[str, ...]:
+        """A short keyed digest of ``data`` under each key of the set, the current key's first: what only this
+        gateway can make, and which tells nothing of ``data`` (a mark made with a key since rotated out is known by
+        the older ones)."""
+        return tuple(_b64(hmac.new(marker, data, hashlib.sha256).digest()[:18]) for marker in self._markers)
 
     def jwks(self) -> dict[str, list[dict[str, str]]]:
         return {"keys": [key.public_jwk() for key in self.keys]}

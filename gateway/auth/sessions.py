@@ -206,6 +206,7 @@ class Sessions:
         self._clock = clock
         self._verified: dict[tuple[str, str], tuple[Session, str, float]] = {}  # and its sign-in's id and end
         self._assertions: dict[tuple[Identity, str], tuple[str, float]] = {}
+        self._marks: dict[tuple[str, str], tuple[str, ...]] = {}
         self._sign_ins = _Quota(SIGN_INS_PER_HOUR, 3600)
         self._hand_offs = _Quota(HAND_OFFS_PER_MINUTE, 60)
         self._hand_offs_in_all = _Quota(HAND_OFFS_PER_MINUTE_IN_ALL, 60)
@@ -276,6 +277,19 @@ class Sessions:
         """After a key change: verify everything again."""
         self._verified.clear()
         self._assertions.clear()
+        self._marks.clear()
+
+    def owner_marks(self, audience: str, owner: str) -> tuple[str, ...]:
+        """What a browser is told, in a cookie of ``audience``'s, of whose workspace that host is now: the mark
+        to set first, then those of keys rotated out (still this owner's). Keyed, and made for the host, so it
+        tells nobody who owns it, nor whether two hosts have one owner (cached: asked on every request to a
+        workspace's host)."""
+        marks = self._marks.get((audience, owner))
+        if marks is None:
+            if len(self._marks) >= _CACHE_LIMIT:
+                self._marks.clear()
+            marks = self._marks[(audience, owner)] = self._keys().marks(f"owner {audience}\0{owner}".encode())
+        return marks
 
     def handoff_code(self, session: Session, host: str, state: str) -> str:
         """A code the hub puts in a URL on ``host``, where the owner's scripts can read it: the identity in it is

@@ -12,6 +12,7 @@ the lane that acts on it, so a plan can be made, inspected and thrown away (test
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from gateway.auth.authenticate import (
 )
 from gateway.auth.ide import put_ide_cookie
 from gateway.auth.identity import Identity
-from gateway.auth.sessions import Sessions, cookie_name, is_embedded, read_cookie
+from gateway.auth.keys import same_secret
+from gateway.auth.sessions import Sessions, cookie_is_alone, cookie_name, is_embedded, read_cookie, set_cookie
 from gateway.auth.store import ApiToken, ShareLink, StoreUnavailable, TokenStore
 from gateway.edge import cors
 from gateway.edge.disclosure import consent_pending, consent_url, disclosed, identity_headers
@@ -47,7 +49,7 @@ from gateway.edge.policy import (
     may_wake,
 )
 from gateway.edge.routing import WAKE_EVENTS_PATH, Hosts, Kind, Target, normalise_host, route
-from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound
+from gateway.errors import BadRequest, Conflict, Forbidden, GatewayError, NotFound
 from gateway.errors import Redirect as RedirectError
 from gateway.lifecycle.base import Phase, WorkspaceSpec, WorkspaceState
 from gateway.proxy.headers import ClientFacts, ResponseRules, upstream_request_headers
@@ -58,6 +60,20 @@ IDE_RULES = ResponseRules({"Content-Security-Policy": "frame-ancestors 'self'", 
 _HUB, _IDE, _IDE_MOVED, _PREVIEW, _RESERVED = Kind.HUB, Kind.IDE, Kind.IDE_MOVED, Kind.PREVIEW, Kind.RESERVED
 _RUNNING, _OWNER, _COLLABORATOR, _ADMIN = Phase.RUNNING, Reason.OWNER, Reason.COLLABORATOR, Reason.ADMIN
 """Read as globals on every request: Python 3.11 looks enum members up through a slow ``__getattr__`` hook."""
+OWNER_MARK = "owner"
+"""The cookie on a workspace's host that says whose workspace registered a service worker there (``_name_reused``)."""
+OWNER_MARK_AGE = 400 * 86400
+"""As long as Chromium keeps a cookie: a service worker outlives a cookie that ends with the browser's session."""
+CLEARED = '"cache", "storage"'
+"""What of a host's former workspace a browser is told to drop (``Clear-Site-Data``): its service workers, storage
+and cached files. Never ``"cookies"``, which browsers clear for the whole site: the hub's and every preview's."""
+
+
+class NameReused(Conflict):
+    """A browser comes back to a host whose workspace's name passed to another owner since it was served there."""
+
+    code = "name-reused"
+    title = "This address has a new owner"
 
 
 class World(Protocol):
@@ -311,6 +327,7 @@ def grant_facts(facts: Facts, secure: bool) -> Facts:
 
 
 _FRAMING_RULES: dict[tuple[int, bool], tuple[Policy, ResponseRules]] = {}
+_MARKED_RULES: dict[tuple[int, str, bool], tuple[ResponseRules, ResponseRules]] = {}
 
 
 def _framing_rules(policy: Policy, drop_cors: bool) -> ResponseRules:
@@ -330,8 +347,8 @@ def _framing_rules(policy: Policy, drop_cors: bool) -> ResponseRules:
 class _Request:
     """One request to a workspace's host, while its plan is made: each fact worked out at most once."""
 
-    __slots__ = ("_role", "audience", "effects", "facts", "found", "host", "origin", "policy", "rule", "state",
-                 "target", "world")
+    __slots__ = ("_role", "audience", "effects", "facts", "found", "host", "marked", "origin", "policy", "rule",
+                 "state", "target", "world")
 
     def __init__(self, facts: Facts, world: World, target: Target, host: str) -> None:
         self.facts, self.world, self.target, self.host = facts, world, target, host
@@ -346,6 +363,8 @@ class _Request:
         self.effects: list[Effect] = []
         self.found = False
         """Whether ``state`` is known yet (the refusals before it carry no CORS headers)."""
+        self.marked = False
+        """Whether the browser holds the mark of the host's owner (``_name_reused``): none is set again."""
         self._role: Reason | None = None
         """Why the caller was let in (owner, collaborator, admin, a public port, a share link...), or None: nobody
         was let in (a passthru preflight goes on as nobody)."""
@@ -366,6 +385,8 @@ class _Request:
             return self._refuse(NotFound(f"There is no workspace called {target.workspace}.",
                                          code="workspace-not-found"))
         self.state, self.found = state, True
+        if (reused := self._name_reused()) is not None:
+            return reused
         if target.kind is _RESERVED:
             return self._reserved(path)
         if target.kind is _PREVIEW and cors.is_preflight(facts.method, facts.headers) and self.rule is not None:
@@ -393,6 +414,47 @@ class _Request:
                                explained=self._explained(), effects=tuple(self.effects),
                                user=identity.subject if identity else None)
         return self._refuse(NotFound("There is nothing at this address.", code="no-route"))
+
+    def _name_reused(self) -> Refuse | None:
+        """A host belongs to a workspace's name, and a name can pass to another owner (a workspace deleted and one of
+        that name made by someone else; a local one declared for someone else). A service worker that the former
+        owner's page registered there stays in its visitors' browsers, whatever the host serves since, and answers
+        the new owner's pages: it fetches them with the visitor's cookie, reads them, writes as the visitor (from
+        the host's own origin), shows what it likes under that address. So the answer to a browser's fetch of a
+        service worker's script marks whose workspace it was (``OWNER_MARK``), and a browser that comes back with
+        another owner's mark is answered with ``Clear-Site-Data`` (which ends the worker) and the new owner's mark,
+        nothing of the app's: the page it then opens again is the new owner's. Two marks are no mark (one was set
+        for the shared parent domain, over plain HTTP, by a page elsewhere: beside the host's own it would refuse
+        every request there for good)."""
+        state, facts = self.state, self.facts
+        name = cookie_name(OWNER_MARK, self.world.secure)
+        sent = read_cookie(facts.headers, name)
+        if sent is None or not cookie_is_alone(facts.headers, name):
+            return None
+        marks = self.world.sessions.owner_marks(self.audience, state.spec.owner)
+        if any(same_secret(sent, mark) for mark in marks):
+            self.marked = True
+            return None
+        error = NameReused(f"This address was another workspace's before {state.id} was made, and your browser still "
+                           "ran what that one had left here (a service worker), with its stored data and cached "
+                           "files: they were removed. Open the page again.",
+                           headers={"Clear-Site-Data": CLEARED}, retry=True)
+        error.cookies = (self._owner_mark(marks[0]),)  # the new owner's: a planted one beside it makes two, no mark
+        return Refuse(error=error, target=self.target)
+
+    def _owner_mark(self, mark: str) -> str:
+        return set_cookie(cookie_name(OWNER_MARK, self.world.secure), mark, max_age=OWNER_MARK_AGE,
+                          secure=self.world.secure, embedded=is_embedded(self.facts.headers))
+
+    def _marking(self, rules: ResponseRules, mark: str) -> ResponseRules:
+        """``rules`` that also set the owner's mark: made once per rules, mark and framing, a bounded number kept."""
+        key = (id(rules), mark, is_embedded(self.facts.headers))
+        made = _MARKED_RULES.get(key)
+        if made is None or made[0] is not rules:
+            if len(_MARKED_RULES) >= 4096:
+                _MARKED_RULES.clear()
+            made = _MARKED_RULES[key] = (rules, dataclasses.replace(rules, cookies=(self._owner_mark(mark),)))
+        return made[1]
 
     # --- who, and may they ---------------------------------------------------------------------------------
     def _check(self) -> Credentials | Refuse | Redirect:
@@ -530,9 +592,12 @@ class _Request:
         )
         if target.kind is _IDE:
             put_ide_cookie(headers, world.ide_secret(state.spec))
+        rules = self._response_rules()
+        if "Service-Worker" in facts.headers and not self.marked:  # a worker's script, fetched to (re)register it
+            rules = self._marking(rules, world.sessions.owner_marks(self.audience, state.spec.owner)[0])
         forward = Forward(
             workspace=state.id, address=state.address, port=port, tls=port in state.spec.https_ports,
-            public_origin=self.origin, path=credentials.path, headers=headers, rules=self._response_rules(),
+            public_origin=self.origin, path=credentials.path, headers=headers, rules=rules,
             websocket=websocket,
             keeps_awake=self.policy.wake.visitors_keep_awake or self._role is _OWNER or self._role is _COLLABORATOR,
             on_error=self._error_cors(), target=target, user=user, effects=tuple(self.effects),

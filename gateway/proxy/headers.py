@@ -122,6 +122,8 @@ class ResponseRules:
     replace: Mapping[str, str] = field(default_factory=dict)
     drop_cors: bool = False
     drop_frame_options: bool = False
+    cookies: tuple[str, ...] = ()
+    """``Set-Cookie`` values of the gateway's own, added beside the app's (whose own it never replaces)."""
 
 
 def _named_in_connection(headers: Headers) -> frozenset[str]:
@@ -287,8 +289,10 @@ def downstream_response_headers(
     replace: Mapping[str, str] | None = None,
     drop_cors: bool = False,
     drop_frame_options: bool = False,
+    add_cookies: Iterable[str] = (),
 ) -> CIMultiDict[str]:
-    """The headers a client sees from an upstream response, after hygiene and rewriting.
+    """The headers a client sees from an upstream response, after hygiene and rewriting (``add_cookies``: the
+    gateway's own ``Set-Cookie`` values, after the app's).
 
     ``replace`` headers are set by the gateway (framing policy, CORS answers); with ``drop_cors`` every upstream
     ``Access-Control-*`` header goes first, so answers are replaced, never merged. ``Vary`` is the exception: the
@@ -319,6 +323,8 @@ def downstream_response_headers(
         elif not drop_frame_options:  # X-Frame-Options
             out.add(name, value)
     for cookie in cookies:
+        out.add("Set-Cookie", cookie)
+    for cookie in add_cookies:
         out.add("Set-Cookie", cookie)
     for name, value in (replace or {}).items():
         if name.lower() in ("content-security-policy", "vary"):

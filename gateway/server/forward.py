@@ -145,7 +145,7 @@ def shape_answer(answer: Response, method: str, public_host: str, upstream: Upst
     headers = downstream_response_headers(
         answer.headers, public_host=public_host, public_origin=upstream.public_origin,
         upstream_origins=upstream.origins, replace=rules.replace, drop_cors=rules.drop_cors,
-        drop_frame_options=rules.drop_frame_options,
+        drop_frame_options=rules.drop_frame_options, add_cookies=rules.cookies,
     )
     if "Date" not in headers:  # RFC 9110 §6.6.1: a proxy that forwards an answer without one adds when it came
         headers["Date"] = formatdate(usegmt=True)

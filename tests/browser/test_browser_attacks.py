@@ -6,12 +6,25 @@ app; Chromium tells where a request came from (Fetch Metadata) only to HTTPS ori
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
 
+from aiohttp import web
 from playwright.async_api import Page
 
+from gateway.auth.keys import load_or_create
+from gateway.config import Config
 from gateway.lifecycle import Phase
-from tests.browser.conftest import Browser, TlsStack, screenshot
+from gateway.server.app import build_app
+from gateway.server.fastlane import GatewayRunner
+from tests.browser.conftest import Browser, TlsStack, app_command, next_address, screenshot
 from tests.kube.support import until
+from tests.peers.idp.fixture import free_loopback_port
+
+WORKER_APP = Path(__file__).resolve().with_name("apps") / "worker_app.py"
 
 
 async def _alice_on_her_app(browser: Browser, stack: TlsStack) -> Page:
@@ -74,3 +87,64 @@ async def test_a_502_page_the_visitor_opened_themselves_still_tries_again_by_its
     await page.goto(stack.share_url("vic", 8001))
     await page.get_by_role("link", name="Try again now").wait_for()
     assert await page.locator('meta[http-equiv="refresh"]').count() == 1
+
+
+@contextlib.asynccontextmanager
+async def _gateway(tmp_path: Path, port: int, generation: str,
+                   workspaces: Mapping[str, Mapping[str, Any]]) -> AsyncIterator[web.Application]:
+    """The gateway on ``localhost:port`` (``*.localhost`` previews: a secure context, where service workers run),
+    dev sign-in, with the signing keys every generation of it shares; its workspaces as configured for this
+    generation."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("{}\n")
+    config = Config.model_validate({
+        "listen": {"host": "127.0.0.1", "port": port},
+        "hub_url": f"http://localhost:{port}",
+        "preview_domain": f"localhost:{port}",
+        "policy_file": str(policy),
+        "auth": {"mode": "dev", "keys_file": str(tmp_path / "signing-keys.json")},
+        "local": {"state_dir": str(tmp_path / generation), "workspaces": {
+            name: {"address": next_address(), **ws} for name, ws in workspaces.items()}},
+    })
+    runner = GatewayRunner(build_app(config), handler_cancellation=True, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        yield runner.app
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_service_worker_a_names_former_owner_left_does_not_answer_for_the_new_one(
+        browser: Browser, tmp_path: Path) -> None:
+    """Mallory's workspace ``demo`` registered a service worker for its whole origin in its visitors' browsers
+    (any page may). The name then passed to alice (mallory's deleted, one of that name made by alice; locally, the
+    operator declaring it for her). The worker stayed in alice's browser, and the gateway, which routes by name,
+    let it answer alice's pages: it fetched them with her cookie through the sign-in and showed what it read under
+    its own heading (it could as well send it to mallory, or write as alice). Now the fetch of a worker's script is
+    answered with a mark of whose workspace it was, and a browser coming back with another owner's mark gets
+    ``Clear-Site-Data`` (the worker ends) and nothing of the app's; opened again, the page is alice's."""
+    port = free_loopback_port()
+    load_or_create(tmp_path / "signing-keys.json", create=True)
+    demo = f"http://3000-demo.localhost:{port}/"
+    context = await browser.launch(third_party_cookies=False)
+    page = await context.new_page()
+    mallorys = {"owner": "mallory", "ports": {3000: "public"},
+                  "command": [sys.executable, str(WORKER_APP), "--host", "{host}", "--port", "3000"]}
+    async with _gateway(tmp_path, port, "before", {"demo": mallorys}):
+        await page.goto(demo)  # its waiting page, then the app
+        await page.wait_for_function("document.title === 'worker ready'")
+
+    async with _gateway(tmp_path, port, "after", {"demo": {"owner": "alice", "ports": {3000: "private"},
+                                                           "command": app_command(3000)}}):
+        await page.goto(demo)
+        await page.get_by_role("heading", name="This address has a new owner").wait_for()
+        assert await page.evaluate("navigator.serviceWorker.getRegistrations().then((found) => found.length)") == 0
+        await page.get_by_role("link", name="Try again now").click()
+        await page.locator("#user").fill("alice")  # her sign-in
+        async with page.expect_navigation():
+            await page.locator("button[type=submit]").click()
+        await page.locator("#app").wait_for()
+        assert await page.locator("#hijacked").count() == 0
+        assert await page.locator("#user").text_content() == "alice"
+        await screenshot(page, "attack-a-former-owners-service-worker-is-gone")

@@ -33,6 +33,7 @@ from gateway.edge.plan import (
     GatewayPage,
     Granted,
     Hold,
+    NameReused,
     Page,
     Plan,
     Preflight,
@@ -1500,3 +1501,58 @@ def test_a_visitors_consent_ask_lasts_ten_minutes(opted_in: World) -> None:
                                                        "exp": int(NOW) + 600}
     clock[0] = NOW + 600
     assert opted_in.sessions.open_state(ask, HUB) is None
+
+
+# --- a name that passes to another owner ---------------------------------------------------------------------------
+
+
+def _marked_by(world: World) -> str:
+    """The owner's mark the answer to a browser's fetch of a service worker's script sets (its cookie pair)."""
+    made = plan(facts("/sw.js", host="4000-ws.localhost:8080", Service_Worker="script",
+                      Sec_Fetch_Dest="serviceworker"), world)
+    assert isinstance(made, Forward)
+    (cookie,) = made.rules.cookies
+    assert cookie.startswith("codehub_owner="), cookie
+    assert "HttpOnly" in cookie, cookie
+    assert "Domain" not in cookie, cookie  # host-only
+    return cookie.partition(";")[0]
+
+
+def test_only_a_service_workers_script_is_answered_with_its_owners_mark(world: World) -> None:
+    ordinary = plan(facts("/", host="4000-ws.localhost:8080", **NAVIGATE), world)
+    assert isinstance(ordinary, Forward)
+    assert ordinary.rules.cookies == ()
+    mark = _marked_by(world)
+    again = plan(facts("/sw.js", host="4000-ws.localhost:8080", Service_Worker="script", Cookie=mark), world)
+    assert isinstance(again, Forward)
+    assert again.rules.cookies == ()  # marked already
+    # One of its own per host: nobody can tell from marks whether two hosts have one owner.
+    assert mark.partition("=")[2] == world.sessions.owner_marks("4000-ws.localhost:8080", "alice")[0]
+    assert world.sessions.owner_marks("3000-ws.localhost:8080", "alice")[0] != mark.partition("=")[2]
+
+
+def test_a_browser_marked_by_another_owner_of_the_name_is_told_to_drop_what_it_kept(world: World) -> None:
+    """See ``test_a_service_worker_a_names_former_owner_left_does_not_answer_for_the_new_one`` (real Chromium)."""
+    mark = _marked_by(world)
+    state = world.states["ws"]
+    world.keys = world.keys.rotated(keep_for=3600)
+    world.sessions.forget_cached()
+    same = plan(facts("/", host="4000-ws.localhost:8080", Cookie=mark, **NAVIGATE), world)
+    assert isinstance(same, Forward), same  # the same owner's, made before the keys rotated
+    world.states["ws"] = dataclasses.replace(state, spec=dataclasses.replace(state.spec, owner="bob"))
+    for headers in ({"Cookie": mark, **NAVIGATE}, {"Cookie": mark, "Service_Worker": "script"}, {"Cookie": mark}):
+        refused = plan(facts("/", host="4000-ws.localhost:8080", **headers), world)
+        assert isinstance(refused, Refuse), refused
+        assert isinstance(refused.error, NameReused)
+        assert refused.error.status == 409
+        assert refused.error.headers["Clear-Site-Data"] == '"cache", "storage"'  # never "cookies": the whole site's
+        (cookie,) = refused.error.cookies  # the new owner's mark
+        assert cookie.startswith(f"codehub_owner={world.sessions.owner_marks('4000-ws.localhost:8080', 'bob')[0]};")
+    # One set for the shared parent domain (plain HTTP: a page elsewhere can) is refused once, and beside the mark
+    # that refusal sets it is no mark: not a refusal for good.
+    planted = plan(facts("/", host="4000-ws.localhost:8080", Cookie="codehub_owner=planted"), world)
+    assert isinstance(planted, Refuse)
+    (cookie,) = planted.error.cookies
+    both = f"{cookie.partition(';')[0]}; codehub_owner=planted"
+    beside = plan(facts("/", host="4000-ws.localhost:8080", Cookie=both), world)
+    assert isinstance(beside, Forward)
