@@ -39,6 +39,27 @@ async def test_refused_port_is_a_502_page_for_browsers(proxied: MakeProxied, bro
     assert "Try again now" in body
 
 
+@pytest.mark.parametrize(("fetch_metadata", "by_itself"), [
+    ({"Sec-Fetch-Site": "none"}, True),  # typed, a bookmark
+    ({"Sec-Fetch-Site": "same-origin"}, True),  # its own reload, its button
+    ({"Sec-Fetch-Site": "same-site", "Sec-Fetch-User": "?1"}, True),  # a link clicked on another preview
+    ({"Sec-Fetch-Site": "same-site"}, False),  # a script's navigation on another preview, no click
+    ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Dest": "iframe"}, False),  # a frame on another site
+])
+async def test_a_502_page_tries_again_by_itself_only_when_the_visitor_brought_it(
+        proxied: MakeProxied, fetch_metadata: dict[str, str], by_itself: bool) -> None:
+    """Its reload comes from the app's own origin, which may wake a sleeping workspace: a page elsewhere that sent
+    its visitor's tab (or a frame) there must not leave it reloading, and waking it, for as long as it stays open
+    (``test_a_page_a_preview_sent_its_visitor_to_does_not_wake_their_workspace_by_itself``, real Chromium)."""
+    p = await proxied(None)
+    headers = {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document", "Accept": "text/html", **fetch_metadata}
+    async with p.request("GET", "/", headers=headers) as response:
+        assert response.status == 502
+        body = await assert_clean(response)
+    assert ('<meta http-equiv="refresh"' in body) is by_itself
+    assert "Try again now" in body
+
+
 async def test_a_page_for_a_form_sent_does_not_send_it_again_as_a_get(proxied: MakeProxied) -> None:
     """A reload by ``<meta http-equiv="refresh">``, or a link to the page itself, is a GET: after a POST it would
     not try the form again, so the page says what is wrong and offers neither."""
