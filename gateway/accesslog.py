@@ -37,6 +37,24 @@ def log_text(value: str | None) -> str:
     return "null" if value is None else encode_basestring_ascii(value)
 
 
+_MOST_LINE = select.PIPE_BUF - 1
+"""Characters of an access line (ASCII), its newline not counted. Worker processes share one pipe (a container's
+output), where a longer write may be interleaved with another worker's: a client's 8 KB path would have cut another
+request's line in two, and a log reader would have lost both. What a client chose (method, host, path, user) is
+cut short in such a line, which says ``"cut":true``; the rest of a line takes a few hundred characters at most."""
+
+
+def _cut(value: str | None, most: int) -> str:
+    """``value`` as ``log_text`` writes it, in at most ``most`` characters: cut short, its end marked ``...``
+    (escaped, a character takes up to twelve)."""
+    escaped = log_text(value)
+    for keep in (most - 5, (most - 5) // 12):
+        if value is None or len(escaped) <= most:
+            break
+        escaped = log_text(value[:keep] + "...")
+    return escaped
+
+
 class OneLineFormatter(logging.Formatter):
     """The gateway's other logs, as text lines that quote what others chose (an event's text from the cluster, a
     workspace's last line of output, an IdP's error): a line break in it would make a line that looks like the
@@ -71,11 +89,13 @@ class AccessLog:
             where = '"kind":null,"workspace":null,"port":null'
         path = None if raw_path is None else raw_path.partition("?")[0]
         why = "" if reason is None else f',"reason":{text(reason)}'
-        line = (
-            f'{{"ts":{time.time():.3f},"remote":{text(remote)},"method":{text(method)},'
-            f'"host":{text(host)},"path":{text(path)},"status":{status},'
-            f'"bytes":{length},"ms":{seconds * 1000:.2f},{where},"user":{text(user)}{why}}}'
-        )
+        head = f'{{"ts":{time.time():.3f},"remote":{text(remote)},"method":{text(method)},'
+        tail = f',"status":{status},"bytes":{length},"ms":{seconds * 1000:.2f},{where},'
+        line = f'{head}"host":{text(host)},"path":{text(path)}{tail}"user":{text(user)}{why}}}'
+        if len(line) > _MOST_LINE:  # what a client chose, cut: the line must go out in one write (``_MOST_LINE``)
+            head = f'{{"ts":{time.time():.3f},"remote":{text(remote)},"method":{_cut(method, 100)},'
+            line = (f'{head}"host":{_cut(host, 600)},"path":{_cut(path, 2000)}{tail}"user":{_cut(user, 400)}'
+                    f'{why},"cut":true}}')
         if self._sink is not None:
             self._sink.write_line(line)
         else:  # straight to the handlers: Logger.info would also walk the stack to find the caller

@@ -15,7 +15,16 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from gateway.accesslog import REFUSED, TARGET, UNREAD, USER, WRITTEN, AccessLogger, BufferedLineHandler
+from gateway.accesslog import (
+    REFUSED,
+    TARGET,
+    UNREAD,
+    USER,
+    WRITTEN,
+    AccessLog,
+    AccessLogger,
+    BufferedLineHandler,
+)
 from gateway.edge.routing import Kind, Target
 from tests.server.conftest import MakeProxied, three_chunks
 
@@ -61,6 +70,50 @@ def test_one_json_line_per_request_without_the_query(pipe: tuple[int, int], thro
         "status": 201, "bytes": 0, "ms": 12.3, "kind": "preview", "workspace": "ws1", "port": 3000, "user": "alice",
     }
     assert "shr_secret" not in line
+
+
+@pytest.mark.parametrize(("method", "host", "path", "user"), [
+    ("GET", "h", "/" + "a" * 8000, None),
+    ("GET", "h", "/" + "\u00e9" * 4000, "\U0001f600" * 2000),  # six and twelve characters each, escaped
+    ("M" * 8000, "h" * 8000, "/" + '"' * 8000, "\\" * 8000),
+    ("\U0001f600" * 900, "\U0001f600" * 900, "/" + "\U0001f600" * 900, "\U0001f600" * 900),
+], ids=["ascii path", "escaped", "every field", "every field escaped"])
+def test_a_line_of_a_clients_long_values_is_cut_to_one_pipe_write(pipe: tuple[int, int], method: str, host: str,
+                                                                   path: str, user: str | None) -> None:
+    """Worker processes share one pipe, where a write longer than ``PIPE_BUF`` may be interleaved with another
+    worker's: a client's 8 KB path would have cut another request's line in two. Its own line is cut short instead,
+    and says so; its start is kept."""
+    read, write = pipe
+    handler = BufferedLineHandler(write)
+    AccessLog(_logger("codehub.access.test_cut", handler)).write(
+        remote="127.0.0.1", method=method, host=host, raw_path=path, status=404, length=0, seconds=0.001,
+        target=Target(Kind.PREVIEW, "ws1", 3000, "/"), user=user, reason="no-route")
+    handler.flush()
+    line = os.read(read, 65536)
+    assert line.endswith(b"\n")
+    assert line.count(b"\n") == 1
+    assert len(line) <= select.PIPE_BUF
+    record = json.loads(line)
+    assert record["cut"] is True
+    for field, sent in (("method", method), ("host", host), ("path", path), ("user", user)):
+        kept = record[field]
+        assert kept == sent or (kept.endswith("...") and sent is not None and sent.startswith(kept[:-3])), field
+    assert (record["status"], record["workspace"], record["reason"]) == (404, "ws1", "no-route")
+    if path.isascii():
+        assert len(record["path"]) > 1000  # as much as fits of a path that escapes to itself
+
+
+def test_a_line_that_fits_is_not_cut(pipe: tuple[int, int]) -> None:
+    read, write = pipe
+    handler = BufferedLineHandler(write)
+    path = "/" + "a" * 3500  # with the rest, just under PIPE_BUF
+    AccessLog(_logger("codehub.access.test_fits", handler)).write(
+        remote="127.0.0.1", method="GET", host="h", raw_path=path, status=200, length=0, seconds=0.001,
+        target=None, user=None)
+    handler.flush()
+    record = json.loads(os.read(read, 65536))
+    assert record["path"] == path
+    assert "cut" not in record
 
 
 async def test_buffered_lines_are_written_whole(pipe: tuple[int, int]) -> None:
