@@ -62,6 +62,8 @@ _RUNNING, _OWNER, _COLLABORATOR, _ADMIN = Phase.RUNNING, Reason.OWNER, Reason.CO
 """Read as globals on every request: Python 3.11 looks enum members up through a slow ``__getattr__`` hook."""
 OWNER_MARK = "owner"
 """The cookie on a workspace's host that says whose workspace registered a service worker there (``_name_reused``)."""
+_OWNER_MARK_NAMES = (cookie_name(OWNER_MARK, False), cookie_name(OWNER_MARK, True))
+"""Its name over plain HTTP and under HTTPS: looked up on every request to a workspace's host."""
 OWNER_MARK_AGE = 400 * 86400
 """As long as Chromium keeps a cookie: a service worker outlives a cookie that ends with the browser's session."""
 CLEARED = '"cache", "storage"'
@@ -427,7 +429,7 @@ class _Request:
         for the shared parent domain, over plain HTTP, by a page elsewhere: beside the host's own it would refuse
         every request there for good)."""
         state, facts = self.state, self.facts
-        name = cookie_name(OWNER_MARK, self.world.secure)
+        name = _OWNER_MARK_NAMES[self.world.secure]
         sent = read_cookie(facts.headers, name)
         if sent is None or not cookie_is_alone(facts.headers, name):
             return None
@@ -443,7 +445,7 @@ class _Request:
         return Refuse(error=error, target=self.target)
 
     def _owner_mark(self, mark: str) -> str:
-        return set_cookie(cookie_name(OWNER_MARK, self.world.secure), mark, max_age=OWNER_MARK_AGE,
+        return set_cookie(_OWNER_MARK_NAMES[self.world.secure], mark, max_age=OWNER_MARK_AGE,
                           secure=self.world.secure, embedded=is_embedded(self.facts.headers))
 
     def _marking(self, rules: ResponseRules, mark: str) -> ResponseRules:
