@@ -37,11 +37,12 @@ def log_text(value: str | None) -> str:
     return "null" if value is None else encode_basestring_ascii(value)
 
 
-_MOST_LINE = select.PIPE_BUF - 1
-"""Characters of an access line (ASCII), its newline not counted. Worker processes share one pipe (a container's
-output), where a longer write may be interleaved with another worker's: a client's 8 KB path would have cut another
-request's line in two, and a log reader would have lost both. What a client chose (method, host, path, user) is
-cut short in such a line, which says ``"cut":true``; the rest of a line takes a few hundred characters at most."""
+_MOST_CHOSEN = 100 + 600 + 2000 + 400
+"""Characters of an access line, escaped, that its client chose (method, host, path, user): what makes a line long.
+Worker processes share one pipe (a container's output), where a write over ``PIPE_BUF`` may be interleaved with
+another worker's: a client's 8 KB path would have cut another request's line in two, and a log reader would have lost
+both. Past this those four are cut short (the budgets add up to it), and the line says ``"cut":true``; the rest of a
+line (time, address, status, workspace, the gateway's reason) takes a few hundred characters at most."""
 
 
 def _cut(value: str | None, most: int) -> str:
@@ -89,13 +90,15 @@ class AccessLog:
             where = '"kind":null,"workspace":null,"port":null'
         path = None if raw_path is None else raw_path.partition("?")[0]
         why = "" if reason is None else f',"reason":{text(reason)}'
-        head = f'{{"ts":{time.time():.3f},"remote":{text(remote)},"method":{text(method)},'
-        tail = f',"status":{status},"bytes":{length},"ms":{seconds * 1000:.2f},{where},'
-        line = f'{head}"host":{text(host)},"path":{text(path)}{tail}"user":{text(user)}{why}}}'
-        if len(line) > _MOST_LINE:  # what a client chose, cut: the line must go out in one write (``_MOST_LINE``)
-            head = f'{{"ts":{time.time():.3f},"remote":{text(remote)},"method":{_cut(method, 100)},'
-            line = (f'{head}"host":{_cut(host, 600)},"path":{_cut(path, 2000)}{tail}"user":{_cut(user, 400)}'
-                    f'{why},"cut":true}}')
+        method_t, host_t, path_t, user_t = text(method), text(host), text(path), text(user)
+        if len(method_t) + len(host_t) + len(path_t) + len(user_t) > _MOST_CHOSEN:
+            method_t, host_t, path_t, user_t = _cut(method, 100), _cut(host, 600), _cut(path, 2000), _cut(user, 400)
+            why += ',"cut":true'
+        line = (
+            f'{{"ts":{time.time():.3f},"remote":{text(remote)},"method":{method_t},'
+            f'"host":{host_t},"path":{path_t},"status":{status},'
+            f'"bytes":{length},"ms":{seconds * 1000:.2f},{where},"user":{user_t}{why}}}'
+        )
         if self._sink is not None:
             self._sink.write_line(line)
         else:  # straight to the handlers: Logger.info would also walk the stack to find the caller
