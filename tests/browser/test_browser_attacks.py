@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from playwright.async_api import Page
 
 from gateway.auth.keys import load_or_create
 from gateway.config import Config
@@ -21,23 +20,11 @@ from gateway.lifecycle import Phase
 from gateway.server.app import build_app
 from gateway.server.fastlane import GatewayRunner
 from tests.browser.conftest import Browser, TlsStack, app_command, next_address, screenshot
+from tests.browser.test_wake_elsewhere import alice_on_her_app
 from tests.kube.support import until
 from tests.peers.idp.fixture import free_loopback_port
 
 WORKER_APP = Path(__file__).resolve().with_name("apps") / "worker_app.py"
-
-
-async def _alice_on_her_app(browser: Browser, stack: TlsStack) -> Page:
-    """Alice signed in and opened her private app, so she holds its cookie; it is running."""
-    app = stack.share_url("vic", 8000)
-    context = await browser.launch(third_party_cookies=False, extra_args=("--ignore-certificate-errors",))
-    page = await context.new_page()
-    await page.goto(app)
-    await page.locator("#user").fill("alice")
-    async with page.expect_navigation():
-        await page.locator("button[type=submit]").click()
-    await page.locator("#app").wait_for()
-    return page
 
 
 async def test_a_page_a_preview_sent_its_visitor_to_does_not_wake_their_workspace_by_itself(
@@ -51,7 +38,7 @@ async def test_a_page_a_preview_sent_its_visitor_to_does_not_wake_their_workspac
     the 431 page does; else its button is the visitor's to click."""
     stack = tls_stack
     runtime = stack.gateway.runtime
-    page = await _alice_on_her_app(browser, stack)
+    page = await alice_on_her_app(browser, stack)
     nothing = stack.share_url("vic", 8001)  # her workspace's, where no dev server listens (yet)
 
     await page.context.add_init_script(f"if (location.hash === '#away') location.href = {nothing + '?script'!r};")
@@ -83,7 +70,7 @@ async def test_a_502_page_the_visitor_opened_themselves_still_tries_again_by_its
     """The page a visitor's own navigation brought (typed, a bookmark) keeps trying by itself, as before: a dev
     server being started shows up without a click."""
     stack = tls_stack
-    page = await _alice_on_her_app(browser, stack)
+    page = await alice_on_her_app(browser, stack)
     await page.goto(stack.share_url("vic", 8001))
     await page.get_by_role("link", name="Try again now").wait_for()
     assert await page.locator('meta[http-equiv="refresh"]').count() == 1

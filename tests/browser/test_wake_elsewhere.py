@@ -35,9 +35,8 @@ _BACKGROUND = """([url, events]) => {
 }"""
 
 
-async def _alice_left_her_app(browser: Browser, stack: TlsStack) -> Page:
-    """Alice signed in and opened her private app (its waiting page woke it), so she holds its cookie; then she left
-    it, and it went to sleep."""
+async def alice_on_her_app(browser: Browser, stack: TlsStack) -> Page:
+    """Alice signed in and opened her private app (its waiting page woke it), so she holds its cookie."""
     app = stack.share_url("vic", 8000)
     context = await browser.launch(third_party_cookies=False, extra_args=("--ignore-certificate-errors",))
     page = await context.new_page()
@@ -47,6 +46,12 @@ async def _alice_left_her_app(browser: Browser, stack: TlsStack) -> Page:
         await page.locator("button[type=submit]").click()
     await page.locator("#app").wait_for()
     assert page.url == app
+    return page
+
+
+async def _alice_left_her_app(browser: Browser, stack: TlsStack) -> Page:
+    """Then she left it, and it went to sleep."""
+    page = await alice_on_her_app(browser, stack)
     await stack.gateway.runtime.stop("vic")
     return page
 
