@@ -210,18 +210,6 @@ async def test_the_gateways_own_endpoint_takes_a_body_of_exactly_its_limit(make_
     assert answer.startswith(first), answer
 
 
-async def test_an_api_call_with_a_chunked_body_is_told_to_go_on(make_gateway: MakeGateway) -> None:
-    """Its length is not known before it came: it is read (within ``limits.body``), not refused on its head."""
-    client = await make_gateway(workspaces={})
-    session = client.app[GATEWAY].auth.sessions.issue(Identity("alice"), HUB)
-    body = b'{"name": "chunked"}'
-    answer = await _uploaded(
-        client, f"POST /api/v1/tokens HTTP/1.1\r\nHost: {HUB}\r\nOrigin: http://{HUB}\r\nAccept: application/json\r\n"
-        f"Cookie: codehub_session={session}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
-        "Connection: close\r\n", b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
-    assert answer.startswith(b"HTTP/1.1 201 "), answer
-
-
 @pytest.mark.parametrize("lane", ["preview", "own API"])
 async def test_an_expectation_other_than_100_continue_is_a_417(proxied: MakeProxied, lane: str) -> None:
     """RFC 9110 §10.1.1: an expectation the server does not know fails the request; only ``100-continue`` (in any
@@ -239,15 +227,18 @@ async def test_an_expectation_other_than_100_continue_is_a_417(proxied: MakeProx
     assert first.startswith(b"HTTP/1.1 417 "), first
 
 
-async def test_an_api_call_is_told_to_go_on_once_it_may(make_gateway: MakeGateway) -> None:
-    """A script's JSON (curl sends ``Expect`` with a large one), once its caller is known."""
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_an_api_call_is_told_to_go_on_once_it_may(make_gateway: MakeGateway, chunked: bool) -> None:
+    """A script's JSON (curl sends ``Expect`` with a large one), once its caller is known; ``chunked``: its length
+    is not known before it came, so it is read (within ``limits.body``), not refused on its head."""
     client = await make_gateway(workspaces={})
     session = client.app[GATEWAY].auth.sessions.issue(Identity("alice"), HUB)
     body = b'{"name": "from a script"}'
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(body)}"
     answer = await _uploaded(
         client, f"POST /api/v1/tokens HTTP/1.1\r\nHost: {HUB}\r\nOrigin: http://{HUB}\r\nAccept: application/json\r\n"
-        f"Cookie: codehub_session={session}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        "Connection: close\r\n", body)
+        f"Cookie: codehub_session={session}\r\nContent-Type: application/json\r\n{framing}\r\n"
+        "Connection: close\r\n", b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked else body)
     assert answer.startswith(b"HTTP/1.1 201 "), answer
     assert b'"name": "from a script"' in answer
 
