@@ -83,6 +83,75 @@ async def test_upstreams_in_use_are_never_forgotten(make_upstream: MakeUpstream)
         pool.close()
 
 
+async def test_an_upstream_with_a_kept_alive_or_streaming_connection_is_not_forgotten(
+        make_upstream: MakeUpstream) -> None:
+    """Quiet means no connection either: one kept alive (idle) stays with its upstream, to be taken again and
+    closed by the sweep or ``close`` (forgotten with its upstream, the socket stayed open, out of every count), and an
+    event stream's connection (which holds no place in flight) comes back to the upstream it belongs to when the
+    stream ends, as does one a request holds in flight (forgotten, that upstream's counts were gone: ``KeyError`` as
+    the exchange closed; the held one's connect was proven long before, so only its place in flight shows it)."""
+    release, arrived, held = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def page(request: web.Request) -> web.Response:
+        if request.query.get("held"):
+            arrived.set()
+            await held.wait()
+        return web.Response(text="ok")
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: a\n\n")
+        await release.wait()
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    app.router.add_get("/events", events)
+    address = next_address()
+    server = await make_upstream(app, address, 0)
+    assert server.port is not None
+    pool = UpstreamPool(connect_timeout=5, first_byte_timeout=10, read_timeout=10, queue_timeout=10)
+
+    async def others(first: int) -> None:
+        nowhere = next_address()
+        for port in range(first, first + 2 * MOST_QUIET_UPSTREAMS):
+            with pytest.raises(ConnectFailed):
+                await pool.request(nowhere, port, "GET", "/", CIMultiDict(Host="x"), None)
+
+    try:
+        answer, exchange = await pool.request(address, server.port, "GET", "/", CIMultiDict(Host="x"), None)
+        assert await answer.read_exactly(2) == b"ok"
+        exchange.close()
+        assert pool.connections() == (1, 0)
+        await others(20000)
+        assert pool.connections() == (1, 0)  # still known, with the upstream it belongs to
+        answer, exchange = await pool.request(address, server.port, "GET", "/events", CIMultiDict(Host="x"), None)
+        assert pool.connections() == (0, 1)
+        await others(30000)
+        assert pool.connections() == (0, 1)
+        release.set()
+        async with asyncio.timeout(10):
+            while await answer.read_chunk():
+                pass
+        exchange.close()
+        assert pool.connections() == (1, 0)
+        # In flight on that kept-alive connection (its connect long proven): its place is what holds it.
+        in_flight = asyncio.ensure_future(pool.request(address, server.port, "GET", "/?held=1", CIMultiDict(Host="x"),
+                                                       None))
+        async with asyncio.timeout(10):
+            await arrived.wait()
+        await others(40000)
+        held.set()
+        answer, exchange = await in_flight
+        assert await answer.read_exactly(2) == b"ok"
+        exchange.close()
+        assert pool.connections() == (1, 0)
+    finally:
+        pool.close()
+
+
 class _Comments(BaseHTTPRequestHandler):
     """An app on the standard library's HTTP server, kept alive (``python3 -m http.server --protocol HTTP/1.1``
     reads requests the same way): ``GET`` answers the path, ``POST /comments`` keeps its body, ``GET /comments``
