@@ -1515,6 +1515,8 @@ def _marked_by(world: World) -> str:
     assert cookie.startswith("codehub_owner="), cookie
     assert "HttpOnly" in cookie, cookie
     assert "Domain" not in cookie, cookie  # host-only
+    assert f"Max-Age={400 * 86400};" in cookie, cookie  # as long as Chromium keeps one: a worker outlives a session
+    assert "SameSite=Lax" in cookie, cookie
     return cookie.partition(";")[0]
 
 
@@ -1537,6 +1539,9 @@ def test_a_browser_marked_by_another_owner_of_the_name_is_told_to_drop_what_it_k
     state = world.states["ws"]
     world.keys = world.keys.rotated(keep_for=3600)
     world.sessions.forget_cached()
+    # Marks set from now on are made with the new key (the one kept after the old is dropped from the keys file).
+    assert world.sessions.owner_marks("4000-ws.localhost:8080", "alice")[1] == mark.partition("=")[2]
+    assert world.sessions.owner_marks("4000-ws.localhost:8080", "alice")[0] != mark.partition("=")[2]
     same = plan(facts("/", host="4000-ws.localhost:8080", Cookie=mark, **NAVIGATE), world)
     assert isinstance(same, Forward), same  # the same owner's, made before the keys rotated
     world.states["ws"] = dataclasses.replace(state, spec=dataclasses.replace(state.spec, owner="bob"))
