@@ -19,7 +19,7 @@ from gateway.config import Config
 from gateway.lifecycle import Phase
 from gateway.server.app import build_app
 from gateway.server.fastlane import GatewayRunner
-from tests.browser.conftest import Browser, TlsStack, app_command, next_address, screenshot
+from tests.browser.conftest import SITE, Browser, MakeStack, TlsStack, app_command, next_address, screenshot
 from tests.browser.test_wake_elsewhere import alice_on_her_app
 from tests.kube.support import until
 from tests.peers.idp.fixture import free_loopback_port
@@ -135,3 +135,39 @@ async def test_a_service_worker_a_names_former_owner_left_does_not_answer_for_th
         assert await page.locator("#hijacked").count() == 0
         assert await page.locator("#user").text_content() == "alice"
         await screenshot(page, "attack-a-former-owners-service-worker-is-gone")
+
+
+async def test_a_mark_planted_for_the_site_over_plain_http_is_refused_once_in_a_frame_too(
+        browser: Browser, make_stack: MakeStack) -> None:
+    """Over plain HTTP a preview's script can set an owner's mark for the shared parent domain (here ``codehub.test``,
+    one site, as under a real preview domain, and not a secure context as ``*.localhost`` is). The README says each
+    other preview its visitor opens then answers once with ``409 name-reused``, and after it (the refusal sets the
+    host's own mark) the two marks count as none. So it is in a frame (mallory's page framing alice's preview, same
+    site): a frame's cookie (``SameSite=None; Secure; Partitioned``) would be refused from a plain HTTP origin and
+    leave the planted mark alone, refused at every load, but Chromium sends no Fetch Metadata there, so the refusal
+    sets an ordinary mark (and ignores its ``Clear-Site-Data``: no service worker can be registered there either)."""
+    stack = await make_stack({"demo": {"owner": "alice", "ports": {3000: "public"}, "command": app_command(3000)},
+                              "evil": {"owner": "mallory", "ports": {3000: "public"}, "command": app_command(3000)}},
+                             domain=SITE)
+    context = await browser.launch(third_party_cookies=False)
+    page = await context.new_page()
+    demo = stack.share_url("demo", 3000)
+    await page.goto(demo)  # the visitor has used alice's preview (it is awake)
+    await page.locator("#app").wait_for()
+    await page.goto(stack.share_url("evil", 3000))
+    await page.locator("#app").wait_for()
+    frame = """async ([url]) => {
+        const frame = document.createElement("iframe");
+        const loaded = new Promise((done) => { frame.onload = done; });
+        frame.src = url;
+        document.body.append(frame);
+        await loaded;
+        frame.remove(); }"""
+    await page.evaluate(f"document.cookie = 'codehub_owner=planted; Domain={SITE}; Path=/'")
+    host = f"3000-demo.{SITE}:{stack.port}"
+    for _ in range(3):
+        await page.evaluate(frame, [demo])
+    answers = [status for method, seen, path, status in stack.responses if seen == host and path == "/"]
+    assert answers[-4:] == [200, 409, 200, 200], answers  # refused once, not at every load
+    marks = [cookie for cookie in await context.cookies() if cookie["name"] == "codehub_owner"]
+    assert sorted(cookie["domain"] for cookie in marks) == sorted([f".{SITE}", f"3000-demo.{SITE}"]), marks
