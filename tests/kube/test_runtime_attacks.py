@@ -20,6 +20,7 @@ from kmock._internal import rendering  # Response(status=..., payload=...), as t
 
 from gateway.errors import NotFound
 from gateway.lifecycle import LifecycleError, Phase, WorkspaceSpec
+from gateway.lifecycle.kubernetes.client import POD as PODS
 from gateway.lifecycle.kubernetes.client import PVC as CLAIMS
 from gateway.lifecycle.kubernetes.objects import WorkspaceResource, labels, make_workspace
 from gateway.server.app import build_app
@@ -186,3 +187,56 @@ async def test_a_wake_on_a_replica_that_missed_the_names_passing_does_not_delete
         assert now["metadata"]["uid"] == home["metadata"]["uid"]
     finally:
         done.set()
+
+
+async def test_an_archive_that_waited_after_its_stop_does_not_archive_a_namesake(
+        kube: KubeEnv, make_runtime: MakeRuntime, pod_ips: PodIPs) -> None:
+    """Mallory asks replica A to archive her sleeping workspace ``demo`` twice. The first archives (its snapshot takes
+    its time); the second has stopped it already (nothing to stop) and waits its turn to archive. Meanwhile she
+    deletes ``demo``, and Victim makes a workspace called ``demo`` through replica B, works in it and lets it sleep
+    (its home kept, WARM). When the first archive ends, the second must not go on by the name: Victim's home would
+    be snapshotted and, the snapshot ready, deleted (their workspace made COLD, and its next wake slow, by
+    Mallory's word). It is for the Workspace it was asked for (404), and no snapshot of Victim's is asked for."""
+    emu = kube.emulator
+    async with FakeKubelet(emu, pod_ip=pod_ips, ready_snapshots=False):
+        a = await make_runtime("gw-a", request_timeout=30)
+        b = await make_runtime("gw-b")
+        await a.create_workspace(WorkspaceSpec(id="demo", owner="mallory"))
+        await a.wake("demo")
+        await a.stop("demo")  # WARM: the home is kept, and may be archived
+        snapshots: list[str] = []
+        holding, release = asyncio.Event(), asyncio.Event()
+
+        async def slow_snapshot(request: kmock.Request) -> Any:
+            snapshots.append(str(request.data))
+            holding.set()
+            await release.wait()
+            return rendering.Response(status=422, payload=k8s_status(422, "Invalid", "the snapshot is refused"))
+
+        emu["post", VOLUME_SNAPSHOT] << slow_snapshot
+        first, second = asyncio.create_task(a.archive("demo")), asyncio.create_task(a.archive("demo"))
+        await asyncio.wait_for(holding.wait(), 10)
+        assert not second.done()
+        await b.delete("demo")
+        await until(lambda: emu.get_object(WORKSPACE, NS, "demo") is None)
+        await b.create_workspace(WorkspaceSpec(id="demo", owner="victim"))
+        assert (await b.wake("demo")).phase is Phase.RUNNING
+        assert (await b.stop("demo")).phase is Phase.WARM
+        home = emu.get_object(PVC, NS, "ws-demo-home")
+        assert home is not None
+
+        def a_sees_theirs() -> bool:
+            state = a.get("demo")
+            return state is not None and state.spec.owner == "victim" and a.view.cached(PODS, "ws-demo") is None
+
+        await until(a_sees_theirs)
+        release.set()
+        with contextlib.suppress(LifecycleError):
+            await first
+        with pytest.raises(NotFound):
+            await second
+        assert len(snapshots) == 1, snapshots  # Mallory's only
+        now = emu.get_object(PVC, NS, "ws-demo-home")
+        assert now is not None
+        assert now["metadata"]["uid"] == home["metadata"]["uid"]
+        assert not now["metadata"].get("deletionTimestamp"), now
