@@ -329,7 +329,7 @@ def grant_facts(facts: Facts, secure: bool) -> Facts:
 
 
 _FRAMING_RULES: dict[tuple[int, bool], tuple[Policy, ResponseRules]] = {}
-_MARKED_RULES: dict[tuple[int, str, bool], tuple[ResponseRules, ResponseRules]] = {}
+_MARKED_RULES: dict[tuple[int, str], tuple[ResponseRules, ResponseRules]] = {}
 
 
 def _framing_rules(policy: Policy, drop_cors: bool) -> ResponseRules:
@@ -445,12 +445,15 @@ class _Request:
         return Refuse(error=error, target=self.target)
 
     def _owner_mark(self, mark: str) -> str:
-        return set_cookie(_OWNER_MARK_NAMES[self.world.secure], mark, max_age=OWNER_MARK_AGE,
-                          secure=self.world.secure, embedded=is_embedded(self.facts.headers))
+        """The host's own ``SameSite=Lax`` cookie, in a frame too: the mark a refusal there refused was sent to a frame
+        on the same site (a ``Lax`` one is sent to no other), where it may be replaced. A frame's cookie
+        (``SameSite=None; Partitioned``) would be kept beside it, not in its place: two marks from then on, which
+        count as none, and the host's next owner unseen."""
+        return set_cookie(_OWNER_MARK_NAMES[self.world.secure], mark, max_age=OWNER_MARK_AGE, secure=self.world.secure)
 
     def _marking(self, rules: ResponseRules, mark: str) -> ResponseRules:
-        """``rules`` that also set the owner's mark: made once per rules, mark and framing, a bounded number kept."""
-        key = (id(rules), mark, is_embedded(self.facts.headers))
+        """``rules`` that also set the owner's mark: made once per rules and mark, a bounded number kept."""
+        key = (id(rules), mark)
         made = _MARKED_RULES.get(key)
         if made is None or made[0] is not rules:
             if len(_MARKED_RULES) >= 4096:

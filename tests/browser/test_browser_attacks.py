@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from playwright.async_api import Request
 
 from gateway.auth.keys import load_or_create
 from gateway.config import Config
@@ -171,3 +172,42 @@ async def test_a_mark_planted_for_the_site_over_plain_http_is_refused_once_in_a_
     assert answers[-4:] == [200, 409, 200, 200], answers  # refused once, not at every load
     marks = [cookie for cookie in await context.cookies() if cookie["name"] == "codehub_owner"]
     assert sorted(cookie["domain"] for cookie in marks) == sorted([f".{SITE}", f"3000-demo.{SITE}"]), marks
+
+
+async def test_a_former_owners_mark_met_in_a_frame_is_replaced_not_joined(browser: Browser,
+                                                                          tls_stack: TlsStack) -> None:
+    """A visitor's browser holds the mark of ``vic``'s former owner (a worker their page registered when the name
+    was theirs). The first time it meets ``vic`` is in a frame on another preview of the site (mallory's page, or an
+    IDE's preview pane): the refusal there set the new owner's mark as a frame's cookie (``SameSite=None;
+    Partitioned``), which Chromium keeps beside the former owner's rather than in its place. From then on the
+    browser sent two marks, which count as none: that host's owner could change again and a worker left there would
+    answer the next owner's pages, unseen. The refusal's mark takes the place of the one it refused (a frame on the
+    same site is sent and may set the host's ordinary cookies; one on another site was sent no mark to refuse)."""
+    stack = tls_stack
+    vic = stack.share_url("vic", 8000)
+    context = await browser.launch(third_party_cookies=False, extra_args=("--ignore-certificate-errors",))
+    await context.add_cookies([{"name": "__Host-codehub_owner", "value": "former", "url": vic, "secure": True,
+                                "httpOnly": True, "sameSite": "Lax"}])
+    page = await context.new_page()
+    await page.goto(stack.share_url("mal", 3000))
+    await page.locator("#app").wait_for()
+    frame = """async ([url]) => {
+        const frame = document.createElement("iframe");
+        const loaded = new Promise((done) => { frame.onload = done; });
+        frame.src = url;
+        document.body.append(frame);
+        await loaded;
+        frame.remove(); }"""
+    await page.evaluate(frame, [vic])
+    host = f"8000-vic.{SITE}:{stack.port}"
+    assert [status for _method, seen, path, status in stack.responses if seen == host and path == "/"] == [409]
+    sent: list[str] = []
+
+    async def note(request: Request) -> None:
+        if request.url == vic:
+            sent.append((await request.all_headers()).get("cookie", ""))
+
+    page.on("request", note)
+    await page.goto(vic)  # opened by the visitor now: what its requests carry
+    mark = stack.gateway.auth.sessions.owner_marks(host, "alice")[0]
+    assert sent == [f"__Host-codehub_owner={mark}"], sent  # not the former owner's beside it: two, no mark

@@ -1545,7 +1545,8 @@ def test_a_browser_marked_by_another_owner_of_the_name_is_told_to_drop_what_it_k
     same = plan(facts("/", host="4000-ws.localhost:8080", Cookie=mark, **NAVIGATE), world)
     assert isinstance(same, Forward), same  # the same owner's, made before the keys rotated
     world.states["ws"] = dataclasses.replace(state, spec=dataclasses.replace(state.spec, owner="bob"))
-    for headers in ({"Cookie": mark, **NAVIGATE}, {"Cookie": mark, "Service_Worker": "script"}, {"Cookie": mark}):
+    for headers in ({"Cookie": mark, **NAVIGATE}, {"Cookie": mark, "Service_Worker": "script"}, {"Cookie": mark},
+                    {"Cookie": mark, "Sec_Fetch_Dest": "iframe"}):
         refused = plan(facts("/", host="4000-ws.localhost:8080", **headers), world)
         assert isinstance(refused, Refuse), refused
         assert isinstance(refused.error, NameReused)
@@ -1553,6 +1554,8 @@ def test_a_browser_marked_by_another_owner_of_the_name_is_told_to_drop_what_it_k
         assert refused.error.headers["Clear-Site-Data"] == '"cache", "storage"'  # never "cookies": the whole site's
         (cookie,) = refused.error.cookies  # the new owner's mark
         assert cookie.startswith(f"codehub_owner={world.sessions.owner_marks('4000-ws.localhost:8080', 'bob')[0]};")
+        assert "SameSite=Lax" in cookie, cookie  # in a frame too: in place of the refused one, not partitioned beside
+        assert "Partitioned" not in cookie, cookie
     # One set for the shared parent domain (plain HTTP: a page elsewhere can) is refused once, and beside the mark
     # that refusal sets it is no mark: not a refusal for good.
     planted = plan(facts("/", host="4000-ws.localhost:8080", Cookie="codehub_owner=planted"), world)
