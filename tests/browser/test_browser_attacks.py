@@ -144,9 +144,9 @@ async def test_a_mark_planted_for_the_site_over_plain_http_is_refused_once_in_a_
     one site, as under a real preview domain, and not a secure context as ``*.localhost`` is). The README says each
     other preview its visitor opens then answers once with ``409 name-reused``, and after it (the refusal sets the
     host's own mark) the two marks count as none. So it is in a frame (mallory's page framing alice's preview, same
-    site): a frame's cookie (``SameSite=None; Secure; Partitioned``) would be refused from a plain HTTP origin and
-    leave the planted mark alone, refused at every load, but Chromium sends no Fetch Metadata there, so the refusal
-    sets an ordinary mark (and ignores its ``Clear-Site-Data``: no service worker can be registered there either)."""
+    site): the refusal's mark is the host's ordinary cookie, which Chromium keeps from a plain HTTP origin (a
+    ``SameSite=None; Secure`` one it would refuse, leaving the planted mark alone, refused at every load). Chromium
+    ignores the ``Clear-Site-Data`` there: no service worker can be registered outside a secure context either."""
     stack = await make_stack({"demo": {"owner": "alice", "ports": {3000: "public"}, "command": app_command(3000)},
                               "evil": {"owner": "mallory", "ports": {3000: "public"}, "command": app_command(3000)}},
                              domain=SITE)
