@@ -1,6 +1,6 @@
 """``recover()`` for every state a crash can leave between the steps documented in ``lifecycle/archive.py``.
 
-archive: write ``X.tmp`` → rename to ``X`` → verify → rename home to ``home.removing`` → delete it;
+archive: write ``X.tmp`` → verify → rename to ``X`` → rename home to ``home.removing`` → delete it;
 restore: extract into ``home.restoring`` → rename to ``home`` → delete the archive.
 After recovery the workspace is exactly WARM (home) or exactly COLD (archive), and its data is all there.
 """
@@ -81,10 +81,10 @@ def test_tmp_archive_being_written(paths: tuple[Path, Path]) -> None:
     _assert_warm(home, archive, before)
 
 
-def test_home_next_to_an_archive_being_verified(paths: tuple[Path, Path]) -> None:
+def test_home_next_to_an_archive_renamed_into_place(paths: tuple[Path, Path]) -> None:
     home, archive = paths
     before = _home(home)
-    with tarfile.open(archive, "w:gz") as tar:  # renamed into place, not yet verified (or damaged)
+    with tarfile.open(archive, "w:gz") as tar:  # renamed into place, the home not yet moved (or it is damaged)
         tar.add(home / "README.md", arcname="README.md")
 
     recover(home, archive)
