@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from bench.http_load import run_wrk, write_script
-from bench.procs import Proc, Procs, cpu_seconds, free_port, wait_for_port
+from bench.procs import Proc, Procs, cpu_seconds, free_port, stop_on_sigterm, wait_for_port
 from bench.servers import (
     ROOT,
     Layout,
@@ -408,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # ten thousand held requests, both ends here
+    stop_on_sigterm()
     old, new = asyncio.run(run(args))
     rows = summary(old, new)
     text = markdown(old, new, rows)

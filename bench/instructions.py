@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.http_load import run_wrk, write_script
-from bench.procs import Proc, Procs, free_port, wait_for_port
+from bench.procs import Proc, Procs, free_port, stop_on_sigterm, wait_for_port
 from bench.scale import store as scale_store
 from bench.servers import ROOT, Layout, SignIn, gateway_command, gateway_config, gateway_target, start_upstream_nginx
 
@@ -114,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strace", action="store_true", help="count syscalls per request instead")
     parser.add_argument("--links", type=int, default=0, help="share links, and as many API tokens, in the store")
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     result = asyncio.run(measure(args.tree.resolve(), seconds=args.seconds,
                                  connections=args.connections, strace=args.strace, links=args.links))
     table = result.pop("table", None)

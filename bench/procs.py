@@ -17,6 +17,13 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def stop_on_sigterm() -> None:
+    """``timeout``, CI runners and service managers end a run with SIGTERM, which by default kills the harness
+    before it stops anything (its nginx, echo server and gateways ran on, holding their ports): it is taken as a
+    Ctrl-C instead, so the ``finally`` blocks stop what was started."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))

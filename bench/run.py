@@ -10,7 +10,6 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from typing import Any
 
 from bench import report
 from bench.http_load import run_wrk, write_script
-from bench.procs import Proc, Procs, free_port, wait_for_port
+from bench.procs import Proc, Procs, free_port, stop_on_sigterm, wait_for_port
 from bench.servers import (
     ROOT,
     Layout,
@@ -265,8 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"bench: {tool} is missing (Debian: apt-get install -y nginx-light wrk)", file=sys.stderr)
             return 2
-    # ``timeout``, CI runners and service managers end a run with SIGTERM: stop what it started, as on Ctrl-C.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    stop_on_sigterm()
     results = asyncio.run(run(args))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

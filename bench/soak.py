@@ -38,7 +38,7 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.procs import Proc, Procs, free_port, rss_bytes, wait_for_port
+from bench.procs import Proc, Procs, free_port, rss_bytes, stop_on_sigterm, wait_for_port
 from bench.servers import ROOT, USER, Layout, SignIn, gateway_command
 
 RESULTS = ROOT / "bench" / "results"
@@ -416,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                      "run, at most 10: RSS settled after about 9 in a 30-minute run)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     warmup = args.warmup if args.warmup is not None else min(10.0, args.minutes / 3)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

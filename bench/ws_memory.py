@@ -24,7 +24,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.procs import Proc, Procs, cpu_seconds, free_port, rss_bytes, wait_for_port
+from bench.procs import Proc, Procs, cpu_seconds, free_port, rss_bytes, stop_on_sigterm, wait_for_port
 from bench.servers import (
     ROOT,
     Layout,
@@ -157,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ticks", type=int, default=0,
                         help=f"also measure CPU over this many heartbeat ticks ({TICK_SECONDS:g} s each)")
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     results = asyncio.run(run(args))
     if results:
         print(f"median {statistics.median(results):.1f} KB per idle WebSocket over {len(results)} gateways")

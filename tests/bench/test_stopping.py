@@ -33,11 +33,20 @@ def _command(pid: int) -> str:
         return ""
 
 
-def test_a_run_ended_by_sigterm_stops_its_servers_and_gateways(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [
+    ["bench", "--quick", "--only", "http", "--proxies", "gateway", "--connections", "8", "--duration", "60",
+     "--workers", "1"],
+    ["bench.ab", "--old", "HEAD", "--only", "http", "--rounds", "1", "--connections", "8", "--duration", "60"],
+    ["bench.instructions", "--seconds", "60"],
+    ["bench.ws_memory", "--ws", "10", "--repeats", "1"],
+    ["bench", "soak", "--minutes", "1"],
+], ids=["bench", "bench.ab", "bench.instructions", "bench.ws_memory", "bench soak"])
+def test_a_run_ended_by_sigterm_stops_its_servers_and_gateways(tmp_path: Path, command: list[str]) -> None:
     """``timeout`` and CI runners end a run with SIGTERM, which killed the benchmark before it stopped anything: its
-    nginx, echo server and gateways ran on, holding their ports."""
-    run = subprocess.Popen([sys.executable, "-m", "bench", "--quick", "--only", "http", "--proxies", "gateway",
-                            "--connections", "8", "--duration", "60", "--workers", "1", "--out", str(tmp_path)],
+    nginx, echo server and gateways ran on, holding their ports (``bench.ab`` and ``bench.instructions`` did so until
+    they too took SIGTERM for a Ctrl-C)."""
+    out = [] if command[0] in ("bench.instructions", "bench.ws_memory") else ["--out", str(tmp_path)]
+    run = subprocess.Popen([sys.executable, "-m", *command, *out],
                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started: list[int] = []
     try:
