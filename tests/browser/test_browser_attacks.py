@@ -26,6 +26,14 @@ from tests.kube.support import until
 from tests.peers.idp.fixture import free_loopback_port
 
 WORKER_APP = Path(__file__).resolve().with_name("apps") / "worker_app.py"
+_IN_A_FRAME = """async ([url]) => {
+    const frame = document.createElement("iframe");
+    const loaded = new Promise((done) => { frame.onload = done; });
+    frame.src = url;
+    document.body.append(frame);
+    await loaded;
+    frame.remove(); }"""
+"""A page's script that loads ``url`` in a frame of its own, then takes the frame away."""
 
 
 async def test_a_page_a_preview_sent_its_visitor_to_does_not_wake_their_workspace_by_itself(
@@ -157,17 +165,10 @@ async def test_a_mark_planted_for_the_site_over_plain_http_is_refused_once_in_a_
     await page.locator("#app").wait_for()
     await page.goto(stack.share_url("evil", 3000))
     await page.locator("#app").wait_for()
-    frame = """async ([url]) => {
-        const frame = document.createElement("iframe");
-        const loaded = new Promise((done) => { frame.onload = done; });
-        frame.src = url;
-        document.body.append(frame);
-        await loaded;
-        frame.remove(); }"""
     await page.evaluate(f"document.cookie = 'codehub_owner=planted; Domain={SITE}; Path=/'")
     host = f"3000-demo.{SITE}:{stack.port}"
     for _ in range(3):
-        await page.evaluate(frame, [demo])
+        await page.evaluate(_IN_A_FRAME, [demo])
     answers = [status for method, seen, path, status in stack.responses if seen == host and path == "/"]
     assert answers[-4:] == [200, 409, 200, 200], answers  # refused once, not at every load
     marks = [cookie for cookie in await context.cookies() if cookie["name"] == "codehub_owner"]
@@ -191,14 +192,7 @@ async def test_a_former_owners_mark_met_in_a_frame_is_replaced_not_joined(browse
     page = await context.new_page()
     await page.goto(stack.share_url("mal", 3000))
     await page.locator("#app").wait_for()
-    frame = """async ([url]) => {
-        const frame = document.createElement("iframe");
-        const loaded = new Promise((done) => { frame.onload = done; });
-        frame.src = url;
-        document.body.append(frame);
-        await loaded;
-        frame.remove(); }"""
-    await page.evaluate(frame, [vic])
+    await page.evaluate(_IN_A_FRAME, [vic])
     host = f"8000-vic.{SITE}:{stack.port}"
     assert [status for _method, seen, path, status in stack.responses if seen == host and path == "/"] == [409]
     sent: list[str] = []

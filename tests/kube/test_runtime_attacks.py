@@ -23,6 +23,7 @@ from gateway.lifecycle import LifecycleError, Phase, WorkspaceSpec
 from gateway.lifecycle.kubernetes.client import POD as PODS
 from gateway.lifecycle.kubernetes.client import PVC as CLAIMS
 from gateway.lifecycle.kubernetes.objects import WorkspaceResource, labels, make_workspace
+from gateway.lifecycle.kubernetes.runtime import KubernetesRuntime
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
 from tests.auth.test_api_attacks import mallory_and_victim
@@ -84,6 +85,17 @@ async def test_a_change_whose_workspace_passed_to_someone_else_meanwhile_does_no
     assert state is None or state.spec.owner == "victim"
 
 
+async def _mallorys_sleeping_demo(make_runtime: MakeRuntime) -> tuple[KubernetesRuntime, KubernetesRuntime]:
+    """Replicas A and B, and mallory's workspace ``demo``, made and woken through A and stopped: WARM, its home
+    kept, so it may be archived."""
+    a = await make_runtime("gw-a", request_timeout=30)
+    b = await make_runtime("gw-b")
+    await a.create_workspace(WorkspaceSpec(id="demo", owner="mallory"))
+    await a.wake("demo")
+    await a.stop("demo")
+    return a, b
+
+
 async def test_operations_asked_for_before_a_workspace_passed_to_someone_else_do_not_act_on_theirs(
         kube: KubeEnv, make_runtime: MakeRuntime, pod_ips: PodIPs) -> None:
     """Mallory has replica A archive her workspace ``demo`` (its snapshot takes its time: a big home) and asks A to
@@ -96,11 +108,7 @@ async def test_operations_asked_for_before_a_workspace_passed_to_someone_else_do
     holds by the time its turn comes is another (404), and nothing of it is touched."""
     emu = kube.emulator
     async with FakeKubelet(emu, pod_ip=pod_ips, ready_snapshots=False):
-        a = await make_runtime("gw-a", request_timeout=30)
-        b = await make_runtime("gw-b")
-        await a.create_workspace(WorkspaceSpec(id="demo", owner="mallory"))
-        await a.wake("demo")
-        await a.stop("demo")  # WARM: the home is kept, and may be archived
+        a, b = await _mallorys_sleeping_demo(make_runtime)
         holding, release = asyncio.Event(), asyncio.Event()
 
         async def slow_snapshot(request: kmock.Request) -> Any:
@@ -199,11 +207,7 @@ async def test_an_archive_that_waited_after_its_stop_does_not_archive_a_namesake
     Mallory's word). It is for the Workspace it was asked for (404), and no snapshot of Victim's is asked for."""
     emu = kube.emulator
     async with FakeKubelet(emu, pod_ip=pod_ips, ready_snapshots=False):
-        a = await make_runtime("gw-a", request_timeout=30)
-        b = await make_runtime("gw-b")
-        await a.create_workspace(WorkspaceSpec(id="demo", owner="mallory"))
-        await a.wake("demo")
-        await a.stop("demo")  # WARM: the home is kept, and may be archived
+        a, b = await _mallorys_sleeping_demo(make_runtime)
         snapshots: list[str] = []
         holding, release = asyncio.Event(), asyncio.Event()
 
