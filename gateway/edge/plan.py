@@ -329,7 +329,6 @@ def grant_facts(facts: Facts, secure: bool) -> Facts:
 
 
 _FRAMING_RULES: dict[tuple[int, bool], tuple[Policy, ResponseRules]] = {}
-_MARKED_RULES: dict[tuple[int, str], tuple[ResponseRules, ResponseRules]] = {}
 
 
 def _framing_rules(policy: Policy, drop_cors: bool) -> ResponseRules:
@@ -450,16 +449,6 @@ class _Request:
         (``SameSite=None; Partitioned``) would be kept beside it, not in its place: two marks from then on, which
         count as none, and the host's next owner unseen."""
         return set_cookie(_OWNER_MARK_NAMES[self.world.secure], mark, max_age=OWNER_MARK_AGE, secure=self.world.secure)
-
-    def _marking(self, rules: ResponseRules, mark: str) -> ResponseRules:
-        """``rules`` that also set the owner's mark: made once per rules and mark, a bounded number kept."""
-        key = (id(rules), mark)
-        made = _MARKED_RULES.get(key)
-        if made is None or made[0] is not rules:
-            if len(_MARKED_RULES) >= 4096:
-                _MARKED_RULES.clear()
-            made = _MARKED_RULES[key] = (rules, dataclasses.replace(rules, cookies=(self._owner_mark(mark),)))
-        return made[1]
 
     # --- who, and may they ---------------------------------------------------------------------------------
     def _check(self) -> Credentials | Refuse | Redirect:
@@ -599,7 +588,8 @@ class _Request:
             put_ide_cookie(headers, world.ide_secret(state.spec))
         rules = self._response_rules()
         if "Service-Worker" in facts.headers and not self.marked:  # a worker's script, fetched to (re)register it
-            rules = self._marking(rules, world.sessions.owner_marks(self.audience, state.spec.owner)[0])
+            mark = world.sessions.owner_marks(self.audience, state.spec.owner)[0]
+            rules = dataclasses.replace(rules, cookies=(self._owner_mark(mark),))
         forward = Forward(
             workspace=state.id, address=state.address, port=port, tls=port in state.spec.https_ports,
             public_origin=self.origin, path=credentials.path, headers=headers, rules=rules,
