@@ -73,6 +73,14 @@ def wakes_from_here(headers: CIMultiDictProxy[str], own_origin: str, admits: Cal
     return same_origin_or_admitted(headers, own_origin, admits)
 
 
+def reloads_by_itself(headers: CIMultiDictProxy[str], own_origin: str) -> bool:
+    """May a page of the gateway's own answering this request reload by itself (the 502 page, the 431 relief)? Its
+    reload is a navigation from the host's own origin, which ``wakes_from_here`` lets wake a sleeping workspace:
+    only when the visitor's own navigation brought the page, not a frame nor a navigation a page's script started
+    elsewhere (whose tab would then wake the workspace at each reload, for as long as it stays open)."""
+    return wakes_from_here(headers, own_origin, lambda _origin: False)
+
+
 def rule_for(policy: Policy, port: int) -> CorsRule | None:
     return next((rule for rule in policy.cors if not rule.ports or port in rule.ports), None)
 

@@ -42,7 +42,7 @@ from multidict import CIMultiDictProxy
 
 from gateway.accesslog import REFUSED, UNREAD, AccessLog, AccessLogger
 from gateway.config import Limits
-from gateway.edge.cors import wakes_from_here
+from gateway.edge.cors import reloads_by_itself
 from gateway.edge.plan import wants_page
 from gateway.edge.routing import Hosts, normalise_host
 from gateway.errors import (
@@ -164,7 +164,7 @@ class CookiesTooLarge(HttpProcessingError):
     clears the largest cookies (``cookies``, ``Set-Cookie`` values), and is a page (``page``) when a browser
     navigates, framed as the host's pages are (``frame_headers``). Its button tries again when that is the same request
     (``retry``: a GET's); the page tries by itself only when the visitor's own navigation brought it (``refresh``):
-    its reload comes from the host's own origin, which may wake a sleeping workspace (``cors.wakes_from_here``),
+    its reload comes from the host's own origin, which may wake a sleeping workspace (``cors.reloads_by_itself``),
     and a frame, or a navigation a script started, must not get that by way of the cookies a page set."""
 
     def __init__(self, cookies: list[str], page: bool, retry: bool, refresh: bool,
@@ -236,7 +236,7 @@ class Relief:
             return None
         page, retry = wants_page(message.method, headers), message.method in ("GET", "HEAD")
         own = self.hosts.origin(host) if normalise_host(host, self.hosts.scheme) is not None else ""
-        refresh = retry and wakes_from_here(headers, own, lambda _origin: False)
+        refresh = retry and reloads_by_itself(headers, own)
         return CookiesTooLarge(cookies, page, retry, refresh, self.frame_headers(host) if page else {})
 
 

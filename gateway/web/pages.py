@@ -8,7 +8,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from gateway.accesslog import TARGET, log_text
-from gateway.edge.cors import wakes_from_here
+from gateway.edge.cors import reloads_by_itself
 from gateway.edge.plan import wants_page
 from gateway.edge.routing import Kind
 from gateway.errors import GatewayError, Redirect
@@ -59,17 +59,13 @@ def error_response(request: web.Request, error: GatewayError) -> web.StreamRespo
 
 
 def _tries_by_itself(request: web.Request) -> bool:
-    """Whether a page that tries again may do so by itself (``<meta http-equiv="refresh">``). Its reload is a
-    navigation from its host's own origin, which on a workspace's host may wake it (``cors.wakes_from_here``): there
-    only when the visitor's own navigation brought the page (typed, a link clicked, from that origin), as for the
-    431 page (``refusals.Relief``). A page elsewhere whose script sent its visitor's tab to a port where nothing
-    listens would otherwise leave that tab waking their workspace every 3 s for as long as it stays open, and
-    keeping it from sleeping meanwhile; it gets the button, which is the visitor's to click."""
+    """Whether a page that tries again may do so by itself (``<meta http-equiv="refresh">``): on the hub, always; on a
+    workspace's host as ``cors.reloads_by_itself`` says, as for the 431 page (``refusals.Relief``). Else it gets the
+    button, which is the visitor's to click."""
     target = request.get(TARGET)
     if target is None or target.kind is Kind.HUB:
         return True
-    return wakes_from_here(request.headers, request.app[GATEWAY].hosts.origin(request.headers["Host"]),
-                           lambda _origin: False)
+    return reloads_by_itself(request.headers, request.app[GATEWAY].hosts.origin(request.headers["Host"]))
 
 
 def error_page(app: web.Application, error: GatewayError, *, retry: bool, refresh: bool) -> str:
