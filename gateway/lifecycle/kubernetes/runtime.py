@@ -338,11 +338,10 @@ class KubernetesRuntime(Runtime):
 
     async def stop(self, workspace: str, *, uid: str | None = None) -> WorkspaceState:
         """``uid``: of the Workspace asked for, where the caller looked at it earlier (``archive``)."""
-        self.view.resource(workspace)
-        uid = self.view.uid(workspace) if uid is None else uid
+        asked = self.view.resource(workspace).uid if uid is None else uid
         slot = self.view.slot(workspace)
         async with slot.lock:
-            self._still(workspace, uid)
+            self._still(workspace, asked)
             self._require_api()  # even with no pod in the cache: a cache cut off from the API may be stale
             try:
                 pod = pod_name(workspace)
@@ -362,8 +361,7 @@ class KubernetesRuntime(Runtime):
             raise Conflict("COLD is disabled on this cluster (the VolumeSnapshot API is not installed); the "
                            "workspace can only sleep WARM.", code="cold-disabled")
         self._require_api(WORKSPACE, POD, PVC, SNAPSHOT)
-        self.view.resource(workspace)
-        uid = self.view.uid(workspace)
+        uid = self.view.resource(workspace).uid
         await self.stop(workspace, uid=uid)
         slot = self.view.slot(workspace)
         async with slot.lock:
