@@ -28,12 +28,12 @@ from tests.server.test_proxy_websocket import echo_app as ws_echo_app
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-async def _expecting(client: TestClient[web.Request, web.Application], head: str | bytes
+async def _expecting(client: TestClient[web.Request, web.Application], head: str | bytes, expect: str = "100-continue"
                      ) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
-    """Send ``head`` (with ``Expect: 100-continue``) and no body, as curl does with an upload: the first answer, and
-    the connection."""
+    """Send ``head`` (with ``Expect: 100-continue``, or ``expect``) and no body, as curl does with an upload: the
+    first answer, and the connection."""
     reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write((head if isinstance(head, bytes) else head.encode()) + b"Expect: 100-continue\r\n\r\n")
+    writer.write((head if isinstance(head, bytes) else head.encode()) + f"Expect: {expect}\r\n\r\n".encode())
     async with asyncio.timeout(10):
         return await reader.readuntil(b"\r\n\r\n"), reader, writer
 
@@ -216,14 +216,10 @@ async def test_an_expectation_other_than_100_continue_is_a_417(proxied: MakeProx
     case) is the gateway's to answer."""
     p = await proxied(echo_app())
     host, path = (p.host, "/upload") if lane == "preview" else (HUB, "/api/v1/tokens")
-    reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
-    try:
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nContent-Length: 5\r\n"
-                     "Expect: 200-ok\r\n\r\n".encode())
-        async with asyncio.timeout(10):
-            first = await reader.readuntil(b"\r\n\r\n")
-    finally:
-        writer.close()
+    first, _reader, writer = await _expecting(
+        p.client, f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nContent-Length: 5\r\n",
+        expect="200-ok")
+    writer.close()
     assert first.startswith(b"HTTP/1.1 417 "), first
 
 
