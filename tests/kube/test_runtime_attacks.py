@@ -244,3 +244,57 @@ async def test_an_archive_that_waited_after_its_stop_does_not_archive_a_namesake
         assert now is not None
         assert now["metadata"]["uid"] == home["metadata"]["uid"]
         assert not now["metadata"].get("deletionTimestamp"), now
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["collected", "held-by-a-finalizer"])
+async def test_a_namesakes_leftover_the_cache_missed_is_not_taken_for_the_new_owners(
+        kube: KubeEnv, make_runtime: MakeRuntime, pod_ips: PodIPs, held: bool) -> None:
+    """Mallory's workspace ``demo`` was deleted, and its home volume is still there (a busy garbage collector).
+    Victim makes a workspace called ``demo`` and wakes it through replica A, whose watch of volumes went silent (a
+    connection dropped without a word looks open for minutes) and so never showed A the leftover. A's create of the
+    home answered 409, which A took for "already there, ours": Victim's pod mounted Mallory's home (her shell
+    profile, her editor's extensions, run as Victim). A home of the name that the API shows to be another
+    Workspace's is removed and made again for Victim's, and Victim's workspace starts on its own; one that something
+    holds from going (a finalizer) fails the wake at its deadline, and no pod is made on it."""
+    emu = kube.emulator
+    a = await make_runtime("gw-a", start_timeout=2)
+    await a.create_workspace(WorkspaceSpec(id="demo", owner="victim"))
+    theirs = emu.get_object(WORKSPACE, NS, "demo")
+    assert theirs is not None
+    watching, done = asyncio.Event(), asyncio.Event()
+
+    async def quiet(request: kmock.Request) -> Any:
+        watching.set()
+
+        async def nothing() -> AsyncIterator[bytes]:
+            yield b""
+            await done.wait()
+
+        return rendering.Response(status=200, headers={"Content-Type": "application/json"}, payload=nothing())
+
+    emu["watch", PVC] << quiet
+    emu.drop_watches(PVC)
+    await asyncio.wait_for(watching.wait(), 10)
+    mallorys = {"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "name": "demo",
+                "uid": "uid-of-mallorys-deleted-demo", "controller": True}
+    try:
+        async with FakeKubelet(emu, pod_ip=pod_ips):
+            emu.controllers.paused_gc = True
+            leftover = emu.create_object(PVC, {
+                "metadata": {"name": "ws-demo-home", "ownerReferences": [mallorys], "labels": labels("demo"),
+                             "finalizers": ["example.com/held"] if held else []},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}, NS)
+            if held:
+                with pytest.raises(LifecycleError, match="removing the old PersistentVolumeClaim ws-demo-home"):
+                    await a.wake("demo")
+                assert emu.get_object(POD, NS, "ws-demo") is None
+            else:
+                assert (await a.wake("demo")).phase is Phase.RUNNING
+                for kind, name in ((PVC, "ws-demo-home"), (POD, "ws-demo")):
+                    now = emu.get_object(kind, NS, name)
+                    assert now is not None
+                    assert now["metadata"]["uid"] != leftover["metadata"]["uid"], now
+                    assert [ref["uid"] for ref in now["metadata"]["ownerReferences"]] == [
+                        theirs["metadata"]["uid"]], now
+    finally:
+        done.set()

@@ -64,6 +64,7 @@ from gateway.lifecycle.kubernetes.view import ClusterView
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 MAX_FEEDS = 16
+MAKE_AGAIN = 0.25  # s between creates while a namesake's leftover that the cache never showed is being deleted
 
 
 def default_identity() -> str:
@@ -200,7 +201,7 @@ class KubernetesRuntime(Runtime):
         client = self._require_api()
         pod, pvc = pod_name(ws.id), pvc_name(ws.id)
         for kind, name in ((POD, pod), (PVC, pvc)):
-            await self._remove_foreign(ws, kind, name, deadline)
+            await self._remove_foreign(ws, kind, self.view.cached(kind, name), deadline)
         await self._claim_home(ws, deadline)
         settings = self.settings
         judge = Judge(Graces(settings.unschedulable_grace, settings.bind_timeout, settings.image_pull_grace))
@@ -236,15 +237,15 @@ class KubernetesRuntime(Runtime):
                 self.view.begin(ws.id, Phase.RESTORING)
                 source = str(ready[0]["metadata"]["name"])
                 self.view.explain(ws.id, f"Restoring the home volume from snapshot {source}")
-                await self._call(lambda c: c.create(PVC, make_pvc(ws, self.settings, restore_from_snapshot=source)))
+                await self._make(ws, PVC, make_pvc(ws, self.settings, restore_from_snapshot=source), deadline)
             elif snapshots:
                 raise LifecycleError(f"Workspace {ws.id} has snapshots but none is ready to restore; its data is "
                                     "not lost, but it cannot start until one is.", code="snapshot-not-ready")
             else:
-                await self._call(lambda c: c.create(PVC, make_pvc(ws, self.settings)))
+                await self._make(ws, PVC, make_pvc(ws, self.settings), deadline)
         self.view.begin(ws.id, Phase.STARTING)
         proxy_uri = self._proxy_uri(ws.id) if self._proxy_uri is not None else None
-        await self._call(lambda c: c.create(POD, make_pod(ws, self.settings, self._ide_secret(ws), proxy_uri)))
+        await self._make(ws, POD, make_pod(ws, self.settings, self._ide_secret(ws), proxy_uri), deadline)
         loop = asyncio.get_running_loop()
         look_again: list[float | None] = [None]
 
@@ -311,15 +312,32 @@ class KubernetesRuntime(Runtime):
             await self._call(lambda c: c.delete(PVC, pvc))  # idempotent; finishes a crashed archiver's work
             await self.view.gone(ws.id, PVC, pvc, deadline)
 
-    async def _remove_foreign(self, ws: WorkspaceResource, kind: Resource, name: str, deadline: float) -> None:
+    async def _make(self, ws: WorkspaceResource, kind: Resource, body: Mapping[str, Any], deadline: float) -> None:
+        """Create the pod or the home. One of the name already there (409) is taken for this Workspace's only if
+        the API says so: the cache may never have shown a deleted namesake's (its watch silent for minutes), whose
+        home would be mounted in the new owner's pod. That one goes, and ours is made."""
+        name = str(body["metadata"]["name"])
+        loop = asyncio.get_running_loop()
+        while await self._call(lambda c: c.create(kind, body)) is None:
+            found = await self._call(lambda c: c.get(kind, name))
+            if found is not None and belongs(found, ws.uid, self.view.created(ws.id)):
+                return
+            await self._remove_foreign(ws, kind, found, deadline)
+            if loop.time() >= deadline:
+                raise LifecycleError(f"Workspace {ws.id}: removing the old {kind.kind} {name} did not happen in "
+                                     "time.", code="kubernetes-timeout")
+            await asyncio.sleep(MAKE_AGAIN)
+
+    async def _remove_foreign(self, ws: WorkspaceResource, kind: Resource, found: Mapping[str, Any] | None,
+                              deadline: float) -> None:
         """A pod or PVC under our name but owned by a deleted namesake goes first (GC may not have got to it).
 
         One that names no owner and is older than this Workspace (made before owners were set, and left when its
         Workspace was deleted past the gateway) is neither mounted nor deleted: it may be a home an operator
         moved here before recreating its Workspace, and only they can tell whose it is."""
-        found = self.view.cached(kind, name)
         if found is None or belongs(found, ws.uid, self.view.created(ws.id)):
             return
+        name = str(found["metadata"]["name"])
         if not owners(found):
             raise LifecycleError(f"Workspace {ws.id} cannot start: the {kind.kind} {name} is older than it and names "
                                  "no owner (an earlier workspace's of this name, from before owners were set). An "
