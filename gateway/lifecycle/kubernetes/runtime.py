@@ -64,7 +64,7 @@ from gateway.lifecycle.kubernetes.view import ClusterView
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 MAX_FEEDS = 16
-MAKE_AGAIN = 0.25  # s between creates while a namesake's leftover that the cache never showed is being deleted
+MAKE_AGAIN = 0.5  # s between creates (four API calls) while a namesake's leftover the cache never showed goes
 
 
 def default_identity() -> str:
