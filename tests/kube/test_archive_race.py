@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
+import kmock
 import pytest
+from kmock._internal import rendering  # Response(status=..., payload=...), as the emulator uses it
 
-from gateway.lifecycle import Phase
+from gateway.errors import NotFound
+from gateway.lifecycle import LifecycleError, Phase
 from gateway.lifecycle.kubernetes.client import POD as POD_KIND
 from gateway.lifecycle.kubernetes.intent import INTENT
-from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv
+from tests.kube.emulator import POD, PVC, VOLUME_SNAPSHOT, WORKSPACE, KubeEnv, k8s_status
 from tests.kube.kubelet import FakeKubelet
 from tests.kube.support import ARCHIVED, NS, MakeRuntime, PodIPs, names, new_workspace, snapshot_elsewhere, until
 
@@ -129,3 +133,44 @@ async def test_a_wake_waits_for_a_terminating_home_and_makes_a_new_one(
     new = emu.get_object(PVC, NS, "ws-w1-home")
     assert new is not None
     assert new["metadata"]["uid"] != old["metadata"]["uid"]
+
+
+async def test_a_claim_that_keeps_losing_gives_up_with_a_clear_error(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    """Another writer changes the Workspace between each read and write of a wake's claim on its home (the API
+    server answers every claim 409): the wake reads and claims again, round after round, then gives up with
+    "kept changing; try again" — not for ever, not with a crash — and makes no pod without a claim."""
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    refused: list[kmock.Request] = []
+
+    def modified(request: kmock.Request) -> Any:
+        if request.subresource is not None or INTENT not in json.dumps(request.data):
+            return None  # the emulator serves it
+        refused.append(request)
+        return rendering.Response(status=409, payload=k8s_status(409, "Conflict", "the object has been modified"))
+
+    emu["patch", WORKSPACE] << modified
+    with pytest.raises(LifecycleError, match="kept changing; try again") as caught:
+        await runtime.wake("w1")
+    assert caught.value.code == "kubernetes-conflict"
+    assert 1 < len(refused) <= 20
+    assert names(emu, POD) == []
+
+
+async def test_a_claim_on_a_workspace_the_api_no_longer_has_is_404(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    """The Workspace was deleted through another replica and this one's cache has not heard yet: its wake reads
+    the Workspace afresh to claim the home, finds none, and answers that there is no such workspace (404) rather
+    than failing on the missing object; nothing is made for it."""
+    emu = kube.emulator
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    emu["get", WORKSPACE] << (lambda request: rendering.Response(
+        status=404, payload=k8s_status(404, "NotFound", 'workspaces "w1" not found')) if request.name == "w1"
+        else None)
+    with pytest.raises(NotFound):
+        await runtime.wake("w1")
+    assert names(emu, POD) == []
+    assert names(emu, PVC) == []
