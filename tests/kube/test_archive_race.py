@@ -135,27 +135,35 @@ async def test_a_wake_waits_for_a_terminating_home_and_makes_a_new_one(
     assert new["metadata"]["uid"] != old["metadata"]["uid"]
 
 
-async def test_a_claim_that_keeps_losing_gives_up_with_a_clear_error(
-        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
-    """Another writer changes the Workspace between each read and write of a wake's claim on its home (the API
-    server answers every claim 409): the wake reads and claims again, round after round, then gives up with
-    "kept changing; try again" — not for ever, not with a crash — and makes no pod without a claim."""
+@pytest.mark.parametrize(("status", "reason", "says", "code", "tries"), [
+    (409, "Conflict", "kept changing; try again", "kubernetes-conflict", range(2, 21)),
+    (422, "Invalid", "Kubernetes refused the operation: no such annotation here", "kubernetes-refused", [1]),
+], ids=["keeps-losing", "refused"])
+async def test_a_claim_the_api_server_will_not_take_fails_the_wake_with_its_reason(
+        kube: KubeEnv, make_runtime: MakeRuntime, status: int, reason: str, says: str, code: str,
+        tries: range | list[int]) -> None:
+    """A wake's claim on its home is a write the API server may not take. Another writer changes the Workspace
+    between each read and write (every claim answered 409): the wake reads and claims again, round after round,
+    then gives up with "kept changing; try again" — not for ever, not with a crash. An admission webhook refuses
+    it (422): that is said at once, in the server's words, not tried again as if someone had written first.
+    Either way no pod is made without a claim."""
     emu = kube.emulator
     runtime = await make_runtime()
     await new_workspace(runtime)
     refused: list[kmock.Request] = []
 
-    def modified(request: kmock.Request) -> Any:
+    def refuse(request: kmock.Request) -> Any:
         if request.subresource is not None or INTENT not in json.dumps(request.data):
             return None  # the emulator serves it
         refused.append(request)
-        return rendering.Response(status=409, payload=k8s_status(409, "Conflict", "the object has been modified"))
+        message = "the object has been modified" if status == 409 else "no such annotation here"
+        return rendering.Response(status=status, payload=k8s_status(status, reason, message))
 
-    emu["patch", WORKSPACE] << modified
-    with pytest.raises(LifecycleError, match="kept changing; try again") as caught:
+    emu["patch", WORKSPACE] << refuse
+    with pytest.raises(LifecycleError, match=says) as caught:
         await runtime.wake("w1")
-    assert caught.value.code == "kubernetes-conflict"
-    assert 1 < len(refused) <= 20
+    assert caught.value.code == code
+    assert len(refused) in tries
     assert names(emu, POD) == []
 
 
