@@ -178,7 +178,8 @@ async def test_a_claim_on_a_workspace_the_api_no_longer_has_is_404(
     emu["get", WORKSPACE] << (lambda request: rendering.Response(
         status=404, payload=k8s_status(404, "NotFound", 'workspaces "w1" not found')) if request.name == "w1"
         else None)
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound, match="There is no workspace called w1") as caught:
         await runtime.wake("w1")
+    assert caught.value.code == "workspace-not-found"
     assert names(emu, POD) == []
     assert names(emu, PVC) == []
