@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,33 @@ async def test_a_name_is_not_reused_while_its_workspace_is_being_deleted(
     emu.controllers.paused_gc = False
     emu.controllers.reconcile()
     await emu.wait_gone(WORKSPACE, NS, "w1")
+
+
+async def test_a_wake_that_waited_its_turn_does_not_start_a_workspace_deleted_meanwhile(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    """Alice stops her workspace (its pod takes a moment to end) and someone asks for a wake of it meanwhile,
+    which waits its turn; before it comes, she deletes the workspace, which stays terminating while its home is
+    still there (a busy garbage collector). The wake's Workspace is the very one asked for (same uid), but it is
+    being deleted: starting it would make a pod, with its home mounted, for a workspace its owner has deleted.
+    A workspace being deleted is no workspace (404), and no pod is made."""
+    emu = kube.emulator
+    emu.controllers.paused_gc = True
+    emu.controllers.pod_termination = 1.0
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    stop = asyncio.create_task(runtime.stop("w1"))
+    await asyncio.sleep(0)  # the stop holds the workspace until its pod is gone
+    wake = asyncio.create_task(runtime.wake("w1"))
+    await until(lambda: (emu.get_object(POD, NS, "ws-w1") or {}).get("metadata", {}).get("deletionTimestamp")
+                is not None)
+    await runtime.delete("w1")
+    assert not stop.done()
+    for operation in (stop, wake):  # the stop ends on a workspace that is no more, and the wake begins on one
+        with pytest.raises(NotFound):
+            await operation
+    assert emu.get_object(WORKSPACE, NS, "w1") is not None  # terminating still
+    assert names(emu, POD) == []
 
 
 async def test_the_api_and_its_owner_delete_a_workspace(kube: KubeEnv, aiohttp_client: Any, tmp_path: Path) -> None:
