@@ -296,6 +296,23 @@ async def test_a_409_on_create_means_already_there(kube: KubeEnv, kubelet: FakeK
     assert names(kube.emulator, POD) == ["ws-w1"]
 
 
+@pytest.mark.parametrize("kind", [PVC, POD], ids=["home", "pod"])
+async def test_a_409_on_create_for_one_gone_by_the_read_makes_it_again(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime, kind: Any) -> None:
+    """A create answered "already there" (409), and by the read that follows the one there is gone (a namesake's
+    leftover the garbage collector took in between): nothing of the name is there to take or to remove, so the
+    create is made again, and the wake starts on its own home and pod."""
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    fault = kube.emulator.fail("post", kind, status=409)
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+    assert len(list(fault)) == 1
+    uid = (kube.emulator.get_object(WORKSPACE, NS, "w1") or {})["metadata"]["uid"]
+    for made in (kube.emulator.get_object(POD, NS, "ws-w1"), kube.emulator.get_object(PVC, NS, "ws-w1-home")):
+        assert made is not None
+        assert [ref["uid"] for ref in made["metadata"]["ownerReferences"]] == [uid]
+
+
 @pytest.mark.parametrize(("verb", "kind"), [("post", POD), ("get", WORKSPACE), ("patch", WORKSPACE)],
                          ids=["pod-create", "mark-read", "mark-write"])
 async def test_an_api_that_keeps_failing_is_a_clear_503(kube: KubeEnv, kubelet: FakeKubelet,
