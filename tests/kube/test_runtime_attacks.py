@@ -148,15 +148,19 @@ async def test_operations_asked_for_before_a_workspace_passed_to_someone_else_do
             assert now["metadata"]["uid"] == before["metadata"]["uid"]
 
 
+@pytest.mark.parametrize("after", ["made-again", "deleted", "being-deleted"])
 async def test_a_wake_on_a_replica_that_missed_the_names_passing_does_not_delete_the_new_owners_home(
-        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+        kube: KubeEnv, make_runtime: MakeRuntime, after: str) -> None:
     """Replica A's watch of Workspaces went silent (its connection died without a word, as a NAT or a load balancer
     drops an idle one: it looks open until its read timeout, minutes), while its watches of pods and volumes go on.
     Meanwhile Mallory's workspace ``demo`` was deleted, and Victim made a workspace called ``demo`` and has worked
     in it through replica B (its home volume). Mallory, or anyone she lets wake it, asks A to wake ``demo``: A,
     taking ``demo`` for Mallory's still, took Victim's home volume (which names Victim's Workspace as its owner) for
     a deleted namesake's leftover and deleted it. What is deleted for being a namesake's is deleted only once the
-    API says this Workspace holds the name: one that holds another is no workspace of the asker's (404)."""
+    API says this Workspace holds the name: one that holds another is no workspace of the asker's (404). So is
+    one the name holds no more (``deleted``: the home is an earlier namesake's, the garbage collector busy), and
+    Mallory's own while it is being deleted (``being-deleted``, held by a finalizer): not a crash of the gateway
+    (500), nor a home and a pod made for a workspace its owner deleted; the leftover is the collector's."""
     emu = kube.emulator
     a = await make_runtime("gw-a")
     await a.create_workspace(WorkspaceSpec(id="demo", owner="mallory"))
@@ -175,10 +179,16 @@ async def test_a_wake_on_a_replica_that_missed_the_names_passing_does_not_delete
     emu.drop_watches(WORKSPACE)
     await asyncio.wait_for(watching.wait(), 10)
     try:
+        if after == "being-deleted":
+            emu.patch_object(WORKSPACE, NS, "demo", {"metadata": {"finalizers": ["example.com/held"]}})
         emu.delete_object(WORKSPACE, NS, "demo")
-        theirs = emu.create_object(WORKSPACE, make_workspace(WorkspaceResource(id="demo", owner="victim")), NS)
-        owner = {"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "name": "demo",
-                 "uid": theirs["metadata"]["uid"], "controller": True}
+        emu.controllers.paused_gc = True
+        uid = "uid-of-an-earlier-demo"
+        if after == "made-again":
+            theirs = emu.create_object(WORKSPACE, make_workspace(WorkspaceResource(id="demo", owner="victim")), NS)
+            uid = theirs["metadata"]["uid"]
+        owner = {"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "name": "demo", "uid": uid,
+                 "controller": True}
         home = emu.create_object(PVC, {"metadata": {"name": "ws-demo-home", "ownerReferences": [owner],
                                                     "labels": labels("demo")},
                                        "spec": {"accessModes": ["ReadWriteOnce"],
@@ -193,6 +203,7 @@ async def test_a_wake_on_a_replica_that_missed_the_names_passing_does_not_delete
         assert now is not None
         assert not now["metadata"].get("deletionTimestamp"), now
         assert now["metadata"]["uid"] == home["metadata"]["uid"]
+        assert emu.get_object(POD, NS, "ws-demo") is None
     finally:
         done.set()
 
@@ -255,7 +266,8 @@ async def test_a_namesakes_leftover_the_cache_missed_is_not_taken_for_the_new_ow
     home answered 409, which A took for "already there, ours": Victim's pod mounted Mallory's home (her shell
     profile, her editor's extensions, run as Victim). A home of the name that the API shows to be another
     Workspace's is removed and made again for Victim's, and Victim's workspace starts on its own; one that something
-    holds from going (a finalizer) fails the wake at its deadline, and no pod is made on it."""
+    holds from going (a finalizer) fails the wake at its deadline, and no pod is made on it (till then, the home is
+    asked for again a few times a second, not in a loop as fast as the API server answers)."""
     emu = kube.emulator
     a = await make_runtime("gw-a", start_timeout=2)
     await a.create_workspace(WorkspaceSpec(id="demo", owner="victim"))
@@ -288,6 +300,8 @@ async def test_a_namesakes_leftover_the_cache_missed_is_not_taken_for_the_new_ow
                 with pytest.raises(LifecycleError, match="removing the old PersistentVolumeClaim ws-demo-home"):
                     await a.wake("demo")
                 assert emu.get_object(POD, NS, "ws-demo") is None
+                # Made again a few times a second until the deadline (2 s), not as fast as the API answers.
+                assert len(list(emu["post", PVC])) <= 10
             else:
                 assert (await a.wake("demo")).phase is Phase.RUNNING
                 for kind, name in ((PVC, "ws-demo-home"), (POD, "ws-demo")):
