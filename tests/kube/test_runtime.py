@@ -34,7 +34,17 @@ from tests.kube.emulator import (
     KubeEnv,
 )
 from tests.kube.kubelet import FakeKubelet
-from tests.kube.support import NS, MakeRuntime, PodIPs, kube_settings, names, new_workspace, recording, until
+from tests.kube.support import (
+    NS,
+    MakeRuntime,
+    PodIPs,
+    kube_settings,
+    names,
+    new_workspace,
+    recording,
+    snapshot_elsewhere,
+    until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -140,6 +150,25 @@ async def test_wake_from_cold_restores_the_volume_from_the_newest_snapshot(
     assert names(emu, VOLUME_SNAPSHOT) == [snapshot]  # the snapshot outlives the restore
 
 
+async def test_a_cold_workspace_whose_snapshots_are_none_ready_does_not_start_on_an_empty_home(
+        kube: KubeEnv, make_runtime: MakeRuntime, pod_ips: PodIPs) -> None:
+    """A COLD workspace's only snapshot is not ready (the snapshot controller is slow, or failed it). Its data is
+    in that snapshot: a wake that made it an empty home (or a pod with none) would start it without its files, and
+    the home made would be taken for the restored one from then on. The wake fails, saying why, and makes and
+    deletes nothing; it can start once a snapshot is ready."""
+    emu = kube.emulator
+    runtime = await make_runtime()
+    async with FakeKubelet(emu, pod_ip=pod_ips, ready_snapshots=False):
+        await new_workspace(runtime)
+        snapshot_elsewhere(emu)
+        await until(lambda: runtime.get("w1").phase is Phase.FAILED)  # type: ignore[union-attr]
+        with pytest.raises(LifecycleError, match="none is ready") as refused:
+            await runtime.wake("w1")
+        assert refused.value.code == "snapshot-not-ready"
+        assert names(emu, PVC) == names(emu, POD) == []
+        assert not list(emu["delete"])  # nor a pod or home of the name removed to make room
+
+
 async def test_a_failed_snapshot_keeps_the_volume(kube: KubeEnv, make_runtime: MakeRuntime, pod_ips: PodIPs) -> None:
     emu = kube.emulator
     runtime = await make_runtime()
@@ -159,6 +188,7 @@ async def test_a_failed_snapshot_keeps_the_volume(kube: KubeEnv, make_runtime: M
 async def test_a_failed_pod_is_failed_and_wake_replaces_it(kube: KubeEnv, kubelet: FakeKubelet,
                                                             make_runtime: MakeRuntime) -> None:
     emu = kube.emulator
+    emu.controllers.pod_termination = 0.5  # the failed pod, deleted, takes a moment to go
     runtime = await make_runtime()
     await new_workspace(runtime)
     await runtime.wake("w1")
@@ -171,6 +201,28 @@ async def test_a_failed_pod_is_failed_and_wake_replaces_it(kube: KubeEnv, kubele
     second = emu.get_object(POD, NS, "ws-w1")
     assert second is not None
     assert second["metadata"]["uid"] != first["metadata"]["uid"]
+
+
+async def test_a_wake_while_the_pod_is_ending_waits_for_it_and_makes_a_new_one(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    """Another replica stops the workspace (or an operator deletes its pod), and the pod takes a moment to end;
+    someone wakes the workspace through this replica meanwhile. The ending pod is no pod to wake on: taken for the
+    workspace's (the create's 409), the wake would answer on a pod about to go. It waits for it to go and makes a
+    new one."""
+    emu = kube.emulator
+    emu.controllers.pod_termination = 1.0
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    first = emu.get_object(POD, NS, "ws-w1")
+    assert first is not None
+    emu.delete_object(POD, NS, "ws-w1")
+    await until(lambda: runtime.get("w1").phase is Phase.STOPPING)  # type: ignore[union-attr]
+    assert (await runtime.wake("w1")).phase is Phase.RUNNING
+    second = emu.get_object(POD, NS, "ws-w1")
+    assert second is not None
+    assert second["metadata"]["uid"] != first["metadata"]["uid"]
+    assert not second["metadata"].get("deletionTimestamp")
 
 
 async def test_unknown_workspaces(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
