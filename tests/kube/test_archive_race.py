@@ -56,6 +56,30 @@ async def test_a_wake_elsewhere_during_the_snapshot_aborts_the_archive_and_keeps
         assert (intent(kube) or "").startswith("awake/gw-b/")
 
 
+async def test_an_archive_overtaken_by_a_wake_on_its_replica_keeps_the_home(
+        kube: KubeEnv, make_runtime: MakeRuntime, kubelet: FakeKubelet) -> None:
+    """The reaper archives a running workspace: first its pod is stopped (which takes a moment), and a wake asked of
+    the same replica meanwhile comes before the archive's turn, and starts the workspace again. The archive then
+    finds a pod running on the home: snapshotting it and deleting it would take the home from under a running
+    workspace. It leaves it (the workspace stays RUNNING) and takes no snapshot."""
+    emu = kube.emulator
+    emu.controllers.pod_termination = 0.5
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    home = emu.get_object(PVC, NS, "ws-w1-home")["metadata"]["uid"]  # type: ignore[index]
+    archiving = asyncio.create_task(runtime.archive("w1"))
+    await until(lambda: runtime.get("w1").phase is Phase.STOPPING)  # type: ignore[union-attr]
+    waking = asyncio.create_task(runtime.wake("w1"))
+    assert (await archiving).phase is Phase.RUNNING
+    assert (await waking).phase is Phase.RUNNING
+    assert names(emu, VOLUME_SNAPSHOT) == []
+    pvc = emu.get_object(PVC, NS, "ws-w1-home")
+    assert pvc is not None
+    assert pvc["metadata"]["uid"] == home
+    assert not pvc["metadata"].get("deletionTimestamp")
+
+
 async def test_a_wake_after_the_archive_committed_waits_and_restores(
         kube: KubeEnv, make_runtime: MakeRuntime, kubelet: FakeKubelet) -> None:
     emu = kube.emulator
