@@ -83,7 +83,8 @@ async def test_deleting_a_workspace_deletes_its_home_made_before_owners(
         kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
     """A home PVC from before owners points at no Workspace, so the garbage collector never deletes it: deleting
     Alice's w1 through the gateway left it, and the next owner of the name (Bob) had it mounted in his pod. The
-    gateway's delete deletes it; Bob gets a new, empty home."""
+    gateway's delete deletes it (that very one, by uid: a home of the name made since, Bob's, would be spared);
+    Bob gets a new, empty home."""
     emu = kube.emulator
     legacy = legacy_home(kube)
     runtime = await make_runtime()
@@ -91,6 +92,7 @@ async def test_deleting_a_workspace_deletes_its_home_made_before_owners(
     await runtime.delete("w1")
     await emu.wait_gone(WORKSPACE, NS, "w1")
     await emu.wait_gone(PVC, NS, "ws-w1-home")
+    assert [r.data for r in emu["delete", PVC]] == [{"preconditions": {"uid": legacy["metadata"]["uid"]}}]
 
     await runtime.create_workspace(WorkspaceSpec(id="w1", owner="bob"))
     assert (await runtime.wake("w1")).phase is Phase.RUNNING
