@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -60,11 +60,12 @@ async def runtime_with(kube: KubeEnv, make_runtime: MakeRuntime, started: list[F
 async def test_unschedulable_ends_with_the_schedulers_words(
         kube: KubeEnv, make_runtime: MakeRuntime, started: list[FakeKubelet]) -> None:
     """The scheduler says once why the pod does not fit, and nothing changes after: the wake ends when the grace
-    runs out (looked at again then, with no change in the cluster to wake it), not at the start timeout."""
-    runtime = await runtime_with(kube, make_runtime, started, Scenario(unschedulable=INSUFFICIENT_MEMORY))
-    began = time.monotonic()
-    message, lines = await failed_wake(runtime)
-    assert time.monotonic() - began < QUICK["start_timeout"] / 2
+    runs out (looked at again then, with no change in the cluster to wake it), not at the start timeout — here ten
+    minutes, which the test does not wait out."""
+    runtime = await runtime_with(kube, make_runtime, started, Scenario(unschedulable=INSUFFICIENT_MEMORY),
+                                 start_timeout=600)
+    async with asyncio.timeout(30):
+        message, lines = await failed_wake(runtime)
     assert f"Scheduling — {INSUFFICIENT_MEMORY}" in message
     assert f"Scheduling — {INSUFFICIENT_MEMORY}" in lines  # streamed while it waited
     await kube.emulator.wait_gone(POD, NS, "ws-w1")  # the failed pod is cleaned up

@@ -267,7 +267,7 @@ async def test_a_namesakes_leftover_the_cache_missed_is_not_taken_for_the_new_ow
     profile, her editor's extensions, run as Victim). A home of the name that the API shows to be another
     Workspace's is removed and made again for Victim's, and Victim's workspace starts on its own; one that something
     holds from going (a finalizer) fails the wake at its deadline, and no pod is made on it (till then, the home is
-    asked for again a few times a second, not in a loop as fast as the API server answers)."""
+    asked for again twice a second, not in a loop as fast as the API server answers)."""
     emu = kube.emulator
     a = await make_runtime("gw-a", start_timeout=2)
     await a.create_workspace(WorkspaceSpec(id="demo", owner="victim"))
@@ -300,7 +300,7 @@ async def test_a_namesakes_leftover_the_cache_missed_is_not_taken_for_the_new_ow
                 with pytest.raises(LifecycleError, match="removing the old PersistentVolumeClaim ws-demo-home"):
                     await a.wake("demo")
                 assert emu.get_object(POD, NS, "ws-demo") is None
-                # Made again a few times a second until the deadline (2 s), not as fast as the API answers.
+                # Made again twice a second until the deadline (2 s), not as fast as the API answers.
                 assert len(list(emu["post", PVC])) <= 10
             else:
                 assert (await a.wake("demo")).phase is Phase.RUNNING
