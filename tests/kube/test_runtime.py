@@ -228,6 +228,7 @@ async def test_a_wake_while_the_pod_is_ending_waits_for_it_and_makes_a_new_one(
 async def test_unknown_workspaces(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
     runtime = await make_runtime()
     assert runtime.get("nope") is None
+    assert runtime.last_activity("nope") is None  # the reaper asks of one deleted since it listed them
     for operation in (runtime.wake, runtime.stop, runtime.archive, runtime.status, runtime.delete):
         with pytest.raises(NotFound) as unknown:
             await operation("nope")
@@ -576,6 +577,7 @@ async def test_a_replica_shutting_down_writes_the_activity_it_still_holds(
     a.record_activity("w1", 1_800_000_000.0)  # written at once, then none for an interval
     await until(lambda: b.last_activity("w1") == 1_800_000_000.0)
     a.record_activity("w1", 1_800_000_100.0)
+    a.record_activity("w1", 1_800_000_050.0)  # a worker's report of an older use, come later: the newest holds
     await asyncio.sleep(0.3)
     assert a.activity is not None
     assert a.activity.writes == 1  # held for the rest of the interval
