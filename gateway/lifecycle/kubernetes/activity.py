@@ -95,15 +95,16 @@ class ActivitySync:
                     raise
             current = await self.client.get(WORKSPACE, workspace)  # someone wrote first: look again
 
-    async def close(self, *, flush: bool = True, flush_within: float = 2.0) -> None:
+    async def close(self, *, flush_within: float = 2.0) -> None:
+        """What is still held is written first (within ``flush_within``): a rolling update must not lose the
+        newest use, or the reaper stops a busy workspace."""
         for handle in self._timers.values():
             handle.cancel()
         pending = list(self._timers)
         self._timers.clear()
-        if flush and pending:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(flush_within):
-                    await asyncio.gather(*(self.flush(ws) for ws in pending), return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(flush_within):
+                await asyncio.gather(*(self.flush(ws) for ws in pending), return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
