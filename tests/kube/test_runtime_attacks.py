@@ -54,6 +54,39 @@ def namesake_before_the_next_patch(emu: KubeEmulator, name: str, owner: str) -> 
     return done
 
 
+@contextlib.asynccontextmanager
+async def silent_watches(emu: KubeEmulator, kind: kmock.resource) -> AsyncIterator[None]:
+    """From here on every watch of ``kind`` is silent: open, and nothing ever comes on it, as a connection that a NAT
+    or a load balancer dropped without a word looks open until its read timeout (minutes). The watches open now
+    are ended, so the runtimes watch again, silently; the other kinds' watches go on."""
+    watching, done = asyncio.Event(), asyncio.Event()
+
+    async def silent(request: kmock.Request) -> Any:
+        watching.set()
+
+        async def nothing() -> AsyncIterator[bytes]:
+            yield b""  # the answer's head: the watch is open
+            await done.wait()
+
+        return rendering.Response(status=200, headers={"Content-Type": "application/json"}, payload=nothing())
+
+    emu["watch", kind] << silent
+    emu.drop_watches(kind)
+    await asyncio.wait_for(watching.wait(), 10)
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def demos_home(owner: str, **metadata: Any) -> dict[str, Any]:
+    """A home volume of the name ``demo``'s takes, naming the Workspace of uid ``owner`` as its owner."""
+    ref = {"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "name": "demo", "uid": owner,
+           "controller": True}
+    return {"metadata": {"name": "ws-demo-home", "ownerReferences": [ref], "labels": labels("demo"), **metadata},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
+
+
 @pytest.mark.parametrize(("path", "body", "harm"), [
     ("/collaborators", {"collaborators": ["mallory"]}, lambda spec: "mallory" in spec.get("collaborators", [])),
     ("/ports/3000", {"visibility": "public"}, lambda spec: spec.get("ports", {}).get("3000") == "public"),
@@ -164,21 +197,7 @@ async def test_a_wake_on_a_replica_that_missed_the_names_passing_does_not_delete
     emu = kube.emulator
     a = await make_runtime("gw-a")
     await a.create_workspace(WorkspaceSpec(id="demo", owner="mallory"))
-    watching, done = asyncio.Event(), asyncio.Event()
-
-    async def silent(request: kmock.Request) -> Any:
-        watching.set()
-
-        async def nothing() -> AsyncIterator[bytes]:
-            yield b""  # the answer's head: the watch is open, and nothing ever comes on it
-            await done.wait()
-
-        return rendering.Response(status=200, headers={"Content-Type": "application/json"}, payload=nothing())
-
-    emu["watch", WORKSPACE] << silent
-    emu.drop_watches(WORKSPACE)
-    await asyncio.wait_for(watching.wait(), 10)
-    try:
+    async with silent_watches(emu, WORKSPACE):
         if after == "being-deleted":
             emu.patch_object(WORKSPACE, NS, "demo", {"metadata": {"finalizers": ["example.com/held"]}})
         emu.delete_object(WORKSPACE, NS, "demo")
@@ -187,12 +206,7 @@ async def test_a_wake_on_a_replica_that_missed_the_names_passing_does_not_delete
         if after == "made-again":
             theirs = emu.create_object(WORKSPACE, make_workspace(WorkspaceResource(id="demo", owner="victim")), NS)
             uid = theirs["metadata"]["uid"]
-        owner = {"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "name": "demo", "uid": uid,
-                 "controller": True}
-        home = emu.create_object(PVC, {"metadata": {"name": "ws-demo-home", "ownerReferences": [owner],
-                                                    "labels": labels("demo")},
-                                       "spec": {"accessModes": ["ReadWriteOnce"],
-                                                "resources": {"requests": {"storage": "1Gi"}}}}, NS)
+        home = emu.create_object(PVC, demos_home(uid), NS)
         await until(lambda: a.view.cached(CLAIMS, "ws-demo-home") is not None)
         state = a.get("demo")
         assert state is not None
@@ -204,8 +218,6 @@ async def test_a_wake_on_a_replica_that_missed_the_names_passing_does_not_delete
         assert not now["metadata"].get("deletionTimestamp"), now
         assert now["metadata"]["uid"] == home["metadata"]["uid"]
         assert emu.get_object(POD, NS, "ws-demo") is None
-    finally:
-        done.set()
 
 
 async def test_an_archive_that_waited_after_its_stop_does_not_archive_a_namesake(
@@ -273,42 +285,22 @@ async def test_a_namesakes_leftover_the_cache_missed_is_not_taken_for_the_new_ow
     await a.create_workspace(WorkspaceSpec(id="demo", owner="victim"))
     theirs = emu.get_object(WORKSPACE, NS, "demo")
     assert theirs is not None
-    watching, done = asyncio.Event(), asyncio.Event()
+    async with silent_watches(emu, PVC), FakeKubelet(emu, pod_ip=pod_ips):
+        emu.controllers.paused_gc = True
+        leftover = emu.create_object(PVC, demos_home("uid-of-mallorys-deleted-demo",
+                                                     finalizers=["example.com/held"] if held else []), NS)
+        if held:
+            with pytest.raises(LifecycleError, match="removing the old PersistentVolumeClaim ws-demo-home"):
+                await a.wake("demo")
+            assert emu.get_object(POD, NS, "ws-demo") is None
+            # Made again twice a second until the deadline (2 s), not as fast as the API answers.
+            assert len(list(emu["post", PVC])) <= 10
+        else:
+            assert (await a.wake("demo")).phase is Phase.RUNNING
+            for kind, name in ((PVC, "ws-demo-home"), (POD, "ws-demo")):
+                now = emu.get_object(kind, NS, name)
+                assert now is not None
+                assert now["metadata"]["uid"] != leftover["metadata"]["uid"], now
+                assert [ref["uid"] for ref in now["metadata"]["ownerReferences"]] == [
+                    theirs["metadata"]["uid"]], now
 
-    async def quiet(request: kmock.Request) -> Any:
-        watching.set()
-
-        async def nothing() -> AsyncIterator[bytes]:
-            yield b""
-            await done.wait()
-
-        return rendering.Response(status=200, headers={"Content-Type": "application/json"}, payload=nothing())
-
-    emu["watch", PVC] << quiet
-    emu.drop_watches(PVC)
-    await asyncio.wait_for(watching.wait(), 10)
-    mallorys = {"apiVersion": "codehub.dev/v1alpha1", "kind": "Workspace", "name": "demo",
-                "uid": "uid-of-mallorys-deleted-demo", "controller": True}
-    try:
-        async with FakeKubelet(emu, pod_ip=pod_ips):
-            emu.controllers.paused_gc = True
-            leftover = emu.create_object(PVC, {
-                "metadata": {"name": "ws-demo-home", "ownerReferences": [mallorys], "labels": labels("demo"),
-                             "finalizers": ["example.com/held"] if held else []},
-                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}, NS)
-            if held:
-                with pytest.raises(LifecycleError, match="removing the old PersistentVolumeClaim ws-demo-home"):
-                    await a.wake("demo")
-                assert emu.get_object(POD, NS, "ws-demo") is None
-                # Made again twice a second until the deadline (2 s), not as fast as the API answers.
-                assert len(list(emu["post", PVC])) <= 10
-            else:
-                assert (await a.wake("demo")).phase is Phase.RUNNING
-                for kind, name in ((PVC, "ws-demo-home"), (POD, "ws-demo")):
-                    now = emu.get_object(kind, NS, name)
-                    assert now is not None
-                    assert now["metadata"]["uid"] != leftover["metadata"]["uid"], now
-                    assert [ref["uid"] for ref in now["metadata"]["ownerReferences"]] == [
-                        theirs["metadata"]["uid"]], now
-    finally:
-        done.set()
