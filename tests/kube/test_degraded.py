@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -64,16 +65,21 @@ async def test_the_metric_says_cold_is_off(kube: KubeEnv, aiohttp_client: Any, t
     assert 'codehub_runtime_feature{feature="cold"} 0.0' in scraped
 
 
+async def lose_snapshot_watch(emu: KubeEmulator, runtime: KubernetesRuntime) -> None:
+    """The snapshots' watch and list fail for good, and the runtime has noticed."""
+    emu.fail("watch", VOLUME_SNAPSHOT, status=500, times=None)
+    emu.fail("list", VOLUME_SNAPSHOT, status=500, times=None)
+    emu.drop_watches(VOLUME_SNAPSHOT)
+    await until(lambda: not runtime.api_healthy)
+
+
 async def stopped_without_snapshot_watch(emu: KubeEmulator, make_runtime: MakeRuntime) -> KubernetesRuntime:
     """Workspace w1, woken and stopped (WARM), then the snapshots' watch and list fail for good."""
     runtime = await make_runtime()
     await new_workspace(runtime)
     await runtime.wake("w1")
     await runtime.stop("w1")
-    emu.fail("watch", VOLUME_SNAPSHOT, status=500, times=None)
-    emu.fail("list", VOLUME_SNAPSHOT, status=500, times=None)
-    emu.drop_watches(VOLUME_SNAPSHOT)
-    await until(lambda: not runtime.api_healthy)
+    await lose_snapshot_watch(emu, runtime)
     return runtime
 
 
@@ -86,6 +92,28 @@ async def test_a_lost_snapshot_watch_stops_archives_not_wakes(
         await runtime.archive("w1")
     assert refused.value.code == "kubernetes-unavailable"
     assert names(emu, POD) == ["ws-w1"]  # refused before anything was stopped
+
+
+async def test_a_snapshot_watch_lost_while_an_archive_stops_the_workspace_ends_the_archive(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    """An archive of a running workspace stops it first, and its pod takes a while to end; meanwhile the snapshots'
+    watch is lost. What comes after the stop is decided from the snapshot cache (is a snapshot ready?), so the
+    archive looks again once the stop is done and refuses clearly, its home kept and no snapshot asked for — not a
+    snapshot it could never see become ready, waited for until its timeout."""
+    emu = kube.emulator
+    emu.controllers.pod_termination = 3.0
+    runtime = await make_runtime()
+    await new_workspace(runtime)
+    await runtime.wake("w1")
+    archiving = asyncio.create_task(runtime.archive("w1"))
+    await until(lambda: runtime.get("w1").phase is Phase.STOPPING)  # type: ignore[union-attr]
+    await lose_snapshot_watch(emu, runtime)
+    assert not archiving.done()
+    with pytest.raises(LifecycleError) as refused:
+        await archiving
+    assert refused.value.code == "kubernetes-unavailable"
+    assert names(emu, VOLUME_SNAPSHOT) == []
+    assert names(emu, PVC) == ["ws-w1-home"]
 
 
 async def test_a_cold_wake_is_refused_while_the_snapshot_watch_is_lost(
