@@ -179,8 +179,9 @@ async def test_a_failed_snapshot_keeps_the_volume(kube: KubeEnv, make_runtime: M
         await until(lambda: bool(names(emu, VOLUME_SNAPSHOT)))
         emu.patch_status(VOLUME_SNAPSHOT, NS, names(emu, VOLUME_SNAPSHOT)[0],
                          {"readyToUse": False, "error": {"message": "out of quota"}})
-        with pytest.raises(LifecycleError, match="out of quota"):
+        with pytest.raises(LifecycleError, match="out of quota") as failed:
             await archiving
+        assert failed.value.code == "snapshot-failed"
     assert names(emu, PVC) == ["ws-w1-home"]
     assert runtime.get("w1").phase is Phase.WARM  # type: ignore[union-attr]
 
@@ -566,6 +567,19 @@ async def test_activity_written_on_a_stale_cache_is_read_again_and_written(
     await a.informers[WORKSPACE_KIND].stop()  # its cached resourceVersion will be stale
     kube.emulator.patch_object(WORKSPACE, NS, "w1", {"spec": {"collaborators": ["bob"]}})  # someone writes
     a.record_activity("w1", 1_800_000_000.0)  # 409 on the cached version: read again, write again
+    await until(lambda: ((kube.emulator.get_object(WORKSPACE, NS, "w1") or {}).get("status") or {}).get(
+        "lastActivity") == "2027-01-15T08:00:00Z")
+
+
+async def test_activity_the_api_server_failed_to_take_is_written_again(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    """The API server fails a write of the workspace's last use (a 500 while it restarts): the use is written again
+    an interval later, not lost — or the leader's reaper would stop a workspace in use."""
+    a = await make_runtime("gw-a")
+    await new_workspace(a)
+    failed = kube.emulator.fail("patch", WORKSPACE, status=500)
+    a.record_activity("w1", 1_800_000_000.0)
+    await until(lambda: len(list(failed)) == 1)
     await until(lambda: ((kube.emulator.get_object(WORKSPACE, NS, "w1") or {}).get("status") or {}).get(
         "lastActivity") == "2027-01-15T08:00:00Z")
 
