@@ -226,6 +226,18 @@ async def test_a_wake_while_the_pod_is_ending_waits_for_it_and_makes_a_new_one(
     assert not second["metadata"].get("deletionTimestamp")
 
 
+async def test_a_name_taken_and_gone_again_between_create_and_read_is_taken(
+        kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    """The create of a Workspace is answered "already exists" (409), and by the read that follows to see whose it
+    is, it is gone (deleted meanwhile elsewhere): the name was someone's a moment ago, so the answer is the same
+    409 (try again), not a crash on the missing object."""
+    runtime = await make_runtime()
+    kube.emulator.fail("post", WORKSPACE, status=409)
+    with pytest.raises(Conflict, match="already exists") as refused:
+        await runtime.create_workspace(WorkspaceSpec(id="w1", owner="alice"))
+    assert refused.value.code == "workspace-exists"
+
+
 async def test_unknown_workspaces(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
     runtime = await make_runtime()
     assert runtime.get("nope") is None
@@ -551,6 +563,10 @@ async def test_activity_is_shared_through_the_workspace_status(kube: KubeEnv, ma
     assert a.activity is not None
     assert a.activity.writes == 1  # throttled: one write for the burst
     b.record_activity("w1", 1_700_000_000.0)  # older: never overwrites a newer time
+    await asyncio.sleep(0.3)  # b's write would go at once (it has written none)
+    assert b.last_activity("w1") == 1_800_000_002.0
+    assert b.activity is not None
+    assert b.activity.writes == 0
     a.record_activity("w1", 1_800_000_100.0)
     await until(lambda: b.last_activity("w1") == 1_800_000_100.0)
     await asyncio.sleep(0.5)
