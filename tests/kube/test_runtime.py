@@ -15,7 +15,7 @@ from aiohttp import web
 from gateway.config import Config
 from gateway.errors import BadRequest, Conflict, NotFound
 from gateway.lifecycle import LifecycleError, Phase, WorkspaceSpec
-from gateway.lifecycle.kubernetes import KubernetesRuntime
+from gateway.lifecycle.kubernetes import KubernetesRuntime, phases
 from gateway.lifecycle.kubernetes.client import LEASE as LEASE_KIND
 from gateway.lifecycle.kubernetes.client import POD as POD_KIND
 from gateway.lifecycle.kubernetes.client import WORKSPACE as WORKSPACE_KIND
@@ -87,6 +87,34 @@ async def test_stop_keeps_the_volume_and_wake_from_warm_reuses_it(kube: KubeEnv,
     assert (await runtime.stop("w1")).phase is Phase.WARM  # stopping a stopped workspace is fine
     assert (await runtime.wake("w1")).phase is Phase.RUNNING
     assert kube.emulator.get_object(PVC, NS, "ws-w1-home")["metadata"]["uid"] == pvc_uid  # type: ignore[index]
+
+
+async def test_a_stop_whose_pod_a_wake_elsewhere_replaced_at_once_ends_when_its_pod_is_gone(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    """Replica A stops w1 and replica B wakes it again at once: B makes the next pod as soon as A's is gone. A's
+    cache, listing pods again (its watch had lapsed), sees the one go and the other come in one step, never the
+    name empty: a stop that waited for the name to empty waited out its start timeout and failed, though the pod
+    it deleted was gone. It ends when that pod is gone, and the workspace is B's running one."""
+    emu = kube.emulator
+    emu.controllers.pod_termination = 0.3  # B's wake sees A's pod ending and waits for it
+    a, b = await make_runtime("gw-a"), await make_runtime("gw-b")
+    await new_workspace(a)
+    await a.wake("w1")
+    await a.informers[POD_KIND].stop()  # A's pod cache stands still until it lists again
+    stopping = asyncio.create_task(a.stop("w1"))
+    await until(lambda: phases.deleting(emu.get_object(POD, NS, "ws-w1")))
+    assert (await b.wake("w1")).phase is Phase.RUNNING
+    theirs = emu.get_object(POD, NS, "ws-w1")
+    assert theirs is not None
+    emu.compact()  # A resumes from a version the API no longer has: 410, and it lists again
+    a.informers[POD_KIND].start()
+    async with asyncio.timeout(30):
+        state = await stopping
+    assert state.phase is Phase.RUNNING  # woken after the stop, elsewhere
+    now = emu.get_object(POD, NS, "ws-w1")
+    assert now is not None
+    assert now["metadata"]["uid"] == theirs["metadata"]["uid"]
+    assert not now["metadata"].get("deletionTimestamp")
 
 
 def _snapshot_ready(event: Event) -> bool:

@@ -22,6 +22,7 @@ from gateway.errors import NotFound
 from gateway.lifecycle import LifecycleError, Phase, WorkspaceSpec
 from gateway.lifecycle.kubernetes.client import POD as PODS
 from gateway.lifecycle.kubernetes.client import PVC as CLAIMS
+from gateway.lifecycle.kubernetes.client import WORKSPACE as WORKSPACES
 from gateway.lifecycle.kubernetes.objects import WorkspaceResource, labels, make_workspace
 from gateway.lifecycle.kubernetes.runtime import KubernetesRuntime
 from gateway.server.app import build_app
@@ -218,6 +219,42 @@ async def test_a_wake_on_a_replica_that_missed_the_names_passing_does_not_delete
         assert not now["metadata"].get("deletionTimestamp"), now
         assert now["metadata"]["uid"] == home["metadata"]["uid"]
         assert emu.get_object(POD, NS, "ws-demo") is None
+
+
+async def test_a_stop_on_a_replica_that_missed_the_names_passing_does_not_stop_the_new_owners_workspace(
+        kube: KubeEnv, make_runtime: MakeRuntime, pod_ips: PodIPs) -> None:
+    """Mallory's workspace ``demo`` runs. Through replica B she deletes it and Victim makes a workspace called
+    ``demo`` and works in it; replica A's caches have not shown either yet (their watches lapsed). Mallory asks A to
+    stop ``demo``: A, which still holds her Workspace and her pod, deleted the pod by its name — Victim's, the
+    processes of their terminals with it. Once its cache caught up, A answered her with Victim's workspace. The delete
+    is of the pod A saw (by uid): Victim's stays, and Mallory is told there is no such workspace."""
+    emu = kube.emulator
+    async with FakeKubelet(emu, pod_ip=pod_ips):
+        a, b = await make_runtime("gw-a"), await make_runtime("gw-b")
+        await a.create_workspace(WorkspaceSpec(id="demo", owner="mallory"))
+        mallorys = await a.wake("demo")
+        for kind in (WORKSPACES, PODS):
+            await a.informers[kind].stop()  # A's caches stand still: they resume from where they were
+        await b.delete("demo")
+        await until(lambda: emu.get_object(POD, NS, "ws-demo") is None)
+        await b.create_workspace(WorkspaceSpec(id="demo", owner="victim"))
+        assert (await b.wake("demo")).phase is Phase.RUNNING
+        theirs = emu.get_object(POD, NS, "ws-demo")
+        assert theirs is not None
+        deletes: list[kmock.Request] = []
+        emu["delete", POD] << (lambda request: deletes.append(request))  # noted, then served
+        stopping = asyncio.create_task(a.stop("demo"))
+        await until(lambda: bool(deletes) or stopping.done())
+        a.informers[WORKSPACES].start()  # A catches up: first with the Workspace, then with the pods
+        await until(lambda: (a.get("demo") or mallorys).spec.owner == "victim")
+        a.informers[PODS].start()
+        async with asyncio.timeout(30):
+            with pytest.raises(NotFound):
+                await stopping
+        now = emu.get_object(POD, NS, "ws-demo")
+        assert now is not None
+        assert not now["metadata"].get("deletionTimestamp"), now
+        assert now["metadata"]["uid"] == theirs["metadata"]["uid"]
 
 
 async def test_an_archive_that_waited_after_its_stop_does_not_archive_a_namesake(

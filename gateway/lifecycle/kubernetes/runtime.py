@@ -222,12 +222,14 @@ class KubernetesRuntime(Runtime):
     async def _start(self, ws: WorkspaceResource, seen: phases.Observation, judge: Judge,
                      deadline: float) -> WorkspaceState:
         pod, pvc = pod_name(ws.id), pvc_name(ws.id)
-        if seen.phase is Phase.FAILED and self.view.owned(POD, pod, ws.id) is not None:
-            await self._call(lambda c: c.delete(POD, pod))  # a failed pod is replaced, not waited on
-        if phases.deleting(self.view.owned(POD, pod, ws.id)) or seen.phase is Phase.FAILED:
-            await self.view.gone(ws.id, POD, pod, deadline)
-        if phases.deleting(self.view.owned(PVC, pvc, ws.id)):
-            await self.view.gone(ws.id, PVC, pvc, deadline)  # an archive elsewhere is finishing: restore after it
+        old = self.view.owned(POD, pod, ws.id)
+        if old is not None and seen.phase is Phase.FAILED:
+            await self._delete(POD, old)  # a failed pod is replaced, not waited on
+        if old is not None and (phases.deleting(old) or seen.phase is Phase.FAILED):
+            await self.view.gone(ws.id, POD, old, deadline)
+        home = self.view.owned(PVC, pvc, ws.id)
+        if home is not None and phases.deleting(home):
+            await self.view.gone(ws.id, PVC, home, deadline)  # an archive elsewhere is finishing: restore after it
         if self.view.owned(PVC, pvc, ws.id) is None:
             if self.view.snapshots_enabled:  # whether to restore is decided from the snapshot cache: it must be live
                 self._require_api(WORKSPACE, POD, PVC, SNAPSHOT)
@@ -273,8 +275,10 @@ class KubernetesRuntime(Runtime):
         if seen.phase is Phase.FAILED:
             log.error("workspace %s failed to start: %s", ws.id, seen.message)
             self.view.explain(ws.id, seen.message)
+            failed = self.view.owned(POD, pod, ws.id)
             with contextlib.suppress(LifecycleError):  # a failed pod is not left behind (nor its quota used)
-                await self._call(lambda c: c.delete(POD, pod))
+                if failed is not None:
+                    await self._delete(POD, failed)
             raise LifecycleError(f"Workspace {ws.id} could not start: {seen.message}", code="workspace-start-failed")
         return self.view.end(ws.id)
 
@@ -309,8 +313,10 @@ class KubernetesRuntime(Runtime):
             if written:
                 return
             log.info("%s: its volume is being deleted after a snapshot (%s); restoring after that", ws.id, found)
-            await self._call(lambda c: c.delete(PVC, pvc))  # idempotent; finishes a crashed archiver's work
-            await self.view.gone(ws.id, PVC, pvc, deadline)
+            home = self.view.owned(PVC, pvc, ws.id)
+            if home is not None:
+                await self._delete(PVC, home)  # idempotent; finishes a crashed archiver's work
+                await self.view.gone(ws.id, PVC, home, deadline)
 
     async def _make(self, ws: WorkspaceResource, kind: Resource, body: Mapping[str, Any], deadline: float) -> None:
         """Create the pod or the home. One of the name already there (409) is taken for this Workspace's only if
@@ -349,10 +355,14 @@ class KubernetesRuntime(Runtime):
         if holder is None or phases.deleting(holder) or (holder.get("metadata") or {}).get("uid") != ws.uid:
             raise NotFound(f"There is no workspace called {ws.id}.", code="workspace-not-found")
         log.warning("%s %s belongs to a deleted workspace of the same name; removing it", kind.kind, name)
-        uid = str(found["metadata"].get("uid") or "")
+        await self._delete(kind, found)
+        await self.view.gone(ws.id, kind, found, deadline)
+
+    async def _delete(self, kind: Resource, obj: Mapping[str, Any]) -> None:
+        """Delete that very object (by uid): by the time the request lands, its name may hold the next one — a
+        wake's on another replica, or a namesake's the cache has not shown."""
+        name, uid = str(obj["metadata"]["name"]), str(obj["metadata"].get("uid") or "")
         await self._call(lambda c: c.delete(kind, name, uid=uid))
-        await self.view.wait(ws.id, lambda: True if (self.view.cached(kind, name) or {}).get("metadata", {}).get(
-            "uid") != uid else None, deadline, f"removing the old {kind.kind} {name}")
 
     async def stop(self, workspace: str, *, uid: str | None = None) -> WorkspaceState:
         """``uid``: of the Workspace asked for, where the caller looked at it earlier (``archive``)."""
@@ -362,12 +372,13 @@ class KubernetesRuntime(Runtime):
             self._still(workspace, asked)
             self._require_api()  # even with no pod in the cache: a cache cut off from the API may be stale
             try:
-                pod = pod_name(workspace)
-                if self.view.owned(POD, pod, workspace) is not None:
+                pod = self.view.owned(POD, pod_name(workspace), workspace)
+                if pod is not None:
                     self.view.begin(workspace, Phase.STOPPING)
-                    await self._call(lambda c: c.delete(POD, pod))
+                    await self._delete(POD, pod)
                     deadline = asyncio.get_running_loop().time() + self.settings.start_timeout
                     await self.view.gone(workspace, POD, pod, deadline)
+                    self._still(workspace, asked)  # the wait shows the name's Workspace of now: ours, or none
             finally:
                 state = self.view.end(workspace)
             await self._write_status(workspace, state)
@@ -418,8 +429,10 @@ class KubernetesRuntime(Runtime):
             return
         # Only now, with a ready snapshot of it and no wake since, may the volume go.
         deadline = asyncio.get_running_loop().time() + self.settings.snapshot_timeout
-        await self._call(lambda c: c.delete(PVC, pvc))
-        await self.view.gone(workspace, PVC, pvc, deadline)
+        home = self.view.owned(PVC, pvc, workspace)
+        if home is not None:
+            await self._delete(PVC, home)
+            await self.view.gone(workspace, PVC, home, deadline)
         for old in phases.prunable(self.view.snapshots(workspace), self.settings.keep_snapshots):
             await self._prune(workspace, old)
         await self._swap(workspace, lambda v: None if v == committed else intent.KEEP)

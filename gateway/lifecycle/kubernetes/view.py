@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -250,6 +250,10 @@ class ClusterView:
                 raise LifecycleError(f"Workspace {workspace}: {what} did not happen in time.",
                                     code="kubernetes-timeout") from None
 
-    async def gone(self, workspace: str, kind: Resource, name: str, deadline: float) -> None:
-        await self.wait(workspace, lambda: True if self.cached(kind, name) is None else None, deadline,
-                        f"removing {kind.kind} {name}")
+    async def gone(self, workspace: str, kind: Resource, obj: Mapping[str, Any], deadline: float) -> None:
+        """Until the cache holds no longer this very object (by uid), not until its name is empty: a wake on
+        another replica may make the next one at once, and a cache that lists again sees the one go and the other
+        come in one step."""
+        name, uid = str(obj["metadata"]["name"]), obj["metadata"].get("uid")
+        await self.wait(workspace, lambda: True if (self.cached(kind, name) or {}).get("metadata", {}).get("uid")
+                        != uid else None, deadline, f"removing {kind.kind} {name}")
