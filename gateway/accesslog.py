@@ -25,6 +25,9 @@ REFUSED = web.RequestKey("codehub_refused", str)
 """Why the gateway refused this request before serving it (``refusals.Reason``), written as ``reason``."""
 UNREAD = web.RequestKey("codehub_unread", str)
 """Why the head of this request was refused unread: aiohttp's stand-in request knows nothing of it."""
+SENT = web.RequestKey("codehub_sent", int)
+"""Body bytes of a forwarded answer that went out, counted as they go (a stream cut short says how much did):
+aiohttp counts only an answer that ended, and with its head."""
 WRITTEN = web.RequestKey("codehub_written", bool)
 """The lane wrote this request's line itself: a WebSocket's, when it ended (aiohttp writes none for one whose
 client or upstream closed first, as the close cancels its handler)."""
@@ -121,7 +124,8 @@ class AccessLogger(AbstractAccessLogger):
                             length=response.body_length, seconds=time_taken, target=None, user=None, reason=unread)
             return
         self._log.write(remote=request.remote, method=request.method, host=request.headers.get("Host", ""),
-                        raw_path=request.raw_path, status=response.status, length=response.body_length,
+                        raw_path=request.raw_path, status=response.status,
+                        length=request.get(SENT, response.body_length),
                         seconds=time_taken, target=request.get(TARGET), user=request.get(USER),
                         reason=request.get(REFUSED))
 

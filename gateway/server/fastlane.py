@@ -150,6 +150,7 @@ class FastLane(WriteFlow):
         self._relaying: Relay | None = None
         self._reading = True
         self._wrote = False
+        self._sent = 0  # body bytes of the answer being written: its access line says how many went out
         self._idle_since = time.monotonic()
         self._head_since = self._idle_since  # when the first bytes of the head being read arrived
         self._timer: asyncio.TimerHandle | None = None
@@ -225,7 +226,7 @@ class FastLane(WriteFlow):
         kind = KIND_LABELS[forward.target.kind] if forward.target is not None else "preview"
         started = time.perf_counter()
         keep_alive = request.keep_alive
-        self._wrote = False
+        self._wrote, self._sent = False, 0
         carry_out(forward.effects, gateway)
         upstream = upstream_of(forward)
         try:
@@ -234,12 +235,12 @@ class FastLane(WriteFlow):
                                               forward.headers, None, metrics=gateway.metrics,
                                               connect_grace=connect_grace(gateway, forward))
                 try:
-                    sent = await self._answer(request, headers, upstream, answer, forward, keep_alive)
+                    await self._answer(request, headers, upstream, answer, forward, keep_alive)
                 except UpstreamError:
                     log.info("upstream body broke off after the response started")
-                    sent, keep_alive = 0, False  # closing tells the client the body is incomplete
+                    keep_alive = False  # closing tells the client the body is incomplete
                 except (ClientStalled, GrantEnded):
-                    sent, keep_alive = 0, False
+                    keep_alive = False
                     if self._transport is not None:
                         self._transport.abort()  # closing would wait for its buffers, and send them on
                 finally:
@@ -260,7 +261,7 @@ class FastLane(WriteFlow):
         seconds = time.perf_counter() - started
         gateway.metrics.observe_request(kind, answer.status, seconds)
         self._front.access.write(remote=self._peer, method=request.method, host=headers.get("Host", ""),
-                                 raw_path=request.target, status=answer.status, length=sent, seconds=seconds,
+                                 raw_path=request.target, status=answer.status, length=self._sent, seconds=seconds,
                                  target=forward.target, user=forward.user)
         # No next request before the client took this answer: one that reads none would have the worker buffer
         # every small answer (each written at once, unlooked at) for as long as it sends requests.
@@ -331,9 +332,9 @@ class FastLane(WriteFlow):
         self._hand_over(self._connection.hand_over().data, Refuse(error=error, target=where, user=user))
 
     async def _answer(self, request: h1.Request, headers: CIMultiDictProxy[str], upstream: Upstream,
-                      answer: Response, forward: Forward, keep_alive: bool) -> int:
-        """Write the answer; returns the body bytes sent. Raises a ``GatewayError`` before the first write when
-        the upstream breaks off while a small answer is being read whole."""
+                      answer: Response, forward: Forward, keep_alive: bool) -> None:
+        """Write the answer, counting its body bytes in ``_sent`` as they go out. Raises a ``GatewayError`` before
+        the first write when the upstream breaks off while a small answer is being read whole."""
         out, length, bodiless = shape_answer(answer, request.method, headers.get("Host", ""), upstream,
                                              forward.rules)
         chunked = not bodiless and length is None
@@ -344,24 +345,23 @@ class FastLane(WriteFlow):
         head = encode_head(f"HTTP/1.1 {answer.status} {answer.reason}", out)
         if bodiless:
             self._write(head)
-            return 0
+            return
         if length is not None and length <= SMALL_BODY:
             self._write(head + await read_small(answer, length, upstream))
-            return length
+            self._sent = length
+            return
         self._write(head)
-        sent = 0
         within = self._front.limits.send_timeout
         still = AnswerGrant(self._gateway, Facts(request.method, request.target, headers, self._peer, 0.0), forward)
         while chunk := await answer.read_chunk():
             if not still():
                 raise GrantEnded
             self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-            sent += len(chunk)
+            self._sent += len(chunk)
             if not await self.drained(self._transport, within):  # the client takes nothing: let it all go
                 raise ClientStalled
         if chunked:
             self._write(b"0\r\n\r\n")
-        return sent
 
     def _write(self, data: bytes) -> None:
         self._wrote = True

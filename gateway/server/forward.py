@@ -13,6 +13,7 @@ from typing import NamedTuple
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.accesslog import SENT
 from gateway.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable, UnsafeHeader
 from gateway.metrics import Metrics
 from gateway.proxy.headers import ResponseRules, downstream_response_headers
@@ -176,6 +177,7 @@ async def _answer(request: web.Request, upstream: Upstream, answer: Response,
         small = web.Response(status=answer.status, reason=answer.reason, body=whole, headers=out_headers)
         small[UNSENT] = unsent
         await _prepare(small, request)
+        request[SENT] = length
         try:
             async with asyncio.timeout(send_timeout):  # written whole, then waited for until the client took it
                 await small.write_eof()
@@ -186,8 +188,9 @@ async def _answer(request: web.Request, upstream: Upstream, answer: Response,
     response.headers.extend(out_headers)
     response[UNSENT] = unsent
     await _prepare(response, request)
+    request[SENT] = 0
     try:
-        complete = bodiless or await _pump(answer, response, send_timeout, still)
+        complete = bodiless or await _pump(answer, request, response, send_timeout, still)
         if complete:
             async with asyncio.timeout(send_timeout):
                 await response.write_eof()
@@ -249,7 +252,7 @@ def broken_off(upstream: Upstream, exc: Exception) -> BadGateway:
     )
 
 
-async def _pump(answer: Response, response: web.StreamResponse, send_timeout: float | None,
+async def _pump(answer: Response, request: web.Request, response: web.StreamResponse, send_timeout: float | None,
                 still: Callable[[], bool]) -> bool:
     """Copy the body chunk by chunk as it arrives, so SSE and long polls flow event by event.
 
@@ -268,5 +271,6 @@ async def _pump(answer: Response, response: web.StreamResponse, send_timeout: fl
             return True
         if not still():
             raise GrantEnded
+        request[SENT] += len(chunk)  # handed to the connection, as the fast lane counts it
         async with asyncio.timeout(send_timeout):
             await response.write(chunk)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -411,6 +413,28 @@ MID_BODY = [("reset-mid-body", "reset"), ("half-close-mid-body", "closed"), ("ba
 LANES = {"fast-lane": "GET", "aiohttp-lane": "POST"}
 
 
+async def access_line(caplog: pytest.LogCaptureFixture, path: str) -> dict[str, Any]:
+    """The access line of the request to ``path`` (written once the answer is out: a bounded wait)."""
+    lines: list[dict[str, Any]] = []
+    async with asyncio.timeout(10):
+        while not (lines := [json.loads(r.getMessage()) for r in caplog.records  # noqa: ASYNC110 - log records
+                             if r.name == "codehub.access" and f'"path":"{path}"' in r.getMessage()]):
+            await asyncio.sleep(0.01)
+    [line] = lines
+    return line
+
+
+@pytest.mark.parametrize("lane", list(LANES))
+async def test_the_access_line_counts_the_body_alone_in_both_lanes(faulty: Faulty, lane: str,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="codehub.access"):
+        answer, body, cut = await faulty.send(LANES[lane], "/ok")
+        line = await access_line(caplog, "/ok")
+    assert answer is not None
+    assert not cut
+    assert (line["status"], line["bytes"]) == (200, len(body)), line
+
+
 def faults_counted(metrics: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r'codehub_upstream_errors_total\{fault="([^"]+)"\} (\S+)',
                                                     metrics)}
@@ -523,15 +547,20 @@ async def test_a_fault_before_the_upgrade_answer_is_the_same_502_or_504(faulty: 
 
 @pytest.mark.parametrize("lane", list(LANES))
 @pytest.mark.parametrize(("fault", "label"), MID_BODY, ids=[c[0] for c in MID_BODY])
-async def test_a_fault_after_the_answer_started_cuts_the_stream(faulty: Faulty, lane: str, fault: str,
-                                                                label: str) -> None:
+async def test_a_fault_after_the_answer_started_cuts_the_stream(faulty: Faulty, lane: str, fault: str, label: str,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """The access line says how much of the body went out, as for a whole answer: a cut stream logged as 0 bytes
+    (or with its head counted in one lane) hid what a visitor got, say through a share link revoked meanwhile."""
     method = LANES[lane]
     files = await warm(faulty, method)
-    answer, body, cut = await faulty.send(method, f"/fault/{fault}")
+    with caplog.at_level(logging.INFO, logger="codehub.access"):
+        answer, body, cut = await faulty.send(method, f"/fault/{fault}")
+        line = await access_line(caplog, f"/fault/{fault}")
     assert answer is not None
     assert answer.status == 200
     assert SENT <= len(body) < BIG
     assert cut  # the connection ended before the body did: the client knows it is incomplete
+    assert (line["status"], line["bytes"]) == (200, len(body)), line
     await assert_pool_healthy(faulty, method, files)
     counted = faults_counted(await faulty.metrics())
     assert set(counted) == {label}, counted
