@@ -16,6 +16,7 @@ from gateway.auth.identity import Identity
 from gateway.config import Config
 from gateway.lifecycle import LifecycleError, Phase
 from gateway.lifecycle.kubernetes import KubernetesRuntime
+from gateway.lifecycle.kubernetes.client import POD as POD_KIND
 from gateway.lifecycle.kubernetes.starting import Graces, Judge
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
@@ -122,6 +123,21 @@ async def test_readiness_never_reached_ends_at_the_start_timeout_with_the_probes
     message, _lines = await failed_wake(runtime)
     assert "did not become ready within 1.5 s" in message
     assert "Readiness probe failed" in message
+    await kube.emulator.wait_gone(POD, NS, "ws-w1")
+
+
+async def test_a_start_that_timed_out_on_a_pod_its_cache_never_showed_leaves_no_pod(
+        kube: KubeEnv, kubelet: FakeKubelet, make_runtime: MakeRuntime) -> None:
+    """The pod was made, but the replica's watch of pods had gone silent: the wake waited out its start timeout and
+    failed. The cleanup deleted only a pod its cache showed, none: the pod ran on, using its quota, and the workspace
+    turned RUNNING by itself once the cache caught up, after the visitor was told it could not start. The pod
+    this wake made goes, by uid."""
+    runtime = await make_runtime(start_timeout=2)
+    await new_workspace(runtime)
+    await runtime.informers[POD_KIND].stop()  # the pod cache stands still
+    with pytest.raises(LifecycleError) as failure:
+        await runtime.wake("w1")
+    assert failure.value.code == "workspace-start-failed"
     await kube.emulator.wait_gone(POD, NS, "ws-w1")
 
 

@@ -247,7 +247,7 @@ class KubernetesRuntime(Runtime):
                 await self._make(ws, PVC, make_pvc(ws, self.settings), deadline)
         self.view.begin(ws.id, Phase.STARTING)
         proxy_uri = self._proxy_uri(ws.id) if self._proxy_uri is not None else None
-        await self._make(ws, POD, make_pod(ws, self.settings, self._ide_secret(ws), proxy_uri), deadline)
+        made = await self._make(ws, POD, make_pod(ws, self.settings, self._ide_secret(ws), proxy_uri), deadline)
         loop = asyncio.get_running_loop()
         look_again: list[float | None] = [None]
 
@@ -275,10 +275,8 @@ class KubernetesRuntime(Runtime):
         if seen.phase is Phase.FAILED:
             log.error("workspace %s failed to start: %s", ws.id, seen.message)
             self.view.explain(ws.id, seen.message)
-            failed = self.view.owned(POD, pod, ws.id)
-            with contextlib.suppress(LifecycleError):  # a failed pod is not left behind (nor its quota used)
-                if failed is not None:
-                    await self._delete(POD, failed)
+            with contextlib.suppress(LifecycleError):  # a failed pod is not left behind (nor its quota used), also
+                await self._delete(POD, made)  # one the cache never showed (its watch silent)
             raise LifecycleError(f"Workspace {ws.id} could not start: {seen.message}", code="workspace-start-failed")
         return self.view.end(ws.id)
 
@@ -318,16 +316,20 @@ class KubernetesRuntime(Runtime):
                 await self._delete(PVC, home)  # idempotent; finishes a crashed archiver's work
                 await self.view.gone(ws.id, PVC, home, deadline)
 
-    async def _make(self, ws: WorkspaceResource, kind: Resource, body: Mapping[str, Any], deadline: float) -> None:
-        """Create the pod or the home. One of the name already there (409) is taken for this Workspace's only if
-        the API says so: the cache may never have shown a deleted namesake's (its watch silent for minutes), whose
-        home would be mounted in the new owner's pod. That one goes, and ours is made."""
+    async def _make(self, ws: WorkspaceResource, kind: Resource, body: Mapping[str, Any],
+                    deadline: float) -> Mapping[str, Any]:
+        """Create the pod or the home; the one made, or taken. One of the name already there (409) is taken for
+        this Workspace's only if the API says so: the cache may never have shown a deleted namesake's (its watch
+        silent for minutes), whose home would be mounted in the new owner's pod. That one goes, and ours is made."""
         name = str(body["metadata"]["name"])
         loop = asyncio.get_running_loop()
-        while await self._call(lambda c: c.create(kind, body)) is None:
-            found = await self._call(lambda c: c.get(kind, name))
+        while True:
+            made: Mapping[str, Any] | None = await self._call(lambda c: c.create(kind, body))
+            if made is not None:
+                return made
+            found: Mapping[str, Any] | None = await self._call(lambda c: c.get(kind, name))
             if found is not None and belongs(found, ws.uid, self.view.created(ws.id)):
-                return
+                return found
             await self._remove_foreign(ws, kind, found, deadline)
             if loop.time() >= deadline:
                 raise LifecycleError(f"Workspace {ws.id}: removing the old {kind.kind} {name} did not happen in "
