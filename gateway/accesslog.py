@@ -28,6 +28,9 @@ UNREAD = web.RequestKey("codehub_unread", str)
 SENT = web.RequestKey("codehub_sent", int)
 """Body bytes of a forwarded answer that went out, counted as they go (a stream cut short says how much did):
 aiohttp counts only an answer that ended, and with its head."""
+ANSWERED = web.RequestKey("codehub_answered", int)
+"""The status of the first answer prepared for this request (``note_answer``): a stream's head goes out as it is
+prepared (aiohttp holds back only a whole ``Response``'s, written with its body at once)."""
 WRITTEN = web.RequestKey("codehub_written", bool)
 """The lane wrote this request's line itself: a WebSocket's, when it ended (aiohttp writes none for one whose
 client or upstream closed first, as the close cancels its handler)."""
@@ -106,6 +109,23 @@ class AccessLog:
             self._sink.write_line(line)
         else:  # straight to the handlers: Logger.info would also walk the stack to find the caller
             self._logger.handle(logging.LogRecord(self._logger.name, logging.INFO, __file__, 0, line, None, None))
+
+
+async def note_answer(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: which answer's head goes out, for the line of a client that leaves during it."""
+    request.setdefault(ANSWERED, response.status)
+
+
+def client_left(request: web.BaseRequest, seconds: float) -> int:
+    """Write the line of a request whose client left while it was served, and return its status: aiohttp writes
+    none for a handler it cancelled. The answer's status if its head went out (with the body bytes that did), else
+    nginx's 499."""
+    status = request.get(ANSWERED, 499)
+    AccessLog(logging.getLogger("codehub.access")).write(
+        remote=request.remote, method=request.method, host=request.headers.get("Host", ""),
+        raw_path=request.raw_path, status=status, length=request.get(SENT, request.writer.output_size),
+        seconds=seconds, target=request.get(TARGET), user=request.get(USER))
+    return status
 
 
 class AccessLogger(AbstractAccessLogger):

@@ -15,7 +15,7 @@ import jinja2
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.accesslog import REFUSED, TARGET
+from gateway.accesslog import REFUSED, TARGET, client_left, note_answer
 from gateway.auth.keys import KeyFileError, load_or_create
 from gateway.auth.oidc import OidcClient
 from gateway.auth.sessions import Sessions
@@ -81,8 +81,10 @@ async def by_plan(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = internal_error(request, exc)
     finally:
         if not websocket:
-            status = response.status if response is not None else 499
-            gateway.metrics.observe_request(kind, status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            # No response: the client left (its handler cancelled), and aiohttp writes no line for it.
+            status = response.status if response is not None else client_left(request, seconds)
+            gateway.metrics.observe_request(kind, status, seconds)
     if response is not answered and request.writer.output_size and request.transport is not None:
         # Part of the answer that failed went out: a client, or a proxy in front, would read the error page as
         # more of it, and the answers behind it with it. Closing tells the client it is cut; nothing is answered
@@ -182,7 +184,7 @@ def build_app(config: Config, runtime: Runtime | None = None, *, reap: bool = Tr
     app = web.Application(middlewares=[by_plan], handler_args={"auto_decompress": False},
                           client_max_size=config.limits.body)
     app[GATEWAY] = gateway
-    app.on_response_prepare.extend((as_the_app_sent_it, ends_a_held_body))
+    app.on_response_prepare.extend((as_the_app_sent_it, ends_a_held_body, note_answer))
     templates = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway.web", "templates"), autoescape=True)
     templates.globals["hub_url"] = hosts.hub_url("/")
     templates.filters["phase_words"] = phase_words

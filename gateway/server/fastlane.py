@@ -245,8 +245,8 @@ class FastLane(WriteFlow):
                         self._transport.abort()  # closing would wait for its buffers, and send them on
                 finally:
                     exchange.close()
-        except asyncio.CancelledError:
-            gateway.metrics.observe_request(kind, 499, time.perf_counter() - started)
+        except asyncio.CancelledError:  # the client left (or the worker stops): mid-answer, or before it (499)
+            self._account(request, headers, forward, kind, answer.status if self._wrote else 499, started)
             raise
         except Exception as exc:
             if not self._wrote:
@@ -258,11 +258,7 @@ class FastLane(WriteFlow):
             if self._transport is not None:
                 self._transport.close()
             return
-        seconds = time.perf_counter() - started
-        gateway.metrics.observe_request(kind, answer.status, seconds)
-        self._front.access.write(remote=self._peer, method=request.method, host=headers.get("Host", ""),
-                                 raw_path=request.target, status=answer.status, length=self._sent, seconds=seconds,
-                                 target=forward.target, user=forward.user)
+        self._account(request, headers, forward, kind, answer.status, started)
         # No next request before the client took this answer: one that reads none would have the worker buffer
         # every small answer (each written at once, unlooked at) for as long as it sends requests.
         if keep_alive and self._write_paused and not await self.drained(self._transport,
@@ -274,6 +270,15 @@ class FastLane(WriteFlow):
         self._idle_since = self._head_since = time.monotonic()
         if self._transport is not None and (event := self._connection.done(keep_alive)) is not h1.NEED_DATA:
             self._act(event)
+
+    def _account(self, request: h1.Request, headers: CIMultiDictProxy[str], forward: Forward, kind: str, status: int,
+                 started: float) -> None:
+        """The request's count and access line, as it ended: answered, cut short, or left by its client."""
+        seconds = time.perf_counter() - started
+        self._gateway.metrics.observe_request(kind, status, seconds)
+        self._front.access.write(remote=self._peer, method=request.method, host=headers.get("Host", ""),
+                                 raw_path=request.target, status=status, length=self._sent, seconds=seconds,
+                                 target=forward.target, user=forward.user)
 
     async def _relay(self, facts: Facts, forward: Forward) -> None:
         """A WebSocket: both handshakes, then the relay (``wsrelay``) has the connection; this task waits for its

@@ -324,3 +324,54 @@ async def test_the_fast_lane_logs_the_body_bytes_it_sent(proxied: MakeProxied, c
     for line in lines:
         assert (line["method"], line["path"], line["status"], line["bytes"]) == ("GET", path, 200, size), line
         assert (line["kind"], line["workspace"], line["port"]) == ("preview", p.workspace, p.port), line
+
+
+def _endless_and_silent() -> web.Application:
+    """``/endless`` streams 16 KB pieces until the client leaves; ``/silent`` never answers."""
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        while True:
+            await response.write(b"e" * 16384)
+            await asyncio.sleep(0.01)
+
+    async def silent(request: web.Request) -> web.Response:
+        await asyncio.sleep(60)
+        raise AssertionError("the gateway gave up first")
+
+    app = web.Application()
+    for path, handler in (("/endless", endless), ("/silent", silent)):
+        app.router.add_get(path, handler)
+        app.router.add_post(path, handler)
+    return app
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"], ids=["fast-lane", "aiohttp-lane"])
+@pytest.mark.parametrize(("path", "status"), [("/endless", 200), ("/silent", 499)], ids=["mid-answer", "unanswered"])
+async def test_a_client_that_leaves_gets_its_line(proxied: MakeProxied, caplog: pytest.LogCaptureFixture,
+                                                  method: str, path: str, status: int) -> None:
+    """The client leaves mid-answer (a tab closed on an event stream, a download cancelled) or before any: the
+    request was served in part, or not at all, and its access line says so (the answer's status and the body bytes
+    that went out, or 499). Leaving cancels the request's handling, which wrote no line: the request was not in
+    the log at all."""
+    p = await proxied(_endless_and_silent())
+    with caplog.at_level(logging.INFO, logger="codehub.access"):
+        reader, writer = await asyncio.open_connection(p.client.host, p.client.port)
+        writer.write(f"{method} {path} HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 0\r\n\r\n".encode())
+        got = b""
+        if status == 200:
+            while len(got) < 100_000:
+                got += await asyncio.wait_for(reader.read(65536), 10)
+        else:
+            await asyncio.sleep(0.3)  # the request is with the upstream
+        writer.close()
+        async with asyncio.timeout(10):
+            while not [r for r in caplog.records if r.name == "codehub.access"]:  # noqa: ASYNC110 - log records
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # and no second line
+    [line] = [json.loads(r.getMessage()) for r in caplog.records if r.name == "codehub.access"]
+    assert (line["method"], line["path"], line["status"]) == (method, path, status), line
+    body = got.partition(b"\r\n\r\n")[2]
+    assert (line["bytes"] >= len(body) - 1024) if status == 200 else line["bytes"] == 0, (line, len(body))
+    assert (line["kind"], line["workspace"], line["port"]) == ("preview", p.workspace, p.port), line
+
