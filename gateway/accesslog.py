@@ -120,7 +120,7 @@ def client_left(request: web.BaseRequest, seconds: float) -> int:
     """Write the line of a request whose client left while it was served, and return its status: aiohttp writes
     none for a handler it cancelled. The answer's status if its head went out (with the body bytes that did), else
     nginx's 499."""
-    status = request.get(ANSWERED, 499)
+    status: int = request.get(ANSWERED, 499)
     AccessLog(logging.getLogger("codehub.access")).write(
         remote=request.remote, method=request.method, host=request.headers.get("Host", ""),
         raw_path=request.raw_path, status=status, length=request.get(SENT, request.writer.output_size),
