@@ -246,33 +246,53 @@ PVC = {"metadata": {"name": "ws-abc-home"}}
 PVC_DELETING = {"metadata": {"name": "ws-abc-home", "deletionTimestamp": "2026-01-01T00:00:00Z"}}
 
 
-def snap(name: str, *, ready: bool = True, created: str = "2026-01-01T00:00:00Z", error: bool = False,
-         ) -> dict[str, Any]:
+def snap(name: str, *, ready: bool = True, created: str = "2026-01-01T00:00:00Z", error: dict[str, Any] | None = None,
+         deleting: bool = False) -> dict[str, Any]:
     status: dict[str, Any] = {"readyToUse": ready}
-    if error:
-        status["error"] = {"message": "quota"}
-    return {"metadata": {"name": name, "creationTimestamp": created}, "status": status}
+    if error is not None:
+        status["error"] = error
+    meta: dict[str, Any] = {"name": name, "creationTimestamp": created}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-02T00:00:00Z"
+    return {"metadata": meta, "status": status}
+
+
+QUOTA = {"message": "quota"}
+JUST_MADE_POD = {"metadata": {"name": "ws-abc"}}  # as created: the kubelet has written no status yet
+JUST_TAKEN = {"metadata": {"name": "s1", "creationTimestamp": "2026-01-01T00:00:00Z"}}  # the snapshotter's neither
 
 
 @pytest.mark.parametrize(("pod_", "pvc", "snapshots", "expected"), [
     (pod(ready=True, ip="10.1.1.1"), PVC, [], phases.Observation(Phase.RUNNING, "10.1.1.1")),
     (pod(ready=True), PVC, [], phases.Observation(Phase.STARTING, message="starting the workspace")),
     (pod(phase="Pending"), PVC, [], phases.Observation(Phase.STARTING, message="starting the workspace")),
+    (pod(phase="Pending", ready=True, ip="10.1.1.1"), PVC, [],
+     phases.Observation(Phase.STARTING, message="starting the workspace")),
+    (JUST_MADE_POD, PVC, [], phases.Observation(Phase.STARTING, message="starting the workspace")),
+    ({**pod(), "status": {"phase": "Pending", "containerStatuses": [{"name": "code-server"}]}}, PVC, [],
+     phases.Observation(Phase.STARTING, message="starting the workspace")),
     (pod(deleting=True, ready=True, ip="10.1.1.1"), PVC, [], phases.Observation(Phase.STOPPING,
                                                                                  message="stopping the workspace")),
-    (pod(phase="Failed"), PVC, [], None),
+    (pod(phase="Failed"), PVC, [], phases.Observation(Phase.FAILED, message="the workspace pod ended (Failed)")),
+    ({**pod(), "status": {"phase": "Failed", "reason": "Evicted", "message": "low on memory"}}, PVC, [],
+     phases.Observation(Phase.FAILED, message="the workspace pod ended (Evicted: low on memory)")),
     (pod(waiting="CrashLoopBackOff"), PVC, [], None),
     (pod(waiting="ImagePullBackOff"), PVC, [], phases.Observation(Phase.STARTING, message="starting the workspace")),
     (None, PVC, [], phases.Observation(Phase.WARM)),
     (None, PVC, [snap("s1")], phases.Observation(Phase.WARM)),
     (None, PVC, [snap("s1", ready=False)], phases.Observation(Phase.ARCHIVING,
                                                               message="taking a snapshot of the volume")),
-    (None, PVC, [snap("s1", ready=False, error=True)], phases.Observation(Phase.WARM)),
+    (None, PVC, [JUST_TAKEN], phases.Observation(Phase.ARCHIVING, message="taking a snapshot of the volume")),
+    (None, PVC, [snap("s1", ready=False, error=QUOTA)], phases.Observation(Phase.WARM)),
     (None, PVC_DELETING, [snap("s1")], phases.Observation(Phase.ARCHIVING,
                                                           message="removing the volume after its snapshot")),
     (None, None, [snap("s1")], phases.Observation(Phase.COLD)),
-    (None, None, [snap("s1", ready=False, error=True)], phases.Observation(
+    (None, None, [snap("s1", ready=False, error=QUOTA)], phases.Observation(
         Phase.FAILED, message="the workspace has snapshots but none is ready to restore: quota")),
+    (None, None, [snap("s1", ready=False, error={"time": "2026-01-01T00:00:00Z"})], phases.Observation(
+        Phase.FAILED, message="the workspace has snapshots but none is ready to restore: the snapshot failed")),
+    (None, None, [snap("s1", deleting=True)], phases.Observation(
+        Phase.FAILED, message="the workspace has snapshots but none is ready to restore")),
     (None, None, [snap("s1", ready=False)], phases.Observation(
         Phase.FAILED, message="the workspace has snapshots but none is ready to restore")),
     (None, None, [], phases.Observation(Phase.WARM)),
@@ -295,6 +315,8 @@ def test_newest_first_and_pruning_never_touch_the_newest_ready() -> None:
     assert phases.prunable(snapshots, keep=1) == ["b", "a"]
     assert phases.prunable(snapshots, keep=0) == ["b", "a"]  # the newest ready one stays whatever keep says
     assert phases.prunable([snap("x", ready=False)], keep=1) == []
+    going = snap("e", created="2026-01-05T00:00:00Z", deleting=True)  # the newest, but on its way out: never restored
+    assert [s["metadata"]["name"] for s in phases.newest_first([*snapshots, going])] == ["c", "b", "a"]
 
 
 def test_what_a_workspace_makes_points_at_it_by_uid() -> None:

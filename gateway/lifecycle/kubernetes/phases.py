@@ -55,7 +55,8 @@ def pod_ready(pod: Obj) -> bool:
 def pod_failure(pod: Obj) -> str | None:
     status = pod.get("status") or {}
     if status.get("phase") in ("Failed", "Succeeded"):
-        return f"the workspace pod ended ({status.get('reason') or status.get('phase')}: {status.get('message', '')})"
+        why, detail = status.get("reason") or status.get("phase"), status.get("message")
+        return f"the workspace pod ended ({why}: {detail})" if detail else f"the workspace pod ended ({why})"
     for container in status.get("containerStatuses") or []:
         waiting = (container.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in STUCK:
