@@ -317,6 +317,10 @@ def test_newest_first_and_pruning_never_touch_the_newest_ready() -> None:
     assert phases.prunable([snap("x", ready=False)], keep=1) == []
     going = snap("e", created="2026-01-05T00:00:00Z", deleting=True)  # the newest, but on its way out: never restored
     assert [s["metadata"]["name"] for s in phases.newest_first([*snapshots, going])] == ["c", "b", "a"]
+    # By when it was taken, whatever its name says (an operator's own); names order those of one second only.
+    named = [snap("z-old", created="2026-01-01T00:00:00Z"), snap("a-new", created="2026-01-03T00:00:00Z"),
+             snap("s-0900", created="2026-01-02T00:00:00Z"), snap("s-1000", created="2026-01-02T00:00:00Z")]
+    assert [s["metadata"]["name"] for s in phases.newest_first(named)] == ["a-new", "s-1000", "s-0900", "z-old"]
 
 
 def test_what_a_workspace_makes_points_at_it_by_uid() -> None:
