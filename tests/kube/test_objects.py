@@ -284,6 +284,7 @@ JUST_TAKEN = {"metadata": {"name": "s1", "creationTimestamp": "2026-01-01T00:00:
                                                               message="taking a snapshot of the volume")),
     (None, PVC, [JUST_TAKEN], phases.Observation(Phase.ARCHIVING, message="taking a snapshot of the volume")),
     (None, PVC, [snap("s1", ready=False, error=QUOTA)], phases.Observation(Phase.WARM)),
+    (None, PVC, [snap("s1", ready=False, deleting=True)], phases.Observation(Phase.WARM)),  # given up, not taken
     (None, PVC_DELETING, [snap("s1")], phases.Observation(Phase.ARCHIVING,
                                                           message="removing the volume after its snapshot")),
     (None, None, [snap("s1")], phases.Observation(Phase.COLD)),
@@ -305,6 +306,12 @@ def test_observe(pod_: dict[str, Any] | None, pvc: dict[str, Any] | None, snapsh
         assert seen.message
     else:
         assert seen == expected
+
+
+def test_observe_reads_its_snapshots_once_given_any_iterable() -> None:
+    seen = phases.observe(None, None, iter([snap("s1", ready=False, error=QUOTA)]))
+    assert seen == phases.Observation(Phase.FAILED, message="the workspace has snapshots but none is ready to "
+                                                            "restore: quota")
 
 
 def test_newest_first_and_pruning_never_touch_the_newest_ready() -> None:
