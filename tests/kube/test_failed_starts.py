@@ -17,7 +17,7 @@ from gateway.config import Config
 from gateway.lifecycle import LifecycleError, Phase
 from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.lifecycle.kubernetes.client import POD as POD_KIND
-from gateway.lifecycle.kubernetes.starting import Graces, Judge
+from gateway.lifecycle.kubernetes.starting import Graces, Judge, describe
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
 from tests.kube.emulator import POD, WORKSPACE, KubeEnv
@@ -185,6 +185,36 @@ def test_a_grace_counts_only_while_the_condition_lasts() -> None:
     assert judge(pulled, bound, now=100.8) == (None, None)  # cleared: the clock stops
     assert judge(pulling, bound, now=101.5) == (None, 102.5)  # a new occurrence starts it again
     assert judge(pulling, bound, now=102.5) == ("Image pull failed — registry hiccup", None)
+
+
+@pytest.mark.parametrize(("event", "line"), [
+    ({"reason": "FailedScheduling", "message": "0/3 nodes are available"}, "Scheduling — 0/3 nodes are available"),
+    ({"reason": "Scheduled"}, "Scheduled"),
+    ({"reason": "Scheduled", "message": ""}, "Scheduled"),
+    ({"message": "something happened"}, "something happened"),
+    ({"reason": "SomethingNew", "message": "m"}, "SomethingNew — m"),
+])
+def test_an_event_is_one_line_with_what_it_has(event: dict[str, Any], line: str) -> None:
+    assert describe(event) == line
+
+
+def test_a_pod_the_kubelet_has_not_described_yet_holds_no_grace() -> None:
+    """A pod as just made (no status), or whose container has no state yet, is only not ready: nothing to judge."""
+    judge = Judge(Graces(unschedulable=1, bind=1, image_pull=1))
+    bound = {"metadata": {"name": "ws-w1-home"}, "status": {"phase": "Bound"}}
+    for pod in ({"metadata": {"name": "ws-w1"}},
+                {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending", "containerStatuses": [{"name": "c"}]}}):
+        assert judge(pod, bound, now=100.0) == (None, None)
+        assert judge(pod, bound, now=200.0) == (None, None)
+
+
+def test_an_image_pull_failure_without_words_is_named_by_its_reason() -> None:
+    judge = Judge(Graces(unschedulable=10, bind=10, image_pull=1.0))
+    pulling = {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending", "containerStatuses": [
+        {"state": {"waiting": {"reason": "ImagePullBackOff"}}}]}}
+    bound = {"metadata": {"name": "ws-w1-home"}, "status": {"phase": "Bound"}}
+    assert judge(pulling, bound, now=100.0) == (None, 101.0)
+    assert judge(pulling, bound, now=101.0) == ("Image pull failed — ImagePullBackOff", None)
 
 
 async def test_an_old_namesakes_events_from_before_the_wake_are_not_shown(
