@@ -208,6 +208,23 @@ def test_a_pod_the_kubelet_has_not_described_yet_holds_no_grace() -> None:
         assert judge(pod, bound, now=200.0) == (None, None)
 
 
+@pytest.mark.parametrize(("condition", "after_grace"), [
+    ({"type": "PodScheduled", "status": "False", "reason": "Unschedulable"},
+     "Scheduling — no node can run the workspace"),
+    ({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes are available"},
+     "Scheduling — 0/3 nodes are available"),
+    ({"type": "PodScheduled", "status": "False", "reason": "SchedulingGated"}, None),  # held by its gates, on purpose
+    ({"type": "PodScheduled", "status": "True"}, None),
+], ids=["unschedulable-without-words", "unschedulable", "gated", "scheduled"])
+def test_only_a_pod_the_scheduler_cannot_place_runs_out_its_grace(condition: dict[str, Any],
+                                                                  after_grace: str | None) -> None:
+    judge = Judge(Graces(unschedulable=1.0, bind=10, image_pull=10))
+    pod = {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending", "conditions": [condition]}}
+    bound = {"metadata": {"name": "ws-w1-home"}, "status": {"phase": "Bound"}}
+    assert judge(pod, bound, now=100.0) == (None, 101.0 if after_grace else None)
+    assert judge(pod, bound, now=101.0) == (after_grace, None)
+
+
 def test_an_image_pull_failure_without_words_is_named_by_its_reason() -> None:
     judge = Judge(Graces(unschedulable=10, bind=10, image_pull=1.0))
     pulling = {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending", "containerStatuses": [
