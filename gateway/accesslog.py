@@ -29,8 +29,8 @@ SENT = web.RequestKey("codehub_sent", int)
 """Body bytes of a forwarded answer that went out, counted as they go (a stream cut short says how much did):
 aiohttp counts only an answer that ended, and with its head."""
 ANSWERED = web.RequestKey("codehub_answered", int)
-"""The status of the first answer prepared for this request (``note_answer``): a stream's head goes out as it is
-prepared (aiohttp holds back only a whole ``Response``'s, written with its body at once)."""
+"""The status of the answer prepared for this request (``note_answer``): a stream's head goes out as it is prepared
+(aiohttp holds back only a whole ``Response``'s, written with its body at once)."""
 WRITTEN = web.RequestKey("codehub_written", bool)
 """The lane wrote this request's line itself: a WebSocket's, when it ended (aiohttp writes none for one whose
 client or upstream closed first, as the close cancels its handler)."""
@@ -110,10 +110,16 @@ class AccessLog:
         else:  # straight to the handlers: Logger.info would also walk the stack to find the caller
             self._logger.handle(logging.LogRecord(self._logger.name, logging.INFO, __file__, 0, line, None, None))
 
+    def write_request(self, request: web.BaseRequest, *, status: int, length: int, seconds: float) -> None:
+        """The line of a request aiohttp read, with what the lane noted on it (target, user, refusal)."""
+        self.write(remote=request.remote, method=request.method, host=request.headers.get("Host", ""),
+                   raw_path=request.raw_path, status=status, length=length, seconds=seconds,
+                   target=request.get(TARGET), user=request.get(USER), reason=request.get(REFUSED))
+
 
 async def note_answer(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: which answer's head goes out, for the line of a client that leaves during it."""
-    request.setdefault(ANSWERED, response.status)
+    request[ANSWERED] = response.status
 
 
 def client_left(request: web.BaseRequest, seconds: float) -> int:
@@ -121,10 +127,8 @@ def client_left(request: web.BaseRequest, seconds: float) -> int:
     none for a handler it cancelled. The answer's status if its head went out (with the body bytes that did), else
     nginx's 499."""
     status: int = request.get(ANSWERED, 499)
-    AccessLog(logging.getLogger("codehub.access")).write(
-        remote=request.remote, method=request.method, host=request.headers.get("Host", ""),
-        raw_path=request.raw_path, status=status, length=request.get(SENT, request.writer.output_size),
-        seconds=seconds, target=request.get(TARGET), user=request.get(USER))
+    AccessLog(logging.getLogger("codehub.access")).write_request(
+        request, status=status, length=request.get(SENT, request.writer.output_size), seconds=seconds)
     return status
 
 
@@ -143,11 +147,8 @@ class AccessLogger(AbstractAccessLogger):
             self._log.write(remote=request.remote, method=None, host=None, raw_path=None, status=response.status,
                             length=response.body_length, seconds=time_taken, target=None, user=None, reason=unread)
             return
-        self._log.write(remote=request.remote, method=request.method, host=request.headers.get("Host", ""),
-                        raw_path=request.raw_path, status=response.status,
-                        length=request.get(SENT, response.body_length),
-                        seconds=time_taken, target=request.get(TARGET), user=request.get(USER),
-                        reason=request.get(REFUSED))
+        self._log.write_request(request, status=response.status, length=request.get(SENT, response.body_length),
+                                seconds=time_taken)
 
 
 class BufferedLineHandler(logging.Handler):

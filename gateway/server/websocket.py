@@ -34,7 +34,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
-from gateway.accesslog import TARGET, USER, WRITTEN, AccessLog
+from gateway.accesslog import WRITTEN, AccessLog
 from gateway.config import Timeouts
 from gateway.errors import GatewayTimeout
 from gateway.metrics import Metrics
@@ -169,8 +169,6 @@ async def relay_websocket(
         if not relay.done.done():  # cancelled: the gateway shuts down, or the client's connection dropped
             relay.end(GOING_AWAY)
         request[WRITTEN] = True
-        AccessLog(logging.getLogger("codehub.access")).write(
-            remote=request.remote, method=request.method, host=request.headers.get("Host", ""),
-            raw_path=request.raw_path, status=101, length=0, seconds=time.perf_counter() - started,
-            target=request.get(TARGET), user=request.get(USER))
+        AccessLog(logging.getLogger("codehub.access")).write_request(
+            request, status=101, length=0, seconds=time.perf_counter() - started)
     return response
