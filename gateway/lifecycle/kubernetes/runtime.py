@@ -312,9 +312,9 @@ class KubernetesRuntime(Runtime):
                 return
             log.info("%s: its volume is being deleted after a snapshot (%s); restoring after that", ws.id, found)
             home = self.view.owned(PVC, pvc, ws.id)
-            if home is not None:
-                await self._delete(PVC, home)  # idempotent; finishes a crashed archiver's work
-                await self.view.gone(ws.id, PVC, home, deadline)
+            assert home is not None, "KEEP is decided only while the cache holds it, and swap returns on it at once"
+            await self._delete(PVC, home)  # finishes a crashed archiver's work
+            await self.view.gone(ws.id, PVC, home, deadline)
 
     async def _make(self, ws: WorkspaceResource, kind: Resource, body: Mapping[str, Any],
                     deadline: float) -> Mapping[str, Any]:
@@ -398,12 +398,11 @@ class KubernetesRuntime(Runtime):
         async with slot.lock:
             self._still(workspace, uid)
             self._require_api(WORKSPACE, POD, PVC, SNAPSHOT)
-            pvc = pvc_name(workspace)
-            if (self.view.owned(PVC, pvc, workspace) is None
-                    or self.view.owned(POD, pod_name(workspace), workspace) is not None):
+            home = self.view.owned(PVC, pvc_name(workspace), workspace)
+            if home is None or self.view.owned(POD, pod_name(workspace), workspace) is not None:
                 return self.view.end(workspace)  # already COLD, or woken again meanwhile
             try:
-                await self._archive(workspace, pvc)
+                await self._archive(workspace, home)
             except LifecycleError as exc:
                 log.error("archive of %s failed, its volume is kept: %s", workspace, exc.message)
                 raise LifecycleError(f"Archiving {workspace} failed; its volume is untouched. {exc.message}",
@@ -413,7 +412,8 @@ class KubernetesRuntime(Runtime):
             await self._write_status(workspace, state)
             return state
 
-    async def _archive(self, workspace: str, pvc: str) -> None:
+    async def _archive(self, workspace: str, home: Obj) -> None:
+        """Snapshot ``home`` and, once the snapshot is ready and no wake came between, delete that very volume."""
         mine = intent.token("archiving", self.identity)
         stale = self.settings.snapshot_timeout + self.settings.request_timeout  # a crashed archiver's claim
         written, found = await self._swap(workspace, lambda v: intent.KEEP if intent.kind_of(v) in (
@@ -431,10 +431,8 @@ class KubernetesRuntime(Runtime):
             return
         # Only now, with a ready snapshot of it and no wake since, may the volume go.
         deadline = asyncio.get_running_loop().time() + self.settings.snapshot_timeout
-        home = self.view.owned(PVC, pvc, workspace)
-        if home is not None:
-            await self._delete(PVC, home)
-            await self.view.gone(workspace, PVC, home, deadline)
+        await self._delete(PVC, home)
+        await self.view.gone(workspace, PVC, home, deadline)
         for old in phases.prunable(self.view.snapshots(workspace), self.settings.keep_snapshots):
             await self._prune(workspace, old)
         await self._swap(workspace, lambda v: None if v == committed else intent.KEEP)
