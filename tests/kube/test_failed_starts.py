@@ -26,6 +26,7 @@ from tests.kube.scenarios import EVENTS, INSUFFICIENT_MEMORY, UNBOUND, Scenario
 from tests.kube.support import NS, MakeRuntime, kube_settings, names, new_workspace, until
 
 pytestmark = pytest.mark.timeout(60)
+BOUND = {"metadata": {"name": "ws-w1-home"}, "status": {"phase": "Bound"}}  # a home the judge sees no trouble in
 QUICK = {"unschedulable_grace": 0.4, "bind_timeout": 0.4, "image_pull_grace": 0.6, "start_timeout": 8}
 
 
@@ -180,11 +181,10 @@ def test_a_grace_counts_only_while_the_condition_lasts() -> None:
     pulling = {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending", "containerStatuses": [
         {"state": {"waiting": {"reason": "ErrImagePull", "message": "registry hiccup"}}}]}}
     pulled = {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending"}}
-    bound = {"metadata": {"name": "ws-w1-home"}, "status": {"phase": "Bound"}}
-    assert judge(pulling, bound, now=100.0) == (None, 101.0)
-    assert judge(pulled, bound, now=100.8) == (None, None)  # cleared: the clock stops
-    assert judge(pulling, bound, now=101.5) == (None, 102.5)  # a new occurrence starts it again
-    assert judge(pulling, bound, now=102.5) == ("Image pull failed — registry hiccup", None)
+    assert judge(pulling, BOUND, now=100.0) == (None, 101.0)
+    assert judge(pulled, BOUND, now=100.8) == (None, None)  # cleared: the clock stops
+    assert judge(pulling, BOUND, now=101.5) == (None, 102.5)  # a new occurrence starts it again
+    assert judge(pulling, BOUND, now=102.5) == ("Image pull failed — registry hiccup", None)
 
 
 @pytest.mark.parametrize(("event", "line"), [
@@ -201,11 +201,10 @@ def test_an_event_is_one_line_with_what_it_has(event: dict[str, Any], line: str)
 def test_a_pod_the_kubelet_has_not_described_yet_holds_no_grace() -> None:
     """A pod as just made (no status), or whose container has no state yet, is only not ready: nothing to judge."""
     judge = Judge(Graces(unschedulable=1, bind=1, image_pull=1))
-    bound = {"metadata": {"name": "ws-w1-home"}, "status": {"phase": "Bound"}}
     for pod in ({"metadata": {"name": "ws-w1"}},
                 {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending", "containerStatuses": [{"name": "c"}]}}):
-        assert judge(pod, bound, now=100.0) == (None, None)
-        assert judge(pod, bound, now=200.0) == (None, None)
+        assert judge(pod, BOUND, now=100.0) == (None, None)
+        assert judge(pod, BOUND, now=200.0) == (None, None)
 
 
 @pytest.mark.parametrize(("condition", "after_grace"), [
@@ -220,18 +219,16 @@ def test_only_a_pod_the_scheduler_cannot_place_runs_out_its_grace(condition: dic
                                                                   after_grace: str | None) -> None:
     judge = Judge(Graces(unschedulable=1.0, bind=10, image_pull=10))
     pod = {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending", "conditions": [condition]}}
-    bound = {"metadata": {"name": "ws-w1-home"}, "status": {"phase": "Bound"}}
-    assert judge(pod, bound, now=100.0) == (None, 101.0 if after_grace else None)
-    assert judge(pod, bound, now=101.0) == (after_grace, None)
+    assert judge(pod, BOUND, now=100.0) == (None, 101.0 if after_grace else None)
+    assert judge(pod, BOUND, now=101.0) == (after_grace, None)
 
 
 def test_an_image_pull_failure_without_words_is_named_by_its_reason() -> None:
     judge = Judge(Graces(unschedulable=10, bind=10, image_pull=1.0))
     pulling = {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending", "containerStatuses": [
         {"state": {"waiting": {"reason": "ImagePullBackOff"}}}]}}
-    bound = {"metadata": {"name": "ws-w1-home"}, "status": {"phase": "Bound"}}
-    assert judge(pulling, bound, now=100.0) == (None, 101.0)
-    assert judge(pulling, bound, now=101.0) == ("Image pull failed — ImagePullBackOff", None)
+    assert judge(pulling, BOUND, now=100.0) == (None, 101.0)
+    assert judge(pulling, BOUND, now=101.0) == ("Image pull failed — ImagePullBackOff", None)
 
 
 async def test_an_old_namesakes_events_from_before_the_wake_are_not_shown(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -164,3 +165,14 @@ async def three_chunks(request: web.Request) -> web.StreamResponse:
         await response.write(piece)
     await response.write_eof()
     return response
+
+
+async def access_line(caplog: pytest.LogCaptureFixture, path: str) -> dict[str, Any]:
+    """The access line of the request to ``path`` (written once the answer is out: a bounded wait)."""
+    lines: list[dict[str, Any]] = []
+    async with asyncio.timeout(10):
+        while not (lines := [json.loads(r.getMessage()) for r in caplog.records  # noqa: ASYNC110 - log records
+                             if r.name == "codehub.access" and f'"path":"{path}"' in r.getMessage()]):
+            await asyncio.sleep(0.01)
+    [line] = lines
+    return line

@@ -26,7 +26,7 @@ from gateway.accesslog import (
     BufferedLineHandler,
 )
 from gateway.edge.routing import Kind, Target
-from tests.server.conftest import MakeProxied, three_chunks
+from tests.server.conftest import MakeProxied, access_line, three_chunks
 
 
 @pytest.fixture
@@ -365,9 +365,7 @@ async def test_a_client_that_leaves_gets_its_line(proxied: MakeProxied, caplog: 
         else:
             await asyncio.sleep(0.3)  # the request is with the upstream
         writer.close()
-        async with asyncio.timeout(10):
-            while not [r for r in caplog.records if r.name == "codehub.access"]:  # noqa: ASYNC110 - log records
-                await asyncio.sleep(0.01)
+        await access_line(caplog, path)
         await asyncio.sleep(0.2)  # and no second line
     [line] = [json.loads(r.getMessage()) for r in caplog.records if r.name == "codehub.access"]
     assert (line["method"], line["path"], line["status"]) == (method, path, status), line

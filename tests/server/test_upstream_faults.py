@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
@@ -19,13 +18,12 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
 from gateway.server.context import GATEWAY
 from tests.conftest import MakeGateway, next_address, scrape, workspace
-from tests.server.conftest import WORKSPACE
+from tests.server.conftest import WORKSPACE, access_line
 from tests.server.test_hostile_input import Answer
 
 BIG = 100_000
@@ -411,17 +409,6 @@ IN_SMALL_BODY = [("stall-mid-small-body", 504, "stalled"), ("reset-mid-small-bod
 MID_BODY = [("reset-mid-body", "reset"), ("half-close-mid-body", "closed"), ("bad-chunk-mid-body", "garbage"),
             ("endless-trailers", "head-too-large"), ("stall-mid-body", "stalled")]
 LANES = {"fast-lane": "GET", "aiohttp-lane": "POST"}
-
-
-async def access_line(caplog: pytest.LogCaptureFixture, path: str) -> dict[str, Any]:
-    """The access line of the request to ``path`` (written once the answer is out: a bounded wait)."""
-    lines: list[dict[str, Any]] = []
-    async with asyncio.timeout(10):
-        while not (lines := [json.loads(r.getMessage()) for r in caplog.records  # noqa: ASYNC110 - log records
-                             if r.name == "codehub.access" and f'"path":"{path}"' in r.getMessage()]):
-            await asyncio.sleep(0.01)
-    [line] = lines
-    return line
 
 
 @pytest.mark.parametrize("lane", list(LANES))
