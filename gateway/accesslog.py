@@ -29,8 +29,8 @@ SENT = web.RequestKey("codehub_sent", int)
 """Body bytes of a forwarded answer that went out, counted as they go (a stream cut short says how much did):
 aiohttp counts only an answer that ended, and with its head."""
 ANSWERED = web.RequestKey("codehub_answered", int)
-"""The status of the answer prepared for this request (``note_answer``): a stream's head goes out as it is prepared
-(aiohttp holds back only a whole ``Response``'s, written with its body at once)."""
+"""The status of the answer whose head goes out for this request (``note_answer``): a stream's head goes out as it
+is prepared (aiohttp holds back only a whole ``Response``'s, written with its body at once)."""
 WRITTEN = web.RequestKey("codehub_written", bool)
 """The lane wrote this request's line itself: a WebSocket's, when it ended (aiohttp writes none for one whose
 client or upstream closed first, as the close cancels its handler)."""
@@ -118,8 +118,19 @@ class AccessLog:
 
 
 async def note_answer(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: which answer's head goes out, for the line of a client that leaves during it."""
-    request[ANSWERED] = response.status
+    """``on_response_prepare``: which answer's head goes out, for the line of a client that leaves during it and
+    of an answer cut by a bug (``sent_status``). An error page prepared after part of an answer went out never goes
+    out itself (the connection is closed instead), so it does not count; one prepared while nothing had takes the
+    place of the answer prepared before it (aiohttp had held that one's head back)."""
+    if not request.writer.output_size:
+        request[ANSWERED] = response.status
+
+
+def sent_status(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """The status the client got: ``response``'s, unless another answer's head went out first — one a bug cut
+    short."""
+    status: int = request.get(ANSWERED, response.status)
+    return status
 
 
 def client_left(request: web.BaseRequest, seconds: float) -> int:
@@ -147,8 +158,8 @@ class AccessLogger(AbstractAccessLogger):
             self._log.write(remote=request.remote, method=None, host=None, raw_path=None, status=response.status,
                             length=response.body_length, seconds=time_taken, target=None, user=None, reason=unread)
             return
-        self._log.write_request(request, status=response.status, length=request.get(SENT, response.body_length),
-                                seconds=time_taken)
+        self._log.write_request(request, status=sent_status(request, response),
+                                length=request.get(SENT, response.body_length), seconds=time_taken)
 
 
 class BufferedLineHandler(logging.Handler):

@@ -15,7 +15,7 @@ import jinja2
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.accesslog import REFUSED, TARGET, client_left, note_answer
+from gateway.accesslog import REFUSED, TARGET, client_left, note_answer, sent_status
 from gateway.auth.keys import KeyFileError, load_or_create
 from gateway.auth.oidc import OidcClient
 from gateway.auth.sessions import Sessions
@@ -83,7 +83,7 @@ async def by_plan(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not websocket:
             seconds = time.perf_counter() - started
             # No response: the client left (its handler cancelled), and aiohttp writes no line for it.
-            status = response.status if response is not None else client_left(request, seconds)
+            status = sent_status(request, response) if response is not None else client_left(request, seconds)
             gateway.metrics.observe_request(kind, status, seconds)
     if response is not answered and request.writer.output_size and request.transport is not None:
         # Part of the answer that failed went out: a client, or a proxy in front, would read the error page as

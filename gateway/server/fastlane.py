@@ -255,6 +255,7 @@ class FastLane(WriteFlow):
                 return
             if not isinstance(exc, GatewayError):
                 _log_failure(request.method, request.target)
+            self._account(request, headers, forward, kind, answer.status, started)
             if self._transport is not None:
                 self._transport.close()
             return

@@ -26,7 +26,9 @@ from gateway.accesslog import (
     BufferedLineHandler,
 )
 from gateway.edge.routing import Kind, Target
-from tests.server.conftest import MakeProxied, access_line, three_chunks
+from gateway.proxy.connection import Response
+from tests.server.conftest import MakeProxied, access_line, sent_raw, three_chunks
+from tests.server.test_metrics import sample
 
 
 @pytest.fixture
@@ -373,3 +375,33 @@ async def test_a_client_that_leaves_gets_its_line(proxied: MakeProxied, caplog: 
     assert (line["bytes"] >= len(body) - 1024) if status == 200 else line["bytes"] == 0, (line, len(body))
     assert (line["kind"], line["workspace"], line["port"]) == ("preview", p.workspace, p.port), line
 
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"], ids=["fast-lane", "aiohttp-lane"])
+async def test_a_bug_after_the_answer_began_is_logged_as_what_went_out(
+        proxied: MakeProxied, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """A bug once an answer's head went out (the app's body can no longer be read: a bug put in by hand, as no
+    peer can make one) cuts the connection; the line and the count say what the client got — the answer's status
+    and the body bytes before the cut — not the 500 page it never saw (aiohttp's lane logged 500, the fast lane
+    nothing)."""
+    async def large(request: web.Request) -> web.Response:
+        return web.Response(body=b"l" * 100_000)  # streamed: past what is read whole
+
+    async def broken(self: object) -> bytes:
+        raise RuntimeError("a bug")
+
+    app = web.Application()
+    app.router.add_route(method, "/large", large)
+    p = await proxied(app)
+    monkeypatch.setattr(Response, "read_chunk", broken)
+    caplog.set_level(logging.INFO)
+    raw = await sent_raw(p, f"{method} /large HTTP/1.1\r\nHost: {p.host}\r\nContent-Length: 0\r\n\r\n".encode())
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), raw[:200]
+    assert len(body) < 100_000, raw[:200]
+    assert [r.levelno for r in caplog.records if r.exc_info is not None] == [logging.ERROR]  # the bug, once
+    line = await access_line(caplog, "/large")
+    assert (line["method"], line["status"], line["bytes"]) == (method, 200, len(body)), line
+    text = await p.metrics()
+    assert sample(text, "codehub_requests_total", kind="preview", code="2xx") == 1, text
+    assert sample(text, "codehub_requests_total", kind="preview", code="5xx") == 0, text
