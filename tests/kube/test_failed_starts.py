@@ -207,6 +207,15 @@ def test_a_pod_the_kubelet_has_not_described_yet_holds_no_grace() -> None:
         assert judge(pod, BOUND, now=200.0) == (None, None)
 
 
+def test_a_pod_going_away_is_not_judged_a_failed_start() -> None:
+    """A pod being deleted ends (Failed, Succeeded) as it goes: that is the stop's doing, not why a start failed."""
+    judge = Judge(Graces(unschedulable=1, bind=1, image_pull=1))
+    ended = {"metadata": {"name": "ws-w1"}, "status": {"phase": "Failed", "reason": "Evicted"}}
+    assert judge(ended, BOUND, now=100.0) == ("the workspace pod ended (Evicted)", None)
+    going = {"metadata": {"name": "ws-w1", "deletionTimestamp": "2026-12-07T10:00:00Z"}, "status": ended["status"]}
+    assert judge(going, BOUND, now=100.0) == (None, None)
+
+
 @pytest.mark.parametrize(("condition", "after_grace"), [
     ({"type": "PodScheduled", "status": "False", "reason": "Unschedulable"},
      "Scheduling — no node can run the workspace"),

@@ -80,9 +80,9 @@ class Judge:
     since: dict[str, float] = field(default_factory=dict)
     warnings: dict[str, str] = field(default_factory=dict)  # object name -> the message of its last Warning event
 
-    def __call__(self, pod: Obj | None, pvc: Obj | None, now: float) -> tuple[str | None, float | None]:
+    def __call__(self, pod: Obj, pvc: Obj | None, now: float) -> tuple[str | None, float | None]:
         """(why this start cannot succeed, or None; when to look again even if nothing changes)."""
-        if pod is not None and not phases.deleting(pod):
+        if not phases.deleting(pod):  # the end of a pod going away is not this start's failure
             failure = phases.pod_failure(pod)
             if failure is not None:
                 return failure, None
@@ -91,13 +91,12 @@ class Judge:
             name = str(pvc["metadata"]["name"])
             held["bind"] = (self.graces.bind, "the home volume was not provisioned within "
                             f"{self.graces.bind:g} s: {self.warnings.get(name, 'the claim is still Pending')}")
-        elif pod is not None and (message := _unschedulable(pod)) is not None:
+        elif (message := _unschedulable(pod)) is not None:
             held["unschedulable"] = (self.graces.unschedulable, f"Scheduling — {message}")
-        if pod is not None:
-            reason, message = _waiting(pod)
-            if reason:  # the kubelet's Warning says why ("Back-off pulling image" does not)
-                detail = self.warnings.get(str(pod["metadata"]["name"])) or message or reason
-                held["pull"] = (self.graces.image_pull, f"Image pull failed — {detail}")
+        reason, message = _waiting(pod)
+        if reason:  # the kubelet's Warning says why ("Back-off pulling image" does not)
+            detail = self.warnings.get(str(pod["metadata"]["name"])) or message or reason
+            held["pull"] = (self.graces.image_pull, f"Image pull failed — {detail}")
         for key in list(self.since):
             if key not in held:
                 del self.since[key]  # it cleared: a later occurrence starts its grace again
