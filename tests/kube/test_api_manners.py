@@ -38,12 +38,41 @@ async def test_the_token_bucket_allows_a_burst_then_the_rate() -> None:
     for _ in range(7):
         await throttle.token()
     assert time.slept == [0.5, 0.5, 0.5, 0.5]  # three at once, then one every 1/qps
+    assert throttle.waited == 2.0  # what the storm benchmark reports
     time.now += 10  # a quiet spell refills the bucket up to the burst, not beyond
     for _ in range(3):
         await throttle.token()
     assert len(time.slept) == 4
     await throttle.token()
     assert time.slept[-1] == 0.5
+
+
+async def test_the_bucket_refills_by_the_time_since_the_last_token() -> None:
+    time = FakeTime()
+    throttle = Throttle(qps=2, burst=3, concurrency=10, clock=time.clock, sleep=time.sleep)
+    await throttle.token()  # 3 -> 2
+    time.now = 0.4
+    await throttle.token()  # 2 + 0.8 -> 1.8
+    time.now = 0.8
+    await throttle.token()  # 1.8 + 0.8 (not the 1.6 since the first) -> 1.6
+    await throttle.token()  # -> 0.6
+    await throttle.token()  # 0.6: waits for the 0.4 of a token it lacks
+    assert time.slept == [pytest.approx(0.2)]
+
+
+async def test_a_sleep_that_runs_long_does_not_slow_the_rate() -> None:
+    """The loop wakes a sleeper late when it is busy (a wake storm): the time overslept counts toward the next
+    token, so callers still get ``qps``, not less by the lateness of every sleep."""
+    time = FakeTime()
+
+    async def late(seconds: float) -> None:
+        await time.sleep(seconds)
+        time.now += 0.1
+
+    throttle = Throttle(qps=2, burst=1, concurrency=10, clock=time.clock, sleep=late)
+    for _ in range(21):
+        await throttle.token()
+    assert time.now == pytest.approx(10.1)  # 20 tokens past the burst at 2 a second, and the last sleep's lateness
 
 
 async def test_a_wake_storm_keeps_to_the_concurrency_bound(kube: KubeEnv, make_runtime: MakeRuntime) -> None:

@@ -33,11 +33,11 @@ class Throttle:
             now = self._clock()
             self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.qps)
             self._at = now
-            if self._tokens < 1:
+            if self._tokens < 1:  # wait for what is lacking; the next caller's refill counts from ``now``, so
+                # a sleep the busy loop ends late owes no one that lateness (the count goes below zero meanwhile)
                 wait = (1 - self._tokens) / self.qps
                 self.waited += wait
                 await self._sleep(wait)
-                self._tokens, self._at = 1.0, self._clock()
             self._tokens -= 1
 
     @contextlib.asynccontextmanager
