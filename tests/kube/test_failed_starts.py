@@ -207,6 +207,23 @@ def test_a_pod_the_kubelet_has_not_described_yet_holds_no_grace() -> None:
         assert judge(pod, BOUND, now=200.0) == (None, None)
 
 
+def test_a_home_the_cache_does_not_show_yet_is_not_judged() -> None:
+    """The pod came into the cache before its home did (two watches): nothing is known of the home to wait on."""
+    judge = Judge(Graces(unschedulable=1, bind=1, image_pull=1))
+    assert judge({"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending"}}, None, now=100.0) == (None, None)
+    pending = {"metadata": {"name": "ws-w1-home"}, "status": {"phase": "Pending"}}
+    assert judge({"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending"}}, pending, now=100.0) == (None, 101.0)
+
+
+def test_with_two_conditions_held_the_judge_looks_again_at_the_first_grace_to_run_out() -> None:
+    judge = Judge(Graces(unschedulable=10, bind=1, image_pull=10))
+    pulling = {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending", "containerStatuses": [
+        {"state": {"waiting": {"reason": "ErrImagePull"}}}]}}
+    pending = {"metadata": {"name": "ws-w1-home"}, "status": {"phase": "Pending"}}
+    assert judge(pulling, pending, now=100.0) == (None, 101.0)
+    assert judge(pulling, BOUND, now=100.5) == (None, 110.0)  # the home bound: the image pull's grace is left
+
+
 def test_a_pod_going_away_is_not_judged_a_failed_start() -> None:
     """A pod being deleted ends (Failed, Succeeded) as it goes: that is the stop's doing, not why a start failed."""
     judge = Judge(Graces(unschedulable=1, bind=1, image_pull=1))
