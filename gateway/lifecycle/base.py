@@ -28,10 +28,6 @@ class Phase(enum.StrEnum):
     RESTORING = "RESTORING"
     FAILED = "FAILED"
 
-    @property
-    def asleep(self) -> bool:
-        return self in (Phase.WARM, Phase.COLD, Phase.FAILED)
-
 
 class LifecycleError(GatewayError):
     """A lifecycle operation failed; the message is safe to show to the workspace's users."""
