@@ -999,6 +999,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
         """How many watch streams are open right now."""
         return len(self._watchers)
 
+    def watches_of(self, resource: str | kmock.resource) -> int:
+        """How many watch streams of one resource are open right now."""
+        res = _res(resource)
+        return sum(watcher.resource == res for watcher in self._watchers)
+
     def drop_watches(self, resource: str | kmock.resource | None = None, *, abort: bool = False,
                      error: int | None = None, message: str = '') -> int:
         """

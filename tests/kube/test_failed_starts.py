@@ -17,12 +17,12 @@ from gateway.config import Config
 from gateway.lifecycle import LifecycleError, Phase
 from gateway.lifecycle.kubernetes import KubernetesRuntime
 from gateway.lifecycle.kubernetes.client import POD as POD_KIND
-from gateway.lifecycle.kubernetes.starting import Graces, Judge, describe
+from gateway.lifecycle.kubernetes.starting import EventFeed, Graces, Judge, describe
 from gateway.server.app import build_app
 from gateway.server.context import GATEWAY
 from tests.kube.emulator import POD, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet, LoopbackIPs
-from tests.kube.scenarios import EVENTS, INSUFFICIENT_MEMORY, UNBOUND, Scenario
+from tests.kube.scenarios import EVENTS, INSUFFICIENT_MEMORY, UNBOUND, Scenario, record_event
 from tests.kube.support import NS, MakeRuntime, kube_settings, names, new_workspace, until
 
 pytestmark = pytest.mark.timeout(60)
@@ -272,3 +272,27 @@ async def test_an_old_namesakes_events_from_before_the_wake_are_not_shown(
         lines = [events.queue.get_nowait().message for _ in range(events.queue.qsize())]
     assert lines
     assert not [line for line in lines if "an old pod's trouble" in line]
+
+
+async def test_an_event_feed_that_lists_again_hands_each_event_once(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    """A watch lost to a 410 lists the pod's Events again: those already shown are not shown twice on the waiting
+    page, and one written meanwhile is. Stopped, the feed has ended its watches."""
+    emu = kube.emulator
+    runtime = await make_runtime()
+    assert runtime.client is not None
+    pod = {"kind": "Pod", "apiVersion": "v1", "metadata": {"name": "ws-w1", "namespace": NS, "uid": "u1"}}
+    first = record_event(emu, pod, "Normal", "Scheduled", "Successfully assigned", "default-scheduler")
+    handed: list[str] = []
+    feed = EventFeed(runtime.client, ["ws-w1"], lambda event: handed.append(event["metadata"]["name"]))
+    feed.start()
+    try:
+        await until(lambda: emu.watches_of(EVENTS) == 1)
+        assert handed == [first["metadata"]["name"]]
+        assert emu.drop_watches(EVENTS, error=410) == 1
+        later = record_event(emu, pod, "Normal", "Pulling", "Pulling image", "kubelet")
+        await until(lambda: len(handed) > 1)
+        await asyncio.sleep(0.3)  # and nothing more
+        assert handed == [first["metadata"]["name"], later["metadata"]["name"]]
+    finally:
+        await feed.stop()
+    assert all(task.done() for task in feed._tasks)
