@@ -274,25 +274,33 @@ async def test_an_old_namesakes_events_from_before_the_wake_are_not_shown(
     assert not [line for line in lines if "an old pod's trouble" in line]
 
 
-async def test_an_event_feed_that_lists_again_hands_each_event_once(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
-    """A watch lost to a 410 lists the pod's Events again: those already shown are not shown twice on the waiting
-    page, and one written meanwhile is. Stopped, the feed has ended its watches."""
+async def test_an_event_feed_hands_its_objects_events_once_each(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+    """The feed hands the Events of its objects alone: another workspace's (its image, its failures) never reach
+    this one's waiting page, listed or watched. A watch lost to a 410 lists them again: those already shown are
+    not shown twice, and one written meanwhile is. Stopped, the feed has ended its watches."""
     emu = kube.emulator
     runtime = await make_runtime()
     assert runtime.client is not None
     pod = {"kind": "Pod", "apiVersion": "v1", "metadata": {"name": "ws-w1", "namespace": NS, "uid": "u1"}}
+    other = {"kind": "Pod", "apiVersion": "v1", "metadata": {"name": "ws-w2", "namespace": NS, "uid": "u2"}}
     first = record_event(emu, pod, "Normal", "Scheduled", "Successfully assigned", "default-scheduler")
+    record_event(emu, other, "Warning", "Failed", "pulling registry.example/secret-project", "kubelet")
     handed: list[str] = []
     feed = EventFeed(runtime.client, ["ws-w1"], lambda event: handed.append(event["metadata"]["name"]))
     feed.start()
     try:
         await until(lambda: emu.watches_of(EVENTS) == 1)
         assert handed == [first["metadata"]["name"]]
+        record_event(emu, other, "Warning", "BackOff", "Back-off restarting the other container", "kubelet")
+        middle = record_event(emu, pod, "Normal", "Pulling", "Pulling image", "kubelet")
+        await until(lambda: len(handed) > 1)  # the watch got as far as this one, the other's before it
+        record_event(emu, other, "Normal", "Pulled", "the other's image", "kubelet")  # the feed's version ages
+        emu.compact()  # and is too old now: only a new list goes on from here
         assert emu.drop_watches(EVENTS, error=410) == 1
-        later = record_event(emu, pod, "Normal", "Pulling", "Pulling image", "kubelet")
-        await until(lambda: len(handed) > 1)
+        later = record_event(emu, pod, "Normal", "Pulled", "Pulled image", "kubelet")
+        await until(lambda: len(handed) > 2)
         await asyncio.sleep(0.3)  # and nothing more
-        assert handed == [first["metadata"]["name"], later["metadata"]["name"]]
+        assert handed == [first["metadata"]["name"], middle["metadata"]["name"], later["metadata"]["name"]]
     finally:
         await feed.stop()
     assert all(task.done() for task in feed._tasks)
