@@ -275,9 +275,10 @@ async def test_an_old_namesakes_events_from_before_the_wake_are_not_shown(
 
 
 async def test_an_event_feed_hands_its_objects_events_once_each(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
-    """The feed hands the Events of its objects alone: another workspace's (its image, its failures) never reach
-    this one's waiting page, listed or watched. A watch lost to a 410 lists them again: those already shown are
-    not shown twice, and one written meanwhile is. Stopped, the feed has ended its watches."""
+    """The feed hands the Events of its objects alone, as they are written: another workspace's (its image, its
+    failures) never reach this one's waiting page, listed or watched, nor does an Event's deletion. A watch lost to
+    a 410 lists them again: those already shown are not shown twice, and one written meanwhile is. Stopped, the
+    feed has ended its watches."""
     emu = kube.emulator
     runtime = await make_runtime()
     assert runtime.client is not None
@@ -292,6 +293,7 @@ async def test_an_event_feed_hands_its_objects_events_once_each(kube: KubeEnv, m
         await until(lambda: emu.watches_of(EVENTS) == 1)
         assert handed == [first["metadata"]["name"]]
         record_event(emu, other, "Warning", "BackOff", "Back-off restarting the other container", "kubelet")
+        emu.delete_object(EVENTS, NS, first["metadata"]["name"])  # expired (an hour on): not news
         middle = record_event(emu, pod, "Normal", "Pulling", "Pulling image", "kubelet")
         await until(lambda: len(handed) > 1)  # the watch got as far as this one, the other's before it
         record_event(emu, other, "Normal", "Pulled", "the other's image", "kubelet")  # the feed's version ages
