@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
 
 from gateway.errors import Conflict
 from gateway.lifecycle import Phase
+from gateway.lifecycle.kubernetes.client import POD as POD_KIND
 from gateway.lifecycle.kubernetes.client import PVC as PVC_KIND
 from gateway.lifecycle.kubernetes.client import KubeClient, KubeError, retrying
 from gateway.lifecycle.kubernetes.throttle import Throttle
@@ -149,12 +151,16 @@ async def test_a_continue_token_that_expired_lists_again(kube: KubeEnv) -> None:
     assert len(list(expired)) == 1  # the second page expired once; the list started again
 
 
-async def test_a_watch_that_ends_at_once_is_reopened_with_backoff(kube: KubeEnv, make_runtime: MakeRuntime) -> None:
+async def test_a_watch_that_ends_at_once_is_reopened_with_backoff(
+        kube: KubeEnv, make_runtime: MakeRuntime, caplog: pytest.LogCaptureFixture) -> None:
+    """An empty stream is how a quiet watch ends (its timeout): no error, and the cache stays healthy."""
     emu = kube.emulator
     ended = emu.fail("watch", POD, status=200, times=None)  # an empty stream, over and over
-    await make_runtime()
+    runtime = await make_runtime()
     await asyncio.sleep(1.5)
     assert 2 <= len(list(ended)) <= 12  # 0.1, 0.2, 0.4, 0.8 s apart (jittered), not hundreds
+    assert runtime.informers[POD_KIND].healthy
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_updates_carry_the_resource_version_and_redo_on_conflict(
