@@ -213,6 +213,9 @@ def test_a_home_the_cache_does_not_show_yet_is_not_judged() -> None:
     assert judge({"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending"}}, None, now=100.0) == (None, None)
     pending = {"metadata": {"name": "ws-w1-home"}, "status": {"phase": "Pending"}}
     assert judge({"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending"}}, pending, now=100.0) == (None, 101.0)
+    undescribed = {"metadata": {"name": "ws-w1-home"}}  # no status yet: as Pending
+    assert judge({"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending"}}, undescribed, now=100.5) == (
+        None, 101.0)
 
 
 def test_with_two_conditions_held_the_judge_looks_again_at_the_first_grace_to_run_out() -> None:
