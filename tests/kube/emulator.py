@@ -1036,7 +1036,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 await self._changed.wait()
 
     def fail(self, *criteria: Any, status: int = 500, times: int | None = 1, reason: str | None = None,
-             message: str = 'injected fault', retry_after: int | None = None) -> Any:
+             message: str = 'injected fault', retry_after: int | None = None,
+             watch_payload: bytes | None = None) -> Any:
         """
         Inject a fault for the *next* `times` requests matching kmock criteria (None: for ever).
 
@@ -1046,7 +1047,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         Watch requests get HTTP 200 + an ``ERROR`` event (as the real API does mid-stream);
         other requests get the HTTP status with a ``Status`` body. When depleted, the reaction
         disables itself and the emulator serves normally. Returns the kmock reaction: assert on
-        ``len(list(reaction))`` for how many requests it answered.
+        ``len(list(reaction))`` for how many requests it answered. ``watch_payload``: a watch gets these bytes
+        instead (what no API server sends: a line that is not an event).
         """
         body = k8s_status(status, reason or _REASONS.get(status, 'Error'), message)
         left = [times]
@@ -1061,6 +1063,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     reactions[0]._disabled.set()  # so that it does not even record the next request
             if request.action == kmock.action.WATCH:
                 line = json.dumps({'type': 'ERROR', 'object': body}).encode() + b'\n'
+                if watch_payload is not None:
+                    line = watch_payload
                 return rendering.Response(status=200, payload=line if status != 200 else b'\n')
             headers = {'Retry-After': str(retry_after)} if retry_after is not None else {}
             return rendering.Response(status=status, payload=body, headers=headers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -71,6 +72,27 @@ async def test_a_watch_that_ended_after_carrying_events_is_opened_again_without_
         emu.create_object(WORKSPACE, workspace("w2"), NS)
         await until(lambda: cache.get("w2") is not None)
         assert cache.healthy
+    finally:
+        await cache.stop()
+
+
+async def test_a_watch_line_that_is_no_event_marks_the_cache_lost_until_a_watch_works_again(
+        kube: KubeEnv, caplog: pytest.LogCaptureFixture) -> None:
+    """What no API server sends (an object without a name) is a bug or a proxy's doing: said loudly, the cache
+    counted as cut off (readiness fails after its grace, as for a lost API), and a later watch that works ends it."""
+    emu = kube.emulator
+    client = KubeClient(kube.new_api_client(), NS)
+    cache = Informer(client, WORKSPACE_KIND, listeners=[], first_delay=0.05)
+    emu.fail("watch", WORKSPACE, watch_payload=b'{"type": "ADDED", "object": {"metadata": {}}}\n')
+    cache.start()
+    try:
+        await until(lambda: [r for r in caplog.records if r.levelno >= logging.ERROR] != [])
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+            "watch of workspaces failed unexpectedly"]
+        assert not cache.healthy
+        assert cache.unhealthy_since is not None
+        emu.create_object(WORKSPACE, workspace("w1"), NS)
+        await until(lambda: cache.get("w1") is not None and cache.healthy)
     finally:
         await cache.stop()
 
