@@ -12,7 +12,7 @@ from gateway.lifecycle import Phase
 from gateway.lifecycle.kubernetes.client import POD as POD_KIND
 from gateway.lifecycle.kubernetes.client import WORKSPACE as WORKSPACE_KIND
 from gateway.lifecycle.kubernetes.client import KubeClient, Resource
-from gateway.lifecycle.kubernetes.informer import Informer
+from gateway.lifecycle.kubernetes.informer import QUICK_END, Informer
 from gateway.lifecycle.kubernetes.leader import LeaderElector
 from tests.kube.emulator import LEASE, POD, WORKSPACE, KubeEnv
 from tests.kube.kubelet import FakeKubelet
@@ -57,18 +57,24 @@ async def test_quiet_caches_follow_bookmarks_and_resume_after_compaction(
         "workspaces": 1, "pods": 1, "persistentvolumeclaims": 1, "volumesnapshots": 1}
 
 
-async def test_a_watch_that_ended_after_carrying_events_is_opened_again_without_a_pause(kube: KubeEnv) -> None:
-    """Back-off is for watches that fail or end at once with nothing; one that did its work (its timeout, a
-    server restart) is opened again at once — with a pause the cache would be behind by it at every end."""
+@pytest.mark.parametrize("carried", [True, False], ids=["after-events", "quiet-for-long"])
+async def test_a_watch_that_did_its_work_is_opened_again_without_a_pause(kube: KubeEnv, carried: bool) -> None:
+    """Back-off is for watches that fail or end at once with nothing; one that carried events, or stayed open
+    longer than ``QUICK_END`` (a quiet watch's timeout, a server restart), is opened again at once — with a pause
+    the cache would be behind by it at every end."""
     emu = kube.emulator
+    emu.bookmark_interval = 60  # no bookmarks: a quiet watch carries nothing at all
     client = KubeClient(kube.new_api_client(), NS)
     cache = Informer(client, WORKSPACE_KIND, listeners=[], first_delay=30)  # any pause would outlast the test
     cache.start()
     try:
         await until(lambda: emu.watches_of(WORKSPACE) == 1)
-        emu.create_object(WORKSPACE, workspace("w1"), NS)
-        await until(lambda: cache.get("w1") is not None)
-        assert emu.drop_watches(WORKSPACE) == 1  # it ends cleanly, having carried w1
+        if carried:
+            emu.create_object(WORKSPACE, workspace("w1"), NS)
+            await until(lambda: cache.get("w1") is not None)
+        else:
+            await asyncio.sleep(QUICK_END + 0.2)
+        assert emu.drop_watches(WORKSPACE) == 1  # it ends cleanly
         emu.create_object(WORKSPACE, workspace("w2"), NS)
         await until(lambda: cache.get("w2") is not None)
         assert cache.healthy
