@@ -103,6 +103,30 @@ async def test_a_watch_line_that_is_no_event_marks_the_cache_lost_until_a_watch_
         await cache.stop()
 
 
+async def test_a_watch_lost_again_and_again_is_one_loss_from_its_first_failure(
+        kube: KubeEnv, caplog: pytest.LogCaptureFixture) -> None:
+    """A watch the API opens and at once ends with an error (an ``ERROR`` event first thing) is no recovery:
+    readiness' grace counts from when the cache was cut off, not from its latest retry (which kept a replica whose
+    watches all fail this way looking ready for good), and the loss is said once, not at every retry."""
+    emu = kube.emulator
+    client = KubeClient(kube.new_api_client(), NS)
+    cache = Informer(client, WORKSPACE_KIND, listeners=[], first_delay=0.05)
+    failing = emu.fail("watch", WORKSPACE, status=500, times=4)
+    cache.start()
+    try:
+        await until(lambda: cache.unhealthy_since is not None)
+        since = cache.unhealthy_since
+        await until(lambda: len(list(failing)) == 4)
+        assert (cache.healthy, cache.unhealthy_since) == (False, since)
+        emu.create_object(WORKSPACE, workspace("w1"), NS)
+        await until(lambda: cache.get("w1") is not None and cache.healthy)
+    finally:
+        await cache.stop()
+    lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lost) == 1, lost
+    assert lost[0].startswith("lost the watch of workspaces, serving from cache:"), lost
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0

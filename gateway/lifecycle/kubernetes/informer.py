@@ -138,25 +138,34 @@ class Informer:
         count = 0
         async with self.client.watch(self.kind, self.resource_version, label_selector=self.label_selector,
                                      timeout_seconds=self._watch_timeout) as events:
-            self.healthy, self.error = True, ""
-            async for event in events:
-                count += 1
-                kind, obj = event.get("type"), event.get("object")
-                if not isinstance(obj, dict) or "metadata" not in obj:
-                    continue
-                rv = _rv(obj)
-                if kind == "BOOKMARK":
-                    self.resource_version = rv or self.resource_version
-                    continue
-                if kind == "DELETED":
-                    self.objects.pop(_name(obj), None)
-                elif kind in ("ADDED", "MODIFIED"):
-                    self.objects[_name(obj)] = obj
-                else:
-                    continue
-                self.resource_version = rv or self.resource_version
-                self._notify(str(kind), obj)
+            was, self.healthy, self.error = self.healthy, True, ""
+            try:
+                async for event in events:
+                    count += 1
+                    self._take(event)
+            except KubeError:
+                if not count:  # an error first thing (an ERROR event): no better than before it opened
+                    self.healthy = was
+                raise
         return count
+
+    def _take(self, event: dict[str, Any]) -> None:
+        """One watch event into the cache and its version, told to the listeners."""
+        kind, obj = event.get("type"), event.get("object")
+        if not isinstance(obj, dict) or "metadata" not in obj:
+            return
+        rv = _rv(obj)
+        if kind == "BOOKMARK":
+            self.resource_version = rv or self.resource_version
+            return
+        if kind == "DELETED":
+            self.objects.pop(_name(obj), None)
+        elif kind in ("ADDED", "MODIFIED"):
+            self.objects[_name(obj)] = obj
+        else:
+            return
+        self.resource_version = rv or self.resource_version
+        self._notify(str(kind), obj)
 
     def _notify(self, kind: str, obj: dict[str, Any]) -> None:
         for listener in self._listeners:
