@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -57,6 +59,17 @@ async def test_quiet_caches_follow_bookmarks_and_resume_after_compaction(
         "workspaces": 1, "pods": 1, "persistentvolumeclaims": 1, "volumesnapshots": 1}
 
 
+@contextlib.asynccontextmanager
+async def workspace_cache(kube: KubeEnv, first_delay: float) -> AsyncIterator[Informer]:
+    """A cache of Workspaces alone, started and, at the end, stopped."""
+    cache = Informer(KubeClient(kube.new_api_client(), NS), WORKSPACE_KIND, listeners=[], first_delay=first_delay)
+    cache.start()
+    try:
+        yield cache
+    finally:
+        await cache.stop()
+
+
 @pytest.mark.parametrize("carried", [True, False], ids=["after-events", "quiet-for-long"])
 async def test_a_watch_that_did_its_work_is_opened_again_without_a_pause(kube: KubeEnv, carried: bool) -> None:
     """Back-off is for watches that fail or end at once with nothing; one that carried events, or stayed open
@@ -64,10 +77,7 @@ async def test_a_watch_that_did_its_work_is_opened_again_without_a_pause(kube: K
     the cache would be behind by it at every end."""
     emu = kube.emulator
     emu.bookmark_interval = 60  # no bookmarks: a quiet watch carries nothing at all
-    client = KubeClient(kube.new_api_client(), NS)
-    cache = Informer(client, WORKSPACE_KIND, listeners=[], first_delay=30)  # any pause would outlast the test
-    cache.start()
-    try:
+    async with workspace_cache(kube, first_delay=30) as cache:  # any pause would outlast the test
         await until(lambda: emu.watches_of(WORKSPACE) == 1)
         if carried:
             emu.create_object(WORKSPACE, workspace("w1"), NS)
@@ -78,8 +88,6 @@ async def test_a_watch_that_did_its_work_is_opened_again_without_a_pause(kube: K
         emu.create_object(WORKSPACE, workspace("w2"), NS)
         await until(lambda: cache.get("w2") is not None)
         assert cache.healthy
-    finally:
-        await cache.stop()
 
 
 async def test_a_watch_line_that_is_no_event_marks_the_cache_lost_until_a_watch_works_again(
@@ -87,11 +95,8 @@ async def test_a_watch_line_that_is_no_event_marks_the_cache_lost_until_a_watch_
     """What no API server sends (an object without a name) is a bug or a proxy's doing: said loudly, the cache
     counted as cut off (readiness fails after its grace, as for a lost API), and a later watch that works ends it."""
     emu = kube.emulator
-    client = KubeClient(kube.new_api_client(), NS)
-    cache = Informer(client, WORKSPACE_KIND, listeners=[], first_delay=0.05)
     emu.fail("watch", WORKSPACE, watch_payload=b'{"type": "ADDED", "object": {"metadata": {}}}\n')
-    cache.start()
-    try:
+    async with workspace_cache(kube, first_delay=0.05) as cache:
         await until(lambda: [r for r in caplog.records if r.levelno >= logging.ERROR] != [])
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
             "watch of workspaces failed unexpectedly"]
@@ -99,8 +104,6 @@ async def test_a_watch_line_that_is_no_event_marks_the_cache_lost_until_a_watch_
         assert cache.unhealthy_since is not None
         emu.create_object(WORKSPACE, workspace("w1"), NS)
         await until(lambda: cache.get("w1") is not None and cache.healthy)
-    finally:
-        await cache.stop()
 
 
 async def test_a_watch_lost_again_and_again_is_one_loss_from_its_first_failure(
@@ -109,19 +112,14 @@ async def test_a_watch_lost_again_and_again_is_one_loss_from_its_first_failure(
     readiness' grace counts from when the cache was cut off, not from its latest retry (which kept a replica whose
     watches all fail this way looking ready for good), and the loss is said once, not at every retry."""
     emu = kube.emulator
-    client = KubeClient(kube.new_api_client(), NS)
-    cache = Informer(client, WORKSPACE_KIND, listeners=[], first_delay=0.05)
     failing = emu.fail("watch", WORKSPACE, status=500, times=4)
-    cache.start()
-    try:
+    async with workspace_cache(kube, first_delay=0.05) as cache:
         await until(lambda: cache.unhealthy_since is not None)
         since = cache.unhealthy_since
         await until(lambda: len(list(failing)) == 4)
         assert (cache.healthy, cache.unhealthy_since) == (False, since)
         emu.create_object(WORKSPACE, workspace("w1"), NS)
         await until(lambda: cache.get("w1") is not None and cache.healthy)
-    finally:
-        await cache.stop()
     lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lost) == 1, lost
     assert lost[0].startswith("lost the watch of workspaces, serving from cache:"), lost
