@@ -245,3 +245,22 @@ async def test_an_object_changed_while_a_cache_was_away_is_seen_changed_after_th
     workspaces.start()
     await until(lambda: workspaces.lists == 2)
     await until(lambda: runtime.get("w1").spec.ports == {3000: "org", 8000: "public"})  # type: ignore[union-attr]
+
+
+async def test_a_watch_that_carried_events_before_it_broke_was_a_recovery(
+        kube: KubeEnv, caplog: pytest.LogCaptureFixture) -> None:
+    """Only an error first thing is no recovery: a watch that carried events worked, so its breaking is a new loss,
+    said again and counted from then — not from the loss before it, which would make readiness fail early."""
+    emu = kube.emulator
+    emu.fail("watch", WORKSPACE, status=500)  # the first watch fails: a loss
+    async with workspace_cache(kube, first_delay=0.05) as cache:
+        await until(lambda: cache.unhealthy_since is not None)
+        first_loss = cache.unhealthy_since
+        emu.create_object(WORKSPACE, workspace("w1"), NS)
+        await until(lambda: cache.get("w1") is not None)  # the next watch carried it
+        emu.fail("watch", WORKSPACE, status=500, times=None)  # from now on every watch fails
+        assert emu.drop_watches(WORKSPACE, abort=True) == 1  # and this one breaks after its event
+        await until(lambda: cache.unhealthy_since != first_loss)
+        assert not cache.healthy
+    lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lost) == 2, lost
