@@ -27,6 +27,14 @@ from tests.kube.support import NS, MakeRuntime, kube_settings, names, new_worksp
 
 pytestmark = pytest.mark.timeout(60)
 BOUND = {"metadata": {"name": "ws-w1-home"}, "status": {"phase": "Bound"}}  # a home the judge sees no trouble in
+PENDING_HOME = {"metadata": {"name": "ws-w1-home"}, "status": {"phase": "Pending"}}
+PENDING_POD = {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending"}}  # a pod the judge sees no trouble in
+
+
+def pulling(**waiting: str) -> dict[str, Any]:
+    """A pod whose container waits for its image (``reason``, ``message``)."""
+    return {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending", "containerStatuses": [
+        {"state": {"waiting": waiting}}]}}
 QUICK = {"unschedulable_grace": 0.4, "bind_timeout": 0.4, "image_pull_grace": 0.6, "start_timeout": 8}
 
 
@@ -178,13 +186,11 @@ async def test_an_api_client_gets_the_reason_as_json_if_it_runs_the_workspace(
 
 def test_a_grace_counts_only_while_the_condition_lasts() -> None:
     judge = Judge(Graces(unschedulable=10, bind=10, image_pull=1.0))
-    pulling = {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending", "containerStatuses": [
-        {"state": {"waiting": {"reason": "ErrImagePull", "message": "registry hiccup"}}}]}}
-    pulled = {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending"}}
-    assert judge(pulling, BOUND, now=100.0) == (None, 101.0)
-    assert judge(pulled, BOUND, now=100.8) == (None, None)  # cleared: the clock stops
-    assert judge(pulling, BOUND, now=101.5) == (None, 102.5)  # a new occurrence starts it again
-    assert judge(pulling, BOUND, now=102.5) == ("Image pull failed — registry hiccup", None)
+    hiccup = pulling(reason="ErrImagePull", message="registry hiccup")
+    assert judge(hiccup, BOUND, now=100.0) == (None, 101.0)
+    assert judge(PENDING_POD, BOUND, now=100.8) == (None, None)  # cleared: the clock stops
+    assert judge(hiccup, BOUND, now=101.5) == (None, 102.5)  # a new occurrence starts it again
+    assert judge(hiccup, BOUND, now=102.5) == ("Image pull failed — registry hiccup", None)
 
 
 @pytest.mark.parametrize(("event", "line"), [
@@ -210,21 +216,17 @@ def test_a_pod_the_kubelet_has_not_described_yet_holds_no_grace() -> None:
 def test_a_home_the_cache_does_not_show_yet_is_not_judged() -> None:
     """The pod came into the cache before its home did (two watches): nothing is known of the home to wait on."""
     judge = Judge(Graces(unschedulable=1, bind=1, image_pull=1))
-    assert judge({"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending"}}, None, now=100.0) == (None, None)
-    pending = {"metadata": {"name": "ws-w1-home"}, "status": {"phase": "Pending"}}
-    assert judge({"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending"}}, pending, now=100.0) == (None, 101.0)
+    assert judge(PENDING_POD, None, now=100.0) == (None, None)
+    assert judge(PENDING_POD, PENDING_HOME, now=100.0) == (None, 101.0)
     undescribed = {"metadata": {"name": "ws-w1-home"}}  # no status yet: as Pending
-    assert judge({"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending"}}, undescribed, now=100.5) == (
-        None, 101.0)
+    assert judge(PENDING_POD, undescribed, now=100.5) == (None, 101.0)
 
 
 def test_with_two_conditions_held_the_judge_looks_again_at_the_first_grace_to_run_out() -> None:
     judge = Judge(Graces(unschedulable=10, bind=1, image_pull=10))
-    pulling = {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending", "containerStatuses": [
-        {"state": {"waiting": {"reason": "ErrImagePull"}}}]}}
-    pending = {"metadata": {"name": "ws-w1-home"}, "status": {"phase": "Pending"}}
-    assert judge(pulling, pending, now=100.0) == (None, 101.0)
-    assert judge(pulling, BOUND, now=100.5) == (None, 110.0)  # the home bound: the image pull's grace is left
+    pod = pulling(reason="ErrImagePull")
+    assert judge(pod, PENDING_HOME, now=100.0) == (None, 101.0)
+    assert judge(pod, BOUND, now=100.5) == (None, 110.0)  # the home bound: the image pull's grace is left
 
 
 def test_a_pod_going_away_is_not_judged_a_failed_start() -> None:
@@ -254,10 +256,9 @@ def test_only_a_pod_the_scheduler_cannot_place_runs_out_its_grace(condition: dic
 
 def test_an_image_pull_failure_without_words_is_named_by_its_reason() -> None:
     judge = Judge(Graces(unschedulable=10, bind=10, image_pull=1.0))
-    pulling = {"metadata": {"name": "ws-w1"}, "status": {"phase": "Pending", "containerStatuses": [
-        {"state": {"waiting": {"reason": "ImagePullBackOff"}}}]}}
-    assert judge(pulling, BOUND, now=100.0) == (None, 101.0)
-    assert judge(pulling, BOUND, now=101.0) == ("Image pull failed — ImagePullBackOff", None)
+    pod = pulling(reason="ImagePullBackOff")
+    assert judge(pod, BOUND, now=100.0) == (None, 101.0)
+    assert judge(pod, BOUND, now=101.0) == ("Image pull failed — ImagePullBackOff", None)
 
 
 async def test_an_old_namesakes_events_from_before_the_wake_are_not_shown(
