@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -167,6 +167,46 @@ async def test_a_follower_waits_the_term_the_holder_wrote_not_its_own(kube: Kube
     assert not await follower.try_acquire_or_renew()  # gw-a's term is 30 s, whatever gw-b's setting says
     clock.now += 0.2
     assert await follower.try_acquire_or_renew()
+
+
+class AnsweredLate(KubeClient):
+    """A client whose Lease writes are made at once and answered ``late`` seconds (on the test's clock) later,
+    with ``meanwhile`` run in between: another replica reading the record just written."""
+
+    def __init__(self, *args: Any, clock: Clock, late: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock, self.late = clock, late
+        self.meanwhile: Callable[[], Awaitable[object]] | None = None
+
+    async def _answer_late(self, written: dict[str, Any] | None) -> dict[str, Any] | None:
+        if self.meanwhile is not None:
+            await self.meanwhile()
+        self.clock.now += self.late
+        return written
+
+    async def create(self, kind: Resource, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        return await self._answer_late(await super().create(kind, body))
+
+    async def replace(self, kind: Resource, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        written = await self._answer_late(await super().replace(kind, name, body))
+        assert written is not None
+        return written
+
+
+@pytest.mark.parametrize("rounds", [1, 2], ids=["taken", "renewed"])
+async def test_a_leaders_term_counts_from_before_its_write_not_from_the_answer(kube: KubeEnv, rounds: int) -> None:
+    clock = Clock()
+    client = AnsweredLate(kube.new_api_client(), NS, clock=clock, late=5.0)
+    leader = LeaderElector(client, "reaper", "gw-a", duration=10, clock=clock)
+    follower = LeaderElector(KubeClient(kube.new_api_client(), NS), "reaper", "gw-b", duration=10, clock=clock)
+    for _ in range(rounds):
+        written_at = clock.now
+        client.meanwhile = follower.try_acquire_or_renew  # sees the new record the moment it is written
+        assert await leader.try_acquire_or_renew()  # answered 5 s after the write
+        assert not follower.is_leader()
+    clock.now = written_at + 10.1  # unrenewed for a whole term since the follower saw it: the follower takes over
+    assert await follower.try_acquire_or_renew()
+    assert not leader.is_leader()  # so the leader's own term had ended: never two leaders at once
 
 
 class HeldAfterRead(KubeClient):

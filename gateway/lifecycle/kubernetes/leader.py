@@ -3,7 +3,8 @@
 As client-go's leaderelection: a replica takes the Lease when it is free (no holder) or expired, renews it
 every ``duration / 3`` while it holds it, and stops leading the moment a renewal fails. "Expired" is judged by
 this replica's own clock (the record has not changed for ``leaseDurationSeconds`` since we first saw it), not
-by comparing ``renewTime`` with our wall clock, so clock skew between nodes cannot hand out the lease twice.
+by comparing ``renewTime`` with our wall clock, so clock skew between nodes cannot hand out the lease twice; our
+own term runs from when we sent the write that won it, so a late answer cannot stretch it past theirs.
 Writes are guarded by ``resourceVersion``: a 409 means another replica wrote first, and we lost that round.
 A replica that stops releases the Lease (empty holder), so another takes over without waiting for expiry.
 """
@@ -56,7 +57,7 @@ class LeaderElector:
                 await task
         if release and self.is_leader():
             await self.release()
-        self._set_leading(False)
+        self._lead(None)
 
     async def run(self) -> None:
         while True:
@@ -67,7 +68,7 @@ class LeaderElector:
             except KubeError as exc:
                 if self.is_leader():
                     log.warning("could not renew the lease %s, no longer leading: %s", self.name, exc)
-                self._set_leading(False)
+                self._lead(None)
             await asyncio.sleep(self.duration / 3 if self.is_leader() else self.duration / 4)
 
     async def try_acquire_or_renew(self) -> bool:
@@ -75,8 +76,9 @@ class LeaderElector:
         now = _now()
         lease = await self.client.get(LEASE, self.name)
         if lease is None:
+            writing = self._clock()
             created = await self.client.create(LEASE, make_lease(self.name, self.identity, self.duration, now=now))
-            return self._set_leading(created is not None)  # None: 409, another replica created it first
+            return self._lead(writing if created is not None else None)  # None: 409, another replica created it first
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity") or None
         record = (holder, spec.get("renewTime"))
@@ -86,20 +88,21 @@ class LeaderElector:
         mine = holder == self.identity
         expired = self._clock() > self._observed_at + duration
         if holder is not None and not mine and not expired:
-            return self._set_leading(False)
+            return self._lead(None)
         transitions = int(spec.get("leaseTransitions") or 0) + (0 if mine else 1)
         acquired = parse_time(spec.get("acquireTime")) if mine else now
         body = make_lease(self.name, self.identity, self.duration, now=now, transitions=transitions,
                           acquired=acquired, resource_version=lease["metadata"].get("resourceVersion"))
+        writing = self._clock()
         try:
             await self.client.replace(LEASE, self.name, body)
         except KubeError as exc:
             if exc.status == 409:
-                return self._set_leading(False)
+                return self._lead(None)
             raise
         if not mine:
             log.info("%s now leads (lease %s, previous holder %s)", self.identity, self.name, holder)
-        return self._set_leading(True)
+        return self._lead(writing)
 
     async def release(self) -> None:
         """Give the lease up so another replica can take it at once; a lost race or an error is fine."""
@@ -114,7 +117,9 @@ class LeaderElector:
             await self.client.replace(LEASE, self.name, body)
             log.info("%s released the lease %s", self.identity, self.name)
 
-    def _set_leading(self, leading: bool) -> bool:
-        # Lead for a little less than a full term: another replica may take over once the term has passed.
-        self._leading_until = self._clock() + self.duration * 0.8 if leading else 0.0
-        return leading
+    def _lead(self, writing: float | None) -> bool:
+        """Lead for a little less than a full term from ``writing``, when the write that won it was sent (None:
+        lead no longer). Another replica counts the term from when it first saw the record, which is no earlier,
+        however late the answer to the write comes."""
+        self._leading_until = 0.0 if writing is None else writing + self.duration * 0.8
+        return writing is not None
