@@ -647,6 +647,34 @@ async def test_a_sign_out_through_one_replica_ends_the_sign_in_in_every_one(kube
     await until(lambda: sign_in.id not in store(a).ended_sign_ins and sign_in.id not in store(b).ended_sign_ins)
 
 
+async def test_what_a_replica_holds_survives_its_caches_listing_again(kube: KubeEnv, replica: MakeReplica) -> None:
+    """A re-list (the API's history compacted past the caches' place) tells the store only what changed: a sign-in
+    signed out stays ended, a consent stays given, a revoked link stays revoked and a link's uses stay counted."""
+    a = await replica("gw-a")
+    token = await alice_token(a)
+    sessions = gateway(a).auth.sessions
+    sign_in = sessions.sign_in()
+    cookie = sessions.issue(Identity("alice"), HUB, sign_in)
+    await store(a).end_sign_in(sign_in)
+    answer = Consent.answer("bob", "w1", 8000, owner="alice", share=True, claims=["user"])
+    await store(a).record_consent(answer)
+    links = [(await api(a, "POST", "/api/v1/workspaces/w1/shares", token, {"port": 8000}))[1] for _ in range(2)]
+    assert (await api(a, "DELETE", f"/api/v1/workspaces/w1/shares/{links[1]['id']}", token))[0] == 200
+    assert await open_share(a, links[0]["token"]) == (303, "")
+    caches = [store(a).informers[kind] for kind in store(a).kinds]
+    await until(lambda: all(cache.healthy for cache in caches))
+
+    kube.emulator.compact()
+    kube.emulator.drop_watches(error=410)
+    await until(lambda: all(cache.lists == 2 and cache.healthy for cache in caches))
+    response = await a.get("/api/v1/me", headers={"Host": HUB, "Cookie": f"codehub_session={cookie}"})
+    assert response.status == 401
+    assert store(a).consents[answer.id].share
+    assert await open_share(a, links[1]["token"]) == (403, "share-revoked")
+    assert await open_share(a, links[0]["token"]) == (303, "")
+    assert store(a).shares[links[0]["id"]].uses == 2
+
+
 async def test_a_consent_given_through_one_replica_applies_in_every_one(kube: KubeEnv, replica: MakeReplica) -> None:
     a, b = await replica("gw-a"), await replica("gw-b")
     answer = Consent.answer("bob", "w1", 8000, owner="alice", share=True, claims=["user", "email"])
