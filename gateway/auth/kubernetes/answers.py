@@ -161,7 +161,7 @@ class UsedKeys:
     async def forget(self, now: float) -> int:
         """Delete the keys past their time; how many this call deleted."""
         forgotten = 0
-        for item in (await self.client.list(USED_KEY)).get("items", []):
+        for item in (await self.client.list(USED_KEY))["items"]:
             after = parse_time((item.get("spec") or {}).get("forgetAfter"))
             if (after is None or after.timestamp() < now) and await self.client.delete(USED_KEY,
                                                                                         item["metadata"]["name"]):

@@ -163,10 +163,10 @@ async def seal_records(client: KubeClient, key: bytes) -> dict[str, Sealing]:
     are left when there is none. Each write is conditional on the version read, so a record changed meanwhile is
     left unsealed (and said so); one sealed otherwise is never overwritten."""
     done: dict[str, Sealing] = {}
-    workspaces = {str(ws["metadata"]["name"]): ws for ws in (await client.list(WORKSPACE)).get("items") or []}
+    workspaces = {str(ws["metadata"]["name"]): ws for ws in (await client.list(WORKSPACE))["items"]}
     for kind in (SHARE_LINK, API_TOKEN, Consents.kind):
         sealing = done[kind.kind] = Sealing()
-        for obj in (await client.list(kind)).get("items") or []:
+        for obj in (await client.list(kind))["items"]:
             meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
             if "seal" in spec:
                 if sealed(key, kind.kind, obj):

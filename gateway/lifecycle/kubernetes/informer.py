@@ -116,7 +116,7 @@ class Informer:
 
     async def _list(self) -> None:
         listing = await self.client.list(self.kind, label_selector=self.label_selector)
-        fresh = {_name(obj): obj for obj in listing.get("items") or []}
+        fresh = {_name(obj): obj for obj in listing["items"]}
         old, self.objects = self.objects, fresh
         self.resource_version = str((listing.get("metadata") or {}).get("resourceVersion") or "0")
         self.lists += 1

@@ -150,7 +150,7 @@ class EventFeed:
                 if version is None:
                     listing = await self.client.list(EVENT, field_selector=selector)
                     version = str((listing.get("metadata") or {}).get("resourceVersion") or "0")
-                    for event in listing.get("items") or []:
+                    for event in listing["items"]:
                         self._hand(event)  # the caller tells old objects' events from this wake's by UID
                 async with self.client.watch(EVENT, version, field_selector=selector,
                                              timeout_seconds=self.watch_timeout) as events:
