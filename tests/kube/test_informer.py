@@ -90,12 +90,19 @@ async def test_a_watch_that_did_its_work_is_opened_again_without_a_pause(kube: K
         assert cache.healthy
 
 
+@pytest.mark.parametrize("event", [
+    b'{"type": "ADDED", "object": {"metadata": {}}}',
+    b'{"type": "MODIFIED", "object": {"kind": "Workspace"}}',
+    b'{"type": "DELETED", "object": ["w1"]}',
+    b'{"type": "ADDED"}',
+], ids=["no-name", "no-metadata", "not-an-object", "no-object"])
 async def test_a_watch_line_that_is_no_event_marks_the_cache_lost_until_a_watch_works_again(
-        kube: KubeEnv, caplog: pytest.LogCaptureFixture) -> None:
-    """What no API server sends (an object without a name) is a bug or a proxy's doing: said loudly, the cache
-    counted as cut off (readiness fails after its grace, as for a lost API), and a later watch that works ends it."""
+        kube: KubeEnv, caplog: pytest.LogCaptureFixture, event: bytes) -> None:
+    """What no API server sends (an object without a name, or no object) is a bug or a proxy's doing: said loudly,
+    the cache counted as cut off (readiness fails after its grace, as for a lost API), and a later watch that works
+    ends it — never passed over in silence, with the cache taken for whole."""
     emu = kube.emulator
-    emu.fail("watch", WORKSPACE, watch_payload=b'{"type": "ADDED", "object": {"metadata": {}}}\n')
+    emu.fail("watch", WORKSPACE, watch_payload=event + b"\n")
     async with workspace_cache(kube, first_delay=0.05) as cache:
         await until(lambda: [r for r in caplog.records if r.levelno >= logging.ERROR] != [])
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [

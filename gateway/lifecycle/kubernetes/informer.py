@@ -150,10 +150,9 @@ class Informer:
         return count
 
     def _take(self, event: dict[str, Any]) -> None:
-        """One watch event into the cache and its version, told to the listeners."""
-        kind, obj = event.get("type"), event.get("object")
-        if not isinstance(obj, dict) or "metadata" not in obj:
-            return
+        """One watch event into the cache and its version, told to the listeners. A change without an object, or
+        of one without a name, raises as any bug does (the watch is lost, loudly) rather than pass in silence."""
+        kind, obj = event.get("type"), event["object"]
         rv = _rv(obj)
         if kind == "BOOKMARK":
             self.resource_version = rv or self.resource_version
