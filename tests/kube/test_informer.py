@@ -185,19 +185,20 @@ class AnsweredLate(KubeClient):
         self.clock, self.late = clock, late
         self.meanwhile: Callable[[], Awaitable[object]] | None = None
 
-    async def _answer_late(self, written: dict[str, Any] | None) -> dict[str, Any] | None:
+    async def _late(self) -> None:
         if self.meanwhile is not None:
             await self.meanwhile()
         self.clock.now += self.late
-        return written
 
     async def create(self, kind: Resource, body: Mapping[str, Any]) -> dict[str, Any] | None:
-        return await self._answer_late(await super().create(kind, body))
+        created = await super().create(kind, body)
+        await self._late()
+        return created
 
     async def replace(self, kind: Resource, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        written = await self._answer_late(await super().replace(kind, name, body))
-        assert written is not None
-        return written
+        replaced = await super().replace(kind, name, body)
+        await self._late()
+        return replaced
 
 
 @pytest.mark.parametrize("rounds", [1, 2], ids=["taken", "renewed"])

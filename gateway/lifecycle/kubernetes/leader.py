@@ -75,25 +75,24 @@ class LeaderElector:
         """One round: returns whether this replica leads after it. Raises KubeError for API failures."""
         now = _now()
         lease = await self.client.get(LEASE, self.name)
+        seen = self._clock()  # when we read the record: no later than our write goes out (a rate limit may hold it)
         if lease is None:
-            writing = self._clock()
             created = await self.client.create(LEASE, make_lease(self.name, self.identity, self.duration, now=now))
-            return self._lead(writing if created is not None else None)  # None: 409, another replica created it first
+            return self._lead(seen if created is not None else None)  # None: 409, another replica created it first
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity") or None
         record = (holder, spec.get("renewTime"))
         if record != self._observed:
-            self._observed, self._observed_at = record, self._clock()
+            self._observed, self._observed_at = record, seen
         duration = float(spec.get("leaseDurationSeconds") or self.duration)
         mine = holder == self.identity
-        expired = self._clock() > self._observed_at + duration
+        expired = seen > self._observed_at + duration
         if holder is not None and not mine and not expired:
             return self._lead(None)
         transitions = int(spec.get("leaseTransitions") or 0) + (0 if mine else 1)
         acquired = parse_time(spec.get("acquireTime")) if mine else now
         body = make_lease(self.name, self.identity, self.duration, now=now, transitions=transitions,
                           acquired=acquired, resource_version=lease["metadata"].get("resourceVersion"))
-        writing = self._clock()
         try:
             await self.client.replace(LEASE, self.name, body)
         except KubeError as exc:
@@ -102,7 +101,7 @@ class LeaderElector:
             raise
         if not mine:
             log.info("%s now leads (lease %s, previous holder %s)", self.identity, self.name, holder)
-        return self._lead(writing)
+        return self._lead(seen)
 
     async def release(self) -> None:
         """Give the lease up so another replica can take it at once; a lost race or an error is fine."""
@@ -118,8 +117,8 @@ class LeaderElector:
             log.info("%s released the lease %s", self.identity, self.name)
 
     def _lead(self, writing: float | None) -> bool:
-        """Lead for a little less than a full term from ``writing``, when the write that won it was sent (None:
-        lead no longer). Another replica counts the term from when it first saw the record, which is no earlier,
+        """Lead for a little less than a full term from ``writing``, no later than the write that won it went out
+        (None: lead no longer). Another replica counts the term from when it first saw the record, which is later,
         however late the answer to the write comes."""
         self._leading_until = 0.0 if writing is None else writing + self.duration * 0.8
         return writing is not None
